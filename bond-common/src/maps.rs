@@ -1,0 +1,344 @@
+//! Map names, sizes and value types shared by the programs and the agent.
+//!
+//! Conventions: every address and port in a map is a host-order number
+//! (`u32::from(Ipv4Addr)`), converted at the packet edge; no type has
+//! implicit padding (explicit `_pad`, size asserted beside each type).
+
+/// Link ids are a `u8` on the wire.
+pub const MAX_LINK_IDS: u32 = 256;
+/// Slots in one weighted round-robin sequence.
+pub const MAX_SLOTS: usize = 256;
+const _: () = assert!(
+    MAX_SLOTS.is_power_of_two(),
+    "Schedule::pick masks with MAX_SLOTS - 1"
+);
+/// Links one server can hold across all communities.
+pub const MAX_SERVER_LINKS: u32 = 65_536;
+/// Communities are a `u16` on the wire.
+pub const MAX_COMMUNITIES: u32 = 65_536;
+pub const MAX_SESSIONS: u32 = 65_536;
+pub const MAX_NEIGHBORS: u32 = 1024;
+/// Default size of the server's flow table (the agent may choose smaller).
+pub const MAX_FLOWS: u32 = 262_144;
+
+/// Map names: the programs declare them, the agent and CLI open them.
+pub mod name {
+    pub const T_CONFIG: &str = "T_CONFIG";
+    pub const T_UP_LINKS: &str = "T_UP_LINKS";
+    pub const T_UP_SCHED: &str = "T_UP_SCHED";
+    pub const T_CURSOR: &str = "T_CURSOR";
+    pub const T_RELAY: &str = "T_RELAY";
+    pub const T_NEIGH: &str = "T_NEIGH";
+    pub const T_LINK_STATS: &str = "T_LINK_STATS";
+    pub const T_DROPS: &str = "T_DROPS";
+    pub const T_SEQ: &str = "T_SEQ";
+    pub const S_CONFIG: &str = "S_CONFIG";
+    pub const S_SESSIONS: &str = "S_SESSIONS";
+    pub const S_LINK_INDEX: &str = "S_LINK_INDEX";
+    pub const S_LINKS: &str = "S_LINKS";
+    pub const S_DOWN_SCHED: &str = "S_DOWN_SCHED";
+    pub const S_CURSOR: &str = "S_CURSOR";
+    pub const S_FLOWS: &str = "S_FLOWS";
+    pub const S_NAT: &str = "S_NAT";
+    pub const S_FREE_PORTS: &str = "S_FREE_PORTS";
+    pub const S_LINK_STATS: &str = "S_LINK_STATS";
+    pub const S_DROPS: &str = "S_DROPS";
+    pub const S_EVENTS: &str = "S_EVENTS";
+}
+
+/// Non-drop events the server counts (index into `S_EVENTS`).
+pub mod event {
+    /// Rewritten packet handed to the kernel because the next hop's MAC
+    /// was not resolved yet; the kernel forwards it and resolves it.
+    pub const SLOW_PATH: u32 = 0;
+    pub const FLOW_CREATED: u32 = 1;
+    /// Two CPUs created the same flow at once; the loser's port went back.
+    pub const FLOW_RACE: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; COUNT as usize] = ["slow_path", "flows_created", "flow_race"];
+}
+
+/// A weighted round-robin slot sequence: `slots[cursor % len]` is the next
+/// link. `len == 0` means "no link": the datapath drops and counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub len: u32,
+    pub slots: [u16; MAX_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<Schedule>() == 4 + 2 * MAX_SLOTS);
+
+impl Schedule {
+    pub const EMPTY: Self = Self {
+        len: 0,
+        slots: [0; MAX_SLOTS],
+    };
+
+    /// The slot for cursor value `n`, or `None` when empty. Written so the
+    /// verifier sees the index bounded.
+    #[inline(always)]
+    pub fn pick(&self, n: u32) -> Option<u16> {
+        let len = self.len;
+        if len == 0 || len > MAX_SLOTS as u32 {
+            return None;
+        }
+        // LLVM can prove `n % len < MAX_SLOTS` and would drop a bounds check;
+        // the verifier cannot. A volatile round-trip hides the proof so the
+        // mask survives and bounds the index for the verifier.
+        let mut i = n % len;
+        // SAFETY: `i` is a live local.
+        i = unsafe { core::ptr::read_volatile(&i) };
+        Some(self.slots[(i as usize) & (MAX_SLOTS - 1)])
+    }
+}
+
+/// A terminal's own identity (`T_CONFIG[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TerminalConfig {
+    pub token: u64,
+    pub lan_ip: u32,
+    pub server_ip: u32,
+    pub lan_ifindex: u32,
+    pub community: u16,
+    /// UDP port every terminal receives DATA_DOWN on over the LAN.
+    pub data_port: u16,
+    pub server_port: u16,
+    pub lan_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 32);
+
+/// `UpLink::flags` bit: the entry is in use.
+pub const LINK_VALID: u8 = 1;
+
+/// Where an origin's upstream packet on one link goes (`T_UP_LINKS[link]`):
+/// to a LAN peer's relay port, or straight out of one of its own WAN links.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpLink {
+    pub ifindex: u32,
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// Largest outer packet the link carries (its IP MTU).
+    pub mtu: u16,
+    pub flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<UpLink>() == 32);
+
+/// One of this terminal's own WAN links, keyed by its UDP port (`T_RELAY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLink {
+    pub wan_ifindex: u32,
+    pub wan_ip: u32,
+    pub link: u8,
+    pub _pad: u8,
+    pub port: u16,
+    pub wan_mac: [u8; 6],
+    pub gw_mac: [u8; 6],
+    pub mtu: u16,
+    pub _pad2: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<RelayLink>() == 28);
+
+/// A LAN peer's MAC address (`T_NEIGH[ip]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbor {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Neighbor>() == 8);
+
+/// Per-link packet and byte counters, per CPU. On a terminal: `up` is what
+/// it sent as origin, `relay_up`/`relay_down` what it forwarded for others,
+/// `down` what it unwrapped for itself. On the server: `up` is received
+/// from the link, `down` sent on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub up_pkts: u64,
+    pub up_bytes: u64,
+    pub down_pkts: u64,
+    pub down_bytes: u64,
+    pub relay_up_pkts: u64,
+    pub relay_up_bytes: u64,
+    pub relay_down_pkts: u64,
+    pub relay_down_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<LinkStats>() == 64);
+
+impl LinkStats {
+    /// Sums per-CPU values.
+    pub fn add(&mut self, o: &Self) {
+        self.up_pkts += o.up_pkts;
+        self.up_bytes += o.up_bytes;
+        self.down_pkts += o.down_pkts;
+        self.down_bytes += o.down_bytes;
+        self.relay_up_pkts += o.relay_up_pkts;
+        self.relay_up_bytes += o.relay_up_bytes;
+        self.relay_down_pkts += o.relay_down_pkts;
+        self.relay_down_bytes += o.relay_down_bytes;
+    }
+}
+
+/// The server's identity (`S_CONFIG[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Outer destination address bond traffic arrives on.
+    pub wan_ip: u32,
+    /// Source address of unwrapped packets towards content servers.
+    pub nat_ip: u32,
+    pub port: u16,
+    /// Dedicated ports are taken from `[port_min, port_max]`.
+    pub port_min: u16,
+    pub port_max: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServerConfig>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub community: u16,
+    pub _pad: u16,
+    pub origin: u32,
+}
+const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
+
+/// A logged-on origin terminal (`S_SESSIONS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub token: u64,
+    /// Next downstream sequence number for this origin.
+    pub down_seq: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Session>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinkKey {
+    pub community: u16,
+    pub link: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<LinkKey>() == 4);
+
+/// A community link as the server sees it (`S_LINKS[index]`; the index is
+/// dense, assigned by the agent, and `S_LINK_INDEX` maps `LinkKey` to it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLink {
+    /// The link's public address and port (outer source of its DATA_UP).
+    pub ip: u32,
+    pub port: u16,
+    pub community: u16,
+    pub link: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ServerLink>() == 12);
+
+/// Flow identity at the server: one per (community, origin, protocol,
+/// inner source port or ICMP identifier).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub community: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub origin: u32,
+    pub port: u16,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The dedicated port this flow uses towards content servers.
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub up_pkts: u64,
+    pub up_bytes: u64,
+    pub down_pkts: u64,
+    pub down_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+
+/// Reverse key: a dedicated port of one protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub proto: u8,
+    pub _pad: u8,
+    pub port: u16,
+}
+const _: () = assert!(core::mem::size_of::<NatKey>() == 4);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatEntry {
+    pub origin: u32,
+    pub community: u16,
+    /// The origin's own port (or ICMP identifier).
+    pub port: u16,
+}
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: #[repr(C)], only integer and byte-array fields, no
+            // implicit padding (size asserted beside the type).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        Schedule,
+        TerminalConfig,
+        UpLink,
+        RelayLink,
+        Neighbor,
+        LinkStats,
+        ServerConfig,
+        SessionKey,
+        Session,
+        LinkKey,
+        ServerLink,
+        FlowKey,
+        Flow,
+        NatKey,
+        NatEntry
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_pick_wraps_and_handles_empty() {
+        let mut s = Schedule::EMPTY;
+        assert_eq!(s.pick(0), None);
+        s.len = 3;
+        s.slots[..3].copy_from_slice(&[4, 5, 6]);
+        assert_eq!(s.pick(0), Some(4));
+        assert_eq!(s.pick(4), Some(5));
+        assert_eq!(s.pick(u32::MAX), Some(s.slots[(u32::MAX % 3) as usize]));
+        s.len = 1000; // corrupt length: refused, not an out-of-bounds read
+        assert_eq!(s.pick(7), None);
+    }
+}

@@ -1,0 +1,338 @@
+//! The bond wire format: outer IPv4 (20) + UDP (8) + bond header (24) + the
+//! inner IPv4 packet, unmodified. All multi-byte fields are network order.
+
+/// Rejects strays: the first two bytes of every bond header.
+pub const MAGIC: u16 = 0xB04D;
+/// The only version this code speaks.
+pub const VERSION: u8 = 1;
+
+/// Message kinds. DATA kinds are handled by the eBPF programs; every other
+/// kind is passed up to the agent's socket.
+pub mod kind {
+    pub const DATA_UP: u8 = 1;
+    pub const DATA_DOWN: u8 = 2;
+    pub const ANNOUNCE: u8 = 0x10;
+    pub const SHUTDOWN: u8 = 0x11;
+    pub const LOGIN: u8 = 0x12;
+    pub const LOGIN_REPLY: u8 = 0x13;
+}
+
+pub const ETH_LEN: usize = 14;
+pub const IPV4_LEN: usize = 20;
+pub const UDP_LEN: usize = 8;
+/// Bytes a wrap adds in front of the inner IPv4 packet.
+pub const OUTER_LEN: usize = IPV4_LEN + UDP_LEN + BondHdr::LEN;
+/// Offset of the inner IPv4 header in a wrapped Ethernet frame.
+pub const INNER_OFF: usize = ETH_LEN + OUTER_LEN;
+/// Sequence numbers are counted per CPU (the BPF target has no atomic
+/// read-modify-write); the low bits carry the CPU id, so they stay unique.
+pub const SEQ_CPU_BITS: u32 = 6;
+
+/// Offset of the bond header in a wrapped Ethernet frame.
+pub const BOND_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// The bond header. Byte arrays throughout: alignment 1, no padding, and
+/// safe to read from any offset of a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BondHdr {
+    pub magic: [u8; 2],
+    pub version: u8,
+    pub kind: u8,
+    pub community: [u8; 2],
+    pub link: u8,
+    pub flags: u8,
+    pub origin: [u8; 4],
+    pub seq: [u8; 4],
+    pub token: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<BondHdr>() == 24);
+const _: () = assert!(core::mem::align_of::<BondHdr>() == 1);
+
+/// Why a bond header was refused. The discriminants are drop-counter
+/// indices (see [`crate::drops`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireError {
+    Truncated,
+    BadMagic,
+    BadVersion,
+    BadFlags,
+}
+
+impl WireError {
+    pub const fn drop_reason(self) -> u32 {
+        match self {
+            Self::Truncated => crate::drops::TRUNCATED,
+            Self::BadMagic => crate::drops::BAD_MAGIC,
+            Self::BadVersion => crate::drops::BAD_VERSION,
+            Self::BadFlags => crate::drops::BAD_FLAGS,
+        }
+    }
+}
+
+impl BondHdr {
+    pub const LEN: usize = 24;
+
+    #[inline(always)]
+    pub const fn new(
+        kind: u8,
+        community: u16,
+        link: u8,
+        origin: u32,
+        seq: u32,
+        token: u64,
+    ) -> Self {
+        Self {
+            magic: MAGIC.to_be_bytes(),
+            version: VERSION,
+            kind,
+            community: community.to_be_bytes(),
+            link,
+            flags: 0,
+            origin: origin.to_be_bytes(),
+            seq: seq.to_be_bytes(),
+            token: token.to_be_bytes(),
+        }
+    }
+
+    #[inline(always)]
+    pub const fn community(&self) -> u16 {
+        u16::from_be_bytes(self.community)
+    }
+    /// The origin terminal's LAN address, host order.
+    #[inline(always)]
+    pub const fn origin(&self) -> u32 {
+        u32::from_be_bytes(self.origin)
+    }
+    #[inline(always)]
+    pub const fn seq(&self) -> u32 {
+        u32::from_be_bytes(self.seq)
+    }
+    #[inline(always)]
+    pub const fn token(&self) -> u64 {
+        u64::from_be_bytes(self.token)
+    }
+    #[inline(always)]
+    pub const fn is_data(&self) -> bool {
+        self.kind == kind::DATA_UP || self.kind == kind::DATA_DOWN
+    }
+
+    /// Checks the fields every receiver checks: magic, version, reserved
+    /// flags. Kind, community and token are the receiver's business.
+    #[inline(always)]
+    pub const fn validate(&self) -> Result<(), WireError> {
+        if u16::from_be_bytes(self.magic) != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        if self.version != VERSION {
+            return Err(WireError::BadVersion);
+        }
+        if self.flags != 0 {
+            return Err(WireError::BadFlags);
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a header from the front of `buf`.
+    pub fn parse(buf: &[u8]) -> Result<Self, WireError> {
+        let Some(b) = buf.get(..Self::LEN) else {
+            return Err(WireError::Truncated);
+        };
+        let mut h = [0u8; Self::LEN];
+        h.copy_from_slice(b);
+        let hdr = Self::from_bytes(h);
+        hdr.validate()?;
+        Ok(hdr)
+    }
+
+    #[inline(always)]
+    pub const fn from_bytes(b: [u8; 24]) -> Self {
+        Self {
+            magic: [b[0], b[1]],
+            version: b[2],
+            kind: b[3],
+            community: [b[4], b[5]],
+            link: b[6],
+            flags: b[7],
+            origin: [b[8], b[9], b[10], b[11]],
+            seq: [b[12], b[13], b[14], b[15]],
+            token: [b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]],
+        }
+    }
+
+    pub const fn to_bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0] = self.magic[0];
+        b[1] = self.magic[1];
+        b[2] = self.version;
+        b[3] = self.kind;
+        b[4] = self.community[0];
+        b[5] = self.community[1];
+        b[6] = self.link;
+        b[7] = self.flags;
+        let mut i = 0;
+        while i < 4 {
+            b[8 + i] = self.origin[i];
+            b[12 + i] = self.seq[i];
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 8 {
+            b[16 + i] = self.token[i];
+            i += 1;
+        }
+        b
+    }
+
+    /// Writes the header to the front of `buf`; returns the bytes written.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+        let Some(out) = buf.get_mut(..Self::LEN) else {
+            return Err(WireError::Truncated);
+        };
+        out.copy_from_slice(&self.to_bytes());
+        Ok(Self::LEN)
+    }
+}
+
+/// Builds the 20-byte outer IPv4 header of a wrapped packet, checksum
+/// included. `inner_len` is the inner IPv4 packet's total length.
+#[inline(always)]
+pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16, id: u16) -> [u8; 20] {
+    let tot = inner_len.wrapping_add(OUTER_LEN as u16);
+    let t = tot.to_be_bytes();
+    let i = id.to_be_bytes();
+    let s = src.to_be_bytes();
+    let d = dst.to_be_bytes();
+    let mut h = [
+        0x45,
+        0,
+        t[0],
+        t[1],
+        i[0],
+        i[1],
+        0x40,
+        0,
+        64,
+        IPPROTO_UDP,
+        0,
+        0,
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
+    ];
+    let c = crate::csum::ipv4_header(&h).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    h
+}
+
+/// Builds the outer UDP header. The checksum is zero ("none"), as VXLAN and
+/// GUE send it: the inner packet keeps its own checksums end to end.
+#[inline(always)]
+pub const fn outer_udp(src_port: u16, dst_port: u16, inner_len: u16) -> [u8; 8] {
+    let l = inner_len
+        .wrapping_add((UDP_LEN + BondHdr::LEN) as u16)
+        .to_be_bytes();
+    let s = src_port.to_be_bytes();
+    let d = dst_port.to_be_bytes();
+    [s[0], s[1], d[0], d[1], l[0], l[1], 0, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip() {
+        let h = BondHdr::new(kind::DATA_UP, 7, 3, 0x0a00_0102, 99, 0xdead_beef_0123_4567);
+        let mut buf = [0u8; 30];
+        assert_eq!(h.emit(&mut buf), Ok(24));
+        let p = BondHdr::parse(&buf).unwrap();
+        assert_eq!(p, h);
+        assert_eq!(p.community(), 7);
+        assert_eq!(p.link, 3);
+        assert_eq!(p.origin(), 0x0a00_0102);
+        assert_eq!(p.seq(), 99);
+        assert_eq!(p.token(), 0xdead_beef_0123_4567);
+        assert!(p.is_data());
+    }
+
+    #[test]
+    fn header_bytes_are_network_order() {
+        let h = BondHdr::new(
+            kind::DATA_DOWN,
+            0x0102,
+            5,
+            0x0a000103,
+            0x01020304,
+            0x1122334455667788,
+        );
+        assert_eq!(
+            h.to_bytes(),
+            [
+                0xB0, 0x4D, 1, 2, 0x01, 0x02, 5, 0, 10, 0, 1, 3, 1, 2, 3, 4, 0x11, 0x22, 0x33,
+                0x44, 0x55, 0x66, 0x77, 0x88
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_rejects_bad_input() {
+        let good = BondHdr::new(kind::DATA_UP, 1, 0, 1, 1, 1).to_bytes();
+        for n in 0..24 {
+            assert_eq!(
+                BondHdr::parse(&good[..n]),
+                Err(WireError::Truncated),
+                "len {n}"
+            );
+        }
+        let mut bad = good;
+        bad[0] = 0;
+        assert_eq!(BondHdr::parse(&bad), Err(WireError::BadMagic));
+        let mut bad = good;
+        bad[2] = 2;
+        assert_eq!(BondHdr::parse(&bad), Err(WireError::BadVersion));
+        let mut bad = good;
+        bad[7] = 1;
+        assert_eq!(BondHdr::parse(&bad), Err(WireError::BadFlags));
+        assert_eq!(
+            BondHdr::emit(&BondHdr::from_bytes(good), &mut [0u8; 23]),
+            Err(WireError::Truncated)
+        );
+    }
+
+    #[test]
+    fn outer_headers_are_valid() {
+        let ip = outer_ipv4(0x0a000101, 0xc6336401, 100, 7);
+        let (parsed, _) = etherparse::Ipv4HeaderSlice::from_slice(&ip)
+            .map(|s| (s.to_header(), ()))
+            .unwrap();
+        assert_eq!(parsed.total_len, 152);
+        assert_eq!(parsed.header_checksum, parsed.calc_header_checksum());
+        assert!(parsed.dont_fragment);
+        assert_eq!(parsed.time_to_live, 64);
+        let udp = outer_udp(7001, 7000, 100);
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 132);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(h) = BondHdr::parse(&bytes) {
+                proptest::prop_assert_eq!(&h.to_bytes()[..], &bytes[..24]);
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The control plane's handle on the datapath: loading the objects, and
+//! every read and write of their maps.
+//!
+//! All maps are pinned by name under one directory per instance
+//! (`/sys/fs/bpf/bond/<instance>/`). The agent, the operator CLI and the
+//! tests all reach them through [`Maps`], so a listing works while the agent
+//! runs and the BPF tests configure the programs through the same calls the
+//! agent makes.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, Queue},
+};
+use bond_common::{
+    drops,
+    maps::{
+        Flow, FlowKey, LinkKey, LinkStats, MAX_LINK_IDS, Neighbor, RelayLink, Schedule,
+        ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
+    },
+    sched,
+};
+
+/// Where instances pin their maps.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/bond";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "this bond-ctl was built without its eBPF objects (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
+    )]
+    NoObjects,
+    #[error("loading eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {name} not pinned under {dir} (is the agent running? `--instance`?)")]
+    NotPinned { name: &'static str, dir: PathBuf },
+    #[error("program {0}: {1}")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+    #[error("program {0} not found in the object")]
+    NoProgram(&'static str),
+    #[error("schedule: more links than slots")]
+    Schedule,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Pin directory of an instance.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(instance)
+}
+
+/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other("mount -t bpf bpf /sys/fs/bpf failed").into());
+    }
+    Ok(())
+}
+
+/// Loads an object with all its maps pinned under `dir` (created if
+/// needed). Maps already pinned there are reused, not recreated.
+pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
+    if object.is_empty() {
+        return Err(Error::NoObjects);
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(object)?)
+}
+
+/// The maps of one instance, by pin directory.
+#[derive(Clone, Debug)]
+pub struct Maps {
+    dir: PathBuf,
+}
+
+impl Maps {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether this instance has the given map (tells terminal from server).
+    pub fn has(&self, name: &str) -> bool {
+        self.dir.join(name).exists()
+    }
+
+    fn open(&self, name: &'static str) -> Result<Map> {
+        let path = self.dir.join(name);
+        if !path.exists() {
+            return Err(Error::NotPinned {
+                name,
+                dir: self.dir.clone(),
+            });
+        }
+        let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+        Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+    }
+
+    fn array<T: Pod>(&self, name: &'static str) -> Result<Array<MapData, T>> {
+        Array::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    fn hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+        HashMap::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    fn percpu<T: Pod>(&self, name: &'static str) -> Result<PerCpuArray<MapData, T>> {
+        PerCpuArray::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    fn set<T: Pod>(&self, name: &'static str, idx: u32, v: T) -> Result<()> {
+        self.array::<T>(name)?
+            .set(idx, v, 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
+    fn put<K: Pod, V: Pod>(&self, name: &'static str, k: K, v: V) -> Result<()> {
+        self.hash::<K, V>(name)?
+            .insert(k, v, 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
+    fn sum_counters(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
+        let map = self.percpu::<u64>(name)?;
+        (0..count)
+            .map(|i| {
+                map.get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(|source| Error::Map { name, source })
+            })
+            .collect()
+    }
+
+    fn sum_link_stats(&self, name: &'static str, idx: u32) -> Result<LinkStats> {
+        let v = self
+            .percpu::<LinkStats>(name)?
+            .get(&idx, 0)
+            .map_err(|source| Error::Map { name, source })?;
+        let mut total = LinkStats::default();
+        v.iter().for_each(|s| total.add(s));
+        Ok(total)
+    }
+
+    // ------------------------------------------------------------ terminal --
+
+    pub fn set_terminal_config(&self, cfg: TerminalConfig) -> Result<()> {
+        self.set(name::T_CONFIG, 0, cfg)
+    }
+
+    pub fn terminal_config(&self) -> Result<TerminalConfig> {
+        self.array::<TerminalConfig>(name::T_CONFIG)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::T_CONFIG,
+                source,
+            })
+    }
+
+    pub fn set_up_link(&self, link: u8, entry: UpLink) -> Result<()> {
+        self.set(name::T_UP_LINKS, u32::from(link), entry)
+    }
+
+    pub fn up_link(&self, link: u8) -> Result<UpLink> {
+        self.array::<UpLink>(name::T_UP_LINKS)?
+            .get(&u32::from(link), 0)
+            .map_err(|source| Error::Map {
+                name: name::T_UP_LINKS,
+                source,
+            })
+    }
+
+    /// Replaces the upstream schedule with one built from `(link, weight)`.
+    pub fn set_up_schedule(&self, weights: &[(u8, u32)]) -> Result<Schedule> {
+        let pairs: Vec<(u16, u32)> = weights.iter().map(|&(l, w)| (u16::from(l), w)).collect();
+        let s = build_schedule(&pairs)?;
+        self.set(name::T_UP_SCHED, 0, s)?;
+        Ok(s)
+    }
+
+    pub fn set_relay_link(&self, port: u16, entry: RelayLink) -> Result<()> {
+        self.put(name::T_RELAY, port, entry)
+    }
+
+    pub fn set_neighbor(&self, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        self.put(name::T_NEIGH, u32::from(ip), Neighbor { mac, _pad: [0; 2] })
+    }
+
+    pub fn neighbor(&self, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+        let map = self.hash::<u32, Neighbor>(name::T_NEIGH)?;
+        match map.get(&u32::from(ip), 0) {
+            Ok(n) => Ok(Some(n.mac)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                name: name::T_NEIGH,
+                source,
+            }),
+        }
+    }
+
+    /// Per-link counters of a terminal, summed over CPUs, for links with
+    /// any traffic or a valid entry.
+    pub fn terminal_link_stats(&self) -> Result<Vec<(u8, LinkStats)>> {
+        let links = self.array::<UpLink>(name::T_UP_LINKS)?;
+        let stats = self.percpu::<LinkStats>(name::T_LINK_STATS)?;
+        let mut out = Vec::new();
+        for i in 0..MAX_LINK_IDS {
+            let valid = links.get(&i, 0).map(|l| l.flags != 0).unwrap_or(false);
+            let v = stats.get(&i, 0).map_err(|source| Error::Map {
+                name: name::T_LINK_STATS,
+                source,
+            })?;
+            let mut total = LinkStats::default();
+            v.iter().for_each(|s| total.add(s));
+            if valid || total != LinkStats::default() {
+                out.push((i as u8, total));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn terminal_drops(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(drops::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::T_DROPS, drops::COUNT)?)
+            .collect())
+    }
+
+    // -------------------------------------------------------------- server --
+
+    pub fn set_server_config(&self, cfg: ServerConfig) -> Result<()> {
+        self.set(name::S_CONFIG, 0, cfg)
+    }
+
+    pub fn server_config(&self) -> Result<ServerConfig> {
+        self.array::<ServerConfig>(name::S_CONFIG)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::S_CONFIG,
+                source,
+            })
+    }
+
+    pub fn set_session(&self, community: u16, origin: Ipv4Addr, token: u64) -> Result<()> {
+        let key = SessionKey {
+            community,
+            _pad: 0,
+            origin: u32::from(origin),
+        };
+        self.put(
+            name::S_SESSIONS,
+            key,
+            Session {
+                token,
+                down_seq: 0,
+                _pad: 0,
+            },
+        )
+    }
+
+    /// Registers a community link at dense index `idx`.
+    pub fn set_server_link(&self, idx: u32, link: ServerLink) -> Result<()> {
+        self.set(name::S_LINKS, idx, link)?;
+        let key = LinkKey {
+            community: link.community,
+            link: link.link,
+            _pad: 0,
+        };
+        self.put(name::S_LINK_INDEX, key, idx)
+    }
+
+    pub fn server_link(&self, idx: u32) -> Result<ServerLink> {
+        self.array::<ServerLink>(name::S_LINKS)?
+            .get(&idx, 0)
+            .map_err(|source| Error::Map {
+                name: name::S_LINKS,
+                source,
+            })
+    }
+
+    /// Replaces a community's downstream schedule; `weights` pairs dense
+    /// link indices with weights.
+    pub fn set_down_schedule(&self, community: u16, weights: &[(u32, u32)]) -> Result<Schedule> {
+        let pairs: Vec<(u16, u32)> = weights
+            .iter()
+            .map(|&(i, w)| {
+                u16::try_from(i)
+                    .map(|i| (i, w))
+                    .map_err(|_| Error::Schedule)
+            })
+            .collect::<Result<_>>()?;
+        let s = build_schedule(&pairs)?;
+        self.put(name::S_DOWN_SCHED, community, s)?;
+        Ok(s)
+    }
+
+    /// Fills the free-port queue with `ports`; returns how many went in.
+    pub fn push_free_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<usize> {
+        let n = name::S_FREE_PORTS;
+        let mut q: Queue<MapData, u16> =
+            Queue::try_from(self.open(n)?).map_err(|source| Error::Map { name: n, source })?;
+        let mut pushed = 0;
+        for p in ports {
+            q.push(p, 0)
+                .map_err(|source| Error::Map { name: n, source })?;
+            pushed += 1;
+        }
+        Ok(pushed)
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let map = self.hash::<FlowKey, Flow>(name::S_FLOWS)?;
+        map.iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                name: name::S_FLOWS,
+                source,
+            })
+    }
+
+    pub fn server_link_stats(&self, idx: u32) -> Result<LinkStats> {
+        self.sum_link_stats(name::S_LINK_STATS, idx)
+    }
+
+    pub fn server_drops(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(drops::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::S_DROPS, drops::COUNT)?)
+            .collect())
+    }
+
+    pub fn server_events(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(event::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::S_EVENTS, event::COUNT)?)
+            .collect())
+    }
+}
+
+fn build_schedule(pairs: &[(u16, u32)]) -> Result<Schedule> {
+    let mut s = Schedule::EMPTY;
+    sched::build(pairs, &mut s).map_err(|_| Error::Schedule)?;
+    Ok(s)
+}

@@ -1,0 +1,5 @@
+//! bond-ctl: the bond agent and operator CLI, as a library so the tests
+//! drive the datapath through the same calls the agent makes.
+
+pub mod datapath;
+pub mod ebpf;

@@ -1,0 +1,518 @@
+//! The reconstitution server's datapath: `bond_server`, XDP on every server
+//! interface.
+//!
+//! - Upstream: DATA_UP to the server's address and port, from a registered
+//!   link with the origin's session token, is unwrapped; its flow (community,
+//!   origin, protocol, source port or ICMP id) gets a dedicated port from the
+//!   free-port queue; the source becomes the server's NAT address and that
+//!   port; the packet goes to the content server.
+//! - Downstream: a reply to the NAT address on a dedicated port is mapped
+//!   back to its origin, wrapped, and sent on the next link of its
+//!   community's downstream schedule.
+//!
+//! Next hops come from the kernel's FIB (`bpf_fib_lookup`). When the
+//! neighbour is not resolved yet the rewritten packet is handed to the
+//! kernel, which forwards it and resolves the neighbour (the slow path).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    macros::{map, xdp},
+    maps::{Array, HashMap, PerCpuArray, Queue},
+    programs::XdpContext,
+};
+use bond_common::{
+    drops,
+    maps::{
+        Flow, FlowKey, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_FLOWS,
+        MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, Schedule, ServerConfig, ServerLink,
+        Session, SessionKey, event,
+    },
+    wire::{
+        self, BondHdr, ETH_LEN, ETH_P_IP, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, INNER_OFF,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
+    },
+};
+use bond_ebpf::{L4, Packet, count, link_stats, nat_rewrite, read, read_u16, read_u32, write};
+
+#[map]
+static S_CONFIG: Array<ServerConfig> = Array::pinned(1, 0);
+#[map]
+static S_SESSIONS: HashMap<SessionKey, Session> = HashMap::pinned(MAX_SESSIONS, 0);
+#[map]
+static S_LINK_INDEX: HashMap<LinkKey, u32> = HashMap::pinned(MAX_SERVER_LINKS, 0);
+#[map]
+static S_LINKS: Array<ServerLink> = Array::pinned(MAX_SERVER_LINKS, 0);
+#[map]
+static S_DOWN_SCHED: HashMap<u16, Schedule> = HashMap::pinned(MAX_COMMUNITIES, 0);
+#[map]
+static S_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(MAX_COMMUNITIES, 0);
+#[map]
+static S_FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+static S_NAT: HashMap<NatKey, NatEntry> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+static S_FREE_PORTS: Queue<u16> = Queue::pinned(65_536, 0);
+#[map]
+static S_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_SERVER_LINKS, 0);
+#[map]
+static S_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drops::COUNT, 0);
+#[map]
+static S_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
+
+const AF_INET: u8 = 2;
+const PASS: Result<u32, u32> = Ok(xdp_action::XDP_PASS);
+
+#[xdp]
+pub fn bond_server(ctx: XdpContext) -> u32 {
+    match try_server(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(&S_DROPS, reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
+    let Some(hdr) = read::<{ ETH_LEN + 20 }>(ctx, 0) else {
+        return PASS;
+    };
+    let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
+    let proto = hdr[ETH_LEN + 9];
+    let dst = u32::from_be_bytes([hdr[30], hdr[31], hdr[32], hdr[33]]);
+    if ethertype != ETH_P_IP {
+        return PASS;
+    }
+    let Some(cfg) = S_CONFIG.get(0) else {
+        return PASS;
+    };
+    if dst == cfg.wan_ip && proto == IPPROTO_UDP && read_u16(ctx, ETH_LEN + 22) == Some(cfg.port) {
+        return upstream(ctx, cfg);
+    }
+    if dst == cfg.nat_ip {
+        return downstream(ctx, cfg, proto);
+    }
+    PASS
+}
+
+// --------------------------------------------------------------- upstream --
+
+#[inline(always)]
+fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
+    let vihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
+    let frag = read_u16(ctx, ETH_LEN + 6).ok_or(drops::TRUNCATED)?;
+    if vihl != 0x45 || frag & 0x3fff != 0 {
+        return Err(drops::OUTER_BAD_HEADER);
+    }
+    let b =
+        BondHdr::from_bytes(read::<{ BondHdr::LEN }>(ctx, wire::BOND_OFF).ok_or(drops::TRUNCATED)?);
+    b.validate().map_err(|e| e.drop_reason())?;
+    if !b.is_data() {
+        return PASS; // control message: the agent's socket
+    }
+    if b.kind != kind::DATA_UP {
+        return Err(drops::BAD_KIND);
+    }
+    let community = b.community();
+
+    // The outer source must be a registered link of this community...
+    let link_key = LinkKey {
+        community,
+        link: b.link,
+        _pad: 0,
+    };
+    // SAFETY: read-only use of a map value.
+    let idx = *unsafe { S_LINK_INDEX.get(&link_key) }.ok_or(drops::UNKNOWN_SOURCE)?;
+    let link = S_LINKS.get(idx).ok_or(drops::UNKNOWN_SOURCE)?;
+    let src = read_u32(ctx, ETH_LEN + 12).ok_or(drops::TRUNCATED)?;
+    let sport = read_u16(ctx, ETH_LEN + 20).ok_or(drops::TRUNCATED)?;
+    if link.flags & LINK_VALID == 0
+        || link.community != community
+        || link.ip != src
+        || link.port != sport
+    {
+        return Err(drops::UNKNOWN_SOURCE);
+    }
+    // ...carrying the session token of a logged-on origin.
+    let origin = b.origin();
+    let skey = SessionKey {
+        community,
+        _pad: 0,
+        origin,
+    };
+    // SAFETY: read-only use of a map value.
+    let session = unsafe { S_SESSIONS.get(&skey) }.ok_or(drops::BAD_TOKEN)?;
+    if session.token != b.token() {
+        return Err(drops::BAD_TOKEN);
+    }
+
+    let inner = Inner::parse(ctx)?;
+    if inner.src != origin {
+        return Err(drops::INNER_SPOOF);
+    }
+    let (l4, port) = match inner.proto {
+        IPPROTO_TCP => (
+            tcp_udp(INNER_OFF + 20, 0, false),
+            read_u16(ctx, INNER_OFF + 20),
+        ),
+        IPPROTO_UDP => (
+            tcp_udp(INNER_OFF + 20, 0, true),
+            read_u16(ctx, INNER_OFF + 20),
+        ),
+        IPPROTO_ICMP => {
+            let t = read::<1>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?[0];
+            if t != ICMP_ECHO_REQUEST {
+                return Err(drops::UNSUPPORTED_PROTO);
+            }
+            (icmp_echo(INNER_OFF + 20), read_u16(ctx, INNER_OFF + 24))
+        }
+        _ => return Err(drops::UNSUPPORTED_PROTO),
+    };
+    let port = port.ok_or(drops::TRUNCATED)?;
+    // The whole L4 header we touch must be present.
+    read::<8>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
+    if inner.proto == IPPROTO_TCP {
+        read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
+    }
+
+    let fkey = FlowKey {
+        community,
+        proto: inner.proto,
+        _pad: 0,
+        origin,
+        port,
+        _pad2: 0,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = flow_for(&fkey, now)?;
+    // SAFETY: `flow` points at a live map value; concurrent updates of these
+    // counters from other CPUs may lose increments (they are statistics).
+    let nat_port = unsafe {
+        (*flow).last_seen_ns = now;
+        (*flow).up_pkts += 1;
+        (*flow).up_bytes += u64::from(inner.len);
+        (*flow).nat_port
+    };
+    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, l4, nat_port) {
+        return Err(drops::TRUNCATED);
+    }
+    link_stats(&S_LINK_STATS, idx, |s| {
+        s.up_pkts += 1;
+        s.up_bytes += u64::from(inner.len);
+    });
+
+    let mut fib = fib_params(ctx, inner.proto, cfg.nat_ip, inner.dst, inner.len);
+    let rc = fib_lookup(ctx, &mut fib);
+    let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER_LEN as i32) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    forward(ctx, rc, &fib, macs)
+}
+
+/// The inner IPv4 header of a wrapped packet, checked.
+struct Inner {
+    src: u32,
+    dst: u32,
+    len: u16,
+    proto: u8,
+}
+
+impl Inner {
+    #[inline(always)]
+    fn parse(ctx: &XdpContext) -> Result<Self, u32> {
+        let h = read::<20>(ctx, INNER_OFF).ok_or(drops::TRUNCATED)?;
+        if h[0] >> 4 != 4 {
+            return Err(drops::INNER_NOT_IPV4);
+        }
+        let len = u16::from_be_bytes([h[2], h[3]]);
+        if h[0] != 0x45 || len < 28 || usize::from(len) > ctx.len() - INNER_OFF {
+            return Err(drops::INNER_BAD_HEADER);
+        }
+        if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+            return Err(drops::INNER_FRAGMENT);
+        }
+        if h[8] <= 1 {
+            return Err(drops::TTL_EXCEEDED);
+        }
+        Ok(Self {
+            src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
+            dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
+            len,
+            proto: h[9],
+        })
+    }
+}
+
+#[inline(always)]
+const fn tcp_udp(l4: usize, port_field: usize, udp: bool) -> L4 {
+    L4 {
+        port_off: l4 + port_field,
+        check_off: if udp { l4 + 6 } else { l4 + 16 },
+        pseudo: true,
+        udp,
+    }
+}
+
+#[inline(always)]
+const fn icmp_echo(l4: usize) -> L4 {
+    L4 {
+        port_off: l4 + 4,
+        check_off: l4 + 2,
+        pseudo: false,
+        udp: false,
+    }
+}
+
+/// The flow for `key`, created with a port from the free queue if new.
+#[inline(always)]
+fn flow_for(key: &FlowKey, now: u64) -> Result<*mut Flow, u32> {
+    if let Some(f) = S_FLOWS.get_ptr_mut(key) {
+        return Ok(f);
+    }
+    let port = S_FREE_PORTS
+        .pop()
+        .ok()
+        .flatten()
+        .ok_or(drops::NO_FREE_PORT)?;
+    let flow = Flow {
+        nat_port: port,
+        _pad: [0; 6],
+        created_ns: now,
+        last_seen_ns: now,
+        up_pkts: 0,
+        up_bytes: 0,
+        down_pkts: 0,
+        down_bytes: 0,
+    };
+    match S_FLOWS.insert(key, &flow, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            let nat = NatEntry {
+                origin: key.origin,
+                community: key.community,
+                port: key.port,
+            };
+            let nkey = NatKey {
+                proto: key.proto,
+                _pad: 0,
+                port,
+            };
+            if S_NAT.insert(&nkey, &nat, 0).is_err() {
+                let _ = S_FLOWS.remove(key);
+                let _ = S_FREE_PORTS.push(port, 0);
+                return Err(drops::FLOW_TABLE_FULL);
+            }
+            count(&S_EVENTS, event::FLOW_CREATED);
+        }
+        Err(_) => {
+            // Either another CPU created it first, or the table is full.
+            let _ = S_FREE_PORTS.push(port, 0);
+            if S_FLOWS.get_ptr_mut(key).is_none() {
+                return Err(drops::FLOW_TABLE_FULL);
+            }
+            count(&S_EVENTS, event::FLOW_RACE);
+        }
+    }
+    S_FLOWS.get_ptr_mut(key).ok_or(drops::FLOW_TABLE_FULL)
+}
+
+// ------------------------------------------------------------- downstream --
+
+#[inline(always)]
+fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u32> {
+    let ihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
+    let l4off = ETH_LEN + 20;
+    let (l4, port) = match proto {
+        IPPROTO_TCP => (tcp_udp(l4off, 2, false), read_u16(ctx, l4off + 2)),
+        IPPROTO_UDP => (tcp_udp(l4off, 2, true), read_u16(ctx, l4off + 2)),
+        IPPROTO_ICMP => {
+            if read::<1>(ctx, l4off).map(|t| t[0]) != Some(ICMP_ECHO_REPLY) {
+                return PASS;
+            }
+            (icmp_echo(l4off), read_u16(ctx, l4off + 4))
+        }
+        _ => return PASS,
+    };
+    let Some(port) = port else { return PASS };
+    if port < cfg.port_min || port > cfg.port_max || ihl != 0x45 {
+        return PASS; // not a dedicated port: the server host's own traffic
+    }
+    let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
+    let len = u16::from_be_bytes([h[2], h[3]]);
+    if len < 28 || usize::from(len) > ctx.len() - ETH_LEN {
+        return Err(drops::INNER_BAD_HEADER);
+    }
+    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        return Err(drops::INNER_FRAGMENT);
+    }
+    if h[8] <= 1 {
+        return Err(drops::TTL_EXCEEDED);
+    }
+    read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+    if proto == IPPROTO_TCP {
+        read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+    }
+
+    // SAFETY: read-only use of map values.
+    let nat = *unsafe {
+        S_NAT.get(&NatKey {
+            proto,
+            _pad: 0,
+            port,
+        })
+    }
+    .ok_or(drops::NO_FLOW)?;
+    let skey = SessionKey {
+        community: nat.community,
+        _pad: 0,
+        origin: nat.origin,
+    };
+    let session = S_SESSIONS.get_ptr_mut(&skey).ok_or(drops::NO_FLOW)?;
+    let fkey = FlowKey {
+        community: nat.community,
+        proto,
+        _pad: 0,
+        origin: nat.origin,
+        port: nat.port,
+        _pad2: 0,
+    };
+    if let Some(f) = S_FLOWS.get_ptr_mut(&fkey) {
+        // SAFETY: live map value; statistics, as upstream.
+        unsafe {
+            (*f).last_seen_ns = bpf_ktime_get_ns();
+            (*f).down_pkts += 1;
+            (*f).down_bytes += u64::from(len);
+        }
+    }
+    // SAFETY: live map value; see `next_seq` in the terminal program for why
+    // this is not atomic.
+    let (token, seq) = unsafe {
+        let s = (*session).down_seq;
+        (*session).down_seq = s.wrapping_add(1);
+        ((*session).token, s)
+    };
+
+    // Pick the link.
+    // SAFETY: read-only use of a map value.
+    let sched = unsafe { S_DOWN_SCHED.get(&nat.community) }.ok_or(drops::NO_LINKS)?;
+    let cursor = S_CURSOR
+        .get_ptr_mut(u32::from(nat.community))
+        .ok_or(drops::NO_LINKS)?;
+    // SAFETY: per-CPU slot.
+    let n = unsafe {
+        let n = *cursor;
+        *cursor = n.wrapping_add(1);
+        n
+    };
+    let idx = u32::from(sched.pick(n).ok_or(drops::NO_LINKS)?);
+    let link = S_LINKS.get(idx).ok_or(drops::LINK_MISSING)?;
+    if link.flags & LINK_VALID == 0 {
+        return Err(drops::LINK_MISSING);
+    }
+    let (link_ip, link_port, link_id) = (link.ip, link.port, link.link);
+
+    if !nat_rewrite(ctx, ETH_LEN, 16, nat.origin, l4, nat.port) {
+        return Err(drops::TRUNCATED);
+    }
+    let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER_LEN as i32)) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let ip = wire::outer_ipv4(cfg.wan_ip, link_ip, len, seq as u16);
+    let udp = wire::outer_udp(cfg.port, link_port, len);
+    let b = BondHdr::new(
+        kind::DATA_DOWN,
+        nat.community,
+        link_id,
+        nat.origin,
+        seq,
+        token,
+    )
+    .to_bytes();
+    if !(write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + 20, udp) && write(ctx, wire::BOND_OFF, b))
+    {
+        return Err(drops::TRUNCATED);
+    }
+    link_stats(&S_LINK_STATS, idx, |s| {
+        s.down_pkts += 1;
+        s.down_bytes += u64::from(len);
+    });
+    let mut fib = fib_params(
+        ctx,
+        IPPROTO_UDP,
+        cfg.wan_ip,
+        link_ip,
+        len + OUTER_LEN as u16,
+    );
+    let rc = fib_lookup(ctx, &mut fib);
+    forward(ctx, rc, &fib, macs)
+}
+
+// ---------------------------------------------------------------- helpers --
+
+#[inline(always)]
+fn fib_params(ctx: &XdpContext, proto: u8, src: u32, dst: u32, len: u16) -> FibParams {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.__bindgen_anon_1.tot_len = len;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.to_be_bytes());
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.to_be_bytes());
+    p
+}
+
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, p: &mut FibParams) -> u32 {
+    // SAFETY: `p` is a valid, fully initialised request of the size passed.
+    unsafe { bpf_fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<FibParams>() as i32, 0) as u32 }
+}
+
+/// Sends a rewritten packet (Ethernet header still to be written) towards
+/// the next hop the FIB gave, or to the kernel when the neighbour is not
+/// resolved yet. `macs` is the frame's original destination and source.
+#[inline(always)]
+fn forward(ctx: &XdpContext, rc: u32, fib: &FibParams, macs: [u8; 12]) -> Result<u32, u32> {
+    let mut eth = [0u8; 14];
+    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            eth[0..6].copy_from_slice(&fib.dmac);
+            eth[6..12].copy_from_slice(&fib.smac);
+            if !write(ctx, 0, eth) {
+                return Err(drops::TRUNCATED);
+            }
+            // SAFETY: plain helper call.
+            Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // Addressed to us as received, so the kernel accepts and
+            // forwards it (and resolves the neighbour for next time).
+            eth[..12].copy_from_slice(&macs);
+            if !write(ctx, 0, eth) {
+                return Err(drops::TRUNCATED);
+            }
+            count(&S_EVENTS, event::SLOW_PATH);
+            Ok(xdp_action::XDP_PASS)
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(drops::TOO_BIG),
+        _ => Err(drops::NO_ROUTE),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,171 @@
+//! Helpers shared by bond's programs: bounds-checked packet access, counters
+//! and header rewrites. Everything is `#[inline(always)]`: the verifier sees
+//! each check in the program that relies on it.
+#![no_std]
+
+use aya_ebpf::{
+    maps::PerCpuArray,
+    programs::{TcContext, XdpContext},
+};
+use bond_common::{csum, maps::LinkStats};
+
+/// The two contexts bond's programs read packets from.
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.end() - self.start()
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+/// A pointer to a `T` at `off`, if the whole `T` lies inside the packet.
+/// Callers re-derive pointers after any adjust-head or adjust-room.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    let end = ctx.end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Reads `N` bytes at `off` (bounds-checked).
+#[inline(always)]
+pub fn read<const N: usize>(ctx: &impl Packet, off: usize) -> Option<[u8; N]> {
+    let p = ptr_at::<[u8; N]>(ctx, off)?;
+    // SAFETY: ptr_at checked that N bytes at p lie inside the packet; [u8; N]
+    // has alignment 1.
+    Some(unsafe { *p })
+}
+
+/// Writes `N` bytes at `off` (bounds-checked); false if out of bounds.
+#[inline(always)]
+pub fn write<const N: usize>(ctx: &impl Packet, off: usize, v: [u8; N]) -> bool {
+    match ptr_at::<[u8; N]>(ctx, off) {
+        // SAFETY: as in `read`; packet memory is writable for XDP and, after
+        // the bounds check, for TC direct packet access.
+        Some(p) => {
+            unsafe { *p = v };
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn read_u16(ctx: &impl Packet, off: usize) -> Option<u16> {
+    read::<2>(ctx, off).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+pub fn read_u32(ctx: &impl Packet, off: usize) -> Option<u32> {
+    read::<4>(ctx, off).map(u32::from_be_bytes)
+}
+
+/// Adds one to counter `idx` of a per-CPU counter array.
+#[inline(always)]
+pub fn count(map: &PerCpuArray<u64>, idx: u32) {
+    if let Some(c) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot; no other writer runs on this CPU meanwhile.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Applies `f` to the per-CPU stats of link `idx`.
+#[inline(always)]
+pub fn link_stats(map: &PerCpuArray<LinkStats>, idx: u32, f: impl FnOnce(&mut LinkStats)) {
+    if let Some(s) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, as in `count`.
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Offsets and rules for rewriting one L4 header's port (or ICMP id).
+#[derive(Clone, Copy)]
+pub struct L4 {
+    /// Offset of the 16-bit field that is rewritten.
+    pub port_off: usize,
+    /// Offset of the checksum covering it.
+    pub check_off: usize,
+    /// Whether the checksum covers the IPv4 pseudo-header (TCP, UDP).
+    pub pseudo: bool,
+    /// UDP's zero-means-none rule applies.
+    pub udp: bool,
+}
+
+/// NAT rewrite of one side of an inner IPv4 packet at `ip_off`: the address
+/// at `ip_off + addr_field` (12 = source, 16 = destination) becomes `addr`,
+/// the L4 field described by `l4` becomes `port`, TTL drops by one, and the
+/// IPv4 and L4 checksums are updated incrementally. Returns false if a
+/// field is out of bounds (nothing is written in that case, apart from
+/// fields already checked).
+#[inline(always)]
+pub fn nat_rewrite(
+    ctx: &impl Packet,
+    ip_off: usize,
+    addr_field: usize,
+    addr: u32,
+    l4: L4,
+    port: u16,
+) -> bool {
+    // One early return per read: see `try_terminal` on tuples of Options.
+    let Some(old_addr) = read_u32(ctx, ip_off + addr_field) else {
+        return false;
+    };
+    let Some(ttl_proto) = read_u16(ctx, ip_off + 8) else {
+        return false;
+    };
+    let Some(ip_check) = read_u16(ctx, ip_off + 10) else {
+        return false;
+    };
+    let Some(old_port) = read_u16(ctx, l4.port_off) else {
+        return false;
+    };
+    let Some(l4_check) = read_u16(ctx, l4.check_off) else {
+        return false;
+    };
+    let new_ttl_proto = ttl_proto.wrapping_sub(0x100);
+    let ip_check = csum::replace16(
+        csum::replace32(ip_check, old_addr, addr),
+        ttl_proto,
+        new_ttl_proto,
+    );
+    let l4_check = match (l4.pseudo, l4.udp) {
+        (true, true) => csum::udp_replace16(
+            csum::udp_replace32(l4_check, old_addr, addr),
+            old_port,
+            port,
+        ),
+        (true, false) => csum::replace16(csum::replace32(l4_check, old_addr, addr), old_port, port),
+        (false, _) => csum::replace16(l4_check, old_port, port),
+    };
+    write(ctx, ip_off + addr_field, addr.to_be_bytes())
+        && write(ctx, ip_off + 8, new_ttl_proto.to_be_bytes())
+        && write(ctx, ip_off + 10, ip_check.to_be_bytes())
+        && write(ctx, l4.port_off, port.to_be_bytes())
+        && write(ctx, l4.check_off, l4_check.to_be_bytes())
+}

@@ -1,0 +1,42 @@
+//! Shared test support.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Fails loudly (not silently passes) when not root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "this test needs root (BPF, network namespaces): run `cargo xtask test`"
+    );
+}
+
+/// A unique pin directory under /sys/fs/bpf, removed on drop.
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        require_root();
+        bond_ctl::datapath::ensure_bpffs().expect("mount bpffs");
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = PathBuf::from(format!(
+            "/sys/fs/bpf/bond-test-{}-{n}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
