@@ -1,21 +1,1538 @@
-//! Each BPF program on crafted packets through BPF_PROG_TEST_RUN.
+//! Each BPF program on crafted packets through BPF_PROG_TEST_RUN, Katran
+//! style: every fixture is an input packet, the expected verdict, the exact
+//! expected output bytes (built independently in `common::packets`, every
+//! checksum recomputed with etherparse) and the expected counters, read back
+//! through `bond_ctl::datapath::Maps`. The programs are configured only
+//! through `Maps`, as the agent configures them.
 mod common;
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    programs::{Program, SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use bond_common::maps::{
+    FlowKey, LINK_VALID, LinkStats, RelayLink, ServerConfig, ServerLink, TerminalConfig, UpLink,
+};
+use bond_ctl::datapath::{self, Maps};
+use common::{
+    PinDir, isolate,
+    packets::{
+        ANNOUNCE, Bond, DATA_DOWN, DATA_UP, ETH_P_IP, Ip, L4, Mac, Outer, WRAP_LEN, arp_frame,
+        assert_checksums, assert_wrapped_checksums, eth, fix_ipv4_checksum, ipv4_of,
+        ipv6_udp_frame, set_total_len, udp_frame, wrapped,
+    },
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+// ------------------------------------------------------------- harness --
+
+/// One loaded object, its maps pinned in a directory of its own (removed on
+/// drop, after the object is unloaded).
+struct Obj {
+    ebpf: Ebpf,
+    maps: Maps,
+    _pin: PinDir,
+}
+
+impl Obj {
+    fn load(object: &[u8], tag: &str, progs: &[&str]) -> Self {
+        let pin = PinDir::new(tag);
+        let mut ebpf = datapath::load(object, pin.path()).expect("load object");
+        for &name in progs {
+            match ebpf.program_mut(name).expect("program in object") {
+                Program::Xdp(p) => p.load(),
+                Program::SchedClassifier(p) => p.load(),
+                _ => panic!("{name}: unexpected program type"),
+            }
+            .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+        }
+        let maps = Maps::new(pin.path());
+        Self {
+            ebpf,
+            maps,
+            _pin: pin,
+        }
+    }
+
+    fn terminal(tag: &str) -> Self {
+        Self::load(
+            bond_ctl::ebpf::TERMINAL,
+            tag,
+            &["bond_wrap", "bond_terminal"],
+        )
+    }
+
+    fn server(tag: &str) -> Self {
+        Self::load(bond_ctl::ebpf::SERVER, tag, &["bond_server"])
+    }
+
+    /// Runs `prog` once on `input`; returns the verdict and the output packet.
+    fn run(&self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 4096];
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let p = self.ebpf.program(prog).expect("program");
+        let r = if let Ok(x) = <&Xdp>::try_from(p) {
+            x.test_run(opts)
+        } else {
+            <&SchedClassifier>::try_from(p)
+                .expect("XDP or TC program")
+                .test_run(opts)
+        }
+        .unwrap_or_else(|e| panic!("test_run {prog}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs `prog` and checks the verdict and, if given, the exact output.
+    fn expect(&self, prog: &str, what: &str, input: &[u8], verdict: u32, output: Option<&[u8]>) {
+        let (v, out) = self.run(prog, input);
+        assert_eq!(v, verdict, "{what}: verdict");
+        if let Some(want) = output {
+            assert_bytes(&out, want, what);
+        }
+    }
+
+    /// Runs `prog`, expects a drop counted under exactly `reason`.
+    fn expect_drop(&self, prog: &str, what: &str, input: &[u8], verdict: u32, reason: &str) {
+        let before = self.drops();
+        let (v, _) = self.run(prog, input);
+        assert_eq!(v, verdict, "{what}: verdict");
+        let after = self.drops();
+        let grew: Vec<_> = after
+            .iter()
+            .zip(&before)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| (a.0, a.1 - b.1))
+            .collect();
+        assert_eq!(grew, vec![(reason, 1)], "{what}: drop counters");
+    }
+
+    /// Drop counters of whichever role this object is.
+    fn drops(&self) -> Vec<(&'static str, u64)> {
+        if self.maps.has("T_DROPS") {
+            self.maps.terminal_drops()
+        } else {
+            self.maps.server_drops()
+        }
+        .expect("drop counters")
+    }
+
+    fn nonzero_drops(&self) -> Vec<(&'static str, u64)> {
+        self.drops().into_iter().filter(|d| d.1 != 0).collect()
+    }
+
+    fn event(&self, name: &str) -> u64 {
+        let ev = self.maps.server_events().expect("events");
+        ev.into_iter()
+            .find(|e| e.0 == name)
+            .unwrap_or_else(|| panic!("no event {name}"))
+            .1
+    }
+}
+
+/// Byte comparison that says where the first difference is.
+fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: output differs (first difference at byte {at:?}, lengths {} vs {})\n got: {got:02x?}\nwant: {want:02x?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+fn ip4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+// ============================================================ terminal ==
+
+mod term {
+    use super::*;
+
+    pub const COMMUNITY: u16 = 7;
+    pub const TOKEN: u64 = 0x0123_4567_89ab_cdef;
+    pub const PEER_TOKEN: u64 = 0x5eed_0000_0000_0002;
+    pub const LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+    pub const LAN_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
+    pub const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+    pub const PEER_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x02];
+    /// A LAN peer with no T_NEIGH entry.
+    pub const PEER3: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 3);
+    pub const PEER3_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x03];
+    pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
+    pub const SERVER_PORT: u16 = 7000;
+    pub const DATA_PORT: u16 = 7100;
+    pub const WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+    pub const WAN_MAC: Mac = [0x02, 0, 0, 0, 0x0a, 0x11];
+    pub const GW_MAC: Mac = [0x02, 0, 0, 0, 0x0a, 0x01];
+    pub const RELAY_PORT: u16 = 7001;
+    pub const RELAY_LINK: u8 = 3;
+    /// A second own link whose MTU is too small for the fixtures.
+    pub const SMALL_RELAY_PORT: u16 = 7002;
+    pub const SMALL_RELAY_LINK: u8 = 4;
+    pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+    pub const BOND0_MAC: Mac = [0x02, 0, 0, 0, 0xb0, 0x00];
+
+    /// A terminal configured as 10.0.1.1 with one WAN link (port 7001) and
+    /// one LAN neighbour (10.0.1.2).
+    pub fn setup(tag: &str) -> Obj {
+        let t = Obj::terminal(tag);
+        let m = &t.maps;
+        m.set_terminal_config(TerminalConfig {
+            token: TOKEN,
+            lan_ip: LAN_IP.into(),
+            server_ip: SERVER.into(),
+            lan_ifindex: 2,
+            community: COMMUNITY,
+            data_port: DATA_PORT,
+            server_port: SERVER_PORT,
+            lan_mac: LAN_MAC,
+        })
+        .unwrap();
+        for (port, link, mtu) in [
+            (RELAY_PORT, RELAY_LINK, 1500),
+            (SMALL_RELAY_PORT, SMALL_RELAY_LINK, 100),
+        ] {
+            m.set_relay_link(
+                port,
+                RelayLink {
+                    wan_ifindex: 3,
+                    wan_ip: WAN_IP.into(),
+                    link,
+                    _pad: 0,
+                    port,
+                    wan_mac: WAN_MAC,
+                    gw_mac: GW_MAC,
+                    mtu,
+                    _pad2: [0; 2],
+                },
+            )
+            .unwrap();
+        }
+        m.set_neighbor(PEER, PEER_MAC).unwrap();
+        t
+    }
+
+    /// The pieces of a wrapped frame, for fixtures to edit.
+    #[derive(Clone, Debug)]
+    pub struct Wrapped {
+        pub outer: Outer,
+        pub bond: Bond,
+        pub inner: Vec<u8>,
+    }
+
+    impl Wrapped {
+        pub fn frame(&self) -> Vec<u8> {
+            wrapped(&self.outer, &self.bond, &self.inner)
+        }
+    }
+
+    /// A reply from the content server for `to`.
+    pub fn reply_for(to: Ipv4Addr) -> Ip {
+        Ip::new(CONTENT, to, L4::tcp(443, 40000))
+    }
+
+    /// DATA_DOWN for this host, from a LAN peer's relay to the data port.
+    pub fn down_for_me() -> Wrapped {
+        Wrapped {
+            outer: Outer {
+                dst_mac: LAN_MAC,
+                src_mac: PEER_MAC,
+                src: PEER,
+                dst: LAN_IP,
+                sport: 7001,
+                dport: DATA_PORT,
+                ttl: 64,
+                id: 0x2222,
+                more_fragments: false,
+            },
+            bond: Bond::data(DATA_DOWN, COMMUNITY, 5, LAN_IP, 0x300, TOKEN),
+            inner: reply_for(LAN_IP).bytes(),
+        }
+    }
+
+    /// DATA_UP from a LAN peer to this host's relay port.
+    pub fn up_from_peer() -> Wrapped {
+        Wrapped {
+            outer: Outer {
+                dst_mac: LAN_MAC,
+                src_mac: PEER_MAC,
+                src: PEER,
+                dst: LAN_IP,
+                sport: DATA_PORT,
+                dport: RELAY_PORT,
+                ttl: 61,
+                id: 0x0077,
+                more_fragments: false,
+            },
+            bond: Bond::data(DATA_UP, COMMUNITY, RELAY_LINK, PEER, 0x41, PEER_TOKEN),
+            inner: Ip::new(PEER, CONTENT, L4::tcp(40000, 443)).bytes(),
+        }
+    }
+
+    /// DATA_DOWN from the server, on this host's WAN link, for `origin`.
+    pub fn down_from_server(origin: Ipv4Addr, token: u64) -> Wrapped {
+        Wrapped {
+            outer: Outer {
+                dst_mac: WAN_MAC,
+                src_mac: GW_MAC,
+                src: SERVER,
+                dst: WAN_IP,
+                sport: SERVER_PORT,
+                dport: RELAY_PORT,
+                ttl: 57,
+                id: 0x0009,
+                more_fragments: false,
+            },
+            bond: Bond::data(DATA_DOWN, COMMUNITY, RELAY_LINK, origin, 0x1234, token),
+            inner: reply_for(origin).bytes(),
+        }
+    }
+
+    pub fn stats(t: &Obj, link: u8) -> LinkStats {
+        t.maps
+            .terminal_link_stats()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.0 == link)
+            .map_or_else(LinkStats::default, |s| s.1)
+    }
+}
+
+// ------------------------------------------------------ bond_wrap (TC) --
+
+mod wrap {
+    use super::{term::*, *};
+
+    pub const A: u8 = 3;
+    pub const B: u8 = 5;
+    pub const C: u8 = 9;
+    /// A link with a small MTU, for the size limit.
+    pub const SMALL: u8 = 6;
+
+    pub fn up_link(id: u8) -> UpLink {
+        let lan = |dst: Ipv4Addr, dst_port, dst_mac| UpLink {
+            ifindex: 2,
+            src_ip: LAN_IP.into(),
+            dst_ip: dst.into(),
+            src_port: DATA_PORT,
+            dst_port,
+            src_mac: LAN_MAC,
+            dst_mac,
+            mtu: 1500,
+            flags: LINK_VALID,
+            _pad: 0,
+        };
+        match id {
+            A => lan(PEER, 7001, PEER_MAC),
+            B => lan(PEER3, 7002, PEER3_MAC),
+            SMALL => UpLink {
+                mtu: 200,
+                ..lan(PEER, 7001, PEER_MAC)
+            },
+            C => UpLink {
+                ifindex: 3,
+                src_ip: WAN_IP.into(),
+                dst_ip: SERVER.into(),
+                src_port: RELAY_PORT,
+                dst_port: SERVER_PORT,
+                src_mac: WAN_MAC,
+                dst_mac: GW_MAC,
+                mtu: 1500,
+                flags: LINK_VALID,
+                _pad: 0,
+            },
+            _ => unreachable!(),
+        }
+    }
+
+    pub fn setup(tag: &str) -> Obj {
+        let t = term::setup(tag);
+        for id in [A, B, C, SMALL] {
+            t.maps.set_up_link(id, up_link(id)).unwrap();
+        }
+        t
+    }
+
+    /// What bond0 hands the program: an inner packet behind an Ethernet
+    /// header.
+    pub fn on_bond0(inner: &Ip) -> Vec<u8> {
+        inner.frame(BOND0_MAC, BOND0_MAC)
+    }
+
+    /// The exact frame expected for `inner` wrapped on `link` with `seq`.
+    pub fn expected(link: u8, seq: u32, inner: &[u8]) -> Vec<u8> {
+        let l = up_link(link);
+        wrapped(
+            &Outer {
+                dst_mac: l.dst_mac,
+                src_mac: l.src_mac,
+                src: l.src_ip.into(),
+                dst: l.dst_ip.into(),
+                sport: l.src_port,
+                dport: l.dst_port,
+                ttl: 64,
+                id: seq as u16,
+                more_fragments: false,
+            },
+            &Bond::data(DATA_UP, COMMUNITY, link, LAN_IP, seq, TOKEN),
+            inner,
+        )
+    }
+
+    pub fn app_packets() -> Vec<Ip> {
+        let l4s = [
+            L4::tcp(40000, 443),
+            L4::udp(40001, 53),
+            L4::EchoRequest { id: 0x4242, seq: 1 },
+            L4::tcp(40002, 80),
+            L4::udp(40003, 123),
+        ];
+        l4s.into_iter()
+            .map(|l4| Ip::new(LAN_IP, CONTENT, l4))
+            .collect()
+    }
+}
+
+#[test]
+fn wrap_spreads_tcp_udp_icmp_over_weighted_links() {
+    use {term::*, wrap::*};
+    isolate::pinned(|cpu| {
+        let t = wrap::setup("wrap-wrr");
+        t.maps.set_up_schedule(&[(A, 2), (B, 1), (C, 2)]).unwrap();
+        let want_links = [A, B, C, A, C];
+        let mut bytes = std::collections::BTreeMap::<u8, u64>::new();
+        for (k, (inner, link)) in app_packets().iter().zip(want_links).enumerate() {
+            // The sequence number counts per CPU, the CPU id in its low 6 bits.
+            let seq = ((k as u32) << 6) | (cpu & 63);
+            let what = format!("packet {k} ({:?})", inner.l4);
+            let inner = inner.bytes();
+            let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &inner));
+            assert_eq!(v, TC_ACT_REDIRECT, "{what}: verdict");
+            assert_eq!(out[WRAP_LEN - 24 + 6], link, "{what}: link byte");
+            assert_bytes(&out, &expected(link, seq, &inner), &what);
+            assert_eq!(&out[WRAP_LEN..], &inner[..], "{what}: inner untouched");
+            assert_wrapped_checksums(&out, &what);
+            *bytes.entry(link).or_default() += inner.len() as u64;
+        }
+        for (link, pkts) in [(A, 2), (B, 1), (C, 2)] {
+            assert_eq!(
+                term::stats(&t, link),
+                LinkStats {
+                    up_pkts: pkts,
+                    up_bytes: bytes[&link],
+                    ..Default::default()
+                },
+                "stats of link {link}"
+            );
+        }
+        assert_eq!(t.nonzero_drops(), vec![], "no drops");
+    });
+}
+
+#[test]
+fn wrap_refuses_what_it_cannot_send() {
+    use {term::*, wrap::*};
+    isolate::pinned(|_| {
+        let t = wrap::setup("wrap-drops");
+        let pkt = on_bond0(&app_packets()[0]);
+        t.expect_drop(
+            "bond_wrap",
+            "no schedule yet",
+            &pkt,
+            TC_ACT_SHOT,
+            "no_links",
+        );
+        t.maps.set_up_schedule(&[]).unwrap();
+        t.expect_drop("bond_wrap", "empty schedule", &pkt, TC_ACT_SHOT, "no_links");
+        t.maps.set_up_schedule(&[(A, 0), (B, 0)]).unwrap();
+        t.expect_drop("bond_wrap", "all weights 0", &pkt, TC_ACT_SHOT, "no_links");
+
+        t.maps.set_up_schedule(&[(A, 1)]).unwrap();
+        let v6 = ipv6_udp_frame(BOND0_MAC, BOND0_MAC, 53);
+        t.expect_drop("bond_wrap", "IPv6 frame", &v6, TC_ACT_SHOT, "not_ipv4");
+        let arp = arp_frame(BOND0_MAC, LAN_IP, CONTENT);
+        t.expect_drop("bond_wrap", "ARP frame", &arp, TC_ACT_SHOT, "not_ipv4");
+
+        t.maps.set_up_schedule(&[(4, 1)]).unwrap();
+        t.expect_drop(
+            "bond_wrap",
+            "link without entry",
+            &pkt,
+            TC_ACT_SHOT,
+            "link_missing",
+        );
+
+        // SMALL carries 200-byte outer packets: 148 inner bytes fit, 149 not.
+        t.maps.set_up_schedule(&[(SMALL, 1)]).unwrap();
+        let sized = |len: usize| {
+            let mut ip = Ip::new(LAN_IP, CONTENT, L4::udp(1, 2));
+            ip.payload = vec![0x5a; len - 28];
+            on_bond0(&ip)
+        };
+        t.expect(
+            "bond_wrap",
+            "exactly the MTU",
+            &sized(148),
+            TC_ACT_REDIRECT,
+            None,
+        );
+        t.expect_drop(
+            "bond_wrap",
+            "one over the MTU",
+            &sized(149),
+            TC_ACT_SHOT,
+            "too_big",
+        );
+
+        let s = term::stats(&t, SMALL);
+        assert_eq!(
+            (s.up_pkts, s.up_bytes),
+            (1, 148),
+            "only the fitting packet counted"
+        );
+        for link in [A, B, C] {
+            assert_eq!(term::stats(&t, link), LinkStats::default(), "link {link}");
+        }
+    });
+}
+
+// ------------------------------------------------- bond_terminal (XDP) --
+
+#[test]
+fn terminal_relays_up_to_the_server() {
+    use term::*;
+    let t = term::setup("relay-up");
+    let input = up_from_peer();
+    let mut want = input.clone();
+    want.outer = Outer {
+        dst_mac: GW_MAC,
+        src_mac: WAN_MAC,
+        src: WAN_IP,
+        dst: SERVER,
+        sport: RELAY_PORT,
+        dport: SERVER_PORT,
+        ttl: 64,
+        ..input.outer
+    };
+    let frame = input.frame();
+    let want = want.frame();
+    t.expect(
+        "bond_terminal",
+        "relay up",
+        &frame,
+        XDP_REDIRECT,
+        Some(&want),
+    );
+    assert_wrapped_checksums(&want, "relay up");
+    assert_eq!(
+        stats(&t, RELAY_LINK),
+        LinkStats {
+            relay_up_pkts: 1,
+            relay_up_bytes: frame.len() as u64,
+            ..Default::default()
+        }
+    );
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+#[test]
+fn terminal_relays_down_to_the_origin() {
+    use term::*;
+    let t = term::setup("relay-down");
+    let input = down_from_server(PEER, PEER_TOKEN);
+    let mut want = input.clone();
+    want.outer = Outer {
+        dst_mac: PEER_MAC,
+        src_mac: LAN_MAC,
+        src: LAN_IP,
+        dst: PEER,
+        sport: RELAY_PORT,
+        dport: DATA_PORT,
+        ttl: 64,
+        ..input.outer
+    };
+    let frame = input.frame();
+    t.expect(
+        "bond_terminal",
+        "relay down",
+        &frame,
+        XDP_REDIRECT,
+        Some(&want.frame()),
+    );
+    assert_wrapped_checksums(&want.frame(), "relay down");
+    assert_eq!(
+        stats(&t, RELAY_LINK),
+        LinkStats {
+            relay_down_pkts: 1,
+            relay_down_bytes: frame.len() as u64,
+            ..Default::default()
+        }
+    );
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+#[test]
+fn terminal_unwraps_its_own_traffic() {
+    use term::*;
+    let t = term::setup("unwrap");
+    // From a LAN relay to the data port, and from the server straight over
+    // this host's own WAN link.
+    let via_peer = down_for_me();
+    let via_own_link = down_from_server(LAN_IP, TOKEN);
+    for (what, w) in [("via a peer", &via_peer), ("via own link", &via_own_link)] {
+        let want = eth(w.outer.dst_mac, w.outer.src_mac, ETH_P_IP, &w.inner);
+        t.expect("bond_terminal", what, &w.frame(), XDP_PASS, Some(&want));
+        assert_checksums(ipv4_of(&want), what);
+    }
+    for (what, w) in [("via a peer", &via_peer), ("via own link", &via_own_link)] {
+        assert_eq!(
+            stats(&t, w.bond.link),
+            LinkStats {
+                down_pkts: 1,
+                down_bytes: w.inner.len() as u64,
+                ..Default::default()
+            },
+            "{what}: stats"
+        );
+    }
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+#[test]
+fn terminal_drops_and_counts_bad_input() {
+    use term::*;
+    type Edit = fn(&mut Wrapped);
+    let cases: [(&str, Edit, &str); 13] = [
+        ("wrong magic", |w| w.bond.magic = 0xB04E, "bad_magic"),
+        ("wrong version", |w| w.bond.version = 2, "bad_version"),
+        ("flags set", |w| w.bond.flags = 0x80, "bad_flags"),
+        (
+            "wrong community",
+            |w| w.bond.community = 8,
+            "wrong_community",
+        ),
+        ("wrong token", |w| w.bond.token ^= 1, "bad_token"),
+        (
+            "DATA_UP on the data port",
+            |w| w.bond.kind = DATA_UP,
+            "bad_kind",
+        ),
+        (
+            "DATA_DOWN for another origin on the data port",
+            |w| w.bond.origin = PEER,
+            "wrong_origin",
+        ),
+        ("inner IPv6", |w| w.inner[0] = 0x60, "inner_not_ipv4"),
+        (
+            "inner longer than the frame",
+            |w| {
+                let n = w.inner.len() as u16 + 1;
+                set_total_len(&mut w.inner, n)
+            },
+            "inner_bad_header",
+        ),
+        (
+            "inner shorter than its header",
+            |w| set_total_len(&mut w.inner, 19),
+            "inner_bad_header",
+        ),
+        (
+            "relay down without a neighbour entry",
+            |w| {
+                w.outer.dport = RELAY_PORT;
+                w.bond.origin = PEER3;
+            },
+            "no_neighbor",
+        ),
+        (
+            "relay up bigger than the link MTU",
+            |w| {
+                w.outer.dport = SMALL_RELAY_PORT;
+                w.bond.kind = DATA_UP;
+                w.bond.origin = PEER;
+            },
+            "too_big",
+        ),
+        (
+            "relay up for another community",
+            |w| {
+                w.outer.dport = RELAY_PORT;
+                w.bond.kind = DATA_UP;
+                w.bond.community = 9;
+            },
+            "wrong_community",
+        ),
+    ];
+    let t = term::setup("terminal-bad");
+    for (what, edit, reason) in cases {
+        let mut w = down_for_me();
+        edit(&mut w);
+        t.expect_drop("bond_terminal", what, &w.frame(), XDP_DROP, reason);
+    }
+
+    // Truncated anywhere in the outer and bond headers of a packet for a
+    // bond port: passed while it cannot be told from other traffic (the
+    // UDP destination port is not there yet), dropped once it can.
+    for (port, full) in [(DATA_PORT, WRAP_LEN + 1), (RELAY_PORT, WRAP_LEN)] {
+        let mut w = down_for_me();
+        w.outer.dport = port;
+        let frame = w.frame();
+        for len in 14..full {
+            let cut = &frame[..len];
+            let what = format!("port {port} cut at {len}");
+            if len < 14 + 20 + 4 {
+                t.expect("bond_terminal", &what, cut, XDP_PASS, Some(cut));
+            } else {
+                t.expect_drop("bond_terminal", &what, cut, XDP_DROP, "truncated");
+            }
+        }
+    }
+    for link in [RELAY_LINK, SMALL_RELAY_LINK, 5] {
+        assert_eq!(stats(&t, link), LinkStats::default(), "link {link}");
+    }
+}
+
+#[test]
+fn terminal_passes_other_traffic_unchanged() {
+    use term::*;
+    let t = term::setup("terminal-pass");
+    let mut fragment = Ip::new(PEER, LAN_IP, L4::udp(7001, DATA_PORT));
+    fragment.payload = down_for_me().frame()[WRAP_LEN - 24..].to_vec();
+    fragment.more_fragments = true;
+    let mut control = down_for_me();
+    control.bond.kind = ANNOUNCE;
+    let tcp = Ip::new(PEER, LAN_IP, L4::tcp(40000, DATA_PORT));
+    let frames = [
+        ("TCP to the data port", tcp.frame(LAN_MAC, PEER_MAC)),
+        (
+            "UDP to another port",
+            udp_frame(LAN_MAC, PEER_MAC, (PEER, 7001), (LAN_IP, 53)),
+        ),
+        ("ARP", arp_frame(PEER_MAC, PEER, LAN_IP)),
+        (
+            "IPv6 UDP to the data port",
+            ipv6_udp_frame(LAN_MAC, PEER_MAC, DATA_PORT),
+        ),
+        (
+            "IPv4 fragment to the data port",
+            fragment.frame(LAN_MAC, PEER_MAC),
+        ),
+        ("control message (ANNOUNCE)", control.frame()),
+    ];
+    for (what, f) in &frames {
+        t.expect("bond_terminal", what, f, XDP_PASS, Some(f));
+    }
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+// =========================================================== server ==
+
+mod srv {
+    use super::*;
+
+    pub const COMMUNITY: u16 = 7;
+    pub const WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
+    pub const NAT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+    pub const PORT: u16 = 7000;
+    pub const PORT_MIN: u16 = 20000;
+    pub const PORT_MAX: u16 = 20010;
+    /// The server's interfaces in its test namespace.
+    pub const WAN_DEV_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 0x01];
+    pub const CNT_DEV_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 0x02];
+    /// The router that delivers WAN traffic to the server.
+    pub const ROUTER_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 0xfe];
+    /// A content server with a permanent neighbour entry.
+    pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+    pub const CONTENT_MAC: Mac = [0x02, 0xc0, 0, 0, 0, 0x02];
+    /// One on a connected network, neighbour unknown (the slow path).
+    pub const CONTENT_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
+    /// No route at all.
+    pub const UNROUTABLE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+    pub const ORIGIN_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+    pub const TOKEN_A: u64 = 0xa0a0_0000_0000_0001;
+    pub const ORIGIN_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+    pub const TOKEN_B: u64 = 0xb0b0_0000_0000_0002;
+
+    /// A community link as registered with the server.
+    #[derive(Clone, Copy)]
+    pub struct Link {
+        pub idx: u32,
+        pub id: u8,
+        pub ip: Ipv4Addr,
+        pub port: u16,
+        /// Its neighbour entry on the WAN interface, if any.
+        pub mac: Option<Mac>,
+    }
+
+    pub const LINKS: [Link; 3] = [
+        Link {
+            idx: 0,
+            id: 3,
+            ip: Ipv4Addr::new(198, 51, 100, 11),
+            port: 7001,
+            mac: Some([0x02, 0x1a, 0, 0, 0, 0x11]),
+        },
+        Link {
+            idx: 1,
+            id: 9,
+            ip: Ipv4Addr::new(198, 51, 100, 12),
+            port: 7002,
+            mac: Some([0x02, 0x1a, 0, 0, 0, 0x12]),
+        },
+        Link {
+            idx: 2,
+            id: 11,
+            ip: Ipv4Addr::new(198, 51, 100, 13),
+            port: 7003,
+            mac: None,
+        },
+    ];
+
+    /// Devices, addresses and neighbours of the server's namespace: a WAN
+    /// veth (198.51.100.254/24) and a content veth (203.0.113.1/24).
+    /// Run inside [`isolate::in_netns`]; the namespace takes them along
+    /// when its thread ends.
+    pub fn network() {
+        let id = std::process::id();
+        let (wan, cnt) = (format!("bw{id}"), format!("bc{id}"));
+        let mac = |m: Mac| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        for (dev, m, addr) in [
+            (&wan, WAN_DEV_MAC, "198.51.100.254/24"),
+            (&cnt, CNT_DEV_MAC, "203.0.113.1/24"),
+        ] {
+            let peer = format!("{dev}p");
+            isolate::ip(&[
+                "link",
+                "add",
+                dev,
+                "address",
+                &mac(m),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ]);
+            isolate::ip(&["addr", "add", addr, "dev", dev]);
+            isolate::ip(&["link", "set", dev, "up"]);
+            isolate::ip(&["link", "set", &peer, "up"]);
+        }
+        let neigh = |ip: Ipv4Addr, m: Mac, dev: &str| {
+            isolate::ip(&[
+                "neigh",
+                "add",
+                &ip.to_string(),
+                "lladdr",
+                &mac(m),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        };
+        neigh(CONTENT, CONTENT_MAC, &cnt);
+        for l in LINKS {
+            if let Some(m) = l.mac {
+                neigh(l.ip, m, &wan);
+            }
+        }
+    }
+
+    /// A server with two sessions, three links, a downstream schedule of
+    /// link 0 twice and link 1 once, and `ports` in the free-port queue.
+    pub fn setup(tag: &str, ports: impl IntoIterator<Item = u16>) -> Obj {
+        let s = Obj::server(tag);
+        let m = &s.maps;
+        m.set_server_config(ServerConfig {
+            wan_ip: WAN_IP.into(),
+            nat_ip: NAT_IP.into(),
+            port: PORT,
+            port_min: PORT_MIN,
+            port_max: PORT_MAX,
+            _pad: 0,
+        })
+        .unwrap();
+        for l in LINKS {
+            m.set_server_link(
+                l.idx,
+                ServerLink {
+                    ip: l.ip.into(),
+                    port: l.port,
+                    community: COMMUNITY,
+                    link: l.id,
+                    flags: LINK_VALID,
+                    _pad: [0; 2],
+                },
+            )
+            .unwrap();
+        }
+        m.set_session(COMMUNITY, ORIGIN_A, TOKEN_A).unwrap();
+        m.set_session(COMMUNITY, ORIGIN_B, TOKEN_B).unwrap();
+        m.set_down_schedule(COMMUNITY, &[(0, 2), (1, 1)]).unwrap();
+        m.push_free_ports(ports).unwrap();
+        s
+    }
+
+    pub fn token_of(origin: Ipv4Addr) -> u64 {
+        if origin == ORIGIN_A { TOKEN_A } else { TOKEN_B }
+    }
+
+    /// The pieces of an upstream frame, for fixtures to edit.
+    #[derive(Clone, Debug)]
+    pub struct Up {
+        pub outer: Outer,
+        pub bond: Bond,
+        pub inner: Vec<u8>,
+    }
+
+    impl Up {
+        /// `inner` from its source (an origin) over `link`.
+        pub fn new(link: Link, inner: &Ip) -> Self {
+            Self {
+                outer: Outer {
+                    dst_mac: WAN_DEV_MAC,
+                    src_mac: ROUTER_MAC,
+                    src: link.ip,
+                    dst: WAN_IP,
+                    sport: link.port,
+                    dport: PORT,
+                    ttl: 50,
+                    id: 0x0abc,
+                    more_fragments: false,
+                },
+                bond: Bond::data(
+                    DATA_UP,
+                    COMMUNITY,
+                    link.id,
+                    inner.src,
+                    0x40,
+                    token_of(inner.src),
+                ),
+                inner: inner.bytes(),
+            }
+        }
+
+        pub fn frame(&self) -> Vec<u8> {
+            wrapped(&self.outer, &self.bond, &self.inner)
+        }
+    }
+
+    /// `inner` as it should leave towards the content server: from the NAT
+    /// address and `nat_port`, one hop older.
+    pub fn unwrapped(inner: &Ip, nat_port: u16) -> Vec<u8> {
+        Ip {
+            src: NAT_IP,
+            ttl: inner.ttl - 1,
+            l4: inner.l4.with_src_port(nat_port),
+            ..inner.clone()
+        }
+        .bytes()
+    }
+
+    /// The content server's answer to `request`, sent to `nat_port`.
+    pub fn reply(request: &Ip, nat_port: u16) -> Ip {
+        Ip {
+            src: request.dst,
+            dst: NAT_IP,
+            ttl: 64,
+            id: 0x4321,
+            l4: request.l4.reply().with_dst_port(nat_port),
+            payload: b"reply from the content server".to_vec(),
+            ..request.clone()
+        }
+    }
+
+    /// The reply as it should leave, wrapped for `request`'s origin on `link`.
+    pub fn rewrapped(request: &Ip, reply: &Ip, link: Link, seq: u32, eth: (Mac, Mac)) -> Vec<u8> {
+        let inner = Ip {
+            dst: request.src,
+            ttl: reply.ttl - 1,
+            l4: request.l4.reply(),
+            ..reply.clone()
+        };
+        wrapped(
+            &Outer {
+                dst_mac: eth.0,
+                src_mac: eth.1,
+                src: WAN_IP,
+                dst: link.ip,
+                sport: PORT,
+                dport: link.port,
+                ttl: 64,
+                id: seq as u16,
+                more_fragments: false,
+            },
+            &Bond::data(
+                DATA_DOWN,
+                COMMUNITY,
+                link.id,
+                request.src,
+                seq,
+                token_of(request.src),
+            ),
+            &inner.bytes(),
+        )
+    }
+
+    /// The flow the server holds for (origin, proto, port), if any.
+    pub fn flow(s: &Obj, origin: Ipv4Addr, l4: L4, port: u16) -> Option<bond_common::maps::Flow> {
+        let key = FlowKey {
+            community: COMMUNITY,
+            proto: l4.proto(),
+            _pad: 0,
+            origin: origin.into(),
+            port,
+            _pad2: 0,
+        };
+        s.maps
+            .flows()
+            .unwrap()
+            .into_iter()
+            .find(|f| f.0 == key)
+            .map(|f| f.1)
+    }
+
+    /// Sends `inner` upstream over `link`; expects it forwarded to the
+    /// content server from `nat_port`.
+    pub fn expect_up(s: &Obj, what: &str, link: Link, inner: &Ip, nat_port: u16) {
+        let want = eth(
+            CONTENT_MAC,
+            CNT_DEV_MAC,
+            ETH_P_IP,
+            &unwrapped(inner, nat_port),
+        );
+        let frame = Up::new(link, inner).frame();
+        s.expect("bond_server", what, &frame, XDP_REDIRECT, Some(&want));
+        assert_checksums(ipv4_of(&want), what);
+    }
+
+    /// Sends the reply to `request` (on `nat_port`); expects it wrapped
+    /// on `link` with sequence number `seq`.
+    pub fn expect_down(s: &Obj, what: &str, request: &Ip, nat_port: u16, link: Link, seq: u32) {
+        let r = reply(request, nat_port);
+        let neigh = link.mac.expect("link with a neighbour entry");
+        let want = rewrapped(request, &r, link, seq, (neigh, WAN_DEV_MAC));
+        let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect("bond_server", what, &frame, XDP_REDIRECT, Some(&want));
+        assert_wrapped_checksums(&want, what);
+    }
+}
+
+#[test]
+fn server_nats_tcp_udp_icmp_and_wraps_replies() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-nat", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let udp = Ip::new(ORIGIN_A, CONTENT, L4::udp(40001, 53));
+        let icmp = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 0x4242, seq: 7 });
+        // Flows get ports in queue order.
+        expect_up(&s, "TCP up", l0, &tcp, 20000);
+        expect_up(&s, "UDP up", l1, &udp, 20001);
+        expect_up(&s, "ICMP echo up", l0, &icmp, 20002);
+        expect_up(&s, "TCP up again, same flow", l1, &tcp, 20000);
+        assert_eq!(s.event("flows_created"), 3, "the repeat reused its flow");
+
+        // Replies: downstream schedule link 0, link 1, link 0, ...; the
+        // session's sequence numbers count from 0.
+        expect_down(&s, "TCP reply", &tcp, 20000, l0, 0);
+        expect_down(&s, "UDP reply", &udp, 20001, l1, 1);
+        expect_down(&s, "ICMP echo reply", &icmp, 20002, l0, 2);
+
+        for (what, ip, orig, nat, up) in [
+            ("TCP", &tcp, 40000, 20000, 2),
+            ("UDP", &udp, 40001, 20001, 1),
+            ("ICMP", &icmp, 0x4242, 20002, 1),
+        ] {
+            let f = flow(&s, ORIGIN_A, ip.l4, orig).unwrap_or_else(|| panic!("{what}: no flow"));
+            assert_eq!(f.nat_port, nat, "{what}: nat port");
+            assert_eq!((f.up_pkts, f.down_pkts), (up, 1), "{what}: flow counters");
+        }
+        assert_eq!(s.maps.flows().unwrap().len(), 3);
+        let (tl, ul, il) = (
+            tcp.bytes().len() as u64,
+            udp.bytes().len() as u64,
+            icmp.bytes().len() as u64,
+        );
+        let rl = |ip: &Ip, nat| reply(ip, nat).bytes().len() as u64;
+        assert_eq!(
+            s.maps.server_link_stats(0).unwrap(),
+            LinkStats {
+                up_pkts: 2,
+                up_bytes: tl + il,
+                down_pkts: 2,
+                down_bytes: rl(&tcp, 20000) + rl(&icmp, 20002),
+                ..Default::default()
+            },
+            "link 0"
+        );
+        assert_eq!(
+            s.maps.server_link_stats(1).unwrap(),
+            LinkStats {
+                up_pkts: 2,
+                up_bytes: ul + tl,
+                down_pkts: 1,
+                down_bytes: rl(&udp, 20001),
+                ..Default::default()
+            },
+            "link 1"
+        );
+        assert_eq!(s.nonzero_drops(), vec![]);
+        assert_eq!(s.event("slow_path"), 0);
+    });
+}
+
+#[test]
+fn server_keeps_a_zero_udp_checksum_zero() {
+    use srv::*;
+    // UDP checksum 0 means "none" (RFC 768): NAT must leave it 0, not
+    // update it into a wrong non-zero value. Bytes 26..28 of a 20-byte-header
+    // IPv4 packet are its UDP checksum.
+    let no_sum = |mut ip: Vec<u8>| {
+        ip[26..28].copy_from_slice(&[0, 0]);
+        ip
+    };
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-udp0", 20000..=20010);
+        let ip = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 53));
+        let mut up = Up::new(LINKS[0], &ip);
+        up.inner = no_sum(up.inner);
+        let want = eth(
+            CONTENT_MAC,
+            CNT_DEV_MAC,
+            ETH_P_IP,
+            &no_sum(unwrapped(&ip, 20000)),
+        );
+        s.expect("bond_server", "up", &up.frame(), XDP_REDIRECT, Some(&want));
+        assert_checksums(ipv4_of(&want), "up");
+
+        let r = reply(&ip, 20000);
+        let frame = eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &no_sum(r.bytes()));
+        let mut want = rewrapped(&ip, &r, LINKS[0], 0, (LINKS[0].mac.unwrap(), WAN_DEV_MAC));
+        want[WRAP_LEN + 26..WRAP_LEN + 28].copy_from_slice(&[0, 0]);
+        s.expect("bond_server", "down", &frame, XDP_REDIRECT, Some(&want));
+        assert_wrapped_checksums(&want, "down");
+    });
+}
+
+#[test]
+fn server_keeps_two_origins_on_one_port_apart() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-two", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let l4 = L4::udp(5000, 5001);
+        let a = Ip::new(ORIGIN_A, CONTENT, l4);
+        let b = Ip::new(ORIGIN_B, CONTENT, l4);
+        expect_up(&s, "A up", l0, &a, 20000);
+        expect_up(&s, "B up", l1, &b, 20001);
+        // B's reply first: to B, with B's token and B's first sequence number.
+        expect_down(&s, "reply to B", &b, 20001, l0, 0);
+        expect_down(&s, "reply to A", &a, 20000, l1, 0);
+        assert_eq!(flow(&s, ORIGIN_A, l4, 5000).unwrap().nat_port, 20000);
+        assert_eq!(flow(&s, ORIGIN_B, l4, 5000).unwrap().nat_port, 20001);
+        assert_eq!(s.nonzero_drops(), vec![]);
+    });
+}
+
+#[test]
+fn server_drops_bad_upstream_without_creating_flows() {
+    use srv::*;
+    type Edit = fn(&mut Up);
+    let cases: [(&str, Edit, &str); 25] = [
+        ("wrong token", |u| u.bond.token ^= 1, "bad_token"),
+        (
+            "origin without a session",
+            |u| {
+                u.bond.origin = ip4("10.0.1.9");
+                u.inner = Ip::new(ip4("10.0.1.9"), CONTENT, L4::udp(1, 2)).bytes();
+            },
+            "bad_token",
+        ),
+        (
+            "wrong outer source address",
+            |u| u.outer.src = ip4("198.51.100.99"),
+            "unknown_source",
+        ),
+        (
+            "wrong outer source port",
+            |u| u.outer.sport = 7999,
+            "unknown_source",
+        ),
+        (
+            "unknown community",
+            |u| u.bond.community = 8,
+            "unknown_source",
+        ),
+        ("unknown link", |u| u.bond.link = 4, "unknown_source"),
+        (
+            "another link's id from this link's address",
+            |u| u.bond.link = LINKS[1].id,
+            "unknown_source",
+        ),
+        (
+            "inner source not the origin",
+            |u| {
+                // B's valid session, A's packet.
+                u.bond.origin = ORIGIN_B;
+                u.bond.token = TOKEN_B;
+            },
+            "inner_spoof",
+        ),
+        (
+            "ICMP not an echo",
+            |u| u.inner = Ip::new(ORIGIN_A, CONTENT, L4::Unreachable).bytes(),
+            "unsupported_proto",
+        ),
+        (
+            "ICMP echo reply upstream",
+            |u| u.inner = Ip::new(ORIGIN_A, CONTENT, L4::EchoReply { id: 1, seq: 1 }).bytes(),
+            "unsupported_proto",
+        ),
+        (
+            "GRE",
+            |u| {
+                u.inner[9] = 47;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "unsupported_proto",
+        ),
+        (
+            "inner fragment (more fragments)",
+            |u| {
+                u.inner[6] |= 0x20;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "inner_fragment",
+        ),
+        (
+            "inner fragment (offset)",
+            |u| {
+                u.inner[7] = 1;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "inner_fragment",
+        ),
+        (
+            "inner TTL 1",
+            |u| {
+                u.inner[8] = 1;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "ttl_exceeded",
+        ),
+        (
+            "inner TTL 0",
+            |u| {
+                u.inner[8] = 0;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "ttl_exceeded",
+        ),
+        ("inner IPv6", |u| u.inner[0] = 0x60, "inner_not_ipv4"),
+        (
+            "inner IPv4 options",
+            |u| {
+                u.inner[0] = 0x46;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "inner_bad_header",
+        ),
+        (
+            "inner longer than the frame",
+            |u| {
+                let n = u.inner.len() as u16 + 1;
+                set_total_len(&mut u.inner, n);
+            },
+            "inner_bad_header",
+        ),
+        (
+            "inner IPv4 header cut",
+            |u| u.inner.truncate(12),
+            "truncated",
+        ),
+        (
+            "inner TCP header cut",
+            |u| {
+                u.inner.truncate(28);
+                set_total_len(&mut u.inner, 28);
+            },
+            "truncated",
+        ),
+        (
+            "inner ICMP header cut",
+            |u| {
+                u.inner = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 1, seq: 1 }).bytes();
+                u.inner.truncate(24);
+                set_total_len(&mut u.inner, 24);
+            },
+            "inner_bad_header",
+        ),
+        ("wrong magic", |u| u.bond.magic = 0x4DB0, "bad_magic"),
+        ("wrong version", |u| u.bond.version = 0, "bad_version"),
+        ("flags set", |u| u.bond.flags = 1, "bad_flags"),
+        (
+            "DATA_DOWN to the server",
+            |u| u.bond.kind = DATA_DOWN,
+            "bad_kind",
+        ),
+    ];
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-bad", 20000..=20010);
+        let good = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        for (what, edit, reason) in cases {
+            let mut u = Up::new(LINKS[0], &good);
+            edit(&mut u);
+            s.expect_drop("bond_server", what, &u.frame(), XDP_DROP, reason);
+        }
+        let mut u = Up::new(LINKS[0], &good);
+        u.outer.more_fragments = true;
+        s.expect_drop(
+            "bond_server",
+            "outer fragment",
+            &u.frame(),
+            XDP_DROP,
+            "outer_bad_header",
+        );
+        // Cut inside the outer UDP or bond header.
+        let frame = Up::new(LINKS[0], &good).frame();
+        for len in 14..WRAP_LEN {
+            let cut = &frame[..len];
+            let what = format!("cut at {len}");
+            if len < 14 + 20 + 4 {
+                s.expect("bond_server", &what, cut, XDP_PASS, Some(cut));
+            } else {
+                s.expect_drop("bond_server", &what, cut, XDP_DROP, "truncated");
+            }
+        }
+        assert_eq!(s.maps.flows().unwrap(), vec![], "no flow created");
+        assert_eq!(s.event("flows_created"), 0);
+        for l in LINKS {
+            assert_eq!(
+                s.maps.server_link_stats(l.idx).unwrap(),
+                LinkStats::default()
+            );
+        }
+        // The queue still holds all its ports: the good packet gets the first.
+        expect_up(&s, "good packet after all that", LINKS[0], &good, 20000);
+    });
+}
+
+#[test]
+fn server_without_free_ports_drops_new_flows() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-noport", []);
+        let ip = Ip::new(ORIGIN_A, CONTENT, L4::udp(1, 2));
+        let frame = Up::new(LINKS[0], &ip).frame();
+        s.expect_drop(
+            "bond_server",
+            "no free port",
+            &frame,
+            XDP_DROP,
+            "no_free_port",
+        );
+        assert_eq!(s.maps.flows().unwrap(), vec![]);
+        s.maps.push_free_ports([20007]).unwrap();
+        expect_up(&s, "after a refill", LINKS[0], &ip, 20007);
+    });
+}
+
+#[test]
+fn server_drops_bad_downstream() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-bad-down", 20000..=20010);
+        let request = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let reply = |edit: fn(&mut Vec<u8>)| {
+            let mut ip = srv::reply(&request, 20005).bytes();
+            edit(&mut ip);
+            eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &ip)
+        };
+        type Edit = fn(&mut Vec<u8>);
+        let cases: [(&str, Edit, &str); 6] = [
+            ("reply to a port without a flow", |_| {}, "no_flow"),
+            (
+                "TTL 1",
+                |ip| {
+                    ip[8] = 1;
+                    fix_ipv4_checksum(ip);
+                },
+                "ttl_exceeded",
+            ),
+            (
+                "fragment",
+                |ip| {
+                    ip[6] |= 0x20;
+                    fix_ipv4_checksum(ip);
+                },
+                "inner_fragment",
+            ),
+            (
+                "longer than the frame",
+                |ip| {
+                    let n = ip.len() as u16 + 1;
+                    set_total_len(ip, n);
+                },
+                "inner_bad_header",
+            ),
+            (
+                "TCP header cut",
+                |ip| {
+                    ip.truncate(28);
+                    set_total_len(ip, 28);
+                },
+                "truncated",
+            ),
+            (
+                "IPv4 header shorter than it says",
+                |ip| set_total_len(ip, 27),
+                "inner_bad_header",
+            ),
+        ];
+        for (what, edit, reason) in cases {
+            s.expect_drop("bond_server", what, &reply(edit), XDP_DROP, reason);
+        }
+        assert_eq!(s.maps.server_link_stats(0).unwrap(), LinkStats::default());
+    });
+}
+
+#[test]
+fn server_passes_other_traffic_unchanged() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-pass", 20000..=20010);
+        let from_content = |l4| Ip::new(CONTENT, NAT_IP, l4).frame(CNT_DEV_MAC, CONTENT_MAC);
+        let mut control = Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, L4::udp(1, 2)));
+        control.bond.kind = ANNOUNCE;
+        let frames = [
+            ("ARP", arp_frame(ROUTER_MAC, LINKS[0].ip, WAN_IP)),
+            ("IPv6", ipv6_udp_frame(WAN_DEV_MAC, ROUTER_MAC, PORT)),
+            (
+                "TCP to the WAN address",
+                Ip::new(LINKS[0].ip, WAN_IP, L4::tcp(40000, 22)).frame(WAN_DEV_MAC, ROUTER_MAC),
+            ),
+            (
+                "UDP to another port of the WAN address",
+                udp_frame(WAN_DEV_MAC, ROUTER_MAC, (LINKS[0].ip, 7001), (WAN_IP, 53)),
+            ),
+            (
+                "UDP to the bond port of another address",
+                udp_frame(
+                    WAN_DEV_MAC,
+                    ROUTER_MAC,
+                    (LINKS[0].ip, 7001),
+                    (ip4("198.51.100.200"), PORT),
+                ),
+            ),
+            ("control message (ANNOUNCE)", control.frame()),
+            (
+                "UDP to the NAT address below the port range",
+                from_content(L4::udp(53, PORT_MIN - 1)),
+            ),
+            (
+                "TCP to the NAT address above the port range",
+                from_content(L4::tcp(443, PORT_MAX + 1)),
+            ),
+            (
+                "echo request to the NAT address",
+                from_content(L4::EchoRequest { id: 20001, seq: 1 }),
+            ),
+            (
+                "echo reply outside the port range",
+                from_content(L4::EchoReply { id: 5, seq: 1 }),
+            ),
+        ];
+        for (what, f) in &frames {
+            s.expect("bond_server", what, f, XDP_PASS, Some(f));
+        }
+        assert_eq!(s.nonzero_drops(), vec![]);
+        assert_eq!(s.maps.flows().unwrap(), vec![]);
+    });
+}
+
+#[test]
+fn server_slow_path_and_no_route() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-slow", 20000..=20010);
+        let [l0, _, l2] = LINKS;
+
+        // Upstream to a neighbour the kernel has not resolved: rewritten,
+        // handed to the kernel still addressed to this host.
+        let ip = Ip::new(ORIGIN_A, CONTENT_UNRESOLVED, L4::udp(40000, 53));
+        let up = Up::new(l0, &ip);
+        let want = eth(
+            up.outer.dst_mac,
+            up.outer.src_mac,
+            ETH_P_IP,
+            &unwrapped(&ip, 20000),
+        );
+        s.expect(
+            "bond_server",
+            "upstream, no neighbour",
+            &up.frame(),
+            XDP_PASS,
+            Some(&want),
+        );
+        assert_checksums(ipv4_of(&want), "upstream, no neighbour");
+        assert_eq!(s.event("slow_path"), 1);
+
+        // Downstream on a link whose address has no neighbour entry (the
+        // schedule now names only it).
+        s.maps.set_down_schedule(COMMUNITY, &[(l2.idx, 1)]).unwrap();
+        let r = reply(&ip, 20000);
+        let want = rewrapped(&ip, &r, l2, 0, (CNT_DEV_MAC, CONTENT_MAC));
+        let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect(
+            "bond_server",
+            "downstream, no neighbour",
+            &frame,
+            XDP_PASS,
+            Some(&want),
+        );
+        assert_wrapped_checksums(&want, "downstream, no neighbour");
+        assert_eq!(s.event("slow_path"), 2);
+        assert_eq!(s.maps.server_link_stats(l2.idx).unwrap().down_pkts, 1);
+
+        // No route at all.
+        let ip = Ip::new(ORIGIN_A, UNROUTABLE, L4::udp(1, 2));
+        let frame = Up::new(l0, &ip).frame();
+        s.expect_drop("bond_server", "no route", &frame, XDP_DROP, "no_route");
+    });
+}
 
 #[test]
 fn loads() {
-    let t = common::PinDir::new("load");
-    let mut ebpf = bond_ctl::datapath::load(bond_ctl::ebpf::TERMINAL, t.path()).unwrap();
-    let p: &mut aya::programs::Xdp = ebpf
-        .program_mut("bond_terminal")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    p.load().unwrap();
-    let p: &mut aya::programs::SchedClassifier =
-        ebpf.program_mut("bond_wrap").unwrap().try_into().unwrap();
-    p.load().unwrap();
-    let s = common::PinDir::new("loads");
-    let mut ebpf = bond_ctl::datapath::load(bond_ctl::ebpf::SERVER, s.path()).unwrap();
-    let p: &mut aya::programs::Xdp = ebpf.program_mut("bond_server").unwrap().try_into().unwrap();
-    p.load().unwrap();
+    Obj::terminal("load");
+    Obj::server("loads");
 }

@@ -344,6 +344,17 @@ impl Maps {
             })
     }
 
+    /// Every registered community link: (key, dense index).
+    pub fn server_link_index(&self) -> Result<Vec<(LinkKey, u32)>> {
+        let map = self.hash::<LinkKey, u32>(name::S_LINK_INDEX)?;
+        map.iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                name: name::S_LINK_INDEX,
+                source,
+            })
+    }
+
     pub fn server_link_stats(&self, idx: u32) -> Result<LinkStats> {
         self.sum_link_stats(name::S_LINK_STATS, idx)
     }

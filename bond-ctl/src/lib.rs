@@ -1,5 +1,10 @@
 //! bond-ctl: the bond agent and operator CLI, as a library so the tests
 //! drive the datapath through the same calls the agent makes.
 
+pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod ebpf;
+pub mod lab;
+pub mod net;
+pub mod show;

@@ -1,6 +1,9 @@
 //! Shared test support.
 #![allow(dead_code)]
 
+pub mod isolate;
+pub mod packets;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,622 @@
+//! The agent's configuration file (TOML). Every field is checked at load
+//! time; an error names the field and the bad value.
+//!
+//! Until membership and login land, peers, weights, tokens and the server
+//! address come from here.
+
+use std::{collections::HashSet, net::Ipv4Addr, path::Path};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PORT: u16 = 7700;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum Config {
+    Terminal(TerminalConfig),
+    Server(ServerConfig),
+}
+
+/// A 64-bit session token, written as a decimal number or a "0x…" string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token(pub u64);
+
+impl<'de> Deserialize<'de> for Token {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(v) => Ok(Self(v)),
+            Raw::Str(s) => {
+                let t = s.trim();
+                let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => t.parse(),
+                };
+                parsed.map(Self).map_err(|_| {
+                    serde::de::Error::custom(format!("token {s:?} is not a 64-bit number"))
+                })
+            }
+        }
+    }
+}
+
+/// An IPv4 prefix such as "203.0.113.0/24" or "default".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "default" {
+            return Ok(Self {
+                addr: Ipv4Addr::UNSPECIFIED,
+                len: 0,
+            });
+        }
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("prefix {s:?} needs a /length"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("prefix {s:?}: bad address"))?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("prefix {s:?}: bad length"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        if u32::from(addr) & !mask != 0 {
+            return Err(format!("prefix {s:?} has host bits set"));
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalConfig {
+    /// Names the pin directory, `/sys/fs/bpf/bond/<instance>`.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    pub community: u16,
+    pub token: Token,
+    /// The LAN interface; the terminal's LAN address is its IPv4 address.
+    pub lan: String,
+    /// Port every terminal receives DATA_DOWN on over the LAN.
+    #[serde(default = "default_port")]
+    pub data_port: u16,
+    /// The capture device the agent creates.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Destinations routed into the capture device (and so bonded).
+    pub capture: Vec<Prefix>,
+    pub server: ServerAddr,
+    /// This host's own WAN links.
+    #[serde(default)]
+    pub links: Vec<OwnLink>,
+    /// LAN peers whose WAN links this host may use.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerAddr {
+    pub address: Ipv4Addr,
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnLink {
+    /// The link's id in the community (the bond header's link byte).
+    pub id: u8,
+    pub interface: String,
+    /// UDP port this link receives relayed traffic on (LAN and WAN side).
+    pub port: u16,
+    /// Next hop towards the server; default: the server itself (on-link).
+    pub gateway: Option<Ipv4Addr>,
+    /// Upstream weight (share of this host's bonded upstream traffic).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// IP MTU of the WAN path; default: the interface's MTU.
+    pub mtu: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub address: Ipv4Addr,
+    #[serde(default)]
+    pub links: Vec<PeerLink>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerLink {
+    pub id: u8,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    /// The address terminals send to.
+    pub address: Ipv4Addr,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Source address of flows towards content servers.
+    pub nat_address: Ipv4Addr,
+    /// Dedicated ports, "first-last".
+    #[serde(default = "default_nat_ports")]
+    pub nat_ports: String,
+    /// Interfaces the server program is attached to.
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub communities: Vec<Community>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Community {
+    pub id: u16,
+    #[serde(default)]
+    pub terminals: Vec<Terminal>,
+    #[serde(default)]
+    pub links: Vec<CommunityLink>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Terminal {
+    pub address: Ipv4Addr,
+    pub token: Token,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommunityLink {
+    pub id: u8,
+    /// The link's public address and port, as the server sees them.
+    pub address: Ipv4Addr,
+    pub port: u16,
+    /// Downstream weight.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_device() -> String {
+    "bond0".into()
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_nat_ports() -> String {
+    "20000-29999".into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and checks a configuration; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            message,
+        };
+        match &cfg {
+            Self::Terminal(t) => t.check().map_err(|(f, m)| invalid(f, m))?,
+            Self::Server(s) => s.check().map_err(|(f, m)| invalid(f, m))?,
+        }
+        Ok(cfg)
+    }
+
+    pub fn instance(&self) -> &str {
+        match self {
+            Self::Terminal(t) => &t.instance,
+            Self::Server(s) => &s.instance,
+        }
+    }
+}
+
+type Check = Result<(), (String, String)>;
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> Check {
+    Err((field.into(), message.into()))
+}
+
+fn check_instance(name: &str) -> Check {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        err(
+            "instance",
+            format!("{name:?} must be 1-64 of [A-Za-z0-9_-]"),
+        )
+    }
+}
+
+fn check_ifname(field: &str, name: &str) -> Check {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+        return err(
+            field,
+            format!("{name:?} is not an interface name (1-15 characters)"),
+        );
+    }
+    Ok(())
+}
+
+fn check_port(field: &str, port: u16) -> Check {
+    if port == 0 {
+        err(field, "port 0 is not allowed")
+    } else {
+        Ok(())
+    }
+}
+
+impl TerminalConfig {
+    fn check(&self) -> Check {
+        check_instance(&self.instance)?;
+        check_ifname("lan", &self.lan)?;
+        check_ifname("device", &self.device)?;
+        check_port("data_port", self.data_port)?;
+        check_port("server.port", self.server.port)?;
+        if self.server.address.is_unspecified() || self.server.address.is_broadcast() {
+            return err(
+                "server.address",
+                format!("{} is not a unicast address", self.server.address),
+            );
+        }
+        if self.capture.is_empty() {
+            return err(
+                "capture",
+                "list at least one prefix to bond (e.g. \"default\")",
+            );
+        }
+        for (i, p) in self.capture.iter().enumerate() {
+            if p.len > 0
+                && (u32::from(self.server.address) ^ u32::from(p.addr)) >> (32 - u32::from(p.len))
+                    == 0
+            {
+                return err(
+                    format!("capture[{i}]"),
+                    format!(
+                        "{p} contains the server address {}: bonded packets would loop",
+                        self.server.address
+                    ),
+                );
+            }
+        }
+        let mut ids = HashSet::new();
+        let mut ports = HashSet::new();
+        for (i, l) in self.links.iter().enumerate() {
+            check_ifname(&format!("links[{i}].interface"), &l.interface)?;
+            check_port(&format!("links[{i}].port"), l.port)?;
+            if !ids.insert(l.id) {
+                return err(
+                    format!("links[{i}].id"),
+                    format!("link id {} is used twice", l.id),
+                );
+            }
+            if !ports.insert(l.port) || l.port == self.data_port {
+                return err(
+                    format!("links[{i}].port"),
+                    format!("port {} is used twice", l.port),
+                );
+            }
+            if let Some(m) = l.mtu
+                && m < 576
+            {
+                return err(
+                    format!("links[{i}].mtu"),
+                    format!("{m} is below the IPv4 minimum of 576"),
+                );
+            }
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            for (j, l) in p.links.iter().enumerate() {
+                check_port(&format!("peers[{i}].links[{j}].port"), l.port)?;
+                if !ids.insert(l.id) {
+                    return err(
+                        format!("peers[{i}].links[{j}].id"),
+                        format!("link id {} is used twice", l.id),
+                    );
+                }
+            }
+        }
+        let total: u64 = self
+            .links
+            .iter()
+            .map(|l| u64::from(l.weight))
+            .chain(
+                self.peers
+                    .iter()
+                    .flat_map(|p| p.links.iter().map(|l| u64::from(l.weight))),
+            )
+            .sum();
+        if ids.is_empty() {
+            return err("links", "no links: list own `links` or `peers` with links");
+        }
+        if total == 0 {
+            return err("links", "every link has weight 0: nothing could be sent");
+        }
+        Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// The dedicated port range.
+    pub fn port_range(&self) -> Result<(u16, u16), String> {
+        let (a, b) = self
+            .nat_ports
+            .split_once('-')
+            .ok_or_else(|| format!("{:?} must be \"first-last\"", self.nat_ports))?;
+        let (a, b): (u16, u16) = (
+            a.trim()
+                .parse()
+                .map_err(|_| format!("{a:?} is not a port"))?,
+            b.trim()
+                .parse()
+                .map_err(|_| format!("{b:?} is not a port"))?,
+        );
+        if a == 0 || a > b {
+            return Err(format!("{:?} is empty or starts at 0", self.nat_ports));
+        }
+        Ok((a, b))
+    }
+
+    fn check(&self) -> Check {
+        check_instance(&self.instance)?;
+        check_port("port", self.port)?;
+        let (lo, hi) = self
+            .port_range()
+            .map_err(|m| ("nat_ports".to_string(), m))?;
+        if (lo..=hi).contains(&self.port) && self.address == self.nat_address {
+            return err(
+                "nat_ports",
+                format!("range contains the server port {}", self.port),
+            );
+        }
+        if self.interfaces.is_empty() {
+            return err("interfaces", "list the interfaces to attach to");
+        }
+        for (i, n) in self.interfaces.iter().enumerate() {
+            check_ifname(&format!("interfaces[{i}]"), n)?;
+        }
+        let mut ids = HashSet::new();
+        for (c, com) in self.communities.iter().enumerate() {
+            if !ids.insert(com.id) {
+                return err(
+                    format!("communities[{c}].id"),
+                    format!("community {} is listed twice", com.id),
+                );
+            }
+            let mut links = HashSet::new();
+            for (i, l) in com.links.iter().enumerate() {
+                check_port(&format!("communities[{c}].links[{i}].port"), l.port)?;
+                if !links.insert(l.id) {
+                    return err(
+                        format!("communities[{c}].links[{i}].id"),
+                        format!("link id {} is used twice", l.id),
+                    );
+                }
+            }
+            let mut terms = HashSet::new();
+            for (i, t) in com.terminals.iter().enumerate() {
+                if !terms.insert(t.address) {
+                    return err(
+                        format!("communities[{c}].terminals[{i}].address"),
+                        format!("{} is listed twice", t.address),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TERMINAL: &str = r#"
+role = "terminal"
+instance = "t1"
+community = 1
+token = "0x00ff"
+lan = "lan0"
+capture = ["203.0.113.0/24"]
+server = { address = "198.51.100.1" }
+[[links]]
+id = 1
+interface = "wan0"
+port = 7701
+weight = 2
+[[peers]]
+address = "10.0.1.2"
+links = [{ id = 2, port = 7701, weight = 1 }]
+"#;
+
+    #[test]
+    fn parses_a_terminal() {
+        let Config::Terminal(t) = Config::parse(TERMINAL, "t.toml").unwrap() else {
+            panic!("not a terminal")
+        };
+        assert_eq!(t.token, Token(0xff));
+        assert_eq!(t.data_port, DEFAULT_PORT);
+        assert_eq!(t.server.port, DEFAULT_PORT);
+        assert_eq!(t.links[0].weight, 2);
+        assert_eq!(t.peers[0].links[0].id, 2);
+        assert_eq!(
+            t.capture[0],
+            Prefix {
+                addr: Ipv4Addr::new(203, 0, 113, 0),
+                len: 24
+            }
+        );
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases = [
+            (
+                TERMINAL.replace("token = \"0x00ff\"", "token = \"zz\""),
+                "token",
+                "\"zz\"",
+            ),
+            (
+                TERMINAL.replace("port = 7701\nweight", "port = 0\nweight"),
+                "links[0].port",
+                "port 0",
+            ),
+            (
+                TERMINAL.replace("id = 2,", "id = 1,"),
+                "peers[0].links[0].id",
+                "link id 1",
+            ),
+            (
+                TERMINAL.replace("203.0.113.0/24", "203.0.113.1/24"),
+                "capture",
+                "host bits",
+            ),
+            (
+                TERMINAL.replace("203.0.113.0/24", "198.51.100.0/24"),
+                "capture[0]",
+                "loop",
+            ),
+            (
+                TERMINAL.replace("lan = \"lan0\"", "lan = \"\""),
+                "lan",
+                "interface name",
+            ),
+            (
+                TERMINAL.replace("instance = \"t1\"", "instance = \"a/b\""),
+                "instance",
+                "a/b",
+            ),
+            (
+                TERMINAL.replace("community = 1", "community = 70000"),
+                "community",
+                "70000",
+            ),
+            (
+                TERMINAL.replace("lan = \"lan0\"", "lan = \"lan0\"\nbogus = 1"),
+                "bogus",
+                "unknown field",
+            ),
+            (
+                TERMINAL.replace("role = \"terminal\"", "role = \"router\""),
+                "role",
+                "router",
+            ),
+        ];
+        for (text, field, value) in cases {
+            let e = error_of(&text);
+            assert!(
+                e.contains(field) && e.contains(value),
+                "error {e:?} should name {field} and {value}"
+            );
+            assert!(e.starts_with("t.toml"), "error {e:?} should name the file");
+        }
+    }
+
+    #[test]
+    fn parses_a_server_and_checks_ranges() {
+        let text = r#"
+role = "server"
+address = "198.51.100.1"
+nat_address = "203.0.113.1"
+interfaces = ["wan0", "content0"]
+[[communities]]
+id = 1
+terminals = [{ address = "10.0.1.3", token = 7 }]
+links = [{ id = 1, address = "198.51.100.134", port = 7701, weight = 3 }]
+"#;
+        let Config::Server(s) = Config::parse(text, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        assert_eq!(s.port_range(), Ok((20000, 29999)));
+        assert_eq!(s.communities[0].terminals[0].token, Token(7));
+        let e = error_of(&text.replace(
+            "interfaces = [\"wan0\", \"content0\"]",
+            "interfaces = []\nnat_ports = \"9-3\"",
+        ));
+        assert!(e.contains("nat_ports") && e.contains("9-3"), "{e}");
+        let e = error_of(&text.replace(
+            "id = 1, address",
+            "id = 1, address = \"1.1.1.1\", port = 1 }, { id = 1, address",
+        ));
+        assert!(e.contains("communities[0].links[1].id"), "{e}");
+    }
+}

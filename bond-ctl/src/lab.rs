@@ -1,0 +1,622 @@
+//! A community in network namespaces: the seed's Figure 1, for the demo,
+//! the end-to-end tests and the benchmarks.
+//!
+//! ```text
+//!  t1 ─┐               ┌─ m1 (tbf) ─┐
+//!  t2 ─┼─ lan (br0) ─  │  m2 (tbf) ─┼─ inet (br0) ─ srv ─ web
+//!  t3 ─┘   10.0.1/24   └─ m3 (tbf) ─┘  198.51.100/25    203.0.113/24
+//! ```
+//!
+//! Each WAN link has a "modem" namespace that forwards with the kernel and
+//! holds the link's `tbf` rate limit in both directions: XDP redirects skip
+//! the sender's qdisc, so the bottleneck must sit one hop on, as a real DSL
+//! modem's does. Every namespace, process and pin the lab makes is removed
+//! when it is dropped, on every path. Traffic stays among its namespaces.
+//!
+//! Addresses: terminal `i` is 10.0.1.i on `lan0`; WAN link `k` is the /30
+//! 198.51.100.(128+4k): modem .(4k+129), terminal .(4k+130); modem `k`'s
+//! uplink is 198.51.100.(10+k)/25; the server is 198.51.100.1 (WAN) and
+//! 203.0.113.1 (content side); the content host is 203.0.113.2.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+pub const SERVER_WAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const SERVER_NAT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const COMMUNITY: u16 = 1;
+pub const PORT: u16 = 7700;
+
+/// One terminal: the rates of its WAN links in Mbit/s (none: LAN only).
+#[derive(Clone, Debug)]
+pub struct TerminalSpec {
+    pub links: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WanLink {
+    /// Community-wide link id (1-based).
+    pub id: u8,
+    pub rate_mbit: u32,
+    pub wan_ip: Ipv4Addr,
+    pub modem_ip: Ipv4Addr,
+    pub port: u16,
+    pub modem_ns: String,
+    pub iface: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Terminal {
+    pub ns: String,
+    pub lan_ip: Ipv4Addr,
+    pub instance: String,
+    pub token: u64,
+    pub links: Vec<WanLink>,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub bond_ctl: PathBuf,
+    pub terminals: Vec<Terminal>,
+    pub server_ns: String,
+    pub server_instance: String,
+    pub web_ns: String,
+    namespaces: Vec<String>,
+    /// (namespace, name, process): agents and servers, stopped on drop.
+    children: Vec<(String, String, Child)>,
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &str) -> Result<String> {
+    run(Command::new("ip").args(args.split_whitespace()))
+}
+
+/// The tools the lab drives; missing ones fail loudly with a hint.
+pub fn check_tools() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the lab needs root (network namespaces, BPF)"
+    );
+    for t in [
+        "ip", "tc", "nsenter", "ethtool", "curl", "python3", "iperf3", "ping",
+    ] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+            .unwrap_or(false);
+        ensure!(found, "`{t}` not found: run `cargo xtask setup`");
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Builds the namespaces and links (agents not started yet).
+    pub fn build(spec: &[TerminalSpec], bond_ctl: &Path) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        check_tools()?;
+        let prefix = format!(
+            "bd{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("bond-lab-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut lab = Self {
+            server_ns: format!("{prefix}-srv"),
+            server_instance: format!("{prefix}-srv"),
+            web_ns: format!("{prefix}-web"),
+            prefix,
+            dir,
+            bond_ctl: bond_ctl.to_path_buf(),
+            terminals: Vec::new(),
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        };
+        lab.wire(spec)?;
+        Ok(lab)
+    }
+
+    fn ns(&mut self, name: &str) -> Result<String> {
+        let full = format!("{}-{name}", self.prefix);
+        ip(&format!("netns add {full}"))?;
+        self.namespaces.push(full.clone());
+        self.ip(&full, "link set lo up")?;
+        Ok(full)
+    }
+
+    pub fn ip(&self, ns: &str, args: &str) -> Result<String> {
+        ip(&format!("-n {ns} {args}"))
+    }
+
+    /// Runs a command inside a namespace (network namespace only, so the
+    /// bpffs under /sys/fs/bpf stays the host's).
+    pub fn cmd(&self, ns: &str, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Result<String> {
+        run(self.cmd(ns, program).args(args))
+    }
+
+    fn sysctl(&self, ns: &str, kv: &str) -> Result<()> {
+        self.exec(ns, "sysctl", &["-qw", kv]).map(drop)
+    }
+
+    /// A veth between two namespaces, addressed, up, with GRO on so XDP
+    /// redirects into either end are accepted.
+    fn veth(&self, a: (&str, &str, Option<&str>), b: (&str, &str, Option<&str>)) -> Result<()> {
+        ip(&format!(
+            "-n {} link add {} type veth peer name {} netns {}",
+            a.0, a.1, b.1, b.0
+        ))?;
+        for (ns, dev, addr) in [a, b] {
+            if let Some(addr) = addr {
+                self.ip(ns, &format!("addr add {addr} dev {dev}"))?;
+            }
+            self.ip(ns, &format!("link set {dev} up"))?;
+            self.exec(ns, "ethtool", &["-K", dev, "gro", "on"])?;
+        }
+        Ok(())
+    }
+
+    fn tbf(&self, ns: &str, dev: &str, mbit: u32) -> Result<()> {
+        if mbit == 0 {
+            return Ok(());
+        }
+        // A queue of ~50 ms at the link rate; burst of a few packets.
+        let burst = (mbit as usize * 1_000_000 / 8 / 250).max(16 * 1024);
+        self.exec(
+            ns,
+            "tc",
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                &burst.to_string(),
+                "latency",
+                "50ms",
+            ],
+        )
+        .map(drop)
+    }
+
+    fn wire(&mut self, spec: &[TerminalSpec]) -> Result<()> {
+        let lan = self.ns("lan")?;
+        self.ip(&lan, "link add br0 type bridge")?;
+        self.ip(&lan, "link set br0 up")?;
+        let inet = self.ns("inet")?;
+        self.ip(&inet, "link add br0 type bridge")?;
+        self.ip(&inet, "link set br0 up")?;
+        let srv = self.ns("srv")?;
+        let web = self.ns("web")?;
+        self.veth(
+            (&srv, "wan0", Some("198.51.100.1/25")),
+            (&inet, "srv", None),
+        )?;
+        self.ip(&inet, "link set srv master br0")?;
+        self.veth(
+            (&srv, "content0", Some("203.0.113.1/24")),
+            (&web, "eth0", Some("203.0.113.2/24")),
+        )?;
+        self.ip(&web, "route add default via 203.0.113.1")?;
+        self.sysctl(&srv, "net.ipv4.ip_forward=1")?;
+
+        let mut k = 0u8;
+        for (i, t) in spec.iter().enumerate() {
+            let i = i as u8 + 1;
+            let tns = self.ns(&format!("t{i}"))?;
+            let lan_ip = Ipv4Addr::new(10, 0, 1, i);
+            self.veth(
+                (&tns, "lan0", Some(&format!("{lan_ip}/24"))),
+                (&lan, &format!("t{i}"), None),
+            )?;
+            self.ip(&lan, &format!("link set t{i} master br0"))?;
+            let mut links = Vec::new();
+            for (j, &rate) in t.links.iter().enumerate() {
+                k += 1;
+                ensure!(k <= 31, "at most 31 WAN links in a lab");
+                let mns = self.ns(&format!("m{k}"))?;
+                let base = 128 + 4 * u32::from(k);
+                let modem_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 1);
+                let wan_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 2);
+                let iface = format!("wan{j}");
+                self.veth(
+                    (&tns, &iface, Some(&format!("{wan_ip}/30"))),
+                    (&mns, "acc", Some(&format!("{modem_ip}/30"))),
+                )?;
+                self.veth(
+                    (&mns, "uplink", Some(&format!("198.51.100.{}/25", 10 + k))),
+                    (&inet, &format!("m{k}"), None),
+                )?;
+                self.ip(&inet, &format!("link set m{k} master br0"))?;
+                self.ip(&mns, "route add default via 198.51.100.1")?;
+                self.sysctl(&mns, "net.ipv4.ip_forward=1")?;
+                self.tbf(&mns, "acc", rate)?;
+                self.tbf(&mns, "uplink", rate)?;
+                self.ip(
+                    &srv,
+                    &format!("route add 198.51.100.{base}/30 via 198.51.100.{}", 10 + k),
+                )?;
+                if j == 0 {
+                    self.ip(&tns, &format!("route add default via {modem_ip}"))?;
+                }
+                links.push(WanLink {
+                    id: k,
+                    rate_mbit: rate,
+                    wan_ip,
+                    modem_ip,
+                    port: PORT + 1 + j as u16,
+                    modem_ns: mns,
+                    iface,
+                });
+            }
+            self.terminals.push(Terminal {
+                instance: format!("{}-t{i}", self.prefix),
+                ns: tns,
+                lan_ip,
+                token: 0x5eed_0000_0000_0000 | u64::from(i),
+                links,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn all_links(&self) -> impl Iterator<Item = &WanLink> {
+        self.terminals.iter().flat_map(|t| t.links.iter())
+    }
+
+    fn weight(rate: u32) -> u32 {
+        rate.max(1)
+    }
+
+    /// The TOML config of terminal `i` (0-based).
+    pub fn terminal_config(&self, i: usize) -> String {
+        let t = &self.terminals[i];
+        let mut s = format!(
+            "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {COMMUNITY}\ntoken = \"{:#x}\"\nlan = \"lan0\"\n\
+             capture = [\"203.0.113.0/24\"]\nserver = {{ address = \"{SERVER_WAN}\", port = {PORT} }}\n",
+            t.instance, t.token
+        );
+        for l in &t.links {
+            let _ = write!(
+                s,
+                "\n[[links]]\nid = {}\ninterface = \"{}\"\nport = {}\ngateway = \"{}\"\nweight = {}\n",
+                l.id,
+                l.iface,
+                l.port,
+                l.modem_ip,
+                Self::weight(l.rate_mbit)
+            );
+        }
+        for (j, p) in self.terminals.iter().enumerate() {
+            // Every LAN terminal is listed, with or without links: a relay
+            // needs each origin's address to hand its replies over.
+            if j == i {
+                continue;
+            }
+            let _ = write!(s, "\n[[peers]]\naddress = \"{}\"\nlinks = [", p.lan_ip);
+            for l in &p.links {
+                let _ = write!(
+                    s,
+                    "{{ id = {}, port = {}, weight = {} }}, ",
+                    l.id,
+                    l.port,
+                    Self::weight(l.rate_mbit)
+                );
+            }
+            s.push_str("]\n");
+        }
+        s
+    }
+
+    pub fn server_config(&self) -> String {
+        let mut s = format!(
+            "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
+             nat_address = \"{SERVER_NAT}\"\nnat_ports = \"20000-29999\"\ninterfaces = [\"wan0\", \"content0\"]\n\
+             \n[[communities]]\nid = {COMMUNITY}\nterminals = [",
+            self.server_instance
+        );
+        for t in &self.terminals {
+            let _ = write!(
+                s,
+                "{{ address = \"{}\", token = \"{:#x}\" }}, ",
+                t.lan_ip, t.token
+            );
+        }
+        s.push_str("]\nlinks = [");
+        for l in self.all_links() {
+            let _ = write!(
+                s,
+                "{{ id = {}, address = \"{}\", port = {}, weight = {} }}, ",
+                l.id,
+                l.wan_ip,
+                l.port,
+                Self::weight(l.rate_mbit)
+            );
+        }
+        s.push_str("]\n");
+        s
+    }
+
+    /// Starts a long-running process in a namespace; stopped on drop.
+    pub fn spawn(&mut self, ns: &str, name: &str, program: &str, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .cmd(ns, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        self.children
+            .push((ns.to_string(), name.to_string(), child));
+        Ok(())
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Starts the server agent and every terminal's agent, and waits until
+    /// each terminal has resolved all its links.
+    pub fn start_agents(&mut self) -> Result<()> {
+        let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
+        let cfg = self.dir.join("server.toml");
+        std::fs::write(&cfg, self.server_config())?;
+        let (srv, cfg) = (self.server_ns.clone(), cfg.to_string_lossy().into_owned());
+        self.spawn(&srv, "agent-srv", &bond_ctl, &["agent", "--config", &cfg])?;
+        for i in 0..self.terminals.len() {
+            self.start_terminal(i)?;
+        }
+        let srv_instance = self.server_instance.clone();
+        self.wait_for("server agent", Duration::from_secs(20), |lab| {
+            Ok(lab.links_json(&srv, &srv_instance).is_ok())
+        })?;
+        for i in 0..self.terminals.len() {
+            let want = self.all_links().count();
+            let (ns, instance) = (
+                self.terminals[i].ns.clone(),
+                self.terminals[i].instance.clone(),
+            );
+            self.wait_for(
+                &format!("terminal {} links", i + 1),
+                Duration::from_secs(20),
+                |lab| {
+                    let v = match lab.links_json(&ns, &instance) {
+                        Ok(v) => v,
+                        Err(_) => return Ok(false),
+                    };
+                    Ok(v["links"].as_array().map_or(0, Vec::len) >= want)
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn start_terminal(&mut self, i: usize) -> Result<()> {
+        let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
+        let cfg = self.dir.join(format!("t{}.toml", i + 1));
+        std::fs::write(&cfg, self.terminal_config(i))?;
+        let ns = self.terminals[i].ns.clone();
+        self.spawn(
+            &ns,
+            &format!("agent-t{}", i + 1),
+            &bond_ctl,
+            &["agent", "--config", &cfg.to_string_lossy()],
+        )
+    }
+
+    fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut ok: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if ok(self)? {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let logs: Vec<String> = self
+            .children
+            .iter()
+            .map(|(_, n, _)| format!("--- {n}:\n{}", self.log(n)))
+            .collect();
+        bail!("timed out waiting for {what}\n{}", logs.join("\n"))
+    }
+
+    /// `bond-ctl links --json` of an instance, parsed.
+    pub fn links_json(&self, ns: &str, instance: &str) -> Result<serde_json::Value> {
+        let out = self.exec(
+            ns,
+            &self.bond_ctl.to_string_lossy(),
+            &["links", "--instance", instance, "--json"],
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn flows_json(&self) -> Result<serde_json::Value> {
+        let out = self.exec(
+            &self.server_ns,
+            &self.bond_ctl.to_string_lossy(),
+            &["flows", "--instance", &self.server_instance, "--json"],
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Serves `dir` over HTTP on the content host, port 80.
+    pub fn start_http(&mut self, dir: &Path) -> Result<()> {
+        let web = self.web_ns.clone();
+        let d = dir.to_string_lossy().into_owned();
+        self.spawn(
+            &web,
+            "http",
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "--bind",
+                "203.0.113.2",
+                "--directory",
+                &d,
+                "80",
+            ],
+        )?;
+        self.wait_for("http server", Duration::from_secs(10), |lab| {
+            Ok(lab
+                .exec(
+                    &lab.web_ns,
+                    "curl",
+                    &["-sf", "-o", "/dev/null", "http://203.0.113.2/"],
+                )
+                .is_ok())
+        })
+    }
+
+    pub fn start_iperf(&mut self) -> Result<()> {
+        let web = self.web_ns.clone();
+        self.spawn(&web, "iperf3", "iperf3", &["-s", "-B", "203.0.113.2"])?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    }
+
+    /// Downloads a URL in a namespace: (bytes, seconds, file path).
+    pub fn download(&self, ns: &str, url: &str, name: &str) -> Result<(u64, f64, PathBuf)> {
+        let out = self.dir.join(name);
+        let w = self.exec(
+            ns,
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                "--max-time",
+                "300",
+                "-o",
+                &out.to_string_lossy(),
+                "-w",
+                "%{size_download} %{time_total}",
+                url,
+            ],
+        )?;
+        let mut it = w.split_whitespace();
+        let bytes: u64 = it.next().context("curl size")?.parse()?;
+        let secs: f64 = it.next().context("curl time")?.parse()?;
+        Ok((bytes, secs, out))
+    }
+
+    /// Writes `mb` MiB of pseudo-random bytes (a fixed xorshift stream).
+    pub fn make_file(path: &Path, mb: usize) -> Result<()> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut buf = Vec::with_capacity(mb << 20);
+        while buf.len() < mb << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(path, buf)?;
+        Ok(())
+    }
+
+    fn stop_children(&mut self) {
+        for (_, _, c) in &self.children {
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for (_, _, c) in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+
+    /// Stops one named child (e.g. "agent-t2") with SIGTERM, or SIGKILL.
+    pub fn stop(&mut self, name: &str, kill: bool) -> Result<()> {
+        let pos = self
+            .children
+            .iter()
+            .position(|(_, n, _)| n == name)
+            .context("no such child")?;
+        let (_, _, mut c) = self.children.remove(pos);
+        // SAFETY: signalling a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(
+                c.id() as i32,
+                if kill { libc::SIGKILL } else { libc::SIGTERM },
+            )
+        };
+        c.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_children();
+        for ns in self.namespaces.iter().rev() {
+            // Anything still running in it (e.g. from a failed test) goes too.
+            if let Ok(pids) = ip(&format!("netns pids {ns}")) {
+                for pid in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let _ = ip(&format!("netns del {ns}"));
+        }
+        for inst in self
+            .terminals
+            .iter()
+            .map(|t| t.instance.clone())
+            .chain([self.server_instance.clone()])
+        {
+            let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/bond").join(inst));
+        }
+        if std::env::var_os("BOND_LAB_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The agent's view of the host's network: interfaces, addresses, routes and
+//! neighbours over rtnetlink; sysctls; and the offload switches of bond0.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::RouteType,
+};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// An interface as the agent needs it.
+#[derive(Debug, Clone)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+pub struct Net {
+    handle: Handle,
+}
+
+impl Net {
+    /// Opens an rtnetlink connection (driven by a tokio task).
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn iface(&self, name: &str) -> Result<Iface> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = links
+            .try_next()
+            .await
+            .with_context(|| format!("interface {name:?} not found"))?
+            .ok_or_else(|| anyhow!("interface {name:?} not found"))?;
+        let mut iface = Iface {
+            name: name.to_string(),
+            index: msg.header.index,
+            mac: [0; 6],
+            mtu: 1500,
+        };
+        for a in msg.attributes {
+            match a {
+                LinkAttribute::Address(m) if m.len() == 6 => iface.mac.copy_from_slice(&m),
+                LinkAttribute::Mtu(m) => iface.mtu = m,
+                _ => {}
+            }
+        }
+        Ok(iface)
+    }
+
+    /// The first IPv4 address of an interface.
+    pub async fn ipv4(&self, iface: &Iface) -> Result<Ipv4Addr> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(iface.index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await? {
+            for a in msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) = a
+                {
+                    return Ok(ip);
+                }
+            }
+        }
+        bail!("interface {} has no IPv4 address", iface.name)
+    }
+
+    /// Creates the capture device: a veth pair whose far end only sinks what
+    /// bond_wrap does not redirect. No ARP (routes point straight at it),
+    /// `mtu` sized for the wrap.
+    pub async fn create_capture(&self, name: &str, mtu: u32) -> Result<Iface> {
+        let _ = self.delete(name).await;
+        let peer = sink_name(name);
+        self.handle
+            .link()
+            .add(LinkVeth::new(name, &peer).build())
+            .execute()
+            .await
+            .with_context(|| format!("creating {name}"))?;
+        for (dev, m) in [(peer.as_str(), 65535u32.min(mtu.max(1500))), (name, mtu)] {
+            let i = self.iface(dev).await?;
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(i.index)
+                        .mtu(m)
+                        .arp(false)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .with_context(|| format!("configuring {dev}"))?;
+        }
+        disable_offloads(name).with_context(|| format!("turning offloads off on {name}"))?;
+        self.iface(name).await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let i = self.iface(name).await?;
+        self.handle.link().del(i.index).execute().await?;
+        Ok(())
+    }
+
+    /// `ip route replace PREFIX dev IFACE src SRC`.
+    pub async fn route_to(&self, dst: Ipv4Addr, len: u8, dev: u32, src: Ipv4Addr) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, len)
+            .output_interface(dev)
+            .pref_source(src)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("route {dst}/{len}"))
+    }
+
+    /// The resolved MAC of `ip` on interface `dev`, if the kernel has one.
+    pub async fn neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+        let mut neighs = self
+            .handle
+            .neighbours()
+            .get()
+            .set_family(IpVersion::V4)
+            .execute();
+        while let Some(n) = neighs.try_next().await? {
+            if n.header.ifindex != dev || n.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let usable = !matches!(
+                n.header.state,
+                NeighbourState::Incomplete | NeighbourState::Failed
+            );
+            let mut dst = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(*d),
+                    NeighbourAttribute::LinkLocalAddress(m) if m.len() == 6 => {
+                        let mut b = [0; 6];
+                        b.copy_from_slice(m);
+                        mac = Some(b);
+                    }
+                    _ => {}
+                }
+            }
+            if dst == Some(ip) && usable {
+                return Ok(mac);
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Name of the capture device's sink end.
+pub fn sink_name(name: &str) -> String {
+    let mut s = format!("{name}-sink");
+    s.truncate(15);
+    s
+}
+
+/// Makes the kernel resolve `ip` on `dev`: one empty datagram to the discard
+/// port, sent out of that interface.
+pub fn poke_neighbor(dev: &str, ip: Ipv4Addr) -> Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    let name = std::ffi::CString::new(dev)?;
+    // SAFETY: valid socket fd; the option value is a NUL-terminated name of
+    // the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.as_bytes_with_nul().len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_BINDTODEVICE");
+    }
+    let _ = sock.send_to(&[], SocketAddrV4::new(ip, 9));
+    Ok(())
+}
+
+/// Writes a sysctl under /proc/sys (of this process's network namespace).
+pub fn sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    std::fs::write(&path, value).with_context(|| format!("sysctl {key}={value}"))
+}
+
+/// Turns off checksum offload, scatter-gather, TSO, GSO and GRO: the wrap
+/// must see finished, wire-sized packets with their checksums filled in.
+fn disable_offloads(dev: &str) -> Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const ETHTOOL_SSG: u32 = 0x19;
+    const ETHTOOL_STSO: u32 = 0x1f;
+    const ETHTOOL_SGSO: u32 = 0x24;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    for cmd in [
+        ETHTOOL_STSO,
+        ETHTOOL_SGSO,
+        ETHTOOL_SGRO,
+        ETHTOOL_SSG,
+        ETHTOOL_STXCSUM,
+    ] {
+        let mut value = EthtoolValue { cmd, data: 0 };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: &mut value,
+            _pad: [0; 16],
+        };
+        for (d, s) in req
+            .name
+            .iter_mut()
+            .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a live
+        // ethtool_value for the duration of the call.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("ethtool command {cmd:#x}"));
+        }
+    }
+    Ok(())
+}

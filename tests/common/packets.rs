@@ -1,0 +1,398 @@
+//! Packets for the BPF fixtures, built from scratch and checked
+//! independently of the code under test: IPv4 and L4 headers (and their
+//! checksums) come from `etherparse`; Ethernet, the outer UDP header and the
+//! bond header are assembled by hand from the wire format in DESIGN.md.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
+};
+
+pub type Mac = [u8; 6];
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// Ethernet + outer IPv4 + UDP + bond header.
+pub const WRAP_LEN: usize = 14 + 20 + 8 + 24;
+
+/// An Ethernet II frame.
+pub fn eth(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The transport part of an inner packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    EchoRequest {
+        id: u16,
+        seq: u16,
+    },
+    EchoReply {
+        id: u16,
+        seq: u16,
+    },
+    /// ICMP destination unreachable (port unreachable): not an echo.
+    Unreachable,
+}
+
+impl L4 {
+    pub fn tcp(sport: u16, dport: u16) -> Self {
+        Self::Tcp { sport, dport }
+    }
+
+    pub fn udp(sport: u16, dport: u16) -> Self {
+        Self::Udp { sport, dport }
+    }
+
+    /// With the sender-side port (source port, or the ICMP identifier).
+    pub fn with_src_port(self, p: u16) -> Self {
+        match self {
+            Self::Tcp { dport, .. } => Self::Tcp { sport: p, dport },
+            Self::Udp { dport, .. } => Self::Udp { sport: p, dport },
+            Self::EchoRequest { seq, .. } => Self::EchoRequest { id: p, seq },
+            Self::EchoReply { seq, .. } => Self::EchoReply { id: p, seq },
+            Self::Unreachable => self,
+        }
+    }
+
+    /// With the receiver-side port (destination port, or the ICMP identifier).
+    pub fn with_dst_port(self, p: u16) -> Self {
+        match self {
+            Self::Tcp { sport, .. } => Self::Tcp { sport, dport: p },
+            Self::Udp { sport, .. } => Self::Udp { sport, dport: p },
+            Self::EchoRequest { seq, .. } => Self::EchoRequest { id: p, seq },
+            Self::EchoReply { seq, .. } => Self::EchoReply { id: p, seq },
+            Self::Unreachable => self,
+        }
+    }
+
+    /// The answer's transport: ports swapped, echo request becomes reply.
+    pub fn reply(self) -> Self {
+        match self {
+            Self::Tcp { sport, dport } => Self::Tcp {
+                sport: dport,
+                dport: sport,
+            },
+            Self::Udp { sport, dport } => Self::Udp {
+                sport: dport,
+                dport: sport,
+            },
+            Self::EchoRequest { id, seq } => Self::EchoReply { id, seq },
+            other => other,
+        }
+    }
+
+    pub fn proto(self) -> u8 {
+        match self {
+            Self::Tcp { .. } => 6,
+            Self::Udp { .. } => 17,
+            _ => 1,
+        }
+    }
+}
+
+/// An IPv4 packet (no options) with a TCP, UDP or ICMP payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ip {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub id: u16,
+    /// More-fragments flag and fragment offset (in 8-byte units).
+    pub more_fragments: bool,
+    pub frag_offset: u16,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Ip {
+    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
+        Self {
+            src,
+            dst,
+            ttl: 64,
+            id: 0x1c46,
+            more_fragments: false,
+            frag_offset: 0,
+            l4,
+            payload: b"bond fixture payload: 0123456789".to_vec(),
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut h = Ipv4Header::new(
+            0,
+            self.ttl,
+            IpNumber::TCP,
+            self.src.octets(),
+            self.dst.octets(),
+        )
+        .expect("ipv4 header");
+        h.identification = self.id;
+        h.more_fragments = self.more_fragments;
+        h.fragment_offset = self.frag_offset.try_into().expect("fragment offset");
+        let ip = PacketBuilder::ip(IpHeaders::Ipv4(h, Default::default()));
+        let mut out = Vec::new();
+        match self.l4 {
+            L4::Tcp { sport, dport } => ip
+                .tcp(sport, dport, 0x0102_0304, 64240)
+                .ack(0x0a0b_0c0d)
+                .psh()
+                .write(&mut out, &self.payload),
+            L4::Udp { sport, dport } => ip.udp(sport, dport).write(&mut out, &self.payload),
+            L4::EchoRequest { id, seq } => ip
+                .icmpv4_echo_request(id, seq)
+                .write(&mut out, &self.payload),
+            L4::EchoReply { id, seq } => {
+                ip.icmpv4_echo_reply(id, seq).write(&mut out, &self.payload)
+            }
+            L4::Unreachable => ip
+                .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::Port,
+                ))
+                .write(&mut out, &self.payload),
+        }
+        .expect("build inner packet");
+        out
+    }
+
+    /// The same packet as a frame.
+    pub fn frame(&self, dst: Mac, src: Mac) -> Vec<u8> {
+        eth(dst, src, ETH_P_IP, &self.bytes())
+    }
+}
+
+/// Bond message kinds (DESIGN.md, "Wire format").
+pub const DATA_UP: u8 = 1;
+pub const DATA_DOWN: u8 = 2;
+pub const ANNOUNCE: u8 = 0x10;
+
+/// A bond header, field by field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bond {
+    pub magic: u16,
+    pub version: u8,
+    pub kind: u8,
+    pub community: u16,
+    pub link: u8,
+    pub flags: u8,
+    pub origin: Ipv4Addr,
+    pub seq: u32,
+    pub token: u64,
+}
+
+impl Bond {
+    pub fn data(
+        kind: u8,
+        community: u16,
+        link: u8,
+        origin: Ipv4Addr,
+        seq: u32,
+        token: u64,
+    ) -> Self {
+        Self {
+            magic: 0xB04D,
+            version: 1,
+            kind,
+            community,
+            link,
+            flags: 0,
+            origin,
+            seq,
+            token,
+        }
+    }
+
+    pub fn bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..2].copy_from_slice(&self.magic.to_be_bytes());
+        b[2] = self.version;
+        b[3] = self.kind;
+        b[4..6].copy_from_slice(&self.community.to_be_bytes());
+        b[6] = self.link;
+        b[7] = self.flags;
+        b[8..12].copy_from_slice(&self.origin.octets());
+        b[12..16].copy_from_slice(&self.seq.to_be_bytes());
+        b[16..24].copy_from_slice(&self.token.to_be_bytes());
+        b
+    }
+}
+
+/// The Ethernet, IPv4 and UDP headers in front of a bond header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outer {
+    pub dst_mac: Mac,
+    pub src_mac: Mac,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+    pub id: u16,
+    /// More-fragments flag (DF is set otherwise).
+    pub more_fragments: bool,
+}
+
+/// A wrapped frame: Ethernet, outer IPv4 (DF, valid checksum), UDP (zero
+/// checksum), bond header, inner packet.
+pub fn wrapped(o: &Outer, b: &Bond, inner: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + 24 + inner.len();
+    let mut ip = Ipv4Header::new(
+        udp_len as u16,
+        o.ttl,
+        IpNumber::UDP,
+        o.src.octets(),
+        o.dst.octets(),
+    )
+    .expect("outer ipv4");
+    ip.identification = o.id;
+    ip.more_fragments = o.more_fragments;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut payload = ip.to_bytes().to_vec();
+    payload.extend_from_slice(&o.sport.to_be_bytes());
+    payload.extend_from_slice(&o.dport.to_be_bytes());
+    payload.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    payload.extend_from_slice(&[0, 0]);
+    payload.extend_from_slice(&b.bytes());
+    payload.extend_from_slice(inner);
+    eth(o.dst_mac, o.src_mac, ETH_P_IP, &payload)
+}
+
+/// A plain UDP frame (not bond traffic unless the payload says so).
+pub fn udp_frame(
+    dst_mac: Mac,
+    src_mac: Mac,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) -> Vec<u8> {
+    Ip::new(
+        src.0,
+        dst.0,
+        L4::Udp {
+            sport: src.1,
+            dport: dst.1,
+        },
+    )
+    .frame(dst_mac, src_mac)
+}
+
+/// An ARP request frame.
+pub fn arp_frame(src_mac: Mac, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&src_mac);
+    a.extend_from_slice(&sender.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target.octets());
+    eth([0xff; 6], src_mac, ETH_P_ARP, &a)
+}
+
+/// An IPv6/UDP frame to `dport`.
+pub fn ipv6_udp_frame(dst_mac: Mac, src_mac: Mac, dport: u16) -> Vec<u8> {
+    let src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let dst = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, 64)
+        .udp(40000, dport)
+        .write(&mut out, b"not ipv4")
+        .expect("ipv6 frame");
+    out
+}
+
+/// Asserts every checksum of an IPv4 packet, recomputed by etherparse:
+/// the header's, and the TCP, UDP (zero = none) or ICMP one.
+pub fn assert_checksums(ip: &[u8], what: &str) {
+    let h = PacketHeaders::from_ip_slice(ip)
+        .unwrap_or_else(|e| panic!("{what}: not a parseable IPv4 packet: {e}"));
+    let Some(NetHeaders::Ipv4(ip4, _)) = &h.net else {
+        panic!("{what}: not IPv4");
+    };
+    assert_eq!(
+        ip4.header_checksum,
+        ip4.calc_header_checksum(),
+        "{what}: IPv4 header checksum"
+    );
+    let payload = h.payload.slice();
+    match &h.transport {
+        Some(TransportHeader::Tcp(t)) => assert_eq!(
+            t.checksum,
+            t.calc_checksum_ipv4(ip4, payload).expect("tcp checksum"),
+            "{what}: TCP checksum"
+        ),
+        Some(TransportHeader::Udp(u)) => {
+            if u.checksum != 0 {
+                assert_eq!(
+                    u.checksum,
+                    u.calc_checksum_ipv4(ip4, payload).expect("udp checksum"),
+                    "{what}: UDP checksum"
+                );
+            }
+        }
+        Some(TransportHeader::Icmpv4(i)) => assert_eq!(
+            i.checksum,
+            i.icmp_type.calc_checksum(payload),
+            "{what}: ICMP checksum"
+        ),
+        other => panic!("{what}: unexpected transport {other:?}"),
+    }
+}
+
+/// Asserts the checksums of a wrapped frame: the outer IPv4 header's, a
+/// zero ("none") outer UDP checksum, and all of the inner packet's.
+pub fn assert_wrapped_checksums(frame: &[u8], what: &str) {
+    assert!(frame.len() > WRAP_LEN, "{what}: too short for a wrap");
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..34])
+        .unwrap_or_else(|e| panic!("{what}: outer IPv4: {e}"))
+        .to_header();
+    assert_eq!(
+        outer.header_checksum,
+        outer.calc_header_checksum(),
+        "{what}: outer IPv4 header checksum"
+    );
+    assert_eq!(&frame[40..42], &[0, 0], "{what}: outer UDP checksum");
+    assert_checksums(&frame[WRAP_LEN..], &format!("{what} (inner)"));
+}
+
+/// A frame's IPv4 packet, after checking the Ethernet header says IPv4.
+pub fn ipv4_of(frame: &[u8]) -> &[u8] {
+    assert_eq!(&frame[12..14], &ETH_P_IP.to_be_bytes(), "ethertype");
+    &frame[14..]
+}
+
+/// Recomputes the header checksum of the IPv4 packet at the front of `ip`
+/// after a test edited its header bytes.
+pub fn fix_ipv4_checksum(ip: &mut [u8]) {
+    ip[10] = 0;
+    ip[11] = 0;
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let mut sum: u32 = ip[..ihl]
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// Sets the total-length field of the IPv4 packet at the front of `ip`.
+pub fn set_total_len(ip: &mut [u8], len: u16) {
+    ip[2..4].copy_from_slice(&len.to_be_bytes());
+    fix_ipv4_checksum(ip);
+}
