@@ -168,7 +168,9 @@ impl Lab {
     }
 
     /// A veth between two namespaces, addressed, up, with GRO on so XDP
-    /// redirects into either end are accepted.
+    /// redirects into either end are accepted, and checksum offload off:
+    /// like a real wire, every frame carries finished checksums (a veth
+    /// would otherwise pass CHECKSUM_PARTIAL, which an XDP redirect drops).
     fn veth(&self, a: (&str, &str, Option<&str>), b: (&str, &str, Option<&str>)) -> Result<()> {
         ip(&format!(
             "-n {} link add {} type veth peer name {} netns {}",
@@ -179,7 +181,7 @@ impl Lab {
                 self.ip(ns, &format!("addr add {addr} dev {dev}"))?;
             }
             self.ip(ns, &format!("link set {dev} up"))?;
-            self.exec(ns, "ethtool", &["-K", dev, "gro", "on"])?;
+            self.exec(ns, "ethtool", &["-K", dev, "gro", "on", "tx", "off"])?;
         }
         Ok(())
     }
