@@ -14,7 +14,7 @@ pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
     #[inline(always)]
-    fn len(&self) -> usize {
+    fn packet_len(&self) -> usize {
         self.end() - self.start()
     }
 }

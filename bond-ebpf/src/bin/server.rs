@@ -130,7 +130,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         _pad: 0,
     };
     // SAFETY: read-only use of a map value.
-    let idx = *unsafe { S_LINK_INDEX.get(&link_key) }.ok_or(drops::UNKNOWN_SOURCE)?;
+    let idx = *unsafe { S_LINK_INDEX.get(link_key) }.ok_or(drops::UNKNOWN_SOURCE)?;
     let link = S_LINKS.get(idx).ok_or(drops::UNKNOWN_SOURCE)?;
     let src = read_u32(ctx, ETH_LEN + 12).ok_or(drops::TRUNCATED)?;
     let sport = read_u16(ctx, ETH_LEN + 20).ok_or(drops::TRUNCATED)?;
@@ -149,7 +149,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         origin,
     };
     // SAFETY: read-only use of a map value.
-    let session = unsafe { S_SESSIONS.get(&skey) }.ok_or(drops::BAD_TOKEN)?;
+    let session = unsafe { S_SESSIONS.get(skey) }.ok_or(drops::BAD_TOKEN)?;
     if session.token != b.token() {
         return Err(drops::BAD_TOKEN);
     }
@@ -235,7 +235,7 @@ impl Inner {
             return Err(drops::INNER_NOT_IPV4);
         }
         let len = u16::from_be_bytes([h[2], h[3]]);
-        if h[0] != 0x45 || len < 28 || usize::from(len) > ctx.len() - INNER_OFF {
+        if h[0] != 0x45 || len < 28 || usize::from(len) > ctx.packet_len() - INNER_OFF {
             return Err(drops::INNER_BAD_HEADER);
         }
         if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
@@ -294,7 +294,7 @@ fn flow_for(key: &FlowKey, now: u64) -> Result<*mut Flow, u32> {
         down_pkts: 0,
         down_bytes: 0,
     };
-    match S_FLOWS.insert(key, &flow, u64::from(BPF_NOEXIST)) {
+    match S_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             let nat = NatEntry {
                 origin: key.origin,
@@ -306,7 +306,7 @@ fn flow_for(key: &FlowKey, now: u64) -> Result<*mut Flow, u32> {
                 _pad: 0,
                 port,
             };
-            if S_NAT.insert(&nkey, &nat, 0).is_err() {
+            if S_NAT.insert(nkey, nat, 0).is_err() {
                 let _ = S_FLOWS.remove(key);
                 let _ = S_FREE_PORTS.push(port, 0);
                 return Err(drops::FLOW_TABLE_FULL);
@@ -348,7 +348,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     }
     let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
     let len = u16::from_be_bytes([h[2], h[3]]);
-    if len < 28 || usize::from(len) > ctx.len() - ETH_LEN {
+    if len < 28 || usize::from(len) > ctx.packet_len() - ETH_LEN {
         return Err(drops::INNER_BAD_HEADER);
     }
     if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
@@ -364,7 +364,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
 
     // SAFETY: read-only use of map values.
     let nat = *unsafe {
-        S_NAT.get(&NatKey {
+        S_NAT.get(NatKey {
             proto,
             _pad: 0,
             port,
@@ -376,7 +376,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         _pad: 0,
         origin: nat.origin,
     };
-    let session = S_SESSIONS.get_ptr_mut(&skey).ok_or(drops::NO_FLOW)?;
+    let session = S_SESSIONS.get_ptr_mut(skey).ok_or(drops::NO_FLOW)?;
     let fkey = FlowKey {
         community: nat.community,
         proto,
@@ -385,7 +385,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         port: nat.port,
         _pad2: 0,
     };
-    if let Some(f) = S_FLOWS.get_ptr_mut(&fkey) {
+    if let Some(f) = S_FLOWS.get_ptr_mut(fkey) {
         // SAFETY: live map value; statistics, as upstream.
         unsafe {
             (*f).last_seen_ns = bpf_ktime_get_ns();
@@ -403,7 +403,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
 
     // Pick the link.
     // SAFETY: read-only use of a map value.
-    let sched = unsafe { S_DOWN_SCHED.get(&nat.community) }.ok_or(drops::NO_LINKS)?;
+    let sched = unsafe { S_DOWN_SCHED.get(nat.community) }.ok_or(drops::NO_LINKS)?;
     let cursor = S_CURSOR
         .get_ptr_mut(u32::from(nat.community))
         .ok_or(drops::NO_LINKS)?;

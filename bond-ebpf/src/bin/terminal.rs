@@ -59,7 +59,7 @@ pub fn bond_wrap(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count(&T_DROPS, reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -81,7 +81,8 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     if link.flags & LINK_VALID == 0 {
         return Err(drops::LINK_MISSING);
     }
-    let inner_len = ctx.len() as u32 - ETH_LEN as u32;
+    // The skb length (TcContext::len), not the linear part: skbs may be paged.
+    let inner_len = ctx.len() - ETH_LEN as u32;
     if inner_len + OUTER_LEN as u32 > u32::from(link.mtu) {
         return Err(drops::TOO_BIG);
     }
@@ -97,9 +98,9 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     // SAFETY: plain helper call; the ifindex comes from the agent's map.
     let rc = unsafe { bpf_redirect(link.ifindex, 0) };
     Ok(if rc == TC_ACT_REDIRECT as i64 {
-        TC_ACT_REDIRECT as i32
+        TC_ACT_REDIRECT
     } else {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     })
 }
 
@@ -199,7 +200,7 @@ fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
         return PASS;
     };
     // SAFETY: the value is only read; the agent replaces entries whole.
-    let relay = unsafe { T_RELAY.get(&dport) };
+    let relay = unsafe { T_RELAY.get(dport) };
     if relay.is_none() && dport != cfg.data_port {
         return PASS;
     }
@@ -224,7 +225,7 @@ fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
 /// DATA_UP from a LAN peer to one of our links: on to the server.
 #[inline(always)]
 fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result<u32, u32> {
-    let len = ctx.len() as u64;
+    let len = ctx.packet_len() as u64;
     if len > u64::from(relay.mtu) + ETH_LEN as u64 {
         return Err(drops::TOO_BIG);
     }
@@ -250,8 +251,8 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
 fn relay_down(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, port: u16) -> Result<u32, u32> {
     let origin = b.origin();
     // SAFETY: read-only use of a map value.
-    let peer = unsafe { T_NEIGH.get(&origin) }.ok_or(drops::NO_NEIGHBOR)?;
-    let len = ctx.len() as u64;
+    let peer = unsafe { T_NEIGH.get(origin) }.ok_or(drops::NO_NEIGHBOR)?;
+    let len = ctx.packet_len() as u64;
     rewrite_outer(
         ctx,
         cfg.lan_mac,
@@ -319,7 +320,7 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr) -> Result<u32, u3
         return Err(drops::INNER_NOT_IPV4);
     }
     let inner_len = read_u16(ctx, INNER_OFF + 2).ok_or(drops::TRUNCATED)?;
-    if usize::from(inner_len) + INNER_OFF > ctx.len() || inner_len < 20 {
+    if usize::from(inner_len) + INNER_OFF > ctx.packet_len() || inner_len < 20 {
         return Err(drops::INNER_BAD_HEADER);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
