@@ -99,15 +99,18 @@ impl Net {
             .with_context(|| format!("creating {name}"))?;
         for (dev, m) in [(peer.as_str(), 65535u32.min(mtu.max(1500))), (name, mtu)] {
             let i = self.iface(dev).await?;
+            // TCP always builds GSO superpackets and leaves segmentation to
+            // the device, after the TC hook; one segment per skb keeps one
+            // striping decision per wire packet.
+            let msg = LinkUnspec::new_with_index(i.index)
+                .mtu(m)
+                .arp(false)
+                .up()
+                .append_extra_attribute(LinkAttribute::GsoMaxSegs(1))
+                .build();
             self.handle
                 .link()
-                .set(
-                    LinkUnspec::new_with_index(i.index)
-                        .mtu(m)
-                        .arp(false)
-                        .up()
-                        .build(),
-                )
+                .set(msg)
                 .execute()
                 .await
                 .with_context(|| format!("configuring {dev}"))?;
