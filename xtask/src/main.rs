@@ -151,7 +151,14 @@ fn test() -> Result<()> {
         bail!("the BPF and end-to-end tests need root");
     }
     // bond-ebpf builds only for the BPF target (via bond-ctl's build.rs).
-    sh(Command::new("cargo").args(["test", "--workspace", "--exclude", "bond-ebpf", "--lib", "--bins"]))?;
+    sh(Command::new("cargo").args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "bond-ebpf",
+        "--lib",
+        "--bins",
+    ]))?;
     sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
     sh(Command::new("cargo").args([
