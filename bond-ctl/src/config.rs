@@ -88,18 +88,18 @@ impl std::str::FromStr for Prefix {
         }
         let (a, l) = s
             .split_once('/')
-            .ok_or_else(|| format!("prefix {s:?} needs a /length"))?;
+            .ok_or_else(|| format!("capture: prefix {s:?} needs a /length"))?;
         let addr: Ipv4Addr = a
             .parse()
-            .map_err(|_| format!("prefix {s:?}: bad address"))?;
+            .map_err(|_| format!("capture: prefix {s:?}: bad address"))?;
         let len: u8 = l
             .parse()
             .ok()
             .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("prefix {s:?}: bad length"))?;
+            .ok_or_else(|| format!("capture: prefix {s:?}: bad length"))?;
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
         if u32::from(addr) & !mask != 0 {
-            return Err(format!("prefix {s:?} has host bits set"));
+            return Err(format!("capture: prefix {s:?} has host bits set"));
         }
         Ok(Self { addr, len })
     }
