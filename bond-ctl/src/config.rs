@@ -566,7 +566,6 @@ links = [{ id = 2, port = 7701, weight = 1 }]
                 "a/b",
             ),
             (
-                TERMINAL.replace("community = 1", "community = 70000"),
                 "community",
                 "70000",
             ),
