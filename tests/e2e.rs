@@ -35,20 +35,13 @@ fn figure1() -> Lab {
 #[test]
 fn http_download_from_origin_without_wan_link() {
     let mut lab = figure1();
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    Lab::make_file(&www.join("20m.bin"), 20).unwrap();
-    lab.start_http(&www).unwrap();
+    let served = lab.serve_file("20m.bin", 20).unwrap();
     let t3 = lab.terminals[2].ns.clone();
     let (bytes, secs, out) = lab
         .download(&t3, "http://203.0.113.2/20m.bin", "t3-20m.bin")
         .expect("download");
     assert_eq!(bytes, 20 << 20);
-    assert_eq!(
-        sha256(&out),
-        sha256(&www.join("20m.bin")),
-        "downloaded file differs"
-    );
+    assert_eq!(sha256(&out), sha256(&served), "downloaded file differs");
     let mbit = bytes as f64 * 8.0 / secs / 1e6;
     eprintln!("20 MiB over bond from t3: {secs:.2} s, {mbit:.1} Mbit/s");
     let flows = lab.flows_json().unwrap();
@@ -229,11 +222,8 @@ fn udp_both_ways_and_ping() {
 #[test]
 fn origin_with_own_link_and_two_origins_on_one_port() {
     let mut lab = figure1();
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    Lab::make_file(&www.join("4m.bin"), 4).unwrap();
-    lab.start_http(&www).unwrap();
-    let want = sha256(&www.join("4m.bin"));
+    let served = lab.serve_file("4m.bin", 4).unwrap();
+    let want = sha256(&served);
     // t1 has its own link; t3 has none. Both use local port 40000 at once.
     let (t1, t3) = (lab.terminals[0].ns.clone(), lab.terminals[2].ns.clone());
     let dir = lab.dir.clone();
@@ -285,15 +275,12 @@ fn single_host_with_two_links_gets_both() {
     }];
     let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
     lab.start_agents().expect("start agents");
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    Lab::make_file(&www.join("8m.bin"), 8).unwrap();
-    lab.start_http(&www).unwrap();
+    let served = lab.serve_file("8m.bin", 8).unwrap();
     let t1 = lab.terminals[0].ns.clone();
     let (bytes, secs, out) = lab
         .download(&t1, "http://203.0.113.2/8m.bin", "t1.bin")
         .expect("download");
-    assert_eq!(sha256(&out), sha256(&www.join("8m.bin")));
+    assert_eq!(sha256(&out), sha256(&served));
     let mbit = bytes as f64 * 8.0 / secs / 1e6;
     eprintln!("one host, two 10 Mbit/s links: {mbit:.1} Mbit/s");
     assert!(

@@ -4,7 +4,7 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
@@ -29,8 +29,8 @@ use crate::{
 const REFRESH: Duration = Duration::from_secs(1);
 
 pub async fn run(cfg: Config, bpffs: PathBuf) -> Result<()> {
-    let dir = bpffs.join("bond").join(cfg.instance());
-    ensure_bpffs(&bpffs)?;
+    let dir = datapath::pin_dir(&bpffs, cfg.instance());
+    datapath::ensure_bpffs(&bpffs)?;
     if dir.exists() {
         // No adoption yet (that comes with restarts): start clean.
         std::fs::remove_dir_all(&dir)
@@ -42,30 +42,6 @@ pub async fn run(cfg: Config, bpffs: PathBuf) -> Result<()> {
     };
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-/// Mounts bpffs at `dir` unless one is mounted there already.
-fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    let want = dir.to_string_lossy();
-    // /proc/self/mounts: source, target, fstype, ...
-    let mounted = mounts.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&want.as_ref()) && f.get(2) == Some(&"bpf")
-    });
-    if mounted {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir)?;
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(dir)
-        .status()?
-        .success();
-    if !ok {
-        bail!("mounting bpffs on {} failed", dir.display());
-    }
-    Ok(())
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -363,9 +339,6 @@ async fn run_server(cfg: ServerConfig, dir: &std::path::Path) -> Result<()> {
         sysctl(&format!("net.ipv4.conf.{i}.rp_filter"), "0")?;
         attach_xdp(&mut ebpf, "bond_server", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
-    }
-    if cfg.interfaces.is_empty() {
-        bail!("field `interfaces`: empty");
     }
     eprintln!(
         "bond-ctl: server {}:{} up: {} communities, {idx} links, {pushed} dedicated ports {lo}-{hi} on {}",

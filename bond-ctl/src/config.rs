@@ -566,10 +566,6 @@ links = [{ id = 2, port = 7701, weight = 1 }]
                 "a/b",
             ),
             (
-                "community",
-                "70000",
-            ),
-            (
                 TERMINAL.replace("lan = \"lan0\"", "lan = \"lan0\"\nbogus = 1"),
                 "bogus",
                 "unknown field",

@@ -25,8 +25,8 @@ use bond_common::{
     sched,
 };
 
-/// Where instances pin their maps.
-pub const PIN_ROOT: &str = "/sys/fs/bpf/bond";
+/// The bpffs mount instances pin under, as `<bpffs>/bond/<instance>/`.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,10 +44,6 @@ pub enum Error {
     },
     #[error("map {name} not pinned under {dir} (is the agent running? `--instance`?)")]
     NotPinned { name: &'static str, dir: PathBuf },
-    #[error("program {0}: {1}")]
-    Program(&'static str, #[source] aya::programs::ProgramError),
-    #[error("program {0} not found in the object")]
-    NoProgram(&'static str),
     #[error("schedule: more links than slots")]
     Schedule,
     #[error("{0}")]
@@ -57,24 +53,32 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Pin directory of an instance.
-pub fn pin_dir(instance: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(instance)
+pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
+    bpffs.join("bond").join(instance)
 }
 
-/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there.
-pub fn ensure_bpffs() -> Result<()> {
+/// Mounts bpffs at `dir` unless one is mounted there already.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    {
+    let want = dir.to_string_lossy();
+    // /proc/self/mounts: source, target, fstype, ...
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&want.as_ref()) && f.get(2) == Some(&"bpf")
+    });
+    if mounted {
         return Ok(());
     }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()?;
-    if !status.success() {
-        return Err(std::io::Error::other("mount -t bpf bpf /sys/fs/bpf failed").into());
+    std::fs::create_dir_all(dir)?;
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(dir)
+        .status()?
+        .success();
+    if !ok {
+        return Err(
+            std::io::Error::other(format!("mounting bpffs on {} failed", dir.display())).into(),
+        );
     }
     Ok(())
 }
@@ -129,6 +133,14 @@ impl Maps {
 
     fn hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<MapData, K, V>> {
         HashMap::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    /// Every (key, value) of a hash map.
+    fn entries<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        self.hash::<K, V>(name)?
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Map { name, source })
     }
 
     fn percpu<T: Pod>(&self, name: &'static str) -> Result<PerCpuArray<MapData, T>> {
@@ -335,24 +347,12 @@ impl Maps {
     }
 
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        let map = self.hash::<FlowKey, Flow>(name::S_FLOWS)?;
-        map.iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|source| Error::Map {
-                name: name::S_FLOWS,
-                source,
-            })
+        self.entries(name::S_FLOWS)
     }
 
     /// Every registered community link: (key, dense index).
     pub fn server_link_index(&self) -> Result<Vec<(LinkKey, u32)>> {
-        let map = self.hash::<LinkKey, u32>(name::S_LINK_INDEX)?;
-        map.iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|source| Error::Map {
-                name: name::S_LINK_INDEX,
-                source,
-            })
+        self.entries(name::S_LINK_INDEX)
     }
 
     pub fn server_link_stats(&self, idx: u32) -> Result<LinkStats> {

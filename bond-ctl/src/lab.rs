@@ -480,8 +480,21 @@ impl Lab {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// Serves a fresh file of `mb` MiB as `http://203.0.113.2/<name>`;
+    /// returns its path on this host (to compare downloads with).
+    pub fn serve_file(&mut self, name: &str, mb: usize) -> Result<PathBuf> {
+        let www = self.dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        let path = www.join(name);
+        Self::make_file(&path, mb)?;
+        if !self.children.iter().any(|(_, n, _)| n == "http") {
+            self.start_http(&www)?;
+        }
+        Ok(path)
+    }
+
     /// Serves `dir` over HTTP on the content host, port 80.
-    pub fn start_http(&mut self, dir: &Path) -> Result<()> {
+    fn start_http(&mut self, dir: &Path) -> Result<()> {
         let web = self.web_ns.clone();
         let d = dir.to_string_lossy().into_owned();
         self.spawn(
@@ -541,7 +554,7 @@ impl Lab {
     }
 
     /// Writes `mb` MiB of pseudo-random bytes (a fixed xorshift stream).
-    pub fn make_file(path: &Path, mb: usize) -> Result<()> {
+    fn make_file(path: &Path, mb: usize) -> Result<()> {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut buf = Vec::with_capacity(mb << 20);
         while buf.len() < mb << 20 {
@@ -615,7 +628,10 @@ impl Drop for Lab {
             .map(|t| t.instance.clone())
             .chain([self.server_instance.clone()])
         {
-            let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/bond").join(inst));
+            let _ = std::fs::remove_dir_all(crate::datapath::pin_dir(
+                Path::new(crate::datapath::DEFAULT_BPFFS),
+                &inst,
+            ));
         }
         if std::env::var_os("BOND_LAB_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -5,7 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
-use bond_ctl::{agent, config::Config, datapath::Maps, show};
+use bond_ctl::{
+    agent,
+    config::Config,
+    datapath::{self, Maps},
+    show,
+};
 
 #[derive(Parser)]
 #[command(
@@ -15,7 +20,7 @@ use bond_ctl::{agent, config::Config, datapath::Maps, show};
 )]
 struct Cli {
     /// bpffs mount the maps are pinned under (as `<bpffs>/bond/<instance>`).
-    #[arg(long, global = true, env = "BOND_BPFFS", default_value = "/sys/fs/bpf")]
+    #[arg(long, global = true, env = "BOND_BPFFS", default_value = datapath::DEFAULT_BPFFS)]
     bpffs: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -51,7 +56,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let maps = |instance: &str| Maps::new(cli.bpffs.join("bond").join(instance));
+    let maps = |instance: &str| Maps::new(datapath::pin_dir(&cli.bpffs, instance));
     match cli.cmd {
         Cmd::Agent { config } => {
             let cfg = Config::load(&config)?;

@@ -24,7 +24,8 @@ impl PinDir {
     pub fn new(tag: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         require_root();
-        bond_ctl::datapath::ensure_bpffs().expect("mount bpffs");
+        bond_ctl::datapath::ensure_bpffs(std::path::Path::new(bond_ctl::datapath::DEFAULT_BPFFS))
+            .expect("mount bpffs");
         let n = N.fetch_add(1, Ordering::Relaxed);
         let p = PathBuf::from(format!(
             "/sys/fs/bpf/bond-test-{}-{n}-{tag}",

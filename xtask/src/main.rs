@@ -199,11 +199,8 @@ fn demo(bond_ctl: &Path, runs: usize) -> Result<(f64, f64)> {
         "bond demo: 3 terminals on a LAN; WAN links of {rates:?} Mbit/s (tbf); t3 has no WAN link"
     );
     let mut lab = Lab::build(&spec, bond_ctl)?;
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www)?;
     let mb = 20;
-    Lab::make_file(&www.join("file.bin"), mb)?;
-    lab.start_http(&www)?;
+    lab.serve_file("file.bin", mb)?;
     let url = "http://203.0.113.2/file.bin";
 
     let t2 = lab.terminals[1].ns.clone();

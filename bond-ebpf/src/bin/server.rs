@@ -39,7 +39,9 @@ use bond_common::{
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
     },
 };
-use bond_ebpf::{L4, Packet, count, link_stats, nat_rewrite, read, read_u16, read_u32, write};
+use bond_ebpf::{
+    L4, Packet, count, link_stats, nat_rewrite, post_inc, read, read_u16, read_u32, write,
+};
 
 #[map]
 static S_CONFIG: Array<ServerConfig> = Array::pinned(1, 0);
@@ -371,12 +373,30 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         })
     }
     .ok_or(drops::NO_FLOW)?;
+    // Pick the link first: nothing is counted for a packet that is dropped.
+    // SAFETY: read-only use of a map value.
+    let sched = unsafe { S_DOWN_SCHED.get(nat.community) }.ok_or(drops::NO_LINKS)?;
+    let cursor = S_CURSOR
+        .get_ptr_mut(u32::from(nat.community))
+        .ok_or(drops::NO_LINKS)?;
+    // SAFETY: per-CPU slot of a live map value.
+    let idx = u32::from(
+        sched
+            .pick(unsafe { post_inc(cursor) })
+            .ok_or(drops::NO_LINKS)?,
+    );
+    let link = S_LINKS.get(idx).ok_or(drops::LINK_MISSING)?;
+    if link.flags & LINK_VALID == 0 {
+        return Err(drops::LINK_MISSING);
+    }
     let skey = SessionKey {
         community: nat.community,
         _pad: 0,
         origin: nat.origin,
     };
     let session = S_SESSIONS.get_ptr_mut(skey).ok_or(drops::NO_FLOW)?;
+    // SAFETY: live map value; not atomic, see `post_inc`.
+    let (token, seq) = unsafe { ((*session).token, post_inc(&raw mut (*session).down_seq)) };
     let fkey = FlowKey {
         community: nat.community,
         proto,
@@ -392,31 +412,6 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
             (*f).down_pkts += 1;
             (*f).down_bytes += u64::from(len);
         }
-    }
-    // SAFETY: live map value; see `next_seq` in the terminal program for why
-    // this is not atomic.
-    let (token, seq) = unsafe {
-        let s = (*session).down_seq;
-        (*session).down_seq = s.wrapping_add(1);
-        ((*session).token, s)
-    };
-
-    // Pick the link.
-    // SAFETY: read-only use of a map value.
-    let sched = unsafe { S_DOWN_SCHED.get(nat.community) }.ok_or(drops::NO_LINKS)?;
-    let cursor = S_CURSOR
-        .get_ptr_mut(u32::from(nat.community))
-        .ok_or(drops::NO_LINKS)?;
-    // SAFETY: per-CPU slot.
-    let n = unsafe {
-        let n = *cursor;
-        *cursor = n.wrapping_add(1);
-        n
-    };
-    let idx = u32::from(sched.pick(n).ok_or(drops::NO_LINKS)?);
-    let link = S_LINKS.get(idx).ok_or(drops::LINK_MISSING)?;
-    if link.flags & LINK_VALID == 0 {
-        return Err(drops::LINK_MISSING);
     }
     let (link_ip, link_port, link_id) = (link.ip, link.port, link.link);
 

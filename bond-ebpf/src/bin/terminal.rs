@@ -30,7 +30,7 @@ use bond_common::{
     },
     wire::{self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_UDP, OUTER_LEN, kind},
 };
-use bond_ebpf::{Packet, count, link_stats, read, read_u16, write};
+use bond_ebpf::{Packet, count, link_stats, post_inc, read, read_u16, write};
 
 #[map]
 static T_CONFIG: Array<TerminalConfig> = Array::pinned(1, 0);
@@ -140,13 +140,8 @@ fn wrap_headers(
 fn next_slot(sched: &Array<Schedule>, cursor: &PerCpuArray<u32>) -> Option<u16> {
     let s = sched.get(0)?;
     let c = cursor.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot; nothing else writes it on this CPU meanwhile.
-    let n = unsafe {
-        let n = *c;
-        *c = n.wrapping_add(1);
-        n
-    };
-    s.pick(n)
+    // SAFETY: per-CPU slot of a live map value.
+    s.pick(unsafe { post_inc(c) })
 }
 
 /// This origin's upstream sequence number. The BPF target has no atomic
@@ -157,11 +152,9 @@ fn next_seq() -> u32 {
     let Some(c) = T_SEQ.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: per-CPU slot; plain helper call.
+    // SAFETY: per-CPU slot of a live map value; plain helper call.
     unsafe {
-        let n = *c;
-        *c = n.wrapping_add(1);
-        (n << SEQ_CPU_BITS) | (bpf_get_smp_processor_id() & ((1 << SEQ_CPU_BITS) - 1))
+        (post_inc(c) << SEQ_CPU_BITS) | (bpf_get_smp_processor_id() & ((1 << SEQ_CPU_BITS) - 1))
     }
 }
 
