@@ -111,10 +111,9 @@ fn tcp_iperf_and_weighted_spread_both_directions() {
             if reverse { "down" } else { "up" },
             bps / 1e6
         );
-        // Download must beat the best single link (30 Mbit/s). Upload works
-        // but is not there yet (reordering across links costs
-        // retransmissions): it must at least clearly flow.
-        let floor = if reverse { 31e6 } else { 10e6 };
+        // Both ways must beat the best single link (30 Mbit/s): only
+        // bonding gets there. (Target figures are `cargo xtask bench`'s.)
+        let floor = 31e6;
         assert!(
             bps > floor,
             "iperf3 TCP: {:.1} Mbit/s, want > {:.0}",

@@ -542,7 +542,7 @@ fn terminal_relays_up_to_the_server() {
         stats(&t, RELAY_LINK),
         LinkStats {
             relay_up_pkts: 1,
-            relay_up_bytes: frame.len() as u64,
+            relay_up_bytes: input.inner.len() as u64,
             ..Default::default()
         }
     );
@@ -578,7 +578,7 @@ fn terminal_relays_down_to_the_origin() {
         stats(&t, RELAY_LINK),
         LinkStats {
             relay_down_pkts: 1,
-            relay_down_bytes: frame.len() as u64,
+            relay_down_bytes: input.inner.len() as u64,
             ..Default::default()
         }
     );
@@ -1163,8 +1163,13 @@ fn server_keeps_two_origins_on_one_port_apart() {
 fn server_drops_bad_upstream_without_creating_flows() {
     use srv::*;
     type Edit = fn(&mut Up);
-    let cases: [(&str, Edit, &str); 25] = [
+    let cases: [(&str, Edit, &str); 26] = [
         ("wrong token", |u| u.bond.token ^= 1, "bad_token"),
+        (
+            "inner destination without a route",
+            |u| u.inner = Ip::new(ORIGIN_A, ip4("192.0.2.1"), L4::tcp(40000, 443)).bytes(),
+            "no_route",
+        ),
         (
             "origin without a session",
             |u| {

@@ -158,7 +158,8 @@ const _: () = assert!(core::mem::size_of::<Neighbor>() == 8);
 /// Per-link packet and byte counters, per CPU. On a terminal: `up` is what
 /// it sent as origin, `relay_up`/`relay_down` what it forwarded for others,
 /// `down` what it unwrapped for itself. On the server: `up` is received
-/// from the link, `down` sent on it.
+/// from the link, `down` sent on it. Bytes are those of the carried (inner)
+/// IPv4 packets everywhere, so counters at each hop compare directly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkStats {

@@ -28,11 +28,26 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "role", rename_all = "lowercase")]
+#[derive(Debug, Clone)]
 pub enum Config {
     Terminal(TerminalConfig),
     Server(ServerConfig),
+}
+
+/// The `role` key that picks the file's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Terminal,
+    Server,
+}
+
+/// Just the role, read first. The file is then deserialized straight into
+/// that role's struct (not through a serde-tagged enum, which buffers the
+/// values and loses toml's key and line in errors).
+#[derive(Deserialize)]
+struct Head {
+    role: Role,
 }
 
 /// A 64-bit session token, written as a decimal number or a "0x…" string.
@@ -114,6 +129,8 @@ impl std::fmt::Display for Prefix {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TerminalConfig {
+    /// Always [`Role::Terminal`].
+    pub role: Role,
     /// Names the pin directory, `/sys/fs/bpf/bond/<instance>`.
     #[serde(default = "default_instance")]
     pub instance: String,
@@ -183,6 +200,8 @@ pub struct PeerLink {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Always [`Role::Server`].
+    pub role: Role,
     #[serde(default = "default_instance")]
     pub instance: String,
     /// The address terminals send to.
@@ -257,10 +276,15 @@ impl Config {
 
     /// Parses and checks a configuration; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_string(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
-        })?;
+        };
+        let head: Head = toml::from_str(text).map_err(parse_err)?;
+        let cfg = match head.role {
+            Role::Terminal => Self::Terminal(toml::from_str(text).map_err(parse_err)?),
+            Role::Server => Self::Server(toml::from_str(text).map_err(parse_err)?),
+        };
         let invalid = |field: String, message: String| ConfigError::Invalid {
             path: origin.to_string(),
             field,
@@ -574,6 +598,21 @@ links = [{ id = 2, port = 7701, weight = 1 }]
                 TERMINAL.replace("role = \"terminal\"", "role = \"router\""),
                 "role",
                 "router",
+            ),
+            (
+                TERMINAL.replace("community = 1", "community = 70000"),
+                "community = 70000",
+                "expected u16",
+            ),
+            (
+                TERMINAL.replace("id = 1\n", "id = 300\n"),
+                "id = 300",
+                "expected u8",
+            ),
+            (
+                TERMINAL.replace("weight = 2", "weight = -1"),
+                "weight = -1",
+                "expected u32",
             ),
         ];
         for (text, field, value) in cases {

@@ -185,6 +185,11 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
     }
 
+    // Route before taking a port: a packet that cannot leave makes no flow.
+    let mut fib = fib_params(ctx, inner.proto, cfg.nat_ip, inner.dst, inner.len);
+    let rc = fib_lookup(ctx, &mut fib);
+    routable(rc)?;
+
     let fkey = FlowKey {
         community,
         proto: inner.proto,
@@ -211,8 +216,6 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         s.up_bytes += u64::from(inner.len);
     });
 
-    let mut fib = fib_params(ctx, inner.proto, cfg.nat_ip, inner.dst, inner.len);
-    let rc = fib_lookup(ctx, &mut fib);
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER_LEN as i32) } != 0 {
@@ -474,36 +477,42 @@ fn fib_lookup(ctx: &XdpContext, p: &mut FibParams) -> u32 {
     unsafe { bpf_fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<FibParams>() as i32, 0) as u32 }
 }
 
+/// Whether a FIB result can be forwarded (now or by the kernel's slow
+/// path); the drop reason if not.
+#[inline(always)]
+fn routable(rc: u32) -> Result<(), u32> {
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => Ok(()),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(drops::TOO_BIG),
+        _ => Err(drops::NO_ROUTE),
+    }
+}
+
 /// Sends a rewritten packet (Ethernet header still to be written) towards
 /// the next hop the FIB gave, or to the kernel when the neighbour is not
 /// resolved yet. `macs` is the frame's original destination and source.
 #[inline(always)]
 fn forward(ctx: &XdpContext, rc: u32, fib: &FibParams, macs: [u8; 12]) -> Result<u32, u32> {
+    routable(rc)?;
     let mut eth = [0u8; 14];
     eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            eth[0..6].copy_from_slice(&fib.dmac);
-            eth[6..12].copy_from_slice(&fib.smac);
-            if !write(ctx, 0, eth) {
-                return Err(drops::TRUNCATED);
-            }
-            // SAFETY: plain helper call.
-            Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        eth[0..6].copy_from_slice(&fib.dmac);
+        eth[6..12].copy_from_slice(&fib.smac);
+        if !write(ctx, 0, eth) {
+            return Err(drops::TRUNCATED);
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            // Addressed to us as received, so the kernel accepts and
-            // forwards it (and resolves the neighbour for next time).
-            eth[..12].copy_from_slice(&macs);
-            if !write(ctx, 0, eth) {
-                return Err(drops::TRUNCATED);
-            }
-            count(&S_EVENTS, event::SLOW_PATH);
-            Ok(xdp_action::XDP_PASS)
-        }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(drops::TOO_BIG),
-        _ => Err(drops::NO_ROUTE),
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32);
     }
+    // No neighbour yet. Addressed to us as received, so the kernel accepts
+    // and forwards it (and resolves the neighbour for next time).
+    eth[..12].copy_from_slice(&macs);
+    if !write(ctx, 0, eth) {
+        return Err(drops::TRUNCATED);
+    }
+    count(&S_EVENTS, event::SLOW_PATH);
+    Ok(xdp_action::XDP_PASS)
 }
 
 #[cfg(not(test))]

@@ -218,10 +218,10 @@ fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
 /// DATA_UP from a LAN peer to one of our links: on to the server.
 #[inline(always)]
 fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result<u32, u32> {
-    let len = ctx.packet_len() as u64;
-    if len > u64::from(relay.mtu) + ETH_LEN as u64 {
+    if ctx.packet_len() > usize::from(relay.mtu) + ETH_LEN {
         return Err(drops::TOO_BIG);
     }
+    let len = carried(ctx);
     rewrite_outer(
         ctx,
         relay.wan_mac,
@@ -245,7 +245,7 @@ fn relay_down(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, port: u16) ->
     let origin = b.origin();
     // SAFETY: read-only use of a map value.
     let peer = unsafe { T_NEIGH.get(origin) }.ok_or(drops::NO_NEIGHBOR)?;
-    let len = ctx.packet_len() as u64;
+    let len = carried(ctx);
     rewrite_outer(
         ctx,
         cfg.lan_mac,
@@ -261,6 +261,13 @@ fn relay_down(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, port: u16) ->
     });
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(cfg.lan_ifindex, 0) } as u32)
+}
+
+/// The bytes a wrapped frame carries (its inner packet), as every byte
+/// counter counts them.
+#[inline(always)]
+fn carried(ctx: &XdpContext) -> u64 {
+    ctx.packet_len().saturating_sub(INNER_OFF) as u64
 }
 
 /// Points a wrapped packet's Ethernet, IPv4 and UDP headers at the next hop.
