@@ -6,5 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod ebpf;
 pub mod lab;
+pub mod membership;
 pub mod net;
+pub mod proto;
 pub mod show;

@@ -1,0 +1,596 @@
+//! Control messages: ANNOUNCE, SHUTDOWN, LOGIN and LOGIN_REPLY.
+//!
+//! They ride the same UDP ports as data, behind the same 24-byte bond
+//! header (a control `kind`, which the XDP programs pass to the agent's
+//! socket). After the header:
+//!
+//! ```text
+//! time_ms  u64   sender's wall clock, Unix milliseconds (freshness)
+//! counter  u64   per-sender, +1 per message, starts at the sender's start
+//!                time in microseconds (replay window)
+//! flags    u8    VIA_LINK: sent over the WAN link in the header's `link`
+//!                RELAY:    a LAN peer is to pass it on to the server
+//! body     ...   by kind, below
+//! tag      16 B  HMAC-SHA256 over everything before it, with the
+//!                community key, truncated
+//! ```
+//!
+//! Bodies: ANNOUNCE `interval_ms u32, n u8, n × (id u8, port u16, up u32,
+//! down u32)`; SHUTDOWN, LOGIN: empty; LOGIN_REPLY `status u8, token u64,
+//! port u16`. All numbers are network byte order. The decoder checks the
+//! length of every part before reading it and accepts nothing unsigned.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use bond_common::wire::{BondHdr, WireError, kind};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+pub const TAG_LEN: usize = 16;
+/// Links one terminal may announce.
+pub const MAX_LINKS: usize = 32;
+const FIXED_LEN: usize = BondHdr::LEN + 8 + 8 + 1;
+/// The largest message: an ANNOUNCE with [`MAX_LINKS`] links.
+pub const MAX_LEN: usize = FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN;
+const LINK_AD_LEN: usize = 11;
+
+pub mod flags {
+    /// Sent over the WAN link named in the header (the server learns the
+    /// link's public address and port from the packet's source).
+    pub const VIA_LINK: u8 = 1;
+    /// For the server, handed to a LAN peer with a WAN link to pass on.
+    pub const RELAY: u8 = 2;
+    pub const ALL: u8 = VIA_LINK | RELAY;
+}
+
+/// One WAN link as its terminal announces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkAd {
+    pub id: u8,
+    /// UDP port the link's owner relays on (LAN and WAN side).
+    pub port: u16,
+    /// Upstream weight (origin to server) and downstream weight.
+    pub up: u32,
+    pub down: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Logged on: DATA carries `token`; send to the server's `port`.
+    Ok { token: u64, port: u16 },
+    /// The server holds no session for this origin (or a different token).
+    NeedLogin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    Announce {
+        /// How often the sender announces: peers count misses against it.
+        interval_ms: u32,
+        links: Vec<LinkAd>,
+    },
+    Shutdown,
+    Login,
+    LoginReply(Reply),
+}
+
+impl Body {
+    const fn kind(&self) -> u8 {
+        match self {
+            Self::Announce { .. } => kind::ANNOUNCE,
+            Self::Shutdown => kind::SHUTDOWN,
+            Self::Login => kind::LOGIN,
+            Self::LoginReply(_) => kind::LOGIN_REPLY,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Msg {
+    pub community: u16,
+    /// The terminal the message is about (its LAN address); for a reply,
+    /// the terminal it answers.
+    pub origin: Ipv4Addr,
+    /// The WAN link it was sent over, with [`flags::VIA_LINK`].
+    pub link: u8,
+    pub flags: u8,
+    /// The sender's session token (zero before login).
+    pub token: u64,
+    pub time_ms: u64,
+    pub counter: u64,
+    pub body: Body,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("bond header: {0:?}")]
+    Header(WireError),
+    #[error("not a control message")]
+    NotControl,
+    #[error("unknown community {0}")]
+    UnknownCommunity(u16),
+    #[error("truncated")]
+    Truncated,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("malformed body")]
+    Malformed,
+}
+
+impl DecodeError {
+    /// Counter name, for the agent's rejection counts.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Header(_) => "bad_header",
+            Self::NotControl => "not_control",
+            Self::UnknownCommunity(_) => "unknown_community",
+            Self::Truncated => "truncated",
+            Self::BadSignature => "bad_signature",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+fn tag(key: &[u8], data: &[u8]) -> [u8; TAG_LEN] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    let full = mac.finalize().into_bytes();
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(&full[..TAG_LEN]);
+    t
+}
+
+impl Msg {
+    /// The signed wire form.
+    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let hdr = BondHdr::new(
+            self.body.kind(),
+            self.community,
+            self.link,
+            u32::from(self.origin),
+            0,
+            self.token,
+        );
+        let mut b = Vec::with_capacity(MAX_LEN);
+        b.extend_from_slice(&hdr.to_bytes());
+        b.extend_from_slice(&self.time_ms.to_be_bytes());
+        b.extend_from_slice(&self.counter.to_be_bytes());
+        b.push(self.flags);
+        match &self.body {
+            Body::Announce { interval_ms, links } => {
+                b.extend_from_slice(&interval_ms.to_be_bytes());
+                let links = &links[..links.len().min(MAX_LINKS)];
+                b.push(links.len() as u8);
+                for l in links {
+                    b.push(l.id);
+                    b.extend_from_slice(&l.port.to_be_bytes());
+                    b.extend_from_slice(&l.up.to_be_bytes());
+                    b.extend_from_slice(&l.down.to_be_bytes());
+                }
+            }
+            Body::Shutdown | Body::Login => {}
+            Body::LoginReply(r) => {
+                let (status, token, port) = match r {
+                    Reply::Ok { token, port } => (0u8, *token, *port),
+                    Reply::NeedLogin => (1, 0, 0),
+                };
+                b.push(status);
+                b.extend_from_slice(&token.to_be_bytes());
+                b.extend_from_slice(&port.to_be_bytes());
+            }
+        }
+        let t = tag(key, &b);
+        b.extend_from_slice(&t);
+        b
+    }
+
+    /// Parses and authenticates a message; `key` gives a community's key.
+    pub fn decode<'k>(
+        buf: &[u8],
+        key: impl FnOnce(u16) -> Option<&'k [u8]>,
+    ) -> Result<Self, DecodeError> {
+        let hdr = BondHdr::parse(buf).map_err(DecodeError::Header)?;
+        if hdr.is_data() {
+            return Err(DecodeError::NotControl);
+        }
+        let community = hdr.community();
+        let key = key(community).ok_or(DecodeError::UnknownCommunity(community))?;
+        if buf.len() < FIXED_LEN + TAG_LEN || buf.len() > MAX_LEN {
+            return Err(DecodeError::Truncated);
+        }
+        let (signed, got) = buf.split_at(buf.len() - TAG_LEN);
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(signed);
+        mac.verify_truncated_left(got)
+            .map_err(|_| DecodeError::BadSignature)?;
+
+        let mut r = Reader(&signed[BondHdr::LEN..]);
+        let time_ms = r.u64()?;
+        let counter = r.u64()?;
+        let flags = r.u8()?;
+        if flags & !flags::ALL != 0 {
+            return Err(DecodeError::Malformed);
+        }
+        let body = match hdr.kind {
+            kind::ANNOUNCE => {
+                let interval_ms = r.u32()?;
+                let n = usize::from(r.u8()?);
+                if n > MAX_LINKS {
+                    return Err(DecodeError::Malformed);
+                }
+                let mut links = Vec::with_capacity(n);
+                for _ in 0..n {
+                    links.push(LinkAd {
+                        id: r.u8()?,
+                        port: r.u16()?,
+                        up: r.u32()?,
+                        down: r.u32()?,
+                    });
+                }
+                Body::Announce { interval_ms, links }
+            }
+            kind::SHUTDOWN => Body::Shutdown,
+            kind::LOGIN => Body::Login,
+            kind::LOGIN_REPLY => {
+                let status = r.u8()?;
+                let token = r.u64()?;
+                let port = r.u16()?;
+                Body::LoginReply(match status {
+                    0 => Reply::Ok { token, port },
+                    1 => Reply::NeedLogin,
+                    _ => return Err(DecodeError::Malformed),
+                })
+            }
+            _ => return Err(DecodeError::Malformed),
+        };
+        if !r.0.is_empty() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(Self {
+            community,
+            origin: Ipv4Addr::from(hdr.origin()),
+            link: hdr.link,
+            flags,
+            token: hdr.token(),
+            time_ms,
+            counter,
+            body,
+        })
+    }
+}
+
+/// Bounds-checked big-endian reads.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(DecodeError::Malformed)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.take().map(u16::from_be_bytes)
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.take().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.take().map(u64::from_be_bytes)
+    }
+}
+
+/// Why an authentic message was still refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stale {
+    #[error("too old")]
+    TooOld,
+    #[error("from the future")]
+    FromTheFuture,
+    #[error("replayed")]
+    Replayed,
+}
+
+impl Stale {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TooOld => "too_old",
+            Self::FromTheFuture => "from_the_future",
+            Self::Replayed => "replayed",
+        }
+    }
+}
+
+/// Freshness and replay protection: a message's clock must be within
+/// `skew_ms` of ours, and each sender's counter is accepted once, within a
+/// window of the last 64 values (messages over different links may arrive
+/// out of order).
+#[derive(Debug)]
+pub struct Guard {
+    skew_ms: u64,
+    seen: HashMap<(u16, Ipv4Addr), Window>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Window {
+    top: u64,
+    /// Bit i: `top - i` was seen.
+    bits: u64,
+}
+
+impl Guard {
+    pub fn new(skew_ms: u64) -> Self {
+        Self {
+            skew_ms,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Accepts `msg` (and remembers its counter) or says why not. Senders
+    /// are told apart by community and origin.
+    pub fn check(&mut self, msg: &Msg, now_ms: u64) -> Result<(), Stale> {
+        if msg.time_ms > now_ms.saturating_add(self.skew_ms) {
+            return Err(Stale::FromTheFuture);
+        }
+        if msg.time_ms.saturating_add(self.skew_ms) < now_ms {
+            return Err(Stale::TooOld);
+        }
+        let w = self.seen.entry((msg.community, msg.origin)).or_default();
+        let c = msg.counter;
+        if w.bits == 0 || c > w.top {
+            let shift = c.saturating_sub(w.top);
+            w.bits = if w.bits == 0 || shift >= 64 {
+                1
+            } else {
+                (w.bits << shift) | 1
+            };
+            w.top = c;
+            return Ok(());
+        }
+        let age = w.top - c;
+        if age >= 64 || w.bits & (1 << age) != 0 {
+            return Err(Stale::Replayed);
+        }
+        w.bits |= 1 << age;
+        Ok(())
+    }
+
+    /// Forgets a sender (after its SHUTDOWN or expiry, it may restart).
+    pub fn forget(&mut self, community: u16, origin: Ipv4Addr) {
+        self.seen.remove(&(community, origin));
+    }
+}
+
+/// A sender's counter: starts at the start time in microseconds, so a
+/// restarted sender continues above what its peers have seen.
+#[derive(Debug)]
+pub struct Counter(u64);
+
+impl Counter {
+    pub fn new() -> Self {
+        Self(now_us())
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"community one key";
+
+    fn announce() -> Msg {
+        Msg {
+            community: 7,
+            origin: Ipv4Addr::new(10, 0, 1, 2),
+            link: 3,
+            flags: flags::VIA_LINK,
+            token: 0x1122_3344_5566_7788,
+            time_ms: 1_700_000_000_000,
+            counter: 42,
+            body: Body::Announce {
+                interval_ms: 1000,
+                links: vec![
+                    LinkAd {
+                        id: 3,
+                        port: 7701,
+                        up: 20,
+                        down: 30,
+                    },
+                    LinkAd {
+                        id: 4,
+                        port: 7702,
+                        up: 1,
+                        down: 2,
+                    },
+                ],
+            },
+        }
+    }
+
+    fn decode(b: &[u8]) -> Result<Msg, DecodeError> {
+        Msg::decode(b, |c| (c == 7).then_some(KEY))
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let base = announce();
+        for body in [
+            base.body.clone(),
+            Body::Shutdown,
+            Body::Login,
+            Body::LoginReply(Reply::Ok {
+                token: 9,
+                port: 7700,
+            }),
+            Body::LoginReply(Reply::NeedLogin),
+        ] {
+            let m = Msg {
+                body,
+                ..base.clone()
+            };
+            let wire = m.encode(KEY);
+            assert!(wire.len() <= MAX_LEN);
+            assert_eq!(decode(&wire), Ok(m));
+        }
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let wire = announce().encode(KEY);
+        assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 11 + 16);
+        assert_eq!(&wire[..2], &[0xB0, 0x4D]);
+        assert_eq!(wire[3], kind::ANNOUNCE);
+        assert_eq!(&wire[24..32], &1_700_000_000_000u64.to_be_bytes());
+        assert_eq!(&wire[32..40], &42u64.to_be_bytes());
+        assert_eq!(wire[40], flags::VIA_LINK);
+        assert_eq!(&wire[41..45], &1000u32.to_be_bytes());
+        assert_eq!(wire[45], 2);
+        assert_eq!(&wire[46..49], &[3, 0x1e, 0x15]);
+    }
+
+    #[test]
+    fn refuses_what_is_not_authentic() {
+        let wire = announce().encode(KEY);
+        // Any flipped bit anywhere breaks the signature (or the header).
+        for i in 0..wire.len() {
+            for bit in 0..8 {
+                let mut w = wire.clone();
+                w[i] ^= 1 << bit;
+                assert!(decode(&w).is_err(), "byte {i} bit {bit} accepted");
+            }
+        }
+        assert_eq!(
+            Msg::decode(&wire, |_| Some(&b"another key"[..])),
+            Err(DecodeError::BadSignature)
+        );
+        assert_eq!(
+            Msg::decode(&wire, |_| None),
+            Err(DecodeError::UnknownCommunity(7))
+        );
+        // Unsigned: the tag cut off, or zeroed.
+        assert!(decode(&wire[..wire.len() - TAG_LEN]).is_err());
+        let mut zeroed = wire.clone();
+        let n = zeroed.len();
+        zeroed[n - TAG_LEN..].fill(0);
+        assert_eq!(decode(&zeroed), Err(DecodeError::BadSignature));
+    }
+
+    #[test]
+    fn refuses_every_truncation_and_oversize() {
+        let wire = announce().encode(KEY);
+        for len in 0..wire.len() {
+            assert!(decode(&wire[..len]).is_err(), "cut at {len}");
+        }
+        let mut long = wire.clone();
+        long.resize(MAX_LEN + 1, 0);
+        assert_eq!(decode(&long), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn signed_but_malformed_bodies_are_refused() {
+        // A signer with the key can still send nonsense: the body is checked.
+        let sign = |mut b: Vec<u8>| {
+            let t = tag(KEY, &b);
+            b.extend_from_slice(&t);
+            b
+        };
+        let good = announce().encode(KEY);
+        let body = &good[..good.len() - TAG_LEN];
+        let mut too_many = body.to_vec();
+        too_many[45] = 33;
+        let mut lying_count = body.to_vec();
+        lying_count[45] = 3;
+        let mut trailing = body.to_vec();
+        trailing.push(0);
+        let mut bad_flags = body.to_vec();
+        bad_flags[40] = 0x80;
+        let mut bad_kind = body.to_vec();
+        bad_kind[3] = 0x1f;
+        for (what, b) in [
+            ("33 links", too_many),
+            ("count beyond the body", lying_count),
+            ("trailing byte", trailing),
+            ("unknown flag", bad_flags),
+            ("unknown control kind", bad_kind),
+        ] {
+            assert_eq!(decode(&sign(b)), Err(DecodeError::Malformed), "{what}");
+        }
+    }
+
+    #[test]
+    fn data_is_not_a_control_message() {
+        let mut wire = announce().encode(KEY);
+        wire[3] = kind::DATA_UP;
+        assert_eq!(decode(&wire), Err(DecodeError::NotControl));
+    }
+
+    #[test]
+    fn guard_refuses_replays_old_and_future_messages() {
+        let now = 1_700_000_000_000;
+        let mut g = Guard::new(30_000);
+        let m = |counter, time_ms| Msg {
+            counter,
+            time_ms,
+            ..announce()
+        };
+        assert_eq!(g.check(&m(100, now), now), Ok(()));
+        assert_eq!(g.check(&m(100, now), now), Err(Stale::Replayed));
+        // Out of order within the window: each accepted once.
+        assert_eq!(g.check(&m(105, now), now), Ok(()));
+        assert_eq!(g.check(&m(103, now), now), Ok(()));
+        assert_eq!(g.check(&m(103, now), now), Err(Stale::Replayed));
+        assert_eq!(g.check(&m(101, now), now), Ok(()));
+        // Far behind the newest: refused (cannot tell it was not seen).
+        assert_eq!(g.check(&m(300, now), now), Ok(()));
+        assert_eq!(g.check(&m(200, now), now), Err(Stale::Replayed));
+        assert_eq!(
+            g.check(&m(301, now + 31_000), now),
+            Err(Stale::FromTheFuture)
+        );
+        assert_eq!(g.check(&m(302, now - 31_000), now), Err(Stale::TooOld));
+        // Another sender has its own window.
+        let other = Msg {
+            origin: Ipv4Addr::new(10, 0, 1, 9),
+            ..m(100, now)
+        };
+        assert_eq!(g.check(&other, now), Ok(()));
+        // A forgotten sender starts afresh.
+        g.forget(7, Ipv4Addr::new(10, 0, 1, 2));
+        assert_eq!(g.check(&m(100, now), now), Ok(()));
+    }
+
+    #[test]
+    fn counters_only_grow() {
+        let mut c = Counter::new();
+        let a = c.next();
+        let b = c.next();
+        assert!(b > a);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(Counter::new().next() > b, "a restart continues above");
+    }
+}
