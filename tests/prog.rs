@@ -308,7 +308,7 @@ mod term {
             .unwrap()
             .into_iter()
             .find(|s| s.0 == link)
-            .map_or_else(LinkStats::default, |s| s.1)
+            .map_or_else(LinkStats::default, |s| s.2)
     }
 }
 

@@ -50,31 +50,31 @@ struct Head {
     role: Role,
 }
 
-/// A 64-bit session token, written as a decimal number or a "0x…" string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Token(pub u64);
+/// A community key: at least 16 bytes, never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
 
-impl<'de> Deserialize<'de> for Token {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(v) => Ok(Self(v)),
-            Raw::Str(s) => {
-                let t = s.trim();
-                let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-                    Some(hex) => u64::from_str_radix(hex, 16),
-                    None => t.parse(),
-                };
-                parsed.map(Self).map_err(|_| {
-                    serde::de::Error::custom(format!("token {s:?} is not a 64-bit number"))
-                })
-            }
-        }
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+fn check_key(field: &str, key: &Secret) -> Check {
+    if key.0.len() < 16 {
+        err(
+            field,
+            format!("key is {} bytes; use at least 16", key.0.len()),
+        )
+    } else {
+        Ok(())
     }
 }
 
@@ -135,7 +135,14 @@ pub struct TerminalConfig {
     #[serde(default = "default_instance")]
     pub instance: String,
     pub community: u16,
-    pub token: Token,
+    /// The community key: signs every control message.
+    pub key: Secret,
+    /// How often to announce (ms); peers drop this host after `misses`.
+    #[serde(default = "default_announce_ms")]
+    pub announce_ms: u32,
+    /// Announces a peer may miss before it is dropped.
+    #[serde(default = "default_misses")]
+    pub misses: u32,
     /// The LAN interface; the terminal's LAN address is its IPv4 address.
     pub lan: String,
     /// Port every terminal receives DATA_DOWN on over the LAN.
@@ -147,12 +154,9 @@ pub struct TerminalConfig {
     /// Destinations routed into the capture device (and so bonded).
     pub capture: Vec<Prefix>,
     pub server: ServerAddr,
-    /// This host's own WAN links.
+    /// This host's own WAN links (none: it only originates).
     #[serde(default)]
     pub links: Vec<OwnLink>,
-    /// LAN peers whose WAN links this host may use.
-    #[serde(default)]
-    pub peers: Vec<Peer>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,28 +177,24 @@ pub struct OwnLink {
     pub port: u16,
     /// Next hop towards the server; default: the server itself (on-link).
     pub gateway: Option<Ipv4Addr>,
-    /// Upstream weight (share of this host's bonded upstream traffic).
+    /// Weight in both directions, unless `up` or `down` says otherwise.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Upstream weight: the link's share of the community's upload.
+    pub up: Option<u32>,
+    /// Downstream weight: its share of what the server sends back.
+    pub down: Option<u32>,
     /// IP MTU of the WAN path; default: the interface's MTU.
     pub mtu: Option<u16>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Peer {
-    pub address: Ipv4Addr,
-    #[serde(default)]
-    pub links: Vec<PeerLink>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerLink {
-    pub id: u8,
-    pub port: u16,
-    #[serde(default = "default_weight")]
-    pub weight: u32,
+impl OwnLink {
+    pub fn up(&self) -> u32 {
+        self.up.unwrap_or(self.weight)
+    }
+    pub fn down(&self) -> u32 {
+        self.down.unwrap_or(self.weight)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +215,9 @@ pub struct ServerConfig {
     pub nat_ports: String,
     /// Interfaces the server program is attached to.
     pub interfaces: Vec<String>,
+    /// Announces a terminal or link may miss before it is dropped.
+    #[serde(default = "default_misses")]
+    pub misses: u32,
     #[serde(default)]
     pub communities: Vec<Community>,
 }
@@ -223,29 +226,8 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct Community {
     pub id: u16,
-    #[serde(default)]
-    pub terminals: Vec<Terminal>,
-    #[serde(default)]
-    pub links: Vec<CommunityLink>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Terminal {
-    pub address: Ipv4Addr,
-    pub token: Token,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommunityLink {
-    pub id: u8,
-    /// The link's public address and port, as the server sees them.
-    pub address: Ipv4Addr,
-    pub port: u16,
-    /// Downstream weight.
-    #[serde(default = "default_weight")]
-    pub weight: u32,
+    /// The key its terminals sign with.
+    pub key: Secret,
 }
 
 fn default_instance() -> String {
@@ -259,6 +241,12 @@ fn default_device() -> String {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_announce_ms() -> u32 {
+    1000
+}
+fn default_misses() -> u32 {
+    crate::membership::DEFAULT_MISSES
 }
 fn default_nat_ports() -> String {
     "20000-29999".into()
@@ -337,6 +325,14 @@ fn check_ifname(field: &str, name: &str) -> Check {
     Ok(())
 }
 
+fn check_misses(misses: u32) -> Check {
+    if (1..=100).contains(&misses) {
+        Ok(())
+    } else {
+        err("misses", format!("{misses} is outside 1..=100"))
+    }
+}
+
 fn check_port(field: &str, port: u16) -> Check {
     if port == 0 {
         err(field, "port 0 is not allowed")
@@ -348,6 +344,14 @@ fn check_port(field: &str, port: u16) -> Check {
 impl TerminalConfig {
     fn check(&self) -> Check {
         check_instance(&self.instance)?;
+        check_key("key", &self.key)?;
+        if !(10..=60_000).contains(&self.announce_ms) {
+            return err(
+                "announce_ms",
+                format!("{} is outside 10..=60000", self.announce_ms),
+            );
+        }
+        check_misses(self.misses)?;
         check_ifname("lan", &self.lan)?;
         check_ifname("device", &self.device)?;
         check_port("data_port", self.data_port)?;
@@ -404,33 +408,6 @@ impl TerminalConfig {
                 );
             }
         }
-        for (i, p) in self.peers.iter().enumerate() {
-            for (j, l) in p.links.iter().enumerate() {
-                check_port(&format!("peers[{i}].links[{j}].port"), l.port)?;
-                if !ids.insert(l.id) {
-                    return err(
-                        format!("peers[{i}].links[{j}].id"),
-                        format!("link id {} is used twice", l.id),
-                    );
-                }
-            }
-        }
-        let total: u64 = self
-            .links
-            .iter()
-            .map(|l| u64::from(l.weight))
-            .chain(
-                self.peers
-                    .iter()
-                    .flat_map(|p| p.links.iter().map(|l| u64::from(l.weight))),
-            )
-            .sum();
-        if ids.is_empty() {
-            return err("links", "no links: list own `links` or `peers` with links");
-        }
-        if total == 0 {
-            return err("links", "every link has weight 0: nothing could be sent");
-        }
         Ok(())
     }
 }
@@ -458,6 +435,7 @@ impl ServerConfig {
 
     fn check(&self) -> Check {
         check_instance(&self.instance)?;
+        check_misses(self.misses)?;
         check_port("port", self.port)?;
         let (lo, hi) = self
             .port_range()
@@ -482,25 +460,7 @@ impl ServerConfig {
                     format!("community {} is listed twice", com.id),
                 );
             }
-            let mut links = HashSet::new();
-            for (i, l) in com.links.iter().enumerate() {
-                check_port(&format!("communities[{c}].links[{i}].port"), l.port)?;
-                if !links.insert(l.id) {
-                    return err(
-                        format!("communities[{c}].links[{i}].id"),
-                        format!("link id {} is used twice", l.id),
-                    );
-                }
-            }
-            let mut terms = HashSet::new();
-            for (i, t) in com.terminals.iter().enumerate() {
-                if !terms.insert(t.address) {
-                    return err(
-                        format!("communities[{c}].terminals[{i}].address"),
-                        format!("{} is listed twice", t.address),
-                    );
-                }
-            }
+            check_key(&format!("communities[{c}].key"), &com.key)?;
         }
         Ok(())
     }
@@ -514,7 +474,7 @@ mod tests {
 role = "terminal"
 instance = "t1"
 community = 1
-token = "0x00ff"
+key = "sixteen byte key"
 lan = "lan0"
 capture = ["203.0.113.0/24"]
 server = { address = "198.51.100.1" }
@@ -523,9 +483,11 @@ id = 1
 interface = "wan0"
 port = 7701
 weight = 2
-[[peers]]
-address = "10.0.1.2"
-links = [{ id = 2, port = 7701, weight = 1 }]
+[[links]]
+id = 2
+interface = "wan1"
+port = 7702
+down = 5
 "#;
 
     #[test]
@@ -533,11 +495,16 @@ links = [{ id = 2, port = 7701, weight = 1 }]
         let Config::Terminal(t) = Config::parse(TERMINAL, "t.toml").unwrap() else {
             panic!("not a terminal")
         };
-        assert_eq!(t.token, Token(0xff));
+        assert_eq!(t.key.bytes(), b"sixteen byte key");
+        assert!(
+            !format!("{t:?}").contains("sixteen"),
+            "the key stays secret"
+        );
+        assert_eq!((t.announce_ms, t.misses), (1000, 3));
         assert_eq!(t.data_port, DEFAULT_PORT);
         assert_eq!(t.server.port, DEFAULT_PORT);
-        assert_eq!(t.links[0].weight, 2);
-        assert_eq!(t.peers[0].links[0].id, 2);
+        assert_eq!((t.links[0].up(), t.links[0].down()), (2, 2));
+        assert_eq!((t.links[1].up(), t.links[1].down()), (1, 5));
         assert_eq!(
             t.capture[0],
             Prefix {
@@ -555,9 +522,19 @@ links = [{ id = 2, port = 7701, weight = 1 }]
     fn errors_name_the_field_and_value() {
         let cases = [
             (
-                TERMINAL.replace("token = \"0x00ff\"", "token = \"zz\""),
-                "token",
-                "\"zz\"",
+                TERMINAL.replace("sixteen byte key", "short"),
+                "key",
+                "5 bytes",
+            ),
+            (
+                TERMINAL.replace("lan = ", "announce_ms = 5\nlan = "),
+                "announce_ms",
+                "5 is outside",
+            ),
+            (
+                TERMINAL.replace("lan = ", "misses = 0\nlan = "),
+                "misses",
+                "0 is outside",
             ),
             (
                 TERMINAL.replace("port = 7701\nweight", "port = 0\nweight"),
@@ -565,8 +542,8 @@ links = [{ id = 2, port = 7701, weight = 1 }]
                 "port 0",
             ),
             (
-                TERMINAL.replace("id = 2,", "id = 1,"),
-                "peers[0].links[0].id",
+                TERMINAL.replace("id = 2\n", "id = 1\n"),
+                "links[1].id",
                 "link id 1",
             ),
             (
@@ -634,23 +611,27 @@ nat_address = "203.0.113.1"
 interfaces = ["wan0", "content0"]
 [[communities]]
 id = 1
-terminals = [{ address = "10.0.1.3", token = 7 }]
-links = [{ id = 1, address = "198.51.100.134", port = 7701, weight = 3 }]
+key = "community one key"
+[[communities]]
+id = 2
+key = "community two key"
 "#;
         let Config::Server(s) = Config::parse(text, "s.toml").unwrap() else {
             panic!("not a server")
         };
         assert_eq!(s.port_range(), Ok((20000, 29999)));
-        assert_eq!(s.communities[0].terminals[0].token, Token(7));
+        assert_eq!(s.communities[1].key.bytes(), b"community two key");
         let e = error_of(&text.replace(
             "interfaces = [\"wan0\", \"content0\"]",
             "interfaces = []\nnat_ports = \"9-3\"",
         ));
         assert!(e.contains("nat_ports") && e.contains("9-3"), "{e}");
-        let e = error_of(&text.replace(
-            "id = 1, address",
-            "id = 1, address = \"1.1.1.1\", port = 1 }, { id = 1, address",
-        ));
-        assert!(e.contains("communities[0].links[1].id"), "{e}");
+        let e = error_of(&text.replace("id = 2", "id = 1"));
+        assert!(e.contains("communities[1].id"), "{e}");
+        let e = error_of(&text.replace("community two key", "2short"));
+        assert!(
+            e.contains("communities[1].key") && e.contains("6 bytes"),
+            "{e}"
+        );
     }
 }

@@ -159,6 +159,14 @@ impl Maps {
             .map_err(|source| Error::Map { name, source })
     }
 
+    /// Removes a key; a key that is not there is not an error.
+    fn remove<K: Pod, V: Pod>(&self, name: &'static str, k: K) -> Result<()> {
+        match self.hash::<K, V>(name)?.remove(&k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map { name, source }),
+        }
+    }
+
     fn sum_counters(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
         let map = self.percpu::<u64>(name)?;
         (0..count)
@@ -216,12 +224,23 @@ impl Maps {
         Ok(s)
     }
 
+    /// Takes a link out of use (after the schedule stopped naming it).
+    pub fn clear_up_link(&self, link: u8) -> Result<()> {
+        let mut e = self.up_link(link)?;
+        e.flags = 0;
+        self.set_up_link(link, e)
+    }
+
     pub fn set_relay_link(&self, port: u16, entry: RelayLink) -> Result<()> {
         self.put(name::T_RELAY, port, entry)
     }
 
     pub fn set_neighbor(&self, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
         self.put(name::T_NEIGH, u32::from(ip), Neighbor { mac, _pad: [0; 2] })
+    }
+
+    pub fn remove_neighbor(&self, ip: Ipv4Addr) -> Result<()> {
+        self.remove::<u32, Neighbor>(name::T_NEIGH, u32::from(ip))
     }
 
     pub fn neighbor(&self, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
@@ -237,8 +256,8 @@ impl Maps {
     }
 
     /// Per-link counters of a terminal, summed over CPUs, for links with
-    /// any traffic or a valid entry.
-    pub fn terminal_link_stats(&self) -> Result<Vec<(u8, LinkStats)>> {
+    /// any traffic or a valid entry: (link, in use, counters).
+    pub fn terminal_link_stats(&self) -> Result<Vec<(u8, bool, LinkStats)>> {
         let links = self.array::<UpLink>(name::T_UP_LINKS)?;
         let stats = self.percpu::<LinkStats>(name::T_LINK_STATS)?;
         let mut out = Vec::new();
@@ -251,7 +270,7 @@ impl Maps {
             let mut total = LinkStats::default();
             v.iter().for_each(|s| total.add(s));
             if valid || total != LinkStats::default() {
-                out.push((i as u8, total));
+                out.push((i as u8, valid, total));
             }
         }
         Ok(out)
@@ -294,6 +313,29 @@ impl Maps {
                 _pad: 0,
             },
         )
+    }
+
+    pub fn remove_session(&self, community: u16, origin: Ipv4Addr) -> Result<()> {
+        let key = SessionKey {
+            community,
+            _pad: 0,
+            origin: u32::from(origin),
+        };
+        self.remove::<SessionKey, Session>(name::S_SESSIONS, key)
+    }
+
+    /// Takes the link at `idx` out of use (after the schedule stopped
+    /// naming it): invalid entry, no index.
+    pub fn clear_server_link(&self, idx: u32) -> Result<()> {
+        let mut link = self.server_link(idx)?;
+        let key = LinkKey {
+            community: link.community,
+            link: link.link,
+            _pad: 0,
+        };
+        link.flags = 0;
+        self.set(name::S_LINKS, idx, link)?;
+        self.remove::<LinkKey, u32>(name::S_LINK_INDEX, key)
     }
 
     /// Registers a community link at dense index `idx`.

@@ -34,6 +34,8 @@ pub const SERVER_NAT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 pub const COMMUNITY: u16 = 1;
 pub const PORT: u16 = 7700;
+/// The lab community's key.
+pub const KEY: &str = "lab community key, not a secret";
 
 /// One terminal: the rates of its WAN links in Mbit/s (none: LAN only).
 #[derive(Clone, Debug)]
@@ -58,7 +60,6 @@ pub struct Terminal {
     pub ns: String,
     pub lan_ip: Ipv4Addr,
     pub instance: String,
-    pub token: u64,
     pub links: Vec<WanLink>,
 }
 
@@ -70,6 +71,8 @@ pub struct Lab {
     pub server_ns: String,
     pub server_instance: String,
     pub web_ns: String,
+    /// Every agent's announce interval (set before starting them).
+    pub announce_ms: u32,
     namespaces: Vec<String>,
     /// (namespace, name, process): agents and servers, stopped on drop.
     children: Vec<(String, String, Child)>,
@@ -129,6 +132,7 @@ impl Lab {
             prefix,
             dir,
             bond_ctl: bond_ctl.to_path_buf(),
+            announce_ms: 1000,
             terminals: Vec::new(),
             namespaces: Vec::new(),
             children: Vec::new(),
@@ -293,7 +297,6 @@ impl Lab {
                 instance: format!("{}-t{i}", self.prefix),
                 ns: tns,
                 lan_ip,
-                token: 0x5eed_0000_0000_0000 | u64::from(i),
                 links,
             });
         }
@@ -312,9 +315,10 @@ impl Lab {
     pub fn terminal_config(&self, i: usize) -> String {
         let t = &self.terminals[i];
         let mut s = format!(
-            "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {COMMUNITY}\ntoken = \"{:#x}\"\nlan = \"lan0\"\n\
-             capture = [\"203.0.113.0/24\"]\nserver = {{ address = \"{SERVER_WAN}\", port = {PORT} }}\n",
-            t.instance, t.token
+            "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {COMMUNITY}\nkey = \"{KEY}\"\n\
+             announce_ms = {}\nlan = \"lan0\"\ncapture = [\"203.0.113.0/24\"]\n\
+             server = {{ address = \"{SERVER_WAN}\", port = {PORT} }}\n",
+            t.instance, self.announce_ms
         );
         for l in &t.links {
             let _ = write!(
@@ -327,54 +331,16 @@ impl Lab {
                 Self::weight(l.rate_mbit)
             );
         }
-        for (j, p) in self.terminals.iter().enumerate() {
-            // Every LAN terminal is listed, with or without links: a relay
-            // needs each origin's address to hand its replies over.
-            if j == i {
-                continue;
-            }
-            let _ = write!(s, "\n[[peers]]\naddress = \"{}\"\nlinks = [", p.lan_ip);
-            for l in &p.links {
-                let _ = write!(
-                    s,
-                    "{{ id = {}, port = {}, weight = {} }}, ",
-                    l.id,
-                    l.port,
-                    Self::weight(l.rate_mbit)
-                );
-            }
-            s.push_str("]\n");
-        }
         s
     }
 
     pub fn server_config(&self) -> String {
-        let mut s = format!(
+        format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
              nat_address = \"{SERVER_NAT}\"\nnat_ports = \"20000-29999\"\ninterfaces = [\"wan0\", \"content0\"]\n\
-             \n[[communities]]\nid = {COMMUNITY}\nterminals = [",
+             \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n",
             self.server_instance
-        );
-        for t in &self.terminals {
-            let _ = write!(
-                s,
-                "{{ address = \"{}\", token = \"{:#x}\" }}, ",
-                t.lan_ip, t.token
-            );
-        }
-        s.push_str("]\nlinks = [");
-        for l in self.all_links() {
-            let _ = write!(
-                s,
-                "{{ id = {}, address = \"{}\", port = {}, weight = {} }}, ",
-                l.id,
-                l.wan_ip,
-                l.port,
-                Self::weight(l.rate_mbit)
-            );
-        }
-        s.push_str("]\n");
-        s
+        )
     }
 
     /// Starts a long-running process in a namespace; stopped on drop.
@@ -398,7 +364,8 @@ impl Lab {
     }
 
     /// Starts the server agent and every terminal's agent, and waits until
-    /// each terminal has resolved all its links.
+    /// the community has formed: every terminal logged on and using every
+    /// link, and the server sending on every link.
     pub fn start_agents(&mut self) -> Result<()> {
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         let cfg = self.dir.join("server.toml");
@@ -408,29 +375,41 @@ impl Lab {
         for i in 0..self.terminals.len() {
             self.start_terminal(i)?;
         }
+        self.wait_for_community(Duration::from_secs(20))
+    }
+
+    /// Waits until every running terminal is logged on and uses every link
+    /// of the running terminals, and the server has all those links.
+    pub fn wait_for_community(&self, limit: Duration) -> Result<()> {
+        let running: Vec<usize> = (0..self.terminals.len())
+            .filter(|i| self.is_running(&format!("agent-t{}", i + 1)))
+            .collect();
+        let want: usize = running.iter().map(|&i| self.terminals[i].links.len()).sum();
         let srv_instance = self.server_instance.clone();
-        self.wait_for("server agent", Duration::from_secs(20), |lab| {
-            Ok(lab.links_json(&srv, &srv_instance).is_ok())
+        self.wait_for("the server's links", limit, |lab| {
+            Ok(lab
+                .links_json(&lab.server_ns, &srv_instance)
+                .ok()
+                .and_then(|v| v["links"].as_array().map(Vec::len))
+                == Some(want))
         })?;
-        for i in 0..self.terminals.len() {
-            let want = self.all_links().count();
-            let (ns, instance) = (
-                self.terminals[i].ns.clone(),
-                self.terminals[i].instance.clone(),
-            );
-            self.wait_for(
-                &format!("terminal {} links", i + 1),
-                Duration::from_secs(20),
-                |lab| {
-                    let v = match lab.links_json(&ns, &instance) {
-                        Ok(v) => v,
-                        Err(_) => return Ok(false),
-                    };
-                    Ok(v["links"].as_array().map_or(0, Vec::len) >= want)
-                },
-            )?;
+        for &i in &running {
+            let t = &self.terminals[i];
+            self.wait_for(&format!("terminal {} to join", i + 1), limit, |lab| {
+                let Ok(v) = lab.links_json(&t.ns, &t.instance) else {
+                    return Ok(false);
+                };
+                let active = v["links"]
+                    .as_array()
+                    .map_or(0, |l| l.iter().filter(|l| l["active"] == true).count());
+                Ok(v["logged_on"] == true && active == want)
+            })?;
         }
         Ok(())
+    }
+
+    pub fn is_running(&self, name: &str) -> bool {
+        self.children.iter().any(|(_, n, _)| n == name)
     }
 
     pub fn start_terminal(&mut self, i: usize) -> Result<()> {

@@ -244,7 +244,9 @@ impl ServerTable {
     }
 
     /// A LOGIN: the session's token (a live session keeps its token, so
-    /// flows survive a terminal's agent restart). `fresh` makes one.
+    /// flows survive a terminal's agent restart). `fresh` makes one;
+    /// `interval` is how long to wait for announces until the first one
+    /// says how often they come.
     pub fn login(
         &mut self,
         community: u16,
@@ -254,7 +256,7 @@ impl ServerTable {
         fresh: impl FnOnce() -> u64,
     ) -> (u64, bool) {
         if let Some(t) = self.terms.get_mut(&(community, origin)) {
-            t.live = Liveness::new(now, interval.max(t.live.interval));
+            t.live.last = now;
             return (t.token, false);
         }
         let token = fresh();

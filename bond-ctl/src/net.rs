@@ -141,6 +141,47 @@ impl Net {
             .with_context(|| format!("route {dst}/{len}"))
     }
 
+    /// `ip route replace DST/32 via GW dev DEV metric METRIC`: how a
+    /// socket tied to one WAN interface reaches the server over it.
+    pub async fn host_route_via(
+        &self,
+        dst: Ipv4Addr,
+        gw: Ipv4Addr,
+        dev: u32,
+        metric: u32,
+    ) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .gateway(gw)
+            .output_interface(dev)
+            .priority(metric)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("route {dst}/32 via {gw} metric {metric}"))
+    }
+
+    pub async fn delete_host_route(
+        &self,
+        dst: Ipv4Addr,
+        gw: Ipv4Addr,
+        dev: u32,
+        metric: u32,
+    ) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .gateway(gw)
+            .output_interface(dev)
+            .priority(metric)
+            .build();
+        self.handle.route().del(msg).execute().await?;
+        Ok(())
+    }
+
     /// The resolved MAC of `ip` on interface `dev`, if the kernel has one.
     pub async fn neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
         let mut neighs = self
@@ -189,6 +230,13 @@ pub fn sink_name(name: &str) -> String {
 /// port, sent out of that interface.
 pub fn poke_neighbor(dev: &str, ip: Ipv4Addr) -> Result<()> {
     let sock = UdpSocket::bind("0.0.0.0:0")?;
+    bind_to_device(&sock, dev)?;
+    let _ = sock.send_to(&[], SocketAddrV4::new(ip, 9));
+    Ok(())
+}
+
+/// `SO_BINDTODEVICE`: the socket sends and receives on `dev` only.
+fn bind_to_device(sock: &impl AsRawFd, dev: &str) -> Result<()> {
     let name = std::ffi::CString::new(dev)?;
     // SAFETY: valid socket fd; the option value is a NUL-terminated name of
     // the given length.
@@ -202,10 +250,22 @@ pub fn poke_neighbor(dev: &str, ip: Ipv4Addr) -> Result<()> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_BINDTODEVICE");
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("SO_BINDTODEVICE {dev}"));
     }
-    let _ = sock.send_to(&[], SocketAddrV4::new(ip, 9));
     Ok(())
+}
+
+/// A non-blocking UDP socket on `addr`, tied to `dev` if given, allowed
+/// to send broadcasts, for tokio.
+pub fn udp_socket(addr: SocketAddrV4, dev: Option<&str>) -> Result<tokio::net::UdpSocket> {
+    let sock = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    if let Some(dev) = dev {
+        bind_to_device(&sock, dev)?;
+    }
+    sock.set_broadcast(true)?;
+    sock.set_nonblocking(true)?;
+    Ok(tokio::net::UdpSocket::from_std(sock)?)
 }
 
 /// Writes a sysctl under /proc/sys (of this process's network namespace).

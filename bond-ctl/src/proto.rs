@@ -313,7 +313,9 @@ impl Stale {
 #[derive(Debug)]
 pub struct Guard {
     skew_ms: u64,
-    seen: HashMap<(u16, Ipv4Addr), Window>,
+    /// By community, origin, and whether the server sent it (a reply
+    /// names the terminal it answers, but counts with the server's counter).
+    seen: HashMap<(u16, Ipv4Addr, bool), Window>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -332,7 +334,8 @@ impl Guard {
     }
 
     /// Accepts `msg` (and remembers its counter) or says why not. Senders
-    /// are told apart by community and origin.
+    /// are told apart by community and origin, and the server's replies
+    /// from the terminal's own messages.
     pub fn check(&mut self, msg: &Msg, now_ms: u64) -> Result<(), Stale> {
         if msg.time_ms > now_ms.saturating_add(self.skew_ms) {
             return Err(Stale::FromTheFuture);
@@ -340,7 +343,11 @@ impl Guard {
         if msg.time_ms.saturating_add(self.skew_ms) < now_ms {
             return Err(Stale::TooOld);
         }
-        let w = self.seen.entry((msg.community, msg.origin)).or_default();
+        let from_server = matches!(msg.body, Body::LoginReply(_));
+        let w = self
+            .seen
+            .entry((msg.community, msg.origin, from_server))
+            .or_default();
         let c = msg.counter;
         if w.bits == 0 || c > w.top {
             let shift = c.saturating_sub(w.top);
@@ -362,7 +369,8 @@ impl Guard {
 
     /// Forgets a sender (after its SHUTDOWN or expiry, it may restart).
     pub fn forget(&mut self, community: u16, origin: Ipv4Addr) {
-        self.seen.remove(&(community, origin));
+        self.seen.remove(&(community, origin, false));
+        self.seen.remove(&(community, origin, true));
     }
 }
 
@@ -375,7 +383,7 @@ impl Counter {
     pub fn new() -> Self {
         Self(now_us())
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn bump(&mut self) -> u64 {
         self.0 += 1;
         self.0
     }
@@ -579,6 +587,14 @@ mod tests {
             ..m(100, now)
         };
         assert_eq!(g.check(&other, now), Ok(()));
+        // The server's reply about this origin counts on its own: a low
+        // counter from the server is no replay of the terminal's.
+        let reply = Msg {
+            body: Body::LoginReply(Reply::NeedLogin),
+            ..m(5, now)
+        };
+        assert_eq!(g.check(&reply, now), Ok(()));
+        assert_eq!(g.check(&m(306, now), now), Ok(()));
         // A forgotten sender starts afresh.
         g.forget(7, Ipv4Addr::new(10, 0, 1, 2));
         assert_eq!(g.check(&m(100, now), now), Ok(()));
@@ -587,10 +603,10 @@ mod tests {
     #[test]
     fn counters_only_grow() {
         let mut c = Counter::new();
-        let a = c.next();
-        let b = c.next();
+        let a = c.bump();
+        let b = c.bump();
         assert!(b > a);
         std::thread::sleep(std::time::Duration::from_millis(2));
-        assert!(Counter::new().next() > b, "a restart continues above");
+        assert!(Counter::new().bump() > b, "a restart continues above");
     }
 }

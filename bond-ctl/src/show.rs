@@ -1,7 +1,8 @@
 //! Operator listings: a table for people, `--json` for programs.
 //!
 //! JSON shapes (stable; fields may be added, never renamed):
-//! - `links` on a terminal: `{"role":"terminal","links":[{"link":1,"up_pkts":..,
+//! - `links` on a terminal: `{"role":"terminal","logged_on":true,
+//!   "links":[{"link":1,"active":true,"up_pkts":..,
 //!   "up_bytes":..,"down_pkts":..,"down_bytes":..,"relay_up_pkts":..,
 //!   "relay_up_bytes":..,"relay_down_pkts":..,"relay_down_bytes":..}],
 //!   "drops":{"<reason>":n,...}}`
@@ -63,31 +64,38 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
         if json {
             let l: Vec<Value> = links
                 .iter()
-                .map(|(id, s)| {
+                .map(|(id, active, s)| {
                     let mut m = stats_json(s);
                     m.insert("link".into(), json!(id));
+                    m.insert("active".into(), json!(active));
                     Value::Object(m)
                 })
                 .collect();
             println!(
                 "{}",
-                json!({"role": "terminal", "links": l, "drops": counters_json(&drops)})
+                json!({
+                    "role": "terminal",
+                    "logged_on": maps.terminal_config()?.token != 0,
+                    "links": l,
+                    "drops": counters_json(&drops),
+                })
             );
         } else {
             println!(
                 "{:>4} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}",
                 "link", "up_pkts", "up_bytes", "down_pkts", "down_bytes", "relay_up", "relay_down"
             );
-            for (id, s) in &links {
+            for (id, active, s) in &links {
                 println!(
-                    "{:>4} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}",
+                    "{:>4} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}{}",
                     id,
                     s.up_pkts,
                     s.up_bytes,
                     s.down_pkts,
                     s.down_bytes,
                     s.relay_up_pkts,
-                    s.relay_down_pkts
+                    s.relay_down_pkts,
+                    if *active { "" } else { "  (not in use)" }
                 );
             }
             print_nonzero("drops", &drops);
