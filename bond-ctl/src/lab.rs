@@ -367,15 +367,54 @@ impl Lab {
     /// the community has formed: every terminal logged on and using every
     /// link, and the server sending on every link.
     pub fn start_agents(&mut self) -> Result<()> {
+        self.start_some(&(0..self.terminals.len()).collect::<Vec<_>>())
+    }
+
+    /// As [`Self::start_agents`], for the terminals listed (0-based).
+    pub fn start_some(&mut self, terminals: &[usize]) -> Result<()> {
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         let cfg = self.dir.join("server.toml");
         std::fs::write(&cfg, self.server_config())?;
         let (srv, cfg) = (self.server_ns.clone(), cfg.to_string_lossy().into_owned());
         self.spawn(&srv, "agent-srv", &bond_ctl, &["agent", "--config", &cfg])?;
-        for i in 0..self.terminals.len() {
+        for &i in terminals {
             self.start_terminal(i)?;
         }
         self.wait_for_community(Duration::from_secs(20))
+    }
+
+    /// A terminal's host dies: its interfaces go down and its agent is
+    /// killed with SIGKILL (no SHUTDOWN).
+    pub fn crash_terminal(&mut self, i: usize) -> Result<()> {
+        let t = self.terminals[i].clone();
+        self.ip(&t.ns, "link set lan0 down")?;
+        for l in &t.links {
+            self.ip(&t.ns, &format!("link set {} down", l.iface))?;
+        }
+        self.stop(&format!("agent-t{}", i + 1), true)
+    }
+
+    /// Waits for a child to exit by itself (up to `limit`); its log.
+    pub fn wait_child(&mut self, name: &str, limit: Duration) -> Result<String> {
+        let pos = self
+            .children
+            .iter()
+            .position(|(_, n, _)| n == name)
+            .context("no such child")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.children[pos].2.try_wait()? {
+                self.children.remove(pos);
+                let log = self.log(name);
+                ensure!(status.success(), "{name} failed ({status}):\n{log}");
+                return Ok(log);
+            }
+            ensure!(
+                start.elapsed() < limit,
+                "{name} still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until every running terminal is logged on and uses every link

@@ -161,15 +161,18 @@ fn test() -> Result<()> {
     ]))?;
     sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
-    sh(Command::new("cargo").args([
-        "test",
-        "-p",
-        "bond-ctl",
-        "--test",
-        "e2e",
-        "--",
-        "--test-threads=1",
-    ]))
+    for t in ["e2e", "membership"] {
+        sh(Command::new("cargo").args([
+            "test",
+            "-p",
+            "bond-ctl",
+            "--test",
+            t,
+            "--",
+            "--test-threads=1",
+        ]))?;
+    }
+    Ok(())
 }
 
 fn mbit(bytes: u64, secs: f64) -> f64 {

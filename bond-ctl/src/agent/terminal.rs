@@ -32,6 +32,8 @@ use crate::{
 const REFRESH: Duration = Duration::from_millis(200);
 /// Clock skew tolerated in control messages.
 const SKEW_MS: u64 = 30_000;
+/// How long a departing terminal keeps relaying after its SHUTDOWN.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 /// Route metric base for the per-link host routes to the server.
 const METRIC_BASE: u32 = 4200;
 
@@ -329,12 +331,18 @@ impl Agent {
         }
     }
 
+    /// SHUTDOWN to the LAN and the server, then a grace period in which
+    /// this host still relays: packets already on their way to its links
+    /// get through while everyone takes the links out of use.
     async fn shutdown(&mut self) {
         let lan = self.sign(Body::Shutdown, 0, 0, 0);
         let bcast = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.cfg.data_port));
         let _ = self.lan_sock.send_to(&lan, bcast).await;
         if self.token.is_some() {
             self.send_to_server(Body::Shutdown, false).await;
+        }
+        if !self.own.is_empty() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
     }
 
