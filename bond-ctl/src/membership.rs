@@ -5,7 +5,7 @@
 //! to the maps.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
@@ -233,6 +233,9 @@ impl Changes {
 pub struct ServerTable {
     k: u32,
     terms: BTreeMap<(u16, Ipv4Addr), Term>,
+    /// Who holds each (community, link id): an announce must not scan
+    /// every terminal (10,000 of them at 10 announces a second).
+    owners: HashMap<(u16, u8), Ipv4Addr>,
 }
 
 impl ServerTable {
@@ -240,6 +243,7 @@ impl ServerTable {
         Self {
             k: k.max(1),
             terms: BTreeMap::new(),
+            owners: HashMap::new(),
         }
     }
 
@@ -285,14 +289,11 @@ impl ServerTable {
         links: &[LinkAd],
         now: Instant,
     ) -> Result<bool, Refusal> {
-        if let Some((id, _)) = via {
-            let taken = self
-                .terms
-                .iter()
-                .find(|((c, o), t)| *c == community && *o != origin && t.links.contains_key(&id));
-            if let Some(((_, owner), _)) = taken {
-                return Err(Refusal::LinkTaken { owner: *owner });
-            }
+        if let Some((id, _)) = via
+            && let Some(&owner) = self.owners.get(&(community, id))
+            && owner != origin
+        {
+            return Err(Refusal::LinkTaken { owner });
         }
         let t = self
             .terms
@@ -302,9 +303,15 @@ impl ServerTable {
         t.live = Liveness::new(now, interval);
         let mut changed = false;
         // Links no longer announced go; weights follow the announce.
-        let before = t.links.len();
-        t.links.retain(|id, _| links.iter().any(|l| l.id == *id));
-        changed |= t.links.len() != before;
+        let owners = &mut self.owners;
+        t.links.retain(|id, _| {
+            let keep = links.iter().any(|l| l.id == *id);
+            if !keep {
+                owners.remove(&(community, *id));
+                changed = true;
+            }
+            keep
+        });
         for (ad, _, _) in t.links.values_mut() {
             if let Some(new) = links.iter().find(|l| l.id == ad.id)
                 && new != ad
@@ -326,6 +333,7 @@ impl ServerTable {
                 }
                 None => {
                     t.links.insert(id, (ad, src, live));
+                    self.owners.insert((community, id), origin);
                     changed = true;
                 }
             }
@@ -338,7 +346,11 @@ impl ServerTable {
     pub fn shutdown(&mut self, community: u16, origin: Ipv4Addr, token: u64) -> bool {
         let key = (community, origin);
         if self.terms.get(&key).is_some_and(|t| t.token == token) {
-            self.terms.remove(&key);
+            if let Some(t) = self.terms.remove(&key) {
+                for id in t.links.keys() {
+                    self.owners.remove(&(community, *id));
+                }
+            }
             true
         } else {
             false
@@ -349,20 +361,21 @@ impl ServerTable {
     pub fn expire(&mut self, now: Instant) -> Changes {
         let k = self.k;
         let mut ch = Changes::default();
+        let owners = &mut self.owners;
         self.terms.retain(|&(c, o), t| {
-            if t.live.missed(now) >= k {
-                if !t.links.is_empty() {
+            let dead = t.live.missed(now) >= k;
+            t.links.retain(|id, (_, _, live)| {
+                let keep = !dead && live.missed(now) < k;
+                if !keep {
+                    owners.remove(&(c, *id));
                     ch.touch(c);
                 }
+                keep
+            });
+            if dead {
                 ch.sessions_gone.push((c, o));
-                return false;
             }
-            let before = t.links.len();
-            t.links.retain(|_, (_, _, live)| live.missed(now) < k);
-            if t.links.len() != before {
-                ch.touch(c);
-            }
-            true
+            !dead
         });
         ch
     }
@@ -588,6 +601,13 @@ mod tests {
         let ch = s.expire(t1 + Duration::from_millis(300));
         assert_eq!(ch.sessions_gone, vec![(1, ip(1))]);
         assert_eq!(s.token(1, ip(1)), None);
+        // Its link ids are free for another terminal now.
+        let t2 = t1 + Duration::from_millis(300);
+        s.login(1, ip(2), MS100, t2, || 2);
+        assert_eq!(
+            s.announce(1, ip(2), 2, Some((1, addr(2))), MS100, &two, t2),
+            Ok(true)
+        );
     }
 
     #[test]
@@ -596,7 +616,15 @@ mod tests {
         let mut s = ServerTable::new(3);
         s.login(1, ip(1), SEC, t0, || 7);
         assert!(!s.shutdown(1, ip(1), 8));
+        s.announce(1, ip(1), 7, Some((1, addr(1))), SEC, &[ad(1, 1, 1)], t0)
+            .unwrap();
         assert!(s.shutdown(1, ip(1), 7));
         assert_eq!(s.sessions(t0), vec![]);
+        // Its link is free again.
+        s.login(1, ip(2), SEC, t0, || 8);
+        assert_eq!(
+            s.announce(1, ip(2), 8, Some((1, addr(2))), SEC, &[ad(1, 1, 1)], t0),
+            Ok(true)
+        );
     }
 }

@@ -76,7 +76,16 @@ fn main() -> Result<()> {
             let bin = build()?;
             match suite.as_str() {
                 "aggregate" => demo(&bin, runs.max(1)).map(drop),
-                other => bail!("unknown suite {other:?} (have: aggregate)"),
+                // Control-plane load: 10,000 terminals announcing at 100 ms.
+                "announce" => sh(Command::new("cargo").args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "bond-ctl",
+                    "--example",
+                    "announce_load",
+                ])),
+                other => bail!("unknown suite {other:?} (have: aggregate, announce)"),
             }
         }
     }
