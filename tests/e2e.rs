@@ -20,14 +20,7 @@ fn sha256(path: &Path) -> String {
 
 /// Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30, t3 with none.
 fn figure1() -> Lab {
-    let spec = [
-        TerminalSpec { links: vec![10] },
-        TerminalSpec {
-            links: vec![20, 30],
-        },
-        TerminalSpec { links: vec![] },
-    ];
-    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
     lab.start_agents().expect("start agents");
     lab
 }

@@ -22,14 +22,7 @@ fn bond_ctl() -> &'static Path {
 
 /// Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30, t3 with none.
 fn figure1(announce_ms: u32) -> Lab {
-    let spec = [
-        TerminalSpec { links: vec![10] },
-        TerminalSpec {
-            links: vec![20, 30],
-        },
-        TerminalSpec { links: vec![] },
-    ];
-    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
     lab.announce_ms = announce_ms;
     lab
 }

@@ -43,6 +43,20 @@ pub struct TerminalSpec {
     pub links: Vec<u32>,
 }
 
+impl TerminalSpec {
+    /// The seed's Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30,
+    /// t3 with none.
+    pub fn figure1() -> Vec<Self> {
+        vec![
+            Self { links: vec![10] },
+            Self {
+                links: vec![20, 30],
+            },
+            Self { links: vec![] },
+        ]
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct WanLink {
     /// Community-wide link id (1-based).

@@ -12,7 +12,7 @@ use netlink_packet_route::{
     address::AddressAttribute,
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-    route::RouteType,
+    route::{RouteMessage, RouteType},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -150,15 +150,9 @@ impl Net {
         dev: u32,
         metric: u32,
     ) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .gateway(gw)
-            .output_interface(dev)
-            .priority(metric)
-            .build();
         self.handle
             .route()
-            .add(msg)
+            .add(host_route(dst, gw, dev, metric))
             .replace()
             .execute()
             .await
@@ -172,13 +166,11 @@ impl Net {
         dev: u32,
         metric: u32,
     ) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .gateway(gw)
-            .output_interface(dev)
-            .priority(metric)
-            .build();
-        self.handle.route().del(msg).execute().await?;
+        self.handle
+            .route()
+            .del(host_route(dst, gw, dev, metric))
+            .execute()
+            .await?;
         Ok(())
     }
 
@@ -217,6 +209,16 @@ impl Net {
         }
         Ok(None)
     }
+}
+
+/// `DST/32 via GW dev DEV metric METRIC`.
+fn host_route(dst: Ipv4Addr, gw: Ipv4Addr, dev: u32, metric: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, 32)
+        .gateway(gw)
+        .output_interface(dev)
+        .priority(metric)
+        .build()
 }
 
 /// Name of the capture device's sink end.

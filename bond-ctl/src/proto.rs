@@ -367,6 +367,18 @@ impl Guard {
         Ok(())
     }
 
+    /// Decodes, authenticates and checks a received message: the message,
+    /// or the name of the reason it was refused (for the reject counters).
+    pub fn open<'k>(
+        &mut self,
+        buf: &[u8],
+        key: impl FnOnce(u16) -> Option<&'k [u8]>,
+    ) -> Result<Msg, &'static str> {
+        let msg = Msg::decode(buf, key).map_err(DecodeError::name)?;
+        self.check(&msg, now_ms()).map_err(Stale::name)?;
+        Ok(msg)
+    }
+
     /// Forgets a sender (after its SHUTDOWN or expiry, it may restart).
     pub fn forget(&mut self, community: u16, origin: Ipv4Addr) {
         self.seen.remove(&(community, origin, false));

@@ -197,16 +197,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// download over the best single link with plain routing, then the same
 /// file over bond from t3, side by side in one run.
 fn demo(bond_ctl: &Path, runs: usize) -> Result<(f64, f64)> {
-    let rates = [10u32, 20, 30];
-    let spec = [
-        TerminalSpec {
-            links: vec![rates[0]],
-        },
-        TerminalSpec {
-            links: vec![rates[1], rates[2]],
-        },
-        TerminalSpec { links: vec![] },
-    ];
+    let spec = TerminalSpec::figure1();
+    let rates: Vec<u32> = spec.iter().flat_map(|t| t.links.clone()).collect();
     println!(
         "bond demo: 3 terminals on a LAN; WAN links of {rates:?} Mbit/s (tbf); t3 has no WAN link"
     );

@@ -131,17 +131,13 @@ impl Agent {
 
     async fn receive(&mut self, buf: &[u8], src: SocketAddrV4) -> Result<()> {
         let keys = &self.keys;
-        let msg = match Msg::decode(buf, |c| keys.get(&c).map(Vec::as_slice)) {
+        let msg = match self.guard.open(buf, |c| keys.get(&c).map(Vec::as_slice)) {
             Ok(m) => m,
-            Err(e) => {
-                self.rejects.count(e.name());
+            Err(why) => {
+                self.rejects.count(why);
                 return Ok(());
             }
         };
-        if let Err(e) = self.guard.check(&msg, proto::now_ms()) {
-            self.rejects.count(e.name());
-            return Ok(());
-        }
         let now = Instant::now();
         let (c, o) = (msg.community, msg.origin);
         match &msg.body {

@@ -352,17 +352,13 @@ impl Agent {
         };
         let community = self.cfg.community;
         let key = self.cfg.key.bytes();
-        let msg = match Msg::decode(buf, |c| (c == community).then_some(key)) {
+        let msg = match self.guard.open(buf, |c| (c == community).then_some(key)) {
             Ok(m) => m,
-            Err(e) => {
-                self.rejects.count(e.name());
+            Err(why) => {
+                self.rejects.count(why);
                 return Ok(());
             }
         };
-        if let Err(e) = self.guard.check(&msg, proto::now_ms()) {
-            self.rejects.count(e.name());
-            return Ok(());
-        }
         let now = Instant::now();
         match (from, &msg.body) {
             // The server's answer: over our link, or passed on by the peer
@@ -483,16 +479,23 @@ impl Agent {
                 }
             }
         }
+        let mut usable: Vec<(u8, u32)> = self
+            .own
+            .iter()
+            .filter(|o| o.entry.flags & LINK_VALID != 0)
+            .map(|o| (o.ad.id, o.ad.up))
+            .collect();
         let mut want: BTreeMap<u8, (Ipv4Addr, UpLink)> = BTreeMap::new();
         for (ip, p) in self.peers.peers() {
             let Some(mac) = self.neighbors.get(&ip) else {
                 continue;
             };
             for l in &p.links {
-                if self.own.iter().any(|o| o.ad.id == l.id) {
+                if self.own.iter().any(|o| o.ad.id == l.id) || want.contains_key(&l.id) {
                     self.rejects.count("link_id_clash");
                     continue;
                 }
+                usable.push((l.id, l.up));
                 want.insert(
                     l.id,
                     (
@@ -515,23 +518,11 @@ impl Agent {
                 );
             }
         }
-        let weights: BTreeMap<u8, u32> = self
-            .peers
-            .peers()
-            .flat_map(|(_, p)| p.links.iter().map(|l| (l.id, l.up)))
-            .collect();
         for (id, (_, e)) in &want {
             if self.peer_links.get(id).map(|(_, old)| old) != Some(e) {
                 self.maps.set_up_link(*id, *e)?;
             }
         }
-        let mut usable: Vec<(u8, u32)> = self
-            .own
-            .iter()
-            .filter(|o| o.entry.flags & LINK_VALID != 0)
-            .map(|o| (o.ad.id, o.ad.up))
-            .collect();
-        usable.extend(want.keys().map(|id| (*id, weights[id])));
         usable.sort_unstable();
         if self.schedule.as_ref() != Some(&usable) {
             self.maps.set_up_schedule(&usable)?;
