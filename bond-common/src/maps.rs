@@ -4,6 +4,10 @@
 //! (`u32::from(Ipv4Addr)`), converted at the packet edge; no type has
 //! implicit padding (explicit `_pad`, size asserted beside each type).
 
+/// Bumped whenever a map's type, key, value or meaning changes: an agent
+/// adopts pinned maps only of its own layout.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
 /// Slots in one weighted round-robin sequence.
@@ -245,8 +249,11 @@ pub struct ServerLink {
     pub link: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// The terminal that owns the link (its LAN address): not used by the
+    /// datapath, but a restarted agent rebuilds its tables from it.
+    pub owner: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServerLink>() == 12);
+const _: () = assert!(core::mem::size_of::<ServerLink>() == 16);
 
 /// Flow identity at the server: one per (community, origin, protocol,
 /// inner source port or ICMP identifier).
@@ -262,12 +269,31 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
 
+/// `Flow::state` bit: a TCP segment with FIN passed (either direction).
+pub const FLOW_FIN: u8 = 1;
+/// `Flow::state` bit: a TCP segment with RST passed (either direction).
+pub const FLOW_RST: u8 = 2;
+/// `Flow::state` bits that put a TCP flow on the short (closing) timeout.
+pub const FLOW_CLOSING: u8 = FLOW_FIN | FLOW_RST;
+
+/// TCP header flag bits (byte 13 of the header).
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+    /// Offset of the flags byte in the TCP header.
+    pub const FLAGS_OFF: usize = 13;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     /// The dedicated port this flow uses towards content servers.
     pub nat_port: u16,
-    pub _pad: [u8; 6],
+    /// `FLOW_*` bits (TCP only; zero for UDP and ICMP).
+    pub state: u8,
+    pub _pad: [u8; 5],
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub up_pkts: u64,
@@ -276,6 +302,27 @@ pub struct Flow {
     pub down_bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+
+impl Flow {
+    /// A TCP flow's state after a segment with header flags `flags`, in
+    /// either direction. FIN or RST marks it closing (the agent then
+    /// expires it on the short timeout); a bare SYN, a new connection from
+    /// the same origin port, starts it afresh.
+    #[inline(always)]
+    pub const fn tcp_state(state: u8, flags: u8) -> u8 {
+        let mut s = state;
+        if flags & (tcp::SYN | tcp::ACK | tcp::RST | tcp::FIN) == tcp::SYN {
+            s &= !FLOW_CLOSING;
+        }
+        if flags & tcp::FIN != 0 {
+            s |= FLOW_FIN;
+        }
+        if flags & tcp::RST != 0 {
+            s |= FLOW_RST;
+        }
+        s
+    }
+}
 
 /// Reverse key: a dedicated port of one protocol.
 #[repr(C)]
@@ -341,5 +388,26 @@ mod tests {
         assert_eq!(s.pick(u32::MAX), Some(s.slots[(u32::MAX % 3) as usize]));
         s.len = 1000; // corrupt length: refused, not an out-of-bounds read
         assert_eq!(s.pick(7), None);
+    }
+
+    #[test]
+    fn tcp_state_marks_fin_and_rst_and_a_new_syn_clears_them() {
+        use tcp::*;
+        let st = Flow::tcp_state;
+        assert_eq!(st(0, ACK), 0, "plain ACK");
+        assert_eq!(st(0, ACK | 0x08), 0, "ACK+PSH");
+        assert_eq!(st(0, SYN), 0, "SYN on a new flow");
+        assert_eq!(st(0, SYN | ACK), 0, "SYN+ACK");
+        assert_eq!(st(0, FIN | ACK), FLOW_FIN);
+        assert_eq!(st(0, RST), FLOW_RST);
+        assert_eq!(st(0, RST | ACK), FLOW_RST);
+        assert_eq!(st(FLOW_FIN, ACK), FLOW_FIN, "closing stays closing");
+        assert_eq!(st(FLOW_FIN, RST), FLOW_CLOSING, "bits add up");
+        assert_eq!(st(FLOW_CLOSING, SYN), 0, "a bare SYN reopens");
+        assert_eq!(st(FLOW_FIN, SYN | ACK), FLOW_FIN, "a SYN+ACK does not");
+        assert_eq!(st(FLOW_RST, SYN | FIN), FLOW_CLOSING, "nor a SYN+FIN");
+        // Bits this function does not own survive.
+        assert_eq!(st(0x80, SYN), 0x80);
+        assert_eq!(st(0x80, FIN), 0x80 | FLOW_FIN);
     }
 }

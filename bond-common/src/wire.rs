@@ -15,6 +15,12 @@ pub mod kind {
     pub const SHUTDOWN: u8 = 0x11;
     pub const LOGIN: u8 = 0x12;
     pub const LOGIN_REPLY: u8 = 0x13;
+    /// One packet of a measurement train.
+    pub const PROBE: u8 = 0x14;
+    /// A terminal asks the server for a downstream train on a link.
+    pub const PROBE_REQUEST: u8 = 0x15;
+    /// The server's measurement of an upstream train.
+    pub const PROBE_REPORT: u8 = 0x16;
 }
 
 pub const ETH_LEN: usize = 14;

@@ -1,14 +1,15 @@
 //! The agent's configuration file (TOML). Every field is checked at load
 //! time; an error names the field and the bad value.
-//!
-//! Until membership and login land, peers, weights, tokens and the server
-//! address come from here.
 
 use std::{collections::HashSet, net::Ipv4Addr, path::Path};
 
 use serde::Deserialize;
 
+pub use crate::control::WeightSpec;
+
 pub const DEFAULT_PORT: u16 = 7700;
+/// The largest weight: measured weights are kbit/s, so 10 Gbit/s.
+pub const MAX_WEIGHT: u32 = 10_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -157,6 +158,11 @@ pub struct TerminalConfig {
     /// This host's own WAN links (none: it only originates).
     #[serde(default)]
     pub links: Vec<OwnLink>,
+    /// How often links with an `auto` weight are measured (ms).
+    #[serde(default = "default_probe_ms")]
+    pub probe_ms: u32,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,24 +183,59 @@ pub struct OwnLink {
     pub port: u16,
     /// Next hop towards the server; default: the server itself (on-link).
     pub gateway: Option<Ipv4Addr>,
-    /// Weight in both directions, unless `up` or `down` says otherwise.
-    #[serde(default = "default_weight")]
-    pub weight: u32,
+    /// Weight in both directions, unless `up` or `down` says otherwise:
+    /// a number, or "auto" (measured, in kbit/s).
+    #[serde(default = "default_weight", deserialize_with = "weight_spec")]
+    pub weight: WeightSpec,
     /// Upstream weight: the link's share of the community's upload.
-    pub up: Option<u32>,
+    #[serde(default, deserialize_with = "opt_weight_spec")]
+    pub up: Option<WeightSpec>,
     /// Downstream weight: its share of what the server sends back.
-    pub down: Option<u32>,
+    #[serde(default, deserialize_with = "opt_weight_spec")]
+    pub down: Option<WeightSpec>,
     /// IP MTU of the WAN path; default: the interface's MTU.
     pub mtu: Option<u16>,
 }
 
 impl OwnLink {
-    pub fn up(&self) -> u32 {
+    pub fn up(&self) -> WeightSpec {
         self.up.unwrap_or(self.weight)
     }
-    pub fn down(&self) -> u32 {
+    pub fn down(&self) -> WeightSpec {
         self.down.unwrap_or(self.weight)
     }
+}
+
+/// A weight in the file: a number, or "auto".
+fn weight_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WeightSpec, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = WeightSpec;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a weight 0..={MAX_WEIGHT} or \"auto\"")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<WeightSpec, E> {
+            match u32::try_from(v) {
+                Ok(n) if n <= MAX_WEIGHT => Ok(WeightSpec::Fixed(n)),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+            }
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<WeightSpec, E> {
+            self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WeightSpec, E> {
+            if v == "auto" {
+                Ok(WeightSpec::Auto)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn opt_weight_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<WeightSpec>, D::Error> {
+    weight_spec(d).map(Some)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,11 +256,136 @@ pub struct ServerConfig {
     pub nat_ports: String,
     /// Interfaces the server program is attached to.
     pub interfaces: Vec<String>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Announces a terminal or link may miss before it is dropped.
     #[serde(default = "default_misses")]
     pub misses: u32,
     #[serde(default)]
     pub communities: Vec<Community>,
+    /// Flow table size and idle timeouts (`[flows]`, optional).
+    #[serde(default)]
+    pub flows: FlowsConfig,
+}
+
+/// The server's `[flows]` table: every key optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowsConfig {
+    /// Entries of the flow table and its reverse map; default: the number
+    /// of dedicated ports. Every flow holds one port, so it must be at
+    /// least that (a smaller table would refuse flows while ports sit
+    /// free) and at most [`MAX_FLOWS`].
+    pub max: Option<u32>,
+    /// Idle timeouts in seconds: TCP without FIN or RST seen,
+    #[serde(default = "default_tcp_established_s")]
+    pub tcp_established_s: u32,
+    /// TCP after a FIN or RST in either direction,
+    #[serde(default = "default_tcp_closing_s")]
+    pub tcp_closing_s: u32,
+    /// UDP,
+    #[serde(default = "default_udp_s")]
+    pub udp_s: u32,
+    /// and ICMP echo.
+    #[serde(default = "default_icmp_s")]
+    pub icmp_s: u32,
+    /// How often the agent sweeps the table for idle flows (ms).
+    #[serde(default = "default_sweep_ms")]
+    pub sweep_ms: u32,
+}
+
+/// The largest flow table the server agent creates.
+pub const MAX_FLOWS: u32 = bond_common::maps::MAX_FLOWS;
+/// The longest idle timeout accepted: a week.
+pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self {
+            max: None,
+            tcp_established_s: default_tcp_established_s(),
+            tcp_closing_s: default_tcp_closing_s(),
+            udp_s: default_udp_s(),
+            icmp_s: default_icmp_s(),
+            sweep_ms: default_sweep_ms(),
+        }
+    }
+}
+
+fn default_tcp_established_s() -> u32 {
+    7440
+}
+fn default_tcp_closing_s() -> u32 {
+    120
+}
+fn default_udp_s() -> u32 {
+    300
+}
+fn default_icmp_s() -> u32 {
+    60
+}
+fn default_sweep_ms() -> u32 {
+    1000
+}
+
+impl FlowsConfig {
+    pub fn timeouts(&self) -> crate::flows::Timeouts {
+        let s = |n: u32| std::time::Duration::from_secs(u64::from(n));
+        crate::flows::Timeouts {
+            tcp_established: s(self.tcp_established_s),
+            tcp_closing: s(self.tcp_closing_s),
+            udp: s(self.udp_s),
+            icmp: s(self.icmp_s),
+        }
+    }
+
+    pub fn sweep(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.sweep_ms))
+    }
+
+    /// The flow table's size for `ports` dedicated ports.
+    pub fn table_size(&self, ports: u32) -> u32 {
+        self.max.unwrap_or(ports)
+    }
+
+    fn check(&self, ports: u32) -> Check {
+        if let Some(max) = self.max
+            && !(ports..=MAX_FLOWS).contains(&max)
+        {
+            return err(
+                "flows.max",
+                format!(
+                    "{max} is outside {ports}..={MAX_FLOWS} (at least one entry per dedicated port)"
+                ),
+            );
+        }
+        for (field, v) in [
+            ("flows.tcp_established_s", self.tcp_established_s),
+            ("flows.tcp_closing_s", self.tcp_closing_s),
+            ("flows.udp_s", self.udp_s),
+            ("flows.icmp_s", self.icmp_s),
+        ] {
+            if !(1..=MAX_TIMEOUT_S).contains(&v) {
+                return err(field, format!("{v} is outside 1..={MAX_TIMEOUT_S}"));
+            }
+        }
+        if self.tcp_closing_s > self.tcp_established_s {
+            return err(
+                "flows.tcp_closing_s",
+                format!(
+                    "{} is longer than tcp_established_s ({})",
+                    self.tcp_closing_s, self.tcp_established_s
+                ),
+            );
+        }
+        if !(10..=60_000).contains(&self.sweep_ms) {
+            return err(
+                "flows.sweep_ms",
+                format!("{} is outside 10..=60000", self.sweep_ms),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,8 +405,11 @@ fn default_port() -> u16 {
 fn default_device() -> String {
     "bond0".into()
 }
-fn default_weight() -> u32 {
-    1
+fn default_weight() -> WeightSpec {
+    WeightSpec::Fixed(1)
+}
+fn default_probe_ms() -> u32 {
+    1000
 }
 fn default_announce_ms() -> u32 {
     1000
@@ -352,6 +521,12 @@ impl TerminalConfig {
             );
         }
         check_misses(self.misses)?;
+        if !(100..=60_000).contains(&self.probe_ms) {
+            return err(
+                "probe_ms",
+                format!("{} is outside 100..=60000", self.probe_ms),
+            );
+        }
         check_ifname("lan", &self.lan)?;
         check_ifname("device", &self.device)?;
         check_port("data_port", self.data_port)?;
@@ -462,7 +637,13 @@ impl ServerConfig {
             }
             check_key(&format!("communities[{c}].key"), &com.key)?;
         }
+        self.flows.check(u32::from(hi - lo) + 1)?;
         Ok(())
+    }
+
+    /// How many dedicated ports `nat_ports` holds.
+    pub fn port_count(&self) -> Result<u32, String> {
+        self.port_range().map(|(lo, hi)| u32::from(hi - lo) + 1)
     }
 }
 
@@ -503,8 +684,14 @@ down = 5
         assert_eq!((t.announce_ms, t.misses), (1000, 3));
         assert_eq!(t.data_port, DEFAULT_PORT);
         assert_eq!(t.server.port, DEFAULT_PORT);
-        assert_eq!((t.links[0].up(), t.links[0].down()), (2, 2));
-        assert_eq!((t.links[1].up(), t.links[1].down()), (1, 5));
+        let fixed = WeightSpec::Fixed;
+        assert_eq!((t.links[0].up(), t.links[0].down()), (fixed(2), fixed(2)));
+        assert_eq!((t.links[1].up(), t.links[1].down()), (fixed(1), fixed(5)));
+        let auto = TERMINAL.replace("down = 5", "down = \"auto\"");
+        let Config::Terminal(t) = Config::parse(&auto, "t.toml").unwrap() else {
+            panic!("not a terminal")
+        };
+        assert_eq!(t.links[1].down(), WeightSpec::Auto);
         assert_eq!(
             t.capture[0],
             Prefix {
@@ -589,7 +776,17 @@ down = 5
             (
                 TERMINAL.replace("weight = 2", "weight = -1"),
                 "weight = -1",
-                "expected u32",
+                "expected a weight",
+            ),
+            (
+                TERMINAL.replace("weight = 2", "weight = \"fast\""),
+                "weight = \"fast\"",
+                "or \"auto\"",
+            ),
+            (
+                TERMINAL.replace("lan = ", "probe_ms = 5\nlan = "),
+                "probe_ms",
+                "5 is outside",
             ),
         ];
         for (text, field, value) in cases {
@@ -631,6 +828,94 @@ key = "community two key"
         let e = error_of(&text.replace("community two key", "2short"));
         assert!(
             e.contains("communities[1].key") && e.contains("6 bytes"),
+            "{e}"
+        );
+    }
+
+    const SERVER: &str = r#"
+role = "server"
+address = "198.51.100.1"
+nat_address = "203.0.113.1"
+nat_ports = "20000-20999"
+interfaces = ["wan0"]
+"#;
+
+    #[test]
+    fn flows_table_defaults_and_sizes() {
+        let Config::Server(s) = Config::parse(SERVER, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        assert_eq!(s.flows, FlowsConfig::default());
+        assert_eq!(s.port_count(), Ok(1000));
+        assert_eq!(s.flows.table_size(1000), 1000, "default: one per port");
+        assert_eq!(s.flows.timeouts(), crate::flows::Timeouts::default());
+        assert_eq!(s.flows.sweep(), std::time::Duration::from_secs(1));
+
+        let text = format!(
+            "{SERVER}[flows]\nmax = 4096\ntcp_established_s = 3600\ntcp_closing_s = 1\n\
+             udp_s = 2\nicmp_s = 3\nsweep_ms = 100\n"
+        );
+        let Config::Server(s) = Config::parse(&text, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        assert_eq!(s.flows.table_size(1000), 4096);
+        let t = s.flows.timeouts();
+        let secs = |d: std::time::Duration| d.as_secs();
+        assert_eq!(
+            (
+                secs(t.tcp_established),
+                secs(t.tcp_closing),
+                secs(t.udp),
+                secs(t.icmp)
+            ),
+            (3600, 1, 2, 3)
+        );
+        assert_eq!(s.flows.sweep(), std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn flows_errors_name_the_field_and_value() {
+        let cases = [
+            ("max = 999", "flows.max", "999 is outside 1000..=262144"),
+            ("max = 262145", "flows.max", "262145 is outside"),
+            ("max = 0", "flows.max", "0 is outside"),
+            (
+                "tcp_established_s = 0",
+                "flows.tcp_established_s",
+                "0 is outside",
+            ),
+            ("tcp_closing_s = 0", "flows.tcp_closing_s", "0 is outside"),
+            ("udp_s = 0", "flows.udp_s", "0 is outside"),
+            ("icmp_s = 0", "flows.icmp_s", "0 is outside"),
+            (
+                "udp_s = 604801",
+                "flows.udp_s",
+                "604801 is outside 1..=604800",
+            ),
+            ("icmp_s = 9999999", "flows.icmp_s", "9999999 is outside"),
+            (
+                "tcp_established_s = 100\ntcp_closing_s = 101",
+                "flows.tcp_closing_s",
+                "101 is longer than tcp_established_s (100)",
+            ),
+            ("sweep_ms = 0", "flows.sweep_ms", "0 is outside 10..=60000"),
+            ("sweep_ms = 60001", "flows.sweep_ms", "60001 is outside"),
+            ("sweep = 5", "sweep", "unknown field"),
+            ("udp_s = -1", "udp_s = -1", "expected u32"),
+        ];
+        for (line, field, value) in cases {
+            let e = error_of(&format!("{SERVER}[flows]\n{line}\n"));
+            assert!(
+                e.contains(field) && e.contains(value),
+                "error {e:?} should name {field} and {value}"
+            );
+        }
+        // The bound follows nat_ports.
+        let small = SERVER.replace("20000-20999", "20000-20002");
+        assert!(Config::parse(&format!("{small}[flows]\nmax = 3\n"), "s.toml").is_ok());
+        let e = error_of(&format!("{small}[flows]\nmax = 2\n"));
+        assert!(
+            e.contains("flows.max") && e.contains("2 is outside 3..="),
             "{e}"
         );
     }

@@ -19,8 +19,9 @@ use aya::{
 use bond_common::{
     drops,
     maps::{
-        Flow, FlowKey, LinkKey, LinkStats, MAX_LINK_IDS, Neighbor, RelayLink, Schedule,
-        ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
+        Flow, FlowKey, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor, RelayLink,
+        Schedule, ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event,
+        name,
     },
     sched,
 };
@@ -86,13 +87,34 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 /// Loads an object with all its maps pinned under `dir` (created if
 /// needed). Maps already pinned there are reused, not recreated.
 pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
+    load_with_sizes(object, dir, &[])
+}
+
+/// As [`load`], with `max_entries` of the maps named in `sizes` set to the
+/// given numbers instead of the sizes the object declares. A map already
+/// pinned keeps the size it was created with.
+pub fn load_with_sizes(object: &[u8], dir: &Path, sizes: &[(&str, u32)]) -> Result<Ebpf> {
     if object.is_empty() {
         return Err(Error::NoObjects);
     }
     std::fs::create_dir_all(dir)?;
-    Ok(EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .load(object)?)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir);
+    for &(name, n) in sizes {
+        loader.map_max_entries(name, n);
+    }
+    Ok(loader.load(object)?)
+}
+
+/// A flow taken out of the server's tables by [`Maps::remove_flows_if`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemovedFlow {
+    pub key: FlowKey,
+    /// Its value as last read, just before it was deleted.
+    pub flow: Flow,
+    /// Whether its dedicated port went back to the free queue (not when
+    /// `S_NAT` named another flow for it: the port is that flow's).
+    pub port_returned: bool,
 }
 
 /// The maps of one instance, by pin directory.
@@ -222,6 +244,15 @@ impl Maps {
         let s = build_schedule(&pairs)?;
         self.set(name::T_UP_SCHED, 0, s)?;
         Ok(s)
+    }
+
+    pub fn up_schedule(&self) -> Result<Schedule> {
+        self.array::<Schedule>(name::T_UP_SCHED)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::T_UP_SCHED,
+                source,
+            })
     }
 
     /// Takes a link out of use (after the schedule stopped naming it).
@@ -374,6 +405,24 @@ impl Maps {
         Ok(s)
     }
 
+    pub fn down_schedule(&self, community: u16) -> Result<Option<Schedule>> {
+        match self
+            .hash::<u16, Schedule>(name::S_DOWN_SCHED)?
+            .get(&community, 0)
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                name: name::S_DOWN_SCHED,
+                source,
+            }),
+        }
+    }
+
+    pub fn sessions(&self) -> Result<Vec<(SessionKey, Session)>> {
+        self.entries(name::S_SESSIONS)
+    }
+
     /// Fills the free-port queue with `ports`; returns how many went in.
     pub fn push_free_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<usize> {
         let n = name::S_FREE_PORTS;
@@ -390,6 +439,73 @@ impl Maps {
 
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
         self.entries(name::S_FLOWS)
+    }
+
+    /// The reverse map: (protocol, dedicated port) -> origin flow.
+    pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatEntry)>> {
+        self.entries(name::S_NAT)
+    }
+
+    /// Removes each flow of `keys` whose value, read again just before the
+    /// delete, still satisfies `expired` (so one that came alive again is
+    /// kept): first its `S_FLOWS` entry, then its `S_NAT` entry, then its
+    /// port goes back to the free queue. In this order a packet that
+    /// arrives meanwhile never meets a half-removed flow it could corrupt:
+    /// upstream it makes a new flow with another port; a reply still finds
+    /// its `S_NAT` entry until that goes; and the port is handed out again
+    /// only once nothing refers to it. Keys already gone are skipped.
+    pub fn remove_flows_if(
+        &self,
+        keys: impl IntoIterator<Item = FlowKey>,
+        expired: impl Fn(&FlowKey, &Flow) -> bool,
+    ) -> Result<Vec<RemovedFlow>> {
+        use aya::maps::MapError::KeyNotFound;
+        let err = |name: &'static str| move |source| Error::Map { name, source };
+        let (fname, nname, qname) = (name::S_FLOWS, name::S_NAT, name::S_FREE_PORTS);
+        let mut flows = self.hash::<FlowKey, Flow>(fname)?;
+        let mut nat = self.hash::<NatKey, NatEntry>(nname)?;
+        let mut queue = Queue::<MapData, u16>::try_from(self.open(qname)?).map_err(err(qname))?;
+        let mut out = Vec::new();
+        for key in keys {
+            let flow = match flows.get(&key, 0) {
+                Err(KeyNotFound) => continue,
+                r => r.map_err(err(fname))?,
+            };
+            if !expired(&key, &flow) {
+                continue;
+            }
+            match flows.remove(&key) {
+                Err(KeyNotFound) => continue,
+                r => r.map_err(err(fname))?,
+            }
+            let nkey = NatKey {
+                proto: key.proto,
+                _pad: 0,
+                port: flow.nat_port,
+            };
+            let ours = match nat.get(&nkey, 0) {
+                // Never written (the program writes it just after the
+                // flow): nothing else holds the port either.
+                Err(KeyNotFound) => true,
+                r => {
+                    let e = r.map_err(err(nname))?;
+                    e.origin == key.origin && e.community == key.community && e.port == key.port
+                }
+            };
+            if ours {
+                match nat.remove(&nkey) {
+                    Ok(()) | Err(KeyNotFound) => {}
+                    Err(e) => return Err(err(nname)(e)),
+                }
+                queue.push(flow.nat_port, 0).map_err(err(qname))?;
+            }
+            out.push(RemovedFlow {
+                key,
+                flow,
+                port_returned: ours,
+            });
+        }
+        Ok(out)
     }
 
     /// Every registered community link: (key, dense index).
@@ -414,6 +530,16 @@ impl Maps {
             .zip(self.sum_counters(name::S_EVENTS, event::COUNT)?)
             .collect())
     }
+}
+
+/// How many slots each link has in a schedule: its weight, as scaled.
+pub fn slot_counts(s: &Schedule) -> std::collections::BTreeMap<u16, u32> {
+    let mut n = std::collections::BTreeMap::new();
+    let len = (s.len as usize).min(s.slots.len());
+    for &l in &s.slots[..len] {
+        *n.entry(l).or_default() += 1;
+    }
+    n
 }
 
 fn build_schedule(pairs: &[(u16, u32)]) -> Result<Schedule> {

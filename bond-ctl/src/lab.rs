@@ -87,6 +87,13 @@ pub struct Lab {
     pub web_ns: String,
     /// Every agent's announce interval (set before starting them).
     pub announce_ms: u32,
+    /// The server's dedicated ports, "first-last" (set before starting it).
+    pub nat_ports: String,
+    /// TOML tables appended to the server's config, e.g. a `[flows]`
+    /// table (set before starting it; default empty).
+    pub server_extra: String,
+    /// Terminals weigh their links by measurement (`weight = "auto"`).
+    pub auto_weights: bool,
     namespaces: Vec<String>,
     /// (namespace, name, process): agents and servers, stopped on drop.
     children: Vec<(String, String, Child)>,
@@ -147,6 +154,9 @@ impl Lab {
             dir,
             bond_ctl: bond_ctl.to_path_buf(),
             announce_ms: 1000,
+            nat_ports: "20000-29999".into(),
+            server_extra: String::new(),
+            auto_weights: false,
             terminals: Vec::new(),
             namespaces: Vec::new(),
             children: Vec::new(),
@@ -342,7 +352,11 @@ impl Lab {
                 l.iface,
                 l.port,
                 l.modem_ip,
-                Self::weight(l.rate_mbit)
+                if self.auto_weights {
+                    "\"auto\"".to_string()
+                } else {
+                    Self::weight(l.rate_mbit).to_string()
+                }
             );
         }
         s
@@ -351,9 +365,9 @@ impl Lab {
     pub fn server_config(&self) -> String {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
-             nat_address = \"{SERVER_NAT}\"\nnat_ports = \"20000-29999\"\ninterfaces = [\"wan0\", \"content0\"]\n\
-             \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n",
-            self.server_instance
+             nat_address = \"{SERVER_NAT}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n\
+             \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
+            self.server_instance, self.nat_ports, self.server_extra
         )
     }
 
@@ -497,6 +511,71 @@ impl Lab {
             .map(|(_, n, _)| format!("--- {n}:\n{}", self.log(n)))
             .collect();
         bail!("timed out waiting for {what}\n{}", logs.join("\n"))
+    }
+
+    /// Runs `bond-ctl --instance INSTANCE ARGS...` in a namespace.
+    pub fn ctl(&self, ns: &str, instance: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["--instance", instance];
+        all.extend_from_slice(args);
+        self.exec(ns, &self.bond_ctl.to_string_lossy(), &all)
+    }
+
+    /// A `--json` listing of an agent (`status`, `peers`, ...), parsed.
+    pub fn ctl_json(&self, ns: &str, instance: &str, what: &str) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.ctl(
+            ns,
+            instance,
+            &[what, "--json"],
+        )?)?)
+    }
+
+    /// Terminal `i`'s agent (0-based): namespace and instance.
+    pub fn terminal_agent(&self, i: usize) -> (String, String) {
+        (
+            self.terminals[i].ns.clone(),
+            self.terminals[i].instance.clone(),
+        )
+    }
+
+    /// Restarts an agent without a gap: `bond-ctl detach`, then a new
+    /// agent that adopts the running datapath. `None` is the server.
+    pub fn restart_agent(&mut self, terminal: Option<usize>) -> Result<()> {
+        let (ns, inst, name) = match terminal {
+            Some(i) => {
+                let (ns, inst) = self.terminal_agent(i);
+                (ns, inst, format!("agent-t{}", i + 1))
+            }
+            None => (
+                self.server_ns.clone(),
+                self.server_instance.clone(),
+                "agent-srv".to_string(),
+            ),
+        };
+        self.ctl(&ns, &inst, &["detach"])?;
+        let old = self.wait_child(&name, Duration::from_secs(10))?;
+        std::fs::write(self.dir.join(format!("{name}.old.log")), old)?;
+        match terminal {
+            Some(i) => self.start_terminal(i),
+            None => {
+                let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
+                let cfg = self.dir.join("server.toml").to_string_lossy().into_owned();
+                self.spawn(&ns, &name, &bond_ctl, &["agent", "--config", &cfg])
+            }
+        }
+    }
+
+    /// Changes link `id`'s rate, both directions, as a line retrain would.
+    pub fn set_rate(&mut self, id: u8, mbit: u32) -> Result<()> {
+        let l = self
+            .terminals
+            .iter_mut()
+            .flat_map(|t| t.links.iter_mut())
+            .find(|l| l.id == id)
+            .context("no such link")?;
+        l.rate_mbit = mbit;
+        let ns = l.modem_ns.clone();
+        self.tbf(&ns, "acc", mbit)?;
+        self.tbf(&ns, "uplink", mbit)
     }
 
     /// `bond-ctl links --json` of an instance, parsed.
@@ -670,6 +749,9 @@ impl Drop for Lab {
                 Path::new(crate::datapath::DEFAULT_BPFFS),
                 &inst,
             ));
+            let run = Path::new(crate::control::DEFAULT_RUN_DIR);
+            let _ = std::fs::remove_file(crate::control::socket_path(run, &inst));
+            let _ = std::fs::remove_file(run.join(format!("{inst}.layout")));
         }
         if std::env::var_os("BOND_LAB_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -3,10 +3,13 @@
 
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod ebpf;
+pub mod flows;
 pub mod lab;
 pub mod membership;
 pub mod net;
+pub mod probe;
 pub mod proto;
 pub mod show;

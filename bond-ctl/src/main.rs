@@ -1,13 +1,14 @@
 //! `bond-ctl`: run the agent, or look at a running one.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 use bond_ctl::{
     agent,
-    config::Config,
+    config::{Config, WeightSpec},
+    control::{self, Request},
     datapath::{self, Maps},
     show,
 };
@@ -22,6 +23,12 @@ struct Cli {
     /// bpffs mount the maps are pinned under (as `<bpffs>/bond/<instance>`).
     #[arg(long, global = true, env = "BOND_BPFFS", default_value = datapath::DEFAULT_BPFFS)]
     bpffs: PathBuf,
+    /// Directory of the agents' sockets (`<run-dir>/<instance>.sock`).
+    #[arg(long, global = true, env = "BOND_RUN_DIR", default_value = control::DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// The agent instance to talk to.
+    #[arg(long, global = true, default_value = "default")]
+    instance: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -38,37 +45,177 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Per-link packet and byte counters, and drops by reason.
+    /// The agent's state: session, links and their weights, peers, rejects.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The peer table: every link of the community as this agent sees it.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-link packet and byte counters, and drops by reason (read from
+    /// the pinned maps; works while the agent is down).
     Links {
-        #[arg(long, default_value = "default")]
-        instance: String,
         #[arg(long)]
         json: bool,
     },
     /// The server's flow table: each flow's dedicated port and counters.
     Flows {
-        #[arg(long, default_value = "default")]
-        instance: String,
         #[arg(long)]
         json: bool,
     },
+    /// Set a link's weights by hand, or hand them to measurement.
+    Weight {
+        #[command(subcommand)]
+        cmd: WeightCmd,
+    },
+    /// Take this host's links out of use, let traffic on them finish, then
+    /// leave the community (SHUTDOWN) and stop the agent.
+    Drain {
+        /// Leave after this long even if traffic is still on the links.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Return at once instead of waiting for the agent to leave.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop the agent but leave the datapath running; the next agent of
+    /// this instance adopts it (restarts and upgrades without a gap).
+    Detach,
+    /// Prometheus metrics, as the agent's `metrics` endpoint serves them.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum WeightCmd {
+    /// Pin weights: a number (any unit, only ratios matter; `auto` uses
+    /// kbit/s) or `auto`.
+    Set {
+        link: u8,
+        /// Both directions (unless --up or --down say otherwise).
+        #[arg(long)]
+        both: Option<WeightSpec>,
+        #[arg(long)]
+        up: Option<WeightSpec>,
+        #[arg(long)]
+        down: Option<WeightSpec>,
+    },
+    /// Measure both directions of a link and weigh it by its rate.
+    Auto { link: u8 },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.len()),
+    );
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: want e.g. 30s, 500ms, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let maps = |instance: &str| Maps::new(datapath::pin_dir(&cli.bpffs, instance));
+    let maps = Maps::new(datapath::pin_dir(&cli.bpffs, &cli.instance));
+    let socket = control::socket_path(&cli.run_dir, &cli.instance);
+    let ask = |req: Request| control::request(&socket, &req);
     match cli.cmd {
         Cmd::Agent { config } => {
             let cfg = Config::load(&config)?;
             let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
-            rt.block_on(agent::run(cfg, cli.bpffs.clone()))
+            let paths = agent::Paths {
+                bpffs: cli.bpffs.clone(),
+                run_dir: cli.run_dir.clone(),
+            };
+            rt.block_on(agent::run(cfg, paths))
         }
         Cmd::Check { config } => {
             Config::load(&config)?;
             println!("{}: ok", config.display());
             Ok(())
         }
-        Cmd::Links { ref instance, json } => show::links(&maps(instance), json),
-        Cmd::Flows { ref instance, json } => show::flows(&maps(instance), json),
+        Cmd::Status { json } => show::status(&ask(Request::Status)?, json),
+        Cmd::Peers { json } => show::peers(&ask(Request::Peers)?, json),
+        Cmd::Links { json } => show::links(&maps, json),
+        Cmd::Flows { json } => show::flows(&maps, json),
+        Cmd::Weight { cmd } => {
+            let req = match cmd {
+                WeightCmd::Set {
+                    link,
+                    both,
+                    up,
+                    down,
+                } => {
+                    if both.is_none() && up.is_none() && down.is_none() {
+                        bail!("say which weight: --both, --up or --down");
+                    }
+                    Request::Weight {
+                        link,
+                        up: up.or(both),
+                        down: down.or(both),
+                    }
+                }
+                WeightCmd::Auto { link } => Request::Weight {
+                    link,
+                    up: Some(WeightSpec::Auto),
+                    down: Some(WeightSpec::Auto),
+                },
+            };
+            let v = ask(req)?;
+            println!(
+                "link {}: up {}, down {}",
+                v["link"],
+                v["up"].as_str().unwrap_or("?"),
+                v["down"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        Cmd::Drain { timeout, no_wait } => {
+            ask(Request::Drain {
+                timeout_ms: timeout.as_millis() as u64,
+            })?;
+            eprintln!("draining: this host's links are leaving the schedules");
+            if no_wait {
+                return Ok(());
+            }
+            // The agent leaves once its links are quiet; its socket goes
+            // with it.
+            let start = std::time::Instant::now();
+            while ask(Request::Status).is_ok() {
+                std::thread::sleep(Duration::from_millis(250));
+                if start.elapsed() > timeout + Duration::from_secs(10) {
+                    bail!(
+                        "the agent is still running {}s after the drain began",
+                        start.elapsed().as_secs()
+                    );
+                }
+            }
+            eprintln!(
+                "drained and left after {:.1}s",
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Cmd::Detach => {
+            ask(Request::Detach)?;
+            eprintln!("detached: the datapath keeps running; start the agent again to adopt it");
+            Ok(())
+        }
+        Cmd::Metrics => {
+            print!(
+                "{}",
+                ask(Request::Metrics)?["value"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
     }
 }

@@ -341,6 +341,30 @@ impl ServerTable {
         Ok(changed)
     }
 
+    /// A terminal found in the maps when an agent restarts: its session
+    /// and links, alive as of `now` and taken as announcing every
+    /// `interval` until its next announce says otherwise.
+    pub fn adopt(
+        &mut self,
+        community: u16,
+        origin: Ipv4Addr,
+        token: u64,
+        links: &[(LinkAd, SocketAddrV4)],
+        interval: Duration,
+        now: Instant,
+    ) {
+        let live = Liveness::new(now, interval);
+        let t = self.terms.entry((community, origin)).or_insert(Term {
+            token,
+            live,
+            links: BTreeMap::new(),
+        });
+        for (ad, addr) in links {
+            t.links.insert(ad.id, (*ad, *addr, live));
+            self.owners.insert((community, ad.id), origin);
+        }
+    }
+
     /// A SHUTDOWN with the session's token: the terminal and its links go
     /// at once. True if it was known.
     pub fn shutdown(&mut self, community: u16, origin: Ipv4Addr, token: u64) -> bool {

@@ -87,16 +87,20 @@ impl Net {
 
     /// Creates the capture device: a veth pair whose far end only sinks what
     /// bond_wrap does not redirect. No ARP (routes point straight at it),
-    /// `mtu` sized for the wrap.
-    pub async fn create_capture(&self, name: &str, mtu: u32) -> Result<Iface> {
-        let _ = self.delete(name).await;
+    /// `mtu` sized for the wrap. With `keep`, an existing one (an earlier
+    /// agent's, with its program and routes) is reconfigured, not replaced.
+    pub async fn create_capture(&self, name: &str, mtu: u32, keep: bool) -> Result<Iface> {
         let peer = sink_name(name);
-        self.handle
-            .link()
-            .add(LinkVeth::new(name, &peer).build())
-            .execute()
-            .await
-            .with_context(|| format!("creating {name}"))?;
+        let exists = self.iface(name).await.is_ok() && self.iface(&peer).await.is_ok();
+        if !(keep && exists) {
+            let _ = self.delete(name).await;
+            self.handle
+                .link()
+                .add(LinkVeth::new(name, &peer).build())
+                .execute()
+                .await
+                .with_context(|| format!("creating {name}"))?;
+        }
         for (dev, m) in [(peer.as_str(), 65535u32.min(mtu.max(1500))), (name, mtu)] {
             let i = self.iface(dev).await?;
             // TCP always builds GSO superpackets and leaves segmentation to
@@ -328,4 +332,56 @@ fn disable_offloads(dev: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Asks the kernel to timestamp every datagram `sock` receives
+/// (SO_TIMESTAMPNS), for [`recv_stamped`].
+pub fn timestamp_arrivals(sock: &tokio::net::UdpSocket) -> Result<()> {
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+        .context("SO_TIMESTAMPNS")?;
+    Ok(())
+}
+
+/// A received datagram: its length, source, and the kernel's receive time
+/// (CLOCK_REALTIME, ns; 0 without [`timestamp_arrivals`]).
+pub async fn recv_stamped(
+    sock: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddrV4, u64)> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    loop {
+        sock.readable().await?;
+        let r = sock.try_io(tokio::io::Interest::READABLE, || {
+            let mut iov = [std::io::IoSliceMut::new(buf)];
+            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+            let msg = recvmsg::<SockaddrIn>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(std::io::Error::from)?;
+            let at = msg
+                .cmsgs()
+                .map_err(std::io::Error::from)?
+                .find_map(|c| match c {
+                    ControlMessageOwned::ScmTimestampns(t) => {
+                        Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+                    }
+                    _ => None,
+                })
+                .unwrap_or(0);
+            let src = msg
+                .address
+                .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+                .unwrap_or_else(|| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            Ok((msg.bytes, src, at))
+        });
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
 }

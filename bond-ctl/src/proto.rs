@@ -1,4 +1,5 @@
-//! Control messages: ANNOUNCE, SHUTDOWN, LOGIN and LOGIN_REPLY.
+//! Control messages: ANNOUNCE, SHUTDOWN, LOGIN, LOGIN_REPLY, and the
+//! measurement messages PROBE, PROBE_REQUEST and PROBE_REPORT.
 //!
 //! They ride the same UDP ports as data, behind the same 24-byte bond
 //! header (a control `kind`, which the XDP programs pass to the agent's
@@ -10,6 +11,7 @@
 //!                time in microseconds (replay window)
 //! flags    u8    VIA_LINK: sent over the WAN link in the header's `link`
 //!                RELAY:    a LAN peer is to pass it on to the server
+//!                FROM_SERVER: sent by the server
 //! body     ...   by kind, below
 //! tag      16 B  HMAC-SHA256 over everything before it, with the
 //!                community key, truncated
@@ -17,7 +19,9 @@
 //!
 //! Bodies: ANNOUNCE `interval_ms u32, n u8, n × (id u8, port u16, up u32,
 //! down u32)`; SHUTDOWN, LOGIN: empty; LOGIN_REPLY `status u8, token u64,
-//! port u16`. All numbers are network byte order. The decoder checks the
+//! port u16`; PROBE `train u32, seq u16, count u16, pad u16, pad × 0`
+//! (padded to a train's packet size); PROBE_REQUEST `train u32, count u16`;
+//! PROBE_REPORT `train u32, kbps u32`. All numbers are network byte order. The decoder checks the
 //! length of every part before reading it and accepts nothing unsigned.
 
 use std::{collections::HashMap, net::Ipv4Addr};
@@ -30,8 +34,10 @@ pub const TAG_LEN: usize = 16;
 /// Links one terminal may announce.
 pub const MAX_LINKS: usize = 32;
 const FIXED_LEN: usize = BondHdr::LEN + 8 + 8 + 1;
-/// The largest message: an ANNOUNCE with [`MAX_LINKS`] links.
-pub const MAX_LEN: usize = FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN;
+/// The largest message: a PROBE (an ANNOUNCE with [`MAX_LINKS`] links is
+/// shorter).
+pub const MAX_LEN: usize = crate::probe::PROBE_LEN;
+const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN <= MAX_LEN);
 const LINK_AD_LEN: usize = 11;
 
 pub mod flags {
@@ -40,7 +46,9 @@ pub mod flags {
     pub const VIA_LINK: u8 = 1;
     /// For the server, handed to a LAN peer with a WAN link to pass on.
     pub const RELAY: u8 = 2;
-    pub const ALL: u8 = VIA_LINK | RELAY;
+    /// Sent by the server (its own counter, its own replay window).
+    pub const FROM_SERVER: u8 = 4;
+    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER;
 }
 
 /// One WAN link as its terminal announces it.
@@ -72,6 +80,22 @@ pub enum Body {
     Shutdown,
     Login,
     LoginReply(Reply),
+    /// Packet `seq` of `count` in a measurement train, padded to `len`
+    /// bytes on the wire.
+    Probe {
+        train: u32,
+        seq: u16,
+        count: u16,
+        len: u16,
+    },
+    ProbeRequest {
+        train: u32,
+        count: u16,
+    },
+    ProbeReport {
+        train: u32,
+        kbps: u32,
+    },
 }
 
 impl Body {
@@ -81,6 +105,9 @@ impl Body {
             Self::Shutdown => kind::SHUTDOWN,
             Self::Login => kind::LOGIN,
             Self::LoginReply(_) => kind::LOGIN_REPLY,
+            Self::Probe { .. } => kind::PROBE,
+            Self::ProbeRequest { .. } => kind::PROBE_REQUEST,
+            Self::ProbeReport { .. } => kind::PROBE_REPORT,
         }
     }
 }
@@ -178,6 +205,29 @@ impl Msg {
                 b.extend_from_slice(&token.to_be_bytes());
                 b.extend_from_slice(&port.to_be_bytes());
             }
+            Body::Probe {
+                train,
+                seq,
+                count,
+                len,
+            } => {
+                b.extend_from_slice(&train.to_be_bytes());
+                b.extend_from_slice(&seq.to_be_bytes());
+                b.extend_from_slice(&count.to_be_bytes());
+                let pad = usize::from(*len)
+                    .min(MAX_LEN)
+                    .saturating_sub(b.len() + 2 + TAG_LEN);
+                b.extend_from_slice(&(pad as u16).to_be_bytes());
+                b.resize(b.len() + pad, 0);
+            }
+            Body::ProbeRequest { train, count } => {
+                b.extend_from_slice(&train.to_be_bytes());
+                b.extend_from_slice(&count.to_be_bytes());
+            }
+            Body::ProbeReport { train, kbps } => {
+                b.extend_from_slice(&train.to_be_bytes());
+                b.extend_from_slice(&kbps.to_be_bytes());
+            }
         }
         let t = tag(key, &b);
         b.extend_from_slice(&t);
@@ -241,6 +291,31 @@ impl Msg {
                     _ => return Err(DecodeError::Malformed),
                 })
             }
+            kind::PROBE => {
+                let train = r.u32()?;
+                let seq = r.u16()?;
+                let count = r.u16()?;
+                let pad = usize::from(r.u16()?);
+                let rest = r.0.get(pad..).ok_or(DecodeError::Malformed)?;
+                if r.0[..pad].iter().any(|&b| b != 0) {
+                    return Err(DecodeError::Malformed);
+                }
+                r.0 = rest;
+                Body::Probe {
+                    train,
+                    seq,
+                    count,
+                    len: buf.len() as u16,
+                }
+            }
+            kind::PROBE_REQUEST => Body::ProbeRequest {
+                train: r.u32()?,
+                count: r.u16()?,
+            },
+            kind::PROBE_REPORT => Body::ProbeReport {
+                train: r.u32()?,
+                kbps: r.u32()?,
+            },
             _ => return Err(DecodeError::Malformed),
         };
         if !r.0.is_empty() {
@@ -313,9 +388,11 @@ impl Stale {
 #[derive(Debug)]
 pub struct Guard {
     skew_ms: u64,
-    /// By community, origin, and whether the server sent it (a reply
-    /// names the terminal it answers, but counts with the server's counter).
-    seen: HashMap<(u16, Ipv4Addr, bool), Window>,
+    /// By community, origin, whether the server sent it (a reply names
+    /// the terminal it answers, but counts with the server's counter), and
+    /// the link it was sent over: trains on links of different speeds
+    /// overtake each other by more than the window.
+    seen: HashMap<(u16, Ipv4Addr, bool, u8), Window>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -343,10 +420,10 @@ impl Guard {
         if msg.time_ms.saturating_add(self.skew_ms) < now_ms {
             return Err(Stale::TooOld);
         }
-        let from_server = matches!(msg.body, Body::LoginReply(_));
+        let from_server = msg.flags & flags::FROM_SERVER != 0;
         let w = self
             .seen
-            .entry((msg.community, msg.origin, from_server))
+            .entry((msg.community, msg.origin, from_server, msg.link))
             .or_default();
         let c = msg.counter;
         if w.bits == 0 || c > w.top {
@@ -381,8 +458,8 @@ impl Guard {
 
     /// Forgets a sender (after its SHUTDOWN or expiry, it may restart).
     pub fn forget(&mut self, community: u16, origin: Ipv4Addr) {
-        self.seen.remove(&(community, origin, false));
-        self.seen.remove(&(community, origin, true));
+        self.seen
+            .retain(|&(c, o, _, _), _| (c, o) != (community, origin));
     }
 }
 
@@ -468,6 +545,20 @@ mod tests {
                 port: 7700,
             }),
             Body::LoginReply(Reply::NeedLogin),
+            Body::Probe {
+                train: 3,
+                seq: 39,
+                count: 40,
+                len: MAX_LEN as u16,
+            },
+            Body::ProbeRequest {
+                train: 4,
+                count: 40,
+            },
+            Body::ProbeReport {
+                train: 4,
+                kbps: 41_000,
+            },
         ] {
             let m = Msg {
                 body,
@@ -603,9 +694,18 @@ mod tests {
         // counter from the server is no replay of the terminal's.
         let reply = Msg {
             body: Body::LoginReply(Reply::NeedLogin),
+            flags: flags::FROM_SERVER,
             ..m(5, now)
         };
         assert_eq!(g.check(&reply, now), Ok(()));
+        // So do messages over another link: a slow link's train is
+        // overtaken by a fast one's by more than the window.
+        let other_link = Msg {
+            link: 9,
+            ..m(6, now)
+        };
+        assert_eq!(g.check(&other_link, now), Ok(()));
+        assert_eq!(g.check(&other_link, now), Err(Stale::Replayed));
         assert_eq!(g.check(&m(306, now), now), Ok(()));
         // A forgotten sender starts afresh.
         g.forget(7, Ipv4Addr::new(10, 0, 1, 2));

@@ -10,15 +10,171 @@
 //!   per link, and `"events"`.
 //! - `flows`: `{"flows":[{"community":1,"origin":"10.0.1.3","proto":"tcp",
 //!   "port":40000,"nat_port":20000,"up_pkts":..,"up_bytes":..,"down_pkts":..,
-//!   "down_bytes":..,"idle_ms":..}]}`
+//!   "down_bytes":..,"idle_ms":..,"closing":false}]}` (`closing`: a TCP
+//!   flow that saw FIN or RST, on the short timeout)
+//! - `peers` on a terminal: `{"ok":true,"peers":[{"address":"10.0.1.2",
+//!   "link":2,"port":7702,"missed":0,"up":20,"down":20,"self":false,
+//!   "in_use":true}]}`, one row per link (the seed's Table 1: LAN address,
+//!   port, missed announces, weight per direction), this host's own links
+//!   first with `"self":true`; a peer without links has one row with link 0.
+//! - `peers` on a server: `{"ok":true,"terminals":[{"community":1,
+//!   "address":"10.0.1.1","missed":0,"links":[{"link":1,
+//!   "address":"198.51.100.130:7701","down":10,"missed":0}]}]}`
+//! - `status`: see docs/operator.md; `role` tells which shape.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
-use bond_common::maps::{LinkStats, name};
+use bond_common::maps::{FLOW_CLOSING, LinkStats, name};
 use serde_json::{Value, json};
 
 use crate::datapath::Maps;
+
+/// `bond-ctl status`.
+pub fn status(v: &Value, json: bool) -> Result<()> {
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let rejects = v["rejects"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "none".into());
+    if v["role"] == "server" {
+        println!(
+            "server {} (instance {}), up {}s{}",
+            v["address"].as_str().unwrap_or("?"),
+            v["instance"].as_str().unwrap_or("?"),
+            v["uptime_s"],
+            if v["adopted"] == true {
+                ", adopted a running datapath"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "{:>9} {:>9} {:>6} {:>7}",
+            "community", "terminals", "links", "flows"
+        );
+        for c in v["communities"].as_array().into_iter().flatten() {
+            println!(
+                "{:>9} {:>9} {:>6} {:>7}",
+                c["id"], c["terminals"], c["links"], c["flows"]
+            );
+        }
+        println!("flows {}, free ports {}", v["flows"], v["free_ports"]);
+    } else {
+        println!(
+            "terminal {} (instance {}), community {}, server {}: {}{}",
+            v["address"].as_str().unwrap_or("?"),
+            v["instance"].as_str().unwrap_or("?"),
+            v["community"],
+            v["server"].as_str().unwrap_or("?"),
+            if v["logged_on"] == true {
+                "logged on"
+            } else {
+                "not logged on"
+            },
+            if v["draining"] == true {
+                ", DRAINING"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "{} peer(s), announcing every {} ms",
+            v["peers"], v["announce_ms"]
+        );
+        println!(
+            "{:>4} {:>10} {:>6} {:>10} {:>10} {:>7}",
+            "link", "interface", "port", "up", "down", "active"
+        );
+        for l in v["links"].as_array().into_iter().flatten() {
+            let w = |d: &str| {
+                let mode = l[format!("{d}_weight")]["mode"].as_str().unwrap_or("?");
+                format!("{}{}", l[d], if mode == "auto" { "*" } else { "" })
+            };
+            println!(
+                "{:>4} {:>10} {:>6} {:>10} {:>10} {:>7}",
+                l["link"],
+                l["interface"].as_str().unwrap_or("?"),
+                l["port"],
+                w("up"),
+                w("down"),
+                l["active"]
+            );
+        }
+        println!("(* measured, kbit/s)");
+    }
+    println!("control messages rejected: {rejects}");
+    Ok(())
+}
+
+/// `bond-ctl peers`.
+pub fn peers(v: &Value, json: bool) -> Result<()> {
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    if let Some(terms) = v["terminals"].as_array() {
+        println!(
+            "{:>9} {:>15} {:>6} {:>4} {:>21} {:>8} {:>6}",
+            "community", "terminal", "missed", "link", "address", "down", "missed"
+        );
+        for t in terms {
+            let links = t["links"].as_array().cloned().unwrap_or_default();
+            if links.is_empty() {
+                println!(
+                    "{:>9} {:>15} {:>6}",
+                    t["community"],
+                    t["address"].as_str().unwrap_or("?"),
+                    t["missed"]
+                );
+            }
+            for l in links {
+                println!(
+                    "{:>9} {:>15} {:>6} {:>4} {:>21} {:>8} {:>6}",
+                    t["community"],
+                    t["address"].as_str().unwrap_or("?"),
+                    t["missed"],
+                    l["link"],
+                    l["address"].as_str().unwrap_or("?"),
+                    l["down"],
+                    l["missed"]
+                );
+            }
+        }
+        return Ok(());
+    }
+    println!(
+        "{:>15} {:>4} {:>6} {:>6} {:>10} {:>10} {:>6}",
+        "address", "link", "port", "missed", "up", "down", "in use"
+    );
+    for r in v["peers"].as_array().into_iter().flatten() {
+        println!(
+            "{:>15} {:>4} {:>6} {:>6} {:>10} {:>10} {:>6}{}",
+            r["address"].as_str().unwrap_or("?"),
+            r["link"],
+            r["port"],
+            r["missed"],
+            r["up"],
+            r["down"],
+            if r["in_use"] == true { "yes" } else { "no" },
+            if r["self"] == true {
+                "  (this host)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
 
 fn stats_json(s: &LinkStats) -> serde_json::Map<String, Value> {
     let v = json!({
@@ -191,6 +347,7 @@ pub fn flows(maps: &Maps, json: bool) -> Result<()> {
                     "up_pkts": f.up_pkts, "up_bytes": f.up_bytes,
                     "down_pkts": f.down_pkts, "down_bytes": f.down_bytes,
                     "idle_ms": now.saturating_sub(f.last_seen_ns) / 1_000_000,
+                    "closing": f.state & FLOW_CLOSING != 0,
                 })
             })
             .collect();
@@ -200,9 +357,16 @@ pub fn flows(maps: &Maps, json: bool) -> Result<()> {
             "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}",
             "community", "origin", "proto", "port", "nat_port", "up_pkts", "down_pkts", "idle_ms"
         );
+        let closing = |f: &bond_common::maps::Flow| {
+            if f.state & FLOW_CLOSING != 0 {
+                "  closing"
+            } else {
+                ""
+            }
+        };
         for (k, f) in &flows {
             println!(
-                "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}",
+                "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}{}",
                 k.community,
                 Ipv4Addr::from(k.origin),
                 proto_name(k.proto),
@@ -210,7 +374,8 @@ pub fn flows(maps: &Maps, json: bool) -> Result<()> {
                 f.nat_port,
                 f.up_pkts,
                 f.down_pkts,
-                now.saturating_sub(f.last_seen_ns) / 1_000_000
+                now.saturating_sub(f.last_seen_ns) / 1_000_000,
+                closing(f)
             );
         }
         println!("{} flow(s)", flows.len());
@@ -219,7 +384,7 @@ pub fn flows(maps: &Maps, json: bool) -> Result<()> {
 }
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -1,29 +1,44 @@
 //! The server agent: logs terminals on, learns each community's links from
-//! their announces, expires the silent ones, and writes sessions, links and
-//! downstream schedules to the maps.
+//! their announces, expires the silent ones, writes sessions, links and
+//! downstream schedules to the maps, and measures and serves trains for
+//! terminals that weigh their links by measurement.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{SocketAddr, SocketAddrV4},
-    path::Path,
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use bond_common::maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink};
-use tokio::net::UdpSocket;
+use serde_json::{Value, json};
+use tokio::{net::UdpSocket, sync::mpsc};
 
-use super::{Rejects, attach_xdp, wait_for_signal};
+use super::{Exit, Pins, Rejects, wait_for_signal};
 use crate::{
     config::ServerConfig,
+    control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
+    flows::{self, FlowGauge},
     membership::{Refusal, ServerTable},
-    net::{sysctl, udp_socket},
-    proto::{self, Body, Counter, Guard, Msg, Reply, flags},
+    net::{recv_stamped, sysctl, timestamp_arrivals, udp_socket},
+    probe::{PROBE_LEN, TRAIN_LEN, TrainRx},
+    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
 
 const SKEW_MS: u64 = 30_000;
+/// An upstream train is measured this long after its first packet even if
+/// its last never came.
+const TRAIN_WAIT: Duration = Duration::from_millis(500);
+/// Downstream trains per link are sent at most this often.
+const TRAIN_MIN_GAP: Duration = Duration::from_millis(200);
+/// Terminals found in the maps at adoption are taken as announcing this
+/// often until they announce themselves.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// An upstream train being received: (community, origin, link, train).
+type TrainKey = (u16, Ipv4Addr, u8, u32);
 
 struct Agent {
     cfg: ServerConfig,
@@ -38,15 +53,26 @@ struct Agent {
     free_idx: Vec<u32>,
     next_idx: u32,
     rejects: Rejects,
+    /// Upstream trains in flight, with when they started and where the
+    /// report goes.
+    trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddrV4)>,
+    /// When each (community, link) last got a downstream train.
+    sent_trains: HashMap<(u16, u8), Instant>,
+    adopted: bool,
+    started: Instant,
+    /// The flow table as of the last sweep (for `status` and metrics).
+    pub flows: FlowGauge,
 }
 
-pub async fn run(cfg: ServerConfig, dir: &Path) -> Result<()> {
+pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>) -> Result<Exit> {
     let (lo, hi) = cfg
         .port_range()
         .map_err(anyhow::Error::msg)
         .context("field `nat_ports`")?;
-    let mut ebpf = datapath::load(ebpf::SERVER, dir)?;
-    let maps = Maps::new(dir);
+    let ports = u32::from(hi - lo) + 1;
+    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports);
+    let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
+    let maps = Maps::new(&pins.dir);
     maps.set_server_config(ServerMap {
         wan_ip: u32::from(cfg.address),
         nat_ip: u32::from(cfg.nat_address),
@@ -55,7 +81,13 @@ pub async fn run(cfg: ServerConfig, dir: &Path) -> Result<()> {
         port_max: hi,
         _pad: 0,
     })?;
-    let pushed = maps.push_free_ports(lo..=hi)?;
+    // An adopted queue holds the ports no flow has: filling it again
+    // would hand one port to two flows.
+    let pushed = if pins.adopted {
+        0
+    } else {
+        maps.push_free_ports(lo..=hi)?
+    };
 
     // Forwarding for the slow path, which hands the kernel packets whose
     // source is one of our own addresses; the dedicated ports are kept from
@@ -65,11 +97,12 @@ pub async fn run(cfg: ServerConfig, dir: &Path) -> Result<()> {
     for i in &cfg.interfaces {
         sysctl(&format!("net.ipv4.conf.{i}.accept_local"), "1")?;
         sysctl(&format!("net.ipv4.conf.{i}.rp_filter"), "0")?;
-        attach_xdp(&mut ebpf, "bond_server", i)
+        pins.attach_xdp(&mut ebpf, "bond_server", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
     let sock = udp_socket(SocketAddrV4::new(cfg.address, cfg.port), None)
         .context("fields `address`, `port`")?;
+    timestamp_arrivals(&sock)?;
     eprintln!(
         "bond-ctl: server {}:{} up: {} communities, {pushed} dedicated ports {lo}-{hi} on {}",
         cfg.address,
@@ -91,24 +124,60 @@ pub async fn run(cfg: ServerConfig, dir: &Path) -> Result<()> {
         free_idx: Vec::new(),
         next_idx: 0,
         rejects: Rejects::default(),
+        trains: HashMap::new(),
+        sent_trains: HashMap::new(),
+        adopted: pins.adopted,
+        started: Instant::now(),
+        flows: FlowGauge::new(u64::from(ports)),
         cfg,
         maps,
     };
-    agent.run().await
+    if agent.adopted {
+        agent.adopt()?;
+    }
+    agent.run(calls).await
 }
 
 impl Agent {
-    async fn run(&mut self) -> Result<()> {
+    async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
         let stop = wait_for_signal();
         tokio::pin!(stop);
         let mut buf = vec![0u8; 2048];
+        let mut trains = tokio::time::interval(TRAIN_WAIT / 5);
+        let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self
                 .table
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                r = &mut stop => return r,
+                r = &mut stop => return r.map(|()| Exit::Leave),
+                Some(call) = calls.recv() => {
+                    let detach = call.req == Request::Detach;
+                    let answer = self.handle(call.req);
+                    let _ = call.reply.send(answer);
+                    if detach {
+                        return Ok(Exit::Detach);
+                    }
+                }
+                _ = trains.tick() => self.finish_trains(false).await,
+                _ = sweep.tick() => {
+                    let timeouts = self.cfg.flows.timeouts();
+                    match flows::sweep(&self.maps, &timeouts, flows::monotonic_ns()) {
+                        Ok(r) => {
+                            self.flows.record(&r);
+                            if r.removed() > 0 {
+                                eprintln!(
+                                    "bond-ctl: expired {} flow(s) (tcp {}, udp {}, icmp {}); {} ports free",
+                                    r.removed(), r.tcp, r.udp, r.icmp, self.flows.free_ports
+                                );
+                            }
+                        }
+                        // A failed map call leaves the flows for the next sweep.
+                        Err(e) => eprintln!("bond-ctl: flow sweep: {e}"),
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let ch = self.table.expire(Instant::now());
                     for (c, o) in &ch.sessions_gone {
@@ -120,16 +189,16 @@ impl Agent {
                         self.apply(c)?;
                     }
                 }
-                r = self.sock.recv_from(&mut buf) => {
-                    let Ok((n, SocketAddr::V4(src))) = r else { continue };
+                r = recv_stamped(&self.sock, &mut buf) => {
+                    let Ok((n, src, at_ns)) = r else { continue };
                     let msg = buf[..n].to_vec();
-                    self.receive(&msg, src).await?;
+                    self.receive(&msg, src, at_ns).await?;
                 }
             }
         }
     }
 
-    async fn receive(&mut self, buf: &[u8], src: SocketAddrV4) -> Result<()> {
+    async fn receive(&mut self, buf: &[u8], src: SocketAddrV4, at_ns: u64) -> Result<()> {
         let keys = &self.keys;
         let msg = match self.guard.open(buf, |c| keys.get(&c).map(Vec::as_slice)) {
             Ok(m) => m,
@@ -185,12 +254,112 @@ impl Agent {
                     self.rejects.count("shutdown_without_session");
                 }
             }
-            Body::LoginReply(_) => self.rejects.count("unexpected"),
+            Body::Probe {
+                train, seq, len, ..
+            } if msg.flags & flags::VIA_LINK != 0 => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("probe_without_session");
+                    return Ok(());
+                }
+                let key = (c, o, msg.link, *train);
+                if !self.trains.contains_key(&key) {
+                    // A new train on this link ends the one before it.
+                    self.trains
+                        .retain(|k, _| (k.0, k.1, k.2) != (c, o, msg.link));
+                    if self.trains.len() >= 4096 {
+                        self.rejects.count("too_many_trains");
+                        return Ok(());
+                    }
+                    self.trains
+                        .insert(key, (TrainRx::new(*train, TRAIN_LEN), Instant::now(), src));
+                }
+                let done = self
+                    .trains
+                    .get_mut(&key)
+                    .is_some_and(|(rx, _, _)| rx.add(*seq, at_ns, usize::from(*len)));
+                if done {
+                    self.finish_train(key).await;
+                }
+            }
+            Body::ProbeRequest { train, count } if msg.flags & flags::VIA_LINK != 0 => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("probe_without_session");
+                    return Ok(());
+                }
+                // Only to a link this terminal announced from that address,
+                // and not too often: no amplifier for anyone.
+                let known = self.applied.get(&(c, msg.link)).is_some_and(|(_, l)| {
+                    l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port())
+                });
+                let now = Instant::now();
+                let recent = self
+                    .sent_trains
+                    .get(&(c, msg.link))
+                    .is_some_and(|t| now.duration_since(*t) < TRAIN_MIN_GAP);
+                if !known || recent || *count > TRAIN_LEN {
+                    self.rejects.count("probe_request_refused");
+                    return Ok(());
+                }
+                self.sent_trains.insert((c, msg.link), now);
+                for seq in 0..*count {
+                    let body = Body::Probe {
+                        train: *train,
+                        seq,
+                        count: *count,
+                        len: PROBE_LEN as u16,
+                    };
+                    self.send(&msg, body, src).await;
+                }
+            }
+            _ => self.rejects.count("unexpected"),
         }
         Ok(())
     }
 
+    /// Measures upstream trains whose last packet came, or (`all` or
+    /// stale) that waited long enough, and reports their rates.
+    async fn finish_trains(&mut self, all: bool) {
+        let now = Instant::now();
+        let stale: Vec<TrainKey> = self
+            .trains
+            .iter()
+            .filter(|(_, (_, t, _))| all || now.duration_since(*t) >= TRAIN_WAIT)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.finish_train(k).await;
+        }
+    }
+
+    async fn finish_train(&mut self, key: TrainKey) {
+        let Some((rx, _, src)) = self.trains.remove(&key) else {
+            return;
+        };
+        let (c, o, link, train) = key;
+        let Some(kbps) = rx.rate_kbps() else {
+            self.rejects.count("probe_train_lost");
+            return;
+        };
+        let to = Msg {
+            community: c,
+            origin: o,
+            link,
+            flags: 0,
+            token: 0,
+            time_ms: 0,
+            counter: 0,
+            body: Body::Shutdown,
+        };
+        self.send(&to, Body::ProbeReport { train, kbps }, src).await;
+    }
+
     async fn reply(&mut self, to: &Msg, r: Reply, src: SocketAddrV4) {
+        self.send(to, Body::LoginReply(r), src).await;
+    }
+
+    /// Sends `body` about `to`'s terminal and link, signed with its
+    /// community's key, to `src`.
+    async fn send(&mut self, to: &Msg, body: Body, src: SocketAddrV4) {
         let Some(key) = self.keys.get(&to.community) else {
             return;
         };
@@ -198,11 +367,11 @@ impl Agent {
             community: to.community,
             origin: to.origin,
             link: to.link,
-            flags: 0,
+            flags: flags::FROM_SERVER,
             token: 0,
             time_ms: proto::now_ms(),
             counter: self.counter.bump(),
-            body: Body::LoginReply(r),
+            body,
         }
         .encode(key);
         if self.sock.send_to(&m, src).await.is_err() {
@@ -225,6 +394,7 @@ impl Agent {
                 link: r.link,
                 flags: LINK_VALID,
                 _pad: [0; 2],
+                owner: u32::from(r.owner),
             };
             let idx = match self.applied.get(&(community, r.link)) {
                 Some((idx, old)) => {
@@ -264,6 +434,246 @@ impl Agent {
             }
         }
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Rebuilds the tables from the maps an earlier agent left: sessions
+    /// with their tokens, and links with their owners, addresses and
+    /// (scaled) downstream weights.
+    fn adopt(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let mut by_term: BTreeMap<(u16, Ipv4Addr), Vec<(LinkAd, SocketAddrV4)>> = BTreeMap::new();
+        let mut slots: HashMap<u16, BTreeMap<u16, u32>> = HashMap::new();
+        for (key, idx) in self.maps.server_link_index()? {
+            let l = self.maps.server_link(idx)?;
+            if l.flags & LINK_VALID == 0 {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key.community) {
+                let s = self.maps.down_schedule(key.community)?;
+                e.insert(s.map(|s| datapath::slot_counts(&s)).unwrap_or_default());
+            }
+            let down = slots[&key.community]
+                .get(&(idx as u16))
+                .copied()
+                .unwrap_or(0);
+            let ad = LinkAd {
+                id: l.link,
+                port: 0,
+                up: 0,
+                down,
+            };
+            let addr = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+            by_term
+                .entry((l.community, Ipv4Addr::from(l.owner)))
+                .or_default()
+                .push((ad, addr));
+            self.applied.insert((l.community, l.link), (idx, l));
+            self.next_idx = self.next_idx.max(idx + 1);
+        }
+        self.free_idx = (0..self.next_idx)
+            .filter(|i| !self.applied.values().any(|(idx, _)| idx == i))
+            .collect();
+        let sessions = self.maps.sessions()?;
+        for (k, s) in &sessions {
+            let o = Ipv4Addr::from(k.origin);
+            let links = by_term.remove(&(k.community, o)).unwrap_or_default();
+            self.table
+                .adopt(k.community, o, s.token, &links, ADOPT_INTERVAL, now);
+        }
+        eprintln!(
+            "bond-ctl: adopted {} session(s) and {} link(s) from the maps",
+            sessions.len(),
+            self.applied.len()
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, req: Request) -> Result<Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Peers => Ok(self.peers()),
+            Request::Metrics => self
+                .metrics()
+                .map(Value::String)
+                .map_err(|e| format!("{e:#}")),
+            Request::Detach => {
+                eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
+                Ok(json!({"detached": true}))
+            }
+            Request::Weight { .. } => Err(
+                "a link's weights are set on the terminal that owns it (`bond-ctl weight` there)"
+                    .into(),
+            ),
+            Request::Drain { .. } => Err(
+                "drain is for terminals; stop a server with SIGTERM (or `detach` to restart it)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Per community: terminals, links, flows, and the ports left.
+    fn status(&self) -> Value {
+        let now = Instant::now();
+        let sessions = self.table.sessions(now);
+        let links = self.table.links(None, now);
+        let flows = self.maps.flows().unwrap_or_default();
+        let communities: Vec<Value> = self
+            .cfg
+            .communities
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "terminals": sessions.iter().filter(|s| s.0 == c.id).count(),
+                    "links": links.iter().filter(|l| l.community == c.id).count(),
+                    "flows": flows.iter().filter(|(k, _)| k.community == c.id).count(),
+                })
+            })
+            .collect();
+        json!({
+            "role": "server",
+            "instance": self.cfg.instance,
+            "address": format!("{}:{}", self.cfg.address, self.cfg.port),
+            "nat_address": self.cfg.nat_address.to_string(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "adopted": self.adopted,
+            "communities": communities,
+            "flows": flows.len(),
+            "free_ports": self.flows.nat_ports.saturating_sub(flows.len() as u64),
+            "flow_table": self.flows,
+            "rejects": self.rejects.json(),
+        })
+    }
+
+    /// Every terminal of every community, with its links.
+    fn peers(&self) -> Value {
+        let now = Instant::now();
+        let links = self.table.links(None, now);
+        let rows: Vec<Value> = self
+            .table
+            .sessions(now)
+            .into_iter()
+            .map(|(c, o, _, missed)| {
+                let l: Vec<Value> = links
+                    .iter()
+                    .filter(|l| l.community == c && l.owner == o)
+                    .map(|l| {
+                        json!({"link": l.link, "address": l.addr.to_string(),
+                               "down": l.down, "missed": l.missed})
+                    })
+                    .collect();
+                json!({"community": c, "address": o.to_string(), "missed": missed, "links": l})
+            })
+            .collect();
+        json!({ "terminals": rows })
+    }
+
+    fn metrics(&self) -> Result<String> {
+        let mut m = Metrics::default();
+        let now = Instant::now();
+        let rows = self.table.links(None, now);
+        let mut stats = Vec::new();
+        for r in &rows {
+            if let Some((idx, _)) = self.applied.get(&(r.community, r.link)) {
+                stats.push((r, self.maps.server_link_stats(*idx)?));
+            }
+        }
+        let labels = |r: &crate::membership::ServerLinkRow, dir: &str| {
+            vec![
+                ("community", r.community.to_string()),
+                ("link", r.link.to_string()),
+                ("direction", dir.to_string()),
+            ]
+        };
+        m.family(
+            "bond_link_packets_total",
+            "counter",
+            "Packets per link: up received from it, down sent on it.",
+        );
+        for (r, s) in &stats {
+            m.sample("bond_link_packets_total", &labels(r, "up"), s.up_pkts);
+            m.sample("bond_link_packets_total", &labels(r, "down"), s.down_pkts);
+        }
+        m.family(
+            "bond_link_bytes_total",
+            "counter",
+            "Bytes of carried (inner) packets per link.",
+        );
+        for (r, s) in &stats {
+            m.sample("bond_link_bytes_total", &labels(r, "up"), s.up_bytes);
+            m.sample("bond_link_bytes_total", &labels(r, "down"), s.down_bytes);
+        }
+        m.family("bond_link_weight", "gauge", "Downstream weight per link.");
+        for r in &rows {
+            m.sample("bond_link_weight", &labels(r, "down"), r.down);
+        }
+        m.family(
+            "bond_link_missed_announces",
+            "gauge",
+            "Announces missed per link.",
+        );
+        for r in &rows {
+            m.sample(
+                "bond_link_missed_announces",
+                &[
+                    ("community", r.community.to_string()),
+                    ("link", r.link.to_string()),
+                ],
+                r.missed,
+            );
+        }
+        let flows = self.maps.flows()?;
+        m.family(
+            "bond_community_flows",
+            "gauge",
+            "Flows in the table per community.",
+        );
+        for c in &self.cfg.communities {
+            let n = flows.iter().filter(|(k, _)| k.community == c.id).count();
+            m.sample(
+                "bond_community_flows",
+                &[("community", c.id.to_string())],
+                n,
+            );
+        }
+        m.family(
+            "bond_free_ports",
+            "gauge",
+            "Dedicated ports free for new flows (shared by all communities).",
+        );
+        m.sample(
+            "bond_free_ports",
+            &[],
+            self.flows.nat_ports.saturating_sub(flows.len() as u64),
+        );
+        m.family(
+            "bond_flows_expired_total",
+            "counter",
+            "Idle flows removed, by protocol.",
+        );
+        for (p, v) in [
+            ("tcp", self.flows.expired_tcp),
+            ("udp", self.flows.expired_udp),
+            ("icmp", self.flows.expired_icmp),
+        ] {
+            m.sample("bond_flows_expired_total", &[("proto", p.into())], v);
+        }
+        m.family(
+            "bond_drops_total",
+            "counter",
+            "Packets dropped by the datapath, by reason.",
+        );
+        for (why, v) in self.maps.server_drops()? {
+            m.sample("bond_drops_total", &[("reason", why.into())], v);
+        }
+        m.family("bond_events_total", "counter", "Datapath events.");
+        for (what, v) in self.maps.server_events()? {
+            m.sample("bond_events_total", &[("event", what.into())], v);
+        }
+        self.rejects.metrics(&mut m);
+        Ok(m.finish())
     }
 }
 

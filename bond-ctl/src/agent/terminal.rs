@@ -1,30 +1,32 @@
 //! The terminal agent: announces itself, keeps the peer table, logs on to
-//! the server, and writes the upstream links, schedule and neighbours the
-//! programs use.
+//! the server, measures its links, and writes the upstream links, schedule
+//! and neighbours the programs use.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::TcAttachType;
 use bond_common::{
-    maps::{LINK_VALID, RelayLink, TerminalConfig as TerminalMap, UpLink},
+    maps::{LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink},
     wire::OUTER_LEN,
 };
+use serde_json::{Value, json};
 use tokio::{net::UdpSocket, sync::mpsc};
 
-use super::{Rejects, attach_xdp, wait_for_signal};
+use super::{Exit, Pins, Rejects, wait_for_signal};
 use crate::{
-    config::TerminalConfig,
+    config::{TerminalConfig, WeightSpec},
+    control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
     membership::PeerTable,
-    net::{Iface, Net, poke_neighbor, sysctl, udp_socket},
+    net::{Iface, Net, poke_neighbor, recv_stamped, sysctl, timestamp_arrivals, udp_socket},
+    probe::{Estimator, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
 
@@ -36,22 +38,77 @@ const SKEW_MS: u64 = 30_000;
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 /// Route metric base for the per-link host routes to the server.
 const METRIC_BASE: u32 = 4200;
+/// Peers found in the maps at adoption are taken as announcing this often
+/// until they announce themselves.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(2);
+/// A drain ends once this host's links carried nothing for this long.
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// A link direction's weight: pinned, or measured.
+#[derive(Debug, Clone)]
+struct Weight {
+    spec: WeightSpec,
+    est: Estimator,
+}
+
+impl Weight {
+    fn new(spec: WeightSpec) -> Self {
+        Self {
+            spec,
+            est: Estimator::default(),
+        }
+    }
+
+    fn value(&mut self) -> u32 {
+        match self.spec {
+            WeightSpec::Fixed(n) => n,
+            WeightSpec::Auto => self.est.weight(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "mode": match self.spec { WeightSpec::Fixed(_) => "fixed", WeightSpec::Auto => "auto" },
+            "measured_kbps": self.est.rate(),
+        })
+    }
+}
 
 /// One of this host's WAN links.
 struct Own {
     ad: LinkAd,
+    up: Weight,
+    down: Weight,
     iface: Iface,
     gateway: Ipv4Addr,
     entry: UpLink,
     relay: RelayLink,
     sock: Arc<UdpSocket>,
+    /// The downstream train being received, and the upstream train whose
+    /// report is awaited.
+    rx: Option<TrainRx>,
+    up_train: Option<u32>,
 }
 
 /// Where a received control message came from.
 #[derive(Clone, Copy, Debug)]
 enum From {
     Lan,
-    Link,
+    /// Over the own link with this index in `own`.
+    Link(usize),
+}
+
+struct Received {
+    from: From,
+    buf: Vec<u8>,
+    src: SocketAddrV4,
+    at_ns: u64,
+}
+
+struct Drain {
+    deadline: Instant,
+    quiet_since: Instant,
+    packets: u64,
 }
 
 struct Agent {
@@ -76,16 +133,24 @@ struct Agent {
     down_seen: HashMap<u8, u64>,
     rejects: Rejects,
     interval: Duration,
+    next_train: u32,
+    drain: Option<Drain>,
+    adopted: bool,
+    started: Instant,
 }
 
-pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
+pub async fn run(
+    cfg: TerminalConfig,
+    pins: &mut Pins,
+    calls: mpsc::Receiver<Call>,
+) -> Result<Exit> {
     let net = Net::new()?;
     let lan = net.iface(&cfg.lan).await.context("field `lan`")?;
     let lan_ip = net.ipv4(&lan).await.context("field `lan`")?;
 
-    let mut ebpf = datapath::load(ebpf::TERMINAL, dir)?;
-    let maps = Maps::new(dir);
-    let map_cfg = TerminalMap {
+    let mut ebpf = datapath::load(ebpf::TERMINAL, &pins.dir)?;
+    let maps = Maps::new(&pins.dir);
+    let mut map_cfg = TerminalMap {
         token: 0,
         lan_ip: u32::from(lan_ip),
         server_ip: u32::from(cfg.server.address),
@@ -95,6 +160,18 @@ pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
         server_port: cfg.server.port,
         lan_mac: lan.mac,
     };
+    // An adopted session goes on: same community and server, same token.
+    let mut token = None;
+    if pins.adopted
+        && let Ok(old) = maps.terminal_config()
+        && old.token != 0
+        && (old.community, old.server_ip, old.lan_ip)
+            == (map_cfg.community, map_cfg.server_ip, map_cfg.lan_ip)
+    {
+        map_cfg.token = old.token;
+        map_cfg.server_port = old.server_port;
+        token = Some(old.token);
+    }
     maps.set_terminal_config(map_cfg)?;
 
     let mut own = Vec::new();
@@ -118,19 +195,23 @@ pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
         .await?;
         let sock = udp_socket(SocketAddrV4::new(wan_ip, l.port), Some(&l.interface))
             .with_context(|| format!("field `links[{i}].port`"))?;
+        timestamp_arrivals(&sock)?;
+        let (mut up, mut down) = (Weight::new(l.up()), Weight::new(l.down()));
         own.push(Own {
             ad: LinkAd {
                 id: l.id,
                 port: l.port,
-                up: l.up(),
-                down: l.down(),
+                up: up.value(),
+                down: down.value(),
             },
+            up,
+            down,
             entry: UpLink {
                 ifindex: wan.index,
                 src_ip: u32::from(wan_ip),
                 dst_ip: u32::from(cfg.server.address),
                 src_port: l.port,
-                dst_port: cfg.server.port,
+                dst_port: map_cfg.server_port,
                 src_mac: wan.mac,
                 dst_mac: [0; 6],
                 mtu: mtu as u16,
@@ -151,6 +232,8 @@ pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
             iface: wan,
             gateway,
             sock: Arc::new(sock),
+            rx: None,
+            up_train: None,
         });
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
@@ -162,7 +245,9 @@ pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
 
     // bond0: sized so a wrapped packet fits the smallest path.
     let capture_mtu = path_mtu - OUTER_LEN as u32;
-    let dev = net.create_capture(&cfg.device, capture_mtu).await?;
+    let dev = net
+        .create_capture(&cfg.device, capture_mtu, pins.adopted)
+        .await?;
     let mut agent = Agent {
         interval: Duration::from_millis(u64::from(cfg.announce_ms)),
         peers: PeerTable::new(cfg.misses),
@@ -175,39 +260,44 @@ pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
         own,
         peer_links: BTreeMap::new(),
         neighbors: HashMap::new(),
-        token: None,
+        token,
         counter: Counter::new(),
         guard: Guard::new(SKEW_MS),
         lan_sock: Arc::new(lan_sock),
         schedule: None,
         down_seen: HashMap::new(),
         rejects: Rejects::default(),
+        next_train: getrandom::u32().unwrap_or(1),
+        drain: None,
+        adopted: pins.adopted,
+        started: Instant::now(),
     };
+    if agent.adopted {
+        agent.adopt_peers()?;
+    }
     let result = async {
-        let wrap: &mut SchedClassifier = ebpf
-            .program_mut("bond_wrap")
-            .context("bond_wrap missing")?
-            .try_into()?;
-        wrap.load()?;
-        wrap.attach(&agent.cfg.device, TcAttachType::Egress)
-            .with_context(|| format!("attaching bond_wrap to {}", agent.cfg.device))?;
-        attach_xdp(&mut ebpf, "bond_terminal", &agent.cfg.lan)?;
+        pins.attach_tc(&mut ebpf, "bond_wrap", &agent.cfg.device, TcAttachType::Egress)?;
+        pins.attach_xdp(&mut ebpf, "bond_terminal", &agent.cfg.lan)?;
         for l in &agent.cfg.links {
-            attach_xdp(&mut ebpf, "bond_terminal", &l.interface)?;
+            pins.attach_xdp(&mut ebpf, "bond_terminal", &l.interface)?;
         }
         for p in &agent.cfg.capture {
             agent.net.route_to(p.addr, p.len, dev.index, lan_ip).await?;
         }
         eprintln!(
-            "bond-ctl: terminal {lan_ip} up: community {}, {} own link(s), {} mtu {capture_mtu}, announcing every {} ms",
+            "bond-ctl: terminal {lan_ip} up: community {}, {} own link(s), {} mtu {capture_mtu}, announcing every {} ms{}",
             agent.cfg.community,
             agent.own.len(),
             agent.cfg.device,
             agent.cfg.announce_ms,
+            if agent.adopted { " (adopted the running datapath)" } else { "" },
         );
-        agent.run().await
+        agent.run(calls).await
     }
     .await;
+    if let Ok(Exit::Detach) = result {
+        return result;
+    }
     // Leave the host as found: SHUTDOWN, no capture device, no routes.
     agent.shutdown().await;
     let _ = agent.net.delete(&agent.cfg.device).await;
@@ -226,14 +316,15 @@ pub async fn run(cfg: TerminalConfig, dir: &Path) -> Result<()> {
 }
 
 impl Agent {
-    async fn run(&mut self) -> Result<()> {
-        let (tx, mut rx) = mpsc::channel::<(From, Vec<u8>, SocketAddr)>(1024);
+    async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
+        let (tx, mut rx) = mpsc::channel::<Received>(1024);
         spawn_reader(self.lan_sock.clone(), From::Lan, tx.clone());
-        for o in &self.own {
-            spawn_reader(o.sock.clone(), From::Link, tx.clone());
+        for (i, o) in self.own.iter().enumerate() {
+            spawn_reader(o.sock.clone(), From::Link(i), tx.clone());
         }
         let mut announce = tokio::time::interval(self.interval);
         let mut refresh = tokio::time::interval(REFRESH);
+        let mut probe = tokio::time::interval(Duration::from_millis(u64::from(self.cfg.probe_ms)));
         let stop = wait_for_signal();
         tokio::pin!(stop);
         loop {
@@ -242,9 +333,16 @@ impl Agent {
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                r = &mut stop => return r,
+                r = &mut stop => return r.map(|()| Exit::Leave),
                 _ = announce.tick() => self.announce().await,
-                _ = refresh.tick() => self.refresh().await?,
+                _ = refresh.tick() => {
+                    self.refresh().await?;
+                    if self.drained()? {
+                        eprintln!("bond-ctl: drained: leaving");
+                        return Ok(Exit::Leave);
+                    }
+                }
+                _ = probe.tick() => self.probe().await,
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let gone = self.peers.expire(Instant::now());
                     if !gone.is_empty() {
@@ -252,7 +350,15 @@ impl Agent {
                         self.apply_peers().await?;
                     }
                 }
-                Some((from, buf, src)) = rx.recv() => self.receive(from, &buf, src).await?,
+                Some(r) = rx.recv() => self.receive(r).await?,
+                Some(call) = calls.recv() => {
+                    let detach = call.req == Request::Detach;
+                    let answer = self.handle(call.req).await;
+                    let _ = call.reply.send(answer);
+                    if detach {
+                        return Ok(Exit::Detach);
+                    }
+                }
             }
         }
     }
@@ -272,9 +378,18 @@ impl Agent {
     }
 
     fn announce_body(&self) -> Body {
+        let draining = self.drain.is_some();
         Body::Announce {
             interval_ms: self.cfg.announce_ms,
-            links: self.own.iter().map(|o| o.ad).collect(),
+            links: self
+                .own
+                .iter()
+                .map(|o| LinkAd {
+                    up: if draining { 0 } else { o.ad.up },
+                    down: if draining { 0 } else { o.ad.down },
+                    ..o.ad
+                })
+                .collect(),
         }
     }
 
@@ -341,18 +456,21 @@ impl Agent {
         if self.token.is_some() {
             self.send_to_server(Body::Shutdown, false).await;
         }
-        if !self.own.is_empty() {
+        if !self.own.is_empty() && self.drain.is_none() {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
     }
 
-    async fn receive(&mut self, from: From, buf: &[u8], src: SocketAddr) -> Result<()> {
-        let SocketAddr::V4(src) = src else {
-            return Ok(());
-        };
+    async fn receive(&mut self, r: Received) -> Result<()> {
+        let Received {
+            from,
+            buf,
+            src,
+            at_ns,
+        } = r;
         let community = self.cfg.community;
         let key = self.cfg.key.bytes();
-        let msg = match self.guard.open(buf, |c| (c == community).then_some(key)) {
+        let msg = match self.guard.open(&buf, |c| (c == community).then_some(key)) {
             Ok(m) => m,
             Err(why) => {
                 self.rejects.count(why);
@@ -360,20 +478,46 @@ impl Agent {
             }
         };
         let now = Instant::now();
+        let from_server = msg.flags & flags::FROM_SERVER != 0;
+        if from_server && (matches!(from, From::Link(_)) && *src.ip() != self.cfg.server.address) {
+            self.rejects.count("reply_not_from_server");
+            return Ok(());
+        }
         match (from, &msg.body) {
             // The server's answer: over our link, or passed on by the peer
             // that relayed our LOGIN.
-            (_, Body::LoginReply(r)) if msg.origin == self.lan_ip => {
-                if matches!(from, From::Link) && *src.ip() != self.cfg.server.address {
-                    self.rejects.count("reply_not_from_server");
-                    return Ok(());
-                }
+            (_, Body::LoginReply(r)) if from_server && msg.origin == self.lan_ip => {
                 self.login_reply(r)?;
+            }
+            // Measurements of our own links.
+            (
+                From::Link(i),
+                Body::Probe {
+                    train, seq, len, ..
+                },
+            ) if from_server && msg.origin == self.lan_ip => {
+                let o = &mut self.own[i];
+                if let Some(rx) = o.rx.as_mut().filter(|rx| rx.id == *train)
+                    && rx.add(*seq, at_ns, usize::from(*len))
+                {
+                    let rx = o.rx.take().expect("checked above");
+                    self.train_done(i, &rx);
+                    self.update_weights().await?;
+                }
+            }
+            (From::Link(i), Body::ProbeReport { train, kbps })
+                if from_server && msg.origin == self.lan_ip =>
+            {
+                let o = &mut self.own[i];
+                if o.up_train == Some(*train) && o.up.spec == WeightSpec::Auto {
+                    o.up.est.add(*kbps);
+                    self.update_weights().await?;
+                }
             }
             // For the server, from a peer without links of its own.
             (From::Lan, _) if msg.flags & flags::RELAY != 0 => {
                 if let Some(o) = self.own.iter().find(|o| o.entry.flags & LINK_VALID != 0) {
-                    let _ = o.sock.send_to(buf, self.server()).await;
+                    let _ = o.sock.send_to(&buf, self.server()).await;
                 } else {
                     self.rejects.count("cannot_relay");
                 }
@@ -394,9 +538,9 @@ impl Agent {
                 }
             }
             // A reply for a peer we relayed for: back to it over the LAN.
-            (From::Link, Body::LoginReply(_)) if *src.ip() == self.cfg.server.address => {
+            (From::Link(_), Body::LoginReply(_)) if from_server => {
                 let to = SocketAddr::V4(SocketAddrV4::new(msg.origin, self.cfg.data_port));
-                let _ = self.lan_sock.send_to(buf, to).await;
+                let _ = self.lan_sock.send_to(&buf, to).await;
             }
             _ => self.rejects.count("unexpected"),
         }
@@ -433,6 +577,102 @@ impl Agent {
         Ok(())
     }
 
+    // ------------------------------------------------------ measurement --
+
+    /// Every probe interval, for each own link with a measured weight: an
+    /// upstream train to the server (which reports its rate), and a
+    /// request for a downstream train (which we time).
+    async fn probe(&mut self) {
+        let Some(token) = self.token else { return };
+        let server = self.server();
+        for i in 0..self.own.len() {
+            if self.own[i].entry.flags & LINK_VALID == 0 || self.drain.is_some() {
+                continue;
+            }
+            // What arrived of the last downstream train counts, if enough.
+            if let Some(rx) = self.own[i].rx.take() {
+                self.train_done(i, &rx);
+            }
+            let id = self.own[i].ad.id;
+            if self.own[i].down.spec == WeightSpec::Auto {
+                let train = self.next_train();
+                let m = self.sign(
+                    Body::ProbeRequest {
+                        train,
+                        count: TRAIN_LEN,
+                    },
+                    id,
+                    flags::VIA_LINK,
+                    token,
+                );
+                self.own[i].rx = Some(TrainRx::new(train, TRAIN_LEN));
+                let _ = self.own[i].sock.send_to(&m, server).await;
+            }
+            if self.own[i].up.spec == WeightSpec::Auto {
+                let train = self.next_train();
+                self.own[i].up_train = Some(train);
+                for seq in 0..TRAIN_LEN {
+                    let m = self.sign(
+                        Body::Probe {
+                            train,
+                            seq,
+                            count: TRAIN_LEN,
+                            len: PROBE_LEN as u16,
+                        },
+                        id,
+                        flags::VIA_LINK,
+                        token,
+                    );
+                    if self.own[i].sock.send_to(&m, server).await.is_err() {
+                        self.rejects.count("send_failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.update_weights().await {
+            eprintln!("bond-ctl: updating weights: {e:#}");
+        }
+    }
+
+    fn next_train(&mut self) -> u32 {
+        self.next_train = self.next_train.wrapping_add(1);
+        self.next_train
+    }
+
+    fn train_done(&mut self, i: usize, rx: &TrainRx) {
+        let o = &mut self.own[i];
+        match rx.rate_kbps() {
+            Some(kbps) if o.down.spec == WeightSpec::Auto => o.down.est.add(kbps),
+            Some(_) => {}
+            None => self.rejects.count("probe_train_lost"),
+        }
+    }
+
+    /// Takes the links' current weights; if any changed, tells the LAN and
+    /// the server at once and rebuilds our own schedule.
+    async fn update_weights(&mut self) -> Result<()> {
+        let mut changed = false;
+        for o in &mut self.own {
+            let (up, down) = (o.up.value(), o.down.value());
+            if (up, down) != (o.ad.up, o.ad.down) {
+                eprintln!(
+                    "bond-ctl: link {} weights: up {} -> {up}, down {} -> {down}",
+                    o.ad.id, o.ad.up, o.ad.down
+                );
+                (o.ad.up, o.ad.down) = (up, down);
+                changed = true;
+            }
+        }
+        if changed {
+            self.announce().await;
+            self.apply_peers().await?;
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------- upkeep --
+
     /// Re-resolves next hops, reads the links' counters (traffic from a
     /// peer's link is a sign of that peer's life), and rewrites what changed.
     async fn refresh(&mut self) -> Result<()> {
@@ -463,6 +703,74 @@ impl Agent {
         self.apply_peers().await
     }
 
+    /// While draining: whether this host's links have carried nothing for
+    /// [`DRAIN_QUIET`], or the drain's time is up.
+    fn drained(&mut self) -> Result<bool> {
+        let Some(d) = self.drain.as_mut() else {
+            return Ok(false);
+        };
+        let ids: Vec<u8> = self.own.iter().map(|o| o.ad.id).collect();
+        let packets: u64 = self
+            .maps
+            .terminal_link_stats()?
+            .iter()
+            .filter(|(id, _, _)| ids.contains(id))
+            .map(|(_, _, s)| s.up_pkts + s.down_pkts + s.relay_up_pkts + s.relay_down_pkts)
+            .sum();
+        let now = Instant::now();
+        if packets != d.packets {
+            d.packets = packets;
+            d.quiet_since = now;
+        }
+        if now >= d.deadline {
+            eprintln!("bond-ctl: drain timed out with traffic still on this host's links");
+            return Ok(true);
+        }
+        Ok(now.duration_since(d.quiet_since) >= DRAIN_QUIET)
+    }
+
+    /// Rebuilds the peer table from the maps an earlier agent left: every
+    /// valid LAN link entry names its owner and port, and the schedule
+    /// holds its weight. They count as alive until they miss announces.
+    fn adopt_peers(&mut self) -> Result<()> {
+        let slots = datapath::slot_counts(&self.maps.up_schedule()?);
+        let mut found: BTreeMap<Ipv4Addr, Vec<LinkAd>> = BTreeMap::new();
+        for id in 0..MAX_LINK_IDS {
+            let id = id as u8;
+            let Ok(e) = self.maps.up_link(id) else {
+                continue;
+            };
+            if e.flags & LINK_VALID == 0 || e.ifindex != self.lan.index {
+                continue;
+            }
+            let w = slots.get(&u16::from(id)).copied().unwrap_or(0);
+            found
+                .entry(Ipv4Addr::from(e.dst_ip))
+                .or_default()
+                .push(LinkAd {
+                    id,
+                    port: e.dst_port,
+                    up: w,
+                    down: w,
+                });
+            self.peer_links.insert(id, (Ipv4Addr::from(e.dst_ip), e));
+        }
+        let now = Instant::now();
+        for (ip, links) in &found {
+            self.peers.announce(*ip, ADOPT_INTERVAL, links, now);
+        }
+        eprintln!(
+            "bond-ctl: adopted {} peer link(s) from the maps{}",
+            self.peer_links.len(),
+            if self.token.is_some() {
+                " and the session"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
     /// Brings T_NEIGH, T_UP_LINKS and the schedule in line with the peer
     /// table. A departed link leaves the schedule before its entry goes.
     async fn apply_peers(&mut self) -> Result<()> {
@@ -479,10 +787,11 @@ impl Agent {
                 }
             }
         }
+        let draining = self.drain.is_some();
         let mut usable: Vec<(u8, u32)> = self
             .own
             .iter()
-            .filter(|o| o.entry.flags & LINK_VALID != 0)
+            .filter(|o| o.entry.flags & LINK_VALID != 0 && !draining)
             .map(|o| (o.ad.id, o.ad.up))
             .collect();
         let mut want: BTreeMap<u8, (Ipv4Addr, UpLink)> = BTreeMap::new();
@@ -543,15 +852,218 @@ impl Agent {
         }
         Ok(())
     }
+
+    // --------------------------------------------------------- operator --
+
+    async fn handle(&mut self, req: Request) -> Result<Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Peers => Ok(json!({ "peers": self.peer_rows() })),
+            Request::Weight { link, up, down } => {
+                let Some(o) = self.own.iter_mut().find(|o| o.ad.id == link) else {
+                    return Err(match self.peers.owner(link) {
+                        Some(ip) => format!("link {link} belongs to {ip}: set it there"),
+                        None => format!("link {link} is not one of this host's links"),
+                    });
+                };
+                if let Some(s) = up {
+                    o.up = Weight::new(s);
+                }
+                if let Some(s) = down {
+                    o.down = Weight::new(s);
+                }
+                let (up, down) = (o.up.spec, o.down.spec);
+                eprintln!("bond-ctl: link {link} weights set: up {up}, down {down}");
+                self.update_weights().await.map_err(|e| format!("{e:#}"))?;
+                Ok(json!({"link": link, "up": up.to_string(), "down": down.to_string()}))
+            }
+            Request::Drain { timeout_ms } => {
+                let now = Instant::now();
+                self.drain = Some(Drain {
+                    deadline: now + Duration::from_millis(timeout_ms),
+                    quiet_since: now,
+                    packets: 0,
+                });
+                eprintln!("bond-ctl: draining: this host's links leave the schedules");
+                self.announce().await;
+                self.apply_peers().await.map_err(|e| format!("{e:#}"))?;
+                Ok(json!({"draining": true, "links": self.own.len()}))
+            }
+            Request::Detach => {
+                eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
+                Ok(json!({"detached": true}))
+            }
+            Request::Metrics => self
+                .metrics()
+                .map(Value::String)
+                .map_err(|e| format!("{e:#}")),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let links: Vec<Value> = self
+            .own
+            .iter()
+            .map(|o| {
+                json!({
+                    "link": o.ad.id, "interface": o.iface.name, "port": o.ad.port,
+                    "up": o.ad.up, "down": o.ad.down,
+                    "up_weight": o.up.json(), "down_weight": o.down.json(),
+                    "active": o.entry.flags & LINK_VALID != 0,
+                })
+            })
+            .collect();
+        json!({
+            "role": "terminal",
+            "instance": self.cfg.instance,
+            "community": self.cfg.community,
+            "address": self.lan_ip.to_string(),
+            "server": self.server().to_string(),
+            "logged_on": self.token.is_some(),
+            "announce_ms": self.cfg.announce_ms,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "adopted": self.adopted,
+            "draining": self.drain.is_some(),
+            "links": links,
+            "peers": self.peers.peers().count(),
+            "schedule": self.schedule.clone().unwrap_or_default(),
+            "rejects": self.rejects.json(),
+        })
+    }
+
+    /// The seed's Table 1, one row per link (this host's own too), with
+    /// whether the link is in this host's upstream schedule.
+    fn peer_rows(&self) -> Vec<Value> {
+        let sched: Vec<u8> = self
+            .schedule
+            .iter()
+            .flatten()
+            .filter(|(_, w)| *w > 0)
+            .map(|(l, _)| *l)
+            .collect();
+        let mut rows: Vec<Value> = self
+            .own
+            .iter()
+            .map(|o| {
+                json!({
+                    "address": self.lan_ip.to_string(), "link": o.ad.id, "port": o.ad.port,
+                    "missed": 0, "up": o.ad.up, "down": o.ad.down,
+                    "self": true, "in_use": sched.contains(&o.ad.id),
+                })
+            })
+            .collect();
+        for r in self.peers.rows(Instant::now()) {
+            rows.push(json!({
+                "address": r.address.to_string(), "link": r.link, "port": r.port,
+                "missed": r.missed, "up": r.up, "down": r.down,
+                "self": false, "in_use": r.link != 0 && sched.contains(&r.link),
+            }));
+        }
+        rows
+    }
+
+    fn metrics(&self) -> Result<String> {
+        let mut m = Metrics::default();
+        let stats = self.maps.terminal_link_stats()?;
+        m.family(
+            "bond_link_packets_total",
+            "counter",
+            "Packets carried per link: up/down as origin, relay_up/relay_down for peers.",
+        );
+        for (id, _, s) in &stats {
+            for (dir, v) in [
+                ("up", s.up_pkts),
+                ("down", s.down_pkts),
+                ("relay_up", s.relay_up_pkts),
+                ("relay_down", s.relay_down_pkts),
+            ] {
+                m.sample(
+                    "bond_link_packets_total",
+                    &[("link", id.to_string()), ("direction", dir.into())],
+                    v,
+                );
+            }
+        }
+        m.family(
+            "bond_link_bytes_total",
+            "counter",
+            "Bytes of carried (inner) packets per link.",
+        );
+        for (id, _, s) in &stats {
+            for (dir, v) in [
+                ("up", s.up_bytes),
+                ("down", s.down_bytes),
+                ("relay_up", s.relay_up_bytes),
+                ("relay_down", s.relay_down_bytes),
+            ] {
+                m.sample(
+                    "bond_link_bytes_total",
+                    &[("link", id.to_string()), ("direction", dir.into())],
+                    v,
+                );
+            }
+        }
+        let rows = self.peer_rows();
+        m.family(
+            "bond_link_weight",
+            "gauge",
+            "Announced weight per link and direction.",
+        );
+        for r in &rows {
+            for dir in ["up", "down"] {
+                m.sample(
+                    "bond_link_weight",
+                    &[("link", r["link"].to_string()), ("direction", dir.into())],
+                    &r[dir],
+                );
+            }
+        }
+        m.family(
+            "bond_link_missed_announces",
+            "gauge",
+            "Announces missed by each link's owner.",
+        );
+        for r in &rows {
+            m.sample(
+                "bond_link_missed_announces",
+                &[("link", r["link"].to_string())],
+                &r["missed"],
+            );
+        }
+        m.family(
+            "bond_drops_total",
+            "counter",
+            "Packets dropped by the datapath, by reason.",
+        );
+        for (why, v) in self.maps.terminal_drops()? {
+            m.sample("bond_drops_total", &[("reason", why.into())], v);
+        }
+        self.rejects.metrics(&mut m);
+        m.family(
+            "bond_logged_on",
+            "gauge",
+            "1 while the terminal holds a session.",
+        );
+        m.sample("bond_logged_on", &[], u8::from(self.token.is_some()));
+        m.family("bond_peers", "gauge", "Live LAN peers.");
+        m.sample("bond_peers", &[], self.peers.peers().count());
+        Ok(m.finish())
+    }
 }
 
-fn spawn_reader(sock: Arc<UdpSocket>, from: From, tx: mpsc::Sender<(From, Vec<u8>, SocketAddr)>) {
+fn spawn_reader(sock: Arc<UdpSocket>, from: From, tx: mpsc::Sender<Received>) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         loop {
-            match sock.recv_from(&mut buf).await {
-                Ok((n, src)) => {
-                    if tx.send((from, buf[..n].to_vec(), src)).await.is_err() {
+            match recv_stamped(&sock, &mut buf).await {
+                Ok((n, src, at_ns)) => {
+                    let r = Received {
+                        from,
+                        buf: buf[..n].to_vec(),
+                        src,
+                        at_ns,
+                    };
+                    if tx.send(r).await.is_err() {
                         return;
                     }
                 }

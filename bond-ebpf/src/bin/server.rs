@@ -9,6 +9,9 @@
 //! - Downstream: a reply to the NAT address on a dedicated port is mapped
 //!   back to its origin, wrapped, and sent on the next link of its
 //!   community's downstream schedule.
+//! - TCP segments with FIN or RST, either way, mark their flow closing
+//!   (`Flow::state`); the agent expires idle flows and returns their ports
+//!   to the queue (`bond-ctl/src/flows.rs`).
 //!
 //! Next hops come from the kernel's FIB (`bpf_fib_lookup`). When the
 //! neighbour is not resolved yet the rewritten packet is handed to the
@@ -32,7 +35,7 @@ use bond_common::{
     maps::{
         Flow, FlowKey, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_FLOWS,
         MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, Schedule, ServerConfig, ServerLink,
-        Session, SessionKey, event,
+        Session, SessionKey, event, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, INNER_OFF,
@@ -181,8 +184,10 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let port = port.ok_or(drops::TRUNCATED)?;
     // The whole L4 header we touch must be present.
     read::<8>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
+    let mut tcp_flags = None;
     if inner.proto == IPPROTO_TCP {
-        read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
+        let h = read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
+        tcp_flags = Some(h[tcp::FLAGS_OFF]);
     }
 
     // Route before taking a port: a packet that cannot leave makes no flow.
@@ -206,6 +211,9 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         (*flow).last_seen_ns = now;
         (*flow).up_pkts += 1;
         (*flow).up_bytes += u64::from(inner.len);
+        if let Some(f) = tcp_flags {
+            (*flow).state = Flow::tcp_state((*flow).state, f);
+        }
         (*flow).nat_port
     };
     if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, l4, nat_port) {
@@ -291,7 +299,8 @@ fn flow_for(key: &FlowKey, now: u64) -> Result<*mut Flow, u32> {
         .ok_or(drops::NO_FREE_PORT)?;
     let flow = Flow {
         nat_port: port,
-        _pad: [0; 6],
+        state: 0,
+        _pad: [0; 5],
         created_ns: now,
         last_seen_ns: now,
         up_pkts: 0,
@@ -363,8 +372,10 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         return Err(drops::TTL_EXCEEDED);
     }
     read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+    let mut tcp_flags = None;
     if proto == IPPROTO_TCP {
-        read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+        let h = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+        tcp_flags = Some(h[tcp::FLAGS_OFF]);
     }
 
     // SAFETY: read-only use of map values.
@@ -414,6 +425,9 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
             (*f).last_seen_ns = bpf_ktime_get_ns();
             (*f).down_pkts += 1;
             (*f).down_bytes += u64::from(len);
+            if let Some(fl) = tcp_flags {
+                (*f).state = Flow::tcp_state((*f).state, fl);
+            }
         }
     }
     let (link_ip, link_port, link_id) = (link.ip, link.port, link.link);

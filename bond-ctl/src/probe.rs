@@ -1,0 +1,224 @@
+//! Measured weights: packet trains and a smoothed estimate per link and
+//! direction.
+//!
+//! A train is [`TRAIN_LEN`] packets of [`PROBE_LEN`] bytes sent back to
+//! back over one link. They queue at the link's bottleneck and leave it at
+//! the link's rate, whatever else is queued, because the queue is FIFO and
+//! the whole train enters it within microseconds. The receiver timestamps
+//! each packet in the kernel (SO_TIMESTAMPNS) and reads the rate from the
+//! train's second half: the first packets may pass at line rate while a
+//! token bucket still has tokens. Upstream trains are measured by the
+//! server, which reports the rate back; downstream trains are sent by the
+//! server on request and measured by the terminal that owns the link.
+//!
+//! The estimate is the median of the last three trains, smoothed with an
+//! EWMA, and a new weight is announced only when it moves by more than
+//! [`HYSTERESIS`], so the schedules do not churn on noise.
+
+use std::collections::VecDeque;
+
+/// Packets per train.
+pub const TRAIN_LEN: u16 = 40;
+/// UDP payload bytes of each probe (the message is padded to it).
+pub const PROBE_LEN: usize = 1200;
+/// IPv4 and UDP headers, counted in the rate as the link carries them.
+const HEADERS: u64 = 28;
+/// Fewest packets the rate may be read from.
+const MIN_TAIL: usize = 4;
+/// Weight of a new median in the EWMA.
+const ALPHA: f64 = 0.5;
+/// Relative change below which the announced weight stays.
+pub const HYSTERESIS: f64 = 0.05;
+/// Weight used for an `auto` link before its first measurement (kbit/s).
+pub const UNMEASURED: u32 = 1000;
+
+/// The packets of one train as they arrived.
+#[derive(Debug, Clone)]
+pub struct TrainRx {
+    pub id: u32,
+    /// (sequence number, kernel receive time in ns, UDP payload bytes).
+    got: Vec<(u16, u64, usize)>,
+    count: u16,
+}
+
+impl TrainRx {
+    pub fn new(id: u32, count: u16) -> Self {
+        Self {
+            id,
+            got: Vec::with_capacity(usize::from(count)),
+            count,
+        }
+    }
+
+    /// Records one packet; true when it was the train's last.
+    pub fn add(&mut self, seq: u16, at_ns: u64, bytes: usize) -> bool {
+        if seq < self.count && self.got.len() < usize::from(self.count) {
+            self.got.push((seq, at_ns, bytes));
+        }
+        seq + 1 >= self.count
+    }
+
+    /// The link's rate in kbit/s, read from the second half of what
+    /// arrived; `None` if too little arrived or the clock went backwards.
+    pub fn rate_kbps(&self) -> Option<u32> {
+        let mut got = self.got.clone();
+        got.sort_unstable_by_key(|&(_, t, _)| t);
+        let tail = &got[got.len() / 2..];
+        if tail.len() < MIN_TAIL {
+            return None;
+        }
+        let span_ns = tail.last()?.1.checked_sub(tail.first()?.1)?;
+        if span_ns == 0 {
+            return None;
+        }
+        // The first packet of the tail marks the start; the bytes of the
+        // ones after it crossed the bottleneck in `span_ns`.
+        let bits: u64 = tail[1..]
+            .iter()
+            .map(|&(_, _, b)| (b as u64 + HEADERS) * 8)
+            .sum();
+        u32::try_from(bits * 1_000_000 / span_ns).ok()
+    }
+}
+
+/// One link direction's measured rate.
+#[derive(Debug, Clone, Default)]
+pub struct Estimator {
+    recent: VecDeque<u32>,
+    smooth: Option<f64>,
+    announced: Option<u32>,
+}
+
+impl Estimator {
+    /// Adds a train's rate (kbit/s).
+    pub fn add(&mut self, kbps: u32) {
+        if self.recent.len() == 3 {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(kbps);
+        let mut v: Vec<u32> = self.recent.iter().copied().collect();
+        v.sort_unstable();
+        let median = f64::from(v[v.len() / 2]);
+        self.smooth = Some(match self.smooth {
+            None => median,
+            Some(s) => s + ALPHA * (median - s),
+        });
+    }
+
+    /// The smoothed rate, if anything was measured.
+    pub fn rate(&self) -> Option<u32> {
+        self.smooth.map(|s| s.round() as u32)
+    }
+
+    /// The weight to announce: the last one unless the estimate moved by
+    /// more than [`HYSTERESIS`] from it.
+    pub fn weight(&mut self) -> u32 {
+        let Some(now) = self.rate() else {
+            return UNMEASURED;
+        };
+        let now = now.clamp(1, crate::config::MAX_WEIGHT);
+        match self.announced {
+            Some(a) if (f64::from(now) - f64::from(a)).abs() <= HYSTERESIS * f64::from(a) => a,
+            _ => {
+                self.announced = Some(now);
+                now
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A train through a token bucket: `burst` packets at line rate, the
+    /// rest one every `gap_ns`.
+    fn train(rate_kbps: u64, burst: usize, n: u16) -> TrainRx {
+        let gap_ns = (PROBE_LEN as u64 + HEADERS) * 8 * 1_000_000 / rate_kbps;
+        let mut t = TrainRx::new(7, n);
+        let mut at = 1_000_000;
+        for seq in 0..n {
+            at += if usize::from(seq) < burst {
+                1_000
+            } else {
+                gap_ns
+            };
+            t.add(seq, at, PROBE_LEN);
+        }
+        t
+    }
+
+    #[test]
+    fn rate_is_read_past_the_burst() {
+        for (rate, burst) in [(10_000, 3), (40_000, 12), (20_000, 0)] {
+            let got = train(rate, burst, TRAIN_LEN).rate_kbps().unwrap();
+            let err = (f64::from(got) - rate as f64).abs() / rate as f64;
+            assert!(
+                err < 0.01,
+                "{rate} kbit/s with a {burst}-packet burst: {got}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_or_broken_trains_give_nothing() {
+        let mut t = TrainRx::new(1, TRAIN_LEN);
+        for seq in 0..6 {
+            t.add(seq, 1000 + u64::from(seq), PROBE_LEN);
+        }
+        assert_eq!(t.rate_kbps(), None, "too few in the tail");
+        let mut same = TrainRx::new(1, TRAIN_LEN);
+        for seq in 0..TRAIN_LEN {
+            same.add(seq, 5, PROBE_LEN);
+        }
+        assert_eq!(same.rate_kbps(), None, "no time passed");
+    }
+
+    #[test]
+    fn losses_at_the_tail_still_measure() {
+        let mut t = train(10_000, 3, TRAIN_LEN);
+        t.got.truncate(30); // the queue overflowed: the last 10 dropped
+        let got = t.rate_kbps().unwrap();
+        assert!((9_900..=10_100).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn add_ignores_out_of_range_sequence_numbers() {
+        let mut t = TrainRx::new(1, 4);
+        assert!(!t.add(0, 1, 10));
+        assert!(t.add(9, 2, 10), "past the end ends the train");
+        assert_eq!(t.got.len(), 1);
+    }
+
+    #[test]
+    fn estimate_follows_a_change_within_a_few_trains_and_ignores_one_outlier() {
+        let mut e = Estimator::default();
+        assert_eq!(e.weight(), UNMEASURED);
+        for _ in 0..3 {
+            e.add(40_000);
+        }
+        assert_eq!(e.weight(), 40_000);
+        e.add(400_000); // one wild sample: the median ignores it
+        assert_eq!(e.weight(), 40_000);
+        let mut n = 0;
+        while e.weight() > 11_500 {
+            e.add(10_000);
+            n += 1;
+            assert!(n <= 6, "too slow: {:?}", e.rate());
+        }
+    }
+
+    #[test]
+    fn small_moves_do_not_change_the_weight() {
+        let mut e = Estimator::default();
+        e.add(20_000);
+        assert_eq!(e.weight(), 20_000);
+        e.add(20_600);
+        e.add(20_600);
+        assert_eq!(e.weight(), 20_000, "3% is noise");
+        for _ in 0..4 {
+            e.add(24_000);
+        }
+        assert!(e.weight() > 23_000);
+    }
+}

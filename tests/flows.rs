@@ -1,0 +1,330 @@
+//! Flow expiry with real traffic through real kernels: idle UDP, closed
+//! TCP and ICMP echo flows leave the server's table after their timeouts,
+//! and their dedicated ports serve new flows.
+//!
+//! Run one at a time (`--test-threads=1`): they measure times.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use bond_common::maps::{FLOW_CLOSING, FLOW_FIN};
+use bond_ctl::{
+    datapath::{DEFAULT_BPFFS, Maps, pin_dir},
+    lab::{Lab, TerminalSpec},
+};
+use serde_json::Value;
+
+fn bond_ctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
+}
+
+/// The content host's UDP echo port.
+const ECHO_PORT: u16 = 9000;
+/// How often the server sweeps in these tests.
+const SWEEP_MS: u64 = 100;
+
+/// One terminal with a 20 Mbit/s link, and a server whose config gets
+/// `nat_ports` and the `[flows]` table `flows`.
+fn lab(nat_ports: &str, flows: &str) -> Lab {
+    let spec = [TerminalSpec { links: vec![20] }];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    lab.nat_ports = nat_ports.into();
+    lab.server_extra = format!("\n[flows]\nsweep_ms = {SWEEP_MS}\n{flows}");
+    lab.start_agents().expect("start agents");
+    lab
+}
+
+fn server_maps(lab: &Lab) -> Maps {
+    Maps::new(pin_dir(Path::new(DEFAULT_BPFFS), &lab.server_instance))
+}
+
+fn server_drop(lab: &Lab, reason: &str) -> u64 {
+    server_maps(lab)
+        .server_drops()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.0 == reason)
+        .unwrap_or_else(|| panic!("no drop reason {reason}"))
+        .1
+}
+
+/// The flows of `lab.flows_json()` for which `pick` holds.
+fn flows_where(lab: &Lab, pick: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let v = lab.flows_json().expect("flows --json");
+    v["flows"]
+        .as_array()
+        .expect("flows array")
+        .iter()
+        .filter(|f| pick(f))
+        .cloned()
+        .collect()
+}
+
+fn is(proto: &'static str, port: Option<u16>) -> impl Fn(&Value) -> bool {
+    move |f| f["proto"] == proto && port.is_none_or(|p| f["port"] == p)
+}
+
+/// Polls the flow table until no flow matches `pick`. Returns how long
+/// that took and the largest `idle_ms` a matching flow showed meanwhile.
+fn wait_gone(lab: &Lab, pick: impl Fn(&Value) -> bool, limit: Duration) -> (Duration, u64) {
+    let start = Instant::now();
+    let mut idle = 0;
+    loop {
+        let f = flows_where(lab, &pick);
+        if f.is_empty() {
+            return (start.elapsed(), idle);
+        }
+        for x in &f {
+            idle = idle.max(x["idle_ms"].as_u64().unwrap());
+        }
+        assert!(
+            start.elapsed() < limit,
+            "flows still there after {limit:?}: {f:?}\n{}",
+            lab.log("agent-srv")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A UDP echo server on the content host.
+fn start_echo(lab: &mut Lab) {
+    let web = lab.web_ns.clone();
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('203.0.113.2', {ECHO_PORT}))\nprint('ready', flush=True)\n\
+         while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d, a)\n"
+    );
+    lab.spawn(&web, "udp-echo", "python3", &["-c", &script])
+        .unwrap();
+    let start = Instant::now();
+    while !lab.log("udp-echo").contains("ready") {
+        assert!(start.elapsed() < Duration::from_secs(5), "echo server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// From terminal 0, one datagram to the echo server from each local port
+/// in `ports`, waiting up to `wait` for each echo: whether it came back.
+fn udp_echo(lab: &Lab, ports: &[u16], wait: Duration) -> Vec<bool> {
+    let script = format!(
+        "import socket, sys\nfor p in sys.argv[1:]:\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.bind(('0.0.0.0', int(p)))\n\
+         \x20   s.settimeout({})\n\
+         \x20   s.sendto(b'bond ' + p.encode(), ('203.0.113.2', {ECHO_PORT}))\n\
+         \x20   try:\n\
+         \x20       d, _ = s.recvfrom(2048)\n\
+         \x20       print('ok' if d == b'bond ' + p.encode() else 'bad')\n\
+         \x20   except socket.timeout:\n\
+         \x20       print('timeout')\n\
+         \x20   s.close()\n",
+        wait.as_secs_f64()
+    );
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut args = vec!["-c", script.as_str()];
+    args.extend(ports.iter().map(String::as_str));
+    let out = lab
+        .exec(&lab.terminals[0].ns, "python3", &args)
+        .expect("udp client");
+    out.lines()
+        .map(|l| match l {
+            "ok" => true,
+            "timeout" => false,
+            other => panic!("echo: {other}"),
+        })
+        .collect()
+}
+
+#[test]
+fn idle_udp_flows_expire_and_their_ports_serve_new_flows() {
+    let mut lab = lab("20000-20002", "udp_s = 2\n");
+    start_echo(&mut lab);
+    let ports = [41001, 41002, 41003];
+    assert_eq!(
+        udp_echo(&lab, &ports, Duration::from_secs(2)),
+        [true; 3],
+        "three flows, three ports"
+    );
+    let quiet = Instant::now();
+    let udp = flows_where(&lab, is("udp", None));
+    let mut held: Vec<u64> = udp
+        .iter()
+        .map(|f| f["nat_port"].as_u64().unwrap())
+        .collect();
+    held.sort_unstable();
+    assert_eq!(held, [20000, 20001, 20002], "{udp:?}");
+
+    // A fourth flow finds no port: refused at the server, no flow.
+    let refused = server_drop(&lab, "no_free_port");
+    assert_eq!(
+        udp_echo(&lab, &[41004], Duration::from_millis(500)),
+        [false]
+    );
+    assert!(
+        server_drop(&lab, "no_free_port") > refused,
+        "the fourth flow counts as no_free_port"
+    );
+    assert!(flows_where(&lab, is("udp", Some(41004))).is_empty());
+
+    // Idle for the UDP timeout (2 s): all three go, not before.
+    let (took, idle) = wait_gone(&lab, is("udp", None), Duration::from_secs(6));
+    let since = quiet.elapsed();
+    eprintln!(
+        "UDP flows gone {since:?} after their last packet (last seen idle {idle} ms, {took:?} of polling)"
+    );
+    assert!(
+        idle >= 1500,
+        "still there at 1.5 s idle (seen up to {idle} ms)"
+    );
+    assert!(
+        since < Duration::from_millis(2000 + SWEEP_MS + 1000),
+        "gone within the timeout and a sweep: {since:?}"
+    );
+    assert!(server_maps(&lab).nat_entries().unwrap().is_empty());
+    let log = lab.log("agent-srv");
+    assert!(
+        log.contains("expired 3 flow(s) (tcp 0, udp 3, icmp 0); 3 ports free"),
+        "{log}"
+    );
+
+    // A new flow works again, on a port that came back to the queue.
+    let refused = server_drop(&lab, "no_free_port");
+    assert_eq!(
+        udp_echo(&lab, &[41004], Duration::from_secs(2)),
+        [true],
+        "a new flow after expiry"
+    );
+    let f = flows_where(&lab, is("udp", Some(41004)));
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert!(held.contains(&f[0]["nat_port"].as_u64().unwrap()), "{f:?}");
+    assert_eq!(server_drop(&lab, "no_free_port"), refused);
+}
+
+#[test]
+fn a_closed_tcp_connection_expires_on_the_closing_timeout() {
+    let mut lab = lab(
+        "20000-20099",
+        "tcp_closing_s = 1\ntcp_established_s = 3600\n",
+    );
+    lab.serve_file("1m.bin", 1).unwrap();
+    let t1 = lab.terminals[0].ns.clone();
+    // An open, idle connection: established, so it stays.
+    lab.spawn(
+        &t1,
+        "idle-tcp",
+        "python3",
+        &[
+            "-c",
+            "import socket, time\n\
+             s = socket.create_connection(('203.0.113.2', 80))\n\
+             print('port', s.getsockname()[1], flush=True)\ntime.sleep(60)\n",
+        ],
+    )
+    .unwrap();
+    let start = Instant::now();
+    let idle_port: u16 = loop {
+        if let Some(p) = lab
+            .log("idle-tcp")
+            .strip_prefix("port ")
+            .and_then(|l| l.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "idle connection");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    let out = lab
+        .exec(
+            &t1,
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                "--local-port",
+                "45000",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download}",
+                "http://203.0.113.2/1m.bin",
+            ],
+        )
+        .expect("curl");
+    let done = Instant::now();
+    assert_eq!(out.trim(), (1 << 20).to_string());
+
+    // The finished download's flow saw FIN; the idle connection's did not.
+    let maps = server_maps(&lab);
+    let state = |port: u16| {
+        maps.flows()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.proto == 6 && k.port == port)
+            .map(|(_, f)| f.state)
+    };
+    let s = state(45000).expect("the download's flow");
+    assert!(s & FLOW_FIN != 0, "download flow state {s:#x}");
+    assert_eq!(state(idle_port), Some(0), "the idle connection is open");
+
+    let (_, idle) = wait_gone(&lab, is("tcp", Some(45000)), Duration::from_secs(5));
+    let since = done.elapsed();
+    eprintln!("closed TCP flow gone {since:?} after curl finished (seen idle up to {idle} ms)");
+    assert!(
+        idle >= 700,
+        "still there at 0.7 s idle (seen up to {idle} ms)"
+    );
+    assert!(
+        since < Duration::from_millis(1000 + SWEEP_MS + 1000),
+        "gone within the closing timeout and a sweep: {since:?}"
+    );
+    // The idle connection has been quiet for longer than the closing
+    // timeout, and stays: it is established.
+    let f = flows_where(&lab, is("tcp", Some(idle_port)));
+    assert_eq!(f.len(), 1, "idle connection's flow: {f:?}");
+    let idle_ms = f[0]["idle_ms"].as_u64().unwrap();
+    assert!(idle_ms > 1000, "quiet for {idle_ms} ms only");
+    assert_eq!(state(idle_port).map(|s| s & FLOW_CLOSING), Some(0));
+    let log = lab.log("agent-srv");
+    assert!(log.contains("(tcp 1, udp 0, icmp 0)"), "{log}");
+}
+
+#[test]
+fn an_icmp_echo_flow_expires_on_the_icmp_timeout() {
+    let lab = lab("20000-20099", "icmp_s = 2\n");
+    let t1 = lab.terminals[0].ns.clone();
+    let out = lab
+        .exec(
+            &t1,
+            "ping",
+            &["-c", "2", "-i", "0.2", "-W", "2", "203.0.113.2"],
+        )
+        .expect("ping");
+    let quiet = Instant::now();
+    assert!(out.contains("2 received"), "{out}");
+    let f = flows_where(&lab, is("icmp", None));
+    assert_eq!(f.len(), 1, "one echo flow: {f:?}");
+    assert!(f[0]["down_pkts"].as_u64().unwrap() >= 2, "{f:?}");
+
+    let (_, idle) = wait_gone(&lab, is("icmp", None), Duration::from_secs(6));
+    let since = quiet.elapsed();
+    eprintln!("ICMP flow gone {since:?} after the last reply (seen idle up to {idle} ms)");
+    assert!(
+        idle >= 1500,
+        "still there at 1.5 s idle (seen up to {idle} ms)"
+    );
+    assert!(
+        since < Duration::from_millis(2000 + SWEEP_MS + 1000),
+        "gone within the timeout and a sweep: {since:?}"
+    );
+    let log = lab.log("agent-srv");
+    assert!(log.contains("(tcp 0, udp 0, icmp 1)"), "{log}");
+    // Another ping makes a new flow.
+    let out = lab
+        .exec(&t1, "ping", &["-c", "1", "-W", "2", "203.0.113.2"])
+        .expect("ping again");
+    assert!(out.contains("1 received"), "{out}");
+    assert_eq!(flows_where(&lab, is("icmp", None)).len(), 1);
+}

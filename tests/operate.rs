@@ -1,0 +1,444 @@
+//! Running a community: measured weights, restarts without a gap, drain,
+//! the operator socket and metrics, hostile control messages, and one host
+//! in two communities. Real agents in namespaces, real traffic.
+//!
+//! Run one at a time (`--test-threads=1`): they share two CPU cores and
+//! measure rates and times.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use bond_ctl::lab::{Lab, TerminalSpec};
+use serde_json::Value;
+
+fn bond_ctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
+}
+
+/// Weights by link id, upstream (as terminal `viewer` sees them) and
+/// downstream (as the server sees them).
+fn weights(lab: &Lab, viewer: usize) -> (BTreeMap<u64, f64>, BTreeMap<u64, f64>) {
+    let (ns, inst) = lab.terminal_agent(viewer);
+    let mut up = BTreeMap::new();
+    if let Ok(v) = lab.ctl_json(&ns, &inst, "peers") {
+        for r in v["peers"].as_array().into_iter().flatten() {
+            if let (Some(l), Some(w)) = (r["link"].as_u64(), r["up"].as_f64())
+                && l != 0
+            {
+                up.insert(l, w);
+            }
+        }
+    }
+    let mut down = BTreeMap::new();
+    if let Ok(v) = lab.ctl_json(&lab.server_ns, &lab.server_instance, "peers") {
+        for t in v["terminals"].as_array().into_iter().flatten() {
+            for l in t["links"].as_array().into_iter().flatten() {
+                if let (Some(id), Some(w)) = (l["link"].as_u64(), l["down"].as_f64()) {
+                    down.insert(id, w);
+                }
+            }
+        }
+    }
+    (up, down)
+}
+
+/// The largest relative error of each link's share of the weights against
+/// its share of the true rates; `None` if a link is missing.
+fn share_error(w: &BTreeMap<u64, f64>, rates: &BTreeMap<u64, f64>) -> Option<f64> {
+    let wsum: f64 = rates
+        .keys()
+        .map(|k| w.get(k).copied())
+        .sum::<Option<f64>>()?;
+    let rsum: f64 = rates.values().sum();
+    if wsum <= 0.0 {
+        return None;
+    }
+    rates
+        .iter()
+        .map(|(k, r)| {
+            let want = r / rsum;
+            Some((w[k] / wsum - want).abs() / want)
+        })
+        .try_fold(0.0f64, |m, e| e.map(|e| m.max(e)))
+}
+
+/// Waits until both directions' weights are within 15% of the true
+/// ratio; the time it took.
+fn converge(lab: &Lab, rates: &BTreeMap<u64, f64>, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (up, down) = weights(lab, 2);
+        let (eu, ed) = (share_error(&up, rates), share_error(&down, rates));
+        if eu.is_some_and(|e| e <= 0.15) && ed.is_some_and(|e| e <= 0.15) {
+            eprintln!(
+                "converged after {:.1}s: up {up:?} down {down:?} (errors {:.3} {:.3})",
+                start.elapsed().as_secs_f64(),
+                eu.unwrap(),
+                ed.unwrap()
+            );
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "weights not within 15% of {rates:?} after {limit:?}: up {up:?} ({eu:?}), down {down:?} ({ed:?})\nt2: {}\n{}",
+            lab.ctl(
+                &lab.terminals[1].ns,
+                &lab.terminals[1].instance,
+                &["status", "--json"]
+            )
+            .unwrap_or_default(),
+            lab.log("agent-t2")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn measured_weights_converge_and_follow_a_rate_change() {
+    let spec = vec![
+        TerminalSpec { links: vec![10] },
+        TerminalSpec {
+            links: vec![20, 40],
+        },
+        TerminalSpec { links: vec![] },
+    ];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    lab.auto_weights = true;
+    let start = Instant::now();
+    lab.start_agents().expect("agents");
+    // Under load: the trains share the queues with a download both ways.
+    lab.start_iperf().unwrap();
+    let t3 = lab.terminals[2].ns.clone();
+    let mut load = lab
+        .cmd(&t3, "iperf3")
+        .args(["-c", "203.0.113.2", "-t", "40", "--bidir"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let rates = BTreeMap::from([(1, 10.0), (2, 20.0), (3, 40.0)]);
+    converge(
+        &lab,
+        &rates,
+        Duration::from_secs(10).saturating_sub(start.elapsed()),
+    );
+
+    // Link 3 retrains from 40 to 10 Mbit/s.
+    lab.set_rate(3, 10).unwrap();
+    let rates = BTreeMap::from([(1, 10.0), (2, 20.0), (3, 10.0)]);
+    converge(&lab, &rates, Duration::from_secs(10));
+    let _ = load.kill();
+    let _ = load.wait();
+}
+
+/// Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30, t3 with none.
+fn figure1() -> Lab {
+    Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab")
+}
+
+/// Bytes received in each interval of an iperf3 JSON report.
+fn interval_bytes(log: &str) -> Vec<(f64, u64)> {
+    let v: Value = serde_json::from_str(log).expect("iperf3 JSON");
+    v["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| {
+            (
+                i["sum"]["seconds"].as_f64().unwrap(),
+                i["sum"]["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn restarting_every_agent_mid_download_never_stops_traffic() {
+    let mut lab = figure1();
+    lab.start_iperf().unwrap();
+    lab.start_agents().expect("agents");
+    let t3 = lab.terminals[2].ns.clone();
+    lab.spawn(
+        &t3,
+        "iperf-client",
+        "iperf3",
+        &["-c", "203.0.113.2", "-R", "-t", "14", "-J", "-i", "0.2"],
+    )
+    .unwrap();
+    // The server, then each terminal: relay, origin, relay.
+    for who in [None, Some(1), Some(2), Some(0)] {
+        std::thread::sleep(Duration::from_secs(2));
+        lab.restart_agent(who).expect("restart");
+    }
+    let log = lab
+        .wait_child("iperf-client", Duration::from_secs(30))
+        .unwrap();
+    let iv = interval_bytes(&log);
+    let mbit: Vec<f64> = iv.iter().map(|(s, b)| *b as f64 * 8.0 / s / 1e6).collect();
+    eprintln!("download Mbit/s per 200 ms: {mbit:.0?}");
+    // The longest run of empty intervals.
+    let mut run = 0.0f64;
+    let mut worst = 0.0f64;
+    for (s, b) in &iv {
+        run = if *b == 0 { run + s } else { 0.0 };
+        worst = worst.max(run);
+    }
+    assert!(
+        worst <= 1.0,
+        "traffic stopped for {worst:.1}s during the restarts: {mbit:.0?}"
+    );
+    assert!(
+        iv.len() >= 60,
+        "iperf3 ran its 14 s: {} intervals",
+        iv.len()
+    );
+    // Each new agent adopted what the old one left, session included.
+    for name in ["agent-srv", "agent-t1", "agent-t2", "agent-t3"] {
+        let log = lab.log(name);
+        assert!(
+            log.contains("adopting the running datapath"),
+            "{name}:\n{log}"
+        );
+    }
+    assert!(
+        !lab.log("agent-t3").contains("logged on to"),
+        "the origin kept its session rather than logging on again:\n{}",
+        lab.log("agent-t3")
+    );
+    let (ns, inst) = lab.terminal_agent(2);
+    let st = lab.ctl_json(&ns, &inst, "status").unwrap();
+    assert_eq!(st["adopted"], true);
+    assert_eq!(st["logged_on"], true);
+}
+
+#[test]
+fn operator_interface_status_peers_weight_drain_and_metrics() {
+    let mut lab = figure1();
+    lab.start_agents().expect("agents");
+    let (ns2, inst2) = lab.terminal_agent(1);
+    let (ns3, inst3) = lab.terminal_agent(2);
+
+    // peers: the seed's Table 1 at the origin t3, every link of the LAN.
+    let peers = lab.ctl_json(&ns3, &inst3, "peers").unwrap();
+    let rows = peers["peers"].as_array().unwrap();
+    let row = |id: u64| rows.iter().find(|r| r["link"] == id).cloned().unwrap();
+    assert_eq!(rows.len(), 3, "{peers}");
+    assert_eq!(row(2)["address"], "10.0.1.2");
+    assert_eq!(row(2)["port"], 7701);
+    assert_eq!(row(3)["port"], 7702);
+    assert_eq!(
+        (row(3)["up"].as_u64(), row(3)["missed"].as_u64()),
+        (Some(30), Some(0))
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["in_use"] == true && r["self"] == false)
+    );
+    // The human table says the same.
+    let table = lab.ctl(&ns3, &inst3, &["peers"]).unwrap();
+    assert!(
+        table.contains("10.0.1.2") && table.contains("7702"),
+        "{table}"
+    );
+
+    // weight set: pinned at the owner, seen by the peers and the server.
+    let e = lab
+        .ctl(&ns3, &inst3, &["weight", "set", "2", "--both", "5"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("link 2 belongs to 10.0.1.2"), "{e}");
+    lab.ctl(
+        &ns2,
+        &inst2,
+        &["weight", "set", "3", "--up", "7", "--down", "9"],
+    )
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let (up, down) = weights(&lab, 2);
+        if up.get(&3) == Some(&7.0) && down.get(&3) == Some(&9.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "weights {up:?} {down:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = lab.ctl_json(&ns2, &inst2, "status").unwrap();
+    assert_eq!(st["links"][1]["up"], 7, "{st}");
+    assert_eq!(st["links"][1]["up_weight"]["mode"], "fixed");
+    assert!(
+        lab.ctl(&ns2, &inst2, &["weight", "set", "3", "--up", "lots"])
+            .is_err(),
+        "a bad weight is refused"
+    );
+
+    // metrics: Prometheus text with the families the operator graphs.
+    let m = lab.ctl(&ns3, &inst3, &["metrics"]).unwrap();
+    for family in [
+        "bond_link_packets_total{link=\"3\",direction=\"up\"}",
+        "bond_link_weight{link=\"3\",direction=\"up\"} 7",
+        "bond_link_missed_announces{link=\"1\"} 0",
+        "bond_drops_total{reason=",
+        "bond_logged_on 1",
+    ] {
+        assert!(m.contains(family), "missing {family} in:\n{m}");
+    }
+    let m = lab
+        .ctl(&lab.server_ns, &lab.server_instance, &["metrics"])
+        .unwrap();
+    for family in [
+        "bond_link_weight{community=\"1\",link=\"3\",direction=\"down\"} 9",
+        "bond_community_flows{community=\"1\"}",
+        "bond_free_ports 10000",
+    ] {
+        assert!(m.contains(family), "missing {family} in:\n{m}");
+    }
+
+    // drain t2 during a download: its links leave the schedules, the
+    // download finishes intact, t2 leaves, and nothing more goes its way.
+    let file = lab.serve_file("drain.bin", 40).unwrap();
+    let url = "http://203.0.113.2/drain.bin";
+    let out = lab.dir.join("drain.out");
+    let mut curl = lab
+        .cmd(&ns3, "curl")
+        .args(["-sS", "--fail", "--limit-rate", "4M", "-o"])
+        .arg(&out)
+        .arg(url)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let drained = Instant::now();
+    lab.ctl(&ns2, &inst2, &["drain", "--timeout", "20s"])
+        .unwrap();
+    let took = drained.elapsed();
+    eprintln!("drain took {took:?}");
+    assert!(took < Duration::from_secs(10), "drain took {took:?}");
+    let log = lab.wait_child("agent-t2", Duration::from_secs(5)).unwrap();
+    assert!(log.contains("drained: leaving"), "{log}");
+    let srv = lab
+        .links_json(&lab.server_ns, &lab.server_instance)
+        .unwrap();
+    assert!(
+        srv["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["link"] == 1),
+        "only link 1 left at the server: {srv}"
+    );
+    assert!(curl.wait().unwrap().success(), "download failed");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&file).unwrap(),
+        "the download is intact"
+    );
+}
+
+#[test]
+fn hostile_control_messages_are_counted_and_change_nothing() {
+    use bond_common::maps::name;
+    use bond_ctl::{
+        datapath::{DEFAULT_BPFFS, Maps, pin_dir},
+        lab::{COMMUNITY, KEY},
+        proto::{Body, LinkAd, Msg, flags, now_ms},
+    };
+    let mut spec = TerminalSpec::figure1();
+    spec.push(TerminalSpec { links: vec![10] });
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    lab.start_some(&[0, 1, 2]).expect("agents");
+    let srv = (lab.server_ns.clone(), lab.server_instance.clone());
+    let rejects = |lab: &Lab| lab.ctl_json(&srv.0, &srv.1, "status").unwrap()["rejects"].clone();
+    let before = weights(&lab, 2);
+
+    // A terminal with the wrong key never logs on.
+    let cfg = lab
+        .terminal_config(3)
+        .replace(KEY, "not the community key at all");
+    let path = lab.dir.join("t4.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let (ns4, inst4) = lab.terminal_agent(3);
+    let bin = bond_ctl().to_string_lossy().into_owned();
+    lab.spawn(
+        &ns4,
+        "agent-t4",
+        &bin,
+        &["agent", "--config", &path.to_string_lossy()],
+    )
+    .unwrap();
+
+    // t1's own announce, as an attacker would forge or replay it: link 1
+    // with a downstream weight of 999.
+    let t1 = Maps::new(pin_dir(
+        Path::new(DEFAULT_BPFFS),
+        &lab.terminals[0].instance,
+    ));
+    assert!(t1.has(name::T_CONFIG));
+    let token = t1.terminal_config().unwrap().token;
+    let forged = |key: &[u8], counter: u64| {
+        Msg {
+            community: COMMUNITY,
+            origin: lab.terminals[0].lan_ip,
+            link: 1,
+            flags: flags::VIA_LINK,
+            token,
+            time_ms: now_ms(),
+            counter,
+            body: Body::Announce {
+                interval_ms: 1000,
+                links: vec![LinkAd {
+                    id: 1,
+                    port: 7701,
+                    up: 999,
+                    down: 999,
+                }],
+            },
+        }
+        .encode(key)
+    };
+    let mut unsigned = forged(KEY.as_bytes(), u64::MAX / 2);
+    let n = unsigned.len();
+    unsigned[n - 16..].fill(0);
+    let sends = [
+        ("replayed", forged(KEY.as_bytes(), 5)), // far behind t1's counter
+        ("bad_signature", unsigned),
+        ("bad_signature", forged(b"someone else's key", u64::MAX / 2)),
+    ];
+    let t1ns = lab.terminals[0].ns.clone();
+    for (_, bytes) in &sends {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        lab.exec(
+            &t1ns,
+            "python3",
+            &[
+                "-c",
+                "import socket,sys; socket.socket(2,2).sendto(bytes.fromhex(sys.argv[1]), ('198.51.100.1', 7700))",
+                &hex,
+            ],
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let r = rejects(&lab);
+    eprintln!("server rejects: {r}");
+    assert!(r["replayed"].as_u64() >= Some(1), "{r}");
+    // Two forged here, and t4's LOGINs.
+    assert!(r["bad_signature"].as_u64() >= Some(3), "{r}");
+    assert_eq!(weights(&lab, 2), before, "nothing changed");
+    let peers = lab.ctl_json(&srv.0, &srv.1, "peers").unwrap();
+    assert!(
+        !peers.to_string().contains("10.0.1.4"),
+        "t4 has no session: {peers}"
+    );
+    let st = lab.ctl_json(&ns4, &inst4, "status").unwrap();
+    assert_eq!(st["logged_on"], false);
+    let log = lab.log("agent-srv");
+    assert!(
+        log.contains("rejected: bad_signature") && log.contains("rejected: replayed"),
+        "rejections are logged:\n{log}"
+    );
+}
