@@ -288,8 +288,13 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
     ] {
         assert!(m.contains(family), "missing {family} in:\n{m}");
     }
+    // The server's metrics, over HTTP as Prometheus scrapes them.
     let m = lab
-        .ctl(&lab.server_ns, &lab.server_instance, &["metrics"])
+        .exec(
+            &lab.server_ns,
+            "curl",
+            &["-sf", "http://127.0.0.1:9477/metrics"],
+        )
         .unwrap();
     for family in [
         "bond_link_weight{community=\"1\",link=\"3\",direction=\"down\"} 9",
@@ -441,4 +446,78 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
         log.contains("rejected: bad_signature") && log.contains("rejected: replayed"),
         "rejections are logged:\n{log}"
     );
+}
+
+#[test]
+fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
+    use bond_ctl::lab::{COMMUNITY2, CONTENT2};
+    let mut lab = figure1();
+    // t3 (no link of its own) also joins a second community whose only
+    // link is u1's 20 Mbit/s.
+    let (_, second) = lab.join_second_community(2, 20).unwrap();
+    let served = lab.serve_file("two.bin", 8).unwrap();
+    lab.start_agents().expect("agents");
+    let t3 = lab.terminals[2].ns.clone();
+    let (_, _, out1) = lab
+        .download(&t3, "http://203.0.113.2/two.bin", "c1.bin")
+        .unwrap();
+    let (_, _, out2) = lab
+        .download(&t3, &format!("http://{CONTENT2}/two.bin"), "c2.bin")
+        .unwrap();
+    let want = std::fs::read(&served).unwrap();
+    assert_eq!(std::fs::read(&out1).unwrap(), want, "community 1 download");
+    assert_eq!(std::fs::read(&out2).unwrap(), want, "community 2 download");
+
+    // Each community carried its own download, on its own links.
+    let srv = lab
+        .links_json(&lab.server_ns, &lab.server_instance)
+        .unwrap();
+    let down = |c: u64| -> u64 {
+        srv["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["community"] == c)
+            .map(|l| l["down_bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let size = want.len() as u64;
+    eprintln!(
+        "down bytes: community 1 {}, community 2 {}",
+        down(1),
+        down(2)
+    );
+    assert!(down(1) >= size && down(1) < 2 * size, "community 1: {srv}");
+    assert!(down(2) >= size && down(2) < 2 * size, "community 2: {srv}");
+    // Two flows, one per community, each from the host's address there.
+    let flows = lab.flows_json().unwrap();
+    let has = |c: u16, origin: &str| {
+        flows["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["community"] == c && f["origin"] == origin)
+    };
+    assert!(
+        has(1, "10.0.1.3") && has(COMMUNITY2, "10.0.2.13"),
+        "{flows}"
+    );
+    // Both instances on t3 are logged on, each to its own community.
+    let st = lab
+        .ctl_json(&t3, &lab.terminals[second].instance, "status")
+        .unwrap();
+    assert_eq!(
+        (st["community"].as_u64(), st["logged_on"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let st = lab
+        .ctl_json(&lab.server_ns, &lab.server_instance, "status")
+        .unwrap();
+    let terms: Vec<u64> = st["communities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["terminals"].as_u64().unwrap())
+        .collect();
+    assert_eq!(terms, [3, 2], "{st}");
 }

@@ -454,6 +454,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub fn metrics(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Terminal(t) => t.metrics,
+            Self::Server(s) => s.metrics,
+        }
+    }
+
     pub fn instance(&self) -> &str {
         match self {
             Self::Terminal(t) => &t.instance,

@@ -96,10 +96,10 @@ pub struct Call {
     pub reply: oneshot::Sender<Result<Value, String>>,
 }
 
-/// Listens on the instance's socket; requests come out of the receiver.
+/// Listens on the instance's socket; requests go to `tx`.
 /// A socket file nobody answers on is stale and replaced; one that answers
 /// belongs to a running agent, and that is an error.
-pub fn serve(path: &Path) -> Result<mpsc::Receiver<Call>> {
+pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -115,7 +115,6 @@ pub fn serve(path: &Path) -> Result<mpsc::Receiver<Call>> {
     let listener =
         UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -145,7 +144,7 @@ pub fn serve(path: &Path) -> Result<mpsc::Receiver<Call>> {
             });
         }
     });
-    Ok(rx)
+    Ok(())
 }
 
 async fn ask(tx: &mpsc::Sender<Call>, req: Request) -> Result<Value, String> {

@@ -75,7 +75,20 @@ pub struct Terminal {
     pub lan_ip: Ipv4Addr,
     pub instance: String,
     pub links: Vec<WanLink>,
+    pub community: u16,
+    /// Its LAN interface, UDP data port, capture device and captured
+    /// prefix (a host in two communities has one of each per community).
+    pub lan: String,
+    pub data_port: u16,
+    pub device: String,
+    pub capture: String,
 }
+
+/// The second community of [`Lab::join_second_community`].
+pub const COMMUNITY2: u16 = 2;
+pub const KEY2: &str = "second community key, not secret";
+/// The content address the second community's members capture.
+pub const CONTENT2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
 
 pub struct Lab {
     pub prefix: String,
@@ -281,50 +294,117 @@ impl Lab {
             let mut links = Vec::new();
             for (j, &rate) in t.links.iter().enumerate() {
                 k += 1;
-                ensure!(k <= 31, "at most 31 WAN links in a lab");
-                let mns = self.ns(&format!("m{k}"))?;
-                let base = 128 + 4 * u32::from(k);
-                let modem_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 1);
-                let wan_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 2);
-                let iface = format!("wan{j}");
-                self.veth(
-                    (&tns, &iface, Some(&format!("{wan_ip}/30"))),
-                    (&mns, "acc", Some(&format!("{modem_ip}/30"))),
-                )?;
-                self.veth(
-                    (&mns, "uplink", Some(&format!("198.51.100.{}/25", 10 + k))),
-                    (&inet, &format!("m{k}"), None),
-                )?;
-                self.ip(&inet, &format!("link set m{k} master br0"))?;
-                self.ip(&mns, "route add default via 198.51.100.1")?;
-                self.sysctl(&mns, "net.ipv4.ip_forward=1")?;
-                self.tbf(&mns, "acc", rate)?;
-                self.tbf(&mns, "uplink", rate)?;
-                self.ip(
-                    &srv,
-                    &format!("route add 198.51.100.{base}/30 via 198.51.100.{}", 10 + k),
-                )?;
-                if j == 0 {
-                    self.ip(&tns, &format!("route add default via {modem_ip}"))?;
-                }
-                links.push(WanLink {
-                    id: k,
-                    rate_mbit: rate,
-                    wan_ip,
-                    modem_ip,
-                    port: PORT + 1 + j as u16,
-                    modem_ns: mns,
-                    iface,
-                });
+                let link = self.wan_link(&tns, k, j, rate, PORT + 1 + j as u16)?;
+                links.push(link);
             }
             self.terminals.push(Terminal {
                 instance: format!("{}-t{i}", self.prefix),
                 ns: tns,
                 lan_ip,
                 links,
+                community: COMMUNITY,
+                lan: "lan0".into(),
+                data_port: PORT,
+                device: "bond0".into(),
+                capture: "203.0.113.0/24".into(),
             });
         }
         Ok(())
+    }
+
+    /// WAN link `k` (1-based, community-wide id) of the terminal in `tns`,
+    /// its `j`-th: a modem namespace with the tbf limits, on the internet
+    /// bridge; the terminal's first link is its default route.
+    fn wan_link(&mut self, tns: &str, k: u8, j: usize, rate: u32, port: u16) -> Result<WanLink> {
+        ensure!(k <= 31, "at most 31 WAN links in a lab");
+        let inet = format!("{}-inet", self.prefix);
+        let srv = self.server_ns.clone();
+        let mns = self.ns(&format!("m{k}"))?;
+        let base = 128 + 4 * u32::from(k);
+        let modem_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 1);
+        let wan_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 2);
+        let iface = format!("wan{j}");
+        self.veth(
+            (tns, &iface, Some(&format!("{wan_ip}/30"))),
+            (&mns, "acc", Some(&format!("{modem_ip}/30"))),
+        )?;
+        self.veth(
+            (&mns, "uplink", Some(&format!("198.51.100.{}/25", 10 + k))),
+            (&inet, &format!("m{k}"), None),
+        )?;
+        self.ip(&inet, &format!("link set m{k} master br0"))?;
+        self.ip(&mns, "route add default via 198.51.100.1")?;
+        self.sysctl(&mns, "net.ipv4.ip_forward=1")?;
+        self.tbf(&mns, "acc", rate)?;
+        self.tbf(&mns, "uplink", rate)?;
+        self.ip(
+            &srv,
+            &format!("route add 198.51.100.{base}/30 via 198.51.100.{}", 10 + k),
+        )?;
+        if j == 0 {
+            self.ip(tns, &format!("route add default via {modem_ip}"))?;
+        }
+        Ok(WanLink {
+            id: k,
+            rate_mbit: rate,
+            wan_ip,
+            modem_ip,
+            port,
+            modem_ns: mns,
+            iface,
+        })
+    }
+
+    /// A second community on the same LAN segment (its own subnet,
+    /// 10.0.2.0/24) and the same server: a new member `u1` with one WAN link
+    /// of `rate` Mbit/s, and terminal `host` (0-based) joining it too
+    /// through a second LAN interface. Both capture [`CONTENT2`], which the
+    /// content host also answers on; the server learns the community's key
+    /// (call before starting the agents). Returns the indices of the
+    /// member and of the host's second instance in `terminals`.
+    pub fn join_second_community(&mut self, host: usize, rate: u32) -> Result<(usize, usize)> {
+        let lan = format!("{}-lan", self.prefix);
+        let uns = self.ns("u1")?;
+        self.veth((&uns, "lan0", Some("10.0.2.1/24")), (&lan, "u1", None))?;
+        self.ip(&lan, "link set u1 master br0")?;
+        let k = self.all_links().map(|l| l.id).max().unwrap_or(0) + 1;
+        let link = self.wan_link(&uns, k, 0, rate, PORT + 101)?;
+        let hns = self.terminals[host].ns.clone();
+        let hip = Ipv4Addr::new(10, 0, 2, 10 + host as u8 + 1);
+        let port = format!("h{}", host + 1);
+        self.veth(
+            (&hns, "lan1", Some(&format!("{hip}/24"))),
+            (&lan, &port, None),
+        )?;
+        self.ip(&lan, &format!("link set {port} master br0"))?;
+        self.ip(&self.web_ns, &format!("addr add {CONTENT2}/24 dev eth0"))?;
+        let _ = write!(
+            self.server_extra,
+            "\n[[communities]]\nid = {COMMUNITY2}\nkey = \"{KEY2}\"\n"
+        );
+        let second = |ns: String, lan_ip, name: &str, links, lan: &str, device: &str| Terminal {
+            instance: format!("{}-c2-{name}", self.prefix),
+            ns,
+            lan_ip,
+            links,
+            community: COMMUNITY2,
+            lan: lan.into(),
+            data_port: PORT + 100,
+            device: device.into(),
+            capture: format!("{CONTENT2}/32"),
+        };
+        let member = second(
+            uns,
+            Ipv4Addr::new(10, 0, 2, 1),
+            "u1",
+            vec![link],
+            "lan0",
+            "bond0",
+        );
+        let again = second(hns, hip, &format!("t{}", host + 1), vec![], "lan1", "bond1");
+        self.terminals.push(member);
+        self.terminals.push(again);
+        Ok((self.terminals.len() - 2, self.terminals.len() - 1))
     }
 
     pub fn all_links(&self) -> impl Iterator<Item = &WanLink> {
@@ -339,10 +419,17 @@ impl Lab {
     pub fn terminal_config(&self, i: usize) -> String {
         let t = &self.terminals[i];
         let mut s = format!(
-            "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {COMMUNITY}\nkey = \"{KEY}\"\n\
-             announce_ms = {}\nlan = \"lan0\"\ncapture = [\"203.0.113.0/24\"]\n\
+            "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {}\nkey = \"{}\"\n\
+             announce_ms = {}\nlan = \"{}\"\ndata_port = {}\ndevice = \"{}\"\ncapture = [\"{}\"]\n\
              server = {{ address = \"{SERVER_WAN}\", port = {PORT} }}\n",
-            t.instance, self.announce_ms
+            t.instance,
+            t.community,
+            if t.community == COMMUNITY { KEY } else { KEY2 },
+            self.announce_ms,
+            t.lan,
+            t.data_port,
+            t.device,
+            t.capture,
         );
         for l in &t.links {
             let _ = write!(
@@ -365,6 +452,7 @@ impl Lab {
     pub fn server_config(&self) -> String {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
+             metrics = \"127.0.0.1:9477\"\n\
              nat_address = \"{SERVER_NAT}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
             self.server_instance, self.nat_ports, self.server_extra
@@ -415,7 +503,7 @@ impl Lab {
     /// killed with SIGKILL (no SHUTDOWN).
     pub fn crash_terminal(&mut self, i: usize) -> Result<()> {
         let t = self.terminals[i].clone();
-        self.ip(&t.ns, "link set lan0 down")?;
+        self.ip(&t.ns, &format!("link set {} down", t.lan))?;
         for l in &t.links {
             self.ip(&t.ns, &format!("link set {} down", l.iface))?;
         }
@@ -451,6 +539,13 @@ impl Lab {
         let running: Vec<usize> = (0..self.terminals.len())
             .filter(|i| self.is_running(&format!("agent-t{}", i + 1)))
             .collect();
+        let want_in = |c: u16| -> usize {
+            running
+                .iter()
+                .filter(|&&i| self.terminals[i].community == c)
+                .map(|&i| self.terminals[i].links.len())
+                .sum()
+        };
         let want: usize = running.iter().map(|&i| self.terminals[i].links.len()).sum();
         let srv_instance = self.server_instance.clone();
         self.wait_for("the server's links", limit, |lab| {
@@ -469,7 +564,7 @@ impl Lab {
                 let active = v["links"]
                     .as_array()
                     .map_or(0, |l| l.iter().filter(|l| l["active"] == true).count());
-                Ok(v["logged_on"] == true && active == want)
+                Ok(v["logged_on"] == true && active == want_in(t.community))
             })?;
         }
         Ok(())
@@ -622,7 +717,7 @@ impl Lab {
                 "-m",
                 "http.server",
                 "--bind",
-                "203.0.113.2",
+                "0.0.0.0",
                 "--directory",
                 &d,
                 "80",

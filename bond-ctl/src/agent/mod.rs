@@ -49,7 +49,11 @@ pub async fn run(cfg: Config, paths: Paths) -> Result<()> {
     let socket = control::socket_path(&paths.run_dir, cfg.instance());
     // The socket first: it refuses a second agent of the same instance
     // before that one could disturb the first one's pins.
-    let calls = control::serve(&socket)?;
+    let (tx, calls) = tokio::sync::mpsc::channel(16);
+    control::serve(&socket, tx.clone())?;
+    if let Some(addr) = cfg.metrics() {
+        control::serve_metrics(addr, tx).await?;
+    }
     let layout = paths.run_dir.join(format!("{}.layout", cfg.instance()));
     let mut pins = Pins::open(&dir, &layout, &signature(&cfg))?;
     let result = match cfg {
