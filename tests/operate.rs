@@ -79,7 +79,18 @@ fn converge(lab: &Lab, rates: &BTreeMap<u64, f64>, limit: Duration) -> Duration 
                 eu.unwrap(),
                 ed.unwrap()
             );
-            return start.elapsed();
+            let took = start.elapsed();
+            // Converged means it stays there.
+            for _ in 0..8 {
+                std::thread::sleep(Duration::from_millis(250));
+                let (up, down) = weights(lab, 2);
+                let (eu, ed) = (share_error(&up, rates), share_error(&down, rates));
+                assert!(
+                    eu.is_some_and(|e| e <= 0.15) && ed.is_some_and(|e| e <= 0.15),
+                    "weights left the 15% band: up {up:?} ({eu:?}), down {down:?} ({ed:?})"
+                );
+            }
+            return took;
         }
         assert!(
             start.elapsed() < limit,

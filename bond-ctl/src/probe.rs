@@ -12,8 +12,10 @@
 //! server on request and measured by the terminal that owns the link.
 //!
 //! The estimate is the median of the last three trains, smoothed with an
-//! EWMA, and a new weight is announced only when it moves by more than
-//! [`HYSTERESIS`], so the schedules do not churn on noise.
+//! EWMA (faster when the median moved by more than 30%), and a new weight is announced only when it moves by more than
+//! [`HYSTERESIS`], so the schedules do not churn on noise. What the
+//! datapath's counters show a link carrying is a lower bound on its rate:
+//! it raises an estimate that lost trains left too low, never lowers one.
 
 use std::collections::VecDeque;
 
@@ -27,6 +29,11 @@ const HEADERS: u64 = 28;
 const MIN_TAIL: usize = 4;
 /// Weight of a new median in the EWMA.
 const ALPHA: f64 = 0.5;
+/// ... and when the median is more than [`SHIFT`] away from the estimate:
+/// two trains in three agree on a new rate (a retrained line, a congested
+/// cell), so follow it faster.
+const ALPHA_SHIFT: f64 = 0.8;
+const SHIFT: f64 = 0.3;
 /// Relative change below which the announced weight stays.
 pub const HYSTERESIS: f64 = 0.05;
 /// Weight used for an `auto` link before its first measurement (kbit/s).
@@ -101,8 +108,18 @@ impl Estimator {
         let median = f64::from(v[v.len() / 2]);
         self.smooth = Some(match self.smooth {
             None => median,
+            Some(s) if (median - s).abs() > SHIFT * s => s + ALPHA_SHIFT * (median - s),
             Some(s) => s + ALPHA * (median - s),
         });
+    }
+
+    /// A rate the link was seen carrying (from the datapath's counters):
+    /// a lower bound on its capacity. It counts as a train only when it is
+    /// above the estimate, which it can never wrongly lower.
+    pub fn observe(&mut self, kbps: u32) {
+        if self.smooth.is_some_and(|s| f64::from(kbps) > s) {
+            self.add(kbps);
+        }
     }
 
     /// The smoothed rate, if anything was measured.
@@ -204,8 +221,21 @@ mod tests {
         while e.weight() > 11_500 {
             e.add(10_000);
             n += 1;
-            assert!(n <= 6, "too slow: {:?}", e.rate());
+            assert!(n <= 4, "too slow: {:?}", e.rate());
         }
+    }
+
+    #[test]
+    fn observed_traffic_only_raises_the_estimate() {
+        let mut e = Estimator::default();
+        e.observe(50_000);
+        assert_eq!(e.rate(), None, "no estimate to raise yet");
+        e.add(20_000);
+        e.observe(5_000);
+        assert_eq!(e.rate(), Some(20_000), "carrying little says nothing");
+        e.observe(30_000);
+        e.observe(30_000);
+        assert!(e.rate().unwrap() > 25_000, "{:?}", e.rate());
     }
 
     #[test]

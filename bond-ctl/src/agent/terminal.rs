@@ -88,6 +88,8 @@ struct Own {
     /// report is awaited.
     rx: Option<TrainRx>,
     up_train: Option<u32>,
+    /// Carried bytes (up, down) at the last probe tick, and when.
+    carried: Option<(u64, u64, Instant)>,
 }
 
 /// Where a received control message came from.
@@ -234,6 +236,7 @@ pub async fn run(
             sock: Arc::new(sock),
             rx: None,
             up_train: None,
+            carried: None,
         });
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
@@ -585,6 +588,9 @@ impl Agent {
     async fn probe(&mut self) {
         let Some(token) = self.token else { return };
         let server = self.server();
+        if let Err(e) = self.observe_carried() {
+            eprintln!("bond-ctl: reading link counters: {e:#}");
+        }
         for i in 0..self.own.len() {
             if self.own[i].entry.flags & LINK_VALID == 0 || self.drain.is_some() {
                 continue;
@@ -633,6 +639,36 @@ impl Agent {
         if let Err(e) = self.update_weights().await {
             eprintln!("bond-ctl: updating weights: {e:#}");
         }
+    }
+
+    /// Feeds what each own link carried since the last tick (as origin
+    /// and as relay) to its estimators, as a lower bound.
+    fn observe_carried(&mut self) -> Result<()> {
+        let stats = self.maps.terminal_link_stats()?;
+        let now = Instant::now();
+        for o in &mut self.own {
+            let Some((_, _, s)) = stats.iter().find(|(id, _, _)| *id == o.ad.id) else {
+                continue;
+            };
+            let (up, down) = (
+                s.up_bytes + s.relay_up_bytes,
+                s.down_bytes + s.relay_down_bytes,
+            );
+            if let Some((up0, down0, t0)) = o.carried {
+                let secs = now.duration_since(t0).as_secs_f64();
+                let kbps = |b: u64| (b as f64 * 8.0 / 1000.0 / secs) as u32;
+                if secs > 0.1 {
+                    if o.up.spec == WeightSpec::Auto {
+                        o.up.est.observe(kbps(up.saturating_sub(up0)));
+                    }
+                    if o.down.spec == WeightSpec::Auto {
+                        o.down.est.observe(kbps(down.saturating_sub(down0)));
+                    }
+                }
+            }
+            o.carried = Some((up, down, now));
+        }
+        Ok(())
     }
 
     fn next_train(&mut self) -> u32 {
