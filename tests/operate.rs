@@ -131,10 +131,11 @@ fn measured_weights_converge_and_follow_a_rate_change() {
         .unwrap();
 
     let rates = BTreeMap::from([(1, 10.0), (2, 20.0), (3, 40.0)]);
-    converge(
-        &lab,
-        &rates,
-        Duration::from_secs(10).saturating_sub(start.elapsed()),
+    let t0 = start.elapsed();
+    let took = converge(&lab, &rates, Duration::from_secs(10).saturating_sub(t0));
+    eprintln!(
+        "converged {:.1}s after the agents started",
+        (t0 + took).as_secs_f64()
     );
 
     // Link 3 retrains from 40 to 10 Mbit/s.
