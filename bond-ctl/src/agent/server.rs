@@ -219,7 +219,8 @@ impl Agent {
                     eprintln!("bond-ctl: community {c}: terminal {o} logged on");
                 }
                 let port = self.cfg.port;
-                self.reply(&msg, Reply::Ok { token, port }, src).await;
+                let body = Body::LoginReply(Reply::Ok { token, port });
+                self.send((c, o, msg.link), body, src).await;
             }
             Body::Announce { interval_ms, links } => {
                 let via = (msg.flags & flags::VIA_LINK != 0).then_some((msg.link, src));
@@ -232,7 +233,8 @@ impl Agent {
                     Ok(false) => {}
                     Err(Refusal::NeedLogin) => {
                         self.rejects.count("need_login");
-                        self.reply(&msg, Reply::NeedLogin, src).await;
+                        let body = Body::LoginReply(Reply::NeedLogin);
+                        self.send((c, o, msg.link), body, src).await;
                     }
                     Err(Refusal::LinkTaken { owner }) => {
                         self.rejects.count("link_taken");
@@ -308,7 +310,7 @@ impl Agent {
                         count: *count,
                         len: PROBE_LEN as u16,
                     };
-                    self.send(&msg, body, src).await;
+                    self.send((c, o, msg.link), body, src).await;
                 }
             }
             _ => self.rejects.count("unexpected"),
@@ -340,33 +342,21 @@ impl Agent {
             self.rejects.count("probe_train_lost");
             return;
         };
-        let to = Msg {
-            community: c,
-            origin: o,
-            link,
-            flags: 0,
-            token: 0,
-            time_ms: 0,
-            counter: 0,
-            body: Body::Shutdown,
-        };
-        self.send(&to, Body::ProbeReport { train, kbps }, src).await;
+        self.send((c, o, link), Body::ProbeReport { train, kbps }, src)
+            .await;
     }
 
-    async fn reply(&mut self, to: &Msg, r: Reply, src: SocketAddrV4) {
-        self.send(to, Body::LoginReply(r), src).await;
-    }
-
-    /// Sends `body` about `to`'s terminal and link, signed with its
-    /// community's key, to `src`.
-    async fn send(&mut self, to: &Msg, body: Body, src: SocketAddrV4) {
-        let Some(key) = self.keys.get(&to.community) else {
+    /// Sends `body` about a terminal's link (community, origin, link),
+    /// signed with its community's key, to `dst`.
+    async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddrV4) {
+        let (community, origin, link) = about;
+        let Some(key) = self.keys.get(&community) else {
             return;
         };
         let m = Msg {
-            community: to.community,
-            origin: to.origin,
-            link: to.link,
+            community,
+            origin,
+            link,
             flags: flags::FROM_SERVER,
             token: 0,
             time_ms: proto::now_ms(),
@@ -374,7 +364,7 @@ impl Agent {
             body,
         }
         .encode(key);
-        if self.sock.send_to(&m, src).await.is_err() {
+        if self.sock.send_to(&m, dst).await.is_err() {
             self.rejects.count("send_failed");
         }
     }
