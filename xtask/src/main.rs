@@ -85,7 +85,8 @@ fn main() -> Result<()> {
                     "--example",
                     "announce_load",
                 ])),
-                other => bail!("unknown suite {other:?} (have: aggregate, announce)"),
+                "latency" => latency(&bin, 500 * runs.max(1) as u32),
+                other => bail!("unknown suite {other:?} (have: aggregate, announce, latency)"),
             }
         }
     }
@@ -253,4 +254,80 @@ fn demo(bond_ctl: &Path, runs: usize) -> Result<(f64, f64)> {
     );
     println!("bond / best single link: {:.2}x", b / s);
     Ok((s, b))
+}
+
+/// Round trips in microseconds of `count` pings from a namespace.
+fn ping(lab: &Lab, ns: &str, count: u32) -> Result<Vec<f64>> {
+    let out = lab.exec(
+        ns,
+        "ping",
+        &["-n", "-c", &count.to_string(), "-i", "0.002", "203.0.113.2"],
+    )?;
+    let rtts: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches(" ms").parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    if rtts.len() < count as usize * 9 / 10 {
+        bail!("only {} of {count} pings answered from {ns}", rtts.len());
+    }
+    Ok(rtts)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Added round trip on unlimited veth links: ping from t1 to the content
+/// host over its own link with plain routing, then through bond (t1 the
+/// origin: wrap at t1, unwrap and NAT at the server, and back), and from
+/// t2, which has no link, through t1's (one LAN hop each way, relayed by
+/// XDP at t1). The LAN hop alone is measured too, to tell the relay's cost
+/// from the wire's.
+fn latency(bond_ctl: &Path, count: u32) -> Result<()> {
+    let spec = vec![
+        TerminalSpec { links: vec![0] },
+        TerminalSpec { links: vec![] },
+    ];
+    let mut lab = Lab::build(&spec, bond_ctl)?;
+    let (t1, t2) = (lab.terminals[0].ns.clone(), lab.terminals[1].ns.clone());
+    println!("latency: {count} pings per path, unlimited veth links");
+    let direct = ping(&lab, &t1, count)?;
+    let lan = {
+        let out = lab.exec(
+            &t2,
+            "ping",
+            &["-n", "-c", &count.to_string(), "-i", "0.002", "10.0.1.1"],
+        )?;
+        out.lines()
+            .filter_map(|l| l.split("time=").nth(1))
+            .filter_map(|t| t.trim_end_matches(" ms").parse::<f64>().ok())
+            .map(|ms| ms * 1000.0)
+            .collect::<Vec<f64>>()
+    };
+    lab.start_agents()?;
+    let own = ping(&lab, &t1, count)?;
+    let relayed = ping(&lab, &t2, count)?;
+    let (d50, d99) = (percentile(direct.clone(), 0.5), percentile(direct, 0.99));
+    let l50 = percentile(lan, 0.5);
+    println!();
+    println!("| round trip to the content host | median µs | p99 µs | added (median) |");
+    println!("|---|---|---|---|");
+    println!("| t1, direct (plain routing) | {d50:.0} | {d99:.0} | |");
+    println!(
+        "| t1 through bond (own link) | {:.0} | {:.0} | {:+.0} µs |",
+        percentile(own.clone(), 0.5),
+        percentile(own.clone(), 0.99),
+        percentile(own, 0.5) - d50
+    );
+    println!(
+        "| t2 through bond (t1's link) | {:.0} | {:.0} | {:+.0} µs |",
+        percentile(relayed.clone(), 0.5),
+        percentile(relayed.clone(), 0.99),
+        percentile(relayed, 0.5) - d50,
+    );
+    println!("| (t2 to t1 over the LAN alone) | {l50:.0} | | |");
+    Ok(())
 }
