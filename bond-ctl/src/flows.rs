@@ -8,7 +8,7 @@
 //! than their protocol's timeout. The order of the deletes is
 //! [`Maps::remove_flows_if`]'s.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use bond_common::{
     maps::{FLOW_CLOSING, Flow, FlowKey, name},
@@ -89,6 +89,16 @@ impl SweepReport {
 /// again just before it is deleted, so one that came alive since the
 /// listing is kept.
 pub fn sweep(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<SweepReport> {
+    sweep_counted(maps, timeouts, now_ns).map(|(r, _)| r)
+}
+
+/// [`sweep`], and the flows left per community (from the same listing:
+/// status and metrics need not walk the table again).
+pub fn sweep_counted(
+    maps: &Maps,
+    timeouts: &Timeouts,
+    now_ns: u64,
+) -> Result<(SweepReport, BTreeMap<u16, u64>)> {
     let flows = maps.flows()?;
     let idle = flows
         .iter()
@@ -109,7 +119,16 @@ pub fn sweep(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<SweepRepor
         }
         r.ports_returned += u64::from(f.port_returned);
     }
-    Ok(r)
+    let mut by_community = BTreeMap::new();
+    for (k, _) in &flows {
+        *by_community.entry(k.community).or_default() += 1;
+    }
+    for f in &removed {
+        if let Some(n) = by_community.get_mut(&f.key.community) {
+            *n -= 1;
+        }
+    }
+    Ok((r, by_community))
 }
 
 /// The `max_entries` a server's flow maps are created with: `flows` for
@@ -124,7 +143,7 @@ pub fn server_map_sizes(flows: u32, ports: u32) -> [(&'static str, u32); 3] {
 
 /// The server agent's running account of the flow table, for `status` and
 /// metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FlowGauge {
     /// Dedicated ports in `nat_ports`.
     pub nat_ports: u64,
@@ -141,6 +160,8 @@ pub struct FlowGauge {
     pub ports_returned: u64,
     /// The last sweep.
     pub last: SweepReport,
+    /// Flows per community after the last sweep.
+    pub by_community: BTreeMap<u16, u64>,
 }
 
 impl FlowGauge {

@@ -144,6 +144,8 @@ impl Agent {
         tokio::pin!(stop);
         let mut buf = vec![0u8; 2048];
         let mut trains = tokio::time::interval(TRAIN_WAIT / 5);
+        let (swept_tx, mut swept) = mpsc::channel(1);
+        let mut sweeping = false;
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -162,11 +164,27 @@ impl Agent {
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,
-                _ = sweep.tick() => {
-                    let timeouts = self.cfg.flows.timeouts();
-                    match flows::sweep(&self.maps, &timeouts, flows::monotonic_ns()) {
-                        Ok(r) => {
+                // The sweep walks the whole table (a second for a full
+                // one): on a thread of its own, never in this loop, where
+                // it would hold up announces and their deadlines.
+                _ = sweep.tick(), if !sweeping => {
+                    sweeping = true;
+                    let (maps, timeouts, tx) =
+                        (self.maps.clone(), self.cfg.flows.timeouts(), swept_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.blocking_send(flows::sweep_counted(
+                            &maps,
+                            &timeouts,
+                            flows::monotonic_ns(),
+                        ));
+                    });
+                }
+                Some(result) = swept.recv() => {
+                    sweeping = false;
+                    match result {
+                        Ok((r, by_community)) => {
                             self.flows.record(&r);
+                            self.flows.by_community = by_community;
                             if r.removed() > 0 {
                                 eprintln!(
                                     "bond-ctl: expired {} flow(s) (tcp {}, udp {}, icmp {}); {} ports free",
@@ -508,7 +526,6 @@ impl Agent {
         let now = Instant::now();
         let sessions = self.table.sessions(now);
         let links = self.table.links(None, now);
-        let flows = self.maps.flows().unwrap_or_default();
         let communities: Vec<Value> = self
             .cfg
             .communities
@@ -518,7 +535,7 @@ impl Agent {
                     "id": c.id,
                     "terminals": sessions.iter().filter(|s| s.0 == c.id).count(),
                     "links": links.iter().filter(|l| l.community == c.id).count(),
-                    "flows": flows.iter().filter(|(k, _)| k.community == c.id).count(),
+                    "flows": self.flows.by_community.get(&c.id).copied().unwrap_or(0),
                 })
             })
             .collect();
@@ -530,8 +547,8 @@ impl Agent {
             "uptime_s": self.started.elapsed().as_secs(),
             "adopted": self.adopted,
             "communities": communities,
-            "flows": flows.len(),
-            "free_ports": self.flows.nat_ports.saturating_sub(flows.len() as u64),
+            "flows": self.flows.flows,
+            "free_ports": self.flows.free_ports,
             "flow_table": self.flows,
             "rejects": self.rejects.json(),
         })
@@ -614,14 +631,13 @@ impl Agent {
                 r.missed,
             );
         }
-        let flows = self.maps.flows()?;
         m.family(
             "bond_community_flows",
             "gauge",
-            "Flows in the table per community.",
+            "Flows in the table per community, as of the last sweep.",
         );
         for c in &self.cfg.communities {
-            let n = flows.iter().filter(|(k, _)| k.community == c.id).count();
+            let n = self.flows.by_community.get(&c.id).copied().unwrap_or(0);
             m.sample(
                 "bond_community_flows",
                 &[("community", c.id.to_string())],
@@ -633,11 +649,7 @@ impl Agent {
             "gauge",
             "Dedicated ports free for new flows (shared by all communities).",
         );
-        m.sample(
-            "bond_free_ports",
-            &[],
-            self.flows.nat_ports.saturating_sub(flows.len() as u64),
-        );
+        m.sample("bond_free_ports", &[], self.flows.free_ports);
         m.family(
             "bond_flows_expired_total",
             "counter",
