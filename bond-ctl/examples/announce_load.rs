@@ -17,14 +17,19 @@ use bond_ctl::{
 };
 
 const TERMINALS: u32 = 10_000;
+/// Rounds of announces; `BOND_ANNOUNCE_ROUNDS` sets it (`bench --quick`: 2).
 const ROUNDS: u32 = 10;
 const KEY: &[u8] = b"bench community key";
 
 fn main() -> anyhow::Result<()> {
     // Every terminal announces its two links, ROUNDS times, each over its link.
+    let rounds: u32 = std::env::var("BOND_ANNOUNCE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
     let now = now_ms();
     let mut msgs = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for t in 0..TERMINALS {
             let origin = Ipv4Addr::from(0x0a00_0000 + t);
             let links = vec![
@@ -62,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{} announces ({TERMINALS} terminals x {ROUNDS}), {} bytes each",
+        "{} announces ({TERMINALS} terminals x {rounds}), {} bytes each",
         msgs.len(),
         msgs[0].len()
     );

@@ -6,6 +6,10 @@ pub static TERMINAL: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// The server object: `bond_server` (XDP).
 #[cfg(not(bond_no_ebpf))]
 pub static SERVER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/server"));
+/// Programs for `cargo xtask bench fastpath` (load generator, sink): no part
+/// of the datapath.
+#[cfg(not(bond_no_ebpf))]
+pub static BENCH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
 // Built with AYA_BUILD_SKIP=1 (clippy without bpf-linker): no objects, and
 // loading says so.
@@ -13,3 +17,5 @@ pub static SERVER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub static TERMINAL: &[u8] = &[];
 #[cfg(bond_no_ebpf)]
 pub static SERVER: &[u8] = &[];
+#[cfg(bond_no_ebpf)]
+pub static BENCH: &[u8] = &[];

@@ -1,11 +1,22 @@
 //! `cargo xtask`: set up a fresh machine, build, test, demo, benchmark.
 
 use std::{
+    fmt::Write as _,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context as _, Result, bail};
+
+mod aggregate;
+mod failover;
+mod fastpath;
+// Packets built independently of the code under test, shared with the BPF
+// fixtures.
+#[path = "../../tests/common/packets.rs"]
+mod packets;
+mod scale;
 use bond_ctl::lab::{Lab, TerminalSpec};
 use clap::{Parser, Subcommand};
 
@@ -28,14 +39,31 @@ enum Cmd {
     /// Bring up a demo community in namespaces and show the aggregate rate.
     Demo,
     /// Benchmarks; each figure is a ratio to a baseline from the same run.
+    /// Tables go to stdout and, with the machine and date, to
+    /// target/bench/report.md; the failover plot to target/bench/.
     Bench {
-        #[arg(default_value = "aggregate")]
-        suite: String,
-        /// Downloads per measurement (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        /// Suites to run: aggregate, fastpath, latency, failover, scale,
+        /// announce (default: all).
+        suites: Vec<String>,
+        /// A smaller version of each suite (minutes, for CI): checks that
+        /// the suites work, not that a figure is reached.
+        #[arg(long)]
+        quick: bool,
     },
+    /// The MPTCP baseline's proxy (run by `bench aggregate` in the server
+    /// namespace): accepts MPTCP connections on LISTEN, relays each to TO.
+    #[command(hide = true)]
+    MptcpProxy { listen: SocketAddr, to: SocketAddr },
 }
+
+const SUITES: &[&str] = &[
+    "aggregate",
+    "fastpath",
+    "latency",
+    "failover",
+    "scale",
+    "announce",
+];
 
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
@@ -46,6 +74,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "util-linux",
     "kmod",
+    // Benchmarks: the MPTCP baseline (mptcpize), kernel NAT, the plot's font.
+    "mptcpd",
+    "nftables",
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER: &str = "0.10.2";
 
@@ -71,25 +103,107 @@ fn main() -> Result<()> {
             let bin = build()?;
             demo(&bin, 1).map(drop)
         }
-        Cmd::Bench { suite, runs } => {
+        Cmd::Bench { suites, quick } => {
             setup()?;
             let bin = build()?;
-            match suite.as_str() {
-                "aggregate" => demo(&bin, runs.max(1)).map(drop),
-                // Control-plane load: 10,000 terminals announcing at 100 ms.
-                "announce" => sh(Command::new("cargo").args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "bond-ctl",
-                    "--example",
-                    "announce_load",
-                ])),
-                "latency" => latency(&bin, 500 * runs.max(1) as u32),
-                other => bail!("unknown suite {other:?} (have: aggregate, announce, latency)"),
-            }
+            bench(&bin, &suites, quick)
         }
+        Cmd::MptcpProxy { listen, to } => aggregate::proxy(listen, to),
     }
+}
+
+/// Runs the suites in turn, printing each table as it is done and writing
+/// them all, headed by the machine and date, to target/bench/report.md.
+fn bench(bond_ctl: &Path, suites: &[String], quick: bool) -> Result<()> {
+    let suites: Vec<&str> = if suites.is_empty() {
+        SUITES.to_vec()
+    } else {
+        suites.iter().map(String::as_str).collect()
+    };
+    if let Some(bad) = suites.iter().find(|s| !SUITES.contains(s)) {
+        bail!("unknown suite {bad:?} (have: {})", SUITES.join(", "));
+    }
+    let out = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let mut report = format!(
+        "# bond benchmarks{}\n\n{}\n",
+        if quick { " (--quick)" } else { "" },
+        machine()
+    );
+    for suite in suites {
+        eprintln!("\n== bench {suite}{} ==", if quick { " --quick" } else { "" });
+        let table = match suite {
+            "aggregate" => aggregate::run(bond_ctl, quick)?,
+            "fastpath" => fastpath::run(quick)?,
+            "latency" => latency(bond_ctl, if quick { 300 } else { 1500 })?,
+            "failover" => failover::run(bond_ctl, quick, &out)?,
+            "scale" => scale::run(quick)?,
+            "announce" => announce(quick)?,
+            _ => unreachable!("checked above"),
+        };
+        println!("\n## {suite}\n\n{table}");
+        let _ = write!(report, "\n## {suite}\n\n{table}\n");
+        std::fs::write(out.join("report.md"), &report)?;
+    }
+    eprintln!("\nreport: {}", out.join("report.md").display());
+    Ok(())
+}
+
+/// When and on what the figures were taken.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb >> 20);
+    let out = |c: &mut Command| {
+        c.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let kernel = out(Command::new("uname").arg("-r"));
+    let date = out(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    format!("Taken {date} on {cpu}, {cores} cores, {mem_gib} GiB, kernel {kernel}; release build.")
+}
+
+/// The control-plane load test (an example binary, release build).
+fn announce(quick: bool) -> Result<String> {
+    let mut c = Command::new("cargo");
+    c.args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "bond-ctl",
+        "--example",
+        "announce_load",
+    ]);
+    if quick {
+        c.env("BOND_ANNOUNCE_ROUNDS", "2");
+    }
+    let o = c.output().context("running the announce_load example")?;
+    if !o.status.success() {
+        bail!(
+            "announce_load failed ({}):\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8(o.stdout)?)
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
@@ -286,14 +400,14 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 /// t2, which has no link, through t1's (one LAN hop each way, relayed by
 /// XDP at t1). The LAN hop alone is measured too, to tell the relay's cost
 /// from the wire's.
-fn latency(bond_ctl: &Path, count: u32) -> Result<()> {
+fn latency(bond_ctl: &Path, count: u32) -> Result<String> {
     let spec = vec![
         TerminalSpec { links: vec![0] },
         TerminalSpec { links: vec![] },
     ];
     let mut lab = Lab::build(&spec, bond_ctl)?;
     let (t1, t2) = (lab.terminals[0].ns.clone(), lab.terminals[1].ns.clone());
-    println!("latency: {count} pings per path, unlimited veth links");
+    eprintln!("latency: {count} pings per path, unlimited veth links");
     let direct = ping(&lab, &t1, count)?;
     let lan = {
         let out = lab.exec(
@@ -312,22 +426,28 @@ fn latency(bond_ctl: &Path, count: u32) -> Result<()> {
     let relayed = ping(&lab, &t2, count)?;
     let (d50, d99) = (percentile(direct.clone(), 0.5), percentile(direct, 0.99));
     let l50 = percentile(lan, 0.5);
-    println!();
-    println!("| round trip to the content host | median µs | p99 µs | added (median) |");
-    println!("|---|---|---|---|");
-    println!("| t1, direct (plain routing) | {d50:.0} | {d99:.0} | |");
-    println!(
+    let mut t = String::new();
+    writeln!(t, "{count} pings per path every 2 ms, unlimited veth links.\n")?;
+    writeln!(t, "| round trip to the content host | median µs | p99 µs | added (median) |")?;
+    writeln!(
+        t,"|---|---|---|---|")?;
+    writeln!(
+        t,"| t1, direct (plain routing) | {d50:.0} | {d99:.0} | |")?;
+    writeln!(
+        t,
         "| t1 through bond (own link) | {:.0} | {:.0} | {:+.0} µs |",
         percentile(own.clone(), 0.5),
         percentile(own.clone(), 0.99),
         percentile(own, 0.5) - d50
-    );
-    println!(
+    )?;
+    writeln!(
+        t,
         "| t2 through bond (t1's link) | {:.0} | {:.0} | {:+.0} µs |",
         percentile(relayed.clone(), 0.5),
         percentile(relayed.clone(), 0.99),
         percentile(relayed, 0.5) - d50,
-    );
-    println!("| (t2 to t1 over the LAN alone) | {l50:.0} | | |");
-    Ok(())
+    )?;
+    writeln!(
+        t,"| (t2 to t1 over the LAN alone) | {l50:.0} | | |")?;
+    Ok(t)
 }
