@@ -75,8 +75,7 @@ pub fn run(bond_ctl: &Path, quick: bool, out: &Path) -> Result<String> {
             tcp.retransmits,
             udp.lost * UDP_LEN,
             udp.lost,
-            udp.lasted
-                .map_or("no loss".into(), |s| format!("{s:.1} s")),
+            udp.lasted.map_or("no loss".into(), |s| format!("{s:.1} s")),
         )?;
     }
     Ok(t)
@@ -125,7 +124,10 @@ fn tcp_run(bond_ctl: &Path, announce_ms: u32, secs: u32, kill_at: f64) -> Result
         .map(|i| series.iter().map(|l| l[i]).sum())
         .collect();
     let from = k.saturating_sub(30).max(10);
-    ensure!(from < k, "the death comes too early to measure the rate before");
+    ensure!(
+        from < k,
+        "the death comes too early to measure the rate before"
+    );
     let before = total[from..k].iter().sum::<f64>() / (k - from) as f64;
     ensure!(
         before > f64::from(RATE),
@@ -205,9 +207,7 @@ fn iperf_args(secs: u32, udp: Option<u32>) -> Vec<String> {
     .map(str::to_string)
     .to_vec();
     if let Some(mbit) = udp {
-        a.extend(
-            ["-u", "-b", &format!("{mbit}M"), "-l", &UDP_LEN.to_string()].map(str::to_string),
-        );
+        a.extend(["-u", "-b", &format!("{mbit}M"), "-l", &UDP_LEN.to_string()].map(str::to_string));
     }
     a
 }
@@ -303,11 +303,16 @@ fn plot(run: &TcpRun, kill_at: f64, announce_ms: u32, png: &Path) -> Result<()> 
     use plotters::style::{FontStyle, register_font};
 
     const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-    let font = std::fs::read(FONT)
-        .with_context(|| format!("reading {FONT} (`cargo xtask setup` installs fonts-dejavu-core)"))?;
+    let font = std::fs::read(FONT).with_context(|| {
+        format!("reading {FONT} (`cargo xtask setup` installs fonts-dejavu-core)")
+    })?;
     // The font lives as long as the process; plotters keeps a reference.
-    register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("{FONT} is not a font plotters can read"))?;
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("{FONT} is not a font plotters can read"))?;
 
     let tick = TICK.as_secs_f64();
     let n = run.series[0].len();
@@ -319,7 +324,9 @@ fn plot(run: &TcpRun, kill_at: f64, announce_ms: u32, png: &Path) -> Result<()> 
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("bond: t3 dies at {kill_at:.0} s (announce every {announce_ms} ms, {MISSES} misses)"),
+            format!(
+                "bond: t3 dies at {kill_at:.0} s (announce every {announce_ms} ms, {MISSES} misses)"
+            ),
             ("sans-serif", 22),
         )
         .margin(15)

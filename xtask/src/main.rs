@@ -49,6 +49,9 @@ enum Cmd {
         /// the suites work, not that a figure is reached.
         #[arg(long)]
         quick: bool,
+        /// Repeats of each aggregate measurement (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// The MPTCP baseline's proxy (run by `bench aggregate` in the server
     /// namespace): accepts MPTCP connections on LISTEN, relays each to TO.
@@ -103,10 +106,14 @@ fn main() -> Result<()> {
             let bin = build()?;
             demo(&bin, 1).map(drop)
         }
-        Cmd::Bench { suites, quick } => {
+        Cmd::Bench {
+            suites,
+            quick,
+            runs,
+        } => {
             setup()?;
             let bin = build()?;
-            bench(&bin, &suites, quick)
+            bench(&bin, &suites, quick, runs)
         }
         Cmd::MptcpProxy { listen, to } => aggregate::proxy(listen, to),
     }
@@ -114,7 +121,7 @@ fn main() -> Result<()> {
 
 /// Runs the suites in turn, printing each table as it is done and writing
 /// them all, headed by the machine and date, to target/bench/report.md.
-fn bench(bond_ctl: &Path, suites: &[String], quick: bool) -> Result<()> {
+fn bench(bond_ctl: &Path, suites: &[String], quick: bool, runs: usize) -> Result<()> {
     let suites: Vec<&str> = if suites.is_empty() {
         SUITES.to_vec()
     } else {
@@ -131,9 +138,12 @@ fn bench(bond_ctl: &Path, suites: &[String], quick: bool) -> Result<()> {
         machine()
     );
     for suite in suites {
-        eprintln!("\n== bench {suite}{} ==", if quick { " --quick" } else { "" });
+        eprintln!(
+            "\n== bench {suite}{} ==",
+            if quick { " --quick" } else { "" }
+        );
         let table = match suite {
-            "aggregate" => aggregate::run(bond_ctl, quick)?,
+            "aggregate" => aggregate::run(bond_ctl, quick, runs)?,
             "fastpath" => fastpath::run(quick)?,
             "latency" => latency(bond_ctl, if quick { 300 } else { 1500 })?,
             "failover" => failover::run(bond_ctl, quick, &out)?,
@@ -427,12 +437,16 @@ fn latency(bond_ctl: &Path, count: u32) -> Result<String> {
     let (d50, d99) = (percentile(direct.clone(), 0.5), percentile(direct, 0.99));
     let l50 = percentile(lan, 0.5);
     let mut t = String::new();
-    writeln!(t, "{count} pings per path every 2 ms, unlimited veth links.\n")?;
-    writeln!(t, "| round trip to the content host | median µs | p99 µs | added (median) |")?;
     writeln!(
-        t,"|---|---|---|---|")?;
+        t,
+        "{count} pings per path every 2 ms, unlimited veth links.\n"
+    )?;
     writeln!(
-        t,"| t1, direct (plain routing) | {d50:.0} | {d99:.0} | |")?;
+        t,
+        "| round trip to the content host | median µs | p99 µs | added (median) |"
+    )?;
+    writeln!(t, "|---|---|---|---|")?;
+    writeln!(t, "| t1, direct (plain routing) | {d50:.0} | {d99:.0} | |")?;
     writeln!(
         t,
         "| t1 through bond (own link) | {:.0} | {:.0} | {:+.0} µs |",
@@ -447,7 +461,6 @@ fn latency(bond_ctl: &Path, count: u32) -> Result<String> {
         percentile(relayed.clone(), 0.99),
         percentile(relayed, 0.5) - d50,
     )?;
-    writeln!(
-        t,"| (t2 to t1 over the LAN alone) | {l50:.0} | | |")?;
+    writeln!(t, "| (t2 to t1 over the LAN alone) | {l50:.0} | | |")?;
     Ok(t)
 }
