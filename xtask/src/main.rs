@@ -104,7 +104,7 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             let bin = build()?;
-            demo(&bin, 1).map(drop)
+            demo(&bin)
         }
         Cmd::Bench {
             suites,
@@ -313,15 +313,11 @@ fn mbit(bytes: u64, secs: f64) -> f64 {
     bytes as f64 * 8.0 / secs / 1e6
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Figure 1 (links of 10, 20 and 30 Mbit/s, t3 without a link): one HTTP
 /// download over the best single link with plain routing, then the same
-/// file over bond from t3, side by side in one run.
-fn demo(bond_ctl: &Path, runs: usize) -> Result<(f64, f64)> {
+/// file over bond from t3, side by side in one run. (`bench aggregate`
+/// has the full comparison, MPTCP included.)
+fn demo(bond_ctl: &Path) -> Result<()> {
     let spec = TerminalSpec::figure1();
     let rates: Vec<u32> = spec.iter().flat_map(|t| t.links.clone()).collect();
     println!(
@@ -332,52 +328,39 @@ fn demo(bond_ctl: &Path, runs: usize) -> Result<(f64, f64)> {
     lab.serve_file("file.bin", mb)?;
     let url = "http://203.0.113.2/file.bin";
 
+    // t2's default route is its first link (20); route via the 30 one.
     let t2 = lab.terminals[1].ns.clone();
-    let mut single = Vec::new();
-    for i in 0..runs {
-        // t2's default route is its first link (20); route via the 30 one.
-        lab.ip(
-            &t2,
-            &format!(
-                "route replace 203.0.113.0/24 via {}",
-                lab.terminals[1].links[1].modem_ip
-            ),
-        )?;
-        let (b, s, _) = lab.download(&t2, url, &format!("single-{i}"))?;
-        single.push(mbit(b, s));
-        println!(
-            "  best single link (30 Mbit/s, plain routing): {:.1} Mbit/s",
-            mbit(b, s)
-        );
-    }
+    lab.ip(
+        &t2,
+        &format!(
+            "route replace 203.0.113.0/24 via {}",
+            lab.terminals[1].links[1].modem_ip
+        ),
+    )?;
+    let (b, s, _) = lab.download(&t2, url, "single")?;
+    let single = mbit(b, s);
+    println!("  best single link (30 Mbit/s, plain routing): {single:.1} Mbit/s");
     lab.ip(&t2, "route del 203.0.113.0/24")?;
     println!("starting agents (server + 3 terminals)...");
     lab.start_agents()?;
     let t3 = lab.terminals[2].ns.clone();
-    let mut bonded = Vec::new();
-    for i in 0..runs {
-        let (b, s, _) = lab.download(&t3, url, &format!("bond-{i}"))?;
-        bonded.push(mbit(b, s));
-        println!(
-            "  bond from t3 over all three links:          {:.1} Mbit/s",
-            mbit(b, s)
-        );
-    }
+    let (b, s, _) = lab.download(&t3, url, "bond")?;
+    let bonded = mbit(b, s);
+    println!("  bond from t3 over all three links:          {bonded:.1} Mbit/s");
     let sum: u32 = rates.iter().sum();
-    let (s, b) = (median(single), median(bonded));
     println!();
-    println!("| {mb} MiB HTTP download (median of {runs}) | Mbit/s | share of {sum} Mbit/s sum |");
+    println!("| {mb} MiB HTTP download | Mbit/s | share of {sum} Mbit/s sum |");
     println!("|---|---|---|");
     println!(
-        "| best single link (30) | {s:.1} | {:.0}% |",
-        s / f64::from(sum) * 100.0
+        "| best single link (30) | {single:.1} | {:.0}% |",
+        single / f64::from(sum) * 100.0
     );
     println!(
-        "| bond, 3 links | {b:.1} | {:.0}% |",
-        b / f64::from(sum) * 100.0
+        "| bond, 3 links | {bonded:.1} | {:.0}% |",
+        bonded / f64::from(sum) * 100.0
     );
-    println!("bond / best single link: {:.2}x", b / s);
-    Ok((s, b))
+    println!("bond / best single link: {:.2}x", bonded / single);
+    Ok(())
 }
 
 /// Round trips in microseconds of `count` pings from a namespace.
