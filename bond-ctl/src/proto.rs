@@ -158,7 +158,8 @@ impl DecodeError {
     }
 }
 
-fn tag(key: &[u8], data: &[u8]) -> [u8; TAG_LEN] {
+/// The truncated HMAC-SHA256 tag a control message ends with.
+pub fn tag(key: &[u8], data: &[u8]) -> [u8; TAG_LEN] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
     let full = mac.finalize().into_bytes();

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 mod aggregate;
 mod failover;
 mod fastpath;
+mod fuzz;
 // Packets built independently of the code under test, shared with the BPF
 // fixtures.
 #[path = "../../tests/common/packets.rs"]
@@ -38,6 +39,15 @@ enum Cmd {
     Test,
     /// Bring up a demo community in namespaces and show the aggregate rate.
     Demo,
+    /// Fuzz every parser (cargo-fuzz, libFuzzer): each target for SECS
+    /// seconds, starting from seeds of valid input. Crashes are saved under
+    /// fuzz/artifacts/TARGET and fail the run.
+    Fuzz {
+        /// Targets: wire, control, config, sched (default: all).
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// Benchmarks; each figure is a ratio to a baseline from the same run.
     /// Tables go to stdout and, with the machine and date, to
     /// target/bench/report.md; the failover plot to target/bench/.
@@ -100,6 +110,10 @@ fn main() -> Result<()> {
         Cmd::Test => {
             setup()?;
             test()
+        }
+        Cmd::Fuzz { targets, secs } => {
+            setup()?;
+            fuzz::run(&targets, secs)
         }
         Cmd::Demo => {
             setup()?;

@@ -1,0 +1,136 @@
+//! `cargo xtask fuzz`: the cargo-fuzz targets in fuzz/, each run for a
+//! while from seeds of valid input.
+//!
+//! The targets need libFuzzer's instrumentation, which takes `-Z` flags:
+//! the stable toolchain gives them with `RUSTC_BOOTSTRAP=1`, as it does for
+//! the eBPF build. `AYA_BUILD_SKIP=1`: the decoders need no eBPF objects.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use bond_ctl::proto::{Body, LinkAd, Msg, Reply, TAG_LEN, flags};
+
+use crate::sh;
+
+pub const TARGETS: &[&str] = &["wire", "control", "config", "sched"];
+const CARGO_FUZZ: &str = "0.13.2";
+/// The control target's key (fuzz/fuzz_targets/control.rs).
+const KEY: &[u8] = b"fuzzing community key";
+
+pub fn run(targets: &[String], secs: u64) -> Result<()> {
+    let targets: Vec<&str> = if targets.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    if let Some(bad) = targets.iter().find(|t| !TARGETS.contains(t)) {
+        bail!("unknown fuzz target {bad:?} (have: {})", TARGETS.join(", "));
+    }
+    install()?;
+    seed()?;
+    for t in targets {
+        eprintln!("fuzz: {t} for {secs} s");
+        sh(fuzz_cmd().args([
+            "run",
+            t,
+            &format!("corpus/{t}"),
+            "--",
+            &format!("-max_total_time={secs}"),
+        ]))
+        .with_context(|| format!("fuzz target {t} failed: the input is in fuzz/artifacts/{t}/"))?;
+    }
+    Ok(())
+}
+
+fn fuzz_cmd() -> Command {
+    let mut c = Command::new("cargo");
+    c.arg("fuzz")
+        .current_dir("fuzz")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("AYA_BUILD_SKIP", "1");
+    c
+}
+
+fn install() -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ))
+        .unwrap_or(false);
+    if !have {
+        sh(Command::new("cargo").args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ}"),
+            "--locked",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Valid input for each target, so the fuzzer starts past the magic
+/// numbers: a message of every kind (signed for the raw path, unsigned for
+/// the target to sign), the README's example configurations, a bond header.
+fn seed() -> Result<()> {
+    let write = |target: &str, name: &str, bytes: &[u8]| -> Result<()> {
+        let dir = Path::new("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("seeding {target}"))
+    };
+    let bodies = [
+        Body::Announce {
+            interval_ms: 1000,
+            links: vec![LinkAd {
+                id: 1,
+                port: 7701,
+                up: 10,
+                down: 20,
+            }],
+        },
+        Body::Shutdown,
+        Body::Login,
+        Body::LoginReply(Reply::Ok {
+            token: 7,
+            port: 7700,
+        }),
+        Body::LoginReply(Reply::NeedLogin),
+        Body::Probe {
+            train: 1,
+            seq: 0,
+            count: 40,
+            len: 1200,
+        },
+        Body::ProbeRequest {
+            train: 1,
+            count: 40,
+        },
+        Body::ProbeReport {
+            train: 1,
+            kbps: 10_000,
+        },
+    ];
+    for (i, body) in bodies.into_iter().enumerate() {
+        let m = Msg {
+            community: 1,
+            origin: [10, 0, 1, 1].into(),
+            link: 1,
+            flags: flags::VIA_LINK,
+            token: 0,
+            time_ms: 1,
+            counter: 1,
+            body,
+        }
+        .encode(KEY);
+        write("control", &format!("signed-{i}"), &m)?;
+        write("control", &format!("unsigned-{i}"), &m[..m.len() - TAG_LEN])?;
+        if i == 0 {
+            write("wire", "header", &m[..24])?;
+        }
+    }
+    let readme = std::fs::read_to_string("README.md")?;
+    for (i, block) in readme.split("```toml\n").skip(1).enumerate() {
+        let toml = block.split("```").next().unwrap_or_default();
+        write("config", &format!("readme-{i}"), toml.as_bytes())?;
+    }
+    write("sched", "weights", &[1, 0, 10, 0, 0, 0, 2, 0, 20, 0, 0, 0])?;
+    Ok(())
+}
