@@ -755,6 +755,8 @@ mod srv {
     pub const PORT: u16 = 7000;
     pub const PORT_MIN: u16 = 20000;
     pub const PORT_MAX: u16 = 20010;
+    /// The smallest community link MTU the server is told of.
+    pub const LINK_MTU: u16 = 1500;
     /// The server's interfaces in its test namespace.
     pub const WAN_DEV_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 0x01];
     pub const CNT_DEV_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 0x02];
@@ -883,7 +885,7 @@ mod srv {
             port: PORT,
             port_min: PORT_MIN,
             port_max: PORT_MAX,
-            _pad: 0,
+            link_mtu: LINK_MTU,
         })
         .unwrap();
         for l in LINKS {
@@ -1116,6 +1118,77 @@ fn server_nats_tcp_udp_icmp_and_wraps_replies() {
         );
         assert_eq!(s.nonzero_drops(), vec![]);
         assert_eq!(s.event("slow_path"), 0);
+    });
+}
+
+#[test]
+fn server_answers_replies_too_big_for_the_links_with_frag_needed() {
+    use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-too-big", 20000..=20010);
+        let request = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 443));
+        expect_up(&s, "request", LINKS[0], &request, 20000);
+        let mut r = reply(&request, 20000);
+
+        // The largest reply that fits a link once wrapped goes down.
+        let fits = usize::from(LINK_MTU) - WRAP_LEN + 14 - 28;
+        r.payload = vec![7; fits];
+        let (v, out) = s.run("bond_server", &r.frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_REDIRECT, "a reply that fits");
+        assert_eq!(
+            out.len(),
+            14 + usize::from(LINK_MTU),
+            "wrapped to the link MTU"
+        );
+
+        // One byte more: the sender gets fragmentation needed, with the
+        // MTU that fits, from the NAT address, out of where it came in.
+        r.payload = vec![7; fits + 1];
+        let orig = r.bytes();
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(CNT_DEV_MAC, CONTENT_MAC)
+            .ipv4(NAT_IP.octets(), CONTENT.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: LINK_MTU - 52,
+                },
+            ))
+            .write(&mut want, &orig[..28])
+            .unwrap();
+        // An ICMP error goes without DF, as Linux sends them.
+        want[14 + 6] &= !0x40;
+        fix_ipv4_checksum(&mut want[14..34]);
+        let before = s.drops();
+        s.expect(
+            "bond_server",
+            "one byte too big",
+            &r.frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_REDIRECT,
+            Some(&want),
+        );
+        let grew: Vec<_> = s
+            .drops()
+            .iter()
+            .zip(&before)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| (a.0, a.1 - b.1))
+            .collect();
+        assert_eq!(grew, vec![("too_big", 1)]);
+        assert_eq!(s.event("frag_needed_sent"), 1);
+
+        // Too big, but for no flow: dropped as such, nothing reflected.
+        let mut stray = reply(&request, 20005);
+        stray.payload = vec![7; fits + 1];
+        s.expect_drop(
+            "bond_server",
+            "too big, no flow",
+            &stray.frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_DROP,
+            "no_flow",
+        );
+        assert_eq!(s.event("frag_needed_sent"), 1);
     });
 }
 

@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
@@ -58,8 +58,16 @@ pub mod event {
     pub const FLOW_CREATED: u32 = 1;
     /// Two CPUs created the same flow at once; the loser's port went back.
     pub const FLOW_RACE: u32 = 2;
-    pub const COUNT: u32 = 3;
-    pub const NAMES: [&str; COUNT as usize] = ["slow_path", "flows_created", "flow_race"];
+    /// A downstream packet too big for the links, answered with ICMP
+    /// fragmentation needed (it is counted as a `too_big` drop as well).
+    pub const FRAG_NEEDED: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "slow_path",
+        "flows_created",
+        "flow_race",
+        "frag_needed_sent",
+    ];
 }
 
 /// A weighted round-robin slot sequence: `slots[cursor % len]` is the next
@@ -204,7 +212,10 @@ pub struct ServerConfig {
     /// Dedicated ports are taken from `[port_min, port_max]`.
     pub port_min: u16,
     pub port_max: u16,
-    pub _pad: u16,
+    /// The smallest MTU of the community links (0: no limit). A downstream
+    /// packet that would not fit one once wrapped is answered with ICMP
+    /// fragmentation needed instead.
+    pub link_mtu: u16,
 }
 const _: () = assert!(core::mem::size_of::<ServerConfig>() == 16);
 

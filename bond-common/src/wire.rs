@@ -256,9 +256,113 @@ pub const fn outer_udp(src_port: u16, dst_port: u16, inner_len: u16) -> [u8; 8] 
     [s[0], s[1], d[0], d[1], l[0], l[1], 0, 0]
 }
 
+/// ICMP destination unreachable (RFC 792), code "fragmentation needed and
+/// DF set" (RFC 1191: the next-hop MTU in the last two bytes).
+pub const ICMP_UNREACHABLE: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// What a fragmentation-needed error carries after its Ethernet header:
+/// IPv4, ICMP, and the offending packet's IPv4 header and first 8 bytes.
+pub const FRAG_NEEDED_LEN: usize = IPV4_LEN + 8 + IPV4_LEN + 8;
+
+/// The IPv4 and ICMP headers of a fragmentation-needed error from `src`
+/// about the packet whose IPv4 header (no options) is `orig` and whose
+/// transport header starts with `l4`: addressed to that packet's source,
+/// telling it that `mtu` is the largest packet that fits. The error's
+/// payload is `orig` followed by `l4`, which the checksum covers.
+#[inline(always)]
+pub fn frag_needed(src: u32, orig: &[u8; 20], l4: &[u8; 8], mtu: u16) -> ([u8; 20], [u8; 8]) {
+    let t = (FRAG_NEEDED_LEN as u16).to_be_bytes();
+    let s = src.to_be_bytes();
+    let mut ip = [
+        0x45,
+        0,
+        t[0],
+        t[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        orig[12],
+        orig[13],
+        orig[14],
+        orig[15],
+    ];
+    let c = crate::csum::ipv4_header(&ip).to_be_bytes();
+    ip[10] = c[0];
+    ip[11] = c[1];
+    let m = mtu.to_be_bytes();
+    let mut icmp = [ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
+    // Plain loops over fixed sizes: the verifier sees bounded indices.
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 8 {
+        sum += u32::from(u16::from_be_bytes([icmp[i], icmp[i + 1]]));
+        sum += u32::from(u16::from_be_bytes([l4[i], l4[i + 1]]));
+        i += 2;
+    }
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([orig[i], orig[i + 1]]));
+        i += 2;
+    }
+    let c = (!crate::csum::fold(sum)).to_be_bytes();
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    (ip, icmp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frag_needed_is_a_valid_icmp_error_to_the_sender() {
+        use etherparse::{
+            Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice, PacketBuilder, icmpv4::DestUnreachableHeader,
+        };
+        // A 1500-byte UDP packet from a content server to the NAT address.
+        let mut orig = Vec::new();
+        PacketBuilder::ipv4([203, 0, 113, 2], [203, 0, 113, 1], 61)
+            .udp(9999, 20001)
+            .write(&mut orig, &[7u8; 1472])
+            .unwrap();
+        let h: [u8; 20] = orig[..20].try_into().unwrap();
+        let l4: [u8; 8] = orig[20..28].try_into().unwrap();
+        let nat = u32::from_be_bytes([203, 0, 113, 1]);
+        let (ip, icmp) = frag_needed(nat, &h, &l4, 1448);
+
+        let mut pkt = ip.to_vec();
+        pkt.extend_from_slice(&icmp);
+        pkt.extend_from_slice(&orig[..28]);
+        assert_eq!(pkt.len(), FRAG_NEEDED_LEN);
+        let iph = Ipv4HeaderSlice::from_slice(&pkt).unwrap().to_header();
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        assert_eq!(iph.source, [203, 0, 113, 1]);
+        assert_eq!(iph.destination, [203, 0, 113, 2], "back to the sender");
+        assert_eq!(usize::from(iph.total_len), FRAG_NEEDED_LEN);
+        assert_eq!(iph.protocol, etherparse::IpNumber::ICMP);
+        let msg = Icmpv4Slice::from_slice(&pkt[20..]).unwrap();
+        assert_eq!(
+            msg.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1448
+            })
+        );
+        assert_eq!(msg.checksum(), msg.icmp_type().calc_checksum(msg.payload()));
+        assert_eq!(
+            msg.payload(),
+            &orig[..28],
+            "the offending header and 8 bytes"
+        );
+    }
 
     #[test]
     fn header_roundtrip() {

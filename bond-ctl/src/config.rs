@@ -261,6 +261,11 @@ pub struct ServerConfig {
     /// Announces a terminal or link may miss before it is dropped.
     #[serde(default = "default_misses")]
     pub misses: u32,
+    /// The smallest MTU of the terminals' WAN links: a reply that would not
+    /// fit one once wrapped is answered with ICMP fragmentation needed
+    /// (next-hop MTU `link_mtu` - 52) rather than lost.
+    #[serde(default = "default_link_mtu")]
+    pub link_mtu: u16,
     #[serde(default)]
     pub communities: Vec<Community>,
     /// Flow table size and idle timeouts (`[flows]`, optional).
@@ -417,6 +422,14 @@ fn default_announce_ms() -> u32 {
 fn default_misses() -> u32 {
     crate::membership::DEFAULT_MISSES
 }
+fn default_link_mtu() -> u16 {
+    1500
+}
+
+/// The smallest link MTU the server accepts: IPv4's minimum (RFC 791) plus
+/// the wrap.
+pub const MIN_LINK_MTU: u16 = 576 + bond_common::wire::OUTER_LEN as u16;
+
 fn default_nat_ports() -> String {
     "20000-29999".into()
 }
@@ -627,6 +640,12 @@ impl ServerConfig {
             return err(
                 "nat_ports",
                 format!("range contains the server port {}", self.port),
+            );
+        }
+        if !(MIN_LINK_MTU..=9000).contains(&self.link_mtu) {
+            return err(
+                "link_mtu",
+                format!("{} is outside {MIN_LINK_MTU}..=9000", self.link_mtu),
             );
         }
         if self.interfaces.is_empty() {
@@ -917,6 +936,21 @@ interfaces = ["wan0"]
                 e.contains(field) && e.contains(value),
                 "error {e:?} should name {field} and {value}"
             );
+        }
+        for (mtu, ok) in [
+            ("627", false),
+            ("628", true),
+            ("9000", true),
+            ("9001", false),
+        ] {
+            let text = SERVER.replace("interfaces", &format!("link_mtu = {mtu}\ninterfaces"));
+            match Config::parse(&text, "s.toml") {
+                Ok(_) => assert!(ok, "link_mtu {mtu} accepted"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok && e.contains("link_mtu") && e.contains(mtu), "{e}");
+                }
+            }
         }
         // The bound follows nat_ports.
         let small = SERVER.replace("20000-20999", "20000-20002");

@@ -696,7 +696,7 @@ impl Bench {
                     port: SERVER_PORT,
                     port_min: *NAT_PORTS.start(),
                     port_max: *NAT_PORTS.end(),
-                    _pad: 0,
+                    link_mtu: 1500,
                 })?;
                 maps.set_server_link(
                     0,

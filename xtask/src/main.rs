@@ -309,7 +309,7 @@ fn test() -> Result<()> {
     ]))?;
     sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
-    for t in ["e2e", "membership", "flows", "operate"] {
+    for t in ["e2e", "membership", "flows", "operate", "limits"] {
         sh(Command::new("cargo").args([
             "test",
             "-p",

@@ -421,7 +421,7 @@ fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Duration)> {
         port: PORT,
         port_min: PORT_MIN,
         port_max: PORT_MAX,
-        _pad: 0,
+        link_mtu: 1500,
     })
     .context("writing S_CONFIG")?;
     let tenth = (n / 10).max(1);

@@ -79,7 +79,7 @@ pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>
         port: cfg.port,
         port_min: lo,
         port_max: hi,
-        _pad: 0,
+        link_mtu: cfg.link_mtu,
     })?;
     // An adopted queue holds the ports no flow has: filling it again
     // would hand one port to two flows.

@@ -25,7 +25,9 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray, Queue},
     programs::XdpContext,
@@ -38,8 +40,8 @@ use bond_common::{
         Session, SessionKey, event, tcp,
     },
     wire::{
-        self, BondHdr, ETH_LEN, ETH_P_IP, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, INNER_OFF,
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
+        self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        INNER_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -371,7 +373,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     if h[8] <= 1 {
         return Err(drops::TTL_EXCEEDED);
     }
-    read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+    let l4head = read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
     if proto == IPPROTO_TCP {
         let h = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
@@ -387,6 +389,11 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         })
     }
     .ok_or(drops::NO_FLOW)?;
+    // Too big for the links once wrapped: tell the sender (only for a real
+    // flow's packets, so the server reflects nothing for strangers).
+    if cfg.link_mtu != 0 && u32::from(len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
+        return answer_too_big(ctx, cfg, h, l4head);
+    }
     // Pick the link first: nothing is counted for a packet that is dropped.
     // SAFETY: read-only use of a map value.
     let sched = unsafe { S_DOWN_SCHED.get(nat.community) }.ok_or(drops::NO_LINKS)?;
@@ -468,6 +475,48 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     );
     let rc = fib_lookup(ctx, &mut fib);
     forward(ctx, rc, &fib, macs)
+}
+
+/// Turns a downstream packet too big for the links into an ICMP
+/// fragmentation-needed error to its sender (RFC 1191) and sends it back
+/// out where it came in, so the sender lowers its path MTU instead of losing
+/// packets silently. `h` is the packet's IPv4 header, `l4` the 8 bytes
+/// after it; the packet itself is counted as a `too_big` drop.
+#[inline(always)]
+fn answer_too_big(
+    ctx: &XdpContext,
+    cfg: &ServerConfig,
+    h: [u8; 20],
+    l4: [u8; 8],
+) -> Result<u32, u32> {
+    let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
+    // Room for the error's IPv4 and ICMP headers: the offending header
+    // and its 8 bytes then sit where the error's payload goes.
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((IPV4_LEN + 8) as i32)) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let excess = ctx.packet_len() as i32 - (ETH_LEN + FRAG_NEEDED_LEN) as i32;
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let mtu = cfg.link_mtu.saturating_sub(OUTER_LEN as u16);
+    let (ip, icmp) = wire::frag_needed(cfg.nat_ip, &h, &l4, mtu);
+    let mut eth = [0u8; ETH_LEN];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    if !(write(ctx, 0, eth) && write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + IPV4_LEN, icmp)) {
+        return Err(drops::TRUNCATED);
+    }
+    count(&S_DROPS, drops::TOO_BIG);
+    count(&S_EVENTS, event::FRAG_NEEDED);
+    // Back out of the interface it came in on. A redirect rather than
+    // XDP_TX: veth flushes XDP_TX frames to a peer only if that peer runs
+    // XDP itself, and would hold the error until other traffic came.
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32)
 }
 
 // ---------------------------------------------------------------- helpers --

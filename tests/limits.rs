@@ -1,0 +1,204 @@
+//! bond at its limits, end to end (issue 5): packets too big for the
+//! wrapped path are refused with an error their sender acts on, never lost
+//! in silence.
+//!
+//! Run one at a time (`--test-threads=1`), like the other namespace tests.
+
+use std::{path::Path, time::Duration};
+
+use bond_ctl::lab::{Lab, TerminalSpec};
+
+fn bond_ctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
+}
+
+/// Two terminals, each with one unlimited link of MTU 1500, agents up.
+fn lab() -> Lab {
+    let spec = vec![
+        TerminalSpec { links: vec![0] },
+        TerminalSpec { links: vec![0] },
+    ];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    lab.start_agents().expect("start agents");
+    lab
+}
+
+/// Linux socket options the scripts use: IP_MTU_DISCOVER with
+/// IP_PMTUDISC_DO (set DF, never fragment locally), IP_MTU.
+const PY_PRELUDE: &str =
+    "import socket, errno, json, time\nIP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14\n";
+
+/// On the origin: a UDP datagram with DF that does not fit bond0.
+const ORIGIN_DF: &str = r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+s.connect(("203.0.113.2", 9998))
+try:
+    s.send(b"x" * 1472)
+    r = "sent"
+except OSError as e:
+    r = errno.errorcode[e.errno]
+print(json.dumps({"send": r, "mtu": s.getsockopt(socket.IPPROTO_IP, IP_MTU)}))
+"#;
+
+/// On the content host: answers the first datagram with one that is too
+/// big for the links once wrapped (DF set), then reports the error queued
+/// on its socket, what its kernel learnt, and answers again with the
+/// largest datagram that fits.
+const CONTENT_DF: &str = r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+s.settimeout(30)
+_, peer = s.recvfrom(100)
+s.connect(peer)
+s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+r = {}
+s.send(b"y" * 1472)
+time.sleep(0.5)
+# The ICMP error is queued on the socket (and clears on reading).
+r["error"] = errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "none")
+try:
+    s.send(b"y" * 1472)
+    r["again"] = "sent"
+except OSError as e:
+    r["again"] = errno.errorcode[e.errno]
+r["mtu"] = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+s.send(b"z" * (r["mtu"] - 28))
+print(json.dumps(r), flush=True)
+"#;
+
+/// On the origin: asks the content host, prints the size of what comes.
+const ORIGIN_ASK: &str = r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect(("203.0.113.2", 9999))
+s.send(b"hi")
+print(len(s.recv(65535)))
+"#;
+
+/// On the content host: one TCP connection; reports the MSS it got from
+/// the origin's SYN and the bytes it read, and sends 4 MiB back.
+const CONTENT_TCP: &str = r#"
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 9997))
+l.listen(1)
+l.settimeout(30)
+c, _ = l.accept()
+mss = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+got = 0
+while got < 4 << 20:
+    b = c.recv(65536)
+    if not b:
+        break
+    got += len(b)
+c.sendall(b"d" * (4 << 20))
+c.close()
+print(json.dumps({"mss": mss, "read": got}), flush=True)
+"#;
+
+/// On the origin: sends 4 MiB, then reads until the content host closes.
+const ORIGIN_TCP: &str = r#"
+s = socket.create_connection(("203.0.113.2", 9997), timeout=30)
+s.sendall(b"u" * (4 << 20))
+got = 0
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    got += len(b)
+print(got)
+"#;
+
+fn python(lab: &Lab, ns: &str, script: &str) -> String {
+    lab.exec(ns, "python3", &["-c", &format!("{PY_PRELUDE}{script}")])
+        .unwrap_or_else(|e| panic!("python in {ns}: {e:#}"))
+        .trim()
+        .to_string()
+}
+
+fn json_line(s: &str) -> serde_json::Value {
+    let line = s.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("no JSON in {s:?}: {e}"))
+}
+
+#[test]
+fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
+    let mut lab = lab();
+    let t1 = lab.terminals[0].ns.clone();
+    let web = lab.web_ns.clone();
+
+    // Upstream: bond0's MTU is the link's less the wrap, so the origin's
+    // own kernel refuses a DF datagram that would not fit once wrapped.
+    let r = json_line(&python(&lab, &t1, ORIGIN_DF));
+    assert_eq!(r["send"], "EMSGSIZE", "{r}");
+    assert_eq!(r["mtu"], 1500 - 52, "{r}");
+
+    // Downstream: the content host's too-big reply is answered by the
+    // server with fragmentation needed; its kernel learns the MTU, refuses
+    // the next one, and a reply that fits arrives.
+    lab.spawn(
+        &web,
+        "udp-df",
+        "python3",
+        &["-c", &format!("{PY_PRELUDE}{CONTENT_DF}")],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let got = lab.exec(
+        &t1,
+        "python3",
+        &["-c", &format!("{PY_PRELUDE}{ORIGIN_ASK}")],
+    );
+    let log = lab
+        .wait_child("udp-df", Duration::from_secs(30))
+        .expect("content script");
+    let srv = lab
+        .links_json(&lab.server_ns, &lab.server_instance)
+        .unwrap();
+    let got = got
+        .unwrap_or_else(|e| {
+            panic!("the origin got no reply ({e:#}); content host: {log}; server: {srv}")
+        })
+        .trim()
+        .to_string();
+    let r = json_line(&log);
+    assert_eq!(
+        r["again"], "EMSGSIZE",
+        "the content host did not learn: {r}"
+    );
+    assert_eq!(r["mtu"], 1500 - 52, "{r}");
+    assert_eq!(got, (1500 - 52 - 28).to_string(), "the reply that fits");
+    assert_eq!(srv["events"]["frag_needed_sent"], 1, "{srv}");
+    assert_eq!(srv["drops"]["too_big"], 1, "{srv}");
+
+    // TCP both ways: the content host sees the MSS bond0 allows, and
+    // 4 MiB each way arrive whole (no segment too big to wrap).
+    lab.spawn(
+        &web,
+        "tcp",
+        "python3",
+        &["-c", &format!("{PY_PRELUDE}{CONTENT_TCP}")],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let down = python(&lab, &t1, ORIGIN_TCP);
+    let r = json_line(
+        &lab.wait_child("tcp", Duration::from_secs(30))
+            .expect("content TCP script"),
+    );
+    assert_eq!(r["read"], 4 << 20, "{r}");
+    assert_eq!(down, (4 << 20).to_string());
+    let mss = r["mss"].as_u64().unwrap();
+    assert!(
+        (1000..=1500 - 52 - 40).contains(&mss),
+        "MSS {mss} does not fit the wrapped path"
+    );
+    let srv = lab
+        .links_json(&lab.server_ns, &lab.server_instance)
+        .unwrap();
+    assert_eq!(
+        srv["drops"]["too_big"], 1,
+        "no TCP segment was too big: {srv}"
+    );
+}
