@@ -202,3 +202,84 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
         "no TCP segment was too big: {srv}"
     );
 }
+
+/// The MTU of an interface in a namespace.
+fn mtu(lab: &Lab, ns: &str, dev: &str) -> u64 {
+    let j = lab.ip(ns, &format!("-j link show {dev}")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    v[0]["mtu"].as_u64().unwrap()
+}
+
+#[test]
+fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
+    let spec = vec![
+        TerminalSpec { links: vec![0] },
+        TerminalSpec { links: vec![0] },
+    ];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    // t2's line is PPPoE-like: 1400 bytes on both ends of its access link.
+    let (t1, t2) = (lab.terminals[0].clone(), lab.terminals[1].clone());
+    lab.ip(&t2.ns, &format!("link set {} mtu 1400", t2.links[0].iface))
+        .unwrap();
+    lab.ip(&t2.links[0].modem_ns, "link set acc mtu 1400")
+        .unwrap();
+    lab.start_agents().expect("start agents");
+
+    // t1's own link is 1500, but it spreads over t2's too: its bond0
+    // follows t2's announce down to 1400 less the wrap; so does t2's.
+    let start = std::time::Instant::now();
+    while mtu(&lab, &t1.ns, "bond0") != 1400 - 52 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "t1's bond0 is at {} after 5 s",
+            mtu(&lab, &t1.ns, "bond0")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(mtu(&lab, &t2.ns, "bond0"), 1400 - 52);
+    assert!(
+        lab.log("agent-srv").contains("link_mtu 1500 -> 1400"),
+        "the server did not lower its limit:\n{}",
+        lab.log("agent-srv")
+    );
+
+    // 4 MiB each way over both links: the MSS fits the smallest link, and
+    // nothing anywhere was too big.
+    let web = lab.web_ns.clone();
+    lab.spawn(
+        &web,
+        "tcp",
+        "python3",
+        &["-c", &format!("{PY_PRELUDE}{CONTENT_TCP}")],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let down = python(&lab, &t1.ns, ORIGIN_TCP);
+    let r = json_line(
+        &lab.wait_child("tcp", Duration::from_secs(30))
+            .expect("content TCP script"),
+    );
+    assert_eq!(r["read"], 4 << 20, "{r}");
+    assert_eq!(down, (4 << 20).to_string());
+    let mss = r["mss"].as_u64().unwrap();
+    assert!(mss <= 1400 - 52 - 40, "MSS {mss} does not fit t2's link");
+    for (ns, instance) in [
+        (t1.ns.as_str(), t1.instance.as_str()),
+        (t2.ns.as_str(), t2.instance.as_str()),
+        (lab.server_ns.as_str(), lab.server_instance.as_str()),
+    ] {
+        let v = lab.links_json(ns, instance).unwrap();
+        assert_eq!(v["drops"]["too_big"], 0, "{instance}: {v}");
+    }
+    // Both links carried the upload (t1's schedule spreads over both).
+    let srv = lab
+        .links_json(&lab.server_ns, &lab.server_instance)
+        .unwrap();
+    for l in srv["links"].as_array().unwrap() {
+        assert!(
+            l["up_bytes"].as_u64().unwrap() > 1 << 20,
+            "link {} carried little: {srv}",
+            l["link"]
+        );
+    }
+}

@@ -421,6 +421,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
                     port: 7701,
                     up: 999,
                     down: 999,
+                    mtu: 1500,
                 }],
             },
         }

@@ -38,12 +38,14 @@ fn main() -> anyhow::Result<()> {
                     port: 7701,
                     up: 10,
                     down: 10,
+                    mtu: 1500,
                 },
                 LinkAd {
                     id: 2,
                     port: 7702,
                     up: 20,
                     down: 20,
+                    mtu: 1500,
                 },
             ];
             let link = 1 + (round % 2) as u8;

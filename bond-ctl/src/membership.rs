@@ -193,6 +193,8 @@ pub struct ServerLinkRow {
     pub addr: SocketAddrV4,
     pub down: u32,
     pub missed: u32,
+    /// The MTU the owner announced for it (0: not said).
+    pub mtu: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -433,6 +435,7 @@ impl ServerTable {
                     addr: *addr,
                     down: ad.down,
                     missed: live.missed(now),
+                    mtu: ad.mtu,
                 })
             })
             .collect();
@@ -462,6 +465,7 @@ mod tests {
             port: 7700 + u16::from(id),
             up,
             down,
+            mtu: 1500,
         }
     }
 

@@ -87,6 +87,16 @@ impl Net {
 
     /// Creates the capture device: a veth pair whose far end only sinks what
     /// bond_wrap does not redirect. No ARP (routes point straight at it),
+    /// Sets an interface's MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .with_context(|| format!("setting the MTU of interface {index} to {mtu}"))
+    }
+
     /// `mtu` sized for the wrap. With `keep`, an existing one (an earlier
     /// agent's, with its program and routes) is reconfigured, not replaced.
     pub async fn create_capture(&self, name: &str, mtu: u32, keep: bool) -> Result<Iface> {

@@ -38,7 +38,7 @@ const FIXED_LEN: usize = BondHdr::LEN + 8 + 8 + 1;
 /// shorter).
 pub const MAX_LEN: usize = crate::probe::PROBE_LEN;
 const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN <= MAX_LEN);
-const LINK_AD_LEN: usize = 11;
+const LINK_AD_LEN: usize = 13;
 
 pub mod flags {
     /// Sent over the WAN link named in the header (the server learns the
@@ -60,6 +60,9 @@ pub struct LinkAd {
     /// Upstream weight (origin to server) and downstream weight.
     pub up: u32,
     pub down: u32,
+    /// The link's MTU (0: not said). Origins keep their packets small
+    /// enough to cross the smallest link wrapped, and so does the server.
+    pub mtu: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +197,7 @@ impl Msg {
                     b.extend_from_slice(&l.port.to_be_bytes());
                     b.extend_from_slice(&l.up.to_be_bytes());
                     b.extend_from_slice(&l.down.to_be_bytes());
+                    b.extend_from_slice(&l.mtu.to_be_bytes());
                 }
             }
             Body::Shutdown | Body::Login => {}
@@ -276,6 +280,7 @@ impl Msg {
                         port: r.u16()?,
                         up: r.u32()?,
                         down: r.u32()?,
+                        mtu: r.u16()?,
                     });
                 }
                 Body::Announce { interval_ms, links }
@@ -518,12 +523,14 @@ mod tests {
                         port: 7701,
                         up: 20,
                         down: 30,
+                        mtu: 1500,
                     },
                     LinkAd {
                         id: 4,
                         port: 7702,
                         up: 1,
                         down: 2,
+                        mtu: 1492,
                     },
                 ],
             },
@@ -574,7 +581,7 @@ mod tests {
     #[test]
     fn layout_is_as_documented() {
         let wire = announce().encode(KEY);
-        assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 11 + 16);
+        assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 13 + 16);
         assert_eq!(&wire[..2], &[0xB0, 0x4D]);
         assert_eq!(wire[3], kind::ANNOUNCE);
         assert_eq!(&wire[24..32], &1_700_000_000_000u64.to_be_bytes());
@@ -583,6 +590,11 @@ mod tests {
         assert_eq!(&wire[41..45], &1000u32.to_be_bytes());
         assert_eq!(wire[45], 2);
         assert_eq!(&wire[46..49], &[3, 0x1e, 0x15]);
+        assert_eq!(
+            &wire[57..59],
+            &1500u16.to_be_bytes(),
+            "the first link's MTU"
+        );
     }
 
     #[test]

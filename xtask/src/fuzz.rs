@@ -84,6 +84,7 @@ fn seed() -> Result<()> {
                 port: 7701,
                 up: 10,
                 down: 20,
+                mtu: 1500,
             }],
         },
         Body::Shutdown,

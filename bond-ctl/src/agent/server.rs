@@ -62,6 +62,10 @@ struct Agent {
     started: Instant,
     /// The flow table as of the last sweep (for `status` and metrics).
     pub flows: FlowGauge,
+    /// S_CONFIG as written; its `link_mtu` follows the links.
+    map_cfg: ServerMap,
+    /// The smallest MTU each community announced for its live links.
+    community_mtu: HashMap<u16, u16>,
 }
 
 pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>) -> Result<Exit> {
@@ -73,14 +77,15 @@ pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>
     let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports);
     let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
     let maps = Maps::new(&pins.dir);
-    maps.set_server_config(ServerMap {
+    let map_cfg = ServerMap {
         wan_ip: u32::from(cfg.address),
         nat_ip: u32::from(cfg.nat_address),
         port: cfg.port,
         port_min: lo,
         port_max: hi,
         link_mtu: cfg.link_mtu,
-    })?;
+    };
+    maps.set_server_config(map_cfg)?;
     // An adopted queue holds the ports no flow has: filling it again
     // would hand one port to two flows.
     let pushed = if pins.adopted {
@@ -129,6 +134,8 @@ pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>
         adopted: pins.adopted,
         started: Instant::now(),
         flows: FlowGauge::new(u64::from(ports)),
+        map_cfg,
+        community_mtu: HashMap::new(),
         cfg,
         maps,
     };
@@ -387,6 +394,36 @@ impl Agent {
         }
     }
 
+    /// Lowers the datapath's `link_mtu` to the smallest MTU any live link
+    /// announced (never above the configured one), and raises it again
+    /// when that link leaves: replies that would not fit it wrapped get
+    /// fragmentation needed. One value for all communities.
+    fn follow_link_mtu(
+        &mut self,
+        community: u16,
+        rows: &[crate::membership::ServerLinkRow],
+    ) -> Result<()> {
+        match rows.iter().map(|r| r.mtu).filter(|&m| m != 0).min() {
+            Some(m) => self.community_mtu.insert(community, m),
+            None => self.community_mtu.remove(&community),
+        };
+        let mtu = self
+            .community_mtu
+            .values()
+            .copied()
+            .fold(self.cfg.link_mtu, u16::min)
+            .max(crate::config::MIN_LINK_MTU);
+        if mtu != self.map_cfg.link_mtu {
+            eprintln!(
+                "bond-ctl: link_mtu {} -> {mtu} (smallest link announced)",
+                self.map_cfg.link_mtu
+            );
+            self.map_cfg.link_mtu = mtu;
+            self.maps.set_server_config(self.map_cfg)?;
+        }
+        Ok(())
+    }
+
     /// Writes a community's live links and downstream schedule. New links
     /// get an index before the schedule names them; departed ones leave the
     /// schedule before their entry is cleared.
@@ -425,6 +462,7 @@ impl Agent {
             keep.push(r.link);
         }
         self.maps.set_down_schedule(community, &weights)?;
+        self.follow_link_mtu(community, &rows)?;
         eprintln!(
             "bond-ctl: community {community}: downstream links {:?} (link, weight)",
             rows.iter().map(|r| (r.link, r.down)).collect::<Vec<_>>()
@@ -471,6 +509,8 @@ impl Agent {
                 port: 0,
                 up: 0,
                 down,
+                // Not in the maps: the next announce says it.
+                mtu: 0,
             };
             let addr = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
             by_term

@@ -20,7 +20,7 @@ use tokio::{net::UdpSocket, sync::mpsc};
 
 use super::{Exit, Pins, Rejects, wait_for_signal};
 use crate::{
-    config::{TerminalConfig, WeightSpec},
+    config::{MIN_LINK_MTU, TerminalConfig, WeightSpec},
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
@@ -139,6 +139,11 @@ struct Agent {
     drain: Option<Drain>,
     adopted: bool,
     started: Instant,
+    /// The capture device (bond0) and its MTU: the smallest of the LAN's,
+    /// the own links' (`own_mtu`) and the peers' links', less the wrap.
+    capture: Iface,
+    capture_mtu: u32,
+    own_mtu: u32,
 }
 
 pub async fn run(
@@ -205,6 +210,7 @@ pub async fn run(
                 port: l.port,
                 up: up.value(),
                 down: down.value(),
+                mtu: mtu as u16,
             },
             up,
             down,
@@ -274,6 +280,9 @@ pub async fn run(
         drain: None,
         adopted: pins.adopted,
         started: Instant::now(),
+        capture: dev.clone(),
+        capture_mtu,
+        own_mtu: path_mtu,
     };
     if agent.adopted {
         agent.adopt_peers()?;
@@ -788,6 +797,7 @@ impl Agent {
                     port: e.dst_port,
                     up: w,
                     down: w,
+                    mtu: e.mtu,
                 });
             self.peer_links.insert(id, (Ipv4Addr::from(e.dst_ip), e));
         }
@@ -853,15 +863,35 @@ impl Agent {
                             dst_port: l.port,
                             src_mac: self.lan.mac,
                             dst_mac: *mac,
-                            // A peer's WAN MTU is its business; the LAN hop
-                            // must fit.
-                            mtu: self.lan.mtu as u16,
+                            // The LAN hop and the peer's link must fit (an
+                            // MTU below IPv4's minimum plus the wrap is not
+                            // believed).
+                            mtu: match l.mtu {
+                                0 => self.lan.mtu as u16,
+                                m => m.max(MIN_LINK_MTU).min(self.lan.mtu as u16),
+                            },
                             flags: LINK_VALID,
                             _pad: 0,
                         },
                     ),
                 );
             }
+        }
+        // bond0 shrinks to the smallest link in use, so the kernel sizes
+        // segments (and refuses DF datagrams) to fit it wrapped; it grows
+        // back when that link leaves. TCP follows on its next segment.
+        let mtu = want
+            .values()
+            .map(|(_, e)| u32::from(e.mtu))
+            .fold(self.own_mtu, u32::min)
+            .saturating_sub(OUTER_LEN as u32);
+        if mtu != self.capture_mtu {
+            self.net.set_mtu(self.capture.index, mtu).await?;
+            eprintln!(
+                "bond-ctl: {} mtu {} -> {mtu} (smallest link in use)",
+                self.cfg.device, self.capture_mtu
+            );
+            self.capture_mtu = mtu;
         }
         for (id, (_, e)) in &want {
             if self.peer_links.get(id).map(|(_, old)| old) != Some(e) {
