@@ -283,3 +283,79 @@ fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
         );
     }
 }
+
+/// The routes a namespace has for the captured prefix: (device, count).
+fn capture_routes(lab: &Lab, ns: &str) -> Vec<String> {
+    let j = lab.ip(ns, "-j route show 203.0.113.0/24").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dev"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_is_adopted_or_cleaned_by_the_next() {
+    let spec = vec![
+        TerminalSpec { links: vec![20] },
+        TerminalSpec { links: vec![20] },
+    ];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    let served = lab.serve_file("16m.bin", 16).unwrap();
+    lab.start_agents().expect("start agents");
+    let t1 = lab.terminals[0].ns.clone();
+    let out = lab.dir.join("t1-16m.bin");
+    let out_s = out.to_string_lossy().into_owned();
+    lab.spawn(
+        &t1,
+        "curl",
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "60",
+            "-o",
+            &out_s,
+            "http://203.0.113.2/16m.bin",
+        ],
+    )
+    .unwrap();
+
+    // SIGKILL mid-download: no goodbye, pins and bond0 left behind. The
+    // pinned datapath goes on carrying the download meanwhile.
+    std::thread::sleep(Duration::from_secs(1));
+    lab.stop("agent-t1", true).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(capture_routes(&lab, &t1), ["bond0"]);
+    // The next agent adopts all of it: no new login, one route.
+    lab.start_terminal(0).unwrap();
+    lab.wait_for_community(Duration::from_secs(10)).unwrap();
+    lab.wait_child("curl", Duration::from_secs(60))
+        .expect("the download survives a SIGKILL of its origin's agent");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&served).unwrap()
+    );
+    let log = lab.log("agent-t1");
+    assert!(log.contains("adopting the running datapath"), "{log}");
+    assert!(!log.contains("logged on to"), "logged on again:\n{log}");
+    assert_eq!(capture_routes(&lab, &t1), ["bond0"]);
+
+    // SIGKILL again, and leave the next agent a layout it does not know
+    // (as after an upgrade that changed the maps): it cleans up and starts
+    // afresh, and traffic flows through the new bond0 by one route.
+    lab.stop("agent-t1", true).unwrap();
+    let inst = lab.terminals[0].instance.clone();
+    std::fs::write(format!("/run/bond/{inst}.layout"), "terminal layout 0\n").unwrap();
+    lab.start_terminal(0).unwrap();
+    lab.wait_for_community(Duration::from_secs(10)).unwrap();
+    let log = lab.log("agent-t1");
+    assert!(!log.contains("adopting"), "adopted another layout:\n{log}");
+    assert_eq!(capture_routes(&lab, &t1), ["bond0"]);
+    let (bytes, _, _) = lab
+        .download(&t1, "http://203.0.113.2/16m.bin", "t1-again.bin")
+        .expect("download after a clean start");
+    assert_eq!(bytes, 16 << 20);
+}
