@@ -359,3 +359,74 @@ fn an_agent_killed_with_sigkill_is_adopted_or_cleaned_by_the_next() {
         .expect("download after a clean start");
     assert_eq!(bytes, 16 << 20);
 }
+
+/// The server's S_CONFIG as the datapath reads it.
+fn server_map_config(lab: &Lab) -> bond_common::maps::ServerConfig {
+    bond_ctl::datapath::Maps::new(bond_ctl::datapath::pin_dir(
+        Path::new(bond_ctl::datapath::DEFAULT_BPFFS),
+        &lab.server_instance,
+    ))
+    .server_config()
+    .expect("S_CONFIG")
+}
+
+#[test]
+fn a_reload_applies_what_it_can_and_a_bad_one_changes_nothing() {
+    let lab = lab();
+    let (srv, inst) = (lab.server_ns.clone(), lab.server_instance.clone());
+    let path = lab.dir.join("server.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let reload = |lab: &Lab, text: &str| {
+        std::fs::write(&path, text).unwrap();
+        lab.ctl(&srv, &inst, &["reload"])
+    };
+    let before = server_map_config(&lab);
+    assert_eq!((before.link_mtu, before.per_origin), (1500, 4096));
+
+    // A file with an error: refused, naming the field and the value.
+    let e = reload(
+        &lab,
+        &good.replace("interfaces", "link_mtu = 10\ninterfaces"),
+    )
+    .expect_err("a bad file is refused");
+    let e = format!("{e:#}");
+    assert!(e.contains("link_mtu") && e.contains("10 is outside"), "{e}");
+    assert!(e.contains("running configuration stays"), "{e}");
+    // A change that takes a restart: refused, naming it.
+    let e = reload(&lab, &good.replace("20000-29999", "20000-20999"))
+        .expect_err("a restart-only change is refused");
+    let e = format!("{e:#}");
+    assert!(e.contains("nat_ports") && e.contains("restart"), "{e}");
+    assert_eq!(server_map_config(&lab), before, "nothing changed");
+    // The agent carries on as before.
+    let t1 = lab.terminals[0].ns.clone();
+    lab.exec(&t1, "ping", &["-c", "2", "-W", "2", "203.0.113.2"])
+        .expect("traffic after refused reloads");
+
+    // What may change while running is applied.
+    let live = format!(
+        "{}\n[flows]\nper_origin = 2\n",
+        good.replace("interfaces", "link_mtu = 1400\ninterfaces")
+    );
+    let out = reload(&lab, &live).expect("a live change is applied");
+    assert!(
+        out.contains("link_mtu") && out.contains("flows"),
+        "reload names what changed: {out}"
+    );
+    let now = server_map_config(&lab);
+    assert_eq!((now.link_mtu, now.per_origin), (1400, 2));
+
+    // SIGHUP reads the file again, as `bond-ctl reload` does.
+    std::fs::write(&path, &good).unwrap();
+    lab.signal("agent-srv", libc::SIGHUP).unwrap();
+    let start = std::time::Instant::now();
+    while server_map_config(&lab) != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "SIGHUP did not reload:\n{}",
+            lab.log("agent-srv")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lab.is_running("agent-srv"));
+}

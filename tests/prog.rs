@@ -886,6 +886,7 @@ mod srv {
             port_min: PORT_MIN,
             port_max: PORT_MAX,
             link_mtu: LINK_MTU,
+            per_origin: 0,
         })
         .unwrap();
         for l in LINKS {

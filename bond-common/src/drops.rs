@@ -66,6 +66,8 @@ reasons! {
     NOT_IPV4 = 25, "not_ipv4";
     /// Packet plus wrap exceeds the link MTU.
     TOO_BIG = 26, "too_big";
+    /// A new flow from an origin that holds its `per_origin` limit.
+    ORIGIN_FLOW_LIMIT = 27, "origin_flow_limit";
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
@@ -48,6 +48,7 @@ pub mod name {
     pub const S_LINK_STATS: &str = "S_LINK_STATS";
     pub const S_DROPS: &str = "S_DROPS";
     pub const S_EVENTS: &str = "S_EVENTS";
+    pub const S_ORIGIN_FLOWS: &str = "S_ORIGIN_FLOWS";
 }
 
 /// Non-drop events the server counts (index into `S_EVENTS`).
@@ -216,8 +217,11 @@ pub struct ServerConfig {
     /// packet that would not fit one once wrapped is answered with ICMP
     /// fragmentation needed instead.
     pub link_mtu: u16,
+    /// Most flows one origin may hold (0: no limit), so that one host's
+    /// flood of new flows cannot take every port of its community.
+    pub per_origin: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServerConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<ServerConfig>() == 20);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

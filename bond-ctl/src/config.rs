@@ -297,6 +297,10 @@ pub struct FlowsConfig {
     /// How often the agent sweeps the table for idle flows (ms).
     #[serde(default = "default_sweep_ms")]
     pub sweep_ms: u32,
+    /// Most flows one origin may hold at once (0: no limit): one host's
+    /// flood of new flows cannot take every dedicated port.
+    #[serde(default = "default_per_origin")]
+    pub per_origin: u32,
 }
 
 /// The largest flow table the server agent creates.
@@ -313,8 +317,14 @@ impl Default for FlowsConfig {
             udp_s: default_udp_s(),
             icmp_s: default_icmp_s(),
             sweep_ms: default_sweep_ms(),
+            per_origin: default_per_origin(),
         }
     }
+}
+
+/// As CGNAT gives a subscriber: thousands of ports, not all of them.
+fn default_per_origin() -> u32 {
+    4096
 }
 
 fn default_tcp_established_s() -> u32 {
@@ -387,6 +397,12 @@ impl FlowsConfig {
             return err(
                 "flows.sweep_ms",
                 format!("{} is outside 10..=60000", self.sweep_ms),
+            );
+        }
+        if self.per_origin > MAX_FLOWS {
+            return err(
+                "flows.per_origin",
+                format!("{} is outside 0..={MAX_FLOWS}", self.per_origin),
             );
         }
         Ok(())
@@ -928,6 +944,11 @@ interfaces = ["wan0"]
             ("sweep_ms = 0", "flows.sweep_ms", "0 is outside 10..=60000"),
             ("sweep_ms = 60001", "flows.sweep_ms", "60001 is outside"),
             ("sweep = 5", "sweep", "unknown field"),
+            (
+                "per_origin = 262145",
+                "flows.per_origin",
+                "262145 is outside 0..=262144",
+            ),
             ("udp_s = -1", "udp_s = -1", "expected u32"),
         ];
         for (line, field, value) in cases {

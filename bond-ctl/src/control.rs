@@ -88,6 +88,9 @@ pub enum Request {
     Detach,
     /// Prometheus text.
     Metrics,
+    /// Read the configuration file again and apply what can change while
+    /// running; a file that fails its checks changes nothing.
+    Reload,
 }
 
 /// A request and where its answer goes.

@@ -352,7 +352,28 @@ impl Maps {
             _pad: 0,
             origin: u32::from(origin),
         };
-        self.remove::<SessionKey, Session>(name::S_SESSIONS, key)
+        self.remove::<SessionKey, Session>(name::S_SESSIONS, key)?;
+        self.remove::<SessionKey, u64>(name::S_ORIGIN_FLOWS, key)
+    }
+
+    /// Writes the flows each origin holds as a sweep counted them (origins
+    /// not in `counts` hold none), correcting the program's running count.
+    pub fn recount_origin_flows(
+        &self,
+        counts: &std::collections::HashMap<SessionKey, u64>,
+    ) -> Result<()> {
+        let n = name::S_ORIGIN_FLOWS;
+        let mut map = self.hash::<SessionKey, u64>(n)?;
+        let known: Vec<SessionKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in known.iter().filter(|k| !counts.contains_key(k)) {
+            map.insert(*k, 0, 0)
+                .map_err(|source| Error::Map { name: n, source })?;
+        }
+        for (k, v) in counts {
+            map.insert(*k, *v, 0)
+                .map_err(|source| Error::Map { name: n, source })?;
+        }
+        Ok(())
     }
 
     /// Takes the link at `idx` out of use (after the schedule stopped

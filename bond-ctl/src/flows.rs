@@ -8,10 +8,13 @@
 //! than their protocol's timeout. The order of the deletes is
 //! [`Maps::remove_flows_if`]'s.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use bond_common::{
-    maps::{FLOW_CLOSING, Flow, FlowKey, name},
+    maps::{FLOW_CLOSING, Flow, FlowKey, SessionKey, name},
     wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
 use serde::Serialize;
@@ -120,14 +123,27 @@ pub fn sweep_counted(
         r.ports_returned += u64::from(f.port_returned);
     }
     let mut by_community = BTreeMap::new();
+    let mut by_origin: HashMap<SessionKey, u64> = HashMap::new();
+    let origin = |k: &FlowKey| SessionKey {
+        community: k.community,
+        _pad: 0,
+        origin: k.origin,
+    };
     for (k, _) in &flows {
         *by_community.entry(k.community).or_default() += 1;
+        *by_origin.entry(origin(k)).or_default() += 1;
     }
     for f in &removed {
         if let Some(n) = by_community.get_mut(&f.key.community) {
             *n -= 1;
         }
+        if let Some(n) = by_origin.get_mut(&origin(&f.key)) {
+            *n -= 1;
+        }
     }
+    // The program counts flows up as it makes them; expiry is counted
+    // here. Flows made while this sweep ran are missed until the next.
+    maps.recount_origin_flows(&by_origin)?;
     Ok((r, by_community))
 }
 

@@ -799,6 +799,20 @@ impl Lab {
     }
 
     /// Stops one named child (e.g. "agent-t2") with SIGTERM, or SIGKILL.
+    /// Sends signal `sig` (e.g. `libc::SIGHUP`) to a running child.
+    pub fn signal(&self, name: &str, sig: i32) -> Result<()> {
+        let (_, _, c) = self
+            .children
+            .iter()
+            .find(|(_, n, _)| n == name)
+            .context("no such child")?;
+        // SAFETY: signalling a child we spawned and have not reaped.
+        if unsafe { libc::kill(c.id() as i32, sig) } != 0 {
+            bail!("signalling {name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     pub fn stop(&mut self, name: &str, kill: bool) -> Result<()> {
         let pos = self
             .children

@@ -84,6 +84,10 @@ enum Cmd {
     /// Stop the agent but leave the datapath running; the next agent of
     /// this instance adopts it (restarts and upgrades without a gap).
     Detach,
+    /// Read the agent's configuration file again (as SIGHUP does): what
+    /// can change while running is applied; a file with an error, or a
+    /// change that takes a restart, changes nothing and says why.
+    Reload,
     /// Prometheus metrics, as the agent's `metrics` endpoint serves them.
     Metrics,
 }
@@ -135,6 +139,7 @@ fn main() -> Result<()> {
             let paths = agent::Paths {
                 bpffs: cli.bpffs.clone(),
                 run_dir: cli.run_dir.clone(),
+                config: config.clone(),
             };
             rt.block_on(agent::run(cfg, paths))
         }
@@ -203,6 +208,11 @@ fn main() -> Result<()> {
                 "drained and left after {:.1}s",
                 start.elapsed().as_secs_f64()
             );
+            Ok(())
+        }
+        Cmd::Reload => {
+            let v = ask(Request::Reload)?;
+            println!("reloaded: {}", v["changed"]);
             Ok(())
         }
         Cmd::Detach => {

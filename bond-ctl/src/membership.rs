@@ -249,6 +249,11 @@ impl ServerTable {
         }
     }
 
+    /// Announces a terminal or link may miss from now on.
+    pub fn set_misses(&mut self, k: u32) {
+        self.k = k.max(1);
+    }
+
     /// A LOGIN: the session's token (a live session keeps its token, so
     /// flows survive a terminal's agent restart). `fresh` makes one;
     /// `interval` is how long to wait for announces until the first one

@@ -697,6 +697,7 @@ impl Bench {
                     port_min: *NAT_PORTS.start(),
                     port_max: *NAT_PORTS.end(),
                     link_mtu: 1500,
+                    per_origin: 0,
                 })?;
                 maps.set_server_link(
                     0,

@@ -422,6 +422,7 @@ fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Duration)> {
         port_min: PORT_MIN,
         port_max: PORT_MAX,
         link_mtu: 1500,
+        per_origin: 0,
     })
     .context("writing S_CONFIG")?;
     let tenth = (n / 10).max(1);

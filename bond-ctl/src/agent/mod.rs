@@ -32,6 +32,8 @@ mod terminal;
 pub struct Paths {
     pub bpffs: PathBuf,
     pub run_dir: PathBuf,
+    /// The configuration file, read again on `reload` or SIGHUP.
+    pub config: PathBuf,
 }
 
 /// How the agent's loop ended.
@@ -58,7 +60,7 @@ pub async fn run(cfg: Config, paths: Paths) -> Result<()> {
     let mut pins = Pins::open(&dir, &layout, &signature(&cfg))?;
     let result = match cfg {
         Config::Terminal(t) => terminal::run(t, &mut pins, calls).await,
-        Config::Server(s) => server::run(s, &mut pins, calls).await,
+        Config::Server(s) => server::run(s, &paths.config, &mut pins, calls).await,
     };
     // The reply to a `detach` or `drain` is written by the socket's task:
     // give it a moment before the process ends.

@@ -6,17 +6,22 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use bond_common::maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink};
 use serde_json::{Value, json};
-use tokio::{net::UdpSocket, sync::mpsc};
+use tokio::{
+    net::UdpSocket,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use super::{Exit, Pins, Rejects, wait_for_signal};
 use crate::{
-    config::ServerConfig,
+    config::{Config, ServerConfig},
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
@@ -66,9 +71,16 @@ struct Agent {
     map_cfg: ServerMap,
     /// The smallest MTU each community announced for its live links.
     community_mtu: HashMap<u16, u16>,
+    /// The configuration file, read again on `reload` and SIGHUP.
+    path: PathBuf,
 }
 
-pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>) -> Result<Exit> {
+pub async fn run(
+    cfg: ServerConfig,
+    path: &Path,
+    pins: &mut Pins,
+    calls: mpsc::Receiver<Call>,
+) -> Result<Exit> {
     let (lo, hi) = cfg
         .port_range()
         .map_err(anyhow::Error::msg)
@@ -84,6 +96,7 @@ pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>
         port_min: lo,
         port_max: hi,
         link_mtu: cfg.link_mtu,
+        per_origin: cfg.flows.per_origin,
     };
     maps.set_server_config(map_cfg)?;
     // An adopted queue holds the ports no flow has: filling it again
@@ -136,6 +149,7 @@ pub async fn run(cfg: ServerConfig, pins: &mut Pins, calls: mpsc::Receiver<Call>
         flows: FlowGauge::new(u64::from(ports)),
         map_cfg,
         community_mtu: HashMap::new(),
+        path: path.to_path_buf(),
         cfg,
         maps,
     };
@@ -155,13 +169,23 @@ impl Agent {
         let mut sweeping = false;
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hangup = signal(SignalKind::hangup())?;
         loop {
+            if sweep.period() != self.cfg.flows.sweep() {
+                sweep = tokio::time::interval(self.cfg.flows.sweep());
+                sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             let deadline = self
                 .table
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 r = &mut stop => return r.map(|()| Exit::Leave),
+                _ = hangup.recv() => {
+                    if let Err(e) = self.reload() {
+                        eprintln!("bond-ctl: SIGHUP: {e}");
+                    }
+                }
                 Some(call) = calls.recv() => {
                     let detach = call.req == Request::Detach;
                     let answer = self.handle(call.req);
@@ -394,6 +418,70 @@ impl Agent {
         }
     }
 
+    /// Reads the configuration file again and applies what may change
+    /// while running: the communities and their keys, `misses`, `link_mtu`
+    /// and the `[flows]` timeouts, sweep interval and `per_origin`. A file
+    /// that fails its checks, or that changes anything else (which takes a
+    /// restart: `detach`, then start the agent), changes nothing; the error
+    /// says why. Returns the fields that changed.
+    fn reload(&mut self) -> Result<Vec<&'static str>, String> {
+        let keep = "the running configuration stays";
+        let new = match Config::load(&self.path) {
+            Ok(Config::Server(s)) => s,
+            Ok(Config::Terminal(_)) => return Err(format!("field `role` changed; {keep}")),
+            Err(e) => return Err(format!("{e}; {keep}")),
+        };
+        let (old, flows) = (&self.cfg, (&self.cfg.flows, &new.flows));
+        let restart: Vec<&str> = [
+            ("instance", old.instance != new.instance),
+            ("address", old.address != new.address),
+            ("port", old.port != new.port),
+            ("nat_address", old.nat_address != new.nat_address),
+            ("nat_ports", old.nat_ports != new.nat_ports),
+            ("interfaces", old.interfaces != new.interfaces),
+            ("metrics", old.metrics != new.metrics),
+            ("flows.max", flows.0.max != flows.1.max),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        if !restart.is_empty() {
+            return Err(format!(
+                "{} changed, which takes a restart (`bond-ctl detach`, then start the agent); {keep}",
+                restart.join(", ")
+            ));
+        }
+        let keys = |c: &ServerConfig| -> Vec<(u16, String)> {
+            c.communities
+                .iter()
+                .map(|c| (c.id, c.key.0.clone()))
+                .collect()
+        };
+        let changed: Vec<&'static str> = [
+            ("communities", keys(old) != keys(&new)),
+            ("misses", old.misses != new.misses),
+            ("link_mtu", old.link_mtu != new.link_mtu),
+            ("flows", flows.0 != flows.1),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        self.keys = new
+            .communities
+            .iter()
+            .map(|c| (c.id, c.key.bytes().to_vec()))
+            .collect();
+        self.table.set_misses(new.misses);
+        self.cfg = new;
+        self.map_cfg.per_origin = self.cfg.flows.per_origin;
+        self.map_cfg.link_mtu = self.link_mtu();
+        self.maps
+            .set_server_config(self.map_cfg)
+            .map_err(|e| format!("applying the new configuration: {e:#}"))?;
+        eprintln!("bond-ctl: configuration reloaded: {changed:?} changed");
+        Ok(changed)
+    }
+
     /// Lowers the datapath's `link_mtu` to the smallest MTU any live link
     /// announced (never above the configured one), and raises it again
     /// when that link leaves: replies that would not fit it wrapped get
@@ -407,12 +495,7 @@ impl Agent {
             Some(m) => self.community_mtu.insert(community, m),
             None => self.community_mtu.remove(&community),
         };
-        let mtu = self
-            .community_mtu
-            .values()
-            .copied()
-            .fold(self.cfg.link_mtu, u16::min)
-            .max(crate::config::MIN_LINK_MTU);
+        let mtu = self.link_mtu();
         if mtu != self.map_cfg.link_mtu {
             eprintln!(
                 "bond-ctl: link_mtu {} -> {mtu} (smallest link announced)",
@@ -422,6 +505,15 @@ impl Agent {
             self.maps.set_server_config(self.map_cfg)?;
         }
         Ok(())
+    }
+
+    /// The configured `link_mtu`, lowered to the smallest a link announced.
+    fn link_mtu(&self) -> u16 {
+        self.community_mtu
+            .values()
+            .copied()
+            .fold(self.cfg.link_mtu, u16::min)
+            .max(crate::config::MIN_LINK_MTU)
     }
 
     /// Writes a community's live links and downstream schedule. New links
@@ -550,6 +642,7 @@ impl Agent {
                 eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
                 Ok(json!({"detached": true}))
             }
+            Request::Reload => self.reload().map(|changed| json!({ "changed": changed })),
             Request::Weight { .. } => Err(
                 "a link's weights are set on the terminal that owns it (`bond-ctl weight` there)"
                     .into(),

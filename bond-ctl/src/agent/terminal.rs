@@ -963,6 +963,11 @@ impl Agent {
                 .metrics()
                 .map(Value::String)
                 .map_err(|e| format!("{e:#}")),
+            Request::Reload => Err(
+                "a terminal does not reload its file yet: `bond-ctl detach`, then start the \
+                 agent again (traffic keeps flowing); `bond-ctl weight` changes weights live"
+                    .into(),
+            ),
         }
     }
 

@@ -72,6 +72,10 @@ static S_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_SERVER_LIN
 static S_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drops::COUNT, 0);
 #[map]
 static S_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
+/// Flows each origin holds: counted up here as flows are made, recounted
+/// by the agent's sweep as they expire.
+#[map]
+static S_ORIGIN_FLOWS: HashMap<SessionKey, u64> = HashMap::pinned(MAX_SESSIONS, 0);
 
 const AF_INET: u8 = 2;
 const PASS: Result<u32, u32> = Ok(xdp_action::XDP_PASS);
@@ -206,7 +210,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         _pad2: 0,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let flow = flow_for(&fkey, now)?;
+    let flow = flow_for(&fkey, now, cfg.per_origin)?;
     // SAFETY: `flow` points at a live map value; concurrent updates of these
     // counters from other CPUs may lose increments (they are statistics).
     let nat_port = unsafe {
@@ -288,11 +292,30 @@ const fn icmp_echo(l4: usize) -> L4 {
     }
 }
 
-/// The flow for `key`, created with a port from the free queue if new.
+/// The flow for `key`, created with a port from the free queue if new and
+/// its origin holds fewer than `per_origin` flows (0: no limit).
 #[inline(always)]
-fn flow_for(key: &FlowKey, now: u64) -> Result<*mut Flow, u32> {
+fn flow_for(key: &FlowKey, now: u64, per_origin: u32) -> Result<*mut Flow, u32> {
     if let Some(f) = S_FLOWS.get_ptr_mut(key) {
         return Ok(f);
+    }
+    let okey = SessionKey {
+        community: key.community,
+        _pad: 0,
+        origin: key.origin,
+    };
+    if S_ORIGIN_FLOWS.get_ptr_mut(okey).is_none() {
+        // Another CPU may win the insert; either way the entry exists.
+        let _ = S_ORIGIN_FLOWS.insert(okey, 0, u64::from(BPF_NOEXIST));
+    }
+    let held = S_ORIGIN_FLOWS
+        .get_ptr_mut(okey)
+        .ok_or(drops::FLOW_TABLE_FULL)?;
+    // SAFETY: a live map value. Not atomic (the BPF target has no atomic
+    // add in Rust): two CPUs making flows for one origin at the same
+    // instant may count one; the agent's recount at each sweep corrects it.
+    if per_origin != 0 && unsafe { *held } >= u64::from(per_origin) {
+        return Err(drops::ORIGIN_FLOW_LIMIT);
     }
     let port = S_FREE_PORTS
         .pop()
@@ -328,6 +351,8 @@ fn flow_for(key: &FlowKey, now: u64) -> Result<*mut Flow, u32> {
                 return Err(drops::FLOW_TABLE_FULL);
             }
             count(&S_EVENTS, event::FLOW_CREATED);
+            // SAFETY: as above.
+            unsafe { *held += 1 };
         }
         Err(_) => {
             // Either another CPU created it first, or the table is full.
