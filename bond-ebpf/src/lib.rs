@@ -7,7 +7,11 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
-use bond_common::{csum, maps::LinkStats};
+use bond_common::{
+    csum, drops,
+    maps::LinkStats,
+    wire::{ETH_LEN, IPV4_LEN, OUTER_LEN},
+};
 
 /// The two contexts bond's programs read packets from.
 pub trait Packet {
@@ -184,4 +188,22 @@ pub fn nat_rewrite(
         && write(ctx, ip_off + 10, ip_check.to_be_bytes())
         && write(ctx, l4.port_off, port.to_be_bytes())
         && write(ctx, l4.check_off, l4_check.to_be_bytes())
+}
+
+/// Checks the outer lengths of a wrapped packet (its bond header already
+/// found): the IPv4 total length covers at least the wrap and does not run
+/// past the frame (bytes after it are padding), and the UDP length is the
+/// rest of it. A cut frame, or one whose headers lie, is `outer_bad_header`.
+/// Returns the outer total length.
+#[inline(always)]
+pub fn outer_len(ctx: &impl Packet) -> Result<u16, u32> {
+    let tot = read_u16(ctx, ETH_LEN + 2).ok_or(drops::TRUNCATED)?;
+    let udp = read_u16(ctx, ETH_LEN + IPV4_LEN + 4).ok_or(drops::TRUNCATED)?;
+    if usize::from(tot) < OUTER_LEN
+        || usize::from(tot) > ctx.packet_len() - ETH_LEN
+        || udp != tot - IPV4_LEN as u16
+    {
+        return Err(drops::OUTER_BAD_HEADER);
+    }
+    Ok(tot)
 }

@@ -396,3 +396,37 @@ pub fn set_total_len(ip: &mut [u8], len: u16) {
     ip[2..4].copy_from_slice(&len.to_be_bytes());
     fix_ipv4_checksum(ip);
 }
+
+/// Sets the TTL of the IPv4 packet at the front of `ip`.
+pub fn set_ttl(ip: &mut [u8], ttl: u8) {
+    ip[8] = ttl;
+    fix_ipv4_checksum(ip);
+}
+
+/// Makes the IPv4 packet at the front of `ip` a fragment: the more-fragments
+/// flag and the offset (in 8-byte units); the don't-fragment flag is cleared,
+/// as a fragment cannot carry it.
+pub fn set_fragment(ip: &mut [u8], more_fragments: bool, offset: u16) {
+    assert!(offset < 1 << 13, "fragment offset {offset}");
+    let v = (u16::from(more_fragments) << 13) | offset;
+    ip[6..8].copy_from_slice(&v.to_be_bytes());
+    fix_ipv4_checksum(ip);
+}
+
+/// Inserts `options` (a multiple of 4 bytes) after the 20-byte IPv4 header
+/// that starts at `frame[ip_off]`, and raises its header and total lengths
+/// to match (RFC 791: IHL counts 32-bit words).
+pub fn insert_ipv4_options(frame: &mut Vec<u8>, ip_off: usize, options: &[u8]) {
+    assert_eq!(options.len() % 4, 0, "options fill whole words");
+    assert_eq!(frame[ip_off], 0x45, "an IPv4 header without options");
+    let at = ip_off + 20;
+    frame.splice(at..at, options.iter().copied());
+    let ip = &mut frame[ip_off..];
+    ip[0] = 0x40 | (5 + options.len() / 4) as u8;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) + options.len() as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(ip);
+}
+
+/// Four bytes of IPv4 options: three no-operations and end of list.
+pub const IPV4_NOPS: [u8; 4] = [1, 1, 1, 0];

@@ -45,7 +45,8 @@ use bond_common::{
     },
 };
 use bond_ebpf::{
-    L4, Packet, count, link_stats, nat_rewrite, post_inc, read, read_u16, read_u32, write,
+    L4, Packet, count, link_stats, nat_rewrite, outer_len, post_inc, read, read_u16, read_u32,
+    write,
 };
 
 #[map]
@@ -129,6 +130,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     if !b.is_data() {
         return PASS; // control message: the agent's socket
     }
+    let tot = outer_len(ctx)?;
     if b.kind != kind::DATA_UP {
         return Err(drops::BAD_KIND);
     }
@@ -165,7 +167,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         return Err(drops::BAD_TOKEN);
     }
 
-    let inner = Inner::parse(ctx)?;
+    let inner = Inner::parse(ctx, tot)?;
     if inner.src != origin {
         return Err(drops::INNER_SPOOF);
     }
@@ -192,6 +194,10 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     read::<8>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
     if inner.proto == IPPROTO_TCP {
+        // The TCP header must lie inside the packet, not only the frame.
+        if inner.len < 40 {
+            return Err(drops::TRUNCATED);
+        }
         let h = read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
         tcp_flags = Some(h[tcp::FLAGS_OFF]);
     }
@@ -248,13 +254,14 @@ struct Inner {
 
 impl Inner {
     #[inline(always)]
-    fn parse(ctx: &XdpContext) -> Result<Self, u32> {
+    /// `tot` is the outer total length: the inner packet must end inside it.
+    fn parse(ctx: &XdpContext, tot: u16) -> Result<Self, u32> {
         let h = read::<20>(ctx, INNER_OFF).ok_or(drops::TRUNCATED)?;
         if h[0] >> 4 != 4 {
             return Err(drops::INNER_NOT_IPV4);
         }
         let len = u16::from_be_bytes([h[2], h[3]]);
-        if h[0] != 0x45 || len < 28 || usize::from(len) > ctx.packet_len() - INNER_OFF {
+        if h[0] != 0x45 || len < 28 || usize::from(len) + OUTER_LEN > usize::from(tot) {
             return Err(drops::INNER_BAD_HEADER);
         }
         if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
@@ -401,6 +408,9 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     let l4head = read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
     if proto == IPPROTO_TCP {
+        if len < 40 {
+            return Err(drops::TRUNCATED);
+        }
         let h = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
         tcp_flags = Some(h[tcp::FLAGS_OFF]);
     }

@@ -30,7 +30,7 @@ use bond_common::{
     },
     wire::{self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_UDP, OUTER_LEN, kind},
 };
-use bond_ebpf::{Packet, count, link_stats, post_inc, read, read_u16, write};
+use bond_ebpf::{Packet, count, link_stats, outer_len, post_inc, read, read_u16, write};
 
 #[map]
 static T_CONFIG: Array<TerminalConfig> = Array::pinned(1, 0);
@@ -203,13 +203,14 @@ fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
     if !b.is_data() {
         return PASS; // control message: the agent's socket
     }
+    let tot = outer_len(ctx)?;
     if b.community() != cfg.community {
         return Err(drops::WRONG_COMMUNITY);
     }
     match (b.kind, relay) {
         (kind::DATA_UP, Some(relay)) => relay_up(ctx, cfg, relay),
         (kind::DATA_UP, None) => Err(drops::BAD_KIND),
-        _ if b.origin() == cfg.lan_ip => unwrap(ctx, cfg, &b),
+        _ if b.origin() == cfg.lan_ip => unwrap(ctx, cfg, &b, tot),
         (_, Some(_)) => relay_down(ctx, cfg, &b, dport),
         (_, None) => Err(drops::WRONG_ORIGIN),
     }
@@ -308,7 +309,7 @@ fn rewrite_outer(
 
 /// DATA_DOWN for this host: strip the wrap and hand the inner packet up.
 #[inline(always)]
-fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr) -> Result<u32, u32> {
+fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Result<u32, u32> {
     if b.kind != kind::DATA_DOWN {
         return Err(drops::BAD_KIND);
     }
@@ -320,7 +321,7 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr) -> Result<u32, u3
         return Err(drops::INNER_NOT_IPV4);
     }
     let inner_len = read_u16(ctx, INNER_OFF + 2).ok_or(drops::TRUNCATED)?;
-    if usize::from(inner_len) + INNER_OFF > ctx.packet_len() || inner_len < 20 {
+    if usize::from(inner_len) + OUTER_LEN > usize::from(tot) || inner_len < 20 {
         return Err(drops::INNER_BAD_HEADER);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
