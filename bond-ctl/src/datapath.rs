@@ -185,6 +185,12 @@ impl Maps {
     fn remove<K: Pod, V: Pod>(&self, name: &'static str, k: K) -> Result<()> {
         match self.hash::<K, V>(name)?.remove(&k) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // aya reports a missing key on delete as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(source) => Err(Error::Map { name, source }),
         }
     }
