@@ -88,6 +88,35 @@ fn wait_gone(lab: &Lab, pick: impl Fn(&Value) -> bool, limit: Duration) -> (Dura
     }
 }
 
+/// Waits for the flows `pick` matches to expire on a `timeout_ms` idle
+/// timeout, counted from `quiet` (their last packet): they must still be
+/// there at 3/4 of it (0.7 of a second's), and gone within it and a
+/// sweep (plus a second for the polling).
+fn expires_on_time(
+    lab: &Lab,
+    pick: impl Fn(&Value) -> bool,
+    quiet: Instant,
+    timeout_ms: u64,
+    what: &str,
+) {
+    let (_, idle) = wait_gone(lab, pick, Duration::from_millis(timeout_ms + 4000));
+    let since = quiet.elapsed();
+    eprintln!("{what} gone {since:?} after its last packet (seen idle up to {idle} ms)");
+    let early = if timeout_ms <= 1000 {
+        700
+    } else {
+        timeout_ms * 3 / 4
+    };
+    assert!(
+        idle >= early,
+        "{what}: still there at {early} ms idle (seen up to {idle} ms)"
+    );
+    assert!(
+        since < Duration::from_millis(timeout_ms + SWEEP_MS + 1000),
+        "{what}: gone within the timeout and a sweep: {since:?}"
+    );
+}
+
 /// A UDP echo server on the content host.
 fn start_echo(lab: &mut Lab) {
     let web = lab.web_ns.clone();
@@ -174,19 +203,7 @@ fn idle_udp_flows_expire_and_their_ports_serve_new_flows() {
     assert!(flows_where(&lab, is("udp", Some(41004))).is_empty());
 
     // Idle for the UDP timeout (2 s): all three go, not before.
-    let (took, idle) = wait_gone(&lab, is("udp", None), Duration::from_secs(6));
-    let since = quiet.elapsed();
-    eprintln!(
-        "UDP flows gone {since:?} after their last packet (last seen idle {idle} ms, {took:?} of polling)"
-    );
-    assert!(
-        idle >= 1500,
-        "still there at 1.5 s idle (seen up to {idle} ms)"
-    );
-    assert!(
-        since < Duration::from_millis(2000 + SWEEP_MS + 1000),
-        "gone within the timeout and a sweep: {since:?}"
-    );
+    expires_on_time(&lab, is("udp", None), quiet, 2000, "UDP flows");
     assert!(server_maps(&lab).nat_entries().unwrap().is_empty());
     // The three may go in one sweep or, created a few ms apart, in two.
     let log = lab.log("agent-srv");
@@ -278,17 +295,7 @@ fn a_closed_tcp_connection_expires_on_the_closing_timeout() {
     assert!(s & FLOW_FIN != 0, "download flow state {s:#x}");
     assert_eq!(state(idle_port), Some(0), "the idle connection is open");
 
-    let (_, idle) = wait_gone(&lab, is("tcp", Some(45000)), Duration::from_secs(5));
-    let since = done.elapsed();
-    eprintln!("closed TCP flow gone {since:?} after curl finished (seen idle up to {idle} ms)");
-    assert!(
-        idle >= 700,
-        "still there at 0.7 s idle (seen up to {idle} ms)"
-    );
-    assert!(
-        since < Duration::from_millis(1000 + SWEEP_MS + 1000),
-        "gone within the closing timeout and a sweep: {since:?}"
-    );
+    expires_on_time(&lab, is("tcp", Some(45000)), done, 1000, "closed TCP flow");
     // The idle connection has been quiet for longer than the closing
     // timeout, and stays: it is established.
     let f = flows_where(&lab, is("tcp", Some(idle_port)));
@@ -317,17 +324,7 @@ fn an_icmp_echo_flow_expires_on_the_icmp_timeout() {
     assert_eq!(f.len(), 1, "one echo flow: {f:?}");
     assert!(f[0]["down_pkts"].as_u64().unwrap() >= 2, "{f:?}");
 
-    let (_, idle) = wait_gone(&lab, is("icmp", None), Duration::from_secs(6));
-    let since = quiet.elapsed();
-    eprintln!("ICMP flow gone {since:?} after the last reply (seen idle up to {idle} ms)");
-    assert!(
-        idle >= 1500,
-        "still there at 1.5 s idle (seen up to {idle} ms)"
-    );
-    assert!(
-        since < Duration::from_millis(2000 + SWEEP_MS + 1000),
-        "gone within the timeout and a sweep: {since:?}"
-    );
+    expires_on_time(&lab, is("icmp", None), quiet, 2000, "ICMP flow");
     let log = lab.log("agent-srv");
     assert!(log.contains("(tcp 0, udp 0, icmp 1)"), "{log}");
     // Another ping makes a new flow.

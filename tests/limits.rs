@@ -110,6 +110,35 @@ while True:
 print(got)
 "#;
 
+/// Starts a script on the content host as child `name`; gives it half a
+/// second to bind.
+fn serve(lab: &mut Lab, name: &str, script: &str) {
+    let web = lab.web_ns.clone();
+    lab.spawn(
+        &web,
+        name,
+        "python3",
+        &["-c", &format!("{PY_PRELUDE}{script}")],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// 4 MiB up from the origin in `ns` and 4 MiB down, over one TCP
+/// connection; asserts both arrived whole and returns the MSS the content
+/// host got from the origin's SYN.
+fn tcp_both_ways(lab: &mut Lab, ns: &str) -> u64 {
+    serve(lab, "tcp", CONTENT_TCP);
+    let down = python(lab, ns, ORIGIN_TCP);
+    let r = json_line(
+        &lab.wait_child("tcp", Duration::from_secs(30))
+            .expect("content TCP script"),
+    );
+    assert_eq!(r["read"], 4 << 20, "{r}");
+    assert_eq!(down, (4 << 20).to_string());
+    r["mss"].as_u64().unwrap()
+}
+
 fn python(lab: &Lab, ns: &str, script: &str) -> String {
     lab.exec(ns, "python3", &["-c", &format!("{PY_PRELUDE}{script}")])
         .unwrap_or_else(|e| panic!("python in {ns}: {e:#}"))
@@ -126,7 +155,6 @@ fn json_line(s: &str) -> serde_json::Value {
 fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
     let mut lab = lab();
     let t1 = lab.terminals[0].ns.clone();
-    let web = lab.web_ns.clone();
 
     // Upstream: bond0's MTU is the link's less the wrap, so the origin's
     // own kernel refuses a DF datagram that would not fit once wrapped.
@@ -137,14 +165,7 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
     // Downstream: the content host's too-big reply is answered by the
     // server with fragmentation needed; its kernel learns the MTU, refuses
     // the next one, and a reply that fits arrives.
-    lab.spawn(
-        &web,
-        "udp-df",
-        "python3",
-        &["-c", &format!("{PY_PRELUDE}{CONTENT_DF}")],
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    serve(&mut lab, "udp-df", CONTENT_DF);
     let got = lab.exec(
         &t1,
         "python3",
@@ -174,22 +195,7 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
 
     // TCP both ways: the content host sees the MSS bond0 allows, and
     // 4 MiB each way arrive whole (no segment too big to wrap).
-    lab.spawn(
-        &web,
-        "tcp",
-        "python3",
-        &["-c", &format!("{PY_PRELUDE}{CONTENT_TCP}")],
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let down = python(&lab, &t1, ORIGIN_TCP);
-    let r = json_line(
-        &lab.wait_child("tcp", Duration::from_secs(30))
-            .expect("content TCP script"),
-    );
-    assert_eq!(r["read"], 4 << 20, "{r}");
-    assert_eq!(down, (4 << 20).to_string());
-    let mss = r["mss"].as_u64().unwrap();
+    let mss = tcp_both_ways(&mut lab, &t1);
     assert!(
         (1000..=1500 - 52 - 40).contains(&mss),
         "MSS {mss} does not fit the wrapped path"
@@ -245,23 +251,7 @@ fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
 
     // 4 MiB each way over both links: the MSS fits the smallest link, and
     // nothing anywhere was too big.
-    let web = lab.web_ns.clone();
-    lab.spawn(
-        &web,
-        "tcp",
-        "python3",
-        &["-c", &format!("{PY_PRELUDE}{CONTENT_TCP}")],
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let down = python(&lab, &t1.ns, ORIGIN_TCP);
-    let r = json_line(
-        &lab.wait_child("tcp", Duration::from_secs(30))
-            .expect("content TCP script"),
-    );
-    assert_eq!(r["read"], 4 << 20, "{r}");
-    assert_eq!(down, (4 << 20).to_string());
-    let mss = r["mss"].as_u64().unwrap();
+    let mss = tcp_both_ways(&mut lab, &t1.ns);
     assert!(mss <= 1400 - 52 - 40, "MSS {mss} does not fit t2's link");
     for (ns, instance) in [
         (t1.ns.as_str(), t1.instance.as_str()),

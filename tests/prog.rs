@@ -80,23 +80,8 @@ impl Obj {
 
     /// Runs `prog` once on `input`; returns the verdict and the output packet.
     fn run(&self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 4096];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let p = self.ebpf.program(prog).expect("program");
-        let r = if let Ok(x) = <&Xdp>::try_from(p) {
-            x.test_run(opts)
-        } else {
-            <&SchedClassifier>::try_from(p)
-                .expect("XDP or TC program")
-                .test_run(opts)
-        }
-        .unwrap_or_else(|e| panic!("test_run {prog}: {e}"));
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        self.try_run(prog, input)
+            .unwrap_or_else(|errno| panic!("test_run {prog}: refused (errno {errno})"))
     }
 
     /// Runs `prog` and checks the verdict and, if given, the exact output.

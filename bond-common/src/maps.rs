@@ -319,6 +319,22 @@ pub struct Flow {
 const _: () = assert!(core::mem::size_of::<Flow>() == 56);
 
 impl Flow {
+    /// A new flow on dedicated port `nat_port`, first seen at `now_ns`.
+    #[inline(always)]
+    pub const fn new(nat_port: u16, now_ns: u64) -> Self {
+        Self {
+            nat_port,
+            state: 0,
+            _pad: [0; 5],
+            created_ns: now_ns,
+            last_seen_ns: now_ns,
+            up_pkts: 0,
+            up_bytes: 0,
+            down_pkts: 0,
+            down_bytes: 0,
+        }
+    }
+
     /// A TCP flow's state after a segment with header flags `flags`, in
     /// either direction. FIN or RST marks it closing (the agent then
     /// expires it on the short timeout); a bare SYN, a new connection from

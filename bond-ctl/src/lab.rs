@@ -744,25 +744,35 @@ impl Lab {
     /// Downloads a URL in a namespace: (bytes, seconds, file path).
     pub fn download(&self, ns: &str, url: &str, name: &str) -> Result<(u64, f64, PathBuf)> {
         let out = self.dir.join(name);
-        let w = self.exec(
-            ns,
-            "curl",
-            &[
+        let (bytes, secs) = self.fetch(ns, &[], url, &out)?;
+        Ok((bytes, secs, out))
+    }
+
+    /// Fetches a URL with curl in a namespace into `out`, curl run under
+    /// `wrap` (e.g. `["mptcpize", "run"]`): (bytes, seconds).
+    pub fn fetch(&self, ns: &str, wrap: &[&str], url: &str, out: &Path) -> Result<(u64, f64)> {
+        let out = out.to_string_lossy();
+        let argv: Vec<&str> = wrap
+            .iter()
+            .copied()
+            .chain([
+                "curl",
                 "-sS",
                 "--fail",
                 "--max-time",
                 "300",
                 "-o",
-                &out.to_string_lossy(),
+                &out,
                 "-w",
                 "%{size_download} %{time_total}",
                 url,
-            ],
-        )?;
+            ])
+            .collect();
+        let w = self.exec(ns, argv[0], &argv[1..])?;
         let mut it = w.split_whitespace();
         let bytes: u64 = it.next().context("curl size")?.parse()?;
         let secs: f64 = it.next().context("curl time")?.parse()?;
-        Ok((bytes, secs, out))
+        Ok((bytes, secs))
     }
 
     /// Writes `mb` MiB of pseudo-random bytes (a fixed xorshift stream).

@@ -303,31 +303,12 @@ fn iperf(
 
 /// Goodput of one HTTP download in Mbit/s.
 fn http(lab: &Lab, ns: &str, wrap: &[&str], url: &str) -> Result<f64> {
-    let argv: Vec<&str> = wrap
-        .iter()
-        .copied()
-        .chain([
-            "curl",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "300",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{size_download} %{time_total}",
-            url,
-        ])
-        .collect();
-    let w = lab.exec(ns, argv[0], &argv[1..])?;
-    let mut it = w.split_whitespace();
-    let bytes: f64 = it.next().context("curl size")?.parse()?;
-    let secs: f64 = it.next().context("curl time")?.parse()?;
+    let (bytes, secs) = lab.fetch(ns, wrap, url, Path::new("/dev/null"))?;
     ensure!(
-        bytes > 0.0 && secs > 0.0,
-        "curl in {ns} fetched nothing: {w}"
+        bytes > 0 && secs > 0.0,
+        "curl in {ns} fetched nothing from {url}"
     );
-    Ok(bytes * 8.0 / secs / 1e6)
+    Ok(bytes as f64 * 8.0 / secs / 1e6)
 }
 
 /// Kernel MPTCP over the community's links, set up on the origin, the

@@ -26,7 +26,11 @@ pub fn run(targets: &[String], secs: u64) -> Result<()> {
     if let Some(bad) = targets.iter().find(|t| !TARGETS.contains(t)) {
         bail!("unknown fuzz target {bad:?} (have: {})", TARGETS.join(", "));
     }
-    install()?;
+    crate::cargo_tool(
+        "cargo-fuzz",
+        CARGO_FUZZ,
+        Command::new("cargo").args(["fuzz", "--version"]),
+    )?;
     seed()?;
     for t in targets {
         eprintln!("fuzz: {t} for {secs} s");
@@ -49,22 +53,6 @@ fn fuzz_cmd() -> Command {
         .env("RUSTC_BOOTSTRAP", "1")
         .env("AYA_BUILD_SKIP", "1");
     c
-}
-
-fn install() -> Result<()> {
-    let have = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ))
-        .unwrap_or(false);
-    if !have {
-        sh(Command::new("cargo").args([
-            "install",
-            &format!("cargo-fuzz@{CARGO_FUZZ}"),
-            "--locked",
-        ]))?;
-    }
-    Ok(())
 }
 
 /// Valid input for each target, so the fuzzer starts past the magic

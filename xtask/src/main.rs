@@ -253,20 +253,12 @@ fn setup() -> Result<()> {
     {
         sh(Command::new("rustup").args(["component", "add", "rust-src"]))?;
     }
-    let linker_ok = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER))
-        .unwrap_or(false);
-    if !linker_ok {
-        // 0.10.x links with rustc's own LLVM; 0.11+ wants a system LLVM 23.
-        sh(Command::new("cargo").args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER}"),
-            "--locked",
-            "--force",
-        ]))?;
-    }
+    // 0.10.x links with rustc's own LLVM; 0.11+ wants a system LLVM 23.
+    cargo_tool(
+        "bpf-linker",
+        BPF_LINKER,
+        Command::new("bpf-linker").arg("--version"),
+    )?;
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
@@ -284,6 +276,24 @@ fn setup() -> Result<()> {
             .args(["install", "-y", "-qq"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+/// Installs crate `name` at `version` with `cargo install` unless `probe`
+/// (the tool's `--version`) already prints that version.
+fn cargo_tool(name: &str, version: &str, probe: &mut Command) -> Result<()> {
+    let have = probe
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
+        .unwrap_or(false);
+    if !have {
+        sh(Command::new("cargo").args([
+            "install",
+            &format!("{name}@{version}"),
+            "--locked",
+            "--force",
+        ]))?;
     }
     Ok(())
 }

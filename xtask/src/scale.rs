@@ -719,17 +719,7 @@ impl Server {
             "fill S_FLOWS through the map API",
             scale.synthetic(),
             &mut |i| {
-                let flow = Flow {
-                    nat_port: PORT_MIN + (i % held) as u16,
-                    state: 0,
-                    _pad: [0; 5],
-                    created_ns: now,
-                    last_seen_ns: now,
-                    up_pkts: 0,
-                    up_bytes: 0,
-                    down_pkts: 0,
-                    down_bytes: 0,
-                };
+                let flow = Flow::new(PORT_MIN + (i % held) as u16, now);
                 flows
                     .insert(synthetic_key(i, scale.communities), flow, 0)
                     .with_context(|| format!("inserting synthetic flow {i} into S_FLOWS"))

@@ -329,18 +329,7 @@ fn flow_for(key: &FlowKey, now: u64, per_origin: u32) -> Result<*mut Flow, u32> 
         .ok()
         .flatten()
         .ok_or(drops::NO_FREE_PORT)?;
-    let flow = Flow {
-        nat_port: port,
-        state: 0,
-        _pad: [0; 5],
-        created_ns: now,
-        last_seen_ns: now,
-        up_pkts: 0,
-        up_bytes: 0,
-        down_pkts: 0,
-        down_bytes: 0,
-    };
-    match S_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
+    match S_FLOWS.insert(key, Flow::new(port, now), u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             let nat = NatEntry {
                 origin: key.origin,
