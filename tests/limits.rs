@@ -420,3 +420,149 @@ fn a_reload_applies_what_it_can_and_a_bad_one_changes_nothing() {
     }
     assert!(lab.is_running("agent-srv"));
 }
+
+/// Polls `ok` every 100 ms for up to `limit`.
+fn eventually(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_full_session_table_refuses_a_login_and_the_server_carries_on() {
+    let spec = vec![TerminalSpec { links: vec![0] }; 3];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    lab.server_keys = "max_terminals = 2\n".into();
+    lab.start_some(&[0, 1]).expect("two terminals join");
+    lab.start_terminal(2).unwrap();
+    let (srv, inst) = (lab.server_ns.clone(), lab.server_instance.clone());
+    let t3 = lab.terminals[2].clone();
+    let refused = |lab: &Lab| {
+        lab.ctl_json(&srv, &inst, "status").expect("server status")["rejects"]["max_terminals"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // The kernel refuses the third session (the map is full): the agent
+    // counts it, sends no token, and carries on.
+    eventually(
+        "the third login to be refused twice",
+        Duration::from_secs(10),
+        || refused(&lab) >= 2,
+    );
+    assert!(lab.is_running("agent-srv"), "{}", lab.log("agent-srv"));
+    let st = lab.ctl_json(&t3.ns, &t3.instance, "status").unwrap();
+    assert_eq!(st["logged_on"], false, "{st}");
+    for t in &lab.terminals[..2] {
+        lab.exec(&t.ns, "ping", &["-c", "2", "-W", "2", "203.0.113.2"])
+            .expect("the two logged on carry on");
+    }
+    // One leaves: its session is freed and the third gets in.
+    lab.stop("agent-t1", false).unwrap();
+    eventually(
+        "the third terminal to log on",
+        Duration::from_secs(10),
+        || lab.ctl_json(&t3.ns, &t3.instance, "status").unwrap()["logged_on"] == true,
+    );
+    lab.wait_for_community(Duration::from_secs(10))
+        .expect("the community forms again");
+    // (t1's flows outlive its session until they expire. A recount that
+    // counted them gave t1 back its entry in S_ORIGIN_FLOWS, a map as big
+    // as the session table, and t3's flows were refused.)
+    lab.exec(&t3.ns, "ping", &["-c", "2", "-W", "2", "203.0.113.2"])
+        .expect("the third carries traffic once in");
+    let st = lab.ctl_json(&srv, &inst, "status").unwrap();
+    assert_eq!(
+        st["faults"],
+        serde_json::json!({}),
+        "a full table is a refusal, not a fault: {st}"
+    );
+}
+
+#[test]
+fn a_terminal_reload_applies_weights_and_timers_and_refuses_the_rest() {
+    let lab = lab();
+    let t = lab.terminals[0].clone();
+    let id = t.links[0].id;
+    let path = lab.dir.join("t1.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let reload = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        lab.ctl(&t.ns, &t.instance, &["reload"])
+    };
+    let status = || lab.ctl_json(&t.ns, &t.instance, "status").unwrap();
+    let before = status();
+    let weight_of = |st: &serde_json::Value| {
+        st["schedule"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == id)
+            .map(|s| s[1].as_u64().unwrap())
+    };
+    assert_ne!(weight_of(&before), Some(7), "{before}");
+
+    // A bad file, and a change that takes a restart: refused, named.
+    let e = format!(
+        "{:#}",
+        reload(&good.replace("announce_ms", "misses = 0\nannounce_ms")).unwrap_err()
+    );
+    assert!(
+        e.contains("misses") && e.contains("running configuration stays"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        reload(&good.replace("data_port = ", "data_port = 1")).unwrap_err()
+    );
+    assert!(e.contains("data_port") && e.contains("restart"), "{e}");
+    assert_eq!(status()["schedule"], before["schedule"]);
+
+    // Weights and timers change live.
+    let live = good
+        .replace(
+            &format!("announce_ms = {}", lab.announce_ms),
+            "announce_ms = 300",
+        )
+        .lines()
+        .map(|l| {
+            if l.starts_with("weight = ") {
+                "weight = 7"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = reload(&live).expect("a live change is applied");
+    assert!(
+        out.contains("weights") && out.contains("announce_ms"),
+        "{out}"
+    );
+    let now = status();
+    assert_eq!(now["announce_ms"], 300, "{now}");
+    assert_eq!(weight_of(&now), Some(7), "{now}");
+    // The peer hears the new weight in the next announce.
+    let peer = lab.terminals[1].clone();
+    let start = std::time::Instant::now();
+    loop {
+        let v = lab.ctl_json(&peer.ns, &peer.instance, "peers").unwrap();
+        let row = v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["link"] == id)
+            .cloned();
+        if row.as_ref().is_some_and(|r| r["up"] == 7) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "peer sees {row:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.exec(&t.ns, "ping", &["-c", "2", "-W", "2", "203.0.113.2"])
+        .expect("traffic after the reload");
+}

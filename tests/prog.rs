@@ -606,7 +606,7 @@ fn terminal_unwraps_its_own_traffic() {
 fn terminal_drops_and_counts_bad_input() {
     use term::*;
     type Edit = fn(&mut Wrapped);
-    let cases: [(&str, Edit, &str); 13] = [
+    let cases: [(&str, Edit, &str); 14] = [
         ("wrong magic", |w| w.bond.magic = 0xB04E, "bad_magic"),
         ("wrong version", |w| w.bond.version = 2, "bad_version"),
         ("flags set", |w| w.bond.flags = 0x80, "bad_flags"),
@@ -644,9 +644,18 @@ fn terminal_drops_and_counts_bad_input() {
             "relay down without a neighbour entry",
             |w| {
                 w.outer.dport = RELAY_PORT;
+                w.outer.src = SERVER;
                 w.bond.origin = PEER3;
             },
             "no_neighbor",
+        ),
+        (
+            "relay down from a LAN host, not the server",
+            |w| {
+                w.outer.dport = RELAY_PORT;
+                w.bond.origin = PEER;
+            },
+            "unknown_source",
         ),
         (
             "relay up bigger than the link MTU",
@@ -1879,12 +1888,18 @@ fn server_map_sizes_come_from_the_loader() {
     use srv::*;
     isolate::in_netns(|_| {
         srv::network();
-        // A flow table of 2 and a queue of 3 ports.
-        let sizes = bond_ctl::flows::server_map_sizes(2, 3);
+        // A flow table of 2, a queue of 3 ports and 2 sessions (the
+        // set-up logs on A and B).
+        let sizes = bond_ctl::flows::server_map_sizes(2, 3, 2);
         let s = srv::setup_with_sizes("server-sizes", 20000..=20002, &sizes);
         assert!(
             s.maps.push_free_ports([20003]).is_err(),
             "a queue of 3 takes no fourth port"
+        );
+        let third = s.maps.set_session(COMMUNITY, Ipv4Addr::new(10, 0, 1, 9), 7);
+        assert!(
+            third.as_ref().is_err_and(|e| e.is_full()),
+            "a session table of 2 takes no third terminal: {third:?}"
         );
         let [l0, _, _] = LINKS;
         let ip = |p| Ip::new(ORIGIN_A, CONTENT, L4::udp(p, 53));
@@ -1902,6 +1917,81 @@ fn server_map_sizes_come_from_the_loader() {
         let key = s.maps.flows().unwrap()[0].0;
         assert_eq!(s.maps.remove_flows_if([key], |_, _| true).unwrap().len(), 1);
         expect_up(&s, "third, after a removal", l0, &ip(3), 20002);
+    });
+}
+
+#[test]
+fn server_holds_each_origin_to_its_flow_limit() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-per-origin", 20000..=20009);
+        let mut cfg = s.maps.server_config().unwrap();
+        cfg.per_origin = 2;
+        s.maps.set_server_config(cfg).unwrap();
+        let [l0, l1, _] = LINKS;
+        let a = |p| Ip::new(ORIGIN_A, CONTENT, L4::udp(p, 53));
+        let b = |p| Ip::new(ORIGIN_B, CONTENT, L4::udp(p, 53));
+        let held = |origin: Ipv4Addr| {
+            let map: BpfHashMap<&MapData, SessionKey, u64> =
+                BpfHashMap::try_from(s.ebpf.map("S_ORIGIN_FLOWS").unwrap()).unwrap();
+            let key = SessionKey {
+                community: COMMUNITY,
+                _pad: 0,
+                origin: origin.into(),
+            };
+            map.get(&key, 0).unwrap_or(0)
+        };
+        expect_up(&s, "A's first flow", l0, &a(1), 20000);
+        expect_up(&s, "A's second flow", l1, &a(2), 20001);
+        assert_eq!(held(ORIGIN_A), 2);
+        s.expect_drop(
+            "bond_server",
+            "A's third flow, over its limit of 2",
+            &Up::new(l0, &a(3)).frame(),
+            XDP_DROP,
+            "origin_flow_limit",
+        );
+        // The refusal took no port: B gets the next one.
+        expect_up(&s, "B's first flow", l0, &b(1), 20002);
+        assert_eq!((held(ORIGIN_A), held(ORIGIN_B)), (2, 1));
+        // A's flows carry on at the limit.
+        expect_up(&s, "A's first flow again", l1, &a(1), 20000);
+        expect_up(&s, "A's second flow again", l0, &a(2), 20001);
+
+        // The sweep expires A's second flow and recounts: room for one.
+        let gone = s
+            .maps
+            .flows()
+            .unwrap()
+            .into_iter()
+            .find(|(_, f)| f.nat_port == 20001);
+        let (key, _) = gone.expect("the flow on 20001");
+        assert_eq!(s.maps.remove_flows_if([key], |_, _| true).unwrap().len(), 1);
+        let counts = [
+            (ORIGIN_A, 1),
+            (ORIGIN_B, 1),
+            (Ipv4Addr::new(10, 0, 1, 99), 5),
+        ]
+        .into_iter()
+        .map(|(o, n)| {
+            let k = SessionKey {
+                community: COMMUNITY,
+                _pad: 0,
+                origin: o.into(),
+            };
+            (k, n)
+        })
+        .collect();
+        s.maps.recount_origin_flows(&counts).unwrap();
+        assert_eq!((held(ORIGIN_A), held(ORIGIN_B)), (1, 1));
+        assert_eq!(
+            held(Ipv4Addr::new(10, 0, 1, 99)),
+            0,
+            "an origin without a session gets no entry"
+        );
+        expect_up(&s, "A's third flow, after the sweep", l0, &a(3), 20003);
+        assert_eq!(held(ORIGIN_A), 2);
     });
 }
 
@@ -2488,9 +2578,15 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
                     // "DATA_UP at an origin" (drops.rs).
                     (DATA_UP, false, _) => Want::Drop("bad_kind"),
                     (DATA_DOWN, _, true) => Path::Unwrap.out(&f),
-                    // DATA_DOWN for a peer on a relay port goes to the peer,
-                    // from whichever side it came.
-                    (DATA_DOWN, true, false) => Path::Down.out(&f),
+                    // DATA_DOWN for a peer on a relay port goes to the peer
+                    // if the server sent it (`relay_down`): a relay bounces
+                    // nothing a LAN host sends it.
+                    (DATA_DOWN, true, false)
+                        if get32(&f, OUTER_IP + 12) == u32::from(term::SERVER) =>
+                    {
+                        Path::Down.out(&f)
+                    }
+                    (DATA_DOWN, true, false) => Want::Drop("unknown_source"),
                     (DATA_DOWN, false, false) => Want::Drop("wrong_origin"),
                     _ => Want::Untouched,
                 };
@@ -2707,12 +2803,21 @@ fn server_outer_and_inner_header_cases() {
         // Downstream (replies to the flow's port 20000).
         let r = reply(&ip, 20000);
         let down = r.frame(CNT_DEV_MAC, CONTENT_MAC);
-        let cases: [(&str, Edit, Want); 5] = [
-            // `downstream`: a header with options is "not a dedicated
-            // port: the server host's own traffic".
+        let cases: [(&str, Edit, Want); 6] = [
+            // `downstream` finds the port behind the options: to a
+            // dedicated port it is a reply bond cannot carry (and the
+            // kernel would reset), to another the server host's own.
             (
                 "IPv4 options",
                 |f| insert_ipv4_options(f, OUTER_IP, &IPV4_NOPS),
+                Want::Drop("inner_bad_header"),
+            ),
+            (
+                "IPv4 options, to a port that is not dedicated",
+                |f| {
+                    insert_ipv4_options(f, OUTER_IP, &IPV4_NOPS);
+                    f[OUTER_IP + 24 + 2..][..2].copy_from_slice(&80u16.to_be_bytes());
+                },
                 Want::Untouched,
             ),
             (

@@ -30,7 +30,8 @@ reasons! {
     /// A DATA kind arriving where it has no meaning (DATA_UP at an origin).
     BAD_KIND = 4, "bad_kind";
     WRONG_COMMUNITY = 5, "wrong_community";
-    /// Outer source is not a registered link of the community.
+    /// Outer source is not a registered link of the community (server), or
+    /// DATA_DOWN to relay is not from the server (relay).
     UNKNOWN_SOURCE = 6, "unknown_source";
     BAD_TOKEN = 7, "bad_token";
     /// Inner packet is not IPv4.

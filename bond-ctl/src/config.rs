@@ -165,7 +165,7 @@ pub struct TerminalConfig {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerAddr {
     pub address: Ipv4Addr,
@@ -173,7 +173,7 @@ pub struct ServerAddr {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OwnLink {
     /// The link's id in the community (the bond header's link byte).
@@ -266,6 +266,10 @@ pub struct ServerConfig {
     /// (next-hop MTU `link_mtu` - 52) rather than lost.
     #[serde(default = "default_link_mtu")]
     pub link_mtu: u16,
+    /// Most terminals logged on at once, over all communities: the size of
+    /// the session table. A login beyond it is refused until one leaves.
+    #[serde(default = "default_max_terminals")]
+    pub max_terminals: u32,
     #[serde(default)]
     pub communities: Vec<Community>,
     /// Flow table size and idle timeouts (`[flows]`, optional).
@@ -305,6 +309,8 @@ pub struct FlowsConfig {
 
 /// The largest flow table the server agent creates.
 pub const MAX_FLOWS: u32 = bond_common::maps::MAX_FLOWS;
+/// Most terminals a server can hold sessions for.
+pub const MAX_SESSIONS: u32 = bond_common::maps::MAX_SESSIONS;
 /// The longest idle timeout accepted: a week.
 pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
 
@@ -445,6 +451,10 @@ fn default_link_mtu() -> u16 {
 /// The smallest link MTU the server accepts: IPv4's minimum (RFC 791) plus
 /// the wrap.
 pub const MIN_LINK_MTU: u16 = 576 + bond_common::wire::OUTER_LEN as u16;
+
+fn default_max_terminals() -> u32 {
+    MAX_SESSIONS
+}
 
 fn default_nat_ports() -> String {
     "20000-29999".into()
@@ -664,6 +674,12 @@ impl ServerConfig {
                 format!("{} is outside {MIN_LINK_MTU}..=9000", self.link_mtu),
             );
         }
+        if !(1..=MAX_SESSIONS).contains(&self.max_terminals) {
+            return err(
+                "max_terminals",
+                format!("{} is outside 1..={MAX_SESSIONS}", self.max_terminals),
+            );
+        }
         if self.interfaces.is_empty() {
             return err("interfaces", "list the interfaces to attach to");
         }
@@ -866,6 +882,13 @@ key = "community two key"
             "interfaces = []\nnat_ports = \"9-3\"",
         ));
         assert!(e.contains("nat_ports") && e.contains("9-3"), "{e}");
+        assert_eq!(s.max_terminals, MAX_SESSIONS);
+        for bad in ["0", "65537"] {
+            let e = error_of(
+                &text.replace("interfaces", &format!("max_terminals = {bad}\ninterfaces")),
+            );
+            assert!(e.contains("max_terminals") && e.contains(bad), "{e}");
+        }
         let e = error_of(&text.replace("id = 2", "id = 1"));
         assert!(e.contains("communities[1].id"), "{e}");
         let e = error_of(&text.replace("community two key", "2short"));

@@ -53,6 +53,19 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// The kernel refused a new key because the map holds `max_entries`.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            Error::Map {
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            } if e.io_error.raw_os_error() == Some(libc::E2BIG)
+        )
+    }
+}
+
 /// Pin directory of an instance.
 pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join("bond").join(instance)
@@ -369,13 +382,25 @@ impl Maps {
         counts: &std::collections::HashMap<SessionKey, u64>,
     ) -> Result<()> {
         let n = name::S_ORIGIN_FLOWS;
+        // Only origins with a session have an entry: the map is as big as
+        // the session table, and the flows of an origin that left (still
+        // in the table until they expire) must not take a newcomer's entry.
+        let sessions: std::collections::HashSet<SessionKey> = self
+            .hash::<SessionKey, Session>(name::S_SESSIONS)?
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
         let mut map = self.hash::<SessionKey, u64>(n)?;
         let known: Vec<SessionKey> = map.keys().filter_map(|k| k.ok()).collect();
-        for k in known.iter().filter(|k| !counts.contains_key(k)) {
-            map.insert(*k, 0, 0)
-                .map_err(|source| Error::Map { name: n, source })?;
+        for k in &known {
+            if !sessions.contains(k) {
+                self.remove::<SessionKey, u64>(n, *k)?;
+            } else if !counts.contains_key(k) {
+                map.insert(*k, 0, 0)
+                    .map_err(|source| Error::Map { name: n, source })?;
+            }
         }
-        for (k, v) in counts {
+        for (k, v) in counts.iter().filter(|(k, _)| sessions.contains(k)) {
             map.insert(*k, *v, 0)
                 .map_err(|source| Error::Map { name: n, source })?;
         }

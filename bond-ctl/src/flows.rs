@@ -147,13 +147,16 @@ pub fn sweep_counted(
     Ok((r, by_community))
 }
 
-/// The `max_entries` a server's flow maps are created with: `flows` for
-/// the flow table and its reverse map, `ports` for the free-port queue.
-pub fn server_map_sizes(flows: u32, ports: u32) -> [(&'static str, u32); 3] {
+/// The `max_entries` a server's maps are created with: `flows` for the
+/// flow table and its reverse map, `ports` for the free-port queue,
+/// `terminals` for the sessions and their flow counts.
+pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static str, u32); 5] {
     [
         (name::S_FLOWS, flows),
         (name::S_NAT, flows),
         (name::S_FREE_PORTS, ports),
+        (name::S_SESSIONS, terminals),
+        (name::S_ORIGIN_FLOWS, terminals),
     ]
 }
 
@@ -327,8 +330,14 @@ mod tests {
     #[test]
     fn map_sizes_name_the_flow_maps() {
         assert_eq!(
-            server_map_sizes(1000, 10),
-            [("S_FLOWS", 1000), ("S_NAT", 1000), ("S_FREE_PORTS", 10)]
+            server_map_sizes(1000, 10, 7),
+            [
+                ("S_FLOWS", 1000),
+                ("S_NAT", 1000),
+                ("S_FREE_PORTS", 10),
+                ("S_SESSIONS", 7),
+                ("S_ORIGIN_FLOWS", 7)
+            ]
         );
     }
 }

@@ -102,6 +102,9 @@ pub struct Lab {
     pub announce_ms: u32,
     /// The server's dedicated ports, "first-last" (set before starting it).
     pub nat_ports: String,
+    /// Top-level keys for the server's config, one per line, e.g.
+    /// `max_terminals = 2` (set before starting it; default empty).
+    pub server_keys: String,
     /// TOML tables appended to the server's config, e.g. a `[flows]`
     /// table (set before starting it; default empty).
     pub server_extra: String,
@@ -168,6 +171,7 @@ impl Lab {
             bond_ctl: bond_ctl.to_path_buf(),
             announce_ms: 1000,
             nat_ports: "20000-29999".into(),
+            server_keys: String::new(),
             server_extra: String::new(),
             auto_weights: false,
             terminals: Vec::new(),
@@ -453,9 +457,9 @@ impl Lab {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
-             nat_address = \"{SERVER_NAT}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n\
+             nat_address = \"{SERVER_NAT}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n{}\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
-            self.server_instance, self.nat_ports, self.server_extra
+            self.server_instance, self.nat_ports, self.server_keys, self.server_extra
         )
     }
 

@@ -76,6 +76,11 @@ impl PeerTable {
         }
     }
 
+    /// Announces a peer may miss from now on.
+    pub fn set_misses(&mut self, k: u32) {
+        self.k = k.max(1);
+    }
+
     /// An ACTIVE announce; true if the usable links changed (a new peer,
     /// or links or weights that differ from before).
     pub fn announce(

@@ -36,16 +36,17 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    let rejects = v["rejects"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "none".into());
+    let tally = |k: &str| {
+        v[k].as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, n)| format!("{k}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "none".into())
+    };
     if v["role"] == "server" {
         println!(
             "server {} (instance {}), up {}s{}",
@@ -112,7 +113,8 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
         }
         println!("(* measured, kbit/s)");
     }
-    println!("control messages rejected: {rejects}");
+    println!("control messages rejected: {}", tally("rejects"));
+    println!("failed steps survived: {}", tally("faults"));
     Ok(())
 }
 

@@ -76,7 +76,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use bond_common::maps::{
-    Flow, FlowKey, LINK_VALID, NatEntry, NatKey, ServerConfig, ServerLink, name,
+    Flow, FlowKey, LINK_VALID, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink, name,
 };
 use bond_ctl::datapath::{self, Maps};
 
@@ -301,7 +301,7 @@ fn measure(scale: Scale) -> Result<String> {
 
     // Baseline for memory: the server as the agent loads it by default.
     let (default_mem, default_load) = {
-        let sizes = bond_ctl::flows::server_map_sizes(DEFAULT_PORTS, DEFAULT_PORTS);
+        let sizes = bond_ctl::flows::server_map_sizes(DEFAULT_PORTS, DEFAULT_PORTS, MAX_SESSIONS);
         let (s, t) = Server::load("default", &sizes)?;
         (s.memory()?, t)
     };
@@ -312,7 +312,7 @@ fn measure(scale: Scale) -> Result<String> {
         None,
     ));
 
-    let sizes = bond_ctl::flows::server_map_sizes(scale.flows, PORTS);
+    let sizes = bond_ctl::flows::server_map_sizes(scale.flows, PORTS, MAX_SESSIONS);
     let (base, load) = Server::load("empty", &sizes)?;
     setup.push(Step::new(
         &format!("load the object, {} flow slots", n(scale.flows)),

@@ -59,7 +59,7 @@ pub async fn run(cfg: Config, paths: Paths) -> Result<()> {
     let layout = paths.run_dir.join(format!("{}.layout", cfg.instance()));
     let mut pins = Pins::open(&dir, &layout, &signature(&cfg))?;
     let result = match cfg {
-        Config::Terminal(t) => terminal::run(t, &mut pins, calls).await,
+        Config::Terminal(t) => terminal::run(t, &paths.config, &mut pins, calls).await,
         Config::Server(s) => server::run(s, &paths.config, &mut pins, calls).await,
     };
     // The reply to a `detach` or `drain` is written by the socket's task:
@@ -93,7 +93,7 @@ fn signature(cfg: &Config) -> String {
         Config::Server(s) => {
             let ports = s.port_count().unwrap_or(0);
             let sizes: Vec<String> =
-                crate::flows::server_map_sizes(s.flows.table_size(ports), ports)
+                crate::flows::server_map_sizes(s.flows.table_size(ports), ports, s.max_terminals)
                     .iter()
                     .map(|(n, v)| format!("{n}={v}"))
                     .collect();
@@ -248,28 +248,68 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-/// Control messages refused or undeliverable, by reason.
-#[derive(Debug, Default)]
-pub struct Rejects(std::collections::BTreeMap<&'static str, u64>);
+/// Events counted by reason: control messages refused, and failed steps
+/// the agent survived. The first of each reason, and then every 1000th,
+/// is logged.
+#[derive(Debug)]
+pub struct Tally {
+    metric: &'static str,
+    help: &'static str,
+    counts: std::collections::BTreeMap<&'static str, u64>,
+}
 
-impl Rejects {
-    /// Counts a rejection; the first of each reason, and then every
-    /// 1000th, is logged.
-    pub fn count(&mut self, why: &'static str) {
-        let n = self.0.entry(why).or_default();
+impl Tally {
+    /// Control messages refused or undeliverable.
+    pub fn rejects() -> Self {
+        Tally {
+            metric: "bond_control_rejects_total",
+            help: "Control messages refused, by reason.",
+            counts: Default::default(),
+        }
+    }
+
+    /// Steps that failed (a map the kernel refused to update, a netlink
+    /// call): the agent logs, counts and carries on, and the step is tried
+    /// again on the next event that needs it.
+    pub fn faults() -> Self {
+        Tally {
+            metric: "bond_agent_faults_total",
+            help: "Agent steps that failed and were survived, by step.",
+            counts: Default::default(),
+        }
+    }
+
+    /// Counts `why` once; returns how many so far.
+    fn bump(&mut self, why: &'static str) -> u64 {
+        let n = self.counts.entry(why).or_default();
         *n += 1;
-        if *n == 1 || n.is_multiple_of(1000) {
+        *n
+    }
+
+    pub fn count(&mut self, why: &'static str) {
+        let n = self.bump(why);
+        if n == 1 || n.is_multiple_of(1000) {
             eprintln!("bond-ctl: control message rejected: {why} ({n} so far)");
         }
     }
 
+    /// The agent's answer to a failed step: log it, count it, carry on.
+    pub fn survive(&mut self, step: &'static str, r: Result<()>) {
+        if let Err(e) = r {
+            let n = self.bump(step);
+            if n == 1 || n.is_multiple_of(1000) {
+                eprintln!("bond-ctl: {step} failed ({n} so far), carrying on: {e:#}");
+            }
+        }
+    }
+
     pub fn all(&self) -> &std::collections::BTreeMap<&'static str, u64> {
-        &self.0
+        &self.counts
     }
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::Value::Object(
-            self.0
+            self.counts
                 .iter()
                 .map(|(k, v)| ((*k).to_string(), serde_json::json!(v)))
                 .collect(),
@@ -277,13 +317,9 @@ impl Rejects {
     }
 
     pub fn metrics(&self, m: &mut control::Metrics) {
-        m.family(
-            "bond_control_rejects_total",
-            "counter",
-            "Control messages refused, by reason.",
-        );
-        for (k, v) in &self.0 {
-            m.sample("bond_control_rejects_total", &[("reason", (*k).into())], v);
+        m.family(self.metric, "counter", self.help);
+        for (k, v) in &self.counts {
+            m.sample(self.metric, &[("reason", (*k).into())], v);
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Exit, Pins, Rejects, wait_for_signal};
+use super::{Exit, Pins, Tally, wait_for_signal};
 use crate::{
     config::{Config, ServerConfig},
     control::{Call, Metrics, Request},
@@ -57,7 +57,9 @@ struct Agent {
     applied: BTreeMap<(u16, u8), (u32, ServerLink)>,
     free_idx: Vec<u32>,
     next_idx: u32,
-    rejects: Rejects,
+    rejects: Tally,
+    /// Steps that failed and were survived.
+    faults: Tally,
     /// Upstream trains in flight, with when they started and where the
     /// report goes.
     trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddrV4)>,
@@ -86,7 +88,7 @@ pub async fn run(
         .map_err(anyhow::Error::msg)
         .context("field `nat_ports`")?;
     let ports = u32::from(hi - lo) + 1;
-    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports);
+    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports, cfg.max_terminals);
     let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
     let maps = Maps::new(&pins.dir);
     let map_cfg = ServerMap {
@@ -141,7 +143,8 @@ pub async fn run(
         applied: BTreeMap::new(),
         free_idx: Vec::new(),
         next_idx: 0,
-        rejects: Rejects::default(),
+        rejects: Tally::rejects(),
+        faults: Tally::faults(),
         trains: HashMap::new(),
         sent_trains: HashMap::new(),
         adopted: pins.adopted,
@@ -231,17 +234,20 @@ impl Agent {
                     let ch = self.table.expire(Instant::now());
                     for (c, o) in &ch.sessions_gone {
                         eprintln!("bond-ctl: community {c}: terminal {o} silent: session closed");
-                        self.maps.remove_session(*c, *o)?;
+                        let r = self.maps.remove_session(*c, *o);
+                        self.faults.survive("remove_session", r.map_err(Into::into));
                         self.guard.forget(*c, *o);
                     }
                     for c in ch.communities {
-                        self.apply(c)?;
+                        let r = self.apply(c);
+                        self.faults.survive("apply_links", r);
                     }
                 }
                 r = recv_stamped(&self.sock, &mut buf) => {
                     let Ok((n, src, at_ns)) = r else { continue };
                     let msg = buf[..n].to_vec();
-                    self.receive(&msg, src, at_ns).await?;
+                    let r = self.receive(&msg, src, at_ns).await;
+                    self.faults.survive("control_message", r);
                 }
             }
         }
@@ -264,7 +270,17 @@ impl Agent {
                     self.table
                         .login(c, o, Duration::from_secs(60), now, fresh_token);
                 if new {
-                    self.maps.set_session(c, o, token)?;
+                    if let Err(e) = self.maps.set_session(c, o, token) {
+                        // No token the program does not know: the terminal
+                        // is refused and tries again on its next announce.
+                        self.table.shutdown(c, o, token);
+                        if e.is_full() {
+                            self.rejects.count("max_terminals");
+                            return Ok(());
+                        }
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("community {c}: terminal {o}: login")));
+                    }
                     eprintln!("bond-ctl: community {c}: terminal {o} logged on");
                 }
                 let port = self.cfg.port;
@@ -440,6 +456,7 @@ impl Agent {
             ("nat_ports", old.nat_ports != new.nat_ports),
             ("interfaces", old.interfaces != new.interfaces),
             ("metrics", old.metrics != new.metrics),
+            ("max_terminals", old.max_terminals != new.max_terminals),
             ("flows.max", flows.0.max != flows.1.max),
         ]
         .into_iter()
@@ -684,6 +701,7 @@ impl Agent {
             "free_ports": self.flows.free_ports,
             "flow_table": self.flows,
             "rejects": self.rejects.json(),
+            "faults": self.faults.json(),
         })
     }
 
@@ -808,6 +826,7 @@ impl Agent {
             m.sample("bond_events_total", &[("event", what.into())], v);
         }
         self.rejects.metrics(&mut m);
+        self.faults.metrics(&mut m);
         Ok(m.finish())
     }
 }

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,11 +17,15 @@ use bond_common::{
     wire::OUTER_LEN,
 };
 use serde_json::{Value, json};
-use tokio::{net::UdpSocket, sync::mpsc};
+use tokio::{
+    net::UdpSocket,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
-use super::{Exit, Pins, Rejects, wait_for_signal};
+use super::{Exit, Pins, Tally, wait_for_signal};
 use crate::{
-    config::{MIN_LINK_MTU, TerminalConfig, WeightSpec},
+    config::{Config, MIN_LINK_MTU, OwnLink, TerminalConfig, WeightSpec},
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
@@ -115,6 +120,8 @@ struct Drain {
 
 struct Agent {
     cfg: TerminalConfig,
+    /// The configuration file, read again by `reload`.
+    path: PathBuf,
     net: Net,
     maps: Maps,
     lan: Iface,
@@ -133,7 +140,9 @@ struct Agent {
     schedule: Option<Vec<(u8, u32)>>,
     /// DATA_DOWN packets seen per link at the last refresh.
     down_seen: HashMap<u8, u64>,
-    rejects: Rejects,
+    rejects: Tally,
+    /// Steps that failed and were survived.
+    faults: Tally,
     interval: Duration,
     next_train: u32,
     drain: Option<Drain>,
@@ -148,6 +157,7 @@ struct Agent {
 
 pub async fn run(
     cfg: TerminalConfig,
+    path: &Path,
     pins: &mut Pins,
     calls: mpsc::Receiver<Call>,
 ) -> Result<Exit> {
@@ -259,6 +269,7 @@ pub async fn run(
         .await?;
     let mut agent = Agent {
         interval: Duration::from_millis(u64::from(cfg.announce_ms)),
+        path: path.to_path_buf(),
         peers: PeerTable::new(cfg.misses),
         cfg,
         net,
@@ -275,7 +286,8 @@ pub async fn run(
         lan_sock: Arc::new(lan_sock),
         schedule: None,
         down_seen: HashMap::new(),
-        rejects: Rejects::default(),
+        rejects: Tally::rejects(),
+        faults: Tally::faults(),
         next_train: getrandom::u32().unwrap_or(1),
         drain: None,
         adopted: pins.adopted,
@@ -334,24 +346,43 @@ impl Agent {
         for (i, o) in self.own.iter().enumerate() {
             spawn_reader(o.sock.clone(), From::Link(i), tx.clone());
         }
+        let probe_period = |a: &Self| Duration::from_millis(u64::from(a.cfg.probe_ms));
         let mut announce = tokio::time::interval(self.interval);
         let mut refresh = tokio::time::interval(REFRESH);
-        let mut probe = tokio::time::interval(Duration::from_millis(u64::from(self.cfg.probe_ms)));
+        let mut probe = tokio::time::interval(probe_period(self));
         let stop = wait_for_signal();
         tokio::pin!(stop);
+        let mut hangup = signal(SignalKind::hangup())?;
         loop {
+            // A reload may change the periods.
+            if announce.period() != self.interval {
+                announce = tokio::time::interval(self.interval);
+            }
+            if probe.period() != probe_period(self) {
+                probe = tokio::time::interval(probe_period(self));
+            }
             let deadline = self
                 .peers
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 r = &mut stop => return r.map(|()| Exit::Leave),
+                _ = hangup.recv() => {
+                    if let Err(e) = self.reload().await {
+                        eprintln!("bond-ctl: SIGHUP: {e}");
+                    }
+                }
                 _ = announce.tick() => self.announce().await,
                 _ = refresh.tick() => {
-                    self.refresh().await?;
-                    if self.drained()? {
-                        eprintln!("bond-ctl: drained: leaving");
-                        return Ok(Exit::Leave);
+                    let r = self.refresh().await;
+                    self.faults.survive("refresh", r);
+                    match self.drained() {
+                        Ok(true) => {
+                            eprintln!("bond-ctl: drained: leaving");
+                            return Ok(Exit::Leave);
+                        }
+                        Ok(false) => {}
+                        Err(e) => self.faults.survive("drain", Err(e)),
                     }
                 }
                 _ = probe.tick() => self.probe().await,
@@ -359,10 +390,14 @@ impl Agent {
                     let gone = self.peers.expire(Instant::now());
                     if !gone.is_empty() {
                         eprintln!("bond-ctl: peer(s) {gone:?} missed {} announces: dropped", self.cfg.misses);
-                        self.apply_peers().await?;
+                        let r = self.apply_peers().await;
+                        self.faults.survive("apply_peers", r);
                     }
                 }
-                Some(r) = rx.recv() => self.receive(r).await?,
+                Some(r) = rx.recv() => {
+                    let r = self.receive(r).await;
+                    self.faults.survive("control_message", r);
+                }
                 Some(call) = calls.recv() => {
                     let detach = call.req == Request::Detach;
                     let answer = self.handle(call.req).await;
@@ -921,6 +956,83 @@ impl Agent {
 
     // --------------------------------------------------------- operator --
 
+    /// Reads the configuration file again and applies what may change
+    /// while running: the community `key`, `announce_ms`, `misses`,
+    /// `probe_ms` and the links' weights (a weight the file changes
+    /// replaces one set with `bond-ctl weight`; one it leaves alone stays).
+    /// A file that fails its checks, or that changes anything else (which
+    /// takes a restart: `detach`, then start the agent), changes nothing;
+    /// the error says why. Returns the fields that changed.
+    async fn reload(&mut self) -> Result<Vec<&'static str>, String> {
+        let keep = "the running configuration stays";
+        let new = match Config::load(&self.path) {
+            Ok(Config::Terminal(t)) => t,
+            Ok(Config::Server(_)) => return Err(format!("field `role` changed; {keep}")),
+            Err(e) => return Err(format!("{e}; {keep}")),
+        };
+        let old = &self.cfg;
+        let unweighted = |c: &TerminalConfig| -> Vec<OwnLink> {
+            c.links
+                .iter()
+                .map(|l| OwnLink {
+                    weight: WeightSpec::Fixed(0),
+                    up: None,
+                    down: None,
+                    ..l.clone()
+                })
+                .collect()
+        };
+        let restart: Vec<&str> = [
+            ("instance", old.instance != new.instance),
+            ("community", old.community != new.community),
+            ("lan", old.lan != new.lan),
+            ("data_port", old.data_port != new.data_port),
+            ("device", old.device != new.device),
+            ("capture", old.capture != new.capture),
+            ("server", old.server != new.server),
+            ("links", unweighted(old) != unweighted(&new)),
+            ("metrics", old.metrics != new.metrics),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        if !restart.is_empty() {
+            return Err(format!(
+                "{} changed, which takes a restart (`bond-ctl detach`, then start the agent); {keep}",
+                restart.join(", ")
+            ));
+        }
+        let weights = |c: &TerminalConfig| -> Vec<(WeightSpec, WeightSpec)> {
+            c.links.iter().map(|l| (l.up(), l.down())).collect()
+        };
+        let changed: Vec<&'static str> = [
+            ("key", old.key.bytes() != new.key.bytes()),
+            ("announce_ms", old.announce_ms != new.announce_ms),
+            ("misses", old.misses != new.misses),
+            ("probe_ms", old.probe_ms != new.probe_ms),
+            ("weights", weights(old) != weights(&new)),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        for (o, (was, now)) in self.own.iter_mut().zip(old.links.iter().zip(&new.links)) {
+            if was.up() != now.up() {
+                o.up = Weight::new(now.up());
+            }
+            if was.down() != now.down() {
+                o.down = Weight::new(now.down());
+            }
+        }
+        self.peers.set_misses(new.misses);
+        self.interval = Duration::from_millis(u64::from(new.announce_ms));
+        self.cfg = new;
+        if changed.contains(&"weights") {
+            self.update_weights().await.map_err(|e| format!("{e:#}"))?;
+        }
+        eprintln!("bond-ctl: configuration reloaded: changed {changed:?}");
+        Ok(changed)
+    }
+
     async fn handle(&mut self, req: Request) -> Result<Value, String> {
         match req {
             Request::Status => Ok(self.status()),
@@ -963,11 +1075,10 @@ impl Agent {
                 .metrics()
                 .map(Value::String)
                 .map_err(|e| format!("{e:#}")),
-            Request::Reload => Err(
-                "a terminal does not reload its file yet: `bond-ctl detach`, then start the \
-                 agent again (traffic keeps flowing); `bond-ctl weight` changes weights live"
-                    .into(),
-            ),
+            Request::Reload => self
+                .reload()
+                .await
+                .map(|changed| json!({ "changed": changed })),
         }
     }
 
@@ -999,6 +1110,7 @@ impl Agent {
             "peers": self.peers.peers().count(),
             "schedule": self.schedule.clone().unwrap_or_default(),
             "rejects": self.rejects.json(),
+            "faults": self.faults.json(),
         })
     }
 
@@ -1110,6 +1222,7 @@ impl Agent {
             m.sample("bond_drops_total", &[("reason", why.into())], v);
         }
         self.rejects.metrics(&mut m);
+        self.faults.metrics(&mut m);
         m.family(
             "bond_logged_on",
             "gauge",

@@ -289,6 +289,20 @@ const fn tcp_udp(l4: usize, port_field: usize, udp: bool) -> L4 {
     }
 }
 
+/// The destination port of a reply whose transport header starts at
+/// `l4off` (the identifier of an ICMP echo reply); None for anything bond
+/// does not carry.
+#[inline(always)]
+fn dest_port(ctx: &XdpContext, proto: u8, l4off: usize) -> Option<u16> {
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => read_u16(ctx, l4off + 2),
+        // (Two bytes, type and code: a one-byte check at a variable offset
+        // compiles to a comparison the verifier cannot follow.)
+        IPPROTO_ICMP if read::<2>(ctx, l4off)?[0] == ICMP_ECHO_REPLY => read_u16(ctx, l4off + 4),
+        _ => None,
+    }
+}
+
 #[inline(always)]
 const fn icmp_echo(l4: usize) -> L4 {
     L4 {
@@ -367,22 +381,25 @@ fn flow_for(key: &FlowKey, now: u64, per_origin: u32) -> Result<*mut Flow, u32> 
 #[inline(always)]
 fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u32> {
     let ihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
-    let l4off = ETH_LEN + 20;
-    let (l4, port) = match proto {
-        IPPROTO_TCP => (tcp_udp(l4off, 2, false), read_u16(ctx, l4off + 2)),
-        IPPROTO_UDP => (tcp_udp(l4off, 2, true), read_u16(ctx, l4off + 2)),
-        IPPROTO_ICMP => {
-            if read::<1>(ctx, l4off).map(|t| t[0]) != Some(ICMP_ECHO_REPLY) {
-                return PASS;
-            }
-            (icmp_echo(l4off), read_u16(ctx, l4off + 4))
-        }
-        _ => return PASS,
+    // The port is found where the header says it is, options or not.
+    let Some(port) = dest_port(ctx, proto, ETH_LEN + usize::from(ihl & 0x0f) * 4) else {
+        return PASS;
     };
-    let Some(port) = port else { return PASS };
-    if port < cfg.port_min || port > cfg.port_max || ihl != 0x45 {
+    if port < cfg.port_min || port > cfg.port_max {
         return PASS; // not a dedicated port: the server host's own traffic
     }
+    // A reply with IP options (or a header length that lies) to a
+    // dedicated port: bond does not carry options, and the kernel has no
+    // socket on that port (it would answer with a reset). Dropped, counted.
+    if ihl != 0x45 {
+        return Err(drops::INNER_BAD_HEADER);
+    }
+    let l4off = ETH_LEN + 20;
+    let l4 = match proto {
+        IPPROTO_TCP => tcp_udp(l4off, 2, false),
+        IPPROTO_UDP => tcp_udp(l4off, 2, true),
+        _ => icmp_echo(l4off),
+    };
     let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
     let len = u16::from_be_bytes([h[2], h[3]]);
     if len < 28 || usize::from(len) > ctx.packet_len() - ETH_LEN {

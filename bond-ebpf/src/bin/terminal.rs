@@ -30,7 +30,7 @@ use bond_common::{
     },
     wire::{self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_UDP, OUTER_LEN, kind},
 };
-use bond_ebpf::{Packet, count, link_stats, outer_len, post_inc, read, read_u16, write};
+use bond_ebpf::{Packet, count, link_stats, outer_len, post_inc, read, read_u16, read_u32, write};
 
 #[map]
 static T_CONFIG: Array<TerminalConfig> = Array::pinned(1, 0);
@@ -241,8 +241,12 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
 }
 
 /// DATA_DOWN from the server on one of our links for a LAN peer: on to it.
+/// Only the server's: a relay does not bounce what a LAN host sends it.
 #[inline(always)]
 fn relay_down(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, port: u16) -> Result<u32, u32> {
+    if read_u32(ctx, ETH_LEN + 12) != Some(cfg.server_ip) {
+        return Err(drops::UNKNOWN_SOURCE);
+    }
     let origin = b.origin();
     // SAFETY: read-only use of a map value.
     let peer = unsafe { T_NEIGH.get(origin) }.ok_or(drops::NO_NEIGHBOR)?;
