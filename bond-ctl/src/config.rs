@@ -163,6 +163,36 @@ pub struct TerminalConfig {
     pub probe_ms: u32,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The distribution service (`[dist]`, optional): relay-tree file
+    /// distribution among the community's terminals.
+    pub dist: Option<DistConfig>,
+}
+
+/// `[dist]`: every key optional.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    /// TCP port of the service on the LAN address; the same on every
+    /// terminal of the community.
+    #[serde(default = "default_dist_port")]
+    pub port: u16,
+    /// The network information database (`net.db`) and received files
+    /// (`files/`); default `/var/lib/bond/<instance>`.
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+fn default_dist_port() -> u16 {
+    7800
+}
+
+impl TerminalConfig {
+    /// Where the distribution service keeps its state.
+    pub fn dist_state(&self) -> std::path::PathBuf {
+        self.dist
+            .as_ref()
+            .and_then(|d| d.state_dir.clone())
+            .unwrap_or_else(|| Path::new("/var/lib/bond").join(&self.instance))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -559,6 +589,9 @@ fn check_port(field: &str, port: u16) -> Check {
 
 impl TerminalConfig {
     fn check(&self) -> Check {
+        if let Some(d) = &self.dist {
+            check_port("dist.port", d.port)?;
+        }
         check_instance(&self.instance)?;
         check_key("key", &self.key)?;
         if !(10..=60_000).contains(&self.announce_ms) {

@@ -110,6 +110,11 @@ pub struct Lab {
     pub server_extra: String,
     /// Terminals weigh their links by measurement (`weight = "auto"`).
     pub auto_weights: bool,
+    /// Terminals run the distribution service (`[dist]`, state in
+    /// [`Self::dist_state`]).
+    pub dist: bool,
+    /// Environment for one terminal's agent: (terminal, name, value).
+    pub terminal_env: Vec<(usize, String, String)>,
     namespaces: Vec<String>,
     /// (namespace, name, process): agents and servers, stopped on drop.
     children: Vec<(String, String, Child)>,
@@ -174,6 +179,8 @@ impl Lab {
             server_keys: String::new(),
             server_extra: String::new(),
             auto_weights: false,
+            dist: false,
+            terminal_env: Vec::new(),
             terminals: Vec::new(),
             namespaces: Vec::new(),
             children: Vec::new(),
@@ -420,6 +427,17 @@ impl Lab {
     }
 
     /// The TOML config of terminal `i` (0-based).
+    /// Terminal `i`'s distribution state: `net.db` and `files/`.
+    pub fn dist_state(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("t{}-dist", i + 1))
+    }
+
+    /// Limits what terminal `i` sends on the LAN (its upload) to `mbit`.
+    pub fn limit_upload(&self, i: usize, mbit: u32) -> Result<()> {
+        let t = &self.terminals[i];
+        self.tbf(&t.ns, &t.lan, mbit)
+    }
+
     pub fn terminal_config(&self, i: usize) -> String {
         let t = &self.terminals[i];
         let mut s = format!(
@@ -450,6 +468,13 @@ impl Lab {
                 }
             );
         }
+        if self.dist {
+            let _ = write!(
+                s,
+                "\n[dist]\nstate_dir = \"{}\"\n",
+                self.dist_state(i).display()
+            );
+        }
         s
     }
 
@@ -465,10 +490,22 @@ impl Lab {
 
     /// Starts a long-running process in a namespace; stopped on drop.
     pub fn spawn(&mut self, ns: &str, name: &str, program: &str, args: &[&str]) -> Result<()> {
+        self.spawn_with_env(ns, name, program, args, &[])
+    }
+
+    fn spawn_with_env(
+        &mut self,
+        ns: &str,
+        name: &str,
+        program: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = self
             .cmd(ns, program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -583,11 +620,18 @@ impl Lab {
         let cfg = self.dir.join(format!("t{}.toml", i + 1));
         std::fs::write(&cfg, self.terminal_config(i))?;
         let ns = self.terminals[i].ns.clone();
-        self.spawn(
+        let env: Vec<(String, String)> = self
+            .terminal_env
+            .iter()
+            .filter(|(t, _, _)| *t == i)
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.spawn_with_env(
             &ns,
             &format!("agent-t{}", i + 1),
             &bond_ctl,
             &["agent", "--config", &cfg.to_string_lossy()],
+            &env,
         )
     }
 

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod dist;
 pub mod ebpf;
 pub mod flows;
 pub mod lab;

@@ -10,7 +10,7 @@ use bond_ctl::{
     config::{Config, WeightSpec},
     control::{self, Request},
     datapath::{self, Maps},
-    show,
+    dist, show,
 };
 
 #[derive(Parser)]
@@ -90,6 +90,39 @@ enum Cmd {
     Reload,
     /// Prometheus metrics, as the agent's `metrics` endpoint serves them.
     Metrics,
+    /// Push a file to many terminals through a relay tree, fastest first
+    /// (this host is the main server; its `[dist]` state holds the
+    /// network information database).
+    Distribute {
+        file: PathBuf,
+        /// A terminal configuration with a `[dist]` table (its key and
+        /// state directory are used).
+        #[arg(long)]
+        config: PathBuf,
+        /// `all`, or target ids (community addresses) separated by commas.
+        #[arg(long, default_value = "all")]
+        to: String,
+        /// Requests the main server (and each relay) sends.
+        #[arg(long, default_value_t = 3)]
+        fanout: u32,
+        /// Chunk size in KiB.
+        #[arg(long, default_value_t = dist::chunk::DEFAULT_CHUNK / 1024)]
+        chunk_kib: u32,
+        /// Give up on the rest when nothing was heard for this long.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        stall: Duration,
+        /// The final report as JSON on stdout (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The network information database: every terminal, ranked fastest
+    /// first, with its response time, throughput and history.
+    Terminals {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +157,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// A terminal configuration with a `[dist]` table.
+fn dist_config(path: &std::path::Path) -> Result<bond_ctl::config::TerminalConfig> {
+    match Config::load(path)? {
+        Config::Terminal(t) if t.dist.is_some() => Ok(t),
+        _ => bail!(
+            "{}: not a terminal configuration with a [dist] table",
+            path.display()
+        ),
     }
 }
 
@@ -219,6 +263,57 @@ fn main() -> Result<()> {
             ask(Request::Detach)?;
             eprintln!("detached: the datapath keeps running; start the agent again to adopt it");
             Ok(())
+        }
+        Cmd::Distribute {
+            file,
+            config,
+            to,
+            fanout,
+            chunk_kib,
+            stall,
+            json,
+        } => {
+            let cfg = dist_config(&config)?;
+            if !(1..=64).contains(&fanout) {
+                bail!("--fanout {fanout}: must be 1..=64");
+            }
+            let chunk_size = chunk_kib
+                .checked_mul(1024)
+                .filter(|c| (1..=dist::chunk::MAX_CHUNK).contains(c))
+                .with_context(|| {
+                    format!(
+                        "--chunk-kib {chunk_kib}: must be 1..={}",
+                        dist::chunk::MAX_CHUNK / 1024
+                    )
+                })?;
+            let opts = dist::main_server::Options {
+                file,
+                to: if to == "all" {
+                    Vec::new()
+                } else {
+                    to.split(',').map(|s| s.trim().to_string()).collect()
+                },
+                fanout,
+                chunk_size,
+                stall,
+                progress: true,
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let report = rt.block_on(dist::main_server::distribute(
+                cfg.key.bytes(),
+                &cfg.dist_state(),
+                opts,
+            ))?;
+            show::distribution(&report, json)?;
+            if report.failed > 0 {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Cmd::Terminals { config, json } => {
+            let cfg = dist_config(&config)?;
+            let db = dist::db::NetDb::open(&cfg.dist_state().join("net.db"))?;
+            show::terminals(&db.ranked()?, json)
         }
         Cmd::Metrics => {
             print!(

@@ -395,3 +395,69 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// `bond-ctl distribute`: the final report.
+pub fn distribution(r: &crate::dist::main_server::FinalReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({} bytes, {} chunks, root {}): {} of {} done in {:.1}s, {} failed",
+        r.file,
+        r.size,
+        r.chunks,
+        &r.root[..16],
+        r.done,
+        r.targets.len(),
+        r.ms as f64 / 1000.0,
+        r.failed
+    );
+    println!(
+        "{:<16} {:<7} {:>8} {:>8}  {:<22} why",
+        "target", "status", "ack ms", "secs", "source"
+    );
+    for t in &r.targets {
+        println!(
+            "{:<16} {:<7} {:>8} {:>8}  {:<22} {}",
+            t.id,
+            t.status,
+            t.ack_ms.map_or("-".into(), |v| v.to_string()),
+            t.ms.map_or("-".into(), |v| format!("{:.1}", v as f64 / 1000.0)),
+            t.source.as_deref().unwrap_or("-"),
+            t.why.as_deref().unwrap_or("")
+        );
+    }
+    for (relay, n) in &r.corrupt {
+        println!("relay {relay} served {n} corrupt chunk(s): reported");
+    }
+    Ok(())
+}
+
+/// `bond-ctl terminals`: the network information database, ranked.
+pub fn terminals(rows: &[crate::dist::db::TerminalRow], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::json!({ "terminals": rows }));
+        return Ok(());
+    }
+    println!(
+        "{:>4} {:<16} {:<22} {:>10} {:>10} {:>6} {:>6} {:>7}  last failure",
+        "rank", "terminal", "endpoint", "kbit/s", "resp ms", "done", "failed", "corrupt"
+    );
+    let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    for r in rows {
+        println!(
+            "{:>4} {:<16} {:<22} {:>10} {:>10} {:>6} {:>6} {:>7}  {}",
+            r.rank,
+            r.id,
+            r.endpoint,
+            opt(r.throughput_kbps.or(r.link_kbps)),
+            opt(r.response_ms),
+            r.transfers_done,
+            r.transfers_failed,
+            r.corrupt_served,
+            r.last_failure.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -319,7 +319,7 @@ fn test() -> Result<()> {
     ]))?;
     sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
-    for t in ["e2e", "membership", "flows", "operate", "limits"] {
+    for t in ["e2e", "membership", "flows", "operate", "limits", "dist"] {
         sh(Command::new("cargo").args([
             "test",
             "-p",

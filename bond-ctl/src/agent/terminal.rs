@@ -122,6 +122,8 @@ struct Agent {
     cfg: TerminalConfig,
     /// The configuration file, read again by `reload`.
     path: PathBuf,
+    /// The distribution service, if `[dist]` is configured.
+    dist: Option<crate::dist::Dist>,
     net: Net,
     maps: Maps,
     lan: Iface,
@@ -267,9 +269,17 @@ pub async fn run(
     let dev = net
         .create_capture(&cfg.device, capture_mtu, pins.adopted)
         .await?;
+    let dist = match &cfg.dist {
+        Some(d) => {
+            let state = cfg.dist_state();
+            Some(crate::dist::Dist::start(cfg.key.bytes(), lan_ip, d.port, &state).await?)
+        }
+        None => None,
+    };
     let mut agent = Agent {
         interval: Duration::from_millis(u64::from(cfg.announce_ms)),
         path: path.to_path_buf(),
+        dist,
         peers: PeerTable::new(cfg.misses),
         cfg,
         net,
@@ -572,6 +582,10 @@ impl Agent {
             (From::Lan, _) if msg.origin == self.lan_ip => {} // our own broadcast
             (From::Lan, _) if *src.ip() != msg.origin => self.rejects.count("origin_mismatch"),
             (From::Lan, Body::Announce { interval_ms, links }) => {
+                if let Some(d) = &mut self.dist {
+                    let up: u32 = links.iter().map(|l| l.up).sum();
+                    d.saw_peer(msg.origin, (up > 0).then_some(f64::from(up)));
+                }
                 let interval = Duration::from_millis(u64::from(*interval_ms));
                 if self.peers.announce(msg.origin, interval, links, now) {
                     eprintln!("bond-ctl: peer {} announces links {links:?}", msg.origin);
@@ -992,6 +1006,7 @@ impl Agent {
             ("server", old.server != new.server),
             ("links", unweighted(old) != unweighted(&new)),
             ("metrics", old.metrics != new.metrics),
+            ("dist", old.dist != new.dist),
         ]
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
