@@ -129,29 +129,43 @@ fn status_of<'a>(r: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("{id} not in the report"))
 }
 
+fn is_byte_identical_everywhere(lab: &Lab, name: &str, data: &[u8], except: Option<usize>) {
+    for i in (1..TERMINALS).filter(|&i| Some(i) != except) {
+        assert!(
+            received(lab, i, name).as_deref() == Some(data),
+            "t{} has a different {name}",
+            i + 1
+        );
+    }
+}
+
 #[test]
 fn a_file_reaches_twenty_terminals_byte_identical_through_the_tree() {
     let mut lab = lab(&[]);
     let (path, data) = file(&lab, "update.bin", 4);
-    let child = distribute(&mut lab, &path, &["--fanout", "3"]);
+    let child = distribute(&mut lab, &path, &["--mode", "tree", "--fanout", "3"]);
     let r = report(&mut lab, child);
     assert_eq!(r["done"], TERMINALS - 1, "{r:#}");
     assert_eq!(r["failed"], 0, "{r:#}");
-    for i in 1..TERMINALS {
+    is_byte_identical_everywhere(&lab, "update.bin", &data, None);
+    // The main server sent to three; everyone else got it from a relay,
+    // which started relaying before it had the whole file: the child's
+    // first chunk came before the relay's last.
+    let targets = r["targets"].as_array().unwrap();
+    let from_main = targets.iter().filter(|t| t["source"] == r["main"]).count();
+    assert_eq!(from_main, 3, "{r:#}");
+    for t in targets.iter().filter(|t| t["source"] != r["main"]) {
+        let relay = targets
+            .iter()
+            .find(|p| p["endpoint"] == t["source"])
+            .unwrap_or_else(|| panic!("{}'s source is not a target", t["id"]));
         assert!(
-            received(&lab, i, "update.bin").as_deref() == Some(&data[..]),
-            "t{} has a different file",
-            i + 1
+            t["first_chunk_at_ms"].as_u64().unwrap() < relay["done_at_ms"].as_u64().unwrap(),
+            "{} waited for {} to finish:\n{t:#}\n{relay:#}",
+            t["id"],
+            relay["id"]
         );
     }
-    // The main server sent to three; everyone else got it from a relay.
-    let main_source = r["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["source"] == status_of(&r, &ranked(&lab)[0])["source"])
-        .count();
-    assert_eq!(main_source, 3, "{r:#}");
     // The database learnt every terminal's response time and throughput.
     let out = lab
         .exec(
@@ -168,6 +182,37 @@ fn a_file_reaches_twenty_terminals_byte_identical_through_the_tree() {
     }
 }
 
+/// Striped (the default): the file in three stripes, each down a tree of
+/// its own. Every target uploads its part, and the main server sends the
+/// file about once, where the tree's main server sends it three times.
+#[test]
+fn striped_trees_deliver_everywhere_and_every_terminal_uploads() {
+    let mut lab = lab(&[]);
+    let (path, data) = file(&lab, "stripes.bin", 6);
+    let before: Vec<u64> = (0..TERMINALS).map(|i| lab.lan_sent(i).unwrap()).collect();
+    let child = distribute(&mut lab, &path, &[]);
+    let r = report(&mut lab, child);
+    assert_eq!(r["mode"], "striped", "{r:#}");
+    assert_eq!(r["done"], TERMINALS - 1, "{r:#}");
+    is_byte_identical_everywhere(&lab, "stripes.bin", &data, None);
+    let size = data.len() as u64;
+    let sent: Vec<u64> = (0..TERMINALS)
+        .map(|i| lab.lan_sent(i).unwrap() - before[i])
+        .collect();
+    assert!(
+        sent[0] < size * 13 / 10,
+        "the main server sent {} bytes of a {size}-byte file",
+        sent[0]
+    );
+    for (i, &n) in sent.iter().enumerate().skip(1) {
+        assert!(
+            n > size / 4,
+            "t{} sent only {n} bytes of a {size}-byte file: {sent:?}",
+            i + 1
+        );
+    }
+}
+
 #[test]
 fn a_relay_killed_mid_transfer_has_its_subtree_served_from_elsewhere() {
     let mut lab = lab(&[]);
@@ -178,20 +223,15 @@ fn a_relay_killed_mid_transfer_has_its_subtree_served_from_elsewhere() {
         .iter()
         .position(|t| t.lan_ip.to_string() == victim_id)
         .unwrap();
-    let child = distribute(&mut lab, &path, &["--fanout", "3"]);
+    // Striped: the victim heads the first stripe's tree and relays it.
+    let child = distribute(&mut lab, &path, &["--mode", "striped"]);
     // Once it has started relaying, it dies.
     std::thread::sleep(Duration::from_millis(1500));
     lab.crash_terminal(victim).unwrap();
     let r = report(&mut lab, child);
     assert_eq!(r["done"], TERMINALS - 2, "{r:#}");
     assert_eq!(status_of(&r, &victim_id)["status"], "failed", "{r:#}");
-    for i in (1..TERMINALS).filter(|&i| i != victim) {
-        assert!(
-            received(&lab, i, "map.bin").as_deref() == Some(&data[..]),
-            "t{} has a different file",
-            i + 1
-        );
-    }
+    is_byte_identical_everywhere(&lab, "map.bin", &data, Some(victim));
 }
 
 #[test]
@@ -209,13 +249,11 @@ fn a_corrupt_chunk_from_a_relay_is_caught_refetched_and_reported() {
     let mut lab = lab(&[(relay, "BOND_DIST_FAULT", "corrupt:2")]);
     assert_eq!(ranked(&lab)[0], relay_id, "the same ranking");
     let (path, data) = file(&lab, "media.bin", 2);
-    let child = distribute(&mut lab, &path, &["--fanout", "3"]);
+    let child = distribute(&mut lab, &path, &["--mode", "tree", "--fanout", "3"]);
     let r = report(&mut lab, child);
     assert_eq!(r["done"], TERMINALS - 1, "{r:#}");
     assert!(r["corrupt"][&relay_id].as_u64().unwrap() >= 1, "{r:#}");
-    for i in 1..TERMINALS {
-        assert!(received(&lab, i, "media.bin").as_deref() == Some(&data[..]));
-    }
+    is_byte_identical_everywhere(&lab, "media.bin", &data, None);
     let v: serde_json::Value = serde_json::from_str(
         &lab.exec(
             &lab.terminals[0].ns.clone(),

@@ -438,6 +438,16 @@ impl Lab {
         self.tbf(&t.ns, &t.lan, mbit)
     }
 
+    /// Bytes terminal `i` has sent on the LAN (its upload), from the
+    /// counters of its tbf ([`Self::limit_upload`]).
+    pub fn lan_sent(&self, i: usize) -> Result<u64> {
+        let t = &self.terminals[i];
+        let out = self.exec(&t.ns, "tc", &["-s", "qdisc", "show", "dev", &t.lan])?;
+        let sent = out.split_whitespace().skip_while(|w| *w != "Sent").nth(1);
+        sent.and_then(|n| n.parse().ok())
+            .with_context(|| format!("no counters on {} in {}:\n{out}", t.lan, t.ns))
+    }
+
     pub fn terminal_config(&self, i: usize) -> String {
         let t = &self.terminals[i];
         let mut s = format!(

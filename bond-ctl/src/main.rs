@@ -90,7 +90,7 @@ enum Cmd {
     Reload,
     /// Prometheus metrics, as the agent's `metrics` endpoint serves them.
     Metrics,
-    /// Push a file to many terminals through a relay tree, fastest first
+    /// Push a file to many terminals through relay trees, fastest first
     /// (this host is the main server; its `[dist]` state holds the
     /// network information database).
     Distribute {
@@ -102,7 +102,13 @@ enum Cmd {
         /// `all`, or target ids (community addresses) separated by commas.
         #[arg(long, default_value = "all")]
         to: String,
-        /// Requests the main server (and each relay) sends.
+        /// striped: the file in `--fanout` stripes, each down a tree of its
+        /// own, so every terminal uploads; tree: the seed's relay tree;
+        /// star: every terminal fetches from here (a baseline).
+        #[arg(long, value_enum, default_value = "striped")]
+        mode: dist::main_server::Mode,
+        /// Requests each relay (and the main server, for a tree) sends; the
+        /// number of stripes.
         #[arg(long, default_value_t = 3)]
         fanout: u32,
         /// Chunk size in KiB.
@@ -268,6 +274,7 @@ fn main() -> Result<()> {
             file,
             config,
             to,
+            mode,
             fanout,
             chunk_kib,
             stall,
@@ -293,6 +300,7 @@ fn main() -> Result<()> {
                 } else {
                     to.split(',').map(|s| s.trim().to_string()).collect()
                 },
+                mode,
                 fanout,
                 chunk_size,
                 stall,

@@ -403,27 +403,31 @@ pub fn distribution(r: &crate::dist::main_server::FinalReport, json: bool) -> Re
         return Ok(());
     }
     println!(
-        "{} ({} bytes, {} chunks, root {}): {} of {} done in {:.1}s, {} failed",
+        "{} ({} bytes, {} chunks, root {}, {} {}): {} of {} done in {:.1}s, {} failed",
         r.file,
         r.size,
         r.chunks,
         &r.root[..16],
+        r.mode.name(),
+        r.fanout,
         r.done,
         r.targets.len(),
         r.ms as f64 / 1000.0,
         r.failed
     );
     println!(
-        "{:<16} {:<7} {:>8} {:>8}  {:<22} why",
-        "target", "status", "ack ms", "secs", "source"
+        "{:<16} {:<7} {:>8} {:>8} {:>8}  {:<22} why",
+        "target", "status", "ack ms", "first s", "done s", "source"
     );
+    let secs = |v: Option<u64>| v.map_or("-".into(), |v| format!("{:.1}", v as f64 / 1000.0));
     for t in &r.targets {
         println!(
-            "{:<16} {:<7} {:>8} {:>8}  {:<22} {}",
+            "{:<16} {:<7} {:>8} {:>8} {:>8}  {:<22} {}",
             t.id,
             t.status,
             t.ack_ms.map_or("-".into(), |v| v.to_string()),
-            t.ms.map_or("-".into(), |v| format!("{:.1}", v as f64 / 1000.0)),
+            secs(t.first_chunk_at_ms),
+            secs(t.done_at_ms),
             t.source.as_deref().unwrap_or("-"),
             t.why.as_deref().unwrap_or("")
         );

@@ -12,7 +12,7 @@ use bond_ctl::proto::{Body, LinkAd, Msg, Reply, TAG_LEN, flags};
 
 use crate::sh;
 
-pub const TARGETS: &[&str] = &["wire", "control", "config", "sched"];
+pub const TARGETS: &[&str] = &["wire", "control", "config", "sched", "dist"];
 const CARGO_FUZZ: &str = "0.13.2";
 /// The control target's key (fuzz/fuzz_targets/control.rs).
 const KEY: &[u8] = b"fuzzing community key";
@@ -121,5 +121,60 @@ fn seed() -> Result<()> {
         write("config", &format!("readme-{i}"), toml.as_bytes())?;
     }
     write("sched", "weights", &[1, 0, 10, 0, 0, 0, 2, 0, 20, 0, 0, 0])?;
+    dist_seeds(write)?;
+    Ok(())
+}
+
+/// A manifest, a stream of frames (cut in pieces of 7), a transport request
+/// and a report, as the dist target reads them.
+fn dist_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
+    use bond_ctl::dist::{chunk::Manifest, frame, msg};
+    let m = Manifest::build("update.bin", &[7u8; 5000][..], 1024)?;
+    write("dist", "manifest", &m.encode())?;
+    let stream = [
+        frame::encode(0, b"sealed"),
+        frame::heartbeat(),
+        frame::encode(3, &[1; 40]),
+    ];
+    write("dist", "frames", &[&[7u8][..], &stream.concat()].concat())?;
+    let request = msg::TransportRequest {
+        transfer: 1,
+        file: msg::FileInfo {
+            name: "update.bin".into(),
+            size: 5000,
+            chunk_size: 1024,
+            root: hex::encode(m.root()),
+            compression: "zstd".into(),
+            encryption: "xchacha20poly1305".into(),
+        },
+        source: "10.0.1.1:7800".parse()?,
+        main: "10.0.1.1:7800".parse()?,
+        target: "10.0.1.2".into(),
+        share: vec![msg::Target {
+            id: "10.0.1.3".into(),
+            endpoint: "10.0.1.3:7800".parse()?,
+            kbps: Some(20_000.0),
+        }],
+        fanout: 3,
+        stripe: Some(msg::Stripe { index: 1, of: 3 }),
+        sent_ms: 1,
+    };
+    write(
+        "dist",
+        "request",
+        &msg::sign(KEY, "/dist/request", &request, 1).0,
+    )?;
+    let report = msg::Report::Done {
+        transfer: 1,
+        id: "10.0.1.2".into(),
+        ms: 900,
+        first_ms: 40,
+        source: "10.0.1.1:7800".parse()?,
+    };
+    write(
+        "dist",
+        "report",
+        &msg::sign(KEY, "/dist/report", &report, 1).0,
+    )?;
     Ok(())
 }

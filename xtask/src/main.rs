@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod aggregate;
+mod distribute;
 mod failover;
 mod fastpath;
 mod fuzz;
@@ -43,7 +44,7 @@ enum Cmd {
     /// seconds, starting from seeds of valid input. Crashes are saved under
     /// fuzz/artifacts/TARGET and fail the run.
     Fuzz {
-        /// Targets: wire, control, config, sched (default: all).
+        /// Targets: wire, control, config, sched, dist (default: all).
         targets: Vec<String>,
         #[arg(long, default_value_t = 60)]
         secs: u64,
@@ -53,7 +54,7 @@ enum Cmd {
     /// target/bench/report.md; the failover plot to target/bench/.
     Bench {
         /// Suites to run: aggregate, fastpath, latency, failover, scale,
-        /// announce (default: all).
+        /// announce, distribute (default: all).
         suites: Vec<String>,
         /// A smaller version of each suite (minutes, for CI): checks that
         /// the suites work, not that a figure is reached.
@@ -76,6 +77,7 @@ const SUITES: &[&str] = &[
     "failover",
     "scale",
     "announce",
+    "distribute",
 ];
 
 const APT_PACKAGES: &[&str] = &[
@@ -163,6 +165,7 @@ fn bench(bond_ctl: &Path, suites: &[String], quick: bool, runs: usize) -> Result
             "failover" => failover::run(bond_ctl, quick, &out)?,
             "scale" => scale::run(quick)?,
             "announce" => announce(quick)?,
+            "distribute" => distribute::run(bond_ctl, quick, &out)?,
             _ => unreachable!("checked above"),
         };
         println!("\n## {suite}\n\n{table}");

@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 use super::{
     chunk::{self, Manifest},
     db::{NetDb, Outcome},
-    msg::{FileInfo, Report, Target, TransportRequest},
+    msg::{FileInfo, Report, Stripe, Target, TransportRequest},
+    plan,
     service::Service,
 };
 use crate::proto::now_ms;
@@ -28,10 +29,37 @@ use crate::proto::now_ms;
 /// the main server itself (its parent may be gone).
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
+/// How the file travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every target fetches from the main server (the baseline).
+    Star,
+    /// The seed's relay tree: the main server sends to the `fanout`
+    /// fastest, each relays to its interleaved share.
+    Tree,
+    /// The file in `fanout` stripes, each down a tree of its own, so that
+    /// every target uploads ([`plan::stripes`]).
+    Striped,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Star => "star",
+            Mode::Tree => "tree",
+            Mode::Striped => "striped",
+        }
+    }
+}
+
 pub struct Options {
     pub file: PathBuf,
     /// Target ids; empty: every terminal in the database.
     pub to: Vec<String>,
+    pub mode: Mode,
+    /// Children per relay (tree), or stripes and children per relay
+    /// (striped); not used by star.
     pub fanout: u32,
     pub chunk_size: u32,
     /// Give up on the rest when nothing was heard for this long.
@@ -46,16 +74,24 @@ pub struct TargetReport {
     pub id: String,
     pub endpoint: String,
     pub status: &'static str,
-    /// Response time of its transport request.
+    /// Response time of its (first) transport request.
     pub ack_ms: Option<u64>,
     /// From its request to its last chunk verified.
     pub ms: Option<u64>,
+    /// When, from the start of the transfer, it stored its first chunk and
+    /// its last (the main server's clock: its report's arrival, less
+    /// the time between the two it reports).
+    pub first_chunk_at_ms: Option<u64>,
+    pub done_at_ms: Option<u64>,
     pub chunks: u32,
     /// Where it fetched from last.
     pub source: Option<String>,
     pub why: Option<String>,
+    /// Per stripe: acknowledged, sent again from the main server.
     #[serde(skip)]
-    resent: bool,
+    acked: Vec<bool>,
+    #[serde(skip)]
+    resent: Vec<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,7 +101,10 @@ pub struct FinalReport {
     pub root: String,
     pub size: u64,
     pub chunks: u32,
+    pub mode: Mode,
     pub fanout: u32,
+    /// Where the main server served the file from.
+    pub main: String,
     pub ms: u64,
     pub done: usize,
     pub failed: usize,
@@ -132,7 +171,7 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
     let me = listener.local_addr()?;
     let (tx, mut rx) = mpsc::channel(1024);
     let service = Service::new(key, &state.join("files"), me, Some(tx))?;
-    service.offer(manifest.clone(), &o.file);
+    service.offer(manifest.clone(), &o.file)?;
     let server = service.clone();
     tokio::spawn(async move { server.serve(listener).await });
 
@@ -141,7 +180,7 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
         &root_hex,
         &name,
         manifest.size,
-        "tree",
+        o.mode.name(),
         o.fanout,
         started_ms,
     )?;
@@ -160,7 +199,25 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
         target: String::new(),
         share: Vec::new(),
         fanout: o.fanout,
+        stripe: None,
         sent_ms: 0,
+    };
+    // The first requests: one tree, or a tree per stripe.
+    let (first, stripes): (Vec<_>, u32) = match o.mode {
+        Mode::Star => (plan::split(&targets, targets.len()), 1),
+        Mode::Tree => (plan::split(&targets, o.fanout as usize), 1),
+        Mode::Striped => {
+            let heads = plan::stripes(&targets, o.fanout as usize);
+            let n = heads.len() as u32;
+            (heads, n)
+        }
+    };
+    let request = |j: u32| TransportRequest {
+        stripe: (o.mode == Mode::Striped).then_some(Stripe {
+            index: j,
+            of: stripes,
+        }),
+        ..base.clone()
     };
     let mut state_of: BTreeMap<String, TargetReport> = targets
         .iter()
@@ -169,15 +226,17 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
                 id: t.id.clone(),
                 endpoint: t.endpoint.to_string(),
                 status: "waiting",
+                acked: vec![false; stripes as usize],
+                resent: vec![false; stripes as usize],
                 ..Default::default()
             };
             (t.id.clone(), r)
         })
         .collect();
     let start = Instant::now();
-    {
-        let (s, b, t) = (service.clone(), base.clone(), targets.clone());
-        tokio::spawn(async move { s.fan_out(&b, &t).await });
+    for (j, a) in first.into_iter().enumerate() {
+        let (s, req) = (service.clone(), request(j as u32));
+        tokio::spawn(async move { s.send_with_promotion(req, a).await });
     }
 
     let mut corrupt: BTreeMap<String, u32> = BTreeMap::new();
@@ -193,11 +252,14 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
                 last_heard = Instant::now();
                 let now = now_ms() as i64;
                 match r {
-                    Report::Ack { id, sent_ms, .. } => {
+                    Report::Ack { id, sent_ms, stripe, .. } => {
                         let ms = now_ms().saturating_sub(sent_ms);
                         db.record_response(&id, ms as f64, now)?;
                         if let Some(t) = state_of.get_mut(&id) {
-                            t.ack_ms = Some(ms);
+                            if let Some(a) = t.acked.get_mut(stripe.unwrap_or(0) as usize) {
+                                *a = true;
+                            }
+                            t.ack_ms.get_or_insert(ms);
                             if t.status == "waiting" || t.status == "failed" {
                                 t.status = "fetching";
                             }
@@ -209,7 +271,8 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
                             t.source = Some(source.to_string());
                         }
                     }
-                    Report::Done { id, ms, source, .. } => {
+                    Report::Done { id, ms, first_ms, source, .. } => {
+                        let at = start.elapsed().as_millis() as u64;
                         if ms > 0 {
                             let kbps = manifest.size as f64 * 8.0 / ms as f64;
                             db.record_throughput(&id, kbps, now)?;
@@ -219,6 +282,8 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
                         if let Some(t) = state_of.get_mut(&id) {
                             t.status = "done";
                             t.ms = Some(ms);
+                            t.done_at_ms = Some(at);
+                            t.first_chunk_at_ms = Some(at.saturating_sub(ms.saturating_sub(first_ms)));
                             t.chunks = manifest.count();
                             t.source = Some(source.to_string());
                             t.why = None;
@@ -254,26 +319,30 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
                 // Requests that never arrived (a parent died first): the
                 // main server sends them itself, as a tree of their own.
                 if start.elapsed() >= ACK_WAIT {
-                    let orphans: Vec<Target> = targets
-                        .iter()
-                        .filter(|t| {
-                            let s = &state_of[&t.id];
-                            s.ack_ms.is_none() && !s.resent && s.status != "done"
-                        })
-                        .cloned()
-                        .collect();
-                    if !orphans.is_empty() {
+                    for j in 0..stripes {
+                        let orphans: Vec<Target> = targets
+                            .iter()
+                            .filter(|t| {
+                                let s = &state_of[&t.id];
+                                !s.acked[j as usize] && !s.resent[j as usize] && s.status != "done"
+                            })
+                            .cloned()
+                            .collect();
+                        if orphans.is_empty() {
+                            continue;
+                        }
                         eprintln!(
-                            "bond-ctl: {} target(s) not acknowledged after {ACK_WAIT:?}: sending their requests from here",
-                            orphans.len()
+                            "bond-ctl: {} target(s) did not acknowledge{} after {ACK_WAIT:?}: sending from here",
+                            orphans.len(),
+                            if stripes > 1 { format!(" stripe {}", j + 1) } else { String::new() },
                         );
                         for t in &orphans {
                             if let Some(s) = state_of.get_mut(&t.id) {
-                                s.resent = true;
+                                s.resent[j as usize] = true;
                             }
                         }
-                        let (s, b) = (service.clone(), base.clone());
-                        tokio::spawn(async move { s.fan_out(&b, &orphans).await });
+                        let (s, req) = (service.clone(), request(j));
+                        tokio::spawn(async move { s.fan_out(&req, &orphans).await });
                     }
                 }
             }
@@ -297,7 +366,9 @@ pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalRep
         root: root_hex,
         size: manifest.size,
         chunks: manifest.count(),
+        mode: o.mode,
         fanout: o.fanout,
+        main: me.to_string(),
         ms: start.elapsed().as_millis() as u64,
         done: targets.iter().filter(|t| t.status == "done").count(),
         failed: targets.iter().filter(|t| t.status == "failed").count(),

@@ -7,11 +7,13 @@
 //!   travel in;
 //! - [`db`]: the network information database;
 //! - [`msg`]: the signed messages between services;
+//! - [`frame`]: the frames chunks stream in;
 //! - [`service`]: the HTTP service every terminal runs;
 //! - [`main_server`]: `bond-ctl distribute`.
 
 pub mod chunk;
 pub mod db;
+pub mod frame;
 pub mod main_server;
 pub mod msg;
 pub mod plan;

@@ -39,6 +39,24 @@ pub struct FileInfo {
     pub encryption: String,
 }
 
+/// Part of a file: the chunks `i` with `i % of == index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stripe {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Stripe {
+    /// Whether the numbers make sense (a request's are checked).
+    pub fn valid(&self) -> bool {
+        self.index < self.of
+    }
+
+    pub fn holds(&self, chunk: u32) -> bool {
+        chunk.checked_rem(self.of) == Some(self.index)
+    }
+}
+
 /// "Fetch this file from `source`, pass it on to `share`, report to `main`."
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TransportRequest {
@@ -52,6 +70,12 @@ pub struct TransportRequest {
     /// The terminals this recipient relays to, fastest first.
     pub share: Vec<Target>,
     pub fanout: u32,
+    /// Only this stripe of the file comes from `source` and goes to the
+    /// share, which is then in level order ([`super::plan::split_filled`]);
+    /// None: the whole file, and a share dealt as in the seed
+    /// ([`super::plan::split`]).
+    #[serde(default)]
+    pub stripe: Option<Stripe>,
     /// When the sender sent it (unix ms): the recipient's acknowledgement
     /// carries it back, and the main server takes the response time.
     pub sent_ms: u64,
@@ -61,11 +85,14 @@ pub struct TransportRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Report {
-    /// The request arrived (it was sent at `sent_ms`).
+    /// The request (for `stripe`, if striped) arrived; it was sent at
+    /// `sent_ms`.
     Ack {
         transfer: i64,
         id: String,
         sent_ms: u64,
+        #[serde(default)]
+        stripe: Option<u32>,
     },
     /// Chunks stored so far, and where they come from.
     Progress {
@@ -74,11 +101,14 @@ pub enum Report {
         chunks: u32,
         source: SocketAddr,
     },
-    /// The whole file is stored and verified, `ms` after the request came.
+    /// The whole file is stored and verified, `ms` after the (first)
+    /// request came; its first chunk was stored `first_ms` after it.
     Done {
         transfer: i64,
         id: String,
         ms: u64,
+        #[serde(default)]
+        first_ms: u64,
         source: SocketAddr,
     },
     /// `id` could not be served (by `by`): unreachable, or gave up.
@@ -124,6 +154,11 @@ fn mac(key: &[u8], path: &str, body: &[u8]) -> Hmac<Sha256> {
     m
 }
 
+/// The signature of `body` posted to `path`.
+pub fn tag(key: &[u8], path: &str, body: &[u8]) -> Vec<u8> {
+    mac(key, path, body).finalize().into_bytes().to_vec()
+}
+
 /// The body and signature of `msg` posted to `path` at `now_ms`.
 pub fn sign<T: Serialize>(key: &[u8], path: &str, msg: &T, now_ms: u64) -> (Vec<u8>, String) {
     let body = serde_json::to_vec(&Envelope {
@@ -131,7 +166,7 @@ pub fn sign<T: Serialize>(key: &[u8], path: &str, msg: &T, now_ms: u64) -> (Vec<
         body: msg,
     })
     .expect("serialisable");
-    let sig = hex::encode(mac(key, path, &body).finalize().into_bytes());
+    let sig = hex::encode(tag(key, path, &body));
     (body, sig)
 }
 
@@ -182,6 +217,7 @@ mod tests {
             transfer: 4,
             id: "10.0.1.3".into(),
             ms: 1200,
+            first_ms: 30,
             source: "10.0.1.2:7800".parse().unwrap(),
         }
     }

@@ -31,6 +31,70 @@ pub fn split<T: Clone>(ranked: &[T], fanout: usize) -> Vec<Assignment<T>> {
         .collect()
 }
 
+/// Deals `ranked` to `fanout` children breadth first: the list is a tree
+/// in level order, each level cut into one block per child, so the first
+/// children's subtrees fill before the next ones get any. Inner nodes are
+/// then exactly the head of the list, each with `fanout` children (one
+/// maybe fewer); [`split`] instead evens out the subtrees and ends with
+/// more inner nodes, each with fewer children. Striped trees are dealt
+/// this way.
+pub fn split_filled<T: Clone>(ranked: &[T], fanout: usize) -> Vec<Assignment<T>> {
+    let f = fanout.max(1);
+    let n = f.min(ranked.len());
+    let mut out: Vec<Assignment<T>> = ranked[..n]
+        .iter()
+        .map(|t| Assignment {
+            target: t.clone(),
+            share: Vec::new(),
+        })
+        .collect();
+    // Below the children, level L (1-based) holds fanout^L nodes, fanout^(L-1)
+    // under each child.
+    let (mut at, mut block) = (n, f);
+    while at < ranked.len() {
+        for a in &mut out {
+            let end = (at + block).min(ranked.len());
+            a.share.extend_from_slice(&ranked[at..end]);
+            at = end;
+        }
+        block = block.saturating_mul(f);
+    }
+    out
+}
+
+/// Striped trees: the file is cut into `k` stripes (chunk `i` belongs to
+/// stripe `i mod k`) and each stripe flows down a tree of its own, dealt
+/// with [`split_filled`] and a fanout of `k`. Stripe `j`'s list starts
+/// with the targets ranked `j`, `j + k`, `j + 2k`, .. (about a `k`-th of
+/// them, as many as a filled tree has inner nodes) and ends with the rest,
+/// the slowest first. So each target is an inner node, with `k` children,
+/// of one tree and a leaf of the others: it receives `k` stripes and
+/// sends one stripe `k` times, about one file's worth, where an inner node
+/// of a single tree sends the whole file `fanout` times. The main server
+/// sends the file once, a stripe to the head of each tree.
+///
+/// What the main server sends: one assignment per stripe (fewer when
+/// there are fewer targets than `k`).
+pub fn stripes<T: Clone>(ranked: &[T], k: usize) -> Vec<Assignment<T>> {
+    let k = k.max(1).min(ranked.len());
+    (0..k)
+        .map(|j| {
+            let mine = ranked.iter().skip(j).step_by(k);
+            let rest = ranked
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(|(p, _)| p % k != j)
+                .map(|(_, t)| t);
+            let mut order = mine.chain(rest).cloned();
+            Assignment {
+                target: order.next().expect("k <= ranked.len()"),
+                share: order.collect(),
+            }
+        })
+        .collect()
+}
+
 /// A child could not be reached: the fastest of its share takes its place
 /// and the failed one takes the promoted one's place at the head of the
 /// share (the seed's T8/T17 swap), so it is tried once more, lower in the
@@ -114,6 +178,14 @@ mod tests {
                 }
                 seen.sort_unstable();
                 assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n} fanout {fanout}");
+                let filled = Assignment {
+                    target: n,
+                    share: (0..n).collect(),
+                };
+                let kids = children(n + 1, &[filled], split_filled, fanout);
+                // Filled: every inner node but the last has `fanout` children.
+                let partial = kids.iter().filter(|&&c| c > 0 && c < fanout).count();
+                assert!(partial <= 1, "n {n} fanout {fanout}: {kids:?}");
             }
         }
     }
@@ -149,6 +221,81 @@ mod tests {
             }),
             None
         );
+    }
+
+    /// Children of each target, over the trees under `heads` (dealt with
+    /// `fanout`); panics if a tree reaches a target twice or misses one.
+    fn children(
+        n: usize,
+        heads: &[Assignment<usize>],
+        deal: fn(&[usize], usize) -> Vec<Assignment<usize>>,
+        fanout: usize,
+    ) -> Vec<usize> {
+        let mut kids = vec![0; n];
+        for head in heads {
+            let mut seen = vec![head.target];
+            let mut stack = vec![(head.target, head.share.clone())];
+            while let Some((parent, list)) = stack.pop() {
+                for a in deal(&list, fanout) {
+                    kids[parent] += 1;
+                    seen.push(a.target);
+                    stack.push((a.target, a.share));
+                }
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n}");
+        }
+        kids
+    }
+
+    /// Breadth first: the first three are the children, the next level
+    /// goes in blocks of three, the one after in blocks of nine; a level
+    /// too short for every child fills the first ones.
+    #[test]
+    fn filled_deals_level_by_level() {
+        let all = t(1..=16);
+        let top = split_filled(&all, 3);
+        assert_eq!(
+            top.iter().map(|a| a.target.as_str()).collect::<Vec<_>>(),
+            ["T1", "T2", "T3"]
+        );
+        // Level 3 has room for nine under each child: T1 takes all four.
+        assert_eq!(top[0].share, t([4, 5, 6, 13, 14, 15, 16]));
+        assert_eq!(top[1].share, t([7, 8, 9]));
+        assert_eq!(top[2].share, t([10, 11, 12]));
+        // T1's share is its own subtree in level order again.
+        let t1 = split_filled(&top[0].share, 3);
+        assert_eq!(t1[0].share, t([13, 14, 15]));
+        assert_eq!(t1[1].share, t([16]));
+        assert!(t1[2].share.is_empty());
+        let short = split_filled(&t(1..=5), 3);
+        assert_eq!(short[0].share, t([4, 5]));
+        assert!(short[1].share.is_empty());
+    }
+
+    /// Each stripe reaches every target once, each tree is headed by a
+    /// different one of the fastest, and the upload is spread: no target
+    /// has more than k children over all the trees, so none sends more
+    /// than one file's worth (k children of a k-th), where the inner
+    /// nodes of a single tree send the whole file `fanout` times.
+    #[test]
+    fn stripes_reach_everyone_and_share_the_upload() {
+        for k in 2..5 {
+            for n in k..80 {
+                let ranked: Vec<usize> = (0..n).collect();
+                let heads = stripes(&ranked, k);
+                assert_eq!(
+                    heads.iter().map(|a| a.target).collect::<Vec<_>>(),
+                    (0..k).collect::<Vec<_>>()
+                );
+                let kids = children(n, &heads, split_filled, k);
+                let most = kids.iter().max().copied().unwrap_or(0);
+                assert!(most <= k, "n {n} k {k}: a target has {most} children");
+            }
+        }
+        // Fewer targets than stripes: one stripe each.
+        assert_eq!(stripes(&[7, 8], 3).len(), 2);
+        assert!(stripes::<u8>(&[], 3).is_empty());
     }
 
     #[test]

@@ -8,9 +8,15 @@
 //! - `POST /dist/request`: a signed [`TransportRequest`];
 //! - `GET /dist/{root}/manifest`: the manifest of a file held or being
 //!   fetched;
-//! - `GET /dist/{root}/chunk/{i}`: chunk `i`, sealed. A chunk not stored
-//!   yet is waited for (up to [`CHUNK_WAIT`]), so a relay serves its
-//!   subtree from its first chunk on, not from its last;
+//! - `GET /dist/{root}/stream/{index}/{of}/{from}`: the chunks of stripe
+//!   `index` of `of` (the whole file: 0 of 1) from chunk `from` on, sealed,
+//!   one [`frame`] each, in order. A chunk not stored yet is waited for
+//!   (up to [`CHUNK_WAIT`], with a heartbeat frame every [`HEARTBEAT`] so
+//!   the child can tell waiting from dead), so a
+//!   relay serves its subtree from its first chunk on, not from its last. One connection per child and
+//!   stripe, busy from first chunk to last: a request per chunk left each
+//!   connection idle between chunks and many flows fighting for the
+//!   upload's queue;
 //! - `POST /dist/report`: a signed [`Report`] (the main server only).
 
 use std::{
@@ -18,10 +24,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -39,7 +42,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     chunk::{Hash, Manifest, Seal},
-    msg::{self, Report, Target, TransportRequest},
+    frame::{self, Frame},
+    msg::{self, Report, Stripe, Target, TransportRequest},
     plan::{self, Assignment},
 };
 use crate::proto::now_ms;
@@ -48,14 +52,16 @@ use crate::proto::now_ms;
 pub const CHUNK_WAIT: Duration = Duration::from_secs(20);
 /// Connecting to and posting a request to a child.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Fetching one chunk (waits included).
-const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
-/// Failed fetches from a relay before the main server becomes the source.
-const FAILURES_BEFORE_FALLBACK: u32 = 3;
-/// Tries per chunk, over every source, before the transfer is given up.
-const TRIES_PER_CHUNK: u32 = 8;
-/// Chunks a terminal has in flight from its source.
-const WINDOW: usize = 4;
+/// Waiting for a stream's answer, or its next frame: a source that sends
+/// nothing, not even a heartbeat, for this long is taken for dead.
+const SILENCE: Duration = Duration::from_secs(4);
+/// A stream waiting for a chunk sends an empty frame this often.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Failed streams from a relay before the main server becomes the source.
+const FAILURES_BEFORE_FALLBACK: u32 = 2;
+/// Failed streams in a row, with no chunk between, before the transfer is
+/// given up.
+const TRIES: u32 = 8;
 /// How often a terminal reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -63,23 +69,106 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 struct Job {
     root: Hash,
     manifest: Manifest,
-    /// The file (complete), or its `.part` while it is fetched.
+    /// The file (complete), or its `.part` while it is fetched; the open
+    /// handle outlives the rename.
+    file: std::fs::File,
+    /// Where the file is now.
     path: Mutex<PathBuf>,
-    have: Mutex<Vec<bool>>,
+    have: Mutex<Have>,
     /// Wakes chunk requests waiting for a chunk.
     stored: Notify,
+    /// The stripes being fetched (the whole file is stripe 0 of 1).
+    claimed: Mutex<Vec<Stripe>>,
+    /// When the first request for it came, and when its first chunk was
+    /// stored (ms after that).
+    since: Instant,
+    first_ms: std::sync::OnceLock<u64>,
+    last_progress: Mutex<Instant>,
 }
 
+struct Have {
+    bits: Vec<bool>,
+    count: usize,
+}
+
+/// The whole file, as a stripe.
+const WHOLE: Stripe = Stripe { index: 0, of: 1 };
+
 impl Job {
+    fn new(root: Hash, manifest: Manifest, file: std::fs::File, path: PathBuf, have: bool) -> Self {
+        let n = manifest.chunks.len();
+        Self {
+            root,
+            manifest,
+            file,
+            path: Mutex::new(path),
+            have: Mutex::new(Have {
+                bits: vec![have; n],
+                count: if have { n } else { 0 },
+            }),
+            stored: Notify::new(),
+            claimed: Mutex::new(Vec::new()),
+            since: Instant::now(),
+            first_ms: std::sync::OnceLock::new(),
+            last_progress: Mutex::new(Instant::now()),
+        }
+    }
+
     fn has(&self, i: u32) -> bool {
-        self.have.lock().expect("lock").get(i as usize) == Some(&true)
+        self.have.lock().expect("lock").bits.get(i as usize) == Some(&true)
+    }
+
+    fn count(&self) -> usize {
+        self.have.lock().expect("lock").count
+    }
+
+    fn complete(&self) -> bool {
+        self.count() == self.manifest.chunks.len()
     }
 
     fn read(&self, i: u32) -> std::io::Result<Vec<u8>> {
-        let path = self.path.lock().expect("lock").clone();
         let mut buf = vec![0u8; self.manifest.len_of(i)];
-        std::fs::File::open(path)?.read_exact_at(&mut buf, self.manifest.offset_of(i))?;
+        self.file
+            .read_exact_at(&mut buf, self.manifest.offset_of(i))?;
         Ok(buf)
+    }
+
+    /// Writes verified chunk `i`; true if it was the file's last one.
+    fn store(&self, i: u32, data: &[u8]) -> std::io::Result<bool> {
+        self.file.write_all_at(data, self.manifest.offset_of(i))?;
+        let last = {
+            let mut h = self.have.lock().expect("lock");
+            let fresh = !std::mem::replace(&mut h.bits[i as usize], true);
+            h.count += usize::from(fresh);
+            fresh && h.count == h.bits.len()
+        };
+        let _ = self.first_ms.set(self.since.elapsed().as_millis() as u64);
+        self.stored.notify_waiters();
+        Ok(last)
+    }
+
+    /// Claims `stripe` for fetching; false if it is being fetched already.
+    fn claim(&self, stripe: Stripe) -> bool {
+        let mut c = self.claimed.lock().expect("lock");
+        if c.contains(&stripe) || c.contains(&WHOLE) {
+            return false;
+        }
+        c.push(stripe);
+        true
+    }
+
+    fn release(&self, stripe: Stripe) {
+        self.claimed.lock().expect("lock").retain(|s| *s != stripe);
+    }
+
+    /// True at most every [`PROGRESS_EVERY`].
+    fn progress_due(&self) -> bool {
+        let mut last = self.last_progress.lock().expect("lock");
+        let due = last.elapsed() >= PROGRESS_EVERY;
+        if due {
+            *last = Instant::now();
+        }
+        due
     }
 }
 
@@ -134,20 +223,15 @@ impl Service {
 
     /// Serves `path`, complete, as the file `manifest` describes (the main
     /// server's own copy).
-    pub fn offer(&self, manifest: Manifest, path: &Path) -> Hash {
+    pub fn offer(&self, manifest: Manifest, path: &Path) -> Result<Hash> {
         let root = manifest.root();
-        let n = manifest.chunks.len();
-        self.jobs.lock().expect("lock").insert(
-            hex::encode(root),
-            Arc::new(Job {
-                root,
-                manifest,
-                path: Mutex::new(path.to_path_buf()),
-                have: Mutex::new(vec![true; n]),
-                stored: Notify::new(),
-            }),
-        );
-        root
+        let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        let job = Job::new(root, manifest, file, path.to_path_buf(), true);
+        self.jobs
+            .lock()
+            .expect("lock")
+            .insert(hex::encode(root), Arc::new(job));
+        Ok(root)
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -155,7 +239,7 @@ impl Service {
             .route("/dist/request", post(take_request))
             .route("/dist/report", post(take_report))
             .route("/dist/{root}/manifest", get(serve_manifest))
-            .route("/dist/{root}/chunk/{i}", get(serve_chunk))
+            .route("/dist/{root}/stream/{index}/{of}/{from}", get(serve_stream))
             .layer(DefaultBodyLimit::max(msg::MAX_BODY))
             .with_state(self.clone())
     }
@@ -200,7 +284,12 @@ impl Service {
     /// reached is reported and replaced by the fastest of its share
     /// ([`plan::promote`]).
     pub async fn fan_out(self: &Arc<Self>, req: &TransportRequest, share: &[Target]) {
-        let tasks: Vec<_> = plan::split(share, req.fanout as usize)
+        let deal = if req.stripe.is_some() {
+            plan::split_filled
+        } else {
+            plan::split
+        };
+        let tasks: Vec<_> = deal(share, req.fanout as usize)
             .into_iter()
             .map(|a| {
                 let (s, req) = (self.clone(), req.clone());
@@ -212,7 +301,9 @@ impl Service {
         }
     }
 
-    async fn send_with_promotion(&self, req: TransportRequest, mut a: Assignment<Target>) {
+    /// Sends `req` to `a.target` with `a.share` to pass on, promoting past
+    /// a target that cannot be reached.
+    pub async fn send_with_promotion(&self, req: TransportRequest, mut a: Assignment<Target>) {
         loop {
             let child = TransportRequest {
                 source: self.me,
@@ -242,167 +333,318 @@ impl Service {
         }
     }
 
-    /// Carries out a transport request: acknowledge, fetch the manifest,
-    /// pass the request on, fetch and verify every chunk, report.
+    /// Carries out a transport request: acknowledge, pass it on, fetch
+    /// and verify the chunks it is about, report.
     async fn run(self: Arc<Self>, req: TransportRequest) {
-        let start = Instant::now();
         let main = req.main;
-        self.report(
-            main,
-            Report::Ack {
-                transfer: req.transfer,
-                id: req.target.clone(),
-                sent_ms: req.sent_ms,
-            },
-        )
-        .await;
-        if let Err(e) = self.fetch(&req, start).await {
-            eprintln!("bond-ctl: dist: {}: {e:#}", req.file.name);
-            let r = Report::Failed {
-                transfer: req.transfer,
-                id: req.target.clone(),
-                by: req.target.clone(),
-                why: format!("{e:#}"),
-            };
-            self.report(main, r).await;
+        let ack = Report::Ack {
+            transfer: req.transfer,
+            id: req.target.clone(),
+            sent_ms: req.sent_ms,
+            stripe: req.stripe.map(|s| s.index),
+        };
+        self.report(main, ack).await;
+        let stripe = req.stripe.unwrap_or(WHOLE);
+        let job = match self.job_for(&req).await {
+            Ok(job) => job,
+            Err(e) => return self.failed(&req, &e).await,
+        };
+        // The subtree starts now: its requests wait for chunks as they come.
+        let (s, r) = (self.clone(), req.clone());
+        tokio::spawn(async move { s.fan_out(&r, &r.share).await });
+        if job.complete() {
+            // Held already (an earlier transfer, or a repeated request).
+            self.done(&req, &job, self.me).await;
+            return;
+        }
+        if !job.claim(stripe) {
+            return; // a repeated request: the first one is fetching
+        }
+        match self.fetch(&req, &job, stripe).await {
+            Ok(Some(source)) => self.done(&req, &job, source).await,
+            Ok(None) => {} // another stripe stored the last chunk
+            Err(e) => {
+                job.release(stripe);
+                self.failed(&req, &e).await;
+            }
         }
     }
 
-    async fn fetch(self: &Arc<Self>, req: &TransportRequest, start: Instant) -> Result<()> {
+    async fn failed(&self, req: &TransportRequest, e: &anyhow::Error) {
+        eprintln!("bond-ctl: dist: {}: {e:#}", req.file.name);
+        let r = Report::Failed {
+            transfer: req.transfer,
+            id: req.target.clone(),
+            by: req.target.clone(),
+            why: format!("{e:#}"),
+        };
+        self.report(req.main, r).await;
+    }
+
+    async fn done(&self, req: &TransportRequest, job: &Job, source: SocketAddr) {
+        let r = Report::Done {
+            transfer: req.transfer,
+            id: req.target.clone(),
+            ms: job.since.elapsed().as_millis() as u64,
+            first_ms: job.first_ms.get().copied().unwrap_or(0),
+            source,
+        };
+        self.report(req.main, r).await;
+    }
+
+    /// The job for the request's file: held or being fetched already, or
+    /// new, with the manifest from the request's source (or the main
+    /// server's) and an empty `.part` file.
+    async fn job_for(&self, req: &TransportRequest) -> Result<Arc<Job>> {
+        if let Some(job) = self.job(&req.file.root) {
+            return Ok(job);
+        }
         let root = parse_root(&req.file.root)?;
-        let main = req.main;
-        let mut source = req.source;
-        let manifest = match self.get_manifest(source, &root).await {
+        let manifest = match self.get_manifest(req.source, &root).await {
             Ok(m) => m,
-            Err(e) if source != main => {
-                eprintln!("bond-ctl: dist: manifest from {source}: {e:#}; asking {main}");
-                source = main;
-                self.get_manifest(main, &root).await?
+            Err(e) if req.source != req.main => {
+                eprintln!(
+                    "bond-ctl: dist: manifest from {}: {e:#}; asking {}",
+                    req.source, req.main
+                );
+                self.get_manifest(req.main, &root).await?
             }
             Err(e) => return Err(e),
         };
         let name = safe_name(&manifest.name)?;
+        let mut jobs = self.jobs.lock().expect("lock");
+        // Another stripe's request may have got here first.
+        if let Some(job) = jobs.get(&req.file.root) {
+            return Ok(job.clone());
+        }
         let part = self
             .dir
             .join(format!(".{name}.{}.part", &req.file.root[..16]));
-        let file =
-            std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&part)
+            .with_context(|| format!("creating {}", part.display()))?;
         file.set_len(manifest.size)?;
-        let job = Arc::new(Job {
-            root,
-            manifest: manifest.clone(),
-            path: Mutex::new(part.clone()),
-            have: Mutex::new(vec![false; manifest.chunks.len()]),
-            stored: Notify::new(),
-        });
-        self.jobs
-            .lock()
-            .expect("lock")
-            .insert(req.file.root.clone(), job.clone());
+        let job = Arc::new(Job::new(root, manifest, file, part, false));
+        jobs.insert(req.file.root.clone(), job.clone());
+        Ok(job)
+    }
 
-        // The subtree starts now: its requests wait for chunks as they come.
-        let (s, r, share) = (self.clone(), req.clone(), req.share.clone());
-        tokio::spawn(async move { s.fan_out(&r, &share).await });
-
-        // Up to WINDOW chunks in flight, stored in order: a request per
-        // chunk costs a round trip through the sender's queue, which a
-        // window hides.
-        let from = Mutex::new(source);
-        let failures = AtomicU32::new(0);
-        let fetch_one = |i: u32| {
-            let (from, failures, manifest) = (&from, &failures, &manifest);
-            async move {
-                for _ in 0..TRIES_PER_CHUNK {
-                    let src = *from.lock().expect("lock");
-                    match self.get_chunk(src, &root, i).await {
-                        Ok(sealed) => match self.seal.open(manifest, &root, i, &sealed) {
-                            Ok(plain) => return Ok(plain),
-                            Err(e) => {
-                                eprintln!("bond-ctl: dist: chunk {i} from {src}: {e}");
-                                let r = Report::Corrupt {
-                                    transfer: req.transfer,
-                                    relay: src,
-                                    by: req.target.clone(),
-                                    chunk: i,
-                                };
-                                self.report(main, r).await;
-                                // A relay that serves bad data is not asked again.
-                                *from.lock().expect("lock") = main;
-                            }
-                        },
-                        Err(e) => {
-                            let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                            eprintln!("bond-ctl: dist: chunk {i} from {src}: {e:#}");
-                            if src != main && n >= FAILURES_BEFORE_FALLBACK {
-                                eprintln!("bond-ctl: dist: {src} failed: fetching from {main}");
-                                *from.lock().expect("lock") = main;
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                }
-                bail!("chunk {i}: gave up after {TRIES_PER_CHUNK} tries")
+    /// Fetches the chunks of `stripe` the job lacks, verifies and stores
+    /// them: one stream from the source, then, after a failure, a new one
+    /// from the first chunk still missing (from the main server after a
+    /// corrupt chunk or [`FAILURES_BEFORE_FALLBACK`] failures). If that
+    /// completed the file, it is moved into place and the source of its
+    /// last chunk returned.
+    async fn fetch(
+        self: &Arc<Self>,
+        req: &TransportRequest,
+        job: &Arc<Job>,
+        stripe: Stripe,
+    ) -> Result<Option<SocketAddr>> {
+        let main = req.main;
+        let (mut source, mut failures, mut in_a_row) = (req.source, 0, 0);
+        let mut last = false;
+        let missing =
+            |job: &Job| (0..job.manifest.count()).find(|&i| stripe.holds(i) && !job.has(i));
+        while let Some(first) = missing(job) {
+            let mut pulled = Pull::default();
+            let result = self
+                .pull(req, job, stripe, source, first, &mut pulled)
+                .await;
+            last |= pulled.last;
+            if pulled.stored > 0 {
+                in_a_row = 0;
             }
-        };
-        let mut chunks = futures::stream::iter(0..manifest.count())
-            .map(fetch_one)
-            .buffered(WINDOW);
-        let (mut i, mut last_progress) = (0u32, Instant::now());
-        while let Some(data) = chunks.next().await {
-            let data = data?;
-            file.write_all_at(&data, manifest.offset_of(i))?;
-            job.have.lock().expect("lock")[i as usize] = true;
-            job.stored.notify_waiters();
-            i += 1;
-            if last_progress.elapsed() >= PROGRESS_EVERY {
-                last_progress = Instant::now();
+            match result {
+                Ok(()) => {}
+                Err(Fail::Corrupt(i, e)) => {
+                    eprintln!("bond-ctl: dist: chunk {i} from {source}: {e}");
+                    let r = Report::Corrupt {
+                        transfer: req.transfer,
+                        relay: source,
+                        by: req.target.clone(),
+                        chunk: i,
+                    };
+                    self.report(main, r).await;
+                    // A relay that serves bad data is not asked again.
+                    source = main;
+                    in_a_row += 1;
+                }
+                Err(Fail::Broken(e)) => {
+                    failures += 1;
+                    in_a_row += 1;
+                    eprintln!("bond-ctl: dist: stream from {source}: {e}");
+                    if source != main && failures >= FAILURES_BEFORE_FALLBACK {
+                        eprintln!("bond-ctl: dist: {source} failed: fetching from {main}");
+                        source = main;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            if in_a_row >= TRIES {
+                bail!("chunk {first}: gave up after {TRIES} failed tries");
+            }
+        }
+        if !last {
+            return Ok(None);
+        }
+        job.file.sync_all()?;
+        let name = safe_name(&job.manifest.name)?;
+        let done = self.dir.join(name);
+        let mut path = job.path.lock().expect("lock");
+        std::fs::rename(&*path, &done)?;
+        *path = done;
+        Ok(Some(source))
+    }
+
+    /// One stream from `from`: the chunks of `stripe` from `first` on,
+    /// each verified and stored as it comes.
+    async fn pull(
+        self: &Arc<Self>,
+        req: &TransportRequest,
+        job: &Arc<Job>,
+        stripe: Stripe,
+        from: SocketAddr,
+        first: u32,
+        pulled: &mut Pull,
+    ) -> Result<(), Fail> {
+        let (root, m) = (&job.root, &job.manifest);
+        let url = format!(
+            "http://{from}/dist/{}/stream/{}/{}/{first}",
+            hex::encode(root),
+            stripe.index,
+            stripe.of
+        );
+        let r = tokio::time::timeout(SILENCE, self.http.get(url).send())
+            .await
+            .map_err(|_| Fail::broken("no answer"))?
+            .map_err(Fail::broken)?;
+        if !r.status().is_success() {
+            return Err(Fail::broken(r.status()));
+        }
+        let mut body = r.bytes_stream();
+        // Sealed: compressed (zstd's bound is a little over the input)
+        // plus the tag; anything longer is not a chunk.
+        let mut frames =
+            frame::Reader::new(m.chunk_size as usize + m.chunk_size as usize / 64 + 1024);
+        let mut expect = (first..m.count()).filter(|&i| stripe.holds(i));
+        let mut next = expect.next();
+        while let Some(want) = next {
+            let sealed = loop {
+                match frames.next_frame() {
+                    Err(e) => return Err(Fail::Corrupt(want, e.to_string())),
+                    Ok(Some(Frame::Heartbeat)) => continue,
+                    Ok(Some(Frame::Chunk(i, sealed))) if i == want => break sealed,
+                    Ok(Some(Frame::Chunk(i, _))) => {
+                        return Err(Fail::Corrupt(want, format!("chunk {i} came instead")));
+                    }
+                    Ok(None) => {}
+                }
+                match tokio::time::timeout(SILENCE, body.next()).await {
+                    Err(_) => return Err(Fail::broken(format!("chunk {want}: no data"))),
+                    Ok(None) => return Err(Fail::broken(format!("ended before chunk {want}"))),
+                    Ok(Some(Err(e))) => return Err(Fail::broken(e)),
+                    Ok(Some(Ok(b))) => frames.push(&b),
+                }
+            };
+            let plain = self
+                .seal
+                .open(m, root, want, &sealed)
+                .map_err(|e| Fail::Corrupt(want, e.to_string()))?;
+            pulled.last |= job.store(want, &plain).map_err(Fail::broken)?;
+            pulled.stored += 1;
+            if job.progress_due() {
                 let r = Report::Progress {
                     transfer: req.transfer,
                     id: req.target.clone(),
-                    chunks: i,
-                    source: *from.lock().expect("lock"),
+                    chunks: job.count() as u32,
+                    source: from,
                 };
-                let s = self.clone();
+                let (s, main) = (self.clone(), req.main);
                 tokio::spawn(async move { s.report(main, r).await });
             }
+            next = expect.next();
         }
-        drop(chunks);
-        let source = *from.lock().expect("lock");
-        file.sync_all()?;
-        let done = self.dir.join(name);
-        std::fs::rename(&part, &done)?;
-        *job.path.lock().expect("lock") = done;
-        let r = Report::Done {
-            transfer: req.transfer,
-            id: req.target.clone(),
-            ms: start.elapsed().as_millis() as u64,
-            source,
-        };
-        self.report(main, r).await;
         Ok(())
+    }
+
+    /// Chunk `i`, sealed, in a frame, once it is stored; a heartbeat
+    /// frame if it is not after [`HEARTBEAT`]; an error if it still is not
+    /// at `deadline`.
+    async fn frame(
+        self: Arc<Self>,
+        job: Arc<Job>,
+        i: u32,
+        deadline: tokio::time::Instant,
+    ) -> std::io::Result<Option<Bytes>> {
+        if !job.has(i) {
+            // Registered before the check, so a chunk stored in between
+            // wakes us.
+            let stored = job.stored.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
+            let beat = (tokio::time::Instant::now() + HEARTBEAT).min(deadline);
+            if !job.has(i) && (tokio::time::timeout_at(beat, stored).await.is_err() || !job.has(i))
+            {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("chunk {i} not here after {CHUNK_WAIT:?}"),
+                    ));
+                }
+                return Ok(None);
+            }
+        }
+        let corrupt = self.corrupt == Some(i);
+        tokio::task::spawn_blocking(move || {
+            let mut plain = job.read(i)?;
+            if corrupt && let Some(b) = plain.first_mut() {
+                *b ^= 0xff;
+            }
+            let sealed = self.seal.seal(&job.root, i, &plain);
+            Ok(Some(Bytes::from(frame::encode(i, &sealed))))
+        })
+        .await?
     }
 
     async fn get_manifest(&self, from: SocketAddr, root: &Hash) -> Result<Manifest> {
         let url = format!("http://{from}/dist/{}/manifest", hex::encode(root));
-        let r = self.http.get(url).timeout(FETCH_TIMEOUT).send().await?;
+        let r = self.http.get(url).timeout(SILENCE).send().await?;
         if !r.status().is_success() {
             bail!("manifest from {from}: {}", r.status());
         }
         Ok(Manifest::decode(&r.bytes().await?, root)?)
     }
 
-    async fn get_chunk(&self, from: SocketAddr, root: &Hash, i: u32) -> Result<Bytes> {
-        let url = format!("http://{from}/dist/{}/chunk/{i}", hex::encode(root));
-        let r = self.http.get(url).timeout(FETCH_TIMEOUT).send().await?;
-        if !r.status().is_success() {
-            bail!("{}", r.status());
-        }
-        Ok(r.bytes().await?)
-    }
-
     fn job(&self, root: &str) -> Option<Arc<Job>> {
         self.jobs.lock().expect("lock").get(root).cloned()
     }
+}
+
+/// Why a stream stopped short.
+enum Fail {
+    /// The connection failed, timed out or ended early.
+    Broken(String),
+    /// Chunk `.0` did not verify.
+    Corrupt(u32, String),
+}
+
+impl Fail {
+    fn broken(e: impl std::fmt::Display) -> Self {
+        Fail::Broken(e.to_string())
+    }
+}
+
+/// What one stream brought.
+#[derive(Default)]
+struct Pull {
+    stored: u32,
+    /// It stored the file's last missing chunk.
+    last: bool,
 }
 
 fn parse_root(hex_root: &str) -> Result<Hash> {
@@ -432,37 +674,19 @@ async fn take_request(State(s): State<Arc<Service>>, h: HeaderMap, body: Bytes) 
         Ok(r) => r,
         Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
     };
-    if let Some(job) = s.job(&req.file.root) {
-        // Held already (or on its way): acknowledge, report and pass on.
-        let complete = job.have.lock().expect("lock").iter().all(|h| *h);
-        let s2 = s.clone();
-        tokio::spawn(async move {
-            let ack = Report::Ack {
-                transfer: req.transfer,
-                id: req.target.clone(),
-                sent_ms: req.sent_ms,
-            };
-            s2.report(req.main, ack).await;
-            if complete {
-                let done = Report::Done {
-                    transfer: req.transfer,
-                    id: req.target.clone(),
-                    ms: 0,
-                    source: s2.me,
-                };
-                s2.report(req.main, done).await;
-            }
-            s2.fan_out(&req, &req.share).await;
-        });
-        return StatusCode::ACCEPTED.into_response();
-    }
     if parse_root(&req.file.root).is_err() {
         return (StatusCode::BAD_REQUEST, "bad root").into_response();
     }
+    if req.stripe.is_some_and(|st| !st.valid()) {
+        return (StatusCode::BAD_REQUEST, "bad stripe").into_response();
+    }
     eprintln!(
-        "bond-ctl: dist: {} ({} bytes) from {}, {} to pass on",
+        "bond-ctl: dist: {} ({} bytes{}) from {}, {} to pass on",
         req.file.name,
         req.file.size,
+        req.stripe
+            .map(|st| format!(", stripe {} of {}", st.index + 1, st.of))
+            .unwrap_or_default(),
         req.source,
         req.share.len()
     );
@@ -490,43 +714,36 @@ async fn serve_manifest(State(s): State<Arc<Service>>, UrlPath(root): UrlPath<St
     }
 }
 
-async fn serve_chunk(
+async fn serve_stream(
     State(s): State<Arc<Service>>,
-    UrlPath((root, i)): UrlPath<(String, u32)>,
+    UrlPath((root, index, of, from)): UrlPath<(String, u32, u32, u32)>,
 ) -> Response {
     let Some(job) = s.job(&root) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    if i >= job.manifest.count() {
-        return StatusCode::NOT_FOUND.into_response();
+    let stripe = Stripe { index, of };
+    if !stripe.valid() || from >= job.manifest.count() {
+        return (StatusCode::BAD_REQUEST, "no such chunks").into_response();
     }
-    let deadline = tokio::time::Instant::now() + CHUNK_WAIT;
-    loop {
-        // Registered before the check, so a chunk stored in between wakes us.
-        let stored = job.stored.notified();
-        tokio::pin!(stored);
-        stored.as_mut().enable();
-        if job.has(i) {
-            break;
+    let chunks: Vec<u32> = (from..job.manifest.count())
+        .filter(|&i| stripe.holds(i))
+        .collect();
+    // One frame at a time, as the connection takes them; heartbeats while
+    // a chunk is awaited.
+    let frames = futures::stream::unfold((0usize, None), move |(at, deadline)| {
+        let (s, job) = (s.clone(), job.clone());
+        let (i, end) = (chunks.get(at).copied(), chunks.len());
+        async move {
+            let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + CHUNK_WAIT);
+            Some(match s.frame(job, i?, deadline).await {
+                Ok(Some(f)) => (Ok(f), (at + 1, None)),
+                Ok(None) => (Ok(Bytes::from(frame::heartbeat())), (at, Some(deadline))),
+                // The body ends in an error: the child sees the stream break.
+                Err(e) => (Err(e), (end, None)),
+            })
         }
-        if tokio::time::timeout_at(deadline, stored).await.is_err() {
-            return (StatusCode::SERVICE_UNAVAILABLE, "chunk not here yet").into_response();
-        }
-    }
-    let corrupt = s.corrupt == Some(i);
-    let (s2, job2) = (s.clone(), job.clone());
-    let sealed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-        let mut plain = job2.read(i)?;
-        if corrupt && let Some(b) = plain.first_mut() {
-            *b ^= 0xff;
-        }
-        Ok(s2.seal.seal(&job2.root, i, &plain))
-    })
-    .await;
-    match sealed {
-        Ok(Ok(b)) => b.into_response(),
-        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    });
+    axum::body::Body::from_stream(frames).into_response()
 }
 
 #[cfg(test)]
