@@ -26,7 +26,7 @@ pub fn run(targets: &[String], secs: u64) -> Result<()> {
     if let Some(bad) = targets.iter().find(|t| !TARGETS.contains(t)) {
         bail!("unknown fuzz target {bad:?} (have: {})", TARGETS.join(", "));
     }
-    crate::cargo_tool(
+    xtask_setup::cargo_tool(
         "cargo-fuzz",
         CARGO_FUZZ,
         Command::new("cargo").args(["fuzz", "--version"]),

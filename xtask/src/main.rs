@@ -32,7 +32,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what a fresh machine lacks: rust-src, bpf-linker 0.10.2 and
-    /// the Debian packages the tests drive.
+    /// the Debian packages the tests drive. `cargo xtask` does this before
+    /// every task, before it builds anything (xtask-setup, the launcher).
     Setup,
     /// Build the eBPF programs and bond-ctl.
     Build,
@@ -80,22 +81,6 @@ const SUITES: &[&str] = &[
     "distribute",
 ];
 
-const APT_PACKAGES: &[&str] = &[
-    "iproute2",
-    "iperf3",
-    "curl",
-    "ethtool",
-    "iputils-ping",
-    "python3",
-    "util-linux",
-    "kmod",
-    // Benchmarks: the MPTCP baseline (mptcpize), kernel NAT, the plot's font.
-    "mptcpd",
-    "nftables",
-    "fonts-dejavu-core",
-];
-const BPF_LINKER: &str = "0.10.2";
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,21 +89,17 @@ fn main() -> Result<()> {
         .to_path_buf();
     std::env::set_current_dir(&root)?;
     match cli.cmd {
-        Cmd::Setup => setup(),
+        Cmd::Setup => xtask_setup::setup(),
         Cmd::Build => {
-            setup()?;
             build().map(drop)
         }
         Cmd::Test => {
-            setup()?;
             test()
         }
         Cmd::Fuzz { targets, secs } => {
-            setup()?;
             fuzz::run(&targets, secs)
         }
         Cmd::Demo => {
-            setup()?;
             let bin = build()?;
             demo(&bin)
         }
@@ -127,7 +108,6 @@ fn main() -> Result<()> {
             quick,
             runs,
         } => {
-            setup()?;
             let bin = build()?;
             bench(&bin, &suites, quick, runs)
         }
@@ -238,65 +218,6 @@ fn sh(cmd: &mut Command) -> Result<()> {
     let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed ({st})");
-    }
-    Ok(())
-}
-
-fn setup() -> Result<()> {
-    // rust-src for -Z build-std=core.
-    let sysroot = String::from_utf8(
-        Command::new("rustc")
-            .args(["--print", "sysroot"])
-            .output()?
-            .stdout,
-    )?;
-    if !Path::new(sysroot.trim())
-        .join("lib/rustlib/src/rust/library/core")
-        .exists()
-    {
-        sh(Command::new("rustup").args(["component", "add", "rust-src"]))?;
-    }
-    // 0.10.x links with rustc's own LLVM; 0.11+ wants a system LLVM 23.
-    cargo_tool(
-        "bpf-linker",
-        BPF_LINKER,
-        Command::new("bpf-linker").arg("--version"),
-    )?;
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg")
-                .args(["-s", p])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        })
-        .collect();
-    if !missing.is_empty() {
-        sh(Command::new("apt-get").args(["update", "-qq"]))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    Ok(())
-}
-
-/// Installs crate `name` at `version` with `cargo install` unless `probe`
-/// (the tool's `--version`) already prints that version.
-fn cargo_tool(name: &str, version: &str, probe: &mut Command) -> Result<()> {
-    let have = probe
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
-        .unwrap_or(false);
-    if !have {
-        sh(Command::new("cargo").args([
-            "install",
-            &format!("{name}@{version}"),
-            "--locked",
-            "--force",
-        ]))?;
     }
     Ok(())
 }
