@@ -90,15 +90,9 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match cli.cmd {
         Cmd::Setup => xtask_setup::setup(),
-        Cmd::Build => {
-            build().map(drop)
-        }
-        Cmd::Test => {
-            test()
-        }
-        Cmd::Fuzz { targets, secs } => {
-            fuzz::run(&targets, secs)
-        }
+        Cmd::Build => build().map(drop),
+        Cmd::Test => test(),
+        Cmd::Fuzz { targets, secs } => fuzz::run(&targets, secs),
         Cmd::Demo => {
             let bin = build()?;
             demo(&bin)
