@@ -73,6 +73,11 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
 
 /// Mounts bpffs at `dir` unless one is mounted there already.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    // Threads that check and mount at once would stack two bpffs mounts,
+    // and pins made under the first vanish behind the second (seen on a
+    // fresh machine: the BPF tests run in parallel).
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
     let want = dir.to_string_lossy();
     // /proc/self/mounts: source, target, fstype, ...
