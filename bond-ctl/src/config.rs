@@ -166,6 +166,10 @@ pub struct TerminalConfig {
     /// The distribution service (`[dist]`, optional): relay-tree file
     /// distribution among the community's terminals.
     pub dist: Option<DistConfig>,
+    /// The peer cache (`[cache]`, optional): objects this terminal fetched,
+    /// served to the community, and a forward proxy that looks for them
+    /// among the peers before the slow uplinks.
+    pub cache: Option<CacheConfig>,
 }
 
 /// `[dist]`: every key optional.
@@ -185,7 +189,83 @@ fn default_dist_port() -> u16 {
     7800
 }
 
+/// `[cache]`: every key optional.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// TCP (objects, referrals) and UDP (LAN queries) port on the LAN
+    /// address; the same on every terminal of the community.
+    #[serde(default = "default_cache_port")]
+    pub port: u16,
+    /// Where cached objects live; default `<state>/cache`.
+    pub dir: Option<std::path::PathBuf>,
+    /// Most the cache holds on disk, MiB; the least recently used objects
+    /// go first.
+    #[serde(default = "default_cache_mib")]
+    pub max_mib: u64,
+    /// Workload limit: uploads to peers at once (more are refused with 503).
+    #[serde(default = "default_uploads")]
+    pub max_uploads: u32,
+    /// Workload limit: what all uploads to peers send together, Mbit/s
+    /// (0: no limit).
+    #[serde(default)]
+    pub upload_mbit: u32,
+    /// The referral server's LAN address (it listens on `port`); none: ask
+    /// the LAN only.
+    pub referral: Option<Ipv4Addr>,
+    /// Run the referral server here.
+    #[serde(default)]
+    pub referral_server: bool,
+    /// The local forward proxy for browsers, package managers and
+    /// `bond-ctl fetch`.
+    #[serde(default = "default_proxy")]
+    pub proxy: std::net::SocketAddr,
+    /// A cached copy is used without asking the origin for this long after
+    /// it was fetched or revalidated (s).
+    #[serde(default = "default_fresh_s")]
+    pub fresh_s: u32,
+    /// A peer that sends at least this fast (Mbit/s) is taken at once,
+    /// without waiting for the other probes (0: wait, take the fastest).
+    #[serde(default)]
+    pub target_mbit: u32,
+    /// How long the referral server has to answer before the LAN is asked
+    /// (ms).
+    #[serde(default = "default_referral_wait_ms")]
+    pub referral_wait_ms: u32,
+}
+
+fn default_cache_port() -> u16 {
+    7801
+}
+fn default_cache_mib() -> u64 {
+    1024
+}
+fn default_uploads() -> u32 {
+    4
+}
+fn default_proxy() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 3128))
+}
+fn default_fresh_s() -> u32 {
+    300
+}
+fn default_referral_wait_ms() -> u32 {
+    500
+}
+
 impl TerminalConfig {
+    /// Where the peer cache keeps its objects.
+    pub fn cache_dir(&self) -> std::path::PathBuf {
+        self.cache
+            .as_ref()
+            .and_then(|c| c.dir.clone())
+            .unwrap_or_else(|| {
+                Path::new("/var/lib/bond")
+                    .join(&self.instance)
+                    .join("cache")
+            })
+    }
+
     /// Where the distribution service keeps its state.
     pub fn dist_state(&self) -> std::path::PathBuf {
         self.dist
@@ -591,6 +671,28 @@ impl TerminalConfig {
     fn check(&self) -> Check {
         if let Some(d) = &self.dist {
             check_port("dist.port", d.port)?;
+        }
+        if let Some(c) = &self.cache {
+            check_port("cache.port", c.port)?;
+            if self.dist.as_ref().is_some_and(|d| d.port == c.port) {
+                return err("cache.port", format!("{} is dist.port too", c.port));
+            }
+            if c.max_mib == 0 {
+                return err("cache.max_mib", "0: the cache could hold nothing");
+            }
+            if !(1..=1024).contains(&c.max_uploads) {
+                return err(
+                    "cache.max_uploads",
+                    format!("{} is outside 1..=1024", c.max_uploads),
+                );
+            }
+            if !(10..=60_000).contains(&c.referral_wait_ms) {
+                return err(
+                    "cache.referral_wait_ms",
+                    format!("{} is outside 10..=60000", c.referral_wait_ms),
+                );
+            }
+            check_port("cache.proxy", c.proxy.port())?;
         }
         check_instance(&self.instance)?;
         check_key("key", &self.key)?;

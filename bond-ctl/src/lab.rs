@@ -113,6 +113,12 @@ pub struct Lab {
     /// Terminals run the distribution service (`[dist]`, state in
     /// [`Self::dist_state`]).
     pub dist: bool,
+    /// Terminals run the peer cache (`[cache]`, objects in
+    /// [`Self::cache_dir`], proxy on 127.0.0.1:3128 of each namespace);
+    /// t1 is the referral server.
+    pub cache: bool,
+    /// More `[cache]` keys for one terminal: (terminal, TOML lines).
+    pub cache_extra: Vec<(usize, String)>,
     /// Environment for one terminal's agent: (terminal, name, value).
     pub terminal_env: Vec<(usize, String, String)>,
     namespaces: Vec<String>,
@@ -180,6 +186,8 @@ impl Lab {
             server_extra: String::new(),
             auto_weights: false,
             dist: false,
+            cache: false,
+            cache_extra: Vec::new(),
             terminal_env: Vec::new(),
             terminals: Vec::new(),
             namespaces: Vec::new(),
@@ -432,6 +440,11 @@ impl Lab {
         self.dir.join(format!("t{}-dist", i + 1))
     }
 
+    /// Terminal `i`'s peer cache.
+    pub fn cache_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("t{}-cache", i + 1))
+    }
+
     /// Limits what terminal `i` sends on the LAN (its upload) to `mbit`.
     pub fn limit_upload(&self, i: usize, mbit: u32) -> Result<()> {
         let t = &self.terminals[i];
@@ -484,6 +497,21 @@ impl Lab {
                 "\n[dist]\nstate_dir = \"{}\"\n",
                 self.dist_state(i).display()
             );
+        }
+        if self.cache {
+            let _ = write!(
+                s,
+                "\n[cache]\ndir = \"{}\"\nfresh_s = 3600\n{}\n",
+                self.cache_dir(i).display(),
+                if i == 0 {
+                    "referral_server = true".to_string()
+                } else {
+                    format!("referral = \"{}\"", self.terminals[0].lan_ip)
+                }
+            );
+            for (_, extra) in self.cache_extra.iter().filter(|(t, _)| *t == i) {
+                let _ = writeln!(s, "{extra}");
+            }
         }
         s
     }

@@ -2,6 +2,7 @@
 //! drive the datapath through the same calls the agent makes.
 
 pub mod agent;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod datapath;

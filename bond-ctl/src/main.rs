@@ -129,6 +129,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Get a URL through this host's peer cache (the agent's proxy): from
+    /// a community peer that holds it, else from the origin.
+    Fetch {
+        url: String,
+        /// Where to write it.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A terminal configuration with a `[cache]` table (its proxy
+        /// address is used).
+        #[arg(long)]
+        config: PathBuf,
+        /// What was fetched, from where, as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The peer cache: this host's, or the referral server's table.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// What this host's cache holds, its workload, where its objects came
+    /// from.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The referral server's table: every URL with its holders, best
+    /// first, and every peer with its measured speed and workload.
+    Table {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -174,6 +214,22 @@ fn dist_config(path: &std::path::Path) -> Result<bond_ctl::config::TerminalConfi
             "{}: not a terminal configuration with a [dist] table",
             path.display()
         ),
+    }
+}
+
+/// A terminal configuration with a `[cache]` table.
+fn cache_config(
+    path: &std::path::Path,
+) -> Result<(
+    bond_ctl::config::TerminalConfig,
+    bond_ctl::config::CacheConfig,
+)> {
+    match Config::load(path)? {
+        Config::Terminal(t) => match t.cache.clone() {
+            Some(c) => Ok((t, c)),
+            None => bail!("{}: no [cache] table", path.display()),
+        },
+        _ => bail!("{}: not a terminal configuration", path.display()),
     }
 }
 
@@ -322,6 +378,36 @@ fn main() -> Result<()> {
             let cfg = dist_config(&config)?;
             let db = dist::db::NetDb::open(&cfg.dist_state().join("net.db"))?;
             show::terminals(&db.ranked()?, json)
+        }
+        Cmd::Fetch {
+            url,
+            output,
+            config,
+            json,
+        } => {
+            let (_, c) = cache_config(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let report = rt.block_on(bond_ctl::cache::fetch::through_proxy(
+                c.proxy,
+                &url,
+                &output,
+                show::progress_bar(),
+            ))?;
+            show::fetched(&report, json)
+        }
+        Cmd::Cache { cmd } => {
+            let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let (config, json, table) = match cmd {
+                CacheCmd::Status { config, json } => (config, json, false),
+                CacheCmd::Table { config, json } => (config, json, true),
+            };
+            let (t, c) = cache_config(&config)?;
+            let v = rt.block_on(bond_ctl::cache::ask_service(&t, &c, table))?;
+            if table {
+                show::cache_table(&v, json)
+            } else {
+                show::cache_status(&v, json)
+            }
         }
         Cmd::Metrics => {
             print!(

@@ -465,3 +465,128 @@ pub fn terminals(rows: &[crate::dist::db::TerminalRow], json: bool) -> Result<()
     }
     Ok(())
 }
+
+/// A progress line on stderr for long transfers (at most every 200 ms,
+/// and only to a terminal).
+pub fn progress_bar() -> impl FnMut(u64, Option<u64>) {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stderr().is_terminal();
+    let start = std::time::Instant::now();
+    let mut last = start;
+    move |got, total| {
+        let now = std::time::Instant::now();
+        let done = total == Some(got);
+        if !tty || (now - last < std::time::Duration::from_millis(200) && !done) {
+            return;
+        }
+        last = now;
+        let rate = got as f64 / (now - start).as_secs_f64().max(1e-3) / 1e6;
+        match total {
+            Some(t) if t > 0 => eprint!(
+                "\r{:>6.1} of {:.1} MB ({:>3}%) {rate:.1} MB/s ",
+                got as f64 / 1e6,
+                t as f64 / 1e6,
+                got * 100 / t
+            ),
+            _ => eprint!("\r{:>6.1} MB {rate:.1} MB/s ", got as f64 / 1e6),
+        }
+        if done {
+            eprintln!();
+        }
+    }
+}
+
+/// `bond-ctl fetch`: what came from where.
+pub fn fetched(r: &crate::cache::fetch::FetchReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} bytes in {:.2}s ({:.1} MB/s) from {} (found by {})",
+        r.url,
+        r.bytes,
+        r.seconds,
+        r.bytes as f64 / r.seconds.max(1e-6) / 1e6,
+        r.source,
+        r.found
+    );
+    Ok(())
+}
+
+/// `bond-ctl cache status`.
+pub fn cache_status(v: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let mb = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / 1e6;
+    println!(
+        "cache on {}: {} objects, {:.1} of {:.1} MB; referral server {}",
+        v["endpoint"].as_str().unwrap_or("?"),
+        v["objects"],
+        mb("bytes"),
+        mb("max_bytes"),
+        if v["referral_server"] == true {
+            "here".to_string()
+        } else {
+            v["referral"].as_str().unwrap_or("none").to_string()
+        }
+    );
+    let l = &v["load"];
+    println!(
+        "uploads {} of {}, {} MB sent to peers, {} refused at the limit",
+        l["uploads"],
+        l["max_uploads"],
+        l["sent"].as_u64().unwrap_or(0) as f64 / 1e6,
+        l["refused"]
+    );
+    println!(
+        "fetched: {} local, {} from peers ({:.1} MB), {} from the origin ({:.1} MB); {} corrupt caught, {} LAN queries",
+        v["from_local"],
+        v["from_peers"],
+        mb("bytes_from_peers"),
+        v["from_origin"],
+        mb("bytes_from_origin"),
+        v["corrupt_caught"],
+        v["lan_queries"]
+    );
+    Ok(())
+}
+
+/// `bond-ctl cache table`.
+pub fn cache_table(v: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let empty = Vec::new();
+    for o in v["objects"].as_array().unwrap_or(&empty) {
+        let obj = &o["object"];
+        println!(
+            "{} ({} bytes, {})",
+            obj["url"].as_str().unwrap_or("?"),
+            obj["size"],
+            &obj["hash"].as_str().unwrap_or("?")
+                [..16.min(obj["hash"].as_str().unwrap_or("?").len())]
+        );
+        for s in o["sources"].as_array().unwrap_or(&empty) {
+            println!(
+                "  {:<21} {:>8} MB/s  uploads {}/{}{}{}",
+                s["endpoint"].as_str().unwrap_or("?"),
+                s["bps"]
+                    .as_f64()
+                    .map_or("-".into(), |b| format!("{:.1}", b / 1e6)),
+                s["uploads"],
+                s["max_uploads"],
+                if s["demoted"] == true {
+                    "  demoted"
+                } else {
+                    ""
+                },
+                if s["busy"] == true { "  busy" } else { "" },
+            );
+        }
+    }
+    Ok(())
+}

@@ -237,7 +237,15 @@ fn test() -> Result<()> {
     ]))?;
     sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
-    for t in ["e2e", "membership", "flows", "operate", "limits", "dist"] {
+    for t in [
+        "e2e",
+        "membership",
+        "flows",
+        "operate",
+        "limits",
+        "dist",
+        "cache",
+    ] {
         sh(Command::new("cargo").args([
             "test",
             "-p",

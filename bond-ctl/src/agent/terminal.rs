@@ -124,6 +124,9 @@ struct Agent {
     path: PathBuf,
     /// The distribution service, if `[dist]` is configured.
     dist: Option<crate::dist::Dist>,
+    /// The peer cache, if `[cache]` is configured (it runs on its own
+    /// tasks; held here for the agent's lifetime).
+    _cache: Option<std::sync::Arc<crate::cache::Cache>>,
     net: Net,
     maps: Maps,
     lan: Iface,
@@ -276,10 +279,18 @@ pub async fn run(
         }
         None => None,
     };
+    let cache = match &cfg.cache {
+        Some(c) => Some(
+            crate::cache::Cache::start(cfg.key.bytes(), lan_ip, &cfg.lan, c, &cfg.cache_dir())
+                .await?,
+        ),
+        None => None,
+    };
     let mut agent = Agent {
         interval: Duration::from_millis(u64::from(cfg.announce_ms)),
         path: path.to_path_buf(),
         dist,
+        _cache: cache,
         peers: PeerTable::new(cfg.misses),
         cfg,
         net,
@@ -1007,6 +1018,7 @@ impl Agent {
             ("links", unweighted(old) != unweighted(&new)),
             ("metrics", old.metrics != new.metrics),
             ("dist", old.dist != new.dist),
+            ("cache", old.cache != new.cache),
         ]
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
