@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod aggregate;
+mod cache;
 mod distribute;
 mod failover;
 mod fastpath;
@@ -55,7 +56,7 @@ enum Cmd {
     /// target/bench/report.md; the failover plot to target/bench/.
     Bench {
         /// Suites to run: aggregate, fastpath, latency, failover, scale,
-        /// announce, distribute (default: all).
+        /// announce, distribute, cache (default: all).
         suites: Vec<String>,
         /// A smaller version of each suite (minutes, for CI): checks that
         /// the suites work, not that a figure is reached.
@@ -79,6 +80,7 @@ const SUITES: &[&str] = &[
     "scale",
     "announce",
     "distribute",
+    "cache",
 ];
 
 fn main() -> Result<()> {
@@ -140,6 +142,7 @@ fn bench(bond_ctl: &Path, suites: &[String], quick: bool, runs: usize) -> Result
             "scale" => scale::run(quick)?,
             "announce" => announce(quick)?,
             "distribute" => distribute::run(bond_ctl, quick, &out)?,
+            "cache" => cache::run(bond_ctl, quick, &out)?,
             _ => unreachable!("checked above"),
         };
         println!("\n## {suite}\n\n{table}");
