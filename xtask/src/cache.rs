@@ -293,7 +293,11 @@ fn big_object(lab: &mut Lab, s: &Setup) -> Result<(f64, f64)> {
     let bin = lab.bond_ctl.to_string_lossy().into_owned();
     let start = Instant::now();
     let hash = loop {
-        let out = lab.exec(&t1, &bin, &["cache", "table", "--config", &config(lab, 0), "--json"])?;
+        let out = lab.exec(
+            &t1,
+            &bin,
+            &["cache", "table", "--config", &config(lab, 0), "--json"],
+        )?;
         let v: serde_json::Value = serde_json::from_str(out.trim())?;
         let h = v["objects"].as_array().and_then(|a| {
             a.iter()
@@ -303,7 +307,10 @@ fn big_object(lab: &mut Lab, s: &Setup) -> Result<(f64, f64)> {
         if let Some(h) = h {
             break h;
         }
-        ensure!(start.elapsed() < Duration::from_secs(10), "big.bin never listed");
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "big.bin never listed"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let t2 = lab.terminals[1].lan_ip;
@@ -324,7 +331,11 @@ fn big_object(lab: &mut Lab, s: &Setup) -> Result<(f64, f64)> {
         )?;
         lan.push(out.trim().parse::<f64>().context("curl time")?);
         let (secs, source) = fetch(lab, i, &url)?;
-        ensure!(source.starts_with("peer "), "t{} got big.bin from {source}", i + 1);
+        ensure!(
+            source.starts_with("peer "),
+            "t{} got big.bin from {source}",
+            i + 1
+        );
         fetched.push(secs);
     }
     let median = |v: &mut Vec<f64>| {

@@ -12,7 +12,7 @@ use bond_ctl::proto::{Body, LinkAd, Msg, Reply, TAG_LEN, flags};
 
 use crate::sh;
 
-pub const TARGETS: &[&str] = &["wire", "control", "config", "sched", "dist"];
+pub const TARGETS: &[&str] = &["wire", "control", "config", "sched", "dist", "cache"];
 const CARGO_FUZZ: &str = "0.13.2";
 /// The control target's key (fuzz/fuzz_targets/control.rs).
 const KEY: &[u8] = b"fuzzing community key";
@@ -122,6 +122,62 @@ fn seed() -> Result<()> {
     }
     write("sched", "weights", &[1, 0, 10, 0, 0, 0, 2, 0, 20, 0, 0, 0])?;
     dist_seeds(write)?;
+    cache_seeds(write)?;
+    Ok(())
+}
+
+/// A LAN query and answer, an update and a store index, as the cache
+/// target reads them (it signs the bodies itself), and a range.
+fn cache_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
+    use bond_ctl::cache::msg::{Lan, Object, Outcome, Update};
+    let object = Object {
+        url: "http://203.0.113.2/map.bin".into(),
+        validator: Some("\"abc\"".into()),
+        hash: "ab".repeat(32),
+        size: 2 << 20,
+        content_type: Some("application/octet-stream".into()),
+        fetched_ms: 1,
+    };
+    let body = |m: &Lan| {
+        let sealed = bond_ctl::cache::msg::seal_lan(KEY, m, 1);
+        let nl = sealed.iter().position(|b| *b == b'\n').unwrap_or(0);
+        sealed[nl + 1..].to_vec()
+    };
+    write(
+        "cache",
+        "query",
+        &body(&Lan::Query {
+            id: 1,
+            url: object.url.clone(),
+        }),
+    )?;
+    write(
+        "cache",
+        "have",
+        &body(&Lan::Have {
+            id: 1,
+            object: object.clone(),
+            endpoint: "10.0.1.2:7801".parse()?,
+        }),
+    )?;
+    let got = Update::Got {
+        client: "10.0.1.3:7801".parse()?,
+        object: object.clone(),
+        cached: true,
+        source: Some("10.0.1.2:7801".parse()?),
+        bps: 1e7,
+        probes: vec![
+            ("10.0.1.2:7801".parse()?, Outcome::Speed(1e7)),
+            ("10.0.1.4:7801".parse()?, Outcome::Corrupt),
+        ],
+    };
+    write(
+        "cache",
+        "update",
+        &bond_ctl::dist::msg::sign(KEY, "/cache/update", &got, 1).0,
+    )?;
+    write("cache", "index", &serde_json::to_vec(&vec![object])?)?;
+    write("cache", "range", b"bytes=100-")?;
     Ok(())
 }
 

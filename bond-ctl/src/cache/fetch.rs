@@ -104,7 +104,10 @@ fn cacheable(r: &reqwest::Response) -> bool {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    r.status() == reqwest::StatusCode::OK && !cc.contains("no-store") && !cc.contains("private")
+    r.status() == reqwest::StatusCode::OK
+        && !cc.contains("no-store")
+        && !cc.contains("private")
+        && !r.headers().contains_key(reqwest::header::SET_COOKIE)
 }
 
 fn validator(h: &reqwest::header::HeaderMap) -> Option<String> {

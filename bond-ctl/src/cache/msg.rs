@@ -150,7 +150,7 @@ pub enum Lan {
 }
 
 /// The path a LAN datagram is signed under.
-const LAN_PATH: &str = "udp:/cache/lan";
+pub const LAN_PATH: &str = "udp:/cache/lan";
 /// Largest LAN datagram.
 pub const LAN_MAX: usize = 8192;
 

@@ -59,7 +59,7 @@ impl Lru {
     pub fn insert(&mut self, obj: Object, max: u64) -> Vec<Object> {
         let url = obj.url.clone();
         self.remove(&url);
-        self.bytes += obj.size;
+        self.bytes = self.bytes.saturating_add(obj.size);
         self.by_hash
             .entry(obj.hash.clone())
             .or_default()
@@ -88,7 +88,7 @@ impl Lru {
                 self.by_hash.remove(&obj.hash);
             }
         }
-        self.bytes -= obj.size;
+        self.bytes = self.bytes.saturating_sub(obj.size);
         Some(obj)
     }
 

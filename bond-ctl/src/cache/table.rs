@@ -222,7 +222,7 @@ impl Table {
             .bps
             .or_else(|| self.median_except(s.endpoint))
             .unwrap_or(DEFAULT_CLIENT_BPS);
-        size as f64 / (bps / f64::from(s.uploads + 1))
+        size as f64 / (bps / (f64::from(s.uploads) + 1.0))
     }
 
     /// The holders of `url`, best first: the fit by how soon they would
