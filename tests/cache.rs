@@ -161,6 +161,12 @@ fn a_second_fetch_comes_from_the_first_terminals_cache_through_fetch_curl_and_pi
     assert_eq!(r["found"], "referral", "{r}");
     assert!(got == want, "t3's copy differs");
     assert_eq!(origin_served(&lab, "/map.bin", 200), 1);
+    let t3 = &lab.terminals[2];
+    let metrics = lab.ctl(&t3.ns, &t3.instance, &["metrics"]).unwrap();
+    assert!(
+        metrics.contains("bond_cache_fetches_total{source=\"peer\"} 1\n"),
+        "{metrics}"
+    );
 
     // curl through t4's proxy: the same, and the proxy says where from.
     wait_listed(&lab, "map.bin", 2);

@@ -982,6 +982,36 @@ down = 5
                 "probe_ms",
                 "5 is outside",
             ),
+            (
+                format!("{TERMINAL}[dist]\n[cache]\nport = 7800\n"),
+                "cache.port",
+                "7800 is dist.port too",
+            ),
+            (
+                format!("{TERMINAL}[cache]\nmax_uploads = 0\n"),
+                "cache.max_uploads",
+                "0 is outside",
+            ),
+            (
+                format!("{TERMINAL}[cache]\nmax_mib = 0\n"),
+                "cache.max_mib",
+                "could hold nothing",
+            ),
+            (
+                format!("{TERMINAL}[cache]\nreferral_wait_ms = 5\n"),
+                "cache.referral_wait_ms",
+                "5 is outside",
+            ),
+            (
+                format!("{TERMINAL}[cache]\nreferral = \"10.0.1\"\n"),
+                "referral",
+                "10.0.1",
+            ),
+            (
+                format!("{TERMINAL}[cache]\nshare = true\n"),
+                "share",
+                "unknown field",
+            ),
         ];
         for (text, field, value) in cases {
             let e = error_of(&text);

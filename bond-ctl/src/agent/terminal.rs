@@ -125,8 +125,8 @@ struct Agent {
     /// The distribution service, if `[dist]` is configured.
     dist: Option<crate::dist::Dist>,
     /// The peer cache, if `[cache]` is configured (it runs on its own
-    /// tasks; held here for the agent's lifetime).
-    _cache: Option<std::sync::Arc<crate::cache::Cache>>,
+    /// tasks; the agent reports its metrics).
+    cache: Option<std::sync::Arc<crate::cache::Cache>>,
     net: Net,
     maps: Maps,
     lan: Iface,
@@ -290,7 +290,7 @@ pub async fn run(
         interval: Duration::from_millis(u64::from(cfg.announce_ms)),
         path: path.to_path_buf(),
         dist,
-        _cache: cache,
+        cache,
         peers: PeerTable::new(cfg.misses),
         cfg,
         net,
@@ -1258,6 +1258,9 @@ impl Agent {
         m.sample("bond_logged_on", &[], u8::from(self.token.is_some()));
         m.family("bond_peers", "gauge", "Live LAN peers.");
         m.sample("bond_peers", &[], self.peers.peers().count());
+        if let Some(c) = &self.cache {
+            c.metrics(&mut m);
+        }
         Ok(m.finish())
     }
 }

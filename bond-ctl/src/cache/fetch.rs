@@ -121,6 +121,9 @@ fn validator(h: &reqwest::header::HeaderMap) -> Option<String> {
 struct Found {
     object: Option<Object>,
     sources: Vec<SocketAddr>,
+    /// The referral server will send it itself (the first source): no
+    /// probing.
+    serve: bool,
     how: &'static str,
 }
 
@@ -168,7 +171,9 @@ impl Cache {
             .filter(|s| *s != self.me)
             .collect();
         if !sources.is_empty() {
-            match self.from_peers(o, &sources).await {
+            // Served by the referral server: it alone is asked first.
+            let first = if found.serve { 1 } else { PROBES };
+            match self.from_peers(o, &sources, first).await {
                 Ok((peer, obj)) => {
                     self.stats.peer.fetch_add(1, Ordering::Relaxed);
                     self.stats.peer_bytes.fetch_add(obj.size, Ordering::Relaxed);
@@ -225,10 +230,11 @@ impl Cache {
                         .expect("lock")
                         .learn(url, sources.iter().copied());
                     return Found {
-                        object: answer
-                            .object
-                            .filter(|_| answer.decision != Decision::Origin),
+                        object: answer.object.filter(|o| {
+                            answer.decision != Decision::Origin && Object::hash_ok(&o.hash)
+                        }),
                         sources,
+                        serve: answer.decision == Decision::Serve,
                         how: "referral",
                     };
                 }
@@ -348,6 +354,7 @@ impl Cache {
         Found {
             object: newest,
             sources,
+            serve: false,
             how: "lan",
         }
     }
@@ -367,19 +374,22 @@ impl Cache {
         Ok((r.status() != reqwest::StatusCode::NOT_MODIFIED).then_some(r))
     }
 
-    /// Probes `sources` a few at a time; the first to meet the target
-    /// speed, or the fastest, sends the rest, which is verified. Returns
-    /// the peer and the object, stored.
+    /// Probes `sources` a few at a time (`first` of them in the first
+    /// batch); the first to meet the target speed, or the fastest, sends
+    /// the rest, which is verified. Returns the peer and the object, stored.
     async fn from_peers(
         self: &Arc<Self>,
         o: &Object,
         sources: &[SocketAddr],
+        first: usize,
     ) -> Result<(SocketAddr, Object)> {
         let t0 = Instant::now();
         let target_bps = f64::from(self.cfg.target_mbit) * 125_000.0;
         let mut outcomes: Vec<(SocketAddr, Outcome)> = Vec::new();
         let mut result = Err(anyhow!("every peer failed"));
-        'batches: for batch in sources.chunks(PROBES) {
+        let (head, tail) = sources.split_at(first.min(sources.len()));
+        let batches = std::iter::once(head).chain(tail.chunks(PROBES));
+        'batches: for batch in batches.filter(|b| !b.is_empty()) {
             let mut probes: futures::stream::FuturesUnordered<_> =
                 batch.iter().map(|p| self.probe(*p, o)).collect();
             // (peer, first bytes, speed), best first once all are in.

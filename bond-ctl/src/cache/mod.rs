@@ -263,6 +263,80 @@ impl Cache {
         }
     }
 
+    /// Prometheus families for the agent's `metrics`.
+    pub fn metrics(&self, m: &mut crate::control::Metrics) {
+        let s = self.status();
+        m.family(
+            "bond_cache_fetches_total",
+            "counter",
+            "Objects the proxy answered, by where they came from.",
+        );
+        for (from, v) in [
+            ("local", s.from_local),
+            ("peer", s.from_peers),
+            ("origin", s.from_origin),
+        ] {
+            m.sample("bond_cache_fetches_total", &[("source", from.into())], v);
+        }
+        m.family(
+            "bond_cache_fetched_bytes_total",
+            "counter",
+            "Bytes fetched into the cache, by where they came from.",
+        );
+        for (from, v) in [
+            ("peer", s.bytes_from_peers),
+            ("origin", s.bytes_from_origin),
+        ] {
+            m.sample(
+                "bond_cache_fetched_bytes_total",
+                &[("source", from.into())],
+                v,
+            );
+        }
+        for (name, kind, help, v) in [
+            ("bond_cache_bytes", "gauge", "Bytes held.", s.bytes),
+            (
+                "bond_cache_objects",
+                "gauge",
+                "Objects held.",
+                s.objects as u64,
+            ),
+            (
+                "bond_cache_uploads",
+                "gauge",
+                "Uploads to peers under way.",
+                u64::from(s.load.uploads),
+            ),
+            (
+                "bond_cache_sent_bytes_total",
+                "counter",
+                "Bytes sent to peers.",
+                s.load.sent,
+            ),
+            (
+                "bond_cache_refused_total",
+                "counter",
+                "Peer requests refused at the workload limit.",
+                s.load.refused,
+            ),
+            (
+                "bond_cache_corrupt_total",
+                "counter",
+                "Peer copies that failed verification.",
+                s.corrupt_caught,
+            ),
+            (
+                "bond_cache_lan_queries_total",
+                "counter",
+                "LAN queries (the referral server did not answer).",
+                s.lan_queries,
+            ),
+        ] {
+            m.family(name, kind, help);
+            m.sample(name, &[], v);
+        }
+    }
+
     /// Sends the referral server an update; one that is lost is made good
     /// by the next resync.
     fn report(self: &Arc<Self>, u: Update) {
