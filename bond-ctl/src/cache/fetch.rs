@@ -47,8 +47,11 @@ pub const PROBE: u64 = 128 * 1024;
 /// Peers probed at once.
 const PROBES: usize = 3;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A peer or origin that sends nothing for this long has failed.
+/// A peer that sends nothing for this long has failed.
 const SILENCE: Duration = Duration::from_secs(10);
+/// An origin that sends nothing for this long has failed: it is behind
+/// the slow links, shared by every fetch under way.
+const ORIGIN_SILENCE: Duration = Duration::from_secs(60);
 /// LAN query: how long the known peers have, then the broadcast.
 const STAGE_KNOWN: Duration = Duration::from_millis(150);
 const STAGE_BROADCAST: Duration = Duration::from_millis(400);
@@ -362,7 +365,8 @@ impl Cache {
     /// Asks the origin whether `o` is still current: None if so, else
     /// its (new) response.
     async fn revalidate(&self, o: &Object) -> Result<Option<reqwest::Response>> {
-        let mut req = self.http.get(&o.url).timeout(SILENCE);
+        // A timeout on the answer only: a changed object's body streams on.
+        let mut req = self.http.get(&o.url);
         match o.validator.as_deref() {
             Some(v) if v.starts_with('"') || v.starts_with("W/") => {
                 req = req.header(reqwest::header::IF_NONE_MATCH, v)
@@ -370,7 +374,9 @@ impl Cache {
             Some(v) => req = req.header(reqwest::header::IF_MODIFIED_SINCE, v),
             None => {}
         }
-        let r = req.send().await?;
+        let r = tokio::time::timeout(ORIGIN_SILENCE, req.send())
+            .await
+            .map_err(|_| anyhow!("no answer in {ORIGIN_SILENCE:?}"))??;
         Ok((r.status() != reqwest::StatusCode::NOT_MODIFIED).then_some(r))
     }
 
@@ -621,22 +627,21 @@ impl Cache {
             let mut client = Some(tx);
             let mut body = resp.bytes_stream();
             loop {
-                let next = tokio::time::timeout(SILENCE, body.next()).await;
-                let b = match next {
-                    Ok(Some(Ok(b))) => b,
+                let next = tokio::time::timeout(ORIGIN_SILENCE, body.next()).await;
+                let why = match next {
+                    Ok(Some(Ok(b))) => Ok(b),
                     Ok(None) => break,
-                    Ok(Some(Err(e))) => {
+                    Ok(Some(Err(e))) => Err(format!("{e:#}")),
+                    Err(_) => Err(format!("silent for {ORIGIN_SILENCE:?}")),
+                };
+                let b = match why {
+                    Ok(b) => b,
+                    Err(why) => {
+                        eprintln!(
+                            "bond-ctl: cache: {url}: origin broke off after {size} bytes: {why}"
+                        );
                         if let Some(tx) = client {
-                            let _ = tx.send(Err(std::io::Error::other(e))).await;
-                        }
-                        let _ = std::fs::remove_file(&part);
-                        return;
-                    }
-                    Err(_) => {
-                        if let Some(tx) = client {
-                            let _ = tx
-                                .send(Err(std::io::Error::other("origin went silent")))
-                                .await;
+                            let _ = tx.send(Err(std::io::Error::other(why))).await;
                         }
                         let _ = std::fs::remove_file(&part);
                         return;
