@@ -105,14 +105,19 @@ fn cache_status(lab: &Lab, i: usize) -> serde_json::Value {
     serde_json::from_str(out.trim()).expect("json")
 }
 
-/// The sources the referral server lists for `name`, best first.
-fn sources(t: &serde_json::Value, name: &str) -> Vec<serde_json::Value> {
+/// The table's entry for `name`.
+fn entry<'a>(t: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     let url = format!("{ORIGIN}/{name}");
     t["objects"]
         .as_array()
         .unwrap()
         .iter()
         .find(|o| o["object"]["url"] == url.as_str())
+}
+
+/// The sources the referral server lists for `name`, best first.
+fn sources(t: &serde_json::Value, name: &str) -> Vec<serde_json::Value> {
+    entry(t, name)
         .map(|o| o["sources"].as_array().unwrap().clone())
         .unwrap_or_default()
 }
@@ -121,25 +126,28 @@ fn endpoint(lab: &Lab, i: usize) -> String {
     format!("{}:7801", lab.terminals[i].lan_ip)
 }
 
-/// Waits until the referral server lists terminal `i` as holding `name`
-/// (clients report after they have stored it).
-fn wait_listed(lab: &Lab, name: &str, i: usize) {
+/// Polls the referral server's table until `ok` holds (clients report
+/// after they have stored what they fetched); panics with `what` and the
+/// table after 10 s.
+fn until_table(lab: &Lab, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
     let start = Instant::now();
     loop {
         let t = table(lab);
-        if sources(&t, name)
-            .iter()
-            .any(|s| s["endpoint"] == endpoint(lab, i).as_str())
-        {
+        if ok(&t) {
             return;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "t{} never listed for {name}: {t:#}",
-            i + 1
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}: {t:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until the referral server lists terminal `i` as holding `name`.
+fn wait_listed(lab: &Lab, name: &str, i: usize) {
+    until_table(lab, &format!("t{} never listed for {name}", i + 1), |t| {
+        sources(t, name)
+            .iter()
+            .any(|s| s["endpoint"] == endpoint(lab, i).as_str())
+    });
 }
 
 #[test]
@@ -311,45 +319,41 @@ fn slow_busy_and_corrupt_peers_are_passed_over_and_the_lan_answers_without_the_r
     assert_eq!(r["source"], peer(&lab, 1).as_str(), "{r}");
     assert!(got == origin_file(&lab, "a.bin"));
     // The slow peer, demoted, is listed last (once t5's report is in).
-    let start = Instant::now();
-    loop {
-        let t = table(&lab);
-        let s = sources(&t, "a.bin");
+    until_table(&lab, "t3 not demoted", |t| {
+        let s = sources(t, "a.bin");
         let last = s.last().cloned().unwrap_or_default();
-        if s.len() >= 3 && last["endpoint"] == endpoint(&lab, 2).as_str() && last["demoted"] == true
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "t3 not demoted: {t:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        s.len() >= 3 && last["endpoint"] == endpoint(&lab, 2).as_str() && last["demoted"] == true
+    });
 
     // b.bin only on t4, which takes one upload at a time: with that one
     // taken, t6 is refused by it and goes to the origin.
     seed(&lab, 3, "b.bin");
     let hash = t_hash(&table(&lab), "b.bin");
+    // The hog asks for it and never reads: with a 4 KiB receive buffer
+    // the upload cannot finish, and holds t4's one slot.
+    let hog = format!(
+        "import socket, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n\
+         s.connect(('{}', 7801))\n\
+         s.sendall(b'GET /cache/obj/{hash} HTTP/1.1\\r\\nHost: t4\\r\\n\\r\\n')\n\
+         time.sleep(600)\n",
+        lab.terminals[3].lan_ip
+    );
     lab.spawn(
         &lab.terminals[6].ns.clone(),
         "hog",
-        "curl",
-        &[
-            "-s",
-            "--limit-rate",
-            "20k",
-            "-o",
-            "/dev/null",
-            &format!("http://{}/cache/obj/{hash}", endpoint(&lab, 3)),
-        ],
+        "python3",
+        &["-c", &hog],
     )
     .unwrap();
     let start = Instant::now();
     while cache_status(&lab, 3)["load"]["uploads"] != 1 {
         assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the hog never started"
+            start.elapsed() < Duration::from_secs(10),
+            "the hog never took the slot: {}\n{}",
+            cache_status(&lab, 3),
+            lab.log("hog")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -372,27 +376,18 @@ fn slow_busy_and_corrupt_peers_are_passed_over_and_the_lan_answers_without_the_r
         "the bad copy got through"
     );
     assert_eq!(cache_status(&lab, 6)["corrupt_caught"], 1);
-    let start = Instant::now();
-    loop {
-        let t = table(&lab);
+    until_table(&lab, "t6 not reported", |t| {
         let bad = t["peers"]
             .as_array()
             .unwrap()
             .iter()
             .find(|p| p["endpoint"] == endpoint(&lab, 5).as_str())
             .cloned();
-        let listed = sources(&t, "c.bin")
+        let listed = sources(t, "c.bin")
             .iter()
             .any(|s| s["endpoint"] == endpoint(&lab, 5).as_str());
-        if bad.is_some_and(|b| b["strikes"] == 1) && !listed {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "t6 not reported: {t:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        bad.is_some_and(|b| b["strikes"] == 1) && !listed
+    });
 
     // The referral server stops answering (frozen, not gone): t5 waits
     // its referral_wait_ms, asks the LAN, and gets d.bin from t2.
@@ -408,12 +403,7 @@ fn slow_busy_and_corrupt_peers_are_passed_over_and_the_lan_answers_without_the_r
 }
 
 fn t_hash(t: &serde_json::Value, name: &str) -> String {
-    let url = format!("{ORIGIN}/{name}");
-    t["objects"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["object"]["url"] == url.as_str())
+    entry(t, name)
         .and_then(|o| o["object"]["hash"].as_str())
         .unwrap_or_else(|| panic!("{name} not in {t:#}"))
         .to_string()

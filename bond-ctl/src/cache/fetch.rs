@@ -730,18 +730,14 @@ pub async fn through_proxy(
     if !r.status().is_success() {
         bail!("GET {url}: {}", r.status());
     }
-    let source = r
-        .headers()
-        .get(SOURCE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string();
-    let found = r
-        .headers()
-        .get(FOUND_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string();
+    let header = |name| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let (source, found) = (header(SOURCE_HEADER), header(FOUND_HEADER));
     let total = r.content_length();
     let part = out.with_extension("bond-part");
     let mut f =
