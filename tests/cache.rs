@@ -204,6 +204,29 @@ fn a_second_fetch_comes_from_the_first_terminals_cache_through_fetch_curl_and_pi
         .trim();
     assert!(source.starts_with("peer 10.0.1."), "{headers}");
     assert_eq!(origin_served(&lab, "/map.bin", 200), 1);
+    // Through a CONNECT tunnel (as HTTPS goes) the proxy only carries
+    // bytes: the origin serves it again.
+    let out = lab.dir.join("t4-tunnel.bin");
+    lab.exec(
+        &lab.terminals[3].ns,
+        "curl",
+        &[
+            "-sS",
+            "-f",
+            "--proxytunnel",
+            "-x",
+            "http://127.0.0.1:3128",
+            "-o",
+            out.to_str().unwrap(),
+            &format!("{ORIGIN}/map.bin"),
+        ],
+    )
+    .expect("curl through a CONNECT tunnel");
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the tunnel's copy differs"
+    );
+    assert_eq!(origin_served(&lab, "/map.bin", 200), 2);
 
     // pip on t5, then t6, from a simple index on the origin, through
     // their proxies: the wheel leaves the origin once.
