@@ -78,6 +78,7 @@ impl Table {
                         e.holders.retain(|h| h != peer);
                     }
                 }
+                self.forget_unheld();
             }
             Update::Got {
                 client,
@@ -140,6 +141,7 @@ impl Table {
                 if let Some(e) = self.entries.get_mut(url) {
                     e.holders.retain(|h| *h != p);
                 }
+                self.forget_unheld();
             }
         }
         if self.peers[&p].misses >= DEAD_AFTER {
@@ -172,6 +174,13 @@ impl Table {
         for e in self.entries.values_mut() {
             e.holders.retain(|h| *h != p);
         }
+        self.forget_unheld();
+    }
+
+    /// A URL nobody holds any more is forgotten (its answer is the origin
+    /// either way), so the table is as large as the community's caches.
+    fn forget_unheld(&mut self) {
+        self.entries.retain(|_, e| !e.holders.is_empty());
     }
 
     /// The peers to probe: every one that holds something.
@@ -447,6 +456,7 @@ mod tests {
             hashes: vec![obj("u", 'b', 0, 0).hash],
         });
         assert!(order(&t, "u").is_empty());
+        assert!(t.dump().is_empty(), "an entry nobody holds is forgotten");
     }
 
     #[test]
