@@ -288,3 +288,75 @@ fn single_host_with_two_links_gets_both() {
         "replies spread over both source addresses: {down:?}"
     );
 }
+
+/// The first run on a fresh machine: no bpffs mounted, and the server and
+/// three terminal agents started at the same moment, as `cargo xtask demo`
+/// does. Each must find or make the one mount and all must come up. (Each
+/// agent once mounted its own bpffs; later mounts hid earlier pins and the
+/// agents died.) Runs in a private mount namespace, so the host's bpffs is
+/// untouched.
+#[test]
+fn agents_started_at_once_without_bpffs_share_one_mount() {
+    let lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    let bin = bond_ctl().display();
+    let mut agents = vec![(
+        lab.server_ns.clone(),
+        lab.server_instance.clone(),
+        lab.server_config(),
+    )];
+    for (i, t) in lab.terminals.iter().enumerate() {
+        agents.push((t.ns.clone(), t.instance.clone(), lab.terminal_config(i)));
+    }
+    let mut start = String::new();
+    let mut wait = String::new();
+    for (ns, inst, cfg) in &agents {
+        let path = lab.dir.join(format!("{inst}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let log = lab.dir.join(format!("{inst}.log"));
+        start += &format!(
+            "nsenter --net=/run/netns/{ns} -- {bin} agent --config {} >{} 2>&1 &\n",
+            path.display(),
+            log.display()
+        );
+        if inst != &lab.server_instance {
+            wait += &format!(
+                "until nsenter --net=/run/netns/{ns} -- {bin} --instance {inst} status --json 2>/dev/null \
+                 | grep -q '\"logged_on\":true'; do\n\
+                   [ $SECONDS -lt 30 ] || {{ echo 'timed out: {inst}'; break; }}; sleep 0.2\n\
+                 done\n"
+            );
+        }
+    }
+    let script = format!(
+        "while umount /sys/fs/bpf 2>/dev/null; do :; done\n\
+         echo before=$(stat -f -c %T /sys/fs/bpf)\n\
+         {start}{wait}\
+         echo mounts=$(grep -c ' /sys/fs/bpf bpf ' /proc/self/mounts)\n\
+         kill $(jobs -p); wait\n"
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+        .output()
+        .expect("run unshare (util-linux)");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let logs: String = agents
+        .iter()
+        .map(|(_, inst, _)| {
+            let log =
+                std::fs::read_to_string(lab.dir.join(format!("{inst}.log"))).unwrap_or_default();
+            format!("--- {inst}:\n{log}\n")
+        })
+        .collect();
+    assert!(
+        out.contains("before=sysfs"),
+        "bpffs was not unmounted first:\n{out}"
+    );
+    assert!(
+        !out.contains("timed out"),
+        "an agent did not come up:\n{out}\n{logs}"
+    );
+    assert!(
+        out.contains("mounts=1\n"),
+        "want one bpffs mount:\n{out}\n{logs}"
+    );
+}

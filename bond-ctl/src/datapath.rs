@@ -71,34 +71,49 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join("bond").join(instance)
 }
 
-/// Mounts bpffs at `dir` unless one is mounted there already.
+/// `statfs(2)`'s `f_type` for a bpffs (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Held while one process checks and mounts bpffs: agents started at once
+/// (the demo starts four) would otherwise each find none and each mount
+/// one, and pins made under the first vanish behind the next.
+const MOUNT_LOCK: &str = "/run/bond-bpffs.lock";
+
+/// Mounts bpffs at `dir` unless one is mounted there already. Safe across
+/// threads and processes: the check and the mount happen under an
+/// exclusive `flock` on [`MOUNT_LOCK`], and the check asks the kernel what
+/// filesystem `dir` is (its `statfs` magic), not a table that may lag.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
-    // Threads that check and mount at once would stack two bpffs mounts,
-    // and pins made under the first vanish behind the second (seen on a
-    // fresh machine: the BPF tests run in parallel).
-    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    let want = dir.to_string_lossy();
-    // /proc/self/mounts: source, target, fstype, ...
-    let mounted = mounts.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&want.as_ref()) && f.get(2) == Some(&"bpf")
-    });
-    if mounted {
+    use nix::{
+        fcntl::{Flock, FlockArg},
+        mount::{MsFlags, mount},
+    };
+    let is_bpffs = |d: &Path| {
+        nix::sys::statfs::statfs(d).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+    };
+    if is_bpffs(dir) {
         return Ok(());
     }
-    std::fs::create_dir_all(dir)?;
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(dir)
-        .status()?
-        .success();
-    if !ok {
-        return Err(
-            std::io::Error::other(format!("mounting bpffs on {} failed", dir.display())).into(),
-        );
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(MOUNT_LOCK)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("opening {MOUNT_LOCK}: {e}")))?;
+    let _held = Flock::lock(lock, FlockArg::LockExclusive)
+        .map_err(|(_, e)| std::io::Error::other(format!("locking {MOUNT_LOCK}: {e}")))?;
+    if is_bpffs(dir) {
+        return Ok(()); // another process mounted it while we waited
     }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+    mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| std::io::Error::other(format!("mounting bpffs on {}: {e}", dir.display())))?;
     Ok(())
 }
 

@@ -33,6 +33,11 @@ pub const SERVER_WAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const SERVER_NAT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 pub const COMMUNITY: u16 = 1;
+pub mod line;
+pub mod profile;
+
+pub use profile::{LinkSpec, PROFILES, Profile};
+
 pub const PORT: u16 = 7700;
 /// The lab community's key.
 pub const KEY: &str = "lab community key, not a secret";
@@ -124,6 +129,12 @@ pub struct Lab {
     namespaces: Vec<String>,
     /// (namespace, name, process): agents and servers, stopped on drop.
     children: Vec<(String, String, Child)>,
+    /// Each link's spec, by link id order.
+    specs: Vec<(u8, LinkSpec)>,
+    /// Delay lines by link id: the process and its command pipe.
+    lines: Vec<(u8, Child, profile::LineControl)>,
+    /// Rate steps and dark windows being played ([`Self::start_events`]).
+    events: Option<profile::Events>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -140,6 +151,28 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 
 fn ip(args: &str) -> Result<String> {
     run(Command::new("ip").args(args.split_whitespace()))
+}
+
+/// Limits what `dev` in namespace `ns` sends to `mbit` Mbit/s (0: no
+/// limit), as the modem of a line of that rate does.
+fn set_tbf(ns: &str, dev: &str, mbit: u32) -> Result<()> {
+    if mbit == 0 {
+        return Ok(());
+    }
+    // A queue of up to 50 ms at the link rate, and a burst of 3 ms at
+    // the link rate (at least two full frames): a line drains at a
+    // steady rate, so every link's burst is the same in time. A fixed
+    // burst in bytes (tbf examples use 16 KB) is 13 ms on a 10 Mbit/s
+    // link but 4 ms on a 30 Mbit/s one; packets spread over both
+    // then arrive out of order by ~9 ms, and TCP takes it for loss
+    // (docs/benchmarks.md has the figures).
+    let burst = (mbit as usize * 1_000_000 / 8 * 3 / 1000).max(3028);
+    let (rate, burst) = (format!("{mbit}mbit"), burst.to_string());
+    run(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args(["tc", "qdisc", "replace", "dev", dev, "root", "tbf"])
+        .args(["rate", &rate, "burst", &burst, "latency", "50ms"]))
+    .map(drop)
 }
 
 /// The tools the lab drives; missing ones fail loudly with a hint.
@@ -161,8 +194,19 @@ pub fn check_tools() -> Result<()> {
 }
 
 impl Lab {
-    /// Builds the namespaces and links (agents not started yet).
+    /// Builds the namespaces and links (agents not started yet): plain
+    /// `tbf` links of the given rates.
     pub fn build(spec: &[TerminalSpec], bond_ctl: &Path) -> Result<Self> {
+        let links: Vec<Vec<LinkSpec>> = spec
+            .iter()
+            .map(|t| t.links.iter().map(|&r| LinkSpec::rate(r)).collect())
+            .collect();
+        Self::build_links(&links, bond_ctl)
+    }
+
+    /// As [`Self::build`], each terminal's links as real uplinks behave:
+    /// a delay line on each link whose spec needs one.
+    pub fn build_links(spec: &[Vec<LinkSpec>], bond_ctl: &Path) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         check_tools()?;
         let prefix = format!(
@@ -192,6 +236,9 @@ impl Lab {
             terminals: Vec::new(),
             namespaces: Vec::new(),
             children: Vec::new(),
+            specs: Vec::new(),
+            lines: Vec::new(),
+            events: None,
         };
         lab.wire(spec)?;
         Ok(lab)
@@ -247,39 +294,10 @@ impl Lab {
     }
 
     fn tbf(&self, ns: &str, dev: &str, mbit: u32) -> Result<()> {
-        if mbit == 0 {
-            return Ok(());
-        }
-        // A queue of up to 50 ms at the link rate, and a burst of 3 ms at
-        // the link rate (at least two full frames): a line drains at a
-        // steady rate, so every link's burst is the same in time. A fixed
-        // burst in bytes (tbf examples use 16 KB) is 13 ms on a 10 Mbit/s
-        // link but 4 ms on a 30 Mbit/s one; packets spread over both
-        // then arrive out of order by ~9 ms, and TCP takes it for loss
-        // (docs/benchmarks.md has the figures).
-        let burst = (mbit as usize * 1_000_000 / 8 * 3 / 1000).max(3028);
-        self.exec(
-            ns,
-            "tc",
-            &[
-                "qdisc",
-                "replace",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                &format!("{mbit}mbit"),
-                "burst",
-                &burst.to_string(),
-                "latency",
-                "50ms",
-            ],
-        )
-        .map(drop)
+        set_tbf(ns, dev, mbit)
     }
 
-    fn wire(&mut self, spec: &[TerminalSpec]) -> Result<()> {
+    fn wire(&mut self, spec: &[Vec<LinkSpec>]) -> Result<()> {
         let lan = self.ns("lan")?;
         self.ip(&lan, "link add br0 type bridge")?;
         self.ip(&lan, "link set br0 up")?;
@@ -311,9 +329,9 @@ impl Lab {
             )?;
             self.ip(&lan, &format!("link set t{i} master br0"))?;
             let mut links = Vec::new();
-            for (j, &rate) in t.links.iter().enumerate() {
+            for (j, l) in t.iter().enumerate() {
                 k += 1;
-                let link = self.wan_link(&tns, k, j, rate, PORT + 1 + j as u16)?;
+                let link = self.wan_link(&tns, k, j, l, PORT + 1 + j as u16)?;
                 links.push(link);
             }
             self.terminals.push(Terminal {
@@ -334,7 +352,15 @@ impl Lab {
     /// WAN link `k` (1-based, community-wide id) of the terminal in `tns`,
     /// its `j`-th: a modem namespace with the tbf limits, on the internet
     /// bridge; the terminal's first link is its default route.
-    fn wan_link(&mut self, tns: &str, k: u8, j: usize, rate: u32, port: u16) -> Result<WanLink> {
+    fn wan_link(
+        &mut self,
+        tns: &str,
+        k: u8,
+        j: usize,
+        spec: &LinkSpec,
+        port: u16,
+    ) -> Result<WanLink> {
+        let rate = spec.rate_mbit;
         ensure!(k <= 31, "at most 31 WAN links in a lab");
         let inet = format!("{}-inet", self.prefix);
         let srv = self.server_ns.clone();
@@ -347,11 +373,17 @@ impl Lab {
             (tns, &iface, Some(&format!("{wan_ip}/30"))),
             (&mns, "acc", Some(&format!("{modem_ip}/30"))),
         )?;
-        self.veth(
-            (&mns, "uplink", Some(&format!("198.51.100.{}/25", 10 + k))),
-            (&inet, &format!("m{k}"), None),
-        )?;
+        let uplink = format!("198.51.100.{}/25", 10 + k);
+        if spec.needs_line() {
+            self.delay_line(k, &mns, &uplink, spec)?;
+        } else {
+            self.veth(
+                (&mns, "uplink", Some(&uplink)),
+                (&inet, &format!("m{k}"), None),
+            )?;
+        }
         self.ip(&inet, &format!("link set m{k} master br0"))?;
+        self.specs.push((k, spec.clone()));
         self.ip(&mns, "route add default via 198.51.100.1")?;
         self.sysctl(&mns, "net.ipv4.ip_forward=1")?;
         self.tbf(&mns, "acc", rate)?;
@@ -374,6 +406,87 @@ impl Lab {
         })
     }
 
+    /// Link `k`'s delay line, in a namespace of its own between the modem
+    /// (`uplink`) and the internet bridge (`m{k}`): `bond-delay` forwards
+    /// frames between its `a` and `b`. Every interface a frame crosses to
+    /// or from it has segmentation and receive offloads off, so the line
+    /// sees wire-sized frames.
+    fn delay_line(&mut self, k: u8, mns: &str, uplink: &str, spec: &LinkSpec) -> Result<()> {
+        let inet = format!("{}-inet", self.prefix);
+        let dns = self.ns(&format!("d{k}"))?;
+        self.sysctl(&dns, "net.ipv6.conf.all.disable_ipv6=1")?;
+        self.veth((mns, "uplink", Some(uplink)), (&dns, "a", None))?;
+        self.veth((&dns, "b", None), (&inet, &format!("m{k}"), None))?;
+        for (ns, dev) in [
+            (mns, "uplink"),
+            (&dns, "a"),
+            (&dns, "b"),
+            (&inet, &format!("m{k}")),
+        ] {
+            self.exec(
+                ns,
+                "ethtool",
+                &["-K", dev, "gro", "off", "gso", "off", "tso", "off"],
+            )?;
+        }
+        let bin = self.bond_ctl.with_file_name("bond-delay");
+        ensure!(
+            bin.is_file(),
+            "{} not found: build it with bond-ctl (`cargo build -p bond-ctl`)",
+            bin.display()
+        );
+        let mut args = vec!["--a".into(), "a".into(), "--b".into(), "b".into()];
+        args.extend(spec.impair.args());
+        args.extend(["--seed".into(), k.to_string()]);
+        let log = std::fs::File::create(self.dir.join(format!("delay-{k}.log")))?;
+        let mut child = self
+            .cmd(&dns, &bin.to_string_lossy())
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdin = child.stdin.take().context("delay line stdin")?;
+        self.lines
+            .push((k, child, std::sync::Arc::new(std::sync::Mutex::new(stdin))));
+        Ok(())
+    }
+
+    /// Starts playing every link's scripted rate steps and dark windows
+    /// (their times count from now). Stopped when the lab is dropped.
+    pub fn start_events(&mut self) {
+        let scripts = self
+            .specs
+            .iter()
+            .map(|(k, spec)| profile::Script {
+                spec: spec.clone(),
+                modem_ns: format!("{}-m{k}", self.prefix),
+                line: self.line(*k).ok(),
+            })
+            .collect();
+        self.events = Some(profile::Events::start(scripts));
+    }
+
+    fn line(&self, id: u8) -> Result<profile::LineControl> {
+        self.lines
+            .iter()
+            .find(|(k, _, _)| *k == id)
+            .map(|(_, _, c)| c.clone())
+            .with_context(|| format!("link {id} has no delay line"))
+    }
+
+    /// Black-holes link `id` (frames vanish both ways, carrier stays up),
+    /// or heals it. The link must have a delay line.
+    pub fn set_dark(&self, id: u8, dark: bool) -> Result<()> {
+        profile::command(&self.line(id)?, if dark { "dark" } else { "light" })
+    }
+
+    /// A link's spec, by id.
+    pub fn link_spec(&self, id: u8) -> Option<&LinkSpec> {
+        self.specs.iter().find(|(k, _)| *k == id).map(|(_, s)| s)
+    }
+
     /// A second community on the same LAN segment (its own subnet,
     /// 10.0.2.0/24) and the same server: a new member `u1` with one WAN link
     /// of `rate` Mbit/s, and terminal `host` (0-based) joining it too
@@ -387,7 +500,7 @@ impl Lab {
         self.veth((&uns, "lan0", Some("10.0.2.1/24")), (&lan, "u1", None))?;
         self.ip(&lan, "link set u1 master br0")?;
         let k = self.all_links().map(|l| l.id).max().unwrap_or(0) + 1;
-        let link = self.wan_link(&uns, k, 0, rate, PORT + 101)?;
+        let link = self.wan_link(&uns, k, 0, &LinkSpec::rate(rate), PORT + 101)?;
         let hns = self.terminals[host].ns.clone();
         let hip = Ipv4Addr::new(10, 0, 2, 10 + host as u8 + 1);
         let port = format!("h{}", host + 1);
@@ -930,6 +1043,11 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.events = None;
+        for (_, mut line, _) in self.lines.drain(..) {
+            let _ = line.kill();
+            let _ = line.wait();
+        }
         self.stop_children();
         for ns in self.namespaces.iter().rev() {
             // Anything still running in it (e.g. from a failed test) goes too.
