@@ -241,6 +241,7 @@ fn test() -> Result<()> {
     sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
     for t in [
+        "links",
         "e2e",
         "membership",
         "flows",

@@ -408,19 +408,19 @@ impl Lab {
 
     /// Link `k`'s delay line, in a namespace of its own between the modem
     /// (`uplink`) and the internet bridge (`m{k}`): `bond-delay` forwards
-    /// frames between its `a` and `b`. Every interface a frame crosses to
+    /// frames between its `modem` and `inet` interfaces. Every interface a frame crosses to
     /// or from it has segmentation and receive offloads off, so the line
     /// sees wire-sized frames.
     fn delay_line(&mut self, k: u8, mns: &str, uplink: &str, spec: &LinkSpec) -> Result<()> {
         let inet = format!("{}-inet", self.prefix);
         let dns = self.ns(&format!("d{k}"))?;
         self.sysctl(&dns, "net.ipv6.conf.all.disable_ipv6=1")?;
-        self.veth((mns, "uplink", Some(uplink)), (&dns, "a", None))?;
-        self.veth((&dns, "b", None), (&inet, &format!("m{k}"), None))?;
+        self.veth((mns, "uplink", Some(uplink)), (&dns, "modem", None))?;
+        self.veth((&dns, "inet", None), (&inet, &format!("m{k}"), None))?;
         for (ns, dev) in [
             (mns, "uplink"),
-            (&dns, "a"),
-            (&dns, "b"),
+            (&dns, "modem"),
+            (&dns, "inet"),
             (&inet, &format!("m{k}")),
         ] {
             self.exec(
@@ -435,7 +435,7 @@ impl Lab {
             "{} not found: build it with bond-ctl (`cargo build -p bond-ctl`)",
             bin.display()
         );
-        let mut args = vec!["--a".into(), "a".into(), "--b".into(), "b".into()];
+        let mut args = vec!["--a".into(), "modem".into(), "--b".into(), "inet".into()];
         args.extend(spec.impair.args());
         args.extend(["--seed".into(), k.to_string()]);
         let log = std::fs::File::create(self.dir.join(format!("delay-{k}.log")))?;

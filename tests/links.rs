@@ -1,0 +1,202 @@
+//! The lab's links against what they promise (`lab::line`, `lab::profile`):
+//! a delay line adds its delay and nothing else, keeps order under jitter,
+//! and a black hole keeps carrier up. Plain routing, no bond: these check
+//! the ground the datapath tests stand on.
+//!
+//! Run one at a time (`--test-threads=1`): they measure rates and delays.
+
+use std::{path::Path, time::Duration};
+
+use bond_ctl::lab::{Lab, LinkSpec, line::Impair};
+
+fn bond_ctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
+}
+
+/// A lab of one terminal whose one link is `spec`; iperf3 on the content host.
+fn one_link(spec: LinkSpec) -> Lab {
+    let mut lab = Lab::build_links(&[vec![spec]], bond_ctl()).expect("build lab");
+    lab.start_iperf().expect("iperf3 server");
+    lab
+}
+
+/// (min, avg, max) round trip in ms of `n` pings from t1 to the content
+/// host, after one that warms up ARP (whose request and reply cross the
+/// delay line too).
+fn ping(lab: &Lab, n: u32) -> (f64, f64, f64) {
+    let t1 = &lab.terminals[0].ns;
+    let _ = lab.exec(t1, "ping", &["-q", "-c", "1", "-W", "2", "203.0.113.2"]);
+    let out = lab
+        .exec(
+            &lab.terminals[0].ns,
+            "ping",
+            &["-q", "-c", &n.to_string(), "-i", "0.05", "203.0.113.2"],
+        )
+        .expect("ping");
+    // rtt min/avg/max/mdev = 40.120/40.251/40.503/0.090 ms
+    let line = out.lines().find(|l| l.contains("min/avg/max")).expect(&out);
+    let v: Vec<f64> = line
+        .split(" = ")
+        .nth(1)
+        .unwrap()
+        .split(['/', ' '])
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+/// iperf3 UDP at `mbit` for `secs` from t1 (`reverse`: to t1); the
+/// receiver's (lost, out of order, total) datagrams.
+fn udp(lab: &Lab, mbit: u32, secs: u32, reverse: bool) -> (u64, u64, u64) {
+    let rate = format!("{mbit}M");
+    let t = secs.to_string();
+    let mut args = vec![
+        "-c",
+        "203.0.113.2",
+        "-u",
+        "-b",
+        &rate,
+        "-l",
+        "1400",
+        "-t",
+        &t,
+        "--json",
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let out = lab
+        .exec(&lab.terminals[0].ns, "iperf3", &args)
+        .expect("iperf3");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 json");
+    let s = &v["end"]["sum"];
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k} in {s}"));
+    let ooo = v["end"]["streams"][0]["udp"]["out_of_order"]
+        .as_u64()
+        .unwrap_or(0);
+    (n("lost_packets"), ooo, n("packets"))
+}
+
+#[test]
+fn a_delay_line_adds_its_delay_within_a_millisecond() {
+    let lab = one_link(LinkSpec::delayed(0, 20));
+    let (min, avg, max) = ping(&lab, 40);
+    eprintln!("20 ms each way: rtt {min:.2}/{avg:.2}/{max:.2} ms");
+    assert!((avg - 40.0).abs() < 1.0, "avg rtt {avg} ms, want 40 ± 1");
+    assert!(min > 39.5 && max < 41.5, "rtt spread {min}..{max} ms");
+}
+
+#[test]
+fn a_delay_line_carries_100_mbit_without_loss_both_ways() {
+    let lab = one_link(LinkSpec::delayed(0, 10));
+    for reverse in [false, true] {
+        let (lost, ooo, total) = udp(&lab, 100, 4, reverse);
+        eprintln!(
+            "100 Mbit/s UDP (reverse: {reverse}): {lost} of {total} lost, {ooo} out of order"
+        );
+        assert!(total > 30_000, "iperf3 sent only {total} datagrams");
+        assert_eq!((lost, ooo), (0, 0), "reverse: {reverse}");
+    }
+}
+
+/// ±10 ms of jitter moves the round trip over most of its range, yet no
+/// frame overtakes another.
+#[test]
+fn jitter_moves_the_delay_but_keeps_order() {
+    let spec = LinkSpec {
+        impair: Impair {
+            jitter: Duration::from_millis(10),
+            ..Impair::delay_ms(30)
+        },
+        ..LinkSpec::rate(0)
+    };
+    let lab = one_link(spec);
+    let (min, avg, max) = ping(&lab, 100);
+    eprintln!("30 ± 10 ms each way: rtt {min:.2}/{avg:.2}/{max:.2} ms");
+    assert!(
+        min >= 39.0 && max <= 81.5,
+        "rtt {min}..{max} ms outside 2 x (30 ± 10)"
+    );
+    assert!(
+        max - min > 6.0,
+        "jitter did not move the delay: {min}..{max} ms"
+    );
+    let (lost, ooo, total) = udp(&lab, 20, 3, false);
+    assert_eq!((lost, ooo), (0, 0), "of {total} datagrams");
+}
+
+#[test]
+fn loss_takes_about_its_share() {
+    let spec = LinkSpec {
+        impair: Impair {
+            loss: 0.02,
+            ..Impair::delay_ms(1)
+        },
+        ..LinkSpec::rate(0)
+    };
+    let lab = one_link(spec);
+    let (lost, _, total) = udp(&lab, 20, 3, false);
+    let share = lost as f64 / total as f64;
+    eprintln!("2% loss: {lost} of {total} lost ({:.2}%)", share * 100.0);
+    assert!((0.01..0.03).contains(&share), "{share}");
+}
+
+/// A black hole: nothing gets through, either way, while the interfaces
+/// on both sides keep carrier; healed, traffic flows again.
+#[test]
+fn a_dark_link_keeps_carrier_and_heals() {
+    let lab = one_link(LinkSpec::delayed(0, 5));
+    let t1 = lab.terminals[0].ns.clone();
+    lab.set_dark(1, true).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let dark = lab
+        .cmd(&t1, "ping")
+        .args(["-q", "-c", "5", "-i", "0.1", "-W", "1", "203.0.113.2"])
+        .output()
+        .unwrap();
+    assert!(
+        !dark.status.success(),
+        "pings crossed a dark link: {}",
+        String::from_utf8_lossy(&dark.stdout)
+    );
+    let link = lab.ip(&t1, "link show wan0").unwrap();
+    assert!(
+        link.contains("LOWER_UP") && link.contains("state UP"),
+        "carrier lost: {link}"
+    );
+    lab.set_dark(1, false).unwrap();
+    let (_, avg, _) = ping(&lab, 5);
+    assert!((avg - 10.0).abs() < 1.0, "after healing: {avg} ms");
+}
+
+/// A profile's rate steps play on the modem's tbf: the stepping link of
+/// `lte` carries about its low rate in the second period.
+#[test]
+fn rate_steps_change_the_link_rate() {
+    let spec = LinkSpec {
+        steps: Some((10, Duration::from_millis(2500))),
+        ..LinkSpec::rate(40)
+    };
+    let mut lab = one_link(spec);
+    lab.start_events();
+    let tcp = |lab: &Lab| {
+        let out = lab
+            .exec(
+                &lab.terminals[0].ns,
+                "iperf3",
+                &["-c", "203.0.113.2", "-t", "1", "--json"],
+            )
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
+            / 1e6
+    };
+    let high = tcp(&lab);
+    std::thread::sleep(Duration::from_millis(1700)); // into the low period
+    let low = tcp(&lab);
+    eprintln!("rate steps: {high:.1} then {low:.1} Mbit/s");
+    assert!(high > 30.0 && low < 12.0, "high {high:.1}, low {low:.1}");
+}
