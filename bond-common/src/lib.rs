@@ -7,6 +7,7 @@
 
 pub mod csum;
 pub mod drops;
+pub mod edpf;
 pub mod maps;
 pub mod sched;
 pub mod wire;
