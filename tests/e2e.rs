@@ -94,15 +94,30 @@ fn tcp_iperf_and_weighted_spread_both_directions() {
         if reverse {
             args.push("-R");
         }
+        let _ = lab.exec(&t3, "nstat", &["-n"]);
         let out = lab.exec(&t3, "iperf3", &args).expect("iperf3");
+        let ns = lab.exec(&t3, "nstat", &[]).unwrap_or_default();
+        eprintln!(
+            "{}",
+            ns.lines()
+                .filter(|l| l.contains("Retrans")
+                    || l.contains("DSACK")
+                    || l.contains("Reorder")
+                    || l.contains("Lost")
+                    || l.contains("SACKRecovery")
+                    || l.contains("Timeouts"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let bps = v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .unwrap();
         eprintln!(
-            "iperf3 TCP {}: {:.1} Mbit/s",
+            "iperf3 TCP {}: {:.1} Mbit/s, {} retransmits",
             if reverse { "down" } else { "up" },
-            bps / 1e6
+            bps / 1e6,
+            v["end"]["sum_sent"]["retransmits"]
         );
         // Both ways must beat the best single link (30 Mbit/s): only
         // bonding gets there. (Target figures are `cargo xtask bench`'s.)

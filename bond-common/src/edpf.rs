@@ -20,18 +20,26 @@
 //! - A link whose delay is longer than the others' queues ever get is never
 //!   chosen: it cannot help the flow and is left out of it. Each link's
 //!   virtual queue is held to what a real link buffers
-//!   ([`Paths::pick`]'s `max_backlog_ns`): beyond that the real link drops
-//!   rather than queues, so a sender that offers more than the links carry
-//!   (TCP probing for more) does not talk itself into a queue of seconds on
-//!   the fast links and send the excess over a satellite. A link too slow
-//!   to help stays out even under a saturating load.
+//!   ([`Paths::backlog_us`]): beyond that the real link drops rather than
+//!   queues. A full link is passed over while any has room, and a link
+//!   whose delay exceeds what a buffer holds is left out, so a sender that
+//!   offers more than the links carry (TCP probing for more) neither piles
+//!   its excess onto the fastest link nor sends it over a satellite.
 //!
 //! Times are nanoseconds of the sender's monotonic clock; rates are kept as
 //! the time one KiB takes (`ns_per_kib`), so a pick is multiplications and
 //! shifts, no division (the BPF programs run it per packet).
 
 /// Links one sender spreads over (a community's links, or an origin's).
+/// The BPF verifier walks the pick's loop once per path and state: 16
+/// costs it a few thousand instructions, 32 over its million.
 pub const MAX_PATHS: usize = 16;
+const _: () = assert!(MAX_PATHS.is_power_of_two(), "pick masks with MAX_PATHS - 1");
+
+/// How long a queue a sender counts on any link, by default: what a real
+/// uplink's buffer holds (a DSL or cable modem's is tens of ms). Beyond it
+/// the link drops rather than queues.
+pub const DEFAULT_BACKLOG_US: u32 = 50_000;
 
 /// `Path::flags`: the link may be chosen.
 pub const PATH_USABLE: u8 = 1;
@@ -46,23 +54,32 @@ pub struct Path {
     pub ns_per_kib: u64,
     /// One-way delay relative to the link of least delay.
     pub delay_ns: u32,
-    /// The link id, as in the bond header.
-    pub link: u8,
+    /// What the sender calls the link: the id in the bond header (an
+    /// origin), or the dense link index (the server).
+    pub id: u32,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<Path>() == 24);
+const _: () = assert!(core::mem::size_of::<Path>() == 32);
 
 impl Path {
     /// A usable link of `kbit` kbit/s and relative delay `delay_ns`.
-    pub const fn new(link: u8, kbit: u64, delay_ns: u32) -> Self {
+    pub const fn new(id: u32, kbit: u64, delay_ns: u32) -> Self {
         Self {
             finish_ns: 0,
             ns_per_kib: ns_per_kib(kbit),
             delay_ns,
-            link,
+            id,
             flags: PATH_USABLE,
-            _pad: [0; 2],
+            _pad: [0; 7],
+        }
+    }
+
+    /// The rate this path was made with, kbit/s (as rounded).
+    pub const fn kbit(&self) -> u64 {
+        match 8_192_000_000u64.checked_div(self.ns_per_kib) {
+            Some(k) => k,
+            None => 0,
         }
     }
 
@@ -96,67 +113,116 @@ pub const fn ns_per_kib(kbit: u64) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Paths {
     pub len: u32,
-    pub _pad: u32,
+    /// The longest queue counted on any link, microseconds.
+    pub backlog_us: u32,
     pub paths: [Path; MAX_PATHS],
 }
-const _: () = assert!(core::mem::size_of::<Paths>() == 8 + 24 * MAX_PATHS);
+const _: () = assert!(core::mem::size_of::<Paths>() == 8 + 32 * MAX_PATHS);
+
+/// More links than a sender can spread over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooManyLinks;
 
 impl Paths {
     pub const EMPTY: Self = Self {
         len: 0,
-        _pad: 0,
+        backlog_us: DEFAULT_BACKLOG_US,
         paths: [Path {
             finish_ns: 0,
             ns_per_kib: 0,
             delay_ns: 0,
-            link: 0,
+            id: 0,
             flags: 0,
-            _pad: [0; 2],
+            _pad: [0; 7],
         }; MAX_PATHS],
     };
 
+    /// The paths for `(id, kbit/s, relative delay in ns)` triples, in that
+    /// order; links of rate zero are left out.
+    pub fn from_links(links: &[(u32, u64, u32)]) -> Result<Self, TooManyLinks> {
+        let mut p = Self::EMPTY;
+        for &(id, kbit, delay_ns) in links.iter().filter(|l| l.1 > 0) {
+            let slot = p.paths.get_mut(p.len as usize).ok_or(TooManyLinks)?;
+            *slot = Path::new(id, kbit, delay_ns);
+            p.len += 1;
+        }
+        Ok(p)
+    }
+
+    /// The links in use, as `from_links` took them.
+    pub fn links(&self) -> impl Iterator<Item = &Path> {
+        self.paths[..(self.len as usize).min(MAX_PATHS)].iter()
+    }
+
     /// Chooses the link for a packet of `len` bytes sent at `now` and
     /// charges it to that link; returns the link id, or `None` when no link
-    /// is usable. No link's queue is counted as longer than
-    /// `max_backlog_ns`: what goes beyond it the real link drops.
+    /// is usable.
+    ///
+    /// `backlog_us` is what a link buffers, and so the horizon: a packet
+    /// that would arrive later than `now + backlog_us` on a link (queue
+    /// plus relative delay) finds that link full, and any link with room
+    /// goes first, however late its arrival. So the link of least delay
+    /// fills to the whole buffer and a link of 40 ms more delay to 40 ms
+    /// less: every link stays busy and arrivals stay in order, even when
+    /// the sender offers more than the links carry. When all are full the
+    /// earliest arrival wins; the excess queues at the link of least delay
+    /// and its real buffer drops it. No queue is counted past the buffer.
+    /// A link whose delay exceeds `backlog_us` can never fill its gap with
+    /// queued packets and is left out.
     #[inline(always)]
-    pub fn pick(&mut self, now: u64, len: u32, max_backlog_ns: u64) -> Option<u8> {
+    pub fn pick(&mut self, now: u64, len: u32) -> Option<u32> {
         let n = if self.len as usize > MAX_PATHS {
             MAX_PATHS
         } else {
             self.len as usize
         };
-        let cap = now + max_backlog_ns;
-        let start = |p: &Path| {
-            if p.finish_ns < now {
-                now
-            } else if p.finish_ns > cap {
-                cap
-            } else {
-                p.finish_ns
-            }
-        };
-        let mut best: Option<(u64, usize)> = None;
+        let backlog = self.backlog_us as u64 * 1000;
+        let cap = now + backlog;
+        // Plain sentinels, not an Option: LLVM may compute on the undefined
+        // payload of a None, which the BPF verifier rejects. One tracker
+        // only: full links are pushed back by FULL rather than tracked
+        // apart (a second precise index would multiply the verifier's
+        // states).
+        let mut best_at = u64::MAX;
+        let mut best = MAX_PATHS;
         let mut i = 0;
         while i < MAX_PATHS {
             if i >= n {
                 break;
             }
             let p = &self.paths[i];
-            if p.flags & PATH_USABLE != 0 {
-                let at = start(p) + p.tx_ns(len) + p.delay_ns as u64;
-                if best.is_none_or(|(b, _)| at < b) {
-                    best = Some((at, i));
+            if p.flags & PATH_USABLE != 0 && p.delay_ns as u64 <= backlog {
+                let start = if p.finish_ns > now { p.finish_ns } else { now };
+                // When it would arrive; behind every link with room if it
+                // would arrive past the horizon.
+                let mut at = start + p.tx_ns(len) + p.delay_ns as u64;
+                if at > cap {
+                    at += FULL;
+                }
+                if at < best_at {
+                    best_at = at;
+                    best = i;
                 }
             }
             i += 1;
         }
-        let (_, i) = best?;
-        let p = &mut self.paths[i & (MAX_PATHS - 1)];
-        p.finish_ns = start(p) + p.tx_ns(len);
-        Some(p.link)
+        if best >= MAX_PATHS {
+            return None;
+        }
+        let p = &mut self.paths[best & (MAX_PATHS - 1)];
+        let start = if p.finish_ns > now { p.finish_ns } else { now };
+        // A packet past the buffer is not counted: the real link drops it.
+        let done = start + p.tx_ns(len);
+        if done <= cap {
+            p.finish_ns = done;
+        }
+        Some(p.id)
     }
 }
+
+/// Added to a full link's arrival time so that any link with room wins:
+/// about five hours, far past any real arrival.
+const FULL: u64 = 1 << 44;
 
 #[cfg(test)]
 mod tests {
@@ -164,23 +230,30 @@ mod tests {
 
     const MS: u64 = 1_000_000;
     const MTU: u32 = 1500;
-    /// A queue bound like a modem's: 50 ms.
-    const BACKLOG: u64 = 50 * MS;
+    const BACKLOG: u64 = DEFAULT_BACKLOG_US as u64 * 1000;
 
+    /// The sender's view of `links` (kbit/s, one-way delay in ms): delays
+    /// relative to the least, as the agents measure them.
     fn paths(links: &[(u64, u32)]) -> Paths {
         let mut p = Paths::EMPTY;
+        let least = links.iter().map(|l| l.1).min().unwrap_or(0);
         for (i, &(kbit, delay_ms)) in links.iter().enumerate() {
-            p.paths[i] = Path::new(i as u8 + 1, kbit, delay_ms * MS as u32);
+            p.paths[i] = Path::new(i as u32 + 1, kbit, (delay_ms - least) * MS as u32);
         }
         p.len = links.len() as u32;
         p
     }
 
     /// The links as they really are: each a FIFO of its true rate and
-    /// delay. Feeds `count` packets of MTU size at `offered_kbit` through
+    /// delay, with a buffer of `BACKLOG` (beyond it, drops). Feeds `count` packets of MTU size at `offered_kbit` through
     /// `paths` (the sender's estimates) and returns each packet's link and
     /// real arrival time.
-    fn run(p: &mut Paths, truth: &[(u64, u32)], offered_kbit: u64, count: usize) -> Vec<(u8, u64)> {
+    fn run(
+        p: &mut Paths,
+        truth: &[(u64, u32)],
+        offered_kbit: u64,
+        count: usize,
+    ) -> Vec<(u32, u64)> {
         run_from(0, p, truth, offered_kbit, count)
     }
 
@@ -191,31 +264,39 @@ mod tests {
         truth: &[(u64, u32)],
         offered_kbit: u64,
         count: usize,
-    ) -> Vec<(u8, u64)> {
+    ) -> Vec<(u32, u64)> {
         let gap = Path::new(0, offered_kbit, 0).tx_ns(MTU);
         let mut busy = vec![0u64; truth.len()];
         (0..count)
             .map(|k| {
                 let now = t0 + k as u64 * gap;
-                let link = p.pick(now, MTU, BACKLOG).expect("a link");
-                let i = usize::from(link - 1);
+                let link = p.pick(now, MTU).expect("a link");
+                let i = link as usize - 1;
                 let real = Path::new(link, truth[i].0, truth[i].1 * MS as u32);
-                busy[i] = busy[i].max(now) + real.tx_ns(MTU);
+                let done = busy[i].max(now) + real.tx_ns(MTU);
+                if done - now > BACKLOG {
+                    return (link, DROPPED); // the real buffer is full
+                }
+                busy[i] = done;
                 (link, busy[i] + u64::from(real.delay_ns))
             })
             .collect()
     }
 
-    fn shares(out: &[(u8, u64)], links: usize) -> Vec<f64> {
-        (1..=links as u8)
+    fn shares(out: &[(u32, u64)], links: usize) -> Vec<f64> {
+        (1..=links as u32)
             .map(|l| out.iter().filter(|(x, _)| *x == l).count() as f64 / out.len() as f64)
             .collect()
     }
 
+    /// The arrival time of a packet the real link dropped.
+    const DROPPED: u64 = u64::MAX;
+
     /// Packets that arrive after one sent later than them did.
-    fn reordered(out: &[(u8, u64)]) -> usize {
+    fn reordered(out: &[(u32, u64)]) -> usize {
         let mut latest = 0;
         out.iter()
+            .filter(|(_, at)| *at != DROPPED)
             .filter(|&&(_, at)| {
                 let late = at < latest;
                 latest = latest.max(at);
@@ -328,36 +409,77 @@ mod tests {
         let out = run(&mut p, &links, 60_000, 1000);
         assert_eq!(shares(&out, 2), vec![1.0, 0.0]);
         p.paths[0].flags = 0;
-        assert_eq!(p.pick(0, MTU, BACKLOG), None);
-        assert_eq!(Paths::EMPTY.clone().pick(0, MTU, BACKLOG), None);
+        assert_eq!(p.pick(0, MTU), None);
+        assert_eq!(Paths::EMPTY.clone().pick(0, MTU), None);
     }
 
     #[test]
-    fn a_queue_is_counted_no_longer_than_a_real_buffer() {
-        // Link 1's rate was overestimated and its virtual queue runs a
-        // second ahead; the real one holds 50 ms. Link 2 at 100 ms delay
-        // would win if the second were believed.
-        let mut p = paths(&[(40_000, 0), (10_000, 100)]);
-        p.paths[0].finish_ns = 1000 * MS;
-        assert_eq!(p.pick(0, MTU, BACKLOG), Some(1));
-        assert!(
-            p.paths[0].finish_ns <= BACKLOG + MS,
-            "{}",
-            p.paths[0].finish_ns
-        );
-        // Within the bound the queue counts in full: 40 ms of queue on
-        // link 1 against 100 ms of delay on link 2 still favours link 1,
-        // 30 ms of queue against 20 ms of delay does not.
+    fn no_queue_is_counted_past_the_buffer() {
+        // A burst far beyond what one link holds: its queue stops at the
+        // buffer, the rest counted as dropped.
+        let mut p = paths(&[(10_000, 0)]);
+        for _ in 0..1000 {
+            assert_eq!(p.pick(0, MTU), Some(1));
+            assert!(p.paths[0].finish_ns <= BACKLOG, "{}", p.paths[0].finish_ns);
+        }
+        // Within the bound a queue counts in full: 30 ms of queue on link
+        // 1 against 20 ms of delay on link 2 sends to link 2.
         let mut p = paths(&[(40_000, 0), (10_000, 20)]);
         p.paths[0].finish_ns = 30 * MS;
-        assert_eq!(p.pick(0, MTU, BACKLOG), Some(2));
+        assert_eq!(p.pick(0, MTU), Some(2));
+    }
+
+    #[test]
+    fn a_link_of_more_delay_than_a_buffer_holds_is_left_out() {
+        let mut p = paths(&[(10_000, 0), (100_000, 60)]);
+        p.paths[0].finish_ns = BACKLOG; // full
+        assert_eq!(p.pick(0, MTU), Some(1), "full, but the other cannot help");
+        p.paths[0].flags = 0;
+        assert_eq!(p.pick(0, MTU), None);
+    }
+
+    #[test]
+    fn a_full_link_is_passed_over_while_another_has_room() {
+        // Link 1 (fast) is full; link 2 (slow, later) has room: link 2.
+        let mut p = paths(&[(40_000, 0), (10_000, 10)]);
+        p.paths[0].finish_ns = BACKLOG;
+        assert_eq!(p.pick(0, MTU), Some(2));
+        // Both full: the earliest arrival, and the packet is not counted in
+        // a queue that has no room for it.
+        p.paths[1].finish_ns = BACKLOG;
+        assert_eq!(p.pick(0, MTU), Some(1));
+        assert_eq!(p.paths[0].finish_ns, BACKLOG);
+    }
+
+    #[test]
+    fn an_overdriving_sender_keeps_every_link_busy_in_proportion() {
+        // TCP overshooting: twice the summed rates. Every link stays busy
+        // and delivers its rate's share; what cannot fit is dropped.
+        let links = [(10_000, 5), (20_000, 20), (40_000, 40)];
+        let mut p = paths(&links);
+        let out = run(&mut p, &links, 140_000, 30_000);
+        let delivered: Vec<(u32, u64)> = out[3000..]
+            .iter()
+            .copied()
+            .filter(|x| x.1 != DROPPED)
+            .collect();
+        let s = shares(&delivered, 3);
+        for (got, want) in s.iter().zip([1.0 / 7.0, 2.0 / 7.0, 4.0 / 7.0]) {
+            assert!((got - want).abs() < 0.02, "{s:?}");
+        }
+        let carried = delivered.len() as f64 / (out.len() - 3000) as f64;
+        assert!(
+            (carried - 0.5).abs() < 0.02,
+            "links carried {carried} of the offer"
+        );
+        assert_eq!(reordered(&delivered), 0);
     }
 
     #[test]
     fn a_corrupt_length_stays_in_bounds() {
         let mut p = paths(&[(10_000, 0)]);
         p.len = 1000;
-        assert_eq!(p.pick(0, MTU, BACKLOG), Some(1));
+        assert_eq!(p.pick(0, MTU), Some(1));
     }
 
     #[test]
@@ -365,7 +487,20 @@ mod tests {
         // A 52-byte ACK on idle links arrives first on the lowest delay,
         // whatever the rates.
         let mut p = paths(&[(40_000, 40), (10_000, 5), (20_000, 20)]);
-        assert_eq!(p.pick(0, 52, BACKLOG), Some(2));
+        assert_eq!(p.pick(0, 52), Some(2));
+    }
+
+    #[test]
+    fn from_links_leaves_out_rate_zero_and_refuses_too_many() {
+        let p = Paths::from_links(&[(7, 10_000, 0), (8, 0, 0), (9, 20_000, 5)]).unwrap();
+        let ids: Vec<u32> = p.links().map(|l| l.id).collect();
+        assert_eq!(ids, vec![7, 9]);
+        let many: Vec<(u32, u64, u32)> = (0..=MAX_PATHS as u32).map(|i| (i, 1, 0)).collect();
+        assert_eq!(Paths::from_links(&many), Err(TooManyLinks));
+        assert_eq!(
+            Paths::from_links(&many[..MAX_PATHS]).unwrap().len as usize,
+            MAX_PATHS
+        );
     }
 
     #[test]
@@ -378,5 +513,9 @@ mod tests {
             p.tx_ns(1500)
         );
         assert_eq!(ns_per_kib(0), 8_192_000_000);
+        for kbit in [1, 10_000, 40_000, 1_000_000, 10_000_000] {
+            let back = Path::new(1, kbit, 0).kbit();
+            assert!(back.abs_diff(kbit) * 1000 <= kbit, "{kbit} -> {back}");
+        }
     }
 }

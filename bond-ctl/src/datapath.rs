@@ -72,7 +72,7 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
 }
 
 /// `statfs(2)`'s `f_type` for a bpffs (`BPF_FS_MAGIC` in linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
 /// Held while one process checks and mounts bpffs: agents started at once
 /// (the demo starts four) would otherwise each find none and each mount
 /// one, and pins made under the first vanish behind the next.
@@ -87,9 +87,8 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         fcntl::{Flock, FlockArg},
         mount::{MsFlags, mount},
     };
-    let is_bpffs = |d: &Path| {
-        nix::sys::statfs::statfs(d).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
-    };
+    let is_bpffs =
+        |d: &Path| nix::sys::statfs::statfs(d).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
     if is_bpffs(dir) {
         return Ok(());
     }
