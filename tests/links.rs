@@ -203,3 +203,34 @@ fn rate_steps_change_the_link_rate() {
     eprintln!("rate steps: {high:.1} then {low:.1} Mbit/s");
     assert!(high > 30.0 && low < 12.0, "high {high:.1}, low {low:.1}");
 }
+
+/// A profile's dark window plays from `start_events`: dark inside it,
+/// light after it, and light again at once when the events are started
+/// anew while dark (the bench starts them for every transfer).
+#[test]
+fn a_dark_window_plays_and_ends_light() {
+    let spec = LinkSpec {
+        dark: Some((Duration::from_millis(200), Duration::from_millis(1500))),
+        ..LinkSpec::delayed(0, 2)
+    };
+    let mut lab = one_link(spec);
+    let t1 = lab.terminals[0].ns.clone();
+    let reach = |lab: &Lab| {
+        lab.cmd(&t1, "ping")
+            .args(["-q", "-c", "1", "-W", "1", "203.0.113.2"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(reach(&lab), "light before the events");
+    lab.start_events();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!reach(&lab), "inside the dark window");
+    lab.start_events(); // stopped while dark, started again
+    assert!(reach(&lab), "a new start begins light");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reach(&lab), "dark again in the new window");
+    std::thread::sleep(Duration::from_millis(1600));
+    assert!(reach(&lab), "light after the window");
+}

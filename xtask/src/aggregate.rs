@@ -1,210 +1,357 @@
-//! `cargo xtask bench aggregate`: goodput over tbf-limited WAN links, bond
-//! against the alternatives on the same links in the same run.
+//! `cargo xtask bench aggregate`: goodput over the lab's named link profiles
+//! (`bond_ctl::lab::Profile`: rate, one-way delay, jitter, loss, rate steps,
+//! a dark window), bond against the alternatives on the same links in the
+//! same run.
 //!
-//! Three communities of terminals on one LAN (Figure 1): three equal links;
-//! links of 10, 20 and 40 Mbit/s; and the same with an origin that has no
-//! link of its own. Each carries one iperf3 TCP download, eight parallel
-//! ones, and one HTTP download, over
+//! Per profile, a community of three terminals t1..t3 on one LAN (Figure 1),
+//! each owning one of the profile's links in order; the origin is t1. Each
+//! carries downloads (iperf3 `-R`) and uploads (iperf3 from the origin) of
+//! one TCP flow and of eight, and one HTTP download, over
 //!
-//! - the best single link, with plain routing from the host that owns it;
+//! - the best single link, with plain routing from the host that owns it:
+//!   every distinct link is measured and the best measured one reported
+//!   (with unequal delays the fastest link need not be the best);
 //! - kernel MPTCP as bonding routers deploy it: the origin opens one subflow
 //!   per link (source-routed through the peer that owns it, which
 //!   masquerades) to a proxy in the server's namespace, which relays to the
 //!   content host over plain TCP;
-//! - bond, from the origin.
+//! - bond from the origin, configured as a user would: measured weights
+//!   (`weight = "auto"`); in full runs also with static weights equal to the
+//!   link rates.
 //!
-//! Every figure is a share of the summed link rates, and each row shows how
-//! the bytes split over the links (the modems' counters), which tells
-//! whether a system really used them all.
+//! Every figure is a share of the profile's summed mean link rates, with the
+//! sender's retransmitted segments (share of the data segments it sent) and
+//! the DSACKs it received, from its namespace's TCP counters; each cell also
+//! shows how the bytes split over the links (the modems' counters). On
+//! `flap` the events (link 1 dark from 3 s to 8 s) start with each measured
+//! transfer, and the goodput inside the dark window is reported as a share
+//! of the other links' rates.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     io,
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::Path,
+    process::Stdio,
     thread,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use bond_ctl::lab::{CONTENT, Lab, SERVER_WAN, TerminalSpec};
+use bond_ctl::lab::{CONTENT, Lab, LinkSpec, PROFILES, Profile, SERVER_WAN};
 
-/// A community to measure: each terminal's link rates, and the origin.
-struct Scenario {
-    name: &'static str,
-    links: Vec<Vec<u32>>,
-    origin: usize,
+#[derive(Clone, Copy, PartialEq)]
+enum Dir {
+    /// From the content host to the origin (iperf3 `-R`, HTTP).
+    Down,
+    /// From the origin to the content host.
+    Up,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Load {
-    /// iperf3 download with this many parallel TCP flows.
+    /// iperf3 with this many parallel TCP flows.
     Tcp(u32),
     /// One HTTP download (curl) of the served file.
     Http,
 }
 
+/// One column of a profile's table.
+#[derive(Clone, Copy)]
+struct Cell {
+    load: Load,
+    dir: Dir,
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum System {
-    Single,
+    /// Plain routing over link `.0` (0-based), from the terminal owning it.
+    Single(usize),
     Mptcp,
+    /// bond with measured weights (`weight = "auto"`).
     Bond,
+    /// bond with static weights equal to the link rates.
+    BondStatic,
 }
 
 /// The proxy's ports in the server namespace (on the server's WAN address).
 const PROXY_IPERF: u16 = 5202;
 const PROXY_HTTP: u16 = 8080;
 
-/// One measurement: goodput and the share of bytes on each link.
+/// One measurement.
+#[derive(Clone)]
 struct Sample {
+    /// Goodput, Mbit/s.
     mbit: f64,
+    /// Goodput inside the dark window (`flap`), Mbit/s.
+    dark_mbit: Option<f64>,
+    /// The sender's TCP counters over the transfer.
+    tcp: TcpDelta,
+    /// Each link's share of the bytes.
     split: Vec<f64>,
 }
 
+/// TCP counters of one namespace (`/proc/net/snmp`, `/proc/net/netstat`),
+/// or the difference of two readings.
+#[derive(Clone, Copy, Default)]
+struct TcpDelta {
+    /// `TcpRetransSegs`.
+    retrans: u64,
+    /// `TcpExtTCPOrigDataSent`: data segments sent, retransmissions aside.
+    data: u64,
+    /// `TcpExtTCPDSACKRecv`.
+    dsack: u64,
+}
+
+impl TcpDelta {
+    /// Retransmitted segments as a share of all data segments sent.
+    fn retrans_share(&self) -> f64 {
+        self.retrans as f64 / (self.data + self.retrans).max(1) as f64
+    }
+}
+
+/// The settings of one run of the suite.
+struct Plan {
+    /// iperf3 seconds (after a 1 s warm-up, except on profiles with a dark
+    /// window, whose transfers are measured from their first second).
+    secs: u32,
+    /// iperf3 seconds on profiles with a dark window.
+    event_secs: u32,
+    /// HTTP file size, MiB.
+    mb: usize,
+    runs: usize,
+    cells: Vec<Cell>,
+    static_row: bool,
+}
+
 pub fn run(bond_ctl: &Path, quick: bool, runs: usize) -> Result<String> {
-    let scenarios = if quick {
-        vec![Scenario {
-            name: "links of 10, 20 and 40 Mbit/s, origin t1",
-            links: vec![vec![10], vec![20], vec![40]],
-            origin: 0,
-        }]
+    let profiles: Vec<&str> = if quick {
+        vec!["mixed", "flap"]
     } else {
-        vec![
-            Scenario {
-                name: "three equal links of 20 Mbit/s, origin t1",
-                links: vec![vec![20], vec![20], vec![20]],
-                origin: 0,
-            },
-            Scenario {
-                name: "links of 10, 20 and 40 Mbit/s, origin t1",
-                links: vec![vec![10], vec![20], vec![40]],
-                origin: 0,
-            },
-            Scenario {
-                name: "links of 10, 20 and 40 Mbit/s, origin t4 (no link of its own)",
-                links: vec![vec![10], vec![20], vec![40], vec![]],
-                origin: 3,
-            },
-        ]
+        PROFILES.to_vec()
     };
-    let (secs, mb) = if quick { (3, 4) } else { (8, 20) };
-    let loads: Vec<Load> = if quick {
-        vec![Load::Tcp(1), Load::Http]
-    } else {
-        vec![Load::Tcp(1), Load::Tcp(8), Load::Http]
+    let mut cells = Vec::new();
+    for dir in [Dir::Down, Dir::Up] {
+        for flows in [1, 8] {
+            cells.push(Cell {
+                load: Load::Tcp(flows),
+                dir,
+            });
+        }
+    }
+    cells.push(Cell {
+        load: Load::Http,
+        dir: Dir::Down,
+    });
+    let plan = Plan {
+        secs: if quick { 3 } else { 10 },
+        event_secs: if quick { 9 } else { 12 },
+        mb: if quick { 4 } else { 20 },
+        runs: runs.max(1),
+        cells,
+        static_row: !quick,
     };
     let mut out = String::new();
     writeln!(
         out,
-        "Goodput of downloads from the content host, as a share of the summed link \
-         rates; in brackets, each link's share of the bytes (from its modem's counters). \
-         iperf3 runs {secs} s after a 1 s warm-up; HTTP fetches {mb} MiB with curl; \
-         each the median of {runs}. MPTCP: the kernel's, one subflow per link, to a proxy in the server namespace."
+        "Goodput between the origin t1 and the content host, as a share of the profile's \
+         summed mean link rates (Mbit/s in brackets), each the median of {runs} run(s). \
+         Under it: the sender's retransmitted segments (share of the data segments it sent) \
+         and the DSACKs it received, from its namespace's TCP counters, and each link's \
+         share of the bytes (its modem's counters). iperf3 runs {} s after a 1 s warm-up \
+         ({} s from the start on `flap`, whose events start with each transfer: link 1 dark \
+         from 3 s to 8 s; \"dark\" is the goodput from 3.5 s to 8 s as a share of the other \
+         links' rates); HTTP fetches {} MiB with curl. Best single link: every distinct link \
+         measured with plain routing, the best median per column reported (the link in the \
+         cell). MPTCP: the kernel's, one subflow per link, to a proxy in the server namespace. \
+         bond: measured weights (`weight = \"auto\"`), as a user would configure it.",
+        plan.secs,
+        plan.event_secs,
+        plan.mb,
+        runs = plan.runs
     )?;
-    for sc in &scenarios {
-        eprintln!("aggregate: {}", sc.name);
-        let spec: Vec<TerminalSpec> = sc
-            .links
-            .iter()
-            .map(|l| TerminalSpec { links: l.clone() })
-            .collect();
-        let mut lab = Lab::build(&spec, bond_ctl)?;
-        lab.serve_file("file.bin", mb)?;
-        lab.start_iperf()?;
-        let rates: Vec<u32> = lab.all_links().map(|l| l.rate_mbit).collect();
-        let sum: u32 = rates.iter().sum();
-        let best = (0..lab.terminals.len())
-            .max_by_key(|&i| lab.terminals[i].links.iter().map(|l| l.rate_mbit).max())
-            .context("no links")?;
-        let best_rate = lab.terminals[best].links[0].rate_mbit;
-
-        let mut rows: Vec<(String, Vec<Sample>)> = Vec::new();
-        for system in [System::Single, System::Mptcp, System::Bond] {
-            let ns = if system == System::Single {
-                lab.terminals[best].ns.clone()
-            } else {
-                lab.terminals[sc.origin].ns.clone()
-            };
-            let mptcp = match system {
-                System::Mptcp => Some(Mptcp::set_up(&mut lab, sc.origin)?),
-                System::Bond => {
-                    lab.start_agents()?;
-                    None
-                }
-                System::Single => None,
-            };
-            let mut samples = Vec::new();
-            for &load in &loads {
-                let mut tries = (0..runs.max(1))
-                    .map(|_| measure(&lab, &ns, system, load, secs))
-                    .collect::<Result<Vec<_>>>()?;
-                tries.sort_by(|a, b| a.mbit.total_cmp(&b.mbit));
-                let s = tries.swap_remove(tries.len() / 2);
-                eprintln!(
-                    "  {:<22} {:<14} {:5.1} Mbit/s  {}",
-                    system_name(system, best_rate, rates.len()),
-                    load_name(load, mb),
-                    s.mbit,
-                    split(&s.split)
-                );
-                samples.push(s);
-            }
-            if let Some(m) = mptcp {
-                m.tear_down(&lab)?;
-            }
-            rows.push((system_name(system, best_rate, rates.len()), samples));
-        }
-
-        let rate_list: Vec<String> = rates.iter().map(u32::to_string).collect();
-        writeln!(
-            out,
-            "\n### {} (links {} Mbit/s, sum {sum})\n",
-            sc.name,
-            rate_list.join("/")
-        )?;
-        let heads: Vec<String> = loads.iter().map(|&l| load_name(l, mb)).collect();
-        writeln!(out, "| | {} |", heads.join(" | "))?;
-        writeln!(out, "|---{}|", "|---".repeat(loads.len()))?;
-        for (name, samples) in &rows {
-            let cells: Vec<String> = samples
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{:.1} Mbit/s, {:.0}% [{}]",
-                        s.mbit,
-                        s.mbit / f64::from(sum) * 100.0,
-                        split(&s.split)
-                    )
-                })
-                .collect();
-            writeln!(out, "| {name} | {} |", cells.join(" | "))?;
-        }
-        for (vs, idx) in [("best single link", 0), ("MPTCP", 1)] {
-            let cells: Vec<String> = rows[2]
-                .1
-                .iter()
-                .zip(&rows[idx].1)
-                .map(|(b, o)| format!("{:.2}x", b.mbit / o.mbit))
-                .collect();
-            writeln!(out, "| bond / {vs} | {} |", cells.join(" | "))?;
-        }
+    for name in profiles {
+        let profile = Profile::named(name)?;
+        eprintln!("aggregate: {name}");
+        let rows = measure_profile(bond_ctl, &profile, &plan)?;
+        report(&mut out, &profile, &plan, &rows)?;
     }
     Ok(out)
 }
 
-fn system_name(s: System, best_rate: u32, links: usize) -> String {
+/// One row of a table: its label and a sample per cell.
+struct Row {
+    name: String,
+    system: System,
+    samples: Vec<Sample>,
+    /// For the best single link: which link each cell's sample is from.
+    links: Vec<usize>,
+}
+
+/// Builds the profile's community and measures every system on it.
+fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Vec<Row>> {
+    let origin = 0;
+    let spec: Vec<Vec<LinkSpec>> = profile.links.iter().map(|l| vec![l.clone()]).collect();
+    let mut lab = new_lab(&spec, bond_ctl, plan, profile)?;
+    // Links with equal specs (and no events) measure alike: one of each.
+    let mut candidates: Vec<usize> = Vec::new();
+    for (k, l) in profile.links.iter().enumerate() {
+        if !candidates.iter().any(|&c| profile.links[c] == *l) {
+            candidates.push(k);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut singles: Vec<Vec<Sample>> = Vec::new();
+    for &k in &candidates {
+        singles.push(measure_system(
+            &mut lab,
+            profile,
+            plan,
+            System::Single(k),
+            origin,
+        )?);
+    }
+    let mut best = Row {
+        name: "best single link".into(),
+        system: System::Single(0),
+        samples: Vec::new(),
+        links: Vec::new(),
+    };
+    for (c, _) in plan.cells.iter().enumerate() {
+        let i = (0..candidates.len())
+            .max_by(|&a, &b| singles[a][c].mbit.total_cmp(&singles[b][c].mbit))
+            .context("no links")?;
+        best.samples.push(singles[i][c].clone());
+        best.links.push(candidates[i]);
+    }
+    rows.push(best);
+
+    let m = Mptcp::set_up(&mut lab, origin)?;
+    let samples = measure_system(&mut lab, profile, plan, System::Mptcp, origin)?;
+    m.tear_down(&lab)?;
+    rows.push(Row {
+        name: format!("MPTCP, {} subflows", profile.links.len()),
+        system: System::Mptcp,
+        samples,
+        links: Vec::new(),
+    });
+
+    lab.auto_weights = true;
+    lab.start_agents()?;
+    let samples = measure_system(&mut lab, profile, plan, System::Bond, origin)?;
+    rows.push(Row {
+        name: "bond (measured weights)".into(),
+        system: System::Bond,
+        samples,
+        links: Vec::new(),
+    });
+    drop(lab);
+
+    if plan.static_row {
+        // A fresh community: the agents read their weights at start.
+        let mut lab = new_lab(&spec, bond_ctl, plan, profile)?;
+        lab.auto_weights = false;
+        lab.start_agents()?;
+        let samples = measure_system(&mut lab, profile, plan, System::BondStatic, origin)?;
+        rows.push(Row {
+            name: "bond, static weights = link rates".into(),
+            system: System::BondStatic,
+            samples,
+            links: Vec::new(),
+        });
+    }
+    Ok(rows)
+}
+
+/// A lab on the profile's links with the content servers running; the
+/// rate steps play from now on (a dark window is started per transfer).
+fn new_lab(spec: &[Vec<LinkSpec>], bond_ctl: &Path, plan: &Plan, profile: &Profile) -> Result<Lab> {
+    let mut lab = Lab::build_links(spec, bond_ctl)?;
+    lab.serve_file("file.bin", plan.mb)?;
+    lab.start_iperf()?;
+    if !has_dark(profile) {
+        lab.start_events();
+    }
+    Ok(lab)
+}
+
+fn has_dark(profile: &Profile) -> bool {
+    profile.links.iter().any(|l| l.dark.is_some())
+}
+
+/// The dark window to report: from half a second after the first dark link
+/// goes dark until it comes back, in seconds from the transfer's start.
+fn dark_window(profile: &Profile) -> Option<(f64, f64)> {
+    let (from, len) = profile.links.iter().find_map(|l| l.dark)?;
+    Some((from.as_secs_f64() + 0.5, (from + len).as_secs_f64()))
+}
+
+/// The summed mean rates of the links that stay up in the dark window.
+fn lit_mbit(profile: &Profile) -> f64 {
+    profile
+        .links
+        .iter()
+        .filter(|l| l.dark.is_none())
+        .map(LinkSpec::mean_mbit)
+        .sum()
+}
+
+/// Every cell of the plan over one system: the median of `plan.runs` each.
+fn measure_system(
+    lab: &mut Lab,
+    profile: &Profile,
+    plan: &Plan,
+    system: System,
+    origin: usize,
+) -> Result<Vec<Sample>> {
+    let client = match system {
+        System::Single(k) => lab.terminals[k].ns.clone(),
+        _ => lab.terminals[origin].ns.clone(),
+    };
+    let mut samples = Vec::new();
+    for &cell in &plan.cells {
+        let mut tries = (0..plan.runs)
+            .map(|_| measure(lab, profile, plan, &client, system, cell))
+            .collect::<Result<Vec<_>>>()?;
+        tries.sort_by(|a, b| a.mbit.total_cmp(&b.mbit));
+        let s = tries.swap_remove(tries.len() / 2);
+        eprintln!(
+            "  {:<28} {:<22} {:5.1} Mbit/s{}  retrans {} ({:.2}%)  dsack {}  [{}]",
+            system_name(system),
+            cell_name(cell, plan.mb),
+            s.mbit,
+            s.dark_mbit
+                .map(|d| format!(" (dark window {d:.1})"))
+                .unwrap_or_default(),
+            s.tcp.retrans,
+            s.tcp.retrans_share() * 100.0,
+            s.tcp.dsack,
+            split(&s.split)
+        );
+        samples.push(s);
+    }
+    Ok(samples)
+}
+
+fn system_name(s: System) -> String {
     match s {
-        System::Single => format!("best single link ({best_rate})"),
-        System::Mptcp => format!("MPTCP, {links} subflows"),
+        System::Single(k) => format!("single link {}", k + 1),
+        System::Mptcp => "MPTCP".into(),
         System::Bond => "bond".into(),
+        System::BondStatic => "bond, static weights".into(),
     }
 }
 
-fn load_name(l: Load, mb: usize) -> String {
-    match l {
-        Load::Tcp(1) => "iperf3, 1 flow".into(),
-        Load::Tcp(n) => format!("iperf3, {n} flows"),
-        Load::Http => format!("HTTP, {mb} MiB"),
+fn cell_name(c: Cell, mb: usize) -> String {
+    let dir = match c.dir {
+        Dir::Down => "down",
+        Dir::Up => "up",
+    };
+    match c.load {
+        Load::Tcp(1) => format!("1 flow {dir}"),
+        Load::Tcp(n) => format!("{n} flows {dir}"),
+        Load::Http => format!("HTTP {mb} MiB {dir}"),
     }
 }
 
@@ -217,22 +364,186 @@ fn split(shares: &[f64]) -> String {
         .join("/")
 }
 
-/// Bytes each link's modem has sent towards its terminal (downstream).
-pub fn link_bytes(lab: &Lab) -> Result<Vec<u64>> {
+/// Writes one profile's table and the comparison of bond with the baselines.
+fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Result<()> {
+    let sum = profile.sum_mbit();
+    let links: Vec<String> = profile.links.iter().map(describe_link).collect();
+    writeln!(
+        out,
+        "\n### {} (sum of mean rates {sum:.0} Mbit/s)\n\nLinks: {}.\n",
+        profile.name,
+        links.join("; ")
+    )?;
+    let heads: Vec<String> = plan.cells.iter().map(|&c| cell_name(c, plan.mb)).collect();
+    writeln!(out, "| | {} |", heads.join(" | "))?;
+    writeln!(out, "|---{}|", "|---".repeat(plan.cells.len()))?;
+    let lit = lit_mbit(profile);
+    for row in rows {
+        let cells: Vec<String> = row
+            .samples
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                let mut t = format!("**{:.0}%** ({:.1})", s.mbit / sum * 100.0, s.mbit);
+                if let Some(&k) = row.links.get(c) {
+                    let _ = write!(t, " link {}", k + 1);
+                }
+                if let Some(d) = s.dark_mbit {
+                    let _ = write!(t, "<br>dark: {:.0}% of {lit:.0}", d / lit * 100.0);
+                }
+                let _ = write!(
+                    t,
+                    "<br>rtx {} ({:.2}%), dsack {}<br>[{}]",
+                    s.tcp.retrans,
+                    s.tcp.retrans_share() * 100.0,
+                    s.tcp.dsack,
+                    split(&s.split)
+                );
+                t
+            })
+            .collect();
+        writeln!(out, "| {} | {} |", row.name, cells.join(" | "))?;
+    }
+    let bond = rows
+        .iter()
+        .find(|r| r.system == System::Bond)
+        .context("no bond row")?;
+    let mut below: Vec<String> = Vec::new();
+    for (vs, base) in [
+        (
+            "best single",
+            rows.iter().find(|r| r.links.len() == plan.cells.len()),
+        ),
+        ("MPTCP", rows.iter().find(|r| r.system == System::Mptcp)),
+    ] {
+        let base = base.context("no baseline row")?;
+        let mut cells = Vec::new();
+        let mut worse = Vec::new();
+        for (c, (b, o)) in bond.samples.iter().zip(&base.samples).enumerate() {
+            let r = b.mbit / o.mbit.max(1e-9);
+            if r < 1.0 {
+                cells.push(format!("**{r:.2}x below**"));
+                worse.push(heads[c].clone());
+            } else {
+                cells.push(format!("{r:.2}x"));
+            }
+        }
+        writeln!(out, "| bond / {vs} | {} |", cells.join(" | "))?;
+        if !worse.is_empty() {
+            below.push(format!("below the {vs} in {}", worse.join(", ")));
+        }
+    }
+    writeln!(out)?;
+    if below.is_empty() {
+        writeln!(
+            out,
+            "On `{}`, bond is at or above the best single link and MPTCP in every column.",
+            profile.name
+        )?;
+    } else {
+        writeln!(
+            out,
+            "On `{}`, bond (measured weights) is {}.",
+            profile.name,
+            below.join("; and ")
+        )?;
+    }
+    Ok(())
+}
+
+/// "40 Mbit/s, 40 ms ±10 ms, 0.1% loss, steps to 20 every 3 s".
+fn describe_link(l: &LinkSpec) -> String {
+    let mut s = format!("{} Mbit/s", l.rate_mbit);
+    let i = &l.impair;
+    if !i.delay.is_zero() {
+        let _ = write!(s, ", {} ms", i.delay.as_millis());
+    }
+    if !i.jitter.is_zero() {
+        let _ = write!(s, " ±{} ms", i.jitter.as_millis());
+    }
+    if i.loss > 0.0 {
+        let _ = write!(s, ", {}% loss", i.loss * 100.0);
+    }
+    if let Some((low, every)) = l.steps {
+        let _ = write!(s, ", steps to {low} every {} s", every.as_secs_f64());
+    }
+    if let Some((from, len)) = l.dark {
+        let _ = write!(
+            s,
+            ", dark {}..{} s",
+            from.as_secs_f64(),
+            (from + len).as_secs_f64()
+        );
+    }
+    s
+}
+
+/// Bytes each link's modem has sent towards its terminal (`acc`,
+/// downstream) or towards the internet (`uplink`, upstream).
+fn link_bytes(lab: &Lab, dir: Dir) -> Result<Vec<u64>> {
+    let dev = match dir {
+        Dir::Down => "acc",
+        Dir::Up => "uplink",
+    };
     lab.all_links()
         .map(|l| {
-            let j = lab.exec(&l.modem_ns, "ip", &["-s", "-j", "link", "show", "acc"])?;
+            let j = lab.exec(&l.modem_ns, "ip", &["-s", "-j", "link", "show", dev])?;
             let v: serde_json::Value = serde_json::from_str(&j)?;
             v[0]["stats64"]["tx"]["bytes"]
                 .as_u64()
-                .with_context(|| format!("tx bytes of acc in {}", l.modem_ns))
+                .with_context(|| format!("tx bytes of {dev} in {}", l.modem_ns))
         })
         .collect()
 }
 
-/// Runs one load over one system from `ns`.
-fn measure(lab: &Lab, ns: &str, system: System, load: Load, secs: u32) -> Result<Sample> {
-    let (host, iperf_port, url) = if system == System::Mptcp {
+/// The TCP counters of a namespace, read inside it.
+fn tcp_counters(lab: &Lab, ns: &str) -> Result<TcpDelta> {
+    let text = lab.exec(ns, "cat", &["/proc/net/snmp", "/proc/net/netstat"])?;
+    // Each group is a line of names and a line of values, both "Prefix: ...".
+    let mut names: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut values: HashMap<String, u64> = HashMap::new();
+    for line in text.lines() {
+        let Some((prefix, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        match names.remove(prefix) {
+            Some(keys) => {
+                for (k, v) in keys.iter().zip(&fields) {
+                    if let Ok(v) = v.parse::<i64>() {
+                        values.insert(format!("{prefix}{k}"), v.max(0) as u64);
+                    }
+                }
+            }
+            None => {
+                names.insert(prefix, fields);
+            }
+        }
+    }
+    let get = |k: &str| {
+        values
+            .get(k)
+            .copied()
+            .with_context(|| format!("no {k} in the TCP counters of {ns}"))
+    };
+    Ok(TcpDelta {
+        retrans: get("TcpRetransSegs")?,
+        data: get("TcpExtTCPOrigDataSent")?,
+        dsack: get("TcpExtTCPDSACKRecv")?,
+    })
+}
+
+/// Runs one cell over one system, the client in `client`.
+fn measure(
+    lab: &mut Lab,
+    profile: &Profile,
+    plan: &Plan,
+    client: &str,
+    system: System,
+    cell: Cell,
+) -> Result<Sample> {
+    let mptcp = system == System::Mptcp;
+    let (host, iperf_port, url) = if mptcp {
         (
             SERVER_WAN,
             PROXY_IPERF,
@@ -242,63 +553,156 @@ fn measure(lab: &Lab, ns: &str, system: System, load: Load, secs: u32) -> Result
         (CONTENT, 5201, format!("http://{CONTENT}/file.bin"))
     };
     // mptcpize turns the client's TCP sockets into MPTCP ones.
-    let wrap: &[&str] = if system == System::Mptcp {
-        &["mptcpize", "run"]
-    } else {
-        &[]
+    let wrap: &[&str] = if mptcp { &["mptcpize", "run"] } else { &[] };
+    // The sender over the links: the content host, or for MPTCP downloads
+    // the proxy in the server namespace; the client for uploads.
+    let sender = match (cell.dir, mptcp) {
+        (Dir::Down, false) => lab.web_ns.clone(),
+        (Dir::Down, true) => lab.server_ns.clone(),
+        (Dir::Up, _) => client.to_string(),
     };
-    let before = link_bytes(lab)?;
-    let mbit = match load {
-        Load::Tcp(flows) => iperf(lab, ns, wrap, host, iperf_port, flows, secs)?,
-        Load::Http => http(lab, ns, wrap, &url)?,
+    let events = has_dark(profile) && matches!(cell.load, Load::Tcp(_));
+    if has_dark(profile) {
+        // Every link lit before the next transfer, whatever the last did.
+        let dark: Vec<u8> = lab
+            .all_links()
+            .filter(|l| lab.link_spec(l.id).is_some_and(|s| s.dark.is_some()))
+            .map(|l| l.id)
+            .collect();
+        for id in dark {
+            lab.set_dark(id, false)?;
+        }
+    }
+    let before = link_bytes(lab, cell.dir)?;
+    let tcp_before = tcp_counters(lab, &sender)?;
+    let (mbit, dark_mbit) = match cell.load {
+        Load::Tcp(flows) => {
+            let secs = if events { plan.event_secs } else { plan.secs };
+            let window = if events { dark_window(profile) } else { None };
+            iperf(
+                lab, client, wrap, host, iperf_port, flows, secs, cell.dir, window,
+            )?
+        }
+        Load::Http => (http(lab, client, wrap, &url)?, None),
     };
-    let after = link_bytes(lab)?;
-    let moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let tcp_after = tcp_counters(lab, &sender)?;
+    let after = link_bytes(lab, cell.dir)?;
+    let moved: Vec<u64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
     let total = moved.iter().sum::<u64>().max(1) as f64;
     Ok(Sample {
         mbit,
+        dark_mbit,
+        tcp: TcpDelta {
+            retrans: tcp_after.retrans.saturating_sub(tcp_before.retrans),
+            data: tcp_after.data.saturating_sub(tcp_before.data),
+            dsack: tcp_after.dsack.saturating_sub(tcp_before.dsack),
+        },
         split: moved.iter().map(|&m| m as f64 / total).collect(),
     })
 }
 
-/// Goodput of an iperf3 download (`-R`) in Mbit/s.
+/// Goodput of an iperf3 transfer in Mbit/s (`Dir::Down`: `-R`), and with a
+/// `window` (seconds from the start), the goodput inside it from the
+/// receiver's half-second intervals. With a window the lab's events start
+/// as the transfer does, and there is no warm-up.
+#[allow(clippy::too_many_arguments)]
 fn iperf(
-    lab: &Lab,
+    lab: &mut Lab,
     ns: &str,
     wrap: &[&str],
     host: Ipv4Addr,
     port: u16,
     flows: u32,
     secs: u32,
-) -> Result<f64> {
-    let args = [
+    dir: Dir,
+    window: Option<(f64, f64)>,
+) -> Result<(f64, Option<f64>)> {
+    let mut args: Vec<String> = [
         "iperf3",
         "-c",
         &host.to_string(),
         "-p",
         &port.to_string(),
-        "-R",
         "-P",
         &flows.to_string(),
         "-t",
         &secs.to_string(),
-        "-O",
-        "1",
+        "-i",
+        "0.5",
         "-J",
     ]
-    .map(str::to_string);
+    .map(str::to_string)
+    .to_vec();
+    match dir {
+        Dir::Down => args.push("-R".into()),
+        // The receiver's intervals are the server's.
+        Dir::Up => args.push("--get-server-output".into()),
+    }
+    if window.is_none() {
+        args.extend(["-O".into(), "1".into()]);
+    }
     let argv: Vec<&str> = wrap
         .iter()
         .copied()
         .chain(args.iter().map(String::as_str))
         .collect();
-    let out = lab.exec(ns, argv[0], &argv[1..])?;
+    let out = if window.is_some() {
+        let child = lab
+            .cmd(ns, argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("iperf3 in {ns}"))?;
+        lab.start_events();
+        let o = child.wait_with_output()?;
+        ensure!(
+            o.status.success(),
+            "iperf3 in {ns}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    } else {
+        lab.exec(ns, argv[0], &argv[1..])?
+    };
     let v: serde_json::Value =
         serde_json::from_str(&out).with_context(|| format!("iperf3's JSON from {ns}"))?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .with_context(|| format!("no received rate in iperf3's report from {ns}: {out:.400}"))?;
-    Ok(bps / 1e6)
+    let Some((from, to)) = window else {
+        return Ok((bps / 1e6, None));
+    };
+    // The receiver's intervals: the client's for downloads, the server's for
+    // uploads (if the server sent none back, the client's, as sent).
+    let server = v["server_output_json"]["intervals"].as_array();
+    let intervals = match (dir, server) {
+        (Dir::Up, Some(s)) if !s.is_empty() => s,
+        _ => v["intervals"]
+            .as_array()
+            .with_context(|| format!("no intervals in iperf3's report from {ns}: {out:.400}"))?,
+    };
+    let rates: Vec<f64> = intervals
+        .iter()
+        .filter(|i| {
+            let s = &i["sum"];
+            let (a, b) = (s["start"].as_f64(), s["end"].as_f64());
+            matches!((a, b), (Some(a), Some(b)) if a >= from - 0.05 && b <= to + 0.05)
+        })
+        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+        .collect();
+    ensure!(
+        !rates.is_empty(),
+        "no iperf3 intervals inside {from}..{to} s from {ns}"
+    );
+    let dark = rates.iter().sum::<f64>() / rates.len() as f64 / 1e6;
+    Ok((bps / 1e6, Some(dark)))
 }
 
 /// Goodput of one HTTP download in Mbit/s.

@@ -62,9 +62,10 @@ enum Cmd {
         /// the suites work, not that a figure is reached.
         #[arg(long)]
         quick: bool,
-        /// Repeats of each aggregate measurement (the median is reported).
-        #[arg(long, default_value_t = 1)]
-        runs: usize,
+        /// Repeats of each aggregate measurement (the median is reported);
+        /// default 3, or 1 with --quick.
+        #[arg(long)]
+        runs: Option<usize>,
     },
     /// The MPTCP baseline's proxy (run by `bench aggregate` in the server
     /// namespace): accepts MPTCP connections on LISTEN, relays each to TO.
@@ -105,7 +106,12 @@ fn main() -> Result<()> {
             runs,
         } => {
             let bin = build()?;
-            bench(&bin, &suites, quick, runs)
+            bench(
+                &bin,
+                &suites,
+                quick,
+                runs.unwrap_or(if quick { 1 } else { 3 }),
+            )
         }
         Cmd::MptcpProxy { listen, to } => aggregate::proxy(listen, to),
     }

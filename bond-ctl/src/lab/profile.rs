@@ -179,7 +179,9 @@ impl Drop for Events {
 fn play(scripts: &[Script], stop: &AtomicBool) {
     let start = Instant::now();
     let mut rate = vec![None::<u32>; scripts.len()];
-    let mut dark = vec![false; scripts.len()];
+    // Unknown at first: an earlier run may have been stopped in its dark
+    // window, so every line with a window is told its state at once.
+    let mut dark = vec![true; scripts.len()];
     while !stop.load(Ordering::Relaxed) {
         let t = start.elapsed();
         for (i, s) in scripts.iter().enumerate() {
@@ -204,6 +206,12 @@ fn play(scripts: &[Script], stop: &AtomicBool) {
             }
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    // Stopped: no link stays dark behind the script's back.
+    for (s, _) in scripts.iter().zip(&dark).filter(|(_, d)| **d) {
+        if let (Some(_), Some(line)) = (s.spec.dark, &s.line) {
+            let _ = command(line, "light");
+        }
     }
 }
 
