@@ -56,116 +56,80 @@ fn link_counts(v: &serde_json::Value, field: &str) -> std::collections::BTreeMap
         .collect()
 }
 
-/// Asserts counts are spread in the ratio of `weights` (by link id), within
-/// `tol` of each link's expected share.
-fn assert_ratio(
-    what: &str,
-    counts: &std::collections::BTreeMap<u64, u64>,
-    weights: &[(u64, f64)],
-    tol: f64,
-) {
-    let total: u64 = weights
-        .iter()
-        .map(|(id, _)| counts.get(id).copied().unwrap_or(0))
-        .sum();
-    let wsum: f64 = weights.iter().map(|(_, w)| w).sum();
-    assert!(total > 1000, "{what}: too few packets to judge: {counts:?}");
-    for (id, w) in weights {
-        let share = counts.get(id).copied().unwrap_or(0) as f64 / total as f64;
-        let want = w / wsum;
-        assert!(
-            (share - want).abs() <= want * tol,
-            "{what}: link {id} carried {:.1}% of packets, want {:.1}% ±{:.0}%: {counts:?}",
-            share * 100.0,
-            want * 100.0,
-            tol * 100.0
-        );
-    }
-}
-
+/// One TCP flow each way over links of 10, 20 and 30 Mbit/s from t3 (no
+/// link of its own). Both ways beat the best single link (30 Mbit/s): only
+/// bonding gets there. Each packet goes where it arrives first, so under
+/// a saturating flow every link carries traffic and none more than its
+/// rate (with 5% for measurement); the only drops are the senders' own
+/// when every link is full. (Target figures are `cargo xtask bench`'s.)
 #[test]
-fn tcp_iperf_and_weighted_spread_both_directions() {
+fn tcp_iperf_fills_every_link_to_its_rate_both_directions() {
     let mut lab = figure1();
     lab.start_iperf().unwrap();
     let t3 = lab.terminals[2].ns.clone();
-    // Upload (origin -> server) then download (-R), 5 s each.
+    let (srv_ns, srv) = (lab.server_ns.clone(), lab.server_instance.clone());
+    let origin = lab.terminals[2].instance.clone();
+    let rates = [(1u64, 10.0), (2, 20.0), (3, 30.0)];
+    let secs = 5.0;
     for reverse in [false, true] {
+        // Upstream the origin counts what it sends; downstream the server.
+        let (ns, inst, field) = if reverse {
+            (&srv_ns, &srv, "down_bytes")
+        } else {
+            (&t3, &origin, "up_bytes")
+        };
+        let before = link_counts(&lab.links_json(ns, inst).unwrap(), field);
         let mut args = vec!["-c", "203.0.113.2", "-t", "5", "-J"];
         if reverse {
             args.push("-R");
         }
-        let _ = lab.exec(&t3, "nstat", &["-n"]);
         let out = lab.exec(&t3, "iperf3", &args).expect("iperf3");
-        let ns = lab.exec(&t3, "nstat", &[]).unwrap_or_default();
-        eprintln!(
-            "{}",
-            ns.lines()
-                .filter(|l| l.contains("Retrans")
-                    || l.contains("DSACK")
-                    || l.contains("Reorder")
-                    || l.contains("Lost")
-                    || l.contains("SACKRecovery")
-                    || l.contains("Timeouts"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        let after = link_counts(&lab.links_json(ns, inst).unwrap(), field);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let bps = v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .unwrap();
+        let way = if reverse { "down" } else { "up" };
+        let per_link: Vec<(u64, f64)> = rates
+            .iter()
+            .map(|&(id, _)| {
+                let b =
+                    after.get(&id).copied().unwrap_or(0) - before.get(&id).copied().unwrap_or(0);
+                (id, b as f64 * 8.0 / secs / 1e6)
+            })
+            .collect();
         eprintln!(
-            "iperf3 TCP {}: {:.1} Mbit/s, {} retransmits",
-            if reverse { "down" } else { "up" },
+            "iperf3 TCP {way}: {:.1} Mbit/s, {} retransmits; per link {per_link:.1?} Mbit/s",
             bps / 1e6,
             v["end"]["sum_sent"]["retransmits"]
         );
-        // Both ways must beat the best single link (30 Mbit/s): only
-        // bonding gets there. (Target figures are `cargo xtask bench`'s.)
-        let floor = 31e6;
         assert!(
-            bps > floor,
-            "iperf3 TCP: {:.1} Mbit/s, want > {:.0}",
-            bps / 1e6,
-            floor / 1e6
+            bps > 31e6,
+            "iperf3 TCP {way}: {:.1} Mbit/s, want > 31",
+            bps / 1e6
         );
+        for ((id, mbit), (_, rate)) in per_link.iter().zip(rates) {
+            assert!(
+                *mbit <= rate * 1.05,
+                "{way}: link {id} carried {mbit:.1} Mbit/s of {rate}"
+            );
+            assert!(
+                *mbit >= rate * 0.3,
+                "{way}: link {id} carried only {mbit:.1} Mbit/s of {rate}"
+            );
+        }
     }
-    // Weights are the link rates 10:20:30, upstream at the origin and
-    // downstream at the server.
-    let weights = [(1, 10.0), (2, 20.0), (3, 30.0)];
-    let up = lab
-        .links_json(&t3, &lab.terminals[2].instance.clone())
-        .unwrap();
-    assert_ratio(
-        "upstream at origin",
-        &link_counts(&up, "up_pkts"),
-        &weights,
-        0.05,
-    );
-    let srv = lab
-        .links_json(&lab.server_ns.clone(), &lab.server_instance.clone())
-        .unwrap();
-    assert_ratio(
-        "downstream at server",
-        &link_counts(&srv, "down_pkts"),
-        &weights,
-        0.05,
-    );
-    assert_ratio(
-        "upstream at server",
-        &link_counts(&srv, "up_pkts"),
-        &weights,
-        0.05,
-    );
-    assert_eq!(
-        srv["drops"]
+    for (ns, inst) in [(&srv_ns, &srv), (&t3, &origin)] {
+        let v = lab.links_json(ns, inst).unwrap();
+        let drops: Vec<(&String, u64)> = v["drops"]
             .as_object()
             .unwrap()
-            .values()
-            .filter_map(|v| v.as_u64())
-            .sum::<u64>(),
-        0,
-        "{srv}"
-    );
+            .iter()
+            .map(|(k, n)| (k, n.as_u64().unwrap()))
+            .filter(|&(k, n)| n > 0 && k != "links_full" && k != "not_ipv4")
+            .collect();
+        assert!(drops.is_empty(), "{inst}: {drops:?}");
+    }
 }
 
 #[test]
@@ -374,4 +338,165 @@ fn agents_started_at_once_without_bpffs_share_one_mount() {
         out.contains("mounts=1\n"),
         "want one bpffs mount:\n{out}\n{logs}"
     );
+}
+
+/// A lab of three terminals, each owning one of `profile`'s links, with
+/// iperf3 and a file on the content host, agents started.
+fn profile_lab(profile: &str, file_mb: usize) -> (Lab, std::path::PathBuf) {
+    use bond_ctl::lab::Profile;
+    let p = Profile::named(profile).unwrap();
+    let spec: Vec<Vec<_>> = p.links.iter().map(|l| vec![l.clone()]).collect();
+    let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
+    let served = lab.serve_file("file.bin", file_mb).unwrap();
+    lab.start_iperf().unwrap();
+    lab.start_agents().expect("start agents");
+    (lab, served)
+}
+
+/// iperf3 TCP from `ns` for `secs` (`reverse`: download): Mbit/s received.
+fn iperf_mbit(lab: &Lab, ns: &str, secs: u32, reverse: bool) -> f64 {
+    let t = secs.to_string();
+    let mut args = vec!["-c", "203.0.113.2", "-t", &t, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = lab.exec(ns, "iperf3", &args).expect("iperf3");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6
+}
+
+/// `mixed` (10/20/40 Mbit/s at 5/20/40 ms one way): a file arrives intact,
+/// and one TCP flow each way keeps more than 25 Mbit/s. Weighted
+/// round-robin, which ignores the delays, reorders this flow into 13.7
+/// Mbit/s; earliest arrival first measured 30-38 here. (The goal,
+/// 90% of the 70 Mbit/s, is not reached: `cargo xtask bench aggregate`.)
+#[test]
+fn mixed_links_keep_one_tcp_flow_above_25_mbit_both_ways() {
+    let (lab, served) = profile_lab("mixed", 8);
+    let t1 = lab.terminals[0].ns.clone();
+    let (_, secs, out) = lab
+        .download(&t1, "http://203.0.113.2/file.bin", "mixed.bin")
+        .expect("download");
+    assert_eq!(sha256(&out), sha256(&served), "downloaded file differs");
+    eprintln!("8 MiB over mixed links: {secs:.2} s");
+    for reverse in [true, false] {
+        let mbit = iperf_mbit(&lab, &t1, 6, reverse);
+        let way = if reverse { "down" } else { "up" };
+        eprintln!("mixed: one TCP flow {way}: {mbit:.1} Mbit/s");
+        assert!(mbit > 25.0, "{way}: {mbit:.1} Mbit/s, want > 25");
+    }
+}
+
+/// When each counter last moved, polling every 10 ms for `watch`.
+fn last_changes<const N: usize>(
+    read: impl Fn() -> [u64; N],
+    watch: std::time::Duration,
+) -> [std::time::Instant; N] {
+    let start = std::time::Instant::now();
+    let (mut last, mut at) = (read(), [start; N]);
+    while start.elapsed() < watch {
+        let now = read();
+        for i in 0..N {
+            if now[i] != last[i] {
+                (last[i], at[i]) = (now[i], std::time::Instant::now());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    at
+}
+
+/// `flap`: link 1 (t1's own) goes dark with carrier up during an upload
+/// from t1 and a download to it. Within 300 ms it leaves t1's own upstream
+/// schedule and the server's downstream one (their counters for it stop),
+/// the transfers go on over the other links, and it is back in both once
+/// it delivers again.
+#[test]
+fn a_dark_link_leaves_every_schedule_within_300ms_and_comes_back() {
+    use bond_ctl::datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+    use std::time::{Duration, Instant};
+    let (mut lab, _) = profile_lab("flap", 1);
+    let t1 = lab.terminals[0].ns.clone();
+    let bpffs = std::path::Path::new(DEFAULT_BPFFS);
+    let origin = Maps::new(pin_dir(bpffs, &lab.terminals[0].instance));
+    let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
+    let idx = server
+        .server_link_index()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.link == 1)
+        .expect("link 1 at the server")
+        .1;
+    let up = || {
+        origin
+            .terminal_link_stats()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.0 == 1)
+            .map_or(0, |s| s.2.up_pkts)
+    };
+    let down = || server.server_link_stats(idx).unwrap().down_pkts;
+    // A second iperf3 server: one serves a single test at a time.
+    let web = lab.web_ns.clone();
+    lab.spawn(
+        &web,
+        "iperf3-b",
+        "iperf3",
+        &["-s", "-B", "203.0.113.2", "-p", "5202"],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for (name, port, reverse) in [("upload", "5201", false), ("download", "5202", true)] {
+        let mut args = vec!["-c", "203.0.113.2", "-p", port, "-t", "8", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        lab.spawn(&t1, name, "iperf3", &args).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (up0, down0) = (up(), down());
+    std::thread::sleep(Duration::from_millis(500));
+    let (up1, down1) = (up(), down());
+    assert!(
+        up1 > up0 && down1 > down0,
+        "link 1 carries both ways before: up {up0} -> {up1}, down {down0} -> {down1}"
+    );
+    lab.set_dark(1, true).unwrap();
+    let dark_at = Instant::now();
+    let [up_stop, down_stop] = last_changes(|| [up(), down()], Duration::from_millis(1500));
+    let (up_in, down_in) = (up_stop - dark_at, down_stop - dark_at);
+    eprintln!(
+        "dark link: out of the origin's schedule after {up_in:?}, the server's after {down_in:?}"
+    );
+    assert!(
+        up_in <= Duration::from_millis(300),
+        "the origin sent on it for {up_in:?}"
+    );
+    assert!(
+        down_in <= Duration::from_millis(300),
+        "the server sent on it for {down_in:?}"
+    );
+    lab.set_dark(1, false).unwrap();
+    let (up1, down1) = (up(), down());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        up() > up1 && down() > down1,
+        "link 1 back in both schedules after healing"
+    );
+    for name in ["upload", "download"] {
+        let log = lab.wait_child(name, Duration::from_secs(30)).expect(name);
+        let v: serde_json::Value = serde_json::from_str(&log).expect(&log);
+        let mbit = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: no result: {log}"))
+            / 1e6;
+        eprintln!("flap {name}: {mbit:.1} Mbit/s over 8 s");
+        assert!(
+            mbit > 20.0,
+            "{name}: {mbit:.1} Mbit/s, not above one link (20)"
+        );
+    }
 }

@@ -218,9 +218,11 @@ fn mtu(lab: &Lab, ns: &str, dev: &str) -> u64 {
 
 #[test]
 fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
+    // Links of 10 Mbit/s: the 4 MiB each way need both (each packet goes
+    // where it arrives first, so unlimited links would leave t2's idle).
     let spec = vec![
-        TerminalSpec { links: vec![0] },
-        TerminalSpec { links: vec![0] },
+        TerminalSpec { links: vec![10] },
+        TerminalSpec { links: vec![10] },
     ];
     let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
     // t2's line is PPPoE-like: 1400 bytes on both ends of its access link.

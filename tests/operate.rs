@@ -252,7 +252,7 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
     assert_eq!(row(3)["port"], 7702);
     assert_eq!(
         (row(3)["up"].as_u64(), row(3)["missed"].as_u64()),
-        (Some(30), Some(0))
+        (Some(30_000), Some(0))
     );
     assert!(
         rows.iter()
@@ -422,6 +422,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
                     up: 999,
                     down: 999,
                     mtu: 1500,
+                    ..Default::default()
                 }],
             },
         }

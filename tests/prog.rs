@@ -25,6 +25,10 @@ use common::{
     },
 };
 
+/// The queue the tests let a path count: long enough that the slow rates
+/// they use (so that picks do not depend on how fast the test runs) are
+/// never cut short.
+const TEST_BACKLOG_US: u32 = 60_000_000;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -397,15 +401,55 @@ mod wrap {
     }
 }
 
+/// Where earliest-delivery-path-first sends each of `lens` (wire bytes)
+/// over `links` (id, kbit/s, delay ns), all sent at once. Each choice must
+/// win by `margin_ns`, so that the microseconds a test takes between
+/// packets cannot change it.
+fn edpf_choices(links: &[(u8, u64, u32)], lens: &[u32], margin_ns: u64) -> Vec<u8> {
+    use bond_common::edpf::Paths;
+    let l: Vec<(u32, u64, u32)> = links
+        .iter()
+        .map(|&(i, k, d)| (u32::from(i), k, d))
+        .collect();
+    let mut p = Paths::from_links(&l).unwrap();
+    p.backlog_us = TEST_BACKLOG_US;
+    lens.iter()
+        .map(|&len| {
+            let mut at: Vec<u64> = p.links().map(|x| x.arrival(0, len)).collect();
+            at.sort_unstable();
+            assert!(
+                at[1] - at[0] >= margin_ns,
+                "fixture too close to call: {at:?}"
+            );
+            p.pick(0, len).unwrap() as u8
+        })
+        .collect()
+}
+
 #[test]
-fn wrap_spreads_tcp_udp_icmp_over_weighted_links() {
+fn wrap_sends_each_packet_where_it_arrives_first() {
     use {term::*, wrap::*};
     isolate::pinned(|cpu| {
-        let t = wrap::setup("wrap-wrr");
-        t.maps.set_up_schedule(&[(A, 2), (B, 1), (C, 2)]).unwrap();
-        let want_links = [A, B, C, A, C];
+        let t = wrap::setup("wrap-edpf");
+        // Slow rates, so each packet queues tens of ms on its link, and a
+        // 60 ms delay on C: the picks are the pure function's.
+        let links = [(A, 20, 0), (B, 9, 0), (C, 33, 60_000_000)];
+        t.maps.set_up_paths(&links, TEST_BACKLOG_US).unwrap();
+        let lens: Vec<u32> = app_packets()
+            .iter()
+            .map(|p| (p.bytes().len() + WRAP_LEN) as u32)
+            .collect();
+        let want_links = edpf_choices(&links, &lens, 5_000_000);
+        assert_eq!(
+            want_links
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            3,
+            "{want_links:?}: every link used"
+        );
         let mut bytes = std::collections::BTreeMap::<u8, u64>::new();
-        for (k, (inner, link)) in app_packets().iter().zip(want_links).enumerate() {
+        for (k, (inner, &link)) in app_packets().iter().zip(&want_links).enumerate() {
             // The sequence number counts per CPU, the CPU id in its low 6 bits.
             let seq = ((k as u32) << 6) | (cpu & 63);
             let what = format!("packet {k} ({:?})", inner.l4);
@@ -418,7 +462,8 @@ fn wrap_spreads_tcp_udp_icmp_over_weighted_links() {
             assert_wrapped_checksums(&out, &what);
             *bytes.entry(link).or_default() += inner.len() as u64;
         }
-        for (link, pkts) in [(A, 2), (B, 1), (C, 2)] {
+        for link in [A, B, C] {
+            let pkts = want_links.iter().filter(|&&l| l == link).count() as u64;
             assert_eq!(
                 term::stats(&t, link),
                 LinkStats {
@@ -446,18 +491,24 @@ fn wrap_refuses_what_it_cannot_send() {
             TC_ACT_SHOT,
             "no_links",
         );
-        t.maps.set_up_schedule(&[]).unwrap();
+        t.maps.set_up_paths(&[], TEST_BACKLOG_US).unwrap();
         t.expect_drop("bond_wrap", "empty schedule", &pkt, TC_ACT_SHOT, "no_links");
-        t.maps.set_up_schedule(&[(A, 0), (B, 0)]).unwrap();
+        t.maps
+            .set_up_paths(&[(A, 0, 0), (B, 0, 0)], TEST_BACKLOG_US)
+            .unwrap();
         t.expect_drop("bond_wrap", "all weights 0", &pkt, TC_ACT_SHOT, "no_links");
 
-        t.maps.set_up_schedule(&[(A, 1)]).unwrap();
+        t.maps
+            .set_up_paths(&[(A, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         let v6 = ipv6_udp_frame(BOND0_MAC, BOND0_MAC, 53);
         t.expect_drop("bond_wrap", "IPv6 frame", &v6, TC_ACT_SHOT, "not_ipv4");
         let arp = arp_frame(BOND0_MAC, LAN_IP, CONTENT);
         t.expect_drop("bond_wrap", "ARP frame", &arp, TC_ACT_SHOT, "not_ipv4");
 
-        t.maps.set_up_schedule(&[(4, 1)]).unwrap();
+        t.maps
+            .set_up_paths(&[(4, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         t.expect_drop(
             "bond_wrap",
             "link without entry",
@@ -466,8 +517,21 @@ fn wrap_refuses_what_it_cannot_send() {
             "link_missing",
         );
 
+        // A 1 kbit/s link with a 1 ms buffer: no packet arrives within the
+        // horizon, so the origin refuses it rather than queue it.
+        t.maps.set_up_paths(&[(A, 1, 0)], 1_000).unwrap();
+        t.expect_drop(
+            "bond_wrap",
+            "every link full",
+            &pkt,
+            TC_ACT_SHOT,
+            "links_full",
+        );
+
         // SMALL carries 200-byte outer packets: 148 inner bytes fit, 149 not.
-        t.maps.set_up_schedule(&[(SMALL, 1)]).unwrap();
+        t.maps
+            .set_up_paths(&[(SMALL, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         let sized = |len: usize| {
             let mut ip = Ip::new(LAN_IP, CONTENT, L4::udp(1, 2));
             ip.payload = vec![0x5a; len - 28];
@@ -862,8 +926,12 @@ mod srv {
         }
     }
 
-    /// A server with two sessions, three links, a downstream schedule of
-    /// link 0 twice and link 1 once, and `ports` in the free-port queue.
+    /// A server with two sessions, three links, links 0 and 1 in the
+    /// downstream paths at 5 kbit/s each, and `ports` in the free-port
+    /// queue. So slow a rate queues each test reply for about 200 ms, far
+    /// longer than a test takes between replies, so replies alternate
+    /// 0, 1, 0, 1, ... as earliest arrival picks them (the first of two
+    /// idle links is the lower index).
     pub fn setup(tag: &str, ports: impl IntoIterator<Item = u16>) -> Obj {
         setup_with_sizes(tag, ports, &[])
     }
@@ -903,7 +971,8 @@ mod srv {
         }
         m.set_session(COMMUNITY, ORIGIN_A, TOKEN_A).unwrap();
         m.set_session(COMMUNITY, ORIGIN_B, TOKEN_B).unwrap();
-        m.set_down_schedule(COMMUNITY, &[(0, 2), (1, 1)]).unwrap();
+        m.set_down_paths(COMMUNITY, &[(0, 5, 0), (1, 5, 0)], TEST_BACKLOG_US)
+            .unwrap();
         m.push_free_ports(ports).unwrap();
         s
     }
@@ -1070,11 +1139,13 @@ fn server_nats_tcp_udp_icmp_and_wraps_replies() {
         expect_up(&s, "TCP up again, same flow", l1, &tcp, 20000);
         assert_eq!(s.event("flows_created"), 3, "the repeat reused its flow");
 
-        // Replies: downstream schedule link 0, link 1, link 0, ...; the
-        // session's sequence numbers count from 0.
+        // Replies where they arrive first: link 0, then link 1, then link
+        // 1 again (the TCP reply is 12 bytes longer than the UDP one, so
+        // link 0's queue ends later); the session's sequence numbers count
+        // from 0.
         expect_down(&s, "TCP reply", &tcp, 20000, l0, 0);
         expect_down(&s, "UDP reply", &udp, 20001, l1, 1);
-        expect_down(&s, "ICMP echo reply", &icmp, 20002, l0, 2);
+        expect_down(&s, "ICMP echo reply", &icmp, 20002, l1, 2);
 
         for (what, ip, orig, nat, up) in [
             ("TCP", &tcp, 40000, 20000, 2),
@@ -1097,8 +1168,8 @@ fn server_nats_tcp_udp_icmp_and_wraps_replies() {
             LinkStats {
                 up_pkts: 2,
                 up_bytes: tl + il,
-                down_pkts: 2,
-                down_bytes: rl(&tcp, 20000) + rl(&icmp, 20002),
+                down_pkts: 1,
+                down_bytes: rl(&tcp, 20000),
                 ..Default::default()
             },
             "link 0"
@@ -1108,8 +1179,8 @@ fn server_nats_tcp_udp_icmp_and_wraps_replies() {
             LinkStats {
                 up_pkts: 2,
                 up_bytes: ul + tl,
-                down_pkts: 1,
-                down_bytes: rl(&udp, 20001),
+                down_pkts: 2,
+                down_bytes: rl(&udp, 20001) + rl(&icmp, 20002),
                 ..Default::default()
             },
             "link 1"
@@ -1515,6 +1586,31 @@ fn server_drops_bad_downstream() {
     });
 }
 
+/// A reply when every link of the community is full (its queue reaches
+/// the buffer) is dropped and counted, and nothing is charged to a link;
+/// with room again, replies flow.
+#[test]
+fn server_refuses_replies_when_every_link_is_full() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-full", 20000..=20010);
+        let [l0, _, _] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        expect_up(&s, "TCP up", l0, &tcp, 20000);
+        s.maps
+            .set_down_paths(COMMUNITY, &[(0, 1, 0)], 1_000)
+            .unwrap();
+        let reply = srv::reply(&tcp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect_drop("bond_server", "links full", &reply, XDP_DROP, "links_full");
+        assert_eq!(s.maps.server_link_stats(0).unwrap().down_pkts, 0);
+        s.maps
+            .set_down_paths(COMMUNITY, &[(0, 5, 0)], TEST_BACKLOG_US)
+            .unwrap();
+        expect_down(&s, "room again", &tcp, 20000, l0, 0);
+    });
+}
+
 #[test]
 fn server_passes_other_traffic_unchanged() {
     use srv::*;
@@ -1600,7 +1696,9 @@ fn server_slow_path_and_no_route() {
 
         // Downstream on a link whose address has no neighbour entry (the
         // schedule now names only it).
-        s.maps.set_down_schedule(COMMUNITY, &[(l2.idx, 1)]).unwrap();
+        s.maps
+            .set_down_paths(COMMUNITY, &[(l2.idx, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         let r = reply(&ip, 20000);
         let want = rewrapped(&ip, &r, l2, 0, (CNT_DEV_MAC, CONTENT_MAC));
         let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
@@ -2694,10 +2792,11 @@ fn server_cut_at_every_offset() {
                 assert_eq!(flows, made, "{what}: flows");
             }
         }
-        // Replies, on the downstream schedule (links 0, 1, 0) with the
-        // session's sequence numbers 0, 1, 2.
+        // Replies where they arrive first (links 0, 1, 1: the TCP reply is
+        // 12 bytes longer than the others, so link 0's queue ends after
+        // link 1's) with the session's sequence numbers 0, 1, 2.
         let [l0, l1, _] = LINKS;
-        for (i, (l4, link)) in l4s.into_iter().zip([l0, l1, l0]).enumerate() {
+        for (i, (l4, link)) in l4s.into_iter().zip([l0, l1, l1]).enumerate() {
             let request = Ip::new(ORIGIN_A, CONTENT, l4);
             let r = reply(&request, 20000 + i as u16);
             let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
@@ -2716,7 +2815,7 @@ fn server_cut_at_every_offset() {
             }
         }
         assert_eq!(s.maps.flows().unwrap().len(), 3);
-        for (idx, up, down) in [(0, 3, 2), (1, 0, 1)] {
+        for (idx, up, down) in [(0, 3, 1), (1, 0, 2)] {
             let st = s.maps.server_link_stats(idx).unwrap();
             assert_eq!((st.up_pkts, st.down_pkts), (up, down), "link {idx}");
         }
@@ -2872,7 +2971,9 @@ fn wrap_cut_at_every_offset() {
     use wrap::*;
     isolate::pinned(|cpu| {
         let t = wrap::setup("wrap-cuts");
-        t.maps.set_up_schedule(&[(A, 1)]).unwrap();
+        t.maps
+            .set_up_paths(&[(A, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         let c = t.counters();
         let frame = on_bond0(&app_packets()[0]);
         let mut wrapped = 0;
@@ -2921,7 +3022,9 @@ fn wrap_carries_inner_ttl_fragments_and_options_unchanged() {
     ];
     isolate::pinned(|cpu| {
         let t = wrap::setup("wrap-ttl");
-        t.maps.set_up_schedule(&[(C, 1)]).unwrap();
+        t.maps
+            .set_up_paths(&[(C, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         let c = t.counters();
         let frame = on_bond0(&app_packets()[1]);
         for (k, (what, edit)) in cases.into_iter().enumerate() {
@@ -2955,7 +3058,9 @@ fn frame_sizes_from_empty_to_the_largest_test_run_takes() {
     assert_eq!(page, 4096, "the limits below assume 4 KiB pages");
     isolate::in_netns(|cpu| {
         let t = wrap::setup("sizes-terminal");
-        t.maps.set_up_schedule(&[(wrap::A, 1)]).unwrap();
+        t.maps
+            .set_up_paths(&[(wrap::A, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
         let tc = t.counters();
         srv::network();
         let s = srv::setup("sizes-server", 20000..=20010);
@@ -3789,7 +3894,10 @@ fn wrap_survives_mutants() {
     isolate::pinned(|cpu| {
         let t = wrap::setup("wrap-fuzz");
         t.maps
-            .set_up_schedule(&[(A, 1), (C, 1), (SMALL, 1)])
+            .set_up_paths(
+                &[(A, 1_000, 0), (C, 1_000, 0), (SMALL, 1_000, 0)],
+                TEST_BACKLOG_US,
+            )
             .unwrap();
         let c = t.counters();
         let fixtures: Vec<Vec<u8>> = app_packets().iter().map(on_bond0).collect();

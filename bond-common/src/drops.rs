@@ -69,6 +69,9 @@ reasons! {
     TOO_BIG = 26, "too_big";
     /// A new flow from an origin that holds its `per_origin` limit.
     ORIGIN_FLOW_LIMIT = 27, "origin_flow_limit";
+    /// Every link's queue is as long as its buffer: the sender drops
+    /// rather than deliver the packet after later ones (`edpf`).
+    LINKS_FULL = 28, "links_full";
 }
 
 #[cfg(test)]

@@ -41,6 +41,9 @@ const _: () = assert!(MAX_PATHS.is_power_of_two(), "pick masks with MAX_PATHS - 
 /// the link drops rather than queues.
 pub const DEFAULT_BACKLOG_US: u32 = 50_000;
 
+/// The share of a link's measured or configured rate a sender counts on.
+pub const RATE_MARGIN_PCT: u64 = 95;
+
 /// `Path::flags`: the link may be chosen.
 pub const PATH_USABLE: u8 = 1;
 
@@ -138,12 +141,16 @@ impl Paths {
     };
 
     /// The paths for `(id, kbit/s, relative delay in ns)` triples, in that
-    /// order; links of rate zero are left out.
+    /// order; links of rate zero are left out. Each rate is counted at
+    /// [`RATE_MARGIN_PCT`] percent: a model that drains a queue slower than
+    /// the real link errs by at most that share of a buffer, one that
+    /// drains faster errs without bound while the link stays busy (its real
+    /// queue grows behind the model's back and its packets arrive late).
     pub fn from_links(links: &[(u32, u64, u32)]) -> Result<Self, TooManyLinks> {
         let mut p = Self::EMPTY;
         for &(id, kbit, delay_ns) in links.iter().filter(|l| l.1 > 0) {
             let slot = p.paths.get_mut(p.len as usize).ok_or(TooManyLinks)?;
-            *slot = Path::new(id, kbit, delay_ns);
+            *slot = Path::new(id, kbit * RATE_MARGIN_PCT / 100, delay_ns);
             p.len += 1;
         }
         Ok(p)
@@ -165,12 +172,12 @@ impl Paths {
     /// fills to the whole buffer and a link of 40 ms more delay to 40 ms
     /// less: every link stays busy and arrivals stay in order, even when
     /// the sender offers more than the links carry. When all are full the
-    /// earliest arrival wins; the excess queues at the link of least delay
-    /// and its real buffer drops it. No queue is counted past the buffer.
-    /// A link whose delay exceeds `backlog_us` can never fill its gap with
-    /// queued packets and is left out.
+    /// packet is refused ([`Refused::Full`]): sent anyway it would sit in
+    /// a real buffer past the horizon and arrive after packets sent later,
+    /// which TCP takes for loss. A link whose delay exceeds `backlog_us`
+    /// can never fill its gap with queued packets and is left out.
     #[inline(always)]
-    pub fn pick(&mut self, now: u64, len: u32) -> Option<u32> {
+    pub fn pick(&mut self, now: u64, len: u32) -> Result<u32, Refused> {
         let n = if self.len as usize > MAX_PATHS {
             MAX_PATHS
         } else {
@@ -207,16 +214,35 @@ impl Paths {
             i += 1;
         }
         if best >= MAX_PATHS {
-            return None;
+            return Err(Refused::NoLinks);
+        }
+        if best_at >= FULL {
+            return Err(Refused::Full);
         }
         let p = &mut self.paths[best & (MAX_PATHS - 1)];
         let start = if p.finish_ns > now { p.finish_ns } else { now };
-        // A packet past the buffer is not counted: the real link drops it.
-        let done = start + p.tx_ns(len);
-        if done <= cap {
-            p.finish_ns = done;
+        p.finish_ns = start + p.tx_ns(len);
+        Ok(p.id)
+    }
+}
+
+/// Why no link was picked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// No link is usable.
+    NoLinks,
+    /// Every link's queue reaches the horizon: the links cannot take the
+    /// packet without delivering it after packets sent later, so the
+    /// sender drops it, as a bottleneck with the links' buffer would.
+    Full,
+}
+
+impl Refused {
+    pub const fn drop_reason(self) -> u32 {
+        match self {
+            Self::NoLinks => crate::drops::NO_LINKS,
+            Self::Full => crate::drops::LINKS_FULL,
         }
-        Some(p.id)
     }
 }
 
@@ -270,7 +296,9 @@ mod tests {
         (0..count)
             .map(|k| {
                 let now = t0 + k as u64 * gap;
-                let link = p.pick(now, MTU).expect("a link");
+                let Ok(link) = p.pick(now, MTU) else {
+                    return (0, DROPPED); // every link full: the sender drops
+                };
                 let i = link as usize - 1;
                 let real = Path::new(link, truth[i].0, truth[i].1 * MS as u32);
                 let done = busy[i].max(now) + real.tx_ns(MTU);
@@ -406,11 +434,11 @@ mod tests {
         let links = [(20_000, 0), (40_000, 0)];
         let mut p = paths(&links);
         p.paths[1].flags = 0;
-        let out = run(&mut p, &links, 60_000, 1000);
+        let out = run(&mut p, &links, 15_000, 1000);
         assert_eq!(shares(&out, 2), vec![1.0, 0.0]);
         p.paths[0].flags = 0;
-        assert_eq!(p.pick(0, MTU), None);
-        assert_eq!(Paths::EMPTY.clone().pick(0, MTU), None);
+        assert_eq!(p.pick(0, MTU), Err(Refused::NoLinks));
+        assert_eq!(Paths::EMPTY.clone().pick(0, MTU), Err(Refused::NoLinks));
     }
 
     #[test]
@@ -418,24 +446,28 @@ mod tests {
         // A burst far beyond what one link holds: its queue stops at the
         // buffer, the rest counted as dropped.
         let mut p = paths(&[(10_000, 0)]);
-        for _ in 0..1000 {
-            assert_eq!(p.pick(0, MTU), Some(1));
+        let mut sent = 0;
+        while p.pick(0, MTU) == Ok(1) {
             assert!(p.paths[0].finish_ns <= BACKLOG, "{}", p.paths[0].finish_ns);
+            sent += 1;
         }
+        // 50 ms at 10 Mbit/s holds 41 packets of 1500 bytes.
+        assert_eq!(sent, 41);
+        assert_eq!(p.pick(0, MTU), Err(Refused::Full));
         // Within the bound a queue counts in full: 30 ms of queue on link
         // 1 against 20 ms of delay on link 2 sends to link 2.
         let mut p = paths(&[(40_000, 0), (10_000, 20)]);
         p.paths[0].finish_ns = 30 * MS;
-        assert_eq!(p.pick(0, MTU), Some(2));
+        assert_eq!(p.pick(0, MTU), Ok(2));
     }
 
     #[test]
     fn a_link_of_more_delay_than_a_buffer_holds_is_left_out() {
         let mut p = paths(&[(10_000, 0), (100_000, 60)]);
         p.paths[0].finish_ns = BACKLOG; // full
-        assert_eq!(p.pick(0, MTU), Some(1), "full, but the other cannot help");
+        assert_eq!(p.pick(0, MTU), Err(Refused::Full), "the other cannot help");
         p.paths[0].flags = 0;
-        assert_eq!(p.pick(0, MTU), None);
+        assert_eq!(p.pick(0, MTU), Err(Refused::NoLinks));
     }
 
     #[test]
@@ -443,18 +475,17 @@ mod tests {
         // Link 1 (fast) is full; link 2 (slow, later) has room: link 2.
         let mut p = paths(&[(40_000, 0), (10_000, 10)]);
         p.paths[0].finish_ns = BACKLOG;
-        assert_eq!(p.pick(0, MTU), Some(2));
-        // Both full: the earliest arrival, and the packet is not counted in
-        // a queue that has no room for it.
+        assert_eq!(p.pick(0, MTU), Ok(2));
+        // Both full: the sender drops, and counts nothing.
         p.paths[1].finish_ns = BACKLOG;
-        assert_eq!(p.pick(0, MTU), Some(1));
+        assert_eq!(p.pick(0, MTU), Err(Refused::Full));
         assert_eq!(p.paths[0].finish_ns, BACKLOG);
     }
 
     #[test]
     fn an_overdriving_sender_keeps_every_link_busy_in_proportion() {
         // TCP overshooting: twice the summed rates. Every link stays busy
-        // and delivers its rate's share; what cannot fit is dropped.
+        // and delivers its rate's share; what cannot fit the sender drops.
         let links = [(10_000, 5), (20_000, 20), (40_000, 40)];
         let mut p = paths(&links);
         let out = run(&mut p, &links, 140_000, 30_000);
@@ -479,7 +510,7 @@ mod tests {
     fn a_corrupt_length_stays_in_bounds() {
         let mut p = paths(&[(10_000, 0)]);
         p.len = 1000;
-        assert_eq!(p.pick(0, MTU), Some(1));
+        assert_eq!(p.pick(0, MTU), Ok(1));
     }
 
     #[test]
@@ -487,7 +518,7 @@ mod tests {
         // A 52-byte ACK on idle links arrives first on the lowest delay,
         // whatever the rates.
         let mut p = paths(&[(40_000, 40), (10_000, 5), (20_000, 20)]);
-        assert_eq!(p.pick(0, 52), Some(2));
+        assert_eq!(p.pick(0, 52), Ok(2));
     }
 
     #[test]

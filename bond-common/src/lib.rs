@@ -9,5 +9,4 @@ pub mod csum;
 pub mod drops;
 pub mod edpf;
 pub mod maps;
-pub mod sched;
 pub mod wire;

@@ -6,16 +6,10 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
-/// Slots in one weighted round-robin sequence.
-pub const MAX_SLOTS: usize = 256;
-const _: () = assert!(
-    MAX_SLOTS.is_power_of_two(),
-    "Schedule::pick masks with MAX_SLOTS - 1"
-);
 /// Links one server can hold across all communities.
 pub const MAX_SERVER_LINKS: u32 = 65_536;
 /// Communities are a `u16` on the wire.
@@ -29,8 +23,7 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub mod name {
     pub const T_CONFIG: &str = "T_CONFIG";
     pub const T_UP_LINKS: &str = "T_UP_LINKS";
-    pub const T_UP_SCHED: &str = "T_UP_SCHED";
-    pub const T_CURSOR: &str = "T_CURSOR";
+    pub const T_PATHS: &str = "T_PATHS";
     pub const T_RELAY: &str = "T_RELAY";
     pub const T_NEIGH: &str = "T_NEIGH";
     pub const T_LINK_STATS: &str = "T_LINK_STATS";
@@ -40,8 +33,7 @@ pub mod name {
     pub const S_SESSIONS: &str = "S_SESSIONS";
     pub const S_LINK_INDEX: &str = "S_LINK_INDEX";
     pub const S_LINKS: &str = "S_LINKS";
-    pub const S_DOWN_SCHED: &str = "S_DOWN_SCHED";
-    pub const S_CURSOR: &str = "S_CURSOR";
+    pub const S_PATHS: &str = "S_PATHS";
     pub const S_FLOWS: &str = "S_FLOWS";
     pub const S_NAT: &str = "S_NAT";
     pub const S_FREE_PORTS: &str = "S_FREE_PORTS";
@@ -69,40 +61,6 @@ pub mod event {
         "flow_race",
         "frag_needed_sent",
     ];
-}
-
-/// A weighted round-robin slot sequence: `slots[cursor % len]` is the next
-/// link. `len == 0` means "no link": the datapath drops and counts.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Schedule {
-    pub len: u32,
-    pub slots: [u16; MAX_SLOTS],
-}
-const _: () = assert!(core::mem::size_of::<Schedule>() == 4 + 2 * MAX_SLOTS);
-
-impl Schedule {
-    pub const EMPTY: Self = Self {
-        len: 0,
-        slots: [0; MAX_SLOTS],
-    };
-
-    /// The slot for cursor value `n`, or `None` when empty. Written so the
-    /// verifier sees the index bounded.
-    #[inline(always)]
-    pub fn pick(&self, n: u32) -> Option<u16> {
-        let len = self.len;
-        if len == 0 || len > MAX_SLOTS as u32 {
-            return None;
-        }
-        // LLVM can prove `n % len < MAX_SLOTS` and would drop a bounds check;
-        // the verifier cannot. A volatile round-trip hides the proof so the
-        // mask survives and bounds the index for the verifier.
-        let mut i = n % len;
-        // SAFETY: `i` is a live local.
-        i = unsafe { core::ptr::read_volatile(&i) };
-        Some(self.slots[(i as usize) & (MAX_SLOTS - 1)])
-    }
 }
 
 /// A terminal's own identity (`T_CONFIG[0]`).
@@ -378,6 +336,7 @@ const _: () = assert!(core::mem::size_of::<NatEntry>() == 8);
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    use crate::edpf::Paths;
     macro_rules! pod {
         ($($t:ty),*) => {$(
             // SAFETY: #[repr(C)], only integer and byte-array fields, no
@@ -386,7 +345,7 @@ mod pod {
         )*};
     }
     pod!(
-        Schedule,
+        Paths,
         TerminalConfig,
         UpLink,
         RelayLink,
@@ -407,19 +366,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schedule_pick_wraps_and_handles_empty() {
-        let mut s = Schedule::EMPTY;
-        assert_eq!(s.pick(0), None);
-        s.len = 3;
-        s.slots[..3].copy_from_slice(&[4, 5, 6]);
-        assert_eq!(s.pick(0), Some(4));
-        assert_eq!(s.pick(4), Some(5));
-        assert_eq!(s.pick(u32::MAX), Some(s.slots[(u32::MAX % 3) as usize]));
-        s.len = 1000; // corrupt length: refused, not an out-of-bounds read
-        assert_eq!(s.pick(7), None);
-    }
 
     #[test]
     fn tcp_state_marks_fin_and_rst_and_a_new_syn_clears_them() {

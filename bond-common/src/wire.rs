@@ -21,6 +21,11 @@ pub mod kind {
     pub const PROBE_REQUEST: u8 = 0x15;
     /// The server's measurement of an upstream train.
     pub const PROBE_REPORT: u8 = 0x16;
+    /// A link's owner to the server over that link: its send time, for
+    /// the round trip and to show the link alive (`bond_ctl::pathmon`).
+    pub const ECHO: u8 = 0x17;
+    /// The server's answer to an ECHO, over the same link.
+    pub const ECHO_REPLY: u8 = 0x18;
 }
 
 pub const ETH_LEN: usize = 14;

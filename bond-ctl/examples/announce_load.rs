@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
                     up: 10,
                     down: 10,
                     mtu: 1500,
+                    ..Default::default()
                 },
                 LinkAd {
                     id: 2,
@@ -46,6 +47,7 @@ fn main() -> anyhow::Result<()> {
                     up: 20,
                     down: 20,
                     mtu: 1500,
+                    ..Default::default()
                 },
             ];
             let link = 1 + (round % 2) as u8;

@@ -294,7 +294,7 @@ pub struct OwnLink {
     /// Next hop towards the server; default: the server itself (on-link).
     pub gateway: Option<Ipv4Addr>,
     /// Weight in both directions, unless `up` or `down` says otherwise:
-    /// a number, or "auto" (measured, in kbit/s).
+    /// the link's rate in kbit/s, or "auto" (measured; the default).
     #[serde(default = "default_weight", deserialize_with = "weight_spec")]
     pub weight: WeightSpec,
     /// Upstream weight: the link's share of the community's upload.
@@ -542,8 +542,10 @@ fn default_port() -> u16 {
 fn default_device() -> String {
     "bond0".into()
 }
+/// Unset, a link is measured: weights are rates (kbit/s), and a guess
+/// would steer the datapath wrong.
 fn default_weight() -> WeightSpec {
-    WeightSpec::Fixed(1)
+    WeightSpec::Auto
 }
 fn default_probe_ms() -> u32 {
     1000

@@ -18,12 +18,11 @@ use aya::{
 };
 use bond_common::{
     drops,
+    edpf::{MAX_PATHS, Paths},
     maps::{
         Flow, FlowKey, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor, RelayLink,
-        Schedule, ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event,
-        name,
+        ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
     },
-    sched,
 };
 
 /// The bpffs mount instances pin under, as `<bpffs>/bond/<instance>/`.
@@ -45,7 +44,10 @@ pub enum Error {
     },
     #[error("map {name} not pinned under {dir} (is the agent running? `--instance`?)")]
     NotPinned { name: &'static str, dir: PathBuf },
-    #[error("schedule: more links than slots")]
+    #[error(
+        "more links than a sender spreads over ({})",
+        bond_common::edpf::MAX_PATHS
+    )]
     Schedule,
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -276,19 +278,25 @@ impl Maps {
             })
     }
 
-    /// Replaces the upstream schedule with one built from `(link, weight)`.
-    pub fn set_up_schedule(&self, weights: &[(u8, u32)]) -> Result<Schedule> {
-        let pairs: Vec<(u16, u32)> = weights.iter().map(|&(l, w)| (u16::from(l), w)).collect();
-        let s = build_schedule(&pairs)?;
-        self.set(name::T_UP_SCHED, 0, s)?;
-        Ok(s)
+    /// Sets the upstream links the origin spreads over: `(link, kbit/s,
+    /// relative delay in ns)`; rate zero leaves a link out. Links that stay
+    /// keep their queue state; none is counted a queue longer than
+    /// `backlog_us`.
+    pub fn set_up_paths(&self, links: &[(u8, u64, u32)], backlog_us: u32) -> Result<Paths> {
+        let links: Vec<(u32, u64, u32)> = links
+            .iter()
+            .map(|&(l, k, d)| (u32::from(l), k, d))
+            .collect();
+        let p = carry_queues(&self.up_paths()?, &links, backlog_us)?;
+        self.set(name::T_PATHS, 0, p)?;
+        Ok(p)
     }
 
-    pub fn up_schedule(&self) -> Result<Schedule> {
-        self.array::<Schedule>(name::T_UP_SCHED)?
+    pub fn up_paths(&self) -> Result<Paths> {
+        self.array::<Paths>(name::T_PATHS)?
             .get(&0, 0)
             .map_err(|source| Error::Map {
-                name: name::T_UP_SCHED,
+                name: name::T_PATHS,
                 source,
             })
     }
@@ -460,31 +468,26 @@ impl Maps {
             })
     }
 
-    /// Replaces a community's downstream schedule; `weights` pairs dense
-    /// link indices with weights.
-    pub fn set_down_schedule(&self, community: u16, weights: &[(u32, u32)]) -> Result<Schedule> {
-        let pairs: Vec<(u16, u32)> = weights
-            .iter()
-            .map(|&(i, w)| {
-                u16::try_from(i)
-                    .map(|i| (i, w))
-                    .map_err(|_| Error::Schedule)
-            })
-            .collect::<Result<_>>()?;
-        let s = build_schedule(&pairs)?;
-        self.put(name::S_DOWN_SCHED, community, s)?;
-        Ok(s)
+    /// Sets the links a community's downstream is spread over: `(dense
+    /// link index, kbit/s, relative delay in ns)`, as [`Self::set_up_paths`].
+    pub fn set_down_paths(
+        &self,
+        community: u16,
+        links: &[(u32, u64, u32)],
+        backlog_us: u32,
+    ) -> Result<Paths> {
+        let old = self.down_paths(community)?.unwrap_or(Paths::EMPTY);
+        let p = carry_queues(&old, links, backlog_us)?;
+        self.put(name::S_PATHS, community, p)?;
+        Ok(p)
     }
 
-    pub fn down_schedule(&self, community: u16) -> Result<Option<Schedule>> {
-        match self
-            .hash::<u16, Schedule>(name::S_DOWN_SCHED)?
-            .get(&community, 0)
-        {
+    pub fn down_paths(&self, community: u16) -> Result<Option<Paths>> {
+        match self.hash::<u16, Paths>(name::S_PATHS)?.get(&community, 0) {
             Ok(s) => Ok(Some(s)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(Error::Map {
-                name: name::S_DOWN_SCHED,
+                name: name::S_PATHS,
                 source,
             }),
         }
@@ -603,18 +606,22 @@ impl Maps {
     }
 }
 
-/// How many slots each link has in a schedule: its weight, as scaled.
-pub fn slot_counts(s: &Schedule) -> std::collections::BTreeMap<u16, u32> {
-    let mut n = std::collections::BTreeMap::new();
-    let len = (s.len as usize).min(s.slots.len());
-    for &l in &s.slots[..len] {
-        *n.entry(l).or_default() += 1;
+/// New paths for `links`, each keeping the virtual finish time it had in
+/// `old` (a rate or delay update must not forget what is queued). A sender
+/// spreads over at most [`MAX_PATHS`] links: beyond that, the fastest.
+fn carry_queues(old: &Paths, links: &[(u32, u64, u32)], backlog_us: u32) -> Result<Paths> {
+    let mut links = links.to_vec();
+    if links.len() > MAX_PATHS {
+        links.sort_by_key(|l| std::cmp::Reverse(l.1));
+        links.truncate(MAX_PATHS);
     }
-    n
-}
-
-fn build_schedule(pairs: &[(u16, u32)]) -> Result<Schedule> {
-    let mut s = Schedule::EMPTY;
-    sched::build(pairs, &mut s).map_err(|_| Error::Schedule)?;
-    Ok(s)
+    let mut p = Paths::from_links(&links).map_err(|_| Error::Schedule)?;
+    p.backlog_us = backlog_us;
+    let n = p.len as usize;
+    for new in &mut p.paths[..n] {
+        if let Some(o) = old.links().find(|o| o.id == new.id) {
+            new.finish_ns = o.finish_ns;
+        }
+    }
+    Ok(p)
 }

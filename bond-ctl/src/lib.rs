@@ -12,6 +12,7 @@ pub mod flows;
 pub mod lab;
 pub mod membership;
 pub mod net;
+pub mod pathmon;
 pub mod probe;
 pub mod proto;
 pub mod show;

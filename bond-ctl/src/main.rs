@@ -173,8 +173,7 @@ enum CacheCmd {
 
 #[derive(Subcommand)]
 enum WeightCmd {
-    /// Pin weights: a number (any unit, only ratios matter; `auto` uses
-    /// kbit/s) or `auto`.
+    /// Pin weights: the link's rate in kbit/s, or `auto` (measured).
     Set {
         link: u8,
         /// Both directions (unless --up or --down say otherwise).

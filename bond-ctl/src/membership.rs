@@ -200,6 +200,10 @@ pub struct ServerLinkRow {
     pub missed: u32,
     /// The MTU the owner announced for it (0: not said).
     pub mtu: u16,
+    /// Its base round trip as the owner announced it (µs, 0: not yet).
+    pub rtt_us: u32,
+    /// Its owner announced it dark.
+    pub dark: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -328,7 +332,7 @@ impl ServerTable {
             if let Some(new) = links.iter().find(|l| l.id == ad.id)
                 && new != ad
             {
-                changed |= new.down != ad.down;
+                changed |= new.down != ad.down || new.rtt_us != ad.rtt_us || new.dark != ad.dark;
                 *ad = *new;
             }
         }
@@ -446,6 +450,8 @@ impl ServerTable {
                     down: ad.down,
                     missed: live.missed(now),
                     mtu: ad.mtu,
+                    rtt_us: ad.rtt_us,
+                    dark: ad.dark,
                 })
             })
             .collect();
@@ -476,6 +482,7 @@ mod tests {
             up,
             down,
             mtu: 1500,
+            ..Default::default()
         }
     }
 

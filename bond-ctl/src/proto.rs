@@ -1,5 +1,6 @@
 //! Control messages: ANNOUNCE, SHUTDOWN, LOGIN, LOGIN_REPLY, and the
-//! measurement messages PROBE, PROBE_REQUEST and PROBE_REPORT.
+//! measurement messages PROBE, PROBE_REQUEST, PROBE_REPORT, ECHO and
+//! ECHO_REPLY.
 //!
 //! They ride the same UDP ports as data, behind the same 24-byte bond
 //! header (a control `kind`, which the XDP programs pass to the agent's
@@ -18,10 +19,11 @@
 //! ```
 //!
 //! Bodies: ANNOUNCE `interval_ms u32, n u8, n × (id u8, port u16, up u32,
-//! down u32)`; SHUTDOWN, LOGIN: empty; LOGIN_REPLY `status u8, token u64,
-//! port u16`; PROBE `train u32, seq u16, count u16, pad u16, pad × 0`
-//! (padded to a train's packet size); PROBE_REQUEST `train u32, count u16`;
-//! PROBE_REPORT `train u32, kbps u32`. All numbers are network byte order. The decoder checks the
+//! down u32, mtu u16, rtt_us u32, state u8)` (state bit 0: dark); SHUTDOWN,
+//! LOGIN: empty; LOGIN_REPLY `status u8, token u64, port u16`; PROBE
+//! `train u32, seq u16, count u16, pad u16, pad × 0` (padded to a train's
+//! packet size); PROBE_REQUEST `train u32, count u16`; PROBE_REPORT `train
+//! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock). All numbers are network byte order. The decoder checks the
 //! length of every part before reading it and accepts nothing unsigned.
 
 use std::{collections::HashMap, net::Ipv4Addr};
@@ -38,7 +40,7 @@ const FIXED_LEN: usize = BondHdr::LEN + 8 + 8 + 1;
 /// shorter).
 pub const MAX_LEN: usize = crate::probe::PROBE_LEN;
 const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN <= MAX_LEN);
-const LINK_AD_LEN: usize = 13;
+const LINK_AD_LEN: usize = 18;
 
 pub mod flags {
     /// Sent over the WAN link named in the header (the server learns the
@@ -52,7 +54,7 @@ pub mod flags {
 }
 
 /// One WAN link as its terminal announces it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkAd {
     pub id: u8,
     /// UDP port the link's owner relays on (LAN and WAN side).
@@ -63,6 +65,11 @@ pub struct LinkAd {
     /// The link's MTU (0: not said). Origins keep their packets small
     /// enough to cross the smallest link wrapped, and so does the server.
     pub mtu: u16,
+    /// The link's base round trip to the server, µs (0: not measured yet):
+    /// senders derive its relative one-way delay from it.
+    pub rtt_us: u32,
+    /// Its owner's echoes get no answer: out of every schedule.
+    pub dark: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +106,12 @@ pub enum Body {
         train: u32,
         kbps: u32,
     },
+    Echo {
+        sent_ns: u64,
+    },
+    EchoReply {
+        sent_ns: u64,
+    },
 }
 
 impl Body {
@@ -111,6 +124,8 @@ impl Body {
             Self::Probe { .. } => kind::PROBE,
             Self::ProbeRequest { .. } => kind::PROBE_REQUEST,
             Self::ProbeReport { .. } => kind::PROBE_REPORT,
+            Self::Echo { .. } => kind::ECHO,
+            Self::EchoReply { .. } => kind::ECHO_REPLY,
         }
     }
 }
@@ -198,6 +213,8 @@ impl Msg {
                     b.extend_from_slice(&l.up.to_be_bytes());
                     b.extend_from_slice(&l.down.to_be_bytes());
                     b.extend_from_slice(&l.mtu.to_be_bytes());
+                    b.extend_from_slice(&l.rtt_us.to_be_bytes());
+                    b.push(u8::from(l.dark));
                 }
             }
             Body::Shutdown | Body::Login => {}
@@ -232,6 +249,9 @@ impl Msg {
             Body::ProbeReport { train, kbps } => {
                 b.extend_from_slice(&train.to_be_bytes());
                 b.extend_from_slice(&kbps.to_be_bytes());
+            }
+            Body::Echo { sent_ns } | Body::EchoReply { sent_ns } => {
+                b.extend_from_slice(&sent_ns.to_be_bytes());
             }
         }
         let t = tag(key, &b);
@@ -281,6 +301,12 @@ impl Msg {
                         up: r.u32()?,
                         down: r.u32()?,
                         mtu: r.u16()?,
+                        rtt_us: r.u32()?,
+                        dark: match r.u8()? {
+                            0 => false,
+                            1 => true,
+                            _ => return Err(DecodeError::Malformed),
+                        },
                     });
                 }
                 Body::Announce { interval_ms, links }
@@ -322,6 +348,8 @@ impl Msg {
                 train: r.u32()?,
                 kbps: r.u32()?,
             },
+            kind::ECHO => Body::Echo { sent_ns: r.u64()? },
+            kind::ECHO_REPLY => Body::EchoReply { sent_ns: r.u64()? },
             _ => return Err(DecodeError::Malformed),
         };
         if !r.0.is_empty() {
@@ -524,6 +552,8 @@ mod tests {
                         up: 20,
                         down: 30,
                         mtu: 1500,
+                        rtt_us: 40_000,
+                        dark: false,
                     },
                     LinkAd {
                         id: 4,
@@ -531,6 +561,8 @@ mod tests {
                         up: 1,
                         down: 2,
                         mtu: 1492,
+                        rtt_us: 0,
+                        dark: true,
                     },
                 ],
             },
@@ -567,6 +599,8 @@ mod tests {
                 train: 4,
                 kbps: 41_000,
             },
+            Body::Echo { sent_ns: u64::MAX },
+            Body::EchoReply { sent_ns: 12_345 },
         ] {
             let m = Msg {
                 body,
@@ -581,7 +615,7 @@ mod tests {
     #[test]
     fn layout_is_as_documented() {
         let wire = announce().encode(KEY);
-        assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 13 + 16);
+        assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 18 + 16);
         assert_eq!(&wire[..2], &[0xB0, 0x4D]);
         assert_eq!(wire[3], kind::ANNOUNCE);
         assert_eq!(&wire[24..32], &1_700_000_000_000u64.to_be_bytes());
@@ -595,6 +629,9 @@ mod tests {
             &1500u16.to_be_bytes(),
             "the first link's MTU"
         );
+        assert_eq!(&wire[59..63], &40_000u32.to_be_bytes(), "its base rtt");
+        assert_eq!(wire[63], 0, "not dark");
+        assert_eq!(wire[63 + 18], 1, "the second is dark");
     }
 
     #[test]

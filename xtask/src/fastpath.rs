@@ -77,7 +77,10 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
-use bond_common::maps::{LINK_VALID, RelayLink, ServerConfig, ServerLink, TerminalConfig, event};
+use bond_common::{
+    edpf::DEFAULT_BACKLOG_US,
+    maps::{LINK_VALID, RelayLink, ServerConfig, ServerLink, TerminalConfig, event},
+};
 use bond_ctl::datapath::{self, Maps};
 use nix::{
     net::if_::if_nametoindex,
@@ -712,7 +715,7 @@ impl Bench {
                     },
                 )?;
                 maps.set_session(COMMUNITY, LAN_IP, ORIGIN_TOKEN)?;
-                maps.set_down_schedule(COMMUNITY, &[(0, 1)])?;
+                maps.set_down_paths(COMMUNITY, &[(0, 1_000_000, 0)], DEFAULT_BACKLOG_US)?;
                 maps.push_free_ports(NAT_PORTS)?;
                 self._pin = Some(pin);
                 self.attach_bond(ebpf, maps, "bond_server")?;

@@ -12,9 +12,7 @@ use bond_ctl::proto::{Body, LinkAd, Msg, Reply, TAG_LEN, flags};
 
 use crate::sh;
 
-pub const TARGETS: &[&str] = &[
-    "wire", "control", "config", "sched", "edpf", "dist", "cache",
-];
+pub const TARGETS: &[&str] = &["wire", "control", "config", "edpf", "dist", "cache"];
 const CARGO_FUZZ: &str = "0.13.2";
 /// The control target's key (fuzz/fuzz_targets/control.rs).
 const KEY: &[u8] = b"fuzzing community key";
@@ -75,6 +73,7 @@ fn seed() -> Result<()> {
                 up: 10,
                 down: 20,
                 mtu: 1500,
+                ..Default::default()
             }],
         },
         Body::Shutdown,
@@ -122,7 +121,6 @@ fn seed() -> Result<()> {
         let toml = block.split("```").next().unwrap_or_default();
         write("config", &format!("readme-{i}"), toml.as_bytes())?;
     }
-    write("sched", "weights", &[1, 0, 10, 0, 0, 0, 2, 0, 20, 0, 0, 0])?;
     // Three links (id, kbit/s, delay, unusable), a bound, and sends.
     let edpf: Vec<u8> = (0u8..96).map(|i| i.wrapping_mul(37)).collect();
     write("edpf", "links", &edpf)?;

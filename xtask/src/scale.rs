@@ -450,8 +450,10 @@ fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Duration)> {
             )
             .with_context(|| format!("link {j} of community {c}"))?;
         }
-        let weights: Vec<(u32, u32)> = (0..LINKS).map(|j| (Link::of(c, j).idx, 1)).collect();
-        maps.set_down_schedule(c, &weights)
+        let links: Vec<(u32, u64, u32)> = (0..LINKS)
+            .map(|j| (Link::of(c, j).idx, 10_000, 0))
+            .collect();
+        maps.set_down_paths(c, &links, bond_common::edpf::DEFAULT_BACKLOG_US)
             .with_context(|| format!("schedule of community {c}"))?;
         if c == tenth {
             first = start.elapsed();
@@ -1533,13 +1535,13 @@ fn report_findings(
         );
     }
     let default_total: u64 = default_mem.values().map(|v| v.1).sum();
-    let sched = default_mem.get(name::S_DOWN_SCHED).map_or(0, |v| v.1);
+    let sched = default_mem.get(name::S_PATHS).map_or(0, |v| v.1);
     let _ = writeln!(
         md,
-        "- **{} before the first flow**: the server at its default size takes that much, {} of it S_DOWN_SCHED (65,536 downstream schedules of {} B, one for every possible community, preallocated).",
+        "- **{} before the first flow**: the server at its default size takes that much, {} of it S_PATHS (65,536 downstream path sets of {} B, one for every possible community, preallocated).",
         mib(default_total),
         mib(sched),
-        std::mem::size_of::<bond_common::maps::Schedule>()
+        std::mem::size_of::<bond_common::edpf::Paths>()
     );
     let _ = writeln!(
         md,

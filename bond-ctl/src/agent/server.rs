@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use bond_common::maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink};
+use bond_common::{
+    edpf::{DEFAULT_BACKLOG_US, Paths},
+    maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink},
+};
 use serde_json::{Value, json};
 use tokio::{
     net::UdpSocket,
@@ -28,11 +31,14 @@ use crate::{
     flows::{self, FlowGauge},
     membership::{Refusal, ServerTable},
     net::{recv_stamped, sysctl, timestamp_arrivals, udp_socket},
+    pathmon::{self, EchoSeen},
     probe::{PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
 
 const SKEW_MS: u64 = 30_000;
+/// How often the server looks for links whose echoes stopped.
+const DARK_CHECK: Duration = Duration::from_millis(20);
 /// An upstream train is measured this long after its first packet even if
 /// its last never came.
 const TRAIN_WAIT: Duration = Duration::from_millis(500);
@@ -65,6 +71,9 @@ struct Agent {
     trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddrV4)>,
     /// When each (community, link) last got a downstream train.
     sent_trains: HashMap<(u16, u8), Instant>,
+    /// When each (community, link) last brought its owner's echo, and
+    /// whether it is dark for missing them (`crate::pathmon`).
+    echoes: HashMap<(u16, u8), EchoSeen>,
     adopted: bool,
     started: Instant,
     /// The flow table as of the last sweep (for `status` and metrics).
@@ -147,6 +156,7 @@ pub async fn run(
         faults: Tally::faults(),
         trains: HashMap::new(),
         sent_trains: HashMap::new(),
+        echoes: HashMap::new(),
         adopted: pins.adopted,
         started: Instant::now(),
         flows: FlowGauge::new(u64::from(ports)),
@@ -168,6 +178,8 @@ impl Agent {
         tokio::pin!(stop);
         let mut buf = vec![0u8; 2048];
         let mut trains = tokio::time::interval(TRAIN_WAIT / 5);
+        let mut dark_check = tokio::time::interval(DARK_CHECK);
+        dark_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (swept_tx, mut swept) = mpsc::channel(1);
         let mut sweeping = false;
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
@@ -198,6 +210,10 @@ impl Agent {
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,
+                _ = dark_check.tick() => {
+                    let r = self.check_dark();
+                    self.faults.survive("apply_links", r);
+                }
                 // The sweep walks the whole table (a second for a full
                 // one): on a thread of its own, never in this loop, where
                 // it would hold up announces and their deadlines.
@@ -346,6 +362,30 @@ impl Agent {
                     .is_some_and(|(rx, _, _)| rx.add(*seq, at_ns, usize::from(*len)));
                 if done {
                     self.finish_train(key).await;
+                }
+            }
+            Body::Echo { sent_ns } if msg.flags & flags::VIA_LINK != 0 => {
+                // From the link's owner, from the link's address: answered
+                // there (the same size: no amplifier), and the link is alive.
+                let known = self.applied.get(&(c, msg.link)).is_some_and(|(_, l)| {
+                    l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port())
+                });
+                if self.table.token(c, o) != Some(msg.token) || !known {
+                    self.rejects.count("echo_refused");
+                    return Ok(());
+                }
+                let body = Body::EchoReply { sent_ns: *sent_ns };
+                self.send((c, o, msg.link), body, src).await;
+                let seen = self
+                    .echoes
+                    .entry((c, msg.link))
+                    .or_insert_with(|| EchoSeen::new(now));
+                if seen.seen(now) {
+                    eprintln!(
+                        "bond-ctl: community {c}: link {} echoes again: back in use",
+                        msg.link
+                    );
+                    self.apply(c)?;
                 }
             }
             Body::ProbeRequest { train, count } if msg.flags & flags::VIA_LINK != 0 => {
@@ -533,12 +573,34 @@ impl Agent {
             .max(crate::config::MIN_LINK_MTU)
     }
 
+    /// Links whose owner's echoes stopped coming leave their community's
+    /// downstream schedule.
+    fn check_dark(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        for (&(c, link), seen) in &mut self.echoes {
+            if seen.check(now) {
+                eprintln!("bond-ctl: community {c}: link {link} silent: dark, out of use");
+                changed.push(c);
+            }
+        }
+        changed.dedup();
+        for c in changed {
+            self.apply(c)?;
+        }
+        Ok(())
+    }
+
     /// Writes a community's live links and downstream schedule. New links
     /// get an index before the schedule names them; departed ones leave the
-    /// schedule before their entry is cleared.
+    /// schedule before their entry is cleared. A link that is dark (by its
+    /// owner's word or its missing echoes) stays registered but out of the
+    /// schedule; each link's relative delay comes from the base round trips
+    /// owners announce.
     fn apply(&mut self, community: u16) -> Result<()> {
         let rows = self.table.links(Some(community), Instant::now());
         let mut weights = Vec::new();
+        let mut rtts = Vec::new();
         let mut keep = Vec::new();
         for r in &rows {
             let entry = ServerLink {
@@ -567,14 +629,25 @@ impl Agent {
                 }
             };
             self.applied.insert((community, r.link), (idx, entry));
-            weights.push((idx, r.down));
+            let dark = r.dark
+                || self
+                    .echoes
+                    .get(&(community, r.link))
+                    .is_some_and(|e| e.dark);
+            if !dark {
+                weights.push((idx, u64::from(r.down), 0));
+                rtts.push(r.rtt_us);
+            }
             keep.push(r.link);
         }
-        self.maps.set_down_schedule(community, &weights)?;
+        for (w, d) in weights.iter_mut().zip(pathmon::relative_delays(&rtts)) {
+            w.2 = d;
+        }
+        self.maps
+            .set_down_paths(community, &weights, DEFAULT_BACKLOG_US)?;
         self.follow_link_mtu(community, &rows)?;
         eprintln!(
-            "bond-ctl: community {community}: downstream links {:?} (link, weight)",
-            rows.iter().map(|r| (r.link, r.down)).collect::<Vec<_>>()
+            "bond-ctl: community {community}: downstream paths {weights:?} (index, kbit/s, relative delay ns)"
         );
         let gone: Vec<(u16, u8)> = self
             .applied
@@ -583,6 +656,7 @@ impl Agent {
             .map(|(k, _)| *k)
             .collect();
         for k in gone {
+            self.echoes.remove(&k);
             if let Some((idx, _)) = self.applied.remove(&k) {
                 self.maps.clear_server_link(idx)?;
                 self.free_idx.push(idx);
@@ -599,20 +673,17 @@ impl Agent {
     fn adopt(&mut self) -> Result<()> {
         let now = Instant::now();
         let mut by_term: BTreeMap<(u16, Ipv4Addr), Vec<(LinkAd, SocketAddrV4)>> = BTreeMap::new();
-        let mut slots: HashMap<u16, BTreeMap<u16, u32>> = HashMap::new();
+        let mut rates: HashMap<u16, BTreeMap<u32, u32>> = HashMap::new();
         for (key, idx) in self.maps.server_link_index()? {
             let l = self.maps.server_link(idx)?;
             if l.flags & LINK_VALID == 0 {
                 continue;
             }
-            if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key.community) {
-                let s = self.maps.down_schedule(key.community)?;
-                e.insert(s.map(|s| datapath::slot_counts(&s)).unwrap_or_default());
+            if let std::collections::hash_map::Entry::Vacant(e) = rates.entry(key.community) {
+                let p = self.maps.down_paths(key.community)?.unwrap_or(Paths::EMPTY);
+                e.insert(p.links().map(|l| (l.id, l.kbit() as u32)).collect());
             }
-            let down = slots[&key.community]
-                .get(&(idx as u16))
-                .copied()
-                .unwrap_or(0);
+            let down = rates[&key.community].get(&idx).copied().unwrap_or(0);
             let ad = LinkAd {
                 id: l.link,
                 port: 0,
@@ -620,6 +691,7 @@ impl Agent {
                 down,
                 // Not in the maps: the next announce says it.
                 mtu: 0,
+                ..Default::default()
             };
             let addr = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
             by_term

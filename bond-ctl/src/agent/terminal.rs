@@ -31,6 +31,7 @@ use crate::{
     ebpf,
     membership::PeerTable,
     net::{Iface, Net, poke_neighbor, recv_stamped, sysctl, timestamp_arrivals, udp_socket},
+    pathmon::{self, LinkEcho},
     probe::{Estimator, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
@@ -95,6 +96,8 @@ struct Own {
     up_train: Option<u32>,
     /// Carried bytes (up, down) at the last probe tick, and when.
     carried: Option<(u64, u64, Instant)>,
+    /// Round trip and darkness, from echoes to the server.
+    echo: LinkEcho,
 }
 
 /// Where a received control message came from.
@@ -142,7 +145,8 @@ struct Agent {
     counter: Counter,
     guard: Guard,
     lan_sock: Arc<UdpSocket>,
-    schedule: Option<Vec<(u8, u32)>>,
+    /// The upstream paths written: (link, kbit/s, relative delay ns).
+    schedule: Option<Vec<(u8, u64, u32)>>,
     /// DATA_DOWN packets seen per link at the last refresh.
     down_seen: HashMap<u8, u64>,
     rejects: Tally,
@@ -226,6 +230,7 @@ pub async fn run(
                 up: up.value(),
                 down: down.value(),
                 mtu: mtu as u16,
+                ..Default::default()
             },
             up,
             down,
@@ -258,6 +263,7 @@ pub async fn run(
             rx: None,
             up_train: None,
             carried: None,
+            echo: LinkEcho::default(),
         });
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
@@ -371,6 +377,8 @@ impl Agent {
         let mut announce = tokio::time::interval(self.interval);
         let mut refresh = tokio::time::interval(REFRESH);
         let mut probe = tokio::time::interval(probe_period(self));
+        let mut echo = tokio::time::interval(pathmon::ECHO_INTERVAL);
+        echo.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = wait_for_signal();
         tokio::pin!(stop);
         let mut hangup = signal(SignalKind::hangup())?;
@@ -407,6 +415,10 @@ impl Agent {
                     }
                 }
                 _ = probe.tick() => self.probe().await,
+                _ = echo.tick() => {
+                    let r = self.echo().await;
+                    self.faults.survive("echo", r);
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let gone = self.peers.expire(Instant::now());
                     if !gone.is_empty() {
@@ -455,6 +467,8 @@ impl Agent {
                 .map(|o| LinkAd {
                     up: if draining { 0 } else { o.ad.up },
                     down: if draining { 0 } else { o.ad.down },
+                    rtt_us: o.echo.announced_us(),
+                    dark: o.echo.is_dark(),
                     ..o.ad
                 })
                 .collect(),
@@ -573,6 +587,22 @@ impl Agent {
                     self.update_weights().await?;
                 }
             }
+            (From::Link(i), Body::EchoReply { sent_ns })
+                if from_server && msg.origin == self.lan_ip =>
+            {
+                let rtt =
+                    Duration::from_nanos(crate::flows::monotonic_ns().saturating_sub(*sent_ns));
+                let o = &mut self.own[i];
+                let before = o.echo.base_rtt();
+                if o.echo.reply(now, rtt) {
+                    eprintln!("bond-ctl: link {}: answers again: back in use", o.ad.id);
+                    self.announce().await;
+                    self.apply_peers().await?;
+                } else if before.is_none() {
+                    // A first round trip: delays can be told.
+                    self.apply_peers().await?;
+                }
+            }
             (From::Link(i), Body::ProbeReport { train, kbps })
                 if from_server && msg.origin == self.lan_ip =>
             {
@@ -650,6 +680,41 @@ impl Agent {
     }
 
     // ------------------------------------------------------ measurement --
+
+    /// Every echo interval: an ECHO to the server over each own link; a
+    /// link that has stopped answering turns dark, leaves this host's
+    /// schedule and is announced dark to the LAN at once
+    /// (`crate::pathmon`).
+    async fn echo(&mut self) -> Result<()> {
+        let Some(token) = self.token else {
+            return Ok(());
+        };
+        let server = self.server();
+        for i in 0..self.own.len() {
+            if self.own[i].entry.flags & LINK_VALID == 0 {
+                continue;
+            }
+            let id = self.own[i].ad.id;
+            let body = Body::Echo {
+                sent_ns: crate::flows::monotonic_ns(),
+            };
+            let m = self.sign(body, id, flags::VIA_LINK, token);
+            let _ = self.own[i].sock.send_to(&m, server).await;
+        }
+        let now = Instant::now();
+        let mut dark = Vec::new();
+        for o in &mut self.own {
+            if o.echo.check(now) {
+                dark.push(o.ad.id);
+            }
+        }
+        if !dark.is_empty() {
+            eprintln!("bond-ctl: link(s) {dark:?} stopped answering: dark, out of use");
+            self.announce().await;
+            self.apply_peers().await?;
+        }
+        Ok(())
+    }
 
     /// Every probe interval, for each own link with a measured weight: an
     /// upstream train to the server (which reports its rate), and a
@@ -838,7 +903,12 @@ impl Agent {
     /// valid LAN link entry names its owner and port, and the schedule
     /// holds its weight. They count as alive until they miss announces.
     fn adopt_peers(&mut self) -> Result<()> {
-        let slots = datapath::slot_counts(&self.maps.up_schedule()?);
+        let rates: BTreeMap<u32, u32> = self
+            .maps
+            .up_paths()?
+            .links()
+            .map(|l| (l.id, l.kbit() as u32))
+            .collect();
         let mut found: BTreeMap<Ipv4Addr, Vec<LinkAd>> = BTreeMap::new();
         for id in 0..MAX_LINK_IDS {
             let id = id as u8;
@@ -848,7 +918,7 @@ impl Agent {
             if e.flags & LINK_VALID == 0 || e.ifindex != self.lan.index {
                 continue;
             }
-            let w = slots.get(&u16::from(id)).copied().unwrap_or(0);
+            let w = rates.get(&u32::from(id)).copied().unwrap_or(0);
             found
                 .entry(Ipv4Addr::from(e.dst_ip))
                 .or_default()
@@ -858,6 +928,7 @@ impl Agent {
                     up: w,
                     down: w,
                     mtu: e.mtu,
+                    ..Default::default()
                 });
             self.peer_links.insert(id, (Ipv4Addr::from(e.dst_ip), e));
         }
@@ -894,11 +965,13 @@ impl Agent {
             }
         }
         let draining = self.drain.is_some();
-        let mut usable: Vec<(u8, u32)> = self
+        // (link, weight, base round trip µs) of every link this host may
+        // send on: its own that answer, and peers' not announced dark.
+        let mut usable: Vec<(u8, u32, u32)> = self
             .own
             .iter()
-            .filter(|o| o.entry.flags & LINK_VALID != 0 && !draining)
-            .map(|o| (o.ad.id, o.ad.up))
+            .filter(|o| o.entry.flags & LINK_VALID != 0 && !draining && !o.echo.is_dark())
+            .map(|o| (o.ad.id, o.ad.up, o.echo.announced_us()))
             .collect();
         let mut want: BTreeMap<u8, (Ipv4Addr, UpLink)> = BTreeMap::new();
         for (ip, p) in self.peers.peers() {
@@ -910,7 +983,9 @@ impl Agent {
                     self.rejects.count("link_id_clash");
                     continue;
                 }
-                usable.push((l.id, l.up));
+                if !l.dark {
+                    usable.push((l.id, l.up, l.rtt_us));
+                }
                 want.insert(
                     l.id,
                     (
@@ -959,10 +1034,17 @@ impl Agent {
             }
         }
         usable.sort_unstable();
-        if self.schedule.as_ref() != Some(&usable) {
-            self.maps.set_up_schedule(&usable)?;
-            eprintln!("bond-ctl: upstream schedule: {usable:?} (link, weight)");
-            self.schedule = Some(usable);
+        let rtts: Vec<u32> = usable.iter().map(|u| u.2).collect();
+        let paths: Vec<(u8, u64, u32)> = usable
+            .iter()
+            .zip(pathmon::relative_delays(&rtts))
+            .map(|(&(l, w, _), d)| (l, u64::from(w), d))
+            .collect();
+        if self.schedule.as_ref() != Some(&paths) {
+            self.maps
+                .set_up_paths(&paths, bond_common::edpf::DEFAULT_BACKLOG_US)?;
+            eprintln!("bond-ctl: upstream paths: {paths:?} (link, kbit/s, relative delay ns)");
+            self.schedule = Some(paths);
         }
         for id in self.peer_links.keys() {
             if !want.contains_key(id) {
@@ -1119,6 +1201,8 @@ impl Agent {
                     "up": o.ad.up, "down": o.ad.down,
                     "up_weight": o.up.json(), "down_weight": o.down.json(),
                     "active": o.entry.flags & LINK_VALID != 0,
+                    "dark": o.echo.is_dark(),
+                    "rtt_ms": o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),
                 })
             })
             .collect();
@@ -1135,7 +1219,18 @@ impl Agent {
             "draining": self.drain.is_some(),
             "links": links,
             "peers": self.peers.peers().count(),
-            "schedule": self.schedule.clone().unwrap_or_default(),
+            "schedule": self
+                .schedule
+                .iter()
+                .flatten()
+                .map(|&(l, k, _)| (l, k))
+                .collect::<Vec<_>>(),
+            "paths": self
+                .schedule
+                .iter()
+                .flatten()
+                .map(|&(link, kbit, delay_ns)| json!({"link": link, "kbit": kbit, "delay_us": delay_ns / 1000}))
+                .collect::<Vec<_>>(),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })
@@ -1148,8 +1243,8 @@ impl Agent {
             .schedule
             .iter()
             .flatten()
-            .filter(|(_, w)| *w > 0)
-            .map(|(l, _)| *l)
+            .filter(|(_, k, _)| *k > 0)
+            .map(|(l, _, _)| *l)
             .collect();
         let mut rows: Vec<Value> = self
             .own

@@ -543,8 +543,13 @@ impl Lab {
         self.terminals.iter().flat_map(|t| t.links.iter())
     }
 
+    /// A link's weight: its rate in kbit/s; an unlimited lab link (rate 0,
+    /// a bare veth) counts as 1 Gbit/s.
     fn weight(rate: u32) -> u32 {
-        rate.max(1)
+        match rate {
+            0 => 1_000_000,
+            r => r * 1000,
+        }
     }
 
     /// The TOML config of terminal `i` (0-based).

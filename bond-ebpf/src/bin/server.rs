@@ -34,10 +34,11 @@ use aya_ebpf::{
 };
 use bond_common::{
     drops,
+    edpf::Paths,
     maps::{
         Flow, FlowKey, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_FLOWS,
-        MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, Schedule, ServerConfig, ServerLink,
-        Session, SessionKey, event, tcp,
+        MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink, Session,
+        SessionKey, event, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -57,10 +58,10 @@ static S_SESSIONS: HashMap<SessionKey, Session> = HashMap::pinned(MAX_SESSIONS, 
 static S_LINK_INDEX: HashMap<LinkKey, u32> = HashMap::pinned(MAX_SERVER_LINKS, 0);
 #[map]
 static S_LINKS: Array<ServerLink> = Array::pinned(MAX_SERVER_LINKS, 0);
+/// Each community's downstream scheduling state, shared by all CPUs (see
+/// `T_PATHS` in the terminal program on concurrent picks).
 #[map]
-static S_DOWN_SCHED: HashMap<u16, Schedule> = HashMap::pinned(MAX_COMMUNITIES, 0);
-#[map]
-static S_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(MAX_COMMUNITIES, 0);
+static S_PATHS: HashMap<u16, Paths> = HashMap::pinned(MAX_COMMUNITIES, 0);
 #[map]
 static S_FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
@@ -436,17 +437,13 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         return answer_too_big(ctx, cfg, h, l4head);
     }
     // Pick the link first: nothing is counted for a packet that is dropped.
-    // SAFETY: read-only use of a map value.
-    let sched = unsafe { S_DOWN_SCHED.get(nat.community) }.ok_or(drops::NO_LINKS)?;
-    let cursor = S_CURSOR
-        .get_ptr_mut(u32::from(nat.community))
-        .ok_or(drops::NO_LINKS)?;
-    // SAFETY: per-CPU slot of a live map value.
-    let idx = u32::from(
-        sched
-            .pick(unsafe { post_inc(cursor) })
-            .ok_or(drops::NO_LINKS)?,
-    );
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let paths = S_PATHS.get_ptr_mut(nat.community).ok_or(drops::NO_LINKS)?;
+    // SAFETY: a live map value; see S_PATHS on concurrent picks.
+    let idx = unsafe { &mut *paths }
+        .pick(now, u32::from(len) + INNER_OFF as u32)
+        .map_err(|e| e.drop_reason())?;
     let link = S_LINKS.get(idx).ok_or(drops::LINK_MISSING)?;
     if link.flags & LINK_VALID == 0 {
         return Err(drops::LINK_MISSING);
@@ -470,7 +467,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     if let Some(f) = S_FLOWS.get_ptr_mut(fkey) {
         // SAFETY: live map value; statistics, as upstream.
         unsafe {
-            (*f).last_seen_ns = bpf_ktime_get_ns();
+            (*f).last_seen_ns = now;
             (*f).down_pkts += 1;
             (*f).down_bytes += u64::from(len);
             if let Some(fl) = tcp_flags {

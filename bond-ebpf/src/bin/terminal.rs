@@ -1,8 +1,9 @@
 //! A community terminal's datapath, one object so both programs share maps:
 //!
 //! - `bond_wrap` (TC egress on bond0): the origin. Wraps each packet routed
-//!   into bond0 and sends it on the next link of the upstream schedule,
-//!   to a LAN peer's relay port or straight out of an own WAN link.
+//!   into bond0 and sends it on the link where it would arrive first
+//!   (`bond_common::edpf`), to a LAN peer's relay port or straight out of
+//!   an own WAN link.
 //! - `bond_terminal` (XDP on the LAN and WAN interfaces): the relay and
 //!   the origin's receive side. DATA_UP to an own link's port goes on to the
 //!   server over that link; DATA_DOWN goes on to its origin over the LAN,
@@ -16,7 +17,7 @@ use aya_ebpf::{
     bindings::{
         TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::{bpf_get_smp_processor_id, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -24,9 +25,10 @@ use aya_ebpf::{
 use bond_common::wire::SEQ_CPU_BITS;
 use bond_common::{
     drops,
+    edpf::Paths,
     maps::{
-        LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink, Schedule,
-        TerminalConfig, UpLink,
+        LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink, TerminalConfig,
+        UpLink,
     },
     wire::{self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_UDP, OUTER_LEN, kind},
 };
@@ -36,10 +38,11 @@ use bond_ebpf::{Packet, count, link_stats, outer_len, post_inc, read, read_u16, 
 static T_CONFIG: Array<TerminalConfig> = Array::pinned(1, 0);
 #[map]
 static T_UP_LINKS: Array<UpLink> = Array::pinned(MAX_LINK_IDS, 0);
+/// The upstream links' scheduling state, shared by all CPUs: a pick reads
+/// and advances one link's virtual finish time without a lock, so two CPUs
+/// picking at once may each charge the link one packet short of the truth.
 #[map]
-static T_UP_SCHED: Array<Schedule> = Array::pinned(1, 0);
-#[map]
-static T_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+static T_PATHS: Array<Paths> = Array::pinned(1, 0);
 #[map]
 static T_RELAY: HashMap<u16, RelayLink> = HashMap::pinned(MAX_LINK_IDS, 0);
 #[map]
@@ -74,15 +77,17 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
         return Err(drops::GSO);
     }
     let cfg = T_CONFIG.get(0).ok_or(drops::NO_LINKS)?;
-    let link_id = next_slot(&T_UP_SCHED, &T_CURSOR).ok_or(drops::NO_LINKS)?;
-    let link = T_UP_LINKS
-        .get(u32::from(link_id))
-        .ok_or(drops::LINK_MISSING)?;
+    // The skb length (TcContext::len), not the linear part: skbs may be paged.
+    let inner_len = ctx.len() - ETH_LEN as u32;
+    let paths = T_PATHS.get_ptr_mut(0).ok_or(drops::NO_LINKS)?;
+    // SAFETY: a live map value; see T_PATHS on concurrent picks.
+    let link_id = unsafe { &mut *paths }
+        .pick(now(), inner_len + INNER_OFF as u32)
+        .map_err(|e| e.drop_reason())?;
+    let link = T_UP_LINKS.get(link_id).ok_or(drops::LINK_MISSING)?;
     if link.flags & LINK_VALID == 0 {
         return Err(drops::LINK_MISSING);
     }
-    // The skb length (TcContext::len), not the linear part: skbs may be paged.
-    let inner_len = ctx.len() - ETH_LEN as u32;
     if inner_len + OUTER_LEN as u32 > u32::from(link.mtu) {
         return Err(drops::TOO_BIG);
     }
@@ -91,7 +96,7 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| drops::HELPER_FAILED)?;
     ctx.store(0, &hdr, 0).map_err(|_| drops::HELPER_FAILED)?;
-    link_stats(&T_LINK_STATS, u32::from(link_id), |s| {
+    link_stats(&T_LINK_STATS, link_id, |s| {
         s.up_pkts += 1;
         s.up_bytes += u64::from(inner_len);
     });
@@ -137,11 +142,9 @@ fn wrap_headers(
 }
 
 #[inline(always)]
-fn next_slot(sched: &Array<Schedule>, cursor: &PerCpuArray<u32>) -> Option<u16> {
-    let s = sched.get(0)?;
-    let c = cursor.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot of a live map value.
-    s.pick(unsafe { post_inc(c) })
+fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// This origin's upstream sequence number. The BPF target has no atomic

@@ -1,0 +1,201 @@
+//! Watching each WAN link from its two ends: round-trip time and darkness.
+//!
+//! The owner of a link sends the server a small signed ECHO over it every
+//! [`ECHO_INTERVAL`]; the server answers over the same link. From that:
+//!
+//! - The owner learns the link's round trip; the least over the last
+//!   [`RTT_WINDOW`] is its base (queues filled by traffic only add to it).
+//!   Owners announce it, and every sender takes half the difference to the
+//!   least base among the links it uses as a link's relative one-way delay
+//!   (`bond_common::edpf`). Halving assumes a link's delay is about the
+//!   same both ways, as it is for DSL, cable, LTE and satellite alike.
+//! - A link that carried echoes and brings back nothing for its base round
+//!   trip plus [`DARK_SLACK`] is dark (a black hole with carrier up): the
+//!   owner leaves it out of its own schedule and announces it dark to the
+//!   LAN at once. The server, missing the link's echoes for
+//!   [`SERVER_DARK_AFTER`], leaves it out of the downstream schedule. Both
+//!   take it back at the first echo through.
+//!
+//! The rules are pure and unit-tested here; the agents feed them.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+/// How often a link's owner sends an echo over it.
+pub const ECHO_INTERVAL: Duration = Duration::from_millis(50);
+/// Round trips older than this no longer count for a link's base.
+pub const RTT_WINDOW: Duration = Duration::from_secs(30);
+/// Beyond its base round trip, how long a link may be silent before its
+/// owner calls it dark: two full buffers of queueing (an echo waits behind
+/// data both ways, `edpf::DEFAULT_BACKLOG_US` each) and two echo intervals.
+pub const DARK_SLACK: Duration = Duration::from_millis(200);
+/// How long the server waits for a link's next echo before calling it
+/// dark: an interval, a full buffer's queueing (the echo waits behind
+/// upstream data) and as much again in hand.
+pub const SERVER_DARK_AFTER: Duration = Duration::from_millis(200);
+
+/// One link as its owner sees it through echoes.
+#[derive(Clone, Debug, Default)]
+pub struct LinkEcho {
+    /// (when, round trip) of recent replies, oldest first.
+    samples: VecDeque<(Instant, Duration)>,
+    last_reply: Option<Instant>,
+    dark: bool,
+}
+
+impl LinkEcho {
+    /// A reply arrived at `now` for an echo that took `rtt`. True if the
+    /// link was dark and is back.
+    pub fn reply(&mut self, now: Instant, rtt: Duration) -> bool {
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RTT_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        // Keep the window small: a sample no smaller than the newest one
+        // can never be the least again.
+        while self.samples.back().is_some_and(|(_, r)| *r >= rtt) {
+            self.samples.pop_back();
+        }
+        self.samples.push_back((now, rtt));
+        self.last_reply = Some(now);
+        std::mem::replace(&mut self.dark, false)
+    }
+
+    /// The least round trip of the window.
+    pub fn base_rtt(&self) -> Option<Duration> {
+        self.samples.front().map(|(_, r)| *r)
+    }
+
+    /// Whether the link is dark at `now`; true the moment it turns dark.
+    pub fn check(&mut self, now: Instant) -> bool {
+        let (Some(last), Some(base)) = (self.last_reply, self.base_rtt()) else {
+            return false; // never answered: nothing to go dark from
+        };
+        if self.dark || now.duration_since(last) <= base + DARK_SLACK {
+            return false;
+        }
+        self.dark = true;
+        true
+    }
+
+    pub fn is_dark(&self) -> bool {
+        self.dark
+    }
+
+    /// The base round trip as announced, µs: rounded up to a whole
+    /// millisecond (0: not measured), so that a base creeping by a few µs
+    /// neither re-announces nor rewrites schedules.
+    pub fn announced_us(&self) -> u32 {
+        self.base_rtt()
+            .map_or(0, |r| (r.as_micros() as u32).div_ceil(1000) * 1000)
+    }
+}
+
+/// A link as the server sees its owner's echoes.
+#[derive(Clone, Copy, Debug)]
+pub struct EchoSeen {
+    pub last: Instant,
+    pub dark: bool,
+}
+
+impl EchoSeen {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            last: now,
+            dark: false,
+        }
+    }
+
+    /// An echo arrived: true if the link was dark and is back.
+    pub fn seen(&mut self, now: Instant) -> bool {
+        self.last = now;
+        std::mem::replace(&mut self.dark, false)
+    }
+
+    /// True the moment the link turns dark.
+    pub fn check(&mut self, now: Instant) -> bool {
+        if self.dark || now.duration_since(self.last) <= SERVER_DARK_AFTER {
+            return false;
+        }
+        self.dark = true;
+        true
+    }
+}
+
+/// Relative one-way delays (ns) for links with base round trips in µs (0:
+/// not measured, counted as the least): half of each one's excess over the
+/// least.
+pub fn relative_delays(rtt_us: &[u32]) -> Vec<u32> {
+    let least = rtt_us.iter().copied().filter(|&r| r > 0).min().unwrap_or(0);
+    rtt_us
+        .iter()
+        .map(|&r| r.saturating_sub(least).saturating_mul(1000) / 2)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_base_is_the_least_round_trip_of_the_window() {
+        let t0 = Instant::now();
+        let mut e = LinkEcho::default();
+        assert_eq!(e.base_rtt(), None);
+        e.reply(t0, 30 * MS);
+        e.reply(t0 + MS, 20 * MS);
+        e.reply(t0 + 2 * MS, 80 * MS); // queued behind a download
+        assert_eq!(e.base_rtt(), Some(20 * MS));
+        // The quiet sample ages out; the loaded ones remain.
+        e.reply(t0 + RTT_WINDOW + 5 * MS, 60 * MS);
+        assert_eq!(e.base_rtt(), Some(60 * MS));
+        assert!(e.samples.len() <= 2, "the window keeps only candidates");
+    }
+
+    #[test]
+    fn silence_past_base_plus_slack_is_dark_and_a_reply_heals() {
+        let t0 = Instant::now();
+        let mut e = LinkEcho::default();
+        assert!(
+            !e.check(t0 + Duration::from_secs(9)),
+            "never answered: not dark"
+        );
+        e.reply(t0, 20 * MS);
+        assert!(!e.check(t0 + 20 * MS + DARK_SLACK), "within base + slack");
+        assert!(e.check(t0 + 21 * MS + DARK_SLACK), "dark just past it");
+        assert!(e.is_dark());
+        assert!(!e.check(t0 + Duration::from_secs(1)), "turns dark once");
+        assert!(e.reply(t0 + Duration::from_secs(2), 20 * MS), "healed");
+        assert!(!e.is_dark());
+    }
+
+    #[test]
+    fn the_server_calls_a_silent_link_dark_once_and_takes_it_back() {
+        let t0 = Instant::now();
+        let mut s = EchoSeen::new(t0);
+        assert!(!s.check(t0 + SERVER_DARK_AFTER));
+        assert!(s.check(t0 + SERVER_DARK_AFTER + MS));
+        assert!(!s.check(t0 + 2 * SERVER_DARK_AFTER));
+        assert!(s.seen(t0 + Duration::from_secs(3)));
+        assert!(!s.seen(t0 + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn delays_are_half_the_excess_over_the_least_round_trip() {
+        // mixed: one-way 5, 20, 40 ms.
+        assert_eq!(
+            relative_delays(&[10_000, 40_000, 80_000]),
+            vec![0, 15_000_000, 35_000_000]
+        );
+        // Unmeasured links count as the least.
+        assert_eq!(relative_delays(&[0, 40_000, 30_000]), vec![0, 5_000_000, 0]);
+        assert_eq!(relative_delays(&[]), Vec::<u32>::new());
+    }
+}
