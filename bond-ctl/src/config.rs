@@ -882,7 +882,11 @@ down = 5
         assert_eq!(t.server.port, DEFAULT_PORT);
         let fixed = WeightSpec::Fixed;
         assert_eq!((t.links[0].up(), t.links[0].down()), (fixed(2), fixed(2)));
-        assert_eq!((t.links[1].up(), t.links[1].down()), (fixed(1), fixed(5)));
+        // An unset weight is measured: weights are rates (kbit/s).
+        assert_eq!(
+            (t.links[1].up(), t.links[1].down()),
+            (WeightSpec::Auto, fixed(5))
+        );
         let auto = TERMINAL.replace("down = 5", "down = \"auto\"");
         let Config::Terminal(t) = Config::parse(&auto, "t.toml").unwrap() else {
             panic!("not a terminal")
