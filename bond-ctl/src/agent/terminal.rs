@@ -593,13 +593,14 @@ impl Agent {
                 let rtt =
                     Duration::from_nanos(crate::flows::monotonic_ns().saturating_sub(*sent_ns));
                 let o = &mut self.own[i];
-                let before = o.echo.base_rtt();
+                let before = o.echo.announced_us();
                 if o.echo.reply(now, rtt) {
                     eprintln!("bond-ctl: link {}: answers again: back in use", o.ad.id);
                     self.announce().await;
                     self.apply_peers().await?;
-                } else if before.is_none() {
-                    // A first round trip: delays can be told.
+                } else if o.echo.announced_us() != before {
+                    // A first or a new base round trip: this host's own
+                    // delays follow at once (peers on the next announce).
                     self.apply_peers().await?;
                 }
             }
