@@ -148,6 +148,35 @@ struct Stats {
     send_failed: AtomicU64,
     /// Frames larger than the receive buffer (an offload left on).
     oversize: AtomicU64,
+    /// Frames the kernel dropped because a socket's receive buffer was
+    /// full (the line fell behind).
+    rx_dropped: AtomicU64,
+}
+
+/// Frames the kernel dropped on `fd` since the last call (reading
+/// PACKET_STATISTICS resets it).
+fn socket_drops(fd: &OwnedFd) -> Result<u64> {
+    let mut st = libc::tpacket_stats {
+        tp_packets: 0,
+        tp_drops: 0,
+    };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: st and len are live and len is st's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&raw mut st).cast(),
+            &raw mut len,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "PACKET_STATISTICS: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(u64::from(st.tp_drops))
 }
 
 /// The largest frame forwarded: a 1500-byte MTU plus its Ethernet header
@@ -326,6 +355,7 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
     let (a, b) = (a.context("--a IF missing")?, b.context("--b IF missing")?);
     let sa = Arc::new(packet_socket(&a)?);
     let sb = Arc::new(packet_socket(&b)?);
+    let sockets = [sa.clone(), sb.clone()];
     let dark = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     let epoch = Instant::now();
@@ -338,14 +368,23 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
         match cmd?.trim() {
             "dark" => dark.store(true, Relaxed),
             "light" => dark.store(false, Relaxed),
-            "stats" => println!(
-                "{{\"forwarded\":{},\"lost\":{},\"dark\":{},\"send_failed\":{},\"oversize\":{}}}",
-                stats.forwarded.load(Relaxed),
-                stats.lost.load(Relaxed),
-                stats.dark.load(Relaxed),
-                stats.send_failed.load(Relaxed),
-                stats.oversize.load(Relaxed),
-            ),
+            "stats" => {
+                for s in &sockets {
+                    stats.rx_dropped.fetch_add(socket_drops(s)?, Relaxed);
+                }
+                let c = |a: &AtomicU64| a.load(Relaxed);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "forwarded": c(&stats.forwarded),
+                        "lost": c(&stats.lost),
+                        "dark": c(&stats.dark),
+                        "send_failed": c(&stats.send_failed),
+                        "oversize": c(&stats.oversize),
+                        "rx_dropped": c(&stats.rx_dropped),
+                    })
+                );
+            }
             other => eprintln!("unknown command {other:?}"),
         }
     }

@@ -482,6 +482,32 @@ impl Lab {
         profile::command(&self.line(id)?, if dark { "dark" } else { "light" })
     }
 
+    /// Link `id`'s delay line counters (`forwarded`, `lost`, `dark`,
+    /// `send_failed`, `oversize`, `rx_dropped`), both directions summed.
+    pub fn line_stats(&self, id: u8) -> Result<serde_json::Value> {
+        let log = self.dir.join(format!("delay-{id}.log"));
+        let count = || -> usize {
+            std::fs::read_to_string(&log)
+                .map(|s| s.lines().filter(|l| l.starts_with('{')).count())
+                .unwrap_or(0)
+        };
+        let before = count();
+        profile::command(&self.line(id)?, "stats")?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while count() <= before {
+            ensure!(
+                Instant::now() < deadline,
+                "link {id}'s delay line printed no stats within 3 s (see {})",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&log)?;
+        let last = text.lines().filter(|l| l.starts_with('{')).last();
+        serde_json::from_str(last.unwrap_or_default())
+            .with_context(|| format!("stats of link {id}'s delay line"))
+    }
+
     /// A link's spec, by id.
     pub fn link_spec(&self, id: u8) -> Option<&LinkSpec> {
         self.specs.iter().find(|(k, _)| *k == id).map(|(_, s)| s)
