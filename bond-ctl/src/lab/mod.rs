@@ -503,7 +503,7 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         let text = std::fs::read_to_string(&log)?;
-        let last = text.lines().filter(|l| l.starts_with('{')).next_back();
+        let last = text.lines().rfind(|l| l.starts_with('{'));
         serde_json::from_str(last.unwrap_or_default())
             .with_context(|| format!("stats of link {id}'s delay line"))
     }
