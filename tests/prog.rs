@@ -433,7 +433,7 @@ fn wrap_sends_each_packet_where_it_arrives_first() {
         let t = wrap::setup("wrap-edpf");
         // Slow rates, so each packet queues tens of ms on its link, and a
         // 60 ms delay on C: the picks are the pure function's.
-        let links = [(A, 20, 0), (B, 9, 0), (C, 33, 60_000_000)];
+        let links = [(A, 20, 0), (B, 8, 0), (C, 33, 60_000_000)];
         t.maps.set_up_paths(&links, TEST_BACKLOG_US).unwrap();
         let lens: Vec<u32> = app_packets()
             .iter()
@@ -663,6 +663,43 @@ fn terminal_unwraps_its_own_traffic() {
             "{what}: stats"
         );
     }
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+/// The origin checks the server's schedule: a packet that comes after one
+/// the server sent later (by the session's sequence number) is counted
+/// late on the link it came over, and a new session's numbering, far
+/// behind, is followed rather than counted.
+#[test]
+fn terminal_counts_downstream_packets_that_come_late_per_link() {
+    use term::*;
+    let t = term::setup("late");
+    let own = |seq| {
+        let mut w = down_from_server(LAN_IP, TOKEN);
+        w.bond.seq = seq;
+        w
+    };
+    let via_peer = |seq| {
+        let mut w = down_for_me();
+        w.bond.seq = seq;
+        w
+    };
+    // Sent 0x30100 over the peer's link 5, then 0x30101 and 0x30102 over
+    // this host's own link; the own link's arrive first. Then a new
+    // session numbers from 0.
+    for (what, w) in [
+        ("0x30101 own", own(0x3_0101)),
+        ("0x30102 own", own(0x3_0102)),
+        ("0x30100 via peer", via_peer(0x3_0100)),
+        ("0x30103 via peer", via_peer(0x3_0103)),
+        ("new session, 0 own", own(0)),
+        ("new session, 1 own", own(1)),
+    ] {
+        t.expect("bond_terminal", what, &w.frame(), XDP_PASS, None);
+    }
+    let (peer, mine) = (stats(&t, 5), stats(&t, RELAY_LINK));
+    assert_eq!((peer.down_pkts, peer.down_late), (2, 1), "{peer:?}");
+    assert_eq!((mine.down_pkts, mine.down_late), (4, 0), "{mine:?}");
     assert_eq!(t.nonzero_drops(), vec![]);
 }
 

@@ -41,9 +41,6 @@ const _: () = assert!(MAX_PATHS.is_power_of_two(), "pick masks with MAX_PATHS - 
 /// the link drops rather than queues.
 pub const DEFAULT_BACKLOG_US: u32 = 50_000;
 
-/// The share of a link's measured or configured rate a sender counts on.
-pub const RATE_MARGIN_PCT: u64 = 95;
-
 /// `Path::flags`: the link may be chosen.
 pub const PATH_USABLE: u8 = 1;
 
@@ -141,16 +138,20 @@ impl Paths {
     };
 
     /// The paths for `(id, kbit/s, relative delay in ns)` triples, in that
-    /// order; links of rate zero are left out. Each rate is counted at
-    /// [`RATE_MARGIN_PCT`] percent: a model that drains a queue slower than
-    /// the real link errs by at most that share of a buffer, one that
-    /// drains faster errs without bound while the link stays busy (its real
-    /// queue grows behind the model's back and its packets arrive late).
+    /// order; links of rate zero are left out. Each rate is taken as given,
+    /// with no margin either way: the model's queue drifts from the real
+    /// one by the rate error for as long as the link stays busy, whichever
+    /// way it errs. A model slower than the link keeps a queue the link
+    /// has long drained, and the link's packets then arrive a whole delay
+    /// gap before those sent earlier on slower links (measured: counted at
+    /// 95%, one download over `mixed` arrived with every packet of the two
+    /// far links late by their full relative delay, 14 and 34 ms, and the
+    /// server took 3,155 DSACKs in 8 s; at 100%, 17).
     pub fn from_links(links: &[(u32, u64, u32)]) -> Result<Self, TooManyLinks> {
         let mut p = Self::EMPTY;
         for &(id, kbit, delay_ns) in links.iter().filter(|l| l.1 > 0) {
             let slot = p.paths.get_mut(p.len as usize).ok_or(TooManyLinks)?;
-            *slot = Path::new(id, kbit * RATE_MARGIN_PCT / 100, delay_ns);
+            *slot = Path::new(id, kbit, delay_ns);
             p.len += 1;
         }
         Ok(p)
@@ -246,6 +247,27 @@ impl Refused {
     }
 }
 
+/// How far behind the highest sequence number seen a packet may be and
+/// still count as reordered; further back, the sender has started over
+/// (a new session) and its numbering is followed afresh.
+pub const LATE_WINDOW: u32 = 1 << 16;
+
+/// The receiving end's check of the schedule: notes a packet's sequence
+/// number against the highest seen from its sender (`highest`, updated)
+/// and returns whether it came late, after a packet sent after it. Every
+/// late packet is a miss of the sender's estimates for the link it came
+/// on (it arrived later than the link's delay and rate said), and TCP
+/// sees it out of order. Numbers wrap.
+#[inline(always)]
+pub fn arrived_late(highest: &mut u32, seq: u32) -> bool {
+    let behind = highest.wrapping_sub(seq);
+    if behind != 0 && behind < LATE_WINDOW {
+        return true;
+    }
+    *highest = seq;
+    false
+}
+
 /// Added to a full link's arrival time so that any link with room wins:
 /// about five hours, far past any real arrival.
 const FULL: u64 = 1 << 44;
@@ -253,6 +275,31 @@ const FULL: u64 = 1 << 44;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packet_behind_the_highest_seen_is_late_and_the_rest_are_not() {
+        let mut h = 0;
+        let late: Vec<bool> = [1, 2, 5, 3, 4, 6, 6, 7]
+            .iter()
+            .map(|&s| arrived_late(&mut h, s))
+            .collect();
+        assert_eq!(late, [false, false, false, true, true, false, false, false]);
+        assert_eq!(h, 7);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_and_a_restart_is_followed() {
+        let mut h = u32::MAX - 1;
+        assert!(!arrived_late(&mut h, u32::MAX));
+        assert!(!arrived_late(&mut h, 1));
+        assert!(arrived_late(&mut h, u32::MAX));
+        assert_eq!(h, 1);
+        // A new session numbers from 0 again, far behind: not late.
+        let mut h = 5_000_000;
+        assert!(!arrived_late(&mut h, 0));
+        assert!(!arrived_late(&mut h, 1));
+        assert_eq!(h, 1);
+    }
 
     const MS: u64 = 1_000_000;
     const MTU: u32 = 1500;

@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
@@ -29,6 +29,7 @@ pub mod name {
     pub const T_LINK_STATS: &str = "T_LINK_STATS";
     pub const T_DROPS: &str = "T_DROPS";
     pub const T_SEQ: &str = "T_SEQ";
+    pub const T_DOWN_SEQ: &str = "T_DOWN_SEQ";
     pub const S_CONFIG: &str = "S_CONFIG";
     pub const S_SESSIONS: &str = "S_SESSIONS";
     pub const S_LINK_INDEX: &str = "S_LINK_INDEX";
@@ -142,8 +143,13 @@ pub struct LinkStats {
     pub relay_up_bytes: u64,
     pub relay_down_pkts: u64,
     pub relay_down_bytes: u64,
+    /// On a terminal: DATA_DOWN packets for this host that came over this
+    /// link after one the server sent later (by the session's sequence
+    /// number): the link delivered later than the server's schedule
+    /// counted on, and TCP saw them reordered.
+    pub down_late: u64,
 }
-const _: () = assert!(core::mem::size_of::<LinkStats>() == 64);
+const _: () = assert!(core::mem::size_of::<LinkStats>() == 72);
 
 impl LinkStats {
     /// Sums per-CPU values.
@@ -156,6 +162,7 @@ impl LinkStats {
         self.relay_up_bytes += o.relay_up_bytes;
         self.relay_down_pkts += o.relay_down_pkts;
         self.relay_down_bytes += o.relay_down_bytes;
+        self.down_late += o.down_late;
     }
 }
 

@@ -4,8 +4,9 @@
 //! - `links` on a terminal: `{"role":"terminal","logged_on":true,
 //!   "links":[{"link":1,"active":true,"up_pkts":..,
 //!   "up_bytes":..,"down_pkts":..,"down_bytes":..,"relay_up_pkts":..,
-//!   "relay_up_bytes":..,"relay_down_pkts":..,"relay_down_bytes":..}],
-//!   "drops":{"<reason>":n,...}}`
+//!   "relay_up_bytes":..,"relay_down_pkts":..,"relay_down_bytes":..,
+//!   "down_late":..}],"drops":{"<reason>":n,...}}` (`down_late`: packets
+//!   for this host that came after one the server sent later: reordered)
 //! - `links` on a server: as above with `"community"`, `"address"`, `"port"`
 //!   per link, and `"events"`.
 //! - `flows`: `{"flows":[{"community":1,"origin":"10.0.1.3","proto":"tcp",
@@ -184,6 +185,7 @@ fn stats_json(s: &LinkStats) -> serde_json::Map<String, Value> {
         "down_pkts": s.down_pkts, "down_bytes": s.down_bytes,
         "relay_up_pkts": s.relay_up_pkts, "relay_up_bytes": s.relay_up_bytes,
         "relay_down_pkts": s.relay_down_pkts, "relay_down_bytes": s.relay_down_bytes,
+        "down_late": s.down_late,
     });
     match v {
         Value::Object(m) => m,
@@ -240,17 +242,25 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
             );
         } else {
             println!(
-                "{:>4} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}",
-                "link", "up_pkts", "up_bytes", "down_pkts", "down_bytes", "relay_up", "relay_down"
+                "{:>4} {:>10} {:>12} {:>10} {:>12} {:>9} {:>10} {:>10}",
+                "link",
+                "up_pkts",
+                "up_bytes",
+                "down_pkts",
+                "down_bytes",
+                "down_late",
+                "relay_up",
+                "relay_down"
             );
             for (id, active, s) in &links {
                 println!(
-                    "{:>4} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}{}",
+                    "{:>4} {:>10} {:>12} {:>10} {:>12} {:>9} {:>10} {:>10}{}",
                     id,
                     s.up_pkts,
                     s.up_bytes,
                     s.down_pkts,
                     s.down_bytes,
+                    s.down_late,
                     s.relay_up_pkts,
                     s.relay_down_pkts,
                     if *active { "" } else { "  (not in use)" }

@@ -151,7 +151,15 @@ struct Stats {
     /// Frames the kernel dropped because a socket's receive buffer was
     /// full (the line fell behind).
     rx_dropped: AtomicU64,
+    /// Frames sent more than [`LATE_NS`] after their due time (the line's
+    /// thread was not scheduled in time: the machine is too busy for the
+    /// delays asked), and the latest any frame left.
+    late: AtomicU64,
+    late_max_ns: AtomicU64,
 }
+
+/// How late past its due time a frame may leave before it counts as late.
+const LATE_NS: u64 = 1_000_000;
 
 /// Frames the kernel dropped on `fd` since the last call (reading
 /// PACKET_STATISTICS resets it).
@@ -269,6 +277,11 @@ fn direction(
             if release > now {
                 std::thread::sleep(Duration::from_nanos(release - now));
             }
+            let late = (epoch.elapsed().as_nanos() as u64).saturating_sub(release);
+            sender_stats.late_max_ns.fetch_max(late, Relaxed);
+            if late > LATE_NS {
+                sender_stats.late.fetch_add(1, Relaxed);
+            }
             // SAFETY: frame is a live buffer of the length given.
             let n = unsafe { libc::send(tx.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
             let c = if n < 0 {
@@ -382,6 +395,8 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
                         "send_failed": c(&stats.send_failed),
                         "oversize": c(&stats.oversize),
                         "rx_dropped": c(&stats.rx_dropped),
+                        "late": c(&stats.late),
+                        "late_max_us": c(&stats.late_max_ns) / 1000,
                     })
                 );
             }

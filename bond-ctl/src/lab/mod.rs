@@ -175,6 +175,41 @@ fn set_tbf(ns: &str, dev: &str, mbit: u32) -> Result<()> {
     .map(drop)
 }
 
+/// The TCP congestion control every lab namespace uses, unless
+/// `BOND_LAB_CC` names another: the kernel's own default. It is set
+/// explicitly because a namespace inherits the host's default, and a host
+/// may run BBR (this lab's build machines do), which changes what one TCP
+/// flow over bonded links can reach (docs/benchmarks.md).
+pub const DEFAULT_TCP_CC: &str = "cubic";
+
+/// The congestion control the lab's namespaces use (see
+/// [`DEFAULT_TCP_CC`]).
+pub fn tcp_cc() -> String {
+    std::env::var("BOND_LAB_CC").unwrap_or_else(|_| DEFAULT_TCP_CC.to_string())
+}
+
+/// Lets namespaces choose `cc`: outside the host's namespace only the
+/// algorithms in `tcp_allowed_congestion_control` may be the default, so
+/// `cc` is added to that list if it is missing (the host's own default is
+/// left alone).
+fn allow_tcp_cc(cc: &str) -> Result<()> {
+    let sys = Path::new("/proc/sys/net/ipv4");
+    let available = std::fs::read_to_string(sys.join("tcp_available_congestion_control"))?;
+    ensure!(
+        available.split_whitespace().any(|a| a == cc),
+        "TCP congestion control {cc:?} is not available on this kernel (it has: {}); \
+         set BOND_LAB_CC to one of those",
+        available.trim()
+    );
+    let allowed_path = sys.join("tcp_allowed_congestion_control");
+    let allowed = std::fs::read_to_string(&allowed_path)?;
+    if !allowed.split_whitespace().any(|a| a == cc) {
+        std::fs::write(&allowed_path, format!("{} {cc}", allowed.trim()))
+            .with_context(|| format!("allowing {cc} in {}", allowed_path.display()))?;
+    }
+    Ok(())
+}
+
 /// The tools the lab drives; missing ones fail loudly with a hint.
 pub fn check_tools() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -209,6 +244,7 @@ impl Lab {
     pub fn build_links(spec: &[Vec<LinkSpec>], bond_ctl: &Path) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         check_tools()?;
+        allow_tcp_cc(&tcp_cc())?;
         let prefix = format!(
             "bd{}x{}",
             std::process::id(),
@@ -249,6 +285,10 @@ impl Lab {
         ip(&format!("netns add {full}"))?;
         self.namespaces.push(full.clone());
         self.ip(&full, "link set lo up")?;
+        self.sysctl(
+            &full,
+            &format!("net.ipv4.tcp_congestion_control={}", tcp_cc()),
+        )?;
         Ok(full)
     }
 

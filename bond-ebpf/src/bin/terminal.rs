@@ -25,7 +25,7 @@ use aya_ebpf::{
 use bond_common::wire::SEQ_CPU_BITS;
 use bond_common::{
     drops,
-    edpf::Paths,
+    edpf::{self, Paths},
     maps::{
         LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink, TerminalConfig,
         UpLink,
@@ -53,6 +53,10 @@ static T_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_LINK_IDS, 
 static T_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drops::COUNT, 0);
 #[map]
 static T_SEQ: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+/// The highest downstream sequence number seen from the server, shared by
+/// all CPUs (a racing update may miss a late packet; it is a measurement).
+#[map]
+static T_DOWN_SEQ: Array<u32> = Array::pinned(1, 0);
 
 // ---------------------------------------------------------------- origin --
 
@@ -342,9 +346,15 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     if !write(ctx, 0, eth) {
         return Err(drops::TRUNCATED);
     }
+    let late = match T_DOWN_SEQ.get_ptr_mut(0) {
+        // SAFETY: a live map value; see T_DOWN_SEQ on races.
+        Some(h) => edpf::arrived_late(unsafe { &mut *h }, b.seq()),
+        None => false,
+    };
     link_stats(&T_LINK_STATS, u32::from(b.link), |s| {
         s.down_pkts += 1;
         s.down_bytes += u64::from(inner_len);
+        s.down_late += u64::from(late);
     });
     Ok(xdp_action::XDP_PASS)
 }
