@@ -125,8 +125,10 @@ struct Plan {
     static_row: bool,
 }
 
-pub fn run(bond_ctl: &Path, quick: bool, runs: usize) -> Result<String> {
-    let profiles: Vec<&str> = if quick {
+pub fn run(bond_ctl: &Path, quick: bool, runs: usize, only: &[String]) -> Result<String> {
+    let profiles: Vec<&str> = if !only.is_empty() {
+        only.iter().map(String::as_str).collect()
+    } else if quick {
         vec!["mixed", "flap"]
     } else {
         PROFILES.to_vec()

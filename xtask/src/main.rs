@@ -66,6 +66,10 @@ enum Cmd {
         /// default 3, or 1 with --quick.
         #[arg(long)]
         runs: Option<usize>,
+        /// Link profiles for the aggregate suite, repeatable: equal, mixed,
+        /// lte, sat, flap (default: all, or mixed and flap with --quick).
+        #[arg(long = "profile")]
+        profiles: Vec<String>,
     },
     /// The MPTCP baseline's proxy (run by `bench aggregate` in the server
     /// namespace): accepts MPTCP connections on LISTEN, relays each to TO.
@@ -104,14 +108,15 @@ fn main() -> Result<()> {
             suites,
             quick,
             runs,
+            profiles,
         } => {
+            // Name a bad profile before minutes of building.
+            for p in &profiles {
+                bond_ctl::lab::Profile::named(p)?;
+            }
             let bin = build()?;
-            bench(
-                &bin,
-                &suites,
-                quick,
-                runs.unwrap_or(if quick { 1 } else { 3 }),
-            )
+            let runs = runs.unwrap_or(if quick { 1 } else { 3 });
+            bench(&bin, &suites, quick, runs, &profiles)
         }
         Cmd::MptcpProxy { listen, to } => aggregate::proxy(listen, to),
     }
@@ -119,7 +124,13 @@ fn main() -> Result<()> {
 
 /// Runs the suites in turn, printing each table as it is done and writing
 /// them all, headed by the machine and date, to target/bench/report.md.
-fn bench(bond_ctl: &Path, suites: &[String], quick: bool, runs: usize) -> Result<()> {
+fn bench(
+    bond_ctl: &Path,
+    suites: &[String],
+    quick: bool,
+    runs: usize,
+    profiles: &[String],
+) -> Result<()> {
     let suites: Vec<&str> = if suites.is_empty() {
         SUITES.to_vec()
     } else {
@@ -141,7 +152,7 @@ fn bench(bond_ctl: &Path, suites: &[String], quick: bool, runs: usize) -> Result
             if quick { " --quick" } else { "" }
         );
         let table = match suite {
-            "aggregate" => aggregate::run(bond_ctl, quick, runs)?,
+            "aggregate" => aggregate::run(bond_ctl, quick, runs, profiles)?,
             "fastpath" => fastpath::run(quick)?,
             "latency" => latency(bond_ctl, if quick { 300 } else { 1500 })?,
             "failover" => failover::run(bond_ctl, quick, &out)?,

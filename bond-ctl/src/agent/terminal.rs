@@ -1309,6 +1309,18 @@ impl Agent {
                 );
             }
         }
+        m.family(
+            "bond_link_late_packets_total",
+            "counter",
+            "Packets for this host that came over a link after one the server sent later.",
+        );
+        for (id, _, s) in &stats {
+            m.sample(
+                "bond_link_late_packets_total",
+                &[("link", id.to_string())],
+                s.down_late,
+            );
+        }
         let rows = self.peer_rows();
         m.family(
             "bond_link_weight",
