@@ -275,3 +275,17 @@ fn a_dark_window_plays_and_ends_light() {
     std::thread::sleep(Duration::from_millis(1600));
     assert!(reach(&lab), "light after the window");
 }
+
+/// Every lab namespace runs the congestion control the lab pins, not the
+/// host's default (which may be BBR): one TCP flow's numbers depend on it.
+#[test]
+fn every_namespace_uses_the_pinned_congestion_control() {
+    let lab = one_link(LinkSpec::delayed(0, 1));
+    let want = bond_ctl::lab::tcp_cc();
+    for ns in [&lab.terminals[0].ns, &lab.web_ns, &lab.server_ns] {
+        let got = lab
+            .exec(ns, "sysctl", &["-n", "net.ipv4.tcp_congestion_control"])
+            .expect("sysctl");
+        assert_eq!(got.trim(), want, "in {ns}");
+    }
+}
