@@ -752,19 +752,24 @@ impl Agent {
             if self.own[i].up.spec == WeightSpec::Auto {
                 let train = self.next_train();
                 self.own[i].up_train = Some(train);
-                for seq in 0..TRAIN_LEN {
-                    let m = self.sign(
-                        Body::Probe {
-                            train,
-                            seq,
-                            count: TRAIN_LEN,
-                            len: PROBE_LEN as u16,
-                        },
-                        id,
-                        flags::VIA_LINK,
-                        token,
-                    );
-                    if self.own[i].sock.send_to(&m, server).await.is_err() {
+                // Signed first, so the train leaves back to back.
+                let msgs: Vec<Vec<u8>> = (0..TRAIN_LEN)
+                    .map(|seq| {
+                        self.sign(
+                            Body::Probe {
+                                train,
+                                seq,
+                                count: TRAIN_LEN,
+                                len: PROBE_LEN as u16,
+                            },
+                            id,
+                            flags::VIA_LINK,
+                            token,
+                        )
+                    })
+                    .collect();
+                for m in &msgs {
+                    if self.own[i].sock.send_to(m, server).await.is_err() {
                         self.rejects.count("send_failed");
                         break;
                     }
