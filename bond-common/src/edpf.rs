@@ -217,7 +217,11 @@ impl Paths {
         if best >= MAX_PATHS {
             return Err(Refused::NoLinks);
         }
-        if best_at >= FULL {
+        // A link with room arrives by `cap`; only full ones land past it.
+        // (Not `best_at >= FULL`: times are the host's monotonic clock,
+        // which passes 2^44 ns after 4.9 hours of uptime, and from then on
+        // every packet was refused.)
+        if best_at > cap {
             return Err(Refused::Full);
         }
         let p = &mut self.paths[best & (MAX_PATHS - 1)];
@@ -275,6 +279,31 @@ const FULL: u64 = 1 << 44;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Measured on a host up for 5.1 hours: every packet was refused as
+    /// `links_full`, because the full-link test compared absolute times
+    /// with the push-back constant (2^44 ns, 4.9 hours).
+    #[test]
+    fn picks_go_on_after_days_of_uptime() {
+        for now in [
+            1u64 << 44,
+            (1 << 44) + 1,
+            1 << 50,
+            200 * 24 * 3600 * 1_000_000_000,
+        ] {
+            let mut p = paths(&[(10_000, 0), (20_000, 5)]);
+            assert_eq!(p.pick(now, MTU), Ok(1), "at {now} ns");
+            // Filled past the horizon, every link refuses.
+            let mut refused = None;
+            for _ in 0..10_000 {
+                if let Err(e) = p.pick(now, MTU) {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            assert_eq!(refused, Some(Refused::Full), "at {now} ns");
+        }
+    }
 
     #[test]
     fn a_packet_behind_the_highest_seen_is_late_and_the_rest_are_not() {
