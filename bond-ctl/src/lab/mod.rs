@@ -523,7 +523,8 @@ impl Lab {
     }
 
     /// Link `id`'s delay line counters (`forwarded`, `lost`, `dark`,
-    /// `send_failed`, `oversize`, `rx_dropped`), both directions summed.
+    /// `send_failed`, `oversize`, `rx_dropped`, `late`, `late_max_us`),
+    /// both directions summed.
     pub fn line_stats(&self, id: u8) -> Result<serde_json::Value> {
         let log = self.dir.join(format!("delay-{id}.log"));
         let count = || -> usize {
