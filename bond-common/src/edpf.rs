@@ -229,6 +229,19 @@ impl Paths {
         p.finish_ns = start + p.tx_ns(len);
         Ok(p.id)
     }
+
+    /// Counts `count` packets of `len` bytes that link `id` carries outside
+    /// the schedule (a probe train) into its queue, as picks would have:
+    /// uncharged, they delay every packet the model sends after them.
+    /// Returns whether the link is in the schedule.
+    pub fn charge(&mut self, id: u32, now: u64, count: u32, len: u32) -> bool {
+        let n = (self.len as usize).min(MAX_PATHS);
+        let Some(p) = self.paths[..n].iter_mut().find(|p| p.id == id) else {
+            return false;
+        };
+        p.finish_ns = p.finish_ns.max(now) + u64::from(count) * p.tx_ns(len);
+        true
+    }
 }
 
 /// Why no link was picked.
@@ -251,24 +264,24 @@ impl Refused {
     }
 }
 
-/// How far behind the highest sequence number seen a packet may be and
-/// still count as reordered; further back, the sender has started over
-/// (a new session) and its numbering is followed afresh.
-pub const LATE_WINDOW: u32 = 1 << 16;
+/// How far behind the latest send time seen a packet may be and still
+/// count as reordered, µs; further back, the sender's clock has started
+/// over (a reboot) and is followed afresh.
+pub const LATE_WINDOW_US: u32 = 10_000_000;
 
-/// The receiving end's check of the schedule: notes a packet's sequence
-/// number against the highest seen from its sender (`highest`, updated)
-/// and returns whether it came late, after a packet sent after it. Every
-/// late packet is a miss of the sender's estimates for the link it came
-/// on (it arrived later than the link's delay and rate said), and TCP
-/// sees it out of order. Numbers wrap.
+/// The receiving end's check of the schedule: notes a packet's send time
+/// ([`crate::wire::BondHdr::sent_us`]) against the latest seen from its
+/// sender (`latest`, updated) and returns whether it came late, after a
+/// packet sent after it. Every late packet is a miss of the sender's
+/// estimates for the link it came on (it arrived later than the link's
+/// delay and rate said), and TCP would see it out of order. Times wrap.
 #[inline(always)]
-pub fn arrived_late(highest: &mut u32, seq: u32) -> bool {
-    let behind = highest.wrapping_sub(seq);
-    if behind != 0 && behind < LATE_WINDOW {
+pub fn arrived_late(latest: &mut u32, sent_us: u32) -> bool {
+    let behind = latest.wrapping_sub(sent_us);
+    if behind != 0 && behind < LATE_WINDOW_US {
         return true;
     }
-    *highest = seq;
+    *latest = sent_us;
     false
 }
 
@@ -306,7 +319,18 @@ mod tests {
     }
 
     #[test]
-    fn a_packet_behind_the_highest_seen_is_late_and_the_rest_are_not() {
+    fn a_charged_train_delays_the_link_like_the_packets_it_is() {
+        let mut p = paths(&[(10_000, 0), (10_000, 0)]);
+        assert!(p.charge(1, 1_000, 10, MTU));
+        // Ten packets queued on link 1: the next ten picks take link 2.
+        let picks: Vec<u32> = (0..10).map(|_| p.pick(1_000, MTU).unwrap()).collect();
+        assert_eq!(picks, [2; 10]);
+        assert_eq!(p.pick(1_000, MTU), Ok(1));
+        assert!(!p.charge(7, 1_000, 1, MTU), "not a link of the schedule");
+    }
+
+    #[test]
+    fn a_packet_sent_before_the_latest_seen_is_late_and_the_rest_are_not() {
         let mut h = 0;
         let late: Vec<bool> = [1, 2, 5, 3, 4, 6, 6, 7]
             .iter()
@@ -317,14 +341,14 @@ mod tests {
     }
 
     #[test]
-    fn sequence_numbers_wrap_and_a_restart_is_followed() {
+    fn send_times_wrap_and_a_restarted_clock_is_followed() {
         let mut h = u32::MAX - 1;
         assert!(!arrived_late(&mut h, u32::MAX));
         assert!(!arrived_late(&mut h, 1));
         assert!(arrived_late(&mut h, u32::MAX));
         assert_eq!(h, 1);
-        // A new session numbers from 0 again, far behind: not late.
-        let mut h = 5_000_000;
+        // A rebooted sender's clock starts far behind: not late.
+        let mut h = 50_000_000;
         assert!(!arrived_late(&mut h, 0));
         assert!(!arrived_late(&mut h, 1));
         assert_eq!(h, 1);

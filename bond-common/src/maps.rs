@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
@@ -28,8 +28,8 @@ pub mod name {
     pub const T_NEIGH: &str = "T_NEIGH";
     pub const T_LINK_STATS: &str = "T_LINK_STATS";
     pub const T_DROPS: &str = "T_DROPS";
-    pub const T_SEQ: &str = "T_SEQ";
-    pub const T_DOWN_SEQ: &str = "T_DOWN_SEQ";
+    pub const T_DOWN_LATEST: &str = "T_DOWN_LATEST";
+    pub const T_HOLD: &str = "T_HOLD";
     pub const S_CONFIG: &str = "S_CONFIG";
     pub const S_SESSIONS: &str = "S_SESSIONS";
     pub const S_LINK_INDEX: &str = "S_LINK_INDEX";
@@ -62,6 +62,31 @@ pub mod event {
         "flow_race",
         "frag_needed_sent",
     ];
+}
+
+/// The receiving end's playout (`T_HOLD[0]`): DATA for this host goes,
+/// still wrapped, to a hold device that the agent reads, and comes back
+/// through the same program when its time comes (`bond_ctl::playout`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hold {
+    /// The hold device's ifindex; 0 delivers at once.
+    pub ifindex: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC ns until which the agent's playout is known to be
+    /// reading; past it the program delivers at once, so a dead agent does
+    /// not take the traffic with it.
+    pub alive_until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Hold>() == 16);
+
+impl Hold {
+    /// Whether a packet that arrived on `ingress` at `now_ns` goes to the
+    /// hold device: not when it comes from there, or nobody reads it.
+    #[inline(always)]
+    pub const fn takes(&self, ingress: u32, now_ns: u64) -> bool {
+        self.ifindex != 0 && ingress != self.ifindex && now_ns < self.alive_until_ns
+    }
 }
 
 /// A terminal's own identity (`T_CONFIG[0]`).
@@ -144,9 +169,9 @@ pub struct LinkStats {
     pub relay_down_pkts: u64,
     pub relay_down_bytes: u64,
     /// On a terminal: DATA_DOWN packets for this host that came over this
-    /// link after one the server sent later (by the session's sequence
-    /// number): the link delivered later than the server's schedule
-    /// counted on, and TCP saw them reordered.
+    /// link after one the server sent later (by the send times in their
+    /// headers), as delivered to the host (after the playout, if it runs):
+    /// TCP saw them reordered.
     pub down_late: u64,
 }
 const _: () = assert!(core::mem::size_of::<LinkStats>() == 72);
@@ -202,9 +227,7 @@ const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     pub token: u64,
-    /// Next downstream sequence number for this origin.
-    pub down_seq: u32,
-    pub _pad: u32,
+    pub _pad: u64,
 }
 const _: () = assert!(core::mem::size_of::<Session>() == 16);
 
@@ -353,6 +376,7 @@ mod pod {
     }
     pod!(
         Paths,
+        Hold,
         TerminalConfig,
         UpLink,
         RelayLink,

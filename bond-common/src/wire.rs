@@ -3,8 +3,9 @@
 
 /// Rejects strays: the first two bytes of every bond header.
 pub const MAGIC: u16 = 0xB04D;
-/// The only version this code speaks.
-pub const VERSION: u8 = 1;
+/// The only version this code speaks. Version 2 replaced the sequence
+/// number with the sender's clock (`BondHdr::sent_us`).
+pub const VERSION: u8 = 2;
 
 /// Message kinds. DATA kinds are handled by the eBPF programs; every other
 /// kind is passed up to the agent's socket.
@@ -35,9 +36,13 @@ pub const UDP_LEN: usize = 8;
 pub const OUTER_LEN: usize = IPV4_LEN + UDP_LEN + BondHdr::LEN;
 /// Offset of the inner IPv4 header in a wrapped Ethernet frame.
 pub const INNER_OFF: usize = ETH_LEN + OUTER_LEN;
-/// Sequence numbers are counted per CPU (the BPF target has no atomic
-/// read-modify-write); the low bits carry the CPU id, so they stay unique.
-pub const SEQ_CPU_BITS: u32 = 6;
+/// A sender's clock as the bond header carries it: CLOCK_MONOTONIC in
+/// microseconds, wrapping every 71 minutes. Only differences between two
+/// stamps of one sender mean anything, and only within half a wrap.
+#[inline(always)]
+pub const fn sent_us(now_ns: u64) -> u32 {
+    (now_ns / 1000) as u32
+}
 
 /// Offset of the bond header in a wrapped Ethernet frame.
 pub const BOND_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
@@ -61,7 +66,7 @@ pub struct BondHdr {
     pub link: u8,
     pub flags: u8,
     pub origin: [u8; 4],
-    pub seq: [u8; 4],
+    pub sent: [u8; 4],
     pub token: [u8; 8],
 }
 const _: () = assert!(core::mem::size_of::<BondHdr>() == 24);
@@ -97,7 +102,7 @@ impl BondHdr {
         community: u16,
         link: u8,
         origin: u32,
-        seq: u32,
+        sent_us: u32,
         token: u64,
     ) -> Self {
         Self {
@@ -108,7 +113,7 @@ impl BondHdr {
             link,
             flags: 0,
             origin: origin.to_be_bytes(),
-            seq: seq.to_be_bytes(),
+            sent: sent_us.to_be_bytes(),
             token: token.to_be_bytes(),
         }
     }
@@ -122,9 +127,11 @@ impl BondHdr {
     pub const fn origin(&self) -> u32 {
         u32::from_be_bytes(self.origin)
     }
+    /// When the sender sent the packet, by its own clock ([`sent_us`]):
+    /// the receiver orders and paces its release by it.
     #[inline(always)]
-    pub const fn seq(&self) -> u32 {
-        u32::from_be_bytes(self.seq)
+    pub const fn sent_us(&self) -> u32 {
+        u32::from_be_bytes(self.sent)
     }
     #[inline(always)]
     pub const fn token(&self) -> u64 {
@@ -173,7 +180,7 @@ impl BondHdr {
             link: b[6],
             flags: b[7],
             origin: [b[8], b[9], b[10], b[11]],
-            seq: [b[12], b[13], b[14], b[15]],
+            sent: [b[12], b[13], b[14], b[15]],
             token: [b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]],
         }
     }
@@ -191,7 +198,7 @@ impl BondHdr {
         let mut i = 0;
         while i < 4 {
             b[8 + i] = self.origin[i];
-            b[12 + i] = self.seq[i];
+            b[12 + i] = self.sent[i];
             i += 1;
         }
         let mut i = 0;
@@ -213,12 +220,14 @@ impl BondHdr {
 }
 
 /// Builds the 20-byte outer IPv4 header of a wrapped packet, checksum
-/// included. `inner_len` is the inner IPv4 packet's total length.
+/// included. `inner_len` is the inner IPv4 packet's total length. DF is
+/// set and the identification is zero: an atomic datagram's means nothing
+/// (RFC 6864).
 #[inline(always)]
-pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16, id: u16) -> [u8; 20] {
+pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16) -> [u8; 20] {
     let tot = inner_len.wrapping_add(OUTER_LEN as u16);
     let t = tot.to_be_bytes();
-    let i = id.to_be_bytes();
+    let i = [0u8; 2];
     let s = src.to_be_bytes();
     let d = dst.to_be_bytes();
     let mut h = [
@@ -379,7 +388,7 @@ mod tests {
         assert_eq!(p.community(), 7);
         assert_eq!(p.link, 3);
         assert_eq!(p.origin(), 0x0a00_0102);
-        assert_eq!(p.seq(), 99);
+        assert_eq!(p.sent_us(), 99);
         assert_eq!(p.token(), 0xdead_beef_0123_4567);
         assert!(p.is_data());
     }
@@ -397,7 +406,7 @@ mod tests {
         assert_eq!(
             h.to_bytes(),
             [
-                0xB0, 0x4D, 1, 2, 0x01, 0x02, 5, 0, 10, 0, 1, 3, 1, 2, 3, 4, 0x11, 0x22, 0x33,
+                0xB0, 0x4D, 2, 2, 0x01, 0x02, 5, 0, 10, 0, 1, 3, 1, 2, 3, 4, 0x11, 0x22, 0x33,
                 0x44, 0x55, 0x66, 0x77, 0x88
             ]
         );
@@ -417,7 +426,7 @@ mod tests {
         bad[0] = 0;
         assert_eq!(BondHdr::parse(&bad), Err(WireError::BadMagic));
         let mut bad = good;
-        bad[2] = 2;
+        bad[2] = 1;
         assert_eq!(BondHdr::parse(&bad), Err(WireError::BadVersion));
         let mut bad = good;
         bad[7] = 1;
@@ -430,7 +439,7 @@ mod tests {
 
     #[test]
     fn outer_headers_are_valid() {
-        let ip = outer_ipv4(0x0a000101, 0xc6336401, 100, 7);
+        let ip = outer_ipv4(0x0a000101, 0xc6336401, 100);
         let (parsed, _) = etherparse::Ipv4HeaderSlice::from_slice(&ip)
             .map(|s| (s.to_header(), ()))
             .unwrap();

@@ -161,6 +161,12 @@ pub struct TerminalConfig {
     /// How often links with an `auto` weight are measured (ms).
     #[serde(default = "default_probe_ms")]
     pub probe_ms: u32,
+    /// Hold each downstream packet until the farthest link in use could
+    /// have delivered it, and release in the order sent (`bond_ctl::playout`).
+    /// Off: packets go up as they arrive, reordered wherever the links'
+    /// delays or the server's estimates differ.
+    #[serde(default = "default_true")]
+    pub playout: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     pub metrics: Option<std::net::SocketAddr>,
     /// The distribution service (`[dist]`, optional): relay-tree file
@@ -547,6 +553,10 @@ fn default_device() -> String {
 fn default_weight() -> WeightSpec {
     WeightSpec::Auto
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_probe_ms() -> u32 {
     1000
 }

@@ -20,8 +20,9 @@ use bond_common::{
     drops,
     edpf::{MAX_PATHS, Paths},
     maps::{
-        Flow, FlowKey, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor, RelayLink,
-        ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
+        Flow, FlowKey, Hold, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor,
+        RelayLink, ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event,
+        name,
     },
 };
 
@@ -66,6 +67,14 @@ impl Error {
             } if e.io_error.raw_os_error() == Some(libc::E2BIG)
         )
     }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which the
+/// datapath's schedules and holds run on.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
 /// Pin directory of an instance.
@@ -256,6 +265,11 @@ impl Maps {
         self.set(name::T_CONFIG, 0, cfg)
     }
 
+    /// Where the datapath sends DATA for this host to wait its turn.
+    pub fn set_terminal_hold(&self, hold: Hold) -> Result<()> {
+        self.set(name::T_HOLD, 0, hold)
+    }
+
     pub fn terminal_config(&self) -> Result<TerminalConfig> {
         self.array::<TerminalConfig>(name::T_CONFIG)?
             .get(&0, 0)
@@ -290,6 +304,17 @@ impl Maps {
         let p = carry_queues(&self.up_paths()?, &links, backlog_us)?;
         self.set(name::T_PATHS, 0, p)?;
         Ok(p)
+    }
+
+    /// Charges a probe train sent on an own link to its upstream queue
+    /// ([`Paths::charge`]). A read-modify-write of the whole schedule: picks
+    /// the datapath makes meanwhile on other links may be counted short.
+    pub fn charge_up_path(&self, link: u8, count: u32, len: u32) -> Result<()> {
+        let mut p = self.up_paths()?;
+        if p.charge(u32::from(link), monotonic_ns(), count, len) {
+            self.set(name::T_PATHS, 0, p)?;
+        }
+        Ok(())
     }
 
     pub fn up_paths(&self) -> Result<Paths> {
@@ -381,15 +406,7 @@ impl Maps {
             _pad: 0,
             origin: u32::from(origin),
         };
-        self.put(
-            name::S_SESSIONS,
-            key,
-            Session {
-                token,
-                down_seq: 0,
-                _pad: 0,
-            },
-        )
+        self.put(name::S_SESSIONS, key, Session { token, _pad: 0 })
     }
 
     pub fn remove_session(&self, community: u16, origin: Ipv4Addr) -> Result<()> {
@@ -480,6 +497,17 @@ impl Maps {
         let p = carry_queues(&old, links, backlog_us)?;
         self.put(name::S_PATHS, community, p)?;
         Ok(p)
+    }
+
+    /// Charges a probe train sent on server link `idx` to its downstream
+    /// queue, as [`Maps::charge_up_path`] does upstream.
+    pub fn charge_down_path(&self, community: u16, idx: u32, count: u32, len: u32) -> Result<()> {
+        if let Some(mut p) = self.down_paths(community)?
+            && p.charge(idx, monotonic_ns(), count, len)
+        {
+            self.put(name::S_PATHS, community, p)?;
+        }
+        Ok(())
     }
 
     pub fn down_paths(&self, community: u16) -> Result<Option<Paths>> {

@@ -13,6 +13,7 @@ pub mod lab;
 pub mod membership;
 pub mod net;
 pub mod pathmon;
+pub mod playout;
 pub mod probe;
 pub mod proto;
 pub mod show;

@@ -133,6 +133,26 @@ impl Net {
         self.iface(name).await
     }
 
+    /// Adds an IPv4 address to an interface.
+    pub async fn add_address(&self, index: u32, addr: Ipv4Addr, len: u8) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr), len)
+            .execute()
+            .await
+            .with_context(|| format!("adding {addr}/{len} to interface {index}"))
+    }
+
+    /// Sets an interface up.
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("setting interface {index} up"))
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
         let i = self.iface(name).await?;
         self.handle.link().del(i.index).execute().await?;
@@ -233,6 +253,13 @@ fn host_route(dst: Ipv4Addr, gw: Ipv4Addr, dev: u32, metric: u32) -> RouteMessag
         .output_interface(dev)
         .priority(metric)
         .build()
+}
+
+/// Name of the playout's hold device.
+pub fn hold_name(name: &str) -> String {
+    let mut s = format!("{name}-hold");
+    s.truncate(15);
+    s
 }
 
 /// Name of the capture device's sink end.

@@ -90,22 +90,6 @@ pub fn read_u32(ctx: &impl Packet, off: usize) -> Option<u32> {
     read::<4>(ctx, off).map(u32::from_be_bytes)
 }
 
-/// Returns `*p` and advances it by one (wrapping): the walk of a schedule
-/// cursor or a sequence number. Not atomic (the BPF target has no atomic
-/// read-modify-write); callers use per-CPU slots or accept lost updates.
-///
-/// # Safety
-/// `p` must point at a live, aligned `u32` map value.
-#[inline(always)]
-pub unsafe fn post_inc(p: *mut u32) -> u32 {
-    // SAFETY: the caller guarantees `p` is valid.
-    unsafe {
-        let n = *p;
-        *p = n.wrapping_add(1);
-        n
-    }
-}
-
 /// Adds one to counter `idx` of a per-CPU counter array.
 #[inline(always)]
 pub fn count(map: &PerCpuArray<u64>, idx: u32) {

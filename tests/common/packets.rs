@@ -193,7 +193,8 @@ pub struct Bond {
     pub link: u8,
     pub flags: u8,
     pub origin: Ipv4Addr,
-    pub seq: u32,
+    /// The sender's clock, µs.
+    pub sent: u32,
     pub token: u64,
 }
 
@@ -203,18 +204,18 @@ impl Bond {
         community: u16,
         link: u8,
         origin: Ipv4Addr,
-        seq: u32,
+        sent: u32,
         token: u64,
     ) -> Self {
         Self {
             magic: 0xB04D,
-            version: 1,
+            version: 2,
             kind,
             community,
             link,
             flags: 0,
             origin,
-            seq,
+            sent,
             token,
         }
     }
@@ -228,7 +229,7 @@ impl Bond {
         b[6] = self.link;
         b[7] = self.flags;
         b[8..12].copy_from_slice(&self.origin.octets());
-        b[12..16].copy_from_slice(&self.seq.to_be_bytes());
+        b[12..16].copy_from_slice(&self.sent.to_be_bytes());
         b[16..24].copy_from_slice(&self.token.to_be_bytes());
         b
     }

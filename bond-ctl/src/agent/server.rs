@@ -32,7 +32,7 @@ use crate::{
     membership::{Refusal, ServerTable},
     net::{recv_stamped, sysctl, timestamp_arrivals, udp_socket},
     pathmon::{self, EchoSeen},
-    probe::{PROBE_LEN, TRAIN_LEN, TrainRx},
+    probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
 
@@ -173,6 +173,15 @@ pub async fn run(
 }
 
 impl Agent {
+    /// The server's index of link `link` of community `c`, if origin `o`
+    /// announced it and `src` is its address: where echoes are answered
+    /// and trains sent, so nobody can aim them elsewhere.
+    fn owned_link(&self, c: u16, link: u8, o: Ipv4Addr, src: SocketAddrV4) -> Option<u32> {
+        let (idx, l) = self.applied.get(&(c, link))?;
+        (l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port()))
+            .then_some(*idx)
+    }
+
     async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
         let stop = wait_for_signal();
         tokio::pin!(stop);
@@ -367,9 +376,7 @@ impl Agent {
             Body::Echo { sent_ns } if msg.flags & flags::VIA_LINK != 0 => {
                 // From the link's owner, from the link's address: answered
                 // there (the same size: no amplifier), and the link is alive.
-                let known = self.applied.get(&(c, msg.link)).is_some_and(|(_, l)| {
-                    l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port())
-                });
+                let known = self.owned_link(c, msg.link, o, src).is_some();
                 if self.table.token(c, o) != Some(msg.token) || !known {
                     self.rejects.count("echo_refused");
                     return Ok(());
@@ -395,19 +402,25 @@ impl Agent {
                 }
                 // Only to a link this terminal announced from that address,
                 // and not too often: no amplifier for anyone.
-                let known = self.applied.get(&(c, msg.link)).is_some_and(|(_, l)| {
-                    l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port())
-                });
+                let idx = self.owned_link(c, msg.link, o, src);
                 let now = Instant::now();
                 let recent = self
                     .sent_trains
                     .get(&(c, msg.link))
                     .is_some_and(|t| now.duration_since(*t) < TRAIN_MIN_GAP);
-                if !known || recent || *count > TRAIN_LEN {
+                let Some(idx) = idx.filter(|_| !recent && *count <= TRAIN_LEN) else {
                     self.rejects.count("probe_request_refused");
                     return Ok(());
-                }
+                };
                 self.sent_trains.insert((c, msg.link), now);
+                // The train queues at the link like data: the schedule
+                // counts it, or the packets sent behind it arrive late.
+                if let Err(e) =
+                    self.maps
+                        .charge_down_path(c, idx, u32::from(*count), PROBE_FRAME_LEN)
+                {
+                    eprintln!("bond-ctl: charging a probe train: {e:#}");
+                }
                 for seq in 0..*count {
                     let body = Body::Probe {
                         train: *train,

@@ -30,11 +30,17 @@ use crate::{
     datapath::{self, Maps},
     ebpf,
     membership::PeerTable,
-    net::{Iface, Net, poke_neighbor, recv_stamped, sysctl, timestamp_arrivals, udp_socket},
+    net::{
+        Iface, Net, hold_name, poke_neighbor, recv_stamped, sysctl, timestamp_arrivals, udp_socket,
+    },
     pathmon::{self, LinkEcho},
-    probe::{Estimator, PROBE_LEN, TRAIN_LEN, TrainRx},
+    playout,
+    probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
+
+/// A busy link is sent a train only every this many probe intervals.
+const BUSY_PROBE_EVERY: u32 = 5;
 
 /// How often next hops are re-resolved and link counters read.
 const REFRESH: Duration = Duration::from_millis(200);
@@ -96,6 +102,10 @@ struct Own {
     up_train: Option<u32>,
     /// Carried bytes (up, down) at the last probe tick, and when.
     carried: Option<(u64, u64, Instant)>,
+    /// Whether the link carried at least half its weight up / down over
+    /// the last probe interval: a train then only every [`BUSY_PROBE_EVERY`]
+    /// intervals, since its burst delays the traffic queued behind it.
+    busy: (bool, bool),
     /// Round trip and darkness, from echoes to the server.
     echo: LinkEcho,
 }
@@ -162,6 +172,9 @@ struct Agent {
     capture: Iface,
     capture_mtu: u32,
     own_mtu: u32,
+    /// The downstream playout, unless the configuration turns it off.
+    playout: Option<playout::Handle>,
+    probe_round: u32,
 }
 
 pub async fn run(
@@ -263,6 +276,7 @@ pub async fn run(
             rx: None,
             up_train: None,
             carried: None,
+            busy: (false, false),
             echo: LinkEcho::default(),
         });
     }
@@ -322,6 +336,8 @@ pub async fn run(
         capture: dev.clone(),
         capture_mtu,
         own_mtu: path_mtu,
+        playout: None,
+        probe_round: 0,
     };
     if agent.adopted {
         agent.adopt_peers()?;
@@ -331,6 +347,11 @@ pub async fn run(
         pins.attach_xdp(&mut ebpf, "bond_terminal", &agent.cfg.lan)?;
         for l in &agent.cfg.links {
             pins.attach_xdp(&mut ebpf, "bond_terminal", &l.interface)?;
+        }
+        if agent.cfg.playout {
+            agent.playout = Some(agent.start_playout(&mut ebpf, pins).await?);
+        } else {
+            agent.maps.set_terminal_hold(Default::default())?;
         }
         for p in &agent.cfg.capture {
             agent.net.route_to(p.addr, p.len, dev.index, lan_ip).await?;
@@ -367,6 +388,30 @@ pub async fn run(
 }
 
 impl Agent {
+    /// Creates the hold device, puts the receive program on it and starts
+    /// the playout, which then tells the datapath to hold.
+    async fn start_playout(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        pins: &mut Pins,
+    ) -> Result<playout::Handle> {
+        let name = hold_name(&self.cfg.device);
+        let tap = playout::Tap::create(&name)?;
+        let dev = self.net.iface(&name).await?;
+        // What comes back from the playout is addressed to this host from
+        // anywhere: not a spoof on this device. Reverse-path filtering
+        // refuses everything on a device without an address, so it gets
+        // the IPv4 dummy address (RFC 7600), which routes nowhere.
+        sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "2")?;
+        self.net
+            .add_address(dev.index, Ipv4Addr::new(192, 0, 0, 8), 32)
+            .await?;
+        let _ = sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
+        self.net.set_up(dev.index).await?;
+        pins.attach_xdp(ebpf, "bond_terminal", &name)?;
+        playout::Handle::start(tap, dev.index, dev.mac, self.maps.clone())
+    }
+
     async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
         let (tx, mut rx) = mpsc::channel::<Received>(1024);
         spawn_reader(self.lan_sock.clone(), From::Lan, tx.clone());
@@ -726,6 +771,8 @@ impl Agent {
         if let Err(e) = self.observe_carried() {
             eprintln!("bond-ctl: reading link counters: {e:#}");
         }
+        self.probe_round = self.probe_round.wrapping_add(1);
+        let busy_round = self.probe_round.is_multiple_of(BUSY_PROBE_EVERY);
         for i in 0..self.own.len() {
             if self.own[i].entry.flags & LINK_VALID == 0 || self.drain.is_some() {
                 continue;
@@ -735,7 +782,8 @@ impl Agent {
                 self.train_done(i, &rx);
             }
             let id = self.own[i].ad.id;
-            if self.own[i].down.spec == WeightSpec::Auto {
+            let (busy_up, busy_down) = self.own[i].busy;
+            if self.own[i].down.spec == WeightSpec::Auto && (!busy_down || busy_round) {
                 let train = self.next_train();
                 let m = self.sign(
                     Body::ProbeRequest {
@@ -749,7 +797,7 @@ impl Agent {
                 self.own[i].rx = Some(TrainRx::new(train, TRAIN_LEN));
                 let _ = self.own[i].sock.send_to(&m, server).await;
             }
-            if self.own[i].up.spec == WeightSpec::Auto {
+            if self.own[i].up.spec == WeightSpec::Auto && (!busy_up || busy_round) {
                 let train = self.next_train();
                 self.own[i].up_train = Some(train);
                 // Signed first, so the train leaves back to back.
@@ -768,6 +816,14 @@ impl Agent {
                         )
                     })
                     .collect();
+                // The train queues at the link like data: the schedule
+                // counts it, or the packets sent behind it arrive late.
+                if let Err(e) = self
+                    .maps
+                    .charge_up_path(id, u32::from(TRAIN_LEN), PROBE_FRAME_LEN)
+                {
+                    eprintln!("bond-ctl: charging a probe train: {e:#}");
+                }
                 for m in &msgs {
                     if self.own[i].sock.send_to(m, server).await.is_err() {
                         self.rejects.count("send_failed");
@@ -798,6 +854,11 @@ impl Agent {
                 let secs = now.duration_since(t0).as_secs_f64();
                 let kbps = |b: u64| (b as f64 * 8.0 / 1000.0 / secs) as u32;
                 if secs > 0.1 {
+                    let (up_kbps, down_kbps) = (
+                        kbps(up.saturating_sub(up0)),
+                        kbps(down.saturating_sub(down0)),
+                    );
+                    o.busy = (up_kbps >= o.ad.up / 2, down_kbps >= o.ad.down / 2);
                     if o.up.spec == WeightSpec::Auto {
                         o.up.est.observe(kbps(up.saturating_sub(up0)));
                     }
@@ -1050,6 +1111,18 @@ impl Agent {
             self.maps
                 .set_up_paths(&paths, bond_common::edpf::DEFAULT_BACKLOG_US)?;
             eprintln!("bond-ctl: upstream paths: {paths:?} (link, kbit/s, relative delay ns)");
+            if let Some(p) = &self.playout {
+                // The server schedules over the same links: the playout
+                // holds for the farthest one it can use.
+                let horizon = u64::from(bond_common::edpf::DEFAULT_BACKLOG_US) * 1000;
+                let far = paths
+                    .iter()
+                    .map(|&(_, _, d)| u64::from(d))
+                    .filter(|&d| d <= horizon)
+                    .max()
+                    .unwrap_or(0);
+                p.set_floor((far / 1000) as u32);
+            }
             self.schedule = Some(paths);
         }
         for id in self.peer_links.keys() {
@@ -1237,6 +1310,7 @@ impl Agent {
                 .flatten()
                 .map(|&(link, kbit, delay_ns)| json!({"link": link, "kbit": kbit, "delay_us": delay_ns / 1000}))
                 .collect::<Vec<_>>(),
+            "playout": self.playout.as_ref().map(|p| p.stats()),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })

@@ -46,8 +46,7 @@ use bond_common::{
     },
 };
 use bond_ebpf::{
-    L4, Packet, count, link_stats, nat_rewrite, outer_len, post_inc, read, read_u16, read_u32,
-    write,
+    L4, Packet, count, link_stats, nat_rewrite, outer_len, read, read_u16, read_u32, write,
 };
 
 #[map]
@@ -453,9 +452,9 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         _pad: 0,
         origin: nat.origin,
     };
-    let session = S_SESSIONS.get_ptr_mut(skey).ok_or(drops::NO_FLOW)?;
-    // SAFETY: live map value; not atomic, see `post_inc`.
-    let (token, seq) = unsafe { ((*session).token, post_inc(&raw mut (*session).down_seq)) };
+    // SAFETY: the value is only read; the agent replaces entries whole.
+    let token = unsafe { S_SESSIONS.get(skey) }.ok_or(drops::NO_FLOW)?.token;
+    let sent = wire::sent_us(now);
     let fkey = FlowKey {
         community: nat.community,
         proto,
@@ -485,14 +484,14 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER_LEN as i32)) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    let ip = wire::outer_ipv4(cfg.wan_ip, link_ip, len, seq as u16);
+    let ip = wire::outer_ipv4(cfg.wan_ip, link_ip, len);
     let udp = wire::outer_udp(cfg.port, link_port, len);
     let b = BondHdr::new(
         kind::DATA_DOWN,
         nat.community,
         link_id,
         nat.origin,
-        seq,
+        sent,
         token,
     )
     .to_bytes();

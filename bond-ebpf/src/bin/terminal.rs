@@ -17,22 +17,21 @@ use aya_ebpf::{
     bindings::{
         TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
-use bond_common::wire::SEQ_CPU_BITS;
 use bond_common::{
     drops,
     edpf::{self, Paths},
     maps::{
-        LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink, TerminalConfig,
-        UpLink,
+        Hold, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink,
+        TerminalConfig, UpLink,
     },
     wire::{self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_UDP, OUTER_LEN, kind},
 };
-use bond_ebpf::{Packet, count, link_stats, outer_len, post_inc, read, read_u16, read_u32, write};
+use bond_ebpf::{Packet, count, link_stats, outer_len, read, read_u16, read_u32, write};
 
 #[map]
 static T_CONFIG: Array<TerminalConfig> = Array::pinned(1, 0);
@@ -51,12 +50,13 @@ static T_NEIGH: HashMap<u32, Neighbor> = HashMap::pinned(MAX_NEIGHBORS, 0);
 static T_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_LINK_IDS, 0);
 #[map]
 static T_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drops::COUNT, 0);
+/// The latest send time seen on downstream packets from the server, shared
+/// by all CPUs (a racing update may miss a late packet; it is a measurement).
 #[map]
-static T_SEQ: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
-/// The highest downstream sequence number seen from the server, shared by
-/// all CPUs (a racing update may miss a late packet; it is a measurement).
+static T_DOWN_LATEST: Array<u32> = Array::pinned(1, 0);
+/// The agent's playout: where DATA_DOWN for this host waits for its turn.
 #[map]
-static T_DOWN_SEQ: Array<u32> = Array::pinned(1, 0);
+static T_HOLD: Array<Hold> = Array::pinned(1, 0);
 
 // ---------------------------------------------------------------- origin --
 
@@ -95,8 +95,13 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     if inner_len + OUTER_LEN as u32 > u32::from(link.mtu) {
         return Err(drops::TOO_BIG);
     }
-    let seq = next_seq();
-    let hdr = wrap_headers(cfg, link, link_id as u8, inner_len as u16, seq);
+    let hdr = wrap_headers(
+        cfg,
+        link,
+        link_id as u8,
+        inner_len as u16,
+        wire::sent_us(now()),
+    );
     ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| drops::HELPER_FAILED)?;
     ctx.store(0, &hdr, 0).map_err(|_| drops::HELPER_FAILED)?;
@@ -120,25 +125,20 @@ fn wrap_headers(
     link: &UpLink,
     link_id: u8,
     inner_len: u16,
-    seq: u32,
+    sent_us: u32,
 ) -> [u8; 66] {
     let mut h = [0u8; 66];
     h[0..6].copy_from_slice(&link.dst_mac);
     h[6..12].copy_from_slice(&link.src_mac);
     h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    h[14..34].copy_from_slice(&wire::outer_ipv4(
-        link.src_ip,
-        link.dst_ip,
-        inner_len,
-        seq as u16,
-    ));
+    h[14..34].copy_from_slice(&wire::outer_ipv4(link.src_ip, link.dst_ip, inner_len));
     h[34..42].copy_from_slice(&wire::outer_udp(link.src_port, link.dst_port, inner_len));
     let b = BondHdr::new(
         kind::DATA_UP,
         cfg.community,
         link_id,
         cfg.lan_ip,
-        seq,
+        sent_us,
         cfg.token,
     );
     h[42..66].copy_from_slice(&b.to_bytes());
@@ -149,20 +149,6 @@ fn wrap_headers(
 fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// This origin's upstream sequence number. The BPF target has no atomic
-/// read-modify-write, so each CPU counts on its own and the CPU id fills the
-/// low bits: numbers are unique and rise within each CPU's stream.
-#[inline(always)]
-fn next_seq() -> u32 {
-    let Some(c) = T_SEQ.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU slot of a live map value; plain helper call.
-    unsafe {
-        (post_inc(c) << SEQ_CPU_BITS) | (bpf_get_smp_processor_id() & ((1 << SEQ_CPU_BITS) - 1))
-    }
 }
 
 // ----------------------------------------------------- relay and receive --
@@ -335,6 +321,15 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     if usize::from(inner_len) + OUTER_LEN > usize::from(tot) || inner_len < 20 {
         return Err(drops::INNER_BAD_HEADER);
     }
+    // Checked and ours: to the playout, which sends it back here (through
+    // the hold device) when its time comes.
+    if let Some(hold) = T_HOLD.get(0)
+        // SAFETY: the context pointer is valid for the program's run.
+        && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now())
+    {
+        // SAFETY: plain helper call; the ifindex comes from the agent's map.
+        return Ok(unsafe { bpf_redirect(hold.ifindex, 0) } as u32);
+    }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; every packet pointer is re-derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER_LEN as i32) } != 0 {
@@ -346,9 +341,9 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     if !write(ctx, 0, eth) {
         return Err(drops::TRUNCATED);
     }
-    let late = match T_DOWN_SEQ.get_ptr_mut(0) {
-        // SAFETY: a live map value; see T_DOWN_SEQ on races.
-        Some(h) => edpf::arrived_late(unsafe { &mut *h }, b.seq()),
+    let late = match T_DOWN_LATEST.get_ptr_mut(0) {
+        // SAFETY: a live map value; see T_DOWN_LATEST on races.
+        Some(h) => edpf::arrived_late(unsafe { &mut *h }, b.sent_us()),
         None => false,
     };
     link_stats(&T_LINK_STATS, u32::from(b.link), |s| {
