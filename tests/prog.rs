@@ -1079,7 +1079,7 @@ mod srv {
         }
         m.set_session(COMMUNITY, ORIGIN_A, TOKEN_A).unwrap();
         m.set_session(COMMUNITY, ORIGIN_B, TOKEN_B).unwrap();
-        m.set_down_paths(COMMUNITY, &[(0, 5, 0), (1, 5, 0)], TEST_BACKLOG_US)
+        m.set_down_paths(COMMUNITY, &[(0, 5, 0), (1, 5, 0)], TEST_BACKLOG_US, 0)
             .unwrap();
         m.push_free_ports(ports).unwrap();
         s
@@ -1706,13 +1706,13 @@ fn server_refuses_replies_when_every_link_is_full() {
         let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
         expect_up(&s, "TCP up", l0, &tcp, 20000);
         s.maps
-            .set_down_paths(COMMUNITY, &[(0, 1, 0)], 1_000)
+            .set_down_paths(COMMUNITY, &[(0, 1, 0)], 1_000, 0)
             .unwrap();
         let reply = srv::reply(&tcp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
         s.expect_drop("bond_server", "links full", &reply, XDP_DROP, "links_full");
         assert_eq!(s.maps.server_link_stats(0).unwrap().down_pkts, 0);
         s.maps
-            .set_down_paths(COMMUNITY, &[(0, 5, 0)], TEST_BACKLOG_US)
+            .set_down_paths(COMMUNITY, &[(0, 5, 0)], TEST_BACKLOG_US, 0)
             .unwrap();
         expect_down(&s, "room again", &tcp, 20000, l0);
     });
@@ -1804,7 +1804,7 @@ fn server_slow_path_and_no_route() {
         // Downstream on a link whose address has no neighbour entry (the
         // schedule now names only it).
         s.maps
-            .set_down_paths(COMMUNITY, &[(l2.idx, 1_000, 0)], TEST_BACKLOG_US)
+            .set_down_paths(COMMUNITY, &[(l2.idx, 1_000, 0)], TEST_BACKLOG_US, 0)
             .unwrap();
         let r = reply(&ip, 20000);
         let want = rewrapped(&ip, &r, l2, (CNT_DEV_MAC, CONTENT_MAC));

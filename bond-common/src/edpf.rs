@@ -115,9 +115,14 @@ pub struct Paths {
     pub len: u32,
     /// The longest queue counted on any link, microseconds.
     pub backlog_us: u32,
+    /// How much later than `backlog_us` a packet may arrive and still be
+    /// put in order by the receiver's playout (`bond_ctl::playout`),
+    /// microseconds; 0 where the receiver has none.
+    pub reorder_us: u32,
+    pub _pad: u32,
     pub paths: [Path; MAX_PATHS],
 }
-const _: () = assert!(core::mem::size_of::<Paths>() == 8 + 32 * MAX_PATHS);
+const _: () = assert!(core::mem::size_of::<Paths>() == 16 + 32 * MAX_PATHS);
 
 /// More links than a sender can spread over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +132,8 @@ impl Paths {
     pub const EMPTY: Self = Self {
         len: 0,
         backlog_us: DEFAULT_BACKLOG_US,
+        reorder_us: 0,
+        _pad: 0,
         paths: [Path {
             finish_ns: 0,
             ns_per_kib: 0,
@@ -169,7 +176,9 @@ impl Paths {
     /// `backlog_us` is what a link buffers, and so the horizon: a packet
     /// that would arrive later than `now + backlog_us` on a link (queue
     /// plus relative delay) finds that link full, and any link with room
-    /// goes first, however late its arrival. So the link of least delay
+    /// goes first, however late its arrival. A receiver that puts packets
+    /// back in order widens the horizon by `reorder_us`; a link's own queue
+    /// still holds no more than `backlog_us`. So the link of least delay
     /// fills to the whole buffer and a link of 40 ms more delay to 40 ms
     /// less: every link stays busy and arrivals stay in order, even when
     /// the sender offers more than the links carry. When all are full the
@@ -185,7 +194,9 @@ impl Paths {
             self.len as usize
         };
         let backlog = self.backlog_us as u64 * 1000;
-        let cap = now + backlog;
+        // A link's own buffer, and the latest arrival still put in order.
+        let full_at = now + backlog;
+        let cap = full_at + self.reorder_us as u64 * 1000;
         // Plain sentinels, not an Option: LLVM may compute on the undefined
         // payload of a None, which the BPF verifier rejects. One tracker
         // only: full links are pushed back by FULL rather than tracked
@@ -203,8 +214,9 @@ impl Paths {
                 let start = if p.finish_ns > now { p.finish_ns } else { now };
                 // When it would arrive; behind every link with room if it
                 // would arrive past the horizon.
-                let mut at = start + p.tx_ns(len) + p.delay_ns as u64;
-                if at > cap {
+                let done = start + p.tx_ns(len);
+                let mut at = done + p.delay_ns as u64;
+                if at > cap || done > full_at {
                     at += FULL;
                 }
                 if at < best_at {
@@ -316,6 +328,31 @@ mod tests {
             }
             assert_eq!(refused, Some(Refused::Full), "at {now} ns");
         }
+    }
+
+    #[test]
+    fn a_receiver_that_reorders_lets_far_links_queue_up_to_their_buffer() {
+        // 10 Mbit/s at 0 and at 35 ms more, 50 ms buffers: without a
+        // playout the far link queues only the 15 ms left of the horizon;
+        // with 30 ms of reordering put right, 45 ms. Neither link's own
+        // queue ever passes its 50 ms.
+        let fill = |reorder_us: u32| {
+            let mut p = paths(&[(10_000, 0), (10_000, 35)]);
+            p.reorder_us = reorder_us;
+            let mut n = 0;
+            while p.pick(0, MTU).is_ok() {
+                n += 1;
+            }
+            let queued: Vec<u64> = p.links().map(|l| l.finish_ns / MS).collect();
+            (n, queued)
+        };
+        let (n0, q0) = fill(0);
+        let (n30, q30) = fill(30_000);
+        assert!(q0[0] <= 50 && q0[0] >= 48, "{q0:?}");
+        assert!(q0[1] <= 15 && q0[1] >= 13, "{q0:?}");
+        assert!(q30[0] <= 50 && q30[0] >= 48, "{q30:?}");
+        assert!(q30[1] <= 45 && q30[1] >= 43, "{q30:?}");
+        assert!(n30 > n0);
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl Maps {
             .iter()
             .map(|&(l, k, d)| (u32::from(l), k, d))
             .collect();
-        let p = carry_queues(&self.up_paths()?, &links, backlog_us)?;
+        let p = carry_queues(&self.up_paths()?, &links, backlog_us, 0)?;
         self.set(name::T_PATHS, 0, p)?;
         Ok(p)
     }
@@ -492,9 +492,10 @@ impl Maps {
         community: u16,
         links: &[(u32, u64, u32)],
         backlog_us: u32,
+        reorder_us: u32,
     ) -> Result<Paths> {
         let old = self.down_paths(community)?.unwrap_or(Paths::EMPTY);
-        let p = carry_queues(&old, links, backlog_us)?;
+        let p = carry_queues(&old, links, backlog_us, reorder_us)?;
         self.put(name::S_PATHS, community, p)?;
         Ok(p)
     }
@@ -637,7 +638,12 @@ impl Maps {
 /// New paths for `links`, each keeping the virtual finish time it had in
 /// `old` (a rate or delay update must not forget what is queued). A sender
 /// spreads over at most [`MAX_PATHS`] links: beyond that, the fastest.
-fn carry_queues(old: &Paths, links: &[(u32, u64, u32)], backlog_us: u32) -> Result<Paths> {
+fn carry_queues(
+    old: &Paths,
+    links: &[(u32, u64, u32)],
+    backlog_us: u32,
+    reorder_us: u32,
+) -> Result<Paths> {
     let mut links = links.to_vec();
     if links.len() > MAX_PATHS {
         links.sort_by_key(|l| std::cmp::Reverse(l.1));
@@ -645,6 +651,7 @@ fn carry_queues(old: &Paths, links: &[(u32, u64, u32)], backlog_us: u32) -> Resu
     }
     let mut p = Paths::from_links(&links).map_err(|_| Error::Schedule)?;
     p.backlog_us = backlog_us;
+    p.reorder_us = reorder_us;
     let n = p.len as usize;
     for new in &mut p.paths[..n] {
         if let Some(o) = old.links().find(|o| o.id == new.id) {

@@ -717,7 +717,7 @@ impl Bench {
                 maps.set_session(COMMUNITY, LAN_IP, ORIGIN_TOKEN)?;
                 // A link far faster than the generator: the bench measures
                 // packet handling, not a full link (`links_full`).
-                maps.set_down_paths(COMMUNITY, &[(0, 1_000_000_000, 0)], DEFAULT_BACKLOG_US)?;
+                maps.set_down_paths(COMMUNITY, &[(0, 1_000_000_000, 0)], DEFAULT_BACKLOG_US, 0)?;
                 maps.push_free_ports(NAT_PORTS)?;
                 self._pin = Some(pin);
                 self.attach_bond(ebpf, maps, "bond_server")?;

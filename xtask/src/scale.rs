@@ -457,7 +457,7 @@ fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Duration)> {
         let links: Vec<(u32, u64, u32)> = (0..LINKS)
             .map(|j| (Link::of(c, j).idx, LINK_KBIT, 0))
             .collect();
-        maps.set_down_paths(c, &links, bond_common::edpf::DEFAULT_BACKLOG_US)
+        maps.set_down_paths(c, &links, bond_common::edpf::DEFAULT_BACKLOG_US, 0)
             .with_context(|| format!("schedule of community {c}"))?;
         if c == tenth {
             first = start.elapsed();

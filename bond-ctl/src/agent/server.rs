@@ -656,8 +656,12 @@ impl Agent {
         for (w, d) in weights.iter_mut().zip(pathmon::relative_delays(&rtts)) {
             w.2 = d;
         }
-        self.maps
-            .set_down_paths(community, &weights, DEFAULT_BACKLOG_US)?;
+        self.maps.set_down_paths(
+            community,
+            &weights,
+            DEFAULT_BACKLOG_US,
+            crate::playout::MAX_WAIT_US as u32,
+        )?;
         self.follow_link_mtu(community, &rows)?;
         eprintln!(
             "bond-ctl: community {community}: downstream paths {weights:?} (index, kbit/s, relative delay ns)"
