@@ -743,7 +743,7 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
         alive_until_ns,
     };
     t.maps
-        .set_terminal_hold(hold(now + 60_000_000_000))
+        .set_hold(bond_common::maps::name::T_HOLD, hold(now + 60_000_000_000))
         .unwrap();
     t.expect(
         "bond_terminal",
@@ -767,7 +767,9 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
         "counted when it comes back"
     );
 
-    t.maps.set_terminal_hold(hold(now)).unwrap();
+    t.maps
+        .set_hold(bond_common::maps::name::T_HOLD, hold(now))
+        .unwrap();
     let (v, out) = t.run("bond_terminal", &w.frame());
     assert_eq!(v, XDP_PASS, "stale playout: delivered at once");
     assert_eq!(out.len(), w.frame().len() - 52, "unwrapped");
@@ -1228,6 +1230,36 @@ mod srv {
         s.expect("bond_server", what, &frame, XDP_REDIRECT, Some(&want));
         assert_wrapped_checksums(&want, what);
     }
+}
+
+/// With the playout reading, checked DATA_UP goes to the hold device
+/// still wrapped and makes no flow yet; when the playout's sign of life is
+/// stale, it is unwrapped and sent on at once.
+#[test]
+fn server_sends_upstream_to_the_playout_while_it_reads() {
+    use bond_common::maps::{Hold, name};
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-hold", 20000..=20010);
+        let [l0, _, _] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let now = bond_ctl::datapath::monotonic_ns();
+        let hold = |alive_until_ns| Hold {
+            ifindex: 4242,
+            _pad: 0,
+            alive_until_ns,
+        };
+        s.maps
+            .set_hold(name::S_HOLD, hold(now + 60_000_000_000))
+            .unwrap();
+        let frame = Up::new(l0, &tcp).frame();
+        s.expect("bond_server", "held", &frame, XDP_REDIRECT, Some(&frame));
+        assert_eq!(s.event("flows_created"), 0, "a flow once it comes back");
+        s.maps.set_hold(name::S_HOLD, hold(now)).unwrap();
+        expect_up(&s, "stale playout: at once", l0, &tcp, 20000);
+        assert_eq!(s.event("flows_created"), 1);
+    });
 }
 
 #[test]

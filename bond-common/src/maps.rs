@@ -30,6 +30,7 @@ pub mod name {
     pub const T_DROPS: &str = "T_DROPS";
     pub const T_DOWN_LATEST: &str = "T_DOWN_LATEST";
     pub const T_HOLD: &str = "T_HOLD";
+    pub const S_HOLD: &str = "S_HOLD";
     pub const S_CONFIG: &str = "S_CONFIG";
     pub const S_SESSIONS: &str = "S_SESSIONS";
     pub const S_LINK_INDEX: &str = "S_LINK_INDEX";
@@ -64,7 +65,8 @@ pub mod event {
     ];
 }
 
-/// The receiving end's playout (`T_HOLD[0]`): DATA for this host goes,
+/// The receiving end's playout (`T_HOLD[0]` on a terminal, `S_HOLD[0]` on
+/// the server): DATA for this host goes,
 /// still wrapped, to a hold device that the agent reads, and comes back
 /// through the same program when its time comes (`bond_ctl::playout`).
 #[repr(C)]

@@ -391,6 +391,10 @@ pub struct ServerConfig {
     /// Flow table size and idle timeouts (`[flows]`, optional).
     #[serde(default)]
     pub flows: FlowsConfig,
+    /// Hold each upstream packet until the farthest link in use could have
+    /// delivered it, and release in the order sent (`bond_ctl::playout`).
+    #[serde(default = "default_true")]
+    pub playout: bool,
 }
 
 /// The server's `[flows]` table: every key optional.

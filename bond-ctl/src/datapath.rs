@@ -265,9 +265,10 @@ impl Maps {
         self.set(name::T_CONFIG, 0, cfg)
     }
 
-    /// Where the datapath sends DATA for this host to wait its turn.
-    pub fn set_terminal_hold(&self, hold: Hold) -> Result<()> {
-        self.set(name::T_HOLD, 0, hold)
+    /// Where the datapath sends DATA for this host to wait its turn
+    /// (`T_HOLD` on a terminal, `S_HOLD` on the server).
+    pub fn set_hold(&self, map: &'static str, hold: Hold) -> Result<()> {
+        self.set(map, 0, hold)
     }
 
     pub fn terminal_config(&self) -> Result<TerminalConfig> {
@@ -297,11 +298,22 @@ impl Maps {
     /// keep their queue state; none is counted a queue longer than
     /// `backlog_us`.
     pub fn set_up_paths(&self, links: &[(u8, u64, u32)], backlog_us: u32) -> Result<Paths> {
+        self.set_up_paths_reordered(links, backlog_us, 0)
+    }
+
+    /// As [`Maps::set_up_paths`], for a server whose playout puts right
+    /// what arrives up to `reorder_us` late ([`Paths::reorder_us`]).
+    pub fn set_up_paths_reordered(
+        &self,
+        links: &[(u8, u64, u32)],
+        backlog_us: u32,
+        reorder_us: u32,
+    ) -> Result<Paths> {
         let links: Vec<(u32, u64, u32)> = links
             .iter()
             .map(|&(l, k, d)| (u32::from(l), k, d))
             .collect();
-        let p = carry_queues(&self.up_paths()?, &links, backlog_us, 0)?;
+        let p = carry_queues(&self.up_paths()?, &links, backlog_us, reorder_us)?;
         self.set(name::T_PATHS, 0, p)?;
         Ok(p)
     }

@@ -33,7 +33,7 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -46,7 +46,10 @@ use bond_common::{
 };
 use serde::Serialize;
 
-use crate::datapath::{Maps, monotonic_ns};
+use crate::{
+    datapath::{Maps, monotonic_ns},
+    net::{Iface, Net, sysctl},
+};
 
 /// How long a link's least transit is remembered: a window of 10 s, kept
 /// as two halves, so a sample lives 10 to 20 s.
@@ -411,41 +414,91 @@ impl Tap {
     }
 }
 
-/// The running playout: its thread, the floor the agent sets and its stats.
+/// Creates the hold device `name`, up, with reverse-path filtering
+/// `rp_filter` and the IPv4 dummy address (RFC 7600, which routes nowhere):
+/// reverse-path filtering refuses everything on a device without an
+/// address.
+pub async fn hold_device(net: &Net, name: &str, rp_filter: &str) -> Result<(Tap, Iface)> {
+    let tap = Tap::create(name)?;
+    let dev = net.iface(name).await?;
+    sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), rp_filter)?;
+    net.add_address(dev.index, std::net::Ipv4Addr::new(192, 0, 0, 8), 32)
+        .await?;
+    let _ = sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
+    net.set_up(dev.index).await?;
+    Ok((tap, dev))
+}
+
+/// The senders a playout serves apart: a terminal hears only the server,
+/// the server hears every origin of every community.
+type Sender = (u16, u32);
+
+/// The running playout: its thread, the floors the agent sets (per
+/// community) and its stats (summed over senders).
 pub struct Handle {
     stop: Arc<AtomicBool>,
-    floor_us: Arc<AtomicU32>,
+    floors: Arc<Mutex<HashMap<u16, u32>>>,
     stats: Arc<Mutex<Stats>>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// What the playout thread works with.
+struct Ctx {
+    tap: Tap,
+    ifindex: u32,
+    mac: [u8; 6],
+    maps: Maps,
+    /// `T_HOLD` or `S_HOLD`.
+    map: &'static str,
+}
+
 impl Handle {
     /// Starts the playout on `tap` (the datapath's XDP program attached to
-    /// it already), telling the datapath through `maps` that it reads.
-    pub fn start(tap: Tap, ifindex: u32, mac: [u8; 6], maps: Maps) -> Result<Self> {
+    /// it already), telling the datapath through hold map `map` that it
+    /// reads.
+    pub fn start(
+        tap: Tap,
+        ifindex: u32,
+        mac: [u8; 6],
+        maps: Maps,
+        map: &'static str,
+    ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let floor_us = Arc::new(AtomicU32::new(0));
+        let floors = Arc::new(Mutex::new(HashMap::new()));
         let stats = Arc::new(Mutex::new(Stats::default()));
-        let (s, f, st) = (stop.clone(), floor_us.clone(), stats.clone());
-        maps.set_terminal_hold(alive(ifindex))?;
+        let (s, f, st) = (stop.clone(), floors.clone(), stats.clone());
+        maps.set_hold(map, alive(ifindex))?;
+        let cx = Ctx {
+            tap,
+            ifindex,
+            mac,
+            maps,
+            map,
+        };
         let thread = std::thread::Builder::new()
             .name("playout".into())
-            .spawn(move || run(&tap, ifindex, mac, &maps, &s, &f, &st))?;
+            .spawn(move || run(&cx, &s, &f, &st))?;
         Ok(Self {
             stop,
-            floor_us,
+            floors,
             stats,
             thread: Some(thread),
         })
     }
 
-    pub fn set_floor(&self, us: u32) {
-        self.floor_us.store(us, Ordering::Relaxed);
+    /// The least spread to hold community `c`'s packets for, µs (its
+    /// farthest scheduled link's delay past the nearest's).
+    pub fn set_floor(&self, c: u16, us: u32) {
+        lock(&self.floors).insert(c, us);
     }
 
     pub fn stats(&self) -> Stats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.stats)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Handle {
@@ -461,6 +514,8 @@ impl Drop for Handle {
 /// sign of life; it renews every [`BEAT`].
 const ALIVE: Duration = Duration::from_millis(500);
 const BEAT: Duration = Duration::from_millis(100);
+/// A sender silent this long is forgotten.
+const FORGET: Duration = Duration::from_secs(60);
 
 fn alive(ifindex: u32) -> Hold {
     Hold {
@@ -470,48 +525,70 @@ fn alive(ifindex: u32) -> Hold {
     }
 }
 
-fn run(
-    tap: &Tap,
-    ifindex: u32,
-    mac: [u8; 6],
-    maps: &Maps,
-    stop: &AtomicBool,
-    floor_us: &AtomicU32,
-    stats: &Mutex<Stats>,
-) {
-    let mut p: Playout<Vec<u8>> = Playout::new();
+/// Sums the counters of every sender's playout.
+fn total(all: &HashMap<Sender, (Playout<Vec<u8>>, u64)>) -> Stats {
+    all.values().fold(Stats::default(), |mut t, (p, _)| {
+        let s = p.stats();
+        t.packets += s.packets;
+        t.reordered += s.reordered;
+        t.overflow += s.overflow;
+        t.timed_out += s.timed_out;
+        t.spread_us = t.spread_us.max(s.spread_us);
+        t.max_hold_us = t.max_hold_us.max(s.max_hold_us);
+        t
+    })
+}
+
+fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &Mutex<Stats>) {
+    // Each sender's playout, and when it last sent (our µs).
+    let mut all: HashMap<Sender, (Playout<Vec<u8>>, u64)> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     let mut beat = 0u64;
     let send = |mut frame: Vec<u8>| {
         // Addressed to the TAP, or the stack takes it for another host's.
-        frame[..6].copy_from_slice(&mac);
-        if let Err(e) = tap.write(&frame) {
-            eprintln!("bond-ctl: playout: writing to {}: {e}", tap.name);
+        frame[..6].copy_from_slice(&cx.mac);
+        if let Err(e) = cx.tap.write(&frame) {
+            eprintln!("bond-ctl: playout: writing to {}: {e}", cx.tap.name);
         }
     };
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
+        let now_us = now / 1000;
         if now >= beat {
-            if let Err(e) = maps.set_terminal_hold(alive(ifindex)) {
+            if let Err(e) = cx.maps.set_hold(cx.map, alive(cx.ifindex)) {
                 eprintln!("bond-ctl: playout: {e}");
             }
-            *stats.lock().unwrap_or_else(|e| e.into_inner()) = p.stats();
+            *lock(stats) = total(&all);
+            let floors = lock(floors).clone();
+            all.retain(|_, (p, last)| {
+                !p.is_empty() || now_us.saturating_sub(*last) < FORGET.as_micros() as u64
+            });
+            for ((c, _), (p, _)) in all.iter_mut() {
+                p.set_floor(floors.get(c).copied().unwrap_or(0));
+            }
             beat = now + BEAT.as_nanos() as u64;
         }
-        p.set_floor(floor_us.load(Ordering::Relaxed));
-        let wait = p.next_due(now / 1000).map_or(BEAT, |at| {
-            Duration::from_micros(at.saturating_sub(now / 1000))
-        });
+        let due = all.values().filter_map(|(p, _)| p.next_due(now_us)).min();
+        let wait = due.map_or(BEAT, |at| Duration::from_micros(at.saturating_sub(now_us)));
         if !wait.is_zero() {
-            tap.wait(wait.min(BEAT));
+            cx.tap.wait(wait.min(BEAT));
         }
         loop {
-            match tap.read(&mut buf) {
+            match cx.tap.read(&mut buf) {
                 Ok(n) if n >= BOND_OFF + BondHdr::LEN => {
                     let frame = buf[..n].to_vec();
                     match BondHdr::parse(&frame[BOND_OFF..]) {
                         Ok(h) => {
-                            p.push(monotonic_ns() / 1000, h.link, h.sent_us(), frame);
+                            let at = monotonic_ns() / 1000;
+                            let (p, last) =
+                                all.entry((h.community(), h.origin())).or_insert_with(|| {
+                                    let mut p = Playout::new();
+                                    let floor = lock(floors).get(&h.community()).copied();
+                                    p.set_floor(floor.unwrap_or(0));
+                                    (p, at)
+                                });
+                            *last = at;
+                            p.push(at, h.link, h.sent_us(), frame);
                         }
                         Err(_) => send(frame),
                     }
@@ -520,20 +597,24 @@ fn run(
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    eprintln!("bond-ctl: playout: reading {}: {e}", tap.name);
+                    eprintln!("bond-ctl: playout: reading {}: {e}", cx.tap.name);
                     break;
                 }
             }
         }
         let now_us = monotonic_ns() / 1000;
-        while let Some(frame) = p.pop_due(now_us) {
-            send(frame);
+        for (p, _) in all.values_mut() {
+            while let Some(frame) = p.pop_due(now_us) {
+                send(frame);
+            }
         }
     }
     // Deliver at once from now on, and nothing held is lost.
-    let _ = maps.set_terminal_hold(Hold::default());
-    for frame in p.drain() {
-        send(frame);
+    let _ = cx.maps.set_hold(cx.map, Hold::default());
+    for (p, _) in all.values_mut() {
+        for frame in p.drain() {
+            send(frame);
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use bond_common::{
     edpf::{DEFAULT_BACKLOG_US, Paths},
-    maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink},
+    maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink, name},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -30,8 +30,9 @@ use crate::{
     ebpf,
     flows::{self, FlowGauge},
     membership::{Refusal, ServerTable},
-    net::{recv_stamped, sysctl, timestamp_arrivals, udp_socket},
+    net::{Net, hold_name, recv_stamped, sysctl, timestamp_arrivals, udp_socket},
     pathmon::{self, EchoSeen},
+    playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
@@ -84,6 +85,8 @@ struct Agent {
     community_mtu: HashMap<u16, u16>,
     /// The configuration file, read again on `reload` and SIGHUP.
     path: PathBuf,
+    /// The upstream playout, unless the configuration turns it off.
+    playout: Option<playout::Handle>,
 }
 
 pub async fn run(
@@ -129,6 +132,22 @@ pub async fn run(
         pins.attach_xdp(&mut ebpf, "bond_server", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
+    let playout = if cfg.playout {
+        let name = hold_name(&cfg.instance);
+        let (tap, dev) = playout::hold_device(&Net::new()?, &name, "0").await?;
+        sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
+        pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
+        Some(playout::Handle::start(
+            tap,
+            dev.index,
+            dev.mac,
+            maps.clone(),
+            name::S_HOLD,
+        )?)
+    } else {
+        maps.set_hold(name::S_HOLD, Default::default())?;
+        None
+    };
     let sock = udp_socket(SocketAddrV4::new(cfg.address, cfg.port), None)
         .context("fields `address`, `port`")?;
     timestamp_arrivals(&sock)?;
@@ -163,6 +182,7 @@ pub async fn run(
         map_cfg,
         community_mtu: HashMap::new(),
         path: path.to_path_buf(),
+        playout,
         cfg,
         maps,
     };
@@ -656,6 +676,18 @@ impl Agent {
         for (w, d) in weights.iter_mut().zip(pathmon::relative_delays(&rtts)) {
             w.2 = d;
         }
+        if let Some(p) = &self.playout {
+            // Upstream comes over the same links: hold for the farthest
+            // one a sender can use.
+            let horizon = u64::from(DEFAULT_BACKLOG_US) * 1000;
+            let far = weights
+                .iter()
+                .map(|&(_, _, d)| u64::from(d))
+                .filter(|&d| d <= horizon)
+                .max()
+                .unwrap_or(0);
+            p.set_floor(community, (far / 1000) as u32);
+        }
         self.maps.set_down_paths(
             community,
             &weights,
@@ -789,6 +821,7 @@ impl Agent {
             "flows": self.flows.flows,
             "free_ports": self.flows.free_ports,
             "flow_table": self.flows,
+            "playout": self.playout.as_ref().map(|p| p.stats()),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })

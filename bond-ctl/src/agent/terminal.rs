@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::TcAttachType;
 use bond_common::{
-    maps::{LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink},
+    maps::{LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink, name},
     wire::OUTER_LEN,
 };
 use serde_json::{Value, json};
@@ -351,7 +351,7 @@ pub async fn run(
         if agent.cfg.playout {
             agent.playout = Some(agent.start_playout(&mut ebpf, pins).await?);
         } else {
-            agent.maps.set_terminal_hold(Default::default())?;
+            agent.maps.set_hold(name::T_HOLD, Default::default())?;
         }
         for p in &agent.cfg.capture {
             agent.net.route_to(p.addr, p.len, dev.index, lan_ip).await?;
@@ -396,20 +396,11 @@ impl Agent {
         pins: &mut Pins,
     ) -> Result<playout::Handle> {
         let name = hold_name(&self.cfg.device);
-        let tap = playout::Tap::create(&name)?;
-        let dev = self.net.iface(&name).await?;
-        // What comes back from the playout is addressed to this host from
-        // anywhere: not a spoof on this device. Reverse-path filtering
-        // refuses everything on a device without an address, so it gets
-        // the IPv4 dummy address (RFC 7600), which routes nowhere.
-        sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "2")?;
-        self.net
-            .add_address(dev.index, Ipv4Addr::new(192, 0, 0, 8), 32)
-            .await?;
-        let _ = sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
-        self.net.set_up(dev.index).await?;
+        // What comes back is addressed to this host from anywhere: not a
+        // spoof on this device (loose reverse-path filtering).
+        let (tap, dev) = playout::hold_device(&self.net, &name, "2").await?;
         pins.attach_xdp(ebpf, "bond_terminal", &name)?;
-        playout::Handle::start(tap, dev.index, dev.mac, self.maps.clone())
+        playout::Handle::start(tap, dev.index, dev.mac, self.maps.clone(), name::T_HOLD)
     }
 
     async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
@@ -1109,7 +1100,13 @@ impl Agent {
             .collect();
         if self.schedule.as_ref() != Some(&paths) {
             self.maps
-                .set_up_paths(&paths, bond_common::edpf::DEFAULT_BACKLOG_US)?;
+                // The server's playout (on by default) puts right what
+                // arrives up to its wait late.
+                .set_up_paths_reordered(
+                    &paths,
+                    bond_common::edpf::DEFAULT_BACKLOG_US,
+                    playout::MAX_WAIT_US as u32,
+                )?;
             eprintln!("bond-ctl: upstream paths: {paths:?} (link, kbit/s, relative delay ns)");
             if let Some(p) = &self.playout {
                 // The server schedules over the same links: the playout
@@ -1121,7 +1118,7 @@ impl Agent {
                     .filter(|&d| d <= horizon)
                     .max()
                     .unwrap_or(0);
-                p.set_floor((far / 1000) as u32);
+                p.set_floor(self.cfg.community, (far / 1000) as u32);
             }
             self.schedule = Some(paths);
         }

@@ -36,7 +36,7 @@ use bond_common::{
     drops,
     edpf::Paths,
     maps::{
-        Flow, FlowKey, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_FLOWS,
+        Flow, FlowKey, Hold, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_FLOWS,
         MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink, Session,
         SessionKey, event, tcp,
     },
@@ -51,6 +51,9 @@ use bond_ebpf::{
 
 #[map]
 static S_CONFIG: Array<ServerConfig> = Array::pinned(1, 0);
+/// The agent's playout: where DATA_UP waits for its turn.
+#[map]
+static S_HOLD: Array<Hold> = Array::pinned(1, 0);
 #[map]
 static S_SESSIONS: HashMap<SessionKey, Session> = HashMap::pinned(MAX_SESSIONS, 0);
 #[map]
@@ -206,6 +209,17 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let mut fib = fib_params(ctx, inner.proto, cfg.nat_ip, inner.dst, inner.len);
     let rc = fib_lookup(ctx, &mut fib);
     routable(rc)?;
+
+    // Checked and routable: to the playout, which sends it back here
+    // (through the hold device) when its time comes.
+    if let Some(hold) = S_HOLD.get(0)
+        // SAFETY: plain helper call; the context pointer is valid for the
+        // program's run.
+        && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, unsafe { bpf_ktime_get_ns() })
+    {
+        // SAFETY: plain helper call; the ifindex comes from the agent's map.
+        return Ok(unsafe { bpf_redirect(hold.ifindex, 0) } as u32);
+    }
 
     let fkey = FlowKey {
         community,
