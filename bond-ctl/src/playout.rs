@@ -414,6 +414,15 @@ impl Tap {
     }
 }
 
+/// The floor for a schedule's relative delays (ns): the farthest link a
+/// sender can use (within the default horizon; farther ones are left out),
+/// µs.
+pub fn floor_us(delays_ns: impl IntoIterator<Item = u32>) -> u32 {
+    let horizon = bond_common::edpf::DEFAULT_BACKLOG_US * 1000;
+    let far = delays_ns.into_iter().filter(|&d| d <= horizon).max();
+    far.unwrap_or(0) / 1000
+}
+
 /// Creates the hold device `name`, up, with reverse-path filtering
 /// `rp_filter` and the IPv4 dummy address (RFC 7600, which routes nowhere):
 /// reverse-path filtering refuses everything on a device without an
@@ -792,6 +801,17 @@ mod tests {
             "{at}"
         );
         assert_eq!(p.stats().timed_out, 1);
+    }
+
+    #[test]
+    fn the_floor_is_the_farthest_link_a_sender_can_use() {
+        assert_eq!(floor_us([0, 15_000_000, 35_000_000]), 35_000);
+        assert_eq!(
+            floor_us([0, 10_000_000, 290_000_000]),
+            10_000,
+            "satellite left out"
+        );
+        assert_eq!(floor_us([]), 0);
     }
 
     #[test]

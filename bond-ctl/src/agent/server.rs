@@ -677,16 +677,8 @@ impl Agent {
             w.2 = d;
         }
         if let Some(p) = &self.playout {
-            // Upstream comes over the same links: hold for the farthest
-            // one a sender can use.
-            let horizon = u64::from(DEFAULT_BACKLOG_US) * 1000;
-            let far = weights
-                .iter()
-                .map(|&(_, _, d)| u64::from(d))
-                .filter(|&d| d <= horizon)
-                .max()
-                .unwrap_or(0);
-            p.set_floor(community, (far / 1000) as u32);
+            // Upstream comes over the same links.
+            p.set_floor(community, playout::floor_us(weights.iter().map(|w| w.2)));
         }
         self.maps.set_down_paths(
             community,

@@ -1109,16 +1109,9 @@ impl Agent {
                 )?;
             eprintln!("bond-ctl: upstream paths: {paths:?} (link, kbit/s, relative delay ns)");
             if let Some(p) = &self.playout {
-                // The server schedules over the same links: the playout
-                // holds for the farthest one it can use.
-                let horizon = u64::from(bond_common::edpf::DEFAULT_BACKLOG_US) * 1000;
-                let far = paths
-                    .iter()
-                    .map(|&(_, _, d)| u64::from(d))
-                    .filter(|&d| d <= horizon)
-                    .max()
-                    .unwrap_or(0);
-                p.set_floor(self.cfg.community, (far / 1000) as u32);
+                // The server schedules over the same links.
+                let floor = playout::floor_us(paths.iter().map(|p| p.2));
+                p.set_floor(self.cfg.community, floor);
             }
             self.schedule = Some(paths);
         }

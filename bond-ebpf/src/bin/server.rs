@@ -210,12 +210,13 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let rc = fib_lookup(ctx, &mut fib);
     routable(rc)?;
 
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     // Checked and routable: to the playout, which sends it back here
     // (through the hold device) when its time comes.
     if let Some(hold) = S_HOLD.get(0)
-        // SAFETY: plain helper call; the context pointer is valid for the
-        // program's run.
-        && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, unsafe { bpf_ktime_get_ns() })
+        // SAFETY: the context pointer is valid for the program's run.
+        && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now)
     {
         // SAFETY: plain helper call; the ifindex comes from the agent's map.
         return Ok(unsafe { bpf_redirect(hold.ifindex, 0) } as u32);
@@ -229,7 +230,6 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         port,
         _pad2: 0,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     let flow = flow_for(&fkey, now, cfg.per_origin)?;
     // SAFETY: `flow` points at a live map value; concurrent updates of these
     // counters from other CPUs may lose increments (they are statistics).
