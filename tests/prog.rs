@@ -767,13 +767,34 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
         "counted when it comes back"
     );
 
+    // A pure ACK goes up at once; a FIN without payload is held.
+    let mut ack = w.clone();
+    ack.inner = Ip {
+        payload: Vec::new(),
+        ..reply_for(LAN_IP)
+    }
+    .bytes();
+    let (v, out) = t.run("bond_terminal", &ack.frame());
+    assert_eq!(v, XDP_PASS, "pure ACK: at once");
+    assert_eq!(out.len(), ack.frame().len() - 52, "unwrapped");
+    assert_eq!(stats(&t, RELAY_LINK).down_late, 0, "an ACK is never late");
+    let mut fin = ack.clone();
+    fin.inner[20 + 13] |= 0x01;
+    t.expect(
+        "bond_terminal",
+        "FIN held",
+        &fin.frame(),
+        XDP_REDIRECT,
+        Some(&fin.frame()),
+    );
+
     t.maps
         .set_hold(bond_common::maps::name::T_HOLD, hold(now))
         .unwrap();
     let (v, out) = t.run("bond_terminal", &w.frame());
     assert_eq!(v, XDP_PASS, "stale playout: delivered at once");
     assert_eq!(out.len(), w.frame().len() - 52, "unwrapped");
-    assert_eq!(stats(&t, RELAY_LINK).down_pkts, 1);
+    assert_eq!(stats(&t, RELAY_LINK).down_pkts, 2);
 }
 
 #[test]
@@ -1256,9 +1277,20 @@ fn server_sends_upstream_to_the_playout_while_it_reads() {
         let frame = Up::new(l0, &tcp).frame();
         s.expect("bond_server", "held", &frame, XDP_REDIRECT, Some(&frame));
         assert_eq!(s.event("flows_created"), 0, "a flow once it comes back");
+        // A FIN without payload is held; a pure ACK goes on at once.
+        let ack = Ip {
+            payload: Vec::new(),
+            ..tcp.clone()
+        };
+        let mut fin = Up::new(l0, &ack).frame();
+        fin[WRAP_LEN + 20 + 13] |= 0x01;
+        s.expect("bond_server", "FIN held", &fin, XDP_REDIRECT, Some(&fin));
+        assert_eq!(s.event("flows_created"), 0);
+        expect_up(&s, "pure ACK: at once", l0, &ack, 20000);
+        assert_eq!(s.event("flows_created"), 1);
         s.maps.set_hold(name::S_HOLD, hold(now)).unwrap();
         expect_up(&s, "stale playout: at once", l0, &tcp, 20000);
-        assert_eq!(s.event("flows_created"), 1);
+        assert_eq!(s.event("flows_created"), 1, "the ACK's flow");
     });
 }
 

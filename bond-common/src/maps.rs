@@ -289,6 +289,21 @@ pub mod tcp {
     pub const ACK: u8 = 0x10;
     /// Offset of the flags byte in the TCP header.
     pub const FLAGS_OFF: usize = 13;
+
+    /// Whether a TCP segment is a pure ACK: it acknowledges and carries
+    /// nothing else, no payload and none of SYN, FIN, RST. `ip_len` is the
+    /// IPv4 total length of a packet with a 20-byte header; `off_flags` are
+    /// bytes 12 and 13 of its TCP header (data offset, flags).
+    ///
+    /// The playouts let pure ACKs by: nothing in them needs order (TCP
+    /// takes the newest cumulative ACK and ignores older ones), and held
+    /// for the far link's delay they stretch the round trip the sender
+    /// measures by that much, which slows every flow's growth.
+    #[inline(always)]
+    pub const fn pure_ack(ip_len: u16, off_flags: [u8; 2]) -> bool {
+        let words = (off_flags[0] >> 4) as u16;
+        words >= 5 && off_flags[1] & (SYN | FIN | RST | ACK) == ACK && ip_len == 20 + 4 * words
+    }
 }
 
 #[repr(C)]
@@ -399,6 +414,26 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pure_acks_carry_nothing_but_the_ack() {
+        use tcp::*;
+        // Data offset 5 (no options) and 8 (timestamps), ACK alone or with
+        // PSH, ECE or CWR.
+        assert!(pure_ack(40, [0x50, ACK]));
+        assert!(pure_ack(52, [0x80, ACK | 0x08 | 0x40 | 0x80]));
+        // A payload byte, a missing ACK, or SYN, FIN, RST: not pure.
+        assert!(!pure_ack(41, [0x50, ACK]));
+        assert!(!pure_ack(53, [0x80, ACK]));
+        assert!(!pure_ack(40, [0x50, 0]));
+        for f in [SYN, FIN, RST] {
+            assert!(!pure_ack(40, [0x50, ACK | f]), "{f:#x}");
+        }
+        // A length shorter than the header it claims, or a data offset
+        // under the minimum header: not pure (malformed).
+        assert!(!pure_ack(40, [0x80, ACK]));
+        assert!(!pure_ack(36, [0x40, ACK]));
+    }
 
     #[test]
     fn tcp_state_marks_fin_and_rst_and_a_new_syn_clears_them() {

@@ -196,6 +196,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     // The whole L4 header we touch must be present.
     read::<8>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
+    let mut pure_ack = false;
     if inner.proto == IPPROTO_TCP {
         // The TCP header must lie inside the packet, not only the frame.
         if inner.len < 40 {
@@ -203,6 +204,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         }
         let h = read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
         tcp_flags = Some(h[tcp::FLAGS_OFF]);
+        pure_ack = tcp::pure_ack(inner.len, [h[12], h[13]]);
     }
 
     // Route before taking a port: a packet that cannot leave makes no flow.
@@ -213,8 +215,10 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     // Checked and routable: to the playout, which sends it back here
-    // (through the hold device) when its time comes.
-    if let Some(hold) = S_HOLD.get(0)
+    // (through the hold device) when its time comes. Pure ACKs need no
+    // order and go on at once.
+    if !pure_ack
+        && let Some(hold) = S_HOLD.get(0)
         // SAFETY: the context pointer is valid for the program's run.
         && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now)
     {

@@ -27,9 +27,11 @@ use bond_common::{
     edpf::{self, Paths},
     maps::{
         Hold, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink,
-        TerminalConfig, UpLink,
+        TerminalConfig, UpLink, tcp,
     },
-    wire::{self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_UDP, OUTER_LEN, kind},
+    wire::{
+        self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
+    },
 };
 use bond_ebpf::{Packet, count, link_stats, outer_len, read, read_u16, read_u32, write};
 
@@ -322,8 +324,11 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
         return Err(drops::INNER_BAD_HEADER);
     }
     // Checked and ours: to the playout, which sends it back here (through
-    // the hold device) when its time comes.
-    if let Some(hold) = T_HOLD.get(0)
+    // the hold device) when its time comes. Pure ACKs need no order and
+    // go up at once; they do not count as late either.
+    let pure_ack = pure_ack(ctx, inner_len);
+    if !pure_ack
+        && let Some(hold) = T_HOLD.get(0)
         // SAFETY: the context pointer is valid for the program's run.
         && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now())
     {
@@ -343,8 +348,8 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     }
     let late = match T_DOWN_LATEST.get_ptr_mut(0) {
         // SAFETY: a live map value; see T_DOWN_LATEST on races.
-        Some(h) => edpf::arrived_late(unsafe { &mut *h }, b.sent_us()),
-        None => false,
+        Some(h) if !pure_ack => edpf::arrived_late(unsafe { &mut *h }, b.sent_us()),
+        _ => false,
     };
     link_stats(&T_LINK_STATS, u32::from(b.link), |s| {
         s.down_pkts += 1;
@@ -352,6 +357,20 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
         s.down_late += u64::from(late);
     });
     Ok(xdp_action::XDP_PASS)
+}
+
+/// Whether the inner packet (IPv4, `inner_len` bytes) is a TCP pure ACK
+/// (`tcp::pure_ack`). Only headers without options are looked at; any
+/// other packet is not one.
+#[inline(always)]
+fn pure_ack(ctx: &XdpContext, inner_len: u16) -> bool {
+    let Some(h) = read::<34>(ctx, INNER_OFF) else {
+        return false;
+    };
+    h[0] == 0x45
+        && h[9] == IPPROTO_TCP
+        && u16::from_be_bytes([h[6], h[7]]) & 0x3fff == 0
+        && tcp::pure_ack(inner_len, [h[32], h[33]])
 }
 
 #[cfg(not(test))]
