@@ -530,37 +530,43 @@ impl Agent {
         }
     }
 
-    /// Sends to the server: over each own link (`every`) or the first, or
-    /// else through a LAN peer that has links.
+    /// Sends to the server: over each own link (`every`) or the first that
+    /// answers echoes, and through a LAN peer whose link does when none of
+    /// this host's own links does. A host whose only link went dark keeps
+    /// its session that way (its announces reach the server), and so the
+    /// flows it carries over its peers' links.
     async fn send_to_server(&mut self, body: Body, every: bool) {
         let token = self.token.unwrap_or(0);
         let server = self.server();
-        if !self.own.is_empty() {
-            for i in 0..self.own.len() {
-                let id = self.own[i].ad.id;
-                let m = self.sign(body.clone(), id, flags::VIA_LINK, token);
-                if let Err(e) = self.own[i].sock.send_to(&m, server).await {
-                    self.rejects.count("send_failed");
-                    eprintln!("bond-ctl: link {id}: sending to the server: {e}");
-                }
-                if !every {
-                    break;
-                }
+        let lit = self.own.iter().position(|o| !o.echo.is_dark());
+        let relay = match lit {
+            Some(_) => None,
+            None => {
+                let with_links = |lit_only: bool| {
+                    self.peers
+                        .peers()
+                        .find(|(_, p)| p.links.iter().any(|l| !(lit_only && l.dark)))
+                        .map(|(ip, _)| ip)
+                };
+                with_links(true).or_else(|| with_links(false))
             }
-            return;
+        };
+        for i in own_links_to_server(self.own.len(), every, lit, relay.is_some()) {
+            let id = self.own[i].ad.id;
+            let m = self.sign(body.clone(), id, flags::VIA_LINK, token);
+            if let Err(e) = self.own[i].sock.send_to(&m, server).await {
+                self.rejects.count("send_failed");
+                eprintln!("bond-ctl: link {id}: sending to the server: {e}");
+            }
         }
-        let relay = self
-            .peers
-            .peers()
-            .find(|(_, p)| !p.links.is_empty())
-            .map(|(ip, _)| ip);
         match relay {
             Some(ip) => {
                 let m = self.sign(body, 0, flags::RELAY, token);
                 let to = SocketAddr::V4(SocketAddrV4::new(ip, self.cfg.data_port));
                 let _ = self.lan_sock.send_to(&m, to).await;
             }
-            None => self.rejects.count("no_way_to_server"),
+            None if self.own.is_empty() => self.rejects.count("no_way_to_server"),
+            None => {}
         }
     }
 
@@ -1462,4 +1468,36 @@ fn spawn_reader(sock: Arc<UdpSocket>, from: From, tx: mpsc::Sender<Received>) {
             }
         }
     });
+}
+
+/// Which of a host's `n` own links a message to the server goes over:
+/// an announce (`every`) over each of them, a dark one's too (it is back
+/// with the link); anything else over the first lit one (`lit`), or, when
+/// none is, over the first at all unless a peer relays it (`relayed`).
+fn own_links_to_server(n: usize, every: bool, lit: Option<usize>, relayed: bool) -> Vec<usize> {
+    match (every, lit) {
+        (true, _) => (0..n).collect(),
+        (false, Some(i)) => vec![i],
+        (false, None) if relayed => Vec::new(),
+        (false, None) => (0..n.min(1)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_reach_the_server_over_a_lit_link_or_through_a_peer() {
+        // Announces: every own link, lit or not.
+        assert_eq!(own_links_to_server(3, true, Some(1), false), [0, 1, 2]);
+        assert_eq!(own_links_to_server(2, true, None, true), [0, 1]);
+        // Anything else: the first lit link...
+        assert_eq!(own_links_to_server(3, false, Some(2), false), [2]);
+        // ...or the peer alone when every own link is dark...
+        assert!(own_links_to_server(2, false, None, true).is_empty());
+        // ...or the first own link when no peer can relay; none without.
+        assert_eq!(own_links_to_server(2, false, None, false), [0]);
+        assert!(own_links_to_server(0, false, None, false).is_empty());
+    }
 }
