@@ -254,6 +254,25 @@ impl Paths {
         p.finish_ns = p.finish_ns.max(now) + u64::from(count) * p.tx_ns(len);
         true
     }
+
+    /// Moves link `id`'s queue by `err_ns`, what the receiving end saw its
+    /// packets wait beyond what this model counted (`bond_ctl::feedback`):
+    /// later when the link drains slower than its rate says (a rate
+    /// estimate a little high, a rate step, other senders on it, jitter),
+    /// sooner when faster. Never past twice the horizon, so one wrong
+    /// report cannot shut a link for long. Returns whether the link is in
+    /// the schedule.
+    pub fn correct(&mut self, id: u32, now: u64, err_ns: i64) -> bool {
+        let n = (self.len as usize).min(MAX_PATHS);
+        let horizon = (u64::from(self.backlog_us) + u64::from(self.reorder_us)) * 1000;
+        let Some(p) = self.paths[..n].iter_mut().find(|p| p.id == id) else {
+            return false;
+        };
+        let queue = p.finish_ns.saturating_sub(now) as i64;
+        let queue = (queue + err_ns).clamp(0, 2 * horizon as i64);
+        p.finish_ns = now + queue as u64;
+        true
+    }
 }
 
 /// Why no link was picked.
@@ -364,6 +383,26 @@ mod tests {
         assert_eq!(picks, [2; 10]);
         assert_eq!(p.pick(1_000, MTU), Ok(1));
         assert!(!p.charge(7, 1_000, 1, MTU), "not a link of the schedule");
+    }
+
+    #[test]
+    fn a_correction_moves_one_links_queue_within_bounds() {
+        let mut p = paths(&[(10_000, 0), (10_000, 0)]);
+        p.backlog_us = 50_000;
+        let now = 1_000_000;
+        // Link 1 met 5 ms more queue than counted: the next picks go to
+        // link 2 until its queue is as long.
+        assert!(p.correct(1, now, 5_000_000));
+        assert_eq!(p.paths[0].finish_ns, now + 5_000_000);
+        let picks: Vec<u32> = (0..4).map(|_| p.pick(now, MTU).unwrap()).collect();
+        assert_eq!(picks, [2; 4]);
+        // Sooner: never before now.
+        assert!(p.correct(1, now, -9_000_000));
+        assert_eq!(p.paths[0].finish_ns, now);
+        // Never past twice the horizon.
+        assert!(p.correct(2, now, i64::MAX / 2));
+        assert_eq!(p.paths[1].finish_ns, now + 100_000_000);
+        assert!(!p.correct(7, now, 1), "not a link of the schedule");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub mod kind {
     pub const ECHO: u8 = 0x17;
     /// The server's answer to an ECHO, over the same link.
     pub const ECHO_REPLY: u8 = 0x18;
+    /// A receiving end's playout to the sender: how much queue each link's
+    /// recent packets met (`bond_ctl::feedback`).
+    pub const FEEDBACK: u8 = 0x19;
 }
 
 pub const ETH_LEN: usize = 14;

@@ -329,6 +329,11 @@ impl Maps {
         Ok(())
     }
 
+    /// Writes the upstream schedule back whole (after `Paths::correct`).
+    pub fn put_up_paths(&self, p: Paths) -> Result<()> {
+        self.set(name::T_PATHS, 0, p)
+    }
+
     pub fn up_paths(&self) -> Result<Paths> {
         self.array::<Paths>(name::T_PATHS)?
             .get(&0, 0)
@@ -521,6 +526,12 @@ impl Maps {
             self.put(name::S_PATHS, community, p)?;
         }
         Ok(())
+    }
+
+    /// Writes a community's downstream schedule back whole (after
+    /// `Paths::correct`).
+    pub fn put_down_paths(&self, community: u16, p: Paths) -> Result<()> {
+        self.put(name::S_PATHS, community, p)
     }
 
     pub fn down_paths(&self, community: u16) -> Result<Option<Paths>> {

@@ -8,6 +8,7 @@ pub mod control;
 pub mod datapath;
 pub mod dist;
 pub mod ebpf;
+pub mod feedback;
 pub mod flows;
 pub mod lab;
 pub mod membership;

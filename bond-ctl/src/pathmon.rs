@@ -127,16 +127,28 @@ impl EchoSeen {
     }
 }
 
-/// Relative one-way delays (ns) for links with base round trips in µs (0:
-/// not measured, counted as the least): half of each one's excess over the
-/// least.
+/// Relative one-way delays (ns) for links with base round trips in µs:
+/// half of each one's excess over the least. A link not measured yet (0)
+/// is [`UNMEASURED`], beyond every sender's horizon, while any other link
+/// is measured: until its first echo comes back it may be a satellite
+/// (counted as near, one took a first download's packets 290 ms late and
+/// the flow collapsed). With none measured (a community forming) all
+/// count as equal.
 pub fn relative_delays(rtt_us: &[u32]) -> Vec<u32> {
-    let least = rtt_us.iter().copied().filter(|&r| r > 0).min().unwrap_or(0);
+    let Some(least) = rtt_us.iter().copied().filter(|&r| r > 0).min() else {
+        return vec![0; rtt_us.len()];
+    };
     rtt_us
         .iter()
-        .map(|&r| r.saturating_sub(least).saturating_mul(1000) / 2)
+        .map(|&r| match r {
+            0 => UNMEASURED,
+            r => (r - least).saturating_mul(1000) / 2,
+        })
         .collect()
 }
+
+/// The relative delay of a link not measured yet: out of every schedule.
+pub const UNMEASURED: u32 = u32::MAX;
 
 #[cfg(test)]
 mod tests {
@@ -194,8 +206,13 @@ mod tests {
             relative_delays(&[10_000, 40_000, 80_000]),
             vec![0, 15_000_000, 35_000_000]
         );
-        // Unmeasured links count as the least.
-        assert_eq!(relative_delays(&[0, 40_000, 30_000]), vec![0, 5_000_000, 0]);
+        // Unmeasured links are out while any is measured; all in, equal,
+        // while none is.
+        assert_eq!(
+            relative_delays(&[0, 40_000, 30_000]),
+            vec![UNMEASURED, 5_000_000, 0]
+        );
+        assert_eq!(relative_delays(&[0, 0]), vec![0, 0]);
         assert_eq!(relative_delays(&[]), Vec::<u32>::new());
     }
 }

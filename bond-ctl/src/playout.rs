@@ -49,6 +49,7 @@ use serde::Serialize;
 use crate::{
     datapath::{Maps, monotonic_ns},
     net::{Iface, Net, sysctl},
+    proto::{LinkQueue, MAX_FEEDBACK_LINKS},
 };
 
 /// How long a link's least transit is remembered: a window of 10 s, kept
@@ -134,6 +135,9 @@ struct Link {
     latest: i64,
     /// When it last delivered (our µs).
     last_us: u64,
+    /// Since the last feedback, the packet that waited least on the way:
+    /// (its send time, its transit beyond the base, µs).
+    least_queue: Option<(u32, u32)>,
 }
 
 struct Held<T> {
@@ -250,7 +254,8 @@ impl<T> Playout<T> {
             return self.push(now_us, link, sent_us, item);
         }
         let s = self.unwrap_sent(sent_us);
-        self.links
+        let l = self
+            .links
             .entry(link)
             .and_modify(|l| {
                 l.base.add(d, now_us);
@@ -261,7 +266,12 @@ impl<T> Playout<T> {
                 base: WindowMin::new(d, now_us),
                 latest: s,
                 last_us: now_us,
+                least_queue: None,
             });
+        let queue = (d - l.base.get(now_us)).clamp(0, i64::from(u32::MAX)) as u32;
+        if l.least_queue.is_none_or(|(_, q)| queue < q) {
+            l.least_queue = Some((sent_us, queue));
+        }
         // A link silent for a whole window is out of the schedule.
         self.links
             .retain(|_, l| now_us.saturating_sub(l.last_us) < 2 * WINDOW_US);
@@ -289,16 +299,29 @@ impl<T> Playout<T> {
         if !self.ready.is_empty() {
             return Some(now_us);
         }
-        let (&(s, _), _) = self.held.first_key_value()?;
+        let (&(s, _), h) = self.held.first_key_value()?;
         let (least, spread) = self.bases(now_us);
         let age = self.age(now_us, s, least);
         if age < spread {
             return Some(now_us + (spread - age) as u64);
         }
-        if self.passed(now_us, s) || age >= spread + MAX_WAIT_US {
+        let left = Self::wait_left(now_us, h.arrived_us, age, spread);
+        if self.passed(now_us, s) || left == 0 {
             return Some(now_us);
         }
-        Some(now_us + 1_000.min((spread + MAX_WAIT_US - age) as u64))
+        Some(now_us + 1_000.min(left))
+    }
+
+    /// How much longer a packet that arrived at `arrived_us`, `age` old
+    /// now, may wait for a link to pass it: until [`MAX_WAIT_US`] past
+    /// its spread, and at least that long after it arrived. (A packet that
+    /// met a long queue on its way arrives old already; without the
+    /// second rule it timed out on arrival, before a far link's packets
+    /// sent ahead of it came, and went up out of order.)
+    fn wait_left(now_us: u64, arrived_us: u64, age: i64, spread: i64) -> u64 {
+        let past_spread = (spread + MAX_WAIT_US - age).max(0) as u64;
+        let since_arrival = (MAX_WAIT_US as u64).saturating_sub(now_us - arrived_us);
+        past_spread.max(since_arrival)
     }
 
     /// Whether every link in use has delivered something sent at `s` or
@@ -317,12 +340,12 @@ impl<T> Playout<T> {
         if let Some(item) = self.ready.pop_front() {
             return Some(item);
         }
-        let (&(s, _), _) = self.held.first_key_value()?;
+        let (&(s, _), h) = self.held.first_key_value()?;
         let full = self.held.len() > CAPACITY;
         let (least, spread) = self.bases(now_us);
         self.stats.spread_us = spread;
         let age = self.age(now_us, s, least);
-        let timed_out = age >= spread + MAX_WAIT_US;
+        let timed_out = Self::wait_left(now_us, h.arrived_us, age, spread) == 0;
         if !full && (age < spread || !(timed_out || self.passed(now_us, s))) {
             return None;
         }
@@ -332,6 +355,28 @@ impl<T> Playout<T> {
         self.stats.max_hold_us = self.stats.max_hold_us.max(now_us - h.arrived_us);
         self.released = Some(self.released.map_or(s, |r| r.max(s)));
         Some(h.item)
+    }
+
+    /// What the sender is told ([`crate::feedback`]): per link that
+    /// delivered since the last call, the queue its least-waiting packet
+    /// met beyond the link's least transit. Jitter only adds to a transit,
+    /// so the least of a few packets is the queue itself.
+    pub fn feedback(&mut self) -> Vec<LinkQueue> {
+        let mut out: Vec<LinkQueue> = self
+            .links
+            .iter_mut()
+            .filter_map(|(&link, l)| {
+                let (sent_us, queue_us) = l.least_queue.take()?;
+                Some(LinkQueue {
+                    link,
+                    sent_us,
+                    queue_us,
+                })
+            })
+            .collect();
+        out.sort_by_key(|l| l.link);
+        out.truncate(MAX_FEEDBACK_LINKS);
+        out
     }
 
     /// Everything held, in release order (the playout is stopping).
@@ -440,7 +485,11 @@ pub async fn hold_device(net: &Net, name: &str, rp_filter: &str) -> Result<(Tap,
 
 /// The senders a playout serves apart: a terminal hears only the server,
 /// the server hears every origin of every community.
-type Sender = (u16, u32);
+pub type Sender = (u16, u32);
+
+/// Where the playout sends its feedback for each sender, every
+/// [`crate::feedback::EVERY`]: (community, origin) and the links' queues.
+pub type FeedbackTx = tokio::sync::mpsc::UnboundedSender<(Sender, Vec<LinkQueue>)>;
 
 /// The running playout: its thread, the floors the agent sets (per
 /// community) and its stats (summed over senders).
@@ -459,18 +508,20 @@ struct Ctx {
     maps: Maps,
     /// `T_HOLD` or `S_HOLD`.
     map: &'static str,
+    feedback: FeedbackTx,
 }
 
 impl Handle {
     /// Starts the playout on `tap` (the datapath's XDP program attached to
     /// it already), telling the datapath through hold map `map` that it
-    /// reads.
+    /// reads; what each sender's links met goes to `feedback`.
     pub fn start(
         tap: Tap,
         ifindex: u32,
         mac: [u8; 6],
         maps: Maps,
         map: &'static str,
+        feedback: FeedbackTx,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let floors = Arc::new(Mutex::new(HashMap::new()));
@@ -483,6 +534,7 @@ impl Handle {
             mac,
             maps,
             map,
+            feedback,
         };
         let thread = std::thread::Builder::new()
             .name("playout".into())
@@ -553,6 +605,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
     let mut all: HashMap<Sender, (Playout<Vec<u8>>, u64)> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     let mut beat = 0u64;
+    let mut report = 0u64;
     let send = |mut frame: Vec<u8>| {
         // Addressed to the TAP, or the stack takes it for another host's.
         frame[..6].copy_from_slice(&cx.mac);
@@ -577,10 +630,19 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
             }
             beat = now + BEAT.as_nanos() as u64;
         }
+        if now >= report {
+            for (&sender, (p, _)) in all.iter_mut() {
+                let links = p.feedback();
+                if !links.is_empty() {
+                    let _ = cx.feedback.send((sender, links));
+                }
+            }
+            report = now + crate::feedback::EVERY.as_nanos() as u64;
+        }
         let due = all.values().filter_map(|(p, _)| p.next_due(now_us)).min();
         let wait = due.map_or(BEAT, |at| Duration::from_micros(at.saturating_sub(now_us)));
         if !wait.is_zero() {
-            cx.tap.wait(wait.min(BEAT));
+            cx.tap.wait(wait.min(crate::feedback::EVERY));
         }
         loop {
             match cx.tap.read(&mut buf) {
@@ -801,6 +863,28 @@ mod tests {
             "{at}"
         );
         assert_eq!(p.stats().timed_out, 1);
+    }
+
+    #[test]
+    fn a_packet_that_met_a_queue_still_waits_for_the_far_link() {
+        // Links 1 (5 ms) and 2 (15 ms), both behind a queue that grows to
+        // 40 ms: packets arrive up to 30 ms past the 10 ms spread, and
+        // link 2's 10 ms after link 1's sent with them. Order is kept.
+        // The queue builds from nothing to 40 ms as the sender speeds up.
+        let mut arrivals = Vec::new();
+        for sent in 0..150u64 {
+            let queue = (sent / 2).min(40);
+            arrivals.push((sent + 5 + queue, 1, sent));
+            arrivals.push((sent + 15 + queue, 2, sent));
+        }
+        arrivals.sort();
+        let mut p = Playout::new();
+        p.set_floor(10_000);
+        let out = play(&mut p, &arrivals);
+        assert_eq!(out.len(), 300);
+        assert!(in_order(&out), "{out:?}");
+        assert_eq!(p.stats().timed_out, 0);
+        assert_eq!(p.stats().reordered, 0);
     }
 
     #[test]

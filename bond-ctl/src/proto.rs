@@ -1,6 +1,6 @@
 //! Control messages: ANNOUNCE, SHUTDOWN, LOGIN, LOGIN_REPLY, and the
-//! measurement messages PROBE, PROBE_REQUEST, PROBE_REPORT, ECHO and
-//! ECHO_REPLY.
+//! measurement messages PROBE, PROBE_REQUEST, PROBE_REPORT, ECHO,
+//! ECHO_REPLY and FEEDBACK.
 //!
 //! They ride the same UDP ports as data, behind the same 24-byte bond
 //! header (a control `kind`, which the XDP programs pass to the agent's
@@ -23,8 +23,10 @@
 //! LOGIN: empty; LOGIN_REPLY `status u8, token u64, port u16`; PROBE
 //! `train u32, seq u16, count u16, pad u16, pad × 0` (padded to a train's
 //! packet size); PROBE_REQUEST `train u32, count u16`; PROBE_REPORT `train
-//! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock). All numbers are network byte order. The decoder checks the
-//! length of every part before reading it and accepts nothing unsigned.
+//! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock);
+//! FEEDBACK `n u8, n × (link u8, sent_us u32, queue_us u32)`. All numbers
+//! are network byte order. The decoder checks the length of every part
+//! before reading it and accepts nothing unsigned.
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
@@ -112,7 +114,25 @@ pub enum Body {
     EchoReply {
         sent_ns: u64,
     },
+    /// What a receiving end's playout saw per link (`crate::feedback`).
+    Feedback {
+        links: Vec<LinkQueue>,
+    },
 }
+
+/// The queue one link's packets met on their way, as the receiving end
+/// saw it: of the packets it delivered lately, the one that waited least,
+/// by its send time (the sender's clock, µs, as in the bond header) and
+/// its transit beyond the link's least (µs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkQueue {
+    pub link: u8,
+    pub sent_us: u32,
+    pub queue_us: u32,
+}
+
+/// Links one FEEDBACK may name: a sender's every link.
+pub const MAX_FEEDBACK_LINKS: usize = bond_common::edpf::MAX_PATHS;
 
 impl Body {
     const fn kind(&self) -> u8 {
@@ -126,6 +146,7 @@ impl Body {
             Self::ProbeReport { .. } => kind::PROBE_REPORT,
             Self::Echo { .. } => kind::ECHO,
             Self::EchoReply { .. } => kind::ECHO_REPLY,
+            Self::Feedback { .. } => kind::FEEDBACK,
         }
     }
 }
@@ -253,6 +274,15 @@ impl Msg {
             Body::Echo { sent_ns } | Body::EchoReply { sent_ns } => {
                 b.extend_from_slice(&sent_ns.to_be_bytes());
             }
+            Body::Feedback { links } => {
+                let links = &links[..links.len().min(MAX_FEEDBACK_LINKS)];
+                b.push(links.len() as u8);
+                for l in links {
+                    b.push(l.link);
+                    b.extend_from_slice(&l.sent_us.to_be_bytes());
+                    b.extend_from_slice(&l.queue_us.to_be_bytes());
+                }
+            }
         }
         let t = tag(key, &b);
         b.extend_from_slice(&t);
@@ -350,6 +380,21 @@ impl Msg {
             },
             kind::ECHO => Body::Echo { sent_ns: r.u64()? },
             kind::ECHO_REPLY => Body::EchoReply { sent_ns: r.u64()? },
+            kind::FEEDBACK => {
+                let n = usize::from(r.u8()?);
+                if n > MAX_FEEDBACK_LINKS {
+                    return Err(DecodeError::Malformed);
+                }
+                let mut links = Vec::with_capacity(n);
+                for _ in 0..n {
+                    links.push(LinkQueue {
+                        link: r.u8()?,
+                        sent_us: r.u32()?,
+                        queue_us: r.u32()?,
+                    });
+                }
+                Body::Feedback { links }
+            }
             _ => return Err(DecodeError::Malformed),
         };
         if !r.0.is_empty() {
@@ -601,6 +646,17 @@ mod tests {
             },
             Body::Echo { sent_ns: u64::MAX },
             Body::EchoReply { sent_ns: 12_345 },
+            Body::Feedback { links: Vec::new() },
+            Body::Feedback {
+                links: vec![
+                    LinkQueue {
+                        link: 1,
+                        sent_us: u32::MAX,
+                        queue_us: 0,
+                    };
+                    MAX_FEEDBACK_LINKS
+                ],
+            },
         ] {
             let m = Msg {
                 body,
@@ -692,7 +748,18 @@ mod tests {
         bad_flags[40] = 0x80;
         let mut bad_kind = body.to_vec();
         bad_kind[3] = 0x1f;
+        let feedback = Msg {
+            body: Body::Feedback {
+                links: vec![LinkQueue::default(); MAX_FEEDBACK_LINKS],
+            },
+            ..announce()
+        }
+        .encode(KEY);
+        let mut feedback = feedback[..feedback.len() - TAG_LEN].to_vec();
+        feedback[41] += 1;
+        feedback.extend_from_slice(&[0; 9]);
         for (what, b) in [
+            ("17 feedback links", feedback),
             ("33 links", too_many),
             ("count beyond the body", lying_count),
             ("trailing byte", trailing),

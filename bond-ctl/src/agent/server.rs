@@ -28,13 +28,14 @@ use crate::{
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
+    feedback::{self, Corrector, Model},
     flows::{self, FlowGauge},
     membership::{Refusal, ServerTable},
     net::{Net, hold_name, recv_stamped, sysctl, timestamp_arrivals, udp_socket},
     pathmon::{self, EchoSeen},
     playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
+    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, Msg, Reply, flags},
 };
 
 const SKEW_MS: u64 = 30_000;
@@ -87,6 +88,10 @@ struct Agent {
     path: PathBuf,
     /// The upstream playout, unless the configuration turns it off.
     playout: Option<playout::Handle>,
+    /// What the playout saw, for each origin (`crate::feedback`).
+    playout_feedback: Option<mpsc::UnboundedReceiver<(playout::Sender, Vec<LinkQueue>)>>,
+    /// Keeps the downstream schedules true from the origins' feedback.
+    corrector: Corrector,
 }
 
 pub async fn run(
@@ -132,6 +137,7 @@ pub async fn run(
         pins.attach_xdp(&mut ebpf, "bond_server", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
+    let (feedback_tx, playout_feedback) = mpsc::unbounded_channel();
     let playout = if cfg.playout {
         let name = hold_name(&cfg.instance);
         let (tap, dev) = playout::hold_device(&Net::new()?, &name, "0").await?;
@@ -143,6 +149,7 @@ pub async fn run(
             dev.mac,
             maps.clone(),
             name::S_HOLD,
+            feedback_tx,
         )?)
     } else {
         maps.set_hold(name::S_HOLD, Default::default())?;
@@ -183,6 +190,8 @@ pub async fn run(
         community_mtu: HashMap::new(),
         path: path.to_path_buf(),
         playout,
+        playout_feedback: Some(playout_feedback),
+        corrector: Corrector::start(maps.clone())?,
         cfg,
         maps,
     };
@@ -202,6 +211,23 @@ impl Agent {
             .then_some(*idx)
     }
 
+    /// Tells origin `o` of community `c` what its upstream packets met on
+    /// each link: over its own lit link, or else through the lit link of
+    /// a peer, which passes it on over the LAN.
+    async fn send_feedback(&mut self, (c, o): playout::Sender, links: Vec<LinkQueue>) {
+        let o = Ipv4Addr::from(o);
+        let lit = self
+            .applied
+            .range((c, 0)..=(c, u8::MAX))
+            .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
+            .map(|(&(_, id), &(_, l))| (id, l));
+        let Some((id, l)) = lit.max_by_key(|(_, l)| l.owner == u32::from(o)) else {
+            return;
+        };
+        let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+        self.send((c, o, id), Body::Feedback { links }, to).await;
+    }
+
     async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
         let stop = wait_for_signal();
         tokio::pin!(stop);
@@ -214,6 +240,7 @@ impl Agent {
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut playout_feedback = self.playout_feedback.take().expect("taken once");
         loop {
             if sweep.period() != self.cfg.flows.sweep() {
                 sweep = tokio::time::interval(self.cfg.flows.sweep());
@@ -239,6 +266,9 @@ impl Agent {
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,
+                Some((sender, links)) = playout_feedback.recv() => {
+                    self.send_feedback(sender, links).await;
+                }
                 _ = dark_check.tick() => {
                     let r = self.check_dark();
                     self.faults.survive("apply_links", r);
@@ -391,6 +421,21 @@ impl Agent {
                     .is_some_and(|(rx, _, _)| rx.add(*seq, at_ns, usize::from(*len)));
                 if done {
                     self.finish_train(key).await;
+                }
+            }
+            Body::Feedback { links } => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("feedback_without_session");
+                    return Ok(());
+                }
+                for q in links {
+                    if let Some((idx, _)) = self.applied.get(&(c, q.link)) {
+                        self.corrector.report(feedback::Report {
+                            model: Model::Down(c),
+                            id: *idx,
+                            queue: *q,
+                        });
+                    }
                 }
             }
             Body::Echo { sent_ns } if msg.flags & flags::VIA_LINK != 0 => {
@@ -814,6 +859,7 @@ impl Agent {
             "free_ports": self.flows.free_ports,
             "flow_table": self.flows,
             "playout": self.playout.as_ref().map(|p| p.stats()),
+            "feedback": self.corrector.stats(),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })

@@ -29,6 +29,7 @@ use crate::{
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
+    feedback::{self, Corrector, Model},
     membership::PeerTable,
     net::{
         Iface, Net, hold_name, poke_neighbor, recv_stamped, sysctl, timestamp_arrivals, udp_socket,
@@ -36,7 +37,7 @@ use crate::{
     pathmon::{self, LinkEcho},
     playout,
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
+    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, Msg, Reply, flags},
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -174,6 +175,10 @@ struct Agent {
     own_mtu: u32,
     /// The downstream playout, unless the configuration turns it off.
     playout: Option<playout::Handle>,
+    /// What the playout saw of the server's packets (`crate::feedback`).
+    playout_feedback: Option<mpsc::UnboundedReceiver<(playout::Sender, Vec<LinkQueue>)>>,
+    /// Keeps this host's upstream schedule true from the server's feedback.
+    corrector: Corrector,
     probe_round: u32,
 }
 
@@ -337,6 +342,8 @@ pub async fn run(
         capture_mtu,
         own_mtu: path_mtu,
         playout: None,
+        playout_feedback: None,
+        corrector: Corrector::start(Maps::new(&pins.dir))?,
         probe_round: 0,
     };
     if agent.adopted {
@@ -349,7 +356,7 @@ pub async fn run(
             pins.attach_xdp(&mut ebpf, "bond_terminal", &l.interface)?;
         }
         if agent.cfg.playout {
-            agent.playout = Some(agent.start_playout(&mut ebpf, pins).await?);
+            agent.start_playout(&mut ebpf, pins).await?;
         } else {
             agent.maps.set_hold(name::T_HOLD, Default::default())?;
         }
@@ -390,17 +397,24 @@ pub async fn run(
 impl Agent {
     /// Creates the hold device, puts the receive program on it and starts
     /// the playout, which then tells the datapath to hold.
-    async fn start_playout(
-        &self,
-        ebpf: &mut aya::Ebpf,
-        pins: &mut Pins,
-    ) -> Result<playout::Handle> {
+    async fn start_playout(&mut self, ebpf: &mut aya::Ebpf, pins: &mut Pins) -> Result<()> {
         let name = hold_name(&self.cfg.device);
         // What comes back is addressed to this host from anywhere: not a
         // spoof on this device (loose reverse-path filtering).
         let (tap, dev) = playout::hold_device(&self.net, &name, "2").await?;
         pins.attach_xdp(ebpf, "bond_terminal", &name)?;
-        playout::Handle::start(tap, dev.index, dev.mac, self.maps.clone(), name::T_HOLD)
+        let (tx, rx) = mpsc::unbounded_channel();
+        let maps = self.maps.clone();
+        self.playout = Some(playout::Handle::start(
+            tap,
+            dev.index,
+            dev.mac,
+            maps,
+            name::T_HOLD,
+            tx,
+        )?);
+        self.playout_feedback = Some(rx);
+        Ok(())
     }
 
     async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
@@ -418,6 +432,11 @@ impl Agent {
         let stop = wait_for_signal();
         tokio::pin!(stop);
         let mut hangup = signal(SignalKind::hangup())?;
+        // Without a playout, a channel nothing sends on.
+        let mut playout_feedback = self
+            .playout_feedback
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         loop {
             // A reload may change the periods.
             if announce.period() != self.interval {
@@ -438,6 +457,9 @@ impl Agent {
                     }
                 }
                 _ = announce.tick() => self.announce().await,
+                Some((_, links)) = playout_feedback.recv() => {
+                    self.send_to_server(Body::Feedback { links }, false).await;
+                }
                 _ = refresh.tick() => {
                     let r = self.refresh().await;
                     self.faults.survive("refresh", r);
@@ -646,6 +668,17 @@ impl Agent {
                     self.apply_peers().await?;
                 }
             }
+            // What the server's playout saw of our upstream: over our
+            // link, or passed on by a peer.
+            (_, Body::Feedback { links }) if from_server && msg.origin == self.lan_ip => {
+                for q in links {
+                    self.corrector.report(feedback::Report {
+                        model: Model::Up,
+                        id: u32::from(q.link),
+                        queue: *q,
+                    });
+                }
+            }
             (From::Link(i), Body::ProbeReport { train, kbps })
                 if from_server && msg.origin == self.lan_ip =>
             {
@@ -682,8 +715,9 @@ impl Agent {
                     self.apply_peers().await?;
                 }
             }
-            // A reply for a peer we relayed for: back to it over the LAN.
-            (From::Link(_), Body::LoginReply(_)) if from_server => {
+            // A reply for a peer we relayed for, or the server's feedback
+            // for a peer: on to it over the LAN.
+            (From::Link(_), Body::LoginReply(_) | Body::Feedback { .. }) if from_server => {
                 let to = SocketAddr::V4(SocketAddrV4::new(msg.origin, self.cfg.data_port));
                 let _ = self.lan_sock.send_to(&buf, to).await;
             }
@@ -1307,6 +1341,7 @@ impl Agent {
                 .map(|&(link, kbit, delay_ns)| json!({"link": link, "kbit": kbit, "delay_us": delay_ns / 1000}))
                 .collect::<Vec<_>>(),
             "playout": self.playout.as_ref().map(|p| p.stats()),
+            "feedback": self.corrector.stats(),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })
