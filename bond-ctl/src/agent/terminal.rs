@@ -690,7 +690,9 @@ impl Agent {
             }
             // For the server, from a peer without links of its own.
             (From::Lan, _) if msg.flags & flags::RELAY != 0 => {
-                if let Some(o) = self.own.iter().find(|o| o.entry.flags & LINK_VALID != 0) {
+                let usable = |o: &&Own| o.entry.flags & LINK_VALID != 0;
+                let lit = self.own.iter().filter(usable).find(|o| !o.echo.is_dark());
+                if let Some(o) = lit.or_else(|| self.own.iter().find(usable)) {
                     let _ = o.sock.send_to(&buf, self.server()).await;
                 } else {
                     self.rejects.count("cannot_relay");
