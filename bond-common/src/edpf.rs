@@ -164,6 +164,12 @@ impl Paths {
         Ok(p)
     }
 
+    /// Link `id`, if the schedule has it.
+    fn path_mut(&mut self, id: u32) -> Option<&mut Path> {
+        let n = (self.len as usize).min(MAX_PATHS);
+        self.paths[..n].iter_mut().find(|p| p.id == id)
+    }
+
     /// The links in use, as `from_links` took them.
     pub fn links(&self) -> impl Iterator<Item = &Path> {
         self.paths[..(self.len as usize).min(MAX_PATHS)].iter()
@@ -247,8 +253,7 @@ impl Paths {
     /// uncharged, they delay every packet the model sends after them.
     /// Returns whether the link is in the schedule.
     pub fn charge(&mut self, id: u32, now: u64, count: u32, len: u32) -> bool {
-        let n = (self.len as usize).min(MAX_PATHS);
-        let Some(p) = self.paths[..n].iter_mut().find(|p| p.id == id) else {
+        let Some(p) = self.path_mut(id) else {
             return false;
         };
         p.finish_ns = p.finish_ns.max(now) + u64::from(count) * p.tx_ns(len);
@@ -263,9 +268,8 @@ impl Paths {
     /// report cannot shut a link for long. Returns whether the link is in
     /// the schedule.
     pub fn correct(&mut self, id: u32, now: u64, err_ns: i64) -> bool {
-        let n = (self.len as usize).min(MAX_PATHS);
         let horizon = (u64::from(self.backlog_us) + u64::from(self.reorder_us)) * 1000;
-        let Some(p) = self.paths[..n].iter_mut().find(|p| p.id == id) else {
+        let Some(p) = self.path_mut(id) else {
             return false;
         };
         let queue = p.finish_ns.saturating_sub(now) as i64;

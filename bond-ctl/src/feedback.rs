@@ -29,7 +29,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
-    thread::JoinHandle,
     time::Duration,
 };
 
@@ -38,6 +37,7 @@ use bond_common::edpf::Paths;
 use crate::{
     datapath::{Maps, monotonic_ns},
     proto::LinkQueue,
+    worker::Worker,
 };
 
 /// How often a receiving end reports.
@@ -152,25 +152,20 @@ pub struct Stats {
 /// for and applies corrections.
 pub struct Corrector {
     tx: mpsc::Sender<Report>,
-    stop: Arc<AtomicBool>,
     stats: Arc<std::sync::Mutex<Stats>>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl Corrector {
     pub fn start(maps: Maps) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(std::sync::Mutex::new(Stats::default()));
-        let (s, st) = (stop.clone(), stats.clone());
-        let thread = std::thread::Builder::new()
-            .name("feedback".into())
-            .spawn(move || run(&maps, &rx, &s, &st))?;
+        let st = stats.clone();
+        let worker = Worker::spawn("feedback", move |stop| run(&maps, &rx, stop, &st))?;
         Ok(Self {
             tx,
-            stop,
             stats,
-            thread: Some(thread),
+            _worker: worker,
         })
     }
 
@@ -180,15 +175,6 @@ impl Corrector {
 
     pub fn stats(&self) -> Stats {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Drop for Corrector {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -18,3 +18,4 @@ pub mod playout;
 pub mod probe;
 pub mod proto;
 pub mod show;
+pub mod worker;

@@ -35,7 +35,6 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    thread::JoinHandle,
     time::Duration,
 };
 
@@ -50,6 +49,7 @@ use crate::{
     datapath::{Maps, monotonic_ns},
     net::{Iface, Net, sysctl},
     proto::{LinkQueue, MAX_FEEDBACK_LINKS},
+    worker::Worker,
 };
 
 /// How long a link's least transit is remembered: a window of 10 s, kept
@@ -494,10 +494,9 @@ pub type FeedbackTx = tokio::sync::mpsc::UnboundedSender<(Sender, Vec<LinkQueue>
 /// The running playout: its thread, the floors the agent sets (per
 /// community) and its stats (summed over senders).
 pub struct Handle {
-    stop: Arc<AtomicBool>,
     floors: Arc<Mutex<HashMap<u16, u32>>>,
     stats: Arc<Mutex<Stats>>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 /// What the playout thread works with.
@@ -523,10 +522,9 @@ impl Handle {
         map: &'static str,
         feedback: FeedbackTx,
     ) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
         let floors = Arc::new(Mutex::new(HashMap::new()));
         let stats = Arc::new(Mutex::new(Stats::default()));
-        let (s, f, st) = (stop.clone(), floors.clone(), stats.clone());
+        let (f, st) = (floors.clone(), stats.clone());
         maps.set_hold(map, alive(ifindex))?;
         let cx = Ctx {
             tap,
@@ -536,14 +534,11 @@ impl Handle {
             map,
             feedback,
         };
-        let thread = std::thread::Builder::new()
-            .name("playout".into())
-            .spawn(move || run(&cx, &s, &f, &st))?;
+        let worker = Worker::spawn("playout", move |stop| run(&cx, stop, &f, &st))?;
         Ok(Self {
-            stop,
             floors,
             stats,
-            thread: Some(thread),
+            _worker: worker,
         })
     }
 
@@ -560,15 +555,6 @@ impl Handle {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// How long the datapath trusts the playout to be reading after each

@@ -319,13 +319,8 @@ impl Msg {
         let body = match hdr.kind {
             kind::ANNOUNCE => {
                 let interval_ms = r.u32()?;
-                let n = usize::from(r.u8()?);
-                if n > MAX_LINKS {
-                    return Err(DecodeError::Malformed);
-                }
-                let mut links = Vec::with_capacity(n);
-                for _ in 0..n {
-                    links.push(LinkAd {
+                let links = r.list(MAX_LINKS, |r| {
+                    Ok(LinkAd {
                         id: r.u8()?,
                         port: r.u16()?,
                         up: r.u32()?,
@@ -337,8 +332,8 @@ impl Msg {
                             1 => true,
                             _ => return Err(DecodeError::Malformed),
                         },
-                    });
-                }
+                    })
+                })?;
                 Body::Announce { interval_ms, links }
             }
             kind::SHUTDOWN => Body::Shutdown,
@@ -380,21 +375,15 @@ impl Msg {
             },
             kind::ECHO => Body::Echo { sent_ns: r.u64()? },
             kind::ECHO_REPLY => Body::EchoReply { sent_ns: r.u64()? },
-            kind::FEEDBACK => {
-                let n = usize::from(r.u8()?);
-                if n > MAX_FEEDBACK_LINKS {
-                    return Err(DecodeError::Malformed);
-                }
-                let mut links = Vec::with_capacity(n);
-                for _ in 0..n {
-                    links.push(LinkQueue {
+            kind::FEEDBACK => Body::Feedback {
+                links: r.list(MAX_FEEDBACK_LINKS, |r| {
+                    Ok(LinkQueue {
                         link: r.u8()?,
                         sent_us: r.u32()?,
                         queue_us: r.u32()?,
-                    });
-                }
-                Body::Feedback { links }
-            }
+                    })
+                })?,
+            },
             _ => return Err(DecodeError::Malformed),
         };
         if !r.0.is_empty() {
@@ -436,6 +425,18 @@ impl Reader<'_> {
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.take().map(u64::from_be_bytes)
+    }
+    /// A count (u8, at most `max`) and that many items.
+    fn list<T>(
+        &mut self,
+        max: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let n = usize::from(self.u8()?);
+        if n > max {
+            return Err(DecodeError::Malformed);
+        }
+        (0..n).map(|_| item(self)).collect()
     }
 }
 

@@ -16,13 +16,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
 
 use super::line::Impair;
+use crate::worker::Worker;
 
 /// One WAN link of a lab community.
 #[derive(Clone, Debug, PartialEq)]
@@ -151,27 +151,15 @@ pub(super) struct Script {
 
 /// Plays every link's rate steps and dark windows until stopped.
 pub(super) struct Events {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl Events {
     pub fn start(scripts: Vec<Script>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || play(&scripts, &flag));
+        // As std::thread::spawn: a thread that cannot start is a panic.
+        let w = Worker::spawn("link events", move |stop| play(&scripts, stop));
         Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _worker: w.expect("starting the link events thread"),
         }
     }
 }
