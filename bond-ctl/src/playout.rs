@@ -490,6 +490,7 @@ pub type Sender = (u16, u32);
 /// Where the playout sends its feedback for each sender, every
 /// [`crate::feedback::EVERY`]: (community, origin) and the links' queues.
 pub type FeedbackTx = tokio::sync::mpsc::UnboundedSender<(Sender, Vec<LinkQueue>)>;
+pub type FeedbackRx = tokio::sync::mpsc::UnboundedReceiver<(Sender, Vec<LinkQueue>)>;
 
 /// The running playout: its thread, the floors the agent sets (per
 /// community) and its stats (summed over senders).

@@ -88,8 +88,6 @@ struct Agent {
     path: PathBuf,
     /// The upstream playout, unless the configuration turns it off.
     playout: Option<playout::Handle>,
-    /// What the playout saw, for each origin (`crate::feedback`).
-    playout_feedback: Option<mpsc::UnboundedReceiver<(playout::Sender, Vec<LinkQueue>)>>,
     /// Keeps the downstream schedules true from the origins' feedback.
     corrector: Corrector,
 }
@@ -137,7 +135,9 @@ pub async fn run(
         pins.attach_xdp(&mut ebpf, "bond_server", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
-    let (feedback_tx, playout_feedback) = mpsc::unbounded_channel();
+    // What the playout sees of each origin's packets (`crate::feedback`);
+    // without a playout, nothing sends on it.
+    let (feedback_tx, feedback) = mpsc::unbounded_channel();
     let playout = if cfg.playout {
         let name = hold_name(&cfg.instance);
         let (tap, dev) = playout::hold_device(&Net::new()?, &name, "0").await?;
@@ -190,7 +190,6 @@ pub async fn run(
         community_mtu: HashMap::new(),
         path: path.to_path_buf(),
         playout,
-        playout_feedback: Some(playout_feedback),
         corrector: Corrector::start(maps.clone())?,
         cfg,
         maps,
@@ -198,7 +197,7 @@ pub async fn run(
     if agent.adopted {
         agent.adopt()?;
     }
-    agent.run(calls).await
+    agent.run(calls, feedback).await
 }
 
 impl Agent {
@@ -228,7 +227,11 @@ impl Agent {
         self.send((c, o, id), Body::Feedback { links }, to).await;
     }
 
-    async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
+    async fn run(
+        &mut self,
+        mut calls: mpsc::Receiver<Call>,
+        mut playout_feedback: playout::FeedbackRx,
+    ) -> Result<Exit> {
         let stop = wait_for_signal();
         tokio::pin!(stop);
         let mut buf = vec![0u8; 2048];
@@ -240,7 +243,6 @@ impl Agent {
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hangup = signal(SignalKind::hangup())?;
-        let mut playout_feedback = self.playout_feedback.take().expect("taken once");
         loop {
             if sweep.period() != self.cfg.flows.sweep() {
                 sweep = tokio::time::interval(self.cfg.flows.sweep());

@@ -37,7 +37,7 @@ use crate::{
     pathmon::{self, LinkEcho},
     playout,
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, Msg, Reply, flags},
+    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -175,8 +175,6 @@ struct Agent {
     own_mtu: u32,
     /// The downstream playout, unless the configuration turns it off.
     playout: Option<playout::Handle>,
-    /// What the playout saw of the server's packets (`crate::feedback`).
-    playout_feedback: Option<mpsc::UnboundedReceiver<(playout::Sender, Vec<LinkQueue>)>>,
     /// Keeps this host's upstream schedule true from the server's feedback.
     corrector: Corrector,
     probe_round: u32,
@@ -342,7 +340,6 @@ pub async fn run(
         capture_mtu,
         own_mtu: path_mtu,
         playout: None,
-        playout_feedback: None,
         corrector: Corrector::start(Maps::new(&pins.dir))?,
         probe_round: 0,
     };
@@ -355,8 +352,11 @@ pub async fn run(
         for l in &agent.cfg.links {
             pins.attach_xdp(&mut ebpf, "bond_terminal", &l.interface)?;
         }
+        // What the playout sees of the server's packets (`crate::feedback`);
+        // without a playout, nothing sends on it.
+        let (feedback_tx, feedback) = mpsc::unbounded_channel();
         if agent.cfg.playout {
-            agent.start_playout(&mut ebpf, pins).await?;
+            agent.start_playout(&mut ebpf, pins, feedback_tx).await?;
         } else {
             agent.maps.set_hold(name::T_HOLD, Default::default())?;
         }
@@ -371,7 +371,7 @@ pub async fn run(
             agent.cfg.announce_ms,
             if agent.adopted { " (adopted the running datapath)" } else { "" },
         );
-        agent.run(calls).await
+        agent.run(calls, feedback).await
     }
     .await;
     if let Ok(Exit::Detach) = result {
@@ -397,27 +397,28 @@ pub async fn run(
 impl Agent {
     /// Creates the hold device, puts the receive program on it and starts
     /// the playout, which then tells the datapath to hold.
-    async fn start_playout(&mut self, ebpf: &mut aya::Ebpf, pins: &mut Pins) -> Result<()> {
+    async fn start_playout(
+        &mut self,
+        ebpf: &mut aya::Ebpf,
+        pins: &mut Pins,
+        feedback: playout::FeedbackTx,
+    ) -> Result<()> {
         let name = hold_name(&self.cfg.device);
         // What comes back is addressed to this host from anywhere: not a
         // spoof on this device (loose reverse-path filtering).
         let (tap, dev) = playout::hold_device(&self.net, &name, "2").await?;
         pins.attach_xdp(ebpf, "bond_terminal", &name)?;
-        let (tx, rx) = mpsc::unbounded_channel();
         let maps = self.maps.clone();
-        self.playout = Some(playout::Handle::start(
-            tap,
-            dev.index,
-            dev.mac,
-            maps,
-            name::T_HOLD,
-            tx,
-        )?);
-        self.playout_feedback = Some(rx);
+        let p = playout::Handle::start(tap, dev.index, dev.mac, maps, name::T_HOLD, feedback)?;
+        self.playout = Some(p);
         Ok(())
     }
 
-    async fn run(&mut self, mut calls: mpsc::Receiver<Call>) -> Result<Exit> {
+    async fn run(
+        &mut self,
+        mut calls: mpsc::Receiver<Call>,
+        mut playout_feedback: playout::FeedbackRx,
+    ) -> Result<Exit> {
         let (tx, mut rx) = mpsc::channel::<Received>(1024);
         spawn_reader(self.lan_sock.clone(), From::Lan, tx.clone());
         for (i, o) in self.own.iter().enumerate() {
@@ -432,11 +433,6 @@ impl Agent {
         let stop = wait_for_signal();
         tokio::pin!(stop);
         let mut hangup = signal(SignalKind::hangup())?;
-        // Without a playout, a channel nothing sends on.
-        let mut playout_feedback = self
-            .playout_feedback
-            .take()
-            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         loop {
             // A reload may change the periods.
             if announce.period() != self.interval {
