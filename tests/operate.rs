@@ -155,6 +155,56 @@ fn measured_weights_converge_and_follow_a_rate_change() {
     let _ = load.wait();
 }
 
+/// A weight set a third of its link's rate (link 3: 30 Mbit/s, pinned
+/// at 10) is followed up under load, each way, from the receiving end's
+/// feedback (`feedback.learnt` in the status of the sender: the origin
+/// upstream, the server downstream).
+#[test]
+fn a_weight_far_below_the_rate_is_followed_under_load() {
+    let mut lab = figure1();
+    lab.start_agents().expect("agents");
+    lab.start_iperf().unwrap();
+    let (ns2, inst2) = (
+        lab.terminals[1].ns.clone(),
+        lab.terminals[1].instance.clone(),
+    );
+    let (ns3, inst3) = (
+        lab.terminals[2].ns.clone(),
+        lab.terminals[2].instance.clone(),
+    );
+    lab.ctl(&ns2, &inst2, &["weight", "set", "3", "--both", "10000"])
+        .unwrap();
+    let learnt = |ns: &str, inst: &str| -> Vec<(u64, u64)> {
+        let st = lab.ctl_json(ns, inst, "status").unwrap();
+        st["feedback"]["learnt"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no feedback.learnt: {st}"))
+            .iter()
+            .map(|l| (l["link"].as_u64().unwrap(), l["kbit"].as_u64().unwrap()))
+            .collect()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    for (reverse, ns, inst) in [
+        (false, &ns3, &inst3),
+        (true, &lab.server_ns.clone(), &lab.server_instance.clone()),
+    ] {
+        let mut args = vec!["-c", "203.0.113.2", "-t", "5"];
+        if reverse {
+            args.push("-R");
+        }
+        lab.exec(&ns3, "iperf3", &args).expect("iperf3");
+        let rates = learnt(ns, inst);
+        eprintln!(
+            "learnt ({}): {rates:?}",
+            if reverse { "down" } else { "up" }
+        );
+        assert!(
+            rates.iter().any(|&(l, kbit)| l == 3 && kbit >= 20_000),
+            "link 3 pinned at 10 Mbit/s, not followed up: {rates:?}"
+        );
+    }
+}
+
 /// Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30, t3 with none.
 fn figure1() -> Lab {
     Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab")

@@ -265,16 +265,24 @@ impl Paths {
     /// later when the link drains slower than its rate says (a rate
     /// estimate a little high, a rate step, other senders on it, jitter),
     /// sooner when faster. Never past twice the horizon, so one wrong
-    /// report cannot shut a link for long. Returns whether the link is in
-    /// the schedule.
-    pub fn correct(&mut self, id: u32, now: u64, err_ns: i64) -> bool {
+    /// report cannot shut a link for long. Returns how far the queue
+    /// moved, or `None` when the link is not in the schedule.
+    pub fn correct(&mut self, id: u32, now: u64, err_ns: i64) -> Option<i64> {
         let horizon = (u64::from(self.backlog_us) + u64::from(self.reorder_us)) * 1000;
+        let p = self.path_mut(id)?;
+        let was = p.finish_ns.saturating_sub(now) as i64;
+        let queue = (was + err_ns).clamp(0, 2 * horizon as i64);
+        p.finish_ns = now + queue as u64;
+        Some(queue - was)
+    }
+
+    /// Gives link `id` a new rate (kbit/s), keeping its queue as it is.
+    /// Returns whether the link is in the schedule.
+    pub fn set_rate(&mut self, id: u32, kbit: u64) -> bool {
         let Some(p) = self.path_mut(id) else {
             return false;
         };
-        let queue = p.finish_ns.saturating_sub(now) as i64;
-        let queue = (queue + err_ns).clamp(0, 2 * horizon as i64);
-        p.finish_ns = now + queue as u64;
+        p.ns_per_kib = ns_per_kib(kbit);
         true
     }
 }
@@ -396,17 +404,30 @@ mod tests {
         let now = 1_000_000;
         // Link 1 met 5 ms more queue than counted: the next picks go to
         // link 2 until its queue is as long.
-        assert!(p.correct(1, now, 5_000_000));
+        assert_eq!(p.correct(1, now, 5_000_000), Some(5_000_000));
         assert_eq!(p.paths[0].finish_ns, now + 5_000_000);
         let picks: Vec<u32> = (0..4).map(|_| p.pick(now, MTU).unwrap()).collect();
         assert_eq!(picks, [2; 4]);
-        // Sooner: never before now.
-        assert!(p.correct(1, now, -9_000_000));
+        // Sooner: never before now (it moved by the 5 ms it had).
+        assert_eq!(p.correct(1, now, -9_000_000), Some(-5_000_000));
         assert_eq!(p.paths[0].finish_ns, now);
-        // Never past twice the horizon.
-        assert!(p.correct(2, now, i64::MAX / 2));
+        // Never past twice the horizon (link 2 had 4 packets queued).
+        let had = (p.paths[1].finish_ns - now) as i64;
+        assert_eq!(p.correct(2, now, i64::MAX / 2), Some(100_000_000 - had));
         assert_eq!(p.paths[1].finish_ns, now + 100_000_000);
-        assert!(!p.correct(7, now, 1), "not a link of the schedule");
+        assert_eq!(p.correct(7, now, 1), None, "not a link of the schedule");
+    }
+
+    #[test]
+    fn a_new_rate_keeps_the_queue() {
+        let mut p = paths(&[(10_000, 0), (10_000, 0)]);
+        p.paths[0].finish_ns = 7_000;
+        assert!(p.set_rate(1, 20_000));
+        assert_eq!(p.paths[0].kbit(), 20_000);
+        assert_eq!(p.paths[0].finish_ns, 7_000);
+        // Twice the rate: a packet takes half as long.
+        assert_eq!(p.paths[0].tx_ns(MTU) * 2, p.paths[1].tx_ns(MTU));
+        assert!(!p.set_rate(7, 1), "not a link of the schedule");
     }
 
     #[test]

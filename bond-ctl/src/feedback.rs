@@ -21,6 +21,17 @@
 //! packets sent before the correction are ignored: they still show the
 //! error just put right (one correction per feedback round trip, so the
 //! loop neither lags nor overshoots).
+//!
+//! The corrections also say how wrong the model's rate is, and that is
+//! put right too ([`History::learn`]): while the model has a queue on a
+//! link, the work it charges there (`work`, time at its rate) is what the
+//! real link took `work + moved` to carry, where `moved` is what the
+//! corrections added in the meantime. So the link's rate is the model's
+//! times `work / (work + moved)`. A rate set too high (measured on an
+//! idle link that is now shared, a link that stepped down) is followed
+//! down; one too low is followed up for as long as the sender offers more
+//! than the model lets through. Trains measure an idle link; this follows
+//! a busy one, which is when the rate matters.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -50,6 +61,28 @@ const HISTORY_NS: u64 = 1_000_000_000;
 /// Differences smaller than this are left alone: a packet's own
 /// transmission time and the sampling step are in them, µs.
 const DEADBAND_NS: i64 = 2_000_000;
+/// A rate is judged once the model has charged this much work to a busy
+/// link: enough that the deadband is a percent of it.
+const LEARN_WORK_NS: u64 = 200_000_000;
+/// A window that charged less than that in this long is dropped.
+const LEARN_WINDOW_NS: u64 = 2_000_000_000;
+/// Rates closer than this to the model's are left alone, percent: one
+/// window's estimate scatters by about 7% (the corrections' deadband is
+/// 1% of a window, and they lag a round trip). Measured on `mixed`,
+/// following that scatter (at 3%) cost one flow 6-7 Mbit/s of 70.
+const LEARN_DEADBAND_PCT: u64 = 10;
+/// The most a rate moves in one step: a factor of 2 either way.
+const LEARN_STEP: u64 = 2;
+
+/// One link's window for [`History::learn`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Drift {
+    start: u64,
+    /// Work the model charged while it had a queue, ns at its rate.
+    work_ns: u64,
+    /// What the corrections moved the queue meanwhile.
+    moved_ns: i64,
+}
 
 /// One sender's model over time, per link id.
 #[derive(Debug, Default)]
@@ -58,18 +91,77 @@ pub struct History {
     samples: HashMap<u32, VecDeque<(u64, u64)>>,
     /// Per link: when the model was last corrected.
     fixed_at: HashMap<u32, u64>,
+    drift: HashMap<u32, Drift>,
 }
 
 impl History {
-    /// Records the model's queues at `now` (ns).
+    /// Records the model's queues at `now` (ns), and the work it charged
+    /// to links that stayed busy since the last sample.
     pub fn sample(&mut self, now: u64, paths: &Paths) {
         for p in paths.links() {
             let h = self.samples.entry(p.id).or_default();
+            if let Some(&(_, was)) = h.back()
+                && was > now
+            {
+                let d = self.drift.entry(p.id).or_insert(Drift {
+                    start: now,
+                    ..Drift::default()
+                });
+                d.work_ns += p.finish_ns.saturating_sub(was);
+            }
             h.push_back((now, p.finish_ns));
             while h.front().is_some_and(|(t, _)| now - t > HISTORY_NS) {
                 h.pop_front();
             }
         }
+    }
+
+    /// The model's queue on link `id` was moved by `moved_ns` at `now`
+    /// (after [`Self::error`]): reports on packets sent before now are
+    /// ignored from here, and the move is not work charged. It counts
+    /// toward the link's rate only if the model had a queue there: a link
+    /// the sender hardly uses shows its jitter, not its rate.
+    pub fn moved(&mut self, id: u32, now: u64, moved_ns: i64) {
+        self.fixed_at.insert(id, now);
+        let Some((at, f)) = self.samples.get_mut(&id).and_then(|h| h.back_mut()) else {
+            return;
+        };
+        let busy = *f > *at;
+        *f = f.saturating_add_signed(moved_ns);
+        if let Some(d) = self.drift.get_mut(&id).filter(|_| busy) {
+            d.moved_ns += moved_ns;
+        }
+    }
+
+    /// The rates (kbit/s) that `paths` should have by what the corrections
+    /// showed, for each link whose window is complete and whose rate is
+    /// more than [`LEARN_DEADBAND_PCT`] off. A link given a new rate
+    /// starts over, its reports on packets sent before ignored.
+    pub fn learn(&mut self, now: u64, paths: &Paths) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        for p in paths.links() {
+            let Some(d) = self.drift.get(&p.id).copied() else {
+                continue;
+            };
+            if d.work_ns < LEARN_WORK_NS {
+                if now - d.start > LEARN_WINDOW_NS {
+                    self.drift.remove(&p.id);
+                }
+                continue;
+            }
+            self.drift.remove(&p.id);
+            let work = d.work_ns as i128;
+            let took = (work + i128::from(d.moved_ns)).max(1);
+            let model = i128::from(p.kbit());
+            let kbit = (model * work / took)
+                .clamp(model / LEARN_STEP as i128, model * LEARN_STEP as i128)
+                as u64;
+            if kbit.abs_diff(p.kbit()) * 100 > p.kbit() * LEARN_DEADBAND_PCT {
+                self.fixed_at.insert(p.id, now);
+                out.push((p.id, kbit));
+            }
+        }
+        out
     }
 
     /// The model's queue on link `id` at `t` (ns), from the last sample at
@@ -85,17 +177,13 @@ impl History {
     /// by how much to move the model's queue on that link now, if at all.
     /// None when the model was right (within [`DEADBAND_NS`]), when the
     /// packet left before the last correction, or before the history.
-    pub fn error(&mut self, id: u32, sent_ns: u64, queue_ns: u64, now: u64) -> Option<i64> {
+    pub fn error(&self, id: u32, sent_ns: u64, queue_ns: u64) -> Option<i64> {
         if self.fixed_at.get(&id).is_some_and(|&f| sent_ns < f) {
             return None;
         }
         let model = self.queue_at(id, sent_ns)?;
         let err = queue_ns as i64 - model as i64;
-        if err.abs() < DEADBAND_NS {
-            return None;
-        }
-        self.fixed_at.insert(id, now);
-        Some(err)
+        (err.abs() >= DEADBAND_NS).then_some(err)
     }
 }
 
@@ -115,7 +203,24 @@ pub enum Model {
     Down(u16),
 }
 
+impl std::fmt::Display for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Up => write!(f, "upstream"),
+            Self::Down(c) => write!(f, "community {c} downstream (link index)"),
+        }
+    }
+}
+
 impl Model {
+    /// The community of a downstream schedule.
+    fn community(self) -> Option<u16> {
+        match self {
+            Self::Up => None,
+            Self::Down(c) => Some(c),
+        }
+    }
+
     fn read(self, maps: &Maps) -> Option<Paths> {
         match self {
             Self::Up => maps.up_paths().ok(),
@@ -146,25 +251,44 @@ pub struct Stats {
     /// Corrections that made a link's queue longer, and shorter.
     pub later: u64,
     pub sooner: u64,
+    /// Rates changed by what the corrections showed.
+    pub rates: u64,
+}
+
+/// How long a learnt rate stands without a window confirming it: after
+/// that the link's weight (measured idle, or set) is its rate again.
+const LEARNT_FOR: Duration = Duration::from_secs(10);
+
+/// A rate learnt for a link of a schedule, and when.
+#[derive(Clone, Copy, Debug)]
+struct Learnt {
+    kbit: u64,
+    at: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    stats: Stats,
+    learnt: HashMap<(Model, u32), Learnt>,
 }
 
 /// The sender's side, running: samples the schedules it has had reports
-/// for and applies corrections.
+/// for, applies corrections and learns rates.
 pub struct Corrector {
     tx: mpsc::Sender<Report>,
-    stats: Arc<std::sync::Mutex<Stats>>,
+    shared: Arc<std::sync::Mutex<Shared>>,
     _worker: Worker,
 }
 
 impl Corrector {
     pub fn start(maps: Maps) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(std::sync::Mutex::new(Stats::default()));
-        let st = stats.clone();
-        let worker = Worker::spawn("feedback", move |stop| run(&maps, &rx, stop, &st))?;
+        let shared = Arc::new(std::sync::Mutex::new(Shared::default()));
+        let sh = shared.clone();
+        let worker = Worker::spawn("feedback", move |stop| run(&maps, &rx, stop, &sh))?;
         Ok(Self {
             tx,
-            stats,
+            shared,
             _worker: worker,
         })
     }
@@ -173,8 +297,40 @@ impl Corrector {
         let _ = self.tx.send(r);
     }
 
-    pub fn stats(&self) -> Stats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For `bond-ctl status`: the counts, and the rates that stand, each
+    /// by the link id `link_id` gives for a schedule's own name for it.
+    pub fn status(&self, link_id: impl Fn(Model, u32) -> Option<u8>) -> serde_json::Value {
+        let now = monotonic_ns();
+        let sh = self.shared();
+        let mut learnt: Vec<_> = sh
+            .learnt
+            .iter()
+            .filter(|(_, l)| now - l.at < LEARNT_FOR.as_nanos() as u64)
+            .filter_map(|(&(m, id), l)| Some((m.community(), link_id(m, id)?, l.kbit)))
+            .collect();
+        learnt.sort_unstable();
+        let mut v = serde_json::to_value(sh.stats).unwrap_or_default();
+        v["learnt"] = learnt
+            .into_iter()
+            .map(|(c, id, kbit)| serde_json::json!({"community": c, "link": id, "kbit": kbit}))
+            .collect();
+        v
+    }
+
+    /// The rate learnt for link `id` of a schedule, kbit/s, if one stands:
+    /// what the agent builds that schedule with in place of the weight,
+    /// so that a rebuild does not undo it.
+    pub fn rate(&self, model: Model, id: u32) -> Option<u64> {
+        let now = monotonic_ns();
+        self.shared()
+            .learnt
+            .get(&(model, id))
+            .filter(|l| now - l.at < LEARNT_FOR.as_nanos() as u64)
+            .map(|l| l.kbit)
     }
 }
 
@@ -185,19 +341,38 @@ fn run(
     maps: &Maps,
     rx: &mpsc::Receiver<Report>,
     stop: &AtomicBool,
-    stats: &std::sync::Mutex<Stats>,
+    shared: &std::sync::Mutex<Shared>,
 ) {
     // Per schedule: its history and when a report last named it.
     let mut models: HashMap<Model, (History, u64)> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
         models.retain(|_, (_, last)| now - *last < IDLE_NS);
-        for (m, (h, _)) in &mut models {
-            if let Some(p) = m.read(maps) {
-                h.sample(now, &p);
-            }
-        }
         let mut done = Stats::default();
+        let mut learnt = Vec::new();
+        for (&m, (h, _)) in &mut models {
+            let Some(mut p) = m.read(maps) else {
+                continue;
+            };
+            h.sample(now, &p);
+            let rates = h.learn(now, &p);
+            if rates.is_empty() {
+                continue;
+            }
+            for &(id, kbit) in &rates {
+                if let Some(was) = p.links().find(|l| l.id == id).map(|l| l.kbit()) {
+                    eprintln!(
+                        "bond-ctl: feedback: {m}, link {id}: rate {was} -> {kbit} kbit/s, as the receiving end sees it"
+                    );
+                }
+                p.set_rate(id, kbit);
+                learnt.push(((m, id), Learnt { kbit, at: now }));
+            }
+            if let Err(e) = m.write(maps, p) {
+                eprintln!("bond-ctl: feedback: {e}");
+            }
+            done.rates += rates.len() as u64;
+        }
         while let Ok(r) = rx.try_recv() {
             done.reports += 1;
             let (h, last) = models
@@ -206,27 +381,33 @@ fn run(
             *last = now;
             let sent = sent_ns(r.queue.sent_us, now);
             let queue = u64::from(r.queue.queue_us) * 1000;
-            let Some(err) = h.error(r.id, sent, queue, now) else {
+            let Some(err) = h.error(r.id, sent, queue) else {
                 continue;
             };
-            if let Some(mut p) = r.model.read(maps)
-                && p.correct(r.id, monotonic_ns(), err)
-            {
-                if let Err(e) = r.model.write(maps, p) {
-                    eprintln!("bond-ctl: feedback: {e}");
-                }
-                *if err > 0 {
-                    &mut done.later
-                } else {
-                    &mut done.sooner
-                } += 1;
+            let Some(mut p) = r.model.read(maps) else {
+                continue;
+            };
+            let at = monotonic_ns();
+            let Some(moved) = p.correct(r.id, at, err) else {
+                continue;
+            };
+            if let Err(e) = r.model.write(maps, p) {
+                eprintln!("bond-ctl: feedback: {e}");
             }
+            h.moved(r.id, at, moved);
+            *if err > 0 {
+                &mut done.later
+            } else {
+                &mut done.sooner
+            } += 1;
         }
-        if done != Stats::default() {
-            let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
-            s.reports += done.reports;
-            s.later += done.later;
-            s.sooner += done.sooner;
+        if done != Stats::default() || !learnt.is_empty() {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            s.stats.reports += done.reports;
+            s.stats.later += done.later;
+            s.stats.sooner += done.sooner;
+            s.stats.rates += done.rates;
+            s.learnt.extend(learnt);
         }
         std::thread::sleep(SAMPLE);
     }
@@ -256,19 +437,98 @@ mod tests {
         h.sample(100 * MS, &paths(&[(1, 105 * MS), (2, 0)]));
         h.sample(101 * MS, &paths(&[(1, 108 * MS), (2, 0)]));
         // A packet sent at 101.5 ms met 12 ms: the model counted 6.5.
-        assert_eq!(h.error(1, 101_500_000, 12 * MS, 150 * MS), Some(5_500_000));
+        assert_eq!(h.error(1, 101_500_000, 12 * MS), Some(5_500_000));
+        h.moved(1, 150 * MS, 5_500_000);
         // Reports on packets sent before that correction change nothing.
-        assert_eq!(h.error(1, 149 * MS, 30 * MS, 151 * MS), None);
+        assert_eq!(h.error(1, 149 * MS, 30 * MS), None);
         // Within the deadband: left alone.
         h.sample(160 * MS, &paths(&[(1, 170 * MS), (2, 0)]));
-        assert_eq!(h.error(1, 160 * MS, 11 * MS, 200 * MS), None);
+        assert_eq!(h.error(1, 160 * MS, 11 * MS), None);
         // Shorter than counted: sooner.
-        assert_eq!(h.error(1, 160 * MS, 0, 201 * MS), Some(-10 * MS as i64));
+        assert_eq!(h.error(1, 160 * MS, 0), Some(-10 * MS as i64));
         // An idle link counted empty that met a queue (another sender).
-        assert_eq!(h.error(2, 160 * MS, 4 * MS, 202 * MS), Some(4 * MS as i64));
+        assert_eq!(h.error(2, 160 * MS, 4 * MS), Some(4 * MS as i64));
         // Sent before the history began, or over a link it never had.
-        assert_eq!(h.error(1, 99 * MS, 50 * MS, 203 * MS), None);
-        assert_eq!(h.error(9, 160 * MS, 50 * MS, 203 * MS), None);
+        assert_eq!(h.error(1, 99 * MS, 50 * MS), None);
+        assert_eq!(h.error(9, 160 * MS, 50 * MS), None);
+    }
+
+    /// Drives a history as the corrector would, for `ms`: a sender offers
+    /// `offer` kbit/s to a link of `real` kbit/s that the model (starting
+    /// at 10 Mbit/s) keeps busy, and every 20 ms a report moves the
+    /// model's queue by what the real link shows. Returns the rates
+    /// learnt.
+    fn drive(h: &mut History, p: &mut Paths, offer: f64, real: f64, ms: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut real_queue = 0.0f64;
+        for t in 1..=ms {
+            let now = t * MS;
+            let path = &mut p.paths[0];
+            // A ms of the offer, in the model's time and the link's.
+            let model_ns = MS as f64 * offer / path.kbit() as f64;
+            path.finish_ns = path.finish_ns.max(now) + model_ns as u64;
+            real_queue = (real_queue + MS as f64 * offer / real - MS as f64).max(0.0);
+            h.sample(now, p);
+            for (_, kbit) in h.learn(now, p) {
+                p.set_rate(1, kbit);
+                out.push(kbit);
+            }
+            if t % 20 == 0
+                && let Some(err) = h.error(1, now - MS, real_queue as u64)
+            {
+                let moved = p.correct(1, now, err).unwrap();
+                h.moved(1, now, moved);
+            }
+        }
+        out
+    }
+
+    fn link(kbit: u64) -> Paths {
+        let mut p = Paths::EMPTY;
+        p.paths[0] = Path::new(1, kbit, 0);
+        p.len = 1;
+        p.backlog_us = 1_000_000;
+        p
+    }
+
+    #[test]
+    fn a_rate_set_too_high_is_followed_down() {
+        let (mut h, mut p) = (History::default(), link(10_000));
+        // The link carries 7 Mbit/s; the sender offers 15.
+        let learnt = drive(&mut h, &mut p, 15_000.0, 7_000.0, 1_000);
+        assert!((6_600..=7_400).contains(&learnt[0]), "one step: {learnt:?}");
+        assert!(
+            learnt.iter().all(|k| (6_600..=7_400).contains(k)),
+            "{learnt:?}"
+        );
+    }
+
+    #[test]
+    fn a_rate_set_too_low_is_followed_up() {
+        let (mut h, mut p) = (History::default(), link(10_000));
+        // The link carries 30 Mbit/s; the sender offers 40. A link that
+        // never queues shows only what it carried, so the rate climbs in
+        // steps of at most double, then settles.
+        let learnt = drive(&mut h, &mut p, 40_000.0, 30_000.0, 3_000);
+        assert_eq!(learnt[0], 20_000, "{learnt:?}");
+        assert!(learnt.len() <= 5, "{learnt:?}");
+        let last = *learnt.last().unwrap();
+        assert!((28_000..=32_000).contains(&last), "{learnt:?}");
+    }
+
+    #[test]
+    fn a_right_rate_or_an_idle_link_learns_nothing() {
+        let (mut h, mut p) = (History::default(), link(10_000));
+        assert_eq!(
+            drive(&mut h, &mut p, 15_000.0, 10_000.0, 1_000),
+            Vec::<u64>::new()
+        );
+        // Never busy: never judged.
+        let mut h = History::default();
+        for t in 1..3000 {
+            h.sample(t * MS, &paths(&[(1, 0)]));
+            assert_eq!(h.learn(t * MS, &paths(&[(1, 0)])), vec![]);
+        }
     }
 
     #[test]

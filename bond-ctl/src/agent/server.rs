@@ -715,7 +715,10 @@ impl Agent {
                     .get(&(community, r.link))
                     .is_some_and(|e| e.dark);
             if !dark {
-                weights.push((idx, u64::from(r.down), 0));
+                // A rate learnt from the origins' feedback stands in for
+                // the weight while it lasts.
+                let rate = self.corrector.rate(Model::Down(community), idx);
+                weights.push((idx, rate.unwrap_or(u64::from(r.down)), 0));
                 rtts.push(r.rtt_us);
             }
             keep.push(r.link);
@@ -861,7 +864,13 @@ impl Agent {
             "free_ports": self.flows.free_ports,
             "flow_table": self.flows,
             "playout": self.playout.as_ref().map(|p| p.stats()),
-            "feedback": self.corrector.stats(),
+            "feedback": self.corrector.status(|m, idx| {
+                // The downstream schedules name links by their index.
+                self.applied
+                    .iter()
+                    .find(|((c, _), (i, _))| Model::Down(*c) == m && *i == idx)
+                    .map(|((_, link), _)| *link)
+            }),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })

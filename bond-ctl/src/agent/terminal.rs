@@ -1131,10 +1131,15 @@ impl Agent {
         }
         usable.sort_unstable();
         let rtts: Vec<u32> = usable.iter().map(|u| u.2).collect();
+        // A rate learnt from the server's feedback stands in for the
+        // weight while it lasts.
         let paths: Vec<(u8, u64, u32)> = usable
             .iter()
             .zip(pathmon::relative_delays(&rtts))
-            .map(|(&(l, w, _), d)| (l, u64::from(w), d))
+            .map(|(&(l, w, _), d)| {
+                let rate = self.corrector.rate(Model::Up, u32::from(l));
+                (l, rate.unwrap_or(u64::from(w)), d)
+            })
             .collect();
         if self.schedule.as_ref() != Some(&paths) {
             self.maps
@@ -1339,7 +1344,7 @@ impl Agent {
                 .map(|&(link, kbit, delay_ns)| json!({"link": link, "kbit": kbit, "delay_us": delay_ns / 1000}))
                 .collect::<Vec<_>>(),
             "playout": self.playout.as_ref().map(|p| p.stats()),
-            "feedback": self.corrector.stats(),
+            "feedback": self.corrector.status(|_, id| u8::try_from(id).ok()),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })
