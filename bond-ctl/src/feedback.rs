@@ -81,6 +81,15 @@ const LEARN_UP_PCT: u64 = 30;
 /// The most a rate moves in one step: a factor of 2 either way.
 const LEARN_STEP: u64 = 2;
 
+/// What a window of [`History::learn`] found of a link's rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judged {
+    /// It is this many kbit/s.
+    Rate(u64),
+    /// The model's is close enough.
+    Kept,
+}
+
 /// One link's window for [`History::learn`].
 #[derive(Clone, Copy, Debug, Default)]
 struct Drift {
@@ -140,12 +149,12 @@ impl History {
         }
     }
 
-    /// The rates (kbit/s) that `paths` should have by what the corrections
-    /// showed, for each link whose window is complete and whose rate is
-    /// off by more than [`LEARN_DOWN_PCT`] (too high) or [`LEARN_UP_PCT`]
-    /// (too low). A link given a new rate
+    /// What the corrections showed of the rates in `paths`, for each link
+    /// whose window is complete: a new rate where the model's is off by
+    /// more than [`LEARN_DOWN_PCT`] (too high) or [`LEARN_UP_PCT`] (too
+    /// low), else kept. A link given a new rate
     /// starts over, its reports on packets sent before ignored.
-    pub fn learn(&mut self, now: u64, paths: &Paths) -> Vec<(u32, u64)> {
+    pub fn learn(&mut self, now: u64, paths: &Paths) -> Vec<(u32, Judged)> {
         let mut out = Vec::new();
         for p in paths.links() {
             let Some(d) = self.drift.get(&p.id).copied() else {
@@ -169,7 +178,9 @@ impl History {
             let higher = kbit * 100 > had * (100 + LEARN_UP_PCT);
             if lower || higher {
                 self.fixed_at.insert(p.id, now);
-                out.push((p.id, kbit));
+                out.push((p.id, Judged::Rate(kbit)));
+            } else {
+                out.push((p.id, Judged::Kept));
             }
         }
         out
@@ -360,17 +371,19 @@ fn run(
         let now = monotonic_ns();
         models.retain(|_, (_, last)| now - *last < IDLE_NS);
         let mut done = Stats::default();
-        let mut learnt = Vec::new();
+        // Rates learnt, and schedules' links whose rate a window kept.
+        let (mut learnt, mut kept) = (Vec::new(), Vec::new());
         for (&m, (h, _)) in &mut models {
             let Some(mut p) = m.read(maps) else {
                 continue;
             };
             h.sample(now, &p);
-            let rates = h.learn(now, &p);
-            if rates.is_empty() {
-                continue;
-            }
-            for &(id, kbit) in &rates {
+            let mut changed = false;
+            for (id, judged) in h.learn(now, &p) {
+                let Judged::Rate(kbit) = judged else {
+                    kept.push((m, id));
+                    continue;
+                };
                 if let Some(was) = p.links().find(|l| l.id == id).map(|l| l.kbit()) {
                     eprintln!(
                         "bond-ctl: feedback: {m}, link {id}: rate {was} -> {kbit} kbit/s, as the receiving end sees it"
@@ -378,11 +391,12 @@ fn run(
                 }
                 p.set_rate(id, kbit);
                 learnt.push(((m, id), Learnt { kbit, at: now }));
+                done.rates += 1;
+                changed = true;
             }
-            if let Err(e) = m.write(maps, p) {
+            if changed && let Err(e) = m.write(maps, p) {
                 eprintln!("bond-ctl: feedback: {e}");
             }
-            done.rates += rates.len() as u64;
         }
         while let Ok(r) = rx.try_recv() {
             done.reports += 1;
@@ -412,13 +426,19 @@ fn run(
                 &mut done.sooner
             } += 1;
         }
-        if done != Stats::default() || !learnt.is_empty() {
+        if done != Stats::default() || !learnt.is_empty() || !kept.is_empty() {
             let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
             s.stats.reports += done.reports;
             s.stats.later += done.later;
             s.stats.sooner += done.sooner;
             s.stats.rates += done.rates;
             s.learnt.extend(learnt);
+            // A learnt rate a window confirms stands on.
+            for k in kept {
+                if let Some(l) = s.learnt.get_mut(&k) {
+                    l.at = now;
+                }
+            }
         }
         std::thread::sleep(SAMPLE);
     }
@@ -486,9 +506,11 @@ mod tests {
             };
             real_queue = (real_queue + sent - MS as f64).max(0.0);
             h.sample(now, p);
-            for (_, kbit) in h.learn(now, p) {
-                p.set_rate(1, kbit);
-                out.push(kbit);
+            for (_, judged) in h.learn(now, p) {
+                if let Judged::Rate(kbit) = judged {
+                    p.set_rate(1, kbit);
+                    out.push(kbit);
+                }
             }
             if t % 20 == 0
                 && let Some(err) = h.error(1, now - MS, real_queue as u64)
