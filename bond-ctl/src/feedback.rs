@@ -48,7 +48,7 @@ use bond_common::edpf::Paths;
 use crate::{
     datapath::{Maps, monotonic_ns},
     proto::LinkQueue,
-    worker::Worker,
+    worker::{Worker, lock},
 };
 
 /// How often a receiving end reports.
@@ -82,11 +82,10 @@ const LEARN_WINDOW_NS: u64 = 5_000_000_000;
 /// and raised only when this much above. The estimate leans high: each
 /// report names the least queue of its interval, and a queue that swings
 /// within one (bursts) is reported at its trough, so the corrections lean
-/// sooner. Measured on
-/// `mixed` (one flow, 3 runs each way): following estimates either way
-/// beyond 10% took the flow from a median of 61.5 Mbit/s down and 59.9 up
-/// to 51.1 and 53.5, raising the near link's rate 10-18% above its real
-/// one until its modem dropped.
+/// sooner. Measured on `mixed` (one flow, 3 runs each way): following
+/// estimates either way beyond 10% took the flow from a median of 61.5
+/// Mbit/s down and 59.9 up to 51.1 and 53.5, raising the near link's rate
+/// 10-18% above its real one until its modem dropped.
 const LEARN_DOWN_PCT: u64 = 10;
 const LEARN_UP_PCT: u64 = 30;
 /// The most a rate moves in one step: a factor of 2 either way.
@@ -163,8 +162,8 @@ impl History {
     /// What the corrections showed of the rates in `paths`, for each link
     /// whose window is complete: a new rate where the model's is off by
     /// more than [`LEARN_DOWN_PCT`] (too high) or [`LEARN_UP_PCT`] (too
-    /// low), else kept. A link given a new rate
-    /// starts over, its reports on packets sent before ignored.
+    /// low), else kept. A link given a new rate starts over, its reports
+    /// on packets sent before ignored.
     pub fn learn(&mut self, now: u64, paths: &Paths) -> Vec<(u32, Judged)> {
         let mut out = Vec::new();
         for p in paths.links() {
@@ -180,11 +179,11 @@ impl History {
             self.drift.remove(&p.id);
             let work = d.work_ns as i128;
             let took = (work + i128::from(d.moved_ns)).max(1);
-            let model = i128::from(p.kbit());
+            let had = p.kbit();
+            let model = i128::from(had);
             let kbit = (model * work / took)
                 .clamp(model / LEARN_STEP as i128, model * LEARN_STEP as i128)
                 as u64;
-            let had = p.kbit();
             let lower = kbit * 100 < had * (100 - LEARN_DOWN_PCT);
             let higher = kbit * 100 > had * (100 + LEARN_UP_PCT);
             if lower || higher {
@@ -296,11 +295,18 @@ pub struct Stats {
 /// that the link's weight (measured idle, or set) is its rate again.
 const LEARNT_FOR: Duration = Duration::from_secs(10);
 
-/// A rate learnt for a link of a schedule, and when.
+/// A rate learnt for a link of a schedule, and when it was last set or
+/// confirmed.
 #[derive(Clone, Copy, Debug)]
 struct Learnt {
     kbit: u64,
     at: u64,
+}
+
+impl Learnt {
+    fn stands(&self, now: u64) -> bool {
+        now - self.at < LEARNT_FOR.as_nanos() as u64
+    }
 }
 
 #[derive(Debug, Default)]
@@ -334,19 +340,15 @@ impl Corrector {
         let _ = self.tx.send(r);
     }
 
-    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// For `bond-ctl status`: the counts, and the rates that stand, each
     /// by the link id `link_id` gives for a schedule's own name for it.
     pub fn status(&self, link_id: impl Fn(Model, u32) -> Option<u8>) -> serde_json::Value {
         let now = monotonic_ns();
-        let sh = self.shared();
+        let sh = lock(&self.shared);
         let mut learnt: Vec<_> = sh
             .learnt
             .iter()
-            .filter(|(_, l)| now - l.at < LEARNT_FOR.as_nanos() as u64)
+            .filter(|(_, l)| l.stands(now))
             .filter_map(|(&(m, id), l)| Some((m.community(), link_id(m, id)?, l.kbit)))
             .collect();
         learnt.sort_unstable();
@@ -363,10 +365,10 @@ impl Corrector {
     /// so that a rebuild does not undo it.
     pub fn rate(&self, model: Model, id: u32) -> Option<u64> {
         let now = monotonic_ns();
-        self.shared()
+        lock(&self.shared)
             .learnt
             .get(&(model, id))
-            .filter(|l| now - l.at < LEARNT_FOR.as_nanos() as u64)
+            .filter(|l| l.stands(now))
             .map(|l| l.kbit)
     }
 }
@@ -442,7 +444,7 @@ fn run(
             } += 1;
         }
         if done != Stats::default() || !learnt.is_empty() || !kept.is_empty() {
-            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(shared);
             s.stats.reports += done.reports;
             s.stats.later += done.later;
             s.stats.sooner += done.sooner;

@@ -49,7 +49,7 @@ use crate::{
     datapath::{Maps, monotonic_ns},
     net::{Iface, Net, sysctl},
     proto::{LinkQueue, MAX_FEEDBACK_LINKS},
-    worker::Worker,
+    worker::{Worker, lock},
 };
 
 /// How long a link's least transit is remembered: a window of 10 s, kept
@@ -552,10 +552,6 @@ impl Handle {
     pub fn stats(&self) -> Stats {
         *lock(&self.stats)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long the datapath trusts the playout to be reading after each

@@ -4,11 +4,17 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
 };
+
+/// Locks what a worker shares with its owner. A panic on the other side
+/// leaves the data as it was, which is still the best there is.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub struct Worker {
     stop: Arc<AtomicBool>,
