@@ -503,6 +503,33 @@ fn wrap_sends_each_packet_where_it_arrives_first() {
 }
 
 #[test]
+fn wrap_counts_a_links_jitter_in_its_arrivals() {
+    use {term::*, wrap::*};
+    isolate::pinned(|_| {
+        let t = wrap::setup("wrap-jitter");
+        let inner = app_packets()[0].bytes();
+        // Two equal links; whichever the feedback found 30 ms late now
+        // (`Path::extra_ns`) is passed over for the other.
+        for (late, want) in [(A, B), (B, A)] {
+            t.maps
+                .set_up_paths(&[(A, 1_000, 0), (B, 1_000, 0)], TEST_BACKLOG_US)
+                .unwrap();
+            let mut p = t.maps.up_paths().unwrap();
+            for l in [A, B] {
+                p.set_extra(u32::from(l), 0);
+                p.paths[usize::from(l == B)].finish_ns = 0;
+            }
+            assert!(p.set_extra(u32::from(late), 30_000_000));
+            t.maps.put_up_paths(p).unwrap();
+            let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &inner));
+            assert_eq!(v, TC_ACT_REDIRECT, "link {late} late: verdict");
+            assert_eq!(out[WRAP_LEN - 24 + 6], want, "link {late} late: link byte");
+        }
+        assert_eq!(t.nonzero_drops(), vec![], "no drops");
+    });
+}
+
+#[test]
 fn wrap_refuses_what_it_cannot_send() {
     use {term::*, wrap::*};
     isolate::pinned(|_| {

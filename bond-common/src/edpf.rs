@@ -52,13 +52,19 @@ pub struct Path {
     pub finish_ns: u64,
     /// Time one KiB takes on the link: 8 * 2^10 * 10^9 / rate in bit/s.
     pub ns_per_kib: u64,
-    /// One-way delay relative to the link of least delay.
+    /// One-way delay relative to the link of least delay: the base, from
+    /// the links' least round trips.
     pub delay_ns: u32,
     /// What the sender calls the link: the id in the bond header (an
     /// origin), or the dense link index (the server).
     pub id: u32,
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// How much later than its base the link delivers now, as the
+    /// receiving end last saw a packet that met no queue there: jitter
+    /// (an LTE cell's scheduler), which holds for longer than a queue
+    /// the model drains (`bond_ctl::feedback`).
+    pub extra_ns: u32,
 }
 const _: () = assert!(core::mem::size_of::<Path>() == 32);
 
@@ -71,7 +77,8 @@ impl Path {
             delay_ns,
             id,
             flags: PATH_USABLE,
-            _pad: [0; 7],
+            _pad: [0; 3],
+            extra_ns: 0,
         }
     }
 
@@ -89,6 +96,12 @@ impl Path {
         (len as u64 * self.ns_per_kib) >> 10
     }
 
+    /// The link's one-way delay now, relative to the link of least base.
+    #[inline(always)]
+    pub const fn delay_now_ns(&self) -> u64 {
+        self.delay_ns as u64 + self.extra_ns as u64
+    }
+
     /// When a packet of `len` bytes sent at `now` would arrive.
     #[inline(always)]
     pub const fn arrival(&self, now: u64, len: u32) -> u64 {
@@ -97,7 +110,7 @@ impl Path {
         } else {
             now
         };
-        start + self.tx_ns(len) + self.delay_ns as u64
+        start + self.tx_ns(len) + self.delay_now_ns()
     }
 }
 
@@ -140,7 +153,8 @@ impl Paths {
             delay_ns: 0,
             id: 0,
             flags: 0,
-            _pad: [0; 7],
+            _pad: [0; 3],
+            extra_ns: 0,
         }; MAX_PATHS],
     };
 
@@ -190,8 +204,11 @@ impl Paths {
     /// the sender offers more than the links carry. When all are full the
     /// packet is refused ([`Refused::Full`]): sent anyway it would sit in
     /// a real buffer past the horizon and arrive after packets sent later,
-    /// which TCP takes for loss. A link whose delay exceeds `backlog_us`
-    /// can never fill its gap with queued packets and is left out.
+    /// which TCP takes for loss. A link whose base delay exceeds
+    /// `backlog_us` can never fill its gap with queued packets and is left
+    /// out. Its jitter ([`Path::extra_ns`]) counts in its arrivals but
+    /// never leaves it out: only packets sent over it show the jitter has
+    /// passed.
     #[inline(always)]
     pub fn pick(&mut self, now: u64, len: u32) -> Result<u32, Refused> {
         let n = if self.len as usize > MAX_PATHS {
@@ -221,7 +238,7 @@ impl Paths {
                 // When it would arrive; behind every link with room if it
                 // would arrive past the horizon.
                 let done = start + p.tx_ns(len);
-                let mut at = done + p.delay_ns as u64;
+                let mut at = done + p.delay_now_ns();
                 if at > cap || done > full_at {
                     at += FULL;
                 }
@@ -274,6 +291,16 @@ impl Paths {
         let queue = (was + err_ns).clamp(0, 2 * horizon as i64);
         p.finish_ns = now + queue as u64;
         Some(queue - was)
+    }
+
+    /// Sets how much later than its base link `id` delivers now
+    /// ([`Path::extra_ns`]). Returns whether the link is in the schedule.
+    pub fn set_extra(&mut self, id: u32, extra_ns: u32) -> bool {
+        let Some(p) = self.path_mut(id) else {
+            return false;
+        };
+        p.extra_ns = extra_ns;
+        true
     }
 
     /// Gives link `id` a new rate (kbit/s), keeping its queue as it is.
@@ -669,6 +696,27 @@ mod tests {
         assert_eq!(p.pick(0, MTU), Err(Refused::Full), "the other cannot help");
         p.paths[0].flags = 0;
         assert_eq!(p.pick(0, MTU), Err(Refused::NoLinks));
+    }
+
+    #[test]
+    fn a_links_jitter_counts_in_its_arrivals_but_never_leaves_it_out() {
+        // Two equal links (a packet takes 1 ms); link 2 delivers 8 ms late
+        // now. Link 1 takes packets until its queue is as late (a tie goes
+        // to the first), then they alternate.
+        let mut p = paths(&[(12_000, 0), (12_000, 0)]);
+        assert!(p.set_extra(2, 8 * MS as u32));
+        let picks: Vec<u32> = (0..12).map(|_| p.pick(0, MTU).unwrap()).collect();
+        assert_eq!(picks, [1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 2], "{picks:?}");
+        // Jitter past the buffer: the link is passed over while another
+        // has room, and counts as full, not as left out (a base delay
+        // that long would be `NoLinks`): only its packets show the jitter
+        // has passed.
+        let mut p = paths(&[(10_000, 0), (100_000, 0)]);
+        p.set_extra(2, 2 * BACKLOG as u32);
+        assert_eq!(p.pick(0, MTU), Ok(1));
+        p.paths[0].flags = 0;
+        assert_eq!(p.pick(0, MTU), Err(Refused::Full));
+        assert!(!p.set_extra(7, 0), "not a link of the schedule");
     }
 
     #[test]

@@ -658,8 +658,9 @@ impl Maps {
     }
 }
 
-/// New paths for `links`, each keeping the virtual finish time it had in
-/// `old` (a rate or delay update must not forget what is queued). A sender
+/// New paths for `links`, each keeping the virtual finish time and the
+/// jitter it had in `old` (a rate or delay update must not forget what is
+/// queued, nor what the feedback found). A sender
 /// spreads over at most [`MAX_PATHS`] links: beyond that, the fastest.
 fn carry_queues(
     old: &Paths,
@@ -679,6 +680,7 @@ fn carry_queues(
     for new in &mut p.paths[..n] {
         if let Some(o) = old.links().find(|o| o.id == new.id) {
             new.finish_ns = o.finish_ns;
+            new.extra_ns = o.extra_ns;
         }
     }
     Ok(p)

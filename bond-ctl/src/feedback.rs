@@ -72,6 +72,12 @@ const DEADBAND_NS: i64 = 2_000_000;
 /// by all of it, 57.1-61.1 Mbit/s down and 56.4-62.0 up, with runs as low
 /// as 25 in other sets; by half, 61.4-62.6 and 62.2-62.5.
 const SOONER_DIVISOR: i64 = 2;
+/// The most jitter counted on a link, ns: what the receiver's playout
+/// holds for at most.
+const MAX_EXTRA_NS: u64 = 100_000_000;
+/// Jitter learnt on a link stands while reports on the link keep coming,
+/// and this long after the last: a link the sender left may have settled.
+const EXTRA_FOR: Duration = Duration::from_millis(500);
 /// A rate is judged once the model has charged this much work to a busy
 /// link: a second, over which the corrections' deadband and a slow
 /// start's bursts average out (over 200 ms, estimates scattered by 20%).
@@ -117,6 +123,8 @@ pub struct History {
     samples: HashMap<u32, VecDeque<(u64, u64)>>,
     /// Per link: when the model was last corrected.
     fixed_at: HashMap<u32, u64>,
+    /// Per link: when a report last named it.
+    reported_at: HashMap<u32, u64>,
     drift: HashMap<u32, Drift>,
 }
 
@@ -205,22 +213,66 @@ impl History {
         Some(finish.saturating_sub(t))
     }
 
-    /// A packet sent at `sent_ns` over link `id` met `queue_ns` of queue:
-    /// by how much to move the model's queue on that link now, if at all
-    /// (later by the whole difference, sooner by a [`SOONER_DIVISOR`]th).
+    /// A packet sent at `sent_ns` over link `id` met `queue_ns` beyond
+    /// the link's least transit; the model counts `extra_ns` of it as the
+    /// link's jitter ([`bond_common::edpf::Path::extra_ns`]). What to
+    /// change, if anything:
+    ///
+    /// - where the model counted no queue when the packet left, all it met
+    ///   is the link's delay now ([`Fix::Delay`]): jitter, which a link
+    ///   keeps however little it carries, where a queue drains;
+    /// - else the rest beyond the jitter is queue, and the model's moves
+    ///   later by the whole difference, sooner by a [`SOONER_DIVISOR`]th
+    ///   ([`Fix::Queue`]).
+    ///
     /// None when the model was right (within [`DEADBAND_NS`]), when the
-    /// packet left before the last correction, or before the history.
-    pub fn error(&self, id: u32, sent_ns: u64, queue_ns: u64) -> Option<i64> {
+    /// packet left before the last queue correction, or before the history.
+    pub fn judge(&self, id: u32, sent_ns: u64, queue_ns: u64, extra_ns: u32) -> Option<Fix> {
         if self.fixed_at.get(&id).is_some_and(|&f| sent_ns < f) {
             return None;
         }
         let model = self.queue_at(id, sent_ns)?;
-        let err = queue_ns as i64 - model as i64;
+        if model < DEADBAND_NS as u64 {
+            let delay = queue_ns.saturating_sub(model).min(MAX_EXTRA_NS);
+            let err = delay as i64 - i64::from(extra_ns);
+            return (err.abs() >= DEADBAND_NS).then_some(Fix::Delay(delay as u32));
+        }
+        let err = queue_ns as i64 - i64::from(extra_ns) - model as i64;
         if err.abs() < DEADBAND_NS {
             return None;
         }
-        Some(if err < 0 { err / SOONER_DIVISOR } else { err })
+        Some(Fix::Queue(if err < 0 { err / SOONER_DIVISOR } else { err }))
     }
+
+    /// A report on link `id` came at `now`.
+    pub fn reported(&mut self, id: u32, now: u64) {
+        self.reported_at.insert(id, now);
+    }
+
+    /// Links in `paths` counted with jitter that no report has named for
+    /// [`EXTRA_FOR`]: the sender stopped using them, and what it learnt of
+    /// their delay is stale.
+    pub fn stale_jitter(&self, now: u64, paths: &Paths) -> Vec<u32> {
+        paths
+            .links()
+            .filter(|p| p.extra_ns > 0)
+            .filter(|p| {
+                self.reported_at
+                    .get(&p.id)
+                    .is_none_or(|&at| now - at > EXTRA_FOR.as_nanos() as u64)
+            })
+            .map(|p| p.id)
+            .collect()
+    }
+}
+
+/// What a report changes in the model of one link ([`History::judge`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fix {
+    /// Move its queue by this much, ns (later when positive).
+    Queue(i64),
+    /// It delivers this much later than its base now, ns.
+    Delay(u32),
 }
 
 /// The sender's clock (ns) at a send time from a bond header (its µs,
@@ -289,6 +341,9 @@ pub struct Stats {
     pub sooner: u64,
     /// Rates changed by what the corrections showed.
     pub rates: u64,
+    /// Jitter counted anew on a link (what a packet that met no queue
+    /// showed), and forgotten on links the sender left.
+    pub jitter: u64,
 }
 
 /// How long a learnt rate stands without a window confirming it: after
@@ -396,6 +451,9 @@ fn run(
             };
             h.sample(now, &p);
             let mut changed = false;
+            for id in h.stale_jitter(now, &p) {
+                changed |= p.set_extra(id, 0);
+            }
             for (id, judged) in h.learn(now, &p) {
                 let Judged::Rate(kbit) = judged else {
                     kept.push((m, id));
@@ -423,25 +481,37 @@ fn run(
             *last = now;
             let sent = sent_ns(r.queue.sent_us, now);
             let queue = u64::from(r.queue.queue_us) * 1000;
-            let Some(err) = h.error(r.id, sent, queue) else {
-                continue;
-            };
+            h.reported(r.id, now);
             let Some(mut p) = r.model.read(maps) else {
                 continue;
             };
-            let at = monotonic_ns();
-            let Some(moved) = p.correct(r.id, at, err) else {
+            let Some(extra) = p.links().find(|l| l.id == r.id).map(|l| l.extra_ns) else {
                 continue;
             };
+            let Some(fix) = h.judge(r.id, sent, queue, extra) else {
+                continue;
+            };
+            let at = monotonic_ns();
+            match fix {
+                Fix::Delay(ns) => {
+                    p.set_extra(r.id, ns);
+                    done.jitter += 1;
+                }
+                Fix::Queue(err) => {
+                    let Some(moved) = p.correct(r.id, at, err) else {
+                        continue;
+                    };
+                    h.moved(r.id, at, moved);
+                    *if err > 0 {
+                        &mut done.later
+                    } else {
+                        &mut done.sooner
+                    } += 1;
+                }
+            }
             if let Err(e) = r.model.write(maps, p) {
                 eprintln!("bond-ctl: feedback: {e}");
             }
-            h.moved(r.id, at, moved);
-            *if err > 0 {
-                &mut done.later
-            } else {
-                &mut done.sooner
-            } += 1;
         }
         if done != Stats::default() || !learnt.is_empty() || !kept.is_empty() {
             let mut s = lock(shared);
@@ -449,6 +519,7 @@ fn run(
             s.stats.later += done.later;
             s.stats.sooner += done.sooner;
             s.stats.rates += done.rates;
+            s.stats.jitter += done.jitter;
             s.learnt.extend(learnt);
             // A learnt rate a window confirms stands on.
             for k in kept {
@@ -485,20 +556,61 @@ mod tests {
         h.sample(100 * MS, &paths(&[(1, 105 * MS), (2, 0)]));
         h.sample(101 * MS, &paths(&[(1, 108 * MS), (2, 0)]));
         // A packet sent at 101.5 ms met 12 ms: the model counted 6.5.
-        assert_eq!(h.error(1, 101_500_000, 12 * MS), Some(5_500_000));
+        assert_eq!(
+            h.judge(1, 101_500_000, 12 * MS, 0),
+            Some(Fix::Queue(5_500_000))
+        );
+        // Of which 3 ms are the link's jitter, counted already.
+        assert_eq!(
+            h.judge(1, 101_500_000, 12 * MS, 3_000_000),
+            Some(Fix::Queue(2_500_000))
+        );
         h.moved(1, 150 * MS, 5_500_000);
         // Reports on packets sent before that correction change nothing.
-        assert_eq!(h.error(1, 149 * MS, 30 * MS), None);
+        assert_eq!(h.judge(1, 149 * MS, 30 * MS, 0), None);
         // Within the deadband: left alone.
         h.sample(160 * MS, &paths(&[(1, 170 * MS), (2, 0)]));
-        assert_eq!(h.error(1, 160 * MS, 11 * MS), None);
+        assert_eq!(h.judge(1, 160 * MS, 11 * MS, 0), None);
         // Shorter than counted: sooner, by half the difference.
-        assert_eq!(h.error(1, 160 * MS, 0), Some(-5 * MS as i64));
-        // An idle link counted empty that met a queue (another sender).
-        assert_eq!(h.error(2, 160 * MS, 4 * MS), Some(4 * MS as i64));
+        assert_eq!(h.judge(1, 160 * MS, 0, 0), Some(Fix::Queue(-5 * MS as i64)));
         // Sent before the history began, or over a link it never had.
-        assert_eq!(h.error(1, 99 * MS, 50 * MS), None);
-        assert_eq!(h.error(9, 160 * MS, 50 * MS), None);
+        assert_eq!(h.judge(1, 99 * MS, 50 * MS, 0), None);
+        assert_eq!(h.judge(9, 160 * MS, 50 * MS, 0), None);
+    }
+
+    #[test]
+    fn what_a_packet_meets_on_a_link_counted_empty_is_its_delay_now() {
+        let mut h = History::default();
+        h.sample(100 * MS, &paths(&[(1, 0)]));
+        // Counted empty, met 12 ms: the link delivers 12 ms past its base.
+        assert_eq!(
+            h.judge(1, 100 * MS, 12 * MS, 0),
+            Some(Fix::Delay(12 * MS as u32))
+        );
+        // Counted so already (within the deadband): nothing to do.
+        assert_eq!(h.judge(1, 100 * MS, 13 * MS, 12 * MS as u32), None);
+        // The jitter fell back: so does the delay; a queue cannot go
+        // below empty.
+        assert_eq!(h.judge(1, 100 * MS, 0, 12 * MS as u32), Some(Fix::Delay(0)));
+        // Never beyond what a playout holds for.
+        assert_eq!(
+            h.judge(1, 100 * MS, 900 * MS, 0),
+            Some(Fix::Delay(MAX_EXTRA_NS as u32))
+        );
+    }
+
+    #[test]
+    fn jitter_a_link_no_report_names_is_forgotten() {
+        let mut h = History::default();
+        let mut p = paths(&[(1, 0), (2, 0)]);
+        p.set_extra(1, 9 * MS as u32);
+        p.set_extra(2, 9 * MS as u32);
+        h.reported(1, 100 * MS);
+        h.reported(2, 100 * MS + EXTRA_FOR.as_nanos() as u64);
+        let later = 101 * MS + EXTRA_FOR.as_nanos() as u64;
+        assert_eq!(h.stale_jitter(later, &p), vec![1]);
+        p.set_extra(1, 0);
+        assert_eq!(h.stale_jitter(later, &p), Vec::<u32>::new());
     }
 
     /// Drives a history as the corrector would, for `ms`: a sender offers
@@ -529,11 +641,17 @@ mod tests {
                     out.push(kbit);
                 }
             }
-            if t % 20 == 0
-                && let Some(err) = h.error(1, now - MS, real_queue as u64)
-            {
-                let moved = p.correct(1, now, err).unwrap();
-                h.moved(1, now, moved);
+            if t % 20 == 0 {
+                match h.judge(1, now - MS, real_queue as u64, p.paths[0].extra_ns) {
+                    Some(Fix::Queue(err)) => {
+                        let moved = p.correct(1, now, err).unwrap();
+                        h.moved(1, now, moved);
+                    }
+                    Some(Fix::Delay(ns)) => {
+                        p.set_extra(1, ns);
+                    }
+                    None => {}
+                }
             }
         }
         out
