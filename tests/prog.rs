@@ -2992,7 +2992,12 @@ fn server_cut_at_every_offset() {
         }
         // Replies where they arrive first (links 0, 1, 1: the TCP reply is
         // 12 bytes longer than the others, so link 0's queue ends after
-        // link 1's).
+        // link 1's). At 1 kbit/s that is 96 ms: a busy machine takes tens
+        // of ms over the cuts of one reply (at 5 kbit/s, 19 ms was not
+        // always enough).
+        s.maps
+            .set_down_paths(COMMUNITY, &[(0, 1, 0), (1, 1, 0)], TEST_BACKLOG_US, 0)
+            .unwrap();
         let [l0, l1, _] = LINKS;
         for (i, (l4, link)) in l4s.into_iter().zip([l0, l1, l1]).enumerate() {
             let request = Ip::new(ORIGIN_A, CONTENT, l4);
