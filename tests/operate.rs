@@ -228,7 +228,85 @@ fn interval_bytes(log: &str) -> Vec<(f64, u64)> {
 
 #[test]
 fn restarting_every_agent_mid_download_never_stops_traffic() {
+    let lab = restart_every_agent_mid_download(figure1());
+    // Where the kernel has them: TCX on the capture device, XDP in the
+    // driver (veth has it).
+    let (ns, inst) = lab.terminal_agent(2);
+    let st = lab.ctl_json(&ns, &inst, "status").unwrap();
+    let modes = attach_modes(&st);
+    assert_eq!(
+        modes[&("tc", lab.terminals[2].device.clone())],
+        "tcx",
+        "{st}"
+    );
+    assert!(
+        modes
+            .iter()
+            .all(|((hook, _), m)| *hook != "xdp" || m == "native"),
+        "{st}"
+    );
+}
+
+/// The fallbacks for kernels before 6.6 (TC through netlink) and drivers
+/// without XDP (generic), forced on this kernel: traffic flows, and each
+/// agent's restart swaps its program into what the last one left.
+#[test]
+fn the_fallback_attach_modes_carry_traffic_through_restarts() {
     let mut lab = figure1();
+    lab.terminal_extra = "[attach]\ntc = \"netlink\"\nxdp = \"generic\"".into();
+    lab.server_extra = "[attach]\nxdp = \"generic\"\n".into();
+    let lab = restart_every_agent_mid_download(lab);
+    for i in 0..3 {
+        let (ns, inst) = lab.terminal_agent(i);
+        let st = lab.ctl_json(&ns, &inst, "status").unwrap();
+        let modes = attach_modes(&st);
+        let dev = lab.terminals[i].device.clone();
+        assert_eq!(modes[&("tc", dev.clone())], "netlink", "{st}");
+        assert!(
+            modes
+                .iter()
+                .all(|((hook, _), m)| *hook != "xdp" || m == "generic"),
+            "{st}"
+        );
+        // One filter, the one the last agent swapped its program into.
+        let filters = lab
+            .exec(&ns, "tc", &["filter", "show", "dev", &dev, "egress"])
+            .unwrap();
+        assert_eq!(
+            filters.matches("direct-action").count(),
+            1,
+            "t{}: {filters}",
+            i + 1
+        );
+    }
+    let st = lab
+        .ctl_json(&lab.server_ns, &lab.server_instance, "status")
+        .unwrap();
+    let modes = attach_modes(&st);
+    assert!(
+        !modes.is_empty() && modes.values().all(|m| m == "generic"),
+        "{st}"
+    );
+}
+
+/// `status`'s `attach`: mode by (hook, interface).
+fn attach_modes(st: &Value) -> BTreeMap<(&'static str, String), String> {
+    st["attach"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no attach in status: {st}"))
+        .iter()
+        .map(|a| {
+            let hook = if a["hook"] == "tc" { "tc" } else { "xdp" };
+            let iface = a["interface"].as_str().unwrap().to_string();
+            ((hook, iface), a["mode"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Downloads for 14 s at t3 while every agent is restarted in turn (the
+/// server, then relay, origin, relay), and checks traffic never stopped
+/// for more than a second and each new agent adopted the datapath.
+fn restart_every_agent_mid_download(mut lab: Lab) -> Lab {
     lab.start_iperf().unwrap();
     lab.start_agents().expect("agents");
     let t3 = lab.terminals[2].ns.clone();
@@ -283,6 +361,7 @@ fn restarting_every_agent_mid_download_never_stops_traffic() {
     let st = lab.ctl_json(&ns, &inst, "status").unwrap();
     assert_eq!(st["adopted"], true);
     assert_eq!(st["logged_on"], true);
+    lab
 }
 
 #[test]

@@ -176,6 +176,50 @@ pub struct TerminalConfig {
     /// served to the community, and a forward proxy that looks for them
     /// among the peers before the slow uplinks.
     pub cache: Option<CacheConfig>,
+    /// How the programs are attached (`[attach]`, optional).
+    #[serde(default)]
+    pub attach: AttachConfig,
+}
+
+/// `[attach]`: how the programs are attached to their interfaces. The
+/// defaults choose what the kernel and driver offer; the others force a
+/// way, for a kernel or driver that misreports what it has, or to run the
+/// fallbacks on a kernel that would not need them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachConfig {
+    #[serde(default)]
+    pub tc: TcAttach,
+    #[serde(default)]
+    pub xdp: XdpAttach,
+}
+
+/// How the TC program goes on the capture device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttach {
+    /// TCX where the kernel has it (6.6 and later), else netlink.
+    #[default]
+    Auto,
+    /// A BPF link on the TCX hook (kernel 6.6 and later).
+    Tcx,
+    /// A `cls_bpf` filter on a `clsact` qdisc, through netlink (any kernel
+    /// bond runs on).
+    Netlink,
+}
+
+/// How the XDP programs go on their interfaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttach {
+    /// In the driver where it has XDP, else generic.
+    #[default]
+    Auto,
+    /// In the driver only: an interface whose driver has no XDP is refused.
+    Native,
+    /// Generic XDP (in the stack, after the socket buffer is built):
+    /// slower, on any interface.
+    Generic,
 }
 
 /// `[dist]`: every key optional.
@@ -395,6 +439,10 @@ pub struct ServerConfig {
     /// delivered it, and release in the order sent (`bond_ctl::playout`).
     #[serde(default = "default_true")]
     pub playout: bool,
+    /// How the programs are attached (`[attach]`, optional; only `xdp`
+    /// applies: the server has no TC program).
+    #[serde(default)]
+    pub attach: AttachConfig,
 }
 
 /// The server's `[flows]` table: every key optional.
@@ -633,6 +681,14 @@ impl Config {
             Self::Server(s) => &s.instance,
         }
     }
+
+    /// How the programs are to be attached.
+    pub fn attach(&self) -> AttachConfig {
+        match self {
+            Self::Terminal(t) => t.attach,
+            Self::Server(s) => s.attach,
+        }
+    }
 }
 
 type Check = Result<(), (String, String)>;
@@ -810,6 +866,12 @@ impl ServerConfig {
         check_instance(&self.instance)?;
         check_misses(self.misses)?;
         check_port("port", self.port)?;
+        if self.attach.tc != TcAttach::Auto {
+            return err(
+                "attach.tc",
+                "the server has no TC program (only `attach.xdp` applies)",
+            );
+        }
         let (lo, hi) = self
             .port_range()
             .map_err(|m| ("nat_ports".to_string(), m))?;
@@ -913,6 +975,40 @@ down = 5
                 len: 24
             }
         );
+    }
+
+    #[test]
+    fn attach_modes_default_to_what_the_kernel_offers_and_can_be_forced() {
+        let Config::Terminal(t) = Config::parse(TERMINAL, "t.toml").unwrap() else {
+            panic!("not a terminal")
+        };
+        assert_eq!(t.attach, AttachConfig::default());
+        assert_eq!(
+            (t.attach.tc, t.attach.xdp),
+            (TcAttach::Auto, XdpAttach::Auto)
+        );
+        let forced = format!("{TERMINAL}\n[attach]\ntc = \"netlink\"\nxdp = \"generic\"\n");
+        let Config::Terminal(t) = Config::parse(&forced, "t.toml").unwrap() else {
+            panic!("not a terminal")
+        };
+        assert_eq!(
+            (t.attach.tc, t.attach.xdp),
+            (TcAttach::Netlink, XdpAttach::Generic)
+        );
+        let e = error_of(&format!("{TERMINAL}\n[attach]\ntc = \"bpfilter\"\n"));
+        assert!(e.contains("bpfilter") && e.contains("netlink"), "{e}");
+        // The server has XDP programs only.
+        let e = error_of(&format!("{SERVER}\n[attach]\ntc = \"netlink\"\n"));
+        assert!(
+            e.contains("attach.tc") && e.contains("no TC program"),
+            "{e}"
+        );
+        let Config::Server(s) =
+            Config::parse(&format!("{SERVER}\n[attach]\nxdp = \"native\"\n"), "s.toml").unwrap()
+        else {
+            panic!("not a server")
+        };
+        assert_eq!(s.attach.xdp, XdpAttach::Native);
     }
 
     fn error_of(text: &str) -> String {

@@ -78,6 +78,8 @@ struct Agent {
     echoes: HashMap<(u16, u8), EchoSeen>,
     adopted: bool,
     started: Instant,
+    /// How each program is attached, by (hook, interface).
+    attached: std::collections::BTreeMap<(&'static str, String), &'static str>,
     /// The flow table as of the last sweep (for `status` and metrics).
     pub flows: FlowGauge,
     /// S_CONFIG as written; its `link_mtu` follows the links.
@@ -185,6 +187,7 @@ pub async fn run(
         echoes: HashMap::new(),
         adopted: pins.adopted,
         started: Instant::now(),
+        attached: Default::default(),
         flows: FlowGauge::new(u64::from(ports)),
         map_cfg,
         community_mtu: HashMap::new(),
@@ -194,6 +197,7 @@ pub async fn run(
         cfg,
         maps,
     };
+    agent.attached = pins.attached.clone();
     if agent.adopted {
         agent.adopt()?;
     }
@@ -859,6 +863,7 @@ impl Agent {
             "nat_address": self.cfg.nat_address.to_string(),
             "uptime_s": self.started.elapsed().as_secs(),
             "adopted": self.adopted,
+            "attach": super::attach_status(&self.attached),
             "communities": communities,
             "flows": self.flows.flows,
             "free_ports": self.flows.free_ports,

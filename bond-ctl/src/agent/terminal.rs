@@ -168,6 +168,8 @@ struct Agent {
     drain: Option<Drain>,
     adopted: bool,
     started: Instant,
+    /// How each program is attached, by (hook, interface).
+    attached: std::collections::BTreeMap<(&'static str, String), &'static str>,
     /// The capture device (bond0) and its MTU: the smallest of the LAN's,
     /// the own links' (`own_mtu`) and the peers' links', less the wrap.
     capture: Iface,
@@ -336,6 +338,7 @@ pub async fn run(
         drain: None,
         adopted: pins.adopted,
         started: Instant::now(),
+        attached: Default::default(),
         capture: dev.clone(),
         capture_mtu,
         own_mtu: path_mtu,
@@ -371,6 +374,7 @@ pub async fn run(
             agent.cfg.announce_ms,
             if agent.adopted { " (adopted the running datapath)" } else { "" },
         );
+        agent.attached = pins.attached.clone();
         agent.run(calls, feedback).await
     }
     .await;
@@ -1328,6 +1332,7 @@ impl Agent {
             "announce_ms": self.cfg.announce_ms,
             "uptime_s": self.started.elapsed().as_secs(),
             "adopted": self.adopted,
+            "attach": super::attach_status(&self.attached),
             "draining": self.drain.is_some(),
             "links": links,
             "peers": self.peers.peers().count(),

@@ -113,6 +113,9 @@ pub struct Lab {
     /// TOML tables appended to the server's config, e.g. a `[flows]`
     /// table (set before starting it; default empty).
     pub server_extra: String,
+    /// TOML tables appended to every terminal's config, e.g. an
+    /// `[attach]` table (set before starting them; default empty).
+    pub terminal_extra: String,
     /// Terminals weigh their links by measurement (`weight = "auto"`).
     pub auto_weights: bool,
     /// Terminals run the distribution service (`[dist]`, state in
@@ -264,6 +267,7 @@ impl Lab {
             nat_ports: "20000-29999".into(),
             server_keys: String::new(),
             server_extra: String::new(),
+            terminal_extra: String::new(),
             auto_weights: false,
             dist: false,
             cache: false,
@@ -697,6 +701,9 @@ impl Lab {
             for (_, extra) in self.cache_extra.iter().filter(|(t, _)| *t == i) {
                 let _ = writeln!(s, "{extra}");
             }
+        }
+        if !self.terminal_extra.is_empty() {
+            let _ = write!(s, "\n{}\n", self.terminal_extra);
         }
         s
     }
