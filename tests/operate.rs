@@ -205,6 +205,68 @@ fn a_weight_far_below_the_rate_is_followed_under_load() {
     }
 }
 
+/// `fallback = "direct"` (the default): while the server is away the
+/// gateway reaches the Internet by its own routes, and bonds again when
+/// the server is back.
+#[test]
+fn without_its_server_a_gateway_goes_direct_and_bonds_again_when_it_returns() {
+    let mut lab = figure1();
+    let served = lab.serve_file("1m.bin", 1).unwrap();
+    lab.start_agents().expect("agents");
+    let (t1, inst1) = lab.terminal_agent(0);
+    let url = "http://203.0.113.2/1m.bin";
+    let route = |lab: &Lab| lab.ip(&t1, "route get 203.0.113.2").unwrap();
+    let wait_bonding = |lab: &Lab, want: bool, limit: Duration| -> Duration {
+        let start = Instant::now();
+        loop {
+            let st = lab.ctl_json(&t1, &inst1, "status").unwrap();
+            if st["bonding"] == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "bonding not {want} within {limit:?}: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_bonding(&lab, true, Duration::from_secs(5));
+    let st = lab.ctl_json(&t1, &inst1, "status").unwrap();
+    assert_eq!(st["fallback"], "direct", "{st}");
+    assert!(route(&lab).contains("dev bond0"), "{}", route(&lab));
+
+    // The server leaves (and takes its datapath with it).
+    lab.stop("agent-srv", false).unwrap();
+    let took = wait_bonding(&lab, false, Duration::from_secs(5));
+    eprintln!("no server: direct after {took:?}");
+    assert!(route(&lab).contains("dev wan0"), "{}", route(&lab));
+    let (bytes, _, got) = lab
+        .download(&t1, url, "direct.bin")
+        .expect("download, direct");
+    assert_eq!(bytes, std::fs::metadata(&served).unwrap().len());
+    assert_eq!(
+        std::fs::read(&got).unwrap(),
+        std::fs::read(&served).unwrap()
+    );
+    let metrics = lab.ctl(&t1, &inst1, &["metrics"]).unwrap();
+    assert!(metrics.contains("bond_capture_routed 0"), "{metrics}");
+
+    // It comes back: the terminals log on again and bond.
+    lab.start_server().unwrap();
+    let took = wait_bonding(&lab, true, Duration::from_secs(15));
+    eprintln!("server back: bonding after {took:?}");
+    assert!(route(&lab).contains("dev bond0"), "{}", route(&lab));
+    let (bytes, _, _) = lab
+        .download(&t1, url, "bonded.bin")
+        .expect("download, bonded");
+    assert_eq!(bytes, std::fs::metadata(&served).unwrap().len());
+    let flows = lab.flows_json().unwrap();
+    assert!(
+        flows.to_string().contains("10.0.1.1"),
+        "the server mapped t1's download: {flows}"
+    );
+}
+
 /// Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30, t3 with none.
 fn figure1() -> Lab {
     Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab")

@@ -179,6 +179,24 @@ pub struct TerminalConfig {
     /// How the programs are attached (`[attach]`, optional).
     #[serde(default)]
     pub attach: AttachConfig,
+    /// What captured traffic does while this terminal cannot bond (no
+    /// session, or no link that reaches the server).
+    #[serde(default)]
+    pub fallback: Fallback,
+}
+
+/// `fallback`: where captured traffic goes while the terminal cannot bond.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// By the host's own routes: the capture routes are withdrawn until
+    /// bonding works again (a gateway keeps its Internet when its server
+    /// is away).
+    #[default]
+    Direct,
+    /// Into the capture device regardless, where it is dropped and counted
+    /// (`no_links`): nothing leaves unbonded.
+    Drop,
 }
 
 /// `[attach]`: how the programs are attached to their interfaces. The

@@ -175,6 +175,20 @@ impl Net {
             .with_context(|| format!("route {dst}/{len}"))
     }
 
+    /// `ip route del PREFIX dev IFACE`; a route that is not there is not an
+    /// error.
+    pub async fn delete_route_to(&self, dst: Ipv4Addr, len: u8, dev: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, len)
+            .output_interface(dev)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting route {dst}/{len}")),
+        }
+    }
+
     /// `ip route replace DST/32 via GW dev DEV metric METRIC`: how a
     /// socket tied to one WAN interface reaches the server over it.
     pub async fn host_route_via(

@@ -25,7 +25,7 @@ use tokio::{
 
 use super::{Exit, Pins, Tally, wait_for_signal};
 use crate::{
-    config::{Config, MIN_LINK_MTU, OwnLink, TerminalConfig, WeightSpec},
+    config::{Config, Fallback, MIN_LINK_MTU, OwnLink, TerminalConfig, WeightSpec},
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
@@ -168,6 +168,9 @@ struct Agent {
     drain: Option<Drain>,
     adopted: bool,
     started: Instant,
+    /// Whether the capture prefixes are routed into the capture device
+    /// (None: not known yet, an earlier agent may have left them).
+    captured: Option<bool>,
     /// How each program is attached, by (hook, interface).
     attached: std::collections::BTreeMap<(&'static str, String), &'static str>,
     /// The capture device (bond0) and its MTU: the smallest of the LAN's,
@@ -338,6 +341,7 @@ pub async fn run(
         drain: None,
         adopted: pins.adopted,
         started: Instant::now(),
+        captured: None,
         attached: Default::default(),
         capture: dev.clone(),
         capture_mtu,
@@ -363,9 +367,7 @@ pub async fn run(
         } else {
             agent.maps.set_hold(name::T_HOLD, Default::default())?;
         }
-        for p in &agent.cfg.capture {
-            agent.net.route_to(p.addr, p.len, dev.index, lan_ip).await?;
-        }
+        agent.sync_capture().await?;
         eprintln!(
             "bond-ctl: terminal {lan_ip} up: community {}, {} own link(s), {} mtu {capture_mtu}, announcing every {} ms{}",
             agent.cfg.community,
@@ -498,7 +500,63 @@ impl Agent {
                     }
                 }
             }
+            let r = self.sync_capture().await;
+            self.faults.survive("capture", r);
         }
+    }
+
+    /// Whether this terminal can bond now: it holds a session and some
+    /// link in its schedule reaches the server.
+    fn can_bond(&self) -> bool {
+        self.token.is_some() && self.schedule.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// Routes the capture prefixes into the capture device while the
+    /// terminal can bond; with `fallback = "direct"`, withdraws them while
+    /// it cannot, so that the host's own routes carry its traffic (new
+    /// connections; those already bonded had the server's address and
+    /// end).
+    async fn sync_capture(&mut self) -> Result<()> {
+        if self.schedule.is_none() && self.adopted {
+            // Until this agent has its schedule, an adopted datapath keeps
+            // the routes the last agent left.
+            return Ok(());
+        }
+        let want = capture_wanted(self.cfg.fallback, self.can_bond());
+        if self.captured == Some(want) {
+            return Ok(());
+        }
+        for p in &self.cfg.capture {
+            if want {
+                self.net
+                    .route_to(p.addr, p.len, self.capture.index, self.lan_ip)
+                    .await?;
+            } else {
+                self.net
+                    .delete_route_to(p.addr, p.len, self.capture.index)
+                    .await?;
+            }
+        }
+        match (self.captured, want) {
+            (_, true) if self.cfg.fallback == Fallback::Direct => {
+                eprintln!(
+                    "bond-ctl: bonding: captured traffic goes into {}",
+                    self.cfg.device
+                )
+            }
+            (_, false) => eprintln!(
+                "bond-ctl: cannot bond ({}): captured traffic goes by the host's own routes \
+                 until it can (fallback = \"direct\")",
+                if self.token.is_none() {
+                    "no session"
+                } else {
+                    "no link reaches the server"
+                }
+            ),
+            _ => {}
+        }
+        self.captured = Some(want);
+        Ok(())
     }
 
     fn sign(&mut self, body: Body, link: u8, flags: u8, token: u64) -> Vec<u8> {
@@ -1332,6 +1390,8 @@ impl Agent {
             "announce_ms": self.cfg.announce_ms,
             "uptime_s": self.started.elapsed().as_secs(),
             "adopted": self.adopted,
+            "fallback": self.cfg.fallback,
+            "bonding": self.captured == Some(true) && self.can_bond(),
             "attach": super::attach_status(&self.attached),
             "draining": self.drain.is_some(),
             "links": links,
@@ -1482,6 +1542,16 @@ impl Agent {
             "1 while the terminal holds a session.",
         );
         m.sample("bond_logged_on", &[], u8::from(self.token.is_some()));
+        m.family(
+            "bond_capture_routed",
+            "gauge",
+            "1 while captured traffic goes into the capture device (bonded, or dropped with fallback = \"drop\"), 0 while it goes by the host's own routes.",
+        );
+        m.sample(
+            "bond_capture_routed",
+            &[],
+            u8::from(self.captured == Some(true)),
+        );
         m.family("bond_peers", "gauge", "Live LAN peers.");
         m.sample("bond_peers", &[], self.peers.peers().count());
         if let Some(c) = &self.cache {
@@ -1526,9 +1596,23 @@ fn own_links_to_server(n: usize, every: bool, lit: Option<usize>, relayed: bool)
     }
 }
 
+/// Whether the capture prefixes are routed into the capture device: while
+/// the terminal can bond, and always with `fallback = "drop"`.
+fn capture_wanted(fallback: Fallback, can_bond: bool) -> bool {
+    can_bond || fallback == Fallback::Drop
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captured_traffic_is_routed_in_while_bonding_or_told_to_drop() {
+        assert!(capture_wanted(Fallback::Direct, true));
+        assert!(!capture_wanted(Fallback::Direct, false));
+        assert!(capture_wanted(Fallback::Drop, true));
+        assert!(capture_wanted(Fallback::Drop, false));
+    }
 
     #[test]
     fn messages_reach_the_server_over_a_lit_link_or_through_a_peer() {

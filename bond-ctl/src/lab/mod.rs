@@ -759,15 +759,21 @@ impl Lab {
 
     /// As [`Self::start_agents`], for the terminals listed (0-based).
     pub fn start_some(&mut self, terminals: &[usize]) -> Result<()> {
-        let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
-        let cfg = self.dir.join("server.toml");
-        std::fs::write(&cfg, self.server_config())?;
-        let (srv, cfg) = (self.server_ns.clone(), cfg.to_string_lossy().into_owned());
-        self.spawn(&srv, "agent-srv", &bond_ctl, &["agent", "--config", &cfg])?;
+        self.start_server()?;
         for &i in terminals {
             self.start_terminal(i)?;
         }
         self.wait_for_community(Duration::from_secs(20))
+    }
+
+    /// Starts the server's agent (as `agent-srv`), its config written from
+    /// [`Self::server_config`].
+    pub fn start_server(&mut self) -> Result<()> {
+        let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
+        let cfg = self.dir.join("server.toml");
+        std::fs::write(&cfg, self.server_config())?;
+        let (srv, cfg) = (self.server_ns.clone(), cfg.to_string_lossy().into_owned());
+        self.spawn(&srv, "agent-srv", &bond_ctl, &["agent", "--config", &cfg])
     }
 
     /// A terminal's host dies: its interfaces go down and its agent is
