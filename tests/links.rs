@@ -20,30 +20,33 @@ fn one_link(spec: LinkSpec) -> Lab {
     lab
 }
 
-/// (min, avg, max, mdev) round trip in ms of `n` pings from t1 to the content
-/// host, after one that warms up ARP (whose request and reply cross the
-/// delay line too).
-fn ping(lab: &Lab, n: u32) -> (f64, f64, f64, f64) {
+/// The round trips in ms of `n` pings from t1 to the content host, sorted,
+/// after one that warms up ARP (whose request and reply cross the delay
+/// line too).
+fn ping(lab: &Lab, n: u32) -> Vec<f64> {
     let t1 = &lab.terminals[0].ns;
     let _ = lab.exec(t1, "ping", &["-q", "-c", "1", "-W", "2", "203.0.113.2"]);
     let out = lab
         .exec(
-            &lab.terminals[0].ns,
+            t1,
             "ping",
-            &["-q", "-c", &n.to_string(), "-i", "0.05", "203.0.113.2"],
+            &["-c", &n.to_string(), "-i", "0.05", "203.0.113.2"],
         )
         .expect("ping");
-    // rtt min/avg/max/mdev = 40.120/40.251/40.503/0.090 ms
-    let line = out.lines().find(|l| l.contains("min/avg/max")).expect(&out);
-    let v: Vec<f64> = line
-        .split(" = ")
-        .nth(1)
-        .unwrap()
-        .split(['/', ' '])
-        .take(4)
-        .map(|x| x.parse().unwrap())
+    // 64 bytes from 203.0.113.2: icmp_seq=1 ttl=63 time=40.1 ms
+    let mut rtts: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .map(|t| t.trim_end_matches(" ms").parse().expect(t))
         .collect();
-    (v[0], v[1], v[2], v[3])
+    assert_eq!(rtts.len(), n as usize, "every ping answered:\n{out}");
+    rtts.sort_by(f64::total_cmp);
+    rtts
+}
+
+/// The middle of sorted samples.
+fn median(sorted: &[f64]) -> f64 {
+    sorted[sorted.len() / 2]
 }
 
 /// What the receiver of one iperf3 UDP run saw.
@@ -115,13 +118,16 @@ fn udp(lab: &Lab, mbit: u32, secs: u32, reverse: bool) -> Udp {
 #[test]
 fn a_delay_line_adds_its_delay_within_a_millisecond() {
     let lab = one_link(LinkSpec::delayed(0, 20));
-    let (min, avg, max, mdev) = ping(&lab, 40);
-    eprintln!("20 ms each way: rtt {min:.2}/{avg:.2}/{max:.2}/{mdev:.2} ms");
-    assert!((avg - 40.0).abs() < 1.0, "avg rtt {avg} ms, want 40 ± 1");
-    assert!(
-        min > 39.5 && mdev < 1.0,
-        "rtt spread {min}..{max} ms, mdev {mdev}"
-    );
+    // The line never releases early; late, it is the host's scheduler
+    // (a shared VM's steal time delays a wake-up now and then), so the
+    // round trips are judged by their median and nine in ten of them.
+    let rtt = ping(&lab, 40);
+    eprintln!("20 ms each way: rtt {rtt:.2?} ms");
+    let med = median(&rtt);
+    assert!((med - 40.0).abs() < 1.0, "median rtt {med} ms, want 40 ± 1");
+    assert!(rtt[0] > 39.5, "a round trip under the delay: {rtt:?}");
+    let within = rtt.iter().filter(|&&r| r < 41.0).count();
+    assert!(within >= 36, "{within} of 40 within 1 ms of 40: {rtt:?}");
 }
 
 /// The line itself drops nothing at 100 Mbit/s: its sockets never overflow
@@ -156,8 +162,9 @@ fn jitter_moves_the_delay_but_keeps_order() {
         ..LinkSpec::rate(0)
     };
     let lab = one_link(spec);
-    let (min, avg, max, _) = ping(&lab, 100);
-    eprintln!("30 ± 10 ms each way: rtt {min:.2}/{avg:.2}/{max:.2} ms");
+    let rtt = ping(&lab, 100);
+    let (min, max) = (rtt[0], rtt[rtt.len() - 1]);
+    eprintln!("30 ± 10 ms each way: rtt {min:.2}..{max:.2} ms");
     assert!(
         min >= 39.0 && max <= 81.5,
         "rtt {min}..{max} ms outside 2 x (30 ± 10)"
@@ -210,8 +217,11 @@ fn a_dark_link_keeps_carrier_and_heals() {
         "carrier lost: {link}"
     );
     lab.set_dark(1, false).unwrap();
-    let (_, avg, _, _) = ping(&lab, 5);
-    assert!((avg - 10.0).abs() < 1.0, "after healing: {avg} ms");
+    let rtt = ping(&lab, 5);
+    assert!(
+        (median(&rtt) - 10.0).abs() < 1.0,
+        "after healing: {rtt:?} ms"
+    );
 }
 
 /// A profile's rate steps play on the modem's tbf: the stepping link of
