@@ -74,7 +74,7 @@ const DEADBAND_NS: i64 = 2_000_000;
 const SOONER_DIVISOR: i64 = 2;
 /// The most jitter counted on a link, ns: what the receiver's playout
 /// holds for at most.
-const MAX_EXTRA_NS: u64 = 100_000_000;
+const MAX_EXTRA_NS: u64 = crate::playout::MAX_SPREAD_US as u64 * 1000;
 /// Jitter learnt on a link stands while reports on the link keep coming,
 /// and this long after the last: a link the sender left may have settled.
 const EXTRA_FOR: Duration = Duration::from_millis(500);
@@ -452,7 +452,10 @@ fn run(
             h.sample(now, &p);
             let mut changed = false;
             for id in h.stale_jitter(now, &p) {
-                changed |= p.set_extra(id, 0);
+                if p.set_extra(id, 0) {
+                    done.jitter += 1;
+                    changed = true;
+                }
             }
             for (id, judged) in h.learn(now, &p) {
                 let Judged::Rate(kbit) = judged else {

@@ -187,7 +187,7 @@ pub async fn run(
         echoes: HashMap::new(),
         adopted: pins.adopted,
         started: Instant::now(),
-        attached: Default::default(),
+        attached: pins.attached.clone(),
         flows: FlowGauge::new(u64::from(ports)),
         map_cfg,
         community_mtu: HashMap::new(),
@@ -197,7 +197,6 @@ pub async fn run(
         cfg,
         maps,
     };
-    agent.attached = pins.attached.clone();
     if agent.adopted {
         agent.adopt()?;
     }

@@ -537,14 +537,8 @@ impl Agent {
                     .await?;
             }
         }
-        match (self.captured, want) {
-            (_, true) if self.cfg.fallback == Fallback::Direct => {
-                eprintln!(
-                    "bond-ctl: bonding: captured traffic goes into {}",
-                    self.cfg.device
-                )
-            }
-            (_, false) => eprintln!(
+        if !want {
+            eprintln!(
                 "bond-ctl: cannot bond ({}): captured traffic goes by the host's own routes \
                  until it can (fallback = \"direct\")",
                 if self.token.is_none() {
@@ -552,8 +546,12 @@ impl Agent {
                 } else {
                     "no link reaches the server"
                 }
-            ),
-            _ => {}
+            );
+        } else if self.cfg.fallback == Fallback::Direct {
+            eprintln!(
+                "bond-ctl: bonding: captured traffic goes into {}",
+                self.cfg.device
+            );
         }
         self.captured = Some(want);
         Ok(())
