@@ -119,8 +119,9 @@ fn udp(lab: &Lab, mbit: u32, secs: u32, reverse: bool) -> Udp {
 fn a_delay_line_adds_its_delay_within_a_millisecond() {
     let lab = one_link(LinkSpec::delayed(0, 20));
     // The line never releases early; late, it is the host's scheduler
-    // (a shared VM's steal time delays a wake-up now and then), so the
-    // round trips are judged by their median and nine in ten of them.
+    // (its threads run real-time, but a shared VM's steal time still
+    // delays a wake-up now and then), so the round trips are judged by
+    // their median and nine in ten of them.
     let rtt = ping(&lab, 40);
     eprintln!("20 ms each way: rtt {rtt:.2?} ms");
     let med = median(&rtt);

@@ -258,8 +258,38 @@ fn normal(rng: &mut fastrand::Rng) -> f64 {
     (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * rng.f64()).cos()
 }
 
+/// Priority of the line's threads under `SCHED_FIFO`: above every
+/// ordinary task, as netem's softirq is, so a busy host (iperf3, builds,
+/// the agents) does not make the line late; still below the kernel's own
+/// real-time threads.
+const LINE_PRIORITY: i32 = 10;
+
+/// Makes the calling thread keep time as a kernel qdisc would: real-time
+/// scheduling and no timer slack (the default 50 µs slack is a fifth of a
+/// 1 Mbit/s frame's time). A host that refuses (no CAP_SYS_NICE) gets a
+/// line that still works, with the host scheduler's lateness, and is told.
+fn keep_time() {
+    let param = libc::sched_param {
+        sched_priority: LINE_PRIORITY,
+    };
+    // SAFETY: plain syscalls on the calling thread with a valid argument.
+    let (sched, slack) = unsafe {
+        (
+            libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param),
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong),
+        )
+    };
+    if sched != 0 || slack != 0 {
+        eprintln!(
+            "delay line: real-time scheduling refused ({}), frames may leave late",
+            std::io::Error::from_raw_os_error(if sched != 0 { sched } else { libc::EPERM })
+        );
+    }
+}
+
 /// Forwards frames from `rx` to `tx` through a [`Line`]: this thread
 /// reads and stamps, a second one sleeps until each release and sends.
+/// Both keep real time ([`keep_time`]).
 fn direction(
     rx: Arc<OwnedFd>,
     tx: Arc<OwnedFd>,
@@ -272,6 +302,7 @@ fn direction(
     let (queue, frames) = mpsc::channel::<(u64, Vec<u8>)>();
     let sender_stats = stats.clone();
     std::thread::spawn(move || {
+        keep_time();
         for (release, frame) in frames {
             let now = epoch.elapsed().as_nanos() as u64;
             if release > now {
@@ -292,6 +323,7 @@ fn direction(
             c.fetch_add(1, Relaxed);
         }
     });
+    keep_time();
     let mut line = Line::new(imp);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut buf = vec![0u8; 65536];
