@@ -303,6 +303,21 @@ impl Paths {
         true
     }
 
+    /// Takes link `id` into use or leaves it out (`PATH_USABLE`), keeping
+    /// everything else. Returns whether that changed anything.
+    pub fn set_usable(&mut self, id: u32, usable: bool) -> bool {
+        let Some(p) = self.path_mut(id) else {
+            return false;
+        };
+        let was = p.flags;
+        if usable {
+            p.flags |= PATH_USABLE;
+        } else {
+            p.flags &= !PATH_USABLE;
+        }
+        p.flags != was
+    }
+
     /// Gives link `id` a new rate (kbit/s), keeping its queue as it is.
     /// Returns whether the link is in the schedule.
     pub fn set_rate(&mut self, id: u32, kbit: u64) -> bool {
@@ -661,12 +676,17 @@ mod tests {
     fn a_link_that_is_not_usable_is_never_picked() {
         let links = [(20_000, 0), (40_000, 0)];
         let mut p = paths(&links);
-        p.paths[1].flags = 0;
+        assert!(p.set_usable(2, false), "left out");
+        assert!(!p.set_usable(2, false), "already out");
+        assert!(!p.set_usable(9, false), "no link 9");
+        assert_eq!(p.paths[1].flags & PATH_USABLE, 0);
         let out = run(&mut p, &links, 15_000, 1000);
         assert_eq!(shares(&out, 2), vec![1.0, 0.0]);
         p.paths[0].flags = 0;
         assert_eq!(p.pick(0, MTU), Err(Refused::NoLinks));
         assert_eq!(Paths::EMPTY.clone().pick(0, MTU), Err(Refused::NoLinks));
+        assert!(p.set_usable(2, true), "back");
+        assert_eq!(p.pick(0, MTU), Ok(2));
     }
 
     #[test]

@@ -43,7 +43,7 @@ use std::{
     time::Duration,
 };
 
-use bond_common::edpf::Paths;
+use bond_common::edpf::{PATH_USABLE, Paths};
 
 use crate::{
     datapath::{Maps, monotonic_ns},
@@ -55,6 +55,21 @@ use crate::{
 pub const EVERY: Duration = Duration::from_millis(20);
 /// How often a sender samples its model.
 pub const SAMPLE: Duration = Duration::from_millis(1);
+/// How much later than a packet on a link was due, by what the reports
+/// show arriving on the others, before the link counts as silent: a
+/// report interval (the link's report may be one behind the others') and
+/// as much again for a model a little off and jitter past the counted.
+const SILENT_AFTER_NS: u64 = 2 * EVERY.as_nanos() as u64 + 5_000_000;
+/// A queue of this many bytes on a link is data: pure ACKs (66 bytes),
+/// which no playout holds or reports, hardly queue that deep in the model
+/// (measured: counting any queue, ACKs alone called links silent many
+/// times a second).
+const DATA_BYTES: u32 = 1000;
+/// How long a silent link stays out without a report: then it is tried
+/// again. The echoes call a black hole dark within this
+/// (`crate::pathmon::DARK_SLACK` past the base round trip): this rule
+/// only spares the flows the time until they do.
+const SILENT_FOR_NS: u64 = 300_000_000;
 /// How far back the model's history reaches: longer than any report takes
 /// to come back (a far link's delay both ways and a report's interval).
 const HISTORY_NS: u64 = 1_000_000_000;
@@ -126,12 +141,31 @@ pub struct History {
     /// Per link: when a report last named it.
     reported_at: HashMap<u32, u64>,
     drift: HashMap<u32, Drift>,
+    /// Per link that delivers what the receiver reports: since when its
+    /// silence counts (its last report).
+    quiet_since: HashMap<u32, u64>,
+    /// The latest arrival any report showed: its send time, its link's
+    /// relative delay and the queue it met, by the sender's clock.
+    heard_ns: u64,
+    /// Links left out for silence, and when.
+    silenced: HashMap<u32, u64>,
+    /// The links of the last sample.
+    present: Vec<u32>,
 }
 
 impl History {
     /// Records the model's queues at `now` (ns), and the work it charged
     /// to links that stayed busy since the last sample.
     pub fn sample(&mut self, now: u64, paths: &Paths) {
+        let present: Vec<u32> = paths.links().map(|p| p.id).collect();
+        for id in &self.present {
+            if !present.contains(id) {
+                // Out of the schedule: back in, it is judged again from
+                // its first report.
+                self.quiet_since.remove(id);
+            }
+        }
+        self.present = present;
         for p in paths.links() {
             let h = self.samples.entry(p.id).or_default();
             if let Some(&(_, was)) = h.back()
@@ -244,9 +278,77 @@ impl History {
         Some(Fix::Queue(if err < 0 { err / SOONER_DIVISOR } else { err }))
     }
 
-    /// A report on link `id` came at `now`.
-    pub fn reported(&mut self, id: u32, now: u64) {
+    /// A report on link `id` came at `now`, of a packet that arrived at
+    /// `arrived_ns` (its send time, the link's relative delay and the
+    /// queue it met). True if the link was out for silence: it delivers.
+    pub fn reported(&mut self, id: u32, now: u64, arrived_ns: u64) -> bool {
         self.reported_at.insert(id, now);
+        self.quiet_since.insert(id, now);
+        // Never past now: a link whose delay is not measured yet counts
+        // `u32::MAX` of it (`pathmon::UNMEASURED`).
+        self.heard_ns = self.heard_ns.max(arrived_ns.min(now));
+        self.silenced.remove(&id).is_some()
+    }
+
+    /// Links of `paths` gone silent: each delivered reported packets, the
+    /// model sent a burst on it since its last report (the first sample
+    /// after with [`DATA_BYTES`] of queue there: data, not the pure ACKs
+    /// no playout holds or reports), that burst was due `SILENT_AFTER_NS`
+    /// before the latest arrival the reports show, and no report named the
+    /// link. Each is counted silenced from `now`.
+    ///
+    /// A link whose reports stop for another reason (it carries only
+    /// another origin's packets, and that origin has no playout) is left
+    /// out once, for `SILENT_FOR_NS`, and not judged again until a report
+    /// names it.
+    pub fn silent(&mut self, now: u64, paths: &Paths) -> Vec<u32> {
+        let mut out = Vec::new();
+        for p in paths.links() {
+            if p.flags & PATH_USABLE == 0 {
+                continue;
+            }
+            if self.silenced.remove(&p.id).is_some() {
+                // Put back by someone else (the agent rebuilt the
+                // schedule): judged again from its next report.
+                self.quiet_since.remove(&p.id);
+                continue;
+            }
+            let (Some(&since), Some(h)) = (self.quiet_since.get(&p.id), self.samples.get(&p.id))
+            else {
+                continue;
+            };
+            let i = h.partition_point(|(at, _)| *at <= since);
+            let data = p.tx_ns(DATA_BYTES);
+            let burst = |&&(at, f): &&(u64, u64)| f >= at + data;
+            let Some(&(_, finish)) = h.range(i..).find(burst) else {
+                continue; // nothing sent there since
+            };
+            let due = finish + u64::from(p.delay_ns) + u64::from(p.extra_ns);
+            if self.heard_ns > due + SILENT_AFTER_NS {
+                self.silenced.insert(p.id, now);
+                out.push(p.id);
+            }
+        }
+        out
+    }
+
+    /// Links out for silence to try again: out `SILENT_FOR_NS`, or all of
+    /// them (`all`, the sender is forgetting this schedule). Marks of
+    /// links no longer in `paths` are dropped.
+    pub fn revive(&mut self, now: u64, paths: &Paths, all: bool) -> Vec<u32> {
+        self.silenced
+            .retain(|id, _| paths.links().any(|p| p.id == *id));
+        let due: Vec<u32> = self
+            .silenced
+            .iter()
+            .filter(|&(_, &at)| all || now - at >= SILENT_FOR_NS)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &due {
+            self.silenced.remove(id);
+            self.quiet_since.remove(id);
+        }
+        due
     }
 
     /// Links in `paths` counted with jitter that no report has named for
@@ -344,6 +446,8 @@ pub struct Stats {
     /// Jitter counted anew on a link (what a packet that met no queue
     /// showed), and forgotten on links the sender left.
     pub jitter: u64,
+    /// Links left out because their packets stopped arriving.
+    pub silenced: u64,
 }
 
 /// How long a learnt rate stands without a window confirming it: after
@@ -431,6 +535,20 @@ impl Corrector {
 /// A schedule no report named for this long is no longer sampled.
 const IDLE_NS: u64 = 2_000_000_000;
 
+/// Takes back every link of schedule `m` left out for silence.
+fn revive_all(maps: &Maps, m: Model, h: &mut History, now: u64) {
+    let Some(mut p) = m.read(maps) else {
+        return;
+    };
+    let mut changed = false;
+    for id in h.revive(now, &p, true) {
+        changed |= p.set_usable(id, true);
+    }
+    if changed && let Err(e) = m.write(maps, p) {
+        eprintln!("bond-ctl: feedback: {e}");
+    }
+}
+
 fn run(
     maps: &Maps,
     rx: &mpsc::Receiver<Report>,
@@ -441,7 +559,14 @@ fn run(
     let mut models: HashMap<Model, (History, u64)> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
-        models.retain(|_, (_, last)| now - *last < IDLE_NS);
+        models.retain(|&m, (h, last)| {
+            let keep = now - *last < IDLE_NS;
+            if !keep {
+                // No more reports: nothing can show a silent link back.
+                revive_all(maps, m, h, now);
+            }
+            keep
+        });
         let mut done = Stats::default();
         // Rates learnt, and schedules' links whose rate a window kept.
         let (mut learnt, mut kept) = (Vec::new(), Vec::new());
@@ -451,6 +576,18 @@ fn run(
             };
             h.sample(now, &p);
             let mut changed = false;
+            for id in h.silent(now, &p) {
+                if p.set_usable(id, false) {
+                    eprintln!(
+                        "bond-ctl: feedback: {m}, link {id}: silent (its packets stopped arriving), out of use"
+                    );
+                    done.silenced += 1;
+                    changed = true;
+                }
+            }
+            for id in h.revive(now, &p, false) {
+                changed |= p.set_usable(id, true);
+            }
             for id in h.stale_jitter(now, &p) {
                 if p.set_extra(id, 0) {
                     done.jitter += 1;
@@ -484,13 +621,25 @@ fn run(
             *last = now;
             let sent = sent_ns(r.queue.sent_us, now);
             let queue = u64::from(r.queue.queue_us) * 1000;
-            h.reported(r.id, now);
             let Some(mut p) = r.model.read(maps) else {
                 continue;
             };
-            let Some(extra) = p.links().find(|l| l.id == r.id).map(|l| l.extra_ns) else {
+            let Some((delay, extra)) = p
+                .links()
+                .find(|l| l.id == r.id)
+                .map(|l| (l.delay_ns, l.extra_ns))
+            else {
                 continue;
             };
+            if h.reported(r.id, now, sent + u64::from(delay) + queue) && p.set_usable(r.id, true) {
+                eprintln!(
+                    "bond-ctl: feedback: {}, link {}: delivers again",
+                    r.model, r.id
+                );
+                if let Err(e) = r.model.write(maps, p) {
+                    eprintln!("bond-ctl: feedback: {e}");
+                }
+            }
             let Some(fix) = h.judge(r.id, sent, queue, extra) else {
                 continue;
             };
@@ -523,6 +672,7 @@ fn run(
             s.stats.sooner += done.sooner;
             s.stats.rates += done.rates;
             s.stats.jitter += done.jitter;
+            s.stats.silenced += done.silenced;
             s.learnt.extend(learnt);
             // A learnt rate a window confirms stands on.
             for k in kept {
@@ -608,8 +758,8 @@ mod tests {
         let mut p = paths(&[(1, 0), (2, 0)]);
         p.set_extra(1, 9 * MS as u32);
         p.set_extra(2, 9 * MS as u32);
-        h.reported(1, 100 * MS);
-        h.reported(2, 100 * MS + EXTRA_FOR.as_nanos() as u64);
+        h.reported(1, 100 * MS, 0);
+        h.reported(2, 100 * MS + EXTRA_FOR.as_nanos() as u64, 0);
         let later = 101 * MS + EXTRA_FOR.as_nanos() as u64;
         assert_eq!(h.stale_jitter(later, &p), vec![1]);
         p.set_extra(1, 0);
@@ -705,6 +855,95 @@ mod tests {
             h.sample(t * MS, &paths(&[(1, 0)]));
             assert_eq!(h.learn(t * MS, &paths(&[(1, 0)])), vec![]);
         }
+    }
+
+    /// Links 1 and 2 (10 Mbit/s) reported at 100 ms; from then the model
+    /// keeps a queue of `queue_us` on link 1, and link 2 goes on reporting
+    /// every 20 ms (what arrived 5 ms before). Link 1's reports stop.
+    /// Returns the time (ms) link 1 was called silent, if it was by 400 ms.
+    fn silence(h: &mut History, queue_us: u64) -> Option<u64> {
+        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+        h.reported(1, 100 * MS, 95 * MS);
+        h.reported(2, 100 * MS, 95 * MS);
+        for t in 101..400 {
+            let p = paths(&[(1, t * MS + queue_us * 1000), (2, 0)]);
+            h.sample(t * MS, &p);
+            if t % 20 == 0 {
+                assert!(!h.reported(2, t * MS, (t - 5) * MS));
+            }
+            let silent = h.silent(t * MS, &p);
+            assert!(!silent.contains(&2), "link 2 reports: {silent:?}");
+            if silent == [1] {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_link_whose_reports_stop_while_the_others_go_on_is_silent() {
+        let mut h = History::default();
+        // Its burst at 101 ms was due at 111; link 2's arrivals pass that
+        // by 45 ms with its report at 180 (175 arrived).
+        assert_eq!(silence(&mut h, 10_000), Some(180));
+        // Once only.
+        let p = paths(&[(1, 500 * MS), (2, 0)]);
+        assert_eq!(h.silent(400 * MS, &p), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn pure_acks_or_no_report_ever_make_no_silence() {
+        // A queue under 1000 bytes' time (0.8 ms at 10 Mbit/s) is ACKs,
+        // which no playout reports.
+        assert_eq!(silence(&mut History::default(), 700), None);
+        assert_eq!(silence(&mut History::default(), 900), Some(160));
+        // A link never reported is not judged: its receiver may have no
+        // playout.
+        let mut h = History::default();
+        h.reported(2, 100 * MS, 95 * MS);
+        for t in 101..400 {
+            let p = paths(&[(1, (t + 10) * MS), (2, 0)]);
+            h.sample(t * MS, &p);
+            h.reported(2, t * MS, (t - 5) * MS);
+            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
+        }
+    }
+
+    #[test]
+    fn a_silent_link_is_back_with_its_next_report_or_after_a_while() {
+        let mut h = History::default();
+        let t = silence(&mut h, 10_000).unwrap();
+        let p = paths(&[(1, 0), (2, 0)]);
+        assert!(h.reported(1, (t + 1) * MS, t * MS), "it delivers again");
+        assert!(!h.reported(1, (t + 2) * MS, t * MS), "back once");
+
+        let mut h = History::default();
+        let t = silence(&mut h, 10_000).unwrap() * MS;
+        assert_eq!(
+            h.revive(t + SILENT_FOR_NS - 1, &p, false),
+            Vec::<u32>::new()
+        );
+        assert_eq!(h.revive(t + SILENT_FOR_NS, &p, false), vec![1]);
+        assert_eq!(h.revive(t + SILENT_FOR_NS, &p, false), Vec::<u32>::new());
+
+        let mut h = History::default();
+        silence(&mut h, 10_000).unwrap();
+        assert_eq!(
+            h.revive(0, &p, true),
+            vec![1],
+            "all, the schedule forgotten"
+        );
+        // A link the schedule no longer has is forgotten.
+        let mut h = History::default();
+        silence(&mut h, 10_000).unwrap();
+        assert_eq!(h.revive(0, &paths(&[(2, 0)]), true), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn an_unmeasured_delay_never_puts_arrivals_past_now() {
+        let mut h = History::default();
+        h.reported(2, 100 * MS, 100 * MS + u64::from(u32::MAX));
+        assert_eq!(h.heard_ns, 100 * MS);
     }
 
     #[test]

@@ -214,20 +214,31 @@ impl Agent {
     }
 
     /// Tells origin `o` of community `c` what its upstream packets met on
-    /// each link: over its own lit link, or else through the lit link of
-    /// a peer, which passes it on over the LAN.
+    /// each link: over its own lit link and through the lit link of a
+    /// peer, which passes it on over the LAN (either alone where there is
+    /// no other). Two ways, because a report lost with a link that went
+    /// dark would hide that it did (`crate::feedback`).
     async fn send_feedback(&mut self, (c, o): playout::Sender, links: Vec<LinkQueue>) {
         let o = Ipv4Addr::from(o);
-        let lit = self
+        let lit: Vec<_> = self
             .applied
             .range((c, 0)..=(c, u8::MAX))
             .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
-            .map(|(&(_, id), &(_, l))| (id, l));
-        let Some((id, l)) = lit.max_by_key(|(_, l)| l.owner == u32::from(o)) else {
-            return;
-        };
-        let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
-        self.send((c, o, id), Body::Feedback { links }, to).await;
+            .map(|(&(_, id), &(_, l))| (id, l))
+            .collect();
+        let own = lit.iter().find(|(_, l)| l.owner == u32::from(o));
+        let peer = lit.iter().find(|(_, l)| l.owner != u32::from(o));
+        for (id, l) in own.into_iter().chain(peer).copied() {
+            let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+            self.send(
+                (c, o, id),
+                Body::Feedback {
+                    links: links.clone(),
+                },
+                to,
+            )
+            .await;
+        }
     }
 
     async fn run(

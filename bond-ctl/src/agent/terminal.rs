@@ -37,7 +37,7 @@ use crate::{
     pathmon::{self, LinkEcho},
     playout,
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
+    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, Msg, Reply, flags},
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -459,9 +459,7 @@ impl Agent {
                     }
                 }
                 _ = announce.tick() => self.announce().await,
-                Some((_, links)) = playout_feedback.recv() => {
-                    self.send_to_server(Body::Feedback { links }, false).await;
-                }
+                Some((_, links)) = playout_feedback.recv() => self.send_feedback(links).await,
                 _ = refresh.tick() => {
                     let r = self.refresh().await;
                     self.faults.survive("refresh", r);
@@ -645,6 +643,29 @@ impl Agent {
             }
             None if self.own.is_empty() => self.rejects.count("no_way_to_server"),
             None => {}
+        }
+    }
+
+    /// What this host's playout saw of the server's packets, to the
+    /// server ([`send_to_server`](Self::send_to_server)) and, when that
+    /// went over a link of our own, through a peer's lit link too: a
+    /// report lost with a link that went dark would hide that it did
+    /// (`crate::feedback`).
+    async fn send_feedback(&mut self, links: Vec<LinkQueue>) {
+        let body = Body::Feedback { links };
+        self.send_to_server(body.clone(), false).await;
+        if self.own.iter().all(|o| o.echo.is_dark()) {
+            return; // relayed already, if at all
+        }
+        let peer = self
+            .peers
+            .peers()
+            .find(|(_, p)| p.links.iter().any(|l| !l.dark))
+            .map(|(ip, _)| ip);
+        if let Some(ip) = peer {
+            let m = self.sign(body, 0, flags::RELAY, self.token.unwrap_or(0));
+            let to = SocketAddr::V4(SocketAddrV4::new(ip, self.cfg.data_port));
+            let _ = self.lan_sock.send_to(&m, to).await;
         }
     }
 
