@@ -519,6 +519,13 @@ impl Corrector {
         v
     }
 
+    /// Forgets what was learnt of link `id` of a schedule: the link left,
+    /// and its id may name another link next (the server's dense indexes
+    /// are reused), which must not start with this one's rate.
+    pub fn forget(&self, model: Model, id: u32) {
+        lock(&self.shared).learnt.remove(&(model, id));
+    }
+
     /// The rate learnt for link `id` of a schedule, kbit/s, if one stands:
     /// what the agent builds that schedule with in place of the weight,
     /// so that a rebuild does not undo it.
@@ -944,6 +951,26 @@ mod tests {
         let mut h = History::default();
         h.reported(2, 100 * MS, 100 * MS + u64::from(u32::MAX));
         assert_eq!(h.heard_ns, 100 * MS);
+    }
+
+    #[test]
+    fn a_forgotten_link_leaves_no_rate_for_the_next_to_take_its_id() {
+        let (tx, _rx) = mpsc::channel();
+        let c = Corrector {
+            tx,
+            shared: Default::default(),
+            _worker: Worker::spawn("test", |_| {}).unwrap(),
+        };
+        let learnt = Learnt {
+            kbit: 7_000,
+            at: monotonic_ns(),
+        };
+        lock(&c.shared).learnt.insert((Model::Down(1), 0), learnt);
+        lock(&c.shared).learnt.insert((Model::Down(2), 0), learnt);
+        assert_eq!(c.rate(Model::Down(1), 0), Some(7_000));
+        c.forget(Model::Down(1), 0);
+        assert_eq!(c.rate(Model::Down(1), 0), None);
+        assert_eq!(c.rate(Model::Down(2), 0), Some(7_000), "another schedule's");
     }
 
     #[test]

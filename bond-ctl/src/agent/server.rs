@@ -764,6 +764,7 @@ impl Agent {
             self.echoes.remove(&k);
             if let Some((idx, _)) = self.applied.remove(&k) {
                 self.maps.clear_server_link(idx)?;
+                self.corrector.forget(Model::Down(community), idx);
                 self.free_idx.push(idx);
             }
         }
