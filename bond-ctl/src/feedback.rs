@@ -149,23 +149,16 @@ pub struct History {
     heard_ns: u64,
     /// Links left out for silence, and when.
     silenced: HashMap<u32, u64>,
-    /// The links of the last sample.
-    present: Vec<u32>,
 }
 
 impl History {
     /// Records the model's queues at `now` (ns), and the work it charged
     /// to links that stayed busy since the last sample.
     pub fn sample(&mut self, now: u64, paths: &Paths) {
-        let present: Vec<u32> = paths.links().map(|p| p.id).collect();
-        for id in &self.present {
-            if !present.contains(id) {
-                // Out of the schedule: back in, it is judged again from
-                // its first report.
-                self.quiet_since.remove(id);
-            }
-        }
-        self.present = present;
+        // A link out of the schedule is judged again, once back, from its
+        // first report.
+        self.quiet_since
+            .retain(|id, _| paths.links().any(|p| p.id == *id));
         for p in paths.links() {
             let h = self.samples.entry(p.id).or_default();
             if let Some(&(_, was)) = h.back()

@@ -617,15 +617,7 @@ impl Agent {
         let lit = self.own.iter().position(|o| !o.echo.is_dark());
         let relay = match lit {
             Some(_) => None,
-            None => {
-                let with_links = |lit_only: bool| {
-                    self.peers
-                        .peers()
-                        .find(|(_, p)| p.links.iter().any(|l| !(lit_only && l.dark)))
-                        .map(|(ip, _)| ip)
-                };
-                with_links(true).or_else(|| with_links(false))
-            }
+            None => self.relay_peer(true).or_else(|| self.relay_peer(false)),
         };
         for i in own_links_to_server(self.own.len(), every, lit, relay.is_some()) {
             let id = self.own[i].ad.id;
@@ -636,14 +628,26 @@ impl Agent {
             }
         }
         match relay {
-            Some(ip) => {
-                let m = self.sign(body, 0, flags::RELAY, token);
-                let to = SocketAddr::V4(SocketAddrV4::new(ip, self.cfg.data_port));
-                let _ = self.lan_sock.send_to(&m, to).await;
-            }
+            Some(ip) => self.relay(body, ip).await,
             None if self.own.is_empty() => self.rejects.count("no_way_to_server"),
             None => {}
         }
+    }
+
+    /// A peer that can pass a message on to the server: one with a link
+    /// not announced dark (`lit_only`), or with any link at all.
+    fn relay_peer(&self, lit_only: bool) -> Option<Ipv4Addr> {
+        self.peers
+            .peers()
+            .find(|(_, p)| p.links.iter().any(|l| !(lit_only && l.dark)))
+            .map(|(ip, _)| ip)
+    }
+
+    /// Hands `body` to peer `ip` to pass on to the server.
+    async fn relay(&mut self, body: Body, ip: Ipv4Addr) {
+        let m = self.sign(body, 0, flags::RELAY, self.token.unwrap_or(0));
+        let to = SocketAddr::V4(SocketAddrV4::new(ip, self.cfg.data_port));
+        let _ = self.lan_sock.send_to(&m, to).await;
     }
 
     /// What this host's playout saw of the server's packets, to the
@@ -657,15 +661,8 @@ impl Agent {
         if self.own.iter().all(|o| o.echo.is_dark()) {
             return; // relayed already, if at all
         }
-        let peer = self
-            .peers
-            .peers()
-            .find(|(_, p)| p.links.iter().any(|l| !l.dark))
-            .map(|(ip, _)| ip);
-        if let Some(ip) = peer {
-            let m = self.sign(body, 0, flags::RELAY, self.token.unwrap_or(0));
-            let to = SocketAddr::V4(SocketAddrV4::new(ip, self.cfg.data_port));
-            let _ = self.lan_sock.send_to(&m, to).await;
+        if let Some(ip) = self.relay_peer(true) {
+            self.relay(body, ip).await;
         }
     }
 

@@ -272,18 +272,17 @@ fn keep_time() {
     let param = libc::sched_param {
         sched_priority: LINE_PRIORITY,
     };
-    // SAFETY: plain syscalls on the calling thread with a valid argument.
-    let (sched, slack) = unsafe {
-        (
-            libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param),
-            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong),
-        )
-    };
-    if sched != 0 || slack != 0 {
-        eprintln!(
-            "delay line: real-time scheduling refused ({}), frames may leave late",
-            std::io::Error::from_raw_os_error(if sched != 0 { sched } else { libc::EPERM })
-        );
+    // SAFETY: a plain call on the calling thread with a valid argument.
+    let sched =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if sched != 0 {
+        let e = std::io::Error::from_raw_os_error(sched);
+        eprintln!("delay line: real-time scheduling refused ({e}), frames may leave late");
+    }
+    // SAFETY: as above; PR_SET_TIMERSLACK takes the slack in ns.
+    if unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) } != 0 {
+        let e = std::io::Error::last_os_error();
+        eprintln!("delay line: timer slack kept ({e}), frames may leave late");
     }
 }
 
