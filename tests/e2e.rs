@@ -355,8 +355,13 @@ fn profile_lab(profile: &str, file_mb: usize) -> (Lab, std::path::PathBuf) {
 
 /// iperf3 TCP from `ns` for `secs` (`reverse`: download): Mbit/s received.
 fn iperf_mbit(lab: &Lab, ns: &str, secs: u32, reverse: bool) -> f64 {
+    iperf_port_mbit(lab, ns, "5201", secs, reverse)
+}
+
+/// [`iperf_mbit`] to the iperf3 server on `port`.
+fn iperf_port_mbit(lab: &Lab, ns: &str, port: &str, secs: u32, reverse: bool) -> f64 {
     let t = secs.to_string();
-    let mut args = vec!["-c", "203.0.113.2", "-t", &t, "-J"];
+    let mut args = vec!["-c", "203.0.113.2", "-p", port, "-t", &t, "-J"];
     if reverse {
         args.push("-R");
     }
@@ -393,6 +398,71 @@ fn mixed_links_keep_one_tcp_flow_above_the_best_link_both_ways() {
             "{way}: {mbit:.1} Mbit/s, not above the best link (40)"
         );
     }
+}
+
+/// `mixed`, two origins uploading at once, each striping over all three
+/// links: t1 and t2 share every link (their own and each other's) and t3's.
+/// Each origin's model counts every link as its own, so without sharing
+/// they offered each link twice its rate: the nearest link's modem
+/// dropped, both flows kept halving, and neither built the queues that
+/// reach the far link (measured: 17-21 Mbit/s between them, below the best
+/// single link, the 40 Mbit/s link carrying 2). The server tells each
+/// origin what the others carry on each link and each counts a link at
+/// its fair share (`bond_ctl::share`): 43-52 Mbit/s between them here.
+#[test]
+fn two_origins_uploading_at_once_share_the_links() {
+    let (mut lab, _) = profile_lab("mixed", 1);
+    let web = lab.web_ns.clone();
+    lab.spawn(
+        &web,
+        "iperf3-5202",
+        "iperf3",
+        &["-s", "-B", "203.0.113.2", "-p", "5202"],
+    )
+    .unwrap();
+    // A community that has formed: each origin has heard its peers'
+    // links' delays (an unmeasured link stays out of the schedule, and a
+    // flow started on its own link alone keeps a window too small for the
+    // others long after they join).
+    let start = std::time::Instant::now();
+    while !(0..2).all(|i| {
+        let (ns, instance) = lab.terminal_agent(i);
+        let st = lab.ctl_json(&ns, &instance, "status").unwrap();
+        let paths = st["paths"].as_array().unwrap();
+        paths.len() == 3
+            && paths
+                .iter()
+                .all(|p| p["delay_us"].as_u64() < Some(1_000_000))
+    }) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the origins did not measure every link's delay in 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (t1, t2) = (lab.terminals[0].ns.clone(), lab.terminals[1].ns.clone());
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| iperf_port_mbit(&lab, &t1, "5201", 8, false));
+        let b = s.spawn(|| iperf_port_mbit(&lab, &t2, "5202", 8, false));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    eprintln!("two uploads at once over mixed: t1 {a:.1} + t2 {b:.1} Mbit/s");
+    for i in 0..2 {
+        let (ns, instance) = lab.terminal_agent(i);
+        let fb = &lab.ctl_json(&ns, &instance, "status").unwrap()["feedback"];
+        eprintln!("t{}: feedback {fb}", i + 1);
+        assert!(
+            fb["shared"].as_u64().unwrap() >= 1,
+            "t{} never counted a link at its share",
+            i + 1
+        );
+    }
+    assert!(
+        a + b > 40.0,
+        "{:.1} Mbit/s between them, not above the best link (40)",
+        a + b
+    );
+    assert!(a > 8.0 && b > 8.0, "one origin starved: {a:.1} / {b:.1}");
 }
 
 /// When each counter last moved, polling every 10 ms for `watch`.

@@ -32,6 +32,10 @@
 //! down; one too low is followed up for as long as the sender offers more
 //! than the model lets through. Trains measure an idle link; this follows
 //! a busy one, which is when the rate matters.
+//!
+//! A link other origins send over too is counted at this sender's fair
+//! share of it while they do ([`crate::share`]): the server's FEEDBACK
+//! names what the others carried there.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -111,6 +115,13 @@ const LEARN_DOWN_PCT: u64 = 10;
 const LEARN_UP_PCT: u64 = 30;
 /// The most a rate moves in one step: a factor of 2 either way.
 const LEARN_STEP: u64 = 2;
+/// What the server said others carry on a link stands this long without
+/// a FEEDBACK repeating it (ten of them, each sent two ways): a sender
+/// that pauses gets no reports, and starts again on its whole links.
+const SHARE_FOR_NS: u64 = 200_000_000;
+/// A share within this much of the whole link, percent, is the whole
+/// link: others' pure ACKs and control messages take that much.
+const SHARE_SLACK_PCT: u64 = 5;
 
 /// What a window of [`History::learn`] found of a link's rate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +240,12 @@ impl History {
             }
         }
         out
+    }
+
+    /// Learns nothing of link `id`'s rate from the window under way: the
+    /// model counts the link at a share of it that others set.
+    pub fn shared(&mut self, id: u32) {
+        self.drift.remove(&id);
     }
 
     /// The model's queue on link `id` at `t` (ns), from the last sample at
@@ -441,6 +458,8 @@ pub struct Stats {
     pub jitter: u64,
     /// Links left out because their packets stopped arriving.
     pub silenced: u64,
+    /// Links cut to this sender's share because others sent over them.
+    pub shared: u64,
 }
 
 /// How long a learnt rate stands without a window confirming it: after
@@ -461,16 +480,67 @@ impl Learnt {
     }
 }
 
+/// A link of a schedule that others send over too.
+#[derive(Clone, Debug, Default)]
+struct Sharing {
+    /// What each of the others carried there lately, kbit/s.
+    others: Vec<u32>,
+    /// When the server last said so.
+    heard: u64,
+    /// The link's own rate (the agent's, or learnt), kbit/s.
+    whole: u64,
+    /// The rate the model was given last, kbit/s.
+    given: u64,
+}
+
+impl Sharing {
+    /// The rate link `id` of `p` is to be counted at now, if it is not
+    /// counted so already; `None` too when the link is gone. Takes a new
+    /// rate the agent or learning gave the link for its whole.
+    fn rate(&mut self, now: u64, p: &Paths, id: u32) -> Option<u64> {
+        let had = p.links().find(|l| l.id == id)?.kbit();
+        // A rate as given comes back through `ns_per_kib` a little off.
+        let near = |a: u64, b: u64| a.abs_diff(b) * 200 <= a.max(b);
+        if self.given == 0 || !near(had, self.given) {
+            self.whole = had;
+        }
+        if now.saturating_sub(self.heard) > SHARE_FOR_NS {
+            self.others.clear();
+        }
+        let share = crate::share::fair_share(self.whole, &self.others);
+        self.given = if share * 100 >= self.whole * (100 - SHARE_SLACK_PCT) {
+            self.whole
+        } else {
+            share
+        };
+        (!near(had, self.given)).then_some(self.given)
+    }
+
+    fn is_cut(&self) -> bool {
+        self.given < self.whole
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     stats: Stats,
     learnt: HashMap<(Model, u32), Learnt>,
+    /// Links counted at a share: (schedule, link) -> (share, whole), kbit/s.
+    sharing: HashMap<(Model, u32), (u64, u64)>,
+}
+
+/// What the corrector is told.
+enum Told {
+    Report(Report),
+    /// What other senders carried on each link of a schedule lately:
+    /// (link, kbit/s of each); a link not named has no others.
+    Shares(Model, Vec<(u32, Vec<u32>)>),
 }
 
 /// The sender's side, running: samples the schedules it has had reports
 /// for, applies corrections and learns rates.
 pub struct Corrector {
-    tx: mpsc::Sender<Report>,
+    tx: mpsc::Sender<Told>,
     shared: Arc<std::sync::Mutex<Shared>>,
     _worker: Worker,
 }
@@ -489,7 +559,13 @@ impl Corrector {
     }
 
     pub fn report(&self, r: Report) {
-        let _ = self.tx.send(r);
+        let _ = self.tx.send(Told::Report(r));
+    }
+
+    /// What other senders carried on each link of schedule `model`
+    /// lately, as the receiving end saw it ([`crate::share`]).
+    pub fn shares(&self, model: Model, links: Vec<(u32, Vec<u32>)>) {
+        let _ = self.tx.send(Told::Shares(model, links));
     }
 
     /// For `bond-ctl status`: the counts, and the rates that stand, each
@@ -504,10 +580,24 @@ impl Corrector {
             .filter_map(|(&(m, id), l)| Some((m.community(), link_id(m, id)?, l.kbit)))
             .collect();
         learnt.sort_unstable();
+        let mut sharing: Vec<_> = sh
+            .sharing
+            .iter()
+            .filter_map(|(&(m, id), &(kbit, whole))| {
+                Some((m.community(), link_id(m, id)?, kbit, whole))
+            })
+            .collect();
+        sharing.sort_unstable();
         let mut v = serde_json::to_value(sh.stats).unwrap_or_default();
         v["learnt"] = learnt
             .into_iter()
             .map(|(c, id, kbit)| serde_json::json!({"community": c, "link": id, "kbit": kbit}))
+            .collect();
+        v["sharing"] = sharing
+            .into_iter()
+            .map(|(c, id, kbit, whole)| {
+                serde_json::json!({"community": c, "link": id, "kbit": kbit, "of": whole})
+            })
             .collect();
         v
     }
@@ -551,12 +641,13 @@ fn revive_all(maps: &Maps, m: Model, h: &mut History, now: u64) {
 
 fn run(
     maps: &Maps,
-    rx: &mpsc::Receiver<Report>,
+    rx: &mpsc::Receiver<Told>,
     stop: &AtomicBool,
     shared: &std::sync::Mutex<Shared>,
 ) {
     // Per schedule: its history and when a report last named it.
     let mut models: HashMap<Model, (History, u64)> = HashMap::new();
+    let mut sharing: HashMap<(Model, u32), Sharing> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
         models.retain(|&m, (h, last)| {
@@ -568,6 +659,7 @@ fn run(
             keep
         });
         let mut done = Stats::default();
+        let mut shares_moved = false;
         // Rates learnt, and schedules' links whose rate a window kept.
         let (mut learnt, mut kept) = (Vec::new(), Vec::new());
         for (&m, (h, _)) in &mut models {
@@ -594,6 +686,25 @@ fn run(
                     changed = true;
                 }
             }
+            sharing.retain(|&(sm, id), s| {
+                if sm != m {
+                    return true;
+                }
+                if !p.links().any(|l| l.id == id) {
+                    return false; // the link left
+                }
+                let was_cut = s.is_cut();
+                if let Some(kbit) = s.rate(now, &p, id) {
+                    p.set_rate(id, kbit);
+                    changed = true;
+                    shares_moved = true;
+                    done.shared += u64::from(s.is_cut() && !was_cut);
+                }
+                if s.is_cut() {
+                    h.shared(id);
+                }
+                s.is_cut() || !s.others.is_empty()
+            });
             for (id, judged) in h.learn(now, &p) {
                 let Judged::Rate(kbit) = judged else {
                     kept.push((m, id));
@@ -613,7 +724,22 @@ fn run(
                 eprintln!("bond-ctl: feedback: {e}");
             }
         }
-        while let Ok(r) = rx.try_recv() {
+        while let Ok(told) = rx.try_recv() {
+            let r = match told {
+                Told::Report(r) => r,
+                Told::Shares(m, links) => {
+                    for (&(sm, id), s) in sharing.iter_mut() {
+                        if sm == m && !links.iter().any(|(l, _)| *l == id) {
+                            s.others.clear();
+                        }
+                    }
+                    for (id, others) in links {
+                        let s = sharing.entry((m, id)).or_default();
+                        (s.others, s.heard) = (others, now);
+                    }
+                    continue;
+                }
+            };
             done.reports += 1;
             let (h, last) = models
                 .entry(r.model)
@@ -665,6 +791,13 @@ fn run(
                 eprintln!("bond-ctl: feedback: {e}");
             }
         }
+        if shares_moved {
+            lock(shared).sharing = sharing
+                .iter()
+                .filter(|(_, s)| s.is_cut())
+                .map(|(&k, s)| (k, (s.given, s.whole)))
+                .collect();
+        }
         if done != Stats::default() || !learnt.is_empty() || !kept.is_empty() {
             let mut s = lock(shared);
             s.stats.reports += done.reports;
@@ -673,6 +806,7 @@ fn run(
             s.stats.rates += done.rates;
             s.stats.jitter += done.jitter;
             s.stats.silenced += done.silenced;
+            s.stats.shared += done.shared;
             s.learnt.extend(learnt);
             // A learnt rate a window confirms stands on.
             for k in kept {
@@ -815,6 +949,36 @@ mod tests {
         p.paths[0] = Path::new(1, kbit, 0);
         p.len = 1;
         p
+    }
+
+    #[test]
+    fn a_shared_link_is_counted_at_its_share_while_others_send() {
+        let mut s = Sharing {
+            others: vec![10_000],
+            heard: 0,
+            ..Sharing::default()
+        };
+        let mut p = link(10_000);
+        assert_eq!(s.rate(MS, &p, 1), Some(5_000), "two that want it: half");
+        p.set_rate(1, 5_000);
+        assert_eq!(s.rate(2 * MS, &p, 1), None, "counted so already");
+        // The agent rebuilt the schedule at the link's weight, or a new one.
+        let mut p = link(10_000);
+        assert_eq!(s.rate(3 * MS, &p, 1), Some(5_000));
+        p = link(12_000);
+        assert_eq!(s.rate(4 * MS, &p, 1), Some(6_000));
+        assert!(s.is_cut());
+        // Others' pure ACKs are no reason to cut.
+        s.others = vec![300];
+        assert_eq!(s.rate(5 * MS, &p, 1), None);
+        assert!(!s.is_cut());
+        // Unconfirmed, what the server said lapses.
+        s.others = vec![8_000];
+        p.set_rate(1, s.rate(6 * MS, &p, 1).unwrap());
+        assert!(s.is_cut());
+        assert_eq!(s.rate(SHARE_FOR_NS + MS, &p, 1), Some(12_000));
+        assert!(!s.is_cut() && s.others.is_empty());
+        assert_eq!(s.rate(0, &Paths::EMPTY, 1), None, "the link left");
     }
 
     #[test]

@@ -17,5 +17,6 @@ pub mod pathmon;
 pub mod playout;
 pub mod probe;
 pub mod proto;
+pub mod share;
 pub mod show;
 pub mod worker;

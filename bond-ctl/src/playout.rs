@@ -48,7 +48,8 @@ use serde::Serialize;
 use crate::{
     datapath::{Maps, monotonic_ns},
     net::{Iface, Net, sysctl},
-    proto::{LinkQueue, MAX_FEEDBACK_LINKS},
+    proto::{LinkQueue, LinkShare, MAX_FEEDBACK_LINKS},
+    share::Arrivals,
     worker::{Worker, lock},
 };
 
@@ -487,10 +488,12 @@ pub async fn hold_device(net: &Net, name: &str, rp_filter: &str) -> Result<(Tap,
 /// the server hears every origin of every community.
 pub type Sender = (u16, u32);
 
-/// Where the playout sends its feedback for each sender, every
-/// [`crate::feedback::EVERY`]: (community, origin) and the links' queues.
-pub type FeedbackTx = tokio::sync::mpsc::UnboundedSender<(Sender, Vec<LinkQueue>)>;
-pub type FeedbackRx = tokio::sync::mpsc::UnboundedReceiver<(Sender, Vec<LinkQueue>)>;
+/// What the playout tells one sender, every [`crate::feedback::EVERY`]:
+/// the queues its links met, and what the other senders of its community
+/// carried on each link ([`crate::share`]).
+pub type Feedback = (Sender, Vec<LinkQueue>, Vec<LinkShare>);
+pub type FeedbackTx = tokio::sync::mpsc::UnboundedSender<Feedback>;
+pub type FeedbackRx = tokio::sync::mpsc::UnboundedReceiver<Feedback>;
 
 /// The running playout: its thread, the floors the agent sets (per
 /// community) and its stats (summed over senders).
@@ -586,6 +589,7 @@ fn total(all: &HashMap<Sender, (Playout<Vec<u8>>, u64)>) -> Stats {
 fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &Mutex<Stats>) {
     // Each sender's playout, and when it last sent (our µs).
     let mut all: HashMap<Sender, (Playout<Vec<u8>>, u64)> = HashMap::new();
+    let mut arrivals = Arrivals::default();
     let mut buf = vec![0u8; 65_536];
     let mut beat = 0u64;
     let mut report = 0u64;
@@ -614,12 +618,15 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
             beat = now + BEAT.as_nanos() as u64;
         }
         if now >= report {
-            for (&sender, (p, _)) in all.iter_mut() {
+            let every_ms = crate::feedback::EVERY.as_millis() as u64;
+            for (&(c, o), (p, _)) in all.iter_mut() {
                 let links = p.feedback();
                 if !links.is_empty() {
-                    let _ = cx.feedback.send((sender, links));
+                    let shared = arrivals.others(c, o, every_ms);
+                    let _ = cx.feedback.send(((c, o), links, shared));
                 }
             }
+            arrivals.tick();
             report = now + crate::feedback::EVERY.as_nanos() as u64;
         }
         let due = all.values().filter_map(|(p, _)| p.next_due(now_us)).min();
@@ -642,6 +649,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
                                     (p, at)
                                 });
                             *last = at;
+                            arrivals.add(h.community(), h.link, h.origin(), n);
                             p.push(at, h.link, h.sent_us(), frame);
                         }
                         Err(_) => send(frame),

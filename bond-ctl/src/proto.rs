@@ -24,7 +24,9 @@
 //! `train u32, seq u16, count u16, pad u16, pad × 0` (padded to a train's
 //! packet size); PROBE_REQUEST `train u32, count u16`; PROBE_REPORT `train
 //! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock);
-//! FEEDBACK `n u8, n × (link u8, sent_us u32, queue_us u32)`. All numbers
+//! FEEDBACK `n u8, n × (link u8, sent_us u32, queue_us u32), m u8, m ×
+//! (link u8, k u8, k × kbps u32)` (the second list: what other origins
+//! carried on each link, `crate::share`). All numbers
 //! are network byte order. The decoder checks the length of every part
 //! before reading it and accepts nothing unsigned.
 
@@ -114,10 +116,20 @@ pub enum Body {
     EchoReply {
         sent_ns: u64,
     },
-    /// What a receiving end's playout saw per link (`crate::feedback`).
+    /// What a receiving end's playout saw per link (`crate::feedback`),
+    /// and what other senders carried on each (`crate::share`).
     Feedback {
         links: Vec<LinkQueue>,
+        shared: Vec<LinkShare>,
     },
+}
+
+/// What the other origins of a community carried on one link lately,
+/// kbit/s each, the busiest first (the server tells each origin).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkShare {
+    pub link: u8,
+    pub others: Vec<u32>,
 }
 
 /// The queue one link's packets met on their way, as the receiving end
@@ -133,6 +145,14 @@ pub struct LinkQueue {
 
 /// Links one FEEDBACK may name: a sender's every link.
 pub const MAX_FEEDBACK_LINKS: usize = bond_common::edpf::MAX_PATHS;
+const _: () = assert!(
+    FIXED_LEN
+        + 2
+        + MAX_FEEDBACK_LINKS * 9
+        + MAX_FEEDBACK_LINKS * (2 + crate::share::MAX_SHARERS * 4)
+        + TAG_LEN
+        <= MAX_LEN
+);
 
 impl Body {
     const fn kind(&self) -> u8 {
@@ -274,13 +294,23 @@ impl Msg {
             Body::Echo { sent_ns } | Body::EchoReply { sent_ns } => {
                 b.extend_from_slice(&sent_ns.to_be_bytes());
             }
-            Body::Feedback { links } => {
+            Body::Feedback { links, shared } => {
                 let links = &links[..links.len().min(MAX_FEEDBACK_LINKS)];
                 b.push(links.len() as u8);
                 for l in links {
                     b.push(l.link);
                     b.extend_from_slice(&l.sent_us.to_be_bytes());
                     b.extend_from_slice(&l.queue_us.to_be_bytes());
+                }
+                let shared = &shared[..shared.len().min(MAX_FEEDBACK_LINKS)];
+                b.push(shared.len() as u8);
+                for s in shared {
+                    let others = &s.others[..s.others.len().min(crate::share::MAX_SHARERS)];
+                    b.push(s.link);
+                    b.push(others.len() as u8);
+                    for o in others {
+                        b.extend_from_slice(&o.to_be_bytes());
+                    }
                 }
             }
         }
@@ -381,6 +411,12 @@ impl Msg {
                         link: r.u8()?,
                         sent_us: r.u32()?,
                         queue_us: r.u32()?,
+                    })
+                })?,
+                shared: r.list(MAX_FEEDBACK_LINKS, |r| {
+                    Ok(LinkShare {
+                        link: r.u8()?,
+                        others: r.list(crate::share::MAX_SHARERS, Reader::u32)?,
                     })
                 })?,
             },
@@ -647,13 +683,23 @@ mod tests {
             },
             Body::Echo { sent_ns: u64::MAX },
             Body::EchoReply { sent_ns: 12_345 },
-            Body::Feedback { links: Vec::new() },
+            Body::Feedback {
+                links: Vec::new(),
+                shared: Vec::new(),
+            },
             Body::Feedback {
                 links: vec![
                     LinkQueue {
                         link: 1,
                         sent_us: u32::MAX,
                         queue_us: 0,
+                    };
+                    MAX_FEEDBACK_LINKS
+                ],
+                shared: vec![
+                    LinkShare {
+                        link: 2,
+                        others: vec![u32::MAX; crate::share::MAX_SHARERS],
                     };
                     MAX_FEEDBACK_LINKS
                 ],
@@ -752,6 +798,7 @@ mod tests {
         let feedback = Msg {
             body: Body::Feedback {
                 links: vec![LinkQueue::default(); MAX_FEEDBACK_LINKS],
+                shared: Vec::new(),
             },
             ..announce()
         }
@@ -759,8 +806,24 @@ mod tests {
         let mut feedback = feedback[..feedback.len() - TAG_LEN].to_vec();
         feedback[41] += 1;
         feedback.extend_from_slice(&[0; 9]);
+        let sharers = Msg {
+            body: Body::Feedback {
+                links: Vec::new(),
+                shared: vec![LinkShare {
+                    link: 1,
+                    others: vec![7; crate::share::MAX_SHARERS],
+                }],
+            },
+            ..announce()
+        }
+        .encode(KEY);
+        let mut sharers = sharers[..sharers.len() - TAG_LEN].to_vec();
+        assert_eq!(sharers[41..45], [0, 1, 1, 8]);
+        sharers[44] += 1;
+        sharers.extend_from_slice(&[0; 4]);
         for (what, b) in [
             ("17 feedback links", feedback),
+            ("9 others on a link", sharers),
             ("33 links", too_many),
             ("count beyond the body", lying_count),
             ("trailing byte", trailing),

@@ -35,7 +35,7 @@ use crate::{
     pathmon::{self, EchoSeen},
     playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, Msg, Reply, flags},
+    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
 };
 
 const SKEW_MS: u64 = 30_000;
@@ -218,7 +218,7 @@ impl Agent {
     /// peer, which passes it on over the LAN (either alone where there is
     /// no other). Two ways, because a report lost with a link that went
     /// dark would hide that it did (`crate::feedback`).
-    async fn send_feedback(&mut self, (c, o): playout::Sender, links: Vec<LinkQueue>) {
+    async fn send_feedback(&mut self, ((c, o), links, shared): playout::Feedback) {
         let o = Ipv4Addr::from(o);
         let lit: Vec<_> = self
             .applied
@@ -234,6 +234,7 @@ impl Agent {
                 (c, o, id),
                 Body::Feedback {
                     links: links.clone(),
+                    shared: shared.clone(),
                 },
                 to,
             )
@@ -282,8 +283,8 @@ impl Agent {
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,
-                Some((sender, links)) = playout_feedback.recv() => {
-                    self.send_feedback(sender, links).await;
+                Some(feedback) = playout_feedback.recv() => {
+                    self.send_feedback(feedback).await;
                 }
                 _ = dark_check.tick() => {
                     let r = self.check_dark();
@@ -439,7 +440,7 @@ impl Agent {
                     self.finish_train(key).await;
                 }
             }
-            Body::Feedback { links } => {
+            Body::Feedback { links, .. } => {
                 if self.table.token(c, o) != Some(msg.token) {
                     self.rejects.count("feedback_without_session");
                     return Ok(());

@@ -37,7 +37,7 @@ use crate::{
     pathmon::{self, LinkEcho},
     playout,
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, Msg, Reply, flags},
+    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -459,7 +459,9 @@ impl Agent {
                     }
                 }
                 _ = announce.tick() => self.announce().await,
-                Some((_, links)) = playout_feedback.recv() => self.send_feedback(links).await,
+                Some((_, links, shared)) = playout_feedback.recv() => {
+                    self.send_feedback(links, shared).await;
+                }
                 _ = refresh.tick() => {
                     let r = self.refresh().await;
                     self.faults.survive("refresh", r);
@@ -655,8 +657,8 @@ impl Agent {
     /// went over a link of our own, through a peer's lit link too: a
     /// report lost with a link that went dark would hide that it did
     /// (`crate::feedback`).
-    async fn send_feedback(&mut self, links: Vec<LinkQueue>) {
-        let body = Body::Feedback { links };
+    async fn send_feedback(&mut self, links: Vec<LinkQueue>, shared: Vec<LinkShare>) {
+        let body = Body::Feedback { links, shared };
         self.send_to_server(body.clone(), false).await;
         if self.own.iter().all(|o| o.echo.is_dark()) {
             return; // relayed already, if at all
@@ -744,7 +746,7 @@ impl Agent {
             }
             // What the server's playout saw of our upstream: over our
             // link, or passed on by a peer.
-            (_, Body::Feedback { links }) if from_server && msg.origin == self.lan_ip => {
+            (_, Body::Feedback { links, shared }) if from_server && msg.origin == self.lan_ip => {
                 for q in links {
                     self.corrector.report(feedback::Report {
                         model: Model::Up,
@@ -752,6 +754,13 @@ impl Agent {
                         queue: *q,
                     });
                 }
+                self.corrector.shares(
+                    Model::Up,
+                    shared
+                        .iter()
+                        .map(|s| (u32::from(s.link), s.others.clone()))
+                        .collect(),
+                );
             }
             (From::Link(i), Body::ProbeReport { train, kbps })
                 if from_server && msg.origin == self.lan_ip =>
