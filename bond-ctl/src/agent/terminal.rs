@@ -740,7 +740,14 @@ impl Agent {
                     self.apply_peers().await?;
                 } else if o.echo.announced_us() != before {
                     // A first or a new base round trip: this host's own
-                    // delays follow at once (peers on the next announce).
+                    // delays follow at once. A first is announced at once
+                    // too: until peers know it, the link is out of their
+                    // schedules (unmeasured), and a flow they start then
+                    // begins on fewer links (a second at the default
+                    // interval).
+                    if before == 0 {
+                        self.announce().await;
+                    }
                     self.apply_peers().await?;
                 }
             }
