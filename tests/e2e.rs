@@ -4,7 +4,7 @@
 //! Run one at a time (`--test-threads=1`): they share two CPU cores and
 //! measure rates.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use bond_ctl::lab::{Lab, TerminalSpec};
 use sha2::{Digest, Sha256};
@@ -383,6 +383,37 @@ fn iperf_port_mbit(lab: &Lab, ns: &str, port: &str, secs: u32, reverse: bool) ->
 #[test]
 fn mixed_links_keep_one_tcp_flow_above_the_best_link_both_ways() {
     let (lab, served) = profile_lab("mixed", 8);
+    // The server's downstream schedule, as `bond-ctl status` shows it:
+    // each link at its rate, its one-way delay over the nearest link's
+    // (5, 20 and 40 ms: 0, 15 and 35), in use.
+    lab.wait_for_measured(Duration::from_secs(10))
+        .expect("links measured");
+    let status = lab
+        .ctl_json(&lab.server_ns, &lab.server_instance, "status")
+        .unwrap();
+    let paths = status["communities"][0]["paths"].as_array().unwrap();
+    let mut seen: Vec<(u64, u64, u64)> = paths
+        .iter()
+        .map(|p| {
+            assert_eq!(p["usable"], true, "{p}");
+            (
+                p["link"].as_u64().unwrap(),
+                p["kbit"].as_u64().unwrap(),
+                p["delay_us"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen.len(), 3, "{paths:?}");
+    for ((link, kbit, delay_us), (rate, delay_ms)) in
+        seen.iter().zip([(10_000, 0), (20_000, 15), (40_000, 35)])
+    {
+        assert_eq!(*kbit, rate, "link {link}: {paths:?}");
+        assert!(
+            delay_us.abs_diff(delay_ms * 1000) <= 3000,
+            "link {link}: {delay_us} µs over the nearest, want {delay_ms} ms: {paths:?}"
+        );
+    }
     let t1 = lab.terminals[0].ns.clone();
     let (_, secs, out) = lab
         .download(&t1, "http://203.0.113.2/file.bin", "mixed.bin")

@@ -241,6 +241,11 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
 
     lab.auto_weights = true;
     lab.start_agents()?;
+    let took = lab.wait_for_measured(Duration::from_secs(20))?;
+    eprintln!(
+        "  bond: every link measured {:.1} s after the community formed",
+        took.as_secs_f64()
+    );
     let samples = measure_system(&mut lab, profile, plan, System::Bond, origin)?;
     rows.push(Row {
         name: "bond (measured weights)".into(),
@@ -255,6 +260,7 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
         let mut lab = new_lab(&spec, bond_ctl, plan, profile)?;
         lab.auto_weights = false;
         lab.start_agents()?;
+        lab.wait_for_measured(Duration::from_secs(20))?;
         let samples = measure_system(&mut lab, profile, plan, System::BondStatic, origin)?;
         rows.push(Row {
             name: "bond, static weights = link rates".into(),

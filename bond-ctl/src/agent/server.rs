@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use bond_common::{
-    edpf::{DEFAULT_BACKLOG_US, Paths},
+    edpf::{DEFAULT_BACKLOG_US, PATH_USABLE, Paths},
     maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink, name},
 };
 use serde_json::{Value, json};
@@ -850,7 +850,35 @@ impl Agent {
         }
     }
 
-    /// Per community: terminals, links, flows, and the ports left.
+    /// Community `c`'s downstream schedule as the datapath holds it: each
+    /// link's rate, its delay over the nearest link's, the jitter counted
+    /// on it now, and whether it is in use (not while left out for
+    /// silence).
+    fn down_paths(&self, c: u16) -> Vec<Value> {
+        let Ok(Some(paths)) = self.maps.down_paths(c) else {
+            return Vec::new();
+        };
+        paths
+            .links()
+            .map(|p| {
+                let link = self
+                    .applied
+                    .iter()
+                    .find(|((community, _), (idx, _))| *community == c && *idx == p.id)
+                    .map(|((_, link), _)| *link);
+                json!({
+                    "link": link,
+                    "kbit": p.kbit(),
+                    "delay_us": p.delay_ns / 1000,
+                    "extra_us": p.extra_ns / 1000,
+                    "usable": p.flags & PATH_USABLE != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Per community: terminals, links, flows, its downstream schedule;
+    /// and the ports left.
     fn status(&self) -> Value {
         let now = Instant::now();
         let sessions = self.table.sessions(now);
@@ -865,6 +893,7 @@ impl Agent {
                     "terminals": sessions.iter().filter(|s| s.0 == c.id).count(),
                     "links": links.iter().filter(|l| l.community == c.id).count(),
                     "flows": self.flows.by_community.get(&c.id).copied().unwrap_or(0),
+                    "paths": self.down_paths(c.id),
                 })
             })
             .collect();

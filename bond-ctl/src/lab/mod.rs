@@ -293,6 +293,11 @@ impl Lab {
             &full,
             &format!("net.ipv4.tcp_congestion_control={}", tcp_cc()),
         )?;
+        // Every transfer starts as a first connection would: the kernel
+        // otherwise caches the last connection's ssthresh per destination,
+        // and a run after one that met a loss leaves slow start at half
+        // the rate and climbs linearly for the whole transfer.
+        self.sysctl(&full, "net.ipv4.tcp_no_metrics_save=1")?;
         Ok(full)
     }
 
@@ -845,6 +850,33 @@ impl Lab {
             })?;
         }
         Ok(())
+    }
+
+    /// Waits until the server's downstream schedule of every community
+    /// has each link at a measured rate and delay (`weight = "auto"`
+    /// starts a link at [`crate::probe::UNMEASURED`] until its first probe
+    /// train); how long that took. Until then a transfer runs on
+    /// provisional rates.
+    pub fn wait_for_measured(&self, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let measured = |p: &serde_json::Value| {
+            p["kbit"].as_u64() != Some(u64::from(crate::probe::UNMEASURED))
+                && p["delay_us"]
+                    .as_u64()
+                    .is_some_and(|d| d < u64::from(crate::pathmon::UNMEASURED / 1000))
+        };
+        self.wait_for("every link measured", limit, |lab| {
+            let Ok(v) = lab.ctl_json(&lab.server_ns, &lab.server_instance, "status") else {
+                return Ok(false);
+            };
+            let communities = v["communities"].as_array().context("no communities")?;
+            Ok(communities.iter().all(|c| {
+                let paths = c["paths"].as_array().map_or(&[][..], Vec::as_slice);
+                paths.len() == c["links"].as_u64().unwrap_or(0) as usize
+                    && paths.iter().all(measured)
+            }))
+        })?;
+        Ok(start.elapsed())
     }
 
     pub fn is_running(&self, name: &str) -> bool {
