@@ -268,13 +268,12 @@ impl Paths {
     /// Counts `count` packets of `len` bytes that link `id` carries outside
     /// the schedule (a probe train) into its queue, as picks would have:
     /// uncharged, they delay every packet the model sends after them.
-    /// Returns whether the link is in the schedule.
-    pub fn charge(&mut self, id: u32, now: u64, count: u32, len: u32) -> bool {
-        let Some(p) = self.path_mut(id) else {
-            return false;
-        };
+    /// Returns when the train will have left (the link's new finish
+    /// time), or `None` when the link is not in the schedule.
+    pub fn charge(&mut self, id: u32, now: u64, count: u32, len: u32) -> Option<u64> {
+        let p = self.path_mut(id)?;
         p.finish_ns = p.finish_ns.max(now) + u64::from(count) * p.tx_ns(len);
-        true
+        Some(p.finish_ns)
     }
 
     /// Moves link `id`'s queue by `err_ns`, what the receiving end saw its
@@ -431,12 +430,17 @@ mod tests {
     #[test]
     fn a_charged_train_delays_the_link_like_the_packets_it_is() {
         let mut p = paths(&[(10_000, 0), (10_000, 0)]);
-        assert!(p.charge(1, 1_000, 10, MTU));
+        let left = p.charge(1, 1_000, 10, MTU).expect("a link of the schedule");
+        assert_eq!(left, 1_000 + 10 * p.paths[0].tx_ns(MTU));
         // Ten packets queued on link 1: the next ten picks take link 2.
         let picks: Vec<u32> = (0..10).map(|_| p.pick(1_000, MTU).unwrap()).collect();
         assert_eq!(picks, [2; 10]);
         assert_eq!(p.pick(1_000, MTU), Ok(1));
-        assert!(!p.charge(7, 1_000, 1, MTU), "not a link of the schedule");
+        assert_eq!(
+            p.charge(7, 1_000, 1, MTU),
+            None,
+            "not a link of the schedule"
+        );
     }
 
     #[test]

@@ -319,14 +319,16 @@ impl Maps {
     }
 
     /// Charges a probe train sent on an own link to its upstream queue
-    /// ([`Paths::charge`]). A read-modify-write of the whole schedule: picks
+    /// ([`Paths::charge`]); when the train will have left, if the link is
+    /// in the schedule. A read-modify-write of the whole schedule: picks
     /// the datapath makes meanwhile on other links may be counted short.
-    pub fn charge_up_path(&self, link: u8, count: u32, len: u32) -> Result<()> {
+    pub fn charge_up_path(&self, link: u8, count: u32, len: u32) -> Result<Option<u64>> {
         let mut p = self.up_paths()?;
-        if p.charge(u32::from(link), monotonic_ns(), count, len) {
+        let left = p.charge(u32::from(link), monotonic_ns(), count, len);
+        if left.is_some() {
             self.set(name::T_PATHS, 0, p)?;
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Writes the upstream schedule back whole (after `Paths::correct`).
@@ -519,13 +521,21 @@ impl Maps {
 
     /// Charges a probe train sent on server link `idx` to its downstream
     /// queue, as [`Maps::charge_up_path`] does upstream.
-    pub fn charge_down_path(&self, community: u16, idx: u32, count: u32, len: u32) -> Result<()> {
-        if let Some(mut p) = self.down_paths(community)?
-            && p.charge(idx, monotonic_ns(), count, len)
-        {
+    pub fn charge_down_path(
+        &self,
+        community: u16,
+        idx: u32,
+        count: u32,
+        len: u32,
+    ) -> Result<Option<u64>> {
+        let Some(mut p) = self.down_paths(community)? else {
+            return Ok(None);
+        };
+        let left = p.charge(idx, monotonic_ns(), count, len);
+        if left.is_some() {
             self.put(name::S_PATHS, community, p)?;
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Writes a community's downstream schedule back whole (after

@@ -300,6 +300,19 @@ impl History {
         self.silenced.remove(&id).is_some()
     }
 
+    /// A probe train on link `id` is queued there until `left_ns`. No
+    /// report names its packets (a playout holds and reports only data),
+    /// so the link's silence is judged from what the model sends after
+    /// it; else every train on a link that carried no data since its last
+    /// report looked like a burst that never arrived, and the link was
+    /// left out for [`SILENT_FOR_NS`] (on `mixed`, once in most
+    /// communities, in the slow start of a download).
+    pub fn probed(&mut self, id: u32, left_ns: u64) {
+        if let Some(since) = self.quiet_since.get_mut(&id) {
+            *since = (*since).max(left_ns);
+        }
+    }
+
     /// Links of `paths` gone silent: each delivered reported packets, the
     /// model sent a burst on it since its last report (the first sample
     /// after with [`DATA_BYTES`] of queue there: data, not the pure ACKs
@@ -532,6 +545,8 @@ struct Shared {
 /// What the corrector is told.
 enum Told {
     Report(Report),
+    /// A probe train on link `id` of a schedule, queued until `left_ns`.
+    Probed(Model, u32, u64),
     /// What other senders carried on each link of a schedule lately:
     /// (link, kbit/s of each); a link not named has no others.
     Shares(Model, Vec<(u32, Vec<u32>)>),
@@ -560,6 +575,12 @@ impl Corrector {
 
     pub fn report(&self, r: Report) {
         let _ = self.tx.send(Told::Report(r));
+    }
+
+    /// A probe train went on link `id` of schedule `model`, queued there
+    /// until `left_ns` ([`History::probed`]).
+    pub fn probed(&self, model: Model, id: u32, left_ns: u64) {
+        let _ = self.tx.send(Told::Probed(model, id, left_ns));
     }
 
     /// What other senders carried on each link of schedule `model`
@@ -727,6 +748,12 @@ fn run(
         while let Ok(told) = rx.try_recv() {
             let r = match told {
                 Told::Report(r) => r,
+                Told::Probed(m, id, left) => {
+                    if let Some((h, _)) = models.get_mut(&m) {
+                        h.probed(id, left);
+                    }
+                    continue;
+                }
                 Told::Shares(m, links) => {
                     for (&(sm, id), s) in sharing.iter_mut() {
                         if sm == m && !links.iter().any(|(l, _)| *l == id) {
@@ -1053,6 +1080,34 @@ mod tests {
         // Once only.
         let p = paths(&[(1, 500 * MS), (2, 0)]);
         assert_eq!(h.silent(400 * MS, &p), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_probe_train_is_no_burst_that_went_missing() {
+        // Links 1 and 2 reported at 100 ms; at 101 ms a probe train goes
+        // on link 1, queued there until 139 ms, and nothing after it.
+        // Link 2 reports on. No report names the train's packets.
+        let run = |told: bool| {
+            let mut h = History::default();
+            h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+            h.reported(1, 100 * MS, 95 * MS);
+            h.reported(2, 100 * MS, 95 * MS);
+            if told {
+                h.probed(1, 139 * MS);
+            }
+            let mut silent = Vec::new();
+            for t in 101..400 {
+                let p = paths(&[(1, 139 * MS), (2, 0)]);
+                h.sample(t * MS, &p);
+                if t % 20 == 0 {
+                    h.reported(2, t * MS, (t - 5) * MS);
+                }
+                silent.extend(h.silent(t * MS, &p));
+            }
+            silent
+        };
+        assert_eq!(run(false), vec![1], "untold, the train reads as lost data");
+        assert_eq!(run(true), Vec::<u32>::new());
     }
 
     #[test]

@@ -497,11 +497,13 @@ impl Agent {
                 self.sent_trains.insert((c, msg.link), now);
                 // The train queues at the link like data: the schedule
                 // counts it, or the packets sent behind it arrive late.
-                if let Err(e) =
-                    self.maps
-                        .charge_down_path(c, idx, u32::from(*count), PROBE_FRAME_LEN)
+                match self
+                    .maps
+                    .charge_down_path(c, idx, u32::from(*count), PROBE_FRAME_LEN)
                 {
-                    eprintln!("bond-ctl: charging a probe train: {e:#}");
+                    Ok(Some(left)) => self.corrector.probed(Model::Down(c), idx, left),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("bond-ctl: charging a probe train: {e:#}"),
                 }
                 for seq in 0..*count {
                     let body = Body::Probe {

@@ -941,11 +941,13 @@ impl Agent {
                     .collect();
                 // The train queues at the link like data: the schedule
                 // counts it, or the packets sent behind it arrive late.
-                if let Err(e) = self
+                match self
                     .maps
                     .charge_up_path(id, u32::from(TRAIN_LEN), PROBE_FRAME_LEN)
                 {
-                    eprintln!("bond-ctl: charging a probe train: {e:#}");
+                    Ok(Some(left)) => self.corrector.probed(Model::Up, u32::from(id), left),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("bond-ctl: charging a probe train: {e:#}"),
                 }
                 for m in &msgs {
                     if self.own[i].sock.send_to(m, server).await.is_err() {
