@@ -852,6 +852,15 @@ impl Agent {
         }
     }
 
+    /// The link id that community `c`'s downstream schedule holds at
+    /// index `idx` (the datapath names links by index).
+    fn link_of(&self, c: u16, idx: u32) -> Option<u8> {
+        self.applied
+            .iter()
+            .find(|((community, _), (i, _))| *community == c && *i == idx)
+            .map(|((_, link), _)| *link)
+    }
+
     /// Community `c`'s downstream schedule as the datapath holds it: each
     /// link's rate, its delay over the nearest link's, the jitter counted
     /// on it now, and whether it is in use (not while left out for
@@ -863,13 +872,8 @@ impl Agent {
         paths
             .links()
             .map(|p| {
-                let link = self
-                    .applied
-                    .iter()
-                    .find(|((community, _), (idx, _))| *community == c && *idx == p.id)
-                    .map(|((_, link), _)| *link);
                 json!({
-                    "link": link,
+                    "link": self.link_of(c, p.id),
                     "kbit": p.kbit(),
                     "delay_us": p.delay_ns / 1000,
                     "extra_us": p.extra_ns / 1000,
@@ -912,12 +916,9 @@ impl Agent {
             "free_ports": self.flows.free_ports,
             "flow_table": self.flows,
             "playout": self.playout.as_ref().map(|p| p.stats()),
-            "feedback": self.corrector.status(|m, idx| {
-                // The downstream schedules name links by their index.
-                self.applied
-                    .iter()
-                    .find(|((c, _), (i, _))| Model::Down(*c) == m && *i == idx)
-                    .map(|((_, link), _)| *link)
+            "feedback": self.corrector.status(|m, idx| match m {
+                Model::Down(c) => self.link_of(c, idx),
+                Model::Up => None,
             }),
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
