@@ -157,6 +157,14 @@ fn with_stamp(got: &[u8], want: &[u8], what: &str) -> Vec<u8> {
         );
         want[SENT].copy_from_slice(&sent.to_be_bytes());
     }
+    // The server numbers each link's DATA_DOWN (1 to 255, from wherever
+    // the link's count stands): a test that leaves the number open (0)
+    // takes any; `server_numbers_each_links_packets_and_keeps_copies`
+    // checks them.
+    const SEQ: usize = 49;
+    if wrapped(&want) && wrapped(got) && want[45] == DATA_DOWN && want[SEQ] == 0 {
+        want[SEQ] = got[SEQ];
+    }
     want
 }
 
@@ -831,7 +839,11 @@ fn terminal_drops_and_counts_bad_input() {
     let cases: [(&str, Edit, &str); 14] = [
         ("wrong magic", |w| w.bond.magic = 0xB04E, "bad_magic"),
         ("old version", |w| w.bond.version = 1, "bad_version"),
-        ("flags set", |w| w.bond.flags = 0x80, "bad_flags"),
+        (
+            "a sequence on a control kind",
+            |w| (w.bond.kind, w.bond.seq) = (ANNOUNCE, 1),
+            "bad_flags",
+        ),
         (
             "wrong community",
             |w| w.bond.community = 8,
@@ -1280,6 +1292,71 @@ mod srv {
     }
 }
 
+/// Each link's DATA_DOWN is numbered in a sequence of its own (1 to 255,
+/// round past 0), a pure ACK is not numbered, and a copy of every
+/// numbered packet is kept as it left, bond header and inner packet, for
+/// the origin to ask for again (`bond_ctl::resend`).
+#[test]
+fn server_numbers_each_links_packets_and_keeps_copies() {
+    use bond_common::{
+        maps::{KEPT_SLOTS, Kept},
+        wire::seq_next,
+    };
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-seq", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        // Two links of one rate and delay: the replies alternate.
+        s.maps
+            .set_down_paths(
+                COMMUNITY,
+                &[(l0.idx, 1_000, 0), (l1.idx, 1_000, 0)],
+                TEST_BACKLOG_US,
+                0,
+            )
+            .unwrap();
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        expect_up(&s, "TCP up", l0, &tcp, 20000);
+        let frame = reply(&tcp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
+        let ring = s.maps.kept_ring().unwrap();
+        let first = s.maps.kept_next().unwrap();
+        let mut seqs: std::collections::BTreeMap<u8, Vec<u8>> = Default::default();
+        for i in 0..600u32 {
+            let (v, out) = s.run("bond_server", &frame);
+            assert_eq!(v, XDP_REDIRECT, "reply {i}");
+            seqs.entry(out[BOND + 6]).or_default().push(out[BOND + 7]);
+            let k: Kept = ring.get(&((first + i) % KEPT_SLOTS), 0).unwrap();
+            assert_eq!(k.bytes(), Some(&out[BOND..]), "reply {i}: its copy");
+            assert_eq!(
+                k.idx,
+                if out[BOND + 6] == l0.id {
+                    l0.idx
+                } else {
+                    l1.idx
+                }
+            );
+        }
+        assert_eq!(seqs.keys().copied().collect::<Vec<_>>(), vec![l0.id, l1.id]);
+        for (link, n) in &seqs {
+            assert_eq!(n.len(), 300, "link {link}");
+            assert_eq!(n[0], 1, "link {link}: the first");
+            for w in n.windows(2) {
+                assert_eq!(w[1], seq_next(w[0]), "link {link}: {n:?}");
+            }
+        }
+        // A pure ACK: no number, no copy.
+        let ack = Ip {
+            payload: Vec::new(),
+            ..reply(&tcp, 20000)
+        };
+        let (v, out) = s.run("bond_server", &ack.frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(out[BOND + 7], 0, "a pure ACK's number");
+        assert_eq!(s.maps.kept_next().unwrap(), first + 600, "no copy kept");
+    });
+}
+
 /// With the playout reading, checked DATA_UP goes to the hold device
 /// still wrapped and makes no flow yet; when the playout's sign of life is
 /// stale, it is unwrapped and sent on at once.
@@ -1654,7 +1731,11 @@ fn server_drops_bad_upstream_without_creating_flows() {
         ),
         ("wrong magic", |u| u.bond.magic = 0x4DB0, "bad_magic"),
         ("wrong version", |u| u.bond.version = 0, "bad_version"),
-        ("flags set", |u| u.bond.flags = 1, "bad_flags"),
+        (
+            "a sequence on a control kind",
+            |u| (u.bond.kind, u.bond.seq) = (ANNOUNCE, 1),
+            "bad_flags",
+        ),
         (
             "DATA_DOWN to the server",
             |u| u.bond.kind = DATA_DOWN,
@@ -2843,14 +2924,13 @@ fn terminal_outer_and_inner_header_cases() {
 }
 
 /// Bond header fields every entry point checks first (`BondHdr::validate`).
-const BAD_BOND_FIELDS: [(&str, usize, u8, &str); 7] = [
+const BAD_BOND_FIELDS: [(&str, usize, u8, &str); 6] = [
     ("magic high byte", 0, 0xB1, "bad_magic"),
     ("magic low byte", 1, 0x4E, "bad_magic"),
     ("version 0", 2, 0, "bad_version"),
-    ("version 1", 2, 1, "bad_version"),
+    ("version 2", 2, 2, "bad_version"),
+    ("version 4", 2, 4, "bad_version"),
     ("version 255", 2, 255, "bad_version"),
-    ("flags 0x01", 7, 0x01, "bad_flags"),
-    ("flags 0x80", 7, 0x80, "bad_flags"),
 ];
 
 #[test]
@@ -2865,8 +2945,9 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
         let t = term::setup("terminal-kinds");
         let c = t.counters();
         for e in terminal_entries() {
-            for kind in 0..=255u8 {
-                let f = edited(&e.frame, |f| f[BOND + 3] = kind);
+            // Each kind with no sequence and with one: DATA's only.
+            for (kind, seq) in (0..=255u8).flat_map(|k| [(k, 0), (k, 0x80)]) {
+                let f = edited(&e.frame, |f| (f[BOND + 3], f[BOND + 7]) = (kind, seq));
                 let for_me = get32(&f, BOND + 8) == u32::from(term::LAN_IP);
                 let want = match (kind, e.relay_port(), for_me) {
                     // DATA_UP to a relay port goes up, whatever its origin.
@@ -2884,9 +2965,10 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
                     }
                     (DATA_DOWN, true, false) => Want::Drop("unknown_source"),
                     (DATA_DOWN, false, false) => Want::Drop("wrong_origin"),
+                    _ if seq != 0 => Want::Drop("bad_flags"),
                     _ => Want::Untouched,
                 };
-                let what = format!("{}: kind {kind}", e.name);
+                let what = format!("{}: kind {kind}, seq {seq}", e.name);
                 t.check(&c, "bond_terminal", &what, &f, &want);
             }
             for (field, at, v, reason) in BAD_BOND_FIELDS {
@@ -2904,17 +2986,18 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
         let ip = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
         let up = Up::new(LINKS[0], &ip).frame();
         let forwarded = eth(CONTENT_MAC, CNT_DEV_MAC, ETH_P_IP, &unwrapped(&ip, 20000));
-        for kind in 0..=255u8 {
-            let f = edited(&up, |f| f[BOND + 3] = kind);
+        for (kind, seq) in (0..=255u8).flat_map(|k| [(k, 0), (k, 0x80)]) {
+            let f = edited(&up, |f| (f[BOND + 3], f[BOND + 7]) = (kind, seq));
             let want = match kind {
                 DATA_UP => Want::Out(XDP_REDIRECT, forwarded.clone()),
                 DATA_DOWN => Want::Drop("bad_kind"),
+                _ if seq != 0 => Want::Drop("bad_flags"),
                 _ => Want::Untouched,
             };
             s.check(
                 &c,
                 "bond_server",
-                &format!("upstream kind {kind}"),
+                &format!("upstream kind {kind}, seq {seq}"),
                 &f,
                 &want,
             );
@@ -3714,10 +3797,10 @@ fn terminal_survives_mutants() {
 mod fuzz_check {
     use super::*;
 
-    /// A valid bond header at `BOND` (magic, version, flags, community).
+    /// A valid bond header at `BOND` (magic, version, community).
     fn bond_ok(what: &str, f: &[u8], community: u16) {
         assert_eq!(get16(f, BOND), 0xB04D, "{what}: magic");
-        assert_eq!((f[BOND + 2], f[BOND + 7]), (2, 0), "{what}: version, flags");
+        assert_eq!(f[BOND + 2], 3, "{what}: version");
         assert_eq!(get16(f, BOND + 4), community, "{what}: community");
     }
 

@@ -25,7 +25,7 @@ reasons! {
     TRUNCATED = 0, "truncated";
     BAD_MAGIC = 1, "bad_magic";
     BAD_VERSION = 2, "bad_version";
-    /// Reserved flag bits set.
+    /// A control message with the sequence byte (DATA's only) set.
     BAD_FLAGS = 3, "bad_flags";
     /// A DATA kind arriving where it has no meaning (DATA_UP at an origin).
     BAD_KIND = 4, "bad_kind";

@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
@@ -43,6 +43,9 @@ pub mod name {
     pub const S_DROPS: &str = "S_DROPS";
     pub const S_EVENTS: &str = "S_EVENTS";
     pub const S_ORIGIN_FLOWS: &str = "S_ORIGIN_FLOWS";
+    pub const S_LINK_SEQ: &str = "S_LINK_SEQ";
+    pub const S_KEPT: &str = "S_KEPT";
+    pub const S_KEPT_NEXT: &str = "S_KEPT_NEXT";
 }
 
 /// Non-drop events the server counts (index into `S_EVENTS`).
@@ -88,6 +91,63 @@ impl Hold {
     #[inline(always)]
     pub const fn takes(&self, ingress: u32, now_ns: u64) -> bool {
         self.ifindex != 0 && ingress != self.ifindex && now_ns < self.alive_until_ns
+    }
+}
+
+/// Copies a sender keeps of what it sent lately: a ring of this many.
+/// At 100 Mbit/s of full-size packets it holds about a second.
+pub const KEPT_SLOTS: u32 = 8192;
+/// The most a copy holds: the bond header and an inner packet of a
+/// 1500-byte link.
+pub const KEPT_MAX: usize = 1504;
+
+/// One packet as its sender sent it (`S_KEPT`), so the receiving end can
+/// ask for it again when its link lost it (`bond_ctl::resend`). The ring
+/// is written without a lock (the next slot from `S_KEPT_NEXT`, bumped
+/// without an atomic): two CPUs may write one slot at once, so a reader
+/// checks that the copy's own header says what the slot's fields say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    /// The bond header's `sent_us`.
+    pub sent_us: u32,
+    /// The sender's index of the link (`S_LINKS`).
+    pub idx: u32,
+    pub community: u16,
+    /// Bytes in `data`; 0: an empty slot.
+    pub len: u16,
+    /// The link id and sequence the bond header carries.
+    pub link: u8,
+    pub seq: u8,
+    pub _pad: [u8; 2],
+    /// The bond header and the inner packet.
+    pub data: [u8; KEPT_MAX],
+}
+const _: () = assert!(core::mem::size_of::<Kept>() == 16 + KEPT_MAX);
+
+impl Kept {
+    pub const EMPTY: Self = Self {
+        sent_us: 0,
+        idx: 0,
+        community: 0,
+        len: 0,
+        link: 0,
+        seq: 0,
+        _pad: [0; 2],
+        data: [0; KEPT_MAX],
+    };
+
+    /// The copy's bytes, when they are whole and still the packet the
+    /// slot's fields describe (not overwritten since).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        let d = self.data.get(..usize::from(self.len))?;
+        let h = crate::wire::BondHdr::parse(d).ok()?;
+        (h.is_data()
+            && h.sent_us() == self.sent_us
+            && h.link == self.link
+            && h.seq == self.seq
+            && h.community() == self.community)
+            .then_some(d)
     }
 }
 
@@ -393,6 +453,7 @@ mod pod {
     }
     pod!(
         Paths,
+        Kept,
         Hold,
         TerminalConfig,
         UpLink,

@@ -4,8 +4,9 @@
 /// Rejects strays: the first two bytes of every bond header.
 pub const MAGIC: u16 = 0xB04D;
 /// The only version this code speaks. Version 2 replaced the sequence
-/// number with the sender's clock (`BondHdr::sent_us`).
-pub const VERSION: u8 = 2;
+/// number with the sender's clock (`BondHdr::sent_us`); version 3 turned
+/// the reserved flags byte into the per-link sequence (`BondHdr::seq`).
+pub const VERSION: u8 = 3;
 
 /// Message kinds. DATA kinds are handled by the eBPF programs; every other
 /// kind is passed up to the agent's socket.
@@ -30,6 +31,9 @@ pub mod kind {
     /// A receiving end's playout to the sender: how much queue each link's
     /// recent packets met (`bond_ctl::feedback`).
     pub const FEEDBACK: u8 = 0x19;
+    /// A receiving end's playout to the sender: packets a link lost,
+    /// to send again (`bond_ctl::resend`).
+    pub const RESEND: u8 = 0x1a;
 }
 
 pub const ETH_LEN: usize = 14;
@@ -45,6 +49,22 @@ pub const INNER_OFF: usize = ETH_LEN + OUTER_LEN;
 #[inline(always)]
 pub const fn sent_us(now_ns: u64) -> u32 {
     (now_ns / 1000) as u32
+}
+
+/// The per-link sequence number after `s` ([`BondHdr::seq`]): 1 to 255,
+/// skipping 0 (not counted).
+#[inline(always)]
+pub const fn seq_next(s: u8) -> u8 {
+    if s == u8::MAX { 1 } else { s + 1 }
+}
+
+/// How many numbers of a link's sequence lie strictly between `last` and
+/// `seq` (both counted, 1 to 255): the packets lost in between, or, when
+/// `seq` is not after `last` (the same again, or older), more than half
+/// the sequence.
+#[inline(always)]
+pub const fn seq_missing(last: u8, seq: u8) -> u8 {
+    (seq as i16 - last as i16 - 1).rem_euclid(255) as u8
 }
 
 /// Offset of the bond header in a wrapped Ethernet frame.
@@ -67,7 +87,12 @@ pub struct BondHdr {
     pub kind: u8,
     pub community: [u8; 2],
     pub link: u8,
-    pub flags: u8,
+    /// DATA: the sender's count of the packets it sent on `link`, 1 to
+    /// 255 and round again ([`seq_next`]), so the receiving end sees a
+    /// packet the link lost when the next one arrives and can ask for a
+    /// copy. 0: not counted (pure ACKs, which no playout holds, and
+    /// control messages).
+    pub seq: u8,
     pub origin: [u8; 4],
     pub sent: [u8; 4],
     pub token: [u8; 8],
@@ -114,11 +139,18 @@ impl BondHdr {
             kind,
             community: community.to_be_bytes(),
             link,
-            flags: 0,
+            seq: 0,
             origin: origin.to_be_bytes(),
             sent: sent_us.to_be_bytes(),
             token: token.to_be_bytes(),
         }
+    }
+
+    /// The same header with per-link sequence `seq` ([`BondHdr::seq`]).
+    #[inline(always)]
+    pub const fn with_seq(mut self, seq: u8) -> Self {
+        self.seq = seq;
+        self
     }
 
     #[inline(always)]
@@ -145,8 +177,9 @@ impl BondHdr {
         self.kind == kind::DATA_UP || self.kind == kind::DATA_DOWN
     }
 
-    /// Checks the fields every receiver checks: magic, version, reserved
-    /// flags. Kind, community and token are the receiver's business.
+    /// Checks the fields every receiver checks: magic, version, and no
+    /// sequence on a control message. Kind, community and token are the
+    /// receiver's business.
     #[inline(always)]
     pub const fn validate(&self) -> Result<(), WireError> {
         if u16::from_be_bytes(self.magic) != MAGIC {
@@ -155,7 +188,7 @@ impl BondHdr {
         if self.version != VERSION {
             return Err(WireError::BadVersion);
         }
-        if self.flags != 0 {
+        if self.seq != 0 && !self.is_data() {
             return Err(WireError::BadFlags);
         }
         Ok(())
@@ -181,7 +214,7 @@ impl BondHdr {
             kind: b[3],
             community: [b[4], b[5]],
             link: b[6],
-            flags: b[7],
+            seq: b[7],
             origin: [b[8], b[9], b[10], b[11]],
             sent: [b[12], b[13], b[14], b[15]],
             token: [b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]],
@@ -197,7 +230,7 @@ impl BondHdr {
         b[4] = self.community[0];
         b[5] = self.community[1];
         b[6] = self.link;
-        b[7] = self.flags;
+        b[7] = self.seq;
         let mut i = 0;
         while i < 4 {
             b[8 + i] = self.origin[i];
@@ -394,6 +427,25 @@ mod tests {
         assert_eq!(p.sent_us(), 99);
         assert_eq!(p.token(), 0xdead_beef_0123_4567);
         assert!(p.is_data());
+        let s = BondHdr::parse(&h.with_seq(0xfe).to_bytes()).unwrap();
+        assert_eq!((s.seq, s.to_bytes()[7]), (0xfe, 0xfe));
+    }
+
+    #[test]
+    fn sequence_skips_zero_and_counts_what_is_missing() {
+        assert_eq!((seq_next(1), seq_next(254), seq_next(255)), (2, 255, 1));
+        assert_eq!(seq_missing(1, 2), 0);
+        assert_eq!(seq_missing(1, 5), 3);
+        assert_eq!(seq_missing(255, 1), 0, "round past 0");
+        assert_eq!(seq_missing(254, 3), 3, "255, 1, 2");
+        // The same again, or one back: the whole sequence less one or two.
+        assert_eq!(seq_missing(7, 7), 254);
+        assert_eq!(seq_missing(7, 6), 253);
+        let mut s = 9u8;
+        for n in 0..254u8 {
+            assert_eq!(seq_missing(9, seq_next(s)), n);
+            s = seq_next(s);
+        }
     }
 
     #[test]
@@ -409,7 +461,7 @@ mod tests {
         assert_eq!(
             h.to_bytes(),
             [
-                0xB0, 0x4D, 2, 2, 0x01, 0x02, 5, 0, 10, 0, 1, 3, 1, 2, 3, 4, 0x11, 0x22, 0x33,
+                0xB0, 0x4D, 3, 2, 0x01, 0x02, 5, 0, 10, 0, 1, 3, 1, 2, 3, 4, 0x11, 0x22, 0x33,
                 0x44, 0x55, 0x66, 0x77, 0x88
             ]
         );
@@ -431,7 +483,11 @@ mod tests {
         let mut bad = good;
         bad[2] = 1;
         assert_eq!(BondHdr::parse(&bad), Err(WireError::BadVersion));
-        let mut bad = good;
+        // A sequence is DATA's only.
+        let mut seq = good;
+        seq[7] = 1;
+        assert!(BondHdr::parse(&seq).is_ok());
+        let mut bad = BondHdr::new(kind::ECHO, 1, 0, 1, 1, 1).to_bytes();
         bad[7] = 1;
         assert_eq!(BondHdr::parse(&bad), Err(WireError::BadFlags));
         assert_eq!(

@@ -20,7 +20,7 @@ use bond_common::{
     drops,
     edpf::{MAX_PATHS, Paths},
     maps::{
-        Flow, FlowKey, Hold, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor,
+        Flow, FlowKey, Hold, Kept, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor,
         RelayLink, ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event,
         name,
     },
@@ -536,6 +536,37 @@ impl Maps {
             self.put(name::S_PATHS, community, p)?;
         }
         Ok(left)
+    }
+
+    /// The ring slot the server writes its next downstream copy to
+    /// (`crate::resend`).
+    pub fn kept_next(&self) -> Result<u32> {
+        self.array::<u32>(name::S_KEPT_NEXT)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::S_KEPT_NEXT,
+                source,
+            })
+    }
+
+    /// The ring of the server's downstream copies, opened once for the
+    /// many slots a search reads.
+    pub fn kept_ring(&self) -> Result<Array<MapData, Kept>> {
+        self.array::<Kept>(name::S_KEPT)
+    }
+
+    /// Picks the link where `len` bytes (the whole frame) sent now on
+    /// community `community`'s downstream arrive first, and counts them
+    /// into its queue, as the datapath does for each packet.
+    pub fn pick_down_path(&self, community: u16, len: u32) -> Result<Option<u32>> {
+        let Some(mut p) = self.down_paths(community)? else {
+            return Ok(None);
+        };
+        let Ok(idx) = p.pick(monotonic_ns(), len) else {
+            return Ok(None);
+        };
+        self.put(name::S_PATHS, community, p)?;
+        Ok(Some(idx))
     }
 
     /// Writes a community's downstream schedule back whole (after

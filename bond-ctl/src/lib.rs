@@ -17,6 +17,7 @@ pub mod pathmon;
 pub mod playout;
 pub mod probe;
 pub mod proto;
+pub mod resend;
 pub mod share;
 pub mod show;
 pub mod worker;

@@ -71,6 +71,14 @@ const QUIET_US: u64 = 10_000;
 const RESTART_US: i64 = 10_000_000;
 /// Packets held at most; past it the earliest goes at once.
 pub const CAPACITY: usize = 16_384;
+/// How long packets wait past a link's gap for the sender's copies of
+/// what it lost, beyond the spread, µs: the request's way to the sender
+/// over the nearest link, and the copy's way back behind the queues the
+/// sender keeps (its horizon, 50 ms by default).
+pub const RESEND_WAIT_US: i64 = 70_000;
+/// Gaps one playout waits on at most; a link losing more is not waited
+/// for (its losses are TCP's to recover).
+const MAX_GAPS: usize = 64;
 
 /// The least value of a sliding window.
 #[derive(Clone, Copy, Debug)]
@@ -125,6 +133,26 @@ pub struct Stats {
     pub spread_us: i64,
     /// The longest any packet was held, µs.
     pub max_hold_us: u64,
+    /// Packets the links lost (gaps in their sequences), asked for again.
+    pub lost: u64,
+    /// Of them, copies that came in time.
+    pub resent: u64,
+    /// The longest a copy took from the gap being seen, µs.
+    pub max_resend_us: u64,
+}
+
+/// A gap in one link's sequence, waited on.
+#[derive(Clone, Debug)]
+struct Gap {
+    link: u8,
+    /// The send times (unwrapped) of the packets the link delivered
+    /// around it.
+    after: i64,
+    before: i64,
+    /// Sequence numbers still missing.
+    missing: Vec<u8>,
+    seen_us: u64,
+    until_us: u64,
 }
 
 /// One link as the playout sees it.
@@ -139,6 +167,9 @@ struct Link {
     /// Since the last feedback, the packet that waited least on the way:
     /// (its send time, its transit beyond the base, µs).
     least_queue: Option<(u32, u32)>,
+    /// The sequence number of the latest packet delivered (0: not
+    /// counted).
+    seq: u8,
 }
 
 struct Held<T> {
@@ -163,6 +194,9 @@ pub struct Playout<T> {
     floor_us: i64,
     n: u64,
     stats: Stats,
+    gaps: Vec<Gap>,
+    /// Gaps seen and not yet asked for ([`Self::take_asks`]).
+    asks: Vec<crate::proto::Gap>,
 }
 
 impl<T> Default for Playout<T> {
@@ -183,6 +217,8 @@ impl<T> Playout<T> {
             floor_us: 0,
             n: 0,
             stats: Stats::default(),
+            gaps: Vec::new(),
+            asks: Vec::new(),
         }
     }
 
@@ -237,6 +273,16 @@ impl<T> Playout<T> {
     /// A packet sent at `sent_us` (the sender's clock) arrived over `link`
     /// at `now_us` (ours); it is held until its time ([`Self::pop_due`]).
     pub fn push(&mut self, now_us: u64, link: u8, sent_us: u32, item: T) {
+        self.push_seq(now_us, link, sent_us, 0, item);
+    }
+
+    /// As [`Self::push`], with the packet's number in its link's sequence
+    /// (`BondHdr::seq`; 0: not counted). A number that skips some opens a
+    /// gap: everything sent after the link's previous packet waits (up to
+    /// [`RESEND_WAIT_US`] past the spread) for the sender's copies, which
+    /// [`Self::take_asks`] asks for; an older packet with a missing number
+    /// is such a copy.
+    pub fn push_seq(&mut self, now_us: u64, link: u8, sent_us: u32, seq: u8, item: T) {
         let transit = (now_us as u32).wrapping_sub(sent_us);
         let base = *self.base.get_or_insert(transit);
         let d = i64::from(transit.wrapping_sub(base) as i32);
@@ -252,14 +298,20 @@ impl<T> Playout<T> {
                 stats: self.stats,
                 ..Self::new()
             };
-            return self.push(now_us, link, sent_us, item);
+            return self.push_seq(now_us, link, sent_us, seq, item);
         }
         let s = self.unwrap_sent(sent_us);
+        if seq != 0 {
+            self.sequence(now_us, link, s, seq);
+        }
         let l = self
             .links
             .entry(link)
             .and_modify(|l| {
                 l.base.add(d, now_us);
+                if s > l.latest && seq != 0 {
+                    l.seq = seq;
+                }
                 l.latest = l.latest.max(s);
                 l.last_us = now_us;
             })
@@ -268,6 +320,7 @@ impl<T> Playout<T> {
                 latest: s,
                 last_us: now_us,
                 least_queue: None,
+                seq,
             });
         let queue = (d - l.base.get(now_us)).clamp(0, i64::from(u32::MAX)) as u32;
         if l.least_queue.is_none_or(|(_, q)| queue < q) {
@@ -293,6 +346,77 @@ impl<T> Playout<T> {
         );
     }
 
+    /// Follows `link`'s sequence: a gap before a packet that is new on
+    /// it, or a copy that fills one.
+    fn sequence(&mut self, now_us: u64, link: u8, s: i64, seq: u8) {
+        let Some(l) = self.links.get(&link) else {
+            return; // the first: nothing to compare with (the entry follows)
+        };
+        if s <= l.latest {
+            // Older than what the link delivered: a copy (or a packet the
+            // sender numbered on another CPU at the same instant).
+            if let Some(g) = self
+                .gaps
+                .iter_mut()
+                .find(|g| g.link == link && g.after < s && s < g.before && g.missing.contains(&seq))
+            {
+                g.missing.retain(|&m| m != seq);
+                self.stats.resent += 1;
+                self.stats.max_resend_us = self.stats.max_resend_us.max(now_us - g.seen_us);
+            }
+            return;
+        }
+        let last = l.seq;
+        if last == 0 {
+            return;
+        }
+        let n = bond_common::wire::seq_missing(last, seq);
+        // More than half the sequence: not a loss (the same number twice).
+        if n == 0 || n > 127 || self.gaps.len() >= MAX_GAPS {
+            return;
+        }
+        let first = bond_common::wire::seq_next(last);
+        let mut missing = Vec::with_capacity(usize::from(n));
+        let mut m = first;
+        for _ in 0..n {
+            missing.push(m);
+            m = bond_common::wire::seq_next(m);
+        }
+        let (after, before) = (l.latest, s);
+        let (_, spread) = self.bases(now_us);
+        self.stats.lost += u64::from(n);
+        self.gaps.push(Gap {
+            link,
+            after,
+            before,
+            missing,
+            seen_us: now_us,
+            until_us: now_us + (spread + RESEND_WAIT_US) as u64,
+        });
+        self.asks.push(crate::proto::Gap {
+            link,
+            after_us: after as u32,
+            before_us: before as u32,
+            first,
+            count: n,
+        });
+    }
+
+    /// Gaps seen since the last call: what to ask the sender for.
+    pub fn take_asks(&mut self) -> Vec<crate::proto::Gap> {
+        std::mem::take(&mut self.asks)
+    }
+
+    /// Until when (our µs) a packet sent at `s` waits for copies: the
+    /// latest end of the open gaps it could follow.
+    fn gap_wait(&self, s: i64) -> Option<u64> {
+        self.gaps
+            .iter()
+            .filter(|g| g.after < s)
+            .map(|g| g.until_us)
+            .max()
+    }
+
     /// When the first packet held may go (our µs), if any is held: at once,
     /// at the end of its spread, or, while a delivering link has not passed
     /// it, in a millisecond (to look again) or at its last moment.
@@ -305,6 +429,9 @@ impl<T> Playout<T> {
         let age = self.age(now_us, s, least);
         if age < spread {
             return Some(now_us + (spread - age) as u64);
+        }
+        if let Some(until) = self.gap_wait(s) {
+            return Some(until.max(now_us));
         }
         let left = Self::wait_left(now_us, h.arrived_us, age, spread);
         if self.passed(now_us, s) || left == 0 {
@@ -341,13 +468,17 @@ impl<T> Playout<T> {
         if let Some(item) = self.ready.pop_front() {
             return Some(item);
         }
+        // Gaps filled or waited on long enough are closed.
+        self.gaps
+            .retain(|g| !g.missing.is_empty() && now_us < g.until_us);
         let (&(s, _), h) = self.held.first_key_value()?;
         let full = self.held.len() > CAPACITY;
         let (least, spread) = self.bases(now_us);
         self.stats.spread_us = spread;
         let age = self.age(now_us, s, least);
-        let timed_out = Self::wait_left(now_us, h.arrived_us, age, spread) == 0;
-        if !full && (age < spread || !(timed_out || self.passed(now_us, s))) {
+        let gap = self.gap_wait(s).is_some();
+        let timed_out = !gap && Self::wait_left(now_us, h.arrived_us, age, spread) == 0;
+        if !full && (age < spread || gap || !(timed_out || self.passed(now_us, s))) {
             return None;
         }
         let (_, h) = self.held.pop_first()?;
@@ -492,8 +623,18 @@ pub type Sender = (u16, u32);
 /// the queues its links met, and what the other senders of its community
 /// carried on each link ([`crate::share`]).
 pub type Feedback = (Sender, Vec<LinkQueue>, Vec<LinkShare>);
-pub type FeedbackTx = tokio::sync::mpsc::UnboundedSender<Feedback>;
-pub type FeedbackRx = tokio::sync::mpsc::UnboundedReceiver<Feedback>;
+
+/// What the playout has for the agent to tell a sender.
+#[derive(Debug)]
+pub enum Report {
+    /// Every [`crate::feedback::EVERY`].
+    Feedback(Feedback),
+    /// Packets its links lost, to ask for again at once
+    /// ([`Playout::take_asks`]).
+    Resend(Sender, Vec<crate::proto::Gap>),
+}
+pub type ReportTx = tokio::sync::mpsc::UnboundedSender<Report>;
+pub type ReportRx = tokio::sync::mpsc::UnboundedReceiver<Report>;
 
 /// The running playout: its thread, the floors the agent sets (per
 /// community) and its stats (summed over senders).
@@ -511,20 +652,20 @@ struct Ctx {
     maps: Maps,
     /// `T_HOLD` or `S_HOLD`.
     map: &'static str,
-    feedback: FeedbackTx,
+    reports: ReportTx,
 }
 
 impl Handle {
     /// Starts the playout on `tap` (the datapath's XDP program attached to
     /// it already), telling the datapath through hold map `map` that it
-    /// reads; what each sender's links met goes to `feedback`.
+    /// reads; what each sender's links met and lost goes to `reports`.
     pub fn start(
         tap: Tap,
         ifindex: u32,
         mac: [u8; 6],
         maps: Maps,
         map: &'static str,
-        feedback: FeedbackTx,
+        reports: ReportTx,
     ) -> Result<Self> {
         let floors = Arc::new(Mutex::new(HashMap::new()));
         let stats = Arc::new(Mutex::new(Stats::default()));
@@ -536,7 +677,7 @@ impl Handle {
             mac,
             maps,
             map,
-            feedback,
+            reports,
         };
         let worker = Worker::spawn("playout", move |stop| run(&cx, stop, &f, &st))?;
         Ok(Self {
@@ -582,6 +723,9 @@ fn total(all: &HashMap<Sender, (Playout<Vec<u8>>, u64)>) -> Stats {
         t.timed_out += s.timed_out;
         t.spread_us = t.spread_us.max(s.spread_us);
         t.max_hold_us = t.max_hold_us.max(s.max_hold_us);
+        t.lost += s.lost;
+        t.resent += s.resent;
+        t.max_resend_us = t.max_resend_us.max(s.max_resend_us);
         t
     })
 }
@@ -623,7 +767,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
                 let links = p.feedback();
                 if !links.is_empty() {
                     let shared = arrivals.others(c, o, every_ms);
-                    let _ = cx.feedback.send(((c, o), links, shared));
+                    let _ = cx.reports.send(Report::Feedback(((c, o), links, shared)));
                 }
             }
             arrivals.tick();
@@ -650,7 +794,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
                                 });
                             *last = at;
                             arrivals.add(h.community(), h.link, h.origin(), n);
-                            p.push(at, h.link, h.sent_us(), frame);
+                            p.push_seq(at, h.link, h.sent_us(), h.seq, frame);
                         }
                         Err(_) => send(frame),
                     }
@@ -665,7 +809,11 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
             }
         }
         let now_us = monotonic_ns() / 1000;
-        for (p, _) in all.values_mut() {
+        for (&sender, (p, _)) in all.iter_mut() {
+            let gaps = p.take_asks();
+            if !gaps.is_empty() {
+                let _ = cx.reports.send(Report::Resend(sender, gaps));
+            }
             while let Some(frame) = p.pop_due(now_us) {
                 send(frame);
             }
@@ -706,6 +854,107 @@ mod tests {
             now += 100;
         }
         out
+    }
+
+    /// As [`play`], each arrival with its link's sequence number:
+    /// (arrival ms, link, sent ms, seq).
+    fn play_seq(p: &mut Playout<u32>, arrivals: &[(u64, u8, u64, u8)]) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        let clock = 5_000_000;
+        let mut i = 0;
+        let mut now = arrivals[0].0 * MS;
+        while i < arrivals.len() || !p.is_empty() {
+            while i < arrivals.len() && arrivals[i].0 * MS <= now {
+                let (_, link, sent, seq) = arrivals[i];
+                p.push_seq(now, link, (clock + sent * MS) as u32, seq, sent as u32);
+                i += 1;
+            }
+            while let Some(sent) = p.pop_due(now) {
+                out.push((sent, now));
+            }
+            now += 100;
+        }
+        out
+    }
+
+    /// Two links, 5 and 15 ms, a packet a ms each way round (link 1 even
+    /// ms, link 2 odd), for 200 ms; link 2 loses the one sent at 101 ms.
+    /// Its copy, when `copy_ms` is given, comes over link 1 that long
+    /// after the gap shows (at 118 ms, when link 2's next arrives).
+    fn lossy(copy_ms: Option<u64>) -> Vec<(u64, u8, u64, u8)> {
+        let mut a = Vec::new();
+        for sent in 0..200u64 {
+            let (link, delay) = if sent % 2 == 0 { (1, 5) } else { (2, 15) };
+            let seq = (sent / 2 % 255 + 1) as u8;
+            if sent != 101 {
+                a.push((sent + delay, link, sent, seq));
+            }
+        }
+        if let Some(ms) = copy_ms {
+            a.push((118 + ms, 2, 101, 51));
+        }
+        a.sort_by_key(|&(at, ..)| at);
+        a
+    }
+
+    #[test]
+    fn a_lost_packet_is_asked_for_and_waited_on() {
+        let mut p = Playout::new();
+        p.set_floor(10_000);
+        let out = play_seq(&mut p, &lossy(Some(40)));
+        assert_eq!(out.len(), 200, "everything, the copy included");
+        assert!(in_order(&out), "{out:?}");
+        let s = p.stats();
+        assert_eq!((s.lost, s.resent, s.reordered), (1, 1, 0), "{s:?}");
+        assert!((40_000..41_000).contains(&s.max_resend_us), "{s:?}");
+        // Asked for once: link 2's number 51, between 99 and 103 ms.
+        let asks = p.take_asks();
+        let clock = 5_000_000u32;
+        assert_eq!(
+            asks,
+            vec![crate::proto::Gap {
+                link: 2,
+                after_us: clock + 99_000,
+                before_us: clock + 103_000,
+                first: 51,
+                count: 1,
+            }]
+        );
+        // What was sent after the gap waited for the copy; what was sent
+        // before it did not.
+        let at = |sent: u32| out.iter().find(|o| o.0 == sent).unwrap().1 / MS;
+        assert!(at(101) >= 158 && at(102) >= at(101), "{out:?}");
+        assert!(at(99) < 118, "{out:?}");
+    }
+
+    #[test]
+    fn a_copy_that_never_comes_is_waited_on_for_a_while_only() {
+        let mut p = Playout::new();
+        p.set_floor(10_000);
+        let out = play_seq(&mut p, &lossy(None));
+        assert_eq!(out.len(), 199);
+        assert!(in_order(&out));
+        let s = p.stats();
+        assert_eq!((s.lost, s.resent), (1, 0), "{s:?}");
+        // Held until the gap's wait ran out: seen at 118 ms, the spread
+        // (10 ms) and RESEND_WAIT_US past it.
+        let at = |sent: u32| out.iter().find(|o| o.0 == sent).unwrap().1 / MS;
+        let until = 118 + 10 + RESEND_WAIT_US as u64 / MS;
+        assert!((until..until + 2).contains(&at(102)), "{out:?}");
+        // Then the flow goes on at the spread again.
+        assert!(at(190) <= 190 + 16, "{out:?}");
+    }
+
+    #[test]
+    fn the_same_number_twice_is_no_gap() {
+        // Two CPUs gave two packets one number: nothing to ask for.
+        let mut p = Playout::new();
+        let a = [(5, 1, 0, 7), (6, 1, 1, 7), (7, 1, 2, 8), (8, 1, 3, 10)];
+        let out = play_seq(&mut p, &a);
+        assert_eq!(out.len(), 4);
+        let asks = p.take_asks();
+        assert_eq!(asks.len(), 1, "only 9, before 10: {asks:?}");
+        assert_eq!((asks[0].first, asks[0].count), (9, 1));
     }
 
     fn in_order(out: &[(u32, u64)]) -> bool {

@@ -1,6 +1,6 @@
-//! Control messages: ANNOUNCE, SHUTDOWN, LOGIN, LOGIN_REPLY, and the
+//! Control messages: ANNOUNCE, SHUTDOWN, LOGIN, LOGIN_REPLY, the
 //! measurement messages PROBE, PROBE_REQUEST, PROBE_REPORT, ECHO,
-//! ECHO_REPLY and FEEDBACK.
+//! ECHO_REPLY and FEEDBACK, and RESEND.
 //!
 //! They ride the same UDP ports as data, behind the same 24-byte bond
 //! header (a control `kind`, which the XDP programs pass to the agent's
@@ -26,7 +26,10 @@
 //! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock);
 //! FEEDBACK `n u8, n × (link u8, sent_us u32, queue_us u32), m u8, m ×
 //! (link u8, k u8, k × kbps u32)` (the second list: what other origins
-//! carried on each link, `crate::share`). All numbers
+//! carried on each link, `crate::share`); RESEND `n u8, n × (link u8,
+//! after_us u32, before_us u32, first u8, count u8)` (packets `first`,
+//! `first + 1`, ... of a link's sequence, sent between two it delivered,
+//! `crate::resend`). All numbers
 //! are network byte order. The decoder checks the length of every part
 //! before reading it and accepts nothing unsigned.
 
@@ -122,7 +125,29 @@ pub enum Body {
         links: Vec<LinkQueue>,
         shared: Vec<LinkShare>,
     },
+    /// Packets the receiving end's playout saw a link lose: send them
+    /// again (`crate::resend`).
+    Resend {
+        gaps: Vec<Gap>,
+    },
 }
+
+/// Packets a link lost, as the receiving end saw them: on `link`, the
+/// `count` packets of its sequence from `first` on (the bond header's
+/// `seq`, mod 256), sent after `after_us` and before `before_us` (the
+/// send times of the packets the link delivered around them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gap {
+    pub link: u8,
+    pub after_us: u32,
+    pub before_us: u32,
+    pub first: u8,
+    pub count: u8,
+}
+
+/// Gaps one RESEND may name.
+pub const MAX_GAPS: usize = 64;
+const _: () = assert!(FIXED_LEN + 1 + MAX_GAPS * 11 + TAG_LEN <= MAX_LEN);
 
 /// What the other origins of a community carried on one link lately,
 /// kbit/s each, the busiest first (the server tells each origin).
@@ -167,6 +192,7 @@ impl Body {
             Self::Echo { .. } => kind::ECHO,
             Self::EchoReply { .. } => kind::ECHO_REPLY,
             Self::Feedback { .. } => kind::FEEDBACK,
+            Self::Resend { .. } => kind::RESEND,
         }
     }
 }
@@ -313,6 +339,17 @@ impl Msg {
                     }
                 }
             }
+            Body::Resend { gaps } => {
+                let gaps = &gaps[..gaps.len().min(MAX_GAPS)];
+                b.push(gaps.len() as u8);
+                for g in gaps {
+                    b.push(g.link);
+                    b.extend_from_slice(&g.after_us.to_be_bytes());
+                    b.extend_from_slice(&g.before_us.to_be_bytes());
+                    b.push(g.first);
+                    b.push(g.count);
+                }
+            }
         }
         let t = tag(key, &b);
         b.extend_from_slice(&t);
@@ -417,6 +454,17 @@ impl Msg {
                     Ok(LinkShare {
                         link: r.u8()?,
                         others: r.list(crate::share::MAX_SHARERS, Reader::u32)?,
+                    })
+                })?,
+            },
+            kind::RESEND => Body::Resend {
+                gaps: r.list(MAX_GAPS, |r| {
+                    Ok(Gap {
+                        link: r.u8()?,
+                        after_us: r.u32()?,
+                        before_us: r.u32()?,
+                        first: r.u8()?,
+                        count: r.u8()?,
                     })
                 })?,
             },
@@ -702,6 +750,19 @@ mod tests {
                         others: vec![u32::MAX; crate::share::MAX_SHARERS],
                     };
                     MAX_FEEDBACK_LINKS
+                ],
+            },
+            Body::Resend { gaps: Vec::new() },
+            Body::Resend {
+                gaps: vec![
+                    Gap {
+                        link: 3,
+                        after_us: u32::MAX,
+                        before_us: 7,
+                        first: 255,
+                        count: 2,
+                    };
+                    MAX_GAPS
                 ],
             },
         ] {

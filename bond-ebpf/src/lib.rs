@@ -4,12 +4,14 @@
 #![no_std]
 
 use aya_ebpf::{
-    maps::PerCpuArray,
+    EbpfContext,
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    maps::{Array, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use bond_common::{
     csum, drops,
-    maps::LinkStats,
+    maps::{KEPT_MAX, KEPT_SLOTS, Kept, LinkStats},
     wire::{ETH_LEN, IPV4_LEN, OUTER_LEN},
 };
 
@@ -21,6 +23,12 @@ pub trait Packet {
     fn packet_len(&self) -> usize {
         self.end() - self.start()
     }
+    /// Copies `n` bytes at `off` to `dst` (the helper checks the packet
+    /// side); false if they are not there.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `n` bytes of writes.
+    unsafe fn load(&self, off: u32, dst: *mut u8, n: u32) -> bool;
 }
 
 impl Packet for XdpContext {
@@ -32,6 +40,11 @@ impl Packet for XdpContext {
     fn end(&self) -> usize {
         self.data_end()
     }
+    #[inline(always)]
+    unsafe fn load(&self, off: u32, dst: *mut u8, n: u32) -> bool {
+        // SAFETY: the caller vouches for `dst`; the context is live.
+        unsafe { bpf_xdp_load_bytes(self.ctx, off, dst.cast(), n) == 0 }
+    }
 }
 
 impl Packet for TcContext {
@@ -42,6 +55,73 @@ impl Packet for TcContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+    #[inline(always)]
+    unsafe fn load(&self, off: u32, dst: *mut u8, n: u32) -> bool {
+        // SAFETY: the caller vouches for `dst`; the context is live.
+        unsafe { bpf_skb_load_bytes(self.as_ptr(), off, dst.cast(), n) == 0 }
+    }
+}
+
+/// The next sequence number of link `idx` in `seqs` (1 to 255, as the
+/// bond header carries it: `wire::seq_next`). Not atomic: two CPUs sending on one link at
+/// the same instant may give two packets one number, which the receiving
+/// end takes for a gap it cannot fill and stops waiting for.
+#[inline(always)]
+pub fn next_seq(seqs: &Array<u32>, idx: u32) -> u8 {
+    match seqs.get_ptr_mut(idx) {
+        // SAFETY: a live map value; a lost update is harmless (above).
+        Some(c) => unsafe {
+            let s = bond_common::wire::seq_next(*c as u8);
+            *c = u32::from(s);
+            s
+        },
+        None => 0,
+    }
+}
+
+/// Keeps a copy of the wrapped packet's `n` bytes from `off` (its bond
+/// header and inner packet) in the ring `ring`, at the slot `next` points
+/// to (`bond_common::maps::Kept`). A packet too big for a slot is not kept.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn keep(
+    ctx: &impl Packet,
+    ring: &Array<Kept>,
+    next: &Array<u32>,
+    off: usize,
+    n: usize,
+    head: (u16, u32, u8, u8, u32),
+) {
+    let (community, idx, link, seq, sent_us) = head;
+    if n == 0 || n > KEPT_MAX {
+        return;
+    }
+    let Some(at) = next.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a live map value; see `Kept` on racing writers.
+    let slot = unsafe {
+        let i = *at;
+        *at = i.wrapping_add(1);
+        i % KEPT_SLOTS
+    };
+    let Some(k) = ring.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: `k` is a live map value with KEPT_MAX data bytes and `n` is
+    // at most that.
+    unsafe {
+        (*k).len = 0;
+        if !ctx.load(off as u32, (&raw mut (*k).data).cast(), n as u32) {
+            return;
+        }
+        (*k).sent_us = sent_us;
+        (*k).idx = idx;
+        (*k).community = community;
+        (*k).link = link;
+        (*k).seq = seq;
+        (*k).len = n as u16;
     }
 }
 

@@ -191,7 +191,8 @@ pub struct Bond {
     pub kind: u8,
     pub community: u16,
     pub link: u8,
-    pub flags: u8,
+    /// The per-link sequence (DATA), 0 in control messages.
+    pub seq: u8,
     pub origin: Ipv4Addr,
     /// The sender's clock, µs.
     pub sent: u32,
@@ -209,11 +210,11 @@ impl Bond {
     ) -> Self {
         Self {
             magic: 0xB04D,
-            version: 2,
+            version: 3,
             kind,
             community,
             link,
-            flags: 0,
+            seq: 0,
             origin,
             sent,
             token,
@@ -227,7 +228,7 @@ impl Bond {
         b[3] = self.kind;
         b[4..6].copy_from_slice(&self.community.to_be_bytes());
         b[6] = self.link;
-        b[7] = self.flags;
+        b[7] = self.seq;
         b[8..12].copy_from_slice(&self.origin.octets());
         b[12..16].copy_from_slice(&self.sent.to_be_bytes());
         b[16..24].copy_from_slice(&self.token.to_be_bytes());

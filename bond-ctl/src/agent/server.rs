@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 use bond_common::{
     edpf::{DEFAULT_BACKLOG_US, PATH_USABLE, Paths},
     maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink, name},
+    wire::{ETH_LEN, IPV4_LEN, UDP_LEN},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -36,6 +37,7 @@ use crate::{
     playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
+    resend,
 };
 
 const SKEW_MS: u64 = 30_000;
@@ -92,6 +94,8 @@ struct Agent {
     playout: Option<playout::Handle>,
     /// Keeps the downstream schedules true from the origins' feedback.
     corrector: Corrector,
+    /// What origins asked to be sent again, and what was.
+    resends: resend::Stats,
 }
 
 pub async fn run(
@@ -194,6 +198,7 @@ pub async fn run(
         path: path.to_path_buf(),
         playout,
         corrector: Corrector::start(maps.clone())?,
+        resends: resend::Stats::default(),
         cfg,
         maps,
     };
@@ -245,7 +250,7 @@ impl Agent {
     async fn run(
         &mut self,
         mut calls: mpsc::Receiver<Call>,
-        mut playout_feedback: playout::FeedbackRx,
+        mut playout_reports: playout::ReportRx,
     ) -> Result<Exit> {
         let stop = wait_for_signal();
         tokio::pin!(stop);
@@ -283,9 +288,11 @@ impl Agent {
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,
-                Some(feedback) = playout_feedback.recv() => {
-                    self.send_feedback(feedback).await;
-                }
+                Some(report) = playout_reports.recv() => match report {
+                    playout::Report::Feedback(feedback) => self.send_feedback(feedback).await,
+                    // Origins keep no copies of what they send (yet).
+                    playout::Report::Resend(..) => {}
+                },
                 _ = dark_check.tick() => {
                     let r = self.check_dark();
                     self.faults.survive("apply_links", r);
@@ -455,6 +462,14 @@ impl Agent {
                     }
                 }
             }
+            Body::Resend { gaps } => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("resend_without_session");
+                    return Ok(());
+                }
+                let r = self.resend(c, o, gaps).await;
+                self.faults.survive("resend", r);
+            }
             Body::Echo { sent_ns } if msg.flags & flags::VIA_LINK != 0 => {
                 // From the link's owner, from the link's address: answered
                 // there (the same size: no amplifier), and the link is alive.
@@ -550,6 +565,32 @@ impl Agent {
 
     /// Sends `body` about a terminal's link (community, origin, link),
     /// signed with its community's key, to `dst`.
+    /// Sends origin `o` of community `c` again what its playout saw the
+    /// links lose (`crate::resend`), each copy on the link where it
+    /// arrives first now.
+    async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[proto::Gap]) -> Result<()> {
+        let ring = self.maps.kept_ring()?;
+        let next = self.maps.kept_next()?;
+        let copies = resend::find(|i| ring.get(&i, 0).ok(), next, c, u32::from(o), gaps);
+        let asked: u64 = gaps.iter().map(|g| u64::from(g.count)).sum();
+        self.resends.asked += asked;
+        for k in &copies {
+            let Some(bytes) = k.bytes() else { continue };
+            let frame = (bytes.len() + ETH_LEN + IPV4_LEN + UDP_LEN) as u32;
+            let Some(idx) = self.maps.pick_down_path(c, frame)? else {
+                self.resends.no_link += 1;
+                continue;
+            };
+            let l = self.maps.server_link(idx)?;
+            let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+            match self.sock.send_to(bytes, to).await {
+                Ok(_) => self.resends.sent += 1,
+                Err(_) => self.rejects.count("send_failed"),
+            }
+        }
+        Ok(())
+    }
+
     async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddrV4) {
         let (community, origin, link) = about;
         let Some(key) = self.keys.get(&community) else {
@@ -920,6 +961,7 @@ impl Agent {
                 Model::Down(c) => self.link_of(c, idx),
                 Model::Up => None,
             }),
+            "resend": self.resends,
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })

@@ -407,7 +407,7 @@ impl Agent {
         &mut self,
         ebpf: &mut aya::Ebpf,
         pins: &mut Pins,
-        feedback: playout::FeedbackTx,
+        reports: playout::ReportTx,
     ) -> Result<()> {
         let name = hold_name(&self.cfg.device);
         // What comes back is addressed to this host from anywhere: not a
@@ -415,7 +415,7 @@ impl Agent {
         let (tap, dev) = playout::hold_device(&self.net, &name, "2").await?;
         pins.attach_xdp(ebpf, "bond_terminal", &name)?;
         let maps = self.maps.clone();
-        let p = playout::Handle::start(tap, dev.index, dev.mac, maps, name::T_HOLD, feedback)?;
+        let p = playout::Handle::start(tap, dev.index, dev.mac, maps, name::T_HOLD, reports)?;
         self.playout = Some(p);
         Ok(())
     }
@@ -423,7 +423,7 @@ impl Agent {
     async fn run(
         &mut self,
         mut calls: mpsc::Receiver<Call>,
-        mut playout_feedback: playout::FeedbackRx,
+        mut playout_reports: playout::ReportRx,
     ) -> Result<Exit> {
         let (tx, mut rx) = mpsc::channel::<Received>(1024);
         spawn_reader(self.lan_sock.clone(), From::Lan, tx.clone());
@@ -459,9 +459,14 @@ impl Agent {
                     }
                 }
                 _ = announce.tick() => self.announce().await,
-                Some((_, links, shared)) = playout_feedback.recv() => {
-                    self.send_feedback(links, shared).await;
-                }
+                Some(report) = playout_reports.recv() => match report {
+                    playout::Report::Feedback((_, links, shared)) => {
+                        self.send_feedback(links, shared).await;
+                    }
+                    playout::Report::Resend(_, gaps) => {
+                        self.send_to_server(Body::Resend { gaps }, false).await;
+                    }
+                },
                 _ = refresh.tick() => {
                     let r = self.refresh().await;
                     self.faults.survive("refresh", r);

@@ -36,9 +36,9 @@ use bond_common::{
     drops,
     edpf::Paths,
     maps::{
-        Flow, FlowKey, Hold, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_FLOWS,
-        MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink, Session,
-        SessionKey, event, tcp,
+        Flow, FlowKey, Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES,
+        MAX_FLOWS, MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink,
+        Session, SessionKey, event, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -46,7 +46,8 @@ use bond_common::{
     },
 };
 use bond_ebpf::{
-    L4, Packet, count, link_stats, nat_rewrite, outer_len, read, read_u16, read_u32, write,
+    L4, Packet, count, keep, link_stats, nat_rewrite, next_seq, outer_len, read, read_u16,
+    read_u32, write,
 };
 
 #[map]
@@ -78,6 +79,15 @@ static S_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drops::COUNT, 0);
 static S_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
 /// Flows each origin holds: counted up here as flows are made, recounted
 /// by the agent's sweep as they expire.
+/// Per link (`S_LINKS` index): DATA_DOWN packets sent on it, for the
+/// bond header's sequence.
+#[map]
+static S_LINK_SEQ: Array<u32> = Array::pinned(MAX_SERVER_LINKS, 0);
+/// What downstream sent lately, for the origins to ask for again.
+#[map]
+static S_KEPT: Array<Kept> = Array::pinned(KEPT_SLOTS, 0);
+#[map]
+static S_KEPT_NEXT: Array<u32> = Array::pinned(1, 0);
 #[map]
 static S_ORIGIN_FLOWS: HashMap<SessionKey, u64> = HashMap::pinned(MAX_SESSIONS, 0);
 
@@ -431,12 +441,14 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     }
     let l4head = read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
+    let mut pure_ack = false;
     if proto == IPPROTO_TCP {
         if len < 40 {
             return Err(drops::TRUNCATED);
         }
         let h = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
         tcp_flags = Some(h[tcp::FLAGS_OFF]);
+        pure_ack = tcp::pure_ack(len, [h[12], h[13]]);
     }
 
     // SAFETY: read-only use of map values.
@@ -504,6 +516,12 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     }
     let ip = wire::outer_ipv4(cfg.wan_ip, link_ip, len);
     let udp = wire::outer_udp(cfg.port, link_port, len);
+    // Pure ACKs are not counted: the origin's playout never sees them.
+    let seq = if pure_ack {
+        0
+    } else {
+        next_seq(&S_LINK_SEQ, idx)
+    };
     let b = BondHdr::new(
         kind::DATA_DOWN,
         nat.community,
@@ -512,10 +530,16 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         sent,
         token,
     )
+    .with_seq(seq)
     .to_bytes();
     if !(write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + 20, udp) && write(ctx, wire::BOND_OFF, b))
     {
         return Err(drops::TRUNCATED);
+    }
+    if !pure_ack {
+        let n = BondHdr::LEN + usize::from(len);
+        let head = (nat.community, idx, link_id, seq, sent);
+        keep(ctx, &S_KEPT, &S_KEPT_NEXT, wire::BOND_OFF, n, head);
     }
     link_stats(&S_LINK_STATS, idx, |s| {
         s.down_pkts += 1;
