@@ -157,12 +157,13 @@ fn with_stamp(got: &[u8], want: &[u8], what: &str) -> Vec<u8> {
         );
         want[SENT].copy_from_slice(&sent.to_be_bytes());
     }
-    // The server numbers each link's DATA_DOWN (1 to 255, from wherever
-    // the link's count stands): a test that leaves the number open (0)
-    // takes any; `server_numbers_each_links_packets_and_keeps_copies`
-    // checks them.
+    // Senders number each link's DATA (1 to 127, from wherever the link's
+    // count stands): a test that leaves the number open (0) takes any;
+    // `server_numbers_each_links_packets_and_keeps_copies` and
+    // `wrap_numbers_each_links_packets_and_keeps_copies` check them.
     const SEQ: usize = 49;
-    if wrapped(&want) && wrapped(got) && want[45] == DATA_DOWN && want[SEQ] == 0 {
+    let data = |k: u8| k == DATA_UP || k == DATA_DOWN;
+    if wrapped(&want) && wrapped(got) && data(want[45]) && want[SEQ] == 0 {
         want[SEQ] = got[SEQ];
     }
     want
@@ -507,6 +508,57 @@ fn wrap_sends_each_packet_where_it_arrives_first() {
             );
         }
         assert_eq!(t.nonzero_drops(), vec![], "no drops");
+    });
+}
+
+/// `bond_wrap` numbers each link's DATA_UP in a sequence of its own (1
+/// to 127, round past 0), leaves a pure ACK unnumbered, and keeps a copy
+/// of every numbered packet as it left (`T_KEPT`), for the server to ask
+/// for again (`bond_ctl::resend`).
+#[test]
+fn wrap_numbers_each_links_packets_and_keeps_copies() {
+    use bond_common::{
+        maps::{KEPT_SLOTS, Kept, name},
+        wire::seq_next,
+    };
+    use {term::*, wrap::*};
+    isolate::pinned(|_| {
+        let t = wrap::setup("wrap-seq");
+        t.maps
+            .set_up_paths(&[(A, 1_000, 0), (B, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
+        let inner = app_packets()[0].bytes();
+        let frame = eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &inner);
+        let (ring, first) = t.maps.kept(name::T_KEPT, name::T_KEPT_NEXT).unwrap();
+        let mut seqs: std::collections::BTreeMap<u8, Vec<u8>> = Default::default();
+        for i in 0..300u32 {
+            let (v, out) = t.run("bond_wrap", &frame);
+            assert_eq!(v, TC_ACT_REDIRECT, "packet {i}");
+            let bond = WRAP_LEN - 24;
+            seqs.entry(out[bond + 6]).or_default().push(out[bond + 7]);
+            let k: Kept = ring.get(&((first + i) % KEPT_SLOTS), 0).unwrap();
+            assert_eq!(k.bytes(), Some(&out[bond..]), "packet {i}: its copy");
+            assert_eq!(k.idx, u32::from(out[bond + 6]), "packet {i}: the link");
+        }
+        assert_eq!(seqs.keys().copied().collect::<Vec<_>>(), vec![A, B]);
+        for (link, n) in &seqs {
+            assert_eq!(n.len(), 150, "link {link}");
+            assert_eq!(n[0], 1, "link {link}: the first");
+            for w in n.windows(2) {
+                assert_eq!(w[1], seq_next(w[0]), "link {link}: {n:?}");
+            }
+        }
+        // A pure ACK (no payload, ACK alone): no number, no copy.
+        let ack = Ip {
+            payload: Vec::new(),
+            ..app_packets()[0].clone()
+        }
+        .bytes();
+        let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &ack));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(out[WRAP_LEN - 24 + 7], 0, "a pure ACK's number");
+        let (_, next) = t.maps.kept(name::T_KEPT, name::T_KEPT_NEXT).unwrap();
+        assert_eq!(next, first + 300, "no copy kept");
     });
 }
 
@@ -1292,14 +1344,14 @@ mod srv {
     }
 }
 
-/// Each link's DATA_DOWN is numbered in a sequence of its own (1 to 255,
+/// Each link's DATA_DOWN is numbered in a sequence of its own (1 to 127,
 /// round past 0), a pure ACK is not numbered, and a copy of every
 /// numbered packet is kept as it left, bond header and inner packet, for
 /// the origin to ask for again (`bond_ctl::resend`).
 #[test]
 fn server_numbers_each_links_packets_and_keeps_copies() {
     use bond_common::{
-        maps::{KEPT_SLOTS, Kept},
+        maps::{KEPT_SLOTS, Kept, name},
         wire::seq_next,
     };
     use srv::*;
@@ -1319,8 +1371,7 @@ fn server_numbers_each_links_packets_and_keeps_copies() {
         let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
         expect_up(&s, "TCP up", l0, &tcp, 20000);
         let frame = reply(&tcp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
-        let ring = s.maps.kept_ring().unwrap();
-        let first = s.maps.kept_next().unwrap();
+        let (ring, first) = s.maps.kept(name::S_KEPT, name::S_KEPT_NEXT).unwrap();
         let mut seqs: std::collections::BTreeMap<u8, Vec<u8>> = Default::default();
         for i in 0..600u32 {
             let (v, out) = s.run("bond_server", &frame);
@@ -1353,7 +1404,8 @@ fn server_numbers_each_links_packets_and_keeps_copies() {
         let (v, out) = s.run("bond_server", &ack.frame(CNT_DEV_MAC, CONTENT_MAC));
         assert_eq!(v, XDP_REDIRECT);
         assert_eq!(out[BOND + 7], 0, "a pure ACK's number");
-        assert_eq!(s.maps.kept_next().unwrap(), first + 600, "no copy kept");
+        let (_, next) = s.maps.kept(name::S_KEPT, name::S_KEPT_NEXT).unwrap();
+        assert_eq!(next, first + 600, "no copy kept");
     });
 }
 

@@ -30,6 +30,9 @@ pub mod name {
     pub const T_DROPS: &str = "T_DROPS";
     pub const T_DOWN_LATEST: &str = "T_DOWN_LATEST";
     pub const T_HOLD: &str = "T_HOLD";
+    pub const T_LINK_SEQ: &str = "T_LINK_SEQ";
+    pub const T_KEPT: &str = "T_KEPT";
+    pub const T_KEPT_NEXT: &str = "T_KEPT_NEXT";
     pub const S_HOLD: &str = "S_HOLD";
     pub const S_CONFIG: &str = "S_CONFIG";
     pub const S_SESSIONS: &str = "S_SESSIONS";
@@ -101,7 +104,7 @@ pub const KEPT_SLOTS: u32 = 8192;
 /// 1500-byte link.
 pub const KEPT_MAX: usize = 1504;
 
-/// One packet as its sender sent it (`S_KEPT`), so the receiving end can
+/// One packet as its sender sent it (`S_KEPT`, `T_KEPT`), so the receiving end can
 /// ask for it again when its link lost it (`bond_ctl::resend`). The ring
 /// is written without a lock (the next slot from `S_KEPT_NEXT`, bumped
 /// without an atomic): two CPUs may write one slot at once, so a reader
@@ -111,7 +114,8 @@ pub const KEPT_MAX: usize = 1504;
 pub struct Kept {
     /// The bond header's `sent_us`.
     pub sent_us: u32,
-    /// The sender's index of the link (`S_LINKS`).
+    /// The sender's index of the link (`S_LINKS` on the server, the link
+    /// id at an origin).
     pub idx: u32,
     pub community: u16,
     /// Bytes in `data`; 0: an empty slot.

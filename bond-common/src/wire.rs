@@ -51,20 +51,27 @@ pub const fn sent_us(now_ns: u64) -> u32 {
     (now_ns / 1000) as u32
 }
 
-/// The per-link sequence number after `s` ([`BondHdr::seq`]): 1 to 255,
-/// skipping 0 (not counted).
+/// The per-link sequence runs 1 to [`SEQ_MAX`] and round again
+/// ([`BondHdr::seq`]); 0 is "not counted".
+pub const SEQ_MAX: u8 = 127;
+/// Set in [`BondHdr::seq`] on a copy sent again (`bond_ctl::resend`): the
+/// rest is the packet's number on the link it was first sent on, `link`
+/// the link it comes on now.
+pub const SEQ_COPY: u8 = 0x80;
+
+/// The per-link sequence number after `s`: 1 to [`SEQ_MAX`], skipping 0.
 #[inline(always)]
 pub const fn seq_next(s: u8) -> u8 {
-    if s == u8::MAX { 1 } else { s + 1 }
+    if s >= SEQ_MAX { 1 } else { s + 1 }
 }
 
 /// How many numbers of a link's sequence lie strictly between `last` and
-/// `seq` (both counted, 1 to 255): the packets lost in between, or, when
+/// `seq` (both 1 to [`SEQ_MAX`]): the packets lost in between, or, when
 /// `seq` is not after `last` (the same again, or older), more than half
 /// the sequence.
 #[inline(always)]
 pub const fn seq_missing(last: u8, seq: u8) -> u8 {
-    (seq as i16 - last as i16 - 1).rem_euclid(255) as u8
+    (seq as i16 - last as i16 - 1).rem_euclid(SEQ_MAX as i16) as u8
 }
 
 /// Offset of the bond header in a wrapped Ethernet frame.
@@ -88,10 +95,10 @@ pub struct BondHdr {
     pub community: [u8; 2],
     pub link: u8,
     /// DATA: the sender's count of the packets it sent on `link`, 1 to
-    /// 255 and round again ([`seq_next`]), so the receiving end sees a
-    /// packet the link lost when the next one arrives and can ask for a
-    /// copy. 0: not counted (pure ACKs, which no playout holds, and
-    /// control messages).
+    /// [`SEQ_MAX`] and round again ([`seq_next`]), so the receiving end
+    /// sees a packet the link lost when the next one arrives and can ask
+    /// for a copy; with [`SEQ_COPY`], such a copy. 0: not counted (pure
+    /// ACKs, which no playout holds, and control messages).
     pub seq: u8,
     pub origin: [u8; 4],
     pub sent: [u8; 4],
@@ -433,19 +440,24 @@ mod tests {
 
     #[test]
     fn sequence_skips_zero_and_counts_what_is_missing() {
-        assert_eq!((seq_next(1), seq_next(254), seq_next(255)), (2, 255, 1));
+        assert_eq!((seq_next(1), seq_next(126), seq_next(127)), (2, 127, 1));
         assert_eq!(seq_missing(1, 2), 0);
         assert_eq!(seq_missing(1, 5), 3);
-        assert_eq!(seq_missing(255, 1), 0, "round past 0");
-        assert_eq!(seq_missing(254, 3), 3, "255, 1, 2");
+        assert_eq!(seq_missing(127, 1), 0, "round past 0");
+        assert_eq!(seq_missing(126, 3), 3, "127, 1, 2");
         // The same again, or one back: the whole sequence less one or two.
-        assert_eq!(seq_missing(7, 7), 254);
-        assert_eq!(seq_missing(7, 6), 253);
+        assert_eq!(seq_missing(7, 7), 126);
+        assert_eq!(seq_missing(7, 6), 125);
         let mut s = 9u8;
-        for n in 0..254u8 {
+        for n in 0..126u8 {
             assert_eq!(seq_missing(9, seq_next(s)), n);
             s = seq_next(s);
         }
+        assert_eq!(
+            seq_next(SEQ_MAX) & SEQ_COPY,
+            0,
+            "a number never looks like a copy"
+        );
     }
 
     #[test]

@@ -271,6 +271,21 @@ impl Maps {
         self.set(map, 0, hold)
     }
 
+    /// A sender's ring of copies (`S_KEPT` or `T_KEPT`, `crate::resend`),
+    /// opened once for the many slots a search reads, and the slot it
+    /// writes next (from `S_KEPT_NEXT` or `T_KEPT_NEXT`).
+    pub fn kept(
+        &self,
+        ring: &'static str,
+        next: &'static str,
+    ) -> Result<(Array<MapData, Kept>, u32)> {
+        let at = self
+            .array::<u32>(next)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map { name: next, source })?;
+        Ok((self.array::<Kept>(ring)?, at))
+    }
+
     pub fn terminal_config(&self) -> Result<TerminalConfig> {
         self.array::<TerminalConfig>(name::T_CONFIG)?
             .get(&0, 0)
@@ -329,6 +344,17 @@ impl Maps {
             self.set(name::T_PATHS, 0, p)?;
         }
         Ok(left)
+    }
+
+    /// Picks the link where `len` bytes (the whole frame) sent upstream now
+    /// arrive first, and counts them into its queue, as `bond_wrap` does.
+    pub fn pick_up_path(&self, len: u32) -> Result<Option<u8>> {
+        let mut p = self.up_paths()?;
+        let Ok(id) = p.pick(monotonic_ns(), len) else {
+            return Ok(None);
+        };
+        self.set(name::T_PATHS, 0, p)?;
+        Ok(Some(id as u8))
     }
 
     /// Writes the upstream schedule back whole (after `Paths::correct`).
@@ -536,23 +562,6 @@ impl Maps {
             self.put(name::S_PATHS, community, p)?;
         }
         Ok(left)
-    }
-
-    /// The ring slot the server writes its next downstream copy to
-    /// (`crate::resend`).
-    pub fn kept_next(&self) -> Result<u32> {
-        self.array::<u32>(name::S_KEPT_NEXT)?
-            .get(&0, 0)
-            .map_err(|source| Error::Map {
-                name: name::S_KEPT_NEXT,
-                source,
-            })
-    }
-
-    /// The ring of the server's downstream copies, opened once for the
-    /// many slots a search reads.
-    pub fn kept_ring(&self) -> Result<Array<MapData, Kept>> {
-        self.array::<Kept>(name::S_KEPT)
     }
 
     /// Picks the link where `len` bytes (the whole frame) sent now on

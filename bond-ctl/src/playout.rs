@@ -41,7 +41,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use bond_common::{
     maps::Hold,
-    wire::{BOND_OFF, BondHdr},
+    wire::{BOND_OFF, BondHdr, SEQ_COPY, SEQ_MAX},
 };
 use serde::Serialize;
 
@@ -141,10 +141,10 @@ pub struct Stats {
     pub max_resend_us: u64,
 }
 
-/// A gap in one link's sequence, waited on.
+/// A gap in one link's sequence, waited on. (A copy does not say which
+/// link it was first sent on: its number and send time find the gap.)
 #[derive(Clone, Debug)]
 struct Gap {
-    link: u8,
     /// The send times (unwrapped) of the packets the link delivered
     /// around it.
     after: i64,
@@ -304,6 +304,11 @@ impl<T> Playout<T> {
         if seq != 0 {
             self.sequence(now_us, link, s, seq);
         }
+        if seq & SEQ_COPY != 0 {
+            // Late by its nature: no measure of the link it came on.
+            self.stats.packets += 1;
+            return self.hold(now_us, s, item);
+        }
         let l = self
             .links
             .entry(link)
@@ -330,6 +335,12 @@ impl<T> Playout<T> {
         self.links
             .retain(|_, l| now_us.saturating_sub(l.last_us) < 2 * WINDOW_US);
         self.stats.packets += 1;
+        self.hold(now_us, s, item);
+    }
+
+    /// Holds a packet sent at `s` (unwrapped) until its time, or lets it
+    /// go at once if one sent later went up already.
+    fn hold(&mut self, now_us: u64, s: i64, item: T) {
         if self.released.is_some_and(|r| s < r) {
             // A packet sent later went up already: too late to wait.
             self.stats.reordered += 1;
@@ -349,16 +360,15 @@ impl<T> Playout<T> {
     /// Follows `link`'s sequence: a gap before a packet that is new on
     /// it, or a copy that fills one.
     fn sequence(&mut self, now_us: u64, link: u8, s: i64, seq: u8) {
-        let Some(l) = self.links.get(&link) else {
-            return; // the first: nothing to compare with (the entry follows)
-        };
-        if s <= l.latest {
-            // Older than what the link delivered: a copy (or a packet the
-            // sender numbered on another CPU at the same instant).
+        if seq & SEQ_COPY != 0 {
+            // A copy sent again, on whichever link arrived first: it fills
+            // the gap of the link it was first sent on, which its number
+            // and send time name.
+            let seq = seq & !SEQ_COPY;
             if let Some(g) = self
                 .gaps
                 .iter_mut()
-                .find(|g| g.link == link && g.after < s && s < g.before && g.missing.contains(&seq))
+                .find(|g| g.after < s && s < g.before && g.missing.contains(&seq))
             {
                 g.missing.retain(|&m| m != seq);
                 self.stats.resent += 1;
@@ -366,13 +376,19 @@ impl<T> Playout<T> {
             }
             return;
         }
+        let Some(l) = self.links.get(&link) else {
+            return; // the first: nothing to compare with (the entry follows)
+        };
+        if s <= l.latest {
+            return; // numbered on another CPU at the same instant
+        }
         let last = l.seq;
         if last == 0 {
             return;
         }
         let n = bond_common::wire::seq_missing(last, seq);
         // More than half the sequence: not a loss (the same number twice).
-        if n == 0 || n > 127 || self.gaps.len() >= MAX_GAPS {
+        if n == 0 || n > SEQ_MAX / 2 || self.gaps.len() >= MAX_GAPS {
             return;
         }
         let first = bond_common::wire::seq_next(last);
@@ -386,7 +402,6 @@ impl<T> Playout<T> {
         let (_, spread) = self.bases(now_us);
         self.stats.lost += u64::from(n);
         self.gaps.push(Gap {
-            link,
             after,
             before,
             missing,
@@ -885,13 +900,14 @@ mod tests {
         let mut a = Vec::new();
         for sent in 0..200u64 {
             let (link, delay) = if sent % 2 == 0 { (1, 5) } else { (2, 15) };
-            let seq = (sent / 2 % 255 + 1) as u8;
+            let seq = (sent / 2 % 127 + 1) as u8;
             if sent != 101 {
                 a.push((sent + delay, link, sent, seq));
             }
         }
         if let Some(ms) = copy_ms {
-            a.push((118 + ms, 2, 101, 51));
+            // Over link 1, flagged a copy, with its number on link 2.
+            a.push((118 + ms, 1, 101, 51 | SEQ_COPY));
         }
         a.sort_by_key(|&(at, ..)| at);
         a

@@ -12,15 +12,16 @@
 //!   next packet arrives (links keep their own order), holds everything
 //!   sent after the link's previous packet, and asks at once (RESEND).
 //! - The sender finds the copies ([`find`]) and sends each again on the
-//!   link where it arrives first, unchanged: the playout fills the gap
-//!   with it and releases the flow in order, a few tens of ms late instead
-//!   of lost.
+//!   link where it arrives first, marked a copy ([`again`]): the playout
+//!   fills the gap with it and releases the flow in order, a few tens of
+//!   ms late instead of lost.
 //!
-//! Downstream only, so far: the server keeps copies; origins do not.
+//! Both ways: the server keeps its downstream copies (`S_KEPT`), each
+//! origin its upstream ones (`T_KEPT`).
 
 use bond_common::{
     maps::{KEPT_SLOTS, Kept},
-    wire::{BondHdr, seq_next},
+    wire::{BondHdr, SEQ_COPY, seq_next},
 };
 
 use serde::Serialize;
@@ -106,6 +107,19 @@ pub fn find(
     out
 }
 
+/// A kept packet (bond header and inner packet) as it is sent again on
+/// link `on`: the header names the link it comes on (the server checks a
+/// DATA_UP's source against it) and is marked a copy, keeping its number
+/// on the link it was first sent on.
+pub fn again(bytes: &[u8], on: u8) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    if let Some(h) = b.get_mut(..BondHdr::LEN) {
+        h[6] = on;
+        h[7] |= SEQ_COPY;
+    }
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,20 +198,30 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_names_the_link_it_comes_on_and_keeps_its_number() {
+        let k = kept(7, 0x0a00_0103, 2, 45, 1_000);
+        let b = again(k.bytes().unwrap(), 1);
+        let h = BondHdr::parse(&b).unwrap();
+        assert_eq!((h.link, h.seq), (1, 45 | SEQ_COPY));
+        assert_eq!(h.sent_us(), 1_000);
+        assert_eq!(&b[8..], &k.bytes().unwrap()[8..], "the rest unchanged");
+    }
+
+    #[test]
     fn numbers_and_clocks_wrap() {
-        // Numbers 254, 255, 1, 2 on link 1; the clock wraps mid-ring.
-        let r = ring(20, u32::MAX - 900, 250);
+        // Numbers 126, 127, 1, 2 on link 1; the clock wraps mid-ring.
+        let r = ring(20, u32::MAX - 900, 122);
         let t = |i: u32| (u32::MAX - 900).wrapping_add(i * 100);
         let g = Gap {
             link: 1,
             after_us: t(6),
             before_us: t(14),
-            first: 254,
+            first: 126,
             count: 3,
         };
         assert_eq!(
             run(&r, &[g]),
-            vec![(1, 1, t(12)), (1, 254, t(8)), (1, 255, t(10))]
+            vec![(1, 1, t(12)), (1, 126, t(8)), (1, 127, t(10))]
         );
     }
 
@@ -214,7 +238,7 @@ mod tests {
             after_us: 5_000_000 + 990 * 100,
             before_us: 5_000_000 + 999 * 100,
             first: 1,
-            count: 255,
+            count: 127,
         };
         find(slot, 1000, 7, 0x0a00_0103, &[g]);
         // Back to 10 ms before the gap: 100 slots and the 10 of the gap.

@@ -63,7 +63,7 @@ impl Packet for TcContext {
     }
 }
 
-/// The next sequence number of link `idx` in `seqs` (1 to 255, as the
+/// The next sequence number of link `idx` in `seqs` (1 to 127, as the
 /// bond header carries it: `wire::seq_next`). Not atomic: two CPUs sending on one link at
 /// the same instant may give two packets one number, which the receiving
 /// end takes for a gap it cannot fill and stops waiting for.

@@ -218,23 +218,28 @@ impl Agent {
             .then_some(*idx)
     }
 
+    /// The ways to origin `o` of community `c`: its own lit link, and a
+    /// lit link of a peer, which passes messages on over the LAN.
+    fn ways_to(&self, c: u16, o: Ipv4Addr) -> [Option<(u8, SocketAddrV4)>; 2] {
+        let lit = || {
+            self.applied
+                .range((c, 0)..=(c, u8::MAX))
+                .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
+                .map(|(&(_, id), &(_, l))| (id, l))
+        };
+        let to = |(id, l): (u8, ServerLink)| (id, SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port));
+        let own = lit().find(|(_, l)| l.owner == u32::from(o)).map(to);
+        let peer = lit().find(|(_, l)| l.owner != u32::from(o)).map(to);
+        [own, peer]
+    }
+
     /// Tells origin `o` of community `c` what its upstream packets met on
-    /// each link: over its own lit link and through the lit link of a
-    /// peer, which passes it on over the LAN (either alone where there is
-    /// no other). Two ways, because a report lost with a link that went
-    /// dark would hide that it did (`crate::feedback`).
+    /// each link: both ways ([`Self::ways_to`]; either alone where there
+    /// is no other), because a report lost with a link that went dark
+    /// would hide that it did (`crate::feedback`).
     async fn send_feedback(&mut self, ((c, o), links, shared): playout::Feedback) {
         let o = Ipv4Addr::from(o);
-        let lit: Vec<_> = self
-            .applied
-            .range((c, 0)..=(c, u8::MAX))
-            .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
-            .map(|(&(_, id), &(_, l))| (id, l))
-            .collect();
-        let own = lit.iter().find(|(_, l)| l.owner == u32::from(o));
-        let peer = lit.iter().find(|(_, l)| l.owner != u32::from(o));
-        for (id, l) in own.into_iter().chain(peer).copied() {
-            let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+        for (id, to) in self.ways_to(c, o).into_iter().flatten() {
             self.send(
                 (c, o, id),
                 Body::Feedback {
@@ -244,6 +249,16 @@ impl Agent {
                 to,
             )
             .await;
+        }
+    }
+
+    /// Asks origin `o` of community `c` for the packets its links lost
+    /// upstream (`crate::resend`): one way, its own link first.
+    async fn ask_resend(&mut self, (c, o): playout::Sender, gaps: Vec<proto::Gap>) {
+        let o = Ipv4Addr::from(o);
+        let [own, peer] = self.ways_to(c, o);
+        if let Some((id, to)) = own.or(peer) {
+            self.send((c, o, id), Body::Resend { gaps }, to).await;
         }
     }
 
@@ -290,8 +305,7 @@ impl Agent {
                 _ = trains.tick() => self.finish_trains(false).await,
                 Some(report) = playout_reports.recv() => match report {
                     playout::Report::Feedback(feedback) => self.send_feedback(feedback).await,
-                    // Origins keep no copies of what they send (yet).
-                    playout::Report::Resend(..) => {}
+                    playout::Report::Resend(sender, gaps) => self.ask_resend(sender, gaps).await,
                 },
                 _ = dark_check.tick() => {
                     let r = self.check_dark();
@@ -569,8 +583,7 @@ impl Agent {
     /// links lose (`crate::resend`), each copy on the link where it
     /// arrives first now.
     async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[proto::Gap]) -> Result<()> {
-        let ring = self.maps.kept_ring()?;
-        let next = self.maps.kept_next()?;
+        let (ring, next) = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
         let copies = resend::find(|i| ring.get(&i, 0).ok(), next, c, u32::from(o), gaps);
         let asked: u64 = gaps.iter().map(|g| u64::from(g.count)).sum();
         self.resends.asked += asked;
@@ -583,7 +596,7 @@ impl Agent {
             };
             let l = self.maps.server_link(idx)?;
             let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
-            match self.sock.send_to(bytes, to).await {
+            match self.sock.send_to(&resend::again(bytes, l.link), to).await {
                 Ok(_) => self.resends.sent += 1,
                 Err(_) => self.rejects.count("send_failed"),
             }

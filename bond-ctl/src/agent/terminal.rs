@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::TcAttachType;
 use bond_common::{
     maps::{LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink, name},
-    wire::OUTER_LEN,
+    wire::{ETH_LEN, IPV4_LEN, OUTER_LEN, UDP_LEN},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -38,6 +38,7 @@ use crate::{
     playout,
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
+    resend,
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -182,6 +183,8 @@ struct Agent {
     playout: Option<playout::Handle>,
     /// Keeps this host's upstream schedule true from the server's feedback.
     corrector: Corrector,
+    /// What the server asked to be sent again, and what was.
+    resends: resend::Stats,
     probe_round: u32,
 }
 
@@ -348,6 +351,7 @@ pub async fn run(
         own_mtu: path_mtu,
         playout: None,
         corrector: Corrector::start(Maps::new(&pins.dir))?,
+        resends: resend::Stats::default(),
         probe_round: 0,
     };
     if agent.adopted {
@@ -774,6 +778,11 @@ impl Agent {
                         .collect(),
                 );
             }
+            // Upstream packets the server's playout saw a link lose.
+            (_, Body::Resend { gaps }) if from_server && msg.origin == self.lan_ip => {
+                let r = self.resend(gaps).await;
+                self.faults.survive("resend", r);
+            }
             (From::Link(i), Body::ProbeReport { train, kbps })
                 if from_server && msg.origin == self.lan_ip =>
             {
@@ -813,12 +822,50 @@ impl Agent {
                 }
             }
             // A reply for a peer we relayed for, or the server's feedback
-            // for a peer: on to it over the LAN.
-            (From::Link(_), Body::LoginReply(_) | Body::Feedback { .. }) if from_server => {
+            // or request to send again for a peer: on to it over the LAN.
+            (From::Link(_), Body::LoginReply(_) | Body::Feedback { .. } | Body::Resend { .. })
+                if from_server =>
+            {
                 let to = SocketAddr::V4(SocketAddrV4::new(msg.origin, self.cfg.data_port));
                 let _ = self.lan_sock.send_to(&buf, to).await;
             }
             _ => self.rejects.count("unexpected"),
+        }
+        Ok(())
+    }
+
+    /// Sends the server again what its playout saw this host's links
+    /// lose upstream (`crate::resend`), each copy on the link where it
+    /// arrives first now: out of an own link from its socket, or to a
+    /// peer's relay port over the LAN.
+    async fn resend(&mut self, gaps: &[proto::Gap]) -> Result<()> {
+        let (ring, next) = self.maps.kept(name::T_KEPT, name::T_KEPT_NEXT)?;
+        let origin = u32::from(self.lan_ip);
+        let copies = resend::find(
+            |i| ring.get(&i, 0).ok(),
+            next,
+            self.cfg.community,
+            origin,
+            gaps,
+        );
+        self.resends.asked += gaps.iter().map(|g| u64::from(g.count)).sum::<u64>();
+        for k in &copies {
+            let Some(bytes) = k.bytes() else { continue };
+            let frame = (bytes.len() + ETH_LEN + IPV4_LEN + UDP_LEN) as u32;
+            let Some(id) = self.maps.pick_up_path(frame)? else {
+                self.resends.no_link += 1;
+                continue;
+            };
+            let e = self.maps.up_link(id)?;
+            let to = SocketAddrV4::new(Ipv4Addr::from(e.dst_ip), e.dst_port);
+            let sock = match self.own.iter().find(|o| o.ad.id == id) {
+                Some(o) => o.sock.clone(),
+                None => self.lan_sock.clone(),
+            };
+            match sock.send_to(&resend::again(bytes, id), to).await {
+                Ok(_) => self.resends.sent += 1,
+                Err(_) => self.rejects.count("send_failed"),
+            }
         }
         Ok(())
     }
@@ -1449,6 +1496,7 @@ impl Agent {
                 .collect::<Vec<_>>(),
             "playout": self.playout.as_ref().map(|p| p.stats()),
             "feedback": self.corrector.status(|_, id| u8::try_from(id).ok()),
+            "resend": self.resends,
             "rejects": self.rejects.json(),
             "faults": self.faults.json(),
         })

@@ -26,14 +26,16 @@ use bond_common::{
     drops,
     edpf::{self, Paths},
     maps::{
-        Hold, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor, RelayLink,
-        TerminalConfig, UpLink, tcp,
+        Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor,
+        RelayLink, TerminalConfig, UpLink, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
     },
 };
-use bond_ebpf::{Packet, count, link_stats, outer_len, read, read_u16, read_u32, write};
+use bond_ebpf::{
+    Packet, count, keep, link_stats, next_seq, outer_len, read, read_u16, read_u32, write,
+};
 
 #[map]
 static T_CONFIG: Array<TerminalConfig> = Array::pinned(1, 0);
@@ -59,6 +61,15 @@ static T_DOWN_LATEST: Array<u32> = Array::pinned(1, 0);
 /// The agent's playout: where DATA_DOWN for this host waits for its turn.
 #[map]
 static T_HOLD: Array<Hold> = Array::pinned(1, 0);
+/// Per link id: DATA_UP packets this origin sent on it, for the bond
+/// header's sequence.
+#[map]
+static T_LINK_SEQ: Array<u32> = Array::pinned(MAX_LINK_IDS, 0);
+/// What this origin sent upstream lately, for the server to ask for again.
+#[map]
+static T_KEPT: Array<Kept> = Array::pinned(KEPT_SLOTS, 0);
+#[map]
+static T_KEPT_NEXT: Array<u32> = Array::pinned(1, 0);
 
 // ---------------------------------------------------------------- origin --
 
@@ -97,16 +108,23 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     if inner_len + OUTER_LEN as u32 > u32::from(link.mtu) {
         return Err(drops::TOO_BIG);
     }
-    let hdr = wrap_headers(
-        cfg,
-        link,
-        link_id as u8,
-        inner_len as u16,
-        wire::sent_us(now()),
-    );
+    // Pure ACKs are not counted: the server's playout never sees them.
+    let pure = pure_ack(ctx, ETH_LEN);
+    let seq = if pure {
+        0
+    } else {
+        next_seq(&T_LINK_SEQ, link_id)
+    };
+    let sent = wire::sent_us(now());
+    let hdr = wrap_headers(cfg, link, link_id as u8, inner_len as u16, sent, seq);
     ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| drops::HELPER_FAILED)?;
     ctx.store(0, &hdr, 0).map_err(|_| drops::HELPER_FAILED)?;
+    if !pure {
+        let n = BondHdr::LEN + inner_len as usize;
+        let head = (cfg.community, link_id, link_id as u8, seq, sent);
+        keep(ctx, &T_KEPT, &T_KEPT_NEXT, wire::BOND_OFF, n, head);
+    }
     link_stats(&T_LINK_STATS, link_id, |s| {
         s.up_pkts += 1;
         s.up_bytes += u64::from(inner_len);
@@ -128,6 +146,7 @@ fn wrap_headers(
     link_id: u8,
     inner_len: u16,
     sent_us: u32,
+    seq: u8,
 ) -> [u8; 66] {
     let mut h = [0u8; 66];
     h[0..6].copy_from_slice(&link.dst_mac);
@@ -142,7 +161,8 @@ fn wrap_headers(
         cfg.lan_ip,
         sent_us,
         cfg.token,
-    );
+    )
+    .with_seq(seq);
     h[42..66].copy_from_slice(&b.to_bytes());
     h
 }
@@ -326,7 +346,7 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     // Checked and ours: to the playout, which sends it back here (through
     // the hold device) when its time comes. Pure ACKs need no order and
     // go up at once; they do not count as late either.
-    let pure_ack = pure_ack(ctx, inner_len);
+    let pure_ack = pure_ack(ctx, INNER_OFF);
     if !pure_ack
         && let Some(hold) = T_HOLD.get(0)
         // SAFETY: the context pointer is valid for the program's run.
@@ -359,18 +379,18 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     Ok(xdp_action::XDP_PASS)
 }
 
-/// Whether the inner packet (IPv4, `inner_len` bytes) is a TCP pure ACK
-/// (`tcp::pure_ack`). Only headers without options are looked at; any
-/// other packet is not one.
+/// Whether the IPv4 packet at `off` is a TCP pure ACK (`tcp::pure_ack`),
+/// as the receiving end's program judges it. Only headers without options
+/// are looked at; any other packet is not one.
 #[inline(always)]
-fn pure_ack(ctx: &XdpContext, inner_len: u16) -> bool {
-    let Some(h) = read::<34>(ctx, INNER_OFF) else {
+fn pure_ack(ctx: &impl Packet, off: usize) -> bool {
+    let Some(h) = read::<34>(ctx, off) else {
         return false;
     };
     h[0] == 0x45
         && h[9] == IPPROTO_TCP
         && u16::from_be_bytes([h[6], h[7]]) & 0x3fff == 0
-        && tcp::pure_ack(inner_len, [h[32], h[33]])
+        && tcp::pure_ack(u16::from_be_bytes([h[2], h[3]]), [h[32], h[33]])
 }
 
 #[cfg(not(test))]
