@@ -290,10 +290,11 @@ impl<T> Playout<T> {
 
     /// As [`Self::push`], with the packet's number in its link's sequence
     /// (`BondHdr::seq`; 0: not counted). A number that skips some opens a
-    /// gap: everything sent after the link's previous packet waits (up to
-    /// [`RESEND_WAIT_US`] past the spread) for the sender's copies, which
-    /// [`Self::take_asks`] asks for; an older packet with a missing number
-    /// is such a copy.
+    /// gap, which [`Self::take_asks`] asks the sender for; while one flow
+    /// at most is busy ([`Self::note_flow`]), everything sent after the
+    /// link's previous packet waits for the copies (up to
+    /// [`RESEND_WAIT_US`] past the spread). A copy comes marked
+    /// [`SEQ_COPY`] and fills the gap its number and send time name.
     pub fn push_seq(&mut self, now_us: u64, link: u8, sent_us: u32, seq: u8, item: T) {
         let transit = (now_us as u32).wrapping_sub(sent_us);
         let base = *self.base.get_or_insert(transit);
