@@ -19,9 +19,10 @@
 //! Both ways: the server keeps its downstream copies (`S_KEPT`), each
 //! origin its upstream ones (`T_KEPT`).
 
+use aya::maps::{Array, MapData};
 use bond_common::{
     maps::{KEPT_SLOTS, Kept},
-    wire::{BondHdr, SEQ_COPY, seq_next},
+    wire::{BondHdr, ETH_LEN, IPV4_LEN, SEQ_COPY, UDP_LEN, seq_next},
 };
 
 use serde::Serialize;
@@ -37,6 +38,28 @@ pub struct Stats {
     pub sent: u64,
     /// Copies found with no link to send them on.
     pub no_link: u64,
+}
+
+impl Stats {
+    /// The copies of community `community`'s packets to or from `origin`
+    /// that `gaps` name, from a sender's ring (`Maps::kept`); counts
+    /// what was asked.
+    pub fn asked_for(
+        &mut self,
+        (ring, next): (Array<MapData, Kept>, u32),
+        community: u16,
+        origin: u32,
+        gaps: &[Gap],
+    ) -> Vec<Kept> {
+        self.asked += gaps.iter().map(|g| u64::from(g.count)).sum::<u64>();
+        find(|i| ring.get(&i, 0).ok(), next, community, origin, gaps)
+    }
+}
+
+/// A kept packet's bytes (bond header and inner packet) as a frame on a
+/// link, as the schedule charges it.
+pub fn frame_len(bytes: &[u8]) -> u32 {
+    (ETH_LEN + IPV4_LEN + UDP_LEN + bytes.len()) as u32
 }
 
 /// The most copies one RESEND sends: a burst a modem dropped, not a

@@ -14,7 +14,6 @@ use anyhow::{Context as _, Result};
 use bond_common::{
     edpf::{DEFAULT_BACKLOG_US, PATH_USABLE, Paths},
     maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink, name},
-    wire::{ETH_LEN, IPV4_LEN, UDP_LEN},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -577,20 +576,14 @@ impl Agent {
             .await;
     }
 
-    /// Sends `body` about a terminal's link (community, origin, link),
-    /// signed with its community's key, to `dst`.
     /// Sends origin `o` of community `c` again what its playout saw the
     /// links lose (`crate::resend`), each copy on the link where it
     /// arrives first now.
     async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[proto::Gap]) -> Result<()> {
-        let (ring, next) = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
-        let copies = resend::find(|i| ring.get(&i, 0).ok(), next, c, u32::from(o), gaps);
-        let asked: u64 = gaps.iter().map(|g| u64::from(g.count)).sum();
-        self.resends.asked += asked;
-        for k in &copies {
+        let ring = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
+        for k in &self.resends.asked_for(ring, c, u32::from(o), gaps) {
             let Some(bytes) = k.bytes() else { continue };
-            let frame = (bytes.len() + ETH_LEN + IPV4_LEN + UDP_LEN) as u32;
-            let Some(idx) = self.maps.pick_down_path(c, frame)? else {
+            let Some(idx) = self.maps.pick_down_path(c, resend::frame_len(bytes))? else {
                 self.resends.no_link += 1;
                 continue;
             };
@@ -604,6 +597,8 @@ impl Agent {
         Ok(())
     }
 
+    /// Sends `body` about a terminal's link (community, origin, link),
+    /// signed with its community's key, to `dst`.
     async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddrV4) {
         let (community, origin, link) = about;
         let Some(key) = self.keys.get(&community) else {

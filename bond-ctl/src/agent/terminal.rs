@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::TcAttachType;
 use bond_common::{
     maps::{LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink, name},
-    wire::{ETH_LEN, IPV4_LEN, OUTER_LEN, UDP_LEN},
+    wire::OUTER_LEN,
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -839,20 +839,11 @@ impl Agent {
     /// arrives first now: out of an own link from its socket, or to a
     /// peer's relay port over the LAN.
     async fn resend(&mut self, gaps: &[proto::Gap]) -> Result<()> {
-        let (ring, next) = self.maps.kept(name::T_KEPT, name::T_KEPT_NEXT)?;
-        let origin = u32::from(self.lan_ip);
-        let copies = resend::find(
-            |i| ring.get(&i, 0).ok(),
-            next,
-            self.cfg.community,
-            origin,
-            gaps,
-        );
-        self.resends.asked += gaps.iter().map(|g| u64::from(g.count)).sum::<u64>();
-        for k in &copies {
+        let ring = self.maps.kept(name::T_KEPT, name::T_KEPT_NEXT)?;
+        let (c, o) = (self.cfg.community, u32::from(self.lan_ip));
+        for k in &self.resends.asked_for(ring, c, o, gaps) {
             let Some(bytes) = k.bytes() else { continue };
-            let frame = (bytes.len() + ETH_LEN + IPV4_LEN + UDP_LEN) as u32;
-            let Some(id) = self.maps.pick_up_path(frame)? else {
+            let Some(id) = self.maps.pick_up_path(resend::frame_len(bytes))? else {
                 self.resends.no_link += 1;
                 continue;
             };
