@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod feedback;
 pub mod flows;
 pub mod lab;
+pub mod linkwatch;
 pub mod membership;
 pub mod net;
 pub mod pathmon;

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkFlags},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteMessage, RouteType},
 };
@@ -23,6 +23,8 @@ pub struct Iface {
     pub index: u32,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// Up, with its carrier (IFF_UP and IFF_LOWER_UP).
+    pub carrier: bool,
 }
 
 pub struct Net {
@@ -54,6 +56,10 @@ impl Net {
             index: msg.header.index,
             mac: [0; 6],
             mtu: 1500,
+            carrier: msg
+                .header
+                .flags
+                .contains(LinkFlags::Up | LinkFlags::LowerUp),
         };
         for a in msg.attributes {
             match a {
@@ -222,6 +228,29 @@ impl Net {
         Ok(())
     }
 
+    /// Forgets what the kernel knows of `ip` on interface `dev` (nothing
+    /// if it knows nothing): a line whose carrier is back resolves its next
+    /// hop at once, instead of when a resolution begun while it was down
+    /// next tries (a second later).
+    pub async fn forget_neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<()> {
+        let mut neighs = self
+            .handle
+            .neighbours()
+            .get()
+            .set_family(IpVersion::V4)
+            .execute();
+        while let Some(n) = neighs.try_next().await? {
+            let is_ip = n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
+            });
+            if n.header.ifindex == dev && is_ip {
+                self.handle.neighbours().del(n).execute().await?;
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The resolved MAC of `ip` on interface `dev`, if the kernel has one.
     pub async fn neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
         let mut neighs = self
@@ -292,8 +321,10 @@ pub fn poke_neighbor(dev: &str, ip: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// `SO_BINDTODEVICE`: the socket sends and receives on `dev` only.
-fn bind_to_device(sock: &impl AsRawFd, dev: &str) -> Result<()> {
+/// `SO_BINDTODEVICE`: the socket sends and receives on `dev` only. Called
+/// again for a re-added interface of the same name: the kernel took the
+/// old one's index.
+pub fn bind_to_device(sock: &impl AsRawFd, dev: &str) -> Result<()> {
     let name = std::ffi::CString::new(dev)?;
     // SAFETY: valid socket fd; the option value is a NUL-terminated name of
     // the given length.

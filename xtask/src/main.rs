@@ -267,6 +267,7 @@ fn test() -> Result<()> {
         "membership",
         "flows",
         "operate",
+        "uplinks",
         "limits",
         "dist",
         "cache",

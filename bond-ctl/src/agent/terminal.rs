@@ -30,9 +30,11 @@ use crate::{
     datapath::{self, Maps},
     ebpf,
     feedback::{self, Corrector, Model},
+    linkwatch::Change,
     membership::PeerTable,
     net::{
-        Iface, Net, hold_name, poke_neighbor, recv_stamped, sysctl, timestamp_arrivals, udp_socket,
+        Iface, Net, bind_to_device, hold_name, poke_neighbor, recv_stamped, sysctl,
+        timestamp_arrivals, udp_socket,
     },
     pathmon::{self, LinkEcho},
     playout,
@@ -110,6 +112,33 @@ struct Own {
     busy: (bool, bool),
     /// Round trip and darkness, from echoes to the server.
     echo: LinkEcho,
+    /// The interface's IPv4 address; `None` while it has none (or is
+    /// gone: `iface.index` is then 0). `crate::linkwatch` follows both.
+    addr: Option<Ipv4Addr>,
+    /// The task reading `sock`.
+    reader: Option<tokio::task::AbortHandle>,
+    /// The host route to the server over this link.
+    route: Route,
+}
+
+/// An own link's host route to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    In,
+    /// To be put in (a new address or interface).
+    Wanted,
+    /// Its next hop could not be reached, and the log said so: `refresh`
+    /// tries again until it can (a new address whose routes are not there
+    /// yet).
+    Waiting,
+}
+
+impl Own {
+    /// Out of use: the interface is gone, down, without carrier or
+    /// address, or the link does not answer echoes.
+    fn dark(&self) -> bool {
+        !self.iface.carrier || self.addr.is_none() || self.echo.is_dark()
+    }
 }
 
 /// Where a received control message came from.
@@ -227,24 +256,62 @@ pub async fn run(
     let mut own = Vec::new();
     let mut path_mtu = lan.mtu;
     for (i, l) in cfg.links.iter().enumerate() {
-        let field = || format!("field `links[{i}].interface`");
-        let wan = net.iface(&l.interface).await.with_context(field)?;
-        let wan_ip = net.ipv4(&wan).await.with_context(field)?;
+        // A link whose interface is not there yet (a modem not plugged in)
+        // or has no address (a lease not taken) starts out of use, and is
+        // taken up when it comes (`link_changed`).
+        let wan = match net.iface(&l.interface).await {
+            Ok(wan) => wan,
+            Err(_) => Iface {
+                name: l.interface.clone(),
+                index: 0,
+                mac: [0; 6],
+                mtu: l.mtu.map_or(1500, u32::from),
+                carrier: false,
+            },
+        };
+        let wan_ip = match wan.index {
+            0 => None,
+            _ => net.ipv4(&wan).await.ok(),
+        };
+        if wan_ip.is_none() {
+            eprintln!(
+                "bond-ctl: link {}: interface {} {}: out of use until it has",
+                l.id,
+                l.interface,
+                if wan.index == 0 {
+                    "not there yet"
+                } else {
+                    "has no IPv4 address"
+                }
+            );
+        }
         let mtu = l.mtu.map_or(wan.mtu, u32::from);
         path_mtu = path_mtu.min(mtu);
         let gateway = l.gateway.unwrap_or(cfg.server.address);
-        sysctl(&format!("net.ipv4.conf.{}.rp_filter", l.interface), "2")?;
+        if wan.index != 0 {
+            sysctl(&format!("net.ipv4.conf.{}.rp_filter", l.interface), "2")?;
+        }
         // Control messages for the server leave by this link: a socket
-        // tied to the interface, and a route to the server over it.
-        net.host_route_via(
-            cfg.server.address,
-            gateway,
-            wan.index,
-            METRIC_BASE + u32::from(l.id),
-        )
-        .await?;
-        let sock = udp_socket(SocketAddrV4::new(wan_ip, l.port), Some(&l.interface))
-            .with_context(|| format!("field `links[{i}].port`"))?;
+        // tied to the interface, and a route to the server over it. Until
+        // the link has an address, a socket that sends nowhere stands in.
+        let route = match wan_ip {
+            Some(_) => {
+                net.host_route_via(
+                    cfg.server.address,
+                    gateway,
+                    wan.index,
+                    METRIC_BASE + u32::from(l.id),
+                )
+                .await?;
+                Route::In
+            }
+            None => Route::Wanted,
+        };
+        let sock = match wan_ip {
+            Some(ip) => udp_socket(SocketAddrV4::new(ip, l.port), Some(&l.interface)),
+            None => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None),
+        }
+        .with_context(|| format!("field `links[{i}].port`"))?;
         timestamp_arrivals(&sock)?;
         let (mut up, mut down) = (Weight::new(l.up()), Weight::new(l.down()));
         own.push(Own {
@@ -260,7 +327,7 @@ pub async fn run(
             down,
             entry: UpLink {
                 ifindex: wan.index,
-                src_ip: u32::from(wan_ip),
+                src_ip: wan_ip.map_or(0, u32::from),
                 dst_ip: u32::from(cfg.server.address),
                 src_port: l.port,
                 dst_port: map_cfg.server_port,
@@ -272,7 +339,7 @@ pub async fn run(
             },
             relay: RelayLink {
                 wan_ifindex: wan.index,
-                wan_ip: u32::from(wan_ip),
+                wan_ip: wan_ip.map_or(0, u32::from),
                 link: l.id,
                 _pad: 0,
                 port: l.port,
@@ -289,6 +356,9 @@ pub async fn run(
             carried: None,
             busy: (false, false),
             echo: LinkEcho::default(),
+            addr: wan_ip,
+            reader: None,
+            route,
         });
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
@@ -360,8 +430,8 @@ pub async fn run(
     let result = async {
         pins.attach_tc(&mut ebpf, "bond_wrap", &agent.cfg.device, TcAttachType::Egress)?;
         pins.attach_xdp(&mut ebpf, "bond_terminal", &agent.cfg.lan)?;
-        for l in &agent.cfg.links {
-            pins.attach_xdp(&mut ebpf, "bond_terminal", &l.interface)?;
+        for o in agent.own.iter().filter(|o| o.iface.index != 0) {
+            pins.attach_xdp(&mut ebpf, "bond_terminal", &o.iface.name)?;
         }
         // What the playout sees of the server's packets (`crate::feedback`);
         // without a playout, nothing sends on it.
@@ -381,7 +451,7 @@ pub async fn run(
             if agent.adopted { " (adopted the running datapath)" } else { "" },
         );
         agent.attached = pins.attached.clone();
-        agent.run(calls, feedback).await
+        agent.run(calls, feedback, &mut ebpf, pins).await
     }
     .await;
     if let Ok(Exit::Detach) = result {
@@ -428,12 +498,15 @@ impl Agent {
         &mut self,
         mut calls: mpsc::Receiver<Call>,
         mut playout_reports: playout::ReportRx,
+        ebpf: &mut aya::Ebpf,
+        pins: &mut Pins,
     ) -> Result<Exit> {
         let (tx, mut rx) = mpsc::channel::<Received>(1024);
         spawn_reader(self.lan_sock.clone(), From::Lan, tx.clone());
-        for (i, o) in self.own.iter().enumerate() {
-            spawn_reader(o.sock.clone(), From::Link(i), tx.clone());
+        for (i, o) in self.own.iter_mut().enumerate() {
+            o.reader = Some(spawn_reader(o.sock.clone(), From::Link(i), tx.clone()));
         }
+        let mut changes = crate::linkwatch::watch()?;
         let probe_period = |a: &Self| Duration::from_millis(u64::from(a.cfg.probe_ms));
         let mut announce = tokio::time::interval(self.interval);
         let mut refresh = tokio::time::interval(REFRESH);
@@ -499,6 +572,10 @@ impl Agent {
                 Some(r) = rx.recv() => {
                     let r = self.receive(r).await;
                     self.faults.survive("control_message", r);
+                }
+                Some(change) = changes.recv() => {
+                    let r = self.link_changed(change, ebpf, pins, &tx).await;
+                    self.faults.survive("link_change", r);
                 }
                 Some(call) = calls.recv() => {
                     let detach = call.req == Request::Detach;
@@ -591,7 +668,7 @@ impl Agent {
                     up: if draining { 0 } else { o.ad.up },
                     down: if draining { 0 } else { o.ad.down },
                     rtt_us: o.echo.announced_us(),
-                    dark: o.echo.is_dark(),
+                    dark: o.dark(),
                     ..o.ad
                 })
                 .collect(),
@@ -625,12 +702,15 @@ impl Agent {
     async fn send_to_server(&mut self, body: Body, every: bool) {
         let token = self.token.unwrap_or(0);
         let server = self.server();
-        let lit = self.own.iter().position(|o| !o.echo.is_dark());
+        let lit = self.own.iter().position(|o| !o.dark());
         let relay = match lit {
             Some(_) => None,
             None => self.relay_peer(true).or_else(|| self.relay_peer(false)),
         };
         for i in own_links_to_server(self.own.len(), every, lit, relay.is_some()) {
+            if self.own[i].addr.is_none() {
+                continue; // nowhere to send from
+            }
             let id = self.own[i].ad.id;
             let m = self.sign(body.clone(), id, flags::VIA_LINK, token);
             if let Err(e) = self.own[i].sock.send_to(&m, server).await {
@@ -669,7 +749,7 @@ impl Agent {
     async fn send_feedback(&mut self, links: Vec<LinkQueue>, shared: Vec<LinkShare>) {
         let body = Body::Feedback { links, shared };
         self.send_to_server(body.clone(), false).await;
-        if self.own.iter().all(|o| o.echo.is_dark()) {
+        if self.own.iter().all(Own::dark) {
             return; // relayed already, if at all
         }
         if let Some(ip) = self.relay_peer(true) {
@@ -795,7 +875,7 @@ impl Agent {
             // For the server, from a peer without links of its own.
             (From::Lan, _) if msg.flags & flags::RELAY != 0 => {
                 let usable = |o: &&Own| o.entry.flags & LINK_VALID != 0;
-                let lit = self.own.iter().filter(usable).find(|o| !o.echo.is_dark());
+                let lit = self.own.iter().filter(usable).find(|o| !o.dark());
                 if let Some(o) = lit.or_else(|| self.own.iter().find(usable)) {
                     let _ = o.sock.send_to(&buf, self.server()).await;
                 } else {
@@ -922,6 +1002,183 @@ impl Agent {
         }
         if !dark.is_empty() {
             eprintln!("bond-ctl: link(s) {dark:?} stopped answering: dark, out of use");
+            self.announce().await;
+            self.apply_peers().await?;
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------- link changes --
+
+    /// Something changed on an interface (`crate::linkwatch`): if it is an
+    /// own link's, its state is read again from the kernel and followed.
+    /// A modem unplugged and plugged in again comes back with a new index:
+    /// the program, the route to the server and the socket go on it again.
+    /// A new address gets a new socket and is the datapath's new source;
+    /// the server takes it from the announce sent at once. A link that
+    /// lost its carrier, address or interface leaves every schedule at
+    /// once (announced dark), and returns when they are back.
+    async fn link_changed(
+        &mut self,
+        change: Change,
+        ebpf: &mut aya::Ebpf,
+        pins: &mut Pins,
+        tx: &mpsc::Sender<Received>,
+    ) -> Result<()> {
+        let i = match &change {
+            Change::Link { name, .. } | Change::Gone { name, .. } => {
+                self.own.iter().position(|o| o.iface.name == *name)
+            }
+            Change::Address { index } => self.own.iter().position(|o| o.iface.index == *index),
+        };
+        let Some(i) = i else {
+            return Ok(());
+        };
+        let (id, was_dark) = (self.own[i].ad.id, self.own[i].dark());
+        let name = self.own[i].iface.name.clone();
+        let Ok(now) = self.net.iface(&name).await else {
+            if self.own[i].iface.index != 0 {
+                eprintln!("bond-ctl: link {id}: interface {name} is gone: out of use");
+                let o = &mut self.own[i];
+                (o.iface.index, o.iface.carrier, o.addr) = (0, false, None);
+                self.invalidate(i)?;
+            }
+            return self.relink(i, was_dark, false).await;
+        };
+        let replugged = now.index != self.own[i].iface.index;
+        if now.carrier && !self.own[i].iface.carrier && !replugged {
+            // Echoes sent while it was down began resolving the next hop;
+            // the kernel would try again only a second later.
+            let _ = self
+                .net
+                .forget_neighbor(now.index, self.own[i].gateway)
+                .await;
+            let _ = poke_neighbor(&name, self.own[i].gateway);
+        }
+        if replugged {
+            eprintln!(
+                "bond-ctl: link {id}: interface {name} is back (index {})",
+                now.index
+            );
+            sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "2")?;
+            pins.attach_xdp(ebpf, "bond_terminal", &name)?;
+            self.attached = pins.attached.clone();
+        }
+        let o = &mut self.own[i];
+        (o.entry.ifindex, o.entry.src_mac) = (now.index, now.mac);
+        (o.relay.wan_ifindex, o.relay.wan_mac) = (now.index, now.mac);
+        o.iface = now;
+        if replugged {
+            self.invalidate(i)?;
+        }
+        let addr = self.net.ipv4(&self.own[i].iface).await.ok();
+        let readdressed = addr != self.own[i].addr;
+        if readdressed {
+            eprintln!(
+                "bond-ctl: link {id}: address {} -> {}",
+                show_addr(self.own[i].addr),
+                show_addr(addr)
+            );
+        }
+        if let Some(ip) = addr
+            && (replugged || readdressed)
+        {
+            self.rebind(i, ip, tx).await?;
+        }
+        self.own[i].addr = addr;
+        let o = &self.own[i];
+        if o.iface.carrier && o.addr.is_some() && o.entry.flags & LINK_VALID == 0 {
+            // The next hop, resolved by the next `refresh`.
+            let _ = poke_neighbor(&o.iface.name, o.gateway);
+        }
+        self.relink(i, was_dark, replugged || readdressed).await
+    }
+
+    /// Link `i`'s datapath entries wait for the next hop to be resolved
+    /// again (`refresh`): a new interface has a new neighbour table.
+    fn invalidate(&mut self, i: usize) -> Result<()> {
+        let o = &mut self.own[i];
+        (o.entry.flags, o.entry.dst_mac, o.relay.gw_mac) = (0, [0; 6], [0; 6]);
+        self.maps.set_up_link(o.ad.id, o.entry)?;
+        Ok(self.maps.set_relay_link(o.ad.port, o.relay)?)
+    }
+
+    /// Link `i` sends from `ip` now, on its interface as it is: a new
+    /// socket for a new address (the same one tied to the new interface
+    /// for a replugged modem that kept its address), the datapath's source
+    /// address, and the route to the server (the kernel drops it with the
+    /// address or interface it went by).
+    async fn rebind(&mut self, i: usize, ip: Ipv4Addr, tx: &mpsc::Sender<Received>) -> Result<()> {
+        let o = &mut self.own[i];
+        let at = SocketAddrV4::new(ip, o.ad.port);
+        if o.sock.local_addr().ok() == Some(SocketAddr::V4(at)) {
+            bind_to_device(&*o.sock, &o.iface.name)?;
+        } else {
+            let sock = udp_socket(at, Some(&o.iface.name))
+                .with_context(|| format!("link {}: a socket on {at}", o.ad.id))?;
+            timestamp_arrivals(&sock)?;
+            o.sock = Arc::new(sock);
+            let reader = spawn_reader(o.sock.clone(), From::Link(i), tx.clone());
+            if let Some(old) = o.reader.replace(reader) {
+                old.abort();
+            }
+        }
+        (o.entry.src_ip, o.relay.wan_ip) = (u32::from(ip), u32::from(ip));
+        if o.entry.flags & LINK_VALID != 0 {
+            self.maps.set_up_link(o.ad.id, o.entry)?;
+        }
+        self.maps.set_relay_link(o.ad.port, o.relay)?;
+        o.route = Route::Wanted;
+        self.route(i).await;
+        Ok(())
+    }
+
+    /// Puts the host route to the server over link `i` in place if it is
+    /// wanted; says so once when its next hop cannot be reached.
+    async fn route(&mut self, i: usize) {
+        let server = self.cfg.server.address;
+        let o = &self.own[i];
+        if o.route == Route::In || o.addr.is_none() {
+            return;
+        }
+        let metric = METRIC_BASE + u32::from(o.ad.id);
+        let r = self
+            .net
+            .host_route_via(server, o.gateway, o.iface.index, metric)
+            .await;
+        let o = &mut self.own[i];
+        match r {
+            Ok(()) if o.route == Route::Waiting => {
+                eprintln!("bond-ctl: link {}: route to the server in place", o.ad.id);
+                o.route = Route::In;
+            }
+            Ok(()) => o.route = Route::In,
+            Err(e) if o.route == Route::Wanted => {
+                eprintln!("bond-ctl: link {}: {e:#}; trying again", o.ad.id);
+                o.route = Route::Waiting;
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// After a change on link `i`: if it went dark or lit, or `moved` (a new
+    /// address or interface), the LAN and the server hear it now and the
+    /// schedule is rebuilt.
+    async fn relink(&mut self, i: usize, was_dark: bool, moved: bool) -> Result<()> {
+        let o = &self.own[i];
+        let dark = o.dark();
+        if dark != was_dark {
+            eprintln!(
+                "bond-ctl: link {}: {}",
+                o.ad.id,
+                if dark {
+                    "no carrier, address or interface: out of use"
+                } else {
+                    "carrier and address back: in use"
+                }
+            );
+        }
+        if dark != was_dark || moved {
             self.announce().await;
             self.apply_peers().await?;
         }
@@ -1078,12 +1335,18 @@ impl Agent {
 
     // ----------------------------------------------------------- upkeep --
 
-    /// Re-resolves next hops, reads the links' counters (traffic from a
-    /// peer's link is a sign of that peer's life), and rewrites what changed.
+    /// Puts back routes to the server that could not be put in, re-resolves
+    /// next hops, reads the links' counters (traffic from a peer's link is
+    /// a sign of that peer's life), and rewrites what changed.
     async fn refresh(&mut self) -> Result<()> {
-        for o in &mut self.own {
+        for i in 0..self.own.len() {
+            self.route(i).await;
+        }
+        let mut resolved = false;
+        for o in self.own.iter_mut().filter(|o| o.iface.index != 0) {
             match self.net.neighbor(o.iface.index, o.gateway).await? {
                 Some(mac) if mac != o.entry.dst_mac || o.entry.flags & LINK_VALID == 0 => {
+                    resolved |= o.entry.flags & LINK_VALID == 0;
                     o.entry.dst_mac = mac;
                     o.entry.flags = LINK_VALID;
                     o.relay.gw_mac = mac;
@@ -1092,9 +1355,21 @@ impl Agent {
                 }
                 Some(_) => {}
                 None => {
+                    if o.entry.flags & LINK_VALID == 0 && o.iface.carrier && o.addr.is_some() {
+                        // A link (back) in place whose next hop is still
+                        // unresolved: a resolution begun before it was
+                        // ready would try again only a second later.
+                        let _ = self.net.forget_neighbor(o.iface.index, o.gateway).await;
+                    }
                     let _ = poke_neighbor(&o.iface.name, o.gateway);
                 }
             }
+        }
+        if resolved && self.token.is_some() {
+            // A link that came (back) can carry now: the server hears it
+            // over that link at once (an announce sent while its next hop
+            // was being resolved may have been lost with the resolution).
+            self.announce().await;
         }
         let now = Instant::now();
         for (id, _, s) in self.maps.terminal_link_stats()? {
@@ -1205,7 +1480,7 @@ impl Agent {
         let mut usable: Vec<(u8, u32, u32)> = self
             .own
             .iter()
-            .filter(|o| o.entry.flags & LINK_VALID != 0 && !draining && !o.echo.is_dark())
+            .filter(|o| o.entry.flags & LINK_VALID != 0 && !draining && !o.dark())
             .map(|o| (o.ad.id, o.ad.up, o.echo.announced_us()))
             .collect();
         let mut want: BTreeMap<u8, (Ipv4Addr, UpLink)> = BTreeMap::new();
@@ -1452,7 +1727,9 @@ impl Agent {
                     "up": o.ad.up, "down": o.ad.down,
                     "up_weight": o.up.json(), "down_weight": o.down.json(),
                     "active": o.entry.flags & LINK_VALID != 0,
-                    "dark": o.echo.is_dark(),
+                    "dark": o.dark(),
+                    "carrier": o.iface.carrier,
+                    "address": o.addr.map(|a| a.to_string()),
                     "rtt_ms": o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),
                 })
             })
@@ -1639,7 +1916,15 @@ impl Agent {
     }
 }
 
-fn spawn_reader(sock: Arc<UdpSocket>, from: From, tx: mpsc::Sender<Received>) {
+fn show_addr(a: Option<Ipv4Addr>) -> String {
+    a.map_or_else(|| "none".into(), |a| a.to_string())
+}
+
+fn spawn_reader(
+    sock: Arc<UdpSocket>,
+    from: From,
+    tx: mpsc::Sender<Received>,
+) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         loop {
@@ -1658,7 +1943,8 @@ fn spawn_reader(sock: Arc<UdpSocket>, from: From, tx: mpsc::Sender<Received>) {
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
-    });
+    })
+    .abort_handle()
 }
 
 /// Which of a host's `n` own links a message to the server goes over:

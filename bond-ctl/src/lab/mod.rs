@@ -525,6 +525,77 @@ impl Lab {
             .with_context(|| format!("link {id} has no delay line"))
     }
 
+    /// The terminal namespace and the link of community link `id`.
+    fn wan(&self, id: u8) -> Result<(String, &WanLink)> {
+        self.terminals
+            .iter()
+            .find_map(|t| Some((t.ns.clone(), t.links.iter().find(|l| l.id == id)?)))
+            .with_context(|| format!("no link {id} in the lab"))
+    }
+
+    /// Link `id` loses its carrier, as a line whose modem lost sync does
+    /// (the modem's side of the wire goes down), or gets it back.
+    pub fn set_carrier(&self, id: u8, carrier: bool) -> Result<()> {
+        let (_, l) = self.wan(id)?;
+        let state = if carrier { "up" } else { "down" };
+        self.ip(&l.modem_ns, &format!("link set acc {state}"))
+            .map(drop)
+    }
+
+    /// Link `id`'s interface is removed from its terminal, as an unplugged
+    /// USB modem's is; [`Self::plug`] brings it back.
+    pub fn unplug(&self, id: u8) -> Result<()> {
+        let (tns, l) = self.wan(id)?;
+        self.ip(&tns, &format!("link del {}", l.iface)).map(drop)
+    }
+
+    /// Link `id`'s interface comes back under its old name, with its old
+    /// addresses and rate (and, for a terminal's first link, its default
+    /// route): a new interface index.
+    pub fn plug(&self, id: u8) -> Result<()> {
+        let (tns, l) = self.wan(id)?;
+        let l = l.clone();
+        self.veth(
+            (&tns, &l.iface, Some(&format!("{}/30", l.wan_ip))),
+            (&l.modem_ns, "acc", Some(&format!("{}/30", l.modem_ip))),
+        )?;
+        self.tbf(&l.modem_ns, "acc", l.rate_mbit)?;
+        if l.iface == "wan0" {
+            self.ip(&tns, &format!("route replace default via {}", l.modem_ip))?;
+        }
+        Ok(())
+    }
+
+    /// Link `id` is renumbered, as a renewed lease or a new LTE session
+    /// renumbers it: its terminal gets 100.64.`id`.2/30 (the modem
+    /// 100.64.`id`.1, and the server a route to it), the old address goes,
+    /// and the modem stays the next hop, on-link. Returns the new address.
+    pub fn readdress(&mut self, id: u8) -> Result<Ipv4Addr> {
+        let (tns, l) = self.wan(id)?;
+        let l = l.clone();
+        let new = Ipv4Addr::new(100, 64, id, 2);
+        self.ip(&l.modem_ns, &format!("addr add 100.64.{id}.1/30 dev acc"))?;
+        self.ip(
+            &self.server_ns,
+            &format!("route add 100.64.{id}.0/30 via 198.51.100.{}", 10 + id),
+        )?;
+        self.ip(&tns, &format!("addr add {new}/30 dev {}", l.iface))?;
+        self.ip(
+            &tns,
+            &format!("route add {}/32 dev {}", l.modem_ip, l.iface),
+        )?;
+        self.ip(&tns, &format!("addr del {}/30 dev {}", l.wan_ip, l.iface))?;
+        if l.iface == "wan0" {
+            self.ip(&tns, &format!("route replace default via {}", l.modem_ip))?;
+        }
+        for t in &mut self.terminals {
+            for w in t.links.iter_mut().filter(|w| w.id == id) {
+                w.wan_ip = new;
+            }
+        }
+        Ok(new)
+    }
+
     /// Black-holes link `id` (frames vanish both ways, carrier stays up),
     /// or heals it. The link must have a delay line.
     pub fn set_dark(&self, id: u8, dark: bool) -> Result<()> {
