@@ -62,7 +62,13 @@ impl Traffic {
     /// Starts the transfers (10 s each) and waits until link 3 carries
     /// both ways.
     fn start() -> Self {
-        let t = Self::launch(false);
+        Self::start_with(|_| {})
+    }
+
+    /// As [`Self::start`], with `prepare` run on the lab before the agents
+    /// start.
+    fn start_with(prepare: impl FnOnce(&mut Lab)) -> Self {
+        let t = Self::launch(false, prepare);
         t.carries_within("before", Duration::from_secs(1));
         t
     }
@@ -70,8 +76,9 @@ impl Traffic {
     /// Starts the agents (with link 3's modem `unplugged` first: then the
     /// community is formed once the server has the other two links) and
     /// the transfers.
-    fn launch(unplugged: bool) -> Self {
+    fn launch(unplugged: bool, prepare: impl FnOnce(&mut Lab)) -> Self {
         let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+        prepare(&mut lab);
         if unplugged {
             lab.unplug(LINK).unwrap();
             lab.start_server().unwrap();
@@ -333,7 +340,7 @@ fn a_new_address_is_taken_up_and_the_server_sends_to_it() {
 /// and takes it up when the modem is plugged in.
 #[test]
 fn an_agent_started_without_its_modem_takes_it_up_when_it_comes() {
-    let t = Traffic::launch(true);
+    let t = Traffic::launch(true, |_| {});
     let row = own_link(&t.lab);
     assert_eq!(
         (&row["dark"], &row["carrier"]),
@@ -346,4 +353,45 @@ fn an_agent_started_without_its_modem_takes_it_up_when_it_comes() {
     t.lab.plug(LINK).unwrap();
     t.carries_within("plugged in", Duration::from_secs(1));
     t.finish("late modem");
+}
+
+/// Link 3 takes its next hop from wan1's default route (`gateway =
+/// "auto"`, as with DHCP), and a new lease moves both its address and its
+/// next hop: the route to the server follows the new next hop, and the
+/// link carries on within 1 s.
+#[test]
+fn a_new_next_hop_from_the_default_route_is_followed() {
+    let mut t = Traffic::start_with(|lab| {
+        lab.auto_gateways.push(LINK);
+        let (tns, modem) = (
+            lab.terminals[1].ns.clone(),
+            lab.terminals[1].links[1].modem_ip,
+        );
+        lab.ip(
+            &tns,
+            &format!("route add default via {modem} dev wan1 metric 300"),
+        )
+        .unwrap();
+    });
+    let old = t.lab.terminals[1].links[1].modem_ip;
+    assert_eq!(own_link(&t.lab)["gateway"], old.to_string());
+    t.lab.renumber(LINK, true).unwrap();
+    t.carries_within("new lease, new next hop", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(300));
+    t.carries_within("new next hop, still", Duration::from_secs(1));
+    let row = own_link(&t.lab);
+    assert_eq!(
+        (&row["address"], &row["gateway"]),
+        (&"100.64.3.2".into(), &"100.64.3.1".into()),
+        "{row}"
+    );
+    let route = t
+        .lab
+        .ip(&t.lab.terminals[1].ns, "route show 198.51.100.1/32")
+        .unwrap();
+    assert!(
+        route.contains("via 100.64.3.1 dev wan1"),
+        "the route to the server does not follow the next hop: {route}"
+    );
+    t.finish("new next hop");
 }

@@ -359,8 +359,11 @@ pub struct OwnLink {
     pub interface: String,
     /// UDP port this link receives relayed traffic on (LAN and WAN side).
     pub port: u16,
-    /// Next hop towards the server; default: the server itself (on-link).
-    pub gateway: Option<Ipv4Addr>,
+    /// Next hop towards the server: an address, or "auto" (the next hop
+    /// of the interface's default route, followed as DHCP or a modem
+    /// manager changes it); default: the server itself (on-link).
+    #[serde(default, deserialize_with = "opt_gateway")]
+    pub gateway: Option<Gateway>,
     /// Weight in both directions, unless `up` or `down` says otherwise:
     /// the link's rate in kbit/s, or "auto" (measured; the default).
     #[serde(default = "default_weight", deserialize_with = "weight_spec")]
@@ -414,6 +417,28 @@ fn weight_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WeightSpec, D::
 
 fn opt_weight_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<WeightSpec>, D::Error> {
     weight_spec(d).map(Some)
+}
+
+/// A link's next hop towards the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gateway {
+    /// This address (a modem's, a router's on the link).
+    At(Ipv4Addr),
+    /// The next hop of the interface's default route, as it changes.
+    Auto,
+}
+
+fn opt_gateway<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Gateway>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "auto" => Ok(Some(Gateway::Auto)),
+        _ => s.parse().map(|a| Some(Gateway::At(a))).map_err(|_| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&s),
+                &"an IPv4 address or \"auto\"",
+            )
+        }),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1027,6 +1052,29 @@ down = 5
             panic!("not a server")
         };
         assert_eq!(s.attach.xdp, XdpAttach::Native);
+    }
+
+    #[test]
+    fn a_gateway_is_an_address_or_auto_and_defaults_to_the_server() {
+        let gateway = |g: &str| {
+            let text = TERMINAL.replace("port = 7701\n", &format!("port = 7701\n{g}\n"));
+            match Config::parse(&text, "t.toml") {
+                Ok(Config::Terminal(t)) => Ok(t.links[0].gateway),
+                Ok(_) => panic!("not a terminal"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(gateway(""), Ok(None));
+        assert_eq!(
+            gateway("gateway = \"198.51.100.133\""),
+            Ok(Some(Gateway::At(Ipv4Addr::new(198, 51, 100, 133))))
+        );
+        assert_eq!(gateway("gateway = \"auto\""), Ok(Some(Gateway::Auto)));
+        let e = gateway("gateway = \"the modem\"").unwrap_err();
+        assert!(
+            e.contains("gateway") && e.contains("the modem") && e.contains("\"auto\""),
+            "{e}"
+        );
     }
 
     fn error_of(text: &str) -> String {

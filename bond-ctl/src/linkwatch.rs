@@ -1,15 +1,16 @@
-//! Following the host's interfaces as they change: rtnetlink's link and
-//! IPv4 address events, reduced to what an agent acts on. A modem is
-//! unplugged and plugged back (the interface goes and comes with a new
-//! index), a line loses its carrier, a DHCP lease renews with a new
-//! address: the agent hears it at once, with no polling.
+//! Following the host's interfaces as they change: rtnetlink's link, IPv4
+//! address and default route events, reduced to what an agent acts on. A
+//! modem is unplugged and plugged back (the interface goes and comes with
+//! a new index), a line loses its carrier, a DHCP lease renews with a new
+//! address or next hop: the agent hears it at once, with no polling.
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
 use netlink_packet_route::{
-    RouteNetlinkMessage,
+    AddressFamily, RouteNetlinkMessage,
     address::AddressMessage,
     link::{LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAttribute, RouteMessage},
 };
 use rtnetlink::{
     packet_core::NetlinkPayload,
@@ -31,11 +32,14 @@ pub enum Change {
     Gone { name: String, index: u32 },
     /// An IPv4 address came or went on interface `index`.
     Address { index: u32 },
+    /// An IPv4 default route came or went, out of interface `index`.
+    DefaultRoute { index: u32 },
 }
 
 /// rtnetlink multicast groups (`RTMGRP_*`, the bit of group n is 1 << (n-1)).
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_IPV4_IFADDR: u32 = 1 << 4;
+const RTMGRP_IPV4_ROUTE: u32 = 1 << 6;
 
 /// Starts listening; changes arrive on the channel until it is dropped.
 pub fn watch() -> Result<mpsc::UnboundedReceiver<Change>> {
@@ -43,8 +47,11 @@ pub fn watch() -> Result<mpsc::UnboundedReceiver<Change>> {
         rtnetlink::new_connection().context("opening rtnetlink for link events")?;
     conn.socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
-        .context("joining rtnetlink's link and address groups")?;
+        .bind(&SocketAddr::new(
+            0,
+            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+        ))
+        .context("joining rtnetlink's link, address and route groups")?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -73,6 +80,7 @@ pub fn change(m: &RouteNetlinkMessage) -> Option<Change> {
             index: l.header.index,
         }),
         RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => ipv4(a),
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => default_route(r),
         _ => None,
     }
 }
@@ -84,8 +92,20 @@ fn name(l: &LinkMessage) -> Option<String> {
     })
 }
 
+/// An IPv4 default route's interface: the agent's own host routes to the
+/// server, and every other route, change nothing it follows.
+fn default_route(r: &RouteMessage) -> Option<Change> {
+    if r.header.address_family != AddressFamily::Inet || r.header.destination_prefix_length != 0 {
+        return None;
+    }
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(Change::DefaultRoute { index: *index }),
+        _ => None,
+    })
+}
+
 fn ipv4(a: &AddressMessage) -> Option<Change> {
-    (a.header.family == netlink_packet_route::AddressFamily::Inet).then_some(Change::Address {
+    (a.header.family == AddressFamily::Inet).then_some(Change::Address {
         index: a.header.index,
     })
 }
@@ -93,7 +113,6 @@ fn ipv4(a: &AddressMessage) -> Option<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_route::AddressFamily;
 
     fn link(index: u32, name: &str, flags: LinkFlags) -> LinkMessage {
         let mut l = LinkMessage::default();
@@ -152,5 +171,23 @@ mod tests {
         );
         a.header.family = AddressFamily::Inet6;
         assert_eq!(change(&RouteNetlinkMessage::NewAddress(a)), None);
+    }
+
+    #[test]
+    fn only_default_routes_count() {
+        let route = |len: u8, family: AddressFamily| {
+            let mut r = RouteMessage::default();
+            r.header.address_family = family;
+            r.header.destination_prefix_length = len;
+            r.attributes.push(RouteAttribute::Oif(5));
+            RouteNetlinkMessage::NewRoute(r)
+        };
+        assert_eq!(
+            change(&route(0, AddressFamily::Inet)),
+            Some(Change::DefaultRoute { index: 5 })
+        );
+        // The agent's own host routes to the server.
+        assert_eq!(change(&route(32, AddressFamily::Inet)), None);
+        assert_eq!(change(&route(0, AddressFamily::Inet6)), None);
     }
 }

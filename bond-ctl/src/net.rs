@@ -12,7 +12,7 @@ use netlink_packet_route::{
     address::AddressAttribute,
     link::{LinkAttribute, LinkFlags},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-    route::{RouteMessage, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -193,6 +193,39 @@ impl Net {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
             Err(e) => Err(e).with_context(|| format!("deleting route {dst}/{len}")),
         }
+    }
+
+    /// The next hop of interface `dev`'s default route (the one of least
+    /// metric), as a DHCP client or an LTE modem manager sets it; `None`
+    /// if it has none.
+    pub async fn default_gateway(&self, dev: u32) -> Result<Option<Ipv4Addr>> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut best: Option<(u32, Ipv4Addr)> = None;
+        while let Some(r) = routes.try_next().await? {
+            if r.header.destination_prefix_length != 0 {
+                continue;
+            }
+            let (mut oif, mut gw, mut metric) = (None, None, 0);
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    RouteAttribute::Priority(m) => metric = *m,
+                    _ => {}
+                }
+            }
+            if let (Some(i), Some(g)) = (oif, gw)
+                && i == dev
+                && best.is_none_or(|(m, _)| metric < m)
+            {
+                best = Some((metric, g));
+            }
+        }
+        Ok(best.map(|(_, g)| g))
     }
 
     /// `ip route replace DST/32 via GW dev DEV metric METRIC`: how a

@@ -25,7 +25,7 @@ use tokio::{
 
 use super::{Exit, Pins, Tally, wait_for_signal};
 use crate::{
-    config::{Config, Fallback, MIN_LINK_MTU, OwnLink, TerminalConfig, WeightSpec},
+    config::{Config, Fallback, Gateway, MIN_LINK_MTU, OwnLink, TerminalConfig, WeightSpec},
     control::{Call, Metrics, Request},
     datapath::{self, Maps},
     ebpf,
@@ -96,7 +96,11 @@ struct Own {
     up: Weight,
     down: Weight,
     iface: Iface,
+    /// The next hop towards the server; unspecified while an `auto` one
+    /// is not known (no default route on the interface).
     gateway: Ipv4Addr,
+    /// `gateway = "auto"`: followed from the interface's default route.
+    auto_gateway: bool,
     entry: UpLink,
     relay: RelayLink,
     sock: Arc<UdpSocket>,
@@ -134,10 +138,13 @@ enum Route {
 }
 
 impl Own {
-    /// Out of use: the interface is gone, down, without carrier or
-    /// address, or the link does not answer echoes.
+    /// Out of use: the interface is gone, down, without carrier, address
+    /// or next hop, or the link does not answer echoes.
     fn dark(&self) -> bool {
-        !self.iface.carrier || self.addr.is_none() || self.echo.is_dark()
+        !self.iface.carrier
+            || self.addr.is_none()
+            || self.gateway.is_unspecified()
+            || self.echo.is_dark()
     }
 }
 
@@ -287,7 +294,21 @@ pub async fn run(
         }
         let mtu = l.mtu.map_or(wan.mtu, u32::from);
         path_mtu = path_mtu.min(mtu);
-        let gateway = l.gateway.unwrap_or(cfg.server.address);
+        let gateway = match l.gateway {
+            None => cfg.server.address,
+            Some(Gateway::At(a)) => a,
+            Some(Gateway::Auto) if wan.index == 0 => Ipv4Addr::UNSPECIFIED,
+            Some(Gateway::Auto) => net
+                .default_gateway(wan.index)
+                .await?
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        };
+        if wan_ip.is_some() && gateway.is_unspecified() {
+            eprintln!(
+                "bond-ctl: link {}: no default route on {} to take the next hop from: out of use until there is",
+                l.id, l.interface
+            );
+        }
         if wan.index != 0 {
             sysctl(&format!("net.ipv4.conf.{}.rp_filter", l.interface), "2")?;
         }
@@ -295,7 +316,7 @@ pub async fn run(
         // tied to the interface, and a route to the server over it. Until
         // the link has an address, a socket that sends nowhere stands in.
         let route = match wan_ip {
-            Some(_) => {
+            Some(_) if !gateway.is_unspecified() => {
                 net.host_route_via(
                     cfg.server.address,
                     gateway,
@@ -305,7 +326,7 @@ pub async fn run(
                 .await?;
                 Route::In
             }
-            None => Route::Wanted,
+            _ => Route::Wanted,
         };
         let sock = match wan_ip {
             Some(ip) => udp_socket(SocketAddrV4::new(ip, l.port), Some(&l.interface)),
@@ -350,6 +371,7 @@ pub async fn run(
             },
             iface: wan,
             gateway,
+            auto_gateway: l.gateway == Some(Gateway::Auto),
             sock: Arc::new(sock),
             rx: None,
             up_train: None,
@@ -1029,7 +1051,9 @@ impl Agent {
             Change::Link { name, .. } | Change::Gone { name, .. } => {
                 self.own.iter().position(|o| o.iface.name == *name)
             }
-            Change::Address { index } => self.own.iter().position(|o| o.iface.index == *index),
+            Change::Address { index } | Change::DefaultRoute { index } => {
+                self.own.iter().position(|o| o.iface.index == *index)
+            }
         };
         let Some(i) = i else {
             return Ok(());
@@ -1086,12 +1110,48 @@ impl Agent {
             self.rebind(i, ip, tx).await?;
         }
         self.own[i].addr = addr;
+        let rerouted = self.own[i].auto_gateway && self.follow_gateway(i).await?;
         let o = &self.own[i];
         if o.iface.carrier && o.addr.is_some() && o.entry.flags & LINK_VALID == 0 {
             // The next hop, resolved by the next `refresh`.
             let _ = poke_neighbor(&o.iface.name, o.gateway);
         }
-        self.relink(i, was_dark, replugged || readdressed).await
+        self.relink(i, was_dark, replugged || readdressed || rerouted)
+            .await
+    }
+
+    /// Takes link `i`'s next hop from its interface's default route again
+    /// (`gateway = "auto"`); true if it changed. The route to the server
+    /// moves to the new one, and the datapath waits for it to be resolved.
+    async fn follow_gateway(&mut self, i: usize) -> Result<bool> {
+        let o = &self.own[i];
+        let now = match o.iface.index {
+            0 => None,
+            index => self.net.default_gateway(index).await?,
+        }
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        if now == o.gateway {
+            return Ok(false);
+        }
+        eprintln!(
+            "bond-ctl: link {}: next hop {} -> {}",
+            o.ad.id,
+            show_addr(Some(o.gateway).filter(|g| !g.is_unspecified())),
+            show_addr(Some(now).filter(|g| !g.is_unspecified()))
+        );
+        if !o.gateway.is_unspecified() {
+            let metric = METRIC_BASE + u32::from(o.ad.id);
+            let server = self.cfg.server.address;
+            let _ = self
+                .net
+                .delete_host_route(server, o.gateway, o.iface.index, metric)
+                .await;
+        }
+        self.own[i].gateway = now;
+        self.own[i].route = Route::Wanted;
+        self.invalidate(i)?;
+        self.route(i).await;
+        Ok(true)
     }
 
     /// Link `i`'s datapath entries wait for the next hop to be resolved
@@ -1138,7 +1198,7 @@ impl Agent {
     async fn route(&mut self, i: usize) {
         let server = self.cfg.server.address;
         let o = &self.own[i];
-        if o.route == Route::In || o.addr.is_none() {
+        if o.route == Route::In || o.addr.is_none() || o.gateway.is_unspecified() {
             return;
         }
         let metric = METRIC_BASE + u32::from(o.ad.id);
@@ -1172,9 +1232,9 @@ impl Agent {
                 "bond-ctl: link {}: {}",
                 o.ad.id,
                 if dark {
-                    "no carrier, address or interface: out of use"
+                    "no interface, carrier, address or next hop: out of use"
                 } else {
-                    "carrier and address back: in use"
+                    "interface, carrier, address and next hop back: in use"
                 }
             );
         }
@@ -1343,7 +1403,8 @@ impl Agent {
             self.route(i).await;
         }
         let mut resolved = false;
-        for o in self.own.iter_mut().filter(|o| o.iface.index != 0) {
+        let placed = |o: &&mut Own| o.iface.index != 0 && !o.gateway.is_unspecified();
+        for o in self.own.iter_mut().filter(placed) {
             match self.net.neighbor(o.iface.index, o.gateway).await? {
                 Some(mac) if mac != o.entry.dst_mac || o.entry.flags & LINK_VALID == 0 => {
                     resolved |= o.entry.flags & LINK_VALID == 0;
@@ -1730,6 +1791,7 @@ impl Agent {
                     "dark": o.dark(),
                     "carrier": o.iface.carrier,
                     "address": o.addr.map(|a| a.to_string()),
+                    "gateway": Some(o.gateway).filter(|g| !g.is_unspecified()).map(|g| g.to_string()),
                     "rtt_ms": o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),
                 })
             })

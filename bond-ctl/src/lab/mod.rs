@@ -118,6 +118,9 @@ pub struct Lab {
     pub terminal_extra: String,
     /// Terminals weigh their links by measurement (`weight = "auto"`).
     pub auto_weights: bool,
+    /// Links whose owner takes the next hop from the interface's default
+    /// route (`gateway = "auto"`), as with DHCP; the test adds the route.
+    pub auto_gateways: Vec<u8>,
     /// Terminals run the distribution service (`[dist]`, state in
     /// [`Self::dist_state`]).
     pub dist: bool,
@@ -269,6 +272,7 @@ impl Lab {
             server_extra: String::new(),
             terminal_extra: String::new(),
             auto_weights: false,
+            auto_gateways: Vec::new(),
             dist: false,
             cache: false,
             cache_extra: Vec::new(),
@@ -571,6 +575,13 @@ impl Lab {
     /// 100.64.`id`.1, and the server a route to it), the old address goes,
     /// and the modem stays the next hop, on-link. Returns the new address.
     pub fn readdress(&mut self, id: u8) -> Result<Ipv4Addr> {
+        self.renumber(id, false)
+    }
+
+    /// As [`Self::readdress`], and with `new_hop` the next hop moves too,
+    /// to the modem's new address (100.64.`id`.1), as the interface's
+    /// default route (metric 300) says, as a DHCP client sets it.
+    pub fn renumber(&mut self, id: u8, new_hop: bool) -> Result<Ipv4Addr> {
         let (tns, l) = self.wan(id)?;
         let l = l.clone();
         let new = Ipv4Addr::new(100, 64, id, 2);
@@ -580,12 +591,22 @@ impl Lab {
             &format!("route add 100.64.{id}.0/30 via 198.51.100.{}", 10 + id),
         )?;
         self.ip(&tns, &format!("addr add {new}/30 dev {}", l.iface))?;
-        self.ip(
-            &tns,
-            &format!("route add {}/32 dev {}", l.modem_ip, l.iface),
-        )?;
+        if new_hop {
+            self.ip(
+                &tns,
+                &format!(
+                    "route replace default via 100.64.{id}.1 dev {} metric 300",
+                    l.iface
+                ),
+            )?;
+        } else {
+            self.ip(
+                &tns,
+                &format!("route add {}/32 dev {}", l.modem_ip, l.iface),
+            )?;
+        }
         self.ip(&tns, &format!("addr del {}/30 dev {}", l.wan_ip, l.iface))?;
-        if l.iface == "wan0" {
+        if l.iface == "wan0" && !new_hop {
             self.ip(&tns, &format!("route replace default via {}", l.modem_ip))?;
         }
         for t in &mut self.terminals {
@@ -748,7 +769,11 @@ impl Lab {
                 l.id,
                 l.iface,
                 l.port,
-                l.modem_ip,
+                if self.auto_gateways.contains(&l.id) {
+                    "auto".to_string()
+                } else {
+                    l.modem_ip.to_string()
+                },
                 if self.auto_weights {
                     "\"auto\"".to_string()
                 } else {
