@@ -141,10 +141,13 @@ impl Own {
     /// Out of use: the interface is gone, down, without carrier, address
     /// or next hop, or the link does not answer echoes.
     fn dark(&self) -> bool {
-        !self.iface.carrier
-            || self.addr.is_none()
-            || self.gateway.is_unspecified()
-            || self.echo.is_dark()
+        self.dark_by_kernel() || self.echo.is_dark()
+    }
+
+    /// Out of use by the kernel's word: no interface, carrier, address or
+    /// next hop.
+    fn dark_by_kernel(&self) -> bool {
+        !self.iface.carrier || self.addr.is_none() || self.gateway.is_unspecified()
     }
 }
 
@@ -1070,14 +1073,12 @@ impl Agent {
             return self.relink(i, was_dark, false).await;
         };
         let replugged = now.index != self.own[i].iface.index;
-        if now.carrier && !self.own[i].iface.carrier && !replugged {
+        let gateway = self.own[i].gateway;
+        if now.carrier && !self.own[i].iface.carrier && !replugged && !gateway.is_unspecified() {
             // Echoes sent while it was down began resolving the next hop;
             // the kernel would try again only a second later.
-            let _ = self
-                .net
-                .forget_neighbor(now.index, self.own[i].gateway)
-                .await;
-            let _ = poke_neighbor(&name, self.own[i].gateway);
+            let _ = self.net.forget_neighbor(now.index, gateway).await;
+            let _ = poke_neighbor(&name, gateway);
         }
         if replugged {
             eprintln!(
@@ -1112,7 +1113,7 @@ impl Agent {
         self.own[i].addr = addr;
         let rerouted = self.own[i].auto_gateway && self.follow_gateway(i).await?;
         let o = &self.own[i];
-        if o.iface.carrier && o.addr.is_some() && o.entry.flags & LINK_VALID == 0 {
+        if !o.dark_by_kernel() && o.entry.flags & LINK_VALID == 0 {
             // The next hop, resolved by the next `refresh`.
             let _ = poke_neighbor(&o.iface.name, o.gateway);
         }
@@ -1416,7 +1417,7 @@ impl Agent {
                 }
                 Some(_) => {}
                 None => {
-                    if o.entry.flags & LINK_VALID == 0 && o.iface.carrier && o.addr.is_some() {
+                    if o.entry.flags & LINK_VALID == 0 && !o.dark_by_kernel() {
                         // A link (back) in place whose next hop is still
                         // unresolved: a resolution begun before it was
                         // ready would try again only a second later.
