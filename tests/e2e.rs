@@ -6,8 +6,12 @@
 
 use std::{path::Path, time::Duration};
 
+mod common;
+
 use bond_ctl::lab::{Lab, TerminalSpec};
 use sha2::{Digest, Sha256};
+
+use common::last_changes;
 
 fn bond_ctl() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
@@ -552,25 +556,6 @@ fn two_origins_uploading_at_once_share_the_links() {
     assert!(a > 8.0 && b > 8.0, "one origin starved: {a:.1} / {b:.1}");
 }
 
-/// When each counter last moved, polling every 10 ms for `watch`.
-fn last_changes<const N: usize>(
-    read: impl Fn() -> [u64; N],
-    watch: std::time::Duration,
-) -> [std::time::Instant; N] {
-    let start = std::time::Instant::now();
-    let (mut last, mut at) = (read(), [start; N]);
-    while start.elapsed() < watch {
-        let now = read();
-        for i in 0..N {
-            if now[i] != last[i] {
-                (last[i], at[i]) = (now[i], std::time::Instant::now());
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    at
-}
-
 /// `flap`: link 1 (t1's own, and its only one) goes dark with carrier up
 /// for 5 s during an upload from t1 and a download to it. Within 300 ms it
 /// leaves t1's own upstream schedule and the server's downstream one
@@ -615,33 +600,8 @@ fn a_dark_link_leaves_every_schedule_within_300ms_and_comes_back() {
             .map_or(0, |s| s.2.up_pkts)
     };
     let down = || server.server_link_stats(idx).unwrap().down_pkts;
-    // A second iperf3 server: one serves a single test at a time.
-    let web = lab.web_ns.clone();
-    lab.spawn(
-        &web,
-        "iperf3-b",
-        "iperf3",
-        &["-s", "-B", "203.0.113.2", "-p", "5202"],
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    for (name, port, reverse) in [("upload", "5201", false), ("download", "5202", true)] {
-        let mut args = vec![
-            "-c",
-            "203.0.113.2",
-            "-p",
-            port,
-            "-t",
-            "11",
-            "-i",
-            "0.5",
-            "-J",
-        ];
-        if reverse {
-            args.push("-R");
-        }
-        lab.spawn(&t1, name, "iperf3", &args).unwrap();
-    }
+    lab.upload_and_download(&t1, &["-t", "11", "-i", "0.5", "-J"])
+        .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let (up0, down0) = (up(), down());
     std::thread::sleep(Duration::from_millis(500));

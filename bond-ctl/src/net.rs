@@ -11,7 +11,7 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{LinkAttribute, LinkFlags},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -261,11 +261,9 @@ impl Net {
         Ok(())
     }
 
-    /// Forgets what the kernel knows of `ip` on interface `dev` (nothing
-    /// if it knows nothing): a line whose carrier is back resolves its next
-    /// hop at once, instead of when a resolution begun while it was down
-    /// next tries (a second later).
-    pub async fn forget_neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<()> {
+    /// What the kernel knows of `ip` on interface `dev`: its neighbour
+    /// entry, if it has one.
+    async fn neighbor_entry(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<NeighbourMessage>> {
         let mut neighs = self
             .handle
             .neighbours()
@@ -276,48 +274,39 @@ impl Net {
             let is_ip = n.attributes.iter().any(|a| {
                 matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
             });
-            if n.header.ifindex == dev && is_ip {
-                self.handle.neighbours().del(n).execute().await?;
-                break;
+            if n.header.ifindex == dev && n.header.kind == RouteType::Unicast && is_ip {
+                return Ok(Some(n));
             }
+        }
+        Ok(None)
+    }
+
+    /// Forgets what the kernel knows of `ip` on interface `dev` (nothing
+    /// if it knows nothing): a line whose carrier is back resolves its next
+    /// hop at once, instead of when a resolution begun while it was down
+    /// next tries (a second later).
+    pub async fn forget_neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<()> {
+        if let Some(n) = self.neighbor_entry(dev, ip).await? {
+            self.handle.neighbours().del(n).execute().await?;
         }
         Ok(())
     }
 
     /// The resolved MAC of `ip` on interface `dev`, if the kernel has one.
     pub async fn neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
-        let mut neighs = self
-            .handle
-            .neighbours()
-            .get()
-            .set_family(IpVersion::V4)
-            .execute();
-        while let Some(n) = neighs.try_next().await? {
-            if n.header.ifindex != dev || n.header.kind != RouteType::Unicast {
-                continue;
-            }
-            let usable = !matches!(
-                n.header.state,
-                NeighbourState::Incomplete | NeighbourState::Failed
-            );
-            let mut dst = None;
-            let mut mac = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(*d),
-                    NeighbourAttribute::LinkLocalAddress(m) if m.len() == 6 => {
-                        let mut b = [0; 6];
-                        b.copy_from_slice(m);
-                        mac = Some(b);
-                    }
-                    _ => {}
-                }
-            }
-            if dst == Some(ip) && usable {
-                return Ok(mac);
-            }
+        let Some(n) = self.neighbor_entry(dev, ip).await? else {
+            return Ok(None);
+        };
+        if matches!(
+            n.header.state,
+            NeighbourState::Incomplete | NeighbourState::Failed
+        ) {
+            return Ok(None);
         }
-        Ok(None)
+        Ok(n.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::LinkLocalAddress(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => None,
+        }))
     }
 }
 

@@ -44,3 +44,23 @@ impl Drop for PinDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// When each counter `read` returns last moved, polling every 10 ms for
+/// `watch`.
+pub fn last_changes<const N: usize>(
+    read: impl Fn() -> [u64; N],
+    watch: std::time::Duration,
+) -> [std::time::Instant; N] {
+    let start = std::time::Instant::now();
+    let (mut last, mut at) = (read(), [start; N]);
+    while start.elapsed() < watch {
+        let now = read();
+        for i in 0..N {
+            if now[i] != last[i] {
+                (last[i], at[i]) = (now[i], std::time::Instant::now());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    at
+}

@@ -149,6 +149,15 @@ impl Own {
     fn dark_by_kernel(&self) -> bool {
         !self.iface.carrier || self.addr.is_none() || self.gateway.is_unspecified()
     }
+
+    /// Starts resolving the next hop of a link (back) in place: whatever
+    /// the kernel began before (echoes sent while it was down) is
+    /// forgotten first, as the kernel would try that again only a second
+    /// later.
+    async fn resolve_afresh(&self, net: &Net) {
+        let _ = net.forget_neighbor(self.iface.index, self.gateway).await;
+        let _ = poke_neighbor(&self.iface.name, self.gateway);
+    }
 }
 
 /// Where a received control message came from.
@@ -1073,13 +1082,6 @@ impl Agent {
             return self.relink(i, was_dark, false).await;
         };
         let replugged = now.index != self.own[i].iface.index;
-        let gateway = self.own[i].gateway;
-        if now.carrier && !self.own[i].iface.carrier && !replugged && !gateway.is_unspecified() {
-            // Echoes sent while it was down began resolving the next hop;
-            // the kernel would try again only a second later.
-            let _ = self.net.forget_neighbor(now.index, gateway).await;
-            let _ = poke_neighbor(&name, gateway);
-        }
         if replugged {
             eprintln!(
                 "bond-ctl: link {id}: interface {name} is back (index {})",
@@ -1113,9 +1115,14 @@ impl Agent {
         self.own[i].addr = addr;
         let rerouted = self.own[i].auto_gateway && self.follow_gateway(i).await?;
         let o = &self.own[i];
-        if !o.dark_by_kernel() && o.entry.flags & LINK_VALID == 0 {
-            // The next hop, resolved by the next `refresh`.
-            let _ = poke_neighbor(&o.iface.name, o.gateway);
+        if o.dark_by_kernel() {
+            // It may come back behind another next hop (another modem).
+            if o.entry.flags & LINK_VALID != 0 {
+                self.invalidate(i)?;
+            }
+        } else if o.entry.flags & LINK_VALID == 0 {
+            // Resolved by the next `refresh`.
+            o.resolve_afresh(&self.net).await;
         }
         self.relink(i, was_dark, replugged || readdressed || rerouted)
             .await
@@ -1416,13 +1423,10 @@ impl Agent {
                     self.maps.set_relay_link(o.ad.port, o.relay)?;
                 }
                 Some(_) => {}
+                None if o.entry.flags & LINK_VALID == 0 && !o.dark_by_kernel() => {
+                    o.resolve_afresh(&self.net).await;
+                }
                 None => {
-                    if o.entry.flags & LINK_VALID == 0 && !o.dark_by_kernel() {
-                        // A link (back) in place whose next hop is still
-                        // unresolved: a resolution begun before it was
-                        // ready would try again only a second later.
-                        let _ = self.net.forget_neighbor(o.iface.index, o.gateway).await;
-                    }
                     let _ = poke_neighbor(&o.iface.name, o.gateway);
                 }
             }

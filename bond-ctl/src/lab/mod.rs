@@ -1153,6 +1153,31 @@ impl Lab {
         Ok(())
     }
 
+    /// An upload (child `upload`) and a download (child `download`) at once
+    /// from namespace `ns` to the content host: iperf3 with `args` added
+    /// (`-t`, `-J`, ...). A second server (`iperf3-b`, port 5202) serves
+    /// the download, as one serves a single test at a time; the first is
+    /// [`Self::start_iperf`]'s.
+    pub fn upload_and_download(&mut self, ns: &str, args: &[&str]) -> Result<()> {
+        let web = self.web_ns.clone();
+        self.spawn(
+            &web,
+            "iperf3-b",
+            "iperf3",
+            &["-s", "-B", "203.0.113.2", "-p", "5202"],
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        for (name, port, reverse) in [("upload", "5201", false), ("download", "5202", true)] {
+            let mut all = vec!["-c", "203.0.113.2", "-p", port];
+            all.extend(args);
+            if reverse {
+                all.push("-R");
+            }
+            self.spawn(ns, name, "iperf3", &all)?;
+        }
+        Ok(())
+    }
+
     /// Downloads a URL in a namespace: (bytes, seconds, file path).
     pub fn download(&self, ns: &str, url: &str, name: &str) -> Result<(u64, f64, PathBuf)> {
         let out = self.dir.join(name);
