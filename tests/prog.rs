@@ -74,7 +74,12 @@ impl Obj {
         Self::load(
             bond_ctl::ebpf::TERMINAL,
             tag,
-            &["bond_wrap", "bond_terminal"],
+            &[
+                "bond_wrap",
+                "bond_terminal",
+                "bond_relay",
+                "bond_terminal_l3",
+            ],
         )
     }
 
@@ -234,24 +239,26 @@ mod term {
             (RELAY_PORT, RELAY_LINK, 1500),
             (SMALL_RELAY_PORT, SMALL_RELAY_LINK, 100),
         ] {
-            m.set_relay_link(
-                port,
-                RelayLink {
-                    wan_ifindex: 3,
-                    wan_ip: WAN_IP.into(),
-                    link,
-                    _pad: 0,
-                    port,
-                    wan_mac: WAN_MAC,
-                    gw_mac: GW_MAC,
-                    mtu,
-                    _pad2: [0; 2],
-                },
-            )
-            .unwrap();
+            m.set_relay_link(port, relay_link(port, link, mtu, 0))
+                .unwrap();
         }
         m.set_neighbor(PEER, PEER_MAC).unwrap();
         t
+    }
+
+    /// An own link's entry: its port, id, MTU and flags.
+    pub fn relay_link(port: u16, link: u8, mtu: u16, flags: u8) -> RelayLink {
+        RelayLink {
+            wan_ifindex: 3,
+            wan_ip: WAN_IP.into(),
+            link,
+            flags,
+            port,
+            wan_mac: WAN_MAC,
+            gw_mac: GW_MAC,
+            mtu,
+            _pad2: [0; 2],
+        }
     }
 
     /// The pieces of a wrapped frame, for fixtures to edit.
@@ -1025,6 +1032,237 @@ fn terminal_passes_other_traffic_unchanged() {
         t.expect("bond_terminal", what, f, XDP_PASS, Some(f));
     }
     assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+// ------------------------------------------------ L3 links (TC) --
+//
+// On an own link without an Ethernet header, `bond_terminal_l3` (TC
+// ingress) sees packets from their IPv4 header; the relay towards such a
+// link is `bond_relay` (TC ingress on the LAN), since XDP cannot send to
+// it. BPF_PROG_TEST_RUN hands a TC program its input as it is (no
+// Ethernet header is assumed in the bytes the program reads), but the skb
+// around it is an Ethernet one: the one path whose helper depends on the
+// skb's own headers (the unwrap for this host without a playout,
+// `bpf_skb_adjust_room`) is shown end to end instead (tests/uplinks.rs).
+
+const TC_ACT_OK: u32 = 0;
+
+/// `w`'s frame as an L3 device carries it: from its IPv4 header.
+fn l3(w: &term::Wrapped) -> Vec<u8> {
+    w.frame()[OUTER_IP..].to_vec()
+}
+
+/// The test terminal with its own link (port 7001) on an L3 device.
+fn l3_setup(tag: &str) -> Obj {
+    use term::*;
+    let t = term::setup(tag);
+    for (port, link, mtu) in [
+        (RELAY_PORT, RELAY_LINK, 1500),
+        (SMALL_RELAY_PORT, SMALL_RELAY_LINK, 100),
+    ] {
+        let l3 = relay_link(port, link, mtu, bond_common::maps::LINK_L3);
+        t.maps.set_relay_link(port, l3).unwrap();
+    }
+    t
+}
+
+#[test]
+fn terminal_l3_relays_down_to_the_origin_behind_an_ethernet_header() {
+    use term::*;
+    let t = l3_setup("l3-relay-down");
+    let input = down_from_server(PEER, PEER_TOKEN);
+    let mut want = input.clone();
+    want.outer = Outer {
+        dst_mac: PEER_MAC,
+        src_mac: LAN_MAC,
+        src: LAN_IP,
+        dst: PEER,
+        sport: RELAY_PORT,
+        dport: DATA_PORT,
+        ttl: 64,
+        ..input.outer
+    };
+    t.expect(
+        "bond_terminal_l3",
+        "relay down",
+        &l3(&input),
+        TC_ACT_REDIRECT,
+        Some(&want.frame()),
+    );
+    assert_wrapped_checksums(&want.frame(), "relay down");
+    assert_eq!(
+        stats(&t, RELAY_LINK),
+        LinkStats {
+            relay_down_pkts: 1,
+            relay_down_bytes: input.inner.len() as u64,
+            ..Default::default()
+        }
+    );
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+#[test]
+fn terminal_l3_sends_its_downstream_to_the_playout_behind_an_ethernet_header() {
+    use bond_common::maps::Hold;
+    use term::*;
+    let t = l3_setup("l3-hold");
+    let now = bond_ctl::datapath::monotonic_ns();
+    t.maps
+        .set_hold(
+            bond_common::maps::name::T_HOLD,
+            Hold {
+                ifindex: 4242,
+                _pad: 0,
+                alive_until_ns: now + 60_000_000_000,
+            },
+        )
+        .unwrap();
+    let w = down_from_server(LAN_IP, TOKEN);
+    // The playout addresses the frame itself when it writes it back.
+    let want = eth([0; 6], [0; 6], ETH_P_IP, &l3(&w));
+    t.expect(
+        "bond_terminal_l3",
+        "held",
+        &l3(&w),
+        TC_ACT_REDIRECT,
+        Some(&want),
+    );
+    assert_eq!(
+        stats(&t, RELAY_LINK).down_pkts,
+        0,
+        "counted when it comes back"
+    );
+    assert_eq!(t.nonzero_drops(), vec![]);
+}
+
+#[test]
+fn terminal_l3_drops_and_counts_bad_input_and_passes_the_rest() {
+    use term::*;
+    let t = l3_setup("l3-bad");
+    type Edit = fn(&mut Wrapped);
+    let cases: [(&str, Edit, &str); 6] = [
+        (
+            "upstream from the server's side",
+            |w| w.bond.kind = DATA_UP,
+            "bad_kind",
+        ),
+        (
+            "not from the server",
+            |w| w.outer.src = CONTENT,
+            "unknown_source",
+        ),
+        (
+            "for a peer without a neighbour entry",
+            |w| w.bond.origin = PEER3,
+            "no_neighbor",
+        ),
+        (
+            "another community",
+            |w| w.bond.community = COMMUNITY + 1,
+            "wrong_community",
+        ),
+        ("bad magic", |w| w.bond.magic ^= 1, "bad_magic"),
+        (
+            "bad token for this host",
+            |w| {
+                w.bond.origin = LAN_IP;
+                w.bond.token ^= 1;
+            },
+            "bad_token",
+        ),
+    ];
+    for (what, edit, reason) in cases {
+        let mut w = down_from_server(PEER, PEER_TOKEN);
+        edit(&mut w);
+        t.expect_drop("bond_terminal_l3", what, &l3(&w), TC_ACT_SHOT, reason);
+    }
+    let cut = l3(&down_from_server(PEER, PEER_TOKEN))[..40].to_vec();
+    t.expect_drop(
+        "bond_terminal_l3",
+        "cut in the bond header",
+        &cut,
+        TC_ACT_SHOT,
+        "truncated",
+    );
+    let mut control = down_from_server(PEER, PEER_TOKEN);
+    control.bond.kind = ANNOUNCE;
+    let tcp = Ip::new(SERVER, WAN_IP, L4::tcp(443, 40000)).bytes();
+    let to_another_port = Ip::new(SERVER, WAN_IP, L4::udp(SERVER_PORT, 53)).bytes();
+    for (what, p) in [
+        ("control message (ANNOUNCE)", l3(&control)),
+        ("TCP", tcp),
+        ("UDP to another port", to_another_port),
+    ] {
+        t.expect("bond_terminal_l3", what, &p, TC_ACT_OK, Some(&p));
+    }
+    assert_eq!(stats(&t, RELAY_LINK), LinkStats::default());
+}
+
+/// DATA_UP from a LAN peer to an own L3 link: `bond_terminal` (XDP) lets
+/// it pass, and `bond_relay` (TC, next on the LAN's path) sends it on to
+/// the server, its Ethernet header left for the kernel to drop. For an
+/// Ethernet link it is the other way round.
+#[test]
+fn terminal_relays_up_to_an_l3_link_from_tc() {
+    use term::*;
+    let t = l3_setup("l3-relay-up");
+    let input = up_from_peer();
+    let mut want = input.clone();
+    want.outer = Outer {
+        src: WAN_IP,
+        dst: SERVER,
+        sport: RELAY_PORT,
+        dport: SERVER_PORT,
+        ttl: 64,
+        ..input.outer
+    };
+    let frame = input.frame();
+    t.expect(
+        "bond_terminal",
+        "XDP passes it",
+        &frame,
+        XDP_PASS,
+        Some(&frame),
+    );
+    t.expect(
+        "bond_relay",
+        "relay up",
+        &frame,
+        TC_ACT_REDIRECT,
+        Some(&want.frame()),
+    );
+    assert_wrapped_checksums(&want.frame(), "relay up");
+    assert_eq!(
+        stats(&t, RELAY_LINK),
+        LinkStats {
+            relay_up_pkts: 1,
+            relay_up_bytes: input.inner.len() as u64,
+            ..Default::default()
+        }
+    );
+    let mut big = up_from_peer();
+    big.outer.dport = SMALL_RELAY_PORT;
+    big.bond.link = SMALL_RELAY_LINK;
+    t.expect_drop(
+        "bond_relay",
+        "too big for the link",
+        &big.frame(),
+        TC_ACT_SHOT,
+        "too_big",
+    );
+
+    let e = term::setup("l3-relay-up-eth");
+    for (what, f) in [
+        ("DATA_UP to an Ethernet link (XDP's)", frame.clone()),
+        ("DATA_DOWN for this host (XDP's)", down_for_me().frame()),
+        (
+            "TCP",
+            Ip::new(PEER, LAN_IP, L4::tcp(40000, 80)).frame(LAN_MAC, PEER_MAC),
+        ),
+    ] {
+        e.expect("bond_relay", what, &f, TC_ACT_OK, Some(&f));
+    }
+    assert_eq!(e.nonzero_drops(), vec![]);
 }
 
 // =========================================================== server ==
@@ -3839,6 +4077,69 @@ fn terminal_survives_mutants() {
     }
     assert!(
         tally.reasons.len() >= 10,
+        "reasons seen: {:?}",
+        tally.reasons
+    );
+}
+
+/// `bond_terminal_l3` on mutants of what an L3 link brings (DATA_DOWN
+/// for a peer and for this host, a playout reading): each is dropped
+/// under one reason, passed untouched, held or relayed down exactly as
+/// the Ethernet program would relay it.
+#[test]
+fn terminal_l3_survives_mutants() {
+    use term::*;
+    let t = l3_setup("l3-fuzz");
+    t.maps
+        .set_hold(
+            bond_common::maps::name::T_HOLD,
+            bond_common::maps::Hold {
+                ifindex: 4242,
+                _pad: 0,
+                alive_until_ns: bond_ctl::datapath::monotonic_ns() + 600_000_000_000,
+            },
+        )
+        .unwrap();
+    let c = t.counters();
+    let fixtures = [
+        l3(&down_from_server(PEER, PEER_TOKEN)),
+        l3(&down_from_server(LAN_IP, TOKEN)),
+    ];
+    let shift = |(field, from): LenField| (field - OUTER_IP, from - OUTER_IP);
+    let lens = [shift(OUTER_LENS[0]), shift(OUTER_LENS[1]), shift(INNER_LEN)];
+    let mut rng = Rng(SEED ^ 0x13);
+    let mut tally = Tally::default();
+    let mut before = c.read();
+    for k in 0..MUTANTS {
+        let input = mutant(&mut rng, &fixtures[k % fixtures.len()], &lens, 3000);
+        let what = format!("L3 mutant {k} {input:02x?}");
+        let (v, out) = t.try_run("bond_terminal_l3", &input).expect("test_run");
+        let after = c.read();
+        let grew = after.drops_since(&before);
+        before = after;
+        one_reason_per_drop(&what, v == TC_ACT_SHOT, &grew);
+        let framed = eth(WAN_MAC, GW_MAC, ETH_P_IP, &input);
+        let outcome = match v {
+            TC_ACT_SHOT => "dropped",
+            TC_ACT_OK if out == input => "untouched",
+            // A pure ACK for this host goes up at once; the test run's
+            // Ethernet skb makes the helper cut elsewhere (see above).
+            TC_ACT_OK if out.len() + 52 == input.len() => "unwrapped",
+            TC_ACT_REDIRECT if out == eth([0; 6], [0; 6], ETH_P_IP, &input) => {
+                assert_eq!(get32(&framed, BOND + 8), u32::from(LAN_IP), "{what}: held");
+                "held"
+            }
+            TC_ACT_REDIRECT => fuzz_check::relayed(&what, &framed, &out),
+            v => panic!("{what}: verdict {v}, output {out:02x?}"),
+        };
+        tally.add(v, &grew, outcome);
+    }
+    eprintln!("L3 mutants: {tally:#?}");
+    for o in ["untouched", "held", "relayed down", "dropped"] {
+        assert!(tally.outcome(o) >= 200, "only {} {o}", tally.outcome(o));
+    }
+    assert!(
+        tally.reasons.len() >= 8,
         "reasons seen: {:?}",
         tally.reasons
     );

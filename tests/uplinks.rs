@@ -369,3 +369,135 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
     );
     t.finish("new next hop");
 }
+
+/// Link 1 (t1's only one) is on an L3 device, as PPP or a raw-IP LTE
+/// modem is; link 2 (t2's) is Ethernet. Both carry each origin's share,
+/// both ways: t1's own traffic leaves and arrives on its L3 device, and
+/// t2's is relayed through it.
+#[test]
+fn an_l3_link_bonds_with_an_ethernet_link() {
+    use bond_ctl::lab::LinkSpec;
+    use sha2::{Digest, Sha256};
+    let spec = [vec![LinkSpec::rate(20).on_l3()], vec![LinkSpec::rate(20)]];
+    let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
+    lab.start_agents().expect("start agents");
+    let (ns1, inst1) = (
+        lab.terminals[0].ns.clone(),
+        lab.terminals[0].instance.clone(),
+    );
+    let st = lab.ctl_json(&ns1, &inst1, "status").unwrap();
+    assert_eq!(st["links"][0]["ethernet"], false, "{st}");
+    assert_eq!(st["links"][0]["active"], true, "{st}");
+    let bpffs = Path::new(DEFAULT_BPFFS);
+    let t1 = Maps::new(pin_dir(bpffs, &inst1));
+    let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
+    let stats = |m: &Maps, link: u8| {
+        m.terminal_link_stats()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.0 == link)
+            .map(|s| s.2)
+            .unwrap_or_default()
+    };
+    let server_down = |link: u8| {
+        let idx = server.server_link_index().unwrap();
+        let (_, i) = idx.into_iter().find(|(k, _)| k.link == link).unwrap();
+        server.server_link_stats(i).unwrap().down_bytes
+    };
+    let served = lab.serve_file("20m.bin", 20).unwrap();
+    let want = format!("{:x}", Sha256::digest(std::fs::read(&served).unwrap()));
+    for (i, what) in [
+        (0, "t1 (its only link L3)"),
+        (1, "t2 (relayed through t1's L3 link)"),
+    ] {
+        let before = [server_down(1), server_down(2)];
+        let (t1_before, t1_own) = (stats(&t1, 1), i == 0);
+        let ns = lab.terminals[i].ns.clone();
+        let (bytes, secs, out) = lab
+            .download(
+                &ns,
+                "http://203.0.113.2/20m.bin",
+                &format!("t{}.bin", i + 1),
+            )
+            .expect("download");
+        let got = format!("{:x}", Sha256::digest(std::fs::read(&out).unwrap()));
+        assert_eq!((bytes, &got), (20 << 20, &want), "{what}: the file differs");
+        let down = [server_down(1) - before[0], server_down(2) - before[1]];
+        let mbit = bytes as f64 * 8.0 / secs / 1e6;
+        eprintln!("{what}: 20 MiB in {secs:.2} s, {mbit:.1} Mbit/s; down per link {down:?}");
+        let total = (down[0] + down[1]) as f64;
+        for (l, d) in down.iter().enumerate() {
+            assert!(
+                *d as f64 > 0.3 * total,
+                "{what}: link {} carried {d} of {total} bytes:\n{}",
+                l + 1,
+                lab.log(&format!("agent-t{}", i + 1))
+            );
+        }
+        let s = stats(&t1, 1);
+        if t1_own {
+            assert!(s.down_bytes > t1_before.down_bytes, "{what}: {s:?}");
+            assert!(s.up_pkts > t1_before.up_pkts, "{what}: {s:?}");
+        } else {
+            assert!(
+                s.relay_down_bytes > t1_before.relay_down_bytes,
+                "{what}: {s:?}"
+            );
+            assert!(s.relay_up_pkts > t1_before.relay_up_pkts, "{what}: {s:?}");
+        }
+    }
+    // Uploads: 10 MB from each origin; its upstream counters show each
+    // link's share (t2's relayed share through t1's L3 link on t1's).
+    lab.start_iperf().unwrap();
+    let up = |m: &Maps, link: u8, relayed: bool| {
+        let s = stats(m, link);
+        if relayed {
+            s.relay_up_bytes
+        } else {
+            s.up_bytes
+        }
+    };
+    let t2 = Maps::new(pin_dir(bpffs, &lab.terminals[1].instance));
+    for (i, what) in [
+        (0, "t1 (its only link L3)"),
+        (1, "t2 (relayed through t1's L3 link)"),
+    ] {
+        let origin = if i == 0 { &t1 } else { &t2 };
+        let l1 = |o: &Maps| {
+            if i == 0 {
+                up(o, 1, false)
+            } else {
+                up(&t1, 1, true)
+            }
+        };
+        let before = [l1(origin), up(origin, 2, false)];
+        let ns = lab.terminals[i].ns.clone();
+        lab.exec(&ns, "iperf3", &["-c", "203.0.113.2", "-n", "10M"])
+            .expect("upload");
+        let sent = [l1(origin) - before[0], up(origin, 2, false) - before[1]];
+        eprintln!("{what}: 10 MB up, per link {sent:?}");
+        let total = (sent[0] + sent[1]) as f64;
+        for (l, d) in sent.iter().enumerate() {
+            assert!(
+                *d as f64 > 0.3 * total,
+                "{what}: link {} carried {d} of {total} bytes up",
+                l + 1
+            );
+        }
+    }
+    // Nothing the L3 paths could have dropped (IPv6 into bond0 and a full
+    // schedule are the origin's, whatever its links).
+    let drops: Vec<_> = t1
+        .terminal_drops()
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.1 != 0)
+        .collect();
+    eprintln!("t1's drops: {drops:?}");
+    assert!(
+        drops
+            .iter()
+            .all(|(r, _)| ["not_ipv4", "links_full"].contains(r)),
+        "t1 dropped {drops:?}"
+    );
+}

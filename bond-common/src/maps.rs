@@ -173,6 +173,10 @@ const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 32);
 
 /// `UpLink::flags` bit: the entry is in use.
 pub const LINK_VALID: u8 = 1;
+/// `RelayLink::flags` bit: the link's device has no Ethernet header (PPP,
+/// raw-IP modem, tun, WireGuard). XDP cannot send to it: the LAN's TC
+/// program relays to it, and its own TC program receives from it.
+pub const LINK_L3: u8 = 2;
 
 /// Where an origin's upstream packet on one link goes (`T_UP_LINKS[link]`):
 /// to a LAN peer's relay port, or straight out of one of its own WAN links.
@@ -200,7 +204,8 @@ pub struct RelayLink {
     pub wan_ifindex: u32,
     pub wan_ip: u32,
     pub link: u8,
-    pub _pad: u8,
+    /// [`LINK_L3`], or 0.
+    pub flags: u8,
     pub port: u16,
     pub wan_mac: [u8; 6],
     pub gw_mac: [u8; 6],

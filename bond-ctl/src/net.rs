@@ -3,16 +3,16 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{LinkAttribute, LinkFlags},
+    link::{LinkAttribute, LinkFlags, LinkLayerType},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -25,6 +25,9 @@ pub struct Iface {
     pub mtu: u32,
     /// Up, with its carrier (IFF_UP and IFF_LOWER_UP).
     pub carrier: bool,
+    /// Whether frames on it carry an Ethernet header; false for L3
+    /// devices (PPP, raw-IP modems, tun, WireGuard).
+    pub ethernet: bool,
 }
 
 pub struct Net {
@@ -60,6 +63,7 @@ impl Net {
                 .header
                 .flags
                 .contains(LinkFlags::Up | LinkFlags::LowerUp),
+            ethernet: msg.header.link_layer_type == LinkLayerType::Ether,
         };
         for a in msg.attributes {
             match a {
@@ -230,10 +234,11 @@ impl Net {
 
     /// `ip route replace DST/32 via GW dev DEV metric METRIC`: how a
     /// socket tied to one WAN interface reaches the server over it.
+    /// A host route to `dst` out of `dev`, by way of `gw` if given.
     pub async fn host_route_via(
         &self,
         dst: Ipv4Addr,
-        gw: Ipv4Addr,
+        gw: Option<Ipv4Addr>,
         dev: u32,
         metric: u32,
     ) -> Result<()> {
@@ -243,13 +248,16 @@ impl Net {
             .replace()
             .execute()
             .await
-            .with_context(|| format!("route {dst}/32 via {gw} metric {metric}"))
+            .with_context(|| match gw {
+                Some(gw) => format!("route {dst}/32 via {gw} metric {metric}"),
+                None => format!("route {dst}/32 dev {dev} metric {metric}"),
+            })
     }
 
     pub async fn delete_host_route(
         &self,
         dst: Ipv4Addr,
-        gw: Ipv4Addr,
+        gw: Option<Ipv4Addr>,
         dev: u32,
         metric: u32,
     ) -> Result<()> {
@@ -311,13 +319,15 @@ impl Net {
 }
 
 /// `DST/32 via GW dev DEV metric METRIC`.
-fn host_route(dst: Ipv4Addr, gw: Ipv4Addr, dev: u32, metric: u32) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst, 32)
-        .gateway(gw)
-        .output_interface(dev)
-        .priority(metric)
-        .build()
+fn host_route(dst: Ipv4Addr, gw: Option<Ipv4Addr>, dev: u32, metric: u32) -> RouteMessage {
+    let r = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32);
+    match gw {
+        Some(gw) => r.gateway(gw),
+        None => r.scope(RouteScope::Link),
+    }
+    .output_interface(dev)
+    .priority(metric)
+    .build()
 }
 
 /// Name of the playout's hold device.
@@ -332,6 +342,47 @@ pub fn sink_name(name: &str) -> String {
     let mut s = format!("{name}-sink");
     s.truncate(15);
     s
+}
+
+/// Creates (and owns: it goes when the fd closes) a TUN device `name`, a
+/// TAP one (Ethernet frames) if `tap`, without packet information; its
+/// reads and writes do not block if `nonblock`.
+pub fn open_tun(name: &str, tap: bool, nonblock: bool) -> Result<OwnedFd> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TUN: libc::c_short = 0x0001;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let what = if tap { "TAP" } else { "TUN" };
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        bail!("{what} device name {name:?}: 1 to 15 bytes");
+    }
+    let flags = libc::O_RDWR | libc::O_CLOEXEC | if nonblock { libc::O_NONBLOCK } else { 0 };
+    // SAFETY: a NUL-terminated path; the returned fd is checked.
+    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening /dev/net/tun");
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: if tap { IFF_TAP } else { IFF_TUN } | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out
+    // as; the fd is a tun control fd.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating {what} device {name}"));
+    }
+    Ok(fd)
 }
 
 /// Makes the kernel resolve `ip` on `dev`: one empty datagram to the discard

@@ -30,7 +30,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -38,7 +38,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use bond_common::{
     maps::Hold,
     wire::{BOND_OFF, BondHdr, SEQ_COPY, SEQ_MAX},
@@ -594,45 +594,8 @@ pub struct Tap {
 impl Tap {
     /// Creates (and owns: it goes when the fd closes) a TAP device.
     pub fn create(name: &str) -> Result<Self> {
-        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-        const IFF_TAP: libc::c_short = 0x0002;
-        const IFF_NO_PI: libc::c_short = 0x1000;
-        #[repr(C)]
-        struct IfReq {
-            name: [u8; libc::IFNAMSIZ],
-            flags: libc::c_short,
-            _pad: [u8; 22],
-        }
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            bail!("hold device name {name:?}: 1 to 15 bytes");
-        }
-        let path = c"/dev/net/tun";
-        // SAFETY: a NUL-terminated path; the returned fd is checked.
-        let raw = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("opening /dev/net/tun");
-        }
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid
-        // out as; the fd is a tun control fd.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("creating TAP device {name}"));
-        }
         Ok(Self {
-            fd,
+            fd: crate::net::open_tun(name, true, true)?,
             name: name.to_string(),
         })
     }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use bond_common::{
     csum, drops,
     maps::{KEPT_MAX, KEPT_SLOTS, Kept, LinkStats},
-    wire::{ETH_LEN, IPV4_LEN, OUTER_LEN},
+    wire::{IPV4_LEN, OUTER_LEN},
 };
 
 /// The two contexts bond's programs read packets from.
@@ -255,16 +255,17 @@ pub fn nat_rewrite(
 }
 
 /// Checks the outer lengths of a wrapped packet (its bond header already
-/// found): the IPv4 total length covers at least the wrap and does not run
-/// past the frame (bytes after it are padding), and the UDP length is the
-/// rest of it. A cut frame, or one whose headers lie, is `outer_bad_header`.
-/// Returns the outer total length.
+/// found) whose outer IPv4 header starts at `l2` (14 behind Ethernet, 0 on
+/// an L3 link): the IPv4 total length covers at least the wrap and does
+/// not run past the frame (bytes after it are padding), and the UDP length
+/// is the rest of it. A cut frame, or one whose headers lie, is
+/// `outer_bad_header`. Returns the outer total length.
 #[inline(always)]
-pub fn outer_len(ctx: &impl Packet) -> Result<u16, u32> {
-    let tot = read_u16(ctx, ETH_LEN + 2).ok_or(drops::TRUNCATED)?;
-    let udp = read_u16(ctx, ETH_LEN + IPV4_LEN + 4).ok_or(drops::TRUNCATED)?;
+pub fn outer_len(ctx: &impl Packet, l2: usize) -> Result<u16, u32> {
+    let tot = read_u16(ctx, l2 + 2).ok_or(drops::TRUNCATED)?;
+    let udp = read_u16(ctx, l2 + IPV4_LEN + 4).ok_or(drops::TRUNCATED)?;
     if usize::from(tot) < OUTER_LEN
-        || usize::from(tot) > ctx.packet_len() - ETH_LEN
+        || usize::from(tot) > ctx.packet_len() - l2
         || udp != tot - IPV4_LEN as u16
     {
         return Err(drops::OUTER_BAD_HEADER);

@@ -671,7 +671,7 @@ impl Bench {
                         wan_ifindex: out_idx,
                         wan_ip: LINK_IP.into(),
                         link: LINK_ID,
-                        _pad: 0,
+                        flags: 0,
                         port: RELAY_PORT,
                         wan_mac: OUT_MAC,
                         gw_mac: SINK_MAC,

@@ -13,7 +13,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::TcAttachType;
 use bond_common::{
-    maps::{LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink, name},
+    maps::{
+        LINK_L3, LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink, name,
+    },
     wire::OUTER_LEN,
 };
 use serde_json::{Value, json};
@@ -145,9 +147,16 @@ impl Own {
     }
 
     /// Out of use by the kernel's word: no interface, carrier, address or
-    /// next hop.
+    /// (behind Ethernet) next hop.
     fn dark_by_kernel(&self) -> bool {
-        !self.iface.carrier || self.addr.is_none() || self.gateway.is_unspecified()
+        !self.iface.carrier || self.addr.is_none() || self.via() == Some(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// The next hop the route to the server goes by: the gateway behind
+    /// Ethernet; none on an L3 link (PPP, a raw-IP modem, a tunnel), whose
+    /// far end takes every packet.
+    fn via(&self) -> Option<Ipv4Addr> {
+        self.iface.ethernet.then_some(self.gateway)
     }
 
     /// Starts resolving the next hop of a link (back) in place: whatever
@@ -157,6 +166,26 @@ impl Own {
     async fn resolve_afresh(&self, net: &Net) {
         let _ = net.forget_neighbor(self.iface.index, self.gateway).await;
         let _ = poke_neighbor(&self.iface.name, self.gateway);
+    }
+
+    /// Takes the interface as it is now into the link and its datapath
+    /// entries (which the caller writes).
+    fn set_iface(&mut self, now: Iface) {
+        (self.entry.ifindex, self.entry.src_mac) = (now.index, now.mac);
+        (self.relay.wan_ifindex, self.relay.wan_mac) = (now.index, now.mac);
+        self.relay.flags = if now.ethernet { 0 } else { LINK_L3 };
+        self.iface = now;
+    }
+}
+
+/// Attaches the program that receives on an own link: XDP behind
+/// Ethernet, TC on an L3 device (XDP cannot send to one, and runs on it
+/// only generically, with Ethernet assumptions).
+fn attach_link(pins: &mut Pins, ebpf: &mut aya::Ebpf, iface: &Iface) -> Result<()> {
+    if iface.ethernet {
+        pins.attach_xdp(ebpf, "bond_terminal", &iface.name)
+    } else {
+        pins.attach_tc(ebpf, "bond_terminal_l3", &iface.name, TcAttachType::Ingress)
     }
 }
 
@@ -286,6 +315,7 @@ pub async fn run(
                 mac: [0; 6],
                 mtu: l.mtu.map_or(1500, u32::from),
                 carrier: false,
+                ethernet: true,
             },
         };
         let wan_ip = match wan.index {
@@ -315,7 +345,7 @@ pub async fn run(
                 .await?
                 .unwrap_or(Ipv4Addr::UNSPECIFIED),
         };
-        if wan_ip.is_some() && gateway.is_unspecified() {
+        if wan_ip.is_some() && wan.ethernet && gateway.is_unspecified() {
             eprintln!(
                 "bond-ctl: link {}: no default route on {} to take the next hop from: out of use until there is",
                 l.id, l.interface
@@ -327,19 +357,6 @@ pub async fn run(
         // Control messages for the server leave by this link: a socket
         // tied to the interface, and a route to the server over it. Until
         // the link has an address, a socket that sends nowhere stands in.
-        let route = match wan_ip {
-            Some(_) if !gateway.is_unspecified() => {
-                net.host_route_via(
-                    cfg.server.address,
-                    gateway,
-                    wan.index,
-                    METRIC_BASE + u32::from(l.id),
-                )
-                .await?;
-                Route::In
-            }
-            _ => Route::Wanted,
-        };
         let sock = match wan_ip {
             Some(ip) => udp_socket(SocketAddrV4::new(ip, l.port), Some(&l.interface)),
             None => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None),
@@ -374,7 +391,7 @@ pub async fn run(
                 wan_ifindex: wan.index,
                 wan_ip: wan_ip.map_or(0, u32::from),
                 link: l.id,
-                _pad: 0,
+                flags: 0,
                 port: l.port,
                 wan_mac: wan.mac,
                 gw_mac: [0; 6],
@@ -392,8 +409,11 @@ pub async fn run(
             echo: LinkEcho::default(),
             addr: wan_ip,
             reader: None,
-            route,
+            route: Route::Wanted,
         });
+        let o = own.last_mut().expect("just pushed");
+        let wan = o.iface.clone();
+        o.set_iface(wan);
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
     let lan_sock = udp_socket(
@@ -461,11 +481,18 @@ pub async fn run(
     if agent.adopted {
         agent.adopt_peers()?;
     }
+    // Control messages for the server leave by each link: a host route
+    // to the server over it.
+    for i in 0..agent.own.len() {
+        agent.route(i).await;
+    }
     let result = async {
         pins.attach_tc(&mut ebpf, "bond_wrap", &agent.cfg.device, TcAttachType::Egress)?;
         pins.attach_xdp(&mut ebpf, "bond_terminal", &agent.cfg.lan)?;
+        // What bond_terminal passes on for own L3 links.
+        pins.attach_tc(&mut ebpf, "bond_relay", &agent.cfg.lan, TcAttachType::Ingress)?;
         for o in agent.own.iter().filter(|o| o.iface.index != 0) {
-            pins.attach_xdp(&mut ebpf, "bond_terminal", &o.iface.name)?;
+            attach_link(pins, &mut ebpf, &o.iface)?;
         }
         // What the playout sees of the server's packets (`crate::feedback`);
         // without a playout, nothing sends on it.
@@ -499,7 +526,7 @@ pub async fn run(
             .net
             .delete_host_route(
                 agent.cfg.server.address,
-                o.gateway,
+                o.via(),
                 o.iface.index,
                 METRIC_BASE + u32::from(o.ad.id),
             )
@@ -1088,13 +1115,10 @@ impl Agent {
                 now.index
             );
             sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "2")?;
-            pins.attach_xdp(ebpf, "bond_terminal", &name)?;
+            attach_link(pins, ebpf, &now)?;
             self.attached = pins.attached.clone();
         }
-        let o = &mut self.own[i];
-        (o.entry.ifindex, o.entry.src_mac) = (now.index, now.mac);
-        (o.relay.wan_ifindex, o.relay.wan_mac) = (now.index, now.mac);
-        o.iface = now;
+        self.own[i].set_iface(now);
         if replugged {
             self.invalidate(i)?;
         }
@@ -1113,7 +1137,9 @@ impl Agent {
             self.rebind(i, ip, tx).await?;
         }
         self.own[i].addr = addr;
-        let rerouted = self.own[i].auto_gateway && self.follow_gateway(i).await?;
+        let rerouted = self.own[i].auto_gateway
+            && self.own[i].iface.ethernet
+            && self.follow_gateway(i).await?;
         let o = &self.own[i];
         if o.dark_by_kernel() {
             // It may come back behind another next hop (another modem).
@@ -1121,8 +1147,12 @@ impl Agent {
                 self.invalidate(i)?;
             }
         } else if o.entry.flags & LINK_VALID == 0 {
-            // Resolved by the next `refresh`.
-            o.resolve_afresh(&self.net).await;
+            if o.iface.ethernet {
+                // Resolved by the next `refresh`.
+                o.resolve_afresh(&self.net).await;
+            } else {
+                self.l3_valid(i)?;
+            }
         }
         self.relink(i, was_dark, replugged || readdressed || rerouted)
             .await
@@ -1152,7 +1182,7 @@ impl Agent {
             let server = self.cfg.server.address;
             let _ = self
                 .net
-                .delete_host_route(server, o.gateway, o.iface.index, metric)
+                .delete_host_route(server, o.via(), o.iface.index, metric)
                 .await;
         }
         self.own[i].gateway = now;
@@ -1167,6 +1197,15 @@ impl Agent {
     fn invalidate(&mut self, i: usize) -> Result<()> {
         let o = &mut self.own[i];
         (o.entry.flags, o.entry.dst_mac, o.relay.gw_mac) = (0, [0; 6], [0; 6]);
+        self.maps.set_up_link(o.ad.id, o.entry)?;
+        Ok(self.maps.set_relay_link(o.ad.port, o.relay)?)
+    }
+
+    /// L3 link `i`'s datapath entries are in use: it has no next hop to
+    /// resolve.
+    fn l3_valid(&mut self, i: usize) -> Result<()> {
+        let o = &mut self.own[i];
+        o.entry.flags = LINK_VALID;
         self.maps.set_up_link(o.ad.id, o.entry)?;
         Ok(self.maps.set_relay_link(o.ad.port, o.relay)?)
     }
@@ -1206,13 +1245,13 @@ impl Agent {
     async fn route(&mut self, i: usize) {
         let server = self.cfg.server.address;
         let o = &self.own[i];
-        if o.route == Route::In || o.addr.is_none() || o.gateway.is_unspecified() {
+        if o.route == Route::In || o.addr.is_none() || o.via() == Some(Ipv4Addr::UNSPECIFIED) {
             return;
         }
         let metric = METRIC_BASE + u32::from(o.ad.id);
         let r = self
             .net
-            .host_route_via(server, o.gateway, o.iface.index, metric)
+            .host_route_via(server, o.via(), o.iface.index, metric)
             .await;
         let o = &mut self.own[i];
         match r {
@@ -1411,7 +1450,15 @@ impl Agent {
             self.route(i).await;
         }
         let mut resolved = false;
-        let placed = |o: &&mut Own| o.iface.index != 0 && !o.gateway.is_unspecified();
+        for i in 0..self.own.len() {
+            let o = &self.own[i];
+            if !o.iface.ethernet && !o.dark_by_kernel() && o.entry.flags & LINK_VALID == 0 {
+                resolved = true;
+                self.l3_valid(i)?;
+            }
+        }
+        let placed =
+            |o: &&mut Own| o.iface.index != 0 && o.iface.ethernet && !o.gateway.is_unspecified();
         for o in self.own.iter_mut().filter(placed) {
             match self.net.neighbor(o.iface.index, o.gateway).await? {
                 Some(mac) if mac != o.entry.dst_mac || o.entry.flags & LINK_VALID == 0 => {
@@ -1795,6 +1842,7 @@ impl Agent {
                     "active": o.entry.flags & LINK_VALID != 0,
                     "dark": o.dark(),
                     "carrier": o.iface.carrier,
+                    "ethernet": o.iface.ethernet,
                     "address": o.addr.map(|a| a.to_string()),
                     "gateway": Some(o.gateway).filter(|g| !g.is_unspecified()).map(|g| g.to_string()),
                     "rtt_ms": o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),

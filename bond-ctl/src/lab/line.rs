@@ -13,6 +13,10 @@
 //! The link's rate stays the modem's `tbf`, so the bottleneck queue sits
 //! where a real modem's does; the lab steps it for rate changes.
 //!
+//! An end given as `tun:NS/DEV` is a TUN device the line creates in
+//! namespace NS instead: two of them make an L3 link (no Ethernet header,
+//! as PPP or a raw-IP modem), whose carrier is the line's life.
+//!
 //! The process reads commands on stdin, one a line: `dark`, `light`,
 //! `stats` (prints a JSON line of counters on stdout). It exits when stdin
 //! closes. The timing rules are pure ([`Line`], [`Jitter`]) and unit-tested.
@@ -191,6 +195,78 @@ fn socket_drops(fd: &OwnedFd) -> Result<u64> {
 /// (and a VLAN tag). A larger one means a segmentation offload was left on.
 const MAX_FRAME: usize = 1522;
 
+/// One end of the line: an AF_PACKET socket on an interface, or a TUN
+/// device's fd (`tun`), read and written whole packets at a time.
+struct End {
+    fd: OwnedFd,
+    tun: bool,
+}
+
+impl End {
+    /// `tun:NS/DEV`: a TUN device created in namespace NS; anything else
+    /// names an interface here.
+    fn open(spec: &str) -> Result<Self> {
+        let Some(at) = spec.strip_prefix("tun:") else {
+            return Ok(Self {
+                fd: packet_socket(spec)?,
+                tun: false,
+            });
+        };
+        let (ns, dev) = at
+            .split_once('/')
+            .with_context(|| format!("{spec}: tun:NAMESPACE/DEVICE"))?;
+        let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let there = std::fs::File::open(format!("/run/netns/{ns}"))
+            .with_context(|| format!("{spec}: namespace {ns}"))?;
+        nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("{spec}: entering namespace {ns}"))?;
+        let fd = crate::net::open_tun(dev, false, false);
+        nix::sched::setns(&home, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("back to the line's namespace")?;
+        Ok(Self { fd: fd?, tun: true })
+    }
+
+    /// Reads one frame into `buf`: its whole length (a socket's may be
+    /// more than `buf` holds), or the error.
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: buf is a live buffer of the length given.
+        let n = unsafe {
+            if self.tun {
+                libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+            } else {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                )
+            }
+        };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    fn send(&self, frame: &[u8]) -> bool {
+        // SAFETY: frame is a live buffer of the length given.
+        let n = unsafe {
+            if self.tun {
+                libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len())
+            } else {
+                libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0)
+            }
+        };
+        n >= 0
+    }
+
+    /// Frames the kernel dropped for a full receive buffer (a socket's).
+    fn drops(&self) -> Result<u64> {
+        if self.tun {
+            Ok(0)
+        } else {
+            socket_drops(&self.fd)
+        }
+    }
+}
+
 /// An AF_PACKET socket bound to one interface, all protocols, not seeing
 /// its own transmissions.
 fn packet_socket(ifname: &str) -> Result<OwnedFd> {
@@ -290,8 +366,8 @@ fn keep_time() {
 /// reads and stamps, a second one sleeps until each release and sends.
 /// Both keep real time ([`keep_time`]).
 fn direction(
-    rx: Arc<OwnedFd>,
-    tx: Arc<OwnedFd>,
+    rx: Arc<End>,
+    tx: Arc<End>,
     imp: Impair,
     seed: u64,
     dark: Arc<AtomicBool>,
@@ -312,12 +388,10 @@ fn direction(
             if late > LATE_NS {
                 sender_stats.late.fetch_add(1, Relaxed);
             }
-            // SAFETY: frame is a live buffer of the length given.
-            let n = unsafe { libc::send(tx.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-            let c = if n < 0 {
-                &sender_stats.send_failed
-            } else {
+            let c = if tx.send(&frame) {
                 &sender_stats.forwarded
+            } else {
+                &sender_stats.send_failed
             };
             c.fetch_add(1, Relaxed);
         }
@@ -327,20 +401,10 @@ fn direction(
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut buf = vec![0u8; 65536];
     loop {
-        // SAFETY: buf is a live buffer of the length given.
-        let n = unsafe {
-            libc::recv(
-                rx.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_TRUNC,
-            )
-        };
-        let Ok(n) = usize::try_from(n) else {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
+        let n = match rx.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
         if n > MAX_FRAME {
             stats.oversize.fetch_add(1, Relaxed);
@@ -365,9 +429,9 @@ fn direction(
     }
 }
 
-/// `bond-delay --a IF --b IF [--delay-us N] [--jitter-us N] [--loss P]
-/// [--seed N]`: runs a delay line between interfaces `a` and `b` until
-/// stdin closes.
+/// `bond-delay --a END --b END [--delay-us N] [--jitter-us N] [--loss P]
+/// [--seed N]`: runs a delay line between ends `a` and `b` (interfaces,
+/// or `tun:NS/DEV` devices it creates) until stdin closes.
 pub fn main_with_args(args: &[String]) -> Result<()> {
     let mut a = None;
     let mut b = None;
@@ -397,8 +461,8 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
         }
     }
     let (a, b) = (a.context("--a IF missing")?, b.context("--b IF missing")?);
-    let sa = Arc::new(packet_socket(&a)?);
-    let sb = Arc::new(packet_socket(&b)?);
+    let sa = Arc::new(End::open(&a)?);
+    let sb = Arc::new(End::open(&b)?);
     let sockets = [sa.clone(), sb.clone()];
     let dark = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
@@ -414,7 +478,7 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
             "light" => dark.store(false, Relaxed),
             "stats" => {
                 for s in &sockets {
-                    stats.rx_dropped.fetch_add(socket_drops(s)?, Relaxed);
+                    stats.rx_dropped.fetch_add(s.drops()?, Relaxed);
                 }
                 let c = |a: &AtomicU64| a.load(Relaxed);
                 println!(

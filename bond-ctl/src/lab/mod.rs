@@ -139,6 +139,9 @@ pub struct Lab {
     specs: Vec<(u8, LinkSpec)>,
     /// Delay lines by link id: the process and its command pipe.
     lines: Vec<(u8, Child, profile::LineControl)>,
+    /// The forwarders between the two TUN ends of L3 links (a plain
+    /// `bond-delay`), and their command pipes, which keep them running.
+    tunnels: Vec<(Child, std::process::ChildStdin)>,
     /// Rate steps and dark windows being played ([`Self::start_events`]).
     events: Option<profile::Events>,
 }
@@ -282,6 +285,7 @@ impl Lab {
             children: Vec::new(),
             specs: Vec::new(),
             lines: Vec::new(),
+            tunnels: Vec::new(),
             events: None,
         };
         lab.wire(spec)?;
@@ -344,6 +348,47 @@ impl Lab {
             self.exec(ns, "ethtool", &["-K", dev, "gro", "on", "tx", "off"])?;
         }
         Ok(())
+    }
+
+    /// An L3 link between two namespaces: a TUN device in each, addressed
+    /// and up, and `bond-delay` forwarding packets between them (no
+    /// Ethernet header on either, as on PPP or a raw-IP modem).
+    fn tunnel(&mut self, a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
+        let bin = self.delay_bin()?;
+        let log = std::fs::File::create(self.dir.join(format!("tunnel-{}-{}.log", a.0, a.1)))?;
+        let mut child = Command::new(&bin)
+            .args(["--a", &format!("tun:{}/{}", a.0, a.1)])
+            .args(["--b", &format!("tun:{}/{}", b.0, b.1)])
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdin = child.stdin.take().context("tunnel stdin")?;
+        self.tunnels.push((child, stdin));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (ns, dev, addr) in [a, b] {
+            while self.ip(ns, &format!("link show {dev}")).is_err() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "TUN device {dev} did not appear in {ns}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.ip(ns, &format!("addr add {addr} dev {dev}"))?;
+            self.ip(ns, &format!("link set {dev} up"))?;
+        }
+        Ok(())
+    }
+
+    fn delay_bin(&self) -> Result<PathBuf> {
+        let bin = self.bond_ctl.with_file_name("bond-delay");
+        ensure!(
+            bin.is_file(),
+            "{} not found: build it with bond-ctl (`cargo build -p bond-ctl`)",
+            bin.display()
+        );
+        Ok(bin)
     }
 
     fn tbf(&self, ns: &str, dev: &str, mbit: u32) -> Result<()> {
@@ -422,10 +467,17 @@ impl Lab {
         let modem_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 1);
         let wan_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 2);
         let iface = format!("wan{j}");
-        self.veth(
-            (tns, &iface, Some(&format!("{wan_ip}/30"))),
-            (&mns, "acc", Some(&format!("{modem_ip}/30"))),
-        )?;
+        if spec.l3 {
+            self.tunnel(
+                (tns, &iface, &format!("{wan_ip}/30")),
+                (&mns, "acc", &format!("{modem_ip}/30")),
+            )?;
+        } else {
+            self.veth(
+                (tns, &iface, Some(&format!("{wan_ip}/30"))),
+                (&mns, "acc", Some(&format!("{modem_ip}/30"))),
+            )?;
+        }
         let uplink = format!("198.51.100.{}/25", 10 + k);
         if spec.needs_line() {
             self.delay_line(k, &mns, &uplink, spec)?;
@@ -482,12 +534,7 @@ impl Lab {
                 &["-K", dev, "gro", "off", "gso", "off", "tso", "off"],
             )?;
         }
-        let bin = self.bond_ctl.with_file_name("bond-delay");
-        ensure!(
-            bin.is_file(),
-            "{} not found: build it with bond-ctl (`cargo build -p bond-ctl`)",
-            bin.display()
-        );
+        let bin = self.delay_bin()?;
         let mut args = vec!["--a".into(), "modem".into(), "--b".into(), "inet".into()];
         args.extend(spec.impair.args());
         args.extend(["--seed".into(), k.to_string()]);
@@ -1285,6 +1332,10 @@ impl Drop for Lab {
         for (_, mut line, _) in self.lines.drain(..) {
             let _ = line.kill();
             let _ = line.wait();
+        }
+        for (mut tunnel, _) in self.tunnels.drain(..) {
+            let _ = tunnel.kill();
+            let _ = tunnel.wait();
         }
         self.stop_children();
         for ns in self.namespaces.iter().rev() {

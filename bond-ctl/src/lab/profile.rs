@@ -35,6 +35,9 @@ pub struct LinkSpec {
     pub steps: Option<(u32, Duration)>,
     /// Black-holed from `.0` until `.0 + .1` after the events start.
     pub dark: Option<(Duration, Duration)>,
+    /// The terminal's side is an L3 device (no Ethernet header: a TUN
+    /// device, as PPP or a raw-IP modem are), not a veth.
+    pub l3: bool,
 }
 
 impl LinkSpec {
@@ -49,7 +52,14 @@ impl LinkSpec {
             },
             steps: None,
             dark: None,
+            l3: false,
         }
+    }
+
+    /// The same link on an L3 device.
+    pub const fn on_l3(mut self) -> Self {
+        self.l3 = true;
+        self
     }
 
     pub const fn delayed(rate_mbit: u32, delay_ms: u64) -> Self {

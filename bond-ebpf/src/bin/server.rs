@@ -143,7 +143,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     if !b.is_data() {
         return PASS; // control message: the agent's socket
     }
-    let tot = outer_len(ctx)?;
+    let tot = outer_len(ctx, ETH_LEN)?;
     if b.kind != kind::DATA_UP {
         return Err(drops::BAD_KIND);
     }

@@ -17,7 +17,7 @@ use aya_ebpf::{
     bindings::{
         TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -26,8 +26,8 @@ use bond_common::{
     drops,
     edpf::{self, Paths},
     maps::{
-        Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS, Neighbor,
-        RelayLink, TerminalConfig, UpLink, tcp,
+        Hold, KEPT_SLOTS, Kept, LINK_L3, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS,
+        Neighbor, RelayLink, TerminalConfig, UpLink, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
@@ -190,46 +190,90 @@ const PASS: Result<u32, u32> = Ok(xdp_action::XDP_PASS);
 
 #[inline(always)]
 fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
-    // Only IPv4/UDP without options or fragmentation can be ours. (Each
-    // read returns early: a tuple of Options lets LLVM compute on the
-    // undefined payload of a None, which the verifier rejects.)
-    let Some(hdr) = read::<24>(ctx, 0) else {
+    let Some(d) = bond_data::<ETH_LEN>(ctx)? else {
         return PASS;
     };
-    let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
-    let frag = u16::from_be_bytes([hdr[20], hdr[21]]);
-    if ethertype != ETH_P_IP || hdr[23] != IPPROTO_UDP || hdr[14] != 0x45 || frag & 0x3fff != 0 {
-        return PASS;
-    }
-    let Some(dport) = read_u16(ctx, ETH_LEN + 22) else {
-        return PASS;
-    };
-    let Some(cfg) = T_CONFIG.get(0) else {
-        return PASS;
-    };
-    // SAFETY: the value is only read; the agent replaces entries whole.
-    let relay = unsafe { T_RELAY.get(dport) };
-    if relay.is_none() && dport != cfg.data_port {
-        return PASS;
-    }
-    let b = read::<{ BondHdr::LEN }>(ctx, wire::BOND_OFF).ok_or(drops::TRUNCATED)?;
-    let b = BondHdr::from_bytes(b);
-    b.validate().map_err(|e| e.drop_reason())?;
-    if !b.is_data() {
-        return PASS; // control message: the agent's socket
-    }
-    let tot = outer_len(ctx)?;
-    if b.community() != cfg.community {
-        return Err(drops::WRONG_COMMUNITY);
-    }
-    match (b.kind, relay) {
-        (kind::DATA_UP, Some(relay)) => relay_up(ctx, cfg, relay),
+    match (d.b.kind, d.relay) {
+        // XDP cannot send to a device without an Ethernet header:
+        // `bond_relay`, next on the LAN's path, does.
+        (kind::DATA_UP, Some(relay)) if relay.flags & LINK_L3 != 0 => PASS,
+        (kind::DATA_UP, Some(relay)) => relay_up(ctx, d.cfg, relay),
         (kind::DATA_UP, None) => Err(drops::BAD_KIND),
-        _ if b.origin() == cfg.lan_ip => unwrap(ctx, cfg, &b, tot),
-        (_, Some(_)) => relay_down(ctx, cfg, &b, dport),
+        _ if d.b.origin() == d.cfg.lan_ip => unwrap(ctx, &d),
+        (_, Some(_)) => relay_down(ctx, &d),
         (_, None) => Err(drops::WRONG_ORIGIN),
     }
 }
+
+/// A checked bond DATA packet to one of this host's ports.
+struct Data {
+    cfg: &'static TerminalConfig,
+    b: BondHdr,
+    /// The UDP port it came to: the data port or an own link's.
+    port: u16,
+    /// The own link of that port, if it is one.
+    relay: Option<&'static RelayLink>,
+    /// The outer IPv4 total length.
+    tot: u16,
+}
+
+/// Finds bond DATA in a packet whose outer IPv4 header starts at `L2`
+/// (behind Ethernet, or at 0 on an L3 link): `None` for anything else,
+/// which passes untouched. Only IPv4/UDP without options or fragmentation
+/// can be ours.
+#[inline(always)]
+fn bond_data<const L2: usize>(ctx: &impl Packet) -> Result<Option<Data>, u32> {
+    // (Each read returns early: a tuple of Options lets LLVM compute on
+    // the undefined payload of a None, which the verifier rejects.)
+    let (vihl, frag, proto) = if L2 == ETH_LEN {
+        let Some(h) = read::<24>(ctx, 0) else {
+            return Ok(None);
+        };
+        if u16::from_be_bytes([h[12], h[13]]) != ETH_P_IP {
+            return Ok(None);
+        }
+        (h[14], u16::from_be_bytes([h[20], h[21]]), h[23])
+    } else {
+        let Some(h) = read::<10>(ctx, L2) else {
+            return Ok(None);
+        };
+        (h[0], u16::from_be_bytes([h[6], h[7]]), h[9])
+    };
+    if proto != IPPROTO_UDP || vihl != 0x45 || frag & 0x3fff != 0 {
+        return Ok(None);
+    }
+    let Some(port) = read_u16(ctx, L2 + 22) else {
+        return Ok(None);
+    };
+    let Some(cfg) = T_CONFIG.get(0) else {
+        return Ok(None);
+    };
+    // SAFETY: the value is only read; the agent replaces entries whole.
+    let relay = unsafe { T_RELAY.get(port) };
+    if relay.is_none() && port != cfg.data_port {
+        return Ok(None);
+    }
+    let b = read::<{ BondHdr::LEN }>(ctx, L2 + BOND_AT).ok_or(drops::TRUNCATED)?;
+    let b = BondHdr::from_bytes(b);
+    b.validate().map_err(|e| e.drop_reason())?;
+    if !b.is_data() {
+        return Ok(None); // control message: the agent's socket
+    }
+    let tot = outer_len(ctx, L2)?;
+    if b.community() != cfg.community {
+        return Err(drops::WRONG_COMMUNITY);
+    }
+    Ok(Some(Data {
+        cfg,
+        b,
+        port,
+        relay,
+        tot,
+    }))
+}
+
+/// Where the bond header starts behind the outer IPv4 header.
+const BOND_AT: usize = wire::BOND_OFF - ETH_LEN;
 
 /// DATA_UP from a LAN peer to one of our links: on to the server.
 #[inline(always)]
@@ -237,11 +281,23 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
     if ctx.packet_len() > usize::from(relay.mtu) + ETH_LEN {
         return Err(drops::TOO_BIG);
     }
-    let len = carried(ctx);
-    rewrite_outer(
+    to_server::<ETH_LEN>(ctx, cfg, relay)?;
+    write_macs(ctx, relay.wan_mac, relay.gw_mac)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(relay.wan_ifindex, 0) } as u32)
+}
+
+/// Points DATA_UP's outer IPv4 and UDP headers (at `L2`) from link
+/// `relay` to the server, and counts it.
+#[inline(always)]
+fn to_server<const L2: usize>(
+    ctx: &impl Packet,
+    cfg: &TerminalConfig,
+    relay: &RelayLink,
+) -> Result<(), u32> {
+    let len = carried::<L2>(ctx);
+    rewrite_outer::<L2>(
         ctx,
-        relay.wan_mac,
-        relay.gw_mac,
         relay.wan_ip,
         cfg.server_ip,
         relay.port,
@@ -251,75 +307,82 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
         s.relay_up_pkts += 1;
         s.relay_up_bytes += len;
     });
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(relay.wan_ifindex, 0) } as u32)
+    Ok(())
 }
 
 /// DATA_DOWN from the server on one of our links for a LAN peer: on to it.
-/// Only the server's: a relay does not bounce what a LAN host sends it.
 #[inline(always)]
-fn relay_down(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, port: u16) -> Result<u32, u32> {
-    if read_u32(ctx, ETH_LEN + 12) != Some(cfg.server_ip) {
+fn relay_down(ctx: &XdpContext, d: &Data) -> Result<u32, u32> {
+    let peer = to_peer::<ETH_LEN>(ctx, d)?;
+    write_macs(ctx, d.cfg.lan_mac, peer)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(d.cfg.lan_ifindex, 0) } as u32)
+}
+
+/// Points DATA_DOWN's outer IPv4 and UDP headers (at `L2`) at the LAN
+/// peer it is for, and counts it; returns the peer's MAC. Only the
+/// server's: a relay does not bounce what a LAN host sends it.
+#[inline(always)]
+fn to_peer<const L2: usize>(ctx: &impl Packet, d: &Data) -> Result<[u8; 6], u32> {
+    if read_u32(ctx, L2 + 12) != Some(d.cfg.server_ip) {
         return Err(drops::UNKNOWN_SOURCE);
     }
-    let origin = b.origin();
+    let origin = d.b.origin();
     // SAFETY: read-only use of a map value.
     let peer = unsafe { T_NEIGH.get(origin) }.ok_or(drops::NO_NEIGHBOR)?;
-    let len = carried(ctx);
-    rewrite_outer(
-        ctx,
-        cfg.lan_mac,
-        peer.mac,
-        cfg.lan_ip,
-        origin,
-        port,
-        cfg.data_port,
-    )?;
-    link_stats(&T_LINK_STATS, u32::from(b.link), |s| {
+    let len = carried::<L2>(ctx);
+    rewrite_outer::<L2>(ctx, d.cfg.lan_ip, origin, d.port, d.cfg.data_port)?;
+    link_stats(&T_LINK_STATS, u32::from(d.b.link), |s| {
         s.relay_down_pkts += 1;
         s.relay_down_bytes += len;
     });
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(cfg.lan_ifindex, 0) } as u32)
+    Ok(peer.mac)
 }
 
-/// The bytes a wrapped frame carries (its inner packet), as every byte
+/// The bytes a wrapped packet carries (its inner packet), as every byte
 /// counter counts them.
 #[inline(always)]
-fn carried(ctx: &XdpContext) -> u64 {
-    ctx.packet_len().saturating_sub(INNER_OFF) as u64
+fn carried<const L2: usize>(ctx: &impl Packet) -> u64 {
+    ctx.packet_len().saturating_sub(L2 + OUTER_LEN) as u64
 }
 
-/// Points a wrapped packet's Ethernet, IPv4 and UDP headers at the next hop.
-/// The outer IPv4 header is rebuilt and its checksum recomputed in full.
+/// Points a wrapped packet's outer IPv4 and UDP headers (at `L2`) at the
+/// next hop. The IPv4 header is rebuilt and its checksum recomputed in
+/// full; the UDP checksum is left out (zero).
 #[inline(always)]
-fn rewrite_outer(
-    ctx: &XdpContext,
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
+fn rewrite_outer<const L2: usize>(
+    ctx: &impl Packet,
     src_ip: u32,
     dst_ip: u32,
     src_port: u16,
     dst_port: u16,
 ) -> Result<(), u32> {
-    let mut ip = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
+    let mut ip = read::<20>(ctx, L2).ok_or(drops::TRUNCATED)?;
     ip[8] = 64;
     ip[12..16].copy_from_slice(&src_ip.to_be_bytes());
     ip[16..20].copy_from_slice(&dst_ip.to_be_bytes());
     let c = bond_common::csum::ipv4_header(&ip).to_be_bytes();
     ip[10] = c[0];
     ip[11] = c[1];
-    let mut udp = read::<4>(ctx, ETH_LEN + 20).ok_or(drops::TRUNCATED)?;
+    let mut udp = [0u8; 8];
     udp[0..2].copy_from_slice(&src_port.to_be_bytes());
     udp[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    let udp_len = read::<2>(ctx, L2 + 24).ok_or(drops::TRUNCATED)?;
+    udp[4..6].copy_from_slice(&udp_len);
+    if write(ctx, L2, ip) && write(ctx, L2 + 20, udp) {
+        Ok(())
+    } else {
+        Err(drops::TRUNCATED)
+    }
+}
+
+/// Addresses an Ethernet frame from `src` to `dst`.
+#[inline(always)]
+fn write_macs(ctx: &impl Packet, src: [u8; 6], dst: [u8; 6]) -> Result<(), u32> {
     let mut eth = [0u8; 12];
-    eth[0..6].copy_from_slice(&dst_mac);
-    eth[6..12].copy_from_slice(&src_mac);
-    if write(ctx, 0, eth)
-        && write(ctx, ETH_LEN, ip)
-        && write(ctx, ETH_LEN + 20, udp)
-        && write(ctx, ETH_LEN + 26, [0u8; 2])
-    {
+    eth[0..6].copy_from_slice(&dst);
+    eth[6..12].copy_from_slice(&src);
+    if write(ctx, 0, eth) {
         Ok(())
     } else {
         Err(drops::TRUNCATED)
@@ -328,32 +391,12 @@ fn rewrite_outer(
 
 /// DATA_DOWN for this host: strip the wrap and hand the inner packet up.
 #[inline(always)]
-fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Result<u32, u32> {
-    if b.kind != kind::DATA_DOWN {
-        return Err(drops::BAD_KIND);
-    }
-    if b.token() != cfg.token {
-        return Err(drops::BAD_TOKEN);
-    }
-    let vihl = read::<1>(ctx, INNER_OFF).ok_or(drops::TRUNCATED)?;
-    if vihl[0] >> 4 != 4 {
-        return Err(drops::INNER_NOT_IPV4);
-    }
-    let inner_len = read_u16(ctx, INNER_OFF + 2).ok_or(drops::TRUNCATED)?;
-    if usize::from(inner_len) + OUTER_LEN > usize::from(tot) || inner_len < 20 {
-        return Err(drops::INNER_BAD_HEADER);
-    }
-    // Checked and ours: to the playout, which sends it back here (through
-    // the hold device) when its time comes. Pure ACKs need no order and
-    // go up at once; they do not count as late either.
-    let pure_ack = pure_ack(ctx, INNER_OFF);
-    if !pure_ack
-        && let Some(hold) = T_HOLD.get(0)
-        // SAFETY: the context pointer is valid for the program's run.
-        && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now())
-    {
+fn unwrap(ctx: &XdpContext, d: &Data) -> Result<u32, u32> {
+    let (inner_len, pure_ack) = ours::<ETH_LEN>(ctx, d)?;
+    // SAFETY: the context pointer is valid for the program's run.
+    if let Some(hold) = held(unsafe { (*ctx.ctx).ingress_ifindex }, pure_ack) {
         // SAFETY: plain helper call; the ifindex comes from the agent's map.
-        return Ok(unsafe { bpf_redirect(hold.ifindex, 0) } as u32);
+        return Ok(unsafe { bpf_redirect(hold, 0) } as u32);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; every packet pointer is re-derived after it.
@@ -366,6 +409,46 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
     if !write(ctx, 0, eth) {
         return Err(drops::TRUNCATED);
     }
+    delivered(&d.b, inner_len, pure_ack);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Checks DATA_DOWN for this host (outer IPv4 at `L2`): its kind, token
+/// and inner IPv4 length. Returns the inner length and whether it is a
+/// pure ACK.
+#[inline(always)]
+fn ours<const L2: usize>(ctx: &impl Packet, d: &Data) -> Result<(u16, bool), u32> {
+    if d.b.kind != kind::DATA_DOWN {
+        return Err(drops::BAD_KIND);
+    }
+    if d.b.token() != d.cfg.token {
+        return Err(drops::BAD_TOKEN);
+    }
+    let inner = L2 + OUTER_LEN;
+    let vihl = read::<1>(ctx, inner).ok_or(drops::TRUNCATED)?;
+    if vihl[0] >> 4 != 4 {
+        return Err(drops::INNER_NOT_IPV4);
+    }
+    let inner_len = read_u16(ctx, inner + 2).ok_or(drops::TRUNCATED)?;
+    if usize::from(inner_len) + OUTER_LEN > usize::from(d.tot) || inner_len < 20 {
+        return Err(drops::INNER_BAD_HEADER);
+    }
+    Ok((inner_len, pure_ack(ctx, inner)))
+}
+
+/// The hold device, if a checked packet of ours that came in on `ingress`
+/// goes there: to the playout, which sends it back (through the hold
+/// device) when its time comes. Pure ACKs need no order and go up at once.
+#[inline(always)]
+fn held(ingress: u32, pure_ack: bool) -> Option<u32> {
+    let hold = T_HOLD.get(0)?;
+    (!pure_ack && hold.takes(ingress, now())).then_some(hold.ifindex)
+}
+
+/// Counts a packet of ours handed up, and whether it came late (after one
+/// the server sent later). Pure ACKs do not count as late.
+#[inline(always)]
+fn delivered(b: &BondHdr, inner_len: u16, pure_ack: bool) {
     let late = match T_DOWN_LATEST.get_ptr_mut(0) {
         // SAFETY: a live map value; see T_DOWN_LATEST on races.
         Some(h) if !pure_ack => edpf::arrived_late(unsafe { &mut *h }, b.sent_us()),
@@ -376,7 +459,119 @@ fn unwrap(ctx: &XdpContext, cfg: &TerminalConfig, b: &BondHdr, tot: u16) -> Resu
         s.down_bytes += u64::from(inner_len);
         s.down_late += u64::from(late);
     });
-    Ok(xdp_action::XDP_PASS)
+}
+
+// ------------------------------------------------------------ L3 links --
+//
+// A link on a device without an Ethernet header (PPP, a raw-IP modem, tun,
+// WireGuard) is served by TC: XDP cannot redirect to such a device, and on
+// one it runs only generically, with Ethernet assumptions the kernel
+// applies after it.
+
+/// `bond_relay` (TC ingress on the LAN): DATA_UP from a LAN peer to an own
+/// L3 link, which `bond_terminal` passed on, goes on to the server. The
+/// kernel drops the Ethernet header on the way into an L3 device.
+#[classifier]
+pub fn bond_relay(ctx: TcContext) -> i32 {
+    match try_relay(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(&T_DROPS, reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_relay(ctx: &TcContext) -> Result<i32, u32> {
+    // The headers in the linear part, where the program reads them.
+    let _ = ctx.pull_data(ctx.len());
+    let Some(d) = bond_data::<ETH_LEN>(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    let relay = match (d.b.kind, d.relay) {
+        (kind::DATA_UP, Some(relay)) if relay.flags & LINK_L3 != 0 => relay,
+        _ => return Ok(TC_ACT_OK), // bond_terminal's, or the stack's
+    };
+    if ctx.len() > u32::from(relay.mtu) + ETH_LEN as u32 {
+        return Err(drops::TOO_BIG);
+    }
+    to_server::<ETH_LEN>(ctx, d.cfg, relay)?;
+    Ok(redirect(relay.wan_ifindex))
+}
+
+/// `bond_terminal_l3` (TC ingress on an own L3 link): what `bond_terminal`
+/// does for DATA_DOWN from the server, on packets that start at their
+/// IPv4 header. The LAN and the hold device are Ethernet: packets for
+/// them get an Ethernet header first.
+#[classifier]
+pub fn bond_terminal_l3(ctx: TcContext) -> i32 {
+    match try_terminal_l3(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(&T_DROPS, reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
+    let _ = ctx.pull_data(ctx.len());
+    let Some(d) = bond_data::<0>(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    if d.b.kind == kind::DATA_UP {
+        return Err(drops::BAD_KIND); // upstream does not come from the server
+    }
+    if d.b.origin() == d.cfg.lan_ip {
+        let (inner_len, pure_ack) = ours::<0>(ctx, &d)?;
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        if let Some(hold) = held(unsafe { (*ctx.skb.skb).ingress_ifindex }, pure_ack) {
+            push_ethernet(ctx, [0; 6], [0; 6])?; // the playout addresses it
+            return Ok(redirect(hold));
+        }
+        ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| drops::HELPER_FAILED)?;
+        delivered(&d.b, inner_len, pure_ack);
+        return Ok(TC_ACT_OK);
+    }
+    if d.relay.is_none() {
+        return Err(drops::WRONG_ORIGIN);
+    }
+    let peer = to_peer::<0>(ctx, &d)?;
+    push_ethernet(ctx, d.cfg.lan_mac, peer)?;
+    Ok(redirect(d.cfg.lan_ifindex))
+}
+
+/// Puts an Ethernet header from `src` to `dst` in front of an IPv4 packet.
+#[inline(always)]
+fn push_ethernet(ctx: &TcContext, src: [u8; 6], dst: [u8; 6]) -> Result<(), u32> {
+    // SAFETY: plain helper call; every packet pointer is re-derived after it.
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let mut eth = [0u8; 14];
+    eth[0..6].copy_from_slice(&dst);
+    eth[6..12].copy_from_slice(&src);
+    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    if write(ctx, 0, eth) {
+        Ok(())
+    } else {
+        Err(drops::TRUNCATED)
+    }
+}
+
+/// Sends the packet out of `ifindex` (TC).
+#[inline(always)]
+fn redirect(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; the ifindex comes from the agent's map.
+    let rc = unsafe { bpf_redirect(ifindex, 0) };
+    if rc == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT
+    } else {
+        TC_ACT_SHOT
+    }
 }
 
 /// Whether the IPv4 packet at `off` is a TCP pure ACK (`tcp::pure_ack`),
