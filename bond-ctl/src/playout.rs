@@ -139,6 +139,10 @@ pub struct Stats {
     pub max_hold_us: u64,
     /// Packets the links lost (gaps in their sequences), asked for again.
     pub lost: u64,
+    /// Packets that seemed lost, a later one of their link having come
+    /// first, until they came: overtaken on the way in (two CPUs handing
+    /// one link's packets on), not lost.
+    pub overtaken: u64,
     /// Of them, copies that came in time.
     pub resent: u64,
     /// The longest a copy took from the gap being seen, µs.
@@ -174,6 +178,16 @@ struct Link {
     /// The sequence number of the latest packet delivered (0: not
     /// counted).
     seq: u8,
+}
+
+impl Link {
+    /// Whether a packet numbered `seq`, sent at `s`, comes after the
+    /// latest this link delivered: sent later, or in the same µs with
+    /// the next number (a burst sends several in one).
+    fn followed_by(&self, s: i64, seq: u8) -> bool {
+        s > self.latest
+            || (s == self.latest && seq != 0 && seq == bond_common::wire::seq_next(self.seq))
+    }
 }
 
 struct Held<T> {
@@ -327,7 +341,7 @@ impl<T> Playout<T> {
             .entry(link)
             .and_modify(|l| {
                 l.base.add(d, now_us);
-                if s > l.latest && seq != 0 {
+                if seq != 0 && l.followed_by(s, seq) {
                     l.seq = seq;
                 }
                 l.latest = l.latest.max(s);
@@ -377,23 +391,25 @@ impl<T> Playout<T> {
             // A copy sent again, on whichever link arrived first: it fills
             // the gap of the link it was first sent on, which its number
             // and send time name.
-            let seq = seq & !SEQ_COPY;
-            if let Some(g) = self
-                .gaps
-                .iter_mut()
-                .find(|g| g.after < s && s < g.before && g.missing.contains(&seq))
-            {
-                g.missing.retain(|&m| m != seq);
+            if let Some(age) = self.fill(now_us, s, seq & !SEQ_COPY) {
                 self.stats.resent += 1;
-                self.stats.max_resend_us = self.stats.max_resend_us.max(now_us - g.seen_us);
+                self.stats.max_resend_us = self.stats.max_resend_us.max(age);
             }
             return;
         }
         let Some(l) = self.links.get(&link) else {
             return; // the first: nothing to compare with (the entry follows)
         };
-        if s <= l.latest {
-            return; // numbered on another CPU at the same instant
+        if !l.followed_by(s, seq) {
+            // Overtaken on its way in by one its link sent later (two
+            // CPUs handing the link's packets on), or numbered on another
+            // CPU at the same instant: not lost, and the gap it seemed to
+            // leave is filled.
+            if self.fill(now_us, s, seq).is_some() {
+                self.stats.lost -= 1;
+                self.stats.overtaken += 1;
+            }
+            return;
         }
         let last = l.seq;
         if last == 0 {
@@ -428,6 +444,18 @@ impl<T> Playout<T> {
             first,
             count: n,
         });
+    }
+
+    /// Fills the gap that packet `seq`, sent at `s` (unwrapped), is
+    /// missing from, if there is one: a copy's, or its own when it came
+    /// late. Returns how long the gap had been open, µs.
+    fn fill(&mut self, now_us: u64, s: i64, seq: u8) -> Option<u64> {
+        let g = self
+            .gaps
+            .iter_mut()
+            .find(|g| g.after < s && s < g.before && g.missing.contains(&seq))?;
+        g.missing.retain(|&m| m != seq);
+        Some(now_us.saturating_sub(g.seen_us))
     }
 
     /// Gaps seen since the last call: what to ask the sender for.
@@ -752,6 +780,7 @@ fn total(all: &HashMap<Sender, (Playout<Vec<u8>>, u64)>) -> Stats {
         t.spread_us = t.spread_us.max(s.spread_us);
         t.max_hold_us = t.max_hold_us.max(s.max_hold_us);
         t.lost += s.lost;
+        t.overtaken += s.overtaken;
         t.resent += s.resent;
         t.max_resend_us = t.max_resend_us.max(s.max_resend_us);
         t
@@ -957,6 +986,40 @@ mod tests {
         let at = |sent: u32| out.iter().find(|o| o.0 == sent).unwrap().1 / MS;
         assert!(at(101) >= 158 && at(102) >= at(101), "{out:?}");
         assert!(at(99) < 118, "{out:?}");
+    }
+
+    /// A burst stamps several packets of one link with the same µs: each
+    /// is the next in the link's sequence, not a loss.
+    #[test]
+    fn a_burst_sent_in_one_microsecond_loses_nothing() {
+        let mut p = Playout::new();
+        let sent = 7_000_000u32;
+        for (i, seq) in (1..=6u8).enumerate() {
+            let at = u64::from(sent) + 5_000 + i as u64;
+            p.push_seq(at, 1, sent + (i as u32 / 3), seq, u32::from(seq));
+        }
+        let s = p.stats();
+        assert_eq!((s.lost, s.overtaken), (0, 0), "{s:?}");
+        assert!(p.take_asks().is_empty());
+    }
+
+    /// Two CPUs handing one link's packets on may swap two: the later one
+    /// opens a gap, the earlier one fills it as it comes.
+    #[test]
+    fn a_packet_overtaken_on_its_way_in_is_not_lost() {
+        let mut p = Playout::new();
+        let sent = 7_000_000u32;
+        for (i, (s, seq)) in [(0, 1), (10, 2), (30, 4), (20, 3), (40, 5)]
+            .into_iter()
+            .enumerate()
+        {
+            let at = u64::from(sent) + 5_000 + i as u64 * 10;
+            p.push_seq(at, 1, sent + s, seq, seq);
+        }
+        let s = p.stats();
+        assert_eq!((s.lost, s.overtaken), (0, 1), "{s:?}");
+        // The copy asked for before it came fills nothing.
+        assert_eq!(p.take_asks().len(), 1);
     }
 
     #[test]
