@@ -501,3 +501,81 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
         "t1 dropped {drops:?}"
     );
 }
+
+/// Figure 1 with every veth left as `ip link add` makes it (checksum
+/// offload on, GRO off), as a container's interfaces are. `bond-ctl
+/// check` names the other ends that need setting. Trusted as they are
+/// (`veth = "trust"`), the agents log on but a download does not pass;
+/// by default each agent sets the other end of every veth it puts XDP on
+/// (`bond_ctl::veth`), and 20 MiB arrive whole.
+#[test]
+fn veths_left_as_created_are_set_by_the_agents_that_use_them() {
+    use sha2::{Digest, Sha256};
+    let t3 = |lab: &Lab| lab.terminals[2].ns.clone();
+
+    let mut lab = Lab::build_untuned(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    let cfg = lab.dir.join("check-srv.toml");
+    std::fs::write(&cfg, lab.server_config()).unwrap();
+    let out = lab
+        .cmd(&lab.server_ns, &bond_ctl().to_string_lossy())
+        .args(["check", "--config", &cfg.to_string_lossy()])
+        .output()
+        .unwrap();
+    let warned = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("check: {warned}");
+    assert!(out.status.success(), "{warned}");
+    for want in [
+        "wan0 is a veth whose other end srv needs `tx off gro on`",
+        "content0",
+    ] {
+        assert!(warned.contains(want), "{want:?} not in {warned}");
+    }
+    lab.server_extra = "[attach]\nveth = \"trust\"".into();
+    lab.terminal_extra = "[attach]\nveth = \"trust\"".into();
+    lab.start_server().unwrap();
+    for i in 0..3 {
+        lab.start_terminal(i).unwrap();
+    }
+    let (ns, inst) = lab.terminal_agent(2);
+    let start = Instant::now();
+    while !lab
+        .ctl_json(&ns, &inst, "status")
+        .is_ok_and(|s| s["logged_on"] == true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "t3 never logged on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    lab.serve_file("1m.bin", 1).unwrap();
+    let url = "http://203.0.113.2/1m.bin";
+    let stalled = lab.exec(
+        &t3(&lab),
+        "curl",
+        &["-sS", "--fail", "--max-time", "8", "-o", "/dev/null", url],
+    );
+    assert!(stalled.is_err(), "a download passed veths left as created");
+    drop(lab);
+
+    let mut lab = Lab::build_untuned(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    lab.start_agents().expect("start agents");
+    let log = lab.log("agent-srv");
+    assert!(
+        log.contains("wan0 is a veth whose other end srv was set `tx off gro on`"),
+        "{log}"
+    );
+    let inet = format!("{}-inet", lab.prefix);
+    let k = lab.exec(&inet, "ethtool", &["-k", "srv"]).unwrap();
+    for want in ["tx-checksumming: off", "generic-receive-offload: on"] {
+        assert!(k.contains(want), "{want:?} not in {k}");
+    }
+    let served = lab.serve_file("20m.bin", 20).unwrap();
+    let (bytes, secs, out) = lab
+        .download(&t3(&lab), "http://203.0.113.2/20m.bin", "t3.bin")
+        .expect("download");
+    let sum = |p: &Path| format!("{:x}", Sha256::digest(std::fs::read(p).unwrap()));
+    assert_eq!((bytes, sum(&out)), (20 << 20, sum(&served)));
+    eprintln!("20 MiB through agent-set veths: {secs:.2} s");
+}

@@ -210,6 +210,22 @@ pub struct AttachConfig {
     pub tc: TcAttach,
     #[serde(default)]
     pub xdp: XdpAttach,
+    #[serde(default)]
+    pub veth: VethAttach,
+}
+
+/// What the agent does about a veth it attaches XDP to (a container's or
+/// a lab's interface): its other end must hand frames on with finished
+/// checksums and take the frames XDP sends it (`crate::veth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VethAttach {
+    /// Find the other end and set it so (`tx off`, `gro on`); refuse to
+    /// start if it cannot be reached, saying what to run there.
+    #[default]
+    Auto,
+    /// The operator has set the other end: nothing is checked.
+    Trust,
 }
 
 /// How the TC program goes on the capture device.
@@ -1038,6 +1054,14 @@ down = 5
             (t.attach.tc, t.attach.xdp),
             (TcAttach::Netlink, XdpAttach::Generic)
         );
+        assert_eq!(t.attach.veth, VethAttach::Auto);
+        let trusted = format!("{TERMINAL}\n[attach]\nveth = \"trust\"\n");
+        let Config::Terminal(t) = Config::parse(&trusted, "t.toml").unwrap() else {
+            panic!("not a terminal")
+        };
+        assert_eq!(t.attach.veth, VethAttach::Trust);
+        let e = error_of(&format!("{TERMINAL}\n[attach]\nveth = \"fix\"\n"));
+        assert!(e.contains("fix") && e.contains("trust"), "{e}");
         let e = error_of(&format!("{TERMINAL}\n[attach]\ntc = \"bpfilter\"\n"));
         assert!(e.contains("bpfilter") && e.contains("netlink"), "{e}");
         // The server has XDP programs only.

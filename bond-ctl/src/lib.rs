@@ -21,4 +21,5 @@ pub mod proto;
 pub mod resend;
 pub mod share;
 pub mod show;
+pub mod veth;
 pub mod worker;

@@ -249,8 +249,12 @@ fn main() -> Result<()> {
             rt.block_on(agent::run(cfg, paths))
         }
         Cmd::Check { config } => {
-            Config::load(&config)?;
+            let cfg = Config::load(&config)?;
             println!("{}: ok", config.display());
+            let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+            for warning in rt.block_on(veth_warnings(&cfg)) {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         Cmd::Status { json } => show::status(&ask(Request::Status)?, json),
@@ -416,4 +420,36 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `check` warns of on this host: veths XDP would go on whose other
+/// ends need setting (the agent sets them at start) or cannot be reached
+/// (the agent will not start), and interfaces not here (yet).
+async fn veth_warnings(cfg: &Config) -> Vec<String> {
+    let (ifaces, how): (Vec<&str>, _) = match cfg {
+        Config::Terminal(t) => (
+            std::iter::once(t.lan.as_str())
+                .chain(t.links.iter().map(|l| l.interface.as_str()))
+                .collect(),
+            t.attach.veth,
+        ),
+        Config::Server(s) => (
+            s.interfaces.iter().map(String::as_str).collect(),
+            s.attach.veth,
+        ),
+    };
+    if how == bond_ctl::config::VethAttach::Trust {
+        return Vec::new();
+    }
+    let Ok(net) = bond_ctl::net::Net::new() else {
+        return vec!["rtnetlink unavailable: interfaces not checked".into()];
+    };
+    let mut out = Vec::new();
+    for i in ifaces {
+        match bond_ctl::veth::other_end(&net, i, false).await {
+            Ok(other) => out.extend(other.report(i, false)),
+            Err(e) => out.push(format!("{i}: {e:#}")),
+        }
+    }
+    out
 }

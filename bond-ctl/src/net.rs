@@ -7,14 +7,24 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
+    RouteNetlinkMessage,
     address::AddressAttribute,
-    link::{LinkAttribute, LinkFlags, LinkLayerType},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    nsid::{NsidAttribute, NsidMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The other end of a veth: its interface index, and the id of its
+/// network namespace as this one knows it (`None`: this namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VethPeer {
+    pub ifindex: u32,
+    pub netnsid: Option<i32>,
+}
 
 /// An interface as the agent needs it.
 #[derive(Debug, Clone)]
@@ -42,18 +52,23 @@ impl Net {
         Ok(Self { handle })
     }
 
-    pub async fn iface(&self, name: &str) -> Result<Iface> {
+    /// What rtnetlink says of interface `name`.
+    async fn link(&self, name: &str) -> Result<LinkMessage> {
         let mut links = self
             .handle
             .link()
             .get()
             .match_name(name.to_string())
             .execute();
-        let msg = links
+        links
             .try_next()
             .await
             .with_context(|| format!("interface {name:?} not found"))?
-            .ok_or_else(|| anyhow!("interface {name:?} not found"))?;
+            .ok_or_else(|| anyhow!("interface {name:?} not found"))
+    }
+
+    pub async fn iface(&self, name: &str) -> Result<Iface> {
+        let msg = self.link(name).await?;
         let mut iface = Iface {
             name: name.to_string(),
             index: msg.header.index,
@@ -73,6 +88,51 @@ impl Net {
             }
         }
         Ok(iface)
+    }
+
+    /// The other end of interface `name`, if it is a veth.
+    pub async fn veth_peer(&self, name: &str) -> Result<Option<VethPeer>> {
+        let (mut veth, mut ifindex, mut netnsid) = (false, None, None);
+        for a in self.link(name).await?.attributes {
+            match a {
+                LinkAttribute::LinkInfo(info) => {
+                    veth = info
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                }
+                LinkAttribute::Link(i) => ifindex = Some(i),
+                LinkAttribute::LinkNetNsId(n) => netnsid = Some(n),
+                _ => {}
+            }
+        }
+        Ok(ifindex
+            .filter(|_| veth)
+            .map(|ifindex| VethPeer { ifindex, netnsid }))
+    }
+
+    /// The id this namespace knows the network namespace open at `ns` by,
+    /// if it has given it one.
+    pub async fn nsid_of(&self, ns: &impl AsRawFd) -> Result<Option<i32>> {
+        use rtnetlink::packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+        let mut msg = NsidMessage::default();
+        msg.attributes
+            .push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut replies = self.handle.clone().request(req)?;
+        while let Some(reply) = replies.next().await {
+            match reply.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    return Ok(m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                        _ => None,
+                    }));
+                }
+                NetlinkPayload::Error(e) => bail!("RTM_GETNSID: {e}"),
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 
     /// The first IPv4 address of an interface.
@@ -438,34 +498,50 @@ pub fn sysctl(key: &str, value: &str) -> Result<()> {
 /// Turns off checksum offload, scatter-gather, TSO, GSO and GRO: the wrap
 /// must see finished, wire-sized packets with their checksums filled in.
 fn disable_offloads(dev: &str) -> Result<()> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    const ETHTOOL_SSG: u32 = 0x19;
-    const ETHTOOL_STSO: u32 = 0x1f;
-    const ETHTOOL_SGSO: u32 = 0x24;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    #[repr(C)]
-    struct IfReq {
-        name: [libc::c_char; libc::IFNAMSIZ],
-        data: *mut EthtoolValue,
-        _pad: [u8; 16],
-    }
-
     let sock = UdpSocket::bind("0.0.0.0:0")?;
     for cmd in [
-        ETHTOOL_STSO,
-        ETHTOOL_SGSO,
-        ETHTOOL_SGRO,
-        ETHTOOL_SSG,
-        ETHTOOL_STXCSUM,
+        ethtool::STSO,
+        ethtool::SGSO,
+        ethtool::SGRO,
+        ethtool::SSG,
+        ethtool::STXCSUM,
     ] {
-        let mut value = EthtoolValue { cmd, data: 0 };
+        ethtool::value(&sock, dev, cmd, 0)?;
+    }
+    Ok(())
+}
+
+/// The ethtool ioctl's one-value commands (`ETHTOOL_G*` read, `ETHTOOL_S*`
+/// set), on an interface of the socket's network namespace.
+pub mod ethtool {
+    use std::os::fd::AsRawFd;
+
+    use anyhow::{Context as _, Result};
+
+    pub const GTXCSUM: u32 = 0x16;
+    pub const STXCSUM: u32 = 0x17;
+    pub const SSG: u32 = 0x19;
+    pub const STSO: u32 = 0x1f;
+    pub const SGSO: u32 = 0x24;
+    pub const GGRO: u32 = 0x2b;
+    pub const SGRO: u32 = 0x2c;
+
+    /// Runs `cmd` on `dev` with `data`; returns the value the kernel
+    /// leaves (what a `G` command reads).
+    pub fn value(sock: &impl AsRawFd, dev: &str, cmd: u32, data: u32) -> Result<u32> {
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        #[repr(C)]
+        struct IfReq {
+            name: [libc::c_char; libc::IFNAMSIZ],
+            data: *mut EthtoolValue,
+            _pad: [u8; 16],
+        }
+        let mut value = EthtoolValue { cmd, data };
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
             data: &mut value,
@@ -478,15 +554,15 @@ fn disable_offloads(dev: &str) -> Result<()> {
         {
             *d = s as libc::c_char;
         }
-        // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a live
-        // ethtool_value for the duration of the call.
+        // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a
+        // live ethtool_value for the duration of the call.
         let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("ethtool command {cmd:#x}"));
+                .with_context(|| format!("{dev}: ethtool command {cmd:#x}"));
         }
+        Ok(value.data)
     }
-    Ok(())
 }
 
 /// Asks the kernel to timestamp every datagram `sock` receives

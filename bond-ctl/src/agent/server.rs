@@ -134,9 +134,13 @@ pub async fn run(
     // the host's own sockets.
     sysctl("net.ipv4.ip_forward", "1")?;
     sysctl("net.ipv4.ip_local_reserved_ports", &format!("{lo}-{hi}"))?;
+    let net = Net::new()?;
     for i in &cfg.interfaces {
         sysctl(&format!("net.ipv4.conf.{i}.accept_local"), "1")?;
         sysctl(&format!("net.ipv4.conf.{i}.rp_filter"), "0")?;
+        crate::veth::ready(&net, i, cfg.attach.veth)
+            .await
+            .with_context(|| format!("field `interfaces`: {i}"))?;
         pins.attach_xdp(&mut ebpf, "bond_server", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
@@ -145,7 +149,7 @@ pub async fn run(
     let (feedback_tx, feedback) = mpsc::unbounded_channel();
     let playout = if cfg.playout {
         let name = hold_name(&cfg.instance);
-        let (tap, dev) = playout::hold_device(&Net::new()?, &name, "0").await?;
+        let (tap, dev) = playout::hold_device(&net, &name, "0").await?;
         sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
         pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
         Some(playout::Handle::start(

@@ -488,10 +488,13 @@ pub async fn run(
     }
     let result = async {
         pins.attach_tc(&mut ebpf, "bond_wrap", &agent.cfg.device, TcAttachType::Egress)?;
+        let how = agent.cfg.attach.veth;
+        crate::veth::ready(&agent.net, &agent.cfg.lan, how).await?;
         pins.attach_xdp(&mut ebpf, "bond_terminal", &agent.cfg.lan)?;
         // What bond_terminal passes on for own L3 links.
         pins.attach_tc(&mut ebpf, "bond_relay", &agent.cfg.lan, TcAttachType::Ingress)?;
         for o in agent.own.iter().filter(|o| o.iface.index != 0) {
+            crate::veth::ready(&agent.net, &o.iface.name, how).await?;
             attach_link(pins, &mut ebpf, &o.iface)?;
         }
         // What the playout sees of the server's packets (`crate::feedback`);
@@ -1115,6 +1118,7 @@ impl Agent {
                 now.index
             );
             sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "2")?;
+            crate::veth::ready(&self.net, &name, self.cfg.attach.veth).await?;
             attach_link(pins, ebpf, &now)?;
             self.attached = pins.attached.clone();
         }

@@ -139,6 +139,9 @@ pub struct Lab {
     specs: Vec<(u8, LinkSpec)>,
     /// Delay lines by link id: the process and its command pipe.
     lines: Vec<(u8, Child, profile::LineControl)>,
+    /// Whether veths get GRO on and checksum offload off, as XDP on veth
+    /// needs ([`Self::build_untuned`]).
+    tuned: bool,
     /// The forwarders between the two TUN ends of L3 links (a plain
     /// `bond-delay`), and their command pipes, which keep them running.
     tunnels: Vec<(Child, std::process::ChildStdin)>,
@@ -251,6 +254,21 @@ impl Lab {
     /// As [`Self::build`], each terminal's links as real uplinks behave:
     /// a delay line on each link whose spec needs one.
     pub fn build_links(spec: &[Vec<LinkSpec>], bond_ctl: &Path) -> Result<Self> {
+        Self::build_tuned(spec, bond_ctl, true)
+    }
+
+    /// As [`Self::build`], every veth left as `ip link add` makes it
+    /// (checksum offload on, GRO off), as a container's is: the agents
+    /// must set the other ends of those they put XDP on (`crate::veth`).
+    pub fn build_untuned(spec: &[TerminalSpec], bond_ctl: &Path) -> Result<Self> {
+        let links: Vec<Vec<LinkSpec>> = spec
+            .iter()
+            .map(|t| t.links.iter().map(|&r| LinkSpec::rate(r)).collect())
+            .collect();
+        Self::build_tuned(&links, bond_ctl, false)
+    }
+
+    fn build_tuned(spec: &[Vec<LinkSpec>], bond_ctl: &Path, tuned: bool) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         check_tools()?;
         allow_tcp_cc(&tcp_cc())?;
@@ -287,6 +305,7 @@ impl Lab {
             lines: Vec::new(),
             tunnels: Vec::new(),
             events: None,
+            tuned,
         };
         lab.wire(spec)?;
         Ok(lab)
@@ -345,7 +364,9 @@ impl Lab {
                 self.ip(ns, &format!("addr add {addr} dev {dev}"))?;
             }
             self.ip(ns, &format!("link set {dev} up"))?;
-            self.exec(ns, "ethtool", &["-K", dev, "gro", "on", "tx", "off"])?;
+            if self.tuned {
+                self.exec(ns, "ethtool", &["-K", dev, "gro", "on", "tx", "off"])?;
+            }
         }
         Ok(())
     }
