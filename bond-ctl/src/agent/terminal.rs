@@ -355,8 +355,9 @@ pub async fn run(
             sysctl(&format!("net.ipv4.conf.{}.rp_filter", l.interface), "2")?;
         }
         // Control messages for the server leave by this link: a socket
-        // tied to the interface, and a route to the server over it. Until
-        // the link has an address, a socket that sends nowhere stands in.
+        // tied to the interface (and a route to the server over it, put
+        // in once the agent is up). Until the link has an address, a
+        // socket that sends nowhere stands in.
         let sock = match wan_ip {
             Some(ip) => udp_socket(SocketAddrV4::new(ip, l.port), Some(&l.interface)),
             None => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None),
