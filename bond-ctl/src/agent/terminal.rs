@@ -173,9 +173,14 @@ impl Own {
     fn set_iface(&mut self, now: Iface) {
         (self.entry.ifindex, self.entry.src_mac) = (now.index, now.mac);
         (self.relay.wan_ifindex, self.relay.wan_mac) = (now.index, now.mac);
-        self.relay.flags = if now.ethernet { 0 } else { LINK_L3 };
+        self.relay.flags = relay_flags(&now);
         self.iface = now;
     }
+}
+
+/// A link entry's flags for its interface: [`LINK_L3`] without Ethernet.
+fn relay_flags(iface: &Iface) -> u8 {
+    if iface.ethernet { 0 } else { LINK_L3 }
 }
 
 /// Attaches the program that receives on an own link: XDP behind
@@ -392,7 +397,7 @@ pub async fn run(
                 wan_ifindex: wan.index,
                 wan_ip: wan_ip.map_or(0, u32::from),
                 link: l.id,
-                flags: 0,
+                flags: relay_flags(&wan),
                 port: l.port,
                 wan_mac: wan.mac,
                 gw_mac: [0; 6],
@@ -412,9 +417,6 @@ pub async fn run(
             reader: None,
             route: Route::Wanted,
         });
-        let o = own.last_mut().expect("just pushed");
-        let wan = o.iface.clone();
-        o.set_iface(wan);
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
     let lan_sock = udp_socket(

@@ -22,7 +22,7 @@ use std::{
     fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdin, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -144,7 +144,7 @@ pub struct Lab {
     tuned: bool,
     /// The forwarders between the two TUN ends of L3 links (a plain
     /// `bond-delay`), and their command pipes, which keep them running.
-    tunnels: Vec<(Child, std::process::ChildStdin)>,
+    tunnels: Vec<(Child, ChildStdin)>,
     /// Rate steps and dark windows being played ([`Self::start_events`]).
     events: Option<profile::Events>,
 }
@@ -375,18 +375,11 @@ impl Lab {
     /// and up, and `bond-delay` forwarding packets between them (no
     /// Ethernet header on either, as on PPP or a raw-IP modem).
     fn tunnel(&mut self, a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
-        let bin = self.delay_bin()?;
-        let log = std::fs::File::create(self.dir.join(format!("tunnel-{}-{}.log", a.0, a.1)))?;
-        let mut child = Command::new(&bin)
-            .args(["--a", &format!("tun:{}/{}", a.0, a.1)])
-            .args(["--b", &format!("tun:{}/{}", b.0, b.1)])
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdin = child.stdin.take().context("tunnel stdin")?;
-        self.tunnels.push((child, stdin));
+        let mut cmd = Command::new(self.delay_bin()?);
+        cmd.args(["--a", &format!("tun:{}/{}", a.0, a.1)])
+            .args(["--b", &format!("tun:{}/{}", b.0, b.1)]);
+        let tunnel = self.spawn_line(cmd, &format!("tunnel-{}-{}", a.0, a.1))?;
+        self.tunnels.push(tunnel);
         let deadline = Instant::now() + Duration::from_secs(5);
         for (ns, dev, addr) in [a, b] {
             while self.ip(ns, &format!("link show {dev}")).is_err() {
@@ -400,6 +393,20 @@ impl Lab {
             self.ip(ns, &format!("link set {dev} up"))?;
         }
         Ok(())
+    }
+
+    /// Starts a `bond-delay` (`cmd`), its output to `<name>.log`; it runs
+    /// until its command pipe, returned, closes.
+    fn spawn_line(&self, mut cmd: Command, name: &str) -> Result<(Child, ChildStdin)> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        let stdin = child.stdin.take().context("bond-delay's stdin")?;
+        Ok((child, stdin))
     }
 
     fn delay_bin(&self) -> Result<PathBuf> {
@@ -559,16 +566,9 @@ impl Lab {
         let mut args = vec!["--a".into(), "modem".into(), "--b".into(), "inet".into()];
         args.extend(spec.impair.args());
         args.extend(["--seed".into(), k.to_string()]);
-        let log = std::fs::File::create(self.dir.join(format!("delay-{k}.log")))?;
-        let mut child = self
-            .cmd(&dns, &bin.to_string_lossy())
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdin = child.stdin.take().context("delay line stdin")?;
+        let mut cmd = self.cmd(&dns, &bin.to_string_lossy());
+        cmd.args(&args);
+        let (child, stdin) = self.spawn_line(cmd, &format!("delay-{k}"))?;
         self.lines
             .push((k, child, std::sync::Arc::new(std::sync::Mutex::new(stdin))));
         Ok(())

@@ -484,8 +484,11 @@ pub fn bond_relay(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_relay(ctx: &TcContext) -> Result<i32, u32> {
-    // The headers in the linear part, where the program reads them.
-    let _ = ctx.pull_data(ctx.len());
+    // SAFETY: the value is only read; the agent replaces entries whole.
+    let to_l3 = |port| unsafe { T_RELAY.get(port) }.is_some_and(|r| r.flags & LINK_L3 != 0);
+    if !linear_if_ours::<ETH_LEN>(ctx, to_l3) {
+        return Ok(TC_ACT_OK);
+    }
     let Some(d) = bond_data::<ETH_LEN>(ctx)? else {
         return Ok(TC_ACT_OK);
     };
@@ -517,7 +520,14 @@ pub fn bond_terminal_l3(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
-    let _ = ctx.pull_data(ctx.len());
+    let Some(cfg) = T_CONFIG.get(0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: the value is only read; the agent replaces entries whole.
+    let bond_port = |port| port == cfg.data_port || unsafe { T_RELAY.get(port) }.is_some();
+    if !linear_if_ours::<0>(ctx, bond_port) {
+        return Ok(TC_ACT_OK);
+    }
     let Some(d) = bond_data::<0>(ctx)? else {
         return Ok(TC_ACT_OK);
     };
@@ -542,6 +552,32 @@ fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
     let peer = to_peer::<0>(ctx, &d)?;
     push_ethernet(ctx, d.cfg.lan_mac, peer)?;
     Ok(redirect(d.cfg.lan_ifindex))
+}
+
+/// TC reads packets in the skb's linear part. Every packet gets its
+/// headers there; only one to a port `ours` takes (the UDP destination
+/// port at `L2 + 22`) is made linear whole, as the parser checks its
+/// lengths against it and the rewrites write it. Other traffic (GRO'd
+/// TCP on the LAN, say) is not copied.
+#[inline(always)]
+fn linear_if_ours<const L2: usize>(ctx: &TcContext, ours: impl FnOnce(u16) -> bool) -> bool {
+    linear(ctx, (L2 + BOND_AT + BondHdr::LEN) as u32);
+    match read_u16(ctx, L2 + 22) {
+        Some(port) if ours(port) => {
+            linear(ctx, ctx.len());
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Makes the first `n` bytes (at most the packet) linear, if they are not.
+#[inline(always)]
+fn linear(ctx: &TcContext, n: u32) {
+    let n = n.min(ctx.len());
+    if ((ctx.data_end() - ctx.data()) as u32) < n {
+        let _ = ctx.pull_data(n);
+    }
 }
 
 /// Puts an Ethernet header from `src` to `dst` in front of an IPv4 packet.
