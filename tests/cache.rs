@@ -21,16 +21,12 @@ const ORIGIN: &str = "http://203.0.113.2";
 
 /// `extra`: more `[cache]` lines for a terminal; `env`: for one agent;
 /// `www`: files to serve, (name, MiB).
-fn lab(extra: &[(usize, &str)], env: &[(usize, &str, &str)], www: &[(&str, usize)]) -> Lab {
+fn lab(extra: &[(usize, &str)], www: &[(&str, usize)]) -> Lab {
     let mut spec = vec![TerminalSpec { links: vec![] }; TERMINALS];
     spec[TERMINALS - 1].links = vec![10];
     let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
     lab.cache = true;
     lab.cache_extra = extra.iter().map(|(i, s)| (*i, s.to_string())).collect();
-    lab.terminal_env = env
-        .iter()
-        .map(|(i, k, v)| (*i, k.to_string(), v.to_string()))
-        .collect();
     for (name, mib) in www {
         lab.serve_file(name, *mib).expect("serve file");
     }
@@ -152,7 +148,7 @@ fn wait_listed(lab: &Lab, name: &str, i: usize) {
 
 #[test]
 fn a_second_fetch_comes_from_the_first_terminals_cache_through_fetch_curl_and_pip() {
-    let lab = lab(&[], &[], &[("map.bin", 2)]);
+    let lab = lab(&[], &[("map.bin", 2)]);
     let want = origin_file(&lab, "map.bin");
 
     // t2 is first: the origin, over the community's slow link.
@@ -326,7 +322,6 @@ fn seed(lab: &Lab, i: usize, name: &str) {
 fn slow_busy_and_corrupt_peers_are_passed_over_and_the_lan_answers_without_the_referral_server() {
     let mut lab = lab(
         &[(3, "max_uploads = 1")],
-        &[(5, "BOND_CACHE_FAULT", "corrupt")],
         &[("a.bin", 2), ("b.bin", 1), ("c.bin", 1), ("d.bin", 1)],
     );
     // A slow peer: t3 sends at 4 Mbit/s, the others at LAN speed.
@@ -388,10 +383,16 @@ fn slow_busy_and_corrupt_peers_are_passed_over_and_the_lan_answers_without_the_r
     assert!(load["refused"].as_u64().unwrap() >= 1, "{load}");
     lab.stop("hog", true).unwrap();
 
-    // c.bin only on t6, which serves bad bytes: t7 catches it, gets a
-    // good copy from the origin, and the referral server drops t6 as a
-    // holder and demotes it.
+    // c.bin only on t6, whose copy then rots on its disk (one byte, in
+    // the middle): t6 serves bad bytes, t7 catches it, gets a good copy
+    // from the origin, and the referral server drops t6 as a holder and
+    // demotes it.
     seed(&lab, 5, "c.bin");
+    let stored = lab
+        .cache_dir(5)
+        .join("objects")
+        .join(t_hash(&table(&lab), "c.bin"));
+    flip_middle_byte(&stored);
     let (r, got) = fetch(&lab, 6, "c.bin");
     assert_eq!(r["source"], "origin", "{r}");
     assert!(
@@ -430,4 +431,18 @@ fn t_hash(t: &serde_json::Value, name: &str) -> String {
         .and_then(|o| o["object"]["hash"].as_str())
         .unwrap_or_else(|| panic!("{name} not in {t:#}"))
         .to_string()
+}
+
+/// Flips one byte in the middle of the file at `path`, in place.
+fn flip_middle_byte(path: &std::path::Path) {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
 }

@@ -16,16 +16,12 @@ const TERMINALS: usize = 21;
 const UPLOAD_MBIT: u32 = 20;
 
 /// t1 (the main server) has the community's one WAN link, so every agent
-/// can log on; everyone's LAN upload is limited; `env` goes to one agent.
-fn lab(env: &[(usize, &str, &str)]) -> Lab {
+/// can log on; everyone's LAN upload is limited.
+fn lab() -> Lab {
     let mut spec = vec![TerminalSpec { links: vec![] }; TERMINALS];
     spec[0].links = vec![0];
     let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
     lab.dist = true;
-    lab.terminal_env = env
-        .iter()
-        .map(|(i, k, v)| (*i, k.to_string(), v.to_string()))
-        .collect();
     for i in 0..TERMINALS {
         lab.limit_upload(i, UPLOAD_MBIT).unwrap();
     }
@@ -141,7 +137,7 @@ fn is_byte_identical_everywhere(lab: &Lab, name: &str, data: &[u8], except: Opti
 
 #[test]
 fn a_file_reaches_twenty_terminals_byte_identical_through_the_tree() {
-    let mut lab = lab(&[]);
+    let mut lab = lab();
     let (path, data) = file(&lab, "update.bin", 4);
     let child = distribute(&mut lab, &path, &["--mode", "tree", "--fanout", "3"]);
     let r = report(&mut lab, child);
@@ -187,7 +183,7 @@ fn a_file_reaches_twenty_terminals_byte_identical_through_the_tree() {
 /// file about once, where the tree's main server sends it three times.
 #[test]
 fn striped_trees_deliver_everywhere_and_every_terminal_uploads() {
-    let mut lab = lab(&[]);
+    let mut lab = lab();
     let (path, data) = file(&lab, "stripes.bin", 6);
     let before: Vec<u64> = (0..TERMINALS).map(|i| lab.lan_sent(i).unwrap()).collect();
     let child = distribute(&mut lab, &path, &[]);
@@ -215,7 +211,7 @@ fn striped_trees_deliver_everywhere_and_every_terminal_uploads() {
 
 #[test]
 fn a_relay_killed_mid_transfer_has_its_subtree_served_from_elsewhere() {
-    let mut lab = lab(&[]);
+    let mut lab = lab();
     let (path, data) = file(&lab, "map.bin", 8);
     let victim_id = ranked(&lab)[0].clone();
     let victim = lab
@@ -236,24 +232,32 @@ fn a_relay_killed_mid_transfer_has_its_subtree_served_from_elsewhere() {
 
 #[test]
 fn a_corrupt_chunk_from_a_relay_is_caught_refetched_and_reported() {
-    // Find who will relay first, then make that terminal serve chunk 2
-    // corrupted.
-    let probe = lab(&[]);
-    let relay_id = ranked(&probe)[0].clone();
-    let relay = probe
+    let mut lab = lab();
+    let relay_id = ranked(&lab)[0].clone();
+    let relay = lab
         .terminals
         .iter()
         .position(|t| t.lan_ip.to_string() == relay_id)
         .unwrap();
-    drop(probe);
-    let mut lab = lab(&[(relay, "BOND_DIST_FAULT", "corrupt:2")]);
-    assert_eq!(ranked(&lab)[0], relay_id, "the same ranking");
+    // The fastest terminal gets the file first, alone; then its copy rots
+    // on its disk: one byte of chunk 2 (64 KiB chunks).
     let (path, data) = file(&lab, "media.bin", 2);
+    let child = distribute(&mut lab, &path, &["--to", &relay_id, "--mode", "tree"]);
+    let r = report(&mut lab, child);
+    assert_eq!(r["done"], 1, "{r:#}");
+    flip_byte(
+        &lab.dist_state(relay).join("files").join("media.bin"),
+        2 * 65_536 + 100,
+    );
+    assert_eq!(ranked(&lab)[0], relay_id, "the same ranking");
+    // To everyone: the relay holds the file already and serves its
+    // children from that copy; they catch chunk 2 and fetch it again.
     let child = distribute(&mut lab, &path, &["--mode", "tree", "--fanout", "3"]);
     let r = report(&mut lab, child);
     assert_eq!(r["done"], TERMINALS - 1, "{r:#}");
     assert!(r["corrupt"][&relay_id].as_u64().unwrap() >= 1, "{r:#}");
-    is_byte_identical_everywhere(&lab, "media.bin", &data, None);
+    // Everyone but the relay, whose own copy is the rotten one.
+    is_byte_identical_everywhere(&lab, "media.bin", &data, Some(relay));
     let v: serde_json::Value = serde_json::from_str(
         &lab.exec(
             &lab.terminals[0].ns.clone(),
@@ -275,4 +279,17 @@ fn a_corrupt_chunk_from_a_relay_is_caught_refetched_and_reported() {
         relay_id,
         "the corrupt relay is no longer first"
     );
+}
+
+/// Flips the byte at `at` of the file at `path`, in place.
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
 }

@@ -2558,7 +2558,7 @@ fn server_map_sizes_come_from_the_loader() {
         // A flow table of 2, a queue of 3 ports and 2 sessions (the
         // set-up logs on A and B).
         let sizes = bond_ctl::flows::server_map_sizes(2, 3, 2);
-        let s = srv::setup_with_sizes("server-sizes", 20000..=20002, &sizes);
+        let mut s = srv::setup_with_sizes("server-sizes", 20000..=20002, &sizes);
         assert!(
             s.maps.push_free_ports([20003]).is_err(),
             "a queue of 3 takes no fourth port"
@@ -2584,6 +2584,31 @@ fn server_map_sizes_come_from_the_loader() {
         let key = s.maps.flows().unwrap()[0].0;
         assert_eq!(s.maps.remove_flows_if([key], |_, _| true).unwrap().len(), 1);
         expect_up(&s, "third, after a removal", l0, &ip(3), 20002);
+
+        // The table of flows per origin, sized for 2 terminals, full with A
+        // and a stale entry: B's first flow is refused for that table, not
+        // for the flow table, which has room again.
+        let key = s.maps.flows().unwrap()[0].0;
+        assert_eq!(s.maps.remove_flows_if([key], |_, _| true).unwrap().len(), 1);
+        let stale = SessionKey {
+            community: COMMUNITY,
+            _pad: 0,
+            origin: Ipv4Addr::new(10, 0, 1, 99).into(),
+        };
+        BpfHashMap::<&mut MapData, SessionKey, u64>::try_from(
+            s.ebpf.map_mut("S_ORIGIN_FLOWS").unwrap(),
+        )
+        .unwrap()
+        .insert(stale, 0, 0)
+        .unwrap();
+        let b = Ip::new(ORIGIN_B, CONTENT, L4::udp(1, 53));
+        s.expect_drop(
+            "bond_server",
+            "B's first flow, no room to count it",
+            &Up::new(l0, &b).frame(),
+            XDP_DROP,
+            "origin_table_full",
+        );
     });
 }
 

@@ -72,6 +72,9 @@ reasons! {
     /// Every link's queue is as long as its buffer: the sender drops
     /// rather than deliver the packet after later ones (`edpf`).
     LINKS_FULL = 28, "links_full";
+    /// A new flow from an origin the table of flows per origin has no room
+    /// to count (`[flows]` sized for fewer terminals than made flows).
+    ORIGIN_TABLE_FULL = 29, "origin_table_full";
 }
 
 #[cfg(test)]

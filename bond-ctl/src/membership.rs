@@ -381,6 +381,14 @@ impl ServerTable {
         }
     }
 
+    /// Whether `origin` holds a session with `token` and owns `link`.
+    pub fn owns(&self, community: u16, origin: Ipv4Addr, token: u64, link: u8) -> bool {
+        self.terms
+            .get(&(community, origin))
+            .is_some_and(|t| t.token == token)
+            && self.owners.get(&(community, link)) == Some(&origin)
+    }
+
     /// A SHUTDOWN with the session's token: the terminal and its links go
     /// at once. True if it was known.
     pub fn shutdown(&mut self, community: u16, origin: Ipv4Addr, token: u64) -> bool {

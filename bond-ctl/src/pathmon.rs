@@ -16,6 +16,13 @@
 //!   [`SERVER_DARK_AFTER`], leaves it out of the downstream schedule. Both
 //!   take it back at the first echo through.
 //!
+//! Data the datapath counts coming in over a link is as good a sign that it
+//! delivers as an echo ([`LinkEcho::traffic`], [`EchoSeen::traffic`]): it
+//! keeps a link in use while the far end's agent restarts and no echo is
+//! answered, as long as traffic flows. Only an echo brings a dark link
+//! back (data may still trickle in over a link the far end has not given
+//! up on yet).
+//!
 //! The rules are pure and unit-tested here; the agents feed them.
 
 use std::{
@@ -41,8 +48,11 @@ pub const SERVER_DARK_AFTER: Duration = Duration::from_millis(200);
 pub struct LinkEcho {
     /// (when, round trip) of recent replies, oldest first.
     samples: VecDeque<(Instant, Duration)>,
+    /// The last reply, or data through: the link delivered then.
     last_reply: Option<Instant>,
     dark: bool,
+    /// The datapath's count of packets in over the link, as last seen.
+    received: u64,
 }
 
 impl LinkEcho {
@@ -64,6 +74,16 @@ impl LinkEcho {
         self.samples.push_back((now, rtt));
         self.last_reply = Some(now);
         std::mem::replace(&mut self.dark, false)
+    }
+
+    /// The datapath has counted `received` packets in over the link by
+    /// `now`: more than last time is a sign of life, as a reply is (but it
+    /// brings no dark link back).
+    pub fn traffic(&mut self, now: Instant, received: u64) {
+        if received > self.received && self.last_reply.is_some() {
+            self.last_reply = Some(now);
+        }
+        self.received = received;
     }
 
     /// The least round trip of the window.
@@ -99,26 +119,63 @@ impl LinkEcho {
 /// A link as the server sees its owner's echoes.
 #[derive(Clone, Copy, Debug)]
 pub struct EchoSeen {
+    /// The last echo, or data through: the link delivered then.
     pub last: Instant,
     pub dark: bool,
+    /// The datapath's count of packets in over the link, as last seen.
+    received: u64,
+    /// Silence means nothing until then: the owner's agent restarts.
+    grace_until: Option<Instant>,
 }
+
+/// How long the server waits for the echoes of a terminal whose agent
+/// said it is restarting ([`crate::proto::flags::RESTARTING`]): a new agent
+/// is up and echoing well within it.
+pub const RESTART_GRACE: Duration = Duration::from_secs(5);
 
 impl EchoSeen {
     pub fn new(now: Instant) -> Self {
         Self {
             last: now,
             dark: false,
+            received: 0,
+            grace_until: None,
         }
+    }
+
+    /// The owner's agent is restarting at `now`: its echoes stop for a
+    /// while, its link does not.
+    pub fn restarting(&mut self, now: Instant) {
+        self.grace_until = Some(now + RESTART_GRACE);
+    }
+
+    /// The datapath has counted `received` packets in over the link by
+    /// `now`: as [`LinkEcho::traffic`].
+    pub fn traffic(&mut self, now: Instant, received: u64) {
+        if received > self.received {
+            self.last = now;
+        }
+        self.received = received;
     }
 
     /// An echo arrived: true if the link was dark and is back.
     pub fn seen(&mut self, now: Instant) -> bool {
         self.last = now;
+        self.grace_until = None;
         std::mem::replace(&mut self.dark, false)
     }
 
     /// True the moment the link turns dark.
     pub fn check(&mut self, now: Instant) -> bool {
+        if let Some(until) = self.grace_until {
+            if now < until {
+                return false;
+            }
+            // The new agent never echoed: silence counts from the end of
+            // the grace.
+            self.grace_until = None;
+            self.last = self.last.max(until);
+        }
         if self.dark || now.duration_since(self.last) <= SERVER_DARK_AFTER {
             return false;
         }
@@ -197,6 +254,57 @@ mod tests {
         assert!(!s.check(t0 + 2 * SERVER_DARK_AFTER));
         assert!(s.seen(t0 + Duration::from_secs(3)));
         assert!(!s.seen(t0 + Duration::from_secs(3)));
+    }
+
+    /// The far end's agent restarts: no echo for longer than the slack,
+    /// but data keeps coming in over the link, which stays in use. Once
+    /// the data stops too, the link goes dark; data alone does not bring
+    /// it back, an echo does.
+    #[test]
+    fn data_coming_in_keeps_a_link_from_going_dark() {
+        let t0 = Instant::now();
+        let mut e = LinkEcho::default();
+        let mut s = EchoSeen::new(t0);
+        e.reply(t0, 20 * MS);
+        e.traffic(t0, 100);
+        s.traffic(t0, 100);
+        for (i, at) in (1..=20).map(|i| (i, t0 + 50 * MS * i)) {
+            e.traffic(at, 100 + u64::from(i));
+            s.traffic(at, 100 + u64::from(i));
+            assert!(!e.check(at) && !s.check(at), "{i}: data flows");
+        }
+        let quiet = t0 + 50 * MS * 20;
+        e.traffic(quiet + 100 * MS, 120);
+        s.traffic(quiet + 100 * MS, 120);
+        assert!(e.check(quiet + 21 * MS + DARK_SLACK), "no data, no echo");
+        assert!(s.check(quiet + SERVER_DARK_AFTER + MS));
+        e.traffic(quiet + Duration::from_secs(1), 130);
+        s.traffic(quiet + Duration::from_secs(1), 130);
+        assert!(e.is_dark() && s.dark, "data alone does not heal");
+        assert!(
+            e.reply(quiet + Duration::from_secs(2), 20 * MS),
+            "an echo does"
+        );
+    }
+
+    /// The owner's agent says it restarts: its echoes may stop for up to
+    /// the grace, and then only the usual silence makes the link dark. An
+    /// echo ends the grace.
+    #[test]
+    fn a_restarting_owner_gets_its_grace() {
+        let t0 = Instant::now();
+        let mut s = EchoSeen::new(t0);
+        s.restarting(t0);
+        assert!(!s.check(t0 + RESTART_GRACE - MS), "within the grace");
+        assert!(!s.check(t0 + RESTART_GRACE + SERVER_DARK_AFTER));
+        assert!(s.check(t0 + RESTART_GRACE + SERVER_DARK_AFTER + MS));
+        let mut s = EchoSeen::new(t0);
+        s.restarting(t0);
+        s.seen(t0 + 300 * MS);
+        assert!(
+            s.check(t0 + 301 * MS + SERVER_DARK_AFTER),
+            "the new agent echoed: back to the usual rule"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! flags    u8    VIA_LINK: sent over the WAN link in the header's `link`
 //!                RELAY:    a LAN peer is to pass it on to the server
 //!                FROM_SERVER: sent by the server
+//!                RESTARTING: the sender's agent restarts (ANNOUNCE)
 //! body     ...   by kind, below
 //! tag      16 B  HMAC-SHA256 over everything before it, with the
 //!                community key, truncated
@@ -57,7 +58,11 @@ pub mod flags {
     pub const RELAY: u8 = 2;
     /// Sent by the server (its own counter, its own replay window).
     pub const FROM_SERVER: u8 = 4;
-    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER;
+    /// On an ANNOUNCE: the sender's agent is restarting and its datapath
+    /// runs on; its links' echoes stop for a moment
+    /// (`crate::pathmon::RESTART_GRACE`).
+    pub const RESTARTING: u8 = 8;
+    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING;
 }
 
 /// One WAN link as its terminal announces it.
@@ -549,6 +554,13 @@ impl Stale {
 /// `skew_ms` of ours, and each sender's counter is accepted once, within a
 /// window of the last 64 values (messages over different links may arrive
 /// out of order).
+///
+/// A sender's window outlives its session: a SHUTDOWN or an expiry does not
+/// clear it, or a captured message would be accepted once more within the
+/// skew. A restarted sender needs no clearing either, as its [`Counter`]
+/// starts above what it sent before. A window goes once the newest message
+/// it accepted is older than the skew: a replay of anything it saw is then
+/// refused as too old.
 #[derive(Debug)]
 pub struct Guard {
     skew_ms: u64,
@@ -557,6 +569,8 @@ pub struct Guard {
     /// the link it was sent over: trains on links of different speeds
     /// overtake each other by more than the window.
     seen: HashMap<(u16, Ipv4Addr, bool, u8), Window>,
+    /// When windows were last swept for age.
+    swept_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -564,6 +578,8 @@ struct Window {
     top: u64,
     /// Bit i: `top - i` was seen.
     bits: u64,
+    /// The newest sending time among the messages accepted.
+    newest_ms: u64,
 }
 
 impl Guard {
@@ -571,6 +587,7 @@ impl Guard {
         Self {
             skew_ms,
             seen: HashMap::new(),
+            swept_ms: 0,
         }
     }
 
@@ -583,6 +600,9 @@ impl Guard {
         }
         if msg.time_ms.saturating_add(self.skew_ms) < now_ms {
             return Err(Stale::TooOld);
+        }
+        if now_ms >= self.swept_ms.saturating_add(self.skew_ms) {
+            self.sweep(now_ms);
         }
         let from_server = msg.flags & flags::FROM_SERVER != 0;
         let w = self
@@ -598,14 +618,28 @@ impl Guard {
                 (w.bits << shift) | 1
             };
             w.top = c;
-            return Ok(());
+        } else {
+            let age = w.top - c;
+            if age >= 64 || w.bits & (1 << age) != 0 {
+                return Err(Stale::Replayed);
+            }
+            w.bits |= 1 << age;
         }
-        let age = w.top - c;
-        if age >= 64 || w.bits & (1 << age) != 0 {
-            return Err(Stale::Replayed);
-        }
-        w.bits |= 1 << age;
+        w.newest_ms = w.newest_ms.max(msg.time_ms);
         Ok(())
+    }
+
+    /// Drops the windows whose every message is now too old to pass.
+    fn sweep(&mut self, now_ms: u64) {
+        let skew = self.skew_ms;
+        self.seen
+            .retain(|_, w| w.newest_ms.saturating_add(skew) >= now_ms);
+        self.swept_ms = now_ms;
+    }
+
+    /// Senders with a window (for tests and the operator).
+    pub fn senders(&self) -> usize {
+        self.seen.len()
     }
 
     /// Decodes, authenticates and checks a received message: the message,
@@ -618,12 +652,6 @@ impl Guard {
         let msg = Msg::decode(buf, key).map_err(DecodeError::name)?;
         self.check(&msg, now_ms()).map_err(Stale::name)?;
         Ok(msg)
-    }
-
-    /// Forgets a sender (after its SHUTDOWN or expiry, it may restart).
-    pub fn forget(&mut self, community: u16, origin: Ipv4Addr) {
-        self.seen
-            .retain(|&(c, o, _, _), _| (c, o) != (community, origin));
     }
 }
 
@@ -949,9 +977,53 @@ mod tests {
         assert_eq!(g.check(&other_link, now), Ok(()));
         assert_eq!(g.check(&other_link, now), Err(Stale::Replayed));
         assert_eq!(g.check(&m(306, now), now), Ok(()));
-        // A forgotten sender starts afresh.
-        g.forget(7, Ipv4Addr::new(10, 0, 1, 2));
-        assert_eq!(g.check(&m(100, now), now), Ok(()));
+    }
+
+    /// A message captured before its sender shut down (or went silent and
+    /// expired) is no fresher after it: refused while within the skew, then
+    /// too old; the window goes only once nothing it saw could pass.
+    #[test]
+    fn guard_refuses_a_replay_after_its_sender_left() {
+        let now = 1_700_000_000_000;
+        let mut g = Guard::new(30_000);
+        let captured = Msg {
+            counter: 100,
+            time_ms: now,
+            ..announce()
+        };
+        assert_eq!(g.check(&captured, now), Ok(()));
+        let shutdown = Msg {
+            counter: 101,
+            time_ms: now + 1_000,
+            body: Body::Shutdown,
+            ..announce()
+        };
+        assert_eq!(g.check(&shutdown, now + 1_000), Ok(()));
+        for later in [2_000, 20_000, 30_000] {
+            assert_eq!(
+                g.check(&captured, now + later),
+                Err(Stale::Replayed),
+                "{later} ms on"
+            );
+        }
+        assert_eq!(g.check(&captured, now + 30_001), Err(Stale::TooOld));
+        // The restarted sender counts on from its start time, above.
+        let again = Msg {
+            counter: 200,
+            time_ms: now + 5_000,
+            ..announce()
+        };
+        assert_eq!(g.check(&again, now + 5_000), Ok(()));
+        // Windows go once all they saw is too old to pass.
+        assert_eq!(g.senders(), 1);
+        let other = Msg {
+            origin: Ipv4Addr::new(10, 0, 1, 9),
+            counter: 1,
+            time_ms: now + 80_000,
+            ..announce()
+        };
+        assert_eq!(g.check(&other, now + 80_000), Ok(()));
+        assert_eq!(g.senders(), 1, "only the new sender's window is left");
     }
 
     #[test]

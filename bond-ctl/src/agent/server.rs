@@ -95,6 +95,9 @@ struct Agent {
     corrector: Corrector,
     /// What origins asked to be sent again, and what was.
     resends: resend::Stats,
+    /// Relative delays (ns) of the links found at adoption, by community
+    /// and link index, used until each link's owner announces again.
+    adopted_delay: HashMap<(u16, u32), u32>,
 }
 
 pub async fn run(
@@ -202,6 +205,7 @@ pub async fn run(
         playout,
         corrector: Corrector::start(maps.clone())?,
         resends: resend::Stats::default(),
+        adopted_delay: HashMap::new(),
         cfg,
         maps,
     };
@@ -352,7 +356,6 @@ impl Agent {
                         eprintln!("bond-ctl: community {c}: terminal {o} silent: session closed");
                         let r = self.maps.remove_session(*c, *o);
                         self.faults.survive("remove_session", r.map_err(Into::into));
-                        self.guard.forget(*c, *o);
                     }
                     for c in ch.communities {
                         let r = self.apply(c);
@@ -404,6 +407,18 @@ impl Agent {
                 self.send((c, o, msg.link), body, src).await;
             }
             Body::Announce { interval_ms, links } => {
+                if msg.flags & flags::RESTARTING != 0 {
+                    eprintln!("bond-ctl: community {c}: terminal {o} restarting its agent");
+                    let own = links
+                        .iter()
+                        .filter(|l| self.table.owns(c, o, msg.token, l.id));
+                    for l in own {
+                        self.echoes
+                            .entry((c, l.id))
+                            .or_insert_with(|| EchoSeen::new(now))
+                            .restarting(now);
+                    }
+                }
                 let via = (msg.flags & flags::VIA_LINK != 0).then_some((msg.link, src));
                 let interval = Duration::from_millis(u64::from(*interval_ms));
                 match self
@@ -432,7 +447,6 @@ impl Agent {
                     eprintln!("bond-ctl: community {c}: terminal {o} shut down");
                     self.apply(c)?;
                     self.maps.remove_session(c, o)?;
-                    self.guard.forget(c, o);
                 } else {
                     self.rejects.count("shutdown_without_session");
                 }
@@ -729,6 +743,9 @@ impl Agent {
         let now = Instant::now();
         let mut changed = Vec::new();
         for (&(c, link), seen) in &mut self.echoes {
+            if let Some((idx, _)) = self.applied.get(&(c, link)) {
+                seen.traffic(now, self.maps.server_link_stats(*idx)?.up_pkts);
+            }
             if seen.check(now) {
                 eprintln!("bond-ctl: community {c}: link {link} silent: dark, out of use");
                 changed.push(c);
@@ -793,8 +810,18 @@ impl Agent {
             }
             keep.push(r.link);
         }
-        for (w, d) in weights.iter_mut().zip(pathmon::relative_delays(&rtts)) {
-            w.2 = d;
+        for ((w, d), rtt) in weights
+            .iter_mut()
+            .zip(pathmon::relative_delays(&rtts))
+            .zip(&rtts)
+        {
+            // An adopted link keeps the delay the last agent gave it until
+            // its owner announces a round trip: counted as unmeasured, it
+            // would leave the schedule for up to an announce interval.
+            w.2 = match self.adopted_delay.get(&(community, w.0)) {
+                Some(&adopted) if *rtt == 0 => adopted,
+                _ => d,
+            };
         }
         if let Some(p) = &self.playout {
             // Upstream comes over the same links.
@@ -821,6 +848,7 @@ impl Agent {
             if let Some((idx, _)) = self.applied.remove(&k) {
                 self.maps.clear_server_link(idx)?;
                 self.corrector.forget(Model::Down(community), idx);
+                self.adopted_delay.remove(&(community, idx));
                 self.free_idx.push(idx);
             }
         }
@@ -844,6 +872,9 @@ impl Agent {
             if let std::collections::hash_map::Entry::Vacant(e) = rates.entry(key.community) {
                 let p = self.maps.down_paths(key.community)?.unwrap_or(Paths::EMPTY);
                 e.insert(p.links().map(|l| (l.id, l.kbit() as u32)).collect());
+                for l in p.links() {
+                    self.adopted_delay.insert((key.community, l.id), l.delay_ns);
+                }
             }
             let down = rates[&key.community].get(&idx).copied().unwrap_or(0);
             let ad = LinkAd {

@@ -249,6 +249,8 @@ struct Agent {
     interval: Duration,
     next_train: u32,
     drain: Option<Drain>,
+    /// Detached: the announces still to go say the agent is restarting.
+    restarting: bool,
     adopted: bool,
     started: Instant,
     /// Whether the capture prefixes are routed into the capture device
@@ -469,6 +471,7 @@ pub async fn run(
         faults: Tally::faults(),
         next_train: getrandom::u32().unwrap_or(1),
         drain: None,
+        restarting: false,
         adopted: pins.adopted,
         started: Instant::now(),
         captured: None,
@@ -711,11 +714,12 @@ impl Agent {
     }
 
     fn sign(&mut self, body: Body, link: u8, flags: u8, token: u64) -> Vec<u8> {
+        let restarting = matches!(body, Body::Announce { .. }) && self.restarting;
         Msg {
             community: self.cfg.community,
             origin: self.lan_ip,
             link,
-            flags,
+            flags: flags | if restarting { flags::RESTARTING } else { 0 },
             token,
             time_ms: proto::now_ms(),
             counter: self.counter.bump(),
@@ -1061,8 +1065,17 @@ impl Agent {
             let _ = self.own[i].sock.send_to(&m, server).await;
         }
         let now = Instant::now();
+        let received: HashMap<u8, u64> = self
+            .maps
+            .terminal_link_stats()?
+            .into_iter()
+            .map(|(id, _, s)| (id, s.down_pkts + s.relay_down_pkts))
+            .collect();
         let mut dark = Vec::new();
         for o in &mut self.own {
+            if let Some(&n) = received.get(&o.ad.id) {
+                o.echo.traffic(now, n);
+            }
             if o.echo.check(now) {
                 dark.push(o.ad.id);
             }
@@ -1824,6 +1837,11 @@ impl Agent {
             }
             Request::Detach => {
                 eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
+                // The server is not to take the echoes' pause for dark links.
+                if self.token.is_some() && !self.own.is_empty() {
+                    self.restarting = true;
+                    self.send_to_server(self.announce_body(), true).await;
+                }
                 Ok(json!({"detached": true}))
             }
             Request::Metrics => self

@@ -150,9 +150,6 @@ pub struct Cache {
     /// LAN queries waiting for answers, by id.
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<(Lan, SocketAddr)>>>,
     pub stats: Stats,
-    /// Fault injection for tests (`BOND_CACHE_FAULT=corrupt`): every
-    /// object served to peers has a byte flipped.
-    corrupt: bool,
 }
 
 impl Cache {
@@ -185,12 +182,6 @@ impl Cache {
         } else {
             cfg.referral.map(|ip| SocketAddr::from((ip, cfg.port)))
         };
-        let corrupt = std::env::var("BOND_CACHE_FAULT").is_ok_and(|v| v == "corrupt");
-        if corrupt {
-            eprintln!(
-                "bond-ctl: cache: FAULT INJECTION: objects are served corrupted (BOND_CACHE_FAULT)"
-            );
-        }
         let cache = Arc::new(Self {
             key: key.to_vec(),
             cfg: cfg.clone(),
@@ -209,7 +200,6 @@ impl Cache {
             known: Mutex::new(Known::default()),
             pending: Mutex::new(HashMap::new()),
             stats: Stats::default(),
-            corrupt,
         });
         let c = cache.clone();
         tokio::spawn(async move {

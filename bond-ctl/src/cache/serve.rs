@@ -105,29 +105,13 @@ async fn object(
         Some(r) => (StatusCode::PARTIAL_CONTENT, r.clone()),
         None => (StatusCode::OK, 0..obj.size),
     };
-    let corrupt_at = c.corrupt.then_some(obj.size / 2);
     let mut file = tokio::fs::File::from_std(file);
     if file.seek(SeekFrom::Start(span.start)).await.is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     let work = c.work.clone();
-    let stream = ReaderStream::with_capacity(file.take(span.end - span.start), BLOCK)
-        .scan(span.start, move |pos, block| {
-            let block = block.map(|b| {
-                let at = *pos;
-                *pos += b.len() as u64;
-                match corrupt_at {
-                    Some(x) if (at..*pos).contains(&x) => {
-                        let mut v = b.to_vec();
-                        v[(x - at) as usize] ^= 0xff;
-                        Bytes::from(v)
-                    }
-                    _ => b,
-                }
-            });
-            std::future::ready(Some(block))
-        })
-        .then(move |block| {
+    let stream =
+        ReaderStream::with_capacity(file.take(span.end - span.start), BLOCK).then(move |block| {
             // Naming the slot moves it into the closure: the upload holds
             // it until the stream is dropped, done or broken off.
             let _ = &slot;

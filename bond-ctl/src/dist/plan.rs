@@ -98,13 +98,23 @@ pub fn stripes<T: Clone>(ranked: &[T], k: usize) -> Vec<Assignment<T>> {
 /// A child could not be reached: the fastest of its share takes its place
 /// and the failed one takes the promoted one's place at the head of the
 /// share (the seed's T8/T17 swap), so it is tried once more, lower in the
-/// tree. None when the share is empty: the child is left out.
-pub fn promote<T>(failed: Assignment<T>) -> Option<Assignment<T>> {
-    let mut share = failed.share.into_iter();
+/// tree. `failed` holds the targets this sender has given up on once: one
+/// that fails a second time is left out, or two unreachable targets would
+/// swap places forever. None when no one is left to try.
+pub fn promote<T: Clone + PartialEq>(
+    a: Assignment<T>,
+    failed: &mut Vec<T>,
+) -> Option<Assignment<T>> {
+    let again = failed.contains(&a.target);
+    if !again {
+        failed.push(a.target.clone());
+    }
+    let mut share = a.share.into_iter();
     let target = share.next()?;
+    let back = (!again).then_some(a.target);
     Some(Assignment {
         target,
-        share: std::iter::once(failed.target).chain(share).collect(),
+        share: back.into_iter().chain(share).collect(),
     })
 }
 
@@ -203,7 +213,7 @@ mod tests {
                 share: t([17, 26, 35])
             }
         );
-        let p = promote(t2[1].clone()).unwrap();
+        let p = promote(t2[1].clone(), &mut vec![]).unwrap();
         assert_eq!(
             p,
             Assignment {
@@ -215,12 +225,40 @@ mod tests {
         assert!(split(&p.share, 3).iter().all(|a| a.share.is_empty()));
         // A leaf that cannot be reached has no one to promote.
         assert_eq!(
-            promote(Assignment {
-                target: 1,
-                share: vec![]
-            }),
+            promote(
+                Assignment {
+                    target: 1,
+                    share: vec![]
+                },
+                &mut vec![]
+            ),
             None
         );
+    }
+
+    /// Every target unreachable, as when each port refuses: the sender
+    /// tries each at most twice and gives up, rather than swapping two of
+    /// them forever.
+    #[test]
+    fn promotion_ends_when_no_one_can_be_reached() {
+        for n in 1..6 {
+            let mut a = Some(Assignment {
+                target: 0,
+                share: (1..n).collect(),
+            });
+            let (mut failed, mut tries) = (vec![], vec![0; n]);
+            let mut posts = 0;
+            while let Some(x) = a {
+                tries[x.target] += 1;
+                posts += 1;
+                assert!(posts <= 2 * n, "{n} targets: {posts} posts, {tries:?}");
+                a = promote(x, &mut failed);
+            }
+            assert!(
+                tries.iter().all(|&t| (1..=2).contains(&t)),
+                "{n} targets: {tries:?}"
+            );
+        }
     }
 
     /// Children of each target, over the trees under `heads` (dealt with

@@ -172,15 +172,6 @@ impl Job {
     }
 }
 
-/// A fault to inject, for tests: serve this chunk corrupted
-/// (`BOND_DIST_FAULT=corrupt:N`).
-fn fault_from_env() -> Option<u32> {
-    let v = std::env::var("BOND_DIST_FAULT").ok()?;
-    let n = v.strip_prefix("corrupt:")?.parse().ok()?;
-    eprintln!("bond-ctl: dist: FAULT INJECTION: chunk {n} is served corrupted (BOND_DIST_FAULT)");
-    Some(n)
-}
-
 pub struct Service {
     key: Vec<u8>,
     seal: Seal,
@@ -192,7 +183,6 @@ pub struct Service {
     http: reqwest::Client,
     /// The main server's side: reports go here.
     reports: Option<mpsc::Sender<Report>>,
-    corrupt: Option<u32>,
 }
 
 impl Service {
@@ -213,7 +203,6 @@ impl Service {
                 .connect_timeout(Duration::from_secs(2))
                 .build()?,
             reports,
-            corrupt: fault_from_env(),
         }))
     }
 
@@ -304,6 +293,7 @@ impl Service {
     /// Sends `req` to `a.target` with `a.share` to pass on, promoting past
     /// a target that cannot be reached.
     pub async fn send_with_promotion(&self, req: TransportRequest, mut a: Assignment<Target>) {
+        let mut failed = Vec::new();
         loop {
             let child = TransportRequest {
                 source: self.me,
@@ -324,7 +314,7 @@ impl Service {
                         why,
                     };
                     self.report(req.main, r).await;
-                    match plan::promote(a) {
+                    match plan::promote(a, &mut failed) {
                         Some(p) => a = p,
                         None => return,
                     }
@@ -599,12 +589,8 @@ impl Service {
                 return Ok(None);
             }
         }
-        let corrupt = self.corrupt == Some(i);
         tokio::task::spawn_blocking(move || {
-            let mut plain = job.read(i)?;
-            if corrupt && let Some(b) = plain.first_mut() {
-                *b ^= 0xff;
-            }
+            let plain = job.read(i)?;
             let sealed = self.seal.seal(&job.root, i, &plain);
             Ok(Some(Bytes::from(frame::encode(i, &sealed))))
         })

@@ -130,8 +130,6 @@ pub struct Lab {
     pub cache: bool,
     /// More `[cache]` keys for one terminal: (terminal, TOML lines).
     pub cache_extra: Vec<(usize, String)>,
-    /// Environment for one terminal's agent: (terminal, name, value).
-    pub terminal_env: Vec<(usize, String, String)>,
     namespaces: Vec<String>,
     /// (namespace, name, process): agents and servers, stopped on drop.
     children: Vec<(String, String, Child)>,
@@ -297,7 +295,6 @@ impl Lab {
             dist: false,
             cache: false,
             cache_extra: Vec::new(),
-            terminal_env: Vec::new(),
             terminals: Vec::new(),
             namespaces: Vec::new(),
             children: Vec::new(),
@@ -889,22 +886,10 @@ impl Lab {
 
     /// Starts a long-running process in a namespace; stopped on drop.
     pub fn spawn(&mut self, ns: &str, name: &str, program: &str, args: &[&str]) -> Result<()> {
-        self.spawn_with_env(ns, name, program, args, &[])
-    }
-
-    fn spawn_with_env(
-        &mut self,
-        ns: &str,
-        name: &str,
-        program: &str,
-        args: &[&str],
-        env: &[(String, String)],
-    ) -> Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = self
             .cmd(ns, program)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -1052,18 +1037,11 @@ impl Lab {
         let cfg = self.dir.join(format!("t{}.toml", i + 1));
         std::fs::write(&cfg, self.terminal_config(i))?;
         let ns = self.terminals[i].ns.clone();
-        let env: Vec<(String, String)> = self
-            .terminal_env
-            .iter()
-            .filter(|(t, _, _)| *t == i)
-            .map(|(_, k, v)| (k.clone(), v.clone()))
-            .collect();
-        self.spawn_with_env(
+        self.spawn(
             &ns,
             &format!("agent-t{}", i + 1),
             &bond_ctl,
             &["agent", "--config", &cfg.to_string_lossy()],
-            &env,
         )
     }
 

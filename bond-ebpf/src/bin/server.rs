@@ -359,7 +359,7 @@ fn flow_for(key: &FlowKey, now: u64, per_origin: u32) -> Result<*mut Flow, u32> 
     }
     let held = S_ORIGIN_FLOWS
         .get_ptr_mut(okey)
-        .ok_or(drops::FLOW_TABLE_FULL)?;
+        .ok_or(drops::ORIGIN_TABLE_FULL)?;
     // SAFETY: a live map value. Not atomic (the BPF target has no atomic
     // add in Rust): two CPUs making flows for one origin at the same
     // instant may count one; the agent's recount at each sweep corrects it.
