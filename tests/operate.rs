@@ -602,7 +602,11 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
     use bond_ctl::{
         datapath::{DEFAULT_BPFFS, Maps, pin_dir},
         lab::{COMMUNITY, KEY},
-        proto::{Body, LinkAd, Msg, flags, now_ms},
+    };
+    use bond_proto::{
+        CommunityKey,
+        control::{Body, LinkAd, Msg, flags},
+        now_ms,
     };
     let mut spec = TerminalSpec::figure1();
     spec.push(TerminalSpec { links: vec![10] });
@@ -636,7 +640,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
     ));
     assert!(t1.has(name::T_CONFIG));
     let token = t1.terminal_config().unwrap().token;
-    let signed = |key: &[u8], counter: u64, body: Body| {
+    let signed = |key: &CommunityKey, counter: u64, body: Body| {
         Msg {
             community: COMMUNITY,
             origin: lab.terminals[0].lan_ip,
@@ -649,7 +653,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
         }
         .encode(key)
     };
-    let forged = |key: &[u8], counter: u64| {
+    let forged = |key: &CommunityKey, counter: u64| {
         let body = Body::Announce {
             interval_ms: 1000,
             links: vec![LinkAd {
@@ -663,13 +667,16 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
         };
         signed(key, counter, body)
     };
-    let mut unsigned = forged(KEY.as_bytes(), u64::MAX / 2);
+    let mut unsigned = forged(&CommunityKey::new(KEY), u64::MAX / 2);
     let n = unsigned.len();
     unsigned[n - 16..].fill(0);
     let sends = [
-        ("replayed", forged(KEY.as_bytes(), 5)), // far behind t1's counter
+        ("replayed", forged(&CommunityKey::new(KEY), 5)), // far behind t1's counter
         ("bad_signature", unsigned),
-        ("bad_signature", forged(b"someone else's key", u64::MAX / 2)),
+        (
+            "bad_signature",
+            forged(&CommunityKey::new("someone else's key"), u64::MAX / 2),
+        ),
     ];
     let t1ns = lab.terminals[0].ns.clone();
     let send = |bytes: &[u8]| {
@@ -712,7 +719,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
     // gone: still a replay (the sender's window outlives its session), not
     // a fresh message that finds no session.
     let counter = u64::MAX / 4;
-    let shutdown = signed(KEY.as_bytes(), counter, Body::Shutdown);
+    let shutdown = signed(&CommunityKey::new(KEY), counter, Body::Shutdown);
     send(&shutdown);
     let closed = Instant::now();
     while !lab.log("agent-srv").contains("terminal 10.0.1.1 shut down") {

@@ -11,15 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bond_ctl::{
-    membership::ServerTable,
-    proto::{Body, Guard, LinkAd, Msg, flags, now_ms},
+use bond_ctl::membership::ServerTable;
+use bond_proto::{
+    CommunityKey,
+    control::{Body, Guard, LinkAd, Msg, flags},
+    now_ms,
 };
 
 const TERMINALS: u32 = 10_000;
 /// Rounds of announces; `BOND_ANNOUNCE_ROUNDS` sets it (`bench --quick`: 2).
 const ROUNDS: u32 = 10;
-const KEY: &[u8] = b"bench community key";
 
 fn main() -> anyhow::Result<()> {
     // Every terminal announces its two links, ROUNDS times, each over its link.
@@ -27,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(ROUNDS);
+    let key = key();
     let now = now_ms();
     let mut msgs = Vec::new();
     for round in 0..rounds {
@@ -66,7 +68,7 @@ fn main() -> anyhow::Result<()> {
                         links,
                     },
                 }
-                .encode(KEY),
+                .encode(&key),
             );
         }
     }
@@ -99,6 +101,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn key() -> CommunityKey {
+    CommunityKey::new("bench community key")
+}
+
 #[derive(Clone, Copy)]
 struct Result {
     rate: f64,
@@ -125,6 +131,7 @@ fn run(msgs: &[Vec<u8>], process: bool) -> anyhow::Result<Result> {
     let receiver = std::thread::spawn(move || {
         let mut table = ServerTable::new(3);
         let mut guard = Guard::new(30_000);
+        let key = key();
         let mut buf = [0u8; 2048];
         let (mut got, mut ok) = (0usize, 0usize);
         let cpu0 = thread_cpu();
@@ -135,7 +142,7 @@ fn run(msgs: &[Vec<u8>], process: bool) -> anyhow::Result<Result> {
                 let std::net::SocketAddr::V4(src) = src else {
                     continue;
                 };
-                let Ok(m) = Msg::decode(&buf[..len], |_| Some(KEY)) else {
+                let Ok(m) = Msg::decode(&buf[..len], |_| Some(&key)) else {
                     continue;
                 };
                 if guard.check(&m, now_ms()).is_err() {

@@ -3,6 +3,7 @@
 
 use std::{collections::HashSet, net::Ipv4Addr, path::Path};
 
+use bond_proto::CommunityKey;
 use serde::Deserialize;
 
 pub use crate::control::WeightSpec;
@@ -51,31 +52,10 @@ struct Head {
     role: Role,
 }
 
-/// A community key: at least 16 bytes, never printed.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(..)")
-    }
-}
-
-impl Secret {
-    pub fn bytes(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-}
-
-fn check_key(field: &str, key: &Secret) -> Check {
-    if key.0.len() < 16 {
-        err(
-            field,
-            format!("key is {} bytes; use at least 16", key.0.len()),
-        )
-    } else {
-        Ok(())
+fn check_key(field: &str, key: &CommunityKey) -> Check {
+    match key.weakness() {
+        Some(why) => err(field, why),
+        None => Ok(()),
     }
 }
 
@@ -137,7 +117,7 @@ pub struct TerminalConfig {
     pub instance: String,
     pub community: u16,
     /// The community key: signs every control message.
-    pub key: Secret,
+    pub key: CommunityKey,
     /// How often to announce (ms); peers drop this host after `misses`.
     #[serde(default = "default_announce_ms")]
     pub announce_ms: u32,
@@ -647,7 +627,7 @@ impl FlowsConfig {
 pub struct Community {
     pub id: u16,
     /// The key its terminals sign with.
-    pub key: Secret,
+    pub key: CommunityKey,
 }
 
 fn default_instance() -> String {
@@ -1007,7 +987,7 @@ down = 5
         let Config::Terminal(t) = Config::parse(TERMINAL, "t.toml").unwrap() else {
             panic!("not a terminal")
         };
-        assert_eq!(t.key.bytes(), b"sixteen byte key");
+        assert_eq!(t.key, CommunityKey::new("sixteen byte key"));
         assert!(
             !format!("{t:?}").contains("sixteen"),
             "the key stays secret"
@@ -1247,7 +1227,7 @@ key = "community two key"
             panic!("not a server")
         };
         assert_eq!(s.port_range(), Ok((20000, 29999)));
-        assert_eq!(s.communities[1].key.bytes(), b"community two key");
+        assert_eq!(s.communities[1].key, CommunityKey::new("community two key"));
         let e = error_of(&text.replace(
             "interfaces = [\"wan0\", \"content0\"]",
             "interfaces = []\nnat_ports = \"9-3\"",

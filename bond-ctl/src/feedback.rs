@@ -51,9 +51,9 @@ use bond_common::edpf::{PATH_USABLE, Paths};
 
 use crate::{
     datapath::{Maps, monotonic_ns},
-    proto::LinkQueue,
     worker::{Worker, lock},
 };
+use bond_proto::control::LinkQueue;
 
 /// How often a receiving end reports.
 pub const EVERY: Duration = Duration::from_millis(20);

@@ -17,7 +17,6 @@ pub mod net;
 pub mod pathmon;
 pub mod playout;
 pub mod probe;
-pub mod proto;
 pub mod resend;
 pub mod share;
 pub mod show;

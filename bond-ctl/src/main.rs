@@ -367,7 +367,7 @@ fn main() -> Result<()> {
             };
             let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
             let report = rt.block_on(dist::main_server::distribute(
-                cfg.key.bytes(),
+                &cfg.key,
                 &cfg.dist_state(),
                 opts,
             ))?;

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::proto::LinkAd;
+use bond_proto::control::LinkAd;
 
 /// Announces a sender may miss before it counts as gone.
 pub const DEFAULT_MISSES: u32 = 3;

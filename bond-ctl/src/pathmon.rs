@@ -129,7 +129,7 @@ pub struct EchoSeen {
 }
 
 /// How long the server waits for the echoes of a terminal whose agent
-/// said it is restarting ([`crate::proto::flags::RESTARTING`]): a new agent
+/// said it is restarting ([`bond_proto::control::flags::RESTARTING`]): a new agent
 /// is up and echoing well within it.
 pub const RESTART_GRACE: Duration = Duration::from_secs(5);
 

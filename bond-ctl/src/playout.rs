@@ -48,10 +48,10 @@ use serde::Serialize;
 use crate::{
     datapath::{Maps, monotonic_ns},
     net::{Iface, Net, sysctl},
-    proto::{LinkQueue, LinkShare, MAX_FEEDBACK_LINKS},
     share::Arrivals,
     worker::{Worker, lock},
 };
+use bond_proto::control::{LinkQueue, LinkShare, MAX_FEEDBACK_LINKS};
 
 /// How long a link's least transit is remembered: a window of 10 s, kept
 /// as two halves, so a sample lives 10 to 20 s.
@@ -219,7 +219,7 @@ pub struct Playout<T> {
     flows_since_us: u64,
     busy: usize,
     /// Gaps seen and not yet asked for ([`Self::take_asks`]).
-    asks: Vec<crate::proto::Gap>,
+    asks: Vec<bond_proto::control::Gap>,
 }
 
 impl<T> Default for Playout<T> {
@@ -437,7 +437,7 @@ impl<T> Playout<T> {
             seen_us: now_us,
             until_us: now_us + (spread + RESEND_WAIT_US) as u64,
         });
-        self.asks.push(crate::proto::Gap {
+        self.asks.push(bond_proto::control::Gap {
             link,
             after_us: after as u32,
             before_us: before as u32,
@@ -459,7 +459,7 @@ impl<T> Playout<T> {
     }
 
     /// Gaps seen since the last call: what to ask the sender for.
-    pub fn take_asks(&mut self) -> Vec<crate::proto::Gap> {
+    pub fn take_asks(&mut self) -> Vec<bond_proto::control::Gap> {
         std::mem::take(&mut self.asks)
     }
 
@@ -687,7 +687,7 @@ pub enum Report {
     Feedback(Feedback),
     /// Packets its links lost, to ask for again at once
     /// ([`Playout::take_asks`]).
-    Resend(Sender, Vec<crate::proto::Gap>),
+    Resend(Sender, Vec<bond_proto::control::Gap>),
 }
 pub type ReportTx = tokio::sync::mpsc::UnboundedSender<Report>;
 pub type ReportRx = tokio::sync::mpsc::UnboundedReceiver<Report>;
@@ -973,7 +973,7 @@ mod tests {
         let clock = 5_000_000u32;
         assert_eq!(
             asks,
-            vec![crate::proto::Gap {
+            vec![bond_proto::control::Gap {
                 link: 2,
                 after_us: clock + 99_000,
                 before_us: clock + 103_000,

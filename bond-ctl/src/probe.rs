@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 /// Packets per train.
 pub const TRAIN_LEN: u16 = 40;
 /// UDP payload bytes of each probe (the message is padded to it).
-pub const PROBE_LEN: usize = 1200;
+pub use bond_proto::control::PROBE_LEN;
 /// A probe as its link carries it (Ethernet, IPv4, UDP, payload): what a
 /// train is charged to the link's queue in the schedule.
 pub const PROBE_FRAME_LEN: u32 = (bond_common::wire::ETH_LEN + 28 + PROBE_LEN) as u32;

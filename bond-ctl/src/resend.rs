@@ -27,7 +27,7 @@ use bond_common::{
 
 use serde::Serialize;
 
-use crate::proto::Gap;
+use bond_proto::control::Gap;
 
 /// The sender's counts, for `bond-ctl status`.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]

@@ -12,14 +12,14 @@
 //! The server sees every origin's packets arrive on every link. Its
 //! playout counts them ([`Arrivals`]) and each FEEDBACK tells an origin
 //! what the others carried on each link over the last [`WINDOW`]
-//! (`crate::proto::LinkShare`). The origin then counts a link at its fair
+//! (`bond_proto::control::LinkShare`). The origin then counts a link at its fair
 //! share ([`fair_share`]: max-min, the link's rate less what others take
 //! below an equal split, divided among those that want more), and back at
 //! its whole rate when the others stop.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::proto::LinkShare;
+use bond_proto::control::LinkShare;
 
 /// How many report intervals the others' rates are taken over: 100 ms,
 /// long enough to span a slow start's bursts, short enough to follow a
@@ -27,7 +27,7 @@ use crate::proto::LinkShare;
 pub const SLOTS: usize = 5;
 /// Others named per link, the busiest first: the rest are the least, and
 /// a model that misses them is put right by the queue corrections.
-pub const MAX_SHARERS: usize = 8;
+pub use bond_proto::control::MAX_SHARERS;
 
 /// Bytes arrived per community, link and origin, over the last [`SLOTS`]
 /// report intervals.

@@ -12,20 +12,21 @@ use bond_ctl::{
         store::Lru,
         table::Table,
     },
-    dist::msg as signed,
 };
+use bond_proto::{CommunityKey, signed};
 use libfuzzer_sys::fuzz_target;
 
-const KEY: &[u8] = b"fuzzing community key";
+static KEY: std::sync::LazyLock<CommunityKey> =
+    std::sync::LazyLock::new(|| CommunityKey::new("fuzzing community key"));
 
 fuzz_target!(|data: &[u8]| {
     let now = now(data);
-    let _ = msg::open_lan(KEY, data, now);
-    let mut d = hex::encode(signed::tag(KEY, msg::LAN_PATH, data)).into_bytes();
+    let _ = msg::open_lan(&KEY, data, now);
+    let mut d = hex::encode(signed::tag(&KEY, msg::LAN_PATH, data)).into_bytes();
     d.push(b'\n');
     d.extend_from_slice(data);
-    if let Ok(m) = msg::open_lan(KEY, &d, now) {
-        assert_eq!(msg::open_lan(KEY, &msg::seal_lan(KEY, &m, 1), 1), Ok(m));
+    if let Ok(m) = msg::open_lan(&KEY, &d, now) {
+        assert_eq!(msg::open_lan(&KEY, &msg::seal_lan(&KEY, &m, 1), 1), Ok(m));
     }
 
     if let Ok(s) = std::str::from_utf8(data) {
@@ -35,8 +36,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let sig = hex::encode(signed::tag(KEY, "/cache/update", data));
-    if let Ok(u) = signed::open::<Update>(KEY, "/cache/update", data, Some(&sig), now) {
+    let sig = hex::encode(signed::tag(&KEY, "/cache/update", data));
+    if let Ok(u) = signed::open::<Update>(&KEY, "/cache/update", data, Some(&sig), now) {
         let mut t = Table::default();
         t.apply(&u);
         t.apply(&u);

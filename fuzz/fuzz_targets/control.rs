@@ -4,28 +4,33 @@
 //! that decodes to the same value; nothing may panic.
 #![no_main]
 
-use bond_ctl::proto::{Msg, TAG_LEN, tag};
+use bond_proto::{
+    CommunityKey,
+    control::{Msg, TAG_LEN, tag},
+};
 use libfuzzer_sys::fuzz_target;
 
-const KEY: &[u8] = b"fuzzing community key";
+static KEY: std::sync::LazyLock<CommunityKey> =
+    std::sync::LazyLock::new(|| CommunityKey::new("fuzzing community key"));
 
 fuzz_target!(|data: &[u8]| {
-    let key = |_: u16| Some(KEY);
+    let key = |_: u16| Some(&*KEY);
     if let Ok(m) = Msg::decode(data, key) {
         check(&m);
     }
     let mut signed = data.to_vec();
-    signed.extend_from_slice(&tag(KEY, data));
+    signed.extend_from_slice(&tag(&KEY, data));
     if let Ok(m) = Msg::decode(&signed, key) {
         check(&m);
     }
     // A wrong key never decodes.
     if data.len() >= TAG_LEN {
-        assert!(Msg::decode(&signed, |_| Some(&b"another key, not the community's"[..])).is_err());
+        let other = CommunityKey::new("another key, not the community's");
+        assert!(Msg::decode(&signed, |_| Some(&other)).is_err());
     }
 });
 
 fn check(m: &Msg) {
-    let again = Msg::decode(&m.encode(KEY), |_| Some(KEY)).expect("a decoded message re-encodes");
+    let again = Msg::decode(&m.encode(&KEY), |_| Some(&*KEY)).expect("a decoded message re-encodes");
     assert_eq!(&again, m);
 }

@@ -8,11 +8,13 @@
 use bond_ctl::dist::{
     chunk::Manifest,
     frame::{self, Frame, Reader},
-    msg::{self, Report, TransportRequest},
+    msg::{Report, TransportRequest},
 };
+use bond_proto::{CommunityKey, signed as msg};
 use libfuzzer_sys::fuzz_target;
 
-const KEY: &[u8] = b"fuzzing community key";
+static KEY: std::sync::LazyLock<CommunityKey> =
+    std::sync::LazyLock::new(|| CommunityKey::new("fuzzing community key"));
 
 fuzz_target!(|data: &[u8]| {
     frames(data);
@@ -23,14 +25,14 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(Manifest::decode(data, &[0; 32]).is_err() || root == [0; 32]);
     for path in ["/dist/request", "/dist/report"] {
-        let sig = hex::encode(msg::tag(KEY, path, data));
-        if let Ok(r) = msg::open::<TransportRequest>(KEY, path, data, Some(&sig), now(data)) {
-            let (b, s) = msg::sign(KEY, path, &r, 1);
-            assert_eq!(msg::open(KEY, path, &b, Some(&s), 1), Ok(r));
+        let sig = hex::encode(msg::tag(&KEY, path, data));
+        if let Ok(r) = msg::open::<TransportRequest>(&KEY, path, data, Some(&sig), now(data)) {
+            let (b, s) = msg::sign(&KEY, path, &r, 1);
+            assert_eq!(msg::open(&KEY, path, &b, Some(&s), 1), Ok(r));
         }
-        if let Ok(r) = msg::open::<Report>(KEY, path, data, Some(&sig), now(data)) {
-            let (b, s) = msg::sign(KEY, path, &r, 1);
-            assert_eq!(msg::open(KEY, path, &b, Some(&s), 1), Ok(r));
+        if let Ok(r) = msg::open::<Report>(&KEY, path, data, Some(&sig), now(data)) {
+            let (b, s) = msg::sign(&KEY, path, &r, 1);
+            assert_eq!(msg::open(&KEY, path, &b, Some(&s), 1), Ok(r));
         }
     }
 });

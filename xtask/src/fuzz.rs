@@ -8,14 +8,20 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
-use bond_ctl::proto::{Body, LinkAd, Msg, Reply, TAG_LEN, flags};
+use bond_proto::{
+    CommunityKey,
+    control::{Body, LinkAd, Msg, Reply, TAG_LEN, flags},
+    signed,
+};
 
 use crate::sh;
 
 pub const TARGETS: &[&str] = &["wire", "control", "config", "edpf", "dist", "cache"];
 const CARGO_FUZZ: &str = "0.13.2";
-/// The control target's key (fuzz/fuzz_targets/control.rs).
-const KEY: &[u8] = b"fuzzing community key";
+/// The targets' key (fuzz/fuzz_targets/).
+fn key() -> CommunityKey {
+    CommunityKey::new("fuzzing community key")
+}
 
 pub fn run(targets: &[String], secs: u64) -> Result<()> {
     let targets: Vec<&str> = if targets.is_empty() {
@@ -109,7 +115,7 @@ fn seed() -> Result<()> {
             counter: 1,
             body,
         }
-        .encode(KEY);
+        .encode(&key());
         write("control", &format!("signed-{i}"), &m)?;
         write("control", &format!("unsigned-{i}"), &m[..m.len() - TAG_LEN])?;
         if i == 0 {
@@ -142,7 +148,7 @@ fn cache_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
         fetched_ms: 1,
     };
     let body = |m: &Lan| {
-        let sealed = bond_ctl::cache::msg::seal_lan(KEY, m, 1);
+        let sealed = bond_ctl::cache::msg::seal_lan(&key(), m, 1);
         let nl = sealed.iter().position(|b| *b == b'\n').unwrap_or(0);
         sealed[nl + 1..].to_vec()
     };
@@ -177,7 +183,7 @@ fn cache_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
     write(
         "cache",
         "update",
-        &bond_ctl::dist::msg::sign(KEY, "/cache/update", &got, 1).0,
+        &signed::sign(&key(), "/cache/update", &got, 1).0,
     )?;
     write("cache", "index", &serde_json::to_vec(&vec![object])?)?;
     write("cache", "range", b"bytes=100-")?;
@@ -221,7 +227,7 @@ fn dist_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
     write(
         "dist",
         "request",
-        &msg::sign(KEY, "/dist/request", &request, 1).0,
+        &signed::sign(&key(), "/dist/request", &request, 1).0,
     )?;
     let report = msg::Report::Done {
         transfer: 1,
@@ -233,7 +239,7 @@ fn dist_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
     write(
         "dist",
         "report",
-        &msg::sign(KEY, "/dist/report", &report, 1).0,
+        &signed::sign(&key(), "/dist/report", &report, 1).0,
     )?;
     Ok(())
 }

@@ -35,11 +35,13 @@ use crate::{
     pathmon::{self, EchoSeen},
     playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, Msg, Reply, flags},
     resend,
 };
+use bond_proto::{
+    CommunityKey,
+    control::{Body, Counter, Gap, Guard, LinkAd, Msg, Reply, flags},
+};
 
-const SKEW_MS: u64 = 30_000;
 /// How often the server looks for links whose echoes stopped.
 const DARK_CHECK: Duration = Duration::from_millis(20);
 /// An upstream train is measured this long after its first packet even if
@@ -57,7 +59,7 @@ type TrainKey = (u16, Ipv4Addr, u8, u32);
 struct Agent {
     cfg: ServerConfig,
     maps: Maps,
-    keys: HashMap<u16, Vec<u8>>,
+    keys: HashMap<u16, CommunityKey>,
     table: ServerTable,
     guard: Guard,
     counter: Counter,
@@ -181,10 +183,10 @@ pub async fn run(
         keys: cfg
             .communities
             .iter()
-            .map(|c| (c.id, c.key.bytes().to_vec()))
+            .map(|c| (c.id, c.key.clone()))
             .collect(),
         table: ServerTable::new(cfg.misses),
-        guard: Guard::new(SKEW_MS),
+        guard: Guard::new(bond_proto::SKEW_MS),
         counter: Counter::new(),
         sock,
         applied: BTreeMap::new(),
@@ -261,7 +263,7 @@ impl Agent {
 
     /// Asks origin `o` of community `c` for the packets its links lost
     /// upstream (`crate::resend`): one way, its own link first.
-    async fn ask_resend(&mut self, (c, o): playout::Sender, gaps: Vec<proto::Gap>) {
+    async fn ask_resend(&mut self, (c, o): playout::Sender, gaps: Vec<Gap>) {
         let o = Ipv4Addr::from(o);
         let [own, peer] = self.ways_to(c, o);
         if let Some((id, to)) = own.or(peer) {
@@ -374,7 +376,7 @@ impl Agent {
 
     async fn receive(&mut self, buf: &[u8], src: SocketAddrV4, at_ns: u64) -> Result<()> {
         let keys = &self.keys;
-        let msg = match self.guard.open(buf, |c| keys.get(&c).map(Vec::as_slice)) {
+        let msg = match self.guard.open(buf, |c| keys.get(&c)) {
             Ok(m) => m,
             Err(why) => {
                 self.rejects.count(why);
@@ -597,7 +599,7 @@ impl Agent {
     /// Sends origin `o` of community `c` again what its playout saw the
     /// links lose (`crate::resend`), each copy on the link where it
     /// arrives first now.
-    async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[proto::Gap]) -> Result<()> {
+    async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[Gap]) -> Result<()> {
         let ring = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
         for k in &self.resends.asked_for(ring, c, u32::from(o), gaps) {
             let Some(bytes) = k.bytes() else { continue };
@@ -628,7 +630,7 @@ impl Agent {
             link,
             flags: flags::FROM_SERVER,
             token: 0,
-            time_ms: proto::now_ms(),
+            time_ms: bond_proto::now_ms(),
             counter: self.counter.bump(),
             body,
         }
@@ -672,10 +674,10 @@ impl Agent {
                 restart.join(", ")
             ));
         }
-        let keys = |c: &ServerConfig| -> Vec<(u16, String)> {
+        let keys = |c: &ServerConfig| -> Vec<(u16, CommunityKey)> {
             c.communities
                 .iter()
-                .map(|c| (c.id, c.key.0.clone()))
+                .map(|c| (c.id, c.key.clone()))
                 .collect()
         };
         let changed: Vec<&'static str> = [
@@ -690,7 +692,7 @@ impl Agent {
         self.keys = new
             .communities
             .iter()
-            .map(|c| (c.id, c.key.bytes().to_vec()))
+            .map(|c| (c.id, c.key.clone()))
             .collect();
         self.table.set_misses(new.misses);
         self.cfg = new;

@@ -41,8 +41,10 @@ use crate::{
     pathmon::{self, LinkEcho},
     playout,
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    proto::{self, Body, Counter, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
     resend,
+};
+use bond_proto::control::{
+    Body, Counter, Gap, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags,
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -50,8 +52,6 @@ const BUSY_PROBE_EVERY: u32 = 5;
 
 /// How often next hops are re-resolved and link counters read.
 const REFRESH: Duration = Duration::from_millis(200);
-/// Clock skew tolerated in control messages.
-const SKEW_MS: u64 = 30_000;
 /// How long a departing terminal keeps relaying after its SHUTDOWN.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 /// Route metric base for the per-link host routes to the server.
@@ -435,15 +435,14 @@ pub async fn run(
     let dist = match &cfg.dist {
         Some(d) => {
             let state = cfg.dist_state();
-            Some(crate::dist::Dist::start(cfg.key.bytes(), lan_ip, d.port, &state).await?)
+            Some(crate::dist::Dist::start(&cfg.key, lan_ip, d.port, &state).await?)
         }
         None => None,
     };
     let cache = match &cfg.cache {
-        Some(c) => Some(
-            crate::cache::Cache::start(cfg.key.bytes(), lan_ip, &cfg.lan, c, &cfg.cache_dir())
-                .await?,
-        ),
+        Some(c) => {
+            Some(crate::cache::Cache::start(&cfg.key, lan_ip, &cfg.lan, c, &cfg.cache_dir()).await?)
+        }
         None => None,
     };
     let mut agent = Agent {
@@ -463,7 +462,7 @@ pub async fn run(
         neighbors: HashMap::new(),
         token,
         counter: Counter::new(),
-        guard: Guard::new(SKEW_MS),
+        guard: Guard::new(bond_proto::SKEW_MS),
         lan_sock: Arc::new(lan_sock),
         schedule: None,
         down_seen: HashMap::new(),
@@ -721,11 +720,11 @@ impl Agent {
             link,
             flags: flags | if restarting { flags::RESTARTING } else { 0 },
             token,
-            time_ms: proto::now_ms(),
+            time_ms: bond_proto::now_ms(),
             counter: self.counter.bump(),
             body,
         }
-        .encode(self.cfg.key.bytes())
+        .encode(&self.cfg.key)
     }
 
     fn announce_body(&self) -> Body {
@@ -851,7 +850,7 @@ impl Agent {
             at_ns,
         } = r;
         let community = self.cfg.community;
-        let key = self.cfg.key.bytes();
+        let key = &self.cfg.key;
         let msg = match self.guard.open(&buf, |c| (c == community).then_some(key)) {
             Ok(m) => m,
             Err(why) => {
@@ -989,7 +988,7 @@ impl Agent {
     /// lose upstream (`crate::resend`), each copy on the link where it
     /// arrives first now: out of an own link from its socket, or to a
     /// peer's relay port over the LAN.
-    async fn resend(&mut self, gaps: &[proto::Gap]) -> Result<()> {
+    async fn resend(&mut self, gaps: &[Gap]) -> Result<()> {
         let ring = self.maps.kept(name::T_KEPT, name::T_KEPT_NEXT)?;
         let (c, o) = (self.cfg.community, u32::from(self.lan_ip));
         for k in &self.resends.asked_for(ring, c, o, gaps) {
@@ -1774,7 +1773,7 @@ impl Agent {
             c.links.iter().map(|l| (l.up(), l.down())).collect()
         };
         let changed: Vec<&'static str> = [
-            ("key", old.key.bytes() != new.key.bytes()),
+            ("key", old.key != new.key),
             ("announce_ms", old.announce_ms != new.announce_ms),
             ("misses", old.misses != new.misses),
             ("probe_ms", old.probe_ms != new.probe_ms),

@@ -40,7 +40,7 @@ use super::{
     msg::{Ask, Decision, Lan, Object, Outcome, Referral, Update},
     serve::ANSWER_PATH,
 };
-use crate::{dist::msg as signed, proto::now_ms};
+use bond_proto::{now_ms, signed};
 
 /// Bytes each probe asks for.
 pub const PROBE: u64 = 128 * 1024;

@@ -39,7 +39,9 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::{config::CacheConfig, proto::now_ms};
+use bond_proto::{CommunityKey, now_ms};
+
+use crate::config::CacheConfig;
 use msg::{Lan, Update};
 
 /// How often the referral server probes the peers it lists.
@@ -134,7 +136,7 @@ pub struct Status {
 }
 
 pub struct Cache {
-    key: Vec<u8>,
+    key: CommunityKey,
     cfg: CacheConfig,
     /// This cache's HTTP service, as peers reach it.
     me: SocketAddr,
@@ -157,7 +159,7 @@ impl Cache {
     /// HTTP and UDP service on `cfg.port`, the proxy on `cfg.proxy`, and
     /// the referral server if configured.
     pub async fn start(
-        key: &[u8],
+        key: &CommunityKey,
         lan_ip: Ipv4Addr,
         lan: &str,
         cfg: &CacheConfig,
@@ -183,7 +185,7 @@ impl Cache {
             cfg.referral.map(|ip| SocketAddr::from((ip, cfg.port)))
         };
         let cache = Arc::new(Self {
-            key: key.to_vec(),
+            key: key.clone(),
             cfg: cfg.clone(),
             me,
             store,
@@ -349,11 +351,11 @@ impl Cache {
         path: &str,
         m: &T,
     ) -> Result<reqwest::Response> {
-        let (body, sig) = crate::dist::msg::sign(&self.key, path, m, now_ms());
+        let (body, sig) = bond_proto::signed::sign(&self.key, path, m, now_ms());
         let r = self
             .http
             .post(format!("http://{to}{path}"))
-            .header(crate::dist::msg::SIG_HEADER, sig)
+            .header(bond_proto::signed::SIG_HEADER, sig)
             .body(body)
             .timeout(Duration::from_millis(u64::from(self.cfg.referral_wait_ms)))
             .send()
@@ -512,9 +514,9 @@ pub async fn ask_service(
                 anyhow::bail!("no referral server in [cache] (referral, referral_server)")
             }
         };
-        let (body, sig) = crate::dist::msg::sign(t.key.bytes(), "/cache/table", &(), now_ms());
+        let (body, sig) = bond_proto::signed::sign(&t.key, "/cache/table", &(), now_ms());
         http.post(format!("http://{to}/cache/table"))
-            .header(crate::dist::msg::SIG_HEADER, sig)
+            .header(bond_proto::signed::SIG_HEADER, sig)
             .body(body)
             .send()
             .await

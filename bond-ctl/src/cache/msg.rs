@@ -1,6 +1,6 @@
 //! What cache services say to each other. HTTP bodies are JSON signed as
-//! the distribution service's are ([`crate::dist::msg`]: HMAC-SHA256 with
-//! the community key over the path and the body, which carries its
+//! the distribution service's are ([`bond_proto::signed`]: HMAC-SHA256
+//! with the community key over the path and the body, which carries its
 //! time); the referral server signs its answers too, since they name the
 //! hash a client checks what it gets against. Objects themselves travel
 //! unsigned and are checked against that hash.
@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dist::msg as signed;
+use bond_proto::{CommunityKey, signed};
 
 /// A cached object: a URL's body at one version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,7 +155,7 @@ pub const LAN_PATH: &str = "udp:/cache/lan";
 pub const LAN_MAX: usize = 8192;
 
 /// A signed datagram: the signature (hex), a newline, the body.
-pub fn seal_lan(key: &[u8], m: &Lan, now_ms: u64) -> Vec<u8> {
+pub fn seal_lan(key: &CommunityKey, m: &Lan, now_ms: u64) -> Vec<u8> {
     let (body, sig) = signed::sign(key, LAN_PATH, m, now_ms);
     let mut out = sig.into_bytes();
     out.push(b'\n');
@@ -164,7 +164,7 @@ pub fn seal_lan(key: &[u8], m: &Lan, now_ms: u64) -> Vec<u8> {
 }
 
 /// Checks and parses a datagram.
-pub fn open_lan(key: &[u8], d: &[u8], now_ms: u64) -> Result<Lan, signed::Refused> {
+pub fn open_lan(key: &CommunityKey, d: &[u8], now_ms: u64) -> Result<Lan, signed::Refused> {
     if d.len() > LAN_MAX {
         return Err(signed::Refused::TooLarge);
     }
@@ -186,25 +186,26 @@ mod tests {
             id: 7,
             url: "http://203.0.113.2/a".into(),
         };
-        let d = seal_lan(b"k", &q, 1_000);
-        assert_eq!(open_lan(b"k", &d, 2_000), Ok(q));
+        let k = CommunityKey::new("k");
+        let d = seal_lan(&k, &q, 1_000);
+        assert_eq!(open_lan(&k, &d, 2_000), Ok(q));
         assert_eq!(
-            open_lan(b"other", &d, 2_000),
+            open_lan(&CommunityKey::new("other"), &d, 2_000),
             Err(signed::Refused::BadSignature)
         );
         let mut bad = d.clone();
         *bad.last_mut().unwrap() ^= 1;
         assert_eq!(
-            open_lan(b"k", &bad, 2_000),
+            open_lan(&k, &bad, 2_000),
             Err(signed::Refused::BadSignature)
         );
         assert_eq!(
-            open_lan(b"k", b"no newline", 0),
+            open_lan(&k, b"no newline", 0),
             Err(signed::Refused::Unsigned)
         );
-        assert_eq!(open_lan(b"k", &d, 1_000_000), Err(signed::Refused::Stale));
+        assert_eq!(open_lan(&k, &d, 1_000_000), Err(signed::Refused::Stale));
         assert_eq!(
-            open_lan(b"k", &vec![b'a'; LAN_MAX + 1], 0),
+            open_lan(&k, &vec![b'a'; LAN_MAX + 1], 0),
             Err(signed::Refused::TooLarge)
         );
     }

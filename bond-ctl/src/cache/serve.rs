@@ -33,7 +33,7 @@ use super::{
     Cache,
     msg::{Ask, Object, Update},
 };
-use crate::{dist::msg as signed, proto::now_ms};
+use bond_proto::{now_ms, signed};
 
 /// Bytes read and sent at a time.
 const BLOCK: usize = 64 * 1024;

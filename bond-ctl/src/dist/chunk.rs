@@ -11,6 +11,8 @@
 
 use std::io::Read;
 
+use bond_proto::CommunityKey;
+
 use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
     aead::{Aead, KeyInit, Payload},
@@ -186,8 +188,8 @@ pub struct Seal {
 }
 
 impl Seal {
-    pub fn new(community_key: &[u8]) -> Self {
-        let key = blake3::derive_key("bond 2026 distribution chunk key", community_key);
+    pub fn new(community_key: &CommunityKey) -> Self {
+        let key = community_key.derive_key("bond 2026 distribution chunk key");
         Self {
             aead: XChaCha20Poly1305::new(&key.into()),
         }
@@ -300,7 +302,10 @@ mod tests {
         let d = data(1000);
         let m = Manifest::build("f", &d[..], 256).unwrap();
         let root = m.root();
-        let (s, other) = (Seal::new(b"community one key"), Seal::new(b"another key"));
+        let (s, other) = (
+            Seal::new(&CommunityKey::new("community one key")),
+            Seal::new(&CommunityKey::new("another key")),
+        );
         let sealed = s.seal(&root, 1, &d[256..512]);
         assert_eq!(s.open(&m, &root, 1, &sealed).unwrap(), &d[256..512]);
         assert_eq!(s.seal(&root, 1, &d[256..512]), sealed, "deterministic");

@@ -309,7 +309,7 @@ impl NetDb {
 }
 
 fn now_ms_for_ranking() -> i64 {
-    crate::proto::now_ms() as i64
+    bond_proto::now_ms() as i64
 }
 
 fn cmp_desc_unknown_last(a: Option<f64>, b: Option<f64>) -> std::cmp::Ordering {

@@ -23,7 +23,7 @@ use super::{
     plan,
     service::Service,
 };
-use crate::proto::now_ms;
+use bond_proto::{CommunityKey, now_ms};
 
 /// A target that has not acknowledged within this is sent its request by
 /// the main server itself (its parent may be gone).
@@ -113,7 +113,7 @@ pub struct FinalReport {
     pub targets: Vec<TargetReport>,
 }
 
-pub async fn distribute(key: &[u8], state: &Path, o: Options) -> Result<FinalReport> {
+pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<FinalReport> {
     let mut db = NetDb::open(&state.join("net.db"))?;
     let path = o.file.clone();
     let name = path

@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::proto::now_ms;
+use bond_proto::{CommunityKey, now_ms};
 
 /// How often a peer's row is refreshed from its announces.
 const SEEN_EVERY: Duration = Duration::from_secs(10);
@@ -46,7 +46,12 @@ pub struct Dist {
 
 impl Dist {
     /// Starts the service on `lan_ip:port`, with its state under `state`.
-    pub async fn start(key: &[u8], lan_ip: Ipv4Addr, port: u16, state: &Path) -> Result<Self> {
+    pub async fn start(
+        key: &CommunityKey,
+        lan_ip: Ipv4Addr,
+        port: u16,
+        state: &Path,
+    ) -> Result<Self> {
         let me = SocketAddr::from((lan_ip, port));
         let service = service::Service::new(key, &state.join("files"), me, None)?;
         let listener = tokio::net::TcpListener::bind(me)

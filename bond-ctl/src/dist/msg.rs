@@ -1,20 +1,10 @@
 //! What distribution services say to each other: JSON over HTTP, each
-//! message signed with the community key (HMAC-SHA256 over the path and
-//! the body, which carries its time). Chunks need no signature: they are
+//! message signed with the community key (`bond_proto::signed`). Chunks need no signature: they are
 //! sealed (`chunk::Seal`) and checked against the manifest.
 
 use std::net::SocketAddr;
 
-use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use sha2::Sha256;
-
-/// The header that carries a message's signature (hex).
-pub const SIG_HEADER: &str = "x-bond-sig";
-/// Clock difference tolerated between hosts.
-pub const SKEW_MS: u64 = 30_000;
-/// Largest message body accepted.
-pub const MAX_BODY: usize = 1 << 20;
+use serde::{Deserialize, Serialize};
 
 /// A terminal as a transport request lists it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,135 +126,5 @@ impl Report {
             | Report::Failed { transfer, .. }
             | Report::Corrupt { transfer, .. } => *transfer,
         }
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct Envelope<T> {
-    ts: u64,
-    body: T,
-}
-
-fn mac(key: &[u8], path: &str, body: &[u8]) -> Hmac<Sha256> {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    m.update(b"bond-dist\0");
-    m.update(path.as_bytes());
-    m.update(b"\0");
-    m.update(body);
-    m
-}
-
-/// The signature of `body` posted to `path`.
-pub fn tag(key: &[u8], path: &str, body: &[u8]) -> Vec<u8> {
-    mac(key, path, body).finalize().into_bytes().to_vec()
-}
-
-/// The body and signature of `msg` posted to `path` at `now_ms`.
-pub fn sign<T: Serialize>(key: &[u8], path: &str, msg: &T, now_ms: u64) -> (Vec<u8>, String) {
-    let body = serde_json::to_vec(&Envelope {
-        ts: now_ms,
-        body: msg,
-    })
-    .expect("serialisable");
-    let sig = hex::encode(tag(key, path, &body));
-    (body, sig)
-}
-
-/// Why a message was refused.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    #[error("no signature")]
-    Unsigned,
-    #[error("bad signature")]
-    BadSignature,
-    #[error("too old or from the future")]
-    Stale,
-    #[error("too large")]
-    TooLarge,
-    #[error("malformed: {0}")]
-    Malformed(String),
-}
-
-/// Checks a message's signature and age, then parses it.
-pub fn open<T: DeserializeOwned>(
-    key: &[u8],
-    path: &str,
-    body: &[u8],
-    sig: Option<&str>,
-    now_ms: u64,
-) -> Result<T, Refused> {
-    if body.len() > MAX_BODY {
-        return Err(Refused::TooLarge);
-    }
-    let sig = hex::decode(sig.ok_or(Refused::Unsigned)?).map_err(|_| Refused::BadSignature)?;
-    mac(key, path, body)
-        .verify_slice(&sig)
-        .map_err(|_| Refused::BadSignature)?;
-    let env: Envelope<T> =
-        serde_json::from_slice(body).map_err(|e| Refused::Malformed(e.to_string()))?;
-    if env.ts.abs_diff(now_ms) > SKEW_MS {
-        return Err(Refused::Stale);
-    }
-    Ok(env.body)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn report() -> Report {
-        Report::Done {
-            transfer: 4,
-            id: "10.0.1.3".into(),
-            ms: 1200,
-            first_ms: 30,
-            source: "10.0.1.2:7800".parse().unwrap(),
-        }
-    }
-
-    #[test]
-    fn signed_messages_open_only_with_the_key_path_and_time() {
-        let (body, sig) = sign(b"key one", "/dist/report", &report(), 1_000_000);
-        let ok = open::<Report>(b"key one", "/dist/report", &body, Some(&sig), 1_010_000);
-        assert_eq!(ok, Ok(report()));
-        let r = |key: &[u8], path, body: &[u8], sig, now| {
-            open::<Report>(key, path, body, sig, now).unwrap_err()
-        };
-        assert_eq!(
-            r(b"key two", "/dist/report", &body, Some(&sig), 1_000_000),
-            Refused::BadSignature
-        );
-        assert_eq!(
-            r(b"key one", "/dist/request", &body, Some(&sig), 1_000_000),
-            Refused::BadSignature
-        );
-        assert_eq!(
-            r(b"key one", "/dist/report", &body, None, 1_000_000),
-            Refused::Unsigned
-        );
-        assert_eq!(
-            r(b"key one", "/dist/report", &body, Some("zz"), 1_000_000),
-            Refused::BadSignature
-        );
-        assert_eq!(
-            r(b"key one", "/dist/report", &body, Some(&sig), 1_040_000),
-            Refused::Stale
-        );
-        assert_eq!(
-            r(b"key one", "/dist/report", &body, Some(&sig), 960_000),
-            Refused::Stale
-        );
-        let mut bent = body.clone();
-        bent[10] ^= 1;
-        assert_eq!(
-            r(b"key one", "/dist/report", &bent, Some(&sig), 1_000_000),
-            Refused::BadSignature
-        );
-        // Signed, but not a report.
-        let (body, sig) = sign(b"key one", "/dist/report", &"hello", 1_000_000);
-        assert!(matches!(
-            r(b"key one", "/dist/report", &body, Some(&sig), 1_000_000),
-            Refused::Malformed(_)
-        ));
     }
 }

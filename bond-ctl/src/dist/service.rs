@@ -43,10 +43,10 @@ use tokio::sync::{Notify, mpsc};
 use super::{
     chunk::{Hash, Manifest, Seal},
     frame::{self, Frame},
-    msg::{self, Report, Stripe, Target, TransportRequest},
+    msg::{Report, Stripe, Target, TransportRequest},
     plan::{self, Assignment},
 };
-use crate::proto::now_ms;
+use bond_proto::{CommunityKey, now_ms, signed};
 
 /// How long a chunk request waits for a chunk its relay is still fetching.
 pub const CHUNK_WAIT: Duration = Duration::from_secs(20);
@@ -173,7 +173,7 @@ impl Job {
 }
 
 pub struct Service {
-    key: Vec<u8>,
+    key: CommunityKey,
     seal: Seal,
     /// Where received files go.
     dir: PathBuf,
@@ -187,14 +187,14 @@ pub struct Service {
 
 impl Service {
     pub fn new(
-        key: &[u8],
+        key: &CommunityKey,
         dir: &Path,
         me: SocketAddr,
         reports: Option<mpsc::Sender<Report>>,
     ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Arc::new(Self {
-            key: key.to_vec(),
+            key: key.clone(),
             seal: Seal::new(key),
             dir: dir.to_path_buf(),
             me,
@@ -229,7 +229,7 @@ impl Service {
             .route("/dist/report", post(take_report))
             .route("/dist/{root}/manifest", get(serve_manifest))
             .route("/dist/{root}/stream/{index}/{of}/{from}", get(serve_stream))
-            .layer(DefaultBodyLimit::max(msg::MAX_BODY))
+            .layer(DefaultBodyLimit::max(signed::MAX_BODY))
             .with_state(self.clone())
     }
 
@@ -245,11 +245,11 @@ impl Service {
     }
 
     async fn post<T: serde::Serialize>(&self, to: SocketAddr, path: &str, m: &T) -> Result<()> {
-        let (body, sig) = msg::sign(&self.key, path, m, now_ms());
+        let (body, sig) = signed::sign(&self.key, path, m, now_ms());
         let r = self
             .http
             .post(format!("http://{to}{path}"))
-            .header(msg::SIG_HEADER, sig)
+            .header(signed::SIG_HEADER, sig)
             .body(body)
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -652,14 +652,15 @@ fn safe_name(name: &str) -> Result<&str> {
 }
 
 fn sig(h: &HeaderMap) -> Option<&str> {
-    h.get(msg::SIG_HEADER).and_then(|v| v.to_str().ok())
+    h.get(signed::SIG_HEADER).and_then(|v| v.to_str().ok())
 }
 
 async fn take_request(State(s): State<Arc<Service>>, h: HeaderMap, body: Bytes) -> Response {
-    let req: TransportRequest = match msg::open(&s.key, "/dist/request", &body, sig(&h), now_ms()) {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
-    };
+    let req: TransportRequest =
+        match signed::open(&s.key, "/dist/request", &body, sig(&h), now_ms()) {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
+        };
     if parse_root(&req.file.root).is_err() {
         return (StatusCode::BAD_REQUEST, "bad root").into_response();
     }
@@ -684,7 +685,7 @@ async fn take_report(State(s): State<Arc<Service>>, h: HeaderMap, body: Bytes) -
     let Some(tx) = &s.reports else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    match msg::open::<Report>(&s.key, "/dist/report", &body, sig(&h), now_ms()) {
+    match signed::open::<Report>(&s.key, "/dist/report", &body, sig(&h), now_ms()) {
         Ok(r) => {
             let _ = tx.send(r).await;
             StatusCode::NO_CONTENT.into_response()

@@ -27,18 +27,18 @@
 //! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock);
 //! FEEDBACK `n u8, n × (link u8, sent_us u32, queue_us u32), m u8, m ×
 //! (link u8, k u8, k × kbps u32)` (the second list: what other origins
-//! carried on each link, `crate::share`); RESEND `n u8, n × (link u8,
+//! carried on each link, the agent's `share`); RESEND `n u8, n × (link u8,
 //! after_us u32, before_us u32, first u8, count u8)` (packets `first`,
 //! `first + 1`, ... of a link's sequence, sent between two it delivered,
-//! `crate::resend`). All numbers
+//! the agent's `resend`). All numbers
 //! are network byte order. The decoder checks the length of every part
 //! before reading it and accepts nothing unsigned.
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use bond_common::wire::{BondHdr, WireError, kind};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+
+use crate::{CommunityKey, now_ms, now_us};
 
 pub const TAG_LEN: usize = 16;
 /// Links one terminal may announce.
@@ -46,7 +46,12 @@ pub const MAX_LINKS: usize = 32;
 const FIXED_LEN: usize = BondHdr::LEN + 8 + 8 + 1;
 /// The largest message: a PROBE (an ANNOUNCE with [`MAX_LINKS`] links is
 /// shorter).
-pub const MAX_LEN: usize = crate::probe::PROBE_LEN;
+pub const MAX_LEN: usize = PROBE_LEN;
+/// Bytes of a PROBE, the packets of a measurement train: near a full
+/// packet, so a train shows a link's rate, and the largest message.
+pub const PROBE_LEN: usize = 1200;
+/// Other senders a FEEDBACK reports per link.
+pub const MAX_SHARERS: usize = 8;
 const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN <= MAX_LEN);
 const LINK_AD_LEN: usize = 18;
 
@@ -60,7 +65,7 @@ pub mod flags {
     pub const FROM_SERVER: u8 = 4;
     /// On an ANNOUNCE: the sender's agent is restarting and its datapath
     /// runs on; its links' echoes stop for a moment
-    /// (`crate::pathmon::RESTART_GRACE`).
+    /// (the agent's `pathmon::RESTART_GRACE`).
     pub const RESTARTING: u8 = 8;
     pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING;
 }
@@ -124,14 +129,14 @@ pub enum Body {
     EchoReply {
         sent_ns: u64,
     },
-    /// What a receiving end's playout saw per link (`crate::feedback`),
-    /// and what other senders carried on each (`crate::share`).
+    /// What a receiving end's playout saw per link (the agent's
+    /// `feedback`), and what other senders carried on each (its `share`).
     Feedback {
         links: Vec<LinkQueue>,
         shared: Vec<LinkShare>,
     },
     /// Packets the receiving end's playout saw a link lose: send them
-    /// again (`crate::resend`).
+    /// again (the agent's `resend`).
     Resend {
         gaps: Vec<Gap>,
     },
@@ -176,11 +181,7 @@ pub struct LinkQueue {
 /// Links one FEEDBACK may name: a sender's every link.
 pub const MAX_FEEDBACK_LINKS: usize = bond_common::edpf::MAX_PATHS;
 const _: () = assert!(
-    FIXED_LEN
-        + 2
-        + MAX_FEEDBACK_LINKS * 9
-        + MAX_FEEDBACK_LINKS * (2 + crate::share::MAX_SHARERS * 4)
-        + TAG_LEN
+    FIXED_LEN + 2 + MAX_FEEDBACK_LINKS * 9 + MAX_FEEDBACK_LINKS * (2 + MAX_SHARERS * 4) + TAG_LEN
         <= MAX_LEN
 );
 
@@ -249,18 +250,15 @@ impl DecodeError {
 }
 
 /// The truncated HMAC-SHA256 tag a control message ends with.
-pub fn tag(key: &[u8], data: &[u8]) -> [u8; TAG_LEN] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(data);
-    let full = mac.finalize().into_bytes();
+pub fn tag(key: &CommunityKey, data: &[u8]) -> [u8; TAG_LEN] {
     let mut t = [0u8; TAG_LEN];
-    t.copy_from_slice(&full[..TAG_LEN]);
+    t.copy_from_slice(&key.tag(&[data])[..TAG_LEN]);
     t
 }
 
 impl Msg {
     /// The signed wire form.
-    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+    pub fn encode(&self, key: &CommunityKey) -> Vec<u8> {
         let hdr = BondHdr::new(
             self.body.kind(),
             self.community,
@@ -336,7 +334,7 @@ impl Msg {
                 let shared = &shared[..shared.len().min(MAX_FEEDBACK_LINKS)];
                 b.push(shared.len() as u8);
                 for s in shared {
-                    let others = &s.others[..s.others.len().min(crate::share::MAX_SHARERS)];
+                    let others = &s.others[..s.others.len().min(MAX_SHARERS)];
                     b.push(s.link);
                     b.push(others.len() as u8);
                     for o in others {
@@ -364,7 +362,7 @@ impl Msg {
     /// Parses and authenticates a message; `key` gives a community's key.
     pub fn decode<'k>(
         buf: &[u8],
-        key: impl FnOnce(u16) -> Option<&'k [u8]>,
+        key: impl FnOnce(u16) -> Option<&'k CommunityKey>,
     ) -> Result<Self, DecodeError> {
         let hdr = BondHdr::parse(buf).map_err(DecodeError::Header)?;
         if hdr.is_data() {
@@ -376,10 +374,9 @@ impl Msg {
             return Err(DecodeError::Truncated);
         }
         let (signed, got) = buf.split_at(buf.len() - TAG_LEN);
-        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-        mac.update(signed);
-        mac.verify_truncated_left(got)
-            .map_err(|_| DecodeError::BadSignature)?;
+        if !key.verify(&[signed], got) {
+            return Err(DecodeError::BadSignature);
+        }
 
         let mut r = Reader(&signed[BondHdr::LEN..]);
         let time_ms = r.u64()?;
@@ -458,7 +455,7 @@ impl Msg {
                 shared: r.list(MAX_FEEDBACK_LINKS, |r| {
                     Ok(LinkShare {
                         link: r.u8()?,
-                        others: r.list(crate::share::MAX_SHARERS, Reader::u32)?,
+                        others: r.list(MAX_SHARERS, Reader::u32)?,
                     })
                 })?,
             },
@@ -647,7 +644,7 @@ impl Guard {
     pub fn open<'k>(
         &mut self,
         buf: &[u8],
-        key: impl FnOnce(u16) -> Option<&'k [u8]>,
+        key: impl FnOnce(u16) -> Option<&'k CommunityKey>,
     ) -> Result<Msg, &'static str> {
         let msg = Msg::decode(buf, key).map_err(DecodeError::name)?;
         self.check(&msg, now_ms()).map_err(Stale::name)?;
@@ -676,21 +673,12 @@ impl Default for Counter {
     }
 }
 
-pub fn now_ms() -> u64 {
-    now_us() / 1000
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const KEY: &[u8] = b"community one key";
+    static KEY: std::sync::LazyLock<CommunityKey> =
+        std::sync::LazyLock::new(|| CommunityKey::new("community one key"));
 
     fn announce() -> Msg {
         Msg {
@@ -728,7 +716,7 @@ mod tests {
     }
 
     fn decode(b: &[u8]) -> Result<Msg, DecodeError> {
-        Msg::decode(b, |c| (c == 7).then_some(KEY))
+        Msg::decode(b, |c| (c == 7).then_some(&*KEY))
     }
 
     #[test]
@@ -775,7 +763,7 @@ mod tests {
                 shared: vec![
                     LinkShare {
                         link: 2,
-                        others: vec![u32::MAX; crate::share::MAX_SHARERS],
+                        others: vec![u32::MAX; MAX_SHARERS],
                     };
                     MAX_FEEDBACK_LINKS
                 ],
@@ -798,7 +786,7 @@ mod tests {
                 body,
                 ..base.clone()
             };
-            let wire = m.encode(KEY);
+            let wire = m.encode(&KEY);
             assert!(wire.len() <= MAX_LEN);
             assert_eq!(decode(&wire), Ok(m));
         }
@@ -806,7 +794,7 @@ mod tests {
 
     #[test]
     fn layout_is_as_documented() {
-        let wire = announce().encode(KEY);
+        let wire = announce().encode(&KEY);
         assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 18 + 16);
         assert_eq!(&wire[..2], &[0xB0, 0x4D]);
         assert_eq!(wire[3], kind::ANNOUNCE);
@@ -828,7 +816,7 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_authentic() {
-        let wire = announce().encode(KEY);
+        let wire = announce().encode(&KEY);
         // Any flipped bit anywhere breaks the signature (or the header).
         for i in 0..wire.len() {
             for bit in 0..8 {
@@ -837,8 +825,9 @@ mod tests {
                 assert!(decode(&w).is_err(), "byte {i} bit {bit} accepted");
             }
         }
+        let another = CommunityKey::new("another key");
         assert_eq!(
-            Msg::decode(&wire, |_| Some(&b"another key"[..])),
+            Msg::decode(&wire, |_| Some(&another)),
             Err(DecodeError::BadSignature)
         );
         assert_eq!(
@@ -855,7 +844,7 @@ mod tests {
 
     #[test]
     fn refuses_every_truncation_and_oversize() {
-        let wire = announce().encode(KEY);
+        let wire = announce().encode(&KEY);
         for len in 0..wire.len() {
             assert!(decode(&wire[..len]).is_err(), "cut at {len}");
         }
@@ -868,11 +857,11 @@ mod tests {
     fn signed_but_malformed_bodies_are_refused() {
         // A signer with the key can still send nonsense: the body is checked.
         let sign = |mut b: Vec<u8>| {
-            let t = tag(KEY, &b);
+            let t = tag(&KEY, &b);
             b.extend_from_slice(&t);
             b
         };
-        let good = announce().encode(KEY);
+        let good = announce().encode(&KEY);
         let body = &good[..good.len() - TAG_LEN];
         let mut too_many = body.to_vec();
         too_many[45] = 33;
@@ -891,7 +880,7 @@ mod tests {
             },
             ..announce()
         }
-        .encode(KEY);
+        .encode(&KEY);
         let mut feedback = feedback[..feedback.len() - TAG_LEN].to_vec();
         feedback[41] += 1;
         feedback.extend_from_slice(&[0; 9]);
@@ -900,12 +889,12 @@ mod tests {
                 links: Vec::new(),
                 shared: vec![LinkShare {
                     link: 1,
-                    others: vec![7; crate::share::MAX_SHARERS],
+                    others: vec![7; MAX_SHARERS],
                 }],
             },
             ..announce()
         }
-        .encode(KEY);
+        .encode(&KEY);
         let mut sharers = sharers[..sharers.len() - TAG_LEN].to_vec();
         assert_eq!(sharers[41..45], [0, 1, 1, 8]);
         sharers[44] += 1;
@@ -925,7 +914,7 @@ mod tests {
 
     #[test]
     fn data_is_not_a_control_message() {
-        let mut wire = announce().encode(KEY);
+        let mut wire = announce().encode(&KEY);
         wire[3] = kind::DATA_UP;
         assert_eq!(decode(&wire), Err(DecodeError::NotControl));
     }
