@@ -26,44 +26,13 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
+use crate::config::WeightSpec;
+
 /// Where instances put their sockets.
 pub const DEFAULT_RUN_DIR: &str = "/run/bond";
 
 pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
     run_dir.join(format!("{instance}.sock"))
-}
-
-/// A weight as set by hand or left to measurement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightSpec {
-    Fixed(u32),
-    Auto,
-}
-
-impl std::fmt::Display for WeightSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Fixed(n) => write!(f, "{n}"),
-            Self::Auto => f.write_str("auto"),
-        }
-    }
-}
-
-impl std::str::FromStr for WeightSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s == "auto" {
-            return Ok(Self::Auto);
-        }
-        match s.parse::<u32>() {
-            Ok(n) if n <= crate::config::MAX_WEIGHT => Ok(Self::Fixed(n)),
-            _ => Err(format!(
-                "weight {s:?}: want 0..={} or \"auto\"",
-                crate::config::MAX_WEIGHT
-            )),
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,8 +55,8 @@ use crate::{
 };
 use bond_proto::control::LinkQueue;
 
-/// How often a receiving end reports.
-pub const EVERY: Duration = Duration::from_millis(20);
+/// How often a receiving end reports (its playout sends the reports).
+pub use crate::playout::REPORT_EVERY as EVERY;
 /// How often a sender samples its model.
 pub const SAMPLE: Duration = Duration::from_millis(1);
 /// How much later than a packet on a link was due, by what the reports

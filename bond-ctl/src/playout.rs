@@ -675,7 +675,7 @@ pub async fn hold_device(net: &Net, name: &str, rp_filter: &str) -> Result<(Tap,
 /// the server hears every origin of every community.
 pub type Sender = (u16, u32);
 
-/// What the playout tells one sender, every [`crate::feedback::EVERY`]:
+/// What the playout tells one sender, every [`REPORT_EVERY`]:
 /// the queues its links met, and what the other senders of its community
 /// carried on each link ([`crate::share`]).
 pub type Feedback = (Sender, Vec<LinkQueue>, Vec<LinkShare>);
@@ -683,7 +683,7 @@ pub type Feedback = (Sender, Vec<LinkQueue>, Vec<LinkShare>);
 /// What the playout has for the agent to tell a sender.
 #[derive(Debug)]
 pub enum Report {
-    /// Every [`crate::feedback::EVERY`].
+    /// Every [`REPORT_EVERY`].
     Feedback(Feedback),
     /// Packets its links lost, to ask for again at once
     /// ([`Playout::take_asks`]).
@@ -754,6 +754,10 @@ impl Handle {
     }
 }
 
+/// How often the playout reports to each sender what its links met
+/// (`crate::feedback` steers the senders' models with it).
+pub const REPORT_EVERY: Duration = Duration::from_millis(20);
+
 /// How long the datapath trusts the playout to be reading after each
 /// sign of life; it renews every [`BEAT`].
 const ALIVE: Duration = Duration::from_millis(500);
@@ -819,7 +823,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
             beat = now + BEAT.as_nanos() as u64;
         }
         if now >= report {
-            let every_ms = crate::feedback::EVERY.as_millis() as u64;
+            let every_ms = REPORT_EVERY.as_millis() as u64;
             for (&(c, o), (p, _)) in all.iter_mut() {
                 let links = p.feedback();
                 if !links.is_empty() {
@@ -828,12 +832,12 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
                 }
             }
             arrivals.tick();
-            report = now + crate::feedback::EVERY.as_nanos() as u64;
+            report = now + REPORT_EVERY.as_nanos() as u64;
         }
         let due = all.values().filter_map(|(p, _)| p.next_due(now_us)).min();
         let wait = due.map_or(BEAT, |at| Duration::from_micros(at.saturating_sub(now_us)));
         if !wait.is_zero() {
-            cx.tap.wait(wait.min(crate::feedback::EVERY));
+            cx.tap.wait(wait.min(REPORT_EVERY));
         }
         loop {
             match cx.tap.read(&mut buf) {
