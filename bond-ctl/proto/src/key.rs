@@ -12,7 +12,7 @@ pub const SKEW_MS: u64 = 30_000;
 pub const MIN_KEY_LEN: usize = 16;
 
 /// A community's shared key, as its configuration gives it. Never printed;
-/// its bytes leave only as HMAC-SHA256 tags.
+/// its bytes leave only as HMAC-SHA256 tags and keys derived from it.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct CommunityKey(String);
