@@ -250,13 +250,43 @@ impl Maps {
     }
 
     fn sum_link_stats(&self, name: &'static str, idx: u32) -> Result<LinkStats> {
-        let v = self
-            .percpu::<LinkStats>(name)?
-            .get(&idx, 0)
-            .map_err(|source| Error::Map { name, source })?;
-        let mut total = LinkStats::default();
-        v.iter().for_each(|s| total.add(s));
-        Ok(total)
+        Ok(self.sum_links_stats(name, [idx])?[0].1)
+    }
+
+    /// The counters at each of `idxs`, summed over CPUs, with the map
+    /// opened once.
+    fn sum_links_stats(
+        &self,
+        name: &'static str,
+        idxs: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<(u32, LinkStats)>> {
+        let map = self.percpu::<LinkStats>(name)?;
+        idxs.into_iter()
+            .map(|idx| {
+                let v = map
+                    .get(&idx, 0)
+                    .map_err(|source| Error::Map { name, source })?;
+                let mut total = LinkStats::default();
+                v.iter().for_each(|s| total.add(s));
+                Ok((idx, total))
+            })
+            .collect()
+    }
+
+    /// A terminal's counters of the links `ids` (its own, say).
+    pub fn terminal_links_stats(
+        &self,
+        ids: impl IntoIterator<Item = u8>,
+    ) -> Result<Vec<(u32, LinkStats)>> {
+        self.sum_links_stats(name::T_LINK_STATS, ids.into_iter().map(u32::from))
+    }
+
+    /// The server's counters of the links at `idxs`.
+    pub fn server_links_stats(
+        &self,
+        idxs: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<(u32, LinkStats)>> {
+        self.sum_links_stats(name::S_LINK_STATS, idxs)
     }
 
     // ------------------------------------------------------------ terminal --

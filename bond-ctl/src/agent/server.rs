@@ -743,10 +743,18 @@ impl Agent {
     /// downstream schedule.
     fn check_dark(&mut self) -> Result<()> {
         let now = Instant::now();
+        let idxs = self.echoes.keys().filter_map(|k| self.applied.get(k));
+        let received: HashMap<u32, u64> = self
+            .maps
+            .server_links_stats(idxs.map(|(idx, _)| *idx))?
+            .into_iter()
+            .map(|(idx, s)| (idx, s.up_pkts))
+            .collect();
         let mut changed = Vec::new();
         for (&(c, link), seen) in &mut self.echoes {
-            if let Some((idx, _)) = self.applied.get(&(c, link)) {
-                seen.traffic(now, self.maps.server_link_stats(*idx)?.up_pkts);
+            let idx = self.applied.get(&(c, link)).map(|(idx, _)| idx);
+            if let Some(n) = idx.and_then(|idx| received.get(idx)) {
+                seen.traffic(now, *n);
             }
             if seen.check(now) {
                 eprintln!("bond-ctl: community {c}: link {link} silent: dark, out of use");

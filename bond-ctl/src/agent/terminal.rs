@@ -1064,17 +1064,12 @@ impl Agent {
             let _ = self.own[i].sock.send_to(&m, server).await;
         }
         let now = Instant::now();
-        let received: HashMap<u8, u64> = self
+        let received = self
             .maps
-            .terminal_link_stats()?
-            .into_iter()
-            .map(|(id, _, s)| (id, s.down_pkts + s.relay_down_pkts))
-            .collect();
+            .terminal_links_stats(self.own.iter().map(|o| o.ad.id))?;
         let mut dark = Vec::new();
-        for o in &mut self.own {
-            if let Some(&n) = received.get(&o.ad.id) {
-                o.echo.traffic(now, n);
-            }
+        for (o, (_, s)) in self.own.iter_mut().zip(received) {
+            o.echo.traffic(now, s.down_pkts + s.relay_down_pkts);
             if o.echo.check(now) {
                 dark.push(o.ad.id);
             }
