@@ -5,16 +5,12 @@
 //!
 //! Run one at a time (`--test-threads=1`), like the other namespace tests.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+mod common;
+use common::bond_ctl;
 
-use bond_ctl::lab::{Lab, TerminalSpec};
+use std::time::{Duration, Instant};
 
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
+use bond_lab::{Lab, TerminalSpec};
 
 const TERMINALS: usize = 7;
 const ORIGIN: &str = "http://203.0.113.2";

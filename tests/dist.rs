@@ -4,13 +4,12 @@
 //!
 //! Run one at a time (`--test-threads=1`), like the other namespace tests.
 
+mod common;
+use common::bond_ctl;
+
 use std::{path::Path, time::Duration};
 
-use bond_ctl::lab::{Lab, TerminalSpec};
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
+use bond_lab::{Lab, TerminalSpec};
 
 const TERMINALS: usize = 21;
 const UPLOAD_MBIT: u32 = 20;

@@ -7,15 +7,12 @@
 use std::{path::Path, time::Duration};
 
 mod common;
+use common::bond_ctl;
 
-use bond_ctl::lab::{Lab, TerminalSpec};
+use bond_lab::{Lab, TerminalSpec};
 use sha2::{Digest, Sha256};
 
 use common::last_changes;
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
 
 fn sha256(path: &Path) -> String {
     let data = std::fs::read(path).expect("read file");
@@ -347,7 +344,7 @@ fn agents_started_at_once_without_bpffs_share_one_mount() {
 /// A lab of three terminals, each owning one of `profile`'s links, with
 /// iperf3 and a file on the content host, agents started.
 fn profile_lab(profile: &str, file_mb: usize) -> (Lab, std::path::PathBuf) {
-    use bond_ctl::lab::Profile;
+    use bond_lab::Profile;
     let p = Profile::named(profile).unwrap();
     let spec: Vec<Vec<_>> = p.links.iter().map(|l| vec![l.clone()]).collect();
     let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
@@ -439,7 +436,7 @@ fn mixed_links_keep_one_tcp_flow_above_the_best_link_both_ways() {
 /// steps its rate). Each sender numbers each link's packets and keeps
 /// copies; the receiving end's playout sees each loss when the link's next
 /// packet arrives, holds what came after, and asks for it again
-/// (`bond_ctl::resend`). Before, each loss cut the flow's window: one TCP
+/// (`bond_agent::resend`). Before, each loss cut the flow's window: one TCP
 /// download kept 48 Mbit/s (median of 3) of the 80; with the copies, 59-71
 /// in the lab's runs, uploads 35-50 with two or three retransmissions.
 /// Asserted, each way: losses were seen, nine in ten filled by a copy the
@@ -495,7 +492,7 @@ fn a_links_losses_are_sent_again_both_ways() {
 /// reach the far link (measured: 17-21 Mbit/s between them, below the best
 /// single link, the 40 Mbit/s link carrying 2). The server tells each
 /// origin what the others carry on each link and each counts a link at
-/// its fair share (`bond_ctl::share`): 58-61 Mbit/s between them in this
+/// its fair share (`bond_agent::share`): 58-61 Mbit/s between them in this
 /// test's runs; of eleven such starts in the lab nine kept 56-62 and two
 /// 30-40, their slow starts both overshooting (CUBIC then regrows for
 /// seconds, as one flow alone does). Asserted: half the summed rates,
@@ -577,7 +574,7 @@ fn two_origins_uploading_at_once_share_the_links() {
 /// other links' 40 Mbit/s a flow keeps is the benchmark's `flap` column.
 #[test]
 fn a_dark_link_leaves_every_schedule_within_300ms_and_comes_back() {
-    use bond_ctl::datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+    use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
     use std::time::{Duration, Instant};
     let (mut lab, _) = profile_lab("flap", 1);
     let t1 = lab.terminals[0].ns.clone();

@@ -4,21 +4,18 @@
 //!
 //! Run one at a time (`--test-threads=1`): they measure times.
 
+mod common;
+use common::bond_ctl;
+
 use std::{
     path::Path,
     time::{Duration, Instant},
 };
 
 use bond_common::maps::{FLOW_CLOSING, FLOW_FIN};
-use bond_ctl::{
-    datapath::{DEFAULT_BPFFS, Maps, pin_dir},
-    lab::{Lab, TerminalSpec},
-};
+use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+use bond_lab::{Lab, TerminalSpec};
 use serde_json::Value;
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
 
 /// The content host's UDP echo port.
 const ECHO_PORT: u16 = 9000;

@@ -4,13 +4,12 @@
 //!
 //! Run one at a time (`--test-threads=1`), like the other namespace tests.
 
+mod common;
+use common::bond_ctl;
+
 use std::{path::Path, time::Duration};
 
-use bond_ctl::lab::{Lab, TerminalSpec};
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
+use bond_lab::{Lab, TerminalSpec};
 
 /// Two terminals, each with one unlimited link of MTU 1500, agents up.
 fn lab() -> Lab {
@@ -354,8 +353,8 @@ fn an_agent_killed_with_sigkill_is_adopted_or_cleaned_by_the_next() {
 
 /// The server's S_CONFIG as the datapath reads it.
 fn server_map_config(lab: &Lab) -> bond_common::maps::ServerConfig {
-    bond_ctl::datapath::Maps::new(bond_ctl::datapath::pin_dir(
-        Path::new(bond_ctl::datapath::DEFAULT_BPFFS),
+    bond_datapath::Maps::new(bond_datapath::pin_dir(
+        Path::new(bond_datapath::DEFAULT_BPFFS),
         &lab.server_instance,
     ))
     .server_config()

@@ -5,13 +5,12 @@
 //!
 //! Run one at a time (`--test-threads=1`): they measure rates and delays.
 
-use std::{path::Path, time::Duration};
+mod common;
+use common::bond_ctl;
 
-use bond_ctl::lab::{Lab, LinkSpec, line::Impair};
+use std::time::Duration;
 
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
+use bond_lab::{Lab, LinkSpec, line::Impair};
 
 /// A lab of one terminal whose one link is `spec`; iperf3 on the content host.
 fn one_link(spec: LinkSpec) -> Lab {
@@ -308,7 +307,7 @@ fn a_dark_window_plays_and_ends_light() {
 #[test]
 fn every_namespace_uses_the_pinned_congestion_control() {
     let lab = one_link(LinkSpec::delayed(0, 1));
-    let want = bond_ctl::lab::tcp_cc();
+    let want = bond_lab::tcp_cc();
     for ns in [&lab.terminals[0].ns, &lab.web_ns, &lab.server_ns] {
         let got = lab
             .exec(ns, "sysctl", &["-n", "net.ipv4.tcp_congestion_control"])

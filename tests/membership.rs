@@ -4,21 +4,18 @@
 //! Run one at a time (`--test-threads=1`): they share two CPU cores and
 //! measure rates and times.
 
+mod common;
+use common::bond_ctl;
+
 use std::{
     path::Path,
     time::{Duration, Instant},
 };
 
 use bond_common::maps::LinkKey;
-use bond_ctl::{
-    datapath::{DEFAULT_BPFFS, Maps, pin_dir},
-    lab::{COMMUNITY, Lab, TerminalSpec},
-};
+use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+use bond_lab::{COMMUNITY, Lab, TerminalSpec};
 use sha2::{Digest, Sha256};
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
 
 /// Figure 1: t1 with a 10 Mbit/s link, t2 with 20 and 30, t3 with none.
 fn figure1(announce_ms: u32) -> Lab {

@@ -5,18 +5,17 @@
 //! Run one at a time (`--test-threads=1`): they share two CPU cores and
 //! measure rates and times.
 
+mod common;
+use common::bond_ctl;
+
 use std::{
     collections::BTreeMap,
     path::Path,
     time::{Duration, Instant},
 };
 
-use bond_ctl::lab::{Lab, TerminalSpec};
+use bond_lab::{Lab, TerminalSpec};
 use serde_json::Value;
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
 
 /// Weights by link id, upstream (as terminal `viewer` sees them) and
 /// downstream (as the server sees them).
@@ -605,10 +604,8 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
 #[test]
 fn hostile_control_messages_are_counted_and_change_nothing() {
     use bond_common::maps::name;
-    use bond_ctl::{
-        datapath::{DEFAULT_BPFFS, Maps, pin_dir},
-        lab::{COMMUNITY, KEY},
-    };
+    use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+    use bond_lab::{COMMUNITY, KEY};
     use bond_proto::{
         CommunityKey,
         control::{Body, LinkAd, Msg, flags},
@@ -759,7 +756,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
 
 #[test]
 fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
-    use bond_ctl::lab::{COMMUNITY2, CONTENT2};
+    use bond_lab::{COMMUNITY2, CONTENT2};
     let mut lab = figure1();
     // t3 (no link of its own) also joins a second community whose only
     // link is u1's 20 Mbit/s.

@@ -2,7 +2,7 @@
 //! style: every fixture is an input packet, the expected verdict, the exact
 //! expected output bytes (built independently in `common::packets`, every
 //! checksum recomputed with etherparse) and the expected counters, read back
-//! through `bond_ctl::datapath::Maps`. The programs are configured only
+//! through `bond_datapath::Maps`. The programs are configured only
 //! through `Maps`, as the agent configures them.
 mod common;
 
@@ -15,7 +15,7 @@ use aya::{
 use bond_common::maps::{
     FlowKey, LINK_VALID, LinkStats, RelayLink, ServerConfig, ServerLink, TerminalConfig, UpLink,
 };
-use bond_ctl::datapath::{self, Maps};
+use bond_datapath::{self as datapath, Maps};
 use common::{
     PinDir, isolate,
     packets::{
@@ -72,7 +72,7 @@ impl Obj {
 
     fn terminal(tag: &str) -> Self {
         Self::load(
-            bond_ctl::ebpf::TERMINAL,
+            bond_datapath::ebpf::TERMINAL,
             tag,
             &[
                 "bond_wrap",
@@ -84,7 +84,7 @@ impl Obj {
     }
 
     fn server(tag: &str) -> Self {
-        Self::load(bond_ctl::ebpf::SERVER, tag, &["bond_server"])
+        Self::load(bond_datapath::ebpf::SERVER, tag, &["bond_server"])
     }
 
     /// Runs `prog` once on `input`; returns the verdict and the output packet.
@@ -155,7 +155,7 @@ fn with_stamp(got: &[u8], want: &[u8], what: &str) -> Vec<u8> {
     let mut want = want.to_vec();
     if wrapped(&want) && wrapped(got) && get32(&want, SENT.start) == OPEN {
         let sent = get32(got, SENT.start);
-        let now = (bond_ctl::datapath::monotonic_ns() / 1000) as u32;
+        let now = (bond_datapath::monotonic_ns() / 1000) as u32;
         assert!(
             now.wrapping_sub(sent) < 10_000_000,
             "{what}: send time {sent} µs, now {now} µs"
@@ -521,7 +521,7 @@ fn wrap_sends_each_packet_where_it_arrives_first() {
 /// `bond_wrap` numbers each link's DATA_UP in a sequence of its own (1
 /// to 127, round past 0), leaves a pure ACK unnumbered, and keeps a copy
 /// of every numbered packet as it left (`T_KEPT`), for the server to ask
-/// for again (`bond_ctl::resend`).
+/// for again (`bond_agent::resend`).
 #[test]
 fn wrap_numbers_each_links_packets_and_keeps_copies() {
     use bond_common::{
@@ -829,7 +829,7 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
     use bond_common::maps::Hold;
     use term::*;
     let t = term::setup("hold");
-    let now = bond_ctl::datapath::monotonic_ns();
+    let now = bond_datapath::monotonic_ns();
     let w = down_from_server(LAN_IP, TOKEN);
     let hold = |alive_until_ns| Hold {
         ifindex: 4242,
@@ -1106,7 +1106,7 @@ fn terminal_l3_sends_its_downstream_to_the_playout_behind_an_ethernet_header() {
     use bond_common::maps::Hold;
     use term::*;
     let t = l3_setup("l3-hold");
-    let now = bond_ctl::datapath::monotonic_ns();
+    let now = bond_datapath::monotonic_ns();
     t.maps
         .set_hold(
             bond_common::maps::name::T_HOLD,
@@ -1402,7 +1402,7 @@ mod srv {
         ports: impl IntoIterator<Item = u16>,
         sizes: &[(&str, u32)],
     ) -> Obj {
-        let s = Obj::load_with_sizes(bond_ctl::ebpf::SERVER, tag, &["bond_server"], sizes);
+        let s = Obj::load_with_sizes(bond_datapath::ebpf::SERVER, tag, &["bond_server"], sizes);
         let m = &s.maps;
         m.set_server_config(ServerConfig {
             wan_ip: WAN_IP.into(),
@@ -1585,7 +1585,7 @@ mod srv {
 /// Each link's DATA_DOWN is numbered in a sequence of its own (1 to 127,
 /// round past 0), a pure ACK is not numbered, and a copy of every
 /// numbered packet is kept as it left, bond header and inner packet, for
-/// the origin to ask for again (`bond_ctl::resend`).
+/// the origin to ask for again (`bond_agent::resend`).
 #[test]
 fn server_numbers_each_links_packets_and_keeps_copies() {
     use bond_common::{
@@ -1659,7 +1659,7 @@ fn server_sends_upstream_to_the_playout_while_it_reads() {
         let s = srv::setup("server-hold", 20000..=20010);
         let [l0, _, _] = LINKS;
         let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
-        let now = bond_ctl::datapath::monotonic_ns();
+        let now = bond_datapath::monotonic_ns();
         let hold = |alive_until_ns| Hold {
             ifindex: 4242,
             _pad: 0,
@@ -2404,7 +2404,7 @@ fn server_marks_tcp_flows_closing_on_fin_or_rst_both_ways() {
 fn server_sweep_expires_idle_flows_and_returns_their_ports() {
     use std::time::Duration;
 
-    use bond_ctl::flows::{self, SweepReport, Timeouts};
+    use bond_datapath::flows::{self, SweepReport, Timeouts};
     use srv::*;
     const S: u64 = 1_000_000_000;
     isolate::in_netns(|_| {
@@ -2557,7 +2557,7 @@ fn server_map_sizes_come_from_the_loader() {
         srv::network();
         // A flow table of 2, a queue of 3 ports and 2 sessions (the
         // set-up logs on A and B).
-        let sizes = bond_ctl::flows::server_map_sizes(2, 3, 2);
+        let sizes = bond_datapath::flows::server_map_sizes(2, 3, 2);
         let mut s = srv::setup_with_sizes("server-sizes", 20000..=20002, &sizes);
         assert!(
             s.maps.push_free_ports([20003]).is_err(),
@@ -4121,7 +4121,7 @@ fn terminal_l3_survives_mutants() {
             bond_common::maps::Hold {
                 ifindex: 4242,
                 _pad: 0,
-                alive_until_ns: bond_ctl::datapath::monotonic_ns() + 600_000_000_000,
+                alive_until_ns: bond_datapath::monotonic_ns() + 600_000_000_000,
             },
         )
         .unwrap();

@@ -1,7 +1,7 @@
 //! Real uplinks come and go: a line loses its carrier, a USB modem is
 //! unplugged and plugged back in, a lease renews with a new address. The
 //! link's owner follows each from rtnetlink's events, with traffic
-//! running and no restart (`bond_ctl::linkwatch`).
+//! running and no restart (`bond_agent::linkwatch`).
 //!
 //! Run one at a time (`--test-threads=1`): they time how soon counters
 //! stop and start.
@@ -12,17 +12,12 @@ use std::{
 };
 
 mod common;
+use common::bond_ctl;
 
-use bond_ctl::{
-    datapath::{DEFAULT_BPFFS, Maps, pin_dir},
-    lab::{Lab, TerminalSpec},
-};
+use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+use bond_lab::{Lab, TerminalSpec};
 
 use common::last_changes;
-
-fn bond_ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_bond-ctl"))
-}
 
 /// The link every test takes away: t2's second (wan1), 30 Mbit/s.
 const LINK: u8 = 3;
@@ -376,7 +371,7 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
 /// t2's is relayed through it.
 #[test]
 fn an_l3_link_bonds_with_an_ethernet_link() {
-    use bond_ctl::lab::LinkSpec;
+    use bond_lab::LinkSpec;
     use sha2::{Digest, Sha256};
     let spec = [vec![LinkSpec::rate(20).on_l3()], vec![LinkSpec::rate(20)]];
     let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
@@ -507,7 +502,7 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
 /// check` names the other ends that need setting. Trusted as they are
 /// (`veth = "trust"`), the agents log on but a download does not pass;
 /// by default each agent sets the other end of every veth it puts XDP on
-/// (`bond_ctl::veth`), and 20 MiB arrive whole.
+/// (`bond_agent::veth`), and 20 MiB arrive whole.
 #[test]
 fn veths_left_as_created_are_set_by_the_agents_that_use_them() {
     use sha2::{Digest, Sha256};

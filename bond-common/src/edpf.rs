@@ -63,7 +63,7 @@ pub struct Path {
     /// How much later than its base the link delivers now, as the
     /// receiving end last saw a packet that met no queue there: jitter
     /// (an LTE cell's scheduler), which holds for longer than a queue
-    /// the model drains (`bond_ctl::feedback`).
+    /// the model drains (`bond_agent::feedback`).
     pub extra_ns: u32,
 }
 const _: () = assert!(core::mem::size_of::<Path>() == 32);
@@ -129,7 +129,7 @@ pub struct Paths {
     /// The longest queue counted on any link, microseconds.
     pub backlog_us: u32,
     /// How much later than `backlog_us` a packet may arrive and still be
-    /// put in order by the receiver's playout (`bond_ctl::playout`),
+    /// put in order by the receiver's playout (`bond_agent::playout`),
     /// microseconds; 0 where the receiver has none.
     pub reorder_us: u32,
     pub _pad: u32,
@@ -277,7 +277,7 @@ impl Paths {
     }
 
     /// Moves link `id`'s queue by `err_ns`, what the receiving end saw its
-    /// packets wait beyond what this model counted (`bond_ctl::feedback`):
+    /// packets wait beyond what this model counted (`bond_agent::feedback`):
     /// later when the link drains slower than its rate says (a rate
     /// estimate a little high, a rate step, other senders on it, jitter),
     /// sooner when faster. Never past twice the horizon, so one wrong

@@ -74,7 +74,7 @@ pub mod event {
 /// The receiving end's playout (`T_HOLD[0]` on a terminal, `S_HOLD[0]` on
 /// the server): DATA for this host goes,
 /// still wrapped, to a hold device that the agent reads, and comes back
-/// through the same program when its time comes (`bond_ctl::playout`).
+/// through the same program when its time comes (`bond_agent::playout`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Hold {
@@ -105,7 +105,7 @@ pub const KEPT_SLOTS: u32 = 8192;
 pub const KEPT_MAX: usize = 1504;
 
 /// One packet as its sender sent it (`S_KEPT`, `T_KEPT`), so the receiving end can
-/// ask for it again when its link lost it (`bond_ctl::resend`). The ring
+/// ask for it again when its link lost it (`bond_agent::resend`). The ring
 /// is written without a lock (the next slot from `S_KEPT_NEXT`, bumped
 /// without an atomic): two CPUs may write one slot at once, so a reader
 /// checks that the copy's own header says what the slot's fields say.

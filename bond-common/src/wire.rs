@@ -24,15 +24,15 @@ pub mod kind {
     /// The server's measurement of an upstream train.
     pub const PROBE_REPORT: u8 = 0x16;
     /// A link's owner to the server over that link: its send time, for
-    /// the round trip and to show the link alive (`bond_ctl::pathmon`).
+    /// the round trip and to show the link alive (`bond_agent::pathmon`).
     pub const ECHO: u8 = 0x17;
     /// The server's answer to an ECHO, over the same link.
     pub const ECHO_REPLY: u8 = 0x18;
     /// A receiving end's playout to the sender: how much queue each link's
-    /// recent packets met (`bond_ctl::feedback`).
+    /// recent packets met (`bond_agent::feedback`).
     pub const FEEDBACK: u8 = 0x19;
     /// A receiving end's playout to the sender: packets a link lost,
-    /// to send again (`bond_ctl::resend`).
+    /// to send again (`bond_agent::resend`).
     pub const RESEND: u8 = 0x1a;
 }
 
@@ -54,7 +54,7 @@ pub const fn sent_us(now_ns: u64) -> u32 {
 /// The per-link sequence runs 1 to [`SEQ_MAX`] and round again
 /// ([`BondHdr::seq`]); 0 is "not counted".
 pub const SEQ_MAX: u8 = 127;
-/// Set in [`BondHdr::seq`] on a copy sent again (`bond_ctl::resend`): the
+/// Set in [`BondHdr::seq`] on a copy sent again (`bond_agent::resend`): the
 /// rest is the packet's number on the link it was first sent on, `link`
 /// the link it comes on now.
 pub const SEQ_COPY: u8 = 0x80;

@@ -5,13 +5,14 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
-use bond_ctl::{
-    agent,
-    config::{Config, WeightSpec},
-    control::{self, Request},
-    datapath::{self, Maps},
-    dist, show,
-};
+use bond_agent as agent;
+use bond_api::{self as control, Request};
+use bond_config::{Config, WeightSpec};
+use bond_datapath::{self as datapath, Maps};
+use bond_relay as dist;
+
+mod services;
+mod show;
 
 #[derive(Parser)]
 #[command(
@@ -206,7 +207,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A terminal configuration with a `[dist]` table.
-fn dist_config(path: &std::path::Path) -> Result<bond_ctl::config::TerminalConfig> {
+fn dist_config(path: &std::path::Path) -> Result<bond_config::TerminalConfig> {
     match Config::load(path)? {
         Config::Terminal(t) if t.dist.is_some() => Ok(t),
         _ => bail!(
@@ -219,10 +220,7 @@ fn dist_config(path: &std::path::Path) -> Result<bond_ctl::config::TerminalConfi
 /// A terminal configuration with a `[cache]` table.
 fn cache_config(
     path: &std::path::Path,
-) -> Result<(
-    bond_ctl::config::TerminalConfig,
-    bond_ctl::config::CacheConfig,
-)> {
+) -> Result<(bond_config::TerminalConfig, bond_config::CacheConfig)> {
     match Config::load(path)? {
         Config::Terminal(t) => match t.cache.clone() {
             Some(c) => Ok((t, c)),
@@ -246,7 +244,7 @@ fn main() -> Result<()> {
                 run_dir: cli.run_dir.clone(),
                 config: config.clone(),
             };
-            rt.block_on(agent::run(cfg, paths))
+            rt.block_on(agent::run(cfg, paths, services::start()))
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
@@ -390,7 +388,7 @@ fn main() -> Result<()> {
         } => {
             let (_, c) = cache_config(&config)?;
             let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
-            let report = rt.block_on(bond_ctl::cache::fetch::through_proxy(
+            let report = rt.block_on(bond_cache::fetch::through_proxy(
                 c.proxy,
                 &url,
                 &output,
@@ -405,7 +403,12 @@ fn main() -> Result<()> {
                 CacheCmd::Table { config, json } => (config, json, true),
             };
             let (t, c) = cache_config(&config)?;
-            let v = rt.block_on(bond_ctl::cache::ask_service(&t, &c, table))?;
+            let v = rt.block_on(async {
+                let net = bond_agent::net::Net::new()?;
+                let lan = net.iface(&t.lan).await.context("field `lan`")?;
+                let ip = net.ipv4(&lan).await.context("field `lan`")?;
+                bond_cache::ask_service(&t.key, ip, &c, table).await
+            })?;
             if table {
                 show::cache_table(&v, json)
             } else {
@@ -438,15 +441,15 @@ async fn veth_warnings(cfg: &Config) -> Vec<String> {
             s.attach.veth,
         ),
     };
-    if how == bond_ctl::config::VethAttach::Trust {
+    if how == bond_config::VethAttach::Trust {
         return Vec::new();
     }
-    let Ok(net) = bond_ctl::net::Net::new() else {
+    let Ok(net) = bond_agent::net::Net::new() else {
         return vec!["rtnetlink unavailable: interfaces not checked".into()];
     };
     let mut out = Vec::new();
     for i in ifaces {
-        match bond_ctl::veth::other_end(&net, i, false).await {
+        match bond_agent::veth::other_end(&net, i, false).await {
             Ok(other) => out.extend(other.report(i, false)),
             Err(e) => out.push(format!("{i}: {e:#}")),
         }

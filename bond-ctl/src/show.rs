@@ -29,7 +29,7 @@ use anyhow::{Result, bail};
 use bond_common::maps::{FLOW_CLOSING, LinkStats, name};
 use serde_json::{Value, json};
 
-use crate::datapath::Maps;
+use bond_datapath::{Maps, monotonic_ns};
 
 /// `bond-ctl status`.
 pub fn status(v: &Value, json: bool) -> Result<()> {
@@ -395,19 +395,8 @@ pub fn flows(maps: &Maps, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// `bond-ctl distribute`: the final report.
-pub fn distribution(r: &crate::dist::main_server::FinalReport, json: bool) -> Result<()> {
+pub fn distribution(r: &bond_relay::main_server::FinalReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(r)?);
         return Ok(());
@@ -449,7 +438,7 @@ pub fn distribution(r: &crate::dist::main_server::FinalReport, json: bool) -> Re
 }
 
 /// `bond-ctl terminals`: the network information database, ranked.
-pub fn terminals(rows: &[crate::dist::db::TerminalRow], json: bool) -> Result<()> {
+pub fn terminals(rows: &[bond_relay::db::TerminalRow], json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::json!({ "terminals": rows }));
         return Ok(());
@@ -507,7 +496,7 @@ pub fn progress_bar() -> impl FnMut(u64, Option<u64>) {
 }
 
 /// `bond-ctl fetch`: what came from where.
-pub fn fetched(r: &crate::cache::fetch::FetchReport, json: bool) -> Result<()> {
+pub fn fetched(r: &bond_cache::fetch::FetchReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(r)?);
         return Ok(());

@@ -5,13 +5,11 @@
 //! invariants whatever they are fed.
 #![no_main]
 
-use bond_ctl::{
-    cache::{
-        msg::{self, Object, Update},
-        serve::parse_range,
-        store::Lru,
-        table::Table,
-    },
+use bond_cache::{
+    msg::{self, Object, Update},
+    serve::parse_range,
+    store::Lru,
+    table::Table,
 };
 use bond_proto::{CommunityKey, signed};
 use libfuzzer_sys::fuzz_target;

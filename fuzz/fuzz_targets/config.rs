@@ -2,7 +2,7 @@
 //! that names a field; it never panics.
 #![no_main]
 
-use bond_ctl::config::Config;
+use bond_config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

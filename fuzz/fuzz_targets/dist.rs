@@ -5,7 +5,7 @@
 //! back to the same; nothing may panic.
 #![no_main]
 
-use bond_ctl::dist::{
+use bond_relay::{
     chunk::Manifest,
     frame::{self, Frame, Reader},
     msg::{Report, TransportRequest},

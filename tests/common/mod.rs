@@ -1,11 +1,40 @@
 //! Shared test support.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod isolate;
-pub mod packets;
+
+pub use bond_lab::packets;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The bond-ctl binary, built now in this test's profile (so a test never
+/// runs a stale agent), with `bond-delay` beside it for the lab's links.
+pub fn bond_ctl() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let build = |package: &str, bin: &str| {
+            escargot::CargoBuild::new()
+                .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+                .package(package)
+                .bin(bin)
+                .current_release()
+                .run()
+                .unwrap_or_else(|e| panic!("building {bin}: {e}"))
+                .path()
+                .to_path_buf()
+        };
+        let delay = build("bond-lab", "bond-delay");
+        let bin = build("bond-ctl", "bond-ctl");
+        assert_eq!(
+            delay.parent(),
+            bin.parent(),
+            "the lab finds bond-delay beside bond-ctl"
+        );
+        bin
+    })
+}
 
 /// Fails loudly (not silently passes) when not root.
 pub fn require_root() {
@@ -24,7 +53,7 @@ impl PinDir {
     pub fn new(tag: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         require_root();
-        bond_ctl::datapath::ensure_bpffs(std::path::Path::new(bond_ctl::datapath::DEFAULT_BPFFS))
+        bond_datapath::ensure_bpffs(std::path::Path::new(bond_datapath::DEFAULT_BPFFS))
             .expect("mount bpffs");
         let n = N.fetch_add(1, Ordering::Relaxed);
         let p = PathBuf::from(format!(

@@ -1,5 +1,5 @@
 //! `cargo xtask bench aggregate`: goodput over the lab's named link profiles
-//! (`bond_ctl::lab::Profile`: rate, one-way delay, jitter, loss, rate steps,
+//! (`bond_lab::Profile`: rate, one-way delay, jitter, loss, rate steps,
 //! a dark window), bond against the alternatives on the same links in the
 //! same run.
 //!
@@ -39,7 +39,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use bond_ctl::lab::{CONTENT, Lab, LinkSpec, PROFILES, Profile, SERVER_WAN};
+use bond_lab::{CONTENT, Lab, LinkSpec, PROFILES, Profile, SERVER_WAN};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Dir {
@@ -765,7 +765,7 @@ impl Mptcp {
             peers: Vec::new(),
             sources: Vec::new(),
         };
-        let links: Vec<(usize, bond_ctl::lab::WanLink)> = lab
+        let links: Vec<(usize, bond_lab::WanLink)> = lab
             .terminals
             .iter()
             .enumerate()

@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use bond_ctl::lab::{Lab, TerminalSpec};
+use bond_lab::{Lab, TerminalSpec};
 
 struct Setup {
     terminals: usize,

@@ -13,7 +13,7 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
-use bond_ctl::lab::{Lab, TerminalSpec};
+use bond_lab::{Lab, TerminalSpec};
 
 struct Setup {
     targets: usize,

@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use bond_ctl::lab::{CONTENT, Lab, TerminalSpec};
+use bond_lab::{CONTENT, Lab, TerminalSpec};
 use nix::sched::{CloneFlags, setns};
 
 const RATE: u32 = 20;

@@ -81,7 +81,7 @@ use bond_common::{
     edpf::DEFAULT_BACKLOG_US,
     maps::{LINK_VALID, RelayLink, ServerConfig, ServerLink, TerminalConfig, event},
 };
-use bond_ctl::datapath::{self, Maps};
+use bond_datapath::{self as datapath, Maps};
 use nix::{
     net::if_::if_nametoindex,
     sched::{CloneFlags, CpuSet, sched_getaffinity, sched_setaffinity, setns},
@@ -555,7 +555,7 @@ impl Bench {
     fn new(kind: Kind, plan: &Plan) -> Result<Self> {
         let topo = Topology::new(kind.tag())?;
         let mut tools = EbpfLoader::new()
-            .load(bond_ctl::ebpf::BENCH)
+            .load(bond_lab::BENCH)
             .context("loading the bench object (bond-ebpf/src/bin/bench.rs)")?;
         for p in ["bench_tx", "bench_sink", "bench_capture"] {
             xdp_mut(&mut tools, p)?
@@ -650,7 +650,7 @@ impl Bench {
             }
             Kind::BondRelay => {
                 let pin = PinDir::new(self.kind.tag())?;
-                let ebpf = datapath::load(bond_ctl::ebpf::TERMINAL, &pin.0)
+                let ebpf = datapath::load(bond_datapath::ebpf::TERMINAL, &pin.0)
                     .context("loading bond's terminal object")?;
                 let maps = Maps::new(&pin.0);
                 // A terminal at 10.0.1.1 whose one WAN link (out0) relays
@@ -687,7 +687,7 @@ impl Bench {
                 // bpf_fib_lookup needs forwarding on, as the agent sets it.
                 ns_exec(&dut, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
                 let pin = PinDir::new(self.kind.tag())?;
-                let ebpf = datapath::load(bond_ctl::ebpf::SERVER, &pin.0)
+                let ebpf = datapath::load(bond_datapath::ebpf::SERVER, &pin.0)
                     .context("loading bond's server object")?;
                 let maps = Maps::new(&pin.0);
                 // A server at 198.51.100.254:7000 with one community link

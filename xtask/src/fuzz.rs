@@ -3,7 +3,7 @@
 //!
 //! The targets need libFuzzer's instrumentation, which takes `-Z` flags:
 //! the stable toolchain gives them with `RUSTC_BOOTSTRAP=1`, as it does for
-//! the eBPF build. `AYA_BUILD_SKIP=1`: the decoders need no eBPF objects.
+//! the eBPF build (the parsers' crates do not load eBPF objects).
 
 use std::{path::Path, process::Command};
 
@@ -56,8 +56,7 @@ fn fuzz_cmd() -> Command {
     let mut c = Command::new("cargo");
     c.arg("fuzz")
         .current_dir("fuzz")
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("AYA_BUILD_SKIP", "1");
+        .env("RUSTC_BOOTSTRAP", "1");
     c
 }
 
@@ -138,7 +137,7 @@ fn seed() -> Result<()> {
 /// A LAN query and answer, an update and a store index, as the cache
 /// target reads them (it signs the bodies itself), and a range.
 fn cache_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
-    use bond_ctl::cache::msg::{Lan, Object, Outcome, Update};
+    use bond_cache::msg::{Lan, Object, Outcome, Update};
     let object = Object {
         url: "http://203.0.113.2/map.bin".into(),
         validator: Some("\"abc\"".into()),
@@ -148,7 +147,7 @@ fn cache_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
         fetched_ms: 1,
     };
     let body = |m: &Lan| {
-        let sealed = bond_ctl::cache::msg::seal_lan(&key(), m, 1);
+        let sealed = bond_cache::msg::seal_lan(&key(), m, 1);
         let nl = sealed.iter().position(|b| *b == b'\n').unwrap_or(0);
         sealed[nl + 1..].to_vec()
     };
@@ -193,7 +192,7 @@ fn cache_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
 /// A manifest, a stream of frames (cut in pieces of 7), a transport request
 /// and a report, as the dist target reads them.
 fn dist_seeds(write: impl Fn(&str, &str, &[u8]) -> Result<()>) -> Result<()> {
-    use bond_ctl::dist::{chunk::Manifest, frame, msg};
+    use bond_relay::{chunk::Manifest, frame, msg};
     let m = Manifest::build("update.bin", &[7u8; 5000][..], 1024)?;
     write("dist", "manifest", &m.encode())?;
     let stream = [

@@ -17,10 +17,9 @@ mod fastpath;
 mod fuzz;
 // Packets built independently of the code under test, shared with the BPF
 // fixtures.
-#[path = "../../tests/common/packets.rs"]
-mod packets;
+use bond_lab::packets;
 mod scale;
-use bond_ctl::lab::{Lab, TerminalSpec};
+use bond_lab::{Lab, TerminalSpec};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -112,7 +111,7 @@ fn main() -> Result<()> {
         } => {
             // Name a bad profile before minutes of building.
             for p in &profiles {
-                bond_ctl::lab::Profile::named(p)?;
+                bond_lab::Profile::named(p)?;
             }
             let bin = build()?;
             let runs = runs.unwrap_or(if quick { 1 } else { 3 });
@@ -209,7 +208,7 @@ fn announce(quick: bool) -> Result<String> {
         "--release",
         "-q",
         "-p",
-        "bond-ctl",
+        "bond-agent",
         "--example",
         "announce_load",
     ]);
@@ -237,7 +236,8 @@ fn sh(cmd: &mut Command) -> Result<()> {
 }
 
 fn build() -> Result<PathBuf> {
-    sh(Command::new("cargo").args(["build", "-p", "bond-ctl", "--release"]))?;
+    // bond-delay (the lab's links) is found beside bond-ctl.
+    sh(Command::new("cargo").args(["build", "--release", "-p", "bond-ctl", "-p", "bond-lab"]))?;
     Ok(PathBuf::from("target/release/bond-ctl").canonicalize()?)
 }
 
@@ -246,7 +246,7 @@ fn test() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the BPF and end-to-end tests need root");
     }
-    // bond-ebpf builds only for the BPF target (via bond-ctl's build.rs).
+    // bond-ebpf builds only for the BPF target (via bond-datapath's build.rs).
     sh(Command::new("cargo").args([
         "test",
         "--workspace",
@@ -255,7 +255,7 @@ fn test() -> Result<()> {
         "--lib",
         "--bins",
     ]))?;
-    sh(Command::new("cargo").args(["test", "-p", "bond-ctl", "--test", "prog"]))?;
+    sh(Command::new("cargo").args(["test", "-p", "bond-tests", "--test", "prog"]))?;
     // One at a time: they share the machine's cores and measure rates.
     // Release builds, as the agents run in use: a debug agent's playout
     // and feedback threads fall behind under load, and the rates the
@@ -276,7 +276,7 @@ fn test() -> Result<()> {
             "test",
             "--release",
             "-p",
-            "bond-ctl",
+            "bond-tests",
             "--test",
             t,
             "--",

@@ -78,7 +78,7 @@ use aya::{
 use bond_common::maps::{
     Flow, FlowKey, LINK_VALID, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink, name,
 };
-use bond_ctl::datapath::{self, Maps};
+use bond_datapath::{self as datapath, Maps};
 
 use crate::packets::{
     Bond, DATA_DOWN, DATA_UP, ETH_P_IP, Ip, L4, Mac, Outer, WRAP_LEN, arp_frame, eth, wrapped,
@@ -305,7 +305,8 @@ fn measure(scale: Scale) -> Result<String> {
 
     // Baseline for memory: the server as the agent loads it by default.
     let (default_mem, default_load) = {
-        let sizes = bond_ctl::flows::server_map_sizes(DEFAULT_PORTS, DEFAULT_PORTS, MAX_SESSIONS);
+        let sizes =
+            bond_datapath::flows::server_map_sizes(DEFAULT_PORTS, DEFAULT_PORTS, MAX_SESSIONS);
         let (s, t) = Server::load("default", &sizes)?;
         (s.memory()?, t)
     };
@@ -316,7 +317,7 @@ fn measure(scale: Scale) -> Result<String> {
         None,
     ));
 
-    let sizes = bond_ctl::flows::server_map_sizes(scale.flows, PORTS, MAX_SESSIONS);
+    let sizes = bond_datapath::flows::server_map_sizes(scale.flows, PORTS, MAX_SESSIONS);
     let (base, load) = Server::load("empty", &sizes)?;
     setup.push(Step::new(
         &format!("load the object, {} flow slots", n(scale.flows)),
@@ -697,7 +698,7 @@ impl Server {
     /// Fills the table to F - K flows (and `S_NAT` as far as the ports go)
     /// through the map API; returns the two steps' timings.
     fn fill(&self, scale: Scale) -> Result<Vec<Step>> {
-        let now = bond_ctl::show::monotonic_ns();
+        let now = bond_datapath::monotonic_ns();
         let mut flows = self.hash::<FlowKey, Flow>(name::S_FLOWS)?;
         let held = scale.nat_held();
         let step = |what: &str, count: u32, f: &mut dyn FnMut(u32) -> Result<()>| {
@@ -793,7 +794,7 @@ impl Server {
     fn load(tag: &str, sizes: &[(&str, u32)]) -> Result<(Self, Duration)> {
         let pin = PinDir::new(tag)?;
         let start = Instant::now();
-        let mut ebpf = datapath::load_with_sizes(bond_ctl::ebpf::SERVER, pin.path(), sizes)
+        let mut ebpf = datapath::load_with_sizes(bond_datapath::ebpf::SERVER, pin.path(), sizes)
             .context("loading the server object")?;
         let prog: &mut Xdp = ebpf
             .program_mut("bond_server")

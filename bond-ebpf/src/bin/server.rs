@@ -11,7 +11,7 @@
 //!   community's downstream schedule.
 //! - TCP segments with FIN or RST, either way, mark their flow closing
 //!   (`Flow::state`); the agent expires idle flows and returns their ports
-//!   to the queue (`bond-ctl/src/flows.rs`).
+//!   to the queue (`bond-ctl/datapath/src/flows.rs`).
 //!
 //! Next hops come from the kernel's FIB (`bpf_fib_lookup`). When the
 //! neighbour is not resolved yet the rewritten packet is handed to the

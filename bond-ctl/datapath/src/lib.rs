@@ -1,0 +1,770 @@
+//! The control plane's handle on the datapath: loading the objects, and
+//! every read and write of their maps.
+//!
+//! All maps are pinned by name under one directory per instance
+//! (`/sys/fs/bpf/bond/<instance>/`). The agent, the operator CLI and the
+//! tests all reach them through [`Maps`], so a listing works while the agent
+//! runs and the BPF tests configure the programs through the same calls the
+//! agent makes.
+
+pub mod ebpf;
+pub mod flows;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, Queue},
+};
+use bond_common::{
+    drops,
+    edpf::{MAX_PATHS, Paths},
+    maps::{
+        Flow, FlowKey, Hold, Kept, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor,
+        RelayLink, ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event,
+        name,
+    },
+};
+
+/// The bpffs mount instances pin under, as `<bpffs>/bond/<instance>/`.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "this bond-ctl was built without its eBPF objects (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
+    )]
+    NoObjects,
+    #[error("loading eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {name} not pinned under {dir} (is the agent running? `--instance`?)")]
+    NotPinned { name: &'static str, dir: PathBuf },
+    #[error(
+        "more links than a sender spreads over ({})",
+        bond_common::edpf::MAX_PATHS
+    )]
+    Schedule,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The kernel refused a new key because the map holds `max_entries`.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            Error::Map {
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            } if e.io_error.raw_os_error() == Some(libc::E2BIG)
+        )
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which the
+/// datapath's schedules and holds run on.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Pin directory of an instance.
+pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
+    bpffs.join("bond").join(instance)
+}
+
+/// `statfs(2)`'s `f_type` for a bpffs (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
+/// Held while one process checks and mounts bpffs: agents started at once
+/// (the demo starts four) would otherwise each find none and each mount
+/// one, and pins made under the first vanish behind the next.
+const MOUNT_LOCK: &str = "/run/bond-bpffs.lock";
+
+/// Mounts bpffs at `dir` unless one is mounted there already. Safe across
+/// threads and processes: the check and the mount happen under an
+/// exclusive `flock` on [`MOUNT_LOCK`], and the check asks the kernel what
+/// filesystem `dir` is (its `statfs` magic), not a table that may lag.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    use nix::{
+        fcntl::{Flock, FlockArg},
+        mount::{MsFlags, mount},
+    };
+    let is_bpffs =
+        |d: &Path| nix::sys::statfs::statfs(d).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(MOUNT_LOCK)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("opening {MOUNT_LOCK}: {e}")))?;
+    let _held = Flock::lock(lock, FlockArg::LockExclusive)
+        .map_err(|(_, e)| std::io::Error::other(format!("locking {MOUNT_LOCK}: {e}")))?;
+    if is_bpffs(dir) {
+        return Ok(()); // another process mounted it while we waited
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+    mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| std::io::Error::other(format!("mounting bpffs on {}: {e}", dir.display())))?;
+    Ok(())
+}
+
+/// Loads an object with all its maps pinned under `dir` (created if
+/// needed). Maps already pinned there are reused, not recreated.
+pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
+    load_with_sizes(object, dir, &[])
+}
+
+/// As [`load`], with `max_entries` of the maps named in `sizes` set to the
+/// given numbers instead of the sizes the object declares. A map already
+/// pinned keeps the size it was created with.
+pub fn load_with_sizes(object: &[u8], dir: &Path, sizes: &[(&str, u32)]) -> Result<Ebpf> {
+    if object.is_empty() {
+        return Err(Error::NoObjects);
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir);
+    for &(name, n) in sizes {
+        loader.map_max_entries(name, n);
+    }
+    Ok(loader.load(object)?)
+}
+
+/// A flow taken out of the server's tables by [`Maps::remove_flows_if`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemovedFlow {
+    pub key: FlowKey,
+    /// Its value as last read, just before it was deleted.
+    pub flow: Flow,
+    /// Whether its dedicated port went back to the free queue (not when
+    /// `S_NAT` named another flow for it: the port is that flow's).
+    pub port_returned: bool,
+}
+
+/// The maps of one instance, by pin directory.
+#[derive(Clone, Debug)]
+pub struct Maps {
+    dir: PathBuf,
+}
+
+impl Maps {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether this instance has the given map (tells terminal from server).
+    pub fn has(&self, name: &str) -> bool {
+        self.dir.join(name).exists()
+    }
+
+    fn open(&self, name: &'static str) -> Result<Map> {
+        let path = self.dir.join(name);
+        if !path.exists() {
+            return Err(Error::NotPinned {
+                name,
+                dir: self.dir.clone(),
+            });
+        }
+        let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+        Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+    }
+
+    fn array<T: Pod>(&self, name: &'static str) -> Result<Array<MapData, T>> {
+        Array::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    fn hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+        HashMap::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    /// Every (key, value) of a hash map.
+    fn entries<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        self.hash::<K, V>(name)?
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Map { name, source })
+    }
+
+    fn percpu<T: Pod>(&self, name: &'static str) -> Result<PerCpuArray<MapData, T>> {
+        PerCpuArray::try_from(self.open(name)?).map_err(|source| Error::Map { name, source })
+    }
+
+    fn set<T: Pod>(&self, name: &'static str, idx: u32, v: T) -> Result<()> {
+        self.array::<T>(name)?
+            .set(idx, v, 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
+    fn put<K: Pod, V: Pod>(&self, name: &'static str, k: K, v: V) -> Result<()> {
+        self.hash::<K, V>(name)?
+            .insert(k, v, 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
+    /// Removes a key; a key that is not there is not an error.
+    fn remove<K: Pod, V: Pod>(&self, name: &'static str, k: K) -> Result<()> {
+        match self.hash::<K, V>(name)?.remove(&k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // aya reports a missing key on delete as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(Error::Map { name, source }),
+        }
+    }
+
+    fn sum_counters(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
+        let map = self.percpu::<u64>(name)?;
+        (0..count)
+            .map(|i| {
+                map.get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(|source| Error::Map { name, source })
+            })
+            .collect()
+    }
+
+    fn sum_link_stats(&self, name: &'static str, idx: u32) -> Result<LinkStats> {
+        Ok(self.sum_links_stats(name, [idx])?[0].1)
+    }
+
+    /// The counters at each of `idxs`, summed over CPUs, with the map
+    /// opened once.
+    fn sum_links_stats(
+        &self,
+        name: &'static str,
+        idxs: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<(u32, LinkStats)>> {
+        let map = self.percpu::<LinkStats>(name)?;
+        idxs.into_iter()
+            .map(|idx| {
+                let v = map
+                    .get(&idx, 0)
+                    .map_err(|source| Error::Map { name, source })?;
+                let mut total = LinkStats::default();
+                v.iter().for_each(|s| total.add(s));
+                Ok((idx, total))
+            })
+            .collect()
+    }
+
+    /// A terminal's counters of the links `ids` (its own, say).
+    pub fn terminal_links_stats(
+        &self,
+        ids: impl IntoIterator<Item = u8>,
+    ) -> Result<Vec<(u32, LinkStats)>> {
+        self.sum_links_stats(name::T_LINK_STATS, ids.into_iter().map(u32::from))
+    }
+
+    /// The server's counters of the links at `idxs`.
+    pub fn server_links_stats(
+        &self,
+        idxs: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<(u32, LinkStats)>> {
+        self.sum_links_stats(name::S_LINK_STATS, idxs)
+    }
+
+    // ------------------------------------------------------------ terminal --
+
+    pub fn set_terminal_config(&self, cfg: TerminalConfig) -> Result<()> {
+        self.set(name::T_CONFIG, 0, cfg)
+    }
+
+    /// Where the datapath sends DATA for this host to wait its turn
+    /// (`T_HOLD` on a terminal, `S_HOLD` on the server).
+    pub fn set_hold(&self, map: &'static str, hold: Hold) -> Result<()> {
+        self.set(map, 0, hold)
+    }
+
+    /// A sender's ring of copies (`S_KEPT` or `T_KEPT`, `crate::resend`),
+    /// opened once for the many slots a search reads, and the slot it
+    /// writes next (from `S_KEPT_NEXT` or `T_KEPT_NEXT`).
+    pub fn kept(
+        &self,
+        ring: &'static str,
+        next: &'static str,
+    ) -> Result<(Array<MapData, Kept>, u32)> {
+        let at = self
+            .array::<u32>(next)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map { name: next, source })?;
+        Ok((self.array::<Kept>(ring)?, at))
+    }
+
+    pub fn terminal_config(&self) -> Result<TerminalConfig> {
+        self.array::<TerminalConfig>(name::T_CONFIG)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::T_CONFIG,
+                source,
+            })
+    }
+
+    pub fn set_up_link(&self, link: u8, entry: UpLink) -> Result<()> {
+        self.set(name::T_UP_LINKS, u32::from(link), entry)
+    }
+
+    pub fn up_link(&self, link: u8) -> Result<UpLink> {
+        self.array::<UpLink>(name::T_UP_LINKS)?
+            .get(&u32::from(link), 0)
+            .map_err(|source| Error::Map {
+                name: name::T_UP_LINKS,
+                source,
+            })
+    }
+
+    /// Sets the upstream links the origin spreads over: `(link, kbit/s,
+    /// relative delay in ns)`; rate zero leaves a link out. Links that stay
+    /// keep their queue state; none is counted a queue longer than
+    /// `backlog_us`.
+    pub fn set_up_paths(&self, links: &[(u8, u64, u32)], backlog_us: u32) -> Result<Paths> {
+        self.set_up_paths_reordered(links, backlog_us, 0)
+    }
+
+    /// As [`Maps::set_up_paths`], for a server whose playout puts right
+    /// what arrives up to `reorder_us` late ([`Paths::reorder_us`]).
+    pub fn set_up_paths_reordered(
+        &self,
+        links: &[(u8, u64, u32)],
+        backlog_us: u32,
+        reorder_us: u32,
+    ) -> Result<Paths> {
+        let links: Vec<(u32, u64, u32)> = links
+            .iter()
+            .map(|&(l, k, d)| (u32::from(l), k, d))
+            .collect();
+        let p = carry_queues(&self.up_paths()?, &links, backlog_us, reorder_us)?;
+        self.set(name::T_PATHS, 0, p)?;
+        Ok(p)
+    }
+
+    /// Charges a probe train sent on an own link to its upstream queue
+    /// ([`Paths::charge`]); when the train will have left, if the link is
+    /// in the schedule. A read-modify-write of the whole schedule: picks
+    /// the datapath makes meanwhile on other links may be counted short.
+    pub fn charge_up_path(&self, link: u8, count: u32, len: u32) -> Result<Option<u64>> {
+        let mut p = self.up_paths()?;
+        let left = p.charge(u32::from(link), monotonic_ns(), count, len);
+        if left.is_some() {
+            self.set(name::T_PATHS, 0, p)?;
+        }
+        Ok(left)
+    }
+
+    /// Picks the link where `len` bytes (the whole frame) sent upstream now
+    /// arrive first, and counts them into its queue, as `bond_wrap` does.
+    pub fn pick_up_path(&self, len: u32) -> Result<Option<u8>> {
+        let mut p = self.up_paths()?;
+        let Ok(id) = p.pick(monotonic_ns(), len) else {
+            return Ok(None);
+        };
+        self.set(name::T_PATHS, 0, p)?;
+        Ok(Some(id as u8))
+    }
+
+    /// Writes the upstream schedule back whole (after `Paths::correct`).
+    pub fn put_up_paths(&self, p: Paths) -> Result<()> {
+        self.set(name::T_PATHS, 0, p)
+    }
+
+    pub fn up_paths(&self) -> Result<Paths> {
+        self.array::<Paths>(name::T_PATHS)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::T_PATHS,
+                source,
+            })
+    }
+
+    /// Takes a link out of use (after the schedule stopped naming it).
+    pub fn clear_up_link(&self, link: u8) -> Result<()> {
+        let mut e = self.up_link(link)?;
+        e.flags = 0;
+        self.set_up_link(link, e)
+    }
+
+    pub fn set_relay_link(&self, port: u16, entry: RelayLink) -> Result<()> {
+        self.put(name::T_RELAY, port, entry)
+    }
+
+    pub fn set_neighbor(&self, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        self.put(name::T_NEIGH, u32::from(ip), Neighbor { mac, _pad: [0; 2] })
+    }
+
+    pub fn remove_neighbor(&self, ip: Ipv4Addr) -> Result<()> {
+        self.remove::<u32, Neighbor>(name::T_NEIGH, u32::from(ip))
+    }
+
+    pub fn neighbor(&self, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+        let map = self.hash::<u32, Neighbor>(name::T_NEIGH)?;
+        match map.get(&u32::from(ip), 0) {
+            Ok(n) => Ok(Some(n.mac)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                name: name::T_NEIGH,
+                source,
+            }),
+        }
+    }
+
+    /// Per-link counters of a terminal, summed over CPUs, for links with
+    /// any traffic or a valid entry: (link, in use, counters).
+    pub fn terminal_link_stats(&self) -> Result<Vec<(u8, bool, LinkStats)>> {
+        let links = self.array::<UpLink>(name::T_UP_LINKS)?;
+        let stats = self.percpu::<LinkStats>(name::T_LINK_STATS)?;
+        let mut out = Vec::new();
+        for i in 0..MAX_LINK_IDS {
+            let valid = links.get(&i, 0).map(|l| l.flags != 0).unwrap_or(false);
+            let v = stats.get(&i, 0).map_err(|source| Error::Map {
+                name: name::T_LINK_STATS,
+                source,
+            })?;
+            let mut total = LinkStats::default();
+            v.iter().for_each(|s| total.add(s));
+            if valid || total != LinkStats::default() {
+                out.push((i as u8, valid, total));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn terminal_drops(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(drops::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::T_DROPS, drops::COUNT)?)
+            .collect())
+    }
+
+    // -------------------------------------------------------------- server --
+
+    pub fn set_server_config(&self, cfg: ServerConfig) -> Result<()> {
+        self.set(name::S_CONFIG, 0, cfg)
+    }
+
+    pub fn server_config(&self) -> Result<ServerConfig> {
+        self.array::<ServerConfig>(name::S_CONFIG)?
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: name::S_CONFIG,
+                source,
+            })
+    }
+
+    pub fn set_session(&self, community: u16, origin: Ipv4Addr, token: u64) -> Result<()> {
+        let key = SessionKey {
+            community,
+            _pad: 0,
+            origin: u32::from(origin),
+        };
+        self.put(name::S_SESSIONS, key, Session { token, _pad: 0 })
+    }
+
+    pub fn remove_session(&self, community: u16, origin: Ipv4Addr) -> Result<()> {
+        let key = SessionKey {
+            community,
+            _pad: 0,
+            origin: u32::from(origin),
+        };
+        self.remove::<SessionKey, Session>(name::S_SESSIONS, key)?;
+        self.remove::<SessionKey, u64>(name::S_ORIGIN_FLOWS, key)
+    }
+
+    /// Writes the flows each origin holds as a sweep counted them (origins
+    /// not in `counts` hold none), correcting the program's running count.
+    pub fn recount_origin_flows(
+        &self,
+        counts: &std::collections::HashMap<SessionKey, u64>,
+    ) -> Result<()> {
+        let n = name::S_ORIGIN_FLOWS;
+        // Only origins with a session have an entry: the map is as big as
+        // the session table, and the flows of an origin that left (still
+        // in the table until they expire) must not take a newcomer's entry.
+        let sessions: std::collections::HashSet<SessionKey> = self
+            .hash::<SessionKey, Session>(name::S_SESSIONS)?
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
+        let mut map = self.hash::<SessionKey, u64>(n)?;
+        let known: Vec<SessionKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in &known {
+            if !sessions.contains(k) {
+                self.remove::<SessionKey, u64>(n, *k)?;
+            } else if !counts.contains_key(k) {
+                map.insert(*k, 0, 0)
+                    .map_err(|source| Error::Map { name: n, source })?;
+            }
+        }
+        for (k, v) in counts.iter().filter(|(k, _)| sessions.contains(k)) {
+            map.insert(*k, *v, 0)
+                .map_err(|source| Error::Map { name: n, source })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the link at `idx` out of use (after the schedule stopped
+    /// naming it): invalid entry, no index.
+    pub fn clear_server_link(&self, idx: u32) -> Result<()> {
+        let mut link = self.server_link(idx)?;
+        let key = LinkKey {
+            community: link.community,
+            link: link.link,
+            _pad: 0,
+        };
+        link.flags = 0;
+        self.set(name::S_LINKS, idx, link)?;
+        self.remove::<LinkKey, u32>(name::S_LINK_INDEX, key)
+    }
+
+    /// Registers a community link at dense index `idx`.
+    pub fn set_server_link(&self, idx: u32, link: ServerLink) -> Result<()> {
+        self.set(name::S_LINKS, idx, link)?;
+        let key = LinkKey {
+            community: link.community,
+            link: link.link,
+            _pad: 0,
+        };
+        self.put(name::S_LINK_INDEX, key, idx)
+    }
+
+    pub fn server_link(&self, idx: u32) -> Result<ServerLink> {
+        self.array::<ServerLink>(name::S_LINKS)?
+            .get(&idx, 0)
+            .map_err(|source| Error::Map {
+                name: name::S_LINKS,
+                source,
+            })
+    }
+
+    /// Sets the links a community's downstream is spread over: `(dense
+    /// link index, kbit/s, relative delay in ns)`, as [`Self::set_up_paths`].
+    pub fn set_down_paths(
+        &self,
+        community: u16,
+        links: &[(u32, u64, u32)],
+        backlog_us: u32,
+        reorder_us: u32,
+    ) -> Result<Paths> {
+        let old = self.down_paths(community)?.unwrap_or(Paths::EMPTY);
+        let p = carry_queues(&old, links, backlog_us, reorder_us)?;
+        self.put(name::S_PATHS, community, p)?;
+        Ok(p)
+    }
+
+    /// Charges a probe train sent on server link `idx` to its downstream
+    /// queue, as [`Maps::charge_up_path`] does upstream.
+    pub fn charge_down_path(
+        &self,
+        community: u16,
+        idx: u32,
+        count: u32,
+        len: u32,
+    ) -> Result<Option<u64>> {
+        let Some(mut p) = self.down_paths(community)? else {
+            return Ok(None);
+        };
+        let left = p.charge(idx, monotonic_ns(), count, len);
+        if left.is_some() {
+            self.put(name::S_PATHS, community, p)?;
+        }
+        Ok(left)
+    }
+
+    /// Picks the link where `len` bytes (the whole frame) sent now on
+    /// community `community`'s downstream arrive first, and counts them
+    /// into its queue, as the datapath does for each packet.
+    pub fn pick_down_path(&self, community: u16, len: u32) -> Result<Option<u32>> {
+        let Some(mut p) = self.down_paths(community)? else {
+            return Ok(None);
+        };
+        let Ok(idx) = p.pick(monotonic_ns(), len) else {
+            return Ok(None);
+        };
+        self.put(name::S_PATHS, community, p)?;
+        Ok(Some(idx))
+    }
+
+    /// Writes a community's downstream schedule back whole (after
+    /// `Paths::correct`).
+    pub fn put_down_paths(&self, community: u16, p: Paths) -> Result<()> {
+        self.put(name::S_PATHS, community, p)
+    }
+
+    pub fn down_paths(&self, community: u16) -> Result<Option<Paths>> {
+        match self.hash::<u16, Paths>(name::S_PATHS)?.get(&community, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                name: name::S_PATHS,
+                source,
+            }),
+        }
+    }
+
+    pub fn sessions(&self) -> Result<Vec<(SessionKey, Session)>> {
+        self.entries(name::S_SESSIONS)
+    }
+
+    /// Fills the free-port queue with `ports`; returns how many went in.
+    pub fn push_free_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<usize> {
+        let n = name::S_FREE_PORTS;
+        let mut q: Queue<MapData, u16> =
+            Queue::try_from(self.open(n)?).map_err(|source| Error::Map { name: n, source })?;
+        let mut pushed = 0;
+        for p in ports {
+            q.push(p, 0)
+                .map_err(|source| Error::Map { name: n, source })?;
+            pushed += 1;
+        }
+        Ok(pushed)
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        self.entries(name::S_FLOWS)
+    }
+
+    /// The reverse map: (protocol, dedicated port) -> origin flow.
+    pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatEntry)>> {
+        self.entries(name::S_NAT)
+    }
+
+    /// Removes each flow of `keys` whose value, read again just before the
+    /// delete, still satisfies `expired` (so one that came alive again is
+    /// kept): first its `S_FLOWS` entry, then its `S_NAT` entry, then its
+    /// port goes back to the free queue. In this order a packet that
+    /// arrives meanwhile never meets a half-removed flow it could corrupt:
+    /// upstream it makes a new flow with another port; a reply still finds
+    /// its `S_NAT` entry until that goes; and the port is handed out again
+    /// only once nothing refers to it. Keys already gone are skipped.
+    pub fn remove_flows_if(
+        &self,
+        keys: impl IntoIterator<Item = FlowKey>,
+        expired: impl Fn(&FlowKey, &Flow) -> bool,
+    ) -> Result<Vec<RemovedFlow>> {
+        use aya::maps::MapError::KeyNotFound;
+        let err = |name: &'static str| move |source| Error::Map { name, source };
+        let (fname, nname, qname) = (name::S_FLOWS, name::S_NAT, name::S_FREE_PORTS);
+        let mut flows = self.hash::<FlowKey, Flow>(fname)?;
+        let mut nat = self.hash::<NatKey, NatEntry>(nname)?;
+        let mut queue = Queue::<MapData, u16>::try_from(self.open(qname)?).map_err(err(qname))?;
+        let mut out = Vec::new();
+        for key in keys {
+            let flow = match flows.get(&key, 0) {
+                Err(KeyNotFound) => continue,
+                r => r.map_err(err(fname))?,
+            };
+            if !expired(&key, &flow) {
+                continue;
+            }
+            match flows.remove(&key) {
+                Err(KeyNotFound) => continue,
+                r => r.map_err(err(fname))?,
+            }
+            let nkey = NatKey {
+                proto: key.proto,
+                _pad: 0,
+                port: flow.nat_port,
+            };
+            let ours = match nat.get(&nkey, 0) {
+                // Never written (the program writes it just after the
+                // flow): nothing else holds the port either.
+                Err(KeyNotFound) => true,
+                r => {
+                    let e = r.map_err(err(nname))?;
+                    e.origin == key.origin && e.community == key.community && e.port == key.port
+                }
+            };
+            if ours {
+                match nat.remove(&nkey) {
+                    Ok(()) | Err(KeyNotFound) => {}
+                    Err(e) => return Err(err(nname)(e)),
+                }
+                queue.push(flow.nat_port, 0).map_err(err(qname))?;
+            }
+            out.push(RemovedFlow {
+                key,
+                flow,
+                port_returned: ours,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every registered community link: (key, dense index).
+    pub fn server_link_index(&self) -> Result<Vec<(LinkKey, u32)>> {
+        self.entries(name::S_LINK_INDEX)
+    }
+
+    pub fn server_link_stats(&self, idx: u32) -> Result<LinkStats> {
+        self.sum_link_stats(name::S_LINK_STATS, idx)
+    }
+
+    pub fn server_drops(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(drops::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::S_DROPS, drops::COUNT)?)
+            .collect())
+    }
+
+    pub fn server_events(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(event::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::S_EVENTS, event::COUNT)?)
+            .collect())
+    }
+}
+
+/// New paths for `links`, each keeping the virtual finish time and the
+/// jitter it had in `old` (a rate or delay update must not forget what is
+/// queued, nor what the feedback found). A sender
+/// spreads over at most [`MAX_PATHS`] links: beyond that, the fastest.
+fn carry_queues(
+    old: &Paths,
+    links: &[(u32, u64, u32)],
+    backlog_us: u32,
+    reorder_us: u32,
+) -> Result<Paths> {
+    let mut links = links.to_vec();
+    if links.len() > MAX_PATHS {
+        links.sort_by_key(|l| std::cmp::Reverse(l.1));
+        links.truncate(MAX_PATHS);
+    }
+    let mut p = Paths::from_links(&links).map_err(|_| Error::Schedule)?;
+    p.backlog_us = backlog_us;
+    p.reorder_us = reorder_us;
+    let n = p.len as usize;
+    for new in &mut p.paths[..n] {
+        if let Some(o) = old.links().find(|o| o.id == new.id) {
+            new.finish_ns = o.finish_ns;
+            new.extra_ns = o.extra_ns;
+        }
+    }
+    Ok(p)
+}
