@@ -1,0 +1,338 @@
+//! The operator's requests: status, weights, reload, drain, metrics.
+
+use super::*;
+
+impl Agent {
+    /// Reads the configuration file again and applies what may change
+    /// while running: the community `key`, `announce_ms`, `misses`,
+    /// `probe_ms` and the links' weights (a weight the file changes
+    /// replaces one set with `bond-ctl weight`; one it leaves alone stays).
+    /// A file that fails its checks, or that changes anything else (which
+    /// takes a restart: `detach`, then start the agent), changes nothing;
+    /// the error says why. Returns the fields that changed.
+    pub(super) async fn reload(&mut self) -> Result<Vec<&'static str>, String> {
+        let keep = "the running configuration stays";
+        let new = match Config::load(&self.path) {
+            Ok(Config::Terminal(t)) => t,
+            Ok(Config::Server(_)) => return Err(format!("field `role` changed; {keep}")),
+            Err(e) => return Err(format!("{e}; {keep}")),
+        };
+        let old = &self.cfg;
+        let unweighted = |c: &TerminalConfig| -> Vec<OwnLink> {
+            c.links
+                .iter()
+                .map(|l| OwnLink {
+                    weight: WeightSpec::Fixed(0),
+                    up: None,
+                    down: None,
+                    ..l.clone()
+                })
+                .collect()
+        };
+        let restart: Vec<&str> = [
+            ("instance", old.instance != new.instance),
+            ("community", old.community != new.community),
+            ("lan", old.lan != new.lan),
+            ("data_port", old.data_port != new.data_port),
+            ("device", old.device != new.device),
+            ("capture", old.capture != new.capture),
+            ("server", old.server != new.server),
+            ("links", unweighted(old) != unweighted(&new)),
+            ("metrics", old.metrics != new.metrics),
+            ("dist", old.dist != new.dist),
+            ("cache", old.cache != new.cache),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        if !restart.is_empty() {
+            return Err(format!(
+                "{} changed, which takes a restart (`bond-ctl detach`, then start the agent); {keep}",
+                restart.join(", ")
+            ));
+        }
+        let weights = |c: &TerminalConfig| -> Vec<(WeightSpec, WeightSpec)> {
+            c.links.iter().map(|l| (l.up(), l.down())).collect()
+        };
+        let changed: Vec<&'static str> = [
+            ("key", old.key != new.key),
+            ("announce_ms", old.announce_ms != new.announce_ms),
+            ("misses", old.misses != new.misses),
+            ("probe_ms", old.probe_ms != new.probe_ms),
+            ("weights", weights(old) != weights(&new)),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        for (o, (was, now)) in self.own.iter_mut().zip(old.links.iter().zip(&new.links)) {
+            if was.up() != now.up() {
+                o.up = Weight::new(now.up());
+            }
+            if was.down() != now.down() {
+                o.down = Weight::new(now.down());
+            }
+        }
+        self.peers.set_misses(new.misses);
+        self.interval = Duration::from_millis(u64::from(new.announce_ms));
+        self.cfg = new;
+        if changed.contains(&"weights") {
+            self.update_weights().await.map_err(|e| format!("{e:#}"))?;
+        }
+        eprintln!("bond-ctl: configuration reloaded: changed {changed:?}");
+        Ok(changed)
+    }
+
+    pub(super) async fn handle(&mut self, req: Request) -> Result<Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Peers => Ok(json!({ "peers": self.peer_rows() })),
+            Request::Weight { link, up, down } => {
+                let Some(o) = self.own.iter_mut().find(|o| o.ad.id == link) else {
+                    return Err(match self.peers.owner(link) {
+                        Some(ip) => format!("link {link} belongs to {ip}: set it there"),
+                        None => format!("link {link} is not one of this host's links"),
+                    });
+                };
+                if let Some(s) = up {
+                    o.up = Weight::new(s);
+                }
+                if let Some(s) = down {
+                    o.down = Weight::new(s);
+                }
+                let (up, down) = (o.up.spec, o.down.spec);
+                eprintln!("bond-ctl: link {link} weights set: up {up}, down {down}");
+                self.update_weights().await.map_err(|e| format!("{e:#}"))?;
+                Ok(json!({"link": link, "up": up.to_string(), "down": down.to_string()}))
+            }
+            Request::Drain { timeout_ms } => {
+                let now = Instant::now();
+                self.drain = Some(Drain {
+                    deadline: now + Duration::from_millis(timeout_ms),
+                    quiet_since: now,
+                    packets: 0,
+                });
+                eprintln!("bond-ctl: draining: this host's links leave the schedules");
+                self.announce().await;
+                self.apply_peers().await.map_err(|e| format!("{e:#}"))?;
+                Ok(json!({"draining": true, "links": self.own.len()}))
+            }
+            Request::Detach => {
+                eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
+                // The server is not to take the echoes' pause for dark links.
+                if self.token.is_some() && !self.own.is_empty() {
+                    self.restarting = true;
+                    self.send_to_server(self.announce_body(), true).await;
+                }
+                Ok(json!({"detached": true}))
+            }
+            Request::Metrics => self
+                .metrics()
+                .map(Value::String)
+                .map_err(|e| format!("{e:#}")),
+            Request::Reload => self
+                .reload()
+                .await
+                .map(|changed| json!({ "changed": changed })),
+        }
+    }
+
+    pub(super) fn status(&self) -> Value {
+        let links: Vec<Value> = self
+            .own
+            .iter()
+            .map(|o| {
+                json!({
+                    "link": o.ad.id, "interface": o.iface.name, "port": o.ad.port,
+                    "up": o.ad.up, "down": o.ad.down,
+                    "up_weight": o.up.json(), "down_weight": o.down.json(),
+                    "active": o.entry.flags & LINK_VALID != 0,
+                    "dark": o.dark(),
+                    "carrier": o.iface.carrier,
+                    "ethernet": o.iface.ethernet,
+                    "address": o.addr.map(|a| a.to_string()),
+                    "gateway": Some(o.gateway).filter(|g| !g.is_unspecified()).map(|g| g.to_string()),
+                    "rtt_ms": o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),
+                })
+            })
+            .collect();
+        json!({
+            "role": "terminal",
+            "instance": self.cfg.instance,
+            "community": self.cfg.community,
+            "address": self.lan_ip.to_string(),
+            "server": self.server().to_string(),
+            "logged_on": self.token.is_some(),
+            "announce_ms": self.cfg.announce_ms,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "adopted": self.adopted,
+            "fallback": self.cfg.fallback,
+            "bonding": self.captured == Some(true) && self.can_bond(),
+            "attach": crate::attach_status(&self.attached),
+            "draining": self.drain.is_some(),
+            "links": links,
+            "peers": self.peers.peers().count(),
+            "schedule": self
+                .schedule
+                .iter()
+                .flatten()
+                .map(|&(l, k, _)| (l, k))
+                .collect::<Vec<_>>(),
+            "paths": self
+                .schedule
+                .iter()
+                .flatten()
+                .map(|&(link, kbit, delay_ns)| json!({"link": link, "kbit": kbit, "delay_us": delay_ns / 1000}))
+                .collect::<Vec<_>>(),
+            "playout": self.playout.as_ref().map(|p| p.stats()),
+            "feedback": self.corrector.status(|_, id| u8::try_from(id).ok()),
+            "resend": self.resends,
+            "rejects": self.rejects.json(),
+            "faults": self.faults.json(),
+        })
+    }
+
+    /// The seed's Table 1, one row per link (this host's own too), with
+    /// whether the link is in this host's upstream schedule.
+    pub(super) fn peer_rows(&self) -> Vec<Value> {
+        let sched: Vec<u8> = self
+            .schedule
+            .iter()
+            .flatten()
+            .filter(|(_, k, _)| *k > 0)
+            .map(|(l, _, _)| *l)
+            .collect();
+        let mut rows: Vec<Value> = self
+            .own
+            .iter()
+            .map(|o| {
+                json!({
+                    "address": self.lan_ip.to_string(), "link": o.ad.id, "port": o.ad.port,
+                    "missed": 0, "up": o.ad.up, "down": o.ad.down,
+                    "self": true, "in_use": sched.contains(&o.ad.id),
+                })
+            })
+            .collect();
+        for r in self.peers.rows(Instant::now()) {
+            rows.push(json!({
+                "address": r.address.to_string(), "link": r.link, "port": r.port,
+                "missed": r.missed, "up": r.up, "down": r.down,
+                "self": false, "in_use": r.link != 0 && sched.contains(&r.link),
+            }));
+        }
+        rows
+    }
+
+    pub(super) fn metrics(&self) -> Result<String> {
+        let mut m = Metrics::default();
+        let stats = self.maps.terminal_link_stats()?;
+        m.family(
+            "bond_link_packets_total",
+            "counter",
+            "Packets carried per link: up/down as origin, relay_up/relay_down for peers.",
+        );
+        for (id, _, s) in &stats {
+            for (dir, v) in [
+                ("up", s.up_pkts),
+                ("down", s.down_pkts),
+                ("relay_up", s.relay_up_pkts),
+                ("relay_down", s.relay_down_pkts),
+            ] {
+                m.sample(
+                    "bond_link_packets_total",
+                    &[("link", id.to_string()), ("direction", dir.into())],
+                    v,
+                );
+            }
+        }
+        m.family(
+            "bond_link_bytes_total",
+            "counter",
+            "Bytes of carried (inner) packets per link.",
+        );
+        for (id, _, s) in &stats {
+            for (dir, v) in [
+                ("up", s.up_bytes),
+                ("down", s.down_bytes),
+                ("relay_up", s.relay_up_bytes),
+                ("relay_down", s.relay_down_bytes),
+            ] {
+                m.sample(
+                    "bond_link_bytes_total",
+                    &[("link", id.to_string()), ("direction", dir.into())],
+                    v,
+                );
+            }
+        }
+        m.family(
+            "bond_link_late_packets_total",
+            "counter",
+            "Packets for this host that came over a link after one the server sent later.",
+        );
+        for (id, _, s) in &stats {
+            m.sample(
+                "bond_link_late_packets_total",
+                &[("link", id.to_string())],
+                s.down_late,
+            );
+        }
+        let rows = self.peer_rows();
+        m.family(
+            "bond_link_weight",
+            "gauge",
+            "Announced weight per link and direction.",
+        );
+        for r in &rows {
+            for dir in ["up", "down"] {
+                m.sample(
+                    "bond_link_weight",
+                    &[("link", r["link"].to_string()), ("direction", dir.into())],
+                    &r[dir],
+                );
+            }
+        }
+        m.family(
+            "bond_link_missed_announces",
+            "gauge",
+            "Announces missed by each link's owner.",
+        );
+        for r in &rows {
+            m.sample(
+                "bond_link_missed_announces",
+                &[("link", r["link"].to_string())],
+                &r["missed"],
+            );
+        }
+        m.family(
+            "bond_drops_total",
+            "counter",
+            "Packets dropped by the datapath, by reason.",
+        );
+        for (why, v) in self.maps.terminal_drops()? {
+            m.sample("bond_drops_total", &[("reason", why.into())], v);
+        }
+        self.rejects.metrics(&mut m);
+        self.faults.metrics(&mut m);
+        m.family(
+            "bond_logged_on",
+            "gauge",
+            "1 while the terminal holds a session.",
+        );
+        m.sample("bond_logged_on", &[], u8::from(self.token.is_some()));
+        m.family(
+            "bond_capture_routed",
+            "gauge",
+            "1 while captured traffic goes into the capture device (bonded, or dropped with fallback = \"drop\"), 0 while it goes by the host's own routes.",
+        );
+        m.sample(
+            "bond_capture_routed",
+            &[],
+            u8::from(self.captured == Some(true)),
+        );
+        m.family("bond_peers", "gauge", "Live LAN peers.");
+        m.sample("bond_peers", &[], self.peers.peers().count());
+        for s in &self.services {
+            s.metrics(&mut m);
+        }
+        Ok(m.finish())
+    }
+}
