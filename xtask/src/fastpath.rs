@@ -138,7 +138,7 @@ const RELAY_SPORT: u16 = 9001;
 /// The userspace relay's receive buffer, in bytes.
 const RELAY_RCVBUF: libc::c_int = 8 << 20;
 
-// bond's configuration, as tests/prog.rs configures it.
+// bond's configuration, as tests/prog/ configures it.
 const COMMUNITY: u16 = 7;
 const LINK_ID: u8 = 3;
 const DATA_PORT: u16 = 7100;
@@ -851,7 +851,7 @@ impl Bench {
             }
             Kind::BondRelay => {
                 // DATA_UP from the LAN peer to the relay port, out on the
-                // WAN link towards the server (tests/prog.rs,
+                // WAN link towards the server (tests/prog/,
                 // terminal_relays_up_to_the_server).
                 let inner = user(PEER_IP, CONTENT_IP).bytes();
                 let outer = Outer {

@@ -10,7 +10,7 @@
 //!   `datapath::load_with_sizes`, the flow maps sized by
 //!   `flows::server_map_sizes` for the flow count, its maps pinned in a
 //!   directory of our own (removed on every path), and configured through
-//!   `datapath::Maps` only, as the agent and `tests/prog.rs` do. Each
+//!   `datapath::Maps` only, as the agent and `tests/prog/` do. Each
 //!   community has three terminals (sessions) and three links, and a
 //!   downstream schedule over the three.
 //! - **The flow table is filled through the map API.** The agent never
@@ -92,7 +92,7 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const IPPROTO_UDP: u8 = 17;
 
-/// The server's addresses, as in `tests/prog.rs`.
+/// The server's addresses, as in `tests/prog/`.
 const WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
 const NAT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const PORT: u16 = 7000;

@@ -1,0 +1,710 @@
+//! `bond_server` (XDP): NAT, wrapping replies, numbering, what it drops.
+
+use super::*;
+
+/// Each link's DATA_DOWN is numbered in a sequence of its own (1 to 127,
+/// round past 0), a pure ACK is not numbered, and a copy of every
+/// numbered packet is kept as it left, bond header and inner packet, for
+/// the origin to ask for again (`bond_agent::resend`).
+#[test]
+fn server_numbers_each_links_packets_and_keeps_copies() {
+    use bond_common::{
+        maps::{KEPT_SLOTS, Kept, name},
+        wire::seq_next,
+    };
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-seq", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        // Two links of one rate and delay: the replies alternate.
+        s.maps
+            .set_down_paths(
+                COMMUNITY,
+                &[(l0.idx, 1_000, 0), (l1.idx, 1_000, 0)],
+                TEST_BACKLOG_US,
+                0,
+            )
+            .unwrap();
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        expect_up(&s, "TCP up", l0, &tcp, 20000);
+        let frame = reply(&tcp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
+        let (ring, first) = s.maps.kept(name::S_KEPT, name::S_KEPT_NEXT).unwrap();
+        let mut seqs: std::collections::BTreeMap<u8, Vec<u8>> = Default::default();
+        for i in 0..600u32 {
+            let (v, out) = s.run("bond_server", &frame);
+            assert_eq!(v, XDP_REDIRECT, "reply {i}");
+            seqs.entry(out[BOND + 6]).or_default().push(out[BOND + 7]);
+            let k: Kept = ring.get(&((first + i) % KEPT_SLOTS), 0).unwrap();
+            assert_eq!(k.bytes(), Some(&out[BOND..]), "reply {i}: its copy");
+            assert_eq!(
+                k.idx,
+                if out[BOND + 6] == l0.id {
+                    l0.idx
+                } else {
+                    l1.idx
+                }
+            );
+        }
+        assert_eq!(seqs.keys().copied().collect::<Vec<_>>(), vec![l0.id, l1.id]);
+        for (link, n) in &seqs {
+            assert_eq!(n.len(), 300, "link {link}");
+            assert_eq!(n[0], 1, "link {link}: the first");
+            for w in n.windows(2) {
+                assert_eq!(w[1], seq_next(w[0]), "link {link}: {n:?}");
+            }
+        }
+        // A pure ACK: no number, no copy.
+        let ack = Ip {
+            payload: Vec::new(),
+            ..reply(&tcp, 20000)
+        };
+        let (v, out) = s.run("bond_server", &ack.frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(out[BOND + 7], 0, "a pure ACK's number");
+        let (_, next) = s.maps.kept(name::S_KEPT, name::S_KEPT_NEXT).unwrap();
+        assert_eq!(next, first + 600, "no copy kept");
+    });
+}
+
+/// With the playout reading, checked DATA_UP goes to the hold device
+/// still wrapped and makes no flow yet; when the playout's sign of life is
+/// stale, it is unwrapped and sent on at once.
+#[test]
+fn server_sends_upstream_to_the_playout_while_it_reads() {
+    use bond_common::maps::{Hold, name};
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-hold", 20000..=20010);
+        let [l0, _, _] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let now = bond_datapath::monotonic_ns();
+        let hold = |alive_until_ns| Hold {
+            ifindex: 4242,
+            _pad: 0,
+            alive_until_ns,
+        };
+        s.maps
+            .set_hold(name::S_HOLD, hold(now + 60_000_000_000))
+            .unwrap();
+        let frame = Up::new(l0, &tcp).frame();
+        s.expect("bond_server", "held", &frame, XDP_REDIRECT, Some(&frame));
+        assert_eq!(s.event("flows_created"), 0, "a flow once it comes back");
+        // A FIN without payload is held; a pure ACK goes on at once.
+        let ack = Ip {
+            payload: Vec::new(),
+            ..tcp.clone()
+        };
+        let mut fin = Up::new(l0, &ack).frame();
+        fin[WRAP_LEN + 20 + 13] |= 0x01;
+        s.expect("bond_server", "FIN held", &fin, XDP_REDIRECT, Some(&fin));
+        assert_eq!(s.event("flows_created"), 0);
+        expect_up(&s, "pure ACK: at once", l0, &ack, 20000);
+        assert_eq!(s.event("flows_created"), 1);
+        s.maps.set_hold(name::S_HOLD, hold(now)).unwrap();
+        expect_up(&s, "stale playout: at once", l0, &tcp, 20000);
+        assert_eq!(s.event("flows_created"), 1, "the ACK's flow");
+    });
+}
+
+#[test]
+fn server_nats_tcp_udp_icmp_and_wraps_replies() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-nat", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let udp = Ip::new(ORIGIN_A, CONTENT, L4::udp(40001, 53));
+        let icmp = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 0x4242, seq: 7 });
+        // Flows get ports in queue order.
+        expect_up(&s, "TCP up", l0, &tcp, 20000);
+        expect_up(&s, "UDP up", l1, &udp, 20001);
+        expect_up(&s, "ICMP echo up", l0, &icmp, 20002);
+        expect_up(&s, "TCP up again, same flow", l1, &tcp, 20000);
+        assert_eq!(s.event("flows_created"), 3, "the repeat reused its flow");
+
+        // Replies where they arrive first: link 0, then link 1, then link
+        // 1 again (the TCP reply is 12 bytes longer than the UDP one, so
+        // link 0's queue ends later).
+        expect_down(&s, "TCP reply", &tcp, 20000, l0);
+        expect_down(&s, "UDP reply", &udp, 20001, l1);
+        expect_down(&s, "ICMP echo reply", &icmp, 20002, l1);
+
+        for (what, ip, orig, nat, up) in [
+            ("TCP", &tcp, 40000, 20000, 2),
+            ("UDP", &udp, 40001, 20001, 1),
+            ("ICMP", &icmp, 0x4242, 20002, 1),
+        ] {
+            let f = flow(&s, ORIGIN_A, ip.l4, orig).unwrap_or_else(|| panic!("{what}: no flow"));
+            assert_eq!(f.nat_port, nat, "{what}: nat port");
+            assert_eq!((f.up_pkts, f.down_pkts), (up, 1), "{what}: flow counters");
+        }
+        assert_eq!(s.maps.flows().unwrap().len(), 3);
+        let (tl, ul, il) = (
+            tcp.bytes().len() as u64,
+            udp.bytes().len() as u64,
+            icmp.bytes().len() as u64,
+        );
+        let rl = |ip: &Ip, nat| reply(ip, nat).bytes().len() as u64;
+        assert_eq!(
+            s.maps.server_link_stats(0).unwrap(),
+            LinkStats {
+                up_pkts: 2,
+                up_bytes: tl + il,
+                down_pkts: 1,
+                down_bytes: rl(&tcp, 20000),
+                ..Default::default()
+            },
+            "link 0"
+        );
+        assert_eq!(
+            s.maps.server_link_stats(1).unwrap(),
+            LinkStats {
+                up_pkts: 2,
+                up_bytes: ul + tl,
+                down_pkts: 2,
+                down_bytes: rl(&udp, 20001) + rl(&icmp, 20002),
+                ..Default::default()
+            },
+            "link 1"
+        );
+        assert_eq!(s.nonzero_drops(), vec![]);
+        assert_eq!(s.event("slow_path"), 0);
+    });
+}
+
+#[test]
+fn server_answers_replies_too_big_for_the_links_with_frag_needed() {
+    use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-too-big", 20000..=20010);
+        let request = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 443));
+        expect_up(&s, "request", LINKS[0], &request, 20000);
+        let mut r = reply(&request, 20000);
+
+        // The largest reply that fits a link once wrapped goes down.
+        let fits = usize::from(LINK_MTU) - WRAP_LEN + 14 - 28;
+        r.payload = vec![7; fits];
+        let (v, out) = s.run("bond_server", &r.frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_REDIRECT, "a reply that fits");
+        assert_eq!(
+            out.len(),
+            14 + usize::from(LINK_MTU),
+            "wrapped to the link MTU"
+        );
+
+        // One byte more: the sender gets fragmentation needed, with the
+        // MTU that fits, from the NAT address, out of where it came in.
+        r.payload = vec![7; fits + 1];
+        let orig = r.bytes();
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(CNT_DEV_MAC, CONTENT_MAC)
+            .ipv4(NAT_IP.octets(), CONTENT.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: LINK_MTU - 52,
+                },
+            ))
+            .write(&mut want, &orig[..28])
+            .unwrap();
+        // An ICMP error goes without DF, as Linux sends them.
+        want[14 + 6] &= !0x40;
+        fix_ipv4_checksum(&mut want[14..34]);
+        let before = s.drops();
+        s.expect(
+            "bond_server",
+            "one byte too big",
+            &r.frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_REDIRECT,
+            Some(&want),
+        );
+        let grew: Vec<_> = s
+            .drops()
+            .iter()
+            .zip(&before)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| (a.0, a.1 - b.1))
+            .collect();
+        assert_eq!(grew, vec![("too_big", 1)]);
+        assert_eq!(s.event("frag_needed_sent"), 1);
+
+        // Too big, but for no flow: dropped as such, nothing reflected.
+        let mut stray = reply(&request, 20005);
+        stray.payload = vec![7; fits + 1];
+        s.expect_drop(
+            "bond_server",
+            "too big, no flow",
+            &stray.frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_DROP,
+            "no_flow",
+        );
+        assert_eq!(s.event("frag_needed_sent"), 1);
+    });
+}
+
+#[test]
+fn server_keeps_a_zero_udp_checksum_zero() {
+    use srv::*;
+    // UDP checksum 0 means "none" (RFC 768): NAT must leave it 0, not
+    // update it into a wrong non-zero value. Bytes 26..28 of a 20-byte-header
+    // IPv4 packet are its UDP checksum.
+    let no_sum = |mut ip: Vec<u8>| {
+        ip[26..28].copy_from_slice(&[0, 0]);
+        ip
+    };
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-udp0", 20000..=20010);
+        let ip = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 53));
+        let mut up = Up::new(LINKS[0], &ip);
+        up.inner = no_sum(up.inner);
+        let want = eth(
+            CONTENT_MAC,
+            CNT_DEV_MAC,
+            ETH_P_IP,
+            &no_sum(unwrapped(&ip, 20000)),
+        );
+        s.expect("bond_server", "up", &up.frame(), XDP_REDIRECT, Some(&want));
+        assert_checksums(ipv4_of(&want), "up");
+
+        let r = reply(&ip, 20000);
+        let frame = eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &no_sum(r.bytes()));
+        let mut want = rewrapped(&ip, &r, LINKS[0], (LINKS[0].mac.unwrap(), WAN_DEV_MAC));
+        want[WRAP_LEN + 26..WRAP_LEN + 28].copy_from_slice(&[0, 0]);
+        s.expect("bond_server", "down", &frame, XDP_REDIRECT, Some(&want));
+        assert_wrapped_checksums(&want, "down");
+    });
+}
+
+#[test]
+fn server_keeps_two_origins_on_one_port_apart() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-two", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let l4 = L4::udp(5000, 5001);
+        let a = Ip::new(ORIGIN_A, CONTENT, l4);
+        let b = Ip::new(ORIGIN_B, CONTENT, l4);
+        expect_up(&s, "A up", l0, &a, 20000);
+        expect_up(&s, "B up", l1, &b, 20001);
+        // B's reply first: to B, with B's token and B's first sequence number.
+        expect_down(&s, "reply to B", &b, 20001, l0);
+        expect_down(&s, "reply to A", &a, 20000, l1);
+        assert_eq!(flow(&s, ORIGIN_A, l4, 5000).unwrap().nat_port, 20000);
+        assert_eq!(flow(&s, ORIGIN_B, l4, 5000).unwrap().nat_port, 20001);
+        assert_eq!(s.nonzero_drops(), vec![]);
+    });
+}
+
+#[test]
+fn server_drops_bad_upstream_without_creating_flows() {
+    use srv::*;
+    type Edit = fn(&mut Up);
+    let cases: [(&str, Edit, &str); 26] = [
+        ("wrong token", |u| u.bond.token ^= 1, "bad_token"),
+        (
+            "inner destination without a route",
+            |u| u.inner = Ip::new(ORIGIN_A, ip4("192.0.2.1"), L4::tcp(40000, 443)).bytes(),
+            "no_route",
+        ),
+        (
+            "origin without a session",
+            |u| {
+                u.bond.origin = ip4("10.0.1.9");
+                u.inner = Ip::new(ip4("10.0.1.9"), CONTENT, L4::udp(1, 2)).bytes();
+            },
+            "bad_token",
+        ),
+        (
+            "wrong outer source address",
+            |u| u.outer.src = ip4("198.51.100.99"),
+            "unknown_source",
+        ),
+        (
+            "wrong outer source port",
+            |u| u.outer.sport = 7999,
+            "unknown_source",
+        ),
+        (
+            "unknown community",
+            |u| u.bond.community = 8,
+            "unknown_source",
+        ),
+        ("unknown link", |u| u.bond.link = 4, "unknown_source"),
+        (
+            "another link's id from this link's address",
+            |u| u.bond.link = LINKS[1].id,
+            "unknown_source",
+        ),
+        (
+            "inner source not the origin",
+            |u| {
+                // B's valid session, A's packet.
+                u.bond.origin = ORIGIN_B;
+                u.bond.token = TOKEN_B;
+            },
+            "inner_spoof",
+        ),
+        (
+            "ICMP not an echo",
+            |u| u.inner = Ip::new(ORIGIN_A, CONTENT, L4::Unreachable).bytes(),
+            "unsupported_proto",
+        ),
+        (
+            "ICMP echo reply upstream",
+            |u| u.inner = Ip::new(ORIGIN_A, CONTENT, L4::EchoReply { id: 1, seq: 1 }).bytes(),
+            "unsupported_proto",
+        ),
+        (
+            "GRE",
+            |u| {
+                u.inner[9] = 47;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "unsupported_proto",
+        ),
+        (
+            "inner fragment (more fragments)",
+            |u| {
+                u.inner[6] |= 0x20;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "inner_fragment",
+        ),
+        (
+            "inner fragment (offset)",
+            |u| {
+                u.inner[7] = 1;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "inner_fragment",
+        ),
+        (
+            "inner TTL 1",
+            |u| {
+                u.inner[8] = 1;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "ttl_exceeded",
+        ),
+        (
+            "inner TTL 0",
+            |u| {
+                u.inner[8] = 0;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "ttl_exceeded",
+        ),
+        ("inner IPv6", |u| u.inner[0] = 0x60, "inner_not_ipv4"),
+        (
+            "inner IPv4 options",
+            |u| {
+                u.inner[0] = 0x46;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "inner_bad_header",
+        ),
+        (
+            "inner longer than the frame",
+            |u| {
+                let n = u.inner.len() as u16 + 1;
+                set_total_len(&mut u.inner, n);
+            },
+            "inner_bad_header",
+        ),
+        (
+            "inner IPv4 header cut",
+            |u| u.inner.truncate(12),
+            "truncated",
+        ),
+        (
+            "inner TCP header cut",
+            |u| {
+                u.inner.truncate(28);
+                set_total_len(&mut u.inner, 28);
+            },
+            "truncated",
+        ),
+        (
+            "inner ICMP header cut",
+            |u| {
+                u.inner = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 1, seq: 1 }).bytes();
+                u.inner.truncate(24);
+                set_total_len(&mut u.inner, 24);
+            },
+            "inner_bad_header",
+        ),
+        ("wrong magic", |u| u.bond.magic = 0x4DB0, "bad_magic"),
+        ("wrong version", |u| u.bond.version = 0, "bad_version"),
+        (
+            "a sequence on a control kind",
+            |u| (u.bond.kind, u.bond.seq) = (ANNOUNCE, 1),
+            "bad_flags",
+        ),
+        (
+            "DATA_DOWN to the server",
+            |u| u.bond.kind = DATA_DOWN,
+            "bad_kind",
+        ),
+    ];
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-bad", 20000..=20010);
+        let good = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        for (what, edit, reason) in cases {
+            let mut u = Up::new(LINKS[0], &good);
+            edit(&mut u);
+            s.expect_drop("bond_server", what, &u.frame(), XDP_DROP, reason);
+        }
+        let mut u = Up::new(LINKS[0], &good);
+        u.outer.more_fragments = true;
+        s.expect_drop(
+            "bond_server",
+            "outer fragment",
+            &u.frame(),
+            XDP_DROP,
+            "outer_bad_header",
+        );
+        // Cut inside the outer UDP or bond header.
+        let frame = Up::new(LINKS[0], &good).frame();
+        for len in 14..WRAP_LEN {
+            let cut = &frame[..len];
+            let what = format!("cut at {len}");
+            if len < 14 + 20 + 4 {
+                s.expect("bond_server", &what, cut, XDP_PASS, Some(cut));
+            } else {
+                s.expect_drop("bond_server", &what, cut, XDP_DROP, "truncated");
+            }
+        }
+        assert_eq!(s.maps.flows().unwrap(), vec![], "no flow created");
+        assert_eq!(s.event("flows_created"), 0);
+        for l in LINKS {
+            assert_eq!(
+                s.maps.server_link_stats(l.idx).unwrap(),
+                LinkStats::default()
+            );
+        }
+        // The queue still holds all its ports: the good packet gets the first.
+        expect_up(&s, "good packet after all that", LINKS[0], &good, 20000);
+    });
+}
+
+#[test]
+fn server_without_free_ports_drops_new_flows() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-noport", []);
+        let ip = Ip::new(ORIGIN_A, CONTENT, L4::udp(1, 2));
+        let frame = Up::new(LINKS[0], &ip).frame();
+        s.expect_drop(
+            "bond_server",
+            "no free port",
+            &frame,
+            XDP_DROP,
+            "no_free_port",
+        );
+        assert_eq!(s.maps.flows().unwrap(), vec![]);
+        s.maps.push_free_ports([20007]).unwrap();
+        expect_up(&s, "after a refill", LINKS[0], &ip, 20007);
+    });
+}
+
+#[test]
+fn server_drops_bad_downstream() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-bad-down", 20000..=20010);
+        let request = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let reply = |edit: fn(&mut Vec<u8>)| {
+            let mut ip = srv::reply(&request, 20005).bytes();
+            edit(&mut ip);
+            eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &ip)
+        };
+        type Edit = fn(&mut Vec<u8>);
+        let cases: [(&str, Edit, &str); 6] = [
+            ("reply to a port without a flow", |_| {}, "no_flow"),
+            (
+                "TTL 1",
+                |ip| {
+                    ip[8] = 1;
+                    fix_ipv4_checksum(ip);
+                },
+                "ttl_exceeded",
+            ),
+            (
+                "fragment",
+                |ip| {
+                    ip[6] |= 0x20;
+                    fix_ipv4_checksum(ip);
+                },
+                "inner_fragment",
+            ),
+            (
+                "longer than the frame",
+                |ip| {
+                    let n = ip.len() as u16 + 1;
+                    set_total_len(ip, n);
+                },
+                "inner_bad_header",
+            ),
+            (
+                "TCP header cut",
+                |ip| {
+                    ip.truncate(28);
+                    set_total_len(ip, 28);
+                },
+                "truncated",
+            ),
+            (
+                "IPv4 header shorter than it says",
+                |ip| set_total_len(ip, 27),
+                "inner_bad_header",
+            ),
+        ];
+        for (what, edit, reason) in cases {
+            s.expect_drop("bond_server", what, &reply(edit), XDP_DROP, reason);
+        }
+        assert_eq!(s.maps.server_link_stats(0).unwrap(), LinkStats::default());
+    });
+}
+
+/// A reply when every link of the community is full (its queue reaches
+/// the buffer) is dropped and counted, and nothing is charged to a link;
+/// with room again, replies flow.
+#[test]
+fn server_refuses_replies_when_every_link_is_full() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-full", 20000..=20010);
+        let [l0, _, _] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        expect_up(&s, "TCP up", l0, &tcp, 20000);
+        s.maps
+            .set_down_paths(COMMUNITY, &[(0, 1, 0)], 1_000, 0)
+            .unwrap();
+        let reply = srv::reply(&tcp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect_drop("bond_server", "links full", &reply, XDP_DROP, "links_full");
+        assert_eq!(s.maps.server_link_stats(0).unwrap().down_pkts, 0);
+        s.maps
+            .set_down_paths(COMMUNITY, &[(0, 5, 0)], TEST_BACKLOG_US, 0)
+            .unwrap();
+        expect_down(&s, "room again", &tcp, 20000, l0);
+    });
+}
+
+#[test]
+fn server_passes_other_traffic_unchanged() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-pass", 20000..=20010);
+        let from_content = |l4| Ip::new(CONTENT, NAT_IP, l4).frame(CNT_DEV_MAC, CONTENT_MAC);
+        let mut control = Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, L4::udp(1, 2)));
+        control.bond.kind = ANNOUNCE;
+        let frames = [
+            ("ARP", arp_frame(ROUTER_MAC, LINKS[0].ip, WAN_IP)),
+            ("IPv6", ipv6_udp_frame(WAN_DEV_MAC, ROUTER_MAC, PORT)),
+            (
+                "TCP to the WAN address",
+                Ip::new(LINKS[0].ip, WAN_IP, L4::tcp(40000, 22)).frame(WAN_DEV_MAC, ROUTER_MAC),
+            ),
+            (
+                "UDP to another port of the WAN address",
+                udp_frame(WAN_DEV_MAC, ROUTER_MAC, (LINKS[0].ip, 7001), (WAN_IP, 53)),
+            ),
+            (
+                "UDP to the bond port of another address",
+                udp_frame(
+                    WAN_DEV_MAC,
+                    ROUTER_MAC,
+                    (LINKS[0].ip, 7001),
+                    (ip4("198.51.100.200"), PORT),
+                ),
+            ),
+            ("control message (ANNOUNCE)", control.frame()),
+            (
+                "UDP to the NAT address below the port range",
+                from_content(L4::udp(53, PORT_MIN - 1)),
+            ),
+            (
+                "TCP to the NAT address above the port range",
+                from_content(L4::tcp(443, PORT_MAX + 1)),
+            ),
+            (
+                "echo request to the NAT address",
+                from_content(L4::EchoRequest { id: 20001, seq: 1 }),
+            ),
+            (
+                "echo reply outside the port range",
+                from_content(L4::EchoReply { id: 5, seq: 1 }),
+            ),
+        ];
+        for (what, f) in &frames {
+            s.expect("bond_server", what, f, XDP_PASS, Some(f));
+        }
+        assert_eq!(s.nonzero_drops(), vec![]);
+        assert_eq!(s.maps.flows().unwrap(), vec![]);
+    });
+}
+
+#[test]
+fn server_slow_path_and_no_route() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-slow", 20000..=20010);
+        let [l0, _, l2] = LINKS;
+
+        // Upstream to a neighbour the kernel has not resolved: rewritten,
+        // handed to the kernel still addressed to this host.
+        let ip = Ip::new(ORIGIN_A, CONTENT_UNRESOLVED, L4::udp(40000, 53));
+        let up = Up::new(l0, &ip);
+        let want = eth(
+            up.outer.dst_mac,
+            up.outer.src_mac,
+            ETH_P_IP,
+            &unwrapped(&ip, 20000),
+        );
+        s.expect(
+            "bond_server",
+            "upstream, no neighbour",
+            &up.frame(),
+            XDP_PASS,
+            Some(&want),
+        );
+        assert_checksums(ipv4_of(&want), "upstream, no neighbour");
+        assert_eq!(s.event("slow_path"), 1);
+
+        // Downstream on a link whose address has no neighbour entry (the
+        // schedule now names only it).
+        s.maps
+            .set_down_paths(COMMUNITY, &[(l2.idx, 1_000, 0)], TEST_BACKLOG_US, 0)
+            .unwrap();
+        let r = reply(&ip, 20000);
+        let want = rewrapped(&ip, &r, l2, (CNT_DEV_MAC, CONTENT_MAC));
+        let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect(
+            "bond_server",
+            "downstream, no neighbour",
+            &frame,
+            XDP_PASS,
+            Some(&want),
+        );
+        assert_wrapped_checksums(&want, "downstream, no neighbour");
+        assert_eq!(s.event("slow_path"), 2);
+        assert_eq!(s.maps.server_link_stats(l2.idx).unwrap().down_pkts, 1);
+
+        // No route at all.
+        let ip = Ip::new(ORIGIN_A, UNROUTABLE, L4::udp(1, 2));
+        let frame = Up::new(l0, &ip).frame();
+        s.expect_drop("bond_server", "no route", &frame, XDP_DROP, "no_route");
+    });
+}

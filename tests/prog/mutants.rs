@@ -1,0 +1,681 @@
+//! Mutants of every valid fixture, through every program: each is
+//! dropped with one reason counted, or passed unchanged.
+
+use super::*;
+use crate::hostile::terminal_entries;
+
+// ---------------------------------------------------------- mutants --
+
+/// A fixed-seed xorshift64* generator: every run tries the same mutants.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A length field of a fixture: its offset, and where what it counts
+/// starts.
+type LenField = (usize, usize);
+/// The outer (or only) IPv4 total length, and the UDP length behind it.
+const OUTER_LENS: [LenField; 2] = [(OUTER_IP + 2, OUTER_IP), (OUTER_UDP + 4, OUTER_UDP)];
+/// The inner IPv4 total length of a wrapped frame.
+const INNER_LEN: LenField = (INNER + 2, INNER);
+
+/// One to four mutations of `frame`: bits flipped, bytes overwritten
+/// (random or boundary values), cut short (never below an Ethernet
+/// header: shorter never reaches a program), garbage appended (up to
+/// `max` bytes in all), or a length field set to a random value or to
+/// within 4 of the truth. Three edits in four land in the first 100
+/// bytes, where the headers are.
+fn mutant(rng: &mut Rng, frame: &[u8], lens: &[LenField], max: usize) -> Vec<u8> {
+    const BOUNDARY: [u8; 10] = [0, 1, 2, 0x40, 0x45, 0x46, 0x7f, 0x80, 0xfe, 0xff];
+    let mut m = frame.to_vec();
+    for _ in 0..=rng.below(4) {
+        let at = if rng.below(4) > 0 {
+            rng.below(m.len().min(100))
+        } else {
+            rng.below(m.len())
+        };
+        match rng.below(9) {
+            0 | 1 => m[at] ^= 1 << rng.below(8),
+            2 | 3 => m[at] = rng.next() as u8,
+            4 => m[at] = BOUNDARY[rng.below(BOUNDARY.len())],
+            5 => m.truncate(14 + rng.below(m.len() - 13)),
+            6 if m.len() < max => {
+                let n = if rng.below(8) == 0 {
+                    rng.below(max - m.len()) + 1
+                } else {
+                    (rng.below(64) + 1).min(max - m.len())
+                };
+                m.extend((0..n).map(|_| rng.next() as u8));
+            }
+            _ => {
+                let (field, from) = lens[rng.below(lens.len())];
+                if field + 2 <= m.len() {
+                    let truth = m.len().saturating_sub(from) as i64;
+                    let v = match rng.below(3) {
+                        0 => rng.next() as u16,
+                        _ => (truth + rng.below(9) as i64 - 4).clamp(0, 0xffff) as u16,
+                    };
+                    put16(&mut m, field, v);
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Tallies of a fuzz run, for its report and its coverage checks.
+#[derive(Debug, Default)]
+struct Tally {
+    runs: usize,
+    verdicts: std::collections::BTreeMap<u32, usize>,
+    reasons: std::collections::BTreeMap<&'static str, usize>,
+    /// Outcomes by kind ("untouched", "unwrapped", "relayed up", ...).
+    outcomes: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, verdict: u32, grew: &[(&'static str, u64)], outcome: &'static str) {
+        self.runs += 1;
+        *self.verdicts.entry(verdict).or_default() += 1;
+        for (r, _) in grew {
+            *self.reasons.entry(r).or_default() += 1;
+        }
+        *self.outcomes.entry(outcome).or_default() += 1;
+    }
+
+    fn outcome(&self, o: &str) -> usize {
+        self.outcomes.get(o).copied().unwrap_or(0)
+    }
+}
+
+/// Checks the drop rule of every program for one run: a drop grew exactly
+/// one reason by one, anything else grew none.
+fn one_reason_per_drop(what: &str, dropped: bool, grew: &[(&'static str, u64)]) {
+    if dropped {
+        assert!(
+            grew.len() == 1 && grew[0].1 == 1,
+            "{what}: a drop must count one reason once, got {grew:?}"
+        );
+    } else {
+        assert_eq!(grew, &[], "{what}: not dropped, yet counted");
+    }
+}
+
+const MUTANTS: usize = 20_000;
+const SEED: u64 = 0x5eed_b04d_0000_0005;
+
+#[test]
+fn terminal_survives_mutants() {
+    use term::*;
+    let t = term::setup("terminal-fuzz");
+    let c = t.counters();
+    let mut fixtures: Vec<Vec<u8>> = terminal_entries().into_iter().map(|e| e.frame).collect();
+    let mut small = up_from_peer();
+    small.outer.dport = SMALL_RELAY_PORT;
+    small.bond.link = SMALL_RELAY_LINK;
+    fixtures.push(small.frame());
+    let lens = [OUTER_LENS[0], OUTER_LENS[1], INNER_LEN];
+    let mut rng = Rng(SEED);
+    let mut tally = Tally::default();
+    // Nothing else runs the program: one run's counters after are the
+    // next one's before.
+    let mut before = c.read();
+    for k in 0..MUTANTS {
+        let input = mutant(&mut rng, &fixtures[k % fixtures.len()], &lens, 4200);
+        let what = format!("mutant {k} {input:02x?}");
+        let (v, out) = t.try_run("bond_terminal", &input).expect("test_run");
+        let after = c.read();
+        let grew = after.drops_since(&before);
+        before = after;
+        one_reason_per_drop(&what, v == XDP_DROP, &grew);
+        let outcome = match v {
+            XDP_DROP => "dropped",
+            XDP_PASS if out == input => "untouched",
+            XDP_PASS => {
+                fuzz_check::unwrapped(&what, &input, &out);
+                "unwrapped"
+            }
+            XDP_REDIRECT => fuzz_check::relayed(&what, &input, &out),
+            v => panic!("{what}: verdict {v}"),
+        };
+        tally.add(v, &grew, outcome);
+    }
+    eprintln!("terminal mutants: {tally:#?}");
+    // The mutants reach every path and many reasons.
+    for o in [
+        "untouched",
+        "unwrapped",
+        "relayed up",
+        "relayed down",
+        "dropped",
+    ] {
+        assert!(tally.outcome(o) >= 200, "only {} {o}", tally.outcome(o));
+    }
+    assert!(
+        tally.reasons.len() >= 10,
+        "reasons seen: {:?}",
+        tally.reasons
+    );
+}
+
+/// `bond_terminal_l3` on mutants of what an L3 link brings (DATA_DOWN
+/// for a peer and for this host, a playout reading): each is dropped
+/// under one reason, passed untouched, held or relayed down exactly as
+/// the Ethernet program would relay it.
+#[test]
+fn terminal_l3_survives_mutants() {
+    use term::*;
+    let t = l3_setup("l3-fuzz");
+    t.maps
+        .set_hold(
+            bond_common::maps::name::T_HOLD,
+            bond_common::maps::Hold {
+                ifindex: 4242,
+                _pad: 0,
+                alive_until_ns: bond_datapath::monotonic_ns() + 600_000_000_000,
+            },
+        )
+        .unwrap();
+    let c = t.counters();
+    let fixtures = [
+        l3(&down_from_server(PEER, PEER_TOKEN)),
+        l3(&down_from_server(LAN_IP, TOKEN)),
+    ];
+    let shift = |(field, from): LenField| (field - OUTER_IP, from - OUTER_IP);
+    let lens = [shift(OUTER_LENS[0]), shift(OUTER_LENS[1]), shift(INNER_LEN)];
+    let mut rng = Rng(SEED ^ 0x13);
+    let mut tally = Tally::default();
+    let mut before = c.read();
+    for k in 0..MUTANTS {
+        let input = mutant(&mut rng, &fixtures[k % fixtures.len()], &lens, 3000);
+        let what = format!("L3 mutant {k} {input:02x?}");
+        let (v, out) = t.try_run("bond_terminal_l3", &input).expect("test_run");
+        let after = c.read();
+        let grew = after.drops_since(&before);
+        before = after;
+        one_reason_per_drop(&what, v == TC_ACT_SHOT, &grew);
+        let framed = eth(WAN_MAC, GW_MAC, ETH_P_IP, &input);
+        let outcome = match v {
+            TC_ACT_SHOT => "dropped",
+            TC_ACT_OK if out == input => "untouched",
+            // A pure ACK for this host goes up at once; the test run's
+            // Ethernet skb makes the helper cut elsewhere (see above).
+            TC_ACT_OK if out.len() + 52 == input.len() => "unwrapped",
+            TC_ACT_REDIRECT if out == eth([0; 6], [0; 6], ETH_P_IP, &input) => {
+                assert_eq!(get32(&framed, BOND + 8), u32::from(LAN_IP), "{what}: held");
+                "held"
+            }
+            TC_ACT_REDIRECT => fuzz_check::relayed(&what, &framed, &out),
+            v => panic!("{what}: verdict {v}, output {out:02x?}"),
+        };
+        tally.add(v, &grew, outcome);
+    }
+    eprintln!("L3 mutants: {tally:#?}");
+    for o in ["untouched", "held", "relayed down", "dropped"] {
+        assert!(tally.outcome(o) >= 200, "only {} {o}", tally.outcome(o));
+    }
+    assert!(
+        tally.reasons.len() >= 8,
+        "reasons seen: {:?}",
+        tally.reasons
+    );
+}
+
+/// Invariants of one mutant's outcome: what may come out of a program, by
+/// the input that went in. They look at nothing but the bytes and the maps.
+mod fuzz_check {
+    use super::*;
+
+    /// A valid bond header at `BOND` (magic, version, community).
+    fn bond_ok(what: &str, f: &[u8], community: u16) {
+        assert_eq!(get16(f, BOND), 0xB04D, "{what}: magic");
+        assert_eq!(f[BOND + 2], 3, "{what}: version");
+        assert_eq!(get16(f, BOND + 4), community, "{what}: community");
+    }
+
+    /// An outer header a terminal takes: IPv4/UDP, 20 bytes, no fragment.
+    fn outer_ok(what: &str, f: &[u8]) {
+        assert_eq!(get16(f, 12), ETH_P_IP, "{what}: ethertype");
+        assert_eq!((f[OUTER_IP], f[OUTER_IP + 9]), (0x45, 17), "{what}: outer");
+        assert_eq!(get16(f, OUTER_IP + 6) & 0x3fff, 0, "{what}: outer fragment");
+    }
+
+    /// Unwrapped by the terminal: only DATA_DOWN for this host with its
+    /// token and a whole IPv4 packet, and exactly that packet.
+    pub fn unwrapped(what: &str, input: &[u8], out: &[u8]) {
+        use term::*;
+        outer_ok(what, input);
+        bond_ok(what, input, COMMUNITY);
+        assert_eq!(input[BOND + 3], DATA_DOWN, "{what}: kind");
+        assert_eq!(get32(input, BOND + 8), u32::from(LAN_IP), "{what}: origin");
+        let token = u64::from_be_bytes(input[BOND + 16..BOND + 24].try_into().unwrap());
+        assert_eq!(token, TOKEN, "{what}: token");
+        assert!(
+            [DATA_PORT, RELAY_PORT, SMALL_RELAY_PORT].contains(&term_out::port(input)),
+            "{what}: port"
+        );
+        assert_eq!(input[INNER] >> 4, 4, "{what}: inner version");
+        let len = usize::from(get16(input, INNER + 2));
+        assert!(
+            (20..=input.len() - INNER).contains(&len),
+            "{what}: inner length {len}"
+        );
+        assert_bytes(out, &term_out::unwrapped(input), what);
+    }
+
+    /// Relayed by the terminal: DATA_UP to a relay port goes to the server
+    /// over that port's link if it fits; DATA_DOWN to a relay port goes to
+    /// the neighbour its origin names. Nothing but the outer addresses
+    /// changes.
+    pub fn relayed(what: &str, input: &[u8], out: &[u8]) -> &'static str {
+        use term::*;
+        outer_ok(what, input);
+        bond_ok(what, input, COMMUNITY);
+        let port = term_out::port(input);
+        let mtu = match port {
+            RELAY_PORT => 1500,
+            SMALL_RELAY_PORT => 100,
+            p => panic!("{what}: relayed from port {p}"),
+        };
+        match input[BOND + 3] {
+            DATA_UP => {
+                assert!(input.len() <= mtu + 14, "{what}: over the link MTU");
+                assert_bytes(out, &term_out::up(input), what);
+                "relayed up"
+            }
+            DATA_DOWN => {
+                assert_eq!(get32(input, BOND + 8), u32::from(PEER), "{what}: origin");
+                assert_bytes(out, &term_out::down(input), what);
+                "relayed down"
+            }
+            k => panic!("{what}: relayed kind {k}"),
+        }
+    }
+
+    /// The server's maps, opened once.
+    pub struct ServerMaps<'a> {
+        pub flows: BpfHashMap<&'a MapData, FlowKey, Flow>,
+        pub nat: BpfHashMap<&'a MapData, NatKey, NatEntry>,
+        pub sessions: BpfHashMap<&'a MapData, SessionKey, Session>,
+    }
+
+    impl<'a> ServerMaps<'a> {
+        pub fn new(s: &'a Obj) -> Self {
+            let m = |n: &str| s.ebpf.map(n).unwrap_or_else(|| panic!("{n}"));
+            Self {
+                flows: BpfHashMap::try_from(m("S_FLOWS")).unwrap(),
+                nat: BpfHashMap::try_from(m("S_NAT")).unwrap(),
+                sessions: BpfHashMap::try_from(m("S_SESSIONS")).unwrap(),
+            }
+        }
+
+        fn token(&self, community: u16, origin: u32) -> Option<u64> {
+            let key = SessionKey {
+                community,
+                _pad: 0,
+                origin,
+            };
+            self.sessions.get(&key, 0).ok().map(|s| s.token)
+        }
+
+        fn nat(&self, proto: u8, port: u16) -> Option<NatEntry> {
+            let key = NatKey {
+                proto,
+                _pad: 0,
+                port,
+            };
+            self.nat.get(&key, 0).ok()
+        }
+    }
+
+    /// The port of the IPv4 packet at `ip`: its source or destination
+    /// port, or its ICMP identifier.
+    fn port_of(f: &[u8], ip: usize, dst: bool) -> u16 {
+        match f[ip + 9] {
+            1 => get16(f, ip + 24),
+            _ if dst => get16(f, ip + 22),
+            _ => get16(f, ip + 20),
+        }
+    }
+
+    /// Forwarded upstream: from a registered link, with the token of a
+    /// logged-on origin that is the inner source; it leaves from the NAT
+    /// address and the port of that origin's flow, whose NAT entry points
+    /// back to it.
+    pub fn up(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
+        use srv::*;
+        let community = get16(input, BOND + 4);
+        let origin = get32(input, BOND + 8);
+        let (src, sport) = (get32(input, OUTER_IP + 12), get16(input, OUTER_UDP));
+        assert!(
+            LINKS.iter().any(|l| u32::from(l.ip) == src
+                && l.port == sport
+                && l.id == input[BOND + 6]
+                && community == COMMUNITY),
+            "{what}: not from a registered link"
+        );
+        let token = u64::from_be_bytes(input[BOND + 16..BOND + 24].try_into().unwrap());
+        assert_eq!(m.token(community, origin), Some(token), "{what}: token");
+        assert_eq!(get32(input, INNER + 12), origin, "{what}: inner source");
+        let ip = &out[14..];
+        assert_eq!(&ip[12..16], &NAT_IP.octets(), "{what}: source address");
+        assert_eq!(
+            &ip[16..20],
+            &input[INNER + 16..INNER + 20],
+            "{what}: destination"
+        );
+        assert_eq!(ip[8], input[INNER + 8].wrapping_sub(1), "{what}: TTL");
+        let proto = ip[9];
+        let key = FlowKey {
+            community,
+            proto,
+            _pad: 0,
+            origin,
+            port: port_of(input, INNER, false),
+            _pad2: 0,
+        };
+        let flow = m
+            .flows
+            .get(&key, 0)
+            .unwrap_or_else(|_| panic!("{what}: no flow"));
+        assert_eq!(
+            port_of(out, 14, false),
+            flow.nat_port,
+            "{what}: source port"
+        );
+        let back = NatEntry {
+            origin,
+            community,
+            port: key.port,
+        };
+        assert_eq!(m.nat(proto, flow.nat_port), Some(back), "{what}: NAT entry");
+    }
+
+    /// Wrapped downstream: for the origin the NAT entry of its port names,
+    /// with that origin's token, on a link of the schedule.
+    pub fn down(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
+        use srv::*;
+        assert_eq!(
+            &input[30..34],
+            &NAT_IP.octets(),
+            "{what}: to the NAT address"
+        );
+        let proto = input[OUTER_IP + 9];
+        let e = m
+            .nat(proto, port_of(input, 14, true))
+            .unwrap_or_else(|| panic!("{what}: no NAT entry"));
+        bond_ok(what, out, e.community);
+        assert_eq!(out[BOND + 3], DATA_DOWN, "{what}: kind");
+        assert_eq!(get32(out, BOND + 8), e.origin, "{what}: origin");
+        let token = u64::from_be_bytes(out[BOND + 16..BOND + 24].try_into().unwrap());
+        assert_eq!(m.token(e.community, e.origin), Some(token), "{what}: token");
+        let (dst, dport) = (get32(out, OUTER_IP + 16), get16(out, OUTER_UDP + 2));
+        assert!(
+            LINKS[..2]
+                .iter()
+                .any(|l| u32::from(l.ip) == dst && l.port == dport && l.id == out[BOND + 6]),
+            "{what}: not on a scheduled link"
+        );
+        assert_eq!(
+            get32(out, INNER + 16),
+            e.origin,
+            "{what}: inner destination"
+        );
+        assert_eq!(port_of(out, INNER, true), e.port, "{what}: inner port");
+        assert_eq!(
+            &out[INNER + 12..INNER + 16],
+            &input[26..30],
+            "{what}: inner source"
+        );
+    }
+
+    /// The answer to a reply too big for the links: ICMP fragmentation
+    /// needed from the NAT address to the reply's sender, for a flow's
+    /// reply only.
+    pub fn frag_needed(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
+        use srv::*;
+        let proto = input[OUTER_IP + 9];
+        assert!(
+            m.nat(proto, port_of(input, 14, true)).is_some(),
+            "{what}: no flow"
+        );
+        assert_eq!(out[OUTER_IP + 9], 1, "{what}: ICMP");
+        assert_eq!(
+            &out[26..30],
+            &NAT_IP.octets(),
+            "{what}: from the NAT address"
+        );
+        assert_eq!(&out[30..34], &input[26..30], "{what}: to the sender");
+        assert_eq!((out[34], out[35]), (3, 4), "{what}: fragmentation needed");
+    }
+}
+
+#[test]
+fn server_survives_mutants() {
+    use fuzz_check::ServerMaps;
+    use srv::*;
+    const PORTS: u16 = 300;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-fuzz", 20000..=20010);
+        // Room for the flows mutants make: 300 dedicated ports.
+        let cfg = s.maps.server_config().unwrap();
+        let port_max = PORT_MIN + PORTS - 1;
+        s.maps
+            .set_server_config(ServerConfig { port_max, ..cfg })
+            .unwrap();
+        s.maps.push_free_ports(PORT_MAX + 1..=port_max).unwrap();
+        let c = s.counters();
+        let m = ServerMaps::new(&s);
+
+        // A TCP, UDP and ICMP echo flow for each origin, and their replies.
+        let mut fixtures = Vec::new();
+        let l4s = [
+            L4::tcp(40000, 443),
+            L4::udp(40001, 53),
+            L4::EchoRequest { id: 0x4242, seq: 1 },
+        ];
+        for (i, (origin, link)) in [(ORIGIN_A, LINKS[0]), (ORIGIN_B, LINKS[1])]
+            .into_iter()
+            .enumerate()
+        {
+            for (j, l4) in l4s.into_iter().enumerate() {
+                let ip = Ip::new(origin, CONTENT, l4);
+                let nat = PORT_MIN + (i * 3 + j) as u16;
+                expect_up(&s, "a flow to mutate", link, &ip, nat);
+                fixtures.push((Up::new(link, &ip).frame(), true));
+                fixtures.push((reply(&ip, nat).frame(CNT_DEV_MAC, CONTENT_MAC), false));
+            }
+        }
+        // And an inner UDP packet's UDP length.
+        let wrapped_lens = [
+            OUTER_LENS[0],
+            OUTER_LENS[1],
+            INNER_LEN,
+            (INNER + 24, INNER + 20),
+        ];
+        let mut rng = Rng(SEED);
+        let mut tally = Tally::default();
+        let mut before = c.read();
+        for k in 0..MUTANTS {
+            let (fixture, wrapped) = &fixtures[k % fixtures.len()];
+            let lens: &[LenField] = if *wrapped { &wrapped_lens } else { &OUTER_LENS };
+            let input = mutant(&mut rng, fixture, lens, 4200);
+            let what = format!("mutant {k} {input:02x?}");
+            let (v, out) = s.try_run("bond_server", &input).expect("test_run");
+            let after = c.read();
+            let grew = after.drops_since(&before);
+            let created = after.event_since(&before, event::FLOW_CREATED);
+            let answered = after.event_since(&before, event::FRAG_NEEDED);
+            before = after;
+            let outcome = if answered > 0 {
+                // The one redirect that counts a drop: the reply it answers.
+                assert_eq!((v, answered), (XDP_REDIRECT, 1), "{what}: frag needed");
+                assert_eq!(grew, vec![("too_big", 1)], "{what}: counted");
+                fuzz_check::frag_needed(&what, &m, &input, &out);
+                "answered too big"
+            } else {
+                one_reason_per_drop(&what, v == XDP_DROP, &grew);
+                match v {
+                    XDP_DROP => "dropped",
+                    XDP_PASS if out == input => "untouched",
+                    // Forwarded, by the FIB's next hop (redirect) or the
+                    // kernel's (pass, the slow path).
+                    XDP_PASS | XDP_REDIRECT if out.len() + 52 == input.len() => {
+                        fuzz_check::up(&what, &m, &input, &out);
+                        "forwarded up"
+                    }
+                    XDP_PASS | XDP_REDIRECT if out.len() == input.len() + 52 => {
+                        fuzz_check::down(&what, &m, &input, &out);
+                        "wrapped down"
+                    }
+                    v => panic!("{what}: verdict {v}, {} bytes out", out.len()),
+                }
+            };
+            // A flow is made only by a packet forwarded upstream.
+            let made_by = if outcome == "forwarded up" {
+                0..=1
+            } else {
+                0..=0
+            };
+            assert!(made_by.contains(&created), "{what}: {created} flows made");
+            tally.add(v, &grew, outcome);
+            if created > 0 {
+                *tally.outcomes.entry("flows made").or_default() += 1;
+            }
+        }
+        eprintln!("server mutants: {tally:#?}");
+
+        // Every flow belongs to a logged-on origin of the community, and
+        // its NAT entry points back to it; each port serves one flow.
+        let flows = s.maps.flows().unwrap();
+        let nat = s.maps.nat_entries().unwrap();
+        let mut ports: Vec<u16> = flows.iter().map(|f| f.1.nat_port).collect();
+        for (k, f) in &flows {
+            assert_eq!(k.community, COMMUNITY, "{k:?}");
+            assert!(
+                [ORIGIN_A, ORIGIN_B].contains(&Ipv4Addr::from(k.origin)),
+                "{k:?}"
+            );
+            let back = NatEntry {
+                origin: k.origin,
+                community: k.community,
+                port: k.port,
+            };
+            let nkey = NatKey {
+                proto: k.proto,
+                _pad: 0,
+                port: f.nat_port,
+            };
+            assert!(nat.contains(&(nkey, back)), "{k:?}: NAT entry");
+        }
+        assert_eq!(nat.len(), flows.len(), "a NAT entry per flow, no more");
+        assert_eq!(s.event("flows_created") as usize, flows.len());
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), flows.len(), "one flow per port");
+
+        for o in [
+            "untouched",
+            "dropped",
+            "forwarded up",
+            "wrapped down",
+            "flows made",
+        ] {
+            assert!(tally.outcome(o) >= 50, "only {} {o}", tally.outcome(o));
+        }
+        assert!(
+            tally.reasons.len() >= 10,
+            "reasons seen: {:?}",
+            tally.reasons
+        );
+    });
+}
+
+#[test]
+fn wrap_survives_mutants() {
+    use wrap::*;
+    isolate::pinned(|_| {
+        let t = wrap::setup("wrap-fuzz");
+        t.maps
+            .set_up_paths(
+                &[(A, 1_000, 0), (C, 1_000, 0), (SMALL, 1_000, 0)],
+                TEST_BACKLOG_US,
+            )
+            .unwrap();
+        let c = t.counters();
+        let fixtures: Vec<Vec<u8>> = app_packets().iter().map(on_bond0).collect();
+        let lens = [OUTER_LENS[0]];
+        let mut rng = Rng(SEED);
+        let mut tally = Tally::default();
+        let mut last_sent = None;
+        let mut before = c.read();
+        for k in 0..MUTANTS {
+            let input = mutant(&mut rng, &fixtures[k % fixtures.len()], &lens, TC_FRAME_MAX);
+            let what = format!("mutant {k} {input:02x?}");
+            let (v, out) = match t.try_run("bond_wrap", &input) {
+                Ok(r) => r,
+                Err(e) => {
+                    // BPF_PROG_TEST_RUN pulls a whole IPv4 or IPv6 header
+                    // before a TC program runs (see `wrap_cut_at_every_offset`).
+                    let short = match get16(&input, 12) {
+                        0x0800 => input.len() < 14 + 20,
+                        0x86dd => input.len() < 14 + 40,
+                        _ => false,
+                    };
+                    assert!(e == EINVAL && short, "{what}: refused, errno {e}");
+                    assert_eq!(c.read(), before, "{what}: refused, yet counted");
+                    *tally.outcomes.entry("refused by test_run").or_default() += 1;
+                    continue;
+                }
+            };
+            let after = c.read();
+            let grew = after.drops_since(&before);
+            before = after;
+            one_reason_per_drop(&what, v == TC_ACT_SHOT, &grew);
+            let outcome = match v {
+                TC_ACT_SHOT => "dropped",
+                // Wrapped exactly, on a scheduled link it fits, stamped
+                // with a send time no earlier than the last one's.
+                TC_ACT_REDIRECT => {
+                    let (link, sent) = (out[BOND + 6], get32(&out, BOND + 12));
+                    assert!([A, C, SMALL].contains(&link), "{what}: link {link}");
+                    assert_eq!(get16(&input, 12), ETH_P_IP, "{what}: ethertype");
+                    assert!(
+                        input.len() - 14 + 52 <= usize::from(up_link(link).mtu),
+                        "{what}"
+                    );
+                    assert!(
+                        last_sent.is_none_or(|l: u32| sent.wrapping_sub(l) < 1 << 31),
+                        "{what}: sent {sent} after {last_sent:?}"
+                    );
+                    last_sent = Some(sent);
+                    assert_bytes(&out, &expected(link, &input[14..]), &what);
+                    "wrapped"
+                }
+                v => panic!("{what}: verdict {v}"),
+            };
+            tally.add(v, &grew, outcome);
+        }
+        eprintln!("wrap mutants: {tally:#?}");
+        assert!(tally.outcome("wrapped") >= 1000, "{tally:?}");
+        for r in ["not_ipv4", "too_big"] {
+            assert!(
+                tally.reasons.get(r).copied().unwrap_or(0) >= 100,
+                "{tally:?}"
+            );
+        }
+    });
+}
