@@ -11,6 +11,8 @@ use bond_config::{Config, WeightSpec};
 use bond_datapath::{self as datapath, Maps};
 use bond_relay as dist;
 
+#[cfg(test)]
+mod operator_doc;
 mod services;
 mod show;
 

@@ -1,35 +1,41 @@
 //! Operator listings: a table for people, `--json` for programs.
 //!
-//! JSON shapes (stable; fields may be added, never renamed):
-//! - `links` on a terminal: `{"role":"terminal","logged_on":true,
-//!   "links":[{"link":1,"active":true,"up_pkts":..,
-//!   "up_bytes":..,"down_pkts":..,"down_bytes":..,"relay_up_pkts":..,
-//!   "relay_up_bytes":..,"relay_down_pkts":..,"relay_down_bytes":..,
-//!   "down_late":..}],"drops":{"<reason>":n,...}}` (`down_late`: packets
-//!   for this host that came after one the server sent later: reordered)
-//! - `links` on a server: as above with `"community"`, `"address"`, `"port"`
-//!   per link, and `"events"`.
-//! - `flows`: `{"flows":[{"community":1,"origin":"10.0.1.3","proto":"tcp",
-//!   "port":40000,"nat_port":20000,"up_pkts":..,"up_bytes":..,"down_pkts":..,
-//!   "down_bytes":..,"idle_ms":..,"closing":false}]}` (`closing`: a TCP
-//!   flow that saw FIN or RST, on the short timeout)
-//! - `peers` on a terminal: `{"ok":true,"peers":[{"address":"10.0.1.2",
-//!   "link":2,"port":7702,"missed":0,"up":20,"down":20,"self":false,
-//!   "in_use":true}]}`, one row per link (the seed's Table 1: LAN address,
-//!   port, missed announces, weight per direction), this host's own links
-//!   first with `"self":true`; a peer without links has one row with link 0.
-//! - `peers` on a server: `{"ok":true,"terminals":[{"community":1,
-//!   "address":"10.0.1.1","missed":0,"links":[{"link":1,
-//!   "address":"198.51.100.130:7701","down":10,"missed":0}]}]}`
-//! - `status`: see docs/operator.md; `role` tells which shape.
+//! Every listing is one of `bond_api::reply`'s types: the agents' replies
+//! (`status`, `peers`) pass through as they came (a newer agent's fields
+//! too), and `links` and `flows`, read from the maps here, are built as
+//! those types. docs/operator.md shows each shape.
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Result, bail};
-use bond_common::maps::{FLOW_CLOSING, LinkStats, name};
-use serde_json::{Value, json};
+use anyhow::{Context as _, Result, bail};
+use bond_api::reply::{
+    Counts, FlowRow, Flows, LinkCounters, Links, Peers, ServerLinkCounters, Status,
+    TerminalLinkCounters, WeightMode,
+};
+use bond_common::maps::{FLOW_CLOSING, name};
+use serde_json::Value;
 
 use bond_datapath::{Maps, monotonic_ns};
+
+/// Prints `v` as one JSON line.
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// Counts by reason on one line (`none` when there are none).
+fn tally(c: &Counts) -> String {
+    let nz: Vec<String> = c
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if nz.is_empty() {
+        "none".into()
+    } else {
+        nz.join(" ")
+    }
+}
 
 /// `bond-ctl status`.
 pub fn status(v: &Value, json: bool) -> Result<()> {
@@ -37,85 +43,72 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    let tally = |k: &str| {
-        v[k].as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, n)| format!("{k}={n}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "none".into())
-    };
-    if v["role"] == "server" {
-        println!(
-            "server {} (instance {}), up {}s{}",
-            v["address"].as_str().unwrap_or("?"),
-            v["instance"].as_str().unwrap_or("?"),
-            v["uptime_s"],
-            if v["adopted"] == true {
-                ", adopted a running datapath"
-            } else {
-                ""
-            }
-        );
-        println!(
-            "{:>9} {:>9} {:>6} {:>7}",
-            "community", "terminals", "links", "flows"
-        );
-        for c in v["communities"].as_array().into_iter().flatten() {
+    let status: Status = serde_json::from_value(v.clone()).context("reading the agent's status")?;
+    let (rejects, faults) = match &status {
+        Status::Server(s) => {
+            println!(
+                "server {} (instance {}), up {}s{}",
+                s.address,
+                s.instance,
+                s.uptime_s,
+                if s.adopted {
+                    ", adopted a running datapath"
+                } else {
+                    ""
+                }
+            );
             println!(
                 "{:>9} {:>9} {:>6} {:>7}",
-                c["id"], c["terminals"], c["links"], c["flows"]
+                "community", "terminals", "links", "flows"
             );
-        }
-        println!("flows {}, free ports {}", v["flows"], v["free_ports"]);
-    } else {
-        println!(
-            "terminal {} (instance {}), community {}, server {}: {}{}",
-            v["address"].as_str().unwrap_or("?"),
-            v["instance"].as_str().unwrap_or("?"),
-            v["community"],
-            v["server"].as_str().unwrap_or("?"),
-            if v["logged_on"] == true {
-                "logged on"
-            } else {
-                "not logged on"
-            },
-            if v["draining"] == true {
-                ", DRAINING"
-            } else {
-                ""
+            for c in &s.communities {
+                println!(
+                    "{:>9} {:>9} {:>6} {:>7}",
+                    c.id, c.terminals, c.links, c.flows
+                );
             }
-        );
-        println!(
-            "{} peer(s), announcing every {} ms",
-            v["peers"], v["announce_ms"]
-        );
-        println!(
-            "{:>4} {:>10} {:>6} {:>10} {:>10} {:>7}",
-            "link", "interface", "port", "up", "down", "active"
-        );
-        for l in v["links"].as_array().into_iter().flatten() {
-            let w = |d: &str| {
-                let mode = l[format!("{d}_weight")]["mode"].as_str().unwrap_or("?");
-                format!("{}{}", l[d], if mode == "auto" { "*" } else { "" })
-            };
+            println!("flows {}, free ports {}", s.flows, s.free_ports);
+            (&s.rejects, &s.faults)
+        }
+        Status::Terminal(t) => {
+            println!(
+                "terminal {} (instance {}), community {}, server {}: {}{}",
+                t.address,
+                t.instance,
+                t.community,
+                t.server,
+                if t.logged_on {
+                    "logged on"
+                } else {
+                    "not logged on"
+                },
+                if t.draining { ", DRAINING" } else { "" }
+            );
+            println!("{} peer(s), announcing every {} ms", t.peers, t.announce_ms);
             println!(
                 "{:>4} {:>10} {:>6} {:>10} {:>10} {:>7}",
-                l["link"],
-                l["interface"].as_str().unwrap_or("?"),
-                l["port"],
-                w("up"),
-                w("down"),
-                l["active"]
+                "link", "interface", "port", "up", "down", "active"
             );
+            for l in &t.links {
+                let w = |kbit: u32, mode: WeightMode| {
+                    format!("{kbit}{}", if mode == WeightMode::Auto { "*" } else { "" })
+                };
+                println!(
+                    "{:>4} {:>10} {:>6} {:>10} {:>10} {:>7}",
+                    l.link,
+                    l.interface,
+                    l.port,
+                    w(l.up, l.up_weight.mode),
+                    w(l.down, l.down_weight.mode),
+                    l.active
+                );
+            }
+            println!("(* measured, kbit/s)");
+            (&t.rejects, &t.faults)
         }
-        println!("(* measured, kbit/s)");
-    }
-    println!("control messages rejected: {}", tally("rejects"));
-    println!("failed steps survived: {}", tally("faults"));
+    };
+    println!("control messages rejected: {}", tally(rejects));
+    println!("failed steps survived: {}", tally(faults));
     Ok(())
 }
 
@@ -125,122 +118,97 @@ pub fn peers(v: &Value, json: bool) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    if let Some(terms) = v["terminals"].as_array() {
-        println!(
-            "{:>9} {:>15} {:>6} {:>4} {:>21} {:>8} {:>6}",
-            "community", "terminal", "missed", "link", "address", "down", "missed"
-        );
-        for t in terms {
-            let links = t["links"].as_array().cloned().unwrap_or_default();
-            if links.is_empty() {
-                println!(
-                    "{:>9} {:>15} {:>6}",
-                    t["community"],
-                    t["address"].as_str().unwrap_or("?"),
-                    t["missed"]
-                );
+    match serde_json::from_value(v.clone()).context("reading the agent's peers")? {
+        Peers::Server { terminals } => {
+            println!(
+                "{:>9} {:>15} {:>6} {:>4} {:>21} {:>8} {:>6}",
+                "community", "terminal", "missed", "link", "address", "down", "missed"
+            );
+            for t in terminals {
+                if t.links.is_empty() {
+                    println!("{:>9} {:>15} {:>6}", t.community, t.address, t.missed);
+                }
+                for l in &t.links {
+                    println!(
+                        "{:>9} {:>15} {:>6} {:>4} {:>21} {:>8} {:>6}",
+                        t.community, t.address, t.missed, l.link, l.address, l.down, l.missed
+                    );
+                }
             }
-            for l in links {
+        }
+        Peers::Terminal { peers } => {
+            println!(
+                "{:>15} {:>4} {:>6} {:>6} {:>10} {:>10} {:>6}",
+                "address", "link", "port", "missed", "up", "down", "in use"
+            );
+            for r in peers {
                 println!(
-                    "{:>9} {:>15} {:>6} {:>4} {:>21} {:>8} {:>6}",
-                    t["community"],
-                    t["address"].as_str().unwrap_or("?"),
-                    t["missed"],
-                    l["link"],
-                    l["address"].as_str().unwrap_or("?"),
-                    l["down"],
-                    l["missed"]
+                    "{:>15} {:>4} {:>6} {:>6} {:>10} {:>10} {:>6}{}",
+                    r.address,
+                    r.link,
+                    r.port,
+                    r.missed,
+                    r.up,
+                    r.down,
+                    if r.in_use { "yes" } else { "no" },
+                    if r.own { "  (this host)" } else { "" }
                 );
             }
         }
-        return Ok(());
-    }
-    println!(
-        "{:>15} {:>4} {:>6} {:>6} {:>10} {:>10} {:>6}",
-        "address", "link", "port", "missed", "up", "down", "in use"
-    );
-    for r in v["peers"].as_array().into_iter().flatten() {
-        println!(
-            "{:>15} {:>4} {:>6} {:>6} {:>10} {:>10} {:>6}{}",
-            r["address"].as_str().unwrap_or("?"),
-            r["link"],
-            r["port"],
-            r["missed"],
-            r["up"],
-            r["down"],
-            if r["in_use"] == true { "yes" } else { "no" },
-            if r["self"] == true {
-                "  (this host)"
-            } else {
-                ""
-            }
-        );
     }
     Ok(())
 }
 
-fn stats_json(s: &LinkStats) -> serde_json::Map<String, Value> {
-    let v = json!({
-        "up_pkts": s.up_pkts, "up_bytes": s.up_bytes,
-        "down_pkts": s.down_pkts, "down_bytes": s.down_bytes,
-        "relay_up_pkts": s.relay_up_pkts, "relay_up_bytes": s.relay_up_bytes,
-        "relay_down_pkts": s.relay_down_pkts, "relay_down_bytes": s.relay_down_bytes,
-        "down_late": s.down_late,
-    });
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!("json! of an object literal"),
-    }
+fn counts(c: &[(&str, u64)]) -> Counts {
+    c.iter().map(|(k, v)| ((*k).to_string(), *v)).collect()
 }
 
-fn counters_json(c: &[(&str, u64)]) -> Value {
-    Value::Object(
-        c.iter()
-            .map(|(k, v)| ((*k).to_string(), json!(v)))
-            .collect(),
-    )
-}
-
-fn print_nonzero(title: &str, c: &[(&str, u64)]) {
-    let nz: Vec<String> = c
-        .iter()
-        .filter(|(_, v)| *v > 0)
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    println!(
-        "{title}: {}",
-        if nz.is_empty() {
-            "none".to_string()
-        } else {
-            nz.join(" ")
-        }
-    );
-}
-
+/// `bond-ctl links`: read from the pinned maps.
 pub fn links(maps: &Maps, json: bool) -> Result<()> {
-    if maps.has(name::T_CONFIG) {
-        let links = maps.terminal_link_stats()?;
-        let drops = maps.terminal_drops()?;
-        if json {
-            let l: Vec<Value> = links
+    let report = if maps.has(name::T_CONFIG) {
+        Links::Terminal {
+            logged_on: maps.terminal_config()?.token != 0,
+            links: maps
+                .terminal_link_stats()?
                 .iter()
-                .map(|(id, active, s)| {
-                    let mut m = stats_json(s);
-                    m.insert("link".into(), json!(id));
-                    m.insert("active".into(), json!(active));
-                    Value::Object(m)
+                .map(|(link, active, s)| TerminalLinkCounters {
+                    link: *link,
+                    active: *active,
+                    counters: s.into(),
                 })
-                .collect();
-            println!(
-                "{}",
-                json!({
-                    "role": "terminal",
-                    "logged_on": maps.terminal_config()?.token != 0,
-                    "links": l,
-                    "drops": counters_json(&drops),
-                })
-            );
-        } else {
+                .collect(),
+            drops: counts(&maps.terminal_drops()?),
+        }
+    } else if maps.has(name::S_CONFIG) {
+        let mut idx = maps.server_link_index()?;
+        idx.sort_by_key(|(k, _)| (k.community, k.link));
+        let mut links = Vec::new();
+        for (k, i) in idx {
+            let l = maps.server_link(i)?;
+            links.push(ServerLinkCounters {
+                community: k.community,
+                link: k.link,
+                address: Ipv4Addr::from(l.ip),
+                port: l.port,
+                counters: (&maps.server_link_stats(i)?).into(),
+            });
+        }
+        Links::Server {
+            links,
+            drops: counts(&maps.server_drops()?),
+            events: counts(&maps.server_events()?),
+        }
+    } else {
+        bail!(
+            "no bond instance pinned at {} (is the agent running? `--instance`?)",
+            maps.dir().display()
+        )
+    };
+    if json {
+        return print_json(&report);
+    }
+    match &report {
+        Links::Terminal { links, drops, .. } => {
             println!(
                 "{:>4} {:>10} {:>12} {:>10} {:>12} {:>9} {:>10} {:>10}",
                 "link",
@@ -252,82 +220,50 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
                 "relay_up",
                 "relay_down"
             );
-            for (id, active, s) in &links {
+            for l in links {
+                let c: &LinkCounters = &l.counters;
                 println!(
                     "{:>4} {:>10} {:>12} {:>10} {:>12} {:>9} {:>10} {:>10}{}",
-                    id,
-                    s.up_pkts,
-                    s.up_bytes,
-                    s.down_pkts,
-                    s.down_bytes,
-                    s.down_late,
-                    s.relay_up_pkts,
-                    s.relay_down_pkts,
-                    if *active { "" } else { "  (not in use)" }
+                    l.link,
+                    c.up_pkts,
+                    c.up_bytes,
+                    c.down_pkts,
+                    c.down_bytes,
+                    c.down_late,
+                    c.relay_up_pkts,
+                    c.relay_down_pkts,
+                    if l.active { "" } else { "  (not in use)" }
                 );
             }
-            print_nonzero("drops", &drops);
+            println!("drops: {}", tally(drops));
         }
-        return Ok(());
-    }
-    if maps.has(name::S_CONFIG) {
-        let mut idx = maps.server_link_index()?;
-        idx.sort_by_key(|(k, _)| (k.community, k.link));
-        let mut rows = Vec::new();
-        for (k, i) in idx {
-            let l = maps.server_link(i)?;
-            rows.push((
-                k.community,
-                k.link,
-                Ipv4Addr::from(l.ip),
-                l.port,
-                maps.server_link_stats(i)?,
-            ));
-        }
-        let drops = maps.server_drops()?;
-        let events = maps.server_events()?;
-        if json {
-            let l: Vec<Value> = rows
-                .iter()
-                .map(|(c, id, ip, port, s)| {
-                    let mut m = stats_json(s);
-                    m.insert("community".into(), json!(c));
-                    m.insert("link".into(), json!(id));
-                    m.insert("address".into(), json!(ip.to_string()));
-                    m.insert("port".into(), json!(port));
-                    Value::Object(m)
-                })
-                .collect();
-            println!(
-                "{}",
-                json!({"role": "server", "links": l, "drops": counters_json(&drops), "events": counters_json(&events)})
-            );
-        } else {
+        Links::Server {
+            links,
+            drops,
+            events,
+        } => {
             println!(
                 "{:>9} {:>4} {:>21} {:>10} {:>12} {:>10} {:>12}",
                 "community", "link", "address", "up_pkts", "up_bytes", "down_pkts", "down_bytes"
             );
-            for (c, id, ip, port, s) in &rows {
+            for l in links {
+                let c = &l.counters;
                 println!(
                     "{:>9} {:>4} {:>21} {:>10} {:>12} {:>10} {:>12}",
-                    c,
-                    id,
-                    format!("{ip}:{port}"),
-                    s.up_pkts,
-                    s.up_bytes,
-                    s.down_pkts,
-                    s.down_bytes
+                    l.community,
+                    l.link,
+                    format!("{}:{}", l.address, l.port),
+                    c.up_pkts,
+                    c.up_bytes,
+                    c.down_pkts,
+                    c.down_bytes
                 );
             }
-            print_nonzero("drops", &drops);
-            print_nonzero("events", &events);
+            println!("drops: {}", tally(drops));
+            println!("events: {}", tally(events));
         }
-        return Ok(());
     }
-    bail!(
-        "no bond instance pinned at {} (is the agent running? `--instance`?)",
-        maps.dir().display()
-    )
+    Ok(())
 }
 
 fn proto_name(p: u8) -> String {
@@ -339,6 +275,7 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// `bond-ctl flows`: the server's flow table, read from the pinned maps.
 pub fn flows(maps: &Maps, json: bool) -> Result<()> {
     if !maps.has(name::S_FLOWS) {
         bail!(
@@ -349,49 +286,46 @@ pub fn flows(maps: &Maps, json: bool) -> Result<()> {
     let now = monotonic_ns();
     let mut flows = maps.flows()?;
     flows.sort_by_key(|(k, f)| (k.community, k.origin, f.nat_port));
-    if json {
-        let v: Vec<Value> = flows
+    let report = Flows {
+        flows: flows
             .iter()
-            .map(|(k, f)| {
-                json!({
-                    "community": k.community, "origin": Ipv4Addr::from(k.origin).to_string(),
-                    "proto": proto_name(k.proto), "port": k.port, "nat_port": f.nat_port,
-                    "up_pkts": f.up_pkts, "up_bytes": f.up_bytes,
-                    "down_pkts": f.down_pkts, "down_bytes": f.down_bytes,
-                    "idle_ms": now.saturating_sub(f.last_seen_ns) / 1_000_000,
-                    "closing": f.state & FLOW_CLOSING != 0,
-                })
+            .map(|(k, f)| FlowRow {
+                community: k.community,
+                origin: Ipv4Addr::from(k.origin),
+                proto: proto_name(k.proto),
+                port: k.port,
+                nat_port: f.nat_port,
+                up_pkts: f.up_pkts,
+                up_bytes: f.up_bytes,
+                down_pkts: f.down_pkts,
+                down_bytes: f.down_bytes,
+                idle_ms: now.saturating_sub(f.last_seen_ns) / 1_000_000,
+                closing: f.state & FLOW_CLOSING != 0,
             })
-            .collect();
-        println!("{}", json!({ "flows": v }));
-    } else {
-        println!(
-            "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}",
-            "community", "origin", "proto", "port", "nat_port", "up_pkts", "down_pkts", "idle_ms"
-        );
-        let closing = |f: &bond_common::maps::Flow| {
-            if f.state & FLOW_CLOSING != 0 {
-                "  closing"
-            } else {
-                ""
-            }
-        };
-        for (k, f) in &flows {
-            println!(
-                "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}{}",
-                k.community,
-                Ipv4Addr::from(k.origin),
-                proto_name(k.proto),
-                k.port,
-                f.nat_port,
-                f.up_pkts,
-                f.down_pkts,
-                now.saturating_sub(f.last_seen_ns) / 1_000_000,
-                closing(f)
-            );
-        }
-        println!("{} flow(s)", flows.len());
+            .collect(),
+    };
+    if json {
+        return print_json(&report);
     }
+    println!(
+        "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}",
+        "community", "origin", "proto", "port", "nat_port", "up_pkts", "down_pkts", "idle_ms"
+    );
+    for f in &report.flows {
+        println!(
+            "{:>9} {:>15} {:>5} {:>6} {:>8} {:>10} {:>10} {:>9}{}",
+            f.community,
+            f.origin,
+            f.proto,
+            f.port,
+            f.nat_port,
+            f.up_pkts,
+            f.down_pkts,
+            f.idle_ms,
+            if f.closing { "  closing" } else { "" }
+        );
+    }
+    println!("{} flow(s)", report.flows.len());
     Ok(())
 }
 
@@ -440,8 +374,9 @@ pub fn distribution(r: &bond_relay::main_server::FinalReport, json: bool) -> Res
 /// `bond-ctl terminals`: the network information database, ranked.
 pub fn terminals(rows: &[bond_relay::db::TerminalRow], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::json!({ "terminals": rows }));
-        return Ok(());
+        return print_json(&bond_relay::db::Terminals {
+            terminals: rows.to_vec(),
+        });
     }
     println!(
         "{:>4} {:<16} {:<22} {:>10} {:>10} {:>6} {:>6} {:>7}  last failure",
@@ -514,76 +449,72 @@ pub fn fetched(r: &bond_cache::fetch::FetchReport, json: bool) -> Result<()> {
 }
 
 /// `bond-ctl cache status`.
-pub fn cache_status(v: &serde_json::Value, json: bool) -> Result<()> {
+pub fn cache_status(v: &Value, json: bool) -> Result<()> {
     if json {
         println!("{v}");
         return Ok(());
     }
-    let mb = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / 1e6;
+    let s: bond_cache::Status =
+        serde_json::from_value(v.clone()).context("reading the cache's status")?;
+    let mb = |b: u64| b as f64 / 1e6;
     println!(
         "cache on {}: {} objects, {:.1} of {:.1} MB; referral server {}",
-        v["endpoint"].as_str().unwrap_or("?"),
-        v["objects"],
-        mb("bytes"),
-        mb("max_bytes"),
-        if v["referral_server"] == true {
-            "here".to_string()
-        } else {
-            v["referral"].as_str().unwrap_or("none").to_string()
+        s.endpoint,
+        s.objects,
+        mb(s.bytes),
+        mb(s.max_bytes),
+        match (s.referral_server, s.referral) {
+            (true, _) => "here".to_string(),
+            (false, Some(r)) => r.to_string(),
+            (false, None) => "none".to_string(),
         }
     );
-    let l = &v["load"];
+    let l = &s.load;
     println!(
         "uploads {} of {}, {} MB sent to peers, {} refused at the limit",
-        l["uploads"],
-        l["max_uploads"],
-        l["sent"].as_u64().unwrap_or(0) as f64 / 1e6,
-        l["refused"]
+        l.uploads,
+        l.max_uploads,
+        mb(l.sent),
+        l.refused
     );
     println!(
         "fetched: {} local, {} from peers ({:.1} MB), {} from the origin ({:.1} MB); {} corrupt caught, {} LAN queries",
-        v["from_local"],
-        v["from_peers"],
-        mb("bytes_from_peers"),
-        v["from_origin"],
-        mb("bytes_from_origin"),
-        v["corrupt_caught"],
-        v["lan_queries"]
+        s.from_local,
+        s.from_peers,
+        mb(s.bytes_from_peers),
+        s.from_origin,
+        mb(s.bytes_from_origin),
+        s.corrupt_caught,
+        s.lan_queries
     );
     Ok(())
 }
 
 /// `bond-ctl cache table`.
-pub fn cache_table(v: &serde_json::Value, json: bool) -> Result<()> {
+pub fn cache_table(v: &Value, json: bool) -> Result<()> {
     if json {
         println!("{v}");
         return Ok(());
     }
-    let empty = Vec::new();
-    for o in v["objects"].as_array().unwrap_or(&empty) {
-        let obj = &o["object"];
+    let t: bond_cache::TableReport =
+        serde_json::from_value(v.clone()).context("reading the referral server's table")?;
+    for o in &t.objects {
+        let obj = &o.object;
         println!(
             "{} ({} bytes, {})",
-            obj["url"].as_str().unwrap_or("?"),
-            obj["size"],
-            &obj["hash"].as_str().unwrap_or("?")
-                [..16.min(obj["hash"].as_str().unwrap_or("?").len())]
+            obj.url,
+            obj.size,
+            &obj.hash[..16.min(obj.hash.len())]
         );
-        for s in o["sources"].as_array().unwrap_or(&empty) {
+        for s in &o.sources {
             println!(
                 "  {:<21} {:>8} MB/s  uploads {}/{}{}{}",
-                s["endpoint"].as_str().unwrap_or("?"),
-                s["bps"]
-                    .as_f64()
-                    .map_or("-".into(), |b| format!("{:.1}", b / 1e6)),
-                s["uploads"],
-                s["max_uploads"],
-                if s["demoted"] == true {
-                    "  demoted"
-                } else {
-                    ""
-                },
-                if s["busy"] == true { "  busy" } else { "" },
+                s.endpoint,
+                s.bps.map_or("-".into(), |b| format!("{:.1}", b / 1e6)),
+                s.uploads,
+                s.max_uploads,
+                if s.demoted { "  demoted" } else { "" },
+                if s.busy { "  busy" } else { "" },
             );
         }
     }

@@ -118,7 +118,7 @@ fn server_marks_tcp_flows_closing_on_fin_or_rst_both_ways() {
 fn server_sweep_expires_idle_flows_and_returns_their_ports() {
     use std::time::Duration;
 
-    use bond_datapath::flows::{self, SweepReport, Timeouts};
+    use bond_datapath::flows::{self, Sweep, Timeouts};
     use srv::*;
     const S: u64 = 1_000_000_000;
     isolate::in_netns(|_| {
@@ -164,7 +164,7 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
         // Just short of the shortest timeout: nothing goes.
         assert_eq!(
             sweep(seen(ORIGIN_A, &icmp, 0x4242) + 20 * S - 1),
-            SweepReport {
+            Sweep {
                 scanned: 3,
                 kept: 3,
                 ..Default::default()
@@ -173,7 +173,7 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
         // ICMP's timeout: it goes, and nothing else.
         assert_eq!(
             sweep(seen(ORIGIN_A, &icmp, 0x4242) + 20 * S),
-            SweepReport {
+            Sweep {
                 scanned: 3,
                 icmp: 1,
                 ports_returned: 1,
@@ -195,7 +195,7 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
         // UDP after 30 s idle; the newer UDP flow stays.
         assert_eq!(
             sweep(seen(ORIGIN_A, &udp, 40001) + 30 * S),
-            SweepReport {
+            Sweep {
                 scanned: 3,
                 udp: 1,
                 ports_returned: 1,
@@ -210,7 +210,7 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
         assert_eq!(sweep(fin_at + 10 * S - 1).tcp, 0);
         assert_eq!(
             sweep(fin_at + 10 * S),
-            SweepReport {
+            Sweep {
                 scanned: 2,
                 tcp: 1,
                 ports_returned: 1,

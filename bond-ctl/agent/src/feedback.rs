@@ -457,22 +457,8 @@ pub struct Report {
 }
 
 /// What the corrector did, for `bond-ctl status`.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, PartialEq, Eq)]
-pub struct Stats {
-    pub reports: u64,
-    /// Corrections that made a link's queue longer, and shorter.
-    pub later: u64,
-    pub sooner: u64,
-    /// Rates changed by what the corrections showed.
-    pub rates: u64,
-    /// Jitter counted anew on a link (what a packet that met no queue
-    /// showed), and forgotten on links the sender left.
-    pub jitter: u64,
-    /// Links left out because their packets stopped arriving.
-    pub silenced: u64,
-    /// Links cut to this sender's share because others sent over them.
-    pub shared: u64,
-}
+pub use bond_api::reply::FeedbackCounts as Stats;
+use bond_api::reply::{self as api, Feedback};
 
 /// How long a learnt rate stands without a window confirming it: after
 /// that the link's weight (measured idle, or set) is its rate again.
@@ -590,7 +576,7 @@ impl Corrector {
 
     /// For `bond-ctl status`: the counts, and the rates that stand, each
     /// by the link id `link_id` gives for a schedule's own name for it.
-    pub fn status(&self, link_id: impl Fn(Model, u32) -> Option<u8>) -> serde_json::Value {
+    pub fn status(&self, link_id: impl Fn(Model, u32) -> Option<u8>) -> Feedback {
         let now = monotonic_ns();
         let sh = lock(&self.shared);
         let mut learnt: Vec<_> = sh
@@ -608,18 +594,26 @@ impl Corrector {
             })
             .collect();
         sharing.sort_unstable();
-        let mut v = serde_json::to_value(sh.stats).unwrap_or_default();
-        v["learnt"] = learnt
-            .into_iter()
-            .map(|(c, id, kbit)| serde_json::json!({"community": c, "link": id, "kbit": kbit}))
-            .collect();
-        v["sharing"] = sharing
-            .into_iter()
-            .map(|(c, id, kbit, whole)| {
-                serde_json::json!({"community": c, "link": id, "kbit": kbit, "of": whole})
-            })
-            .collect();
-        v
+        Feedback {
+            counts: sh.stats,
+            learnt: learnt
+                .into_iter()
+                .map(|(community, link, kbit)| api::Learnt {
+                    community,
+                    link,
+                    kbit,
+                })
+                .collect(),
+            sharing: sharing
+                .into_iter()
+                .map(|(community, link, kbit, of)| api::Sharing {
+                    community,
+                    link,
+                    kbit,
+                    of,
+                })
+                .collect(),
+        }
     }
 
     /// Forgets what was learnt of link `id` of a schedule: the link left,

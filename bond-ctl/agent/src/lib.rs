@@ -449,11 +449,20 @@ fn attach_xdp_new(
 /// For `status`: how each program is attached.
 pub fn attach_status(
     attached: &BTreeMap<(&'static str, String), &'static str>,
-) -> serde_json::Value {
+) -> Vec<bond_api::reply::Attached> {
     attached
         .iter()
-        .map(|((hook, iface), mode)| serde_json::json!({"interface": iface, "hook": hook, "mode": mode}))
+        .map(|((hook, iface), mode)| bond_api::reply::Attached {
+            interface: iface.clone(),
+            hook: (*hook).into(),
+            mode: (*mode).into(),
+        })
         .collect()
+}
+
+/// An operator reply as the socket sends it.
+pub fn reply(r: impl serde::Serialize) -> Result<serde_json::Value, String> {
+    serde_json::to_value(r).map_err(|e| format!("encoding the reply: {e}"))
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -525,13 +534,11 @@ impl Tally {
         &self.counts
     }
 
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::Value::Object(
-            self.counts
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), serde_json::json!(v)))
-                .collect(),
-        )
+    pub fn counts(&self) -> bond_api::reply::Counts {
+        self.counts
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), *v))
+            .collect()
     }
 
     pub fn metrics(&self, m: &mut control::Metrics) {

@@ -43,7 +43,6 @@ use bond_common::{
     maps::Hold,
     wire::{BOND_OFF, BondHdr, SEQ_COPY, SEQ_MAX},
 };
-use serde::Serialize;
 
 use bond_datapath::{Maps, monotonic_ns};
 
@@ -121,34 +120,7 @@ impl WindowMin {
 }
 
 /// What the playout did, for `bond-ctl status` and the tests.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Stats {
-    /// Packets that went through.
-    pub packets: u64,
-    /// Released after a packet sent later: still out of order (it came
-    /// later than every wait allowed).
-    pub reordered: u64,
-    /// Released before their time because the playout was full.
-    pub overflow: u64,
-    /// Released at [`MAX_WAIT_US`] past the spread, a delivering link not
-    /// having passed them.
-    pub timed_out: u64,
-    /// The spread held for now, µs: the farthest link's base past the
-    /// nearest's (or the floor).
-    pub spread_us: i64,
-    /// The longest any packet was held, µs.
-    pub max_hold_us: u64,
-    /// Packets the links lost (gaps in their sequences), asked for again.
-    pub lost: u64,
-    /// Packets that seemed lost, a later one of their link having come
-    /// first, until they came: overtaken on the way in (two CPUs handing
-    /// one link's packets on), not lost.
-    pub overtaken: u64,
-    /// Of them, copies that came in time.
-    pub resent: u64,
-    /// The longest a copy took from the gap being seen, µs.
-    pub max_resend_us: u64,
-}
+pub use bond_api::reply::Playout as Stats;
 
 /// A gap in one link's sequence, waited on. (A copy does not say which
 /// link it was first sent on: its number and send time find the gap.)

@@ -25,35 +25,22 @@ use bond_common::{
     wire::{BondHdr, ETH_LEN, IPV4_LEN, SEQ_COPY, UDP_LEN, seq_next},
 };
 
-use serde::Serialize;
+pub use bond_api::reply::Resend;
 
 use bond_proto::control::Gap;
 
-/// The sender's counts, for `bond-ctl status`.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Stats {
-    /// Packets the receiving ends asked for.
-    pub asked: u64,
-    /// Copies sent again.
-    pub sent: u64,
-    /// Copies found with no link to send them on.
-    pub no_link: u64,
-}
-
-impl Stats {
-    /// The copies of community `community`'s packets to or from `origin`
-    /// that `gaps` name, from a sender's ring (`Maps::kept`); counts
-    /// what was asked.
-    pub fn asked_for(
-        &mut self,
-        (ring, next): (Array<MapData, Kept>, u32),
-        community: u16,
-        origin: u32,
-        gaps: &[Gap],
-    ) -> Vec<Kept> {
-        self.asked += gaps.iter().map(|g| u64::from(g.count)).sum::<u64>();
-        find(|i| ring.get(&i, 0).ok(), next, community, origin, gaps)
-    }
+/// The copies of community `community`'s packets to or from `origin`
+/// that `gaps` name, from a sender's ring (`Maps::kept`); counts what was
+/// asked in `stats`.
+pub fn asked_for(
+    stats: &mut Resend,
+    (ring, next): (Array<MapData, Kept>, u32),
+    community: u16,
+    origin: u32,
+    gaps: &[Gap],
+) -> Vec<Kept> {
+    stats.asked += gaps.iter().map(|g| u64::from(g.count)).sum::<u64>();
+    find(|i| ring.get(&i, 0).ok(), next, community, origin, gaps)
 }
 
 /// A kept packet's bytes (bond header and inner packet) as a frame on a

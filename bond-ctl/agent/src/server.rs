@@ -15,7 +15,7 @@ use bond_common::{
     edpf::{DEFAULT_BACKLOG_US, PATH_USABLE, Paths},
     maps::{LINK_VALID, ServerConfig as ServerMap, ServerLink, name},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     net::UdpSocket,
     signal::unix::{SignalKind, signal},
@@ -23,11 +23,17 @@ use tokio::{
 };
 
 use super::{Exit, Pins, Tally, wait_for_signal};
-use bond_api::{Call, Metrics, Request};
+use bond_api::{
+    Call, Metrics, Request,
+    reply::{
+        CommunityStatus, Detached, DownPath, LinkRow, Peers, Reloaded, ServerStatus, Status,
+        TerminalRow,
+    },
+};
 use bond_config::{Config, ServerConfig};
 use bond_datapath::{
     self as datapath, Maps, ebpf,
-    flows::{self, FlowGauge},
+    flows::{self, FlowTable},
 };
 
 use crate::{
@@ -86,7 +92,7 @@ struct Agent {
     /// How each program is attached, by (hook, interface).
     attached: std::collections::BTreeMap<(&'static str, String), &'static str>,
     /// The flow table as of the last sweep (for `status` and metrics).
-    pub flows: FlowGauge,
+    pub flows: FlowTable,
     /// S_CONFIG as written; its `link_mtu` follows the links.
     map_cfg: ServerMap,
     /// The smallest MTU each community announced for its live links.
@@ -98,7 +104,7 @@ struct Agent {
     /// Keeps the downstream schedules true from the origins' feedback.
     corrector: Corrector,
     /// What origins asked to be sent again, and what was.
-    resends: resend::Stats,
+    resends: resend::Resend,
     /// Relative delays (ns) of the links found at adoption, by community
     /// and link index, used until each link's owner announces again.
     adopted_delay: HashMap<(u16, u32), u32>,
@@ -202,13 +208,13 @@ pub async fn run(
         adopted: pins.adopted,
         started: Instant::now(),
         attached: pins.attached.clone(),
-        flows: FlowGauge::new(u64::from(ports)),
+        flows: FlowTable::new(u64::from(ports)),
         map_cfg,
         community_mtu: HashMap::new(),
         path: path.to_path_buf(),
         playout,
         corrector: Corrector::start(maps.clone())?,
-        resends: resend::Stats::default(),
+        resends: resend::Resend::default(),
         adopted_delay: HashMap::new(),
         cfg,
         maps,
@@ -603,7 +609,7 @@ impl Agent {
     /// arrives first now.
     async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[Gap]) -> Result<()> {
         let ring = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
-        for k in &self.resends.asked_for(ring, c, u32::from(o), gaps) {
+        for k in &resend::asked_for(&mut self.resends, ring, c, u32::from(o), gaps) {
             let Some(bytes) = k.bytes() else { continue };
             let Some(idx) = self.maps.pick_down_path(c, resend::frame_len(bytes))? else {
                 self.resends.no_link += 1;
@@ -926,17 +932,22 @@ impl Agent {
 
     fn handle(&mut self, req: Request) -> Result<Value, String> {
         match req {
-            Request::Status => Ok(self.status()),
-            Request::Peers => Ok(self.peers()),
+            Request::Status => crate::reply(Status::Server(self.status())),
+            Request::Peers => crate::reply(self.peers()),
             Request::Metrics => self
                 .metrics()
                 .map(Value::String)
                 .map_err(|e| format!("{e:#}")),
             Request::Detach => {
                 eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
-                Ok(json!({"detached": true}))
+                crate::reply(Detached { detached: true })
             }
-            Request::Reload => self.reload().map(|changed| json!({ "changed": changed })),
+            Request::Reload => {
+                let changed = self.reload()?;
+                crate::reply(Reloaded {
+                    changed: changed.into_iter().map(String::from).collect(),
+                })
+            }
             Request::Weight { .. } => Err(
                 "a link's weights are set on the terminal that owns it (`bond-ctl weight` there)"
                     .into(),
@@ -961,88 +972,87 @@ impl Agent {
     /// link's rate, its delay over the nearest link's, the jitter counted
     /// on it now, and whether it is in use (not while left out for
     /// silence).
-    fn down_paths(&self, c: u16) -> Vec<Value> {
+    fn down_paths(&self, c: u16) -> Vec<DownPath> {
         let Ok(Some(paths)) = self.maps.down_paths(c) else {
             return Vec::new();
         };
         paths
             .links()
-            .map(|p| {
-                json!({
-                    "link": self.link_of(c, p.id),
-                    "kbit": p.kbit(),
-                    "delay_us": p.delay_ns / 1000,
-                    "extra_us": p.extra_ns / 1000,
-                    "usable": p.flags & PATH_USABLE != 0,
-                })
+            .map(|p| DownPath {
+                link: self.link_of(c, p.id),
+                kbit: p.kbit(),
+                delay_us: p.delay_ns / 1000,
+                extra_us: p.extra_ns / 1000,
+                usable: p.flags & PATH_USABLE != 0,
             })
             .collect()
     }
 
     /// Per community: terminals, links, flows, its downstream schedule;
     /// and the ports left.
-    fn status(&self) -> Value {
+    fn status(&self) -> ServerStatus {
         let now = Instant::now();
         let sessions = self.table.sessions(now);
         let links = self.table.links(None, now);
-        let communities: Vec<Value> = self
+        let communities = self
             .cfg
             .communities
             .iter()
-            .map(|c| {
-                json!({
-                    "id": c.id,
-                    "terminals": sessions.iter().filter(|s| s.0 == c.id).count(),
-                    "links": links.iter().filter(|l| l.community == c.id).count(),
-                    "flows": self.flows.by_community.get(&c.id).copied().unwrap_or(0),
-                    "paths": self.down_paths(c.id),
-                })
+            .map(|c| CommunityStatus {
+                id: c.id,
+                terminals: sessions.iter().filter(|s| s.0 == c.id).count(),
+                links: links.iter().filter(|l| l.community == c.id).count(),
+                flows: self.flows.by_community.get(&c.id).copied().unwrap_or(0),
+                paths: self.down_paths(c.id),
             })
             .collect();
-        json!({
-            "role": "server",
-            "instance": self.cfg.instance,
-            "address": format!("{}:{}", self.cfg.address, self.cfg.port),
-            "nat_address": self.cfg.nat_address.to_string(),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "adopted": self.adopted,
-            "attach": crate::attach_status(&self.attached),
-            "communities": communities,
-            "flows": self.flows.flows,
-            "free_ports": self.flows.free_ports,
-            "flow_table": self.flows,
-            "playout": self.playout.as_ref().map(|p| p.stats()),
-            "feedback": self.corrector.status(|m, idx| match m {
+        ServerStatus {
+            instance: self.cfg.instance.clone(),
+            address: SocketAddrV4::new(self.cfg.address, self.cfg.port),
+            nat_address: self.cfg.nat_address,
+            uptime_s: self.started.elapsed().as_secs(),
+            adopted: self.adopted,
+            attach: crate::attach_status(&self.attached),
+            communities,
+            flows: self.flows.flows,
+            free_ports: self.flows.free_ports,
+            flow_table: self.flows.clone(),
+            playout: self.playout.as_ref().map(|p| p.stats()),
+            feedback: self.corrector.status(|m, idx| match m {
                 Model::Down(c) => self.link_of(c, idx),
                 Model::Up => None,
             }),
-            "resend": self.resends,
-            "rejects": self.rejects.json(),
-            "faults": self.faults.json(),
-        })
+            resend: self.resends,
+            rejects: self.rejects.counts(),
+            faults: self.faults.counts(),
+        }
     }
 
     /// Every terminal of every community, with its links.
-    fn peers(&self) -> Value {
+    fn peers(&self) -> Peers {
         let now = Instant::now();
         let links = self.table.links(None, now);
-        let rows: Vec<Value> = self
+        let terminals = self
             .table
             .sessions(now)
             .into_iter()
-            .map(|(c, o, _, missed)| {
-                let l: Vec<Value> = links
+            .map(|(community, address, _, missed)| TerminalRow {
+                community,
+                address,
+                missed,
+                links: links
                     .iter()
-                    .filter(|l| l.community == c && l.owner == o)
-                    .map(|l| {
-                        json!({"link": l.link, "address": l.addr.to_string(),
-                               "down": l.down, "missed": l.missed})
+                    .filter(|l| l.community == community && l.owner == address)
+                    .map(|l| LinkRow {
+                        link: l.link,
+                        address: l.addr,
+                        down: l.down,
+                        missed: l.missed,
                     })
-                    .collect();
-                json!({"community": c, "address": o.to_string(), "missed": missed, "links": l})
+                    .collect(),
             })
             .collect();
-        json!({ "terminals": rows })
+        Peers::Server { terminals }
     }
 
     fn metrics(&self) -> Result<String> {

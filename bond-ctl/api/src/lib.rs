@@ -28,6 +28,8 @@ use tokio::{
 
 use bond_config::WeightSpec;
 
+pub mod reply;
+
 /// Where instances put their sockets.
 pub const DEFAULT_RUN_DIR: &str = "/run/bond";
 
@@ -101,7 +103,7 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> Result<()> {
                     return;
                 }
                 let answer = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => ask(&tx, req).await,
+                    Ok(req) => forward(&tx, req).await,
                     Err(e) => Err(format!("bad request: {e}")),
                 };
                 let v = match answer {
@@ -119,7 +121,7 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> Result<()> {
     Ok(())
 }
 
-async fn ask(tx: &mpsc::Sender<Call>, req: Request) -> Result<Value, String> {
+async fn forward(tx: &mpsc::Sender<Call>, req: Request) -> Result<Value, String> {
     let (reply, rx) = oneshot::channel();
     tx.send(Call { req, reply })
         .await
@@ -153,7 +155,7 @@ pub async fn serve_metrics(addr: SocketAddr, tx: mpsc::Sender<Call>) -> Result<(
                 }
                 let first = buf.split(|&b| b == b'\r').next().unwrap_or_default();
                 let (status, body) = if first.starts_with(b"GET /metrics ") {
-                    match ask(&tx, Request::Metrics).await {
+                    match forward(&tx, Request::Metrics).await {
                         Ok(v) => ("200 OK", v.as_str().unwrap_or_default().to_string()),
                         Err(e) => ("503 Service Unavailable", e),
                     }
@@ -210,6 +212,13 @@ impl<T: Service + ?Sized> Service for std::sync::Arc<T> {
     fn metrics(&self, m: &mut Metrics) {
         (**self).metrics(m);
     }
+}
+
+/// Sends `req` to the agent on `path` and reads its reply as `T` (a type of
+/// [`reply`]).
+pub fn ask<T: serde::de::DeserializeOwned>(path: &Path, req: &Request) -> Result<T> {
+    let v = request(path, req)?;
+    serde_json::from_value(v).with_context(|| format!("reading the agent's reply to {req:?}"))
 }
 
 /// Prometheus text exposition, one family at a time.

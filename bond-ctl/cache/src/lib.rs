@@ -36,7 +36,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use bond_proto::{CommunityKey, now_ms};
@@ -116,8 +116,8 @@ pub struct Stats {
     pub lan_queries: AtomicU64,
 }
 
-/// `GET /cache/status`.
-#[derive(Serialize)]
+/// `GET /cache/status` (`bond-ctl cache status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub endpoint: SocketAddr,
     pub referral: Option<SocketAddr>,
@@ -488,6 +488,35 @@ impl bond_api::Service for Cache {
             m.sample(name, &[], v);
         }
     }
+}
+
+/// `POST /cache/table` (`bond-ctl cache table`): the referral server's
+/// table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableReport {
+    pub objects: Vec<TableObject>,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableObject {
+    pub object: msg::Object,
+    /// Best first.
+    pub sources: Vec<msg::Source>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub endpoint: SocketAddr,
+    /// Bytes/s clients measured from it (running average).
+    pub bps: Option<f64>,
+    pub load: msg::Load,
+    /// Probes missed in a row.
+    pub misses: u32,
+    /// Times it was caught sending bad data.
+    pub strikes: u32,
+    /// Objects it has sent.
+    pub uses: u64,
 }
 
 /// For the operator CLI: the cache status of this host (`GET /cache/status`

@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    Cache,
+    Cache, PeerReport, TableObject, TableReport,
     msg::{Ask, Object, Update},
 };
 use bond_proto::{now_ms, signed};
@@ -197,23 +197,29 @@ async fn table(State(c): State<Arc<Cache>>, headers: HeaderMap, body: Bytes) -> 
     }
     let Some(t) = &c.table else { return no_table() };
     let t = t.lock().expect("lock");
-    let objects: Vec<_> = t
-        .dump()
-        .into_iter()
-        .map(|(o, s)| serde_json::json!({ "object": o, "sources": s }))
-        .collect();
-    let peers: Vec<_> = t
-        .peers()
-        .into_iter()
-        .filter_map(|p| {
-            let i = t.peer_info(p)?;
-            Some(serde_json::json!({
-                "endpoint": p, "bps": i.bps, "load": i.load, "misses": i.misses,
-                "strikes": i.strikes, "uses": i.uses,
-            }))
-        })
-        .collect();
-    Json(serde_json::json!({ "objects": objects, "peers": peers })).into_response()
+    let report = TableReport {
+        objects: t
+            .dump()
+            .into_iter()
+            .map(|(object, sources)| TableObject { object, sources })
+            .collect(),
+        peers: t
+            .peers()
+            .into_iter()
+            .filter_map(|p| {
+                let i = t.peer_info(p)?;
+                Some(PeerReport {
+                    endpoint: p,
+                    bps: i.bps,
+                    load: i.load,
+                    misses: i.misses,
+                    strikes: i.strikes,
+                    uses: i.uses,
+                })
+            })
+            .collect(),
+    };
+    Json(report).into_response()
 }
 
 #[cfg(test)]

@@ -14,38 +14,17 @@ use bond_common::{
     maps::{FlowKey, SessionKey, name},
     wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
-use serde::Serialize;
 
+pub use bond_api::reply::{FlowTable, Sweep};
 pub use bond_config::Timeouts;
 
 use crate::{Maps, Result};
-
-/// What one sweep did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct SweepReport {
-    /// Flows in the table when the sweep listed it.
-    pub scanned: u64,
-    /// Flows removed, by protocol.
-    pub tcp: u64,
-    pub udp: u64,
-    pub icmp: u64,
-    /// Ports pushed back to the free queue.
-    pub ports_returned: u64,
-    /// Flows left in the table (scanned - removed).
-    pub kept: u64,
-}
-
-impl SweepReport {
-    pub fn removed(&self) -> u64 {
-        self.tcp + self.udp + self.icmp
-    }
-}
 
 /// Expires the idle flows of a server instance (see [`Timeouts::expired`]);
 /// `now_ns` is CLOCK_MONOTONIC ([`monotonic_ns`]). Each flow is checked
 /// again just before it is deleted, so one that came alive since the
 /// listing is kept.
-pub fn sweep(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<SweepReport> {
+pub fn sweep(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<Sweep> {
     sweep_counted(maps, timeouts, now_ns).map(|(r, _)| r)
 }
 
@@ -55,17 +34,17 @@ pub fn sweep_counted(
     maps: &Maps,
     timeouts: &Timeouts,
     now_ns: u64,
-) -> Result<(SweepReport, BTreeMap<u16, u64>)> {
+) -> Result<(Sweep, BTreeMap<u16, u64>)> {
     let flows = maps.flows()?;
     let idle = flows
         .iter()
         .filter(|(k, f)| timeouts.expired(k, f, now_ns))
         .map(|(k, _)| *k);
     let removed = maps.remove_flows_if(idle, |k, f| timeouts.expired(k, f, now_ns))?;
-    let mut r = SweepReport {
+    let mut r = Sweep {
         scanned: flows.len() as u64,
         kept: (flows.len() - removed.len()) as u64,
-        ..SweepReport::default()
+        ..Sweep::default()
     };
     for f in &removed {
         match f.key.proto {
@@ -114,81 +93,12 @@ pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static st
     ]
 }
 
-/// The server agent's running account of the flow table, for `status` and
-/// metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FlowGauge {
-    /// Dedicated ports in `nat_ports`.
-    pub nat_ports: u64,
-    /// Flows in the table after the last sweep.
-    pub flows: u64,
-    /// Ports free after the last sweep: every flow holds one port, so
-    /// `nat_ports - flows`.
-    pub free_ports: u64,
-    /// Totals since the agent started.
-    pub sweeps: u64,
-    pub expired_tcp: u64,
-    pub expired_udp: u64,
-    pub expired_icmp: u64,
-    pub ports_returned: u64,
-    /// The last sweep.
-    pub last: SweepReport,
-    /// Flows per community after the last sweep.
-    pub by_community: BTreeMap<u16, u64>,
-}
-
-impl FlowGauge {
-    pub fn new(nat_ports: u64) -> Self {
-        Self {
-            nat_ports,
-            free_ports: nat_ports,
-            ..Self::default()
-        }
-    }
-
-    pub fn record(&mut self, r: &SweepReport) {
-        self.flows = r.kept;
-        self.free_ports = self.nat_ports.saturating_sub(r.kept);
-        self.sweeps += 1;
-        self.expired_tcp += r.tcp;
-        self.expired_udp += r.udp;
-        self.expired_icmp += r.icmp;
-        self.ports_returned += r.ports_returned;
-        self.last = *r;
-    }
-}
-
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub use crate::monotonic_ns;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gauge_counts_free_ports_and_totals() {
-        let mut g = FlowGauge::new(3);
-        assert_eq!((g.flows, g.free_ports), (0, 3));
-        let r = SweepReport {
-            scanned: 3,
-            tcp: 1,
-            udp: 1,
-            icmp: 0,
-            ports_returned: 2,
-            kept: 1,
-        };
-        assert_eq!(r.removed(), 2);
-        g.record(&r);
-        g.record(&SweepReport {
-            scanned: 1,
-            kept: 1,
-            ..SweepReport::default()
-        });
-        assert_eq!((g.flows, g.free_ports, g.sweeps), (1, 2, 2));
-        assert_eq!((g.expired_tcp, g.expired_udp, g.expired_icmp), (1, 1, 0));
-        assert_eq!(g.ports_returned, 2);
-        assert_eq!(g.last.scanned, 1);
-    }
 
     #[test]
     fn map_sizes_name_the_flow_maps() {

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Weight of a new sample in the running averages.
 const ALPHA: f64 = 0.3;
@@ -62,8 +62,14 @@ pub enum Outcome {
     Failed { why: String },
 }
 
+/// `bond-ctl terminals --json`: the database's terminals, fastest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Terminals {
+    pub terminals: Vec<TerminalRow>,
+}
+
 /// A terminal, as `bond-ctl terminals` lists it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TerminalRow {
     /// 1-based position, fastest first.
     pub rank: u32,

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
@@ -30,7 +30,7 @@ use bond_proto::{CommunityKey, now_ms};
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// How the file travels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Every target fetches from the main server (the baseline).
@@ -68,12 +68,34 @@ pub struct Options {
     pub progress: bool,
 }
 
+/// Where a target is in the transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetStatus {
+    #[default]
+    Waiting,
+    Fetching,
+    Done,
+    Failed,
+}
+
+impl std::fmt::Display for TargetStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Waiting => "waiting",
+            Self::Fetching => "fetching",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        })
+    }
+}
+
 /// One target's state, as the final report shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TargetReport {
     pub id: String,
     pub endpoint: String,
-    pub status: &'static str,
+    pub status: TargetStatus,
     /// Response time of its (first) transport request.
     pub ack_ms: Option<u64>,
     /// From its request to its last chunk verified.
@@ -94,7 +116,7 @@ pub struct TargetReport {
     resent: Vec<bool>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FinalReport {
     pub transfer: i64,
     pub file: String,
@@ -225,7 +247,7 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
             let r = TargetReport {
                 id: t.id.clone(),
                 endpoint: t.endpoint.to_string(),
-                status: "waiting",
+                status: TargetStatus::Waiting,
                 acked: vec![false; stripes as usize],
                 resent: vec![false; stripes as usize],
                 ..Default::default()
@@ -260,8 +282,8 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
                                 *a = true;
                             }
                             t.ack_ms.get_or_insert(ms);
-                            if t.status == "waiting" || t.status == "failed" {
-                                t.status = "fetching";
+                            if t.status == TargetStatus::Waiting || t.status == TargetStatus::Failed {
+                                t.status = TargetStatus::Fetching;
                             }
                         }
                     }
@@ -280,7 +302,7 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
                         let outcome = Outcome::Done { ms, source: source.to_string() };
                         db.target_outcome(transfer, &id, &outcome, now)?;
                         if let Some(t) = state_of.get_mut(&id) {
-                            t.status = "done";
+                            t.status = TargetStatus::Done;
                             t.ms = Some(ms);
                             t.done_at_ms = Some(at);
                             t.first_chunk_at_ms = Some(at.saturating_sub(ms.saturating_sub(first_ms)));
@@ -291,10 +313,10 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
                     }
                     Report::Failed { id, why, .. } => {
                         if let Some(t) = state_of.get_mut(&id)
-                            && t.status != "done"
+                            && t.status != TargetStatus::Done
                         {
                             db.target_outcome(transfer, &id, &Outcome::Failed { why: why.clone() }, now)?;
-                            t.status = "failed";
+                            t.status = TargetStatus::Failed;
                             t.why = Some(why);
                         }
                     }
@@ -307,7 +329,7 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
                         *corrupt.entry(relay_id).or_default() += 1;
                     }
                 }
-                if state_of.values().all(|t| t.status == "done") {
+                if state_of.values().all(|t| t.status == TargetStatus::Done) {
                     break;
                 }
             }
@@ -324,7 +346,7 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
                             .iter()
                             .filter(|t| {
                                 let s = &state_of[&t.id];
-                                !s.acked[j as usize] && !s.resent[j as usize] && s.status != "done"
+                                !s.acked[j as usize] && !s.resent[j as usize] && s.status != TargetStatus::Done
                             })
                             .cloned()
                             .collect();
@@ -351,10 +373,10 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
     display.show(&state_of, start.elapsed());
     let now = now_ms() as i64;
     for t in state_of.values_mut() {
-        if t.status != "done" && t.status != "failed" {
+        if t.status != TargetStatus::Done && t.status != TargetStatus::Failed {
             let why = format!("no word for {:?} (was {})", o.stall, t.status);
             db.target_outcome(transfer, &t.id, &Outcome::Failed { why: why.clone() }, now)?;
-            t.status = "failed";
+            t.status = TargetStatus::Failed;
             t.why = Some(why);
         }
     }
@@ -370,8 +392,14 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
         fanout: o.fanout,
         main: me.to_string(),
         ms: start.elapsed().as_millis() as u64,
-        done: targets.iter().filter(|t| t.status == "done").count(),
-        failed: targets.iter().filter(|t| t.status == "failed").count(),
+        done: targets
+            .iter()
+            .filter(|t| t.status == TargetStatus::Done)
+            .count(),
+        failed: targets
+            .iter()
+            .filter(|t| t.status == TargetStatus::Failed)
+            .count(),
         corrupt,
         targets,
     })
@@ -411,8 +439,14 @@ impl Display {
         if !self.on {
             return;
         }
-        let done = targets.values().filter(|t| t.status == "done").count();
-        let failed = targets.values().filter(|t| t.status == "failed").count();
+        let done = targets
+            .values()
+            .filter(|t| t.status == TargetStatus::Done)
+            .count();
+        let failed = targets
+            .values()
+            .filter(|t| t.status == TargetStatus::Failed)
+            .count();
         let summary = format!(
             "{:>6.1}s  {done}/{} done, {failed} failed",
             elapsed.as_secs_f64(),

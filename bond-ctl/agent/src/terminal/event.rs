@@ -388,7 +388,7 @@ impl Agent {
     pub(super) async fn resend(&mut self, gaps: &[Gap]) -> Result<()> {
         let ring = self.maps.kept(name::T_KEPT, name::T_KEPT_NEXT)?;
         let (c, o) = (self.cfg.community, u32::from(self.lan_ip));
-        for k in &self.resends.asked_for(ring, c, o, gaps) {
+        for k in &resend::asked_for(&mut self.resends, ring, c, o, gaps) {
             let Some(bytes) = k.bytes() else { continue };
             let Some(id) = self.maps.pick_up_path(resend::frame_len(bytes))? else {
                 self.resends.no_link += 1;

@@ -18,7 +18,7 @@ use bond_common::{
     },
     wire::OUTER_LEN,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     net::UdpSocket,
     signal::unix::{SignalKind, signal},
@@ -26,7 +26,13 @@ use tokio::{
 };
 
 use super::{Exit, Pins, Tally, wait_for_signal};
-use bond_api::{Call, Metrics, Request, Service};
+use bond_api::{
+    Call, Metrics, Request, Service,
+    reply::{
+        self as api, Detached, Draining, PeerRow, Peers, Reloaded, Status, TerminalStatus, UpPath,
+        WeightMode, WeightSet, WeightState,
+    },
+};
 use bond_config::{Config, Fallback, Gateway, MIN_LINK_MTU, OwnLink, TerminalConfig, WeightSpec};
 use bond_datapath::{self as datapath, Maps, ebpf};
 
@@ -85,11 +91,14 @@ impl Weight {
         }
     }
 
-    fn json(&self) -> Value {
-        json!({
-            "mode": match self.spec { WeightSpec::Fixed(_) => "fixed", WeightSpec::Auto => "auto" },
-            "measured_kbps": self.est.rate(),
-        })
+    fn state(&self) -> WeightState {
+        WeightState {
+            mode: match self.spec {
+                WeightSpec::Fixed(_) => WeightMode::Fixed,
+                WeightSpec::Auto => WeightMode::Auto,
+            },
+            measured_kbps: self.est.rate(),
+        }
     }
 }
 
@@ -268,7 +277,7 @@ struct Agent {
     /// Keeps this host's upstream schedule true from the server's feedback.
     corrector: Corrector,
     /// What the server asked to be sent again, and what was.
-    resends: resend::Stats,
+    resends: resend::Resend,
     probe_round: u32,
 }
 

@@ -1,6 +1,7 @@
 //! The operator's requests: status, weights, reload, drain, metrics.
 
 use super::*;
+use crate::reply;
 
 impl Agent {
     /// Reads the configuration file again and applies what may change
@@ -84,8 +85,10 @@ impl Agent {
 
     pub(super) async fn handle(&mut self, req: Request) -> Result<Value, String> {
         match req {
-            Request::Status => Ok(self.status()),
-            Request::Peers => Ok(json!({ "peers": self.peer_rows() })),
+            Request::Status => reply(Status::Terminal(self.status())),
+            Request::Peers => reply(Peers::Terminal {
+                peers: self.peer_rows(),
+            }),
             Request::Weight { link, up, down } => {
                 let Some(o) = self.own.iter_mut().find(|o| o.ad.id == link) else {
                     return Err(match self.peers.owner(link) {
@@ -102,7 +105,11 @@ impl Agent {
                 let (up, down) = (o.up.spec, o.down.spec);
                 eprintln!("bond-ctl: link {link} weights set: up {up}, down {down}");
                 self.update_weights().await.map_err(|e| format!("{e:#}"))?;
-                Ok(json!({"link": link, "up": up.to_string(), "down": down.to_string()}))
+                reply(WeightSet {
+                    link,
+                    up: up.to_string(),
+                    down: down.to_string(),
+                })
             }
             Request::Drain { timeout_ms } => {
                 let now = Instant::now();
@@ -114,7 +121,10 @@ impl Agent {
                 eprintln!("bond-ctl: draining: this host's links leave the schedules");
                 self.announce().await;
                 self.apply_peers().await.map_err(|e| format!("{e:#}"))?;
-                Ok(json!({"draining": true, "links": self.own.len()}))
+                reply(Draining {
+                    draining: true,
+                    links: self.own.len(),
+                })
             }
             Request::Detach => {
                 eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
@@ -123,77 +133,77 @@ impl Agent {
                     self.restarting = true;
                     self.send_to_server(self.announce_body(), true).await;
                 }
-                Ok(json!({"detached": true}))
+                reply(Detached { detached: true })
             }
             Request::Metrics => self
                 .metrics()
                 .map(Value::String)
                 .map_err(|e| format!("{e:#}")),
-            Request::Reload => self
-                .reload()
-                .await
-                .map(|changed| json!({ "changed": changed })),
+            Request::Reload => {
+                let changed = self.reload().await?;
+                reply(Reloaded {
+                    changed: changed.into_iter().map(String::from).collect(),
+                })
+            }
         }
     }
 
-    pub(super) fn status(&self) -> Value {
-        let links: Vec<Value> = self
+    pub(super) fn status(&self) -> TerminalStatus {
+        let links = self
             .own
             .iter()
-            .map(|o| {
-                json!({
-                    "link": o.ad.id, "interface": o.iface.name, "port": o.ad.port,
-                    "up": o.ad.up, "down": o.ad.down,
-                    "up_weight": o.up.json(), "down_weight": o.down.json(),
-                    "active": o.entry.flags & LINK_VALID != 0,
-                    "dark": o.dark(),
-                    "carrier": o.iface.carrier,
-                    "ethernet": o.iface.ethernet,
-                    "address": o.addr.map(|a| a.to_string()),
-                    "gateway": Some(o.gateway).filter(|g| !g.is_unspecified()).map(|g| g.to_string()),
-                    "rtt_ms": o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),
-                })
+            .map(|o| api::OwnLink {
+                link: o.ad.id,
+                interface: o.iface.name.clone(),
+                port: o.ad.port,
+                up: o.ad.up,
+                down: o.ad.down,
+                up_weight: o.up.state(),
+                down_weight: o.down.state(),
+                active: o.entry.flags & LINK_VALID != 0,
+                dark: o.dark(),
+                carrier: o.iface.carrier,
+                ethernet: o.iface.ethernet,
+                address: o.addr,
+                gateway: Some(o.gateway).filter(|g| !g.is_unspecified()),
+                rtt_ms: o.echo.base_rtt().map(|r| r.as_secs_f64() * 1e3),
             })
             .collect();
-        json!({
-            "role": "terminal",
-            "instance": self.cfg.instance,
-            "community": self.cfg.community,
-            "address": self.lan_ip.to_string(),
-            "server": self.server().to_string(),
-            "logged_on": self.token.is_some(),
-            "announce_ms": self.cfg.announce_ms,
-            "uptime_s": self.started.elapsed().as_secs(),
-            "adopted": self.adopted,
-            "fallback": self.cfg.fallback,
-            "bonding": self.captured == Some(true) && self.can_bond(),
-            "attach": crate::attach_status(&self.attached),
-            "draining": self.drain.is_some(),
-            "links": links,
-            "peers": self.peers.peers().count(),
-            "schedule": self
-                .schedule
-                .iter()
-                .flatten()
-                .map(|&(l, k, _)| (l, k))
-                .collect::<Vec<_>>(),
-            "paths": self
-                .schedule
-                .iter()
-                .flatten()
-                .map(|&(link, kbit, delay_ns)| json!({"link": link, "kbit": kbit, "delay_us": delay_ns / 1000}))
-                .collect::<Vec<_>>(),
-            "playout": self.playout.as_ref().map(|p| p.stats()),
-            "feedback": self.corrector.status(|_, id| u8::try_from(id).ok()),
-            "resend": self.resends,
-            "rejects": self.rejects.json(),
-            "faults": self.faults.json(),
-        })
+        let schedule = self.schedule.iter().flatten();
+        TerminalStatus {
+            instance: self.cfg.instance.clone(),
+            community: self.cfg.community,
+            address: self.lan_ip,
+            server: self.server(),
+            logged_on: self.token.is_some(),
+            announce_ms: self.cfg.announce_ms,
+            uptime_s: self.started.elapsed().as_secs(),
+            adopted: self.adopted,
+            fallback: self.cfg.fallback,
+            bonding: self.captured == Some(true) && self.can_bond(),
+            attach: crate::attach_status(&self.attached),
+            draining: self.drain.is_some(),
+            links,
+            peers: self.peers.peers().count(),
+            schedule: schedule.clone().map(|&(l, k, _)| (l, k)).collect(),
+            paths: schedule
+                .map(|&(link, kbit, delay_ns)| UpPath {
+                    link,
+                    kbit,
+                    delay_us: delay_ns / 1000,
+                })
+                .collect(),
+            playout: self.playout.as_ref().map(|p| p.stats()),
+            feedback: self.corrector.status(|_, id| u8::try_from(id).ok()),
+            resend: self.resends,
+            rejects: self.rejects.counts(),
+            faults: self.faults.counts(),
+        }
     }
 
     /// The seed's Table 1, one row per link (this host's own too), with
     /// whether the link is in this host's upstream schedule.
-    pub(super) fn peer_rows(&self) -> Vec<Value> {
+    pub(super) fn peer_rows(&self) -> Vec<PeerRow> {
         let sched: Vec<u8> = self
             .schedule
             .iter()
@@ -201,23 +211,31 @@ impl Agent {
             .filter(|(_, k, _)| *k > 0)
             .map(|(l, _, _)| *l)
             .collect();
-        let mut rows: Vec<Value> = self
+        let mut rows: Vec<PeerRow> = self
             .own
             .iter()
-            .map(|o| {
-                json!({
-                    "address": self.lan_ip.to_string(), "link": o.ad.id, "port": o.ad.port,
-                    "missed": 0, "up": o.ad.up, "down": o.ad.down,
-                    "self": true, "in_use": sched.contains(&o.ad.id),
-                })
+            .map(|o| PeerRow {
+                address: self.lan_ip,
+                link: o.ad.id,
+                port: o.ad.port,
+                missed: 0,
+                up: o.ad.up,
+                down: o.ad.down,
+                own: true,
+                in_use: sched.contains(&o.ad.id),
             })
             .collect();
         for r in self.peers.rows(Instant::now()) {
-            rows.push(json!({
-                "address": r.address.to_string(), "link": r.link, "port": r.port,
-                "missed": r.missed, "up": r.up, "down": r.down,
-                "self": false, "in_use": r.link != 0 && sched.contains(&r.link),
-            }));
+            rows.push(PeerRow {
+                address: r.address,
+                link: r.link,
+                port: r.port,
+                missed: r.missed,
+                up: r.up,
+                down: r.down,
+                own: false,
+                in_use: r.link != 0 && sched.contains(&r.link),
+            });
         }
         rows
     }
@@ -282,11 +300,11 @@ impl Agent {
             "Announced weight per link and direction.",
         );
         for r in &rows {
-            for dir in ["up", "down"] {
+            for (dir, w) in [("up", r.up), ("down", r.down)] {
                 m.sample(
                     "bond_link_weight",
-                    &[("link", r["link"].to_string()), ("direction", dir.into())],
-                    &r[dir],
+                    &[("link", r.link.to_string()), ("direction", dir.into())],
+                    w,
                 );
             }
         }
@@ -298,8 +316,8 @@ impl Agent {
         for r in &rows {
             m.sample(
                 "bond_link_missed_announces",
-                &[("link", r["link"].to_string())],
-                &r["missed"],
+                &[("link", r.link.to_string())],
+                r.missed,
             );
         }
         m.family(

@@ -199,7 +199,7 @@ pub async fn run(
         own_mtu: path_mtu,
         playout: None,
         corrector: Corrector::start(Maps::new(&pins.dir))?,
-        resends: resend::Stats::default(),
+        resends: resend::Resend::default(),
         probe_round: 0,
     };
     if agent.adopted {
