@@ -4,11 +4,12 @@
 //! Run one at a time (`--test-threads=1`): they share two CPU cores and
 //! measure rates.
 
-use std::{path::Path, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
 
 mod common;
 use common::bond_ctl;
 
+use bond_api::reply::{LinkCounters, Links};
 use bond_lab::{Lab, TerminalSpec};
 use sha2::{Digest, Sha256};
 
@@ -38,22 +39,20 @@ fn http_download_from_origin_without_wan_link() {
     assert_eq!(sha256(&out), sha256(&served), "downloaded file differs");
     let mbit = bytes as f64 * 8.0 / secs / 1e6;
     eprintln!("20 MiB over bond from t3: {secs:.2} s, {mbit:.1} Mbit/s");
-    let flows = lab.flows_json().unwrap();
-    let f = flows["flows"].as_array().unwrap();
+    let flows = lab.flows().unwrap();
     assert!(
-        f.iter()
-            .any(|f| f["origin"] == "10.0.1.3" && f["proto"] == "tcp"),
-        "{flows}"
+        flows
+            .iter()
+            .any(|f| f.origin == Ipv4Addr::new(10, 0, 1, 3) && f.proto == "tcp"),
+        "{flows:?}"
     );
 }
 
-/// Sums a terminal's or the server's per-link counters by link id.
-fn link_counts(v: &serde_json::Value, field: &str) -> std::collections::BTreeMap<u64, u64> {
-    v["links"]
-        .as_array()
-        .expect("links array")
-        .iter()
-        .map(|l| (l["link"].as_u64().unwrap(), l[field].as_u64().unwrap()))
+/// One of a terminal's or the server's per-link counters, by link id.
+fn link_counts(v: &Links, field: fn(&LinkCounters) -> u64) -> BTreeMap<u8, u64> {
+    v.per_link()
+        .into_iter()
+        .map(|(id, c)| (id, field(c)))
         .collect()
 }
 
@@ -70,28 +69,28 @@ fn tcp_iperf_fills_every_link_to_its_rate_both_directions() {
     let t3 = lab.terminals[2].ns.clone();
     let (srv_ns, srv) = (lab.server_ns.clone(), lab.server_instance.clone());
     let origin = lab.terminals[2].instance.clone();
-    let rates = [(1u64, 10.0), (2, 20.0), (3, 30.0)];
+    let rates = [(1u8, 10.0), (2, 20.0), (3, 30.0)];
     let secs = 5.0;
     for reverse in [false, true] {
         // Upstream the origin counts what it sends; downstream the server.
-        let (ns, inst, field) = if reverse {
-            (&srv_ns, &srv, "down_bytes")
+        let (ns, inst, field): (_, _, fn(&LinkCounters) -> u64) = if reverse {
+            (&srv_ns, &srv, |c| c.down_bytes)
         } else {
-            (&t3, &origin, "up_bytes")
+            (&t3, &origin, |c| c.up_bytes)
         };
-        let before = link_counts(&lab.links_json(ns, inst).unwrap(), field);
+        let before = link_counts(&lab.links(ns, inst).unwrap(), field);
         let mut args = vec!["-c", "203.0.113.2", "-t", "5", "-J"];
         if reverse {
             args.push("-R");
         }
         let out = lab.exec(&t3, "iperf3", &args).expect("iperf3");
-        let after = link_counts(&lab.links_json(ns, inst).unwrap(), field);
+        let after = link_counts(&lab.links(ns, inst).unwrap(), field);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let bps = v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .unwrap();
         let way = if reverse { "down" } else { "up" };
-        let per_link: Vec<(u64, f64)> = rates
+        let per_link: Vec<(u8, f64)> = rates
             .iter()
             .map(|&(id, _)| {
                 let b =
@@ -121,13 +120,11 @@ fn tcp_iperf_fills_every_link_to_its_rate_both_directions() {
         }
     }
     for (ns, inst) in [(&srv_ns, &srv), (&t3, &origin)] {
-        let v = lab.links_json(ns, inst).unwrap();
-        let drops: Vec<(&String, u64)> = v["drops"]
-            .as_object()
-            .unwrap()
+        let v = lab.links(ns, inst).unwrap();
+        let drops: Vec<(&String, &u64)> = v
+            .drops()
             .iter()
-            .map(|(k, n)| (k, n.as_u64().unwrap()))
-            .filter(|&(k, n)| n > 0 && k != "links_full" && k != "not_ipv4")
+            .filter(|&(k, n)| *n > 0 && k != "links_full" && k != "not_ipv4")
             .collect();
         assert!(drops.is_empty(), "{inst}: {drops:?}");
     }
@@ -178,16 +175,11 @@ fn udp_both_ways_and_ping() {
         )
         .expect("ping");
     assert!(out.contains("5 received"), "{out}");
-    let flows = lab.flows_json().unwrap();
-    let protos: Vec<&str> = flows["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|f| f["proto"].as_str())
-        .collect();
+    let flows = lab.flows().unwrap();
+    let protos: Vec<&str> = flows.iter().map(|f| f.proto.as_str()).collect();
     assert!(
         protos.contains(&"icmp") && protos.contains(&"udp") && protos.contains(&"tcp"),
-        "{flows}"
+        "{flows:?}"
     );
 }
 
@@ -224,17 +216,15 @@ fn origin_with_own_link_and_two_origins_on_one_port() {
             out.display()
         );
     }
-    let flows = lab.flows_json().unwrap();
-    let f: Vec<&serde_json::Value> = flows["flows"]
-        .as_array()
-        .unwrap()
+    let flows = lab.flows().unwrap();
+    let f: Vec<_> = flows
         .iter()
-        .filter(|f| f["port"] == 40000 && f["proto"] == "tcp")
+        .filter(|f| f.port == 40000 && f.proto == "tcp")
         .collect();
-    assert_eq!(f.len(), 2, "one flow per origin: {flows}");
-    assert_ne!(f[0]["origin"], f[1]["origin"]);
+    assert_eq!(f.len(), 2, "one flow per origin: {flows:?}");
+    assert_ne!(f[0].origin, f[1].origin);
     assert_ne!(
-        f[0]["nat_port"], f[1]["nat_port"],
+        f[0].nat_port, f[1].nat_port,
         "each origin gets its own dedicated port"
     );
 }
@@ -260,9 +250,9 @@ fn single_host_with_two_links_gets_both() {
         "two 10 Mbit/s links must beat one: {mbit:.1} Mbit/s"
     );
     let srv = lab
-        .links_json(&lab.server_ns.clone(), &lab.server_instance.clone())
+        .links(&lab.server_ns.clone(), &lab.server_instance.clone())
         .unwrap();
-    let down = link_counts(&srv, "down_pkts");
+    let down = link_counts(&srv, |c| c.down_pkts);
     assert!(
         down.values().all(|&n| n > 1000),
         "replies spread over both source addresses: {down:?}"
@@ -389,19 +379,13 @@ fn mixed_links_keep_one_tcp_flow_above_the_best_link_both_ways() {
     // (5, 20 and 40 ms: 0, 15 and 35), in use.
     lab.wait_for_measured(Duration::from_secs(10))
         .expect("links measured");
-    let status = lab
-        .ctl_json(&lab.server_ns, &lab.server_instance, "status")
-        .unwrap();
-    let paths = status["communities"][0]["paths"].as_array().unwrap();
-    let mut seen: Vec<(u64, u64, u64)> = paths
+    let status = lab.server_status().unwrap();
+    let paths = &status.communities[0].paths;
+    let mut seen: Vec<(u8, u64, u32)> = paths
         .iter()
         .map(|p| {
-            assert_eq!(p["usable"], true, "{p}");
-            (
-                p["link"].as_u64().unwrap(),
-                p["kbit"].as_u64().unwrap(),
-                p["delay_us"].as_u64().unwrap(),
-            )
+            assert!(p.usable, "{p:?}");
+            (p.link.expect("a link"), p.kbit, p.delay_us)
         })
         .collect();
     seen.sort_unstable();
@@ -452,31 +436,31 @@ fn a_links_losses_are_sent_again_both_ways() {
         .expect("download");
     assert_eq!(sha256(&out), sha256(&served), "downloaded file differs");
     let (ns, instance) = lab.terminal_agent(0);
-    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
     for reverse in [true, false] {
         let mbit = iperf_mbit(&lab, &t1, 6, reverse);
-        let terminal = lab.ctl_json(&ns, &instance, "status").unwrap();
-        let server = lab
-            .ctl_json(&lab.server_ns, &lab.server_instance, "status")
-            .unwrap();
+        let terminal = lab.terminal_status(&ns, &instance).unwrap();
+        let server = lab.server_status().unwrap();
         // The receiving end's playout, and the sender's copies.
         let (way, playout, sender) = if reverse {
-            ("down", &terminal["playout"], &server["resend"])
+            ("down", terminal.playout, server.resend)
         } else {
-            ("up", &server["playout"], &terminal["resend"])
+            ("up", server.playout, terminal.resend)
         };
-        eprintln!("lte: one TCP flow {way}: {mbit:.1} Mbit/s; playout {playout}; sender {sender}");
-        let (lost, resent) = (n(playout, "lost"), n(playout, "resent"));
-        assert!(lost > 0, "{way}: no loss seen on a lossy link: {playout}");
+        let playout = playout.expect("a playout");
+        eprintln!(
+            "lte: one TCP flow {way}: {mbit:.1} Mbit/s; playout {playout:?}; sender {sender:?}"
+        );
+        let (lost, resent) = (playout.lost, playout.resent);
+        assert!(lost > 0, "{way}: no loss seen on a lossy link: {playout:?}");
         assert!(
             resent * 10 >= lost * 9,
             "{way}: copies filled {resent} of {lost} losses"
         );
         assert!(
-            n(sender, "asked") >= lost,
-            "{way}: the sender was asked for every loss: {sender}"
+            sender.asked >= lost,
+            "{way}: the sender was asked for every loss: {sender:?}"
         );
-        assert!(n(sender, "sent") >= resent, "{way}: {sender}");
+        assert!(sender.sent >= resent, "{way}: {sender:?}");
         assert!(
             mbit > 30.0,
             "{way}: {mbit:.1} Mbit/s, not above the best link (30)"
@@ -515,12 +499,8 @@ fn two_origins_uploading_at_once_share_the_links() {
     let start = std::time::Instant::now();
     while !(0..2).all(|i| {
         let (ns, instance) = lab.terminal_agent(i);
-        let st = lab.ctl_json(&ns, &instance, "status").unwrap();
-        let paths = st["paths"].as_array().unwrap();
-        paths.len() == 3
-            && paths
-                .iter()
-                .all(|p| p["delay_us"].as_u64() < Some(1_000_000))
+        let st = lab.terminal_status(&ns, &instance).unwrap();
+        st.paths.len() == 3 && st.paths.iter().all(|p| p.delay_us < 1_000_000)
     }) {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(10),
@@ -537,10 +517,10 @@ fn two_origins_uploading_at_once_share_the_links() {
     eprintln!("two uploads at once over mixed: t1 {a:.1} + t2 {b:.1} Mbit/s");
     for i in 0..2 {
         let (ns, instance) = lab.terminal_agent(i);
-        let fb = &lab.ctl_json(&ns, &instance, "status").unwrap()["feedback"];
-        eprintln!("t{}: feedback {fb}", i + 1);
+        let fb = lab.terminal_status(&ns, &instance).unwrap().feedback;
+        eprintln!("t{}: feedback {fb:?}", i + 1);
         assert!(
-            fb["shared"].as_u64().unwrap() >= 1,
+            fb.counts.shared >= 1,
             "t{} never counted a link at its share",
             i + 1
         );
@@ -647,18 +627,14 @@ fn a_dark_link_leaves_every_schedule_within_300ms_and_comes_back() {
     );
     // Whichever sender had a burst on it when it went dark (the other's
     // flow may have left it idle just then, and the echoes are then first).
-    let silenced: Vec<u64> = [
-        (&t1, &lab.terminals[0].instance),
-        (&lab.server_ns, &lab.server_instance),
-    ]
-    .into_iter()
-    .map(|(ns, instance)| {
-        let status = lab.ctl_json(ns, instance, "status").unwrap();
-        status["feedback"]["silenced"]
-            .as_u64()
-            .expect("feedback.silenced")
-    })
-    .collect();
+    let silenced: Vec<u64> = vec![
+        lab.terminal_status(&t1, &lab.terminals[0].instance)
+            .unwrap()
+            .feedback
+            .counts
+            .silenced,
+        lab.server_status().unwrap().feedback.counts.silenced,
+    ];
     eprintln!("silenced: origin {}, server {}", silenced[0], silenced[1]);
     assert!(
         silenced.iter().sum::<u64>() >= 1,

@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bond_api::reply::FlowRow;
 use bond_common::maps::{FLOW_CLOSING, FLOW_FIN};
 use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
 use bond_lab::{Lab, TerminalSpec};
-use serde_json::Value;
 
 /// The content host's UDP echo port.
 const ECHO_PORT: u16 = 9000;
@@ -47,25 +47,20 @@ fn server_drop(lab: &Lab, reason: &str) -> u64 {
         .1
 }
 
-/// The flows of `lab.flows_json()` for which `pick` holds.
-fn flows_where(lab: &Lab, pick: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let v = lab.flows_json().expect("flows --json");
-    v["flows"]
-        .as_array()
-        .expect("flows array")
-        .iter()
-        .filter(|f| pick(f))
-        .cloned()
-        .collect()
+/// The flows of `lab.flows()` for which `pick` holds.
+fn flows_where(lab: &Lab, pick: impl Fn(&FlowRow) -> bool) -> Vec<FlowRow> {
+    let mut v = lab.flows().expect("flows --json");
+    v.retain(|f| pick(f));
+    v
 }
 
-fn is(proto: &'static str, port: Option<u16>) -> impl Fn(&Value) -> bool {
-    move |f| f["proto"] == proto && port.is_none_or(|p| f["port"] == p)
+fn is(proto: &'static str, port: Option<u16>) -> impl Fn(&FlowRow) -> bool {
+    move |f| f.proto == proto && port.is_none_or(|p| f.port == p)
 }
 
 /// Polls the flow table until no flow matches `pick`. Returns how long
 /// that took and the largest `idle_ms` a matching flow showed meanwhile.
-fn wait_gone(lab: &Lab, pick: impl Fn(&Value) -> bool, limit: Duration) -> (Duration, u64) {
+fn wait_gone(lab: &Lab, pick: impl Fn(&FlowRow) -> bool, limit: Duration) -> (Duration, u64) {
     let start = Instant::now();
     let mut idle = 0;
     loop {
@@ -74,7 +69,7 @@ fn wait_gone(lab: &Lab, pick: impl Fn(&Value) -> bool, limit: Duration) -> (Dura
             return (start.elapsed(), idle);
         }
         for x in &f {
-            idle = idle.max(x["idle_ms"].as_u64().unwrap());
+            idle = idle.max(x.idle_ms);
         }
         assert!(
             start.elapsed() < limit,
@@ -91,7 +86,7 @@ fn wait_gone(lab: &Lab, pick: impl Fn(&Value) -> bool, limit: Duration) -> (Dura
 /// sweep (plus a second for the polling).
 fn expires_on_time(
     lab: &Lab,
-    pick: impl Fn(&Value) -> bool,
+    pick: impl Fn(&FlowRow) -> bool,
     quiet: Instant,
     timeout_ms: u64,
     what: &str,
@@ -180,10 +175,7 @@ fn idle_udp_flows_expire_and_their_ports_serve_new_flows() {
     );
     let quiet = Instant::now();
     let udp = flows_where(&lab, is("udp", None));
-    let mut held: Vec<u64> = udp
-        .iter()
-        .map(|f| f["nat_port"].as_u64().unwrap())
-        .collect();
+    let mut held: Vec<u64> = udp.iter().map(|f| u64::from(f.nat_port)).collect();
     held.sort_unstable();
     assert_eq!(held, [20000, 20001, 20002], "{udp:?}");
 
@@ -221,7 +213,7 @@ fn idle_udp_flows_expire_and_their_ports_serve_new_flows() {
     );
     let f = flows_where(&lab, is("udp", Some(41004)));
     assert_eq!(f.len(), 1, "{f:?}");
-    assert!(held.contains(&f[0]["nat_port"].as_u64().unwrap()), "{f:?}");
+    assert!(held.contains(&u64::from(f[0].nat_port)), "{f:?}");
     assert_eq!(server_drop(&lab, "no_free_port"), refused);
 }
 
@@ -297,7 +289,7 @@ fn a_closed_tcp_connection_expires_on_the_closing_timeout() {
     // timeout, and stays: it is established.
     let f = flows_where(&lab, is("tcp", Some(idle_port)));
     assert_eq!(f.len(), 1, "idle connection's flow: {f:?}");
-    let idle_ms = f[0]["idle_ms"].as_u64().unwrap();
+    let idle_ms = f[0].idle_ms;
     assert!(idle_ms > 1000, "quiet for {idle_ms} ms only");
     assert_eq!(state(idle_port).map(|s| s & FLOW_CLOSING), Some(0));
     let log = lab.log("agent-srv");
@@ -319,7 +311,7 @@ fn an_icmp_echo_flow_expires_on_the_icmp_timeout() {
     assert!(out.contains("2 received"), "{out}");
     let f = flows_where(&lab, is("icmp", None));
     assert_eq!(f.len(), 1, "one echo flow: {f:?}");
-    assert!(f[0]["down_pkts"].as_u64().unwrap() >= 2, "{f:?}");
+    assert!(f[0].down_pkts >= 2, "{f:?}");
 
     expires_on_time(&lab, is("icmp", None), quiet, 2000, "ICMP flow");
     let log = lab.log("agent-srv");
@@ -365,7 +357,11 @@ fn one_origin_cannot_take_every_port() {
     assert_eq!(server_drop(&lab, "origin_flow_limit"), 4);
 
     // When t1's flows have expired, it may make new ones again.
-    wait_gone(&lab, |f| f["origin"] == "10.0.1.1", Duration::from_secs(10));
+    wait_gone(
+        &lab,
+        |f| f.origin == std::net::Ipv4Addr::new(10, 0, 1, 1),
+        Duration::from_secs(10),
+    );
     let again: Vec<u16> = (41010..41014).collect();
     assert_eq!(udp_echo_from(&lab, 0, &again, long), [true; 4]);
 }

@@ -9,6 +9,7 @@ use common::bond_ctl;
 
 use std::{path::Path, time::Duration};
 
+use bond_api::reply::TerminalStatus;
 use bond_lab::{Lab, TerminalSpec};
 
 /// Two terminals, each with one unlimited link of MTU 1500, agents up.
@@ -173,12 +174,10 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
     let log = lab
         .wait_child("udp-df", Duration::from_secs(30))
         .expect("content script");
-    let srv = lab
-        .links_json(&lab.server_ns, &lab.server_instance)
-        .unwrap();
+    let srv = lab.server_links().unwrap();
     let got = got
         .unwrap_or_else(|e| {
-            panic!("the origin got no reply ({e:#}); content host: {log}; server: {srv}")
+            panic!("the origin got no reply ({e:#}); content host: {log}; server: {srv:?}")
         })
         .trim()
         .to_string();
@@ -189,8 +188,8 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
     );
     assert_eq!(r["mtu"], 1500 - 52, "{r}");
     assert_eq!(got, (1500 - 52 - 28).to_string(), "the reply that fits");
-    assert_eq!(srv["events"]["frag_needed_sent"], 1, "{srv}");
-    assert_eq!(srv["drops"]["too_big"], 1, "{srv}");
+    assert_eq!(srv.events["frag_needed_sent"], 1, "{srv:?}");
+    assert_eq!(srv.drops["too_big"], 1, "{srv:?}");
 
     // TCP both ways: the content host sees the MSS bond0 allows, and
     // 4 MiB each way arrive whole (no segment too big to wrap).
@@ -199,12 +198,10 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
         (1000..=1500 - 52 - 40).contains(&mss),
         "MSS {mss} does not fit the wrapped path"
     );
-    let srv = lab
-        .links_json(&lab.server_ns, &lab.server_instance)
-        .unwrap();
+    let srv = lab.server_links().unwrap();
     assert_eq!(
-        srv["drops"]["too_big"], 1,
-        "no TCP segment was too big: {srv}"
+        srv.drops["too_big"], 1,
+        "no TCP segment was too big: {srv:?}"
     );
 }
 
@@ -259,18 +256,16 @@ fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
         (t2.ns.as_str(), t2.instance.as_str()),
         (lab.server_ns.as_str(), lab.server_instance.as_str()),
     ] {
-        let v = lab.links_json(ns, instance).unwrap();
-        assert_eq!(v["drops"]["too_big"], 0, "{instance}: {v}");
+        let v = lab.links(ns, instance).unwrap();
+        assert_eq!(v.drops()["too_big"], 0, "{instance}: {v:?}");
     }
     // Both links carried the upload (t1's schedule spreads over both).
-    let srv = lab
-        .links_json(&lab.server_ns, &lab.server_instance)
-        .unwrap();
-    for l in srv["links"].as_array().unwrap() {
+    let srv = lab.server_links().unwrap();
+    for l in &srv.links {
         assert!(
-            l["up_bytes"].as_u64().unwrap() > 1 << 20,
-            "link {} carried little: {srv}",
-            l["link"]
+            l.counters.up_bytes > 1 << 20,
+            "link {} carried little: {srv:?}",
+            l.link
         );
     }
 }
@@ -438,12 +433,10 @@ fn a_full_session_table_refuses_a_login_and_the_server_carries_on() {
     lab.server_keys = "max_terminals = 2\n".into();
     lab.start_some(&[0, 1]).expect("two terminals join");
     lab.start_terminal(2).unwrap();
-    let (srv, inst) = (lab.server_ns.clone(), lab.server_instance.clone());
     let t3 = lab.terminals[2].clone();
     let refused = |lab: &Lab| {
-        lab.ctl_json(&srv, &inst, "status").expect("server status")["rejects"]["max_terminals"]
-            .as_u64()
-            .unwrap_or(0)
+        let st = lab.server_status().expect("server status");
+        st.rejects.get("max_terminals").copied().unwrap_or(0)
     };
     // The kernel refuses the third session (the map is full): the agent
     // counts it, sends no token, and carries on.
@@ -453,8 +446,8 @@ fn a_full_session_table_refuses_a_login_and_the_server_carries_on() {
         || refused(&lab) >= 2,
     );
     assert!(lab.is_running("agent-srv"), "{}", lab.log("agent-srv"));
-    let st = lab.ctl_json(&t3.ns, &t3.instance, "status").unwrap();
-    assert_eq!(st["logged_on"], false, "{st}");
+    let st = lab.terminal_status(&t3.ns, &t3.instance).unwrap();
+    assert!(!st.logged_on, "{st:?}");
     for t in &lab.terminals[..2] {
         lab.exec(&t.ns, "ping", &["-c", "2", "-W", "2", "203.0.113.2"])
             .expect("the two logged on carry on");
@@ -464,7 +457,7 @@ fn a_full_session_table_refuses_a_login_and_the_server_carries_on() {
     eventually(
         "the third terminal to log on",
         Duration::from_secs(10),
-        || lab.ctl_json(&t3.ns, &t3.instance, "status").unwrap()["logged_on"] == true,
+        || lab.terminal_status(&t3.ns, &t3.instance).unwrap().logged_on,
     );
     lab.wait_for_community(Duration::from_secs(10))
         .expect("the community forms again");
@@ -473,11 +466,10 @@ fn a_full_session_table_refuses_a_login_and_the_server_carries_on() {
     // as the session table, and t3's flows were refused.)
     lab.exec(&t3.ns, "ping", &["-c", "2", "-W", "2", "203.0.113.2"])
         .expect("the third carries traffic once in");
-    let st = lab.ctl_json(&srv, &inst, "status").unwrap();
-    assert_eq!(
-        st["faults"],
-        serde_json::json!({}),
-        "a full table is a refusal, not a fault: {st}"
+    let st = lab.server_status().unwrap();
+    assert!(
+        st.faults.is_empty(),
+        "a full table is a refusal, not a fault: {st:?}"
     );
 }
 
@@ -492,17 +484,10 @@ fn a_terminal_reload_applies_weights_and_timers_and_refuses_the_rest() {
         std::fs::write(&path, text).unwrap();
         lab.ctl(&t.ns, &t.instance, &["reload"])
     };
-    let status = || lab.ctl_json(&t.ns, &t.instance, "status").unwrap();
+    let status = || lab.terminal_status(&t.ns, &t.instance).unwrap();
     let before = status();
-    let weight_of = |st: &serde_json::Value| {
-        st["schedule"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s[0] == id)
-            .map(|s| s[1].as_u64().unwrap())
-    };
-    assert_ne!(weight_of(&before), Some(7), "{before}");
+    let weight_of = |st: &TerminalStatus| st.schedule.iter().find(|s| s.0 == id).map(|s| s.1);
+    assert_ne!(weight_of(&before), Some(7), "{before:?}");
 
     // A bad file, and a change that takes a restart: refused, named.
     let e = format!(
@@ -518,7 +503,7 @@ fn a_terminal_reload_applies_weights_and_timers_and_refuses_the_rest() {
         reload(&good.replace("data_port = ", "data_port = 1")).unwrap_err()
     );
     assert!(e.contains("data_port") && e.contains("restart"), "{e}");
-    assert_eq!(status()["schedule"], before["schedule"]);
+    assert_eq!(status().schedule, before.schedule);
 
     // Weights and timers change live.
     let live = good
@@ -542,20 +527,15 @@ fn a_terminal_reload_applies_weights_and_timers_and_refuses_the_rest() {
         "{out}"
     );
     let now = status();
-    assert_eq!(now["announce_ms"], 300, "{now}");
-    assert_eq!(weight_of(&now), Some(7), "{now}");
+    assert_eq!(now.announce_ms, 300, "{now:?}");
+    assert_eq!(weight_of(&now), Some(7), "{now:?}");
     // The peer hears the new weight in the next announce.
     let peer = lab.terminals[1].clone();
     let start = std::time::Instant::now();
     loop {
-        let v = lab.ctl_json(&peer.ns, &peer.instance, "peers").unwrap();
-        let row = v["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["link"] == id)
-            .cloned();
-        if row.as_ref().is_some_and(|r| r["up"] == 7) {
+        let rows = lab.peer_rows(&peer.ns, &peer.instance).unwrap();
+        let row = rows.into_iter().find(|r| r.link == id);
+        if row.as_ref().is_some_and(|r| r.up == 7) {
             break;
         }
         assert!(

@@ -10,10 +10,13 @@ use common::bond_ctl;
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
 };
 
+use bond_api::reply::{Attached, Status, WeightMode};
+use bond_config::Fallback;
 use bond_lab::{Lab, TerminalSpec};
 use serde_json::Value;
 
@@ -21,30 +24,22 @@ use serde_json::Value;
 /// downstream (as the server sees them).
 fn weights(lab: &Lab, viewer: usize) -> (BTreeMap<u64, f64>, BTreeMap<u64, f64>) {
     let (ns, inst) = lab.terminal_agent(viewer);
-    let peers = lab
-        .ctl_json(&ns, &inst, "peers")
-        .expect("the viewer's peers");
-    let mut up = BTreeMap::new();
-    for r in peers["peers"].as_array().expect("peers") {
-        let l = r["link"].as_u64().expect("link");
-        if l != 0 {
-            up.insert(l, r["up"].as_f64().expect("up"));
-        }
-    }
-    let srv = lab
-        .ctl_json(&lab.server_ns, &lab.server_instance, "peers")
-        .expect("the server's peers");
-    let mut down = BTreeMap::new();
-    for t in srv["terminals"].as_array().expect("terminals") {
-        for l in t["links"].as_array().expect("links") {
-            let id = l["link"].as_u64().expect("link");
-            down.insert(id, l["down"].as_f64().expect("down"));
-        }
-    }
+    let peers = lab.peer_rows(&ns, &inst).expect("the viewer's peers");
+    let up: BTreeMap<u64, f64> = peers
+        .iter()
+        .filter(|r| r.link != 0)
+        .map(|r| (u64::from(r.link), f64::from(r.up)))
+        .collect();
+    let srv = lab.server_terminals().expect("the server's peers");
+    let down: BTreeMap<u64, f64> = srv
+        .iter()
+        .flat_map(|t| &t.links)
+        .map(|l| (u64::from(l.link), f64::from(l.down)))
+        .collect();
     // Two empty reads would compare equal and prove nothing.
     assert!(
         !up.is_empty() && !down.is_empty(),
-        "no weights: {peers} {srv}"
+        "no weights: {peers:?} {srv:?}"
     );
     (up, down)
 }
@@ -179,12 +174,14 @@ fn a_weight_far_below_the_rate_is_followed_under_load() {
     lab.ctl(&ns2, &inst2, &["weight", "set", "3", "--both", "10000"])
         .unwrap();
     let learnt = |ns: &str, inst: &str| -> Vec<(u64, u64)> {
-        let st = lab.ctl_json(ns, inst, "status").unwrap();
-        st["feedback"]["learnt"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no feedback.learnt: {st}"))
+        let feedback = match lab.ctl_reply(ns, inst, "status").unwrap() {
+            Status::Terminal(t) => t.feedback,
+            Status::Server(s) => s.feedback,
+        };
+        feedback
+            .learnt
             .iter()
-            .map(|l| (l["link"].as_u64().unwrap(), l["kbit"].as_u64().unwrap()))
+            .map(|l| (u64::from(l.link), l.kbit))
             .collect()
     };
     std::thread::sleep(Duration::from_secs(2));
@@ -223,20 +220,20 @@ fn without_its_server_a_gateway_goes_direct_and_bonds_again_when_it_returns() {
     let wait_bonding = |lab: &Lab, want: bool, limit: Duration| -> Duration {
         let start = Instant::now();
         loop {
-            let st = lab.ctl_json(&t1, &inst1, "status").unwrap();
-            if st["bonding"] == want {
+            let st = lab.terminal_status(&t1, &inst1).unwrap();
+            if st.bonding == want {
                 return start.elapsed();
             }
             assert!(
                 start.elapsed() < limit,
-                "bonding not {want} within {limit:?}: {st}"
+                "bonding not {want} within {limit:?}: {st:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
     wait_bonding(&lab, true, Duration::from_secs(5));
-    let st = lab.ctl_json(&t1, &inst1, "status").unwrap();
-    assert_eq!(st["fallback"], "direct", "{st}");
+    let st = lab.terminal_status(&t1, &inst1).unwrap();
+    assert_eq!(st.fallback, Fallback::Direct, "{st:?}");
     assert!(route(&lab).contains("dev bond0"), "{}", route(&lab));
 
     // The server leaves (and takes its datapath with it).
@@ -264,10 +261,10 @@ fn without_its_server_a_gateway_goes_direct_and_bonds_again_when_it_returns() {
         .download(&t1, url, "bonded.bin")
         .expect("download, bonded");
     assert_eq!(bytes, std::fs::metadata(&served).unwrap().len());
-    let flows = lab.flows_json().unwrap();
+    let flows = lab.flows().unwrap();
     assert!(
-        flows.to_string().contains("10.0.1.1"),
-        "the server mapped t1's download: {flows}"
+        flows.iter().any(|f| f.origin == Ipv4Addr::new(10, 0, 1, 1)),
+        "the server mapped t1's download: {flows:?}"
     );
 }
 
@@ -298,18 +295,18 @@ fn restarting_every_agent_mid_download_never_stops_traffic() {
     // Where the kernel has them: TCX on the capture device, XDP in the
     // driver (veth has it).
     let (ns, inst) = lab.terminal_agent(2);
-    let st = lab.ctl_json(&ns, &inst, "status").unwrap();
-    let modes = attach_modes(&st);
+    let st = lab.terminal_status(&ns, &inst).unwrap();
+    let modes = attach_modes(&st.attach);
     assert_eq!(
         modes[&("tc", lab.terminals[2].device.clone())],
         "tcx",
-        "{st}"
+        "{st:?}"
     );
     assert!(
         modes
             .iter()
             .all(|((hook, _), m)| *hook != "xdp" || m == "native"),
-        "{st}"
+        "{st:?}"
     );
 }
 
@@ -324,15 +321,15 @@ fn the_fallback_attach_modes_carry_traffic_through_restarts() {
     let lab = restart_every_agent_mid_download(lab);
     for i in 0..3 {
         let (ns, inst) = lab.terminal_agent(i);
-        let st = lab.ctl_json(&ns, &inst, "status").unwrap();
-        let modes = attach_modes(&st);
+        let st = lab.terminal_status(&ns, &inst).unwrap();
+        let modes = attach_modes(&st.attach);
         let dev = lab.terminals[i].device.clone();
-        assert_eq!(modes[&("tc", dev.clone())], "netlink", "{st}");
+        assert_eq!(modes[&("tc", dev.clone())], "netlink", "{st:?}");
         assert!(
             modes
                 .iter()
                 .all(|((hook, _), m)| *hook != "xdp" || m == "generic"),
-            "{st}"
+            "{st:?}"
         );
         // One filter, the one the last agent swapped its program into.
         let filters = lab
@@ -345,26 +342,21 @@ fn the_fallback_attach_modes_carry_traffic_through_restarts() {
             i + 1
         );
     }
-    let st = lab
-        .ctl_json(&lab.server_ns, &lab.server_instance, "status")
-        .unwrap();
-    let modes = attach_modes(&st);
+    let st = lab.server_status().unwrap();
+    let modes = attach_modes(&st.attach);
     assert!(
         !modes.is_empty() && modes.values().all(|m| m == "generic"),
-        "{st}"
+        "{st:?}"
     );
 }
 
 /// `status`'s `attach`: mode by (hook, interface).
-fn attach_modes(st: &Value) -> BTreeMap<(&'static str, String), String> {
-    st["attach"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no attach in status: {st}"))
+fn attach_modes(attach: &[Attached]) -> BTreeMap<(&'static str, String), String> {
+    attach
         .iter()
         .map(|a| {
-            let hook = if a["hook"] == "tc" { "tc" } else { "xdp" };
-            let iface = a["interface"].as_str().unwrap().to_string();
-            ((hook, iface), a["mode"].as_str().unwrap().to_string())
+            let hook = if a.hook == "tc" { "tc" } else { "xdp" };
+            ((hook, a.interface.clone()), a.mode.clone())
         })
         .collect()
 }
@@ -418,9 +410,8 @@ fn restart_every_agent_mid_download(mut lab: Lab) -> Lab {
         lab.log("agent-t3")
     );
     let (ns, inst) = lab.terminal_agent(2);
-    let st = lab.ctl_json(&ns, &inst, "status").unwrap();
-    assert_eq!(st["adopted"], true);
-    assert_eq!(st["logged_on"], true);
+    let st = lab.terminal_status(&ns, &inst).unwrap();
+    assert!(st.adopted && st.logged_on, "{st:?}");
     lab
 }
 
@@ -432,21 +423,14 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
     let (ns3, inst3) = lab.terminal_agent(2);
 
     // peers: the seed's Table 1 at the origin t3, every link of the LAN.
-    let peers = lab.ctl_json(&ns3, &inst3, "peers").unwrap();
-    let rows = peers["peers"].as_array().unwrap();
-    let row = |id: u64| rows.iter().find(|r| r["link"] == id).cloned().unwrap();
-    assert_eq!(rows.len(), 3, "{peers}");
-    assert_eq!(row(2)["address"], "10.0.1.2");
-    assert_eq!(row(2)["port"], 7701);
-    assert_eq!(row(3)["port"], 7702);
-    assert_eq!(
-        (row(3)["up"].as_u64(), row(3)["missed"].as_u64()),
-        (Some(30_000), Some(0))
-    );
-    assert!(
-        rows.iter()
-            .all(|r| r["in_use"] == true && r["self"] == false)
-    );
+    let rows = lab.peer_rows(&ns3, &inst3).unwrap();
+    let row = |id: u8| rows.iter().find(|r| r.link == id).cloned().unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(row(2).address, Ipv4Addr::new(10, 0, 1, 2));
+    assert_eq!(row(2).port, 7701);
+    assert_eq!(row(3).port, 7702);
+    assert_eq!((row(3).up, row(3).missed), (30_000, 0));
+    assert!(rows.iter().all(|r| r.in_use && !r.own));
     // The human table says the same.
     let table = lab.ctl(&ns3, &inst3, &["peers"]).unwrap();
     assert!(
@@ -478,9 +462,9 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let st = lab.ctl_json(&ns2, &inst2, "status").unwrap();
-    assert_eq!(st["links"][1]["up"], 7, "{st}");
-    assert_eq!(st["links"][1]["up_weight"]["mode"], "fixed");
+    let st = lab.terminal_status(&ns2, &inst2).unwrap();
+    assert_eq!(st.links[1].up, 7, "{st:?}");
+    assert_eq!(st.links[1].up_weight.mode, WeightMode::Fixed);
     assert!(
         lab.ctl(&ns2, &inst2, &["weight", "set", "3", "--up", "lots"])
             .is_err(),
@@ -529,9 +513,9 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
     std::thread::sleep(Duration::from_secs(2));
     // Link 2's bytes down at the server (None once it is gone).
     let link2 = |lab: &Lab| {
-        let srv = lab.links_json(&lab.server_ns, &lab.server_instance).ok()?;
-        let links = srv["links"].as_array()?.clone();
-        links.iter().find(|l| l["link"] == 2)?["down_bytes"].as_u64()
+        let srv = lab.server_links().ok()?;
+        let l = srv.links.iter().find(|l| l.link == 2)?;
+        Some(l.counters.down_bytes)
     };
     let before = link2(&lab).expect("link 2 at the server");
     let drained = Instant::now();
@@ -582,16 +566,10 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
         last_at - quiet_from >= Duration::from_millis(800),
         "t2 left before its link was quiet for 800 ms: {samples:?}"
     );
-    let srv = lab
-        .links_json(&lab.server_ns, &lab.server_instance)
-        .unwrap();
+    let srv = lab.server_links().unwrap();
     assert!(
-        srv["links"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["link"] == 1),
-        "only link 1 left at the server: {srv}"
+        srv.links.iter().all(|l| l.link == 1),
+        "only link 1 left at the server: {srv:?}"
     );
     assert!(curl.wait().unwrap().success(), "download failed");
     assert_eq!(
@@ -615,8 +593,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
     spec.push(TerminalSpec { links: vec![10] });
     let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
     lab.start_some(&[0, 1, 2]).expect("agents");
-    let srv = (lab.server_ns.clone(), lab.server_instance.clone());
-    let rejects = |lab: &Lab| lab.ctl_json(&srv.0, &srv.1, "status").unwrap()["rejects"].clone();
+    let rejects = |lab: &Lab| lab.server_status().unwrap().rejects;
     let before = weights(&lab, 2);
 
     // A terminal with the wrong key never logs on.
@@ -700,18 +677,21 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let r = rejects(&lab);
-    eprintln!("server rejects: {r}");
-    assert!(r["replayed"].as_u64() >= Some(1), "{r}");
+    eprintln!("server rejects: {r:?}");
+    let n = |k: &str| r.get(k).copied().unwrap_or(0);
+    assert!(n("replayed") >= 1, "{r:?}");
     // Two forged here, and t4's LOGINs.
-    assert!(r["bad_signature"].as_u64() >= Some(3), "{r}");
+    assert!(n("bad_signature") >= 3, "{r:?}");
     assert_eq!(weights(&lab, 2), before, "nothing changed");
-    let peers = lab.ctl_json(&srv.0, &srv.1, "peers").unwrap();
+    let terminals = lab.server_terminals().unwrap();
     assert!(
-        !peers.to_string().contains("10.0.1.4"),
-        "t4 has no session: {peers}"
+        terminals
+            .iter()
+            .all(|t| t.address != Ipv4Addr::new(10, 0, 1, 4)),
+        "t4 has no session: {terminals:?}"
     );
-    let st = lab.ctl_json(&ns4, &inst4, "status").unwrap();
-    assert_eq!(st["logged_on"], false);
+    let st = lab.terminal_status(&ns4, &inst4).unwrap();
+    assert!(!st.logged_on, "{st:?}");
     let log = lab.log("agent-srv");
     assert!(
         log.contains("rejected: bad_signature") && log.contains("rejected: replayed"),
@@ -737,15 +717,13 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
     send(&shutdown);
     std::thread::sleep(Duration::from_millis(500));
     let after = rejects(&lab);
-    eprintln!("server rejects after the replayed SHUTDOWN: {after}");
+    eprintln!("server rejects after the replayed SHUTDOWN: {after:?}");
     assert_eq!(
-        after["shutdown_without_session"], r["shutdown_without_session"],
-        "the replay was taken as a fresh message: {after}"
+        after.get("shutdown_without_session"),
+        r.get("shutdown_without_session"),
+        "the replay was taken as a fresh message: {after:?}"
     );
-    assert!(
-        after["replayed"].as_u64() > r["replayed"].as_u64(),
-        "{after}"
-    );
+    assert!(after.get("replayed") > r.get("replayed"), "{after:?}");
     let log = lab.log("agent-srv");
     assert_eq!(
         log.matches("terminal 10.0.1.1 shut down").count(),
@@ -775,16 +753,12 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
     assert_eq!(std::fs::read(&out2).unwrap(), want, "community 2 download");
 
     // Each community carried its own download, on its own links.
-    let srv = lab
-        .links_json(&lab.server_ns, &lab.server_instance)
-        .unwrap();
-    let down = |c: u64| -> u64 {
-        srv["links"]
-            .as_array()
-            .unwrap()
+    let srv = lab.server_links().unwrap();
+    let down = |c: u16| -> u64 {
+        srv.links
             .iter()
-            .filter(|l| l["community"] == c)
-            .map(|l| l["down_bytes"].as_u64().unwrap())
+            .filter(|l| l.community == c)
+            .map(|l| l.counters.down_bytes)
             .sum()
     };
     let size = want.len() as u64;
@@ -793,37 +767,31 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
         down(1),
         down(2)
     );
-    assert!(down(1) >= size && down(1) < 2 * size, "community 1: {srv}");
-    assert!(down(2) >= size && down(2) < 2 * size, "community 2: {srv}");
+    assert!(
+        down(1) >= size && down(1) < 2 * size,
+        "community 1: {srv:?}"
+    );
+    assert!(
+        down(2) >= size && down(2) < 2 * size,
+        "community 2: {srv:?}"
+    );
     // Two flows, one per community, each from the host's address there.
-    let flows = lab.flows_json().unwrap();
-    let has = |c: u16, origin: &str| {
-        flows["flows"]
-            .as_array()
-            .unwrap()
+    let flows = lab.flows().unwrap();
+    let has = |c: u16, origin: [u8; 4]| {
+        flows
             .iter()
-            .any(|f| f["community"] == c && f["origin"] == origin)
+            .any(|f| f.community == c && f.origin == Ipv4Addr::from(origin))
     };
     assert!(
-        has(1, "10.0.1.3") && has(COMMUNITY2, "10.0.2.13"),
-        "{flows}"
+        has(1, [10, 0, 1, 3]) && has(COMMUNITY2, [10, 0, 2, 13]),
+        "{flows:?}"
     );
     // Both instances on t3 are logged on, each to its own community.
     let st = lab
-        .ctl_json(&t3, &lab.terminals[second].instance, "status")
+        .terminal_status(&t3, &lab.terminals[second].instance)
         .unwrap();
-    assert_eq!(
-        (st["community"].as_u64(), st["logged_on"].as_bool()),
-        (Some(2), Some(true))
-    );
-    let st = lab
-        .ctl_json(&lab.server_ns, &lab.server_instance, "status")
-        .unwrap();
-    let terms: Vec<u64> = st["communities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["terminals"].as_u64().unwrap())
-        .collect();
-    assert_eq!(terms, [3, 2], "{st}");
+    assert_eq!((st.community, st.logged_on), (2, true));
+    let st = lab.server_status().unwrap();
+    let terms: Vec<usize> = st.communities.iter().map(|c| c.terminals).collect();
+    assert_eq!(terms, [3, 2], "{st:?}");
 }

@@ -7,6 +7,7 @@
 //! stop and start.
 
 use std::{
+    net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -14,6 +15,7 @@ use std::{
 mod common;
 use common::bond_ctl;
 
+use bond_api::reply::OwnLink;
 use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
 use bond_lab::{Lab, TerminalSpec};
 
@@ -23,13 +25,14 @@ use common::last_changes;
 const LINK: u8 = 3;
 
 /// The status row of t2's link [`LINK`].
-fn own_link(lab: &Lab) -> serde_json::Value {
+fn own_link(lab: &Lab) -> OwnLink {
     let (ns, inst) = (&lab.terminals[1].ns, &lab.terminals[1].instance);
-    let st = lab.ctl_json(ns, inst, "status").expect("t2 answers");
-    st["links"]
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["link"] == LINK).cloned())
-        .unwrap_or_else(|| panic!("no link {LINK} in t2's status: {st}"))
+    let st = lab.terminal_status(ns, inst).expect("t2 answers");
+    st.links
+        .iter()
+        .find(|l| l.link == LINK)
+        .cloned()
+        .unwrap_or_else(|| panic!("no link {LINK} in t2's status: {st:?}"))
 }
 
 /// An upload and a download from t3 (no link of its own, so every packet
@@ -70,12 +73,11 @@ impl Traffic {
             }
             let start = Instant::now();
             let formed = |lab: &Lab| {
-                let links = lab.links_json(&lab.server_ns, &lab.server_instance).ok();
-                let n = links.and_then(|v| v["links"].as_array().map(Vec::len));
+                let n = lab.server_links().ok().map(|v| v.links.len());
                 n == Some(2)
                     && lab.terminals.iter().all(|t| {
-                        lab.links_json(&t.ns, &t.instance)
-                            .is_ok_and(|v| v["logged_on"] == true)
+                        lab.terminal_links(&t.ns, &t.instance)
+                            .is_ok_and(|v| v.logged_on)
                     })
             };
             while !formed(&lab) {
@@ -131,11 +133,7 @@ impl Traffic {
         let [up, down] = last_changes(|| self.counts(), limit + Duration::from_secs(1));
         let (up, down) = (up - cut, down - cut);
         eprintln!("{what}: out of t3's schedule after {up:?}, the server's after {down:?}");
-        assert_eq!(
-            own_link(&self.lab)["dark"],
-            true,
-            "{what}: t2 still uses it"
-        );
+        assert!(own_link(&self.lab).dark, "{what}: t2 still uses it");
         assert!(
             up <= limit && down <= limit,
             "{what}: still sent on after {up:?} (t3), {down:?} (server)"
@@ -160,7 +158,7 @@ impl Traffic {
             }
             assert!(
                 start.elapsed() < limit,
-                "{what}: link {LINK} not in both schedules after {limit:?} (up {} -> {}, down {} -> {}): {}\n{}",
+                "{what}: link {LINK} not in both schedules after {limit:?} (up {} -> {}, down {} -> {}): {:?}\n{}",
                 first[0],
                 now[0],
                 first[1],
@@ -175,7 +173,7 @@ impl Traffic {
     /// Both transfers ran to the end at a useful rate, and t2's agent
     /// followed without a restart.
     fn finish(mut self, what: &str) -> Lab {
-        assert_eq!(own_link(&self.lab)["dark"], false, "{what}");
+        assert!(!own_link(&self.lab).dark, "{what}");
         for name in ["upload", "download"] {
             let log = self
                 .lab
@@ -209,10 +207,10 @@ fn a_link_that_loses_its_carrier_leaves_at_once_and_returns_with_it() {
     let t = Traffic::start();
     t.lab.set_carrier(LINK, false).unwrap();
     t.stops_within("carrier lost", Duration::from_secs(1));
-    assert_eq!(own_link(&t.lab)["carrier"], false);
+    assert!(!own_link(&t.lab).carrier);
     t.lab.set_carrier(LINK, true).unwrap();
     t.carries_within("carrier back", Duration::from_secs(1));
-    assert_eq!(own_link(&t.finish("carrier"))["carrier"], true);
+    assert!(own_link(&t.finish("carrier")).carrier);
 }
 
 /// Link 3's interface is removed (an unplugged modem) and comes back with
@@ -240,11 +238,11 @@ fn an_unplugged_modem_is_taken_back_when_it_returns() {
     // interface passes it on to t3.
     let relayed = || {
         let (ns, inst) = (&t.lab.terminals[1].ns, &t.lab.terminals[1].instance);
-        let v = t.lab.links_json(ns, inst).unwrap();
-        v["links"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["link"] == LINK))
-            .and_then(|l| l["relay_down_pkts"].as_u64())
+        let v = t.lab.terminal_links(ns, inst).unwrap();
+        v.links
+            .iter()
+            .find(|l| l.link == LINK)
+            .map(|l| l.counters.relay_down_pkts)
             .expect("link 3 in t2's links")
     };
     let r0 = relayed();
@@ -272,19 +270,16 @@ fn a_new_address_is_taken_up_and_the_server_sends_to_it() {
     t.carries_within("renumbered", Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(500));
     t.carries_within("renumbered, still", Duration::from_secs(1));
-    assert_eq!(own_link(&t.lab)["address"], new.to_string());
-    let links = t
-        .lab
-        .links_json(&t.lab.server_ns, &t.lab.server_instance)
-        .unwrap();
-    let row = links["links"]
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["link"] == LINK).cloned())
+    assert_eq!(own_link(&t.lab).address, Some(new));
+    let links = t.lab.server_links().unwrap();
+    let row = links
+        .links
+        .iter()
+        .find(|l| l.link == LINK)
         .expect("link 3 at the server");
     assert_eq!(
-        row["address"],
-        new.to_string(),
-        "the server sends link 3's packets elsewhere: {row}"
+        row.address, new,
+        "the server sends link 3's packets elsewhere: {row:?}"
     );
     let tns = t.lab.terminals[1].ns.clone();
     t.lab
@@ -311,11 +306,7 @@ fn a_new_address_is_taken_up_and_the_server_sends_to_it() {
 fn an_agent_started_without_its_modem_takes_it_up_when_it_comes() {
     let t = Traffic::launch(true, |_| {});
     let row = own_link(&t.lab);
-    assert_eq!(
-        (&row["dark"], &row["carrier"]),
-        (&true.into(), &false.into()),
-        "{row}"
-    );
+    assert_eq!((row.dark, row.carrier), (true, false), "{row:?}");
     let [up, down] = t.counts();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(t.counts(), [up, down], "sent on a link that is not there");
@@ -343,16 +334,19 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
         .unwrap();
     });
     let old = t.lab.terminals[1].links[1].modem_ip;
-    assert_eq!(own_link(&t.lab)["gateway"], old.to_string());
+    assert_eq!(own_link(&t.lab).gateway, Some(old));
     t.lab.renumber(LINK, true).unwrap();
     t.carries_within("new lease, new next hop", Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(300));
     t.carries_within("new next hop, still", Duration::from_secs(1));
     let row = own_link(&t.lab);
     assert_eq!(
-        (&row["address"], &row["gateway"]),
-        (&"100.64.3.2".into(), &"100.64.3.1".into()),
-        "{row}"
+        (row.address, row.gateway),
+        (
+            Some(Ipv4Addr::new(100, 64, 3, 2)),
+            Some(Ipv4Addr::new(100, 64, 3, 1))
+        ),
+        "{row:?}"
     );
     let route = t
         .lab
@@ -380,9 +374,9 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
         lab.terminals[0].ns.clone(),
         lab.terminals[0].instance.clone(),
     );
-    let st = lab.ctl_json(&ns1, &inst1, "status").unwrap();
-    assert_eq!(st["links"][0]["ethernet"], false, "{st}");
-    assert_eq!(st["links"][0]["active"], true, "{st}");
+    let st = lab.terminal_status(&ns1, &inst1).unwrap();
+    assert!(!st.links[0].ethernet, "{st:?}");
+    assert!(st.links[0].active, "{st:?}");
     let bpffs = Path::new(DEFAULT_BPFFS);
     let t1 = Maps::new(pin_dir(bpffs, &inst1));
     let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
@@ -533,10 +527,7 @@ fn veths_left_as_created_are_set_by_the_agents_that_use_them() {
     }
     let (ns, inst) = lab.terminal_agent(2);
     let start = Instant::now();
-    while !lab
-        .ctl_json(&ns, &inst, "status")
-        .is_ok_and(|s| s["logged_on"] == true)
-    {
+    while !lab.terminal_status(&ns, &inst).is_ok_and(|s| s.logged_on) {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "t3 never logged on"

@@ -397,6 +397,23 @@ pub enum Links {
     },
 }
 
+impl Links {
+    /// Each link's id and counters, a terminal's or a server's.
+    pub fn per_link(&self) -> Vec<(u8, &LinkCounters)> {
+        match self {
+            Self::Terminal { links, .. } => links.iter().map(|l| (l.link, &l.counters)).collect(),
+            Self::Server { links, .. } => links.iter().map(|l| (l.link, &l.counters)).collect(),
+        }
+    }
+
+    /// The datapath's drops by reason.
+    pub fn drops(&self) -> &Counts {
+        match self {
+            Self::Terminal { drops, .. } | Self::Server { drops, .. } => drops,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminalLinkCounters {
     pub link: u8,

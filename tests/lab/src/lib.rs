@@ -37,6 +37,27 @@ pub mod line;
 pub mod packets;
 pub mod profile;
 
+use bond_api::reply::{
+    Counts, DownPath, FlowRow, Flows, Links, PeerRow, Peers, ServerLinkCounters, ServerStatus,
+    Status, TerminalLinkCounters, TerminalRow, TerminalStatus,
+};
+
+/// A terminal's `links`.
+#[derive(Clone, Debug)]
+pub struct TerminalLinks {
+    pub logged_on: bool,
+    pub links: Vec<TerminalLinkCounters>,
+    pub drops: Counts,
+}
+
+/// The server's `links`.
+#[derive(Clone, Debug)]
+pub struct ServerLinks {
+    pub links: Vec<ServerLinkCounters>,
+    pub drops: Counts,
+    pub events: Counts,
+}
+
 /// Programs for `cargo xtask bench fastpath` (a load generator and a sink),
 /// from the objects bond-datapath's build script made: no part of the
 /// datapath, and not in the product binary.
@@ -988,24 +1009,17 @@ impl Lab {
                 .sum()
         };
         let want: usize = running.iter().map(|&i| self.terminals[i].links.len()).sum();
-        let srv_instance = self.server_instance.clone();
         self.wait_for("the server's links", limit, |lab| {
-            Ok(lab
-                .links_json(&lab.server_ns, &srv_instance)
-                .ok()
-                .and_then(|v| v["links"].as_array().map(Vec::len))
-                == Some(want))
+            Ok(lab.server_links().ok().map(|l| l.links.len()) == Some(want))
         })?;
         for &i in &running {
             let t = &self.terminals[i];
             self.wait_for(&format!("terminal {} to join", i + 1), limit, |lab| {
-                let Ok(v) = lab.links_json(&t.ns, &t.instance) else {
+                let Ok(v) = lab.terminal_links(&t.ns, &t.instance) else {
                     return Ok(false);
                 };
-                let active = v["links"]
-                    .as_array()
-                    .map_or(0, |l| l.iter().filter(|l| l["active"] == true).count());
-                Ok(v["logged_on"] == true && active == want_in(t.community))
+                let active = v.links.iter().filter(|l| l.active).count();
+                Ok(v.logged_on && active == want_in(t.community))
             })?;
         }
         Ok(())
@@ -1018,22 +1032,17 @@ impl Lab {
     /// provisional rates.
     pub fn wait_for_measured(&self, limit: Duration) -> Result<Duration> {
         let start = Instant::now();
-        let measured = |p: &serde_json::Value| {
-            p["kbit"].as_u64() != Some(u64::from(bond_agent::probe::UNMEASURED))
-                && p["delay_us"]
-                    .as_u64()
-                    .is_some_and(|d| d < u64::from(bond_agent::pathmon::UNMEASURED / 1000))
+        let measured = |p: &DownPath| {
+            p.kbit != u64::from(bond_agent::probe::UNMEASURED)
+                && p.delay_us < bond_agent::pathmon::UNMEASURED / 1000
         };
         self.wait_for("every link measured", limit, |lab| {
-            let Ok(v) = lab.ctl_json(&lab.server_ns, &lab.server_instance, "status") else {
+            let Ok(v) = lab.server_status() else {
                 return Ok(false);
             };
-            let communities = v["communities"].as_array().context("no communities")?;
-            Ok(communities.iter().all(|c| {
-                let paths = c["paths"].as_array().map_or(&[][..], Vec::as_slice);
-                paths.len() == c["links"].as_u64().unwrap_or(0) as usize
-                    && paths.iter().all(measured)
-            }))
+            Ok(v.communities
+                .iter()
+                .all(|c| c.paths.len() == c.links && c.paths.iter().all(measured)))
         })?;
         Ok(start.elapsed())
     }
@@ -1083,13 +1092,48 @@ impl Lab {
         self.exec(ns, &self.bond_ctl.to_string_lossy(), &all)
     }
 
-    /// A `--json` listing of an agent (`status`, `peers`, ...), parsed.
-    pub fn ctl_json(&self, ns: &str, instance: &str, what: &str) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.ctl(
-            ns,
-            instance,
-            &[what, "--json"],
-        )?)?)
+    /// A `--json` listing of an instance (`status`, `peers`, `links`, ...),
+    /// read as its `bond_api::reply` type.
+    pub fn ctl_reply<T: serde::de::DeserializeOwned>(
+        &self,
+        ns: &str,
+        instance: &str,
+        what: &str,
+    ) -> Result<T> {
+        let out = self.ctl(ns, instance, &[what, "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("`bond-ctl {what} --json`: {out}"))
+    }
+
+    /// A terminal agent's `status`.
+    pub fn terminal_status(&self, ns: &str, instance: &str) -> Result<TerminalStatus> {
+        match self.ctl_reply(ns, instance, "status")? {
+            Status::Terminal(t) => Ok(t),
+            Status::Server(_) => bail!("{ns}/{instance} is a server"),
+        }
+    }
+
+    /// The server agent's `status`.
+    pub fn server_status(&self) -> Result<ServerStatus> {
+        match self.ctl_reply(&self.server_ns, &self.server_instance, "status")? {
+            Status::Server(s) => Ok(s),
+            Status::Terminal(_) => bail!("the server answered as a terminal"),
+        }
+    }
+
+    /// A terminal's table of links (`peers`).
+    pub fn peer_rows(&self, ns: &str, instance: &str) -> Result<Vec<PeerRow>> {
+        match self.ctl_reply(ns, instance, "peers")? {
+            Peers::Terminal { peers } => Ok(peers),
+            Peers::Server { .. } => bail!("{ns}/{instance} is a server"),
+        }
+    }
+
+    /// The server's logged-on terminals (`peers`).
+    pub fn server_terminals(&self) -> Result<Vec<TerminalRow>> {
+        match self.ctl_reply(&self.server_ns, &self.server_instance, "peers")? {
+            Peers::Server { terminals } => Ok(terminals),
+            Peers::Terminal { .. } => bail!("the server answered as a terminal"),
+        }
     }
 
     /// Terminal `i`'s agent (0-based): namespace and instance.
@@ -1141,23 +1185,48 @@ impl Lab {
         self.tbf(&ns, "uplink", mbit)
     }
 
-    /// `bond-ctl links --json` of an instance, parsed.
-    pub fn links_json(&self, ns: &str, instance: &str) -> Result<serde_json::Value> {
-        let out = self.exec(
-            ns,
-            &self.bond_ctl.to_string_lossy(),
-            &["links", "--instance", instance, "--json"],
-        )?;
-        Ok(serde_json::from_str(&out)?)
+    /// `bond-ctl links` of an instance.
+    pub fn links(&self, ns: &str, instance: &str) -> Result<Links> {
+        self.ctl_reply(ns, instance, "links")
     }
 
-    pub fn flows_json(&self) -> Result<serde_json::Value> {
-        let out = self.exec(
-            &self.server_ns,
-            &self.bond_ctl.to_string_lossy(),
-            &["flows", "--instance", &self.server_instance, "--json"],
-        )?;
-        Ok(serde_json::from_str(&out)?)
+    /// A terminal's `links`: whether it is logged on, its links' counters,
+    /// its drops.
+    pub fn terminal_links(&self, ns: &str, instance: &str) -> Result<TerminalLinks> {
+        match self.links(ns, instance)? {
+            Links::Terminal {
+                logged_on,
+                links,
+                drops,
+            } => Ok(TerminalLinks {
+                logged_on,
+                links,
+                drops,
+            }),
+            Links::Server { .. } => bail!("{ns}/{instance} is a server"),
+        }
+    }
+
+    /// The server's `links`: its links' counters, drops and events.
+    pub fn server_links(&self) -> Result<ServerLinks> {
+        match self.links(&self.server_ns, &self.server_instance)? {
+            Links::Server {
+                links,
+                drops,
+                events,
+            } => Ok(ServerLinks {
+                links,
+                drops,
+                events,
+            }),
+            Links::Terminal { .. } => bail!("the server answered as a terminal"),
+        }
+    }
+
+    /// The server's flow table (`bond-ctl flows`).
+    pub fn flows(&self) -> Result<Vec<FlowRow>> {
+        let f: Flows = self.ctl_reply(&self.server_ns, &self.server_instance, "flows")?;
+        Ok(f.flows)
     }
 
     /// Serves a fresh file of `mb` MiB as `http://203.0.113.2/<name>`;
