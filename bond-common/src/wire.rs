@@ -78,6 +78,15 @@ pub const fn seq_missing(last: u8, seq: u8) -> u8 {
 pub const BOND_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
 
 pub const ETH_P_IP: u16 = 0x0800;
+/// An IPv4 header's first byte without options: version 4, IHL 5 words.
+pub const IPV4_VIHL: u8 = 0x45;
+/// The IPv4 flags-and-offset field's "don't fragment" bit.
+pub const IPV4_DF: u16 = 0x4000;
+/// The IPv4 flags-and-offset field's "more fragments" bit and fragment
+/// offset: either set makes the packet a fragment.
+pub const IPV4_FRAGMENT: u16 = 0x3fff;
+/// The TTL of every IPv4 header bond writes.
+pub const TTL: u8 = 64;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -262,55 +271,39 @@ impl BondHdr {
     }
 }
 
-/// Builds the 20-byte outer IPv4 header of a wrapped packet, checksum
-/// included. `inner_len` is the inner IPv4 packet's total length. DF is
-/// set and the identification is zero: an atomic datagram's means nothing
-/// (RFC 6864).
+/// The outer IPv4 and UDP headers of a wrapped packet: the one place they
+/// are built, by the origin's wrap, the server's and a relay's rewrite.
+/// `inner_len` is the inner IPv4 packet's total length.
+///
+/// IPv4: no options, DF set and the identification zero (an atomic
+/// datagram's means nothing: RFC 6864), TTL 64, the checksum computed in
+/// full. UDP: the checksum zero ("none"), as VXLAN and GUE send it; the
+/// inner packet keeps its own checksums end to end.
 #[inline(always)]
-pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16) -> [u8; 20] {
-    let tot = inner_len.wrapping_add(OUTER_LEN as u16);
-    let t = tot.to_be_bytes();
-    let i = [0u8; 2];
-    let s = src.to_be_bytes();
-    let d = dst.to_be_bytes();
+pub fn outer_headers(
+    (src_ip, src_port): (u32, u16),
+    (dst_ip, dst_port): (u32, u16),
+    inner_len: u16,
+) -> [u8; IPV4_LEN + UDP_LEN] {
+    let tot = inner_len.wrapping_add(OUTER_LEN as u16).to_be_bytes();
+    let udp_len = inner_len
+        .wrapping_add((UDP_LEN + BondHdr::LEN) as u16)
+        .to_be_bytes();
+    let df = IPV4_DF.to_be_bytes();
+    let (s, d) = (src_ip.to_be_bytes(), dst_ip.to_be_bytes());
+    let (sp, dp) = (src_port.to_be_bytes(), dst_port.to_be_bytes());
+    #[rustfmt::skip]
     let mut h = [
-        0x45,
-        0,
-        t[0],
-        t[1],
-        i[0],
-        i[1],
-        0x40,
-        0,
-        64,
-        IPPROTO_UDP,
-        0,
-        0,
-        s[0],
-        s[1],
-        s[2],
-        s[3],
-        d[0],
-        d[1],
-        d[2],
-        d[3],
+        IPV4_VIHL, 0, tot[0], tot[1], 0, 0, df[0], df[1], TTL, IPPROTO_UDP, 0, 0, s[0], s[1], s[2],
+        s[3], d[0], d[1], d[2], d[3], // IPv4
+        sp[0], sp[1], dp[0], dp[1], udp_len[0], udp_len[1], 0, 0, // UDP
     ];
-    let c = crate::csum::ipv4_header(&h).to_be_bytes();
+    let mut ip = [0u8; IPV4_LEN];
+    ip.copy_from_slice(&h[..IPV4_LEN]);
+    let c = crate::csum::ipv4_header(&ip).to_be_bytes();
     h[10] = c[0];
     h[11] = c[1];
     h
-}
-
-/// Builds the outer UDP header. The checksum is zero ("none"), as VXLAN and
-/// GUE send it: the inner packet keeps its own checksums end to end.
-#[inline(always)]
-pub const fn outer_udp(src_port: u16, dst_port: u16, inner_len: u16) -> [u8; 8] {
-    let l = inner_len
-        .wrapping_add((UDP_LEN + BondHdr::LEN) as u16)
-        .to_be_bytes();
-    let s = src_port.to_be_bytes();
-    let d = dst_port.to_be_bytes();
-    [s[0], s[1], d[0], d[1], l[0], l[1], 0, 0]
 }
 
 /// ICMP destination unreachable (RFC 792), code "fragmentation needed and
@@ -331,7 +324,7 @@ pub fn frag_needed(src: u32, orig: &[u8; 20], l4: &[u8; 8], mtu: u16) -> ([u8; 2
     let t = (FRAG_NEEDED_LEN as u16).to_be_bytes();
     let s = src.to_be_bytes();
     let mut ip = [
-        0x45,
+        IPV4_VIHL,
         0,
         t[0],
         t[1],
@@ -339,7 +332,7 @@ pub fn frag_needed(src: u32, orig: &[u8; 20], l4: &[u8; 8], mtu: u16) -> ([u8; 2
         0,
         0,
         0,
-        64,
+        TTL,
         IPPROTO_ICMP,
         0,
         0,
@@ -510,16 +503,25 @@ mod tests {
 
     #[test]
     fn outer_headers_are_valid() {
-        let ip = outer_ipv4(0x0a000101, 0xc6336401, 100);
-        let (parsed, _) = etherparse::Ipv4HeaderSlice::from_slice(&ip)
-            .map(|s| (s.to_header(), ()))
-            .unwrap();
-        assert_eq!(parsed.total_len, 152);
-        assert_eq!(parsed.header_checksum, parsed.calc_header_checksum());
-        assert!(parsed.dont_fragment);
-        assert_eq!(parsed.time_to_live, 64);
-        let udp = outer_udp(7001, 7000, 100);
-        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 132);
+        let h = outer_headers((0x0a000101, 7001), (0xc6336401, 7000), 100);
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&h).unwrap();
+        assert_eq!(ip.total_len, 152);
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        assert!(ip.dont_fragment && !ip.more_fragments);
+        assert_eq!((ip.identification, ip.time_to_live), (0, 64));
+        assert_eq!(ip.protocol, etherparse::IpNumber::UDP);
+        assert_eq!(ip.source, [10, 0, 1, 1]);
+        assert_eq!(ip.destination, [198, 51, 100, 1]);
+        let udp = etherparse::UdpHeader::from_slice(rest).unwrap().0;
+        assert_eq!(
+            (
+                udp.source_port,
+                udp.destination_port,
+                udp.length,
+                udp.checksum
+            ),
+            (7001, 7000, 132, 0)
+        );
     }
 
     proptest::proptest! {

@@ -170,6 +170,30 @@ pub fn read_u32(ctx: &impl Packet, off: usize) -> Option<u32> {
     read::<4>(ctx, off).map(u32::from_be_bytes)
 }
 
+/// The drop reasons already logged on this CPU, a bit each (reasons are
+/// below 64). Not pinned: each load of the programs logs afresh.
+#[aya_ebpf::macros::map]
+static LOGGED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counts a packet dropped for `reason` in `drops`; the first drop of each
+/// reason on each CPU is also logged (aya-log, read by the agent, which
+/// names the reason), so that a new kind of trouble shows in the log
+/// without a log line per packet.
+#[inline(always)]
+pub fn dropped<C: EbpfContext>(ctx: &C, drops: &PerCpuArray<u64>, reason: u32) {
+    count(drops, reason);
+    let Some(seen) = LOGGED.get_ptr_mut(0) else {
+        return;
+    };
+    let bit = 1u64 << (reason & 63);
+    // SAFETY: per-CPU slot, as in `count`.
+    if unsafe { *seen } & bit == 0 {
+        // SAFETY: as above.
+        unsafe { *seen |= bit };
+        aya_log_ebpf::warn!(ctx, "{}", reason);
+    }
+}
+
 /// Adds one to counter `idx` of a per-CPU counter array.
 #[inline(always)]
 pub fn count(map: &PerCpuArray<u64>, idx: u32) {

@@ -15,7 +15,10 @@ mod flow_upkeep;
 mod hostile;
 mod mutants;
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf,
@@ -64,8 +67,14 @@ const TC_FRAME_MAX: usize = 4096 - 64 - 320;
 struct Obj {
     ebpf: Ebpf,
     maps: Maps,
+    /// The programs' log (the first drop of each reason), read as the
+    /// agent reads it; its lines collect in `lines`.
+    log: aya_log::EbpfLogger<datapath::DropLog<LogSink>>,
+    lines: Arc<Mutex<Vec<String>>>,
     _pin: PinDir,
 }
+
+type LogSink = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Obj {
     fn load(object: &[u8], tag: &str, progs: &[&str]) -> Self {
@@ -76,6 +85,10 @@ impl Obj {
     fn load_with_sizes(object: &[u8], tag: &str, progs: &[&str], sizes: &[(&str, u32)]) -> Self {
         let pin = PinDir::new(tag);
         let mut ebpf = datapath::load_with_sizes(object, pin.path(), sizes).expect("load object");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let write: LogSink = Box::new(move |l| sink.lock().unwrap().push(l.to_string()));
+        let log = datapath::drop_log(&mut ebpf, write).expect("the programs' log");
         for &name in progs {
             match ebpf.program_mut(name).expect("program in object") {
                 Program::Xdp(p) => p.load(),
@@ -88,8 +101,16 @@ impl Obj {
         Self {
             ebpf,
             maps,
+            log,
+            lines,
             _pin: pin,
         }
+    }
+
+    /// What the programs logged since the last call.
+    fn logged(&mut self) -> Vec<String> {
+        self.log.flush();
+        std::mem::take(&mut *self.lines.lock().unwrap())
     }
 
     fn terminal(tag: &str) -> Self {
@@ -410,267 +431,6 @@ fn grow_outer(f: &mut [u8], by: u16) {
     let udp = get16(f, OUTER_UDP + 4) + by;
     put16(f, OUTER_UDP + 4, udp);
 }
-
-/// The origin checks the server's schedule: a packet that comes after one
-/// the server sent later (by the send times in their headers, µs) is
-/// counted late on the link it came over, and a rebooted server's clock,
-/// far behind, is followed rather than counted.
-#[test]
-fn terminal_counts_downstream_packets_that_come_late_per_link() {
-    use term::*;
-    let t = term::setup("late");
-    let own = |sent| {
-        let mut w = down_from_server(LAN_IP, TOKEN);
-        w.bond.sent = sent;
-        w
-    };
-    let via_peer = |sent| {
-        let mut w = down_for_me();
-        w.bond.sent = sent;
-        w
-    };
-    // Sent at 30.0001 s over the peer's link 5, then 30.0002 s and
-    // 30.0003 s over this host's own link; the own link's arrive first.
-    // Then the server's clock starts over.
-    for (what, w) in [
-        ("30.0002 own", own(30_000_200)),
-        ("30.0003 own", own(30_000_300)),
-        ("30.0001 via peer", via_peer(30_000_100)),
-        ("30.0004 via peer", via_peer(30_000_400)),
-        ("restarted clock, 0 own", own(0)),
-        ("restarted clock, 1 own", own(1)),
-    ] {
-        t.expect("bond_terminal", what, &w.frame(), XDP_PASS, None);
-    }
-    let (peer, mine) = (stats(&t, 5), stats(&t, RELAY_LINK));
-    assert_eq!((peer.down_pkts, peer.down_late), (2, 1), "{peer:?}");
-    assert_eq!((mine.down_pkts, mine.down_late), (4, 0), "{mine:?}");
-    assert_eq!(t.nonzero_drops(), vec![]);
-}
-
-/// With the playout reading, DATA_DOWN for this host goes to the hold
-/// device still wrapped (checked first: a bad one is dropped, not held);
-/// when the playout's sign of life is stale, it is unwrapped at once.
-#[test]
-fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
-    use bond_common::maps::Hold;
-    use term::*;
-    let t = term::setup("hold");
-    let now = bond_datapath::monotonic_ns();
-    let w = down_from_server(LAN_IP, TOKEN);
-    let hold = |alive_until_ns| Hold {
-        ifindex: 4242,
-        _pad: 0,
-        alive_until_ns,
-    };
-    t.maps
-        .set_hold(bond_common::maps::name::T_HOLD, hold(now + 60_000_000_000))
-        .unwrap();
-    t.expect(
-        "bond_terminal",
-        "held",
-        &w.frame(),
-        XDP_REDIRECT,
-        Some(&w.frame()),
-    );
-    let mut bad = w.clone();
-    bad.bond.token ^= 1;
-    t.expect_drop(
-        "bond_terminal",
-        "bad token",
-        &bad.frame(),
-        XDP_DROP,
-        "bad_token",
-    );
-    assert_eq!(
-        stats(&t, RELAY_LINK).down_pkts,
-        0,
-        "counted when it comes back"
-    );
-
-    // A pure ACK goes up at once; a FIN without payload is held.
-    let mut ack = w.clone();
-    ack.inner = Ip {
-        payload: Vec::new(),
-        ..reply_for(LAN_IP)
-    }
-    .bytes();
-    let (v, out) = t.run("bond_terminal", &ack.frame());
-    assert_eq!(v, XDP_PASS, "pure ACK: at once");
-    assert_eq!(out.len(), ack.frame().len() - 52, "unwrapped");
-    assert_eq!(stats(&t, RELAY_LINK).down_late, 0, "an ACK is never late");
-    let mut fin = ack.clone();
-    fin.inner[20 + 13] |= 0x01;
-    t.expect(
-        "bond_terminal",
-        "FIN held",
-        &fin.frame(),
-        XDP_REDIRECT,
-        Some(&fin.frame()),
-    );
-
-    t.maps
-        .set_hold(bond_common::maps::name::T_HOLD, hold(now))
-        .unwrap();
-    let (v, out) = t.run("bond_terminal", &w.frame());
-    assert_eq!(v, XDP_PASS, "stale playout: delivered at once");
-    assert_eq!(out.len(), w.frame().len() - 52, "unwrapped");
-    assert_eq!(stats(&t, RELAY_LINK).down_pkts, 2);
-}
-
-#[test]
-fn terminal_drops_and_counts_bad_input() {
-    use term::*;
-    type Edit = fn(&mut Wrapped);
-    let cases: [(&str, Edit, &str); 14] = [
-        ("wrong magic", |w| w.bond.magic = 0xB04E, "bad_magic"),
-        ("old version", |w| w.bond.version = 1, "bad_version"),
-        (
-            "a sequence on a control kind",
-            |w| (w.bond.kind, w.bond.seq) = (ANNOUNCE, 1),
-            "bad_flags",
-        ),
-        (
-            "wrong community",
-            |w| w.bond.community = 8,
-            "wrong_community",
-        ),
-        ("wrong token", |w| w.bond.token ^= 1, "bad_token"),
-        (
-            "DATA_UP on the data port",
-            |w| w.bond.kind = DATA_UP,
-            "bad_kind",
-        ),
-        (
-            "DATA_DOWN for another origin on the data port",
-            |w| w.bond.origin = PEER,
-            "wrong_origin",
-        ),
-        ("inner IPv6", |w| w.inner[0] = 0x60, "inner_not_ipv4"),
-        (
-            "inner longer than the frame",
-            |w| {
-                let n = w.inner.len() as u16 + 1;
-                set_total_len(&mut w.inner, n)
-            },
-            "inner_bad_header",
-        ),
-        (
-            "inner shorter than its header",
-            |w| set_total_len(&mut w.inner, 19),
-            "inner_bad_header",
-        ),
-        (
-            "relay down without a neighbour entry",
-            |w| {
-                w.outer.dport = RELAY_PORT;
-                w.outer.src = SERVER;
-                w.bond.origin = PEER3;
-            },
-            "no_neighbor",
-        ),
-        (
-            "relay down from a LAN host, not the server",
-            |w| {
-                w.outer.dport = RELAY_PORT;
-                w.bond.origin = PEER;
-            },
-            "unknown_source",
-        ),
-        (
-            "relay up bigger than the link MTU",
-            |w| {
-                w.outer.dport = SMALL_RELAY_PORT;
-                w.bond.kind = DATA_UP;
-                w.bond.origin = PEER;
-            },
-            "too_big",
-        ),
-        (
-            "relay up for another community",
-            |w| {
-                w.outer.dport = RELAY_PORT;
-                w.bond.kind = DATA_UP;
-                w.bond.community = 9;
-            },
-            "wrong_community",
-        ),
-    ];
-    let t = term::setup("terminal-bad");
-    for (what, edit, reason) in cases {
-        let mut w = down_for_me();
-        edit(&mut w);
-        t.expect_drop("bond_terminal", what, &w.frame(), XDP_DROP, reason);
-    }
-
-    // Truncated anywhere in the outer and bond headers of a packet for a
-    // bond port: passed while it cannot be told from other traffic (the
-    // UDP destination port is not there yet), dropped once it can.
-    for (port, full) in [(DATA_PORT, WRAP_LEN + 1), (RELAY_PORT, WRAP_LEN)] {
-        let mut w = down_for_me();
-        w.outer.dport = port;
-        let frame = w.frame();
-        for len in 14..full {
-            let cut = &frame[..len];
-            let what = format!("port {port} cut at {len}");
-            if len < 14 + 20 + 4 {
-                t.expect("bond_terminal", &what, cut, XDP_PASS, Some(cut));
-            } else if len < WRAP_LEN {
-                t.expect_drop("bond_terminal", &what, cut, XDP_DROP, "truncated");
-            } else {
-                // The bond header whole, the outer header says more came.
-                t.expect_drop("bond_terminal", &what, cut, XDP_DROP, "outer_bad_header");
-            }
-        }
-    }
-    for link in [RELAY_LINK, SMALL_RELAY_LINK, 5] {
-        assert_eq!(stats(&t, link), LinkStats::default(), "link {link}");
-    }
-}
-
-#[test]
-fn terminal_passes_other_traffic_unchanged() {
-    use term::*;
-    let t = term::setup("terminal-pass");
-    let mut fragment = Ip::new(PEER, LAN_IP, L4::udp(7001, DATA_PORT));
-    fragment.payload = down_for_me().frame()[WRAP_LEN - 24..].to_vec();
-    fragment.more_fragments = true;
-    let mut control = down_for_me();
-    control.bond.kind = ANNOUNCE;
-    let tcp = Ip::new(PEER, LAN_IP, L4::tcp(40000, DATA_PORT));
-    let frames = [
-        ("TCP to the data port", tcp.frame(LAN_MAC, PEER_MAC)),
-        (
-            "UDP to another port",
-            udp_frame(LAN_MAC, PEER_MAC, (PEER, 7001), (LAN_IP, 53)),
-        ),
-        ("ARP", arp_frame(PEER_MAC, PEER, LAN_IP)),
-        (
-            "IPv6 UDP to the data port",
-            ipv6_udp_frame(LAN_MAC, PEER_MAC, DATA_PORT),
-        ),
-        (
-            "IPv4 fragment to the data port",
-            fragment.frame(LAN_MAC, PEER_MAC),
-        ),
-        ("control message (ANNOUNCE)", control.frame()),
-    ];
-    for (what, f) in &frames {
-        t.expect("bond_terminal", what, f, XDP_PASS, Some(f));
-    }
-    assert_eq!(t.nonzero_drops(), vec![]);
-}
-
-// ------------------------------------------------ L3 links (TC) --
-//
-// On an own link without an Ethernet header, `bond_terminal_l3` (TC
-// ingress) sees packets from their IPv4 header; the relay towards such a
-// link is `bond_relay` (TC ingress on the LAN), since XDP cannot send to
-// it. BPF_PROG_TEST_RUN hands a TC program its input as it is (no
-// Ethernet header is assumed in the bytes the program reads), but the skb
-// around it is an Ethernet one: the one path whose helper depends on the
-// skb's own headers (the unwrap for this host without a playout,
-// `bpf_skb_adjust_room`) is shown end to end instead (tests/uplinks.rs).
 
 /// `w`'s frame as an L3 device carries it: from its IPv4 header.
 fn l3(w: &term::Wrapped) -> Vec<u8> {

@@ -460,6 +460,26 @@ pub fn attach_status(
         .collect()
 }
 
+/// Reads the programs' log (the first drop of each reason) into the
+/// agent's log for as long as the agent runs. Called once the object is
+/// loaded and before its programs are.
+pub fn read_drop_log(ebpf: &mut Ebpf) -> Result<()> {
+    let log = datapath::drop_log(ebpf, |line| eprintln!("bond-ctl: {line}"))?;
+    // SAFETY: the logger owns its ring's file descriptor and keeps it open,
+    // the same one, for as long as it lives, which is as long as `fd`.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the programs' log: {}", e.into_parts().1))?;
+    tokio::spawn(async move {
+        while let Ok(mut ready) = fd.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+    Ok(())
+}
+
 /// An operator reply as the socket sends it.
 pub fn reply(r: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(r).map_err(|e| format!("encoding the reply: {e}"))

@@ -123,6 +123,7 @@ pub async fn run(
     let ports = u32::from(hi - lo) + 1;
     let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports, cfg.max_terminals);
     let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
+    crate::read_drop_log(&mut ebpf)?;
     let maps = Maps::new(&pins.dir);
     let map_cfg = ServerMap {
         wan_ip: u32::from(cfg.address),

@@ -55,6 +55,8 @@ pub enum Error {
     Schedule,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("opening the programs' log: {0}")]
+    Log(#[from] aya_log::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -70,6 +72,51 @@ impl Error {
             } if e.io_error.raw_os_error() == Some(libc::E2BIG)
         )
     }
+}
+
+/// The programs' log (aya-log): they log the first packet each CPU drops
+/// for each reason, as the reason's number; this names it. Every drop is
+/// counted in the maps (`bond-ctl links`); the log says when a new kind of
+/// trouble starts.
+pub struct DropLog<W> {
+    write: W,
+}
+
+impl<W: Fn(&str) + Send + Sync> log::Log for DropLog<W> {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let text = record.args().to_string();
+        let line = match text.parse::<usize>() {
+            Ok(n) => match bond_common::drops::NAMES.get(n) {
+                Some(name) => format!(
+                    "datapath: dropped a packet for {name} (the first on this CPU; \
+                     `bond-ctl links` counts them all)"
+                ),
+                None => format!("datapath: dropped a packet for reason {n}"),
+            },
+            Err(_) => format!("datapath: {text}"),
+        };
+        (self.write)(&line);
+    }
+
+    fn flush(&self) {}
+}
+
+/// Reads the programs' log records from `ebpf`'s log ring. Keep it until
+/// the programs are loaded (dropping it closes the ring, and a program
+/// that refers to it then fails to load), and read it whenever its file
+/// descriptor is readable (`EbpfLogger::flush`).
+pub fn drop_log<W: Fn(&str) + Send + Sync>(
+    ebpf: &mut Ebpf,
+    write: W,
+) -> Result<aya_log::EbpfLogger<DropLog<W>>> {
+    Ok(aya_log::EbpfLogger::init_with_logger(
+        ebpf,
+        DropLog { write },
+    )?)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which the

@@ -46,7 +46,7 @@ use bond_common::{
     },
 };
 use bond_ebpf::{
-    L4, Packet, count, keep, link_stats, nat_rewrite, next_seq, outer_len, read, read_u16,
+    L4, Packet, count, dropped, keep, link_stats, nat_rewrite, next_seq, outer_len, read, read_u16,
     read_u32, write,
 };
 
@@ -99,7 +99,7 @@ pub fn bond_server(ctx: XdpContext) -> u32 {
     match try_server(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            count(&S_DROPS, reason);
+            dropped(&ctx, &S_DROPS, reason);
             xdp_action::XDP_DROP
         }
     }
@@ -134,7 +134,7 @@ fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
 fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let vihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
     let frag = read_u16(ctx, ETH_LEN + 6).ok_or(drops::TRUNCATED)?;
-    if vihl != 0x45 || frag & 0x3fff != 0 {
+    if vihl != wire::IPV4_VIHL || frag & wire::IPV4_FRAGMENT != 0 {
         return Err(drops::OUTER_BAD_HEADER);
     }
     let b =
@@ -289,10 +289,10 @@ impl Inner {
             return Err(drops::INNER_NOT_IPV4);
         }
         let len = u16::from_be_bytes([h[2], h[3]]);
-        if h[0] != 0x45 || len < 28 || usize::from(len) + OUTER_LEN > usize::from(tot) {
+        if h[0] != wire::IPV4_VIHL || len < 28 || usize::from(len) + OUTER_LEN > usize::from(tot) {
             return Err(drops::INNER_BAD_HEADER);
         }
-        if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        if u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT != 0 {
             return Err(drops::INNER_FRAGMENT);
         }
         if h[8] <= 1 {
@@ -419,7 +419,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     // A reply with IP options (or a header length that lies) to a
     // dedicated port: bond does not carry options, and the kernel has no
     // socket on that port (it would answer with a reset). Dropped, counted.
-    if ihl != 0x45 {
+    if ihl != wire::IPV4_VIHL {
         return Err(drops::INNER_BAD_HEADER);
     }
     let l4off = ETH_LEN + 20;
@@ -433,7 +433,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     if len < 28 || usize::from(len) > ctx.packet_len() - ETH_LEN {
         return Err(drops::INNER_BAD_HEADER);
     }
-    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+    if u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT != 0 {
         return Err(drops::INNER_FRAGMENT);
     }
     if h[8] <= 1 {
@@ -514,8 +514,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER_LEN as i32)) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    let ip = wire::outer_ipv4(cfg.wan_ip, link_ip, len);
-    let udp = wire::outer_udp(cfg.port, link_port, len);
+    let outer = wire::outer_headers((cfg.wan_ip, cfg.port), (link_ip, link_port), len);
     // Pure ACKs are not counted: the origin's playout never sees them.
     let seq = if pure_ack {
         0
@@ -532,8 +531,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     )
     .with_seq(seq)
     .to_bytes();
-    if !(write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + 20, udp) && write(ctx, wire::BOND_OFF, b))
-    {
+    if !(write(ctx, ETH_LEN, outer) && write(ctx, wire::BOND_OFF, b)) {
         return Err(drops::TRUNCATED);
     }
     if !pure_ack {
@@ -589,7 +587,7 @@ fn answer_too_big(
     if !(write(ctx, 0, eth) && write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + IPV4_LEN, icmp)) {
         return Err(drops::TRUNCATED);
     }
-    count(&S_DROPS, drops::TOO_BIG);
+    dropped(ctx, &S_DROPS, drops::TOO_BIG);
     count(&S_EVENTS, event::FRAG_NEEDED);
     // Back out of the interface it came in on. A redirect rather than
     // XDP_TX: veth flushes XDP_TX frames to a peer only if that peer runs

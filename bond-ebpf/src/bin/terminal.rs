@@ -34,7 +34,7 @@ use bond_common::{
     },
 };
 use bond_ebpf::{
-    Packet, count, keep, link_stats, next_seq, outer_len, read, read_u16, read_u32, write,
+    Packet, dropped, keep, link_stats, next_seq, outer_len, read, read_u16, read_u32, write,
 };
 
 #[map]
@@ -78,7 +78,7 @@ pub fn bond_wrap(ctx: TcContext) -> i32 {
     match try_wrap(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            count(&T_DROPS, reason);
+            dropped(&ctx, &T_DROPS, reason);
             TC_ACT_SHOT
         }
     }
@@ -152,8 +152,11 @@ fn wrap_headers(
     h[0..6].copy_from_slice(&link.dst_mac);
     h[6..12].copy_from_slice(&link.src_mac);
     h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    h[14..34].copy_from_slice(&wire::outer_ipv4(link.src_ip, link.dst_ip, inner_len));
-    h[34..42].copy_from_slice(&wire::outer_udp(link.src_port, link.dst_port, inner_len));
+    h[14..42].copy_from_slice(&wire::outer_headers(
+        (link.src_ip, link.src_port),
+        (link.dst_ip, link.dst_port),
+        inner_len,
+    ));
     let b = BondHdr::new(
         kind::DATA_UP,
         cfg.community,
@@ -180,7 +183,7 @@ pub fn bond_terminal(ctx: XdpContext) -> u32 {
     match try_terminal(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            count(&T_DROPS, reason);
+            dropped(&ctx, &T_DROPS, reason);
             xdp_action::XDP_DROP
         }
     }
@@ -239,7 +242,7 @@ fn bond_data<const L2: usize>(ctx: &impl Packet) -> Result<Option<Data>, u32> {
         };
         (h[0], u16::from_be_bytes([h[6], h[7]]), h[9])
     };
-    if proto != IPPROTO_UDP || vihl != 0x45 || frag & 0x3fff != 0 {
+    if proto != IPPROTO_UDP || vihl != wire::IPV4_VIHL || frag & wire::IPV4_FRAGMENT != 0 {
         return Ok(None);
     }
     let Some(port) = read_u16(ctx, L2 + 22) else {
@@ -298,10 +301,8 @@ fn to_server<const L2: usize>(
     let len = carried::<L2>(ctx);
     rewrite_outer::<L2>(
         ctx,
-        relay.wan_ip,
-        cfg.server_ip,
-        relay.port,
-        cfg.server_port,
+        (relay.wan_ip, relay.port),
+        (cfg.server_ip, cfg.server_port),
     )?;
     link_stats(&T_LINK_STATS, u32::from(relay.link), |s| {
         s.relay_up_pkts += 1;
@@ -331,7 +332,7 @@ fn to_peer<const L2: usize>(ctx: &impl Packet, d: &Data) -> Result<[u8; 6], u32>
     // SAFETY: read-only use of a map value.
     let peer = unsafe { T_NEIGH.get(origin) }.ok_or(drops::NO_NEIGHBOR)?;
     let len = carried::<L2>(ctx);
-    rewrite_outer::<L2>(ctx, d.cfg.lan_ip, origin, d.port, d.cfg.data_port)?;
+    rewrite_outer::<L2>(ctx, (d.cfg.lan_ip, d.port), (origin, d.cfg.data_port))?;
     link_stats(&T_LINK_STATS, u32::from(d.b.link), |s| {
         s.relay_down_pkts += 1;
         s.relay_down_bytes += len;
@@ -347,29 +348,17 @@ fn carried<const L2: usize>(ctx: &impl Packet) -> u64 {
 }
 
 /// Points a wrapped packet's outer IPv4 and UDP headers (at `L2`) at the
-/// next hop. The IPv4 header is rebuilt and its checksum recomputed in
-/// full; the UDP checksum is left out (zero).
+/// next hop: both are built anew (`wire::outer_headers`) for the inner
+/// packet they carry, whose length the caller has checked.
 #[inline(always)]
 fn rewrite_outer<const L2: usize>(
     ctx: &impl Packet,
-    src_ip: u32,
-    dst_ip: u32,
-    src_port: u16,
-    dst_port: u16,
+    src: (u32, u16),
+    dst: (u32, u16),
 ) -> Result<(), u32> {
-    let mut ip = read::<20>(ctx, L2).ok_or(drops::TRUNCATED)?;
-    ip[8] = 64;
-    ip[12..16].copy_from_slice(&src_ip.to_be_bytes());
-    ip[16..20].copy_from_slice(&dst_ip.to_be_bytes());
-    let c = bond_common::csum::ipv4_header(&ip).to_be_bytes();
-    ip[10] = c[0];
-    ip[11] = c[1];
-    let mut udp = [0u8; 8];
-    udp[0..2].copy_from_slice(&src_port.to_be_bytes());
-    udp[2..4].copy_from_slice(&dst_port.to_be_bytes());
-    let udp_len = read::<2>(ctx, L2 + 24).ok_or(drops::TRUNCATED)?;
-    udp[4..6].copy_from_slice(&udp_len);
-    if write(ctx, L2, ip) && write(ctx, L2 + 20, udp) {
+    let tot = read_u16(ctx, L2 + 2).ok_or(drops::TRUNCATED)?;
+    let inner_len = tot.wrapping_sub(OUTER_LEN as u16);
+    if write(ctx, L2, wire::outer_headers(src, dst, inner_len)) {
         Ok(())
     } else {
         Err(drops::TRUNCATED)
@@ -476,7 +465,7 @@ pub fn bond_relay(ctx: TcContext) -> i32 {
     match try_relay(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            count(&T_DROPS, reason);
+            dropped(&ctx, &T_DROPS, reason);
             TC_ACT_SHOT
         }
     }
@@ -512,7 +501,7 @@ pub fn bond_terminal_l3(ctx: TcContext) -> i32 {
     match try_terminal_l3(&ctx) {
         Ok(action) => action,
         Err(reason) => {
-            count(&T_DROPS, reason);
+            dropped(&ctx, &T_DROPS, reason);
             TC_ACT_SHOT
         }
     }
@@ -618,9 +607,9 @@ fn pure_ack(ctx: &impl Packet, off: usize) -> bool {
     let Some(h) = read::<34>(ctx, off) else {
         return false;
     };
-    h[0] == 0x45
+    h[0] == wire::IPV4_VIHL
         && h[9] == IPPROTO_TCP
-        && u16::from_be_bytes([h[6], h[7]]) & 0x3fff == 0
+        && u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT == 0
         && tcp::pure_ack(u16::from_be_bytes([h[2], h[3]]), [h[32], h[33]])
 }
 

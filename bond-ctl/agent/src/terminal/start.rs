@@ -15,6 +15,7 @@ pub async fn run(
     let lan_ip = net.ipv4(&lan).await.context("field `lan`")?;
 
     let mut ebpf = datapath::load(ebpf::TERMINAL, &pins.dir)?;
+    crate::read_drop_log(&mut ebpf)?;
     let maps = Maps::new(&pins.dir);
     let mut map_cfg = TerminalMap {
         token: 0,
