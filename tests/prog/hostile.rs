@@ -6,7 +6,7 @@ use super::*;
 
 // ------------------------------------------- bond_terminal's ways in --
 
-/// What `bond_terminal` does with a good wrapped frame, by DESIGN.md's
+/// What `bond_terminal` does with a good wrapped frame, by docs/architecture.md's
 /// packet path; each derives the exact output from the input frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Path {
@@ -307,7 +307,7 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
         // one, replies to the server's NAT address carry none).
         // The terminal: only DATA_UP (1) and DATA_DOWN (2) are the
         // programs'; every other kind goes to the agent's socket
-        // untouched (DESIGN.md, "Wire format"), where it must be signed.
+        // untouched (docs/architecture.md, "Wire format"), where it must be signed.
         let t = term::setup("terminal-kinds");
         let c = t.counters();
         for e in terminal_entries() {

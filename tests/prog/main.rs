@@ -256,7 +256,7 @@ use common::packets::{IPV4_NOPS, insert_ipv4_options, set_fragment, set_ttl};
 
 const EINVAL: i32 = libc::EINVAL;
 const ENOMEM: i32 = libc::ENOMEM;
-/// Offsets in a wrapped frame (DESIGN.md, "Wire format").
+/// Offsets in a wrapped frame (docs/architecture.md, "Wire format").
 const OUTER_IP: usize = 14;
 const OUTER_UDP: usize = OUTER_IP + 20;
 const BOND: usize = OUTER_UDP + 8;

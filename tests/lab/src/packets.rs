@@ -1,7 +1,7 @@
 //! Packets for the BPF fixtures, built from scratch and checked
 //! independently of the code under test: IPv4 and L4 headers (and their
 //! checksums) come from `etherparse`; Ethernet, the outer UDP header and the
-//! bond header are assembled by hand from the wire format in DESIGN.md.
+//! bond header are assembled by hand from the wire format in docs/architecture.md.
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
@@ -178,7 +178,7 @@ impl Ip {
     }
 }
 
-/// Bond message kinds (DESIGN.md, "Wire format").
+/// Bond message kinds (docs/architecture.md, "Wire format").
 pub const DATA_UP: u8 = 1;
 pub const DATA_DOWN: u8 = 2;
 pub const ANNOUNCE: u8 = 0x10;
