@@ -41,6 +41,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use bond_lab::{CONTENT, Lab, LinkSpec, PROFILES, Profile, SERVER_WAN};
 
+use crate::floors::Figure;
+
 #[derive(Clone, Copy, PartialEq)]
 enum Dir {
     /// From the content host to the origin (iperf3 `-R`, HTTP).
@@ -125,11 +127,16 @@ struct Plan {
     static_row: bool,
 }
 
-pub fn run(bond_ctl: &Path, quick: bool, runs: usize, only: &[String]) -> Result<String> {
+pub fn run(
+    bond_ctl: &Path,
+    quick: bool,
+    runs: usize,
+    only: &[String],
+) -> Result<(String, Vec<Figure>)> {
     let profiles: Vec<&str> = if !only.is_empty() {
         only.iter().map(String::as_str).collect()
     } else if quick {
-        vec!["mixed", "flap"]
+        vec!["equal", "mixed", "flap"]
     } else {
         PROFILES.to_vec()
     };
@@ -173,13 +180,14 @@ pub fn run(bond_ctl: &Path, quick: bool, runs: usize, only: &[String]) -> Result
         plan.mb,
         runs = plan.runs
     )?;
+    let mut figures = Vec::new();
     for name in profiles {
         let profile = Profile::named(name)?;
         eprintln!("aggregate: {name}");
         let rows = measure_profile(bond_ctl, &profile, &plan)?;
-        report(&mut out, &profile, &plan, &rows)?;
+        figures.extend(report(&mut out, &profile, &plan, &rows)?);
     }
-    Ok(out)
+    Ok((out, figures))
 }
 
 /// One row of a table: its label and a sample per cell.
@@ -203,17 +211,49 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
             candidates.push(k);
         }
     }
-    let mut rows = Vec::new();
-    let mut singles: Vec<Vec<Sample>> = Vec::new();
-    for &k in &candidates {
-        singles.push(measure_system(
-            &mut lab,
-            profile,
-            plan,
-            System::Single(k),
-            origin,
-        )?);
+    // The systems take turns within each run, so that a slow spell of the
+    // machine falls on all of them alike; each cell is the median of the
+    // runs.
+    let systems: Vec<System> = candidates
+        .iter()
+        .map(|&k| System::Single(k))
+        .chain([System::Mptcp, System::Bond])
+        .chain(plan.static_row.then_some(System::BondStatic))
+        .collect();
+    let mut runs: Vec<Vec<Vec<Sample>>> = vec![Vec::new(); systems.len()];
+    for run in 0..plan.runs {
+        eprintln!("  run {} of {}", run + 1, plan.runs);
+        for (i, &system) in systems.iter().enumerate() {
+            let samples = match system {
+                System::Single(_) => measure_cells(&mut lab, profile, plan, system, origin)?,
+                System::Mptcp => {
+                    let m = Mptcp::set_up(&mut lab, origin)?;
+                    let samples = measure_cells(&mut lab, profile, plan, system, origin);
+                    m.tear_down(&lab)?;
+                    samples?
+                }
+                System::Bond | System::BondStatic => {
+                    // Fresh agents each run: the weights are measured (or
+                    // read) anew, as after a user's start.
+                    lab.auto_weights = system == System::Bond;
+                    lab.start_agents()?;
+                    let took = lab.wait_for_measured(Duration::from_secs(20))?;
+                    eprintln!(
+                        "  {}: every link measured {:.1} s after the community formed",
+                        system_name(system),
+                        took.as_secs_f64()
+                    );
+                    let samples = measure_cells(&mut lab, profile, plan, system, origin);
+                    lab.stop_agents()?;
+                    samples?
+                }
+            };
+            runs[i].push(samples);
+        }
     }
+    let medians: Vec<Vec<Sample>> = runs.iter().map(|r| medians(r, plan)).collect();
+    let single_rows = candidates.len();
+    let mut rows = Vec::new();
     let mut best = Row {
         name: "best single link".into(),
         system: System::Single(0),
@@ -221,51 +261,22 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
         links: Vec::new(),
     };
     for (c, _) in plan.cells.iter().enumerate() {
-        let i = (0..candidates.len())
-            .max_by(|&a, &b| singles[a][c].mbit.total_cmp(&singles[b][c].mbit))
+        let i = (0..single_rows)
+            .max_by(|&a, &b| medians[a][c].mbit.total_cmp(&medians[b][c].mbit))
             .context("no links")?;
-        best.samples.push(singles[i][c].clone());
+        best.samples.push(medians[i][c].clone());
         best.links.push(candidates[i]);
     }
     rows.push(best);
-
-    let m = Mptcp::set_up(&mut lab, origin)?;
-    let samples = measure_system(&mut lab, profile, plan, System::Mptcp, origin)?;
-    m.tear_down(&lab)?;
-    rows.push(Row {
-        name: format!("MPTCP, {} subflows", profile.links.len()),
-        system: System::Mptcp,
-        samples,
-        links: Vec::new(),
-    });
-
-    lab.auto_weights = true;
-    lab.start_agents()?;
-    let took = lab.wait_for_measured(Duration::from_secs(20))?;
-    eprintln!(
-        "  bond: every link measured {:.1} s after the community formed",
-        took.as_secs_f64()
-    );
-    let samples = measure_system(&mut lab, profile, plan, System::Bond, origin)?;
-    rows.push(Row {
-        name: "bond (measured weights)".into(),
-        system: System::Bond,
-        samples,
-        links: Vec::new(),
-    });
-    drop(lab);
-
-    if plan.static_row {
-        // A fresh community: the agents read their weights at start.
-        let mut lab = new_lab(&spec, bond_ctl, plan, profile)?;
-        lab.auto_weights = false;
-        lab.start_agents()?;
-        lab.wait_for_measured(Duration::from_secs(20))?;
-        let samples = measure_system(&mut lab, profile, plan, System::BondStatic, origin)?;
+    for (i, &system) in systems.iter().enumerate().skip(single_rows) {
         rows.push(Row {
-            name: "bond, static weights = link rates".into(),
-            system: System::BondStatic,
-            samples,
+            name: match system {
+                System::Mptcp => format!("MPTCP, {} subflows", profile.links.len()),
+                System::Bond => "bond (measured weights)".into(),
+                _ => "bond, static weights = link rates".into(),
+            },
+            system,
+            samples: medians[i].clone(),
             links: Vec::new(),
         });
     }
@@ -305,8 +316,8 @@ fn lit_mbit(profile: &Profile) -> f64 {
         .sum()
 }
 
-/// Every cell of the plan over one system: the median of `plan.runs` each.
-fn measure_system(
+/// Every cell of the plan over one system, once.
+fn measure_cells(
     lab: &mut Lab,
     profile: &Profile,
     plan: &Plan,
@@ -319,11 +330,7 @@ fn measure_system(
     };
     let mut samples = Vec::new();
     for &cell in &plan.cells {
-        let mut tries = (0..plan.runs)
-            .map(|_| measure(lab, profile, plan, &client, system, cell))
-            .collect::<Result<Vec<_>>>()?;
-        tries.sort_by(|a, b| a.mbit.total_cmp(&b.mbit));
-        let s = tries.swap_remove(tries.len() / 2);
+        let s = measure(lab, profile, plan, &client, system, cell)?;
         eprintln!(
             "  {:<28} {:<22} {:5.1} Mbit/s{}  retrans {} ({:.2}%)  dsack {}  [{}]",
             system_name(system),
@@ -340,6 +347,17 @@ fn measure_system(
         samples.push(s);
     }
     Ok(samples)
+}
+
+/// Per cell, the run of median goodput (its counters and split with it).
+fn medians(runs: &[Vec<Sample>], plan: &Plan) -> Vec<Sample> {
+    (0..plan.cells.len())
+        .map(|c| {
+            let mut tries: Vec<&Sample> = runs.iter().map(|r| &r[c]).collect();
+            tries.sort_by(|a, b| a.mbit.total_cmp(&b.mbit));
+            tries[tries.len() / 2].clone()
+        })
+        .collect()
 }
 
 fn system_name(s: System) -> String {
@@ -372,8 +390,10 @@ fn split(shares: &[f64]) -> String {
         .join("/")
 }
 
-/// Writes one profile's table and the comparison of bond with the baselines.
-fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Result<()> {
+/// Writes one profile's table and the comparison of bond with the
+/// baselines; returns bond's ratios to them as figures.
+fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
     let sum = profile.sum_mbit();
     let links: Vec<String> = profile.links.iter().map(describe_link).collect();
     writeln!(
@@ -429,6 +449,19 @@ fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Res
         let mut worse = Vec::new();
         for (c, (b, o)) in bond.samples.iter().zip(&base.samples).enumerate() {
             let r = b.mbit / o.mbit.max(1e-9);
+            figures.push(Figure {
+                name: format!(
+                    "aggregate {}: bond / {}, {}",
+                    profile.name,
+                    if vs == "MPTCP" {
+                        "MPTCP"
+                    } else {
+                        "best single link"
+                    },
+                    cell_name(plan.cells[c], plan.mb)
+                ),
+                value: r,
+            });
             if r < 1.0 {
                 cells.push(format!("**{r:.2}x below**"));
                 worse.push(heads[c].clone());
@@ -456,7 +489,7 @@ fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Res
             below.join("; and ")
         )?;
     }
-    Ok(())
+    Ok(figures)
 }
 
 /// "40 Mbit/s, 40 ms ±10 ms, 0.1% loss, steps to 20 every 3 s".

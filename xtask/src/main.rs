@@ -14,6 +14,7 @@ mod cache;
 mod distribute;
 mod failover;
 mod fastpath;
+mod floors;
 mod fuzz;
 // Packets built independently of the code under test, shared with the BPF
 // fixtures.
@@ -145,13 +146,18 @@ fn bench(
         if quick { " (--quick)" } else { "" },
         machine()
     );
+    let mut figures = Vec::new();
     for suite in suites {
         eprintln!(
             "\n== bench {suite}{} ==",
             if quick { " --quick" } else { "" }
         );
         let table = match suite {
-            "aggregate" => aggregate::run(bond_ctl, quick, runs, profiles)?,
+            "aggregate" => {
+                let (table, f) = aggregate::run(bond_ctl, quick, runs, profiles)?;
+                figures.extend(f);
+                table
+            }
             "fastpath" => fastpath::run(quick)?,
             "latency" => latency(bond_ctl, if quick { 300 } else { 1500 })?,
             "failover" => failover::run(bond_ctl, quick, &out)?,
@@ -165,7 +171,18 @@ fn bench(
         let _ = write!(report, "\n## {suite}\n\n{table}\n");
         std::fs::write(out.join("report.md"), &report)?;
     }
+    let (table, below) = floors::judge(&figures);
+    println!("\n## floors\n\n{table}");
+    let _ = write!(report, "\n## floors\n\n{table}\n");
+    std::fs::write(out.join("report.md"), &report)?;
     eprintln!("\nreport: {}", out.join("report.md").display());
+    if !below.is_empty() {
+        bail!(
+            "{} headline figure(s) below their floors:\n  {}",
+            below.len(),
+            below.join("\n  ")
+        );
+    }
     Ok(())
 }
 

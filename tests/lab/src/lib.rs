@@ -942,6 +942,24 @@ impl Lab {
         self.start_some(&(0..self.terminals.len()).collect::<Vec<_>>())
     }
 
+    /// Stops every running agent (SIGTERM: each says SHUTDOWN and removes
+    /// its datapath and routes), the terminals first.
+    pub fn stop_agents(&mut self) -> Result<()> {
+        let mut names: Vec<String> = self
+            .children
+            .iter()
+            .map(|(_, n, _)| n.clone())
+            .filter(|n| n.starts_with("agent-t"))
+            .collect();
+        if self.is_running("agent-srv") {
+            names.push("agent-srv".into());
+        }
+        for n in names {
+            self.stop(&n, false)?;
+        }
+        Ok(())
+    }
+
     /// As [`Self::start_agents`], for the terminals listed (0-based).
     pub fn start_some(&mut self, terminals: &[usize]) -> Result<()> {
         self.start_server()?;
