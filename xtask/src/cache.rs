@@ -77,9 +77,9 @@ pub fn run(bond_ctl: &Path, quick: bool, out: &Path) -> Result<String> {
     )?;
     writeln!(
         t,
-        "| mode | origin sent | of all bytes asked | repeat requests | repeats served in the community | median fetch | wall time |"
+        "| mode | origin sent | of all bytes asked | repeat requests | repeats from a peer | repeats from the terminal's own copy | repeats from the origin | median fetch | wall time |"
     )?;
-    writeln!(t, "|---|---|---|---|---|---|---|")?;
+    writeln!(t, "|---|---|---|---|---|---|---|---|---|")?;
     let mut results = serde_json::Map::new();
     for shared in [false, true] {
         let name = if shared {
@@ -111,23 +111,31 @@ pub fn run(bond_ctl: &Path, quick: bool, out: &Path) -> Result<String> {
                     .any(|e| e.object == d.object && e.end_s < d.start_s)
             })
             .collect();
-        let served = repeats.iter().filter(|d| d.source != "origin").count();
+        // Where each repeat came from: a peer is what the community shared;
+        // a terminal's own copy is its plain HTTP cache, no sharing.
+        let from = |pick: fn(&str) -> bool| repeats.iter().filter(|d| pick(&d.source)).count();
+        let peers = from(|s| s.starts_with("peer "));
+        let own = from(|s| s == "local");
+        let from_origin = from(|s| s == "origin");
+        let pct = |n: usize| 100.0 * n as f64 / repeats.len().max(1) as f64;
         let mut secs: Vec<f64> = done.iter().map(|d| d.end_s - d.start_s).collect();
         secs.sort_by(f64::total_cmp);
         let median = secs[secs.len() / 2];
         writeln!(
             t,
-            "| {name} | {:.1} MB | {:.0}% | {} | {} ({:.0}%) | {median:.2} s | {wall:.1} s |",
+            "| {name} | {:.1} MB | {:.0}% | {} | {peers} ({:.0}%) | {own} ({:.0}%) | {from_origin} ({:.0}%) | {median:.2} s | {wall:.1} s |",
             origin as f64 / 1e6,
             100.0 * origin as f64 / asked as f64,
             repeats.len(),
-            served,
-            100.0 * served as f64 / repeats.len().max(1) as f64,
+            pct(peers),
+            pct(own),
+            pct(from_origin),
         )?;
         results.insert(
             if shared { "shared" } else { "direct" }.into(),
             serde_json::json!({ "requests": done, "origin_bytes": origin, "asked_bytes": asked,
-                "repeats": repeats.len(), "repeats_served": served, "median_s": median, "wall_s": wall }),
+                "repeats": repeats.len(), "repeats_from_peers": peers, "repeats_from_own_copy": own,
+                "repeats_from_origin": from_origin, "median_s": median, "wall_s": wall }),
         );
         if shared {
             let big = big_object(&mut lab, &s)?;
