@@ -13,7 +13,7 @@ use bond_api::reply::{LinkCounters, Links};
 use bond_lab::{Lab, TerminalSpec};
 use sha2::{Digest, Sha256};
 
-use common::last_changes;
+use common::{floors, last_changes};
 
 fn sha256(path: &Path) -> String {
     let data = std::fs::read(path).expect("read file");
@@ -39,6 +39,11 @@ fn http_download_from_origin_without_wan_link() {
     assert_eq!(sha256(&out), sha256(&served), "downloaded file differs");
     let mbit = bytes as f64 * 8.0 / secs / 1e6;
     eprintln!("20 MiB over bond from t3: {secs:.2} s, {mbit:.1} Mbit/s");
+    assert!(
+        mbit > floors::FIGURE1_HTTP_MBIT,
+        "{mbit:.1} Mbit/s over links of 60, want > {}",
+        floors::FIGURE1_HTTP_MBIT
+    );
     let flows = lab.flows().unwrap();
     assert!(
         flows
@@ -104,9 +109,10 @@ fn tcp_iperf_fills_every_link_to_its_rate_both_directions() {
             v["end"]["sum_sent"]["retransmits"]
         );
         assert!(
-            bps > 31e6,
-            "iperf3 TCP {way}: {:.1} Mbit/s, want > 31",
-            bps / 1e6
+            bps / 1e6 > floors::FIGURE1_TCP_MBIT,
+            "iperf3 TCP {way}: {:.1} Mbit/s, want > {}",
+            bps / 1e6,
+            floors::FIGURE1_TCP_MBIT
         );
         for ((id, mbit), (_, rate)) in per_link.iter().zip(rates) {
             assert!(
@@ -114,7 +120,7 @@ fn tcp_iperf_fills_every_link_to_its_rate_both_directions() {
                 "{way}: link {id} carried {mbit:.1} Mbit/s of {rate}"
             );
             assert!(
-                *mbit >= rate * 0.3,
+                *mbit >= rate * floors::FIGURE1_LINK_SHARE,
                 "{way}: link {id} carried only {mbit:.1} Mbit/s of {rate}"
             );
         }
@@ -246,8 +252,9 @@ fn single_host_with_two_links_gets_both() {
     let mbit = bytes as f64 * 8.0 / secs / 1e6;
     eprintln!("one host, two 10 Mbit/s links: {mbit:.1} Mbit/s");
     assert!(
-        mbit > 13.0,
-        "two 10 Mbit/s links must beat one: {mbit:.1} Mbit/s"
+        mbit > floors::TWO_LINKS_MBIT,
+        "two 10 Mbit/s links: {mbit:.1} Mbit/s, want > {}",
+        floors::TWO_LINKS_MBIT
     );
     let srv = lab
         .links(&lab.server_ns.clone(), &lab.server_instance.clone())
@@ -410,8 +417,9 @@ fn mixed_links_keep_one_tcp_flow_above_the_best_link_both_ways() {
         let way = if reverse { "down" } else { "up" };
         eprintln!("mixed: one TCP flow {way}: {mbit:.1} Mbit/s");
         assert!(
-            mbit > 40.0,
-            "{way}: {mbit:.1} Mbit/s, not above the best link (40)"
+            mbit > floors::MIXED_TCP_MBIT,
+            "{way}: {mbit:.1} Mbit/s, want > {} (the best link is 40)",
+            floors::MIXED_TCP_MBIT
         );
     }
 }
@@ -461,9 +469,14 @@ fn a_links_losses_are_sent_again_both_ways() {
             "{way}: the sender was asked for every loss: {sender:?}"
         );
         assert!(sender.sent >= resent, "{way}: {sender:?}");
+        let floor = if reverse {
+            floors::LTE_DOWN_MBIT
+        } else {
+            floors::LTE_UP_MBIT
+        };
         assert!(
-            mbit > 30.0,
-            "{way}: {mbit:.1} Mbit/s, not above the best link (30)"
+            mbit > floor,
+            "{way}: {mbit:.1} Mbit/s, want > {floor} (the best link is 30)"
         );
     }
 }
@@ -526,9 +539,10 @@ fn two_origins_uploading_at_once_share_the_links() {
         );
     }
     assert!(
-        a + b > 35.0,
-        "{:.1} Mbit/s between them, not half the links' 70",
-        a + b
+        a + b > floors::TWO_ORIGINS_MBIT,
+        "{:.1} Mbit/s between them of the links' 70, want > {}",
+        a + b,
+        floors::TWO_ORIGINS_MBIT
     );
     assert!(a > 8.0 && b > 8.0, "one origin starved: {a:.1} / {b:.1}");
 }
@@ -666,8 +680,9 @@ fn a_dark_link_leaves_every_schedule_within_300ms_and_comes_back() {
         let (before, dark) = (mbit(0.5, 2.0), mbit(4.0, 7.0));
         eprintln!("flap {name}: {before:.1} Mbit/s before, {dark:.1} while link 1 is dark");
         assert!(
-            dark > 0.25 * before,
-            "{name}: {dark:.1} Mbit/s while dark, under a quarter of its {before:.1} before: a stall"
+            dark > floors::FLAP_DARK_SHARE * before,
+            "{name}: {dark:.1} Mbit/s while dark, under {} of its {before:.1} before",
+            floors::FLAP_DARK_SHARE
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Shared test support.
 #![allow(dead_code, unused_imports)]
 
+pub mod floors;
 pub mod isolate;
 
 pub use bond_lab::packets;
