@@ -873,6 +873,9 @@ impl Bench {
                     dst: SERVER_IP,
                     sport: RELAY_PORT,
                     dport: SERVER_PORT,
+                    // The relay writes bond's own outer header
+                    // (`wire::outer_headers`): identification 0.
+                    id: 0,
                     ..outer
                 };
                 (
