@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
 use bond_api::reply::{
-    Counts, FlowRow, Flows, LinkCounters, Links, Peers, ServerLinkCounters, Status,
-    TerminalLinkCounters, WeightMode,
+    Counts, FlowRow, Flows, LinkCounters, Links, Peers, ServerLinkCounters, ServerLinks, Status,
+    TerminalLinkCounters, TerminalLinks, WeightMode,
 };
 use bond_common::maps::{FLOW_CLOSING, name};
 use serde_json::Value;
@@ -166,7 +166,7 @@ fn counts(c: &[(&str, u64)]) -> Counts {
 /// `bond-ctl links`: read from the pinned maps.
 pub fn links(maps: &Maps, json: bool) -> Result<()> {
     let report = if maps.has(name::T_CONFIG) {
-        Links::Terminal {
+        Links::Terminal(TerminalLinks {
             logged_on: maps.terminal_config()?.token != 0,
             links: maps
                 .terminal_link_stats()?
@@ -178,7 +178,7 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
                 })
                 .collect(),
             drops: counts(&maps.terminal_drops()?),
-        }
+        })
     } else if maps.has(name::S_CONFIG) {
         let mut idx = maps.server_link_index()?;
         idx.sort_by_key(|(k, _)| (k.community, k.link));
@@ -193,11 +193,11 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
                 counters: (&maps.server_link_stats(i)?).into(),
             });
         }
-        Links::Server {
+        Links::Server(ServerLinks {
             links,
             drops: counts(&maps.server_drops()?),
             events: counts(&maps.server_events()?),
-        }
+        })
     } else {
         bail!(
             "no bond instance pinned at {} (is the agent running? `--instance`?)",
@@ -208,7 +208,7 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
         return print_json(&report);
     }
     match &report {
-        Links::Terminal { links, drops, .. } => {
+        Links::Terminal(TerminalLinks { links, drops, .. }) => {
             println!(
                 "{:>4} {:>10} {:>12} {:>10} {:>12} {:>9} {:>10} {:>10}",
                 "link",
@@ -237,11 +237,11 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
             }
             println!("drops: {}", tally(drops));
         }
-        Links::Server {
+        Links::Server(ServerLinks {
             links,
             drops,
             events,
-        } => {
+        }) => {
             println!(
                 "{:>9} {:>4} {:>21} {:>10} {:>12} {:>10} {:>12}",
                 "community", "link", "address", "up_pkts", "up_bytes", "down_pkts", "down_bytes"

@@ -480,6 +480,18 @@ pub fn read_drop_log(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// A reload refused because `fields` changed, which only a restart
+/// applies; `keep` says the running configuration stays.
+pub fn refuse_restart_fields(fields: &[&str], keep: &str) -> Result<(), String> {
+    if fields.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} changed, which takes a restart (`bond-ctl detach`, then start the agent); {keep}",
+        fields.join(", ")
+    ))
+}
+
 /// An operator reply as the socket sends it.
 pub fn reply(r: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(r).map_err(|e| format!("encoding the reply: {e}"))

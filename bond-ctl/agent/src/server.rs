@@ -677,12 +677,7 @@ impl Agent {
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
         .collect();
-        if !restart.is_empty() {
-            return Err(format!(
-                "{} changed, which takes a restart (`bond-ctl detach`, then start the agent); {keep}",
-                restart.join(", ")
-            ));
-        }
+        crate::refuse_restart_fields(&restart, keep)?;
         let keys = |c: &ServerConfig| -> Vec<(u16, CommunityKey)> {
             c.communities
                 .iter()

@@ -384,32 +384,41 @@ pub struct Reloaded {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Links {
-    Terminal {
-        logged_on: bool,
-        links: Vec<TerminalLinkCounters>,
-        drops: Counts,
-    },
-    Server {
-        links: Vec<ServerLinkCounters>,
-        drops: Counts,
-        /// Things the server's program did that are not drops.
-        events: Counts,
-    },
+    Terminal(TerminalLinks),
+    Server(ServerLinks),
+}
+
+/// A terminal's `links`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalLinks {
+    pub logged_on: bool,
+    pub links: Vec<TerminalLinkCounters>,
+    pub drops: Counts,
+}
+
+/// The server's `links`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerLinks {
+    pub links: Vec<ServerLinkCounters>,
+    pub drops: Counts,
+    /// Things the server's program did that are not drops.
+    pub events: Counts,
 }
 
 impl Links {
     /// Each link's id and counters, a terminal's or a server's.
     pub fn per_link(&self) -> Vec<(u8, &LinkCounters)> {
         match self {
-            Self::Terminal { links, .. } => links.iter().map(|l| (l.link, &l.counters)).collect(),
-            Self::Server { links, .. } => links.iter().map(|l| (l.link, &l.counters)).collect(),
+            Self::Terminal(t) => t.links.iter().map(|l| (l.link, &l.counters)).collect(),
+            Self::Server(s) => s.links.iter().map(|l| (l.link, &l.counters)).collect(),
         }
     }
 
     /// The datapath's drops by reason.
     pub fn drops(&self) -> &Counts {
         match self {
-            Self::Terminal { drops, .. } | Self::Server { drops, .. } => drops,
+            Self::Terminal(TerminalLinks { drops, .. })
+            | Self::Server(ServerLinks { drops, .. }) => drops,
         }
     }
 }

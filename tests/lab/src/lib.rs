@@ -38,25 +38,9 @@ pub mod packets;
 pub mod profile;
 
 use bond_api::reply::{
-    Counts, DownPath, FlowRow, Flows, Links, PeerRow, Peers, ServerLinkCounters, ServerStatus,
-    Status, TerminalLinkCounters, TerminalRow, TerminalStatus,
+    DownPath, FlowRow, Flows, Links, PeerRow, Peers, ServerLinks, ServerStatus, Status,
+    TerminalLinks, TerminalRow, TerminalStatus,
 };
-
-/// A terminal's `links`.
-#[derive(Clone, Debug)]
-pub struct TerminalLinks {
-    pub logged_on: bool,
-    pub links: Vec<TerminalLinkCounters>,
-    pub drops: Counts,
-}
-
-/// The server's `links`.
-#[derive(Clone, Debug)]
-pub struct ServerLinks {
-    pub links: Vec<ServerLinkCounters>,
-    pub drops: Counts,
-    pub events: Counts,
-}
 
 /// Programs for `cargo xtask bench fastpath` (a load generator and a sink),
 /// from the objects bond-datapath's build script made: no part of the
@@ -1212,32 +1196,16 @@ impl Lab {
     /// its drops.
     pub fn terminal_links(&self, ns: &str, instance: &str) -> Result<TerminalLinks> {
         match self.links(ns, instance)? {
-            Links::Terminal {
-                logged_on,
-                links,
-                drops,
-            } => Ok(TerminalLinks {
-                logged_on,
-                links,
-                drops,
-            }),
-            Links::Server { .. } => bail!("{ns}/{instance} is a server"),
+            Links::Terminal(t) => Ok(t),
+            Links::Server(_) => bail!("{ns}/{instance} is a server"),
         }
     }
 
     /// The server's `links`: its links' counters, drops and events.
     pub fn server_links(&self) -> Result<ServerLinks> {
         match self.links(&self.server_ns, &self.server_instance)? {
-            Links::Server {
-                links,
-                drops,
-                events,
-            } => Ok(ServerLinks {
-                links,
-                drops,
-                events,
-            }),
-            Links::Terminal { .. } => bail!("the server answered as a terminal"),
+            Links::Server(s) => Ok(s),
+            Links::Terminal(_) => bail!("the server answered as a terminal"),
         }
     }
 

@@ -46,12 +46,7 @@ impl Agent {
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
         .collect();
-        if !restart.is_empty() {
-            return Err(format!(
-                "{} changed, which takes a restart (`bond-ctl detach`, then start the agent); {keep}",
-                restart.join(", ")
-            ));
-        }
+        crate::refuse_restart_fields(&restart, keep)?;
         let weights = |c: &TerminalConfig| -> Vec<(WeightSpec, WeightSpec)> {
             c.links.iter().map(|l| (l.up(), l.down())).collect()
         };
