@@ -31,9 +31,9 @@ use bond_datapath::{self as datapath, Maps};
 use common::{
     PinDir, isolate,
     packets::{
-        ANNOUNCE, Bond, DATA_DOWN, DATA_UP, ETH_P_IP, Ip, L4, Mac, Outer, WRAP_LEN, arp_frame,
-        assert_checksums, assert_wrapped_checksums, eth, fix_ipv4_checksum, ipv4_of,
-        ipv6_udp_frame, set_total_len, udp_frame, wrapped,
+        ANNOUNCE, Bond, DATA_DOWN, DATA_UP, ETH_P_IP, Ip, L4, Mac, OPEN, Outer, WRAP_LEN,
+        arp_frame, assert_checksums, assert_wrapped_checksums, eth, fill_open, fix_ipv4_checksum,
+        ipv4_of, ipv6_udp_frame, set_total_len, udp_frame, wrapped,
     },
 };
 use fixtures::{srv, term, term_out, wrap};
@@ -184,41 +184,8 @@ impl Obj {
 }
 
 /// Byte comparison that says where the first difference is.
-/// A bond header's send time that `want` leaves open (zero): the program
-/// stamps the kernel's clock, so a test checks it is fresh instead.
-const OPEN: u32 = 0;
-
-/// `want` with the send time `got` carries where `want` leaves it open,
-/// once checked: at most 10 s old by CLOCK_MONOTONIC (the clock of
-/// `bpf_ktime_get_ns`), so a zero, a constant or a stale stamp fails.
-fn with_stamp(got: &[u8], want: &[u8], what: &str) -> Vec<u8> {
-    const SENT: std::ops::Range<usize> = 54..58;
-    let wrapped =
-        |f: &[u8]| f.len() >= 66 && f[12..14] == [8, 0] && f[23] == 17 && f[42..44] == [0xb0, 0x4d];
-    let mut want = want.to_vec();
-    if wrapped(&want) && wrapped(got) && get32(&want, SENT.start) == OPEN {
-        let sent = get32(got, SENT.start);
-        let now = (bond_datapath::monotonic_ns() / 1000) as u32;
-        assert!(
-            now.wrapping_sub(sent) < 10_000_000,
-            "{what}: send time {sent} µs, now {now} µs"
-        );
-        want[SENT].copy_from_slice(&sent.to_be_bytes());
-    }
-    // Senders number each link's DATA (1 to 127, from wherever the link's
-    // count stands): a test that leaves the number open (0) takes any;
-    // `server_numbers_each_links_packets_and_keeps_copies` and
-    // `wrap_numbers_each_links_packets_and_keeps_copies` check them.
-    const SEQ: usize = 49;
-    let data = |k: u8| k == DATA_UP || k == DATA_DOWN;
-    if wrapped(&want) && wrapped(got) && data(want[45]) && want[SEQ] == 0 {
-        want[SEQ] = got[SEQ];
-    }
-    want
-}
-
 fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
-    let want = &with_stamp(got, want, what)[..];
+    let want = &fill_open(got, want).unwrap_or_else(|e| panic!("{what}: {e}"))[..];
     if got != want {
         let at = got.iter().zip(want).position(|(a, b)| a != b);
         panic!(

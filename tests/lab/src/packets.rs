@@ -276,6 +276,42 @@ pub fn wrapped(o: &Outer, b: &Bond, inner: &[u8]) -> Vec<u8> {
     eth(o.dst_mac, o.src_mac, ETH_P_IP, &payload)
 }
 
+/// A bond header's send time that an expected frame leaves open (zero):
+/// the programs stamp the kernel's clock, so a check takes any fresh one.
+pub const OPEN: u32 = 0;
+
+/// `want` with the fields the program chooses filled in from `got`, where
+/// `want` leaves them open: the bond header's send time (if `want`'s is
+/// [`OPEN`]; `got`'s must be at most 10 s old by CLOCK_MONOTONIC, the clock
+/// of `bpf_ktime_get_ns`, so a zero, a constant or a stale stamp fails) and
+/// a DATA packet's per-link number (if `want`'s is 0: senders number each
+/// link's DATA, 1 to 127, from wherever its count stands).
+pub fn fill_open(got: &[u8], want: &[u8]) -> Result<Vec<u8>, String> {
+    const SENT: usize = WRAP_LEN - 12;
+    const SEQ: usize = WRAP_LEN - 17;
+    const KIND: usize = WRAP_LEN - 21;
+    let bond = |f: &[u8]| {
+        f.len() >= WRAP_LEN && f[12..14] == [8, 0] && f[23] == 17 && f[42..44] == [0xb0, 0x4d]
+    };
+    let mut want = want.to_vec();
+    if !(bond(&want) && bond(got)) {
+        return Ok(want);
+    }
+    let at = |f: &[u8]| u32::from_be_bytes([f[SENT], f[SENT + 1], f[SENT + 2], f[SENT + 3]]);
+    if at(&want) == OPEN {
+        let sent = at(got);
+        let now = (bond_datapath::monotonic_ns() / 1000) as u32;
+        if now.wrapping_sub(sent) >= 10_000_000 {
+            return Err(format!("send time {sent} µs, now {now} µs"));
+        }
+        want[SENT..SENT + 4].copy_from_slice(&sent.to_be_bytes());
+    }
+    if matches!(want[KIND], DATA_UP | DATA_DOWN) && want[SEQ] == 0 {
+        want[SEQ] = got[SEQ];
+    }
+    Ok(want)
+}
+
 /// A plain UDP frame (not bond traffic unless the payload says so).
 pub fn udp_frame(
     dst_mac: Mac,
