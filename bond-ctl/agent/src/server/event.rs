@@ -1,0 +1,475 @@
+//! The server agent's event loop: control messages from terminals,
+//! trains, feedback and resends.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use bond_api::{Call, Request};
+use bond_common::maps::{ServerLink, name};
+use bond_datapath::flows;
+use bond_proto::control::{Body, Gap, Msg, Reply, flags};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use super::{Agent, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey};
+use crate::{
+    Exit,
+    feedback::{self, Model},
+    membership::Refusal,
+    net::recv_stamped,
+    pathmon::EchoSeen,
+    playout,
+    probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
+    resend, wait_for_signal,
+};
+
+impl Agent {
+    /// The server's index of link `link` of community `c`, if origin `o`
+    /// announced it and `src` is its address: where echoes are answered
+    /// and trains sent, so nobody can aim them elsewhere.
+    pub(super) fn owned_link(
+        &self,
+        c: u16,
+        link: u8,
+        o: Ipv4Addr,
+        src: SocketAddrV4,
+    ) -> Option<u32> {
+        let (idx, l) = self.applied.get(&(c, link))?;
+        (l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port()))
+            .then_some(*idx)
+    }
+
+    /// The ways to origin `o` of community `c`: its own lit link, and a
+    /// lit link of a peer, which passes messages on over the LAN.
+    pub(super) fn ways_to(&self, c: u16, o: Ipv4Addr) -> [Option<(u8, SocketAddrV4)>; 2] {
+        let lit = || {
+            self.applied
+                .range((c, 0)..=(c, u8::MAX))
+                .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
+                .map(|(&(_, id), &(_, l))| (id, l))
+        };
+        let to = |(id, l): (u8, ServerLink)| (id, SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port));
+        let own = lit().find(|(_, l)| l.owner == u32::from(o)).map(to);
+        let peer = lit().find(|(_, l)| l.owner != u32::from(o)).map(to);
+        [own, peer]
+    }
+
+    /// Tells origin `o` of community `c` what its upstream packets met on
+    /// each link: both ways ([`Self::ways_to`]; either alone where there
+    /// is no other), because a report lost with a link that went dark
+    /// would hide that it did (`crate::feedback`).
+    pub(super) async fn send_feedback(&mut self, ((c, o), links, shared): playout::Feedback) {
+        let o = Ipv4Addr::from(o);
+        for (id, to) in self.ways_to(c, o).into_iter().flatten() {
+            self.send(
+                (c, o, id),
+                Body::Feedback {
+                    links: links.clone(),
+                    shared: shared.clone(),
+                },
+                to,
+            )
+            .await;
+        }
+    }
+
+    /// Asks origin `o` of community `c` for the packets its links lost
+    /// upstream (`crate::resend`): one way, its own link first.
+    pub(super) async fn ask_resend(&mut self, (c, o): playout::Sender, gaps: Vec<Gap>) {
+        let o = Ipv4Addr::from(o);
+        let [own, peer] = self.ways_to(c, o);
+        if let Some((id, to)) = own.or(peer) {
+            self.send((c, o, id), Body::Resend { gaps }, to).await;
+        }
+    }
+
+    pub(super) async fn run(
+        &mut self,
+        mut calls: mpsc::Receiver<Call>,
+        mut playout_reports: playout::ReportRx,
+    ) -> Result<Exit> {
+        let stop = wait_for_signal();
+        tokio::pin!(stop);
+        let mut buf = vec![0u8; 2048];
+        let mut trains = tokio::time::interval(TRAIN_WAIT / 5);
+        let mut dark_check = tokio::time::interval(DARK_CHECK);
+        dark_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (swept_tx, mut swept) = mpsc::channel(1);
+        let mut sweeping = false;
+        let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
+            if sweep.period() != self.cfg.flows.sweep() {
+                sweep = tokio::time::interval(self.cfg.flows.sweep());
+                sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            let deadline = self
+                .table
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                r = &mut stop => return r.map(|()| Exit::Leave),
+                _ = hangup.recv() => {
+                    if let Err(e) = self.reload() {
+                        eprintln!("bond-ctl: SIGHUP: {e}");
+                    }
+                }
+                Some(call) = calls.recv() => {
+                    let detach = call.req == Request::Detach;
+                    let answer = self.handle(call.req);
+                    let _ = call.reply.send(answer);
+                    if detach {
+                        return Ok(Exit::Detach);
+                    }
+                }
+                _ = trains.tick() => self.finish_trains(false).await,
+                Some(report) = playout_reports.recv() => match report {
+                    playout::Report::Feedback(feedback) => self.send_feedback(feedback).await,
+                    playout::Report::Resend(sender, gaps) => self.ask_resend(sender, gaps).await,
+                },
+                _ = dark_check.tick() => {
+                    let r = self.check_dark();
+                    self.faults.survive("apply_links", r);
+                }
+                // The sweep walks the whole table (a second for a full
+                // one): on a thread of its own, never in this loop, where
+                // it would hold up announces and their deadlines.
+                _ = sweep.tick(), if !sweeping => {
+                    sweeping = true;
+                    let (maps, timeouts, tx) =
+                        (self.maps.clone(), self.cfg.flows.timeouts(), swept_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.blocking_send(flows::sweep_counted(
+                            &maps,
+                            &timeouts,
+                            flows::monotonic_ns(),
+                        ));
+                    });
+                }
+                Some(result) = swept.recv() => {
+                    sweeping = false;
+                    match result {
+                        Ok((r, by_community)) => {
+                            self.flows.record(&r);
+                            self.flows.by_community = by_community;
+                            if r.removed() > 0 {
+                                eprintln!(
+                                    "bond-ctl: expired {} flow(s) (tcp {}, udp {}, icmp {}); {} ports free",
+                                    r.removed(), r.tcp, r.udp, r.icmp, self.flows.free_ports
+                                );
+                            }
+                        }
+                        // A failed map call leaves the flows for the next sweep.
+                        Err(e) => eprintln!("bond-ctl: flow sweep: {e}"),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let ch = self.table.expire(Instant::now());
+                    for (c, o) in &ch.sessions_gone {
+                        eprintln!("bond-ctl: community {c}: terminal {o} silent: session closed");
+                        let r = self.maps.remove_session(*c, *o);
+                        self.faults.survive("remove_session", r.map_err(Into::into));
+                    }
+                    for c in ch.communities {
+                        let r = self.apply(c);
+                        self.faults.survive("apply_links", r);
+                    }
+                }
+                r = recv_stamped(&self.sock, &mut buf) => {
+                    let Ok((n, src, at_ns)) = r else { continue };
+                    let msg = buf[..n].to_vec();
+                    let r = self.receive(&msg, src, at_ns).await;
+                    self.faults.survive("control_message", r);
+                }
+            }
+        }
+    }
+
+    pub(super) async fn receive(
+        &mut self,
+        buf: &[u8],
+        src: SocketAddrV4,
+        at_ns: u64,
+    ) -> Result<()> {
+        let keys = &self.keys;
+        let msg = match self.guard.open(buf, |c| keys.get(&c)) {
+            Ok(m) => m,
+            Err(why) => {
+                self.rejects.count(why);
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let (c, o) = (msg.community, msg.origin);
+        match &msg.body {
+            Body::Login => {
+                let (token, new) =
+                    self.table
+                        .login(c, o, Duration::from_secs(60), now, fresh_token);
+                if new {
+                    if let Err(e) = self.maps.set_session(c, o, token) {
+                        // No token the program does not know: the terminal
+                        // is refused and tries again on its next announce.
+                        self.table.shutdown(c, o, token);
+                        if e.is_full() {
+                            self.rejects.count("max_terminals");
+                            return Ok(());
+                        }
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("community {c}: terminal {o}: login")));
+                    }
+                    eprintln!("bond-ctl: community {c}: terminal {o} logged on");
+                }
+                let port = self.cfg.port;
+                let body = Body::LoginReply(Reply::Ok { token, port });
+                self.send((c, o, msg.link), body, src).await;
+            }
+            Body::Announce { interval_ms, links } => {
+                if msg.flags & flags::RESTARTING != 0 {
+                    eprintln!("bond-ctl: community {c}: terminal {o} restarting its agent");
+                    let own = links
+                        .iter()
+                        .filter(|l| self.table.owns(c, o, msg.token, l.id));
+                    for l in own {
+                        self.echoes
+                            .entry((c, l.id))
+                            .or_insert_with(|| EchoSeen::new(now))
+                            .restarting(now);
+                    }
+                }
+                let via = (msg.flags & flags::VIA_LINK != 0).then_some((msg.link, src));
+                let interval = Duration::from_millis(u64::from(*interval_ms));
+                match self
+                    .table
+                    .announce(c, o, msg.token, via, interval, links, now)
+                {
+                    Ok(true) => self.apply(c)?,
+                    Ok(false) => {}
+                    Err(Refusal::NeedLogin) => {
+                        self.rejects.count("need_login");
+                        let body = Body::LoginReply(Reply::NeedLogin);
+                        self.send((c, o, msg.link), body, src).await;
+                    }
+                    Err(Refusal::LinkTaken { owner }) => {
+                        self.rejects.count("link_taken");
+                        eprintln!(
+                            "bond-ctl: community {c}: {o} announces link {} of {owner}: refused",
+                            msg.link
+                        );
+                    }
+                    Err(Refusal::UnknownLink) => self.rejects.count("unknown_link"),
+                }
+            }
+            Body::Shutdown => {
+                if self.table.shutdown(c, o, msg.token) {
+                    eprintln!("bond-ctl: community {c}: terminal {o} shut down");
+                    self.apply(c)?;
+                    self.maps.remove_session(c, o)?;
+                } else {
+                    self.rejects.count("shutdown_without_session");
+                }
+            }
+            Body::Probe {
+                train, seq, len, ..
+            } if msg.flags & flags::VIA_LINK != 0 => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("probe_without_session");
+                    return Ok(());
+                }
+                let key = (c, o, msg.link, *train);
+                if !self.trains.contains_key(&key) {
+                    // A new train on this link ends the one before it.
+                    self.trains
+                        .retain(|k, _| (k.0, k.1, k.2) != (c, o, msg.link));
+                    if self.trains.len() >= 4096 {
+                        self.rejects.count("too_many_trains");
+                        return Ok(());
+                    }
+                    self.trains
+                        .insert(key, (TrainRx::new(*train, TRAIN_LEN), Instant::now(), src));
+                }
+                let done = self
+                    .trains
+                    .get_mut(&key)
+                    .is_some_and(|(rx, _, _)| rx.add(*seq, at_ns, usize::from(*len)));
+                if done {
+                    self.finish_train(key).await;
+                }
+            }
+            Body::Feedback { links, .. } => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("feedback_without_session");
+                    return Ok(());
+                }
+                for q in links {
+                    if let Some((idx, _)) = self.applied.get(&(c, q.link)) {
+                        self.corrector.report(feedback::Report {
+                            model: Model::Down(c),
+                            id: *idx,
+                            queue: *q,
+                        });
+                    }
+                }
+            }
+            Body::Resend { gaps } => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("resend_without_session");
+                    return Ok(());
+                }
+                let r = self.resend(c, o, gaps).await;
+                self.faults.survive("resend", r);
+            }
+            Body::Echo { sent_ns } if msg.flags & flags::VIA_LINK != 0 => {
+                // From the link's owner, from the link's address: answered
+                // there (the same size: no amplifier), and the link is alive.
+                let known = self.owned_link(c, msg.link, o, src).is_some();
+                if self.table.token(c, o) != Some(msg.token) || !known {
+                    self.rejects.count("echo_refused");
+                    return Ok(());
+                }
+                let body = Body::EchoReply { sent_ns: *sent_ns };
+                self.send((c, o, msg.link), body, src).await;
+                let seen = self
+                    .echoes
+                    .entry((c, msg.link))
+                    .or_insert_with(|| EchoSeen::new(now));
+                if seen.seen(now) {
+                    eprintln!(
+                        "bond-ctl: community {c}: link {} echoes again: back in use",
+                        msg.link
+                    );
+                    self.apply(c)?;
+                }
+            }
+            Body::ProbeRequest { train, count } if msg.flags & flags::VIA_LINK != 0 => {
+                if self.table.token(c, o) != Some(msg.token) {
+                    self.rejects.count("probe_without_session");
+                    return Ok(());
+                }
+                // Only to a link this terminal announced from that address,
+                // and not too often: no amplifier for anyone.
+                let idx = self.owned_link(c, msg.link, o, src);
+                let now = Instant::now();
+                let recent = self
+                    .sent_trains
+                    .get(&(c, msg.link))
+                    .is_some_and(|t| now.duration_since(*t) < TRAIN_MIN_GAP);
+                let Some(idx) = idx.filter(|_| !recent && *count <= TRAIN_LEN) else {
+                    self.rejects.count("probe_request_refused");
+                    return Ok(());
+                };
+                self.sent_trains.insert((c, msg.link), now);
+                // The train queues at the link like data: the schedule
+                // counts it, or the packets sent behind it arrive late.
+                match self
+                    .maps
+                    .charge_down_path(c, idx, u32::from(*count), PROBE_FRAME_LEN)
+                {
+                    Ok(Some(left)) => self.corrector.probed(Model::Down(c), idx, left),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("bond-ctl: charging a probe train: {e:#}"),
+                }
+                for seq in 0..*count {
+                    let body = Body::Probe {
+                        train: *train,
+                        seq,
+                        count: *count,
+                        len: PROBE_LEN as u16,
+                    };
+                    self.send((c, o, msg.link), body, src).await;
+                }
+            }
+            _ => self.rejects.count("unexpected"),
+        }
+        Ok(())
+    }
+
+    /// Measures upstream trains whose last packet came, or (`all` or
+    /// stale) that waited long enough, and reports their rates.
+    pub(super) async fn finish_trains(&mut self, all: bool) {
+        let now = Instant::now();
+        let stale: Vec<TrainKey> = self
+            .trains
+            .iter()
+            .filter(|(_, (_, t, _))| all || now.duration_since(*t) >= TRAIN_WAIT)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.finish_train(k).await;
+        }
+    }
+
+    pub(super) async fn finish_train(&mut self, key: TrainKey) {
+        let Some((rx, _, src)) = self.trains.remove(&key) else {
+            return;
+        };
+        let (c, o, link, train) = key;
+        let Some(kbps) = rx.rate_kbps() else {
+            self.rejects.count("probe_train_lost");
+            return;
+        };
+        self.send((c, o, link), Body::ProbeReport { train, kbps }, src)
+            .await;
+    }
+
+    /// Sends origin `o` of community `c` again what its playout saw the
+    /// links lose (`crate::resend`), each copy on the link where it
+    /// arrives first now.
+    pub(super) async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[Gap]) -> Result<()> {
+        let ring = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
+        for k in &resend::asked_for(&mut self.resends, ring, c, u32::from(o), gaps) {
+            let Some(bytes) = k.bytes() else { continue };
+            let Some(idx) = self.maps.pick_down_path(c, resend::frame_len(bytes))? else {
+                self.resends.no_link += 1;
+                continue;
+            };
+            let l = self.maps.server_link(idx)?;
+            let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+            match self.sock.send_to(&resend::again(bytes, l.link), to).await {
+                Ok(_) => self.resends.sent += 1,
+                Err(_) => self.rejects.count("send_failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `body` about a terminal's link (community, origin, link),
+    /// signed with its community's key, to `dst`.
+    pub(super) async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddrV4) {
+        let (community, origin, link) = about;
+        let Some(key) = self.keys.get(&community) else {
+            return;
+        };
+        let m = Msg {
+            community,
+            origin,
+            link,
+            flags: flags::FROM_SERVER,
+            token: 0,
+            time_ms: bond_proto::now_ms(),
+            counter: self.counter.bump(),
+            body,
+        }
+        .encode(key);
+        if self.sock.send_to(&m, dst).await.is_err() {
+            self.rejects.count("send_failed");
+        }
+    }
+}
+
+/// A session token nobody can guess; never zero (zero means "none").
+fn fresh_token() -> u64 {
+    loop {
+        match getrandom::u64() {
+            Ok(0) => continue,
+            Ok(t) => return t,
+            Err(e) => panic!("the kernel's random source failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The server agent: logs terminals on, learns each community's links from
+//! their announces, expires the silent ones, writes sessions, links and
+//! downstream schedules to the maps, and measures and serves trains for
+//! terminals that weigh their links by measurement.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use bond_common::maps::{ServerConfig as ServerMap, ServerLink};
+use bond_config::ServerConfig;
+use bond_datapath::{Maps, flows::FlowTable};
+use bond_proto::{
+    CommunityKey,
+    control::{Counter, Guard},
+};
+use tokio::net::UdpSocket;
+
+use crate::{
+    Tally, feedback::Corrector, membership::ServerTable, pathmon::EchoSeen, playout,
+    probe::TrainRx, resend,
+};
+
+/// How often the server looks for links whose echoes stopped.
+const DARK_CHECK: Duration = Duration::from_millis(20);
+/// An upstream train is measured this long after its first packet even if
+/// its last never came.
+const TRAIN_WAIT: Duration = Duration::from_millis(500);
+/// Downstream trains per link are sent at most this often.
+const TRAIN_MIN_GAP: Duration = Duration::from_millis(200);
+/// Terminals found in the maps at adoption are taken as announcing this
+/// often until they announce themselves.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// An upstream train being received: (community, origin, link, train).
+type TrainKey = (u16, Ipv4Addr, u8, u32);
+
+struct Agent {
+    cfg: ServerConfig,
+    maps: Maps,
+    keys: HashMap<u16, CommunityKey>,
+    table: ServerTable,
+    guard: Guard,
+    counter: Counter,
+    sock: UdpSocket,
+    /// Links written to the maps: (community, link id) -> (index, entry).
+    applied: BTreeMap<(u16, u8), (u32, ServerLink)>,
+    free_idx: Vec<u32>,
+    next_idx: u32,
+    rejects: Tally,
+    /// Steps that failed and were survived.
+    faults: Tally,
+    /// Upstream trains in flight, with when they started and where the
+    /// report goes.
+    trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddrV4)>,
+    /// When each (community, link) last got a downstream train.
+    sent_trains: HashMap<(u16, u8), Instant>,
+    /// When each (community, link) last brought its owner's echo, and
+    /// whether it is dark for missing them (`crate::pathmon`).
+    echoes: HashMap<(u16, u8), EchoSeen>,
+    adopted: bool,
+    started: Instant,
+    /// How each program is attached, by (hook, interface).
+    attached: std::collections::BTreeMap<(&'static str, String), &'static str>,
+    /// The flow table as of the last sweep (for `status` and metrics).
+    pub flows: FlowTable,
+    /// S_CONFIG as written; its `link_mtu` follows the links.
+    map_cfg: ServerMap,
+    /// The smallest MTU each community announced for its live links.
+    community_mtu: HashMap<u16, u16>,
+    /// The configuration file, read again on `reload` and SIGHUP.
+    path: PathBuf,
+    /// The upstream playout, unless the configuration turns it off.
+    playout: Option<playout::Handle>,
+    /// Keeps the downstream schedules true from the origins' feedback.
+    corrector: Corrector,
+    /// What origins asked to be sent again, and what was.
+    resends: resend::Resend,
+    /// Relative delays (ns) of the links found at adoption, by community
+    /// and link index, used until each link's owner announces again.
+    adopted_delay: HashMap<(u16, u32), u32>,
+}
+
+mod event;
+mod operator;
+mod start;
+mod sync;
+
+pub use start::run;

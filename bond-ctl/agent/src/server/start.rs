@@ -1,0 +1,205 @@
+//! Starting the server agent: its sockets, maps and programs, the tables
+//! an earlier agent left (adoption), and its tasks.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use bond_api::Call;
+use bond_common::{
+    edpf::Paths,
+    maps::{LINK_VALID, ServerConfig as ServerMap, name},
+};
+use bond_config::ServerConfig;
+use bond_datapath::{
+    self as datapath, Maps, ebpf,
+    flows::{self, FlowTable},
+};
+use bond_proto::control::{Counter, Guard, LinkAd};
+use tokio::sync::mpsc;
+
+use super::{ADOPT_INTERVAL, Agent};
+use crate::{
+    Exit, Pins, Tally,
+    feedback::Corrector,
+    membership::ServerTable,
+    net::{Net, hold_name, sysctl, timestamp_arrivals, udp_socket},
+    playout, resend,
+};
+
+pub async fn run(
+    cfg: ServerConfig,
+    path: &Path,
+    pins: &mut Pins,
+    calls: mpsc::Receiver<Call>,
+) -> Result<Exit> {
+    let (lo, hi) = cfg
+        .port_range()
+        .map_err(anyhow::Error::msg)
+        .context("field `nat_ports`")?;
+    let ports = u32::from(hi - lo) + 1;
+    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports, cfg.max_terminals);
+    let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
+    crate::read_drop_log(&mut ebpf)?;
+    let maps = Maps::new(&pins.dir);
+    let map_cfg = ServerMap {
+        wan_ip: u32::from(cfg.address),
+        nat_ip: u32::from(cfg.nat_address),
+        port: cfg.port,
+        port_min: lo,
+        port_max: hi,
+        link_mtu: cfg.link_mtu,
+        per_origin: cfg.flows.per_origin,
+    };
+    maps.set_server_config(map_cfg)?;
+    // An adopted queue holds the ports no flow has: filling it again
+    // would hand one port to two flows.
+    let pushed = if pins.adopted {
+        0
+    } else {
+        maps.push_free_ports(lo..=hi)?
+    };
+
+    // Forwarding for the slow path, which hands the kernel packets whose
+    // source is one of our own addresses; the dedicated ports are kept from
+    // the host's own sockets.
+    sysctl("net.ipv4.ip_forward", "1")?;
+    sysctl("net.ipv4.ip_local_reserved_ports", &format!("{lo}-{hi}"))?;
+    let net = Net::new()?;
+    for i in &cfg.interfaces {
+        sysctl(&format!("net.ipv4.conf.{i}.accept_local"), "1")?;
+        sysctl(&format!("net.ipv4.conf.{i}.rp_filter"), "0")?;
+        crate::veth::ready(&net, i, cfg.attach.veth)
+            .await
+            .with_context(|| format!("field `interfaces`: {i}"))?;
+        pins.attach_xdp(&mut ebpf, "bond_server", i)
+            .with_context(|| format!("field `interfaces`: {i}"))?;
+    }
+    // What the playout sees of each origin's packets (`crate::feedback`);
+    // without a playout, nothing sends on it.
+    let (feedback_tx, feedback) = mpsc::unbounded_channel();
+    let playout = if cfg.playout {
+        let name = hold_name(&cfg.instance);
+        let (tap, dev) = playout::hold_device(&net, &name, "0").await?;
+        sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
+        pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
+        Some(playout::Handle::start(
+            tap,
+            dev.index,
+            dev.mac,
+            maps.clone(),
+            name::S_HOLD,
+            feedback_tx,
+        )?)
+    } else {
+        maps.set_hold(name::S_HOLD, Default::default())?;
+        None
+    };
+    let sock = udp_socket(SocketAddrV4::new(cfg.address, cfg.port), None)
+        .context("fields `address`, `port`")?;
+    timestamp_arrivals(&sock)?;
+    eprintln!(
+        "bond-ctl: server {}:{} up: {} communities, {pushed} dedicated ports {lo}-{hi} on {}",
+        cfg.address,
+        cfg.port,
+        cfg.communities.len(),
+        cfg.nat_address
+    );
+    let mut agent = Agent {
+        keys: cfg
+            .communities
+            .iter()
+            .map(|c| (c.id, c.key.clone()))
+            .collect(),
+        table: ServerTable::new(cfg.misses),
+        guard: Guard::new(bond_proto::SKEW_MS),
+        counter: Counter::new(),
+        sock,
+        applied: BTreeMap::new(),
+        free_idx: Vec::new(),
+        next_idx: 0,
+        rejects: Tally::rejects(),
+        faults: Tally::faults(),
+        trains: HashMap::new(),
+        sent_trains: HashMap::new(),
+        echoes: HashMap::new(),
+        adopted: pins.adopted,
+        started: Instant::now(),
+        attached: pins.attached.clone(),
+        flows: FlowTable::new(u64::from(ports)),
+        map_cfg,
+        community_mtu: HashMap::new(),
+        path: path.to_path_buf(),
+        playout,
+        corrector: Corrector::start(maps.clone())?,
+        resends: resend::Resend::default(),
+        adopted_delay: HashMap::new(),
+        cfg,
+        maps,
+    };
+    if agent.adopted {
+        agent.adopt()?;
+    }
+    agent.run(calls, feedback).await
+}
+
+impl Agent {
+    /// Rebuilds the tables from the maps an earlier agent left: sessions
+    /// with their tokens, and links with their owners, addresses and
+    /// (scaled) downstream weights.
+    pub(super) fn adopt(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let mut by_term: BTreeMap<(u16, Ipv4Addr), Vec<(LinkAd, SocketAddrV4)>> = BTreeMap::new();
+        let mut rates: HashMap<u16, BTreeMap<u32, u32>> = HashMap::new();
+        for (key, idx) in self.maps.server_link_index()? {
+            let l = self.maps.server_link(idx)?;
+            if l.flags & LINK_VALID == 0 {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = rates.entry(key.community) {
+                let p = self.maps.down_paths(key.community)?.unwrap_or(Paths::EMPTY);
+                e.insert(p.links().map(|l| (l.id, l.kbit() as u32)).collect());
+                for l in p.links() {
+                    self.adopted_delay.insert((key.community, l.id), l.delay_ns);
+                }
+            }
+            let down = rates[&key.community].get(&idx).copied().unwrap_or(0);
+            let ad = LinkAd {
+                id: l.link,
+                port: 0,
+                up: 0,
+                down,
+                // Not in the maps: the next announce says it.
+                mtu: 0,
+                ..Default::default()
+            };
+            let addr = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+            by_term
+                .entry((l.community, Ipv4Addr::from(l.owner)))
+                .or_default()
+                .push((ad, addr));
+            self.applied.insert((l.community, l.link), (idx, l));
+            self.next_idx = self.next_idx.max(idx + 1);
+        }
+        self.free_idx = (0..self.next_idx)
+            .filter(|i| !self.applied.values().any(|(idx, _)| idx == i))
+            .collect();
+        let sessions = self.maps.sessions()?;
+        for (k, s) in &sessions {
+            let o = Ipv4Addr::from(k.origin);
+            let links = by_term.remove(&(k.community, o)).unwrap_or_default();
+            self.table
+                .adopt(k.community, o, s.token, &links, ADOPT_INTERVAL, now);
+        }
+        eprintln!(
+            "bond-ctl: adopted {} session(s) and {} link(s) from the maps",
+            sessions.len(),
+            self.applied.len()
+        );
+        Ok(())
+    }
+}

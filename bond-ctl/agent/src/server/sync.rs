@@ -1,0 +1,237 @@
+//! Keeping the maps true: reloads, link MTUs, dark links and each
+//! community's sessions, links and downstream schedule.
+
+use std::{collections::HashMap, time::Instant};
+
+use anyhow::Result;
+use bond_common::{
+    edpf::DEFAULT_BACKLOG_US,
+    maps::{LINK_VALID, ServerLink},
+};
+use bond_config::{Config, ServerConfig};
+use bond_proto::CommunityKey;
+
+use super::Agent;
+use crate::{feedback::Model, pathmon, playout};
+
+impl Agent {
+    /// Reads the configuration file again and applies what may change
+    /// while running: the communities and their keys, `misses`, `link_mtu`
+    /// and the `[flows]` timeouts, sweep interval and `per_origin`. A file
+    /// that fails its checks, or that changes anything else (which takes a
+    /// restart: `detach`, then start the agent), changes nothing; the error
+    /// says why. Returns the fields that changed.
+    pub(super) fn reload(&mut self) -> Result<Vec<&'static str>, String> {
+        let keep = "the running configuration stays";
+        let new = match Config::load(&self.path) {
+            Ok(Config::Server(s)) => s,
+            Ok(Config::Terminal(_)) => return Err(format!("field `role` changed; {keep}")),
+            Err(e) => return Err(format!("{e}; {keep}")),
+        };
+        let (old, flows) = (&self.cfg, (&self.cfg.flows, &new.flows));
+        let restart: Vec<&str> = [
+            ("instance", old.instance != new.instance),
+            ("address", old.address != new.address),
+            ("port", old.port != new.port),
+            ("nat_address", old.nat_address != new.nat_address),
+            ("nat_ports", old.nat_ports != new.nat_ports),
+            ("interfaces", old.interfaces != new.interfaces),
+            ("metrics", old.metrics != new.metrics),
+            ("max_terminals", old.max_terminals != new.max_terminals),
+            ("flows.max", flows.0.max != flows.1.max),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        crate::refuse_restart_fields(&restart, keep)?;
+        let keys = |c: &ServerConfig| -> Vec<(u16, CommunityKey)> {
+            c.communities
+                .iter()
+                .map(|c| (c.id, c.key.clone()))
+                .collect()
+        };
+        let changed: Vec<&'static str> = [
+            ("communities", keys(old) != keys(&new)),
+            ("misses", old.misses != new.misses),
+            ("link_mtu", old.link_mtu != new.link_mtu),
+            ("flows", flows.0 != flows.1),
+        ]
+        .into_iter()
+        .filter_map(|(f, changed)| changed.then_some(f))
+        .collect();
+        self.keys = new
+            .communities
+            .iter()
+            .map(|c| (c.id, c.key.clone()))
+            .collect();
+        self.table.set_misses(new.misses);
+        self.cfg = new;
+        self.map_cfg.per_origin = self.cfg.flows.per_origin;
+        self.map_cfg.link_mtu = self.link_mtu();
+        self.maps
+            .set_server_config(self.map_cfg)
+            .map_err(|e| format!("applying the new configuration: {e:#}"))?;
+        eprintln!("bond-ctl: configuration reloaded: {changed:?} changed");
+        Ok(changed)
+    }
+
+    /// Lowers the datapath's `link_mtu` to the smallest MTU any live link
+    /// announced (never above the configured one), and raises it again
+    /// when that link leaves: replies that would not fit it wrapped get
+    /// fragmentation needed. One value for all communities.
+    pub(super) fn follow_link_mtu(
+        &mut self,
+        community: u16,
+        rows: &[crate::membership::ServerLinkRow],
+    ) -> Result<()> {
+        match rows.iter().map(|r| r.mtu).filter(|&m| m != 0).min() {
+            Some(m) => self.community_mtu.insert(community, m),
+            None => self.community_mtu.remove(&community),
+        };
+        let mtu = self.link_mtu();
+        if mtu != self.map_cfg.link_mtu {
+            eprintln!(
+                "bond-ctl: link_mtu {} -> {mtu} (smallest link announced)",
+                self.map_cfg.link_mtu
+            );
+            self.map_cfg.link_mtu = mtu;
+            self.maps.set_server_config(self.map_cfg)?;
+        }
+        Ok(())
+    }
+
+    /// The configured `link_mtu`, lowered to the smallest a link announced.
+    pub(super) fn link_mtu(&self) -> u16 {
+        self.community_mtu
+            .values()
+            .copied()
+            .fold(self.cfg.link_mtu, u16::min)
+            .max(bond_config::MIN_LINK_MTU)
+    }
+
+    /// Links whose owner's echoes stopped coming leave their community's
+    /// downstream schedule.
+    pub(super) fn check_dark(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let idxs = self.echoes.keys().filter_map(|k| self.applied.get(k));
+        let received: HashMap<u32, u64> = self
+            .maps
+            .server_links_stats(idxs.map(|(idx, _)| *idx))?
+            .into_iter()
+            .map(|(idx, s)| (idx, s.up_pkts))
+            .collect();
+        let mut changed = Vec::new();
+        for (&(c, link), seen) in &mut self.echoes {
+            let idx = self.applied.get(&(c, link)).map(|(idx, _)| idx);
+            if let Some(n) = idx.and_then(|idx| received.get(idx)) {
+                seen.traffic(now, *n);
+            }
+            if seen.check(now) {
+                eprintln!("bond-ctl: community {c}: link {link} silent: dark, out of use");
+                changed.push(c);
+            }
+        }
+        changed.dedup();
+        for c in changed {
+            self.apply(c)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a community's live links and downstream schedule. New links
+    /// get an index before the schedule names them; departed ones leave the
+    /// schedule before their entry is cleared. A link that is dark (by its
+    /// owner's word or its missing echoes) stays registered but out of the
+    /// schedule; each link's relative delay comes from the base round trips
+    /// owners announce.
+    pub(super) fn apply(&mut self, community: u16) -> Result<()> {
+        let rows = self.table.links(Some(community), Instant::now());
+        let mut weights = Vec::new();
+        let mut rtts = Vec::new();
+        let mut keep = Vec::new();
+        for r in &rows {
+            let entry = ServerLink {
+                ip: u32::from(*r.addr.ip()),
+                port: r.addr.port(),
+                community,
+                link: r.link,
+                flags: LINK_VALID,
+                _pad: [0; 2],
+                owner: u32::from(r.owner),
+            };
+            let idx = match self.applied.get(&(community, r.link)) {
+                Some((idx, old)) => {
+                    if *old != entry {
+                        self.maps.set_server_link(*idx, entry)?;
+                    }
+                    *idx
+                }
+                None => {
+                    let idx = self.free_idx.pop().unwrap_or_else(|| {
+                        self.next_idx += 1;
+                        self.next_idx - 1
+                    });
+                    self.maps.set_server_link(idx, entry)?;
+                    idx
+                }
+            };
+            self.applied.insert((community, r.link), (idx, entry));
+            let dark = r.dark
+                || self
+                    .echoes
+                    .get(&(community, r.link))
+                    .is_some_and(|e| e.dark);
+            if !dark {
+                // A rate learnt from the origins' feedback stands in for
+                // the weight while it lasts.
+                let rate = self.corrector.rate(Model::Down(community), idx);
+                weights.push((idx, rate.unwrap_or(u64::from(r.down)), 0));
+                rtts.push(r.rtt_us);
+            }
+            keep.push(r.link);
+        }
+        for ((w, d), rtt) in weights
+            .iter_mut()
+            .zip(pathmon::relative_delays(&rtts))
+            .zip(&rtts)
+        {
+            // An adopted link keeps the delay the last agent gave it until
+            // its owner announces a round trip: counted as unmeasured, it
+            // would leave the schedule for up to an announce interval.
+            w.2 = match self.adopted_delay.get(&(community, w.0)) {
+                Some(&adopted) if *rtt == 0 => adopted,
+                _ => d,
+            };
+        }
+        if let Some(p) = &self.playout {
+            // Upstream comes over the same links.
+            p.set_floor(community, playout::floor_us(weights.iter().map(|w| w.2)));
+        }
+        self.maps.set_down_paths(
+            community,
+            &weights,
+            DEFAULT_BACKLOG_US,
+            crate::playout::MAX_WAIT_US as u32,
+        )?;
+        self.follow_link_mtu(community, &rows)?;
+        eprintln!(
+            "bond-ctl: community {community}: downstream paths {weights:?} (index, kbit/s, relative delay ns)"
+        );
+        let gone: Vec<(u16, u8)> = self
+            .applied
+            .range((community, 0)..=(community, u8::MAX))
+            .filter(|((_, l), _)| !keep.contains(l))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.echoes.remove(&k);
+            if let Some((idx, _)) = self.applied.remove(&k) {
+                self.maps.clear_server_link(idx)?;
+                self.corrector.forget(Model::Down(community), idx);
+                self.adopted_delay.remove(&(community, idx));
+                self.free_idx.push(idx);
+            }
+        }
+        Ok(())
+    }
+}
