@@ -1,6 +1,7 @@
-//! Flow expiry with real traffic through real kernels: idle UDP, closed
-//! TCP and ICMP echo flows leave the server's table after their timeouts,
-//! and their dedicated ports serve new flows.
+//! Flows with real traffic through real kernels: idle UDP, closed TCP and
+//! ICMP echo flows leave the server's table after their timeouts, and
+//! their dedicated ports serve new flows; replies come in only from where
+//! an origin sent; members cannot reach what the server denies.
 //!
 //! Run one at a time (`--test-threads=1`): they measure times.
 
@@ -364,4 +365,108 @@ fn one_origin_cannot_take_every_port() {
     );
     let again: Vec<u16> = (41010..41014).collect();
     assert_eq!(udp_echo_from(&lab, 0, &again, long), [true; 4]);
+}
+
+/// A host on the Internet sweeping the server's dedicated ports, from a
+/// stranger's address and from the content server's own address but
+/// another port, gets nothing through to an origin with a live flow
+/// (address-and-port-dependent filtering, RFC 4787): the origin hears its
+/// echo server alone, and every sweep packet is dropped and counted.
+#[test]
+fn a_port_sweep_from_the_internet_reaches_no_origin() {
+    let mut lab = lab("20000-20009", "");
+    start_echo(&mut lab);
+    // The origin: one datagram to the echo server from port 43000, then
+    // every datagram it hears for 3 s, one line each: "address port".
+    let listen = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', 43000))\n\
+         s.sendto(b'hello', ('203.0.113.2', {ECHO_PORT}))\n\
+         end = time.time() + 3\n\
+         while time.time() < end:\n\
+         \x20   s.settimeout(max(end - time.time(), 0.01))\n\
+         \x20   try:\n\
+         \x20       d, a = s.recvfrom(2048)\n\
+         \x20       print(a[0], a[1], flush=True)\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n"
+    );
+    let origin = lab.terminals[0].ns.clone();
+    lab.spawn(&origin, "origin", "python3", &["-c", &listen])
+        .unwrap();
+    let start = Instant::now();
+    while flows_where(&lab, is("udp", Some(43000))).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "no flow for 43000"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (filtered, no_flow) = (server_drop(&lab, "filtered"), server_drop(&lab, "no_flow"));
+
+    let web = lab.web_ns.clone();
+    lab.ip(&web, "addr add 203.0.113.66/24 dev eth0").unwrap();
+    let sweep = format!(
+        "import socket\n\
+         for src in [('203.0.113.66', {ECHO_PORT}), ('203.0.113.2', {ECHO_PORT} + 1)]:\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.bind(src)\n\
+         \x20   for port in range(20000, 20010):\n\
+         \x20       s.sendto(b'injected', ('{}', port))\n",
+        bond_lab::SERVER_NAT
+    );
+    lab.exec(&web, "python3", &["-c", &sweep]).unwrap();
+
+    let heard = lab.wait_child("origin", Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        heard.lines().collect::<Vec<_>>(),
+        [format!("203.0.113.2 {ECHO_PORT}")],
+        "the origin heard only its echo server"
+    );
+    // Two sweep packets reached the flow's port, 18 ports without one.
+    assert_eq!(server_drop(&lab, "filtered") - filtered, 2);
+    assert_eq!(server_drop(&lab, "no_flow") - no_flow, 18);
+}
+
+/// A member cannot reach what the server denies: its own addresses (the
+/// default, `"local"`) and the prefixes listed; the pings go unanswered
+/// and are counted. Reloaded without the prefix, the host answers.
+#[test]
+fn a_member_cannot_reach_what_the_server_denies() {
+    let spec = [TerminalSpec { links: vec![20] }];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    lab.server_keys = "deny = [\"local\", \"203.0.113.2/32\"]".into();
+    lab.start_agents().expect("start agents");
+    let t1 = lab.terminals[0].ns.clone();
+    let ping = |lab: &Lab, host: &str| {
+        lab.cmd(&t1, "ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "1", host])
+            .status()
+            .expect("ping")
+            .success()
+    };
+    for host in [bond_lab::SERVER_NAT, bond_lab::CONTENT] {
+        let before = server_drop(&lab, "denied");
+        assert!(
+            !ping(&lab, &host.to_string()),
+            "{host} answered through bond"
+        );
+        assert_eq!(server_drop(&lab, "denied") - before, 2, "{host}");
+    }
+
+    let path = lab.dir.join("server.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace(", \"203.0.113.2/32\"", "")).unwrap();
+    let (srv, inst) = (lab.server_ns.clone(), lab.server_instance.clone());
+    let reloaded = lab.ctl(&srv, &inst, &["reload"]).expect("reload");
+    assert!(reloaded.contains("deny"), "{reloaded}");
+    assert!(
+        ping(&lab, "203.0.113.2"),
+        "no longer denied, the host answers"
+    );
+    assert!(
+        !ping(&lab, &bond_lab::SERVER_NAT.to_string()),
+        "still local"
+    );
 }

@@ -75,6 +75,13 @@ reasons! {
     /// A new flow from an origin the table of flows per origin has no room
     /// to count (`[flows]` sized for fewer terminals than made flows).
     ORIGIN_TABLE_FULL = 29, "origin_table_full";
+    /// A reply to a flow's dedicated port from a remote endpoint the
+    /// origin never sent to on that flow (address-and-port-dependent
+    /// filtering, RFC 4787): a port sweep, or a stranger's injection.
+    FILTERED = 30, "filtered";
+    /// A member's packet to a destination the server's `deny` policy
+    /// names (by default its own addresses and internal networks).
+    DENIED = 31, "denied";
 }
 
 #[cfg(test)]

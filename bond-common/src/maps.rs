@@ -18,6 +18,8 @@ pub const MAX_SESSIONS: u32 = 65_536;
 pub const MAX_NEIGHBORS: u32 = 1024;
 /// Default size of the server's flow table (the agent may choose smaller).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Prefixes in the server's destination policy (`S_DENY`).
+pub const MAX_DENY: u32 = 4096;
 
 /// Map names: the programs declare them, the agent and CLI open them.
 pub mod name {
@@ -41,6 +43,8 @@ pub mod name {
     pub const S_PATHS: &str = "S_PATHS";
     pub const S_FLOWS: &str = "S_FLOWS";
     pub const S_NAT: &str = "S_NAT";
+    pub const S_PERMITS: &str = "S_PERMITS";
+    pub const S_DENY: &str = "S_DENY";
     pub const S_FREE_PORTS: &str = "S_FREE_PORTS";
     pub const S_LINK_STATS: &str = "S_LINK_STATS";
     pub const S_DROPS: &str = "S_DROPS";
@@ -380,9 +384,18 @@ pub mod tcp {
 pub struct Flow {
     /// The dedicated port this flow uses towards content servers.
     pub nat_port: u16,
+    /// The port of `remote` (0 for ICMP echo).
+    pub remote_port: u16,
     /// `FLOW_*` bits (TCP only; zero for UDP and ICMP).
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 3],
+    /// The remote address the origin first sent to on this flow: replies
+    /// from it (and `remote_port`) are let in without further lookup;
+    /// replies from any other remote endpoint need a [`PermitKey`] entry,
+    /// made when the origin sent to that endpoint (address-and-port-
+    /// dependent filtering, RFC 4787).
+    pub remote: u32,
+    pub _pad2: u32,
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub up_pkts: u64,
@@ -390,16 +403,20 @@ pub struct Flow {
     pub down_pkts: u64,
     pub down_bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+const _: () = assert!(core::mem::size_of::<Flow>() == 64);
 
 impl Flow {
-    /// A new flow on dedicated port `nat_port`, first seen at `now_ns`.
+    /// A new flow on dedicated port `nat_port`, first seen at `now_ns`
+    /// sending to `remote`:`remote_port`.
     #[inline(always)]
-    pub const fn new(nat_port: u16, now_ns: u64) -> Self {
+    pub const fn new(nat_port: u16, now_ns: u64, remote: u32, remote_port: u16) -> Self {
         Self {
             nat_port,
+            remote_port,
             state: 0,
-            _pad: [0; 5],
+            _pad: [0; 3],
+            remote,
+            _pad2: 0,
             created_ns: now_ns,
             last_seen_ns: now_ns,
             up_pkts: 0,
@@ -439,6 +456,23 @@ pub struct NatKey {
 }
 const _: () = assert!(core::mem::size_of::<NatKey>() == 4);
 
+/// A remote endpoint an origin sent to on a flow other than the flow's
+/// first (`Flow::remote`): replies from it to the flow's dedicated port are
+/// let in. The value is the flow's `created_ns`, so that a permit left
+/// over from an expired flow lets nothing into the next flow on the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PermitKey {
+    pub proto: u8,
+    pub _pad: u8,
+    pub nat_port: u16,
+    pub remote: u32,
+    /// 0 for ICMP echo.
+    pub remote_port: u16,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<PermitKey>() == 12);
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatEntry {
@@ -477,6 +511,7 @@ mod pod {
         FlowKey,
         Flow,
         NatKey,
+        PermitKey,
         NatEntry
     );
 }

@@ -301,6 +301,192 @@ fn server_keeps_two_origins_on_one_port_apart() {
     });
 }
 
+/// Replies reach a flow only from the remote endpoints its origin sent to
+/// on it (address-and-port-dependent filtering, RFC 4787): the first, and
+/// any other once the origin sends to it; a stranger, or a known host from
+/// another port, is dropped and counted (`filtered`) before anything is
+/// charged to a link.
+#[test]
+fn server_lets_in_replies_only_from_where_the_origin_sent() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-filter", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let to_content = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 443));
+        expect_up(&s, "first datagram", l0, &to_content, 20000);
+        expect_down(&s, "reply from where it went", &to_content, 20000, l0);
+
+        let stranger = |src: Ipv4Addr, sport: u16| {
+            let r = srv::reply(&to_content, 20000);
+            Ip {
+                src,
+                l4: r.l4.with_src_port(sport),
+                ..r
+            }
+            .frame(CNT_DEV_MAC, CONTENT_MAC)
+        };
+        let stats = s.maps.server_link_stats(0).unwrap();
+        for (what, src, sport) in [
+            ("the same host from another port", CONTENT, 444),
+            ("another host from the same port", CONTENT_2, 443),
+            ("another host", Ipv4Addr::new(192, 0, 2, 99), 53),
+        ] {
+            s.expect_drop(
+                "bond_server",
+                what,
+                &stranger(src, sport),
+                XDP_DROP,
+                "filtered",
+            );
+        }
+        assert_eq!(
+            s.maps.server_link_stats(0).unwrap(),
+            stats,
+            "nothing charged"
+        );
+
+        // The origin sends from the same port to a second host: one flow,
+        // and that host's replies come in too, as do the first's still.
+        let to_second = Ip::new(ORIGIN_A, CONTENT_2, L4::udp(40000, 443));
+        expect_up(&s, "to a second host", l0, &to_second, 20000);
+        expect_down(&s, "reply from the second host", &to_second, 20000, l1);
+        expect_down(&s, "reply from the first host", &to_content, 20000, l0);
+        assert_eq!(s.maps.flows().unwrap().len(), 1);
+        s.expect_drop(
+            "bond_server",
+            "the second host from another port",
+            &stranger(CONTENT_2, 444),
+            XDP_DROP,
+            "filtered",
+        );
+
+        // ICMP echo: the replies of the host pinged, no one else's.
+        let ping = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 0x77, seq: 1 });
+        expect_up(&s, "echo request", l0, &ping, 20001);
+        expect_down(&s, "echo reply", &ping, 20001, l1);
+        let forged = Ip {
+            src: CONTENT_2,
+            ..srv::reply(&ping, 20001)
+        };
+        s.expect_drop(
+            "bond_server",
+            "echo reply from another host",
+            &forged.frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_DROP,
+            "filtered",
+        );
+        assert_eq!(
+            s.nonzero_drops(),
+            vec![("filtered", 5)],
+            "every stranger counted, nothing else"
+        );
+    });
+}
+
+/// A host sweeping the dedicated ports gets nothing to an origin: ports
+/// with a flow filter it, the rest have no flow.
+#[test]
+fn server_gives_a_port_sweep_nothing() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-sweep", 20000..=20003);
+        let [l0, _, _] = LINKS;
+        for (i, origin) in [ORIGIN_A, ORIGIN_B].into_iter().enumerate() {
+            let up = Ip::new(origin, CONTENT, L4::udp(40000, 443));
+            expect_up(&s, "a flow", l0, &up, 20000 + i as u16);
+        }
+        let sweeper = Ipv4Addr::new(192, 0, 2, 66);
+        for port in 20000..=20003u16 {
+            for sport in [443, 40000] {
+                let probe = Ip::new(sweeper, NAT_IP, L4::udp(sport, port));
+                let (verdict, _) = s.run("bond_server", &probe.frame(CNT_DEV_MAC, CONTENT_MAC));
+                assert_eq!(verdict, XDP_DROP, "port {port} from {sweeper}:{sport}");
+            }
+        }
+        assert_eq!(
+            s.nonzero_drops(),
+            vec![("no_flow", 4), ("filtered", 4)],
+            "two ports with a flow (filtered), two without"
+        );
+        for idx in 0..3 {
+            let sent = s.maps.server_link_stats(idx).unwrap().down_pkts;
+            assert_eq!(sent, 0, "link {idx} sent the sweep something");
+        }
+    });
+}
+
+/// A permit outlives nothing: once a flow expires, the next flow on its
+/// port lets in only its own remote endpoints, not the old flow's.
+#[test]
+fn server_forgets_an_expired_flows_permits() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        // One port, so the next flow gets the same one.
+        let s = srv::setup("server-stale-permit", 20000..=20000);
+        let [l0, _, _] = LINKS;
+        let a1 = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 443));
+        let a2 = Ip::new(ORIGIN_A, CONTENT_2, L4::udp(40000, 443));
+        expect_up(&s, "A to the first host", l0, &a1, 20000);
+        expect_up(&s, "A to the second host (a permit)", l0, &a2, 20000);
+        let keys: Vec<_> = s.maps.flows().unwrap().into_iter().map(|f| f.0).collect();
+        assert_eq!(s.maps.remove_flows_if(keys, |_, _| true).unwrap().len(), 1);
+
+        let b = Ip::new(ORIGIN_B, CONTENT, L4::udp(5000, 443));
+        expect_up(&s, "B takes the port", l0, &b, 20000);
+        let old = srv::reply(&a2, 20000).frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect_drop(
+            "bond_server",
+            "the old flow's second host",
+            &old,
+            XDP_DROP,
+            "filtered",
+        );
+        expect_down(&s, "B's own reply", &b, 20000, l0);
+    });
+}
+
+/// A member's packet to a destination the deny policy names is dropped
+/// and counted before it makes a flow; any covering prefix denies; an
+/// emptied policy lets it through again.
+#[test]
+fn server_refuses_members_packets_to_denied_destinations() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-deny", 20000..=20010);
+        let [l0, _, _] = LINKS;
+        let policy = [(Ipv4Addr::new(192, 0, 2, 1), 32), (ip4("203.0.113.0"), 30)];
+        s.maps.set_deny(&policy).unwrap();
+        let mut sorted = policy.to_vec();
+        sorted.sort();
+        assert_eq!(s.maps.deny().unwrap(), sorted);
+        for dst in [CONTENT, NAT_IP, Ipv4Addr::new(192, 0, 2, 1)] {
+            let p = Ip::new(ORIGIN_A, dst, L4::udp(40000, 443));
+            s.expect_drop(
+                "bond_server",
+                &format!("to {dst}"),
+                &Up::new(l0, &p).frame(),
+                XDP_DROP,
+                "denied",
+            );
+        }
+        assert!(
+            s.maps.flows().unwrap().is_empty(),
+            "no flow for a denied packet"
+        );
+        // Outside the /30, and with the policy emptied, packets go.
+        let outside = Ip::new(ORIGIN_A, CONTENT_2, L4::udp(40000, 443));
+        expect_up(&s, "outside the denied prefixes", l0, &outside, 20000);
+        s.maps.set_deny(&[]).unwrap();
+        assert_eq!(s.maps.deny().unwrap(), []);
+        let p = Ip::new(ORIGIN_A, CONTENT, L4::udp(40001, 443));
+        expect_up(&s, "once the policy is emptied", l0, &p, 20001);
+    });
+}
+
 #[test]
 fn server_drops_bad_upstream_without_creating_flows() {
     use srv::*;

@@ -95,18 +95,18 @@ impl std::str::FromStr for Prefix {
         }
         let (a, l) = s
             .split_once('/')
-            .ok_or_else(|| format!("capture: prefix {s:?} needs a /length"))?;
+            .ok_or_else(|| format!("prefix {s:?} needs a /length"))?;
         let addr: Ipv4Addr = a
             .parse()
-            .map_err(|_| format!("capture: prefix {s:?}: bad address"))?;
+            .map_err(|_| format!("prefix {s:?}: bad address"))?;
         let len: u8 = l
             .parse()
             .ok()
             .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("capture: prefix {s:?}: bad length"))?;
+            .ok_or_else(|| format!("prefix {s:?}: bad length"))?;
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
         if u32::from(addr) & !mask != 0 {
-            return Err(format!("capture: prefix {s:?} has host bits set"));
+            return Err(format!("prefix {s:?} has host bits set"));
         }
         Ok(Self { addr, len })
     }
@@ -574,6 +574,42 @@ interfaces = ["wan0"]
             (3600, 1, 2, 3)
         );
         assert_eq!(s.flows.sweep(), std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn deny_defaults_to_local_and_takes_prefixes() {
+        let server = |extra: &str| {
+            let text = SERVER.replace("interfaces", &format!("{extra}\ninterfaces"));
+            match Config::parse(&text, "s.toml") {
+                Ok(Config::Server(s)) => s,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(server("").deny, [Deny::Local]);
+        assert_eq!(server("deny = []").deny, []);
+        let p = |s: &str| Deny::Prefix(s.parse().unwrap());
+        assert_eq!(
+            server(r#"deny = ["local", "10.0.0.0/8", "192.0.2.7/32"]"#).deny,
+            [Deny::Local, p("10.0.0.0/8"), p("192.0.2.7/32")]
+        );
+        for (line, field, value) in [
+            (r#"deny = ["10.0.0.1/8"]"#, "deny", "host bits"),
+            (r#"deny = ["10.0.0.0"]"#, "deny", "needs a /length"),
+            (r#"deny = ["locals"]"#, "deny", "or \"local\""),
+            (
+                r#"deny = ["default"]"#,
+                "deny[0]",
+                "denies every destination",
+            ),
+            (r#"deny = ["local", "0.0.0.0/0"]"#, "deny[1]", "0.0.0.0/0"),
+        ] {
+            let text = SERVER.replace("interfaces", &format!("{line}\ninterfaces"));
+            let e = error_of(&text);
+            assert!(
+                e.contains(field) && e.contains(value),
+                "error {e:?} should name {field} and {value}"
+            );
+        }
     }
 
     #[test]

@@ -56,6 +56,57 @@ pub struct ServerConfig {
     /// applies: the server has no TC program).
     #[serde(default)]
     pub attach: AttachConfig,
+    /// Destinations members may not reach through the server: prefixes,
+    /// and `"local"` for the server's own (see [`Deny::Local`]). Default:
+    /// `["local"]`; `[]` denies nothing.
+    #[serde(default = "default_deny")]
+    pub deny: Vec<Deny>,
+}
+
+/// One entry of the server's destination policy (`deny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deny {
+    /// `"local"`: the server's own addresses, the networks of its
+    /// interfaces that bond does not attach to (management, internal),
+    /// and the ranges no one on the Internet has: 0.0.0.0/8 (this
+    /// network), 127.0.0.0/8 (loopback), 169.254.0.0/16 (link-local),
+    /// 224.0.0.0/4 (multicast) and 255.255.255.255/32 (broadcast).
+    Local,
+    Prefix(Prefix),
+}
+
+/// The ranges `"local"` always names, whatever the server's interfaces.
+pub const SPECIAL_RANGES: [(Ipv4Addr, u8); 5] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+    (Ipv4Addr::new(169, 254, 0, 0), 16),
+    (Ipv4Addr::new(224, 0, 0, 0), 4),
+    (Ipv4Addr::BROADCAST, 32),
+];
+
+impl<'de> Deserialize<'de> for Deny {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "local" {
+            return Ok(Self::Local);
+        }
+        s.parse()
+            .map(Self::Prefix)
+            .map_err(|e| serde::de::Error::custom(format!("{e} (or \"local\")")))
+    }
+}
+
+impl std::fmt::Display for Deny {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local => f.write_str("local"),
+            Self::Prefix(p) => p.fmt(f),
+        }
+    }
+}
+
+fn default_deny() -> Vec<Deny> {
+    vec![Deny::Local]
 }
 
 /// The server's `[flows]` table: every key optional.
@@ -281,6 +332,26 @@ impl ServerConfig {
             check_key(&format!("communities[{c}].key"), &com.key)?;
         }
         self.flows.check(u32::from(hi - lo) + 1)?;
+        if self.deny.len() > bond_common::maps::MAX_DENY as usize / 2 {
+            return err(
+                "deny",
+                format!(
+                    "{} entries; at most {}",
+                    self.deny.len(),
+                    bond_common::maps::MAX_DENY / 2
+                ),
+            );
+        }
+        for (i, d) in self.deny.iter().enumerate() {
+            if let Deny::Prefix(p) = d
+                && p.len == 0
+            {
+                return err(
+                    format!("deny[{i}]"),
+                    format!("{p} denies every destination"),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -359,15 +430,11 @@ mod timeout_tests {
 
     fn flow(state: u8, last_seen_ns: u64) -> Flow {
         Flow {
-            nat_port: 20000,
             state,
-            _pad: [0; 5],
-            created_ns: 0,
             last_seen_ns,
             up_pkts: 1,
             up_bytes: 60,
-            down_pkts: 0,
-            down_bytes: 0,
+            ..Flow::new(20000, 0, 0x0a00_0001, 443)
         }
     }
 

@@ -81,12 +81,14 @@ pub fn sweep_counted(
 }
 
 /// The `max_entries` a server's maps are created with: `flows` for the
-/// flow table and its reverse map, `ports` for the free-port queue,
-/// `terminals` for the sessions and their flow counts.
-pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static str, u32); 5] {
+/// flow table, its reverse map and the permits for further remote
+/// endpoints (least recently used go first), `ports` for the free-port
+/// queue, `terminals` for the sessions and their flow counts.
+pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static str, u32); 6] {
     [
         (name::S_FLOWS, flows),
         (name::S_NAT, flows),
+        (name::S_PERMITS, flows),
         (name::S_FREE_PORTS, ports),
         (name::S_SESSIONS, terminals),
         (name::S_ORIGIN_FLOWS, terminals),
@@ -107,6 +109,7 @@ mod tests {
             [
                 ("S_FLOWS", 1000),
                 ("S_NAT", 1000),
+                ("S_PERMITS", 1000),
                 ("S_FREE_PORTS", 10),
                 ("S_SESSIONS", 7),
                 ("S_ORIGIN_FLOWS", 7)

@@ -17,7 +17,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, Queue},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray, Queue,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use bond_common::{
     drops,
@@ -532,6 +535,41 @@ impl Maps {
             origin: u32::from(origin),
         };
         self.put(name::S_SESSIONS, key, Session { token, _pad: 0 })
+    }
+
+    /// Makes the server's destination policy exactly `prefixes` (address,
+    /// length): members' packets to any of them are dropped (`denied`).
+    /// New prefixes go in before old ones leave, so no destination is let
+    /// through in between that both lists deny.
+    pub fn set_deny(&self, prefixes: &[(Ipv4Addr, u8)]) -> Result<()> {
+        let name = name::S_DENY;
+        let err = |source| Error::Map { name, source };
+        let mut trie: LpmTrie<MapData, [u8; 4], u8> =
+            LpmTrie::try_from(self.open(name)?).map_err(err)?;
+        let key = |&(a, l): &(Ipv4Addr, u8)| Key::new(u32::from(l), a.octets());
+        for p in prefixes {
+            trie.insert(&key(p), 1, 0).map_err(err)?;
+        }
+        let old = self.deny()?;
+        for p in old.iter().filter(|p| !prefixes.contains(p)) {
+            trie.remove(&key(p)).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The server's destination policy: (address, length) of each prefix.
+    pub fn deny(&self) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let name = name::S_DENY;
+        let err = |source| Error::Map { name, source };
+        let trie: LpmTrie<MapData, [u8; 4], u8> =
+            LpmTrie::try_from(self.open(name)?).map_err(err)?;
+        let mut out = Vec::new();
+        for k in trie.keys() {
+            let k = k.map_err(err)?;
+            out.push((Ipv4Addr::from(k.data()), k.prefix_len() as u8));
+        }
+        out.sort();
+        Ok(out)
     }
 
     pub fn remove_session(&self, community: u16, origin: Ipv4Addr) -> Result<()> {

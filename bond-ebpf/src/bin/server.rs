@@ -6,9 +6,14 @@
 //!   origin, protocol, source port or ICMP id) gets a dedicated port from the
 //!   free-port queue; the source becomes the server's NAT address and that
 //!   port; the packet goes to the content server.
-//! - Downstream: a reply to the NAT address on a dedicated port is mapped
-//!   back to its origin, wrapped, and sent on the next link of its
-//!   community's downstream schedule.
+//! - Downstream: a reply to the NAT address on a dedicated port, from a
+//!   remote endpoint the origin sent to on that flow (the flow's first, or
+//!   one in `S_PERMITS`: address-and-port-dependent filtering, RFC 4787),
+//!   is mapped back to its origin, wrapped, and sent on the next link of
+//!   its community's downstream schedule. Replies from anyone else are
+//!   dropped and counted (`filtered`).
+//! - A member's packet to a destination in `S_DENY` (the server's own
+//!   addresses and internal networks, by default) is dropped and counted.
 //! - TCP segments with FIN or RST, either way, mark their flow closing
 //!   (`Flow::state`); the agent expires idle flows and returns their ports
 //!   to the queue (`bond-ctl/datapath/src/flows.rs`).
@@ -29,7 +34,10 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, Queue},
+    maps::{
+        Array, HashMap, LruHashMap, PerCpuArray, Queue,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::XdpContext,
 };
 use bond_common::{
@@ -37,8 +45,8 @@ use bond_common::{
     edpf::Paths,
     maps::{
         Flow, FlowKey, Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES,
-        MAX_FLOWS, MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, ServerConfig, ServerLink,
-        Session, SessionKey, event, tcp,
+        MAX_DENY, MAX_FLOWS, MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, PermitKey,
+        ServerConfig, ServerLink, Session, SessionKey, event, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -69,6 +77,15 @@ static S_PATHS: HashMap<u16, Paths> = HashMap::pinned(MAX_COMMUNITIES, 0);
 static S_FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
 static S_NAT: HashMap<NatKey, NatEntry> = HashMap::pinned(MAX_FLOWS, 0);
+/// Remote endpoints an origin sent to on a flow besides the flow's first,
+/// whose replies are let in; the value is the flow's `created_ns`. The
+/// least recently used go first when it is full.
+#[map]
+static S_PERMITS: LruHashMap<PermitKey, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
+/// Destinations members may not reach (IPv4 prefixes, network order):
+/// the server's `deny` policy.
+#[map]
+static S_DENY: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_DENY, 0);
 #[map]
 static S_FREE_PORTS: Queue<u16> = Queue::pinned(65_536, 0);
 #[map]
@@ -77,8 +94,6 @@ static S_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_SERVER_LIN
 static S_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drops::COUNT, 0);
 #[map]
 static S_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
-/// Flows each origin holds: counted up here as flows are made, recounted
-/// by the agent's sweep as they expire.
 /// Per link (`S_LINKS` index): DATA_DOWN packets sent on it, for the
 /// bond header's sequence.
 #[map]
@@ -88,6 +103,8 @@ static S_LINK_SEQ: Array<u32> = Array::pinned(MAX_SERVER_LINKS, 0);
 static S_KEPT: Array<Kept> = Array::pinned(KEPT_SLOTS, 0);
 #[map]
 static S_KEPT_NEXT: Array<u32> = Array::pinned(1, 0);
+/// Flows each origin holds: counted up here as flows are made, recounted
+/// by the agent's sweep as they expire.
 #[map]
 static S_ORIGIN_FLOWS: HashMap<SessionKey, u64> = HashMap::pinned(MAX_SESSIONS, 0);
 
@@ -184,25 +201,37 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     if inner.src != origin {
         return Err(drops::INNER_SPOOF);
     }
-    let (l4, port) = match inner.proto {
+    if S_DENY.get(Key::new(32, inner.dst.to_be_bytes())).is_some() {
+        return Err(drops::DENIED);
+    }
+    // The origin's port (or echo identifier) names the flow; the remote
+    // endpoint (address, and port but for echo) is whom it may hear from.
+    let (l4, port, remote_port) = match inner.proto {
         IPPROTO_TCP => (
             tcp_udp(INNER_OFF + 20, 0, false),
             read_u16(ctx, INNER_OFF + 20),
+            read_u16(ctx, INNER_OFF + 22),
         ),
         IPPROTO_UDP => (
             tcp_udp(INNER_OFF + 20, 0, true),
             read_u16(ctx, INNER_OFF + 20),
+            read_u16(ctx, INNER_OFF + 22),
         ),
         IPPROTO_ICMP => {
             let t = read::<1>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?[0];
             if t != ICMP_ECHO_REQUEST {
                 return Err(drops::UNSUPPORTED_PROTO);
             }
-            (icmp_echo(INNER_OFF + 20), read_u16(ctx, INNER_OFF + 24))
+            (
+                icmp_echo(INNER_OFF + 20),
+                read_u16(ctx, INNER_OFF + 24),
+                Some(0),
+            )
         }
         _ => return Err(drops::UNSUPPORTED_PROTO),
     };
     let port = port.ok_or(drops::TRUNCATED)?;
+    let remote_port = remote_port.ok_or(drops::TRUNCATED)?;
     // The whole L4 header we touch must be present.
     read::<8>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
@@ -244,7 +273,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         port,
         _pad2: 0,
     };
-    let flow = flow_for(&fkey, now, cfg.per_origin)?;
+    let flow = flow_for(&fkey, now, cfg.per_origin, (inner.dst, remote_port))?;
     // SAFETY: `flow` points at a live map value; concurrent updates of these
     // counters from other CPUs may lose increments (they are statistics).
     let nat_port = unsafe {
@@ -256,6 +285,15 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         }
         (*flow).nat_port
     };
+    // A further remote endpoint: permitted (again) as the origin sends to
+    // it; the lookup alone keeps a live permit recently used.
+    if let Some((key, created)) = permit_for(flow, inner.proto, (inner.dst, remote_port))
+        // SAFETY: read-only use of a map value.
+        && unsafe { S_PERMITS.get(key) } != Some(&created)
+    {
+        // A full table drops its least recently used permit.
+        let _ = S_PERMITS.insert(key, created, 0);
+    }
     if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, l4, nat_port) {
         return Err(drops::TRUNCATED);
     }
@@ -341,10 +379,38 @@ const fn icmp_echo(l4: usize) -> L4 {
     }
 }
 
-/// The flow for `key`, created with a port from the free queue if new and
-/// its origin holds fewer than `per_origin` flows (0: no limit).
+/// The permit that lets replies from `remote` (address, port) into
+/// `flow`, and the value it must hold (the flow's creation time, so that a
+/// permit left by an expired flow on the same port lets nothing in); None
+/// for the flow's first remote, which the flow itself lets in.
 #[inline(always)]
-fn flow_for(key: &FlowKey, now: u64, per_origin: u32) -> Result<*mut Flow, u32> {
+fn permit_for(flow: *mut Flow, proto: u8, remote: (u32, u16)) -> Option<(PermitKey, u64)> {
+    // SAFETY: `flow` points at a live map value; only read.
+    let f = unsafe { &*flow };
+    if (f.remote, f.remote_port) == remote {
+        return None;
+    }
+    let key = PermitKey {
+        proto,
+        _pad: 0,
+        nat_port: f.nat_port,
+        remote: remote.0,
+        remote_port: remote.1,
+        _pad2: 0,
+    };
+    Some((key, f.created_ns))
+}
+
+/// The flow for `key`, created with a port from the free queue if new and
+/// its origin holds fewer than `per_origin` flows (0: no limit), sending to
+/// `remote` first.
+#[inline(always)]
+fn flow_for(
+    key: &FlowKey,
+    now: u64,
+    per_origin: u32,
+    remote: (u32, u16),
+) -> Result<*mut Flow, u32> {
     if let Some(f) = S_FLOWS.get_ptr_mut(key) {
         return Ok(f);
     }
@@ -371,7 +437,8 @@ fn flow_for(key: &FlowKey, now: u64, per_origin: u32) -> Result<*mut Flow, u32> 
         .ok()
         .flatten()
         .ok_or(drops::NO_FREE_PORT)?;
-    match S_FLOWS.insert(key, Flow::new(port, now), u64::from(BPF_NOEXIST)) {
+    let flow = Flow::new(port, now, remote.0, remote.1);
+    match S_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             let nat = NatEntry {
                 origin: key.origin,
@@ -460,6 +527,28 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         })
     }
     .ok_or(drops::NO_FLOW)?;
+    let fkey = FlowKey {
+        community: nat.community,
+        proto,
+        _pad: 0,
+        origin: nat.origin,
+        port: nat.port,
+        _pad2: 0,
+    };
+    let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
+    // Only from whom the origin sent to on this flow.
+    let remote = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    let remote_port = if proto == IPPROTO_ICMP {
+        0
+    } else {
+        u16::from_be_bytes([l4head[0], l4head[1]])
+    };
+    if let Some((key, created)) = permit_for(flow, proto, (remote, remote_port))
+        // SAFETY: read-only use of a map value.
+        && unsafe { S_PERMITS.get(key) } != Some(&created)
+    {
+        return Err(drops::FILTERED);
+    }
     // Too big for the links once wrapped: tell the sender (only for a real
     // flow's packets, so the server reflects nothing for strangers).
     if cfg.link_mtu != 0 && u32::from(len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
@@ -485,23 +574,13 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     // SAFETY: the value is only read; the agent replaces entries whole.
     let token = unsafe { S_SESSIONS.get(skey) }.ok_or(drops::NO_FLOW)?.token;
     let sent = wire::sent_us(now);
-    let fkey = FlowKey {
-        community: nat.community,
-        proto,
-        _pad: 0,
-        origin: nat.origin,
-        port: nat.port,
-        _pad2: 0,
-    };
-    if let Some(f) = S_FLOWS.get_ptr_mut(fkey) {
-        // SAFETY: live map value; statistics, as upstream.
-        unsafe {
-            (*f).last_seen_ns = now;
-            (*f).down_pkts += 1;
-            (*f).down_bytes += u64::from(len);
-            if let Some(fl) = tcp_flags {
-                (*f).state = Flow::tcp_state((*f).state, fl);
-            }
+    // SAFETY: live map value; statistics, as upstream.
+    unsafe {
+        (*flow).last_seen_ns = now;
+        (*flow).down_pkts += 1;
+        (*flow).down_bytes += u64::from(len);
+        if let Some(fl) = tcp_flags {
+            (*flow).state = Flow::tcp_state((*flow).state, fl);
         }
     }
     let (link_ip, link_port, link_id) = (link.ip, link.port, link.link);

@@ -285,7 +285,10 @@ impl Server {
             "fill S_FLOWS through the map API",
             scale.synthetic(),
             &mut |i| {
-                let flow = Flow::new(PORT_MIN + (i % held) as u16, now);
+                // Sending to the content server, as the measured replies
+                // come from it.
+                let port = PORT_MIN + (i % held) as u16;
+                let flow = Flow::new(port, now, CONTENT.into(), DPORT);
                 flows
                     .insert(synthetic_key(i, scale.communities), flow, 0)
                     .with_context(|| format!("inserting synthetic flow {i} into S_FLOWS"))

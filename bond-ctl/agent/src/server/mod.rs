@@ -84,6 +84,7 @@ struct Agent {
     adopted_delay: HashMap<(u16, u32), u32>,
 }
 
+mod deny;
 mod event;
 mod operator;
 mod start;

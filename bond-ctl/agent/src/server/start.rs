@@ -56,6 +56,12 @@ pub async fn run(
         per_origin: cfg.flows.per_origin,
     };
     maps.set_server_config(map_cfg)?;
+    let deny = super::deny::prefixes(&cfg).context("field `deny`")?;
+    maps.set_deny(&deny)?;
+    eprintln!(
+        "bond-ctl: members may not reach {} prefixes (`deny`)",
+        deny.len()
+    );
     // An adopted queue holds the ports no flow has: filling it again
     // would hand one port to two flows.
     let pushed = if pins.adopted {

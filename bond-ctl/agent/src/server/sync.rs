@@ -16,8 +16,9 @@ use crate::{feedback::Model, pathmon, playout};
 
 impl Agent {
     /// Reads the configuration file again and applies what may change
-    /// while running: the communities and their keys, `misses`, `link_mtu`
-    /// and the `[flows]` timeouts, sweep interval and `per_origin`. A file
+    /// while running: the communities and their keys, `misses`, `link_mtu`,
+    /// `deny` (with `"local"` taken afresh from the host's interfaces) and
+    /// the `[flows]` timeouts, sweep interval and `per_origin`. A file
     /// that fails its checks, or that changes anything else (which takes a
     /// restart: `detach`, then start the agent), changes nothing; the error
     /// says why. Returns the fields that changed.
@@ -55,10 +56,14 @@ impl Agent {
             ("misses", old.misses != new.misses),
             ("link_mtu", old.link_mtu != new.link_mtu),
             ("flows", flows.0 != flows.1),
+            ("deny", old.deny != new.deny),
         ]
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
         .collect();
+        // "local" follows the host's interfaces as they are now.
+        let deny =
+            super::deny::prefixes(&new).map_err(|e| format!("field `deny`: {e:#}; {keep}"))?;
         self.keys = new
             .communities
             .iter()
@@ -70,6 +75,7 @@ impl Agent {
         self.map_cfg.link_mtu = self.link_mtu();
         self.maps
             .set_server_config(self.map_cfg)
+            .and_then(|()| self.maps.set_deny(&deny))
             .map_err(|e| format!("applying the new configuration: {e:#}"))?;
         eprintln!("bond-ctl: configuration reloaded: {changed:?} changed");
         Ok(changed)
