@@ -14,50 +14,30 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
-use bond_common::maps::event;
-use bond_datapath::Maps;
 
 use super::{
-    BATCH, CAPTURE_MAX, CHECK_FRAMES, CHUNK, DUT_IN, GEN_DEV, PACE_SHARE, Plan, SETTLE, SINK_DEV,
+    BATCH, CAPTURE_MAX, CHECK_FRAMES, CHUNK, GEN_DEV, PACE_SHARE, Plan, SETTLE, SINK_DEV,
     TEMPLATE_MAX,
     cpu::{Cpus, pin_to, run_time, thread_cpu},
-    netns::{PinDir, Topology, ifindex, in_netns, ns_exec},
-    paths::{self, Forwarder, Kind},
-    relay::Relay,
+    netns::{Topology, ifindex, in_netns, xdp_mut},
+    paths::{self, Dut, Expect, Kind},
 };
 use crate::packets;
 
 /// One path under test: its topology, the benchmark's own programs, and
-/// what runs in `dut`. Fields drop in order: the relay thread stops first,
-/// bond's programs detach, then the namespaces go.
+/// what runs in `dut`. Fields drop in order: what runs in dut first (the
+/// relay thread, bond's programs), then the namespaces go.
 pub(super) struct Bench {
     pub kind: Kind,
     pub cpus: Cpus,
     secs: f64,
-    pub relay: Option<Relay>,
-    pub bond: Option<(Ebpf, Maps)>,
-    pub pin: Option<PinDir>,
+    /// What runs in dut for this path.
+    dut: Dut,
     /// bond-ebpf's `bench` object: generator, pass, redirect, sink.
     pub tools: Ebpf,
     /// Whichever of `bench_sink` and `bench_capture` is on the sink.
     sink_link: Option<(&'static str, XdpLinkId)>,
     pub topo: Topology,
-}
-
-/// What a path should deliver for one test frame.
-pub(super) enum Expect {
-    /// Exactly these bytes.
-    Frame(Vec<u8>),
-    /// These bytes, but for the bond header's send time and link number,
-    /// which the program chooses ([`packets::fill_open`]).
-    Wrapped(Vec<u8>),
-    /// A UDP datagram with this payload between these endpoints (the IP
-    /// header's id and flags are the sender kernel's choice).
-    Udp {
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
-        payload: Vec<u8>,
-    },
 }
 
 /// A path readied for one packet size.
@@ -122,39 +102,14 @@ impl Bench {
             kind,
             cpus: plan.cpus.clone(),
             secs: plan.secs,
-            relay: None,
-            bond: None,
-            pin: None,
+            dut: Dut::default(),
             tools,
             sink_link: None,
             topo,
         };
         b.set_sink("bench_capture")?;
-        b.setup_dut()?;
+        b.dut = Dut::setup(kind, &b.topo, &mut b.tools, plan.cpus.relay)?;
         Ok(b)
-    }
-
-    /// Loads one of the bench object's programs and attaches it to dut's in0.
-    pub(super) fn attach_tool(&mut self, prog: &str) -> Result<()> {
-        let p = xdp_mut(&mut self.tools, prog)?;
-        p.load().with_context(|| format!("loading {prog}"))?;
-        in_netns(&self.topo.dut, || {
-            p.attach(DUT_IN, XdpMode::default())
-                .with_context(|| format!("attaching {prog} to {DUT_IN}"))
-        })?;
-        Ok(())
-    }
-
-    /// Loads bond's program `prog` and attaches it to dut's in0.
-    pub(super) fn attach_bond(&mut self, mut ebpf: Ebpf, maps: Maps, prog: &str) -> Result<()> {
-        let p = xdp_mut(&mut ebpf, prog)?;
-        p.load().with_context(|| format!("loading {prog}"))?;
-        in_netns(&self.topo.dut, || {
-            p.attach(DUT_IN, XdpMode::default())
-                .with_context(|| format!("attaching {prog} to {DUT_IN}"))
-        })?;
-        self.bond = Some((ebpf, maps));
-        Ok(())
     }
 
     /// Puts `prog` (`bench_sink` or `bench_capture`) on the sink's veth in
@@ -225,7 +180,7 @@ impl Bench {
     fn check(&mut self, frame: &[u8], expect: &Expect) -> Result<()> {
         self.set_sink("bench_capture")?;
         let before = self.delivered()?;
-        let slow_before = self.forwarded_slowly()?;
+        let slow_before = self.dut.forwarded_slowly()?;
         self.generate(frame, Amount::Frames(CHECK_FRAMES), None)?;
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut got = 0;
@@ -239,13 +194,13 @@ impl Bench {
         if got != u64::from(CHECK_FRAMES) {
             bail!(
                 "{got} of {CHECK_FRAMES} test frames reached the sink{}",
-                match self.bond_counters() {
+                match self.dut.bond_counters() {
                     Ok(Some(c)) => format!(" (bond: {c})"),
                     _ => String::new(),
                 }
             );
         }
-        if let (Some(a), Some(b)) = (slow_before, self.forwarded_slowly()?) {
+        if let (Some(a), Some(b)) = (slow_before, self.dut.forwarded_slowly()?) {
             // A new flow's first packets take the forward path (the
             // flowtable takes confirmed flows only); then none may.
             ensure!(
@@ -275,61 +230,13 @@ impl Bench {
         Ok(())
     }
 
-    /// For the flowtable paths: how many packets have gone through the
-    /// forward chain (not the flowtable) so far, by its counter.
-    fn forwarded_slowly(&self) -> Result<Option<u64>> {
-        if self.kind.fwd != Forwarder::Flowtable {
-            return Ok(None);
-        }
-        let listing = ns_exec(
-            &self.topo.dut,
-            "nft",
-            &["list", "chain", "ip", "bfp", "forward"],
-        )?;
-        let packets = listing
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no packet counter in the forward chain:\n{listing}"))?;
-        Ok(Some(packets))
-    }
-
     /// For bond's paths: no drops counted, and the server never handed a
     /// packet to the kernel (its slow path).
     fn check_counters(&self) -> Result<()> {
-        if let Some(c) = self.bond_counters()? {
+        if let Some(c) = self.dut.bond_counters()? {
             bail!("bond counted {c}");
         }
         Ok(())
-    }
-
-    /// bond's non-zero drop counters and slow-path events, if any.
-    fn bond_counters(&self) -> Result<Option<String>> {
-        let Some((_, maps)) = self.bond.as_ref() else {
-            return Ok(None);
-        };
-        let mut bad = if maps.has("T_DROPS") {
-            maps.terminal_drops()
-        } else {
-            maps.server_drops()
-        }
-        .context("reading bond's drop counters")?;
-        if maps.has("S_EVENTS") {
-            let ev = maps
-                .server_events()
-                .context("reading the server's events")?;
-            bad.extend(
-                ev.into_iter()
-                    .filter(|e| e.0 == event::NAMES[event::SLOW_PATH as usize]),
-            );
-        }
-        let bad: Vec<String> = bad
-            .into_iter()
-            .filter(|c| c.1 != 0)
-            .map(|(n, v)| format!("{n} = {v}"))
-            .collect();
-        Ok((!bad.is_empty()).then(|| bad.join(", ")))
     }
 
     /// One run: the generator for `dur`, CPU time and deliveries around it.
@@ -356,11 +263,11 @@ impl Bench {
     fn helpers_cpu(&self) -> Result<Duration> {
         let mut t = Duration::ZERO;
         for &(cpu, pid) in &self.cpus.softirqd {
-            if cpu == self.cpus.generator || (self.relay.is_some() && cpu == self.cpus.relay) {
+            if cpu == self.cpus.generator || (self.dut.relay.is_some() && cpu == self.cpus.relay) {
                 t += run_time(&format!("/proc/{pid}/schedstat"))?;
             }
         }
-        if let Some(r) = &self.relay {
+        if let Some(r) = &self.dut.relay {
             t += run_time(&format!("/proc/self/task/{}/schedstat", r.tid))?;
         }
         Ok(t)
@@ -474,7 +381,7 @@ impl Bench {
 
     /// Stops the userspace relay, if any, and reports how it ended.
     pub fn finish(mut self) -> Result<()> {
-        match self.relay.take() {
+        match self.dut.relay.take() {
             Some(r) => r.stop().context("userspace relay"),
             None => Ok(()),
         }
@@ -493,13 +400,6 @@ struct Generated {
 enum Amount {
     Frames(u32),
     For(Duration),
-}
-
-fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
-    ebpf.program_mut(name)
-        .with_context(|| format!("no program {name}"))?
-        .try_into()
-        .with_context(|| format!("{name} is not an XDP program"))
 }
 
 /// Source, destination and payload of an Ethernet/IPv4/UDP frame.

@@ -10,6 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode},
+};
 use bond_datapath as datapath;
 use nix::{
     net::if_::if_nametoindex,
@@ -205,4 +209,23 @@ pub(super) fn neigh(ns: &str, addr: Ipv4Addr, mac: Mac, dev: &str) -> Result<()>
             "permanent",
         ],
     )
+}
+
+/// A program of `ebpf` as XDP.
+pub(super) fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()
+        .with_context(|| format!("{name} is not an XDP program"))
+}
+
+/// Loads `prog` of `ebpf` and attaches it to `dev` in namespace `ns`.
+pub(super) fn load_and_attach(ebpf: &mut Ebpf, prog: &str, ns: &str, dev: &str) -> Result<()> {
+    let p = xdp_mut(ebpf, prog)?;
+    p.load().with_context(|| format!("loading {prog}"))?;
+    in_netns(ns, || {
+        p.attach(dev, XdpMode::default())
+            .with_context(|| format!("attaching {prog} to {dev}"))
+    })?;
+    Ok(())
 }

@@ -5,12 +5,13 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
+    Ebpf,
     maps::Array,
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use bond_common::{
     edpf::DEFAULT_BACKLOG_US,
-    maps::{LINK_VALID, RelayLink, ServerConfig, ServerLink, TerminalConfig},
+    maps::{LINK_VALID, RelayLink, ServerConfig, ServerLink, TerminalConfig, event},
 };
 use bond_datapath::{self as datapath, Maps};
 
@@ -18,8 +19,7 @@ use super::{
     COMMUNITY, CONTENT_IP, DATA_PORT, DUT_IN, DUT_OUT, GEN_MAC, IN_MAC, LAN_IP, LINK_ID, LINK_IP,
     NAT_PORTS, ORIGIN_TOKEN, OUT_IP, OUT_MAC, PEER_IP, RELAY_PORT, RELAY_SPORT, RELAY_TOKEN,
     SERVER_IP, SERVER_PORT, SINK_DEV, SINK_MAC, USER_DPORT, USER_SPORT,
-    bench::{Bench, Expect},
-    netns::{PinDir, cmd, ifindex, in_netns, ip, neigh, ns_exec},
+    netns::{PinDir, Topology, cmd, ifindex, in_netns, ip, load_and_attach, neigh, ns_exec},
     relay::Relay,
 };
 use crate::packets::{Bond, DATA_DOWN, DATA_UP, ETH_P_IP, Ip, L4, OPEN, Outer, eth, wrapped};
@@ -166,12 +166,27 @@ struct Layout {
     sink_side: (Ipv4Addr, Ipv4Addr),
 }
 
-impl Bench {
-    /// Configures `dut` for this path.
-    pub(super) fn setup_dut(&mut self) -> Result<()> {
-        let dut = self.topo.dut.clone();
+/// What runs in `dut` for one path. Fields drop in order: the relay
+/// thread stops, bond's programs detach, their pins go.
+#[derive(Default)]
+pub(super) struct Dut {
+    pub relay: Option<Relay>,
+    bond: Option<(Ebpf, Maps)>,
+    pin: Option<PinDir>,
+    /// dut's namespace, for the flowtable paths (their forward chain's
+    /// counter).
+    flowtable: Option<String>,
+}
+
+impl Dut {
+    /// Configures `dut` for a path of `kind`: addresses, neighbours, and
+    /// what forwards (the bench object's programs come from `tools`; a
+    /// userspace relay runs on CPU `relay_cpu`).
+    pub fn setup(kind: Kind, topo: &Topology, tools: &mut Ebpf, relay_cpu: usize) -> Result<Self> {
+        let mut this = Self::default();
+        let dut = topo.dut.clone();
         let (in_idx, out_idx) = in_netns(&dut, || Ok((ifindex(DUT_IN)?, ifindex(DUT_OUT)?)))?;
-        let layout = self.kind.layout();
+        let layout = kind.layout();
         for (dev, (addr, far), far_mac) in [
             (DUT_IN, layout.gen_side, GEN_MAC),
             (DUT_OUT, layout.sink_side, SINK_MAC),
@@ -179,22 +194,21 @@ impl Bench {
             ip(&dut, &["addr", "add", &format!("{addr}/24"), "dev", dev])?;
             neigh(&dut, far, far_mac, dev)?;
         }
-        let down = self.kind.dir == Some(Dir::Down);
-        match self.kind.fwd {
+        let down = kind.dir == Some(Dir::Down);
+        match kind.fwd {
             Forwarder::Floor => {
-                let mut to: Array<_, u32> = self
-                    .tools
+                let mut to: Array<_, u32> = tools
                     .map_mut("REDIRECT_TO")
                     .context("map REDIRECT_TO")?
                     .try_into()?;
                 to.set(0, out_idx, 0).context("setting REDIRECT_TO")?;
-                self.attach_tool("bench_redirect")?;
+                load_and_attach(tools, "bench_redirect", &dut, DUT_IN)?;
             }
             Forwarder::Kernel | Forwarder::Flowtable => {
                 ns_exec(&dut, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-                let nat = self.kind.nat_dev();
+                let nat = kind.nat_dev();
                 let mut rules = String::from("table ip bfp {\n");
-                if self.kind.fwd == Forwarder::Flowtable {
+                if kind.fwd == Forwarder::Flowtable {
                     // Every UDP flow into the flowtable; the counter sees
                     // the packets that still take the forward path.
                     rules += &format!(
@@ -210,6 +224,9 @@ impl Bench {
                 );
                 let args = ["netns", "exec", &dut, "nft", "-f", "-"];
                 cmd("ip", &args, Some(&rules)).context("nftables rules")?;
+                if kind.fwd == Forwarder::Flowtable {
+                    this.flowtable = Some(dut.clone());
+                }
                 // Conntrack entries outlive the pauses between a path's
                 // runs (the other paths' turns).
                 ns_exec(
@@ -221,21 +238,21 @@ impl Bench {
                         "net.netfilter.nf_conntrack_udp_timeout_stream=3600",
                     ],
                 )?;
-                self.attach_tool("bench_pass")?;
+                load_and_attach(tools, "bench_pass", &dut, DUT_IN)?;
                 if down {
-                    self.open_conntrack()?;
+                    open_conntrack(&topo.sink)?;
                 }
             }
             Forwarder::UdpRelay | Forwarder::UdpRelayMmsg => {
-                self.attach_tool("bench_pass")?;
-                self.relay = Some(Relay::start(
+                load_and_attach(tools, "bench_pass", &dut, DUT_IN)?;
+                this.relay = Some(Relay::start(
                     &dut,
-                    self.cpus.relay,
-                    self.kind.fwd == Forwarder::UdpRelayMmsg,
+                    relay_cpu,
+                    kind.fwd == Forwarder::UdpRelayMmsg,
                 )?);
             }
             Forwarder::BondRelay => {
-                let pin = PinDir::new(&self.kind.tag())?;
+                let pin = PinDir::new(&kind.tag())?;
                 let ebpf = datapath::load(bond_datapath::ebpf::TERMINAL, &pin.0)
                     .context("loading bond's terminal object")?;
                 let maps = Maps::new(&pin.0);
@@ -273,13 +290,12 @@ impl Bench {
                     },
                 )?;
                 maps.set_neighbor(PEER_IP, peer_mac)?;
-                self.pin = Some(pin);
-                self.attach_bond(ebpf, maps, "bond_terminal")?;
+                this.attach_bond(ebpf, maps, pin, &dut, "bond_terminal")?;
             }
             Forwarder::BondServer => {
                 // bpf_fib_lookup needs forwarding on, as the agent sets it.
                 ns_exec(&dut, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-                let pin = PinDir::new(&self.kind.tag())?;
+                let pin = PinDir::new(&kind.tag())?;
                 let ebpf = datapath::load(bond_datapath::ebpf::SERVER, &pin.0)
                     .context("loading bond's server object")?;
                 let maps = Maps::new(&pin.0);
@@ -312,43 +328,35 @@ impl Bench {
                 // packet handling, not a full link (`links_full`).
                 maps.set_down_paths(COMMUNITY, &[(0, 1_000_000_000, 0)], DEFAULT_BACKLOG_US, 0)?;
                 maps.push_free_ports(NAT_PORTS)?;
-                self.pin = Some(pin);
-                self.attach_bond(ebpf, maps, "bond_server")?;
+                this.attach_bond(ebpf, maps, pin, &dut, "bond_server")?;
                 if down {
-                    self.open_server_flow(out_idx)?;
+                    this.open_server_flow(&dut, out_idx)?;
                 }
             }
         }
-        Ok(())
+        Ok(this)
     }
 
-    /// For the kernel's down paths: the conntrack entry the replies belong
-    /// to, from one datagram the LAN host (at the sink) sends to the
-    /// content server (at gen) through dut, masqueraded on the way.
-    fn open_conntrack(&self) -> Result<()> {
-        let sink = &self.topo.sink;
-        ip(
-            sink,
-            &["addr", "add", &format!("{PEER_IP}/24"), "dev", SINK_DEV],
-        )?;
-        neigh(sink, LAN_IP, OUT_MAC, SINK_DEV)?;
-        ip(
-            sink,
-            &["route", "add", "default", "via", &LAN_IP.to_string()],
-        )?;
-        in_netns(sink, || {
-            let s = UdpSocket::bind(SocketAddrV4::new(PEER_IP, USER_SPORT))
-                .context("binding the LAN host's socket")?;
-            s.send_to(b"open", SocketAddrV4::new(CONTENT_IP, USER_DPORT))
-                .context("sending the LAN host's first datagram")?;
-            Ok(())
-        })
+    /// Loads bond's program `prog` and attaches it to dut's in0; keeps the
+    /// object, its maps and their pins.
+    fn attach_bond(
+        &mut self,
+        mut ebpf: Ebpf,
+        maps: Maps,
+        pin: PinDir,
+        dut: &str,
+        prog: &str,
+    ) -> Result<()> {
+        load_and_attach(&mut ebpf, prog, dut, DUT_IN)?;
+        self.bond = Some((ebpf, maps));
+        self.pin = Some(pin);
+        Ok(())
     }
 
     /// For the server's down path: the flow the replies belong to, from
     /// one up packet (the up path's frame) run through `bond_server` as if
     /// it had come in on the WAN side, out0. It takes the first NAT port.
-    fn open_server_flow(&self, wan_idx: u32) -> Result<()> {
+    fn open_server_flow(&self, dut: &str, wan_idx: u32) -> Result<()> {
         let (ebpf, maps) = self.bond.as_ref().context("no bond object")?;
         let prog: &Xdp = ebpf
             .program("bond_server")
@@ -360,7 +368,7 @@ impl Bench {
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
-        let verdict = in_netns(&self.topo.dut, || {
+        let verdict = in_netns(dut, || {
             prog.test_run(TestRunOptions {
                 data_in: Some(&up),
                 ctx_in: Some(&ctx),
@@ -382,6 +390,88 @@ impl Bench {
         );
         Ok(())
     }
+
+    /// bond's non-zero drop counters and slow-path events, if any.
+    pub fn bond_counters(&self) -> Result<Option<String>> {
+        let Some((_, maps)) = self.bond.as_ref() else {
+            return Ok(None);
+        };
+        let mut bad = if maps.has("T_DROPS") {
+            maps.terminal_drops()
+        } else {
+            maps.server_drops()
+        }
+        .context("reading bond's drop counters")?;
+        if maps.has("S_EVENTS") {
+            let ev = maps
+                .server_events()
+                .context("reading the server's events")?;
+            bad.extend(
+                ev.into_iter()
+                    .filter(|e| e.0 == event::NAMES[event::SLOW_PATH as usize]),
+            );
+        }
+        let bad: Vec<String> = bad
+            .into_iter()
+            .filter(|c| c.1 != 0)
+            .map(|(n, v)| format!("{n} = {v}"))
+            .collect();
+        Ok((!bad.is_empty()).then(|| bad.join(", ")))
+    }
+
+    /// For the flowtable paths: how many packets have gone through the
+    /// forward chain (not the flowtable) so far, by its counter.
+    pub fn forwarded_slowly(&self) -> Result<Option<u64>> {
+        let Some(dut) = &self.flowtable else {
+            return Ok(None);
+        };
+        let listing = ns_exec(dut, "nft", &["list", "chain", "ip", "bfp", "forward"])?;
+        let packets = listing
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no packet counter in the forward chain:\n{listing}"))?;
+        Ok(Some(packets))
+    }
+}
+
+/// For the kernel's down paths: the conntrack entry the replies belong
+/// to, from one datagram the LAN host (at the sink) sends to the
+/// content server (at gen) through dut, masqueraded on the way.
+fn open_conntrack(sink: &str) -> Result<()> {
+    ip(
+        sink,
+        &["addr", "add", &format!("{PEER_IP}/24"), "dev", SINK_DEV],
+    )?;
+    neigh(sink, LAN_IP, OUT_MAC, SINK_DEV)?;
+    ip(
+        sink,
+        &["route", "add", "default", "via", &LAN_IP.to_string()],
+    )?;
+    in_netns(sink, || {
+        let s = UdpSocket::bind(SocketAddrV4::new(PEER_IP, USER_SPORT))
+            .context("binding the LAN host's socket")?;
+        s.send_to(b"open", SocketAddrV4::new(CONTENT_IP, USER_DPORT))
+            .context("sending the LAN host's first datagram")?;
+        Ok(())
+    })
+}
+
+/// What a path should deliver for one test frame.
+pub(super) enum Expect {
+    /// Exactly these bytes.
+    Frame(Vec<u8>),
+    /// These bytes, but for the bond header's send time and link number,
+    /// which the program chooses ([`packets::fill_open`]).
+    Wrapped(Vec<u8>),
+    /// A UDP datagram with this payload between these endpoints (the IP
+    /// header's id and flags are the sender kernel's choice).
+    Udp {
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: Vec<u8>,
+    },
 }
 
 /// The frame the generator sends on a path, and what the sink should get

@@ -13,30 +13,11 @@ use super::community::{Link, measured_key, median, origin, token, up_frame};
 use super::report::{
     Step, n, report_findings, report_flow_setup, report_memory, report_packet_rate, report_setup,
 };
-use super::server::{Memory, Pass, Server, Writes};
+use super::server::{Memory, Pass, Phase, Server, Writes};
 use super::{
     DEFAULT_PORTS, LINK_KBIT, LINKS, NAT_IP, PORT, PORT_MAX, PORT_MIN, PORTS, Scale, TERMINALS,
     WAN_IP,
 };
-
-/// What one table state (empty or full) measured: medians over the
-/// interleaved rounds.
-pub(super) struct Phase {
-    /// The K packets that create flows, and the same packets again.
-    pub(super) new: Pass,
-    pub(super) hit: Pass,
-    /// Established flows, upstream and downstream: one flow over and over,
-    /// and K flows in turn (at the full table drawn from all of it).
-    pub(super) hot_up: Pass,
-    pub(super) hot_down: Pass,
-    pub(super) spread_up: Pass,
-    pub(super) spread_down: Pass,
-    /// The harness's own cost at this point of the run.
-    pub(super) floor: Pass,
-    /// The widest spread between rounds of any of the above: (slowest -
-    /// fastest) / median, of the kernel times.
-    pub(super) noise: f64,
-}
 
 /// The frames of one server's packet-rate passes.
 pub(super) struct Workload {

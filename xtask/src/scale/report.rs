@@ -6,8 +6,7 @@ use std::{fmt::Write as _, time::Duration};
 use anyhow::{Context as _, Result};
 use bond_common::maps::name;
 
-use super::measure::Phase;
-use super::server::{Memory, RepeatCheck, Writes};
+use super::server::{Memory, Phase, RepeatCheck, Writes};
 use super::{DEFAULT_PORTS, LINKS, PORT_MAX, PORT_MIN, PORTS, REPEAT_CHECK, Scale, TERMINALS};
 
 /// One timed set-up step.

@@ -25,6 +25,25 @@ pub(super) struct Server {
     pub(super) _pin: PinDir,
 }
 
+/// What one table state (empty or full) measured: medians over the
+/// interleaved rounds.
+pub(super) struct Phase {
+    /// The K packets that create flows, and the same packets again.
+    pub(super) new: Pass,
+    pub(super) hit: Pass,
+    /// Established flows, upstream and downstream: one flow over and over,
+    /// and K flows in turn (at the full table drawn from all of it).
+    pub(super) hot_up: Pass,
+    pub(super) hot_down: Pass,
+    pub(super) spread_up: Pass,
+    pub(super) spread_down: Pass,
+    /// The harness's own cost at this point of the run.
+    pub(super) floor: Pass,
+    /// The widest spread between rounds of any of the above: (slowest -
+    /// fastest) / median, of the kernel times.
+    pub(super) noise: f64,
+}
+
 /// Per-call timings of one pass over a list of frames.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Pass {
