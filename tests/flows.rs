@@ -470,3 +470,39 @@ fn a_member_cannot_reach_what_the_server_denies() {
         "still local"
     );
 }
+
+/// An ICMP error about a flow reaches the application that sent the
+/// packet: a datagram to a closed port of the content host comes back as
+/// "connection refused" on the origin's connected socket, the server
+/// having translated the port-unreachable back to it.
+#[test]
+fn a_port_unreachable_reaches_the_application_through_bond() {
+    let lab = lab("20000-20009", "");
+    let script = "import socket\n\
+                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                  s.settimeout(3)\n\
+                  s.connect(('203.0.113.2', 9999))\n\
+                  s.send(b'anyone there?')\n\
+                  try:\n\
+                  \x20   s.recv(2048)\n\
+                  \x20   print('answered')\n\
+                  except ConnectionRefusedError:\n\
+                  \x20   print('refused')\n\
+                  except socket.timeout:\n\
+                  \x20   print('timeout')\n";
+    let relayed = || {
+        server_maps(&lab)
+            .server_events()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.0 == "icmp_errors_relayed")
+            .expect("event icmp_errors_relayed")
+            .1
+    };
+    let before = relayed();
+    let out = lab
+        .exec(&lab.terminals[0].ns, "python3", &["-c", script])
+        .expect("udp client");
+    assert_eq!(out.trim(), "refused");
+    assert_eq!(relayed() - before, 1);
+}

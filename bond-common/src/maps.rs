@@ -66,12 +66,16 @@ pub mod event {
     /// A downstream packet too big for the links, answered with ICMP
     /// fragmentation needed (it is counted as a `too_big` drop as well).
     pub const FRAG_NEEDED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// An ICMP error about a flow's packet, translated and sent on to the
+    /// flow's origin.
+    pub const ICMP_ERROR_RELAYED: u32 = 4;
+    pub const COUNT: u32 = 5;
     pub const NAMES: [&str; COUNT as usize] = [
         "slow_path",
         "flows_created",
         "flow_race",
         "frag_needed_sent",
+        "icmp_errors_relayed",
     ];
 }
 

@@ -306,9 +306,13 @@ pub fn outer_headers(
     h
 }
 
-/// ICMP destination unreachable (RFC 792), code "fragmentation needed and
-/// DF set" (RFC 1191: the next-hop MTU in the last two bytes).
+/// ICMP error types (RFC 792): destination unreachable, time exceeded,
+/// parameter problem.
 pub const ICMP_UNREACHABLE: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Destination unreachable's code "fragmentation needed and DF set" (RFC
+/// 1191: the next-hop MTU in the last two bytes).
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// What a fragmentation-needed error carries after its Ethernet header:
 /// IPv4, ICMP, and the offending packet's IPv4 header and first 8 bytes.

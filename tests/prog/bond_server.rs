@@ -487,6 +487,150 @@ fn server_refuses_members_packets_to_denied_destinations() {
     });
 }
 
+/// ICMP errors about a flow's packets reach its origin: time exceeded
+/// (traceroute), port unreachable, fragmentation needed (path MTU), about
+/// UDP, TCP and echo, with 8 bytes of the packet or more; the error's
+/// destination, the embedded source address and port, and every checksum
+/// as if the origin had sent the packet itself (exact bytes, built apart).
+#[test]
+fn server_sends_icmp_errors_about_a_flow_back_to_its_origin() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-icmp-errors", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let router = ip4("203.0.113.254");
+        let udp = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 53));
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40001, 443));
+        let ping = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 0x99, seq: 3 });
+        expect_up(&s, "UDP up", l0, &udp, 20000);
+        expect_up(&s, "TCP up", l0, &tcp, 20001);
+        expect_up(&s, "echo up", l0, &ping, 20002);
+        use crate::IcmpError::*;
+        // (what, from, error, packet, its dedicated port, its TTL where it
+        // failed, bytes of it carried)
+        let cases = [
+            (
+                "time exceeded, UDP",
+                router,
+                TimeExceeded,
+                &udp,
+                20000,
+                1,
+                28,
+            ),
+            (
+                "port unreachable, all of the UDP",
+                CONTENT,
+                PortUnreachable,
+                &udp,
+                20000,
+                63,
+                999,
+            ),
+            (
+                "fragmentation needed, TCP, 8 bytes",
+                router,
+                FragNeeded(1400),
+                &tcp,
+                20001,
+                5,
+                28,
+            ),
+            (
+                "fragmentation needed, TCP with its checksum",
+                router,
+                FragNeeded(1280),
+                &tcp,
+                20001,
+                5,
+                48,
+            ),
+            (
+                "time exceeded, echo",
+                router,
+                TimeExceeded,
+                &ping,
+                20002,
+                1,
+                28,
+            ),
+        ];
+        for (i, (what, from, kind, p, port, ttl, n)) in cases.into_iter().enumerate() {
+            let left = Ip {
+                src: NAT_IP,
+                ttl,
+                l4: p.l4.with_src_port(port),
+                ..p.clone()
+            };
+            let error = error_about(from, kind, &left, n);
+            let mine = Ip { ttl, ..p.clone() };
+            let link = [l0, l1][i % 2];
+            let want = error_for_origin(&error, &mine, n, link);
+            let frame = error.frame(CNT_DEV_MAC, CONTENT_MAC);
+            s.expect("bond_server", what, &frame, XDP_REDIRECT, Some(&want));
+            assert_wrapped_checksums(&want, what);
+        }
+        assert_eq!(s.event("icmp_errors_relayed"), cases.len() as u64);
+        assert_eq!(s.nonzero_drops(), vec![]);
+    });
+}
+
+/// An ICMP error about a port without a flow, or about a packet to a host
+/// the origin never sent to, is dropped and counted; one about the
+/// server's own traffic is the kernel's; one cut short is truncated.
+#[test]
+fn server_drops_icmp_errors_about_strangers_and_passes_its_own() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-icmp-strangers", 20000..=20010);
+        let [l0, _, _] = LINKS;
+        let udp = Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 53));
+        expect_up(&s, "UDP up", l0, &udp, 20000);
+        let router = ip4("203.0.113.254");
+        let left = |dst: Ipv4Addr, src: Ipv4Addr, port: u16| Ip {
+            src,
+            dst,
+            l4: L4::udp(port, 53),
+            ..udp.clone()
+        };
+        let error = |p: &Ip, n| {
+            error_about(router, IcmpError::TimeExceeded, p, n).frame(CNT_DEV_MAC, CONTENT_MAC)
+        };
+        let cases = [
+            (
+                "no flow on the port",
+                error(&left(CONTENT, NAT_IP, 20005), 28),
+                "no_flow",
+            ),
+            (
+                "a host the origin never sent to",
+                error(&left(CONTENT_2, NAT_IP, 20000), 28),
+                "filtered",
+            ),
+            (
+                "fewer than 8 bytes of it",
+                error(&left(CONTENT, NAT_IP, 20000), 27),
+                "truncated",
+            ),
+        ];
+        for (what, frame, reason) in cases {
+            s.expect_drop("bond_server", what, &frame, XDP_DROP, reason);
+        }
+        let own = error(&left(CONTENT, WAN_IP, 20000), 28);
+        s.expect(
+            "bond_server",
+            "about the server's own traffic",
+            &own,
+            XDP_PASS,
+            Some(&own),
+        );
+        assert_eq!(s.event("icmp_errors_relayed"), 0);
+        assert_eq!(s.maps.server_link_stats(0).unwrap().down_pkts, 0);
+    });
+}
+
 #[test]
 fn server_drops_bad_upstream_without_creating_flows() {
     use srv::*;

@@ -460,8 +460,33 @@ fn server_cut_at_every_offset() {
                 s.check(&c, "bond_server", &what, &frame[..len], &want);
             }
         }
+        // An ICMP error about the UDP flow's packet, where link 0's queue
+        // (one reply) ends first: until its type can be read it is like
+        // any ICMP to the NAT address (the kernel's), then the IPv4 header
+        // says more came.
+        let udp = Ip::new(ORIGIN_A, CONTENT, l4s[1]);
+        let left = Ip {
+            src: NAT_IP,
+            ttl: 1,
+            l4: l4s[1].with_src_port(20001),
+            ..udp.clone()
+        };
+        let error = error_about(ip4("203.0.113.254"), IcmpError::TimeExceeded, &left, 28);
+        let mine = Ip { ttl: 1, ..udp };
+        let frame = error.frame(CNT_DEV_MAC, CONTENT_MAC);
+        let whole = Want::Out(XDP_REDIRECT, error_for_origin(&error, &mine, 28, l0));
+        for len in 0..=frame.len() {
+            let what = format!("ICMP error cut at {len}");
+            let want = match len {
+                0..14 => Want::Refused(EINVAL),
+                14..36 => Want::Untouched,
+                _ if len == frame.len() => whole.clone(),
+                _ => Want::Drop("inner_bad_header"),
+            };
+            s.check(&c, "bond_server", &what, &frame[..len], &want);
+        }
         assert_eq!(s.maps.flows().unwrap().len(), 3);
-        for (idx, up, down) in [(0, 3, 1), (1, 0, 2)] {
+        for (idx, up, down) in [(0, 3, 2), (1, 0, 2)] {
             let st = s.maps.server_link_stats(idx).unwrap();
             assert_eq!((st.up_pkts, st.down_pkts), (up, down), "link {idx}");
         }

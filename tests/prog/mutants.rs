@@ -412,10 +412,50 @@ mod fuzz_check {
             &NAT_IP.octets(),
             "{what}: to the NAT address"
         );
+        if is_icmp_error(input) {
+            return down_error(what, m, input, out);
+        }
         let proto = input[OUTER_IP + 9];
         let e = m
             .nat(proto, port_of(input, 14, true))
             .unwrap_or_else(|| panic!("{what}: no NAT entry"));
+        to_origin(what, m, &e, out);
+        assert_eq!(port_of(out, INNER, true), e.port, "{what}: inner port");
+        assert_eq!(
+            &out[INNER + 12..INNER + 16],
+            &input[26..30],
+            "{what}: inner source"
+        );
+    }
+
+    /// Whether a frame is an ICMP error with a plain IPv4 header.
+    pub fn is_icmp_error(f: &[u8]) -> bool {
+        f.len() > 35 && f[14] == 0x45 && f[23] == 1 && matches!(f[34], 3 | 11 | 12)
+    }
+
+    /// An ICMP error passed on: to the origin of the flow its embedded
+    /// packet belongs to, the embedded source address and port the
+    /// origin's, the error's source unchanged.
+    fn down_error(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
+        const EMB: usize = 14 + 20 + 8;
+        let e = m
+            .nat(input[EMB + 9], port_of(input, EMB, false))
+            .unwrap_or_else(|| panic!("{what}: no NAT entry for the embedded packet"));
+        to_origin(what, m, &e, out);
+        let emb = INNER + 28;
+        assert_eq!(get32(out, emb + 12), e.origin, "{what}: embedded source");
+        assert_eq!(port_of(out, emb, false), e.port, "{what}: embedded port");
+        assert_eq!(
+            &out[INNER + 12..INNER + 16],
+            &input[26..30],
+            "{what}: the error's source"
+        );
+    }
+
+    /// A wrapped packet for `e`'s origin, with its token, on a scheduled
+    /// link, its inner destination the origin.
+    fn to_origin(what: &str, m: &ServerMaps, e: &NatEntry, out: &[u8]) {
+        use srv::*;
         bond_ok(what, out, e.community);
         assert_eq!(out[BOND + 3], DATA_DOWN, "{what}: kind");
         assert_eq!(get32(out, BOND + 8), e.origin, "{what}: origin");
@@ -432,12 +472,6 @@ mod fuzz_check {
             get32(out, INNER + 16),
             e.origin,
             "{what}: inner destination"
-        );
-        assert_eq!(port_of(out, INNER, true), e.port, "{what}: inner port");
-        assert_eq!(
-            &out[INNER + 12..INNER + 16],
-            &input[26..30],
-            "{what}: inner source"
         );
     }
 
@@ -497,6 +531,14 @@ fn server_survives_mutants() {
                 expect_up(&s, "a flow to mutate", link, &ip, nat);
                 fixtures.push((Up::new(link, &ip).frame(), true));
                 fixtures.push((reply(&ip, nat).frame(CNT_DEV_MAC, CONTENT_MAC), false));
+                // An ICMP error about the flow's packet, with all of it.
+                let left = Ip {
+                    src: NAT_IP,
+                    l4: l4.with_src_port(nat),
+                    ..ip.clone()
+                };
+                let error = error_about(CONTENT, IcmpError::PortUnreachable, &left, 999);
+                fixtures.push((error.frame(CNT_DEV_MAC, CONTENT_MAC), false));
             }
         }
         // And an inner UDP packet's UDP length.

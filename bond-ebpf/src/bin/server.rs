@@ -41,7 +41,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use bond_common::{
-    drops,
+    csum, drops,
     edpf::Paths,
     maps::{
         Flow, FlowKey, Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES,
@@ -50,7 +50,8 @@ use bond_common::{
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        INNER_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, kind,
+        ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, INNER_OFF, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -476,6 +477,9 @@ fn flow_for(
 #[inline(always)]
 fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u32> {
     let ihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
+    if is_icmp_error(ctx, proto, ihl) {
+        return icmp_error(ctx, cfg);
+    }
     // The port is found where the header says it is, options or not.
     let Some(port) = dest_port(ctx, proto, ETH_LEN + usize::from(ihl & 0x0f) * 4) else {
         return PASS;
@@ -555,6 +559,37 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         return answer_too_big(ctx, cfg, h, l4head);
     }
     // Pick the link first: nothing is counted for a packet that is dropped.
+    let d = pick_down(&nat, len)?;
+    // SAFETY: live map value; statistics, as upstream.
+    unsafe {
+        (*flow).last_seen_ns = d.now;
+        (*flow).down_pkts += 1;
+        (*flow).down_bytes += u64::from(len);
+        if let Some(fl) = tcp_flags {
+            (*flow).state = Flow::tcp_state((*flow).state, fl);
+        }
+    }
+    if !nat_rewrite(ctx, ETH_LEN, 16, nat.origin, l4, nat.port) {
+        return Err(drops::TRUNCATED);
+    }
+    wrap_down(ctx, cfg, &nat, &d, len, pure_ack)
+}
+
+/// Where a downstream packet goes: the link it arrives first on, and the
+/// origin's session token; `now` is when it was picked.
+struct Down {
+    idx: u32,
+    link_ip: u32,
+    link_port: u16,
+    link_id: u8,
+    token: u64,
+    now: u64,
+}
+
+/// Picks the link of `nat`'s community where a packet of `len` bytes
+/// (wrapped) arrives first, and charges it.
+#[inline(always)]
+fn pick_down(nat: &NatEntry, len: u16) -> Result<Down, u32> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let paths = S_PATHS.get_ptr_mut(nat.community).ok_or(drops::NO_LINKS)?;
@@ -573,40 +608,47 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     };
     // SAFETY: the value is only read; the agent replaces entries whole.
     let token = unsafe { S_SESSIONS.get(skey) }.ok_or(drops::NO_FLOW)?.token;
-    let sent = wire::sent_us(now);
-    // SAFETY: live map value; statistics, as upstream.
-    unsafe {
-        (*flow).last_seen_ns = now;
-        (*flow).down_pkts += 1;
-        (*flow).down_bytes += u64::from(len);
-        if let Some(fl) = tcp_flags {
-            (*flow).state = Flow::tcp_state((*flow).state, fl);
-        }
-    }
-    let (link_ip, link_port, link_id) = (link.ip, link.port, link.link);
+    Ok(Down {
+        idx,
+        link_ip: link.ip,
+        link_port: link.port,
+        link_id: link.link,
+        token,
+        now,
+    })
+}
 
-    if !nat_rewrite(ctx, ETH_LEN, 16, nat.origin, l4, nat.port) {
-        return Err(drops::TRUNCATED);
-    }
+/// Wraps the rewritten packet (`len` bytes behind Ethernet) as DATA_DOWN
+/// for `nat`'s origin, keeps a copy for it to ask for again (not of pure
+/// ACKs, which are not numbered either), and sends it on `d`'s link.
+#[inline(always)]
+fn wrap_down(
+    ctx: &XdpContext,
+    cfg: &ServerConfig,
+    nat: &NatEntry,
+    d: &Down,
+    len: u16,
+    pure_ack: bool,
+) -> Result<u32, u32> {
+    let sent = wire::sent_us(d.now);
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER_LEN as i32)) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    let outer = wire::outer_headers((cfg.wan_ip, cfg.port), (link_ip, link_port), len);
-    // Pure ACKs are not counted: the origin's playout never sees them.
+    let outer = wire::outer_headers((cfg.wan_ip, cfg.port), (d.link_ip, d.link_port), len);
     let seq = if pure_ack {
         0
     } else {
-        next_seq(&S_LINK_SEQ, idx)
+        next_seq(&S_LINK_SEQ, d.idx)
     };
     let b = BondHdr::new(
         kind::DATA_DOWN,
         nat.community,
-        link_id,
+        d.link_id,
         nat.origin,
         sent,
-        token,
+        d.token,
     )
     .with_seq(seq)
     .to_bytes();
@@ -615,10 +657,10 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
     }
     if !pure_ack {
         let n = BondHdr::LEN + usize::from(len);
-        let head = (nat.community, idx, link_id, seq, sent);
+        let head = (nat.community, d.idx, d.link_id, seq, sent);
         keep(ctx, &S_KEPT, &S_KEPT_NEXT, wire::BOND_OFF, n, head);
     }
-    link_stats(&S_LINK_STATS, idx, |s| {
+    link_stats(&S_LINK_STATS, d.idx, |s| {
         s.down_pkts += 1;
         s.down_bytes += u64::from(len);
     });
@@ -626,11 +668,165 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         ctx,
         IPPROTO_UDP,
         cfg.wan_ip,
-        link_ip,
+        d.link_ip,
         len + OUTER_LEN as u16,
     );
     let rc = fib_lookup(ctx, &mut fib);
     forward(ctx, rc, &fib, macs)
+}
+
+// ------------------------------------------------------------ ICMP errors --
+
+/// Whether the packet at the NAT address is an ICMP error (destination
+/// unreachable, time exceeded, parameter problem) with a plain header.
+#[inline(always)]
+fn is_icmp_error(ctx: &XdpContext, proto: u8, vihl: u8) -> bool {
+    proto == IPPROTO_ICMP
+        && vihl == wire::IPV4_VIHL
+        && read::<2>(ctx, ETH_LEN + IPV4_LEN).is_some_and(|t| {
+            matches!(
+                t[0],
+                ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+            )
+        })
+}
+
+/// An ICMP error about a packet a flow sent (its header and first 8 bytes
+/// embedded, from the NAT address and a dedicated port) goes back to the
+/// flow's origin, so traceroute, path MTU discovery and port-unreachable
+/// work through bond: the error's destination becomes the origin, the
+/// embedded source address and port the origin's, and the embedded
+/// checksums and the ICMP checksum follow (RFC 5508 REQ-3, RFC 4787
+/// REQ-11). It passes the flow's filter as a reply does, on the embedded
+/// destination (the error may come from any router on the way). An error
+/// about anything else (the server's own traffic) is the kernel's.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
+    const ICMP: usize = ETH_LEN + IPV4_LEN;
+    const EMB: usize = ICMP + 8;
+    const EMB_L4: usize = EMB + IPV4_LEN;
+    let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
+    let len = u16::from_be_bytes([h[2], h[3]]);
+    if usize::from(len) > ctx.packet_len() - ETH_LEN {
+        return Err(drops::INNER_BAD_HEADER);
+    }
+    if usize::from(len) < EMB_L4 + 8 - ETH_LEN {
+        return Err(drops::TRUNCATED);
+    }
+    if u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT != 0 {
+        return Err(drops::INNER_FRAGMENT);
+    }
+    if h[8] <= 1 {
+        return Err(drops::TTL_EXCEEDED);
+    }
+    let e = read::<20>(ctx, EMB).ok_or(drops::TRUNCATED)?;
+    let el4 = read::<8>(ctx, EMB_L4).ok_or(drops::TRUNCATED)?;
+    let nat_ip = u32::from_be_bytes([e[12], e[13], e[14], e[15]]);
+    if e[0] != wire::IPV4_VIHL || nat_ip != cfg.nat_ip {
+        return PASS;
+    }
+    let be16 = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+    let proto = e[9];
+    // The embedded packet's dedicated port, its destination port, and
+    // where its port and checksum fields are.
+    let (port, remote_port, port_off, check_off) = match proto {
+        IPPROTO_TCP => (
+            be16(el4[0], el4[1]),
+            be16(el4[2], el4[3]),
+            EMB_L4,
+            EMB_L4 + 16,
+        ),
+        IPPROTO_UDP => (
+            be16(el4[0], el4[1]),
+            be16(el4[2], el4[3]),
+            EMB_L4,
+            EMB_L4 + 6,
+        ),
+        IPPROTO_ICMP if el4[0] == ICMP_ECHO_REQUEST => {
+            (be16(el4[4], el4[5]), 0, EMB_L4 + 4, EMB_L4 + 2)
+        }
+        _ => return PASS,
+    };
+    if port < cfg.port_min || port > cfg.port_max {
+        return PASS;
+    }
+    // SAFETY: read-only use of a map value.
+    let nat = *unsafe {
+        S_NAT.get(NatKey {
+            proto,
+            _pad: 0,
+            port,
+        })
+    }
+    .ok_or(drops::NO_FLOW)?;
+    let fkey = FlowKey {
+        community: nat.community,
+        proto,
+        _pad: 0,
+        origin: nat.origin,
+        port: nat.port,
+        _pad2: 0,
+    };
+    let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
+    let remote = u32::from_be_bytes([e[16], e[17], e[18], e[19]]);
+    if let Some((key, created)) = permit_for(flow, proto, (remote, remote_port))
+        // SAFETY: read-only use of a map value.
+        && unsafe { S_PERMITS.get(key) } != Some(&created)
+    {
+        return Err(drops::FILTERED);
+    }
+    // Never an error about an error: one too big for the links is lost.
+    if cfg.link_mtu != 0 && u32::from(len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
+        return Err(drops::TOO_BIG);
+    }
+    let d = pick_down(&nat, len)?;
+
+    // The error's own header: to the origin, one hop less to live.
+    let ttl_proto = be16(h[8], h[9]);
+    let new_ttl_proto = ttl_proto.wrapping_sub(0x100);
+    let ip_check = csum::replace16(
+        csum::replace32(be16(h[10], h[11]), cfg.nat_ip, nat.origin),
+        ttl_proto,
+        new_ttl_proto,
+    );
+    // The embedded header: from the origin and its port.
+    let emb_check = be16(e[10], e[11]);
+    let new_emb_check = csum::replace32(emb_check, nat_ip, nat.origin);
+    // Its transport checksum, where the error carries it (a TCP one lies
+    // past the first 8 bytes and is often cut off).
+    let l4_check = if check_off + 2 <= ETH_LEN + usize::from(len) {
+        read_u16(ctx, check_off)
+    } else {
+        None
+    };
+    let new_l4_check = l4_check.map(|c| match proto {
+        IPPROTO_UDP => {
+            csum::udp_replace16(csum::udp_replace32(c, nat_ip, nat.origin), port, nat.port)
+        }
+        IPPROTO_TCP => csum::replace16(csum::replace32(c, nat_ip, nat.origin), port, nat.port),
+        _ => csum::replace16(c, port, nat.port),
+    });
+    // The ICMP checksum covers every embedded word that changed.
+    let mut icmp_check = read_u16(ctx, ICMP + 2).ok_or(drops::TRUNCATED)?;
+    icmp_check = csum::replace32(icmp_check, nat_ip, nat.origin);
+    icmp_check = csum::replace16(icmp_check, emb_check, new_emb_check);
+    icmp_check = csum::replace16(icmp_check, port, nat.port);
+    if let (Some(old), Some(new)) = (l4_check, new_l4_check) {
+        icmp_check = csum::replace16(icmp_check, old, new);
+    }
+    let written = write(ctx, ETH_LEN + 8, new_ttl_proto.to_be_bytes())
+        && write(ctx, ETH_LEN + 10, ip_check.to_be_bytes())
+        && write(ctx, ETH_LEN + 16, nat.origin.to_be_bytes())
+        && write(ctx, ICMP + 2, icmp_check.to_be_bytes())
+        && write(ctx, EMB + 10, new_emb_check.to_be_bytes())
+        && write(ctx, EMB + 12, nat.origin.to_be_bytes())
+        && write(ctx, port_off, nat.port.to_be_bytes())
+        && new_l4_check.is_none_or(|c| write(ctx, check_off, c.to_be_bytes()));
+    if !written {
+        return Err(drops::TRUNCATED);
+    }
+    count(&S_EVENTS, event::ICMP_ERROR_RELAYED);
+    wrap_down(ctx, cfg, &nat, &d, len, false)
 }
 
 /// Turns a downstream packet too big for the links into an ICMP

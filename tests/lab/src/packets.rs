@@ -49,6 +49,21 @@ pub enum L4 {
     },
     /// ICMP destination unreachable (port unreachable): not an echo.
     Unreachable,
+    /// An ICMP error; the packet's payload is the offending packet's
+    /// header and first bytes.
+    Error(IcmpError),
+}
+
+/// The ICMP errors the fixtures send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    /// Time exceeded in transit (type 11, code 0): traceroute's answer.
+    TimeExceeded,
+    /// Destination unreachable, port unreachable (type 3, code 3).
+    PortUnreachable,
+    /// Destination unreachable, fragmentation needed (type 3, code 4),
+    /// with the next hop's MTU.
+    FragNeeded(u16),
 }
 
 impl L4 {
@@ -67,7 +82,7 @@ impl L4 {
             Self::Udp { dport, .. } => Self::Udp { sport: p, dport },
             Self::EchoRequest { seq, .. } => Self::EchoRequest { id: p, seq },
             Self::EchoReply { seq, .. } => Self::EchoReply { id: p, seq },
-            Self::Unreachable => self,
+            Self::Unreachable | Self::Error(_) => self,
         }
     }
 
@@ -78,7 +93,7 @@ impl L4 {
             Self::Udp { sport, .. } => Self::Udp { sport, dport: p },
             Self::EchoRequest { seq, .. } => Self::EchoRequest { id: p, seq },
             Self::EchoReply { seq, .. } => Self::EchoReply { id: p, seq },
-            Self::Unreachable => self,
+            Self::Unreachable | Self::Error(_) => self,
         }
     }
 
@@ -167,6 +182,22 @@ impl Ip {
                     etherparse::icmpv4::DestUnreachableHeader::Port,
                 ))
                 .write(&mut out, &self.payload),
+            L4::Error(e) => {
+                use etherparse::{
+                    Icmpv4Type as T,
+                    icmpv4::{DestUnreachableHeader as U, TimeExceededCode},
+                };
+                let kind = match e {
+                    IcmpError::TimeExceeded => {
+                        T::TimeExceeded(TimeExceededCode::TtlExceededInTransit)
+                    }
+                    IcmpError::PortUnreachable => T::DestinationUnreachable(U::Port),
+                    IcmpError::FragNeeded(mtu) => {
+                        T::DestinationUnreachable(U::FragmentationNeeded { next_hop_mtu: mtu })
+                    }
+                };
+                ip.icmpv4(kind).write(&mut out, &self.payload)
+            }
         }
         .expect("build inner packet");
         out
