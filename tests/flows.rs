@@ -1,7 +1,9 @@
 //! Flows with real traffic through real kernels: idle UDP, closed TCP and
 //! ICMP echo flows leave the server's table after their timeouts, and
 //! their dedicated ports serve new flows; replies come in only from where
-//! an origin sent; members cannot reach what the server denies.
+//! an origin sent; ICMP errors about a flow reach its origin (port
+//! unreachable, traceroute, path MTU); members cannot reach what the
+//! server denies.
 //!
 //! Run one at a time (`--test-threads=1`): they measure times.
 
@@ -505,4 +507,49 @@ fn a_port_unreachable_reaches_the_application_through_bond() {
         .expect("udp client");
     assert_eq!(out.trim(), "refused");
     assert_eq!(relayed() - before, 1);
+}
+
+/// Through bond, a traceroute shows the router beyond the server (its
+/// time-exceeded errors come back), and a DF sender learns the smaller MTU
+/// of the link past that router (its fragmentation-needed error does).
+#[test]
+fn traceroute_and_path_mtu_discovery_work_beyond_the_server() {
+    let mut lab = lab("20000-20999", "");
+    lab.add_far_host(1280).expect("far host");
+    let t1 = lab.terminals[0].ns.clone();
+    let far = bond_lab::FAR.to_string();
+    let trace = lab
+        .exec(
+            &t1,
+            "traceroute",
+            &["-n", "-q", "1", "-w", "2", "-m", "4", &far],
+        )
+        .expect("traceroute");
+    let hops: Vec<Vec<&str>> = trace
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // Hop 1 is the server, which drops what expires there; hop 2 the
+    // content host, routing; hop 3 the far host itself.
+    let hop = |n: usize| hops.get(n - 1).and_then(|h| h.get(1)).copied();
+    assert_eq!(hop(2), Some("203.0.113.2"), "{trace}");
+    assert_eq!(hop(3), Some(far.as_str()), "{trace}");
+
+    // 1328-byte pings with DF: the router says 1280, the origin learns it.
+    let ping = lab
+        .cmd(&t1, "ping")
+        .args([
+            "-M", "do", "-s", "1300", "-c", "3", "-i", "0.3", "-W", "1", &far,
+        ])
+        .output()
+        .expect("ping");
+    let said =
+        String::from_utf8_lossy(&ping.stdout).into_owned() + &String::from_utf8_lossy(&ping.stderr);
+    assert!(
+        said.contains("mtu = 1280") || said.contains("mtu=1280"),
+        "{said}"
+    );
+    let route = lab.ip(&t1, &format!("route get {far}")).unwrap();
+    assert!(route.contains("mtu 1280"), "{route}");
 }

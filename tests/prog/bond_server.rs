@@ -994,14 +994,20 @@ fn server_slow_path_and_no_route() {
         let [l0, _, l2] = LINKS;
 
         // Upstream to a neighbour the kernel has not resolved: rewritten,
-        // handed to the kernel still addressed to this host.
+        // handed to the kernel still addressed to this host, with its TTL
+        // as it came (the kernel's forwarding takes the hop off: once).
         let ip = Ip::new(ORIGIN_A, CONTENT_UNRESOLVED, L4::udp(40000, 53));
         let up = Up::new(l0, &ip);
+        let unwrapped = Ip {
+            src: NAT_IP,
+            l4: ip.l4.with_src_port(20000),
+            ..ip.clone()
+        };
         let want = eth(
             up.outer.dst_mac,
             up.outer.src_mac,
             ETH_P_IP,
-            &unwrapped(&ip, 20000),
+            &unwrapped.bytes(),
         );
         s.expect(
             "bond_server",

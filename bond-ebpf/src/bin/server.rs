@@ -308,7 +308,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER_LEN as i32) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    forward(ctx, rc, &fib, macs)
+    forward(ctx, rc, &fib, macs, true)
 }
 
 /// The inner IPv4 header of a wrapped packet, checked.
@@ -672,7 +672,7 @@ fn wrap_down(
         len + OUTER_LEN as u16,
     );
     let rc = fib_lookup(ctx, &mut fib);
-    forward(ctx, rc, &fib, macs)
+    forward(ctx, rc, &fib, macs, false)
 }
 
 // ------------------------------------------------------------ ICMP errors --
@@ -906,8 +906,16 @@ fn routable(rc: u32) -> Result<(), u32> {
 /// Sends a rewritten packet (Ethernet header still to be written) towards
 /// the next hop the FIB gave, or to the kernel when the neighbour is not
 /// resolved yet. `macs` is the frame's original destination and source.
+/// `forwarded` says the packet's TTL already lost this hop (an unwrapped
+/// packet): the kernel takes the hop off itself, so it gets the hop back.
 #[inline(always)]
-fn forward(ctx: &XdpContext, rc: u32, fib: &FibParams, macs: [u8; 12]) -> Result<u32, u32> {
+fn forward(
+    ctx: &XdpContext,
+    rc: u32,
+    fib: &FibParams,
+    macs: [u8; 12],
+    forwarded: bool,
+) -> Result<u32, u32> {
     routable(rc)?;
     let mut eth = [0u8; 14];
     eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
@@ -925,6 +933,17 @@ fn forward(ctx: &XdpContext, rc: u32, fib: &FibParams, macs: [u8; 12]) -> Result
     eth[..12].copy_from_slice(&macs);
     if !write(ctx, 0, eth) {
         return Err(drops::TRUNCATED);
+    }
+    if forwarded {
+        let ttl_proto = read_u16(ctx, ETH_LEN + 8).ok_or(drops::TRUNCATED)?;
+        let check = read_u16(ctx, ETH_LEN + 10).ok_or(drops::TRUNCATED)?;
+        let back = ttl_proto.wrapping_add(0x100);
+        let check = csum::replace16(check, ttl_proto, back);
+        if !(write(ctx, ETH_LEN + 8, back.to_be_bytes())
+            && write(ctx, ETH_LEN + 10, check.to_be_bytes()))
+        {
+            return Err(drops::TRUNCATED);
+        }
     }
     count(&S_EVENTS, event::SLOW_PATH);
     Ok(xdp_action::XDP_PASS)

@@ -32,6 +32,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 pub const SERVER_WAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const SERVER_NAT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// A host one router beyond the server ([`Lab::add_far_host`]): the
+/// content host forwards to it.
+pub const FAR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 pub const COMMUNITY: u16 = 1;
 pub mod line;
 pub mod packets;
@@ -243,7 +246,16 @@ pub fn check_tools() -> Result<()> {
         "the lab needs root (network namespaces, BPF)"
     );
     for t in [
-        "ip", "tc", "nsenter", "ethtool", "curl", "python3", "iperf3", "ping",
+        "ip",
+        "tc",
+        "nsenter",
+        "ethtool",
+        "curl",
+        "python3",
+        "iperf3",
+        "ping",
+        "traceroute",
+        "tracepath",
     ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
@@ -338,6 +350,30 @@ impl Lab {
         // the rate and climbs linearly for the whole transfer.
         self.sysctl(&full, "net.ipv4.tcp_no_metrics_save=1")?;
         Ok(full)
+    }
+
+    /// [`FAR`], a host one router beyond the server: the content host
+    /// forwards to it over a link of `mtu` bytes, so a traceroute through
+    /// bond has a hop beyond the server, and path MTU discovery meets a
+    /// smaller link there. Returns its namespace.
+    pub fn add_far_host(&mut self, mtu: u32) -> Result<String> {
+        let far = self.ns("far")?;
+        let web = self.web_ns.clone();
+        self.veth(
+            (&web, "far0", Some("192.168.250.1/30")),
+            (&far, "eth0", Some("192.168.250.2/30")),
+        )?;
+        self.ip(&web, &format!("link set far0 mtu {mtu}"))?;
+        self.ip(&far, &format!("link set eth0 mtu {mtu}"))?;
+        self.ip(&far, &format!("addr add {FAR}/32 dev eth0"))?;
+        self.ip(&far, "route add default via 192.168.250.1")?;
+        self.ip(&web, &format!("route add {FAR}/32 via 192.168.250.2"))?;
+        self.sysctl(&web, "net.ipv4.ip_forward=1")?;
+        // Every probe answered: no ICMP rate limit at the router.
+        self.sysctl(&web, "net.ipv4.icmp_ratelimit=0")?;
+        let srv = self.server_ns.clone();
+        self.ip(&srv, &format!("route add {FAR}/32 via {CONTENT}"))?;
+        Ok(far)
     }
 
     pub fn ip(&self, ns: &str, args: &str) -> Result<String> {

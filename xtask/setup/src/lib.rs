@@ -16,6 +16,8 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "ethtool",
     "iputils-ping",
+    "iputils-tracepath",
+    "traceroute",
     "python3",
     "python3-pip",
     "util-linux",
