@@ -635,7 +635,7 @@ fn server_drops_icmp_errors_about_strangers_and_passes_its_own() {
 fn server_drops_bad_upstream_without_creating_flows() {
     use srv::*;
     type Edit = fn(&mut Up);
-    let cases: [(&str, Edit, &str); 26] = [
+    let cases: [(&str, Edit, &str); 28] = [
         ("wrong token", |u| u.bond.token ^= 1, "bad_token"),
         (
             "inner destination without a route",
@@ -690,10 +690,27 @@ fn server_drops_bad_upstream_without_creating_flows() {
             |u| u.inner = Ip::new(ORIGIN_A, CONTENT, L4::EchoReply { id: 1, seq: 1 }).bytes(),
             "unsupported_proto",
         ),
+        // Protocols bond does not carry (issue 19): refused and counted.
         (
             "GRE",
             |u| {
                 u.inner[9] = 47;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "unsupported_proto",
+        ),
+        (
+            "ESP without NAT traversal",
+            |u| {
+                u.inner[9] = 50;
+                fix_ipv4_checksum(&mut u.inner);
+            },
+            "unsupported_proto",
+        ),
+        (
+            "SCTP",
+            |u| {
+                u.inner[9] = 132;
                 fix_ipv4_checksum(&mut u.inner);
             },
             "unsupported_proto",
