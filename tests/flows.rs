@@ -444,8 +444,9 @@ fn a_member_cannot_reach_what_the_server_denies() {
     let ping = |lab: &Lab, host: &str| {
         lab.cmd(&t1, "ping")
             .args(["-c", "2", "-i", "0.2", "-W", "1", host])
-            .status()
+            .output()
             .expect("ping")
+            .status
             .success()
     };
     for host in [bond_lab::SERVER_NAT, bond_lab::CONTENT] {
