@@ -8,5 +8,6 @@
 pub mod csum;
 pub mod drops;
 pub mod edpf;
+pub mod frag;
 pub mod maps;
 pub mod wire;

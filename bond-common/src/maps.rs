@@ -20,6 +20,8 @@ pub const MAX_NEIGHBORS: u32 = 1024;
 pub const MAX_FLOWS: u32 = 262_144;
 /// Prefixes in the server's destination policy (`S_DENY`).
 pub const MAX_DENY: u32 = 4096;
+/// Datagrams arriving in fragments the server follows at once (`S_FRAGS`).
+pub const MAX_FRAGS: u32 = 8192;
 
 /// Map names: the programs declare them, the agent and CLI open them.
 pub mod name {
@@ -53,6 +55,8 @@ pub mod name {
     pub const S_LINK_SEQ: &str = "S_LINK_SEQ";
     pub const S_KEPT: &str = "S_KEPT";
     pub const S_KEPT_NEXT: &str = "S_KEPT_NEXT";
+    pub const S_FRAGS: &str = "S_FRAGS";
+    pub const S_SPLIT: &str = "S_SPLIT";
 }
 
 /// Non-drop events the server counts (index into `S_EVENTS`).
@@ -69,13 +73,17 @@ pub mod event {
     /// An ICMP error about a flow's packet, translated and sent on to the
     /// flow's origin.
     pub const ICMP_ERROR_RELAYED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// A downstream packet too big for the links and free to be
+    /// fragmented, handed to the agent to split (`S_SPLIT`).
+    pub const SPLIT: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const NAMES: [&str; COUNT as usize] = [
         "slow_path",
         "flows_created",
         "flow_race",
         "frag_needed_sent",
         "icmp_errors_relayed",
+        "split",
     ];
 }
 
@@ -477,6 +485,32 @@ pub struct PermitKey {
 }
 const _: () = assert!(core::mem::size_of::<PermitKey>() == 12);
 
+/// A datagram arriving at the NAT address in fragments (`S_FRAGS`): only
+/// its first fragment carries the dedicated port, so the rest are matched
+/// to its flow by sender, protocol and IPv4 identification (with the
+/// destination, the NAT address, what RFC 791 reassembles by).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub remote: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 8);
+
+/// Where a fragmented datagram's later fragments go: the flow its first
+/// fragment was let into, named by dedicated port and creation time (a
+/// newer flow on the same port gets none of them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragFlow {
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+    pub created_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FragFlow>() == 16);
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatEntry {
@@ -509,6 +543,8 @@ mod pod {
         LinkStats,
         ServerConfig,
         SessionKey,
+        FragKey,
+        FragFlow,
         Session,
         LinkKey,
         ServerLink,

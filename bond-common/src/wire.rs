@@ -85,6 +85,11 @@ pub const IPV4_DF: u16 = 0x4000;
 /// The IPv4 flags-and-offset field's "more fragments" bit and fragment
 /// offset: either set makes the packet a fragment.
 pub const IPV4_FRAGMENT: u16 = 0x3fff;
+/// The "more fragments" bit alone.
+pub const IPV4_MF: u16 = 0x2000;
+/// The fragment offset alone (8-byte units): set on every fragment but the
+/// first, which alone carries the transport header.
+pub const IPV4_OFFSET: u16 = 0x1fff;
 /// The TTL of every IPv4 header bond writes.
 pub const TTL: u8 = 64;
 pub const IPPROTO_ICMP: u8 = 1;

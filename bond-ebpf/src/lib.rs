@@ -227,17 +227,18 @@ pub struct L4 {
 
 /// NAT rewrite of one side of an inner IPv4 packet at `ip_off`: the address
 /// at `ip_off + addr_field` (12 = source, 16 = destination) becomes `addr`,
-/// the L4 field described by `l4` becomes `port`, TTL drops by one, and the
-/// IPv4 and L4 checksums are updated incrementally. Returns false if a
-/// field is out of bounds (nothing is written in that case, apart from
-/// fields already checked).
+/// the L4 field described by `l4` becomes `port` (a fragment after the
+/// first has no L4 header: `None`), TTL drops by one, and the IPv4 and L4
+/// checksums are updated incrementally. Returns false if a field is out of
+/// bounds (nothing is written in that case, apart from fields already
+/// checked).
 #[inline(always)]
 pub fn nat_rewrite(
     ctx: &impl Packet,
     ip_off: usize,
     addr_field: usize,
     addr: u32,
-    l4: L4,
+    l4: Option<L4>,
     port: u16,
 ) -> bool {
     // One early return per read: see `try_terminal` on tuples of Options.
@@ -250,32 +251,39 @@ pub fn nat_rewrite(
     let Some(ip_check) = read_u16(ctx, ip_off + 10) else {
         return false;
     };
-    let Some(old_port) = read_u16(ctx, l4.port_off) else {
-        return false;
-    };
-    let Some(l4_check) = read_u16(ctx, l4.check_off) else {
-        return false;
-    };
+    if let Some(l4) = l4 {
+        let Some(old_port) = read_u16(ctx, l4.port_off) else {
+            return false;
+        };
+        let Some(l4_check) = read_u16(ctx, l4.check_off) else {
+            return false;
+        };
+        let l4_check = match (l4.pseudo, l4.udp) {
+            (true, true) => csum::udp_replace16(
+                csum::udp_replace32(l4_check, old_addr, addr),
+                old_port,
+                port,
+            ),
+            (true, false) => {
+                csum::replace16(csum::replace32(l4_check, old_addr, addr), old_port, port)
+            }
+            (false, _) => csum::replace16(l4_check, old_port, port),
+        };
+        if !(write(ctx, l4.port_off, port.to_be_bytes())
+            && write(ctx, l4.check_off, l4_check.to_be_bytes()))
+        {
+            return false;
+        }
+    }
     let new_ttl_proto = ttl_proto.wrapping_sub(0x100);
     let ip_check = csum::replace16(
         csum::replace32(ip_check, old_addr, addr),
         ttl_proto,
         new_ttl_proto,
     );
-    let l4_check = match (l4.pseudo, l4.udp) {
-        (true, true) => csum::udp_replace16(
-            csum::udp_replace32(l4_check, old_addr, addr),
-            old_port,
-            port,
-        ),
-        (true, false) => csum::replace16(csum::replace32(l4_check, old_addr, addr), old_port, port),
-        (false, _) => csum::replace16(l4_check, old_port, port),
-    };
     write(ctx, ip_off + addr_field, addr.to_be_bytes())
         && write(ctx, ip_off + 8, new_ttl_proto.to_be_bytes())
         && write(ctx, ip_off + 10, ip_check.to_be_bytes())
-        && write(ctx, l4.port_off, port.to_be_bytes())
-        && write(ctx, l4.check_off, l4_check.to_be_bytes())
 }
 
 /// Checks the outer lengths of a wrapped packet (its bond header already

@@ -199,7 +199,7 @@ fn terminal_outer_and_inner_header_cases() {
             Fate::Through,
         ),
         // A relay carries the inner packet untouched: the server is its
-        // first router (it drops TTL 0 and 1 and inner fragments, see
+        // first router (it drops TTL 0 and 1, see
         // `server_drops_bad_upstream_without_creating_flows`). Unwrapped
         // for this host, its own IPv4 input judges it like any packet it
         // receives; `unwrap` checks only that it is IPv4 and lies inside
@@ -590,10 +590,12 @@ fn server_outer_and_inner_header_cases() {
                 },
                 Want::Untouched,
             ),
+            // A later fragment whose first was not seen is no flow's: the
+            // server host's own, for its kernel to put together.
             (
                 "fragment, offset",
                 |f| set_fragment(&mut f[OUTER_IP..], false, 8),
-                Want::Drop("inner_fragment"),
+                Want::Untouched,
             ),
             (
                 "TTL 0",
@@ -677,8 +679,8 @@ fn wrap_carries_inner_ttl_fragments_and_options_unchanged() {
     use wrap::*;
     type Edit = fn(&mut Vec<u8>);
     // The wrap carries the inner packet as the kernel routed it into bond0.
-    // Its first router is the server, which drops TTL 0 and 1, fragments,
-    // options and other versions, counted (see
+    // Its first router is the server, which drops TTL 0 and 1, options
+    // and other versions, counted, and carries fragments (see
     // `server_drops_bad_upstream_without_creating_flows`); the origin's
     // kernel fragments what does not fit bond0 unless DF is set.
     let cases: [(&str, Edit); 6] = [

@@ -218,8 +218,8 @@ use aya::{
     programs::ProgramError,
     sys::SyscallError,
 };
-use bond_common::maps::{Flow, NatEntry, NatKey, Session, SessionKey, event};
-use common::packets::{IPV4_NOPS, insert_ipv4_options, set_fragment, set_ttl};
+use bond_common::maps::{Flow, FragFlow, FragKey, NatEntry, NatKey, Session, SessionKey, event};
+use common::packets::{IPV4_NOPS, fragments, insert_ipv4_options, set_fragment, set_ttl};
 
 const EINVAL: i32 = libc::EINVAL;
 const ENOMEM: i32 = libc::ENOMEM;

@@ -309,6 +309,7 @@ mod fuzz_check {
         pub flows: BpfHashMap<&'a MapData, FlowKey, Flow>,
         pub nat: BpfHashMap<&'a MapData, NatKey, NatEntry>,
         pub sessions: BpfHashMap<&'a MapData, SessionKey, Session>,
+        pub frags: BpfHashMap<&'a MapData, FragKey, FragFlow>,
     }
 
     impl<'a> ServerMaps<'a> {
@@ -318,6 +319,7 @@ mod fuzz_check {
                 flows: BpfHashMap::try_from(m("S_FLOWS")).unwrap(),
                 nat: BpfHashMap::try_from(m("S_NAT")).unwrap(),
                 sessions: BpfHashMap::try_from(m("S_SESSIONS")).unwrap(),
+                frags: BpfHashMap::try_from(m("S_FRAGS")).unwrap(),
             }
         }
 
@@ -338,6 +340,12 @@ mod fuzz_check {
             };
             self.nat.get(&key, 0).ok()
         }
+    }
+
+    /// Whether the IPv4 packet at `ip` is a fragment after the first (no
+    /// transport header).
+    fn later_fragment(f: &[u8], ip: usize) -> bool {
+        get16(f, ip + 6) & 0x1fff != 0
     }
 
     /// The port of the IPv4 packet at `ip`: its source or destination
@@ -379,6 +387,11 @@ mod fuzz_check {
         // One hop less, taken here, or by the kernel on the slow path.
         let hop = u8::from(!slow_path);
         assert_eq!(ip[8], input[INNER + 8].wrapping_sub(hop), "{what}: TTL");
+        if later_fragment(input, INNER) {
+            // No ports, and no flow of its own: nothing else changes.
+            assert_eq!(ip[20..], input[INNER + 20..], "{what}: fragment payload");
+            return;
+        }
         let proto = ip[9];
         let key = FlowKey {
             community,
@@ -418,6 +431,25 @@ mod fuzz_check {
             return down_error(what, m, input, out);
         }
         let proto = input[OUTER_IP + 9];
+        if later_fragment(input, OUTER_IP) {
+            // To the flow its datagram's first fragment went to.
+            let key = FragKey {
+                remote: get32(input, OUTER_IP + 12),
+                id: get16(input, OUTER_IP + 4),
+                proto,
+                _pad: 0,
+            };
+            let f = m
+                .frags
+                .get(&key, 0)
+                .unwrap_or_else(|_| panic!("{what}: no first fragment"));
+            let e = m
+                .nat(proto, f.nat_port)
+                .unwrap_or_else(|| panic!("{what}: no NAT entry"));
+            to_origin(what, m, &e, out);
+            assert_eq!(out[INNER + 20..], input[OUTER_IP + 20..], "{what}: payload");
+            return;
+        }
         let e = m
             .nat(proto, port_of(input, 14, true))
             .unwrap_or_else(|| panic!("{what}: no NAT entry"));
@@ -542,6 +574,21 @@ fn server_survives_mutants() {
                 let error = error_about(CONTENT, IcmpError::PortUnreachable, &left, 999);
                 fixtures.push((error.frame(CNT_DEV_MAC, CONTENT_MAC), false));
             }
+        }
+        // A datagram in fragments, each way, on A's UDP flow.
+        let mut big = Ip::new(ORIGIN_A, CONTENT, L4::udp(40001, 53));
+        big.payload = vec![0x5a; 200];
+        for f in fragments(&big.bytes(), &[96]) {
+            let up = Up {
+                inner: f,
+                ..Up::new(LINKS[0], &big)
+            };
+            fixtures.push((up.frame(), true));
+        }
+        let mut r = reply(&big, PORT_MIN + 1);
+        r.payload = vec![0xa5; 200];
+        for f in fragments(&r.bytes(), &[96]) {
+            fixtures.push((eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &f), false));
         }
         // And an inner UDP packet's UDP length.
         let wrapped_lens = [

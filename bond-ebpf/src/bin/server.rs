@@ -44,9 +44,9 @@ use bond_common::{
     csum, drops,
     edpf::Paths,
     maps::{
-        Flow, FlowKey, Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES,
-        MAX_DENY, MAX_FLOWS, MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry, NatKey, PermitKey,
-        ServerConfig, ServerLink, Session, SessionKey, event, tcp,
+        Flow, FlowKey, FragFlow, FragKey, Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats,
+        MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry,
+        NatKey, PermitKey, ServerConfig, ServerLink, Session, SessionKey, event, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -87,6 +87,14 @@ static S_PERMITS: LruHashMap<PermitKey, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
 /// the server's `deny` policy.
 #[map]
 static S_DENY: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_DENY, 0);
+/// Fragmented datagrams at the NAT address: where their later fragments
+/// go.
+#[map]
+static S_FRAGS: LruHashMap<FragKey, FragFlow> = LruHashMap::pinned(MAX_FRAGS, 0);
+/// The agent's splitter: where downstream packets too big for the links,
+/// free to be fragmented, go to be split (`bond_common::frag`).
+#[map]
+static S_SPLIT: Array<Hold> = Array::pinned(1, 0);
 #[map]
 static S_FREE_PORTS: Queue<u16> = Queue::pinned(65_536, 0);
 #[map]
@@ -205,6 +213,12 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     if S_DENY.get(Key::new(32, inner.dst.to_be_bytes())).is_some() {
         return Err(drops::DENIED);
     }
+    // A fragment after the first has no transport header: it follows its
+    // datagram's first fragment by address, protocol and identification
+    // alone, so only the source address changes (see `later_up`).
+    if inner.frag & wire::IPV4_OFFSET != 0 {
+        return later_up(ctx, cfg, idx, &inner);
+    }
     // The origin's port (or echo identifier) names the flow; the remote
     // endpoint (address, and port but for echo) is whom it may hear from.
     let (l4, port, remote_port) = match inner.proto {
@@ -244,7 +258,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         }
         let h = read::<20>(ctx, INNER_OFF + 20).ok_or(drops::TRUNCATED)?;
         tcp_flags = Some(h[tcp::FLAGS_OFF]);
-        pure_ack = tcp::pure_ack(inner.len, [h[12], h[13]]);
+        pure_ack = inner.frag == 0 && tcp::pure_ack(inner.len, [h[12], h[13]]);
     }
 
     // Route before taking a port: a packet that cannot leave makes no flow.
@@ -257,13 +271,8 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     // Checked and routable: to the playout, which sends it back here
     // (through the hold device) when its time comes. Pure ACKs need no
     // order and go on at once.
-    if !pure_ack
-        && let Some(hold) = S_HOLD.get(0)
-        // SAFETY: the context pointer is valid for the program's run.
-        && hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now)
-    {
-        // SAFETY: plain helper call; the ifindex comes from the agent's map.
-        return Ok(unsafe { bpf_redirect(hold.ifindex, 0) } as u32);
+    if !pure_ack && let Some(hold) = to_hold(ctx, now) {
+        return Ok(hold);
     }
 
     let fkey = FlowKey {
@@ -295,20 +304,62 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         // A full table drops its least recently used permit.
         let _ = S_PERMITS.insert(key, created, 0);
     }
-    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, l4, nat_port) {
+    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, Some(l4), nat_port) {
         return Err(drops::TRUNCATED);
     }
+    unwrap_up(ctx, idx, inner.len, rc, &fib)
+}
+
+/// A fragment after the first, from an origin (checked as any packet
+/// is): it carries no ports, and the content server puts it together with
+/// its first fragment by addresses, protocol and identification, so it
+/// goes out with the NAT address as its source and no flow of its own.
+/// Identifications are the origins': two origins sending fragmented
+/// datagrams with the same one to the same host at once may be mixed up
+/// there, as behind any NAT that keeps them (Linux's does).
+#[inline(always)]
+fn later_up(ctx: &XdpContext, cfg: &ServerConfig, idx: u32, inner: &Inner) -> Result<u32, u32> {
+    let mut fib = fib_params(ctx, inner.proto, cfg.nat_ip, inner.dst, inner.len);
+    let rc = fib_lookup(ctx, &mut fib);
+    routable(rc)?;
+    // SAFETY: plain helper call.
+    if let Some(hold) = to_hold(ctx, unsafe { bpf_ktime_get_ns() }) {
+        return Ok(hold);
+    }
+    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, None, 0) {
+        return Err(drops::TRUNCATED);
+    }
+    unwrap_up(ctx, idx, inner.len, rc, &fib)
+}
+
+/// The playout's redirect for a checked, routable DATA_UP packet, if the
+/// playout takes it: it sends the packet back here (through the hold
+/// device) when its time comes.
+#[inline(always)]
+fn to_hold(ctx: &XdpContext, now: u64) -> Option<u32> {
+    let hold = S_HOLD.get(0)?;
+    // SAFETY: the context pointer is valid for the program's run.
+    if !hold.takes(unsafe { (*ctx.ctx).ingress_ifindex }, now) {
+        return None;
+    }
+    // SAFETY: plain helper call; the ifindex comes from the agent's map.
+    Some(unsafe { bpf_redirect(hold.ifindex, 0) } as u32)
+}
+
+/// Counts an upstream packet (`len` inner bytes, its inner header
+/// rewritten) on link `idx`, strips the wrap and sends it on.
+#[inline(always)]
+fn unwrap_up(ctx: &XdpContext, idx: u32, len: u16, rc: u32, fib: &FibParams) -> Result<u32, u32> {
     link_stats(&S_LINK_STATS, idx, |s| {
         s.up_pkts += 1;
-        s.up_bytes += u64::from(inner.len);
+        s.up_bytes += u64::from(len);
     });
-
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER_LEN as i32) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    forward(ctx, rc, &fib, macs, true)
+    forward(ctx, rc, fib, macs, true)
 }
 
 /// The inner IPv4 header of a wrapped packet, checked.
@@ -316,6 +367,8 @@ struct Inner {
     src: u32,
     dst: u32,
     len: u16,
+    /// Flags and fragment offset.
+    frag: u16,
     proto: u8,
 }
 
@@ -328,11 +381,16 @@ impl Inner {
             return Err(drops::INNER_NOT_IPV4);
         }
         let len = u16::from_be_bytes([h[2], h[3]]);
-        if h[0] != wire::IPV4_VIHL || len < 28 || usize::from(len) + OUTER_LEN > usize::from(tot) {
+        let frag = u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT;
+        // Room for the ports, but in a fragment after the first.
+        let least = if frag & wire::IPV4_OFFSET != 0 {
+            21
+        } else {
+            28
+        };
+        if h[0] != wire::IPV4_VIHL || len < least || usize::from(len) + OUTER_LEN > usize::from(tot)
+        {
             return Err(drops::INNER_BAD_HEADER);
-        }
-        if u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT != 0 {
-            return Err(drops::INNER_FRAGMENT);
         }
         if h[8] <= 1 {
             return Err(drops::TTL_EXCEEDED);
@@ -341,6 +399,7 @@ impl Inner {
             src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
             dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
             len,
+            frag,
             proto: h[9],
         })
     }
@@ -476,52 +535,63 @@ fn flow_for(
 
 #[inline(always)]
 fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u32> {
-    let ihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
-    if is_icmp_error(ctx, proto, ihl) {
+    let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
+    if is_icmp_error(ctx, proto, h[0]) {
         return icmp_error(ctx, cfg);
     }
-    // The port is found where the header says it is, options or not.
-    let Some(port) = dest_port(ctx, proto, ETH_LEN + usize::from(ihl & 0x0f) * 4) else {
-        return PASS;
+    let be16 = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+    let frag = be16(h[6], h[7]) & wire::IPV4_FRAGMENT;
+    let remote = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    // The dedicated port: in the transport header, where the IPv4 header
+    // says it starts, options or not; for a fragment after the first, from
+    // its datagram's first fragment (`S_FRAGS`).
+    let later = frag & wire::IPV4_OFFSET != 0;
+    let (port, created) = if later {
+        let key = FragKey {
+            remote,
+            id: be16(h[4], h[5]),
+            proto,
+            _pad: 0,
+        };
+        // SAFETY: read-only use of a map value.
+        match unsafe { S_FRAGS.get(key) } {
+            Some(f) => (f.nat_port, f.created_ns),
+            None => return PASS, // not a flow's: the server host's own
+        }
+    } else {
+        let Some(port) = dest_port(ctx, proto, ETH_LEN + usize::from(h[0] & 0x0f) * 4) else {
+            return PASS;
+        };
+        if port < cfg.port_min || port > cfg.port_max {
+            return PASS; // not a dedicated port: the server host's own traffic
+        }
+        (port, 0)
     };
-    if port < cfg.port_min || port > cfg.port_max {
-        return PASS; // not a dedicated port: the server host's own traffic
-    }
     // A reply with IP options (or a header length that lies) to a
     // dedicated port: bond does not carry options, and the kernel has no
     // socket on that port (it would answer with a reset). Dropped, counted.
-    if ihl != wire::IPV4_VIHL {
+    if h[0] != wire::IPV4_VIHL {
         return Err(drops::INNER_BAD_HEADER);
     }
     let l4off = ETH_LEN + 20;
-    let l4 = match proto {
-        IPPROTO_TCP => tcp_udp(l4off, 2, false),
-        IPPROTO_UDP => tcp_udp(l4off, 2, true),
-        _ => icmp_echo(l4off),
-    };
-    let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
-    let len = u16::from_be_bytes([h[2], h[3]]);
-    if len < 28 || usize::from(len) > ctx.packet_len() - ETH_LEN {
+    let len = be16(h[2], h[3]);
+    let least = if later { 21 } else { 28 };
+    if len < least || usize::from(len) > ctx.packet_len() - ETH_LEN {
         return Err(drops::INNER_BAD_HEADER);
-    }
-    if u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT != 0 {
-        return Err(drops::INNER_FRAGMENT);
     }
     if h[8] <= 1 {
         return Err(drops::TTL_EXCEEDED);
     }
-    let l4head = read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
     let mut tcp_flags = None;
     let mut pure_ack = false;
-    if proto == IPPROTO_TCP {
+    if proto == IPPROTO_TCP && !later {
         if len < 40 {
             return Err(drops::TRUNCATED);
         }
-        let h = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
-        tcp_flags = Some(h[tcp::FLAGS_OFF]);
-        pure_ack = tcp::pure_ack(len, [h[12], h[13]]);
+        let t = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+        tcp_flags = Some(t[tcp::FLAGS_OFF]);
+        pure_ack = frag == 0 && tcp::pure_ack(len, [t[12], t[13]]);
     }
-
     // SAFETY: read-only use of map values.
     let nat = *unsafe {
         S_NAT.get(NatKey {
@@ -540,23 +610,64 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         _pad2: 0,
     };
     let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
-    // Only from whom the origin sent to on this flow.
-    let remote = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-    let remote_port = if proto == IPPROTO_ICMP {
-        0
-    } else {
-        u16::from_be_bytes([l4head[0], l4head[1]])
-    };
-    if let Some((key, created)) = permit_for(flow, proto, (remote, remote_port))
+    let mut l4 = None;
+    if later {
+        // The flow its first fragment was let into, not a newer one.
         // SAFETY: read-only use of a map value.
-        && unsafe { S_PERMITS.get(key) } != Some(&created)
-    {
-        return Err(drops::FILTERED);
+        if unsafe { (*flow).created_ns } != created {
+            return Err(drops::NO_FLOW);
+        }
+    } else {
+        let l4head = read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
+        // Only from whom the origin sent to on this flow.
+        let remote_port = if proto == IPPROTO_ICMP {
+            0
+        } else {
+            be16(l4head[0], l4head[1])
+        };
+        if let Some((key, created)) = permit_for(flow, proto, (remote, remote_port))
+            // SAFETY: read-only use of a map value.
+            && unsafe { S_PERMITS.get(key) } != Some(&created)
+        {
+            return Err(drops::FILTERED);
+        }
+        // The first of several fragments: the rest follow it.
+        if frag & wire::IPV4_MF != 0 {
+            let key = FragKey {
+                remote,
+                id: be16(h[4], h[5]),
+                proto,
+                _pad: 0,
+            };
+            let to = FragFlow {
+                nat_port: port,
+                _pad: [0; 6],
+                // SAFETY: read-only use of a map value.
+                created_ns: unsafe { (*flow).created_ns },
+            };
+            // A full table drops the least recently used datagram's.
+            let _ = S_FRAGS.insert(key, to, 0);
+        }
+        // Too big for the links once wrapped, and not to be fragmented:
+        // tell the sender (only for a real flow's packets, so the server
+        // reflects nothing for strangers).
+        if frag == 0
+            && be16(h[6], h[7]) & wire::IPV4_DF != 0
+            && cfg.link_mtu != 0
+            && u32::from(len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu)
+        {
+            return answer_too_big(ctx, cfg, h, l4head);
+        }
+        l4 = Some(match proto {
+            IPPROTO_TCP => tcp_udp(l4off, 2, false),
+            IPPROTO_UDP => tcp_udp(l4off, 2, true),
+            _ => icmp_echo(l4off),
+        });
     }
-    // Too big for the links once wrapped: tell the sender (only for a real
-    // flow's packets, so the server reflects nothing for strangers).
+    // Too big, and free to be fragmented: to the agent, which splits it
+    // and sends the pieces back through here.
     if cfg.link_mtu != 0 && u32::from(len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
-        return answer_too_big(ctx, cfg, h, l4head);
+        return to_split(ctx);
     }
     // Pick the link first: nothing is counted for a packet that is dropped.
     let d = pick_down(&nat, len)?;
@@ -573,6 +684,26 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         return Err(drops::TRUNCATED);
     }
     wrap_down(ctx, cfg, &nat, &d, len, pure_ack)
+}
+
+/// Hands a packet too big for the links (and without "don't fragment")
+/// to the agent's splitter (`S_SPLIT`), which sends its pieces back in
+/// through the split device. Without a live splitter, or for a piece that
+/// came from it and still does not fit (the links' MTU fell meanwhile),
+/// it is dropped and counted.
+#[inline(always)]
+fn to_split(ctx: &XdpContext) -> Result<u32, u32> {
+    let split = S_SPLIT.get(0).ok_or(drops::TOO_BIG)?;
+    // SAFETY: plain helper call; the context pointer is valid for the run.
+    let takes = split.takes(unsafe { (*ctx.ctx).ingress_ifindex }, unsafe {
+        bpf_ktime_get_ns()
+    });
+    if !takes {
+        return Err(drops::TOO_BIG);
+    }
+    count(&S_EVENTS, event::SPLIT);
+    // SAFETY: plain helper call; the ifindex comes from the agent's map.
+    Ok(unsafe { bpf_redirect(split.ifindex, 0) } as u32)
 }
 
 /// Where a downstream packet goes: the link it arrives first on, and the

@@ -385,7 +385,8 @@ pub fn ipv6_udp_frame(dst_mac: Mac, src_mac: Mac, dport: u16) -> Vec<u8> {
 }
 
 /// Asserts every checksum of an IPv4 packet, recomputed by etherparse:
-/// the header's, and the TCP, UDP (zero = none) or ICMP one.
+/// the header's, and the TCP, UDP (zero = none) or ICMP one (but in a
+/// fragment, which carries only part of what that one covers).
 pub fn assert_checksums(ip: &[u8], what: &str) {
     let h = PacketHeaders::from_ip_slice(ip)
         .unwrap_or_else(|e| panic!("{what}: not a parseable IPv4 packet: {e}"));
@@ -418,6 +419,8 @@ pub fn assert_checksums(ip: &[u8], what: &str) {
             i.icmp_type.calc_checksum(payload),
             "{what}: ICMP checksum"
         ),
+        // A fragment's transport checksum covers the whole datagram.
+        None if ip4.is_fragmenting_payload() => {}
         other => panic!("{what}: unexpected transport {other:?}"),
     }
 }
@@ -480,6 +483,29 @@ pub fn set_fragment(ip: &mut [u8], more_fragments: bool, offset: u16) {
     let v = (u16::from(more_fragments) << 13) | offset;
     ip[6..8].copy_from_slice(&v.to_be_bytes());
     fix_ipv4_checksum(ip);
+}
+
+/// Cuts IPv4 packet `ip` (20-byte header) into fragments, its payload cut
+/// at byte offsets `at` (multiples of 8), as a router fragments (RFC 791
+/// section 3.2): every fragment gets the header with its own total length,
+/// offset and "more fragments" (all but the last), and no DF.
+pub fn fragments(ip: &[u8], at: &[usize]) -> Vec<Vec<u8>> {
+    assert_eq!(ip[0], 0x45, "an IPv4 header without options");
+    let payload = &ip[20..];
+    let mut cuts = vec![0];
+    cuts.extend_from_slice(at);
+    cuts.push(payload.len());
+    cuts.windows(2)
+        .map(|w| {
+            assert!(w[0] % 8 == 0 && w[0] < w[1], "cut at {}", w[0]);
+            let mut f = ip[..20].to_vec();
+            f.extend_from_slice(&payload[w[0]..w[1]]);
+            let tot = f.len() as u16;
+            f[2..4].copy_from_slice(&tot.to_be_bytes());
+            set_fragment(&mut f, w[1] < payload.len(), (w[0] / 8) as u16);
+            f
+        })
+        .collect()
 }
 
 /// Inserts `options` (a multiple of 4 bytes) after the 20-byte IPv4 header
