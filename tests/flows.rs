@@ -510,6 +510,61 @@ fn a_port_unreachable_reaches_the_application_through_bond() {
     assert_eq!(relayed() - before, 1);
 }
 
+/// A 4,000-byte UDP datagram sent without DF goes each way: the origin's
+/// kernel cuts it to fit bond0 and the server carries the fragments (the
+/// first by its flow's port, the rest by the datagram's identification);
+/// the content host's reply, cut to its 1500-byte link, is too big for the
+/// community's links once wrapped, so the server's agent cuts it again.
+#[test]
+fn a_4000_byte_datagram_without_df_goes_each_way() {
+    let mut lab = lab("20000-20009", "");
+    let web = lab.web_ns.clone();
+    // IP_MTU_DISCOVER (10) = IP_PMTUDISC_DONT (0): never DF.
+    let server = "import socket\n\
+                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                  s.setsockopt(socket.IPPROTO_IP, 10, 0)\n\
+                  s.bind(('203.0.113.2', 9997))\n\
+                  print('ready', flush=True)\n\
+                  d, a = s.recvfrom(65535)\n\
+                  print(len(d), flush=True)\n\
+                  s.sendto(d[::-1], a)\n";
+    lab.spawn(&web, "big-echo", "python3", &["-c", server])
+        .unwrap();
+    let start = Instant::now();
+    while !lab.log("big-echo").contains("ready") {
+        let log = lab.log("big-echo");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "echo server: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = |lab: &Lab| lab.server_status().expect("server status").split;
+    let before = status(&lab);
+    let client = "import socket\n\
+                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                  s.setsockopt(socket.IPPROTO_IP, 10, 0)\n\
+                  s.settimeout(5)\n\
+                  d = bytes(i * 7 % 251 for i in range(4000))\n\
+                  s.sendto(d, ('203.0.113.2', 9997))\n\
+                  r, a = s.recvfrom(65535)\n\
+                  print(len(r), r == d[::-1])\n";
+    let t1 = lab.terminals[0].ns.clone();
+    let out = lab.exec(&t1, "python3", &["-c", client]).expect("client");
+    assert_eq!(out.trim(), "4000 True", "the reply, whole");
+    let heard = lab.wait_child("big-echo", Duration::from_secs(5)).unwrap();
+    assert!(
+        heard.lines().any(|l| l == "4000"),
+        "the request, whole: {heard}"
+    );
+    let after = status(&lab);
+    // The reply came as three fragments (1500, 1500 and 1068 bytes): the
+    // two full ones are too big once wrapped, and each is cut in two.
+    assert_eq!(after.packets - before.packets, 2, "{after:?}");
+    assert_eq!(after.pieces - before.pieces, 4, "{after:?}");
+    assert_eq!(after.refused, 0);
+}
+
 /// Through bond, a traceroute shows the router beyond the server (its
 /// time-exceeded errors come back), and a DF sender learns the smaller MTU
 /// of the link past that router (its fragmentation-needed error does).

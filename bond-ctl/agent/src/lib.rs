@@ -42,6 +42,7 @@ pub mod probe;
 pub mod resend;
 mod server;
 pub mod share;
+pub mod split;
 mod terminal;
 pub mod veth;
 pub mod worker;

@@ -397,6 +397,13 @@ pub fn hold_name(name: &str) -> String {
     s
 }
 
+/// Name of the server's split device (`crate::split`): a prefix of `name`
+/// short enough that the suffix survives, so it is never the hold device.
+pub fn split_name(name: &str) -> String {
+    let keep = name.char_indices().nth(9).map_or(name.len(), |(i, _)| i);
+    format!("{}-split", &name[..keep])
+}
+
 /// Name of the capture device's sink end.
 pub fn sink_name(name: &str) -> String {
     let mut s = format!("{name}-sink");

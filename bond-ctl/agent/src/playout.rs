@@ -601,16 +601,16 @@ impl Tap {
         })
     }
 
-    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         nix::unistd::read(self.fd.as_raw_fd(), buf).map_err(std::io::Error::from)
     }
 
-    fn write(&self, frame: &[u8]) -> std::io::Result<usize> {
+    pub(crate) fn write(&self, frame: &[u8]) -> std::io::Result<usize> {
         nix::unistd::write(&self.fd, frame).map_err(std::io::Error::from)
     }
 
     /// Waits until a frame can be read or `timeout` passes.
-    fn wait(&self, timeout: Duration) {
+    pub(crate) fn wait(&self, timeout: Duration) {
         let mut pfd = [nix::poll::PollFd::new(
             self.fd.as_fd(),
             nix::poll::PollFlags::POLLIN,

@@ -72,6 +72,7 @@ pub struct ServerStatus {
     pub playout: Option<Playout>,
     pub feedback: Feedback,
     pub resend: Resend,
+    pub split: Split,
     pub rejects: Counts,
     pub faults: Counts,
 }
@@ -237,6 +238,17 @@ pub struct Resend {
     pub sent: u64,
     /// Copies found with no link to send them on.
     pub no_link: u64,
+}
+
+/// Replies too big for the links, without DF, cut into fragments by the
+/// server's agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// Packets split, and the pieces sent on.
+    pub packets: u64,
+    pub pieces: u64,
+    /// Packets that could not be split.
+    pub refused: u64,
 }
 
 /// What one sweep of the server's flow table did.

@@ -21,7 +21,7 @@ use tokio::net::UdpSocket;
 
 use crate::{
     Tally, feedback::Corrector, membership::ServerTable, pathmon::EchoSeen, playout,
-    probe::TrainRx, resend,
+    probe::TrainRx, resend, split,
 };
 
 /// How often the server looks for links whose echoes stopped.
@@ -75,6 +75,8 @@ struct Agent {
     path: PathBuf,
     /// The upstream playout, unless the configuration turns it off.
     playout: Option<playout::Handle>,
+    /// Cuts replies too big for the links (without DF) into fragments.
+    splitter: split::Splitter,
     /// Keeps the downstream schedules true from the origins' feedback.
     corrector: Corrector,
     /// What origins asked to be sent again, and what was.

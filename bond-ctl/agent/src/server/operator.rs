@@ -110,6 +110,7 @@ impl Agent {
                 Model::Up => None,
             }),
             resend: self.resends,
+            split: self.splitter.stats(),
             rejects: self.rejects.counts(),
             faults: self.faults.counts(),
         }

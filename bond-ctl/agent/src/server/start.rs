@@ -27,8 +27,8 @@ use crate::{
     Exit, Pins, Tally,
     feedback::Corrector,
     membership::ServerTable,
-    net::{Net, hold_name, sysctl, timestamp_arrivals, udp_socket},
-    playout, resend,
+    net::{Net, hold_name, split_name, sysctl, timestamp_arrivals, udp_socket},
+    playout, resend, split,
 };
 
 pub async fn run(
@@ -105,6 +105,15 @@ pub async fn run(
         maps.set_hold(name::S_HOLD, Default::default())?;
         None
     };
+    // Replies too big for the links and free to be fragmented are cut to
+    // fit there (`crate::split`), then come back in through the program.
+    let splitter = {
+        let name = split_name(&cfg.instance);
+        let (tap, dev) = playout::hold_device(&net, &name, "0").await?;
+        sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
+        pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
+        split::Splitter::start(tap, dev.index, dev.mac, maps.clone())?
+    };
     let sock = udp_socket(SocketAddrV4::new(cfg.address, cfg.port), None)
         .context("fields `address`, `port`")?;
     timestamp_arrivals(&sock)?;
@@ -141,6 +150,7 @@ pub async fn run(
         community_mtu: HashMap::new(),
         path: path.to_path_buf(),
         playout,
+        splitter,
         corrector: Corrector::start(maps.clone())?,
         resends: resend::Resend::default(),
         adopted_delay: HashMap::new(),
