@@ -16,7 +16,7 @@ use bond_proto::{
 
 use crate::sh;
 
-pub const TARGETS: &[&str] = &["wire", "control", "config", "edpf", "dist", "cache"];
+pub const TARGETS: &[&str] = &["wire", "control", "config", "edpf", "dist", "cache", "frag"];
 const CARGO_FUZZ: &str = "0.13.2";
 /// The targets' key (fuzz/fuzz_targets/).
 fn key() -> CommunityKey {
@@ -129,6 +129,14 @@ fn seed() -> Result<()> {
     // Three links (id, kbit/s, delay, unusable), a bound, and sends.
     let edpf: Vec<u8> = (0u8..96).map(|i| i.wrapping_mul(37)).collect();
     write("edpf", "links", &edpf)?;
+    // A 1,000-byte UDP datagram without DF, and a 600-byte room.
+    let mut ip = vec![0u8; 1000];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&1000u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    let frag = [&600u16.to_be_bytes()[..], &ip].concat();
+    write("frag", "udp-1000", &frag)?;
     dist_seeds(write)?;
     cache_seeds(write)?;
     Ok(())

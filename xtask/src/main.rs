@@ -46,7 +46,7 @@ enum Cmd {
     /// seconds, starting from seeds of valid input. Crashes are saved under
     /// fuzz/artifacts/TARGET and fail the run.
     Fuzz {
-        /// Targets: wire, control, config, sched, dist (default: all).
+        /// Targets: wire, control, config, edpf, dist, cache, frag (default: all).
         targets: Vec<String>,
         #[arg(long, default_value_t = 60)]
         secs: u64,
