@@ -43,6 +43,21 @@ pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
     replace16(check, old as u16, new as u16)
 }
 
+/// As [`replace16`] for an IPv6 address, one word at a time.
+#[inline(always)]
+pub fn replace128(mut check: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
+    let mut i = 0;
+    while i < 16 {
+        check = replace16(
+            check,
+            u16::from_be_bytes([old[i], old[i + 1]]),
+            u16::from_be_bytes([new[i], new[i + 1]]),
+        );
+        i += 2;
+    }
+    check
+}
+
 /// UDP's rule on top of the arithmetic: a zero checksum means "none" and
 /// stays zero; a computed zero is sent as 0xffff (RFC 768).
 #[inline(always)]
@@ -168,6 +183,23 @@ mod tests {
             data[off..off + 2].copy_from_slice(&new.to_be_bytes());
             let after = reference(&data);
             let inc = replace16(before, old, new);
+            proptest::prop_assert!(inc == after || (inc ^ after) == 0xffff && (inc == 0 || after == 0));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn incremental128_equals_recompute(
+            mut data in proptest::collection::vec(proptest::prelude::any::<u8>(), 40..80),
+            at in 0usize..8,
+            new in proptest::prelude::any::<[u8; 16]>(),
+        ) {
+            let off = at * 2;
+            let before = reference(&data);
+            let old: [u8; 16] = data[off..off + 16].try_into().unwrap();
+            data[off..off + 16].copy_from_slice(&new);
+            let after = reference(&data);
+            let inc = replace128(before, &old, &new);
             proptest::prop_assert!(inc == after || (inc ^ after) == 0xffff && (inc == 0 || after == 0));
         }
     }

@@ -57,7 +57,18 @@ pub mod name {
     pub const S_KEPT_NEXT: &str = "S_KEPT_NEXT";
     pub const S_FRAGS: &str = "S_FRAGS";
     pub const S_SPLIT: &str = "S_SPLIT";
+    pub const S_FLOWS6: &str = "S_FLOWS6";
+    pub const S_NAT6: &str = "S_NAT6";
+    pub const S_PERMITS6: &str = "S_PERMITS6";
+    pub const S_DENY6: &str = "S_DENY6";
+    pub const S_JUMP: &str = "S_JUMP";
 }
+
+/// The server's tail calls (`S_JUMP`): `bond_server` hands inner IPv6, both
+/// ways, to `bond_server6`, a program of its own so that each stays well
+/// inside the verifier's budget.
+pub const JUMP_V6: u32 = 0;
+pub const JUMP_SLOTS: u32 = 1;
 
 /// Non-drop events the server counts (index into `S_EVENTS`).
 pub mod event {
@@ -297,8 +308,10 @@ pub struct ServerConfig {
     /// Most flows one origin may hold (0: no limit), so that one host's
     /// flood of new flows cannot take every port of its community.
     pub per_origin: u32,
+    /// Source address of unwrapped IPv6 packets (all zero: no IPv6).
+    pub nat_ip6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<ServerConfig>() == 20);
+const _: () = assert!(core::mem::size_of::<ServerConfig>() == 36);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -485,6 +498,72 @@ pub struct PermitKey {
 }
 const _: () = assert!(core::mem::size_of::<PermitKey>() == 12);
 
+/// An IPv6 flow (`S_FLOWS6`): as [`FlowKey`], with the origin's IPv6
+/// source address. The origin is still named by its LAN IPv4 address, as
+/// in the bond header whose token the server checked: replies go back only
+/// to the origin that sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow6Key {
+    pub community: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub origin: u32,
+    pub src: [u8; 16],
+    pub port: u16,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<Flow6Key>() == 28);
+
+impl Flow6Key {
+    /// The same flow named as an IPv4 one is (community, protocol, origin,
+    /// port): what timeouts and per-origin counts go by.
+    pub const fn v4_shape(&self) -> FlowKey {
+        FlowKey {
+            community: self.community,
+            proto: self.proto,
+            _pad: 0,
+            origin: self.origin,
+            port: self.port,
+            _pad2: 0,
+        }
+    }
+}
+
+/// An IPv6 flow's state: as [`Flow`] (whose IPv4 `remote` stays zero),
+/// with the IPv6 remote address replies are let in from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow6 {
+    pub flow: Flow,
+    pub remote: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Flow6>() == 80);
+
+/// Where an IPv6 flow's dedicated port leads back to (`S_NAT6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat6Entry {
+    pub origin: u32,
+    pub community: u16,
+    pub port: u16,
+    pub src: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Nat6Entry>() == 24);
+
+/// As [`PermitKey`], for an IPv6 remote endpoint (`S_PERMITS6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Permit6Key {
+    pub proto: u8,
+    pub _pad: u8,
+    pub nat_port: u16,
+    pub remote_port: u16,
+    pub _pad2: u16,
+    pub remote: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Permit6Key>() == 24);
+
 /// A datagram arriving at the NAT address in fragments (`S_FRAGS`): only
 /// its first fragment carries the dedicated port, so the rest are matched
 /// to its flow by sender, protocol and IPv4 identification (with the
@@ -545,6 +624,10 @@ mod pod {
         SessionKey,
         FragKey,
         FragFlow,
+        Flow6Key,
+        Flow6,
+        Nat6Entry,
+        Permit6Key,
         Session,
         LinkKey,
         ServerLink,

@@ -78,6 +78,11 @@ pub const fn seq_missing(last: u8, seq: u8) -> u8 {
 pub const BOND_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// An IPv6 header (RFC 8200); bond carries none with extension headers.
+pub const IPV6_LEN: usize = 40;
+/// The smallest link MTU IPv6 allows (RFC 8200 section 5).
+pub const IPV6_MIN_MTU: u16 = 1280;
 /// An IPv4 header's first byte without options: version 4, IHL 5 words.
 pub const IPV4_VIHL: u8 = 0x45;
 /// The IPv4 flags-and-offset field's "don't fragment" bit.
@@ -97,6 +102,14 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// ICMPv6 message types (RFC 4443): errors below 128, echo above.
+pub const ICMPV6_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// The bond header. Byte arrays throughout: alignment 1, no padding, and
 /// safe to read from any offset of a packet.
@@ -322,6 +335,12 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// What a fragmentation-needed error carries after its Ethernet header:
 /// IPv4, ICMP, and the offending packet's IPv4 header and first 8 bytes.
 pub const FRAG_NEEDED_LEN: usize = IPV4_LEN + 8 + IPV4_LEN + 8;
+
+/// What a Packet Too Big message carries after its Ethernet header: IPv6,
+/// ICMPv6, and the offending packet's IPv6 header and first 8 bytes
+/// (RFC 4443 asks for as much as fits in 1280 bytes; this is what a
+/// sender needs to find its socket).
+pub const PACKET_TOO_BIG_LEN: usize = IPV6_LEN + 8 + IPV6_LEN + 8;
 
 /// The IPv4 and ICMP headers of a fragmentation-needed error from `src`
 /// about the packet whose IPv4 header (no options) is `orig` and whose

@@ -109,6 +109,12 @@ pub fn keep(
     let Some(k) = ring.get_ptr_mut(slot) else {
         return;
     };
+    // Checked again next to its use: across the calls above the compiler
+    // may rebuild `n` from a spilled length whose bound the verifier lost.
+    let n = core::hint::black_box(n);
+    if n == 0 || n > KEPT_MAX {
+        return;
+    }
     // SAFETY: `k` is a live map value with KEPT_MAX data bytes and `n` is
     // at most that.
     unsafe {

@@ -45,7 +45,7 @@ pub fn pinned<R: Send>(f: impl FnOnce(u32) -> R + Send) -> R {
 }
 
 /// Runs `f` on a new thread pinned to one CPU and moved into a fresh
-/// network namespace (loopback up, IPv4 forwarding on). Child processes
+/// network namespace (loopback up, IPv4 and IPv6 forwarding on). Child processes
 /// started from `f` (see [`ip`]) inherit the namespace.
 pub fn in_netns<R: Send>(f: impl FnOnce(u32) -> R + Send) -> R {
     super::require_root();
@@ -66,6 +66,8 @@ pub fn in_netns<R: Send>(f: impl FnOnce(u32) -> R + Send) -> R {
             "ipv4/ip_forward",
             "ipv4/conf/all/forwarding",
             "ipv4/conf/lo/forwarding",
+            "ipv6/conf/all/forwarding",
+            "ipv6/conf/lo/forwarding",
         ] {
             let path = format!("/proc/sys/net/{knob}");
             std::fs::write(&path, "1").unwrap_or_else(|e| panic!("write {path}: {e}"));

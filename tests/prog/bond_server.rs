@@ -911,7 +911,9 @@ fn server_drops_bad_upstream_without_creating_flows() {
             },
             "ttl_exceeded",
         ),
-        ("inner IPv6", |u| u.inner[0] = 0x60, "inner_not_ipv4"),
+        // Version 6 on an IPv4 packet: read as IPv6 (`bond_server6`), its
+        // payload length is the IPv4 identification, past the frame.
+        ("inner version 6", |u| u.inner[0] = 0x60, "inner_bad_header"),
         (
             "inner IPv4 options",
             |u| {
@@ -1215,5 +1217,221 @@ fn server_slow_path_and_no_route() {
         let ip = Ip::new(ORIGIN_A, UNROUTABLE, L4::udp(1, 2));
         let frame = Up::new(l0, &ip).frame();
         s.expect_drop("bond_server", "no route", &frame, XDP_DROP, "no_route");
+    });
+}
+
+// ------------------------------------------------------------------ IPv6 --
+
+/// Inner IPv6 through the server, both ways (`bond_server6`, reached by a
+/// tail call): TCP, UDP and ICMPv6 echo from an origin leave from the IPv6
+/// NAT address and a dedicated port, one hop older; their replies go back
+/// wrapped to the origin's IPv6 address and port. The exact bytes are
+/// built by etherparse, whose TCP, UDP and ICMPv6 checksums cover the
+/// pseudo-header the rewrite changes.
+#[test]
+fn server_nats_ipv6_tcp_udp_and_echo_both_ways() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-nat6", 20000..=20010);
+        let l4s = [
+            L4::tcp(40000, 443),
+            L4::udp(40001, 53),
+            L4::EchoRequest { id: 0x4242, seq: 7 },
+        ];
+        for (i, l4) in l4s.into_iter().enumerate() {
+            let what = format!("{l4:?}");
+            let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
+            let nat = 20000 + i as u16;
+            let up = Up {
+                inner: ip.bytes(),
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
+            };
+            let left = Ip6 {
+                src: NAT_IP6,
+                hop: ip.hop - 1,
+                l4: l4.with_src_port(nat),
+                ..ip.clone()
+            }
+            .frame(CONTENT_MAC, CNT_DEV_MAC);
+            assert_checksums6(&left[14..], &what);
+            s.expect(
+                "bond_server",
+                &format!("{what} up"),
+                &up.frame(),
+                XDP_REDIRECT,
+                Some(&left),
+            );
+
+            let reply = Ip6 {
+                src: CONTENT6,
+                dst: NAT_IP6,
+                l4: l4.reply().with_dst_port(nat),
+                payload: b"reply over IPv6".to_vec(),
+                ..ip.clone()
+            };
+            let (v, out) = s.run("bond_server", &reply.frame(CNT_DEV_MAC, CONTENT_MAC));
+            assert_eq!(v, XDP_REDIRECT, "{what} down: verdict");
+            let link = *LINKS[..2]
+                .iter()
+                .find(|l| l.id == out[BOND + 6])
+                .unwrap_or_else(|| panic!("{what}: on link {}", out[BOND + 6]));
+            let inner = Ip6 {
+                dst: ORIGIN_A6,
+                hop: reply.hop - 1,
+                l4: l4.reply(),
+                ..reply.clone()
+            }
+            .bytes();
+            assert_checksums6(&inner, &what);
+            let neigh = link.mac.expect("a link with a neighbour");
+            let want = wrapped_for(ORIGIN_A, &inner, link, (neigh, WAN_DEV_MAC));
+            assert_bytes(&out, &want, &format!("{what} down"));
+        }
+        assert_eq!(s.event("flows_created"), 3);
+        assert_eq!(s.nonzero_drops(), vec![]);
+        // The ports came from the one queue: an IPv4 flow takes the next.
+        expect_up(
+            &s,
+            "IPv4 after IPv6",
+            LINKS[0],
+            &Ip::new(ORIGIN_A, CONTENT, L4::udp(40009, 53)),
+            20003,
+        );
+    });
+}
+
+/// What the IPv6 program refuses or leaves alone: replies from where the
+/// origin did not send (filtered, as for IPv4), to ports without a flow,
+/// replies too big for the links (answered with Packet Too Big), members'
+/// packets to denied prefixes, extension headers; the host's own IPv6
+/// passes untouched. Without an IPv6 NAT address, members' IPv6 is
+/// dropped.
+#[test]
+fn server_filters_and_refuses_ipv6_as_ipv4() {
+    use bond_common::maps::ServerConfig;
+    use etherparse::{Icmpv6Type, PacketBuilder};
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-refuse6", 20000..=20010);
+        let ip = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40001, 53));
+        let up = |ip: &Ip6| {
+            Up {
+                inner: ip.bytes(),
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, ip.l4))
+            }
+            .frame()
+        };
+        let (v, _) = s.run("bond_server", &up(&ip));
+        assert_eq!(v, XDP_REDIRECT, "the flow");
+        let reply = |from: Ipv6Addr, sport: u16, port: u16, n: usize| {
+            Ip6 {
+                src: from,
+                dst: NAT_IP6,
+                l4: L4::udp(sport, port),
+                payload: vec![9; n],
+                ..ip.clone()
+            }
+            .frame(CNT_DEV_MAC, CONTENT_MAC)
+        };
+        s.expect_drop(
+            "bond_server",
+            "another host",
+            &reply(CONTENT6_2, 53, 20000, 8),
+            XDP_DROP,
+            "filtered",
+        );
+        s.expect_drop(
+            "bond_server",
+            "another port",
+            &reply(CONTENT6, 54, 20000, 8),
+            XDP_DROP,
+            "filtered",
+        );
+        s.expect_drop(
+            "bond_server",
+            "no flow",
+            &reply(CONTENT6, 53, 20004, 8),
+            XDP_DROP,
+            "no_flow",
+        );
+        let own = reply(CONTENT6, 53, 8080, 8);
+        s.expect(
+            "bond_server",
+            "not a dedicated port",
+            &own,
+            XDP_PASS,
+            Some(&own),
+        );
+
+        // Too big once wrapped: Packet Too Big, MTU 1448, from the NAT
+        // address to the sender, carrying its header and first 8 bytes.
+        let fits = usize::from(LINK_MTU) - 52 - 48;
+        let (v, _) = s.run("bond_server", &reply(CONTENT6, 53, 20000, fits));
+        assert_eq!(v, XDP_REDIRECT, "the largest reply that fits");
+        let big = reply(CONTENT6, 53, 20000, fits + 1);
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(CNT_DEV_MAC, CONTENT_MAC)
+            .ipv6(NAT_IP6.octets(), CONTENT6.octets(), 255)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1448 })
+            .write(&mut want, &big[14..14 + 48])
+            .unwrap();
+        let before = s.event("frag_needed_sent");
+        s.expect(
+            "bond_server",
+            "one byte too big",
+            &big,
+            XDP_REDIRECT,
+            Some(&want),
+        );
+        assert_eq!(s.event("frag_needed_sent"), before + 1);
+
+        // Members' packets: a denied prefix, an extension header.
+        s.maps
+            .set_deny6(&[(Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 0), 64)])
+            .unwrap();
+        s.expect_drop("bond_server", "denied", &up(&ip), XDP_DROP, "denied");
+        s.maps.set_deny6(&[]).unwrap();
+        let mut hop_by_hop = ip.bytes();
+        hop_by_hop[6] = 0;
+        s.expect_drop(
+            "bond_server",
+            "an extension header",
+            &Up {
+                inner: hop_by_hop,
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, ip.l4))
+            }
+            .frame(),
+            XDP_DROP,
+            "unsupported_proto",
+        );
+        let mut hop1 = ip.clone();
+        hop1.hop = 1;
+        s.expect_drop(
+            "bond_server",
+            "hop limit 1",
+            &up(&hop1),
+            XDP_DROP,
+            "ttl_exceeded",
+        );
+
+        // No IPv6 NAT address: not carried.
+        let cfg = s.maps.server_config().unwrap();
+        s.maps
+            .set_server_config(ServerConfig {
+                nat_ip6: [0; 16],
+                ..cfg
+            })
+            .unwrap();
+        s.expect_drop(
+            "bond_server",
+            "no IPv6 here",
+            &up(&ip),
+            XDP_DROP,
+            "inner_not_ipv4",
+        );
+        let r = reply(CONTENT6, 53, 20000, 8);
+        s.expect("bond_server", "no IPv6 here, down", &r, XDP_PASS, Some(&r));
     });
 }

@@ -406,3 +406,82 @@ fn loads() {
     Obj::terminal("load");
     Obj::server("loads");
 }
+
+/// IPv6 flows expire by the same timeouts as IPv4 ones and give their
+/// ports back to the one queue; their NAT entries go with them, so a late
+/// reply finds no flow.
+#[test]
+fn server_sweep_expires_ipv6_flows_too() {
+    use std::time::Duration;
+
+    use bond_datapath::flows::{self, Sweep, Timeouts};
+    use srv::*;
+    const S: u64 = 1_000_000_000;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-sweep6", 20000..=20000);
+        let ip = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40001, 53));
+        let up = |ip: &Ip6| {
+            Up {
+                inner: ip.bytes(),
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, ip.l4))
+            }
+            .frame()
+        };
+        assert_eq!(s.run("bond_server", &up(&ip)).0, XDP_REDIRECT, "the flow");
+        let other = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40002, 53));
+        s.expect_drop(
+            "bond_server",
+            "the one port taken",
+            &up(&other),
+            XDP_DROP,
+            "no_free_port",
+        );
+        let flows6 = s.maps.flows6().unwrap();
+        assert_eq!(flows6.len(), 1);
+        let seen = flows6[0].1.flow.last_seen_ns;
+        let t = Timeouts {
+            tcp_established: Duration::from_secs(100),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            icmp: Duration::from_secs(20),
+        };
+        let sweep = |now| flows::sweep(&s.maps, &t, now).unwrap();
+        assert_eq!(
+            sweep(seen + 30 * S - 1),
+            Sweep {
+                scanned: 1,
+                kept: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            sweep(seen + 30 * S),
+            Sweep {
+                scanned: 1,
+                udp: 1,
+                ports_returned: 1,
+                ..Default::default()
+            }
+        );
+        assert!(s.maps.flows6().unwrap().is_empty());
+        let late = Ip6 {
+            src: CONTENT6,
+            dst: NAT_IP6,
+            l4: L4::udp(53, 20000),
+            ..ip.clone()
+        };
+        s.expect_drop(
+            "bond_server",
+            "a late reply",
+            &late.frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_DROP,
+            "no_flow",
+        );
+        assert_eq!(
+            s.run("bond_server", &up(&other)).0,
+            XDP_REDIRECT,
+            "the port, again"
+        );
+    });
+}

@@ -1006,3 +1006,47 @@ fn server_refuses_inner_tcp_shorter_than_its_header() {
         }
     });
 }
+
+/// Each program stays well inside the verifier's budget (1,000,000
+/// instructions processed per program): under half of it, so that
+/// growth shows here long before a kernel refuses a program. The counts
+/// are printed for whoever changes a program.
+#[test]
+fn programs_stay_well_inside_the_verifier_budget() {
+    const BUDGET: u32 = 1_000_000 / 2;
+    isolate::pinned(|_| {
+        for (obj, progs) in [
+            (
+                Obj::terminal("budget-terminal"),
+                &[
+                    "bond_wrap",
+                    "bond_terminal",
+                    "bond_relay",
+                    "bond_terminal_l3",
+                ][..],
+            ),
+            (
+                {
+                    let mut s = Obj::server("budget-server");
+                    bond_datapath::server_jumps(&mut s.ebpf).expect("bond_server6");
+                    s
+                },
+                &["bond_server", "bond_server6"][..],
+            ),
+        ] {
+            for &name in progs {
+                let info = obj
+                    .ebpf
+                    .program(name)
+                    .expect("program")
+                    .info()
+                    .expect("program info");
+                let n = info
+                    .verified_instruction_count()
+                    .expect("the kernel reports verified instructions");
+                eprintln!("{name}: {n} instructions verified");
+                assert!(n < BUDGET, "{name}: {n} of the verifier's 1,000,000");
+            }
+        }
+    });
+}

@@ -24,6 +24,9 @@ pub struct ServerConfig {
     pub port: u16,
     /// Source address of flows towards content servers.
     pub nat_address: Ipv4Addr,
+    /// Source address of IPv6 flows; without it, members' IPv6 is dropped
+    /// (`inner_not_ipv4`).
+    pub nat_address6: Option<std::net::Ipv6Addr>,
     /// Dedicated ports, "first-last".
     #[serde(default = "default_nat_ports")]
     pub nat_ports: String,

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bond_common::{
-    maps::{FlowKey, SessionKey, name},
+    maps::{Flow6, Flow6Key, FlowKey, SessionKey, name},
     wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
 
@@ -35,12 +35,21 @@ pub fn sweep_counted(
     timeouts: &Timeouts,
     now_ns: u64,
 ) -> Result<(Sweep, BTreeMap<u16, u64>)> {
-    let flows = maps.flows()?;
+    let mut flows = maps.flows()?;
     let idle = flows
         .iter()
         .filter(|(k, f)| timeouts.expired(k, f, now_ns))
         .map(|(k, _)| *k);
-    let removed = maps.remove_flows_if(idle, |k, f| timeouts.expired(k, f, now_ns))?;
+    let mut removed = maps.remove_flows_if(idle, |k, f| timeouts.expired(k, f, now_ns))?;
+    // IPv6 flows, by the same rules: as (community, protocol, origin, port).
+    let expired6 = |k: &Flow6Key, f: &Flow6| timeouts.expired(&k.v4_shape(), &f.flow, now_ns);
+    let flows6 = maps.flows6()?;
+    let idle6 = flows6
+        .iter()
+        .filter(|(k, f)| expired6(k, f))
+        .map(|(k, _)| *k);
+    removed.extend(maps.remove_flows6_if(idle6, expired6)?);
+    flows.extend(flows6.iter().map(|(k, f)| (k.v4_shape(), f.flow)));
     let mut r = Sweep {
         scanned: flows.len() as u64,
         kept: (flows.len() - removed.len()) as u64,
@@ -84,11 +93,14 @@ pub fn sweep_counted(
 /// flow table, its reverse map and the permits for further remote
 /// endpoints (least recently used go first), `ports` for the free-port
 /// queue, `terminals` for the sessions and their flow counts.
-pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static str, u32); 6] {
+pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static str, u32); 9] {
     [
         (name::S_FLOWS, flows),
         (name::S_NAT, flows),
         (name::S_PERMITS, flows),
+        (name::S_FLOWS6, flows),
+        (name::S_NAT6, flows),
+        (name::S_PERMITS6, flows),
         (name::S_FREE_PORTS, ports),
         (name::S_SESSIONS, terminals),
         (name::S_ORIGIN_FLOWS, terminals),
@@ -110,6 +122,9 @@ mod tests {
                 ("S_FLOWS", 1000),
                 ("S_NAT", 1000),
                 ("S_PERMITS", 1000),
+                ("S_FLOWS6", 1000),
+                ("S_NAT6", 1000),
+                ("S_PERMITS6", 1000),
                 ("S_FREE_PORTS", 10),
                 ("S_SESSIONS", 7),
                 ("S_ORIGIN_FLOWS", 7)

@@ -11,7 +11,7 @@ pub mod ebpf;
 pub mod flows;
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -26,9 +26,9 @@ use bond_common::{
     drops,
     edpf::{MAX_PATHS, Paths},
     maps::{
-        Flow, FlowKey, Hold, Kept, LinkKey, LinkStats, MAX_LINK_IDS, NatEntry, NatKey, Neighbor,
-        RelayLink, ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event,
-        name,
+        Flow, Flow6, Flow6Key, FlowKey, Hold, Kept, LinkKey, LinkStats, MAX_LINK_IDS, Nat6Entry,
+        NatEntry, NatKey, Neighbor, RelayLink, ServerConfig, ServerLink, Session, SessionKey,
+        TerminalConfig, UpLink, event, name,
     },
 };
 
@@ -58,6 +58,12 @@ pub enum Error {
     Schedule,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("opening the programs' log: {0}")]
     Log(#[from] aya_log::Error),
 }
@@ -200,6 +206,40 @@ pub fn load_with_sizes(object: &[u8], dir: &Path, sizes: &[(&str, u32)]) -> Resu
         loader.map_max_entries(name, n);
     }
     Ok(loader.load(object)?)
+}
+
+/// Fills the server's tail-call table (`S_JUMP`): `bond_server6`, loaded
+/// here if it is not yet, at `JUMP_V6`. Without it `bond_server` carries
+/// no IPv6. Replaces whatever an earlier agent left in the pinned table.
+pub fn server_jumps(ebpf: &mut Ebpf) -> Result<()> {
+    const PROG: &str = "bond_server6";
+    let program = |source| Error::Program { name: PROG, source };
+    let p: &mut aya::programs::Xdp = ebpf
+        .program_mut(PROG)
+        .ok_or(Error::Program {
+            name: PROG,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(program)?;
+    if p.fd().is_err() {
+        p.load().map_err(program)?;
+    }
+    let fd = p.fd().map_err(program)?.try_clone()?;
+    let map = |source| Error::Map {
+        name: name::S_JUMP,
+        source,
+    };
+    let mut jump =
+        aya::maps::ProgramArray::try_from(ebpf.map_mut(name::S_JUMP).ok_or(Error::Map {
+            name: name::S_JUMP,
+            source: aya::maps::MapError::InvalidName {
+                name: name::S_JUMP.into(),
+            },
+        })?)
+        .map_err(map)?;
+    jump.set(bond_common::maps::JUMP_V6, &fd, 0).map_err(map)?;
+    Ok(())
 }
 
 /// A flow taken out of the server's tables by [`Maps::remove_flows_if`].
@@ -572,6 +612,37 @@ impl Maps {
         Ok(out)
     }
 
+    /// As [`Self::set_deny`], for IPv6 destinations (`S_DENY6`).
+    pub fn set_deny6(&self, prefixes: &[(Ipv6Addr, u8)]) -> Result<()> {
+        let name = name::S_DENY6;
+        let err = |source| Error::Map { name, source };
+        let mut trie: LpmTrie<MapData, [u8; 16], u8> =
+            LpmTrie::try_from(self.open(name)?).map_err(err)?;
+        let key = |&(a, l): &(Ipv6Addr, u8)| Key::new(u32::from(l), a.octets());
+        for p in prefixes {
+            trie.insert(&key(p), 1, 0).map_err(err)?;
+        }
+        let old = self.deny6()?;
+        for p in old.iter().filter(|p| !prefixes.contains(p)) {
+            trie.remove(&key(p)).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The server's IPv6 destination policy: (address, length) of each prefix.
+    pub fn deny6(&self) -> Result<Vec<(Ipv6Addr, u8)>> {
+        let name = name::S_DENY6;
+        let err = |source| Error::Map { name, source };
+        let trie: LpmTrie<MapData, [u8; 16], u8> =
+            LpmTrie::try_from(self.open(name)?).map_err(err)?;
+        let mut out = Vec::new();
+        for k in trie.keys() {
+            let k = k.map_err(err)?;
+            out.push((Ipv6Addr::from(k.data()), k.prefix_len() as u8));
+        }
+        Ok(out)
+    }
+
     pub fn remove_session(&self, community: u16, origin: Ipv4Addr) -> Result<()> {
         let key = SessionKey {
             community,
@@ -753,11 +824,79 @@ impl Maps {
         keys: impl IntoIterator<Item = FlowKey>,
         expired: impl Fn(&FlowKey, &Flow) -> bool,
     ) -> Result<Vec<RemovedFlow>> {
+        self.remove_if::<FlowKey, Flow, NatEntry>(
+            (name::S_FLOWS, name::S_NAT),
+            keys,
+            |k, f| expired(k, f),
+            |f| f.nat_port,
+            |k| k.proto,
+            |k, e| e.origin == k.origin && e.community == k.community && e.port == k.port,
+        )
+        .map(|v| {
+            v.into_iter()
+                .map(|(key, flow, port_returned)| RemovedFlow {
+                    key,
+                    flow,
+                    port_returned,
+                })
+                .collect()
+        })
+    }
+
+    /// Every IPv6 flow: (key, state).
+    pub fn flows6(&self) -> Result<Vec<(Flow6Key, Flow6)>> {
+        self.entries(name::S_FLOWS6)
+    }
+
+    /// As [`Self::remove_flows_if`], for IPv6 flows (`S_FLOWS6`, `S_NAT6`;
+    /// the ports come from the same queue). Each removed flow is reported
+    /// by its IPv4-shaped key (community, protocol, origin, port).
+    pub fn remove_flows6_if(
+        &self,
+        keys: impl IntoIterator<Item = Flow6Key>,
+        expired: impl Fn(&Flow6Key, &Flow6) -> bool,
+    ) -> Result<Vec<RemovedFlow>> {
+        self.remove_if::<Flow6Key, Flow6, Nat6Entry>(
+            (name::S_FLOWS6, name::S_NAT6),
+            keys,
+            expired,
+            |f| f.flow.nat_port,
+            |k| k.proto,
+            |k, e| {
+                e.origin == k.origin
+                    && e.community == k.community
+                    && e.port == k.port
+                    && e.src == k.src
+            },
+        )
+        .map(|v| {
+            v.into_iter()
+                .map(|(key, flow, port_returned)| RemovedFlow {
+                    key: key.v4_shape(),
+                    flow: flow.flow,
+                    port_returned,
+                })
+                .collect()
+        })
+    }
+
+    /// The removal both families share (see [`Self::remove_flows_if`]):
+    /// `nat_port` and `proto` read a flow's port and protocol, `ours` says
+    /// whether a NAT entry is the flow's.
+    fn remove_if<K: Pod, V: Pod, N: Pod>(
+        &self,
+        (fname, nname): (&'static str, &'static str),
+        keys: impl IntoIterator<Item = K>,
+        expired: impl Fn(&K, &V) -> bool,
+        nat_port: impl Fn(&V) -> u16,
+        proto: impl Fn(&K) -> u8,
+        ours: impl Fn(&K, &N) -> bool,
+    ) -> Result<Vec<(K, V, bool)>> {
         use aya::maps::MapError::KeyNotFound;
         let err = |name: &'static str| move |source| Error::Map { name, source };
-        let (fname, nname, qname) = (name::S_FLOWS, name::S_NAT, name::S_FREE_PORTS);
-        let mut flows = self.hash::<FlowKey, Flow>(fname)?;
-        let mut nat = self.hash::<NatKey, NatEntry>(nname)?;
+        let qname = name::S_FREE_PORTS;
+        let mut flows = self.hash::<K, V>(fname)?;
+        let mut nat = self.hash::<NatKey, N>(nname)?;
         let mut queue = Queue::<MapData, u16>::try_from(self.open(qname)?).map_err(err(qname))?;
         let mut out = Vec::new();
         for key in keys {
@@ -773,31 +912,24 @@ impl Maps {
                 r => r.map_err(err(fname))?,
             }
             let nkey = NatKey {
-                proto: key.proto,
+                proto: proto(&key),
                 _pad: 0,
-                port: flow.nat_port,
+                port: nat_port(&flow),
             };
-            let ours = match nat.get(&nkey, 0) {
+            let mine = match nat.get(&nkey, 0) {
                 // Never written (the program writes it just after the
                 // flow): nothing else holds the port either.
                 Err(KeyNotFound) => true,
-                r => {
-                    let e = r.map_err(err(nname))?;
-                    e.origin == key.origin && e.community == key.community && e.port == key.port
-                }
+                r => ours(&key, &r.map_err(err(nname))?),
             };
-            if ours {
+            if mine {
                 match nat.remove(&nkey) {
                     Ok(()) | Err(KeyNotFound) => {}
                     Err(e) => return Err(err(nname)(e)),
                 }
-                queue.push(flow.nat_port, 0).map_err(err(qname))?;
+                queue.push(nat_port(&flow), 0).map_err(err(qname))?;
             }
-            out.push(RemovedFlow {
-                key,
-                flow,
-                port_returned: ours,
-            });
+            out.push((key, flow, mine));
         }
         Ok(out)
     }

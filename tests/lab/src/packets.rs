@@ -209,6 +209,95 @@ impl Ip {
     }
 }
 
+/// An IPv6 packet (no extension headers) with a TCP, UDP or ICMPv6 echo
+/// payload, built by etherparse (its checksums cover the pseudo-header).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ip6 {
+    pub src: std::net::Ipv6Addr,
+    pub dst: std::net::Ipv6Addr,
+    pub hop: u8,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Ip6 {
+    pub fn new(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, l4: L4) -> Self {
+        Self {
+            src,
+            dst,
+            hop: 64,
+            l4,
+            payload: b"bond fixture payload over IPv6".to_vec(),
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let ip = PacketBuilder::ipv6(self.src.octets(), self.dst.octets(), self.hop);
+        let mut out = Vec::new();
+        match self.l4 {
+            L4::Tcp { sport, dport } => ip
+                .tcp(sport, dport, 0x0102_0304, 64240)
+                .ack(0x0a0b_0c0d)
+                .psh()
+                .write(&mut out, &self.payload),
+            L4::Udp { sport, dport } => ip.udp(sport, dport).write(&mut out, &self.payload),
+            L4::EchoRequest { id, seq } => ip
+                .icmpv6_echo_request(id, seq)
+                .write(&mut out, &self.payload),
+            L4::EchoReply { id, seq } => {
+                ip.icmpv6_echo_reply(id, seq).write(&mut out, &self.payload)
+            }
+            other => panic!("no IPv6 fixture for {other:?}"),
+        }
+        .expect("build IPv6 packet");
+        out
+    }
+
+    /// The same packet as a frame.
+    pub fn frame(&self, dst: Mac, src: Mac) -> Vec<u8> {
+        eth(dst, src, ETH_P_IPV6, &self.bytes())
+    }
+
+    /// The IPv6 protocol number of its transport.
+    pub fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Tcp { .. } => 6,
+            L4::Udp { .. } => 17,
+            _ => 58,
+        }
+    }
+}
+
+/// Asserts every checksum of an IPv6 packet, recomputed by etherparse.
+pub fn assert_checksums6(ip: &[u8], what: &str) {
+    let h = PacketHeaders::from_ip_slice(ip)
+        .unwrap_or_else(|e| panic!("{what}: not a parseable IPv6 packet: {e}"));
+    let Some(NetHeaders::Ipv6(ip6, _)) = &h.net else {
+        panic!("{what}: not IPv6");
+    };
+    let payload = h.payload.slice();
+    match &h.transport {
+        Some(TransportHeader::Tcp(t)) => assert_eq!(
+            t.checksum,
+            t.calc_checksum_ipv6(ip6, payload).expect("tcp checksum"),
+            "{what}: TCP checksum"
+        ),
+        Some(TransportHeader::Udp(u)) => assert_eq!(
+            u.checksum,
+            u.calc_checksum_ipv6(ip6, payload).expect("udp checksum"),
+            "{what}: UDP checksum"
+        ),
+        Some(TransportHeader::Icmpv6(i)) => assert_eq!(
+            i.checksum,
+            i.icmp_type
+                .calc_checksum(ip6.source, ip6.destination, payload)
+                .expect("icmpv6 checksum"),
+            "{what}: ICMPv6 checksum"
+        ),
+        other => panic!("{what}: unexpected transport {other:?}"),
+    }
+}
+
 /// Bond message kinds (docs/architecture.md, "Wire format").
 pub const DATA_UP: u8 = 1;
 pub const DATA_DOWN: u8 = 2;

@@ -310,6 +310,7 @@ impl Dut {
                     port_max: *NAT_PORTS.end(),
                     link_mtu: 1500,
                     per_origin: 0,
+                    nat_ip6: [0; 16],
                 })?;
                 maps.set_server_link(
                     0,

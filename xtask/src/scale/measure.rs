@@ -203,6 +203,7 @@ pub(super) fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Durat
         port_max: PORT_MAX,
         link_mtu: 1500,
         per_origin: 0,
+        nat_ip6: [0; 16],
     })
     .context("writing S_CONFIG")?;
     let tenth = (n / 10).max(1);

@@ -54,6 +54,7 @@ pub async fn run(
         port_max: hi,
         link_mtu: cfg.link_mtu,
         per_origin: cfg.flows.per_origin,
+        nat_ip6: cfg.nat_address6.map_or([0; 16], |a| a.octets()),
     };
     maps.set_server_config(map_cfg)?;
     let deny = super::deny::prefixes(&cfg).context("field `deny`")?;
@@ -74,8 +75,13 @@ pub async fn run(
     // source is one of our own addresses; the dedicated ports are kept from
     // the host's own sockets.
     sysctl("net.ipv4.ip_forward", "1")?;
+    if cfg.nat_address6.is_some() {
+        // (The datapath's IPv6 route lookups answer only where it is on.)
+        sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
     sysctl("net.ipv4.ip_local_reserved_ports", &format!("{lo}-{hi}"))?;
     let net = Net::new()?;
+    datapath::server_jumps(&mut ebpf)?;
     for i in &cfg.interfaces {
         sysctl(&format!("net.ipv4.conf.{i}.accept_local"), "1")?;
         sysctl(&format!("net.ipv4.conf.{i}.rp_filter"), "0")?;

@@ -35,6 +35,7 @@ impl Agent {
             ("address", old.address != new.address),
             ("port", old.port != new.port),
             ("nat_address", old.nat_address != new.nat_address),
+            ("nat_address6", old.nat_address6 != new.nat_address6),
             ("nat_ports", old.nat_ports != new.nat_ports),
             ("interfaces", old.interfaces != new.interfaces),
             ("metrics", old.metrics != new.metrics),

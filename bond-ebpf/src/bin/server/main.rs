@@ -35,7 +35,7 @@ use aya_ebpf::{
     },
     macros::{map, xdp},
     maps::{
-        Array, HashMap, LruHashMap, PerCpuArray, Queue,
+        Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, Queue,
         lpm_trie::{Key, LpmTrie},
     },
     programs::XdpContext,
@@ -44,14 +44,15 @@ use bond_common::{
     csum, drops,
     edpf::Paths,
     maps::{
-        Flow, FlowKey, FragFlow, FragKey, Hold, KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats,
-        MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_SERVER_LINKS, MAX_SESSIONS, NatEntry,
-        NatKey, PermitKey, ServerConfig, ServerLink, Session, SessionKey, event, tcp,
+        Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS,
+        Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS,
+        MAX_SERVER_LINKS, MAX_SESSIONS, Nat6Entry, NatEntry, NatKey, Permit6Key, PermitKey,
+        ServerConfig, ServerLink, Session, SessionKey, event, tcp,
     },
     wire::{
-        self, BondHdr, ETH_LEN, ETH_P_IP, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, INNER_OFF, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, kind,
+        self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY,
+        ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, INNER_OFF,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -95,6 +96,19 @@ static S_FRAGS: LruHashMap<FragKey, FragFlow> = LruHashMap::pinned(MAX_FRAGS, 0)
 /// free to be fragmented, go to be split (`bond_common::frag`).
 #[map]
 static S_SPLIT: Array<Hold> = Array::pinned(1, 0);
+/// Where `bond_server` hands inner IPv6 (`JUMP_V6`: `bond_server6`).
+#[map]
+static S_JUMP: ProgramArray = ProgramArray::pinned(JUMP_SLOTS, 0);
+/// IPv6 flows, their dedicated ports' way back, their permits and the
+/// destinations denied, as the IPv4 maps above (`v6`).
+#[map]
+static S_FLOWS6: HashMap<Flow6Key, Flow6> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+static S_NAT6: HashMap<NatKey, Nat6Entry> = HashMap::pinned(MAX_FLOWS, 0);
+#[map]
+static S_PERMITS6: LruHashMap<Permit6Key, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map]
+static S_DENY6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_DENY, 0);
 #[map]
 static S_FREE_PORTS: Queue<u16> = Queue::pinned(65_536, 0);
 #[map]
@@ -139,6 +153,12 @@ fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
     let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
     let proto = hdr[ETH_LEN + 9];
     let dst = u32::from_be_bytes([hdr[30], hdr[31], hdr[32], hdr[33]]);
+    if ethertype == ETH_P_IPV6 {
+        // SAFETY: a tail call does not return when it succeeds; without
+        // `bond_server6` in the table, IPv6 is the host's own.
+        unsafe { S_JUMP.tail_call(ctx, JUMP_V6) };
+        return PASS;
+    }
     if ethertype != ETH_P_IP {
         return PASS;
     }
@@ -206,6 +226,12 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         return Err(drops::BAD_TOKEN);
     }
 
+    // Checked so far: link, session, token. Inner IPv6 is `bond_server6`'s.
+    if read::<1>(ctx, INNER_OFF).ok_or(drops::TRUNCATED)?[0] >> 4 == 6 {
+        // SAFETY: as above; without it, IPv6 is not carried.
+        unsafe { S_JUMP.tail_call(ctx, JUMP_V6) };
+        return Err(drops::INNER_NOT_IPV4);
+    }
     let inner = Inner::parse(ctx, tot)?;
     if inner.src != origin {
         return Err(drops::INNER_SPOOF);
@@ -474,10 +500,42 @@ fn flow_for(
     if let Some(f) = S_FLOWS.get_ptr_mut(key) {
         return Ok(f);
     }
-    let okey = SessionKey {
-        community: key.community,
-        _pad: 0,
+    let (port, held) = take_port(key.community, key.origin, per_origin)?;
+    let flow = Flow::new(port, now, remote.0, remote.1);
+    let nat = NatEntry {
         origin: key.origin,
+        community: key.community,
+        port: key.port,
+    };
+    let nkey = NatKey {
+        proto: key.proto,
+        _pad: 0,
+        port,
+    };
+    match S_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
+        Ok(()) if S_NAT.insert(nkey, nat, 0).is_err() => {
+            let _ = S_FLOWS.remove(key);
+            return Err(give_back(port, drops::FLOW_TABLE_FULL));
+        }
+        Ok(()) => made(held),
+        // Either another CPU created it first, or the table is full.
+        Err(_) if S_FLOWS.get_ptr_mut(key).is_none() => {
+            return Err(give_back(port, drops::FLOW_TABLE_FULL));
+        }
+        Err(_) => raced(port),
+    }
+    S_FLOWS.get_ptr_mut(key).ok_or(drops::FLOW_TABLE_FULL)
+}
+
+/// A dedicated port for a new flow of `origin`, if it holds fewer than
+/// `per_origin` flows (0: no limit) and the queue has one; and its count
+/// of flows, for [`made`] to raise.
+#[inline(always)]
+fn take_port(community: u16, origin: u32, per_origin: u32) -> Result<(u16, *mut u64), u32> {
+    let okey = SessionKey {
+        community,
+        _pad: 0,
+        origin,
     };
     if S_ORIGIN_FLOWS.get_ptr_mut(okey).is_none() {
         // Another CPU may win the insert; either way the entry exists.
@@ -497,38 +555,30 @@ fn flow_for(
         .ok()
         .flatten()
         .ok_or(drops::NO_FREE_PORT)?;
-    let flow = Flow::new(port, now, remote.0, remote.1);
-    match S_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {
-            let nat = NatEntry {
-                origin: key.origin,
-                community: key.community,
-                port: key.port,
-            };
-            let nkey = NatKey {
-                proto: key.proto,
-                _pad: 0,
-                port,
-            };
-            if S_NAT.insert(nkey, nat, 0).is_err() {
-                let _ = S_FLOWS.remove(key);
-                let _ = S_FREE_PORTS.push(port, 0);
-                return Err(drops::FLOW_TABLE_FULL);
-            }
-            count(&S_EVENTS, event::FLOW_CREATED);
-            // SAFETY: as above.
-            unsafe { *held += 1 };
-        }
-        Err(_) => {
-            // Either another CPU created it first, or the table is full.
-            let _ = S_FREE_PORTS.push(port, 0);
-            if S_FLOWS.get_ptr_mut(key).is_none() {
-                return Err(drops::FLOW_TABLE_FULL);
-            }
-            count(&S_EVENTS, event::FLOW_RACE);
-        }
-    }
-    S_FLOWS.get_ptr_mut(key).ok_or(drops::FLOW_TABLE_FULL)
+    Ok((port, held))
+}
+
+/// A flow was made: counted, and its origin holds one more.
+#[inline(always)]
+fn made(held: *mut u64) {
+    count(&S_EVENTS, event::FLOW_CREATED);
+    // SAFETY: a live map value, as in `take_port`.
+    unsafe { *held += 1 };
+}
+
+/// Another CPU made the same flow first: the port taken goes back.
+#[inline(always)]
+fn raced(port: u16) {
+    let _ = S_FREE_PORTS.push(port, 0);
+    count(&S_EVENTS, event::FLOW_RACE);
+}
+
+/// A port taken for a flow that could not be made goes back; `reason`
+/// says why.
+#[inline(always)]
+fn give_back(port: u16, reason: u32) -> u32 {
+    let _ = S_FREE_PORTS.push(port, 0);
+    reason
 }
 
 // ------------------------------------------------------------- downstream --
@@ -1047,9 +1097,22 @@ fn forward(
     macs: [u8; 12],
     forwarded: bool,
 ) -> Result<u32, u32> {
+    forward_as(ctx, ETH_P_IP, rc, fib, macs, forwarded)
+}
+
+/// As [`forward`], for a packet of `ethertype` (IPv4 or IPv6).
+#[inline(always)]
+fn forward_as(
+    ctx: &XdpContext,
+    ethertype: u16,
+    rc: u32,
+    fib: &FibParams,
+    macs: [u8; 12],
+    forwarded: bool,
+) -> Result<u32, u32> {
     routable(rc)?;
     let mut eth = [0u8; 14];
-    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    eth[12..].copy_from_slice(&ethertype.to_be_bytes());
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         eth[0..6].copy_from_slice(&fib.dmac);
         eth[6..12].copy_from_slice(&fib.smac);
@@ -1065,7 +1128,13 @@ fn forward(
     if !write(ctx, 0, eth) {
         return Err(drops::TRUNCATED);
     }
-    if forwarded {
+    if forwarded && ethertype == ETH_P_IPV6 {
+        // The hop limit; IPv6 has no header checksum.
+        let hop = read::<1>(ctx, ETH_LEN + 7).ok_or(drops::TRUNCATED)?[0];
+        if !write(ctx, ETH_LEN + 7, [hop.wrapping_add(1)]) {
+            return Err(drops::TRUNCATED);
+        }
+    } else if forwarded {
         let ttl_proto = read_u16(ctx, ETH_LEN + 8).ok_or(drops::TRUNCATED)?;
         let check = read_u16(ctx, ETH_LEN + 10).ok_or(drops::TRUNCATED)?;
         let back = ttl_proto.wrapping_add(0x100);
@@ -1079,6 +1148,8 @@ fn forward(
     count(&S_EVENTS, event::SLOW_PATH);
     Ok(xdp_action::XDP_PASS)
 }
+
+mod v6;
 
 #[cfg(not(test))]
 #[panic_handler]
