@@ -59,6 +59,8 @@ pub async fn run(
     maps.set_server_config(map_cfg)?;
     let deny = super::deny::prefixes(&cfg).context("field `deny`")?;
     maps.set_deny(&deny)?;
+    let deny6 = super::deny::prefixes6(&cfg).context("field `deny`")?;
+    maps.set_deny6(&deny6)?;
     eprintln!(
         "bond-ctl: members may not reach {} prefixes (`deny`)",
         deny.len()

@@ -65,6 +65,8 @@ impl Agent {
         // "local" follows the host's interfaces as they are now.
         let deny =
             super::deny::prefixes(&new).map_err(|e| format!("field `deny`: {e:#}; {keep}"))?;
+        let deny6 =
+            super::deny::prefixes6(&new).map_err(|e| format!("field `deny`: {e:#}; {keep}"))?;
         self.keys = new
             .communities
             .iter()
@@ -77,6 +79,7 @@ impl Agent {
         self.maps
             .set_server_config(self.map_cfg)
             .and_then(|()| self.maps.set_deny(&deny))
+            .and_then(|()| self.maps.set_deny6(&deny6))
             .map_err(|e| format!("applying the new configuration: {e:#}"))?;
         eprintln!("bond-ctl: configuration reloaded: {changed:?} changed");
         Ok(changed)

@@ -19,6 +19,10 @@
 //! checksums all cover the addresses (the pseudo-header), so every rewrite
 //! updates them incrementally (RFC 1624).
 
+// Keys and values go to the map helpers by reference, from the scratch
+// slot: passed by value they would be copied onto the stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use super::*;
 use bond_common::wire::{
     ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMPV6, IPV6_LEN,
