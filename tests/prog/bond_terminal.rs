@@ -93,12 +93,36 @@ fn terminal_unwraps_its_own_traffic() {
         t.expect("bond_terminal", what, &w.frame(), XDP_PASS, Some(&want));
         assert_checksums(ipv4_of(&want), what);
     }
-    for (what, w) in [("via a peer", &via_peer), ("via own link", &via_own_link)] {
+    // IPv6 inside: handed up as IPv6, behind the IPv6 ethertype.
+    let mut v6 = down_for_me();
+    v6.bond.sent = via_peer.bond.sent.max(via_own_link.bond.sent) + 1; // not late
+    v6.inner = Ip6::new(
+        "2001:db8:71::2".parse().unwrap(),
+        "2001:db8:1::11".parse().unwrap(),
+        L4::tcp(443, 40000),
+    )
+    .bytes();
+    let want = eth(v6.outer.dst_mac, v6.outer.src_mac, 0x86dd, &v6.inner);
+    t.expect(
+        "bond_terminal",
+        "IPv6 inside",
+        &v6.frame(),
+        XDP_PASS,
+        Some(&want),
+    );
+    assert_checksums6(&want[14..], "IPv6 inside");
+    // The IPv6 packet came over the peer's link too.
+    let peer_link = (2, (via_peer.inner.len() + v6.inner.len()) as u64);
+    let own_link = (1, via_own_link.inner.len() as u64);
+    for (what, w, (pkts, bytes)) in [
+        ("via a peer", &via_peer, peer_link),
+        ("via own link", &via_own_link, own_link),
+    ] {
         assert_eq!(
             stats(&t, w.bond.link),
             LinkStats {
-                down_pkts: 1,
-                down_bytes: w.inner.len() as u64,
+                down_pkts: pkts,
+                down_bytes: bytes,
                 ..Default::default()
             },
             "{what}: stats"
@@ -218,7 +242,7 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
 fn terminal_drops_and_counts_bad_input() {
     use term::*;
     type Edit = fn(&mut Wrapped);
-    let cases: [(&str, Edit, &str); 14] = [
+    let cases: [(&str, Edit, &str); 15] = [
         ("wrong magic", |w| w.bond.magic = 0xB04E, "bad_magic"),
         ("old version", |w| w.bond.version = 1, "bad_version"),
         (
@@ -242,7 +266,10 @@ fn terminal_drops_and_counts_bad_input() {
             |w| w.bond.origin = PEER,
             "wrong_origin",
         ),
-        ("inner IPv6", |w| w.inner[0] = 0x60, "inner_not_ipv4"),
+        // Version 6 on an IPv4 packet: its IPv6 payload length (the IPv4
+        // identification) runs past the wrap.
+        ("inner version 6", |w| w.inner[0] = 0x60, "inner_bad_header"),
+        ("inner version 5", |w| w.inner[0] = 0x50, "inner_not_ipv4"),
         (
             "inner longer than the frame",
             |w| {

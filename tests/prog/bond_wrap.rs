@@ -179,8 +179,6 @@ fn wrap_refuses_what_it_cannot_send() {
         t.maps
             .set_up_paths(&[(A, 1_000, 0)], TEST_BACKLOG_US)
             .unwrap();
-        let v6 = ipv6_udp_frame(BOND0_MAC, BOND0_MAC, 53);
-        t.expect_drop("bond_wrap", "IPv6 frame", &v6, TC_ACT_SHOT, "not_ipv4");
         let arp = arp_frame(BOND0_MAC, LAN_IP, CONTENT);
         t.expect_drop("bond_wrap", "ARP frame", &arp, TC_ACT_SHOT, "not_ipv4");
 
@@ -239,5 +237,28 @@ fn wrap_refuses_what_it_cannot_send() {
         for link in [A, B, C] {
             assert_eq!(term::stats(&t, link), LinkStats::default(), "link {link}");
         }
+    });
+}
+
+/// An IPv6 packet routed into bond0 is wrapped as it is, as an IPv4 one:
+/// the same outer header and bond header, the inner bytes untouched.
+#[test]
+fn wrap_carries_ipv6_as_it_is() {
+    use {term::*, wrap::*};
+    isolate::pinned(|_| {
+        let t = wrap::setup("wrap-v6");
+        t.maps
+            .set_up_paths(&[(A, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
+        let v6 = Ip6::new(
+            "2001:db8:1::11".parse().unwrap(),
+            "2001:db8:71::2".parse().unwrap(),
+            L4::tcp(40000, 443),
+        )
+        .bytes();
+        let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IPV6, &v6));
+        assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+        assert_bytes(&out, &expected(A, &v6), "IPv6 wrapped");
+        assert_eq!(&out[WRAP_LEN..], &v6[..], "inner untouched");
     });
 }

@@ -150,7 +150,7 @@ impl Fate {
 fn terminal_outer_and_inner_header_cases() {
     type Edit = fn(&mut Vec<u8>);
     // (case, edit, fate when unwrapped for this host, fate when relayed)
-    let cases: [(&str, Edit, Fate, Fate); 17] = [
+    let cases: [(&str, Edit, Fate, Fate); 18] = [
         // `try_terminal`: "only IPv4/UDP without options or fragmentation
         // can be ours". The kernel reassembles fragments; what is not
         // DATA goes to the agent's socket.
@@ -238,8 +238,14 @@ fn terminal_outer_and_inner_header_cases() {
             Fate::Through,
         ),
         (
-            "inner IPv6",
+            "inner version 6 on IPv4",
             |f| f[INNER] = 0x60,
+            Fate::Drop("inner_bad_header"),
+            Fate::Through,
+        ),
+        (
+            "inner version 5",
+            |f| f[INNER] = 0x50,
             Fate::Drop("inner_not_ipv4"),
             Fate::Through,
         ),

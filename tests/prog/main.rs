@@ -31,9 +31,10 @@ use bond_datapath::{self as datapath, Maps};
 use common::{
     PinDir, isolate,
     packets::{
-        ANNOUNCE, Bond, DATA_DOWN, DATA_UP, ETH_P_IP, IcmpError, Ip, Ip6, L4, Mac, OPEN, Outer,
-        WRAP_LEN, arp_frame, assert_checksums, assert_checksums6, assert_wrapped_checksums, eth,
-        fill_open, fix_ipv4_checksum, ipv4_of, ipv6_udp_frame, set_total_len, udp_frame, wrapped,
+        ANNOUNCE, Bond, DATA_DOWN, DATA_UP, ETH_P_IP, ETH_P_IPV6, IcmpError, Ip, Ip6, L4, Mac,
+        OPEN, Outer, WRAP_LEN, arp_frame, assert_checksums, assert_checksums6,
+        assert_wrapped_checksums, eth, fill_open, fix_ipv4_checksum, ipv4_of, ipv6_udp_frame,
+        set_total_len, udp_frame, wrapped,
     },
 };
 use fixtures::{srv, term, term_out, wrap};

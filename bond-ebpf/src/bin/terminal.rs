@@ -30,7 +30,8 @@ use bond_common::{
         Neighbor, RelayLink, TerminalConfig, UpLink, tcp,
     },
     wire::{
-        self, BondHdr, ETH_LEN, ETH_P_IP, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP, OUTER_LEN, kind,
+        self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP,
+        IPV6_LEN, OUTER_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -86,7 +87,9 @@ pub fn bond_wrap(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
-    if read_u16(ctx, 12).ok_or(drops::TRUNCATED)? != ETH_P_IP {
+    // IPv4 or IPv6: the wrap carries either as it is.
+    let ethertype = read_u16(ctx, 12).ok_or(drops::TRUNCATED)?;
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
         return Err(drops::NOT_IPV4);
     }
     // SAFETY: the context's skb pointer is valid for the program's run.
@@ -381,7 +384,7 @@ fn write_macs(ctx: &impl Packet, src: [u8; 6], dst: [u8; 6]) -> Result<(), u32> 
 /// DATA_DOWN for this host: strip the wrap and hand the inner packet up.
 #[inline(always)]
 fn unwrap(ctx: &XdpContext, d: &Data) -> Result<u32, u32> {
-    let (inner_len, pure_ack) = ours::<ETH_LEN>(ctx, d)?;
+    let (inner_len, pure_ack, ethertype) = ours::<ETH_LEN>(ctx, d)?;
     // SAFETY: the context pointer is valid for the program's run.
     if let Some(hold) = held(unsafe { (*ctx.ctx).ingress_ifindex }, pure_ack) {
         // SAFETY: plain helper call; the ifindex comes from the agent's map.
@@ -394,7 +397,7 @@ fn unwrap(ctx: &XdpContext, d: &Data) -> Result<u32, u32> {
     }
     let mut eth = [0u8; 14];
     eth[..12].copy_from_slice(&macs);
-    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    eth[12..].copy_from_slice(&ethertype.to_be_bytes());
     if !write(ctx, 0, eth) {
         return Err(drops::TRUNCATED);
     }
@@ -403,10 +406,10 @@ fn unwrap(ctx: &XdpContext, d: &Data) -> Result<u32, u32> {
 }
 
 /// Checks DATA_DOWN for this host (outer IPv4 at `L2`): its kind, token
-/// and inner IPv4 length. Returns the inner length and whether it is a
-/// pure ACK.
+/// and inner length. Returns the inner length, whether it is a pure ACK,
+/// and the inner packet's ethertype (IPv4 or IPv6).
 #[inline(always)]
-fn ours<const L2: usize>(ctx: &impl Packet, d: &Data) -> Result<(u16, bool), u32> {
+fn ours<const L2: usize>(ctx: &impl Packet, d: &Data) -> Result<(u16, bool, u16), u32> {
     if d.b.kind != kind::DATA_DOWN {
         return Err(drops::BAD_KIND);
     }
@@ -415,14 +418,26 @@ fn ours<const L2: usize>(ctx: &impl Packet, d: &Data) -> Result<(u16, bool), u32
     }
     let inner = L2 + OUTER_LEN;
     let vihl = read::<1>(ctx, inner).ok_or(drops::TRUNCATED)?;
-    if vihl[0] >> 4 != 4 {
-        return Err(drops::INNER_NOT_IPV4);
-    }
-    let inner_len = read_u16(ctx, inner + 2).ok_or(drops::TRUNCATED)?;
-    if usize::from(inner_len) + OUTER_LEN > usize::from(d.tot) || inner_len < 20 {
+    let (inner_len, least, ethertype) = match vihl[0] >> 4 {
+        4 => (
+            read_u16(ctx, inner + 2).ok_or(drops::TRUNCATED)?,
+            20,
+            ETH_P_IP,
+        ),
+        // IPv6: the payload length, past the 40-byte header.
+        6 => (
+            read_u16(ctx, inner + 4)
+                .ok_or(drops::TRUNCATED)?
+                .saturating_add(IPV6_LEN as u16),
+            IPV6_LEN as u16,
+            ETH_P_IPV6,
+        ),
+        _ => return Err(drops::INNER_NOT_IPV4),
+    };
+    if usize::from(inner_len) + OUTER_LEN > usize::from(d.tot) || inner_len < least {
         return Err(drops::INNER_BAD_HEADER);
     }
-    Ok((inner_len, pure_ack(ctx, inner)))
+    Ok((inner_len, pure_ack(ctx, inner), ethertype))
 }
 
 /// The hold device, if a checked packet of ours that came in on `ingress`
@@ -524,7 +539,11 @@ fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
         return Err(drops::BAD_KIND); // upstream does not come from the server
     }
     if d.b.origin() == d.cfg.lan_ip {
-        let (inner_len, pure_ack) = ours::<0>(ctx, &d)?;
+        let (inner_len, pure_ack, ethertype) = ours::<0>(ctx, &d)?;
+        if ethertype != ETH_P_IP {
+            // The skb stays IPv4 on an L3 link: IPv6 is not carried there.
+            return Err(drops::INNER_NOT_IPV4);
+        }
         // SAFETY: the context's skb pointer is valid for the program's run.
         if let Some(hold) = held(unsafe { (*ctx.skb.skb).ingress_ifindex }, pure_ack) {
             push_ethernet(ctx, [0; 6], [0; 6])?; // the playout addresses it
