@@ -230,12 +230,19 @@ impl Net {
     }
 
     /// `ip route replace PREFIX dev IFACE src SRC`.
-    pub async fn route_to(&self, dst: Ipv4Addr, len: u8, dev: u32, src: Ipv4Addr) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, len)
-            .output_interface(dev)
-            .pref_source(src)
-            .build();
+    pub async fn route_to(&self, dst: IpAddr, len: u8, dev: u32, src: Ipv4Addr) -> Result<()> {
+        let msg = match dst {
+            IpAddr::V4(dst) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst, len)
+                .output_interface(dev)
+                .pref_source(src)
+                .build(),
+            // IPv6 picks its source address itself (the host's global one).
+            IpAddr::V6(dst) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(dst, len)
+                .output_interface(dev)
+                .build(),
+        };
         self.handle
             .route()
             .add(msg)
@@ -247,11 +254,17 @@ impl Net {
 
     /// `ip route del PREFIX dev IFACE`; a route that is not there is not an
     /// error.
-    pub async fn delete_route_to(&self, dst: Ipv4Addr, len: u8, dev: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, len)
-            .output_interface(dev)
-            .build();
+    pub async fn delete_route_to(&self, dst: IpAddr, len: u8, dev: u32) -> Result<()> {
+        let msg = match dst {
+            IpAddr::V4(dst) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst, len)
+                .output_interface(dev)
+                .build(),
+            IpAddr::V6(dst) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(dst, len)
+                .output_interface(dev)
+                .build(),
+        };
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),

@@ -1,7 +1,7 @@
 //! The agent's configuration file (TOML). Every field is checked at load
 //! time; an error names the field and the bad value.
 
-use std::{collections::HashSet, net::Ipv4Addr, path::Path};
+use std::{collections::HashSet, net::{IpAddr, Ipv4Addr}, path::Path};
 
 use bond_proto::CommunityKey;
 use serde::{Deserialize, Serialize};
@@ -70,11 +70,30 @@ fn check_key(field: &str, key: &CommunityKey) -> Check {
     }
 }
 
-/// An IPv4 prefix such as "203.0.113.0/24" or "default".
+/// An IPv4 or IPv6 prefix such as "203.0.113.0/24", "2001:db8::/32" or
+/// "default" (IPv4's: 0.0.0.0/0; IPv6's is "::/0").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefix {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
+}
+
+impl Prefix {
+    /// The prefix if it is IPv4.
+    pub fn v4(&self) -> Option<(Ipv4Addr, u8)> {
+        match self.addr {
+            IpAddr::V4(a) => Some((a, self.len)),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The prefix if it is IPv6.
+    pub fn v6(&self) -> Option<(std::net::Ipv6Addr, u8)> {
+        match self.addr {
+            IpAddr::V6(a) => Some((a, self.len)),
+            IpAddr::V4(_) => None,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Prefix {
@@ -89,23 +108,28 @@ impl std::str::FromStr for Prefix {
     fn from_str(s: &str) -> Result<Self, String> {
         if s == "default" {
             return Ok(Self {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 len: 0,
             });
         }
         let (a, l) = s
             .split_once('/')
             .ok_or_else(|| format!("prefix {s:?} needs a /length"))?;
-        let addr: Ipv4Addr = a
+        let addr: IpAddr = a
             .parse()
             .map_err(|_| format!("prefix {s:?}: bad address"))?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
         let len: u8 = l
             .parse()
             .ok()
-            .filter(|l| *l <= 32)
+            .filter(|l| *l <= bits)
             .ok_or_else(|| format!("prefix {s:?}: bad length"))?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        if u32::from(addr) & !mask != 0 {
+        let host = match addr {
+            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        if host & !mask != 0 {
             return Err(format!("prefix {s:?} has host bits set"));
         }
         Ok(Self { addr, len })
@@ -296,7 +320,7 @@ down = 5
         assert_eq!(
             t.capture[0],
             Prefix {
-                addr: Ipv4Addr::new(203, 0, 113, 0),
+                addr: Ipv4Addr::new(203, 0, 113, 0).into(),
                 len: 24
             }
         );
@@ -574,6 +598,28 @@ interfaces = ["wan0"]
             (3600, 1, 2, 3)
         );
         assert_eq!(s.flows.sweep(), std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn prefixes_of_either_family_parse_and_bad_ones_say_why() {
+        let p: Prefix = "2001:db8::/32".parse().unwrap();
+        assert_eq!(p.v6(), Some(("2001:db8::".parse().unwrap(), 32)));
+        assert_eq!(p.v4(), None);
+        let p: Prefix = "::/0".parse().unwrap();
+        assert_eq!(p.len, 0);
+        let d: Prefix = "default".parse().unwrap();
+        assert_eq!(d.v4(), Some((Ipv4Addr::UNSPECIFIED, 0)));
+        for (bad, why) in [
+            ("2001:db8::1/32", "host bits"),
+            ("2001:db8::/129", "bad length"),
+            ("10.0.0.0/33", "bad length"),
+            ("10.0.0.1/8", "host bits"),
+            ("fe80::zz/64", "bad address"),
+            ("2001:db8::", "needs a /length"),
+        ] {
+            let e = bad.parse::<Prefix>().unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
     }
 
     #[test]

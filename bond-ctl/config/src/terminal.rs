@@ -314,9 +314,9 @@ impl TerminalConfig {
             );
         }
         for (i, p) in self.capture.iter().enumerate() {
-            if p.len > 0
-                && (u32::from(self.server.address) ^ u32::from(p.addr)) >> (32 - u32::from(p.len))
-                    == 0
+            if let Some((addr, len)) = p.v4()
+                && len > 0
+                && (u32::from(self.server.address) ^ u32::from(addr)) >> (32 - u32::from(len)) == 0
             {
                 return err(
                     format!("capture[{i}]"),

@@ -12,7 +12,7 @@ pub(super) fn prefixes(cfg: &ServerConfig) -> Result<Vec<(Ipv4Addr, u8)>> {
     let mut out = Vec::new();
     for d in &cfg.deny {
         match d {
-            Deny::Prefix(p) => out.push((p.addr, p.len)),
+            Deny::Prefix(p) => out.extend(p.v4()),
             Deny::Local => out.extend(local(&cfg.interfaces)?),
         }
     }
@@ -45,12 +45,15 @@ fn local(attached: &[String]) -> Result<Vec<(Ipv4Addr, u8)>> {
     Ok(out)
 }
 
-/// The IPv6 prefixes `cfg.deny` names (`S_DENY6`): `"local"` expanded as
-/// for IPv4 (the written prefixes are IPv4 ones), sorted, without repeats.
+/// The IPv6 prefixes `cfg.deny` names (`S_DENY6`), `"local"` expanded as
+/// for IPv4: sorted, without repeats.
 pub(super) fn prefixes6(cfg: &ServerConfig) -> Result<Vec<(Ipv6Addr, u8)>> {
     let mut out = Vec::new();
-    if cfg.deny.contains(&Deny::Local) {
-        out.extend(local6(&cfg.interfaces)?);
+    for d in &cfg.deny {
+        match d {
+            Deny::Prefix(p) => out.extend(p.v6()),
+            Deny::Local => out.extend(local6(&cfg.interfaces)?),
+        }
     }
     out.sort_unstable();
     out.dedup();
