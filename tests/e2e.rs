@@ -688,3 +688,85 @@ fn a_dark_link_leaves_every_schedule_within_300ms_and_comes_back() {
         );
     }
 }
+
+/// Members' IPv6 through bond, in Figure 1 from t3 (no link of its own):
+/// `ping -6` answers; a 20 MiB download with `curl -6` arrives intact;
+/// one `iperf3 -6` TCP flow each way bonds the links as IPv4 does; the
+/// server holds the flows as IPv6 flows from its IPv6 NAT address.
+#[test]
+fn ipv6_goes_through_bond() {
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    let served = lab.serve_file("v6.bin", 20).expect("serve");
+    lab.start_agents().expect("start agents");
+    let t3 = lab.terminals[2].ns.clone();
+    let content6 = bond_lab::CONTENT6.to_string();
+    let ping = lab
+        .cmd(&t3, "ping")
+        .args(["-6", "-c", "3", "-i", "0.2", "-W", "2", &content6])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "ping -6: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    let out = lab.dir.join("v6.bin");
+    let url = format!("http://[{content6}]/v6.bin");
+    lab.exec(
+        &t3,
+        "curl",
+        &[
+            "-6",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "120",
+            "-o",
+            &out.to_string_lossy(),
+            &url,
+        ],
+    )
+    .expect("curl -6");
+    assert_eq!(sha256(&out), sha256(&served), "downloaded file differs");
+
+    let web = lab.web_ns.clone();
+    lab.spawn(
+        &web,
+        "iperf3-6",
+        "iperf3",
+        &["-s", "-B", &content6, "-p", "5206"],
+    )
+    .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    for reverse in [true, false] {
+        let mut args = vec!["-6", "-c", &content6, "-p", "5206", "-t", "5", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        // (A moment for the server to finish the last test.)
+        std::thread::sleep(Duration::from_secs(1));
+        let out = lab.exec(&t3, "iperf3", &args).expect("iperf3 -6");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mbit = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("iperf3 -6: {}", v["error"]))
+            / 1e6;
+        let way = if reverse { "down" } else { "up" };
+        eprintln!("IPv6, one TCP flow {way}: {mbit:.1} Mbit/s");
+        assert!(
+            mbit > floors::FIGURE1_IPV6_TCP_MBIT,
+            "IPv6 {way}: {mbit:.1} Mbit/s, want > {} (the best link is 30)",
+            floors::FIGURE1_IPV6_TCP_MBIT
+        );
+    }
+    let maps = bond_datapath::Maps::new(bond_datapath::pin_dir(
+        Path::new(bond_datapath::DEFAULT_BPFFS),
+        &lab.server_instance,
+    ));
+    let flows6 = maps.flows6().expect("IPv6 flows");
+    assert!(
+        flows6.iter().any(|(k, _)| k.proto == 6),
+        "TCP flows in S_FLOWS6: {flows6:?}"
+    );
+}

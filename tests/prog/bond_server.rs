@@ -1392,6 +1392,25 @@ fn server_filters_and_refuses_ipv6_as_ipv4() {
             .set_deny6(&[(Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 0), 64)])
             .unwrap();
         s.expect_drop("bond_server", "denied", &up(&ip), XDP_DROP, "denied");
+        // The agent's "local": neighbours of the denied, but not them.
+        let local: Vec<(Ipv6Addr, u8)> = vec![
+            (Ipv6Addr::UNSPECIFIED, 128),
+            (Ipv6Addr::LOCALHOST, 128),
+            (NAT_IP6, 128),
+            ("::ffff:0.0.0.0".parse().unwrap(), 96),
+            ("fe80::2404:ff:fea3:5f8a".parse().unwrap(), 128),
+            ("fe80::c852:b6ff:fe53:f55c".parse().unwrap(), 128),
+            ("fe80::".parse().unwrap(), 10),
+            ("ff00::".parse().unwrap(), 8),
+        ];
+        s.maps.set_deny6(&local).unwrap();
+        let (v, _) = s.run("bond_server", &up(&ip));
+        assert_eq!(
+            v,
+            XDP_REDIRECT,
+            "only what is listed is denied: {:?}",
+            s.nonzero_drops()
+        );
         s.maps.set_deny6(&[]).unwrap();
         let mut hop_by_hop = ip.bytes();
         hop_by_hop[6] = 0;

@@ -182,6 +182,10 @@ impl Net {
                 .with_context(|| format!("creating {name}"))?;
         }
         for (dev, m) in [(peer.as_str(), 65535u32.min(mtu.max(1500))), (name, mtu)] {
+            // Captured IPv6 leaves from the host's own addresses; the
+            // capture device needs none, and without one it sends nothing
+            // of its own (router solicitations, listener reports) into bond.
+            let _ = crate::net::sysctl(&format!("net.ipv6.conf.{dev}.addr_gen_mode"), "1");
             let i = self.iface(dev).await?;
             // TCP always builds GSO superpackets and leaves segmentation to
             // the device, after the TC hook; one segment per skb keeps one

@@ -1,7 +1,11 @@
 //! The agent's configuration file (TOML). Every field is checked at load
 //! time; an error names the field and the bad value.
 
-use std::{collections::HashSet, net::{IpAddr, Ipv4Addr}, path::Path};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use bond_proto::CommunityKey;
 use serde::{Deserialize, Serialize};

@@ -16,11 +16,14 @@
 //! Addresses: terminal `i` is 10.0.1.i on `lan0`; WAN link `k` is the /30
 //! 198.51.100.(128+4k): modem .(4k+129), terminal .(4k+130); modem `k`'s
 //! uplink is 198.51.100.(10+k)/25; the server is 198.51.100.1 (WAN) and
-//! 203.0.113.1 (content side); the content host is 203.0.113.2.
+//! 203.0.113.1 (content side); the content host is 203.0.113.2. Inside
+//! (not on the WAN links) the lab is dual-stack: terminal `i` is also
+//! 2001:db8:1::i, the server's IPv6 NAT address 2001:db8:71::1 and the
+//! content host 2001:db8:71::2.
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -32,6 +35,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 pub const SERVER_WAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const SERVER_NAT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// The server's IPv6 NAT address and the content host's IPv6 address.
+pub const SERVER_NAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 1);
+pub const CONTENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 2);
 /// A host one router beyond the server ([`Lab::add_far_host`]): the
 /// content host forwards to it.
 pub const FAR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
@@ -100,7 +106,8 @@ pub struct Terminal {
     pub links: Vec<WanLink>,
     pub community: u16,
     /// Its LAN interface, UDP data port, capture device and captured
-    /// prefix (a host in two communities has one of each per community).
+    /// prefixes, quoted for TOML (a host in two communities has one of each
+    /// per community).
     pub lan: String,
     pub data_port: u16,
     pub device: String,
@@ -490,6 +497,12 @@ impl Lab {
             (&web, "eth0", Some("203.0.113.2/24")),
         )?;
         self.ip(&web, "route add default via 203.0.113.1")?;
+        self.ip(
+            &srv,
+            &format!("-6 addr add {SERVER_NAT6}/64 dev content0 nodad"),
+        )?;
+        self.ip(&web, &format!("-6 addr add {CONTENT6}/64 dev eth0 nodad"))?;
+        self.ip(&web, &format!("-6 route add default via {SERVER_NAT6}"))?;
         self.sysctl(&srv, "net.ipv4.ip_forward=1")?;
 
         let mut k = 0u8;
@@ -502,6 +515,10 @@ impl Lab {
                 (&lan, &format!("t{i}"), None),
             )?;
             self.ip(&lan, &format!("link set t{i} master br0"))?;
+            self.ip(
+                &tns,
+                &format!("-6 addr add 2001:db8:1::{i}/64 dev lan0 nodad"),
+            )?;
             let mut links = Vec::new();
             for (j, l) in t.iter().enumerate() {
                 k += 1;
@@ -517,7 +534,7 @@ impl Lab {
                 lan: "lan0".into(),
                 data_port: PORT,
                 device: "bond0".into(),
-                capture: "203.0.113.0/24".into(),
+                capture: "\"203.0.113.0/24\", \"2001:db8:71::/64\"".into(),
             });
         }
         Ok(())
@@ -807,7 +824,7 @@ impl Lab {
             lan: lan.into(),
             data_port: PORT + 100,
             device: device.into(),
-            capture: format!("{CONTENT2}/32"),
+            capture: format!("\"{CONTENT2}/32\""),
         };
         let member = second(
             uns,
@@ -867,7 +884,7 @@ impl Lab {
         let t = &self.terminals[i];
         let mut s = format!(
             "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {}\nkey = \"{}\"\n\
-             announce_ms = {}\nlan = \"{}\"\ndata_port = {}\ndevice = \"{}\"\ncapture = [\"{}\"]\n\
+             announce_ms = {}\nlan = \"{}\"\ndata_port = {}\ndevice = \"{}\"\ncapture = [{}]\n\
              server = {{ address = \"{SERVER_WAN}\", port = {PORT} }}\n",
             t.instance,
             t.community,
@@ -929,7 +946,7 @@ impl Lab {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
-             nat_address = \"{SERVER_NAT}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n{}\
+             nat_address = \"{SERVER_NAT}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n{}\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
             self.server_instance, self.nat_ports, self.server_keys, self.server_extra
         )
@@ -1275,8 +1292,9 @@ impl Lab {
             &[
                 "-m",
                 "http.server",
+                // Both families (Python serves dual-stack on "::").
                 "--bind",
-                "0.0.0.0",
+                "::",
                 "--directory",
                 &d,
                 "80",
