@@ -219,7 +219,10 @@ use aya::{
     programs::ProgramError,
     sys::SyscallError,
 };
-use bond_common::maps::{Flow, FragFlow, FragKey, NatEntry, NatKey, Session, SessionKey, event};
+use bond_common::maps::{
+    Flow, Flow6, Flow6Key, FragFlow, FragKey, Nat6Entry, NatEntry, NatKey, Session, SessionKey,
+    event,
+};
 use common::packets::{IPV4_NOPS, fragments, insert_ipv4_options, set_fragment, set_ttl};
 
 const EINVAL: i32 = libc::EINVAL;

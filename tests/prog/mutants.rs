@@ -30,6 +30,26 @@ type LenField = (usize, usize);
 const OUTER_LENS: [LenField; 2] = [(OUTER_IP + 2, OUTER_IP), (OUTER_UDP + 4, OUTER_UDP)];
 /// The inner IPv4 total length of a wrapped frame.
 const INNER_LEN: LenField = (INNER + 2, INNER);
+/// A wrapped IPv4 frame's lengths: outer, inner, and an inner UDP length.
+const WRAPPED_LENS: [LenField; 4] = [
+    OUTER_LENS[0],
+    OUTER_LENS[1],
+    INNER_LEN,
+    (INNER + 24, INNER + 20),
+];
+/// A wrapped IPv6 frame's: outer, the inner payload length (which counts
+/// from past the 40-byte header), and an inner UDP length.
+const WRAPPED6_LENS: [LenField; 4] = [
+    OUTER_LENS[0],
+    OUTER_LENS[1],
+    (INNER + 4, INNER + 40),
+    (INNER + 44, INNER + 40),
+];
+/// An IPv6 reply's payload length, and its UDP length.
+const REPLY6_LENS: [LenField; 2] = [
+    (OUTER_IP + 4, OUTER_IP + 40),
+    (OUTER_IP + 44, OUTER_IP + 40),
+];
 
 /// One to four mutations of `frame`: bits flipped, bytes overwritten
 /// (random or boundary values), cut short (never below an Ethernet
@@ -310,6 +330,8 @@ mod fuzz_check {
         pub nat: BpfHashMap<&'a MapData, NatKey, NatEntry>,
         pub sessions: BpfHashMap<&'a MapData, SessionKey, Session>,
         pub frags: BpfHashMap<&'a MapData, FragKey, FragFlow>,
+        pub flows6: BpfHashMap<&'a MapData, Flow6Key, Flow6>,
+        pub nat6: BpfHashMap<&'a MapData, NatKey, Nat6Entry>,
     }
 
     impl<'a> ServerMaps<'a> {
@@ -320,6 +342,8 @@ mod fuzz_check {
                 nat: BpfHashMap::try_from(m("S_NAT")).unwrap(),
                 sessions: BpfHashMap::try_from(m("S_SESSIONS")).unwrap(),
                 frags: BpfHashMap::try_from(m("S_FRAGS")).unwrap(),
+                flows6: BpfHashMap::try_from(m("S_FLOWS6")).unwrap(),
+                nat6: BpfHashMap::try_from(m("S_NAT6")).unwrap(),
             }
         }
 
@@ -376,6 +400,9 @@ mod fuzz_check {
         );
         let token = u64::from_be_bytes(input[BOND + 16..BOND + 24].try_into().unwrap());
         assert_eq!(m.token(community, origin), Some(token), "{what}: token");
+        if input[INNER] >> 4 == 6 {
+            return up6(what, m, input, out, slow_path, (community, origin));
+        }
         assert_eq!(get32(input, INNER + 12), origin, "{what}: inner source");
         let ip = &out[14..];
         assert_eq!(&ip[12..16], &NAT_IP.octets(), "{what}: source address");
@@ -422,6 +449,9 @@ mod fuzz_check {
     /// with that origin's token, on a link of the schedule.
     pub fn down(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
         use srv::*;
+        if get16(input, 12) == ETH_P_IPV6 {
+            return down6(what, m, input, out);
+        }
         assert_eq!(
             &input[30..34],
             &NAT_IP.octets(),
@@ -502,10 +532,121 @@ mod fuzz_check {
                 .any(|l| u32::from(l.ip) == dst && l.port == dport && l.id == out[BOND + 6]),
             "{what}: not on a scheduled link"
         );
+        if out[INNER] >> 4 == 4 {
+            assert_eq!(
+                get32(out, INNER + 16),
+                e.origin,
+                "{what}: inner destination"
+            );
+        }
+    }
+
+    /// The port (or ICMPv6 echo identifier) of the IPv6 packet at `ip`,
+    /// its source or destination one.
+    fn port6_of(f: &[u8], ip: usize, dst: bool) -> u16 {
+        match f[ip + 6] {
+            58 => get16(f, ip + 44),
+            _ if dst => get16(f, ip + 42),
+            _ => get16(f, ip + 40),
+        }
+    }
+
+    /// An inner IPv6 packet forwarded upstream (checked as IPv4 up to the
+    /// token): IPv6 out, from the IPv6 NAT address and the port of the
+    /// origin's IPv6 flow, whose NAT entry points back to the origin's
+    /// address and port.
+    fn up6(
+        what: &str,
+        m: &ServerMaps,
+        input: &[u8],
+        out: &[u8],
+        slow_path: bool,
+        (community, origin): (u16, u32),
+    ) {
+        use srv::*;
+        assert_eq!(get16(out, 12), ETH_P_IPV6, "{what}: IPv6 out");
+        let ip = &out[14..];
+        assert_eq!(&ip[8..24], &NAT_IP6.octets(), "{what}: source address");
         assert_eq!(
-            get32(out, INNER + 16),
-            e.origin,
+            &ip[24..40],
+            &input[INNER + 24..INNER + 40],
+            "{what}: destination"
+        );
+        let hop = u8::from(!slow_path);
+        assert_eq!(
+            ip[7],
+            input[INNER + 7].wrapping_sub(hop),
+            "{what}: hop limit"
+        );
+        let proto = ip[6];
+        let key = Flow6Key {
+            community,
+            proto,
+            _pad: 0,
+            origin,
+            src: input[INNER + 8..INNER + 24].try_into().unwrap(),
+            port: port6_of(input, INNER, false),
+            _pad2: 0,
+        };
+        let flow = m
+            .flows6
+            .get(&key, 0)
+            .unwrap_or_else(|_| panic!("{what}: no IPv6 flow"));
+        assert_eq!(
+            port6_of(out, 14, false),
+            flow.flow.nat_port,
+            "{what}: source port"
+        );
+        let back = Nat6Entry {
+            origin,
+            community,
+            port: key.port,
+            src: key.src,
+        };
+        let nkey = NatKey {
+            proto,
+            _pad: 0,
+            port: flow.flow.nat_port,
+        };
+        assert_eq!(m.nat6.get(&nkey, 0).ok(), Some(back), "{what}: NAT entry");
+    }
+
+    /// An IPv6 reply wrapped down: for the origin its dedicated port's
+    /// NAT entry names, to that origin's IPv6 address and port.
+    fn down6(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
+        use srv::*;
+        assert_eq!(
+            &input[14 + 24..14 + 40],
+            &NAT_IP6.octets(),
+            "{what}: to the NAT address"
+        );
+        let proto = input[14 + 6];
+        let nkey = NatKey {
+            proto,
+            _pad: 0,
+            port: port6_of(input, 14, true),
+        };
+        let e = m
+            .nat6
+            .get(&nkey, 0)
+            .unwrap_or_else(|_| panic!("{what}: no IPv6 NAT entry"));
+        let back = NatEntry {
+            origin: e.origin,
+            community: e.community,
+            port: e.port,
+        };
+        to_origin(what, m, &back, out);
+        assert_eq!(out[INNER] >> 4, 6, "{what}: IPv6 inside");
+        assert_eq!(
+            &out[INNER + 24..INNER + 40],
+            &e.src,
             "{what}: inner destination"
+        );
+        assert_eq!(port6_of(out, INNER, true), e.port, "{what}: inner port");
+        assert_eq!(
+            &out[INNER + 8..INNER + 24],
+            &input[14 + 8..14 + 24],
+            "{what}: inner source"
         );
     }
 
@@ -514,6 +655,27 @@ mod fuzz_check {
     /// reply only.
     pub fn frag_needed(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
         use srv::*;
+        if get16(input, 12) == ETH_P_IPV6 {
+            let nkey = NatKey {
+                proto: input[14 + 6],
+                _pad: 0,
+                port: port6_of(input, 14, true),
+            };
+            assert!(m.nat6.get(&nkey, 0).is_ok(), "{what}: no IPv6 flow");
+            assert_eq!(get16(out, 12), ETH_P_IPV6, "{what}: IPv6");
+            assert_eq!(
+                &out[14 + 8..14 + 24],
+                &NAT_IP6.octets(),
+                "{what}: from the NAT address"
+            );
+            assert_eq!(
+                &out[14 + 24..14 + 40],
+                &input[14 + 8..14 + 24],
+                "{what}: to the sender"
+            );
+            assert_eq!(out[14 + 40], 2, "{what}: Packet Too Big");
+            return;
+        }
         let proto = input[OUTER_IP + 9];
         assert!(
             m.nat(proto, port_of(input, 14, true)).is_some(),
@@ -563,8 +725,11 @@ fn server_survives_mutants() {
                 let ip = Ip::new(origin, CONTENT, l4);
                 let nat = PORT_MIN + (i * 3 + j) as u16;
                 expect_up(&s, "a flow to mutate", link, &ip, nat);
-                fixtures.push((Up::new(link, &ip).frame(), true));
-                fixtures.push((reply(&ip, nat).frame(CNT_DEV_MAC, CONTENT_MAC), false));
+                fixtures.push((Up::new(link, &ip).frame(), &WRAPPED_LENS[..]));
+                fixtures.push((
+                    reply(&ip, nat).frame(CNT_DEV_MAC, CONTENT_MAC),
+                    &OUTER_LENS[..],
+                ));
                 // An ICMP error about the flow's packet, with all of it.
                 let left = Ip {
                     src: NAT_IP,
@@ -572,7 +737,7 @@ fn server_survives_mutants() {
                     ..ip.clone()
                 };
                 let error = error_about(CONTENT, IcmpError::PortUnreachable, &left, 999);
-                fixtures.push((error.frame(CNT_DEV_MAC, CONTENT_MAC), false));
+                fixtures.push((error.frame(CNT_DEV_MAC, CONTENT_MAC), &OUTER_LENS[..]));
             }
         }
         // A datagram in fragments, each way, on A's UDP flow.
@@ -583,26 +748,37 @@ fn server_survives_mutants() {
                 inner: f,
                 ..Up::new(LINKS[0], &big)
             };
-            fixtures.push((up.frame(), true));
+            fixtures.push((up.frame(), &WRAPPED_LENS[..]));
         }
         let mut r = reply(&big, PORT_MIN + 1);
         r.payload = vec![0xa5; 200];
         for f in fragments(&r.bytes(), &[96]) {
-            fixtures.push((eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &f), false));
+            fixtures.push((eth(CNT_DEV_MAC, CONTENT_MAC, ETH_P_IP, &f), &OUTER_LENS[..]));
         }
-        // And an inner UDP packet's UDP length.
-        let wrapped_lens = [
-            OUTER_LENS[0],
-            OUTER_LENS[1],
-            INNER_LEN,
-            (INNER + 24, INNER + 20),
-        ];
+        // IPv6 inside: A's TCP, UDP and echo flows and their replies.
+        for (j, l4) in l4s.into_iter().enumerate() {
+            let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
+            let up = Up {
+                inner: ip.bytes(),
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
+            };
+            let nat = PORT_MIN + 6 + j as u16;
+            let (v, _) = s.run("bond_server", &up.frame());
+            assert_eq!(v, XDP_REDIRECT, "an IPv6 flow to mutate");
+            let reply = Ip6 {
+                src: CONTENT6,
+                dst: NAT_IP6,
+                l4: l4.reply().with_dst_port(nat),
+                ..ip.clone()
+            };
+            fixtures.push((up.frame(), &WRAPPED6_LENS[..]));
+            fixtures.push((reply.frame(CNT_DEV_MAC, CONTENT_MAC), &REPLY6_LENS[..]));
+        }
         let mut rng = Rng(SEED);
         let mut tally = Tally::default();
         let mut before = c.read();
         for k in 0..MUTANTS {
-            let (fixture, wrapped) = &fixtures[k % fixtures.len()];
-            let lens: &[LenField] = if *wrapped { &wrapped_lens } else { &OUTER_LENS };
+            let (fixture, lens) = &fixtures[k % fixtures.len()];
             let input = mutant(&mut rng, fixture, lens, 4200);
             let what = format!("mutant {k} {input:02x?}");
             let (v, out) = s.try_run("bond_server", &input).expect("test_run");
@@ -626,10 +802,16 @@ fn server_survives_mutants() {
                     // kernel's (pass, the slow path).
                     XDP_PASS | XDP_REDIRECT if out.len() + 52 == input.len() => {
                         fuzz_check::up(&what, &m, &input, &out, v == XDP_PASS);
+                        if input[INNER] >> 4 == 6 {
+                            *tally.outcomes.entry("IPv6 forwarded up").or_default() += 1;
+                        }
                         "forwarded up"
                     }
                     XDP_PASS | XDP_REDIRECT if out.len() == input.len() + 52 => {
                         fuzz_check::down(&what, &m, &input, &out);
+                        if input[12..14] == [0x86, 0xdd] {
+                            *tally.outcomes.entry("IPv6 wrapped down").or_default() += 1;
+                        }
                         "wrapped down"
                     }
                     v => panic!("{what}: verdict {v}, {} bytes out", out.len()),
@@ -673,10 +855,35 @@ fn server_survives_mutants() {
             assert!(nat.contains(&(nkey, back)), "{k:?}: NAT entry");
         }
         assert_eq!(nat.len(), flows.len(), "a NAT entry per flow, no more");
-        assert_eq!(s.event("flows_created") as usize, flows.len());
+        // And IPv6 flows the same, on ports of the same queue.
+        let flows6 = s.maps.flows6().unwrap();
+        let nat6: Vec<(NatKey, Nat6Entry)> = m.nat6.iter().map(|e| e.unwrap()).collect();
+        for (k, f) in &flows6 {
+            assert_eq!(k.community, COMMUNITY, "{k:?}");
+            let back = Nat6Entry {
+                origin: k.origin,
+                community: k.community,
+                port: k.port,
+                src: k.src,
+            };
+            let nkey = NatKey {
+                proto: k.proto,
+                _pad: 0,
+                port: f.flow.nat_port,
+            };
+            assert!(nat6.contains(&(nkey, back)), "{k:?}: NAT entry");
+            ports.push(f.flow.nat_port);
+        }
+        assert_eq!(
+            nat6.len(),
+            flows6.len(),
+            "a NAT entry per IPv6 flow, no more"
+        );
+        let all = flows.len() + flows6.len();
+        assert_eq!(s.event("flows_created") as usize, all);
         ports.sort_unstable();
         ports.dedup();
-        assert_eq!(ports.len(), flows.len(), "one flow per port");
+        assert_eq!(ports.len(), all, "one flow per port");
 
         for o in [
             "untouched",
@@ -686,6 +893,10 @@ fn server_survives_mutants() {
             "flows made",
         ] {
             assert!(tally.outcome(o) >= 50, "only {} {o}", tally.outcome(o));
+        }
+        // Three fixtures each way of about thirty: fewer of these.
+        for o in ["IPv6 forwarded up", "IPv6 wrapped down"] {
+            assert!(tally.outcome(o) >= 20, "only {} {o}", tally.outcome(o));
         }
         assert!(
             tally.reasons.len() >= 10,
