@@ -492,10 +492,72 @@ fn server_cut_at_every_offset() {
             s.check(&c, "bond_server", &what, &frame[..len], &want);
         }
         assert_eq!(s.maps.flows().unwrap().len(), 3);
-        for (idx, up, down) in [(0, 3, 2), (1, 0, 2)] {
-            let st = s.maps.server_link_stats(idx).unwrap();
-            assert_eq!((st.up_pkts, st.down_pkts), (up, down), "link {idx}");
+
+        // IPv6 inside, through `bond_server6`: upstream the same as IPv4
+        // (the outer checks come first); downstream, nothing is judged
+        // until the IPv6 header and the 8 bytes of the transport header
+        // that hold the port are in (62 bytes), then the IPv6 header says
+        // more came.
+        for (i, l4) in l4s.into_iter().enumerate() {
+            let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
+            let nat = 20003 + i as u16;
+            let frame = Up {
+                inner: ip.bytes(),
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
+            }
+            .frame();
+            let left = Ip6 {
+                src: NAT_IP6,
+                hop: ip.hop - 1,
+                l4: l4.with_src_port(nat),
+                ..ip.clone()
+            };
+            let whole = Want::Out(XDP_REDIRECT, left.frame(CONTENT_MAC, CNT_DEV_MAC));
+            for len in 0..=frame.len() {
+                let what = format!("upstream IPv6 {l4:?} cut at {len}");
+                let want = server_up_cut(&frame, len, &whole);
+                s.check(&c, "bond_server", &what, &frame[..len], &want);
+            }
+            let r = Ip6 {
+                src: CONTENT6,
+                dst: NAT_IP6,
+                l4: l4.reply().with_dst_port(nat),
+                ..ip.clone()
+            };
+            let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
+            for len in 0..frame.len() {
+                let what = format!("downstream IPv6 {:?} cut at {len}", r.l4);
+                let want = match len {
+                    0..14 => Want::Refused(EINVAL),
+                    14..62 => Want::Untouched,
+                    _ => Want::Drop("inner_bad_header"),
+                };
+                s.check(&c, "bond_server", &what, &frame[..len], &want);
+            }
+            // Whole: wrapped on whichever link the schedule picks.
+            let (v, out) = s.run("bond_server", &frame);
+            assert_eq!(v, XDP_REDIRECT, "IPv6 reply {l4:?}");
+            let link = *LINKS[..2].iter().find(|l| l.id == out[BOND + 6]).unwrap();
+            let inner = Ip6 {
+                dst: ORIGIN_A6,
+                hop: r.hop - 1,
+                l4: l4.reply(),
+                ..r.clone()
+            };
+            let want = wrapped_for(
+                ORIGIN_A,
+                &inner.bytes(),
+                link,
+                (link.mac.unwrap(), WAN_DEV_MAC),
+            );
+            assert_bytes(&out, &want, &format!("IPv6 reply {l4:?}"));
         }
+        assert_eq!(s.maps.flows6().unwrap().len(), 3);
+        let st: Vec<_> = (0..2)
+            .map(|i| s.maps.server_link_stats(i).unwrap())
+            .collect();
+        assert_eq!((st[0].up_pkts, st[1].up_pkts), (6, 0), "upstream links");
+        assert_eq!(st[0].down_pkts + st[1].down_pkts, 7, "downstream");
         assert_eq!(s.event("slow_path"), 0);
     });
 }
