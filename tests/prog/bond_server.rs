@@ -1454,3 +1454,120 @@ fn server_filters_and_refuses_ipv6_as_ipv4() {
         s.expect("bond_server", "no IPv6 here, down", &r, XDP_PASS, Some(&r));
     });
 }
+
+/// ICMPv6 errors about a flow's packet go back to its origin, as ICMP
+/// ones do: the error's destination, the embedded source and port become
+/// the origin's, the embedded checksum (where carried) and the ICMPv6
+/// checksum follow. The expected errors are built by etherparse about the
+/// packet as the origin sent it (one hop older, as it left the server).
+#[test]
+fn server_sends_icmpv6_errors_about_a_flow_back_to_its_origin() {
+    use etherparse::{
+        Icmpv6Type as T, PacketBuilder,
+        icmpv6::{DestUnreachableCode, TimeExceededCode},
+    };
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-errors6", 20000..=20010);
+        let router: Ipv6Addr = "2001:db8:71::fe".parse().unwrap();
+        let cases = [
+            (
+                L4::udp(40001, 53),
+                T::DestinationUnreachable(DestUnreachableCode::Port),
+                48,
+            ),
+            (
+                L4::tcp(40000, 443),
+                T::TimeExceeded(TimeExceededCode::HopLimitExceeded),
+                usize::MAX,
+            ),
+            (
+                L4::EchoRequest { id: 0x4242, seq: 3 },
+                T::PacketTooBig { mtu: 1280 },
+                usize::MAX,
+            ),
+        ];
+        for (i, (l4, kind, n)) in cases.into_iter().enumerate() {
+            let what = format!("{kind:?} about {l4:?}");
+            let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
+            let up = Up {
+                inner: ip.bytes(),
+                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
+            };
+            assert_eq!(
+                s.run("bond_server", &up.frame()).0,
+                XDP_REDIRECT,
+                "{what}: flow"
+            );
+            let nat = 20000 + i as u16;
+            let left = Ip6 {
+                src: NAT_IP6,
+                hop: ip.hop - 1,
+                l4: l4.with_src_port(nat),
+                ..ip.clone()
+            }
+            .bytes();
+            let mine = Ip6 {
+                hop: ip.hop - 1,
+                ..ip.clone()
+            }
+            .bytes();
+            let error = |to: Ipv6Addr, hop: u8, about: &[u8]| {
+                let mut out = Vec::new();
+                PacketBuilder::ipv6(router.octets(), to.octets(), hop)
+                    .icmpv6(kind)
+                    .write(&mut out, &about[..n.min(about.len())])
+                    .unwrap();
+                out
+            };
+            let frame = eth(
+                CNT_DEV_MAC,
+                CONTENT_MAC,
+                ETH_P_IPV6,
+                &error(NAT_IP6, 60, &left),
+            );
+            let (v, out) = s.run("bond_server", &frame);
+            assert_eq!(v, XDP_REDIRECT, "{what}: verdict {:?}", s.nonzero_drops());
+            let link = *LINKS[..2].iter().find(|l| l.id == out[BOND + 6]).unwrap();
+            let inner = error(ORIGIN_A6, 59, &mine);
+            assert_checksums6(&inner, &what);
+            let want = wrapped_for(ORIGIN_A, &inner, link, (link.mac.unwrap(), WAN_DEV_MAC));
+            assert_bytes(&out, &want, &what);
+        }
+        assert_eq!(s.event("icmp_errors_relayed"), 3);
+
+        // Strangers: a port without a flow, a host the origin never sent
+        // to; and an error about the server's own traffic is its kernel's.
+        let ip = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40001, 53));
+        let about = |src: Ipv6Addr, dst: Ipv6Addr, port: u16| {
+            let left = Ip6 {
+                src,
+                dst,
+                l4: L4::udp(port, 53),
+                ..ip.clone()
+            }
+            .bytes();
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CNT_DEV_MAC, CONTENT_MAC)
+                .ipv6(router.octets(), NAT_IP6.octets(), 60)
+                .icmpv6(T::DestinationUnreachable(DestUnreachableCode::Port))
+                .write(&mut out, &left[..48])
+                .unwrap();
+            out
+        };
+        let no_flow = about(NAT_IP6, CONTENT6, 20009);
+        s.expect_drop("bond_server", "no flow", &no_flow, XDP_DROP, "no_flow");
+        let stranger = about(NAT_IP6, CONTENT6_2, 20000);
+        s.expect_drop(
+            "bond_server",
+            "never sent there",
+            &stranger,
+            XDP_DROP,
+            "filtered",
+        );
+        let own = about("2001:db8:71::9".parse().unwrap(), CONTENT6, 20000);
+        s.expect("bond_server", "the host's own", &own, XDP_PASS, Some(&own));
+        assert_eq!(s.event("icmp_errors_relayed"), 3);
+    });
+}

@@ -25,8 +25,8 @@
 
 use super::*;
 use bond_common::wire::{
-    ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMPV6, IPV6_LEN,
-    IPV6_MIN_MTU, PACKET_TOO_BIG_LEN,
+    ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM,
+    ICMPV6_UNREACHABLE, IPPROTO_ICMPV6, IPV6_LEN, IPV6_MIN_MTU, PACKET_TOO_BIG_LEN,
 };
 
 const AF_INET6: u8 = 10;
@@ -375,26 +375,50 @@ fn fib6(ctx: &XdpContext, proto: u8, src: &[u8; 16], len: u16, sc: &mut Scratch)
 
 #[inline(always)]
 fn down(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u32> {
+    // One place wraps, for replies and errors alike: two copies of
+    // `wrap_down` would not fit the stack together.
+    match to_origin(ctx, cfg, sc)? {
+        Next::Done(action) => Ok(action),
+        Next::Wrap(back, d, len, pure_ack) => wrap_down(ctx, cfg, &back, &d, len, pure_ack),
+    }
+}
+
+/// What happens to a packet downstream: an action now, or a wrap for an
+/// origin (its flow's way back, the link picked, the inner length, and
+/// whether it is a pure ACK).
+enum Next {
+    Done(u32),
+    Wrap(NatEntry, Down, u16, bool),
+}
+
+const PASS_ON: Result<Next, u32> = Ok(Next::Done(xdp_action::XDP_PASS));
+
+/// A reply or an ICMPv6 error to the IPv6 NAT address, mapped to its
+/// origin and rewritten; anything else passes.
+#[inline(always)]
+fn to_origin(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<Next, u32> {
     let Ok(ip) = Ip6::read(ctx, ETH_LEN, sc) else {
-        return PASS;
+        return PASS_ON;
     };
     if unset(&cfg.nat_ip6) || !same(&sc.dst, &cfg.nat_ip6) {
-        return PASS;
+        return PASS_ON;
     }
     let l4off = ETH_LEN + IPV6_LEN;
     let Some(l4head) = read::<8>(ctx, l4off) else {
-        return PASS;
+        return PASS_ON;
     };
     let be16 = |a: u8, b: u8| u16::from_be_bytes([a, b]);
     let (port, remote_port) = match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => (be16(l4head[2], l4head[3]), be16(l4head[0], l4head[1])),
         IPPROTO_ICMPV6 if l4head[0] == ICMPV6_ECHO_REPLY => (be16(l4head[4], l4head[5]), 0),
-        // ICMPv6 errors, neighbour discovery, extension headers: the
-        // host's own.
-        _ => return PASS,
+        IPPROTO_ICMPV6 if (ICMPV6_UNREACHABLE..=ICMPV6_PARAMETER_PROBLEM).contains(&l4head[0]) => {
+            return error(ctx, cfg, sc, &ip);
+        }
+        // Neighbour discovery, extension headers: the host's own.
+        _ => return PASS_ON,
     };
     if port < cfg.port_min || port > cfg.port_max {
-        return PASS; // not a dedicated port: the server host's own traffic
+        return PASS_ON; // not a dedicated port: the server host's own traffic
     }
     if ip.len < (IPV6_LEN + 8) as u16 || usize::from(ip.len) > ctx.packet_len() - ETH_LEN {
         return Err(drops::INNER_BAD_HEADER);
@@ -445,7 +469,7 @@ fn down(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u
         }
     }
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
-        return too_big(ctx, cfg);
+        return too_big(ctx, cfg).map(Next::Done);
     }
     let back = NatEntry {
         origin: sc.nat.origin,
@@ -473,7 +497,162 @@ fn down(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u
     ) {
         return Err(drops::TRUNCATED);
     }
-    wrap_down(ctx, cfg, &back, &d, ip.len, pure_ack)
+    Ok(Next::Wrap(back, d, ip.len, pure_ack))
+}
+
+/// An ICMPv6 error (destination unreachable, packet too big, time
+/// exceeded, parameter problem) about a packet a flow sent (the IPv6
+/// header and first 8 bytes embedded, from the NAT address and a dedicated
+/// port) goes back to the flow's origin, as `icmp_error` does for IPv4:
+/// the error's destination and the embedded source become the origin's
+/// address, the embedded port the origin's, and the embedded transport
+/// checksum (where the error carries it) and the ICMPv6 checksum follow.
+/// It passes the flow's filter on the embedded destination. An error about
+/// anything else is the host's own.
+#[inline(always)]
+fn error(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch, ip: &Ip6) -> Result<Next, u32> {
+    const ICMP: usize = ETH_LEN + IPV6_LEN;
+    const EMB: usize = ICMP + 8;
+    const EMB_L4: usize = EMB + IPV6_LEN;
+    let end = ETH_LEN + usize::from(ip.len);
+    if end > ctx.packet_len() {
+        return Err(drops::INNER_BAD_HEADER);
+    }
+    if end < EMB_L4 + 8 {
+        return Err(drops::TRUNCATED);
+    }
+    if ip.hop <= 1 {
+        return Err(drops::TTL_EXCEEDED);
+    }
+    let emb = read::<8>(ctx, EMB).ok_or(drops::TRUNCATED)?;
+    // The embedded packet, from our NAT address: its source into `sc.src`
+    // (the error's own source is not needed again), its destination, the
+    // remote it was sent to, into `sc.dst`.
+    sc.src = read::<16>(ctx, EMB + 8).ok_or(drops::TRUNCATED)?;
+    sc.dst = read::<16>(ctx, EMB + 24).ok_or(drops::TRUNCATED)?;
+    if emb[0] >> 4 != 6 || !same(&sc.src, &cfg.nat_ip6) {
+        return PASS_ON;
+    }
+    let el4 = read::<8>(ctx, EMB_L4).ok_or(drops::TRUNCATED)?;
+    let be16 = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+    let proto = emb[6];
+    // The embedded packet's dedicated port, its destination port, and
+    // where its port and checksum fields are.
+    let (port, remote_port, port_off, check_off) = match proto {
+        IPPROTO_TCP => (
+            be16(el4[0], el4[1]),
+            be16(el4[2], el4[3]),
+            EMB_L4,
+            EMB_L4 + 16,
+        ),
+        IPPROTO_UDP => (
+            be16(el4[0], el4[1]),
+            be16(el4[2], el4[3]),
+            EMB_L4,
+            EMB_L4 + 6,
+        ),
+        IPPROTO_ICMPV6 if el4[0] == ICMPV6_ECHO_REQUEST => {
+            (be16(el4[4], el4[5]), 0, EMB_L4 + 4, EMB_L4 + 2)
+        }
+        _ => return PASS_ON,
+    };
+    if port < cfg.port_min || port > cfg.port_max {
+        return PASS_ON;
+    }
+    // SAFETY: read-only use of a map value; copied whole.
+    sc.nat = *unsafe {
+        S_NAT6.get(NatKey {
+            proto,
+            _pad: 0,
+            port,
+        })
+    }
+    .ok_or(drops::NO_FLOW)?;
+    sc.key = Flow6Key {
+        community: sc.nat.community,
+        proto,
+        _pad: 0,
+        origin: sc.nat.origin,
+        src: sc.nat.src,
+        port: sc.nat.port,
+        _pad2: 0,
+    };
+    let flow = S_FLOWS6.get_ptr_mut(&sc.key).ok_or(drops::NO_FLOW)?;
+    // SAFETY: `flow` points at a live map value; only read.
+    let (first, created) = unsafe {
+        (
+            same(&(*flow).remote, &sc.dst) && (*flow).flow.remote_port == remote_port,
+            (*flow).flow.created_ns,
+        )
+    };
+    if !first {
+        sc.permit = Permit6Key {
+            proto,
+            _pad: 0,
+            nat_port: port,
+            remote_port,
+            _pad2: 0,
+            remote: sc.dst,
+        };
+        // SAFETY: read-only use of a map value.
+        if unsafe { S_PERMITS6.get(&sc.permit) } != Some(&created) {
+            return Err(drops::FILTERED);
+        }
+    }
+    // Never an error about an error: one too big for the links is lost.
+    if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
+        return Err(drops::TOO_BIG);
+    }
+    let back = NatEntry {
+        origin: sc.nat.origin,
+        community: sc.nat.community,
+        port: sc.nat.port,
+    };
+    let d = pick_down(&back, ip.len)?;
+
+    let mut icmp = read_u16(ctx, ICMP + 2).ok_or(drops::TRUNCATED)?;
+    // The embedded transport checksum, where the error carries it (a TCP
+    // one lies past the first 8 bytes and is often cut off).
+    let mut l4 = if check_off + 2 <= end {
+        read_u16(ctx, check_off)
+    } else {
+        None
+    };
+    let old_l4 = l4;
+    // The error's destination (in the ICMPv6 pseudo-header) and the
+    // embedded source (in the message and in the embedded pseudo-header),
+    // one word at a time.
+    let mut i = 0;
+    while i < 16 {
+        let new = u16::from_be_bytes([sc.nat.src[i], sc.nat.src[i + 1]]);
+        let old_dst = read_u16(ctx, ETH_LEN + 24 + i).ok_or(drops::TRUNCATED)?;
+        let old_src = read_u16(ctx, EMB + 8 + i).ok_or(drops::TRUNCATED)?;
+        icmp = csum::replace16(csum::replace16(icmp, old_dst, new), old_src, new);
+        l4 = l4.map(|c| csum::replace16(c, old_src, new));
+        let w = new.to_be_bytes();
+        if !(write(ctx, ETH_LEN + 24 + i, w) && write(ctx, EMB + 8 + i, w)) {
+            return Err(drops::TRUNCATED);
+        }
+        i += 2;
+    }
+    icmp = csum::replace16(icmp, port, sc.nat.port);
+    l4 = l4.map(|c| csum::replace16(c, port, sc.nat.port));
+    if proto == IPPROTO_UDP && l4 == Some(0) {
+        l4 = Some(0xffff);
+    }
+    if let (Some(old), Some(new)) = (old_l4, l4) {
+        icmp = csum::replace16(icmp, old, new);
+    }
+    let hop = ip.hop.wrapping_sub(1);
+    let written = write(ctx, ETH_LEN + 7, [hop])
+        && write(ctx, port_off, sc.nat.port.to_be_bytes())
+        && l4.is_none_or(|c| write(ctx, check_off, c.to_be_bytes()))
+        && write(ctx, ICMP + 2, icmp.to_be_bytes());
+    if !written {
+        return Err(drops::TRUNCATED);
+    }
+    count(&S_EVENTS, event::ICMP_ERROR_RELAYED);
+    Ok(Next::Wrap(back, d, ip.len, false))
 }
 
 /// Answers a reply too big for the links with ICMPv6 Packet Too Big
