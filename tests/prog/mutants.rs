@@ -621,6 +621,35 @@ mod fuzz_check {
             "{what}: to the NAT address"
         );
         let proto = input[14 + 6];
+        if proto == 58 && (1..=4).contains(&input[14 + 40]) {
+            // An ICMPv6 error: to the origin of the embedded packet's flow,
+            // its embedded source address and port the origin's.
+            const EMB: usize = 14 + 48;
+            let nkey = NatKey {
+                proto: input[EMB + 6],
+                _pad: 0,
+                port: port6_of(input, EMB, false),
+            };
+            let e = m
+                .nat6
+                .get(&nkey, 0)
+                .unwrap_or_else(|_| panic!("{what}: no IPv6 NAT entry for the embedded packet"));
+            let back = NatEntry {
+                origin: e.origin,
+                community: e.community,
+                port: e.port,
+            };
+            to_origin(what, m, &back, out);
+            let emb = INNER + 48;
+            assert_eq!(
+                &out[INNER + 24..INNER + 40],
+                &e.src,
+                "{what}: to the origin"
+            );
+            assert_eq!(&out[emb + 8..emb + 24], &e.src, "{what}: embedded source");
+            assert_eq!(port6_of(out, emb, false), e.port, "{what}: embedded port");
+            return;
+        }
         let nkey = NatKey {
             proto,
             _pad: 0,
@@ -773,6 +802,21 @@ fn server_survives_mutants() {
             };
             fixtures.push((up.frame(), &WRAPPED6_LENS[..]));
             fixtures.push((reply.frame(CNT_DEV_MAC, CONTENT_MAC), &REPLY6_LENS[..]));
+            // An ICMPv6 error about the flow's packet, with all of it.
+            let left = Ip6 {
+                src: NAT_IP6,
+                l4: l4.with_src_port(nat),
+                ..ip.clone()
+            };
+            let mut error = Vec::new();
+            etherparse::PacketBuilder::ethernet2(CNT_DEV_MAC, CONTENT_MAC)
+                .ipv6(CONTENT6.octets(), NAT_IP6.octets(), 60)
+                .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+                    etherparse::icmpv6::DestUnreachableCode::Port,
+                ))
+                .write(&mut error, &left.bytes())
+                .unwrap();
+            fixtures.push((error, &REPLY6_LENS[..1]));
         }
         let mut rng = Rng(SEED);
         let mut tally = Tally::default();
