@@ -565,6 +565,44 @@ fn a_4000_byte_datagram_without_df_goes_each_way() {
     assert_eq!(after.refused, 0);
 }
 
+/// The same over IPv6: the content host's ICMPv6 port unreachable about a
+/// member's datagram comes back through bond (`bond_server6`) as
+/// "connection refused" on the member's socket.
+#[test]
+fn an_ipv6_port_unreachable_reaches_the_application_through_bond() {
+    let lab = lab("20000-20009", "");
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('{}', 9999))\n\
+         s.send(b'anyone there?')\n\
+         try:\n\
+         \x20   s.recv(2048)\n\
+         \x20   print('answered')\n\
+         except ConnectionRefusedError:\n\
+         \x20   print('refused')\n\
+         except socket.timeout:\n\
+         \x20   print('timeout')\n",
+        bond_lab::CONTENT6
+    );
+    let relayed = || {
+        server_maps(&lab)
+            .server_events()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.0 == "icmp_errors_relayed")
+            .expect("event icmp_errors_relayed")
+            .1
+    };
+    let before = relayed();
+    let out = lab
+        .exec(&lab.terminals[0].ns, "python3", &["-c", &script])
+        .expect("udp client");
+    assert_eq!(out.trim(), "refused");
+    assert_eq!(relayed() - before, 1);
+}
+
 /// Through bond, a traceroute shows the router beyond the server (its
 /// time-exceeded errors come back), and a DF sender learns the smaller MTU
 /// of the link past that router (its fragmentation-needed error does).
