@@ -358,8 +358,14 @@ fn iperf_mbit(lab: &Lab, ns: &str, secs: u32, reverse: bool) -> f64 {
 
 /// [`iperf_mbit`] to the iperf3 server on `port`.
 fn iperf_port_mbit(lab: &Lab, ns: &str, port: &str, secs: u32, reverse: bool) -> f64 {
-    let t = secs.to_string();
-    let mut args = vec!["-c", "203.0.113.2", "-p", port, "-t", &t, "-J"];
+    iperf_steady_mbit(lab, ns, port, secs, 0, reverse)
+}
+
+/// [`iperf_port_mbit`], the first `omit` seconds left out of the figure
+/// (iperf3 `-O`): the steady state once the flows have found their share.
+fn iperf_steady_mbit(lab: &Lab, ns: &str, port: &str, secs: u32, omit: u32, reverse: bool) -> f64 {
+    let (t, o) = (secs.to_string(), omit.to_string());
+    let mut args = vec!["-c", "203.0.113.2", "-p", port, "-t", &t, "-O", &o, "-J"];
     if reverse {
         args.push("-R");
     }
@@ -525,8 +531,11 @@ fn two_origins_uploading_at_once_share_the_links() {
     }
     let (t1, t2) = (lab.terminals[0].ns.clone(), lab.terminals[1].ns.clone());
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| iperf_port_mbit(&lab, &t1, "5201", 8, false));
-        let b = s.spawn(|| iperf_port_mbit(&lab, &t2, "5202", 8, false));
+        // Two flows starting at once take a few seconds to find their
+        // shares (the origins learn each other's load from the feedback):
+        // the first 2 s are left out, 8 s measured.
+        let a = s.spawn(|| iperf_steady_mbit(&lab, &t1, "5201", 8, 2, false));
+        let b = s.spawn(|| iperf_steady_mbit(&lab, &t2, "5202", 8, 2, false));
         (a.join().unwrap(), b.join().unwrap())
     });
     eprintln!("two uploads at once over mixed: t1 {a:.1} + t2 {b:.1} Mbit/s");
