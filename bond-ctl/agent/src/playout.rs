@@ -632,17 +632,28 @@ pub fn floor_us(delays_ns: impl IntoIterator<Item = u32>) -> u32 {
 /// Creates the hold device `name`, up, with reverse-path filtering
 /// `rp_filter` and the IPv4 dummy address (RFC 7600, which routes nowhere):
 /// reverse-path filtering refuses everything on a device without an
-/// address. IPv6 is received there but the device has no IPv6 address.
-pub async fn hold_device(net: &Net, name: &str, rp_filter: &str) -> Result<(Tap, Iface)> {
+/// address. With `ipv6`, IPv6 is received there (the device has no IPv6
+/// address); without, IPv6 is off on it.
+pub async fn hold_device(
+    net: &Net,
+    name: &str,
+    rp_filter: &str,
+    ipv6: bool,
+) -> Result<(Tap, Iface)> {
     let tap = Tap::create(name)?;
     let dev = net.iface(name).await?;
     sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), rp_filter)?;
     net.add_address(dev.index, std::net::Ipv4Addr::new(192, 0, 0, 8), 32)
         .await?;
-    // IPv6 comes back through it too (members' IPv6, unwrapped here), but
-    // it needs no address of its own: none is made, so it sends nothing
-    // (no router solicitations, no duplicate address detection).
-    let _ = sysctl(&format!("net.ipv6.conf.{name}.addr_gen_mode"), "1");
+    if ipv6 {
+        // Members' IPv6 comes back through it too (unwrapped here), but it
+        // needs no address of its own: none is made, so it sends nothing
+        // (no router solicitations, no duplicate address detection).
+        let _ = sysctl(&format!("net.ipv6.conf.{name}.addr_gen_mode"), "1");
+    } else {
+        // Only IPv4 here: the kernel sends nothing of its own into it.
+        let _ = sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
+    }
     net.set_up(dev.index).await?;
     Ok((tap, dev))
 }

@@ -98,7 +98,7 @@ pub async fn run(
     let (feedback_tx, feedback) = mpsc::unbounded_channel();
     let playout = if cfg.playout {
         let name = hold_name(&cfg.instance);
-        let (tap, dev) = playout::hold_device(&net, &name, "0").await?;
+        let (tap, dev) = playout::hold_device(&net, &name, "0", false).await?;
         sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
         pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
         Some(playout::Handle::start(
@@ -117,7 +117,7 @@ pub async fn run(
     // fit there (`crate::split`), then come back in through the program.
     let splitter = {
         let name = split_name(&cfg.instance);
-        let (tap, dev) = playout::hold_device(&net, &name, "0").await?;
+        let (tap, dev) = playout::hold_device(&net, &name, "0", false).await?;
         sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
         pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
         split::Splitter::start(tap, dev.index, dev.mac, maps.clone())?

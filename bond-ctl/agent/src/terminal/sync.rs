@@ -15,7 +15,7 @@ impl Agent {
         let name = hold_name(&self.cfg.device);
         // What comes back is addressed to this host from anywhere: not a
         // spoof on this device (loose reverse-path filtering).
-        let (tap, dev) = playout::hold_device(&self.net, &name, "2").await?;
+        let (tap, dev) = playout::hold_device(&self.net, &name, "2", true).await?;
         pins.attach_xdp(ebpf, "bond_terminal", &name)?;
         let maps = self.maps.clone();
         let p = playout::Handle::start(tap, dev.index, dev.mac, maps, name::T_HOLD, reports)?;
