@@ -98,7 +98,9 @@ pub async fn run(
     let (feedback_tx, feedback) = mpsc::unbounded_channel();
     let playout = if cfg.playout {
         let name = hold_name(&cfg.instance);
-        let (tap, dev) = playout::hold_device(&net, &name, "0", false).await?;
+        // IPv6 on: held inner IPv6 is routed from here (the FIB lookup
+        // answers only where IPv6 is on and forwards).
+        let (tap, dev) = playout::hold_device(&net, &name, "0", true).await?;
         sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
         pins.attach_xdp(&mut ebpf, "bond_server", &name)?;
         Some(playout::Handle::start(
