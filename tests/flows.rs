@@ -481,88 +481,7 @@ fn a_member_cannot_reach_what_the_server_denies() {
 #[test]
 fn a_port_unreachable_reaches_the_application_through_bond() {
     let lab = lab("20000-20009", "");
-    let script = "import socket\n\
-                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                  s.settimeout(3)\n\
-                  s.connect(('203.0.113.2', 9999))\n\
-                  s.send(b'anyone there?')\n\
-                  try:\n\
-                  \x20   s.recv(2048)\n\
-                  \x20   print('answered')\n\
-                  except ConnectionRefusedError:\n\
-                  \x20   print('refused')\n\
-                  except socket.timeout:\n\
-                  \x20   print('timeout')\n";
-    let relayed = || {
-        server_maps(&lab)
-            .server_events()
-            .unwrap()
-            .into_iter()
-            .find(|e| e.0 == "icmp_errors_relayed")
-            .expect("event icmp_errors_relayed")
-            .1
-    };
-    let before = relayed();
-    let out = lab
-        .exec(&lab.terminals[0].ns, "python3", &["-c", script])
-        .expect("udp client");
-    assert_eq!(out.trim(), "refused");
-    assert_eq!(relayed() - before, 1);
-}
-
-/// A 4,000-byte UDP datagram sent without DF goes each way: the origin's
-/// kernel cuts it to fit bond0 and the server carries the fragments (the
-/// first by its flow's port, the rest by the datagram's identification);
-/// the content host's reply, cut to its 1500-byte link, is too big for the
-/// community's links once wrapped, so the server's agent cuts it again.
-#[test]
-fn a_4000_byte_datagram_without_df_goes_each_way() {
-    let mut lab = lab("20000-20009", "");
-    let web = lab.web_ns.clone();
-    // IP_MTU_DISCOVER (10) = IP_PMTUDISC_DONT (0): never DF.
-    let server = "import socket\n\
-                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                  s.setsockopt(socket.IPPROTO_IP, 10, 0)\n\
-                  s.bind(('203.0.113.2', 9997))\n\
-                  print('ready', flush=True)\n\
-                  d, a = s.recvfrom(65535)\n\
-                  print(len(d), flush=True)\n\
-                  s.sendto(d[::-1], a)\n";
-    lab.spawn(&web, "big-echo", "python3", &["-c", server])
-        .unwrap();
-    let start = Instant::now();
-    while !lab.log("big-echo").contains("ready") {
-        let log = lab.log("big-echo");
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "echo server: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = |lab: &Lab| lab.server_status().expect("server status").split;
-    let before = status(&lab);
-    let client = "import socket\n\
-                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                  s.setsockopt(socket.IPPROTO_IP, 10, 0)\n\
-                  s.settimeout(5)\n\
-                  d = bytes(i * 7 % 251 for i in range(4000))\n\
-                  s.sendto(d, ('203.0.113.2', 9997))\n\
-                  r, a = s.recvfrom(65535)\n\
-                  print(len(r), r == d[::-1])\n";
-    let t1 = lab.terminals[0].ns.clone();
-    let out = lab.exec(&t1, "python3", &["-c", client]).expect("client");
-    assert_eq!(out.trim(), "4000 True", "the reply, whole");
-    let heard = lab.wait_child("big-echo", Duration::from_secs(5)).unwrap();
-    assert!(
-        heard.lines().any(|l| l == "4000"),
-        "the request, whole: {heard}"
-    );
-    let after = status(&lab);
-    // The reply came as three fragments (1500, 1500 and 1068 bytes): the
-    // two full ones are too big once wrapped, and each is cut in two.
-    assert_eq!(after.packets - before.packets, 2, "{after:?}");
-    assert_eq!(after.pieces - before.pieces, 4, "{after:?}");
-    assert_eq!(after.refused, 0);
+    assert_refused_through_bond(&lab, "AF_INET", &bond_lab::CONTENT.to_string());
 }
 
 /// The same over IPv6: the content host's ICMPv6 port unreachable about a
@@ -571,11 +490,18 @@ fn a_4000_byte_datagram_without_df_goes_each_way() {
 #[test]
 fn an_ipv6_port_unreachable_reaches_the_application_through_bond() {
     let lab = lab("20000-20009", "");
+    assert_refused_through_bond(&lab, "AF_INET6", &bond_lab::CONTENT6.to_string());
+}
+
+/// From terminal 0, a connected UDP socket of `family` sends a datagram
+/// to a closed port of `host`: it must hear "connection refused", the
+/// server having relayed one ICMP error.
+fn assert_refused_through_bond(lab: &Lab, family: &str, host: &str) {
     let script = format!(
         "import socket\n\
-         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
          s.settimeout(3)\n\
-         s.connect(('{}', 9999))\n\
+         s.connect(('{host}', 9999))\n\
          s.send(b'anyone there?')\n\
          try:\n\
          \x20   s.recv(2048)\n\
@@ -583,11 +509,10 @@ fn an_ipv6_port_unreachable_reaches_the_application_through_bond() {
          except ConnectionRefusedError:\n\
          \x20   print('refused')\n\
          except socket.timeout:\n\
-         \x20   print('timeout')\n",
-        bond_lab::CONTENT6
+         \x20   print('timeout')\n"
     );
     let relayed = || {
-        server_maps(&lab)
+        server_maps(lab)
             .server_events()
             .unwrap()
             .into_iter()
@@ -599,8 +524,8 @@ fn an_ipv6_port_unreachable_reaches_the_application_through_bond() {
     let out = lab
         .exec(&lab.terminals[0].ns, "python3", &["-c", &script])
         .expect("udp client");
-    assert_eq!(out.trim(), "refused");
-    assert_eq!(relayed() - before, 1);
+    assert_eq!(out.trim(), "refused", "{family} to {host}");
+    assert_eq!(relayed() - before, 1, "{family}: errors relayed");
 }
 
 /// Through bond, a traceroute shows the router beyond the server (its

@@ -1243,10 +1243,7 @@ fn server_nats_ipv6_tcp_udp_and_echo_both_ways() {
             let what = format!("{l4:?}");
             let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
             let nat = 20000 + i as u16;
-            let up = Up {
-                inner: ip.bytes(),
-                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
-            };
+            let up = Up::v6(LINKS[0], ORIGIN_A, &ip);
             let left = Ip6 {
                 src: NAT_IP6,
                 hop: ip.hop - 1,
@@ -1316,13 +1313,7 @@ fn server_filters_and_refuses_ipv6_as_ipv4() {
         srv::network();
         let s = srv::setup("server-refuse6", 20000..=20010);
         let ip = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40001, 53));
-        let up = |ip: &Ip6| {
-            Up {
-                inner: ip.bytes(),
-                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, ip.l4))
-            }
-            .frame()
-        };
+        let up = |ip: &Ip6| Up::v6(LINKS[0], ORIGIN_A, ip).frame();
         let (v, _) = s.run("bond_server", &up(&ip));
         assert_eq!(v, XDP_REDIRECT, "the flow");
         let reply = |from: Ipv6Addr, sport: u16, port: u16, n: usize| {
@@ -1491,10 +1482,7 @@ fn server_sends_icmpv6_errors_about_a_flow_back_to_its_origin() {
         for (i, (l4, kind, n)) in cases.into_iter().enumerate() {
             let what = format!("{kind:?} about {l4:?}");
             let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
-            let up = Up {
-                inner: ip.bytes(),
-                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
-            };
+            let up = Up::v6(LINKS[0], ORIGIN_A, &ip);
             assert_eq!(
                 s.run("bond_server", &up.frame()).0,
                 XDP_REDIRECT,

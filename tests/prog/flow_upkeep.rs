@@ -421,13 +421,7 @@ fn server_sweep_expires_ipv6_flows_too() {
         srv::network();
         let s = srv::setup("server-sweep6", 20000..=20000);
         let ip = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40001, 53));
-        let up = |ip: &Ip6| {
-            Up {
-                inner: ip.bytes(),
-                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, ip.l4))
-            }
-            .frame()
-        };
+        let up = |ip: &Ip6| Up::v6(LINKS[0], ORIGIN_A, ip).frame();
         assert_eq!(s.run("bond_server", &up(&ip)).0, XDP_REDIRECT, "the flow");
         let other = Ip6::new(ORIGIN_A6, CONTENT6, L4::udp(40002, 53));
         s.expect_drop(

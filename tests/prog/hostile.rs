@@ -501,11 +501,7 @@ fn server_cut_at_every_offset() {
         for (i, l4) in l4s.into_iter().enumerate() {
             let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
             let nat = 20003 + i as u16;
-            let frame = Up {
-                inner: ip.bytes(),
-                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
-            }
-            .frame();
+            let frame = Up::v6(LINKS[0], ORIGIN_A, &ip).frame();
             let left = Ip6 {
                 src: NAT_IP6,
                 hop: ip.hop - 1,

@@ -787,10 +787,7 @@ fn server_survives_mutants() {
         // IPv6 inside: A's TCP, UDP and echo flows and their replies.
         for (j, l4) in l4s.into_iter().enumerate() {
             let ip = Ip6::new(ORIGIN_A6, CONTENT6, l4);
-            let up = Up {
-                inner: ip.bytes(),
-                ..Up::new(LINKS[0], &Ip::new(ORIGIN_A, CONTENT, l4))
-            };
+            let up = Up::v6(LINKS[0], ORIGIN_A, &ip);
             let nat = PORT_MIN + 6 + j as u16;
             let (v, _) = s.run("bond_server", &up.frame());
             assert_eq!(v, XDP_REDIRECT, "an IPv6 flow to mutate");

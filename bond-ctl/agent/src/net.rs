@@ -185,7 +185,7 @@ impl Net {
             // Captured IPv6 leaves from the host's own addresses; the
             // capture device needs none, and without one it sends nothing
             // of its own (router solicitations, listener reports) into bond.
-            let _ = crate::net::sysctl(&format!("net.ipv6.conf.{dev}.addr_gen_mode"), "1");
+            let _ = sysctl(&format!("net.ipv6.conf.{dev}.addr_gen_mode"), "1");
             let i = self.iface(dev).await?;
             // TCP always builds GSO superpackets and leaves segmentation to
             // the device, after the TC hook; one segment per skb keeps one

@@ -393,6 +393,55 @@ enum Next {
 
 const PASS_ON: Result<Next, u32> = Ok(Next::Done(xdp_action::XDP_PASS));
 
+/// The IPv6 flow a packet to dedicated port `port` belongs to (its way
+/// back into `sc.nat`), if it lets in what comes from `sc.src` and
+/// `remote_port`: the flow's first remote endpoint, or one with a live
+/// permit. `no_flow` or `filtered` if not.
+#[inline(always)]
+fn reply_flow(sc: &mut Scratch, proto: u8, port: u16, remote_port: u16) -> Result<*mut Flow6, u32> {
+    // SAFETY: read-only use of a map value; copied whole.
+    sc.nat = *unsafe {
+        S_NAT6.get(NatKey {
+            proto,
+            _pad: 0,
+            port,
+        })
+    }
+    .ok_or(drops::NO_FLOW)?;
+    sc.key = Flow6Key {
+        community: sc.nat.community,
+        proto,
+        _pad: 0,
+        origin: sc.nat.origin,
+        src: sc.nat.src,
+        port: sc.nat.port,
+        _pad2: 0,
+    };
+    let flow = S_FLOWS6.get_ptr_mut(&sc.key).ok_or(drops::NO_FLOW)?;
+    // SAFETY: `flow` points at a live map value; only read.
+    let (first, created) = unsafe {
+        (
+            same(&(*flow).remote, &sc.src) && (*flow).flow.remote_port == remote_port,
+            (*flow).flow.created_ns,
+        )
+    };
+    if !first {
+        sc.permit = Permit6Key {
+            proto,
+            _pad: 0,
+            nat_port: port,
+            remote_port,
+            _pad2: 0,
+            remote: sc.src,
+        };
+        // SAFETY: read-only use of a map value.
+        if unsafe { S_PERMITS6.get(&sc.permit) } != Some(&created) {
+            return Err(drops::FILTERED);
+        }
+    }
+    Ok(flow)
+}
+
 /// A reply or an ICMPv6 error to the IPv6 NAT address, mapped to its
 /// origin and rewritten; anything else passes.
 #[inline(always)]
@@ -427,47 +476,8 @@ fn to_origin(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<N
         return Err(drops::TTL_EXCEEDED);
     }
     let (tcp_flags, pure_ack) = tcp_of(ctx, ip.proto, ip.len, l4off)?;
-    // SAFETY: read-only use of a map value; copied whole.
-    sc.nat = *unsafe {
-        S_NAT6.get(NatKey {
-            proto: ip.proto,
-            _pad: 0,
-            port,
-        })
-    }
-    .ok_or(drops::NO_FLOW)?;
-    sc.key = Flow6Key {
-        community: sc.nat.community,
-        proto: ip.proto,
-        _pad: 0,
-        origin: sc.nat.origin,
-        src: sc.nat.src,
-        port: sc.nat.port,
-        _pad2: 0,
-    };
-    let flow = S_FLOWS6.get_ptr_mut(&sc.key).ok_or(drops::NO_FLOW)?;
     // Only from whom the origin sent to on this flow.
-    // SAFETY: `flow` points at a live map value; only read.
-    let (first, created) = unsafe {
-        (
-            same(&(*flow).remote, &sc.src) && (*flow).flow.remote_port == remote_port,
-            (*flow).flow.created_ns,
-        )
-    };
-    if !first {
-        sc.permit = Permit6Key {
-            proto: ip.proto,
-            _pad: 0,
-            nat_port: port,
-            remote_port,
-            _pad2: 0,
-            remote: sc.src,
-        };
-        // SAFETY: read-only use of a map value.
-        if unsafe { S_PERMITS6.get(&sc.permit) } != Some(&created) {
-            return Err(drops::FILTERED);
-        }
-    }
+    let flow = reply_flow(sc, ip.proto, port, remote_port)?;
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
         return too_big(ctx, cfg).map(Next::Done);
     }
@@ -525,12 +535,12 @@ fn error(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch, ip: &Ip6) -> Re
         return Err(drops::TTL_EXCEEDED);
     }
     let emb = read::<8>(ctx, EMB).ok_or(drops::TRUNCATED)?;
-    // The embedded packet, from our NAT address: its source into `sc.src`
-    // (the error's own source is not needed again), its destination, the
-    // remote it was sent to, into `sc.dst`.
-    sc.src = read::<16>(ctx, EMB + 8).ok_or(drops::TRUNCATED)?;
-    sc.dst = read::<16>(ctx, EMB + 24).ok_or(drops::TRUNCATED)?;
-    if emb[0] >> 4 != 6 || !same(&sc.src, &cfg.nat_ip6) {
+    // The embedded packet, from our NAT address (its source into `sc.dst`)
+    // to the remote it was sent to (into `sc.src`, as a reply's sender is:
+    // the error's own addresses are not needed again).
+    sc.dst = read::<16>(ctx, EMB + 8).ok_or(drops::TRUNCATED)?;
+    sc.src = read::<16>(ctx, EMB + 24).ok_or(drops::TRUNCATED)?;
+    if emb[0] >> 4 != 6 || !same(&sc.dst, &cfg.nat_ip6) {
         return PASS_ON;
     }
     let el4 = read::<8>(ctx, EMB_L4).ok_or(drops::TRUNCATED)?;
@@ -559,46 +569,7 @@ fn error(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch, ip: &Ip6) -> Re
     if port < cfg.port_min || port > cfg.port_max {
         return PASS_ON;
     }
-    // SAFETY: read-only use of a map value; copied whole.
-    sc.nat = *unsafe {
-        S_NAT6.get(NatKey {
-            proto,
-            _pad: 0,
-            port,
-        })
-    }
-    .ok_or(drops::NO_FLOW)?;
-    sc.key = Flow6Key {
-        community: sc.nat.community,
-        proto,
-        _pad: 0,
-        origin: sc.nat.origin,
-        src: sc.nat.src,
-        port: sc.nat.port,
-        _pad2: 0,
-    };
-    let flow = S_FLOWS6.get_ptr_mut(&sc.key).ok_or(drops::NO_FLOW)?;
-    // SAFETY: `flow` points at a live map value; only read.
-    let (first, created) = unsafe {
-        (
-            same(&(*flow).remote, &sc.dst) && (*flow).flow.remote_port == remote_port,
-            (*flow).flow.created_ns,
-        )
-    };
-    if !first {
-        sc.permit = Permit6Key {
-            proto,
-            _pad: 0,
-            nat_port: port,
-            remote_port,
-            _pad2: 0,
-            remote: sc.dst,
-        };
-        // SAFETY: read-only use of a map value.
-        if unsafe { S_PERMITS6.get(&sc.permit) } != Some(&created) {
-            return Err(drops::FILTERED);
-        }
-    }
+    reply_flow(sc, proto, port, remote_port)?;
     // Never an error about an error: one too big for the links is lost.
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
         return Err(drops::TOO_BIG);
