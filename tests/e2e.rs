@@ -88,7 +88,7 @@ fn tcp_iperf_fills_every_link_to_its_rate_both_directions() {
         if reverse {
             args.push("-R");
         }
-        let out = lab.exec(&t3, "iperf3", &args).expect("iperf3");
+        let out = lab.iperf3(&t3, &[], &args).expect("iperf3");
         let after = link_counts(&lab.links(ns, inst).unwrap(), field);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let bps = v["end"]["sum_received"]["bits_per_second"]
@@ -157,7 +157,7 @@ fn udp_both_ways_and_ping() {
         if reverse {
             args.push("-R");
         }
-        let out = lab.exec(&t3, "iperf3", &args).expect("iperf3 udp");
+        let out = lab.iperf3(&t3, &[], &args).expect("iperf3 udp");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let sum = &v["end"]["sum"];
         let lost = sum["lost_percent"].as_f64().unwrap();
@@ -369,8 +369,23 @@ fn iperf_steady_mbit(lab: &Lab, ns: &str, port: &str, secs: u32, omit: u32, reve
     if reverse {
         args.push("-R");
     }
-    let out = lab.exec(ns, "iperf3", &args).expect("iperf3");
+    let out = lab.iperf3(ns, &[], &args).expect("iperf3");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Shown when the test fails: each second's rate and retransmissions.
+    let seconds: Vec<String> = v["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let s = &i["sum"];
+            let mbit = s["bits_per_second"].as_f64().unwrap() / 1e6;
+            format!("{mbit:.0}/{}", s["retransmits"].as_u64().unwrap_or(0))
+        })
+        .collect();
+    eprintln!(
+        "{ns} port {port}, Mbit/s/retransmits each second: {}",
+        seconds.join(" ")
+    );
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap()
@@ -755,7 +770,7 @@ fn ipv6_goes_through_bond() {
         }
         // (A moment for the server to finish the last test.)
         std::thread::sleep(Duration::from_secs(1));
-        let out = lab.exec(&t3, "iperf3", &args).expect("iperf3 -6");
+        let out = lab.iperf3(&t3, &[], &args).expect("iperf3 -6");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let mbit = v["end"]["sum_received"]["bits_per_second"]
             .as_f64()

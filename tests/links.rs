@@ -99,7 +99,7 @@ fn udp(lab: &Lab, mbit: u32, secs: u32, reverse: bool) -> Udp {
         args.push("-R");
     }
     let out = lab
-        .exec(&lab.terminals[0].ns, "iperf3", &args)
+        .iperf3(&lab.terminals[0].ns, &[], &args)
         .expect("iperf3");
     let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 json");
     let s = &v["end"]["sum"];
@@ -252,9 +252,9 @@ fn rate_steps_change_the_link_rate() {
     lab.start_events();
     let tcp = |lab: &Lab| {
         let out = lab
-            .exec(
+            .iperf3(
                 &lab.terminals[0].ns,
-                "iperf3",
+                &[],
                 &["-c", "203.0.113.2", "-t", "1", "--json"],
             )
             .unwrap();

@@ -193,7 +193,7 @@ fn a_weight_far_below_the_rate_is_followed_under_load() {
         if reverse {
             args.push("-R");
         }
-        lab.exec(&ns3, "iperf3", &args).expect("iperf3");
+        lab.iperf3(&ns3, &[], &args).expect("iperf3");
         let rates = learnt(ns, inst);
         eprintln!(
             "learnt ({}): {rates:?}",

@@ -461,7 +461,7 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
         };
         let before = [l1(origin), up(origin, 2, false)];
         let ns = lab.terminals[i].ns.clone();
-        lab.exec(&ns, "iperf3", &["-c", "203.0.113.2", "-n", "10M"])
+        lab.iperf3(&ns, &[], &["-c", "203.0.113.2", "-n", "10M"])
             .expect("upload");
         let sent = [l1(origin) - before[0], up(origin, 2, false) - before[1]];
         eprintln!("{what}: 10 MB up, per link {sent:?}");

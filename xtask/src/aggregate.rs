@@ -710,7 +710,8 @@ fn iperf(
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     } else {
-        lab.exec(ns, argv[0], &argv[1..])?
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.iperf3(ns, wrap, &args)?
     };
     let v: serde_json::Value =
         serde_json::from_str(&out).with_context(|| format!("iperf3's JSON from {ns}"))?;

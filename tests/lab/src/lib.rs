@@ -184,6 +184,20 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether an iperf3 client's output says the server was between tests
+/// (its listener closed, or still busy with the last one): the test never
+/// started.
+pub fn iperf3_not_started(said: &str) -> bool {
+    [
+        "unable to connect to server",
+        "the server is busy",
+        "unable to send cookie",
+        "unable to receive control message",
+    ]
+    .iter()
+    .any(|m| said.contains(m))
+}
+
 fn ip(args: &str) -> Result<String> {
     run(Command::new("ip").args(args.split_whitespace()))
 }
@@ -399,6 +413,46 @@ impl Lab {
 
     pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Result<String> {
         run(self.cmd(ns, program).args(args))
+    }
+
+    /// Runs an iperf3 client in `ns` (under `wrap`, such as `mptcpize
+    /// run`, if given) to its end; its standard output.
+    ///
+    /// A persistent iperf3 server closes and reopens its listener after
+    /// every test (esnet/iperf pull request 2066): a client that starts
+    /// as the last test winds down is refused, reset, or told the server
+    /// is busy, before any of its data is sent. Those are tried again, for
+    /// up to 3 s; any other failure is returned as it is.
+    pub fn iperf3(&self, ns: &str, wrap: &[&str], args: &[&str]) -> Result<String> {
+        let (program, pre) = match wrap.split_first() {
+            Some((p, rest)) => (*p, rest),
+            None => ("iperf3", &[][..]),
+        };
+        let argv: Vec<&str> = pre
+            .iter()
+            .copied()
+            .chain(wrap.first().map(|_| "iperf3"))
+            .chain(args.iter().copied())
+            .collect();
+        let start = Instant::now();
+        loop {
+            let mut cmd = self.cmd(ns, program);
+            cmd.args(&argv);
+            let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() {
+                return Ok(stdout);
+            }
+            let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            if !iperf3_not_started(&said) || start.elapsed() > Duration::from_secs(3) {
+                bail!("iperf3 in {ns} ({args:?}) failed: {}", said.trim());
+            }
+            eprintln!(
+                "bond-lab: iperf3 in {ns} not started ({}); again",
+                said.trim()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     fn sysctl(&self, ns: &str, kv: &str) -> Result<()> {
