@@ -58,6 +58,9 @@ use bond_proto::control::LinkQueue;
 pub use crate::playout::REPORT_EVERY as EVERY;
 /// How often a sender samples its model.
 pub const SAMPLE: Duration = Duration::from_millis(1);
+/// Samples further apart than this (the sampling thread was not run) say
+/// nothing of the model's queue between them: within the deadband.
+const MAX_SAMPLE_GAP_NS: u64 = DEADBAND_NS as u64;
 /// How much later than a packet on a link was due, by what the reports
 /// show arriving on the others, before the link counts as silent: a
 /// report interval (the link's report may be one behind the others') and
@@ -248,11 +251,21 @@ impl History {
     }
 
     /// The model's queue on link `id` at `t` (ns), from the last sample at
-    /// or before it.
+    /// or before it. None where the samples around `t` lie more than
+    /// [`MAX_SAMPLE_GAP_NS`] apart: this thread did not run in between,
+    /// what the model sent then is not known, and a queue it had would
+    /// read as less or none. (Judged so, the queue a packet met was taken
+    /// for the link's delay, and under CPU contention links were given
+    /// tens of ms of jitter they did not have and left out: one of two
+    /// uploads at once fell to 11 Mbit/s.)
     fn queue_at(&self, id: u32, t: u64) -> Option<u64> {
         let h = self.samples.get(&id)?;
         let i = h.partition_point(|(at, _)| *at <= t);
-        let (_, finish) = h.get(i.checked_sub(1)?)?;
+        let (at, finish) = h.get(i.checked_sub(1)?)?;
+        let next = h.get(i).map_or(t, |(n, _)| *n);
+        if next - at > MAX_SAMPLE_GAP_NS {
+            return None;
+        }
         Some(finish.saturating_sub(t))
     }
 
@@ -444,6 +457,83 @@ impl Model {
         match self {
             Self::Up => maps.put_up_paths(p),
             Self::Down(c) => maps.put_down_paths(c, p),
+        }
+    }
+
+    /// Makes `change` on the schedule as the datapath has it now, read
+    /// just before it is written back. The datapath moves a link's finish
+    /// time with every packet it sends: a copy read earlier (before a
+    /// report was judged, or before this thread was preempted for a few
+    /// milliseconds) would wind every link's queue back by what was sent
+    /// since, and the sender would then offer the links that much more
+    /// than they carry (measured under CPU contention: two uploads at
+    /// once fell from 60 to 43 Mbit/s of 70). What `change` returns, or
+    /// None where there is no schedule or it could not be written.
+    fn patch<T>(self, maps: &Maps, change: impl FnOnce(&mut Paths) -> T) -> Option<T> {
+        let mut p = self.read(maps)?;
+        let out = change(&mut p);
+        match self.write(maps, p) {
+            Ok(()) => Some(out),
+            Err(e) => {
+                eprintln!("bond-ctl: feedback: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// A change to a schedule, decided on a copy of it and made on the
+/// datapath's ([`Model::patch`]).
+#[derive(Clone, Copy, Debug)]
+enum Edit {
+    Usable(u32, bool),
+    Extra(u32, u32),
+    Rate(u32, u64),
+}
+
+impl Edit {
+    /// Makes the change on `p`; whether it changed anything.
+    fn apply(self, p: &mut Paths) -> bool {
+        match self {
+            Self::Usable(id, on) => p.set_usable(id, on),
+            Self::Extra(id, ns) => p.set_extra(id, ns),
+            Self::Rate(id, kbit) => p.set_rate(id, kbit),
+        }
+    }
+}
+
+/// The changes decided on a copy of a schedule: each made on the copy at
+/// once (the next decision sees it) and kept, to be made on the
+/// datapath's schedule together ([`Edits::write`]).
+struct Edits {
+    copy: Paths,
+    made: Vec<Edit>,
+}
+
+impl Edits {
+    fn new(copy: Paths) -> Self {
+        Self {
+            copy,
+            made: Vec::new(),
+        }
+    }
+
+    /// Makes `e` on the copy; whether it changed anything (and so is kept).
+    fn make(&mut self, e: Edit) -> bool {
+        let changed = e.apply(&mut self.copy);
+        if changed {
+            self.made.push(e);
+        }
+        changed
+    }
+
+    fn write(self, maps: &Maps, m: Model) {
+        if !self.made.is_empty() {
+            m.patch(maps, |p| {
+                for e in self.made {
+                    e.apply(p);
+                }
+            });
         }
     }
 }
@@ -641,16 +731,14 @@ const IDLE_NS: u64 = 2_000_000_000;
 
 /// Takes back every link of schedule `m` left out for silence.
 fn revive_all(maps: &Maps, m: Model, h: &mut History, now: u64) {
-    let Some(mut p) = m.read(maps) else {
+    let Some(p) = m.read(maps) else {
         return;
     };
-    let mut changed = false;
+    let mut edits = Edits::new(p);
     for id in h.revive(now, &p, true) {
-        changed |= p.set_usable(id, true);
+        edits.make(Edit::Usable(id, true));
     }
-    if changed && let Err(e) = m.write(maps, p) {
-        eprintln!("bond-ctl: feedback: {e}");
-    }
+    edits.write(maps, m);
 }
 
 fn run(
@@ -677,40 +765,37 @@ fn run(
         // Rates learnt, and schedules' links whose rate a window kept.
         let (mut learnt, mut kept) = (Vec::new(), Vec::new());
         for (&m, (h, _)) in &mut models {
-            let Some(mut p) = m.read(maps) else {
+            let Some(p) = m.read(maps) else {
                 continue;
             };
             h.sample(now, &p);
-            let mut changed = false;
-            for id in h.silent(now, &p) {
-                if p.set_usable(id, false) {
+            let mut edits = Edits::new(p);
+            for id in h.silent(now, &edits.copy) {
+                if edits.make(Edit::Usable(id, false)) {
                     eprintln!(
                         "bond-ctl: feedback: {m}, link {id}: silent (its packets stopped arriving), out of use"
                     );
                     done.silenced += 1;
-                    changed = true;
                 }
             }
-            for id in h.revive(now, &p, false) {
-                changed |= p.set_usable(id, true);
+            for id in h.revive(now, &edits.copy, false) {
+                edits.make(Edit::Usable(id, true));
             }
-            for id in h.stale_jitter(now, &p) {
-                if p.set_extra(id, 0) {
+            for id in h.stale_jitter(now, &edits.copy) {
+                if edits.make(Edit::Extra(id, 0)) {
                     done.jitter += 1;
-                    changed = true;
                 }
             }
             sharing.retain(|&(sm, id), s| {
                 if sm != m {
                     return true;
                 }
-                if !p.links().any(|l| l.id == id) {
+                if !edits.copy.links().any(|l| l.id == id) {
                     return false; // the link left
                 }
                 let was_cut = s.is_cut();
-                if let Some(kbit) = s.rate(now, &p, id) {
-                    p.set_rate(id, kbit);
-                    changed = true;
+                if let Some(kbit) = s.rate(now, &edits.copy, id) {
+                    edits.make(Edit::Rate(id, kbit));
                     shares_moved = true;
                     done.shared += u64::from(s.is_cut() && !was_cut);
                 }
@@ -719,24 +804,21 @@ fn run(
                 }
                 s.is_cut() || !s.others.is_empty()
             });
-            for (id, judged) in h.learn(now, &p) {
+            for (id, judged) in h.learn(now, &edits.copy) {
                 let Judged::Rate(kbit) = judged else {
                     kept.push((m, id));
                     continue;
                 };
-                if let Some(was) = p.links().find(|l| l.id == id).map(|l| l.kbit()) {
+                if let Some(was) = edits.copy.links().find(|l| l.id == id).map(|l| l.kbit()) {
                     eprintln!(
                         "bond-ctl: feedback: {m}, link {id}: rate {was} -> {kbit} kbit/s, as the receiving end sees it"
                     );
                 }
-                p.set_rate(id, kbit);
+                edits.make(Edit::Rate(id, kbit));
                 learnt.push(((m, id), Learnt { kbit, at: now }));
                 done.rates += 1;
-                changed = true;
             }
-            if changed && let Err(e) = m.write(maps, p) {
-                eprintln!("bond-ctl: feedback: {e}");
-            }
+            edits.write(maps, m);
         }
         while let Ok(told) = rx.try_recv() {
             let r = match told {
@@ -767,7 +849,7 @@ fn run(
             *last = now;
             let sent = sent_ns(r.queue.sent_us, now);
             let queue = u64::from(r.queue.queue_us) * 1000;
-            let Some(mut p) = r.model.read(maps) else {
+            let Some(p) = r.model.read(maps) else {
                 continue;
             };
             let Some((delay, extra)) = p
@@ -777,26 +859,31 @@ fn run(
             else {
                 continue;
             };
-            if h.reported(r.id, now, sent + u64::from(delay) + queue) && p.set_usable(r.id, true) {
+            let mut edits = Edits::new(p);
+            if h.reported(r.id, now, sent + u64::from(delay) + queue)
+                && edits.make(Edit::Usable(r.id, true))
+            {
                 eprintln!(
                     "bond-ctl: feedback: {}, link {}: delivers again",
                     r.model, r.id
                 );
-                if let Err(e) = r.model.write(maps, p) {
-                    eprintln!("bond-ctl: feedback: {e}");
-                }
             }
+            edits.write(maps, r.model);
             let Some(fix) = h.judge(r.id, sent, queue, extra) else {
                 continue;
             };
-            let at = monotonic_ns();
             match fix {
                 Fix::Delay(ns) => {
-                    p.set_extra(r.id, ns);
+                    r.model.patch(maps, |p| p.set_extra(r.id, ns));
                     done.jitter += 1;
                 }
                 Fix::Queue(err) => {
-                    let Some(moved) = p.correct(r.id, at, err) else {
+                    // The queue as the datapath counts it at the write.
+                    let corrected = r.model.patch(maps, |p| {
+                        let at = monotonic_ns();
+                        p.correct(r.id, at, err).map(|moved| (at, moved))
+                    });
+                    let Some(Some((at, moved))) = corrected else {
                         continue;
                     };
                     h.moved(r.id, at, moved);
@@ -806,9 +893,6 @@ fn run(
                         &mut done.sooner
                     } += 1;
                 }
-            }
-            if let Err(e) = r.model.write(maps, p) {
-                eprintln!("bond-ctl: feedback: {e}");
             }
         }
         if shares_moved {
@@ -1176,6 +1260,28 @@ mod tests {
         c.forget(Model::Down(1), 0);
         assert_eq!(c.rate(Model::Down(1), 0), None);
         assert_eq!(c.rate(Model::Down(2), 0), Some(7_000), "another schedule's");
+    }
+
+    #[test]
+    fn a_gap_in_the_samples_leaves_what_was_sent_in_it_unjudged() {
+        let mut h = History::default();
+        // Sampled each millisecond to 100 ms, then not until 110 ms (the
+        // thread was preempted); the model's queue on link 1 was 8 ms.
+        for t in 95..=100 {
+            h.sample(t * MS, &paths(&[(1, (t + 8) * MS)]));
+        }
+        h.sample(110 * MS, &paths(&[(1, 118 * MS)]));
+        // Sent at 105 ms, between samples 10 ms apart: not known, not
+        // judged (the one before would read 3 ms of queue, the real one 13).
+        assert_eq!(h.judge(1, 105 * MS, 30 * MS, 0), None);
+        // At 99.5 ms the samples are a millisecond apart: judged (the
+        // model had 7.5 ms there, the packet met 20).
+        assert_eq!(
+            h.judge(1, 99_500_000, 20 * MS, 0),
+            Some(Fix::Queue(12_500_000))
+        );
+        // After the last sample, a gap as long: not known either.
+        assert_eq!(h.judge(1, 115 * MS, 30 * MS, 0), None);
     }
 
     #[test]
