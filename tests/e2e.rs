@@ -768,8 +768,6 @@ fn ipv6_goes_through_bond() {
         if reverse {
             args.push("-R");
         }
-        // (A moment for the server to finish the last test.)
-        std::thread::sleep(Duration::from_secs(1));
         let out = lab.iperf3(&t3, &[], &args).expect("iperf3 -6");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let mbit = v["end"]["sum_received"]["bits_per_second"]

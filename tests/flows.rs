@@ -535,13 +535,38 @@ fn assert_refused_through_bond(lab: &Lab, family: &str, host: &str) {
 fn traceroute_and_path_mtu_discovery_work_beyond_the_server() {
     let mut lab = lab("20000-20999", "");
     lab.add_far_host(1280).expect("far host");
+    trace_and_learn_mtu(
+        &lab,
+        "-4",
+        &bond_lab::CONTENT.to_string(),
+        &bond_lab::FAR.to_string(),
+    );
+}
+
+/// The same over IPv6: the router's ICMPv6 time exceeded and packet too
+/// big come back through `bond_server6` (`traceroute -6`, `ping -6`).
+#[test]
+fn traceroute6_and_ipv6_path_mtu_discovery_work_beyond_the_server() {
+    let mut lab = lab("20000-20999", "");
+    lab.add_far_host(1280).expect("far host");
+    trace_and_learn_mtu(
+        &lab,
+        "-6",
+        &bond_lab::CONTENT6.to_string(),
+        &bond_lab::FAR6.to_string(),
+    );
+}
+
+/// From terminal 0 over `family` ("-4" or "-6"): a traceroute to `far`
+/// shows `router` (the content host) as hop 2 and `far` as hop 3, and
+/// 1300-byte pings with DF learn the 1280-byte link before `far`.
+fn trace_and_learn_mtu(lab: &Lab, family: &str, router: &str, far: &str) {
     let t1 = lab.terminals[0].ns.clone();
-    let far = bond_lab::FAR.to_string();
     let trace = lab
         .exec(
             &t1,
             "traceroute",
-            &["-n", "-q", "1", "-w", "2", "-m", "4", &far],
+            &[family, "-n", "-q", "1", "-w", "2", "-m", "4", far],
         )
         .expect("traceroute");
     let hops: Vec<Vec<&str>> = trace
@@ -552,14 +577,15 @@ fn traceroute_and_path_mtu_discovery_work_beyond_the_server() {
     // Hop 1 is the server, which drops what expires there; hop 2 the
     // content host, routing; hop 3 the far host itself.
     let hop = |n: usize| hops.get(n - 1).and_then(|h| h.get(1)).copied();
-    assert_eq!(hop(2), Some("203.0.113.2"), "{trace}");
-    assert_eq!(hop(3), Some(far.as_str()), "{trace}");
+    assert_eq!(hop(2), Some(router), "{trace}");
+    assert_eq!(hop(3), Some(far), "{trace}");
 
-    // 1328-byte pings with DF: the router says 1280, the origin learns it.
+    // 1300 bytes of payload with DF: the router says 1280, the origin
+    // learns it.
     let ping = lab
         .cmd(&t1, "ping")
         .args([
-            "-M", "do", "-s", "1300", "-c", "3", "-i", "0.3", "-W", "1", &far,
+            family, "-M", "do", "-s", "1300", "-c", "3", "-i", "0.3", "-W", "1", far,
         ])
         .output()
         .expect("ping");
@@ -569,6 +595,6 @@ fn traceroute_and_path_mtu_discovery_work_beyond_the_server() {
         said.contains("mtu = 1280") || said.contains("mtu=1280"),
         "{said}"
     );
-    let route = lab.ip(&t1, &format!("route get {far}")).unwrap();
+    let route = lab.ip(&t1, &format!("{family} route get {far}")).unwrap();
     assert!(route.contains("mtu 1280"), "{route}");
 }

@@ -41,6 +41,8 @@ pub const CONTENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 2)
 /// A host one router beyond the server ([`Lab::add_far_host`]): the
 /// content host forwards to it.
 pub const FAR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+/// The far host's IPv6 address, inside the terminals' IPv6 capture prefix.
+pub const FAR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 0x100);
 pub const COMMUNITY: u16 = 1;
 pub mod line;
 pub mod packets;
@@ -370,13 +372,20 @@ impl Lab {
         // and a run after one that met a loss leaves slow start at half
         // the rate and climbs linearly for the whole transfer.
         self.sysctl(&full, "net.ipv4.tcp_no_metrics_save=1")?;
+        // No duplicate address detection on the lab's links: a new link's
+        // link-local address stays tentative for a second or more, and
+        // until then the namespace cannot resolve an IPv6 neighbour (the
+        // first traceroute to the far host lost its last hop's answer).
+        for conf in ["all", "default"] {
+            self.sysctl(&full, &format!("net.ipv6.conf.{conf}.accept_dad=0"))?;
+        }
         Ok(full)
     }
 
-    /// [`FAR`], a host one router beyond the server: the content host
-    /// forwards to it over a link of `mtu` bytes, so a traceroute through
-    /// bond has a hop beyond the server, and path MTU discovery meets a
-    /// smaller link there. Returns its namespace.
+    /// [`FAR`] and [`FAR6`], a host one router beyond the server: the
+    /// content host forwards to it over a link of `mtu` bytes, so a
+    /// traceroute through bond has a hop beyond the server, and path MTU
+    /// discovery meets a smaller link there. Returns its namespace.
     pub fn add_far_host(&mut self, mtu: u32) -> Result<String> {
         let far = self.ns("far")?;
         let web = self.web_ns.clone();
@@ -390,10 +399,25 @@ impl Lab {
         self.ip(&far, "route add default via 192.168.250.1")?;
         self.ip(&web, &format!("route add {FAR}/32 via 192.168.250.2"))?;
         self.sysctl(&web, "net.ipv4.ip_forward=1")?;
-        // Every probe answered: no ICMP rate limit at the router.
-        self.sysctl(&web, "net.ipv4.icmp_ratelimit=0")?;
+        self.ip(&web, "-6 addr add 2001:db8:250::1/64 dev far0 nodad")?;
+        self.ip(&far, "-6 addr add 2001:db8:250::2/64 dev eth0 nodad")?;
+        self.ip(&far, &format!("-6 addr add {FAR6}/128 dev eth0 nodad"))?;
+        self.ip(&far, "-6 route add default via 2001:db8:250::1")?;
+        self.ip(
+            &web,
+            &format!("-6 route add {FAR6}/128 via 2001:db8:250::2"),
+        )?;
+        self.sysctl(&web, "net.ipv6.conf.all.forwarding=1")?;
+        // Every probe answered: no ICMP rate limit at the router, nor at
+        // the far host (a traceroute's probes of its hop and the next
+        // both reach it at once).
+        for ns in [&web, &far] {
+            self.sysctl(ns, "net.ipv4.icmp_ratelimit=0")?;
+            self.sysctl(ns, "net.ipv6.icmp.ratelimit=0")?;
+        }
         let srv = self.server_ns.clone();
         self.ip(&srv, &format!("route add {FAR}/32 via {CONTENT}"))?;
+        self.ip(&srv, &format!("-6 route add {FAR6}/128 via {CONTENT6}"))?;
         Ok(far)
     }
 
@@ -1367,7 +1391,8 @@ impl Lab {
 
     pub fn start_iperf(&mut self) -> Result<()> {
         let web = self.web_ns.clone();
-        self.spawn(&web, "iperf3", "iperf3", &["-s", "-B", "203.0.113.2"])?;
+        // On every address: CONTENT and CONTENT6.
+        self.spawn(&web, "iperf3", "iperf3", &["-s"])?;
         std::thread::sleep(Duration::from_millis(300));
         Ok(())
     }
