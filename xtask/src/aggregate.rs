@@ -31,7 +31,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     io,
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::Stdio,
     thread,
@@ -39,7 +39,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use bond_lab::{CONTENT, Lab, LinkSpec, PROFILES, Profile, SERVER_WAN};
+use bond_lab::{CONTENT, CONTENT6, Lab, LinkSpec, PROFILES, Profile, SERVER_WAN};
 
 use crate::floors::Figure;
 
@@ -73,6 +73,8 @@ enum System {
     Mptcp,
     /// bond with measured weights (`weight = "auto"`).
     Bond,
+    /// The same, the traffic inside IPv6 (to `CONTENT6`).
+    Bond6,
     /// bond with static weights equal to the link rates.
     BondStatic,
 }
@@ -217,7 +219,7 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
     let systems: Vec<System> = candidates
         .iter()
         .map(|&k| System::Single(k))
-        .chain([System::Mptcp, System::Bond])
+        .chain([System::Mptcp, System::Bond, System::Bond6])
         .chain(plan.static_row.then_some(System::BondStatic))
         .collect();
     let mut runs: Vec<Vec<Vec<Sample>>> = vec![Vec::new(); systems.len()];
@@ -232,10 +234,10 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
                     m.tear_down(&lab)?;
                     samples?
                 }
-                System::Bond | System::BondStatic => {
+                System::Bond | System::Bond6 | System::BondStatic => {
                     // Fresh agents each run: the weights are measured (or
                     // read) anew, as after a user's start.
-                    lab.auto_weights = system == System::Bond;
+                    lab.auto_weights = system != System::BondStatic;
                     lab.start_agents()?;
                     let took = lab.wait_for_measured(Duration::from_secs(20))?;
                     eprintln!(
@@ -273,6 +275,7 @@ fn measure_profile(bond_ctl: &Path, profile: &Profile, plan: &Plan) -> Result<Ve
             name: match system {
                 System::Mptcp => format!("MPTCP, {} subflows", profile.links.len()),
                 System::Bond => "bond (measured weights)".into(),
+                System::Bond6 => "bond, IPv6 inside (measured weights)".into(),
                 _ => "bond, static weights = link rates".into(),
             },
             system,
@@ -365,6 +368,7 @@ fn system_name(s: System) -> String {
         System::Single(k) => format!("single link {}", k + 1),
         System::Mptcp => "MPTCP".into(),
         System::Bond => "bond".into(),
+        System::Bond6 => "bond, IPv6".into(),
         System::BondStatic => "bond, static weights".into(),
     }
 }
@@ -432,32 +436,31 @@ fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Res
             .collect();
         writeln!(out, "| {} | {} |", row.name, cells.join(" | "))?;
     }
-    let bond = rows
+    let row = |system: System| {
+        rows.iter()
+            .find(|r| r.system == system)
+            .with_context(|| format!("no {} row", system_name(system)))
+    };
+    let (bond, bond6) = (row(System::Bond)?, row(System::Bond6)?);
+    let best = rows
         .iter()
-        .find(|r| r.system == System::Bond)
-        .context("no bond row")?;
+        .find(|r| r.links.len() == plan.cells.len())
+        .context("no best single link row")?;
     let mut below: Vec<String> = Vec::new();
-    for (vs, base) in [
-        (
-            "best single",
-            rows.iter().find(|r| r.links.len() == plan.cells.len()),
-        ),
-        ("MPTCP", rows.iter().find(|r| r.system == System::Mptcp)),
+    // bond against each baseline, and bond's IPv6 against its IPv4.
+    for (who, what, vs, base) in [
+        ("bond", bond, "best single link", best),
+        ("bond", bond, "MPTCP", row(System::Mptcp)?),
+        ("bond IPv6", bond6, "IPv4", bond),
     ] {
-        let base = base.context("no baseline row")?;
         let mut cells = Vec::new();
         let mut worse = Vec::new();
-        for (c, (b, o)) in bond.samples.iter().zip(&base.samples).enumerate() {
+        for (c, (b, o)) in what.samples.iter().zip(&base.samples).enumerate() {
             let r = b.mbit / o.mbit.max(1e-9);
             figures.push(Figure {
                 name: format!(
-                    "aggregate {}: bond / {}, {}",
+                    "aggregate {}: {who} / {vs}, {}",
                     profile.name,
-                    if vs == "MPTCP" {
-                        "MPTCP"
-                    } else {
-                        "best single link"
-                    },
                     cell_name(plan.cells[c], plan.mb)
                 ),
                 value: r,
@@ -469,24 +472,25 @@ fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Res
                 cells.push(format!("{r:.2}x"));
             }
         }
-        writeln!(out, "| bond / {vs} | {} |", cells.join(" | "))?;
+        writeln!(out, "| {who} / {vs} | {} |", cells.join(" | "))?;
         if !worse.is_empty() {
-            below.push(format!("below the {vs} in {}", worse.join(", ")));
+            below.push(format!("{who} is below {vs} in {}", worse.join(", ")));
         }
     }
     writeln!(out)?;
     if below.is_empty() {
         writeln!(
             out,
-            "On `{}`, bond is at or above the best single link and MPTCP in every column.",
+            "On `{}`, bond is at or above the best single link and MPTCP in every column, \
+             and as fast over IPv6 as over IPv4.",
             profile.name
         )?;
     } else {
         writeln!(
             out,
-            "On `{}`, bond (measured weights) is {}.",
+            "On `{}` (measured weights): {}.",
             profile.name,
-            below.join("; and ")
+            below.join("; ")
         )?;
     }
     Ok(figures)
@@ -584,14 +588,18 @@ fn measure(
     cell: Cell,
 ) -> Result<Sample> {
     let mptcp = system == System::Mptcp;
-    let (host, iperf_port, url) = if mptcp {
-        (
-            SERVER_WAN,
+    let (host, iperf_port, url): (IpAddr, _, _) = match system {
+        System::Mptcp => (
+            SERVER_WAN.into(),
             PROXY_IPERF,
             format!("http://{SERVER_WAN}:{PROXY_HTTP}/file.bin"),
-        )
-    } else {
-        (CONTENT, 5201, format!("http://{CONTENT}/file.bin"))
+        ),
+        System::Bond6 => (
+            CONTENT6.into(),
+            5201,
+            format!("http://[{CONTENT6}]/file.bin"),
+        ),
+        _ => (CONTENT.into(), 5201, format!("http://{CONTENT}/file.bin")),
     };
     // mptcpize turns the client's TCP sockets into MPTCP ones.
     let wrap: &[&str] = if mptcp { &["mptcpize", "run"] } else { &[] };
@@ -655,7 +663,7 @@ fn iperf(
     lab: &mut Lab,
     ns: &str,
     wrap: &[&str],
-    host: Ipv4Addr,
+    host: IpAddr,
     port: u16,
     flows: u32,
     secs: u32,

@@ -466,9 +466,8 @@ impl Model {
     /// report was judged, or before this thread was preempted for a few
     /// milliseconds) would wind every link's queue back by what was sent
     /// since, and the sender would then offer the links that much more
-    /// than they carry (measured under CPU contention: two uploads at
-    /// once fell from 60 to 43 Mbit/s of 70). What `change` returns, or
-    /// None where there is no schedule or it could not be written.
+    /// than they carry. What `change` returns, or None where there is no
+    /// schedule or it could not be written.
     fn patch<T>(self, maps: &Maps, change: impl FnOnce(&mut Paths) -> T) -> Option<T> {
         let mut p = self.read(maps)?;
         let out = change(&mut p);
