@@ -464,11 +464,14 @@ impl Lab {
             cmd.args(&argv);
             let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            if out.status.success() {
+            let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            // With `-J` the error is in the report, and iperf3 may still
+            // exit 0 (seen with `-P 8`).
+            let not_started = iperf3_not_started(&said);
+            if out.status.success() && !not_started {
                 return Ok(stdout);
             }
-            let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-            if !iperf3_not_started(&said) || start.elapsed() > Duration::from_secs(3) {
+            if !not_started || start.elapsed() > Duration::from_secs(3) {
                 bail!("iperf3 in {ns} ({args:?}) failed: {}", said.trim());
             }
             eprintln!(
