@@ -35,7 +35,7 @@ use std::{
     path::Path,
     process::Stdio,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -466,7 +466,9 @@ fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Res
                 value: r,
             });
             if r < 1.0 {
-                cells.push(format!("**{r:.2}x below**"));
+                // Rounded down: 0.998 is below, and shows so.
+                let shown = (r * 100.0).floor() / 100.0;
+                cells.push(format!("**{shown:.2}x below**"));
                 worse.push(heads[c].clone());
             } else {
                 cells.push(format!("{r:.2}x"));
@@ -700,23 +702,34 @@ fn iperf(
         .chain(args.iter().map(String::as_str))
         .collect();
     let out = if window.is_some() {
-        let child = lab
-            .cmd(ns, argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("iperf3 in {ns}"))?;
-        lab.start_events();
-        let o = child.wait_with_output()?;
-        ensure!(
-            o.status.success(),
-            "iperf3 in {ns}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        // As `Lab::iperf3`, a start the server refused between tests is
+        // tried again (the events start over with it: the dark window is
+        // seconds in, and a refusal comes at once).
+        let start = Instant::now();
+        loop {
+            let child = lab
+                .cmd(ns, argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("iperf3 in {ns}"))?;
+            lab.start_events();
+            let o = child.wait_with_output()?;
+            let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+            let said = format!("{stdout}{}", String::from_utf8_lossy(&o.stderr));
+            let not_started = bond_lab::iperf3_not_started(&said);
+            if o.status.success() && !not_started {
+                break stdout;
+            }
+            ensure!(
+                not_started && start.elapsed() < Duration::from_secs(3),
+                "iperf3 in {ns}: {said}"
+            );
+            eprintln!("  iperf3 in {ns} not started (the server was between tests); again");
+            thread::sleep(Duration::from_millis(250));
+        }
     } else {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         lab.iperf3(ns, wrap, &args)?
