@@ -58,9 +58,6 @@ use bond_proto::control::LinkQueue;
 pub use crate::playout::REPORT_EVERY as EVERY;
 /// How often a sender samples its model.
 pub const SAMPLE: Duration = Duration::from_millis(1);
-/// Samples further apart than this (the sampling thread was not run) say
-/// nothing of the model's queue between them: within the deadband.
-const MAX_SAMPLE_GAP_NS: u64 = DEADBAND_NS as u64;
 /// How much later than a packet on a link was due, by what the reports
 /// show arriving on the others, before the link counts as silent: a
 /// report interval (the link's report may be one behind the others') and
@@ -250,23 +247,23 @@ impl History {
         self.drift.remove(&id);
     }
 
-    /// The model's queue on link `id` at `t` (ns), from the last sample at
-    /// or before it. None where the samples around `t` lie more than
-    /// [`MAX_SAMPLE_GAP_NS`] apart: this thread did not run in between,
-    /// what the model sent then is not known, and a queue it had would
-    /// read as less or none. (Judged so, the queue a packet met was taken
-    /// for the link's delay, and under CPU contention links were given
-    /// tens of ms of jitter they did not have and left out: one of two
-    /// uploads at once fell to 11 Mbit/s.)
-    fn queue_at(&self, id: u32, t: u64) -> Option<u64> {
+    /// The model's queue on link `id` at `t` (ns): the least and the
+    /// most it can have been, from the samples around `t`. Between two
+    /// samples this thread did not run, so nothing but what was sent
+    /// moved the link's finish time: it lay between the earlier sample's
+    /// and the later one's. Samples a millisecond apart make that one
+    /// value; a gap (the thread was not run, on a busy machine) makes a
+    /// range, and a queue the model had must not read as none there.
+    /// (Read from the earlier sample alone, the queue a packet met was
+    /// taken for the link's delay, and under CPU contention links were
+    /// given tens of ms of jitter they did not have and left out: one of
+    /// two uploads at once fell to 11 Mbit/s.)
+    fn queue_at(&self, id: u32, t: u64) -> Option<(u64, u64)> {
         let h = self.samples.get(&id)?;
         let i = h.partition_point(|(at, _)| *at <= t);
-        let (at, finish) = h.get(i.checked_sub(1)?)?;
-        let next = h.get(i).map_or(t, |(n, _)| *n);
-        if next - at > MAX_SAMPLE_GAP_NS {
-            return None;
-        }
-        Some(finish.saturating_sub(t))
+        let (_, before) = h.get(i.checked_sub(1)?)?;
+        let after = h.get(i).map_or(*before, |(_, f)| (*f).max(*before));
+        Some((before.saturating_sub(t), after.saturating_sub(t)))
     }
 
     /// A packet sent at `sent_ns` over link `id` met `queue_ns` beyond
@@ -287,13 +284,15 @@ impl History {
         if self.fixed_at.get(&id).is_some_and(|&f| sent_ns < f) {
             return None;
         }
-        let model = self.queue_at(id, sent_ns)?;
-        if model < DEADBAND_NS as u64 {
-            let delay = queue_ns.saturating_sub(model).min(MAX_EXTRA_NS);
+        let (least, most) = self.queue_at(id, sent_ns)?;
+        if most < DEADBAND_NS as u64 {
+            let delay = queue_ns.saturating_sub(most).min(MAX_EXTRA_NS);
             let err = delay as i64 - i64::from(extra_ns);
             return (err.abs() >= DEADBAND_NS).then_some(Fix::Delay(delay as u32));
         }
-        let err = queue_ns as i64 - i64::from(extra_ns) - model as i64;
+        // Beyond the most the model can have had, or short of the least.
+        let met = queue_ns as i64 - i64::from(extra_ns);
+        let err = (met - most as i64).max(0) + (met - least as i64).min(0);
         if err.abs() < DEADBAND_NS {
             return None;
         }
@@ -1262,7 +1261,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_in_the_samples_leaves_what_was_sent_in_it_unjudged() {
+    fn a_gap_in_the_samples_is_judged_by_the_range_it_leaves() {
         let mut h = History::default();
         // Sampled each millisecond to 100 ms, then not until 110 ms (the
         // thread was preempted); the model's queue on link 1 was 8 ms.
@@ -1270,17 +1269,21 @@ mod tests {
             h.sample(t * MS, &paths(&[(1, (t + 8) * MS)]));
         }
         h.sample(110 * MS, &paths(&[(1, 118 * MS)]));
-        // Sent at 105 ms, between samples 10 ms apart: not known, not
-        // judged (the one before would read 3 ms of queue, the real one 13).
-        assert_eq!(h.judge(1, 105 * MS, 30 * MS, 0), None);
-        // At 99.5 ms the samples are a millisecond apart: judged (the
-        // model had 7.5 ms there, the packet met 20).
+        // Sent at 105 ms: the model's queue there was 3 to 13 ms (the
+        // earlier sample alone reads 3). A packet that met 10 is within
+        // it; none is taken for the link's delay.
+        assert_eq!(h.judge(1, 105 * MS, 10 * MS, 0), None);
+        // One that met 30: later, by what lies beyond the most.
+        assert_eq!(
+            h.judge(1, 105 * MS, 30 * MS, 0),
+            Some(Fix::Queue(17 * MS as i64))
+        );
+        // Where the samples are a millisecond apart, the range is that
+        // narrow: at 99.5 ms the model had 7.5 to 8.5 ms, the packet met 20.
         assert_eq!(
             h.judge(1, 99_500_000, 20 * MS, 0),
-            Some(Fix::Queue(12_500_000))
+            Some(Fix::Queue(11_500_000))
         );
-        // After the last sample, a gap as long: not known either.
-        assert_eq!(h.judge(1, 115 * MS, 30 * MS, 0), None);
     }
 
     #[test]
