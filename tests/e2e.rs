@@ -452,9 +452,9 @@ fn mixed_links_keep_one_tcp_flow_above_the_best_link_both_ways() {
 /// (`bond_agent::resend`). Before, each loss cut the flow's window: one TCP
 /// download kept 48 Mbit/s (median of 3) of the 80; with the copies, 59-71
 /// in the lab's runs, uploads 35-50 with two or three retransmissions.
-/// Asserted, each way: losses were seen, nine in ten (or all but two, of few)
-/// filled by a copy the
-/// sender sent again; the file intact; the flow above the best link (30).
+/// Asserted, each way: losses were seen, nine in ten (or all but two, of
+/// few) filled by a copy the sender sent again; the file intact; the flow
+/// above the best link (30).
 #[test]
 fn a_links_losses_are_sent_again_both_ways() {
     let (lab, served) = profile_lab("lte", 8);
