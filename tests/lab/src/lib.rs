@@ -448,20 +448,16 @@ impl Lab {
     /// is busy, before any of its data is sent. Those are tried again, for
     /// up to 3 s; any other failure is returned as it is.
     pub fn iperf3(&self, ns: &str, wrap: &[&str], args: &[&str]) -> Result<String> {
-        let (program, pre) = match wrap.split_first() {
-            Some((p, rest)) => (*p, rest),
-            None => ("iperf3", &[][..]),
-        };
-        let argv: Vec<&str> = pre
+        let argv: Vec<&str> = wrap
             .iter()
+            .chain(&["iperf3"])
+            .chain(args)
             .copied()
-            .chain(wrap.first().map(|_| "iperf3"))
-            .chain(args.iter().copied())
             .collect();
         let start = Instant::now();
         loop {
-            let mut cmd = self.cmd(ns, program);
-            cmd.args(&argv);
+            let mut cmd = self.cmd(ns, argv[0]);
+            cmd.args(&argv[1..]);
             let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
             let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
