@@ -528,39 +528,45 @@ fn assert_refused_through_bond(lab: &Lab, family: &str, host: &str) {
     assert_eq!(relayed() - before, 1, "{family}: errors relayed");
 }
 
-/// Through bond, a traceroute shows the router beyond the server (its
+/// Through bond, a traceroute shows the server as the first hop (it
+/// answers what expires there) and the router beyond it (its
 /// time-exceeded errors come back), and a DF sender learns the smaller MTU
 /// of the link past that router (its fragmentation-needed error does).
 #[test]
 fn traceroute_and_path_mtu_discovery_work_beyond_the_server() {
     let mut lab = lab("20000-20999", "");
     lab.add_far_host(1280).expect("far host");
-    trace_and_learn_mtu(
-        &lab,
-        "-4",
-        &bond_lab::CONTENT.to_string(),
-        &bond_lab::FAR.to_string(),
-    );
+    let hops = [bond_lab::SERVER_NAT, bond_lab::CONTENT, bond_lab::FAR];
+    trace_and_learn_mtu(&lab, "-4", hops.map(|a| a.to_string()));
 }
 
-/// The same over IPv6: the router's ICMPv6 time exceeded and packet too
-/// big come back through `bond_server6` (`traceroute -6`, `ping -6`).
+/// The same over IPv6: the server's and the router's ICMPv6 time
+/// exceeded and the router's packet too big come back through
+/// `bond_server6` (`traceroute -6`, `ping -6`).
 #[test]
 fn traceroute6_and_ipv6_path_mtu_discovery_work_beyond_the_server() {
     let mut lab = lab("20000-20999", "");
     lab.add_far_host(1280).expect("far host");
-    trace_and_learn_mtu(
-        &lab,
-        "-6",
-        &bond_lab::CONTENT6.to_string(),
-        &bond_lab::FAR6.to_string(),
-    );
+    let hops = [bond_lab::SERVER_NAT6, bond_lab::CONTENT6, bond_lab::FAR6];
+    trace_and_learn_mtu(&lab, "-6", hops.map(|a| a.to_string()));
 }
 
-/// From terminal 0 over `family` ("-4" or "-6"): a traceroute to `far`
-/// shows `router` (the content host) as hop 2 and `far` as hop 3, and
-/// 1300-byte pings with DF learn the 1280-byte link before `far`.
-fn trace_and_learn_mtu(lab: &Lab, family: &str, router: &str, far: &str) {
+/// From terminal 0 over `family` ("-4" or "-6"): a traceroute to the far
+/// host shows `hops` (the server's NAT address, the content host routing,
+/// the far host itself), and the server counted its answer; 1300-byte
+/// pings with DF learn the 1280-byte link before the far host.
+fn trace_and_learn_mtu(lab: &Lab, family: &str, hops: [String; 3]) {
+    let far = hops[2].as_str();
+    let answered = || {
+        server_maps(lab)
+            .server_events()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.0 == "time_exceeded_sent")
+            .expect("event time_exceeded_sent")
+            .1
+    };
+    let before = answered();
     let t1 = lab.terminals[0].ns.clone();
     let trace = lab
         .exec(
@@ -569,16 +575,17 @@ fn trace_and_learn_mtu(lab: &Lab, family: &str, router: &str, far: &str) {
             &[family, "-n", "-q", "1", "-w", "2", "-m", "4", far],
         )
         .expect("traceroute");
-    let hops: Vec<Vec<&str>> = trace
+    let lines: Vec<Vec<&str>> = trace
         .lines()
         .skip(1)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    // Hop 1 is the server, which drops what expires there; hop 2 the
-    // content host, routing; hop 3 the far host itself.
-    let hop = |n: usize| hops.get(n - 1).and_then(|h| h.get(1)).copied();
-    assert_eq!(hop(2), Some(router), "{trace}");
-    assert_eq!(hop(3), Some(far), "{trace}");
+    let seen: Vec<Option<&str>> = (0..3)
+        .map(|n| lines.get(n).and_then(|h| h.get(1)).copied())
+        .collect();
+    let want: Vec<Option<&str>> = hops.iter().map(|h| Some(h.as_str())).collect();
+    assert_eq!(seen, want, "{trace}");
+    assert_eq!(answered() - before, 1, "one probe expired at the server");
 
     // 1300 bytes of payload with DF: the router says 1280, the origin
     // learns it.

@@ -362,7 +362,7 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
 /// Link 1 (t1's only one) is on an L3 device, as PPP or a raw-IP LTE
 /// modem is; link 2 (t2's) is Ethernet. Both carry each origin's share,
 /// both ways: t1's own traffic leaves and arrives on its L3 device, and
-/// t2's is relayed through it.
+/// t2's is relayed through it; t1's IPv6 too.
 #[test]
 fn an_l3_link_bonds_with_an_ethernet_link() {
     use bond_lab::LinkSpec;
@@ -473,6 +473,41 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
                 l + 1
             );
         }
+    }
+    // IPv6 inside, t1's own: its L3 link hands the replies up as IPv6 and
+    // carries its wraps as IPv4 (the tunnel drops a packet whose kernel
+    // protocol is not its version, as PPP or WireGuard would garble it).
+    let content6 = bond_lab::CONTENT6.to_string();
+    let before = [server_down(1), server_down(2)];
+    let t1_before = stats(&t1, 1);
+    let out = lab.dir.join("t1-v6.bin");
+    let url = format!("http://[{content6}]/20m.bin");
+    let (bytes, secs) = lab.fetch(&ns1, &[], &url, &out).expect("curl over IPv6");
+    let got = format!("{:x}", Sha256::digest(std::fs::read(&out).unwrap()));
+    assert_eq!((bytes, &got), (20 << 20, &want), "IPv6: the file differs");
+    let down = [server_down(1) - before[0], server_down(2) - before[1]];
+    eprintln!("t1 over IPv6: 20 MiB in {secs:.2} s; down per link {down:?}");
+    let total = (down[0] + down[1]) as f64;
+    for (l, d) in down.iter().enumerate() {
+        assert!(
+            *d as f64 > 0.3 * total,
+            "IPv6: link {} carried {d} of {total}",
+            l + 1
+        );
+    }
+    assert!(stats(&t1, 1).down_bytes > t1_before.down_bytes);
+    let before = [up(&t1, 1, false), up(&t1, 2, false)];
+    lab.iperf3(&ns1, &[], &["-6", "-c", &content6, "-n", "10M"])
+        .expect("upload over IPv6");
+    let sent = [up(&t1, 1, false) - before[0], up(&t1, 2, false) - before[1]];
+    eprintln!("t1 over IPv6: 10 MB up, per link {sent:?}");
+    let total = (sent[0] + sent[1]) as f64;
+    for (l, d) in sent.iter().enumerate() {
+        assert!(
+            *d as f64 > 0.3 * total,
+            "IPv6: link {} sent {d} of {total} up",
+            l + 1
+        );
     }
     // Nothing the L3 paths could have dropped (IPv6 into bond0 and a full
     // schedule are the origin's, whatever its links).

@@ -64,11 +64,20 @@ pub mod name {
     pub const S_JUMP: &str = "S_JUMP";
 }
 
-/// The server's tail calls (`S_JUMP`): `bond_server` hands inner IPv6, both
-/// ways, to `bond_server6`, a program of its own so that each stays well
-/// inside the verifier's budget.
+/// The server's tail calls (`S_JUMP`), programs of their own so that each
+/// stays well inside the verifier's budget: `bond_server` hands inner
+/// IPv6, both ways, to `bond_server6`...
 pub const JUMP_V6: u32 = 0;
-pub const JUMP_SLOTS: u32 = 1;
+/// ...and both hand an origin's packet whose TTL (hop limit) runs out at
+/// the server to `bond_server_expired`, which answers it.
+pub const JUMP_EXPIRED: u32 = 1;
+pub const JUMP_SLOTS: u32 = 2;
+/// The programs at each slot of `S_JUMP`, in slot order.
+pub const JUMP_PROGRAMS: [&str; JUMP_SLOTS as usize] = ["bond_server6", "bond_server_expired"];
+/// The most time-exceeded answers `bond_server_expired` sends per second
+/// per CPU, as a router limits its ICMP errors; past it the packet is only
+/// dropped (`ttl_exceeded`).
+pub const EXPIRED_PER_SEC: u64 = 100;
 
 /// Non-drop events the server counts (index into `S_EVENTS`).
 pub mod event {
@@ -87,7 +96,11 @@ pub mod event {
     /// A downstream packet too big for the links and free to be
     /// fragmented, handed to the agent to split (`S_SPLIT`).
     pub const SPLIT: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// An origin's packet whose TTL (hop limit) ran out at the server,
+    /// answered with ICMP time exceeded from the NAT address (it is
+    /// counted as a `ttl_exceeded` drop as well).
+    pub const TIME_EXCEEDED: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] = [
         "slow_path",
         "flows_created",
@@ -95,6 +108,7 @@ pub mod event {
         "frag_needed_sent",
         "icmp_errors_relayed",
         "split",
+        "time_exceeded_sent",
     ];
 }
 

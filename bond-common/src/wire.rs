@@ -332,24 +332,49 @@ pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// Destination unreachable's code "fragmentation needed and DF set" (RFC
 /// 1191: the next-hop MTU in the last two bytes).
 pub const ICMP_FRAG_NEEDED: u8 = 4;
-/// What a fragmentation-needed error carries after its Ethernet header:
-/// IPv4, ICMP, and the offending packet's IPv4 header and first 8 bytes.
-pub const FRAG_NEEDED_LEN: usize = IPV4_LEN + 8 + IPV4_LEN + 8;
+/// What an ICMP error bond writes carries after its Ethernet header:
+/// IPv4, ICMP, and the offending packet's IPv4 header and first 8 bytes
+/// (all RFC 792 asks for, and what a sender needs to find its socket).
+pub const ICMP_ERROR_LEN: usize = IPV4_LEN + 8 + IPV4_LEN + 8;
 
-/// What a Packet Too Big message carries after its Ethernet header: IPv6,
-/// ICMPv6, and the offending packet's IPv6 header and first 8 bytes
-/// (RFC 4443 asks for as much as fits in 1280 bytes; this is what a
-/// sender needs to find its socket).
-pub const PACKET_TOO_BIG_LEN: usize = IPV6_LEN + 8 + IPV6_LEN + 8;
+/// What an ICMPv6 error bond writes (Packet Too Big, Time Exceeded)
+/// carries after its Ethernet header: IPv6, ICMPv6, and the offending
+/// packet's IPv6 header and first 8 bytes (RFC 4443 asks for as much as
+/// fits in 1280 bytes; this is what a sender needs to find its socket).
+pub const ICMP6_ERROR_LEN: usize = IPV6_LEN + 8 + IPV6_LEN + 8;
 
 /// The IPv4 and ICMP headers of a fragmentation-needed error from `src`
 /// about the packet whose IPv4 header (no options) is `orig` and whose
-/// transport header starts with `l4`: addressed to that packet's source,
-/// telling it that `mtu` is the largest packet that fits. The error's
-/// payload is `orig` followed by `l4`, which the checksum covers.
+/// transport header starts with `l4`, telling its sender that `mtu` is the
+/// largest packet that fits ([`icmp_error`]).
 #[inline(always)]
 pub fn frag_needed(src: u32, orig: &[u8; 20], l4: &[u8; 8], mtu: u16) -> ([u8; 20], [u8; 8]) {
-    let t = (FRAG_NEEDED_LEN as u16).to_be_bytes();
+    let m = mtu.to_be_bytes();
+    let head = [ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
+    icmp_error(src, orig, l4, head)
+}
+
+/// The IPv4 and ICMP headers of a time-exceeded-in-transit error from
+/// `src` about the packet `orig`, `l4` ([`icmp_error`]): a router's answer
+/// to a packet whose TTL ran out there, which traceroute reads as a hop.
+#[inline(always)]
+pub fn time_exceeded(src: u32, orig: &[u8; 20], l4: &[u8; 8]) -> ([u8; 20], [u8; 8]) {
+    icmp_error(src, orig, l4, [ICMP_TIME_EXCEEDED, 0, 0, 0, 0, 0, 0, 0])
+}
+
+/// The IPv4 and ICMP headers of an ICMP error from `src` whose ICMP header
+/// is `head` (its checksum left zero), about the packet whose IPv4 header
+/// (no options) is `orig` and whose transport header starts with `l4`:
+/// addressed to that packet's source. The error's payload is `orig`
+/// followed by `l4`, which the checksum covers ([`ICMP_ERROR_LEN`] in all).
+#[inline(always)]
+pub fn icmp_error(
+    src: u32,
+    orig: &[u8; 20],
+    l4: &[u8; 8],
+    mut icmp: [u8; 8],
+) -> ([u8; 20], [u8; 8]) {
+    let t = (ICMP_ERROR_LEN as u16).to_be_bytes();
     let s = src.to_be_bytes();
     let mut ip = [
         IPV4_VIHL,
@@ -376,8 +401,8 @@ pub fn frag_needed(src: u32, orig: &[u8; 20], l4: &[u8; 8], mtu: u16) -> ([u8; 2
     let c = crate::csum::ipv4_header(&ip).to_be_bytes();
     ip[10] = c[0];
     ip[11] = c[1];
-    let m = mtu.to_be_bytes();
-    let mut icmp = [ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
+    icmp[2] = 0;
+    icmp[3] = 0;
     // Plain loops over fixed sizes: the verifier sees bounded indices.
     let mut sum = 0u32;
     let mut i = 0;
@@ -420,12 +445,12 @@ mod tests {
         let mut pkt = ip.to_vec();
         pkt.extend_from_slice(&icmp);
         pkt.extend_from_slice(&orig[..28]);
-        assert_eq!(pkt.len(), FRAG_NEEDED_LEN);
+        assert_eq!(pkt.len(), ICMP_ERROR_LEN);
         let iph = Ipv4HeaderSlice::from_slice(&pkt).unwrap().to_header();
         assert_eq!(iph.header_checksum, iph.calc_header_checksum());
         assert_eq!(iph.source, [203, 0, 113, 1]);
         assert_eq!(iph.destination, [203, 0, 113, 2], "back to the sender");
-        assert_eq!(usize::from(iph.total_len), FRAG_NEEDED_LEN);
+        assert_eq!(usize::from(iph.total_len), ICMP_ERROR_LEN);
         assert_eq!(iph.protocol, etherparse::IpNumber::ICMP);
         let msg = Icmpv4Slice::from_slice(&pkt[20..]).unwrap();
         assert_eq!(
@@ -440,6 +465,37 @@ mod tests {
             &orig[..28],
             "the offending header and 8 bytes"
         );
+    }
+
+    #[test]
+    fn time_exceeded_is_a_valid_icmp_error_to_the_sender() {
+        use etherparse::{Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice, PacketBuilder};
+        // A traceroute probe from an origin whose TTL runs out at the server.
+        let mut orig = Vec::new();
+        PacketBuilder::ipv4([10, 0, 1, 11], [203, 0, 113, 9], 1)
+            .udp(41000, 33434)
+            .write(&mut orig, &[0u8; 32])
+            .unwrap();
+        let h: [u8; 20] = orig[..20].try_into().unwrap();
+        let l4: [u8; 8] = orig[20..28].try_into().unwrap();
+        let (ip, icmp) = time_exceeded(u32::from_be_bytes([203, 0, 113, 1]), &h, &l4);
+        let mut pkt = ip.to_vec();
+        pkt.extend_from_slice(&icmp);
+        pkt.extend_from_slice(&orig[..28]);
+        let iph = Ipv4HeaderSlice::from_slice(&pkt).unwrap().to_header();
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        assert_eq!(
+            (iph.source, iph.destination),
+            ([203, 0, 113, 1], [10, 0, 1, 11])
+        );
+        assert_eq!(usize::from(iph.total_len), ICMP_ERROR_LEN);
+        let msg = Icmpv4Slice::from_slice(&pkt[20..]).unwrap();
+        assert_eq!(
+            msg.icmp_type(),
+            Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit)
+        );
+        assert_eq!(msg.checksum(), msg.icmp_type().calc_checksum(msg.payload()));
+        assert_eq!(msg.payload(), &orig[..28]);
     }
 
     #[test]

@@ -811,11 +811,111 @@ fn server_drops_icmp_errors_about_strangers_and_passes_its_own() {
     });
 }
 
+/// An origin's packet whose TTL (hop limit) runs out at the server is
+/// answered from the NAT address with ICMP time exceeded carrying its
+/// header and first 8 bytes, wrapped down to the origin as any reply, and
+/// makes no flow: traceroute sees the server as a hop. A fragment after
+/// the first is only dropped (RFC 792), and past `EXPIRED_PER_SEC`
+/// answers a second on a CPU so is every other.
+#[test]
+fn server_answers_what_expires_there_with_time_exceeded() {
+    use bond_common::maps::EXPIRED_PER_SEC;
+    use etherparse::{Icmpv6Type, PacketBuilder, icmpv6::TimeExceededCode};
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-expired", 20000..=20010);
+        let [l0, l1, _] = LINKS;
+        let on = |l: Link| (l.mac.expect("neighbour"), WAN_DEV_MAC);
+
+        // A UDP traceroute probe with TTL 1, and one with TTL 0.
+        for (i, ttl) in [1u8, 0].into_iter().enumerate() {
+            let probe = Ip {
+                ttl,
+                ..Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 33434))
+            };
+            let mut answer = Ip {
+                ttl: 64,
+                id: 0,
+                payload: probe.bytes()[..28].to_vec(),
+                ..Ip::new(NAT_IP, ORIGIN_A, L4::Error(IcmpError::TimeExceeded))
+            }
+            .bytes();
+            answer[6] &= !0x40; // no DF, as a router's ICMP errors
+            fix_ipv4_checksum(&mut answer);
+            let link = [l0, l1][i];
+            let want = wrapped_for(ORIGIN_A, &answer, link, on(link));
+            let what = format!("UDP, TTL {ttl}");
+            let frame = Up::new(l0, &probe).frame();
+            s.expect("bond_server", &what, &frame, XDP_REDIRECT, Some(&want));
+            assert_wrapped_checksums(&want, &what);
+        }
+        assert!(s.maps.flows().unwrap().is_empty(), "no flow for a probe");
+
+        // IPv6: ICMPv6 Time Exceeded from the IPv6 NAT address.
+        let probe6 = Ip6 {
+            hop: 1,
+            ..Ip6::new(ORIGIN_A6, CONTENT6, L4::EchoRequest { id: 7, seq: 1 })
+        };
+        let mut answer6 = Vec::new();
+        PacketBuilder::ipv6(NAT_IP6.octets(), ORIGIN_A6.octets(), 255)
+            .icmpv6(Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded))
+            .write(&mut answer6, &probe6.bytes()[..48])
+            .unwrap();
+        let want6 = wrapped_for(ORIGIN_A, &answer6, l0, on(l0));
+        let frame6 = Up::v6(l1, ORIGIN_A, &probe6).frame();
+        let what = "echo over IPv6, hop limit 1";
+        s.expect("bond_server", what, &frame6, XDP_REDIRECT, Some(&want6));
+        assert_checksums6(&want6[14 + 52..], what);
+        assert_eq!(s.event("time_exceeded_sent"), 3);
+        assert_eq!(
+            s.nonzero_drops(),
+            vec![("ttl_exceeded", 3)],
+            "each probe counted"
+        );
+
+        // A fragment after the first: no answer.
+        let later = Ip {
+            ttl: 1,
+            frag_offset: 8,
+            ..Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 33434))
+        };
+        let what = "a later fragment, TTL 1";
+        s.expect_drop(
+            "bond_server",
+            what,
+            &Up::new(l0, &later).frame(),
+            XDP_DROP,
+            "ttl_exceeded",
+        );
+        assert_eq!(s.event("time_exceeded_sent"), 3);
+
+        // The limit: this CPU's second allows EXPIRED_PER_SEC answers.
+        let frame = Up::new(
+            l0,
+            &Ip {
+                ttl: 1,
+                ..Ip::new(ORIGIN_A, CONTENT, L4::udp(40000, 33434))
+            },
+        )
+        .frame();
+        let verdicts: Vec<u32> = (0..EXPIRED_PER_SEC)
+            .map(|_| s.run("bond_server", &frame).0)
+            .collect();
+        let answered = verdicts.iter().filter(|&&v| v == XDP_REDIRECT).count() as u64;
+        assert!(
+            (EXPIRED_PER_SEC - 3..EXPIRED_PER_SEC).contains(&answered),
+            "{answered} of {EXPIRED_PER_SEC} answered after 3: {verdicts:?}"
+        );
+        assert!(verdicts.iter().all(|&v| v == XDP_REDIRECT || v == XDP_DROP));
+    });
+}
+
 #[test]
 fn server_drops_bad_upstream_without_creating_flows() {
     use srv::*;
     type Edit = fn(&mut Up);
-    let cases: [(&str, Edit, &str); 26] = [
+    let cases: [(&str, Edit, &str); 24] = [
         ("wrong token", |u| u.bond.token ^= 1, "bad_token"),
         (
             "inner destination without a route",
@@ -894,22 +994,6 @@ fn server_drops_bad_upstream_without_creating_flows() {
                 fix_ipv4_checksum(&mut u.inner);
             },
             "unsupported_proto",
-        ),
-        (
-            "inner TTL 1",
-            |u| {
-                u.inner[8] = 1;
-                fix_ipv4_checksum(&mut u.inner);
-            },
-            "ttl_exceeded",
-        ),
-        (
-            "inner TTL 0",
-            |u| {
-                u.inner[8] = 0;
-                fix_ipv4_checksum(&mut u.inner);
-            },
-            "ttl_exceeded",
         ),
         // Version 6 on an IPv4 packet: read as IPv6 (`bond_server6`), its
         // payload length is the IPv4 identification, past the frame.
@@ -1415,15 +1499,6 @@ fn server_filters_and_refuses_ipv6_as_ipv4() {
             .frame(),
             XDP_DROP,
             "unsupported_proto",
-        );
-        let mut hop1 = ip.clone();
-        hop1.hop = 1;
-        s.expect_drop(
-            "bond_server",
-            "hop limit 1",
-            &up(&hop1),
-            XDP_DROP,
-            "ttl_exceeded",
         );
 
         // No IPv6 NAT address: not carried.

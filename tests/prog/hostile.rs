@@ -199,8 +199,8 @@ fn terminal_outer_and_inner_header_cases() {
             Fate::Through,
         ),
         // A relay carries the inner packet untouched: the server is its
-        // first router (it drops TTL 0 and 1, see
-        // `server_drops_bad_upstream_without_creating_flows`). Unwrapped
+        // first router (it answers TTL 0 and 1 with time exceeded, see
+        // `server_answers_what_expires_there_with_time_exceeded`). Unwrapped
         // for this host, its own IPv4 input judges it like any packet it
         // receives; `unwrap` checks only that it is IPv4 and lies inside
         // the frame.
@@ -743,9 +743,10 @@ fn wrap_carries_inner_ttl_fragments_and_options_unchanged() {
     use wrap::*;
     type Edit = fn(&mut Vec<u8>);
     // The wrap carries the inner packet as the kernel routed it into bond0.
-    // Its first router is the server, which drops TTL 0 and 1, options
-    // and other versions, counted, and carries fragments (see
-    // `server_drops_bad_upstream_without_creating_flows`); the origin's
+    // Its first router is the server, which answers TTL 0 and 1 with
+    // time exceeded, drops options and other versions, counted, and
+    // carries fragments (see `server_drops_bad_upstream_without_creating_flows`
+    // and `server_answers_what_expires_there_with_time_exceeded`); the origin's
     // kernel fragments what does not fit bond0 unless DF is set.
     let cases: [(&str, Edit); 6] = [
         ("TTL 0", |f| set_ttl(&mut f[14..], 0)),
@@ -1092,10 +1093,14 @@ fn programs_stay_well_inside_the_verifier_budget() {
             (
                 {
                     let mut s = Obj::server("budget-server");
-                    bond_datapath::server_jumps(&mut s.ebpf).expect("bond_server6");
+                    bond_datapath::server_jumps(&mut s.ebpf).expect("the jump table");
                     s
                 },
-                &["bond_server", "bond_server6"][..],
+                &bond_common::maps::JUMP_PROGRAMS
+                    .iter()
+                    .copied()
+                    .chain(["bond_server"])
+                    .collect::<Vec<_>>()[..],
             ),
         ] {
             for &name in progs {

@@ -679,6 +679,54 @@ mod fuzz_check {
         );
     }
 
+    /// The answer to an origin's packet that expired at the server: ICMP
+    /// time exceeded (or ICMPv6 Time Exceeded) from the NAT address to the
+    /// packet's source, carrying its header and first 8 bytes, wrapped for
+    /// the origin (a logged-on one: its token) on a scheduled link.
+    pub fn time_exceeded(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
+        use srv::*;
+        let back = NatEntry {
+            origin: get32(input, BOND + 8),
+            community: get16(input, BOND + 4),
+            port: 0,
+        };
+        to_origin(what, m, &back, out);
+        if input[INNER] >> 4 == 6 {
+            assert_eq!(out.len(), INNER + 96, "{what}: length");
+            assert_eq!(
+                &out[INNER + 8..INNER + 24],
+                &NAT_IP6.octets(),
+                "{what}: from"
+            );
+            assert_eq!(
+                &out[INNER + 24..INNER + 40],
+                &input[INNER + 8..INNER + 24],
+                "{what}: to"
+            );
+            assert_eq!(out[INNER + 40..INNER + 42], [3, 0], "{what}: Time Exceeded");
+            assert_eq!(
+                &out[INNER + 48..],
+                &input[INNER..INNER + 48],
+                "{what}: embedded"
+            );
+            assert_checksums6(&out[INNER..], what);
+        } else {
+            assert_eq!(out.len(), INNER + 56, "{what}: length");
+            assert_eq!(get32(out, INNER + 12), u32::from(NAT_IP), "{what}: from");
+            assert_eq!(
+                out[INNER + 20..INNER + 22],
+                [11, 0],
+                "{what}: time exceeded"
+            );
+            assert_eq!(
+                &out[INNER + 28..],
+                &input[INNER..INNER + 28],
+                "{what}: embedded"
+            );
+            assert_checksums(&out[INNER..], what);
+        }
+    }
+
     /// The answer to a reply too big for the links: ICMP fragmentation
     /// needed from the NAT address to the reply's sender, for a flow's
     /// reply only.
@@ -827,8 +875,14 @@ fn server_survives_mutants() {
             let grew = after.drops_since(&before);
             let created = after.event_since(&before, event::FLOW_CREATED);
             let answered = after.event_since(&before, event::FRAG_NEEDED);
+            let expired = after.event_since(&before, event::TIME_EXCEEDED);
             before = after;
-            let outcome = if answered > 0 {
+            let outcome = if expired > 0 {
+                assert_eq!((v, expired), (XDP_REDIRECT, 1), "{what}: time exceeded");
+                assert_eq!(grew, vec![("ttl_exceeded", 1)], "{what}: counted");
+                fuzz_check::time_exceeded(&what, &m, &input, &out);
+                "answered time exceeded"
+            } else if answered > 0 {
                 // The one redirect that counts a drop: the reply it answers.
                 assert_eq!((v, answered), (XDP_REDIRECT, 1), "{what}: frag needed");
                 assert_eq!(grew, vec![("too_big", 1)], "{what}: counted");

@@ -428,10 +428,21 @@ pub fn sink_name(name: &str) -> String {
     s
 }
 
-/// Creates (and owns: it goes when the fd closes) a TUN device `name`, a
-/// TAP one (Ethernet frames) if `tap`, without packet information; its
-/// reads and writes do not block if `nonblock`.
-pub fn open_tun(name: &str, tap: bool, nonblock: bool) -> Result<OwnedFd> {
+/// What a TUN/TAP device's reads and writes carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frames {
+    /// A TAP device: Ethernet frames.
+    Ethernet,
+    /// A TUN device: IP packets, each behind 4 bytes of packet information
+    /// (flags, then the protocol the kernel's skb says it is), as an L3
+    /// driver (PPP, WireGuard) frames them by that protocol.
+    IpWithInfo,
+}
+
+/// Creates (and owns: it goes when the fd closes) a TUN or TAP device
+/// `name` carrying `frames`; its reads and writes do not block if
+/// `nonblock`.
+pub fn open_tun(name: &str, frames: Frames, nonblock: bool) -> Result<OwnedFd> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const IFF_TUN: libc::c_short = 0x0001;
     const IFF_TAP: libc::c_short = 0x0002;
@@ -442,6 +453,7 @@ pub fn open_tun(name: &str, tap: bool, nonblock: bool) -> Result<OwnedFd> {
         flags: libc::c_short,
         _pad: [u8; 22],
     }
+    let tap = frames == Frames::Ethernet;
     let what = if tap { "TAP" } else { "TUN" };
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         bail!("{what} device name {name:?}: 1 to 15 bytes");
@@ -456,7 +468,10 @@ pub fn open_tun(name: &str, tap: bool, nonblock: bool) -> Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: if tap { IFF_TAP } else { IFF_TUN } | IFF_NO_PI,
+        flags: match frames {
+            Frames::Ethernet => IFF_TAP | IFF_NO_PI,
+            Frames::IpWithInfo => IFF_TUN,
+        },
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());

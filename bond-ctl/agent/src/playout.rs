@@ -596,7 +596,7 @@ impl Tap {
     /// Creates (and owns: it goes when the fd closes) a TAP device.
     pub fn create(name: &str) -> Result<Self> {
         Ok(Self {
-            fd: crate::net::open_tun(name, true, true)?,
+            fd: crate::net::open_tun(name, crate::net::Frames::Ethernet, true)?,
             name: name.to_string(),
         })
     }

@@ -208,24 +208,27 @@ pub fn load_with_sizes(object: &[u8], dir: &Path, sizes: &[(&str, u32)]) -> Resu
     Ok(loader.load(object)?)
 }
 
-/// Fills the server's tail-call table (`S_JUMP`): `bond_server6`, loaded
-/// here if it is not yet, at `JUMP_V6`. Without it `bond_server` carries
-/// no IPv6. Replaces whatever an earlier agent left in the pinned table.
+/// Fills the server's tail-call table (`S_JUMP`) with the programs of
+/// `JUMP_PROGRAMS`, each loaded here if it is not yet. Without them
+/// `bond_server` carries no IPv6 and answers no expired packet. Replaces
+/// whatever an earlier agent left in the pinned table.
 pub fn server_jumps(ebpf: &mut Ebpf) -> Result<()> {
-    const PROG: &str = "bond_server6";
-    let program = |source| Error::Program { name: PROG, source };
-    let p: &mut aya::programs::Xdp = ebpf
-        .program_mut(PROG)
-        .ok_or(Error::Program {
-            name: PROG,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(program)?;
-    if p.fd().is_err() {
-        p.load().map_err(program)?;
+    let mut fds = Vec::new();
+    for name in bond_common::maps::JUMP_PROGRAMS {
+        let program = |source| Error::Program { name, source };
+        let p: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .ok_or(Error::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(program)?;
+        if p.fd().is_err() {
+            p.load().map_err(program)?;
+        }
+        fds.push(p.fd().map_err(program)?.try_clone()?);
     }
-    let fd = p.fd().map_err(program)?.try_clone()?;
     let map = |source| Error::Map {
         name: name::S_JUMP,
         source,
@@ -238,7 +241,9 @@ pub fn server_jumps(ebpf: &mut Ebpf) -> Result<()> {
             },
         })?)
         .map_err(map)?;
-    jump.set(bond_common::maps::JUMP_V6, &fd, 0).map_err(map)?;
+    for (slot, fd) in (0..).zip(&fds) {
+        jump.set(slot, fd, 0).map_err(map)?;
+    }
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use bond_common::{
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP,
-        IPV6_LEN, OUTER_LEN, kind,
+        IPV4_LEN, IPV6_LEN, OUTER_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -120,8 +120,21 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     };
     let sent = wire::sent_us(now());
     let hdr = wrap_headers(cfg, link, link_id as u8, inner_len as u16, sent, seq);
-    ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+    if ethertype == ETH_P_IPV6 {
+        // The skb becomes IPv4 as its outer header is: 20 bytes more room,
+        // which the change from IPv6 to IPv4 takes back. An L3 device (PPP,
+        // WireGuard, a TUN with packet information) frames by it.
+        ctx.adjust_room(
+            (OUTER_LEN + IPV6_LEN - IPV4_LEN) as i32,
+            BPF_ADJ_ROOM_MAC,
+            0,
+        )
+        .and_then(|()| ctx.skb.change_proto(ETH_P_IP.to_be(), 0))
         .map_err(|_| drops::HELPER_FAILED)?;
+    } else {
+        ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| drops::HELPER_FAILED)?;
+    }
     ctx.store(0, &hdr, 0).map_err(|_| drops::HELPER_FAILED)?;
     if !pure {
         let n = BondHdr::LEN + inner_len as usize;
@@ -540,16 +553,22 @@ fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
     }
     if d.b.origin() == d.cfg.lan_ip {
         let (inner_len, pure_ack, ethertype) = ours::<0>(ctx, &d)?;
-        if ethertype != ETH_P_IP {
-            // The skb stays IPv4 on an L3 link: IPv6 is not carried there.
-            return Err(drops::INNER_NOT_IPV4);
-        }
         // SAFETY: the context's skb pointer is valid for the program's run.
         if let Some(hold) = held(unsafe { (*ctx.skb.skb).ingress_ifindex }, pure_ack) {
             push_ethernet(ctx, [0; 6], [0; 6])?; // the playout addresses it
             return Ok(redirect(hold));
         }
-        ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+        let strip = if ethertype == ETH_P_IPV6 {
+            // The skb must become IPv6 for the stack to take it: the change
+            // of protocol adds 20 bytes of room, stripped with the wrap.
+            ctx.skb
+                .change_proto(ETH_P_IPV6.to_be(), 0)
+                .map_err(|_| drops::HELPER_FAILED)?;
+            OUTER_LEN + IPV6_LEN - IPV4_LEN
+        } else {
+            OUTER_LEN
+        };
+        ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
             .map_err(|_| drops::HELPER_FAILED)?;
         delivered(&d.b, inner_len, pure_ack);
         return Ok(TC_ACT_OK);

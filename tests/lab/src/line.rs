@@ -15,7 +15,10 @@
 //!
 //! An end given as `tun:NS/DEV` is a TUN device the line creates in
 //! namespace NS instead: two of them make an L3 link (no Ethernet header,
-//! as PPP or a raw-IP modem), whose carrier is the line's life.
+//! as PPP or a raw-IP modem), whose carrier is the line's life. Its
+//! packets carry the kernel's packet information, and one whose protocol
+//! there is not its IP version's is dropped (`misframed`), as an L3 driver
+//! framing by it would garble it.
 //!
 //! The process reads commands on stdin, one a line: `dark`, `light`,
 //! `stats` (prints a JSON line of counters on stdout). It exits when stdin
@@ -33,6 +36,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use bond_agent::net::Frames;
 
 /// What a link does to each frame, the same in both directions.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -152,6 +156,11 @@ struct Stats {
     send_failed: AtomicU64,
     /// Frames larger than the receive buffer (an offload left on).
     oversize: AtomicU64,
+    /// Packets from a TUN end whose packet information names another
+    /// protocol than their IP version: an L3 driver (PPP, WireGuard)
+    /// frames by that protocol and would garble or drop them; so does the
+    /// line.
+    misframed: AtomicU64,
     /// Frames the kernel dropped because a socket's receive buffer was
     /// full (the line fell behind).
     rx_dropped: AtomicU64,
@@ -220,7 +229,7 @@ impl End {
             .with_context(|| format!("{spec}: namespace {ns}"))?;
         nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("{spec}: entering namespace {ns}"))?;
-        let fd = bond_agent::net::open_tun(dev, false, false);
+        let fd = bond_agent::net::open_tun(dev, Frames::IpWithInfo, false);
         nix::sched::setns(&home, nix::sched::CloneFlags::CLONE_NEWNET)
             .context("back to the line's namespace")?;
         Ok(Self { fd: fd?, tun: true })
@@ -255,6 +264,23 @@ impl End {
             }
         };
         n >= 0
+    }
+
+    /// Whether a packet read from this end is framed as what it is: from
+    /// a TUN end, its packet information's protocol (bytes 2 and 3) must
+    /// be its IP version's.
+    fn framed_right(&self, frame: &[u8]) -> bool {
+        if !self.tun {
+            return true;
+        }
+        let (Some(proto), Some(first)) = (frame.get(2..4), frame.get(4)) else {
+            return false;
+        };
+        match first >> 4 {
+            4 => proto == [0x08, 0x00],
+            6 => proto == [0x86, 0xdd],
+            _ => false,
+        }
     }
 
     /// Frames the kernel dropped for a full receive buffer (a socket's).
@@ -410,6 +436,12 @@ fn direction(
             stats.oversize.fetch_add(1, Relaxed);
             continue;
         }
+        if !rx.framed_right(&buf[..n]) {
+            if stats.misframed.fetch_add(1, Relaxed) == 0 {
+                eprintln!("misframed: packet information {:02x?}", &buf[..n.min(8)]);
+            }
+            continue;
+        }
         if dark.load(Relaxed) {
             stats.dark.fetch_add(1, Relaxed);
             continue;
@@ -463,6 +495,10 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
     let (a, b) = (a.context("--a IF missing")?, b.context("--b IF missing")?);
     let sa = Arc::new(End::open(&a)?);
     let sb = Arc::new(End::open(&b)?);
+    ensure!(
+        sa.tun == sb.tun,
+        "{a} and {b}: both ends TUN devices, or neither (a line does not convert frames)"
+    );
     let sockets = [sa.clone(), sb.clone()];
     let dark = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
@@ -489,6 +525,7 @@ pub fn main_with_args(args: &[String]) -> Result<()> {
                         "dark": c(&stats.dark),
                         "send_failed": c(&stats.send_failed),
                         "oversize": c(&stats.oversize),
+                        "misframed": c(&stats.misframed),
                         "rx_dropped": c(&stats.rx_dropped),
                         "late": c(&stats.late),
                         "late_max_us": c(&stats.late_max_ns) / 1000,

@@ -44,14 +44,14 @@ use bond_common::{
     csum, drops,
     edpf::Paths,
     maps::{
-        Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS,
-        Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS,
-        MAX_SERVER_LINKS, MAX_SESSIONS, Nat6Entry, NatEntry, NatKey, Permit6Key, PermitKey,
-        ServerConfig, ServerLink, Session, SessionKey, event, tcp,
+        Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED, JUMP_SLOTS, JUMP_V6,
+        KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS,
+        MAX_FRAGS, MAX_SERVER_LINKS, MAX_SESSIONS, Nat6Entry, NatEntry, NatKey, Permit6Key,
+        PermitKey, ServerConfig, ServerLink, Session, SessionKey, event, tcp,
     },
     wire::{
-        self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, FRAG_NEEDED_LEN, ICMP_ECHO_REPLY,
-        ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, INNER_OFF,
+        self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        ICMP_ERROR_LEN, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, INNER_OFF,
         IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, kind,
     },
 };
@@ -239,6 +239,16 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     if S_DENY.get(Key::new(32, inner.dst.to_be_bytes())).is_some() {
         return Err(drops::DENIED);
     }
+    // Its last hop: answered (but for a fragment after the first, RFC 792)
+    // with ICMP time exceeded, so traceroute shows the server.
+    if inner.ttl <= 1 {
+        if inner.frag & wire::IPV4_OFFSET == 0 {
+            // SAFETY: a tail call does not return when it succeeds; without
+            // `bond_server_expired` in the table the packet is only dropped.
+            unsafe { S_JUMP.tail_call(ctx, JUMP_EXPIRED) };
+        }
+        return Err(drops::TTL_EXCEEDED);
+    }
     // A fragment after the first has no transport header: it follows its
     // datagram's first fragment by address, protocol and identification
     // alone, so only the source address changes (see `later_up`).
@@ -396,6 +406,7 @@ struct Inner {
     /// Flags and fragment offset.
     frag: u16,
     proto: u8,
+    ttl: u8,
 }
 
 impl Inner {
@@ -418,15 +429,13 @@ impl Inner {
         {
             return Err(drops::INNER_BAD_HEADER);
         }
-        if h[8] <= 1 {
-            return Err(drops::TTL_EXCEEDED);
-        }
         Ok(Self {
             src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
             dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
             len,
             frag,
             proto: h[9],
+            ttl: h[8],
         })
     }
 }
@@ -1029,7 +1038,7 @@ fn answer_too_big(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((IPV4_LEN + 8) as i32)) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    let excess = ctx.packet_len() as i32 - (ETH_LEN + FRAG_NEEDED_LEN) as i32;
+    let excess = ctx.packet_len() as i32 - (ETH_LEN + ICMP_ERROR_LEN) as i32;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
     if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
         return Err(drops::HELPER_FAILED);
@@ -1149,6 +1158,7 @@ fn forward_as(
     Ok(xdp_action::XDP_PASS)
 }
 
+mod expired;
 mod v6;
 
 #[cfg(not(test))]

@@ -25,8 +25,8 @@
 
 use super::*;
 use bond_common::wire::{
-    ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM,
-    ICMPV6_UNREACHABLE, IPPROTO_ICMPV6, IPV6_LEN, IPV6_MIN_MTU, PACKET_TOO_BIG_LEN,
+    ICMP6_ERROR_LEN, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_PARAMETER_PROBLEM, ICMPV6_UNREACHABLE, IPPROTO_ICMPV6, IPV6_LEN, IPV6_MIN_MTU,
 };
 
 const AF_INET6: u8 = 10;
@@ -155,12 +155,15 @@ fn up(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u32
     if ip.len < (IPV6_LEN + 8) as u16 || usize::from(ip.len) + OUTER_LEN > usize::from(tot) {
         return Err(drops::INNER_BAD_HEADER);
     }
-    if ip.hop <= 1 {
-        return Err(drops::TTL_EXCEEDED);
-    }
     sc.deny = Key::new(128, sc.dst);
     if S_DENY6.get(&sc.deny).is_some() {
         return Err(drops::DENIED);
+    }
+    if ip.hop <= 1 {
+        // SAFETY: a tail call does not return when it succeeds; without
+        // `bond_server_expired` in the table the packet is only dropped.
+        unsafe { S_JUMP.tail_call(ctx, JUMP_EXPIRED) };
+        return Err(drops::TTL_EXCEEDED);
     }
     let l4off = INNER_OFF + IPV6_LEN;
     let l4head = read::<8>(ctx, l4off).ok_or(drops::TRUNCATED)?;
@@ -630,45 +633,63 @@ fn error(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch, ip: &Ip6) -> Re
 /// (RFC 4443 section 3.2) from the NAT address, out of where it came in,
 /// as `answer_too_big` does for IPv4; the reply is counted as a `too_big`
 /// drop. Built in place: the reply's header and first 8 bytes stay where
-/// the message's payload goes, and the checksum is summed off the packet.
+/// the message's payload goes ([`icmp6_error_in_place`]).
 #[inline(always)]
 fn too_big(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
-    const IP: usize = ETH_LEN;
-    const ICMP: usize = IP + IPV6_LEN;
-    const ORIG: usize = ICMP + 8;
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((IPV6_LEN + 8) as i32)) } != 0 {
-        return Err(drops::HELPER_FAILED);
-    }
-    let excess = ctx.packet_len() as i32 - (ETH_LEN + PACKET_TOO_BIG_LEN) as i32;
-    // SAFETY: plain helper call; packet pointers are re-derived after it.
-    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
     let mtu = cfg
         .link_mtu
         .saturating_sub(OUTER_LEN as u16)
         .max(IPV6_MIN_MTU);
-    let plen = (PACKET_TOO_BIG_LEN - IPV6_LEN) as u16;
+    let m = u32::from(mtu).to_be_bytes();
     let mut eth = [0u8; ETH_LEN];
     eth[..6].copy_from_slice(&macs[6..]);
     eth[6..12].copy_from_slice(&macs[..6]);
     eth[12..].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    if !write(ctx, 0, eth) {
+        return Err(drops::TRUNCATED);
+    }
+    let head = [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
+    icmp6_error_in_place(ctx, &cfg.nat_ip6, head)?;
+    count(&S_DROPS, drops::TOO_BIG);
+    count(&S_EVENTS, event::FRAG_NEEDED);
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32)
+}
+
+/// Makes the frame an ICMPv6 error from `src` whose ICMPv6 header is
+/// `head` (checksum left zero) about the packet whose IPv6 header and
+/// first 8 bytes already sit where the error's payload goes (after the
+/// Ethernet header, which the caller writes, and 48 bytes of room):
+/// trims what follows them, writes the IPv6 header to that packet's
+/// source, and sums the checksum off the packet.
+#[inline(always)]
+pub(crate) fn icmp6_error_in_place(
+    ctx: &XdpContext,
+    src: &[u8; 16],
+    head: [u8; 8],
+) -> Result<(), u32> {
+    const IP: usize = ETH_LEN;
+    const ICMP: usize = IP + IPV6_LEN;
+    const ORIG: usize = ICMP + 8;
+    let excess = ctx.packet_len() as i32 - (ETH_LEN + ICMP6_ERROR_LEN) as i32;
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let plen = (ICMP6_ERROR_LEN - IPV6_LEN) as u16;
     let p = plen.to_be_bytes();
-    let m = u32::from(mtu).to_be_bytes();
-    let written = write(ctx, 0, eth)
-        && write(ctx, IP, [0x60, 0, 0, 0, p[0], p[1], IPPROTO_ICMPV6, 255])
-        && write(ctx, IP + 8, cfg.nat_ip6)
-        && write(
-            ctx,
-            ICMP,
-            [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]],
-        );
+    let written = write(ctx, IP, [0x60, 0, 0, 0, p[0], p[1], IPPROTO_ICMPV6, 255])
+        && write(ctx, IP + 8, *src)
+        && write(ctx, ICMP, head);
     if !written {
         return Err(drops::TRUNCATED);
     }
-    // To the reply's sender: its source, in the header now at ORIG.
+    // To the packet's sender: its source, in the header now at ORIG.
     let mut i = 0;
     while i < 16 {
         let w = read::<4>(ctx, ORIG + 8 + i).ok_or(drops::TRUNCATED)?;
@@ -679,18 +700,16 @@ fn too_big(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     }
     // The pseudo-header (addresses, length, next header) and the message.
     let mut sum = u32::from(plen) + u32::from(IPPROTO_ICMPV6);
-    let covered = read::<{ PACKET_TOO_BIG_LEN - 8 }>(ctx, IP + 8).ok_or(drops::TRUNCATED)?;
+    let covered = read::<{ ICMP6_ERROR_LEN - 8 }>(ctx, IP + 8).ok_or(drops::TRUNCATED)?;
     let mut i = 0;
     while i < covered.len() {
         sum += u32::from(u16::from_be_bytes([covered[i], covered[i + 1]]));
         i += 2;
     }
     let check = !csum::fold(sum);
-    if !write(ctx, ICMP + 2, check.to_be_bytes()) {
-        return Err(drops::TRUNCATED);
+    if write(ctx, ICMP + 2, check.to_be_bytes()) {
+        Ok(())
+    } else {
+        Err(drops::TRUNCATED)
     }
-    count(&S_DROPS, drops::TOO_BIG);
-    count(&S_EVENTS, event::FRAG_NEEDED);
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32)
 }
