@@ -1119,3 +1119,28 @@ fn programs_stay_well_inside_the_verifier_budget() {
         }
     });
 }
+
+/// An agent upgraded across a new tail call finds the older, smaller jump
+/// table still pinned: it is made again at its new size, and every slot
+/// filled (reused, it would refuse the new slot and the agent not start).
+#[test]
+fn a_jump_table_pinned_by_an_older_build_is_made_again() {
+    use aya::maps::MapInfo;
+    use bond_common::maps::{JUMP_SLOTS, name::S_JUMP};
+    isolate::pinned(|_| {
+        let pin = PinDir::new("old-jumps");
+        let object = bond_datapath::ebpf::SERVER;
+        let old = datapath::load_with_sizes(object, pin.path(), &[(S_JUMP, JUMP_SLOTS - 1)])
+            .expect("load as an older build");
+        drop(old);
+        let size = || {
+            MapInfo::from_pin(pin.path().join(S_JUMP))
+                .unwrap()
+                .max_entries()
+        };
+        assert_eq!(size(), JUMP_SLOTS - 1, "pinned by the older build");
+        let mut ebpf = datapath::load(object, pin.path()).expect("load");
+        bond_datapath::server_jumps(&mut ebpf).expect("every slot filled");
+        assert_eq!(size(), JUMP_SLOTS);
+    });
+}

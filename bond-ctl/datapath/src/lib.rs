@@ -186,8 +186,15 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Pinned maps an agent fills anew at every start, which hold nothing to
+/// keep across a restart, and their sizes: one pinned by a build that
+/// sized it otherwise is unpinned and made again (reused, it would refuse
+/// the new slots: an upgrade that adds a tail call would not start).
+const REFILLED: [(&str, u32); 1] = [(name::S_JUMP, bond_common::maps::JUMP_SLOTS)];
+
 /// Loads an object with all its maps pinned under `dir` (created if
-/// needed). Maps already pinned there are reused, not recreated.
+/// needed). Maps already pinned there are reused, not recreated, but for
+/// a table of tail calls an older build sized otherwise ([`REFILLED`]).
 pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
     load_with_sizes(object, dir, &[])
 }
@@ -200,6 +207,12 @@ pub fn load_with_sizes(object: &[u8], dir: &Path, sizes: &[(&str, u32)]) -> Resu
         return Err(Error::NoObjects);
     }
     std::fs::create_dir_all(dir)?;
+    for (name, size) in REFILLED {
+        let path = dir.join(name);
+        if aya::maps::MapInfo::from_pin(&path).is_ok_and(|m| m.max_entries() != size) {
+            std::fs::remove_file(&path)?;
+        }
+    }
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
     for &(name, n) in sizes {
