@@ -42,6 +42,7 @@ pub mod name {
     pub const S_SESSIONS: &str = "S_SESSIONS";
     pub const S_LINK_INDEX: &str = "S_LINK_INDEX";
     pub const S_LINKS: &str = "S_LINKS";
+    pub const S_LINKS6: &str = "S_LINKS6";
     pub const S_PATHS: &str = "S_PATHS";
     pub const S_FLOWS: &str = "S_FLOWS";
     pub const S_NAT: &str = "S_NAT";
@@ -68,12 +69,26 @@ pub mod name {
 /// stays well inside the verifier's budget: `bond_server` hands inner
 /// IPv6, both ways, to `bond_server6`...
 pub const JUMP_V6: u32 = 0;
-/// ...and both hand an origin's packet whose TTL (hop limit) runs out at
-/// the server to `bond_server_expired`, which answers it.
+/// ...both hand an origin's packet whose TTL (hop limit) runs out at
+/// the server to `bond_server_expired`, which answers it...
 pub const JUMP_EXPIRED: u32 = 1;
-pub const JUMP_SLOTS: u32 = 2;
+/// ...`bond_server` hands DATA_UP from a link over IPv6 to
+/// `bond_server_in6`, which checks its source, turns its outer header into
+/// the IPv4 form and hands it back to `bond_server` (`JUMP_SERVER`)...
+pub const JUMP_IN6: u32 = 2;
+/// ...and every wrap for such a link goes out through `bond_server_out6`,
+/// which turns the IPv4 form into the IPv6 outer header.
+pub const JUMP_OUT6: u32 = 3;
+pub const JUMP_SERVER: u32 = 4;
+pub const JUMP_SLOTS: u32 = 5;
 /// The programs at each slot of `S_JUMP`, in slot order.
-pub const JUMP_PROGRAMS: [&str; JUMP_SLOTS as usize] = ["bond_server6", "bond_server_expired"];
+pub const JUMP_PROGRAMS: [&str; JUMP_SLOTS as usize] = [
+    "bond_server6",
+    "bond_server_expired",
+    "bond_server_in6",
+    "bond_server_out6",
+    "bond_server",
+];
 /// The most time-exceeded answers `bond_server_expired` sends per second
 /// per CPU, as a router limits its ICMP errors; past it the packet is only
 /// dropped (`ttl_exceeded`).
@@ -218,6 +233,12 @@ pub const LINK_VALID: u8 = 1;
 /// raw-IP modem, tun, WireGuard). XDP cannot send to it: the LAN's TC
 /// program relays to it, and its own TC program receives from it.
 pub const LINK_L3: u8 = 2;
+/// `ServerLink::flags` (and, on terminals, `UpLink::flags` and
+/// `RelayLink::flags`) bit: the link reaches the server over IPv6. Its
+/// outer header is IPv6 on the wire; inside the programs it is turned into
+/// the IPv4 form the rest of the code reads, whose addresses are then
+/// placeholders (`ServerLink::ip` is 0, the address is in `S_LINKS6`).
+pub const LINK_V6: u8 = 4;
 
 /// Where an origin's upstream packet on one link goes (`T_UP_LINKS[link]`):
 /// to a LAN peer's relay port, or straight out of one of its own WAN links.
@@ -324,8 +345,11 @@ pub struct ServerConfig {
     pub per_origin: u32,
     /// Source address of unwrapped IPv6 packets (all zero: no IPv6).
     pub nat_ip6: [u8; 16],
+    /// Outer destination address of links that reach the server over
+    /// IPv6 (all zero: none do).
+    pub wan_ip6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<ServerConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<ServerConfig>() == 52);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

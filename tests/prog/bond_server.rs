@@ -1634,3 +1634,118 @@ fn server_sends_icmpv6_errors_about_a_flow_back_to_its_origin() {
         assert_eq!(s.event("icmp_errors_relayed"), 3);
     });
 }
+
+/// A link that has only IPv6 (`LINK_V6`): its DATA_UP arrives in outer
+/// IPv6 to the server's IPv6 address and leaves unwrapped exactly as an
+/// IPv4 link's would; the reply is wrapped in outer IPv6 back to the
+/// link's address and port (zero UDP checksum, RFC 6935). DATA from
+/// another IPv6 address or port, or in IPv4 from the link's placeholder
+/// address, is refused; control messages go to the agent's socket.
+#[test]
+fn server_carries_a_link_over_ipv6_both_ways() {
+    use bond_common::maps::{LINK_VALID, ServerLink};
+    use etherparse::PacketBuilder;
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-outer6", 20000..=20010);
+        let l = LINKS[2];
+        let link = ServerLink {
+            ip: 0,
+            port: l.port,
+            community: COMMUNITY,
+            link: l.id,
+            flags: LINK_VALID,
+            _pad: [0; 2],
+            owner: 0,
+        };
+        s.maps.set_server_link6(l.idx, LINK6, link).unwrap();
+        s.maps
+            .set_down_paths(COMMUNITY, &[(l.idx, 5, 0)], TEST_BACKLOG_US, 0)
+            .unwrap();
+        // The IPv4 form's pieces, under an outer IPv6 header.
+        let over6 = |src: Ipv6Addr, sport: u16, up: &Up| {
+            let v4 = up.frame();
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(ROUTER_MAC, WAN_DEV_MAC)
+                .ipv6(src.octets(), WAN_IP6.octets(), 50)
+                .udp(sport, PORT)
+                .write(&mut f, &v4[42..])
+                .unwrap();
+            f[..6].copy_from_slice(&WAN_DEV_MAC);
+            f[6..12].copy_from_slice(&ROUTER_MAC);
+            f
+        };
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let up = Up::new(l, &tcp);
+        let want = eth(CONTENT_MAC, CNT_DEV_MAC, ETH_P_IP, &unwrapped(&tcp, 20000));
+        let what = "DATA_UP over IPv6";
+        s.expect(
+            "bond_server",
+            what,
+            &over6(LINK6, l.port, &up),
+            XDP_REDIRECT,
+            Some(&want),
+        );
+        assert_checksums(ipv4_of(&want), what);
+
+        // The reply: outer IPv6 from the server's address to the link's.
+        let r = reply(&tcp, 20000);
+        let v4 = wrapped_for(ORIGIN_A, &translated(&tcp, &r), l, (LINK6_MAC, WAN_DEV_MAC));
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(WAN_DEV_MAC, LINK6_MAC)
+            .ipv6(WAN_IP6.octets(), LINK6.octets(), 64)
+            .udp(PORT, l.port)
+            .write(&mut want, &v4[42..])
+            .unwrap();
+        want[..6].copy_from_slice(&LINK6_MAC);
+        want[6..12].copy_from_slice(&WAN_DEV_MAC);
+        want[54 + 6..54 + 8].copy_from_slice(&[0, 0]); // no UDP checksum
+        let frame = r.frame(CNT_DEV_MAC, CONTENT_MAC);
+        s.expect(
+            "bond_server",
+            "the reply over IPv6",
+            &frame,
+            XDP_REDIRECT,
+            Some(&want),
+        );
+        assert_eq!(s.maps.server_link_stats(l.idx).unwrap().down_pkts, 1);
+
+        // Refused: another address, another port, the IPv4 placeholder.
+        let other = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x66);
+        let placeholder = Up {
+            outer: Outer {
+                src: Ipv4Addr::UNSPECIFIED,
+                ..up.outer
+            },
+            ..up.clone()
+        };
+        for (what, f) in [
+            ("another IPv6 address", over6(other, l.port, &up)),
+            ("another port", over6(LINK6, l.port + 1, &up)),
+            ("in IPv4 from the placeholder", placeholder.frame()),
+        ] {
+            s.expect_drop("bond_server", what, &f, XDP_DROP, "unknown_source");
+        }
+        let mut cut = over6(LINK6, l.port, &up);
+        cut.truncate(14 + 40 + 8 + 10);
+        s.expect_drop(
+            "bond_server",
+            "cut in the bond header",
+            &cut,
+            XDP_DROP,
+            "outer_bad_header",
+        );
+        // A control message: the agent's socket.
+        let mut ctl = up.clone();
+        ctl.bond.kind = ANNOUNCE;
+        let ctl = over6(LINK6, l.port, &ctl);
+        s.expect(
+            "bond_server",
+            "ANNOUNCE over IPv6",
+            &ctl,
+            XDP_PASS,
+            Some(&ctl),
+        );
+    });
+}

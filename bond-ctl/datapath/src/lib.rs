@@ -187,10 +187,18 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 /// Pinned maps an agent fills anew at every start, which hold nothing to
-/// keep across a restart, and their sizes: one pinned by a build that
-/// sized it otherwise is unpinned and made again (reused, it would refuse
-/// the new slots: an upgrade that adds a tail call would not start).
-const REFILLED: [(&str, u32); 1] = [(name::S_JUMP, bond_common::maps::JUMP_SLOTS)];
+/// keep across a restart, with their entries and value sizes: one pinned
+/// by a build that sized it otherwise is unpinned and made again (reused,
+/// it would refuse the new slots or the longer value: an upgrade that adds
+/// a tail call or a configuration field would not start).
+const REFILLED: [(&str, u32, usize); 2] = [
+    (name::S_JUMP, bond_common::maps::JUMP_SLOTS, 4),
+    (
+        name::S_CONFIG,
+        1,
+        std::mem::size_of::<bond_common::maps::ServerConfig>(),
+    ),
+];
 
 /// Loads an object with all its maps pinned under `dir` (created if
 /// needed). Maps already pinned there are reused, not recreated, but for
@@ -207,9 +215,11 @@ pub fn load_with_sizes(object: &[u8], dir: &Path, sizes: &[(&str, u32)]) -> Resu
         return Err(Error::NoObjects);
     }
     std::fs::create_dir_all(dir)?;
-    for (name, size) in REFILLED {
+    for (name, entries, value) in REFILLED {
         let path = dir.join(name);
-        if aya::maps::MapInfo::from_pin(&path).is_ok_and(|m| m.max_entries() != size) {
+        let stale =
+            |m: aya::maps::MapInfo| m.max_entries() != entries || m.value_size() as usize != value;
+        if aya::maps::MapInfo::from_pin(&path).is_ok_and(stale) {
             std::fs::remove_file(&path)?;
         }
     }
@@ -726,6 +736,26 @@ impl Maps {
             _pad: 0,
         };
         self.put(name::S_LINK_INDEX, key, idx)
+    }
+
+    /// Registers link `idx` as one over IPv6 (`LINK_V6`): its address in
+    /// `S_LINKS6`, written before the link itself so the datapath never
+    /// sees the link without it.
+    pub fn set_server_link6(
+        &self,
+        idx: u32,
+        addr: std::net::Ipv6Addr,
+        link: ServerLink,
+    ) -> Result<()> {
+        self.set(name::S_LINKS6, idx, addr.octets())?;
+        self.set_server_link(
+            idx,
+            ServerLink {
+                ip: 0,
+                flags: link.flags | bond_common::maps::LINK_V6,
+                ..link
+            },
+        )
     }
 
     pub fn server_link(&self, idx: u32) -> Result<ServerLink> {

@@ -407,27 +407,36 @@ pub const OPEN: u32 = 0;
 /// a DATA packet's per-link number (if `want`'s is 0: senders number each
 /// link's DATA, 1 to 127, from wherever its count stands).
 pub fn fill_open(got: &[u8], want: &[u8]) -> Result<Vec<u8>, String> {
-    const SENT: usize = WRAP_LEN - 12;
-    const SEQ: usize = WRAP_LEN - 17;
-    const KIND: usize = WRAP_LEN - 21;
-    let bond = |f: &[u8]| {
-        f.len() >= WRAP_LEN && f[12..14] == [8, 0] && f[23] == 17 && f[42..44] == [0xb0, 0x4d]
+    // Where the bond header starts: behind outer IPv4, or outer IPv6 (a
+    // link over IPv6), 20 bytes further.
+    let bond_at = |f: &[u8]| {
+        match f.get(12..14) {
+            Some([8, 0]) if f.get(23) == Some(&17) => Some(42),
+            Some([0x86, 0xdd]) if f.get(20) == Some(&17) => Some(62),
+            _ => None,
+        }
+        .filter(|&b| f.len() >= b + 24 && f[b..b + 2] == [0xb0, 0x4d])
     };
     let mut want = want.to_vec();
-    if !(bond(&want) && bond(got)) {
+    let (Some(b), Some(g)) = (bond_at(&want), bond_at(got)) else {
+        return Ok(want);
+    };
+    if b != g {
         return Ok(want);
     }
-    let at = |f: &[u8]| u32::from_be_bytes([f[SENT], f[SENT + 1], f[SENT + 2], f[SENT + 3]]);
+    let (sent_at, seq, kind) = (b + 12, b + 7, b + 3);
+    let at =
+        |f: &[u8]| u32::from_be_bytes([f[sent_at], f[sent_at + 1], f[sent_at + 2], f[sent_at + 3]]);
     if at(&want) == OPEN {
         let sent = at(got);
         let now = (bond_datapath::monotonic_ns() / 1000) as u32;
         if now.wrapping_sub(sent) >= 10_000_000 {
             return Err(format!("send time {sent} µs, now {now} µs"));
         }
-        want[SENT..SENT + 4].copy_from_slice(&sent.to_be_bytes());
+        want[sent_at..sent_at + 4].copy_from_slice(&sent.to_be_bytes());
     }
-    if matches!(want[KIND], DATA_UP | DATA_DOWN) && want[SEQ] == 0 {
-        want[SEQ] = got[SEQ];
+    if matches!(want[kind], DATA_UP | DATA_DOWN) && want[seq] == 0 {
+        want[seq] = got[seq];
     }
     Ok(want)
 }

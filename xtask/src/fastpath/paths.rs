@@ -311,6 +311,7 @@ impl Dut {
                     link_mtu: 1500,
                     per_origin: 0,
                     nat_ip6: [0; 16],
+                    wan_ip6: [0; 16],
                 })?;
                 maps.set_server_link(
                     0,

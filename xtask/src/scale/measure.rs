@@ -204,6 +204,7 @@ pub(super) fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Durat
         link_mtu: 1500,
         per_origin: 0,
         nat_ip6: [0; 16],
+        wan_ip6: [0; 16],
     })
     .context("writing S_CONFIG")?;
     let tenth = (n / 10).max(1);

@@ -55,6 +55,7 @@ pub async fn run(
         link_mtu: cfg.link_mtu,
         per_origin: cfg.flows.per_origin,
         nat_ip6: cfg.nat_address6.map_or([0; 16], |a| a.octets()),
+        wan_ip6: [0; 16],
     };
     maps.set_server_config(map_cfg)?;
     let deny = super::deny::prefixes(&cfg).context("field `deny`")?;

@@ -44,10 +44,11 @@ use bond_common::{
     csum, drops,
     edpf::Paths,
     maps::{
-        Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED, JUMP_SLOTS, JUMP_V6,
-        KEPT_SLOTS, Kept, LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS,
-        MAX_FRAGS, MAX_SERVER_LINKS, MAX_SESSIONS, Nat6Entry, NatEntry, NatKey, Permit6Key,
-        PermitKey, ServerConfig, ServerLink, Session, SessionKey, event, tcp,
+        Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED, JUMP_IN6, JUMP_OUT6,
+        JUMP_SERVER, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS, Kept, LINK_V6, LINK_VALID, LinkKey,
+        LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_SERVER_LINKS, MAX_SESSIONS,
+        Nat6Entry, NatEntry, NatKey, Permit6Key, PermitKey, ServerConfig, ServerLink, Session,
+        SessionKey, event, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -71,6 +72,15 @@ static S_SESSIONS: HashMap<SessionKey, Session> = HashMap::pinned(MAX_SESSIONS, 
 static S_LINK_INDEX: HashMap<LinkKey, u32> = HashMap::pinned(MAX_SERVER_LINKS, 0);
 #[map]
 static S_LINKS: Array<ServerLink> = Array::pinned(MAX_SERVER_LINKS, 0);
+/// The IPv6 address of each link over IPv6 (`LINK_V6`), by link index.
+#[map]
+static S_LINKS6: Array<[u8; 16]> = Array::pinned(MAX_SERVER_LINKS, 0);
+/// This CPU's word from `bond_server_in6` to `bond_server` across a tail
+/// call: 1 + the index of the IPv6 link whose DATA_UP it checked and put
+/// in the IPv4 form. XDP runs with preemption off: nothing else runs on
+/// this CPU between the two.
+#[map]
+static S_FROM6: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Each community's downstream scheduling state, shared by all CPUs (see
 /// `T_PATHS` in the terminal program on concurrent picks).
 #[map]
@@ -153,18 +163,24 @@ fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
     let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
     let proto = hdr[ETH_LEN + 9];
     let dst = u32::from_be_bytes([hdr[30], hdr[31], hdr[32], hdr[33]]);
+    let Some(cfg) = S_CONFIG.get(0) else {
+        return PASS;
+    };
     if ethertype == ETH_P_IPV6 {
+        // A link over IPv6 to `bond_server_in6`, the rest to `bond_server6`.
+        let slot = if outer6::to_us(ctx, cfg) {
+            JUMP_IN6
+        } else {
+            JUMP_V6
+        };
         // SAFETY: a tail call does not return when it succeeds; without
-        // `bond_server6` in the table, IPv6 is the host's own.
-        unsafe { S_JUMP.tail_call(ctx, JUMP_V6) };
+        // the programs in the table, IPv6 is the host's own.
+        unsafe { S_JUMP.tail_call(ctx, slot) };
         return PASS;
     }
     if ethertype != ETH_P_IP {
         return PASS;
     }
-    let Some(cfg) = S_CONFIG.get(0) else {
-        return PASS;
-    };
     if dst == cfg.wan_ip && proto == IPPROTO_UDP && read_u16(ctx, ETH_LEN + 22) == Some(cfg.port) {
         return upstream(ctx, cfg);
     }
@@ -211,6 +227,15 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         || link.ip != src
         || link.port != sport
     {
+        return Err(drops::UNKNOWN_SOURCE);
+    }
+    // A link over IPv6 has no IPv4 source to check: its DATA_UP comes only
+    // as `bond_server_in6` checked it, or back from the playout.
+    let from6 = S_FROM6.get_ptr_mut(0).map_or(0, |w| {
+        // SAFETY: this CPU's slot (see S_FROM6).
+        unsafe { core::mem::replace(&mut *w, 0) }
+    });
+    if link.flags & LINK_V6 != 0 && from6 != idx + 1 && !from_hold(ctx) {
         return Err(drops::UNKNOWN_SOURCE);
     }
     // ...carrying the session token of a logged-on origin.
@@ -371,6 +396,15 @@ fn later_up(ctx: &XdpContext, cfg: &ServerConfig, idx: u32, inner: &Inner) -> Re
 /// The playout's redirect for a checked, routable DATA_UP packet, if the
 /// playout takes it: it sends the packet back here (through the hold
 /// device) when its time comes.
+/// Whether the frame comes back from the playout's hold device (which
+/// only the agent writes, with frames this program checked).
+#[inline(always)]
+fn from_hold(ctx: &XdpContext) -> bool {
+    S_HOLD
+        .get(0)
+        .is_some_and(|h| h.ifindex != 0 && h.ifindex == ctx.ingress_ifindex() as u32)
+}
+
 #[inline(always)]
 fn to_hold(ctx: &XdpContext, now: u64) -> Option<u32> {
     let hold = S_HOLD.get(0)?;
@@ -854,6 +888,13 @@ fn wrap_down(
         s.down_pkts += 1;
         s.down_bytes += u64::from(len);
     });
+    if d.link_ip == 0 {
+        // A link over IPv6 (`LINK_V6`, its `ip` 0): the wrap leaves
+        // through `bond_server_out6`, which makes the outer header IPv6.
+        // SAFETY: a tail call does not return when it succeeds.
+        unsafe { S_JUMP.tail_call(ctx, JUMP_OUT6) };
+        return Err(drops::LINK_MISSING);
+    }
     let mut fib = fib_params(
         ctx,
         IPPROTO_UDP,
@@ -1159,6 +1200,7 @@ fn forward_as(
 }
 
 mod expired;
+mod outer6;
 mod v6;
 
 #[cfg(not(test))]
