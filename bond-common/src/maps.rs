@@ -26,6 +26,7 @@ pub const MAX_FRAGS: u32 = 8192;
 /// Map names: the programs declare them, the agent and CLI open them.
 pub mod name {
     pub const T_CONFIG: &str = "T_CONFIG";
+    pub const T_LINKS6: &str = "T_LINKS6";
     pub const T_UP_LINKS: &str = "T_UP_LINKS";
     pub const T_PATHS: &str = "T_PATHS";
     pub const T_RELAY: &str = "T_RELAY";
@@ -224,8 +225,11 @@ pub struct TerminalConfig {
     pub data_port: u16,
     pub server_port: u16,
     pub lan_mac: [u8; 6],
+    /// The server's IPv6 address, which links over IPv6 (`LINK_V6`) reach
+    /// (all zero: none do).
+    pub server_ip6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 48);
 
 /// `UpLink::flags` bit: the entry is in use.
 pub const LINK_VALID: u8 = 1;

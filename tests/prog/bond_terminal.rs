@@ -616,3 +616,97 @@ fn terminal_relays_up_to_an_l3_link_from_tc() {
     }
     assert_eq!(e.nonzero_drops(), vec![]);
 }
+
+/// An own link over IPv6 (`LINK_V6`): a LAN peer's DATA_UP leaves on it in
+/// outer IPv6 from the link's address to the server's; DATA_DOWN from the
+/// server's IPv6 address is relayed to its origin over the LAN, or
+/// unwrapped for this host, exactly as over IPv4. DATA to the link from
+/// another IPv6 address is dropped; other IPv6 passes untouched.
+#[test]
+fn terminal_carries_an_own_link_over_ipv6() {
+    use bond_common::maps::LINK_V6;
+    use term::*;
+    let t = term::setup("relay6");
+    let link = relay_link(RELAY_PORT, RELAY_LINK, 1500, LINK_V6);
+    t.maps.set_link6(RELAY_LINK, WAN6).unwrap();
+    t.maps.set_relay_link(RELAY_PORT, link).unwrap();
+
+    let input = up_from_peer();
+    let mut want = input.clone();
+    want.outer = Outer {
+        dst_mac: GW_MAC,
+        src_mac: WAN_MAC,
+        src: WAN_IP,
+        dst: SERVER,
+        sport: RELAY_PORT,
+        dport: SERVER_PORT,
+        ttl: 64,
+        id: 0,
+        ..input.outer
+    };
+    let want = over_ipv6(&want.frame(), WAN6, SERVER6, 64);
+    let what = "relay up over IPv6";
+    t.expect(
+        "bond_terminal",
+        what,
+        &input.frame(),
+        XDP_REDIRECT,
+        Some(&want),
+    );
+
+    let input = down_from_server(PEER, PEER_TOKEN);
+    let mut want = input.clone();
+    want.outer = Outer {
+        dst_mac: PEER_MAC,
+        src_mac: LAN_MAC,
+        src: LAN_IP,
+        dst: PEER,
+        sport: RELAY_PORT,
+        dport: DATA_PORT,
+        ttl: 64,
+        id: 0,
+        ..input.outer
+    };
+    let frame = over_ipv6(&input.frame(), SERVER6, WAN6, 60);
+    let what = "relay down from IPv6";
+    t.expect(
+        "bond_terminal",
+        what,
+        &frame,
+        XDP_REDIRECT,
+        Some(&want.frame()),
+    );
+    assert_wrapped_checksums(&want.frame(), what);
+
+    let mine = down_from_server(LAN_IP, TOKEN);
+    let want = eth(
+        mine.outer.dst_mac,
+        mine.outer.src_mac,
+        ETH_P_IP,
+        &mine.inner,
+    );
+    let frame = over_ipv6(&mine.frame(), SERVER6, WAN6, 60);
+    t.expect(
+        "bond_terminal",
+        "unwrap from IPv6",
+        &frame,
+        XDP_PASS,
+        Some(&want),
+    );
+    let s = stats(&t, RELAY_LINK);
+    assert_eq!((s.relay_up_pkts, s.relay_down_pkts, s.down_pkts), (1, 1, 1));
+    assert_eq!(t.nonzero_drops(), vec![]);
+
+    let stranger = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x66);
+    let frame = over_ipv6(&input.frame(), stranger, WAN6, 60);
+    let what = "DATA_DOWN from another IPv6 address";
+    t.expect_drop("bond_terminal", what, &frame, XDP_DROP, "unknown_source");
+    let other = ipv6_udp_frame(WAN_MAC, GW_MAC, RELAY_PORT + 100);
+    t.expect(
+        "bond_terminal",
+        "other IPv6",
+        &other,
+        XDP_PASS,
+        Some(&other),
+    );
+}

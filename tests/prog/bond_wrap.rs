@@ -262,3 +262,52 @@ fn wrap_carries_ipv6_as_it_is() {
         assert_eq!(&out[WRAP_LEN..], &v6[..], "inner untouched");
     });
 }
+
+/// To an own link over IPv6 (`LINK_V6`) the wrap is outer IPv6 from the
+/// link's address to the server's, its UDP checksum zero, for IPv4 and
+/// IPv6 inside alike; the copy kept for a resend is the bond header and
+/// the inner packet, as over IPv4.
+#[test]
+fn wrap_sends_over_an_own_link_over_ipv6() {
+    use bond_common::maps::{KEPT_SLOTS, Kept, LINK_V6, LINK_VALID, name};
+    use {term::*, wrap::*};
+    isolate::pinned(|_| {
+        let t = wrap::setup("wrap-outer6");
+        t.maps.set_link6(C, WAN6).unwrap();
+        let l = UpLink {
+            flags: LINK_VALID | LINK_V6,
+            ..up_link(C)
+        };
+        t.maps.set_up_link(C, l).unwrap();
+        t.maps
+            .set_up_paths(&[(C, 1_000, 0)], TEST_BACKLOG_US)
+            .unwrap();
+        let v4 = Ip::new(LAN_IP, CONTENT, L4::tcp(40000, 443)).bytes();
+        let v6 = Ip6::new(
+            "2001:db8:1::11".parse().unwrap(),
+            "2001:db8:71::2".parse().unwrap(),
+            L4::udp(40001, 53),
+        )
+        .bytes();
+        let (ring, first) = t.maps.kept(name::T_KEPT, name::T_KEPT_NEXT).unwrap();
+        for (i, (what, inner, ethertype)) in [
+            ("IPv4 inside", &v4, ETH_P_IP),
+            ("IPv6 inside", &v6, ETH_P_IPV6),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let want = over_ipv6(&expected(C, inner), WAN6, SERVER6, 64);
+            let frame = eth(BOND0_MAC, BOND0_MAC, ethertype, inner);
+            let (v, out) = t.run("bond_wrap", &frame);
+            assert_eq!(v, TC_ACT_REDIRECT, "{what}: verdict");
+            assert_bytes(&out, &want, what);
+            let k: Kept = ring.get(&((first + i as u32) % KEPT_SLOTS), 0).unwrap();
+            assert_eq!(
+                k.bytes(),
+                Some(&out[WRAP_LEN + 20 - 24..]),
+                "{what}: its copy"
+            );
+        }
+    });
+}

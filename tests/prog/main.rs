@@ -403,6 +403,23 @@ fn grow_outer(f: &mut [u8], by: u16) {
     put16(f, OUTER_UDP + 4, udp);
 }
 
+/// A wrapped frame (outer IPv4) as a link over IPv6 carries it: the
+/// outer header IPv6 from `src` to `dst` with hop limit `hop`, the UDP
+/// checksum zero (RFC 6935), the rest as it was.
+fn over_ipv6(frame: &[u8], src: Ipv6Addr, dst: Ipv6Addr, hop: u8) -> Vec<u8> {
+    let plen = (frame.len() - OUTER_UDP) as u16;
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&plen.to_be_bytes());
+    f.extend_from_slice(&[17, hop]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&frame[OUTER_UDP..]);
+    f[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&[0, 0]);
+    f
+}
+
 /// `w`'s frame as an L3 device carries it: from its IPv4 header.
 fn l3(w: &term::Wrapped) -> Vec<u8> {
     w.frame()[OUTER_IP..].to_vec()

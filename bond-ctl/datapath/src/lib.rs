@@ -186,17 +186,23 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Pinned maps an agent fills anew at every start, which hold nothing to
-/// keep across a restart, with their entries and value sizes: one pinned
-/// by a build that sized it otherwise is unpinned and made again (reused,
-/// it would refuse the new slots or the longer value: an upgrade that adds
-/// a tail call or a configuration field would not start).
-const REFILLED: [(&str, u32, usize); 2] = [
+/// Pinned maps an agent fills anew at every start, with their entries and
+/// value sizes: one pinned by a build that sized it otherwise is unpinned
+/// and made again (reused, it would refuse the new slots or the longer
+/// value: an upgrade that adds a tail call or a configuration field would
+/// not start). All they lose is a terminal's session token (`T_CONFIG`),
+/// so a terminal upgraded across such a change logs on anew.
+const REFILLED: [(&str, u32, usize); 3] = [
     (name::S_JUMP, bond_common::maps::JUMP_SLOTS, 4),
     (
         name::S_CONFIG,
         1,
         std::mem::size_of::<bond_common::maps::ServerConfig>(),
+    ),
+    (
+        name::T_CONFIG,
+        1,
+        std::mem::size_of::<bond_common::maps::TerminalConfig>(),
     ),
 ];
 
@@ -444,6 +450,12 @@ impl Maps {
                 name: name::T_CONFIG,
                 source,
             })
+    }
+
+    /// The IPv6 address of own link `link` over IPv6 (`LINK_V6`), the
+    /// outer source of what it carries; set before the link's entries.
+    pub fn set_link6(&self, link: u8, addr: std::net::Ipv6Addr) -> Result<()> {
+        self.set(name::T_LINKS6, u32::from(link), addr.octets())
     }
 
     pub fn set_up_link(&self, link: u8, entry: UpLink) -> Result<()> {

@@ -26,8 +26,8 @@ use bond_common::{
     drops,
     edpf::{self, Paths},
     maps::{
-        Hold, KEPT_SLOTS, Kept, LINK_L3, LINK_VALID, LinkStats, MAX_LINK_IDS, MAX_NEIGHBORS,
-        Neighbor, RelayLink, TerminalConfig, UpLink, tcp,
+        Hold, KEPT_SLOTS, Kept, LINK_L3, LINK_V6, LINK_VALID, LinkStats, MAX_LINK_IDS,
+        MAX_NEIGHBORS, Neighbor, RelayLink, TerminalConfig, UpLink, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP,
@@ -49,6 +49,9 @@ static T_UP_LINKS: Array<UpLink> = Array::pinned(MAX_LINK_IDS, 0);
 static T_PATHS: Array<Paths> = Array::pinned(1, 0);
 #[map]
 static T_RELAY: HashMap<u16, RelayLink> = HashMap::pinned(MAX_LINK_IDS, 0);
+/// The IPv6 address of each own link over IPv6 (`LINK_V6`), by link id.
+#[map]
+static T_LINKS6: Array<[u8; 16]> = Array::pinned(MAX_LINK_IDS, 0);
 #[map]
 static T_NEIGH: HashMap<u32, Neighbor> = HashMap::pinned(MAX_NEIGHBORS, 0);
 #[map]
@@ -108,7 +111,10 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     if link.flags & LINK_VALID == 0 {
         return Err(drops::LINK_MISSING);
     }
-    if inner_len + OUTER_LEN as u32 > u32::from(link.mtu) {
+    // An own link over IPv6 gets an outer IPv6 header, 20 bytes longer.
+    let outer6 = link.flags & LINK_V6 != 0;
+    let outer_len = OUTER_LEN as u32 + if outer6 { GROWTH as u32 } else { 0 };
+    if inner_len + outer_len > u32::from(link.mtu) {
         return Err(drops::TOO_BIG);
     }
     // Pure ACKs are not counted: the server's playout never sees them.
@@ -120,26 +126,42 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
     };
     let sent = wire::sent_us(now());
     let hdr = wrap_headers(cfg, link, link_id as u8, inner_len as u16, sent, seq);
-    if ethertype == ETH_P_IPV6 {
-        // The skb becomes IPv4 as its outer header is: 20 bytes more room,
-        // which the change from IPv6 to IPv4 takes back. An L3 device (PPP,
-        // WireGuard, a TUN with packet information) frames by it.
-        ctx.adjust_room(
-            (OUTER_LEN + IPV6_LEN - IPV4_LEN) as i32,
-            BPF_ADJ_ROOM_MAC,
-            0,
-        )
-        .and_then(|()| ctx.skb.change_proto(ETH_P_IP.to_be(), 0))
-        .map_err(|_| drops::HELPER_FAILED)?;
-    } else {
-        ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
-            .map_err(|_| drops::HELPER_FAILED)?;
+    // The skb's protocol becomes the outer header's: an L3 device (PPP,
+    // WireGuard, a TUN with packet information) frames by it. A change of
+    // protocol adds (to IPv6) or takes (to IPv4) 20 bytes of room.
+    let grow = |n: usize| {
+        ctx.adjust_room(n as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| drops::HELPER_FAILED)
+    };
+    let proto = |p: u16| {
+        ctx.skb
+            .change_proto(p.to_be(), 0)
+            .map_err(|_| drops::HELPER_FAILED)
+    };
+    match (ethertype == ETH_P_IPV6, outer6) {
+        (false, false) => grow(OUTER_LEN)?,
+        (true, false) => {
+            grow(OUTER_LEN + GROWTH as usize)?;
+            proto(ETH_P_IP)?;
+        }
+        (false, true) => {
+            grow(OUTER_LEN)?;
+            proto(ETH_P_IPV6)?;
+        }
+        (true, true) => grow(OUTER_LEN + GROWTH as usize)?,
     }
-    ctx.store(0, &hdr, 0).map_err(|_| drops::HELPER_FAILED)?;
+    let bond_at = if outer6 {
+        let h6 = outer6_headers(cfg, link_id, &hdr)?;
+        ctx.store(0, &h6, 0).map_err(|_| drops::HELPER_FAILED)?;
+        wire::BOND_OFF + GROWTH as usize
+    } else {
+        ctx.store(0, &hdr, 0).map_err(|_| drops::HELPER_FAILED)?;
+        wire::BOND_OFF
+    };
     if !pure {
         let n = BondHdr::LEN + inner_len as usize;
         let head = (cfg.community, link_id, link_id as u8, seq, sent);
-        keep(ctx, &T_KEPT, &T_KEPT_NEXT, wire::BOND_OFF, n, head);
+        keep(ctx, &T_KEPT, &T_KEPT_NEXT, bond_at, n, head);
     }
     link_stats(&T_LINK_STATS, link_id, |s| {
         s.up_pkts += 1;
@@ -186,6 +208,41 @@ fn wrap_headers(
     h
 }
 
+/// The 86-byte IPv6 form of `hdr` (Ethernet, outer IPv4, UDP, bond
+/// header) for own link `link_id` over IPv6: the outer header from the
+/// link's IPv6 address to the server's, the UDP checksum zero (RFC 6935:
+/// the inner packet carries its own, and the server's program reads it).
+#[inline(always)]
+fn outer6_headers(cfg: &TerminalConfig, link_id: u32, hdr: &[u8; 66]) -> Result<[u8; 86], u32> {
+    let src = T_LINKS6.get(link_id).ok_or(drops::LINK_MISSING)?;
+    let mut h = [0u8; 86];
+    h[..12].copy_from_slice(&hdr[..12]);
+    h[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    let plen = u16::from_be_bytes([hdr[ETH_LEN + 2], hdr[ETH_LEN + 3]]) - IPV4_LEN as u16;
+    h[ETH_LEN..ETH_LEN + IPV6_LEN].copy_from_slice(&ipv6_header(plen, src, &cfg.server_ip6));
+    // UDP (its checksum zero) and the bond header, as they were.
+    h[ETH_LEN + IPV6_LEN..].copy_from_slice(&hdr[ETH_LEN + IPV4_LEN..]);
+    h[ETH_LEN + IPV6_LEN + 6] = 0;
+    h[ETH_LEN + IPV6_LEN + 7] = 0;
+    Ok(h)
+}
+
+/// An outer IPv6 header for `plen` bytes of UDP from `src` to `dst`.
+#[inline(always)]
+fn ipv6_header(plen: u16, src: &[u8; 16], dst: &[u8; 16]) -> [u8; IPV6_LEN] {
+    let mut ip = [0u8; IPV6_LEN];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&plen.to_be_bytes());
+    ip[6] = IPPROTO_UDP;
+    ip[7] = wire::TTL;
+    ip[8..24].copy_from_slice(src);
+    ip[24..40].copy_from_slice(dst);
+    ip
+}
+
+/// The outer IPv6 header is this much longer than the IPv4 one.
+const GROWTH: i32 = (IPV6_LEN - IPV4_LEN) as i32;
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: plain helper call.
@@ -209,6 +266,9 @@ const PASS: Result<u32, u32> = Ok(xdp_action::XDP_PASS);
 
 #[inline(always)]
 fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
+    if read_u16(ctx, 12) == Some(ETH_P_IPV6) && !from_server6(ctx)? {
+        return PASS;
+    }
     let Some(d) = bond_data::<ETH_LEN>(ctx)? else {
         return PASS;
     };
@@ -291,6 +351,78 @@ fn bond_data<const L2: usize>(ctx: &impl Packet) -> Result<Option<Data>, u32> {
     }))
 }
 
+/// An IPv6 frame on an own link over IPv6: if it is UDP to that link's
+/// port, it must come from the server's IPv6 address (else it is dropped,
+/// `unknown_source`, as DATA from elsewhere over IPv4 is); then its outer
+/// header becomes the IPv4 form the rest of the program reads, from the
+/// server's IPv4 address, 20 bytes shorter. False for anything else,
+/// which passes untouched.
+#[inline(always)]
+fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
+    const IP6: usize = ETH_LEN;
+    const UDP6: usize = IP6 + IPV6_LEN;
+    let Some(h) = read::<8>(ctx, IP6) else {
+        return Ok(false);
+    };
+    let Some(port) = read_u16(ctx, UDP6 + 2) else {
+        return Ok(false);
+    };
+    // SAFETY: the value is only read; the agent replaces entries whole.
+    let to_link6 = unsafe { T_RELAY.get(port) }.is_some_and(|r| r.flags & LINK_V6 != 0);
+    if h[6] != IPPROTO_UDP || !to_link6 {
+        return Ok(false);
+    }
+    let cfg = T_CONFIG.get(0).ok_or(drops::UNKNOWN_SOURCE)?;
+    let src = read::<16>(ctx, IP6 + 8).ok_or(drops::TRUNCATED)?;
+    if u128::from_ne_bytes(src) != u128::from_ne_bytes(cfg.server_ip6) {
+        return Err(drops::UNKNOWN_SOURCE);
+    }
+    let plen = u16::from_be_bytes([h[4], h[5]]);
+    if UDP6 + usize::from(plen) > ctx.packet_len() {
+        return Err(drops::OUTER_BAD_HEADER);
+    }
+    let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, GROWTH) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let mut eth = [0u8; ETH_LEN];
+    eth[..12].copy_from_slice(&macs);
+    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    let t = (plen + IPV4_LEN as u16).to_be_bytes();
+    let s4 = cfg.server_ip.to_be_bytes();
+    let mut ip = [
+        wire::IPV4_VIHL,
+        0,
+        t[0],
+        t[1],
+        0,
+        0,
+        0x40,
+        0,
+        h[7],
+        IPPROTO_UDP,
+        0,
+        0,
+        s4[0],
+        s4[1],
+        s4[2],
+        s4[3],
+        0,
+        0,
+        0,
+        0,
+    ];
+    let c = bond_common::csum::ipv4_header(&ip).to_be_bytes();
+    ip[10] = c[0];
+    ip[11] = c[1];
+    if write(ctx, 0, eth) && write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + 26, [0u8; 2]) {
+        Ok(true)
+    } else {
+        Err(drops::TRUNCATED)
+    }
+}
+
 /// Where the bond header starts behind the outer IPv4 header.
 const BOND_AT: usize = wire::BOND_OFF - ETH_LEN;
 
@@ -301,9 +433,34 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
         return Err(drops::TOO_BIG);
     }
     to_server::<ETH_LEN>(ctx, cfg, relay)?;
+    if relay.flags & LINK_V6 != 0 {
+        to_outer6(ctx, cfg, relay.link)?;
+    }
     write_macs(ctx, relay.wan_mac, relay.gw_mac)?;
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(relay.wan_ifindex, 0) } as u32)
+}
+
+/// Turns DATA_UP's outer IPv4 header (pointed at the server) into IPv6
+/// from own link `link`'s address to the server's, 20 bytes longer; the
+/// UDP checksum is zero (see `outer6_headers`).
+#[inline(always)]
+fn to_outer6(ctx: &XdpContext, cfg: &TerminalConfig, link: u8) -> Result<(), u32> {
+    let src = T_LINKS6.get(u32::from(link)).ok_or(drops::LINK_MISSING)?;
+    let tot = read_u16(ctx, ETH_LEN + 2).ok_or(drops::TRUNCATED)?;
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -GROWTH) } != 0 {
+        return Err(drops::HELPER_FAILED);
+    }
+    let ip = ipv6_header(tot.wrapping_sub(IPV4_LEN as u16), src, &cfg.server_ip6);
+    let written = write(ctx, 12, ETH_P_IPV6.to_be_bytes())
+        && write(ctx, ETH_LEN, ip)
+        && write(ctx, ETH_LEN + IPV6_LEN + 6, [0u8; 2]);
+    if written {
+        Ok(())
+    } else {
+        Err(drops::TRUNCATED)
+    }
 }
 
 /// Points DATA_UP's outer IPv4 and UDP headers (at `L2`) from link

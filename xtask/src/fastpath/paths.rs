@@ -274,6 +274,7 @@ impl Dut {
                     data_port: DATA_PORT,
                     server_port: SERVER_PORT,
                     lan_mac,
+                    server_ip6: [0; 16],
                 })?;
                 maps.set_relay_link(
                     RELAY_PORT,

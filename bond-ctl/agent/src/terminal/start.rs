@@ -26,6 +26,7 @@ pub async fn run(
         data_port: cfg.data_port,
         server_port: cfg.server.port,
         lan_mac: lan.mac,
+        server_ip6: [0; 16],
     };
     // An adopted session goes on: same community and server, same token.
     let mut token = None;
