@@ -405,9 +405,10 @@ fn grow_outer(f: &mut [u8], by: u16) {
 
 /// A wrapped frame (outer IPv4) as a link over IPv6 carries it: the
 /// outer header IPv6 from `src` to `dst` with hop limit `hop`, the UDP
-/// checksum zero (RFC 6935), the rest as it was.
+/// checksum zero (RFC 6935), the rest as it was (bytes past the outer
+/// IPv4 total length too, which the payload length does not count).
 fn over_ipv6(frame: &[u8], src: Ipv6Addr, dst: Ipv6Addr, hop: u8) -> Vec<u8> {
-    let plen = (frame.len() - OUTER_UDP) as u16;
+    let plen = get16(frame, OUTER_IP + 2) - 20;
     let mut f = frame[..12].to_vec();
     f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
     f.extend_from_slice(&[0x60, 0, 0, 0]);

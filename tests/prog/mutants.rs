@@ -45,6 +45,14 @@ const WRAPPED6_LENS: [LenField; 4] = [
     (INNER + 4, INNER + 40),
     (INNER + 44, INNER + 40),
 ];
+/// A wrapped IPv4 frame over a link over IPv6: the outer payload and UDP
+/// lengths, the inner total length and an inner UDP length.
+const OVER6_LENS: [LenField; 4] = [
+    (OUTER_IP + 4, OUTER_IP + 40),
+    (OUTER_IP + 44, OUTER_IP + 40),
+    (INNER + 20 + 2, INNER + 20),
+    (INNER + 20 + 24, INNER + 40),
+];
 /// An IPv6 reply's payload length, and its UDP length.
 const REPLY6_LENS: [LenField; 2] = [
     (OUTER_IP + 4, OUTER_IP + 40),
@@ -188,6 +196,105 @@ fn terminal_survives_mutants() {
         "reasons seen: {:?}",
         tally.reasons
     );
+}
+
+/// `bond_terminal` with its link over IPv6 (`LINK_V6`) on mutants of
+/// what that link brings (DATA_DOWN for a peer and for this host, in
+/// outer IPv6 from the server) and of a peer's DATA_UP to it: each is
+/// dropped under one reason, passed untouched, unwrapped or relayed
+/// exactly as the IPv4 form would be (the one `bond_terminal` makes of
+/// it), and what goes up leaves in outer IPv6.
+#[test]
+fn terminal_survives_mutants_over_ipv6() {
+    use bond_common::maps::LINK_V6;
+    use term::*;
+    let t = term::setup("terminal-fuzz6");
+    t.maps.set_link6(RELAY_LINK, WAN6).unwrap();
+    let link = relay_link(RELAY_PORT, RELAY_LINK, 1500, LINK_V6);
+    t.maps.set_relay_link(RELAY_PORT, link).unwrap();
+    let c = t.counters();
+    let over6 = |w: &Wrapped| over_ipv6(&w.frame(), SERVER6, WAN6, 60);
+    let fixtures = [
+        (over6(&down_from_server(PEER, PEER_TOKEN)), &OVER6_LENS[..]),
+        (over6(&down_from_server(LAN_IP, TOKEN)), &OVER6_LENS[..]),
+        (up_from_peer().frame(), &OUTER_LENS[..]),
+    ];
+    // The IPv4 form `bond_terminal` makes of DATA from the server over
+    // IPv6 to the link's port; `None` for anything else.
+    let ipv4_form = |f: &[u8]| -> Option<Vec<u8>> {
+        let ours = f.len() >= 14 + 40 + 8
+            && get16(f, 12) == ETH_P_IPV6
+            && f[20] == 17
+            && f[22..38] == SERVER6.octets()
+            && get16(f, 56) == RELAY_PORT;
+        if !ours {
+            return None;
+        }
+        let mut ip = etherparse::Ipv4Header::new(
+            get16(f, 18),
+            f[21],
+            etherparse::IpNumber::UDP,
+            SERVER.octets(),
+            [0; 4],
+        )
+        .ok()?;
+        ip.dont_fragment = true;
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut v4 = f[..12].to_vec();
+        v4.extend_from_slice(&ETH_P_IP.to_be_bytes());
+        v4.extend_from_slice(&ip.to_bytes());
+        v4.extend_from_slice(&f[54..]);
+        Some(v4)
+    };
+    let mut rng = Rng(SEED);
+    let mut tally = Tally::default();
+    let mut before = c.read();
+    for k in 0..MUTANTS {
+        let (fixture, lens) = &fixtures[k % fixtures.len()];
+        let input = mutant(&mut rng, fixture, lens, 4200);
+        let what = format!("mutant {k} {input:02x?}");
+        let (v, out) = t.try_run("bond_terminal", &input).expect("test_run");
+        let after = c.read();
+        let grew = after.drops_since(&before);
+        before = after;
+        one_reason_per_drop(&what, v == XDP_DROP, &grew);
+        let seen = ipv4_form(&input);
+        let outcome = match (v, &seen) {
+            (XDP_DROP, _) => "dropped",
+            (XDP_PASS, _) if out == input => "untouched",
+            (XDP_PASS, Some(f)) => {
+                fuzz_check::unwrapped(&what, f, &out);
+                "unwrapped"
+            }
+            (XDP_REDIRECT, Some(f)) => fuzz_check::relayed(&what, f, &out),
+            (XDP_REDIRECT, None) => {
+                // Up from a peer: readdressed as over IPv4, in outer IPv6.
+                assert_eq!(input[BOND + 3], DATA_UP, "{what}: kind");
+                assert_eq!(term_out::port(&input), RELAY_PORT, "{what}: port");
+                assert!(input.len() + 20 <= 1500 + 14, "{what}: over the MTU");
+                // (Compared whole: a relay stamps nothing, and a mutant's
+                // send time of 0 is no open field.)
+                let up = over_ipv6(&term_out::up(&input), WAN6, SERVER6, 64);
+                assert!(
+                    out == up,
+                    "{what}: relayed up\n got: {out:02x?}\nwant: {up:02x?}"
+                );
+                "relayed up"
+            }
+            (v, _) => panic!("{what}: verdict {v}"),
+        };
+        tally.add(v, &grew, outcome);
+    }
+    eprintln!("terminal mutants over IPv6: {tally:#?}");
+    for o in [
+        "untouched",
+        "unwrapped",
+        "relayed up",
+        "relayed down",
+        "dropped",
+    ] {
+        assert!(tally.outcome(o) >= 200, "only {} {o}", tally.outcome(o));
+    }
 }
 
 /// `bond_terminal_l3` on mutants of what an L3 link brings (DATA_DOWN
@@ -679,6 +786,39 @@ mod fuzz_check {
         );
     }
 
+    /// A frame to the server over IPv6 from the link over IPv6 (`LINK6`,
+    /// `LINKS[2]`'s port) as the IPv4 form `bond_server_in6` makes of it,
+    /// with the link's registered IPv4 address in place of its
+    /// placeholder, so the IPv4 checks apply; `None` for anything else.
+    pub fn ipv4_form(f: &[u8]) -> Option<Vec<u8>> {
+        use srv::*;
+        let over6 = f.len() >= 14 + 40 + 8
+            && get16(f, 12) == ETH_P_IPV6
+            && f[20] == 17
+            && f[22..38] == LINK6.octets()
+            && f[38..54] == WAN_IP6.octets()
+            && get16(f, 54) == LINKS[2].port
+            && get16(f, 56) == PORT;
+        if !over6 {
+            return None;
+        }
+        let mut ip = etherparse::Ipv4Header::new(
+            get16(f, 18),
+            f[21],
+            etherparse::IpNumber::UDP,
+            LINKS[2].ip.octets(),
+            WAN_IP.octets(),
+        )
+        .ok()?;
+        ip.dont_fragment = true;
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut v4 = f[..12].to_vec();
+        v4.extend_from_slice(&ETH_P_IP.to_be_bytes());
+        v4.extend_from_slice(&ip.to_bytes());
+        v4.extend_from_slice(&f[54..]);
+        Some(v4)
+    }
+
     /// The answer to an origin's packet that expired at the server: ICMP
     /// time exceeded (or ICMPv6 Time Exceeded) from the NAT address to the
     /// packet's source, carrying its header and first 8 bytes, wrapped for
@@ -863,6 +1003,25 @@ fn server_survives_mutants() {
                 .unwrap();
             fixtures.push((error, &REPLY6_LENS[..1]));
         }
+        // Over a link over IPv6 (link 2 becomes one): A's flows again.
+        let l6 = LINKS[2];
+        let link6 = bond_common::maps::ServerLink {
+            ip: 0,
+            port: l6.port,
+            community: COMMUNITY,
+            link: l6.id,
+            flags: bond_common::maps::LINK_VALID,
+            _pad: [0; 2],
+            owner: 0,
+        };
+        s.maps.set_server_link6(l6.idx, LINK6, link6).unwrap();
+        for l4 in l4s {
+            let up = Up::new(l6, &Ip::new(ORIGIN_A, CONTENT, l4)).frame();
+            let frame = over_ipv6(&up, LINK6, WAN_IP6, 50);
+            let (v, _) = s.run("bond_server", &frame);
+            assert_eq!(v, XDP_REDIRECT, "over IPv6, a flow to mutate");
+            fixtures.push((frame, &OVER6_LENS[..]));
+        }
         let mut rng = Rng(SEED);
         let mut tally = Tally::default();
         let mut before = c.read();
@@ -871,6 +1030,11 @@ fn server_survives_mutants() {
             let input = mutant(&mut rng, fixture, lens, 4200);
             let what = format!("mutant {k} {input:02x?}");
             let (v, out) = s.try_run("bond_server", &input).expect("test_run");
+            // Over IPv6 to the server: checked as the IPv4 form it takes.
+            let (seen, over6) = match fuzz_check::ipv4_form(&input) {
+                Some(f) => (f, true),
+                None => (input.clone(), false),
+            };
             let after = c.read();
             let grew = after.drops_since(&before);
             let created = after.event_since(&before, event::FLOW_CREATED);
@@ -880,7 +1044,7 @@ fn server_survives_mutants() {
             let outcome = if expired > 0 {
                 assert_eq!((v, expired), (XDP_REDIRECT, 1), "{what}: time exceeded");
                 assert_eq!(grew, vec![("ttl_exceeded", 1)], "{what}: counted");
-                fuzz_check::time_exceeded(&what, &m, &input, &out);
+                fuzz_check::time_exceeded(&what, &m, &seen, &out);
                 "answered time exceeded"
             } else if answered > 0 {
                 // The one redirect that counts a drop: the reply it answers.
@@ -895,10 +1059,13 @@ fn server_survives_mutants() {
                     XDP_PASS if out == input => "untouched",
                     // Forwarded, by the FIB's next hop (redirect) or the
                     // kernel's (pass, the slow path).
-                    XDP_PASS | XDP_REDIRECT if out.len() + 52 == input.len() => {
-                        fuzz_check::up(&what, &m, &input, &out, v == XDP_PASS);
-                        if input[INNER] >> 4 == 6 {
+                    XDP_PASS | XDP_REDIRECT if out.len() + 52 == seen.len() => {
+                        fuzz_check::up(&what, &m, &seen, &out, v == XDP_PASS);
+                        if seen[INNER] >> 4 == 6 {
                             *tally.outcomes.entry("IPv6 forwarded up").or_default() += 1;
+                        }
+                        if over6 {
+                            *tally.outcomes.entry("over IPv6 forwarded up").or_default() += 1;
                         }
                         "forwarded up"
                     }

@@ -353,10 +353,10 @@ fn bond_data<const L2: usize>(ctx: &impl Packet) -> Result<Option<Data>, u32> {
 
 /// An IPv6 frame on an own link over IPv6: if it is UDP to that link's
 /// port, it must come from the server's IPv6 address (else it is dropped,
-/// `unknown_source`, as DATA from elsewhere over IPv4 is); then its outer
-/// header becomes the IPv4 form the rest of the program reads, from the
-/// server's IPv4 address, 20 bytes shorter. False for anything else,
-/// which passes untouched.
+/// `unknown_source`, as DATA from elsewhere over IPv4 is); then DATA's
+/// outer header becomes the IPv4 form the rest of the program reads, from
+/// the server's IPv4 address, 20 bytes shorter. False for anything else
+/// (a control message among them), which passes untouched.
 #[inline(always)]
 fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
     const IP6: usize = ETH_LEN;
@@ -380,6 +380,13 @@ fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
     let plen = u16::from_be_bytes([h[4], h[5]]);
     if UDP6 + usize::from(plen) > ctx.packet_len() {
         return Err(drops::OUTER_BAD_HEADER);
+    }
+    // Only DATA: a control message goes to the agent's socket as it came.
+    let b = read::<{ BondHdr::LEN }>(ctx, UDP6 + 8).ok_or(drops::TRUNCATED)?;
+    let b = BondHdr::from_bytes(b);
+    b.validate().map_err(|e| e.drop_reason())?;
+    if !b.is_data() {
+        return Ok(false);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
@@ -429,11 +436,13 @@ const BOND_AT: usize = wire::BOND_OFF - ETH_LEN;
 /// DATA_UP from a LAN peer to one of our links: on to the server.
 #[inline(always)]
 fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result<u32, u32> {
-    if ctx.packet_len() > usize::from(relay.mtu) + ETH_LEN {
+    let outer6 = relay.flags & LINK_V6 != 0;
+    let grows = if outer6 { GROWTH as usize } else { 0 };
+    if ctx.packet_len() + grows > usize::from(relay.mtu) + ETH_LEN {
         return Err(drops::TOO_BIG);
     }
     to_server::<ETH_LEN>(ctx, cfg, relay)?;
-    if relay.flags & LINK_V6 != 0 {
+    if outer6 {
         to_outer6(ctx, cfg, relay.link)?;
     }
     write_macs(ctx, relay.wan_mac, relay.gw_mac)?;
