@@ -152,7 +152,7 @@ fn run(msgs: &[Vec<u8>], process: bool) -> anyhow::Result<Result> {
                     table.login(m.community, m.origin, Duration::from_secs(60), t, || {
                         m.token
                     });
-                    let via = Some((m.link, src));
+                    let via = Some((m.link, src.into()));
                     let interval = Duration::from_millis(u64::from(*interval_ms));
                     if table
                         .announce(m.community, m.origin, m.token, via, interval, links, t)

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -193,8 +193,9 @@ pub struct ServerLinkRow {
     pub community: u16,
     pub link: u8,
     pub owner: Ipv4Addr,
-    /// Where the link's announces came from: its public address and port.
-    pub addr: SocketAddrV4,
+    /// Where the link's announces came from: its public address (IPv4, or
+    /// IPv6 for a link over IPv6) and port.
+    pub addr: SocketAddr,
     pub down: u32,
     pub missed: u32,
     /// The MTU the owner announced for it (0: not said).
@@ -209,7 +210,7 @@ pub struct ServerLinkRow {
 struct Term {
     token: u64,
     live: Liveness,
-    links: BTreeMap<u8, (LinkAd, SocketAddrV4, Liveness)>,
+    links: BTreeMap<u8, (LinkAd, SocketAddr, Liveness)>,
 }
 
 /// Why the server refused an announce.
@@ -299,7 +300,7 @@ impl ServerTable {
         community: u16,
         origin: Ipv4Addr,
         token: u64,
-        via: Option<(u8, SocketAddrV4)>,
+        via: Option<(u8, SocketAddr)>,
         interval: Duration,
         links: &[LinkAd],
         now: Instant,
@@ -364,7 +365,7 @@ impl ServerTable {
         community: u16,
         origin: Ipv4Addr,
         token: u64,
-        links: &[(LinkAd, SocketAddrV4)],
+        links: &[(LinkAd, SocketAddr)],
         interval: Duration,
         now: Instant,
     ) {
@@ -553,8 +554,8 @@ mod tests {
         assert_eq!(t.owner(3), None);
     }
 
-    fn addr(n: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, n), 7701)
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(198, 51, 100, n), 7701))
     }
 
     #[test]
@@ -588,6 +589,35 @@ mod tests {
         assert_eq!(
             s.announce(1, ip(1), 5, Some((2, addr(1))), SEC, &links, t0),
             Err(Refusal::UnknownLink)
+        );
+    }
+
+    /// A community mixes links over IPv4 and IPv6: each is where its
+    /// announces came from, and a link that moves from one family to the
+    /// other (an LTE modem that lost its IPv4) is a change.
+    #[test]
+    fn server_learns_links_over_either_family() {
+        let t0 = Instant::now();
+        let mut s = ServerTable::new(3);
+        s.login(1, ip(1), SEC, t0, || 1);
+        let v6 = SocketAddr::from((
+            std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 1, 0, 0, 0, 2),
+            7702,
+        ));
+        let links = [ad(1, 1, 10), ad(2, 2, 20)];
+        s.announce(1, ip(1), 1, Some((1, addr(1))), SEC, &links, t0)
+            .unwrap();
+        assert_eq!(
+            s.announce(1, ip(1), 1, Some((2, v6)), SEC, &links, t0),
+            Ok(true)
+        );
+        let rows = s.links(Some(1), t0);
+        let at: Vec<(u8, SocketAddr)> = rows.iter().map(|r| (r.link, r.addr)).collect();
+        assert_eq!(at, vec![(1, addr(1)), (2, v6)]);
+        assert_eq!(
+            s.announce(1, ip(1), 1, Some((1, v6)), SEC, &links, t0),
+            Ok(true),
+            "link 1 now over IPv6"
         );
     }
 

@@ -2,7 +2,7 @@
 //! neighbours over rtnetlink; sysctls; and the offload switches of bond0.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -518,7 +518,8 @@ pub fn bind_to_device(sock: &impl AsRawFd, dev: &str) -> Result<()> {
 
 /// A non-blocking UDP socket on `addr`, tied to `dev` if given, allowed
 /// to send broadcasts, for tokio.
-pub fn udp_socket(addr: SocketAddrV4, dev: Option<&str>) -> Result<tokio::net::UdpSocket> {
+pub fn udp_socket(addr: impl Into<SocketAddr>, dev: Option<&str>) -> Result<tokio::net::UdpSocket> {
+    let addr = addr.into();
     let sock = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
     if let Some(dev) = dev {
         bind_to_device(&sock, dev)?;
@@ -612,21 +613,24 @@ pub fn timestamp_arrivals(sock: &tokio::net::UdpSocket) -> Result<()> {
     Ok(())
 }
 
-/// A received datagram: its length, source, and the kernel's receive time
-/// (CLOCK_REALTIME, ns; 0 without [`timestamp_arrivals`]).
+/// A received datagram: its length, source (IPv4 or IPv6, as the socket
+/// is), and the kernel's receive time (CLOCK_REALTIME, ns; 0 without
+/// [`timestamp_arrivals`]).
 pub async fn recv_stamped(
     sock: &tokio::net::UdpSocket,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddrV4, u64)> {
+) -> std::io::Result<(usize, SocketAddr, u64)> {
     use std::os::fd::AsRawFd as _;
 
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    use nix::sys::socket::{
+        ControlMessageOwned, MsgFlags, SockaddrLike as _, SockaddrStorage, recvmsg,
+    };
     loop {
         sock.readable().await?;
         let r = sock.try_io(tokio::io::Interest::READABLE, || {
             let mut iov = [std::io::IoSliceMut::new(buf)];
             let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
-            let msg = recvmsg::<SockaddrIn>(
+            let msg = recvmsg::<SockaddrStorage>(
                 sock.as_raw_fd(),
                 &mut iov,
                 Some(&mut cmsg),
@@ -643,10 +647,16 @@ pub async fn recv_stamped(
                     _ => None,
                 })
                 .unwrap_or(0);
-            let src = msg
-                .address
-                .map(|a| SocketAddrV4::new(a.ip(), a.port()))
-                .unwrap_or_else(|| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            let src = match msg.address {
+                Some(a) if a.family() == Some(nix::sys::socket::AddressFamily::Inet6) => a
+                    .as_sockaddr_in6()
+                    .map(|a| SocketAddr::V6(SocketAddrV6::new(a.ip(), a.port(), 0, 0))),
+                Some(a) => a
+                    .as_sockaddr_in()
+                    .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port()))),
+                None => None,
+            }
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
             Ok((msg.bytes, src, at))
         });
         match r {

@@ -359,8 +359,9 @@ pub struct TerminalRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkRow {
     pub link: u8,
-    /// Its public address and port, as the server sees them.
-    pub address: SocketAddrV4,
+    /// Its public address (IPv4, or IPv6 for a link over IPv6) and port,
+    /// as the server sees them.
+    pub address: SocketAddr,
     pub down: u32,
     pub missed: u32,
 }

@@ -20,6 +20,9 @@ pub struct ServerConfig {
     pub instance: String,
     /// The address terminals send to.
     pub address: Ipv4Addr,
+    /// The IPv6 address links that have only IPv6 send to (on the same
+    /// port); without it, a link over IPv6 cannot reach this server.
+    pub address6: Option<std::net::Ipv6Addr>,
     #[serde(default = "default_port")]
     pub port: u16,
     /// Source address of flows towards content servers.

@@ -770,6 +770,17 @@ impl Maps {
         )
     }
 
+    /// The IPv6 address of link `idx` over IPv6 ([`Self::set_server_link6`]).
+    pub fn server_link6(&self, idx: u32) -> Result<std::net::Ipv6Addr> {
+        self.array::<[u8; 16]>(name::S_LINKS6)?
+            .get(&idx, 0)
+            .map(std::net::Ipv6Addr::from)
+            .map_err(|source| Error::Map {
+                name: name::S_LINKS6,
+                source,
+            })
+    }
+
     pub fn server_link(&self, idx: u32) -> Result<ServerLink> {
         self.array::<ServerLink>(name::S_LINKS)?
             .get(&idx, 0)

@@ -2,13 +2,13 @@
 //! trains, feedback and resends.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use bond_api::{Call, Request};
-use bond_common::maps::{ServerLink, name};
+use bond_common::maps::name;
 use bond_datapath::flows;
 use bond_proto::control::{Body, Gap, Msg, Reply, flags};
 use tokio::{
@@ -16,7 +16,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Agent, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey};
+use super::{Agent, Applied, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey};
 use crate::{
     Exit,
     feedback::{self, Model},
@@ -32,30 +32,23 @@ impl Agent {
     /// The server's index of link `link` of community `c`, if origin `o`
     /// announced it and `src` is its address: where echoes are answered
     /// and trains sent, so nobody can aim them elsewhere.
-    pub(super) fn owned_link(
-        &self,
-        c: u16,
-        link: u8,
-        o: Ipv4Addr,
-        src: SocketAddrV4,
-    ) -> Option<u32> {
-        let (idx, l) = self.applied.get(&(c, link))?;
-        (l.owner == u32::from(o) && (l.ip, l.port) == (u32::from(*src.ip()), src.port()))
-            .then_some(*idx)
+    pub(super) fn owned_link(&self, c: u16, link: u8, o: Ipv4Addr, src: SocketAddr) -> Option<u32> {
+        let a = self.applied.get(&(c, link))?;
+        (a.entry.owner == u32::from(o) && a.addr == src).then_some(a.idx)
     }
 
     /// The ways to origin `o` of community `c`: its own lit link, and a
     /// lit link of a peer, which passes messages on over the LAN.
-    pub(super) fn ways_to(&self, c: u16, o: Ipv4Addr) -> [Option<(u8, SocketAddrV4)>; 2] {
+    pub(super) fn ways_to(&self, c: u16, o: Ipv4Addr) -> [Option<(u8, SocketAddr)>; 2] {
         let lit = || {
             self.applied
                 .range((c, 0)..=(c, u8::MAX))
                 .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
-                .map(|(&(_, id), &(_, l))| (id, l))
+                .map(|(&(_, id), a)| (id, a))
         };
-        let to = |(id, l): (u8, ServerLink)| (id, SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port));
-        let own = lit().find(|(_, l)| l.owner == u32::from(o)).map(to);
-        let peer = lit().find(|(_, l)| l.owner != u32::from(o)).map(to);
+        let owner = |a: &Applied| a.entry.owner == u32::from(o);
+        let own = lit().find(|(_, a)| owner(a)).map(|(id, a)| (id, a.addr));
+        let peer = lit().find(|(_, a)| !owner(a)).map(|(id, a)| (id, a.addr));
         [own, peer]
     }
 
@@ -95,7 +88,7 @@ impl Agent {
     ) -> Result<Exit> {
         let stop = wait_for_signal();
         tokio::pin!(stop);
-        let mut buf = vec![0u8; 2048];
+        let (mut buf, mut buf6) = (vec![0u8; 2048], vec![0u8; 2048]);
         let mut trains = tokio::time::interval(TRAIN_WAIT / 5);
         let mut dark_check = tokio::time::interval(DARK_CHECK);
         dark_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,16 +180,17 @@ impl Agent {
                     let r = self.receive(&msg, src, at_ns).await;
                     self.faults.survive("control_message", r);
                 }
+                r = recv_on(self.sock6.as_ref(), &mut buf6) => {
+                    let Ok((n, src, at_ns)) = r else { continue };
+                    let msg = buf6[..n].to_vec();
+                    let r = self.receive(&msg, src, at_ns).await;
+                    self.faults.survive("control_message", r);
+                }
             }
         }
     }
 
-    pub(super) async fn receive(
-        &mut self,
-        buf: &[u8],
-        src: SocketAddrV4,
-        at_ns: u64,
-    ) -> Result<()> {
+    pub(super) async fn receive(&mut self, buf: &[u8], src: SocketAddr, at_ns: u64) -> Result<()> {
         let keys = &self.keys;
         let msg = match self.guard.open(buf, |c| keys.get(&c)) {
             Ok(m) => m,
@@ -308,10 +302,10 @@ impl Agent {
                     return Ok(());
                 }
                 for q in links {
-                    if let Some((idx, _)) = self.applied.get(&(c, q.link)) {
+                    if let Some(a) = self.applied.get(&(c, q.link)) {
                         self.corrector.report(feedback::Report {
                             model: Model::Down(c),
-                            id: *idx,
+                            id: a.idx,
                             queue: *q,
                         });
                     }
@@ -429,9 +423,16 @@ impl Agent {
                 self.resends.no_link += 1;
                 continue;
             };
-            let l = self.maps.server_link(idx)?;
-            let to = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
-            match self.sock.send_to(&resend::again(bytes, l.link), to).await {
+            let Some(a) = self.applied.values().find(|a| a.idx == idx) else {
+                self.resends.no_link += 1;
+                continue;
+            };
+            let (link, to) = (a.entry.link, a.addr);
+            match self
+                .socket_for(to)
+                .send_to(&resend::again(bytes, link), to)
+                .await
+            {
                 Ok(_) => self.resends.sent += 1,
                 Err(_) => self.rejects.count("send_failed"),
             }
@@ -441,7 +442,7 @@ impl Agent {
 
     /// Sends `body` about a terminal's link (community, origin, link),
     /// signed with its community's key, to `dst`.
-    pub(super) async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddrV4) {
+    pub(super) async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddr) {
         let (community, origin, link) = about;
         let Some(key) = self.keys.get(&community) else {
             return;
@@ -457,9 +458,29 @@ impl Agent {
             body,
         }
         .encode(key);
-        if self.sock.send_to(&m, dst).await.is_err() {
+        if self.socket_for(dst).send_to(&m, dst).await.is_err() {
             self.rejects.count("send_failed");
         }
+    }
+
+    /// The socket that reaches `dst`: the IPv6 one for an IPv6 address
+    /// (the IPv4 one, which refuses it, when there is none).
+    pub(super) fn socket_for(&self, dst: SocketAddr) -> &tokio::net::UdpSocket {
+        match (dst, &self.sock6) {
+            (SocketAddr::V6(_), Some(s)) => s,
+            _ => &self.sock,
+        }
+    }
+}
+
+/// [`recv_stamped`] on `sock`, or never without one.
+async fn recv_on(
+    sock: Option<&tokio::net::UdpSocket>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, u64)> {
+    match sock {
+        Some(s) => recv_stamped(s, buf).await,
+        None => std::future::pending().await,
     }
 }
 

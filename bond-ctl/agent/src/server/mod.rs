@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -46,8 +46,10 @@ struct Agent {
     guard: Guard,
     counter: Counter,
     sock: UdpSocket,
-    /// Links written to the maps: (community, link id) -> (index, entry).
-    applied: BTreeMap<(u16, u8), (u32, ServerLink)>,
+    /// The socket on `address6`, for links over IPv6 (none without it).
+    sock6: Option<UdpSocket>,
+    /// Links written to the maps, by (community, link id).
+    applied: BTreeMap<(u16, u8), Applied>,
     free_idx: Vec<u32>,
     next_idx: u32,
     rejects: Tally,
@@ -55,7 +57,7 @@ struct Agent {
     faults: Tally,
     /// Upstream trains in flight, with when they started and where the
     /// report goes.
-    trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddrV4)>,
+    trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddr)>,
     /// When each (community, link) last got a downstream train.
     sent_trains: HashMap<(u16, u8), Instant>,
     /// When each (community, link) last brought its owner's echo, and
@@ -84,6 +86,16 @@ struct Agent {
     /// Relative delays (ns) of the links found at adoption, by community
     /// and link index, used until each link's owner announces again.
     adopted_delay: HashMap<(u16, u32), u32>,
+}
+
+/// A link as written to the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Applied {
+    idx: u32,
+    entry: ServerLink,
+    /// Where it is: `entry`'s address and port, or for a link over IPv6
+    /// (whose `entry.ip` is 0) its IPv6 address (`S_LINKS6`).
+    addr: SocketAddr,
 }
 
 mod deny;

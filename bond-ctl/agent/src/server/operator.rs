@@ -51,7 +51,7 @@ impl Agent {
     pub(super) fn link_of(&self, c: u16, idx: u32) -> Option<u8> {
         self.applied
             .iter()
-            .find(|((community, _), (i, _))| *community == c && *i == idx)
+            .find(|((community, _), a)| *community == c && a.idx == idx)
             .map(|((_, link), _)| *link)
     }
 
@@ -149,8 +149,8 @@ impl Agent {
         let rows = self.table.links(None, now);
         let mut stats = Vec::new();
         for r in &rows {
-            if let Some((idx, _)) = self.applied.get(&(r.community, r.link)) {
-                stats.push((r, self.maps.server_link_stats(*idx)?));
+            if let Some(a) = self.applied.get(&(r.community, r.link)) {
+                stats.push((r, self.maps.server_link_stats(a.idx)?));
             }
         }
         let labels = |r: &crate::membership::ServerLinkRow, dir: &str| {

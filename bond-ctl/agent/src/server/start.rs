@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     time::Instant,
 };
@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use bond_api::Call;
 use bond_common::{
     edpf::Paths,
-    maps::{LINK_VALID, ServerConfig as ServerMap, name},
+    maps::{LINK_V6, LINK_VALID, ServerConfig as ServerMap, name},
 };
 use bond_config::ServerConfig;
 use bond_datapath::{
@@ -22,7 +22,7 @@ use bond_datapath::{
 use bond_proto::control::{Counter, Guard, LinkAd};
 use tokio::sync::mpsc;
 
-use super::{ADOPT_INTERVAL, Agent};
+use super::{ADOPT_INTERVAL, Agent, Applied};
 use crate::{
     Exit, Pins, Tally,
     feedback::Corrector,
@@ -55,7 +55,7 @@ pub async fn run(
         link_mtu: cfg.link_mtu,
         per_origin: cfg.flows.per_origin,
         nat_ip6: cfg.nat_address6.map_or([0; 16], |a| a.octets()),
-        wan_ip6: [0; 16],
+        wan_ip6: cfg.address6.map_or([0; 16], |a| a.octets()),
     };
     maps.set_server_config(map_cfg)?;
     let deny = super::deny::prefixes(&cfg).context("field `deny`")?;
@@ -78,7 +78,7 @@ pub async fn run(
     // source is one of our own addresses; the dedicated ports are kept from
     // the host's own sockets.
     sysctl("net.ipv4.ip_forward", "1")?;
-    if cfg.nat_address6.is_some() {
+    if cfg.nat_address6.is_some() || cfg.address6.is_some() {
         // (The datapath's IPv6 route lookups answer only where it is on.)
         sysctl("net.ipv6.conf.all.forwarding", "1")?;
     }
@@ -128,6 +128,15 @@ pub async fn run(
     let sock = udp_socket(SocketAddrV4::new(cfg.address, cfg.port), None)
         .context("fields `address`, `port`")?;
     timestamp_arrivals(&sock)?;
+    let sock6 = match cfg.address6 {
+        Some(a) => {
+            let s = udp_socket(std::net::SocketAddrV6::new(a, cfg.port, 0, 0), None)
+                .context("fields `address6`, `port`")?;
+            timestamp_arrivals(&s)?;
+            Some(s)
+        }
+        None => None,
+    };
     eprintln!(
         "bond-ctl: server {}:{} up: {} communities, {pushed} dedicated ports {lo}-{hi} on {}",
         cfg.address,
@@ -145,6 +154,7 @@ pub async fn run(
         guard: Guard::new(bond_proto::SKEW_MS),
         counter: Counter::new(),
         sock,
+        sock6,
         applied: BTreeMap::new(),
         free_idx: Vec::new(),
         next_idx: 0,
@@ -180,7 +190,7 @@ impl Agent {
     /// (scaled) downstream weights.
     pub(super) fn adopt(&mut self) -> Result<()> {
         let now = Instant::now();
-        let mut by_term: BTreeMap<(u16, Ipv4Addr), Vec<(LinkAd, SocketAddrV4)>> = BTreeMap::new();
+        let mut by_term: BTreeMap<(u16, Ipv4Addr), Vec<(LinkAd, SocketAddr)>> = BTreeMap::new();
         let mut rates: HashMap<u16, BTreeMap<u32, u32>> = HashMap::new();
         for (key, idx) in self.maps.server_link_index()? {
             let l = self.maps.server_link(idx)?;
@@ -204,16 +214,25 @@ impl Agent {
                 mtu: 0,
                 ..Default::default()
             };
-            let addr = SocketAddrV4::new(Ipv4Addr::from(l.ip), l.port);
+            let addr = if l.flags & LINK_V6 != 0 {
+                SocketAddr::from((self.maps.server_link6(idx)?, l.port))
+            } else {
+                SocketAddr::from((Ipv4Addr::from(l.ip), l.port))
+            };
             by_term
                 .entry((l.community, Ipv4Addr::from(l.owner)))
                 .or_default()
                 .push((ad, addr));
-            self.applied.insert((l.community, l.link), (idx, l));
+            let applied = Applied {
+                idx,
+                entry: l,
+                addr,
+            };
+            self.applied.insert((l.community, l.link), applied);
             self.next_idx = self.next_idx.max(idx + 1);
         }
         self.free_idx = (0..self.next_idx)
-            .filter(|i| !self.applied.values().any(|(idx, _)| idx == i))
+            .filter(|i| !self.applied.values().any(|a| a.idx == *i))
             .collect();
         let sessions = self.maps.sessions()?;
         for (k, s) in &sessions {

@@ -1,17 +1,17 @@
 //! Keeping the maps true: reloads, link MTUs, dark links and each
 //! community's sessions, links and downstream schedule.
 
-use std::{collections::HashMap, time::Instant};
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
 use anyhow::Result;
 use bond_common::{
     edpf::DEFAULT_BACKLOG_US,
-    maps::{LINK_VALID, ServerLink},
+    maps::{LINK_V6, LINK_VALID, ServerLink},
 };
 use bond_config::{Config, ServerConfig};
 use bond_proto::CommunityKey;
 
-use super::Agent;
+use super::{Agent, Applied};
 use crate::{feedback::Model, pathmon, playout};
 
 impl Agent {
@@ -94,7 +94,13 @@ impl Agent {
         community: u16,
         rows: &[crate::membership::ServerLinkRow],
     ) -> Result<()> {
-        match rows.iter().map(|r| r.mtu).filter(|&m| m != 0).min() {
+        // A link over IPv6 carries 20 bytes more of outer header: the IPv4
+        // form the datapath checks against must be that much smaller.
+        let ipv4_form = |r: &crate::membership::ServerLinkRow| match r.addr {
+            SocketAddr::V6(_) if r.mtu != 0 => r.mtu.saturating_sub(20).max(1),
+            _ => r.mtu,
+        };
+        match rows.iter().map(ipv4_form).filter(|&m| m != 0).min() {
             Some(m) => self.community_mtu.insert(community, m),
             None => self.community_mtu.remove(&community),
         };
@@ -126,14 +132,14 @@ impl Agent {
         let idxs = self.echoes.keys().filter_map(|k| self.applied.get(k));
         let received: HashMap<u32, u64> = self
             .maps
-            .server_links_stats(idxs.map(|(idx, _)| *idx))?
+            .server_links_stats(idxs.map(|a| a.idx))?
             .into_iter()
             .map(|(idx, s)| (idx, s.up_pkts))
             .collect();
         let mut changed = Vec::new();
         for (&(c, link), seen) in &mut self.echoes {
-            let idx = self.applied.get(&(c, link)).map(|(idx, _)| idx);
-            if let Some(n) = idx.and_then(|idx| received.get(idx)) {
+            let idx = self.applied.get(&(c, link)).map(|a| a.idx);
+            if let Some(n) = idx.and_then(|idx| received.get(&idx)) {
                 seen.traffic(now, *n);
             }
             if seen.check(now) {
@@ -160,32 +166,44 @@ impl Agent {
         let mut rtts = Vec::new();
         let mut keep = Vec::new();
         for r in &rows {
+            // A link over IPv6: its address in `S_LINKS6`, `ip` 0.
+            let (ip, v6) = match r.addr {
+                SocketAddr::V4(a) => (u32::from(*a.ip()), None),
+                SocketAddr::V6(a) => (0, Some(*a.ip())),
+            };
             let entry = ServerLink {
-                ip: u32::from(*r.addr.ip()),
+                ip,
                 port: r.addr.port(),
                 community,
                 link: r.link,
-                flags: LINK_VALID,
+                flags: LINK_VALID | if v6.is_some() { LINK_V6 } else { 0 },
                 _pad: [0; 2],
                 owner: u32::from(r.owner),
             };
+            let write = |idx: u32| match v6 {
+                Some(a) => self.maps.set_server_link6(idx, a, entry),
+                None => self.maps.set_server_link(idx, entry),
+            };
             let idx = match self.applied.get(&(community, r.link)) {
-                Some((idx, old)) => {
-                    if *old != entry {
-                        self.maps.set_server_link(*idx, entry)?;
+                Some(old) => {
+                    if (old.entry, old.addr) != (entry, r.addr) {
+                        write(old.idx)?;
                     }
-                    *idx
+                    old.idx
                 }
                 None => {
-                    let idx = self.free_idx.pop().unwrap_or_else(|| {
-                        self.next_idx += 1;
-                        self.next_idx - 1
-                    });
-                    self.maps.set_server_link(idx, entry)?;
+                    let idx = self.free_idx.pop().unwrap_or(self.next_idx);
+                    write(idx)?;
+                    self.next_idx = self.next_idx.max(idx + 1);
                     idx
                 }
             };
-            self.applied.insert((community, r.link), (idx, entry));
+            let applied = Applied {
+                idx,
+                entry,
+                addr: r.addr,
+            };
+            self.applied.insert((community, r.link), applied);
             let dark = r.dark
                 || self
                     .echoes
@@ -235,7 +253,7 @@ impl Agent {
             .collect();
         for k in gone {
             self.echoes.remove(&k);
-            if let Some((idx, _)) = self.applied.remove(&k) {
+            if let Some(Applied { idx, .. }) = self.applied.remove(&k) {
                 self.maps.clear_server_link(idx)?;
                 self.corrector.forget(Model::Down(community), idx);
                 self.adopted_delay.remove(&(community, idx));

@@ -303,7 +303,8 @@ fn spawn_reader(
         let mut buf = vec![0u8; 2048];
         loop {
             match recv_stamped(&sock, &mut buf).await {
-                Ok((n, src, at_ns)) => {
+                // (A terminal's sockets are IPv4.)
+                Ok((n, std::net::SocketAddr::V4(src), at_ns)) => {
                     let r = Received {
                         from,
                         buf: buf[..n].to_vec(),
@@ -314,6 +315,7 @@ fn spawn_reader(
                         return;
                     }
                 }
+                Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
