@@ -233,9 +233,10 @@ const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 48);
 
 /// `UpLink::flags` bit: the entry is in use.
 pub const LINK_VALID: u8 = 1;
-/// `RelayLink::flags` bit: the link's device has no Ethernet header (PPP,
-/// raw-IP modem, tun, WireGuard). XDP cannot send to it: the LAN's TC
-/// program relays to it, and its own TC program receives from it.
+/// `RelayLink::flags` and `UpLink::flags` bit: the link's device has no
+/// Ethernet header (PPP, raw-IP modem, tun, WireGuard). XDP cannot send to
+/// it: the LAN's TC program relays to it, and its own TC program receives
+/// from it; `bond_wrap` makes the skb's protocol the outer header's.
 pub const LINK_L3: u8 = 2;
 /// `ServerLink::flags` (and, on terminals, `UpLink::flags` and
 /// `RelayLink::flags`) bit: the link reaches the server over IPv6. Its

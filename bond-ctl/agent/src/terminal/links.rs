@@ -139,7 +139,8 @@ impl Agent {
     /// resolve.
     pub(super) fn l3_valid(&mut self, i: usize) -> Result<()> {
         let o = &mut self.own[i];
-        o.entry.flags = LINK_VALID;
+        // (`LINK_L3`: `bond_wrap` gives the skb the outer protocol.)
+        o.entry.flags = LINK_VALID | LINK_L3;
         self.maps.set_up_link(o.ad.id, o.entry)?;
         Ok(self.maps.set_relay_link(o.ad.port, o.relay)?)
     }
