@@ -324,6 +324,21 @@ pub fn outer_headers(
     h
 }
 
+/// The outer IPv6 header of a link over IPv6, for `plen` bytes of UDP
+/// (its checksum zero, RFC 6935) from `src` to `dst`: hop limit 64, no
+/// flow label, no extension headers.
+#[inline(always)]
+pub fn outer6_header(plen: u16, src: &[u8; 16], dst: &[u8; 16]) -> [u8; IPV6_LEN] {
+    let mut ip = [0u8; IPV6_LEN];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&plen.to_be_bytes());
+    ip[6] = IPPROTO_UDP;
+    ip[7] = TTL;
+    ip[8..24].copy_from_slice(src);
+    ip[24..40].copy_from_slice(dst);
+    ip
+}
+
 /// ICMP error types (RFC 792): destination unreachable, time exceeded,
 /// parameter problem.
 pub const ICMP_UNREACHABLE: u8 = 3;

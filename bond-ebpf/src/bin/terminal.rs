@@ -31,7 +31,7 @@ use bond_common::{
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_LEN, IPV6_LEN, OUTER_LEN, kind,
+        IPV4_LEN, IPV6_LEN, OUTER_LEN, UDP_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -223,25 +223,16 @@ fn outer6_headers(cfg: &TerminalConfig, link_id: u32, hdr: &[u8; 66]) -> Result<
     h[..12].copy_from_slice(&hdr[..12]);
     h[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     let plen = u16::from_be_bytes([hdr[ETH_LEN + 2], hdr[ETH_LEN + 3]]) - IPV4_LEN as u16;
-    h[ETH_LEN..ETH_LEN + IPV6_LEN].copy_from_slice(&ipv6_header(plen, src, &cfg.server_ip6));
+    h[ETH_LEN..ETH_LEN + IPV6_LEN].copy_from_slice(&wire::outer6_header(
+        plen,
+        src,
+        &cfg.server_ip6,
+    ));
     // UDP (its checksum zero) and the bond header, as they were.
     h[ETH_LEN + IPV6_LEN..].copy_from_slice(&hdr[ETH_LEN + IPV4_LEN..]);
     h[ETH_LEN + IPV6_LEN + 6] = 0;
     h[ETH_LEN + IPV6_LEN + 7] = 0;
     Ok(h)
-}
-
-/// An outer IPv6 header for `plen` bytes of UDP from `src` to `dst`.
-#[inline(always)]
-fn ipv6_header(plen: u16, src: &[u8; 16], dst: &[u8; 16]) -> [u8; IPV6_LEN] {
-    let mut ip = [0u8; IPV6_LEN];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&plen.to_be_bytes());
-    ip[6] = IPPROTO_UDP;
-    ip[7] = wire::TTL;
-    ip[8..24].copy_from_slice(src);
-    ip[24..40].copy_from_slice(dst);
-    ip
 }
 
 /// The outer IPv6 header is this much longer than the IPv4 one.
@@ -382,7 +373,11 @@ fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
         return Err(drops::UNKNOWN_SOURCE);
     }
     let plen = u16::from_be_bytes([h[4], h[5]]);
-    if UDP6 + usize::from(plen) > ctx.packet_len() {
+    let ulen = read_u16(ctx, UDP6 + 4).ok_or(drops::TRUNCATED)?;
+    if ulen != plen
+        || usize::from(plen) < UDP_LEN + BondHdr::LEN
+        || UDP6 + usize::from(plen) > ctx.packet_len()
+    {
         return Err(drops::OUTER_BAD_HEADER);
     }
     // Only DATA: a control message goes to the agent's socket as it came.
@@ -393,6 +388,7 @@ fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
         return Ok(false);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
+    let sport = read_u16(ctx, UDP6).ok_or(drops::TRUNCATED)?;
     // SAFETY: plain helper call; packet pointers are re-derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, GROWTH) } != 0 {
         return Err(drops::HELPER_FAILED);
@@ -400,34 +396,9 @@ fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
     let mut eth = [0u8; ETH_LEN];
     eth[..12].copy_from_slice(&macs);
     eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let t = (plen + IPV4_LEN as u16).to_be_bytes();
-    let s4 = cfg.server_ip.to_be_bytes();
-    let mut ip = [
-        wire::IPV4_VIHL,
-        0,
-        t[0],
-        t[1],
-        0,
-        0,
-        0x40,
-        0,
-        h[7],
-        IPPROTO_UDP,
-        0,
-        0,
-        s4[0],
-        s4[1],
-        s4[2],
-        s4[3],
-        0,
-        0,
-        0,
-        0,
-    ];
-    let c = bond_common::csum::ipv4_header(&ip).to_be_bytes();
-    ip[10] = c[0];
-    ip[11] = c[1];
-    if write(ctx, 0, eth) && write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + 26, [0u8; 2]) {
+    let inner_len = plen - (UDP_LEN + BondHdr::LEN) as u16;
+    let outer = wire::outer_headers((cfg.server_ip, sport), (0, port), inner_len);
+    if write(ctx, 0, eth) && write(ctx, ETH_LEN, outer) {
         Ok(true)
     } else {
         Err(drops::TRUNCATED)
@@ -465,7 +436,7 @@ fn to_outer6(ctx: &XdpContext, cfg: &TerminalConfig, link: u8) -> Result<(), u32
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -GROWTH) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    let ip = ipv6_header(tot.wrapping_sub(IPV4_LEN as u16), src, &cfg.server_ip6);
+    let ip = wire::outer6_header(tot.wrapping_sub(IPV4_LEN as u16), src, &cfg.server_ip6);
     let written = write(ctx, 12, ETH_P_IPV6.to_be_bytes())
         && write(ctx, ETH_LEN, ip)
         && write(ctx, ETH_LEN + IPV6_LEN + 6, [0u8; 2]);

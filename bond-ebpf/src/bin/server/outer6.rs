@@ -107,36 +107,9 @@ fn try_in6(ctx: &XdpContext) -> Result<u32, u32> {
     let mut eth = [0u8; ETH_LEN];
     eth[..12].copy_from_slice(&macs);
     eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let t = (plen + IPV4_LEN as u16).to_be_bytes();
-    let (s4, d4) = (link.ip.to_be_bytes(), cfg.wan_ip.to_be_bytes());
-    let mut ip = [
-        wire::IPV4_VIHL,
-        0,
-        t[0],
-        t[1],
-        0,
-        0,
-        0x40, // DF
-        0,
-        h[7], // the hop limit left
-        IPPROTO_UDP,
-        0,
-        0,
-        s4[0],
-        s4[1],
-        s4[2],
-        s4[3],
-        d4[0],
-        d4[1],
-        d4[2],
-        d4[3],
-    ];
-    let c = csum::ipv4_header(&ip).to_be_bytes();
-    ip[10] = c[0];
-    ip[11] = c[1];
-    // The UDP checksum, over IPv6's pseudo-header, would be wrong: zero
-    // (none) is IPv4's.
-    if !(write(ctx, 0, eth) && write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + 26, [0u8; 2])) {
+    let inner_len = plen - (UDP_LEN + BondHdr::LEN) as u16;
+    let outer = wire::outer_headers((link.ip, sport), (cfg.wan_ip, cfg.port), inner_len);
+    if !(write(ctx, 0, eth) && write(ctx, ETH_LEN, outer)) {
         return Err(drops::TRUNCATED);
     }
     let word = S_FROM6.get_ptr_mut(0).ok_or(drops::HELPER_FAILED)?;
@@ -187,13 +160,7 @@ fn try_out6(ctx: &XdpContext) -> Result<u32, u32> {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -GROWTH) } != 0 {
         return Err(drops::HELPER_FAILED);
     }
-    let u = ulen.to_be_bytes();
-    let written = write(
-        ctx,
-        IP6,
-        [0x60, 0, 0, 0, u[0], u[1], IPPROTO_UDP, wire::TTL],
-    ) && write(ctx, IP6 + 8, cfg.wan_ip6)
-        && write(ctx, IP6 + 24, dst)
+    let written = write(ctx, IP6, wire::outer6_header(ulen, &cfg.wan_ip6, &dst))
         && write(ctx, UDP6 + 6, [0u8; 2]);
     if !written {
         return Err(drops::TRUNCATED);
