@@ -270,7 +270,7 @@ fn a_new_address_is_taken_up_and_the_server_sends_to_it() {
     t.carries_within("renumbered", Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(500));
     t.carries_within("renumbered, still", Duration::from_secs(1));
-    assert_eq!(own_link(&t.lab).address, Some(new));
+    assert_eq!(own_link(&t.lab).address, Some(new.into()));
     let links = t.lab.server_links().unwrap();
     let row = links
         .links
@@ -278,7 +278,8 @@ fn a_new_address_is_taken_up_and_the_server_sends_to_it() {
         .find(|l| l.link == LINK)
         .expect("link 3 at the server");
     assert_eq!(
-        row.address, new,
+        row.address.ip(),
+        new,
         "the server sends link 3's packets elsewhere: {row:?}"
     );
     let tns = t.lab.terminals[1].ns.clone();
@@ -334,7 +335,7 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
         .unwrap();
     });
     let old = t.lab.terminals[1].links[1].modem_ip;
-    assert_eq!(own_link(&t.lab).gateway, Some(old));
+    assert_eq!(own_link(&t.lab).gateway, Some(old.into()));
     t.lab.renumber(LINK, true).unwrap();
     t.carries_within("new lease, new next hop", Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(300));
@@ -343,8 +344,8 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
     assert_eq!(
         (row.address, row.gateway),
         (
-            Some(Ipv4Addr::new(100, 64, 3, 2)),
-            Some(Ipv4Addr::new(100, 64, 3, 1))
+            Some(Ipv4Addr::new(100, 64, 3, 2).into()),
+            Some(Ipv4Addr::new(100, 64, 3, 1).into())
         ),
         "{row:?}"
     );
@@ -366,7 +367,6 @@ fn a_new_next_hop_from_the_default_route_is_followed() {
 #[test]
 fn an_l3_link_bonds_with_an_ethernet_link() {
     use bond_lab::LinkSpec;
-    use sha2::{Digest, Sha256};
     let spec = [vec![LinkSpec::rate(20).on_l3()], vec![LinkSpec::rate(20)]];
     let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
     lab.start_agents().expect("start agents");
@@ -377,6 +377,162 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
     let st = lab.terminal_status(&ns1, &inst1).unwrap();
     assert!(!st.links[0].ethernet, "{st:?}");
     assert!(st.links[0].active, "{st:?}");
+    let want = each_origin_shares_both_links(&mut lab, "L3");
+    // IPv6 inside, t1's own: its L3 link hands the replies up as IPv6 and
+    // carries its wraps as IPv4 (the tunnel drops a packet whose kernel
+    // protocol is not its version, as PPP or WireGuard would garble it).
+    t1_shares_both_links_over_ipv6_inside(&lab, &want);
+    let t1 = Maps::new(pin_dir(Path::new(DEFAULT_BPFFS), &inst1));
+    // Nothing the L3 paths could have dropped (IPv6 into bond0 and a full
+    // schedule are the origin's, whatever its links).
+    let drops: Vec<_> = t1
+        .terminal_drops()
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.1 != 0)
+        .collect();
+    eprintln!("t1's drops: {drops:?}");
+    assert!(
+        drops
+            .iter()
+            .all(|(r, _)| ["not_ipv4", "links_full"].contains(r)),
+        "t1 dropped {drops:?}"
+    );
+}
+
+/// Link 1 (t1's only one) has only IPv6, as many LTE uplinks do; link 2
+/// (t2's) IPv4. t1 reaches the server's IPv6 address over it, by the next
+/// hop of the link's IPv6 default route (`auto`: the modem's link-local
+/// address): both links carry each origin's share both ways, t1's own
+/// traffic and t2's relayed through the IPv6 link, IPv4 and IPv6 inside;
+/// the server knows each link by the address of its family.
+#[test]
+fn a_link_with_only_ipv6_bonds_with_an_ipv4_link() {
+    use bond_lab::LinkSpec;
+    let spec = [
+        vec![LinkSpec::rate(20).over_ipv6()],
+        vec![LinkSpec::rate(20)],
+    ];
+    let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
+    lab.auto_gateways.push(1);
+    lab.start_agents().expect("start agents");
+    let (wan6, _) = lab.terminals[0].links[0].v6.expect("link 1 over IPv6");
+    let (ns1, inst1) = (&lab.terminals[0].ns, &lab.terminals[0].instance);
+    let st = lab.terminal_status(ns1, inst1).unwrap();
+    let l1 = &st.links[0];
+    assert_eq!(l1.address, Some(wan6.into()), "{st:?}");
+    assert_eq!(l1.gateway, Some("fe80::1".parse().unwrap()), "{st:?}");
+    assert!(l1.active && !l1.dark, "{st:?}");
+    // The server: link 1 at the terminal's IPv6 address, link 2 at its
+    // IPv4 one, in its session table and its link counters.
+    let rows = lab.server_terminals().unwrap();
+    let at = |link: u8| {
+        rows.iter()
+            .flat_map(|t| &t.links)
+            .find(|l| l.link == link)
+            .map(|l| l.address)
+            .unwrap_or_else(|| panic!("the server has no link {link}: {rows:?}"))
+    };
+    let port1 = lab.terminals[0].links[0].port;
+    assert_eq!(at(1), std::net::SocketAddr::from((wan6, port1)));
+    assert!(at(2).is_ipv4(), "{rows:?}");
+    let counters = lab.server_links().unwrap();
+    let shown: Vec<_> = counters.links.iter().map(|l| (l.link, l.address)).collect();
+    assert!(shown.contains(&(1, at(1))), "{shown:?}");
+    let want = each_origin_shares_both_links(&mut lab, "IPv6");
+    t1_shares_both_links_over_ipv6_inside(&lab, &want);
+    // Nothing dropped on the way over IPv6 at either end.
+    let bpffs = Path::new(DEFAULT_BPFFS);
+    let t1 = Maps::new(pin_dir(bpffs, &lab.terminals[0].instance));
+    let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
+    let (td, sd) = (
+        nonzero(t1.terminal_drops().unwrap()),
+        nonzero(server.server_drops().unwrap()),
+    );
+    eprintln!("t1's drops: {td:?}; the server's: {sd:?}");
+    let harmless = ["not_ipv4", "links_full", "no_flow", "slow_path"];
+    for (who, d) in [("t1", &td), ("the server", &sd)] {
+        assert!(
+            d.iter().all(|(r, _)| harmless.contains(r)),
+            "{who} dropped {d:?}"
+        );
+    }
+}
+
+/// The drop counters that are not zero.
+fn nonzero(drops: Vec<(&'static str, u64)>) -> Vec<(&'static str, u64)> {
+    drops.into_iter().filter(|d| d.1 != 0).collect()
+}
+
+/// t1's own IPv6 (inside): a 20 MiB `curl -6` download (its SHA-256
+/// `want`) and a 10 MB `iperf3 -6` upload, each link carrying at least
+/// 30% of each.
+fn t1_shares_both_links_over_ipv6_inside(lab: &Lab, want: &str) {
+    use sha2::{Digest, Sha256};
+    let ns1 = lab.terminals[0].ns.clone();
+    let inst1 = lab.terminals[0].instance.clone();
+    let bpffs = Path::new(DEFAULT_BPFFS);
+    let t1 = Maps::new(pin_dir(bpffs, &inst1));
+    let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
+    let stats = |m: &Maps, link: u8| {
+        m.terminal_link_stats()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.0 == link)
+            .map(|s| s.2)
+            .unwrap_or_default()
+    };
+    let server_down = |link: u8| {
+        let idx = server.server_link_index().unwrap();
+        let (_, i) = idx.into_iter().find(|(k, _)| k.link == link).unwrap();
+        server.server_link_stats(i).unwrap().down_bytes
+    };
+    let up = |m: &Maps, link: u8| stats(m, link).up_bytes;
+    let content6 = bond_lab::CONTENT6.to_string();
+    let before = [server_down(1), server_down(2)];
+    let t1_before = stats(&t1, 1);
+    let out = lab.dir.join("t1-v6.bin");
+    let url = format!("http://[{content6}]/20m.bin");
+    let (bytes, secs) = lab.fetch(&ns1, &[], &url, &out).expect("curl over IPv6");
+    let got = format!("{:x}", Sha256::digest(std::fs::read(&out).unwrap()));
+    assert_eq!(
+        (bytes, &got),
+        (20 << 20, &want.to_string()),
+        "IPv6: the file differs"
+    );
+    let down = [server_down(1) - before[0], server_down(2) - before[1]];
+    eprintln!("t1 over IPv6: 20 MiB in {secs:.2} s; down per link {down:?}");
+    let total = (down[0] + down[1]) as f64;
+    for (l, d) in down.iter().enumerate() {
+        assert!(
+            *d as f64 > 0.3 * total,
+            "IPv6: link {} carried {d} of {total}",
+            l + 1
+        );
+    }
+    assert!(stats(&t1, 1).down_bytes > t1_before.down_bytes);
+    let before = [up(&t1, 1), up(&t1, 2)];
+    lab.iperf3(&ns1, &[], &["-6", "-c", &content6, "-n", "10M"])
+        .expect("upload over IPv6");
+    let sent = [up(&t1, 1) - before[0], up(&t1, 2) - before[1]];
+    eprintln!("t1 over IPv6: 10 MB up, per link {sent:?}");
+    let total = (sent[0] + sent[1]) as f64;
+    for (l, d) in sent.iter().enumerate() {
+        assert!(
+            *d as f64 > 0.3 * total,
+            "IPv6: link {} sent {d} of {total} up",
+            l + 1
+        );
+    }
+}
+
+/// A 20 MiB download and a 10 MB upload from each of t1 (whose only
+/// link, 1, is `kind`) and t2 (link 2, and t1's relayed): each link
+/// carries at least 30% of each, and link 1's counters at t1 show its own
+/// traffic and t2's relayed. Returns the file's SHA-256.
+fn each_origin_shares_both_links(lab: &mut Lab, kind: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let inst1 = lab.terminals[0].instance.clone();
     let bpffs = Path::new(DEFAULT_BPFFS);
     let t1 = Maps::new(pin_dir(bpffs, &inst1));
     let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
@@ -396,8 +552,8 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
     let served = lab.serve_file("20m.bin", 20).unwrap();
     let want = format!("{:x}", Sha256::digest(std::fs::read(&served).unwrap()));
     for (i, what) in [
-        (0, "t1 (its only link L3)"),
-        (1, "t2 (relayed through t1's L3 link)"),
+        (0, format!("t1 (its only link {kind})")),
+        (1, format!("t2 (relayed through t1's {kind} link)")),
     ] {
         let before = [server_down(1), server_down(2)];
         let (t1_before, t1_own) = (stats(&t1, 1), i == 0);
@@ -448,8 +604,8 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
     };
     let t2 = Maps::new(pin_dir(bpffs, &lab.terminals[1].instance));
     for (i, what) in [
-        (0, "t1 (its only link L3)"),
-        (1, "t2 (relayed through t1's L3 link)"),
+        (0, format!("t1 (its only link {kind})")),
+        (1, format!("t2 (relayed through t1's {kind} link)")),
     ] {
         let origin = if i == 0 { &t1 } else { &t2 };
         let l1 = |o: &Maps| {
@@ -461,8 +617,15 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
         };
         let before = [l1(origin), up(origin, 2, false)];
         let ns = lab.terminals[i].ns.clone();
-        lab.iperf3(&ns, &[], &["-c", "203.0.113.2", "-n", "10M"])
-            .expect("upload");
+        if let Err(e) = lab.iperf3(&ns, &[], &["-c", "203.0.113.2", "-n", "10M"]) {
+            panic!(
+                "{what}: upload: {e:#}\nt1 dropped {:?}, t2 {:?}, the server {:?}\nt1 link 1: {:?}",
+                nonzero(t1.terminal_drops().unwrap()),
+                nonzero(t2.terminal_drops().unwrap()),
+                nonzero(server.server_drops().unwrap()),
+                stats(&t1, 1),
+            );
+        }
         let sent = [l1(origin) - before[0], up(origin, 2, false) - before[1]];
         eprintln!("{what}: 10 MB up, per link {sent:?}");
         let total = (sent[0] + sent[1]) as f64;
@@ -474,56 +637,7 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
             );
         }
     }
-    // IPv6 inside, t1's own: its L3 link hands the replies up as IPv6 and
-    // carries its wraps as IPv4 (the tunnel drops a packet whose kernel
-    // protocol is not its version, as PPP or WireGuard would garble it).
-    let content6 = bond_lab::CONTENT6.to_string();
-    let before = [server_down(1), server_down(2)];
-    let t1_before = stats(&t1, 1);
-    let out = lab.dir.join("t1-v6.bin");
-    let url = format!("http://[{content6}]/20m.bin");
-    let (bytes, secs) = lab.fetch(&ns1, &[], &url, &out).expect("curl over IPv6");
-    let got = format!("{:x}", Sha256::digest(std::fs::read(&out).unwrap()));
-    assert_eq!((bytes, &got), (20 << 20, &want), "IPv6: the file differs");
-    let down = [server_down(1) - before[0], server_down(2) - before[1]];
-    eprintln!("t1 over IPv6: 20 MiB in {secs:.2} s; down per link {down:?}");
-    let total = (down[0] + down[1]) as f64;
-    for (l, d) in down.iter().enumerate() {
-        assert!(
-            *d as f64 > 0.3 * total,
-            "IPv6: link {} carried {d} of {total}",
-            l + 1
-        );
-    }
-    assert!(stats(&t1, 1).down_bytes > t1_before.down_bytes);
-    let before = [up(&t1, 1, false), up(&t1, 2, false)];
-    lab.iperf3(&ns1, &[], &["-6", "-c", &content6, "-n", "10M"])
-        .expect("upload over IPv6");
-    let sent = [up(&t1, 1, false) - before[0], up(&t1, 2, false) - before[1]];
-    eprintln!("t1 over IPv6: 10 MB up, per link {sent:?}");
-    let total = (sent[0] + sent[1]) as f64;
-    for (l, d) in sent.iter().enumerate() {
-        assert!(
-            *d as f64 > 0.3 * total,
-            "IPv6: link {} sent {d} of {total} up",
-            l + 1
-        );
-    }
-    // Nothing the L3 paths could have dropped (IPv6 into bond0 and a full
-    // schedule are the origin's, whatever its links).
-    let drops: Vec<_> = t1
-        .terminal_drops()
-        .unwrap()
-        .into_iter()
-        .filter(|d| d.1 != 0)
-        .collect();
-    eprintln!("t1's drops: {drops:?}");
-    assert!(
-        drops
-            .iter()
-            .all(|(r, _)| ["not_ipv4", "links_full"].contains(r)),
-        "t1 dropped {drops:?}"
-    );
+    want
 }
 
 /// Figure 1 with every veth left as `ip link add` makes it (checksum

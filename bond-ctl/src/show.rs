@@ -5,14 +5,14 @@
 //! too), and `links` and `flows`, read from the maps here, are built as
 //! those types. docs/operator.md shows each shape.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 use bond_api::reply::{
     Counts, FlowRow, Flows, LinkCounters, Links, Peers, ServerLinkCounters, ServerLinks, Status,
     TerminalLinkCounters, TerminalLinks, WeightMode,
 };
-use bond_common::maps::{FLOW_CLOSING, name};
+use bond_common::maps::{FLOW_CLOSING, LINK_V6, name};
 use serde_json::Value;
 
 use bond_datapath::{Maps, monotonic_ns};
@@ -185,11 +185,14 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
         let mut links = Vec::new();
         for (k, i) in idx {
             let l = maps.server_link(i)?;
+            let ip = match l.flags & LINK_V6 {
+                0 => IpAddr::from(Ipv4Addr::from(l.ip)),
+                _ => maps.server_link6(i)?.into(),
+            };
             links.push(ServerLinkCounters {
                 community: k.community,
                 link: k.link,
-                address: Ipv4Addr::from(l.ip),
-                port: l.port,
+                address: SocketAddr::new(ip, l.port),
                 counters: (&maps.server_link_stats(i)?).into(),
             });
         }
@@ -252,7 +255,7 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
                     "{:>9} {:>4} {:>21} {:>10} {:>12} {:>10} {:>12}",
                     l.community,
                     l.link,
-                    format!("{}:{}", l.address, l.port),
+                    l.address.to_string(),
                     c.up_pkts,
                     c.up_bytes,
                     c.down_pkts,

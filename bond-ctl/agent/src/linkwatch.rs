@@ -1,5 +1,6 @@
-//! Following the host's interfaces as they change: rtnetlink's link, IPv4
-//! address and default route events, reduced to what an agent acts on. A
+//! Following the host's interfaces as they change: rtnetlink's link,
+//! address and default route events (IPv4 and IPv6), reduced to what an
+//! agent acts on. A
 //! modem is unplugged and plugged back (the interface goes and comes with
 //! a new index), a line loses its carrier, a DHCP lease renews with a new
 //! address or next hop: the agent hears it at once, with no polling.
@@ -30,9 +31,10 @@ pub enum Change {
     },
     /// Interface `name` (`index`) was removed.
     Gone { name: String, index: u32 },
-    /// An IPv4 address came or went on interface `index`.
+    /// An address came or went (or passed duplicate address detection)
+    /// on interface `index`.
     Address { index: u32 },
-    /// An IPv4 default route came or went, out of interface `index`.
+    /// A default route came or went, out of interface `index`.
     DefaultRoute { index: u32 },
 }
 
@@ -40,6 +42,8 @@ pub enum Change {
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_IPV4_IFADDR: u32 = 1 << 4;
 const RTMGRP_IPV4_ROUTE: u32 = 1 << 6;
+const RTMGRP_IPV6_IFADDR: u32 = 1 << 8;
+const RTMGRP_IPV6_ROUTE: u32 = 1 << 10;
 
 /// Starts listening; changes arrive on the channel until it is dropped.
 pub fn watch() -> Result<mpsc::UnboundedReceiver<Change>> {
@@ -49,7 +53,11 @@ pub fn watch() -> Result<mpsc::UnboundedReceiver<Change>> {
         .socket_mut()
         .bind(&SocketAddr::new(
             0,
-            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+            RTMGRP_LINK
+                | RTMGRP_IPV4_IFADDR
+                | RTMGRP_IPV4_ROUTE
+                | RTMGRP_IPV6_IFADDR
+                | RTMGRP_IPV6_ROUTE,
         ))
         .context("joining rtnetlink's link, address and route groups")?;
     tokio::spawn(conn);
@@ -79,7 +87,7 @@ pub fn change(m: &RouteNetlinkMessage) -> Option<Change> {
             name: name(l)?,
             index: l.header.index,
         }),
-        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => ipv4(a),
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => address(a),
         RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => default_route(r),
         _ => None,
     }
@@ -92,10 +100,14 @@ fn name(l: &LinkMessage) -> Option<String> {
     })
 }
 
-/// An IPv4 default route's interface: the agent's own host routes to the
+/// A default route's interface: the agent's own host routes to the
 /// server, and every other route, change nothing it follows.
 fn default_route(r: &RouteMessage) -> Option<Change> {
-    if r.header.address_family != AddressFamily::Inet || r.header.destination_prefix_length != 0 {
+    let ip = matches!(
+        r.header.address_family,
+        AddressFamily::Inet | AddressFamily::Inet6
+    );
+    if !ip || r.header.destination_prefix_length != 0 {
         return None;
     }
     r.attributes.iter().find_map(|a| match a {
@@ -104,8 +116,9 @@ fn default_route(r: &RouteMessage) -> Option<Change> {
     })
 }
 
-fn ipv4(a: &AddressMessage) -> Option<Change> {
-    (a.header.family == AddressFamily::Inet).then_some(Change::Address {
+fn address(a: &AddressMessage) -> Option<Change> {
+    let ip = matches!(a.header.family, AddressFamily::Inet | AddressFamily::Inet6);
+    ip.then_some(Change::Address {
         index: a.header.index,
     })
 }
@@ -161,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn only_ipv4_addresses_count() {
+    fn ip_addresses_of_either_family_count() {
         let mut a = AddressMessage::default();
         a.header.index = 4;
         a.header.family = AddressFamily::Inet;
@@ -169,7 +182,13 @@ mod tests {
             change(&RouteNetlinkMessage::DelAddress(a.clone())),
             Some(Change::Address { index: 4 })
         );
+        // (A link over IPv6 follows its address, and its passing DAD.)
         a.header.family = AddressFamily::Inet6;
+        assert_eq!(
+            change(&RouteNetlinkMessage::NewAddress(a.clone())),
+            Some(Change::Address { index: 4 })
+        );
+        a.header.family = AddressFamily::Packet;
         assert_eq!(change(&RouteNetlinkMessage::NewAddress(a)), None);
     }
 
@@ -188,6 +207,10 @@ mod tests {
         );
         // The agent's own host routes to the server.
         assert_eq!(change(&route(32, AddressFamily::Inet)), None);
-        assert_eq!(change(&route(0, AddressFamily::Inet6)), None);
+        assert_eq!(change(&route(128, AddressFamily::Inet6)), None);
+        assert_eq!(
+            change(&route(0, AddressFamily::Inet6)),
+            Some(Change::DefaultRoute { index: 5 })
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! neighbours over rtnetlink; sysctls; and the offload switches of bond0.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    address::AddressAttribute,
+    address::{AddressAttribute, AddressHeaderFlags, AddressScope},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     nsid::{NsidAttribute, NsidMessage},
@@ -155,6 +155,35 @@ impl Net {
         bail!("interface {} has no IPv4 address", iface.name)
     }
 
+    /// A global IPv6 address of an interface, once duplicate address
+    /// detection has passed it; one not deprecated if there is one.
+    pub async fn ipv6(&self, iface: &Iface) -> Result<Ipv6Addr> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(iface.index)
+            .execute();
+        let mut best = None;
+        while let Some(msg) = addrs.try_next().await? {
+            let h = &msg.header;
+            let unusable = AddressHeaderFlags::Tentative | AddressHeaderFlags::Dadfailed;
+            if h.scope != AddressScope::Universe || h.flags.intersects(unusable) {
+                continue;
+            }
+            let deprecated = h.flags.contains(AddressHeaderFlags::Deprecated);
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V6(ip)) = a
+                    && best.is_none_or(|(old, _)| old && !deprecated)
+                {
+                    best = Some((deprecated, *ip));
+                }
+            }
+        }
+        best.map(|(_, ip)| ip)
+            .ok_or_else(|| anyhow!("interface {} has no global IPv6 address", iface.name))
+    }
+
     /// Creates the capture device: a veth pair whose far end only sinks what
     /// bond_wrap does not redirect. No ARP (routes point straight at it),
     /// Sets an interface's MTU.
@@ -276,16 +305,17 @@ impl Net {
         }
     }
 
-    /// The next hop of interface `dev`'s default route (the one of least
-    /// metric), as a DHCP client or an LTE modem manager sets it; `None`
-    /// if it has none.
-    pub async fn default_gateway(&self, dev: u32) -> Result<Option<Ipv4Addr>> {
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        let mut best: Option<(u32, Ipv4Addr)> = None;
+    /// The next hop of interface `dev`'s default route of the family
+    /// (`v6`: IPv6) the one of least metric, as a DHCP client, router
+    /// advertisements or an LTE modem manager set it; `None` if it has
+    /// none.
+    pub async fn default_gateway(&self, dev: u32, v6: bool) -> Result<Option<IpAddr>> {
+        let family = match v6 {
+            true => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            false => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        };
+        let mut routes = self.handle.route().get(family).execute();
+        let mut best: Option<(u32, IpAddr)> = None;
         while let Some(r) = routes.try_next().await? {
             if r.header.destination_prefix_length != 0 {
                 continue;
@@ -294,7 +324,8 @@ impl Net {
             for a in &r.attributes {
                 match a {
                     RouteAttribute::Oif(i) => oif = Some(*i),
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(IpAddr::V4(*g)),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gw = Some(IpAddr::V6(*g)),
                     RouteAttribute::Priority(m) => metric = *m,
                     _ => {}
                 }
@@ -309,38 +340,38 @@ impl Net {
         Ok(best.map(|(_, g)| g))
     }
 
-    /// `ip route replace DST/32 via GW dev DEV metric METRIC`: how a
-    /// socket tied to one WAN interface reaches the server over it.
-    /// A host route to `dst` out of `dev`, by way of `gw` if given.
+    /// `ip route replace DST via GW dev DEV metric METRIC`, a host route
+    /// (/32, /128) by way of `gw` if given: how a socket tied to one WAN
+    /// interface reaches the server over it.
     pub async fn host_route_via(
         &self,
-        dst: Ipv4Addr,
-        gw: Option<Ipv4Addr>,
+        dst: IpAddr,
+        gw: Option<IpAddr>,
         dev: u32,
         metric: u32,
     ) -> Result<()> {
         self.handle
             .route()
-            .add(host_route(dst, gw, dev, metric))
+            .add(host_route(dst, gw, dev, metric)?)
             .replace()
             .execute()
             .await
             .with_context(|| match gw {
-                Some(gw) => format!("route {dst}/32 via {gw} metric {metric}"),
-                None => format!("route {dst}/32 dev {dev} metric {metric}"),
+                Some(gw) => format!("route {dst} via {gw} metric {metric}"),
+                None => format!("route {dst} dev {dev} metric {metric}"),
             })
     }
 
     pub async fn delete_host_route(
         &self,
-        dst: Ipv4Addr,
-        gw: Option<Ipv4Addr>,
+        dst: IpAddr,
+        gw: Option<IpAddr>,
         dev: u32,
         metric: u32,
     ) -> Result<()> {
         self.handle
             .route()
-            .del(host_route(dst, gw, dev, metric))
+            .del(host_route(dst, gw, dev, metric)?)
             .execute()
             .await?;
         Ok(())
@@ -348,16 +379,18 @@ impl Net {
 
     /// What the kernel knows of `ip` on interface `dev`: its neighbour
     /// entry, if it has one.
-    async fn neighbor_entry(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<NeighbourMessage>> {
-        let mut neighs = self
-            .handle
-            .neighbours()
-            .get()
-            .set_family(IpVersion::V4)
-            .execute();
+    async fn neighbor_entry(&self, dev: u32, ip: IpAddr) -> Result<Option<NeighbourMessage>> {
+        let family = if ip.is_ipv4() {
+            IpVersion::V4
+        } else {
+            IpVersion::V6
+        };
+        let mut neighs = self.handle.neighbours().get().set_family(family).execute();
         while let Some(n) = neighs.try_next().await? {
-            let is_ip = n.attributes.iter().any(|a| {
-                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
+            let is_ip = n.attributes.iter().any(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip == *d,
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => ip == *d,
+                _ => false,
             });
             if n.header.ifindex == dev && n.header.kind == RouteType::Unicast && is_ip {
                 return Ok(Some(n));
@@ -370,16 +403,16 @@ impl Net {
     /// if it knows nothing): a line whose carrier is back resolves its next
     /// hop at once, instead of when a resolution begun while it was down
     /// next tries (a second later).
-    pub async fn forget_neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<()> {
-        if let Some(n) = self.neighbor_entry(dev, ip).await? {
+    pub async fn forget_neighbor(&self, dev: u32, ip: impl Into<IpAddr>) -> Result<()> {
+        if let Some(n) = self.neighbor_entry(dev, ip.into()).await? {
             self.handle.neighbours().del(n).execute().await?;
         }
         Ok(())
     }
 
     /// The resolved MAC of `ip` on interface `dev`, if the kernel has one.
-    pub async fn neighbor(&self, dev: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
-        let Some(n) = self.neighbor_entry(dev, ip).await? else {
+    pub async fn neighbor(&self, dev: u32, ip: impl Into<IpAddr>) -> Result<Option<[u8; 6]>> {
+        let Some(n) = self.neighbor_entry(dev, ip.into()).await? else {
             return Ok(None);
         };
         if matches!(
@@ -395,16 +428,24 @@ impl Net {
     }
 }
 
-/// `DST/32 via GW dev DEV metric METRIC`.
-fn host_route(dst: Ipv4Addr, gw: Option<Ipv4Addr>, dev: u32, metric: u32) -> RouteMessage {
-    let r = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32);
-    match gw {
-        Some(gw) => r.gateway(gw),
+/// `DST/32 via GW dev DEV metric METRIC` (/128 for IPv6); the next hop
+/// of the destination's family.
+fn host_route(dst: IpAddr, gw: Option<IpAddr>, dev: u32, metric: u32) -> Result<RouteMessage> {
+    if gw.is_some_and(|gw| gw.is_ipv4() != dst.is_ipv4()) {
+        bail!(
+            "route {dst}: next hop {} is of the other family",
+            gw.unwrap_or(dst)
+        );
+    }
+    let len = if dst.is_ipv4() { 32 } else { 128 };
+    let r = RouteMessageBuilder::<IpAddr>::new().destination_prefix(dst, len)?;
+    Ok(match gw {
+        Some(gw) => r.gateway(gw)?,
         None => r.scope(RouteScope::Link),
     }
     .output_interface(dev)
     .priority(metric)
-    .build()
+    .build())
 }
 
 /// Name of the playout's hold device.
@@ -484,12 +525,18 @@ pub fn open_tun(name: &str, frames: Frames, nonblock: bool) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Makes the kernel resolve `ip` on `dev`: one empty datagram to the discard
-/// port, sent out of that interface.
-pub fn poke_neighbor(dev: &str, ip: Ipv4Addr) -> Result<()> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
+/// Makes the kernel resolve `ip` on `dev` (ARP, or neighbour discovery):
+/// one empty datagram to the discard port, sent out of that interface.
+pub fn poke_neighbor(dev: &str, ip: impl Into<IpAddr>) -> Result<()> {
+    // (A link-local next hop is on the interface the socket is tied to.)
+    let to = SocketAddr::new(ip.into(), 9);
+    let any: IpAddr = match to {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind((any, 0))?;
     bind_to_device(&sock, dev)?;
-    let _ = sock.send_to(&[], SocketAddrV4::new(ip, 9));
+    let _ = sock.send_to(&[], to);
     Ok(())
 }
 

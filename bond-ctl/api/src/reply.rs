@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use bond_config::Fallback;
@@ -104,8 +104,9 @@ pub struct OwnLink {
     pub carrier: bool,
     /// False on an L3 device (PPP, raw-IP modem, tun, WireGuard).
     pub ethernet: bool,
-    pub address: Option<Ipv4Addr>,
-    pub gateway: Option<Ipv4Addr>,
+    /// Its address: IPv4, or IPv6 for a link over IPv6.
+    pub address: Option<IpAddr>,
+    pub gateway: Option<IpAddr>,
     /// The base round trip to the server; None until the first echo.
     pub rtt_ms: Option<f64>,
 }
@@ -449,8 +450,8 @@ pub struct TerminalLinkCounters {
 pub struct ServerLinkCounters {
     pub community: u16,
     pub link: u8,
-    pub address: Ipv4Addr,
-    pub port: u16,
+    /// Its public address and port: IPv4, or IPv6 for a link over IPv6.
+    pub address: SocketAddr,
     #[serde(flatten)]
     pub counters: LinkCounters,
 }

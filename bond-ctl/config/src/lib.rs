@@ -98,6 +98,21 @@ impl Prefix {
             IpAddr::V4(_) => None,
         }
     }
+
+    /// Whether `ip` (of the prefix's family) lies in it.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (
+                u128::from(u32::from(a)) << 96,
+                u128::from(u32::from(b)) << 96,
+                32,
+            ),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let len = u32::from(self.len).min(bits);
+        len == 0 || (a ^ b) >> (128 - len) == 0
+    }
 }
 
 impl<'de> Deserialize<'de> for Prefix {
@@ -385,12 +400,47 @@ down = 5
         assert_eq!(gateway(""), Ok(None));
         assert_eq!(
             gateway("gateway = \"198.51.100.133\""),
-            Ok(Some(Gateway::At(Ipv4Addr::new(198, 51, 100, 133))))
+            Ok(Some(Gateway::At(Ipv4Addr::new(198, 51, 100, 133).into())))
+        );
+        // IPv6 (a link over IPv6) only with the server's IPv6 address.
+        let e = gateway("gateway = \"fe80::1\"").unwrap_err();
+        assert!(
+            e.contains("links[0].gateway") && e.contains("server.address6"),
+            "{e}"
         );
         assert_eq!(gateway("gateway = \"auto\""), Ok(Some(Gateway::Auto)));
         let e = gateway("gateway = \"the modem\"").unwrap_err();
         assert!(
             e.contains("gateway") && e.contains("the modem") && e.contains("\"auto\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_server_ipv6_address_takes_ipv6_next_hops_and_is_never_captured() {
+        let six = TERMINAL.replace(
+            "server = { address = \"198.51.100.1\" }",
+            "server = { address = \"198.51.100.1\", address6 = \"2001:db8:100::1\" }",
+        );
+        let with = |extra: &str| six.replace("port = 7701\n", &format!("port = 7701\n{extra}\n"));
+        let Config::Terminal(t) = Config::parse(&with("gateway = \"fe80::1\""), "t.toml").unwrap()
+        else {
+            panic!("not a terminal")
+        };
+        assert_eq!(t.server.address6, Some("2001:db8:100::1".parse().unwrap()));
+        assert_eq!(
+            t.links[0].gateway,
+            Some(Gateway::At("fe80::1".parse().unwrap()))
+        );
+        let looped = six.replace("[\"203.0.113.0/24\"]", "[\"2001:db8:100::/48\"]");
+        let e = error_of(&looped);
+        assert!(
+            e.contains("capture[0]") && e.contains("2001:db8:100::1"),
+            "{e}"
+        );
+        let e = error_of(&six.replace("2001:db8:100::1", "ff02::1"));
+        assert!(
+            e.contains("server.address6") && e.contains("ff02::1"),
             "{e}"
         );
     }

@@ -183,6 +183,9 @@ impl TerminalConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServerAddr {
     pub address: Ipv4Addr,
+    /// Its IPv6 address, which links that have only IPv6 reach it at
+    /// (the server's `address6`).
+    pub address6: Option<std::net::Ipv6Addr>,
     #[serde(default = "default_port")]
     pub port: u16,
 }
@@ -226,8 +229,9 @@ impl OwnLink {
 /// A link's next hop towards the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gateway {
-    /// This address (a modem's, a router's on the link).
-    At(Ipv4Addr),
+    /// This address (a modem's, a router's on the link): IPv4, or IPv6
+    /// (often link-local) for a link over IPv6.
+    At(std::net::IpAddr),
     /// The next hop of the interface's default route, as it changes.
     Auto,
 }
@@ -239,7 +243,7 @@ fn opt_gateway<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Gateway>
         _ => s.parse().map(|a| Some(Gateway::At(a))).map_err(|_| {
             serde::de::Error::invalid_value(
                 serde::de::Unexpected::Str(&s),
-                &"an IPv4 address or \"auto\"",
+                &"an IPv4 or IPv6 address, or \"auto\"",
             )
         }),
     }
@@ -313,17 +317,24 @@ impl TerminalConfig {
                 "list at least one prefix to bond (e.g. \"default\")",
             );
         }
+        if let Some(a) = self.server.address6
+            && (a.is_unspecified() || a.is_multicast() || a.is_loopback())
+        {
+            return err("server.address6", format!("{a} is not a unicast address"));
+        }
+        let servers = [
+            Some(IpAddr::V4(self.server.address)),
+            self.server.address6.map(IpAddr::V6),
+        ];
         for (i, p) in self.capture.iter().enumerate() {
-            if let Some((addr, len)) = p.v4()
-                && len > 0
-                && (u32::from(self.server.address) ^ u32::from(addr)) >> (32 - u32::from(len)) == 0
+            if let Some(server) = servers
+                .into_iter()
+                .flatten()
+                .find(|&a| p.len > 0 && p.contains(a))
             {
                 return err(
                     format!("capture[{i}]"),
-                    format!(
-                        "{p} contains the server address {}: bonded packets would loop",
-                        self.server.address
-                    ),
+                    format!("{p} contains the server address {server}: bonded packets would loop"),
                 );
             }
         }
@@ -350,6 +361,16 @@ impl TerminalConfig {
                 return err(
                     format!("links[{i}].mtu"),
                     format!("{m} is below the IPv4 minimum of 576"),
+                );
+            }
+            if let Some(Gateway::At(IpAddr::V6(g))) = l.gateway
+                && self.server.address6.is_none()
+            {
+                return err(
+                    format!("links[{i}].gateway"),
+                    format!(
+                        "{g} is an IPv6 next hop, but `server.address6` is not set: a link over IPv6 reaches the server there"
+                    ),
                 );
             }
         }

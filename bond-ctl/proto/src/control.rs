@@ -79,8 +79,10 @@ pub struct LinkAd {
     /// Upstream weight (origin to server) and downstream weight.
     pub up: u32,
     pub down: u32,
-    /// The link's MTU (0: not said). Origins keep their packets small
-    /// enough to cross the smallest link wrapped, and so does the server.
+    /// The link's MTU (0: not said), for a wrap with an outer IPv4 header:
+    /// a link over IPv6 says 20 bytes less than its own. Origins keep
+    /// their packets small enough to cross the smallest link wrapped, and
+    /// so does the server.
     pub mtu: u16,
     /// The link's base round trip to the server, µs (0: not measured yet):
     /// senders derive its relative one-way delay from it.

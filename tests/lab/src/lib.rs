@@ -19,7 +19,10 @@
 //! 203.0.113.1 (content side); the content host is 203.0.113.2. Inside
 //! (not on the WAN links) the lab is dual-stack: terminal `i` is also
 //! 2001:db8:1::i, the server's IPv6 NAT address 2001:db8:71::1 and the
-//! content host 2001:db8:71::2.
+//! content host 2001:db8:71::2. The internet side is dual-stack too: the
+//! server is also 2001:db8:100::1, modem `k` 2001:db8:100::(10+k) (hex).
+//! A link with only IPv6 (`LinkSpec::over_ipv6`) is 2001:db8:200:k::/64
+//! (modem ::1 and fe80::1, terminal ::2) and has no IPv4 address.
 
 use std::{
     fmt::Write as _,
@@ -33,6 +36,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 pub const SERVER_WAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The server's IPv6 address on the internet side (links over IPv6).
+pub const SERVER_WAN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 pub const SERVER_NAT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// The server's IPv6 NAT address and the content host's IPv6 address.
@@ -93,8 +98,11 @@ pub struct WanLink {
     /// Community-wide link id (1-based).
     pub id: u8,
     pub rate_mbit: u32,
+    /// The link's addresses (over IPv6: unused, the link has none).
     pub wan_ip: Ipv4Addr,
     pub modem_ip: Ipv4Addr,
+    /// A link over IPv6: the terminal's and the modem's addresses.
+    pub v6: Option<(Ipv6Addr, Ipv6Addr)>,
     pub port: u16,
     pub modem_ns: String,
     pub iface: String,
@@ -569,6 +577,10 @@ impl Lab {
             (&inet, "srv", None),
         )?;
         self.ip(&inet, "link set srv master br0")?;
+        self.ip(
+            &srv,
+            &format!("-6 addr add {SERVER_WAN6}/64 dev wan0 nodad"),
+        )?;
         self.veth(
             (&srv, "content0", Some("203.0.113.1/24")),
             (&web, "eth0", Some("203.0.113.2/24")),
@@ -637,7 +649,17 @@ impl Lab {
         let modem_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 1);
         let wan_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 2);
         let iface = format!("wan{j}");
-        if spec.l3 {
+        ensure!(!(spec.l3 && spec.v6), "no L3 link over IPv6 in the lab yet");
+        let v6 = spec.v6.then(|| {
+            let net = |host| Ipv6Addr::new(0x2001, 0xdb8, 0x200, k.into(), 0, 0, 0, host);
+            (net(2), net(1))
+        });
+        if let Some((wan6, modem6)) = v6 {
+            self.veth((tns, &iface, None), (&mns, "acc", None))?;
+            self.ip(tns, &format!("-6 addr add {wan6}/64 dev {iface} nodad"))?;
+            self.ip(&mns, &format!("-6 addr add {modem6}/64 dev acc nodad"))?;
+            self.ip(&mns, "-6 addr add fe80::1/64 dev acc nodad")?;
+        } else if spec.l3 {
             self.tunnel(
                 (tns, &iface, &format!("{wan_ip}/30")),
                 (&mns, "acc", &format!("{modem_ip}/30")),
@@ -661,20 +683,34 @@ impl Lab {
         self.specs.push((k, spec.clone()));
         self.ip(&mns, "route add default via 198.51.100.1")?;
         self.sysctl(&mns, "net.ipv4.ip_forward=1")?;
+        if let Some((wan6, _)) = v6 {
+            let up6 = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 10 + u16::from(k));
+            self.ip(&mns, &format!("-6 addr add {up6}/64 dev uplink nodad"))?;
+            self.ip(&mns, &format!("-6 route add default via {SERVER_WAN6}"))?;
+            self.sysctl(&mns, "net.ipv6.conf.all.forwarding=1")?;
+            self.ip(&srv, &format!("-6 route add {wan6}/64 via {up6}"))?;
+        }
         self.tbf(&mns, "acc", rate)?;
         self.tbf(&mns, "uplink", rate)?;
         self.ip(
             &srv,
             &format!("route add 198.51.100.{base}/30 via 198.51.100.{}", 10 + k),
         )?;
+        // The first link is the default route. (An IPv6 one's next hop is
+        // the router's link-local address, as router advertisements give.)
         if j == 0 {
-            self.ip(tns, &format!("route add default via {modem_ip}"))?;
+            let route = match v6 {
+                Some(_) => format!("-6 route add default via fe80::1 dev {iface}"),
+                None => format!("route add default via {modem_ip}"),
+            };
+            self.ip(tns, &route)?;
         }
         Ok(WanLink {
             id: k,
             rate_mbit: rate,
             wan_ip,
             modem_ip,
+            v6,
             port,
             modem_ns: mns,
             iface,
@@ -962,7 +998,7 @@ impl Lab {
         let mut s = format!(
             "role = \"terminal\"\ninstance = \"{}\"\ncommunity = {}\nkey = \"{}\"\n\
              announce_ms = {}\nlan = \"{}\"\ndata_port = {}\ndevice = \"{}\"\ncapture = [{}]\n\
-             server = {{ address = \"{SERVER_WAN}\", port = {PORT} }}\n",
+             server = {{ address = \"{SERVER_WAN}\", address6 = \"{SERVER_WAN6}\", port = {PORT} }}\n",
             t.instance,
             t.community,
             if t.community == COMMUNITY { KEY } else { KEY2 },
@@ -979,10 +1015,10 @@ impl Lab {
                 l.id,
                 l.iface,
                 l.port,
-                if self.auto_gateways.contains(&l.id) {
-                    "auto".to_string()
-                } else {
-                    l.modem_ip.to_string()
+                match l.v6 {
+                    _ if self.auto_gateways.contains(&l.id) => "auto".to_string(),
+                    Some((_, modem6)) => modem6.to_string(),
+                    None => l.modem_ip.to_string(),
                 },
                 if self.auto_weights {
                     "\"auto\"".to_string()
@@ -1021,7 +1057,7 @@ impl Lab {
 
     pub fn server_config(&self) -> String {
         format!(
-            "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
+            "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\naddress6 = \"{SERVER_WAN6}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
              nat_address = \"{SERVER_NAT}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n{}\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",

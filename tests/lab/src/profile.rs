@@ -38,6 +38,9 @@ pub struct LinkSpec {
     /// The terminal's side is an L3 device (no Ethernet header: a TUN
     /// device, as PPP or a raw-IP modem are), not a veth.
     pub l3: bool,
+    /// The link has only IPv6 (as many LTE uplinks): the terminal reaches
+    /// the server's IPv6 address over it.
+    pub v6: bool,
 }
 
 impl LinkSpec {
@@ -53,7 +56,14 @@ impl LinkSpec {
             steps: None,
             dark: None,
             l3: false,
+            v6: false,
         }
+    }
+
+    /// The same link with only IPv6 on it.
+    pub const fn over_ipv6(mut self) -> Self {
+        self.v6 = true;
+        self
     }
 
     /// The same link on an L3 device.

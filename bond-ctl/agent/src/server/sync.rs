@@ -94,13 +94,9 @@ impl Agent {
         community: u16,
         rows: &[crate::membership::ServerLinkRow],
     ) -> Result<()> {
-        // A link over IPv6 carries 20 bytes more of outer header: the IPv4
-        // form the datapath checks against must be that much smaller.
-        let ipv4_form = |r: &crate::membership::ServerLinkRow| match r.addr {
-            SocketAddr::V6(_) if r.mtu != 0 => r.mtu.saturating_sub(20).max(1),
-            _ => r.mtu,
-        };
-        match rows.iter().map(ipv4_form).filter(|&m| m != 0).min() {
+        // (A link over IPv6 announces its MTU less the 20 bytes more of
+        // its outer header: the IPv4 form the datapath checks against.)
+        match rows.iter().map(|r| r.mtu).filter(|&m| m != 0).min() {
             Some(m) => self.community_mtu.insert(community, m),
             None => self.community_mtu.remove(&community),
         };

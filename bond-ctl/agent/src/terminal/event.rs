@@ -167,7 +167,6 @@ impl Agent {
     /// flows it carries over its peers' links.
     pub(super) async fn send_to_server(&mut self, body: Body, every: bool) {
         let token = self.token.unwrap_or(0);
-        let server = self.server();
         let lit = self.own.iter().position(|o| !o.dark());
         let relay = match lit {
             Some(_) => None,
@@ -179,7 +178,7 @@ impl Agent {
             }
             let id = self.own[i].ad.id;
             let m = self.sign(body.clone(), id, flags::VIA_LINK, token);
-            if let Err(e) = self.own[i].sock.send_to(&m, server).await {
+            if let Err(e) = self.own[i].sock.send_to(&m, self.own[i].server).await {
                 self.rejects.count("send_failed");
                 eprintln!("bond-ctl: link {id}: sending to the server: {e}");
             }
@@ -256,7 +255,9 @@ impl Agent {
         };
         let now = Instant::now();
         let from_server = msg.flags & flags::FROM_SERVER != 0;
-        if from_server && (matches!(from, Socket::Link(_)) && *src.ip() != self.cfg.server.address)
+        if let Socket::Link(i) = from
+            && from_server
+            && src.ip() != self.own[i].server.ip()
         {
             self.rejects.count("reply_not_from_server");
             return Ok(());
@@ -343,13 +344,13 @@ impl Agent {
                 let usable = |o: &&Own| o.entry.flags & LINK_VALID != 0;
                 let lit = self.own.iter().filter(usable).find(|o| !o.dark());
                 if let Some(o) = lit.or_else(|| self.own.iter().find(usable)) {
-                    let _ = o.sock.send_to(&buf, self.server()).await;
+                    let _ = o.sock.send_to(&buf, o.server).await;
                 } else {
                     self.rejects.count("cannot_relay");
                 }
             }
             (Socket::Lan, _) if msg.origin == self.lan_ip => {} // our own broadcast
-            (Socket::Lan, _) if *src.ip() != msg.origin => self.rejects.count("origin_mismatch"),
+            (Socket::Lan, _) if src.ip() != msg.origin => self.rejects.count("origin_mismatch"),
             (Socket::Lan, Body::Announce { interval_ms, links }) => {
                 let up: u32 = links.iter().map(|l| l.up).sum();
                 for s in &self.services {
@@ -394,11 +395,15 @@ impl Agent {
                 self.resends.no_link += 1;
                 continue;
             };
+            // To the server's data port: over an own link at its address
+            // of the link's family, else to the peer's relay port.
             let e = self.maps.up_link(id)?;
-            let to = SocketAddrV4::new(Ipv4Addr::from(e.dst_ip), e.dst_port);
-            let sock = match self.own.iter().find(|o| o.ad.id == id) {
-                Some(o) => o.sock.clone(),
-                None => self.lan_sock.clone(),
+            let (sock, to) = match self.own.iter().find(|o| o.ad.id == id) {
+                Some(o) => (o.sock.clone(), SocketAddr::new(o.server.ip(), e.dst_port)),
+                None => {
+                    let peer = SocketAddrV4::new(Ipv4Addr::from(e.dst_ip), e.dst_port);
+                    (self.lan_sock.clone(), peer.into())
+                }
             };
             match sock.send_to(&resend::again(bytes, id), to).await {
                 Ok(_) => self.resends.sent += 1,
@@ -448,7 +453,6 @@ impl Agent {
         let Some(token) = self.token else {
             return Ok(());
         };
-        let server = self.server();
         for i in 0..self.own.len() {
             if self.own[i].entry.flags & LINK_VALID == 0 {
                 continue;
@@ -458,7 +462,7 @@ impl Agent {
                 sent_ns: datapath::monotonic_ns(),
             };
             let m = self.sign(body, id, flags::VIA_LINK, token);
-            let _ = self.own[i].sock.send_to(&m, server).await;
+            let _ = self.own[i].sock.send_to(&m, self.own[i].server).await;
         }
         let now = Instant::now();
         let received = self

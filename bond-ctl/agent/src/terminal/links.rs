@@ -47,16 +47,19 @@ impl Agent {
                 "bond-ctl: link {id}: interface {name} is back (index {})",
                 now.index
             );
-            sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), "2")?;
             crate::veth::ready(&self.net, &name, self.cfg.attach.veth).await?;
             attach_link(pins, ebpf, &now)?;
             self.attached = pins.attached.clone();
         }
         self.own[i].set_iface(now);
         if replugged {
+            self.own[i].filter_sources()?;
+        }
+        if replugged {
             self.invalidate(i)?;
         }
-        let addr = self.net.ipv4(&self.own[i].iface).await.ok();
+        let v6 = self.cfg.server.address6.is_some();
+        let addr = link_address(&self.net, &self.own[i].iface, v6).await;
         let readdressed = addr != self.own[i].addr;
         if readdressed {
             eprintln!(
@@ -71,9 +74,7 @@ impl Agent {
             self.rebind(i, ip, tx).await?;
         }
         self.own[i].addr = addr;
-        let rerouted = self.own[i].auto_gateway
-            && self.own[i].iface.ethernet
-            && self.follow_gateway(i).await?;
+        let rerouted = self.own[i].iface.ethernet && self.follow_gateway(i).await?;
         let o = &self.own[i];
         if o.dark_by_kernel() {
             // It may come back behind another next hop (another modem).
@@ -92,16 +93,13 @@ impl Agent {
             .await
     }
 
-    /// Takes link `i`'s next hop from its interface's default route again
-    /// (`gateway = "auto"`); true if it changed. The route to the server
-    /// moves to the new one, and the datapath waits for it to be resolved.
+    /// Takes link `i`'s next hop again: from its interface's default route
+    /// (`gateway = "auto"`), or of the family its address now is; true if
+    /// it changed. The route to the server moves to the new one, and the
+    /// datapath waits for it to be resolved.
     pub(super) async fn follow_gateway(&mut self, i: usize) -> Result<bool> {
         let o = &self.own[i];
-        let now = match o.iface.index {
-            0 => None,
-            index => self.net.default_gateway(index).await?,
-        }
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let now = next_hop(&self.net, o.next_hop, o.server.ip(), &o.iface).await?;
         if now == o.gateway {
             return Ok(false);
         }
@@ -111,14 +109,7 @@ impl Agent {
             show_addr(Some(o.gateway).filter(|g| !g.is_unspecified())),
             show_addr(Some(now).filter(|g| !g.is_unspecified()))
         );
-        if !o.gateway.is_unspecified() {
-            let metric = METRIC_BASE + u32::from(o.ad.id);
-            let server = self.cfg.server.address;
-            let _ = self
-                .net
-                .delete_host_route(server, o.via(), o.iface.index, metric)
-                .await;
-        }
+        self.unroute(i).await;
         self.own[i].gateway = now;
         self.own[i].route = Route::Wanted;
         self.invalidate(i)?;
@@ -140,25 +131,52 @@ impl Agent {
     pub(super) fn l3_valid(&mut self, i: usize) -> Result<()> {
         let o = &mut self.own[i];
         // (`LINK_L3`: `bond_wrap` gives the skb the outer protocol.)
-        o.entry.flags = LINK_VALID | LINK_L3;
+        o.entry.flags = LINK_VALID | o.kind();
         self.maps.set_up_link(o.ad.id, o.entry)?;
         Ok(self.maps.set_relay_link(o.ad.port, o.relay)?)
+    }
+
+    /// Takes away link `i`'s host route to the server, if it has one.
+    pub(super) async fn unroute(&mut self, i: usize) {
+        let o = &self.own[i];
+        if o.via().is_some_and(|g| g.is_unspecified()) {
+            return;
+        }
+        let metric = METRIC_BASE + u32::from(o.ad.id);
+        let (server, via) = (o.server.ip(), o.via());
+        let _ = self
+            .net
+            .delete_host_route(server, via, o.iface.index, metric)
+            .await;
     }
 
     /// Link `i` sends from `ip` now, on its interface as it is: a new
     /// socket for a new address (the same one tied to the new interface
     /// for a replugged modem that kept its address), the datapath's source
     /// address, and the route to the server (the kernel drops it with the
-    /// address or interface it went by).
+    /// address or interface it went by). An address of the other family
+    /// (IPv4 gone, IPv6 left) moves the link to the server's address of
+    /// that family, by a next hop of it.
     pub(super) async fn rebind(
         &mut self,
         i: usize,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         tx: &mpsc::Sender<Received>,
     ) -> Result<()> {
+        let server = server_for(&self.cfg.server, Some(ip));
+        if server != self.own[i].server {
+            self.unroute(i).await;
+            let o = &mut self.own[i];
+            o.server = server;
+            o.gateway = next_hop(&self.net, o.next_hop, server.ip(), &o.iface).await?;
+            self.invalidate(i)?;
+        }
+        if let IpAddr::V6(a) = ip {
+            self.maps.set_link6(self.own[i].ad.id, a)?;
+        }
         let o = &mut self.own[i];
-        let at = SocketAddrV4::new(ip, o.ad.port);
-        if o.sock.local_addr().ok() == Some(SocketAddr::V4(at)) {
+        let at = SocketAddr::new(ip, o.ad.port);
+        if o.sock.local_addr().ok() == Some(at) {
             bind_to_device(&*o.sock, &o.iface.name)?;
         } else {
             let sock = udp_socket(at, Some(&o.iface.name))
@@ -170,8 +188,17 @@ impl Agent {
                 old.abort();
             }
         }
-        (o.entry.src_ip, o.relay.wan_ip) = (u32::from(ip), u32::from(ip));
+        let v4 = match ip {
+            IpAddr::V4(a) => u32::from(a),
+            IpAddr::V6(_) => 0,
+        };
+        (o.entry.src_ip, o.relay.wan_ip) = (v4, v4);
+        o.addr = Some(ip);
+        o.relay.flags = o.kind();
+        o.ad.mtu = o.ipv4_form_mtu();
+        o.filter_sources()?;
         if o.entry.flags & LINK_VALID != 0 {
+            o.entry.flags = LINK_VALID | o.kind();
             self.maps.set_up_link(o.ad.id, o.entry)?;
         }
         self.maps.set_relay_link(o.ad.port, o.relay)?;
@@ -183,9 +210,9 @@ impl Agent {
     /// Puts the host route to the server over link `i` in place if it is
     /// wanted; says so once when its next hop cannot be reached.
     pub(super) async fn route(&mut self, i: usize) {
-        let server = self.cfg.server.address;
         let o = &self.own[i];
-        if o.route == Route::In || o.addr.is_none() || o.via() == Some(Ipv4Addr::UNSPECIFIED) {
+        let server = o.server.ip();
+        if o.route == Route::In || o.addr.is_none() || o.via().is_some_and(|g| g.is_unspecified()) {
             return;
         }
         let metric = METRIC_BASE + u32::from(o.ad.id);

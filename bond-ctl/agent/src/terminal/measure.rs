@@ -9,7 +9,6 @@ impl Agent {
     /// request for a downstream train (which we time).
     pub(super) async fn probe(&mut self) {
         let Some(token) = self.token else { return };
-        let server = self.server();
         if let Err(e) = self.observe_carried() {
             eprintln!("bond-ctl: reading link counters: {e:#}");
         }
@@ -37,7 +36,7 @@ impl Agent {
                     token,
                 );
                 self.own[i].rx = Some(TrainRx::new(train, TRAIN_LEN));
-                let _ = self.own[i].sock.send_to(&m, server).await;
+                let _ = self.own[i].sock.send_to(&m, self.own[i].server).await;
             }
             if self.own[i].up.spec == WeightSpec::Auto && (!busy_up || busy_round) {
                 let train = self.next_train();
@@ -69,7 +68,12 @@ impl Agent {
                     Err(e) => eprintln!("bond-ctl: charging a probe train: {e:#}"),
                 }
                 for m in &msgs {
-                    if self.own[i].sock.send_to(m, server).await.is_err() {
+                    if self.own[i]
+                        .sock
+                        .send_to(m, self.own[i].server)
+                        .await
+                        .is_err()
+                    {
                         self.rejects.count("send_failed");
                         break;
                     }

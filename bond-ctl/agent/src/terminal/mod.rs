@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result};
 use aya::programs::TcAttachType;
 use bond_common::{
     maps::{
-        LINK_L3, LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap, UpLink, name,
+        LINK_L3, LINK_V6, LINK_VALID, MAX_LINK_IDS, RelayLink, TerminalConfig as TerminalMap,
+        UpLink, name,
     },
     wire::OUTER_LEN,
 };
@@ -108,11 +109,15 @@ struct Own {
     up: Weight,
     down: Weight,
     iface: Iface,
-    /// The next hop towards the server; unspecified while an `auto` one
-    /// is not known (no default route on the interface).
-    gateway: Ipv4Addr,
-    /// `gateway = "auto"`: followed from the interface's default route.
-    auto_gateway: bool,
+    /// Where the server is over this link: its IPv4 address, or its
+    /// IPv6 one for a link over IPv6 (`addr` IPv6).
+    server: SocketAddr,
+    /// The next hop towards the server, of `server`'s family; unspecified
+    /// while an `auto` one is not known (no default route on the
+    /// interface).
+    gateway: IpAddr,
+    /// The configured next hop (`gateway`; none: the server itself).
+    next_hop: Option<Gateway>,
     entry: UpLink,
     relay: RelayLink,
     sock: Arc<UdpSocket>,
@@ -128,9 +133,11 @@ struct Own {
     busy: (bool, bool),
     /// Round trip and darkness, from echoes to the server.
     echo: LinkEcho,
-    /// The interface's IPv4 address; `None` while it has none (or is
-    /// gone: `iface.index` is then 0). `crate::linkwatch` follows both.
-    addr: Option<Ipv4Addr>,
+    /// The interface's IPv4 address, or else its global IPv6 address when
+    /// the server has one (a link over IPv6); `None` while it has neither
+    /// (or is gone: `iface.index` is then 0). `crate::linkwatch` follows
+    /// both.
+    addr: Option<IpAddr>,
     /// The task reading `sock`.
     reader: Option<tokio::task::AbortHandle>,
     /// The host route to the server over this link.
@@ -159,13 +166,34 @@ impl Own {
     /// Out of use by the kernel's word: no interface, carrier, address or
     /// (behind Ethernet) next hop.
     fn dark_by_kernel(&self) -> bool {
-        !self.iface.carrier || self.addr.is_none() || self.via() == Some(Ipv4Addr::UNSPECIFIED)
+        !self.iface.carrier || self.addr.is_none() || self.via().is_some_and(|g| g.is_unspecified())
+    }
+
+    /// Whether the link goes over IPv6 (its datapath entries say
+    /// `LINK_V6`; its wrap is 20 bytes longer).
+    fn v6(&self) -> bool {
+        self.addr.is_some_and(|a| a.is_ipv6())
+    }
+
+    /// The flags of the link's datapath entries but `LINK_VALID`:
+    /// [`LINK_L3`] without Ethernet, [`LINK_V6`] over IPv6.
+    fn kind(&self) -> u8 {
+        let l3 = if self.iface.ethernet { 0 } else { LINK_L3 };
+        l3 | if self.v6() { LINK_V6 } else { 0 }
+    }
+
+    /// The largest wrapped packet the link takes in the IPv4 form every
+    /// host and the server wrap in: over IPv6, 20 bytes less than the
+    /// link's MTU. What it announces and sizes bond0 by.
+    fn ipv4_form_mtu(&self) -> u16 {
+        let grow = if self.v6() { 20 } else { 0 };
+        self.entry.mtu.saturating_sub(grow)
     }
 
     /// The next hop the route to the server goes by: the gateway behind
     /// Ethernet; none on an L3 link (PPP, a raw-IP modem, a tunnel), whose
     /// far end takes every packet.
-    fn via(&self) -> Option<Ipv4Addr> {
+    fn via(&self) -> Option<IpAddr> {
         self.iface.ethernet.then_some(self.gateway)
     }
 
@@ -178,19 +206,85 @@ impl Own {
         let _ = poke_neighbor(&self.iface.name, self.gateway);
     }
 
+    /// Reverse-path filtering on the link's interface: loose (2), since
+    /// the inner packets handed up there (pure ACKs) come from addresses
+    /// routed into bond0; off over IPv6, where the interface has no IPv4
+    /// address and the kernel drops every IPv4 packet that arrives on it
+    /// under any filter. (`net.ipv4.conf.all.rp_filter`, if set, still
+    /// applies: the log says so.)
+    fn filter_sources(&self) -> Result<()> {
+        if self.iface.index == 0 {
+            return Ok(());
+        }
+        let name = &self.iface.name;
+        let loose = if self.v6() { "0" } else { "2" };
+        sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), loose)?;
+        let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter");
+        if self.v6() && all.is_ok_and(|a| a.trim() != "0") {
+            eprintln!(
+                "bond-ctl: link {}: net.ipv4.conf.all.rp_filter is on: IPv4 that arrives on {name} (no IPv4 address) is dropped; set it to 0 for a link over IPv6",
+                self.ad.id
+            );
+        }
+        Ok(())
+    }
+
     /// Takes the interface as it is now into the link and its datapath
     /// entries (which the caller writes).
     fn set_iface(&mut self, now: Iface) {
         (self.entry.ifindex, self.entry.src_mac) = (now.index, now.mac);
         (self.relay.wan_ifindex, self.relay.wan_mac) = (now.index, now.mac);
-        self.relay.flags = relay_flags(&now);
         self.iface = now;
+        self.relay.flags = self.kind();
     }
 }
 
-/// A link entry's flags for its interface: [`LINK_L3`] without Ethernet.
-fn relay_flags(iface: &Iface) -> u8 {
-    if iface.ethernet { 0 } else { LINK_L3 }
+/// A link's address: its interface's IPv4 address, or else, when the
+/// server has an IPv6 address (`v6`), its global IPv6 address.
+async fn link_address(net: &Net, iface: &Iface, v6: bool) -> Option<IpAddr> {
+    if iface.index == 0 {
+        return None;
+    }
+    match net.ipv4(iface).await {
+        Ok(a) => Some(a.into()),
+        Err(_) if v6 => net.ipv6(iface).await.ok().map(IpAddr::V6),
+        Err(_) => None,
+    }
+}
+
+/// Where the server is for a link of address `addr`: its IPv6 address
+/// for a link over IPv6, else its IPv4 one.
+fn server_for(cfg: &bond_config::ServerAddr, addr: Option<IpAddr>) -> SocketAddr {
+    match (addr, cfg.address6) {
+        (Some(IpAddr::V6(_)), Some(a6)) => SocketAddr::from((a6, cfg.port)),
+        _ => SocketAddr::from((cfg.address, cfg.port)),
+    }
+}
+
+/// Link `iface`'s next hop to `server` (of its family): the configured
+/// one, the interface's default route's (`auto`; unspecified while it has
+/// none), or the server itself. A configured one of the other family is
+/// none (the link is out of use, and the log says why).
+async fn next_hop(
+    net: &Net,
+    configured: Option<Gateway>,
+    server: IpAddr,
+    iface: &Iface,
+) -> Result<IpAddr> {
+    let none = match server {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    Ok(match configured {
+        None => server,
+        Some(Gateway::At(a)) if a.is_ipv4() == server.is_ipv4() => a,
+        Some(Gateway::At(_)) => none,
+        Some(Gateway::Auto) if iface.index == 0 => none,
+        Some(Gateway::Auto) => net
+            .default_gateway(iface.index, server.is_ipv6())
+            .await?
+            .unwrap_or(none),
+    })
 }
 
 /// Attaches the program that receives on an own link: XDP behind
@@ -215,7 +309,7 @@ enum Socket {
 struct Received {
     from: Socket,
     buf: Vec<u8>,
-    src: SocketAddrV4,
+    src: SocketAddr,
     at_ns: u64,
 }
 
@@ -271,7 +365,6 @@ struct Agent {
     /// the own links' (`own_mtu`) and the peers' links', less the wrap.
     capture: Iface,
     capture_mtu: u32,
-    own_mtu: u32,
     /// The downstream playout, unless the configuration turns it off.
     playout: Option<playout::Handle>,
     /// Keeps this host's upstream schedule true from the server's feedback.
@@ -290,7 +383,16 @@ mod sync;
 
 pub use start::run;
 
-fn show_addr(a: Option<Ipv4Addr>) -> String {
+impl Agent {
+    /// The smallest of the LAN's MTU and the own links' (in the IPv4
+    /// form): the most a wrapped packet may be on this host's own paths.
+    fn own_mtu(&self) -> u32 {
+        let own = self.own.iter().map(|o| u32::from(o.ipv4_form_mtu()));
+        own.fold(self.lan.mtu, u32::min)
+    }
+}
+
+fn show_addr(a: Option<impl std::fmt::Display>) -> String {
     a.map_or_else(|| "none".into(), |a| a.to_string())
 }
 
@@ -303,8 +405,7 @@ fn spawn_reader(
         let mut buf = vec![0u8; 2048];
         loop {
             match recv_stamped(&sock, &mut buf).await {
-                // (A terminal's sockets are IPv4.)
-                Ok((n, std::net::SocketAddr::V4(src), at_ns)) => {
+                Ok((n, src, at_ns)) => {
                     let r = Received {
                         from,
                         buf: buf[..n].to_vec(),
@@ -315,7 +416,6 @@ fn spawn_reader(
                         return;
                     }
                 }
-                Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }

@@ -26,15 +26,20 @@ pub async fn run(
         data_port: cfg.data_port,
         server_port: cfg.server.port,
         lan_mac: lan.mac,
-        server_ip6: [0; 16],
+        server_ip6: cfg.server.address6.map_or([0; 16], |a| a.octets()),
     };
     // An adopted session goes on: same community and server, same token.
     let mut token = None;
     if pins.adopted
         && let Ok(old) = maps.terminal_config()
         && old.token != 0
-        && (old.community, old.server_ip, old.lan_ip)
-            == (map_cfg.community, map_cfg.server_ip, map_cfg.lan_ip)
+        && (old.community, old.server_ip, old.server_ip6, old.lan_ip)
+            == (
+                map_cfg.community,
+                map_cfg.server_ip,
+                map_cfg.server_ip6,
+                map_cfg.lan_ip,
+            )
     {
         map_cfg.token = old.token;
         map_cfg.server_port = old.server_port;
@@ -43,7 +48,7 @@ pub async fn run(
     maps.set_terminal_config(map_cfg)?;
 
     let mut own = Vec::new();
-    let mut path_mtu = lan.mtu;
+    let v6 = cfg.server.address6.is_some();
     for (i, l) in cfg.links.iter().enumerate() {
         // A link whose interface is not there yet (a modem not plugged in)
         // or has no address (a lease not taken) starts out of use, and is
@@ -59,67 +64,61 @@ pub async fn run(
                 ethernet: true,
             },
         };
-        let wan_ip = match wan.index {
-            0 => None,
-            _ => net.ipv4(&wan).await.ok(),
-        };
-        if wan_ip.is_none() {
+        let addr = link_address(&net, &wan, v6).await;
+        if addr.is_none() {
             eprintln!(
                 "bond-ctl: link {}: interface {} {}: out of use until it has",
                 l.id,
                 l.interface,
-                if wan.index == 0 {
-                    "not there yet"
-                } else {
-                    "has no IPv4 address"
+                match (wan.index, v6) {
+                    (0, _) => "not there yet",
+                    (_, true) => "has no IPv4 or global IPv6 address",
+                    (_, false) => "has no IPv4 address",
                 }
             );
         }
         let mtu = l.mtu.map_or(wan.mtu, u32::from);
-        path_mtu = path_mtu.min(mtu);
-        let gateway = match l.gateway {
-            None => cfg.server.address,
-            Some(Gateway::At(a)) => a,
-            Some(Gateway::Auto) if wan.index == 0 => Ipv4Addr::UNSPECIFIED,
-            Some(Gateway::Auto) => net
-                .default_gateway(wan.index)
-                .await?
-                .unwrap_or(Ipv4Addr::UNSPECIFIED),
-        };
-        if wan_ip.is_some() && wan.ethernet && gateway.is_unspecified() {
+        let server = server_for(&cfg.server, addr);
+        let gateway = next_hop(&net, l.gateway, server.ip(), &wan).await?;
+        if addr.is_some() && wan.ethernet && gateway.is_unspecified() {
             eprintln!(
-                "bond-ctl: link {}: no default route on {} to take the next hop from: out of use until there is",
-                l.id, l.interface
+                "bond-ctl: link {}: no next hop on {} to the server at {}: out of use until there is",
+                l.id,
+                l.interface,
+                server.ip()
             );
-        }
-        if wan.index != 0 {
-            sysctl(&format!("net.ipv4.conf.{}.rp_filter", l.interface), "2")?;
         }
         // Control messages for the server leave by this link: a socket
         // tied to the interface (and a route to the server over it, put
         // in once the agent is up). Until the link has an address, a
         // socket that sends nowhere stands in.
-        let sock = match wan_ip {
-            Some(ip) => udp_socket(SocketAddrV4::new(ip, l.port), Some(&l.interface)),
-            None => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None),
+        let sock = match addr {
+            Some(ip) => udp_socket((ip, l.port), Some(&l.interface)),
+            None => udp_socket((Ipv4Addr::UNSPECIFIED, 0), None),
         }
         .with_context(|| format!("field `links[{i}].port`"))?;
         timestamp_arrivals(&sock)?;
+        let v4 = match addr {
+            Some(IpAddr::V4(a)) => u32::from(a),
+            _ => 0, // (over IPv6: T_LINKS6 has the address)
+        };
+        if let Some(IpAddr::V6(a)) = addr {
+            maps.set_link6(l.id, a)?;
+        }
         let (mut up, mut down) = (Weight::new(l.up()), Weight::new(l.down()));
-        own.push(Own {
+        let mut o = Own {
             ad: LinkAd {
                 id: l.id,
                 port: l.port,
                 up: up.value(),
                 down: down.value(),
-                mtu: mtu as u16,
                 ..Default::default()
             },
             up,
             down,
             entry: UpLink {
                 ifindex: wan.index,
-                src_ip: wan_ip.map_or(0, u32::from),
+                src_ip: v4,
                 dst_ip: u32::from(cfg.server.address),
                 src_port: l.port,
                 dst_port: map_cfg.server_port,
@@ -131,9 +130,9 @@ pub async fn run(
             },
             relay: RelayLink {
                 wan_ifindex: wan.index,
-                wan_ip: wan_ip.map_or(0, u32::from),
+                wan_ip: v4,
                 link: l.id,
-                flags: relay_flags(&wan),
+                flags: 0,
                 port: l.port,
                 wan_mac: wan.mac,
                 gw_mac: [0; 6],
@@ -141,18 +140,23 @@ pub async fn run(
                 _pad2: [0; 2],
             },
             iface: wan,
+            server,
             gateway,
-            auto_gateway: l.gateway == Some(Gateway::Auto),
+            next_hop: l.gateway,
             sock: Arc::new(sock),
             rx: None,
             up_train: None,
             carried: None,
             busy: (false, false),
             echo: LinkEcho::default(),
-            addr: wan_ip,
+            addr,
             reader: None,
             route: Route::Wanted,
-        });
+        };
+        o.relay.flags = o.kind();
+        o.ad.mtu = o.ipv4_form_mtu();
+        o.filter_sources()?;
+        own.push(o);
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
     let lan_sock = udp_socket(
@@ -162,7 +166,8 @@ pub async fn run(
     .context("field `data_port`")?;
 
     // bond0: sized so a wrapped packet fits the smallest path.
-    let capture_mtu = path_mtu - OUTER_LEN as u32;
+    let own_mtu = own.iter().map(|o| u32::from(o.ipv4_form_mtu()));
+    let capture_mtu = own_mtu.fold(lan.mtu, u32::min) - OUTER_LEN as u32;
     let dev = net
         .create_capture(&cfg.device, capture_mtu, pins.adopted)
         .await?;
@@ -198,7 +203,6 @@ pub async fn run(
         attached: Default::default(),
         capture: dev.clone(),
         capture_mtu,
-        own_mtu: path_mtu,
         playout: None,
         corrector: Corrector::start(Maps::new(&pins.dir))?,
         resends: resend::Resend::default(),
@@ -254,7 +258,7 @@ pub async fn run(
         let _ = agent
             .net
             .delete_host_route(
-                agent.cfg.server.address,
+                o.server.ip(),
                 o.via(),
                 o.iface.index,
                 METRIC_BASE + u32::from(o.ad.id),

@@ -91,7 +91,7 @@ impl Agent {
                 Some(mac) if mac != o.entry.dst_mac || o.entry.flags & LINK_VALID == 0 => {
                     resolved |= o.entry.flags & LINK_VALID == 0;
                     o.entry.dst_mac = mac;
-                    o.entry.flags = LINK_VALID;
+                    o.entry.flags = LINK_VALID | o.kind();
                     o.relay.gw_mac = mac;
                     self.maps.set_up_link(o.ad.id, o.entry)?;
                     self.maps.set_relay_link(o.ad.port, o.relay)?;
@@ -268,7 +268,7 @@ impl Agent {
         let mtu = want
             .values()
             .map(|(_, e)| u32::from(e.mtu))
-            .fold(self.own_mtu, u32::min)
+            .fold(self.own_mtu(), u32::min)
             .saturating_sub(OUTER_LEN as u32);
         if mtu != self.capture_mtu {
             self.net.set_mtu(self.capture.index, mtu).await?;
