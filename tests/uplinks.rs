@@ -408,11 +408,20 @@ fn an_l3_link_bonds_with_an_ethernet_link() {
 /// the server knows each link by the address of its family.
 #[test]
 fn a_link_with_only_ipv6_bonds_with_an_ipv4_link() {
-    use bond_lab::LinkSpec;
-    let spec = [
-        vec![LinkSpec::rate(20).over_ipv6()],
-        vec![LinkSpec::rate(20)],
-    ];
+    link_1_over_ipv6_bonds_with_link_2(bond_lab::LinkSpec::rate(20).over_ipv6(), "IPv6");
+}
+
+/// The same with link 1 on an L3 device over IPv6, as a raw-IP LTE modem
+/// with only IPv6 is (no next hop: its far end takes every packet).
+#[test]
+fn an_l3_link_with_only_ipv6_bonds_with_an_ipv4_link() {
+    let l1 = bond_lab::LinkSpec::rate(20).on_l3().over_ipv6();
+    link_1_over_ipv6_bonds_with_link_2(l1, "L3 IPv6");
+}
+
+fn link_1_over_ipv6_bonds_with_link_2(l1: bond_lab::LinkSpec, kind: &str) {
+    let l3 = l1.l3;
+    let spec = [vec![l1], vec![bond_lab::LinkSpec::rate(20)]];
     let mut lab = Lab::build_links(&spec, bond_ctl()).expect("build lab");
     lab.auto_gateways.push(1);
     lab.start_agents().expect("start agents");
@@ -421,7 +430,8 @@ fn a_link_with_only_ipv6_bonds_with_an_ipv4_link() {
     let st = lab.terminal_status(ns1, inst1).unwrap();
     let l1 = &st.links[0];
     assert_eq!(l1.address, Some(wan6.into()), "{st:?}");
-    assert_eq!(l1.gateway, Some("fe80::1".parse().unwrap()), "{st:?}");
+    let hop = (!l3).then(|| "fe80::1".parse().unwrap());
+    assert_eq!((l1.ethernet, l1.gateway), (!l3, hop), "{st:?}");
     assert!(l1.active && !l1.dark, "{st:?}");
     // The server: link 1 at the terminal's IPv6 address, link 2 at its
     // IPv4 one, in its session table and its link counters.
@@ -439,7 +449,7 @@ fn a_link_with_only_ipv6_bonds_with_an_ipv4_link() {
     let counters = lab.server_links().unwrap();
     let shown: Vec<_> = counters.links.iter().map(|l| (l.link, l.address)).collect();
     assert!(shown.contains(&(1, at(1))), "{shown:?}");
-    let want = each_origin_shares_both_links(&mut lab, "IPv6");
+    let want = each_origin_shares_both_links(&mut lab, kind);
     t1_shares_both_links_over_ipv6_inside(&lab, &want);
     // Nothing dropped on the way over IPv6 at either end.
     let bpffs = Path::new(DEFAULT_BPFFS);

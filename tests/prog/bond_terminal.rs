@@ -710,3 +710,97 @@ fn terminal_carries_an_own_link_over_ipv6() {
         Some(&other),
     );
 }
+
+/// An own L3 link over IPv6 (`LINK_L3 | LINK_V6`, a raw-IP LTE modem with
+/// only IPv6): a LAN peer's DATA_UP leaves it from `bond_relay` in outer
+/// IPv6 from the link's address to the server's, the skb made IPv6 (the
+/// L3 device frames by it). `bond_terminal_l3` refuses DATA to the link
+/// from another IPv6 address and passes other IPv6 and control messages
+/// untouched. (Its conversion of the server's DATA to the IPv4 form takes
+/// the packet's first 20 bytes away: BPF_PROG_TEST_RUN's skb is an
+/// Ethernet one, so that is shown end to end, `tests/uplinks.rs`,
+/// `an_l3_link_with_only_ipv6_bonds_with_an_ipv4_link`.)
+#[test]
+fn terminal_carries_an_own_l3_link_over_ipv6() {
+    use bond_common::maps::{LINK_L3, LINK_V6};
+    use term::*;
+    let t = term::setup("l3-relay6");
+    let link = relay_link(RELAY_PORT, RELAY_LINK, 1500, LINK_L3 | LINK_V6);
+    t.maps.set_link6(RELAY_LINK, WAN6).unwrap();
+    t.maps.set_relay_link(RELAY_PORT, link).unwrap();
+    let small = relay_link(SMALL_RELAY_PORT, SMALL_RELAY_LINK, 100, LINK_L3 | LINK_V6);
+    t.maps.set_link6(SMALL_RELAY_LINK, WAN6).unwrap();
+    t.maps.set_relay_link(SMALL_RELAY_PORT, small).unwrap();
+
+    let input = up_from_peer();
+    let mut want = input.clone();
+    want.outer = Outer {
+        src: WAN_IP,
+        dst: SERVER,
+        sport: RELAY_PORT,
+        dport: SERVER_PORT,
+        ttl: 64,
+        id: 0,
+        ..input.outer
+    };
+    let want = over_ipv6(&want.frame(), WAN6, SERVER6, 64);
+    let frame = input.frame();
+    t.expect(
+        "bond_terminal",
+        "XDP passes it",
+        &frame,
+        XDP_PASS,
+        Some(&frame),
+    );
+    t.expect(
+        "bond_relay",
+        "relay up over IPv6 on L3",
+        &frame,
+        TC_ACT_REDIRECT,
+        Some(&want),
+    );
+    let s = stats(&t, RELAY_LINK);
+    assert_eq!(
+        (s.relay_up_pkts, s.relay_up_bytes),
+        (1, input.inner.len() as u64)
+    );
+    // The 20 bytes more count against the link's MTU.
+    let mut big = up_from_peer();
+    big.outer.dport = SMALL_RELAY_PORT;
+    big.bond.link = SMALL_RELAY_LINK;
+    t.expect_drop(
+        "bond_relay",
+        "too big",
+        &big.frame(),
+        TC_ACT_SHOT,
+        "too_big",
+    );
+    assert_eq!(t.nonzero_drops(), vec![("too_big", 1)]);
+
+    // From the server's IPv6 address only; the rest passes as it came.
+    let l3_6 = |f: Vec<u8>| f[14..].to_vec();
+    let down = down_from_server(PEER, PEER_TOKEN);
+    let stranger = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x66);
+    let from_stranger = l3_6(over_ipv6(&down.frame(), stranger, WAN6, 60));
+    t.expect_drop(
+        "bond_terminal_l3",
+        "DATA_DOWN from another IPv6 address",
+        &from_stranger,
+        TC_ACT_SHOT,
+        "unknown_source",
+    );
+    let mut control = down.clone();
+    control.bond.kind = ANNOUNCE;
+    for (what, p) in [
+        (
+            "a control message from the server over IPv6",
+            l3_6(over_ipv6(&control.frame(), SERVER6, WAN6, 60)),
+        ),
+        (
+            "IPv6 to another port",
+            l3_6(ipv6_udp_frame(WAN_MAC, GW_MAC, RELAY_PORT + 100)),
+        ),
+    ] {
+        t.expect("bond_terminal_l3", what, &p, TC_ACT_OK, Some(&p));
+    }
+}

@@ -261,7 +261,13 @@ const PASS: Result<u32, u32> = Ok(xdp_action::XDP_PASS);
 
 #[inline(always)]
 fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
-    if read_u16(ctx, 12) == Some(ETH_P_IPV6) && !from_server6(ctx)? {
+    // (IPv6 20 bytes shorter as IPv4: the frame starts that much later.)
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    let shrink = || match unsafe { bpf_xdp_adjust_head(ctx.ctx, GROWTH) } {
+        0 => Ok(()),
+        _ => Err(drops::HELPER_FAILED),
+    };
+    if read_u16(ctx, 12) == Some(ETH_P_IPV6) && !from_server6::<ETH_LEN>(ctx, shrink)? {
         return PASS;
     }
     let Some(d) = bond_data::<ETH_LEN>(ctx)? else {
@@ -346,63 +352,70 @@ fn bond_data<const L2: usize>(ctx: &impl Packet) -> Result<Option<Data>, u32> {
     }))
 }
 
-/// An IPv6 frame on an own link over IPv6: if it is UDP to that link's
-/// port, it must come from the server's IPv6 address (else it is dropped,
+/// An IPv6 packet (its header at `L2`: behind Ethernet, or at 0 on an L3
+/// link) on an own link over IPv6: if it is UDP to that link's port, it
+/// must come from the server's IPv6 address (else it is dropped,
 /// `unknown_source`, as DATA from elsewhere over IPv4 is); then DATA's
 /// outer header becomes the IPv4 form the rest of the program reads, from
-/// the server's IPv4 address, 20 bytes shorter. False for anything else
-/// (a control message among them), which passes untouched.
+/// the server's IPv4 address, 20 bytes shorter: `shrink` takes the first
+/// 20 bytes away. False for anything else (a control message among them),
+/// which passes untouched.
 #[inline(always)]
-fn from_server6(ctx: &XdpContext) -> Result<bool, u32> {
-    const IP6: usize = ETH_LEN;
-    const UDP6: usize = IP6 + IPV6_LEN;
-    let Some(h) = read::<8>(ctx, IP6) else {
+fn from_server6<const L2: usize>(
+    ctx: &impl Packet,
+    shrink: impl FnOnce() -> Result<(), u32>,
+) -> Result<bool, u32> {
+    let ip6 = L2;
+    let udp6 = ip6 + IPV6_LEN;
+    let Some(h) = read::<8>(ctx, ip6) else {
         return Ok(false);
     };
-    let Some(port) = read_u16(ctx, UDP6 + 2) else {
+    let Some(port) = read_u16(ctx, udp6 + 2) else {
         return Ok(false);
     };
-    // SAFETY: the value is only read; the agent replaces entries whole.
-    let to_link6 = unsafe { T_RELAY.get(port) }.is_some_and(|r| r.flags & LINK_V6 != 0);
-    if h[6] != IPPROTO_UDP || !to_link6 {
+    if h[6] != IPPROTO_UDP || !link6_port(port) {
         return Ok(false);
     }
     let cfg = T_CONFIG.get(0).ok_or(drops::UNKNOWN_SOURCE)?;
-    let src = read::<16>(ctx, IP6 + 8).ok_or(drops::TRUNCATED)?;
+    let src = read::<16>(ctx, ip6 + 8).ok_or(drops::TRUNCATED)?;
     if u128::from_ne_bytes(src) != u128::from_ne_bytes(cfg.server_ip6) {
         return Err(drops::UNKNOWN_SOURCE);
     }
     let plen = u16::from_be_bytes([h[4], h[5]]);
-    let ulen = read_u16(ctx, UDP6 + 4).ok_or(drops::TRUNCATED)?;
+    let ulen = read_u16(ctx, udp6 + 4).ok_or(drops::TRUNCATED)?;
     if ulen != plen
         || usize::from(plen) < UDP_LEN + BondHdr::LEN
-        || UDP6 + usize::from(plen) > ctx.packet_len()
+        || udp6 + usize::from(plen) > ctx.packet_len()
     {
         return Err(drops::OUTER_BAD_HEADER);
     }
     // Only DATA: a control message goes to the agent's socket as it came.
-    let b = read::<{ BondHdr::LEN }>(ctx, UDP6 + 8).ok_or(drops::TRUNCATED)?;
+    let b = read::<{ BondHdr::LEN }>(ctx, udp6 + 8).ok_or(drops::TRUNCATED)?;
     let b = BondHdr::from_bytes(b);
     b.validate().map_err(|e| e.drop_reason())?;
     if !b.is_data() {
         return Ok(false);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
-    let sport = read_u16(ctx, UDP6).ok_or(drops::TRUNCATED)?;
-    // SAFETY: plain helper call; packet pointers are re-derived after it.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, GROWTH) } != 0 {
-        return Err(drops::HELPER_FAILED);
-    }
+    let sport = read_u16(ctx, udp6).ok_or(drops::TRUNCATED)?;
+    shrink()?;
+    let inner_len = plen - (UDP_LEN + BondHdr::LEN) as u16;
+    let outer = wire::outer_headers((cfg.server_ip, sport), (0, port), inner_len);
     let mut eth = [0u8; ETH_LEN];
     eth[..12].copy_from_slice(&macs);
     eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let inner_len = plen - (UDP_LEN + BondHdr::LEN) as u16;
-    let outer = wire::outer_headers((cfg.server_ip, sport), (0, port), inner_len);
-    if write(ctx, 0, eth) && write(ctx, ETH_LEN, outer) {
+    if (L2 == 0 || write(ctx, 0, eth)) && write(ctx, L2, outer) {
         Ok(true)
     } else {
         Err(drops::TRUNCATED)
     }
+}
+
+/// Whether `port` is an own link's over IPv6 (`LINK_V6`).
+#[inline(always)]
+fn link6_port(port: u16) -> bool {
+    // SAFETY: the value is only read; the agent replaces entries whole.
+    unsafe { T_RELAY.get(port) }.is_some_and(|r| r.flags & LINK_V6 != 0)
 }
 
 /// Where the bond header starts behind the outer IPv4 header.
@@ -418,24 +431,32 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
     }
     to_server::<ETH_LEN>(ctx, cfg, relay)?;
     if outer6 {
-        to_outer6(ctx, cfg, relay.link)?;
+        // SAFETY: plain helper call; packet pointers are re-derived after it.
+        let grow = || match unsafe { bpf_xdp_adjust_head(ctx.ctx, -GROWTH) } {
+            0 => Ok(()),
+            _ => Err(drops::HELPER_FAILED),
+        };
+        to_outer6(ctx, cfg, relay.link, grow)?;
     }
     write_macs(ctx, relay.wan_mac, relay.gw_mac)?;
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(relay.wan_ifindex, 0) } as u32)
 }
 
-/// Turns DATA_UP's outer IPv4 header (pointed at the server) into IPv6
-/// from own link `link`'s address to the server's, 20 bytes longer; the
-/// UDP checksum is zero (see `outer6_headers`).
+/// Turns DATA_UP's outer IPv4 header behind Ethernet (pointed at the
+/// server) into IPv6 from own link `link`'s address to the server's, 20
+/// bytes longer (`grow` makes the room: in front of the frame, or behind
+/// its Ethernet header); the UDP checksum is zero (see `outer6_headers`).
 #[inline(always)]
-fn to_outer6(ctx: &XdpContext, cfg: &TerminalConfig, link: u8) -> Result<(), u32> {
+fn to_outer6(
+    ctx: &impl Packet,
+    cfg: &TerminalConfig,
+    link: u8,
+    grow: impl FnOnce() -> Result<(), u32>,
+) -> Result<(), u32> {
     let src = T_LINKS6.get(u32::from(link)).ok_or(drops::LINK_MISSING)?;
     let tot = read_u16(ctx, ETH_LEN + 2).ok_or(drops::TRUNCATED)?;
-    // SAFETY: plain helper call; packet pointers are re-derived after it.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -GROWTH) } != 0 {
-        return Err(drops::HELPER_FAILED);
-    }
+    grow()?;
     let ip = wire::outer6_header(tot.wrapping_sub(IPV4_LEN as u16), src, &cfg.server_ip6);
     let written = write(ctx, 12, ETH_P_IPV6.to_be_bytes())
         && write(ctx, ETH_LEN, ip)
@@ -654,10 +675,22 @@ fn try_relay(ctx: &TcContext) -> Result<i32, u32> {
         (kind::DATA_UP, Some(relay)) if relay.flags & LINK_L3 != 0 => relay,
         _ => return Ok(TC_ACT_OK), // bond_terminal's, or the stack's
     };
-    if ctx.len() > u32::from(relay.mtu) + ETH_LEN as u32 {
+    let outer6 = relay.flags & LINK_V6 != 0;
+    let grows = if outer6 { GROWTH as u32 } else { 0 };
+    if ctx.len() + grows > u32::from(relay.mtu) + ETH_LEN as u32 {
         return Err(drops::TOO_BIG);
     }
     to_server::<ETH_LEN>(ctx, d.cfg, relay)?;
+    if outer6 {
+        // The skb becomes IPv6, as the L3 device frames by its protocol;
+        // the change makes the 20 bytes of room behind Ethernet.
+        let grow = || {
+            ctx.skb
+                .change_proto(ETH_P_IPV6.to_be(), 0)
+                .map_err(|_| drops::HELPER_FAILED)
+        };
+        to_outer6(ctx, d.cfg, relay.link, grow)?;
+    }
     Ok(redirect(relay.wan_ifindex))
 }
 
@@ -681,6 +714,23 @@ fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
     let Some(cfg) = T_CONFIG.get(0) else {
         return Ok(TC_ACT_OK);
     };
+    // A link over IPv6: DATA from the server becomes the IPv4 form (the
+    // skb IPv4, its first 20 bytes taken away), as on Ethernet.
+    linear(ctx, (IPV6_LEN + UDP_LEN + BondHdr::LEN) as u32);
+    if read::<8>(ctx, 0).is_some_and(|h| h[0] >> 4 == 6) {
+        if !read_u16(ctx, IPV6_LEN + 2).is_some_and(link6_port) {
+            return Ok(TC_ACT_OK);
+        }
+        linear(ctx, ctx.len());
+        let shrink = || {
+            ctx.skb
+                .change_proto(ETH_P_IP.to_be(), 0)
+                .map_err(|_| drops::HELPER_FAILED)
+        };
+        if !from_server6::<0>(ctx, shrink)? {
+            return Ok(TC_ACT_OK);
+        }
+    }
     // SAFETY: the value is only read; the agent replaces entries whole.
     let bond_port = |port| port == cfg.data_port || unsafe { T_RELAY.get(port) }.is_some();
     if !linear_if_ours::<0>(ctx, bond_port) {

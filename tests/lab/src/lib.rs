@@ -649,12 +649,17 @@ impl Lab {
         let modem_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 1);
         let wan_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + base + 2);
         let iface = format!("wan{j}");
-        ensure!(!(spec.l3 && spec.v6), "no L3 link over IPv6 in the lab yet");
         let v6 = spec.v6.then(|| {
             let net = |host| Ipv6Addr::new(0x2001, 0xdb8, 0x200, k.into(), 0, 0, 0, host);
             (net(2), net(1))
         });
-        if let Some((wan6, modem6)) = v6 {
+        if let (Some((wan6, modem6)), true) = (v6, spec.l3) {
+            // (No duplicate address detection on a TUN device: no ND.)
+            self.tunnel(
+                (tns, &iface, &format!("{wan6}/64")),
+                (&mns, "acc", &format!("{modem6}/64")),
+            )?;
+        } else if let Some((wan6, modem6)) = v6 {
             self.veth((tns, &iface, None), (&mns, "acc", None))?;
             self.ip(tns, &format!("-6 addr add {wan6}/64 dev {iface} nodad"))?;
             self.ip(&mns, &format!("-6 addr add {modem6}/64 dev acc nodad"))?;
@@ -699,9 +704,10 @@ impl Lab {
         // The first link is the default route. (An IPv6 one's next hop is
         // the router's link-local address, as router advertisements give.)
         if j == 0 {
-            let route = match v6 {
-                Some(_) => format!("-6 route add default via fe80::1 dev {iface}"),
-                None => format!("route add default via {modem_ip}"),
+            let route = match (v6, spec.l3) {
+                (Some(_), true) => format!("-6 route add default dev {iface}"),
+                (Some(_), false) => format!("-6 route add default via fe80::1 dev {iface}"),
+                (None, _) => format!("route add default via {modem_ip}"),
             };
             self.ip(tns, &route)?;
         }
