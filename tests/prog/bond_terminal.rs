@@ -219,6 +219,21 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
     assert_eq!(v, XDP_PASS, "pure ACK: at once");
     assert_eq!(out.len(), ack.frame().len() - 52, "unwrapped");
     assert_eq!(stats(&t, RELAY_LINK).down_late, 0, "an ACK is never late");
+    // An IPv6 one too (held, the playout stretched every upload's round
+    // trip by the far link's delay).
+    let mut ack6 = w.clone();
+    ack6.inner = Ip6 {
+        payload: Vec::new(),
+        ..Ip6::new(
+            "2001:db8:71::2".parse().unwrap(),
+            "2001:db8:1::1".parse().unwrap(),
+            L4::tcp(443, 40000),
+        )
+    }
+    .bytes();
+    let (v, out) = t.run("bond_terminal", &ack6.frame());
+    assert_eq!(v, XDP_PASS, "IPv6 pure ACK: at once");
+    assert_eq!(out.len(), ack6.frame().len() - 52, "unwrapped");
     let mut fin = ack.clone();
     fin.inner[20 + 13] |= 0x01;
     t.expect(
@@ -235,7 +250,8 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
     let (v, out) = t.run("bond_terminal", &w.frame());
     assert_eq!(v, XDP_PASS, "stale playout: delivered at once");
     assert_eq!(out.len(), w.frame().len() - 52, "unwrapped");
-    assert_eq!(stats(&t, RELAY_LINK).down_pkts, 2);
+    // (The two pure ACKs, and this one.)
+    assert_eq!(stats(&t, RELAY_LINK).down_pkts, 3);
 }
 
 #[test]

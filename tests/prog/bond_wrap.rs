@@ -124,6 +124,20 @@ fn wrap_numbers_each_links_packets_and_keeps_copies() {
         let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &ack));
         assert_eq!(v, TC_ACT_REDIRECT);
         assert_eq!(out[WRAP_LEN - 24 + 7], 0, "a pure ACK's number");
+        // Over IPv6 alike (numbered, the server's playout held every one
+        // for the far link's delay, stretching the downloads' round trip).
+        let ack6 = Ip6 {
+            payload: Vec::new(),
+            ..Ip6::new(
+                "2001:db8:1::11".parse().unwrap(),
+                "2001:db8:71::2".parse().unwrap(),
+                L4::tcp(40000, 443),
+            )
+        }
+        .bytes();
+        let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IPV6, &ack6));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(out[WRAP_LEN - 24 + 7], 0, "an IPv6 pure ACK's number");
         let (_, next) = t.maps.kept(name::T_KEPT, name::T_KEPT_NEXT).unwrap();
         assert_eq!(next, first + 300, "no copy kept");
     });

@@ -828,14 +828,24 @@ fn redirect(ifindex: u32) -> i32 {
     }
 }
 
-/// Whether the IPv4 packet at `off` is a TCP pure ACK (`tcp::pure_ack`),
-/// as the receiving end's program judges it. Only headers without options
-/// are looked at; any other packet is not one.
+/// Whether the IPv4 or IPv6 packet at `off` is a TCP pure ACK
+/// (`tcp::pure_ack`), as the receiving end's program judges it. Only
+/// headers without options (extension headers) are looked at; any other
+/// packet is not one.
 #[inline(always)]
 fn pure_ack(ctx: &impl Packet, off: usize) -> bool {
     let Some(h) = read::<34>(ctx, off) else {
         return false;
     };
+    if h[0] >> 4 == 6 {
+        // IPv6 without extension headers: TCP behind the 40-byte header.
+        // (`tcp::pure_ack` counts a 20-byte IPv4 header in.)
+        let Some(t) = read::<14>(ctx, off + IPV6_LEN) else {
+            return false;
+        };
+        let plen = u16::from_be_bytes([h[4], h[5]]);
+        return h[6] == IPPROTO_TCP && tcp::pure_ack(plen.wrapping_add(20), [t[12], t[13]]);
+    }
     h[0] == wire::IPV4_VIHL
         && h[9] == IPPROTO_TCP
         && u16::from_be_bytes([h[6], h[7]]) & wire::IPV4_FRAGMENT == 0

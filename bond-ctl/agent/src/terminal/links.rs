@@ -54,8 +54,6 @@ impl Agent {
         self.own[i].set_iface(now);
         if replugged {
             self.own[i].filter_sources()?;
-        }
-        if replugged {
             self.invalidate(i)?;
         }
         let v6 = self.cfg.server.address6.is_some();
