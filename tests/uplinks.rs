@@ -469,6 +469,23 @@ fn link_1_over_ipv6_bonds_with_link_2(l1: bond_lab::LinkSpec, kind: &str) {
     }
 }
 
+/// Terminal `m`'s counters for link `link` (zero before it carried any).
+fn link_stats(m: &Maps, link: u8) -> bond_common::maps::LinkStats {
+    m.terminal_link_stats()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.0 == link)
+        .map(|s| s.2)
+        .unwrap_or_default()
+}
+
+/// The inner bytes the server has sent down link `link`.
+fn server_down_bytes(server: &Maps, link: u8) -> u64 {
+    let idx = server.server_link_index().unwrap();
+    let (_, i) = idx.into_iter().find(|(k, _)| k.link == link).unwrap();
+    server.server_link_stats(i).unwrap().down_bytes
+}
+
 /// The drop counters that are not zero.
 fn nonzero(drops: Vec<(&'static str, u64)>) -> Vec<(&'static str, u64)> {
     drops.into_iter().filter(|d| d.1 != 0).collect()
@@ -484,23 +501,11 @@ fn t1_shares_both_links_over_ipv6_inside(lab: &Lab, want: &str) {
     let bpffs = Path::new(DEFAULT_BPFFS);
     let t1 = Maps::new(pin_dir(bpffs, &inst1));
     let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
-    let stats = |m: &Maps, link: u8| {
-        m.terminal_link_stats()
-            .unwrap()
-            .into_iter()
-            .find(|s| s.0 == link)
-            .map(|s| s.2)
-            .unwrap_or_default()
-    };
-    let server_down = |link: u8| {
-        let idx = server.server_link_index().unwrap();
-        let (_, i) = idx.into_iter().find(|(k, _)| k.link == link).unwrap();
-        server.server_link_stats(i).unwrap().down_bytes
-    };
-    let up = |m: &Maps, link: u8| stats(m, link).up_bytes;
+    let server_down = |link: u8| server_down_bytes(&server, link);
+    let up = |m: &Maps, link: u8| link_stats(m, link).up_bytes;
     let content6 = bond_lab::CONTENT6.to_string();
     let before = [server_down(1), server_down(2)];
-    let t1_before = stats(&t1, 1);
+    let t1_before = link_stats(&t1, 1);
     let out = lab.dir.join("t1-v6.bin");
     let url = format!("http://[{content6}]/20m.bin");
     let (bytes, secs) = lab.fetch(&ns1, &[], &url, &out).expect("curl over IPv6");
@@ -520,7 +525,7 @@ fn t1_shares_both_links_over_ipv6_inside(lab: &Lab, want: &str) {
             l + 1
         );
     }
-    assert!(stats(&t1, 1).down_bytes > t1_before.down_bytes);
+    assert!(link_stats(&t1, 1).down_bytes > t1_before.down_bytes);
     let before = [up(&t1, 1), up(&t1, 2)];
     lab.iperf3(&ns1, &[], &["-6", "-c", &content6, "-n", "10M"])
         .expect("upload over IPv6");
@@ -546,19 +551,7 @@ fn each_origin_shares_both_links(lab: &mut Lab, kind: &str) -> String {
     let bpffs = Path::new(DEFAULT_BPFFS);
     let t1 = Maps::new(pin_dir(bpffs, &inst1));
     let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
-    let stats = |m: &Maps, link: u8| {
-        m.terminal_link_stats()
-            .unwrap()
-            .into_iter()
-            .find(|s| s.0 == link)
-            .map(|s| s.2)
-            .unwrap_or_default()
-    };
-    let server_down = |link: u8| {
-        let idx = server.server_link_index().unwrap();
-        let (_, i) = idx.into_iter().find(|(k, _)| k.link == link).unwrap();
-        server.server_link_stats(i).unwrap().down_bytes
-    };
+    let server_down = |link: u8| server_down_bytes(&server, link);
     let served = lab.serve_file("20m.bin", 20).unwrap();
     let want = format!("{:x}", Sha256::digest(std::fs::read(&served).unwrap()));
     for (i, what) in [
@@ -566,7 +559,7 @@ fn each_origin_shares_both_links(lab: &mut Lab, kind: &str) -> String {
         (1, format!("t2 (relayed through t1's {kind} link)")),
     ] {
         let before = [server_down(1), server_down(2)];
-        let (t1_before, t1_own) = (stats(&t1, 1), i == 0);
+        let (t1_before, t1_own) = (link_stats(&t1, 1), i == 0);
         let ns = lab.terminals[i].ns.clone();
         let (bytes, secs, out) = lab
             .download(
@@ -589,7 +582,7 @@ fn each_origin_shares_both_links(lab: &mut Lab, kind: &str) -> String {
                 lab.log(&format!("agent-t{}", i + 1))
             );
         }
-        let s = stats(&t1, 1);
+        let s = link_stats(&t1, 1);
         if t1_own {
             assert!(s.down_bytes > t1_before.down_bytes, "{what}: {s:?}");
             assert!(s.up_pkts > t1_before.up_pkts, "{what}: {s:?}");
@@ -605,7 +598,7 @@ fn each_origin_shares_both_links(lab: &mut Lab, kind: &str) -> String {
     // link's share (t2's relayed share through t1's L3 link on t1's).
     lab.start_iperf().unwrap();
     let up = |m: &Maps, link: u8, relayed: bool| {
-        let s = stats(m, link);
+        let s = link_stats(m, link);
         if relayed {
             s.relay_up_bytes
         } else {
@@ -633,7 +626,7 @@ fn each_origin_shares_both_links(lab: &mut Lab, kind: &str) -> String {
                 nonzero(t1.terminal_drops().unwrap()),
                 nonzero(t2.terminal_drops().unwrap()),
                 nonzero(server.server_drops().unwrap()),
-                stats(&t1, 1),
+                link_stats(&t1, 1),
             );
         }
         let sent = [l1(origin) - before[0], up(origin, 2, false) - before[1]];

@@ -442,8 +442,22 @@ pub mod tcp {
     /// measures by that much, which slows every flow's growth.
     #[inline(always)]
     pub const fn pure_ack(ip_len: u16, off_flags: [u8; 2]) -> bool {
+        ip_len >= 20 && pure_segment(ip_len - 20, off_flags)
+    }
+
+    /// [`pure_ack`] for IPv6 without extension headers: `payload_len` is
+    /// the IPv6 payload length (the whole TCP segment).
+    #[inline(always)]
+    pub const fn pure_ack6(payload_len: u16, off_flags: [u8; 2]) -> bool {
+        pure_segment(payload_len, off_flags)
+    }
+
+    /// A TCP segment of `len` bytes is its header alone, with ACK and none
+    /// of SYN, FIN, RST.
+    #[inline(always)]
+    const fn pure_segment(len: u16, off_flags: [u8; 2]) -> bool {
         let words = (off_flags[0] >> 4) as u16;
-        words >= 5 && off_flags[1] & (SYN | FIN | RST | ACK) == ACK && ip_len == 20 + 4 * words
+        words >= 5 && off_flags[1] & (SYN | FIN | RST | ACK) == ACK && len == 4 * words
     }
 }
 
@@ -704,6 +718,12 @@ mod tests {
         // under the minimum header: not pure (malformed).
         assert!(!pure_ack(40, [0x80, ACK]));
         assert!(!pure_ack(36, [0x40, ACK]));
+        assert!(!pure_ack(0, [0x50, ACK]));
+        // IPv6: the payload length is the segment's.
+        assert!(pure_ack6(20, [0x50, ACK]));
+        assert!(pure_ack6(32, [0x80, ACK]));
+        assert!(!pure_ack6(21, [0x50, ACK]));
+        assert!(!pure_ack6(20, [0x50, ACK | SYN]));
     }
 
     #[test]

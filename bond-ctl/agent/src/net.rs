@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    address::{AddressAttribute, AddressHeaderFlags, AddressScope},
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     nsid::{NsidAttribute, NsidMessage},
@@ -137,13 +137,7 @@ impl Net {
 
     /// The first IPv4 address of an interface.
     pub async fn ipv4(&self, iface: &Iface) -> Result<Ipv4Addr> {
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(iface.index)
-            .execute();
-        while let Some(msg) = addrs.try_next().await? {
+        for msg in self.addresses(iface).await? {
             for a in msg.attributes {
                 if let AddressAttribute::Local(IpAddr::V4(ip))
                 | AddressAttribute::Address(IpAddr::V4(ip)) = a
@@ -155,17 +149,18 @@ impl Net {
         bail!("interface {} has no IPv4 address", iface.name)
     }
 
+    /// Every address of an interface, as rtnetlink lists them.
+    async fn addresses(&self, iface: &Iface) -> Result<Vec<AddressMessage>> {
+        let addrs = self.handle.address().get();
+        let addrs = addrs.set_link_index_filter(iface.index).execute();
+        Ok(addrs.try_collect().await?)
+    }
+
     /// A global IPv6 address of an interface, once duplicate address
     /// detection has passed it; one not deprecated if there is one.
     pub async fn ipv6(&self, iface: &Iface) -> Result<Ipv6Addr> {
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(iface.index)
-            .execute();
         let mut best = None;
-        while let Some(msg) = addrs.try_next().await? {
+        for msg in self.addresses(iface).await? {
             let h = &msg.header;
             let unusable = AddressHeaderFlags::Tentative | AddressHeaderFlags::Dadfailed;
             if h.scope != AddressScope::Universe || h.flags.intersects(unusable) {

@@ -137,11 +137,7 @@ fn try_wrap(ctx: &TcContext) -> Result<i32, u32> {
         ctx.adjust_room(n as i32, BPF_ADJ_ROOM_MAC, 0)
             .map_err(|_| drops::HELPER_FAILED)
     };
-    let proto = |p: u16| {
-        ctx.skb
-            .change_proto(p.to_be(), 0)
-            .map_err(|_| drops::HELPER_FAILED)
-    };
+    let proto = |p| skb_proto(ctx, p);
     let room = OUTER_LEN + if outer6 { GROWTH as usize } else { 0 };
     match (link.flags & LINK_L3 != 0, ethertype == ETH_P_IPV6, outer6) {
         (true, true, false) => {
@@ -235,6 +231,26 @@ fn outer6_headers(cfg: &TerminalConfig, link_id: u32, hdr: &[u8; 66]) -> Result<
     Ok(h)
 }
 
+/// Moves an XDP frame's start by `delta` bytes (`bpf_xdp_adjust_head`):
+/// forward takes bytes away, back makes room.
+#[inline(always)]
+fn xdp_head(ctx: &XdpContext, delta: i32) -> Result<(), u32> {
+    // SAFETY: plain helper call; every packet pointer is re-derived after it.
+    match unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } {
+        0 => Ok(()),
+        _ => Err(drops::HELPER_FAILED),
+    }
+}
+
+/// Makes the skb `proto` (`bpf_skb_change_proto`): to IPv6 it adds 20
+/// bytes of room behind the link header, to IPv4 it takes them away.
+#[inline(always)]
+fn skb_proto(ctx: &TcContext, proto: u16) -> Result<(), u32> {
+    ctx.skb
+        .change_proto(proto.to_be(), 0)
+        .map_err(|_| drops::HELPER_FAILED)
+}
+
 /// The outer IPv6 header is this much longer than the IPv4 one.
 const GROWTH: i32 = (IPV6_LEN - IPV4_LEN) as i32;
 
@@ -262,11 +278,7 @@ const PASS: Result<u32, u32> = Ok(xdp_action::XDP_PASS);
 #[inline(always)]
 fn try_terminal(ctx: &XdpContext) -> Result<u32, u32> {
     // (IPv6 20 bytes shorter as IPv4: the frame starts that much later.)
-    // SAFETY: plain helper call; packet pointers are re-derived after it.
-    let shrink = || match unsafe { bpf_xdp_adjust_head(ctx.ctx, GROWTH) } {
-        0 => Ok(()),
-        _ => Err(drops::HELPER_FAILED),
-    };
+    let shrink = || xdp_head(ctx, GROWTH);
     if read_u16(ctx, 12) == Some(ETH_P_IPV6) && !from_server6::<ETH_LEN>(ctx, shrink)? {
         return PASS;
     }
@@ -431,12 +443,7 @@ fn relay_up(ctx: &XdpContext, cfg: &TerminalConfig, relay: &RelayLink) -> Result
     }
     to_server::<ETH_LEN>(ctx, cfg, relay)?;
     if outer6 {
-        // SAFETY: plain helper call; packet pointers are re-derived after it.
-        let grow = || match unsafe { bpf_xdp_adjust_head(ctx.ctx, -GROWTH) } {
-            0 => Ok(()),
-            _ => Err(drops::HELPER_FAILED),
-        };
-        to_outer6(ctx, cfg, relay.link, grow)?;
+        to_outer6(ctx, cfg, relay.link, || xdp_head(ctx, -GROWTH))?;
     }
     write_macs(ctx, relay.wan_mac, relay.gw_mac)?;
     // SAFETY: plain helper call.
@@ -566,10 +573,7 @@ fn unwrap(ctx: &XdpContext, d: &Data) -> Result<u32, u32> {
         return Ok(unsafe { bpf_redirect(hold, 0) } as u32);
     }
     let macs = read::<12>(ctx, 0).ok_or(drops::TRUNCATED)?;
-    // SAFETY: plain helper call; every packet pointer is re-derived after it.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER_LEN as i32) } != 0 {
-        return Err(drops::HELPER_FAILED);
-    }
+    xdp_head(ctx, OUTER_LEN as i32)?;
     let mut eth = [0u8; 14];
     eth[..12].copy_from_slice(&macs);
     eth[12..].copy_from_slice(&ethertype.to_be_bytes());
@@ -684,12 +688,7 @@ fn try_relay(ctx: &TcContext) -> Result<i32, u32> {
     if outer6 {
         // The skb becomes IPv6, as the L3 device frames by its protocol;
         // the change makes the 20 bytes of room behind Ethernet.
-        let grow = || {
-            ctx.skb
-                .change_proto(ETH_P_IPV6.to_be(), 0)
-                .map_err(|_| drops::HELPER_FAILED)
-        };
-        to_outer6(ctx, d.cfg, relay.link, grow)?;
+        to_outer6(ctx, d.cfg, relay.link, || skb_proto(ctx, ETH_P_IPV6))?;
     }
     Ok(redirect(relay.wan_ifindex))
 }
@@ -722,12 +721,7 @@ fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
             return Ok(TC_ACT_OK);
         }
         linear(ctx, ctx.len());
-        let shrink = || {
-            ctx.skb
-                .change_proto(ETH_P_IP.to_be(), 0)
-                .map_err(|_| drops::HELPER_FAILED)
-        };
-        if !from_server6::<0>(ctx, shrink)? {
+        if !from_server6::<0>(ctx, || skb_proto(ctx, ETH_P_IP))? {
             return Ok(TC_ACT_OK);
         }
     }
@@ -752,9 +746,7 @@ fn try_terminal_l3(ctx: &TcContext) -> Result<i32, u32> {
         let strip = if ethertype == ETH_P_IPV6 {
             // The skb must become IPv6 for the stack to take it: the change
             // of protocol adds 20 bytes of room, stripped with the wrap.
-            ctx.skb
-                .change_proto(ETH_P_IPV6.to_be(), 0)
-                .map_err(|_| drops::HELPER_FAILED)?;
+            skb_proto(ctx, ETH_P_IPV6)?;
             OUTER_LEN + IPV6_LEN - IPV4_LEN
         } else {
             OUTER_LEN
@@ -839,12 +831,11 @@ fn pure_ack(ctx: &impl Packet, off: usize) -> bool {
     };
     if h[0] >> 4 == 6 {
         // IPv6 without extension headers: TCP behind the 40-byte header.
-        // (`tcp::pure_ack` counts a 20-byte IPv4 header in.)
         let Some(t) = read::<14>(ctx, off + IPV6_LEN) else {
             return false;
         };
         let plen = u16::from_be_bytes([h[4], h[5]]);
-        return h[6] == IPPROTO_TCP && tcp::pure_ack(plen.wrapping_add(20), [t[12], t[13]]);
+        return h[6] == IPPROTO_TCP && tcp::pure_ack6(plen, [t[12], t[13]]);
     }
     h[0] == wire::IPV4_VIHL
         && h[9] == IPPROTO_TCP

@@ -186,10 +186,7 @@ impl Agent {
                 old.abort();
             }
         }
-        let v4 = match ip {
-            IpAddr::V4(a) => u32::from(a),
-            IpAddr::V6(_) => 0,
-        };
+        let v4 = ipv4_word(Some(ip));
         (o.entry.src_ip, o.relay.wan_ip) = (v4, v4);
         o.addr = Some(ip);
         o.relay.flags = o.kind();

@@ -252,6 +252,15 @@ async fn link_address(net: &Net, iface: &Iface, v6: bool) -> Option<IpAddr> {
     }
 }
 
+/// A link's address as its datapath entries' IPv4 word: 0 over IPv6
+/// (`T_LINKS6` has the address) or without one.
+fn ipv4_word(addr: Option<IpAddr>) -> u32 {
+    match addr {
+        Some(IpAddr::V4(a)) => u32::from(a),
+        _ => 0,
+    }
+}
+
 /// Where the server is for a link of address `addr`: its IPv6 address
 /// for a link over IPv6, else its IPv4 one.
 fn server_for(cfg: &bond_config::ServerAddr, addr: Option<IpAddr>) -> SocketAddr {

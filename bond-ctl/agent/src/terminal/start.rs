@@ -98,10 +98,7 @@ pub async fn run(
         }
         .with_context(|| format!("field `links[{i}].port`"))?;
         timestamp_arrivals(&sock)?;
-        let v4 = match addr {
-            Some(IpAddr::V4(a)) => u32::from(a),
-            _ => 0, // (over IPv6: T_LINKS6 has the address)
-        };
+        let v4 = ipv4_word(addr);
         if let Some(IpAddr::V6(a)) = addr {
             maps.set_link6(l.id, a)?;
         }

@@ -251,12 +251,10 @@ fn tcp_of(ctx: &XdpContext, proto: u8, len: u16, l4off: usize) -> Result<(Option
         return Err(drops::TRUNCATED);
     }
     let t = read::<20>(ctx, l4off).ok_or(drops::TRUNCATED)?;
-    // `pure_ack` counts a 20-byte IPv4 header in: the payload length is
-    // what it compares with the TCP header's.
     let plen = len - IPV6_LEN as u16;
     Ok((
         Some(t[tcp::FLAGS_OFF]),
-        tcp::pure_ack(plen + 20, [t[12], t[13]]),
+        tcp::pure_ack6(plen, [t[12], t[13]]),
     ))
 }
 
