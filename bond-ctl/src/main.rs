@@ -11,18 +11,22 @@ use bond_config::{Config, WeightSpec};
 use bond_datapath::{self as datapath, Maps};
 use bond_relay as dist;
 
+mod logs;
+mod manual;
 #[cfg(test)]
 mod operator_doc;
 mod services;
 mod show;
+mod top;
 
 #[derive(Parser)]
 #[command(
     name = "bond-ctl",
     version,
-    about = "bond: bandwidth bonding for a community of hosts"
+    about = "bond: bandwidth bonding for a community of hosts",
+    after_long_help = manual::FILES
 )]
-struct Cli {
+pub(crate) struct Cli {
     /// bpffs mount the maps are pinned under (as `<bpffs>/bond/<instance>`).
     #[arg(long, global = true, env = "BOND_BPFFS", default_value = datapath::DEFAULT_BPFFS)]
     bpffs: PathBuf,
@@ -91,6 +95,13 @@ enum Cmd {
     /// can change while running is applied; a file with an error, or a
     /// change that takes a restart, changes nothing and says why.
     Reload,
+    /// The links live: each one's rate up and down against its weight, its
+    /// delay, missed announces, and the drops (q quits).
+    Top {
+        /// How often to read and redraw.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+    },
     /// Prometheus metrics, as the agent's `metrics` endpoint serves them.
     Metrics,
     /// Push a file to many terminals through relay trees, fastest first
@@ -152,6 +163,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CacheCmd,
     },
+    /// A completion script for a shell, on stdout (the package installs
+    /// them; `source <(bond-ctl completions bash)` for this shell only).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (bond-ctl(8) and one per subcommand) into a
+    /// directory.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -234,6 +252,7 @@ fn cache_config(
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    logs::init();
     let maps = Maps::new(datapath::pin_dir(&cli.bpffs, &cli.instance));
     let socket = control::socket_path(&cli.run_dir, &cli.instance);
     let ask = |req: Request| control::request(&socket, &req);
@@ -416,6 +435,28 @@ fn main() -> Result<()> {
             } else {
                 show::cache_status(&v, json)
             }
+        }
+        Cmd::Top { interval } => {
+            use std::io::IsTerminal as _;
+            if !std::io::stdout().is_terminal() {
+                bail!(
+                    "`top` draws on a terminal; for a program, `links --json` and `status --json`"
+                );
+            }
+            if interval < Duration::from_millis(100) {
+                bail!("--interval {interval:?}: at least 100ms");
+            }
+            top::run(&maps, &ask, interval)
+        }
+        Cmd::Completions { shell } => {
+            manual::completions(shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            for page in manual::pages(&dir)? {
+                println!("{}", page.display());
+            }
+            Ok(())
         }
         Cmd::Metrics => {
             print!(

@@ -165,48 +165,7 @@ fn counts(c: &[(&str, u64)]) -> Counts {
 
 /// `bond-ctl links`: read from the pinned maps.
 pub fn links(maps: &Maps, json: bool) -> Result<()> {
-    let report = if maps.has(name::T_CONFIG) {
-        Links::Terminal(TerminalLinks {
-            logged_on: maps.terminal_config()?.token != 0,
-            links: maps
-                .terminal_link_stats()?
-                .iter()
-                .map(|(link, active, s)| TerminalLinkCounters {
-                    link: *link,
-                    active: *active,
-                    counters: s.into(),
-                })
-                .collect(),
-            drops: counts(&maps.terminal_drops()?),
-        })
-    } else if maps.has(name::S_CONFIG) {
-        let mut idx = maps.server_link_index()?;
-        idx.sort_by_key(|(k, _)| (k.community, k.link));
-        let mut links = Vec::new();
-        for (k, i) in idx {
-            let l = maps.server_link(i)?;
-            let ip = match l.flags & LINK_V6 {
-                0 => IpAddr::from(Ipv4Addr::from(l.ip)),
-                _ => maps.server_link6(i)?.into(),
-            };
-            links.push(ServerLinkCounters {
-                community: k.community,
-                link: k.link,
-                address: SocketAddr::new(ip, l.port),
-                counters: (&maps.server_link_stats(i)?).into(),
-            });
-        }
-        Links::Server(ServerLinks {
-            links,
-            drops: counts(&maps.server_drops()?),
-            events: counts(&maps.server_events()?),
-        })
-    } else {
-        bail!(
-            "no bond instance pinned at {} (is the agent running? `--instance`?)",
-            maps.dir().display()
-        )
-    };
+    let report = links_report(maps)?;
     if json {
         return print_json(&report);
     }
@@ -267,6 +226,53 @@ pub fn links(maps: &Maps, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every link's counters and the drops, from the pinned maps: a
+/// terminal's or the server's (they work while the agent is down).
+pub fn links_report(maps: &Maps) -> Result<Links> {
+    Ok(if maps.has(name::T_CONFIG) {
+        Links::Terminal(TerminalLinks {
+            logged_on: maps.terminal_config()?.token != 0,
+            links: maps
+                .terminal_link_stats()?
+                .iter()
+                .map(|(link, active, s)| TerminalLinkCounters {
+                    link: *link,
+                    active: *active,
+                    counters: s.into(),
+                })
+                .collect(),
+            drops: counts(&maps.terminal_drops()?),
+        })
+    } else if maps.has(name::S_CONFIG) {
+        let mut idx = maps.server_link_index()?;
+        idx.sort_by_key(|(k, _)| (k.community, k.link));
+        let mut links = Vec::new();
+        for (k, i) in idx {
+            let l = maps.server_link(i)?;
+            let ip = match l.flags & LINK_V6 {
+                0 => IpAddr::from(Ipv4Addr::from(l.ip)),
+                _ => maps.server_link6(i)?.into(),
+            };
+            links.push(ServerLinkCounters {
+                community: k.community,
+                link: k.link,
+                address: SocketAddr::new(ip, l.port),
+                counters: (&maps.server_link_stats(i)?).into(),
+            });
+        }
+        Links::Server(ServerLinks {
+            links,
+            drops: counts(&maps.server_drops()?),
+            events: counts(&maps.server_events()?),
+        })
+    } else {
+        bail!(
+            "no bond instance pinned at {} (is the agent running? `--instance`?)",
+            maps.dir().display()
+        )
+    })
 }
 
 fn proto_name(p: u8) -> String {

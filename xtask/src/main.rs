@@ -16,6 +16,7 @@ mod failover;
 mod fastpath;
 mod floors;
 mod fuzz;
+mod package;
 // Packets built independently of the code under test, shared with the BPF
 // fixtures.
 use bond_lab::packets;
@@ -42,6 +43,11 @@ enum Cmd {
     Test,
     /// Bring up a demo community in namespaces and show the aggregate rate.
     Demo,
+    /// Build the Debian package (target/package/bond_*.deb) and check it:
+    /// contents, dependencies, an install into a scratch root, the unit
+    /// (systemd-analyze verify), the manual pages (man) and completions
+    /// (bash, zsh, fish).
+    Package,
     /// Fuzz every parser (cargo-fuzz, libFuzzer): each target for SECS
     /// seconds, starting from seeds of valid input. Crashes are saved under
     /// fuzz/artifacts/TARGET and fail the run.
@@ -98,6 +104,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => xtask_setup::setup(),
         Cmd::Build => build().map(drop),
+        Cmd::Package => package::run().map(drop),
         Cmd::Test => test(),
         Cmd::Fuzz { targets, secs } => fuzz::run(&targets, secs),
         Cmd::Demo => {

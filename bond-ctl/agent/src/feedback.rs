@@ -473,7 +473,7 @@ impl Model {
         match self.write(maps, p) {
             Ok(()) => Some(out),
             Err(e) => {
-                eprintln!("bond-ctl: feedback: {e}");
+                tracing::warn!("feedback: {e}");
                 None
             }
         }
@@ -770,8 +770,8 @@ fn run(
             let mut edits = Edits::new(p);
             for id in h.silent(now, &edits.copy) {
                 if edits.make(Edit::Usable(id, false)) {
-                    eprintln!(
-                        "bond-ctl: feedback: {m}, link {id}: silent (its packets stopped arriving), out of use"
+                    tracing::warn!(
+                        "feedback: {m}, link {id}: silent (its packets stopped arriving), out of use"
                     );
                     done.silenced += 1;
                 }
@@ -808,8 +808,8 @@ fn run(
                     continue;
                 };
                 if let Some(was) = edits.copy.links().find(|l| l.id == id).map(|l| l.kbit()) {
-                    eprintln!(
-                        "bond-ctl: feedback: {m}, link {id}: rate {was} -> {kbit} kbit/s, as the receiving end sees it"
+                    tracing::info!(
+                        "feedback: {m}, link {id}: rate {was} -> {kbit} kbit/s, as the receiving end sees it"
                     );
                 }
                 edits.make(Edit::Rate(id, kbit));
@@ -861,10 +861,7 @@ fn run(
             if h.reported(r.id, now, sent + u64::from(delay) + queue)
                 && edits.make(Edit::Usable(r.id, true))
             {
-                eprintln!(
-                    "bond-ctl: feedback: {}, link {}: delivers again",
-                    r.model, r.id
-                );
+                tracing::info!("feedback: {}, link {}: delivers again", r.model, r.id);
             }
             edits.write(maps, r.model);
             let Some(fix) = h.judge(r.id, sent, queue, extra) else {

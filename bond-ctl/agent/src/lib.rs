@@ -113,6 +113,7 @@ pub async fn run(cfg: Config, paths: Paths, services: StartServices) -> Result<(
         Config::Terminal(t) => terminal::run(t, &paths.config, &mut pins, calls, &services).await,
         Config::Server(s) => server::run(s, &paths.config, &mut pins, calls).await,
     };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // The reply to a `detach` or `drain` is written by the socket's task:
     // give it a moment before the process ends.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -120,8 +121,8 @@ pub async fn run(cfg: Config, paths: Paths, services: StartServices) -> Result<(
     match result {
         Ok(Exit::Detach) => {
             pins.leave_attached();
-            eprintln!(
-                "bond-ctl: detached; the datapath keeps running from {}",
+            tracing::info!(
+                "detached; the datapath keeps running from {}",
                 dir.display()
             );
             Ok(())
@@ -134,6 +135,19 @@ pub async fn run(cfg: Config, paths: Paths, services: StartServices) -> Result<(
             pins.remove();
             Err(e)
         }
+    }
+}
+
+/// Tells the service manager the agent is up: its maps are pinned and its
+/// programs attached (`Type=notify` units; nothing without
+/// `NOTIFY_SOCKET`). `status` is what `systemctl status` shows.
+pub fn notify_ready(status: &str) {
+    let state = [
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ];
+    if let Err(e) = sd_notify::notify(false, &state) {
+        tracing::warn!("telling the service manager it is ready: {e}");
     }
 }
 
@@ -192,8 +206,8 @@ impl Pins {
         let found = std::fs::read_to_string(layout).ok();
         let adopted = dir.exists() && found.as_deref() == Some(signature);
         if dir.exists() && !adopted {
-            eprintln!(
-                "bond-ctl: pins in {} are not this agent's layout ({}): starting clean",
+            tracing::warn!(
+                "pins in {} are not this agent's layout ({}): starting clean",
                 dir.display(),
                 found.as_deref().unwrap_or("unknown")
             );
@@ -207,10 +221,7 @@ impl Pins {
         std::fs::write(layout, signature)
             .with_context(|| format!("writing {}", layout.display()))?;
         if adopted {
-            eprintln!(
-                "bond-ctl: adopting the running datapath in {}",
-                dir.display()
-            );
+            tracing::info!("adopting the running datapath in {}", dir.display());
         }
         let mut pins = Self {
             dir: dir.to_path_buf(),
@@ -440,7 +451,7 @@ fn attach_xdp_new(
         XdpAttach::Auto => match p.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, XDP_NATIVE),
             Err(_) => {
-                eprintln!("bond-ctl: {iface}: native XDP unavailable, using generic (slower)");
+                tracing::warn!("{iface}: native XDP unavailable, using generic (slower)");
                 (generic(p)?, XDP_GENERIC)
             }
         },
@@ -465,7 +476,10 @@ pub fn attach_status(
 /// agent's log for as long as the agent runs. Called once the object is
 /// loaded and before its programs are.
 pub fn read_drop_log(ebpf: &mut Ebpf) -> Result<()> {
-    let log = datapath::drop_log(ebpf, |line| eprintln!("bond-ctl: {line}"))?;
+    let log = datapath::drop_log(
+        ebpf,
+        |line| tracing::warn!(target: "bond::datapath", "{line}"),
+    )?;
     // SAFETY: the logger owns its ring's file descriptor and keeps it open,
     // the same one, for as long as it lives, which is as long as `fd`.
     let mut fd = unsafe {
@@ -549,7 +563,7 @@ impl Tally {
     pub fn count(&mut self, why: &'static str) {
         let n = self.bump(why);
         if n == 1 || n.is_multiple_of(1000) {
-            eprintln!("bond-ctl: control message rejected: {why} ({n} so far)");
+            tracing::warn!("control message rejected: {why} ({n} so far)");
         }
     }
 
@@ -558,7 +572,7 @@ impl Tally {
         if let Err(e) = r {
             let n = self.bump(step);
             if n == 1 || n.is_multiple_of(1000) {
-                eprintln!("bond-ctl: {step} failed ({n} so far), carrying on: {e:#}");
+                tracing::warn!("{step} failed ({n} so far), carrying on: {e:#}");
             }
         }
     }

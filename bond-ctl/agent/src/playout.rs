@@ -789,7 +789,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
         // Addressed to the TAP, or the stack takes it for another host's.
         frame[..6].copy_from_slice(&cx.mac);
         if let Err(e) = cx.tap.write(&frame) {
-            eprintln!("bond-ctl: playout: writing to {}: {e}", cx.tap.name);
+            tracing::warn!("playout: writing to {}: {e}", cx.tap.name);
         }
     };
     while !stop.load(Ordering::Relaxed) {
@@ -797,7 +797,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
         let now_us = now / 1000;
         if now >= beat {
             if let Err(e) = cx.maps.set_hold(cx.map, alive(cx.ifindex)) {
-                eprintln!("bond-ctl: playout: {e}");
+                tracing::warn!("playout: {e}");
             }
             *lock(stats) = total(&all);
             let floors = lock(floors).clone();
@@ -854,7 +854,7 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    eprintln!("bond-ctl: playout: reading {}: {e}", cx.tap.name);
+                    tracing::warn!("playout: reading {}: {e}", cx.tap.name);
                     break;
                 }
             }

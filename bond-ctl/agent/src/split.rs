@@ -95,7 +95,7 @@ fn run(tap: &Tap, ifindex: u32, mac: [u8; 6], maps: &Maps, stop: &AtomicBool, st
         let now = monotonic_ns();
         if now >= beat {
             if let Err(e) = maps.set_hold(bond_common::maps::name::S_SPLIT, alive(ifindex)) {
-                eprintln!("bond-ctl: split: {e}");
+                tracing::warn!("split: {e}");
             }
             beat = now + BEAT.as_nanos() as u64;
         }
@@ -104,7 +104,7 @@ fn run(tap: &Tap, ifindex: u32, mac: [u8; 6], maps: &Maps, stop: &AtomicBool, st
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                eprintln!("bond-ctl: split: reading {}: {e}", tap.name);
+                tracing::warn!("split: reading {}: {e}", tap.name);
                 std::thread::sleep(BEAT);
                 continue;
             }
@@ -112,7 +112,7 @@ fn run(tap: &Tap, ifindex: u32, mac: [u8; 6], maps: &Maps, stop: &AtomicBool, st
         let mtu = match maps.server_config() {
             Ok(c) => usize::from(c.link_mtu),
             Err(e) => {
-                eprintln!("bond-ctl: split: {e}");
+                tracing::warn!("split: {e}");
                 continue;
             }
         };
@@ -131,9 +131,7 @@ fn run(tap: &Tap, ifindex: u32, mac: [u8; 6], maps: &Maps, stop: &AtomicBool, st
             Err(why) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 if !told.contains(&why) {
-                    eprintln!(
-                        "bond-ctl: split: a packet refused ({why}); further ones are counted"
-                    );
+                    tracing::warn!("split: a packet refused ({why}); further ones are counted");
                     told.push(why);
                 }
             }

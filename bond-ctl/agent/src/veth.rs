@@ -171,7 +171,7 @@ pub async fn ready(net: &Net, iface: &str, how: bond_config::VethAttach) -> Resu
         bail!("{}", unreachable(iface, p));
     }
     if let Some(r) = other.report(iface, true) {
-        eprintln!("bond-ctl: {r}");
+        tracing::warn!("{r}");
     }
     Ok(())
 }

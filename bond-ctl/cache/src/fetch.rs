@@ -158,8 +158,8 @@ impl Cache {
                     self.store.revalidated(url, o.fetched_ms);
                 }
                 Ok(Some(changed)) => return Ok(self.stream_origin(url, changed, found.how)),
-                Err(e) => eprintln!(
-                    "bond-ctl: cache: {url}: origin unreachable, using the community's copy: {e:#}"
+                Err(e) => tracing::warn!(
+                    "cache: {url}: origin unreachable, using the community's copy: {e:#}"
                 ),
             }
         }
@@ -183,7 +183,7 @@ impl Cache {
                     return self.local(&obj, &format!("peer {peer}"), found.how);
                 }
                 Err(e) => {
-                    eprintln!("bond-ctl: cache: {url}: no peer could send it ({e:#}): the origin")
+                    tracing::warn!("cache: {url}: no peer could send it ({e:#}): the origin")
                 }
             }
         }
@@ -241,8 +241,8 @@ impl Cache {
                         how: "referral",
                     };
                 }
-                Err(e) => eprintln!(
-                    "bond-ctl: cache: referral server {r} did not answer within {} ms ({e:#}): asking the LAN",
+                Err(e) => tracing::warn!(
+                    "cache: referral server {r} did not answer within {} ms ({e:#}): asking the LAN",
                     self.cfg.referral_wait_ms
                 ),
             }
@@ -435,8 +435,8 @@ impl Cache {
                     Err(out) => {
                         if out == Outcome::Corrupt {
                             self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                            eprintln!(
-                                "bond-ctl: cache: {p} sent {} with the wrong hash: reported",
+                            tracing::warn!(
+                                "cache: {p} sent {} with the wrong hash: reported",
                                 o.url
                             );
                             self.known.lock().expect("lock").forget(&o.url, p);
@@ -637,9 +637,7 @@ impl Cache {
                 let b = match why {
                     Ok(b) => b,
                     Err(why) => {
-                        eprintln!(
-                            "bond-ctl: cache: {url}: origin broke off after {size} bytes: {why}"
-                        );
+                        tracing::warn!("cache: {url}: origin broke off after {size} bytes: {why}");
                         if let Some(tx) = client {
                             let _ = tx.send(Err(std::io::Error::other(why))).await;
                         }
@@ -680,7 +678,7 @@ impl Cache {
             };
             let kept = c.keep(o.clone(), &part);
             if let Err(e) = &kept {
-                eprintln!("bond-ctl: cache: keeping {url}: {e:#}");
+                tracing::warn!("cache: keeping {url}: {e:#}");
             }
             c.report(Update::Got {
                 client: c.me,

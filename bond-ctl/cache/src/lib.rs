@@ -202,13 +202,13 @@ impl Cache {
         let c = cache.clone();
         tokio::spawn(async move {
             if let Err(e) = serve::serve(c, listener).await {
-                eprintln!("bond-ctl: cache: service stopped: {e:#}");
+                tracing::error!("cache: service stopped: {e:#}");
             }
         });
         let c = cache.clone();
         tokio::spawn(async move {
             if let Err(e) = proxy::serve(c, proxy).await {
-                eprintln!("bond-ctl: cache: proxy stopped: {e:#}");
+                tracing::error!("cache: proxy stopped: {e:#}");
             }
         });
         tokio::spawn(cache.clone().lan_loop());
@@ -216,8 +216,8 @@ impl Cache {
         if cache.table.is_some() {
             tokio::spawn(cache.clone().probe_loop());
         }
-        eprintln!(
-            "bond-ctl: cache: serving on {me}, proxy on {}, {} objects in {}{}",
+        tracing::info!(
+            "cache: serving on {me}, proxy on {}, {} objects in {}{}",
             cfg.proxy,
             cache.store.list().len(),
             dir.display(),
@@ -262,7 +262,7 @@ impl Cache {
         let c = self.clone();
         tokio::spawn(async move {
             if let Err(e) = c.post(to, "/cache/update", &u).await {
-                eprintln!("bond-ctl: cache: update to {to}: {e:#}");
+                tracing::warn!("cache: update to {to}: {e:#}");
             }
         });
     }
@@ -339,9 +339,7 @@ impl Cache {
                     Ok(load) => t.probed(p, load),
                     Err(_) => {
                         if t.probe_failed(p) {
-                            eprintln!(
-                                "bond-ctl: cache: {p} does not answer: dropped from the table"
-                            );
+                            tracing::warn!("cache: {p} does not answer: dropped from the table");
                         }
                     }
                 }
@@ -359,7 +357,7 @@ impl Cache {
             let m = match msg::open_lan(&self.key, &buf[..n], now_ms()) {
                 Ok(m) => m,
                 Err(e) => {
-                    eprintln!("bond-ctl: cache: LAN datagram from {src} refused: {e}");
+                    tracing::warn!("cache: LAN datagram from {src} refused: {e}");
                     continue;
                 }
             };

@@ -108,7 +108,7 @@ fn tunnel(req: Request) -> Response {
         let up = match hyper::upgrade::on(req).await {
             Ok(u) => u,
             Err(e) => {
-                eprintln!("bond-ctl: proxy: CONNECT {to}: {e}");
+                tracing::warn!("proxy: CONNECT {to}: {e}");
                 return;
             }
         };
@@ -117,7 +117,7 @@ fn tunnel(req: Request) -> Response {
                 let mut client = hyper_util::rt::TokioIo::new(up);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
-            Err(e) => eprintln!("bond-ctl: proxy: CONNECT {to}: {e}"),
+            Err(e) => tracing::warn!("proxy: CONNECT {to}: {e}"),
         }
     });
     StatusCode::OK.into_response()

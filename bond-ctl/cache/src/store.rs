@@ -133,7 +133,7 @@ impl Store {
         };
         let index: Vec<Object> = match std::fs::read(dir.join("index.json")) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                eprintln!("bond-ctl: cache: index unreadable ({e}): starting empty");
+                tracing::warn!("cache: index unreadable ({e}): starting empty");
                 Vec::new()
             }),
             Err(_) => Vec::new(),

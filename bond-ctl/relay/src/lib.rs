@@ -60,7 +60,7 @@ impl Dist {
         let s = service.clone();
         tokio::spawn(async move {
             if let Err(e) = s.serve(listener).await {
-                eprintln!("bond-ctl: dist: service stopped: {e:#}");
+                tracing::error!("dist: service stopped: {e:#}");
             }
         });
         // SQLite is blocking: the database has a thread of its own.
@@ -69,14 +69,11 @@ impl Dist {
         std::thread::spawn(move || {
             for (id, endpoint, kbps) in rx {
                 if let Err(e) = db.saw_terminal(&id, endpoint, kbps, now_ms() as i64) {
-                    eprintln!("bond-ctl: dist: database: {e:#}");
+                    tracing::warn!("dist: database: {e:#}");
                 }
             }
         });
-        eprintln!(
-            "bond-ctl: dist: serving on {me}, state in {}",
-            state.display()
-        );
+        tracing::info!("dist: serving on {me}, state in {}", state.display());
         Ok(Self {
             service,
             port,

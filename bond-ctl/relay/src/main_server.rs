@@ -181,10 +181,7 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
         bail!("no targets: no terminal has announced a distribution service yet");
     }
     if !retry.is_empty() {
-        eprintln!(
-            "bond-ctl: retrying {} that failed this file last time",
-            retry.len()
-        );
+        tracing::warn!("retrying {} that failed this file last time", retry.len());
     }
 
     // Serve the file from the address the targets reach us on.
@@ -353,8 +350,8 @@ pub async fn distribute(key: &CommunityKey, state: &Path, o: Options) -> Result<
                         if orphans.is_empty() {
                             continue;
                         }
-                        eprintln!(
-                            "bond-ctl: {} target(s) did not acknowledge{} after {ACK_WAIT:?}: sending from here",
+                        tracing::warn!(
+                            "{} target(s) did not acknowledge{} after {ACK_WAIT:?}: sending from here",
                             orphans.len(),
                             if stripes > 1 { format!(" stripe {}", j + 1) } else { String::new() },
                         );

@@ -264,7 +264,7 @@ impl Service {
     /// main server notices what it misses).
     async fn report(&self, main: SocketAddr, r: Report) {
         if let Err(e) = self.post(main, "/dist/report", &r).await {
-            eprintln!("bond-ctl: dist: report to {main}: {e:#}");
+            tracing::warn!("dist: report to {main}: {e:#}");
         }
     }
 
@@ -306,7 +306,7 @@ impl Service {
                 Ok(()) => return,
                 Err(e) => {
                     let why = format!("unreachable from {}: {e:#}", self.me);
-                    eprintln!("bond-ctl: dist: {}: {why}", a.target.id);
+                    tracing::warn!("dist: {}: {why}", a.target.id);
                     let r = Report::Failed {
                         transfer: req.transfer,
                         id: a.target.id.clone(),
@@ -361,7 +361,7 @@ impl Service {
     }
 
     async fn failed(&self, req: &TransportRequest, e: &anyhow::Error) {
-        eprintln!("bond-ctl: dist: {}: {e:#}", req.file.name);
+        tracing::warn!("dist: {}: {e:#}", req.file.name);
         let r = Report::Failed {
             transfer: req.transfer,
             id: req.target.clone(),
@@ -393,9 +393,10 @@ impl Service {
         let manifest = match self.get_manifest(req.source, &root).await {
             Ok(m) => m,
             Err(e) if req.source != req.main => {
-                eprintln!(
-                    "bond-ctl: dist: manifest from {}: {e:#}; asking {}",
-                    req.source, req.main
+                tracing::warn!(
+                    "dist: manifest from {}: {e:#}; asking {}",
+                    req.source,
+                    req.main
                 );
                 self.get_manifest(req.main, &root).await?
             }
@@ -452,7 +453,7 @@ impl Service {
             match result {
                 Ok(()) => {}
                 Err(Fail::Corrupt(i, e)) => {
-                    eprintln!("bond-ctl: dist: chunk {i} from {source}: {e}");
+                    tracing::warn!("dist: chunk {i} from {source}: {e}");
                     let r = Report::Corrupt {
                         transfer: req.transfer,
                         relay: source,
@@ -467,9 +468,9 @@ impl Service {
                 Err(Fail::Broken(e)) => {
                     failures += 1;
                     in_a_row += 1;
-                    eprintln!("bond-ctl: dist: stream from {source}: {e}");
+                    tracing::warn!("dist: stream from {source}: {e}");
                     if source != main && failures >= FAILURES_BEFORE_FALLBACK {
-                        eprintln!("bond-ctl: dist: {source} failed: fetching from {main}");
+                        tracing::warn!("dist: {source} failed: fetching from {main}");
                         source = main;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -667,8 +668,8 @@ async fn take_request(State(s): State<Arc<Service>>, h: HeaderMap, body: Bytes) 
     if req.stripe.is_some_and(|st| !st.valid()) {
         return (StatusCode::BAD_REQUEST, "bad stripe").into_response();
     }
-    eprintln!(
-        "bond-ctl: dist: {} ({} bytes{}) from {}, {} to pass on",
+    tracing::info!(
+        "dist: {} ({} bytes{}) from {}, {} to pass on",
         req.file.name,
         req.file.size,
         req.stripe

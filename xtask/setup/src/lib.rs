@@ -9,6 +9,8 @@ use anyhow::{Context as _, Result, bail};
 
 /// 0.10.x links with rustc's own LLVM; 0.11+ wants a system LLVM 23.
 pub const BPF_LINKER: &str = "0.10.2";
+/// Builds the .deb (`cargo xtask package`).
+pub const CARGO_DEB: &str = "3.8.0";
 
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
@@ -26,6 +28,13 @@ const APT_PACKAGES: &[&str] = &[
     "mptcpd",
     "nftables",
     "fonts-dejavu-core",
+    // The package and its checks (cargo xtask package), `bond-ctl top`'s test.
+    "dpkg-dev",
+    "systemd",
+    "man-db",
+    "zsh",
+    "fish",
+    "tmux",
 ];
 
 pub fn sh(cmd: &mut Command) -> Result<()> {
@@ -55,6 +64,11 @@ pub fn setup() -> Result<()> {
         "bpf-linker",
         BPF_LINKER,
         Command::new("bpf-linker").arg("--version"),
+    )?;
+    cargo_tool(
+        "cargo-deb",
+        CARGO_DEB,
+        Command::new("cargo-deb").arg("--version"),
     )?;
     let missing: Vec<&str> = APT_PACKAGES
         .iter()

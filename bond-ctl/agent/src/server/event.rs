@@ -110,7 +110,7 @@ impl Agent {
                 r = &mut stop => return r.map(|()| Exit::Leave),
                 _ = hangup.recv() => {
                     if let Err(e) = self.reload() {
-                        eprintln!("bond-ctl: SIGHUP: {e}");
+                        tracing::warn!("SIGHUP: {e}");
                     }
                 }
                 Some(call) = calls.recv() => {
@@ -152,20 +152,20 @@ impl Agent {
                             self.flows.record(&r);
                             self.flows.by_community = by_community;
                             if r.removed() > 0 {
-                                eprintln!(
-                                    "bond-ctl: expired {} flow(s) (tcp {}, udp {}, icmp {}); {} ports free",
+                                tracing::info!(
+                                    "expired {} flow(s) (tcp {}, udp {}, icmp {}); {} ports free",
                                     r.removed(), r.tcp, r.udp, r.icmp, self.flows.free_ports
                                 );
                             }
                         }
                         // A failed map call leaves the flows for the next sweep.
-                        Err(e) => eprintln!("bond-ctl: flow sweep: {e}"),
+                        Err(e) => tracing::warn!("flow sweep: {e}"),
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let ch = self.table.expire(Instant::now());
                     for (c, o) in &ch.sessions_gone {
-                        eprintln!("bond-ctl: community {c}: terminal {o} silent: session closed");
+                        tracing::warn!("community {c}: terminal {o} silent: session closed");
                         let r = self.maps.remove_session(*c, *o);
                         self.faults.survive("remove_session", r.map_err(Into::into));
                     }
@@ -218,7 +218,7 @@ impl Agent {
                         return Err(anyhow::Error::new(e)
                             .context(format!("community {c}: terminal {o}: login")));
                     }
-                    eprintln!("bond-ctl: community {c}: terminal {o} logged on");
+                    tracing::info!("community {c}: terminal {o} logged on");
                 }
                 let port = self.cfg.port;
                 let body = Body::LoginReply(Reply::Ok { token, port });
@@ -226,7 +226,7 @@ impl Agent {
             }
             Body::Announce { interval_ms, links } => {
                 if msg.flags & flags::RESTARTING != 0 {
-                    eprintln!("bond-ctl: community {c}: terminal {o} restarting its agent");
+                    tracing::info!("community {c}: terminal {o} restarting its agent");
                     let own = links
                         .iter()
                         .filter(|l| self.table.owns(c, o, msg.token, l.id));
@@ -252,8 +252,8 @@ impl Agent {
                     }
                     Err(Refusal::LinkTaken { owner }) => {
                         self.rejects.count("link_taken");
-                        eprintln!(
-                            "bond-ctl: community {c}: {o} announces link {} of {owner}: refused",
+                        tracing::warn!(
+                            "community {c}: {o} announces link {} of {owner}: refused",
                             msg.link
                         );
                     }
@@ -262,7 +262,7 @@ impl Agent {
             }
             Body::Shutdown => {
                 if self.table.shutdown(c, o, msg.token) {
-                    eprintln!("bond-ctl: community {c}: terminal {o} shut down");
+                    tracing::info!("community {c}: terminal {o} shut down");
                     self.apply(c)?;
                     self.maps.remove_session(c, o)?;
                 } else {
@@ -334,10 +334,7 @@ impl Agent {
                     .entry((c, msg.link))
                     .or_insert_with(|| EchoSeen::new(now));
                 if seen.seen(now) {
-                    eprintln!(
-                        "bond-ctl: community {c}: link {} echoes again: back in use",
-                        msg.link
-                    );
+                    tracing::info!("community {c}: link {} echoes again: back in use", msg.link);
                     self.apply(c)?;
                 }
             }
@@ -367,7 +364,7 @@ impl Agent {
                 {
                     Ok(Some(left)) => self.corrector.probed(Model::Down(c), idx, left),
                     Ok(None) => {}
-                    Err(e) => eprintln!("bond-ctl: charging a probe train: {e:#}"),
+                    Err(e) => tracing::warn!("charging a probe train: {e:#}"),
                 }
                 for seq in 0..*count {
                     let body = Body::Probe {

@@ -26,7 +26,7 @@ impl Agent {
                 .map(Value::String)
                 .map_err(|e| format!("{e:#}")),
             Request::Detach => {
-                eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
+                tracing::info!("detaching: the datapath stays for the next agent");
                 crate::reply(Detached { detached: true })
             }
             Request::Reload => {

@@ -62,10 +62,7 @@ pub async fn run(
     maps.set_deny(&deny)?;
     let deny6 = super::deny::prefixes6(&cfg).context("field `deny`")?;
     maps.set_deny6(&deny6)?;
-    eprintln!(
-        "bond-ctl: members may not reach {} prefixes (`deny`)",
-        deny.len()
-    );
+    tracing::info!("members may not reach {} prefixes (`deny`)", deny.len());
     // An adopted queue holds the ports no flow has: filling it again
     // would hand one port to two flows.
     let pushed = if pins.adopted {
@@ -137,13 +134,15 @@ pub async fn run(
         }
         None => None,
     };
-    eprintln!(
-        "bond-ctl: server {}:{} up: {} communities, {pushed} dedicated ports {lo}-{hi} on {}",
+    let up = format!(
+        "server {}:{} up: {} communities, {pushed} dedicated ports {lo}-{hi} on {}",
         cfg.address,
         cfg.port,
         cfg.communities.len(),
         cfg.nat_address
     );
+    tracing::info!("{up}");
+    crate::notify_ready(&up);
     let mut agent = Agent {
         keys: cfg
             .communities
@@ -241,8 +240,8 @@ impl Agent {
             self.table
                 .adopt(k.community, o, s.token, &links, ADOPT_INTERVAL, now);
         }
-        eprintln!(
-            "bond-ctl: adopted {} session(s) and {} link(s) from the maps",
+        tracing::info!(
+            "adopted {} session(s) and {} link(s) from the maps",
             sessions.len(),
             self.applied.len()
         );

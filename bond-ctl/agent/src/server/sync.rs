@@ -81,7 +81,7 @@ impl Agent {
             .and_then(|()| self.maps.set_deny(&deny))
             .and_then(|()| self.maps.set_deny6(&deny6))
             .map_err(|e| format!("applying the new configuration: {e:#}"))?;
-        eprintln!("bond-ctl: configuration reloaded: {changed:?} changed");
+        tracing::info!("configuration reloaded: {changed:?} changed");
         Ok(changed)
     }
 
@@ -102,8 +102,8 @@ impl Agent {
         };
         let mtu = self.link_mtu();
         if mtu != self.map_cfg.link_mtu {
-            eprintln!(
-                "bond-ctl: link_mtu {} -> {mtu} (smallest link announced)",
+            tracing::info!(
+                "link_mtu {} -> {mtu} (smallest link announced)",
                 self.map_cfg.link_mtu
             );
             self.map_cfg.link_mtu = mtu;
@@ -139,7 +139,7 @@ impl Agent {
                 seen.traffic(now, *n);
             }
             if seen.check(now) {
-                eprintln!("bond-ctl: community {c}: link {link} silent: dark, out of use");
+                tracing::warn!("community {c}: link {link} silent: dark, out of use");
                 changed.push(c);
             }
         }
@@ -238,8 +238,8 @@ impl Agent {
             crate::playout::MAX_WAIT_US as u32,
         )?;
         self.follow_link_mtu(community, &rows)?;
-        eprintln!(
-            "bond-ctl: community {community}: downstream paths {weights:?} (index, kbit/s, relative delay ns)"
+        tracing::info!(
+            "community {community}: downstream paths {weights:?} (index, kbit/s, relative delay ns)"
         );
         let gone: Vec<(u16, u8)> = self
             .applied

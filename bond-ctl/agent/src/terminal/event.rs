@@ -43,7 +43,7 @@ impl Agent {
                 r = &mut stop => return r.map(|()| Exit::Leave),
                 _ = hangup.recv() => {
                     if let Err(e) = self.reload().await {
-                        eprintln!("bond-ctl: SIGHUP: {e}");
+                        tracing::warn!("SIGHUP: {e}");
                     }
                 }
                 _ = announce.tick() => self.announce().await,
@@ -60,7 +60,7 @@ impl Agent {
                     self.faults.survive("refresh", r);
                     match self.drained() {
                         Ok(true) => {
-                            eprintln!("bond-ctl: drained: leaving");
+                            tracing::info!("drained: leaving");
                             return Ok(Exit::Leave);
                         }
                         Ok(false) => {}
@@ -75,7 +75,7 @@ impl Agent {
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let gone = self.peers.expire(Instant::now());
                     if !gone.is_empty() {
-                        eprintln!("bond-ctl: peer(s) {gone:?} missed {} announces: dropped", self.cfg.misses);
+                        tracing::warn!("peer(s) {gone:?} missed {} announces: dropped", self.cfg.misses);
                         let r = self.apply_peers().await;
                         self.faults.survive("apply_peers", r);
                     }
@@ -180,7 +180,7 @@ impl Agent {
             let m = self.sign(body.clone(), id, flags::VIA_LINK, token);
             if let Err(e) = self.own[i].sock.send_to(&m, self.own[i].server).await {
                 self.rejects.count("send_failed");
-                eprintln!("bond-ctl: link {id}: sending to the server: {e}");
+                tracing::warn!("link {id}: sending to the server: {e}");
             }
         }
         match relay {
@@ -291,7 +291,7 @@ impl Agent {
                 let o = &mut self.own[i];
                 let before = o.echo.announced_us();
                 if o.echo.reply(now, rtt) {
-                    eprintln!("bond-ctl: link {}: answers again: back in use", o.ad.id);
+                    tracing::info!("link {}: answers again: back in use", o.ad.id);
                     self.announce().await;
                     self.apply_peers().await?;
                 } else if o.echo.announced_us() != before {
@@ -358,13 +358,13 @@ impl Agent {
                 }
                 let interval = Duration::from_millis(u64::from(*interval_ms));
                 if self.peers.announce(msg.origin, interval, links, now) {
-                    eprintln!("bond-ctl: peer {} announces links {links:?}", msg.origin);
+                    tracing::info!("peer {} announces links {links:?}", msg.origin);
                     self.apply_peers().await?;
                 }
             }
             (Socket::Lan, Body::Shutdown) => {
                 if self.peers.shutdown(msg.origin) {
-                    eprintln!("bond-ctl: peer {} shut down", msg.origin);
+                    tracing::info!("peer {} shut down", msg.origin);
                     self.apply_peers().await?;
                 }
             }
@@ -417,10 +417,7 @@ impl Agent {
         match *r {
             Reply::Ok { token, port } => {
                 if self.token != Some(token) || self.map_cfg.server_port != port {
-                    eprintln!(
-                        "bond-ctl: logged on to {} (port {port})",
-                        self.cfg.server.address
-                    );
+                    tracing::info!("logged on to {} (port {port})", self.cfg.server.address);
                 }
                 self.token = Some(token);
                 self.map_cfg.token = token;
@@ -436,7 +433,7 @@ impl Agent {
                 }
             }
             Reply::NeedLogin => {
-                eprintln!("bond-ctl: the server asks for a new login");
+                tracing::info!("the server asks for a new login");
                 self.token = None;
             }
         }
@@ -476,7 +473,7 @@ impl Agent {
             }
         }
         if !dark.is_empty() {
-            eprintln!("bond-ctl: link(s) {dark:?} stopped answering: dark, out of use");
+            tracing::warn!("link(s) {dark:?} stopped answering: dark, out of use");
             self.announce().await;
             self.apply_peers().await?;
         }

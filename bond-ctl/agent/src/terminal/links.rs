@@ -34,7 +34,7 @@ impl Agent {
         let name = self.own[i].iface.name.clone();
         let Ok(now) = self.net.iface(&name).await else {
             if self.own[i].iface.index != 0 {
-                eprintln!("bond-ctl: link {id}: interface {name} is gone: out of use");
+                tracing::warn!("link {id}: interface {name} is gone: out of use");
                 let o = &mut self.own[i];
                 (o.iface.index, o.iface.carrier, o.addr) = (0, false, None);
                 self.invalidate(i)?;
@@ -43,10 +43,7 @@ impl Agent {
         };
         let replugged = now.index != self.own[i].iface.index;
         if replugged {
-            eprintln!(
-                "bond-ctl: link {id}: interface {name} is back (index {})",
-                now.index
-            );
+            tracing::info!("link {id}: interface {name} is back (index {})", now.index);
             crate::veth::ready(&self.net, &name, self.cfg.attach.veth).await?;
             attach_link(pins, ebpf, &now)?;
             self.attached = pins.attached.clone();
@@ -60,8 +57,8 @@ impl Agent {
         let addr = link_address(&self.net, &self.own[i].iface, v6).await;
         let readdressed = addr != self.own[i].addr;
         if readdressed {
-            eprintln!(
-                "bond-ctl: link {id}: address {} -> {}",
+            tracing::info!(
+                "link {id}: address {} -> {}",
                 show_addr(self.own[i].addr),
                 show_addr(addr)
             );
@@ -101,8 +98,8 @@ impl Agent {
         if now == o.gateway {
             return Ok(false);
         }
-        eprintln!(
-            "bond-ctl: link {}: next hop {} -> {}",
+        tracing::info!(
+            "link {}: next hop {} -> {}",
             o.ad.id,
             show_addr(Some(o.gateway).filter(|g| !g.is_unspecified())),
             show_addr(Some(now).filter(|g| !g.is_unspecified()))
@@ -218,12 +215,12 @@ impl Agent {
         let o = &mut self.own[i];
         match r {
             Ok(()) if o.route == Route::Waiting => {
-                eprintln!("bond-ctl: link {}: route to the server in place", o.ad.id);
+                tracing::info!("link {}: route to the server in place", o.ad.id);
                 o.route = Route::In;
             }
             Ok(()) => o.route = Route::In,
             Err(e) if o.route == Route::Wanted => {
-                eprintln!("bond-ctl: link {}: {e:#}; trying again", o.ad.id);
+                tracing::warn!("link {}: {e:#}; trying again", o.ad.id);
                 o.route = Route::Waiting;
             }
             Err(_) => {}
@@ -237,8 +234,8 @@ impl Agent {
         let o = &self.own[i];
         let dark = o.dark();
         if dark != was_dark {
-            eprintln!(
-                "bond-ctl: link {}: {}",
+            tracing::warn!(
+                "link {}: {}",
                 o.ad.id,
                 if dark {
                     "no interface, carrier, address or next hop: out of use"

@@ -10,7 +10,7 @@ impl Agent {
     pub(super) async fn probe(&mut self) {
         let Some(token) = self.token else { return };
         if let Err(e) = self.observe_carried() {
-            eprintln!("bond-ctl: reading link counters: {e:#}");
+            tracing::warn!("reading link counters: {e:#}");
         }
         self.probe_round = self.probe_round.wrapping_add(1);
         let busy_round = self.probe_round.is_multiple_of(BUSY_PROBE_EVERY);
@@ -65,7 +65,7 @@ impl Agent {
                 {
                     Ok(Some(left)) => self.corrector.probed(Model::Up, u32::from(id), left),
                     Ok(None) => {}
-                    Err(e) => eprintln!("bond-ctl: charging a probe train: {e:#}"),
+                    Err(e) => tracing::warn!("charging a probe train: {e:#}"),
                 }
                 for m in &msgs {
                     if self.own[i]
@@ -81,7 +81,7 @@ impl Agent {
             }
         }
         if let Err(e) = self.update_weights().await {
-            eprintln!("bond-ctl: updating weights: {e:#}");
+            tracing::warn!("updating weights: {e:#}");
         }
     }
 
@@ -141,9 +141,11 @@ impl Agent {
         for o in &mut self.own {
             let (up, down) = (o.up.value(), o.down.value());
             if (up, down) != (o.ad.up, o.ad.down) {
-                eprintln!(
-                    "bond-ctl: link {} weights: up {} -> {up}, down {} -> {down}",
-                    o.ad.id, o.ad.up, o.ad.down
+                tracing::info!(
+                    "link {} weights: up {} -> {up}, down {} -> {down}",
+                    o.ad.id,
+                    o.ad.up,
+                    o.ad.down
                 );
                 (o.ad.up, o.ad.down) = (up, down);
                 changed = true;

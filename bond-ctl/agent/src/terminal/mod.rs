@@ -221,8 +221,8 @@ impl Own {
         sysctl(&format!("net.ipv4.conf.{name}.rp_filter"), loose)?;
         let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter");
         if self.v6() && all.is_ok_and(|a| a.trim() != "0") {
-            eprintln!(
-                "bond-ctl: link {}: net.ipv4.conf.all.rp_filter is on: IPv4 that arrives on {name} (no IPv4 address) is dropped; set it to 0 for a link over IPv6",
+            tracing::warn!(
+                "link {}: net.ipv4.conf.all.rp_filter is on: IPv4 that arrives on {name} (no IPv4 address) is dropped; set it to 0 for a link over IPv6",
                 self.ad.id
             );
         }

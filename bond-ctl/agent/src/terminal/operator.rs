@@ -74,7 +74,7 @@ impl Agent {
         if changed.contains(&"weights") {
             self.update_weights().await.map_err(|e| format!("{e:#}"))?;
         }
-        eprintln!("bond-ctl: configuration reloaded: changed {changed:?}");
+        tracing::info!("configuration reloaded: changed {changed:?}");
         Ok(changed)
     }
 
@@ -98,7 +98,7 @@ impl Agent {
                     o.down = Weight::new(s);
                 }
                 let (up, down) = (o.up.spec, o.down.spec);
-                eprintln!("bond-ctl: link {link} weights set: up {up}, down {down}");
+                tracing::info!("link {link} weights set: up {up}, down {down}");
                 self.update_weights().await.map_err(|e| format!("{e:#}"))?;
                 reply(WeightSet {
                     link,
@@ -113,7 +113,7 @@ impl Agent {
                     quiet_since: now,
                     packets: 0,
                 });
-                eprintln!("bond-ctl: draining: this host's links leave the schedules");
+                tracing::info!("draining: this host's links leave the schedules");
                 self.announce().await;
                 self.apply_peers().await.map_err(|e| format!("{e:#}"))?;
                 reply(Draining {
@@ -122,7 +122,7 @@ impl Agent {
                 })
             }
             Request::Detach => {
-                eprintln!("bond-ctl: detaching: the datapath stays for the next agent");
+                tracing::info!("detaching: the datapath stays for the next agent");
                 // The server is not to take the echoes' pause for dark links.
                 if self.token.is_some() && !self.own.is_empty() {
                     self.restarting = true;
@@ -288,7 +288,14 @@ impl Agent {
                 s.down_late,
             );
         }
-        let rows = self.peer_rows();
+        // Links only: a peer without links has a row of its own (link 0),
+        // and two such peers would repeat a series, which Prometheus
+        // refuses for the whole scrape (`bond_peers` counts them).
+        let rows: Vec<_> = self
+            .peer_rows()
+            .into_iter()
+            .filter(|r| r.link != 0)
+            .collect();
         m.family(
             "bond_link_weight",
             "gauge",

@@ -66,8 +66,8 @@ pub async fn run(
         };
         let addr = link_address(&net, &wan, v6).await;
         if addr.is_none() {
-            eprintln!(
-                "bond-ctl: link {}: interface {} {}: out of use until it has",
+            tracing::warn!(
+                "link {}: interface {} {}: out of use until it has",
                 l.id,
                 l.interface,
                 match (wan.index, v6) {
@@ -81,8 +81,8 @@ pub async fn run(
         let server = server_for(&cfg.server, addr);
         let gateway = next_hop(&net, l.gateway, server.ip(), &wan).await?;
         if addr.is_some() && wan.ethernet && gateway.is_unspecified() {
-            eprintln!(
-                "bond-ctl: link {}: no next hop on {} to the server at {}: out of use until there is",
+            tracing::warn!(
+                "link {}: no next hop on {} to the server at {}: out of use until there is",
                 l.id,
                 l.interface,
                 server.ip()
@@ -233,14 +233,16 @@ pub async fn run(
             agent.maps.set_hold(name::T_HOLD, Default::default())?;
         }
         agent.sync_capture().await?;
-        eprintln!(
-            "bond-ctl: terminal {lan_ip} up: community {}, {} own link(s), {} mtu {capture_mtu}, announcing every {} ms{}",
+        let up = format!(
+            "terminal {lan_ip} up: community {}, {} own link(s), {} mtu {capture_mtu}, announcing every {} ms{}",
             agent.cfg.community,
             agent.own.len(),
             agent.cfg.device,
             agent.cfg.announce_ms,
             if agent.adopted { " (adopted the running datapath)" } else { "" },
         );
+        tracing::info!("{up}");
+        crate::notify_ready(&up);
         agent.attached = pins.attached.clone();
         agent.run(calls, feedback, &mut ebpf, pins).await
     }

@@ -50,8 +50,8 @@ impl Agent {
             }
         }
         if !want {
-            eprintln!(
-                "bond-ctl: cannot bond ({}): captured traffic goes by the host's own routes \
+            tracing::warn!(
+                "cannot bond ({}): captured traffic goes by the host's own routes \
                  until it can (fallback = \"direct\")",
                 if self.token.is_none() {
                     "no session"
@@ -60,10 +60,7 @@ impl Agent {
                 }
             );
         } else if self.cfg.fallback == Fallback::Direct {
-            eprintln!(
-                "bond-ctl: bonding: captured traffic goes into {}",
-                self.cfg.device
-            );
+            tracing::info!("bonding: captured traffic goes into {}", self.cfg.device);
         }
         self.captured = Some(want);
         Ok(())
@@ -143,7 +140,7 @@ impl Agent {
             d.quiet_since = now;
         }
         if now >= d.deadline {
-            eprintln!("bond-ctl: drain timed out with traffic still on this host's links");
+            tracing::warn!("drain timed out with traffic still on this host's links");
             return Ok(true);
         }
         Ok(now.duration_since(d.quiet_since) >= DRAIN_QUIET)
@@ -186,8 +183,8 @@ impl Agent {
         for (ip, links) in &found {
             self.peers.announce(*ip, ADOPT_INTERVAL, links, now);
         }
-        eprintln!(
-            "bond-ctl: adopted {} peer link(s) from the maps{}",
+        tracing::info!(
+            "adopted {} peer link(s) from the maps{}",
             self.peer_links.len(),
             if self.token.is_some() {
                 " and the session"
@@ -272,9 +269,10 @@ impl Agent {
             .saturating_sub(OUTER_LEN as u32);
         if mtu != self.capture_mtu {
             self.net.set_mtu(self.capture.index, mtu).await?;
-            eprintln!(
-                "bond-ctl: {} mtu {} -> {mtu} (smallest link in use)",
-                self.cfg.device, self.capture_mtu
+            tracing::info!(
+                "{} mtu {} -> {mtu} (smallest link in use)",
+                self.cfg.device,
+                self.capture_mtu
             );
             self.capture_mtu = mtu;
         }
@@ -304,7 +302,7 @@ impl Agent {
                     bond_common::edpf::DEFAULT_BACKLOG_US,
                     playout::MAX_WAIT_US as u32,
                 )?;
-            eprintln!("bond-ctl: upstream paths: {paths:?} (link, kbit/s, relative delay ns)");
+            tracing::info!("upstream paths: {paths:?} (link, kbit/s, relative delay ns)");
             if let Some(p) = &self.playout {
                 // The server schedules over the same links.
                 let floor = playout::floor_us(paths.iter().map(|p| p.2));
