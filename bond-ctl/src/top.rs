@@ -300,38 +300,49 @@ fn draw(screen: &mut Screen<'_>, f: &Frame, interval: Duration) {
         Paragraph::new(f.title.as_str()).style(Style::new().add_modifier(Modifier::BOLD)),
         title,
     );
+    // The server's rows say their community first.
     let server = f.rows.iter().any(|r| r.community.is_some());
-    let header = TableRow::new(vec![
-        if server { "comm" } else { "" },
-        "link",
-        if server { "address" } else { "host" },
-        "up Mbit/s",
-        "down Mbit/s",
-        "relay",
-        "weight up/down kbit/s",
-        "rtt ms",
-        "+delay ms",
-        "missed",
-        "state",
-    ])
+    let skip = usize::from(!server);
+    let header = TableRow::new(
+        [
+            "comm",
+            "link",
+            if server { "address" } else { "host" },
+            "up Mbit/s",
+            "down Mbit/s",
+            "relay",
+            "weight up/down kbit/s",
+            "rtt ms",
+            "+delay ms",
+            "missed",
+            "state",
+        ]
+        .into_iter()
+        .skip(skip),
+    )
     .style(Style::new().add_modifier(Modifier::REVERSED));
     let rows = f.rows.iter().map(|r| {
-        TableRow::new(vec![
-            opt(r.community),
-            r.link.to_string(),
-            r.host.clone(),
-            format!("{:.1}", r.up),
-            format!("{:.1}", r.down),
-            r.relay.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-            format!("{}/{}", opt(r.weight_up), opt(r.weight_down)),
-            r.rtt_ms.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-            r.extra_ms.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-            opt(r.missed),
-            r.state.to_string(),
-        ])
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+        TableRow::new(
+            [
+                opt(r.community),
+                r.link.to_string(),
+                r.host.clone(),
+                format!("{:.1}", r.up),
+                format!("{:.1}", r.down),
+                ms(r.relay),
+                format!("{}/{}", opt(r.weight_up), opt(r.weight_down)),
+                ms(r.rtt_ms),
+                ms(r.extra_ms),
+                opt(r.missed),
+                r.state.to_string(),
+            ]
+            .into_iter()
+            .skip(skip),
+        )
     });
     let widths = [
-        Constraint::Length(if server { 5 } else { 0 }),
+        Constraint::Length(5),
         Constraint::Length(4),
         Constraint::Min(12),
         Constraint::Length(9),
@@ -343,6 +354,7 @@ fn draw(screen: &mut Screen<'_>, f: &Frame, interval: Duration) {
         Constraint::Length(6),
         Constraint::Length(7),
     ];
+    let widths = &widths[skip..];
     screen.render_widget(Table::new(rows, widths).header(header), table);
     let mut lines: Vec<Line> = if f.drops.is_empty() {
         vec![Line::from("no drops")]

@@ -291,6 +291,7 @@ fn test() -> Result<()> {
         "membership",
         "flows",
         "operate",
+        "service",
         "uplinks",
         "limits",
         "dist",

@@ -262,7 +262,7 @@ fn check(deb: &Path, pages: &[String]) -> Result<()> {
     );
     let zsh = share.join("zsh/vendor-completions");
     output(Command::new("zsh").args(["-f", "-c"]).arg(format!(
-        "fpath=({} $fpath) && autoload -U compinit && compinit -u -d /dev/null && \
+        "fpath=({} $fpath) && autoload -U compinit && compinit -u -D && \
          autoload -U _bond-ctl && (( $+functions[_bond-ctl] )) && \
          [[ $_comps[bond-ctl] == _bond-ctl ]]",
         zsh.display()

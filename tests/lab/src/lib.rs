@@ -1225,6 +1225,14 @@ impl Lab {
         self.children.iter().any(|(_, n, _)| n == name)
     }
 
+    /// A running child's process id (what systemd calls `$MAINPID`).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(_, n, _)| n == name)
+            .map(|(_, _, c)| c.id())
+    }
+
     pub fn start_terminal(&mut self, i: usize) -> Result<()> {
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         let cfg = self.dir.join(format!("t{}.toml", i + 1));
@@ -1238,7 +1246,7 @@ impl Lab {
         )
     }
 
-    fn wait_for(
+    pub fn wait_for(
         &self,
         what: &str,
         limit: Duration,
