@@ -135,9 +135,22 @@ fn the_units_command_lines_start_reload_and_stop_the_agent_and_tell_systemd() {
     })
     .unwrap();
 
-    // A crash (Restart=on-failure starts the same line again): the new
-    // agent adopts the pinned datapath and is ready again.
+    // A crash during a download (Restart=on-failure starts the same line
+    // again, after RestartSec): the pinned datapath carries on, the new
+    // agent adopts it and is ready again, the download loses nothing.
+    let served = lab.serve_file("unit.bin", 12).unwrap();
+    let (ns3, _) = lab.terminal_agent(2);
+    let out = lab.dir.join("unit.out");
+    let mut curl = lab
+        .cmd(&ns3, "curl")
+        .args(["-sS", "--fail", "--limit-rate", "2M", "-o"])
+        .arg(&out)
+        .arg("http://203.0.113.2/unit.bin")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     lab.stop("agent-srv", true).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     start(&mut lab);
     let ready = notify.wait("READY=1", Duration::from_secs(20));
     assert!(ready.contains("STATUS=server "), "{ready}");
@@ -149,6 +162,12 @@ fn the_units_command_lines_start_reload_and_stop_the_agent_and_tell_systemd() {
     );
     lab.wait_for_community(Duration::from_secs(20))
         .expect("the community after the restart");
+    let st = curl.wait().unwrap();
+    assert!(st.success(), "the download across the crash: {st}");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&served).unwrap(),
+        "the download across the crash differs from the file"
+    );
 
     // `systemctl stop` (SIGTERM): it says it is stopping.
     lab.stop("agent-srv", false).unwrap();

@@ -265,7 +265,13 @@ fn main() -> Result<()> {
                 run_dir: cli.run_dir.clone(),
                 config: config.clone(),
             };
-            rt.block_on(agent::run(cfg, paths, services::start()))
+            // The agent's end goes to its log at its level (under systemd,
+            // the journal's priority), not only to stderr as text.
+            if let Err(e) = rt.block_on(agent::run(cfg, paths, services::start())) {
+                tracing::error!("stopped: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;

@@ -509,4 +509,61 @@ mod tests {
         let f = Frame::between(&now, &now, 0.0);
         assert_eq!(f.rows[0].up, 0.0);
     }
+
+    #[test]
+    fn the_servers_rows_are_each_communitys_links() {
+        use bond_api::reply::{LinkRow, ServerLinkCounters, ServerLinks, TerminalRow};
+        let server = |bytes: u64, drops: u64| Reading {
+            links: Some(Links::Server(ServerLinks {
+                links: [(1, 1), (1, 2), (2, 1)]
+                    .into_iter()
+                    .map(|(community, link)| ServerLinkCounters {
+                        community,
+                        link,
+                        address: "198.51.100.7:7701".parse().unwrap(),
+                        counters: LinkCounters {
+                            up_bytes: bytes * u64::from(community),
+                            down_bytes: bytes * u64::from(link),
+                            ..Default::default()
+                        },
+                    })
+                    .collect(),
+                drops: [("denied".to_string(), drops)].into(),
+                events: Default::default(),
+            })),
+            status: None,
+            peers: Some(Peers::Server {
+                terminals: vec![TerminalRow {
+                    community: 2,
+                    address: Ipv4Addr::new(10, 0, 2, 1),
+                    missed: 0,
+                    links: vec![LinkRow {
+                        link: 1,
+                        address: "198.51.100.7:7701".parse().unwrap(),
+                        down: 5_000,
+                        missed: 2,
+                    }],
+                }],
+            }),
+            trouble: Vec::new(),
+        };
+        let f = Frame::between(&server(0, 1), &server(1_000_000, 3), 1.0);
+        let row = |c: u16, l: u8| {
+            f.rows
+                .iter()
+                .find(|r| (r.community, r.link) == (Some(c), l))
+                .unwrap()
+        };
+        assert_eq!((row(1, 1).up, row(1, 1).down), (8.0, 8.0));
+        assert_eq!((row(1, 2).up, row(1, 2).down), (8.0, 16.0));
+        assert_eq!((row(2, 1).up, row(2, 1).down), (16.0, 8.0));
+        // The weight and missed announces of community 2's link 1, not
+        // community 1's (the same link id).
+        assert_eq!(
+            (row(2, 1).weight_down, row(2, 1).missed),
+            (Some(5_000), Some(2))
+        );
+        assert_eq!((row(1, 1).weight_down, row(1, 1).missed), (None, None));
+        assert_eq!(f.drops, vec![("denied".to_string(), 3, 2)]);
+    }
 }
