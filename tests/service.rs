@@ -53,8 +53,9 @@ impl Notify {
         }
     }
 
-    /// Waits for a message with `line` among its lines; the message.
-    fn wait(&mut self, line: &str, limit: Duration) -> String {
+    /// Waits for a message with `line` among its lines from child `name`;
+    /// the message (or a failure with the child's log).
+    fn wait(&mut self, lab: &Lab, name: &str, line: &str, limit: Duration) -> String {
         let start = Instant::now();
         let mut buf = [0u8; 4096];
         while start.elapsed() < limit {
@@ -66,74 +67,125 @@ impl Notify {
                 }
             }
         }
-        panic!("no {line} within {limit:?}; got {:?}", self.seen);
+        panic!(
+            "no {line} from {name} within {limit:?}; got {:?}; its log:\n{}",
+            self.seen,
+            lab.log(name)
+        );
+    }
+}
+
+/// How systemd would run an agent of the unit: its `ExecStart` line (the
+/// binary and /etc/bond moved into the lab), under the unit's capability
+/// bounding set and without new privileges (setpriv), with a
+/// `NOTIFY_SOCKET` of its own.
+struct Unit {
+    exec: String,
+    reload: String,
+    caps: String,
+    etc: PathBuf,
+}
+
+impl Unit {
+    fn read(lab: &Lab) -> Unit {
+        let unit = std::fs::read_to_string(repo("packaging/bond@.service")).unwrap();
+        assert_eq!(unit_line(&unit, "Type"), "notify");
+        assert_eq!(unit_line(&unit, "Restart"), "on-failure");
+        assert_eq!(unit_line(&unit, "NoNewPrivileges"), "yes");
+        let exec = unit_line(&unit, "ExecStart");
+        let reload = unit_line(&unit, "ExecReload");
+        assert_eq!(
+            exec, "/usr/bin/bond-ctl agent --config /etc/bond/%i.toml",
+            "this test runs that line"
+        );
+        assert_eq!(
+            reload, "/bin/kill -HUP $MAINPID",
+            "this test runs that line"
+        );
+        // CAP_NET_ADMIN CAP_BPF ... as setpriv takes it: -all,+net_admin,+bpf
+        let caps = unit_line(&unit, "CapabilityBoundingSet")
+            .split_whitespace()
+            .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect::<String>();
+        let etc = lab.dir.join("etc/bond");
+        std::fs::create_dir_all(&etc).unwrap();
+        Unit {
+            exec,
+            reload,
+            caps: format!("-all{caps}"),
+            etc,
+        }
+    }
+
+    /// Starts child `name` in `ns` as `bond@instance` with `config`; its
+    /// notify socket.
+    fn start(&self, lab: &mut Lab, ns: &str, name: &str, instance: &str, config: &str) -> Notify {
+        std::fs::write(self.etc.join(format!("{instance}.toml")), config).unwrap();
+        let line = self
+            .exec
+            .replace("/usr/bin/bond-ctl", &bond_ctl().to_string_lossy())
+            .replace("/etc/bond/", &format!("{}/", self.etc.display()))
+            .replace("%i", instance);
+        let path = lab.dir.join(format!("notify-{name}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let notify = Notify::bind(&path);
+        let env = format!("NOTIFY_SOCKET={}", path.display());
+        let mut args = vec!["--no-new-privs", "--bounding-set", &self.caps, "env", &env];
+        args.extend(line.split_whitespace());
+        lab.spawn(ns, name, "setpriv", &args).unwrap();
+        notify
+    }
+
+    /// Runs `ExecReload` for child `name`, as systemd does.
+    fn reload(&self, lab: &Lab, name: &str) {
+        let line = self
+            .reload
+            .replace("$MAINPID", &lab.pid(name).unwrap().to_string());
+        let mut words = line.split_whitespace();
+        let st = Command::new(words.next().unwrap())
+            .args(words)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{line}: {st}");
+        lab.wait_for(
+            &format!("{name} to reload"),
+            Duration::from_secs(5),
+            |lab| Ok(lab.log(name).contains("configuration reloaded")),
+        )
+        .unwrap();
     }
 }
 
 #[test]
-fn the_units_command_lines_start_reload_and_stop_the_agent_and_tell_systemd() {
+fn under_the_units_command_lines_and_capabilities_agents_bond_reload_restart_and_stop() {
     let mut lab = figure1();
-    let unit = std::fs::read_to_string(repo("packaging/bond@.service")).unwrap();
-    assert_eq!(unit_line(&unit, "Type"), "notify");
-    assert_eq!(unit_line(&unit, "Restart"), "on-failure");
-    let exec = unit_line(&unit, "ExecStart");
-    let reload = unit_line(&unit, "ExecReload");
-    assert_eq!(
-        exec, "/usr/bin/bond-ctl agent --config /etc/bond/%i.toml",
-        "this test runs that line"
-    );
-    assert_eq!(
-        reload, "/bin/kill -HUP $MAINPID",
-        "this test runs that line"
-    );
-
-    // The server's file where the unit reads it, under the lab's directory.
-    let etc = lab.dir.join("etc/bond");
-    std::fs::create_dir_all(&etc).unwrap();
-    let instance = lab.server_instance.clone();
-    std::fs::write(etc.join(format!("{instance}.toml")), lab.server_config()).unwrap();
-    let line = exec
-        .replace("/usr/bin/bond-ctl", &bond_ctl().to_string_lossy())
-        .replace("/etc/bond/", &format!("{}/", etc.display()))
-        .replace("%i", &instance);
-    let notify_path = lab.dir.join("notify.sock");
-    let mut notify = Notify::bind(&notify_path);
-    let env = format!("NOTIFY_SOCKET={}", notify_path.display());
-    let start = |lab: &mut Lab| {
-        let mut args = vec![env.as_str()];
-        args.extend(line.split_whitespace());
-        let srv = lab.server_ns.clone();
-        lab.spawn(&srv, "agent-srv", "env", &args).unwrap();
-    };
-
-    start(&mut lab);
-    let ready = notify.wait("READY=1", Duration::from_secs(20));
+    let unit = Unit::read(&lab);
+    let (srv_ns, srv) = (lab.server_ns.clone(), lab.server_instance.clone());
+    let config = lab.server_config();
+    let mut server = unit.start(&mut lab, &srv_ns, "agent-srv", &srv, &config);
+    let ready = server.wait(&lab, "agent-srv", "READY=1", Duration::from_secs(20));
     assert!(ready.contains("STATUS=server "), "{ready}");
     // Ready means attached: its maps are pinned and it answers.
     lab.server_links()
         .expect("the server's pinned maps at READY=1");
     lab.server_status().expect("the server's socket at READY=1");
 
-    // The community forms with it.
+    // Every terminal the same way; the community forms.
+    let mut terminals = Vec::new();
     for i in 0..lab.terminals.len() {
-        lab.start_terminal(i).unwrap();
+        let (ns, inst) = lab.terminal_agent(i);
+        let config = lab.terminal_config(i);
+        let name = format!("agent-t{}", i + 1);
+        let mut n = unit.start(&mut lab, &ns, &name, &inst, &config);
+        let ready = n.wait(&lab, &name, "READY=1", Duration::from_secs(20));
+        assert!(ready.contains("STATUS=terminal "), "{ready}");
+        terminals.push((name, n));
     }
     lab.wait_for_community(Duration::from_secs(20))
-        .expect("the community forms with the unit's server");
+        .expect("the community forms under the unit");
 
-    // ExecReload, as systemd runs it.
-    let pid = lab.pid("agent-srv").unwrap().to_string();
-    let reload = reload.replace("$MAINPID", &pid);
-    let mut words = reload.split_whitespace();
-    let st = Command::new(words.next().unwrap())
-        .args(words)
-        .status()
-        .unwrap();
-    assert!(st.success(), "{reload}: {st}");
-    lab.wait_for("the reload in the log", Duration::from_secs(5), |lab| {
-        Ok(lab.log("agent-srv").contains("configuration reloaded"))
-    })
-    .unwrap();
+    unit.reload(&lab, "agent-srv");
+    unit.reload(&lab, "agent-t1");
 
     // A crash during a download (Restart=on-failure starts the same line
     // again, after RestartSec): the pinned datapath carries on, the new
@@ -151,8 +203,8 @@ fn the_units_command_lines_start_reload_and_stop_the_agent_and_tell_systemd() {
     std::thread::sleep(Duration::from_secs(2));
     lab.stop("agent-srv", true).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    start(&mut lab);
-    let ready = notify.wait("READY=1", Duration::from_secs(20));
+    let mut server = unit.start(&mut lab, &srv_ns, "agent-srv", &srv, &config);
+    let ready = server.wait(&lab, "agent-srv", "READY=1", Duration::from_secs(20));
     assert!(ready.contains("STATUS=server "), "{ready}");
     assert!(
         lab.log("agent-srv")
@@ -169,9 +221,13 @@ fn the_units_command_lines_start_reload_and_stop_the_agent_and_tell_systemd() {
         "the download across the crash differs from the file"
     );
 
-    // `systemctl stop` (SIGTERM): it says it is stopping.
+    // `systemctl stop` (SIGTERM): each says it is stopping.
+    for (name, mut n) in terminals {
+        lab.stop(&name, false).unwrap();
+        n.wait(&lab, &name, "STOPPING=1", Duration::from_secs(5));
+    }
     lab.stop("agent-srv", false).unwrap();
-    notify.wait("STOPPING=1", Duration::from_secs(5));
+    server.wait(&lab, "agent-srv", "STOPPING=1", Duration::from_secs(5));
 }
 
 /// A tmux server of its own, killed on drop.
