@@ -82,6 +82,8 @@ impl Notify {
 struct Unit {
     exec: String,
     reload: String,
+    /// How long systemd waits before starting a crashed agent again.
+    restart: Duration,
     caps: String,
     etc: PathBuf,
 }
@@ -95,8 +97,15 @@ impl Unit {
         let exec = unit_line(&unit, "ExecStart");
         let reload = unit_line(&unit, "ExecReload");
         assert_eq!(
-            exec, "/usr/bin/bond-ctl agent --config /etc/bond/%i.toml",
+            exec, "/usr/bin/bond-ctl --instance %i agent --config /etc/bond/%i.toml",
             "this test runs that line"
+        );
+        let restart_sec = unit_line(&unit, "RestartSec");
+        let restart = Duration::from_secs(
+            restart_sec
+                .strip_suffix('s')
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("RestartSec={restart_sec}: seconds")),
         );
         assert_eq!(
             reload, "/bin/kill -HUP $MAINPID",
@@ -112,6 +121,7 @@ impl Unit {
         Unit {
             exec,
             reload,
+            restart,
             caps: format!("-all{caps}"),
             etc,
         }
@@ -130,7 +140,15 @@ impl Unit {
         let _ = std::fs::remove_file(&path);
         let notify = Notify::bind(&path);
         let env = format!("NOTIFY_SOCKET={}", path.display());
-        let mut args = vec!["--no-new-privs", "--bounding-set", &self.caps, "env", &env];
+        let mut args = vec![
+            "--no-new-privs",
+            "--bounding-set",
+            &self.caps,
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "env",
+            &env,
+        ];
         args.extend(line.split_whitespace());
         lab.spawn(ns, name, "setpriv", &args).unwrap();
         notify
@@ -188,9 +206,10 @@ fn under_the_units_command_lines_and_capabilities_agents_bond_reload_restart_and
     unit.reload(&lab, "agent-t1");
 
     // A crash during a download (Restart=on-failure starts the same line
-    // again, after RestartSec): the pinned datapath carries on, the new
-    // agent adopts it and is ready again, the download loses nothing.
-    let served = lab.serve_file("unit.bin", 12).unwrap();
+    // again, RestartSec later): the pinned datapath carries on meanwhile,
+    // the new agent adopts it and is ready again, the download loses
+    // nothing.
+    let served = lab.serve_file("unit.bin", 20).unwrap();
     let (ns3, _) = lab.terminal_agent(2);
     let out = lab.dir.join("unit.out");
     let mut curl = lab
@@ -202,7 +221,7 @@ fn under_the_units_command_lines_and_capabilities_agents_bond_reload_restart_and
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     lab.stop("agent-srv", true).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(unit.restart);
     let mut server = unit.start(&mut lab, &srv_ns, "agent-srv", &srv, &config);
     let ready = server.wait(&lab, "agent-srv", "READY=1", Duration::from_secs(20));
     assert!(ready.contains("STATUS=server "), "{ready}");
@@ -341,9 +360,15 @@ fn top_shows_each_links_rate_live_and_gives_the_terminal_back() {
 
     // A small window says so instead of a table cut to pieces.
     tmux.run(&["resize-window", "-t", "top", "-x", "40", "-y", "6"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let small = tmux.screen();
-    assert!(small.contains("the window is 40x6"), "{small}");
+    let start = Instant::now();
+    while !tmux.screen().contains("the window is 40x6") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no word of the small window:\n{}",
+            tmux.screen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     tmux.run(&["resize-window", "-t", "top", "-x", "132", "-y", "30"]);
 
     // q: it ends at once, with the terminal as it was (canonical mode,

@@ -37,6 +37,16 @@ pub fn init() {
         .init();
 }
 
+/// A panic is logged as an error (one line, with where) before the
+/// default report.
+pub fn panics_to_log() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("panic: {}", info.to_string().replace('\n', " "));
+        report(info);
+    }));
+}
+
 /// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM`
 /// to that stream's `device:inode`, which stays in the environment of
 /// children whose stderr goes elsewhere, so it is compared with fd 2's.

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use bond_agent as agent;
 use bond_api::{self as control, Request};
@@ -226,6 +226,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// An agent started as `--instance NAME` (`bond@NAME`) runs only a file of
+/// that instance: its socket and pins are found by that name.
+fn same_instance(named: Option<&str>, cfg: &Config, path: &std::path::Path) -> Result<()> {
+    match named {
+        Some(name) if name != cfg.instance() => bail!(
+            "--instance {name}: {} is instance {:?} (`instance = ...`); name the file after its instance",
+            path.display(),
+            cfg.instance()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// A terminal configuration with a `[dist]` table.
 fn dist_config(path: &std::path::Path) -> Result<bond_config::TerminalConfig> {
     match Config::load(path)? {
@@ -251,23 +264,31 @@ fn cache_config(
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `--instance` given (as the unit does), not its default.
+    let named = matches.value_source("instance") == Some(clap::parser::ValueSource::CommandLine);
     logs::init();
     let maps = Maps::new(datapath::pin_dir(&cli.bpffs, &cli.instance));
     let socket = control::socket_path(&cli.run_dir, &cli.instance);
     let ask = |req: Request| control::request(&socket, &req);
     match cli.cmd {
         Cmd::Agent { config } => {
-            let cfg = Config::load(&config)?;
-            let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
-            let paths = agent::Paths {
-                bpffs: cli.bpffs.clone(),
-                run_dir: cli.run_dir.clone(),
-                config: config.clone(),
+            // The agent's end, and a panic, go to its log at their level
+            // (under systemd, the journal's priority), not only to stderr.
+            logs::panics_to_log();
+            let run = || -> Result<()> {
+                let cfg = Config::load(&config)?;
+                same_instance(named.then_some(cli.instance.as_str()), &cfg, &config)?;
+                let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+                let paths = agent::Paths {
+                    bpffs: cli.bpffs.clone(),
+                    run_dir: cli.run_dir.clone(),
+                    config: config.clone(),
+                };
+                rt.block_on(agent::run(cfg, paths, services::start()))
             };
-            // The agent's end goes to its log at its level (under systemd,
-            // the journal's priority), not only to stderr as text.
-            if let Err(e) = rt.block_on(agent::run(cfg, paths, services::start())) {
+            if let Err(e) = run() {
                 tracing::error!("stopped: {e:#}");
                 std::process::exit(1);
             }
@@ -452,7 +473,14 @@ fn main() -> Result<()> {
             if interval < Duration::from_millis(100) {
                 bail!("--interval {interval:?}: at least 100ms");
             }
-            top::run(&maps, &ask, interval)
+            // A stuck agent holds each refresh up by at most this much
+            // (and the counters, read from the maps, go on).
+            let limit = (interval / 2).clamp(Duration::from_millis(200), Duration::from_secs(1));
+            top::run(
+                &maps,
+                &|req| control::request_within(&socket, &req, limit),
+                interval,
+            )
         }
         Cmd::Completions { shell } => {
             manual::completions(shell, &mut std::io::stdout());
@@ -504,4 +532,31 @@ async fn veth_warnings(cfg: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_examples_parse_and_a_unit_runs_only_its_own_instance() {
+        let t = Config::parse(
+            include_str!("../../packaging/examples/terminal.toml"),
+            "terminal.toml",
+        )
+        .unwrap();
+        let s = Config::parse(
+            include_str!("../../packaging/examples/server.toml"),
+            "server.toml",
+        )
+        .unwrap();
+        let path = std::path::Path::new("/etc/bond/t1.toml");
+        same_instance(Some("t1"), &t, path).unwrap();
+        same_instance(None, &s, path).unwrap();
+        let e = same_instance(Some("t1"), &s, path).unwrap_err().to_string();
+        assert!(
+            e.contains("--instance t1") && e.contains("\"srv\"") && e.contains("/etc/bond/t1.toml"),
+            "{e}"
+        );
+    }
 }

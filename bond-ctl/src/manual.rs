@@ -17,7 +17,7 @@ Files:
   /etc/bond/NAME.toml        the configuration of instance NAME (bond@NAME.service)
   /sys/fs/bpf/bond/NAME/     its pinned maps and programs (kept across a restart)
   /run/bond/NAME.sock        its operator socket (status, peers, weight, drain...)
-  /usr/share/doc/bond-ctl/examples/   a terminal and a server configuration
+  /usr/share/doc/bond/examples/   a terminal and a server configuration
 
 Environment:
   RUST_LOG       log filter (default info; e.g. warn, or bond_agent::terminal=debug)
@@ -96,6 +96,13 @@ mod tests {
         let main = std::fs::read_to_string(dir.path().join("bond-ctl.8")).unwrap();
         assert!(main.contains(".TH bond-ctl 8"), "{main}");
         assert!(main.contains("/etc/bond/NAME.toml"), "the files section");
+        // Where the package puts them (bond-ctl/Cargo.toml).
+        assert!(main.contains("/usr/share/doc/bond/examples/"), "{main}");
+        let deb = include_str!("../Cargo.toml");
+        assert!(
+            deb.contains("\"usr/share/doc/bond/examples/\""),
+            "the package moved them"
+        );
         let set = std::fs::read_to_string(dir.path().join("bond-ctl-weight-set.8")).unwrap();
         assert!(set.contains("\\-\\-both"), "{set}");
     }

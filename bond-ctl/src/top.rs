@@ -378,12 +378,14 @@ fn draw(screen: &mut Screen<'_>, f: &Frame, interval: Duration) {
     );
 }
 
-fn read(maps: &Maps, ask: &dyn Fn(Request) -> Result<Value>) -> Reading {
+/// The counters and when they were read, then what the agent says.
+fn read(maps: &Maps, ask: &dyn Fn(Request) -> Result<Value>) -> (Reading, Instant) {
     let mut r = Reading::default();
     match crate::show::links_report(maps) {
         Ok(l) => r.links = Some(l),
         Err(e) => r.trouble.push(format!("counters: {e:#}")),
     }
+    let at = Instant::now();
     match ask(Request::Status).and_then(|v| Ok(serde_json::from_value(v)?)) {
         Ok(s) => r.status = Some(s),
         Err(e) => r.trouble.push(format!("agent: {e:#}")),
@@ -391,7 +393,7 @@ fn read(maps: &Maps, ask: &dyn Fn(Request) -> Result<Value>) -> Reading {
     r.peers = ask(Request::Peers)
         .ok()
         .and_then(|v| serde_json::from_value(v).ok());
-    r
+    (r, at)
 }
 
 /// Runs until q, Esc or Ctrl-C; the terminal is given back as it was
@@ -399,8 +401,7 @@ fn read(maps: &Maps, ask: &dyn Fn(Request) -> Result<Value>) -> Reading {
 pub fn run(maps: &Maps, ask: &dyn Fn(Request) -> Result<Value>, interval: Duration) -> Result<()> {
     let mut terminal = ratatui::init();
     let result = (|| -> Result<()> {
-        let mut was = read(maps, ask);
-        let mut at = Instant::now();
+        let (mut was, mut at) = read(maps, ask);
         let mut frame = Frame::between(&was, &was, 0.0);
         loop {
             terminal.draw(|s| draw(s, &frame, interval))?;
@@ -420,8 +421,7 @@ pub fn run(maps: &Maps, ask: &dyn Fn(Request) -> Result<Value>, interval: Durati
                     terminal.draw(|s| draw(s, &frame, interval))?;
                 }
             }
-            let now = read(maps, ask);
-            let now_at = Instant::now();
+            let (now, now_at) = read(maps, ask);
             frame = Frame::between(&was, &now, (now_at - at).as_secs_f64());
             (was, at) = (now, now_at);
         }

@@ -160,6 +160,12 @@ fn check(deb: &Path, pages: &[String]) -> Result<()> {
             ])
             .arg(deb),
     )?;
+    let etc = std::fs::metadata(root.join("etc/bond")).context("postinst made no /etc/bond")?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = etc.permissions().mode() & 0o777;
+        ensure!(mode == 0o750, "/etc/bond is {mode:o}, not 750");
+    }
     let installed = root.join("usr/bin/bond-ctl");
     let version = output(Command::new(&installed).arg("--version"))?;
     ensure!(

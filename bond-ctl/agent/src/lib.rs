@@ -96,6 +96,7 @@ pub type StartServices = Box<
 >;
 
 pub async fn run(cfg: Config, paths: Paths, services: StartServices) -> Result<()> {
+    let signals = Signals::new().context("taking over SIGTERM, SIGINT and SIGHUP")?;
     check_kernel()?;
     datapath::ensure_bpffs(&paths.bpffs)?;
     let dir = datapath::pin_dir(&paths.bpffs, cfg.instance());
@@ -110,8 +111,10 @@ pub async fn run(cfg: Config, paths: Paths, services: StartServices) -> Result<(
     let layout = paths.run_dir.join(format!("{}.layout", cfg.instance()));
     let mut pins = Pins::open(&dir, &layout, &signature(&cfg), cfg.attach())?;
     let result = match cfg {
-        Config::Terminal(t) => terminal::run(t, &paths.config, &mut pins, calls, &services).await,
-        Config::Server(s) => server::run(s, &paths.config, &mut pins, calls).await,
+        Config::Terminal(t) => {
+            terminal::run(t, &paths.config, &mut pins, calls, signals, &services).await
+        }
+        Config::Server(s) => server::run(s, &paths.config, &mut pins, calls, signals).await,
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // The reply to a `detach` or `drain` is written by the socket's task:
@@ -512,14 +515,42 @@ pub fn reply(r: impl serde::Serialize) -> Result<serde_json::Value, String> {
     serde_json::to_value(r).map_err(|e| format!("encoding the reply: {e}"))
 }
 
-async fn wait_for_signal() -> Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// The signals the agent answers, taken over before it sets anything up:
+/// one that comes while it starts (a `systemctl reload` or `stop` right
+/// after READY=1, or before) waits for its event loop instead of killing
+/// it with the default action, its datapath left without an agent.
+pub struct Signals {
+    pub stop: Stop,
+    /// SIGHUP: read the configuration again.
+    pub hangup: tokio::signal::unix::Signal,
+}
+
+/// SIGTERM or SIGINT: leave the community and remove everything.
+pub struct Stop {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    /// Cancel-safe: a `select!` arm may drop it and call it again.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
     }
-    Ok(())
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Signals {
+            stop: Stop {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            },
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 /// Events counted by reason: control messages refused, and failed steps

@@ -789,7 +789,10 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
         // Addressed to the TAP, or the stack takes it for another host's.
         frame[..6].copy_from_slice(&cx.mac);
         if let Err(e) = cx.tap.write(&frame) {
-            tracing::warn!("playout: writing to {}: {e}", cx.tap.name);
+            static FAILED: bond_api::LogEvery = bond_api::LogEvery::new();
+            if let Some(n) = FAILED.count() {
+                tracing::warn!("playout: writing to {}: {e} ({n} so far)", cx.tap.name);
+            }
         }
     };
     while !stop.load(Ordering::Relaxed) {

@@ -176,13 +176,20 @@ pub async fn serve_metrics(addr: SocketAddr, tx: mpsc::Sender<Call>) -> Result<(
 /// Sends one request to an instance and returns its reply (an error if the
 /// agent refused it).
 pub fn request(path: &Path, req: &Request) -> Result<Value> {
+    request_within(path, req, Duration::from_secs(30))
+}
+
+/// As [`request`], giving up on an agent that has not answered within
+/// `limit` (a live view cannot wait on a stuck agent).
+pub fn request_within(path: &Path, req: &Request, limit: Duration) -> Result<Value> {
     let mut s = UnixStream::connect(path).with_context(|| {
         format!(
             "connecting to {} (is the agent running? `--instance`?)",
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
     s.write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
@@ -192,6 +199,24 @@ pub fn request(path: &Path, req: &Request) -> Result<Value> {
         bail!("{}", v["error"].as_str().unwrap_or("the agent refused"));
     }
     Ok(v)
+}
+
+/// The count of an event that may come once per packet or per request,
+/// and whether to log this one: the first, then every 1000th (a flood
+/// cannot fill the journal; the count says how many there were).
+#[derive(Debug, Default)]
+pub struct LogEvery(std::sync::atomic::AtomicU64);
+
+impl LogEvery {
+    pub const fn new() -> Self {
+        LogEvery(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// Counts one; `Some(count)` when it is to be logged.
+    pub fn count(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (n == 1 || n.is_multiple_of(1000)).then_some(n)
+    }
 }
 
 /// A community service running beside a terminal's agent (the relay tree,
@@ -256,6 +281,13 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_is_logged_at_its_first_and_every_thousandth() {
+        let e = LogEvery::new();
+        let logged: Vec<u64> = (0..2500).filter_map(|_| e.count()).collect();
+        assert_eq!(logged, vec![1, 1000, 2000]);
+    }
 
     #[test]
     fn requests_have_a_stable_json_form() {

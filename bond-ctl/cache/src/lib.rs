@@ -357,7 +357,10 @@ impl Cache {
             let m = match msg::open_lan(&self.key, &buf[..n], now_ms()) {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!("cache: LAN datagram from {src} refused: {e}");
+                    static REFUSED: bond_api::LogEvery = bond_api::LogEvery::new();
+                    if let Some(n) = REFUSED.count() {
+                        tracing::warn!("cache: LAN datagram from {src} refused: {e} ({n} so far)");
+                    }
                     continue;
                 }
             };

@@ -108,7 +108,7 @@ fn tunnel(req: Request) -> Response {
         let up = match hyper::upgrade::on(req).await {
             Ok(u) => u,
             Err(e) => {
-                tracing::warn!("proxy: CONNECT {to}: {e}");
+                tracing::debug!("proxy: CONNECT {to}: {e}");
                 return;
             }
         };
@@ -117,7 +117,8 @@ fn tunnel(req: Request) -> Response {
                 let mut client = hyper_util::rt::TokioIo::new(up);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
-            Err(e) => tracing::warn!("proxy: CONNECT {to}: {e}"),
+            // The client hears it (its tunnel closes); one per request.
+            Err(e) => tracing::debug!("proxy: CONNECT {to}: {e}"),
         }
     });
     StatusCode::OK.into_response()

@@ -468,6 +468,11 @@ down = 5
                 "0 is outside",
             ),
             (
+                TERMINAL.replace("id = 1", "id = 0"),
+                "links[0].id",
+                "0 is reserved",
+            ),
+            (
                 TERMINAL.replace("port = 7701\nweight", "port = 0\nweight"),
                 "links[0].port",
                 "port 0",

@@ -343,6 +343,13 @@ impl TerminalConfig {
         for (i, l) in self.links.iter().enumerate() {
             check_ifname(&format!("links[{i}].interface"), &l.interface)?;
             check_port(&format!("links[{i}].port"), l.port)?;
+            if l.id == 0 {
+                // The peer table's row of a peer without links.
+                return err(
+                    format!("links[{i}].id"),
+                    "0 is reserved (no link); use 1..=255",
+                );
+            }
             if !ids.insert(l.id) {
                 return err(
                     format!("links[{i}].id"),

@@ -11,10 +11,7 @@ use bond_api::{Call, Request};
 use bond_common::maps::name;
 use bond_datapath::flows;
 use bond_proto::control::{Body, Gap, Msg, Reply, flags};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
+use tokio::sync::mpsc;
 
 use super::{Agent, Applied, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey};
 use crate::{
@@ -25,7 +22,7 @@ use crate::{
     pathmon::EchoSeen,
     playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
-    resend, wait_for_signal,
+    resend,
 };
 
 impl Agent {
@@ -85,9 +82,8 @@ impl Agent {
         &mut self,
         mut calls: mpsc::Receiver<Call>,
         mut playout_reports: playout::ReportRx,
+        mut signals: crate::Signals,
     ) -> Result<Exit> {
-        let stop = wait_for_signal();
-        tokio::pin!(stop);
         let (mut buf, mut buf6) = (vec![0u8; 2048], vec![0u8; 2048]);
         let mut trains = tokio::time::interval(TRAIN_WAIT / 5);
         let mut dark_check = tokio::time::interval(DARK_CHECK);
@@ -96,7 +92,6 @@ impl Agent {
         let mut sweeping = false;
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut hangup = signal(SignalKind::hangup())?;
         loop {
             if sweep.period() != self.cfg.flows.sweep() {
                 sweep = tokio::time::interval(self.cfg.flows.sweep());
@@ -107,8 +102,8 @@ impl Agent {
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                r = &mut stop => return r.map(|()| Exit::Leave),
-                _ = hangup.recv() => {
+                _ = signals.stop.recv() => return Ok(Exit::Leave),
+                _ = signals.hangup.recv() => {
                     if let Err(e) = self.reload() {
                         tracing::warn!("SIGHUP: {e}");
                     }

@@ -36,6 +36,7 @@ pub async fn run(
     path: &Path,
     pins: &mut Pins,
     calls: mpsc::Receiver<Call>,
+    signals: crate::Signals,
 ) -> Result<Exit> {
     let (lo, hi) = cfg
         .port_range()
@@ -180,7 +181,7 @@ pub async fn run(
     if agent.adopted {
         agent.adopt()?;
     }
-    agent.run(calls, feedback).await
+    agent.run(calls, feedback, signals).await
 }
 
 impl Agent {

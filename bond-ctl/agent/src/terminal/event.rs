@@ -11,6 +11,7 @@ impl Agent {
         mut playout_reports: playout::ReportRx,
         ebpf: &mut aya::Ebpf,
         pins: &mut Pins,
+        mut signals: crate::Signals,
     ) -> Result<Exit> {
         let (tx, mut rx) = mpsc::channel::<Received>(1024);
         spawn_reader(self.lan_sock.clone(), Socket::Lan, tx.clone());
@@ -24,9 +25,6 @@ impl Agent {
         let mut probe = tokio::time::interval(probe_period(self));
         let mut echo = tokio::time::interval(pathmon::ECHO_INTERVAL);
         echo.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stop = wait_for_signal();
-        tokio::pin!(stop);
-        let mut hangup = signal(SignalKind::hangup())?;
         loop {
             // A reload may change the periods.
             if announce.period() != self.interval {
@@ -40,8 +38,8 @@ impl Agent {
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                r = &mut stop => return r.map(|()| Exit::Leave),
-                _ = hangup.recv() => {
+                _ = signals.stop.recv() => return Ok(Exit::Leave),
+                _ = signals.hangup.recv() => {
                     if let Err(e) = self.reload().await {
                         tracing::warn!("SIGHUP: {e}");
                     }

@@ -20,13 +20,9 @@ use bond_common::{
     wire::OUTER_LEN,
 };
 use serde_json::Value;
-use tokio::{
-    net::UdpSocket,
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
+use tokio::{net::UdpSocket, sync::mpsc};
 
-use super::{Exit, Pins, Tally, wait_for_signal};
+use super::{Exit, Pins, Tally};
 use bond_api::{
     Call, Metrics, Request, Service,
     reply::{

@@ -288,9 +288,10 @@ impl Agent {
                 s.down_late,
             );
         }
-        // Links only: a peer without links has a row of its own (link 0),
-        // and two such peers would repeat a series, which Prometheus
-        // refuses for the whole scrape (`bond_peers` counts them).
+        // Links only: a peer without links has a row of its own (link 0,
+        // which no link may have), and two such peers would repeat a
+        // series, which Prometheus refuses for the whole scrape
+        // (`bond_peers` counts them).
         let rows: Vec<_> = self
             .peer_rows()
             .into_iter()

@@ -8,6 +8,7 @@ pub async fn run(
     path: &Path,
     pins: &mut Pins,
     calls: mpsc::Receiver<Call>,
+    signals: crate::Signals,
     services: &StartServices,
 ) -> Result<Exit> {
     let net = Net::new()?;
@@ -244,7 +245,7 @@ pub async fn run(
         tracing::info!("{up}");
         crate::notify_ready(&up);
         agent.attached = pins.attached.clone();
-        agent.run(calls, feedback, &mut ebpf, pins).await
+        agent.run(calls, feedback, &mut ebpf, pins, signals).await
     }
     .await;
     if let Ok(Exit::Detach) = result {
