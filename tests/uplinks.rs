@@ -185,7 +185,33 @@ impl Traffic {
                 .unwrap_or_else(|| panic!("{name}: {log}"))
                 / 1e6;
             eprintln!("{what}: {name} {mbit:.1} Mbit/s");
-            assert!(mbit > 10.0, "{what}: the {name} kept only {mbit:.1} Mbit/s");
+            if mbit <= 10.0 {
+                // What a rare stall looked like: each second's bytes and
+                // retransmissions, and what the agents said meanwhile.
+                let intervals: Vec<String> = v["intervals"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        format!(
+                            "{:.0}s {}B rx{}",
+                            i["sum"]["end"].as_f64().unwrap_or(0.0),
+                            i["sum"]["bytes"],
+                            i["sum"]["retransmits"]
+                        )
+                    })
+                    .collect();
+                let tail = |log: String| {
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                };
+                panic!(
+                    "{what}: the {name} kept only {mbit:.1} Mbit/s\nintervals: {intervals:?}\n\
+                     t2:\n{}\nserver:\n{}",
+                    tail(self.lab.log("agent-t2")),
+                    tail(self.lab.log("agent-srv"))
+                );
+            }
         }
         let log = self.lab.log("agent-t2");
         assert_eq!(
