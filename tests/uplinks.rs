@@ -201,15 +201,11 @@ impl Traffic {
                         )
                     })
                     .collect();
-                let tail = |log: String| {
-                    let lines: Vec<&str> = log.lines().collect();
-                    lines[lines.len().saturating_sub(40)..].join("\n")
-                };
                 panic!(
                     "{what}: the {name} kept only {mbit:.1} Mbit/s\nintervals: {intervals:?}\n\
                      t2:\n{}\nserver:\n{}",
-                    tail(self.lab.log("agent-t2")),
-                    tail(self.lab.log("agent-srv"))
+                    log_tail(&self.lab, "agent-t2"),
+                    log_tail(&self.lab, "agent-srv")
                 );
             }
         }
@@ -221,6 +217,13 @@ impl Traffic {
         );
         self.lab
     }
+}
+
+/// The last 40 lines of a child's log (what a failure shows).
+fn log_tail(lab: &Lab, name: &str) -> String {
+    let log = lab.log(name);
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// The modem's side of link 3 goes down (the line lost sync) and up
@@ -276,8 +279,10 @@ fn an_unplugged_modem_is_taken_back_when_it_returns() {
     let r1 = relayed();
     assert!(
         r1 > r0 + 100,
-        "t2 relayed {} packets from the new wan1 in 0.5 s",
-        r1 - r0
+        "t2 relayed {} packets from the new wan1 in 0.5 s\nt2:\n{}\nserver:\n{}",
+        r1 - r0,
+        log_tail(&t.lab, "agent-t2"),
+        log_tail(&t.lab, "agent-srv")
     );
     t.finish("replug");
 }
