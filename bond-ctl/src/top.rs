@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bond_api::{
     Request,
-    reply::{Counts, Links, Peers, Status},
+    reply::{Counts, LinkCounters, Links, Peers, Status},
 };
 use bond_datapath::Maps;
 use ratatui::{
@@ -80,6 +80,17 @@ fn mbit(bytes: u64, secs: f64) -> f64 {
     }
 }
 
+/// Mbit/s of one counter over the `secs` between two readings: 0 for a
+/// link not in the last one, and for counters that went back.
+fn rate(
+    now: &LinkCounters,
+    was: Option<&LinkCounters>,
+    secs: f64,
+    f: fn(&LinkCounters) -> u64,
+) -> f64 {
+    mbit(f(now).saturating_sub(was.map_or(f(now), f)), secs)
+}
+
 fn changes(was: Option<&Counts>, now: &Counts) -> Vec<(String, u64, u64)> {
     now.iter()
         .filter(|(_, n)| **n > 0)
@@ -136,13 +147,7 @@ impl Frame {
                 };
                 for l in &t.links {
                     let w = before.and_then(|b| b.links.iter().find(|x| x.link == l.link));
-                    let d = |f: fn(&bond_api::reply::LinkCounters) -> u64| {
-                        mbit(
-                            f(&l.counters)
-                                .saturating_sub(w.map_or(f(&l.counters), |w| f(&w.counters))),
-                            secs,
-                        )
-                    };
+                    let d = |f| rate(&l.counters, w.map(|w| &w.counters), secs, f);
                     let own = status.and_then(|s| s.links.iter().find(|o| o.link == l.link));
                     let peer = peers.iter().find(|p| p.link == l.link);
                     let path = status.and_then(|s| s.paths.iter().find(|p| p.link == l.link));
@@ -211,13 +216,7 @@ impl Frame {
                             .iter()
                             .find(|x| (x.community, x.link) == (l.community, l.link))
                     });
-                    let d = |f: fn(&bond_api::reply::LinkCounters) -> u64| {
-                        mbit(
-                            f(&l.counters)
-                                .saturating_sub(w.map_or(f(&l.counters), |w| f(&w.counters))),
-                            secs,
-                        )
-                    };
+                    let d = |f| rate(&l.counters, w.map(|w| &w.counters), secs, f);
                     let row = terminals
                         .iter()
                         .filter(|t| t.community == l.community)
