@@ -17,6 +17,7 @@ mod manual;
 mod operator_doc;
 mod services;
 mod show;
+mod tier;
 mod top;
 
 #[derive(Parser)]
@@ -162,6 +163,18 @@ enum Cmd {
     Cache {
         #[command(subcommand)]
         cmd: CacheCmd,
+    },
+    /// The ISP tier's registry in etcd: nodes, communities and their
+    /// owners, draining.
+    Tier {
+        /// etcd's client URLs (http://host:port), separated by commas.
+        #[arg(long, env = "BOND_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// Where the registry lives in etcd's key space.
+        #[arg(long, default_value = "/bond")]
+        prefix: String,
+        #[command(subcommand)]
+        cmd: tier::TierCmd,
     },
     /// A completion script for a shell, on stdout (the package installs
     /// them; `source <(bond-ctl completions bash)` for this shell only).
@@ -423,6 +436,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Tier { etcd, prefix, cmd } => tier::run(&etcd, &prefix, cmd),
         Cmd::Terminals { config, json } => {
             let cfg = dist_config(&config)?;
             let db = dist::db::NetDb::open(&cfg.dist_state().join("net.db"))?;

@@ -107,6 +107,10 @@ fn every_example_reads_back_through_its_type_unchanged() {
             h if h.starts_with("`fetch") => round_trip::<bond_cache::fetch::FetchReport>(h, v),
             h if h.starts_with("`cache status") => round_trip::<bond_cache::Status>(h, v),
             h if h.starts_with("`cache table") => round_trip::<bond_cache::TableReport>(h, v),
+            h if h.starts_with("`tier") && has("nodes") => {
+                round_trip::<bond_tier::admin::Nodes>(h, v)
+            }
+            h if h.starts_with("`tier") => round_trip::<bond_tier::admin::Communities>(h, v),
             h => panic!("a JSON example under {h}, which names no reply"),
         };
         seen.insert(ty);
@@ -125,6 +129,8 @@ fn every_example_reads_back_through_its_type_unchanged() {
         type_name::<bond_cache::fetch::FetchReport>(),
         type_name::<bond_cache::Status>(),
         type_name::<bond_cache::TableReport>(),
+        type_name::<bond_tier::admin::Nodes>(),
+        type_name::<bond_tier::admin::Communities>(),
     ];
     for ty in want {
         assert!(seen.contains(ty), "docs/operator.md shows no {ty}");

@@ -18,7 +18,7 @@ use serde_json::Value;
 use bond_datapath::{Maps, monotonic_ns};
 
 /// Prints `v` as one JSON line.
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string(v)?);
     Ok(())
 }

@@ -292,6 +292,7 @@ fn test() -> Result<()> {
         "flows",
         "operate",
         "service",
+        "tier",
         "uplinks",
         "limits",
         "dist",

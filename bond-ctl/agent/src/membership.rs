@@ -405,6 +405,21 @@ impl ServerTable {
         }
     }
 
+    /// Forgets a community's terminals and links at once (it moved to
+    /// another node); returns the terminals whose sessions it had.
+    pub fn forget(&mut self, community: u16) -> Vec<Ipv4Addr> {
+        let gone: Vec<Ipv4Addr> = self
+            .terms
+            .range((community, Ipv4Addr::UNSPECIFIED)..=(community, Ipv4Addr::BROADCAST))
+            .map(|(&(_, o), _)| o)
+            .collect();
+        for o in &gone {
+            self.terms.remove(&(community, *o));
+        }
+        self.owners.retain(|&(c, _), _| c != community);
+        gone
+    }
+
     /// Drops links, and whole terminals, that missed `k` announces.
     pub fn expire(&mut self, now: Instant) -> Changes {
         let k = self.k;
@@ -595,6 +610,32 @@ mod tests {
     /// A community mixes links over IPv4 and IPv6: each is where its
     /// announces came from, and a link that moves from one family to the
     /// other (an LTE modem that lost its IPv4) is a change.
+    #[test]
+    fn a_community_that_moves_away_is_forgotten_and_only_it() {
+        let t0 = Instant::now();
+        let mut s = ServerTable::new(3);
+        for (c, o) in [(1, 1), (1, 2), (2, 1), (3, 9)] {
+            s.login(c, ip(o), SEC, t0, || 7);
+            s.announce(c, ip(o), 7, Some((o, addr(o))), SEC, &[ad(o, 10, 10)], t0)
+                .unwrap();
+        }
+        let mut gone = s.forget(1);
+        gone.sort();
+        assert_eq!(gone, vec![ip(1), ip(2)]);
+        assert!(s.links(Some(1), t0).is_empty());
+        assert_eq!(s.token(1, ip(1)), None);
+        assert_eq!(s.token(2, ip(1)), Some(7), "community 2 keeps its terminal");
+        assert_eq!(s.links(Some(2), t0).len(), 1);
+        assert_eq!(s.links(Some(3), t0).len(), 1);
+        // Its link ids are free for a new session at once.
+        s.login(1, ip(3), SEC, t0, || 8);
+        assert_eq!(
+            s.announce(1, ip(3), 8, Some((1, addr(3))), SEC, &[ad(1, 1, 10)], t0),
+            Ok(true)
+        );
+        assert!(s.forget(4).is_empty());
+    }
+
     #[test]
     fn server_learns_links_over_either_family() {
         let t0 = Instant::now();

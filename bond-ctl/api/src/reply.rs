@@ -75,6 +75,21 @@ pub struct ServerStatus {
     pub split: Split,
     pub rejects: Counts,
     pub faults: Counts,
+    /// A node of a tier (`[tier]`): what the registry says of it.
+    pub tier: Option<TierStatus>,
+}
+
+/// A tier node's standing in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierStatus {
+    pub node: String,
+    /// Its record is in etcd on a live lease.
+    pub registered: bool,
+    /// It is the elected controller.
+    pub controller: bool,
+    /// Communities the registry says it owns (those served are in
+    /// `communities`).
+    pub owned: usize,
 }
 
 /// How one program is attached to one interface.

@@ -682,6 +682,57 @@ interfaces = ["wan0"]
     }
 
     #[test]
+    fn a_tier_node_takes_its_communities_from_etcd_and_says_what_is_wrong() {
+        let tier =
+            "[tier]\netcd = [\"http://10.0.9.1:2379\", \"http://10.0.9.2:2379\"]\nnode = \"n1\"\n";
+        let Config::Server(s) = Config::parse(&format!("{SERVER}{tier}"), "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        let t = s.tier.unwrap();
+        assert_eq!((t.weight, t.lease_s, t.prefix.as_str()), (100, 2, "/bond"));
+        assert_eq!(
+            (t.node.as_str(), t.etcd.len(), t.node_address),
+            ("n1", 2, None)
+        );
+        for (change, field, value) in [
+            ("node = \"N_1\"", "tier.node", "\"N_1\""),
+            ("node = \"n1\"\nweight = 0", "tier.weight", "0 is outside"),
+            (
+                "node = \"n1\"\nlease_s = 1",
+                "tier.lease_s",
+                "no lease under 2",
+            ),
+            (
+                "node = \"n1\"\nprefix = \"bond\"",
+                "tier.prefix",
+                "\"bond\"",
+            ),
+            ("node = \"n1\"\nlease = 3", "lease", "unknown field"),
+        ] {
+            let e = error_of(&format!("{SERVER}{tier}").replace("node = \"n1\"", change));
+            assert!(
+                e.contains(field) && e.contains(value),
+                "error {e:?} should name {field} and {value}"
+            );
+        }
+        for (url, why) in [
+            ("https://10.0.9.1:2379", "TLS"),
+            ("10.0.9.1:2379", "http://host:port"),
+            ("http://10.0.9.1", "names no port"),
+        ] {
+            let e = error_of(&format!(
+                "{SERVER}[tier]\netcd = [\"{url}\"]\nnode = \"n1\"\n"
+            ));
+            assert!(e.contains("tier.etcd[0]") && e.contains(why), "{url}: {e}");
+        }
+        let e = error_of(&format!("{SERVER}[tier]\netcd = []\nnode = \"n1\"\n"));
+        assert!(e.contains("tier.etcd"), "{e}");
+        let both = format!("{SERVER}[[communities]]\nid = 1\nkey = \"community one key\"\n{tier}");
+        let e = error_of(&both);
+        assert!(e.contains("communities") && e.contains("registry"), "{e}");
+    }
+
+    #[test]
     fn deny_defaults_to_local_and_takes_prefixes() {
         let server = |extra: &str| {
             let text = SERVER.replace("interfaces", &format!("{extra}\ninterfaces"));

@@ -67,6 +67,113 @@ pub struct ServerConfig {
     /// `["local"]`; `[]` denies nothing.
     #[serde(default = "default_deny")]
     pub deny: Vec<Deny>,
+    /// One node of a site whose communities live in etcd (`[tier]`,
+    /// optional): the communities and their keys come from there, and
+    /// `communities` must be empty.
+    pub tier: Option<TierConfig>,
+}
+
+/// `[tier]`: this server is one node of several sharing a site's
+/// communities through etcd (`bond_tier`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// etcd's client URLs, `http://host:port`: any member will do.
+    pub etcd: Vec<String>,
+    /// This node's name in the registry: unique in the site.
+    pub node: String,
+    /// Its share of the communities, relative to the other nodes'.
+    #[serde(default = "default_tier_weight")]
+    pub weight: u32,
+    /// Where the registry lives in etcd's key space.
+    #[serde(default = "default_tier_prefix")]
+    pub prefix: String,
+    /// Seconds after this node stops renewing its lease (it died or lost
+    /// etcd) that its communities move to the others. etcd takes no
+    /// less than 2.
+    #[serde(default = "default_tier_lease_s")]
+    pub lease_s: u32,
+    /// This node's own address, where a director forwards its
+    /// communities (default: `address`).
+    pub node_address: Option<Ipv4Addr>,
+}
+
+fn default_tier_weight() -> u32 {
+    100
+}
+fn default_tier_prefix() -> String {
+    "/bond".into()
+}
+fn default_tier_lease_s() -> u32 {
+    2
+}
+
+/// A node name in the registry: 1-63 of `a-z`, `0-9` and `-`.
+pub fn valid_node_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl TierConfig {
+    fn check(&self, communities: usize) -> Check {
+        if communities > 0 {
+            return err(
+                "communities",
+                "with [tier], communities and their keys come from the registry (bond-ctl tier community add)",
+            );
+        }
+        if self.etcd.is_empty() {
+            return err("tier.etcd", "list etcd's client URLs (http://host:port)");
+        }
+        for (i, url) in self.etcd.iter().enumerate() {
+            let Some(rest) = url.strip_prefix("http://") else {
+                return err(
+                    format!("tier.etcd[{i}]"),
+                    format!("{url:?} is not http://host:port (TLS is not built in)"),
+                );
+            };
+            let port = rest.trim_end_matches('/').rsplit_once(':').map(|(_, p)| p);
+            if port
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none_or(|p| p == 0)
+            {
+                return err(
+                    format!("tier.etcd[{i}]"),
+                    format!("{url:?} names no port (etcd's clients use 2379)"),
+                );
+            }
+        }
+        if !valid_node_name(&self.node) {
+            return err(
+                "tier.node",
+                format!("{:?}: use 1-63 of a-z, 0-9 and -", self.node),
+            );
+        }
+        if !(1..=10_000).contains(&self.weight) {
+            return err(
+                "tier.weight",
+                format!("{} is outside 1..=10000", self.weight),
+            );
+        }
+        if !self.prefix.starts_with('/') || self.prefix.trim_end_matches('/').is_empty() {
+            return err(
+                "tier.prefix",
+                format!("{:?}: a key prefix such as \"/bond\"", self.prefix),
+            );
+        }
+        if !(2..=60).contains(&self.lease_s) {
+            return err(
+                "tier.lease_s",
+                format!(
+                    "{} is outside 2..=60 (etcd grants no lease under 2 s)",
+                    self.lease_s
+                ),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One entry of the server's destination policy (`deny`).
@@ -336,6 +443,9 @@ impl ServerConfig {
                 );
             }
             check_key(&format!("communities[{c}].key"), &com.key)?;
+        }
+        if let Some(tier) = &self.tier {
+            tier.check(self.communities.len())?;
         }
         self.flows.check(u32::from(hi - lo) + 1)?;
         if self.deny.len() > bond_common::maps::MAX_DENY as usize / 2 {

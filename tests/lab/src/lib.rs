@@ -52,6 +52,7 @@ pub const COMMUNITY: u16 = 1;
 pub mod line;
 pub mod packets;
 pub mod profile;
+pub mod site;
 
 use bond_api::reply::{
     DownPath, FlowRow, Flows, Links, PeerRow, Peers, ServerLinks, ServerStatus, Status,

@@ -35,6 +35,11 @@ const APT_PACKAGES: &[&str] = &[
     "zsh",
     "fish",
     "tmux",
+    // The ISP tier: its registry (etcd and etcdctl, for the tests), and
+    // protoc, which the etcd client's build compiles etcd's protocol with.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 pub fn sh(cmd: &mut Command) -> Result<()> {

@@ -92,6 +92,7 @@ impl Agent {
         let mut sweeping = false;
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut registry = self.tier.as_ref().map(|n| n.served.clone());
         loop {
             if sweep.period() != self.cfg.flows.sweep() {
                 sweep = tokio::time::interval(self.cfg.flows.sweep());
@@ -114,6 +115,12 @@ impl Agent {
                     let _ = call.reply.send(answer);
                     if detach {
                         return Ok(Exit::Detach);
+                    }
+                }
+                () = registry_changed(registry.as_mut()) => {
+                    if let Some(rx) = registry.as_mut() {
+                        let served = rx.borrow_and_update().clone();
+                        self.follow_registry(served);
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,
@@ -477,6 +484,17 @@ async fn recv_on(
 }
 
 /// A session token nobody can guess; never zero (zero means "none").
+/// The registry's next word on what this node serves (never, without a
+/// tier or once the registry's task has ended).
+async fn registry_changed(rx: Option<&mut tokio::sync::watch::Receiver<bond_tier::node::Served>>) {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
 fn fresh_token() -> u64 {
     loop {
         match getrandom::u64() {

@@ -41,7 +41,13 @@ type TrainKey = (u16, Ipv4Addr, u8, u32);
 struct Agent {
     cfg: ServerConfig,
     maps: Maps,
-    keys: HashMap<u16, CommunityKey>,
+    /// The communities served and their keys: from the file, or from the
+    /// registry (`[tier]`).
+    keys: BTreeMap<u16, CommunityKey>,
+    /// This node in the tier's registry (`[tier]` only), and what the
+    /// registry last said it serves.
+    tier: Option<bond_tier::node::Node>,
+    served: bond_tier::node::Served,
     table: ServerTable,
     guard: Guard,
     counter: Counter,

@@ -82,15 +82,14 @@ impl Agent {
         let sessions = self.table.sessions(now);
         let links = self.table.links(None, now);
         let communities = self
-            .cfg
-            .communities
-            .iter()
-            .map(|c| CommunityStatus {
-                id: c.id,
-                terminals: sessions.iter().filter(|s| s.0 == c.id).count(),
-                links: links.iter().filter(|l| l.community == c.id).count(),
-                flows: self.flows.by_community.get(&c.id).copied().unwrap_or(0),
-                paths: self.down_paths(c.id),
+            .keys
+            .keys()
+            .map(|&id| CommunityStatus {
+                id,
+                terminals: sessions.iter().filter(|s| s.0 == id).count(),
+                links: links.iter().filter(|l| l.community == id).count(),
+                flows: self.flows.by_community.get(&id).copied().unwrap_or(0),
+                paths: self.down_paths(id),
             })
             .collect();
         ServerStatus {
@@ -113,6 +112,12 @@ impl Agent {
             split: self.splitter.stats(),
             rejects: self.rejects.counts(),
             faults: self.faults.counts(),
+            tier: self.cfg.tier.as_ref().map(|t| bond_api::reply::TierStatus {
+                node: t.node.clone(),
+                registered: self.served.registered,
+                controller: self.served.controller,
+                owned: self.served.communities.len(),
+            }),
         }
     }
 
@@ -202,13 +207,9 @@ impl Agent {
             "gauge",
             "Flows in the table per community, as of the last sweep.",
         );
-        for c in &self.cfg.communities {
-            let n = self.flows.by_community.get(&c.id).copied().unwrap_or(0);
-            m.sample(
-                "bond_community_flows",
-                &[("community", c.id.to_string())],
-                n,
-            );
+        for id in self.keys.keys() {
+            let n = self.flows.by_community.get(id).copied().unwrap_or(0);
+            m.sample("bond_community_flows", &[("community", id.to_string())], n);
         }
         m.family(
             "bond_free_ports",

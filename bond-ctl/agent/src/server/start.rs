@@ -135,13 +135,26 @@ pub async fn run(
         }
         None => None,
     };
+    let serves = match &cfg.tier {
+        Some(t) => format!("node {} of the registry at {}", t.node, t.etcd.join(",")),
+        None => format!("{} communities", cfg.communities.len()),
+    };
     let up = format!(
-        "server {}:{} up: {} communities, {pushed} dedicated ports {lo}-{hi} on {}",
-        cfg.address,
-        cfg.port,
-        cfg.communities.len(),
-        cfg.nat_address
+        "server {}:{} up: {serves}, {pushed} dedicated ports {lo}-{hi} on {}",
+        cfg.address, cfg.port, cfg.nat_address
     );
+    let tier = cfg.tier.as_ref().map(|t| {
+        bond_tier::node::Node::join(bond_tier::node::Settings {
+            endpoints: t.etcd.clone(),
+            layout: bond_tier::Layout::new(&t.prefix),
+            name: t.node.clone(),
+            record: bond_tier::layout::NodeRecord {
+                address: t.node_address.unwrap_or(cfg.address),
+                weight: t.weight,
+            },
+            lease: std::time::Duration::from_secs(u64::from(t.lease_s)),
+        })
+    });
     tracing::info!("{up}");
     crate::notify_ready(&up);
     let mut agent = Agent {
@@ -150,6 +163,8 @@ pub async fn run(
             .iter()
             .map(|c| (c.id, c.key.clone()))
             .collect(),
+        tier,
+        served: Default::default(),
         table: ServerTable::new(cfg.misses),
         guard: Guard::new(bond_proto::SKEW_MS),
         counter: Counter::new(),
@@ -181,7 +196,14 @@ pub async fn run(
     if agent.adopted {
         agent.adopt()?;
     }
-    agent.run(calls, feedback, signals).await
+    let exit = agent.run(calls, feedback, signals).await;
+    // A stop gives the lease back: the node's communities move at once. A
+    // detach leaves it to run out (`lease_s`), unless the next agent
+    // registers first.
+    if let (Ok(Exit::Leave), Some(node)) = (&exit, agent.tier.take()) {
+        node.leave().await;
+    }
+    exit
 }
 
 impl Agent {

@@ -1,7 +1,11 @@
 //! Keeping the maps true: reloads, link MTUs, dark links and each
 //! community's sessions, links and downstream schedule.
 
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    time::Instant,
+};
 
 use anyhow::Result;
 use bond_common::{
@@ -41,6 +45,7 @@ impl Agent {
             ("metrics", old.metrics != new.metrics),
             ("max_terminals", old.max_terminals != new.max_terminals),
             ("flows.max", flows.0.max != flows.1.max),
+            ("tier", old.tier != new.tier),
         ]
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
@@ -67,11 +72,14 @@ impl Agent {
             super::deny::prefixes(&new).map_err(|e| format!("field `deny`: {e:#}; {keep}"))?;
         let deny6 =
             super::deny::prefixes6(&new).map_err(|e| format!("field `deny`: {e:#}; {keep}"))?;
-        self.keys = new
-            .communities
-            .iter()
-            .map(|c| (c.id, c.key.clone()))
-            .collect();
+        // A node of a tier takes its communities from the registry.
+        if new.tier.is_none() {
+            self.keys = new
+                .communities
+                .iter()
+                .map(|c| (c.id, c.key.clone()))
+                .collect();
+        }
         self.table.set_misses(new.misses);
         self.cfg = new;
         self.map_cfg.per_origin = self.cfg.flows.per_origin;
@@ -83,6 +91,61 @@ impl Agent {
             .map_err(|e| format!("applying the new configuration: {e:#}"))?;
         tracing::info!("configuration reloaded: {changed:?} changed");
         Ok(changed)
+    }
+
+    /// Serves what the registry says this node owns (`[tier]`): a new
+    /// community is taken at once; one that moved away has its sessions
+    /// closed and its links cleared, so its terminals log on at the new
+    /// owner (its flows here are left to their idle timeouts: their
+    /// packets go to the new owner now).
+    pub(super) fn follow_registry(&mut self, served: bond_tier::node::Served) {
+        let mut keys = BTreeMap::new();
+        for (&id, key) in &served.communities {
+            match u16::try_from(id) {
+                Ok(c) => {
+                    keys.insert(c, CommunityKey::new(key.clone()));
+                }
+                Err(_) if !self.served.communities.contains_key(&id) => tracing::warn!(
+                    "registry: community {id} does not fit this wire format's 16 bits: not served"
+                ),
+                Err(_) => {}
+            }
+        }
+        let gone: Vec<u16> = self
+            .keys
+            .keys()
+            .filter(|c| !keys.contains_key(c))
+            .copied()
+            .collect();
+        let taken = keys.keys().filter(|c| !self.keys.contains_key(c)).count();
+        self.keys = keys;
+        for &c in &gone {
+            for o in self.table.forget(c) {
+                let r = self.maps.remove_session(c, o);
+                self.faults.survive("remove_session", r.map_err(Into::into));
+            }
+            let r = self.apply(c);
+            self.faults.survive("apply_links", r);
+        }
+        let was = (&self.served.registered, &self.served.controller);
+        if taken > 0 || !gone.is_empty() || was != (&served.registered, &served.controller) {
+            tracing::info!(
+                "registry: serving {} communities ({taken} taken, {} given up){}{}",
+                self.keys.len(),
+                gone.len(),
+                if served.registered {
+                    ""
+                } else {
+                    "; not registered"
+                },
+                if served.controller {
+                    "; controller"
+                } else {
+                    ""
+                },
+            );
+        }
+        self.served = served;
     }
 
     /// Lowers the datapath's `link_mtu` to the smallest MTU any live link

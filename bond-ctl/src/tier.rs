@@ -1,0 +1,140 @@
+//! `bond-ctl tier`: the ISP tier's registry in etcd, as an operator sees
+//! and changes it.
+
+use std::{io::Read as _, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use bond_tier::admin::{Communities, Nodes, Registry};
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum TierCmd {
+    /// Every node: its address, weight, whether it is draining or the
+    /// controller, and how many communities it owns.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every community and the node that owns it.
+    Communities {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register a community and its key; the controller places it on a
+    /// node at once.
+    Add {
+        id: u32,
+        /// A file holding the key (`-`: standard input); a trailing
+        /// newline is not part of it.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Give a registered community a new key.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Remove a community: its owner stops serving it.
+    Remove { id: u32 },
+    /// Move a node's communities to the others and give it no new ones
+    /// (before maintenance); its flows end where they are.
+    Drain { node: String },
+    /// Let a drained node take communities again (new ones, and those
+    /// whose owners leave).
+    Undrain { node: String },
+}
+
+pub fn run(etcd: &[String], prefix: &str, cmd: TierCmd) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
+    rt.block_on(async {
+        let mut reg = Registry::connect(etcd, prefix).await?;
+        match cmd {
+            TierCmd::Nodes { json } => nodes(&mut reg, json).await,
+            TierCmd::Communities { json } => communities(&mut reg, json).await,
+            TierCmd::Add {
+                id,
+                key_file,
+                replace,
+            } => {
+                let key = read_key(&key_file)?;
+                reg.add_community(id, &key, replace).await?;
+                eprintln!("community {id} registered");
+                Ok(())
+            }
+            TierCmd::Remove { id } => {
+                reg.remove_community(id).await?;
+                eprintln!("community {id} removed");
+                Ok(())
+            }
+            TierCmd::Drain { node } => {
+                reg.drain(&node, true).await?;
+                eprintln!("{node} is draining: its communities move to the other nodes");
+                Ok(())
+            }
+            TierCmd::Undrain { node } => {
+                reg.drain(&node, false).await?;
+                eprintln!("{node} takes communities again");
+                Ok(())
+            }
+        }
+    })
+}
+
+fn read_key(path: &PathBuf) -> Result<String> {
+    let mut key = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut key)
+            .context("reading the key from standard input")?;
+    } else {
+        key = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the key from {}", path.display()))?;
+    }
+    let key = key.trim_end_matches(['\n', '\r']).to_string();
+    if key.is_empty() {
+        bail!("{}: the key is empty", path.display());
+    }
+    Ok(key)
+}
+
+async fn nodes(reg: &mut Registry, json: bool) -> Result<()> {
+    let nodes = reg.nodes().await?;
+    if json {
+        return crate::show::print_json(&Nodes { nodes });
+    }
+    println!(
+        "{:<16} {:<16} {:>6} {:>11}  state",
+        "node", "address", "weight", "communities"
+    );
+    for n in &nodes {
+        let state = match (n.draining, n.controller) {
+            (true, true) => "draining, controller",
+            (true, false) => "draining",
+            (false, true) => "controller",
+            (false, false) => "",
+        };
+        println!(
+            "{:<16} {:<16} {:>6} {:>11}  {state}",
+            n.name, n.address, n.weight, n.communities
+        );
+    }
+    if nodes.is_empty() {
+        eprintln!("no node is registered");
+    }
+    Ok(())
+}
+
+async fn communities(reg: &mut Registry, json: bool) -> Result<()> {
+    let communities = reg.communities().await?;
+    if json {
+        return crate::show::print_json(&Communities { communities });
+    }
+    println!("{:>10}  owner", "community");
+    for c in &communities {
+        let owner = match (&c.owner, c.orphan) {
+            (Some(o), false) => o.clone(),
+            (Some(o), true) => format!("{o} (gone; moving)"),
+            (None, _) => "none (no node can take it)".into(),
+        };
+        println!("{:>10}  {owner}", c.id);
+    }
+    Ok(())
+}

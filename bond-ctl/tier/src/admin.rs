@@ -1,0 +1,167 @@
+//! The operator's side of the registry (`bond-ctl tier`): nodes and what
+//! they own, communities and their keys, draining.
+
+use anyhow::{Context as _, Result, bail};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{CommunityRecord, Layout, View};
+
+/// `bond-ctl tier nodes --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nodes {
+    pub nodes: Vec<NodeRow>,
+}
+
+/// `bond-ctl tier communities --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Communities {
+    pub communities: Vec<CommunityRow>,
+}
+
+/// One node as `bond-ctl tier nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub name: String,
+    pub address: std::net::Ipv4Addr,
+    pub weight: u32,
+    pub draining: bool,
+    pub controller: bool,
+    /// Communities it owns.
+    pub communities: usize,
+}
+
+/// One community as `bond-ctl tier communities` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommunityRow {
+    pub id: u32,
+    /// None: no live node could take it (all gone or draining), or the
+    /// controller has not placed it yet.
+    pub owner: Option<String>,
+    /// Its owner is not a live node: it moves when the controller gets
+    /// to it.
+    pub orphan: bool,
+}
+
+/// The registry as the operator reads it.
+pub struct Registry {
+    client: Client,
+    layout: Layout,
+}
+
+impl Registry {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        Ok(Self {
+            client: crate::connect(endpoints).await?,
+            layout: Layout::new(prefix),
+        })
+    }
+
+    pub async fn view(&mut self) -> Result<View> {
+        Ok(crate::snapshot(&mut self.client, &self.layout).await?.0)
+    }
+
+    /// The node that is controller now, if any.
+    pub async fn controller(&mut self) -> Result<Option<String>> {
+        match self.client.leader(self.layout.election()).await {
+            Ok(r) => Ok(r
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            // etcd answers "election: no leader" as an error.
+            Err(e) if e.to_string().contains("no leader") => Ok(None),
+            Err(e) => Err(e).context("asking who the controller is"),
+        }
+    }
+
+    pub async fn nodes(&mut self) -> Result<Vec<NodeRow>> {
+        let view = self.view().await?;
+        let controller = self.controller().await?;
+        Ok(view
+            .nodes
+            .iter()
+            .map(|(name, r)| NodeRow {
+                name: name.clone(),
+                address: r.address,
+                weight: r.weight,
+                draining: view.drains.contains(name),
+                controller: controller.as_deref() == Some(name),
+                communities: view.owners.values().filter(|o| *o == name).count(),
+            })
+            .collect())
+    }
+
+    pub async fn communities(&mut self) -> Result<Vec<CommunityRow>> {
+        let view = self.view().await?;
+        Ok(view
+            .communities
+            .keys()
+            .map(|&id| {
+                let owner = view.owners.get(&id).cloned();
+                let orphan = owner.as_ref().is_some_and(|o| !view.nodes.contains_key(o));
+                CommunityRow { id, owner, orphan }
+            })
+            .collect())
+    }
+
+    /// Registers a community with its key; one that exists is refused
+    /// unless `replace` (a new key: its terminals need it too).
+    pub async fn add_community(&mut self, id: u32, key: &str, replace: bool) -> Result<()> {
+        if key.len() < 16 {
+            bail!("the key is {} bytes; use at least 16", key.len());
+        }
+        let k = self.layout.community(id);
+        let value = serde_json::to_vec(&CommunityRecord { key: key.into() })?;
+        let put = TxnOp::put(k.clone(), value, None);
+        let txn = if replace {
+            Txn::new().and_then([put])
+        } else {
+            Txn::new()
+                .when([Compare::version(k, CompareOp::Equal, 0)])
+                .and_then([put])
+        };
+        let r = self
+            .client
+            .txn(txn)
+            .await
+            .context("registering the community")?;
+        if !r.succeeded() {
+            bail!("community {id} is already registered (--replace gives it a new key)");
+        }
+        Ok(())
+    }
+
+    /// Removes a community: its owner stops serving it once the
+    /// controller clears the owner.
+    pub async fn remove_community(&mut self, id: u32) -> Result<()> {
+        let r = self
+            .client
+            .delete(self.layout.community(id), None)
+            .await
+            .context("removing the community")?;
+        if r.deleted() == 0 {
+            bail!("community {id} is not registered");
+        }
+        Ok(())
+    }
+
+    /// Marks a node draining (its communities move to the others, it
+    /// takes no new ones) or not.
+    pub async fn drain(&mut self, name: &str, on: bool) -> Result<()> {
+        if !crate::layout::valid_name(name) {
+            bail!("{name:?} is not a node name (a-z, 0-9 and -, at most 63)");
+        }
+        let key = self.layout.drain(name);
+        if on {
+            self.client
+                .put(key, "", None)
+                .await
+                .context("marking it draining")?;
+        } else {
+            self.client
+                .delete(key, None)
+                .await
+                .context("clearing its drain")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,358 @@
+//! What bond keeps in etcd, under one prefix (`/bond` by default):
+//!
+//! | key                      | value                | written by            |
+//! |--------------------------|----------------------|-----------------------|
+//! | `P/nodes/NAME`           | [`NodeRecord`]       | the node, on its lease |
+//! | `P/drain/NAME`           | empty                | the operator          |
+//! | `P/communities/ID`       | [`CommunityRecord`]  | the operator          |
+//! | `P/owners/ID`            | the node's name      | the elected controller |
+//! | `P/controller/LEASE`     | the node's name      | etcd's election       |
+//!
+//! A node's record lives only as long as its lease: a node that dies (or
+//! loses etcd for longer than the lease) is gone from `P/nodes/` when the
+//! lease runs out. [`View`] is that key space as one node mirrors it
+//! (a read, then a watch); entries it cannot parse are set aside and
+//! named, never half taken.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::owner::{self, Candidate};
+
+/// The key names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    /// `prefix` without its trailing `/`s (`/bond`).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// Everything bond keeps: `P/`.
+    pub fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    pub fn node(&self, name: &str) -> String {
+        format!("{}/nodes/{name}", self.prefix)
+    }
+
+    pub fn drain(&self, name: &str) -> String {
+        format!("{}/drain/{name}", self.prefix)
+    }
+
+    pub fn community(&self, id: u32) -> String {
+        format!("{}/communities/{id}", self.prefix)
+    }
+
+    pub fn owner(&self, id: u32) -> String {
+        format!("{}/owners/{id}", self.prefix)
+    }
+
+    /// The election's name (etcd adds `/LEASE` for each candidate).
+    pub fn election(&self) -> String {
+        format!("{}/controller", self.prefix)
+    }
+
+    /// Which entry a key is, if it is one of bond's.
+    pub fn parse(&self, key: &str) -> Option<Entry> {
+        let rest = key.strip_prefix(&self.all())?;
+        let (kind, name) = rest.split_once('/')?;
+        let id = || {
+            name.parse::<u32>()
+                .ok()
+                .filter(|_| !name.starts_with('0') || name == "0")
+        };
+        Some(match kind {
+            "nodes" if valid_name(name) => Entry::Node(name.to_string()),
+            "drain" if valid_name(name) => Entry::Drain(name.to_string()),
+            "communities" => Entry::Community(id()?),
+            "owners" => Entry::Owner(id()?),
+            "controller" => Entry::Controller,
+            _ => return None,
+        })
+    }
+}
+
+/// One of bond's keys, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Node(String),
+    Drain(String),
+    Community(u32),
+    Owner(u32),
+    Controller,
+}
+
+/// A node name: 1-63 of `a-z`, `0-9` and `-`, as a host name's label.
+pub use bond_config::valid_node_name as valid_name;
+
+/// What a node says of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    /// The node's own address (where a director forwards its
+    /// communities' packets).
+    pub address: Ipv4Addr,
+    /// Its share of the communities, relative to the others'.
+    pub weight: u32,
+}
+
+/// A community as the operator registers it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommunityRecord {
+    /// The key its terminals sign with.
+    pub key: String,
+}
+
+impl std::fmt::Debug for CommunityRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommunityRecord { key: .. }")
+    }
+}
+
+/// One change the controller makes to `P/owners/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerChange {
+    Set(u32, String),
+    Remove(u32),
+}
+
+/// bond's key space as one node mirrors it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub drains: BTreeSet<String>,
+    pub communities: BTreeMap<u32, CommunityRecord>,
+    pub owners: BTreeMap<u32, String>,
+    /// Keys under the prefix that are not bond's, or whose value does not
+    /// parse, with why: left out of everything above.
+    pub bad: BTreeMap<String, String>,
+}
+
+impl View {
+    /// Takes in one key's value (from a read or a watch's put).
+    pub fn put(&mut self, layout: &Layout, key: &str, value: &[u8]) {
+        self.delete(layout, key);
+        let parsed = match layout.parse(key) {
+            None => Err("not a key bond uses".to_string()),
+            Some(Entry::Controller) => Ok(()),
+            Some(Entry::Node(name)) => json(value).map(|r| {
+                self.nodes.insert(name, r);
+            }),
+            Some(Entry::Drain(name)) => {
+                self.drains.insert(name);
+                Ok(())
+            }
+            Some(Entry::Community(id)) => json(value).and_then(|r: CommunityRecord| {
+                if r.key.len() < 16 {
+                    return Err(format!("key is {} bytes; use at least 16", r.key.len()));
+                }
+                self.communities.insert(id, r);
+                Ok(())
+            }),
+            Some(Entry::Owner(id)) => std::str::from_utf8(value)
+                .ok()
+                .filter(|n| valid_name(n))
+                .map(|n| {
+                    self.owners.insert(id, n.to_string());
+                })
+                .ok_or_else(|| "not a node name".to_string()),
+        };
+        if let Err(why) = parsed {
+            self.bad.insert(key.to_string(), why);
+        }
+    }
+
+    /// Forgets one key (a watch's delete).
+    pub fn delete(&mut self, layout: &Layout, key: &str) {
+        self.bad.remove(key);
+        match layout.parse(key) {
+            Some(Entry::Node(name)) => {
+                self.nodes.remove(&name);
+            }
+            Some(Entry::Drain(name)) => {
+                self.drains.remove(&name);
+            }
+            Some(Entry::Community(id)) => {
+                self.communities.remove(&id);
+            }
+            Some(Entry::Owner(id)) => {
+                self.owners.remove(&id);
+            }
+            Some(Entry::Controller) | None => {}
+        }
+    }
+
+    /// The communities `node` owns, with their keys.
+    pub fn served(&self, node: &str) -> BTreeMap<u32, String> {
+        self.owners
+            .iter()
+            .filter(|(_, o)| o.as_str() == node)
+            .filter_map(|(c, _)| Some((*c, self.communities.get(c)?.key.clone())))
+            .collect()
+    }
+
+    /// What the controller writes to bring `P/owners/` to
+    /// [`owner::assign`]'s answer: owners for communities that need one,
+    /// none for communities that are gone or that no node can take.
+    pub fn plan(&self) -> Vec<OwnerChange> {
+        let nodes: Vec<Candidate> = self
+            .nodes
+            .iter()
+            .map(|(name, r)| Candidate {
+                name,
+                weight: r.weight,
+                draining: self.drains.contains(name),
+            })
+            .collect();
+        let want = owner::assign(self.communities.keys().copied(), &nodes, &self.owners);
+        let mut changes: Vec<OwnerChange> = want
+            .iter()
+            .filter(|(c, o)| self.owners.get(c).map(String::as_str) != **o)
+            .map(|(&c, o)| match o {
+                Some(n) => OwnerChange::Set(c, n.to_string()),
+                None => OwnerChange::Remove(c),
+            })
+            .collect();
+        changes.extend(
+            self.owners
+                .keys()
+                .filter(|c| !self.communities.contains_key(c))
+                .map(|&c| OwnerChange::Remove(c)),
+        );
+        changes
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(value).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l() -> Layout {
+        Layout::new("/bond/")
+    }
+
+    fn node(v: &mut View, name: &str, weight: u32) {
+        let rec = format!(r#"{{"address":"192.0.2.1","weight":{weight}}}"#);
+        v.put(&l(), &l().node(name), rec.as_bytes());
+    }
+
+    fn community(v: &mut View, id: u32) {
+        v.put(
+            &l(),
+            &l().community(id),
+            br#"{"key":"a key of sixteen bytes"}"#,
+        );
+    }
+
+    #[test]
+    fn keys_name_their_entries_and_nothing_else() {
+        let l = l();
+        assert_eq!(l.parse("/bond/nodes/n-1"), Some(Entry::Node("n-1".into())));
+        assert_eq!(l.parse("/bond/owners/70000"), Some(Entry::Owner(70000)));
+        assert_eq!(l.parse("/bond/communities/0"), Some(Entry::Community(0)));
+        assert_eq!(l.parse("/bond/controller/694d8a"), Some(Entry::Controller));
+        for bad in [
+            "/bond/nodes/N1",
+            "/bond/nodes/",
+            "/bond/owners/007",
+            "/bond/owners/-1",
+            "/bond/owners/4294967296",
+            "/bond/communities/x",
+            "/bond/other/1",
+            "/bondage/nodes/n1",
+            "/bond",
+        ] {
+            assert_eq!(l.parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_value_is_set_aside_and_named_and_a_good_one_replaces_it() {
+        let mut v = View::default();
+        v.put(&l(), "/bond/nodes/n1", b"{\"address\":\"192.0.2.1\"}");
+        v.put(&l(), "/bond/communities/1", br#"{"key":"short"}"#);
+        v.put(&l(), "/bond/owners/1", b"Not A Name");
+        v.put(&l(), "/bond/stray", b"");
+        assert!(v.nodes.is_empty() && v.communities.is_empty() && v.owners.is_empty());
+        assert_eq!(v.bad.len(), 4, "{:?}", v.bad);
+        assert!(v.bad["/bond/communities/1"].contains("at least 16"));
+        node(&mut v, "n1", 1);
+        assert!(v.nodes.contains_key("n1") && !v.bad.contains_key("/bond/nodes/n1"));
+        // A good value then a bad one: the entry is gone, not kept stale.
+        v.put(&l(), "/bond/nodes/n1", b"{");
+        assert!(v.nodes.is_empty());
+    }
+
+    #[test]
+    fn a_node_serves_what_it_owns_that_has_a_key() {
+        let mut v = View::default();
+        community(&mut v, 1);
+        community(&mut v, 2);
+        v.put(&l(), &l().owner(1), b"n1");
+        v.put(&l(), &l().owner(2), b"n2");
+        v.put(&l(), &l().owner(3), b"n1");
+        assert_eq!(v.served("n1").into_keys().collect::<Vec<_>>(), [1]);
+        v.delete(&l(), &l().owner(1));
+        assert!(v.served("n1").is_empty());
+    }
+
+    #[test]
+    fn the_plan_places_new_communities_moves_orphans_and_clears_stale_owners() {
+        let mut v = View::default();
+        node(&mut v, "n1", 1);
+        node(&mut v, "n2", 1);
+        for c in 1..=20 {
+            community(&mut v, c);
+        }
+        v.put(&l(), &l().owner(99), b"n1");
+        let plan = v.plan();
+        assert!(plan.contains(&OwnerChange::Remove(99)));
+        let apply = |v: &mut View, plan: Vec<OwnerChange>| {
+            for ch in plan {
+                match ch {
+                    OwnerChange::Set(c, n) => v.put(&l(), &l().owner(c), n.as_bytes()),
+                    OwnerChange::Remove(c) => v.delete(&l(), &l().owner(c)),
+                }
+            }
+        };
+        apply(&mut v, plan);
+        assert_eq!(v.owners.len(), 20);
+        assert!(v.plan().is_empty(), "a second plan changes nothing");
+        let n2: Vec<u32> = v.served("n2").into_keys().collect();
+        assert!(!n2.is_empty() && n2.len() < 20);
+        // n2's lease runs out: exactly its communities move, all to n1.
+        v.delete(&l(), &l().node("n2"));
+        let plan = v.plan();
+        assert_eq!(
+            plan,
+            n2.iter()
+                .map(|&c| OwnerChange::Set(c, "n1".into()))
+                .collect::<Vec<_>>()
+        );
+        apply(&mut v, plan);
+        // n1 drains with no one to take over: its communities stay.
+        v.put(&l(), &l().drain("n1"), b"");
+        assert!(v.plan().is_empty());
+        node(&mut v, "n3", 1);
+        assert_eq!(v.plan().len(), 20, "all to n3");
+        // A community removed: its owner goes with it.
+        v.delete(&l(), &l().community(7));
+        assert!(v.plan().contains(&OwnerChange::Remove(7)));
+    }
+}

@@ -1,0 +1,88 @@
+//! The ISP tier: many reconstitution nodes share one site's communities,
+//! coordinated through etcd.
+//!
+//! Each node registers itself under a lease ([`node::join`]), mirrors the
+//! registry ([`layout::View`]) through a watch and serves the communities
+//! the registry says it owns. One node at a time, elected through etcd,
+//! is the controller: it places communities that have no live owner
+//! ([`owner::assign`]) and writes `P/owners/`. Flow and NAT state never
+//! leave the node that made them; etcd holds only membership and
+//! configuration. [`admin`] is the operator's side.
+
+pub mod admin;
+pub mod layout;
+pub mod node;
+pub mod owner;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use etcd_client::{Client, ConnectOptions, GetOptions};
+
+pub use layout::{Layout, View};
+
+/// How long a call to etcd may take before the node gives up on it (and
+/// on the connection).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to any of `endpoints` (`http://host:port`); each call may
+/// take [`CALL_TIMEOUT`].
+pub async fn connect(endpoints: &[String]) -> Result<Client> {
+    connect_with(endpoints, Some(CALL_TIMEOUT)).await
+}
+
+/// As [`connect`], for calls that wait as long as they must (standing
+/// for election): a dead connection is still found by its keep-alive
+/// pings.
+pub async fn connect_patient(endpoints: &[String]) -> Result<Client> {
+    connect_with(endpoints, None).await
+}
+
+/// One member at a time: a balanced channel over all of them sends some
+/// calls to a member that is down and fails them. The first member (from
+/// a varying start, to spread the nodes) that answers a status call is
+/// used until a call fails; the caller then connects again.
+async fn connect_with(endpoints: &[String], timeout: Option<Duration>) -> Result<Client> {
+    if endpoints.is_empty() {
+        bail!("no etcd endpoint given");
+    }
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(CALL_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(1), CALL_TIMEOUT)
+        .with_keep_alive_while_idle(true);
+    if let Some(t) = timeout {
+        opts = opts.with_timeout(t);
+    }
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    let mut errors = Vec::new();
+    for k in 0..endpoints.len() {
+        let ep = &endpoints[(start + k) % endpoints.len()];
+        let tried = async {
+            let mut c = Client::connect([ep], Some(opts.clone())).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, tried).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => errors.push(format!("{ep}: {e}")),
+            Err(_) => errors.push(format!("{ep}: no answer in {CALL_TIMEOUT:?}")),
+        }
+    }
+    bail!("no etcd member answers ({})", errors.join("; "))
+}
+
+/// Everything under the layout's prefix, and the revision it is as of.
+pub async fn snapshot(client: &mut Client, layout: &Layout) -> Result<(View, i64)> {
+    let resp = client
+        .get(layout.all(), Some(GetOptions::new().with_prefix()))
+        .await
+        .context("reading the registry")?;
+    let mut view = View::default();
+    for kv in resp.kvs() {
+        view.put(layout, &String::from_utf8_lossy(kv.key()), kv.value());
+    }
+    let rev = resp.header().map_or(0, |h| h.revision());
+    Ok((view, rev))
+}

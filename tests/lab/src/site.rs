@@ -1,0 +1,368 @@
+//! An ISP's site for the tier's tests: an etcd cluster and reconstitution
+//! nodes, each in a namespace of its own, on one bridged network
+//! (10.0.9.0/24, only inside these namespaces). etcd member `i` is
+//! 10.0.9.`i`, node `i` 10.0.9.`10+i` (its NAT address 10.0.9.`20+i`),
+//! and the bridge's own namespace, from which the operator's commands
+//! run, 10.0.9.254. Everything is stopped and removed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run;
+
+/// The network the site's namespaces share.
+pub const SITE_NET: &str = "10.0.9";
+
+pub struct Site {
+    pub prefix: String,
+    pub dir: PathBuf,
+    bond_ctl: PathBuf,
+    /// The bridge's namespace (the operator's seat).
+    pub ns: String,
+    /// etcd's client URLs, member by member.
+    pub etcd: Vec<String>,
+    members: usize,
+    nodes: usize,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+}
+
+fn ip(args: &str) -> Result<String> {
+    run(Command::new("ip").args(args.split_whitespace()))
+}
+
+impl Site {
+    /// The namespaces and the network; nothing started yet.
+    pub fn build(bond_ctl: &Path, members: usize, nodes: usize) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        run(Command::new("etcd").arg("--version")).context(
+            "etcd is not installed (Debian's etcd-server; `cargo xtask setup` installs it)",
+        )?;
+        let prefix = format!(
+            "bs{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("bond-site-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut site = Self {
+            ns: format!("{prefix}-site"),
+            etcd: (1..=members)
+                .map(|i| format!("http://{SITE_NET}.{i}:2379"))
+                .collect(),
+            prefix,
+            dir,
+            bond_ctl: bond_ctl.to_path_buf(),
+            members,
+            nodes,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        };
+        site.wire()?;
+        Ok(site)
+    }
+
+    fn wire(&mut self) -> Result<()> {
+        let ns = self.ns.clone();
+        self.add_ns(&ns)?;
+        ip(&format!("-n {ns} link add br0 type bridge"))?;
+        ip(&format!("-n {ns} addr add {SITE_NET}.254/24 dev br0"))?;
+        ip(&format!("-n {ns} link set br0 up"))?;
+        let hosts: Vec<(String, u8)> = (1..=self.members)
+            .map(|i| (format!("e{i}"), i as u8))
+            .chain((1..=self.nodes).map(|i| (format!("n{i}"), 10 + i as u8)))
+            .collect();
+        for (name, host) in hosts {
+            let full = self.name(&name);
+            self.add_ns(&full)?;
+            ip(&format!(
+                "-n {ns} link add {name} type veth peer name site0 netns {full}"
+            ))?;
+            ip(&format!("-n {ns} link set {name} master br0 up"))?;
+            ip(&format!(
+                "-n {full} addr add {SITE_NET}.{host}/24 dev site0"
+            ))?;
+            if name.starts_with('n') {
+                let nat = host + 10;
+                ip(&format!("-n {full} addr add {SITE_NET}.{nat}/24 dev site0"))?;
+            }
+            ip(&format!("-n {full} link set site0 up"))?;
+            // XDP on a veth wants GRO on the receiving end.
+            self.exec(&full, "ethtool", &["-K", "site0", "gro", "on", "tx", "off"])?;
+        }
+        Ok(())
+    }
+
+    fn add_ns(&mut self, full: &str) -> Result<()> {
+        ip(&format!("netns add {full}"))?;
+        self.namespaces.push(full.to_string());
+        ip(&format!("-n {full} link set lo up")).map(drop)
+    }
+
+    /// A namespace's full name (`n1` -> `<prefix>-n1`).
+    pub fn name(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    pub fn cmd(&self, ns: &str, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Result<String> {
+        run(self.cmd(ns, program).args(args))
+    }
+
+    fn spawn(&mut self, short: &str, program: &str, args: &[String]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{short}.log")))?;
+        let child = self
+            .cmd(&self.name(short), program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {program} for {short}"))?;
+        self.children.push((short.to_string(), child));
+        Ok(())
+    }
+
+    pub fn log(&self, short: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{short}.log"))).unwrap_or_default()
+    }
+
+    /// Starts every etcd member and waits until the cluster answers.
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let peers: Vec<String> = (1..=self.members)
+            .map(|i| format!("e{i}=http://{SITE_NET}.{i}:2380"))
+            .collect();
+        for i in 1..=self.members {
+            let me = format!("{SITE_NET}.{i}");
+            let args = [
+                format!("--name=e{i}"),
+                format!(
+                    "--data-dir={}",
+                    self.dir.join(format!("e{i}.etcd")).display()
+                ),
+                format!("--listen-client-urls=http://{me}:2379"),
+                format!("--advertise-client-urls=http://{me}:2379"),
+                format!("--listen-peer-urls=http://{me}:2380"),
+                format!("--initial-advertise-peer-urls=http://{me}:2380"),
+                format!("--initial-cluster={}", peers.join(",")),
+                "--initial-cluster-state=new".into(),
+                format!("--initial-cluster-token={}", self.prefix),
+            ];
+            self.spawn(&format!("e{i}"), "etcd", &args)?;
+        }
+        let start = Instant::now();
+        while self.etcdctl(&["endpoint", "health", "--cluster"]).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("etcd not healthy after 20 s:\n{}", self.log("e1"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// etcdctl against the whole cluster, from the operator's seat.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        self.etcdctl_at(&self.etcd, args)
+    }
+
+    fn etcdctl_at(&self, endpoints: &[String], args: &[&str]) -> Result<String> {
+        run(self
+            .cmd(&self.ns, "etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .arg("--dial-timeout=2s")
+            .args(args))
+    }
+
+    /// The etcd member that leads the cluster now (1-based).
+    pub fn etcd_leader(&self) -> Result<usize> {
+        self.etcd_leader_among(&self.etcd)
+    }
+
+    /// The leader as the members at `endpoints` (those still up) say.
+    pub fn etcd_leader_among(&self, endpoints: &[String]) -> Result<usize> {
+        let out = self.etcdctl_at(endpoints, &["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        for m in v.as_array().context("a list")? {
+            let s = &m["Status"];
+            if s["leader"].is_u64() && s["leader"] == s["header"]["member_id"] {
+                let url = m["Endpoint"].as_str().unwrap_or_default();
+                return self
+                    .etcd
+                    .iter()
+                    .position(|u| u == url)
+                    .map(|i| i + 1)
+                    .with_context(|| format!("{url} is not a member"));
+            }
+        }
+        bail!("no leader among {out}")
+    }
+
+    /// The etcd member (1-based) node `i` is connected to now.
+    pub fn member_used_by(&self, i: usize) -> Result<usize> {
+        let ns = self.name(&format!("n{i}"));
+        let out = self.exec(
+            &ns,
+            "ss",
+            &["-Htn", "state", "established", "( dport = :2379 )"],
+        )?;
+        for line in out.lines() {
+            let peer = line.split_whitespace().last().unwrap_or_default();
+            if let Some(host) = peer
+                .strip_suffix(":2379")
+                .and_then(|a| a.strip_prefix(&format!("{SITE_NET}.")))
+            {
+                return host.parse().context("a member's address");
+            }
+        }
+        bail!("n{i} has no connection to etcd: {out:?}")
+    }
+
+    /// Hands the cluster's leadership to member `m` (1-based).
+    pub fn make_leader(&self, m: usize) -> Result<()> {
+        let out = self.etcdctl_at(&self.etcd[m - 1..m], &["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let id = v[0]["Status"]["header"]["member_id"]
+            .as_u64()
+            .context("member id")?;
+        let leader = self.etcd_leader()?;
+        if leader != m {
+            self.etcdctl_at(
+                &self.etcd[leader - 1..leader],
+                &["move-leader", &format!("{id:x}")],
+            )?;
+        }
+        let start = Instant::now();
+        while self.etcd_leader()? != m {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("member {m} did not become leader");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// The agent instance of node `i`.
+    pub fn instance(&self, i: usize) -> String {
+        format!("{}-n{i}", self.prefix)
+    }
+
+    /// Node `i`'s server configuration: its own addresses, `[tier]`
+    /// naming the cluster, and `extra` lines in `[tier]`.
+    pub fn node_config(&self, i: usize, extra: &str) -> String {
+        let etcd: Vec<String> = self.etcd.iter().map(|u| format!("{u:?}")).collect();
+        format!(
+            "role = \"server\"\ninstance = \"{}\"\naddress = \"{SITE_NET}.{}\"\n\
+             nat_address = \"{SITE_NET}.{}\"\nnat_ports = \"20000-20999\"\ninterfaces = [\"site0\"]\n\
+             \n[tier]\netcd = [{}]\nnode = \"n{i}\"\n{extra}",
+            self.instance(i),
+            10 + i,
+            20 + i,
+            etcd.join(", ")
+        )
+    }
+
+    /// Starts node `i`'s agent (its config as [`Self::node_config`]).
+    pub fn start_node(&mut self, i: usize, extra: &str) -> Result<()> {
+        let path = self.dir.join(format!("n{i}.toml"));
+        std::fs::write(&path, self.node_config(i, extra))?;
+        let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
+        let args = [
+            "--instance".to_string(),
+            self.instance(i),
+            "agent".into(),
+            "--config".into(),
+            path.to_string_lossy().into_owned(),
+        ];
+        self.spawn(&format!("n{i}"), &bond_ctl, &args)
+    }
+
+    /// Stops a child by its short name (`n2`, `e1`): SIGKILL, or SIGTERM
+    /// and a wait.
+    pub fn stop(&mut self, short: &str, kill: bool) -> Result<()> {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == short)
+            .with_context(|| format!("no {short} running"))?;
+        let (_, mut c) = self.children.remove(pos);
+        let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+        // SAFETY: plain kill(2) of a child we spawned and have not reaped.
+        unsafe { libc::kill(c.id() as i32, sig) };
+        c.wait()?;
+        Ok(())
+    }
+
+    pub fn is_running(&mut self, short: &str) -> bool {
+        self.children
+            .iter_mut()
+            .any(|(n, c)| n == short && matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `bond-ctl tier ARGS` from the operator's seat.
+    pub fn tier(&self, args: &[&str]) -> Result<String> {
+        run(self
+            .cmd(&self.ns, &self.bond_ctl.to_string_lossy())
+            .args(["tier", "--etcd", &self.etcd.join(",")])
+            .args(args))
+    }
+
+    /// `bond-ctl ARGS` against node `i`'s agent.
+    pub fn node_ctl(&self, i: usize, args: &[&str]) -> Result<String> {
+        run(self
+            .cmd(
+                &self.name(&format!("n{i}")),
+                &self.bond_ctl.to_string_lossy(),
+            )
+            .args(["--instance", &self.instance(i)])
+            .args(args))
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Ok(pids) = ip(&format!("netns pids {ns}")) {
+                for pid in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let _ = ip(&format!("netns del {ns}"));
+        }
+        for i in 1..=self.nodes {
+            let inst = self.instance(i);
+            let _ = std::fs::remove_dir_all(bond_datapath::pin_dir(
+                Path::new(bond_datapath::DEFAULT_BPFFS),
+                &inst,
+            ));
+            let run = Path::new(bond_api::DEFAULT_RUN_DIR);
+            let _ = std::fs::remove_file(bond_api::socket_path(run, &inst));
+            let _ = std::fs::remove_file(run.join(format!("{inst}.layout")));
+        }
+        if std::env::var_os("BOND_LAB_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The ISP tier's registry with a real etcd: a three-member cluster and
+//! three reconstitution nodes (server agents with `[tier]`), each in a
+//! namespace of its own. Communities are registered with `bond-ctl tier`
+//! and placed by the elected controller; each node serves what the
+//! registry says it owns.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use bond_api::reply::ServerStatus;
+use bond_lab::site::Site;
+use common::{bond_ctl, require_root};
+
+const COMMUNITIES: u32 = 30;
+
+/// Owner of each community, as `bond-ctl tier communities --json` says
+/// (None: no owner).
+fn owners(site: &Site) -> BTreeMap<u32, Option<String>> {
+    let out = site.tier(&["communities", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["communities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap() as u32,
+                c["owner"].as_str().map(String::from),
+            )
+        })
+        .collect()
+}
+
+fn status(site: &Site, i: usize) -> ServerStatus {
+    let out = site.node_ctl(i, &["status", "--json"]).unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The communities node `i` serves, by its own status.
+fn serving(site: &Site, i: usize) -> BTreeSet<u32> {
+    status(site, i)
+        .communities
+        .iter()
+        .map(|c| u32::from(c.id))
+        .collect()
+}
+
+/// What the registry gives each node.
+fn by_node(owners: &BTreeMap<u32, Option<String>>) -> BTreeMap<String, BTreeSet<u32>> {
+    let mut m: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for (c, o) in owners {
+        if let Some(o) = o {
+            m.entry(o.clone()).or_default().insert(*c);
+        }
+    }
+    m
+}
+
+fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// The cluster up, nodes `1..=nodes` up and registered, and
+/// [`COMMUNITIES`] communities registered and placed; each node serving
+/// exactly what the registry gives it.
+fn site_with_communities(nodes: usize) -> Site {
+    require_root();
+    let mut site = Site::build(bond_ctl(), 3, nodes).expect("build the site");
+    site.start_etcd().expect("etcd");
+    for i in 1..=nodes {
+        site.start_node(i, "").expect("node");
+    }
+    let registered = |site: &Site| {
+        site.tier(&["nodes", "--json"]).is_ok_and(|out| {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["nodes"].as_array().unwrap().len() == nodes
+        })
+    };
+    wait_until("every node registered", Duration::from_secs(20), || {
+        registered(&site)
+    });
+    let key = site.dir.join("key");
+    for c in 1..=COMMUNITIES {
+        std::fs::write(&key, format!("community {c} key, long enough\n")).unwrap();
+        site.tier(&["add", &c.to_string(), "--key-file", &key.to_string_lossy()])
+            .unwrap();
+    }
+    wait_until("every community placed", Duration::from_secs(5), || {
+        owners(&site).values().all(Option::is_some)
+    });
+    agree(&site, nodes);
+    site
+}
+
+/// Each node serves what the registry gives it (within 2 s).
+fn agree(site: &Site, nodes: usize) {
+    let mut last = String::new();
+    let ok = |last: &mut String| {
+        let given = by_node(&owners(site));
+        (1..=nodes).all(|i| {
+            let want = given.get(&format!("n{i}")).cloned().unwrap_or_default();
+            let have = serving(site, i);
+            *last = format!("n{i}: serves {have:?}, owns {want:?}");
+            have == want
+        })
+    };
+    let start = Instant::now();
+    while !ok(&mut last) {
+        assert!(start.elapsed() < Duration::from_secs(2), "{last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The node that is the controller now (1-based).
+fn controller(site: &Site, nodes: usize) -> usize {
+    (1..=nodes)
+        .find(|&i| status(site, i).tier.unwrap().controller)
+        .expect("a controller")
+}
+
+/// 30 communities over three nodes of equal weight: each gets some; the
+/// controller's node is killed (SIGKILL: no goodbye), and within its
+/// lease (2 s) and a little more its communities, and only they, are
+/// owned and served by the two left, one of which is now controller.
+#[test]
+fn a_lost_node_moves_only_its_communities_and_another_takes_control() {
+    let mut site = site_with_communities(3);
+    let before = owners(&site);
+    let given = by_node(&before);
+    for i in 1..=3 {
+        let n = given.get(&format!("n{i}")).map_or(0, BTreeSet::len);
+        assert!(n >= 4, "n{i} owns {n} of {COMMUNITIES}: {given:?}");
+    }
+    let dead = controller(&site, 3);
+    let lost = given[&format!("n{dead}")].clone();
+    site.stop(&format!("n{dead}"), true).unwrap();
+    let gone = Instant::now();
+    let took = wait_until(
+        "the dead node's communities moved",
+        Duration::from_secs(6),
+        || {
+            owners(&site)
+                .values()
+                .all(|o| o.as_deref() != Some(&format!("n{dead}")))
+        },
+    );
+    eprintln!("{} communities moved {took:?} after the kill", lost.len());
+    let after = owners(&site);
+    let moved: BTreeSet<u32> = before
+        .iter()
+        .filter(|(c, o)| after[*c] != **o)
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(moved, lost, "moved: exactly the dead node's communities");
+    assert!(after.values().all(Option::is_some), "{after:?}");
+    let alive: Vec<usize> = (1..=3).filter(|&i| i != dead).collect();
+    let mut agreed = false;
+    let start = Instant::now();
+    while !agreed {
+        let given = by_node(&owners(&site));
+        agreed = alive.iter().all(|&i| {
+            serving(&site, i) == given.get(&format!("n{i}")).cloned().unwrap_or_default()
+        });
+        assert!(start.elapsed() < Duration::from_secs(2), "{given:?}");
+    }
+    let served: usize = alive.iter().map(|&i| serving(&site, i).len()).sum();
+    assert_eq!(served, COMMUNITIES as usize);
+    let controllers: Vec<usize> = alive
+        .iter()
+        .copied()
+        .filter(|&i| status(&site, i).tier.unwrap().controller)
+        .collect();
+    assert_eq!(controllers.len(), 1, "one controller among {alive:?}");
+    eprintln!(
+        "all served by n{} and n{} {:?} after the kill",
+        alive[0],
+        alive[1],
+        gone.elapsed()
+    );
+}
+
+/// A drained node gives up its communities to the others, none of
+/// theirs move, and it takes no new ones; undrained, it keeps what it
+/// has (nothing moves back) and takes new ones again. A node stopped
+/// with SIGTERM gives its lease back: its communities move at once, not
+/// when the lease would have run out.
+#[test]
+fn draining_and_stopping_a_node_move_its_communities_and_no_others() {
+    let mut site = site_with_communities(3);
+    let before = owners(&site);
+    let n1 = by_node(&before)["n1"].clone();
+    site.tier(&["drain", "n1"]).unwrap();
+    wait_until("n1 drained", Duration::from_secs(3), || {
+        serving(&site, 1).is_empty()
+    });
+    let after = owners(&site);
+    for (c, o) in &before {
+        if n1.contains(c) {
+            assert!(
+                matches!(after[c].as_deref(), Some("n2" | "n3")),
+                "{c}: {after:?}"
+            );
+        } else {
+            assert_eq!(
+                &after[c], o,
+                "community {c} moved though n1 is not its owner"
+            );
+        }
+    }
+    agree(&site, 3);
+    let nodes = site.tier(&["nodes"]).unwrap();
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.starts_with("n1 ") && l.contains("draining")),
+        "{nodes}"
+    );
+    // New communities while n1 drains: none to it.
+    let key = site.dir.join("key");
+    std::fs::write(&key, "a new community's key\n").unwrap();
+    for c in 101..=110 {
+        site.tier(&["add", &c.to_string(), "--key-file", &key.to_string_lossy()])
+            .unwrap();
+    }
+    wait_until("new ones placed", Duration::from_secs(3), || {
+        owners(&site).values().all(Option::is_some)
+    });
+    assert!(
+        owners(&site).values().all(|o| o.as_deref() != Some("n1")),
+        "a draining node took a community"
+    );
+    // A community registered twice is refused, with its id.
+    let e = site
+        .tier(&["add", "101", "--key-file", &key.to_string_lossy()])
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("community 101 is already registered"),
+        "{e:#}"
+    );
+    site.tier(&["undrain", "n1"]).unwrap();
+    let settled = owners(&site);
+    for c in 111..=140 {
+        site.tier(&["add", &c.to_string(), "--key-file", &key.to_string_lossy()])
+            .unwrap();
+    }
+    wait_until("n1 takes new ones", Duration::from_secs(3), || {
+        owners(&site).values().any(|o| o.as_deref() == Some("n1"))
+    });
+    let now = owners(&site);
+    for (c, o) in &settled {
+        assert_eq!(&now[c], o, "community {c} moved on undrain");
+    }
+    agree(&site, 3);
+
+    // SIGTERM: the lease is given back, so the move takes well under the
+    // lease's 2 s.
+    let n2 = by_node(&now)["n2"].clone();
+    site.stop("n2", false).unwrap();
+    let took = wait_until("n2's communities moved", Duration::from_secs(5), || {
+        owners(&site).values().all(|o| o.as_deref() != Some("n2"))
+    });
+    eprintln!("{} communities moved {took:?} after n2 stopped", n2.len());
+    assert!(
+        took < Duration::from_millis(1500),
+        "{took:?}: the lease was not given back"
+    );
+    assert!(
+        site.log("n2").contains("lease given back"),
+        "{}",
+        site.log("n2")
+    );
+}
+
+/// Killing the etcd leader of the three members, which is also the
+/// member n1 talks to: the cluster elects another, n1 goes on from
+/// another member with the same lease, the nodes stay registered and
+/// keep what they serve throughout, a community added after is placed,
+/// and an entry in the registry that is not bond's (or does not parse)
+/// is left out and named, never taken.
+#[test]
+fn losing_the_etcd_leader_pauses_nothing() {
+    let mut site = site_with_communities(3);
+    let before = owners(&site);
+    let leader = site.member_used_by(1).unwrap();
+    site.make_leader(leader).unwrap();
+    site.stop(&format!("e{leader}"), true).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        for i in 1..=3 {
+            let s = status(&site, i);
+            assert!(
+                s.tier.as_ref().unwrap().registered,
+                "n{i} lost its registration:\n{}",
+                site.log(&format!("n{i}"))
+            );
+            assert_eq!(
+                s.communities.len(),
+                by_node(&before)
+                    .get(&format!("n{i}"))
+                    .map_or(0, BTreeSet::len),
+                "n{i} changed what it serves"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<String> = site
+        .etcd
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i + 1 != leader)
+        .map(|(_, u)| u.clone())
+        .collect();
+    let new_leader = site.etcd_leader_among(&left).unwrap();
+    assert_ne!(new_leader, leader);
+    let key = site.dir.join("key");
+    std::fs::write(&key, "added after the leader died\n").unwrap();
+    site.tier(&["add", "200", "--key-file", &key.to_string_lossy()])
+        .unwrap();
+    wait_until("the new community placed", Duration::from_secs(3), || {
+        owners(&site).get(&200).is_some_and(Option::is_some)
+    });
+    assert_eq!(owners(&site).len(), before.len() + 1);
+    // n1 went on with the lease it had: registered twice, one lease.
+    let log = site.log("n1");
+    let leases: BTreeSet<&str> = log
+        .lines()
+        .filter_map(|l| l.split("registered (lease ").nth(1))
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    assert_eq!(log.matches("registered (lease").count(), 2, "{log}");
+    assert_eq!(leases.len(), 1, "{log}");
+    // Garbage in the registry: a node names it and serves on.
+    site.etcdctl(&["put", "/bond/communities/300", "{not json"])
+        .unwrap();
+    site.etcdctl(&["put", "/bond/owners/300", "n1"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!serving(&site, 1).contains(&300));
+    let log = site.log("n1");
+    assert!(log.contains("/bond/communities/300 left out"), "{log}");
+    agree(&site, 3);
+}
