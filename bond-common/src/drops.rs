@@ -82,6 +82,8 @@ reasons! {
     /// A member's packet to a destination the server's `deny` policy
     /// names (by default its own addresses and internal networks).
     DENIED = 31, "denied";
+    /// At a director: bond traffic of a community no live node owns.
+    NO_OWNER = 32, "no_owner";
 }
 
 #[cfg(test)]

@@ -53,6 +53,11 @@ pub mod name {
     pub const S_LINK_STATS: &str = "S_LINK_STATS";
     pub const S_DROPS: &str = "S_DROPS";
     pub const S_EVENTS: &str = "S_EVENTS";
+    pub const D_CONFIG: &str = "D_CONFIG";
+    pub const D_OWNERS: &str = "D_OWNERS";
+    pub const D_NODES: &str = "D_NODES";
+    pub const D_STATS: &str = "D_STATS";
+    pub const D_DROPS: &str = "D_DROPS";
     pub const S_ORIGIN_FLOWS: &str = "S_ORIGIN_FLOWS";
     pub const S_LINK_SEQ: &str = "S_LINK_SEQ";
     pub const S_KEPT: &str = "S_KEPT";
@@ -328,6 +333,37 @@ impl LinkStats {
         self.down_late += o.down_late;
     }
 }
+
+/// Nodes a director steers to (`D_NODES`).
+pub const MAX_NODES: u32 = 256;
+
+/// A director's identity (`D_CONFIG[0]`): bond traffic to this address
+/// and port is steered to the node that owns its community.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectorConfig {
+    /// The front address terminals send to (network order as a u32 read
+    /// big-endian, as `ServerConfig::wan_ip`).
+    pub front_ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+    /// The front IPv6 address (all zero: none).
+    pub front_ip6: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<DirectorConfig>() == 24);
+
+/// Where a director sends one node's packets (`D_NODES`, by node index):
+/// out of `ifindex`, to `dst_mac`, from `src_mac` (L2 forwarding: the node
+/// holds the front address itself and answers from it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeSlot {
+    /// 0: an empty slot.
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<NodeSlot>() == 16);
 
 /// The server's identity (`S_CONFIG[0]`).
 #[repr(C)]
@@ -692,7 +728,9 @@ mod pod {
         Flow,
         NatKey,
         PermitKey,
-        NatEntry
+        NatEntry,
+        DirectorConfig,
+        NodeSlot
     );
 }
 

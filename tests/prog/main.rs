@@ -8,6 +8,7 @@
 mod common;
 mod fixtures;
 
+mod bond_director;
 mod bond_server;
 mod bond_terminal;
 mod bond_wrap;
@@ -165,6 +166,8 @@ impl Obj {
     fn drops(&self) -> Vec<(&'static str, u64)> {
         if self.maps.has("T_DROPS") {
             self.maps.terminal_drops()
+        } else if self.maps.has("D_DROPS") {
+            self.maps.director_drops()
         } else {
             self.maps.server_drops()
         }

@@ -6,6 +6,9 @@ pub static TERMINAL: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// The server object: `bond_server` (XDP).
 #[cfg(not(bond_no_ebpf))]
 pub static SERVER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/server"));
+/// The ISP tier's director object: `bond_director` (XDP).
+#[cfg(not(bond_no_ebpf))]
+pub static DIRECTOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/director"));
 
 // Built with AYA_BUILD_SKIP=1 (clippy without bpf-linker): no objects, and
 // loading says so.
@@ -13,3 +16,5 @@ pub static SERVER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub static TERMINAL: &[u8] = &[];
 #[cfg(bond_no_ebpf)]
 pub static SERVER: &[u8] = &[];
+#[cfg(bond_no_ebpf)]
+pub static DIRECTOR: &[u8] = &[];

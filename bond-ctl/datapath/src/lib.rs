@@ -26,9 +26,9 @@ use bond_common::{
     drops,
     edpf::{MAX_PATHS, Paths},
     maps::{
-        Flow, Flow6, Flow6Key, FlowKey, Hold, Kept, LinkKey, LinkStats, MAX_LINK_IDS, Nat6Entry,
-        NatEntry, NatKey, Neighbor, RelayLink, ServerConfig, ServerLink, Session, SessionKey,
-        TerminalConfig, UpLink, event, name,
+        DirectorConfig, Flow, Flow6, Flow6Key, FlowKey, Hold, Kept, LinkKey, LinkStats,
+        MAX_LINK_IDS, Nat6Entry, NatEntry, NatKey, Neighbor, NodeSlot, RelayLink, ServerConfig,
+        ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
     },
 };
 
@@ -1018,6 +1018,38 @@ impl Maps {
         Ok(drops::NAMES
             .into_iter()
             .zip(self.sum_counters(name::S_DROPS, drops::COUNT)?)
+            .collect())
+    }
+
+    /// The director's front address and port (`D_CONFIG`).
+    pub fn set_director_config(&self, cfg: DirectorConfig) -> Result<()> {
+        self.set(name::D_CONFIG, 0, cfg)
+    }
+
+    /// Community `community`'s owner: node slot `node`, or none.
+    pub fn set_owner(&self, community: u16, node: Option<u32>) -> Result<()> {
+        self.set(
+            name::D_OWNERS,
+            u32::from(community),
+            node.map_or(0, |n| n + 1),
+        )
+    }
+
+    /// Node slot `idx`: where its packets go (`NodeSlot::default()`:
+    /// nowhere).
+    pub fn set_node(&self, idx: u32, slot: NodeSlot) -> Result<()> {
+        self.set(name::D_NODES, idx, slot)
+    }
+
+    /// Packets and bytes steered to node slot `idx` (`up_pkts`, `up_bytes`).
+    pub fn director_stats(&self, idx: u32) -> Result<LinkStats> {
+        self.sum_link_stats(name::D_STATS, idx)
+    }
+
+    pub fn director_drops(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(drops::NAMES
+            .into_iter()
+            .zip(self.sum_counters(name::D_DROPS, drops::COUNT)?)
             .collect())
     }
 
