@@ -177,6 +177,7 @@ fn a_weight_far_below_the_rate_is_followed_under_load() {
         let feedback = match lab.ctl_reply(ns, inst, "status").unwrap() {
             Status::Terminal(t) => t.feedback,
             Status::Server(s) => s.feedback,
+            Status::Director(_) => panic!("{ns}/{inst} is a director"),
         };
         feedback
             .learnt

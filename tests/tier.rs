@@ -348,3 +348,105 @@ fn losing_the_etcd_leader_pauses_nothing() {
     assert!(log.contains("/bond/communities/300 left out"), "{log}");
     agree(&site, 3);
 }
+
+// ------------------------------------------------ through the director --
+
+fn sha256(path: &std::path::Path) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
+/// Figure 1 with three nodes behind a director in place of the server:
+/// the community's terminals log on at the node that owns it (through
+/// the front address, which every node answers from), a download runs
+/// at a bonded rate, and only that node carries it. Its node is then
+/// killed: the registry moves the community to another node, the
+/// director follows, the terminals are asked to log on again there, and
+/// a new download works; the other nodes served nothing meanwhile but
+/// the new owner.
+#[test]
+fn terminals_bond_through_the_director_and_follow_their_community_when_its_node_dies() {
+    use bond_lab::{COMMUNITY, Lab, TerminalSpec};
+    require_root();
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    lab.add_tier(3).expect("the tier");
+    lab.start_agents().expect("start agents");
+    let owner = lab.owner(COMMUNITY).unwrap().expect("an owner");
+    let served = lab.serve_file("8m.bin", 8).unwrap();
+    let t3 = lab.terminals[2].ns.clone();
+    let (bytes, secs, out) = lab
+        .download(&t3, "http://203.0.113.2/8m.bin", "before.bin")
+        .expect("download through the tier");
+    assert_eq!(bytes, 8 << 20);
+    assert_eq!(sha256(&out), sha256(&served));
+    let mbit = bytes as f64 * 8.0 / secs / 1e6;
+    eprintln!("8 MiB through n{owner}: {mbit:.1} Mbit/s");
+    assert!(mbit > 30.0, "{mbit:.1} Mbit/s over links of 10+20+30");
+    let status = lab.node_status(owner).unwrap();
+    let c = status
+        .communities
+        .iter()
+        .find(|c| c.id == COMMUNITY)
+        .expect("the owner serves the community");
+    assert_eq!((c.terminals, c.links), (3, 3), "{c:?}");
+    let d = lab.director_status().unwrap();
+    for n in &d.nodes {
+        let steered = n.packets;
+        if n.name == format!("n{owner}") {
+            // The upstream of an 8 MiB download: its ACKs, and the
+            // announces and echoes.
+            assert!(steered > 1000, "{n:?}");
+        } else {
+            // Only the second community's (no terminals) and nothing else.
+            assert_eq!(steered, 0, "{n:?}");
+        }
+    }
+
+    lab.stop(&format!("agent-n{owner}"), true).unwrap();
+    let killed = std::time::Instant::now();
+    lab.wait_for("the community to move", Duration::from_secs(10), |lab| {
+        Ok(lab.owner(COMMUNITY)?.is_some_and(|o| o != owner))
+    })
+    .unwrap();
+    let moved = killed.elapsed();
+    let new = lab.owner(COMMUNITY).unwrap().unwrap();
+    lab.wait_for(
+        "the terminals at the new owner",
+        Duration::from_secs(10),
+        |lab| {
+            let s = lab.node_status(new)?;
+            Ok(s.communities
+                .iter()
+                .any(|c| c.id == COMMUNITY && c.terminals == 3))
+        },
+    )
+    .unwrap();
+    // Every terminal logged on and every link back in use (its echoes
+    // answered by the new owner).
+    lab.wait_for_community(Duration::from_secs(10)).unwrap();
+    let t3_instance = lab.terminals[2].instance.clone();
+    lab.wait_for(
+        "t3 to bond over every link again",
+        Duration::from_secs(10),
+        |lab| {
+            let rows = lab.peer_rows(&t3, &t3_instance)?;
+            let links: Vec<_> = rows.iter().filter(|r| r.link != 0).collect();
+            Ok(links.len() == 3 && links.iter().all(|r| r.in_use))
+        },
+    )
+    .unwrap();
+    let back = killed.elapsed();
+    eprintln!(
+        "n{owner} killed: owned by n{new} after {moved:?}, every link of t3 in use again after {back:?}"
+    );
+    let (bytes, _, out) = lab
+        .download(&t3, "http://203.0.113.2/8m.bin", "after.bin")
+        .expect("download after the move");
+    assert_eq!(bytes, 8 << 20);
+    assert_eq!(sha256(&out), sha256(&served));
+    let d = lab.director_status().unwrap();
+    assert!(
+        d.nodes.iter().all(|n| n.name != format!("n{owner}")),
+        "{d:?}"
+    );
+}

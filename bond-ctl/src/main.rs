@@ -531,6 +531,10 @@ async fn veth_warnings(cfg: &Config) -> Vec<String> {
             s.interfaces.iter().map(String::as_str).collect(),
             s.attach.veth,
         ),
+        Config::Director(d) => (
+            d.interfaces.iter().map(String::as_str).collect(),
+            d.attach.veth,
+        ),
     };
     if how == bond_config::VethAttach::Trust {
         return Vec::new();

@@ -45,6 +45,41 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
     }
     let status: Status = serde_json::from_value(v.clone()).context("reading the agent's status")?;
     let (rejects, faults) = match &status {
+        Status::Director(d) => {
+            println!(
+                "director {} (instance {}), up {}s, {}",
+                d.address,
+                d.instance,
+                d.uptime_s,
+                if d.registry {
+                    "following the registry"
+                } else {
+                    "NOT reading the registry"
+                }
+            );
+            println!(
+                "{:<12} {:<16} {:<10} {:<18} {:>11} {:>12}",
+                "node", "address", "interface", "mac", "communities", "packets"
+            );
+            for n in &d.nodes {
+                println!(
+                    "{:<12} {:<16} {:<10} {:<18} {:>11} {:>12}",
+                    n.name,
+                    n.address,
+                    n.interface.as_deref().unwrap_or("-"),
+                    n.mac.as_deref().unwrap_or("unresolved"),
+                    n.communities,
+                    n.packets
+                );
+            }
+            println!(
+                "communities steered {}, not steerable {}; dropped: {}",
+                d.steered,
+                d.unsteered,
+                tally(&d.drops)
+            );
+            return Ok(());
+        }
         Status::Server(s) => {
             println!(
                 "server {} (instance {}), up {}s{}",

@@ -32,6 +32,7 @@ use bond_api as control;
 use bond_config::{AttachConfig, Config, TcAttach, XdpAttach};
 use bond_datapath as datapath;
 
+mod director;
 pub mod feedback;
 pub mod linkwatch;
 pub mod membership;
@@ -115,6 +116,7 @@ pub async fn run(cfg: Config, paths: Paths, services: StartServices) -> Result<(
             terminal::run(t, &paths.config, &mut pins, calls, signals, &services).await
         }
         Config::Server(s) => server::run(s, &paths.config, &mut pins, calls, signals).await,
+        Config::Director(d) => director::run(d, &mut pins, calls, signals).await,
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // The reply to a `detach` or `drain` is written by the socket's task:
@@ -160,6 +162,7 @@ fn signature(cfg: &Config) -> String {
     match cfg {
         // A TC filter left through netlink and a TCX link would both wrap.
         Config::Terminal(t) => format!("terminal layout {LAYOUT_VERSION} tc {:?}", t.attach.tc),
+        Config::Director(_) => format!("director layout {LAYOUT_VERSION}"),
         Config::Server(s) => {
             let ports = s.port_count().unwrap_or(0);
             let sizes: Vec<String> = datapath::flows::server_map_sizes(

@@ -149,6 +149,36 @@ impl Net {
         bail!("interface {} has no IPv4 address", iface.name)
     }
 
+    /// The interface whose IPv4 network holds `ip` (on-link, as a node
+    /// behind a director must be), with its name; the longest prefix wins.
+    pub async fn on_link(&self, ip: Ipv4Addr) -> Result<Option<(u32, String)>> {
+        let all: Vec<AddressMessage> = self.handle.address().get().execute().try_collect().await?;
+        let mut best: Option<(u8, u32)> = None;
+        for msg in all {
+            let len = msg.header.prefix_len;
+            for a in &msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(net)) = a {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                    let same = u32::from(*net) & mask == u32::from(ip) & mask;
+                    if same && *net != ip && best.is_none_or(|b| len > b.0) {
+                        best = Some((len, msg.header.index));
+                    }
+                }
+            }
+        }
+        let Some((_, index)) = best else {
+            return Ok(None);
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let name = links.try_next().await?.and_then(|l| {
+            l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            })
+        });
+        Ok(name.map(|n| (index, n)))
+    }
+
     /// Every address of an interface, as rtnetlink lists them.
     async fn addresses(&self, iface: &Iface) -> Result<Vec<AddressMessage>> {
         let addrs = self.handle.address().get();

@@ -23,6 +23,41 @@ pub type Counts = BTreeMap<String, u64>;
 pub enum Status {
     Terminal(TerminalStatus),
     Server(ServerStatus),
+    Director(DirectorStatus),
+}
+
+/// A director's state: the registry as it mirrors it, each node's slot
+/// and what was steered to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectorStatus {
+    pub instance: String,
+    /// The front address and port.
+    pub address: SocketAddrV4,
+    pub uptime_s: u64,
+    pub attach: Vec<Attached>,
+    /// It has read the registry and follows it.
+    pub registry: bool,
+    pub nodes: Vec<DirectorNode>,
+    /// Communities with an owner it can steer to.
+    pub steered: usize,
+    /// Communities whose owner it cannot reach yet (no slot: the node's
+    /// address is on no attached network, or its MAC is unresolved).
+    pub unsteered: usize,
+    pub drops: Counts,
+}
+
+/// One node as a director sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectorNode {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// The interface towards it, and its MAC; none while unresolved.
+    pub interface: Option<String>,
+    pub mac: Option<String>,
+    pub communities: usize,
+    /// Packets and bytes steered to it.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

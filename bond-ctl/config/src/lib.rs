@@ -11,11 +11,13 @@ use bond_proto::CommunityKey;
 use serde::{Deserialize, Serialize};
 
 mod attach;
+mod director;
 mod server;
 mod terminal;
 mod weight;
 
 pub use attach::*;
+pub use director::*;
 pub use server::*;
 pub use terminal::*;
 pub use weight::*;
@@ -49,6 +51,7 @@ pub enum ConfigError {
 pub enum Config {
     Terminal(TerminalConfig),
     Server(ServerConfig),
+    Director(DirectorConfig),
 }
 
 /// The `role` key that picks the file's shape.
@@ -57,6 +60,7 @@ pub enum Config {
 pub enum Role {
     Terminal,
     Server,
+    Director,
 }
 
 /// Just the role, read first. The file is then deserialized straight into
@@ -198,6 +202,7 @@ impl Config {
         let cfg = match head.role {
             Role::Terminal => Self::Terminal(toml::from_str(text).map_err(parse_err)?),
             Role::Server => Self::Server(toml::from_str(text).map_err(parse_err)?),
+            Role::Director => Self::Director(toml::from_str(text).map_err(parse_err)?),
         };
         let invalid = |field: String, message: String| ConfigError::Invalid {
             path: origin.to_string(),
@@ -207,6 +212,7 @@ impl Config {
         match &cfg {
             Self::Terminal(t) => t.check().map_err(|(f, m)| invalid(f, m))?,
             Self::Server(s) => s.check().map_err(|(f, m)| invalid(f, m))?,
+            Self::Director(d) => d.check().map_err(|(f, m)| invalid(f, m))?,
         }
         Ok(cfg)
     }
@@ -216,6 +222,7 @@ impl Config {
         match self {
             Self::Terminal(t) => t.metrics,
             Self::Server(s) => s.metrics,
+            Self::Director(d) => d.metrics,
         }
     }
 
@@ -223,6 +230,7 @@ impl Config {
         match self {
             Self::Terminal(t) => &t.instance,
             Self::Server(s) => &s.instance,
+            Self::Director(d) => &d.instance,
         }
     }
 
@@ -231,6 +239,7 @@ impl Config {
         match self {
             Self::Terminal(t) => t.attach,
             Self::Server(s) => s.attach,
+            Self::Director(d) => d.attach,
         }
     }
 }
@@ -730,6 +739,51 @@ interfaces = ["wan0"]
         let both = format!("{SERVER}[[communities]]\nid = 1\nkey = \"community one key\"\n{tier}");
         let e = error_of(&both);
         assert!(e.contains("communities") && e.contains("registry"), "{e}");
+    }
+
+    #[test]
+    fn a_director_names_its_front_interfaces_and_registry() {
+        let text = "role = \"director\"\naddress = \"198.51.100.1\"\ninterfaces = [\"wan0\"]\n\
+                    etcd = [\"http://10.0.9.1:2379\"]\n";
+        let Config::Director(d) = Config::parse(text, "d.toml").unwrap() else {
+            panic!("not a director")
+        };
+        assert_eq!(
+            (d.port, d.prefix.as_str(), d.address6),
+            (DEFAULT_PORT, "/bond", None)
+        );
+        for (from, to, field, value) in [
+            (
+                "interfaces = [\"wan0\"]",
+                "interfaces = []",
+                "interfaces",
+                "list",
+            ),
+            (
+                "http://10.0.9.1:2379",
+                "10.0.9.1:2379",
+                "etcd[0]",
+                "http://",
+            ),
+            (
+                "address =",
+                "prefix = \"bond\"\naddress =",
+                "prefix",
+                "\"bond\"",
+            ),
+            (
+                "address =",
+                "communities = []\naddress =",
+                "communities",
+                "unknown field",
+            ),
+        ] {
+            let e = error_of(&text.replace(from, to));
+            assert!(
+                e.contains(field) && e.contains(value),
+                "error {e:?} should name {field} and {value}"
+            );
+        }
     }
 
     #[test]

@@ -124,27 +124,7 @@ impl TierConfig {
                 "with [tier], communities and their keys come from the registry (bond-ctl tier community add)",
             );
         }
-        if self.etcd.is_empty() {
-            return err("tier.etcd", "list etcd's client URLs (http://host:port)");
-        }
-        for (i, url) in self.etcd.iter().enumerate() {
-            let Some(rest) = url.strip_prefix("http://") else {
-                return err(
-                    format!("tier.etcd[{i}]"),
-                    format!("{url:?} is not http://host:port (TLS is not built in)"),
-                );
-            };
-            let port = rest.trim_end_matches('/').rsplit_once(':').map(|(_, p)| p);
-            if port
-                .and_then(|p| p.parse::<u16>().ok())
-                .is_none_or(|p| p == 0)
-            {
-                return err(
-                    format!("tier.etcd[{i}]"),
-                    format!("{url:?} names no port (etcd's clients use 2379)"),
-                );
-            }
-        }
+        super::director::check_etcd("tier.etcd", &self.etcd)?;
         if !valid_node_name(&self.node) {
             return err(
                 "tier.node",
@@ -157,12 +137,7 @@ impl TierConfig {
                 format!("{} is outside 1..=10000", self.weight),
             );
         }
-        if !self.prefix.starts_with('/') || self.prefix.trim_end_matches('/').is_empty() {
-            return err(
-                "tier.prefix",
-                format!("{:?}: a key prefix such as \"/bond\"", self.prefix),
-            );
-        }
+        super::director::check_prefix("tier.prefix", &self.prefix)?;
         if !(2..=60).contains(&self.lease_s) {
             return err(
                 "tier.lease_s",

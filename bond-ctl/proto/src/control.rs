@@ -657,15 +657,39 @@ impl Guard {
 /// A sender's counter: starts at the start time in microseconds, so a
 /// restarted sender continues above what its peers have seen.
 #[derive(Debug)]
-pub struct Counter(u64);
+pub struct Counter {
+    last: u64,
+    clocked: bool,
+}
 
 impl Counter {
     pub fn new() -> Self {
-        Self(now_us())
+        Self {
+            last: now_us(),
+            clocked: false,
+        }
     }
+
+    /// A counter that never falls behind the clock (in microseconds): a
+    /// server's. Another node that takes over a community then continues
+    /// above what the one before sent, though that one counted thousands
+    /// of messages since it started (a terminal's window would take the
+    /// new owner's replies for replays). Only for a sender whose messages
+    /// to one receiver go one way, in order: the window takes 64 counts
+    /// of reordering, which are 64 µs here.
+    pub fn clocked() -> Self {
+        Self {
+            last: now_us(),
+            clocked: true,
+        }
+    }
+
     pub fn bump(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
+        self.last += 1;
+        if self.clocked {
+            self.last = self.last.max(now_us());
+        }
+        self.last
     }
 }
 
@@ -1025,5 +1049,39 @@ mod tests {
         assert!(b > a);
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert!(Counter::new().bump() > b, "a restart continues above");
+    }
+
+    /// A node that sent many messages is followed by another that takes
+    /// its community over: the newcomer's replies pass the terminal's
+    /// window, where a plain counter's (started at the same time, but
+    /// fewer messages on) were replays.
+    #[test]
+    fn a_clocked_counter_stays_above_a_busy_peer_started_at_once() {
+        let (mut busy, mut plain, mut clocked) =
+            (Counter::clocked(), Counter::new(), Counter::clocked());
+        let mut top = 0;
+        // Thousands of messages as fast as they go: the busy one runs
+        // ahead of the clock by at most that burst, which the clock then
+        // overtakes.
+        for _ in 0..5_000 {
+            top = busy.bump();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let mut g = Guard::new(1000);
+        let now = now_ms();
+        let from = |counter| Msg {
+            counter,
+            time_ms: now,
+            flags: flags::FROM_SERVER,
+            ..announce()
+        };
+        assert_eq!(g.check(&from(top), now), Ok(()));
+        let mut c = clocked.bump();
+        assert!(c > top, "{c} after {top}");
+        assert_eq!(g.check(&from(c), now), Ok(()));
+        c = clocked.bump();
+        assert_eq!(g.check(&from(c), now), Ok(()));
+        // A plain counter started as early is far behind the busy one.
+        assert_eq!(g.check(&from(plain.bump()), now), Err(Stale::Replayed));
     }
 }

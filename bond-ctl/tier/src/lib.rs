@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod layout;
+pub mod mirror;
 pub mod node;
 pub mod owner;
 
@@ -48,7 +49,9 @@ async fn connect_with(endpoints: &[String], timeout: Option<Duration>) -> Result
     }
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(CALL_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(1), CALL_TIMEOUT)
+        // etcd refuses pings more often than every 5 s (its
+        // --grpc-keepalive-min-time) and closes the connection.
+        .with_keep_alive(Duration::from_secs(6), CALL_TIMEOUT)
         .with_keep_alive_while_idle(true);
     if let Some(t) = timeout {
         opts = opts.with_timeout(t);

@@ -269,7 +269,7 @@ async fn session(
 }
 
 /// Takes one watch message into `view`.
-fn apply(
+pub(crate) fn apply(
     view: &mut View,
     layout: &Layout,
     m: Result<Option<WatchResponse>, etcd_client::Error>,

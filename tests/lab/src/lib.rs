@@ -53,6 +53,7 @@ pub mod line;
 pub mod packets;
 pub mod profile;
 pub mod site;
+pub mod tier;
 
 use bond_api::reply::{
     DownPath, FlowRow, Flows, Links, PeerRow, Peers, ServerLinks, ServerStatus, Status,
@@ -181,6 +182,9 @@ pub struct Lab {
     tunnels: Vec<(Child, ChildStdin)>,
     /// Rate steps and dark windows being played ([`Self::start_events`]).
     events: Option<profile::Events>,
+    /// Nodes of an ISP tier in place of the one server (0: none;
+    /// [`Self::add_tier`]).
+    pub tier: usize,
 }
 
 /// Runs a command, failing with its stderr.
@@ -361,6 +365,7 @@ impl Lab {
             lines: Vec::new(),
             tunnels: Vec::new(),
             events: None,
+            tier: 0,
             tuned,
         };
         lab.wire(spec)?;
@@ -1129,6 +1134,9 @@ impl Lab {
     /// Starts the server's agent (as `agent-srv`), its config written from
     /// [`Self::server_config`].
     pub fn start_server(&mut self) -> Result<()> {
+        if self.tier > 0 {
+            return self.start_tier();
+        }
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         let cfg = self.dir.join("server.toml");
         std::fs::write(&cfg, self.server_config())?;
@@ -1184,9 +1192,12 @@ impl Lab {
                 .sum()
         };
         let want: usize = running.iter().map(|&i| self.terminals[i].links.len()).sum();
-        self.wait_for("the server's links", limit, |lab| {
-            Ok(lab.server_links().ok().map(|l| l.links.len()) == Some(want))
-        })?;
+        // (A tier's nodes each hold a part: the terminals' side is checked.)
+        if self.tier == 0 {
+            self.wait_for("the server's links", limit, |lab| {
+                Ok(lab.server_links().ok().map(|l| l.links.len()) == Some(want))
+            })?;
+        }
         for &i in &running {
             let t = &self.terminals[i];
             self.wait_for(&format!("terminal {} to join", i + 1), limit, |lab| {
@@ -1291,7 +1302,7 @@ impl Lab {
     pub fn terminal_status(&self, ns: &str, instance: &str) -> Result<TerminalStatus> {
         match self.ctl_reply(ns, instance, "status")? {
             Status::Terminal(t) => Ok(t),
-            Status::Server(_) => bail!("{ns}/{instance} is a server"),
+            _ => bail!("{ns}/{instance} is not a terminal"),
         }
     }
 
@@ -1299,7 +1310,7 @@ impl Lab {
     pub fn server_status(&self) -> Result<ServerStatus> {
         match self.ctl_reply(&self.server_ns, &self.server_instance, "status")? {
             Status::Server(s) => Ok(s),
-            Status::Terminal(_) => bail!("the server answered as a terminal"),
+            _ => bail!("the server's agent answered as another role"),
         }
     }
 
@@ -1603,6 +1614,7 @@ impl Drop for Lab {
             .iter()
             .map(|t| t.instance.clone())
             .chain([self.server_instance.clone()])
+            .chain((1..=self.tier).map(|i| self.node_ns(i)))
         {
             let _ = std::fs::remove_dir_all(bond_datapath::pin_dir(
                 Path::new(bond_datapath::DEFAULT_BPFFS),

@@ -167,7 +167,7 @@ pub async fn run(
         served: Default::default(),
         table: ServerTable::new(cfg.misses),
         guard: Guard::new(bond_proto::SKEW_MS),
-        counter: Counter::new(),
+        counter: Counter::clocked(),
         sock,
         sock6,
         applied: BTreeMap::new(),

@@ -30,7 +30,9 @@ impl Agent {
         let keep = "the running configuration stays";
         let new = match Config::load(&self.path) {
             Ok(Config::Server(s)) => s,
-            Ok(Config::Terminal(_)) => return Err(format!("field `role` changed; {keep}")),
+            Ok(Config::Terminal(_) | Config::Director(_)) => {
+                return Err(format!("field `role` changed; {keep}"));
+            }
             Err(e) => return Err(format!("{e}; {keep}")),
         };
         let (old, flows) = (&self.cfg, (&self.cfg.flows, &new.flows));

@@ -15,7 +15,9 @@ impl Agent {
         let keep = "the running configuration stays";
         let new = match Config::load(&self.path) {
             Ok(Config::Terminal(t)) => t,
-            Ok(Config::Server(_)) => return Err(format!("field `role` changed; {keep}")),
+            Ok(Config::Server(_) | Config::Director(_)) => {
+                return Err(format!("field `role` changed; {keep}"));
+            }
             Err(e) => return Err(format!("{e}; {keep}")),
         };
         let old = &self.cfg;

@@ -1,0 +1,385 @@
+//! The director agent: loads `bond_director` on the front interfaces and
+//! keeps its tables to the registry (`bond_tier::mirror`): a slot per
+//! node (the interface towards it and the MACs, found from the node's
+//! address: it must be on-link), and each community's owner.
+//!
+//! The registry says who owns what; the director does no placing of its
+//! own, so any number of directors agree as soon as they have read the
+//! same revision.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use bond_api::{
+    Call, Request,
+    reply::{DirectorNode, DirectorStatus, Status},
+};
+use bond_common::maps::{DirectorConfig as DirectorMap, MAX_NODES, NodeSlot};
+use bond_config::DirectorConfig;
+use bond_datapath::{self as datapath, Maps, ebpf};
+use bond_tier::{Layout, View, mirror};
+use tokio::sync::mpsc;
+
+use crate::{Exit, Pins, net::Net};
+
+/// How often a node whose MAC is not known yet is looked up again.
+const RESOLVE_EVERY: Duration = Duration::from_millis(200);
+
+/// One node's slot in `D_NODES`.
+#[derive(Debug, Clone)]
+struct Slot {
+    idx: u32,
+    address: Ipv4Addr,
+    /// Where its frames go, once known: (ifindex, interface, our MAC,
+    /// its MAC).
+    at: Option<(u32, String, [u8; 6], [u8; 6])>,
+    /// Why it is not known, as last logged (logged again only if it
+    /// changes).
+    said: Option<String>,
+}
+
+struct Director {
+    cfg: DirectorConfig,
+    maps: Maps,
+    net: Net,
+    view: Arc<View>,
+    live: bool,
+    slots: BTreeMap<String, Slot>,
+    /// Owners as written to `D_OWNERS`: community -> slot.
+    owners: BTreeMap<u16, u32>,
+    started: Instant,
+    attached: BTreeMap<(&'static str, String), &'static str>,
+}
+
+pub async fn run(
+    cfg: DirectorConfig,
+    pins: &mut Pins,
+    mut calls: mpsc::Receiver<Call>,
+    mut signals: crate::Signals,
+) -> Result<Exit> {
+    let mut ebpf = datapath::load_with_sizes(ebpf::DIRECTOR, &pins.dir, &[])?;
+    crate::read_drop_log(&mut ebpf)?;
+    let maps = Maps::new(&pins.dir);
+    maps.set_director_config(DirectorMap {
+        front_ip: u32::from(cfg.address),
+        port: cfg.port,
+        _pad: 0,
+        front_ip6: cfg.address6.map_or([0; 16], |a| a.octets()),
+    })?;
+    let net = Net::new()?;
+    for i in &cfg.interfaces {
+        crate::veth::ready(&net, i, cfg.attach.veth)
+            .await
+            .with_context(|| format!("field `interfaces`: {i}"))?;
+        pins.attach_xdp(&mut ebpf, "bond_director", i)
+            .with_context(|| format!("field `interfaces`: {i}"))?;
+    }
+    let mut registry = mirror::follow(cfg.etcd.clone(), Layout::new(&cfg.prefix));
+    let up = format!(
+        "director {}:{} up on {}, following the registry at {}",
+        cfg.address,
+        cfg.port,
+        cfg.interfaces.join(","),
+        cfg.etcd.join(",")
+    );
+    tracing::info!("{up}");
+    crate::notify_ready(&up);
+    let mut d = Director {
+        cfg,
+        maps,
+        net,
+        view: Arc::default(),
+        live: false,
+        slots: BTreeMap::new(),
+        owners: BTreeMap::new(),
+        started: Instant::now(),
+        attached: pins.attached.clone(),
+    };
+    // A detached director's tables stay as they were until the registry
+    // is read; then they are made to agree with it.
+    let mut resolve = tokio::time::interval(RESOLVE_EVERY);
+    loop {
+        tokio::select! {
+            _ = signals.stop.recv() => return Ok(Exit::Leave),
+            _ = signals.hangup.recv() => {
+                tracing::info!("SIGHUP: a director reads everything from the registry; nothing to reload");
+            }
+            Some(call) = calls.recv() => {
+                let detach = call.req == Request::Detach;
+                let _ = call.reply.send(d.handle(call.req));
+                if detach {
+                    return Ok(Exit::Detach);
+                }
+            }
+            r = registry.changed() => {
+                if r.is_err() {
+                    anyhow::bail!("the registry's task ended");
+                }
+                let m = registry.borrow_and_update().clone();
+                if m.live != d.live {
+                    tracing::info!("registry: {}", if m.live { "following" } else { "lost; the tables stand as they are" });
+                }
+                (d.view, d.live) = (m.view, m.live);
+                if d.live {
+                    d.sync().await;
+                }
+            }
+            _ = resolve.tick(), if d.slots.values().any(|s| s.at.is_none()) => d.sync().await,
+        }
+    }
+}
+
+impl Director {
+    /// Brings `D_NODES` and `D_OWNERS` to the registry: slots for new
+    /// nodes (and their interface and MAC, once known), none for gone
+    /// ones, each community's owner.
+    async fn sync(&mut self) {
+        let gone: Vec<String> = self
+            .slots
+            .keys()
+            .filter(|n| !self.view.nodes.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(s) = self.slots.remove(&name) {
+                tracing::info!("registry: node {name} left (slot {})", s.idx);
+                self.write_node(s.idx, NodeSlot::default());
+            }
+        }
+        for (name, rec) in self.view.nodes.iter() {
+            let changed = self
+                .slots
+                .get(name)
+                .is_none_or(|s| s.address != rec.address);
+            if changed {
+                let used: BTreeSet<u32> = self.slots.values().map(|s| s.idx).collect();
+                let idx = match self.slots.get(name) {
+                    Some(s) => s.idx,
+                    None => match (0..MAX_NODES).find(|i| !used.contains(i)) {
+                        Some(i) => i,
+                        None => {
+                            tracing::warn!(
+                                "registry: node {name} left out: {MAX_NODES} nodes at most"
+                            );
+                            continue;
+                        }
+                    },
+                };
+                self.write_node(idx, NodeSlot::default());
+                self.slots.insert(
+                    name.clone(),
+                    Slot {
+                        idx,
+                        address: rec.address,
+                        at: None,
+                        said: None,
+                    },
+                );
+            }
+        }
+        let unresolved: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.at.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in unresolved {
+            if let Err(e) = self.resolve(&name).await {
+                let e = format!("{e:#}");
+                if let Some(s) = self.slots.get_mut(&name)
+                    && s.said.as_ref() != Some(&e)
+                {
+                    tracing::warn!("node {name}: {e}");
+                    s.said = Some(e);
+                }
+            }
+        }
+        let mut want: BTreeMap<u16, u32> = BTreeMap::new();
+        for (&c, node) in &self.view.owners {
+            let (Ok(c), Some(slot)) = (u16::try_from(c), self.slots.get(node)) else {
+                continue;
+            };
+            if self.view.communities.contains_key(&u32::from(c)) {
+                want.insert(c, slot.idx);
+            }
+        }
+        let stale: Vec<u16> = self
+            .owners
+            .keys()
+            .filter(|c| !want.contains_key(c))
+            .copied()
+            .collect();
+        let mut moved = 0;
+        for c in stale {
+            if let Err(e) = self.maps.set_owner(c, None) {
+                tracing::warn!("community {c}: clearing its owner: {e:#}");
+            }
+            self.owners.remove(&c);
+            moved += 1;
+        }
+        for (c, idx) in want {
+            if self.owners.get(&c) != Some(&idx) {
+                match self.maps.set_owner(c, Some(idx)) {
+                    Ok(()) => {
+                        self.owners.insert(c, idx);
+                        moved += 1;
+                    }
+                    Err(e) => tracing::warn!("community {c}: writing its owner: {e:#}"),
+                }
+            }
+        }
+        if moved > 0 {
+            tracing::info!(
+                "registry: {moved} owner(s) written; {} communities steered",
+                self.owners.len()
+            );
+        }
+    }
+
+    /// Finds the interface and MAC of a node's address; asks the kernel
+    /// to resolve it when it has no MAC yet (the next tick looks again).
+    async fn resolve(&mut self, name: &str) -> Result<()> {
+        let Some(slot) = self.slots.get(name).cloned() else {
+            return Ok(());
+        };
+        let Some((index, dev)) = self.net.on_link(slot.address).await? else {
+            anyhow::bail!(
+                "its address {} is on no network of this host (a director forwards by Ethernet address)",
+                slot.address
+            );
+        };
+        let Some(mac) = self.net.neighbor(index, slot.address).await? else {
+            crate::net::poke_neighbor(&dev, slot.address)?;
+            return Ok(());
+        };
+        let ours = self.net.iface(&dev).await?.mac;
+        self.write_node(
+            slot.idx,
+            NodeSlot {
+                ifindex: index,
+                dst_mac: mac,
+                src_mac: ours,
+            },
+        );
+        tracing::info!(
+            "node {name}: {} via {dev} ({}), slot {}",
+            slot.address,
+            mac_text(&mac),
+            slot.idx
+        );
+        if let Some(s) = self.slots.get_mut(name) {
+            s.at = Some((index, dev, ours, mac));
+        }
+        Ok(())
+    }
+
+    fn write_node(&self, idx: u32, slot: NodeSlot) {
+        if let Err(e) = self.maps.set_node(idx, slot) {
+            tracing::warn!("node slot {idx}: {e:#}");
+        }
+    }
+
+    fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::Status => crate::reply(Status::Director(self.status())),
+            Request::Detach => crate::reply(bond_api::reply::Detached { detached: true }),
+            Request::Metrics => Ok(serde_json::Value::String(self.metrics())),
+            other => Err(format!("a director does not take {other:?}")),
+        }
+    }
+
+    fn status(&self) -> DirectorStatus {
+        let nodes = self
+            .slots
+            .iter()
+            .map(|(name, s)| {
+                let stats = self.maps.director_stats(s.idx).unwrap_or_default();
+                DirectorNode {
+                    name: name.clone(),
+                    address: s.address,
+                    interface: s.at.as_ref().map(|a| a.1.clone()),
+                    mac: s.at.as_ref().map(|a| mac_text(&a.3)),
+                    communities: self.owners.values().filter(|&&i| i == s.idx).count(),
+                    packets: stats.up_pkts,
+                    bytes: stats.up_bytes,
+                }
+            })
+            .collect();
+        let resolved: BTreeSet<u32> = self
+            .slots
+            .values()
+            .filter(|s| s.at.is_some())
+            .map(|s| s.idx)
+            .collect();
+        let steered = self
+            .owners
+            .values()
+            .filter(|i| resolved.contains(i))
+            .count();
+        DirectorStatus {
+            instance: self.cfg.instance.clone(),
+            address: SocketAddrV4::new(self.cfg.address, self.cfg.port),
+            uptime_s: self.started.elapsed().as_secs(),
+            attach: crate::attach_status(&self.attached),
+            registry: self.live,
+            nodes,
+            steered,
+            unsteered: self.view.communities.len() - steered.min(self.view.communities.len()),
+            drops: self
+                .maps
+                .director_drops()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| d.1 > 0)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let mut m = bond_api::Metrics::default();
+        m.family(
+            "bond_director_packets_total",
+            "counter",
+            "Packets steered to each node.",
+        );
+        for (name, s) in &self.slots {
+            let n = self.maps.director_stats(s.idx).map_or(0, |s| s.up_pkts);
+            m.sample("bond_director_packets_total", &[("node", name.clone())], n);
+        }
+        m.family(
+            "bond_director_communities",
+            "gauge",
+            "Communities each node owns, as this director steers them.",
+        );
+        for (name, s) in &self.slots {
+            let n = self.owners.values().filter(|&&i| i == s.idx).count();
+            m.sample(
+                "bond_director_communities",
+                &[("node", name.clone())],
+                n as u64,
+            );
+        }
+        m.family(
+            "bond_drops_total",
+            "counter",
+            "Packets the director dropped, by reason.",
+        );
+        for (reason, n) in self.maps.director_drops().unwrap_or_default() {
+            m.sample("bond_drops_total", &[("reason", reason.to_string())], n);
+        }
+        m.finish()
+    }
+}
+
+fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

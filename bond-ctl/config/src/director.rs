@@ -1,0 +1,95 @@
+//! A director's file (`role = "director"`): the front address of an ISP
+//! tier, the interfaces its traffic arrives on, and the registry that
+//! says which node owns each community.
+
+use super::*;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectorConfig {
+    /// Always [`Role::Director`].
+    pub role: Role,
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    /// The front address terminals send to; every node holds it too and
+    /// answers from it.
+    pub address: Ipv4Addr,
+    /// The front IPv6 address, for links that have only IPv6.
+    pub address6: Option<std::net::Ipv6Addr>,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Interfaces the front address's traffic arrives on (the director's
+    /// program is attached to each). The nodes must be on networks this
+    /// host is directly attached to: the director forwards by Ethernet
+    /// address.
+    pub interfaces: Vec<String>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// How the program is attached (`[attach]`, optional; `xdp` only).
+    #[serde(default)]
+    pub attach: AttachConfig,
+    /// etcd's client URLs, `http://host:port`: any member will do.
+    pub etcd: Vec<String>,
+    /// Where the registry lives in etcd's key space.
+    #[serde(default = "default_registry_prefix")]
+    pub prefix: String,
+}
+
+fn default_registry_prefix() -> String {
+    "/bond".into()
+}
+
+impl DirectorConfig {
+    pub(crate) fn check(&self) -> Check {
+        check_instance(&self.instance)?;
+        check_port("port", self.port)?;
+        if self.attach.tc != TcAttach::Auto {
+            return err(
+                "attach.tc",
+                "the director has no TC program (only `attach.xdp` applies)",
+            );
+        }
+        if self.interfaces.is_empty() {
+            return err("interfaces", "list the interfaces to attach to");
+        }
+        for (i, n) in self.interfaces.iter().enumerate() {
+            check_ifname(&format!("interfaces[{i}]"), n)?;
+        }
+        check_etcd("etcd", &self.etcd)?;
+        check_prefix("prefix", &self.prefix)
+    }
+}
+
+/// etcd's client URLs: `http://host:port`, at least one.
+pub(crate) fn check_etcd(field: &str, urls: &[String]) -> Check {
+    if urls.is_empty() {
+        return err(field, "list etcd's client URLs (http://host:port)");
+    }
+    for (i, url) in urls.iter().enumerate() {
+        let Some(rest) = url.strip_prefix("http://") else {
+            return err(
+                format!("{field}[{i}]"),
+                format!("{url:?} is not http://host:port (TLS is not built in)"),
+            );
+        };
+        let port = rest.trim_end_matches('/').rsplit_once(':').map(|(_, p)| p);
+        if port
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_none_or(|p| p == 0)
+        {
+            return err(
+                format!("{field}[{i}]"),
+                format!("{url:?} names no port (etcd's clients use 2379)"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A key prefix such as `/bond`.
+pub(crate) fn check_prefix(field: &str, prefix: &str) -> Check {
+    if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {
+        return err(field, format!("{prefix:?}: a key prefix such as \"/bond\""));
+    }
+    Ok(())
+}

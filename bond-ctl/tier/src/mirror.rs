@@ -1,0 +1,75 @@
+//! The registry followed without taking part (a director): a read, then a
+//! watch, published as a whole [`View`] after each change. A broken
+//! watch is started again from a fresh read, from whichever member
+//! answers; meanwhile the last view stands.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use etcd_client::WatchOptions;
+use tokio::sync::watch;
+
+use crate::{Layout, View};
+
+/// The registry as last read, and whether the watch on it is live.
+#[derive(Debug, Clone, Default)]
+pub struct Mirrored {
+    pub view: Arc<View>,
+    pub live: bool,
+}
+
+/// Starts following the registry; the task ends when every receiver is
+/// gone.
+pub fn follow(endpoints: Vec<String>, layout: Layout) -> watch::Receiver<Mirrored> {
+    let (tx, rx) = watch::channel(Mirrored::default());
+    tokio::spawn(async move {
+        let mut fails = 0u32;
+        while !tx.is_closed() {
+            let start = tokio::time::Instant::now();
+            if let Err(e) = session(&endpoints, &layout, &tx).await {
+                if start.elapsed() > Duration::from_secs(10) {
+                    fails = 0;
+                }
+                let wait = Duration::from_millis(100 << fails.min(4));
+                fails += 1;
+                tracing::warn!("registry: {e:#}; trying again in {wait:?}");
+                tx.send_modify(|m| m.live = false);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    });
+    rx
+}
+
+async fn session(
+    endpoints: &[String],
+    layout: &Layout,
+    tx: &watch::Sender<Mirrored>,
+) -> Result<()> {
+    let mut client = crate::connect(endpoints).await?;
+    let (mut view, rev) = crate::snapshot(&mut client, layout).await?;
+    let mut stream = client
+        .watch(
+            layout.all(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
+        )
+        .await
+        .context("watching the registry")?;
+    tx.send_replace(Mirrored {
+        view: Arc::new(view.clone()),
+        live: true,
+    });
+    loop {
+        tokio::select! {
+            () = tx.closed() => return Ok(()),
+            m = stream.message() => {
+                crate::node::apply(&mut view, layout, m)?;
+                tx.send_replace(Mirrored { view: Arc::new(view.clone()), live: true });
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Figure 1 with an ISP tier in place of the one server: the server's
+//! namespace becomes the site's router and director (`bond_director` on
+//! `wan0`, the front address 198.51.100.1 as before), an etcd cluster of
+//! three members runs there (on 10.0.9.1-3), and `nodes` reconstitution
+//! nodes hang off it, node `i` on a point-to-point veth (10.0.10.4i+1/30
+//! at the router, .4i+2 at the node). Each node holds the front address
+//! on its loopback and answers terminals from it directly; its NAT
+//! address is 203.0.113.(128+i), routed to it by the router (the content
+//! host reaches 203.0.113.128/25 through the router).
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{KEY, KEY2, Lab, PORT, SERVER_WAN, run};
+
+/// etcd member `m`'s client URL (1-based).
+pub fn etcd_url(m: usize) -> String {
+    format!("http://10.0.9.{m}:2379")
+}
+
+/// Node `i`'s NAT address (1-based).
+pub fn node_nat(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, 113, 128 + i as u8)
+}
+
+impl Lab {
+    /// Turns the server's namespace into a site of `nodes` nodes (call
+    /// before starting anything; [`Self::start_server`] then starts the
+    /// cluster, the nodes and the director).
+    pub fn add_tier(&mut self, nodes: usize) -> Result<()> {
+        let srv = self.server_ns.clone();
+        let web = self.web_ns.clone();
+        for m in 1..=3 {
+            self.ip(&srv, &format!("addr add 10.0.9.{m}/32 dev lo"))?;
+        }
+        // Nodes answer from the front address: the router forwards what
+        // comes from it.
+        self.sysctl(&srv, "net.ipv4.conf.all.rp_filter=0")?;
+        for i in 1..=nodes {
+            let ns = self.ns(&format!("n{i}"))?;
+            let (router, node) = (4 * i + 1, 4 * i + 2);
+            self.veth(
+                (
+                    &srv,
+                    &format!("n{i}"),
+                    Some(&format!("10.0.10.{router}/30")),
+                ),
+                (&ns, "site0", Some(&format!("10.0.10.{node}/30"))),
+            )?;
+            self.sysctl(&srv, &format!("net.ipv4.conf.n{i}.accept_local=1"))?;
+            self.sysctl(&srv, &format!("net.ipv4.conf.n{i}.rp_filter=0"))?;
+            self.ip(&ns, &format!("addr add {SERVER_WAN}/32 dev lo"))?;
+            self.ip(&ns, &format!("addr add {}/32 dev lo", node_nat(i)))?;
+            self.ip(&ns, &format!("route add default via 10.0.10.{router}"))?;
+            self.ip(
+                &srv,
+                &format!("route add {}/32 via 10.0.10.{node}", node_nat(i)),
+            )?;
+        }
+        self.ip(&web, "route add 203.0.113.128/25 via 203.0.113.1")?;
+        self.tier = nodes;
+        Ok(())
+    }
+
+    /// Node `i`'s namespace and agent instance (1-based).
+    pub fn node_ns(&self, i: usize) -> String {
+        format!("{}-n{i}", self.prefix)
+    }
+
+    /// Node `i`'s server configuration.
+    pub fn node_config(&self, i: usize) -> String {
+        let etcd: Vec<String> = (1..=3).map(|m| format!("{:?}", etcd_url(m))).collect();
+        format!(
+            "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
+             nat_address = \"{}\"\nnat_ports = \"{}\"\ninterfaces = [\"site0\"]\n{}\
+             \n[tier]\netcd = [{}]\nnode = \"n{i}\"\nnode_address = \"10.0.10.{}\"\n",
+            self.node_ns(i),
+            node_nat(i),
+            self.nat_ports,
+            self.server_keys,
+            etcd.join(", "),
+            4 * i + 2
+        )
+    }
+
+    /// The cluster, the nodes, the director, and the lab's communities
+    /// registered (as [`Self::start_server`] does in a tier).
+    pub(crate) fn start_tier(&mut self) -> Result<()> {
+        let srv = self.server_ns.clone();
+        let peers: Vec<String> = (1..=3)
+            .map(|m| format!("e{m}=http://10.0.9.{m}:2380"))
+            .collect();
+        for m in 1..=3 {
+            let me = format!("10.0.9.{m}");
+            let data = self.dir.join(format!("e{m}.etcd"));
+            let args = [
+                format!("--name=e{m}"),
+                format!("--data-dir={}", data.display()),
+                format!("--listen-client-urls=http://{me}:2379"),
+                format!("--advertise-client-urls=http://{me}:2379"),
+                format!("--listen-peer-urls=http://{me}:2380"),
+                format!("--initial-advertise-peer-urls=http://{me}:2380"),
+                format!("--initial-cluster={}", peers.join(",")),
+                "--initial-cluster-state=new".into(),
+                format!("--initial-cluster-token={}", self.prefix),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.spawn(&srv, &format!("etcd-e{m}"), "etcd", &args)?;
+        }
+        self.wait_for("etcd", Duration::from_secs(20), |lab| {
+            Ok(lab.tier_ctl(&["nodes"]).is_ok())
+        })?;
+        let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
+        for i in 1..=self.tier {
+            let cfg = self.dir.join(format!("n{i}.toml"));
+            std::fs::write(&cfg, self.node_config(i))?;
+            let (ns, cfg) = (self.node_ns(i), cfg.to_string_lossy().into_owned());
+            self.spawn(
+                &ns,
+                &format!("agent-n{i}"),
+                &bond_ctl,
+                &["agent", "--config", &cfg],
+            )?;
+        }
+        let etcd: Vec<String> = (1..=3).map(|m| format!("{:?}", etcd_url(m))).collect();
+        let director = format!(
+            "role = \"director\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
+             interfaces = [\"wan0\"]\netcd = [{}]\n",
+            self.server_instance,
+            etcd.join(", ")
+        );
+        let cfg = self.dir.join("director.toml");
+        std::fs::write(&cfg, director)?;
+        let cfg = cfg.to_string_lossy().into_owned();
+        self.spawn(&srv, "agent-srv", &bond_ctl, &["agent", "--config", &cfg])?;
+        let nodes = self.tier;
+        self.wait_for("every node registered", Duration::from_secs(20), |lab| {
+            let out = lab.tier_ctl(&["nodes", "--json"])?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            Ok(v["nodes"].as_array().map(Vec::len) == Some(nodes))
+        })?;
+        let key = self.dir.join("community.key");
+        for (c, k) in [(crate::COMMUNITY, KEY), (crate::COMMUNITY2, KEY2)] {
+            std::fs::write(&key, k)?;
+            self.tier_ctl(&["add", &c.to_string(), "--key-file", &key.to_string_lossy()])?;
+        }
+        // The director steers both once the controller placed them and it
+        // has found each owner's MAC.
+        self.wait_for("the director to steer", Duration::from_secs(10), |lab| {
+            let s = lab.director_status()?;
+            Ok(s.steered == 2 && s.nodes.iter().all(|n| n.mac.is_some()))
+        })
+    }
+
+    /// `bond-ctl tier ARGS` from the site's router.
+    pub fn tier_ctl(&self, args: &[&str]) -> Result<String> {
+        let etcd: Vec<String> = (1..=3).map(etcd_url).collect();
+        run(self
+            .cmd(&self.server_ns, &self.bond_ctl.to_string_lossy())
+            .args(["tier", "--etcd", &etcd.join(",")])
+            .args(args))
+    }
+
+    pub fn director_status(&self) -> Result<bond_api::reply::DirectorStatus> {
+        match self.ctl_reply(&self.server_ns, &self.server_instance, "status")? {
+            bond_api::reply::Status::Director(d) => Ok(d),
+            _ => bail!("the server's namespace runs no director"),
+        }
+    }
+
+    /// The node (1-based) that owns `community`, as the registry says.
+    pub fn owner(&self, community: u16) -> Result<Option<usize>> {
+        let out = self.tier_ctl(&["communities", "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let row = v["communities"]
+            .as_array()
+            .context("communities")?
+            .iter()
+            .find(|c| c["id"] == u64::from(community));
+        Ok(row
+            .and_then(|r| r["owner"].as_str())
+            .and_then(|o| o.strip_prefix('n'))
+            .and_then(|n| n.parse().ok()))
+    }
+
+    /// Node `i`'s server status.
+    pub fn node_status(&self, i: usize) -> Result<bond_api::reply::ServerStatus> {
+        match self.ctl_reply(&self.node_ns(i), &self.node_ns(i), "status")? {
+            bond_api::reply::Status::Server(s) => Ok(s),
+            _ => bail!("node {i} is not a server"),
+        }
+    }
+}
