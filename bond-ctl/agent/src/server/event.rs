@@ -325,6 +325,16 @@ impl Agent {
                 // From the link's owner, from the link's address: answered
                 // there (the same size: no amplifier), and the link is alive.
                 let known = self.owned_link(c, msg.link, o, src).is_some();
+                if self.table.token(c, o).is_none() {
+                    // A terminal this server has no session for (it
+                    // restarted, or took the community over from another
+                    // node): asked to log on at once, as an announce
+                    // would be a second later.
+                    self.rejects.count("need_login");
+                    let body = Body::LoginReply(Reply::NeedLogin);
+                    self.send((c, o, msg.link), body, src).await;
+                    return Ok(());
+                }
                 if self.table.token(c, o) != Some(msg.token) || !known {
                     self.rejects.count("echo_refused");
                     return Ok(());

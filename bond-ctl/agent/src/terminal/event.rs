@@ -264,7 +264,15 @@ impl Agent {
             // The server's answer: over our link, or passed on by the peer
             // that relayed our LOGIN.
             (_, Body::LoginReply(r)) if from_server && msg.origin == self.lan_ip => {
+                let had = self.token.is_some();
                 self.login_reply(r)?;
+                if had && self.token.is_none() {
+                    // Asked for a new login: at once, not at the next
+                    // announce. A node that has just taken this community
+                    // over (an ISP tier) knows nothing of this host, and
+                    // its flows wait.
+                    self.send_to_server(Body::Login, false).await;
+                }
             }
             // Measurements of our own links.
             (
@@ -431,8 +439,9 @@ impl Agent {
                 }
             }
             Reply::NeedLogin => {
-                tracing::info!("the server asks for a new login");
-                self.token = None;
+                if self.token.take().is_some() {
+                    tracing::info!("the server asks for a new login");
+                }
             }
         }
         Ok(())
