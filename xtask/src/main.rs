@@ -21,6 +21,7 @@ mod package;
 // fixtures.
 use bond_lab::packets;
 mod scale;
+mod tier;
 use bond_lab::{Lab, TerminalSpec};
 use clap::{Parser, Subcommand};
 
@@ -92,6 +93,7 @@ const SUITES: &[&str] = &[
     "announce",
     "distribute",
     "cache",
+    "tier",
 ];
 
 fn main() -> Result<()> {
@@ -172,6 +174,7 @@ fn bench(
             "announce" => announce(quick)?,
             "distribute" => distribute::run(bond_ctl, quick, &out)?,
             "cache" => cache::run(bond_ctl, quick, &out)?,
+            "tier" => tier::run(bond_ctl, quick, runs)?,
             _ => unreachable!("checked above"),
         };
         println!("\n## {suite}\n\n{table}");

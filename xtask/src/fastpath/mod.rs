@@ -140,8 +140,21 @@ const RELAY_TOKEN: u64 = 0x0123_4567_89ab_cdef;
 const ORIGIN_TOKEN: u64 = 0x5eed_0000_0000_0002;
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 20000..=20009;
 
+/// The paths `bench tier` measures: the floor, the kernel's forwarding,
+/// the node's own program and the director.
+const TIER_KINDS: [Kind; 4] = [Kind::ALL[0], Kind::ALL[1], Kind::ALL[9], Kind::ALL[11]];
+
 /// Runs the suite; prints progress to stderr, returns the markdown report.
 pub fn run(quick: bool) -> Result<String> {
+    run_only(quick, &Kind::ALL)
+}
+
+/// As [`run`], for the paths `bench tier` compares the director with.
+pub fn run_tier(quick: bool) -> Result<String> {
+    run_only(quick, &TIER_KINDS)
+}
+
+fn run_only(quick: bool, kinds: &[Kind]) -> Result<String> {
     // SAFETY: geteuid has no preconditions.
     ensure!(
         unsafe { libc::geteuid() } == 0,
@@ -158,7 +171,7 @@ pub fn run(quick: bool) -> Result<String> {
     );
     let mut benches = Vec::new();
     let mut missing = Vec::new();
-    for kind in Kind::ALL {
+    for &kind in kinds {
         if let Some(why) = kind.fwd.unavailable() {
             eprintln!("fastpath: not measuring {}: {why}", kind.name());
             missing.push((kind, why));

@@ -11,7 +11,10 @@ use aya::{
 };
 use bond_common::{
     edpf::DEFAULT_BACKLOG_US,
-    maps::{LINK_VALID, RelayLink, ServerConfig, ServerLink, TerminalConfig, event},
+    maps::{
+        DirectorConfig, LINK_VALID, NodeSlot, RelayLink, ServerConfig, ServerLink, TerminalConfig,
+        event,
+    },
 };
 use bond_datapath::{self as datapath, Maps};
 
@@ -37,6 +40,8 @@ pub(super) enum Forwarder {
     UdpRelayMmsg,
     BondRelay,
     BondServer,
+    /// An ISP tier's director: steers by community to a node's MAC.
+    BondDirector,
 }
 
 /// Which way the packets go: from the LAN towards the Internet, or back.
@@ -61,7 +66,7 @@ impl Kind {
     }
 
     /// The paths in the order of the table.
-    pub const ALL: [Self; 11] = {
+    pub const ALL: [Self; 12] = {
         use {Dir::*, Forwarder::*};
         [
             Self::new(Floor, None),
@@ -75,6 +80,7 @@ impl Kind {
             Self::new(BondRelay, Some(Down)),
             Self::new(BondServer, Some(Up)),
             Self::new(BondServer, Some(Down)),
+            Self::new(BondDirector, None),
         ]
     };
 
@@ -87,6 +93,7 @@ impl Kind {
             Forwarder::UdpRelayMmsg => "userspace UDP relay, recvmmsg/sendmmsg (64)",
             Forwarder::BondRelay => "bond relay terminal (XDP)",
             Forwarder::BondServer => "bond server (XDP)",
+            Forwarder::BondDirector => "bond director (XDP): by community to a node",
         };
         let dir = match (self.fwd, self.dir) {
             (_, None) => "",
@@ -110,6 +117,7 @@ impl Kind {
             Forwarder::UdpRelayMmsg => "mmsg",
             Forwarder::BondRelay => "relay",
             Forwarder::BondServer => "server",
+            Forwarder::BondDirector => "director",
         };
         match self.dir {
             None => fwd.to_string(),
@@ -130,7 +138,9 @@ impl Kind {
             (Kernel | Flowtable, Some(Down)) => ((OUT_IP, CONTENT_IP), (LAN_IP, PEER_IP)),
             (BondRelay, Some(Up)) => ((LAN_IP, PEER_IP), (LINK_IP, SERVER_IP)),
             (BondRelay, Some(Down)) => ((LINK_IP, SERVER_IP), (LAN_IP, PEER_IP)),
-            (BondServer, Some(Up)) => ((SERVER_IP, LINK_IP), (OUT_IP, CONTENT_IP)),
+            (BondServer, Some(Up)) | (BondDirector, _) => {
+                ((SERVER_IP, LINK_IP), (OUT_IP, CONTENT_IP))
+            }
             (BondServer, Some(Down)) => ((OUT_IP, CONTENT_IP), (SERVER_IP, LINK_IP)),
             _ => ((LAN_IP, PEER_IP), (OUT_IP, CONTENT_IP)),
         };
@@ -336,6 +346,30 @@ impl Dut {
                     this.open_server_flow(&dut, out_idx)?;
                 }
             }
+            Forwarder::BondDirector => {
+                let pin = PinDir::new(&kind.tag())?;
+                let ebpf = datapath::load(bond_datapath::ebpf::DIRECTOR, &pin.0)
+                    .context("loading bond's director object")?;
+                let maps = Maps::new(&pin.0);
+                // The front address is the server's; the community's
+                // owner is the node behind out0 (the sink).
+                maps.set_director_config(DirectorConfig {
+                    front_ip: SERVER_IP.into(),
+                    port: SERVER_PORT,
+                    _pad: 0,
+                    front_ip6: [0; 16],
+                })?;
+                maps.set_node(
+                    0,
+                    NodeSlot {
+                        ifindex: out_idx,
+                        dst_mac: SINK_MAC,
+                        src_mac: OUT_MAC,
+                    },
+                )?;
+                maps.set_owner(COMMUNITY, Some(0))?;
+                this.attach_bond(ebpf, maps, pin, &dut, "bond_director")?;
+            }
         }
         Ok(this)
     }
@@ -401,6 +435,8 @@ impl Dut {
         };
         let mut bad = if maps.has("T_DROPS") {
             maps.terminal_drops()
+        } else if maps.has("D_DROPS") {
+            maps.director_drops()
         } else {
             maps.server_drops()
         }
@@ -624,6 +660,15 @@ pub(super) fn frames(kind: Kind, size: usize) -> (Vec<u8>, Expect) {
                 reply.frame(IN_MAC, GEN_MAC),
                 Expect::Wrapped(wrapped(&out, &bond, &inner.bytes())),
             )
+        }
+        (Forwarder::BondDirector, _) => {
+            // The server path's DATA_UP, to the front address: out to the
+            // owning node with only the Ethernet addresses changed.
+            let (frame, _) = frames(Kind::new(Forwarder::BondServer, Some(Dir::Up)), size);
+            let mut out = frame.clone();
+            out[..6].copy_from_slice(&SINK_MAC);
+            out[6..12].copy_from_slice(&OUT_MAC);
+            (frame, Expect::Frame(out))
         }
         (Forwarder::BondServer, _) => {
             // DATA_UP from the community link, unwrapped and NATed to

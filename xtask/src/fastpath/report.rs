@@ -82,19 +82,32 @@ pub(super) fn report(rows: &[Row], missing: &[(Kind, String)], plan: &Plan) -> S
     }
     // The target, per core as measured, and on the paths' own cost; and
     // the kernel's own fast path, where there is one.
-    for r in rows
-        .iter()
-        .filter(|r| matches!(r.kind.fwd, Forwarder::BondRelay | Forwarder::BondServer))
-    {
+    for r in rows.iter().filter(|r| {
+        matches!(
+            r.kind.fwd,
+            Forwarder::BondRelay | Forwarder::BondServer | Forwarder::BondDirector
+        )
+    }) {
         let Some(k) = base(Forwarder::Kernel, r) else {
             continue;
         };
         let ratio = per_core(r) / per_core(k);
         let own =
             floor_ns(r).map(|f| (k.sample.ns_per_packet() - f) / (r.sample.ns_per_packet() - f));
-        let flowtable = base(Forwarder::Flowtable, r)
+        let mut flowtable = base(Forwarder::Flowtable, r)
             .map(|f| format!("; {:.2}x the nft flowtable's", per_core(r) / per_core(f)))
             .unwrap_or_default();
+        // The director in front of the nodes: how much cheaper steering
+        // is than the node's own work on the same packet.
+        if r.kind.fwd == Forwarder::BondDirector
+            && let Some(n) = base(Forwarder::BondServer, r)
+        {
+            let _ = write!(
+                flowtable,
+                "; {:.2}x the node program's (bond server, up)",
+                per_core(r) / per_core(n)
+            );
+        }
         let _ = writeln!(
             out,
             "- {}, {} B: {ratio:.2}x the kernel's forwarding + NAT rate per core: \
