@@ -568,6 +568,19 @@ mod tests {
             "server.toml",
         )
         .unwrap();
+        for (text, role) in [
+            (include_str!("../../packaging/examples/node.toml"), "server"),
+            (
+                include_str!("../../packaging/examples/director.toml"),
+                "director",
+            ),
+        ] {
+            match (Config::parse(text, role).unwrap(), role) {
+                (Config::Server(s), "server") => assert!(s.tier.is_some()),
+                (Config::Director(_), "director") => {}
+                _ => panic!("the {role} example is of another role"),
+            }
+        }
         let path = std::path::Path::new("/etc/bond/t1.toml");
         same_instance(Some("t1"), &t, path).unwrap();
         same_instance(None, &s, path).unwrap();

@@ -17,6 +17,8 @@ const CONTENTS: &[&str] = &[
     "usr/lib/systemd/system/bond@.service",
     "usr/share/doc/bond/examples/terminal.toml",
     "usr/share/doc/bond/examples/server.toml",
+    "usr/share/doc/bond/examples/node.toml",
+    "usr/share/doc/bond/examples/director.toml",
     "usr/share/doc/bond/grafana/bond.json",
     "usr/share/doc/bond/README.md",
     "usr/share/bash-completion/completions/bond-ctl",
@@ -177,7 +179,7 @@ fn check(deb: &Path, pages: &[String]) -> Result<()> {
         root.display(),
         version.trim()
     );
-    for example in ["terminal", "server"] {
+    for example in ["terminal", "server", "node", "director"] {
         let cfg = root.join(format!("usr/share/doc/bond/examples/{example}.toml"));
         output(
             Command::new(&installed)

@@ -254,8 +254,9 @@ async fn session(
                 None => bail!("etcd ended the lease's renewals"),
             },
             // The controller's task ends only on an error: a new session
-            // (a new lease, a new candidacy) rather than a node that won
-            // the election and controls nothing.
+            // stands again (with the same lease: etcd resumes the same
+            // candidacy) rather than a node that won the election and
+            // controls nothing.
             _ = &mut controller => bail!("the controller stopped"),
             m = watch.message() => {
                 apply(&mut view, &s.layout, m)?;
