@@ -18,7 +18,7 @@ pub mod owner;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions, WatchStream};
 
 pub use layout::{Layout, View};
 
@@ -74,6 +74,24 @@ async fn connect_with(endpoints: &[String], timeout: Option<Duration>) -> Result
         }
     }
     bail!("no etcd member answers ({})", errors.join("; "))
+}
+
+/// The registry as of now, and a watch on every change after it: how a
+/// node, its controller and a director each follow it.
+pub async fn follow_from_now(client: &mut Client, layout: &Layout) -> Result<(View, WatchStream)> {
+    let (view, rev) = snapshot(client, layout).await?;
+    let stream = client
+        .watch(
+            layout.all(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
+        )
+        .await
+        .context("watching the registry")?;
+    Ok((view, stream))
 }
 
 /// Everything under the layout's prefix, and the revision it is as of.

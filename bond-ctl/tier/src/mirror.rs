@@ -5,8 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
-use etcd_client::WatchOptions;
+use anyhow::Result;
 use tokio::sync::watch;
 
 use crate::{Layout, View};
@@ -47,18 +46,7 @@ async fn session(
     tx: &watch::Sender<Mirrored>,
 ) -> Result<()> {
     let mut client = crate::connect(endpoints).await?;
-    let (mut view, rev) = crate::snapshot(&mut client, layout).await?;
-    let mut stream = client
-        .watch(
-            layout.all(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await
-        .context("watching the registry")?;
+    let (mut view, mut stream) = crate::follow_from_now(&mut client, layout).await?;
     tx.send_replace(Mirrored {
         view: Arc::new(view.clone()),
         live: true,

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
-    TxnOp, WatchOptions, WatchResponse,
+    TxnOp, WatchResponse,
 };
 use tokio::{
     sync::{oneshot, watch},
@@ -208,18 +208,7 @@ async fn session(
     let stand = stand(patient, client.clone(), s.clone(), lease, tx.clone());
     let mut controller = tokio::spawn(stand);
     let _controller = Abort(controller.abort_handle());
-    let (mut view, rev) = crate::snapshot(&mut client, &s.layout).await?;
-    let mut watch = client
-        .watch(
-            s.layout.all(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await
-        .context("watching the registry")?;
+    let (mut view, mut watch) = crate::follow_from_now(&mut client, &s.layout).await?;
     tracing::info!(
         "registry: node {} registered (lease {lease:x}, {} s)",
         s.name,
@@ -346,18 +335,7 @@ async fn lead(
     let (key, rev) = (leader.key().to_vec(), leader.rev());
     tx.send_modify(|s| s.controller = true);
     tracing::info!("controller: node {} elected", s.name);
-    let (mut view, at) = crate::snapshot(client, &s.layout).await?;
-    let mut watch = client
-        .watch(
-            s.layout.all(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(at + 1),
-            ),
-        )
-        .await
-        .context("watching the registry")?;
+    let (mut view, mut watch) = crate::follow_from_now(client, &s.layout).await?;
     loop {
         let plan = view.plan();
         if !plan.is_empty() {
