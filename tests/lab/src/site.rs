@@ -37,6 +37,26 @@ fn ip(args: &str) -> Result<String> {
     run(Command::new("ip").args(args.split_whitespace()))
 }
 
+/// etcd member `m`'s command line (1-based, of `members`), listening on
+/// 10.0.9.`m`, its data under `dir`.
+pub fn etcd_member_args(m: usize, members: usize, dir: &Path, token: &str) -> Vec<String> {
+    let peers: Vec<String> = (1..=members)
+        .map(|i| format!("e{i}=http://{SITE_NET}.{i}:2380"))
+        .collect();
+    let me = format!("{SITE_NET}.{m}");
+    vec![
+        format!("--name=e{m}"),
+        format!("--data-dir={}", dir.join(format!("e{m}.etcd")).display()),
+        format!("--listen-client-urls=http://{me}:2379"),
+        format!("--advertise-client-urls=http://{me}:2379"),
+        format!("--listen-peer-urls=http://{me}:2380"),
+        format!("--initial-advertise-peer-urls=http://{me}:2380"),
+        format!("--initial-cluster={}", peers.join(",")),
+        "--initial-cluster-state=new".into(),
+        format!("--initial-cluster-token={token}"),
+    ]
+}
+
 impl Site {
     /// The namespaces and the network; nothing started yet.
     pub fn build(bond_ctl: &Path, members: usize, nodes: usize) -> Result<Self> {
@@ -143,25 +163,8 @@ impl Site {
 
     /// Starts every etcd member and waits until the cluster answers.
     pub fn start_etcd(&mut self) -> Result<()> {
-        let peers: Vec<String> = (1..=self.members)
-            .map(|i| format!("e{i}=http://{SITE_NET}.{i}:2380"))
-            .collect();
         for i in 1..=self.members {
-            let me = format!("{SITE_NET}.{i}");
-            let args = [
-                format!("--name=e{i}"),
-                format!(
-                    "--data-dir={}",
-                    self.dir.join(format!("e{i}.etcd")).display()
-                ),
-                format!("--listen-client-urls=http://{me}:2379"),
-                format!("--advertise-client-urls=http://{me}:2379"),
-                format!("--listen-peer-urls=http://{me}:2380"),
-                format!("--initial-advertise-peer-urls=http://{me}:2380"),
-                format!("--initial-cluster={}", peers.join(",")),
-                "--initial-cluster-state=new".into(),
-                format!("--initial-cluster-token={}", self.prefix),
-            ];
+            let args = etcd_member_args(i, self.members, &self.dir, &self.prefix);
             self.spawn(&format!("e{i}"), "etcd", &args)?;
         }
         let start = Instant::now();

@@ -88,23 +88,8 @@ impl Lab {
     /// registered (as [`Self::start_server`] does in a tier).
     pub(crate) fn start_tier(&mut self) -> Result<()> {
         let srv = self.server_ns.clone();
-        let peers: Vec<String> = (1..=3)
-            .map(|m| format!("e{m}=http://10.0.9.{m}:2380"))
-            .collect();
         for m in 1..=3 {
-            let me = format!("10.0.9.{m}");
-            let data = self.dir.join(format!("e{m}.etcd"));
-            let args = [
-                format!("--name=e{m}"),
-                format!("--data-dir={}", data.display()),
-                format!("--listen-client-urls=http://{me}:2379"),
-                format!("--advertise-client-urls=http://{me}:2379"),
-                format!("--listen-peer-urls=http://{me}:2380"),
-                format!("--initial-advertise-peer-urls=http://{me}:2380"),
-                format!("--initial-cluster={}", peers.join(",")),
-                "--initial-cluster-state=new".into(),
-                format!("--initial-cluster-token={}", self.prefix),
-            ];
+            let args = crate::site::etcd_member_args(m, 3, &self.dir, &self.prefix);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             self.spawn(&srv, &format!("etcd-e{m}"), "etcd", &args)?;
         }
