@@ -1597,17 +1597,7 @@ impl Drop for Lab {
         }
         self.stop_children();
         for ns in self.namespaces.iter().rev() {
-            // Anything still running in it (e.g. from a failed test) goes too.
-            if let Ok(pids) = ip(&format!("netns pids {ns}")) {
-                for pid in pids
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    // SAFETY: plain kill(2).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            let _ = ip(&format!("netns del {ns}"));
+            remove_netns(ns);
         }
         for inst in self
             .terminals
@@ -1616,16 +1606,37 @@ impl Drop for Lab {
             .chain([self.server_instance.clone()])
             .chain((1..=self.tier).map(|i| self.node_ns(i)))
         {
-            let _ = std::fs::remove_dir_all(bond_datapath::pin_dir(
-                Path::new(bond_datapath::DEFAULT_BPFFS),
-                &inst,
-            ));
-            let run = Path::new(bond_api::DEFAULT_RUN_DIR);
-            let _ = std::fs::remove_file(bond_api::socket_path(run, &inst));
-            let _ = std::fs::remove_file(run.join(format!("{inst}.layout")));
+            remove_instance(&inst);
         }
         if std::env::var_os("BOND_LAB_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Deletes a namespace, and first kills anything still running in it
+/// (e.g. from a failed test).
+pub(crate) fn remove_netns(ns: &str) {
+    if let Ok(pids) = ip(&format!("netns pids {ns}")) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let _ = ip(&format!("netns del {ns}"));
+}
+
+/// Removes what an agent instance leaves behind: its pins, socket and
+/// layout file.
+pub(crate) fn remove_instance(inst: &str) {
+    let _ = std::fs::remove_dir_all(bond_datapath::pin_dir(
+        Path::new(bond_datapath::DEFAULT_BPFFS),
+        inst,
+    ));
+    let run = Path::new(bond_api::DEFAULT_RUN_DIR);
+    let _ = std::fs::remove_file(bond_api::socket_path(run, inst));
+    let _ = std::fs::remove_file(run.join(format!("{inst}.layout")));
 }

@@ -343,26 +343,10 @@ impl Drop for Site {
             let _ = c.wait();
         }
         for ns in self.namespaces.iter().rev() {
-            if let Ok(pids) = ip(&format!("netns pids {ns}")) {
-                for pid in pids
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    // SAFETY: plain kill(2).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            let _ = ip(&format!("netns del {ns}"));
+            crate::remove_netns(ns);
         }
         for i in 1..=self.nodes {
-            let inst = self.instance(i);
-            let _ = std::fs::remove_dir_all(bond_datapath::pin_dir(
-                Path::new(bond_datapath::DEFAULT_BPFFS),
-                &inst,
-            ));
-            let run = Path::new(bond_api::DEFAULT_RUN_DIR);
-            let _ = std::fs::remove_file(bond_api::socket_path(run, &inst));
-            let _ = std::fs::remove_file(run.join(format!("{inst}.layout")));
+            crate::remove_instance(&self.instance(i));
         }
         if std::env::var_os("BOND_LAB_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
