@@ -58,24 +58,30 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
                 }
             );
             println!(
-                "{:<12} {:<16} {:<10} {:<18} {:>11} {:>12}",
-                "node", "address", "interface", "mac", "communities", "packets"
+                "{:<12} {:<16} {:<10} {:<18} {:<14} {:>11} {:>12}",
+                "node", "address", "interface", "mac", "health", "communities", "packets"
             );
             for n in &d.nodes {
+                let health = match n.rtt_us {
+                    Some(us) if n.health == "up" => format!("up {:.1}ms", us as f64 / 1000.0),
+                    _ => n.health.clone(),
+                };
                 println!(
-                    "{:<12} {:<16} {:<10} {:<18} {:>11} {:>12}",
+                    "{:<12} {:<16} {:<10} {:<18} {:<14} {:>11} {:>12}",
                     n.name,
                     n.address,
                     n.interface.as_deref().unwrap_or("-"),
                     n.mac.as_deref().unwrap_or("unresolved"),
+                    health,
                     n.communities,
                     n.packets
                 );
             }
             println!(
-                "communities steered {}, not steerable {}; dropped: {}",
+                "communities steered {}, not steerable {}; nodes fenced {}; dropped: {}",
                 d.steered,
                 d.unsteered,
+                d.fenced,
                 tally(&d.drops)
             );
             return Ok(());

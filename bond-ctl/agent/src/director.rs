@@ -5,7 +5,9 @@
 //!
 //! The registry says who owns what; the director does no placing of its
 //! own, so any number of directors agree as soon as they have read the
-//! same revision.
+//! same revision. It checks the nodes' health (`bond_tier::health`) and
+//! fences one that stops answering: its lease revoked, the registry
+//! moves its communities at once instead of when the lease runs out.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,8 +24,8 @@ use bond_api::{
 use bond_common::maps::{DirectorConfig as DirectorMap, MAX_NODES, NodeSlot};
 use bond_config::DirectorConfig;
 use bond_datapath::{self as datapath, Maps, ebpf};
-use bond_tier::{Layout, View, mirror};
-use tokio::sync::mpsc;
+use bond_tier::{Layout, View, health::Health, mirror};
+use tokio::{net::UdpSocket, sync::mpsc};
 
 use crate::{Exit, Pins, net::Net};
 
@@ -54,6 +56,13 @@ struct Director {
     owners: BTreeMap<u16, u32>,
     started: Instant,
     attached: BTreeMap<(&'static str, String), &'static str>,
+    /// Health checks: silence after which a node is fenced (none: off),
+    /// what they know, and the socket they go out on.
+    timeout: Option<Duration>,
+    health: Health,
+    probes: UdpSocket,
+    /// Fences that took effect.
+    fenced: u64,
 }
 
 pub async fn run(
@@ -80,6 +89,10 @@ pub async fn run(
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
     let mut registry = mirror::follow(cfg.etcd.clone(), Layout::new(&cfg.prefix));
+    let timeout = (cfg.health_timeout_ms > 0)
+        .then(|| Duration::from_millis(u64::from(cfg.health_timeout_ms)));
+    let probes = crate::net::udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None)
+        .context("a socket for health checks")?;
     let up = format!(
         "director {}:{} up on {}, following the registry at {}",
         cfg.address,
@@ -99,10 +112,18 @@ pub async fn run(
         owners: BTreeMap::new(),
         started: Instant::now(),
         attached: pins.attached.clone(),
+        timeout,
+        health: Health::default(),
+        probes,
+        fenced: 0,
     };
     // A detached director's tables stay as they were until the registry
     // is read; then they are made to agree with it.
     let mut resolve = tokio::time::interval(RESOLVE_EVERY);
+    let mut probe = tokio::time::interval(timeout.map_or(Duration::from_secs(3600), |t| t / 3));
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (fence_tx, mut fences) = mpsc::unbounded_channel();
+    let mut answer = [0u8; 128];
     loop {
         tokio::select! {
             _ = signals.stop.recv() => return Ok(Exit::Leave),
@@ -130,11 +151,59 @@ pub async fn run(
                 }
             }
             _ = resolve.tick(), if d.slots.values().any(|s| s.at.is_none()) => d.sync().await,
+            _ = probe.tick(), if d.timeout.is_some() && d.live => d.check(&fence_tx).await,
+            Ok((n, _)) = d.probes.recv_from(&mut answer) => {
+                d.health.heard(&answer[..n], std::time::Instant::now());
+            }
+            Some((node, r)) = fences.recv() => match r {
+                Ok(true) => {
+                    d.fenced += 1;
+                    tracing::warn!("node {node} fenced: its lease revoked, its communities move");
+                }
+                Ok(false) => tracing::info!("node {node}: already gone from the registry"),
+                Err(e) => tracing::warn!("node {node}: fencing failed: {e:#}; trying again"),
+            },
         }
     }
 }
 
 impl Director {
+    /// One round of health checks: a probe to every node that answers
+    /// them, and a fence for each that has been silent too long (in its
+    /// own task; the result comes back on `done`).
+    async fn check(&mut self, done: &mpsc::UnboundedSender<(String, Result<bool>)>) {
+        let Some(timeout) = self.timeout else { return };
+        let now = std::time::Instant::now();
+        self.health.keep(self.view.nodes.keys().map(String::as_str));
+        let probe = self.health.next_probe(now);
+        for rec in self.view.nodes.values() {
+            if let Some(port) = rec.health {
+                // A probe that cannot go out is a missed answer.
+                let _ = self
+                    .probes
+                    .send_to(&probe, SocketAddrV4::new(rec.address, port))
+                    .await;
+            }
+        }
+        for node in self.health.to_fence(now, timeout) {
+            self.health.fenced(&node, now);
+            tracing::warn!("node {node}: no answer to health checks for {timeout:?}; fencing it");
+            let (endpoints, layout, done) = (
+                self.cfg.etcd.clone(),
+                Layout::new(&self.cfg.prefix),
+                done.clone(),
+            );
+            tokio::spawn(async move {
+                let r = async {
+                    let mut client = bond_tier::connect(&endpoints).await?;
+                    bond_tier::health::fence(&mut client, &layout, &node).await
+                }
+                .await;
+                let _ = done.send((node, r));
+            });
+        }
+    }
+
     /// Brings `D_NODES` and `D_OWNERS` to the registry: slots for new
     /// nodes (and their interface and MAC, once known), none for gone
     /// ones, each community's owner.
@@ -307,6 +376,12 @@ impl Director {
                     communities: self.owners.values().filter(|&&i| i == s.idx).count(),
                     packets: stats.up_pkts,
                     bytes: stats.up_bytes,
+                    health: self.health_of(name).into(),
+                    rtt_us: self
+                        .health
+                        .get(name)
+                        .and_then(|h| h.rtt)
+                        .map(|r| r.as_micros() as u64),
                 }
             })
             .collect();
@@ -330,6 +405,7 @@ impl Director {
             nodes,
             steered,
             unsteered: self.view.communities.len() - steered.min(self.view.communities.len()),
+            fenced: self.fenced,
             drops: self
                 .maps
                 .director_drops()
@@ -338,6 +414,15 @@ impl Director {
                 .filter(|d| d.1 > 0)
                 .map(|(n, v)| (n.to_string(), v))
                 .collect(),
+        }
+    }
+
+    fn health_of(&self, node: &str) -> &'static str {
+        let heard = self.health.get(node).and_then(|h| h.heard);
+        match (self.timeout, heard) {
+            (Some(t), Some(at)) if at.elapsed() < t => "up",
+            (Some(_), Some(_)) => "silent",
+            _ => "unknown",
         }
     }
 
@@ -365,6 +450,21 @@ impl Director {
                 n as u64,
             );
         }
+        m.family(
+            "bond_director_node_up",
+            "gauge",
+            "1 if the node answers health checks, 0 if not (or never did).",
+        );
+        for name in self.slots.keys() {
+            let up = u64::from(self.health_of(name) == "up");
+            m.sample("bond_director_node_up", &[("node", name.clone())], up);
+        }
+        m.family(
+            "bond_director_fenced_total",
+            "counter",
+            "Nodes fenced (lease revoked) for failing health checks.",
+        );
+        m.sample("bond_director_fenced_total", &[], self.fenced);
         m.family(
             "bond_drops_total",
             "counter",

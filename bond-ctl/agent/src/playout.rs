@@ -684,6 +684,8 @@ pub type ReportRx = tokio::sync::mpsc::UnboundedReceiver<Report>;
 pub struct Handle {
     floors: Arc<Mutex<HashMap<u16, u32>>>,
     stats: Arc<Mutex<Stats>>,
+    /// Communities whose sender started over (`Handle::restart`).
+    restarts: std::sync::mpsc::Sender<u16>,
     _worker: Worker,
 }
 
@@ -713,6 +715,7 @@ impl Handle {
         let floors = Arc::new(Mutex::new(HashMap::new()));
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (f, st) = (floors.clone(), stats.clone());
+        let (restarts, restarted) = std::sync::mpsc::channel();
         maps.set_hold(map, alive(ifindex))?;
         let cx = Ctx {
             tap,
@@ -722,12 +725,23 @@ impl Handle {
             map,
             reports,
         };
-        let worker = Worker::spawn("playout", move |stop| run(&cx, stop, &f, &st))?;
+        let worker = Worker::spawn("playout", move |stop| run(&cx, stop, &f, &st, &restarted))?;
         Ok(Self {
             floors,
             stats,
+            restarts,
             _worker: worker,
         })
+    }
+
+    /// Community `c`'s packets now come from a new session (a terminal
+    /// logged on anew, maybe at another node of a tier): its sender's
+    /// sequence numbers and clock start over, so what the playout knew of
+    /// them is forgotten (what it holds is delivered). Kept, the new
+    /// numbers would read as gaps and every link's first packets would
+    /// wait for packets that never come.
+    pub fn restart(&self, c: u16) {
+        let _ = self.restarts.send(c);
     }
 
     /// The least spread to hold community `c`'s packets for, µs (its
@@ -778,7 +792,13 @@ fn total(all: &HashMap<Sender, (Playout<Vec<u8>>, u64)>) -> Stats {
     })
 }
 
-fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &Mutex<Stats>) {
+fn run(
+    cx: &Ctx,
+    stop: &AtomicBool,
+    floors: &Mutex<HashMap<u16, u32>>,
+    stats: &Mutex<Stats>,
+    restarted: &std::sync::mpsc::Receiver<u16>,
+) {
     // Each sender's playout, and when it last sent (our µs).
     let mut all: HashMap<Sender, (Playout<Vec<u8>>, u64)> = HashMap::new();
     let mut arrivals = Arrivals::default();
@@ -798,6 +818,14 @@ fn run(cx: &Ctx, stop: &AtomicBool, floors: &Mutex<HashMap<u16, u32>>, stats: &M
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
         let now_us = now / 1000;
+        while let Ok(c) = restarted.try_recv() {
+            all.retain(|&(community, _), (p, _)| {
+                if community == c {
+                    p.drain().into_iter().for_each(send);
+                }
+                community != c
+            });
+        }
         if now >= beat {
             if let Err(e) = cx.maps.set_hold(cx.map, alive(cx.ifindex)) {
                 tracing::warn!("playout: {e}");

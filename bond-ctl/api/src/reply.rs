@@ -43,6 +43,9 @@ pub struct DirectorStatus {
     /// Communities whose owner it cannot reach yet (no slot: the node's
     /// address is on no attached network, or its MAC is unresolved).
     pub unsteered: usize,
+    /// Nodes this director fenced (revoked the lease of) for failing
+    /// health checks, since it started.
+    pub fenced: u64,
     pub drops: Counts,
 }
 
@@ -58,6 +61,11 @@ pub struct DirectorNode {
     /// Packets and bytes steered to it.
     pub packets: u64,
     pub bytes: u64,
+    /// Its health checks: `up` (answering), `silent` (answered before,
+    /// not lately), `unknown` (never answered, or checks are off).
+    pub health: String,
+    /// Its last answer's round trip, in microseconds.
+    pub rtt_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

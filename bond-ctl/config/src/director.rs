@@ -33,10 +33,19 @@ pub struct DirectorConfig {
     /// Where the registry lives in etcd's key space.
     #[serde(default = "default_registry_prefix")]
     pub prefix: String,
+    /// A node that stops answering health checks for this long is fenced
+    /// (its lease revoked: its communities move at once). Probes go out
+    /// every third of it. 0 turns the checks off: a dead node's
+    /// communities then move when its lease runs out.
+    #[serde(default = "default_health_timeout_ms")]
+    pub health_timeout_ms: u32,
 }
 
 fn default_registry_prefix() -> String {
     "/bond".into()
+}
+fn default_health_timeout_ms() -> u32 {
+    300
 }
 
 impl DirectorConfig {
@@ -56,7 +65,17 @@ impl DirectorConfig {
             check_ifname(&format!("interfaces[{i}]"), n)?;
         }
         check_etcd("etcd", &self.etcd)?;
-        check_prefix("prefix", &self.prefix)
+        check_prefix("prefix", &self.prefix)?;
+        if self.health_timeout_ms != 0 && !(100..=60_000).contains(&self.health_timeout_ms) {
+            return err(
+                "health_timeout_ms",
+                format!(
+                    "{} is outside 100..=60000 (0 turns health checks off)",
+                    self.health_timeout_ms
+                ),
+            );
+        }
+        Ok(())
     }
 }
 

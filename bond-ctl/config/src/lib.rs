@@ -703,7 +703,18 @@ interfaces = ["wan0"]
             (t.node.as_str(), t.etcd.len(), t.node_address),
             ("n1", 2, None)
         );
+        assert_eq!(t.health_port(s.port), Some(DEFAULT_PORT + 1));
         for (change, field, value) in [
+            (
+                "node = \"n1\"\nhealth_port = 0",
+                "tier.health_port",
+                "port 0",
+            ),
+            (
+                &format!("node = \"n1\"\nhealth_port = {DEFAULT_PORT}"),
+                "tier.health_port",
+                "same address",
+            ),
             ("node = \"N_1\"", "tier.node", "\"N_1\""),
             ("node = \"n1\"\nweight = 0", "tier.weight", "0 is outside"),
             (
@@ -734,6 +745,14 @@ interfaces = ["wan0"]
             ));
             assert!(e.contains("tier.etcd[0]") && e.contains(why), "{url}: {e}");
         }
+        // The same port is fine on a node address of its own, and 65535
+        // has no next port.
+        let own =
+            format!("{SERVER}{tier}node_address = \"10.0.10.2\"\nhealth_port = {DEFAULT_PORT}\n");
+        assert!(Config::parse(&own, "s.toml").is_ok());
+        let last = format!("port = 65535\n{SERVER}{tier}");
+        let e = error_of(&last);
+        assert!(e.contains("tier.health_port") && e.contains("65535"), "{e}");
         let e = error_of(&format!("{SERVER}[tier]\netcd = []\nnode = \"n1\"\n"));
         assert!(e.contains("tier.etcd"), "{e}");
         let both = format!("{SERVER}[[communities]]\nid = 1\nkey = \"community one key\"\n{tier}");
@@ -749,8 +768,8 @@ interfaces = ["wan0"]
             panic!("not a director")
         };
         assert_eq!(
-            (d.port, d.prefix.as_str(), d.address6),
-            (DEFAULT_PORT, "/bond", None)
+            (d.port, d.prefix.as_str(), d.address6, d.health_timeout_ms),
+            (DEFAULT_PORT, "/bond", None, 300)
         );
         for (from, to, field, value) in [
             (
@@ -776,6 +795,12 @@ interfaces = ["wan0"]
                 "communities = []\naddress =",
                 "communities",
                 "unknown field",
+            ),
+            (
+                "address =",
+                "health_timeout_ms = 50\naddress =",
+                "health_timeout_ms",
+                "outside 100..=60000",
             ),
         ] {
             let e = error_of(&text.replace(from, to));

@@ -96,6 +96,9 @@ pub struct TierConfig {
     /// This node's own address, where a director forwards its
     /// communities (default: `address`).
     pub node_address: Option<Ipv4Addr>,
+    /// The UDP port on `node_address` where the agent answers directors'
+    /// health checks (default: `port` + 1).
+    pub health_port: Option<u16>,
 }
 
 fn default_tier_weight() -> u32 {
@@ -117,7 +120,12 @@ pub fn valid_node_name(name: &str) -> bool {
 }
 
 impl TierConfig {
-    fn check(&self, communities: usize) -> Check {
+    /// The health checks' port, for a server on `port`.
+    pub fn health_port(&self, port: u16) -> Option<u16> {
+        self.health_port.or(port.checked_add(1))
+    }
+
+    fn check(&self, communities: usize, address: Ipv4Addr, port: u16) -> Check {
         if communities > 0 {
             return err(
                 "communities",
@@ -147,7 +155,17 @@ impl TierConfig {
                 ),
             );
         }
-        Ok(())
+        match self.health_port(port) {
+            None => err(
+                "tier.health_port",
+                "`port` is 65535: name a port for health checks",
+            ),
+            Some(p) if p == port && self.node_address.unwrap_or(address) == address => err(
+                "tier.health_port",
+                format!("{p} is `port` on the same address: choose another"),
+            ),
+            Some(p) => check_port("tier.health_port", p),
+        }
     }
 }
 
@@ -420,7 +438,7 @@ impl ServerConfig {
             check_key(&format!("communities[{c}].key"), &com.key)?;
         }
         if let Some(tier) = &self.tier {
-            tier.check(self.communities.len())?;
+            tier.check(self.communities.len(), self.address, self.port)?;
         }
         self.flows.check(u32::from(hi - lo) + 1)?;
         if self.deny.len() > bond_common::maps::MAX_DENY as usize / 2 {

@@ -105,6 +105,9 @@ pub struct NodeRecord {
     pub address: Ipv4Addr,
     /// Its share of the communities, relative to the others'.
     pub weight: u32,
+    /// The UDP port on `address` where it answers health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<u16>,
 }
 
 /// A community as the operator registers it.

@@ -10,6 +10,7 @@
 //! configuration. [`admin`] is the operator's side.
 
 pub mod admin;
+pub mod health;
 pub mod layout;
 pub mod mirror;
 pub mod node;

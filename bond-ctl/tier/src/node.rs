@@ -52,19 +52,26 @@ pub struct Node {
     pub served: watch::Receiver<Served>,
     leave: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Answers directors' health checks (`crate::health`).
+    health: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
     /// Starts registering (in the background: an etcd that is not up
-    /// yet is tried again each second).
-    pub fn join(settings: Settings) -> Self {
+    /// yet is tried again each second), and answering health checks on
+    /// `health` (bound to the record's address and port) while the node
+    /// lives.
+    pub fn join(settings: Settings, health: Option<tokio::net::UdpSocket>) -> Self {
         let (tx, served) = watch::channel(Served::default());
         let (leave, left) = oneshot::channel();
+        let health =
+            health.map(|sock| tokio::spawn(crate::health::answer_on(sock, settings.name.clone())));
         let task = tokio::spawn(run(settings, tx, left));
         Self {
             served,
             leave: Some(leave),
             task,
+            health,
         }
     }
 
@@ -81,6 +88,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(h) = &self.health {
+            h.abort();
+        }
     }
 }
 

@@ -25,6 +25,7 @@
 //! (modem ::1 and fe80::1, terminal ::2) and has no IPv4 address.
 
 use std::{
+    collections::BTreeSet,
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -185,6 +186,8 @@ pub struct Lab {
     /// Nodes of an ISP tier in place of the one server (0: none;
     /// [`Self::add_tier`]).
     pub tier: usize,
+    /// The director's `health_timeout_ms` (None: its default; 0: off).
+    pub health_timeout_ms: Option<u32>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -366,6 +369,7 @@ impl Lab {
             tunnels: Vec::new(),
             events: None,
             tier: 0,
+            health_timeout_ms: None,
             tuned,
         };
         lab.wire(spec)?;
@@ -1192,11 +1196,33 @@ impl Lab {
                 .sum()
         };
         let want: usize = running.iter().map(|&i| self.terminals[i].links.len()).sum();
-        // (A tier's nodes each hold a part: the terminals' side is checked.)
         if self.tier == 0 {
             self.wait_for("the server's links", limit, |lab| {
                 Ok(lab.server_links().ok().map(|l| l.links.len()) == Some(want))
             })?;
+        } else {
+            // In a tier, each community's links at the node that owns it.
+            let communities: BTreeSet<u16> = running
+                .iter()
+                .map(|&i| self.terminals[i].community)
+                .collect();
+            for c in communities {
+                self.wait_for(
+                    &format!("community {c}'s links at its node"),
+                    limit,
+                    |lab| {
+                        let Some(node) = lab.owner(c)? else {
+                            return Ok(false);
+                        };
+                        let Ok(s) = lab.node_status(node) else {
+                            return Ok(false);
+                        };
+                        Ok(s.communities
+                            .iter()
+                            .any(|x| x.id == c && x.links == want_in(c)))
+                    },
+                )?;
+            }
         }
         for &i in &running {
             let t = &self.terminals[i];
@@ -1222,13 +1248,22 @@ impl Lab {
             p.kbit != u64::from(bond_agent::probe::UNMEASURED)
                 && p.delay_us < bond_agent::pathmon::UNMEASURED / 1000
         };
+        // (In a tier, every running node's communities.)
         self.wait_for("every link measured", limit, |lab| {
-            let Ok(v) = lab.server_status() else {
-                return Ok(false);
+            let statuses = match lab.tier {
+                0 => vec![lab.server_status()],
+                n => (1..=n)
+                    .filter(|i| lab.is_running(&format!("agent-n{i}")))
+                    .map(|i| lab.node_status(i))
+                    .collect(),
             };
-            Ok(v.communities
-                .iter()
-                .all(|c| c.paths.len() == c.links && c.paths.iter().all(measured)))
+            Ok(statuses.iter().all(|v| {
+                v.as_ref().is_ok_and(|v| {
+                    v.communities
+                        .iter()
+                        .all(|c| c.paths.len() == c.links && c.paths.iter().all(measured))
+                })
+            }))
         })?;
         Ok(start.elapsed())
     }

@@ -63,6 +63,12 @@ impl Lab {
         Ok(())
     }
 
+    /// Node `i` dies: its link goes down and its agent is SIGKILLed.
+    pub fn crash_node(&mut self, i: usize) -> Result<()> {
+        self.ip(&self.node_ns(i), "link set site0 down")?;
+        self.stop(&format!("agent-n{i}"), true)
+    }
+
     /// Node `i`'s namespace and agent instance (1-based).
     pub fn node_ns(&self, i: usize) -> String {
         format!("{}-n{i}", self.prefix)
@@ -109,12 +115,15 @@ impl Lab {
             )?;
         }
         let etcd: Vec<String> = (1..=3).map(|m| format!("{:?}", etcd_url(m))).collect();
-        let director = format!(
+        let mut director = format!(
             "role = \"director\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
              interfaces = [\"wan0\"]\netcd = [{}]\n",
             self.server_instance,
             etcd.join(", ")
         );
+        if let Some(ms) = self.health_timeout_ms {
+            director.push_str(&format!("health_timeout_ms = {ms}\n"));
+        }
         let cfg = self.dir.join("director.toml");
         std::fs::write(&cfg, director)?;
         let cfg = cfg.to_string_lossy().into_owned();

@@ -143,18 +143,29 @@ pub async fn run(
         "server {}:{} up: {serves}, {pushed} dedicated ports {lo}-{hi} on {}",
         cfg.address, cfg.port, cfg.nat_address
     );
-    let tier = cfg.tier.as_ref().map(|t| {
-        bond_tier::node::Node::join(bond_tier::node::Settings {
-            endpoints: t.etcd.clone(),
-            layout: bond_tier::Layout::new(&t.prefix),
-            name: t.node.clone(),
-            record: bond_tier::layout::NodeRecord {
-                address: t.node_address.unwrap_or(cfg.address),
-                weight: t.weight,
-            },
-            lease: std::time::Duration::from_secs(u64::from(t.lease_s)),
-        })
-    });
+    let tier = match &cfg.tier {
+        Some(t) => {
+            let address = t.node_address.unwrap_or(cfg.address);
+            let health = t
+                .health_port(cfg.port)
+                .context("field `tier.health_port`")?;
+            let sock = udp_socket(SocketAddrV4::new(address, health), None)
+                .context("fields `tier.node_address`, `tier.health_port`")?;
+            let settings = bond_tier::node::Settings {
+                endpoints: t.etcd.clone(),
+                layout: bond_tier::Layout::new(&t.prefix),
+                name: t.node.clone(),
+                record: bond_tier::layout::NodeRecord {
+                    address,
+                    weight: t.weight,
+                    health: Some(health),
+                },
+                lease: std::time::Duration::from_secs(u64::from(t.lease_s)),
+            };
+            Some(bond_tier::node::Node::join(settings, Some(sock)))
+        }
+        None => None,
+    };
     tracing::info!("{up}");
     crate::notify_ready(&up);
     let mut agent = Agent {

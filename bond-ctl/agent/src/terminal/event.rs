@@ -264,14 +264,19 @@ impl Agent {
             // The server's answer: over our link, or passed on by the peer
             // that relayed our LOGIN.
             (_, Body::LoginReply(r)) if from_server && msg.origin == self.lan_ip => {
-                let had = self.token.is_some();
+                let had = self.token;
                 self.login_reply(r)?;
-                if had && self.token.is_none() {
+                if had.is_some() && self.token.is_none() {
                     // Asked for a new login: at once, not at the next
                     // announce. A node that has just taken this community
                     // over (an ISP tier) knows nothing of this host, and
                     // its flows wait.
                     self.send_to_server(Body::Login, false).await;
+                } else if self.token.is_some() && self.token != had {
+                    // A new session: its links at once, or the server
+                    // schedules this host's traffic over none of them
+                    // until the next announce.
+                    self.send_to_server(self.announce_body(), true).await;
                 }
             }
             // Measurements of our own links.
@@ -424,6 +429,11 @@ impl Agent {
             Reply::Ok { token, port } => {
                 if self.token != Some(token) || self.map_cfg.server_port != port {
                     tracing::info!("logged on to {} (port {port})", self.cfg.server.address);
+                }
+                if self.token != Some(token)
+                    && let Some(p) = &self.playout
+                {
+                    p.restart(self.cfg.community);
                 }
                 self.token = Some(token);
                 self.map_cfg.token = token;
