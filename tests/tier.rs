@@ -565,3 +565,67 @@ fn terminals_follow_their_community_when_its_node_dies_and_the_others_never_paus
     let d = lab.director_status().unwrap();
     assert!(d.nodes.iter().all(|n| n.name != format!("n{o1}")), "{d:?}");
 }
+
+/// Directors that disagree for a moment never split a community: the
+/// director's agent detached (its owner table frozen as it was, its
+/// program still steering), the community's owner is drained; the old
+/// owner passes the terminals' packets on to the new one over the site's
+/// segment, so they log on there and a download works, while the old
+/// owner serves nothing.
+#[test]
+fn a_node_passes_on_what_a_director_steers_to_it_by_an_older_view() {
+    use bond_api::reply::Links;
+    use bond_lab::{COMMUNITY, Lab, TerminalSpec};
+    require_root();
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    lab.add_tier(3).expect("the tier");
+    lab.start_agents().expect("start agents");
+    let old = lab.owner(COMMUNITY).unwrap().expect("an owner");
+    let (srv, inst) = (lab.server_ns.clone(), lab.server_instance.clone());
+    lab.ctl(&srv, &inst, &["detach"]).unwrap();
+    lab.wait_child("agent-srv", Duration::from_secs(10))
+        .expect("the director's agent detached");
+    lab.tier_ctl(&["drain", &format!("n{old}")]).unwrap();
+    lab.wait_for("the community to move", Duration::from_secs(10), |lab| {
+        Ok(lab.owner(COMMUNITY)?.is_some_and(|o| o != old))
+    })
+    .unwrap();
+    let new = lab.owner(COMMUNITY).unwrap().unwrap();
+    lab.wait_for(
+        "every terminal at the new owner",
+        Duration::from_secs(10),
+        |lab| {
+            let s = lab.node_status(new)?;
+            Ok(s.communities
+                .iter()
+                .any(|c| c.id == COMMUNITY && c.terminals == 3 && c.links == 3))
+        },
+    )
+    .unwrap();
+    let served = lab.serve_file("8m.bin", 8).unwrap();
+    let t3 = lab.terminals[2].ns.clone();
+    let (bytes, secs, out) = lab
+        .download(&t3, "http://203.0.113.2/8m.bin", "passed-on.bin")
+        .expect("a download through the old owner");
+    assert_eq!(bytes, 8 << 20);
+    assert_eq!(sha256(&out), sha256(&served));
+    eprintln!(
+        "8 MiB with the director steering to n{old} and n{new} owning: {:.1} Mbit/s",
+        bytes as f64 * 8.0 / secs / 1e6
+    );
+    let forwarded = |i: usize| -> u64 {
+        match lab.links(&lab.node_ns(i), &lab.node_ns(i)).unwrap() {
+            Links::Server(s) => s
+                .events
+                .get("forwarded_to_owner")
+                .copied()
+                .unwrap_or_default(),
+            Links::Terminal(_) => panic!("node {i} is not a server"),
+        }
+    };
+    // The download's upstream (its ACKs) all went through the old owner.
+    assert!(forwarded(old) > 1000, "n{old} passed on {}", forwarded(old));
+    assert_eq!(forwarded(new), 0);
+    let s = lab.node_status(old).unwrap();
+    assert!(s.communities.is_empty(), "{s:?}");
+}

@@ -82,8 +82,13 @@ reasons! {
     /// A member's packet to a destination the server's `deny` policy
     /// names (by default its own addresses and internal networks).
     DENIED = 31, "denied";
-    /// At a director: bond traffic of a community no live node owns.
+    /// At a director: bond traffic of a community no live node owns; at
+    /// a node: of a community its table gives to a node it cannot reach.
     NO_OWNER = 32, "no_owner";
+    /// At a node: bond traffic another node passed on for a community
+    /// this node's table gives to a third (their views of the registry
+    /// disagree for a moment): dropped, never passed on twice.
+    OWNER_DISAGREES = 33, "owner_disagrees";
 }
 
 #[cfg(test)]

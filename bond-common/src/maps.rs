@@ -58,6 +58,9 @@ pub mod name {
     pub const D_NODES: &str = "D_NODES";
     pub const D_STATS: &str = "D_STATS";
     pub const D_DROPS: &str = "D_DROPS";
+    pub const S_OWNERS: &str = "S_OWNERS";
+    pub const S_NODES: &str = "S_NODES";
+    pub const S_NODE_MACS: &str = "S_NODE_MACS";
     pub const S_ORIGIN_FLOWS: &str = "S_ORIGIN_FLOWS";
     pub const S_LINK_SEQ: &str = "S_LINK_SEQ";
     pub const S_KEPT: &str = "S_KEPT";
@@ -121,7 +124,10 @@ pub mod event {
     /// answered with ICMP time exceeded from the NAT address (it is
     /// counted as a `ttl_exceeded` drop as well).
     pub const TIME_EXCEEDED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// At a node of a tier: bond traffic of a community another node
+    /// owns, passed on to it (a director steered by an older view).
+    pub const FORWARDED: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "slow_path",
         "flows_created",
@@ -130,6 +136,7 @@ pub mod event {
         "icmp_errors_relayed",
         "split",
         "time_exceeded_sent",
+        "forwarded_to_owner",
     ];
 }
 
@@ -364,6 +371,12 @@ pub struct NodeSlot {
     pub src_mac: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<NodeSlot>() == 16);
+
+/// A MAC address as a map key (`S_NODE_MACS`): its six bytes in the low
+/// 48 bits, big-endian.
+pub const fn mac_key(mac: [u8; 6]) -> u64 {
+    u64::from_be_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]])
+}
 
 /// The server's identity (`S_CONFIG[0]`).
 #[repr(C)]

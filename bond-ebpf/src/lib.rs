@@ -209,6 +209,22 @@ pub fn count(map: &PerCpuArray<u64>, idx: u32) {
     }
 }
 
+/// Sends the frame to a node of a tier as `slot` says: its Ethernet
+/// addresses rewritten, redirected out of the slot's interface (L2
+/// forwarding: the node holds the front address itself). Nothing else of
+/// the frame changes.
+#[inline(always)]
+pub fn redirect_to(ctx: &impl Packet, slot: &bond_common::maps::NodeSlot) -> Result<u32, u32> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&slot.dst_mac);
+    macs[6..].copy_from_slice(&slot.src_mac);
+    if !write(ctx, 0, macs) {
+        return Err(bond_common::drops::TRUNCATED);
+    }
+    // SAFETY: a plain helper call; it only records where the frame goes.
+    Ok(unsafe { aya_ebpf::helpers::bpf_redirect(slot.ifindex, 0) } as u32)
+}
+
 /// Applies `f` to the per-CPU stats of link `idx`.
 #[inline(always)]
 pub fn link_stats(map: &PerCpuArray<LinkStats>, idx: u32, f: impl FnOnce(&mut LinkStats)) {

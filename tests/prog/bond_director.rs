@@ -4,6 +4,7 @@
 //! counted.
 
 use bond_common::maps::{DirectorConfig, NodeSlot};
+use bond_datapath::Owners;
 
 use super::*;
 
@@ -37,10 +38,10 @@ fn director(tag: &str) -> Obj {
             front_ip6: front6,
         })
         .unwrap();
-    d.maps.set_node(0, N0).unwrap();
-    d.maps.set_node(1, N1).unwrap();
-    d.maps.set_owner(7, Some(0)).unwrap();
-    d.maps.set_owner(8, Some(1)).unwrap();
+    d.maps.set_node(Owners::Director, 0, N0).unwrap();
+    d.maps.set_node(Owners::Director, 1, N1).unwrap();
+    d.maps.set_owner(Owners::Director, 7, Some(0)).unwrap();
+    d.maps.set_owner(Owners::Director, 8, Some(1)).unwrap();
     d
 }
 
@@ -110,7 +111,7 @@ fn director_steers_each_community_to_its_owner_and_nothing_else() {
     assert_eq!((s0.up_pkts, s0.up_bytes), (1, c7.len() as u64));
     assert_eq!((s1.up_pkts, s1.up_bytes), (2, (c8.len() + ad.len()) as u64));
     // The owner moves: the next packet follows at once.
-    d.maps.set_owner(7, Some(1)).unwrap();
+    d.maps.set_owner(Owners::Director, 7, Some(1)).unwrap();
     d.expect(
         "bond_director",
         "moved",
@@ -186,9 +187,9 @@ fn drops_each_reason() -> Vec<String> {
     let p = "bond_director";
     d.expect_drop(p, "no owner", &to_front(DATA_UP, 9), XDP_DROP, "no_owner");
     // An owner whose node slot is empty (the node left).
-    d.maps.set_owner(9, Some(5)).unwrap();
+    d.maps.set_owner(Owners::Director, 9, Some(5)).unwrap();
     d.expect_drop(p, "empty slot", &to_front(DATA_UP, 9), XDP_DROP, "no_owner");
-    d.maps.set_owner(7, None).unwrap();
+    d.maps.set_owner(Owners::Director, 7, None).unwrap();
     d.expect_drop(
         p,
         "owner cleared",

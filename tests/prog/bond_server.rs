@@ -1749,3 +1749,75 @@ fn server_carries_a_link_over_ipv6_both_ways() {
         );
     });
 }
+
+/// In an ISP tier: bond traffic of a community another node owns (a
+/// director steered it here by an older view) is passed on to that node,
+/// data and control alike, changed only in its Ethernet addresses, and
+/// counted; the node's own communities are served as before; what
+/// another node passed on is never passed on again; an owner in a slot
+/// with no node is a drop.
+#[test]
+fn server_passes_on_what_another_node_owns() {
+    use bond_common::maps::NodeSlot;
+    use bond_datapath::Owners;
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let s = srv::setup("server-pass-on", 20000..=20010);
+        let other = NodeSlot {
+            ifindex: 9,
+            dst_mac: [0x02, 0x0e, 0, 0, 0, 0x02],
+            src_mac: [0x02, 0x0e, 0, 0, 0, 0x01],
+        };
+        s.maps.set_node(Owners::Node, 3, other).unwrap();
+        s.maps.set_owner(Owners::Node, 8, Some(3)).unwrap();
+        let [l0, ..] = LINKS;
+        let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
+        let of = |kind, community| {
+            let mut up = Up::new(l0, &tcp);
+            up.bond = Bond::data(kind, community, l0.id, ORIGIN_A, 0x40, 1);
+            up.frame()
+        };
+        let passed = |frame: &[u8]| {
+            let mut f = frame.to_vec();
+            f[..6].copy_from_slice(&other.dst_mac);
+            f[6..12].copy_from_slice(&other.src_mac);
+            f
+        };
+        for (what, frame) in [("data", of(DATA_UP, 8)), ("an announce", of(ANNOUNCE, 8))] {
+            s.expect(
+                "bond_server",
+                what,
+                &frame,
+                XDP_REDIRECT,
+                Some(&passed(&frame)),
+            );
+        }
+        let events = s.maps.server_events().unwrap();
+        assert!(events.contains(&("forwarded_to_owner", 2)), "{events:?}");
+        // Its own community: NAT as ever.
+        expect_up(&s, "its own", l0, &tcp, 20000);
+        // From a node (its MAC known): this node's view gives the
+        // community to a third; never passed on twice.
+        let mut from_node = of(DATA_UP, 8);
+        from_node[6..12].copy_from_slice(&[0x02, 0x0e, 0, 0, 0, 0x03]);
+        s.maps
+            .set_node_mac([0x02, 0x0e, 0, 0, 0, 0x03], true)
+            .unwrap();
+        let p = "bond_server";
+        s.expect_drop(p, "from a node", &from_node, XDP_DROP, "owner_disagrees");
+        // The MAC forgotten (the node left), it is passed on.
+        s.maps
+            .set_node_mac([0x02, 0x0e, 0, 0, 0, 0x03], false)
+            .unwrap();
+        let (v, _) = s.run(p, &from_node);
+        assert_eq!(v, XDP_REDIRECT);
+        // An owner whose slot is empty.
+        s.maps.set_owner(Owners::Node, 8, Some(4)).unwrap();
+        s.expect_drop(p, "empty slot", &of(DATA_UP, 8), XDP_DROP, "no_owner");
+        // Back to this node: served here (its session check refuses a
+        // stranger's token, as for any community).
+        s.maps.set_owner(Owners::Node, 8, None).unwrap();
+        s.expect_drop(p, "ours again", &of(DATA_UP, 8), XDP_DROP, "unknown_source");
+    });
+}

@@ -21,39 +21,26 @@ use bond_api::{
     Call, Request,
     reply::{DirectorNode, DirectorStatus, Status},
 };
-use bond_common::maps::{DirectorConfig as DirectorMap, MAX_NODES, NodeSlot};
+use bond_common::maps::DirectorConfig as DirectorMap;
 use bond_config::DirectorConfig;
-use bond_datapath::{self as datapath, Maps, ebpf};
+use bond_datapath::{self as datapath, Maps, Owners, ebpf};
 use bond_tier::{Layout, View, health::Health, mirror};
 use tokio::{net::UdpSocket, sync::mpsc};
 
-use crate::{Exit, Pins, net::Net};
-
-/// How often a node whose MAC is not known yet is looked up again.
-const RESOLVE_EVERY: Duration = Duration::from_millis(200);
-
-/// One node's slot in `D_NODES`.
-#[derive(Debug, Clone)]
-struct Slot {
-    idx: u32,
-    address: Ipv4Addr,
-    /// Where its frames go, once known: (ifindex, interface, our MAC,
-    /// its MAC).
-    at: Option<(u32, String, [u8; 6], [u8; 6])>,
-    /// Why it is not known, as last logged (logged again only if it
-    /// changes).
-    said: Option<String>,
-}
+use crate::{
+    Exit, Pins,
+    net::Net,
+    nodes::{NodeTable, mac_text},
+};
 
 struct Director {
     cfg: DirectorConfig,
     maps: Maps,
-    net: Net,
     view: Arc<View>,
     live: bool,
-    slots: BTreeMap<String, Slot>,
-    /// Owners as written to `D_OWNERS`: community -> slot.
-    owners: BTreeMap<u16, u32>,
+    /// The nodes' slots and each community's owner (`D_NODES`,
+    /// `D_OWNERS`).
+    nodes: NodeTable,
     started: Instant,
     attached: BTreeMap<(&'static str, String), &'static str>,
     /// Health checks: silence after which a node is fenced (none: off),
@@ -104,12 +91,10 @@ pub async fn run(
     crate::notify_ready(&up);
     let mut d = Director {
         cfg,
+        nodes: NodeTable::new(Owners::Director, maps.clone(), None)?,
         maps,
-        net,
         view: Arc::default(),
         live: false,
-        slots: BTreeMap::new(),
-        owners: BTreeMap::new(),
         started: Instant::now(),
         attached: pins.attached.clone(),
         timeout,
@@ -119,7 +104,7 @@ pub async fn run(
     };
     // A detached director's tables stay as they were until the registry
     // is read; then they are made to agree with it.
-    let mut resolve = tokio::time::interval(RESOLVE_EVERY);
+    let mut resolve = tokio::time::interval(crate::nodes::RESOLVE_EVERY);
     let mut probe = tokio::time::interval(timeout.map_or(Duration::from_secs(3600), |t| t / 3));
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (fence_tx, mut fences) = mpsc::unbounded_channel();
@@ -147,10 +132,10 @@ pub async fn run(
                 }
                 (d.view, d.live) = (m.view, m.live);
                 if d.live {
-                    d.sync().await;
+                    d.nodes.sync(&d.view).await;
                 }
             }
-            _ = resolve.tick(), if d.slots.values().any(|s| s.at.is_none()) => d.sync().await,
+            _ = resolve.tick(), if d.nodes.unresolved() => d.nodes.sync(&d.view).await,
             _ = probe.tick(), if d.timeout.is_some() && d.live => d.check(&fence_tx).await,
             Ok((n, _)) = d.probes.recv_from(&mut answer) => {
                 d.health.heard(&answer[..n], std::time::Instant::now());
@@ -204,155 +189,6 @@ impl Director {
         }
     }
 
-    /// Brings `D_NODES` and `D_OWNERS` to the registry: slots for new
-    /// nodes (and their interface and MAC, once known), none for gone
-    /// ones, each community's owner.
-    async fn sync(&mut self) {
-        let gone: Vec<String> = self
-            .slots
-            .keys()
-            .filter(|n| !self.view.nodes.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(s) = self.slots.remove(&name) {
-                tracing::info!("registry: node {name} left (slot {})", s.idx);
-                self.write_node(s.idx, NodeSlot::default());
-            }
-        }
-        for (name, rec) in self.view.nodes.iter() {
-            let changed = self
-                .slots
-                .get(name)
-                .is_none_or(|s| s.address != rec.address);
-            if changed {
-                let used: BTreeSet<u32> = self.slots.values().map(|s| s.idx).collect();
-                let idx = match self.slots.get(name) {
-                    Some(s) => s.idx,
-                    None => match (0..MAX_NODES).find(|i| !used.contains(i)) {
-                        Some(i) => i,
-                        None => {
-                            tracing::warn!(
-                                "registry: node {name} left out: {MAX_NODES} nodes at most"
-                            );
-                            continue;
-                        }
-                    },
-                };
-                self.write_node(idx, NodeSlot::default());
-                self.slots.insert(
-                    name.clone(),
-                    Slot {
-                        idx,
-                        address: rec.address,
-                        at: None,
-                        said: None,
-                    },
-                );
-            }
-        }
-        let unresolved: Vec<String> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.at.is_none())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in unresolved {
-            if let Err(e) = self.resolve(&name).await {
-                let e = format!("{e:#}");
-                if let Some(s) = self.slots.get_mut(&name)
-                    && s.said.as_ref() != Some(&e)
-                {
-                    tracing::warn!("node {name}: {e}");
-                    s.said = Some(e);
-                }
-            }
-        }
-        let mut want: BTreeMap<u16, u32> = BTreeMap::new();
-        for (&c, node) in &self.view.owners {
-            let (Ok(c), Some(slot)) = (u16::try_from(c), self.slots.get(node)) else {
-                continue;
-            };
-            if self.view.communities.contains_key(&u32::from(c)) {
-                want.insert(c, slot.idx);
-            }
-        }
-        let stale: Vec<u16> = self
-            .owners
-            .keys()
-            .filter(|c| !want.contains_key(c))
-            .copied()
-            .collect();
-        let mut moved = 0;
-        for c in stale {
-            if let Err(e) = self.maps.set_owner(c, None) {
-                tracing::warn!("community {c}: clearing its owner: {e:#}");
-            }
-            self.owners.remove(&c);
-            moved += 1;
-        }
-        for (c, idx) in want {
-            if self.owners.get(&c) != Some(&idx) {
-                match self.maps.set_owner(c, Some(idx)) {
-                    Ok(()) => {
-                        self.owners.insert(c, idx);
-                        moved += 1;
-                    }
-                    Err(e) => tracing::warn!("community {c}: writing its owner: {e:#}"),
-                }
-            }
-        }
-        if moved > 0 {
-            tracing::info!(
-                "registry: {moved} owner(s) written; {} communities steered",
-                self.owners.len()
-            );
-        }
-    }
-
-    /// Finds the interface and MAC of a node's address; asks the kernel
-    /// to resolve it when it has no MAC yet (the next tick looks again).
-    async fn resolve(&mut self, name: &str) -> Result<()> {
-        let Some(slot) = self.slots.get(name).cloned() else {
-            return Ok(());
-        };
-        let Some((index, dev)) = self.net.on_link(slot.address).await? else {
-            anyhow::bail!(
-                "its address {} is on no network of this host (a director forwards by Ethernet address)",
-                slot.address
-            );
-        };
-        let Some(mac) = self.net.neighbor(index, slot.address).await? else {
-            crate::net::poke_neighbor(&dev, slot.address)?;
-            return Ok(());
-        };
-        let ours = self.net.iface(&dev).await?.mac;
-        self.write_node(
-            slot.idx,
-            NodeSlot {
-                ifindex: index,
-                dst_mac: mac,
-                src_mac: ours,
-            },
-        );
-        tracing::info!(
-            "node {name}: {} via {dev} ({}), slot {}",
-            slot.address,
-            mac_text(&mac),
-            slot.idx
-        );
-        if let Some(s) = self.slots.get_mut(name) {
-            s.at = Some((index, dev, ours, mac));
-        }
-        Ok(())
-    }
-
-    fn write_node(&self, idx: u32, slot: NodeSlot) {
-        if let Err(e) = self.maps.set_node(idx, slot) {
-            tracing::warn!("node slot {idx}: {e:#}");
-        }
-    }
-
     fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
         match req {
             Request::Status => crate::reply(Status::Director(self.status())),
@@ -363,8 +199,10 @@ impl Director {
     }
 
     fn status(&self) -> DirectorStatus {
+        let owners = self.nodes.owners();
         let nodes = self
-            .slots
+            .nodes
+            .slots()
             .iter()
             .map(|(name, s)| {
                 let stats = self.maps.director_stats(s.idx).unwrap_or_default();
@@ -373,7 +211,7 @@ impl Director {
                     address: s.address,
                     interface: s.at.as_ref().map(|a| a.1.clone()),
                     mac: s.at.as_ref().map(|a| mac_text(&a.3)),
-                    communities: self.owners.values().filter(|&&i| i == s.idx).count(),
+                    communities: owners.values().filter(|&&i| i == s.idx).count(),
                     packets: stats.up_pkts,
                     bytes: stats.up_bytes,
                     health: self.health_of(name).into(),
@@ -386,16 +224,13 @@ impl Director {
             })
             .collect();
         let resolved: BTreeSet<u32> = self
-            .slots
+            .nodes
+            .slots()
             .values()
             .filter(|s| s.at.is_some())
             .map(|s| s.idx)
             .collect();
-        let steered = self
-            .owners
-            .values()
-            .filter(|i| resolved.contains(i))
-            .count();
+        let steered = owners.values().filter(|i| resolved.contains(i)).count();
         DirectorStatus {
             instance: self.cfg.instance.clone(),
             address: SocketAddrV4::new(self.cfg.address, self.cfg.port),
@@ -433,7 +268,7 @@ impl Director {
             "counter",
             "Packets steered to each node.",
         );
-        for (name, s) in &self.slots {
+        for (name, s) in self.nodes.slots() {
             let n = self.maps.director_stats(s.idx).map_or(0, |s| s.up_pkts);
             m.sample("bond_director_packets_total", &[("node", name.clone())], n);
         }
@@ -442,8 +277,13 @@ impl Director {
             "gauge",
             "Communities each node owns, as this director steers them.",
         );
-        for (name, s) in &self.slots {
-            let n = self.owners.values().filter(|&&i| i == s.idx).count();
+        for (name, s) in self.nodes.slots() {
+            let n = self
+                .nodes
+                .owners()
+                .values()
+                .filter(|&&i| i == s.idx)
+                .count();
             m.sample(
                 "bond_director_communities",
                 &[("node", name.clone())],
@@ -455,7 +295,7 @@ impl Director {
             "gauge",
             "1 if the node answers health checks, 0 if not (or never did).",
         );
-        for name in self.slots.keys() {
+        for name in self.nodes.slots().keys() {
             let up = u64::from(self.health_of(name) == "up");
             m.sample("bond_director_node_up", &[("node", name.clone())], up);
         }
@@ -475,11 +315,4 @@ impl Director {
         }
         m.finish()
     }
-}
-
-fn mac_text(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }

@@ -37,6 +37,7 @@ pub mod feedback;
 pub mod linkwatch;
 pub mod membership;
 pub mod net;
+mod nodes;
 pub mod pathmon;
 pub mod playout;
 pub mod probe;

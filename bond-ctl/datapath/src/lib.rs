@@ -287,6 +287,23 @@ pub struct RemovedFlow {
     pub port_returned: bool,
 }
 
+/// Which owner tables: a director's (`D_OWNERS`, `D_NODES`: where it
+/// steers), or a tier node's (`S_OWNERS`, `S_NODES`: what it passes on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owners {
+    Director,
+    Node,
+}
+
+impl Owners {
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Director => (name::D_OWNERS, name::D_NODES),
+            Self::Node => (name::S_OWNERS, name::S_NODES),
+        }
+    }
+}
+
 /// The maps of one instance, by pin directory.
 #[derive(Clone, Debug)]
 pub struct Maps {
@@ -1026,19 +1043,43 @@ impl Maps {
         self.set(name::D_CONFIG, 0, cfg)
     }
 
-    /// Community `community`'s owner: node slot `node`, or none.
-    pub fn set_owner(&self, community: u16, node: Option<u32>) -> Result<()> {
-        self.set(
-            name::D_OWNERS,
-            u32::from(community),
-            node.map_or(0, |n| n + 1),
-        )
+    /// Community `community`'s owner in `table`: node slot `node` (None:
+    /// no owner at a director; this node's own, or no one's, at a node).
+    pub fn set_owner(&self, table: Owners, community: u16, node: Option<u32>) -> Result<()> {
+        let v = node.map_or(0, |n| n + 1);
+        self.set(table.names().0, u32::from(community), v)
     }
 
-    /// Node slot `idx`: where its packets go (`NodeSlot::default()`:
-    /// nowhere).
-    pub fn set_node(&self, idx: u32, slot: NodeSlot) -> Result<()> {
-        self.set(name::D_NODES, idx, slot)
+    /// The owners `table` holds now: (community, node slot) of every
+    /// community that has one (an agent adopting the maps starts from
+    /// them, so that what the registry no longer says is cleared).
+    pub fn owners(&self, table: Owners) -> Result<Vec<(u16, u32)>> {
+        let name = table.names().0;
+        let a = self.array::<u32>(name)?;
+        let mut out = Vec::new();
+        for (c, v) in a.iter().enumerate() {
+            let v = v.map_err(|source| Error::Map { name, source })?;
+            if let (Ok(c), Some(idx)) = (u16::try_from(c), v.checked_sub(1)) {
+                out.push((c, idx));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Node slot `idx` of `table`: where its packets go
+    /// (`NodeSlot::default()`: nowhere).
+    pub fn set_node(&self, table: Owners, idx: u32, slot: NodeSlot) -> Result<()> {
+        self.set(table.names().1, idx, slot)
+    }
+
+    /// At a node: whether frames from `mac` come from another node (what
+    /// it passed on is not passed on again).
+    pub fn set_node_mac(&self, mac: [u8; 6], node: bool) -> Result<()> {
+        let key = bond_common::maps::mac_key(mac);
+        match node {
+            true => self.put(name::S_NODE_MACS, key, 1u32),
+            false => self.remove::<u64, u32>(name::S_NODE_MACS, key),
+        }
     }
 
     /// Packets and bytes steered to node slot `idx` (`up_pkts`, `up_bytes`).

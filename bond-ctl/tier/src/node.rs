@@ -45,6 +45,9 @@ pub struct Served {
     pub communities: BTreeMap<u32, String>,
     /// Registry entries it could not read (named in its log).
     pub bad: usize,
+    /// The whole registry as last read (who owns the other communities,
+    /// and where the other nodes are).
+    pub view: std::sync::Arc<View>,
 }
 
 /// A node in the tier. Dropping it leaves the lease to run out.
@@ -304,6 +307,7 @@ fn publish(tx: &watch::Sender<Served>, view: &View, name: &str) {
             controller: s.controller,
             communities: communities.clone(),
             bad: view.bad.len(),
+            view: std::sync::Arc::new(view.clone()),
         };
         let changed = *s != new;
         *s = new;

@@ -21,7 +21,6 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_redirect,
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -31,7 +30,7 @@ use bond_common::{
     maps::{DirectorConfig, LinkStats, MAX_COMMUNITIES, MAX_NODES, NodeSlot},
     wire::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, MAGIC, UDP_LEN},
 };
-use bond_ebpf::{dropped, link_stats, read, read_u16, read_u32, write};
+use bond_ebpf::{dropped, link_stats, read, read_u16, read_u32, redirect_to};
 
 #[map]
 static D_CONFIG: Array<DirectorConfig> = Array::pinned(1, 0);
@@ -124,19 +123,13 @@ fn steer(ctx: &XdpContext) -> Result<u32, u32> {
     if slot.ifindex == 0 {
         return Err(drops::NO_OWNER);
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&slot.dst_mac);
-    macs[6..].copy_from_slice(&slot.src_mac);
-    if !write(ctx, 0, macs) {
-        return Err(drops::TRUNCATED);
-    }
     let len = (ctx.data_end() - ctx.data()) as u64;
+    let action = redirect_to(ctx, slot)?;
     link_stats(&D_STATS, idx, |s| {
         s.up_pkts += 1;
         s.up_bytes += len;
     });
-    // SAFETY: a plain helper call; it only records where the frame goes.
-    Ok(unsafe { bpf_redirect(slot.ifindex, 0) } as u32)
+    Ok(action)
 }
 
 #[cfg(not(test))]

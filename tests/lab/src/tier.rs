@@ -2,11 +2,14 @@
 //! namespace becomes the site's router and director (`bond_director` on
 //! `wan0`, the front address 198.51.100.1 as before), an etcd cluster of
 //! three members runs there (on 10.0.9.1-3), and `nodes` reconstitution
-//! nodes hang off it, node `i` on a point-to-point veth (10.0.10.4i+1/30
-//! at the router, .4i+2 at the node). Each node holds the front address
-//! on its loopback and answers terminals from it directly; its NAT
-//! address is 203.0.113.(128+i), routed to it by the router (the content
-//! host reaches 203.0.113.128/25 through the router).
+//! nodes share one Ethernet segment with it (the site's switch, a bridge
+//! in a namespace of its own): the router is 10.0.10.1/24 there, node `i`
+//! 10.0.10.(10+i). Each node holds the front address on its loopback and
+//! answers terminals from it directly; its NAT address is
+//! 203.0.113.(128+i), routed to it by the router (the content host
+//! reaches 203.0.113.128/25 through the router). On one segment, the
+//! director reaches every node and each node every other by Ethernet
+//! address, as a real site's switch allows.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -17,6 +20,11 @@ use crate::{KEY, KEY2, Lab, PORT, SERVER_WAN, run};
 /// etcd member `m`'s client URL (1-based).
 pub fn etcd_url(m: usize) -> String {
     format!("http://10.0.9.{m}:2379")
+}
+
+/// Node `i`'s own address on the site's segment (1-based).
+pub fn node_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 10, 10 + i as u8)
 }
 
 /// Node `i`'s NAT address (1-based).
@@ -34,29 +42,31 @@ impl Lab {
         for m in 1..=3 {
             self.ip(&srv, &format!("addr add 10.0.9.{m}/32 dev lo"))?;
         }
+        let switch = self.ns("site")?;
+        self.ip(&switch, "link add br0 type bridge")?;
+        self.ip(&switch, "link set br0 up")?;
+        self.veth((&srv, "site0", Some("10.0.10.1/24")), (&switch, "r0", None))?;
+        self.ip(&switch, "link set r0 master br0")?;
+        // The director redirects frames into site0: its other end must
+        // take them from XDP (GRO on).
+        self.exec(&switch, "ethtool", &["-K", "r0", "gro", "on", "tx", "off"])?;
         // Nodes answer from the front address: the router forwards what
         // comes from it.
         self.sysctl(&srv, "net.ipv4.conf.all.rp_filter=0")?;
+        self.sysctl(&srv, "net.ipv4.conf.site0.accept_local=1")?;
+        self.sysctl(&srv, "net.ipv4.conf.site0.rp_filter=0")?;
         for i in 1..=nodes {
             let ns = self.ns(&format!("n{i}"))?;
-            let (router, node) = (4 * i + 1, 4 * i + 2);
+            let node = node_address(i);
             self.veth(
-                (
-                    &srv,
-                    &format!("n{i}"),
-                    Some(&format!("10.0.10.{router}/30")),
-                ),
-                (&ns, "site0", Some(&format!("10.0.10.{node}/30"))),
+                (&ns, "site0", Some(&format!("{node}/24"))),
+                (&switch, &format!("n{i}"), None),
             )?;
-            self.sysctl(&srv, &format!("net.ipv4.conf.n{i}.accept_local=1"))?;
-            self.sysctl(&srv, &format!("net.ipv4.conf.n{i}.rp_filter=0"))?;
+            self.ip(&switch, &format!("link set n{i} master br0"))?;
             self.ip(&ns, &format!("addr add {SERVER_WAN}/32 dev lo"))?;
             self.ip(&ns, &format!("addr add {}/32 dev lo", node_nat(i)))?;
-            self.ip(&ns, &format!("route add default via 10.0.10.{router}"))?;
-            self.ip(
-                &srv,
-                &format!("route add {}/32 via 10.0.10.{node}", node_nat(i)),
-            )?;
+            self.ip(&ns, "route add default via 10.0.10.1")?;
+            self.ip(&srv, &format!("route add {}/32 via {node}", node_nat(i)))?;
         }
         self.ip(&web, "route add 203.0.113.128/25 via 203.0.113.1")?;
         self.tier = nodes;
@@ -80,13 +90,13 @@ impl Lab {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
              nat_address = \"{}\"\nnat_ports = \"{}\"\ninterfaces = [\"site0\"]\n{}\
-             \n[tier]\netcd = [{}]\nnode = \"n{i}\"\nnode_address = \"10.0.10.{}\"\n",
+             \n[tier]\netcd = [{}]\nnode = \"n{i}\"\nnode_address = \"{}\"\n",
             self.node_ns(i),
             node_nat(i),
             self.nat_ports,
             self.server_keys,
             etcd.join(", "),
-            4 * i + 2
+            node_address(i)
         )
     }
 

@@ -360,6 +360,7 @@ impl Dut {
                     front_ip6: [0; 16],
                 })?;
                 maps.set_node(
+                    bond_datapath::Owners::Director,
                     0,
                     NodeSlot {
                         ifindex: out_idx,
@@ -367,7 +368,7 @@ impl Dut {
                         src_mac: OUT_MAC,
                     },
                 )?;
-                maps.set_owner(COMMUNITY, Some(0))?;
+                maps.set_owner(bond_datapath::Owners::Director, COMMUNITY, Some(0))?;
                 this.attach_bond(ebpf, maps, pin, &dut, "bond_director")?;
             }
         }

@@ -93,6 +93,7 @@ impl Agent {
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut registry = self.tier.as_ref().map(|n| n.served.clone());
+        let mut resolve = tokio::time::interval(crate::nodes::RESOLVE_EVERY);
         loop {
             if sweep.period() != self.cfg.flows.sweep() {
                 sweep = tokio::time::interval(self.cfg.flows.sweep());
@@ -120,7 +121,16 @@ impl Agent {
                 () = registry_changed(registry.as_mut()) => {
                     if let Some(rx) = registry.as_mut() {
                         let served = rx.borrow_and_update().clone();
+                        let view = served.view.clone();
                         self.follow_registry(served);
+                        if let Some(nodes) = self.nodes.as_mut() {
+                            nodes.sync(&view).await;
+                        }
+                    }
+                }
+                _ = resolve.tick(), if self.nodes.as_ref().is_some_and(|n| n.unresolved()) => {
+                    if let Some(nodes) = self.nodes.as_mut() {
+                        nodes.resolve_all().await;
                     }
                 }
                 _ = trains.tick() => self.finish_trains(false).await,

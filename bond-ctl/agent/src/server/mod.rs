@@ -48,6 +48,9 @@ struct Agent {
     /// registry last said it serves.
     tier: Option<bond_tier::node::Node>,
     served: bond_tier::node::Served,
+    /// The other nodes and the communities they own, passed on to them
+    /// when a director steers them here (`[tier]` only).
+    nodes: Option<crate::nodes::NodeTable>,
     table: ServerTable,
     guard: Guard,
     counter: Counter,

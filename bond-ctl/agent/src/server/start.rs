@@ -174,6 +174,14 @@ pub async fn run(
             .iter()
             .map(|c| (c.id, c.key.clone()))
             .collect(),
+        nodes: match &cfg.tier {
+            Some(t) => Some(crate::nodes::NodeTable::new(
+                bond_datapath::Owners::Node,
+                maps.clone(),
+                Some(t.node.clone()),
+            )?),
+            None => None,
+        },
         tier,
         served: Default::default(),
         table: ServerTable::new(cfg.misses),

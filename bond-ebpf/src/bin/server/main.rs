@@ -18,6 +18,13 @@
 //!   (`Flow::state`); the agent expires idle flows and returns their ports
 //!   to the queue (`bond-ctl/datapath/src/flows.rs`).
 //!
+//! - In an ISP tier, bond traffic of a community another node owns
+//!   (`S_OWNERS`, kept by the agent from the registry) is passed on to
+//!   that node as a director would (`S_NODES`): a director steering by an
+//!   older view never splits a community. What another node passed on
+//!   is never passed on again (`S_NODE_MACS`): if this node's view gives
+//!   it to a third, it is dropped (`owner_disagrees`).
+//!
 //! Next hops come from the kernel's FIB (`bpf_fib_lookup`). When the
 //! neighbour is not resolved yet the rewritten packet is handed to the
 //! kernel, which forwards it and resolves the neighbour (the slow path).
@@ -46,9 +53,9 @@ use bond_common::{
     maps::{
         Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED, JUMP_IN6, JUMP_OUT6,
         JUMP_SERVER, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS, Kept, LINK_V6, LINK_VALID, LinkKey,
-        LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_SERVER_LINKS, MAX_SESSIONS,
-        Nat6Entry, NatEntry, NatKey, Permit6Key, PermitKey, ServerConfig, ServerLink, Session,
-        SessionKey, event, tcp,
+        LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_SERVER_LINKS,
+        MAX_SESSIONS, Nat6Entry, NatEntry, NatKey, NodeSlot, Permit6Key, PermitKey, ServerConfig,
+        ServerLink, Session, SessionKey, event, mac_key, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -58,7 +65,7 @@ use bond_common::{
 };
 use bond_ebpf::{
     L4, Packet, count, dropped, keep, link_stats, nat_rewrite, next_seq, outer_len, read, read_u16,
-    read_u32, write,
+    read_u32, redirect_to, write,
 };
 
 #[map]
@@ -138,6 +145,17 @@ static S_KEPT: Array<Kept> = Array::pinned(KEPT_SLOTS, 0);
 static S_KEPT_NEXT: Array<u32> = Array::pinned(1, 0);
 /// Flows each origin holds: counted up here as flows are made, recounted
 /// by the agent's sweep as they expire.
+/// In a tier: each community another node owns, 1 + that node's index
+/// in `S_NODES`; 0: this node's, or no one's.
+#[map]
+static S_OWNERS: Array<u32> = Array::pinned(MAX_COMMUNITIES, 0);
+#[map]
+static S_NODES: Array<NodeSlot> = Array::pinned(MAX_NODES, 0);
+/// The other nodes' MAC addresses ([`mac_key`]): what they pass on is
+/// not passed on again.
+#[map]
+static S_NODE_MACS: HashMap<u64, u32> = HashMap::pinned(MAX_NODES, 0);
+
 #[map]
 static S_ORIGIN_FLOWS: HashMap<SessionKey, u64> = HashMap::pinned(MAX_SESSIONS, 0);
 
@@ -192,6 +210,28 @@ fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
 
 // --------------------------------------------------------------- upstream --
 
+/// In a tier: passes bond traffic of a community another node owns on to
+/// it (data and control alike); None if it is this node's to handle.
+#[inline(always)]
+pub(crate) fn to_owner(ctx: &XdpContext, community: u16) -> Result<Option<u32>, u32> {
+    let owner = S_OWNERS.get(u32::from(community)).copied().unwrap_or(0);
+    let Some(idx) = owner.checked_sub(1) else {
+        return Ok(None);
+    };
+    let src = read::<6>(ctx, 6).ok_or(drops::TRUNCATED)?;
+    // SAFETY: read-only use of a map value.
+    if unsafe { S_NODE_MACS.get(mac_key(src)) }.is_some() {
+        return Err(drops::OWNER_DISAGREES);
+    }
+    let slot = S_NODES.get(idx).ok_or(drops::NO_OWNER)?;
+    if slot.ifindex == 0 {
+        return Err(drops::NO_OWNER);
+    }
+    let action = redirect_to(ctx, slot)?;
+    count(&S_EVENTS, event::FORWARDED);
+    Ok(Some(action))
+}
+
 #[inline(always)]
 fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let vihl = read::<1>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?[0];
@@ -202,6 +242,9 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let b =
         BondHdr::from_bytes(read::<{ BondHdr::LEN }>(ctx, wire::BOND_OFF).ok_or(drops::TRUNCATED)?);
     b.validate().map_err(|e| e.drop_reason())?;
+    if let Some(action) = to_owner(ctx, b.community())? {
+        return Ok(action);
+    }
     if !b.is_data() {
         return PASS; // control message: the agent's socket
     }

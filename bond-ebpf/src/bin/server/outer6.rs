@@ -72,6 +72,9 @@ fn try_in6(ctx: &XdpContext) -> Result<u32, u32> {
     }
     let b = BondHdr::from_bytes(read::<{ BondHdr::LEN }>(ctx, BOND6).ok_or(drops::TRUNCATED)?);
     b.validate().map_err(|e| e.drop_reason())?;
+    if let Some(action) = crate::to_owner(ctx, b.community())? {
+        return Ok(action);
+    }
     if !b.is_data() {
         return PASS; // control message: the agent's socket
     }
