@@ -585,7 +585,8 @@ fn a_node_passes_on_what_a_director_steers_to_it_by_an_older_view() {
     lab.ctl(&srv, &inst, &["detach"]).unwrap();
     lab.wait_child("agent-srv", Duration::from_secs(10))
         .expect("the director's agent detached");
-    lab.tier_ctl(&["drain", &format!("n{old}")]).unwrap();
+    lab.tier_ctl(&["drain", &format!("n{old}"), "--now"])
+        .unwrap();
     lab.wait_for("the community to move", Duration::from_secs(10), |lab| {
         Ok(lab.owner(COMMUNITY)?.is_some_and(|o| o != old))
     })
@@ -628,4 +629,80 @@ fn a_node_passes_on_what_a_director_steers_to_it_by_an_older_view() {
     assert_eq!(forwarded(new), 0);
     let s = lab.node_status(old).unwrap();
     assert!(s.communities.is_empty(), "{s:?}");
+}
+
+/// Draining a node loses no flow: a transfer running in its community
+/// (iperf3, paced by its sender, so its flows stay open to the end) goes
+/// on at the draining node to its end (the community stays there
+/// meanwhile; one without flows moves at once), then the community moves
+/// and its terminals log on at the new owner.
+#[test]
+fn draining_a_node_waits_for_its_flows_to_end() {
+    use bond_lab::{COMMUNITY, COMMUNITY2, Lab, TerminalSpec};
+    require_root();
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    lab.add_tier(3).expect("the tier");
+    lab.start_agents().expect("start agents");
+    lab.start_iperf().unwrap();
+    let owner = lab.owner(COMMUNITY).unwrap().expect("an owner");
+    assert_eq!(lab.owner(COMMUNITY2).unwrap(), Some(owner));
+    let t3 = lab.terminals[2].ns.clone();
+    let args = ["-c", "203.0.113.2", "-R", "-b", "8M", "-t", "6", "-J"];
+    lab.spawn(&t3, "iperf", "iperf3", &args).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.tier_ctl(&["drain", &format!("n{owner}")]).unwrap();
+    let drained = Instant::now();
+    // The community without flows moves at once; the one with the
+    // transfer stays.
+    lab.wait_for(
+        "the idle community to move",
+        Duration::from_secs(5),
+        |lab| Ok(lab.owner(COMMUNITY2)? != Some(owner)),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        lab.owner(COMMUNITY).unwrap(),
+        Some(owner),
+        "moved mid-flow: {}",
+        lab.log(&format!("agent-n{owner}"))
+    );
+    let nodes = lab.tier_ctl(&["nodes", "--json"]).unwrap();
+    assert!(nodes.contains("\"draining\":true"), "{nodes}");
+    let report = lab
+        .wait_child("iperf", Duration::from_secs(30))
+        .expect("the transfer through the drain");
+    let ended = Instant::now();
+    let v: serde_json::Value = serde_json::from_str(&report).expect("iperf3's report");
+    let got = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    // 8 Mbit/s for 6 s: 6 MB.
+    assert!(got > 5_000_000, "received {got} bytes: {report}");
+    lab.wait_for("the community to move", Duration::from_secs(10), |lab| {
+        Ok(lab.owner(COMMUNITY)?.is_some_and(|o| o != owner))
+    })
+    .unwrap();
+    eprintln!(
+        "n{owner} drained: the transfer ({got} bytes) ended {:?} into the drain; its community \
+         moved {:?} after",
+        ended - drained,
+        ended.elapsed()
+    );
+    let new = lab.owner(COMMUNITY).unwrap().unwrap();
+    lab.wait_for(
+        "every terminal at the new owner",
+        Duration::from_secs(10),
+        |lab| {
+            let s = lab.node_status(new)?;
+            Ok(s.communities
+                .iter()
+                .any(|c| c.id == COMMUNITY && c.terminals == 3 && c.links == 3))
+        },
+    )
+    .unwrap();
+    let served = lab.serve_file("8m.bin", 8).unwrap();
+    let url = "http://203.0.113.2/8m.bin";
+    let (bytes, _, out) = lab.download(&t3, url, "after-drain.bin").unwrap();
+    assert_eq!(bytes, 8 << 20);
+    assert_eq!(sha256(&out), sha256(&served));
+    assert!(lab.node_status(owner).unwrap().communities.is_empty());
 }

@@ -34,9 +34,19 @@ pub enum TierCmd {
     },
     /// Remove a community: its owner stops serving it.
     Remove { id: u32 },
-    /// Move a node's communities to the others and give it no new ones
-    /// (before maintenance); its flows end where they are.
-    Drain { node: String },
+    /// Give a node no new communities and move its own to the others
+    /// (before maintenance), each once it has no live flows there (TCP
+    /// without FIN or RST, UDP and ICMP heard in the last 30 s), so no
+    /// flow is cut; whatever still has flows after `--wait` moves then.
+    Drain {
+        node: String,
+        /// Seconds to wait for flows to end at most.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        wait: u64,
+        /// Move everything at once (its flows are cut).
+        #[arg(long, conflicts_with = "wait")]
+        now: bool,
+    },
     /// Let a drained node take communities again (new ones, and those
     /// whose owners leave).
     Undrain { node: String },
@@ -64,13 +74,22 @@ pub fn run(etcd: &[String], prefix: &str, cmd: TierCmd) -> Result<()> {
                 eprintln!("community {id} removed");
                 Ok(())
             }
-            TierCmd::Drain { node } => {
-                reg.drain(&node, true).await?;
-                eprintln!("{node} is draining: its communities move to the other nodes");
+            TierCmd::Drain { node, wait, now } => {
+                let wait = std::time::Duration::from_secs(if now { 0 } else { wait });
+                reg.drain(&node, Some(wait)).await?;
+                if wait.is_zero() {
+                    eprintln!("{node} is draining: its communities move to the other nodes now");
+                } else {
+                    eprintln!(
+                        "{node} is draining: each community moves to another node once its flows end \
+                         (at most {} s; `bond-ctl tier nodes` counts what it still owns)",
+                        wait.as_secs()
+                    );
+                }
                 Ok(())
             }
             TierCmd::Undrain { node } => {
-                reg.drain(&node, false).await?;
+                reg.drain(&node, None).await?;
                 eprintln!("{node} takes communities again");
                 Ok(())
             }

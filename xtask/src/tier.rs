@@ -58,13 +58,14 @@ fn moves() -> String {
                 draining: false,
             })
             .collect();
-        let placed: BTreeMap<u32, String> = assign(0..COMMUNITIES, &all, &BTreeMap::new())
-            .into_iter()
-            .map(|(c, o)| (c, o.expect("placed").to_string()))
-            .collect();
+        let placed: BTreeMap<u32, String> =
+            assign(0..COMMUNITIES, &all, &BTreeMap::new(), |_, _| false)
+                .into_iter()
+                .map(|(c, o)| (c, o.expect("placed").to_string()))
+                .collect();
         let lost = "n2";
         let alive: Vec<Candidate> = all.iter().copied().filter(|n| n.name != lost).collect();
-        let after = assign(0..COMMUNITIES, &alive, &placed);
+        let after = assign(0..COMMUNITIES, &alive, &placed, |_, _| false);
         let (mut moved, mut collateral) = (0u32, 0u32);
         for (c, o) in &after {
             if o.map(str::to_string) != Some(placed[c].clone()) {

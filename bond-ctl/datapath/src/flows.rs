@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bond_common::{
-    maps::{Flow6, Flow6Key, FlowKey, SessionKey, name},
+    maps::{FLOW_CLOSING, Flow, Flow6, Flow6Key, FlowKey, SessionKey, name},
     wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
 
@@ -28,13 +28,29 @@ pub fn sweep(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<Sweep> {
     sweep_counted(maps, timeouts, now_ns).map(|(r, _)| r)
 }
 
+/// How long after its last packet a UDP or ICMP flow counts as live.
+pub const LIVE_S: u64 = 30;
+
+/// Whether a flow is live: TCP that saw no FIN or RST, or UDP or ICMP
+/// heard in the last [`LIVE_S`]. A draining node of a tier keeps a
+/// community while any of its flows is live.
+pub fn live(k: &FlowKey, f: &Flow, now_ns: u64) -> bool {
+    match k.proto {
+        IPPROTO_TCP => f.state & FLOW_CLOSING == 0,
+        _ => now_ns.saturating_sub(f.last_seen_ns) < LIVE_S * 1_000_000_000,
+    }
+}
+
+/// Flows per community after a sweep: all of them, and the live ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counted {
+    pub all: BTreeMap<u16, u64>,
+    pub live: BTreeMap<u16, u64>,
+}
+
 /// [`sweep`], and the flows left per community (from the same listing:
 /// status and metrics need not walk the table again).
-pub fn sweep_counted(
-    maps: &Maps,
-    timeouts: &Timeouts,
-    now_ns: u64,
-) -> Result<(Sweep, BTreeMap<u16, u64>)> {
+pub fn sweep_counted(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<(Sweep, Counted)> {
     let mut flows = maps.flows()?;
     let idle = flows
         .iter()
@@ -71,9 +87,14 @@ pub fn sweep_counted(
         _pad: 0,
         origin: k.origin,
     };
-    for (k, _) in &flows {
+    let mut live_by_community = BTreeMap::new();
+    for (k, f) in &flows {
         *by_community.entry(k.community).or_default() += 1;
         *by_origin.entry(origin(k)).or_default() += 1;
+        // (An expired flow is not live: idle past its timeout.)
+        if live(k, f, now_ns) && !timeouts.expired(k, f, now_ns) {
+            *live_by_community.entry(k.community).or_default() += 1;
+        }
     }
     for f in &removed {
         if let Some(n) = by_community.get_mut(&f.key.community) {
@@ -86,7 +107,11 @@ pub fn sweep_counted(
     // The program counts flows up as it makes them; expiry is counted
     // here. Flows made while this sweep ran are missed until the next.
     maps.recount_origin_flows(&by_origin)?;
-    Ok((r, by_community))
+    let counted = Counted {
+        all: by_community,
+        live: live_by_community,
+    };
+    Ok((r, counted))
 }
 
 /// The `max_entries` a server's maps are created with: `flows` for the
@@ -113,6 +138,31 @@ pub use crate::monotonic_ns;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flow_is_live_while_tcp_has_not_closed_or_udp_was_heard_lately() {
+        let key = |proto| FlowKey {
+            community: 1,
+            proto,
+            _pad: 0,
+            origin: 0x0a00_0101,
+            port: 40000,
+            _pad2: 0,
+        };
+        let s = 1_000_000_000u64;
+        let f = Flow::new(20000, 100 * s, 0xcb00_7102, 443);
+        // TCP: however idle, until FIN or RST.
+        assert!(live(&key(IPPROTO_TCP), &f, 10_000 * s));
+        for bits in [bond_common::maps::FLOW_FIN, bond_common::maps::FLOW_RST] {
+            let closing = Flow { state: bits, ..f };
+            assert!(!live(&key(IPPROTO_TCP), &closing, 100 * s));
+        }
+        // UDP and ICMP: heard in the last LIVE_S.
+        for proto in [17, IPPROTO_ICMP] {
+            assert!(live(&key(proto), &f, (100 + LIVE_S - 1) * s));
+            assert!(!live(&key(proto), &f, (100 + LIVE_S) * s));
+        }
+    }
 
     #[test]
     fn map_sizes_name_the_flow_maps() {

@@ -26,6 +26,10 @@ pub struct NodeRow {
     pub address: std::net::Ipv4Addr,
     pub weight: u32,
     pub draining: bool,
+    /// While draining: until when (Unix seconds) it keeps communities
+    /// that still have live flows (0: none kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_until: Option<u64>,
     pub controller: bool,
     /// Communities it owns.
     pub communities: usize,
@@ -83,7 +87,8 @@ impl Registry {
                 name: name.clone(),
                 address: r.address,
                 weight: r.weight,
-                draining: view.drains.contains(name),
+                draining: view.draining(name),
+                drain_until: view.drains.get(name).map(|d| d.until),
                 controller: controller.as_deref() == Some(name),
                 communities: view.owners.values().filter(|o| *o == name).count(),
             })
@@ -144,23 +149,33 @@ impl Registry {
         Ok(())
     }
 
-    /// Marks a node draining (its communities move to the others, it
-    /// takes no new ones) or not.
-    pub async fn drain(&mut self, name: &str, on: bool) -> Result<()> {
+    /// Marks a node draining, or not. Draining, it takes no new
+    /// communities and gives each of its own up once it has no live
+    /// flows there, or when `wait` has passed (all at once with a `wait`
+    /// of zero).
+    pub async fn drain(&mut self, name: &str, wait: Option<std::time::Duration>) -> Result<()> {
         if !crate::layout::valid_name(name) {
             bail!("{name:?} is not a node name (a-z, 0-9 and -, at most 63)");
         }
         let key = self.layout.drain(name);
-        if on {
-            self.client
-                .put(key, "", None)
-                .await
-                .context("marking it draining")?;
-        } else {
-            self.client
-                .delete(key, None)
-                .await
-                .context("clearing its drain")?;
+        match wait {
+            Some(wait) => {
+                let until = match wait.is_zero() {
+                    true => 0,
+                    false => crate::unix_now() + wait.as_secs().max(1),
+                };
+                let value = serde_json::to_vec(&crate::layout::DrainRecord { until })?;
+                self.client
+                    .put(key, value, None)
+                    .await
+                    .context("marking it draining")?;
+            }
+            None => {
+                self.client
+                    .delete(key, None)
+                    .await
+                    .context("clearing its drain")?;
+            }
         }
         Ok(())
     }

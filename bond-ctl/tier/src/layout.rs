@@ -3,10 +3,15 @@
 //! | key                      | value                | written by            |
 //! |--------------------------|----------------------|-----------------------|
 //! | `P/nodes/NAME`           | [`NodeRecord`]       | the node, on its lease |
-//! | `P/drain/NAME`           | empty                | the operator          |
+//! | `P/drain/NAME`           | [`DrainRecord`]      | the operator          |
+//! | `P/released/NAME/ID`     | empty                | the draining node, on its lease |
 //! | `P/communities/ID`       | [`CommunityRecord`]  | the operator          |
 //! | `P/owners/ID`            | the node's name      | the elected controller |
 //! | `P/controller/LEASE`     | the node's name      | etcd's election       |
+//!
+//! A draining node keeps each community while it has live flows there
+//! (until the drain's deadline), and releases it when it has none: only
+//! then does the controller move it, so a drain loses no flow.
 //!
 //! A node's record lives only as long as its lease: a node that dies (or
 //! loses etcd for longer than the lease) is gone from `P/nodes/` when the
@@ -50,6 +55,16 @@ impl Layout {
         format!("{}/drain/{name}", self.prefix)
     }
 
+    /// Where node `name` says it let community `id` go.
+    pub fn released(&self, name: &str, id: u32) -> String {
+        format!("{}/released/{name}/{id}", self.prefix)
+    }
+
+    /// Every community node `name` let go.
+    pub fn released_by(&self, name: &str) -> String {
+        format!("{}/released/{name}/", self.prefix)
+    }
+
     pub fn community(&self, id: u32) -> String {
         format!("{}/communities/{id}", self.prefix)
     }
@@ -75,6 +90,18 @@ impl Layout {
         Some(match kind {
             "nodes" if valid_name(name) => Entry::Node(name.to_string()),
             "drain" if valid_name(name) => Entry::Drain(name.to_string()),
+            "released" => {
+                let (node, c) = name.split_once('/')?;
+                let ok = |c: &str| {
+                    c.parse::<u32>()
+                        .ok()
+                        .filter(|_| !c.starts_with('0') || c == "0")
+                };
+                if !valid_name(node) {
+                    return None;
+                }
+                Entry::Released(node.to_string(), ok(c)?)
+            }
             "communities" => Entry::Community(id()?),
             "owners" => Entry::Owner(id()?),
             "controller" => Entry::Controller,
@@ -88,6 +115,7 @@ impl Layout {
 pub enum Entry {
     Node(String),
     Drain(String),
+    Released(String, u32),
     Community(u32),
     Owner(u32),
     Controller,
@@ -108,6 +136,17 @@ pub struct NodeRecord {
     /// The UDP port on `address` where it answers health checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<u16>,
+}
+
+/// A drain as the operator asks for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRecord {
+    /// Until when (Unix seconds) the node keeps a community that still
+    /// has live flows; after it, everything moves. 0 (or an empty value):
+    /// everything moves at once.
+    #[serde(default)]
+    pub until: u64,
 }
 
 /// A community as the operator registers it.
@@ -135,7 +174,9 @@ pub enum OwnerChange {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
     pub nodes: BTreeMap<String, NodeRecord>,
-    pub drains: BTreeSet<String>,
+    pub drains: BTreeMap<String, DrainRecord>,
+    /// (node, community) a draining node let go.
+    pub released: BTreeSet<(String, u32)>,
     pub communities: BTreeMap<u32, CommunityRecord>,
     pub owners: BTreeMap<u32, String>,
     /// Keys under the prefix that are not bond's, or whose value does not
@@ -154,7 +195,17 @@ impl View {
                 self.nodes.insert(name, r);
             }),
             Some(Entry::Drain(name)) => {
-                self.drains.insert(name);
+                let rec = if value.is_empty() {
+                    Ok(DrainRecord::default())
+                } else {
+                    json(value)
+                };
+                rec.map(|r| {
+                    self.drains.insert(name, r);
+                })
+            }
+            Some(Entry::Released(name, id)) => {
+                self.released.insert((name, id));
                 Ok(())
             }
             Some(Entry::Community(id)) => json(value).and_then(|r: CommunityRecord| {
@@ -187,6 +238,9 @@ impl View {
             Some(Entry::Drain(name)) => {
                 self.drains.remove(&name);
             }
+            Some(Entry::Released(name, id)) => {
+                self.released.remove(&(name, id));
+            }
             Some(Entry::Community(id)) => {
                 self.communities.remove(&id);
             }
@@ -206,20 +260,36 @@ impl View {
             .collect()
     }
 
+    /// Whether `node` is draining.
+    pub fn draining(&self, node: &str) -> bool {
+        self.drains.contains_key(node)
+    }
+
     /// What the controller writes to bring `P/owners/` to
-    /// [`owner::assign`]'s answer: owners for communities that need one,
-    /// none for communities that are gone or that no node can take.
-    pub fn plan(&self) -> Vec<OwnerChange> {
+    /// [`owner::assign`]'s answer at `now` (Unix seconds): owners for
+    /// communities that need one, none for communities that are gone or
+    /// that no node can take. A draining owner keeps a community it has
+    /// not released until its drain's deadline.
+    pub fn plan(&self, now: u64) -> Vec<OwnerChange> {
         let nodes: Vec<Candidate> = self
             .nodes
             .iter()
             .map(|(name, r)| Candidate {
                 name,
                 weight: r.weight,
-                draining: self.drains.contains(name),
+                draining: self.draining(name),
             })
             .collect();
-        let want = owner::assign(self.communities.keys().copied(), &nodes, &self.owners);
+        let holds = |c: u32, node: &str| {
+            self.drains.get(node).is_some_and(|d| d.until > now)
+                && !self.released.contains(&(node.to_string(), c))
+        };
+        let want = owner::assign(
+            self.communities.keys().copied(),
+            &nodes,
+            &self.owners,
+            holds,
+        );
         let mut changes: Vec<OwnerChange> = want
             .iter()
             .filter(|(c, o)| self.owners.get(c).map(String::as_str) != **o)
@@ -249,6 +319,8 @@ mod tests {
     fn l() -> Layout {
         Layout::new("/bond/")
     }
+
+    const NOW: u64 = 1_800_000_000;
 
     fn node(v: &mut View, name: &str, weight: u32) {
         let rec = format!(r#"{{"address":"192.0.2.1","weight":{weight}}}"#);
@@ -324,7 +396,7 @@ mod tests {
             community(&mut v, c);
         }
         v.put(&l(), &l().owner(99), b"n1");
-        let plan = v.plan();
+        let plan = v.plan(NOW);
         assert!(plan.contains(&OwnerChange::Remove(99)));
         let apply = |v: &mut View, plan: Vec<OwnerChange>| {
             for ch in plan {
@@ -336,12 +408,12 @@ mod tests {
         };
         apply(&mut v, plan);
         assert_eq!(v.owners.len(), 20);
-        assert!(v.plan().is_empty(), "a second plan changes nothing");
+        assert!(v.plan(NOW).is_empty(), "a second plan changes nothing");
         let n2: Vec<u32> = v.served("n2").into_keys().collect();
         assert!(!n2.is_empty() && n2.len() < 20);
         // n2's lease runs out: exactly its communities move, all to n1.
         v.delete(&l(), &l().node("n2"));
-        let plan = v.plan();
+        let plan = v.plan(NOW);
         assert_eq!(
             plan,
             n2.iter()
@@ -351,11 +423,49 @@ mod tests {
         apply(&mut v, plan);
         // n1 drains with no one to take over: its communities stay.
         v.put(&l(), &l().drain("n1"), b"");
-        assert!(v.plan().is_empty());
+        assert!(v.plan(NOW).is_empty());
         node(&mut v, "n3", 1);
-        assert_eq!(v.plan().len(), 20, "all to n3");
+        assert_eq!(v.plan(NOW).len(), 20, "all to n3");
         // A community removed: its owner goes with it.
         v.delete(&l(), &l().community(7));
-        assert!(v.plan().contains(&OwnerChange::Remove(7)));
+        assert!(v.plan(NOW).contains(&OwnerChange::Remove(7)));
+    }
+
+    #[test]
+    fn a_drain_keeps_what_the_node_has_not_released_until_its_deadline() {
+        let mut v = View::default();
+        node(&mut v, "n1", 1);
+        node(&mut v, "n2", 1);
+        for c in 1..=3 {
+            community(&mut v, c);
+            v.put(&l(), &l().owner(c), b"n1");
+        }
+        let until = format!(r#"{{"until":{}}}"#, NOW + 60);
+        v.put(&l(), &l().drain("n1"), until.as_bytes());
+        assert!(v.draining("n1"));
+        assert!(v.plan(NOW).is_empty(), "n1 holds all three");
+        v.put(&l(), &l().released("n1", 2), b"");
+        assert_eq!(v.plan(NOW), [OwnerChange::Set(2, "n2".into())]);
+        // Released by another node: means nothing for n1's.
+        v.put(&l(), &l().released("n2", 1), b"");
+        assert_eq!(v.plan(NOW).len(), 1);
+        // The deadline passed: everything moves.
+        assert_eq!(v.plan(NOW + 60).len(), 3);
+        // An empty value (as before deadlines): at once.
+        v.put(&l(), &l().drain("n1"), b"");
+        assert_eq!(v.plan(NOW).len(), 3);
+        // Keys that are not well formed are named, not taken.
+        for bad in [
+            "/bond/released/n1/x",
+            "/bond/released/N1/3",
+            "/bond/released/n1",
+        ] {
+            v.put(&l(), bad, b"");
+            assert!(v.bad.contains_key(bad), "{bad}");
+        }
+        v.put(&l(), &l().drain("n2"), b"{\"until\":\"soon\"}");
+        assert!(v.bad.contains_key(&l().drain("n2")) && !v.draining("n2"));
+        v.delete(&l(), &l().released("n1", 2));
+        assert!(!v.released.contains(&("n1".to_string(), 2)));
     }
 }

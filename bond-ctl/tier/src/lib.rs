@@ -27,6 +27,13 @@ pub use layout::{Layout, View};
 /// on the connection).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The time as the registry's deadlines count it: Unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Connects to any of `endpoints` (`http://host:port`); each call may
 /// take [`CALL_TIMEOUT`].
 pub async fn connect(endpoints: &[String]) -> Result<Client> {

@@ -50,9 +50,19 @@ pub struct Served {
     pub view: std::sync::Arc<View>,
 }
 
+/// What a draining node tells the registry of its communities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// It has no live flows in this community: it may move.
+    One(u32),
+    /// No longer draining: what it released is taken back.
+    TakeBack,
+}
+
 /// A node in the tier. Dropping it leaves the lease to run out.
 pub struct Node {
     pub served: watch::Receiver<Served>,
+    release: tokio::sync::mpsc::UnboundedSender<Release>,
     leave: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     /// Answers directors' health checks (`crate::health`).
@@ -67,15 +77,23 @@ impl Node {
     pub fn join(settings: Settings, health: Option<tokio::net::UdpSocket>) -> Self {
         let (tx, served) = watch::channel(Served::default());
         let (leave, left) = oneshot::channel();
+        let (release, released) = tokio::sync::mpsc::unbounded_channel();
         let health =
             health.map(|sock| tokio::spawn(crate::health::answer_on(sock, settings.name.clone())));
-        let task = tokio::spawn(run(settings, tx, left));
+        let task = tokio::spawn(run(settings, tx, left, released));
         Self {
             served,
+            release,
             leave: Some(leave),
             task,
             health,
         }
+    }
+
+    /// While draining: tells the registry what this node lets go (written
+    /// on its lease, so a node that dies takes its word with it).
+    pub fn release(&self, r: Release) {
+        let _ = self.release.send(r);
     }
 
     /// Gives the lease back, so the node's communities move at once rather
@@ -116,12 +134,19 @@ impl Held {
     }
 }
 
-async fn run(s: Settings, tx: watch::Sender<Served>, mut left: oneshot::Receiver<()>) {
+type Releases = tokio::sync::mpsc::UnboundedReceiver<Release>;
+
+async fn run(
+    s: Settings,
+    tx: watch::Sender<Served>,
+    mut left: oneshot::Receiver<()>,
+    mut releases: Releases,
+) {
     let mut held = Held::default();
     let mut fails = 0u32;
     loop {
         let start = Instant::now();
-        match session(&s, &tx, &mut held, &mut left).await {
+        match session(&s, &tx, &mut held, &mut left, &mut releases).await {
             Ok(()) => return,
             Err(e) => {
                 // Quickly at first (another member will do), then less
@@ -205,6 +230,7 @@ async fn session(
     tx: &watch::Sender<Served>,
     held: &mut Held,
     left: &mut oneshot::Receiver<()>,
+    releases: &mut Releases,
 ) -> Result<()> {
     let mut client = crate::connect(&s.endpoints).await?;
     let ttl = i64::try_from(s.lease.as_secs().max(1)).unwrap_or(i64::MAX);
@@ -260,6 +286,22 @@ async fn session(
             // candidacy) rather than a node that won the election and
             // controls nothing.
             _ = &mut controller => bail!("the controller stopped"),
+            Some(r) = releases.recv() => match r {
+                Release::One(c) => {
+                    let opts = PutOptions::new().with_lease(lease);
+                    client
+                        .put(s.layout.released(&s.name, c), "", Some(opts))
+                        .await
+                        .context("releasing a community")?;
+                }
+                Release::TakeBack => {
+                    let opts = etcd_client::DeleteOptions::new().with_prefix();
+                    client
+                        .delete(s.layout.released_by(&s.name), Some(opts))
+                        .await
+                        .context("taking released communities back")?;
+                }
+            },
             m = watch.message() => {
                 apply(&mut view, &s.layout, m)?;
                 if !view.nodes.contains_key(&s.name) {
@@ -350,8 +392,10 @@ async fn lead(
     tx.send_modify(|s| s.controller = true);
     tracing::info!("controller: node {} elected", s.name);
     let (mut view, mut watch) = crate::follow_from_now(client, &s.layout).await?;
+    // Drains' deadlines pass without a change in the registry.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let plan = view.plan();
+        let plan = view.plan(crate::unix_now());
         if !plan.is_empty() {
             for chunk in plan.chunks(TXN_OPS) {
                 let ops: Vec<TxnOp> = chunk
@@ -374,7 +418,10 @@ async fn lead(
             }
             log_plan(&view, &plan);
         }
-        apply(&mut view, &s.layout, watch.message().await)?;
+        tokio::select! {
+            m = watch.message() => apply(&mut view, &s.layout, m)?,
+            _ = tick.tick() => {}
+        }
     }
 }
 

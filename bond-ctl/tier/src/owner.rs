@@ -59,13 +59,16 @@ pub fn place<'a>(community: u32, nodes: &[Candidate<'a>]) -> Option<&'a str> {
 }
 
 /// Each community's owner: its `current` one while that node is alive
-/// (in `nodes`) and not draining, else [`place`]d. A community no node
-/// can take (all gone or draining) stays with a live draining owner, or
-/// has none.
+/// (in `nodes`) and not draining, or draining but still holding it
+/// (`holds(community, node)`: it has live flows there and the drain's
+/// deadline has not passed); else [`place`]d. A community no node can
+/// take (all gone or draining) stays with a live draining owner, or has
+/// none.
 pub fn assign<'a>(
     communities: impl IntoIterator<Item = u32>,
     nodes: &[Candidate<'a>],
     current: &BTreeMap<u32, String>,
+    holds: impl Fn(u32, &str) -> bool,
 ) -> BTreeMap<u32, Option<&'a str>> {
     let live = |name: &str| nodes.iter().find(|n| n.name == name);
     communities
@@ -73,7 +76,7 @@ pub fn assign<'a>(
         .map(|c| {
             let now = current.get(&c).and_then(|o| live(o));
             let owner = match now {
-                Some(n) if !n.draining => Some(n.name),
+                Some(n) if !n.draining || holds(c, n.name) => Some(n.name),
                 _ => place(c, nodes).or(now.map(|n| n.name)),
             };
             (c, owner)
@@ -161,18 +164,18 @@ mod tests {
     #[test]
     fn owners_stay_while_alive_and_orphans_spread_over_the_rest() {
         let three = nodes(&[("n1", 1), ("n2", 1), ("n3", 1)]);
-        let first = assign(0..30_000, &three, &BTreeMap::new());
+        let first = assign(0..30_000, &three, &BTreeMap::new(), |_, _| false);
         let current: BTreeMap<u32, String> = first
             .iter()
             .map(|(&c, o)| (c, o.unwrap().to_string()))
             .collect();
         // A fourth node joins: nothing moves.
         let four = nodes(&[("n1", 1), ("n2", 1), ("n3", 1), ("n4", 1)]);
-        let joined = assign(0..30_000, &four, &current);
+        let joined = assign(0..30_000, &four, &current, |_, _| false);
         assert!(joined.iter().all(|(c, o)| o.unwrap() == current[c]));
         // n2 dies: only its communities move, about half to each survivor.
         let two = nodes(&[("n1", 1), ("n3", 1)]);
-        let after = assign(0..30_000, &two, &current);
+        let after = assign(0..30_000, &two, &current, |_, _| false);
         let mut to = BTreeMap::new();
         for (c, o) in &after {
             let o = o.unwrap();
@@ -199,17 +202,33 @@ mod tests {
         let current: BTreeMap<u32, String> = (0..100).map(|c| (c, "n2".to_string())).collect();
         n[1].draining = true;
         assert!(
-            assign(0..100, &n, &current)
+            assign(0..100, &n, &current, |_, _| false)
                 .values()
                 .all(|o| *o == Some("n1"))
         );
         n[0].draining = true;
         assert!(
-            assign(0..100, &n, &current)
+            assign(0..100, &n, &current, |_, _| false)
                 .values()
                 .all(|o| *o == Some("n2"))
         );
         // Its owner gone and no one to take it: no owner.
-        assert_eq!(assign([5], &n[..1], &current)[&5], None);
+        assert_eq!(assign([5], &n[..1], &current, |_, _| false)[&5], None);
+    }
+
+    #[test]
+    fn a_draining_node_keeps_what_it_still_holds() {
+        let mut n = nodes(&[("n1", 1), ("n2", 1)]);
+        n[1].draining = true;
+        let current: BTreeMap<u32, String> = (0..100).map(|c| (c, "n2".to_string())).collect();
+        // n2 still has flows in the even ones.
+        let a = assign(0..100, &n, &current, |c, node| node == "n2" && c % 2 == 0);
+        for (c, o) in a {
+            assert_eq!(o, Some(if c % 2 == 0 { "n2" } else { "n1" }), "{c}");
+        }
+        // Holding means nothing to a node that is not its owner.
+        let none: BTreeMap<u32, String> = BTreeMap::new();
+        let a = assign(0..100, &n, &none, |_, _| true);
+        assert!(a.values().all(|o| *o == Some("n1")));
     }
 }

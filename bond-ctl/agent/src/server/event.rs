@@ -90,6 +90,7 @@ impl Agent {
         dark_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (swept_tx, mut swept) = mpsc::channel(1);
         let mut sweeping = false;
+        let mut sweep_began = Instant::now();
         let mut sweep = tokio::time::interval(self.cfg.flows.sweep());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut registry = self.tier.as_ref().map(|n| n.served.clone());
@@ -123,6 +124,7 @@ impl Agent {
                         let served = rx.borrow_and_update().clone();
                         let view = served.view.clone();
                         self.follow_registry(served);
+                        self.release_idle();
                         if let Some(nodes) = self.nodes.as_mut() {
                             nodes.sync(&view).await;
                         }
@@ -147,6 +149,7 @@ impl Agent {
                 // it would hold up announces and their deadlines.
                 _ = sweep.tick(), if !sweeping => {
                     sweeping = true;
+                    sweep_began = Instant::now();
                     let (maps, timeouts, tx) =
                         (self.maps.clone(), self.cfg.flows.timeouts(), swept_tx.clone());
                     tokio::task::spawn_blocking(move || {
@@ -160,9 +163,11 @@ impl Agent {
                 Some(result) = swept.recv() => {
                     sweeping = false;
                     match result {
-                        Ok((r, by_community)) => {
+                        Ok((r, counted)) => {
                             self.flows.record(&r);
-                            self.flows.by_community = by_community;
+                            self.flows.by_community = counted.all;
+                            self.live_flows = (counted.live, Some(sweep_began));
+                            self.release_idle();
                             if r.removed() > 0 {
                                 tracing::info!(
                                     "expired {} flow(s) (tcp {}, udp {}, icmp {}); {} ports free",

@@ -51,6 +51,12 @@ struct Agent {
     /// The other nodes and the communities they own, passed on to them
     /// when a director steers them here (`[tier]` only).
     nodes: Option<crate::nodes::NodeTable>,
+    /// Live flows per community as of the last sweep, and when that
+    /// sweep began (what a draining node waits for); when this node was
+    /// first seen draining; the communities it released, with when.
+    live_flows: (BTreeMap<u16, u64>, Option<Instant>),
+    drain_seen: Option<Instant>,
+    released: BTreeMap<u32, Instant>,
     table: ServerTable,
     guard: Guard,
     counter: Counter,

@@ -150,6 +150,52 @@ impl Agent {
         self.served = served;
     }
 
+    /// While this node drains: lets the registry move each community it
+    /// owns that has no live flows, as counted by a sweep that began
+    /// after the drain did (one from before would miss a flow made just
+    /// before); asked again every 2 s until the registry shows it. No
+    /// longer draining, takes back what it let go.
+    pub(super) fn release_idle(&mut self) {
+        use bond_tier::node::Release;
+        let (Some(node), Some(t)) = (&self.tier, &self.cfg.tier) else {
+            return;
+        };
+        let view = &self.served.view;
+        let me = &t.node;
+        if !view.draining(me) {
+            self.drain_seen = None;
+            if !self.released.is_empty() || view.released.iter().any(|(n, _)| n == me) {
+                node.release(Release::TakeBack);
+                self.released.clear();
+            }
+            return;
+        }
+        let seen = *self.drain_seen.get_or_insert_with(Instant::now);
+        let (live, counted) = &self.live_flows;
+        if counted.is_none_or(|at| at < seen) {
+            return;
+        }
+        for &c in self.served.communities.keys() {
+            let live = u16::try_from(c)
+                .ok()
+                .and_then(|c| live.get(&c))
+                .copied()
+                .unwrap_or(0);
+            let shown = view.released.contains(&(me.clone(), c));
+            let due = self
+                .released
+                .get(&c)
+                .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2));
+            if live == 0 && !shown && due {
+                if !self.released.contains_key(&c) {
+                    tracing::info!("draining: community {c} has no live flows: released");
+                }
+                node.release(Release::One(c));
+                self.released.insert(c, Instant::now());
+            }
+        }
+    }
+
     /// Lowers the datapath's `link_mtu` to the smallest MTU any live link
     /// announced (never above the configured one), and raises it again
     /// when that link leaves: replies that would not fit it wrapped get
