@@ -123,13 +123,21 @@ async fn nodes(reg: &mut Registry, json: bool) -> Result<()> {
         "{:<16} {:<16} {:>6} {:>11}  state",
         "node", "address", "weight", "communities"
     );
+    let now = bond_tier::unix_now();
     for n in &nodes {
-        let state = match (n.draining, n.controller) {
-            (true, true) => "draining, controller",
-            (true, false) => "draining",
-            (false, true) => "controller",
-            (false, false) => "",
-        };
+        let mut state = Vec::new();
+        match n.drain_until {
+            Some(until) if until > now && n.communities > 0 => state.push(format!(
+                "draining: keeps what has flows for {} s more",
+                until - now
+            )),
+            Some(_) => state.push("draining".to_string()),
+            None => {}
+        }
+        if n.controller {
+            state.push("controller".to_string());
+        }
+        let state = state.join(", ");
         println!(
             "{:<16} {:<16} {:>6} {:>11}  {state}",
             n.name, n.address, n.weight, n.communities

@@ -89,9 +89,10 @@ pub async fn run(
     );
     tracing::info!("{up}");
     crate::notify_ready(&up);
+    let nodes = NodeTable::new(Owners::Director, maps.clone(), None, Some(cfg.attach.veth))?;
     let mut d = Director {
         cfg,
-        nodes: NodeTable::new(Owners::Director, maps.clone(), None)?,
+        nodes,
         maps,
         view: Arc::default(),
         live: false,

@@ -47,13 +47,24 @@ pub struct NodeTable {
     slots: BTreeMap<String, Slot>,
     /// Owners as written: community -> slot.
     owners: BTreeMap<u16, u32>,
+    /// A director's `[attach] veth`: the interfaces it redirects frames
+    /// into are readied as those it attaches to are (a veth's other end
+    /// takes frames from XDP only with GRO on); each once. None: a node,
+    /// whose one interface was readied when its program went on.
+    veth: Option<bond_config::VethAttach>,
+    readied: BTreeSet<String>,
 }
 
 impl NodeTable {
     /// Starts from the owners the maps hold (an earlier agent's, when
     /// adopted): the first [`Self::sync`] clears what the registry no
     /// longer says.
-    pub fn new(table: Owners, maps: Maps, me: Option<String>) -> Result<Self> {
+    pub fn new(
+        table: Owners,
+        maps: Maps,
+        me: Option<String>,
+        veth: Option<bond_config::VethAttach>,
+    ) -> Result<Self> {
         let owners = maps.owners(table)?.into_iter().collect();
         Ok(Self {
             table,
@@ -62,6 +73,8 @@ impl NodeTable {
             me,
             slots: BTreeMap::new(),
             owners,
+            veth,
+            readied: BTreeSet::new(),
         })
     }
 
@@ -209,6 +222,12 @@ impl NodeTable {
             crate::net::poke_neighbor(&dev, slot.address)?;
             return Ok(());
         };
+        if let Some(how) = self.veth
+            && !self.readied.contains(&dev)
+        {
+            crate::veth::ready(&self.net, &dev, how).await?;
+            self.readied.insert(dev.clone());
+        }
         let ours = self.net.iface(&dev).await?.mac;
         let entry = NodeSlot {
             ifindex: index,

@@ -47,9 +47,6 @@ impl Lab {
         self.ip(&switch, "link set br0 up")?;
         self.veth((&srv, "site0", Some("10.0.10.1/24")), (&switch, "r0", None))?;
         self.ip(&switch, "link set r0 master br0")?;
-        // The director redirects frames into site0: its other end must
-        // take them from XDP (GRO on).
-        self.exec(&switch, "ethtool", &["-K", "r0", "gro", "on", "tx", "off"])?;
         // Nodes answer from the front address: the router forwards what
         // comes from it.
         self.sysctl(&srv, "net.ipv4.conf.all.rp_filter=0")?;

@@ -179,6 +179,7 @@ pub async fn run(
                 bond_datapath::Owners::Node,
                 maps.clone(),
                 Some(t.node.clone()),
+                None,
             )?),
             None => None,
         },
