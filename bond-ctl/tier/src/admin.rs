@@ -135,6 +135,38 @@ impl Registry {
         Ok(())
     }
 
+    /// Registers many communities at once (a site's import; a bench's
+    /// thousands), in transactions of 100; an id already registered
+    /// fails its transaction and is named.
+    pub async fn add_communities(&mut self, all: &[(u32, String)]) -> Result<()> {
+        for chunk in all.chunks(100) {
+            let mut when = Vec::new();
+            let mut puts = Vec::new();
+            for (id, key) in chunk {
+                if key.len() < 16 {
+                    bail!(
+                        "community {id}: the key is {} bytes; use at least 16",
+                        key.len()
+                    );
+                }
+                let k = self.layout.community(*id);
+                let value = serde_json::to_vec(&CommunityRecord { key: key.clone() })?;
+                when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
+                puts.push(TxnOp::put(k, value, None));
+            }
+            let r = self
+                .client
+                .txn(Txn::new().when(when).and_then(puts))
+                .await
+                .context("registering communities")?;
+            if !r.succeeded() {
+                let ids: Vec<u32> = chunk.iter().map(|c| c.0).collect();
+                bail!("one of communities {ids:?} is already registered");
+            }
+        }
+        Ok(())
+    }
+
     /// Removes a community: its owner stops serving it once the
     /// controller clears the owner.
     pub async fn remove_community(&mut self, id: u32) -> Result<()> {

@@ -37,21 +37,31 @@ pub fn unix_now() -> u64 {
 /// Connects to any of `endpoints` (`http://host:port`); each call may
 /// take [`CALL_TIMEOUT`].
 pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    connect_with(endpoints, Some(CALL_TIMEOUT)).await
+    Ok(connect_with(endpoints, None, Some(CALL_TIMEOUT)).await?.0)
+}
+
+/// As [`connect`], and which endpoint answered.
+pub async fn connect_one(endpoints: &[String]) -> Result<(Client, usize)> {
+    connect_with(endpoints, None, Some(CALL_TIMEOUT)).await
 }
 
 /// As [`connect`], for calls that wait as long as they must (standing
-/// for election): a dead connection is still found by its keep-alive
-/// pings.
-pub async fn connect_patient(endpoints: &[String]) -> Result<Client> {
-    connect_with(endpoints, None).await
+/// for election), trying endpoint `first` first (a node keeps to one
+/// member): a dead connection is still found by its keep-alive pings.
+pub async fn connect_patient(endpoints: &[String], first: usize) -> Result<Client> {
+    Ok(connect_with(endpoints, Some(first), None).await?.0)
 }
 
 /// One member at a time: a balanced channel over all of them sends some
 /// calls to a member that is down and fails them. The first member (from
-/// a varying start, to spread the nodes) that answers a status call is
-/// used until a call fails; the caller then connects again.
-async fn connect_with(endpoints: &[String], timeout: Option<Duration>) -> Result<Client> {
+/// `first`, or a varying start, to spread the nodes) that answers a
+/// status call is used until a call fails; the caller then connects
+/// again.
+async fn connect_with(
+    endpoints: &[String],
+    first: Option<usize>,
+    timeout: Option<Duration>,
+) -> Result<(Client, usize)> {
     if endpoints.is_empty() {
         bail!("no etcd endpoint given");
     }
@@ -64,19 +74,22 @@ async fn connect_with(endpoints: &[String], timeout: Option<Duration>) -> Result
     if let Some(t) = timeout {
         opts = opts.with_timeout(t);
     }
-    let start = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as usize);
+    let start = first.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize)
+    });
     let mut errors = Vec::new();
     for k in 0..endpoints.len() {
-        let ep = &endpoints[(start + k) % endpoints.len()];
+        let i = (start + k) % endpoints.len();
+        let ep = &endpoints[i];
         let tried = async {
             let mut c = Client::connect([ep], Some(opts.clone())).await?;
             c.status().await?;
             Ok::<_, etcd_client::Error>(c)
         };
         match tokio::time::timeout(CALL_TIMEOUT, tried).await {
-            Ok(Ok(c)) => return Ok(c),
+            Ok(Ok(c)) => return Ok((c, i)),
             Ok(Err(e)) => errors.push(format!("{ep}: {e}")),
             Err(_) => errors.push(format!("{ep}: no answer in {CALL_TIMEOUT:?}")),
         }

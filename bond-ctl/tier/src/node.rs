@@ -232,7 +232,7 @@ async fn session(
     left: &mut oneshot::Receiver<()>,
     releases: &mut Releases,
 ) -> Result<()> {
-    let mut client = crate::connect(&s.endpoints).await?;
+    let (mut client, member) = crate::connect_one(&s.endpoints).await?;
     let ttl = i64::try_from(s.lease.as_secs().max(1)).unwrap_or(i64::MAX);
     let (lease, mut keeper, mut kept) = hold_lease(&mut client, held, s.lease).await?;
     client
@@ -243,7 +243,9 @@ async fn session(
         )
         .await
         .context("registering")?;
-    let patient = crate::connect_patient(&s.endpoints).await?;
+    // The candidacy's calls go to the same member: losing it ends the
+    // session either way.
+    let patient = crate::connect_patient(&s.endpoints, member).await?;
     let stand = stand(patient, client.clone(), s.clone(), lease, tx.clone());
     let mut controller = tokio::spawn(stand);
     let _controller = Abort(controller.abort_handle());
@@ -417,6 +419,17 @@ async fn lead(
                 }
             }
             log_plan(&view, &plan);
+            // Written: the view has it now, not when the watch brings it
+            // back (messages queued before it would otherwise each plan
+            // and write every owner still on the way again).
+            for ch in &plan {
+                match ch {
+                    OwnerChange::Set(c, node) => {
+                        view.put(&s.layout, &s.layout.owner(*c), node.as_bytes())
+                    }
+                    OwnerChange::Remove(c) => view.delete(&s.layout, &s.layout.owner(*c)),
+                }
+            }
         }
         tokio::select! {
             m = watch.message() => apply(&mut view, &s.layout, m)?,

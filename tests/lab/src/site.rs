@@ -310,6 +310,14 @@ impl Site {
         Ok(())
     }
 
+    /// A running child's process id, by its short name.
+    pub fn pid(&self, short: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == short)
+            .map(|(_, c)| c.id())
+    }
+
     pub fn is_running(&mut self, short: &str) -> bool {
         self.children
             .iter_mut()

@@ -68,7 +68,7 @@
 
 mod bench;
 mod cpu;
-mod netns;
+pub(crate) mod netns;
 mod paths;
 mod relay;
 mod report;

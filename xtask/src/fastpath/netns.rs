@@ -148,7 +148,7 @@ pub(super) fn mac_str(m: Mac) -> String {
     m.map(|b| format!("{b:02x}")).join(":")
 }
 
-pub(super) fn netns_file(ns: &str) -> Result<File> {
+pub(crate) fn netns_file(ns: &str) -> Result<File> {
     let p = format!("/run/netns/{ns}");
     File::open(&p).with_context(|| format!("opening {p}"))
 }
@@ -156,7 +156,7 @@ pub(super) fn netns_file(ns: &str) -> Result<File> {
 /// Runs `f` on a thread of its own inside namespace `ns` (interface names
 /// and indexes, attaching XDP and `BPF_PROG_TEST_RUN` all resolve in the
 /// calling thread's network namespace).
-pub(super) fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(crate) fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let file = netns_file(ns)?;
     thread::scope(|s| {
         s.spawn(move || {

@@ -25,6 +25,10 @@ use crate::{
     resend,
 };
 
+/// How often the server looks for terminals and links that missed their
+/// announces: a miss is seen at most this late.
+const EXPIRE_EVERY: Duration = Duration::from_millis(50);
+
 impl Agent {
     /// The server's index of link `link` of community `c`, if origin `o`
     /// announced it and `src` is its address: where echoes are answered
@@ -95,15 +99,13 @@ impl Agent {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut registry = self.tier.as_ref().map(|n| n.served.clone());
         let mut resolve = tokio::time::interval(crate::nodes::RESOLVE_EVERY);
+        let mut expire = tokio::time::interval(EXPIRE_EVERY);
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if sweep.period() != self.cfg.flows.sweep() {
                 sweep = tokio::time::interval(self.cfg.flows.sweep());
                 sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
-            let deadline = self
-                .table
-                .next_deadline()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = signals.stop.recv() => return Ok(Exit::Leave),
                 _ = signals.hangup.recv() => {
@@ -179,7 +181,12 @@ impl Agent {
                         Err(e) => tracing::warn!("flow sweep: {e}"),
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                // Missed announces are looked for every EXPIRE_EVERY, not at
+                // each terminal's own deadline: finding the next deadline
+                // walks every terminal and link, and did so for every
+                // message (a node of thousands of communities spent most
+                // of its time there).
+                _ = expire.tick() => {
                     let ch = self.table.expire(Instant::now());
                     for (c, o) in &ch.sessions_gone {
                         tracing::warn!("community {c}: terminal {o} silent: session closed");
