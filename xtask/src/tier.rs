@@ -191,6 +191,8 @@ struct Load {
     logged_on: usize,
     login: Duration,
     announces: u64,
+    /// Logins sent again in the window: sessions that lapsed.
+    relogins: u64,
     window: Duration,
 }
 
@@ -270,7 +272,8 @@ fn announce_load(bond_ctl: &Path, n: u32, secs: u64) -> Result<String> {
          {n} communities registered in {:.1} s (transactions of 100) and placed by the controller \
          {:.1} s later; one simulated terminal each, with one link, logging on ({} of {n} logged \
          on in {:.1} s) and then announcing every second for {secs} s ({} announces sent, \
-         {:.0} a second). Each node agent's CPU over that window:\n\n\
+         {:.0} a second; {} logins again for sessions that lapsed). Each \
+         node agent's CPU over that window:\n\n\
          | node | communities | agent CPU (of one core) | per community per second |\n|---|---|---|---|\n{rows}\n\
          Control messages refused: {}. The community id is 16 bits on this wire, so {n} is as \
          many as one site can hold; the issue's 100,000 waits for a wider id.\n",
@@ -280,6 +283,7 @@ fn announce_load(bond_ctl: &Path, n: u32, secs: u64) -> Result<String> {
         load.login.as_secs_f64(),
         load.announces,
         load.announces as f64 / load.window.as_secs_f64().max(0.001),
+        load.relogins,
         rejects.join("; ")
     ))
 }
@@ -352,7 +356,9 @@ async fn simulate(
     // are asked again.
     let t2 = Instant::now();
     let mut buf = vec![0u8; 2048];
-    for _round in 0..5 {
+    // Until every one is on (the nodes may still be taking in the
+    // registry), at most a minute.
+    while t2.elapsed() < Duration::from_secs(60) {
         let missing: Vec<u32> = (1..=n)
             .filter(|c| !tokens.contains_key(&(*c as u16)))
             .collect();
@@ -396,7 +402,7 @@ async fn simulate(
     };
     window_starts();
     let t3 = Instant::now();
-    let mut announces = 0u64;
+    let (mut announces, mut relogins) = (0u64, 0u64);
     let ids: Vec<(u16, u64)> = tokens.iter().map(|(&c, &t)| (c, t)).collect();
     for s in 0..secs {
         let second = t3 + Duration::from_secs(s);
@@ -404,18 +410,25 @@ async fn simulate(
         for (k, chunk) in ids.chunks(100).enumerate() {
             let at = second + Duration::from_secs(1) * (k * 100) as u32 / ids.len().max(1) as u32;
             tokio::time::sleep_until(at.into()).await;
-            for &(c, token) in chunk {
+            for &(c, _) in chunk {
                 let Some(dst) = to(u32::from(c)) else {
                     continue;
                 };
-                let body = Body::Announce {
-                    interval_ms: 1000,
-                    links: vec![link],
+                let m = match tokens.get(&c) {
+                    Some(&token) => {
+                        let body = Body::Announce {
+                            interval_ms: 1000,
+                            links: vec![link],
+                        };
+                        announces += 1;
+                        msg(c, token, &mut counter, body)
+                    }
+                    None => {
+                        relogins += 1;
+                        msg(c, 0, &mut counter, Body::Login)
+                    }
                 };
-                let m = msg(c, token, &mut counter, body);
-                if sock.send_to(&m.encode(&keys[&c]), dst).await.is_ok() {
-                    announces += 1;
-                }
+                let _ = sock.send_to(&m.encode(&keys[&c]), dst).await;
             }
             read_replies(&sock, &mut buf, &keys, &mut tokens, Duration::ZERO).await;
         }
@@ -426,6 +439,7 @@ async fn simulate(
         logged_on,
         login,
         announces,
+        relogins,
         window: t3.elapsed(),
     })
 }
@@ -451,10 +465,16 @@ async fn read_replies(
             },
         };
         let Some(len) = got else { continue };
-        if let Ok(m) = Msg::decode(&buf[..len], |c| keys.get(&c))
-            && let Body::LoginReply(Reply::Ok { token, .. }) = m.body
-        {
-            tokens.insert(m.community, token);
+        match Msg::decode(&buf[..len], |c| keys.get(&c)).map(|m| (m.community, m.body)) {
+            Ok((c, Body::LoginReply(Reply::Ok { token, .. }))) => {
+                tokens.insert(c, token);
+            }
+            // The session lapsed (announces late): a terminal logs on
+            // again at once.
+            Ok((c, Body::LoginReply(Reply::NeedLogin))) => {
+                tokens.remove(&c);
+            }
+            _ => {}
         }
     }
 }

@@ -115,16 +115,43 @@ pub async fn follow_from_now(client: &mut Client, layout: &Layout) -> Result<(Vi
     Ok((view, stream))
 }
 
-/// Everything under the layout's prefix, and the revision it is as of.
+/// Keys read per call: a whole registry of tens of thousands of
+/// communities in one answer would pass gRPC's 4 MiB message limit.
+const PAGE: i64 = 2000;
+
+/// Everything under the layout's prefix, and the revision it is as of
+/// (read page by page, every page at that one revision).
 pub async fn snapshot(client: &mut Client, layout: &Layout) -> Result<(View, i64)> {
-    let resp = client
-        .get(layout.all(), Some(GetOptions::new().with_prefix()))
-        .await
-        .context("reading the registry")?;
-    let mut view = View::default();
-    for kv in resp.kvs() {
-        view.put(layout, &String::from_utf8_lossy(kv.key()), kv.value());
+    let prefix = layout.all().into_bytes();
+    // The end of the prefix's range: its last byte plus one ("/" + 1).
+    let mut end = prefix.clone();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
     }
-    let rev = resp.header().map_or(0, |h| h.revision());
-    Ok((view, rev))
+    let mut view = View::default();
+    let mut from = prefix;
+    let mut rev = 0;
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if rev > 0 {
+            opts = opts.with_revision(rev);
+        }
+        let resp = client
+            .get(from.clone(), Some(opts))
+            .await
+            .context("reading the registry")?;
+        if rev == 0 {
+            rev = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            view.put(layout, &String::from_utf8_lossy(kv.key()), kv.value());
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((view, rev)),
+        }
+    }
 }

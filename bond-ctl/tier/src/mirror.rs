@@ -56,6 +56,7 @@ async fn session(
             () = tx.closed() => return Ok(()),
             m = stream.message() => {
                 crate::node::apply(&mut view, layout, m)?;
+                crate::node::apply_queued(&mut view, layout, &mut stream).await?;
                 tx.send_replace(Mirrored { view: Arc::new(view.clone()), live: true });
             }
         }

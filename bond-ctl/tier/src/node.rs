@@ -306,6 +306,7 @@ async fn session(
             },
             m = watch.message() => {
                 apply(&mut view, &s.layout, m)?;
+                apply_queued(&mut view, &s.layout, &mut watch).await?;
                 if !view.nodes.contains_key(&s.name) {
                     bail!("this node's record is gone from the registry");
                 }
@@ -313,6 +314,21 @@ async fn session(
             }
         }
     }
+}
+
+/// Takes every watch message already waiting into `view` too, so that a
+/// node behind a burst (a controller placing thousands of communities)
+/// publishes once for all of it rather than once per message (each
+/// publish copies the whole registry).
+pub(crate) async fn apply_queued(
+    view: &mut View,
+    layout: &Layout,
+    watch: &mut etcd_client::WatchStream,
+) -> Result<()> {
+    while let Ok(m) = tokio::time::timeout(Duration::ZERO, watch.message()).await {
+        apply(view, layout, m)?;
+    }
+    Ok(())
 }
 
 /// Takes one watch message into `view`.
@@ -432,7 +448,10 @@ async fn lead(
             }
         }
         tokio::select! {
-            m = watch.message() => apply(&mut view, &s.layout, m)?,
+            m = watch.message() => {
+                apply(&mut view, &s.layout, m)?;
+                apply_queued(&mut view, &s.layout, &mut watch).await?;
+            }
             _ = tick.tick() => {}
         }
     }
