@@ -356,6 +356,23 @@ fn sha256(path: &std::path::Path) -> Vec<u8> {
     sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
 }
 
+/// Waits until node `node` holds the lab's first community with its
+/// three terminals and three links (after a move).
+fn wait_all_at(lab: &bond_lab::Lab, node: usize) {
+    use bond_lab::COMMUNITY;
+    lab.wait_for(
+        "every terminal at the new owner",
+        Duration::from_secs(10),
+        |lab| {
+            let s = lab.node_status(node)?;
+            Ok(s.communities
+                .iter()
+                .any(|c| c.id == COMMUNITY && c.terminals == 3 && c.links == 3))
+        },
+    )
+    .unwrap();
+}
+
 /// Figure 1 and a second community (u1's link, and t3 again) behind a
 /// director with three nodes: each community's terminals log on at the
 /// node that owns it (through the front address, which every node
@@ -592,17 +609,7 @@ fn a_node_passes_on_what_a_director_steers_to_it_by_an_older_view() {
     })
     .unwrap();
     let new = lab.owner(COMMUNITY).unwrap().unwrap();
-    lab.wait_for(
-        "every terminal at the new owner",
-        Duration::from_secs(10),
-        |lab| {
-            let s = lab.node_status(new)?;
-            Ok(s.communities
-                .iter()
-                .any(|c| c.id == COMMUNITY && c.terminals == 3 && c.links == 3))
-        },
-    )
-    .unwrap();
+    wait_all_at(&lab, new);
     let served = lab.serve_file("8m.bin", 8).unwrap();
     let t3 = lab.terminals[2].ns.clone();
     let (bytes, secs, out) = lab
@@ -688,17 +695,7 @@ fn draining_a_node_waits_for_its_flows_to_end() {
         ended.elapsed()
     );
     let new = lab.owner(COMMUNITY).unwrap().unwrap();
-    lab.wait_for(
-        "every terminal at the new owner",
-        Duration::from_secs(10),
-        |lab| {
-            let s = lab.node_status(new)?;
-            Ok(s.communities
-                .iter()
-                .any(|c| c.id == COMMUNITY && c.terminals == 3 && c.links == 3))
-        },
-    )
-    .unwrap();
+    wait_all_at(&lab, new);
     let served = lab.serve_file("8m.bin", 8).unwrap();
     let url = "http://203.0.113.2/8m.bin";
     let (bytes, _, out) = lab.download(&t3, url, "after-drain.bin").unwrap();
