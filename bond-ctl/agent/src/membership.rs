@@ -443,17 +443,6 @@ impl ServerTable {
         ch
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let k = self.k;
-        self.terms
-            .values()
-            .flat_map(|t| {
-                std::iter::once(t.live.deadline(k))
-                    .chain(t.links.values().map(move |(_, _, l)| l.deadline(k)))
-            })
-            .min()
-    }
-
     pub fn token(&self, community: u16, origin: Ipv4Addr) -> Option<u64> {
         self.terms.get(&(community, origin)).map(|t| t.token)
     }
@@ -712,7 +701,10 @@ mod tests {
         let t1 = t0 + Duration::from_millis(200);
         s.announce(1, ip(1), 1, Some((1, addr(1))), MS100, &two, t1)
             .unwrap();
-        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(300)));
+        // Link 2's deadline is 300 ms (three missed 100 ms announces):
+        // nothing expires a moment before it.
+        let early = s.expire(t0 + Duration::from_millis(299));
+        assert!(early.communities.is_empty() && early.sessions_gone.is_empty());
         let ch = s.expire(t0 + Duration::from_millis(300));
         assert_eq!(ch.communities, vec![1]);
         assert!(ch.sessions_gone.is_empty());
