@@ -12,7 +12,10 @@
 //! - A link that carried echoes and brings back nothing for its base round
 //!   trip plus [`DARK_SLACK`] is dark (a black hole with carrier up): the
 //!   owner leaves it out of its own schedule and announces it dark to the
-//!   LAN at once. The server, missing the link's echoes for
+//!   LAN at once. A link that has carried echoes for
+//!   [`FIRST_REPLY_WITHIN`] and never answered one is dark too (black
+//!   from the start, or the server went away before it answered). The
+//!   server, missing the link's echoes for
 //!   [`SERVER_DARK_AFTER`], leaves it out of the downstream schedule. Both
 //!   take it back at the first echo through.
 //!
@@ -38,6 +41,10 @@ pub const RTT_WINDOW: Duration = Duration::from_secs(30);
 /// owner calls it dark: two full buffers of queueing (an echo waits behind
 /// data both ways, `edpf::DEFAULT_BACKLOG_US` each) and two echo intervals.
 pub const DARK_SLACK: Duration = Duration::from_millis(200);
+/// How long a link that has never answered may carry echoes before its
+/// owner calls it dark: a geostationary satellite's round trip (about
+/// 600 ms) behind a full buffer each way, and as much again in hand.
+pub const FIRST_REPLY_WITHIN: Duration = Duration::from_secs(2);
 /// How long the server waits for a link's next echo before calling it
 /// dark: an interval, a full buffer's queueing (the echo waits behind
 /// upstream data) and as much again in hand.
@@ -50,6 +57,8 @@ pub struct LinkEcho {
     samples: VecDeque<(Instant, Duration)>,
     /// The last reply, or data through: the link delivered then.
     last_reply: Option<Instant>,
+    /// The first echo sent over the link.
+    first_sent: Option<Instant>,
     dark: bool,
     /// The datapath's count of packets in over the link, as last seen.
     received: u64,
@@ -76,6 +85,11 @@ impl LinkEcho {
         std::mem::replace(&mut self.dark, false)
     }
 
+    /// An echo went out over the link at `now`.
+    pub fn sent(&mut self, now: Instant) {
+        self.first_sent.get_or_insert(now);
+    }
+
     /// The datapath has counted `received` packets in over the link by
     /// `now`: more than last time is a sign of life, as a reply is (but it
     /// brings no dark link back).
@@ -93,10 +107,13 @@ impl LinkEcho {
 
     /// Whether the link is dark at `now`; true the moment it turns dark.
     pub fn check(&mut self, now: Instant) -> bool {
-        let (Some(last), Some(base)) = (self.last_reply, self.base_rtt()) else {
-            return false; // never answered: nothing to go dark from
+        let silent_too_long = match (self.last_reply, self.base_rtt()) {
+            (Some(last), Some(base)) => now.duration_since(last) > base + DARK_SLACK,
+            _ => self
+                .first_sent
+                .is_some_and(|first| now.duration_since(first) > FIRST_REPLY_WITHIN),
         };
-        if self.dark || now.duration_since(last) <= base + DARK_SLACK {
+        if self.dark || !silent_too_long {
             return false;
         }
         self.dark = true;
@@ -234,8 +251,9 @@ mod tests {
         let mut e = LinkEcho::default();
         assert!(
             !e.check(t0 + Duration::from_secs(9)),
-            "never answered: not dark"
+            "never asked: not dark"
         );
+        e.sent(t0 - MS);
         e.reply(t0, 20 * MS);
         assert!(!e.check(t0 + 20 * MS + DARK_SLACK), "within base + slack");
         assert!(e.check(t0 + 21 * MS + DARK_SLACK), "dark just past it");
@@ -243,6 +261,26 @@ mod tests {
         assert!(!e.check(t0 + Duration::from_secs(1)), "turns dark once");
         assert!(e.reply(t0 + Duration::from_secs(2), 20 * MS), "healed");
         assert!(!e.is_dark());
+    }
+
+    /// Echoes go out and none ever comes back (the link is black from
+    /// the start, or the server left before it answered): dark once the
+    /// first echo is `FIRST_REPLY_WITHIN` old, and a reply heals it.
+    #[test]
+    fn a_link_that_never_answers_is_dark_after_a_while() {
+        let t0 = Instant::now();
+        let mut e = LinkEcho::default();
+        e.sent(t0);
+        for i in 1..=40 {
+            e.sent(t0 + 50 * MS * i);
+            e.traffic(t0 + 50 * MS * i, u64::from(i)); // no reply: no sign
+        }
+        assert!(!e.check(t0 + FIRST_REPLY_WITHIN), "still within");
+        assert!(e.check(t0 + FIRST_REPLY_WITHIN + MS), "dark past it");
+        assert!(!e.check(t0 + 2 * FIRST_REPLY_WITHIN), "turns dark once");
+        assert_eq!(e.announced_us(), 0, "nothing measured");
+        assert!(e.reply(t0 + 3 * FIRST_REPLY_WITHIN, 600 * MS), "healed");
+        assert!(!e.check(t0 + 3 * FIRST_REPLY_WITHIN + 700 * MS));
     }
 
     #[test]

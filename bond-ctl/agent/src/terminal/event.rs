@@ -476,7 +476,10 @@ impl Agent {
                 sent_ns: datapath::monotonic_ns(),
             };
             let m = self.sign(body, id, flags::VIA_LINK, token);
-            let _ = self.own[i].sock.send_to(&m, self.own[i].server).await;
+            let o = &mut self.own[i];
+            if o.sock.send_to(&m, o.server).await.is_ok() {
+                o.echo.sent(Instant::now());
+            }
         }
         let now = Instant::now();
         let received = self
