@@ -176,6 +176,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: tier::TierCmd,
     },
+    /// A terminal's own key pair, for a community whose server takes only
+    /// the terminals it knows by key (`identity` in the terminal's file;
+    /// its public key in the server's `terminals`, or `bond-ctl tier
+    /// authorize`).
+    Identity {
+        #[command(subcommand)]
+        cmd: IdentityCmd,
+    },
     /// A completion script for a shell, on stdout (the package installs
     /// them; `source <(bond-ctl completions bash)` for this shell only).
     Completions { shell: clap_complete::Shell },
@@ -183,6 +191,25 @@ enum Cmd {
     /// directory.
     #[command(hide = true)]
     Man { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum IdentityCmd {
+    /// Make a new secret key in a new file (mode 0600) and print its
+    /// public key.
+    New {
+        /// The file to write; an existing one is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the public key of a secret key file.
+    Show {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -437,6 +464,29 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Tier { etcd, prefix, cmd } => tier::run(&etcd, &prefix, cmd),
+        Cmd::Identity { cmd } => {
+            use bond_proto::identity::Identity;
+            let (id, file, json) = match cmd {
+                IdentityCmd::New { out, json } => {
+                    let id = Identity::generate().map_err(anyhow::Error::msg)?;
+                    id.save(&out).map_err(anyhow::Error::msg)?;
+                    (id, out, json)
+                }
+                IdentityCmd::Show { file, json } => (
+                    Identity::load(&file).map_err(anyhow::Error::msg)?,
+                    file,
+                    json,
+                ),
+            };
+            if json {
+                return show::print_json(&serde_json::json!({
+                    "file": file,
+                    "public": id.public().to_string(),
+                }));
+            }
+            println!("{}", id.public());
+            Ok(())
+        }
         Cmd::Terminals { config, json } => {
             let cfg = dist_config(&config)?;
             let db = dist::db::NetDb::open(&cfg.dist_state().join("net.db"))?;

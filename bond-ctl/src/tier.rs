@@ -4,7 +4,10 @@
 use std::{io::Read as _, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use bond_tier::admin::{Communities, Nodes, Registry};
+use bond_tier::{
+    admin::{Communities, Nodes, Registry},
+    layout::CommunityRecord,
+};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -31,6 +34,32 @@ pub enum TierCmd {
         /// Give a registered community a new key.
         #[arg(long)]
         replace: bool,
+        /// Take only the terminals authorised by their own keys (`tier
+        /// authorize`), not any with the community key.
+        #[arg(long)]
+        terminal_keys: bool,
+    },
+    /// The terminals a community takes by key.
+    Terminals {
+        id: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Authorise a terminal of a community (registered with
+    /// `--terminal-keys`) by its LAN address and the public key of its
+    /// identity (`bond-ctl identity new`); a new key replaces the old.
+    Authorize {
+        id: u32,
+        /// The terminal's LAN address.
+        address: std::net::Ipv4Addr,
+        /// Its public key (hex), as `bond-ctl identity` prints it.
+        key: String,
+    },
+    /// Revoke a terminal: its node ends its session at once (its traffic
+    /// stops) and refuses it from then on.
+    Revoke {
+        id: u32,
+        address: std::net::Ipv4Addr,
     },
     /// Remove a community: its owner stops serving it.
     Remove { id: u32 },
@@ -63,10 +92,43 @@ pub fn run(etcd: &[String], prefix: &str, cmd: TierCmd) -> Result<()> {
                 id,
                 key_file,
                 replace,
+                terminal_keys,
             } => {
                 let key = read_key(&key_file)?;
-                reg.add_community(id, &key, replace).await?;
+                let record = CommunityRecord { key, terminal_keys };
+                reg.add_community(id, &record, replace).await?;
                 eprintln!("community {id} registered");
+                Ok(())
+            }
+            TierCmd::Terminals { id, json } => {
+                let t = reg.terminals(id).await?;
+                if json {
+                    return crate::show::print_json(&t);
+                }
+                if !t.terminal_keys {
+                    eprintln!("community {id} takes any terminal with the community key");
+                    return Ok(());
+                }
+                println!("{:<16} public key", "address");
+                for row in &t.terminals {
+                    println!("{:<16} {}", row.address, row.key);
+                }
+                if t.terminals.is_empty() {
+                    eprintln!("community {id} takes terminals by key, and none is authorised");
+                }
+                Ok(())
+            }
+            TierCmd::Authorize { id, address, key } => {
+                let key = key
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("public key {key:?}: {e}"))?;
+                reg.authorize(id, address, key).await?;
+                eprintln!("terminal {address} authorised in community {id}");
+                Ok(())
+            }
+            TierCmd::Revoke { id, address } => {
+                reg.revoke(id, address).await?;
+                eprintln!("terminal {address} revoked in community {id}: its session ends now");
                 Ok(())
             }
             TierCmd::Remove { id } => {

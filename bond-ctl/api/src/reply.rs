@@ -76,6 +76,13 @@ pub struct TerminalStatus {
     pub address: Ipv4Addr,
     pub server: SocketAddr,
     pub logged_on: bool,
+    /// The public key of its identity, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The server refuses it: its community takes terminals by key, and
+    /// not this one.
+    #[serde(default)]
+    pub refused: bool,
     pub announce_ms: u32,
     pub uptime_s: u64,
     /// Its datapath was adopted from an earlier agent.

@@ -620,6 +620,24 @@ key = "community two key"
         }
         let e = error_of(&text.replace("id = 2", "id = 1"));
         assert!(e.contains("communities[1].id"), "{e}");
+        assert_eq!(s.communities[0].terminals, None, "any member by default");
+        let key = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+        let keyed = text.replace(
+            "id = 2\n",
+            &format!("id = 2\nterminals = {{ \"10.0.1.1\" = \"{key}\" }}\n"),
+        );
+        let Config::Server(k) = Config::parse(&keyed, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        let t = k.communities[1].terminals.as_ref().unwrap();
+        assert_eq!(t[&std::net::Ipv4Addr::new(10, 0, 1, 1)].to_string(), key);
+        let e = error_of(&keyed.replace(key, "abcd"));
+        assert!(
+            e.contains("terminals") && e.contains("abcd") && e.contains("2 bytes"),
+            "{e}"
+        );
+        let e = error_of(&keyed.replace("10.0.1.1", "10.0.1"));
+        assert!(e.contains("terminals") && e.contains("10.0.1"), "{e}");
         let e = error_of(&text.replace("community two key", "2short"));
         assert!(
             e.contains("communities[1].key") && e.contains("6 bytes"),

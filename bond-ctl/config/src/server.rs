@@ -359,6 +359,12 @@ pub struct Community {
     pub id: u16,
     /// The key its terminals sign with.
     pub key: CommunityKey,
+    /// With it, the community takes only these terminals: LAN address to
+    /// the public key of the terminal's `identity` (`bond-ctl identity
+    /// new`); a terminal taken out is refused from the next reload on.
+    /// Without it, any terminal with the community key.
+    pub terminals:
+        Option<std::collections::BTreeMap<std::net::Ipv4Addr, bond_proto::identity::PublicKey>>,
 }
 
 fn default_max_terminals() -> u32 {

@@ -15,6 +15,10 @@ pub struct TerminalConfig {
     pub community: u16,
     /// The community key: signs every control message.
     pub key: CommunityKey,
+    /// This terminal's own secret key (`bond-ctl identity new`): signs
+    /// its logins and announces to the server, for communities whose
+    /// server takes only the terminals it knows by key.
+    pub identity: Option<std::path::PathBuf>,
     /// How often to announce (ms); peers drop this host after `misses`.
     #[serde(default = "default_announce_ms")]
     pub announce_ms: u32,

@@ -14,14 +14,22 @@
 //!                RELAY:    a LAN peer is to pass it on to the server
 //!                FROM_SERVER: sent by the server
 //!                RESTARTING: the sender's agent restarts (ANNOUNCE)
+//!                SIGNED:   a terminal's signature follows the body
 //! body     ...   by kind, below
+//! sig      64 B  with SIGNED only: the sending terminal's Ed25519
+//!                signature over everything before it (`identity`)
 //! tag      16 B  HMAC-SHA256 over everything before it, with the
 //!                community key, truncated
 //! ```
 //!
+//! A terminal with an identity signs the messages that make or change its
+//! session: LOGIN, ANNOUNCE and SHUTDOWN; the rest ride on the session's
+//! token.
+//!
 //! Bodies: ANNOUNCE `interval_ms u32, n u8, n × (id u8, port u16, up u32,
 //! down u32, mtu u16, rtt_us u32, state u8)` (state bit 0: dark); SHUTDOWN,
-//! LOGIN: empty; LOGIN_REPLY `status u8, token u64, port u16`; PROBE
+//! LOGIN: empty; LOGIN_REPLY `status u8, token u64, port u16` (status 0: logged
+//! on, 1: log on again, 2: refused, this terminal is not authorised); PROBE
 //! `train u32, seq u16, count u16, pad u16, pad × 0` (padded to a train's
 //! packet size); PROBE_REQUEST `train u32, count u16`; PROBE_REPORT `train
 //! u32, kbps u32`; ECHO and ECHO_REPLY `sent_ns u64` (the owner's clock);
@@ -38,7 +46,11 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use bond_common::wire::{BondHdr, WireError, kind};
 
-use crate::{CommunityKey, now_ms, now_us};
+use crate::{
+    CommunityKey,
+    identity::{Identity, PublicKey, SIG_LEN},
+    now_ms, now_us,
+};
 
 pub const TAG_LEN: usize = 16;
 /// Links one terminal may announce.
@@ -67,7 +79,10 @@ pub mod flags {
     /// runs on; its links' echoes stop for a moment
     /// (the agent's `pathmon::RESTART_GRACE`).
     pub const RESTARTING: u8 = 8;
-    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING;
+    /// The sending terminal's signature follows the body
+    /// ([`crate::identity`]).
+    pub const SIGNED: u8 = 16;
+    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING | SIGNED;
 }
 
 /// One WAN link as its terminal announces it.
@@ -97,6 +112,9 @@ pub enum Reply {
     Ok { token: u64, port: u16 },
     /// The server holds no session for this origin (or a different token).
     NeedLogin,
+    /// The server does not take this terminal: its community authorises
+    /// terminals by key, and this one's is not (or no longer) among them.
+    Refused,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,6 +279,13 @@ pub fn tag(key: &CommunityKey, data: &[u8]) -> [u8; TAG_LEN] {
 impl Msg {
     /// The signed wire form.
     pub fn encode(&self, key: &CommunityKey) -> Vec<u8> {
+        self.encode_as(key, None)
+    }
+
+    /// The signed wire form, signed by `identity` too if given (and then
+    /// flagged [`flags::SIGNED`]).
+    pub fn encode_as(&self, key: &CommunityKey, identity: Option<&Identity>) -> Vec<u8> {
+        let sig_len = if identity.is_some() { SIG_LEN } else { 0 };
         let hdr = BondHdr::new(
             self.body.kind(),
             self.community,
@@ -273,7 +298,11 @@ impl Msg {
         b.extend_from_slice(&hdr.to_bytes());
         b.extend_from_slice(&self.time_ms.to_be_bytes());
         b.extend_from_slice(&self.counter.to_be_bytes());
-        b.push(self.flags);
+        b.push(if identity.is_some() {
+            self.flags | flags::SIGNED
+        } else {
+            self.flags & !flags::SIGNED
+        });
         match &self.body {
             Body::Announce { interval_ms, links } => {
                 b.extend_from_slice(&interval_ms.to_be_bytes());
@@ -294,6 +323,7 @@ impl Msg {
                 let (status, token, port) = match r {
                     Reply::Ok { token, port } => (0u8, *token, *port),
                     Reply::NeedLogin => (1, 0, 0),
+                    Reply::Refused => (2, 0, 0),
                 };
                 b.push(status);
                 b.extend_from_slice(&token.to_be_bytes());
@@ -310,7 +340,7 @@ impl Msg {
                 b.extend_from_slice(&count.to_be_bytes());
                 let pad = usize::from(*len)
                     .min(MAX_LEN)
-                    .saturating_sub(b.len() + 2 + TAG_LEN);
+                    .saturating_sub(b.len() + 2 + sig_len + TAG_LEN);
                 b.extend_from_slice(&(pad as u16).to_be_bytes());
                 b.resize(b.len() + pad, 0);
             }
@@ -356,9 +386,29 @@ impl Msg {
                 }
             }
         }
+        if let Some(id) = identity {
+            let sig = id.sign(&b);
+            b.extend_from_slice(&sig);
+        }
         let t = tag(key, &b);
         b.extend_from_slice(&t);
         b
+    }
+
+    /// Whether `buf`, a message [`decode`](Self::decode) took, carries
+    /// `key`'s signature ([`flags::SIGNED`]).
+    pub fn signed_by(buf: &[u8], key: &PublicKey) -> bool {
+        let Some(signed) = buf.len().checked_sub(TAG_LEN) else {
+            return false;
+        };
+        let Some(body_end) = signed.checked_sub(SIG_LEN) else {
+            return false;
+        };
+        if body_end < FIXED_LEN || buf[FIXED_LEN - 1] & flags::SIGNED == 0 {
+            return false;
+        }
+        let sig: &[u8; SIG_LEN] = buf[body_end..signed].try_into().expect("SIG_LEN bytes");
+        key.verify(&buf[..body_end], sig)
     }
 
     /// Parses and authenticates a message; `key` gives a community's key.
@@ -380,13 +430,24 @@ impl Msg {
             return Err(DecodeError::BadSignature);
         }
 
-        let mut r = Reader(&signed[BondHdr::LEN..]);
-        let time_ms = r.u64()?;
-        let counter = r.u64()?;
-        let flags = r.u8()?;
+        let flags = signed[FIXED_LEN - 1];
         if flags & !flags::ALL != 0 {
             return Err(DecodeError::Malformed);
         }
+        // A terminal's signature ends the part the body is read from; it
+        // is checked by whoever knows the terminal's key (`signed_by`).
+        let body_end = match flags & flags::SIGNED {
+            0 => signed.len(),
+            _ => signed
+                .len()
+                .checked_sub(SIG_LEN)
+                .filter(|&end| end >= FIXED_LEN)
+                .ok_or(DecodeError::Truncated)?,
+        };
+        let mut r = Reader(&signed[BondHdr::LEN..body_end]);
+        let time_ms = r.u64()?;
+        let counter = r.u64()?;
+        let flags = r.u8()?;
         let body = match hdr.kind {
             kind::ANNOUNCE => {
                 let interval_ms = r.u32()?;
@@ -416,6 +477,7 @@ impl Msg {
                 Body::LoginReply(match status {
                     0 => Reply::Ok { token, port },
                     1 => Reply::NeedLogin,
+                    2 => Reply::Refused,
                     _ => return Err(DecodeError::Malformed),
                 })
             }
@@ -757,6 +819,7 @@ mod tests {
                 port: 7700,
             }),
             Body::LoginReply(Reply::NeedLogin),
+            Body::LoginReply(Reply::Refused),
             Body::Probe {
                 train: 3,
                 seq: 39,
@@ -816,6 +879,78 @@ mod tests {
             assert!(wire.len() <= MAX_LEN);
             assert_eq!(decode(&wire), Ok(m));
         }
+    }
+
+    /// A terminal's signature rides between body and tag: the message
+    /// reads the same, is flagged SIGNED, and is its key's only; a member
+    /// of the community (who can make the tag) cannot move it to another
+    /// message or make one.
+    #[test]
+    fn signed_messages_read_the_same_and_are_their_terminals_only() {
+        use crate::identity::Identity;
+        let (t1, t2) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        for body in [
+            announce().body,
+            Body::Login,
+            Body::Shutdown,
+            Body::Probe {
+                train: 1,
+                seq: 2,
+                count: 3,
+                len: 700,
+            },
+        ] {
+            let m = Msg { body, ..announce() };
+            let b = m.encode_as(&KEY, Some(&t1));
+            let got = decode(&b).unwrap();
+            assert_eq!(got.flags, m.flags | flags::SIGNED);
+            assert_eq!(got.body, m.body);
+            assert!(Msg::signed_by(&b, &t1.public()));
+            assert!(!Msg::signed_by(&b, &t2.public()), "another's key");
+            let plain = m.encode(&KEY);
+            assert!(!Msg::signed_by(&plain, &t1.public()), "unsigned");
+            assert_eq!(decode(&plain).unwrap().flags & flags::SIGNED, 0);
+            if let Body::Probe { len, .. } = m.body {
+                assert_eq!(b.len(), usize::from(len), "padded to its size, signed");
+            }
+        }
+        // Re-tagged after a change (as any member could), the signature
+        // no longer holds; a signature from another message neither.
+        let b = announce().encode_as(&KEY, Some(&t1));
+        let retag = |mut v: Vec<u8>| {
+            v.truncate(v.len() - TAG_LEN);
+            let t = tag(&KEY, &v);
+            v.extend_from_slice(&t);
+            v
+        };
+        let mut bent = b.clone();
+        bent[BondHdr::LEN + 20] ^= 1; // the announce interval
+        let bent = retag(bent);
+        assert!(decode(&bent).is_ok(), "the community key's tag holds");
+        assert!(!Msg::signed_by(&bent, &t1.public()));
+        let login = Msg {
+            body: Body::Login,
+            ..announce()
+        }
+        .encode_as(&KEY, Some(&t1));
+        let sig = &login[login.len() - TAG_LEN - SIG_LEN..login.len() - TAG_LEN];
+        let mut moved = b[..b.len() - TAG_LEN - SIG_LEN].to_vec();
+        moved.extend_from_slice(sig);
+        moved.extend_from_slice(&[0; TAG_LEN]);
+        let moved = retag(moved);
+        assert!(decode(&moved).is_ok());
+        assert!(!Msg::signed_by(&moved, &t1.public()));
+        // SIGNED with no room for a signature: refused, not misread.
+        let mut short = Msg {
+            body: Body::Shutdown,
+            ..announce()
+        }
+        .encode(&KEY);
+        short[FIXED_LEN - 1] |= flags::SIGNED;
+        let short = retag(short);
+        assert_eq!(decode(&short), Err(DecodeError::Truncated));
+        assert!(!Msg::signed_by(&short, &t1.public()));
+        assert!(!Msg::signed_by(&[], &t1.public()));
     }
 
     #[test]

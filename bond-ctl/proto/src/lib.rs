@@ -3,10 +3,12 @@
 //! ([`CommunityKey`]), the signed control messages that ride the data
 //! ports ([`control`]: announces, logins, echoes, feedback), and the signed
 //! JSON bodies the distribution service and the peer cache post
-//! ([`signed`]). The agent, the relay tree and the peer cache depend on
+//! ([`signed`]), and each terminal's own key pair ([`identity`]), with
+//! which an ISP's node tells one terminal from another. The agent, the relay tree and the peer cache depend on
 //! this crate, not on each other.
 
 pub mod control;
+pub mod identity;
 mod key;
 pub mod signed;
 

@@ -5,7 +5,11 @@ use anyhow::{Context as _, Result, bail};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{CommunityRecord, Layout, View};
+use std::net::Ipv4Addr;
+
+use bond_proto::identity::PublicKey;
+
+use crate::layout::{CommunityRecord, Layout, TerminalRecord, View};
 
 /// `bond-ctl tier nodes --json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +49,29 @@ pub struct CommunityRow {
     /// Its owner is not a live node: it moves when the controller gets
     /// to it.
     pub orphan: bool,
+    /// Only terminals authorised by key are taken.
+    #[serde(default)]
+    pub terminal_keys: bool,
+    /// Terminals authorised (`bond-ctl tier authorize`).
+    #[serde(default)]
+    pub terminals: usize,
+}
+
+/// `bond-ctl tier terminals ID --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Terminals {
+    pub community: u32,
+    pub terminal_keys: bool,
+    pub terminals: Vec<TerminalRow>,
+}
+
+/// One authorised terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalRow {
+    /// Its LAN address, as its messages name it.
+    pub address: std::net::Ipv4Addr,
+    /// Its identity's public key (hex).
+    pub key: String,
 }
 
 /// The registry as the operator reads it.
@@ -103,19 +130,31 @@ impl Registry {
             .map(|&id| {
                 let owner = view.owners.get(&id).cloned();
                 let orphan = owner.as_ref().is_some_and(|o| !view.nodes.contains_key(o));
-                CommunityRow { id, owner, orphan }
+                let keys = view.terminal_keys(id);
+                CommunityRow {
+                    id,
+                    owner,
+                    orphan,
+                    terminal_keys: keys.is_some(),
+                    terminals: keys.map_or(0, |k| k.len()),
+                }
             })
             .collect())
     }
 
     /// Registers a community with its key; one that exists is refused
     /// unless `replace` (a new key: its terminals need it too).
-    pub async fn add_community(&mut self, id: u32, key: &str, replace: bool) -> Result<()> {
-        if key.len() < 16 {
-            bail!("the key is {} bytes; use at least 16", key.len());
+    pub async fn add_community(
+        &mut self,
+        id: u32,
+        record: &CommunityRecord,
+        replace: bool,
+    ) -> Result<()> {
+        if record.key.len() < 16 {
+            bail!("the key is {} bytes; use at least 16", record.key.len());
         }
         let k = self.layout.community(id);
-        let value = serde_json::to_vec(&CommunityRecord { key: key.into() })?;
+        let value = serde_json::to_vec(record)?;
         let put = TxnOp::put(k.clone(), value, None);
         let txn = if replace {
             Txn::new().and_then([put])
@@ -150,7 +189,10 @@ impl Registry {
                     );
                 }
                 let k = self.layout.community(*id);
-                let value = serde_json::to_vec(&CommunityRecord { key: key.clone() })?;
+                let value = serde_json::to_vec(&CommunityRecord {
+                    key: key.clone(),
+                    terminal_keys: false,
+                })?;
                 when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
                 puts.push(TxnOp::put(k, value, None));
             }
@@ -177,6 +219,63 @@ impl Registry {
             .context("removing the community")?;
         if r.deleted() == 0 {
             bail!("community {id} is not registered");
+        }
+        Ok(())
+    }
+
+    /// The terminals community `id` takes by key.
+    pub async fn terminals(&mut self, id: u32) -> Result<Terminals> {
+        let view = self.view().await?;
+        if !view.communities.contains_key(&id) {
+            bail!("community {id} is not registered");
+        }
+        let keys = view.terminal_keys(id);
+        Ok(Terminals {
+            community: id,
+            terminal_keys: keys.is_some(),
+            terminals: keys
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(address, key)| TerminalRow {
+                    address,
+                    key: key.to_string(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Authorises terminal `origin` of community `id` by its public key
+    /// (a new key replaces the old one: the terminal's session ends and
+    /// it logs on again with the new one). The community must take
+    /// terminals by key, or this would authorise nothing.
+    pub async fn authorize(&mut self, id: u32, origin: Ipv4Addr, key: PublicKey) -> Result<()> {
+        let view = self.view().await?;
+        match view.communities.get(&id) {
+            None => bail!("community {id} is not registered"),
+            Some(c) if !c.terminal_keys => bail!(
+                "community {id} takes any terminal with the community key; register it with \
+                 --terminal-keys first (`bond-ctl tier add {id} --key-file F --replace --terminal-keys`)"
+            ),
+            Some(_) => {}
+        }
+        let value = serde_json::to_vec(&TerminalRecord { key })?;
+        self.client
+            .put(self.layout.terminal(id, origin), value, None)
+            .await
+            .context("authorising the terminal")?;
+        Ok(())
+    }
+
+    /// Revokes terminal `origin` of community `id`: its session ends at
+    /// its node at once, and its logins are refused.
+    pub async fn revoke(&mut self, id: u32, origin: Ipv4Addr) -> Result<()> {
+        let r = self
+            .client
+            .delete(self.layout.terminal(id, origin), None)
+            .await
+            .context("revoking the terminal")?;
+        if r.deleted() == 0 {
+            bail!("terminal {origin} is not authorised in community {id}");
         }
         Ok(())
     }

@@ -6,12 +6,18 @@
 //! | `P/drain/NAME`           | [`DrainRecord`]      | the operator          |
 //! | `P/released/NAME/ID`     | empty                | the draining node, on its lease |
 //! | `P/communities/ID`       | [`CommunityRecord`]  | the operator          |
+//! | `P/terminals/ID/ADDRESS` | [`TerminalRecord`]   | the operator          |
 //! | `P/owners/ID`            | the node's name      | the elected controller |
 //! | `P/controller/LEASE`     | the node's name      | etcd's election       |
 //!
 //! A draining node keeps each community while it has live flows there
 //! (until the drain's deadline), and releases it when it has none: only
 //! then does the controller move it, so a drain loses no flow.
+//!
+//! A community whose record says `terminal_keys` takes only the terminals
+//! under `P/terminals/ID/`, each by its LAN address and public key
+//! (`bond_proto::identity`); deleting one revokes it: its owner ends its
+//! session at once and refuses it from then on.
 //!
 //! A node's record lives only as long as its lease: a node that dies (or
 //! loses etcd for longer than the lease) is gone from `P/nodes/` when the
@@ -25,6 +31,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use bond_proto::identity::PublicKey;
 
 use crate::owner::{self, Candidate};
 
@@ -69,6 +77,16 @@ impl Layout {
         format!("{}/communities/{id}", self.prefix)
     }
 
+    /// Terminal `origin` of community `id`, authorised by its key.
+    pub fn terminal(&self, id: u32, origin: Ipv4Addr) -> String {
+        format!("{}/terminals/{id}/{origin}", self.prefix)
+    }
+
+    /// Every terminal authorised in community `id`.
+    pub fn terminals_of(&self, id: u32) -> String {
+        format!("{}/terminals/{id}/", self.prefix)
+    }
+
     pub fn owner(&self, id: u32) -> String {
         format!("{}/owners/{id}", self.prefix)
     }
@@ -103,6 +121,15 @@ impl Layout {
                 Entry::Released(node.to_string(), ok(c)?)
             }
             "communities" => Entry::Community(id()?),
+            "terminals" => {
+                let (c, origin) = name.split_once('/')?;
+                let c = c
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|_| !c.starts_with('0') || c == "0")?;
+                let origin: Ipv4Addr = origin.parse().ok()?;
+                Entry::Terminal(c, origin)
+            }
             "owners" => Entry::Owner(id()?),
             "controller" => Entry::Controller,
             _ => return None,
@@ -117,6 +144,7 @@ pub enum Entry {
     Drain(String),
     Released(String, u32),
     Community(u32),
+    Terminal(u32, Ipv4Addr),
     Owner(u32),
     Controller,
 }
@@ -155,12 +183,28 @@ pub struct DrainRecord {
 pub struct CommunityRecord {
     /// The key its terminals sign with.
     pub key: String,
+    /// Only the terminals under `P/terminals/ID/` are taken, each
+    /// signing with its own key; otherwise any with the community key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminal_keys: bool,
 }
 
 impl std::fmt::Debug for CommunityRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CommunityRecord { key: .. }")
+        write!(
+            f,
+            "CommunityRecord {{ key: .., terminal_keys: {} }}",
+            self.terminal_keys
+        )
     }
+}
+
+/// A terminal the operator authorises in a community.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalRecord {
+    /// The public key of its identity.
+    pub key: PublicKey,
 }
 
 /// One change the controller makes to `P/owners/`.
@@ -178,6 +222,8 @@ pub struct View {
     /// (node, community) a draining node let go.
     pub released: BTreeSet<(String, u32)>,
     pub communities: BTreeMap<u32, CommunityRecord>,
+    /// (community, LAN address): the terminal's public key.
+    pub terminals: BTreeMap<(u32, Ipv4Addr), PublicKey>,
     pub owners: BTreeMap<u32, String>,
     /// Keys under the prefix that are not bond's, or whose value does not
     /// parse, with why: left out of everything above.
@@ -215,6 +261,9 @@ impl View {
                 self.communities.insert(id, r);
                 Ok(())
             }),
+            Some(Entry::Terminal(id, origin)) => json(value).map(|r: TerminalRecord| {
+                self.terminals.insert((id, origin), r.key);
+            }),
             Some(Entry::Owner(id)) => std::str::from_utf8(value)
                 .ok()
                 .filter(|n| valid_name(n))
@@ -244,6 +293,9 @@ impl View {
             Some(Entry::Community(id)) => {
                 self.communities.remove(&id);
             }
+            Some(Entry::Terminal(id, origin)) => {
+                self.terminals.remove(&(id, origin));
+            }
             Some(Entry::Owner(id)) => {
                 self.owners.remove(&id);
             }
@@ -258,6 +310,21 @@ impl View {
             .filter(|(_, o)| o.as_str() == node)
             .filter_map(|(c, _)| Some((*c, self.communities.get(c)?.key.clone())))
             .collect()
+    }
+
+    /// The terminals community `id` takes, by LAN address, if it takes
+    /// only terminals it knows by key (None: any with the community key).
+    pub fn terminal_keys(&self, id: u32) -> Option<BTreeMap<Ipv4Addr, PublicKey>> {
+        if !self.communities.get(&id)?.terminal_keys {
+            return None;
+        }
+        let all = (id, Ipv4Addr::UNSPECIFIED)..=(id, Ipv4Addr::BROADCAST);
+        Some(
+            self.terminals
+                .range(all)
+                .map(|(&(_, origin), key)| (origin, *key))
+                .collect(),
+        )
     }
 
     /// Whether `node` is draining.
@@ -372,6 +439,56 @@ mod tests {
         // A good value then a bad one: the entry is gone, not kept stale.
         v.put(&l(), "/bond/nodes/n1", b"{");
         assert!(v.nodes.is_empty());
+    }
+
+    /// Terminals by key: named by community and LAN address, a bad key
+    /// set aside and named; a community takes them only if its record
+    /// says so, and then only them (none listed: none taken).
+    #[test]
+    fn a_community_with_terminal_keys_lists_its_terminals() {
+        const K1: &str = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+        const K2: &str = "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025";
+        let t1 = Ipv4Addr::new(10, 0, 1, 1);
+        assert_eq!(l().terminal(7, t1), "/bond/terminals/7/10.0.1.1");
+        assert_eq!(
+            l().parse("/bond/terminals/7/10.0.1.1"),
+            Some(Entry::Terminal(7, t1))
+        );
+        for bad in [
+            "/bond/terminals/7",
+            "/bond/terminals/07/10.0.1.1",
+            "/bond/terminals/7/10.0.1",
+            "/bond/terminals/x/10.0.1.1",
+        ] {
+            assert_eq!(l().parse(bad), None, "{bad}");
+        }
+        let mut v = View::default();
+        community(&mut v, 7);
+        let put = |v: &mut View, origin: &str, key: &str| {
+            v.put(
+                &l(),
+                &format!("/bond/terminals/7/{origin}"),
+                format!("{{\"key\":\"{key}\"}}").as_bytes(),
+            );
+        };
+        put(&mut v, "10.0.1.1", K1);
+        put(&mut v, "10.0.1.2", K2);
+        put(&mut v, "10.0.1.3", "00ff");
+        assert!(v.bad["/bond/terminals/7/10.0.1.3"].contains("2 bytes"), "{:?}", v.bad);
+        assert_eq!(v.terminal_keys(7), None, "the community takes any member");
+        v.put(
+            &l(),
+            &l().community(7),
+            br#"{"key":"a key of sixteen bytes","terminal_keys":true}"#,
+        );
+        let keys = v.terminal_keys(7).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[&t1].to_string(), K1);
+        v.delete(&l(), &l().terminal(7, t1));
+        assert_eq!(v.terminal_keys(7).unwrap().len(), 1, "revoked");
+        v.delete(&l(), "/bond/terminals/7/10.0.1.2");
+        assert_eq!(v.terminal_keys(7), Some(BTreeMap::new()), "none taken");
+        assert_eq!(v.terminal_keys(8), None, "not registered");
     }
 
     #[test]

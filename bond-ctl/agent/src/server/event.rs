@@ -13,7 +13,7 @@ use bond_datapath::flows;
 use bond_proto::control::{Body, Gap, Msg, Reply, flags};
 use tokio::sync::mpsc;
 
-use super::{Agent, Applied, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey};
+use super::{Agent, Applied, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey, admit::Refused};
 use crate::{
     Exit,
     feedback::{self, Model},
@@ -216,15 +216,52 @@ impl Agent {
 
     pub(super) async fn receive(&mut self, buf: &[u8], src: SocketAddr, at_ns: u64) -> Result<()> {
         let keys = &self.keys;
-        let msg = match self.guard.open(buf, |c| keys.get(&c)) {
+        let msg = match Msg::decode(buf, |c| keys.get(&c)) {
             Ok(m) => m,
             Err(why) => {
-                self.rejects.count(why);
+                self.rejects.count(why.name());
                 return Ok(());
             }
         };
         let now = Instant::now();
         let (c, o) = (msg.community, msg.origin);
+        // Who may say it, before its counter counts (`admit`).
+        if let Err(why) = self.identities.admit(&msg, buf, self.table.token(c, o)) {
+            self.rejects.count(why.name());
+            let reply = match (why, &msg.body) {
+                (Refused::UnknownTerminal | Refused::BadIdentity, Body::Login) => {
+                    // Once per terminal until it is taken (it asks every
+                    // announce); a flood of strangers cannot grow the set.
+                    if self.refused.len() >= 4096 {
+                        self.refused.clear();
+                    }
+                    if self.refused.insert((c, o)) {
+                        tracing::warn!(
+                            "community {c}: terminal {o} refused: {}",
+                            match why {
+                                Refused::UnknownTerminal => "not authorised",
+                                _ => "not signed by its authorised key",
+                            }
+                        );
+                    }
+                    Some(Reply::Refused)
+                }
+                // As for any member's echo without a session, below: the
+                // answer goes back where the echo came from, no larger.
+                (Refused::NoSession, Body::Echo { .. }) if msg.flags & flags::VIA_LINK != 0 => {
+                    Some(Reply::NeedLogin)
+                }
+                _ => None,
+            };
+            if let Some(r) = reply {
+                self.send((c, o, msg.link), Body::LoginReply(r), src).await;
+            }
+            return Ok(());
+        }
+        if let Err(why) = self.guard.check(&msg, bond_proto::now_ms()) {
+            self.rejects.count(why.name());
+            return Ok(());
+        }
         match &msg.body {
             Body::Login => {
                 let (token, new) =
@@ -243,6 +280,7 @@ impl Agent {
                             .context(format!("community {c}: terminal {o}: login")));
                     }
                     tracing::info!("community {c}: terminal {o} logged on");
+                    self.refused.remove(&(c, o));
                 }
                 let port = self.cfg.port;
                 let body = Body::LoginReply(Reply::Ok { token, port });

@@ -44,6 +44,10 @@ struct Agent {
     /// The communities served and their keys: from the file, or from the
     /// registry (`[tier]`).
     keys: BTreeMap<u16, CommunityKey>,
+    /// The terminals each community takes by key, if it does, and those
+    /// refused a login (logged once each).
+    identities: admit::Identities,
+    refused: std::collections::BTreeSet<(u16, std::net::Ipv4Addr)>,
     /// This node in the tier's registry (`[tier]` only), and what the
     /// registry last said it serves.
     tier: Option<bond_tier::node::Node>,
@@ -113,6 +117,7 @@ struct Applied {
     addr: SocketAddr,
 }
 
+mod admit;
 mod deny;
 mod event;
 mod operator;

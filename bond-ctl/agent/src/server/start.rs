@@ -174,6 +174,8 @@ pub async fn run(
             .iter()
             .map(|c| (c.id, c.key.clone()))
             .collect(),
+        identities: super::admit::Identities::from_config(&cfg),
+        refused: Default::default(),
         nodes: match &cfg.tier {
             Some(t) => Some(crate::nodes::NodeTable::new(
                 bond_datapath::Owners::Node,

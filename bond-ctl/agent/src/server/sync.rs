@@ -61,6 +61,13 @@ impl Agent {
         };
         let changed: Vec<&'static str> = [
             ("communities", keys(old) != keys(&new)),
+            (
+                "terminals",
+                old.communities
+                    .iter()
+                    .map(|c| &c.terminals)
+                    .ne(new.communities.iter().map(|c| &c.terminals)),
+            ),
             ("misses", old.misses != new.misses),
             ("link_mtu", old.link_mtu != new.link_mtu),
             ("flows", flows.0 != flows.1),
@@ -81,6 +88,7 @@ impl Agent {
                 .iter()
                 .map(|c| (c.id, c.key.clone()))
                 .collect();
+            self.set_identities(super::admit::Identities::from_config(&new));
         }
         self.table.set_misses(new.misses);
         self.cfg = new;
@@ -121,6 +129,10 @@ impl Agent {
             .collect();
         let taken = keys.keys().filter(|c| !self.keys.contains_key(c)).count();
         self.keys = keys;
+        self.set_identities(super::admit::Identities::from_registry(
+            &served.view,
+            self.keys.keys(),
+        ));
         for &c in &gone {
             for o in self.table.forget(c) {
                 let r = self.maps.remove_session(c, o);
@@ -148,6 +160,36 @@ impl Agent {
             );
         }
         self.served = served;
+    }
+
+    /// Takes `next` as the terminals each community takes by key; the
+    /// sessions of those taken out or given a new key end at once (their
+    /// packets are dropped from now on, both ways), and they are refused
+    /// from their next login.
+    pub(super) fn set_identities(&mut self, next: super::admit::Identities) {
+        if next == self.identities {
+            return;
+        }
+        let sessions = self.table.sessions(Instant::now());
+        let revoked = self
+            .identities
+            .revoked(&next, sessions.iter().map(|&(c, o, ..)| (c, o)));
+        self.identities = next;
+        let mut changed = std::collections::BTreeSet::new();
+        for (c, o) in revoked {
+            let Some(token) = self.table.token(c, o) else {
+                continue;
+            };
+            self.table.shutdown(c, o, token);
+            tracing::warn!("community {c}: terminal {o} revoked: session ended");
+            let r = self.maps.remove_session(c, o);
+            self.faults.survive("remove_session", r.map_err(Into::into));
+            changed.insert(c);
+        }
+        for c in changed {
+            let r = self.apply(c);
+            self.faults.survive("apply_links", r);
+        }
     }
 
     /// While this node drains: lets the registry move each community it

@@ -106,8 +106,15 @@ impl Agent {
         self.token.is_some() && self.schedule.as_ref().is_some_and(|s| !s.is_empty())
     }
 
+    /// The message, signed with the community key, and with this
+    /// terminal's own key too if it makes or changes its session
+    /// (`crate::server::admit`).
     pub(super) fn sign(&mut self, body: Body, link: u8, flags: u8, token: u64) -> Vec<u8> {
         let restarting = matches!(body, Body::Announce { .. }) && self.restarting;
+        let identity = self
+            .identity
+            .as_ref()
+            .filter(|_| matches!(body, Body::Login | Body::Announce { .. } | Body::Shutdown));
         Msg {
             community: self.cfg.community,
             origin: self.lan_ip,
@@ -118,7 +125,7 @@ impl Agent {
             counter: self.counter.bump(),
             body,
         }
-        .encode(&self.cfg.key)
+        .encode_as(&self.cfg.key, identity)
     }
 
     pub(super) fn announce_body(&self) -> Body {
@@ -132,7 +139,7 @@ impl Agent {
                     up: if draining { 0 } else { o.ad.up },
                     down: if draining { 0 } else { o.ad.down },
                     rtt_us: o.echo.announced_us(),
-                    dark: o.dark(),
+                    dark: o.dark() || self.refused,
                     ..o.ad
                 })
                 .collect(),
@@ -149,13 +156,18 @@ impl Agent {
     /// Every interval: ACTIVE to the LAN, and to the server over each own
     /// link (or through a peer); a LOGIN instead while not logged on.
     pub(super) async fn announce(&mut self) {
-        let lan = self.sign(self.announce_body(), 0, 0, 0);
-        let bcast = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.cfg.data_port));
-        let _ = self.lan_sock.send_to(&lan, bcast).await;
+        self.announce_to_lan().await;
         match self.token {
             None => self.send_to_server(Body::Login, false).await,
             Some(_) => self.send_to_server(self.announce_body(), true).await,
         }
+    }
+
+    /// ACTIVE to the LAN: this host's links as they are now.
+    pub(super) async fn announce_to_lan(&mut self) {
+        let lan = self.sign(self.announce_body(), 0, 0, 0);
+        let bcast = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.cfg.data_port));
+        let _ = self.lan_sock.send_to(&lan, bcast).await;
     }
 
     /// Sends to the server: over each own link (`every`) or the first that
@@ -264,8 +276,13 @@ impl Agent {
             // The server's answer: over our link, or passed on by the peer
             // that relayed our LOGIN.
             (_, Body::LoginReply(r)) if from_server && msg.origin == self.lan_ip => {
-                let had = self.token;
+                let (had, refused) = (self.token, self.refused);
                 self.login_reply(r)?;
+                if self.refused != refused {
+                    // Refused, its links are dark to its peers (the server
+                    // drops what comes over them); taken again, lit.
+                    self.announce_to_lan().await;
+                }
                 if had.is_some() && self.token.is_none() {
                     // Asked for a new login: at once, not at the next
                     // announce. A node that has just taken this community
@@ -427,6 +444,7 @@ impl Agent {
     pub(super) fn login_reply(&mut self, r: &Reply) -> Result<()> {
         match *r {
             Reply::Ok { token, port } => {
+                self.refused = false;
                 if self.token != Some(token) || self.map_cfg.server_port != port {
                     tracing::info!("logged on to {} (port {port})", self.cfg.server.address);
                 }
@@ -451,6 +469,23 @@ impl Agent {
             Reply::NeedLogin => {
                 if self.token.take().is_some() {
                     tracing::info!("the server asks for a new login");
+                }
+            }
+            Reply::Refused => {
+                self.token = None;
+                if !self.refused {
+                    self.refused = true;
+                    tracing::error!(
+                        "the server refuses this terminal: community {} takes terminals by \
+                         key, and not {} with {}; its links are out of use until it is \
+                         authorised (asked again every announce)",
+                        self.cfg.community,
+                        self.lan_ip,
+                        match &self.identity {
+                            Some(id) => format!("public key {}", id.public()),
+                            None => "no identity (field `identity`)".into(),
+                        }
+                    );
                 }
             }
         }

@@ -47,8 +47,9 @@ use crate::{
     probe::{Estimator, PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     resend,
 };
-use bond_proto::control::{
-    Body, Counter, Gap, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags,
+use bond_proto::{
+    control::{Body, Counter, Gap, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
+    identity::Identity,
 };
 
 /// A busy link is sent a train only every this many probe intervals.
@@ -344,6 +345,13 @@ struct Agent {
     /// Peer MACs written to T_NEIGH.
     neighbors: HashMap<Ipv4Addr, [u8; 6]>,
     token: Option<u64>,
+    /// This terminal's own key (`identity`): signs what it says to the
+    /// server of its session.
+    identity: Option<Identity>,
+    /// The server refused it (its community takes terminals by key, and
+    /// not this one's): its links are announced dark to the LAN, as the
+    /// server would drop what its peers sent over them.
+    refused: bool,
     counter: Counter,
     guard: Guard,
     lan_sock: Arc<UdpSocket>,

@@ -52,12 +52,16 @@ impl Agent {
         let weights = |c: &TerminalConfig| -> Vec<(WeightSpec, WeightSpec)> {
             c.links.iter().map(|l| (l.up(), l.down())).collect()
         };
+        // Read again each time: the file may hold a new key.
+        let identity = super::start::load_identity(&new).map_err(|e| format!("{e:#}; {keep}"))?;
+        let public = |id: &Option<Identity>| id.as_ref().map(Identity::public);
         let changed: Vec<&'static str> = [
             ("key", old.key != new.key),
             ("announce_ms", old.announce_ms != new.announce_ms),
             ("misses", old.misses != new.misses),
             ("probe_ms", old.probe_ms != new.probe_ms),
             ("weights", weights(old) != weights(&new)),
+            ("identity", public(&self.identity) != public(&identity)),
         ]
         .into_iter()
         .filter_map(|(f, changed)| changed.then_some(f))
@@ -69,6 +73,10 @@ impl Agent {
             if was.down() != now.down() {
                 o.down = Weight::new(now.down());
             }
+        }
+        if changed.contains(&"identity") {
+            self.identity = identity;
+            self.refused = false;
         }
         self.peers.set_misses(new.misses);
         self.interval = Duration::from_millis(u64::from(new.announce_ms));
@@ -173,6 +181,8 @@ impl Agent {
             address: self.lan_ip,
             server: self.server(),
             logged_on: self.token.is_some(),
+            identity: self.identity.as_ref().map(|i| i.public().to_string()),
+            refused: self.refused,
             announce_ms: self.cfg.announce_ms,
             uptime_s: self.started.elapsed().as_secs(),
             adopted: self.adopted,

@@ -11,6 +11,7 @@ pub async fn run(
     signals: crate::Signals,
     services: &StartServices,
 ) -> Result<Exit> {
+    let identity = load_identity(&cfg)?;
     let net = Net::new()?;
     let lan = net.iface(&cfg.lan).await.context("field `lan`")?;
     let lan_ip = net.ipv4(&lan).await.context("field `lan`")?;
@@ -185,6 +186,8 @@ pub async fn run(
         peer_links: BTreeMap::new(),
         neighbors: HashMap::new(),
         token,
+        identity,
+        refused: false,
         counter: Counter::new(),
         guard: Guard::new(bond_proto::SKEW_MS),
         lan_sock: Arc::new(lan_sock),
@@ -266,4 +269,14 @@ pub async fn run(
             .await;
     }
     result
+}
+
+/// The terminal's own key, if its file names one (`identity`).
+pub(super) fn load_identity(cfg: &TerminalConfig) -> Result<Option<Identity>> {
+    let Some(path) = &cfg.identity else {
+        return Ok(None);
+    };
+    let id = Identity::load(path).map_err(|e| anyhow::anyhow!("field `identity`: {e}"))?;
+    tracing::info!("identity {}: public key {}", path.display(), id.public());
+    Ok(Some(id))
 }
