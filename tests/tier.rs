@@ -356,6 +356,63 @@ fn sha256(path: &std::path::Path) -> Vec<u8> {
     sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
 }
 
+/// A download's progress: the file's length every 20 ms.
+struct Progress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, u64)>>,
+}
+
+impl Progress {
+    fn watch(file: &std::path::Path) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, file) = (stop.clone(), file.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+                seen.push((Instant::now(), len));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        });
+        Self { stop, thread }
+    }
+
+    /// The longest time between two growths of the file that overlaps
+    /// the window from a second before `at` to two after it, and the
+    /// longest elsewhere (after its last growth nothing counts: the
+    /// download is over).
+    fn pauses(self, at: Instant) -> (Duration, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = self.thread.join().unwrap();
+        let (from, to) = (at - Duration::from_secs(1), at + Duration::from_secs(2));
+        let (mut stall, mut elsewhere) = (Duration::ZERO, Duration::ZERO);
+        let mut last: Option<(Instant, u64)> = None;
+        for &(t, len) in &seen {
+            match last {
+                Some((g, l)) if len > l => {
+                    let gap = t - g;
+                    if gap > Duration::from_millis(300) {
+                        eprintln!(
+                            "pause of {gap:?} from {:+.2} s, at {l} bytes",
+                            g.duration_since(at).as_secs_f64() - at.duration_since(g).as_secs_f64()
+                        );
+                    }
+                    if t >= from && g <= to {
+                        stall = stall.max(gap);
+                    } else {
+                        elsewhere = elsewhere.max(gap);
+                    }
+                    last = Some((t, len));
+                }
+                None if len > 0 => last = Some((t, len)),
+                _ => {}
+            }
+        }
+        (stall, elsewhere)
+    }
+}
+
 /// Waits until node `node` holds the lab's first community with its
 /// three terminals and three links (after a move).
 fn wait_all_at(lab: &bond_lab::Lab, node: usize) {
@@ -479,19 +536,7 @@ fn terminals_follow_their_community_when_its_node_dies_and_the_others_never_paus
         let args = ["-sS", "--fail", "--limit-rate", "1M", "-o", &out, &url];
         lab.spawn(ns, name, "curl", &args).unwrap();
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (stop, out2) = (stop.clone(), out2.clone());
-        std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let len = std::fs::metadata(&out2).map_or(0, |m| m.len());
-                seen.push((Instant::now(), len));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            seen
-        })
-    };
+    let sampler = Progress::watch(&out2);
     lab.wait_for("both downloads under way", Duration::from_secs(10), |_| {
         let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
         Ok(len(&out1) > 1 << 20 && len(&out2) > 1 << 20)
@@ -541,27 +586,8 @@ fn terminals_follow_their_community_when_its_node_dies_and_the_others_never_paus
 
     lab.wait_child("curl-c2", Duration::from_secs(30))
         .expect("the second community's download");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let seen = sampler.join().unwrap();
+    let (stall, elsewhere) = sampler.pauses(killed);
     assert_eq!(sha256(&out2), sha256(&served));
-    // The longest time the second community's download made no progress
-    // from a second before the failure to two after it.
-    let window =
-        |t: Instant| t + Duration::from_secs(1) >= killed && t <= killed + Duration::from_secs(2);
-    let (mut stall, mut elsewhere) = (Duration::ZERO, Duration::ZERO);
-    let mut last_growth = None::<Instant>;
-    let mut last_len = 0;
-    for &(t, len) in &seen {
-        if len > last_len {
-            (last_len, last_growth) = (len, Some(t));
-        } else if let Some(g) = last_growth {
-            if window(t) {
-                stall = stall.max(t - g);
-            } else {
-                elsewhere = elsewhere.max(t - g);
-            }
-        }
-    }
     eprintln!(
         "the second community's download: longest pause {stall:?} around the failure, {elsewhere:?} elsewhere"
     );
@@ -702,4 +728,261 @@ fn draining_a_node_waits_for_its_flows_to_end() {
     assert_eq!(bytes, 8 << 20);
     assert_eq!(sha256(&out), sha256(&served));
     assert!(lab.node_status(owner).unwrap().communities.is_empty());
+}
+
+/// Terminals by key: the first community takes only its three terminals,
+/// each with an identity of its own authorised in the registry. Revoking
+/// t1 while t1 and t3 download ends t1's session at its node at once: its
+/// download stops within one announce interval, its link leaves its
+/// peers' schedules, and its logins are refused from then on; t3's
+/// download never pauses beyond its own pauses and completes. With t1's
+/// secret key and the community key (a stolen terminal), nobody can log
+/// on, announce or shut down as t2, push t2's counters ahead, or take
+/// t2's link: t2's session and link stay as they were.
+#[test]
+fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
+    use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
+    use bond_lab::{COMMUNITY, KEY, Lab, TerminalSpec};
+    use bond_proto::{
+        CommunityKey,
+        control::{Body, LinkAd, Msg, flags},
+        identity::Identity,
+        now_ms,
+    };
+    require_root();
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    lab.add_tier(3).expect("the tier");
+    lab.identities = true;
+    lab.start_agents().expect("start agents");
+    let owner = lab.owner(COMMUNITY).unwrap().expect("an owner");
+    wait_all_at(&lab, owner);
+    let listed = lab.tier_ctl(&["terminals", "1", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(v["terminals"].as_array().unwrap().len(), 3, "{listed}");
+    for i in 0..3 {
+        let (ns, inst) = lab.terminal_agent(i);
+        let st = lab.terminal_status(&ns, &inst).unwrap();
+        let public = Identity::load(&lab.identity_file(i)).unwrap().public();
+        assert_eq!(st.identity, Some(public.to_string()), "{st:?}");
+        assert!(st.logged_on && !st.refused, "{st:?}");
+    }
+    let node_rejects = |lab: &Lab| lab.node_status(owner).unwrap().rejects;
+    let count = |r: &BTreeMap<String, u64>, k: &str| r.get(k).copied().unwrap_or(0);
+
+    // A stolen t1: its secret key, the community key, its token.
+    let stolen = Identity::load(&lab.identity_file(0)).unwrap();
+    let key = CommunityKey::new(KEY);
+    let token_of = |i: usize| {
+        Maps::new(pin_dir(
+            std::path::Path::new(DEFAULT_BPFFS),
+            &lab.terminals[i].instance,
+        ))
+        .terminal_config()
+        .unwrap()
+        .token
+    };
+    let (t1_addr, t2_addr) = (lab.terminals[0].lan_ip, lab.terminals[1].lan_ip);
+    let (t1_token, t2_token) = (token_of(0), token_of(1));
+    let msg = |origin, link, token, counter, body| Msg {
+        community: COMMUNITY,
+        origin,
+        link,
+        flags: flags::VIA_LINK,
+        token,
+        time_ms: now_ms(),
+        counter,
+        body,
+    };
+    let t2_link = LinkAd {
+        id: 2,
+        port: 7701,
+        up: 999,
+        down: 999,
+        mtu: 1500,
+        ..Default::default()
+    };
+    let announce = |links| Body::Announce {
+        interval_ms: 1000,
+        links,
+    };
+    let far = u64::MAX / 2;
+    let sends = [
+        // As t2, signed with t1's key: log on, announce, shut down.
+        msg(t2_addr, 2, 0, far, Body::Login).encode_as(&key, Some(&stolen)),
+        msg(t2_addr, 2, t2_token, far + 1, announce(vec![t2_link])).encode_as(&key, Some(&stolen)),
+        msg(t2_addr, 2, t2_token, far + 2, Body::Shutdown).encode_as(&key, Some(&stolen)),
+        // As t2, unsigned, with a guessed token and a counter far ahead.
+        msg(t2_addr, 2, 1, far + 3, Body::Echo { sent_ns: 1 }).encode(&key),
+        // As t1 itself, rightly signed: t2's link claimed as t1's.
+        msg(t1_addr, 2, t1_token, far, announce(vec![t2_link])).encode_as(&key, Some(&stolen)),
+    ];
+    let before = node_rejects(&lab);
+    let t1ns = lab.terminals[0].ns.clone();
+    for bytes in &sends {
+        lab.exec(
+            &t1ns,
+            "python3",
+            &[
+                "-c",
+                "import socket,sys; socket.socket(2,2).sendto(bytes.fromhex(sys.argv[1]), ('198.51.100.1', 7700))",
+                &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            ],
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = node_rejects(&lab);
+    let grew = |k: &str| count(&after, k) - count(&before, k);
+    eprintln!("node rejects after the stolen key's messages: {after:?}");
+    assert_eq!(grew("bad_identity"), 3, "{after:?}");
+    assert_eq!(grew("wrong_token"), 1, "{after:?}");
+    assert_eq!(grew("link_taken"), 1, "{after:?}");
+    // t2 kept its session, its link and its say (its counters were not
+    // pushed ahead: its announces and echoes still count).
+    assert_eq!(token_of(1), t2_token, "t2's session was replaced");
+    let (ns2, inst2) = lab.terminal_agent(1);
+    let st2 = lab.terminal_status(&ns2, &inst2).unwrap();
+    assert!(
+        st2.logged_on && st2.links.iter().all(|l| !l.dark),
+        "{st2:?}"
+    );
+    let peers: bond_api::reply::Peers = lab
+        .ctl_reply(&lab.node_ns(owner), &lab.node_ns(owner), "peers")
+        .unwrap();
+    let bond_api::reply::Peers::Server { terminals } = peers else {
+        panic!("the node answered as a terminal")
+    };
+    let t2_row = terminals.iter().find(|t| t.address == t2_addr).expect("t2");
+    assert_eq!(t2_row.links.len(), 2, "{terminals:?}");
+    assert!(t2_row.links.iter().all(|l| l.down != 999), "{terminals:?}");
+    assert_eq!(
+        count(&after, "replayed"),
+        count(&before, "replayed"),
+        "{after:?}"
+    );
+
+    // t1 downloads (curl, rate-limited, to run through the revocation);
+    // t3 receives 8 Mbit/s from iperf3 (paced by its sender: a pause shows
+    // as an empty tenth of a second).
+    lab.serve_file("8m.bin", 8).unwrap();
+    lab.start_iperf().unwrap();
+    let t3ns = lab.terminals[2].ns.clone();
+    let out1 = lab.dir.join("t1.bin").to_string_lossy().into_owned();
+    let args = [
+        "-sS",
+        "--limit-rate",
+        "1M",
+        "-o",
+        &out1,
+        "http://203.0.113.2/8m.bin",
+    ];
+    lab.spawn(&t1ns, "curl-t1", "curl", &args).unwrap();
+    let args = [
+        "-c",
+        "203.0.113.2",
+        "-R",
+        "-b",
+        "8M",
+        "-t",
+        "8",
+        "-i",
+        "0.1",
+        "-J",
+    ];
+    lab.spawn(&t3ns, "iperf-t3", "iperf3", &args).unwrap();
+    let started = Instant::now();
+    let received = |lab: &Lab| -> u64 {
+        let out = lab
+            .exec(&t1ns, "ss", &["-tinH", "dst", "203.0.113.2"])
+            .unwrap();
+        out.split_whitespace()
+            .filter_map(|w| w.strip_prefix("bytes_received:"))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    };
+    lab.wait_for("t1's download under way", Duration::from_secs(10), |lab| {
+        Ok(received(lab) > 1 << 20)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
+
+    lab.tier_ctl(&["revoke", "1", &t1_addr.to_string()])
+        .unwrap();
+    let revoked = Instant::now();
+    lab.wait_for("t1's session to end", Duration::from_secs(1), |lab| {
+        let s = lab.node_status(owner)?;
+        Ok(s.communities
+            .iter()
+            .any(|c| c.id == COMMUNITY && c.terminals == 2 && c.links == 2))
+    })
+    .unwrap();
+    let ended = revoked.elapsed();
+    // Within one announce interval t1's download stops for good: its
+    // socket receives nothing more (curl, reading at its limited rate,
+    // still drains what the socket holds).
+    std::thread::sleep(Duration::from_secs(1).saturating_sub(revoked.elapsed()));
+    let at_interval = received(&lab);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(received(&lab), at_interval, "t1's download went on");
+    assert!(at_interval < 8 << 20, "t1's download had finished");
+    let (ns1, inst1) = lab.terminal_agent(0);
+    let st1 = lab.terminal_status(&ns1, &inst1).unwrap();
+    assert!(st1.refused && !st1.logged_on, "{st1:?}");
+    let r = node_rejects(&lab);
+    assert!(count(&r, "unknown_terminal") >= 1, "{r:?}");
+    assert!(
+        lab.log(&format!("agent-n{owner}"))
+            .contains(&format!("terminal {t1_addr} revoked: session ended"))
+    );
+    // Its peers no longer send over its link.
+    let (ns3, inst3) = lab.terminal_agent(2);
+    let st3 = lab.terminal_status(&ns3, &inst3).unwrap();
+    assert!(st3.schedule.iter().all(|&(l, _)| l != 1), "{st3:?}");
+
+    let report = lab
+        .wait_child("iperf-t3", Duration::from_secs(30))
+        .expect("t3's transfer");
+    let v: serde_json::Value = serde_json::from_str(&report).expect("iperf3's report");
+    let got = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    // Tenths of a second that brought (next to) nothing, in a row.
+    let tenths: Vec<u64> = v["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0))
+        .collect();
+    let (mut run, mut longest) = (0, 0);
+    for &b in &tenths {
+        run = if b < 10_000 { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    eprintln!(
+        "t1 revoked: its session ended after {ended:?}, its download stopped at {at_interval} \
+         bytes; t3 received {got} bytes at 8 Mbit/s, at most {longest} empty tenth(s) of a second \
+         in a row"
+    );
+    // 8 Mbit/s for 8 s: 8 MB; at most a fifth of a second without data.
+    assert!(got > 7_500_000, "t3 received {got} bytes: {tenths:?}");
+    assert!(longest <= 2, "t3 paused: {tenths:?}");
+
+    // Authorised again (a new key, as after a reinstall): t1 logs on
+    // within an announce interval or two and bonds again.
+    let file = lab.identity_file(0);
+    std::fs::remove_file(&file).unwrap();
+    let fresh = Identity::generate().unwrap();
+    fresh.save(&file).unwrap();
+    lab.ctl(&ns1, &inst1, &["reload"]).unwrap();
+    lab.tier_ctl(&[
+        "authorize",
+        "1",
+        &t1_addr.to_string(),
+        &fresh.public().to_string(),
+    ])
+    .unwrap();
+    lab.wait_for("t1 back", Duration::from_secs(3), |lab| {
+        let st = lab.terminal_status(&ns1, &inst1)?;
+        Ok(st.logged_on && !st.refused && st.bonding)
+    })
+    .unwrap();
+    wait_all_at(&lab, owner);
 }

@@ -474,7 +474,11 @@ mod tests {
         put(&mut v, "10.0.1.1", K1);
         put(&mut v, "10.0.1.2", K2);
         put(&mut v, "10.0.1.3", "00ff");
-        assert!(v.bad["/bond/terminals/7/10.0.1.3"].contains("2 bytes"), "{:?}", v.bad);
+        assert!(
+            v.bad["/bond/terminals/7/10.0.1.3"].contains("2 bytes"),
+            "{:?}",
+            v.bad
+        );
         assert_eq!(v.terminal_keys(7), None, "the community takes any member");
         v.put(
             &l(),

@@ -156,6 +156,10 @@ pub struct Lab {
     pub terminal_extra: String,
     /// Terminals weigh their links by measurement (`weight = "auto"`).
     pub auto_weights: bool,
+    /// In a tier (set before starting): the first community takes its
+    /// terminals by key, each with an identity of its own
+    /// ([`Self::identity_file`]), authorised in the registry.
+    pub identities: bool,
     /// Links whose owner takes the next hop from the interface's default
     /// route (`gateway = "auto"`), as with DHCP; the test adds the route.
     pub auto_gateways: Vec<u8>,
@@ -357,6 +361,7 @@ impl Lab {
             server_extra: String::new(),
             terminal_extra: String::new(),
             auto_weights: false,
+            identities: false,
             auto_gateways: Vec::new(),
             dist: false,
             cache: false,
@@ -1065,10 +1070,23 @@ impl Lab {
                 let _ = writeln!(s, "{extra}");
             }
         }
+        if self.identities && t.community == COMMUNITY {
+            // Top-level: before the first table.
+            let at = s.find("\n[").unwrap_or(s.len());
+            s.insert_str(
+                at,
+                &format!("\nidentity = \"{}\"", self.identity_file(i).display()),
+            );
+        }
         if !self.terminal_extra.is_empty() {
             let _ = write!(s, "\n{}\n", self.terminal_extra);
         }
         s
+    }
+
+    /// Terminal `i`'s secret key file (with [`Self::identities`]).
+    pub fn identity_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.key", self.terminals[i].instance))
     }
 
     pub fn server_config(&self) -> String {

@@ -144,7 +144,15 @@ impl Lab {
         let key = self.dir.join("community.key");
         for (c, k) in [(crate::COMMUNITY, KEY), (crate::COMMUNITY2, KEY2)] {
             std::fs::write(&key, k)?;
-            self.tier_ctl(&["add", &c.to_string(), "--key-file", &key.to_string_lossy()])?;
+            let (c, key) = (c.to_string(), key.to_string_lossy().into_owned());
+            let mut args = vec!["add", &c, "--key-file", &key];
+            if self.identities && c == crate::COMMUNITY.to_string() {
+                args.push("--terminal-keys");
+            }
+            self.tier_ctl(&args)?;
+        }
+        if self.identities {
+            self.authorize_terminals()?;
         }
         // The director steers both once the controller placed them and it
         // has found each owner's MAC.
@@ -152,6 +160,25 @@ impl Lab {
             let s = lab.director_status()?;
             Ok(s.steered == 2 && s.nodes.iter().all(|n| n.mac.is_some()))
         })
+    }
+
+    /// A new identity for each terminal of the first community, each
+    /// authorised in the registry by its LAN address.
+    fn authorize_terminals(&mut self) -> Result<()> {
+        for i in 0..self.terminals.len() {
+            if self.terminals[i].community != crate::COMMUNITY {
+                continue;
+            }
+            let file = self.identity_file(i);
+            let _ = std::fs::remove_file(&file);
+            let public = run(std::process::Command::new(&self.bond_ctl)
+                .args(["identity", "new", "--out"])
+                .arg(&file))?;
+            let addr = self.terminals[i].lan_ip.to_string();
+            let c = crate::COMMUNITY.to_string();
+            self.tier_ctl(&["authorize", &c, &addr, public.trim()])?;
+        }
+        Ok(())
     }
 
     /// `bond-ctl tier ARGS` from the site's router.

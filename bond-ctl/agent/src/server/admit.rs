@@ -227,7 +227,11 @@ mod tests {
             vec![(1, T1), (1, T2), (1, t3)]
         );
         assert!(after.revoked(&open, sessions).is_empty());
-        assert!(after.revoked(&after, [(1, T1), (1, t3), (2, T1)]).is_empty());
+        assert!(
+            after
+                .revoked(&after, [(1, T1), (1, t3), (2, T1)])
+                .is_empty()
+        );
         // An empty list takes no one.
         let nobody = Identities::new([(1, BTreeMap::new())]);
         assert_eq!(nobody.auth(1, T1), Auth::Denied);
