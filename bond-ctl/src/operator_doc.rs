@@ -110,6 +110,9 @@ fn every_example_reads_back_through_its_type_unchanged() {
             h if h.starts_with("`tier") && has("nodes") => {
                 round_trip::<bond_tier::admin::Nodes>(h, v)
             }
+            h if h.starts_with("`tier") && has("terminal_keys") => {
+                round_trip::<bond_tier::admin::Terminals>(h, v)
+            }
             h if h.starts_with("`tier") => round_trip::<bond_tier::admin::Communities>(h, v),
             h => panic!("a JSON example under {h}, which names no reply"),
         };
@@ -131,6 +134,7 @@ fn every_example_reads_back_through_its_type_unchanged() {
         type_name::<bond_cache::TableReport>(),
         type_name::<bond_tier::admin::Nodes>(),
         type_name::<bond_tier::admin::Communities>(),
+        type_name::<bond_tier::admin::Terminals>(),
     ];
     for ty in want {
         assert!(seen.contains(ty), "docs/operator.md shows no {ty}");

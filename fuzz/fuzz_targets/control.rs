@@ -1,27 +1,33 @@
 //! The control message decoder. Raw input exercises the header, length and
 //! signature checks; the same input signed with the key (as a member would)
 //! reaches the body parser. Whatever decodes must encode back to a message
-//! that decodes to the same value; nothing may panic.
+//! that decodes to the same value, and signed by a terminal's key, to one
+//! that its key and no other verifies; nothing may panic.
 #![no_main]
 
 use bond_proto::{
     CommunityKey,
-    control::{Msg, TAG_LEN, tag},
+    control::{Msg, TAG_LEN, flags, tag},
+    identity::Identity,
 };
 use libfuzzer_sys::fuzz_target;
 
 static KEY: std::sync::LazyLock<CommunityKey> =
     std::sync::LazyLock::new(|| CommunityKey::new("fuzzing community key"));
+static TERMINAL: std::sync::LazyLock<Identity> =
+    std::sync::LazyLock::new(|| Identity::from_seed([7; 32]));
+static OTHER: std::sync::LazyLock<Identity> =
+    std::sync::LazyLock::new(|| Identity::from_seed([8; 32]));
 
 fuzz_target!(|data: &[u8]| {
     let key = |_: u16| Some(&*KEY);
     if let Ok(m) = Msg::decode(data, key) {
-        check(&m);
+        check(&m, data);
     }
     let mut signed = data.to_vec();
     signed.extend_from_slice(&tag(&KEY, data));
     if let Ok(m) = Msg::decode(&signed, key) {
-        check(&m);
+        check(&m, &signed);
     }
     // A wrong key never decodes.
     if data.len() >= TAG_LEN {
@@ -30,7 +36,18 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn check(m: &Msg) {
+fn check(m: &Msg, buf: &[u8]) {
+    // Whatever signature it carries, checking it never panics.
+    let _ = Msg::signed_by(buf, &TERMINAL.public());
+    let plain = Msg {
+        flags: m.flags & !flags::SIGNED,
+        ..m.clone()
+    };
     let again = Msg::decode(&m.encode(&KEY), |_| Some(&*KEY)).expect("a decoded message re-encodes");
-    assert_eq!(&again, m);
+    assert_eq!(again, plain);
+    let by_terminal = m.encode_as(&KEY, Some(&TERMINAL));
+    let again = Msg::decode(&by_terminal, |_| Some(&*KEY)).expect("and signed by a terminal");
+    assert_eq!(again.flags, plain.flags | flags::SIGNED);
+    assert!(Msg::signed_by(&by_terminal, &TERMINAL.public()));
+    assert!(!Msg::signed_by(&by_terminal, &OTHER.public()));
 }

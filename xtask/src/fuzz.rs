@@ -88,6 +88,7 @@ fn seed() -> Result<()> {
             port: 7700,
         }),
         Body::LoginReply(Reply::NeedLogin),
+        Body::LoginReply(Reply::Refused),
         Body::Probe {
             train: 1,
             seq: 0,
@@ -103,8 +104,10 @@ fn seed() -> Result<()> {
             kbps: 10_000,
         },
     ];
+    // Signed by a terminal's own key too (a fixed one: seeds stay the same).
+    let identity = bond_proto::identity::Identity::from_seed([7; 32]);
     for (i, body) in bodies.into_iter().enumerate() {
-        let m = Msg {
+        let msg = Msg {
             community: 1,
             origin: [10, 0, 1, 1].into(),
             link: 1,
@@ -113,9 +116,11 @@ fn seed() -> Result<()> {
             time_ms: 1,
             counter: 1,
             body,
-        }
-        .encode(&key());
+        };
+        let m = msg.encode(&key());
         write("control", &format!("signed-{i}"), &m)?;
+        let by_terminal = msg.encode_as(&key(), Some(&identity));
+        write("control", &format!("terminal-signed-{i}"), &by_terminal)?;
         write("control", &format!("unsigned-{i}"), &m[..m.len() - TAG_LEN])?;
         if i == 0 {
             write("wire", "header", &m[..24])?;

@@ -64,7 +64,7 @@ pub const MAX_LEN: usize = PROBE_LEN;
 pub const PROBE_LEN: usize = 1200;
 /// Other senders a FEEDBACK reports per link.
 pub const MAX_SHARERS: usize = 8;
-const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + TAG_LEN <= MAX_LEN);
+const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + SIG_LEN + TAG_LEN <= MAX_LEN);
 const LINK_AD_LEN: usize = 18;
 
 pub mod flags {
@@ -177,7 +177,7 @@ pub struct Gap {
 
 /// Gaps one RESEND may name.
 pub const MAX_GAPS: usize = 64;
-const _: () = assert!(FIXED_LEN + 1 + MAX_GAPS * 11 + TAG_LEN <= MAX_LEN);
+const _: () = assert!(FIXED_LEN + 1 + MAX_GAPS * 11 + SIG_LEN + TAG_LEN <= MAX_LEN);
 
 /// What the other origins of a community carried on one link lately,
 /// kbit/s each, the busiest first (the server tells each origin).
@@ -201,7 +201,12 @@ pub struct LinkQueue {
 /// Links one FEEDBACK may name: a sender's every link.
 pub const MAX_FEEDBACK_LINKS: usize = bond_common::edpf::MAX_PATHS;
 const _: () = assert!(
-    FIXED_LEN + 2 + MAX_FEEDBACK_LINKS * 9 + MAX_FEEDBACK_LINKS * (2 + MAX_SHARERS * 4) + TAG_LEN
+    FIXED_LEN
+        + 2
+        + MAX_FEEDBACK_LINKS * 9
+        + MAX_FEEDBACK_LINKS * (2 + MAX_SHARERS * 4)
+        + SIG_LEN
+        + TAG_LEN
         <= MAX_LEN
 );
 
@@ -283,7 +288,8 @@ impl Msg {
     }
 
     /// The signed wire form, signed by `identity` too if given (and then
-    /// flagged [`flags::SIGNED`]).
+    /// flagged [`flags::SIGNED`]; every kind has room for it within
+    /// [`MAX_LEN`], a PROBE keeps its length).
     pub fn encode_as(&self, key: &CommunityKey, identity: Option<&Identity>) -> Vec<u8> {
         let sig_len = if identity.is_some() { SIG_LEN } else { 0 };
         let hdr = BondHdr::new(

@@ -36,6 +36,12 @@ impl Identity {
         Ok(Self(SigningKey::from_bytes(&seed)))
     }
 
+    /// The key of a given seed (tests, fuzz seeds; a real one comes from
+    /// [`Self::generate`]).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&seed))
+    }
+
     /// Reads a secret key file (its seed in hex).
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
