@@ -796,3 +796,89 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
     let terms: Vec<usize> = st.communities.iter().map(|c| c.terminals).collect();
     assert_eq!(terms, [3, 2], "{st:?}");
 }
+
+/// A server that takes only the terminals it lists by key: each terminal
+/// logs on with its own identity; one taken out of the list by a reload
+/// loses its session at once and is refused from then on (its peers
+/// bond on without its link), and is taken again when listed again.
+#[test]
+fn a_server_takes_only_the_terminals_it_lists_and_a_reload_revokes() {
+    use bond_proto::identity::Identity;
+    let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
+    lab.identities = true;
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let id = Identity::generate().unwrap();
+        id.save(&lab.identity_file(i)).unwrap();
+        keys.push((lab.terminals[i].lan_ip, id.public()));
+    }
+    let listed = |keys: &[(std::net::Ipv4Addr, bond_proto::identity::PublicKey)]| {
+        let mut s = "[communities.terminals]\n".to_string();
+        for (addr, key) in keys {
+            s.push_str(&format!("\"{addr}\" = \"{key}\"\n"));
+        }
+        s
+    };
+    lab.server_extra = listed(&keys);
+    let served = lab.serve_file("1m.bin", 1).unwrap();
+    lab.start_agents().expect("agents");
+    let (t1, inst1) = lab.terminal_agent(0);
+    let st = lab.terminal_status(&t1, &inst1).unwrap();
+    assert_eq!(st.identity, Some(keys[0].1.to_string()), "{st:?}");
+    assert!(st.logged_on && !st.refused, "{st:?}");
+
+    // t1 taken out: its session ends with the reload.
+    let (srv, inst) = (lab.server_ns.clone(), lab.server_instance.clone());
+    lab.server_extra = listed(&keys[1..]);
+    std::fs::write(lab.dir.join("server.toml"), lab.server_config()).unwrap();
+    let reloaded = lab.ctl(&srv, &inst, &["reload"]).expect("reload");
+    assert!(reloaded.contains("terminals"), "{reloaded}");
+    let sessions = |lab: &Lab| -> Vec<std::net::Ipv4Addr> {
+        lab.server_terminals()
+            .unwrap()
+            .iter()
+            .map(|t| t.address)
+            .collect()
+    };
+    assert!(!sessions(&lab).contains(&keys[0].0), "{:?}", sessions(&lab));
+    lab.wait_for("t1 refused", Duration::from_secs(2), |lab| {
+        let st = lab.terminal_status(&t1, &inst1)?;
+        Ok(st.refused && !st.logged_on)
+    })
+    .unwrap();
+    let rejects = lab.server_status().unwrap().rejects;
+    assert!(
+        rejects.get("unknown_terminal").copied().unwrap_or(0) >= 1,
+        "{rejects:?}"
+    );
+    assert!(
+        lab.log("agent-srv")
+            .contains("terminal 10.0.1.1 revoked: session ended")
+    );
+    // Its peers bond on, without its link.
+    let (t3, inst3) = lab.terminal_agent(2);
+    lab.wait_for("t3 without link 1", Duration::from_secs(2), |lab| {
+        let st = lab.terminal_status(&t3, &inst3)?;
+        Ok(st.bonding && st.schedule.iter().all(|&(l, _)| l != 1))
+    })
+    .unwrap();
+    let (bytes, _, got) = lab
+        .download(&t3, "http://203.0.113.2/1m.bin", "peer.bin")
+        .expect("t3's download");
+    assert_eq!(bytes, std::fs::metadata(&served).unwrap().len());
+    assert_eq!(
+        std::fs::read(&got).unwrap(),
+        std::fs::read(&served).unwrap()
+    );
+
+    // Listed again: taken again.
+    lab.server_extra = listed(&keys);
+    std::fs::write(lab.dir.join("server.toml"), lab.server_config()).unwrap();
+    lab.ctl(&srv, &inst, &["reload"]).expect("reload");
+    lab.wait_for("t1 back", Duration::from_secs(3), |lab| {
+        let st = lab.terminal_status(&t1, &inst1)?;
+        Ok(st.logged_on && !st.refused && st.bonding)
+    })
+    .unwrap();
+    lab.wait_for_community(Duration::from_secs(5)).unwrap();
+}
