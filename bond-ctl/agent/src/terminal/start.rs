@@ -158,6 +158,15 @@ pub async fn run(
         own.push(o);
     }
     sysctl(&format!("net.ipv4.conf.{}.rp_filter", cfg.lan), "2")?;
+    // Peers relay to this host by the MAC their neighbour table gives for
+    // its LAN address: only the LAN interface may answer for it (and ask
+    // with it). A host in two communities with two interfaces on one
+    // segment otherwise answers ARP on both, and a peer that learns the
+    // other one's MAC sends this community's packets where the other
+    // community's agent drops them (seen: a first download's SYN-ACKs for
+    // 4 s).
+    sysctl(&format!("net.ipv4.conf.{}.arp_ignore", cfg.lan), "1")?;
+    sysctl(&format!("net.ipv4.conf.{}.arp_announce", cfg.lan), "2")?;
     let lan_sock = udp_socket(
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cfg.data_port),
         Some(&cfg.lan),
