@@ -584,7 +584,9 @@ fn terminals_follow_their_community_when_its_node_dies_and_the_others_never_paus
     assert_eq!(d.fenced, 1, "{d:?}");
     assert!(lab.log("agent-srv").contains(&format!("node n{o1} fenced")));
     assert!(moved < Duration::from_secs(2), "moved after {moved:?}");
-    assert!(back < Duration::from_secs(2), "links back after {back:?}");
+    // (0.43-0.44 s: the linkless t3 hears from its peers that the
+    // server asked them to log on again, SESSION_LOST.)
+    assert!(back < Duration::from_secs(1), "links back after {back:?}");
     // Only the dead node's community moved.
     assert_eq!(lab.owner(COMMUNITY2).unwrap(), Some(o2));
     assert_eq!(logons(&lab), logged_on, "{}", lab.log("agent-t4"));

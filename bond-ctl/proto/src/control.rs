@@ -15,6 +15,8 @@
 //!                FROM_SERVER: sent by the server
 //!                RESTARTING: the sender's agent restarts (ANNOUNCE)
 //!                SIGNED:   a terminal's signature follows the body
+//!                SESSION_LOST: the server just asked the sender to log on
+//!                          again (ANNOUNCE to the LAN)
 //! body     ...   by kind, below
 //! sig      64 B  with SIGNED only: the sending terminal's Ed25519
 //!                signature over everything before it (`identity`)
@@ -82,7 +84,12 @@ pub mod flags {
     /// The sending terminal's signature follows the body
     /// ([`crate::identity`]).
     pub const SIGNED: u8 = 16;
-    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING | SIGNED;
+    /// On an ANNOUNCE to the LAN: the server has just asked the sender to
+    /// log on again (it restarted, or an ISP tier moved the community to
+    /// another node); its peers ask after their own sessions at once
+    /// rather than at their next announce.
+    pub const SESSION_LOST: u8 = 32;
+    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING | SIGNED | SESSION_LOST;
 }
 
 /// One WAN link as its terminal announces it.

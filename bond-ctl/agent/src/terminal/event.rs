@@ -156,16 +156,16 @@ impl Agent {
     /// Every interval: ACTIVE to the LAN, and to the server over each own
     /// link (or through a peer); a LOGIN instead while not logged on.
     pub(super) async fn announce(&mut self) {
-        self.announce_to_lan().await;
+        self.announce_to_lan(0).await;
         match self.token {
             None => self.send_to_server(Body::Login, false).await,
             Some(_) => self.send_to_server(self.announce_body(), true).await,
         }
     }
 
-    /// ACTIVE to the LAN: this host's links as they are now.
-    pub(super) async fn announce_to_lan(&mut self) {
-        let lan = self.sign(self.announce_body(), 0, 0, 0);
+    /// ACTIVE to the LAN: this host's links as they are now, with `flags`.
+    pub(super) async fn announce_to_lan(&mut self, flags: u8) {
+        let lan = self.sign(self.announce_body(), 0, flags, 0);
         let bcast = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.cfg.data_port));
         let _ = self.lan_sock.send_to(&lan, bcast).await;
     }
@@ -281,14 +281,19 @@ impl Agent {
                 if self.refused != refused {
                     // Refused, its links are dark to its peers (the server
                     // drops what comes over them); taken again, lit.
-                    self.announce_to_lan().await;
+                    self.announce_to_lan(0).await;
                 }
                 if had.is_some() && self.token.is_none() {
                     // Asked for a new login: at once, not at the next
                     // announce. A node that has just taken this community
                     // over (an ISP tier) knows nothing of this host, and
-                    // its flows wait.
+                    // its flows wait; nor of its peers, which a peer
+                    // without links of its own (no echoes) would learn
+                    // only at its next announce: they are told.
                     self.send_to_server(Body::Login, false).await;
+                    if !self.refused {
+                        self.announce_to_lan(flags::SESSION_LOST).await;
+                    }
                 } else if self.token.is_some() && self.token != had {
                     // A new session: its links at once, or the server
                     // schedules this host's traffic over none of them
@@ -388,6 +393,18 @@ impl Agent {
                 if self.peers.announce(msg.origin, interval, links, now) {
                     tracing::info!("peer {} announces links {links:?}", msg.origin);
                     self.apply_peers().await?;
+                }
+                // A peer's session ended at the server: ours may have too.
+                // An announce asks (answered NEED_LOGIN if so); at most
+                // every SESSION_CHECK, however many peers say it.
+                if msg.flags & flags::SESSION_LOST != 0
+                    && self.token.is_some()
+                    && self
+                        .session_checked
+                        .is_none_or(|t| now.duration_since(t) >= SESSION_CHECK)
+                {
+                    self.session_checked = Some(now);
+                    self.send_to_server(self.announce_body(), false).await;
                 }
             }
             (Socket::Lan, Body::Shutdown) => {

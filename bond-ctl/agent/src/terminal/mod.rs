@@ -52,6 +52,10 @@ use bond_proto::{
     identity::Identity,
 };
 
+/// How often a peer's SESSION_LOST may have this host ask the server
+/// after its own session.
+const SESSION_CHECK: Duration = Duration::from_millis(200);
+
 /// A busy link is sent a train only every this many probe intervals.
 const BUSY_PROBE_EVERY: u32 = 5;
 
@@ -352,6 +356,8 @@ struct Agent {
     /// not this one's): its links are announced dark to the LAN, as the
     /// server would drop what its peers sent over them.
     refused: bool,
+    /// When a peer's SESSION_LOST last had this host ask after its own.
+    session_checked: Option<Instant>,
     counter: Counter,
     guard: Guard,
     lan_sock: Arc<UdpSocket>,

@@ -197,6 +197,7 @@ pub async fn run(
         token,
         identity,
         refused: false,
+        session_checked: None,
         counter: Counter::new(),
         guard: Guard::new(bond_proto::SKEW_MS),
         lan_sock: Arc::new(lan_sock),
