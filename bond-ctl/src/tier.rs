@@ -216,14 +216,18 @@ async fn communities(reg: &mut Registry, json: bool) -> Result<()> {
     if json {
         return crate::show::print_json(&Communities { communities });
     }
-    println!("{:>10}  owner", "community");
+    println!("{:>10}  {:<12}  owner", "community", "terminals");
     for c in &communities {
         let owner = match (&c.owner, c.orphan) {
             (Some(o), false) => o.clone(),
             (Some(o), true) => format!("{o} (gone; moving)"),
             (None, _) => "none (no node can take it)".into(),
         };
-        println!("{:>10}  {owner}", c.id);
+        let terminals = match c.terminal_keys {
+            true => format!("{} by key", c.terminals),
+            false => "any".to_string(),
+        };
+        println!("{:>10}  {terminals:<12}  {owner}", c.id);
     }
     Ok(())
 }

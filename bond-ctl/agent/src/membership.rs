@@ -381,6 +381,32 @@ impl ServerTable {
         }
     }
 
+    /// Whether an announce would change nothing but the terminal's
+    /// liveness: its session has `token`, the same interval, and exactly
+    /// these links as they are (the one it came over from the same
+    /// address). A server that takes terminals by key checks no signature
+    /// for such one (`server::admit`).
+    pub fn repeats(
+        &self,
+        community: u16,
+        origin: Ipv4Addr,
+        token: u64,
+        via: Option<(u8, SocketAddr)>,
+        interval: Duration,
+        links: &[LinkAd],
+    ) -> bool {
+        let Some(t) = self.terms.get(&(community, origin)) else {
+            return false;
+        };
+        t.token == token
+            && t.live.interval == Liveness::new(t.live.last, interval).interval
+            && t.links.len() == links.len()
+            && links
+                .iter()
+                .all(|l| t.links.get(&l.id).is_some_and(|(ad, _, _)| ad == l))
+            && via.is_none_or(|(id, src)| t.links.get(&id).is_some_and(|e| e.1 == src))
+    }
+
     /// Whether `origin` holds a session with `token` and owns `link`.
     pub fn owns(&self, community: u16, origin: Ipv4Addr, token: u64, link: u8) -> bool {
         self.terms
@@ -599,6 +625,39 @@ mod tests {
     /// A community mixes links over IPv4 and IPv6: each is where its
     /// announces came from, and a link that moves from one family to the
     /// other (an LTE modem that lost its IPv4) is a change.
+    /// An announce repeats when it would change only liveness: same
+    /// token, interval, links and source; anything else changes something.
+    #[test]
+    fn an_announce_repeats_only_what_the_server_holds() {
+        let t0 = Instant::now();
+        let mut s = ServerTable::new(3);
+        s.login(1, ip(1), SEC, t0, || 7);
+        let links = [ad(1, 10, 10), ad(2, 5, 5)];
+        let via = Some((1, addr(1)));
+        assert!(
+            !s.repeats(1, ip(1), 7, via, SEC, &links),
+            "nothing held yet"
+        );
+        s.announce(1, ip(1), 7, via, SEC, &links, t0).unwrap();
+        s.announce(1, ip(1), 7, Some((2, addr(2))), SEC, &links, t0)
+            .unwrap();
+        assert!(s.repeats(1, ip(1), 7, via, SEC, &links));
+        assert!(s.repeats(1, ip(1), 7, None, SEC, &links), "relayed");
+        assert!(!s.repeats(1, ip(1), 8, via, SEC, &links), "another token");
+        assert!(!s.repeats(1, ip(1), 7, via, MS100, &links), "interval");
+        assert!(
+            !s.repeats(1, ip(1), 7, Some((1, addr(3))), SEC, &links),
+            "source"
+        );
+        assert!(
+            !s.repeats(1, ip(1), 7, via, SEC, &links[..1]),
+            "a link fewer"
+        );
+        let heavier = [ad(1, 10, 11), ad(2, 5, 5)];
+        assert!(!s.repeats(1, ip(1), 7, via, SEC, &heavier), "a weight");
+        assert!(!s.repeats(1, ip(2), 7, via, SEC, &links), "another origin");
+    }
+
     #[test]
     fn a_community_that_moves_away_is_forgotten_and_only_it() {
         let t0 = Instant::now();

@@ -175,9 +175,13 @@ impl Registry {
     }
 
     /// Registers many communities at once (a site's import; a bench's
-    /// thousands), in transactions of 100; an id already registered
-    /// fails its transaction and is named.
-    pub async fn add_communities(&mut self, all: &[(u32, String)]) -> Result<()> {
+    /// thousands), taking terminals by key or not, in transactions of
+    /// 100; an id already registered fails its transaction and is named.
+    pub async fn add_communities(
+        &mut self,
+        all: &[(u32, String)],
+        terminal_keys: bool,
+    ) -> Result<()> {
         for chunk in all.chunks(100) {
             let mut when = Vec::new();
             let mut puts = Vec::new();
@@ -191,7 +195,7 @@ impl Registry {
                 let k = self.layout.community(*id);
                 let value = serde_json::to_vec(&CommunityRecord {
                     key: key.clone(),
-                    terminal_keys: false,
+                    terminal_keys,
                 })?;
                 when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
                 puts.push(TxnOp::put(k, value, None));
@@ -263,6 +267,24 @@ impl Registry {
             .put(self.layout.terminal(id, origin), value, None)
             .await
             .context("authorising the terminal")?;
+        Ok(())
+    }
+
+    /// Authorises many terminals at once (an import; a bench's
+    /// thousands), in transactions of 100, without looking at their
+    /// communities.
+    pub async fn authorize_many(&mut self, all: &[(u32, Ipv4Addr, PublicKey)]) -> Result<()> {
+        for chunk in all.chunks(100) {
+            let mut puts = Vec::new();
+            for &(id, origin, key) in chunk {
+                let value = serde_json::to_vec(&TerminalRecord { key })?;
+                puts.push(TxnOp::put(self.layout.terminal(id, origin), value, None));
+            }
+            self.client
+                .txn(Txn::new().and_then(puts))
+                .await
+                .context("authorising terminals")?;
+        }
         Ok(())
     }
 

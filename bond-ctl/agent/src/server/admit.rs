@@ -17,7 +17,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use bond_proto::{
-    control::{Body, Msg},
+    control::{Body, Msg, flags},
     identity::PublicKey,
 };
 
@@ -96,10 +96,29 @@ impl Identities {
     }
 
     /// Whether `msg` (decoded from `buf`, its community key checked) may
-    /// count, given the token of its origin's session, if any.
-    pub fn admit(&self, msg: &Msg, buf: &[u8], session: Option<u64>) -> Result<(), Refused> {
+    /// count, given the token of its origin's session, if any, and
+    /// whether it is an announce that would change nothing but the
+    /// session's liveness (`repeats`, asked only for an announce with the
+    /// session's token: such one needs no signature check, as an echo
+    /// needs none; the check costs more than all else a node does per
+    /// announce).
+    pub fn admit(
+        &self,
+        msg: &Msg,
+        buf: &[u8],
+        session: Option<u64>,
+        repeats: impl FnOnce() -> bool,
+    ) -> Result<(), Refused> {
         let auth = self.auth(msg.community, msg.origin);
         if auth == Auth::Open {
+            return Ok(());
+        }
+        if let Body::Announce { .. } = msg.body
+            && matches!(auth, Auth::Key(_))
+            && session == Some(msg.token)
+            && msg.flags & flags::RESTARTING == 0
+            && repeats()
+        {
             return Ok(());
         }
         if matches!(
@@ -140,7 +159,7 @@ impl Identities {
 
 #[cfg(test)]
 mod tests {
-    use bond_proto::{CommunityKey, control::flags, identity::Identity};
+    use bond_proto::{CommunityKey, identity::Identity};
 
     use super::*;
 
@@ -175,17 +194,23 @@ mod tests {
         for body in [Body::Login, announce.clone(), Body::Shutdown] {
             let own = msg(T1, body.clone(), 5).encode_as(&key, Some(&k1));
             let m = Msg::decode(&own, |_| Some(&key)).unwrap();
-            assert_eq!(ids.admit(&m, &own, None), Ok(()), "{body:?}");
+            assert_eq!(ids.admit(&m, &own, None, || false), Ok(()), "{body:?}");
             let as_t2 = msg(T2, body.clone(), 5).encode_as(&key, Some(&k1));
             let m = Msg::decode(&as_t2, |_| Some(&key)).unwrap();
-            assert_eq!(ids.admit(&m, &as_t2, Some(5)), Err(Refused::BadIdentity));
+            assert_eq!(
+                ids.admit(&m, &as_t2, Some(5), || false),
+                Err(Refused::BadIdentity)
+            );
             let unsigned = msg(T1, body.clone(), 5).encode(&key);
             let m = Msg::decode(&unsigned, |_| Some(&key)).unwrap();
-            assert_eq!(ids.admit(&m, &unsigned, Some(5)), Err(Refused::BadIdentity));
+            assert_eq!(
+                ids.admit(&m, &unsigned, Some(5), || false),
+                Err(Refused::BadIdentity)
+            );
             let stranger = msg(Ipv4Addr::new(10, 0, 1, 9), body, 0).encode_as(&key, Some(&k1));
             let m = Msg::decode(&stranger, |_| Some(&key)).unwrap();
             assert_eq!(
-                ids.admit(&m, &stranger, None),
+                ids.admit(&m, &stranger, None, || false),
                 Err(Refused::UnknownTerminal)
             );
         }
@@ -193,16 +218,46 @@ mod tests {
         // window counts it.
         let echo = msg(T2, Body::Echo { sent_ns: 1 }, 9).encode(&key);
         let m = Msg::decode(&echo, |_| Some(&key)).unwrap();
-        assert_eq!(ids.admit(&m, &echo, Some(9)), Ok(()));
-        assert_eq!(ids.admit(&m, &echo, Some(8)), Err(Refused::WrongToken));
-        assert_eq!(ids.admit(&m, &echo, None), Err(Refused::NoSession));
+        assert_eq!(ids.admit(&m, &echo, Some(9), || false), Ok(()));
+        assert_eq!(
+            ids.admit(&m, &echo, Some(8), || false),
+            Err(Refused::WrongToken)
+        );
+        assert_eq!(
+            ids.admit(&m, &echo, None, || false),
+            Err(Refused::NoSession)
+        );
+        // An announce that changes nothing (its session's token, the
+        // same links) needs no signature, as an echo needs none; one that
+        // changes something, or says its agent restarts, does.
+        let repeat = msg(T2, announce.clone(), 9).encode(&key);
+        let m = Msg::decode(&repeat, |_| Some(&key)).unwrap();
+        assert_eq!(ids.admit(&m, &repeat, Some(9), || true), Ok(()));
+        assert_eq!(
+            ids.admit(&m, &repeat, Some(9), || false),
+            Err(Refused::BadIdentity)
+        );
+        assert_eq!(
+            ids.admit(&m, &repeat, Some(8), || true),
+            Err(Refused::BadIdentity)
+        );
+        let restarting = Msg {
+            flags: flags::VIA_LINK | flags::RESTARTING,
+            ..msg(T2, announce, 9)
+        }
+        .encode(&key);
+        let m = Msg::decode(&restarting, |_| Some(&key)).unwrap();
+        assert_eq!(
+            ids.admit(&m, &restarting, Some(9), || true),
+            Err(Refused::BadIdentity)
+        );
         // A community without a list takes any member, signed or not.
         let other = Msg {
             community: 2,
             ..msg(T2, Body::Login, 0)
         };
         let b = other.encode(&key);
-        assert_eq!(ids.admit(&other, &b, None), Ok(()));
+        assert_eq!(ids.admit(&other, &b, None, || false), Ok(()));
         assert_eq!(ids.auth(2, T2), Auth::Open);
     }
 

@@ -226,7 +226,18 @@ impl Agent {
         let now = Instant::now();
         let (c, o) = (msg.community, msg.origin);
         // Who may say it, before its counter counts (`admit`).
-        if let Err(why) = self.identities.admit(&msg, buf, self.table.token(c, o)) {
+        let repeats = || match &msg.body {
+            Body::Announce { interval_ms, links } => {
+                let via = (msg.flags & flags::VIA_LINK != 0).then_some((msg.link, src));
+                let interval = Duration::from_millis(u64::from(*interval_ms));
+                self.table.repeats(c, o, msg.token, via, interval, links)
+            }
+            _ => false,
+        };
+        if let Err(why) = self
+            .identities
+            .admit(&msg, buf, self.table.token(c, o), repeats)
+        {
             self.rejects.count(why.name());
             let reply = match (why, &msg.body) {
                 (Refused::UnknownTerminal | Refused::BadIdentity, Body::Login) => {
