@@ -175,10 +175,27 @@ impl Traffic {
     fn finish(mut self, what: &str) -> Lab {
         assert!(!own_link(&self.lab).dark, "{what}");
         for name in ["upload", "download"] {
-            let log = self
-                .lab
-                .wait_child(name, Duration::from_secs(30))
-                .expect(name);
+            let log = match self.lab.wait_child(name, Duration::from_secs(30)) {
+                Ok(log) => log,
+                // A transfer that never ends (seen once in CI after a
+                // replug): where its TCP stands, what each agent's
+                // datapath counted, what the agents said.
+                Err(e) => {
+                    let t3 = self.lab.terminals[2].ns.clone();
+                    let ss = self.lab.exec(&t3, "ss", &["-tin"]).unwrap_or_default();
+                    let (ns2, inst2) = self.lab.terminal_agent(1);
+                    let t2_links = self.lab.ctl(&ns2, &inst2, &["links", "--json"]);
+                    let (ns3, inst3) = self.lab.terminal_agent(2);
+                    let t3_status = self.lab.ctl(&ns3, &inst3, &["status", "--json"]);
+                    panic!(
+                        "{what}: {name}: {e:#}\nt3's sockets:\n{ss}\nt2's links: {t2_links:?}\n\
+                         t3's status: {t3_status:?}\nt2:\n{}\nt3:\n{}\nserver:\n{}",
+                        log_tail(&self.lab, "agent-t2"),
+                        log_tail(&self.lab, "agent-t3"),
+                        log_tail(&self.lab, "agent-srv")
+                    );
+                }
+            };
             let v: serde_json::Value = serde_json::from_str(&log).expect(&log);
             let mbit = v["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
