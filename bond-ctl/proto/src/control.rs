@@ -218,6 +218,13 @@ const _: () = assert!(
 );
 
 impl Body {
+    /// Whether it makes or changes its sender's session (LOGIN, ANNOUNCE,
+    /// SHUTDOWN): what a terminal with an identity signs, and what a
+    /// server that takes terminals by key checks the signature of.
+    pub const fn changes_session(&self) -> bool {
+        matches!(self, Self::Login | Self::Announce { .. } | Self::Shutdown)
+    }
+
     const fn kind(&self) -> u8 {
         match self {
             Self::Announce { .. } => kind::ANNOUNCE,

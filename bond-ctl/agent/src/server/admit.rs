@@ -121,10 +121,7 @@ impl Identities {
         {
             return Ok(());
         }
-        if matches!(
-            msg.body,
-            Body::Login | Body::Announce { .. } | Body::Shutdown
-        ) {
+        if msg.body.changes_session() {
             return match auth {
                 Auth::Key(key) if Msg::signed_by(buf, &key) => Ok(()),
                 Auth::Key(_) => Err(Refused::BadIdentity),

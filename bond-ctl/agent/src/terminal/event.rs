@@ -111,10 +111,7 @@ impl Agent {
     /// (`crate::server::admit`).
     pub(super) fn sign(&mut self, body: Body, link: u8, flags: u8, token: u64) -> Vec<u8> {
         let restarting = matches!(body, Body::Announce { .. }) && self.restarting;
-        let identity = self
-            .identity
-            .as_ref()
-            .filter(|_| matches!(body, Body::Login | Body::Announce { .. } | Body::Shutdown));
+        let identity = self.identity.as_ref().filter(|_| body.changes_session());
         Msg {
             community: self.cfg.community,
             origin: self.lan_ip,
