@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
@@ -49,7 +49,7 @@ pub mod name {
     pub const S_NAT: &str = "S_NAT";
     pub const S_PERMITS: &str = "S_PERMITS";
     pub const S_DENY: &str = "S_DENY";
-    pub const S_FREE_PORTS: &str = "S_FREE_PORTS";
+    pub const S_NAT_BLOCKS: &str = "S_NAT_BLOCKS";
     pub const S_LINK_STATS: &str = "S_LINK_STATS";
     pub const S_DROPS: &str = "S_DROPS";
     pub const S_EVENTS: &str = "S_EVENTS";
@@ -402,8 +402,69 @@ pub struct ServerConfig {
     /// Outer destination address of links that reach the server over
     /// IPv6 (all zero: none do).
     pub wan_ip6: [u8; 16],
+    /// The NAT pool: `nat_count` addresses from `nat_ip` on (0 counts as
+    /// 1), address `nat_ip + i` is the pool's `i`.
+    pub nat_count: u16,
+    /// Dedicated ports come in blocks of this many (`NatBlocks`).
+    pub nat_block: u16,
+    /// How a new flow's port is chosen among its community's free ones:
+    /// `NAT_RANDOM` (RFC 6056's advice for a NAT) or `NAT_SEQUENTIAL`.
+    pub nat_order: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<ServerConfig>() == 52);
+const _: () = assert!(core::mem::size_of::<ServerConfig>() == 60);
+
+/// `ServerConfig::nat_order`: a random free port of the community's
+/// blocks, so that an off-path host cannot guess the next flow's...
+pub const NAT_RANDOM: u16 = 0;
+/// ...or the next free one after the last taken (`NatBlocks::next`):
+/// predictable, as a reader of a packet capture or a test expects.
+pub const NAT_SEQUENTIAL: u16 = 1;
+
+impl ServerConfig {
+    /// The index in the NAT pool of IPv4 address `ip`, if it is one of
+    /// the pool's.
+    #[inline(always)]
+    pub const fn nat_index(&self, ip: u32) -> Option<u8> {
+        let i = ip.wrapping_sub(self.nat_ip);
+        let n = if self.nat_count == 0 {
+            1
+        } else {
+            self.nat_count as u32
+        };
+        if i < n && i < MAX_NAT_ADDRESSES {
+            Some(i as u8)
+        } else {
+            None
+        }
+    }
+}
+
+/// The most addresses a NAT pool holds (an index fits a byte).
+pub const MAX_NAT_ADDRESSES: u32 = 256;
+/// The most port blocks one community holds at a node.
+pub const MAX_NAT_BLOCKS: usize = 64;
+
+/// A community's share of the NAT pool (`S_NAT_BLOCKS`, by community):
+/// one address (RFC 4787's "paired" pooling: every flow of a community
+/// leaves from the same address) and `count` blocks of ports on it, each
+/// `ServerConfig::nat_block` ports from `first[i]`. The agent hands
+/// blocks out and takes them back, and logs each (RFC 7422), so that an
+/// address, a port and a time name one community; the datapath takes a
+/// free port of the community's blocks for each new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatBlocks {
+    /// The address's index in the pool.
+    pub index: u8,
+    /// Blocks held (at most `MAX_NAT_BLOCKS`).
+    pub count: u8,
+    /// Where `NAT_SEQUENTIAL` looks first: an offset into the share's
+    /// ports, block after block (the datapath moves it on).
+    pub next: u16,
+    pub first: [u16; MAX_NAT_BLOCKS],
+}
+const _: () = assert!(core::mem::size_of::<NatBlocks>() == 132);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -519,7 +580,9 @@ pub struct Flow {
     pub remote_port: u16,
     /// `FLOW_*` bits (TCP only; zero for UDP and ICMP).
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// The address in the NAT pool this flow uses (its community's).
+    pub nat_index: u8,
+    pub _pad: [u8; 2],
     /// The remote address the origin first sent to on this flow: replies
     /// from it (and `remote_port`) are let in without further lookup;
     /// replies from any other remote endpoint need a [`PermitKey`] entry,
@@ -537,15 +600,16 @@ pub struct Flow {
 const _: () = assert!(core::mem::size_of::<Flow>() == 64);
 
 impl Flow {
-    /// A new flow on dedicated port `nat_port`, first seen at `now_ns`
+    /// A new flow on dedicated port `nat.1` of pool address `nat.0`, first seen at `now_ns`
     /// sending to `remote`:`remote_port`.
     #[inline(always)]
-    pub const fn new(nat_port: u16, now_ns: u64, remote: u32, remote_port: u16) -> Self {
+    pub const fn new(nat: (u8, u16), now_ns: u64, remote: u32, remote_port: u16) -> Self {
         Self {
-            nat_port,
+            nat_port: nat.1,
             remote_port,
             state: 0,
-            _pad: [0; 3],
+            nat_index: nat.0,
+            _pad: [0; 2],
             remote,
             _pad2: 0,
             created_ns: now_ns,
@@ -577,12 +641,13 @@ impl Flow {
     }
 }
 
-/// Reverse key: a dedicated port of one protocol.
+/// Reverse key: a dedicated port of one protocol on one address of the
+/// NAT pool (by its index; always 0 for IPv6, which has one address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NatKey {
     pub proto: u8,
-    pub _pad: u8,
+    pub index: u8,
     pub port: u16,
 }
 const _: () = assert!(core::mem::size_of::<NatKey>() == 4);
@@ -595,7 +660,8 @@ const _: () = assert!(core::mem::size_of::<NatKey>() == 4);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PermitKey {
     pub proto: u8,
-    pub _pad: u8,
+    /// The flow's address in the NAT pool.
+    pub index: u8,
     pub nat_port: u16,
     pub remote: u32,
     /// 0 for ICMP echo.
@@ -680,7 +746,8 @@ pub struct FragKey {
     pub remote: u32,
     pub id: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// The destination's index in the NAT pool.
+    pub index: u8,
 }
 const _: () = assert!(core::mem::size_of::<FragKey>() == 8);
 
@@ -742,6 +809,7 @@ mod pod {
         NatKey,
         PermitKey,
         NatEntry,
+        NatBlocks,
         DirectorConfig,
         NodeSlot
     );

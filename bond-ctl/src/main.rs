@@ -184,6 +184,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: IdentityCmd,
     },
+    /// The server's NAT allocation log (RFC 7422): which community held an
+    /// address and port at a time, for an abuse request.
+    Nat {
+        #[command(subcommand)]
+        cmd: NatCmd,
+    },
     /// A completion script for a shell, on stdout (the package installs
     /// them; `source <(bond-ctl completions bash)` for this shell only).
     Completions { shell: clap_complete::Shell },
@@ -207,6 +213,27 @@ enum IdentityCmd {
     /// Print the public key of a secret key file.
     Show {
         file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatCmd {
+    /// The community that held ADDRESS:PORT at a time, from the log of
+    /// blocks given and taken back (`nat_log` in the server's file).
+    Who {
+        address: std::net::Ipv4Addr,
+        port: u16,
+        /// When, RFC 3339 (e.g. 2026-12-05T13:00:00Z); default: now.
+        #[arg(long)]
+        at: Option<String>,
+        /// The server's configuration file (its `nat_log` is read).
+        #[arg(long, required_unless_present = "log")]
+        config: Option<PathBuf>,
+        /// The log itself, instead of `--config`.
+        #[arg(long, conflicts_with = "config")]
+        log: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -464,6 +491,56 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Tier { etcd, prefix, cmd } => tier::run(&etcd, &prefix, cmd),
+        Cmd::Nat {
+            cmd:
+                NatCmd::Who {
+                    address,
+                    port,
+                    at,
+                    config,
+                    log,
+                    json,
+                },
+        } => {
+            let log = match (log, config) {
+                (Some(l), _) => l,
+                (None, Some(c)) => match Config::load(&c)? {
+                    Config::Server(s) => s.nat_log(),
+                    _ => bail!("{}: not a server's configuration (`role`)", c.display()),
+                },
+                (None, None) => bail!("name the log: --config FILE or --log FILE"),
+            };
+            let at = match at {
+                Some(t) => humantime::parse_rfc3339_weak(&t)
+                    .with_context(|| format!("--at {t:?}: want e.g. 2026-12-05T13:00:00Z"))?,
+                None => std::time::SystemTime::now(),
+            };
+            let text = std::fs::read_to_string(&log)
+                .with_context(|| format!("NAT log {}", log.display()))?;
+            let held = agent::nat::who(&text, address, port, at).map_err(anyhow::Error::msg)?;
+            if json {
+                return show::print_json(&serde_json::json!({
+                    "address": address,
+                    "port": port,
+                    "at": humantime::format_rfc3339_millis(at).to_string(),
+                    "held": held,
+                }));
+            }
+            if held.is_empty() {
+                println!("{address}:{port}: no community held it then (as far as the log goes)");
+            }
+            for h in held {
+                let until = h.until.map_or("still held".to_string(), |u| {
+                    format!("until {}", humantime::format_rfc3339_millis(u))
+                });
+                println!(
+                    "{address}:{port}: community {} since {}, {until}",
+                    h.community,
+                    humantime::format_rfc3339_millis(h.since)
+                );
+            }
+            Ok(())
+        }
         Cmd::Identity { cmd } => {
             use bond_proto::identity::Identity;
             let (id, file, json) = match cmd {

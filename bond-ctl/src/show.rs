@@ -109,6 +109,15 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
                 );
             }
             println!("flows {}, free ports {}", s.flows, s.free_ports);
+            println!(
+                "NAT pool: {} address(es) from {}, blocks of {} ports: {} held by {} communities, {} free",
+                s.nat.addresses,
+                s.nat_address,
+                s.nat.block,
+                s.nat.blocks_held,
+                s.nat.communities,
+                s.nat.blocks_free
+            );
             (&s.rejects, &s.faults)
         }
         Status::Terminal(t) => {

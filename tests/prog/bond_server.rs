@@ -1107,8 +1107,10 @@ fn server_without_free_ports_drops_new_flows() {
             "no_free_port",
         );
         assert_eq!(s.maps.flows().unwrap(), vec![]);
-        s.maps.push_free_ports([20007]).unwrap();
-        expect_up(&s, "after a refill", LINKS[0], &ip, 20007);
+        s.maps
+            .set_nat_blocks(COMMUNITY, &srv::share(0, [20007]))
+            .unwrap();
+        expect_up(&s, "once the community has a port", LINKS[0], &ip, 20007);
     });
 }
 

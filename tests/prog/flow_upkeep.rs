@@ -115,7 +115,7 @@ fn server_marks_tcp_flows_closing_on_fin_or_rst_both_ways() {
 }
 
 #[test]
-fn server_sweep_expires_idle_flows_and_returns_their_ports() {
+fn server_sweep_expires_idle_flows_and_frees_their_ports() {
     use std::time::Duration;
 
     use bond_datapath::flows::{self, Sweep, Timeouts};
@@ -123,23 +123,21 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
     const S: u64 = 1_000_000_000;
     isolate::in_netns(|_| {
         srv::network();
-        let s = srv::setup("server-sweep", 20000..=20002);
+        // One port: a dedicated port is one protocol's, so a TCP, a UDP
+        // and an ICMP flow can all hold it.
+        let s = srv::setup("server-sweep", [20000]);
         let [l0, l1, _] = LINKS;
         let tcp = Ip::new(ORIGIN_A, CONTENT, L4::tcp(40000, 443));
         let udp = Ip::new(ORIGIN_A, CONTENT, L4::udp(40001, 53));
         let icmp = Ip::new(ORIGIN_A, CONTENT, L4::EchoRequest { id: 0x4242, seq: 1 });
         let extra = Ip::new(ORIGIN_B, CONTENT, L4::udp(5000, 53));
         expect_up(&s, "TCP", l0, &tcp, 20000);
-        expect_up(&s, "UDP", l0, &udp, 20001);
-        expect_up(&s, "ICMP", l0, &icmp, 20002);
+        expect_up(&s, "UDP", l0, &udp, 20000);
+        expect_up(&s, "ICMP", l0, &icmp, 20000);
         let extra_frame = Up::new(l1, &extra).frame();
-        s.expect_drop(
-            "bond_server",
-            "a fourth flow while all three ports are taken",
-            &extra_frame,
-            XDP_DROP,
-            "no_free_port",
-        );
+        let refused =
+            |what| s.expect_drop("bond_server", what, &extra_frame, XDP_DROP, "no_free_port");
+        refused("a second UDP flow while the one UDP port is taken");
 
         let t = Timeouts {
             tcp_established: Duration::from_secs(100),
@@ -149,13 +147,13 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
         };
         let seen = |origin, ip: &Ip, port| flow(&s, origin, ip.l4, port).unwrap().last_seen_ns;
         let sweep = |now| flows::sweep(&s.maps, &t, now).unwrap();
-        let nat_ports = || {
-            let mut v: Vec<u16> = s
+        let nat_protos = || {
+            let mut v: Vec<(u8, u16)> = s
                 .maps
                 .nat_entries()
                 .unwrap()
                 .iter()
-                .map(|e| e.0.port)
+                .map(|e| (e.0.proto, e.0.port))
                 .collect();
             v.sort_unstable();
             v
@@ -181,28 +179,33 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
                 ..Default::default()
             }
         );
-        assert_eq!(nat_ports(), vec![20000, 20001], "its NAT entry went");
+        assert_eq!(
+            nat_protos(),
+            vec![(6, 20000), (17, 20000)],
+            "its NAT entry went"
+        );
         s.expect_drop(
             "bond_server",
             "a late echo reply",
-            &reply(&icmp, 20002).frame(CNT_DEV_MAC, CONTENT_MAC),
+            &reply(&icmp, 20000).frame(CNT_DEV_MAC, CONTENT_MAC),
             XDP_DROP,
             "no_flow",
         );
-        // Its port is back in the queue: the refused flow gets it now.
-        expect_up(&s, "the fourth flow, again", l1, &extra, 20002);
+        refused("ICMP's port is free, UDP's is not");
 
-        // UDP after 30 s idle; the newer UDP flow stays.
+        // UDP after 30 s idle: its port is free, and the refused flow
+        // gets it now.
         assert_eq!(
             sweep(seen(ORIGIN_A, &udp, 40001) + 30 * S),
             Sweep {
-                scanned: 3,
+                scanned: 2,
                 udp: 1,
                 ports_returned: 1,
-                kept: 2,
+                kept: 1,
                 ..Default::default()
             }
         );
+        expect_up(&s, "the refused flow, again", l1, &extra, 20000);
         // An established TCP flow idle for 30 s stays (its timeout is
         // 100 s); after a FIN it goes 10 s after its last packet.
         tcp_up(&s, "FIN", l0, &tcp, FIN | ACK);
@@ -218,7 +221,7 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
                 ..Default::default()
             }
         );
-        assert_eq!(nat_ports(), vec![20002], "only the fourth flow is left");
+        assert_eq!(nat_protos(), vec![(17, 20000)], "only B's flow is left");
 
         // A flow that came alive between the listing and the delete is
         // kept: the predicate sees the value as it is at the delete.
@@ -231,33 +234,26 @@ fn server_sweep_expires_idle_flows_and_returns_their_ports() {
             _pad2: 0,
         };
         let listed = seen(ORIGIN_B, &extra, 5000);
-        expect_up(&s, "the fourth flow, alive", l1, &extra, 20002);
+        expect_up(&s, "B's flow, alive", l1, &extra, 20000);
         let removed = s
             .maps
             .remove_flows_if([key], |_, f| f.last_seen_ns == listed)
             .unwrap();
         assert_eq!(removed, vec![], "a flow seen since the listing stays");
-        assert_eq!(nat_ports(), vec![20002]);
+        assert_eq!(nat_protos(), vec![(17, 20000)]);
         let removed = s.maps.remove_flows_if([key, key], |_, _| true).unwrap();
         assert_eq!(removed.len(), 1, "removed once; the repeat is skipped");
         assert!(removed[0].port_returned);
         assert_eq!(s.maps.flows().unwrap(), vec![]);
         assert_eq!(s.maps.nat_entries().unwrap(), vec![]);
 
-        // Every port is back, once each, in the order they came back.
-        let mut got = Vec::new();
-        for p in 6000..6003 {
-            let ip = Ip::new(ORIGIN_B, CONTENT, L4::udp(p, 53));
-            let (v, out) = s.run("bond_server", &Up::new(l1, &ip).frame());
-            assert_eq!(v, XDP_REDIRECT, "flow {p}");
-            got.push(u16::from_be_bytes([out[14 + 20], out[14 + 21]]));
-        }
-        assert_eq!(got, vec![20001, 20000, 20002]);
-        let ip = Ip::new(ORIGIN_B, CONTENT, L4::udp(6003, 53));
+        // The port is free once, for one flow.
+        let ip = |p| Ip::new(ORIGIN_B, CONTENT, L4::udp(p, 53));
+        expect_up(&s, "a new flow", l1, &ip(6000), 20000);
         s.expect_drop(
             "bond_server",
             "and no more",
-            &Up::new(l1, &ip).frame(),
+            &Up::new(l1, &ip(6001)).frame(),
             XDP_DROP,
             "no_free_port",
         );
@@ -269,14 +265,9 @@ fn server_map_sizes_come_from_the_loader() {
     use srv::*;
     isolate::in_netns(|_| {
         srv::network();
-        // A flow table of 2, a queue of 3 ports and 2 sessions (the
-        // set-up logs on A and B).
-        let sizes = bond_datapath::flows::server_map_sizes(2, 3, 2);
+        // A flow table of 2 and 2 sessions (the set-up logs on A and B).
+        let sizes = bond_datapath::flows::server_map_sizes(2, 2);
         let mut s = srv::setup_with_sizes("server-sizes", 20000..=20002, &sizes);
-        assert!(
-            s.maps.push_free_ports([20003]).is_err(),
-            "a queue of 3 takes no fourth port"
-        );
         let third = s.maps.set_session(COMMUNITY, Ipv4Addr::new(10, 0, 1, 9), 7);
         assert!(
             third.as_ref().is_err_and(|e| e.is_full()),
@@ -293,8 +284,8 @@ fn server_map_sizes_come_from_the_loader() {
             XDP_DROP,
             "flow_table_full",
         );
-        // The refused flow put its port back (20002, at the head of the
-        // queue); freeing a flow makes room for it.
+        // The refused flow claimed no port (the next in order is 20002);
+        // freeing a flow makes room for it.
         let key = s.maps.flows().unwrap()[0].0;
         assert_eq!(s.maps.remove_flows_if([key], |_, _| true).unwrap().len(), 1);
         expect_up(&s, "third, after a removal", l0, &ip(3), 20002);

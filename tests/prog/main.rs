@@ -26,7 +26,8 @@ use aya::{
     programs::{Program, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use bond_common::maps::{
-    FlowKey, LINK_VALID, LinkStats, RelayLink, ServerConfig, ServerLink, TerminalConfig, UpLink,
+    FlowKey, LINK_VALID, LinkStats, MAX_NAT_BLOCKS, NAT_SEQUENTIAL, NatBlocks, RelayLink,
+    ServerConfig, ServerLink, TerminalConfig, UpLink,
 };
 use bond_datapath::{self as datapath, Maps};
 use common::{

@@ -466,7 +466,7 @@ mod fuzz_check {
         fn nat(&self, proto: u8, port: u16) -> Option<NatEntry> {
             let key = NatKey {
                 proto,
-                _pad: 0,
+                index: 0,
                 port,
             };
             self.nat.get(&key, 0).ok()
@@ -574,7 +574,7 @@ mod fuzz_check {
                 remote: get32(input, OUTER_IP + 12),
                 id: get16(input, OUTER_IP + 4),
                 proto,
-                _pad: 0,
+                index: 0,
             };
             let f = m
                 .frags
@@ -712,7 +712,7 @@ mod fuzz_check {
         };
         let nkey = NatKey {
             proto,
-            _pad: 0,
+            index: 0,
             port: flow.flow.nat_port,
         };
         assert_eq!(m.nat6.get(&nkey, 0).ok(), Some(back), "{what}: NAT entry");
@@ -734,7 +734,7 @@ mod fuzz_check {
             const EMB: usize = 14 + 48;
             let nkey = NatKey {
                 proto: input[EMB + 6],
-                _pad: 0,
+                index: 0,
                 port: port6_of(input, EMB, false),
             };
             let e = m
@@ -759,7 +759,7 @@ mod fuzz_check {
         }
         let nkey = NatKey {
             proto,
-            _pad: 0,
+            index: 0,
             port: port6_of(input, 14, true),
         };
         let e = m
@@ -875,7 +875,7 @@ mod fuzz_check {
         if get16(input, 12) == ETH_P_IPV6 {
             let nkey = NatKey {
                 proto: input[14 + 6],
-                _pad: 0,
+                index: 0,
                 port: port6_of(input, 14, true),
             };
             assert!(m.nat6.get(&nkey, 0).is_ok(), "{what}: no IPv6 flow");
@@ -917,13 +917,21 @@ fn server_survives_mutants() {
     isolate::in_netns(|_| {
         srv::network();
         let s = srv::setup("server-fuzz", 20000..=20010);
-        // Room for the flows mutants make: 300 dedicated ports.
+        // Room for the flows mutants make: 300 dedicated ports, in blocks
+        // of 50 (the first 11 are the set-up's).
         let cfg = s.maps.server_config().unwrap();
         let port_max = PORT_MIN + PORTS - 1;
         s.maps
-            .set_server_config(ServerConfig { port_max, ..cfg })
+            .set_server_config(ServerConfig {
+                port_max,
+                nat_block: 50,
+                ..cfg
+            })
             .unwrap();
-        s.maps.push_free_ports(PORT_MAX + 1..=port_max).unwrap();
+        let blocks = (0..PORTS / 50).map(|b| PORT_MIN + b * 50);
+        s.maps
+            .set_nat_blocks(COMMUNITY, &srv::share(0, blocks))
+            .unwrap();
         let c = s.counters();
         let m = ServerMaps::new(&s);
 
@@ -1111,7 +1119,7 @@ fn server_survives_mutants() {
             };
             let nkey = NatKey {
                 proto: k.proto,
-                _pad: 0,
+                index: f.nat_index,
                 port: f.nat_port,
             };
             assert!(nat.contains(&(nkey, back)), "{k:?}: NAT entry");
@@ -1130,7 +1138,7 @@ fn server_survives_mutants() {
             };
             let nkey = NatKey {
                 proto: k.proto,
-                _pad: 0,
+                index: 0,
                 port: f.flow.nat_port,
             };
             assert!(nat6.contains(&(nkey, back)), "{k:?}: NAT entry");

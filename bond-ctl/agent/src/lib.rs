@@ -43,6 +43,8 @@ pub mod playout;
 pub mod probe;
 pub mod resend;
 mod server;
+/// The NAT pool and its allocation log (read by `bond-ctl nat who`).
+pub use server::nat;
 pub mod share;
 pub mod split;
 mod terminal;
@@ -158,25 +160,27 @@ pub fn notify_ready(status: &str) {
 }
 
 /// What pinned state must match to be adopted: the role, the map layout,
-/// and every config value that sizes a map or fills the port queue.
+/// and every config value that sizes a map or shapes the NAT pool.
 fn signature(cfg: &Config) -> String {
     match cfg {
         // A TC filter left through netlink and a TCX link would both wrap.
         Config::Terminal(t) => format!("terminal layout {LAYOUT_VERSION} tc {:?}", t.attach.tc),
         Config::Director(_) => format!("director layout {LAYOUT_VERSION}"),
         Config::Server(s) => {
-            let ports = s.port_count().unwrap_or(0);
-            let sizes: Vec<String> = datapath::flows::server_map_sizes(
-                s.flows.table_size(ports),
-                ports,
-                s.max_terminals,
-            )
-            .iter()
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect();
+            let ports = s.pool_ports().unwrap_or(0);
+            let sizes: Vec<String> =
+                datapath::flows::server_map_sizes(s.flows.table_size(ports), s.max_terminals)
+                    .iter()
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect();
+            // The communities' blocks are ports of this pool, in blocks of
+            // this size.
             format!(
-                "server layout {LAYOUT_VERSION} nat_ports {} sizes {}",
+                "server layout {LAYOUT_VERSION} nat {}+{} ports {} block {} sizes {}",
+                s.nat_address,
+                s.nat_addresses,
                 s.nat_ports,
+                s.nat_block,
                 sizes.join(",")
             )
         }

@@ -469,6 +469,15 @@ impl ServerTable {
         ch
     }
 
+    /// Whether any terminal of `community` is logged on.
+    pub fn has_sessions(&self, community: u16) -> bool {
+        let first = (community, Ipv4Addr::UNSPECIFIED);
+        self.terms
+            .range(first..)
+            .next()
+            .is_some_and(|((c, _), _)| *c == community)
+    }
+
     pub fn token(&self, community: u16, origin: Ipv4Addr) -> Option<u64> {
         self.terms.get(&(community, origin)).map(|t| t.token)
     }

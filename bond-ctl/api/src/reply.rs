@@ -118,6 +118,8 @@ pub struct ServerStatus {
     /// As of the last sweep.
     pub flows: u64,
     pub free_ports: u64,
+    #[serde(default)]
+    pub nat: NatPool,
     pub flow_table: FlowTable,
     pub playout: Option<Playout>,
     pub feedback: Feedback,
@@ -219,6 +221,27 @@ pub struct CommunityStatus {
     pub links: usize,
     pub flows: u64,
     pub paths: Vec<DownPath>,
+    /// Its share of the NAT pool: the address its flows leave from and
+    /// its blocks of ports ("first-last"); None while it holds none.
+    #[serde(default)]
+    pub nat: Option<CommunityNat>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommunityNat {
+    pub address: Ipv4Addr,
+    pub ports: Vec<String>,
+}
+
+/// The server's NAT pool: its addresses, and its blocks of ports held and
+/// free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatPool {
+    pub addresses: u16,
+    pub block: u16,
+    pub blocks_held: usize,
+    pub blocks_free: usize,
+    pub communities: usize,
 }
 
 /// What a receive-side hold did.

@@ -654,6 +654,62 @@ interfaces = ["wan0"]
 "#;
 
     #[test]
+    fn the_nat_pool_is_addresses_from_nat_address_in_blocks() {
+        let Config::Server(s) = Config::parse(SERVER, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        assert_eq!((s.nat_addresses, s.nat_block), (1, 128));
+        assert_eq!(s.nat_port_order, PortOrder::Random);
+        assert_eq!(s.nat_log(), Path::new("/var/log/bond/default-nat.log"));
+        assert_eq!(
+            s.nat_pool().collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(203, 0, 113, 1)]
+        );
+
+        let pool = SERVER.replace(
+            "interfaces",
+            "nat_addresses = 4\nnat_block = 250\nnat_port_order = \"sequential\"\nnat_log = \"/tmp/n.log\"\ninterfaces",
+        );
+        let Config::Server(s) = Config::parse(&pool, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        assert_eq!(s.nat_pool().last(), Some(Ipv4Addr::new(203, 0, 113, 4)));
+        assert_eq!(s.pool_ports(), Ok(4000));
+        assert_eq!(
+            s.flows.table_size(4000),
+            4000,
+            "one entry per port of the pool"
+        );
+        assert_eq!(s.nat_port_order, PortOrder::Sequential);
+        assert_eq!(s.nat_log(), Path::new("/tmp/n.log"));
+
+        for (line, field, value) in [
+            ("nat_addresses = 0", "nat_addresses", "0 is outside 1..=256"),
+            ("nat_addresses = 257", "nat_addresses", "257"),
+            ("nat_block = 0", "nat_block", "0 is outside 1..=1000"),
+            ("nat_block = 1001", "nat_block", "1001"),
+            ("nat_port_order = \"fastest\"", "nat_port_order", "fastest"),
+        ] {
+            let e = error_of(&SERVER.replace("interfaces", &format!("{line}\ninterfaces")));
+            assert!(e.contains(field) && e.contains(value), "{line}: {e}");
+        }
+        let e = error_of(
+            &SERVER
+                .replace("203.0.113.1", "255.255.255.254")
+                .replace("interfaces", "nat_addresses = 3\ninterfaces"),
+        );
+        assert!(e.contains("nat_addresses") && e.contains("run past"), "{e}");
+        // The server's own port may not be a dedicated port of a pool
+        // address.
+        let e = error_of(
+            &SERVER
+                .replace("198.51.100.1", "203.0.113.3")
+                .replace("interfaces", "nat_addresses = 4\nport = 20001\ninterfaces"),
+        );
+        assert!(e.contains("nat_ports") && e.contains("20001"), "{e}");
+    }
+
+    #[test]
     fn flows_table_defaults_and_sizes() {
         let Config::Server(s) = Config::parse(SERVER, "s.toml").unwrap() else {
             panic!("not a server")
@@ -923,7 +979,7 @@ interfaces = ["wan0"]
             }
         }
         // The bound follows nat_ports.
-        let small = SERVER.replace("20000-20999", "20000-20002");
+        let small = SERVER.replace("20000-20999\"", "20000-20002\"\nnat_block = 1");
         assert!(Config::parse(&format!("{small}[flows]\nmax = 3\n"), "s.toml").is_ok());
         let e = error_of(&format!("{small}[flows]\nmax = 2\n"));
         assert!(

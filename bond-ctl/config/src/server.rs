@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bond_common::{
-    maps::{FLOW_CLOSING, Flow, FlowKey},
+    maps::{FLOW_CLOSING, Flow, FlowKey, MAX_NAT_ADDRESSES},
     wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
 
@@ -25,8 +25,27 @@ pub struct ServerConfig {
     pub address6: Option<std::net::Ipv6Addr>,
     #[serde(default = "default_port")]
     pub port: u16,
-    /// Source address of flows towards content servers.
+    /// Source address of flows towards content servers: the first of the
+    /// NAT pool's `nat_addresses`.
     pub nat_address: Ipv4Addr,
+    /// How many consecutive addresses from `nat_address` the NAT uses
+    /// (1..=256; each must reach this node). Every community's flows leave
+    /// from one of them.
+    #[serde(default = "default_nat_addresses")]
+    pub nat_addresses: u16,
+    /// Ports come to a community in blocks of this many, on its address;
+    /// it holds a block while it is logged on, more as its flows grow.
+    #[serde(default = "default_nat_block")]
+    pub nat_block: u16,
+    /// How a new flow's port is chosen among its community's free ones:
+    /// `random` (default: RFC 6056's advice, an off-path host cannot
+    /// guess it) or `sequential` (the next after the last taken).
+    #[serde(default)]
+    pub nat_port_order: PortOrder,
+    /// Where each block given and taken back is logged (JSON lines, RFC
+    /// 7422): what names the community behind an address and port at a
+    /// time (`bond-ctl nat who`). Default: `/var/log/bond/INSTANCE-nat.log`.
+    pub nat_log: Option<std::path::PathBuf>,
     /// Source address of IPv6 flows; without it, members' IPv6 is dropped
     /// (`inner_not_ipv4`).
     pub nat_address6: Option<std::net::Ipv6Addr>,
@@ -304,17 +323,18 @@ impl FlowsConfig {
 
     /// The flow table's size for `ports` dedicated ports.
     pub fn table_size(&self, ports: u32) -> u32 {
-        self.max.unwrap_or(ports)
+        self.max.unwrap_or(ports.min(MAX_FLOWS))
     }
 
     fn check(&self, ports: u32) -> Check {
         if let Some(max) = self.max
-            && !(ports..=MAX_FLOWS).contains(&max)
+            && !(ports.min(MAX_FLOWS)..=MAX_FLOWS).contains(&max)
         {
             return err(
                 "flows.max",
                 format!(
-                    "{max} is outside {ports}..={MAX_FLOWS} (at least one entry per dedicated port)"
+                    "{max} is outside {}..={MAX_FLOWS} (at least one entry per dedicated port)",
+                    ports.min(MAX_FLOWS)
                 ),
             );
         }
@@ -375,6 +395,35 @@ fn default_nat_ports() -> String {
     "20000-29999".into()
 }
 
+/// `nat_port_order`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortOrder {
+    #[default]
+    Random,
+    Sequential,
+}
+
+impl PortOrder {
+    /// As `ServerConfig::nat_order` in the map says it.
+    pub fn map_value(self) -> u16 {
+        match self {
+            Self::Random => bond_common::maps::NAT_RANDOM,
+            Self::Sequential => bond_common::maps::NAT_SEQUENTIAL,
+        }
+    }
+}
+
+fn default_nat_addresses() -> u16 {
+    1
+}
+
+/// 78 blocks of the default range on each address; 64 of them (8,192
+/// ports) the most one community holds.
+fn default_nat_block() -> u16 {
+    128
+}
+
 impl ServerConfig {
     /// The dedicated port range.
     pub fn port_range(&self) -> Result<(u16, u16), String> {
@@ -409,7 +458,7 @@ impl ServerConfig {
         let (lo, hi) = self
             .port_range()
             .map_err(|m| ("nat_ports".to_string(), m))?;
-        if (lo..=hi).contains(&self.port) && self.address == self.nat_address {
+        if (lo..=hi).contains(&self.port) && self.nat_pool().any(|a| a == self.address) {
             return err(
                 "nat_ports",
                 format!("range contains the server port {}", self.port),
@@ -446,7 +495,36 @@ impl ServerConfig {
         if let Some(tier) = &self.tier {
             tier.check(self.communities.len(), self.address, self.port)?;
         }
-        self.flows.check(u32::from(hi - lo) + 1)?;
+        if !(1..=MAX_NAT_ADDRESSES).contains(&u32::from(self.nat_addresses)) {
+            return err(
+                "nat_addresses",
+                format!("{} is outside 1..={MAX_NAT_ADDRESSES}", self.nat_addresses),
+            );
+        }
+        if u32::from(self.nat_address)
+            .checked_add(u32::from(self.nat_addresses) - 1)
+            .is_none()
+        {
+            return err(
+                "nat_addresses",
+                format!(
+                    "{} addresses from {} run past 255.255.255.255",
+                    self.nat_addresses, self.nat_address
+                ),
+            );
+        }
+        if self.nat_block == 0 || u32::from(self.nat_block) > u32::from(hi - lo) + 1 {
+            return err(
+                "nat_block",
+                format!(
+                    "{} is outside 1..={} (the ports of `nat_ports`)",
+                    self.nat_block,
+                    u32::from(hi - lo) + 1
+                ),
+            );
+        }
+        self.flows
+            .check((u32::from(hi - lo) + 1) * u32::from(self.nat_addresses))?;
         if self.deny.len() > bond_common::maps::MAX_DENY as usize / 2 {
             return err(
                 "deny",
@@ -473,6 +551,29 @@ impl ServerConfig {
     /// How many dedicated ports `nat_ports` holds.
     pub fn port_count(&self) -> Result<u32, String> {
         self.port_range().map(|(lo, hi)| u32::from(hi - lo) + 1)
+    }
+
+    /// The NAT pool's addresses, `nat_address` first.
+    pub fn nat_pool(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        (0..u32::from(self.nat_addresses)).filter_map(|i| {
+            u32::from(self.nat_address)
+                .checked_add(i)
+                .map(Ipv4Addr::from)
+        })
+    }
+
+    /// The dedicated ports of the whole pool (every address's).
+    pub fn pool_ports(&self) -> Result<u32, String> {
+        Ok(self
+            .port_count()?
+            .saturating_mul(u32::from(self.nat_addresses)))
+    }
+
+    /// Where blocks given and taken back are logged.
+    pub fn nat_log(&self) -> std::path::PathBuf {
+        self.nat_log.clone().unwrap_or_else(|| {
+            std::path::Path::new("/var/log/bond").join(format!("{}-nat.log", self.instance))
+        })
     }
 }
 
@@ -549,7 +650,7 @@ mod timeout_tests {
             last_seen_ns,
             up_pkts: 1,
             up_bytes: 60,
-            ..Flow::new(20000, 0, 0x0a00_0001, 443)
+            ..Flow::new((0, 20000), 0, 0x0a00_0001, 443)
         }
     }
 

@@ -1,5 +1,5 @@
 //! Flow table upkeep on the reconstitution server: idle flows expire and
-//! their dedicated ports go back to the free queue.
+//! their dedicated ports are free again.
 //!
 //! The program (`bond_server`) stamps each flow with the time of its last
 //! packet in either direction (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) and
@@ -25,7 +25,7 @@ use crate::{Maps, Result};
 /// again just before it is deleted, so one that came alive since the
 /// listing is kept.
 pub fn sweep(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<Sweep> {
-    sweep_counted(maps, timeouts, now_ns).map(|(r, _)| r)
+    sweep_counted(maps, timeouts, now_ns, None).map(|(r, _)| r)
 }
 
 /// How long after its last packet a UDP or ICMP flow counts as live.
@@ -41,16 +41,26 @@ pub fn live(k: &FlowKey, f: &Flow, now_ns: u64) -> bool {
     }
 }
 
-/// Flows per community after a sweep: all of them, and the live ones.
+/// Flows per community after a sweep: all of them, and the live ones;
+/// and, when asked for, per block of dedicated ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counted {
     pub all: BTreeMap<u16, u64>,
     pub live: BTreeMap<u16, u64>,
+    /// (community, first port of the block) -> flows on the block's ports
+    /// (either family: IPv6 flows take the same blocks' ports).
+    pub blocks: BTreeMap<(u16, u16), u32>,
 }
 
 /// [`sweep`], and the flows left per community (from the same listing:
-/// status and metrics need not walk the table again).
-pub fn sweep_counted(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<(Sweep, Counted)> {
+/// status and metrics need not walk the table again); with `blocks` =
+/// (first dedicated port, block size), per block too.
+pub fn sweep_counted(
+    maps: &Maps,
+    timeouts: &Timeouts,
+    now_ns: u64,
+    blocks: Option<(u16, u16)>,
+) -> Result<(Sweep, Counted)> {
     let mut flows = maps.flows()?;
     let idle = flows
         .iter()
@@ -88,8 +98,17 @@ pub fn sweep_counted(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<(S
         origin: k.origin,
     };
     let mut live_by_community = BTreeMap::new();
+    let gone: std::collections::HashSet<&FlowKey> = removed.iter().map(|f| &f.key).collect();
+    let mut by_block = BTreeMap::new();
     for (k, f) in &flows {
         *by_community.entry(k.community).or_default() += 1;
+        if let Some((lo, size)) = blocks
+            && size > 0
+            && !gone.contains(k)
+        {
+            let first = lo + (f.nat_port.saturating_sub(lo) / size) * size;
+            *by_block.entry((k.community, first)).or_default() += 1;
+        }
         *by_origin.entry(origin(k)).or_default() += 1;
         // (An expired flow is not live: idle past its timeout.)
         if live(k, f, now_ns) && !timeouts.expired(k, f, now_ns) {
@@ -110,15 +129,16 @@ pub fn sweep_counted(maps: &Maps, timeouts: &Timeouts, now_ns: u64) -> Result<(S
     let counted = Counted {
         all: by_community,
         live: live_by_community,
+        blocks: by_block,
     };
     Ok((r, counted))
 }
 
 /// The `max_entries` a server's maps are created with: `flows` for the
 /// flow table, its reverse map and the permits for further remote
-/// endpoints (least recently used go first), `ports` for the free-port
-/// queue, `terminals` for the sessions and their flow counts.
-pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static str, u32); 9] {
+/// endpoints (least recently used go first), `terminals` for the
+/// sessions and their flow counts.
+pub fn server_map_sizes(flows: u32, terminals: u32) -> [(&'static str, u32); 8] {
     [
         (name::S_FLOWS, flows),
         (name::S_NAT, flows),
@@ -126,7 +146,6 @@ pub fn server_map_sizes(flows: u32, ports: u32, terminals: u32) -> [(&'static st
         (name::S_FLOWS6, flows),
         (name::S_NAT6, flows),
         (name::S_PERMITS6, flows),
-        (name::S_FREE_PORTS, ports),
         (name::S_SESSIONS, terminals),
         (name::S_ORIGIN_FLOWS, terminals),
     ]
@@ -150,7 +169,7 @@ mod tests {
             _pad2: 0,
         };
         let s = 1_000_000_000u64;
-        let f = Flow::new(20000, 100 * s, 0xcb00_7102, 443);
+        let f = Flow::new((0, 20000), 100 * s, 0xcb00_7102, 443);
         // TCP: however idle, until FIN or RST.
         assert!(live(&key(IPPROTO_TCP), &f, 10_000 * s));
         for bits in [bond_common::maps::FLOW_FIN, bond_common::maps::FLOW_RST] {
@@ -167,7 +186,7 @@ mod tests {
     #[test]
     fn map_sizes_name_the_flow_maps() {
         assert_eq!(
-            server_map_sizes(1000, 10, 7),
+            server_map_sizes(1000, 7),
             [
                 ("S_FLOWS", 1000),
                 ("S_NAT", 1000),
@@ -175,7 +194,6 @@ mod tests {
                 ("S_FLOWS6", 1000),
                 ("S_NAT6", 1000),
                 ("S_PERMITS6", 1000),
-                ("S_FREE_PORTS", 10),
                 ("S_SESSIONS", 7),
                 ("S_ORIGIN_FLOWS", 7)
             ]

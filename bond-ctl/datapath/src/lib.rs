@@ -18,7 +18,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{
-        Array, HashMap, Map, MapData, PerCpuArray, Queue,
+        Array, HashMap, Map, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -27,8 +27,8 @@ use bond_common::{
     edpf::{MAX_PATHS, Paths},
     maps::{
         DirectorConfig, Flow, Flow6, Flow6Key, FlowKey, Hold, Kept, LinkKey, LinkStats,
-        MAX_LINK_IDS, Nat6Entry, NatEntry, NatKey, Neighbor, NodeSlot, RelayLink, ServerConfig,
-        ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
+        MAX_LINK_IDS, Nat6Entry, NatBlocks, NatEntry, NatKey, Neighbor, NodeSlot, RelayLink,
+        ServerConfig, ServerLink, Session, SessionKey, TerminalConfig, UpLink, event, name,
     },
 };
 
@@ -282,8 +282,8 @@ pub struct RemovedFlow {
     pub key: FlowKey,
     /// Its value as last read, just before it was deleted.
     pub flow: Flow,
-    /// Whether its dedicated port went back to the free queue (not when
-    /// `S_NAT` named another flow for it: the port is that flow's).
+    /// Whether its dedicated port is free again (its `S_NAT` entry went;
+    /// not when `S_NAT` named another flow for it: the port is that flow's).
     pub port_returned: bool,
 }
 
@@ -876,18 +876,27 @@ impl Maps {
         self.entries(name::S_SESSIONS)
     }
 
-    /// Fills the free-port queue with `ports`; returns how many went in.
-    pub fn push_free_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<usize> {
-        let n = name::S_FREE_PORTS;
-        let mut q: Queue<MapData, u16> =
-            Queue::try_from(self.open(n)?).map_err(|source| Error::Map { name: n, source })?;
-        let mut pushed = 0;
-        for p in ports {
-            q.push(p, 0)
-                .map_err(|source| Error::Map { name: n, source })?;
-            pushed += 1;
+    /// Gives `community` its share of the NAT pool (address and port
+    /// blocks), replacing what it held.
+    pub fn set_nat_blocks(&self, community: u16, share: &NatBlocks) -> Result<()> {
+        let n = name::S_NAT_BLOCKS;
+        self.hash::<u16, NatBlocks>(n)?
+            .insert(community, share, 0)
+            .map_err(|source| Error::Map { name: n, source })
+    }
+
+    /// Takes `community`'s share of the NAT pool away (already gone: fine).
+    pub fn remove_nat_blocks(&self, community: u16) -> Result<()> {
+        let n = name::S_NAT_BLOCKS;
+        match self.hash::<u16, NatBlocks>(n)?.remove(&community) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map { name: n, source }),
         }
-        Ok(pushed)
+    }
+
+    /// Every community's share of the NAT pool.
+    pub fn nat_blocks(&self) -> Result<Vec<(u16, NatBlocks)>> {
+        self.entries(name::S_NAT_BLOCKS)
     }
 
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
@@ -901,12 +910,13 @@ impl Maps {
 
     /// Removes each flow of `keys` whose value, read again just before the
     /// delete, still satisfies `expired` (so one that came alive again is
-    /// kept): first its `S_FLOWS` entry, then its `S_NAT` entry, then its
-    /// port goes back to the free queue. In this order a packet that
-    /// arrives meanwhile never meets a half-removed flow it could corrupt:
-    /// upstream it makes a new flow with another port; a reply still finds
-    /// its `S_NAT` entry until that goes; and the port is handed out again
-    /// only once nothing refers to it. Keys already gone are skipped.
+    /// kept): first its `S_FLOWS` entry, then its `S_NAT` entry, which
+    /// frees its port. In this order a packet that arrives meanwhile never
+    /// meets a half-removed flow it could corrupt: upstream it makes a new
+    /// flow with another port; a reply still finds its `S_NAT` entry until
+    /// that goes; and the port is claimed again (the program claims a port
+    /// by writing its `S_NAT` entry) only once nothing refers to it. Keys
+    /// already gone are skipped.
     pub fn remove_flows_if(
         &self,
         keys: impl IntoIterator<Item = FlowKey>,
@@ -916,7 +926,7 @@ impl Maps {
             (name::S_FLOWS, name::S_NAT),
             keys,
             |k, f| expired(k, f),
-            |f| f.nat_port,
+            |f| (f.nat_index, f.nat_port),
             |k| k.proto,
             |k, e| e.origin == k.origin && e.community == k.community && e.port == k.port,
         )
@@ -936,8 +946,7 @@ impl Maps {
         self.entries(name::S_FLOWS6)
     }
 
-    /// As [`Self::remove_flows_if`], for IPv6 flows (`S_FLOWS6`, `S_NAT6`;
-    /// the ports come from the same queue). Each removed flow is reported
+    /// As [`Self::remove_flows_if`], for IPv6 flows (`S_FLOWS6`, `S_NAT6`). Each removed flow is reported
     /// by its IPv4-shaped key (community, protocol, origin, port).
     pub fn remove_flows6_if(
         &self,
@@ -948,7 +957,7 @@ impl Maps {
             (name::S_FLOWS6, name::S_NAT6),
             keys,
             expired,
-            |f| f.flow.nat_port,
+            |f| (0, f.flow.nat_port),
             |k| k.proto,
             |k, e| {
                 e.origin == k.origin
@@ -969,23 +978,21 @@ impl Maps {
     }
 
     /// The removal both families share (see [`Self::remove_flows_if`]):
-    /// `nat_port` and `proto` read a flow's port and protocol, `ours` says
-    /// whether a NAT entry is the flow's.
+    /// `nat` reads a flow's pool address and port, `proto` its protocol,
+    /// `ours` says whether a NAT entry is the flow's.
     fn remove_if<K: Pod, V: Pod, N: Pod>(
         &self,
         (fname, nname): (&'static str, &'static str),
         keys: impl IntoIterator<Item = K>,
         expired: impl Fn(&K, &V) -> bool,
-        nat_port: impl Fn(&V) -> u16,
+        nat_port: impl Fn(&V) -> (u8, u16),
         proto: impl Fn(&K) -> u8,
         ours: impl Fn(&K, &N) -> bool,
     ) -> Result<Vec<(K, V, bool)>> {
         use aya::maps::MapError::KeyNotFound;
         let err = |name: &'static str| move |source| Error::Map { name, source };
-        let qname = name::S_FREE_PORTS;
         let mut flows = self.hash::<K, V>(fname)?;
         let mut nat = self.hash::<NatKey, N>(nname)?;
-        let mut queue = Queue::<MapData, u16>::try_from(self.open(qname)?).map_err(err(qname))?;
         let mut out = Vec::new();
         for key in keys {
             let flow = match flows.get(&key, 0) {
@@ -999,14 +1006,15 @@ impl Maps {
                 Err(KeyNotFound) => continue,
                 r => r.map_err(err(fname))?,
             }
+            let (index, port) = nat_port(&flow);
             let nkey = NatKey {
                 proto: proto(&key),
-                _pad: 0,
-                port: nat_port(&flow),
+                index,
+                port,
             };
             let mine = match nat.get(&nkey, 0) {
-                // Never written (the program writes it just after the
-                // flow): nothing else holds the port either.
+                // Gone already (the program writes it before the flow):
+                // the port is free.
                 Err(KeyNotFound) => true,
                 r => ours(&key, &r.map_err(err(nname))?),
             };
@@ -1015,7 +1023,6 @@ impl Maps {
                     Ok(()) | Err(KeyNotFound) => {}
                     Err(e) => return Err(err(nname)(e)),
                 }
-                queue.push(nat_port(&flow), 0).map_err(err(qname))?;
             }
             out.push((key, flow, mine));
         }

@@ -323,6 +323,11 @@ impl Dut {
                     per_origin: 0,
                     nat_ip6: [0; 16],
                     wan_ip6: [0; 16],
+                    nat_count: 1,
+                    nat_block: NAT_PORTS.len() as u16,
+                    // The bench names the port its one flow gets.
+                    nat_order: bond_common::maps::NAT_SEQUENTIAL,
+                    _pad: 0,
                 })?;
                 maps.set_server_link(
                     0,
@@ -340,7 +345,15 @@ impl Dut {
                 // A link far faster than the generator: the bench measures
                 // packet handling, not a full link (`links_full`).
                 maps.set_down_paths(COMMUNITY, &[(0, 1_000_000_000, 0)], DEFAULT_BACKLOG_US, 0)?;
-                maps.push_free_ports(NAT_PORTS)?;
+                // The community holds every port, one block.
+                let mut share = bond_common::maps::NatBlocks {
+                    index: 0,
+                    count: 1,
+                    next: 0,
+                    first: [0; bond_common::maps::MAX_NAT_BLOCKS],
+                };
+                share.first[0] = *NAT_PORTS.start();
+                maps.set_nat_blocks(COMMUNITY, &share)?;
                 this.attach_bond(ebpf, maps, pin, &dut, "bond_server")?;
                 if down {
                     this.open_server_flow(&dut, out_idx)?;

@@ -15,8 +15,7 @@ use super::report::{
 };
 use super::server::{Memory, Pass, Phase, Server, Writes};
 use super::{
-    DEFAULT_PORTS, LINK_KBIT, LINKS, NAT_IP, PORT, PORT_MAX, PORT_MIN, PORTS, Scale, TERMINALS,
-    WAN_IP,
+    DEFAULT_PORTS, LINK_KBIT, LINKS, NAT_IP, PORT, PORT_MAX, PORT_MIN, Scale, TERMINALS, WAN_IP,
 };
 
 /// The frames of one server's packet-rate passes.
@@ -80,8 +79,7 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
 
     // Baseline for memory: the server as the agent loads it by default.
     let (default_mem, default_load) = {
-        let sizes =
-            bond_datapath::flows::server_map_sizes(DEFAULT_PORTS, DEFAULT_PORTS, MAX_SESSIONS);
+        let sizes = bond_datapath::flows::server_map_sizes(DEFAULT_PORTS, MAX_SESSIONS);
         let (s, t) = Server::load("default", &sizes)?;
         (s.memory()?, t)
     };
@@ -92,7 +90,7 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
         None,
     ));
 
-    let sizes = bond_datapath::flows::server_map_sizes(scale.flows, PORTS, MAX_SESSIONS);
+    let sizes = bond_datapath::flows::server_map_sizes(scale.flows, MAX_SESSIONS);
     let (base, load) = Server::load("empty", &sizes)?;
     setup.push(Step::new(
         &format!("load the object, {} flow slots", n(scale.flows)),
@@ -115,13 +113,11 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
         Some((first, last)),
     ));
     register(&full.maps, scale.communities)?;
-    // The program's K flows take the top K ports; the synthetic flows that
-    // hold ports take them from the bottom.
+    // The program's K flows take the top K ports, each community its own
+    // (blocks of one port); the synthetic flows that hold ports take them
+    // from the bottom.
     for s in [&base, &full] {
-        let free = (PORT_MAX - (scale.probe - 1) as u16)..=PORT_MAX;
-        s.maps
-            .push_free_ports(free)
-            .context("pushing the free ports")?;
+        share_top_ports(&s.maps, scale)?;
         s.expect_clean("after set-up")?;
     }
     let repeat = base.repeat_check(scale)?;
@@ -190,6 +186,33 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
     Ok(md)
 }
 
+/// Gives each community the ports its measured flows (the `k`th flow the
+/// program makes takes port `PORT_MAX - k`) are to take, as blocks of one.
+fn share_top_ports(maps: &Maps, scale: Scale) -> Result<()> {
+    use bond_common::maps::{MAX_NAT_BLOCKS, NatBlocks};
+    let mut shares: std::collections::BTreeMap<u16, NatBlocks> = Default::default();
+    for k in 0..scale.probe {
+        let c = super::community::measured_key(k, scale.communities).community;
+        let s = shares.entry(c).or_insert(NatBlocks {
+            index: 0,
+            count: 0,
+            next: 0,
+            first: [0; MAX_NAT_BLOCKS],
+        });
+        let slot = s
+            .first
+            .get_mut(usize::from(s.count))
+            .with_context(|| format!("community {c}: more than {MAX_NAT_BLOCKS} measured flows"))?;
+        *slot = PORT_MAX - k as u16;
+        s.count += 1;
+    }
+    for (c, s) in shares {
+        maps.set_nat_blocks(c, &s)
+            .with_context(|| format!("community {c}: NAT blocks"))?;
+    }
+    Ok(())
+}
+
 /// Registers `n` communities as the agent does at login and announce:
 /// sessions, links (entry and index) and a downstream schedule over the
 /// links. Returns the total time and the times of the first and the last
@@ -205,6 +228,10 @@ pub(super) fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Durat
         per_origin: 0,
         nat_ip6: [0; 16],
         wan_ip6: [0; 16],
+        nat_count: 1,
+        nat_block: 1,
+        nat_order: bond_common::maps::NAT_RANDOM,
+        _pad: 0,
     })
     .context("writing S_CONFIG")?;
     let tenth = (n / 10).max(1);

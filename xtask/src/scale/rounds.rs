@@ -288,7 +288,7 @@ impl Server {
                 // Sending to the content server, as the measured replies
                 // come from it.
                 let port = PORT_MIN + (i % held) as u16;
-                let flow = Flow::new(port, now, CONTENT.into(), DPORT);
+                let flow = Flow::new((0, port), now, CONTENT.into(), DPORT);
                 flows
                     .insert(synthetic_key(i, scale.communities), flow, 0)
                     .with_context(|| format!("inserting synthetic flow {i} into S_FLOWS"))
@@ -300,7 +300,7 @@ impl Server {
             nat.insert(
                 NatKey {
                     proto: IPPROTO_UDP,
-                    _pad: 0,
+                    index: 0,
                     port: PORT_MIN + i as u16,
                 },
                 NatEntry {

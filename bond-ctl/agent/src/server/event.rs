@@ -154,11 +154,13 @@ impl Agent {
                     sweep_began = Instant::now();
                     let (maps, timeouts, tx) =
                         (self.maps.clone(), self.cfg.flows.timeouts(), swept_tx.clone());
+                    let blocks = Some(self.nat.shape());
                     tokio::task::spawn_blocking(move || {
                         let _ = tx.blocking_send(flows::sweep_counted(
                             &maps,
                             &timeouts,
                             flows::monotonic_ns(),
+                            blocks,
                         ));
                     });
                 }
@@ -166,6 +168,11 @@ impl Agent {
                     sweeping = false;
                     match result {
                         Ok((r, counted)) => {
+                            let table = &self.table;
+                            let r2 = self.nat.after_sweep(&self.maps, &counted, |c| {
+                                table.has_sessions(c)
+                            });
+                            self.faults.survive("nat_blocks", r2);
                             self.flows.record(&r);
                             self.flows.by_community = counted.all;
                             self.live_flows = (counted.live, Some(sweep_began));
@@ -293,6 +300,9 @@ impl Agent {
                     tracing::info!("community {c}: terminal {o} logged on");
                     self.refused.remove(&(c, o));
                 }
+                // Its community's ports, before the terminal sends a packet.
+                let r = self.nat.logged_on(&self.maps, c);
+                self.faults.survive("nat_blocks", r);
                 let port = self.cfg.port;
                 let body = Body::LoginReply(Reply::Ok { token, port });
                 self.send((c, o, msg.link), body, src).await;

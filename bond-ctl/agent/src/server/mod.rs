@@ -88,6 +88,8 @@ struct Agent {
     attached: std::collections::BTreeMap<(&'static str, String), &'static str>,
     /// The flow table as of the last sweep (for `status` and metrics).
     pub flows: FlowTable,
+    /// The NAT pool: each community's address and blocks of ports.
+    nat: blocks::Blocks,
     /// S_CONFIG as written; its `link_mtu` follows the links.
     map_cfg: ServerMap,
     /// The smallest MTU each community announced for its live links.
@@ -118,8 +120,10 @@ struct Applied {
 }
 
 mod admit;
+mod blocks;
 mod deny;
 mod event;
+pub mod nat;
 mod operator;
 mod start;
 mod sync;

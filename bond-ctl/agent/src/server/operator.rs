@@ -90,6 +90,7 @@ impl Agent {
                 links: links.iter().filter(|l| l.community == id).count(),
                 flows: self.flows.by_community.get(&id).copied().unwrap_or(0),
                 paths: self.down_paths(id),
+                nat: self.nat.share(id),
             })
             .collect();
         ServerStatus {
@@ -102,6 +103,7 @@ impl Agent {
             communities,
             flows: self.flows.flows,
             free_ports: self.flows.free_ports,
+            nat: self.nat.status(),
             flow_table: self.flows.clone(),
             playout: self.playout.as_ref().map(|p| p.stats()),
             feedback: self.corrector.status(|m, idx| match m {

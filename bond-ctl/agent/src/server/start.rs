@@ -42,8 +42,11 @@ pub async fn run(
         .port_range()
         .map_err(anyhow::Error::msg)
         .context("field `nat_ports`")?;
-    let ports = u32::from(hi - lo) + 1;
-    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), ports, cfg.max_terminals);
+    let ports = cfg
+        .pool_ports()
+        .map_err(anyhow::Error::msg)
+        .context("field `nat_ports`")?;
+    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), cfg.max_terminals);
     let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
     crate::read_drop_log(&mut ebpf)?;
     let maps = Maps::new(&pins.dir);
@@ -57,6 +60,10 @@ pub async fn run(
         per_origin: cfg.flows.per_origin,
         nat_ip6: cfg.nat_address6.map_or([0; 16], |a| a.octets()),
         wan_ip6: cfg.address6.map_or([0; 16], |a| a.octets()),
+        nat_count: cfg.nat_addresses,
+        nat_block: cfg.nat_block,
+        nat_order: cfg.nat_port_order.map_value(),
+        _pad: 0,
     };
     maps.set_server_config(map_cfg)?;
     let deny = super::deny::prefixes(&cfg).context("field `deny`")?;
@@ -64,13 +71,9 @@ pub async fn run(
     let deny6 = super::deny::prefixes6(&cfg).context("field `deny`")?;
     maps.set_deny6(&deny6)?;
     tracing::info!("members may not reach {} prefixes (`deny`)", deny.len());
-    // An adopted queue holds the ports no flow has: filling it again
-    // would hand one port to two flows.
-    let pushed = if pins.adopted {
-        0
-    } else {
-        maps.push_free_ports(lo..=hi)?
-    };
+    // The communities' shares of the pool: those an earlier agent handed
+    // out (adopted maps) are theirs still.
+    let nat = super::blocks::Blocks::start(&cfg, &maps, pins.adopted)?;
 
     // Forwarding for the slow path, which hands the kernel packets whose
     // source is one of our own addresses; the dedicated ports are kept from
@@ -140,8 +143,13 @@ pub async fn run(
         None => format!("{} communities", cfg.communities.len()),
     };
     let up = format!(
-        "server {}:{} up: {serves}, {pushed} dedicated ports {lo}-{hi} on {}",
-        cfg.address, cfg.port, cfg.nat_address
+        "server {}:{} up: {serves}, dedicated ports {lo}-{hi} on {}",
+        cfg.address,
+        cfg.port,
+        match cfg.nat_addresses {
+            1 => cfg.nat_address.to_string(),
+            n => format!("{} and the next {}", cfg.nat_address, n - 1),
+        }
     );
     let tier = match &cfg.tier {
         Some(t) => {
@@ -207,6 +215,7 @@ pub async fn run(
         started: Instant::now(),
         attached: pins.attached.clone(),
         flows: FlowTable::new(u64::from(ports)),
+        nat,
         map_cfg,
         community_mtu: HashMap::new(),
         path: path.to_path_buf(),

@@ -38,11 +38,12 @@ use aya_ebpf::{
         BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
     },
     macros::{map, xdp},
     maps::{
-        Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, Queue,
+        Array, HashMap, LruHashMap, PerCpuArray, ProgramArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::XdpContext,
@@ -53,9 +54,10 @@ use bond_common::{
     maps::{
         Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED, JUMP_IN6, JUMP_OUT6,
         JUMP_SERVER, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS, Kept, LINK_V6, LINK_VALID, LinkKey,
-        LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_SERVER_LINKS,
-        MAX_SESSIONS, Nat6Entry, NatEntry, NatKey, NodeSlot, Permit6Key, PermitKey, ServerConfig,
-        ServerLink, Session, SessionKey, event, mac_key, tcp,
+        LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_NAT_BLOCKS, MAX_NODES,
+        MAX_SERVER_LINKS, MAX_SESSIONS, NAT_SEQUENTIAL, Nat6Entry, NatBlocks, NatEntry, NatKey,
+        NodeSlot, Permit6Key, PermitKey, ServerConfig, ServerLink, Session, SessionKey, event,
+        mac_key, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -126,8 +128,10 @@ static S_NAT6: HashMap<NatKey, Nat6Entry> = HashMap::pinned(MAX_FLOWS, 0);
 static S_PERMITS6: LruHashMap<Permit6Key, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
 #[map]
 static S_DENY6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_DENY, 0);
+/// Each community's share of the NAT pool: its address and blocks of
+/// ports, handed out by the agent (`NatBlocks`).
 #[map]
-static S_FREE_PORTS: Queue<u16> = Queue::pinned(65_536, 0);
+static S_NAT_BLOCKS: HashMap<u16, NatBlocks> = HashMap::pinned(MAX_COMMUNITIES, 0);
 #[map]
 static S_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_SERVER_LINKS, 0);
 #[map]
@@ -202,8 +206,8 @@ fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
     if dst == cfg.wan_ip && proto == IPPROTO_UDP && read_u16(ctx, ETH_LEN + 22) == Some(cfg.port) {
         return upstream(ctx, cfg);
     }
-    if dst == cfg.nat_ip {
-        return downstream(ctx, cfg, proto);
+    if let Some(index) = cfg.nat_index(dst) {
+        return downstream(ctx, cfg, proto, index);
     }
     PASS
 }
@@ -321,7 +325,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     // datagram's first fragment by address, protocol and identification
     // alone, so only the source address changes (see `later_up`).
     if inner.frag & wire::IPV4_OFFSET != 0 {
-        return later_up(ctx, cfg, idx, &inner);
+        return later_up(ctx, cfg, idx, community, &inner);
     }
     // The origin's port (or echo identifier) names the flow; the remote
     // endpoint (address, and port but for echo) is whom it may hear from.
@@ -387,17 +391,17 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         port,
         _pad2: 0,
     };
-    let flow = flow_for(&fkey, now, cfg.per_origin, (inner.dst, remote_port))?;
+    let flow = flow_for(&fkey, now, cfg, (inner.dst, remote_port))?;
     // SAFETY: `flow` points at a live map value; concurrent updates of these
     // counters from other CPUs may lose increments (they are statistics).
-    let nat_port = unsafe {
+    let (nat_index, nat_port) = unsafe {
         (*flow).last_seen_ns = now;
         (*flow).up_pkts += 1;
         (*flow).up_bytes += u64::from(inner.len);
         if let Some(f) = tcp_flags {
             (*flow).state = Flow::tcp_state((*flow).state, f);
         }
-        (*flow).nat_port
+        ((*flow).nat_index, (*flow).nat_port)
     };
     // A further remote endpoint: permitted (again) as the origin sends to
     // it; the lookup alone keeps a live permit recently used.
@@ -408,7 +412,8 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         // A full table drops its least recently used permit.
         let _ = S_PERMITS.insert(key, created, 0);
     }
-    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, Some(l4), nat_port) {
+    let nat_ip = cfg.nat_ip.wrapping_add(u32::from(nat_index));
+    if !nat_rewrite(ctx, INNER_OFF, 12, nat_ip, Some(l4), nat_port) {
         return Err(drops::TRUNCATED);
     }
     unwrap_up(ctx, idx, inner.len, rc, &fib)
@@ -417,12 +422,23 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
 /// A fragment after the first, from an origin (checked as any packet
 /// is): it carries no ports, and the content server puts it together with
 /// its first fragment by addresses, protocol and identification, so it
-/// goes out with the NAT address as its source and no flow of its own.
+/// goes out with its community's NAT address as its source and no flow of
+/// its own.
 /// Identifications are the origins': two origins sending fragmented
 /// datagrams with the same one to the same host at once may be mixed up
 /// there, as behind any NAT that keeps them (Linux's does).
 #[inline(always)]
-fn later_up(ctx: &XdpContext, cfg: &ServerConfig, idx: u32, inner: &Inner) -> Result<u32, u32> {
+fn later_up(
+    ctx: &XdpContext,
+    cfg: &ServerConfig,
+    idx: u32,
+    community: u16,
+    inner: &Inner,
+) -> Result<u32, u32> {
+    // SAFETY: read-only use of a map value.
+    let index = unsafe { S_NAT_BLOCKS.get(community) }
+        .ok_or(drops::NO_FREE_PORT)?
+        .index;
     let mut fib = fib_params(ctx, inner.proto, cfg.nat_ip, inner.dst, inner.len);
     let rc = fib_lookup(ctx, &mut fib);
     routable(rc)?;
@@ -430,7 +446,8 @@ fn later_up(ctx: &XdpContext, cfg: &ServerConfig, idx: u32, inner: &Inner) -> Re
     if let Some(hold) = to_hold(ctx, unsafe { bpf_ktime_get_ns() }) {
         return Ok(hold);
     }
-    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_ip, None, 0) {
+    let nat_ip = cfg.nat_ip.wrapping_add(u32::from(index));
+    if !nat_rewrite(ctx, INNER_OFF, 12, nat_ip, None, 0) {
         return Err(drops::TRUNCATED);
     }
     unwrap_up(ctx, idx, inner.len, rc, &fib)
@@ -564,7 +581,7 @@ fn permit_for(flow: *mut Flow, proto: u8, remote: (u32, u16)) -> Option<(PermitK
     }
     let key = PermitKey {
         proto,
-        _pad: 0,
+        index: f.nat_index,
         nat_port: f.nat_port,
         remote: remote.0,
         remote_port: remote.1,
@@ -573,51 +590,53 @@ fn permit_for(flow: *mut Flow, proto: u8, remote: (u32, u16)) -> Option<(PermitK
     Some((key, f.created_ns))
 }
 
-/// The flow for `key`, created with a port from the free queue if new and
-/// its origin holds fewer than `per_origin` flows (0: no limit), sending to
-/// `remote` first.
+/// The flow for `key`, made if new: its origin holds fewer than
+/// `cfg.per_origin` flows (0: no limit) and one of its community's ports
+/// is free (`claim_port`); it sends to `remote` first.
 #[inline(always)]
 fn flow_for(
     key: &FlowKey,
     now: u64,
-    per_origin: u32,
+    cfg: &ServerConfig,
     remote: (u32, u16),
 ) -> Result<*mut Flow, u32> {
     if let Some(f) = S_FLOWS.get_ptr_mut(key) {
         return Ok(f);
     }
-    let (port, held) = take_port(key.community, key.origin, per_origin)?;
-    let flow = Flow::new(port, now, remote.0, remote.1);
+    let held = origin_flows(key.community, key.origin, cfg.per_origin)?;
     let nat = NatEntry {
         origin: key.origin,
         community: key.community,
         port: key.port,
     };
-    let nkey = NatKey {
-        proto: key.proto,
-        _pad: 0,
-        port,
-    };
+    let nkey = claim_port(
+        &S_NAT,
+        &nat,
+        key.proto,
+        key.community,
+        nat_order(cfg),
+        false,
+    )?;
+    let flow = Flow::new((nkey.index, nkey.port), now, remote.0, remote.1);
     match S_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
-        Ok(()) if S_NAT.insert(nkey, nat, 0).is_err() => {
-            let _ = S_FLOWS.remove(key);
-            return Err(give_back(port, drops::FLOW_TABLE_FULL));
-        }
         Ok(()) => made(held),
-        // Either another CPU created it first, or the table is full.
-        Err(_) if S_FLOWS.get_ptr_mut(key).is_none() => {
-            return Err(give_back(port, drops::FLOW_TABLE_FULL));
+        // Either another CPU created it first, or the table is full; the
+        // port claimed goes back either way.
+        Err(_) => {
+            let _ = S_NAT.remove(nkey);
+            if S_FLOWS.get_ptr_mut(key).is_none() {
+                return Err(drops::FLOW_TABLE_FULL);
+            }
+            count(&S_EVENTS, event::FLOW_RACE);
         }
-        Err(_) => raced(port),
     }
     S_FLOWS.get_ptr_mut(key).ok_or(drops::FLOW_TABLE_FULL)
 }
 
-/// A dedicated port for a new flow of `origin`, if it holds fewer than
-/// `per_origin` flows (0: no limit) and the queue has one; and its count
-/// of flows, for [`made`] to raise.
+/// The count of flows `origin` holds, for [`made`] to raise, if it holds
+/// fewer than `per_origin` (0: no limit).
 #[inline(always)]
-fn take_port(community: u16, origin: u32, per_origin: u32) -> Result<(u16, *mut u64), u32> {
+fn origin_flows(community: u16, origin: u32, per_origin: u32) -> Result<*mut u64, u32> {
     let okey = SessionKey {
         community,
         _pad: 0,
@@ -636,44 +655,96 @@ fn take_port(community: u16, origin: u32, per_origin: u32) -> Result<(u16, *mut 
     if per_origin != 0 && unsafe { *held } >= u64::from(per_origin) {
         return Err(drops::ORIGIN_FLOW_LIMIT);
     }
-    let port = S_FREE_PORTS
-        .pop()
-        .ok()
-        .flatten()
+    Ok(held)
+}
+
+/// Tries for a free port in a community's share of the NAT pool.
+const PROBES: u32 = 16;
+/// What a map insert returns when the map is full.
+const E2BIG: i32 = 7;
+
+/// How `claim_port` looks: ports per block, and whether in order.
+#[inline(always)]
+fn nat_order(cfg: &ServerConfig) -> (u16, bool) {
+    (cfg.nat_block, cfg.nat_order == NAT_SEQUENTIAL)
+}
+
+/// Claims a dedicated port for a new flow of `community`, one of its
+/// blocks' (`S_NAT_BLOCKS`), by putting the flow's way back (`value`) in
+/// `nat` under it: a random port of the blocks, tried again elsewhere if
+/// taken (the insert fails for a port some flow holds, so two CPUs never
+/// claim one port). The agent gives a community another block when half
+/// its ports are held, so a random try fails at most half the time and
+/// all [`PROBES`] of them about once in 65,000. In order
+/// (`NAT_SEQUENTIAL`), the tries go on from the port after the last one
+/// taken. IPv6 flows (`v6`) take the
+/// same ports on the pool's one IPv6 address (index 0).
+#[inline(always)]
+fn claim_port<V>(
+    nat: &HashMap<NatKey, V>,
+    value: &V,
+    proto: u8,
+    community: u16,
+    (block, sequential): (u16, bool),
+    v6: bool,
+) -> Result<NatKey, u32> {
+    let share = S_NAT_BLOCKS
+        .get_ptr_mut(community)
         .ok_or(drops::NO_FREE_PORT)?;
-    Ok((port, held))
+    // SAFETY: a live map value; `next` is a hint (two CPUs moving it at
+    // once lose one move, and the insert below settles who has a port).
+    let share = unsafe { &mut *share };
+    let blocks = u32::from(share.count).min(MAX_NAT_BLOCKS as u32);
+    let block = u32::from(block);
+    if blocks == 0 || block == 0 {
+        return Err(drops::NO_FREE_PORT);
+    }
+    let span = blocks * block;
+    let index = if v6 { 0 } else { share.index };
+    let mut r = u32::from(share.next);
+    for _ in 0..PROBES {
+        r = if sequential {
+            r % span
+        } else {
+            // SAFETY: plain helper call.
+            (unsafe { bpf_get_prandom_u32() }) % span
+        };
+        let Some(first) = share.first.get((r / block) as usize) else {
+            break;
+        };
+        let key = NatKey {
+            proto,
+            index,
+            port: first.wrapping_add((r % block) as u16),
+        };
+        match nat.insert(key, value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                share.next = ((r + 1) % span) as u16;
+                return Ok(key);
+            }
+            // The table is full, not the port taken: no try will do.
+            Err(e) if e == -E2BIG => return Err(drops::FLOW_TABLE_FULL),
+            Err(_) => r += 1,
+        }
+    }
+    Err(drops::NO_FREE_PORT)
 }
 
 /// A flow was made: counted, and its origin holds one more.
 #[inline(always)]
 fn made(held: *mut u64) {
     count(&S_EVENTS, event::FLOW_CREATED);
-    // SAFETY: a live map value, as in `take_port`.
+    // SAFETY: a live map value, as in `origin_flows`.
     unsafe { *held += 1 };
-}
-
-/// Another CPU made the same flow first: the port taken goes back.
-#[inline(always)]
-fn raced(port: u16) {
-    let _ = S_FREE_PORTS.push(port, 0);
-    count(&S_EVENTS, event::FLOW_RACE);
-}
-
-/// A port taken for a flow that could not be made goes back; `reason`
-/// says why.
-#[inline(always)]
-fn give_back(port: u16, reason: u32) -> u32 {
-    let _ = S_FREE_PORTS.push(port, 0);
-    reason
 }
 
 // ------------------------------------------------------------- downstream --
 
 #[inline(always)]
-fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u32> {
+fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8, index: u8) -> Result<u32, u32> {
     let h = read::<20>(ctx, ETH_LEN).ok_or(drops::TRUNCATED)?;
     if is_icmp_error(ctx, proto, h[0]) {
-        return icmp_error(ctx, cfg);
+        return icmp_error(ctx, cfg, index);
     }
     let be16 = |a: u8, b: u8| u16::from_be_bytes([a, b]);
     let frag = be16(h[6], h[7]) & wire::IPV4_FRAGMENT;
@@ -687,7 +758,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
             remote,
             id: be16(h[4], h[5]),
             proto,
-            _pad: 0,
+            index,
         };
         // SAFETY: read-only use of a map value.
         match unsafe { S_FRAGS.get(key) } {
@@ -729,14 +800,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
         pure_ack = frag == 0 && tcp::pure_ack(len, [t[12], t[13]]);
     }
     // SAFETY: read-only use of map values.
-    let nat = *unsafe {
-        S_NAT.get(NatKey {
-            proto,
-            _pad: 0,
-            port,
-        })
-    }
-    .ok_or(drops::NO_FLOW)?;
+    let nat = *unsafe { S_NAT.get(NatKey { proto, index, port }) }.ok_or(drops::NO_FLOW)?;
     let fkey = FlowKey {
         community: nat.community,
         proto,
@@ -773,7 +837,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8) -> Result<u32, u3
                 remote,
                 id: be16(h[4], h[5]),
                 proto,
-                _pad: 0,
+                index,
             };
             let to = FragFlow {
                 nat_port: port,
@@ -975,7 +1039,7 @@ fn is_icmp_error(ctx: &XdpContext, proto: u8, vihl: u8) -> bool {
 /// destination (the error may come from any router on the way). An error
 /// about anything else (the server's own traffic) is the kernel's.
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
+fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig, index: u8) -> Result<u32, u32> {
     const ICMP: usize = ETH_LEN + IPV4_LEN;
     const EMB: usize = ICMP + 8;
     const EMB_L4: usize = EMB + IPV4_LEN;
@@ -995,8 +1059,9 @@ fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     }
     let e = read::<20>(ctx, EMB).ok_or(drops::TRUNCATED)?;
     let el4 = read::<8>(ctx, EMB_L4).ok_or(drops::TRUNCATED)?;
+    // About a packet this address sent: the error came to it.
     let nat_ip = u32::from_be_bytes([e[12], e[13], e[14], e[15]]);
-    if e[0] != wire::IPV4_VIHL || nat_ip != cfg.nat_ip {
+    if e[0] != wire::IPV4_VIHL || cfg.nat_index(nat_ip) != Some(index) {
         return PASS;
     }
     let be16 = |a: u8, b: u8| u16::from_be_bytes([a, b]);
@@ -1025,14 +1090,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         return PASS;
     }
     // SAFETY: read-only use of a map value.
-    let nat = *unsafe {
-        S_NAT.get(NatKey {
-            proto,
-            _pad: 0,
-            port,
-        })
-    }
-    .ok_or(drops::NO_FLOW)?;
+    let nat = *unsafe { S_NAT.get(NatKey { proto, index, port }) }.ok_or(drops::NO_FLOW)?;
     let fkey = FlowKey {
         community: nat.community,
         proto,
@@ -1059,7 +1117,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let ttl_proto = be16(h[8], h[9]);
     let new_ttl_proto = ttl_proto.wrapping_sub(0x100);
     let ip_check = csum::replace16(
-        csum::replace32(be16(h[10], h[11]), cfg.nat_ip, nat.origin),
+        csum::replace32(be16(h[10], h[11]), nat_ip, nat.origin),
         ttl_proto,
         new_ttl_proto,
     );
@@ -1128,7 +1186,9 @@ fn answer_too_big(
         return Err(drops::HELPER_FAILED);
     }
     let mtu = cfg.link_mtu.saturating_sub(OUTER_LEN as u16);
-    let (ip, icmp) = wire::frag_needed(cfg.nat_ip, &h, &l4, mtu);
+    // From the address the packet came to.
+    let nat_ip = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+    let (ip, icmp) = wire::frag_needed(nat_ip, &h, &l4, mtu);
     let mut eth = [0u8; ETH_LEN];
     eth[..6].copy_from_slice(&macs[6..]);
     eth[6..12].copy_from_slice(&macs[..6]);

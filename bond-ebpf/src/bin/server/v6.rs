@@ -5,7 +5,7 @@
 //! - Upstream, called once `bond_server` has checked the outer header, the
 //!   link, the session and the token: an inner IPv6 TCP, UDP or ICMPv6
 //!   echo packet gets a dedicated port of the IPv6 NAT address
-//!   (`nat_ip6`), from the same free-port queue as IPv4 flows, and leaves
+//!   (`nat_ip6`), one of its community's ports as IPv4 flows (`claim_port`), and leaves
 //!   from there. No extension headers: anything else after the IPv6 header
 //!   is `unsupported_proto`.
 //! - Downstream, for any IPv6 frame: a reply to the IPv6 NAT address on a
@@ -192,7 +192,7 @@ fn up(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u32
         port,
         _pad2: 0,
     };
-    let flow = flow6_for(sc, now, cfg.per_origin, remote_port)?;
+    let flow = flow6_for(sc, now, cfg, remote_port)?;
     // SAFETY: `flow` points at a live map value; statistics, as for IPv4.
     let (nat_port, created, first) = unsafe {
         let f = &mut (*flow).flow;
@@ -264,38 +264,34 @@ fn tcp_of(ctx: &XdpContext, proto: u8, len: u16, l4off: usize) -> Result<(Option
 fn flow6_for(
     sc: &mut Scratch,
     now: u64,
-    per_origin: u32,
+    cfg: &ServerConfig,
     remote_port: u16,
 ) -> Result<*mut Flow6, u32> {
     if let Some(f) = S_FLOWS6.get_ptr_mut(&sc.key) {
         return Ok(f);
     }
-    let (port, held) = take_port(sc.key.community, sc.key.origin, per_origin)?;
-    sc.flow = Flow6 {
-        flow: Flow::new(port, now, 0, remote_port),
-        remote: sc.dst,
-    };
+    let held = origin_flows(sc.key.community, sc.key.origin, cfg.per_origin)?;
     sc.nat = Nat6Entry {
         origin: sc.key.origin,
         community: sc.key.community,
         port: sc.key.port,
         src: sc.key.src,
     };
-    let nkey = NatKey {
-        proto: sc.key.proto,
-        _pad: 0,
-        port,
+    let (proto, community) = (sc.key.proto, sc.key.community);
+    let nkey = claim_port(&S_NAT6, &sc.nat, proto, community, nat_order(cfg), true)?;
+    sc.flow = Flow6 {
+        flow: Flow::new((0, nkey.port), now, 0, remote_port),
+        remote: sc.dst,
     };
     match S_FLOWS6.insert(&sc.key, &sc.flow, u64::from(BPF_NOEXIST)) {
-        Ok(()) if S_NAT6.insert(nkey, &sc.nat, 0).is_err() => {
-            let _ = S_FLOWS6.remove(&sc.key);
-            return Err(give_back(port, drops::FLOW_TABLE_FULL));
-        }
         Ok(()) => made(held),
-        Err(_) if S_FLOWS6.get_ptr_mut(&sc.key).is_none() => {
-            return Err(give_back(port, drops::FLOW_TABLE_FULL));
+        Err(_) => {
+            let _ = S_NAT6.remove(&nkey);
+            if S_FLOWS6.get_ptr_mut(&sc.key).is_none() {
+                return Err(drops::FLOW_TABLE_FULL);
+            }
+            count(&S_EVENTS, event::FLOW_RACE);
         }
-        Err(_) => raced(port),
     }
     S_FLOWS6.get_ptr_mut(&sc.key).ok_or(drops::FLOW_TABLE_FULL)
 }
@@ -404,7 +400,7 @@ fn reply_flow(sc: &mut Scratch, proto: u8, port: u16, remote_port: u16) -> Resul
     sc.nat = *unsafe {
         S_NAT6.get(NatKey {
             proto,
-            _pad: 0,
+            index: 0,
             port,
         })
     }
