@@ -1823,3 +1823,218 @@ fn server_passes_on_what_another_node_owns() {
         s.expect_drop(p, "ours again", &of(DATA_UP, 8), XDP_DROP, "unknown_source");
     });
 }
+
+/// The pool of the pool tests: two addresses after the fixtures' content
+/// servers, blocks of 4 ports; the community holds blocks 20000 and
+/// 20008 on the second address.
+fn pool_setup(tag: &str, order: u16) -> (Obj, Ipv4Addr, Vec<u16>) {
+    use srv::*;
+    let s = srv::setup(tag, []);
+    let cfg = s.maps.server_config().unwrap();
+    let base = Ipv4Addr::new(203, 0, 113, 64);
+    s.maps
+        .set_server_config(ServerConfig {
+            nat_ip: base.into(),
+            nat_count: 2,
+            nat_block: 4,
+            nat_order: order,
+            ..cfg
+        })
+        .unwrap();
+    s.maps
+        .set_nat_blocks(COMMUNITY, &srv::share(1, [20000, 20008]))
+        .unwrap();
+    let ports = (20000..20004).chain(20008..20012).collect();
+    (s, Ipv4Addr::new(203, 0, 113, 65), ports)
+}
+
+#[test]
+fn server_pool_gives_a_community_its_address_and_ports_of_its_blocks_only() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let (s, second, share) = pool_setup("server-pool", bond_common::maps::NAT_RANDOM);
+        // Four flows of eight ports: each from the community's address, on
+        // a port of its blocks, no port twice.
+        let mut taken = std::collections::HashSet::new();
+        for p in 0..4 {
+            let ip = Ip::new(ORIGIN_A, CONTENT, L4::udp(1000 + p, 53));
+            let (v, out) = s.run("bond_server", &Up::new(LINKS[0], &ip).frame());
+            assert_eq!(v, XDP_REDIRECT, "flow {p}");
+            let inner = ipv4_of(&out);
+            assert_eq!(
+                inner[12..16],
+                second.octets(),
+                "flow {p}: from the community's address"
+            );
+            let port = u16::from_be_bytes([inner[20], inner[21]]);
+            assert!(
+                share.contains(&port),
+                "flow {p}: port {port} outside the blocks"
+            );
+            assert!(taken.insert(port), "flow {p}: port {port} twice");
+            assert_checksums(inner, "a pool flow");
+        }
+        for (_, f) in s.maps.flows().unwrap() {
+            assert_eq!(f.nat_index, 1, "the flow keeps its address");
+        }
+        for (k, _) in s.maps.nat_entries().unwrap() {
+            assert_eq!(k.index, 1, "its way back names the address");
+        }
+        // A reply to the community's address and a flow's port goes back
+        // to its origin; the same port on the pool's other address is no
+        // flow's.
+        let (k, f) = s.maps.flows().unwrap()[0];
+        let request = Ip::new(ORIGIN_A, CONTENT, L4::udp(k.port, 53));
+        let to = |dst| Ip {
+            dst,
+            ..reply(&request, f.nat_port)
+        };
+        let (v, out) = s.run("bond_server", &to(second).frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_REDIRECT, "reply to the flow's address");
+        assert_wrapped_checksums(&out, "a pool reply");
+        let first = Ipv4Addr::new(203, 0, 113, 64);
+        s.expect_drop(
+            "bond_server",
+            "the flow's port on the pool's other address",
+            &to(first).frame(CNT_DEV_MAC, CONTENT_MAC),
+            XDP_DROP,
+            "no_flow",
+        );
+        // An address past the pool is not the server's to answer.
+        let past = Ipv4Addr::new(203, 0, 113, 66);
+        let (v, _) = s.run("bond_server", &to(past).frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_PASS, "past the pool");
+        // The old address of the fixtures is not in this pool either.
+        let (v, _) = s.run("bond_server", &to(NAT_IP).frame(CNT_DEV_MAC, CONTENT_MAC));
+        assert_eq!(v, XDP_PASS, "before the pool");
+    });
+}
+
+#[test]
+fn server_pool_in_order_takes_each_port_of_the_blocks_then_refuses() {
+    use srv::*;
+    isolate::in_netns(|_| {
+        srv::network();
+        let (s, second, share) = pool_setup("server-pool-seq", NAT_SEQUENTIAL);
+        for (p, want) in (0..).zip(&share) {
+            let ip = Ip::new(ORIGIN_B, CONTENT, L4::udp(2000 + p, 53));
+            let (v, out) = s.run("bond_server", &Up::new(LINKS[1], &ip).frame());
+            assert_eq!(v, XDP_REDIRECT, "flow {p}");
+            let inner = ipv4_of(&out);
+            assert_eq!(inner[12..16], second.octets());
+            assert_eq!(
+                u16::from_be_bytes([inner[20], inner[21]]),
+                *want,
+                "flow {p}"
+            );
+        }
+        let ip = Ip::new(ORIGIN_B, CONTENT, L4::udp(2100, 53));
+        s.expect_drop(
+            "bond_server",
+            "a ninth flow on eight ports",
+            &Up::new(LINKS[1], &ip).frame(),
+            XDP_DROP,
+            "no_free_port",
+        );
+        // The same ports are free for another protocol.
+        let tcp = Ip::new(ORIGIN_B, CONTENT, L4::tcp(2100, 443));
+        let (v, out) = s.run("bond_server", &Up::new(LINKS[1], &tcp).frame());
+        assert_eq!(v, XDP_REDIRECT, "TCP on UDP's ports");
+        assert_eq!(
+            u16::from_be_bytes([ipv4_of(&out)[20], ipv4_of(&out)[21]]),
+            20000
+        );
+        // No share, no flow: the agent has not given the community its
+        // ports (or has taken them back).
+        s.maps.remove_nat_blocks(COMMUNITY).unwrap();
+        let ip = Ip::new(ORIGIN_B, CONTENT, L4::udp(2200, 53));
+        s.expect_drop(
+            "bond_server",
+            "a community without a share",
+            &Up::new(LINKS[1], &ip).frame(),
+            XDP_DROP,
+            "no_free_port",
+        );
+    });
+}
+
+#[test]
+fn server_pool_holds_more_flows_than_one_address_has_ports() {
+    use srv::*;
+    // Two communities on the pool's two addresses, 33,000 UDP flows each:
+    // 66,000 flows, more than the 64,512 ports (1024-65535) of one
+    // address; the same port numbers serve both, one on each address.
+    const FLOWS: u16 = 33_000;
+    const OTHER: u16 = COMMUNITY + 1;
+    isolate::in_netns(|_| {
+        srv::network();
+        let (s, second, _) = pool_setup("server-pool-many", NAT_SEQUENTIAL);
+        let cfg = s.maps.server_config().unwrap();
+        s.maps
+            .set_server_config(ServerConfig {
+                port_min: 20_000,
+                port_max: 20_000 + 33 * 1024 - 1,
+                nat_block: 1024,
+                ..cfg
+            })
+            .unwrap();
+        let blocks = |_| (0..33).map(|b| 20_000 + b * 1024);
+        s.maps
+            .set_nat_blocks(COMMUNITY, &srv::share(1, blocks(())))
+            .unwrap();
+        s.maps
+            .set_nat_blocks(OTHER, &srv::share(0, blocks(())))
+            .unwrap();
+        // The other community: one link, one logged-on origin.
+        let link = LINKS[2];
+        s.maps
+            .set_server_link(
+                7,
+                ServerLink {
+                    ip: Ipv4Addr::new(198, 51, 100, 40).into(),
+                    port: 7040,
+                    community: OTHER,
+                    link: 1,
+                    flags: LINK_VALID,
+                    _pad: [0; 2],
+                    owner: 0,
+                },
+            )
+            .unwrap();
+        let origin = Ipv4Addr::new(10, 0, 1, 40);
+        s.maps.set_session(OTHER, origin, 0x4040).unwrap();
+        let first = Ipv4Addr::new(203, 0, 113, 64);
+        for (c, addr) in [(COMMUNITY, second), (OTHER, first)] {
+            for p in 0..FLOWS {
+                let (src, l) = if c == COMMUNITY {
+                    (ORIGIN_A, LINKS[0])
+                } else {
+                    (origin, link)
+                };
+                let ip = Ip::new(src, CONTENT, L4::udp(1000 + p, 53));
+                let mut up = Up::new(l, &ip);
+                if c == OTHER {
+                    up.outer.src = Ipv4Addr::new(198, 51, 100, 40);
+                    up.outer.sport = 7040;
+                    up.bond = Bond::data(DATA_UP, OTHER, 1, origin, 0x40, 0x4040);
+                }
+                let (v, out) = s.run("bond_server", &up.frame());
+                assert_eq!(v, XDP_REDIRECT, "community {c}, flow {p}");
+                let inner = ipv4_of(&out);
+                assert_eq!(inner[12..16], addr.octets(), "community {c}, flow {p}");
+            }
+        }
+        let flows = s.maps.flows().unwrap();
+        assert_eq!(flows.len(), 2 * usize::from(FLOWS));
+        let nat = s.maps.nat_entries().unwrap();
+        assert_eq!(nat.len(), flows.len(), "one way back per flow");
+        let mut per_address = [std::collections::HashSet::new(), Default::default()];
+        for (k, e) in nat {
+            assert!(per_address[usize::from(k.index)].insert(k.port));
+            assert_eq!(e.community, if k.index == 1 { COMMUNITY } else { OTHER });
+        }
+        assert_eq!(per_address[0], per_address[1], "the same ports, twice");
+        assert_eq!(s.nonzero_drops(), vec![]);
+    });
+}

@@ -1084,6 +1084,11 @@ impl Lab {
         s
     }
 
+    /// The server's NAT allocation log.
+    pub fn nat_log(&self) -> PathBuf {
+        self.dir.join("server-nat.log")
+    }
+
     /// Terminal `i`'s secret key file (with [`Self::identities`]).
     pub fn identity_file(&self, i: usize) -> PathBuf {
         self.dir.join(format!("{}.key", self.terminals[i].instance))
@@ -1093,9 +1098,14 @@ impl Lab {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\naddress6 = \"{SERVER_WAN6}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
-             nat_address = \"{SERVER_NAT}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\ninterfaces = [\"wan0\", \"content0\"]\n{}\
+             nat_address = \"{SERVER_NAT}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\nnat_log = {:?}\n\
+             interfaces = [\"wan0\", \"content0\"]\n{}\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
-            self.server_instance, self.nat_ports, self.server_keys, self.server_extra
+            self.server_instance,
+            self.nat_ports,
+            self.nat_log(),
+            self.server_keys,
+            self.server_extra
         )
     }
 

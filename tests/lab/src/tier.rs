@@ -86,11 +86,12 @@ impl Lab {
         let etcd: Vec<String> = (1..=3).map(|m| format!("{:?}", etcd_url(m))).collect();
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
-             nat_address = \"{}\"\nnat_ports = \"{}\"\ninterfaces = [\"site0\"]\n{}\
+             nat_address = \"{}\"\nnat_ports = \"{}\"\nnat_log = {:?}\ninterfaces = [\"site0\"]\n{}\
              \n[tier]\netcd = [{}]\nnode = \"n{i}\"\nnode_address = \"{}\"\n",
             self.node_ns(i),
             node_nat(i),
             self.nat_ports,
+            self.dir.join(format!("n{i}-nat.log")),
             self.server_keys,
             etcd.join(", "),
             node_address(i)
