@@ -11,6 +11,7 @@ mod common;
 use common::bond_ctl;
 
 use std::{
+    net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -604,4 +605,225 @@ fn trace_and_learn_mtu(lab: &Lab, family: &str, hops: [String; 3]) {
     );
     let route = lab.ip(&t1, &format!("{family} route get {far}")).unwrap();
     assert!(route.contains("mtu 1280"), "{route}");
+}
+
+/// A UDP server on the content host's address `at` that answers each
+/// datagram with the address and port it came from (bound to `at`: the
+/// answer must come from where the datagram went, or the server's NAT
+/// lets it not in).
+fn start_reporter(lab: &mut Lab, at: Ipv4Addr) {
+    let web = lab.web_ns.clone();
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{at}', {ECHO_PORT}))\nprint('ready', flush=True)\n\
+         while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(('%s:%d' % a).encode(), a)\n"
+    );
+    let name = format!("reporter-{at}");
+    lab.spawn(&web, &name, "python3", &["-c", &script]).unwrap();
+    let start = Instant::now();
+    while !lab.log(&name).contains("ready") {
+        assert!(start.elapsed() < Duration::from_secs(5), "reporter");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// From terminal `t`, one datagram to the reporter at `dst` from each
+/// local port: where the content host saw each come from.
+fn seen_from(lab: &Lab, t: usize, dst: Ipv4Addr, ports: &[u16]) -> Vec<(Ipv4Addr, u16)> {
+    let script = format!(
+        "import socket, sys\nfor p in sys.argv[1:]:\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.bind(('0.0.0.0', int(p)))\n\
+         \x20   s.settimeout(2)\n\
+         \x20   s.sendto(b'where', ('{dst}', {ECHO_PORT}))\n\
+         \x20   try:\n\
+         \x20       print(s.recvfrom(2048)[0].decode())\n\
+         \x20   except socket.timeout:\n\
+         \x20       print('timeout')\n\
+         \x20   s.close()\n"
+    );
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut args = vec!["-c", script.as_str()];
+    args.extend(ports.iter().map(String::as_str));
+    let out = lab
+        .exec(&lab.terminals[t].ns, "python3", &args)
+        .expect("udp client");
+    out.lines()
+        .map(|l| {
+            let (a, p) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("terminal {t} to {dst}: {l}"));
+            (a.parse().unwrap(), p.parse().unwrap())
+        })
+        .collect()
+}
+
+/// `bond-ctl nat who ADDRESS PORT [--at T]` against the lab server's file:
+/// the communities it names.
+fn who(lab: &Lab, (address, port): (Ipv4Addr, u16), at: Option<&str>) -> Vec<u64> {
+    let cfg = lab.dir.join("server.toml");
+    let (a, p) = (address.to_string(), port.to_string());
+    let mut args = vec![
+        "nat",
+        "who",
+        &a,
+        &p,
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ];
+    if let Some(t) = at {
+        args.extend(["--at", t]);
+    }
+    let out = lab
+        .exec(&lab.server_ns, &lab.bond_ctl.to_string_lossy(), &args)
+        .expect("nat who");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    v["held"]
+        .as_array()
+        .expect(&out)
+        .iter()
+        .map(|h| h["community"].as_u64().expect(&out))
+        .collect()
+}
+
+#[test]
+fn a_pool_gives_each_community_an_address_of_its_own_and_the_log_names_it() {
+    use bond_lab::{COMMUNITY, COMMUNITY2, CONTENT2};
+    const CONTENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+    let spec = [TerminalSpec { links: vec![20] }];
+    let mut lab = Lab::build(&spec, bond_ctl()).expect("build lab");
+    let (member, again) = lab.join_second_community(0, 20).unwrap();
+    // A pool of two addresses, the server's own on the content side, in
+    // blocks of 32 ports; idle UDP flows go after 2 s.
+    let pool = [
+        Ipv4Addr::new(203, 0, 113, 64),
+        Ipv4Addr::new(203, 0, 113, 65),
+    ];
+    let srv = lab.server_ns.clone();
+    for a in pool {
+        lab.ip(&srv, &format!("addr add {a}/32 dev content0"))
+            .unwrap();
+    }
+    lab.nat_address = pool[0];
+    lab.server_keys = "nat_addresses = 2\nnat_block = 32\n".into();
+    // (After community 2's table, which joining it wrote.)
+    let flows = format!("\n[flows]\nsweep_ms = {SWEEP_MS}\nudp_s = 2\n");
+    lab.server_extra.push_str(&flows);
+    lab.start_agents().expect("start agents");
+    start_reporter(&mut lab, CONTENT);
+    start_reporter(&mut lab, CONTENT2);
+
+    // Each community's flows leave from one address of the pool, each
+    // from its own.
+    let c1 = seen_from(&lab, 0, CONTENT, &[42001, 42002]);
+    let c2 = seen_from(&lab, member, CONTENT2, &[42001, 42002]);
+    for (c, seen) in [(1, &c1), (2, &c2)] {
+        assert!(pool.contains(&seen[0].0), "community {c}: {seen:?}");
+        assert!(
+            seen.iter().all(|s| s.0 == seen[0].0),
+            "community {c}: {seen:?}"
+        );
+    }
+    assert_ne!(c1[0].0, c2[0].0, "two communities, two addresses");
+    let st = lab.server_status().unwrap();
+    let share = |st: &bond_api::reply::ServerStatus, id| {
+        st.communities
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.nat.clone())
+    };
+    assert_eq!(share(&st, COMMUNITY).unwrap().address, c1[0].0);
+    assert_eq!(share(&st, COMMUNITY2).unwrap().address, c2[0].0);
+    assert_eq!((st.nat.addresses, st.nat.block), (2, 32));
+
+    // The log names each community behind its address and port.
+    for s in &c1 {
+        assert_eq!(who(&lab, *s, None), [u64::from(COMMUNITY)], "{s:?}");
+    }
+    for s in &c2 {
+        assert_eq!(who(&lab, *s, None), [u64::from(COMMUNITY2)], "{s:?}");
+    }
+
+    // Community 1 grows: rounds of 8 new flows, a few sweeps apart; it
+    // gets more blocks on its own address, and every flow a port.
+    let mut all = c1.clone();
+    for round in 0..5u16 {
+        let ports: Vec<u16> = (0..8).map(|i| 43000 + round * 8 + i).collect();
+        let seen = seen_from(&lab, 0, CONTENT, &ports);
+        assert!(
+            seen.iter().all(|s| s.0 == c1[0].0),
+            "round {round}: {seen:?}"
+        );
+        all.extend(seen);
+        std::thread::sleep(Duration::from_millis(3 * SWEEP_MS));
+    }
+    let distinct: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(distinct.len(), all.len(), "a port each: {all:?}");
+    let st = lab.server_status().unwrap();
+    let grown = share(&st, COMMUNITY).unwrap();
+    assert!(
+        grown.ports.len() >= 2,
+        "42 flows on blocks of 32: {grown:?}"
+    );
+    let last = all.last().unwrap();
+    assert_eq!(who(&lab, *last, None), [u64::from(COMMUNITY)], "{last:?}");
+    let log = std::fs::read_to_string(lab.nat_log()).unwrap();
+    let assigned = |c: u16| {
+        log.lines()
+            .filter(|l| l.contains("\"assigned\"") && l.contains(&format!("\"community\":{c},")))
+            .count()
+    };
+    // (A block its first flows left may have gone back already.)
+    assert!(assigned(COMMUNITY) >= grown.ports.len(), "{log}");
+
+    // Community 2's terminals leave: once its flows are idle 2 s, its
+    // block goes back, logged; the log still names it for the time it
+    // held the port.
+    let during = lab
+        .exec(&srv, "date", &["-u", "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .unwrap();
+    for t in [member, again] {
+        lab.stop(&format!("agent-t{}", t + 1), false).unwrap();
+    }
+    let start = Instant::now();
+    loop {
+        let st = lab.server_status().unwrap();
+        if share(&st, COMMUNITY2).is_none() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "community 2 still holds {:?}",
+            share(&st, COMMUNITY2)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(lab.nat_log()).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"released\"")
+                && l.contains(&format!("\"community\":{COMMUNITY2},"))),
+        "{log}"
+    );
+    assert_eq!(
+        who(&lab, c2[0], None),
+        Vec::<u64>::new(),
+        "no one holds it now"
+    );
+    assert_eq!(
+        who(&lab, c2[0], Some(during.trim())),
+        [u64::from(COMMUNITY2)],
+        "community 2 held it then"
+    );
+    // Community 1 keeps a block (the log names it for its first port),
+    // though blocks its flows left may have gone back meanwhile.
+    let held = share(&lab.server_status().unwrap(), COMMUNITY).unwrap();
+    let first: u16 = held.ports[0].split('-').next().unwrap().parse().unwrap();
+    let log = std::fs::read_to_string(lab.nat_log()).unwrap();
+    assert_eq!(
+        who(&lab, (held.address, first), None),
+        [u64::from(COMMUNITY)],
+        "{held:?}\n{log}"
+    );
 }

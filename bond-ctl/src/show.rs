@@ -118,6 +118,12 @@ pub fn status(v: &Value, json: bool) -> Result<()> {
                 s.nat.communities,
                 s.nat.blocks_free
             );
+            if s.nat.starved > 0 {
+                println!(
+                    "  {} communities have terminals on and no ports: the pool ran out (nat_addresses, nat_block)",
+                    s.nat.starved
+                );
+            }
             (&s.rejects, &s.faults)
         }
         Status::Terminal(t) => {

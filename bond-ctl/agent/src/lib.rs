@@ -180,7 +180,7 @@ fn signature(cfg: &Config) -> String {
                 s.nat_address,
                 s.nat_addresses,
                 s.nat_ports,
-                s.nat_block,
+                s.nat_block(),
                 sizes.join(",")
             )
         }

@@ -242,6 +242,9 @@ pub struct NatPool {
     pub blocks_held: usize,
     pub blocks_free: usize,
     pub communities: usize,
+    /// Communities with terminals on and no block: the pool ran out.
+    #[serde(default)]
+    pub starved: usize,
 }
 
 /// What a receive-side hold did.

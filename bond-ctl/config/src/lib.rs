@@ -658,7 +658,7 @@ interfaces = ["wan0"]
         let Config::Server(s) = Config::parse(SERVER, "s.toml").unwrap() else {
             panic!("not a server")
         };
-        assert_eq!((s.nat_addresses, s.nat_block), (1, 128));
+        assert_eq!((s.nat_addresses, s.nat_block()), (1, 128));
         assert_eq!(s.nat_port_order, PortOrder::Random);
         assert_eq!(s.nat_log(), Path::new("/var/log/bond/default-nat.log"));
         assert_eq!(
@@ -979,7 +979,15 @@ interfaces = ["wan0"]
             }
         }
         // The bound follows nat_ports.
-        let small = SERVER.replace("20000-20999\"", "20000-20002\"\nnat_block = 1");
+        let small = SERVER.replace("20000-20999", "20000-20002");
+        let Config::Server(s) = Config::parse(&small, "s.toml").unwrap() else {
+            panic!("not a server")
+        };
+        assert_eq!(
+            s.nat_block(),
+            3,
+            "a range smaller than a block is one block"
+        );
         assert!(Config::parse(&format!("{small}[flows]\nmax = 3\n"), "s.toml").is_ok());
         let e = error_of(&format!("{small}[flows]\nmax = 2\n"));
         assert!(

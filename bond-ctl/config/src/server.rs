@@ -35,8 +35,8 @@ pub struct ServerConfig {
     pub nat_addresses: u16,
     /// Ports come to a community in blocks of this many, on its address;
     /// it holds a block while it is logged on, more as its flows grow.
-    #[serde(default = "default_nat_block")]
-    pub nat_block: u16,
+    /// Default: 128, or all of `nat_ports` if they are fewer.
+    pub nat_block: Option<u16>,
     /// How a new flow's port is chosen among its community's free ones:
     /// `random` (default: RFC 6056's advice, an off-path host cannot
     /// guess it) or `sequential` (the next after the last taken).
@@ -420,9 +420,7 @@ fn default_nat_addresses() -> u16 {
 
 /// 78 blocks of the default range on each address; 64 of them (8,192
 /// ports) the most one community holds.
-fn default_nat_block() -> u16 {
-    128
-}
+const DEFAULT_NAT_BLOCK: u16 = 128;
 
 impl ServerConfig {
     /// The dedicated port range.
@@ -513,12 +511,12 @@ impl ServerConfig {
                 ),
             );
         }
-        if self.nat_block == 0 || u32::from(self.nat_block) > u32::from(hi - lo) + 1 {
+        if self.nat_block() == 0 || u32::from(self.nat_block()) > u32::from(hi - lo) + 1 {
             return err(
                 "nat_block",
                 format!(
                     "{} is outside 1..={} (the ports of `nat_ports`)",
-                    self.nat_block,
+                    self.nat_block(),
                     u32::from(hi - lo) + 1
                 ),
             );
@@ -551,6 +549,17 @@ impl ServerConfig {
     /// How many dedicated ports `nat_ports` holds.
     pub fn port_count(&self) -> Result<u32, String> {
         self.port_range().map(|(lo, hi)| u32::from(hi - lo) + 1)
+    }
+
+    /// Ports per block (`nat_block`, or its default).
+    pub fn nat_block(&self) -> u16 {
+        self.nat_block.unwrap_or_else(|| {
+            let ports = self
+                .port_count()
+                .unwrap_or(1)
+                .min(u32::from(DEFAULT_NAT_BLOCK));
+            ports as u16
+        })
     }
 
     /// The NAT pool's addresses, `nat_address` first.

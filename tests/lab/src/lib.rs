@@ -145,6 +145,10 @@ pub struct Lab {
     pub announce_ms: u32,
     /// The server's dedicated ports, "first-last" (set before starting it).
     pub nat_ports: String,
+    /// The server's NAT address, the first of its pool (set before
+    /// starting it; default `SERVER_NAT`; another must be the server's
+    /// own on `content0`).
+    pub nat_address: Ipv4Addr,
     /// Top-level keys for the server's config, one per line, e.g.
     /// `max_terminals = 2` (set before starting it; default empty).
     pub server_keys: String,
@@ -357,6 +361,7 @@ impl Lab {
             bond_ctl: bond_ctl.to_path_buf(),
             announce_ms: 1000,
             nat_ports: "20000-29999".into(),
+            nat_address: SERVER_NAT,
             server_keys: String::new(),
             server_extra: String::new(),
             terminal_extra: String::new(),
@@ -1098,10 +1103,11 @@ impl Lab {
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\naddress6 = \"{SERVER_WAN6}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
-             nat_address = \"{SERVER_NAT}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\nnat_log = {:?}\n\
+             nat_address = \"{}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\nnat_log = {:?}\n\
              interfaces = [\"wan0\", \"content0\"]\n{}\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
             self.server_instance,
+            self.nat_address,
             self.nat_ports,
             self.nat_log(),
             self.server_keys,

@@ -270,7 +270,7 @@ impl Site {
         let etcd: Vec<String> = self.etcd.iter().map(|u| format!("{u:?}")).collect();
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SITE_NET}.{}\"\n\
-             nat_address = \"{SITE_NET}.{}\"\nnat_ports = \"20000-20999\"\nnat_log = {:?}\n\
+             nat_address = \"{SITE_NET}.{}\"\nnat_ports = \"20000-20999\"\nnat_block = 16\nnat_log = {:?}\n\
              interfaces = [\"site0\"]\n\
              \n[tier]\netcd = [{}]\nnode = \"n{i}\"\n{extra}",
             self.instance(i),

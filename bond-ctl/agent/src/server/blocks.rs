@@ -21,7 +21,7 @@ use bond_common::maps::NatBlocks;
 use bond_config::ServerConfig;
 use bond_datapath::{Maps, flows::Counted};
 
-use super::nat::{Change, NatLog, NatPool, Step, Usage};
+use super::nat::{Change, ChangeKind, NatLog, NatPool, Step, Usage};
 
 pub(super) struct Blocks {
     pool: NatPool,
@@ -44,9 +44,14 @@ impl Blocks {
             .port_range()
             .map_err(anyhow::Error::msg)
             .context("field `nat_ports`")?;
-        let mut pool = NatPool::new(cfg.nat_address, cfg.nat_addresses, (lo, hi), cfg.nat_block)
-            .map_err(anyhow::Error::msg)
-            .context("fields `nat_address`, `nat_addresses`, `nat_ports`, `nat_block`")?;
+        let mut pool = NatPool::new(
+            cfg.nat_address,
+            cfg.nat_addresses,
+            (lo, hi),
+            cfg.nat_block(),
+        )
+        .map_err(anyhow::Error::msg)
+        .context("fields `nat_address`, `nat_addresses`, `nat_ports`, `nat_block`")?;
         let path = cfg.nat_log();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -74,19 +79,27 @@ impl Blocks {
     /// A terminal of `community` logged on: it has a share from now on
     /// (its first block, or the blocks it was giving back).
     pub(super) fn logged_on(&mut self, maps: &Maps, community: u16) -> Result<()> {
-        let kept = self.cooling.remove(&community).is_some();
+        // Blocks it was giving back are its again.
+        if self.cooling.remove(&community).is_some() {
+            self.write(maps, community)?;
+        }
         match self.pool.assign(community) {
             Ok(Some(change)) => {
                 self.starved.remove(&community);
                 self.write(maps, community)?;
                 self.logged(&change);
             }
-            Ok(None) if kept => self.write(maps, community)?,
             Ok(None) => {}
             Err(e) => {
-                if self.starved.insert(community) {
-                    tracing::warn!("{e}: its flows are refused (`no_free_port`) until one is free");
+                // Said when the pool runs out, not for every community
+                // after it (`status` counts them).
+                if self.starved.is_empty() {
+                    tracing::warn!(
+                        "{e}: its flows, and those of any community after it, are refused \
+                         (`no_free_port`) until blocks are free (`status`: nat.starved)"
+                    );
                 }
+                self.starved.insert(community);
             }
         }
         Ok(())
@@ -125,10 +138,9 @@ impl Blocks {
             usage.entry(c).or_default().active = active(c);
         }
         // Those the pool had nothing for try again while they are on.
-        for c in std::mem::take(&mut self.starved) {
-            if active(c) {
-                self.logged_on(maps, c)?;
-            }
+        self.starved.retain(|&c| active(c));
+        for c in self.starved.clone() {
+            self.logged_on(maps, c)?;
         }
         for step in self.pool.plan(&usage) {
             match step {
@@ -167,6 +179,7 @@ impl Blocks {
             blocks_held: self.pool.blocks_total() - free,
             blocks_free: free,
             communities: self.pool.communities().count(),
+            starved: self.starved.len(),
         }
     }
 
@@ -212,13 +225,16 @@ impl Blocks {
     /// The allocation log must not miss a line quietly: one that cannot be
     /// written is an error in the agent's own log, with what it said.
     fn logged(&mut self, change: &Change) {
+        let what = match change.kind {
+            ChangeKind::Assigned => "given",
+            ChangeKind::Released => "taken back",
+        };
         tracing::info!(
-            "community {}: NAT ports {}-{} on {} {:?}",
+            "community {}: NAT ports {}-{} on {} {what}",
             change.community,
             change.first,
             change.last,
             change.address,
-            change.kind
         );
         if let Err(e) = self.log.write(change, SystemTime::now()) {
             tracing::error!("NAT log: {e}: not written: {change:?}");

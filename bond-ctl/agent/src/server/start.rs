@@ -61,7 +61,7 @@ pub async fn run(
         nat_ip6: cfg.nat_address6.map_or([0; 16], |a| a.octets()),
         wan_ip6: cfg.address6.map_or([0; 16], |a| a.octets()),
         nat_count: cfg.nat_addresses,
-        nat_block: cfg.nat_block,
+        nat_block: cfg.nat_block(),
         nat_order: cfg.nat_port_order.map_value(),
         _pad: 0,
     };
