@@ -517,26 +517,28 @@ fn main() -> Result<()> {
             };
             let text = std::fs::read_to_string(&log)
                 .with_context(|| format!("NAT log {}", log.display()))?;
-            let held = agent::nat::who(&text, address, port, at).map_err(anyhow::Error::msg)?;
+            let held = agent::nat::who(&text, address, port, at)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("NAT log {}", log.display()))?;
+            let report =
+                agent::nat::WhoReport::new(address, port, at, &held).map_err(anyhow::Error::msg)?;
             if json {
-                return show::print_json(&serde_json::json!({
-                    "address": address,
-                    "port": port,
-                    "at": humantime::format_rfc3339_millis(at).to_string(),
-                    "held": held,
-                }));
+                return show::print_json(&report);
             }
-            if held.is_empty() {
-                println!("{address}:{port}: no community held it then (as far as the log goes)");
+            if report.held.is_empty() {
+                println!(
+                    "{address}:{port}: no community held it at {} (as far as the log goes)",
+                    report.at
+                );
             }
-            for h in held {
-                let until = h.until.map_or("still held".to_string(), |u| {
-                    format!("until {}", humantime::format_rfc3339_millis(u))
-                });
+            for h in &report.held {
+                let until = h
+                    .until
+                    .as_ref()
+                    .map_or("still held".to_string(), |u| format!("until {u}"));
                 println!(
                     "{address}:{port}: community {} since {}, {until}",
-                    h.community,
-                    humantime::format_rfc3339_millis(h.since)
+                    h.community, h.since
                 );
             }
             Ok(())

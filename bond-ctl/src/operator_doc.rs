@@ -114,6 +114,7 @@ fn every_example_reads_back_through_its_type_unchanged() {
                 round_trip::<bond_tier::admin::Terminals>(h, v)
             }
             h if h.starts_with("`tier") => round_trip::<bond_tier::admin::Communities>(h, v),
+            h if h.starts_with("`nat who") => round_trip::<bond_agent::nat::WhoReport>(h, v),
             h => panic!("a JSON example under {h}, which names no reply"),
         };
         seen.insert(ty);
@@ -135,6 +136,7 @@ fn every_example_reads_back_through_its_type_unchanged() {
         type_name::<bond_tier::admin::Nodes>(),
         type_name::<bond_tier::admin::Communities>(),
         type_name::<bond_tier::admin::Terminals>(),
+        type_name::<bond_agent::nat::WhoReport>(),
     ];
     for ty in want {
         assert!(seen.contains(ty), "docs/operator.md shows no {ty}");

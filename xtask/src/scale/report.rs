@@ -276,7 +276,7 @@ pub(super) fn report_findings(
     let _ = writeln!(md, "### Findings\n");
     let _ = writeln!(
         md,
-        "- **{} live flows cannot exist on one NAT address.** The reverse map is keyed by protocol and dedicated port only (`NatKey`), and every new flow of any protocol takes a port from one queue, so a server holds at most as many flows as it has dedicated ports: {} here ({PORT_MIN}-{PORT_MAX}), 65,535 at most. Of the {} flows above, {} were made by the program and {} hold ports of their own (S_NAT entries); the other {} were written through the map API to give the lookup structure its full size, with ports shared between them, a state the datapath cannot reach. {} flows need at least {} NAT addresses, or a NAT keyed by the remote address and port as well (endpoint-dependent mapping).",
+        "- **{} live flows need more than this bench's one NAT address.** A flow holds a port of one protocol on one address of the pool (`NatKey`: protocol, address index, port), so one address holds {} flows per protocol here ({PORT_MIN}-{PORT_MAX}). Of the {} flows above, {} were made by the program and {} hold ports of their own (S_NAT entries); the other {} were written through the map API to give the lookup structure its full size, with ports shared between them, a state the datapath reaches only with more addresses: {} flows of one protocol need a pool of at least {} (`nat_addresses`; `tests/prog` makes 66,000 flows over two).",
         n(scale.flows),
         n(PORTS),
         n(scale.flows),

@@ -629,6 +629,51 @@ pub fn who(log: &str, address: Ipv4Addr, port: u16, at: SystemTime) -> Result<Ve
     Ok(found)
 }
 
+/// `bond-ctl nat who --json`: who held an address and port at a time,
+/// times as RFC 3339 text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoReport {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub at: String,
+    pub held: Vec<HeldRow>,
+}
+
+/// One holder in a [`WhoReport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRow {
+    pub community: u16,
+    pub since: String,
+    /// None: still held, as far as the log goes.
+    pub until: Option<String>,
+}
+
+impl WhoReport {
+    /// The report of [`who`]'s answer `held` for `address`:`port` at `at`.
+    pub fn new(
+        address: Ipv4Addr,
+        port: u16,
+        at: SystemTime,
+        held: &[Held],
+    ) -> Result<Self, String> {
+        Ok(Self {
+            address,
+            port,
+            at: rfc3339(at)?,
+            held: held
+                .iter()
+                .map(|h| {
+                    Ok(HeldRow {
+                        community: h.community,
+                        since: rfc3339(h.since)?,
+                        until: h.until.map(rfc3339).transpose()?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+        })
+    }
+}
+
 /// A log line read back.
 struct Entry {
     time: SystemTime,
