@@ -230,7 +230,10 @@ pub(super) fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Durat
         wan_ip6: [0; 16],
         nat_count: 1,
         nat_block: 1,
-        nat_order: bond_common::maps::NAT_RANDOM,
+        // Each community's measured flows fill its share exactly, which
+        // random tries would miss now and then (a share is kept at most
+        // half full in use: `bond_agent`'s blocks).
+        nat_order: bond_common::maps::NAT_SEQUENTIAL,
         _pad: 0,
     })
     .context("writing S_CONFIG")?;

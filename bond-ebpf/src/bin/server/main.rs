@@ -34,8 +34,8 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_F_NO_PREALLOC, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head,
@@ -129,9 +129,11 @@ static S_PERMITS6: LruHashMap<Permit6Key, u64> = LruHashMap::pinned(MAX_FLOWS, 0
 #[map]
 static S_DENY6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_DENY, 0);
 /// Each community's share of the NAT pool: its address and blocks of
-/// ports, handed out by the agent (`NatBlocks`).
+/// ports, handed out by the agent (`NatBlocks`). Only the agent adds and
+/// removes entries, so they are allocated as it writes them, not all
+/// 65,536 up front (13 MiB).
 #[map]
-static S_NAT_BLOCKS: HashMap<u16, NatBlocks> = HashMap::pinned(MAX_COMMUNITIES, 0);
+static S_NAT_BLOCKS: HashMap<u16, NatBlocks> = HashMap::pinned(MAX_COMMUNITIES, BPF_F_NO_PREALLOC);
 #[map]
 static S_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_SERVER_LINKS, 0);
 #[map]
