@@ -138,15 +138,36 @@ fn udp_echo(lab: &Lab, ports: &[u16], wait: Duration) -> Vec<bool> {
 
 /// As [`udp_echo`], from terminal `t`.
 fn udp_echo_from(lab: &Lab, t: usize, ports: &[u16], wait: Duration) -> Vec<bool> {
+    let content = Ipv4Addr::new(203, 0, 113, 2);
+    ports
+        .iter()
+        .zip(udp_replies(lab, t, content, ports, wait))
+        .map(|(p, r)| match r {
+            Some(r) if r == format!("bond {p}") => true,
+            Some(other) => panic!("echo: {other}"),
+            None => false,
+        })
+        .collect()
+}
+
+/// From terminal `t`, one datagram ("bond PORT") to `dst`'s UDP
+/// `ECHO_PORT` from each local port in `ports`, waiting up to `wait` for
+/// each answer: the answers (None: none came).
+fn udp_replies(
+    lab: &Lab,
+    t: usize,
+    dst: Ipv4Addr,
+    ports: &[u16],
+    wait: Duration,
+) -> Vec<Option<String>> {
     let script = format!(
         "import socket, sys\nfor p in sys.argv[1:]:\n\
          \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          \x20   s.bind(('0.0.0.0', int(p)))\n\
          \x20   s.settimeout({})\n\
-         \x20   s.sendto(b'bond ' + p.encode(), ('203.0.113.2', {ECHO_PORT}))\n\
+         \x20   s.sendto(b'bond ' + p.encode(), ('{dst}', {ECHO_PORT}))\n\
          \x20   try:\n\
-         \x20       d, _ = s.recvfrom(2048)\n\
-         \x20       print('ok' if d == b'bond ' + p.encode() else 'bad')\n\
+         \x20       print('reply ' + s.recvfrom(2048)[0].decode())\n\
          \x20   except socket.timeout:\n\
          \x20       print('timeout')\n\
          \x20   s.close()\n",
@@ -159,11 +180,7 @@ fn udp_echo_from(lab: &Lab, t: usize, ports: &[u16], wait: Duration) -> Vec<bool
         .exec(&lab.terminals[t].ns, "python3", &args)
         .expect("udp client");
     out.lines()
-        .map(|l| match l {
-            "ok" => true,
-            "timeout" => false,
-            other => panic!("echo: {other}"),
-        })
+        .map(|l| l.strip_prefix("reply ").map(str::to_string))
         .collect()
 }
 
@@ -630,29 +647,11 @@ fn start_reporter(lab: &mut Lab, at: Ipv4Addr) {
 /// From terminal `t`, one datagram to the reporter at `dst` from each
 /// local port: where the content host saw each come from.
 fn seen_from(lab: &Lab, t: usize, dst: Ipv4Addr, ports: &[u16]) -> Vec<(Ipv4Addr, u16)> {
-    let script = format!(
-        "import socket, sys\nfor p in sys.argv[1:]:\n\
-         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         \x20   s.bind(('0.0.0.0', int(p)))\n\
-         \x20   s.settimeout(2)\n\
-         \x20   s.sendto(b'where', ('{dst}', {ECHO_PORT}))\n\
-         \x20   try:\n\
-         \x20       print(s.recvfrom(2048)[0].decode())\n\
-         \x20   except socket.timeout:\n\
-         \x20       print('timeout')\n\
-         \x20   s.close()\n"
-    );
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-    let mut args = vec!["-c", script.as_str()];
-    args.extend(ports.iter().map(String::as_str));
-    let out = lab
-        .exec(&lab.terminals[t].ns, "python3", &args)
-        .expect("udp client");
-    out.lines()
-        .map(|l| {
-            let (a, p) = l
-                .split_once(':')
-                .unwrap_or_else(|| panic!("terminal {t} to {dst}: {l}"));
+    udp_replies(lab, t, dst, ports, Duration::from_secs(2))
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap_or_else(|| panic!("terminal {t} to {dst}: no answer"));
+            let (a, p) = r.split_once(':').expect(&r);
             (a.parse().unwrap(), p.parse().unwrap())
         })
         .collect()
