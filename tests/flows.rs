@@ -659,18 +659,21 @@ fn seen_from(lab: &Lab, t: usize, dst: Ipv4Addr, ports: &[u16]) -> Vec<(Ipv4Addr
 
 /// `bond-ctl nat who ADDRESS PORT [--at T]` against the lab server's file:
 /// the communities it names.
-fn who(lab: &Lab, (address, port): (Ipv4Addr, u16), at: Option<&str>) -> Vec<u64> {
+fn who(lab: &Lab, at_port: (Ipv4Addr, u16), at: Option<&str>) -> Vec<u64> {
     let cfg = lab.dir.join("server.toml");
+    who_in(lab, &["--config", cfg.to_str().unwrap()], at_port, at)
+}
+
+/// As [`who`], reading the log from `source` (`--config F` or `--log F`...).
+fn who_in(
+    lab: &Lab,
+    source: &[&str],
+    (address, port): (Ipv4Addr, u16),
+    at: Option<&str>,
+) -> Vec<u64> {
     let (a, p) = (address.to_string(), port.to_string());
-    let mut args = vec![
-        "nat",
-        "who",
-        &a,
-        &p,
-        "--config",
-        cfg.to_str().unwrap(),
-        "--json",
-    ];
+    let mut args = vec!["nat", "who", &a, &p, "--json"];
+    args.extend(source);
     if let Some(t) = at {
         args.extend(["--at", t]);
     }
@@ -782,6 +785,11 @@ fn a_pool_gives_each_community_an_address_of_its_own_and_the_log_names_it() {
     let during = lab
         .exec(&srv, "date", &["-u", "+%Y-%m-%dT%H:%M:%S.%3NZ"])
         .unwrap();
+    // The log is rotated (moved away, as logrotate's `create` does) and
+    // the agent told (`reload`): what follows goes to a new file.
+    let rotated = lab.dir.join("server-nat.log.1");
+    std::fs::rename(lab.nat_log(), &rotated).unwrap();
+    lab.ctl(&srv, &lab.server_instance, &["reload"]).unwrap();
     for t in [member, again] {
         lab.stop(&format!("agent-t{}", t + 1), false).unwrap();
     }
@@ -798,7 +806,7 @@ fn a_pool_gives_each_community_an_address_of_its_own_and_the_log_names_it() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = std::fs::read_to_string(lab.nat_log()).unwrap();
+    let log = std::fs::read_to_string(lab.nat_log()).expect("a new log after the rotation");
     assert!(
         log.lines()
             .any(|l| l.contains("\"released\"")
@@ -810,18 +818,22 @@ fn a_pool_gives_each_community_an_address_of_its_own_and_the_log_names_it() {
         Vec::<u64>::new(),
         "no one holds it now"
     );
+    let (old, new) = (rotated.to_str().unwrap(), lab.nat_log());
+    let both = ["--log", old, "--log", new.to_str().unwrap()];
     assert_eq!(
-        who(&lab, c2[0], Some(during.trim())),
+        who_in(&lab, &both, c2[0], Some(during.trim())),
         [u64::from(COMMUNITY2)],
-        "community 2 held it then"
+        "community 2 held it then (both files of the log)"
     );
+    assert_eq!(who_in(&lab, &both, c2[0], None), Vec::<u64>::new());
     // Community 1 keeps a block (the log names it for its first port),
     // though blocks its flows left may have gone back meanwhile.
     let held = share(&lab.server_status().unwrap(), COMMUNITY).unwrap();
     let first: u16 = held.ports[0].split('-').next().unwrap().parse().unwrap();
-    let log = std::fs::read_to_string(lab.nat_log()).unwrap();
+    let log = std::fs::read_to_string(&rotated).unwrap()
+        + &std::fs::read_to_string(lab.nat_log()).unwrap();
     assert_eq!(
-        who(&lab, (held.address, first), None),
+        who_in(&lab, &both, (held.address, first), None),
         [u64::from(COMMUNITY)],
         "{held:?}\n{log}"
     );

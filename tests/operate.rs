@@ -495,6 +495,10 @@ fn operator_interface_status_peers_weight_drain_and_metrics() {
         "bond_link_weight{community=\"1\",link=\"3\",direction=\"down\"} 9",
         "bond_community_flows{community=\"1\"}",
         "bond_free_ports 10000",
+        // Community 1's one block of 128 ports; 77 more on the address.
+        "bond_nat_blocks{state=\"held\"} 1",
+        "bond_nat_blocks{state=\"free\"} 77",
+        "bond_nat_starved 0",
     ] {
         assert!(m.contains(family), "missing {family} in:\n{m}");
     }

@@ -231,9 +231,10 @@ enum NatCmd {
         /// The server's configuration file (its `nat_log` is read).
         #[arg(long, required_unless_present = "log")]
         config: Option<PathBuf>,
-        /// The log itself, instead of `--config`.
+        /// The log itself, instead of `--config`; again for each file of a
+        /// rotated log, oldest first.
         #[arg(long, conflicts_with = "config")]
-        log: Option<PathBuf>,
+        log: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -502,24 +503,31 @@ fn main() -> Result<()> {
                     json,
                 },
         } => {
-            let log = match (log, config) {
-                (Some(l), _) => l,
-                (None, Some(c)) => match Config::load(&c)? {
-                    Config::Server(s) => s.nat_log(),
+            let logs = match (log, config) {
+                (l, _) if !l.is_empty() => l,
+                (_, Some(c)) => match Config::load(&c)? {
+                    Config::Server(s) => vec![s.nat_log()],
                     _ => bail!("{}: not a server's configuration (`role`)", c.display()),
                 },
-                (None, None) => bail!("name the log: --config FILE or --log FILE"),
+                _ => bail!("name the log: --config FILE or --log FILE"),
             };
             let at = match at {
                 Some(t) => humantime::parse_rfc3339_weak(&t)
                     .with_context(|| format!("--at {t:?}: want e.g. 2026-12-05T13:00:00Z"))?,
                 None => std::time::SystemTime::now(),
             };
-            let text = std::fs::read_to_string(&log)
-                .with_context(|| format!("NAT log {}", log.display()))?;
+            let mut text = String::new();
+            for l in &logs {
+                let t = std::fs::read_to_string(l)
+                    .with_context(|| format!("NAT log {}", l.display()))?;
+                text.push_str(&t);
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
+            }
             let held = agent::nat::who(&text, address, port, at)
                 .map_err(anyhow::Error::msg)
-                .with_context(|| format!("NAT log {}", log.display()))?;
+                .context("NAT log")?;
             let report =
                 agent::nat::WhoReport::new(address, port, at, &held).map_err(anyhow::Error::msg)?;
             if json {

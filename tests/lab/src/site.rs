@@ -265,12 +265,15 @@ impl Site {
     }
 
     /// Node `i`'s server configuration: its own addresses, `[tier]`
-    /// naming the cluster, and `extra` lines in `[tier]`.
+    /// naming the cluster, and `extra` lines in `[tier]`. Its one NAT
+    /// address has 2,846 blocks of 8 ports: a block for each of the
+    /// thousands of communities `bench tier` logs on at a node (they
+    /// carry no flows).
     pub fn node_config(&self, i: usize, extra: &str) -> String {
         let etcd: Vec<String> = self.etcd.iter().map(|u| format!("{u:?}")).collect();
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SITE_NET}.{}\"\n\
-             nat_address = \"{SITE_NET}.{}\"\nnat_ports = \"20000-20999\"\nnat_block = 16\nnat_log = {:?}\n\
+             nat_address = \"{SITE_NET}.{}\"\nnat_ports = \"10000-32767\"\nnat_block = 8\nnat_log = {:?}\n\
              interfaces = [\"site0\"]\n\
              \n[tier]\netcd = [{}]\nnode = \"n{i}\"\n{extra}",
             self.instance(i),

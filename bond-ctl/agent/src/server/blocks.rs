@@ -170,6 +170,13 @@ impl Blocks {
         Ok(())
     }
 
+    /// Opens the allocation log at `path` again (after a rotation), and
+    /// writes to it from now on.
+    pub(super) fn reopen_log(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        self.log = NatLog::open(path)?;
+        Ok(())
+    }
+
     /// The pool for `status`: blocks held and free, communities holding any.
     pub(super) fn status(&self) -> bond_api::reply::NatPool {
         let free = self.pool.blocks_free();

@@ -216,9 +216,24 @@ impl Agent {
         m.family(
             "bond_free_ports",
             "gauge",
-            "Dedicated ports free for new flows (shared by all communities).",
+            "Dedicated ports of the NAT pool no flow holds.",
         );
         m.sample("bond_free_ports", &[], self.flows.free_ports);
+        let pool = self.nat.status();
+        m.family(
+            "bond_nat_blocks",
+            "gauge",
+            "Blocks of ports in the NAT pool, held by a community or free.",
+        );
+        for (state, n) in [("held", pool.blocks_held), ("free", pool.blocks_free)] {
+            m.sample("bond_nat_blocks", &[("state", state.into())], n as u64);
+        }
+        m.family(
+            "bond_nat_starved",
+            "gauge",
+            "Communities with terminals logged on and no block: the pool ran out.",
+        );
+        m.sample("bond_nat_starved", &[], pool.starved as u64);
         m.family(
             "bond_flows_expired_total",
             "counter",

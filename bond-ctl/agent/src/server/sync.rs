@@ -103,6 +103,10 @@ impl Agent {
             .and_then(|()| self.maps.set_deny(&deny))
             .and_then(|()| self.maps.set_deny6(&deny6))
             .map_err(|e| format!("applying the new configuration: {e:#}"))?;
+        // A log rotated away (logrotate's `create`) is written anew.
+        self.nat
+            .reopen_log(&self.cfg.nat_log())
+            .map_err(|e| format!("NAT log {}: {e}", self.cfg.nat_log().display()))?;
         tracing::info!("configuration reloaded: {changed:?} changed");
         Ok(changed)
     }
