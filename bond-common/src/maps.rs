@@ -422,6 +422,12 @@ pub const NAT_RANDOM: u16 = 0;
 pub const NAT_SEQUENTIAL: u16 = 1;
 
 impl ServerConfig {
+    /// Address `index` of the NAT pool.
+    #[inline(always)]
+    pub const fn nat_address(&self, index: u8) -> u32 {
+        self.nat_ip.wrapping_add(index as u32)
+    }
+
     /// The index in the NAT pool of IPv4 address `ip`, if it is one of
     /// the pool's.
     #[inline(always)]

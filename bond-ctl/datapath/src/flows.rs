@@ -98,16 +98,19 @@ pub fn sweep_counted(
         origin: k.origin,
     };
     let mut live_by_community = BTreeMap::new();
-    let gone: std::collections::HashSet<&FlowKey> = removed.iter().map(|f| &f.key).collect();
+    // (community, first port of the flow's block), when asked for.
+    let block = |k: &FlowKey, f: &Flow| {
+        let (lo, size) = blocks.filter(|b| b.1 > 0)?;
+        Some((
+            k.community,
+            lo + (f.nat_port.saturating_sub(lo) / size) * size,
+        ))
+    };
     let mut by_block = BTreeMap::new();
     for (k, f) in &flows {
         *by_community.entry(k.community).or_default() += 1;
-        if let Some((lo, size)) = blocks
-            && size > 0
-            && !gone.contains(k)
-        {
-            let first = lo + (f.nat_port.saturating_sub(lo) / size) * size;
-            *by_block.entry((k.community, first)).or_default() += 1;
+        if let Some(b) = block(k, f) {
+            *by_block.entry(b).or_default() += 1;
         }
         *by_origin.entry(origin(k)).or_default() += 1;
         // (An expired flow is not live: idle past its timeout.)
@@ -120,6 +123,9 @@ pub fn sweep_counted(
             *n -= 1;
         }
         if let Some(n) = by_origin.get_mut(&origin(&f.key)) {
+            *n -= 1;
+        }
+        if let Some(n) = block(&f.key, &f.flow).and_then(|b| by_block.get_mut(&b)) {
             *n -= 1;
         }
     }

@@ -26,8 +26,6 @@ use super::nat::{Change, ChangeKind, NatLog, NatPool, Step, Usage};
 pub(super) struct Blocks {
     pool: NatPool,
     log: NatLog,
-    /// The first port of the pool's range (blocks are counted from it).
-    lo: u16,
     /// Blocks out of their community's share in the map, still its in the
     /// pool until the next sweep shows no flow on them.
     cooling: BTreeMap<u16, BTreeSet<u16>>,
@@ -70,7 +68,6 @@ impl Blocks {
         Ok(Self {
             pool,
             log,
-            lo,
             cooling: BTreeMap::new(),
             starved: BTreeSet::new(),
         })
@@ -205,7 +202,7 @@ impl Blocks {
 
     /// (first dedicated port, block size): how a sweep counts flows by block.
     pub(super) fn shape(&self) -> (u16, u16) {
-        (self.lo, self.pool.block())
+        self.pool.shape()
     }
 
     /// Writes `community`'s share as the datapath may use it: what it

@@ -229,6 +229,12 @@ impl NatPool {
         self.block
     }
 
+    /// (first dedicated port, ports per block): how a sweep of the flow
+    /// table counts flows by block.
+    pub fn shape(&self) -> (u16, u16) {
+        (self.lo, self.block)
+    }
+
     /// What `community` holds as the datapath reads it (`S_NAT_BLOCKS`):
     /// its address's index and its blocks' first ports, lowest first.
     /// `None` if it holds nothing (its map entry should go).

@@ -414,7 +414,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         // A full table drops its least recently used permit.
         let _ = S_PERMITS.insert(key, created, 0);
     }
-    let nat_ip = cfg.nat_ip.wrapping_add(u32::from(nat_index));
+    let nat_ip = cfg.nat_address(nat_index);
     if !nat_rewrite(ctx, INNER_OFF, 12, nat_ip, Some(l4), nat_port) {
         return Err(drops::TRUNCATED);
     }
@@ -448,8 +448,7 @@ fn later_up(
     if let Some(hold) = to_hold(ctx, unsafe { bpf_ktime_get_ns() }) {
         return Ok(hold);
     }
-    let nat_ip = cfg.nat_ip.wrapping_add(u32::from(index));
-    if !nat_rewrite(ctx, INNER_OFF, 12, nat_ip, None, 0) {
+    if !nat_rewrite(ctx, INNER_OFF, 12, cfg.nat_address(index), None, 0) {
         return Err(drops::TRUNCATED);
     }
     unwrap_up(ctx, idx, inner.len, rc, &fib)
