@@ -771,7 +771,7 @@ fn a_pool_gives_each_community_an_address_of_its_own_and_the_log_names_it() {
     let last = all.last().unwrap();
     assert_eq!(who(&lab, *last, None), [u64::from(COMMUNITY)], "{last:?}");
     let log = std::fs::read_to_string(lab.nat_log()).unwrap();
-    let assigned = |c: u16| {
+    let assigned = |c: u32| {
         log.lines()
             .filter(|l| l.contains("\"assigned\"") && l.contains(&format!("\"community\":{c},")))
             .count()

@@ -25,6 +25,9 @@ fn lab() -> Lab {
 
 /// Linux socket options the scripts use: IP_MTU_DISCOVER with
 /// IP_PMTUDISC_DO (set DF, never fragment locally), IP_MTU.
+/// What a wrap adds to a packet: outer IPv4, UDP and the bond header.
+const WRAP: u64 = (bond_lab::packets::WRAP_LEN - 14) as u64;
+
 const PY_PRELUDE: &str =
     "import socket, errno, json, time\nIP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14\n";
 
@@ -160,7 +163,7 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
     // own kernel refuses a DF datagram that would not fit once wrapped.
     let r = json_line(&python(&lab, &t1, ORIGIN_DF));
     assert_eq!(r["send"], "EMSGSIZE", "{r}");
-    assert_eq!(r["mtu"], 1500 - 52, "{r}");
+    assert_eq!(r["mtu"], 1500 - WRAP, "{r}");
 
     // Downstream: the content host's too-big reply is answered by the
     // server with fragmentation needed; its kernel learns the MTU, refuses
@@ -186,8 +189,8 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
         r["again"], "EMSGSIZE",
         "the content host did not learn: {r}"
     );
-    assert_eq!(r["mtu"], 1500 - 52, "{r}");
-    assert_eq!(got, (1500 - 52 - 28).to_string(), "the reply that fits");
+    assert_eq!(r["mtu"], 1500 - WRAP, "{r}");
+    assert_eq!(got, (1500 - WRAP - 28).to_string(), "the reply that fits");
     assert_eq!(srv.events["frag_needed_sent"], 1, "{srv:?}");
     assert_eq!(srv.drops["too_big"], 1, "{srv:?}");
 
@@ -195,7 +198,7 @@ fn packets_too_big_for_the_wrapped_path_are_refused_aloud() {
     // 4 MiB each way arrive whole (no segment too big to wrap).
     let mss = tcp_both_ways(&mut lab, &t1);
     assert!(
-        (1000..=1500 - 52 - 40).contains(&mss),
+        (1000..=1500 - WRAP - 40).contains(&mss),
         "MSS {mss} does not fit the wrapped path"
     );
     let srv = lab.server_links().unwrap();
@@ -232,7 +235,7 @@ fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
     // t1's own link is 1500, but it spreads over t2's too: its bond0
     // follows t2's announce down to 1400 less the wrap; so does t2's.
     let start = std::time::Instant::now();
-    while mtu(&lab, &t1.ns, "bond0") != 1400 - 52 {
+    while mtu(&lab, &t1.ns, "bond0") != 1400 - WRAP {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "t1's bond0 is at {} after 5 s",
@@ -240,7 +243,7 @@ fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(mtu(&lab, &t2.ns, "bond0"), 1400 - 52);
+    assert_eq!(mtu(&lab, &t2.ns, "bond0"), 1400 - WRAP);
     assert!(
         lab.log("agent-srv").contains("link_mtu 1500 -> 1400"),
         "the server did not lower its limit:\n{}",
@@ -250,7 +253,7 @@ fn the_smallest_link_sets_the_mtu_of_the_whole_path() {
     // 4 MiB each way over both links: the MSS fits the smallest link, and
     // nothing anywhere was too big.
     let mss = tcp_both_ways(&mut lab, &t1.ns);
-    assert!(mss <= 1400 - 52 - 40, "MSS {mss} does not fit t2's link");
+    assert!(mss <= 1400 - WRAP - 40, "MSS {mss} does not fit t2's link");
     for (ns, instance) in [
         (t1.ns.as_str(), t1.instance.as_str()),
         (t2.ns.as_str(), t2.instance.as_str()),

@@ -37,11 +37,7 @@ impl Counters {
     fn new(lab: &Lab, link: u8) -> Self {
         let bpffs = Path::new(DEFAULT_BPFFS);
         let server = Maps::new(pin_dir(bpffs, &lab.server_instance));
-        let key = LinkKey {
-            community: COMMUNITY,
-            link,
-            _pad: 0,
-        };
+        let key = LinkKey::new(COMMUNITY, link);
         let server_idx = server
             .server_link_index()
             .unwrap()

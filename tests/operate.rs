@@ -759,7 +759,7 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
 
     // Each community carried its own download, on its own links.
     let srv = lab.server_links().unwrap();
-    let down = |c: u16| -> u64 {
+    let down = |c: u32| -> u64 {
         srv.links
             .iter()
             .filter(|l| l.community == c)
@@ -782,7 +782,7 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
     );
     // Two flows, one per community, each from the host's address there.
     let flows = lab.flows().unwrap();
-    let has = |c: u16, origin: [u8; 4]| {
+    let has = |c: u32, origin: [u8; 4]| {
         flows
             .iter()
             .any(|f| f.community == c && f.origin == Ipv4Addr::from(origin))

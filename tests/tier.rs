@@ -42,11 +42,7 @@ fn status(site: &Site, i: usize) -> ServerStatus {
 
 /// The communities node `i` serves, by its own status.
 fn serving(site: &Site, i: usize) -> BTreeSet<u32> {
-    status(site, i)
-        .communities
-        .iter()
-        .map(|c| u32::from(c.id))
-        .collect()
+    status(site, i).communities.iter().map(|c| c.id).collect()
 }
 
 /// What the registry gives each node.

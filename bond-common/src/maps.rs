@@ -6,14 +6,23 @@
 
 /// Bumped whenever a map's type, key, value or meaning changes: an agent
 /// adopts pinned maps only of its own layout.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Link ids are a `u8` on the wire.
 pub const MAX_LINK_IDS: u32 = 256;
 /// Links one server can hold across all communities.
 pub const MAX_SERVER_LINKS: u32 = 65_536;
-/// Communities are a `u16` on the wire.
+/// A community's id, as the bond header carries it: 32 bits, so that an
+/// ISP tier can tell millions of communities apart.
+pub type CommunityId = u32;
+/// Communities one server or tier node holds at once (sessions, schedules,
+/// NAT shares): each has a link at least, and a node holds at most
+/// `MAX_SERVER_LINKS`.
 pub const MAX_COMMUNITIES: u32 = 65_536;
+/// Communities a tier's owner tables (`D_OWNERS`, `S_OWNERS`) can name:
+/// hash maps allocated as they fill, so this is a ceiling, not a cost
+/// (their buckets take 16 bytes each, 16 MiB at this size).
+pub const MAX_TIER_COMMUNITIES: u32 = 1 << 20;
 pub const MAX_SESSIONS: u32 = 65_536;
 pub const MAX_NEIGHBORS: u32 = 1024;
 /// Default size of the server's flow table (the agent may choose smaller).
@@ -186,13 +195,12 @@ pub struct Kept {
     /// The sender's index of the link (`S_LINKS` on the server, the link
     /// id at an origin).
     pub idx: u32,
-    pub community: u16,
+    pub community: CommunityId,
     /// Bytes in `data`; 0: an empty slot.
     pub len: u16,
     /// The link id and sequence the bond header carries.
     pub link: u8,
     pub seq: u8,
-    pub _pad: [u8; 2],
     /// The bond header and the inner packet.
     pub data: [u8; KEPT_MAX],
 }
@@ -206,7 +214,6 @@ impl Kept {
         len: 0,
         link: 0,
         seq: 0,
-        _pad: [0; 2],
         data: [0; KEPT_MAX],
     };
 
@@ -232,16 +239,17 @@ pub struct TerminalConfig {
     pub lan_ip: u32,
     pub server_ip: u32,
     pub lan_ifindex: u32,
-    pub community: u16,
+    pub community: CommunityId,
     /// UDP port every terminal receives DATA_DOWN on over the LAN.
     pub data_port: u16,
     pub server_port: u16,
     pub lan_mac: [u8; 6],
+    pub _pad: [u8; 6],
     /// The server's IPv6 address, which links over IPv6 (`LINK_V6`) reach
     /// (all zero: none do).
     pub server_ip6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<TerminalConfig>() == 56);
 
 /// `UpLink::flags` bit: the entry is in use.
 pub const LINK_VALID: u8 = 1;
@@ -475,11 +483,17 @@ const _: () = assert!(core::mem::size_of::<NatBlocks>() == 132);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SessionKey {
-    pub community: u16,
-    pub _pad: u16,
+    pub community: CommunityId,
     pub origin: u32,
 }
 const _: () = assert!(core::mem::size_of::<SessionKey>() == 8);
+
+impl SessionKey {
+    #[inline(always)]
+    pub const fn new(community: CommunityId, origin: u32) -> Self {
+        Self { community, origin }
+    }
+}
 
 /// A logged-on origin terminal (`S_SESSIONS`).
 #[repr(C)]
@@ -493,11 +507,22 @@ const _: () = assert!(core::mem::size_of::<Session>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LinkKey {
-    pub community: u16,
+    pub community: CommunityId,
     pub link: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<LinkKey>() == 4);
+const _: () = assert!(core::mem::size_of::<LinkKey>() == 8);
+
+impl LinkKey {
+    #[inline(always)]
+    pub const fn new(community: CommunityId, link: u8) -> Self {
+        Self {
+            community,
+            link,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// A community link as the server sees it (`S_LINKS[index]`; the index is
 /// dense, assigned by the agent, and `S_LINK_INDEX` maps `LinkKey` to it).
@@ -506,14 +531,13 @@ const _: () = assert!(core::mem::size_of::<LinkKey>() == 4);
 pub struct ServerLink {
     /// The link's public address and port (outer source of its DATA_UP).
     pub ip: u32,
-    pub port: u16,
-    pub community: u16,
-    pub link: u8,
-    pub flags: u8,
-    pub _pad: [u8; 2],
+    pub community: CommunityId,
     /// The terminal that owns the link (its LAN address): not used by the
     /// datapath, but a restarted agent rebuilds its tables from it.
     pub owner: u32,
+    pub port: u16,
+    pub link: u8,
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<ServerLink>() == 16);
 
@@ -522,14 +546,28 @@ const _: () = assert!(core::mem::size_of::<ServerLink>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub community: u16,
+    pub community: CommunityId,
+    pub origin: u32,
     pub proto: u8,
     pub _pad: u8,
-    pub origin: u32,
     pub port: u16,
-    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
+
+impl FlowKey {
+    /// The flow of `origin` in `community` from its own `port` (or ICMP
+    /// identifier) over `proto`.
+    #[inline(always)]
+    pub const fn new(community: CommunityId, proto: u8, origin: u32, port: u16) -> Self {
+        Self {
+            community,
+            origin,
+            proto,
+            _pad: 0,
+            port,
+        }
+    }
+}
 
 /// `Flow::state` bit: a TCP segment with FIN passed (either direction).
 pub const FLOW_FIN: u8 = 1;
@@ -683,28 +721,51 @@ const _: () = assert!(core::mem::size_of::<PermitKey>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flow6Key {
-    pub community: u16,
-    pub proto: u8,
-    pub _pad: u8,
+    pub community: CommunityId,
     pub origin: u32,
     pub src: [u8; 16],
+    pub proto: u8,
+    pub _pad: u8,
     pub port: u16,
-    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<Flow6Key>() == 28);
 
 impl Flow6Key {
+    /// As [`FlowKey::new`], from IPv6 source address `src`.
+    #[inline(always)]
+    pub const fn new(
+        community: CommunityId,
+        proto: u8,
+        origin: u32,
+        src: [u8; 16],
+        port: u16,
+    ) -> Self {
+        Self {
+            community,
+            origin,
+            src,
+            proto,
+            _pad: 0,
+            port,
+        }
+    }
+
+    /// Where this flow's dedicated port leads back to.
+    #[inline(always)]
+    pub const fn nat(&self) -> Nat6Entry {
+        Nat6Entry {
+            origin: self.origin,
+            community: self.community,
+            port: self.port,
+            _pad: 0,
+            src: self.src,
+        }
+    }
+
     /// The same flow named as an IPv4 one is (community, protocol, origin,
     /// port): what timeouts and per-origin counts go by.
     pub const fn v4_shape(&self) -> FlowKey {
-        FlowKey {
-            community: self.community,
-            proto: self.proto,
-            _pad: 0,
-            origin: self.origin,
-            port: self.port,
-            _pad2: 0,
-        }
+        FlowKey::new(self.community, self.proto, self.origin, self.port)
     }
 }
 
@@ -723,11 +784,20 @@ const _: () = assert!(core::mem::size_of::<Flow6>() == 80);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Nat6Entry {
     pub origin: u32,
-    pub community: u16,
+    pub community: CommunityId,
     pub port: u16,
+    pub _pad: u16,
     pub src: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<Nat6Entry>() == 24);
+const _: () = assert!(core::mem::size_of::<Nat6Entry>() == 28);
+
+impl Nat6Entry {
+    /// The flow over `proto` a dedicated port leads back to.
+    #[inline(always)]
+    pub const fn flow(&self, proto: u8) -> Flow6Key {
+        Flow6Key::new(self.community, proto, self.origin, self.src, self.port)
+    }
+}
 
 /// As [`PermitKey`], for an IPv6 remote endpoint (`S_PERMITS6`).
 #[repr(C)]
@@ -773,11 +843,26 @@ const _: () = assert!(core::mem::size_of::<FragFlow>() == 16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatEntry {
     pub origin: u32,
-    pub community: u16,
+    pub community: CommunityId,
     /// The origin's own port (or ICMP identifier).
     pub port: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<NatEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 12);
+
+impl NatEntry {
+    /// Where a dedicated port leads back to: `origin`'s own `port` (or
+    /// ICMP identifier) in `community`.
+    #[inline(always)]
+    pub const fn new(community: CommunityId, origin: u32, port: u16) -> Self {
+        Self {
+            origin,
+            community,
+            port,
+            _pad: 0,
+        }
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

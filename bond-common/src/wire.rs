@@ -1,12 +1,17 @@
-//! The bond wire format: outer IPv4 (20) + UDP (8) + bond header (24) + the
+//! The bond wire format: outer IPv4 (20) + UDP (8) + bond header (28) + the
 //! inner IPv4 packet, unmodified. All multi-byte fields are network order.
+
+use crate::maps::CommunityId;
 
 /// Rejects strays: the first two bytes of every bond header.
 pub const MAGIC: u16 = 0xB04D;
 /// The only version this code speaks. Version 2 replaced the sequence
 /// number with the sender's clock (`BondHdr::sent_us`); version 3 turned
-/// the reserved flags byte into the per-link sequence (`BondHdr::seq`).
-pub const VERSION: u8 = 3;
+/// the reserved flags byte into the per-link sequence (`BondHdr::seq`);
+/// version 4 widened the community id from 16 to 32 bits, so that an ISP
+/// tier can tell millions of communities apart (the header grew by four
+/// bytes: two for the id, two reserved).
+pub const VERSION: u8 = 4;
 
 /// Message kinds. DATA kinds are handled by the eBPF programs; every other
 /// kind is passed up to the agent's socket.
@@ -76,6 +81,9 @@ pub const fn seq_missing(last: u8, seq: u8) -> u8 {
 
 /// Offset of the bond header in a wrapped Ethernet frame.
 pub const BOND_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+/// Offset of the inner packet in a wrapped Ethernet frame whose outer
+/// header is IPv6 (a link over IPv6).
+pub const INNER6_OFF: usize = ETH_LEN + IPV6_LEN + UDP_LEN + BondHdr::LEN;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -112,14 +120,16 @@ pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// The bond header. Byte arrays throughout: alignment 1, no padding, and
-/// safe to read from any offset of a packet.
+/// safe to read from any offset of a packet. Every field lies at an offset
+/// of its own size's multiple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BondHdr {
     pub magic: [u8; 2],
     pub version: u8,
     pub kind: u8,
-    pub community: [u8; 2],
+    /// The community id ([`crate::maps::CommunityId`]).
+    pub community: [u8; 4],
     pub link: u8,
     /// DATA: the sender's count of the packets it sent on `link`, 1 to
     /// [`SEQ_MAX`] and round again ([`seq_next`]), so the receiving end
@@ -127,11 +137,14 @@ pub struct BondHdr {
     /// for a copy; with [`SEQ_COPY`], such a copy. 0: not counted (pure
     /// ACKs, which no playout holds, and control messages).
     pub seq: u8,
+    /// Zero (a receiver refuses anything else, so that a later version
+    /// can give these bytes a meaning).
+    pub reserved: [u8; 2],
     pub origin: [u8; 4],
     pub sent: [u8; 4],
     pub token: [u8; 8],
 }
-const _: () = assert!(core::mem::size_of::<BondHdr>() == 24);
+const _: () = assert!(core::mem::size_of::<BondHdr>() == 28);
 const _: () = assert!(core::mem::align_of::<BondHdr>() == 1);
 
 /// Why a bond header was refused. The discriminants are drop-counter
@@ -156,12 +169,12 @@ impl WireError {
 }
 
 impl BondHdr {
-    pub const LEN: usize = 24;
+    pub const LEN: usize = 28;
 
     #[inline(always)]
     pub const fn new(
         kind: u8,
-        community: u16,
+        community: CommunityId,
         link: u8,
         origin: u32,
         sent_us: u32,
@@ -174,6 +187,7 @@ impl BondHdr {
             community: community.to_be_bytes(),
             link,
             seq: 0,
+            reserved: [0; 2],
             origin: origin.to_be_bytes(),
             sent: sent_us.to_be_bytes(),
             token: token.to_be_bytes(),
@@ -188,8 +202,8 @@ impl BondHdr {
     }
 
     #[inline(always)]
-    pub const fn community(&self) -> u16 {
-        u16::from_be_bytes(self.community)
+    pub const fn community(&self) -> CommunityId {
+        u32::from_be_bytes(self.community)
     }
     /// The origin terminal's LAN address, host order.
     #[inline(always)]
@@ -211,9 +225,9 @@ impl BondHdr {
         self.kind == kind::DATA_UP || self.kind == kind::DATA_DOWN
     }
 
-    /// Checks the fields every receiver checks: magic, version, and no
-    /// sequence on a control message. Kind, community and token are the
-    /// receiver's business.
+    /// Checks the fields every receiver checks: magic, version, the
+    /// reserved bytes zero, and no sequence on a control message. Kind,
+    /// community and token are the receiver's business.
     #[inline(always)]
     pub const fn validate(&self) -> Result<(), WireError> {
         if u16::from_be_bytes(self.magic) != MAGIC {
@@ -222,7 +236,7 @@ impl BondHdr {
         if self.version != VERSION {
             return Err(WireError::BadVersion);
         }
-        if self.seq != 0 && !self.is_data() {
+        if (self.seq != 0 && !self.is_data()) || u16::from_be_bytes(self.reserved) != 0 {
             return Err(WireError::BadFlags);
         }
         Ok(())
@@ -241,39 +255,41 @@ impl BondHdr {
     }
 
     #[inline(always)]
-    pub const fn from_bytes(b: [u8; 24]) -> Self {
+    pub const fn from_bytes(b: [u8; Self::LEN]) -> Self {
         Self {
             magic: [b[0], b[1]],
             version: b[2],
             kind: b[3],
-            community: [b[4], b[5]],
-            link: b[6],
-            seq: b[7],
-            origin: [b[8], b[9], b[10], b[11]],
-            sent: [b[12], b[13], b[14], b[15]],
-            token: [b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]],
+            community: [b[4], b[5], b[6], b[7]],
+            link: b[8],
+            seq: b[9],
+            reserved: [b[10], b[11]],
+            origin: [b[12], b[13], b[14], b[15]],
+            sent: [b[16], b[17], b[18], b[19]],
+            token: [b[20], b[21], b[22], b[23], b[24], b[25], b[26], b[27]],
         }
     }
 
-    pub const fn to_bytes(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    pub const fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
         b[0] = self.magic[0];
         b[1] = self.magic[1];
         b[2] = self.version;
         b[3] = self.kind;
-        b[4] = self.community[0];
-        b[5] = self.community[1];
-        b[6] = self.link;
-        b[7] = self.seq;
+        b[8] = self.link;
+        b[9] = self.seq;
+        b[10] = self.reserved[0];
+        b[11] = self.reserved[1];
         let mut i = 0;
         while i < 4 {
-            b[8 + i] = self.origin[i];
-            b[12 + i] = self.sent[i];
+            b[4 + i] = self.community[i];
+            b[12 + i] = self.origin[i];
+            b[16 + i] = self.sent[i];
             i += 1;
         }
         let mut i = 0;
         while i < 8 {
-            b[16 + i] = self.token[i];
+            b[20 + i] = self.token[i];
             i += 1;
         }
         b
@@ -515,19 +531,26 @@ mod tests {
 
     #[test]
     fn header_roundtrip() {
-        let h = BondHdr::new(kind::DATA_UP, 7, 3, 0x0a00_0102, 99, 0xdead_beef_0123_4567);
+        let h = BondHdr::new(
+            kind::DATA_UP,
+            4_000_000_007,
+            3,
+            0x0a00_0102,
+            99,
+            0xdead_beef_0123_4567,
+        );
         let mut buf = [0u8; 30];
-        assert_eq!(h.emit(&mut buf), Ok(24));
+        assert_eq!(h.emit(&mut buf), Ok(28));
         let p = BondHdr::parse(&buf).unwrap();
         assert_eq!(p, h);
-        assert_eq!(p.community(), 7);
+        assert_eq!(p.community(), 4_000_000_007);
         assert_eq!(p.link, 3);
         assert_eq!(p.origin(), 0x0a00_0102);
         assert_eq!(p.sent_us(), 99);
         assert_eq!(p.token(), 0xdead_beef_0123_4567);
         assert!(p.is_data());
         let s = BondHdr::parse(&h.with_seq(0xfe).to_bytes()).unwrap();
-        assert_eq!((s.seq, s.to_bytes()[7]), (0xfe, 0xfe));
+        assert_eq!((s.seq, s.to_bytes()[9]), (0xfe, 0xfe));
     }
 
     #[test]
@@ -556,7 +579,7 @@ mod tests {
     fn header_bytes_are_network_order() {
         let h = BondHdr::new(
             kind::DATA_DOWN,
-            0x0102,
+            0x0a0b_0102,
             5,
             0x0a000103,
             0x01020304,
@@ -565,8 +588,8 @@ mod tests {
         assert_eq!(
             h.to_bytes(),
             [
-                0xB0, 0x4D, 3, 2, 0x01, 0x02, 5, 0, 10, 0, 1, 3, 1, 2, 3, 4, 0x11, 0x22, 0x33,
-                0x44, 0x55, 0x66, 0x77, 0x88
+                0xB0, 0x4D, 4, 2, 0x0a, 0x0b, 0x01, 0x02, 5, 0, 0, 0, 10, 0, 1, 3, 1, 2, 3, 4,
+                0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88
             ]
         );
     }
@@ -574,7 +597,7 @@ mod tests {
     #[test]
     fn parse_rejects_bad_input() {
         let good = BondHdr::new(kind::DATA_UP, 1, 0, 1, 1, 1).to_bytes();
-        for n in 0..24 {
+        for n in 0..BondHdr::LEN {
             assert_eq!(
                 BondHdr::parse(&good[..n]),
                 Err(WireError::Truncated),
@@ -584,18 +607,31 @@ mod tests {
         let mut bad = good;
         bad[0] = 0;
         assert_eq!(BondHdr::parse(&bad), Err(WireError::BadMagic));
-        let mut bad = good;
-        bad[2] = 1;
-        assert_eq!(BondHdr::parse(&bad), Err(WireError::BadVersion));
+        // Version 3, the last with a 16-bit community, is refused as a
+        // whole (its fields lie elsewhere).
+        for v in [1, 3, 5] {
+            let mut bad = good;
+            bad[2] = v;
+            assert_eq!(BondHdr::parse(&bad), Err(WireError::BadVersion));
+        }
         // A sequence is DATA's only.
         let mut seq = good;
-        seq[7] = 1;
+        seq[9] = 1;
         assert!(BondHdr::parse(&seq).is_ok());
         let mut bad = BondHdr::new(kind::ECHO, 1, 0, 1, 1, 1).to_bytes();
-        bad[7] = 1;
+        bad[9] = 1;
         assert_eq!(BondHdr::parse(&bad), Err(WireError::BadFlags));
+        for i in [10, 11] {
+            let mut bad = good;
+            bad[i] = 0x80;
+            assert_eq!(
+                BondHdr::parse(&bad),
+                Err(WireError::BadFlags),
+                "reserved byte {i}"
+            );
+        }
         assert_eq!(
-            BondHdr::emit(&BondHdr::from_bytes(good), &mut [0u8; 23]),
+            BondHdr::emit(&BondHdr::from_bytes(good), &mut [0u8; 27]),
             Err(WireError::Truncated)
         );
     }
@@ -604,7 +640,7 @@ mod tests {
     fn outer_headers_are_valid() {
         let h = outer_headers((0x0a000101, 7001), (0xc6336401, 7000), 100);
         let (ip, rest) = etherparse::Ipv4Header::from_slice(&h).unwrap();
-        assert_eq!(ip.total_len, 152);
+        assert_eq!(ip.total_len, 156);
         assert_eq!(ip.header_checksum, ip.calc_header_checksum());
         assert!(ip.dont_fragment && !ip.more_fragments);
         assert_eq!((ip.identification, ip.time_to_live), (0, 64));
@@ -619,7 +655,7 @@ mod tests {
                 udp.length,
                 udp.checksum
             ),
-            (7001, 7000, 132, 0)
+            (7001, 7000, 136, 0)
         );
     }
 
@@ -627,7 +663,7 @@ mod tests {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
             if let Ok(h) = BondHdr::parse(&bytes) {
-                proptest::prop_assert_eq!(&h.to_bytes()[..], &bytes[..24]);
+                proptest::prop_assert_eq!(&h.to_bytes()[..], &bytes[..BondHdr::LEN]);
             }
         }
     }

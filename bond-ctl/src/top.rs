@@ -40,7 +40,7 @@ pub struct Reading {
 /// or of one community (the server).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
-    pub community: Option<u16>,
+    pub community: Option<u32>,
     pub link: u8,
     /// Whose link it is (a terminal's address), or its public address at
     /// the server.
@@ -547,7 +547,7 @@ mod tests {
             trouble: Vec::new(),
         };
         let f = Frame::between(&server(0, 1), &server(1_000_000, 3), 1.0);
-        let row = |c: u16, l: u8| {
+        let row = |c: u32, l: u8| {
             f.rows
                 .iter()
                 .find(|r| (r.community, r.link) == (Some(c), l))

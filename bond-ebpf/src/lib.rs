@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use bond_common::{
     csum, drops,
-    maps::{KEPT_MAX, KEPT_SLOTS, Kept, LinkStats},
+    maps::{CommunityId, KEPT_MAX, KEPT_SLOTS, Kept, LinkStats},
     wire::{IPV4_LEN, OUTER_LEN},
 };
 
@@ -91,7 +91,7 @@ pub fn keep(
     next: &Array<u32>,
     off: usize,
     n: usize,
-    head: (u16, u32, u8, u8, u32),
+    head: (CommunityId, u32, u8, u8, u32),
 ) {
     let (community, idx, link, seq, sent_us) = head;
     if n == 0 || n > KEPT_MAX {

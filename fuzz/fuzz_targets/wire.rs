@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => assert!(
             data.len() < BondHdr::LEN
-                || BondHdr::from_bytes(data[..24].try_into().unwrap())
+                || BondHdr::from_bytes(data[..BondHdr::LEN].try_into().unwrap())
                     .validate()
                     .is_err()
         ),

@@ -59,7 +59,7 @@ fn outer(dst: Ipv4Addr, dport: u16) -> Outer {
     }
 }
 
-fn to_front(kind: u8, community: u16) -> Vec<u8> {
+fn to_front(kind: u8, community: u32) -> Vec<u8> {
     let inner = Ip::new(
         Ipv4Addr::new(10, 0, 1, 1),
         Ipv4Addr::new(203, 0, 113, 2),
@@ -96,6 +96,24 @@ fn director_steers_each_community_to_its_owner_and_nothing_else() {
         XDP_REDIRECT,
         Some(&steered(&c8, N1)),
     );
+    // The id is 32 bits: one that shares community 7's low 16 bits is
+    // another community, steered by its own entry, and so is the largest.
+    for (c, node) in [(7 + (1 << 16), 1), (u32::MAX, 0)] {
+        d.maps.set_owner(Owners::Director, c, Some(node)).unwrap();
+        let f = to_front(DATA_UP, c);
+        let to = if node == 1 { N1 } else { N0 };
+        d.expect(
+            "bond_director",
+            &format!("community {c}"),
+            &f,
+            XDP_REDIRECT,
+            Some(&steered(&f, to)),
+        );
+        d.maps.set_owner(Owners::Director, c, None).unwrap();
+    }
+    let mut owners = d.maps.owners(Owners::Director).unwrap();
+    owners.sort();
+    assert_eq!(owners, [(7, 0), (8, 1)], "the table as it was");
     // A control message (its kind the agent's) goes the same way: the
     // owner's agent logs the terminal on.
     let ad = to_front(ANNOUNCE, 8);
@@ -108,8 +126,12 @@ fn director_steers_each_community_to_its_owner_and_nothing_else() {
     );
     let s0 = d.maps.director_stats(0).unwrap();
     let s1 = d.maps.director_stats(1).unwrap();
-    assert_eq!((s0.up_pkts, s0.up_bytes), (1, c7.len() as u64));
-    assert_eq!((s1.up_pkts, s1.up_bytes), (2, (c8.len() + ad.len()) as u64));
+    let wide = to_front(DATA_UP, 0).len() as u64;
+    assert_eq!((s0.up_pkts, s0.up_bytes), (2, c7.len() as u64 + wide));
+    assert_eq!(
+        (s1.up_pkts, s1.up_bytes),
+        (3, (c8.len() + ad.len()) as u64 + wide)
+    );
     // The owner moves: the next packet follows at once.
     d.maps.set_owner(Owners::Director, 7, Some(1)).unwrap();
     d.expect(
@@ -200,6 +222,11 @@ fn drops_each_reason() -> Vec<String> {
     let mut bad = to_front(DATA_UP, 8);
     bad[14 + 28] ^= 0xff;
     d.expect_drop(p, "bad magic", &bad, XDP_DROP, "bad_magic");
+    // Version 3's header had the community elsewhere: not steered by
+    // what lies where version 4's is.
+    let mut old = to_front(DATA_UP, 8);
+    old[14 + 28 + 2] = 3;
+    d.expect_drop(p, "version 3", &old, XDP_DROP, "bad_version");
     // A bond header cut after the magic: no community to read.
     let short = to_front(DATA_UP, 8)[..14 + 28 + 3].to_vec();
     d.expect_drop(p, "cut short", &short, XDP_DROP, "truncated");
@@ -232,7 +259,7 @@ fn director_takes_a_frame_cut_anywhere() {
         let what = format!("IPv4 cut at {len}");
         match len {
             ..34 => d.expect("bond_director", &what, f, XDP_PASS, Some(f)),
-            34..48 => d.expect_drop("bond_director", &what, f, XDP_DROP, "truncated"),
+            34..50 => d.expect_drop("bond_director", &what, f, XDP_DROP, "truncated"),
             _ => d.expect(
                 "bond_director",
                 &what,
@@ -251,7 +278,7 @@ fn director_takes_a_frame_cut_anywhere() {
         let what = format!("IPv6 cut at {len}");
         match len {
             ..54 => d.expect("bond_director", &what, f, XDP_PASS, Some(f)),
-            54..68 => d.expect_drop("bond_director", &what, f, XDP_DROP, "truncated"),
+            54..70 => d.expect_drop("bond_director", &what, f, XDP_DROP, "truncated"),
             _ => d.expect(
                 "bond_director",
                 &what,

@@ -34,12 +34,14 @@ fn server_numbers_each_links_packets_and_keeps_copies() {
         for i in 0..600u32 {
             let (v, out) = s.run("bond_server", &frame);
             assert_eq!(v, XDP_REDIRECT, "reply {i}");
-            seqs.entry(out[BOND + 6]).or_default().push(out[BOND + 7]);
+            seqs.entry(bond_of(&out).link)
+                .or_default()
+                .push(bond_of(&out).seq);
             let k: Kept = ring.get(&((first + i) % KEPT_SLOTS), 0).unwrap();
             assert_eq!(k.bytes(), Some(&out[BOND..]), "reply {i}: its copy");
             assert_eq!(
                 k.idx,
-                if out[BOND + 6] == l0.id {
+                if bond_of(&out).link == l0.id {
                     l0.idx
                 } else {
                     l1.idx
@@ -61,7 +63,7 @@ fn server_numbers_each_links_packets_and_keeps_copies() {
         };
         let (v, out) = s.run("bond_server", &ack.frame(CNT_DEV_MAC, CONTENT_MAC));
         assert_eq!(v, XDP_REDIRECT);
-        assert_eq!(out[BOND + 7], 0, "a pure ACK's number");
+        assert_eq!(bond_of(&out).seq, 0, "a pure ACK's number");
         let (_, next) = s.maps.kept(name::S_KEPT, name::S_KEPT_NEXT).unwrap();
         assert_eq!(next, first + 600, "no copy kept");
     });
@@ -206,7 +208,7 @@ fn server_answers_replies_too_big_for_the_links_with_frag_needed() {
             .ipv4(NAT_IP.octets(), CONTENT.octets(), 64)
             .icmpv4(Icmpv4Type::DestinationUnreachable(
                 DestUnreachableHeader::FragmentationNeeded {
-                    next_hop_mtu: LINK_MTU - 52,
+                    next_hop_mtu: LINK_MTU - (WRAP_LEN - 14) as u16,
                 },
             ))
             .write(&mut want, &orig[..28])
@@ -325,8 +327,8 @@ fn server_carries_fragments_both_ways() {
             assert_eq!(v, XDP_REDIRECT, "{what}: verdict");
             let link = *LINKS[..2]
                 .iter()
-                .find(|l| l.id == out[BOND + 6])
-                .unwrap_or_else(|| panic!("{what}: on link {}", out[BOND + 6]));
+                .find(|l| l.id == bond_of(&out).link)
+                .unwrap_or_else(|| panic!("{what}: on link {}", bond_of(&out).link));
             let neigh = link.mac.expect("a link with a neighbour");
             let want = wrapped_for(ORIGIN_A, &goes[i], link, (neigh, WAN_DEV_MAC));
             assert_wrapped_checksums(&want, what);
@@ -866,7 +868,7 @@ fn server_answers_what_expires_there_with_time_exceeded() {
         let frame6 = Up::v6(l1, ORIGIN_A, &probe6).frame();
         let what = "echo over IPv6, hop limit 1";
         s.expect("bond_server", what, &frame6, XDP_REDIRECT, Some(&want6));
-        assert_checksums6(&want6[14 + 52..], what);
+        assert_checksums6(&want6[WRAP_LEN..], what);
         assert_eq!(s.event("time_exceeded_sent"), 3);
         assert_eq!(
             s.nonzero_drops(),
@@ -1357,8 +1359,8 @@ fn server_nats_ipv6_tcp_udp_and_echo_both_ways() {
             assert_eq!(v, XDP_REDIRECT, "{what} down: verdict");
             let link = *LINKS[..2]
                 .iter()
-                .find(|l| l.id == out[BOND + 6])
-                .unwrap_or_else(|| panic!("{what}: on link {}", out[BOND + 6]));
+                .find(|l| l.id == bond_of(&out).link)
+                .unwrap_or_else(|| panic!("{what}: on link {}", bond_of(&out).link));
             let inner = Ip6 {
                 dst: ORIGIN_A6,
                 hop: reply.hop - 1,
@@ -1442,16 +1444,18 @@ fn server_filters_and_refuses_ipv6_as_ipv4() {
             Some(&own),
         );
 
-        // Too big once wrapped: Packet Too Big, MTU 1448, from the NAT
+        // Too big once wrapped: Packet Too Big, MTU 1444, from the NAT
         // address to the sender, carrying its header and first 8 bytes.
-        let fits = usize::from(LINK_MTU) - 52 - 48;
+        let fits = usize::from(LINK_MTU) - (WRAP_LEN - 14) - 48;
         let (v, _) = s.run("bond_server", &reply(CONTENT6, 53, 20000, fits));
         assert_eq!(v, XDP_REDIRECT, "the largest reply that fits");
         let big = reply(CONTENT6, 53, 20000, fits + 1);
         let mut want = Vec::new();
         PacketBuilder::ethernet2(CNT_DEV_MAC, CONTENT_MAC)
             .ipv6(NAT_IP6.octets(), CONTENT6.octets(), 255)
-            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1448 })
+            .icmpv6(Icmpv6Type::PacketTooBig {
+                mtu: u32::from(LINK_MTU) - (WRAP_LEN - 14) as u32,
+            })
             .write(&mut want, &big[14..14 + 48])
             .unwrap();
         let before = s.event("frag_needed_sent");
@@ -1594,7 +1598,10 @@ fn server_sends_icmpv6_errors_about_a_flow_back_to_its_origin() {
             );
             let (v, out) = s.run("bond_server", &frame);
             assert_eq!(v, XDP_REDIRECT, "{what}: verdict {:?}", s.nonzero_drops());
-            let link = *LINKS[..2].iter().find(|l| l.id == out[BOND + 6]).unwrap();
+            let link = *LINKS[..2]
+                .iter()
+                .find(|l| l.id == bond_of(&out).link)
+                .unwrap();
             let inner = error(ORIGIN_A6, 59, &mine);
             assert_checksums6(&inner, &what);
             let want = wrapped_for(ORIGIN_A, &inner, link, (link.mac.unwrap(), WAN_DEV_MAC));
@@ -1658,7 +1665,6 @@ fn server_carries_a_link_over_ipv6_both_ways() {
             community: COMMUNITY,
             link: l.id,
             flags: LINK_VALID,
-            _pad: [0; 2],
             owner: 0,
         };
         s.maps.set_server_link6(l.idx, LINK6, link).unwrap();
@@ -1966,7 +1972,7 @@ fn server_pool_holds_more_flows_than_one_address_has_ports() {
     // 66,000 flows, more than the 64,512 ports (1024-65535) of one
     // address; the same port numbers serve both, one on each address.
     const FLOWS: u16 = 33_000;
-    const OTHER: u16 = COMMUNITY + 1;
+    const OTHER: u32 = COMMUNITY + 1;
     isolate::in_netns(|_| {
         srv::network();
         let (s, second, _) = pool_setup("server-pool-many", NAT_SEQUENTIAL);
@@ -1997,7 +2003,6 @@ fn server_pool_holds_more_flows_than_one_address_has_ports() {
                     community: OTHER,
                     link: 1,
                     flags: LINK_VALID,
-                    _pad: [0; 2],
                     owner: 0,
                 },
             )

@@ -217,7 +217,7 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
     .bytes();
     let (v, out) = t.run("bond_terminal", &ack.frame());
     assert_eq!(v, XDP_PASS, "pure ACK: at once");
-    assert_eq!(out.len(), ack.frame().len() - 52, "unwrapped");
+    assert_eq!(out.len(), ack.frame().len() - (WRAP_LEN - 14), "unwrapped");
     assert_eq!(stats(&t, RELAY_LINK).down_late, 0, "an ACK is never late");
     // An IPv6 one too (held, the playout stretched every upload's round
     // trip by the far link's delay).
@@ -233,7 +233,7 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
     .bytes();
     let (v, out) = t.run("bond_terminal", &ack6.frame());
     assert_eq!(v, XDP_PASS, "IPv6 pure ACK: at once");
-    assert_eq!(out.len(), ack6.frame().len() - 52, "unwrapped");
+    assert_eq!(out.len(), ack6.frame().len() - (WRAP_LEN - 14), "unwrapped");
     let mut fin = ack.clone();
     fin.inner[20 + 13] |= 0x01;
     t.expect(
@@ -249,7 +249,7 @@ fn terminal_sends_its_downstream_to_the_playout_while_it_reads() {
         .unwrap();
     let (v, out) = t.run("bond_terminal", &w.frame());
     assert_eq!(v, XDP_PASS, "stale playout: delivered at once");
-    assert_eq!(out.len(), w.frame().len() - 52, "unwrapped");
+    assert_eq!(out.len(), w.frame().len() - (WRAP_LEN - 14), "unwrapped");
     // (The two pure ACKs, and this one.)
     assert_eq!(stats(&t, RELAY_LINK).down_pkts, 3);
 }
@@ -393,7 +393,7 @@ fn terminal_passes_other_traffic_unchanged() {
     use term::*;
     let t = term::setup("terminal-pass");
     let mut fragment = Ip::new(PEER, LAN_IP, L4::udp(7001, DATA_PORT));
-    fragment.payload = down_for_me().frame()[WRAP_LEN - 24..].to_vec();
+    fragment.payload = down_for_me().frame()[BOND..].to_vec();
     fragment.more_fragments = true;
     let mut control = down_for_me();
     control.bond.kind = ANNOUNCE;

@@ -56,7 +56,7 @@ fn wrap_sends_each_packet_where_it_arrives_first() {
             let inner = inner.bytes();
             let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &inner));
             assert_eq!(v, TC_ACT_REDIRECT, "{what}: verdict");
-            assert_eq!(out[WRAP_LEN - 24 + 6], link, "{what}: link byte");
+            assert_eq!(bond_of(&out).link, link, "{what}: link byte");
             assert_bytes(&out, &expected(link, &inner), &what);
             assert_eq!(&out[WRAP_LEN..], &inner[..], "{what}: inner untouched");
             assert_wrapped_checksums(&out, &what);
@@ -101,11 +101,17 @@ fn wrap_numbers_each_links_packets_and_keeps_copies() {
         for i in 0..300u32 {
             let (v, out) = t.run("bond_wrap", &frame);
             assert_eq!(v, TC_ACT_REDIRECT, "packet {i}");
-            let bond = WRAP_LEN - 24;
-            seqs.entry(out[bond + 6]).or_default().push(out[bond + 7]);
+            let bond = BOND;
+            seqs.entry(bond_at(&out, bond).link)
+                .or_default()
+                .push(bond_at(&out, bond).seq);
             let k: Kept = ring.get(&((first + i) % KEPT_SLOTS), 0).unwrap();
             assert_eq!(k.bytes(), Some(&out[bond..]), "packet {i}: its copy");
-            assert_eq!(k.idx, u32::from(out[bond + 6]), "packet {i}: the link");
+            assert_eq!(
+                k.idx,
+                u32::from(bond_at(&out, bond).link),
+                "packet {i}: the link"
+            );
         }
         assert_eq!(seqs.keys().copied().collect::<Vec<_>>(), vec![A, B]);
         for (link, n) in &seqs {
@@ -123,7 +129,7 @@ fn wrap_numbers_each_links_packets_and_keeps_copies() {
         .bytes();
         let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &ack));
         assert_eq!(v, TC_ACT_REDIRECT);
-        assert_eq!(out[WRAP_LEN - 24 + 7], 0, "a pure ACK's number");
+        assert_eq!(bond_of(&out).seq, 0, "a pure ACK's number");
         // Over IPv6 alike (numbered, the server's playout held every one
         // for the far link's delay, stretching the downloads' round trip).
         let ack6 = Ip6 {
@@ -137,7 +143,7 @@ fn wrap_numbers_each_links_packets_and_keeps_copies() {
         .bytes();
         let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IPV6, &ack6));
         assert_eq!(v, TC_ACT_REDIRECT);
-        assert_eq!(out[WRAP_LEN - 24 + 7], 0, "an IPv6 pure ACK's number");
+        assert_eq!(bond_of(&out).seq, 0, "an IPv6 pure ACK's number");
         let (_, next) = t.maps.kept(name::T_KEPT, name::T_KEPT_NEXT).unwrap();
         assert_eq!(next, first + 300, "no copy kept");
     });
@@ -164,7 +170,7 @@ fn wrap_counts_a_links_jitter_in_its_arrivals() {
             t.maps.put_up_paths(p).unwrap();
             let (v, out) = t.run("bond_wrap", &eth(BOND0_MAC, BOND0_MAC, ETH_P_IP, &inner));
             assert_eq!(v, TC_ACT_REDIRECT, "link {late} late: verdict");
-            assert_eq!(out[WRAP_LEN - 24 + 6], want, "link {late} late: link byte");
+            assert_eq!(bond_of(&out).link, want, "link {late} late: link byte");
         }
         assert_eq!(t.nonzero_drops(), vec![], "no drops");
     });
@@ -218,7 +224,8 @@ fn wrap_refuses_what_it_cannot_send() {
             "links_full",
         );
 
-        // SMALL carries 200-byte outer packets: 148 inner bytes fit, 149 not.
+        // SMALL carries 200-byte outer packets: 144 inner bytes fit, 145 not.
+        let fits = 200 - (WRAP_LEN - 14);
         t.maps
             .set_up_paths(&[(SMALL, 1_000, 0)], TEST_BACKLOG_US)
             .unwrap();
@@ -230,14 +237,14 @@ fn wrap_refuses_what_it_cannot_send() {
         t.expect(
             "bond_wrap",
             "exactly the MTU",
-            &sized(148),
+            &sized(fits),
             TC_ACT_REDIRECT,
             None,
         );
         t.expect_drop(
             "bond_wrap",
             "one over the MTU",
-            &sized(149),
+            &sized(fits + 1),
             TC_ACT_SHOT,
             "too_big",
         );
@@ -245,7 +252,7 @@ fn wrap_refuses_what_it_cannot_send() {
         let s = term::stats(&t, SMALL);
         assert_eq!(
             (s.up_pkts, s.up_bytes),
-            (1, 148),
+            (1, fits as u64),
             "only the fitting packet counted"
         );
         for link in [A, B, C] {
@@ -317,11 +324,7 @@ fn wrap_sends_over_an_own_link_over_ipv6() {
             assert_eq!(v, TC_ACT_REDIRECT, "{what}: verdict");
             assert_bytes(&out, &want, what);
             let k: Kept = ring.get(&((first + i as u32) % KEPT_SLOTS), 0).unwrap();
-            assert_eq!(
-                k.bytes(),
-                Some(&out[WRAP_LEN + 20 - 24..]),
-                "{what}: its copy"
-            );
+            assert_eq!(k.bytes(), Some(&out[BOND + 20..]), "{what}: its copy");
         }
     });
 }

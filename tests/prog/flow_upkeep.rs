@@ -225,14 +225,7 @@ fn server_sweep_expires_idle_flows_and_frees_their_ports() {
 
         // A flow that came alive between the listing and the delete is
         // kept: the predicate sees the value as it is at the delete.
-        let key = FlowKey {
-            community: COMMUNITY,
-            proto: 17,
-            _pad: 0,
-            origin: ORIGIN_B.into(),
-            port: 5000,
-            _pad2: 0,
-        };
+        let key = FlowKey::new(COMMUNITY, 17, ORIGIN_B.into(), 5000);
         let listed = seen(ORIGIN_B, &extra, 5000);
         expect_up(&s, "B's flow, alive", l1, &extra, 20000);
         let removed = s
@@ -295,11 +288,7 @@ fn server_map_sizes_come_from_the_loader() {
         // for the flow table, which has room again.
         let key = s.maps.flows().unwrap()[0].0;
         assert_eq!(s.maps.remove_flows_if([key], |_, _| true).unwrap().len(), 1);
-        let stale = SessionKey {
-            community: COMMUNITY,
-            _pad: 0,
-            origin: Ipv4Addr::new(10, 0, 1, 99).into(),
-        };
+        let stale = SessionKey::new(COMMUNITY, Ipv4Addr::new(10, 0, 1, 99).into());
         BpfHashMap::<&mut MapData, SessionKey, u64>::try_from(
             s.ebpf.map_mut("S_ORIGIN_FLOWS").unwrap(),
         )
@@ -332,11 +321,7 @@ fn server_holds_each_origin_to_its_flow_limit() {
         let held = |origin: Ipv4Addr| {
             let map: BpfHashMap<&MapData, SessionKey, u64> =
                 BpfHashMap::try_from(s.ebpf.map("S_ORIGIN_FLOWS").unwrap()).unwrap();
-            let key = SessionKey {
-                community: COMMUNITY,
-                _pad: 0,
-                origin: origin.into(),
-            };
+            let key = SessionKey::new(COMMUNITY, origin.into());
             map.get(&key, 0).unwrap_or(0)
         };
         expect_up(&s, "A's first flow", l0, &a(1), 20000);
@@ -372,11 +357,7 @@ fn server_holds_each_origin_to_its_flow_limit() {
         ]
         .into_iter()
         .map(|(o, n)| {
-            let k = SessionKey {
-                community: COMMUNITY,
-                _pad: 0,
-                origin: o.into(),
-            };
+            let k = SessionKey::new(COMMUNITY, o.into());
             (k, n)
         })
         .collect();

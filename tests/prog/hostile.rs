@@ -78,7 +78,7 @@ fn terminal_cut(e: &Entry, len: usize) -> Want {
         // No UDP destination port yet: nothing tells it from other traffic.
         14..38 => Want::Untouched,
         // To a bond port, the bond header cut.
-        38..66 => Want::Drop("truncated"),
+        38..WRAP_LEN => Want::Drop("truncated"),
         _ if len == e.frame.len() => e.path.out(&e.frame),
         // Cut after the bond header: the outer IPv4 header says the frame
         // is longer than what came.
@@ -296,13 +296,15 @@ fn terminal_outer_and_inner_header_cases() {
 }
 
 /// Bond header fields every entry point checks first (`BondHdr::validate`).
-const BAD_BOND_FIELDS: [(&str, usize, u8, &str); 6] = [
+const BAD_BOND_FIELDS: [(&str, usize, u8, &str); 8] = [
     ("magic high byte", 0, 0xB1, "bad_magic"),
     ("magic low byte", 1, 0x4E, "bad_magic"),
     ("version 0", 2, 0, "bad_version"),
-    ("version 2", 2, 2, "bad_version"),
-    ("version 4", 2, 4, "bad_version"),
+    ("version 3", 2, 3, "bad_version"),
+    ("version 5", 2, 5, "bad_version"),
     ("version 255", 2, 255, "bad_version"),
+    ("reserved high byte", 10, 0x01, "bad_flags"),
+    ("reserved low byte", 11, 0x80, "bad_flags"),
 ];
 
 #[test]
@@ -319,8 +321,8 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
         for e in terminal_entries() {
             // Each kind with no sequence and with one: DATA's only.
             for (kind, seq) in (0..=255u8).flat_map(|k| [(k, 0), (k, 0x80)]) {
-                let f = edited(&e.frame, |f| (f[BOND + 3], f[BOND + 7]) = (kind, seq));
-                let for_me = get32(&f, BOND + 8) == u32::from(term::LAN_IP);
+                let f = edited(&e.frame, |f| (f[BOND + 3], f[BOND + 9]) = (kind, seq));
+                let for_me = bond_of(&f).origin() == u32::from(term::LAN_IP);
                 let want = match (kind, e.relay_port(), for_me) {
                     // DATA_UP to a relay port goes up, whatever its origin.
                     (DATA_UP, true, _) => Path::Up.out(&f),
@@ -359,7 +361,7 @@ fn every_kind_and_bad_bond_field_at_every_entry_point() {
         let up = Up::new(LINKS[0], &ip).frame();
         let forwarded = eth(CONTENT_MAC, CNT_DEV_MAC, ETH_P_IP, &unwrapped(&ip, 20000));
         for (kind, seq) in (0..=255u8).flat_map(|k| [(k, 0), (k, 0x80)]) {
-            let f = edited(&up, |f| (f[BOND + 3], f[BOND + 7]) = (kind, seq));
+            let f = edited(&up, |f| (f[BOND + 3], f[BOND + 9]) = (kind, seq));
             let want = match kind {
                 DATA_UP => Want::Out(XDP_REDIRECT, forwarded.clone()),
                 DATA_DOWN => Want::Drop("bad_kind"),
@@ -392,7 +394,7 @@ fn server_up_cut(frame: &[u8], len: usize, whole: &Want) -> Want {
         // No IPv4 header, or no UDP destination port: not ours to judge.
         14..38 => Want::Untouched,
         // To the bond port: the bond header cut.
-        38..66 => Want::Drop("truncated"),
+        38..WRAP_LEN => Want::Drop("truncated"),
         _ if len == frame.len() => whole.clone(),
         // After it, the outer IPv4 header says the frame is longer.
         _ => Want::Drop("outer_bad_header"),
@@ -533,7 +535,10 @@ fn server_cut_at_every_offset() {
             // Whole: wrapped on whichever link the schedule picks.
             let (v, out) = s.run("bond_server", &frame);
             assert_eq!(v, XDP_REDIRECT, "IPv6 reply {l4:?}");
-            let link = *LINKS[..2].iter().find(|l| l.id == out[BOND + 6]).unwrap();
+            let link = *LINKS[..2]
+                .iter()
+                .find(|l| l.id == bond_of(&out).link)
+                .unwrap();
             let inner = Ip6 {
                 dst: ORIGIN_A6,
                 hop: r.hop - 1,
@@ -887,8 +892,9 @@ fn frame_sizes_from_empty_to_the_largest_test_run_takes() {
                 &want,
             );
         }
-        // The wrap sends what fits the link once wrapped (1500 - 52 bytes).
-        for (n, fits) in [(1448, true), (1449, false), (TC_FRAME_MAX - 14, false)] {
+        // The wrap sends what fits the link once wrapped (1500 - 56 bytes).
+        let most = 1500 - (WRAP_LEN - 14);
+        for (n, fits) in [(most, true), (most + 1, false), (TC_FRAME_MAX - 14, false)] {
             let ip = sized(term::LAN_IP, term::CONTENT, 40000, n);
             let f = wrap::on_bond0(&ip);
             let want = if fits {

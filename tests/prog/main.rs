@@ -236,6 +236,8 @@ const OUTER_IP: usize = 14;
 const OUTER_UDP: usize = OUTER_IP + 20;
 const BOND: usize = OUTER_UDP + 8;
 const INNER: usize = WRAP_LEN;
+/// What a wrap adds in front of the inner packet.
+const OUTER: usize = WRAP_LEN - 14;
 
 /// What one frame must come to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,6 +398,17 @@ fn get16(f: &[u8], at: usize) -> u16 {
 
 fn get32(f: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]])
+}
+
+/// The bond header of a wrapped frame, at `at` (unchecked).
+fn bond_at(f: &[u8], at: usize) -> bond_common::wire::BondHdr {
+    use bond_common::wire::BondHdr;
+    BondHdr::from_bytes(f[at..at + BondHdr::LEN].try_into().unwrap())
+}
+
+/// The bond header of a wrapped IPv4 frame ([`BOND`]).
+fn bond_of(f: &[u8]) -> bond_common::wire::BondHdr {
+    bond_at(f, BOND)
 }
 
 /// Adds `by` to the outer IPv4 total length and UDP length of a wrapped

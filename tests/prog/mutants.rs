@@ -266,6 +266,17 @@ fn terminal_survives_mutants_over_ipv6() {
                 fuzz_check::unwrapped(&what, f, &out);
                 "unwrapped"
             }
+            // A DATA_UP to the relay port, from the server's address: a
+            // relay takes it up whatever its source, over IPv6 here.
+            (XDP_REDIRECT, Some(f)) if f[BOND + 3] == DATA_UP => {
+                assert_eq!(term_out::port(f), RELAY_PORT, "{what}: port");
+                let up = over_ipv6(&term_out::up(f), WAN6, SERVER6, 64);
+                assert!(
+                    out == up,
+                    "{what}: relayed up\n got: {out:02x?}\nwant: {up:02x?}"
+                );
+                "relayed up"
+            }
             (XDP_REDIRECT, Some(f)) => fuzz_check::relayed(&what, f, &out),
             (XDP_REDIRECT, None) => {
                 // Up from a peer: readdressed as over IPv4, in outer IPv6.
@@ -339,9 +350,9 @@ fn terminal_l3_survives_mutants() {
             TC_ACT_OK if out == input => "untouched",
             // A pure ACK for this host goes up at once; the test run's
             // Ethernet skb makes the helper cut elsewhere (see above).
-            TC_ACT_OK if out.len() + 52 == input.len() => "unwrapped",
+            TC_ACT_OK if out.len() + OUTER == input.len() => "unwrapped",
             TC_ACT_REDIRECT if out == eth([0; 6], [0; 6], ETH_P_IP, &input) => {
-                assert_eq!(get32(&framed, BOND + 8), u32::from(LAN_IP), "{what}: held");
+                assert_eq!(bond_of(&framed).origin(), u32::from(LAN_IP), "{what}: held");
                 "held"
             }
             TC_ACT_REDIRECT => fuzz_check::relayed(&what, &framed, &out),
@@ -366,10 +377,10 @@ mod fuzz_check {
     use super::*;
 
     /// A valid bond header at `BOND` (magic, version, community).
-    fn bond_ok(what: &str, f: &[u8], community: u16) {
+    fn bond_ok(what: &str, f: &[u8], community: u32) {
         assert_eq!(get16(f, BOND), 0xB04D, "{what}: magic");
-        assert_eq!(f[BOND + 2], 3, "{what}: version");
-        assert_eq!(get16(f, BOND + 4), community, "{what}: community");
+        assert_eq!(f[BOND + 2], bond_common::wire::VERSION, "{what}: version");
+        assert_eq!(bond_of(f).community(), community, "{what}: community");
     }
 
     /// An outer header a terminal takes: IPv4/UDP, 20 bytes, no fragment.
@@ -386,8 +397,8 @@ mod fuzz_check {
         outer_ok(what, input);
         bond_ok(what, input, COMMUNITY);
         assert_eq!(input[BOND + 3], DATA_DOWN, "{what}: kind");
-        assert_eq!(get32(input, BOND + 8), u32::from(LAN_IP), "{what}: origin");
-        let token = u64::from_be_bytes(input[BOND + 16..BOND + 24].try_into().unwrap());
+        assert_eq!(bond_of(input).origin(), u32::from(LAN_IP), "{what}: origin");
+        let token = bond_of(input).token();
         assert_eq!(token, TOKEN, "{what}: token");
         assert!(
             [DATA_PORT, RELAY_PORT, SMALL_RELAY_PORT].contains(&term_out::port(input)),
@@ -416,15 +427,23 @@ mod fuzz_check {
             SMALL_RELAY_PORT => 100,
             p => panic!("{what}: relayed from port {p}"),
         };
+        // Compared whole: a relay stamps nothing, and a mutant's send time
+        // of 0 is no open field.
+        let whole = |want: Vec<u8>| {
+            assert!(
+                out == want,
+                "{what}: relayed\n got: {out:02x?}\nwant: {want:02x?}"
+            );
+        };
         match input[BOND + 3] {
             DATA_UP => {
                 assert!(input.len() <= mtu + 14, "{what}: over the link MTU");
-                assert_bytes(out, &term_out::up(input), what);
+                whole(term_out::up(input));
                 "relayed up"
             }
             DATA_DOWN => {
-                assert_eq!(get32(input, BOND + 8), u32::from(PEER), "{what}: origin");
-                assert_bytes(out, &term_out::down(input), what);
+                assert_eq!(bond_of(input).origin(), u32::from(PEER), "{what}: origin");
+                whole(term_out::down(input));
                 "relayed down"
             }
             k => panic!("{what}: relayed kind {k}"),
@@ -454,12 +473,8 @@ mod fuzz_check {
             }
         }
 
-        fn token(&self, community: u16, origin: u32) -> Option<u64> {
-            let key = SessionKey {
-                community,
-                _pad: 0,
-                origin,
-            };
+        fn token(&self, community: u32, origin: u32) -> Option<u64> {
+            let key = SessionKey::new(community, origin);
             self.sessions.get(&key, 0).ok().map(|s| s.token)
         }
 
@@ -495,17 +510,17 @@ mod fuzz_check {
     /// back to it.
     pub fn up(what: &str, m: &ServerMaps, input: &[u8], out: &[u8], slow_path: bool) {
         use srv::*;
-        let community = get16(input, BOND + 4);
-        let origin = get32(input, BOND + 8);
+        let community = bond_of(input).community();
+        let origin = bond_of(input).origin();
         let (src, sport) = (get32(input, OUTER_IP + 12), get16(input, OUTER_UDP));
         assert!(
             LINKS.iter().any(|l| u32::from(l.ip) == src
                 && l.port == sport
-                && l.id == input[BOND + 6]
+                && l.id == bond_of(input).link
                 && community == COMMUNITY),
             "{what}: not from a registered link"
         );
-        let token = u64::from_be_bytes(input[BOND + 16..BOND + 24].try_into().unwrap());
+        let token = bond_of(input).token();
         assert_eq!(m.token(community, origin), Some(token), "{what}: token");
         if input[INNER] >> 4 == 6 {
             return up6(what, m, input, out, slow_path, (community, origin));
@@ -527,14 +542,7 @@ mod fuzz_check {
             return;
         }
         let proto = ip[9];
-        let key = FlowKey {
-            community,
-            proto,
-            _pad: 0,
-            origin,
-            port: port_of(input, INNER, false),
-            _pad2: 0,
-        };
+        let key = FlowKey::new(community, proto, origin, port_of(input, INNER, false));
         let flow = m
             .flows
             .get(&key, 0)
@@ -544,11 +552,7 @@ mod fuzz_check {
             flow.nat_port,
             "{what}: source port"
         );
-        let back = NatEntry {
-            origin,
-            community,
-            port: key.port,
-        };
+        let back = NatEntry::new(community, origin, key.port);
         assert_eq!(m.nat(proto, flow.nat_port), Some(back), "{what}: NAT entry");
     }
 
@@ -629,14 +633,14 @@ mod fuzz_check {
         use srv::*;
         bond_ok(what, out, e.community);
         assert_eq!(out[BOND + 3], DATA_DOWN, "{what}: kind");
-        assert_eq!(get32(out, BOND + 8), e.origin, "{what}: origin");
-        let token = u64::from_be_bytes(out[BOND + 16..BOND + 24].try_into().unwrap());
+        assert_eq!(bond_of(out).origin(), e.origin, "{what}: origin");
+        let token = bond_of(out).token();
         assert_eq!(m.token(e.community, e.origin), Some(token), "{what}: token");
         let (dst, dport) = (get32(out, OUTER_IP + 16), get16(out, OUTER_UDP + 2));
         assert!(
             LINKS[..2]
                 .iter()
-                .any(|l| u32::from(l.ip) == dst && l.port == dport && l.id == out[BOND + 6]),
+                .any(|l| u32::from(l.ip) == dst && l.port == dport && l.id == bond_of(out).link),
             "{what}: not on a scheduled link"
         );
         if out[INNER] >> 4 == 4 {
@@ -668,7 +672,7 @@ mod fuzz_check {
         input: &[u8],
         out: &[u8],
         slow_path: bool,
-        (community, origin): (u16, u32),
+        (community, origin): (u32, u32),
     ) {
         use srv::*;
         assert_eq!(get16(out, 12), ETH_P_IPV6, "{what}: IPv6 out");
@@ -686,15 +690,13 @@ mod fuzz_check {
             "{what}: hop limit"
         );
         let proto = ip[6];
-        let key = Flow6Key {
+        let key = Flow6Key::new(
             community,
             proto,
-            _pad: 0,
             origin,
-            src: input[INNER + 8..INNER + 24].try_into().unwrap(),
-            port: port6_of(input, INNER, false),
-            _pad2: 0,
-        };
+            input[INNER + 8..INNER + 24].try_into().unwrap(),
+            port6_of(input, INNER, false),
+        );
         let flow = m
             .flows6
             .get(&key, 0)
@@ -704,12 +706,7 @@ mod fuzz_check {
             flow.flow.nat_port,
             "{what}: source port"
         );
-        let back = Nat6Entry {
-            origin,
-            community,
-            port: key.port,
-            src: key.src,
-        };
+        let back = key.nat();
         let nkey = NatKey {
             proto,
             index: 0,
@@ -741,11 +738,7 @@ mod fuzz_check {
                 .nat6
                 .get(&nkey, 0)
                 .unwrap_or_else(|_| panic!("{what}: no IPv6 NAT entry for the embedded packet"));
-            let back = NatEntry {
-                origin: e.origin,
-                community: e.community,
-                port: e.port,
-            };
+            let back = NatEntry::new(e.community, e.origin, e.port);
             to_origin(what, m, &back, out);
             let emb = INNER + 48;
             assert_eq!(
@@ -766,11 +759,7 @@ mod fuzz_check {
             .nat6
             .get(&nkey, 0)
             .unwrap_or_else(|_| panic!("{what}: no IPv6 NAT entry"));
-        let back = NatEntry {
-            origin: e.origin,
-            community: e.community,
-            port: e.port,
-        };
+        let back = NatEntry::new(e.community, e.origin, e.port);
         to_origin(what, m, &back, out);
         assert_eq!(out[INNER] >> 4, 6, "{what}: IPv6 inside");
         assert_eq!(
@@ -825,11 +814,7 @@ mod fuzz_check {
     /// the origin (a logged-on one: its token) on a scheduled link.
     pub fn time_exceeded(what: &str, m: &ServerMaps, input: &[u8], out: &[u8]) {
         use srv::*;
-        let back = NatEntry {
-            origin: get32(input, BOND + 8),
-            community: get16(input, BOND + 4),
-            port: 0,
-        };
+        let back = NatEntry::new(bond_of(input).community(), bond_of(input).origin(), 0);
         to_origin(what, m, &back, out);
         if input[INNER] >> 4 == 6 {
             assert_eq!(out.len(), INNER + 96, "{what}: length");
@@ -1019,7 +1004,6 @@ fn server_survives_mutants() {
             community: COMMUNITY,
             link: l6.id,
             flags: bond_common::maps::LINK_VALID,
-            _pad: [0; 2],
             owner: 0,
         };
         s.maps.set_server_link6(l6.idx, LINK6, link6).unwrap();
@@ -1067,7 +1051,7 @@ fn server_survives_mutants() {
                     XDP_PASS if out == input => "untouched",
                     // Forwarded, by the FIB's next hop (redirect) or the
                     // kernel's (pass, the slow path).
-                    XDP_PASS | XDP_REDIRECT if out.len() + 52 == seen.len() => {
+                    XDP_PASS | XDP_REDIRECT if out.len() + OUTER == seen.len() => {
                         fuzz_check::up(&what, &m, &seen, &out, v == XDP_PASS);
                         if seen[INNER] >> 4 == 6 {
                             *tally.outcomes.entry("IPv6 forwarded up").or_default() += 1;
@@ -1077,7 +1061,7 @@ fn server_survives_mutants() {
                         }
                         "forwarded up"
                     }
-                    XDP_PASS | XDP_REDIRECT if out.len() == input.len() + 52 => {
+                    XDP_PASS | XDP_REDIRECT if out.len() == input.len() + OUTER => {
                         fuzz_check::down(&what, &m, &input, &out);
                         if input[12..14] == [0x86, 0xdd] {
                             *tally.outcomes.entry("IPv6 wrapped down").or_default() += 1;
@@ -1112,11 +1096,7 @@ fn server_survives_mutants() {
                 [ORIGIN_A, ORIGIN_B].contains(&Ipv4Addr::from(k.origin)),
                 "{k:?}"
             );
-            let back = NatEntry {
-                origin: k.origin,
-                community: k.community,
-                port: k.port,
-            };
+            let back = NatEntry::new(k.community, k.origin, k.port);
             let nkey = NatKey {
                 proto: k.proto,
                 index: f.nat_index,
@@ -1130,12 +1110,7 @@ fn server_survives_mutants() {
         let nat6: Vec<(NatKey, Nat6Entry)> = m.nat6.iter().map(|e| e.unwrap()).collect();
         for (k, f) in &flows6 {
             assert_eq!(k.community, COMMUNITY, "{k:?}");
-            let back = Nat6Entry {
-                origin: k.origin,
-                community: k.community,
-                port: k.port,
-                src: k.src,
-            };
+            let back = k.nat();
             let nkey = NatKey {
                 proto: k.proto,
                 index: 0,
@@ -1222,11 +1197,11 @@ fn wrap_survives_mutants() {
                 // Wrapped exactly, on a scheduled link it fits, stamped
                 // with a send time no earlier than the last one's.
                 TC_ACT_REDIRECT => {
-                    let (link, sent) = (out[BOND + 6], get32(&out, BOND + 12));
+                    let (link, sent) = (bond_of(&out).link, bond_of(&out).sent_us());
                     assert!([A, C, SMALL].contains(&link), "{what}: link {link}");
                     assert_eq!(get16(&input, 12), ETH_P_IP, "{what}: ethertype");
                     assert!(
-                        input.len() - 14 + 52 <= usize::from(up_link(link).mtu),
+                        input.len() - 14 + OUTER <= usize::from(up_link(link).mtu),
                         "{what}"
                     );
                     assert!(

@@ -123,7 +123,7 @@ fn seed() -> Result<()> {
         write("control", &format!("terminal-signed-{i}"), &by_terminal)?;
         write("control", &format!("unsigned-{i}"), &m[..m.len() - TAG_LEN])?;
         if i == 0 {
-            write("wire", "header", &m[..24])?;
+            write("wire", "header", &m[..bond_common::wire::BondHdr::LEN])?;
         }
     }
     let readme = std::fs::read_to_string("README.md")?;

@@ -350,19 +350,19 @@ async fn simulate(
     let origin = std::net::Ipv4Addr::new(10, 0, 1, 1);
     // Each community's terminal, its own key (from a seed: nothing random
     // in a bench), authorised before the community is registered.
-    let identities: HashMap<u16, Identity> = match keyed {
+    let identities: HashMap<u32, Identity> = match keyed {
         true => (1..=n)
             .map(|c| {
                 let mut seed = [0u8; 32];
                 seed[..4].copy_from_slice(&c.to_be_bytes());
-                (c as u16, Identity::from_seed(seed))
+                (c, Identity::from_seed(seed))
             })
             .collect(),
         false => HashMap::new(),
     };
     if keyed {
         let list: Vec<_> = (1..=n)
-            .map(|c| (c, origin, identities[&(c as u16)].public()))
+            .map(|c| (c, origin, identities[&{ c }].public()))
             .collect();
         reg.authorize_many(&list).await?;
     }
@@ -386,14 +386,13 @@ async fn simulate(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let placed = t1.elapsed();
-    let keys: HashMap<u16, CommunityKey> = (1..=n)
-        .map(|c| (c as u16, CommunityKey::new(key_of(c))))
-        .collect();
+    let keys: HashMap<u32, CommunityKey> =
+        (1..=n).map(|c| (c, CommunityKey::new(key_of(c)))).collect();
     let sock = tokio::net::UdpSocket::bind((format!("{SITE_NET}.254").as_str(), 0)).await?;
     let port = sock.local_addr()?.port();
     let mut counter = Counter::new();
-    let mut tokens: HashMap<u16, u64> = HashMap::new();
-    let msg = |c: u16, token: u64, counter: &mut Counter, body: Body| Msg {
+    let mut tokens: HashMap<u32, u64> = HashMap::new();
+    let msg = |c: u32, token: u64, counter: &mut Counter, body: Body| Msg {
         community: c,
         origin,
         link: 1,
@@ -417,20 +416,16 @@ async fn simulate(
     // Until every one is on (the nodes may still be taking in the
     // registry), at most a minute.
     while t2.elapsed() < Duration::from_secs(60) {
-        let missing: Vec<u32> = (1..=n)
-            .filter(|c| !tokens.contains_key(&(*c as u16)))
-            .collect();
+        let missing: Vec<u32> = (1..=n).filter(|c| !tokens.contains_key(&{ *c })).collect();
         if missing.is_empty() {
             break;
         }
         for chunk in missing.chunks(50) {
             for &c in chunk {
                 let Some(dst) = to(c) else { continue };
-                let m = msg(c as u16, 0, &mut counter, Body::Login);
-                let id = identities.get(&(c as u16));
-                let _ = sock
-                    .send_to(&m.encode_as(&keys[&(c as u16)], id), dst)
-                    .await;
+                let m = msg(c, 0, &mut counter, Body::Login);
+                let id = identities.get(&{ c });
+                let _ = sock.send_to(&m.encode_as(&keys[&{ c }], id), dst).await;
             }
             read_replies(
                 &sock,
@@ -464,7 +459,7 @@ async fn simulate(
     window_starts();
     let t3 = Instant::now();
     let (mut announces, mut relogins) = (0u64, 0u64);
-    let ids: Vec<(u16, u64)> = tokens.iter().map(|(&c, &t)| (c, t)).collect();
+    let ids: Vec<(u32, u64)> = tokens.iter().map(|(&c, &t)| (c, t)).collect();
     for s in 0..secs {
         let second = t3 + Duration::from_secs(s);
         // Spread over the second, as terminals' clocks spread them.
@@ -472,7 +467,7 @@ async fn simulate(
             let at = second + Duration::from_secs(1) * (k * 100) as u32 / ids.len().max(1) as u32;
             tokio::time::sleep_until(at.into()).await;
             for &(c, _) in chunk {
-                let Some(dst) = to(u32::from(c)) else {
+                let Some(dst) = to(c) else {
                     continue;
                 };
                 let m = match tokens.get(&c) {
@@ -512,8 +507,8 @@ async fn simulate(
 async fn read_replies(
     sock: &tokio::net::UdpSocket,
     buf: &mut [u8],
-    keys: &std::collections::HashMap<u16, bond_proto::CommunityKey>,
-    tokens: &mut std::collections::HashMap<u16, u64>,
+    keys: &std::collections::HashMap<u32, bond_proto::CommunityKey>,
+    tokens: &mut std::collections::HashMap<u32, u64>,
     wait: Duration,
 ) {
     use bond_proto::control::{Body, Msg, Reply};

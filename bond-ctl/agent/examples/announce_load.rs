@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
             msgs.push(
                 Msg {
                     // One community per terminal: no link-id clashes.
-                    community: (t % 60_000) as u16,
+                    community: (t % 60_000),
                     origin,
                     link,
                     flags: flags::VIA_LINK,

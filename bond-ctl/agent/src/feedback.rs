@@ -424,7 +424,7 @@ pub enum Model {
     /// An origin's own (`T_PATHS`).
     Up,
     /// The server's downstream schedule of a community (`S_PATHS`).
-    Down(u16),
+    Down(u32),
 }
 
 impl std::fmt::Display for Model {
@@ -438,7 +438,7 @@ impl std::fmt::Display for Model {
 
 impl Model {
     /// The community of a downstream schedule.
-    fn community(self) -> Option<u16> {
+    fn community(self) -> Option<u32> {
         match self {
             Self::Up => None,
             Self::Down(c) => Some(c),

@@ -190,7 +190,7 @@ impl PeerTable {
 /// A community link the server may send on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerLinkRow {
-    pub community: u16,
+    pub community: u32,
     pub link: u8,
     pub owner: Ipv4Addr,
     /// Where the link's announces came from: its public address (IPv4, or
@@ -227,12 +227,12 @@ pub enum Refusal {
 /// What changed, per community, for the agent to write to the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub communities: Vec<u16>,
-    pub sessions_gone: Vec<(u16, Ipv4Addr)>,
+    pub communities: Vec<u32>,
+    pub sessions_gone: Vec<(u32, Ipv4Addr)>,
 }
 
 impl Changes {
-    fn touch(&mut self, c: u16) {
+    fn touch(&mut self, c: u32) {
         if !self.communities.contains(&c) {
             self.communities.push(c);
         }
@@ -243,10 +243,10 @@ impl Changes {
 #[derive(Debug)]
 pub struct ServerTable {
     k: u32,
-    terms: BTreeMap<(u16, Ipv4Addr), Term>,
+    terms: BTreeMap<(u32, Ipv4Addr), Term>,
     /// Who holds each (community, link id): an announce must not scan
     /// every terminal (10,000 of them at 10 announces a second).
-    owners: HashMap<(u16, u8), Ipv4Addr>,
+    owners: HashMap<(u32, u8), Ipv4Addr>,
 }
 
 impl ServerTable {
@@ -269,7 +269,7 @@ impl ServerTable {
     /// says how often they come.
     pub fn login(
         &mut self,
-        community: u16,
+        community: u32,
         origin: Ipv4Addr,
         interval: Duration,
         now: Instant,
@@ -297,7 +297,7 @@ impl ServerTable {
     #[allow(clippy::too_many_arguments)]
     pub fn announce(
         &mut self,
-        community: u16,
+        community: u32,
         origin: Ipv4Addr,
         token: u64,
         via: Option<(u8, SocketAddr)>,
@@ -362,7 +362,7 @@ impl ServerTable {
     /// `interval` until its next announce says otherwise.
     pub fn adopt(
         &mut self,
-        community: u16,
+        community: u32,
         origin: Ipv4Addr,
         token: u64,
         links: &[(LinkAd, SocketAddr)],
@@ -388,7 +388,7 @@ impl ServerTable {
     /// for such one (`server::admit`).
     pub fn repeats(
         &self,
-        community: u16,
+        community: u32,
         origin: Ipv4Addr,
         token: u64,
         via: Option<(u8, SocketAddr)>,
@@ -408,7 +408,7 @@ impl ServerTable {
     }
 
     /// Whether `origin` holds a session with `token` and owns `link`.
-    pub fn owns(&self, community: u16, origin: Ipv4Addr, token: u64, link: u8) -> bool {
+    pub fn owns(&self, community: u32, origin: Ipv4Addr, token: u64, link: u8) -> bool {
         self.terms
             .get(&(community, origin))
             .is_some_and(|t| t.token == token)
@@ -417,7 +417,7 @@ impl ServerTable {
 
     /// A SHUTDOWN with the session's token: the terminal and its links go
     /// at once. True if it was known.
-    pub fn shutdown(&mut self, community: u16, origin: Ipv4Addr, token: u64) -> bool {
+    pub fn shutdown(&mut self, community: u32, origin: Ipv4Addr, token: u64) -> bool {
         let key = (community, origin);
         if self.terms.get(&key).is_some_and(|t| t.token == token) {
             if let Some(t) = self.terms.remove(&key) {
@@ -433,7 +433,7 @@ impl ServerTable {
 
     /// Forgets a community's terminals and links at once (it moved to
     /// another node); returns the terminals whose sessions it had.
-    pub fn forget(&mut self, community: u16) -> Vec<Ipv4Addr> {
+    pub fn forget(&mut self, community: u32) -> Vec<Ipv4Addr> {
         let gone: Vec<Ipv4Addr> = self
             .terms
             .range((community, Ipv4Addr::UNSPECIFIED)..=(community, Ipv4Addr::BROADCAST))
@@ -470,7 +470,7 @@ impl ServerTable {
     }
 
     /// Whether any terminal of `community` is logged on.
-    pub fn has_sessions(&self, community: u16) -> bool {
+    pub fn has_sessions(&self, community: u32) -> bool {
         let first = (community, Ipv4Addr::UNSPECIFIED);
         self.terms
             .range(first..)
@@ -478,12 +478,12 @@ impl ServerTable {
             .is_some_and(|((c, _), _)| *c == community)
     }
 
-    pub fn token(&self, community: u16, origin: Ipv4Addr) -> Option<u64> {
+    pub fn token(&self, community: u32, origin: Ipv4Addr) -> Option<u64> {
         self.terms.get(&(community, origin)).map(|t| t.token)
     }
 
     /// Live links of one community (or all, `None`), by community and id.
-    pub fn links(&self, community: Option<u16>, now: Instant) -> Vec<ServerLinkRow> {
+    pub fn links(&self, community: Option<u32>, now: Instant) -> Vec<ServerLinkRow> {
         let mut rows: Vec<ServerLinkRow> = self
             .terms
             .iter()
@@ -507,7 +507,7 @@ impl ServerTable {
     }
 
     /// Sessions: (community, origin, token, missed announces).
-    pub fn sessions(&self, now: Instant) -> Vec<(u16, Ipv4Addr, u64, u32)> {
+    pub fn sessions(&self, now: Instant) -> Vec<(u32, Ipv4Addr, u64, u32)> {
         self.terms
             .iter()
             .map(|(&(c, o), t)| (c, o, t.token, t.live.missed(now)))

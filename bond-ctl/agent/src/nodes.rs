@@ -46,7 +46,7 @@ pub struct NodeTable {
     me: Option<String>,
     slots: BTreeMap<String, Slot>,
     /// Owners as written: community -> slot.
-    owners: BTreeMap<u16, u32>,
+    owners: BTreeMap<u32, u32>,
     /// A director's `[attach] veth`: the interfaces it redirects frames
     /// into are readied as those it attaches to are (a veth's other end
     /// takes frames from XDP only with GRO on); each once. None: a node,
@@ -82,7 +82,7 @@ impl NodeTable {
         &self.slots
     }
 
-    pub fn owners(&self) -> &BTreeMap<u16, u32> {
+    pub fn owners(&self) -> &BTreeMap<u32, u32> {
         &self.owners
     }
 
@@ -139,16 +139,16 @@ impl NodeTable {
             );
         }
         self.resolve_all().await;
-        let mut want: BTreeMap<u16, u32> = BTreeMap::new();
+        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
         for (&c, node) in &view.owners {
-            let (Ok(c), Some(slot)) = (u16::try_from(c), self.slots.get(node)) else {
+            let Some(slot) = self.slots.get(node) else {
                 continue;
             };
-            if view.communities.contains_key(&u32::from(c)) {
+            if view.communities.contains_key(&c) {
                 want.insert(c, slot.idx);
             }
         }
-        let stale: Vec<u16> = self
+        let stale: Vec<u32> = self
             .owners
             .keys()
             .filter(|c| !want.contains_key(c))

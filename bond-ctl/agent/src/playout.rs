@@ -660,7 +660,7 @@ pub async fn hold_device(
 
 /// The senders a playout serves apart: a terminal hears only the server,
 /// the server hears every origin of every community.
-pub type Sender = (u16, u32);
+pub type Sender = (u32, u32);
 
 /// What the playout tells one sender, every [`REPORT_EVERY`]:
 /// the queues its links met, and what the other senders of its community
@@ -682,10 +682,10 @@ pub type ReportRx = tokio::sync::mpsc::UnboundedReceiver<Report>;
 /// The running playout: its thread, the floors the agent sets (per
 /// community) and its stats (summed over senders).
 pub struct Handle {
-    floors: Arc<Mutex<HashMap<u16, u32>>>,
+    floors: Arc<Mutex<HashMap<u32, u32>>>,
     stats: Arc<Mutex<Stats>>,
     /// Communities whose sender started over (`Handle::restart`).
-    restarts: std::sync::mpsc::Sender<u16>,
+    restarts: std::sync::mpsc::Sender<u32>,
     _worker: Worker,
 }
 
@@ -740,13 +740,13 @@ impl Handle {
     /// them is forgotten (what it holds is delivered). Kept, the new
     /// numbers would read as gaps and every link's first packets would
     /// wait for packets that never come.
-    pub fn restart(&self, c: u16) {
+    pub fn restart(&self, c: u32) {
         let _ = self.restarts.send(c);
     }
 
     /// The least spread to hold community `c`'s packets for, µs (its
     /// farthest scheduled link's delay past the nearest's).
-    pub fn set_floor(&self, c: u16, us: u32) {
+    pub fn set_floor(&self, c: u32, us: u32) {
         lock(&self.floors).insert(c, us);
     }
 
@@ -795,9 +795,9 @@ fn total(all: &HashMap<Sender, (Playout<Vec<u8>>, u64)>) -> Stats {
 fn run(
     cx: &Ctx,
     stop: &AtomicBool,
-    floors: &Mutex<HashMap<u16, u32>>,
+    floors: &Mutex<HashMap<u32, u32>>,
     stats: &Mutex<Stats>,
-    restarted: &std::sync::mpsc::Receiver<u16>,
+    restarted: &std::sync::mpsc::Receiver<u32>,
 ) {
     // Each sender's playout, and when it last sent (our µs).
     let mut all: HashMap<Sender, (Playout<Vec<u8>>, u64)> = HashMap::new();

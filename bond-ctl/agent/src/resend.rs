@@ -35,7 +35,7 @@ use bond_proto::control::Gap;
 pub fn asked_for(
     stats: &mut Resend,
     (ring, next): (Array<MapData, Kept>, u32),
-    community: u16,
+    community: u32,
     origin: u32,
     gaps: &[Gap],
 ) -> Vec<Kept> {
@@ -83,7 +83,7 @@ fn wanted(gap: &Gap, k: &Kept) -> bool {
 pub fn find(
     mut slot: impl FnMut(u32) -> Option<Kept>,
     next: u32,
-    community: u16,
+    community: u32,
     origin: u32,
     gaps: &[Gap],
 ) -> Vec<Kept> {
@@ -123,9 +123,10 @@ pub fn find(
 /// on the link it was first sent on.
 pub fn again(bytes: &[u8], on: u8) -> Vec<u8> {
     let mut b = bytes.to_vec();
-    if let Some(h) = b.get_mut(..BondHdr::LEN) {
-        h[6] = on;
-        h[7] |= SEQ_COPY;
+    if let Ok(mut h) = BondHdr::parse(&b) {
+        h.link = on;
+        h.seq |= SEQ_COPY;
+        let _ = h.emit(&mut b);
     }
     b
 }
@@ -136,7 +137,7 @@ mod tests {
     use bond_common::wire::kind;
 
     /// A copy of a DATA_DOWN packet to `origin` on `link`.
-    fn kept(community: u16, origin: u32, link: u8, seq: u8, sent_us: u32) -> Kept {
+    fn kept(community: u32, origin: u32, link: u8, seq: u8, sent_us: u32) -> Kept {
         let mut k = Kept::EMPTY;
         let h = BondHdr::new(kind::DATA_DOWN, community, link, origin, sent_us, 9).with_seq(seq);
         k.data[..BondHdr::LEN].copy_from_slice(&h.to_bytes());
@@ -214,7 +215,21 @@ mod tests {
         let h = BondHdr::parse(&b).unwrap();
         assert_eq!((h.link, h.seq), (1, 45 | SEQ_COPY));
         assert_eq!(h.sent_us(), 1_000);
-        assert_eq!(&b[8..], &k.bytes().unwrap()[8..], "the rest unchanged");
+        let before = BondHdr::parse(k.bytes().unwrap()).unwrap();
+        assert_eq!(
+            BondHdr {
+                link: before.link,
+                seq: before.seq,
+                ..h
+            },
+            before,
+            "the rest of the header unchanged"
+        );
+        assert_eq!(
+            &b[BondHdr::LEN..],
+            &k.bytes().unwrap()[BondHdr::LEN..],
+            "the packet unchanged"
+        );
     }
 
     #[test]

@@ -35,13 +35,13 @@ pub use bond_proto::control::MAX_SHARERS;
 pub struct Arrivals {
     /// (community, link, origin) -> bytes per interval, newest last; the
     /// last is the interval under way.
-    seen: HashMap<(u16, u8, u32), VecDeque<u64>>,
+    seen: HashMap<(u32, u8, u32), VecDeque<u64>>,
 }
 
 impl Arrivals {
     /// A frame of `bytes` from `origin` arrived over `link` of community
     /// `c`.
-    pub fn add(&mut self, c: u16, link: u8, origin: u32, bytes: usize) {
+    pub fn add(&mut self, c: u32, link: u8, origin: u32, bytes: usize) {
         let slots = self
             .seen
             .entry((c, link, origin))
@@ -67,7 +67,7 @@ impl Arrivals {
     /// link, kbit/s over an interval of `every_ms`, links by id and each
     /// link's others busiest first. Links only `origin` carried are not
     /// named.
-    pub fn others(&self, c: u16, origin: u32, every_ms: u64) -> Vec<LinkShare> {
+    pub fn others(&self, c: u32, origin: u32, every_ms: u64) -> Vec<LinkShare> {
         let mut by_link: HashMap<u8, Vec<u32>> = HashMap::new();
         for (&(com, link, o), slots) in &self.seen {
             if com != c || o == origin {

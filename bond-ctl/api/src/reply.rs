@@ -71,7 +71,7 @@ pub struct DirectorNode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TerminalStatus {
     pub instance: String,
-    pub community: u16,
+    pub community: u32,
     /// Its LAN address.
     pub address: Ipv4Addr,
     pub server: SocketAddr,
@@ -216,7 +216,7 @@ pub struct DownPath {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommunityStatus {
-    pub id: u16,
+    pub id: u32,
     pub terminals: usize,
     pub links: usize,
     pub flows: u64,
@@ -307,14 +307,14 @@ pub struct FeedbackCounts {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Learnt {
     /// The downstream schedule's community (None: a terminal's upstream).
-    pub community: Option<u16>,
+    pub community: Option<u32>,
     pub link: u8,
     pub kbit: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Sharing {
-    pub community: Option<u16>,
+    pub community: Option<u32>,
     pub link: u8,
     /// This sender's share, and the link's whole rate.
     pub kbit: u64,
@@ -378,14 +378,14 @@ pub struct FlowTable {
     pub ports_returned: u64,
     pub last: Sweep,
     /// Flows per community after the last sweep.
-    #[serde(deserialize_with = "u16_keys")]
-    pub by_community: BTreeMap<u16, u64>,
+    #[serde(deserialize_with = "number_keys")]
+    pub by_community: BTreeMap<u32, u64>,
 }
 
 /// A map with u16 keys, which JSON writes as strings: read inside a tagged
 /// enum (as `Status` is), the keys reach the map as strings and are parsed
 /// here.
-fn u16_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, u64>, D::Error> {
+fn number_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, u64>, D::Error> {
     BTreeMap::<String, u64>::deserialize(d)?
         .into_iter()
         .map(|(k, v)| Ok((k.parse().map_err(serde::de::Error::custom)?, v)))
@@ -442,7 +442,7 @@ pub struct PeerRow {
 /// A logged-on terminal, as the server holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminalRow {
-    pub community: u16,
+    pub community: u32,
     pub address: Ipv4Addr,
     pub missed: u32,
     pub links: Vec<LinkRow>,
@@ -539,7 +539,7 @@ pub struct TerminalLinkCounters {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerLinkCounters {
-    pub community: u16,
+    pub community: u32,
     pub link: u8,
     /// Its public address and port: IPv4, or IPv6 for a link over IPv6.
     pub address: SocketAddr,
@@ -587,7 +587,7 @@ pub struct Flows {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowRow {
-    pub community: u16,
+    pub community: u32,
     pub origin: Ipv4Addr,
     /// `tcp`, `udp`, `icmp`, or the protocol's number.
     pub proto: String,

@@ -376,7 +376,7 @@ impl FlowsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Community {
-    pub id: u16,
+    pub id: u32,
     /// The key its terminals sign with.
     pub key: CommunityKey,
     /// With it, the community takes only these terminals: LAN address to
@@ -643,14 +643,7 @@ mod timeout_tests {
     const S: u64 = 1_000_000_000;
 
     fn key(proto: u8) -> FlowKey {
-        FlowKey {
-            community: 1,
-            proto,
-            _pad: 0,
-            origin: 0x0a00_0103,
-            port: 40000,
-            _pad2: 0,
-        }
+        FlowKey::new(1, proto, 0x0a00_0103, 40000)
     }
 
     fn flow(state: u8, last_seen_ns: u64) -> Flow {

@@ -12,7 +12,7 @@ pub struct TerminalConfig {
     /// Names the pin directory, `/sys/fs/bpf/bond/<instance>`.
     #[serde(default = "default_instance")]
     pub instance: String,
-    pub community: u16,
+    pub community: u32,
     /// The community key: signs every control message.
     pub key: CommunityKey,
     /// This terminal's own secret key (`bond-ctl identity new`): signs

@@ -45,11 +45,11 @@ pub fn live(k: &FlowKey, f: &Flow, now_ns: u64) -> bool {
 /// and, when asked for, per block of dedicated ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counted {
-    pub all: BTreeMap<u16, u64>,
-    pub live: BTreeMap<u16, u64>,
+    pub all: BTreeMap<u32, u64>,
+    pub live: BTreeMap<u32, u64>,
     /// (community, first port of the block) -> flows on the block's ports
     /// (either family: IPv6 flows take the same blocks' ports).
-    pub blocks: BTreeMap<(u16, u16), u32>,
+    pub blocks: BTreeMap<(u32, u16), u32>,
 }
 
 /// [`sweep`], and the flows left per community (from the same listing:
@@ -92,11 +92,7 @@ pub fn sweep_counted(
     }
     let mut by_community = BTreeMap::new();
     let mut by_origin: HashMap<SessionKey, u64> = HashMap::new();
-    let origin = |k: &FlowKey| SessionKey {
-        community: k.community,
-        _pad: 0,
-        origin: k.origin,
-    };
+    let origin = |k: &FlowKey| SessionKey::new(k.community, k.origin);
     let mut live_by_community = BTreeMap::new();
     // (community, first port of the flow's block), when asked for.
     let block = |k: &FlowKey, f: &Flow| {
@@ -166,14 +162,7 @@ mod tests {
 
     #[test]
     fn a_flow_is_live_while_tcp_has_not_closed_or_udp_was_heard_lately() {
-        let key = |proto| FlowKey {
-            community: 1,
-            proto,
-            _pad: 0,
-            origin: 0x0a00_0101,
-            port: 40000,
-            _pad2: 0,
-        };
+        let key = |proto| FlowKey::new(1, proto, 0x0a00_0101, 40000);
         let s = 1_000_000_000u64;
         let f = Flow::new((0, 20000), 100 * s, 0xcb00_7102, 443);
         // TCP: however idle, until FIN or RST.

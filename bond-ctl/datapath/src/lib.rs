@@ -625,12 +625,8 @@ impl Maps {
             })
     }
 
-    pub fn set_session(&self, community: u16, origin: Ipv4Addr, token: u64) -> Result<()> {
-        let key = SessionKey {
-            community,
-            _pad: 0,
-            origin: u32::from(origin),
-        };
+    pub fn set_session(&self, community: u32, origin: Ipv4Addr, token: u64) -> Result<()> {
+        let key = SessionKey::new(community, u32::from(origin));
         self.put(name::S_SESSIONS, key, Session { token, _pad: 0 })
     }
 
@@ -700,12 +696,8 @@ impl Maps {
         Ok(out)
     }
 
-    pub fn remove_session(&self, community: u16, origin: Ipv4Addr) -> Result<()> {
-        let key = SessionKey {
-            community,
-            _pad: 0,
-            origin: u32::from(origin),
-        };
+    pub fn remove_session(&self, community: u32, origin: Ipv4Addr) -> Result<()> {
+        let key = SessionKey::new(community, u32::from(origin));
         self.remove::<SessionKey, Session>(name::S_SESSIONS, key)?;
         self.remove::<SessionKey, u64>(name::S_ORIGIN_FLOWS, key)
     }
@@ -746,11 +738,7 @@ impl Maps {
     /// naming it): invalid entry, no index.
     pub fn clear_server_link(&self, idx: u32) -> Result<()> {
         let mut link = self.server_link(idx)?;
-        let key = LinkKey {
-            community: link.community,
-            link: link.link,
-            _pad: 0,
-        };
+        let key = LinkKey::new(link.community, link.link);
         link.flags = 0;
         self.set(name::S_LINKS, idx, link)?;
         self.remove::<LinkKey, u32>(name::S_LINK_INDEX, key)
@@ -759,11 +747,7 @@ impl Maps {
     /// Registers a community link at dense index `idx`.
     pub fn set_server_link(&self, idx: u32, link: ServerLink) -> Result<()> {
         self.set(name::S_LINKS, idx, link)?;
-        let key = LinkKey {
-            community: link.community,
-            link: link.link,
-            _pad: 0,
-        };
+        let key = LinkKey::new(link.community, link.link);
         self.put(name::S_LINK_INDEX, key, idx)
     }
 
@@ -811,7 +795,7 @@ impl Maps {
     /// link index, kbit/s, relative delay in ns)`, as [`Self::set_up_paths`].
     pub fn set_down_paths(
         &self,
-        community: u16,
+        community: u32,
         links: &[(u32, u64, u32)],
         backlog_us: u32,
         reorder_us: u32,
@@ -826,7 +810,7 @@ impl Maps {
     /// queue, as [`Maps::charge_up_path`] does upstream.
     pub fn charge_down_path(
         &self,
-        community: u16,
+        community: u32,
         idx: u32,
         count: u32,
         len: u32,
@@ -844,7 +828,7 @@ impl Maps {
     /// Picks the link where `len` bytes (the whole frame) sent now on
     /// community `community`'s downstream arrive first, and counts them
     /// into its queue, as the datapath does for each packet.
-    pub fn pick_down_path(&self, community: u16, len: u32) -> Result<Option<u32>> {
+    pub fn pick_down_path(&self, community: u32, len: u32) -> Result<Option<u32>> {
         let Some(mut p) = self.down_paths(community)? else {
             return Ok(None);
         };
@@ -857,12 +841,12 @@ impl Maps {
 
     /// Writes a community's downstream schedule back whole (after
     /// `Paths::correct`).
-    pub fn put_down_paths(&self, community: u16, p: Paths) -> Result<()> {
+    pub fn put_down_paths(&self, community: u32, p: Paths) -> Result<()> {
         self.put(name::S_PATHS, community, p)
     }
 
-    pub fn down_paths(&self, community: u16) -> Result<Option<Paths>> {
-        match self.hash::<u16, Paths>(name::S_PATHS)?.get(&community, 0) {
+    pub fn down_paths(&self, community: u32) -> Result<Option<Paths>> {
+        match self.hash::<u32, Paths>(name::S_PATHS)?.get(&community, 0) {
             Ok(s) => Ok(Some(s)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(Error::Map {
@@ -878,24 +862,24 @@ impl Maps {
 
     /// Gives `community` its share of the NAT pool (address and port
     /// blocks), replacing what it held.
-    pub fn set_nat_blocks(&self, community: u16, share: &NatBlocks) -> Result<()> {
+    pub fn set_nat_blocks(&self, community: u32, share: &NatBlocks) -> Result<()> {
         let n = name::S_NAT_BLOCKS;
-        self.hash::<u16, NatBlocks>(n)?
+        self.hash::<u32, NatBlocks>(n)?
             .insert(community, share, 0)
             .map_err(|source| Error::Map { name: n, source })
     }
 
     /// Takes `community`'s share of the NAT pool away (already gone: fine).
-    pub fn remove_nat_blocks(&self, community: u16) -> Result<()> {
+    pub fn remove_nat_blocks(&self, community: u32) -> Result<()> {
         let n = name::S_NAT_BLOCKS;
-        match self.hash::<u16, NatBlocks>(n)?.remove(&community) {
+        match self.hash::<u32, NatBlocks>(n)?.remove(&community) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(Error::Map { name: n, source }),
         }
     }
 
     /// Every community's share of the NAT pool.
-    pub fn nat_blocks(&self) -> Result<Vec<(u16, NatBlocks)>> {
+    pub fn nat_blocks(&self) -> Result<Vec<(u32, NatBlocks)>> {
         self.entries(name::S_NAT_BLOCKS)
     }
 
@@ -1052,25 +1036,28 @@ impl Maps {
 
     /// Community `community`'s owner in `table`: node slot `node` (None:
     /// no owner at a director; this node's own, or no one's, at a node).
-    pub fn set_owner(&self, table: Owners, community: u16, node: Option<u32>) -> Result<()> {
-        let v = node.map_or(0, |n| n + 1);
-        self.set(table.names().0, u32::from(community), v)
+    pub fn set_owner(&self, table: Owners, community: u32, node: Option<u32>) -> Result<()> {
+        let name = table.names().0;
+        let mut owners = self.hash::<u32, u32>(name)?;
+        match node {
+            Some(n) => owners.insert(community, n + 1, 0),
+            None => match owners.remove(&community) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
+        }
+        .map_err(|source| Error::Map { name, source })
     }
 
     /// The owners `table` holds now: (community, node slot) of every
     /// community that has one (an agent adopting the maps starts from
     /// them, so that what the registry no longer says is cleared).
-    pub fn owners(&self, table: Owners) -> Result<Vec<(u16, u32)>> {
-        let name = table.names().0;
-        let a = self.array::<u32>(name)?;
-        let mut out = Vec::new();
-        for (c, v) in a.iter().enumerate() {
-            let v = v.map_err(|source| Error::Map { name, source })?;
-            if let (Ok(c), Some(idx)) = (u16::try_from(c), v.checked_sub(1)) {
-                out.push((c, idx));
-            }
-        }
-        Ok(out)
+    pub fn owners(&self, table: Owners) -> Result<Vec<(u32, u32)>> {
+        let all: Vec<(u32, u32)> = self.entries(table.names().0)?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(c, v)| Some((c, v.checked_sub(1)?)))
+            .collect())
     }
 
     /// Node slot `idx` of `table`: where its packets go

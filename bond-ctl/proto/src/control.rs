@@ -2,7 +2,7 @@
 //! measurement messages PROBE, PROBE_REQUEST, PROBE_REPORT, ECHO,
 //! ECHO_REPLY and FEEDBACK, and RESEND.
 //!
-//! They ride the same UDP ports as data, behind the same 24-byte bond
+//! They ride the same UDP ports as data, behind the same 28-byte bond
 //! header (a control `kind`, which the XDP programs pass to the agent's
 //! socket). After the header:
 //!
@@ -244,7 +244,7 @@ impl Body {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Msg {
-    pub community: u16,
+    pub community: u32,
     /// The terminal the message is about (its LAN address); for a reply,
     /// the terminal it answers.
     pub origin: Ipv4Addr,
@@ -265,7 +265,7 @@ pub enum DecodeError {
     #[error("not a control message")]
     NotControl,
     #[error("unknown community {0}")]
-    UnknownCommunity(u16),
+    UnknownCommunity(u32),
     #[error("truncated")]
     Truncated,
     #[error("bad signature")]
@@ -434,7 +434,7 @@ impl Msg {
     /// Parses and authenticates a message; `key` gives a community's key.
     pub fn decode<'k>(
         buf: &[u8],
-        key: impl FnOnce(u16) -> Option<&'k CommunityKey>,
+        key: impl FnOnce(u32) -> Option<&'k CommunityKey>,
     ) -> Result<Self, DecodeError> {
         let hdr = BondHdr::parse(buf).map_err(DecodeError::Header)?;
         if hdr.is_data() {
@@ -649,7 +649,7 @@ pub struct Guard {
     /// the terminal it answers, but counts with the server's counter), and
     /// the link it was sent over: trains on links of different speeds
     /// overtake each other by more than the window.
-    seen: HashMap<(u16, Ipv4Addr, bool, u8), Window>,
+    seen: HashMap<(u32, Ipv4Addr, bool, u8), Window>,
     /// When windows were last swept for age.
     swept_ms: u64,
 }
@@ -728,7 +728,7 @@ impl Guard {
     pub fn open<'k>(
         &mut self,
         buf: &[u8],
-        key: impl FnOnce(u16) -> Option<&'k CommunityKey>,
+        key: impl FnOnce(u32) -> Option<&'k CommunityKey>,
     ) -> Result<Msg, &'static str> {
         let msg = Msg::decode(buf, key).map_err(DecodeError::name)?;
         self.check(&msg, now_ms()).map_err(Stale::name)?;
@@ -976,23 +976,29 @@ mod tests {
     #[test]
     fn layout_is_as_documented() {
         let wire = announce().encode(&KEY);
-        assert_eq!(wire.len(), 24 + 8 + 8 + 1 + 4 + 1 + 2 * 18 + 16);
+        // After the bond header: counter, token, flags, then the body.
+        let h = BondHdr::LEN;
+        assert_eq!(wire.len(), h + 8 + 8 + 1 + 4 + 1 + 2 * 18 + 16);
         assert_eq!(&wire[..2], &[0xB0, 0x4D]);
         assert_eq!(wire[3], kind::ANNOUNCE);
-        assert_eq!(&wire[24..32], &1_700_000_000_000u64.to_be_bytes());
-        assert_eq!(&wire[32..40], &42u64.to_be_bytes());
-        assert_eq!(wire[40], flags::VIA_LINK);
-        assert_eq!(&wire[41..45], &1000u32.to_be_bytes());
-        assert_eq!(wire[45], 2);
-        assert_eq!(&wire[46..49], &[3, 0x1e, 0x15]);
+        assert_eq!(&wire[h..h + 8], &1_700_000_000_000u64.to_be_bytes());
+        assert_eq!(&wire[h + 8..h + 16], &42u64.to_be_bytes());
+        assert_eq!(wire[h + 16], flags::VIA_LINK);
+        assert_eq!(&wire[h + 17..h + 21], &1000u32.to_be_bytes());
+        assert_eq!(wire[h + 21], 2);
+        assert_eq!(&wire[h + 22..h + 25], &[3, 0x1e, 0x15]);
         assert_eq!(
-            &wire[57..59],
+            &wire[h + 33..h + 35],
             &1500u16.to_be_bytes(),
             "the first link's MTU"
         );
-        assert_eq!(&wire[59..63], &40_000u32.to_be_bytes(), "its base rtt");
-        assert_eq!(wire[63], 0, "not dark");
-        assert_eq!(wire[63 + 18], 1, "the second is dark");
+        assert_eq!(
+            &wire[h + 35..h + 39],
+            &40_000u32.to_be_bytes(),
+            "its base rtt"
+        );
+        assert_eq!(wire[h + 39], 0, "not dark");
+        assert_eq!(wire[h + 39 + 18], 1, "the second is dark");
     }
 
     #[test]
@@ -1044,14 +1050,16 @@ mod tests {
         };
         let good = announce().encode(&KEY);
         let body = &good[..good.len() - TAG_LEN];
+        // The flags byte, then the announce's interval and link count.
+        let (flags_at, count_at) = (BondHdr::LEN + 16, BondHdr::LEN + 21);
         let mut too_many = body.to_vec();
-        too_many[45] = 33;
+        too_many[count_at] = 33;
         let mut lying_count = body.to_vec();
-        lying_count[45] = 3;
+        lying_count[count_at] = 3;
         let mut trailing = body.to_vec();
         trailing.push(0);
         let mut bad_flags = body.to_vec();
-        bad_flags[40] = 0x80;
+        bad_flags[flags_at] = 0x80;
         let mut bad_kind = body.to_vec();
         bad_kind[3] = 0x1f;
         let feedback = Msg {
@@ -1077,8 +1085,9 @@ mod tests {
         }
         .encode(&KEY);
         let mut sharers = sharers[..sharers.len() - TAG_LEN].to_vec();
-        assert_eq!(sharers[41..45], [0, 1, 1, 8]);
-        sharers[44] += 1;
+        let at = BondHdr::LEN + 17;
+        assert_eq!(sharers[at..at + 4], [0, 1, 1, 8]);
+        sharers[at + 3] += 1;
         sharers.extend_from_slice(&[0; 4]);
         for (what, b) in [
             ("17 feedback links", feedback),

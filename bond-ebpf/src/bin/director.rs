@@ -20,15 +20,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use bond_common::{
     drops,
-    maps::{DirectorConfig, LinkStats, MAX_COMMUNITIES, MAX_NODES, NodeSlot},
-    wire::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, MAGIC, UDP_LEN},
+    maps::{CommunityId, DirectorConfig, LinkStats, MAX_NODES, MAX_TIER_COMMUNITIES, NodeSlot},
+    wire::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, MAGIC, UDP_LEN, VERSION},
 };
 use bond_ebpf::{dropped, link_stats, read, read_u16, read_u32, redirect_to};
 
@@ -36,7 +36,8 @@ use bond_ebpf::{dropped, link_stats, read, read_u16, read_u32, redirect_to};
 static D_CONFIG: Array<DirectorConfig> = Array::pinned(1, 0);
 /// Each community's owner: 1 + its node's index in `D_NODES`; 0: none.
 #[map]
-static D_OWNERS: Array<u32> = Array::pinned(MAX_COMMUNITIES, 0);
+static D_OWNERS: HashMap<CommunityId, u32> =
+    HashMap::pinned(MAX_TIER_COMMUNITIES, BPF_F_NO_PREALLOC);
 #[map]
 static D_NODES: Array<NodeSlot> = Array::pinned(MAX_NODES, 0);
 /// Per node: packets and bytes steered to it (`up_pkts`, `up_bytes`).
@@ -110,14 +111,19 @@ fn steer(ctx: &XdpContext) -> Result<u32, u32> {
     let Some(off) = bond_offset(ctx, cfg)? else {
         return Ok(xdp_action::XDP_PASS);
     };
-    // The magic and the community: the first 6 bytes of the bond header,
-    // the same in every kind and version.
+    // The magic, the version and the community: the first 8 bytes of the
+    // bond header, the same in every kind (the node checks the rest).
     let magic = read_u16(ctx, off).ok_or(drops::TRUNCATED)?;
-    let community = read_u16(ctx, off + 4).ok_or(drops::TRUNCATED)?;
+    let version = read::<1>(ctx, off + 2).ok_or(drops::TRUNCATED)?[0];
+    let community = read_u32(ctx, off + 4).ok_or(drops::TRUNCATED)?;
     if magic != MAGIC {
         return Err(drops::BAD_MAGIC);
     }
-    let owner = D_OWNERS.get(u32::from(community)).copied().unwrap_or(0);
+    if version != VERSION {
+        return Err(drops::BAD_VERSION);
+    }
+    // SAFETY: read-only use of a map value.
+    let owner = unsafe { D_OWNERS.get(community) }.copied().unwrap_or(0);
     let idx = owner.checked_sub(1).ok_or(drops::NO_OWNER)?;
     let slot = D_NODES.get(idx).ok_or(drops::NO_OWNER)?;
     if slot.ifindex == 0 {

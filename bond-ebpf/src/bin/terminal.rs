@@ -30,8 +30,8 @@ use bond_common::{
         MAX_NEIGHBORS, Neighbor, RelayLink, TerminalConfig, UpLink, tcp,
     },
     wire::{
-        self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_LEN, IPV6_LEN, OUTER_LEN, UDP_LEN, kind,
+        self, BOND_OFF, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, INNER6_OFF, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_LEN, IPV6_LEN, OUTER_LEN, UDP_LEN, kind,
     },
 };
 use bond_ebpf::{
@@ -185,12 +185,12 @@ fn wrap_headers(
     inner_len: u16,
     sent_us: u32,
     seq: u8,
-) -> [u8; 66] {
-    let mut h = [0u8; 66];
+) -> [u8; INNER_OFF] {
+    let mut h = [0u8; INNER_OFF];
     h[0..6].copy_from_slice(&link.dst_mac);
     h[6..12].copy_from_slice(&link.src_mac);
     h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    h[14..42].copy_from_slice(&wire::outer_headers(
+    h[ETH_LEN..BOND_OFF].copy_from_slice(&wire::outer_headers(
         (link.src_ip, link.src_port),
         (link.dst_ip, link.dst_port),
         inner_len,
@@ -204,18 +204,22 @@ fn wrap_headers(
         cfg.token,
     )
     .with_seq(seq);
-    h[42..66].copy_from_slice(&b.to_bytes());
+    h[BOND_OFF..].copy_from_slice(&b.to_bytes());
     h
 }
 
-/// The 86-byte IPv6 form of `hdr` (Ethernet, outer IPv4, UDP, bond
+/// The IPv6 form of `hdr` (Ethernet, outer IPv4, UDP, bond
 /// header) for own link `link_id` over IPv6: the outer header from the
 /// link's IPv6 address to the server's, the UDP checksum zero (RFC 6935:
 /// the inner packet carries its own, and the server's program reads it).
 #[inline(always)]
-fn outer6_headers(cfg: &TerminalConfig, link_id: u32, hdr: &[u8; 66]) -> Result<[u8; 86], u32> {
+fn outer6_headers(
+    cfg: &TerminalConfig,
+    link_id: u32,
+    hdr: &[u8; INNER_OFF],
+) -> Result<[u8; INNER6_OFF], u32> {
     let src = T_LINKS6.get(link_id).ok_or(drops::LINK_MISSING)?;
-    let mut h = [0u8; 86];
+    let mut h = [0u8; INNER6_OFF];
     h[..12].copy_from_slice(&hdr[..12]);
     h[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     let plen = u16::from_be_bytes([hdr[ETH_LEN + 2], hdr[ETH_LEN + 3]]) - IPV4_LEN as u16;

@@ -49,7 +49,7 @@ pub const CONTENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 2)
 pub const FAR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 /// The far host's IPv6 address, inside the terminals' IPv6 capture prefix.
 pub const FAR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x71, 0, 0, 0, 0, 0x100);
-pub const COMMUNITY: u16 = 1;
+pub const COMMUNITY: u32 = 1;
 pub mod line;
 pub mod packets;
 pub mod profile;
@@ -117,7 +117,7 @@ pub struct Terminal {
     pub lan_ip: Ipv4Addr,
     pub instance: String,
     pub links: Vec<WanLink>,
-    pub community: u16,
+    pub community: u32,
     /// Its LAN interface, UDP data port, capture device and captured
     /// prefixes, quoted for TOML (a host in two communities has one of each
     /// per community).
@@ -128,7 +128,7 @@ pub struct Terminal {
 }
 
 /// The second community of [`Lab::join_second_community`].
-pub const COMMUNITY2: u16 = 2;
+pub const COMMUNITY2: u32 = 70_000;
 pub const KEY2: &str = "second community key, not secret";
 /// The content address the second community's members capture.
 pub const CONTENT2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
@@ -1222,7 +1222,7 @@ impl Lab {
         let running: Vec<usize> = (0..self.terminals.len())
             .filter(|i| self.is_running(&format!("agent-t{}", i + 1)))
             .collect();
-        let want_in = |c: u16| -> usize {
+        let want_in = |c: u32| -> usize {
             running
                 .iter()
                 .filter(|&&i| self.terminals[i].community == c)
@@ -1236,7 +1236,7 @@ impl Lab {
             })?;
         } else {
             // In a tier, each community's links at the node that owns it.
-            let communities: BTreeSet<u16> = running
+            let communities: BTreeSet<u32> = running
                 .iter()
                 .map(|&i| self.terminals[i].community)
                 .collect();

@@ -15,8 +15,10 @@ pub type Mac = [u8; 6];
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// A bond header (version 4).
+pub const BOND_LEN: usize = 28;
 /// Ethernet + outer IPv4 + UDP + bond header.
-pub const WRAP_LEN: usize = 14 + 20 + 8 + 24;
+pub const WRAP_LEN: usize = 14 + 20 + 8 + BOND_LEN;
 
 /// An Ethernet II frame.
 pub fn eth(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -309,10 +311,12 @@ pub struct Bond {
     pub magic: u16,
     pub version: u8,
     pub kind: u8,
-    pub community: u16,
+    pub community: u32,
     pub link: u8,
     /// The per-link sequence (DATA), 0 in control messages.
     pub seq: u8,
+    /// Zero in every header bond sends.
+    pub reserved: u16,
     pub origin: Ipv4Addr,
     /// The sender's clock, µs.
     pub sent: u32,
@@ -322,7 +326,7 @@ pub struct Bond {
 impl Bond {
     pub fn data(
         kind: u8,
-        community: u16,
+        community: u32,
         link: u8,
         origin: Ipv4Addr,
         sent: u32,
@@ -330,28 +334,31 @@ impl Bond {
     ) -> Self {
         Self {
             magic: 0xB04D,
-            version: 3,
+            version: 4,
             kind,
             community,
             link,
             seq: 0,
+            reserved: 0,
             origin,
             sent,
             token,
         }
     }
 
-    pub fn bytes(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    /// Version 4's layout (docs/architecture.md, "Wire format").
+    pub fn bytes(&self) -> [u8; BOND_LEN] {
+        let mut b = [0u8; BOND_LEN];
         b[0..2].copy_from_slice(&self.magic.to_be_bytes());
         b[2] = self.version;
         b[3] = self.kind;
-        b[4..6].copy_from_slice(&self.community.to_be_bytes());
-        b[6] = self.link;
-        b[7] = self.seq;
-        b[8..12].copy_from_slice(&self.origin.octets());
-        b[12..16].copy_from_slice(&self.sent.to_be_bytes());
-        b[16..24].copy_from_slice(&self.token.to_be_bytes());
+        b[4..8].copy_from_slice(&self.community.to_be_bytes());
+        b[8] = self.link;
+        b[9] = self.seq;
+        b[10..12].copy_from_slice(&self.reserved.to_be_bytes());
+        b[12..16].copy_from_slice(&self.origin.octets());
+        b[16..20].copy_from_slice(&self.sent.to_be_bytes());
+        b[20..28].copy_from_slice(&self.token.to_be_bytes());
         b
     }
 }
@@ -374,7 +381,7 @@ pub struct Outer {
 /// A wrapped frame: Ethernet, outer IPv4 (DF, valid checksum), UDP (zero
 /// checksum), bond header, inner packet.
 pub fn wrapped(o: &Outer, b: &Bond, inner: &[u8]) -> Vec<u8> {
-    let udp_len = 8 + 24 + inner.len();
+    let udp_len = 8 + BOND_LEN + inner.len();
     let mut ip = Ipv4Header::new(
         udp_len as u16,
         o.ttl,
@@ -415,7 +422,7 @@ pub fn fill_open(got: &[u8], want: &[u8]) -> Result<Vec<u8>, String> {
             Some([0x86, 0xdd]) if f.get(20) == Some(&17) => Some(62),
             _ => None,
         }
-        .filter(|&b| f.len() >= b + 24 && f[b..b + 2] == [0xb0, 0x4d])
+        .filter(|&b| f.len() >= b + BOND_LEN && f[b..b + 2] == [0xb0, 0x4d])
     };
     let mut want = want.to_vec();
     let (Some(b), Some(g)) = (bond_at(&want), bond_at(got)) else {
@@ -424,7 +431,7 @@ pub fn fill_open(got: &[u8], want: &[u8]) -> Result<Vec<u8>, String> {
     if b != g {
         return Ok(want);
     }
-    let (sent_at, seq, kind) = (b + 12, b + 7, b + 3);
+    let (sent_at, seq, kind) = (b + 16, b + 9, b + 3);
     let at =
         |f: &[u8]| u32::from_be_bytes([f[sent_at], f[sent_at + 1], f[sent_at + 2], f[sent_at + 3]]);
     if at(&want) == OPEN {

@@ -199,7 +199,7 @@ impl Lab {
     }
 
     /// The node (1-based) that owns `community`, as the registry says.
-    pub fn owner(&self, community: u16) -> Result<Option<usize>> {
+    pub fn owner(&self, community: u32) -> Result<Option<usize>> {
         let out = self.tier_ctl(&["communities", "--json"])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         let row = v["communities"]

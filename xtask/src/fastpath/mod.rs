@@ -131,7 +131,7 @@ const RELAY_SPORT: u16 = 9001;
 const RELAY_RCVBUF: libc::c_int = 8 << 20;
 
 // bond's configuration, as tests/prog/ configures it.
-const COMMUNITY: u16 = 7;
+const COMMUNITY: u32 = 7;
 const LINK_ID: u8 = 3;
 const DATA_PORT: u16 = 7100;
 const RELAY_PORT: u16 = 7001;

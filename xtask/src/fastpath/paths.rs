@@ -284,6 +284,7 @@ impl Dut {
                     data_port: DATA_PORT,
                     server_port: SERVER_PORT,
                     lan_mac,
+                    _pad: [0; 6],
                     server_ip6: [0; 16],
                 })?;
                 maps.set_relay_link(
@@ -337,7 +338,6 @@ impl Dut {
                         community: COMMUNITY,
                         link: LINK_ID,
                         flags: LINK_VALID,
-                        _pad: [0; 2],
                         owner: LAN_IP.into(),
                     },
                 )?;

@@ -28,10 +28,12 @@ pub(super) fn report(rows: &[Row], missing: &[(Kind, String)], plan: &Plan) -> S
         "One path at a time between three namespaces (gen -> dut -> sink) on unlimited veth \
          links; median of {} round(s) of one {} s run per path. \"User packet\" is the \
          user's IPv4/UDP packet: the plain packet for the baselines, the packet inside bond's \
-         52-byte wrap for bond. Up is from the LAN towards the Internet (a new flow, \
+         {}-byte wrap for bond. Up is from the LAN towards the Internet (a new flow, \
          masqueraded), down the replies back; every ratio is against the baseline in the \
          same direction.",
-        plan.runs, plan.secs
+        plan.runs,
+        plan.secs,
+        bond_common::wire::OUTER_LEN
     );
     out.push('\n');
     let _ = writeln!(

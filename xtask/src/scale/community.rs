@@ -27,7 +27,7 @@ pub(super) fn terminal_of(origin: Ipv4Addr) -> Result<u32> {
 }
 
 /// A session token of its own for each community and terminal, never zero.
-pub(super) fn token(community: u16, t: u32) -> u64 {
+pub(super) fn token(community: u32, t: u32) -> u64 {
     SplitMix((u64::from(community) << 8) | u64::from(t)).next() | 1
 }
 
@@ -42,8 +42,8 @@ pub(super) struct Link {
 
 impl Link {
     /// Link `j` of community `c` (1-based).
-    pub(super) fn of(c: u16, j: u32) -> Self {
-        let idx = (u32::from(c) - 1) * LINKS + j;
+    pub(super) fn of(c: u32, j: u32) -> Self {
+        let idx = (c - 1) * LINKS + j;
         Self {
             idx,
             id: j as u8,
@@ -55,26 +55,23 @@ impl Link {
 
 /// Flow `i` of `n` communities, source ports counted from `base`: flows
 /// go round the communities, then the terminals, then the ports.
-pub(super) fn flow_key(i: u32, n: u16, base: u16) -> FlowKey {
-    let n = u32::from(n);
+pub(super) fn flow_key(i: u32, n: u32, base: u16) -> FlowKey {
     let r = i / n;
-    FlowKey {
-        community: (1 + i % n) as u16,
-        proto: IPPROTO_UDP,
-        _pad: 0,
-        origin: origin(r % TERMINALS).into(),
-        port: base + (r / TERMINALS) as u16,
-        _pad2: 0,
-    }
+    FlowKey::new(
+        1 + i % n,
+        IPPROTO_UDP,
+        origin(r % TERMINALS).into(),
+        base + (r / TERMINALS) as u16,
+    )
 }
 
 /// The `i`th flow written through the map API.
-pub(super) fn synthetic_key(i: u32, n: u16) -> FlowKey {
+pub(super) fn synthetic_key(i: u32, n: u32) -> FlowKey {
     flow_key(i, n, SYNTHETIC_SPORT)
 }
 
 /// The `k`th flow the program creates.
-pub(super) fn measured_key(k: u32, n: u16) -> FlowKey {
+pub(super) fn measured_key(k: u32, n: u32) -> FlowKey {
     flow_key(k, n, MEASURED_SPORT)
 }
 

@@ -108,7 +108,7 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
     let (took, first, last) = register(&base.maps, scale.communities)?;
     setup.push(Step::new(
         "register communities through `Maps` (3 sessions, 3 links, schedule)",
-        u32::from(scale.communities),
+        scale.communities,
         took,
         Some((first, last)),
     ));
@@ -190,7 +190,7 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
 /// program makes takes port `PORT_MAX - k`) are to take, as blocks of one.
 fn share_top_ports(maps: &Maps, scale: Scale) -> Result<()> {
     use bond_common::maps::{MAX_NAT_BLOCKS, NatBlocks};
-    let mut shares: std::collections::BTreeMap<u16, NatBlocks> = Default::default();
+    let mut shares: std::collections::BTreeMap<u32, NatBlocks> = Default::default();
     for k in 0..scale.probe {
         let c = super::community::measured_key(k, scale.communities).community;
         let s = shares.entry(c).or_insert(NatBlocks {
@@ -217,7 +217,7 @@ fn share_top_ports(maps: &Maps, scale: Scale) -> Result<()> {
 /// sessions, links (entry and index) and a downstream schedule over the
 /// links. Returns the total time and the times of the first and the last
 /// tenth.
-pub(super) fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Duration)> {
+pub(super) fn register(maps: &Maps, n: u32) -> Result<(Duration, Duration, Duration)> {
     maps.set_server_config(ServerConfig {
         wan_ip: WAN_IP.into(),
         nat_ip: NAT_IP.into(),
@@ -256,7 +256,6 @@ pub(super) fn register(maps: &Maps, n: u16) -> Result<(Duration, Duration, Durat
                     community: c,
                     link: l.id,
                     flags: LINK_VALID,
-                    _pad: [0; 2],
                     owner: origin(j).into(),
                 },
             )

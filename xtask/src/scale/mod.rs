@@ -118,7 +118,7 @@ const REPEAT_CHECK: u32 = 1000;
 /// The size of one run.
 #[derive(Clone, Copy, Debug)]
 struct Scale {
-    communities: u16,
+    communities: u32,
     /// Flows in the full table (and its size).
     flows: u32,
     /// New flows the program creates per pass (K).
@@ -167,7 +167,7 @@ impl Scale {
             "probe flows {} exceed the port space or the table",
             self.probe
         );
-        let n = u32::from(self.communities);
+        let n = self.communities;
         // Per community, origin: flows / (communities * terminals) ports.
         let per_origin = self.flows.div_ceil(n * TERMINALS);
         ensure!(

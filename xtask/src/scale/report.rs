@@ -68,9 +68,9 @@ pub(super) fn report_setup(md: &mut String, scale: Scale, steps: &[Step]) {
     let _ = writeln!(
         md,
         "Server with {} communities ({} sessions, {} links) and {} flows; dedicated ports {PORT_MIN}-{PORT_MAX} ({}) on one NAT address. One CPU; BPF_PROG_TEST_RUN, one packet per call, in a network namespace with the FIB and neighbours a server has, so packets take the forwarding path (XDP_REDIRECT).\n",
-        n(u32::from(scale.communities)),
-        n(u32::from(scale.communities) * TERMINALS),
-        n(u32::from(scale.communities) * LINKS),
+        n(scale.communities),
+        n(scale.communities * TERMINALS),
+        n(scale.communities * LINKS),
         n(scale.flows),
         n(PORTS),
     );
@@ -343,11 +343,11 @@ pub(super) fn report_findings(
     let _ = writeln!(
         md,
         "- **Communities, sessions and links fit**: `MAX_COMMUNITIES`, `MAX_SESSIONS` and `MAX_SERVER_LINKS` are 65,536 (compiled in; the agent does not size them at load), so {} communities of 3 terminals and 3 links use {:.0}% of each session and link table. The ceiling is 65,536 links in all (a link index is a `u16` in a schedule slot): 6.5 per community at 10,000 communities.",
-        n(u32::from(scale.communities)),
-        100.0 * f64::from(u32::from(scale.communities) * LINKS) / 65_536.0
+        n(scale.communities),
+        100.0 * f64::from(scale.communities * LINKS) / 65_536.0
     );
     // Per community: 3 sessions, 3 links (entry and index), 1 schedule.
-    let count = u32::from(scale.communities) * (TERMINALS + 2 * LINKS + 1);
+    let count = scale.communities * (TERMINALS + 2 * LINKS + 1);
     let per_write = writes.register / count;
     let _ = writeln!(
         md,
@@ -356,7 +356,7 @@ pub(super) fn report_findings(
         per_write.as_secs_f64() * 1e6,
         per_write.as_secs_f64() / writes.open_write.as_secs_f64().max(1e-9),
         writes.open_write.as_secs_f64() * 1e6,
-        n(u32::from(scale.communities))
+        n(scale.communities)
     );
     let works = repeat.counted == u64::from(REPEAT_CHECK);
     let _ = writeln!(

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{TestRun as _, TestRunOptions};
-use bond_common::maps::{Flow, FlowKey, NatEntry, NatKey, name};
+use bond_common::{
+    maps::{Flow, FlowKey, NatEntry, NatKey, name},
+    wire::BondHdr,
+};
 
 use crate::packets::{DATA_DOWN, ETH_P_IP, Ip, L4, WRAP_LEN, arp_frame, eth};
 
@@ -209,15 +212,21 @@ impl Server {
             .map(|j| Link::of(key.community, j).ip.octets())
             .collect();
         let t = terminal_of(origin)?;
+        let at = bond_common::wire::BOND_OFF;
+        let bond = out
+            .get(at..at + BondHdr::LEN)
+            .and_then(|b| Some(BondHdr::from_bytes(b.try_into().ok()?)));
         let ok = v == XDP_REDIRECT
             && out.len() == WRAP_LEN + want_inner.len()
             && out[0..6] == ROUTER_MAC
             && out[6..12] == WAN_DEV_MAC
             && links.iter().any(|l| out[30..34] == *l)
-            && out[45] == DATA_DOWN
-            && out[46..48] == key.community.to_be_bytes()
-            && out[50..54] == origin.octets()
-            && out[58..66] == token(key.community, t).to_be_bytes()
+            && bond.is_some_and(|h| {
+                h.kind == DATA_DOWN
+                    && h.community() == key.community
+                    && h.origin() == u32::from(origin)
+                    && h.token() == token(key.community, t)
+            })
             && out[WRAP_LEN..] == want_inner;
         ensure!(
             ok,
@@ -303,11 +312,7 @@ impl Server {
                     index: 0,
                     port: PORT_MIN + i as u16,
                 },
-                NatEntry {
-                    origin: k.origin,
-                    community: k.community,
-                    port: k.port,
-                },
+                NatEntry::new(k.community, k.origin, k.port),
                 0,
             )
             .with_context(|| format!("inserting NAT entry {i} into S_NAT"))

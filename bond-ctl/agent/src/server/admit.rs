@@ -24,7 +24,7 @@ use bond_proto::{
 /// The terminals each community takes by key; a community not listed
 /// takes any member.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Identities(BTreeMap<u16, BTreeMap<Ipv4Addr, PublicKey>>);
+pub struct Identities(BTreeMap<u32, BTreeMap<Ipv4Addr, PublicKey>>);
 
 /// What a community says of one terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ impl Refused {
 
 impl Identities {
     /// From each community's list, if it has one.
-    pub fn new(lists: impl IntoIterator<Item = (u16, BTreeMap<Ipv4Addr, PublicKey>)>) -> Self {
+    pub fn new(lists: impl IntoIterator<Item = (u32, BTreeMap<Ipv4Addr, PublicKey>)>) -> Self {
         Self(lists.into_iter().collect())
     }
 
@@ -79,16 +79,16 @@ impl Identities {
     /// As the tier's registry lists them, for the communities served.
     pub fn from_registry<'a>(
         view: &bond_tier::layout::View,
-        served: impl IntoIterator<Item = &'a u16>,
+        served: impl IntoIterator<Item = &'a u32>,
     ) -> Self {
         Self::new(
             served
                 .into_iter()
-                .filter_map(|&c| Some((c, view.terminal_keys(u32::from(c))?))),
+                .filter_map(|&c| Some((c, view.terminal_keys(c)?))),
         )
     }
 
-    pub fn auth(&self, community: u16, origin: Ipv4Addr) -> Auth {
+    pub fn auth(&self, community: u32, origin: Ipv4Addr) -> Auth {
         match self.0.get(&community) {
             None => Auth::Open,
             Some(list) => list.get(&origin).map_or(Auth::Denied, |k| Auth::Key(*k)),
@@ -141,8 +141,8 @@ impl Identities {
     pub fn revoked(
         &self,
         next: &Self,
-        sessions: impl IntoIterator<Item = (u16, Ipv4Addr)>,
-    ) -> Vec<(u16, Ipv4Addr)> {
+        sessions: impl IntoIterator<Item = (u32, Ipv4Addr)>,
+    ) -> Vec<(u32, Ipv4Addr)> {
         sessions
             .into_iter()
             .filter(|&(c, o)| match next.auth(c, o) {

@@ -28,9 +28,9 @@ pub(super) struct Blocks {
     log: NatLog,
     /// Blocks out of their community's share in the map, still its in the
     /// pool until the next sweep shows no flow on them.
-    cooling: BTreeMap<u16, BTreeSet<u16>>,
+    cooling: BTreeMap<u32, BTreeSet<u16>>,
     /// Communities the pool had no block for (warned once each).
-    starved: BTreeSet<u16>,
+    starved: BTreeSet<u32>,
 }
 
 impl Blocks {
@@ -75,7 +75,7 @@ impl Blocks {
 
     /// A terminal of `community` logged on: it has a share from now on
     /// (its first block, or the blocks it was giving back).
-    pub(super) fn logged_on(&mut self, maps: &Maps, community: u16) -> Result<()> {
+    pub(super) fn logged_on(&mut self, maps: &Maps, community: u32) -> Result<()> {
         // Blocks it was giving back are its again.
         if self.cooling.remove(&community).is_some() {
             self.write(maps, community)?;
@@ -109,7 +109,7 @@ impl Blocks {
         &mut self,
         maps: &Maps,
         counted: &Counted,
-        active: impl Fn(u16) -> bool,
+        active: impl Fn(u32) -> bool,
     ) -> Result<()> {
         for (c, firsts) in std::mem::take(&mut self.cooling) {
             let mut back = false;
@@ -125,7 +125,7 @@ impl Blocks {
                 self.write(maps, c)?;
             }
         }
-        let mut usage: BTreeMap<u16, Usage> = BTreeMap::new();
+        let mut usage: BTreeMap<u32, Usage> = BTreeMap::new();
         for (&(c, first), &n) in &counted.blocks {
             let u = usage.entry(c).or_default();
             u.flows += n;
@@ -189,7 +189,7 @@ impl Blocks {
 
     /// `community`'s share for `status` (cooling blocks included: they are
     /// its until given back).
-    pub(super) fn share(&self, community: u16) -> Option<bond_api::reply::CommunityNat> {
+    pub(super) fn share(&self, community: u32) -> Option<bond_api::reply::CommunityNat> {
         let s = self.pool.held(community)?;
         let size = self.pool.block();
         Some(bond_api::reply::CommunityNat {
@@ -207,7 +207,7 @@ impl Blocks {
 
     /// Writes `community`'s share as the datapath may use it: what it
     /// holds but the blocks cooling; nothing left, no entry.
-    fn write(&self, maps: &Maps, community: u16) -> Result<()> {
+    fn write(&self, maps: &Maps, community: u32) -> Result<()> {
         let share = self.pool.held(community).and_then(|mut s| {
             if let Some(cool) = self.cooling.get(&community) {
                 let kept: Vec<u16> = firsts(&s).filter(|f| !cool.contains(f)).collect();

@@ -33,14 +33,14 @@ impl Agent {
     /// The server's index of link `link` of community `c`, if origin `o`
     /// announced it and `src` is its address: where echoes are answered
     /// and trains sent, so nobody can aim them elsewhere.
-    pub(super) fn owned_link(&self, c: u16, link: u8, o: Ipv4Addr, src: SocketAddr) -> Option<u32> {
+    pub(super) fn owned_link(&self, c: u32, link: u8, o: Ipv4Addr, src: SocketAddr) -> Option<u32> {
         let a = self.applied.get(&(c, link))?;
         (a.entry.owner == u32::from(o) && a.addr == src).then_some(a.idx)
     }
 
     /// The ways to origin `o` of community `c`: its own lit link, and a
     /// lit link of a peer, which passes messages on over the LAN.
-    pub(super) fn ways_to(&self, c: u16, o: Ipv4Addr) -> [Option<(u8, SocketAddr)>; 2] {
+    pub(super) fn ways_to(&self, c: u32, o: Ipv4Addr) -> [Option<(u8, SocketAddr)>; 2] {
         let lit = || {
             self.applied
                 .range((c, 0)..=(c, u8::MAX))
@@ -505,7 +505,7 @@ impl Agent {
     /// Sends origin `o` of community `c` again what its playout saw the
     /// links lose (`crate::resend`), each copy on the link where it
     /// arrives first now.
-    pub(super) async fn resend(&mut self, c: u16, o: Ipv4Addr, gaps: &[Gap]) -> Result<()> {
+    pub(super) async fn resend(&mut self, c: u32, o: Ipv4Addr, gaps: &[Gap]) -> Result<()> {
         let ring = self.maps.kept(name::S_KEPT, name::S_KEPT_NEXT)?;
         for k in &resend::asked_for(&mut self.resends, ring, c, u32::from(o), gaps) {
             let Some(bytes) = k.bytes() else { continue };
@@ -532,7 +532,7 @@ impl Agent {
 
     /// Sends `body` about a terminal's link (community, origin, link),
     /// signed with its community's key, to `dst`.
-    pub(super) async fn send(&mut self, about: (u16, Ipv4Addr, u8), body: Body, dst: SocketAddr) {
+    pub(super) async fn send(&mut self, about: (u32, Ipv4Addr, u8), body: Body, dst: SocketAddr) {
         let (community, origin, link) = about;
         let Some(key) = self.keys.get(&community) else {
             return;

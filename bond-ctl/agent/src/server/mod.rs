@@ -36,18 +36,18 @@ const TRAIN_MIN_GAP: Duration = Duration::from_millis(200);
 const ADOPT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// An upstream train being received: (community, origin, link, train).
-type TrainKey = (u16, Ipv4Addr, u8, u32);
+type TrainKey = (u32, Ipv4Addr, u8, u32);
 
 struct Agent {
     cfg: ServerConfig,
     maps: Maps,
     /// The communities served and their keys: from the file, or from the
     /// registry (`[tier]`).
-    keys: BTreeMap<u16, CommunityKey>,
+    keys: BTreeMap<u32, CommunityKey>,
     /// The terminals each community takes by key, if it does, and those
     /// refused a login (logged once each).
     identities: admit::Identities,
-    refused: std::collections::BTreeSet<(u16, std::net::Ipv4Addr)>,
+    refused: std::collections::BTreeSet<(u32, std::net::Ipv4Addr)>,
     /// This node in the tier's registry (`[tier]` only), and what the
     /// registry last said it serves.
     tier: Option<bond_tier::node::Node>,
@@ -58,7 +58,7 @@ struct Agent {
     /// Live flows per community as of the last sweep, and when that
     /// sweep began (what a draining node waits for); when this node was
     /// first seen draining; the communities it released, with when.
-    live_flows: (BTreeMap<u16, u64>, Option<Instant>),
+    live_flows: (BTreeMap<u32, u64>, Option<Instant>),
     drain_seen: Option<Instant>,
     released: BTreeMap<u32, Instant>,
     table: ServerTable,
@@ -68,7 +68,7 @@ struct Agent {
     /// The socket on `address6`, for links over IPv6 (none without it).
     sock6: Option<UdpSocket>,
     /// Links written to the maps, by (community, link id).
-    applied: BTreeMap<(u16, u8), Applied>,
+    applied: BTreeMap<(u32, u8), Applied>,
     free_idx: Vec<u32>,
     next_idx: u32,
     rejects: Tally,
@@ -78,10 +78,10 @@ struct Agent {
     /// report goes.
     trains: HashMap<TrainKey, (TrainRx, Instant, SocketAddr)>,
     /// When each (community, link) last got a downstream train.
-    sent_trains: HashMap<(u16, u8), Instant>,
+    sent_trains: HashMap<(u32, u8), Instant>,
     /// When each (community, link) last brought its owner's echo, and
     /// whether it is dark for missing them (`crate::pathmon`).
-    echoes: HashMap<(u16, u8), EchoSeen>,
+    echoes: HashMap<(u32, u8), EchoSeen>,
     adopted: bool,
     started: Instant,
     /// How each program is attached, by (hook, interface).
@@ -93,7 +93,7 @@ struct Agent {
     /// S_CONFIG as written; its `link_mtu` follows the links.
     map_cfg: ServerMap,
     /// The smallest MTU each community announced for its live links.
-    community_mtu: HashMap<u16, u16>,
+    community_mtu: HashMap<u32, u16>,
     /// The configuration file, read again on `reload` and SIGHUP.
     path: PathBuf,
     /// The upstream playout, unless the configuration turns it off.
@@ -106,7 +106,7 @@ struct Agent {
     resends: resend::Resend,
     /// Relative delays (ns) of the links found at adoption, by community
     /// and link index, used until each link's owner announces again.
-    adopted_delay: HashMap<(u16, u32), u32>,
+    adopted_delay: HashMap<(u32, u32), u32>,
 }
 
 /// A link as written to the maps.

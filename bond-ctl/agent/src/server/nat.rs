@@ -47,9 +47,9 @@ pub struct NatPool {
     per_address: u32,
     /// For each address (by index), the community holding each held
     /// block (by block number). A block absent is free.
-    owners: Vec<BTreeMap<u32, u16>>,
+    owners: Vec<BTreeMap<u32, u32>>,
     /// The communities holding blocks, each with its share.
-    shares: BTreeMap<u16, Share>,
+    shares: BTreeMap<u32, Share>,
 }
 
 /// One community's share of the pool: one address and blocks on it.
@@ -66,7 +66,7 @@ struct Share {
 /// writes to the map and to the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Change {
-    pub community: u16,
+    pub community: u32,
     /// The pool address the block is on.
     pub address: Ipv4Addr,
     /// The block's ports: `first..=last`.
@@ -88,7 +88,7 @@ pub enum ChangeKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exhausted {
     /// The community that got nothing.
-    pub community: u16,
+    pub community: u32,
 }
 
 impl fmt::Display for Exhausted {
@@ -108,13 +108,13 @@ impl std::error::Error for Exhausted {}
 pub enum CannotGrow {
     /// The community holds no block, so it has no address to grow on
     /// (it needs [`NatPool::assign`] first).
-    HoldsNothing { community: u16 },
+    HoldsNothing { community: u32 },
     /// The community already holds `MAX_NAT_BLOCKS` blocks, all the map
     /// value has room for.
-    MostBlocks { community: u16, address: Ipv4Addr },
+    MostBlocks { community: u32, address: Ipv4Addr },
     /// Every block of the community's address is taken (paired pooling
     /// keeps a community on one address, so it cannot move to another).
-    AddressFull { community: u16, address: Ipv4Addr },
+    AddressFull { community: u32, address: Ipv4Addr },
 }
 
 impl fmt::Display for CannotGrow {
@@ -155,12 +155,12 @@ pub struct Usage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Give the community one more block ([`NatPool::grow`]).
-    Grow(u16),
+    Grow(u32),
     /// Take back the community's block starting at this port
     /// ([`NatPool::release`]).
-    Release(u16, u16),
+    Release(u32, u16),
     /// Take back all the community's blocks ([`NatPool::release_all`]).
-    ReleaseAll(u16),
+    ReleaseAll(u32),
 }
 
 impl NatPool {
@@ -238,7 +238,7 @@ impl NatPool {
     /// What `community` holds as the datapath reads it (`S_NAT_BLOCKS`):
     /// its address's index and its blocks' first ports, lowest first.
     /// `None` if it holds nothing (its map entry should go).
-    pub fn held(&self, community: u16) -> Option<NatBlocks> {
+    pub fn held(&self, community: u32) -> Option<NatBlocks> {
         let share = self.shares.get(&community)?;
         let mut first = [0u16; MAX_NAT_BLOCKS];
         for (slot, &n) in first.iter_mut().zip(&share.blocks) {
@@ -254,7 +254,7 @@ impl NatPool {
     }
 
     /// The communities holding blocks, in ascending order.
-    pub fn communities(&self) -> impl Iterator<Item = u16> {
+    pub fn communities(&self) -> impl Iterator<Item = u32> {
         self.shares.keys().copied()
     }
 
@@ -266,7 +266,7 @@ impl NatPool {
     /// block, a block held by another community or listed twice, or a
     /// community that already holds blocks). An entry with no blocks takes
     /// nothing and is no error (the caller should remove it).
-    pub fn adopt(&mut self, community: u16, held: &NatBlocks) -> Result<(), String> {
+    pub fn adopt(&mut self, community: u32, held: &NatBlocks) -> Result<(), String> {
         let refuse =
             |why: String| format!("community {community}: cannot adopt its NAT blocks: {why}");
         if self.shares.contains_key(&community) {
@@ -317,7 +317,7 @@ impl NatPool {
     /// grow; ties go to the lowest index), the lowest free block there.
     /// `Ok(None)` if it already holds blocks (nothing to do); `Err` if the
     /// pool has no free block.
-    pub fn assign(&mut self, community: u16) -> Result<Option<Change>, Exhausted> {
+    pub fn assign(&mut self, community: u32) -> Result<Option<Change>, Exhausted> {
         if self.shares.contains_key(&community) {
             return Ok(None);
         }
@@ -340,7 +340,7 @@ impl NatPool {
 
     /// Gives `community` one more block, the lowest free one on the
     /// address it already has (paired pooling: never another address).
-    pub fn grow(&mut self, community: u16) -> Result<Change, CannotGrow> {
+    pub fn grow(&mut self, community: u32) -> Result<Change, CannotGrow> {
         let Some(share) = self.shares.get(&community) else {
             return Err(CannotGrow::HoldsNothing { community });
         };
@@ -359,7 +359,7 @@ impl NatPool {
     /// Takes back `community`'s block starting at port `first`; `None` if
     /// it holds no such block. Its last block going frees its address too:
     /// a later [`NatPool::assign`] may choose another.
-    pub fn release(&mut self, community: u16, first: u16) -> Option<Change> {
+    pub fn release(&mut self, community: u32, first: u16) -> Option<Change> {
         let n = self.block_starting_at(first)?;
         let share = self.shares.get_mut(&community)?;
         if !share.blocks.remove(&n) {
@@ -377,7 +377,7 @@ impl NatPool {
 
     /// Takes back all of `community`'s blocks, lowest first; empty if it
     /// holds none.
-    pub fn release_all(&mut self, community: u16) -> Vec<Change> {
+    pub fn release_all(&mut self, community: u32) -> Vec<Change> {
         let Some(share) = self.shares.remove(&community) else {
             return Vec::new();
         };
@@ -393,7 +393,7 @@ impl NatPool {
 
     /// The community holding `ip`:`port` now, if any (`None` too for an
     /// address outside the pool or a port outside every block).
-    pub fn owner(&self, ip: Ipv4Addr, port: u16) -> Option<u16> {
+    pub fn owner(&self, ip: Ipv4Addr, port: u16) -> Option<u32> {
         let index = u32::from(ip).checked_sub(self.base)?;
         let taken = self.owners.get(usize::try_from(index).ok()?)?;
         taken.get(&self.block_of(port)?).copied()
@@ -414,7 +414,7 @@ impl NatPool {
     ///   holds more than one and its flows would stay under a quarter of
     ///   the capacity left: well below the growth mark, so that a
     ///   community does not grow and shrink by turns.
-    pub fn plan(&self, usage: &BTreeMap<u16, Usage>) -> Vec<Step> {
+    pub fn plan(&self, usage: &BTreeMap<u32, Usage>) -> Vec<Step> {
         let idle = Usage::default();
         let block = u64::from(self.block);
         let mut steps = Vec::new();
@@ -487,7 +487,7 @@ impl NatPool {
     }
 
     /// Records block `n` of the address at `index` as `community`'s.
-    fn take(&mut self, community: u16, index: u8, n: u32) {
+    fn take(&mut self, community: u32, index: u8, n: u32) {
         if let Some(taken) = self.owners.get_mut(usize::from(index)) {
             taken.insert(n, community);
         }
@@ -501,7 +501,7 @@ impl NatPool {
             .insert(n);
     }
 
-    fn change(&self, community: u16, index: u8, n: u32, kind: ChangeKind) -> Change {
+    fn change(&self, community: u32, index: u8, n: u32, kind: ChangeKind) -> Change {
         Change {
             community,
             address: self.address(index),
@@ -526,7 +526,7 @@ struct LogLine {
     /// RFC 3339, UTC, milliseconds.
     time: String,
     event: ChangeKind,
-    community: u16,
+    community: u32,
     address: Ipv4Addr,
     /// `first-last`.
     ports: String,
@@ -568,7 +568,7 @@ impl NatLog {
 /// A community that held an address and port, from the log ([`who`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Held {
-    pub community: u16,
+    pub community: u32,
     /// When its block was assigned.
     #[serde(serialize_with = "serialize_time")]
     pub since: SystemTime,
@@ -592,9 +592,9 @@ pub struct Held {
 pub fn who(log: &str, address: Ipv4Addr, port: u16, at: SystemTime) -> Result<Vec<Held>, String> {
     // Blocks covering address:port held at this point of the log, by
     // (first, last), with their holder and since when.
-    let mut open: BTreeMap<(u16, u16), (u16, SystemTime)> = BTreeMap::new();
+    let mut open: BTreeMap<(u16, u16), (u32, SystemTime)> = BTreeMap::new();
     let mut found = Vec::new();
-    let mut keep = |community: u16, since: SystemTime, until: Option<SystemTime>| {
+    let mut keep = |community: u32, since: SystemTime, until: Option<SystemTime>| {
         if since <= at && until.is_none_or(|until| at < until) {
             found.push(Held {
                 community,
@@ -648,7 +648,7 @@ pub struct WhoReport {
 /// One holder in a [`WhoReport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldRow {
-    pub community: u16,
+    pub community: u32,
     pub since: String,
     /// None: still held, as far as the log goes.
     pub until: Option<String>,
@@ -684,7 +684,7 @@ impl WhoReport {
 struct Entry {
     time: SystemTime,
     kind: ChangeKind,
-    community: u16,
+    community: u32,
     address: Ipv4Addr,
     first: u16,
     last: u16,
@@ -767,13 +767,13 @@ mod tests {
     }
 
     /// The first ports `community` holds, lowest first.
-    fn firsts(pool: &NatPool, community: u16) -> Vec<u16> {
+    fn firsts(pool: &NatPool, community: u32) -> Vec<u16> {
         pool.held(community)
             .map(|h| h.first[..usize::from(h.count)].to_vec())
             .unwrap_or_default()
     }
 
-    fn index_of(pool: &NatPool, community: u16) -> u8 {
+    fn index_of(pool: &NatPool, community: u32) -> u8 {
         pool.held(community).unwrap().index
     }
 
@@ -1024,7 +1024,7 @@ mod tests {
     fn adopt_rejects_each_inconsistency_taking_nothing() {
         let mut pool = pool(2);
         pool.adopt(1, &blocks(0, &[1024, 1280])).unwrap();
-        let cases: [(u16, NatBlocks, &str); 7] = [
+        let cases: [(u32, NatBlocks, &str); 7] = [
             // A block another community holds.
             (2, blocks(0, &[1536, 1280]), "held by community 1"),
             // The same block twice.
@@ -1204,7 +1204,7 @@ mod tests {
         humantime::parse_rfc3339(text).unwrap()
     }
 
-    fn change(community: u16, ports: (u16, u16), kind: ChangeKind) -> Change {
+    fn change(community: u32, ports: (u16, u16), kind: ChangeKind) -> Change {
         Change {
             community,
             address: BASE,
@@ -1313,7 +1313,7 @@ mod tests {
 
     #[test]
     fn who_copes_with_an_incomplete_log() {
-        let line = |t: &str, event: &str, community: u16| {
+        let line = |t: &str, event: &str, community: u32| {
             format!(
                 r#"{{"time":"{t}","event":"{event}","community":{community},"address":"198.51.100.1","ports":"1024-1279"}}"#
             )

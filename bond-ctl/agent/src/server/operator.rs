@@ -48,7 +48,7 @@ impl Agent {
 
     /// The link id that community `c`'s downstream schedule holds at
     /// index `idx` (the datapath names links by index).
-    pub(super) fn link_of(&self, c: u16, idx: u32) -> Option<u8> {
+    pub(super) fn link_of(&self, c: u32, idx: u32) -> Option<u8> {
         self.applied
             .iter()
             .find(|((community, _), a)| *community == c && a.idx == idx)
@@ -59,7 +59,7 @@ impl Agent {
     /// link's rate, its delay over the nearest link's, the jitter counted
     /// on it now, and whether it is in use (not while left out for
     /// silence).
-    pub(super) fn down_paths(&self, c: u16) -> Vec<DownPath> {
+    pub(super) fn down_paths(&self, c: u32) -> Vec<DownPath> {
         let Ok(Some(paths)) = self.maps.down_paths(c) else {
             return Vec::new();
         };

@@ -246,8 +246,8 @@ impl Agent {
     /// (scaled) downstream weights.
     pub(super) fn adopt(&mut self) -> Result<()> {
         let now = Instant::now();
-        let mut by_term: BTreeMap<(u16, Ipv4Addr), Vec<(LinkAd, SocketAddr)>> = BTreeMap::new();
-        let mut rates: HashMap<u16, BTreeMap<u32, u32>> = HashMap::new();
+        let mut by_term: BTreeMap<(u32, Ipv4Addr), Vec<(LinkAd, SocketAddr)>> = BTreeMap::new();
+        let mut rates: HashMap<u32, BTreeMap<u32, u32>> = HashMap::new();
         for (key, idx) in self.maps.server_link_index()? {
             let l = self.maps.server_link(idx)?;
             if l.flags & LINK_VALID == 0 {

@@ -57,7 +57,7 @@ impl Agent {
         .filter_map(|(f, changed)| changed.then_some(f))
         .collect();
         crate::refuse_restart_fields(&restart, keep)?;
-        let keys = |c: &ServerConfig| -> Vec<(u16, CommunityKey)> {
+        let keys = |c: &ServerConfig| -> Vec<(u32, CommunityKey)> {
             c.communities
                 .iter()
                 .map(|c| (c.id, c.key.clone()))
@@ -117,19 +117,12 @@ impl Agent {
     /// owner (its flows here are left to their idle timeouts: their
     /// packets go to the new owner now).
     pub(super) fn follow_registry(&mut self, served: bond_tier::node::Served) {
-        let mut keys = BTreeMap::new();
-        for (&id, key) in &served.communities {
-            match u16::try_from(id) {
-                Ok(c) => {
-                    keys.insert(c, CommunityKey::new(key.clone()));
-                }
-                Err(_) if !self.served.communities.contains_key(&id) => tracing::warn!(
-                    "registry: community {id} does not fit this wire format's 16 bits: not served"
-                ),
-                Err(_) => {}
-            }
-        }
-        let gone: Vec<u16> = self
+        let keys: BTreeMap<u32, CommunityKey> = served
+            .communities
+            .iter()
+            .map(|(&id, key)| (id, CommunityKey::new(key.clone())))
+            .collect();
+        let gone: Vec<u32> = self
             .keys
             .keys()
             .filter(|c| !keys.contains_key(c))
@@ -226,11 +219,7 @@ impl Agent {
             return;
         }
         for &c in self.served.communities.keys() {
-            let live = u16::try_from(c)
-                .ok()
-                .and_then(|c| live.get(&c))
-                .copied()
-                .unwrap_or(0);
+            let live = live.get(&c).copied().unwrap_or(0);
             let shown = view.released.contains(&(me.clone(), c));
             let due = self
                 .released
@@ -252,7 +241,7 @@ impl Agent {
     /// fragmentation needed. One value for all communities.
     pub(super) fn follow_link_mtu(
         &mut self,
-        community: u16,
+        community: u32,
         rows: &[crate::membership::ServerLinkRow],
     ) -> Result<()> {
         // (A link over IPv6 announces its MTU less the 20 bytes more of
@@ -317,7 +306,7 @@ impl Agent {
     /// owner's word or its missing echoes) stays registered but out of the
     /// schedule; each link's relative delay comes from the base round trips
     /// owners announce.
-    pub(super) fn apply(&mut self, community: u16) -> Result<()> {
+    pub(super) fn apply(&mut self, community: u32) -> Result<()> {
         let rows = self.table.links(Some(community), Instant::now());
         let mut weights = Vec::new();
         let mut rtts = Vec::new();
@@ -334,7 +323,6 @@ impl Agent {
                 community,
                 link: r.link,
                 flags: LINK_VALID | if v6.is_some() { LINK_V6 } else { 0 },
-                _pad: [0; 2],
                 owner: u32::from(r.owner),
             };
             let write = |idx: u32| match v6 {
@@ -402,7 +390,7 @@ impl Agent {
         tracing::info!(
             "community {community}: downstream paths {weights:?} (index, kbit/s, relative delay ns)"
         );
-        let gone: Vec<(u16, u8)> = self
+        let gone: Vec<(u32, u8)> = self
             .applied
             .range((community, 0)..=(community, u8::MAX))
             .filter(|((_, l), _)| !keep.contains(l))

@@ -28,6 +28,7 @@ pub async fn run(
         data_port: cfg.data_port,
         server_port: cfg.server.port,
         lan_mac: lan.mac,
+        _pad: [0; 6],
         server_ip6: cfg.server.address6.map_or([0; 16], |a| a.octets()),
     };
     // An adopted session goes on: same community and server, same token.

@@ -41,11 +41,7 @@ fn try_expired(ctx: &XdpContext) -> Result<u32, u32> {
     let cfg = S_CONFIG.get(0).ok_or(drops::TTL_EXCEEDED)?;
     let b =
         BondHdr::from_bytes(read::<{ BondHdr::LEN }>(ctx, wire::BOND_OFF).ok_or(drops::TRUNCATED)?);
-    let to = NatEntry {
-        origin: b.origin(),
-        community: b.community(),
-        port: 0,
-    };
+    let to = NatEntry::new(b.community(), b.origin(), 0);
     if !within_rate() {
         return Err(drops::TTL_EXCEEDED);
     }

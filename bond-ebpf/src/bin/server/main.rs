@@ -52,12 +52,12 @@ use bond_common::{
     csum, drops,
     edpf::Paths,
     maps::{
-        Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED, JUMP_IN6, JUMP_OUT6,
-        JUMP_SERVER, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS, Kept, LINK_V6, LINK_VALID, LinkKey,
-        LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS, MAX_NAT_BLOCKS, MAX_NODES,
-        MAX_SERVER_LINKS, MAX_SESSIONS, NAT_SEQUENTIAL, Nat6Entry, NatBlocks, NatEntry, NatKey,
-        NodeSlot, Permit6Key, PermitKey, ServerConfig, ServerLink, Session, SessionKey, event,
-        mac_key, tcp,
+        CommunityId, Flow, Flow6, Flow6Key, FlowKey, FragFlow, FragKey, Hold, JUMP_EXPIRED,
+        JUMP_IN6, JUMP_OUT6, JUMP_SERVER, JUMP_SLOTS, JUMP_V6, KEPT_SLOTS, Kept, LINK_V6,
+        LINK_VALID, LinkKey, LinkStats, MAX_COMMUNITIES, MAX_DENY, MAX_FLOWS, MAX_FRAGS,
+        MAX_NAT_BLOCKS, MAX_NODES, MAX_SERVER_LINKS, MAX_SESSIONS, MAX_TIER_COMMUNITIES,
+        NAT_SEQUENTIAL, Nat6Entry, NatBlocks, NatEntry, NatKey, NodeSlot, Permit6Key, PermitKey,
+        ServerConfig, ServerLink, Session, SessionKey, event, mac_key, tcp,
     },
     wire::{
         self, BondHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -93,7 +93,7 @@ static S_FROM6: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Each community's downstream scheduling state, shared by all CPUs (see
 /// `T_PATHS` in the terminal program on concurrent picks).
 #[map]
-static S_PATHS: HashMap<u16, Paths> = HashMap::pinned(MAX_COMMUNITIES, 0);
+static S_PATHS: HashMap<CommunityId, Paths> = HashMap::pinned(MAX_COMMUNITIES, 0);
 #[map]
 static S_FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
@@ -133,7 +133,8 @@ static S_DENY6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_DENY, 0);
 /// removes entries, so they are allocated as it writes them, not all
 /// 65,536 up front (13 MiB).
 #[map]
-static S_NAT_BLOCKS: HashMap<u16, NatBlocks> = HashMap::pinned(MAX_COMMUNITIES, BPF_F_NO_PREALLOC);
+static S_NAT_BLOCKS: HashMap<CommunityId, NatBlocks> =
+    HashMap::pinned(MAX_COMMUNITIES, BPF_F_NO_PREALLOC);
 #[map]
 static S_LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::pinned(MAX_SERVER_LINKS, 0);
 #[map]
@@ -154,7 +155,8 @@ static S_KEPT_NEXT: Array<u32> = Array::pinned(1, 0);
 /// In a tier: each community another node owns, 1 + that node's index
 /// in `S_NODES`; 0: this node's, or no one's.
 #[map]
-static S_OWNERS: Array<u32> = Array::pinned(MAX_COMMUNITIES, 0);
+static S_OWNERS: HashMap<CommunityId, u32> =
+    HashMap::pinned(MAX_TIER_COMMUNITIES, BPF_F_NO_PREALLOC);
 #[map]
 static S_NODES: Array<NodeSlot> = Array::pinned(MAX_NODES, 0);
 /// The other nodes' MAC addresses ([`mac_key`]): what they pass on is
@@ -219,8 +221,9 @@ fn try_server(ctx: &XdpContext) -> Result<u32, u32> {
 /// In a tier: passes bond traffic of a community another node owns on to
 /// it (data and control alike); None if it is this node's to handle.
 #[inline(always)]
-pub(crate) fn to_owner(ctx: &XdpContext, community: u16) -> Result<Option<u32>, u32> {
-    let owner = S_OWNERS.get(u32::from(community)).copied().unwrap_or(0);
+pub(crate) fn to_owner(ctx: &XdpContext, community: CommunityId) -> Result<Option<u32>, u32> {
+    // SAFETY: read-only use of a map value.
+    let owner = unsafe { S_OWNERS.get(community) }.copied().unwrap_or(0);
     let Some(idx) = owner.checked_sub(1) else {
         return Ok(None);
     };
@@ -261,11 +264,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     let community = b.community();
 
     // The outer source must be a registered link of this community...
-    let link_key = LinkKey {
-        community,
-        link: b.link,
-        _pad: 0,
-    };
+    let link_key = LinkKey::new(community, b.link);
     // SAFETY: read-only use of a map value.
     let idx = *unsafe { S_LINK_INDEX.get(link_key) }.ok_or(drops::UNKNOWN_SOURCE)?;
     let link = S_LINKS.get(idx).ok_or(drops::UNKNOWN_SOURCE)?;
@@ -289,11 +288,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
     }
     // ...carrying the session token of a logged-on origin.
     let origin = b.origin();
-    let skey = SessionKey {
-        community,
-        _pad: 0,
-        origin,
-    };
+    let skey = SessionKey::new(community, origin);
     // SAFETY: read-only use of a map value.
     let session = unsafe { S_SESSIONS.get(skey) }.ok_or(drops::BAD_TOKEN)?;
     if session.token != b.token() {
@@ -385,14 +380,7 @@ fn upstream(ctx: &XdpContext, cfg: &ServerConfig) -> Result<u32, u32> {
         return Ok(hold);
     }
 
-    let fkey = FlowKey {
-        community,
-        proto: inner.proto,
-        _pad: 0,
-        origin,
-        port,
-        _pad2: 0,
-    };
+    let fkey = FlowKey::new(community, inner.proto, origin, port);
     let flow = flow_for(&fkey, now, cfg, (inner.dst, remote_port))?;
     // SAFETY: `flow` points at a live map value; concurrent updates of these
     // counters from other CPUs may lose increments (they are statistics).
@@ -434,7 +422,7 @@ fn later_up(
     ctx: &XdpContext,
     cfg: &ServerConfig,
     idx: u32,
-    community: u16,
+    community: CommunityId,
     inner: &Inner,
 ) -> Result<u32, u32> {
     // SAFETY: read-only use of a map value.
@@ -605,11 +593,7 @@ fn flow_for(
         return Ok(f);
     }
     let held = origin_flows(key.community, key.origin, cfg.per_origin)?;
-    let nat = NatEntry {
-        origin: key.origin,
-        community: key.community,
-        port: key.port,
-    };
+    let nat = NatEntry::new(key.community, key.origin, key.port);
     let nkey = claim_port(
         &S_NAT,
         &nat,
@@ -637,12 +621,8 @@ fn flow_for(
 /// The count of flows `origin` holds, for [`made`] to raise, if it holds
 /// fewer than `per_origin` (0: no limit).
 #[inline(always)]
-fn origin_flows(community: u16, origin: u32, per_origin: u32) -> Result<*mut u64, u32> {
-    let okey = SessionKey {
-        community,
-        _pad: 0,
-        origin,
-    };
+fn origin_flows(community: CommunityId, origin: u32, per_origin: u32) -> Result<*mut u64, u32> {
+    let okey = SessionKey::new(community, origin);
     if S_ORIGIN_FLOWS.get_ptr_mut(okey).is_none() {
         // Another CPU may win the insert; either way the entry exists.
         let _ = S_ORIGIN_FLOWS.insert(okey, 0, u64::from(BPF_NOEXIST));
@@ -685,7 +665,7 @@ fn claim_port<V>(
     nat: &HashMap<NatKey, V>,
     value: &V,
     proto: u8,
-    community: u16,
+    community: CommunityId,
     (block, sequential): (u16, bool),
     v6: bool,
 ) -> Result<NatKey, u32> {
@@ -802,14 +782,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8, index: u8) -> Res
     }
     // SAFETY: read-only use of map values.
     let nat = *unsafe { S_NAT.get(NatKey { proto, index, port }) }.ok_or(drops::NO_FLOW)?;
-    let fkey = FlowKey {
-        community: nat.community,
-        proto,
-        _pad: 0,
-        origin: nat.origin,
-        port: nat.port,
-        _pad2: 0,
-    };
+    let fkey = FlowKey::new(nat.community, proto, nat.origin, nat.port);
     let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
     let mut l4 = None;
     if later {
@@ -933,11 +906,7 @@ fn pick_down(nat: &NatEntry, len: u16) -> Result<Down, u32> {
     if link.flags & LINK_VALID == 0 {
         return Err(drops::LINK_MISSING);
     }
-    let skey = SessionKey {
-        community: nat.community,
-        _pad: 0,
-        origin: nat.origin,
-    };
+    let skey = SessionKey::new(nat.community, nat.origin);
     // SAFETY: the value is only read; the agent replaces entries whole.
     let token = unsafe { S_SESSIONS.get(skey) }.ok_or(drops::NO_FLOW)?.token;
     Ok(Down {
@@ -1092,14 +1061,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig, index: u8) -> Result<u32, u3
     }
     // SAFETY: read-only use of a map value.
     let nat = *unsafe { S_NAT.get(NatKey { proto, index, port }) }.ok_or(drops::NO_FLOW)?;
-    let fkey = FlowKey {
-        community: nat.community,
-        proto,
-        _pad: 0,
-        origin: nat.origin,
-        port: nat.port,
-        _pad2: 0,
-    };
+    let fkey = FlowKey::new(nat.community, proto, nat.origin, nat.port);
     let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
     let remote = u32::from_be_bytes([e[16], e[17], e[18], e[19]]);
     if let Some((key, created)) = permit_for(flow, proto, (remote, remote_port))

@@ -82,11 +82,7 @@ fn try_in6(ctx: &XdpContext) -> Result<u32, u32> {
         return Err(drops::BAD_KIND);
     }
     // From the link's registered IPv6 address and port.
-    let key = LinkKey {
-        community: b.community(),
-        link: b.link,
-        _pad: 0,
-    };
+    let key = LinkKey::new(b.community(), b.link);
     // SAFETY: read-only use of a map value.
     let idx = *unsafe { S_LINK_INDEX.get(key) }.ok_or(drops::UNKNOWN_SOURCE)?;
     let link = S_LINKS.get(idx).ok_or(drops::UNKNOWN_SOURCE)?;
@@ -145,11 +141,7 @@ fn try_out6(ctx: &XdpContext) -> Result<u32, u32> {
     let cfg = S_CONFIG.get(0).ok_or(drops::LINK_MISSING)?;
     let b =
         BondHdr::from_bytes(read::<{ BondHdr::LEN }>(ctx, wire::BOND_OFF).ok_or(drops::TRUNCATED)?);
-    let key = LinkKey {
-        community: b.community(),
-        link: b.link,
-        _pad: 0,
-    };
+    let key = LinkKey::new(b.community(), b.link);
     // SAFETY: read-only use of a map value.
     let idx = *unsafe { S_LINK_INDEX.get(key) }.ok_or(drops::LINK_MISSING)?;
     let link = S_LINKS.get(idx).ok_or(drops::LINK_MISSING)?;

@@ -143,11 +143,7 @@ fn up(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u32
     let b =
         BondHdr::from_bytes(read::<{ BondHdr::LEN }>(ctx, wire::BOND_OFF).ok_or(drops::TRUNCATED)?);
     let (community, origin) = (b.community(), b.origin());
-    let link_key = LinkKey {
-        community,
-        link: b.link,
-        _pad: 0,
-    };
+    let link_key = LinkKey::new(community, b.link);
     // SAFETY: read-only use of a map value.
     let idx = *unsafe { S_LINK_INDEX.get(link_key) }.ok_or(drops::UNKNOWN_SOURCE)?;
 
@@ -183,15 +179,7 @@ fn up(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<u32, u32
         return Ok(hold);
     }
 
-    sc.key = Flow6Key {
-        community,
-        proto: ip.proto,
-        _pad: 0,
-        origin,
-        src: sc.src,
-        port,
-        _pad2: 0,
-    };
+    sc.key = Flow6Key::new(community, ip.proto, origin, sc.src, port);
     let flow = flow6_for(sc, now, cfg, remote_port)?;
     // SAFETY: `flow` points at a live map value; statistics, as for IPv4.
     let (nat_port, created, first) = unsafe {
@@ -271,12 +259,7 @@ fn flow6_for(
         return Ok(f);
     }
     let held = origin_flows(sc.key.community, sc.key.origin, cfg.per_origin)?;
-    sc.nat = Nat6Entry {
-        origin: sc.key.origin,
-        community: sc.key.community,
-        port: sc.key.port,
-        src: sc.key.src,
-    };
+    sc.nat = sc.key.nat();
     let (proto, community) = (sc.key.proto, sc.key.community);
     let nkey = claim_port(&S_NAT6, &sc.nat, proto, community, nat_order(cfg), true)?;
     sc.flow = Flow6 {
@@ -405,15 +388,7 @@ fn reply_flow(sc: &mut Scratch, proto: u8, port: u16, remote_port: u16) -> Resul
         })
     }
     .ok_or(drops::NO_FLOW)?;
-    sc.key = Flow6Key {
-        community: sc.nat.community,
-        proto,
-        _pad: 0,
-        origin: sc.nat.origin,
-        src: sc.nat.src,
-        port: sc.nat.port,
-        _pad2: 0,
-    };
+    sc.key = sc.nat.flow(proto);
     let flow = S_FLOWS6.get_ptr_mut(&sc.key).ok_or(drops::NO_FLOW)?;
     // SAFETY: `flow` points at a live map value; only read.
     let (first, created) = unsafe {
@@ -478,11 +453,7 @@ fn to_origin(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<N
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
         return too_big(ctx, cfg).map(Next::Done);
     }
-    let back = NatEntry {
-        origin: sc.nat.origin,
-        community: sc.nat.community,
-        port: sc.nat.port,
-    };
+    let back = NatEntry::new(sc.nat.community, sc.nat.origin, sc.nat.port);
     let d = pick_down(&back, ip.len)?;
     // SAFETY: live map value; statistics, as upstream.
     unsafe {
@@ -571,11 +542,7 @@ fn error(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch, ip: &Ip6) -> Re
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
         return Err(drops::TOO_BIG);
     }
-    let back = NatEntry {
-        origin: sc.nat.origin,
-        community: sc.nat.community,
-        port: sc.nat.port,
-    };
+    let back = NatEntry::new(sc.nat.community, sc.nat.origin, sc.nat.port);
     let d = pick_down(&back, ip.len)?;
 
     let mut icmp = read_u16(ctx, ICMP + 2).ok_or(drops::TRUNCATED)?;
