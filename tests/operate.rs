@@ -739,7 +739,7 @@ fn hostile_control_messages_are_counted_and_change_nothing() {
 
 #[test]
 fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
-    use bond_lab::{COMMUNITY2, CONTENT2};
+    use bond_lab::{COMMUNITY, COMMUNITY2, CONTENT2};
     let mut lab = figure1();
     // t3 (no link of its own) also joins a second community whose only
     // link is u1's 20 Mbit/s.
@@ -767,19 +767,10 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
             .sum()
     };
     let size = want.len() as u64;
-    eprintln!(
-        "down bytes: community 1 {}, community 2 {}",
-        down(1),
-        down(2)
-    );
-    assert!(
-        down(1) >= size && down(1) < 2 * size,
-        "community 1: {srv:?}"
-    );
-    assert!(
-        down(2) >= size && down(2) < 2 * size,
-        "community 2: {srv:?}"
-    );
+    let (one, two) = (down(COMMUNITY), down(COMMUNITY2));
+    eprintln!("down bytes: community {COMMUNITY} {one}, community {COMMUNITY2} {two}");
+    assert!(one >= size && one < 2 * size, "community 1: {srv:?}");
+    assert!(two >= size && two < 2 * size, "community 2: {srv:?}");
     // Two flows, one per community, each from the host's address there.
     let flows = lab.flows().unwrap();
     let has = |c: u32, origin: [u8; 4]| {
@@ -788,14 +779,14 @@ fn one_host_in_two_communities_uses_each_for_its_own_traffic() {
             .any(|f| f.community == c && f.origin == Ipv4Addr::from(origin))
     };
     assert!(
-        has(1, [10, 0, 1, 3]) && has(COMMUNITY2, [10, 0, 2, 13]),
+        has(COMMUNITY, [10, 0, 1, 3]) && has(COMMUNITY2, [10, 0, 2, 13]),
         "{flows:?}"
     );
     // Both instances on t3 are logged on, each to its own community.
     let st = lab
         .terminal_status(&t3, &lab.terminals[second].instance)
         .unwrap();
-    assert_eq!((st.community, st.logged_on), (2, true));
+    assert_eq!((st.community, st.logged_on), (COMMUNITY2, true));
     let st = lab.server_status().unwrap();
     let terms: Vec<usize> = st.communities.iter().map(|c| c.terminals).collect();
     assert_eq!(terms, [3, 2], "{st:?}");

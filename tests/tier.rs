@@ -81,9 +81,16 @@ fn site_with_communities(nodes: usize) -> Site {
             v["nodes"].as_array().unwrap().len() == nodes
         })
     };
-    wait_until("every node registered", Duration::from_secs(20), || {
-        registered(&site)
-    });
+    let start = Instant::now();
+    while !registered(&site) {
+        if start.elapsed() > Duration::from_secs(20) {
+            let logs: Vec<String> = (1..=nodes)
+                .map(|i| format!("n{i}: {}", site.log(&format!("n{i}"))))
+                .collect();
+            panic!("every node registered: not after 20 s\n{}", logs.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let key = site.dir.join("key");
     for c in 1..=COMMUNITIES {
         std::fs::write(&key, format!("community {c} key, long enough\n")).unwrap();

@@ -20,9 +20,11 @@ pub type CommunityId = u32;
 /// `MAX_SERVER_LINKS`.
 pub const MAX_COMMUNITIES: u32 = 65_536;
 /// Communities a tier's owner tables (`D_OWNERS`, `S_OWNERS`) can name:
-/// hash maps allocated as they fill, so this is a ceiling, not a cost
-/// (their buckets take 16 bytes each, 16 MiB at this size).
-pub const MAX_TIER_COMMUNITIES: u32 = 1 << 20;
+/// 4,194,304. Hash maps, their entries allocated as communities are
+/// placed; their buckets take 16 bytes each up front (64 MiB at this
+/// size), so a server outside a tier makes its `S_OWNERS` of one entry
+/// (`flows::server_map_sizes`).
+pub const MAX_TIER_COMMUNITIES: u32 = 1 << 22;
 pub const MAX_SESSIONS: u32 = 65_536;
 pub const MAX_NEIGHBORS: u32 = 1024;
 /// Default size of the server's flow table (the agent may choose smaller).

@@ -1844,6 +1844,9 @@ fn pool_setup(tag: &str, order: u16) -> (Obj, Ipv4Addr, Vec<u16>) {
             nat_count: 2,
             nat_block: 4,
             nat_order: order,
+            // The share's blocks of 4 from 20000 and 20008: its last port,
+            // 20011, is the pool's too (the fixtures' range ends at 20010).
+            port_max: 20011,
             ..cfg
         })
         .unwrap();

@@ -258,14 +258,23 @@ fn server_map_sizes_come_from_the_loader() {
     use srv::*;
     isolate::in_netns(|_| {
         srv::network();
-        // A flow table of 2 and 2 sessions (the set-up logs on A and B).
-        let sizes = bond_datapath::flows::server_map_sizes(2, 2);
+        // A flow table of 2 and 2 sessions (the set-up logs on A and B),
+        // outside a tier: an owner table of one entry.
+        let sizes = bond_datapath::flows::server_map_sizes(2, 2, false);
         let mut s = srv::setup_with_sizes("server-sizes", 20000..=20002, &sizes);
         let third = s.maps.set_session(COMMUNITY, Ipv4Addr::new(10, 0, 1, 9), 7);
         assert!(
             third.as_ref().is_err_and(|e| e.is_full()),
             "a session table of 2 takes no third terminal: {third:?}"
         );
+        let owners = bond_datapath::Owners::Node;
+        s.maps.set_owner(owners, COMMUNITY + 1, Some(0)).unwrap();
+        let second = s.maps.set_owner(owners, COMMUNITY + 2, Some(0));
+        assert!(
+            second.as_ref().is_err_and(|e| e.is_full()),
+            "an owner table of one entry outside a tier: {second:?}"
+        );
+        s.maps.set_owner(owners, COMMUNITY + 1, None).unwrap();
         let [l0, _, _] = LINKS;
         let ip = |p| Ip::new(ORIGIN_A, CONTENT, L4::udp(p, 53));
         expect_up(&s, "first", l0, &ip(1), 20000);

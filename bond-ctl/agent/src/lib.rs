@@ -168,11 +168,14 @@ fn signature(cfg: &Config) -> String {
         Config::Director(_) => format!("director layout {LAYOUT_VERSION}"),
         Config::Server(s) => {
             let ports = s.pool_ports().unwrap_or(0);
-            let sizes: Vec<String> =
-                datapath::flows::server_map_sizes(s.flows.table_size(ports), s.max_terminals)
-                    .iter()
-                    .map(|(n, v)| format!("{n}={v}"))
-                    .collect();
+            let sizes: Vec<String> = datapath::flows::server_map_sizes(
+                s.flows.table_size(ports),
+                s.max_terminals,
+                s.tier.is_some(),
+            )
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
             // The communities' blocks are ports of this pool, in blocks of
             // this size.
             format!(

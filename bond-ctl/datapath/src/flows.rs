@@ -139,8 +139,15 @@ pub fn sweep_counted(
 /// The `max_entries` a server's maps are created with: `flows` for the
 /// flow table, its reverse map and the permits for further remote
 /// endpoints (least recently used go first), `terminals` for the
-/// sessions and their flow counts.
-pub fn server_map_sizes(flows: u32, terminals: u32) -> [(&'static str, u32); 8] {
+/// sessions and their flow counts; the owner table, for a node of a tier
+/// (`in_tier`), at its compiled size, else of one entry (nothing is
+/// passed on).
+pub fn server_map_sizes(flows: u32, terminals: u32, in_tier: bool) -> [(&'static str, u32); 9] {
+    let owners = if in_tier {
+        bond_common::maps::MAX_TIER_COMMUNITIES
+    } else {
+        1
+    };
     [
         (name::S_FLOWS, flows),
         (name::S_NAT, flows),
@@ -150,6 +157,7 @@ pub fn server_map_sizes(flows: u32, terminals: u32) -> [(&'static str, u32); 8] 
         (name::S_PERMITS6, flows),
         (name::S_SESSIONS, terminals),
         (name::S_ORIGIN_FLOWS, terminals),
+        (name::S_OWNERS, owners),
     ]
 }
 
@@ -181,7 +189,7 @@ mod tests {
     #[test]
     fn map_sizes_name_the_flow_maps() {
         assert_eq!(
-            server_map_sizes(1000, 7),
+            server_map_sizes(1000, 7, false),
             [
                 ("S_FLOWS", 1000),
                 ("S_NAT", 1000),
@@ -190,7 +198,8 @@ mod tests {
                 ("S_NAT6", 1000),
                 ("S_PERMITS6", 1000),
                 ("S_SESSIONS", 7),
-                ("S_ORIGIN_FLOWS", 7)
+                ("S_ORIGIN_FLOWS", 7),
+                ("S_OWNERS", 1)
             ]
         );
     }

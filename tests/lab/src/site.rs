@@ -109,9 +109,11 @@ impl Site {
             ip(&format!(
                 "-n {full} addr add {SITE_NET}.{host}/24 dev site0"
             ))?;
-            if name.starts_with('n') {
-                let nat = host + 10;
-                ip(&format!("-n {full} addr add {SITE_NET}.{nat}/24 dev site0"))?;
+            if let Some(i) = name.strip_prefix('n') {
+                let first = nat_first(i.parse()?);
+                for nat in first..first + NAT_ADDRESSES {
+                    ip(&format!("-n {full} addr add {SITE_NET}.{nat}/24 dev site0"))?;
+                }
             }
             ip(&format!("-n {full} link set site0 up"))?;
             // XDP on a veth wants GRO on the receiving end.
@@ -265,20 +267,22 @@ impl Site {
     }
 
     /// Node `i`'s server configuration: its own addresses, `[tier]`
-    /// naming the cluster, and `extra` lines in `[tier]`. Its one NAT
-    /// address has 2,846 blocks of 8 ports: a block for each of the
-    /// thousands of communities `bench tier` logs on at a node (they
-    /// carry no flows).
+    /// naming the cluster, and `extra` lines in `[tier]`. Its NAT pool of
+    /// 16 addresses has 45,536 blocks of 8 ports (below the kernel's
+    /// ephemeral ports, which the agent leaves to the host): a block for
+    /// each of the tens of thousands of communities `bench tier` logs on
+    /// at a node (they carry no flows).
     pub fn node_config(&self, i: usize, extra: &str) -> String {
         let etcd: Vec<String> = self.etcd.iter().map(|u| format!("{u:?}")).collect();
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SITE_NET}.{}\"\n\
-             nat_address = \"{SITE_NET}.{}\"\nnat_ports = \"10000-32767\"\nnat_block = 8\nnat_log = {:?}\n\
+             nat_address = \"{SITE_NET}.{}\"\nnat_addresses = {NAT_ADDRESSES}\nnat_ports = \"10000-32767\"\n\
+             nat_block = 8\nnat_log = {:?}\n\
              interfaces = [\"site0\"]\n\
              \n[tier]\netcd = [{}]\nnode = \"n{i}\"\n{extra}",
             self.instance(i),
             10 + i,
-            20 + i,
+            nat_first(i),
             self.dir.join(format!("n{i}-nat.log")),
             etcd.join(", ")
         )
@@ -365,4 +369,12 @@ impl Drop for Site {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Addresses in each node's NAT pool.
+const NAT_ADDRESSES: usize = 16;
+
+/// The host number of node `i`'s first NAT address (its pool follows).
+fn nat_first(i: usize) -> usize {
+    100 + NAT_ADDRESSES * (i - 1)
 }

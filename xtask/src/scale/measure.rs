@@ -79,7 +79,7 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
 
     // Baseline for memory: the server as the agent loads it by default.
     let (default_mem, default_load) = {
-        let sizes = bond_datapath::flows::server_map_sizes(DEFAULT_PORTS, MAX_SESSIONS);
+        let sizes = bond_datapath::flows::server_map_sizes(DEFAULT_PORTS, MAX_SESSIONS, false);
         let (s, t) = Server::load("default", &sizes)?;
         (s.memory()?, t)
     };
@@ -90,7 +90,7 @@ pub(super) fn measure(scale: Scale) -> Result<String> {
         None,
     ));
 
-    let sizes = bond_datapath::flows::server_map_sizes(scale.flows, MAX_SESSIONS);
+    let sizes = bond_datapath::flows::server_map_sizes(scale.flows, MAX_SESSIONS, false);
     let (base, load) = Server::load("empty", &sizes)?;
     setup.push(Step::new(
         &format!("load the object, {} flow slots", n(scale.flows)),

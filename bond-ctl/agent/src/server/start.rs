@@ -46,7 +46,11 @@ pub async fn run(
         .pool_ports()
         .map_err(anyhow::Error::msg)
         .context("field `nat_ports`")?;
-    let sizes = flows::server_map_sizes(cfg.flows.table_size(ports), cfg.max_terminals);
+    let sizes = flows::server_map_sizes(
+        cfg.flows.table_size(ports),
+        cfg.max_terminals,
+        cfg.tier.is_some(),
+    );
     let mut ebpf = datapath::load_with_sizes(ebpf::SERVER, &pins.dir, &sizes)?;
     crate::read_drop_log(&mut ebpf)?;
     let maps = Maps::new(&pins.dir);
@@ -82,6 +86,20 @@ pub async fn run(
     if cfg.nat_address6.is_some() || cfg.address6.is_some() {
         // (The datapath's IPv6 route lookups answer only where it is on.)
         sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
+    // The dedicated ports are reserved for the whole host: the kernel's
+    // own connections (the registry's among them) need ephemeral ports
+    // outside them.
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading net.ipv4.ip_local_port_range")?;
+    if let Some((a, b)) = parse_port_range(&ephemeral)
+        && ephemeral_left((a, b), (lo, hi)) == 0
+    {
+        anyhow::bail!(
+            "field `nat_ports`: {lo}-{hi} covers the kernel's whole ephemeral range {a}-{b} \
+             (net.ipv4.ip_local_port_range): the host could open no connection of its own; \
+             keep the dedicated ports out of it, or move it"
+        );
     }
     sysctl("net.ipv4.ip_local_reserved_ports", &format!("{lo}-{hi}"))?;
     let net = Net::new()?;
@@ -303,5 +321,41 @@ impl Agent {
             self.applied.len()
         );
         Ok(())
+    }
+}
+
+/// `net.ipv4.ip_local_port_range`'s two numbers.
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// Ports of the ephemeral range `(a, b)` left to the host's own sockets
+/// once the dedicated ports `(lo, hi)` are reserved.
+fn ephemeral_left((a, b): (u16, u16), (lo, hi): (u16, u16)) -> u32 {
+    let all = u32::from(b.saturating_sub(a)) + 1;
+    let (from, to) = (a.max(lo), b.min(hi));
+    let taken = if from <= to {
+        u32::from(to - from) + 1
+    } else {
+        0
+    };
+    all - taken
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dedicated_ports_leave_the_host_ephemeral_ports_or_are_refused() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("32768"), None);
+        let kernel = (32768, 60999);
+        assert_eq!(ephemeral_left(kernel, (20000, 29999)), 28232, "apart");
+        assert_eq!(ephemeral_left(kernel, (10000, 32767)), 28232, "just below");
+        assert_eq!(ephemeral_left(kernel, (20000, 40000)), 20999, "overlapping");
+        assert_eq!(ephemeral_left(kernel, (10000, 65535)), 0, "covering");
+        assert_eq!(ephemeral_left(kernel, (32768, 60999)), 0, "the same");
     }
 }
