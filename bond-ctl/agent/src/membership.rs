@@ -484,10 +484,15 @@ impl ServerTable {
 
     /// Live links of one community (or all, `None`), by community and id.
     pub fn links(&self, community: Option<u32>, now: Instant) -> Vec<ServerLinkRow> {
-        let mut rows: Vec<ServerLinkRow> = self
-            .terms
-            .iter()
-            .filter(|((c, _), _)| community.is_none_or(|want| want == *c))
+        // One community's terminals by range, not by a walk of all (a
+        // node of 33,000 communities spent most of its time there).
+        let terms = match community {
+            Some(c) => self
+                .terms
+                .range((c, Ipv4Addr::UNSPECIFIED)..=(c, Ipv4Addr::BROADCAST)),
+            None => self.terms.range(..),
+        };
+        let mut rows: Vec<ServerLinkRow> = terms
             .flat_map(|(&(c, o), t)| {
                 t.links.values().map(move |(ad, addr, live)| ServerLinkRow {
                     community: c,

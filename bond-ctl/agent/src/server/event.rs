@@ -513,7 +513,8 @@ impl Agent {
                 self.resends.no_link += 1;
                 continue;
             };
-            let Some(a) = self.applied.values().find(|a| a.idx == idx) else {
+            let mut of_c = self.applied.range((c, 0)..=(c, u8::MAX));
+            let Some((_, a)) = of_c.find(|(_, a)| a.idx == idx) else {
                 self.resends.no_link += 1;
                 continue;
             };

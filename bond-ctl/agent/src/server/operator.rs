@@ -50,8 +50,8 @@ impl Agent {
     /// index `idx` (the datapath names links by index).
     pub(super) fn link_of(&self, c: u32, idx: u32) -> Option<u8> {
         self.applied
-            .iter()
-            .find(|((community, _), a)| *community == c && a.idx == idx)
+            .range((c, 0)..=(c, u8::MAX))
+            .find(|(_, a)| a.idx == idx)
             .map(|((_, link), _)| *link)
     }
 

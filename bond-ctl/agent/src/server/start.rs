@@ -305,9 +305,8 @@ impl Agent {
             self.applied.insert((l.community, l.link), applied);
             self.next_idx = self.next_idx.max(idx + 1);
         }
-        self.free_idx = (0..self.next_idx)
-            .filter(|i| !self.applied.values().any(|a| a.idx == *i))
-            .collect();
+        let used: std::collections::HashSet<u32> = self.applied.values().map(|a| a.idx).collect();
+        self.free_idx = (0..self.next_idx).filter(|i| !used.contains(i)).collect();
         let sessions = self.maps.sessions()?;
         for (k, s) in &sessions {
             let o = Ipv4Addr::from(k.origin);
