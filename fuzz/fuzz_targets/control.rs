@@ -20,7 +20,7 @@ static OTHER: std::sync::LazyLock<Identity> =
     std::sync::LazyLock::new(|| Identity::from_seed([8; 32]));
 
 fuzz_target!(|data: &[u8]| {
-    let key = |_: u16| Some(&*KEY);
+    let key = |_: u32| Some(&*KEY);
     if let Ok(m) = Msg::decode(data, key) {
         check(&m, data);
     }

@@ -160,8 +160,8 @@ fn director_steers_each_community_to_its_owner_and_nothing_else() {
 fn director_leaves_what_is_not_bond_traffic_to_the_front_to_the_kernel() {
     let d = director("director-pass");
     let c7 = to_front(DATA_UP, 7);
-    let inner = &c7[14 + 28..];
-    let bond = |o: Outer| wrapped(&o, &Bond::data(DATA_UP, 7, 1, LINK_IP, 5, 1), &inner[24..]);
+    let inner = &c7[WRAP_LEN..];
+    let bond = |o: Outer| wrapped(&o, &Bond::data(DATA_UP, 7, 1, LINK_IP, 5, 1), inner);
     for (what, frame) in [
         ("ARP", arp_frame(LINK_MAC, LINK_IP, FRONT)),
         ("another port", bond(outer(FRONT, PORT + 1))),

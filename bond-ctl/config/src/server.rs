@@ -61,7 +61,7 @@ pub struct ServerConfig {
     pub misses: u32,
     /// The smallest MTU of the terminals' WAN links: a reply that would not
     /// fit one once wrapped is answered with ICMP fragmentation needed
-    /// (next-hop MTU `link_mtu` - 52) rather than lost.
+    /// (next-hop MTU `link_mtu` - 56) rather than lost.
     #[serde(default = "default_link_mtu")]
     pub link_mtu: u16,
     /// Most terminals logged on at once, over all communities: the size of

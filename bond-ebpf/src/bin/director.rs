@@ -15,7 +15,8 @@
 //! kernel (ARP, the director's own services). bond traffic that cannot be
 //! steered is dropped and counted: a header cut short (`truncated`), an
 //! outer IPv4 header with options or a fragment (`outer_bad_header`), a
-//! bad magic (`bad_magic`), a community no live node owns (`no_owner`).
+//! bad magic (`bad_magic`), a header of another version (`bad_version`), a
+//! community no live node owns (`no_owner`).
 #![no_std]
 #![no_main]
 

@@ -60,7 +60,7 @@
 //!   are measured once.
 //!
 //! Packet sizes are the size of the user's IPv4 packet (UDP): the plain
-//! packet for the baselines, the inner packet inside bond's 52-byte wrap
+//! packet for the baselines, the inner packet inside bond's 56-byte wrap
 //! (outer IPv4, UDP, bond header) for bond. All paths are set up at once
 //! and measured in rounds, one run of 2 s (0.5 s with `--quick`) per path
 //! per round, so that a slow spell of the shared machine falls on all of
