@@ -569,6 +569,12 @@ impl FlowKey {
             port,
         }
     }
+
+    /// Where this flow's dedicated port leads back to.
+    #[inline(always)]
+    pub const fn nat(&self) -> NatEntry {
+        NatEntry::new(self.community, self.origin, self.port)
+    }
 }
 
 /// `Flow::state` bit: a TCP segment with FIN passed (either direction).
@@ -799,6 +805,13 @@ impl Nat6Entry {
     pub const fn flow(&self, proto: u8) -> Flow6Key {
         Flow6Key::new(self.community, proto, self.origin, self.src, self.port)
     }
+
+    /// The same way back named as an IPv4 flow's is (community, origin,
+    /// port): what picks its downstream link.
+    #[inline(always)]
+    pub const fn v4_shape(&self) -> NatEntry {
+        NatEntry::new(self.community, self.origin, self.port)
+    }
 }
 
 /// As [`PermitKey`], for an IPv6 remote endpoint (`S_PERMITS6`).
@@ -863,6 +876,12 @@ impl NatEntry {
             port,
             _pad: 0,
         }
+    }
+
+    /// The flow over `proto` a dedicated port leads back to.
+    #[inline(always)]
+    pub const fn flow(&self, proto: u8) -> FlowKey {
+        FlowKey::new(self.community, proto, self.origin, self.port)
     }
 }
 

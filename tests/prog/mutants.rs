@@ -1096,7 +1096,7 @@ fn server_survives_mutants() {
                 [ORIGIN_A, ORIGIN_B].contains(&Ipv4Addr::from(k.origin)),
                 "{k:?}"
             );
-            let back = NatEntry::new(k.community, k.origin, k.port);
+            let back = k.nat();
             let nkey = NatKey {
                 proto: k.proto,
                 index: f.nat_index,

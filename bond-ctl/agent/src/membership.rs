@@ -434,11 +434,7 @@ impl ServerTable {
     /// Forgets a community's terminals and links at once (it moved to
     /// another node); returns the terminals whose sessions it had.
     pub fn forget(&mut self, community: u32) -> Vec<Ipv4Addr> {
-        let gone: Vec<Ipv4Addr> = self
-            .terms
-            .range((community, Ipv4Addr::UNSPECIFIED)..=(community, Ipv4Addr::BROADCAST))
-            .map(|(&(_, o), _)| o)
-            .collect();
+        let gone: Vec<Ipv4Addr> = self.of(community).map(|(&(_, o), _)| o).collect();
         for o in &gone {
             self.terms.remove(&(community, *o));
         }
@@ -471,11 +467,14 @@ impl ServerTable {
 
     /// Whether any terminal of `community` is logged on.
     pub fn has_sessions(&self, community: u32) -> bool {
-        let first = (community, Ipv4Addr::UNSPECIFIED);
+        self.of(community).next().is_some()
+    }
+
+    /// One community's terminals, by range: never a walk of every
+    /// community (a node holds tens of thousands).
+    fn of(&self, community: u32) -> std::collections::btree_map::Range<'_, (u32, Ipv4Addr), Term> {
         self.terms
-            .range(first..)
-            .next()
-            .is_some_and(|((c, _), _)| *c == community)
+            .range((community, Ipv4Addr::UNSPECIFIED)..=(community, Ipv4Addr::BROADCAST))
     }
 
     pub fn token(&self, community: u32, origin: Ipv4Addr) -> Option<u64> {
@@ -484,12 +483,8 @@ impl ServerTable {
 
     /// Live links of one community (or all, `None`), by community and id.
     pub fn links(&self, community: Option<u32>, now: Instant) -> Vec<ServerLinkRow> {
-        // One community's terminals by range, not by a walk of all (a
-        // node of 33,000 communities spent most of its time there).
         let terms = match community {
-            Some(c) => self
-                .terms
-                .range((c, Ipv4Addr::UNSPECIFIED)..=(c, Ipv4Addr::BROADCAST)),
+            Some(c) => self.of(c),
             None => self.terms.range(..),
         };
         let mut rows: Vec<ServerLinkRow> = terms

@@ -114,15 +114,14 @@ fn steer(ctx: &XdpContext) -> Result<u32, u32> {
     };
     // The magic, the version and the community: the first 8 bytes of the
     // bond header, the same in every kind (the node checks the rest).
-    let magic = read_u16(ctx, off).ok_or(drops::TRUNCATED)?;
-    let version = read::<1>(ctx, off + 2).ok_or(drops::TRUNCATED)?[0];
-    let community = read_u32(ctx, off + 4).ok_or(drops::TRUNCATED)?;
-    if magic != MAGIC {
+    let h = read::<8>(ctx, off).ok_or(drops::TRUNCATED)?;
+    if u16::from_be_bytes([h[0], h[1]]) != MAGIC {
         return Err(drops::BAD_MAGIC);
     }
-    if version != VERSION {
+    if h[2] != VERSION {
         return Err(drops::BAD_VERSION);
     }
+    let community = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
     // SAFETY: read-only use of a map value.
     let owner = unsafe { D_OWNERS.get(community) }.copied().unwrap_or(0);
     let idx = owner.checked_sub(1).ok_or(drops::NO_OWNER)?;

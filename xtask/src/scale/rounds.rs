@@ -312,7 +312,7 @@ impl Server {
                     index: 0,
                     port: PORT_MIN + i as u16,
                 },
-                NatEntry::new(k.community, k.origin, k.port),
+                k.nat(),
                 0,
             )
             .with_context(|| format!("inserting NAT entry {i} into S_NAT"))

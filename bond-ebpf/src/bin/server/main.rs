@@ -593,7 +593,7 @@ fn flow_for(
         return Ok(f);
     }
     let held = origin_flows(key.community, key.origin, cfg.per_origin)?;
-    let nat = NatEntry::new(key.community, key.origin, key.port);
+    let nat = key.nat();
     let nkey = claim_port(
         &S_NAT,
         &nat,
@@ -782,7 +782,7 @@ fn downstream(ctx: &XdpContext, cfg: &ServerConfig, proto: u8, index: u8) -> Res
     }
     // SAFETY: read-only use of map values.
     let nat = *unsafe { S_NAT.get(NatKey { proto, index, port }) }.ok_or(drops::NO_FLOW)?;
-    let fkey = FlowKey::new(nat.community, proto, nat.origin, nat.port);
+    let fkey = nat.flow(proto);
     let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
     let mut l4 = None;
     if later {
@@ -1061,7 +1061,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &ServerConfig, index: u8) -> Result<u32, u3
     }
     // SAFETY: read-only use of a map value.
     let nat = *unsafe { S_NAT.get(NatKey { proto, index, port }) }.ok_or(drops::NO_FLOW)?;
-    let fkey = FlowKey::new(nat.community, proto, nat.origin, nat.port);
+    let fkey = nat.flow(proto);
     let flow = S_FLOWS.get_ptr_mut(fkey).ok_or(drops::NO_FLOW)?;
     let remote = u32::from_be_bytes([e[16], e[17], e[18], e[19]]);
     if let Some((key, created)) = permit_for(flow, proto, (remote, remote_port))

@@ -453,7 +453,7 @@ fn to_origin(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch) -> Result<N
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
         return too_big(ctx, cfg).map(Next::Done);
     }
-    let back = NatEntry::new(sc.nat.community, sc.nat.origin, sc.nat.port);
+    let back = sc.nat.v4_shape();
     let d = pick_down(&back, ip.len)?;
     // SAFETY: live map value; statistics, as upstream.
     unsafe {
@@ -542,7 +542,7 @@ fn error(ctx: &XdpContext, cfg: &ServerConfig, sc: &mut Scratch, ip: &Ip6) -> Re
     if cfg.link_mtu != 0 && u32::from(ip.len) + OUTER_LEN as u32 > u32::from(cfg.link_mtu) {
         return Err(drops::TOO_BIG);
     }
-    let back = NatEntry::new(sc.nat.community, sc.nat.origin, sc.nat.port);
+    let back = sc.nat.v4_shape();
     let d = pick_down(&back, ip.len)?;
 
     let mut icmp = read_u16(ctx, ICMP + 2).ok_or(drops::TRUNCATED)?;
