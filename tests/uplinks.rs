@@ -364,6 +364,55 @@ fn an_agent_started_without_its_modem_takes_it_up_when_it_comes() {
     t.finish("late modem");
 }
 
+/// Link 3's path starts dropping every packet over 400 bytes, both ways,
+/// with its carrier up (a path MTU that shrank behind the modem, its
+/// "fragmentation needed" lost): its echoes pass, so its owner keeps it,
+/// but no data arrives over it. Each sender (t3 upstream, the server
+/// downstream) sees from the other end's reports that it delivers nothing
+/// and leaves it, and the upload and download carry on over links 1 and
+/// 2 at a useful rate, though each flow had lost its window to it at once
+/// (the lab's round trips are a few ms), and every packet it then sent
+/// alone went, as the soonest, to link 3.
+#[test]
+fn a_link_that_loses_all_data_while_its_echoes_pass_is_left_out() {
+    let t = Traffic::start();
+    let silenced = |t: &Traffic| {
+        let (ns, inst) = t.lab.terminal_agent(2);
+        let up = t
+            .lab
+            .terminal_status(&ns, &inst)
+            .unwrap()
+            .feedback
+            .counts
+            .silenced;
+        let down = t.lab.server_status().unwrap().feedback.counts.silenced;
+        [up, down]
+    };
+    assert_eq!(silenced(&t), [0, 0], "silent links before the black hole");
+    t.lab.black_hole_over(LINK, 400).unwrap();
+    let start = Instant::now();
+    loop {
+        let [up, down] = silenced(&t);
+        if up > 0 && down > 0 {
+            eprintln!(
+                "black hole: left out by both senders after {:?}",
+                start.elapsed()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "black hole: still in use after 3 s (silenced upstream {up}, downstream {down})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !own_link(&t.lab).dark,
+        "its echoes pass: its owner keeps it"
+    );
+    t.finish("black hole");
+}
+
 /// Link 3 takes its next hop from wan1's default route (`gateway =
 /// "auto"`, as with DHCP), and a new lease moves both its address and its
 /// next hop: the route to the server follows the new next hop, and the

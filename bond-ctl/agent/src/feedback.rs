@@ -38,7 +38,7 @@
 //! names what the others carried there.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -69,10 +69,30 @@ const SILENT_AFTER_NS: u64 = 2 * EVERY.as_nanos() as u64 + 5_000_000;
 /// times a second).
 const DATA_BYTES: u32 = 1000;
 /// How long a silent link stays out without a report: then it is tried
-/// again. The echoes call a black hole dark within this
-/// (`crate::pathmon::DARK_SLACK` past the base round trip): this rule
-/// only spares the flows the time until they do.
+/// again. The echoes call a whole black hole dark within this
+/// (`crate::pathmon::DARK_SLACK` past the base round trip); a link that
+/// loses only data (full-size packets past a smaller MTU on the way, a
+/// datapath that cannot hand frames to it) answers every echo, and only
+/// this rule keeps the flows off it: each time it is silent again with no
+/// report between, it stays out twice as long, up to
+/// [`SILENT_FOR_MAX_NS`].
 const SILENT_FOR_NS: u64 = 300_000_000;
+const SILENT_FOR_MAX_NS: u64 = 10_000_000_000;
+/// A silent link taken back is on trial until a report names it: counted
+/// this much later than it is ([`Path::extra_ns`]), so that a packet sent
+/// alone (a resend after a timeout, a SYN) goes to a link that delivers,
+/// and the trial link takes data only once the others have a queue. Else
+/// a flow that lost its window to the link lost each resend to it again.
+///
+/// [`Path::extra_ns`]: bond_common::edpf::Path::extra_ns
+const TRIAL_EXTRA_NS: u32 = 20_000_000;
+/// How long after a burst on a link was due, with no report of anything
+/// since, the link counts as silent when another link was not tried
+/// meanwhile: a flow that lost its window resends one packet at a time,
+/// and each goes to the link that would deliver it soonest, the same
+/// one, which nothing else shows to be lost. A geostationary round trip
+/// behind a full buffer and a report's interval, in hand.
+const STALL_NS: u64 = 1_000_000_000;
 /// How far back the model's history reaches: longer than any report takes
 /// to come back (a far link's delay both ways and a report's interval).
 const HISTORY_NS: u64 = 1_000_000_000;
@@ -151,25 +171,55 @@ pub struct History {
     /// Per link: when a report last named it.
     reported_at: HashMap<u32, u64>,
     drift: HashMap<u32, Drift>,
-    /// Per link that delivers what the receiver reports: since when its
-    /// silence counts (its last report).
+    /// Per link in the schedule: since when its silence counts (its last
+    /// report, or when it came into the schedule).
     quiet_since: HashMap<u32, u64>,
     /// The latest arrival any report showed: its send time, its link's
     /// relative delay and the queue it met, by the sender's clock.
     heard_ns: u64,
-    /// Links left out for silence, and when.
-    silenced: HashMap<u32, u64>,
+    /// Links left out for silence: when, and for how long.
+    silenced: HashMap<u32, (u64, u64)>,
+    /// Per link: how long it was out when it was last silent, if no
+    /// report named it since (the next time it stays out twice as long).
+    out_for: HashMap<u32, u64>,
+    /// Per link: when the first burst after its silence began (the
+    /// `quiet_since` it is keyed with) left the model's queue; kept past
+    /// the history.
+    first_burst: HashMap<u32, (u64, u64)>,
+    /// Links taken back after a silence that no report named since.
+    trial: HashSet<u32>,
+}
+
+/// What a report showed of a link that was out or on trial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Back {
+    /// It was out for silence: it delivers.
+    Silenced,
+    /// It was on trial ([`TRIAL_EXTRA_NS`]): it delivers.
+    Trial,
 }
 
 impl History {
+    /// A history whose schedule has `trial` links on trial.
+    fn with_trial(trial: HashSet<u32>) -> Self {
+        Self {
+            trial,
+            ..Self::default()
+        }
+    }
+
     /// Records the model's queues at `now` (ns), and the work it charged
     /// to links that stayed busy since the last sample.
     pub fn sample(&mut self, now: u64, paths: &Paths) {
-        // A link out of the schedule is judged again, once back, from its
-        // first report.
+        // A link is judged from when it came into the schedule (a link
+        // that never delivers is as silent as one that stopped); one out
+        // of it, afresh once back.
         self.quiet_since
             .retain(|id, _| paths.links().any(|p| p.id == *id));
+        self.first_burst
+            .retain(|id, _| paths.links().any(|p| p.id == *id));
         for p in paths.links() {
+            self.quiet_since.entry(p.id).or_insert(now);
             let h = self.samples.entry(p.id).or_default();
             if let Some(&(_, was)) = h.back()
                 && was > now
@@ -301,14 +351,21 @@ impl History {
 
     /// A report on link `id` came at `now`, of a packet that arrived at
     /// `arrived_ns` (its send time, the link's relative delay and the
-    /// queue it met). True if the link was out for silence: it delivers.
-    pub fn reported(&mut self, id: u32, now: u64, arrived_ns: u64) -> bool {
+    /// queue it met). Whether the link was out for silence or on trial:
+    /// it delivers.
+    pub fn reported(&mut self, id: u32, now: u64, arrived_ns: u64) -> Option<Back> {
         self.reported_at.insert(id, now);
         self.quiet_since.insert(id, now);
         // Never past now: a link whose delay is not measured yet counts
         // `u32::MAX` of it (`pathmon::UNMEASURED`).
         self.heard_ns = self.heard_ns.max(arrived_ns.min(now));
-        self.silenced.remove(&id).is_some()
+        self.out_for.remove(&id);
+        let trial = self.trial.remove(&id);
+        if self.silenced.remove(&id).is_some() {
+            Some(Back::Silenced)
+        } else {
+            trial.then_some(Back::Trial)
+        }
     }
 
     /// A probe train on link `id` is queued there until `left_ns`. No
@@ -324,63 +381,101 @@ impl History {
         }
     }
 
-    /// Links of `paths` gone silent: each delivered reported packets, the
-    /// model sent a burst on it since its last report (the first sample
+    /// Links of `paths` gone silent: the model sent a burst on it since
+    /// its last report or its coming into the schedule (the first sample
     /// after with [`DATA_BYTES`] of queue there: data, not the pure ACKs
-    /// no playout holds or reports), that burst was due `SILENT_AFTER_NS`
-    /// before the latest arrival the reports show, and no report named the
-    /// link. Each is counted silenced from `now`.
+    /// no playout holds or reports), no report named the link since, and
+    /// either
     ///
-    /// A link whose reports stop for another reason (it carries only
-    /// another origin's packets, and that origin has no playout) is left
-    /// out once, for `SILENT_FOR_NS`, and not judged again until a report
-    /// names it.
+    /// - that burst was due `SILENT_AFTER_NS` before the latest arrival
+    ///   the reports show (the others deliver what was sent after it), or
+    /// - it was due [`STALL_NS`] ago, and another usable link that
+    ///   delivered before was sent nothing since its own last report: the
+    ///   flows stalled (each packet sent alone goes to the link that would
+    ///   deliver it soonest, this one, and is lost there), and that one
+    ///   may carry them.
+    ///
+    /// Each is counted silenced from `now`, for [`SILENT_FOR_NS`], twice
+    /// as long as the last time if no report named it between. Nothing is
+    /// silent while no report comes at all (the receiving end may have no
+    /// playout).
     pub fn silent(&mut self, now: u64, paths: &Paths) -> Vec<u32> {
         let mut out = Vec::new();
+        if self.heard_ns == 0 {
+            return out;
+        }
+        // Per usable link: when its first burst since its silence began
+        // was due, if there was one.
+        let mut due = Vec::new();
         for p in paths.links() {
             if p.flags & PATH_USABLE == 0 {
                 continue;
             }
             if self.silenced.remove(&p.id).is_some() {
                 // Put back by someone else (the agent rebuilt the
-                // schedule): judged again from its next report.
-                self.quiet_since.remove(&p.id);
+                // schedule): judged again from now.
+                self.quiet_since.insert(p.id, now);
                 continue;
             }
             let (Some(&since), Some(h)) = (self.quiet_since.get(&p.id), self.samples.get(&p.id))
             else {
                 continue;
             };
-            let i = h.partition_point(|(at, _)| *at <= since);
-            let data = p.tx_ns(DATA_BYTES);
-            let burst = |&&(at, f): &&(u64, u64)| f >= at + data;
-            let Some(&(_, finish)) = h.range(i..).find(burst) else {
+            let known = self.first_burst.get(&p.id).filter(|(s, _)| *s == since);
+            let finish = known.map(|&(_, f)| f).or_else(|| {
+                let i = h.partition_point(|(at, _)| *at <= since);
+                let data = p.tx_ns(DATA_BYTES);
+                let burst = |&&(at, f): &&(u64, u64)| f >= at + data;
+                let &(_, finish) = h.range(i..).find(burst)?;
+                self.first_burst.insert(p.id, (since, finish));
+                Some(finish)
+            });
+            // Due by the link's delay as known now (it may have been
+            // unmeasured when the burst left).
+            let at = finish.map(|f| {
+                f.saturating_add(u64::from(p.delay_ns))
+                    .saturating_add(u64::from(p.extra_ns))
+            });
+            due.push((p.id, at, self.reported_at.contains_key(&p.id)));
+        }
+        for &(id, at, _) in &due {
+            let Some(at) = at else {
                 continue; // nothing sent there since
             };
-            let due = finish + u64::from(p.delay_ns) + u64::from(p.extra_ns);
-            if self.heard_ns > due + SILENT_AFTER_NS {
-                self.silenced.insert(p.id, now);
-                out.push(p.id);
+            let passed = self.heard_ns > at.saturating_add(SILENT_AFTER_NS);
+            let stalled = now > at.saturating_add(STALL_NS)
+                && due.iter().any(|&(other, d, delivered)| {
+                    other != id && d.is_none() && delivered && !out.contains(&other)
+                });
+            if passed || stalled {
+                let was = self.out_for.get(&id).copied().unwrap_or(0);
+                let for_ns = (was * 2).clamp(SILENT_FOR_NS, SILENT_FOR_MAX_NS);
+                self.out_for.insert(id, for_ns);
+                self.silenced.insert(id, (now, for_ns));
+                out.push(id);
             }
         }
         out
     }
 
-    /// Links out for silence to try again: out `SILENT_FOR_NS`, or all of
-    /// them (`all`, the sender is forgetting this schedule). Marks of
-    /// links no longer in `paths` are dropped.
+    /// Links out for silence to try again: out their time (each on trial
+    /// until a report names it), or all of them (`all`, the sender is
+    /// forgetting this schedule). Marks of links no longer in `paths` are
+    /// dropped.
     pub fn revive(&mut self, now: u64, paths: &Paths, all: bool) -> Vec<u32> {
         self.silenced
             .retain(|id, _| paths.links().any(|p| p.id == *id));
+        self.trial.retain(|id| paths.links().any(|p| p.id == *id));
         let due: Vec<u32> = self
             .silenced
             .iter()
-            .filter(|&(_, &at)| all || now - at >= SILENT_FOR_NS)
+            .filter(|&(_, &(at, for_ns))| all || now - at >= for_ns)
             .map(|(&id, _)| id)
             .collect();
         for id in &due {
             self.silenced.remove(id);
             self.quiet_since.remove(id);
+            self.trial.insert(*id);
         }
         due
     }
@@ -391,7 +486,7 @@ impl History {
     pub fn stale_jitter(&self, now: u64, paths: &Paths) -> Vec<u32> {
         paths
             .links()
-            .filter(|p| p.extra_ns > 0)
+            .filter(|p| p.extra_ns > 0 && !self.trial.contains(&p.id))
             .filter(|p| {
                 self.reported_at
                     .get(&p.id)
@@ -514,6 +609,16 @@ impl Edits {
             copy,
             made: Vec::new(),
         }
+    }
+
+    /// Puts link `id` on trial: counted [`TRIAL_EXTRA_NS`] late at least.
+    fn trial(&mut self, id: u32) {
+        let extra = self
+            .copy
+            .links()
+            .find(|l| l.id == id)
+            .map_or(0, |l| l.extra_ns);
+        self.make(Edit::Extra(id, extra.max(TRIAL_EXTRA_NS)));
     }
 
     /// Makes `e` on the copy; whether it changed anything (and so is kept).
@@ -727,16 +832,20 @@ impl Corrector {
 /// A schedule no report named for this long is no longer sampled.
 const IDLE_NS: u64 = 2_000_000_000;
 
-/// Takes back every link of schedule `m` left out for silence.
-fn revive_all(maps: &Maps, m: Model, h: &mut History, now: u64) {
+/// Takes back every link of schedule `m` left out for silence, on trial
+/// ([`TRIAL_EXTRA_NS`]); returns the links on trial, which the schedule's
+/// next history keeps so.
+fn revive_all(maps: &Maps, m: Model, h: &mut History, now: u64) -> HashSet<u32> {
     let Some(p) = m.read(maps) else {
-        return;
+        return HashSet::new();
     };
     let mut edits = Edits::new(p);
     for id in h.revive(now, &p, true) {
         edits.make(Edit::Usable(id, true));
+        edits.trial(id);
     }
     edits.write(maps, m);
+    std::mem::take(&mut h.trial)
 }
 
 fn run(
@@ -748,13 +857,19 @@ fn run(
     // Per schedule: its history and when a report last named it.
     let mut models: HashMap<Model, (History, u64)> = HashMap::new();
     let mut sharing: HashMap<(Model, u32), Sharing> = HashMap::new();
+    // Links on trial of schedules no report names now: a packet sent
+    // alone still avoids them, and the next history keeps them so.
+    let mut trials: HashMap<Model, HashSet<u32>> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
         models.retain(|&m, (h, last)| {
             let keep = now - *last < IDLE_NS;
             if !keep {
                 // No more reports: nothing can show a silent link back.
-                revive_all(maps, m, h, now);
+                let t = revive_all(maps, m, h, now);
+                if !t.is_empty() {
+                    trials.insert(m, t);
+                }
             }
             keep
         });
@@ -778,6 +893,7 @@ fn run(
             }
             for id in h.revive(now, &edits.copy, false) {
                 edits.make(Edit::Usable(id, true));
+                edits.trial(id);
             }
             for id in h.stale_jitter(now, &edits.copy) {
                 if edits.make(Edit::Extra(id, 0)) {
@@ -841,9 +957,10 @@ fn run(
                 }
             };
             done.reports += 1;
-            let (h, last) = models
-                .entry(r.model)
-                .or_insert_with(|| (History::default(), now));
+            let (h, last) = models.entry(r.model).or_insert_with(|| {
+                let trial = trials.remove(&r.model).unwrap_or_default();
+                (History::with_trial(trial), now)
+            });
             *last = now;
             let sent = sent_ns(r.queue.sent_us, now);
             let queue = u64::from(r.queue.queue_us) * 1000;
@@ -858,10 +975,16 @@ fn run(
                 continue;
             };
             let mut edits = Edits::new(p);
-            if h.reported(r.id, now, sent + u64::from(delay) + queue)
-                && edits.make(Edit::Usable(r.id, true))
-            {
-                tracing::info!("feedback: {}, link {}: delivers again", r.model, r.id);
+            match h.reported(r.id, now, sent + u64::from(delay) + queue) {
+                Some(Back::Silenced) if edits.make(Edit::Usable(r.id, true)) => {
+                    tracing::info!("feedback: {}, link {}: delivers again", r.model, r.id);
+                }
+                Some(Back::Trial) => {
+                    // Its jitter is learnt afresh from the reports.
+                    edits.make(Edit::Extra(r.id, 0));
+                    tracing::info!("feedback: {}, link {}: delivers again", r.model, r.id);
+                }
+                _ => {}
             }
             edits.write(maps, r.model);
             let Some(fix) = h.judge(r.id, sent, queue, extra) else {
@@ -1132,7 +1255,7 @@ mod tests {
             let p = paths(&[(1, t * MS + queue_us * 1000), (2, 0)]);
             h.sample(t * MS, &p);
             if t % 20 == 0 {
-                assert!(!h.reported(2, t * MS, (t - 5) * MS));
+                assert_eq!(h.reported(2, t * MS, (t - 5) * MS), None);
             }
             let silent = h.silent(t * MS, &p);
             assert!(!silent.contains(&2), "link 2 reports: {silent:?}");
@@ -1188,16 +1311,142 @@ mod tests {
         // which no playout reports.
         assert_eq!(silence(&mut History::default(), 700), None);
         assert_eq!(silence(&mut History::default(), 900), Some(160));
-        // A link never reported is not judged: its receiver may have no
-        // playout.
+        // No report ever, of any link: the receiving end may have no
+        // playout, and nothing is judged.
         let mut h = History::default();
+        for t in 101..3000 {
+            let p = paths(&[(1, (t + 10) * MS), (2, 0)]);
+            h.sample(t * MS, &p);
+            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
+        }
+    }
+
+    /// A link that comes into the schedule and never delivers (a black
+    /// hole from the start for data: a modem plugged in behind a smaller
+    /// MTU) is judged from its coming, as one that stopped is.
+    #[test]
+    fn a_link_that_never_delivers_is_silent_from_its_coming() {
+        let mut h = History::default();
+        h.sample(99 * MS, &paths(&[(2, 0)]));
         h.reported(2, 100 * MS, 95 * MS);
+        let mut silent_at = None;
         for t in 101..400 {
             let p = paths(&[(1, (t + 10) * MS), (2, 0)]);
             h.sample(t * MS, &p);
-            h.reported(2, t * MS, (t - 5) * MS);
+            if t % 20 == 0 {
+                h.reported(2, t * MS, (t - 5) * MS);
+            }
+            let s = h.silent(t * MS, &p);
+            if !s.is_empty() {
+                assert_eq!(s, vec![1]);
+                silent_at = Some(t);
+                break;
+            }
+        }
+        // Its first burst (at 101 ms, 10 ms of queue) was due at 111;
+        // link 2's arrivals pass that by 45 ms with its report at 180.
+        assert_eq!(silent_at, Some(180));
+    }
+
+    /// Links 1 and 2 delivered until 100 ms; from 200 ms the flow sends
+    /// one full packet at a time (a window lost: resends after timeouts),
+    /// every one on link 1, and no report comes back. Returns when link 1
+    /// was called silent, if it was by 3 s; `two_tried` sends on link 2
+    /// too.
+    fn stall(h: &mut History, two_tried: bool) -> Option<u64> {
+        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+        h.reported(1, 100 * MS, 95 * MS);
+        h.reported(2, 100 * MS, 95 * MS);
+        for t in 101..3000 {
+            let resend = |at: u64| {
+                if t >= at && t < at + 2 {
+                    (t + 2) * MS
+                } else {
+                    0
+                }
+            };
+            let p = paths(&[
+                (1, resend(200)),
+                (2, if two_tried { resend(700) } else { 0 }),
+            ]);
+            h.sample(t * MS, &p);
+            let s = h.silent(t * MS, &p);
+            if !s.is_empty() {
+                assert_eq!(s, vec![1]);
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_flow_stalled_on_one_link_while_another_delivered_moves_off_it() {
+        // The resend at 200 ms was due at 202 (2 ms of queue): a second
+        // later with nothing heard, and link 2 not tried, link 1 is out.
+        assert_eq!(stall(&mut History::default(), false), Some(1203));
+        // Both tried and nothing heard: the receiving end went quiet, not
+        // a link.
+        assert_eq!(stall(&mut History::default(), true), None);
+        // Link 2 never delivered: no better than link 1.
+        let mut h = History::default();
+        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+        h.reported(1, 100 * MS, 95 * MS);
+        for t in 101..3000 {
+            let p = paths(&[
+                (
+                    1,
+                    if (200..202).contains(&t) {
+                        (t + 2) * MS
+                    } else {
+                        0
+                    },
+                ),
+                (2, 0),
+            ]);
+            h.sample(t * MS, &p);
             assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
         }
+    }
+
+    #[test]
+    fn a_link_silent_again_without_a_report_stays_out_twice_as_long() {
+        let mut h = History::default();
+        let t = silence(&mut h, 10_000).unwrap() * MS;
+        let p = paths(&[(1, 0), (2, 0)]);
+        assert_eq!(h.revive(t + SILENT_FOR_NS, &p, false), vec![1]);
+        // Back, sent a burst, silent again with link 2 reporting on.
+        let back = t + SILENT_FOR_NS;
+        let mut again = None;
+        for k in 1..200 {
+            let now = back + k * MS;
+            let p = paths(&[(1, now + 10 * MS), (2, 0)]);
+            h.sample(now, &p);
+            if k % 20 == 0 {
+                h.reported(2, now, now - 5 * MS);
+            }
+            if h.silent(now, &p) == [1] {
+                again = Some(now);
+                break;
+            }
+        }
+        let again = again.expect("silent again");
+        assert_eq!(
+            h.revive(again + 2 * SILENT_FOR_NS - 1, &p, false),
+            Vec::<u32>::new()
+        );
+        let back = again + 2 * SILENT_FOR_NS;
+        assert_eq!(h.revive(back, &p, false), vec![1]);
+        // On trial: its trial delay is no stale jitter to forget.
+        let mut tried = paths(&[(1, 0), (2, 0)]);
+        tried.set_extra(1, TRIAL_EXTRA_NS);
+        assert_eq!(
+            h.stale_jitter(back + 10 * SILENT_FOR_NS, &tried),
+            Vec::<u32>::new()
+        );
+        // A report ends the trial and the doubling.
+        assert_eq!(h.reported(1, back + MS, back), Some(Back::Trial));
+        assert_eq!(h.out_for.get(&1), None);
+        assert_eq!(h.reported(1, back + 2 * MS, back), None);
     }
 
     #[test]
@@ -1205,8 +1454,12 @@ mod tests {
         let mut h = History::default();
         let t = silence(&mut h, 10_000).unwrap();
         let p = paths(&[(1, 0), (2, 0)]);
-        assert!(h.reported(1, (t + 1) * MS, t * MS), "it delivers again");
-        assert!(!h.reported(1, (t + 2) * MS, t * MS), "back once");
+        assert_eq!(
+            h.reported(1, (t + 1) * MS, t * MS),
+            Some(Back::Silenced),
+            "it delivers again"
+        );
+        assert_eq!(h.reported(1, (t + 2) * MS, t * MS), None, "back once");
 
         let mut h = History::default();
         let t = silence(&mut h, 10_000).unwrap() * MS;

@@ -298,7 +298,8 @@ pub struct FeedbackCounts {
     /// Jitter counted anew on a link (what a packet that met no queue
     /// showed), and forgotten on links the sender left.
     pub jitter: u64,
-    /// Links left out because their packets stopped arriving.
+    /// Links left out because their packets stopped arriving, or never
+    /// arrived.
     pub silenced: u64,
     /// Links cut to this sender's share because others sent over them.
     pub shared: u64,

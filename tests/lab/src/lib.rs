@@ -818,6 +818,25 @@ impl Lab {
             .map(drop)
     }
 
+    /// Link `id`'s modem drops every packet longer than `bytes` that it
+    /// forwards, both ways, as a path whose MTU shrank behind the modem
+    /// with its "fragmentation needed" lost (a PMTU black hole): echoes,
+    /// announces and pure ACKs pass, full-size data does not, and the
+    /// carrier stays up.
+    pub fn black_hole_over(&self, id: u8, bytes: u16) -> Result<()> {
+        let (_, l) = self.wan(id)?;
+        for rule in [
+            "add table inet bond_lab_hole".to_string(),
+            "add chain inet bond_lab_hole forward { type filter hook forward priority 0 ; }"
+                .to_string(),
+            format!("add rule inet bond_lab_hole forward meta length > {bytes} drop"),
+        ] {
+            self.exec(&l.modem_ns, "nft", &[&rule])
+                .context("nft (package nftables: `cargo xtask setup` installs it)")?;
+        }
+        Ok(())
+    }
+
     /// Link `id`'s interface is removed from its terminal, as an unplugged
     /// USB modem's is; [`Self::plug`] brings it back.
     pub fn unplug(&self, id: u8) -> Result<()> {
