@@ -170,6 +170,43 @@ impl Traffic {
         }
     }
 
+    /// Where each link stands, in a few lines (what a failure shows
+    /// first): packets per link as t3 sent them up, t2 relayed them each
+    /// way and the server sent them down; each sender's feedback (links
+    /// left out for silence among it) and t3's playout.
+    fn state(&self) -> String {
+        let up: Vec<(u8, u64)> = (self.origin.terminal_link_stats().ok())
+            .into_iter()
+            .flatten()
+            .map(|(id, _, s)| (id, s.up_pkts))
+            .collect();
+        let down: Vec<(u8, u64)> = (self.server.server_link_index().ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, idx)| {
+                Some((k.link, self.server.server_link_stats(idx).ok()?.down_pkts))
+            })
+            .collect();
+        let (ns2, inst2) = self.lab.terminal_agent(1);
+        let relayed: Vec<(u8, u64, u64)> = (self.lab.terminal_links(&ns2, &inst2).ok())
+            .into_iter()
+            .flat_map(|l| l.links)
+            .map(|l| (l.link, l.counters.relay_up_pkts, l.counters.relay_down_pkts))
+            .collect();
+        let (ns3, inst3) = self.lab.terminal_agent(2);
+        let t3 = self.lab.terminal_status(&ns3, &inst3);
+        let srv = self.lab.server_status();
+        format!(
+            "t3 sent up (link, packets): {up:?}; the server sent down: {down:?}; \
+             t2 relayed (link, up, down): {relayed:?}\n\
+             t3's feedback: {:?}; playout: {:?}; schedule: {:?}\nthe server's feedback: {:?}",
+            t3.as_ref().map(|s| s.feedback.counts),
+            t3.as_ref().map(|s| s.playout),
+            t3.as_ref().map(|s| s.schedule.clone()),
+            srv.map(|s| s.feedback.counts),
+        )
+    }
+
     /// Both transfers ran to the end at a useful rate, and t2's agent
     /// followed without a restart.
     fn finish(mut self, what: &str) -> Lab {
@@ -183,13 +220,9 @@ impl Traffic {
                 Err(e) => {
                     let t3 = self.lab.terminals[2].ns.clone();
                     let ss = self.lab.exec(&t3, "ss", &["-tin"]).unwrap_or_default();
-                    let (ns2, inst2) = self.lab.terminal_agent(1);
-                    let t2_links = self.lab.ctl(&ns2, &inst2, &["links", "--json"]);
-                    let (ns3, inst3) = self.lab.terminal_agent(2);
-                    let t3_status = self.lab.ctl(&ns3, &inst3, &["status", "--json"]);
                     panic!(
-                        "{what}: {name}: {e:#}\nt3's sockets:\n{ss}\nt2's links: {t2_links:?}\n\
-                         t3's status: {t3_status:?}\nt2:\n{}\nt3:\n{}\nserver:\n{}",
+                        "{what}: {name}: {e:#}\n{}\nt3's sockets:\n{ss}\nt2:\n{}\nt3:\n{}\nserver:\n{}",
+                        self.state(),
                         log_tail(&self.lab, "agent-t2"),
                         log_tail(&self.lab, "agent-t3"),
                         log_tail(&self.lab, "agent-srv")
@@ -219,8 +252,9 @@ impl Traffic {
                     })
                     .collect();
                 panic!(
-                    "{what}: the {name} kept only {mbit:.1} Mbit/s\nintervals: {intervals:?}\n\
+                    "{what}: the {name} kept only {mbit:.1} Mbit/s\nintervals: {intervals:?}\n{}\n\
                      t2:\n{}\nserver:\n{}",
+                    self.state(),
                     log_tail(&self.lab, "agent-t2"),
                     log_tail(&self.lab, "agent-srv")
                 );
@@ -236,11 +270,11 @@ impl Traffic {
     }
 }
 
-/// The last 40 lines of a child's log (what a failure shows).
+/// The last 25 lines of a child's log (what a failure shows).
 fn log_tail(lab: &Lab, name: &str) -> String {
     let log = lab.log(name);
     let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
 /// The modem's side of link 3 goes down (the line lost sync) and up
@@ -410,6 +444,7 @@ fn a_link_that_loses_all_data_while_its_echoes_pass_is_left_out() {
         !own_link(&t.lab).dark,
         "its echoes pass: its owner keeps it"
     );
+    eprintln!("{}", t.state());
     t.finish("black hole");
 }
 
