@@ -79,13 +79,20 @@ const DATA_BYTES: u32 = 1000;
 const SILENT_FOR_NS: u64 = 300_000_000;
 const SILENT_FOR_MAX_NS: u64 = 10_000_000_000;
 /// A silent link taken back is on trial until a report names it: counted
-/// this much later than it is ([`Path::extra_ns`]), so that a packet sent
-/// alone (a resend after a timeout, a SYN) goes to a link that delivers,
-/// and the trial link takes data only once the others have a queue. Else
-/// a flow that lost its window to the link lost each resend to it again.
+/// later than it is ([`Path::extra_ns`]) by as much as puts it this far
+/// behind the soonest other link for a full packet sent alone, so that
+/// such a packet (a resend after a timeout, a SYN) goes to a link that
+/// delivers, and the trial link takes data once the others have a queue.
+/// Else a flow that lost its window to the link lost each resend to it
+/// again. A link a lone packet would not go to first anyway (a far one)
+/// is not counted later: more would leave it no data to be judged by,
+/// and on trial for good (over `lte`, the far link of one flow up carried
+/// 3-5% of it with a fixed 20 ms).
 ///
 /// [`Path::extra_ns`]: bond_common::edpf::Path::extra_ns
-const TRIAL_EXTRA_NS: u32 = 20_000_000;
+const TRIAL_BEHIND_NS: u64 = 1_000_000;
+/// A full packet, for the trial's comparison.
+const FULL_PACKET: u32 = 1500;
 /// How long after a burst on a link was due, with no report of anything
 /// since, the link counts as silent when another link was not tried
 /// meanwhile: a flow that lost its window resends one packet at a time,
@@ -188,14 +195,18 @@ pub struct History {
     first_burst: HashMap<u32, (u64, u64)>,
     /// Links taken back after a silence that no report named since.
     trial: HashSet<u32>,
+    /// Links the agent put back while silent, to put on trial
+    /// ([`Self::take_put_back`]).
+    put_back: Vec<u32>,
 }
 
 /// What a report showed of a link that was out or on trial.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Back {
-    /// It was out for silence: it delivers.
-    Silenced,
-    /// It was on trial ([`TRIAL_EXTRA_NS`]): it delivers.
+    /// It was out for silence (silent again while on trial, with `trial`):
+    /// it delivers.
+    Silenced { trial: bool },
+    /// It was on trial ([`TRIAL_BEHIND_NS`]): it delivers.
     Trial,
 }
 
@@ -217,6 +228,12 @@ impl History {
         self.quiet_since
             .retain(|id, _| paths.links().any(|p| p.id == *id));
         self.first_burst
+            .retain(|id, _| paths.links().any(|p| p.id == *id));
+        // A departed link's id may name another next (the server's dense
+        // indexes are reused): it starts with nothing of this one's.
+        self.out_for
+            .retain(|id, _| paths.links().any(|p| p.id == *id));
+        self.reported_at
             .retain(|id, _| paths.links().any(|p| p.id == *id));
         for p in paths.links() {
             self.quiet_since.entry(p.id).or_insert(now);
@@ -362,7 +379,7 @@ impl History {
         self.out_for.remove(&id);
         let trial = self.trial.remove(&id);
         if self.silenced.remove(&id).is_some() {
-            Some(Back::Silenced)
+            Some(Back::Silenced { trial })
         } else {
             trial.then_some(Back::Trial)
         }
@@ -376,9 +393,10 @@ impl History {
     /// left out for [`SILENT_FOR_NS`] (on `mixed`, once in most
     /// communities, in the slow start of a download).
     pub fn probed(&mut self, id: u32, left_ns: u64) {
-        if let Some(since) = self.quiet_since.get_mut(&id) {
-            *since = (*since).max(left_ns);
-        }
+        self.quiet_since
+            .entry(id)
+            .and_modify(|since| *since = (*since).max(left_ns))
+            .or_insert(left_ns);
     }
 
     /// Links of `paths` gone silent: the model sent a burst on it since
@@ -389,8 +407,9 @@ impl History {
     ///
     /// - that burst was due `SILENT_AFTER_NS` before the latest arrival
     ///   the reports show (the others deliver what was sent after it), or
-    /// - it was due [`STALL_NS`] ago, and another usable link that
-    ///   delivered before was sent nothing since its own last report: the
+    /// - it was due [`STALL_NS`] ago, and another usable link within the
+    ///   horizon, which a report named less than that before the burst was
+    ///   due, was sent nothing since its own last report: the
     ///   flows stalled (each packet sent alone goes to the link that would
     ///   deliver it soonest, this one, and is lost there), and that one
     ///   may carry them.
@@ -413,8 +432,10 @@ impl History {
             }
             if self.silenced.remove(&p.id).is_some() {
                 // Put back by someone else (the agent rebuilt the
-                // schedule): judged again from now.
+                // schedule): on trial, and judged again from now.
                 self.quiet_since.insert(p.id, now);
+                self.trial.insert(p.id);
+                self.put_back.push(p.id);
                 continue;
             }
             let (Some(&since), Some(h)) = (self.quiet_since.get(&p.id), self.samples.get(&p.id))
@@ -436,7 +457,11 @@ impl History {
                 f.saturating_add(u64::from(p.delay_ns))
                     .saturating_add(u64::from(p.extra_ns))
             });
-            due.push((p.id, at, self.reported_at.contains_key(&p.id)));
+            // Whether it can carry (within the horizon), and when a report
+            // last named it.
+            let schedulable = u64::from(p.delay_ns) <= u64::from(paths.backlog_us) * 1000;
+            let last = self.reported_at.get(&p.id).copied().filter(|_| schedulable);
+            due.push((p.id, at, last));
         }
         for &(id, at, _) in &due {
             let Some(at) = at else {
@@ -444,8 +469,13 @@ impl History {
             };
             let passed = self.heard_ns > at.saturating_add(SILENT_AFTER_NS);
             let stalled = now > at.saturating_add(STALL_NS)
-                && due.iter().any(|&(other, d, delivered)| {
-                    other != id && d.is_none() && delivered && !out.contains(&other)
+                && due.iter().any(|&(other, d, last)| {
+                    // Untried since, and delivering when this one's burst
+                    // went.
+                    other != id
+                        && d.is_none()
+                        && last.is_some_and(|r| r.saturating_add(STALL_NS) >= at)
+                        && !out.contains(&other)
                 });
             if passed || stalled {
                 let was = self.out_for.get(&id).copied().unwrap_or(0);
@@ -456,6 +486,13 @@ impl History {
             }
         }
         out
+    }
+
+    /// Silenced links the agent's rebuilt schedule took back since the
+    /// last call: each is on trial, and its trial delay is the caller's
+    /// to set.
+    pub fn take_put_back(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.put_back)
     }
 
     /// Links out for silence to try again: out their time (each on trial
@@ -611,14 +648,31 @@ impl Edits {
         }
     }
 
-    /// Puts link `id` on trial: counted [`TRIAL_EXTRA_NS`] late at least.
+    /// Puts link `id` on trial: a full packet sent alone arrives over it
+    /// [`TRIAL_BEHIND_NS`] after the soonest other usable link, if it
+    /// would have been sooner (never counted less late than it is).
     fn trial(&mut self, id: u32) {
-        let extra = self
+        let Some(p) = self.copy.links().find(|l| l.id == id).copied() else {
+            return;
+        };
+        let alone = |l: &bond_common::edpf::Path| l.delay_now_ns() + l.tx_ns(FULL_PACKET);
+        let Some(soonest) = self
             .copy
             .links()
-            .find(|l| l.id == id)
-            .map_or(0, |l| l.extra_ns);
-        self.make(Edit::Extra(id, extra.max(TRIAL_EXTRA_NS)));
+            .filter(|l| l.id != id && l.flags & PATH_USABLE != 0)
+            // (One past the horizon is not scheduled: an unmeasured delay.)
+            .filter(|l| u64::from(l.delay_ns) <= u64::from(self.copy.backlog_us) * 1000)
+            .map(alone)
+            .min()
+        else {
+            return; // the only link: nothing to prefer
+        };
+        let own = u64::from(p.delay_ns) + p.tx_ns(FULL_PACKET);
+        let behind = (soonest + TRIAL_BEHIND_NS).saturating_sub(own);
+        let extra = u32::try_from(behind).unwrap_or(u32::MAX).max(p.extra_ns);
+        if extra != p.extra_ns {
+            self.make(Edit::Extra(id, extra));
+        }
     }
 
     /// Makes `e` on the copy; whether it changed anything (and so is kept).
@@ -833,7 +887,7 @@ impl Corrector {
 const IDLE_NS: u64 = 2_000_000_000;
 
 /// Takes back every link of schedule `m` left out for silence, on trial
-/// ([`TRIAL_EXTRA_NS`]); returns the links on trial, which the schedule's
+/// ([`TRIAL_BEHIND_NS`]); returns the links on trial, which the schedule's
 /// next history keeps so.
 fn revive_all(maps: &Maps, m: Model, h: &mut History, now: u64) -> HashSet<u32> {
     let Some(p) = m.read(maps) else {
@@ -893,6 +947,9 @@ fn run(
             }
             for id in h.revive(now, &edits.copy, false) {
                 edits.make(Edit::Usable(id, true));
+                edits.trial(id);
+            }
+            for id in h.take_put_back() {
                 edits.trial(id);
             }
             for id in h.stale_jitter(now, &edits.copy) {
@@ -975,16 +1032,17 @@ fn run(
                 continue;
             };
             let mut edits = Edits::new(p);
-            match h.reported(r.id, now, sent + u64::from(delay) + queue) {
-                Some(Back::Silenced) if edits.make(Edit::Usable(r.id, true)) => {
-                    tracing::info!("feedback: {}, link {}: delivers again", r.model, r.id);
-                }
-                Some(Back::Trial) => {
-                    // Its jitter is learnt afresh from the reports.
+            // A link back from trial: its trial delay goes, and its jitter
+            // is learnt afresh from the reports, this one first.
+            let mut extra = extra;
+            if let Some(back) = h.reported(r.id, now, sent + u64::from(delay) + queue) {
+                if matches!(back, Back::Trial | Back::Silenced { trial: true }) {
                     edits.make(Edit::Extra(r.id, 0));
+                    extra = 0;
+                }
+                if edits.make(Edit::Usable(r.id, true)) || back == Back::Trial {
                     tracing::info!("feedback: {}, link {}: delivers again", r.model, r.id);
                 }
-                _ => {}
             }
             edits.write(maps, r.model);
             let Some(fix) = h.judge(r.id, sent, queue, extra) else {
@@ -1343,8 +1401,9 @@ mod tests {
                 break;
             }
         }
-        // Its first burst (at 101 ms, 10 ms of queue) was due at 111;
-        // link 2's arrivals pass that by 45 ms with its report at 180.
+        // Its first burst after it came (sampled at 102 ms, 10 ms of
+        // queue) was due at 112; link 2's arrivals pass that by 45 ms
+        // with its report at 180.
         assert_eq!(silent_at, Some(180));
     }
 
@@ -1387,6 +1446,49 @@ mod tests {
         // Both tried and nothing heard: the receiving end went quiet, not
         // a link.
         assert_eq!(stall(&mut History::default(), true), None);
+        // Link 2 past the horizon (its delay unmeasured): it cannot carry.
+        let mut h = History::default();
+        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+        h.reported(1, 100 * MS, 95 * MS);
+        h.reported(2, 100 * MS, 95 * MS);
+        for t in 101..3000 {
+            let mut p = paths(&[
+                (
+                    1,
+                    if (200..202).contains(&t) {
+                        (t + 2) * MS
+                    } else {
+                        0
+                    },
+                ),
+                (2, 0),
+            ]);
+            p.backlog_us = 50_000;
+            p.paths[1].delay_ns = u32::MAX;
+            h.sample(t * MS, &p);
+            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
+        }
+        // Link 2 last delivered long before the burst: nothing says it
+        // still would.
+        let mut h = History::default();
+        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+        h.reported(2, 100 * MS, 95 * MS);
+        h.reported(1, 1500 * MS, 1495 * MS);
+        for t in 1501..4000 {
+            let p = paths(&[
+                (
+                    1,
+                    if (1600..1602).contains(&t) {
+                        (t + 2) * MS
+                    } else {
+                        0
+                    },
+                ),
+                (2, 0),
+            ]);
+            h.sample(t * MS, &p);
+            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
+        }
         // Link 2 never delivered: no better than link 1.
         let mut h = History::default();
         h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
@@ -1406,6 +1508,40 @@ mod tests {
             h.sample(t * MS, &p);
             assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
         }
+    }
+
+    /// On trial, the nearest link (a lone packet's first choice) is
+    /// counted just behind the next; a far one, which a lone packet would
+    /// not take anyway, is not counted later, so it still carries data to
+    /// be judged by.
+    #[test]
+    fn a_trial_puts_a_lone_packet_on_another_link_and_no_more() {
+        let mut p = Paths::EMPTY;
+        p.backlog_us = 50_000;
+        p.paths[0] = Path::new(1, 30_000, 0);
+        p.paths[1] = Path::new(2, 20_000, 2_000_000);
+        p.paths[2] = Path::new(3, 40_000, 30_000_000);
+        p.paths[3] = Path::new(4, 40_000, u32::MAX);
+        p.len = 4;
+        let alone = |p: &Paths, id: u32| {
+            let l = p.links().find(|l| l.id == id).unwrap();
+            l.delay_now_ns() + l.tx_ns(FULL_PACKET)
+        };
+        let mut e = Edits::new(p);
+        e.trial(1);
+        assert_eq!(alone(&e.copy, 1), alone(&e.copy, 2) + TRIAL_BEHIND_NS);
+        let mut e = Edits::new(p);
+        e.trial(3);
+        assert_eq!(e.copy.links().find(|l| l.id == 3).unwrap().extra_ns, 0);
+        assert!(e.made.is_empty());
+        // Alone in the schedule (the other past the horizon): nothing to
+        // prefer.
+        let mut only = p;
+        only.paths[1] = p.paths[3];
+        only.len = 2;
+        let mut e = Edits::new(only);
+        e.trial(1);
+        assert!(e.made.is_empty());
     }
 
     #[test]
@@ -1438,7 +1574,7 @@ mod tests {
         assert_eq!(h.revive(back, &p, false), vec![1]);
         // On trial: its trial delay is no stale jitter to forget.
         let mut tried = paths(&[(1, 0), (2, 0)]);
-        tried.set_extra(1, TRIAL_EXTRA_NS);
+        tried.set_extra(1, 5_000_000);
         assert_eq!(
             h.stale_jitter(back + 10 * SILENT_FOR_NS, &tried),
             Vec::<u32>::new()
@@ -1449,6 +1585,30 @@ mod tests {
         assert_eq!(h.reported(1, back + 2 * MS, back), None);
     }
 
+    /// A link silent again while on trial that then delivers ends both
+    /// (its trial delay is the caller's to take away); one the agent put
+    /// back into its schedule while silent is on trial.
+    #[test]
+    fn back_from_a_silence_on_trial_or_put_back_by_the_agent() {
+        let mut h = History::default();
+        let t = silence(&mut h, 10_000).unwrap() * MS;
+        let p = paths(&[(1, 0), (2, 0)]);
+        let back = t + SILENT_FOR_NS;
+        assert_eq!(h.revive(back, &p, false), vec![1]);
+        h.silenced.insert(1, (back + MS, SILENT_FOR_NS));
+        assert_eq!(
+            h.reported(1, back + 2 * MS, back),
+            Some(Back::Silenced { trial: true })
+        );
+
+        let mut h = History::default();
+        silence(&mut h, 10_000).unwrap();
+        // The agent rebuilt the schedule: link 1 usable again.
+        assert_eq!(h.silent(500 * MS, &p), Vec::<u32>::new());
+        assert_eq!(h.take_put_back(), vec![1]);
+        assert_eq!(h.reported(1, 501 * MS, 500 * MS), Some(Back::Trial));
+    }
+
     #[test]
     fn a_silent_link_is_back_with_its_next_report_or_after_a_while() {
         let mut h = History::default();
@@ -1456,7 +1616,7 @@ mod tests {
         let p = paths(&[(1, 0), (2, 0)]);
         assert_eq!(
             h.reported(1, (t + 1) * MS, t * MS),
-            Some(Back::Silenced),
+            Some(Back::Silenced { trial: false }),
             "it delivers again"
         );
         assert_eq!(h.reported(1, (t + 2) * MS, t * MS), None, "back once");
