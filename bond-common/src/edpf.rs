@@ -189,6 +189,13 @@ impl Paths {
         self.paths[..(self.len as usize).min(MAX_PATHS)].iter()
     }
 
+    /// Whether [`Self::pick`] can choose `p` at all: its base delay within
+    /// the backlog (a farther link, or one whose delay is unmeasured,
+    /// never fills its gap and is left out).
+    pub const fn reaches(&self, p: &Path) -> bool {
+        p.delay_ns as u64 <= self.backlog_us as u64 * 1000
+    }
+
     /// Chooses the link for a packet of `len` bytes sent at `now` and
     /// charges it to that link; returns the link id, or `None` when no link
     /// is usable.

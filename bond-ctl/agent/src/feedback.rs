@@ -224,17 +224,14 @@ impl History {
     pub fn sample(&mut self, now: u64, paths: &Paths) {
         // A link is judged from when it came into the schedule (a link
         // that never delivers is as silent as one that stopped); one out
-        // of it, afresh once back.
-        self.quiet_since
-            .retain(|id, _| paths.links().any(|p| p.id == *id));
-        self.first_burst
-            .retain(|id, _| paths.links().any(|p| p.id == *id));
-        // A departed link's id may name another next (the server's dense
-        // indexes are reused): it starts with nothing of this one's.
-        self.out_for
-            .retain(|id, _| paths.links().any(|p| p.id == *id));
-        self.reported_at
-            .retain(|id, _| paths.links().any(|p| p.id == *id));
+        // of it, afresh once back. A departed link's id may name another
+        // next (the server's dense indexes are reused): it starts with
+        // nothing of this one's.
+        let kept = |id: &u32| paths.links().any(|p| p.id == *id);
+        self.quiet_since.retain(|id, _| kept(id));
+        self.first_burst.retain(|id, _| kept(id));
+        self.out_for.retain(|id, _| kept(id));
+        self.reported_at.retain(|id, _| kept(id));
         for p in paths.links() {
             self.quiet_since.entry(p.id).or_insert(now);
             let h = self.samples.entry(p.id).or_default();
@@ -459,8 +456,11 @@ impl History {
             });
             // Whether it can carry (within the horizon), and when a report
             // last named it.
-            let schedulable = u64::from(p.delay_ns) <= u64::from(paths.backlog_us) * 1000;
-            let last = self.reported_at.get(&p.id).copied().filter(|_| schedulable);
+            let last = self
+                .reported_at
+                .get(&p.id)
+                .copied()
+                .filter(|_| paths.reaches(p));
             due.push((p.id, at, last));
         }
         for &(id, at, _) in &due {
@@ -659,9 +659,7 @@ impl Edits {
         let Some(soonest) = self
             .copy
             .links()
-            .filter(|l| l.id != id && l.flags & PATH_USABLE != 0)
-            // (One past the horizon is not scheduled: an unmeasured delay.)
-            .filter(|l| u64::from(l.delay_ns) <= u64::from(self.copy.backlog_us) * 1000)
+            .filter(|l| l.id != id && l.flags & PATH_USABLE != 0 && self.copy.reaches(l))
             .map(alone)
             .min()
         else {
@@ -1407,27 +1405,32 @@ mod tests {
         assert_eq!(silent_at, Some(180));
     }
 
-    /// Links 1 and 2 delivered until 100 ms; from 200 ms the flow sends
-    /// one full packet at a time (a window lost: resends after timeouts),
-    /// every one on link 1, and no report comes back. Returns when link 1
-    /// was called silent, if it was by 3 s; `two_tried` sends on link 2
-    /// too.
-    fn stall(h: &mut History, two_tried: bool) -> Option<u64> {
-        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
-        h.reported(1, 100 * MS, 95 * MS);
-        h.reported(2, 100 * MS, 95 * MS);
-        for t in 101..3000 {
+    /// Samples and judges `h` over `ms` (ms) while the flow sends one full
+    /// packet at a time (a window lost: resends after timeouts), on link
+    /// 1 at `at` and on link 2 at `two_at` if given, and no report comes
+    /// back; link 2 is past the horizon (its delay unmeasured) with
+    /// `far`. Returns when link 1 was called silent, if it was (nothing
+    /// else may be).
+    fn resend_alone(
+        h: &mut History,
+        ms: std::ops::Range<u64>,
+        at: u64,
+        two_at: Option<u64>,
+        far: bool,
+    ) -> Option<u64> {
+        for t in ms {
             let resend = |at: u64| {
-                if t >= at && t < at + 2 {
+                if (at..at + 2).contains(&t) {
                     (t + 2) * MS
                 } else {
                     0
                 }
             };
-            let p = paths(&[
-                (1, resend(200)),
-                (2, if two_tried { resend(700) } else { 0 }),
-            ]);
+            let mut p = paths(&[(1, resend(at)), (2, two_at.map_or(0, resend))]);
+            if far {
+                p.backlog_us = 50_000;
+                p.paths[1].delay_ns = u32::MAX;
+            }
             h.sample(t * MS, &p);
             let s = h.silent(t * MS, &p);
             if !s.is_empty() {
@@ -1438,76 +1441,39 @@ mod tests {
         None
     }
 
+    /// A history whose links `delivered` were reported at 100 ms.
+    fn delivered(links: &[u32]) -> History {
+        let mut h = History::default();
+        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
+        for &id in links {
+            h.reported(id, 100 * MS, 95 * MS);
+        }
+        h
+    }
+
     #[test]
     fn a_flow_stalled_on_one_link_while_another_delivered_moves_off_it() {
-        // The resend at 200 ms was due at 202 (2 ms of queue): a second
-        // later with nothing heard, and link 2 not tried, link 1 is out.
-        assert_eq!(stall(&mut History::default(), false), Some(1203));
+        // Links 1 and 2 delivered until 100 ms; the resend at 200 ms was
+        // due at 202 (2 ms of queue): a second later with nothing heard,
+        // and link 2 not tried, link 1 is out.
+        let stall =
+            |two_at, far| resend_alone(&mut delivered(&[1, 2]), 101..3000, 200, two_at, far);
+        assert_eq!(stall(None, false), Some(1203));
         // Both tried and nothing heard: the receiving end went quiet, not
         // a link.
-        assert_eq!(stall(&mut History::default(), true), None);
+        assert_eq!(stall(Some(700), false), None);
         // Link 2 past the horizon (its delay unmeasured): it cannot carry.
-        let mut h = History::default();
-        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
-        h.reported(1, 100 * MS, 95 * MS);
-        h.reported(2, 100 * MS, 95 * MS);
-        for t in 101..3000 {
-            let mut p = paths(&[
-                (
-                    1,
-                    if (200..202).contains(&t) {
-                        (t + 2) * MS
-                    } else {
-                        0
-                    },
-                ),
-                (2, 0),
-            ]);
-            p.backlog_us = 50_000;
-            p.paths[1].delay_ns = u32::MAX;
-            h.sample(t * MS, &p);
-            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
-        }
+        assert_eq!(stall(None, true), None);
         // Link 2 last delivered long before the burst: nothing says it
         // still would.
-        let mut h = History::default();
-        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
-        h.reported(2, 100 * MS, 95 * MS);
+        let mut h = delivered(&[2]);
         h.reported(1, 1500 * MS, 1495 * MS);
-        for t in 1501..4000 {
-            let p = paths(&[
-                (
-                    1,
-                    if (1600..1602).contains(&t) {
-                        (t + 2) * MS
-                    } else {
-                        0
-                    },
-                ),
-                (2, 0),
-            ]);
-            h.sample(t * MS, &p);
-            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
-        }
+        assert_eq!(resend_alone(&mut h, 1501..4000, 1600, None, false), None);
         // Link 2 never delivered: no better than link 1.
-        let mut h = History::default();
-        h.sample(99 * MS, &paths(&[(1, 0), (2, 0)]));
-        h.reported(1, 100 * MS, 95 * MS);
-        for t in 101..3000 {
-            let p = paths(&[
-                (
-                    1,
-                    if (200..202).contains(&t) {
-                        (t + 2) * MS
-                    } else {
-                        0
-                    },
-                ),
-                (2, 0),
-            ]);
-            h.sample(t * MS, &p);
-            assert_eq!(h.silent(t * MS, &p), Vec::<u32>::new());
-        }
+        assert_eq!(
+            resend_alone(&mut delivered(&[1]), 101..3000, 200, None, false),
+            None
+        );
     }
 
     /// On trial, the nearest link (a lone packet's first choice) is
