@@ -12,7 +12,10 @@ use std::{
 };
 
 use bond_api::reply::ServerStatus;
-use bond_lab::site::Site;
+use bond_lab::{
+    run,
+    site::{ETCD_USER, Site},
+};
 use common::{bond_ctl, require_root};
 
 const COMMUNITIES: u32 = 30;
@@ -69,9 +72,18 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Dura
 /// [`COMMUNITIES`] communities registered and placed; each node serving
 /// exactly what the registry gives it.
 fn site_with_communities(nodes: usize) -> Site {
+    site_with(nodes, false)
+}
+
+/// As [`site_with_communities`], with etcd's authentication on before
+/// any node starts (`auth`).
+fn site_with(nodes: usize, auth: bool) -> Site {
     require_root();
     let mut site = Site::build(bond_ctl(), 3, nodes).expect("build the site");
     site.start_etcd().expect("etcd");
+    if auth {
+        site.enable_etcd_auth().expect("etcd's authentication");
+    }
     for i in 1..=nodes {
         site.start_node(i, "").expect("node");
     }
@@ -189,6 +201,78 @@ fn a_lost_node_moves_only_its_communities_and_another_takes_control() {
         alive[1],
         gone.elapsed()
     );
+}
+
+/// etcd's authentication on, as docs/operator.md sets it up: the nodes
+/// and the operator's commands log in as a user whose role reads and
+/// writes the registry's prefix and nothing else. Nodes register, the
+/// controller places every community and each node serves what it owns
+/// (`site_with`), and a killed node's communities move to the others
+/// (its lease, the election, the owners' writes), all through
+/// authenticated calls. Without a login, or with a wrong password, the
+/// registry is closed and the command says what etcd refused; the user
+/// reads nothing outside its prefix.
+#[test]
+fn a_registry_behind_etcd_authentication_admits_only_its_users() {
+    let mut site = site_with(3, true);
+    let refused = |extra: &[&std::ffi::OsStr]| {
+        run(site.tier_cmd().args(extra).arg("nodes"))
+            .expect_err("the registry read without a valid login")
+            .to_string()
+    };
+    let anonymous = refused(&[]);
+    assert!(anonymous.contains("user name is empty"), "{anonymous}");
+    let wrong = site.dir.join("wrong-password");
+    std::fs::write(&wrong, "not the password\n").unwrap();
+    let bad = refused(&[
+        "--etcd-user".as_ref(),
+        ETCD_USER.as_ref(),
+        "--etcd-password-file".as_ref(),
+        wrong.as_os_str(),
+    ]);
+    assert!(bad.contains("authentication failed"), "{bad}");
+    assert!(
+        site.etcdctl_anonymous(&["get", "--prefix", "/bond/"])
+            .is_err(),
+        "etcdctl read the registry with no user"
+    );
+    // Outside its prefix the user reads nothing (root wrote it).
+    site.etcdctl(&["put", "/elsewhere/secret", "x"]).unwrap();
+    let (user, file) = site.etcd_user.clone().unwrap();
+    let password = std::fs::read_to_string(&file).unwrap();
+    let outside = site.etcdctl_anonymous(&[
+        &format!("--user={user}:{}", password.trim()),
+        "get",
+        "/elsewhere/secret",
+    ]);
+    assert!(
+        outside
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("permission denied")),
+        "{outside:?}"
+    );
+    // A node killed: its communities move, every call authenticated.
+    let before = by_node(&owners(&site));
+    site.stop("n2", true).unwrap();
+    let took = wait_until("n2's communities moved", Duration::from_secs(6), || {
+        owners(&site)
+            .values()
+            .all(|o| o.is_some() && o.as_deref() != Some("n2"))
+    });
+    eprintln!(
+        "{} communities of n2 moved {took:?} after the kill",
+        before.get("n2").map_or(0, BTreeSet::len)
+    );
+    let after = by_node(&owners(&site));
+    for n in ["n1", "n3"] {
+        assert!(
+            before
+                .get(n)
+                .unwrap_or(&BTreeSet::new())
+                .is_subset(&after[n]),
+            "{n} lost communities: {before:?} -> {after:?}"
+        );
+    }
 }
 
 /// A drained node gives up its communities to the others, none of
@@ -741,14 +825,18 @@ fn draining_a_node_waits_for_its_flows_to_end() {
 }
 
 /// Terminals by key: the first community takes only its three terminals,
-/// each with an identity of its own authorised in the registry. Revoking
+/// each with an identity of its own authorised in the registry, and the
+/// nodes share a site key the terminals pin, so each session is keyed
+/// (`bond_proto::session`). Revoking
 /// t1 while t1 and t3 download ends t1's session at its node at once: its
 /// download stops within one announce interval, its link leaves its
 /// peers' schedules, and its logins are refused from then on; t3's
 /// download never pauses beyond its own pauses and completes. With t1's
 /// secret key and the community key (a stolen terminal), nobody can log
 /// on, announce or shut down as t2, push t2's counters ahead, or take
-/// t2's link: t2's session and link stay as they were.
+/// t2's link; nor, with t2's token too (it rides in every data header t1
+/// relays), speak for t2 in an echo, nor forge the server's refusal or
+/// feedback to t2: t2's session and link stay as they were.
 #[test]
 fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
     use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
@@ -763,6 +851,7 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
     let mut lab = Lab::build(&TerminalSpec::figure1(), bond_ctl()).expect("build lab");
     lab.add_tier(3).expect("the tier");
     lab.identities = true;
+    lab.site_key = true;
     lab.start_agents().expect("start agents");
     let owner = lab.owner(COMMUNITY).unwrap().expect("an owner");
     wait_all_at(&lab, owner);
@@ -774,7 +863,7 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
         let st = lab.terminal_status(&ns, &inst).unwrap();
         let public = Identity::load(&lab.identity_file(i)).unwrap().public();
         assert_eq!(st.identity, Some(public.to_string()), "{st:?}");
-        assert!(st.logged_on && !st.refused, "{st:?}");
+        assert!(st.logged_on && !st.refused && st.session_keyed, "{st:?}");
     }
     let node_rejects = |lab: &Lab| lab.node_status(owner).unwrap().rejects;
     let count = |r: &BTreeMap<String, u64>, k: &str| r.get(k).copied().unwrap_or(0);
@@ -816,9 +905,26 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
         links,
     };
     let far = u64::MAX / 2;
+    let server_says = |body| Msg {
+        flags: flags::FROM_SERVER,
+        ..msg(t2_addr, 0, 0, far, body)
+    };
+    let t2_lan = std::net::SocketAddr::from((t2_addr, lab.terminals[1].data_port));
+    let to_t2 = [
+        // The server's refusal and feedback, to t2 over the LAN, tagged
+        // with the community key.
+        server_says(Body::LoginReply(bond_proto::control::Reply::Refused)).encode(&key),
+        server_says(Body::Feedback {
+            links: vec![],
+            shared: vec![],
+        })
+        .encode(&key),
+    ];
     let sends = [
+        // As t2, with t2's own token: rides on its session, lacks its MAC.
+        msg(t2_addr, 2, t2_token, far + 4, Body::Echo { sent_ns: 1 }).encode(&key),
         // As t2, signed with t1's key: log on, announce, shut down.
-        msg(t2_addr, 2, 0, far, Body::Login).encode_as(&key, Some(&stolen)),
+        msg(t2_addr, 2, 0, far, Body::Login { exchange: None }).encode_as(&key, Some(&stolen)),
         msg(t2_addr, 2, t2_token, far + 1, announce(vec![t2_link])).encode_as(&key, Some(&stolen)),
         msg(t2_addr, 2, t2_token, far + 2, Body::Shutdown).encode_as(&key, Some(&stolen)),
         // As t2, unsigned, with a guessed token and a counter far ahead.
@@ -827,15 +933,21 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
         msg(t1_addr, 2, t1_token, far, announce(vec![t2_link])).encode_as(&key, Some(&stolen)),
     ];
     let before = node_rejects(&lab);
+    let (ns2, inst2) = lab.terminal_agent(1);
+    let t2_before = lab.terminal_status(&ns2, &inst2).unwrap().rejects;
     let t1ns = lab.terminals[0].ns.clone();
-    for bytes in &sends {
+    let front: std::net::SocketAddr = "198.51.100.1:7700".parse().unwrap();
+    let sent = sends.iter().map(|b| (b, front));
+    for (bytes, to) in sent.chain(to_t2.iter().map(|b| (b, t2_lan))) {
         lab.exec(
             &t1ns,
             "python3",
             &[
                 "-c",
-                "import socket,sys; socket.socket(2,2).sendto(bytes.fromhex(sys.argv[1]), ('198.51.100.1', 7700))",
+                "import socket,sys; socket.socket(2,2).sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))",
                 &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                &to.ip().to_string(),
+                &to.port().to_string(),
             ],
         )
         .unwrap();
@@ -847,13 +959,18 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
     assert_eq!(grew("bad_identity"), 3, "{after:?}");
     assert_eq!(grew("wrong_token"), 1, "{after:?}");
     assert_eq!(grew("link_taken"), 1, "{after:?}");
+    assert_eq!(grew("bad_session_mac"), 1, "{after:?}");
+    let t2_after = lab.terminal_status(&ns2, &inst2).unwrap().rejects;
+    let t2_grew = |k: &str| count(&t2_after, k) - count(&t2_before, k);
+    eprintln!("t2 rejects after the forged server messages: {t2_after:?}");
+    assert_eq!(t2_grew("reply_not_signed"), 1, "{t2_after:?}");
+    assert_eq!(t2_grew("bad_session_mac"), 1, "{t2_after:?}");
     // t2 kept its session, its link and its say (its counters were not
     // pushed ahead: its announces and echoes still count).
     assert_eq!(token_of(1), t2_token, "t2's session was replaced");
-    let (ns2, inst2) = lab.terminal_agent(1);
     let st2 = lab.terminal_status(&ns2, &inst2).unwrap();
     assert!(
-        st2.logged_on && st2.links.iter().all(|l| !l.dark),
+        st2.logged_on && !st2.refused && st2.session_keyed && st2.links.iter().all(|l| !l.dark),
         "{st2:?}"
     );
     let peers: bond_api::reply::Peers = lab

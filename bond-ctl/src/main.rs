@@ -170,6 +170,13 @@ enum Cmd {
         /// etcd's client URLs (http://host:port), separated by commas.
         #[arg(long, env = "BOND_ETCD", value_delimiter = ',', required = true)]
         etcd: Vec<String>,
+        /// etcd's user, where its authentication is on (with
+        /// --etcd-password-file).
+        #[arg(long, env = "BOND_ETCD_USER", requires = "etcd_password_file")]
+        etcd_user: Option<String>,
+        /// A file whose first line is that user's password.
+        #[arg(long, env = "BOND_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
         /// Where the registry lives in etcd's key space.
         #[arg(long, default_value = "/bond")]
         prefix: String,
@@ -491,7 +498,21 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Tier { etcd, prefix, cmd } => tier::run(&etcd, &prefix, cmd),
+        Cmd::Tier {
+            etcd,
+            etcd_user,
+            etcd_password_file,
+            prefix,
+            cmd,
+        } => {
+            let user = bond_config::etcd_login(etcd_user.as_deref(), etcd_password_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("--etcd-password-file {e}"))?;
+            let etcd = bond_tier::Etcd {
+                endpoints: etcd,
+                user,
+            };
+            tier::run(&etcd, &prefix, cmd)
+        }
         Cmd::Nat {
             cmd:
                 NatCmd::Who {

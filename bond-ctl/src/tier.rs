@@ -81,7 +81,7 @@ pub enum TierCmd {
     Undrain { node: String },
 }
 
-pub fn run(etcd: &[String], prefix: &str, cmd: TierCmd) -> Result<()> {
+pub fn run(etcd: &bond_tier::Etcd, prefix: &str, cmd: TierCmd) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
     rt.block_on(async {
         let mut reg = Registry::connect(etcd, prefix).await?;

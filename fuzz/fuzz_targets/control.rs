@@ -2,13 +2,15 @@
 //! signature checks; the same input signed with the key (as a member would)
 //! reaches the body parser. Whatever decodes must encode back to a message
 //! that decodes to the same value, and signed by a terminal's key, to one
-//! that its key and no other verifies; nothing may panic.
+//! that its key and no other verifies, and with a session's MAC, to one
+//! that session's key and no other takes; nothing may panic.
 #![no_main]
 
 use bond_proto::{
     CommunityKey,
     control::{Msg, TAG_LEN, flags, tag},
     identity::Identity,
+    session::{Exchange, SessionKey, Transcript},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -18,6 +20,20 @@ static TERMINAL: std::sync::LazyLock<Identity> =
     std::sync::LazyLock::new(|| Identity::from_seed([7; 32]));
 static OTHER: std::sync::LazyLock<Identity> =
     std::sync::LazyLock::new(|| Identity::from_seed([8; 32]));
+static SESSIONS: std::sync::LazyLock<[SessionKey; 2]> = std::sync::LazyLock::new(|| {
+    let server = Exchange::from_secret([9; 32]);
+    [[1; 32], [2; 32]].map(|s| {
+        let t = Exchange::from_secret(s);
+        let tr = Transcript {
+            community: 1,
+            origin: std::net::Ipv4Addr::new(10, 0, 1, 1),
+            token: 1,
+            terminal: t.public(),
+            server: server.public(),
+        };
+        t.key(&server.public(), &tr).expect("a session key")
+    })
+});
 
 fuzz_target!(|data: &[u8]| {
     let key = |_: u32| Some(&*KEY);
@@ -39,8 +55,9 @@ fuzz_target!(|data: &[u8]| {
 fn check(m: &Msg, buf: &[u8]) {
     // Whatever signature it carries, checking it never panics.
     let _ = Msg::signed_by(buf, &TERMINAL.public());
+    let _ = Msg::session_ok(buf, &SESSIONS[0]);
     let plain = Msg {
-        flags: m.flags & !flags::SIGNED,
+        flags: m.flags & !(flags::SIGNED | flags::SESSION),
         ..m.clone()
     };
     let again = Msg::decode(&m.encode(&KEY), |_| Some(&*KEY)).expect("a decoded message re-encodes");
@@ -50,4 +67,11 @@ fn check(m: &Msg, buf: &[u8]) {
     assert_eq!(again.flags, plain.flags | flags::SIGNED);
     assert!(Msg::signed_by(&by_terminal, &TERMINAL.public()));
     assert!(!Msg::signed_by(&by_terminal, &OTHER.public()));
+    let keyed = m.encode_with(&KEY, Some(&TERMINAL), Some(&SESSIONS[0]));
+    let again = Msg::decode(&keyed, |_| Some(&*KEY)).expect("and with a session's MAC");
+    assert_eq!(again.flags, plain.flags | flags::SIGNED | flags::SESSION);
+    assert!(Msg::signed_by(&keyed, &TERMINAL.public()));
+    assert!(Msg::session_ok(&keyed, &SESSIONS[0]));
+    assert!(!Msg::session_ok(&keyed, &SESSIONS[1]));
+    assert!(!Msg::session_ok(&by_terminal, &SESSIONS[0]));
 }

@@ -94,6 +94,9 @@ struct Sample {
     tcp: TcpDelta,
     /// Each link's share of the bytes.
     split: Vec<f64>,
+    /// Links the sending agent left out as silent during the transfer
+    /// (`feedback.silenced`; bond only).
+    silenced: Option<u64>,
 }
 
 /// TCP counters of one namespace (`/proc/net/snmp`, `/proc/net/netstat`),
@@ -335,7 +338,7 @@ fn measure_cells(
     for &cell in &plan.cells {
         let s = measure(lab, profile, plan, &client, system, cell)?;
         eprintln!(
-            "  {:<28} {:<22} {:5.1} Mbit/s{}  retrans {} ({:.2}%)  dsack {}  [{}]",
+            "  {:<28} {:<22} {:5.1} Mbit/s{}  retrans {} ({:.2}%)  dsack {}  [{}]{}",
             system_name(system),
             cell_name(cell, plan.mb),
             s.mbit,
@@ -345,7 +348,10 @@ fn measure_cells(
             s.tcp.retrans,
             s.tcp.retrans_share() * 100.0,
             s.tcp.dsack,
-            split(&s.split)
+            split(&s.split),
+            s.silenced
+                .map(|n| format!("  silenced {n}"))
+                .unwrap_or_default()
         );
         samples.push(s);
     }
@@ -431,6 +437,9 @@ fn report(out: &mut String, profile: &Profile, plan: &Plan, rows: &[Row]) -> Res
                     s.tcp.dsack,
                     split(&s.split)
                 );
+                if let Some(n) = s.silenced {
+                    let _ = write!(t, "<br>silenced {n}");
+                }
                 t
             })
             .collect();
@@ -624,6 +633,25 @@ fn measure(
             lab.set_dark(id, false)?;
         }
     }
+    let bonded = matches!(system, System::Bond | System::Bond6 | System::BondStatic);
+    let silenced = |lab: &Lab| -> Result<Option<u64>> {
+        if !bonded {
+            return Ok(None);
+        }
+        let counts = match cell.dir {
+            Dir::Down => lab.server_status()?.feedback.counts,
+            Dir::Up => {
+                let t = lab
+                    .terminals
+                    .iter()
+                    .find(|t| t.ns == client)
+                    .context("the client is no terminal of the lab")?;
+                lab.terminal_status(&t.ns, &t.instance)?.feedback.counts
+            }
+        };
+        Ok(Some(counts.silenced))
+    };
+    let silenced_before = silenced(lab)?;
     let before = link_bytes(lab, cell.dir)?;
     let tcp_before = tcp_counters(lab, &sender)?;
     let (mbit, dark_mbit) = match cell.load {
@@ -638,6 +666,9 @@ fn measure(
     };
     let tcp_after = tcp_counters(lab, &sender)?;
     let after = link_bytes(lab, cell.dir)?;
+    let silenced = silenced(lab)?
+        .zip(silenced_before)
+        .map(|(a, b)| a.saturating_sub(b));
     let moved: Vec<u64> = after
         .iter()
         .zip(&before)
@@ -653,6 +684,7 @@ fn measure(
             dsack: tcp_after.dsack.saturating_sub(tcp_before.dsack),
         },
         split: moved.iter().map(|&m| m as f64 / total).collect(),
+        silenced,
     })
 }
 

@@ -82,10 +82,19 @@ fn seed() -> Result<()> {
             }],
         },
         Body::Shutdown,
-        Body::Login,
+        Body::Login { exchange: None },
+        Body::Login {
+            exchange: Some([3; 32]),
+        },
         Body::LoginReply(Reply::Ok {
             token: 7,
             port: 7700,
+            exchange: None,
+        }),
+        Body::LoginReply(Reply::Ok {
+            token: 7,
+            port: 7700,
+            exchange: Some([5; 32]),
         }),
         Body::LoginReply(Reply::NeedLogin),
         Body::LoginReply(Reply::Refused),

@@ -268,7 +268,7 @@ fn announce_load(bond_ctl: &Path, n: u32, secs: u64, keyed: bool) -> Result<Anno
     let pids: Vec<u32> = (1..=3)
         .map(|i| site.pid(&format!("n{i}")).context("node agent"))
         .collect::<Result<_>>()?;
-    let etcd = site.etcd.clone();
+    let etcd = bond_tier::Etcd::open(site.etcd.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let before = Instant::now();
     let cpu0 = std::sync::Mutex::new(Vec::new());
@@ -350,7 +350,7 @@ fn announce_load(bond_ctl: &Path, n: u32, secs: u64, keyed: bool) -> Result<Anno
 /// communities, logs one terminal of each on at its owner, announces for
 /// `secs`; `window_starts` is called when the announcing begins.
 async fn simulate(
-    etcd: &[String],
+    etcd: &bond_tier::Etcd,
     n: u32,
     (secs, every_s): (u64, u64),
     keyed: bool,
@@ -452,7 +452,7 @@ async fn simulate(
         for chunk in missing.chunks(50) {
             for &c in chunk {
                 let Some(dst) = to(c) else { continue };
-                let m = msg(c, 0, &mut counter, Body::Login);
+                let m = msg(c, 0, &mut counter, Body::Login { exchange: None });
                 let id = identities.get(&c);
                 let _ = sock.send_to(&m.encode_as(&keys[&c], id), dst).await;
             }
@@ -523,7 +523,7 @@ async fn simulate(
                     }
                     None => {
                         relogins += 1;
-                        msg(c, 0, &mut counter, Body::Login)
+                        msg(c, 0, &mut counter, Body::Login { exchange: None })
                     }
                 };
                 let _ = sock

@@ -35,6 +35,8 @@ use crate::{
 
 struct Director {
     cfg: DirectorConfig,
+    /// The registry's etcd, as this director logs in to it.
+    etcd: bond_tier::Etcd,
     maps: Maps,
     view: Arc<View>,
     live: bool,
@@ -75,7 +77,12 @@ pub async fn run(
         pins.attach_xdp(&mut ebpf, "bond_director", i)
             .with_context(|| format!("field `interfaces`: {i}"))?;
     }
-    let mut registry = mirror::follow(cfg.etcd.clone(), Layout::new(&cfg.prefix));
+    let etcd = bond_tier::Etcd {
+        endpoints: cfg.etcd.clone(),
+        user: bond_config::etcd_login(cfg.etcd_user.as_deref(), cfg.etcd_password_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("field `etcd_password_file`: {e}"))?,
+    };
+    let mut registry = mirror::follow(etcd.clone(), Layout::new(&cfg.prefix));
     let timeout = (cfg.health_timeout_ms > 0)
         .then(|| Duration::from_millis(u64::from(cfg.health_timeout_ms)));
     let probes = crate::net::udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None)
@@ -91,6 +98,7 @@ pub async fn run(
     crate::notify_ready(&up);
     let nodes = NodeTable::new(Owners::Director, maps.clone(), None, Some(cfg.attach.veth))?;
     let mut d = Director {
+        etcd,
         cfg,
         nodes,
         maps,
@@ -174,14 +182,14 @@ impl Director {
         for node in self.health.to_fence(now, timeout) {
             self.health.fenced(&node, now);
             tracing::warn!("node {node}: no answer to health checks for {timeout:?}; fencing it");
-            let (endpoints, layout, done) = (
-                self.cfg.etcd.clone(),
+            let (etcd, layout, done) = (
+                self.etcd.clone(),
                 Layout::new(&self.cfg.prefix),
                 done.clone(),
             );
             tokio::spawn(async move {
                 let r = async {
-                    let mut client = bond_tier::connect(&endpoints).await?;
+                    let mut client = bond_tier::connect(&etcd).await?;
                     bond_tier::health::fence(&mut client, &layout, &node).await
                 }
                 .await;

@@ -32,6 +32,7 @@ use bond_api as control;
 use bond_config::{AttachConfig, Config, TcAttach, XdpAttach};
 use bond_datapath as datapath;
 
+mod deadlines;
 mod director;
 pub mod feedback;
 pub mod linkwatch;

@@ -10,7 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bond_proto::control::LinkAd;
+use bond_proto::{
+    control::LinkAd,
+    session::{EXCHANGE_LEN, SessionKey},
+};
+
+use crate::deadlines::Deadlines;
 
 pub use bond_config::DEFAULT_MISSES;
 
@@ -209,8 +214,19 @@ pub struct ServerLinkRow {
 #[derive(Clone, Debug)]
 struct Term {
     token: u64,
+    /// The session's key, when its login made one (`bond_proto::session`).
+    key: Option<Keyed>,
     live: Liveness,
     links: BTreeMap<u8, (LinkAd, SocketAddr, Liveness)>,
+}
+
+/// A session's key, and the exchange keys it was made of: a LOGIN sent
+/// again with the same terminal key gets the same answer and key.
+#[derive(Clone, Debug)]
+pub struct Keyed {
+    pub terminal: [u8; EXCHANGE_LEN],
+    pub server: [u8; EXCHANGE_LEN],
+    pub key: SessionKey,
 }
 
 /// Why the server refused an announce.
@@ -247,6 +263,9 @@ pub struct ServerTable {
     /// Who holds each (community, link id): an announce must not scan
     /// every terminal (10,000 of them at 10 announces a second).
     owners: HashMap<(u32, u8), Ipv4Addr>,
+    /// When each terminal, or one of its links, next misses its `k`-th
+    /// announce: `expire` looks at those alone.
+    due: Deadlines<(u32, Ipv4Addr)>,
 }
 
 impl ServerTable {
@@ -255,12 +274,30 @@ impl ServerTable {
             k: k.max(1),
             terms: BTreeMap::new(),
             owners: HashMap::new(),
+            due: Deadlines::default(),
         }
     }
 
     /// Announces a terminal or link may miss from now on.
     pub fn set_misses(&mut self, k: u32) {
         self.k = k.max(1);
+        let keys: Vec<_> = self.terms.keys().copied().collect();
+        for key in keys {
+            self.schedule(key);
+        }
+    }
+
+    /// Puts a terminal's next deadline in the queue: the soonest of its
+    /// own and its links'.
+    fn schedule(&mut self, key: (u32, Ipv4Addr)) {
+        let k = self.k;
+        let when = self.terms.get(&key).map(|t| {
+            t.links
+                .values()
+                .map(|(_, _, live)| live.deadline(k))
+                .fold(t.live.deadline(k), Instant::min)
+        });
+        self.due.set(key, when);
     }
 
     /// A LOGIN: the session's token (a live session keeps its token, so
@@ -275,20 +312,26 @@ impl ServerTable {
         now: Instant,
         fresh: impl FnOnce() -> u64,
     ) -> (u64, bool) {
-        if let Some(t) = self.terms.get_mut(&(community, origin)) {
-            t.live.last = now;
-            return (t.token, false);
-        }
-        let token = fresh();
-        self.terms.insert(
-            (community, origin),
-            Term {
-                token,
-                live: Liveness::new(now, interval),
-                links: BTreeMap::new(),
-            },
-        );
-        (token, true)
+        let key = (community, origin);
+        let made = match self.terms.get_mut(&key) {
+            Some(t) => {
+                t.live.last = now;
+                (t.token, false)
+            }
+            None => {
+                let token = fresh();
+                let term = Term {
+                    token,
+                    key: None,
+                    live: Liveness::new(now, interval),
+                    links: BTreeMap::new(),
+                };
+                self.terms.insert(key, term);
+                (token, true)
+            }
+        };
+        self.schedule(key);
+        made
     }
 
     /// An ACTIVE announce carrying `token`, sent over link `via` from
@@ -296,6 +339,24 @@ impl ServerTable {
     /// community's links changed.
     #[allow(clippy::too_many_arguments)]
     pub fn announce(
+        &mut self,
+        community: u32,
+        origin: Ipv4Addr,
+        token: u64,
+        via: Option<(u8, SocketAddr)>,
+        interval: Duration,
+        links: &[LinkAd],
+        now: Instant,
+    ) -> Result<bool, Refusal> {
+        let r = self.take_announce(community, origin, token, via, interval, links, now);
+        // Refused after its session was found (a link it does not list),
+        // it still spoke: its deadline moved.
+        self.schedule((community, origin));
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn take_announce(
         &mut self,
         community: u32,
         origin: Ipv4Addr,
@@ -372,6 +433,7 @@ impl ServerTable {
         let live = Liveness::new(now, interval);
         let t = self.terms.entry((community, origin)).or_insert(Term {
             token,
+            key: None,
             live,
             links: BTreeMap::new(),
         });
@@ -379,6 +441,7 @@ impl ServerTable {
             t.links.insert(ad.id, (*ad, *addr, live));
             self.owners.insert((community, ad.id), origin);
         }
+        self.schedule((community, origin));
     }
 
     /// Whether an announce would change nothing but the terminal's
@@ -425,6 +488,7 @@ impl ServerTable {
                     self.owners.remove(&(community, *id));
                 }
             }
+            self.due.set(key, None);
             true
         } else {
             false
@@ -437,18 +501,23 @@ impl ServerTable {
         let gone: Vec<Ipv4Addr> = self.of(community).map(|(&(_, o), _)| o).collect();
         for o in &gone {
             self.terms.remove(&(community, *o));
+            self.due.set((community, *o), None);
         }
         self.owners.retain(|&(c, _), _| c != community);
         gone
     }
 
-    /// Drops links, and whole terminals, that missed `k` announces.
+    /// Drops links, and whole terminals, that missed `k` announces: those
+    /// whose deadline came, not a walk of every terminal.
     pub fn expire(&mut self, now: Instant) -> Changes {
         let k = self.k;
         let mut ch = Changes::default();
-        let owners = &mut self.owners;
-        self.terms.retain(|&(c, o), t| {
+        for key @ (c, _) in self.due.due(now) {
+            let Some(t) = self.terms.get_mut(&key) else {
+                continue;
+            };
             let dead = t.live.missed(now) >= k;
+            let owners = &mut self.owners;
             t.links.retain(|id, (_, _, live)| {
                 let keep = !dead && live.missed(now) < k;
                 if !keep {
@@ -458,10 +527,12 @@ impl ServerTable {
                 keep
             });
             if dead {
-                ch.sessions_gone.push((c, o));
+                self.terms.remove(&key);
+                ch.sessions_gone.push(key);
+            } else {
+                self.schedule(key);
             }
-            !dead
-        });
+        }
         ch
     }
 
@@ -479,6 +550,22 @@ impl ServerTable {
 
     pub fn token(&self, community: u32, origin: Ipv4Addr) -> Option<u64> {
         self.terms.get(&(community, origin)).map(|t| t.token)
+    }
+
+    /// The key of a session, made at its last login (None: that login
+    /// made none); it goes with the session.
+    pub fn set_key(&mut self, community: u32, origin: Ipv4Addr, key: Option<Keyed>) {
+        if let Some(t) = self.terms.get_mut(&(community, origin)) {
+            t.key = key;
+        }
+    }
+
+    pub fn keyed(&self, community: u32, origin: Ipv4Addr) -> Option<&Keyed> {
+        self.terms.get(&(community, origin))?.key.as_ref()
+    }
+
+    pub fn key(&self, community: u32, origin: Ipv4Addr) -> Option<&SessionKey> {
+        self.keyed(community, origin).map(|k| &k.key)
     }
 
     /// Live links of one community (or all, `None`), by community and id.
@@ -791,6 +878,43 @@ mod tests {
             s.announce(1, ip(2), 2, Some((1, addr(2))), MS100, &two, t2),
             Ok(true)
         );
+    }
+
+    /// The missed-announce check goes by a queue of deadlines: a terminal
+    /// whose deadline moved (it announced, the misses allowed changed,
+    /// it left) is judged at the new one, and only due terminals are
+    /// looked at.
+    #[test]
+    fn server_expires_by_each_terminals_latest_deadline() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut s = ServerTable::new(3);
+        let one = [ad(1, 1, 1)];
+        for o in 1..=3 {
+            s.login(o, ip(o as u8), MS100, t0, || 9);
+            s.announce(o, ip(o as u8), 9, Some((1, addr(1))), MS100, &one, t0)
+                .unwrap();
+        }
+        assert_eq!(s.due.len(), 3);
+        // Community 2 announces again at 250 ms; community 3 shuts down.
+        s.announce(2, ip(2), 9, Some((1, addr(1))), MS100, &one, ms(250))
+            .unwrap();
+        assert!(s.shutdown(3, ip(3), 9));
+        assert_eq!(s.due.len(), 2, "no deadline for a terminal gone");
+        let ch = s.expire(ms(300));
+        assert_eq!(ch.sessions_gone, vec![(1, ip(1))]);
+        assert_eq!(ch.communities, vec![1]);
+        assert_eq!(s.due.len(), 1);
+        // Allowed one miss: community 2 is due at 350 ms, not 550.
+        s.set_misses(1);
+        assert!(s.expire(ms(349)).sessions_gone.is_empty());
+        assert_eq!(s.expire(ms(350)).sessions_gone, vec![(2, ip(2))]);
+        assert_eq!(s.due.len(), 0);
+        // A community forgotten (moved away) leaves no deadline.
+        s.login(4, ip(4), MS100, ms(400), || 4);
+        assert_eq!(s.forget(4), vec![ip(4)]);
+        assert_eq!(s.due.len(), 0);
+        assert!(s.expire(ms(10_000)).sessions_gone.is_empty());
     }
 
     #[test]

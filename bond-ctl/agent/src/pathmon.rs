@@ -20,18 +20,22 @@
 //!   take it back at the first echo through.
 //!
 //! Data the datapath counts coming in over a link is as good a sign that it
-//! delivers as an echo ([`LinkEcho::traffic`], [`EchoSeen::traffic`]): it
+//! delivers as an echo ([`LinkEcho::traffic`], [`EchoSeen::look`]): it
 //! keeps a link in use while the far end's agent restarts and no echo is
 //! answered, as long as traffic flows. Only an echo brings a dark link
 //! back (data may still trickle in over a link the far end has not given
-//! up on yet).
+//! up on yet). The server reads a link's count only once its echoes are
+//! late ([`Echoes`]): its check costs the links that fell silent, not the
+//! tens of thousands a node holds.
 //!
 //! The rules are pure and unit-tested here; the agents feed them.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     time::{Duration, Instant},
 };
+
+use crate::deadlines::Deadlines;
 
 /// How often a link's owner sends an echo over it.
 pub const ECHO_INTERVAL: Duration = Duration::from_millis(50);
@@ -139,8 +143,9 @@ pub struct EchoSeen {
     /// The last echo, or data through: the link delivered then.
     pub last: Instant,
     pub dark: bool,
-    /// The datapath's count of packets in over the link, as last seen.
-    received: u64,
+    /// The datapath's count of packets in over the link when the server
+    /// last read it, and when.
+    read: Option<(Instant, u64)>,
     /// Silence means nothing until then: the owner's agent restarts.
     grace_until: Option<Instant>,
 }
@@ -155,7 +160,7 @@ impl EchoSeen {
         Self {
             last: now,
             dark: false,
-            received: 0,
+            read: None,
             grace_until: None,
         }
     }
@@ -166,15 +171,6 @@ impl EchoSeen {
         self.grace_until = Some(now + RESTART_GRACE);
     }
 
-    /// The datapath has counted `received` packets in over the link by
-    /// `now`: as [`LinkEcho::traffic`].
-    pub fn traffic(&mut self, now: Instant, received: u64) {
-        if received > self.received {
-            self.last = now;
-        }
-        self.received = received;
-    }
-
     /// An echo arrived: true if the link was dark and is back.
     pub fn seen(&mut self, now: Instant) -> bool {
         self.last = now;
@@ -182,7 +178,47 @@ impl EchoSeen {
         std::mem::replace(&mut self.dark, false)
     }
 
-    /// True the moment the link turns dark.
+    /// Since when the link counts as silent: its last sign of life, or the
+    /// end of its owner's restart grace.
+    fn quiet_from(&self) -> Instant {
+        self.grace_until.map_or(self.last, |g| g.max(self.last))
+    }
+
+    /// When the server next reads the link's count of packets in
+    /// ([`EchoSeen::look`]): half-way through the silence allowed, for a
+    /// reading to compare with, then at its end. None while dark: only an
+    /// echo brings it back. A link whose echoes come is never read.
+    pub fn due(&self) -> Option<Instant> {
+        if self.dark {
+            return None;
+        }
+        let from = self.quiet_from();
+        let half = from + SERVER_DARK_AFTER / 2;
+        Some(match self.read {
+            Some((at, _)) if at >= half => from + SERVER_DARK_AFTER,
+            _ => half,
+        })
+    }
+
+    /// The server read the datapath's count of packets in over the link
+    /// (`received`; None: it has none) at `now`. More than at a reading
+    /// taken since the last sign of life is one too, as an echo is (but it
+    /// brings no dark link back). True the moment the link turns dark.
+    pub fn look(&mut self, now: Instant, received: Option<u64>) -> bool {
+        let before = self.read.filter(|&(at, _)| at >= self.quiet_from());
+        if let (Some((_, before)), Some(n)) = (before, received)
+            && n > before
+            && !self.dark
+        {
+            self.last = now;
+        }
+        let count = received.or(self.read.map(|(_, n)| n)).unwrap_or(0);
+        self.read = Some((now, count));
+        self.check(now)
+    }
+
+    /// True the moment the link turns dark: silent for
+    /// [`SERVER_DARK_AFTER`] (from the end of a grace).
     pub fn check(&mut self, now: Instant) -> bool {
         if let Some(until) = self.grace_until {
             if now < until {
@@ -193,11 +229,64 @@ impl EchoSeen {
             self.grace_until = None;
             self.last = self.last.max(until);
         }
-        if self.dark || now.duration_since(self.last) <= SERVER_DARK_AFTER {
+        if self.dark || now.duration_since(self.last) < SERVER_DARK_AFTER {
             return false;
         }
         self.dark = true;
         true
+    }
+}
+
+/// The server's view of every link whose owner echoes, with each one's
+/// next look in time order: the dark check reads the counters of links
+/// whose echoes are late, not of every link it holds.
+#[derive(Debug, Default)]
+pub struct Echoes {
+    links: HashMap<(u32, u8), EchoSeen>,
+    due: Deadlines<(u32, u8)>,
+}
+
+impl Echoes {
+    /// An echo over `link` of community `c`: true if it was dark and is
+    /// back.
+    pub fn seen(&mut self, key: (u32, u8), now: Instant) -> bool {
+        self.update(key, now, |e| e.seen(now))
+    }
+
+    /// The link's owner is restarting its agent.
+    pub fn restarting(&mut self, key: (u32, u8), now: Instant) {
+        self.update(key, now, |e| e.restarting(now))
+    }
+
+    pub fn is_dark(&self, key: &(u32, u8)) -> bool {
+        self.links.get(key).is_some_and(|e| e.dark)
+    }
+
+    /// The link left its community.
+    pub fn remove(&mut self, key: (u32, u8)) {
+        self.links.remove(&key);
+        self.due.set(key, None);
+    }
+
+    /// Links due a look by `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<(u32, u8)> {
+        self.due.due(now)
+    }
+
+    /// Looks at a due link ([`EchoSeen::look`]): true the moment it
+    /// turns dark.
+    pub fn look(&mut self, key: (u32, u8), now: Instant, received: Option<u64>) -> bool {
+        match self.links.contains_key(&key) {
+            true => self.update(key, now, |e| e.look(now, received)),
+            false => false,
+        }
+    }
+
+    fn update<R>(&mut self, key: (u32, u8), now: Instant, f: impl FnOnce(&mut EchoSeen) -> R) -> R {
+        let e = self.links.entry(key).or_insert_with(|| EchoSeen::new(now));
+        let r = f(e);
+        self.due.set(key, e.due());
+        r
     }
 }
 
@@ -287,8 +376,8 @@ mod tests {
     fn the_server_calls_a_silent_link_dark_once_and_takes_it_back() {
         let t0 = Instant::now();
         let mut s = EchoSeen::new(t0);
-        assert!(!s.check(t0 + SERVER_DARK_AFTER));
-        assert!(s.check(t0 + SERVER_DARK_AFTER + MS));
+        assert!(!s.check(t0 + SERVER_DARK_AFTER - MS));
+        assert!(s.check(t0 + SERVER_DARK_AFTER));
         assert!(!s.check(t0 + 2 * SERVER_DARK_AFTER));
         assert!(s.seen(t0 + Duration::from_secs(3)));
         assert!(!s.seen(t0 + Duration::from_secs(3)));
@@ -302,26 +391,105 @@ mod tests {
     fn data_coming_in_keeps_a_link_from_going_dark() {
         let t0 = Instant::now();
         let mut e = LinkEcho::default();
-        let mut s = EchoSeen::new(t0);
         e.reply(t0, 20 * MS);
         e.traffic(t0, 100);
-        s.traffic(t0, 100);
         for (i, at) in (1..=20).map(|i| (i, t0 + 50 * MS * i)) {
             e.traffic(at, 100 + u64::from(i));
-            s.traffic(at, 100 + u64::from(i));
-            assert!(!e.check(at) && !s.check(at), "{i}: data flows");
+            assert!(!e.check(at), "{i}: data flows");
         }
         let quiet = t0 + 50 * MS * 20;
         e.traffic(quiet + 100 * MS, 120);
-        s.traffic(quiet + 100 * MS, 120);
         assert!(e.check(quiet + 21 * MS + DARK_SLACK), "no data, no echo");
-        assert!(s.check(quiet + SERVER_DARK_AFTER + MS));
         e.traffic(quiet + Duration::from_secs(1), 130);
-        s.traffic(quiet + Duration::from_secs(1), 130);
-        assert!(e.is_dark() && s.dark, "data alone does not heal");
+        assert!(e.is_dark(), "data alone does not heal");
         assert!(
             e.reply(quiet + Duration::from_secs(2), 20 * MS),
             "an echo does"
+        );
+    }
+
+    /// The server's side of the same, through its queue of looks, with a
+    /// timer firing every millisecond: while echoes come it never reads
+    /// the link's count; once they stop it reads it every half of the
+    /// silence allowed, data through keeps the link, and when the data
+    /// stops too the link is dark within the silence and a half. Data
+    /// alone does not bring it back, an echo does.
+    #[test]
+    fn the_server_reads_a_link_only_while_its_echoes_are_late() {
+        let t0 = Instant::now();
+        let key = (70_007, 3);
+        let mut w = Echoes::default();
+        let mut looks = Vec::new();
+        let mut dark = Vec::new();
+        // A packet in every ms until `stop`.
+        let stop = t0 + 1600 * MS;
+        let count = |at: Instant| 1000 + at.min(stop).duration_since(t0).as_millis() as u64;
+        let last_echo = t0 + Duration::from_secs(1);
+        for ms in 0..=3000 {
+            let at = t0 + MS * ms;
+            for k in w.due(at) {
+                looks.push(at);
+                if w.look(k, at, Some(count(at))) {
+                    dark.push(at);
+                }
+            }
+            if ms % 50 == 0 && at <= last_echo {
+                w.seen(key, at);
+            }
+        }
+        assert!(
+            looks.iter().all(|&at| at > last_echo),
+            "read while its echoes came: {looks:?}"
+        );
+        assert!(
+            looks
+                .windows(2)
+                .all(|p| p[1] - p[0] >= SERVER_DARK_AFTER / 2),
+            "read more often than each half of the silence: {looks:?}"
+        );
+        assert_eq!(dark.len(), 1, "dark once: {dark:?}");
+        let after = dark[0] - stop;
+        assert!(
+            after >= SERVER_DARK_AFTER && after <= SERVER_DARK_AFTER * 3 / 2,
+            "dark {after:?} after the data stopped"
+        );
+        assert_eq!(
+            *looks.last().unwrap(),
+            dark[0],
+            "a dark link is not read again"
+        );
+        assert!(w.is_dark(&key), "data alone does not heal");
+        let at = t0 + Duration::from_secs(4);
+        assert!(w.seen(key, at), "an echo does");
+        assert!(!w.is_dark(&key));
+        assert_eq!(
+            w.due(at + SERVER_DARK_AFTER / 2),
+            vec![key],
+            "watched again"
+        );
+        // Gone with its community: never due again.
+        w.remove(key);
+        assert!(w.due(at + Duration::from_secs(10)).is_empty());
+    }
+
+    /// Echoes stop and nothing comes in: dark when the silence allowed is
+    /// over, after one reading half-way through it.
+    #[test]
+    fn the_server_calls_a_link_with_no_echo_and_no_data_dark_on_time() {
+        let t0 = Instant::now();
+        let key = (1, 1);
+        let mut w = Echoes::default();
+        w.seen(key, t0);
+        let mut looks = Vec::new();
+        for ms in 1..=1000 {
+            let at = t0 + MS * ms;
+            for k in w.due(at) {
+                looks.push((at - t0, w.look(k, at, Some(5))));
+            }
+        }
+        assert_eq!(
+            looks,
+            vec![(SERVER_DARK_AFTER / 2, false), (SERVER_DARK_AFTER, true)]
         );
     }
 
@@ -334,14 +502,23 @@ mod tests {
         let mut s = EchoSeen::new(t0);
         s.restarting(t0);
         assert!(!s.check(t0 + RESTART_GRACE - MS), "within the grace");
-        assert!(!s.check(t0 + RESTART_GRACE + SERVER_DARK_AFTER));
-        assert!(s.check(t0 + RESTART_GRACE + SERVER_DARK_AFTER + MS));
+        assert!(!s.check(t0 + RESTART_GRACE + SERVER_DARK_AFTER - MS));
+        assert!(s.check(t0 + RESTART_GRACE + SERVER_DARK_AFTER));
         let mut s = EchoSeen::new(t0);
         s.restarting(t0);
         s.seen(t0 + 300 * MS);
         assert!(
-            s.check(t0 + 301 * MS + SERVER_DARK_AFTER),
+            s.check(t0 + 300 * MS + SERVER_DARK_AFTER),
             "the new agent echoed: back to the usual rule"
+        );
+        // Through the queue: the first look comes half a silence after
+        // the grace.
+        let mut w = Echoes::default();
+        w.restarting((1, 1), t0);
+        assert!(w.due(t0 + RESTART_GRACE).is_empty());
+        assert_eq!(
+            w.due(t0 + RESTART_GRACE + SERVER_DARK_AFTER / 2),
+            vec![(1, 1)]
         );
     }
 

@@ -83,6 +83,10 @@ pub struct TerminalStatus {
     /// not this one.
     #[serde(default)]
     pub refused: bool,
+    /// Its session with the server is keyed (`[server] key` pinned, and
+    /// the server's site key signed the reply that made it).
+    #[serde(default)]
+    pub session_keyed: bool,
     pub announce_ms: u32,
     pub uptime_s: u64,
     /// Its datapath was adopted from an earlier agent.

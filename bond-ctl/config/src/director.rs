@@ -30,6 +30,11 @@ pub struct DirectorConfig {
     pub attach: AttachConfig,
     /// etcd's client URLs, `http://host:port`: any member will do.
     pub etcd: Vec<String>,
+    /// etcd's user for this director, where etcd's authentication is on
+    /// (with `etcd_password_file`).
+    pub etcd_user: Option<String>,
+    /// The file whose first line is that user's password (mode 0600).
+    pub etcd_password_file: Option<PathBuf>,
     /// Where the registry lives in etcd's key space.
     #[serde(default = "default_registry_prefix")]
     pub prefix: String,
@@ -65,6 +70,11 @@ impl DirectorConfig {
             check_ifname(&format!("interfaces[{i}]"), n)?;
         }
         check_etcd("etcd", &self.etcd)?;
+        check_etcd_user(
+            "",
+            self.etcd_user.as_deref(),
+            self.etcd_password_file.is_some(),
+        )?;
         check_prefix("prefix", &self.prefix)?;
         if self.health_timeout_ms != 0 && !(100..=60_000).contains(&self.health_timeout_ms) {
             return err(
@@ -103,6 +113,45 @@ pub(crate) fn check_etcd(field: &str, urls: &[String]) -> Check {
         }
     }
     Ok(())
+}
+
+/// `etcd_user` and `etcd_password_file` (fields under `table`, "" or
+/// "tier."): both or neither, a user name with no spaces.
+pub(crate) fn check_etcd_user(table: &str, user: Option<&str>, file: bool) -> Check {
+    match user {
+        None if file => err(
+            format!("{table}etcd_password_file"),
+            "without etcd_user: name the user it is the password of",
+        ),
+        None => Ok(()),
+        Some(_) if !file => err(
+            format!("{table}etcd_user"),
+            "without etcd_password_file: name the file holding its password",
+        ),
+        Some(u) if u.is_empty() || u.chars().any(|c| c.is_whitespace() || c.is_control()) => err(
+            format!("{table}etcd_user"),
+            format!("{u:?}: a user name with no spaces"),
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
+/// etcd's user and its password (the first line of `password_file`),
+/// where etcd's authentication is on: read when an agent or command
+/// starts. The error names the file (the caller, the field).
+pub fn etcd_login(
+    user: Option<&str>,
+    password_file: Option<&Path>,
+) -> Result<Option<(String, String)>, String> {
+    let (Some(user), Some(path)) = (user, password_file) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let password = text.lines().next().unwrap_or("");
+    if password.is_empty() {
+        return Err(format!("{}: its first line is empty", path.display()));
+    }
+    Ok(Some((user.to_string(), password.to_string())))
 }
 
 /// A key prefix such as `/bond`.

@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use bond_proto::CommunityKey;
@@ -832,6 +832,64 @@ interfaces = ["wan0"]
         let both = format!("{SERVER}[[communities]]\nid = 1\nkey = \"community one key\"\n{tier}");
         let e = error_of(&both);
         assert!(e.contains("communities") && e.contains("registry"), "{e}");
+    }
+
+    /// etcd's authentication: a user and a password file, both or
+    /// neither, in a node's and a director's file; the password is read
+    /// from the file's first line when the agent starts, and a missing or
+    /// empty file is named.
+    #[test]
+    fn an_etcd_user_comes_with_its_password_file() {
+        let tier = "[tier]\netcd = [\"http://10.0.9.1:2379\"]\nnode = \"n1\"\n";
+        let director = "role = \"director\"\naddress = \"198.51.100.1\"\n\
+                        interfaces = [\"wan0\"]\netcd = [\"http://10.0.9.1:2379\"]\n";
+        for (base, table) in [
+            (format!("{SERVER}{tier}"), "tier."),
+            (director.to_string(), ""),
+        ] {
+            let with = |extra: &str| format!("{base}{extra}");
+            let ok = with("etcd_user = \"bond-n1\"\netcd_password_file = \"/etc/bond/etcd\"\n");
+            assert!(Config::parse(&ok, "c.toml").is_ok(), "{ok}");
+            for (extra, field, why) in [
+                (
+                    "etcd_user = \"bond-n1\"\n",
+                    "etcd_user",
+                    "etcd_password_file",
+                ),
+                (
+                    "etcd_password_file = \"/p\"\n",
+                    "etcd_password_file",
+                    "etcd_user",
+                ),
+                (
+                    "etcd_user = \"bond n1\"\netcd_password_file = \"/p\"\n",
+                    "etcd_user",
+                    "no spaces",
+                ),
+            ] {
+                let e = error_of(&with(extra));
+                assert!(
+                    e.contains(&format!("`{table}{field}`")) && e.contains(why),
+                    "{extra}: {e}"
+                );
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("bond-etcd-login-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        assert_eq!(
+            etcd_login(Some("bond"), Some(&file)).unwrap(),
+            Some(("bond".into(), "s3cret".into()))
+        );
+        assert_eq!(etcd_login(None, None).unwrap(), None);
+        std::fs::write(&file, "\n").unwrap();
+        let e = etcd_login(Some("bond"), Some(&file)).unwrap_err();
+        assert!(e.contains("password") && e.contains("empty"), "{e}");
+        let gone = dir.join("gone");
+        let e = etcd_login(Some("bond"), Some(&gone)).unwrap_err();
+        assert!(e.contains(&gone.display().to_string()), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

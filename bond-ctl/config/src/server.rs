@@ -54,6 +54,11 @@ pub struct ServerConfig {
     pub nat_ports: String,
     /// Interfaces the server program is attached to.
     pub interfaces: Vec<String>,
+    /// The site's secret key (`bond-ctl identity new`): signs every
+    /// LOGIN_REPLY, and keys the session of each terminal that pins its
+    /// public key (`[server] key`). The same file on every node of a
+    /// tier.
+    pub site_key: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     pub metrics: Option<std::net::SocketAddr>,
     /// Announces a terminal or link may miss before it is dropped.
@@ -99,6 +104,11 @@ pub struct ServerConfig {
 pub struct TierConfig {
     /// etcd's client URLs, `http://host:port`: any member will do.
     pub etcd: Vec<String>,
+    /// etcd's user for this node, where etcd's authentication is on
+    /// (with `etcd_password_file`).
+    pub etcd_user: Option<String>,
+    /// The file whose first line is that user's password (mode 0600).
+    pub etcd_password_file: Option<PathBuf>,
     /// This node's name in the registry: unique in the site.
     pub node: String,
     /// Its share of the communities, relative to the other nodes'.
@@ -152,6 +162,11 @@ impl TierConfig {
             );
         }
         super::director::check_etcd("tier.etcd", &self.etcd)?;
+        super::director::check_etcd_user(
+            "tier.",
+            self.etcd_user.as_deref(),
+            self.etcd_password_file.is_some(),
+        )?;
         if !valid_node_name(&self.node) {
             return err(
                 "tier.node",

@@ -192,6 +192,10 @@ pub struct ServerAddr {
     pub address6: Option<std::net::Ipv6Addr>,
     #[serde(default = "default_port")]
     pub port: u16,
+    /// The server's site key (the public key of its `site_key`): with
+    /// it, this terminal takes only the server's answers signed by it, and
+    /// keys its session (`bond_proto::session`). Needs `identity`.
+    pub key: Option<bond_proto::identity::PublicKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -265,6 +269,12 @@ fn default_announce_ms() -> u32 {
 
 impl TerminalConfig {
     pub(crate) fn check(&self) -> Check {
+        if self.server.key.is_some() && self.identity.is_none() {
+            return err(
+                "server.key",
+                "needs `identity`: the session key is made at a login signed by it",
+            );
+        }
         if let Some(d) = &self.dist {
             check_port("dist.port", d.port)?;
         }

@@ -14,23 +14,29 @@
 //!                RELAY:    a LAN peer is to pass it on to the server
 //!                FROM_SERVER: sent by the server
 //!                RESTARTING: the sender's agent restarts (ANNOUNCE)
-//!                SIGNED:   a terminal's signature follows the body
+//!                SIGNED:   a signature follows the body
 //!                SESSION_LOST: the server just asked the sender to log on
 //!                          again (ANNOUNCE to the LAN)
+//!                SESSION:  the session key's MAC follows
 //! body     ...   by kind, below
-//! sig      64 B  with SIGNED only: the sending terminal's Ed25519
-//!                signature over everything before it (`identity`)
+//! sig      64 B  with SIGNED only: an Ed25519 signature over everything
+//!                before it: the sending terminal's (`identity`), or on
+//!                a LOGIN_REPLY the server's site key
+//! mac      16 B  with SESSION only: BLAKE3 keyed by the session's key
+//!                over everything before it (`session`)
 //! tag      16 B  HMAC-SHA256 over everything before it, with the
 //!                community key, truncated
 //! ```
 //!
 //! A terminal with an identity signs the messages that make or change its
 //! session: LOGIN, ANNOUNCE and SHUTDOWN; the rest ride on the session's
-//! token.
+//! token, and where the server has a site key, on the session's key too.
 //!
 //! Bodies: ANNOUNCE `interval_ms u32, n u8, n × (id u8, port u16, up u32,
-//! down u32, mtu u16, rtt_us u32, state u8)` (state bit 0: dark); SHUTDOWN,
-//! LOGIN: empty; LOGIN_REPLY `status u8, token u64, port u16` (status 0: logged
+//! down u32, mtu u16, rtt_us u32, state u8)` (state bit 0: dark); SHUTDOWN:
+//! empty; LOGIN: empty, or the terminal's exchange key (32 B) for a session
+//! key; LOGIN_REPLY `status u8, token u64, port u16`, then the server's
+//! exchange key (32 B) if the LOGIN had one (status 0: logged
 //! on, 1: log on again, 2: refused, this terminal is not authorised); PROBE
 //! `train u32, seq u16, count u16, pad u16, pad × 0` (padded to a train's
 //! packet size); PROBE_REQUEST `train u32, count u16`; PROBE_REPORT `train
@@ -52,6 +58,7 @@ use crate::{
     CommunityKey,
     identity::{Identity, PublicKey, SIG_LEN},
     now_ms, now_us,
+    session::{EXCHANGE_LEN, MAC_LEN, SessionKey},
 };
 
 pub const TAG_LEN: usize = 16;
@@ -66,7 +73,8 @@ pub const MAX_LEN: usize = PROBE_LEN;
 pub const PROBE_LEN: usize = 1200;
 /// Other senders a FEEDBACK reports per link.
 pub const MAX_SHARERS: usize = 8;
-const _: () = assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + SIG_LEN + TAG_LEN <= MAX_LEN);
+const _: () =
+    assert!(FIXED_LEN + 5 + MAX_LINKS * LINK_AD_LEN + SIG_LEN + MAC_LEN + TAG_LEN <= MAX_LEN);
 const LINK_AD_LEN: usize = 18;
 
 pub mod flags {
@@ -81,15 +89,18 @@ pub mod flags {
     /// runs on; its links' echoes stop for a moment
     /// (the agent's `pathmon::RESTART_GRACE`).
     pub const RESTARTING: u8 = 8;
-    /// The sending terminal's signature follows the body
-    /// ([`crate::identity`]).
+    /// A signature follows the body: the sending terminal's
+    /// ([`crate::identity`]), or on a LOGIN_REPLY the server's site key.
     pub const SIGNED: u8 = 16;
     /// On an ANNOUNCE to the LAN: the server has just asked the sender to
     /// log on again (it restarted, or an ISP tier moved the community to
     /// another node); its peers ask after their own sessions at once
     /// rather than at their next announce.
     pub const SESSION_LOST: u8 = 32;
-    pub const ALL: u8 = VIA_LINK | RELAY | FROM_SERVER | RESTARTING | SIGNED | SESSION_LOST;
+    /// The session key's MAC follows ([`crate::session`]).
+    pub const SESSION: u8 = 64;
+    pub const ALL: u8 =
+        VIA_LINK | RELAY | FROM_SERVER | RESTARTING | SIGNED | SESSION_LOST | SESSION;
 }
 
 /// One WAN link as its terminal announces it.
@@ -115,8 +126,14 @@ pub struct LinkAd {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
-    /// Logged on: DATA carries `token`; send to the server's `port`.
-    Ok { token: u64, port: u16 },
+    /// Logged on: DATA carries `token`; send to the server's `port`. With
+    /// the server's exchange key when the LOGIN had one
+    /// ([`crate::session`]).
+    Ok {
+        token: u64,
+        port: u16,
+        exchange: Option<[u8; EXCHANGE_LEN]>,
+    },
     /// The server holds no session for this origin (or a different token).
     NeedLogin,
     /// The server does not take this terminal: its community authorises
@@ -132,7 +149,11 @@ pub enum Body {
         links: Vec<LinkAd>,
     },
     Shutdown,
-    Login,
+    /// With the terminal's exchange key, for a session key
+    /// ([`crate::session`]).
+    Login {
+        exchange: Option<[u8; EXCHANGE_LEN]>,
+    },
     LoginReply(Reply),
     /// Packet `seq` of `count` in a measurement train, padded to `len`
     /// bytes on the wire.
@@ -213,6 +234,7 @@ const _: () = assert!(
         + MAX_FEEDBACK_LINKS * 9
         + MAX_FEEDBACK_LINKS * (2 + MAX_SHARERS * 4)
         + SIG_LEN
+        + MAC_LEN
         + TAG_LEN
         <= MAX_LEN
 );
@@ -222,14 +244,17 @@ impl Body {
     /// SHUTDOWN): what a terminal with an identity signs, and what a
     /// server that takes terminals by key checks the signature of.
     pub const fn changes_session(&self) -> bool {
-        matches!(self, Self::Login | Self::Announce { .. } | Self::Shutdown)
+        matches!(
+            self,
+            Self::Login { .. } | Self::Announce { .. } | Self::Shutdown
+        )
     }
 
     const fn kind(&self) -> u8 {
         match self {
             Self::Announce { .. } => kind::ANNOUNCE,
             Self::Shutdown => kind::SHUTDOWN,
-            Self::Login => kind::LOGIN,
+            Self::Login { .. } => kind::LOGIN,
             Self::LoginReply(_) => kind::LOGIN_REPLY,
             Self::Probe { .. } => kind::PROBE,
             Self::ProbeRequest { .. } => kind::PROBE_REQUEST,
@@ -305,7 +330,19 @@ impl Msg {
     /// flagged [`flags::SIGNED`]; every kind has room for it within
     /// [`MAX_LEN`], a PROBE keeps its length).
     pub fn encode_as(&self, key: &CommunityKey, identity: Option<&Identity>) -> Vec<u8> {
+        self.encode_with(key, identity, None)
+    }
+
+    /// As [`Self::encode_as`], with the session key's MAC too if given
+    /// (flagged [`flags::SESSION`]).
+    pub fn encode_with(
+        &self,
+        key: &CommunityKey,
+        identity: Option<&Identity>,
+        session: Option<&SessionKey>,
+    ) -> Vec<u8> {
         let sig_len = if identity.is_some() { SIG_LEN } else { 0 };
+        let mac_len = if session.is_some() { MAC_LEN } else { 0 };
         let hdr = BondHdr::new(
             self.body.kind(),
             self.community,
@@ -318,11 +355,14 @@ impl Msg {
         b.extend_from_slice(&hdr.to_bytes());
         b.extend_from_slice(&self.time_ms.to_be_bytes());
         b.extend_from_slice(&self.counter.to_be_bytes());
-        b.push(if identity.is_some() {
-            self.flags | flags::SIGNED
-        } else {
-            self.flags & !flags::SIGNED
-        });
+        let mut f = self.flags & !(flags::SIGNED | flags::SESSION);
+        if identity.is_some() {
+            f |= flags::SIGNED;
+        }
+        if session.is_some() {
+            f |= flags::SESSION;
+        }
+        b.push(f);
         match &self.body {
             Body::Announce { interval_ms, links } => {
                 b.extend_from_slice(&interval_ms.to_be_bytes());
@@ -338,16 +378,28 @@ impl Msg {
                     b.push(u8::from(l.dark));
                 }
             }
-            Body::Shutdown | Body::Login => {}
+            Body::Shutdown => {}
+            Body::Login { exchange } => {
+                if let Some(e) = exchange {
+                    b.extend_from_slice(e);
+                }
+            }
             Body::LoginReply(r) => {
-                let (status, token, port) = match r {
-                    Reply::Ok { token, port } => (0u8, *token, *port),
-                    Reply::NeedLogin => (1, 0, 0),
-                    Reply::Refused => (2, 0, 0),
+                let (status, token, port, exchange) = match r {
+                    Reply::Ok {
+                        token,
+                        port,
+                        exchange,
+                    } => (0u8, *token, *port, exchange.as_ref()),
+                    Reply::NeedLogin => (1, 0, 0, None),
+                    Reply::Refused => (2, 0, 0, None),
                 };
                 b.push(status);
                 b.extend_from_slice(&token.to_be_bytes());
                 b.extend_from_slice(&port.to_be_bytes());
+                if let Some(e) = exchange {
+                    b.extend_from_slice(e);
+                }
             }
             Body::Probe {
                 train,
@@ -360,7 +412,7 @@ impl Msg {
                 b.extend_from_slice(&count.to_be_bytes());
                 let pad = usize::from(*len)
                     .min(MAX_LEN)
-                    .saturating_sub(b.len() + 2 + sig_len + TAG_LEN);
+                    .saturating_sub(b.len() + 2 + sig_len + mac_len + TAG_LEN);
                 b.extend_from_slice(&(pad as u16).to_be_bytes());
                 b.resize(b.len() + pad, 0);
             }
@@ -410,6 +462,10 @@ impl Msg {
             let sig = id.sign(&b);
             b.extend_from_slice(&sig);
         }
+        if let Some(k) = session {
+            let mac = k.mac(&b);
+            b.extend_from_slice(&mac);
+        }
         let t = tag(key, &b);
         b.extend_from_slice(&t);
         b
@@ -418,7 +474,7 @@ impl Msg {
     /// Whether `buf`, a message [`decode`](Self::decode) took, carries
     /// `key`'s signature ([`flags::SIGNED`]).
     pub fn signed_by(buf: &[u8], key: &PublicKey) -> bool {
-        let Some(signed) = buf.len().checked_sub(TAG_LEN) else {
+        let Some(signed) = Self::mac_start(buf) else {
             return false;
         };
         let Some(body_end) = signed.checked_sub(SIG_LEN) else {
@@ -429,6 +485,33 @@ impl Msg {
         }
         let sig: &[u8; SIG_LEN] = buf[body_end..signed].try_into().expect("SIG_LEN bytes");
         key.verify(&buf[..body_end], sig)
+    }
+
+    /// Whether `buf`, a message [`decode`](Self::decode) took, carries
+    /// `key`'s MAC ([`flags::SESSION`]).
+    pub fn session_ok(buf: &[u8], key: &SessionKey) -> bool {
+        let Some(end) = buf.len().checked_sub(TAG_LEN) else {
+            return false;
+        };
+        match end.checked_sub(MAC_LEN) {
+            Some(start) if start >= FIXED_LEN && buf[FIXED_LEN - 1] & flags::SESSION != 0 => {
+                key.verify(&buf[..start], &buf[start..end])
+            }
+            _ => false,
+        }
+    }
+
+    /// Where the session MAC starts (where the signature or body ends
+    /// without one), in a message of at least the fixed part.
+    fn mac_start(buf: &[u8]) -> Option<usize> {
+        let end = buf.len().checked_sub(TAG_LEN)?;
+        if end < FIXED_LEN {
+            return None;
+        }
+        match buf[FIXED_LEN - 1] & flags::SESSION {
+            0 => Some(end),
+            _ => end.checked_sub(MAC_LEN),
+        }
     }
 
     /// Parses and authenticates a message; `key` gives a community's key.
@@ -454,12 +537,20 @@ impl Msg {
         if flags & !flags::ALL != 0 {
             return Err(DecodeError::Malformed);
         }
-        // A terminal's signature ends the part the body is read from; it
-        // is checked by whoever knows the terminal's key (`signed_by`).
-        let body_end = match flags & flags::SIGNED {
+        // A session MAC and a signature end the part the body is read
+        // from; they are checked by whoever holds the session's key
+        // (`session_ok`) or knows the signer's (`signed_by`).
+        let macd = match flags & flags::SESSION {
             0 => signed.len(),
             _ => signed
                 .len()
+                .checked_sub(MAC_LEN)
+                .filter(|&end| end >= FIXED_LEN)
+                .ok_or(DecodeError::Truncated)?,
+        };
+        let body_end = match flags & flags::SIGNED {
+            0 => macd,
+            _ => macd
                 .checked_sub(SIG_LEN)
                 .filter(|&end| end >= FIXED_LEN)
                 .ok_or(DecodeError::Truncated)?,
@@ -489,13 +580,19 @@ impl Msg {
                 Body::Announce { interval_ms, links }
             }
             kind::SHUTDOWN => Body::Shutdown,
-            kind::LOGIN => Body::Login,
+            kind::LOGIN => Body::Login {
+                exchange: r.exchange()?,
+            },
             kind::LOGIN_REPLY => {
                 let status = r.u8()?;
                 let token = r.u64()?;
                 let port = r.u16()?;
                 Body::LoginReply(match status {
-                    0 => Reply::Ok { token, port },
+                    0 => Reply::Ok {
+                        token,
+                        port,
+                        exchange: r.exchange()?,
+                    },
                     1 => Reply::NeedLogin,
                     2 => Reply::Refused,
                     _ => return Err(DecodeError::Malformed),
@@ -595,6 +692,13 @@ impl Reader<'_> {
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.take().map(u64::from_be_bytes)
+    }
+    /// An exchange key if the body goes on (nothing, or all 32 bytes).
+    fn exchange(&mut self) -> Result<Option<[u8; EXCHANGE_LEN]>, DecodeError> {
+        match self.0.is_empty() {
+            true => Ok(None),
+            false => self.take().map(Some),
+        }
     }
     /// A count (u8, at most `max`) and that many items.
     fn list<T>(
@@ -833,10 +937,19 @@ mod tests {
         for body in [
             base.body.clone(),
             Body::Shutdown,
-            Body::Login,
+            Body::Login { exchange: None },
+            Body::Login {
+                exchange: Some([7; 32]),
+            },
             Body::LoginReply(Reply::Ok {
                 token: 9,
                 port: 7700,
+                exchange: None,
+            }),
+            Body::LoginReply(Reply::Ok {
+                token: 9,
+                port: 7700,
+                exchange: Some([9; 32]),
             }),
             Body::LoginReply(Reply::NeedLogin),
             Body::LoginReply(Reply::Refused),
@@ -905,13 +1018,106 @@ mod tests {
     /// reads the same, is flagged SIGNED, and is its key's only; a member
     /// of the community (who can make the tag) cannot move it to another
     /// message or make one.
+    /// A message with the session key's MAC reads as without it, with
+    /// or without a signature too; the MAC is the session's only: another
+    /// key, a changed byte (re-tagged with the community key, as any
+    /// member could) or a MAC moved from another message fail, and a
+    /// message without one is not taken as having it.
+    #[test]
+    fn session_macs_read_the_same_and_are_the_sessions_only() {
+        use crate::{
+            identity::Identity,
+            session::{Exchange, Transcript},
+        };
+        let (t, s) = (Exchange::generate().unwrap(), Exchange::generate().unwrap());
+        let tr = Transcript {
+            community: 7,
+            origin: Ipv4Addr::new(10, 0, 1, 1),
+            token: 5,
+            terminal: t.public(),
+            server: s.public(),
+        };
+        let k = t.key(&s.public(), &tr).unwrap();
+        let other = Exchange::generate().unwrap().key(&s.public(), &tr).unwrap();
+        let id = Identity::generate().unwrap();
+        for (body, signer) in [
+            (Body::Echo { sent_ns: 3 }, None),
+            (announce().body, Some(&id)),
+            (
+                Body::Probe {
+                    train: 1,
+                    seq: 2,
+                    count: 3,
+                    len: 900,
+                },
+                None,
+            ),
+            (
+                Body::Login {
+                    exchange: Some(t.public()),
+                },
+                Some(&id),
+            ),
+        ] {
+            let m = Msg { body, ..announce() };
+            let b = m.encode_with(&KEY, signer, Some(&k));
+            let got = decode(&b).unwrap();
+            assert_eq!(got.body, m.body);
+            assert_eq!(got.flags & flags::SESSION, flags::SESSION);
+            assert!(Msg::session_ok(&b, &k));
+            assert!(!Msg::session_ok(&b, &other), "another session's key");
+            if let Some(id) = signer {
+                assert!(Msg::signed_by(&b, &id.public()), "signed and MAC'd");
+            }
+            if let Body::Probe { len, .. } = m.body {
+                assert_eq!(b.len(), usize::from(len), "padded to its size");
+            }
+            let plain = m.encode_as(&KEY, signer);
+            assert!(!Msg::session_ok(&plain, &k), "no MAC");
+            // A changed byte, re-tagged: the community's tag holds, the
+            // session's MAC does not.
+            let mut bent = b.clone();
+            bent[BondHdr::LEN + 3] ^= 1; // the time
+            bent.truncate(bent.len() - TAG_LEN);
+            let t = tag(&KEY, &bent);
+            bent.extend_from_slice(&t);
+            assert!(decode(&bent).is_ok());
+            assert!(!Msg::session_ok(&bent, &k));
+        }
+        // SESSION with no room for a MAC: refused, not misread.
+        let mut short = Msg {
+            body: Body::Shutdown,
+            ..announce()
+        }
+        .encode(&KEY);
+        short[FIXED_LEN - 1] |= flags::SESSION;
+        short.truncate(short.len() - TAG_LEN);
+        let t = tag(&KEY, &short);
+        short.extend_from_slice(&t);
+        assert_eq!(decode(&short), Err(DecodeError::Truncated));
+        assert!(!Msg::session_ok(&short, &k));
+        // A LOGIN's exchange key is all 32 bytes or none.
+        let mut login = Msg {
+            body: Body::Login {
+                exchange: Some([1; 32]),
+            },
+            ..announce()
+        }
+        .encode(&KEY);
+        login.drain(login.len() - TAG_LEN - 1..login.len() - TAG_LEN);
+        login.truncate(login.len() - TAG_LEN);
+        let t = tag(&KEY, &login);
+        login.extend_from_slice(&t);
+        assert_eq!(decode(&login), Err(DecodeError::Malformed));
+    }
+
     #[test]
     fn signed_messages_read_the_same_and_are_their_terminals_only() {
         use crate::identity::Identity;
         let (t1, t2) = (Identity::generate().unwrap(), Identity::generate().unwrap());
         for body in [
             announce().body,
-            Body::Login,
+            Body::Login { exchange: None },
             Body::Shutdown,
             Body::Probe {
                 train: 1,
@@ -949,7 +1155,7 @@ mod tests {
         assert!(decode(&bent).is_ok(), "the community key's tag holds");
         assert!(!Msg::signed_by(&bent, &t1.public()));
         let login = Msg {
-            body: Body::Login,
+            body: Body::Login { exchange: None },
             ..announce()
         }
         .encode_as(&KEY, Some(&t1));

@@ -4,12 +4,14 @@
 //! ports ([`control`]: announces, logins, echoes, feedback), and the signed
 //! JSON bodies the distribution service and the peer cache post
 //! ([`signed`]), and each terminal's own key pair ([`identity`]), with
-//! which an ISP's node tells one terminal from another. The agent, the relay tree and the peer cache depend on
+//! which an ISP's node tells one terminal from another, and the key each
+//! session shares between its terminal and the server ([`session`]). The agent, the relay tree and the peer cache depend on
 //! this crate, not on each other.
 
 pub mod control;
 pub mod identity;
 mod key;
+pub mod session;
 pub mod signed;
 
 pub use key::{CommunityKey, MIN_KEY_LEN, SKEW_MS};

@@ -81,9 +81,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+    pub async fn connect(etcd: &crate::Etcd, prefix: &str) -> Result<Self> {
         Ok(Self {
-            client: crate::connect(endpoints).await?,
+            client: crate::connect(etcd).await?,
             layout: Layout::new(prefix),
         })
     }

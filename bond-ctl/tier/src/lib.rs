@@ -34,34 +34,64 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Connects to any of `endpoints` (`http://host:port`); each call may
-/// take [`CALL_TIMEOUT`].
-pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    Ok(connect_with(endpoints, None, Some(CALL_TIMEOUT)).await?.0)
+/// The registry's etcd, and who this client is to it.
+#[derive(Clone)]
+pub struct Etcd {
+    /// Client URLs, `http://host:port`: any member will do.
+    pub endpoints: Vec<String>,
+    /// A user and its password, where etcd's authentication is on.
+    pub user: Option<(String, String)>,
+}
+
+impl Etcd {
+    /// No authentication.
+    pub fn open(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            user: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Etcd {
+    /// The user's name, never its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+/// Connects to any member of `etcd`; each call may take
+/// [`CALL_TIMEOUT`].
+pub async fn connect(etcd: &Etcd) -> Result<Client> {
+    Ok(connect_with(etcd, None, Some(CALL_TIMEOUT)).await?.0)
 }
 
 /// As [`connect`], and which endpoint answered.
-pub async fn connect_one(endpoints: &[String]) -> Result<(Client, usize)> {
-    connect_with(endpoints, None, Some(CALL_TIMEOUT)).await
+pub async fn connect_one(etcd: &Etcd) -> Result<(Client, usize)> {
+    connect_with(etcd, None, Some(CALL_TIMEOUT)).await
 }
 
 /// As [`connect`], for calls that wait as long as they must (standing
 /// for election), trying endpoint `first` first (a node keeps to one
 /// member): a dead connection is still found by its keep-alive pings.
-pub async fn connect_patient(endpoints: &[String], first: usize) -> Result<Client> {
-    Ok(connect_with(endpoints, Some(first), None).await?.0)
+pub async fn connect_patient(etcd: &Etcd, first: usize) -> Result<Client> {
+    Ok(connect_with(etcd, Some(first), None).await?.0)
 }
 
 /// One member at a time: a balanced channel over all of them sends some
 /// calls to a member that is down and fails them. The first member (from
 /// `first`, or a varying start, to spread the nodes) that answers a
 /// status call is used until a call fails; the caller then connects
-/// again.
+/// again (which also authenticates again: an idle token expires).
 async fn connect_with(
-    endpoints: &[String],
+    etcd: &Etcd,
     first: Option<usize>,
     timeout: Option<Duration>,
 ) -> Result<(Client, usize)> {
+    let endpoints = &etcd.endpoints;
     if endpoints.is_empty() {
         bail!("no etcd endpoint given");
     }
@@ -73,6 +103,9 @@ async fn connect_with(
         .with_keep_alive_while_idle(true);
     if let Some(t) = timeout {
         opts = opts.with_timeout(t);
+    }
+    if let Some((user, password)) = &etcd.user {
+        opts = opts.with_user(user, password);
     }
     let start = first.unwrap_or_else(|| {
         std::time::SystemTime::now()

@@ -19,13 +19,13 @@ pub struct Mirrored {
 
 /// Starts following the registry; the task ends when every receiver is
 /// gone.
-pub fn follow(endpoints: Vec<String>, layout: Layout) -> watch::Receiver<Mirrored> {
+pub fn follow(etcd: crate::Etcd, layout: Layout) -> watch::Receiver<Mirrored> {
     let (tx, rx) = watch::channel(Mirrored::default());
     tokio::spawn(async move {
         let mut fails = 0u32;
         while !tx.is_closed() {
             let start = tokio::time::Instant::now();
-            if let Err(e) = session(&endpoints, &layout, &tx).await {
+            if let Err(e) = session(&etcd, &layout, &tx).await {
                 if start.elapsed() > Duration::from_secs(10) {
                     fails = 0;
                 }
@@ -40,12 +40,8 @@ pub fn follow(endpoints: Vec<String>, layout: Layout) -> watch::Receiver<Mirrore
     rx
 }
 
-async fn session(
-    endpoints: &[String],
-    layout: &Layout,
-    tx: &watch::Sender<Mirrored>,
-) -> Result<()> {
-    let mut client = crate::connect(endpoints).await?;
+async fn session(etcd: &crate::Etcd, layout: &Layout, tx: &watch::Sender<Mirrored>) -> Result<()> {
+    let mut client = crate::connect(etcd).await?;
     let (mut view, mut stream) = crate::follow_from_now(&mut client, layout).await?;
     tx.send_replace(Mirrored {
         view: Arc::new(view.clone()),

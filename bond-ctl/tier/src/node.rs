@@ -25,7 +25,7 @@ use crate::layout::{Layout, NodeRecord, OwnerChange, View};
 /// What a node is told to be.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub endpoints: Vec<String>,
+    pub etcd: crate::Etcd,
     pub layout: Layout,
     pub name: String,
     pub record: NodeRecord,
@@ -232,7 +232,7 @@ async fn session(
     left: &mut oneshot::Receiver<()>,
     releases: &mut Releases,
 ) -> Result<()> {
-    let (mut client, member) = crate::connect_one(&s.endpoints).await?;
+    let (mut client, member) = crate::connect_one(&s.etcd).await?;
     let ttl = i64::try_from(s.lease.as_secs().max(1)).unwrap_or(i64::MAX);
     let (lease, mut keeper, mut kept) = hold_lease(&mut client, held, s.lease).await?;
     client
@@ -245,7 +245,7 @@ async fn session(
         .context("registering")?;
     // The candidacy's calls go to the same member: losing it ends the
     // session either way.
-    let patient = crate::connect_patient(&s.endpoints, member).await?;
+    let patient = crate::connect_patient(&s.etcd, member).await?;
     let stand = stand(patient, client.clone(), s.clone(), lease, tx.clone());
     let mut controller = tokio::spawn(stand);
     let _controller = Abort(controller.abort_handle());

@@ -164,6 +164,11 @@ pub struct Lab {
     /// terminals by key, each with an identity of its own
     /// ([`Self::identity_file`]), authorised in the registry.
     pub identities: bool,
+    /// With `identities`: the server (each node) has a site key
+    /// (`site_key`) and the first community's terminals pin it (`[server]
+    /// key`), so their sessions are keyed. Its public key once made.
+    pub site_key: bool,
+    pub site_public: Option<String>,
     /// Links whose owner takes the next hop from the interface's default
     /// route (`gateway = "auto"`), as with DHCP; the test adds the route.
     pub auto_gateways: Vec<u8>,
@@ -367,6 +372,8 @@ impl Lab {
             terminal_extra: String::new(),
             auto_weights: false,
             identities: false,
+            site_key: false,
+            site_public: None,
             auto_gateways: Vec::new(),
             dist: false,
             cache: false,
@@ -1094,6 +1101,16 @@ impl Lab {
                 let _ = writeln!(s, "{extra}");
             }
         }
+        if let Some(public) = self
+            .site_public
+            .as_ref()
+            .filter(|_| t.community == COMMUNITY)
+        {
+            s = s.replace(
+                &format!("port = {PORT} }}"),
+                &format!("port = {PORT}, key = \"{public}\" }}"),
+            );
+        }
         if self.identities && t.community == COMMUNITY {
             // Top-level: before the first table.
             let at = s.find("\n[").unwrap_or(s.len());
@@ -1113,6 +1130,32 @@ impl Lab {
         self.dir.join("server-nat.log")
     }
 
+    /// The server's site key file (with [`Self::site_key`]).
+    pub fn site_key_file(&self) -> PathBuf {
+        self.dir.join("site.key")
+    }
+
+    /// The site key, made once (with [`Self::site_key`]), before the
+    /// server's configuration or a terminal's names it.
+    pub(crate) fn make_site_key(&mut self) -> Result<()> {
+        if !self.site_key || self.site_public.is_some() {
+            return Ok(());
+        }
+        let public = run(Command::new(&self.bond_ctl)
+            .args(["identity", "new", "--out"])
+            .arg(self.site_key_file()))?;
+        self.site_public = Some(public.trim().to_string());
+        Ok(())
+    }
+
+    /// The `site_key` line of a server's file (none without one).
+    pub(crate) fn site_key_line(&self) -> String {
+        match self.site_public {
+            Some(_) => format!("site_key = {:?}\n", self.site_key_file()),
+            None => String::new(),
+        }
+    }
+
     /// Terminal `i`'s secret key file (with [`Self::identities`]).
     pub fn identity_file(&self, i: usize) -> PathBuf {
         self.dir.join(format!("{}.key", self.terminals[i].instance))
@@ -1123,12 +1166,13 @@ impl Lab {
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\naddress6 = \"{SERVER_WAN6}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
              nat_address = \"{}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\nnat_log = {:?}\n\
-             interfaces = [\"wan0\", \"content0\"]\n{}\
+             interfaces = [\"wan0\", \"content0\"]\n{}{}\
              \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
             self.server_instance,
             self.nat_address,
             self.nat_ports,
             self.nat_log(),
+            self.site_key_line(),
             self.server_keys,
             self.server_extra
         )
@@ -1194,6 +1238,7 @@ impl Lab {
         if self.tier > 0 {
             return self.start_tier();
         }
+        self.make_site_key()?;
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         let cfg = self.dir.join("server.toml");
         std::fs::write(&cfg, self.server_config())?;

@@ -31,7 +31,16 @@ pub struct Site {
     nodes: usize,
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
+    /// Set by [`Site::enable_etcd_auth`]: root's password, for the
+    /// lab's own etcdctl calls.
+    root_password: Option<String>,
+    /// The user the nodes and the operator's commands log in as, and the
+    /// file holding its password (when etcd's authentication is on).
+    pub etcd_user: Option<(String, PathBuf)>,
 }
+
+/// The user and role [`Site::enable_etcd_auth`] makes for bond.
+pub const ETCD_USER: &str = "bond-site";
 
 fn ip(args: &str) -> Result<String> {
     run(Command::new("ip").args(args.split_whitespace()))
@@ -84,6 +93,8 @@ impl Site {
             nodes,
             namespaces: Vec::new(),
             children: Vec::new(),
+            root_password: None,
+            etcd_user: None,
         };
         site.wire()?;
         Ok(site)
@@ -179,18 +190,64 @@ impl Site {
         Ok(())
     }
 
-    /// etcdctl against the whole cluster, from the operator's seat.
+    /// etcdctl against the whole cluster, from the operator's seat (as
+    /// root once authentication is on).
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
         self.etcdctl_at(&self.etcd, args)
     }
 
+    /// etcdctl with no user, whatever the site's authentication.
+    pub fn etcdctl_anonymous(&self, args: &[&str]) -> Result<String> {
+        run(self.etcdctl_cmd(&self.etcd).args(args))
+    }
+
     fn etcdctl_at(&self, endpoints: &[String], args: &[&str]) -> Result<String> {
-        run(self
-            .cmd(&self.ns, "etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut c = self.etcdctl_cmd(endpoints);
+        if let Some(pw) = &self.root_password {
+            c.arg(format!("--user=root:{pw}"));
+        }
+        run(c.args(args))
+    }
+
+    fn etcdctl_cmd(&self, endpoints: &[String]) -> Command {
+        let mut c = self.cmd(&self.ns, "etcdctl");
+        c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", endpoints.join(",")))
-            .arg("--dial-timeout=2s")
-            .args(args))
+            .arg("--dial-timeout=2s");
+        c
+    }
+
+    /// Turns etcd's authentication on, as an operator would: a root user,
+    /// a role with read and write on the registry's prefix (`/bond`) and
+    /// nothing else, and [`ETCD_USER`] in that role, whose password goes
+    /// in a file of mode 0600. Nodes started after, and [`Site::tier`],
+    /// log in as it.
+    pub fn enable_etcd_auth(&mut self) -> Result<()> {
+        let root = format!("root-{}", self.prefix);
+        let password = format!("pw-{}-{ETCD_USER}", self.prefix);
+        let file = self.dir.join("etcd-password");
+        std::fs::write(&file, format!("{password}\n"))?;
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        for args in [
+            vec!["user", "add", &format!("root:{root}")],
+            vec!["role", "add", ETCD_USER],
+            vec![
+                "role",
+                "grant-permission",
+                ETCD_USER,
+                "--prefix=true",
+                "readwrite",
+                "/bond/",
+            ],
+            vec!["user", "add", &format!("{ETCD_USER}:{password}")],
+            vec!["user", "grant-role", ETCD_USER, ETCD_USER],
+            vec!["auth", "enable"],
+        ] {
+            self.etcdctl(&args)?;
+        }
+        self.root_password = Some(root);
+        self.etcd_user = Some((ETCD_USER.into(), file));
+        Ok(())
     }
 
     /// The etcd member that leads the cluster now (1-based).
@@ -274,12 +331,16 @@ impl Site {
     /// at a node (they carry no flows).
     pub fn node_config(&self, i: usize, extra: &str) -> String {
         let etcd: Vec<String> = self.etcd.iter().map(|u| format!("{u:?}")).collect();
+        let login = match &self.etcd_user {
+            Some((user, file)) => format!("etcd_user = {user:?}\netcd_password_file = {file:?}\n"),
+            None => String::new(),
+        };
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SITE_NET}.{}\"\n\
              nat_address = \"{SITE_NET}.{}\"\nnat_addresses = {NAT_ADDRESSES}\nnat_ports = \"10000-32767\"\n\
              nat_block = 8\nnat_log = {:?}\n\
              interfaces = [\"site0\"]\n\
-             \n[tier]\netcd = [{}]\nnode = \"n{i}\"\n{extra}",
+             \n[tier]\netcd = [{}]\nnode = \"n{i}\"\n{login}{extra}",
             self.instance(i),
             10 + i,
             nat_first(i),
@@ -333,12 +394,24 @@ impl Site {
             .any(|(n, c)| n == short && matches!(c.try_wait(), Ok(None)))
     }
 
-    /// `bond-ctl tier ARGS` from the operator's seat.
+    /// `bond-ctl tier ARGS` from the operator's seat, logged in as
+    /// [`ETCD_USER`] once authentication is on.
     pub fn tier(&self, args: &[&str]) -> Result<String> {
-        run(self
-            .cmd(&self.ns, &self.bond_ctl.to_string_lossy())
-            .args(["tier", "--etcd", &self.etcd.join(",")])
-            .args(args))
+        let mut c = self.tier_cmd();
+        if let Some((user, file)) = &self.etcd_user {
+            c.arg("--etcd-user")
+                .arg(user)
+                .arg("--etcd-password-file")
+                .arg(file);
+        }
+        run(c.args(args))
+    }
+
+    /// `bond-ctl tier` with no login of its own (`--etcd` only).
+    pub fn tier_cmd(&self) -> Command {
+        let mut c = self.cmd(&self.ns, &self.bond_ctl.to_string_lossy());
+        c.args(["tier", "--etcd", &self.etcd.join(",")]);
+        c
     }
 
     /// `bond-ctl ARGS` against node `i`'s agent.

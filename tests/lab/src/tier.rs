@@ -86,12 +86,13 @@ impl Lab {
         let etcd: Vec<String> = (1..=3).map(|m| format!("{:?}", etcd_url(m))).collect();
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\nport = {PORT}\n\
-             nat_address = \"{}\"\nnat_ports = \"{}\"\nnat_log = {:?}\ninterfaces = [\"site0\"]\n{}\
+             nat_address = \"{}\"\nnat_ports = \"{}\"\nnat_log = {:?}\ninterfaces = [\"site0\"]\n{}{}\
              \n[tier]\netcd = [{}]\nnode = \"n{i}\"\nnode_address = \"{}\"\n",
             self.node_ns(i),
             node_nat(i),
             self.nat_ports,
             self.dir.join(format!("n{i}-nat.log")),
+            self.site_key_line(),
             self.server_keys,
             etcd.join(", "),
             node_address(i)
@@ -110,6 +111,7 @@ impl Lab {
         self.wait_for("etcd", Duration::from_secs(20), |lab| {
             Ok(lab.tier_ctl(&["nodes"]).is_ok())
         })?;
+        self.make_site_key()?;
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         for i in 1..=self.tier {
             let cfg = self.dir.join(format!("n{i}.toml"));

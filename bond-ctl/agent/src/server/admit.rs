@@ -19,6 +19,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use bond_proto::{
     control::{Body, Msg, flags},
     identity::PublicKey,
+    session::SessionKey,
 };
 
 /// The terminals each community takes by key; a community not listed
@@ -48,6 +49,8 @@ pub enum Refused {
     NoSession,
     /// An unsigned message with another token than its origin's session.
     WrongToken,
+    /// A message of a keyed session without the session key's MAC.
+    BadSession,
 }
 
 impl Refused {
@@ -57,6 +60,7 @@ impl Refused {
             Self::BadIdentity => "bad_identity",
             Self::NoSession => "no_session",
             Self::WrongToken => "wrong_token",
+            Self::BadSession => "bad_session_mac",
         }
     }
 }
@@ -96,30 +100,35 @@ impl Identities {
     }
 
     /// Whether `msg` (decoded from `buf`, its community key checked) may
-    /// count, given the token of its origin's session, if any, and
-    /// whether it is an announce that would change nothing but the
-    /// session's liveness (`repeats`, asked only for an announce with the
-    /// session's token: such one needs no signature check, as an echo
+    /// count, given the token of its origin's session and its key, if
+    /// any, and whether it is an announce that would change nothing but
+    /// the session's liveness (`repeats`, asked only for an announce with
+    /// the session's token: such one needs no signature check, as an echo
     /// needs none; the check costs more than all else a node does per
-    /// announce).
+    /// announce). What rides on a keyed session's token needs its MAC too.
     pub fn admit(
         &self,
         msg: &Msg,
         buf: &[u8],
-        session: Option<u64>,
+        session: Option<(u64, Option<&SessionKey>)>,
         repeats: impl FnOnce() -> bool,
     ) -> Result<(), Refused> {
         let auth = self.auth(msg.community, msg.origin);
         if auth == Auth::Open {
             return Ok(());
         }
+        let keyed = |key: Option<&SessionKey>| match key {
+            Some(k) if !Msg::session_ok(buf, k) => Err(Refused::BadSession),
+            _ => Ok(()),
+        };
+        let token = session.map(|(t, _)| t);
         if let Body::Announce { .. } = msg.body
             && matches!(auth, Auth::Key(_))
-            && session == Some(msg.token)
+            && token == Some(msg.token)
             && msg.flags & flags::RESTARTING == 0
             && repeats()
         {
-            return Ok(());
+            return keyed(session.and_then(|(_, k)| k));
         }
         if msg.body.changes_session() {
             return match auth {
@@ -129,7 +138,7 @@ impl Identities {
             };
         }
         match session {
-            Some(token) if token == msg.token => Ok(()),
+            Some((token, key)) if token == msg.token => keyed(key),
             Some(_) => Err(Refused::WrongToken),
             None => Err(Refused::NoSession),
         }
@@ -188,20 +197,24 @@ mod tests {
             interval_ms: 1000,
             links: vec![],
         };
-        for body in [Body::Login, announce.clone(), Body::Shutdown] {
+        for body in [
+            Body::Login { exchange: None },
+            announce.clone(),
+            Body::Shutdown,
+        ] {
             let own = msg(T1, body.clone(), 5).encode_as(&key, Some(&k1));
             let m = Msg::decode(&own, |_| Some(&key)).unwrap();
             assert_eq!(ids.admit(&m, &own, None, || false), Ok(()), "{body:?}");
             let as_t2 = msg(T2, body.clone(), 5).encode_as(&key, Some(&k1));
             let m = Msg::decode(&as_t2, |_| Some(&key)).unwrap();
             assert_eq!(
-                ids.admit(&m, &as_t2, Some(5), || false),
+                ids.admit(&m, &as_t2, Some((5, None)), || false),
                 Err(Refused::BadIdentity)
             );
             let unsigned = msg(T1, body.clone(), 5).encode(&key);
             let m = Msg::decode(&unsigned, |_| Some(&key)).unwrap();
             assert_eq!(
-                ids.admit(&m, &unsigned, Some(5), || false),
+                ids.admit(&m, &unsigned, Some((5, None)), || false),
                 Err(Refused::BadIdentity)
             );
             let stranger = msg(Ipv4Addr::new(10, 0, 1, 9), body, 0).encode_as(&key, Some(&k1));
@@ -215,9 +228,9 @@ mod tests {
         // window counts it.
         let echo = msg(T2, Body::Echo { sent_ns: 1 }, 9).encode(&key);
         let m = Msg::decode(&echo, |_| Some(&key)).unwrap();
-        assert_eq!(ids.admit(&m, &echo, Some(9), || false), Ok(()));
+        assert_eq!(ids.admit(&m, &echo, Some((9, None)), || false), Ok(()));
         assert_eq!(
-            ids.admit(&m, &echo, Some(8), || false),
+            ids.admit(&m, &echo, Some((8, None)), || false),
             Err(Refused::WrongToken)
         );
         assert_eq!(
@@ -229,13 +242,13 @@ mod tests {
         // changes something, or says its agent restarts, does.
         let repeat = msg(T2, announce.clone(), 9).encode(&key);
         let m = Msg::decode(&repeat, |_| Some(&key)).unwrap();
-        assert_eq!(ids.admit(&m, &repeat, Some(9), || true), Ok(()));
+        assert_eq!(ids.admit(&m, &repeat, Some((9, None)), || true), Ok(()));
         assert_eq!(
-            ids.admit(&m, &repeat, Some(9), || false),
+            ids.admit(&m, &repeat, Some((9, None)), || false),
             Err(Refused::BadIdentity)
         );
         assert_eq!(
-            ids.admit(&m, &repeat, Some(8), || true),
+            ids.admit(&m, &repeat, Some((8, None)), || true),
             Err(Refused::BadIdentity)
         );
         let restarting = Msg {
@@ -245,17 +258,74 @@ mod tests {
         .encode(&key);
         let m = Msg::decode(&restarting, |_| Some(&key)).unwrap();
         assert_eq!(
-            ids.admit(&m, &restarting, Some(9), || true),
+            ids.admit(&m, &restarting, Some((9, None)), || true),
             Err(Refused::BadIdentity)
         );
         // A community without a list takes any member, signed or not.
         let other = Msg {
             community: 2,
-            ..msg(T2, Body::Login, 0)
+            ..msg(T2, Body::Login { exchange: None }, 0)
         };
         let b = other.encode(&key);
         assert_eq!(ids.admit(&other, &b, None, || false), Ok(()));
         assert_eq!(ids.auth(2, T2), Auth::Open);
+    }
+
+    /// A keyed session: what rides on its token (an echo, an unchanged
+    /// announce) counts only with the session key's MAC. A member that
+    /// holds the community key and the token (it rides in every data
+    /// header a peer relays) but not the key is refused; signed messages
+    /// stand on their signature as before.
+    #[test]
+    fn a_keyed_session_takes_only_what_carries_its_mac() {
+        use bond_proto::session::{Exchange, Transcript};
+        let key = CommunityKey::new("community one key");
+        let k2 = Identity::generate().unwrap();
+        let ids = Identities::new([(1, BTreeMap::from([(T2, k2.public())]))]);
+        let (t, s) = (Exchange::generate().unwrap(), Exchange::generate().unwrap());
+        let tr = Transcript {
+            community: 1,
+            origin: T2,
+            token: 9,
+            terminal: t.public(),
+            server: s.public(),
+        };
+        let sk = s.key(&t.public(), &tr).unwrap();
+        let stolen = Exchange::generate().unwrap().key(&s.public(), &tr).unwrap();
+        let session = Some((9, Some(&sk)));
+        let echo = msg(T2, Body::Echo { sent_ns: 1 }, 9);
+        let m = echo.clone();
+        let with = echo.encode_with(&key, None, Some(&sk));
+        assert_eq!(ids.admit(&m, &with, session, || false), Ok(()));
+        let without = echo.encode(&key);
+        assert_eq!(
+            ids.admit(&m, &without, session, || false),
+            Err(Refused::BadSession)
+        );
+        let other = echo.encode_with(&key, None, Some(&stolen));
+        assert_eq!(
+            ids.admit(&m, &other, session, || false),
+            Err(Refused::BadSession)
+        );
+        // An unchanged announce: its MAC, not a signature.
+        let announce = msg(
+            T2,
+            Body::Announce {
+                interval_ms: 1000,
+                links: vec![],
+            },
+            9,
+        );
+        let b = announce.encode(&key);
+        assert_eq!(
+            ids.admit(&announce, &b, session, || true),
+            Err(Refused::BadSession)
+        );
+        let b = announce.encode_with(&key, None, Some(&sk));
+        assert_eq!(ids.admit(&announce, &b, session, || true), Ok(()));
+        // A signed one that changes the session stands on its signature.
+        let b = announce.encode_as(&key, Some(&k2));
+        assert_eq!(ids.admit(&announce, &b, session, || false), Ok(()));
     }
 
     #[test]

@@ -10,7 +10,10 @@ use anyhow::Result;
 use bond_api::{Call, Request};
 use bond_common::maps::name;
 use bond_datapath::flows;
-use bond_proto::control::{Body, Gap, Msg, Reply, flags};
+use bond_proto::{
+    control::{Body, Gap, Msg, Reply, flags},
+    session,
+};
 use tokio::sync::mpsc;
 
 use super::{Agent, Applied, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey, admit::Refused};
@@ -19,7 +22,6 @@ use crate::{
     feedback::{self, Model},
     membership::Refusal,
     net::recv_stamped,
-    pathmon::EchoSeen,
     playout,
     probe::{PROBE_FRAME_LEN, PROBE_LEN, TRAIN_LEN, TrainRx},
     resend,
@@ -44,7 +46,7 @@ impl Agent {
         let lit = || {
             self.applied
                 .range((c, 0)..=(c, u8::MAX))
-                .filter(|(k, _)| !self.echoes.get(k).is_some_and(|e| e.dark))
+                .filter(|(k, _)| !self.echoes.is_dark(k))
                 .map(|(&(_, id), a)| (id, a))
         };
         let owner = |a: &Applied| a.entry.owner == u32::from(o);
@@ -188,11 +190,9 @@ impl Agent {
                         Err(e) => tracing::warn!("flow sweep: {e}"),
                     }
                 }
-                // Missed announces are looked for every EXPIRE_EVERY, not at
-                // each terminal's own deadline: finding the next deadline
-                // walks every terminal and link, and did so for every
-                // message (a node of thousands of communities spent most
-                // of its time there).
+                // Missed announces are looked for every EXPIRE_EVERY, at the
+                // terminals whose deadline came (a queue: a node holds tens
+                // of thousands, and walking them all was most of its time).
                 _ = expire.tick() => {
                     let ch = self.table.expire(Instant::now());
                     for (c, o) in &ch.sessions_gone {
@@ -241,13 +241,11 @@ impl Agent {
             }
             _ => false,
         };
-        if let Err(why) = self
-            .identities
-            .admit(&msg, buf, self.table.token(c, o), repeats)
-        {
+        let session = self.table.token(c, o).map(|t| (t, self.table.key(c, o)));
+        if let Err(why) = self.identities.admit(&msg, buf, session, repeats) {
             self.rejects.count(why.name());
             let reply = match (why, &msg.body) {
-                (Refused::UnknownTerminal | Refused::BadIdentity, Body::Login) => {
+                (Refused::UnknownTerminal | Refused::BadIdentity, Body::Login { .. }) => {
                     // Once per terminal until it is taken (it asks every
                     // announce); a flood of strangers cannot grow the set.
                     if self.refused.len() >= 4096 {
@@ -269,6 +267,16 @@ impl Agent {
                 (Refused::NoSession, Body::Echo { .. }) if msg.flags & flags::VIA_LINK != 0 => {
                     Some(Reply::NeedLogin)
                 }
+                // An echo without its session's MAC from the link's own
+                // address: the terminal holds another key (the reply that
+                // made its key was lost) and logs on again for a new one.
+                // From elsewhere (a member forging it), no answer.
+                (Refused::BadSession, Body::Echo { .. })
+                    if msg.flags & flags::VIA_LINK != 0
+                        && self.owned_link(c, msg.link, o, src).is_some() =>
+                {
+                    Some(Reply::NeedLogin)
+                }
                 _ => None,
             };
             if let Some(r) = reply {
@@ -280,8 +288,23 @@ impl Agent {
             self.rejects.count(why.name());
             return Ok(());
         }
+        // A terminal that keys its session, whose session here has no key
+        // (this agent restarted and adopted it): asked to log on again.
+        if msg.flags & flags::SESSION != 0
+            && self.site.is_some()
+            && !matches!(msg.body, Body::Login { .. })
+            && self.table.token(c, o).is_some()
+            && self.table.key(c, o).is_none()
+        {
+            self.rejects.count("session_unkeyed");
+            if msg.flags & flags::VIA_LINK != 0 {
+                self.send((c, o, msg.link), Body::LoginReply(Reply::NeedLogin), src)
+                    .await;
+            }
+            return Ok(());
+        }
         match &msg.body {
-            Body::Login => {
+            Body::Login { exchange } => {
                 let (token, new) =
                     self.table
                         .login(c, o, Duration::from_secs(60), now, fresh_token);
@@ -303,8 +326,16 @@ impl Agent {
                 // Its community's ports, before the terminal sends a packet.
                 let r = self.nat.logged_on(&self.maps, c);
                 self.faults.survive("nat_blocks", r);
+                let Ok(exchange) = self.key_session(c, o, token, exchange.as_ref()) else {
+                    self.rejects.count("bad_exchange");
+                    return Ok(());
+                };
                 let port = self.cfg.port;
-                let body = Body::LoginReply(Reply::Ok { token, port });
+                let body = Body::LoginReply(Reply::Ok {
+                    token,
+                    port,
+                    exchange,
+                });
                 self.send((c, o, msg.link), body, src).await;
             }
             Body::Announce { interval_ms, links } => {
@@ -314,10 +345,7 @@ impl Agent {
                         .iter()
                         .filter(|l| self.table.owns(c, o, msg.token, l.id));
                     for l in own {
-                        self.echoes
-                            .entry((c, l.id))
-                            .or_insert_with(|| EchoSeen::new(now))
-                            .restarting(now);
+                        self.echoes.restarting((c, l.id), now);
                     }
                 }
                 let via = (msg.flags & flags::VIA_LINK != 0).then_some((msg.link, src));
@@ -422,11 +450,7 @@ impl Agent {
                 }
                 let body = Body::EchoReply { sent_ns: *sent_ns };
                 self.send((c, o, msg.link), body, src).await;
-                let seen = self
-                    .echoes
-                    .entry((c, msg.link))
-                    .or_insert_with(|| EchoSeen::new(now));
-                if seen.seen(now) {
+                if self.echoes.seen((c, msg.link), now) {
                     tracing::info!("community {c}: link {} echoes again: back in use", msg.link);
                     self.apply(c)?;
                 }
@@ -533,10 +557,64 @@ impl Agent {
 
     /// Sends `body` about a terminal's link (community, origin, link),
     /// signed with its community's key, to `dst`.
+    /// A login's session key, where this server has a site key, the
+    /// community takes terminals by key and the LOGIN brought an exchange
+    /// key: the server's exchange key for the reply (None: the session
+    /// is not keyed). Err: the terminal's exchange key gives nothing
+    /// secret (a forged one).
+    fn key_session(
+        &mut self,
+        c: u32,
+        o: Ipv4Addr,
+        token: u64,
+        theirs: Option<&[u8; session::EXCHANGE_LEN]>,
+    ) -> Result<Option<[u8; session::EXCHANGE_LEN]>, ()> {
+        let keyed = matches!(self.identities.auth(c, o), super::admit::Auth::Key(_));
+        let (Some(theirs), Some(_), true) = (theirs, &self.site, keyed) else {
+            self.table.set_key(c, o, None);
+            return Ok(None);
+        };
+        // The same LOGIN again (its reply was lost, or it crossed it): the
+        // same answer.
+        if let Some(k) = self.table.keyed(c, o)
+            && k.terminal == *theirs
+        {
+            return Ok(Some(k.server));
+        }
+        let mine = session::Exchange::generate().map_err(|e| {
+            self.faults.survive("session_key", Err(anyhow::anyhow!(e)));
+        })?;
+        let t = session::Transcript {
+            community: c,
+            origin: o,
+            token,
+            terminal: *theirs,
+            server: mine.public(),
+        };
+        let key = mine.key(theirs, &t).ok_or(())?;
+        let keyed = crate::membership::Keyed {
+            terminal: *theirs,
+            server: mine.public(),
+            key,
+        };
+        self.table.set_key(c, o, Some(keyed));
+        Ok(Some(mine.public()))
+    }
+
+    /// Sends `body` to terminal `origin` of `community` (over `link`, to
+    /// `dst`): tagged with the community key, a LOGIN_REPLY signed with
+    /// the site key (where there is one), anything else with the
+    /// session's MAC where its session is keyed.
     pub(super) async fn send(&mut self, about: (u32, Ipv4Addr, u8), body: Body, dst: SocketAddr) {
         let (community, origin, link) = about;
         let Some(key) = self.keys.get(&community) else {
             return;
+        };
+        let reply = matches!(body, Body::LoginReply(_));
+        let site = self.site.as_ref().filter(|_| reply);
+        let session = match reply {
+            true => None,
+            false => self.table.key(community, origin),
         };
         let m = Msg {
             community,
@@ -548,7 +626,7 @@ impl Agent {
             counter: self.counter.bump(),
             body,
         }
-        .encode(key);
+        .encode_with(key, site, session);
         if self.socket_for(dst).send_to(&m, dst).await.is_err() {
             self.rejects.count("send_failed");
         }

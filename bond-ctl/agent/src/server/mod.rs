@@ -20,11 +20,11 @@ use bond_proto::{
 use tokio::net::UdpSocket;
 
 use crate::{
-    Tally, feedback::Corrector, membership::ServerTable, pathmon::EchoSeen, playout,
-    probe::TrainRx, resend, split,
+    Tally, feedback::Corrector, membership::ServerTable, pathmon::Echoes, playout, probe::TrainRx,
+    resend, split,
 };
 
-/// How often the server looks for links whose echoes stopped.
+/// How often the server looks at the links whose echoes are late.
 const DARK_CHECK: Duration = Duration::from_millis(20);
 /// An upstream train is measured this long after its first packet even if
 /// its last never came.
@@ -47,6 +47,9 @@ struct Agent {
     /// The terminals each community takes by key, if it does, and those
     /// refused a login (logged once each).
     identities: admit::Identities,
+    /// The site's key (`site_key`): signs every LOGIN_REPLY and keys the
+    /// sessions of terminals that pin it.
+    site: Option<bond_proto::identity::Identity>,
     refused: std::collections::BTreeSet<(u32, std::net::Ipv4Addr)>,
     /// This node in the tier's registry (`[tier]` only), and what the
     /// registry last said it serves.
@@ -81,7 +84,7 @@ struct Agent {
     sent_trains: HashMap<(u32, u8), Instant>,
     /// When each (community, link) last brought its owner's echo, and
     /// whether it is dark for missing them (`crate::pathmon`).
-    echoes: HashMap<(u32, u8), EchoSeen>,
+    echoes: Echoes,
     adopted: bool,
     started: Instant,
     /// How each program is attached, by (hook, interface).

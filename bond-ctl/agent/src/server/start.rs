@@ -28,6 +28,7 @@ use crate::{
     feedback::Corrector,
     membership::ServerTable,
     net::{Net, hold_name, split_name, sysctl, timestamp_arrivals, udp_socket},
+    pathmon::Echoes,
     playout, resend, split,
 };
 
@@ -169,6 +170,19 @@ pub async fn run(
             n => format!("{} and the next {}", cfg.nat_address, n - 1),
         }
     );
+    let site = match &cfg.site_key {
+        Some(path) => Some(
+            bond_proto::identity::Identity::load(path)
+                .map_err(|e| anyhow::anyhow!("field `site_key`: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = &site {
+        tracing::info!(
+            "site key {}: sessions of terminals that pin it are keyed",
+            s.public()
+        );
+    }
     let tier = match &cfg.tier {
         Some(t) => {
             let address = t.node_address.unwrap_or(cfg.address);
@@ -177,8 +191,14 @@ pub async fn run(
                 .context("field `tier.health_port`")?;
             let sock = udp_socket(SocketAddrV4::new(address, health), None)
                 .context("fields `tier.node_address`, `tier.health_port`")?;
+            let user =
+                bond_config::etcd_login(t.etcd_user.as_deref(), t.etcd_password_file.as_deref())
+                    .map_err(|e| anyhow::anyhow!("field `tier.etcd_password_file`: {e}"))?;
             let settings = bond_tier::node::Settings {
-                endpoints: t.etcd.clone(),
+                etcd: bond_tier::Etcd {
+                    endpoints: t.etcd.clone(),
+                    user,
+                },
                 layout: bond_tier::Layout::new(&t.prefix),
                 name: t.node.clone(),
                 record: bond_tier::layout::NodeRecord {
@@ -201,6 +221,7 @@ pub async fn run(
             .map(|c| (c.id, c.key.clone()))
             .collect(),
         identities: super::admit::Identities::from_config(&cfg),
+        site,
         refused: Default::default(),
         nodes: match &cfg.tier {
             Some(t) => Some(crate::nodes::NodeTable::new(
@@ -228,7 +249,7 @@ pub async fn run(
         faults: Tally::faults(),
         trains: HashMap::new(),
         sent_trains: HashMap::new(),
-        echoes: HashMap::new(),
+        echoes: Echoes::default(),
         adopted: pins.adopted,
         started: Instant::now(),
         attached: pins.attached.clone(),

@@ -272,27 +272,37 @@ impl Agent {
     }
 
     /// Links whose owner's echoes stopped coming leave their community's
-    /// downstream schedule.
+    /// downstream schedule. Only links whose echoes are late are looked
+    /// at, and only their counters read.
     pub(super) fn check_dark(&mut self) -> Result<()> {
         let now = Instant::now();
-        let idxs = self.echoes.keys().filter_map(|k| self.applied.get(k));
+        let due = self.echoes.due(now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let idxs = due
+            .iter()
+            .filter_map(|k| self.applied.get(k))
+            .map(|a| a.idx);
         let received: HashMap<u32, u64> = self
             .maps
-            .server_links_stats(idxs.map(|a| a.idx))?
+            .server_links_stats(idxs.collect::<Vec<_>>())?
             .into_iter()
             .map(|(idx, s)| (idx, s.up_pkts))
             .collect();
         let mut changed = Vec::new();
-        for (&(c, link), seen) in &mut self.echoes {
-            let idx = self.applied.get(&(c, link)).map(|a| a.idx);
-            if let Some(n) = idx.and_then(|idx| received.get(&idx)) {
-                seen.traffic(now, *n);
-            }
-            if seen.check(now) {
+        for key @ (c, link) in due {
+            let n = self
+                .applied
+                .get(&key)
+                .and_then(|a| received.get(&a.idx))
+                .copied();
+            if self.echoes.look(key, now, n) {
                 tracing::warn!("community {c}: link {link} silent: dark, out of use");
                 changed.push(c);
             }
         }
+        changed.sort_unstable();
         changed.dedup();
         for c in changed {
             self.apply(c)?;
@@ -349,11 +359,7 @@ impl Agent {
                 addr: r.addr,
             };
             self.applied.insert((community, r.link), applied);
-            let dark = r.dark
-                || self
-                    .echoes
-                    .get(&(community, r.link))
-                    .is_some_and(|e| e.dark);
+            let dark = r.dark || self.echoes.is_dark(&(community, r.link));
             if !dark {
                 // A rate learnt from the origins' feedback stands in for
                 // the weight while it lasts.
@@ -397,7 +403,7 @@ impl Agent {
             .map(|(k, _)| *k)
             .collect();
         for k in gone {
-            self.echoes.remove(&k);
+            self.echoes.remove(k);
             if let Some(Applied { idx, .. }) = self.applied.remove(&k) {
                 self.maps.clear_server_link(idx)?;
                 self.corrector.forget(Model::Down(community), idx);

@@ -106,12 +106,14 @@ impl Agent {
         self.token.is_some() && self.schedule.as_ref().is_some_and(|s| !s.is_empty())
     }
 
-    /// The message, signed with the community key, and with this
-    /// terminal's own key too if it makes or changes its session
-    /// (`crate::server::admit`).
+    /// The message, signed with the community key, with this terminal's
+    /// own key too if it makes or changes its session
+    /// (`crate::server::admit`), and with the session key's MAC if it
+    /// rides on a keyed session (its token: what goes to the server).
     pub(super) fn sign(&mut self, body: Body, link: u8, flags: u8, token: u64) -> Vec<u8> {
         let restarting = matches!(body, Body::Announce { .. }) && self.restarting;
         let identity = self.identity.as_ref().filter(|_| body.changes_session());
+        let session = self.session.as_ref().filter(|_| token != 0);
         Msg {
             community: self.cfg.community,
             origin: self.lan_ip,
@@ -122,7 +124,41 @@ impl Agent {
             counter: self.counter.bump(),
             body,
         }
-        .encode_as(&self.cfg.key, identity)
+        .encode_with(&self.cfg.key, identity, session)
+    }
+
+    /// A LOGIN: with this login's exchange key where the server's site key
+    /// is pinned (the same until the server asks for a new login, so a
+    /// LOGIN sent again makes the same session key).
+    pub(super) fn login_body(&mut self) -> Body {
+        if self.cfg.server.key.is_none() {
+            return Body::Login { exchange: None };
+        }
+        if self.exchange.is_none() {
+            match session::Exchange::generate() {
+                Ok(e) => self.exchange = Some(e),
+                Err(e) => self.faults.survive("session_key", Err(anyhow::anyhow!(e))),
+            }
+        }
+        Body::Login {
+            exchange: self.exchange.as_ref().map(session::Exchange::public),
+        }
+    }
+
+    /// Whether a message from the server to this host is the server's: a
+    /// LOGIN_REPLY signed by the site key this terminal pins, anything
+    /// else with its session's MAC while the session is keyed. Checked
+    /// before its counter counts, so no member can push the server's
+    /// window ahead here with forged ones.
+    fn check_server_word(&self, msg: &Msg, buf: &[u8]) -> Result<(), &'static str> {
+        match (&msg.body, &self.cfg.server.key, &self.session) {
+            (Body::LoginReply(_), Some(site), _) if !Msg::signed_by(buf, site) => {
+                Err("reply_not_signed")
+            }
+            (Body::LoginReply(_), ..) => Ok(()),
+            (_, _, Some(k)) if !Msg::session_ok(buf, k) => Err("bad_session_mac"),
+            _ => Ok(()),
+        }
     }
 
     pub(super) fn announce_body(&self) -> Body {
@@ -155,7 +191,10 @@ impl Agent {
     pub(super) async fn announce(&mut self) {
         self.announce_to_lan(0).await;
         match self.token {
-            None => self.send_to_server(Body::Login, false).await,
+            None => {
+                let login = self.login_body();
+                self.send_to_server(login, false).await
+            }
             Some(_) => self.send_to_server(self.announce_body(), true).await,
         }
     }
@@ -253,15 +292,26 @@ impl Agent {
         } = r;
         let community = self.cfg.community;
         let key = &self.cfg.key;
-        let msg = match self.guard.open(&buf, |c| (c == community).then_some(key)) {
+        let msg = match Msg::decode(&buf, |c| (c == community).then_some(key)) {
             Ok(m) => m,
             Err(why) => {
-                self.rejects.count(why);
+                self.rejects.count(why.name());
                 return Ok(());
             }
         };
-        let now = Instant::now();
         let from_server = msg.flags & flags::FROM_SERVER != 0;
+        if from_server
+            && msg.origin == self.lan_ip
+            && let Err(why) = self.check_server_word(&msg, &buf)
+        {
+            self.rejects.count(why);
+            return Ok(());
+        }
+        if let Err(why) = self.guard.check(&msg, bond_proto::now_ms()) {
+            self.rejects.count(why.name());
+            return Ok(());
+        }
+        let now = Instant::now();
         if let Socket::Link(i) = from
             && from_server
             && src.ip() != self.own[i].server.ip()
@@ -287,7 +337,8 @@ impl Agent {
                     // its flows wait; nor of its peers, which a peer
                     // without links of its own (no echoes) would learn
                     // only at its next announce: they are told.
-                    self.send_to_server(Body::Login, false).await;
+                    let login = self.login_body();
+                    self.send_to_server(login, false).await;
                     if !self.refused {
                         self.announce_to_lan(flags::SESSION_LOST).await;
                     }
@@ -457,7 +508,43 @@ impl Agent {
 
     pub(super) fn login_reply(&mut self, r: &Reply) -> Result<()> {
         match *r {
-            Reply::Ok { token, port } => {
+            Reply::Ok {
+                token,
+                port,
+                exchange,
+            } => {
+                let key = match (exchange, &self.exchange, self.cfg.server.key) {
+                    (_, _, None) | (None, _, _) => None,
+                    (Some(theirs), Some(mine), Some(_)) => {
+                        let t = session::Transcript {
+                            community: self.cfg.community,
+                            origin: self.lan_ip,
+                            token,
+                            terminal: mine.public(),
+                            server: theirs,
+                        };
+                        match mine.key(&theirs, &t) {
+                            Some(k) => Some(k),
+                            None => {
+                                self.rejects.count("bad_exchange");
+                                return Ok(());
+                            }
+                        }
+                    }
+                    (Some(_), None, Some(_)) => {
+                        self.rejects.count("unasked_exchange");
+                        return Ok(());
+                    }
+                };
+                if key.is_some() && self.session != key {
+                    tracing::info!("session keyed with the server's site key");
+                } else if key.is_none() && self.cfg.server.key.is_some() && self.session.is_none() {
+                    tracing::warn!(
+                        "the server keys no session here (its community takes any member, \
+                         or it has no site key): its messages carry only the community key"
+                    );
+                }
+                self.session = key;
                 self.refused = false;
                 if self.token != Some(token) || self.map_cfg.server_port != port {
                     tracing::info!("logged on to {} (port {port})", self.cfg.server.address);
@@ -481,11 +568,13 @@ impl Agent {
                 }
             }
             Reply::NeedLogin => {
+                (self.exchange, self.session) = (None, None);
                 if self.token.take().is_some() {
                     tracing::info!("the server asks for a new login");
                 }
             }
             Reply::Refused => {
+                (self.exchange, self.session) = (None, None);
                 self.token = None;
                 if !self.refused {
                     self.refused = true;

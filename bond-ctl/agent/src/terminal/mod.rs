@@ -50,6 +50,7 @@ use crate::{
 use bond_proto::{
     control::{Body, Counter, Gap, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
     identity::Identity,
+    session,
 };
 
 /// How often a peer's SESSION_LOST may have this host ask the server
@@ -352,6 +353,11 @@ struct Agent {
     /// This terminal's own key (`identity`): signs what it says to the
     /// server of its session.
     identity: Option<Identity>,
+    /// With the server's site key pinned (`[server] key`): this login's
+    /// exchange key pair, kept until the server asks for a new login, and
+    /// the session's key made with it (`bond_proto::session`).
+    exchange: Option<bond_proto::session::Exchange>,
+    session: Option<bond_proto::session::SessionKey>,
     /// The server refused it (its community takes terminals by key, and
     /// not this one's): its links are announced dark to the LAN, as the
     /// server would drop what its peers sent over them.

@@ -183,6 +183,7 @@ impl Agent {
             logged_on: self.token.is_some(),
             identity: self.identity.as_ref().map(|i| i.public().to_string()),
             refused: self.refused,
+            session_keyed: self.session.is_some(),
             announce_ms: self.cfg.announce_ms,
             uptime_s: self.started.elapsed().as_secs(),
             adopted: self.adopted,

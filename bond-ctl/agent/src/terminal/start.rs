@@ -197,6 +197,8 @@ pub async fn run(
         neighbors: HashMap::new(),
         token,
         identity,
+        exchange: None,
+        session: None,
         refused: false,
         session_checked: None,
         counter: Counter::new(),
