@@ -311,6 +311,31 @@ fn restarting_every_agent_mid_download_never_stops_traffic() {
     );
 }
 
+/// The same with keyed sessions (each terminal's identity listed at the
+/// server, the site key pinned): a new server agent adopts the sessions
+/// without their keys, a new terminal agent adopts its token without one;
+/// each logs on again for a new key (keeping its token: its flows go on),
+/// the origin without links of its own through its relaying peer, and
+/// traffic never stops.
+#[test]
+fn restarting_every_agent_with_keyed_sessions_never_stops_traffic() {
+    let mut lab = figure1();
+    lab.identities = true;
+    lab.site_key = true;
+    let lab = restart_every_agent_mid_download(lab);
+    for i in 0..3 {
+        let (ns, inst) = lab.terminal_agent(i);
+        let st = lab.terminal_status(&ns, &inst).unwrap();
+        assert!(st.logged_on && st.session_keyed, "t{}: {st:?}", i + 1);
+    }
+    let rejects = lab.server_status().unwrap().rejects;
+    eprintln!("server rejects: {rejects:?}");
+    assert!(
+        rejects.get("session_unkeyed").copied().unwrap_or(0) > 0,
+        "the new server agent held no keys and asked for new logins: {rejects:?}"
+    );
+}
+
 /// The fallbacks for kernels before 6.6 (TC through netlink) and drivers
 /// without XDP (generic), forced on this kernel: traffic flows, and each
 /// agent's restart swaps its program into what the last one left.

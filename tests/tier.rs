@@ -836,7 +836,8 @@ fn draining_a_node_waits_for_its_flows_to_end() {
 /// on, announce or shut down as t2, push t2's counters ahead, or take
 /// t2's link; nor, with t2's token too (it rides in every data header t1
 /// relays), speak for t2 in an echo, nor forge the server's refusal or
-/// feedback to t2: t2's session and link stay as they were.
+/// feedback to t2, nor pass on to t2 the server's signed refusal of its
+/// own LOGIN as t2: t2's session and link stay as they were.
 #[test]
 fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
     use bond_datapath::{DEFAULT_BPFFS, Maps, pin_dir};
@@ -913,7 +914,11 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
     let to_t2 = [
         // The server's refusal and feedback, to t2 over the LAN, tagged
         // with the community key.
-        server_says(Body::LoginReply(bond_proto::control::Reply::Refused)).encode(&key),
+        server_says(Body::LoginReply {
+            reply: bond_proto::control::Reply::Refused,
+            answers: None,
+        })
+        .encode(&key),
         server_says(Body::Feedback {
             links: vec![],
             shared: vec![],
@@ -952,11 +957,37 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
         )
         .unwrap();
     }
+    // The server's own refusal of a LOGIN as t2 (signed with t1's key),
+    // signed by the site key, asked for by t1 and passed on to t2.
+    let as_t2 =
+        msg(t2_addr, 2, 0, far + 5, Body::Login { exchange: None }).encode_as(&key, Some(&stolen));
+    let relayed = lab
+        .exec(
+            &t1ns,
+            "python3",
+            &[
+                "-c",
+                "import socket,sys\n\
+                 s=socket.socket(2,2); s.settimeout(3)\n\
+                 s.sendto(bytes.fromhex(sys.argv[1]), ('198.51.100.1', 7700))\n\
+                 d,_=s.recvfrom(2000)\n\
+                 s.sendto(d, (sys.argv[2], int(sys.argv[3])))\n\
+                 print(len(d))",
+                &as_t2.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                &t2_lan.ip().to_string(),
+                &t2_lan.port().to_string(),
+            ],
+        )
+        .expect("the node answers a LOGIN it refuses");
+    eprintln!(
+        "passed the node's signed refusal ({} bytes) on to t2",
+        relayed.trim()
+    );
     std::thread::sleep(Duration::from_secs(2));
     let after = node_rejects(&lab);
     let grew = |k: &str| count(&after, k) - count(&before, k);
     eprintln!("node rejects after the stolen key's messages: {after:?}");
-    assert_eq!(grew("bad_identity"), 3, "{after:?}");
+    assert_eq!(grew("bad_identity"), 4, "{after:?}");
     assert_eq!(grew("wrong_token"), 1, "{after:?}");
     assert_eq!(grew("link_taken"), 1, "{after:?}");
     assert_eq!(grew("bad_session_mac"), 1, "{after:?}");
@@ -964,6 +995,7 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
     let t2_grew = |k: &str| count(&t2_after, k) - count(&t2_before, k);
     eprintln!("t2 rejects after the forged server messages: {t2_after:?}");
     assert_eq!(t2_grew("reply_not_signed"), 1, "{t2_after:?}");
+    assert_eq!(t2_grew("reply_unbound"), 1, "{t2_after:?}");
     assert_eq!(t2_grew("bad_session_mac"), 1, "{t2_after:?}");
     // t2 kept its session, its link and its say (its counters were not
     // pushed ahead: its announces and echoes still count).

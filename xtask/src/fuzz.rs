@@ -86,18 +86,30 @@ fn seed() -> Result<()> {
         Body::Login {
             exchange: Some([3; 32]),
         },
-        Body::LoginReply(Reply::Ok {
-            token: 7,
-            port: 7700,
-            exchange: None,
-        }),
-        Body::LoginReply(Reply::Ok {
-            token: 7,
-            port: 7700,
-            exchange: Some([5; 32]),
-        }),
-        Body::LoginReply(Reply::NeedLogin),
-        Body::LoginReply(Reply::Refused),
+        Body::LoginReply {
+            reply: Reply::Ok {
+                token: 7,
+                port: 7700,
+                exchange: None,
+            },
+            answers: None,
+        },
+        Body::LoginReply {
+            reply: Reply::Ok {
+                token: 7,
+                port: 7700,
+                exchange: Some([5; 32]),
+            },
+            answers: Some([6; 16]),
+        },
+        Body::LoginReply {
+            reply: Reply::NeedLogin,
+            answers: None,
+        },
+        Body::LoginReply {
+            reply: Reply::Refused,
+            answers: Some([6; 16]),
+        },
         Body::Probe {
             train: 1,
             seq: 0,

@@ -573,12 +573,24 @@ async fn read_replies(
         };
         let Some(len) = got else { continue };
         match Msg::decode(&buf[..len], |c| keys.get(&c)).map(|m| (m.community, m.body)) {
-            Ok((c, Body::LoginReply(Reply::Ok { token, .. }))) => {
+            Ok((
+                c,
+                Body::LoginReply {
+                    reply: Reply::Ok { token, .. },
+                    ..
+                },
+            )) => {
                 tokens.insert(c, token);
             }
             // The session lapsed (announces late): a terminal logs on
             // again at once.
-            Ok((c, Body::LoginReply(Reply::NeedLogin))) => {
+            Ok((
+                c,
+                Body::LoginReply {
+                    reply: Reply::NeedLogin,
+                    ..
+                },
+            )) => {
                 tokens.remove(&c);
             }
             _ => {}

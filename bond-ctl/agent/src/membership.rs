@@ -227,6 +227,9 @@ pub struct Keyed {
     pub terminal: [u8; EXCHANGE_LEN],
     pub server: [u8; EXCHANGE_LEN],
     pub key: SessionKey,
+    /// The key it replaced at this login: what the terminal sent with it
+    /// while logging on again is dropped, not answered.
+    pub previous: Option<SessionKey>,
 }
 
 /// Why the server refused an announce.

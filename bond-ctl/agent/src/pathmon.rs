@@ -273,6 +273,14 @@ impl Echoes {
         self.due.due(now)
     }
 
+    /// A due link not looked at (its counters could not be read): due
+    /// again at once.
+    pub fn requeue(&mut self, key: (u32, u8)) {
+        if let Some(e) = self.links.get(&key) {
+            self.due.set(key, e.due());
+        }
+    }
+
     /// Looks at a due link ([`EchoSeen::look`]): true the moment it
     /// turns dark.
     pub fn look(&mut self, key: (u32, u8), now: Instant, received: Option<u64>) -> bool {
@@ -466,6 +474,15 @@ mod tests {
             w.due(at + SERVER_DARK_AFTER / 2),
             vec![key],
             "watched again"
+        );
+        // Due, but its counters could not be read: due again at once.
+        let due = w.due(at + SERVER_DARK_AFTER / 2);
+        assert!(due.is_empty(), "taken out: {due:?}");
+        w.requeue(key);
+        assert_eq!(
+            w.due(at + SERVER_DARK_AFTER / 2),
+            vec![key],
+            "looked at again"
         );
         // Gone with its community: never due again.
         w.remove(key);

@@ -36,7 +36,9 @@
 //! down u32, mtu u16, rtt_us u32, state u8)` (state bit 0: dark); SHUTDOWN:
 //! empty; LOGIN: empty, or the terminal's exchange key (32 B) for a session
 //! key; LOGIN_REPLY `status u8, token u64, port u16`, then the server's
-//! exchange key (32 B) if the LOGIN had one (status 0: logged
+//! exchange key (32 B) if the LOGIN had one, then from a server with a site
+//! key the tag of the message it answers (16 B: what binds the signed
+//! reply to one request of one terminal) (status 0: logged
 //! on, 1: log on again, 2: refused, this terminal is not authorised); PROBE
 //! `train u32, seq u16, count u16, pad u16, pad × 0` (padded to a train's
 //! packet size); PROBE_REQUEST `train u32, count u16`; PROBE_REPORT `train
@@ -154,7 +156,13 @@ pub enum Body {
     Login {
         exchange: Option<[u8; EXCHANGE_LEN]>,
     },
-    LoginReply(Reply),
+    LoginReply {
+        reply: Reply,
+        /// The tag of the message it answers (from a server with a site
+        /// key, whose signature covers it): a terminal takes a reply only
+        /// to what it sent itself.
+        answers: Option<[u8; TAG_LEN]>,
+    },
     /// Packet `seq` of `count` in a measurement train, padded to `len`
     /// bytes on the wire.
     Probe {
@@ -205,7 +213,7 @@ pub struct Gap {
 
 /// Gaps one RESEND may name.
 pub const MAX_GAPS: usize = 64;
-const _: () = assert!(FIXED_LEN + 1 + MAX_GAPS * 11 + SIG_LEN + TAG_LEN <= MAX_LEN);
+const _: () = assert!(FIXED_LEN + 1 + MAX_GAPS * 11 + SIG_LEN + MAC_LEN + TAG_LEN <= MAX_LEN);
 
 /// What the other origins of a community carried on one link lately,
 /// kbit/s each, the busiest first (the server tells each origin).
@@ -255,7 +263,7 @@ impl Body {
             Self::Announce { .. } => kind::ANNOUNCE,
             Self::Shutdown => kind::SHUTDOWN,
             Self::Login { .. } => kind::LOGIN,
-            Self::LoginReply(_) => kind::LOGIN_REPLY,
+            Self::LoginReply { .. } => kind::LOGIN_REPLY,
             Self::Probe { .. } => kind::PROBE,
             Self::ProbeRequest { .. } => kind::PROBE_REQUEST,
             Self::ProbeReport { .. } => kind::PROBE_REPORT,
@@ -311,6 +319,14 @@ impl DecodeError {
             Self::Malformed => "malformed",
         }
     }
+}
+
+/// The tag a message ends with (what a LOGIN_REPLY names as the message
+/// it answers).
+pub fn tag_of(buf: &[u8]) -> Option<[u8; TAG_LEN]> {
+    buf.len()
+        .checked_sub(TAG_LEN)
+        .and_then(|at| buf[at..].try_into().ok())
 }
 
 /// The truncated HMAC-SHA256 tag a control message ends with.
@@ -384,8 +400,8 @@ impl Msg {
                     b.extend_from_slice(e);
                 }
             }
-            Body::LoginReply(r) => {
-                let (status, token, port, exchange) = match r {
+            Body::LoginReply { reply, answers } => {
+                let (status, token, port, exchange) = match reply {
                     Reply::Ok {
                         token,
                         port,
@@ -399,6 +415,9 @@ impl Msg {
                 b.extend_from_slice(&port.to_be_bytes());
                 if let Some(e) = exchange {
                     b.extend_from_slice(e);
+                }
+                if let Some(a) = answers {
+                    b.extend_from_slice(a);
                 }
             }
             Body::Probe {
@@ -587,16 +606,27 @@ impl Msg {
                 let status = r.u8()?;
                 let token = r.u64()?;
                 let port = r.u16()?;
-                Body::LoginReply(match status {
+                // What follows tells itself by its length: an exchange key
+                // (32), the tag answered (16), both (48) or nothing.
+                let exchange = match r.0.len() {
+                    EXCHANGE_LEN | 48 if status == 0 => Some(r.take()?),
+                    _ => None,
+                };
+                let answers = match r.0.len() {
+                    TAG_LEN => Some(r.take()?),
+                    _ => None,
+                };
+                let reply = match status {
                     0 => Reply::Ok {
                         token,
                         port,
-                        exchange: r.exchange()?,
+                        exchange,
                     },
                     1 => Reply::NeedLogin,
                     2 => Reply::Refused,
                     _ => return Err(DecodeError::Malformed),
-                })
+                };
+                Body::LoginReply { reply, answers }
             }
             kind::PROBE => {
                 let train = r.u32()?;
@@ -941,18 +971,46 @@ mod tests {
             Body::Login {
                 exchange: Some([7; 32]),
             },
-            Body::LoginReply(Reply::Ok {
-                token: 9,
-                port: 7700,
-                exchange: None,
-            }),
-            Body::LoginReply(Reply::Ok {
-                token: 9,
-                port: 7700,
-                exchange: Some([9; 32]),
-            }),
-            Body::LoginReply(Reply::NeedLogin),
-            Body::LoginReply(Reply::Refused),
+            Body::LoginReply {
+                reply: Reply::Ok {
+                    token: 9,
+                    port: 7700,
+                    exchange: None,
+                },
+                answers: None,
+            },
+            Body::LoginReply {
+                reply: Reply::Ok {
+                    token: 9,
+                    port: 7700,
+                    exchange: Some([9; 32]),
+                },
+                answers: None,
+            },
+            Body::LoginReply {
+                reply: Reply::Ok {
+                    token: 9,
+                    port: 7700,
+                    exchange: Some([9; 32]),
+                },
+                answers: Some([4; TAG_LEN]),
+            },
+            Body::LoginReply {
+                reply: Reply::Ok {
+                    token: 9,
+                    port: 7700,
+                    exchange: None,
+                },
+                answers: Some([4; TAG_LEN]),
+            },
+            Body::LoginReply {
+                reply: Reply::NeedLogin,
+                answers: None,
+            },
+            Body::LoginReply {
+                reply: Reply::Refused,
+                answers: Some([5; TAG_LEN]),
+            },
             Body::Probe {
                 train: 3,
                 seq: 39,
@@ -1348,7 +1406,10 @@ mod tests {
         // The server's reply about this origin counts on its own: a low
         // counter from the server is no replay of the terminal's.
         let reply = Msg {
-            body: Body::LoginReply(Reply::NeedLogin),
+            body: Body::LoginReply {
+                reply: Reply::NeedLogin,
+                answers: None,
+            },
             flags: flags::FROM_SERVER,
             ..m(5, now)
         };

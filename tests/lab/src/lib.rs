@@ -160,10 +160,12 @@ pub struct Lab {
     pub terminal_extra: String,
     /// Terminals weigh their links by measurement (`weight = "auto"`).
     pub auto_weights: bool,
-    /// In a tier (set before starting): the first community takes its
-    /// terminals by key, each with an identity of its own
-    /// ([`Self::identity_file`]), authorised in the registry.
+    /// Set before starting: the first community takes its terminals by
+    /// key, each with an identity of its own ([`Self::identity_file`]),
+    /// authorised in the registry (a tier) or listed in the server's file.
     pub identities: bool,
+    /// The public keys listed in the server's file (no tier).
+    listed: Vec<(Ipv4Addr, String)>,
     /// With `identities`: the server (each node) has a site key
     /// (`site_key`) and the first community's terminals pin it (`[server]
     /// key`), so their sessions are keyed. Its public key once made.
@@ -374,6 +376,7 @@ impl Lab {
             identities: false,
             site_key: false,
             site_public: None,
+            listed: Vec::new(),
             auto_gateways: Vec::new(),
             dist: false,
             cache: false,
@@ -1148,6 +1151,27 @@ impl Lab {
         Ok(())
     }
 
+    /// A new identity for each terminal of the first community, to be
+    /// listed in the server's file (with [`Self::identities`], no tier).
+    fn make_identities(&mut self) -> Result<()> {
+        if !self.identities || !self.listed.is_empty() {
+            return Ok(());
+        }
+        for i in 0..self.terminals.len() {
+            if self.terminals[i].community != COMMUNITY {
+                continue;
+            }
+            let file = self.identity_file(i);
+            let _ = std::fs::remove_file(&file);
+            let public = run(Command::new(&self.bond_ctl)
+                .args(["identity", "new", "--out"])
+                .arg(&file))?;
+            self.listed
+                .push((self.terminals[i].lan_ip, public.trim().to_string()));
+        }
+        Ok(())
+    }
+
     /// The `site_key` line of a server's file (none without one).
     pub(crate) fn site_key_line(&self) -> String {
         match self.site_public {
@@ -1162,12 +1186,19 @@ impl Lab {
     }
 
     pub fn server_config(&self) -> String {
+        let mut listed = String::new();
+        if !self.listed.is_empty() {
+            listed.push_str("[communities.terminals]\n");
+            for (ip, public) in &self.listed {
+                let _ = writeln!(listed, "\"{ip}\" = \"{public}\"");
+            }
+        }
         format!(
             "role = \"server\"\ninstance = \"{}\"\naddress = \"{SERVER_WAN}\"\naddress6 = \"{SERVER_WAN6}\"\nport = {PORT}\n\
              metrics = \"127.0.0.1:9477\"\n\
              nat_address = \"{}\"\nnat_address6 = \"{SERVER_NAT6}\"\nnat_ports = \"{}\"\nnat_log = {:?}\n\
              interfaces = [\"wan0\", \"content0\"]\n{}{}\
-             \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{}",
+             \n[[communities]]\nid = {COMMUNITY}\nkey = \"{KEY}\"\n{listed}{}",
             self.server_instance,
             self.nat_address,
             self.nat_ports,
@@ -1239,6 +1270,7 @@ impl Lab {
             return self.start_tier();
         }
         self.make_site_key()?;
+        self.make_identities()?;
         let bond_ctl = self.bond_ctl.to_string_lossy().into_owned();
         let cfg = self.dir.join("server.toml");
         std::fs::write(&cfg, self.server_config())?;

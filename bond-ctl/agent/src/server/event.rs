@@ -11,7 +11,7 @@ use bond_api::{Call, Request};
 use bond_common::maps::name;
 use bond_datapath::flows;
 use bond_proto::{
-    control::{Body, Gap, Msg, Reply, flags},
+    control::{self, Body, Gap, Msg, Reply, flags},
     session,
 };
 use tokio::sync::mpsc;
@@ -271,16 +271,23 @@ impl Agent {
                 // address: the terminal holds another key (the reply that
                 // made its key was lost) and logs on again for a new one.
                 // From elsewhere (a member forging it), no answer.
+                // One with the key this session had before its last login
+                // (in flight while the terminal logged on again): dropped,
+                // or each would ask for yet another login.
                 (Refused::BadSession, Body::Echo { .. })
                     if msg.flags & flags::VIA_LINK != 0
-                        && self.owned_link(c, msg.link, o, src).is_some() =>
+                        && self.owned_link(c, msg.link, o, src).is_some()
+                        && !self.table.keyed(c, o).is_some_and(|k| {
+                            k.previous.as_ref().is_some_and(|p| Msg::session_ok(buf, p))
+                        }) =>
                 {
                     Some(Reply::NeedLogin)
                 }
                 _ => None,
             };
             if let Some(r) = reply {
-                self.send((c, o, msg.link), Body::LoginReply(r), src).await;
+                let body = self.login_reply(r, buf);
+                self.send((c, o, msg.link), body, src).await;
             }
             return Ok(());
         }
@@ -289,7 +296,9 @@ impl Agent {
             return Ok(());
         }
         // A terminal that keys its session, whose session here has no key
-        // (this agent restarted and adopted it): asked to log on again.
+        // (this agent restarted and adopted it): asked to log on again (over
+        // its link, or back through the peer that relayed it), and what it
+        // said still counts.
         if msg.flags & flags::SESSION != 0
             && self.site.is_some()
             && !matches!(msg.body, Body::Login { .. })
@@ -297,11 +306,10 @@ impl Agent {
             && self.table.key(c, o).is_none()
         {
             self.rejects.count("session_unkeyed");
-            if msg.flags & flags::VIA_LINK != 0 {
-                self.send((c, o, msg.link), Body::LoginReply(Reply::NeedLogin), src)
-                    .await;
+            if msg.flags & (flags::VIA_LINK | flags::RELAY) != 0 {
+                let body = self.login_reply(Reply::NeedLogin, buf);
+                self.send((c, o, msg.link), body, src).await;
             }
-            return Ok(());
         }
         match &msg.body {
             Body::Login { exchange } => {
@@ -331,11 +339,12 @@ impl Agent {
                     return Ok(());
                 };
                 let port = self.cfg.port;
-                let body = Body::LoginReply(Reply::Ok {
+                let reply = Reply::Ok {
                     token,
                     port,
                     exchange,
-                });
+                };
+                let body = self.login_reply(reply, buf);
                 self.send((c, o, msg.link), body, src).await;
             }
             Body::Announce { interval_ms, links } => {
@@ -358,7 +367,7 @@ impl Agent {
                     Ok(false) => {}
                     Err(Refusal::NeedLogin) => {
                         self.rejects.count("need_login");
-                        let body = Body::LoginReply(Reply::NeedLogin);
+                        let body = self.login_reply(Reply::NeedLogin, buf);
                         self.send((c, o, msg.link), body, src).await;
                     }
                     Err(Refusal::LinkTaken { owner }) => {
@@ -440,7 +449,7 @@ impl Agent {
                     // node): asked to log on at once, as an announce
                     // would be a second later.
                     self.rejects.count("need_login");
-                    let body = Body::LoginReply(Reply::NeedLogin);
+                    let body = self.login_reply(Reply::NeedLogin, buf);
                     self.send((c, o, msg.link), body, src).await;
                     return Ok(());
                 }
@@ -576,11 +585,13 @@ impl Agent {
         };
         // The same LOGIN again (its reply was lost, or it crossed it): the
         // same answer.
-        if let Some(k) = self.table.keyed(c, o)
+        let before = self.table.keyed(c, o);
+        if let Some(k) = before
             && k.terminal == *theirs
         {
             return Ok(Some(k.server));
         }
+        let previous = before.map(|k| k.key.clone());
         let mine = session::Exchange::generate().map_err(|e| {
             self.faults.survive("session_key", Err(anyhow::anyhow!(e)));
         })?;
@@ -596,9 +607,18 @@ impl Agent {
             terminal: *theirs,
             server: mine.public(),
             key,
+            previous,
         };
         self.table.set_key(c, o, Some(keyed));
         Ok(Some(mine.public()))
+    }
+
+    /// A LOGIN_REPLY to the message `buf`: from a server with a site key,
+    /// naming that message's tag (the site key's signature binds the two,
+    /// so no member can pass a reply to its own request on to another).
+    fn login_reply(&self, reply: Reply, buf: &[u8]) -> Body {
+        let answers = self.site.as_ref().and_then(|_| control::tag_of(buf));
+        Body::LoginReply { reply, answers }
     }
 
     /// Sends `body` to terminal `origin` of `community` (over `link`, to
@@ -610,7 +630,7 @@ impl Agent {
         let Some(key) = self.keys.get(&community) else {
             return;
         };
-        let reply = matches!(body, Body::LoginReply(_));
+        let reply = matches!(body, Body::LoginReply { .. });
         let site = self.site.as_ref().filter(|_| reply);
         let session = match reply {
             true => None,

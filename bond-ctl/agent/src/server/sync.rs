@@ -280,16 +280,21 @@ impl Agent {
         if due.is_empty() {
             return Ok(());
         }
-        let idxs = due
+        let idxs: Vec<u32> = due
             .iter()
             .filter_map(|k| self.applied.get(k))
-            .map(|a| a.idx);
-        let received: HashMap<u32, u64> = self
-            .maps
-            .server_links_stats(idxs.collect::<Vec<_>>())?
-            .into_iter()
-            .map(|(idx, s)| (idx, s.up_pkts))
+            .map(|a| a.idx)
             .collect();
+        let received: HashMap<u32, u64> = match self.maps.server_links_stats(idxs) {
+            Ok(stats) => stats.into_iter().map(|(i, s)| (i, s.up_pkts)).collect(),
+            Err(e) => {
+                // Looked at again on the next check.
+                for key in due {
+                    self.echoes.requeue(key);
+                }
+                return Err(e.into());
+            }
+        };
         let mut changed = Vec::new();
         for key @ (c, link) in due {
             let n = self

@@ -114,7 +114,7 @@ impl Agent {
         let restarting = matches!(body, Body::Announce { .. }) && self.restarting;
         let identity = self.identity.as_ref().filter(|_| body.changes_session());
         let session = self.session.as_ref().filter(|_| token != 0);
-        Msg {
+        let bytes = Msg {
             community: self.cfg.community,
             origin: self.lan_ip,
             link,
@@ -124,7 +124,24 @@ impl Agent {
             counter: self.counter.bump(),
             body,
         }
-        .encode_with(&self.cfg.key, identity, session)
+        .encode_with(&self.cfg.key, identity, session);
+        // What a LOGIN_REPLY may answer (`check_server_word`).
+        if let Some(t) = control::tag_of(&bytes) {
+            if self.sent.len() == SENT_KEPT {
+                self.sent.pop_front();
+            }
+            self.sent.push_back(t);
+        }
+        bytes
+    }
+
+    /// Whether this terminal waits for a session key: it pins the site
+    /// key, and its session has none (its agent restarted and took the
+    /// token from its maps) though the server keys sessions here (it has
+    /// not said otherwise). It then logs on again at once, keeping its
+    /// token, and takes no other word of the server's until it has one.
+    fn wants_key(&self) -> bool {
+        self.cfg.server.key.is_some() && self.session.is_none() && !self.unkeyed
     }
 
     /// A LOGIN: with this login's exchange key where the server's site key
@@ -146,17 +163,25 @@ impl Agent {
     }
 
     /// Whether a message from the server to this host is the server's: a
-    /// LOGIN_REPLY signed by the site key this terminal pins, anything
-    /// else with its session's MAC while the session is keyed. Checked
-    /// before its counter counts, so no member can push the server's
-    /// window ahead here with forged ones.
+    /// LOGIN_REPLY signed by the site key this terminal pins and answering
+    /// a message this terminal sent in its current session (not one a
+    /// member asked for and passes on, nor one to a message of an earlier
+    /// session); anything else with its session's MAC while the session
+    /// is keyed. Checked before its counter counts, so no member can push
+    /// the server's window ahead here with forged ones.
     fn check_server_word(&self, msg: &Msg, buf: &[u8]) -> Result<(), &'static str> {
         match (&msg.body, &self.cfg.server.key, &self.session) {
-            (Body::LoginReply(_), Some(site), _) if !Msg::signed_by(buf, site) => {
+            (Body::LoginReply { .. }, Some(site), _) if !Msg::signed_by(buf, site) => {
                 Err("reply_not_signed")
             }
-            (Body::LoginReply(_), ..) => Ok(()),
+            (Body::LoginReply { answers, .. }, Some(_), _)
+                if !answers.is_some_and(|a| self.sent.contains(&a)) =>
+            {
+                Err("reply_unbound")
+            }
+            (Body::LoginReply { .. }, ..) => Ok(()),
             (_, _, Some(k)) if !Msg::session_ok(buf, k) => Err("bad_session_mac"),
+            (_, _, None) if self.token.is_some() && self.wants_key() => Err("session_unkeyed"),
             _ => Ok(()),
         }
     }
@@ -191,11 +216,11 @@ impl Agent {
     pub(super) async fn announce(&mut self) {
         self.announce_to_lan(0).await;
         match self.token {
-            None => {
+            Some(_) if !self.wants_key() => self.send_to_server(self.announce_body(), true).await,
+            _ => {
                 let login = self.login_body();
                 self.send_to_server(login, false).await
             }
-            Some(_) => self.send_to_server(self.announce_body(), true).await,
         }
     }
 
@@ -307,7 +332,15 @@ impl Agent {
             self.rejects.count(why);
             return Ok(());
         }
-        if let Err(why) = self.guard.check(&msg, bond_proto::now_ms()) {
+        // What this host only passes on (the server's word to a peer, a
+        // peer's to the server) it cannot authenticate: its window is left
+        // to the end that can, or a member's forgeries would push it
+        // ahead here and have the real ones dropped.
+        let passed_on = match from {
+            Socket::Link(_) => from_server && msg.origin != self.lan_ip,
+            Socket::Lan => msg.flags & flags::RELAY != 0,
+        };
+        if !passed_on && let Err(why) = self.guard.check(&msg, bond_proto::now_ms()) {
             self.rejects.count(why.name());
             return Ok(());
         }
@@ -322,7 +355,7 @@ impl Agent {
         match (from, &msg.body) {
             // The server's answer: over our link, or passed on by the peer
             // that relayed our LOGIN.
-            (_, Body::LoginReply(r)) if from_server && msg.origin == self.lan_ip => {
+            (_, Body::LoginReply { reply: r, .. }) if from_server && msg.origin == self.lan_ip => {
                 let (had, refused) = (self.token, self.refused);
                 self.login_reply(r)?;
                 if self.refused != refused {
@@ -465,7 +498,7 @@ impl Agent {
             // or request to send again for a peer: on to it over the LAN.
             (
                 Socket::Link(_),
-                Body::LoginReply(_) | Body::Feedback { .. } | Body::Resend { .. },
+                Body::LoginReply { .. } | Body::Feedback { .. } | Body::Resend { .. },
             ) if from_server => {
                 let to = SocketAddr::V4(SocketAddrV4::new(msg.origin, self.cfg.data_port));
                 let _ = self.lan_sock.send_to(&buf, to).await;
@@ -538,13 +571,17 @@ impl Agent {
                 };
                 if key.is_some() && self.session != key {
                     tracing::info!("session keyed with the server's site key");
-                } else if key.is_none() && self.cfg.server.key.is_some() && self.session.is_none() {
+                } else if key.is_none() && self.cfg.server.key.is_some() && !self.unkeyed {
                     tracing::warn!(
-                        "the server keys no session here (its community takes any member, \
-                         or it has no site key): its messages carry only the community key"
+                        "the server keys no session here (its community takes any member): \
+                         its messages carry only the community key"
                     );
                 }
+                self.unkeyed = key.is_none();
                 self.session = key;
+                // A reply to a message of an earlier session answers
+                // nothing now.
+                self.sent.clear();
                 self.refused = false;
                 if self.token != Some(token) || self.map_cfg.server_port != port {
                     tracing::info!("logged on to {} (port {port})", self.cfg.server.address);
@@ -568,13 +605,18 @@ impl Agent {
                 }
             }
             Reply::NeedLogin => {
-                (self.exchange, self.session) = (None, None);
+                // Another answer to what it sent before it asked again:
+                // its new login stands.
+                if self.token.is_none() {
+                    return Ok(());
+                }
+                (self.exchange, self.session, self.unkeyed) = (None, None, false);
                 if self.token.take().is_some() {
                     tracing::info!("the server asks for a new login");
                 }
             }
             Reply::Refused => {
-                (self.exchange, self.session) = (None, None);
+                (self.exchange, self.session, self.unkeyed) = (None, None, false);
                 self.token = None;
                 if !self.refused {
                     self.refused = true;

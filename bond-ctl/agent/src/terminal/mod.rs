@@ -48,10 +48,14 @@ use crate::{
     resend,
 };
 use bond_proto::{
-    control::{Body, Counter, Gap, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
+    control::{self, Body, Counter, Gap, Guard, LinkAd, LinkQueue, LinkShare, Msg, Reply, flags},
     identity::Identity,
     session,
 };
+
+/// Tags of sent messages kept for the server's replies to name: a few
+/// seconds of echoes over several links.
+const SENT_KEPT: usize = 512;
 
 /// How often a peer's SESSION_LOST may have this host ask the server
 /// after its own session.
@@ -358,6 +362,11 @@ struct Agent {
     /// the session's key made with it (`bond_proto::session`).
     exchange: Option<bond_proto::session::Exchange>,
     session: Option<bond_proto::session::SessionKey>,
+    /// The server said it keys no session here (an open community).
+    unkeyed: bool,
+    /// The tags of the last messages it sent in this session: what a
+    /// LOGIN_REPLY may answer.
+    sent: std::collections::VecDeque<[u8; control::TAG_LEN]>,
     /// The server refused it (its community takes terminals by key, and
     /// not this one's): its links are announced dark to the LAN, as the
     /// server would drop what its peers sent over them.

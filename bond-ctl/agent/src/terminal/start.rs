@@ -199,6 +199,8 @@ pub async fn run(
         identity,
         exchange: None,
         session: None,
+        unkeyed: false,
+        sent: std::collections::VecDeque::with_capacity(super::SENT_KEPT),
         refused: false,
         session_checked: None,
         counter: Counter::new(),
