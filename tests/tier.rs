@@ -958,7 +958,9 @@ fn a_revoked_terminal_stops_at_once_and_a_stolen_key_speaks_for_no_other() {
         .unwrap();
     }
     // The server's own refusal of a LOGIN as t2 (signed with t1's key),
-    // signed by the site key, asked for by t1 and passed on to t2.
+    // signed by the site key, asked for by t1 and passed on to t2 (after
+    // the node's least time between two answers to one terminal).
+    std::thread::sleep(Duration::from_millis(200));
     let as_t2 =
         msg(t2_addr, 2, 0, far + 5, Body::Login { exchange: None }).encode_as(&key, Some(&stolen));
     let relayed = lab

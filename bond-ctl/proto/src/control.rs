@@ -321,6 +321,11 @@ impl DecodeError {
     }
 }
 
+/// An exchange key and the tag answered, after a LOGIN_REPLY's port: the
+/// parts tell themselves apart by length.
+const REPLY_BOTH: usize = EXCHANGE_LEN + TAG_LEN;
+const _: () = assert!(EXCHANGE_LEN != TAG_LEN);
+
 /// The tag a message ends with (what a LOGIN_REPLY names as the message
 /// it answers).
 pub fn tag_of(buf: &[u8]) -> Option<[u8; TAG_LEN]> {
@@ -609,7 +614,7 @@ impl Msg {
                 // What follows tells itself by its length: an exchange key
                 // (32), the tag answered (16), both (48) or nothing.
                 let exchange = match r.0.len() {
-                    EXCHANGE_LEN | 48 if status == 0 => Some(r.take()?),
+                    EXCHANGE_LEN | REPLY_BOTH if status == 0 => Some(r.take()?),
                     _ => None,
                 };
                 let answers = match r.0.len() {

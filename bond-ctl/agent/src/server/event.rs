@@ -16,7 +16,9 @@ use bond_proto::{
 };
 use tokio::sync::mpsc;
 
-use super::{Agent, Applied, DARK_CHECK, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey, admit::Refused};
+use super::{
+    Agent, Applied, DARK_CHECK, NUDGE_EVERY, TRAIN_MIN_GAP, TRAIN_WAIT, TrainKey, admit::Refused,
+};
 use crate::{
     Exit,
     feedback::{self, Model},
@@ -283,11 +285,17 @@ impl Agent {
                 {
                     Some(Reply::NeedLogin)
                 }
+                // A terminal taken out (or one signing as another), sending
+                // what it has no say in any more: asked to log on, where
+                // it learns that it is refused (a terminal without links
+                // of its own too, through the peer that relays it).
+                (Refused::UnknownTerminal | Refused::BadIdentity, Body::Announce { .. }) => {
+                    Some(Reply::NeedLogin)
+                }
                 _ => None,
             };
             if let Some(r) = reply {
-                let body = self.login_reply(r, buf);
-                self.send((c, o, msg.link), body, src).await;
+                self.answer(&msg, buf, r, src).await;
             }
             return Ok(());
         }
@@ -306,10 +314,7 @@ impl Agent {
             && self.table.key(c, o).is_none()
         {
             self.rejects.count("session_unkeyed");
-            if msg.flags & (flags::VIA_LINK | flags::RELAY) != 0 {
-                let body = self.login_reply(Reply::NeedLogin, buf);
-                self.send((c, o, msg.link), body, src).await;
-            }
+            self.answer(&msg, buf, Reply::NeedLogin, src).await;
         }
         match &msg.body {
             Body::Login { exchange } => {
@@ -344,8 +349,7 @@ impl Agent {
                     port,
                     exchange,
                 };
-                let body = self.login_reply(reply, buf);
-                self.send((c, o, msg.link), body, src).await;
+                self.answer(&msg, buf, reply, src).await;
             }
             Body::Announce { interval_ms, links } => {
                 if msg.flags & flags::RESTARTING != 0 {
@@ -367,8 +371,7 @@ impl Agent {
                     Ok(false) => {}
                     Err(Refusal::NeedLogin) => {
                         self.rejects.count("need_login");
-                        let body = self.login_reply(Reply::NeedLogin, buf);
-                        self.send((c, o, msg.link), body, src).await;
+                        self.answer(&msg, buf, Reply::NeedLogin, src).await;
                     }
                     Err(Refusal::LinkTaken { owner }) => {
                         self.rejects.count("link_taken");
@@ -449,8 +452,7 @@ impl Agent {
                     // node): asked to log on at once, as an announce
                     // would be a second later.
                     self.rejects.count("need_login");
-                    let body = self.login_reply(Reply::NeedLogin, buf);
-                    self.send((c, o, msg.link), body, src).await;
+                    self.answer(&msg, buf, Reply::NeedLogin, src).await;
                     return Ok(());
                 }
                 if self.table.token(c, o) != Some(msg.token) || !known {
@@ -613,12 +615,39 @@ impl Agent {
         Ok(Some(mine.public()))
     }
 
-    /// A LOGIN_REPLY to the message `buf`: from a server with a site key,
-    /// naming that message's tag (the site key's signature binds the two,
-    /// so no member can pass a reply to its own request on to another).
-    fn login_reply(&self, reply: Reply, buf: &[u8]) -> Body {
+    /// Answers `msg` (the bytes `buf`, from `src`) with a LOGIN_REPLY:
+    /// only what came for the server (over a link, or relayed by a peer),
+    /// never what a member replays of a terminal's LAN broadcast; from a
+    /// server with a site key, naming the message's tag (the site key's
+    /// signature binds the two, so no member can pass a reply to its own
+    /// request on to another terminal). Asked to log on, or refused, a
+    /// terminal is told at most every [`NUDGE_EVERY`] (each reply costs a
+    /// signature).
+    async fn answer(&mut self, msg: &Msg, buf: &[u8], reply: Reply, src: SocketAddr) {
+        if msg.flags & (flags::VIA_LINK | flags::RELAY) == 0 {
+            return;
+        }
+        let key = (msg.community, msg.origin);
+        if !matches!(reply, Reply::Ok { .. }) {
+            let now = Instant::now();
+            if self
+                .nudged
+                .get(&key)
+                .is_some_and(|&t| now.duration_since(t) < NUDGE_EVERY)
+            {
+                self.rejects.count("reply_held");
+                return;
+            }
+            if self.nudged.len() >= 4096 {
+                self.nudged
+                    .retain(|_, t| now.duration_since(*t) < NUDGE_EVERY);
+            }
+            self.nudged.insert(key, now);
+        }
         let answers = self.site.as_ref().and_then(|_| control::tag_of(buf));
-        Body::LoginReply { reply, answers }
+        let body = Body::LoginReply { reply, answers };
+        self.send((msg.community, msg.origin, msg.link), body, src)
+            .await;
     }
 
     /// Sends `body` to terminal `origin` of `community` (over `link`, to

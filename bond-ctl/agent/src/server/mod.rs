@@ -24,6 +24,9 @@ use crate::{
     resend, split,
 };
 
+/// A terminal is asked to log on again, or told it is refused, at most
+/// this often.
+const NUDGE_EVERY: Duration = Duration::from_millis(100);
 /// How often the server looks at the links whose echoes are late.
 const DARK_CHECK: Duration = Duration::from_millis(20);
 /// An upstream train is measured this long after its first packet even if
@@ -50,6 +53,8 @@ struct Agent {
     /// The site's key (`site_key`): signs every LOGIN_REPLY and keys the
     /// sessions of terminals that pin it.
     site: Option<bond_proto::identity::Identity>,
+    /// When each terminal was last asked to log on or refused.
+    nudged: HashMap<(u32, std::net::Ipv4Addr), Instant>,
     refused: std::collections::BTreeSet<(u32, std::net::Ipv4Addr)>,
     /// This node in the tier's registry (`[tier]` only), and what the
     /// registry last said it serves.

@@ -222,6 +222,7 @@ pub async fn run(
             .collect(),
         identities: super::admit::Identities::from_config(&cfg),
         site,
+        nudged: HashMap::new(),
         refused: Default::default(),
         nodes: match &cfg.tier {
             Some(t) => Some(crate::nodes::NodeTable::new(

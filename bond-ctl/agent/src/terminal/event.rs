@@ -114,6 +114,14 @@ impl Agent {
         let restarting = matches!(body, Body::Announce { .. }) && self.restarting;
         let identity = self.identity.as_ref().filter(|_| body.changes_session());
         let session = self.session.as_ref().filter(|_| token != 0);
+        // What a LOGIN_REPLY may answer (`check_server_word`): what goes
+        // to the server (over a link, or through a peer), not what the
+        // whole LAN hears, and no probe (a train would push the rest out).
+        let kept = match (&body, flags & (flags::VIA_LINK | flags::RELAY) != 0) {
+            (_, false) | (Body::Probe { .. }, _) => None,
+            (Body::Login { .. }, true) => Some(true),
+            (_, true) => Some(false),
+        };
         let bytes = Msg {
             community: self.cfg.community,
             origin: self.lan_ip,
@@ -125,12 +133,15 @@ impl Agent {
             body,
         }
         .encode_with(&self.cfg.key, identity, session);
-        // What a LOGIN_REPLY may answer (`check_server_word`).
-        if let Some(t) = control::tag_of(&bytes) {
-            if self.sent.len() == SENT_KEPT {
-                self.sent.pop_front();
+        if let (Some(login), Some(t)) = (kept, control::tag_of(&bytes)) {
+            let (ring, max) = match login {
+                true => (&mut self.logins, LOGINS_KEPT),
+                false => (&mut self.sent, SENT_KEPT),
+            };
+            if ring.len() == max {
+                ring.pop_front();
             }
-            self.sent.push_back(t);
+            ring.push_back(t);
         }
         bytes
     }
@@ -140,7 +151,7 @@ impl Agent {
     /// token from its maps) though the server keys sessions here (it has
     /// not said otherwise). It then logs on again at once, keeping its
     /// token, and takes no other word of the server's until it has one.
-    fn wants_key(&self) -> bool {
+    pub(super) fn wants_key(&self) -> bool {
         self.cfg.server.key.is_some() && self.session.is_none() && !self.unkeyed
     }
 
@@ -174,8 +185,19 @@ impl Agent {
             (Body::LoginReply { .. }, Some(site), _) if !Msg::signed_by(buf, site) => {
                 Err("reply_not_signed")
             }
+            // Logged on: only in answer to a LOGIN with this login's
+            // exchange key (a crossed answer to an earlier one would make
+            // a key the server does not hold).
+            (
+                Body::LoginReply {
+                    reply: Reply::Ok { .. },
+                    answers,
+                },
+                Some(_),
+                _,
+            ) if !answers.is_some_and(|a| self.logins.contains(&a)) => Err("reply_unbound"),
             (Body::LoginReply { answers, .. }, Some(_), _)
-                if !answers.is_some_and(|a| self.sent.contains(&a)) =>
+                if !answers.is_some_and(|a| self.sent.contains(&a) || self.logins.contains(&a)) =>
             {
                 Err("reply_unbound")
             }
@@ -338,7 +360,7 @@ impl Agent {
         // ahead here and have the real ones dropped.
         let passed_on = match from {
             Socket::Link(_) => from_server && msg.origin != self.lan_ip,
-            Socket::Lan => msg.flags & flags::RELAY != 0,
+            Socket::Lan => msg.flags & flags::RELAY != 0 && !from_server,
         };
         if !passed_on && let Err(why) = self.guard.check(&msg, bond_proto::now_ms()) {
             self.rejects.count(why.name());
@@ -582,6 +604,7 @@ impl Agent {
                 // A reply to a message of an earlier session answers
                 // nothing now.
                 self.sent.clear();
+                self.logins.clear();
                 self.refused = false;
                 if self.token != Some(token) || self.map_cfg.server_port != port {
                     tracing::info!("logged on to {} (port {port})", self.cfg.server.address);
@@ -611,12 +634,14 @@ impl Agent {
                     return Ok(());
                 }
                 (self.exchange, self.session, self.unkeyed) = (None, None, false);
+                self.logins.clear();
                 if self.token.take().is_some() {
                     tracing::info!("the server asks for a new login");
                 }
             }
             Reply::Refused => {
                 (self.exchange, self.session, self.unkeyed) = (None, None, false);
+                self.logins.clear();
                 self.token = None;
                 if !self.refused {
                     self.refused = true;
@@ -644,7 +669,9 @@ impl Agent {
     /// schedule and is announced dark to the LAN at once
     /// (`crate::pathmon`).
     pub(super) async fn echo(&mut self) -> Result<()> {
-        let Some(token) = self.token else {
+        // Nothing on a token whose key it waits for (each would be
+        // refused and draw another login).
+        let Some(token) = self.token.filter(|_| !self.wants_key()) else {
             return Ok(());
         };
         for i in 0..self.own.len() {

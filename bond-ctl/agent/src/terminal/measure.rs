@@ -8,7 +8,9 @@ impl Agent {
     /// upstream train to the server (which reports its rate), and a
     /// request for a downstream train (which we time).
     pub(super) async fn probe(&mut self) {
-        let Some(token) = self.token else { return };
+        let Some(token) = self.token.filter(|_| !self.wants_key()) else {
+            return;
+        };
         if let Err(e) = self.observe_carried() {
             tracing::warn!("reading link counters: {e:#}");
         }

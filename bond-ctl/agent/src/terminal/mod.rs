@@ -53,9 +53,11 @@ use bond_proto::{
     session,
 };
 
-/// Tags of sent messages kept for the server's replies to name: a few
-/// seconds of echoes over several links.
-const SENT_KEPT: usize = 512;
+/// Tags of sent messages kept for the server's replies to name: seconds of
+/// echoes and announces over many links (probes are not kept).
+const SENT_KEPT: usize = 1024;
+/// LOGINs kept (one an announce interval while not logged on).
+const LOGINS_KEPT: usize = 16;
 
 /// How often a peer's SESSION_LOST may have this host ask the server
 /// after its own session.
@@ -364,9 +366,11 @@ struct Agent {
     session: Option<bond_proto::session::SessionKey>,
     /// The server said it keys no session here (an open community).
     unkeyed: bool,
-    /// The tags of the last messages it sent in this session: what a
-    /// LOGIN_REPLY may answer.
+    /// The tags of the last messages it sent the server in this session,
+    /// and of its LOGINs with this login's exchange key: what a
+    /// LOGIN_REPLY may answer (an Ok, only the second).
     sent: std::collections::VecDeque<[u8; control::TAG_LEN]>,
+    logins: std::collections::VecDeque<[u8; control::TAG_LEN]>,
     /// The server refused it (its community takes terminals by key, and
     /// not this one's): its links are announced dark to the LAN, as the
     /// server would drop what its peers sent over them.

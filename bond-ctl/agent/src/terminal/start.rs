@@ -201,6 +201,7 @@ pub async fn run(
         session: None,
         unkeyed: false,
         sent: std::collections::VecDeque::with_capacity(super::SENT_KEPT),
+        logins: std::collections::VecDeque::with_capacity(super::LOGINS_KEPT),
         refused: false,
         session_checked: None,
         counter: Counter::new(),
