@@ -561,6 +561,14 @@ impl Agent {
         Ok(())
     }
 
+    /// The session is over (the server asked for a new login, or refused
+    /// this terminal): its token and key go, and the next LOGIN brings a
+    /// new exchange key.
+    fn end_session(&mut self) {
+        (self.token, self.exchange, self.session, self.unkeyed) = (None, None, None, false);
+        self.logins.clear();
+    }
+
     pub(super) fn login_reply(&mut self, r: &Reply) -> Result<()> {
         match *r {
             Reply::Ok {
@@ -633,16 +641,11 @@ impl Agent {
                 if self.token.is_none() {
                     return Ok(());
                 }
-                (self.exchange, self.session, self.unkeyed) = (None, None, false);
-                self.logins.clear();
-                if self.token.take().is_some() {
-                    tracing::info!("the server asks for a new login");
-                }
+                self.end_session();
+                tracing::info!("the server asks for a new login");
             }
             Reply::Refused => {
-                (self.exchange, self.session, self.unkeyed) = (None, None, false);
-                self.logins.clear();
-                self.token = None;
+                self.end_session();
                 if !self.refused {
                     self.refused = true;
                     tracing::error!(
